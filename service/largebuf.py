@@ -1,0 +1,500 @@
+"""Zero-copy message buffer: the Python form of OBI's LargeBuffer.
+
+A message arrives as TCP payload chunks. ``LargeBuffer`` keeps a reference to
+each chunk (no copy, earlier chunks never move) and reads scalars, slices and
+strings at absolute offsets across chunk boundaries. A read that lies inside
+one chunk is a ``struct.unpack_from`` or a memoryview slice of that chunk; only
+a read that straddles two chunks copies, and then into one reusable scratch
+``bytearray`` owned by the buffer, so the memory a parse allocates does not
+grow with the payload.
+
+``LargeBufferReader`` is a cursor over an optional bounded window of a buffer.
+It caches the chunk it is in, so sequential reads cost one bounds check and one
+``unpack_from``.
+
+Every out-of-range access raises ``BufferBoundsError`` (a ``ValueError``);
+nothing is silently clamped.
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+from bisect import bisect_right
+from collections.abc import Callable
+from typing import Any
+
+__all__ = ["BufferBoundsError", "LargeBuffer", "LargeBufferReader", "MAX_VARINT_BYTES"]
+
+#: A uvarint of a 64-bit value needs at most 10 bytes (protobuf, Kafka KIP-482).
+MAX_VARINT_BYTES = 10
+
+#: Scratch starts at this size and grows (never shrinks) when a straddling
+#: read is larger: OBI's large-buffer scratch uses the same idea.
+_SCRATCH_MIN = 256
+
+_Bytes = bytes | bytearray | memoryview
+
+
+class BufferBoundsError(ValueError):
+    """A read outside the buffer or window, or a negative/overflowing size."""
+
+
+# (method suffix, struct format). Byte order is part of the format, as dpkt's
+# __byte_order__: one table drives both the absolute and the cursor reads.
+_SCALARS: tuple[tuple[str, str], ...] = (
+    ("u8", "B"),
+    ("i8", "b"),
+    ("u16be", ">H"),
+    ("i16be", ">h"),
+    ("u16le", "<H"),
+    ("i16le", "<h"),
+    ("u32be", ">I"),
+    ("i32be", ">i"),
+    ("u32le", "<I"),
+    ("i32le", "<i"),
+    ("u64be", ">Q"),
+    ("i64be", ">q"),
+    ("u64le", "<Q"),
+    ("i64le", "<q"),
+)
+
+
+def _as_view(chunk: _Bytes) -> memoryview:
+    mv = chunk if isinstance(chunk, memoryview) else memoryview(chunk)
+    if mv.ndim != 1 or mv.format not in ("B", "b", "c"):
+        mv = mv.cast("B")
+    elif mv.format != "B":
+        mv = mv.cast("B")
+    return mv
+
+
+class LargeBuffer:
+    """A message held as a list of chunks, read in place.
+
+    Offsets are absolute from the first byte still held. ``release(n)`` drops a
+    consumed prefix (whole chunks are forgotten, a partly consumed one is
+    re-sliced) so a connection's pending bytes can be kept in one buffer.
+    """
+
+    __slots__ = ("_chunks", "_starts", "_ts", "_len", "_scratch", "_scratch_mv", "_hint")
+
+    def __init__(self, *chunks: _Bytes) -> None:
+        self._chunks: list[memoryview] = []
+        self._starts: list[int] = []
+        self._ts: list[int] = []
+        self._len = 0
+        self._scratch = bytearray(_SCRATCH_MIN)
+        self._scratch_mv = memoryview(self._scratch)
+        self._hint = 0
+        for c in chunks:
+            self.append(c)
+
+    # -- building ---------------------------------------------------------
+    def append(self, chunk: _Bytes, ts_ns: int = 0) -> None:
+        """Add a chunk by reference. The caller must not mutate it afterwards.
+
+        ``ts_ns`` is when the chunk arrived: ``ts_at`` tells a parser when a
+        message's first byte was seen, for span start times.
+        """
+        mv = _as_view(chunk)
+        n = mv.nbytes
+        if n == 0:
+            return
+        self._chunks.append(mv)
+        self._starts.append(self._len)
+        self._ts.append(ts_ns)
+        self._len += n
+
+    def reset(self) -> None:
+        """Forget all chunks; the scratch is kept for the next message."""
+        self._chunks.clear()
+        self._starts.clear()
+        self._ts.clear()
+        self._len = 0
+        self._hint = 0
+
+    def release(self, n: int) -> None:
+        """Drop the first ``n`` bytes (a parsed message); later offsets shift by ``n``."""
+        if n < 0 or n > self._len:
+            raise BufferBoundsError(f"release({n}) outside buffer of {self._len} bytes")
+        if n == 0:
+            return
+        if n == self._len:
+            self.reset()
+            return
+        i = bisect_right(self._starts, n) - 1
+        first = self._chunks[i][n - self._starts[i]:]
+        chunks = self._chunks
+        del chunks[:i]
+        del self._ts[:i]
+        chunks[0] = first  # non-empty: bisect puts n strictly inside chunk i
+        starts = []
+        pos = 0
+        for c in chunks:
+            starts.append(pos)
+            pos += c.nbytes
+        self._starts = starts
+        self._len = pos
+        self._hint = 0
+
+    def __len__(self) -> int:
+        return self._len
+
+    def ts_at(self, off: int) -> int:
+        """Arrival time of the chunk holding ``off`` (0 for an empty buffer)."""
+        if not self._chunks:
+            return 0
+        if off >= self._len:
+            return self._ts[-1]
+        return self._ts[self._locate(max(off, 0))]
+
+    @property
+    def chunk_count(self) -> int:
+        return len(self._chunks)
+
+    def chunks(self) -> list[memoryview]:
+        """The chunks as views (read-only use)."""
+        return list(self._chunks)
+
+    # -- locating -------------------------------------------------------
+    def _locate(self, off: int) -> int:
+        """Index of the chunk holding absolute offset ``off`` (0 <= off < len)."""
+        starts = self._starts
+        h = self._hint
+        if h < len(starts) and starts[h] <= off and (h + 1 == len(starts) or off < starts[h + 1]):
+            return h
+        h = bisect_right(starts, off) - 1
+        self._hint = h
+        return h
+
+    def _check(self, off: int, n: int) -> None:
+        if n < 0:
+            raise BufferBoundsError(f"negative size {n}")
+        if off < 0 or off + n > self._len:
+            raise BufferBoundsError(f"read of {n} bytes at {off} outside buffer of {self._len} bytes")
+
+    # -- slices -----------------------------------------------------------
+    def view_at(self, off: int, n: int) -> memoryview:
+        """``n`` bytes at ``off``: a view into the chunk, or into the scratch if they straddle.
+
+        A scratch view is valid until the next straddling read on this buffer.
+        """
+        self._check(off, n)
+        if n == 0:
+            return self._scratch_mv[:0]
+        i = self._locate(off)
+        c = self._chunks[i]
+        rel = off - self._starts[i]
+        if rel + n <= c.nbytes:
+            return c[rel:rel + n]
+        return self._gather(i, rel, n)
+
+    def _gather(self, i: int, rel: int, n: int) -> memoryview:
+        if n > len(self._scratch):
+            # A new, larger scratch: views of the old one stay valid (a
+            # bytearray with exported views cannot be resized anyway).
+            size = max(n, 2 * len(self._scratch))
+            self._scratch = bytearray(size)
+            self._scratch_mv = memoryview(self._scratch)
+        dst = self._scratch_mv
+        got = 0
+        chunks = self._chunks
+        while got < n:
+            c = chunks[i]
+            take = min(c.nbytes - rel, n - got)
+            dst[got:got + take] = c[rel:rel + take]
+            got += take
+            i += 1
+            rel = 0
+        return dst[:n]
+
+    def copy_at(self, off: int, dst: bytearray | memoryview) -> int:
+        """Copy ``len(dst)`` bytes at ``off`` into ``dst`` (the caller's explicit copy)."""
+        out = _as_view(dst)
+        n = out.nbytes
+        self._check(off, n)
+        if n == 0:
+            return 0
+        i = self._locate(off)
+        rel = off - self._starts[i]
+        got = 0
+        while got < n:
+            c = self._chunks[i]
+            take = min(c.nbytes - rel, n - got)
+            out[got:got + take] = c[rel:rel + take]
+            got += take
+            i += 1
+            rel = 0
+        return n
+
+    def bytes_at(self, off: int, n: int) -> bytes:
+        """A copy of ``n`` bytes: only for small fields kept beyond the parse (names, ids)."""
+        return self.view_at(off, n).tobytes()
+
+    def find(self, sub: bytes, start: int = 0, end: int | None = None) -> int:
+        """Lowest offset of ``sub`` in ``[start, end)``, across chunk boundaries, or -1."""
+        if end is None or end > self._len:
+            end = self._len
+        if start < 0:
+            start = 0
+        m = len(sub)
+        if m == 0:
+            return start if start <= end else -1
+        if end - start < m:
+            return -1
+        pat = _pattern(sub)
+        i = self._locate(start)
+        chunks = self._chunks
+        starts = self._starts
+        nchunks = len(chunks)
+        while i < nchunks:
+            cs = starts[i]
+            if cs >= end:
+                break
+            c = chunks[i]
+            lo = max(start - cs, 0)
+            hi = min(c.nbytes, end - cs)
+            if hi - lo >= m:
+                hit = pat.search(c, lo, hi)
+                if hit is not None:
+                    return cs + hit.start()
+            # A match that begins in the last m-1 bytes of this chunk and ends
+            # in a later one: look in a small gathered window around the seam.
+            seam_lo = max(cs + hi - (m - 1), cs + lo, start)
+            seam_hi = min(cs + hi + (m - 1), end)
+            if cs + hi < end and seam_hi - seam_lo >= m:
+                w = self.view_at(seam_lo, seam_hi - seam_lo)
+                hit = pat.search(w)
+                if hit is not None:
+                    return seam_lo + hit.start()
+            i += 1
+        return -1
+
+    def index_at(self, byte: int, off: int = 0, end: int | None = None) -> int:
+        """Offset of a single byte value in ``[off, end)``, or -1."""
+        return self.find(bytes((byte,)), off, end)
+
+    def reader(self, start: int = 0, end: int | None = None) -> LargeBufferReader:
+        return LargeBufferReader(self, start, end)
+
+    def __repr__(self) -> str:
+        return f"LargeBuffer(len={self._len}, chunks={len(self._chunks)})"
+
+
+_PATTERNS: dict[bytes, re.Pattern[bytes]] = {}
+
+
+def _pattern(sub: bytes) -> re.Pattern[bytes]:
+    # re searches memoryviews in place; bytes.find would need a copy.
+    p = _PATTERNS.get(sub)
+    if p is None:
+        if len(_PATTERNS) > 256:
+            _PATTERNS.clear()
+        p = _PATTERNS[sub] = re.compile(re.escape(sub))
+    return p
+
+
+def _make_at(fmt: str) -> Callable[[LargeBuffer, int], int]:
+    st = struct.Struct(fmt)
+    unpack = st.unpack_from
+    size = st.size
+
+    def at(self: LargeBuffer, off: int) -> int:
+        if off < 0 or off + size > self._len:
+            raise BufferBoundsError(f"read of {size} bytes at {off} outside buffer of {self._len} bytes")
+        i = self._locate(off)
+        c = self._chunks[i]
+        rel = off - self._starts[i]
+        if rel + size <= c.nbytes:
+            return unpack(c, rel)[0]
+        return unpack(self._gather(i, rel, size))[0]
+
+    at.__doc__ = f"Unsigned/signed scalar ``{fmt}`` at absolute offset."
+    return at
+
+
+for _name, _fmt in _SCALARS:
+    setattr(LargeBuffer, f"{_name}_at", _make_at(_fmt))
+
+
+class LargeBufferReader:
+    """A cursor over ``buf[start:end]``.
+
+    ``offset`` is absolute in the buffer. The chunk under the cursor is cached,
+    so reads inside it skip the chunk lookup. File-like (``read``/``readinto``)
+    so stdlib decoders can consume it.
+    """
+
+    __slots__ = ("_buf", "_start", "_end", "_pos", "_c", "_cs", "_ce")
+
+    def __init__(self, buf: LargeBuffer, start: int = 0, end: int | None = None) -> None:
+        blen = len(buf)
+        if end is None:
+            end = blen
+        if start < 0 or end < start or end > blen:
+            raise BufferBoundsError(f"window [{start}, {end}) outside buffer of {blen} bytes")
+        self._buf = buf
+        self._start = start
+        self._end = end
+        self._pos = start
+        self._c: memoryview | None = None
+        self._cs = 0
+        self._ce = 0
+
+    # -- position --------------------------------------------------------
+    @property
+    def offset(self) -> int:
+        return self._pos
+
+    @property
+    def start(self) -> int:
+        return self._start
+
+    @property
+    def end(self) -> int:
+        return self._end
+
+    @property
+    def remaining(self) -> int:
+        return self._end - self._pos
+
+    @property
+    def buffer(self) -> LargeBuffer:
+        return self._buf
+
+    def reset(self) -> None:
+        self._pos = self._start
+
+    def seek(self, off: int) -> None:
+        if off < self._start or off > self._end:
+            raise BufferBoundsError(f"seek to {off} outside window [{self._start}, {self._end})")
+        self._pos = off
+
+    def _need(self, n: int) -> int:
+        if n < 0:
+            raise BufferBoundsError(f"negative size {n}")
+        p = self._pos
+        if p + n > self._end:
+            raise BufferBoundsError(f"need {n} bytes at {p}, window ends at {self._end}")
+        return p
+
+    def skip(self, n: int) -> None:
+        self._pos = self._need(n) + n
+
+    def window(self, n: int) -> LargeBufferReader:
+        """A sub-reader over the next ``n`` bytes; this reader skips past them."""
+        p = self._need(n)
+        self._pos = p + n
+        return LargeBufferReader(self._buf, p, p + n)
+
+    # -- slices ----------------------------------------------------------
+    def read(self, n: int = -1) -> memoryview:
+        """The next ``n`` bytes as a view (see ``LargeBuffer.view_at``); ``-1`` reads the rest."""
+        if n == -1:
+            n = self._end - self._pos
+        p = self._need(n)
+        self._pos = p + n
+        return self._buf.view_at(p, n)
+
+    def peek(self, n: int) -> memoryview:
+        return self._buf.view_at(self._need(n), n)
+
+    def read_bytes(self, n: int) -> bytes:
+        """The one explicit copy: for small values kept beyond the parse."""
+        return self.read(n).tobytes()
+
+    def readinto(self, b: bytearray | memoryview) -> int:
+        out = _as_view(b)
+        n = min(out.nbytes, self._end - self._pos)
+        if n:
+            self._buf.copy_at(self._pos, out[:n])
+            self._pos += n
+        return n
+
+    def readable(self) -> bool:
+        return True
+
+    def find(self, sub: bytes) -> int:
+        """Absolute offset of ``sub`` between the cursor and the window end, or -1."""
+        return self._buf.find(sub, self._pos, self._end)
+
+    def read_cstring(self) -> memoryview:
+        """Bytes up to a NUL (not included); the cursor moves past the NUL."""
+        z = self._buf.find(b"\0", self._pos, self._end)
+        if z < 0:
+            raise BufferBoundsError(f"no NUL terminator between {self._pos} and {self._end}")
+        v = self._buf.view_at(self._pos, z - self._pos)
+        self._pos = z + 1
+        return v
+
+    def read_uvarint(self) -> int:
+        """Unsigned LEB128 (protobuf/Kafka); more than 10 bytes is an error."""
+        result = 0
+        shift = 0
+        for _ in range(MAX_VARINT_BYTES):
+            b = self.read_u8()
+            result |= (b & 0x7F) << shift
+            if b < 0x80:
+                return result
+            shift += 7
+        raise BufferBoundsError(f"varint longer than {MAX_VARINT_BYTES} bytes at {self._pos}")
+
+    def read_varint(self) -> int:
+        """Zigzag-encoded signed varint."""
+        v = self.read_uvarint()
+        return (v >> 1) ^ -(v & 1)
+
+    def __repr__(self) -> str:
+        return f"LargeBufferReader(offset={self._pos}, window=[{self._start}, {self._end}))"
+
+
+def _make_read(fmt: str) -> Callable[[LargeBufferReader], int]:
+    st = struct.Struct(fmt)
+    unpack = st.unpack_from
+    size = st.size
+
+    def read(self: LargeBufferReader) -> int:
+        p = self._pos
+        q = p + size
+        if q > self._end:
+            raise BufferBoundsError(f"need {size} bytes at {p}, window ends at {self._end}")
+        if p >= self._cs and q <= self._ce:
+            self._pos = q
+            return unpack(self._c, p - self._cs)[0]
+        buf = self._buf
+        i = buf._locate(p)
+        c = buf._chunks[i]
+        cs = buf._starts[i]
+        self._c = c
+        self._cs = cs
+        self._ce = cs + c.nbytes
+        self._pos = q
+        if q <= self._ce:
+            return unpack(c, p - cs)[0]
+        return unpack(buf._gather(i, p - cs, size))[0]
+
+    read.__doc__ = f"Read scalar ``{fmt}`` and advance."
+    return read
+
+
+def _make_peek(fmt: str) -> Callable[[LargeBufferReader], int]:
+    size = struct.calcsize(fmt)
+    at_name = None
+    for name, f in _SCALARS:
+        if f == fmt:
+            at_name = f"{name}_at"
+
+    def peek(self: LargeBufferReader) -> int:
+        p = self._pos
+        if p + size > self._end:
+            raise BufferBoundsError(f"need {size} bytes at {p}, window ends at {self._end}")
+        at: Any = getattr(self._buf, at_name)  # type: ignore[arg-type]
+        return at(p)
+
+    return peek
+
+
+for _name, _fmt in _SCALARS:
+    setattr(LargeBufferReader, f"read_{_name}", _make_read(_fmt))
+    setattr(LargeBufferReader, f"peek_{_name}", _make_peek(_fmt))

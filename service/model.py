@@ -1,0 +1,487 @@
+"""Core data types that flow through a pipeline, and their one OTLP encoding.
+
+``TcpEvent``: what a receiver hands the protocols stage (one direction of one
+TCP connection, in order). ``Span``: what the protocols stage emits. Both use
+``__slots__``: millions go through a node per minute.
+
+``spans_to_otlp`` / ``spans_to_otlp_json`` are the only places spans become
+OTLP; every exporter goes through them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import socket
+import sys
+from collections.abc import Iterable, Mapping, Sequence
+from enum import IntEnum
+from typing import Any, Union
+
+__all__ = [
+    "AttrValue",
+    "EventKind",
+    "Resource",
+    "Span",
+    "SpanEvent",
+    "SpanKind",
+    "StatusCode",
+    "TcpEvent",
+    "new_span_id",
+    "new_trace_id",
+    "parse_traceparent",
+    "spans_to_otlp",
+    "spans_to_otlp_dict",
+    "spans_to_otlp_json",
+    "otlp_json_to_proto",
+    "SCOPE_NAME",
+    "SCOPE_VERSION",
+]
+
+SCOPE_NAME = "wirespan"
+SCOPE_VERSION = "0.1.0"
+
+AttrValue = Union[str, bool, int, float, bytes, Sequence[Any]]
+
+
+# ---------------------------------------------------------------------------
+# TcpEvent
+# ---------------------------------------------------------------------------
+class EventKind(IntEnum):
+    DATA = 0   #: ``payload`` holds the next bytes of this direction
+    GAP = 1    #: ``gap`` bytes of this direction were lost: resync at a message boundary
+    CLOSE = 2  #: FIN (or ``close()``): this direction is finished
+    RESET = 3  #: RST: the whole connection is gone
+    OPEN = 4   #: SYN seen: a new connection incarnation (``client_is_src`` is set)
+
+
+class TcpEvent:
+    """One in-order piece of one direction of a TCP connection.
+
+    ``src``/``sport`` sent the bytes to ``dst``/``dport``. ``conn_id`` is
+    hashable and unique per connection incarnation (a reused 4-tuple after a
+    new SYN gets a new id; eBPF adds the pid, since each process has its own
+    view). ``ts_ns`` is Unix-epoch nanoseconds (receivers convert monotonic
+    clocks). ``client_is_src`` is True/False when the receiver knows who
+    connected (SYN seen, or eBPF connect/accept), else None and the protocol
+    decides. ``egress`` is set only by receivers that observe one process:
+    True when that process sent the payload.
+    """
+
+    __slots__ = (
+        "kind", "conn_id", "src", "sport", "dst", "dport", "ts_ns", "payload",
+        "gap", "client_is_src", "egress", "pid", "tid", "comm",
+    )
+
+    def __init__(
+        self,
+        kind: EventKind,
+        conn_id: Any,
+        src: str,
+        sport: int,
+        dst: str,
+        dport: int,
+        ts_ns: int,
+        payload: memoryview | bytes | None = None,
+        gap: int = 0,
+        client_is_src: bool | None = None,
+        egress: bool | None = None,
+        pid: int | None = None,
+        tid: int | None = None,
+        comm: str | None = None,
+    ) -> None:
+        self.kind = kind
+        self.conn_id = conn_id
+        self.src = src
+        self.sport = sport
+        self.dst = dst
+        self.dport = dport
+        self.ts_ns = ts_ns
+        self.payload = payload
+        self.gap = gap
+        self.client_is_src = client_is_src
+        self.egress = egress
+        self.pid = pid
+        self.tid = tid
+        self.comm = comm
+
+    def __repr__(self) -> str:
+        n = len(self.payload) if self.payload is not None else 0
+        return (f"TcpEvent({self.kind.name} {self.src}:{self.sport}->{self.dst}:{self.dport} "
+                f"ts={self.ts_ns} len={n} gap={self.gap})")
+
+
+# ---------------------------------------------------------------------------
+# Span
+# ---------------------------------------------------------------------------
+class SpanKind(IntEnum):
+    """OTLP ``Span.SpanKind`` numbers."""
+
+    UNSPECIFIED = 0
+    INTERNAL = 1
+    SERVER = 2
+    CLIENT = 3
+    PRODUCER = 4
+    CONSUMER = 5
+
+
+class StatusCode(IntEnum):
+    """OTLP ``Status.StatusCode`` numbers."""
+
+    UNSET = 0
+    OK = 1
+    ERROR = 2
+
+
+class Resource:
+    """Resource attributes, shared by many spans; compared by content for grouping."""
+
+    __slots__ = ("attributes", "_key")
+
+    def __init__(self, attributes: Mapping[str, AttrValue] | None = None) -> None:
+        self.attributes: dict[str, AttrValue] = dict(attributes or {})
+        self._key: tuple[Any, ...] | None = None
+
+    def key(self) -> tuple[Any, ...]:
+        if self._key is None:
+            self._key = tuple(sorted((k, _hashable(v)) for k, v in self.attributes.items()))
+        return self._key
+
+    def merged(self, extra: Mapping[str, AttrValue]) -> Resource:
+        a = dict(self.attributes)
+        a.update(extra)
+        return Resource(a)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Resource) and self.key() == other.key()
+
+    def __hash__(self) -> int:
+        return hash(self.key())
+
+    def __repr__(self) -> str:
+        return f"Resource({self.attributes!r})"
+
+
+def _hashable(v: Any) -> Any:
+    return tuple(v) if isinstance(v, list) else v
+
+
+class SpanEvent:
+    __slots__ = ("name", "ts_ns", "attributes")
+
+    def __init__(self, name: str, ts_ns: int, attributes: dict[str, AttrValue] | None = None) -> None:
+        self.name = name
+        self.ts_ns = ts_ns
+        self.attributes = attributes or {}
+
+
+class Span:
+    """A finished span. Ids are raw bytes (16 and 8); ``parent_span_id`` is b"" for a root."""
+
+    __slots__ = (
+        "trace_id", "span_id", "parent_span_id", "name", "kind", "start_ns", "end_ns",
+        "status_code", "status_message", "attributes", "resource", "events", "trace_state",
+        "flags",
+    )
+
+    def __init__(
+        self,
+        name: str,
+        kind: SpanKind | int,
+        start_ns: int,
+        end_ns: int,
+        attributes: dict[str, AttrValue] | None = None,
+        resource: Resource | None = None,
+        trace_id: bytes | None = None,
+        span_id: bytes | None = None,
+        parent_span_id: bytes = b"",
+        status_code: StatusCode | int = StatusCode.UNSET,
+        status_message: str = "",
+        events: list[SpanEvent] | None = None,
+        trace_state: str = "",
+        flags: int = 1,
+    ) -> None:
+        self.trace_id = trace_id if trace_id is not None else new_trace_id()
+        self.span_id = span_id if span_id is not None else new_span_id()
+        self.parent_span_id = parent_span_id
+        self.name = name
+        self.kind = kind
+        self.start_ns = start_ns
+        self.end_ns = end_ns
+        self.status_code = status_code
+        self.status_message = status_message
+        self.attributes = attributes if attributes is not None else {}
+        self.resource = resource if resource is not None else DEFAULT_RESOURCE
+        self.events = events
+        self.trace_state = trace_state
+        self.flags = flags
+
+    @property
+    def duration_ns(self) -> int:
+        return self.end_ns - self.start_ns
+
+    def __repr__(self) -> str:
+        return (f"Span({self.name!r}, kind={SpanKind(self.kind).name}, "
+                f"status={StatusCode(self.status_code).name}, attrs={self.attributes!r})")
+
+
+_rand = random.Random(int.from_bytes(os.urandom(16), "little"))
+
+
+def reseed_ids() -> None:
+    """Call in a forked child so it does not repeat its parent's ids."""
+    _rand.seed(int.from_bytes(os.urandom(16), "little"))
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=reseed_ids)
+
+
+def new_trace_id() -> bytes:
+    # Random 128 bits as the OTel SDK does; getrandbits is ~10x faster than urandom.
+    v = _rand.getrandbits(128)
+    while not v:  # all-zero ids are invalid
+        v = _rand.getrandbits(128)
+    return v.to_bytes(16, "big")
+
+
+def new_span_id() -> bytes:
+    v = _rand.getrandbits(64)
+    while not v:
+        v = _rand.getrandbits(64)
+    return v.to_bytes(8, "big")
+
+
+_HEX = frozenset(b"0123456789abcdef")
+
+
+def parse_traceparent(value: bytes | bytearray | memoryview | str) -> tuple[bytes, bytes, int] | None:
+    """W3C ``traceparent`` -> (trace_id, parent_span_id, flags), or None if invalid.
+
+    Version 00 is exactly 55 characters; later versions may append fields after
+    a dash (W3C Trace Context §3.2.4), so only the first 55 are read then.
+    """
+    if isinstance(value, str):
+        value = value.encode("ascii", "replace")
+    v = bytes(value[:64]).strip().lower()  # small header value: copying 55 bytes is deliberate
+    if len(v) < 55 or v[2:3] != b"-" or v[35:36] != b"-" or v[52:53] != b"-":
+        return None
+    version = v[0:2]
+    if version == b"ff" or not _HEX.issuperset(version):
+        return None
+    if version == b"00" and len(v) != 55:
+        return None
+    if len(v) > 55 and v[55:56] != b"-":
+        return None
+    tid, sid, fl = v[3:35], v[36:52], v[53:55]
+    if not (_HEX.issuperset(tid) and _HEX.issuperset(sid) and _HEX.issuperset(fl)):
+        return None
+    trace_id = bytes.fromhex(tid.decode())
+    span_id = bytes.fromhex(sid.decode())
+    if trace_id == bytes(16) or span_id == bytes(8):
+        return None
+    return trace_id, span_id, int(fl, 16)
+
+
+def _default_resource() -> Resource:
+    return Resource({
+        "service.name": "wirespan-unknown",
+        "host.name": socket.gethostname(),
+        "telemetry.sdk.name": "wirespan",
+        "telemetry.sdk.language": "python",
+        "telemetry.sdk.version": SCOPE_VERSION,
+    })
+
+
+DEFAULT_RESOURCE = _default_resource()
+
+
+# ---------------------------------------------------------------------------
+# OTLP: protobuf
+# ---------------------------------------------------------------------------
+def _pb():  # imported lazily: the protobuf modules cost ~100 ms to import
+    from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
+    from opentelemetry.proto.common.v1 import common_pb2
+    from opentelemetry.proto.resource.v1 import resource_pb2
+    from opentelemetry.proto.trace.v1 import trace_pb2
+    return trace_service_pb2, common_pb2, resource_pb2, trace_pb2
+
+
+def _any_value(common_pb2: Any, v: Any) -> Any:
+    if isinstance(v, str):
+        return common_pb2.AnyValue(string_value=v)
+    if isinstance(v, bool):
+        return common_pb2.AnyValue(bool_value=v)
+    if isinstance(v, int):
+        if -(1 << 63) <= v < (1 << 63):
+            return common_pb2.AnyValue(int_value=v)
+        return common_pb2.AnyValue(string_value=str(v))
+    if isinstance(v, float):
+        return common_pb2.AnyValue(double_value=v)
+    if isinstance(v, (bytes, bytearray, memoryview)):
+        return common_pb2.AnyValue(bytes_value=bytes(v))
+    if isinstance(v, (list, tuple)):
+        return common_pb2.AnyValue(array_value=common_pb2.ArrayValue(values=[_any_value(common_pb2, x) for x in v]))
+    if isinstance(v, Mapping):
+        return common_pb2.AnyValue(kvlist_value=common_pb2.KeyValueList(
+            values=[common_pb2.KeyValue(key=str(k), value=_any_value(common_pb2, x)) for k, x in v.items()]))
+    return common_pb2.AnyValue(string_value=str(v))
+
+
+def _kvs(common_pb2: Any, attrs: Mapping[str, Any]) -> list[Any]:
+    KV = common_pb2.KeyValue
+    return [KV(key=k, value=_any_value(common_pb2, v)) for k, v in attrs.items()]
+
+
+def _group(spans: Iterable[Span]) -> list[tuple[Resource, list[Span]]]:
+    groups: dict[int, tuple[Resource, list[Span]]] = {}
+    by_key: dict[tuple[Any, ...], tuple[Resource, list[Span]]] = {}
+    for s in spans:
+        r = s.resource
+        g = groups.get(id(r))
+        if g is None:
+            g = by_key.get(r.key())
+            if g is None:
+                g = by_key[r.key()] = (r, [])
+            groups[id(r)] = g
+        g[1].append(s)
+    return list(by_key.values())
+
+
+def spans_to_otlp(spans: Iterable[Span]) -> Any:
+    """Spans -> ``ExportTraceServiceRequest`` (one ResourceSpans per distinct resource)."""
+    svc, common_pb2, resource_pb2, trace_pb2 = _pb()
+    PbSpan = trace_pb2.Span
+    Status = trace_pb2.Status
+    Event = PbSpan.Event
+    scope = common_pb2.InstrumentationScope(name=SCOPE_NAME, version=SCOPE_VERSION)
+    out = []
+    for res, group in _group(spans):
+        pb_spans = []
+        for s in group:
+            kw: dict[str, Any] = {}
+            if s.events:
+                kw["events"] = [Event(time_unix_nano=e.ts_ns, name=e.name, attributes=_kvs(common_pb2, e.attributes))
+                                for e in s.events]
+            if s.trace_state:
+                kw["trace_state"] = s.trace_state
+            pb_spans.append(PbSpan(
+                trace_id=s.trace_id,
+                span_id=s.span_id,
+                parent_span_id=s.parent_span_id,
+                name=s.name,
+                kind=int(s.kind),
+                start_time_unix_nano=s.start_ns,
+                end_time_unix_nano=s.end_ns,
+                attributes=_kvs(common_pb2, s.attributes),
+                status=Status(code=int(s.status_code), message=s.status_message),
+                flags=s.flags & 0xFF,
+                **kw,
+            ))
+        out.append(trace_pb2.ResourceSpans(
+            resource=resource_pb2.Resource(attributes=_kvs(common_pb2, res.attributes)),
+            scope_spans=[trace_pb2.ScopeSpans(scope=scope, spans=pb_spans)],
+        ))
+    return svc.ExportTraceServiceRequest(resource_spans=out)
+
+
+# ---------------------------------------------------------------------------
+# OTLP: JSON (OTLP/JSON rules: hex ids, integer enums, 64-bit ints as strings)
+# ---------------------------------------------------------------------------
+def _json_value(v: Any) -> dict[str, Any]:
+    if isinstance(v, str):
+        return {"stringValue": v}
+    if isinstance(v, bool):
+        return {"boolValue": v}
+    if isinstance(v, int):
+        if -(1 << 63) <= v < (1 << 63):
+            return {"intValue": str(v)}
+        return {"stringValue": str(v)}
+    if isinstance(v, float):
+        return {"doubleValue": v}
+    if isinstance(v, (bytes, bytearray, memoryview)):
+        import base64
+        return {"bytesValue": base64.b64encode(bytes(v)).decode()}
+    if isinstance(v, (list, tuple)):
+        return {"arrayValue": {"values": [_json_value(x) for x in v]}}
+    if isinstance(v, Mapping):
+        return {"kvlistValue": {"values": [{"key": str(k), "value": _json_value(x)} for k, x in v.items()]}}
+    return {"stringValue": str(v)}
+
+
+def _json_kvs(attrs: Mapping[str, Any]) -> list[dict[str, Any]]:
+    return [{"key": k, "value": _json_value(v)} for k, v in attrs.items()]
+
+
+def spans_to_otlp_dict(spans: Iterable[Span]) -> dict[str, Any]:
+    """Spans -> the OTLP/JSON object of one ``ExportTraceServiceRequest``."""
+    scope = {"name": SCOPE_NAME, "version": SCOPE_VERSION}
+    rs = []
+    for res, group in _group(spans):
+        js = []
+        for s in group:
+            d: dict[str, Any] = {
+                "traceId": s.trace_id.hex(),
+                "spanId": s.span_id.hex(),
+                "name": s.name,
+                "kind": int(s.kind),
+                "startTimeUnixNano": str(s.start_ns),
+                "endTimeUnixNano": str(s.end_ns),
+                "attributes": _json_kvs(s.attributes),
+                "status": {"code": int(s.status_code)} if not s.status_message
+                else {"code": int(s.status_code), "message": s.status_message},
+                "flags": s.flags & 0xFF,
+            }
+            if s.parent_span_id:
+                d["parentSpanId"] = s.parent_span_id.hex()
+            if s.trace_state:
+                d["traceState"] = s.trace_state
+            if s.events:
+                d["events"] = [{"timeUnixNano": str(e.ts_ns), "name": e.name, "attributes": _json_kvs(e.attributes)}
+                               for e in s.events]
+            js.append(d)
+        rs.append({"resource": {"attributes": _json_kvs(res.attributes)},
+                   "scopeSpans": [{"scope": scope, "spans": js}]})
+    return {"resourceSpans": rs}
+
+
+def spans_to_otlp_json(spans: Iterable[Span]) -> str:
+    """One line of the Collector file exporter's format (no newline)."""
+    return json.dumps(spans_to_otlp_dict(spans), separators=(",", ":"), ensure_ascii=False)
+
+
+def otlp_json_to_proto(text: str | bytes) -> Any:
+    """Parse OTLP/JSON back to ``ExportTraceServiceRequest``.
+
+    OTLP/JSON differs from the plain protobuf JSON mapping only in hex (not
+    base64) trace/span ids; they are converted, the rest goes through
+    ``google.protobuf.json_format``.
+    """
+    import base64
+
+    from google.protobuf import json_format
+    svc = _pb()[0]
+    d = json.loads(text)
+    for r in d.get("resourceSpans", []):
+        for ss in r.get("scopeSpans", []):
+            for s in ss.get("spans", []):
+                for k in ("traceId", "spanId", "parentSpanId"):
+                    if s.get(k):
+                        s[k] = base64.b64encode(bytes.fromhex(s[k])).decode()
+                for link in s.get("links", []):
+                    for k in ("traceId", "spanId"):
+                        if link.get(k):
+                            link[k] = base64.b64encode(bytes.fromhex(link[k])).decode()
+    return json_format.ParseDict(d, svc.ExportTraceServiceRequest())
+
+
+def span_summary(s: Span) -> str:
+    """A one-line human form, for logs and the debug exporter."""
+    dur_ms = (s.end_ns - s.start_ns) / 1e6
+    st = StatusCode(s.status_code).name
+    return f"{SpanKind(s.kind).name:<8} {s.name} {dur_ms:.3f}ms {st}"
+
+
+if sys.version_info < (3, 11):  # pragma: no cover
+    raise RuntimeError("wirespan needs Python 3.11+")

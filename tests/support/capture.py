@@ -1,0 +1,99 @@
+"""Record real loopback traffic with tcpdump, for replay-based tests.
+
+Every protocol's real-server test does the same thing: start a server on a free
+loopback port, run a real client while ``tcpdump -i lo`` records, then replay the
+capture through wirespan and assert the spans. This module is that one recorder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+__all__ = ["free_port", "tcpdump", "wait_port", "TCPDUMP"]
+
+TCPDUMP = shutil.which("tcpdump") or "/usr/bin/tcpdump"
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nobody listens on right now (the kernel picks it)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, host: str = "127.0.0.1", timeout: float = 20.0) -> None:
+    """Block until something accepts connections on ``host:port``."""
+    deadline = time.monotonic() + timeout
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    while True:
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.settimeout(0.5)
+            try:
+                s.connect((host, port))
+                return
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"nothing listening on {host}:{port} after {timeout}s")
+                time.sleep(0.05)
+
+
+@contextlib.contextmanager
+def tcpdump(ports: int | list[int], path: str | os.PathLike[str] | None = None, iface: str = "lo",
+            snaplen: int = 262144, pcapng: bool = False) -> Iterator[Path]:
+    """Record TCP on ``ports`` while the block runs; yields the capture's path.
+
+    Waits until tcpdump says it is listening before the block starts, and after
+    the block lets the last packets in before stopping it with SIGINT (which
+    makes tcpdump flush). ``-U`` writes each packet as it comes, so nothing is
+    lost if the test dies.
+    """
+    if isinstance(ports, int):
+        ports = [ports]
+    if path is None:
+        d = tempfile.mkdtemp(prefix="wirespan-cap-")
+        path = Path(d) / ("capture.pcapng" if pcapng else "capture.pcap")
+    path = Path(path)
+    flt = " or ".join(f"tcp port {p}" for p in ports)
+    cmd = [TCPDUMP, "-i", iface, "-U", "-s", str(snaplen), "-w", str(path), "-Z", "root"]
+    if not pcapng:
+        cmd[1:1] = ["--time-stamp-precision=nano"]
+    cmd.append(flt)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        assert proc.stderr is not None
+        deadline = time.monotonic() + 10
+        seen = ""
+        os.set_blocking(proc.stderr.fileno(), False)
+        while "listening on" not in seen:
+            try:
+                chunk = os.read(proc.stderr.fileno(), 4096)
+            except BlockingIOError:
+                chunk = b""
+            seen += chunk.decode(errors="replace")
+            if "listening on" in seen:
+                break
+            if proc.poll() is not None:
+                raise RuntimeError(f"tcpdump exited: {seen}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"tcpdump did not start: {seen}")
+            time.sleep(0.02)
+        yield path
+        time.sleep(0.3)
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
