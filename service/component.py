@@ -70,7 +70,7 @@ class Component:
     kind: ClassVar[str] = ""
     Config: ClassVar[type[ComponentConfig]] = ComponentConfig
 
-    def __init__(self, id: str, config: Any, next: Any = None) -> None:  # noqa: A002 - Collector naming
+    def __init__(self, id: str, config: Any, next: Any = None) -> None:
         self.id = id
         self.config = config
         self.next = next
@@ -93,7 +93,7 @@ class Receiver(Component):
     #: True for receivers that end by themselves (files): the pipeline waits on ``done``.
     finite: ClassVar[bool] = False
 
-    def __init__(self, id: str, config: Any, next: EventConsumer | None = None) -> None:  # noqa: A002
+    def __init__(self, id: str, config: Any, next: EventConsumer | None = None) -> None:
         super().__init__(id, config, next)
         self.done = threading.Event()
 

@@ -18,13 +18,14 @@ nothing is silently clamped.
 
 from __future__ import annotations
 
+import io
 import re
 import struct
 from bisect import bisect_right
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["BufferBoundsError", "LargeBuffer", "LargeBufferReader", "MAX_VARINT_BYTES"]
+__all__ = ["BufferBoundsError", "LargeBuffer", "LargeBufferReader", "MAX_VARINT_BYTES", "SCALAR_FORMATS"]
 
 #: A uvarint of a 64-bit value needs at most 10 bytes (protobuf, Kafka KIP-482).
 MAX_VARINT_BYTES = 10
@@ -42,7 +43,7 @@ class BufferBoundsError(ValueError):
 
 # (method suffix, struct format). Byte order is part of the format, as dpkt's
 # __byte_order__: one table drives both the absolute and the cursor reads.
-_SCALARS: tuple[tuple[str, str], ...] = (
+SCALAR_FORMATS: tuple[tuple[str, str], ...] = (
     ("u8", "B"),
     ("i8", "b"),
     ("u16be", ">H"),
@@ -77,7 +78,7 @@ class LargeBuffer:
     re-sliced) so a connection's pending bytes can be kept in one buffer.
     """
 
-    __slots__ = ("_chunks", "_starts", "_ts", "_len", "_scratch", "_scratch_mv", "_hint")
+    __slots__ = ("_chunks", "_hint", "_len", "_scratch", "_scratch_mv", "_starts", "_ts")
 
     def __init__(self, *chunks: _Bytes) -> None:
         self._chunks: list[memoryview] = []
@@ -314,7 +315,7 @@ def _make_at(fmt: str) -> Callable[[LargeBuffer, int], int]:
     return at
 
 
-for _name, _fmt in _SCALARS:
+for _name, _fmt in SCALAR_FORMATS:
     setattr(LargeBuffer, f"{_name}_at", _make_at(_fmt))
 
 
@@ -326,7 +327,7 @@ class LargeBufferReader:
     so stdlib decoders can consume it.
     """
 
-    __slots__ = ("_buf", "_start", "_end", "_pos", "_c", "_cs", "_ce")
+    __slots__ = ("_buf", "_c", "_ce", "_cs", "_end", "_pos", "_start")
 
     def __init__(self, buf: LargeBuffer, start: int = 0, end: int | None = None) -> None:
         blen = len(buf)
@@ -412,8 +413,9 @@ class LargeBufferReader:
             self._pos += n
         return n
 
-    def readable(self) -> bool:
-        return True
+    def as_file(self) -> io.BufferedReader:
+        """A real binary file over the rest of the window, for stdlib decoders (gzip, zlib, json)."""
+        return io.BufferedReader(_RawReader(self))
 
     def find(self, sub: bytes) -> int:
         """Absolute offset of ``sub`` between the cursor and the window end, or -1."""
@@ -449,6 +451,19 @@ class LargeBufferReader:
         return f"LargeBufferReader(offset={self._pos}, window=[{self._start}, {self._end}))"
 
 
+class _RawReader(io.RawIOBase):
+    """Adapts a reader to the raw-file protocol (``readinto`` copies; it is the caller's explicit copy)."""
+
+    def __init__(self, reader: LargeBufferReader) -> None:
+        self._r = reader
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        return self._r.readinto(b)
+
+
 def _make_read(fmt: str) -> Callable[[LargeBufferReader], int]:
     st = struct.Struct(fmt)
     unpack = st.unpack_from
@@ -481,7 +496,7 @@ def _make_read(fmt: str) -> Callable[[LargeBufferReader], int]:
 def _make_peek(fmt: str) -> Callable[[LargeBufferReader], int]:
     size = struct.calcsize(fmt)
     at_name = None
-    for name, f in _SCALARS:
+    for name, f in SCALAR_FORMATS:
         if f == fmt:
             at_name = f"{name}_at"
 
@@ -495,6 +510,6 @@ def _make_peek(fmt: str) -> Callable[[LargeBufferReader], int]:
     return peek
 
 
-for _name, _fmt in _SCALARS:
+for _name, _fmt in SCALAR_FORMATS:
     setattr(LargeBufferReader, f"read_{_name}", _make_read(_fmt))
     setattr(LargeBufferReader, f"peek_{_name}", _make_peek(_fmt))

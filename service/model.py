@@ -14,10 +14,9 @@ import json
 import os
 import random
 import socket
-import sys
 from collections.abc import Iterable, Mapping, Sequence
 from enum import IntEnum
-from typing import Any, Union
+from typing import Any
 
 __all__ = [
     "AttrValue",
@@ -42,7 +41,7 @@ __all__ = [
 SCOPE_NAME = "wirespan"
 SCOPE_VERSION = "0.1.0"
 
-AttrValue = Union[str, bool, int, float, bytes, Sequence[Any]]
+AttrValue = str | bool | int | float | bytes | Sequence[Any]
 
 
 # ---------------------------------------------------------------------------
@@ -70,8 +69,20 @@ class TcpEvent:
     """
 
     __slots__ = (
-        "kind", "conn_id", "src", "sport", "dst", "dport", "ts_ns", "payload",
-        "gap", "client_is_src", "egress", "pid", "tid", "comm",
+        "client_is_src",
+        "comm",
+        "conn_id",
+        "dport",
+        "dst",
+        "egress",
+        "gap",
+        "kind",
+        "payload",
+        "pid",
+        "sport",
+        "src",
+        "tid",
+        "ts_ns",
     )
 
     def __init__(
@@ -137,7 +148,7 @@ class StatusCode(IntEnum):
 class Resource:
     """Resource attributes, shared by many spans; compared by content for grouping."""
 
-    __slots__ = ("attributes", "_key")
+    __slots__ = ("_key", "attributes")
 
     def __init__(self, attributes: Mapping[str, AttrValue] | None = None) -> None:
         self.attributes: dict[str, AttrValue] = dict(attributes or {})
@@ -168,7 +179,7 @@ def _hashable(v: Any) -> Any:
 
 
 class SpanEvent:
-    __slots__ = ("name", "ts_ns", "attributes")
+    __slots__ = ("attributes", "name", "ts_ns")
 
     def __init__(self, name: str, ts_ns: int, attributes: dict[str, AttrValue] | None = None) -> None:
         self.name = name
@@ -180,9 +191,20 @@ class Span:
     """A finished span. Ids are raw bytes (16 and 8); ``parent_span_id`` is b"" for a root."""
 
     __slots__ = (
-        "trace_id", "span_id", "parent_span_id", "name", "kind", "start_ns", "end_ns",
-        "status_code", "status_message", "attributes", "resource", "events", "trace_state",
+        "attributes",
+        "end_ns",
+        "events",
         "flags",
+        "kind",
+        "name",
+        "parent_span_id",
+        "resource",
+        "span_id",
+        "start_ns",
+        "status_code",
+        "status_message",
+        "trace_id",
+        "trace_state",
     )
 
     def __init__(
@@ -483,5 +505,3 @@ def span_summary(s: Span) -> str:
     return f"{SpanKind(s.kind).name:<8} {s.name} {dur_ms:.3f}ms {st}"
 
 
-if sys.version_info < (3, 11):  # pragma: no cover
-    raise RuntimeError("wirespan needs Python 3.11+")

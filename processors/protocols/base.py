@@ -77,9 +77,22 @@ class Conn:
     """What a protocol session knows of its connection, and how it emits spans."""
 
     __slots__ = (
-        "conn_id", "client_addr", "client_port", "server_addr", "server_port", "perspective",
-        "resource", "settings", "client_buf", "server_buf", "_emit", "_drop", "protocol", "pid",
-        "comm", "extra",
+        "_drop",
+        "_emit",
+        "client_addr",
+        "client_buf",
+        "client_port",
+        "comm",
+        "conn_id",
+        "extra",
+        "perspective",
+        "pid",
+        "protocol",
+        "resource",
+        "server_addr",
+        "server_buf",
+        "server_port",
+        "settings",
     )
 
     def __init__(
