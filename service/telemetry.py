@@ -64,3 +64,12 @@ EXPORTER_QUEUE_CAPACITY = Gauge(
 CONNECTIONS_EVICTED = Counter(
     "wirespan_connections_evicted", "Connection state dropped before the connection ended, by reason.",
     ["component", "reason"], registry=_registry)
+
+# ---------------------------------------------------------------------------
+# Added by the exporters work (issue 5): persistent sending queue integrity.
+# ---------------------------------------------------------------------------
+EXPORTER_QUEUE_CORRUPT = Counter(
+    "wirespan_exporter_queue_corrupt_records",
+    "Persistent-queue records skipped because they were corrupt or truncated on disk.",
+    ["exporter"], registry=_registry)
+__all__ += ["EXPORTER_QUEUE_CORRUPT"]
