@@ -78,7 +78,7 @@ class LargeBuffer:
     re-sliced) so a connection's pending bytes can be kept in one buffer.
     """
 
-    __slots__ = ("_chunks", "_hint", "_len", "_scratch", "_scratch_mv", "_starts", "_ts")
+    __slots__ = ("_chunks", "_hc", "_he", "_hint", "_hs", "_len", "_scratch", "_scratch_mv", "_starts", "_ts")
 
     def __init__(self, *chunks: _Bytes) -> None:
         self._chunks: list[memoryview] = []
@@ -88,6 +88,10 @@ class LargeBuffer:
         self._scratch = bytearray(_SCRATCH_MIN)
         self._scratch_mv = memoryview(self._scratch)
         self._hint = 0
+        # The last chunk looked up (view, start, end): most reads hit it again.
+        self._hc: memoryview = self._scratch_mv
+        self._hs = 0
+        self._he = -1
         for c in chunks:
             self.append(c)
 
@@ -114,6 +118,7 @@ class LargeBuffer:
         self._ts.clear()
         self._len = 0
         self._hint = 0
+        self._he = -1
 
     def release(self, n: int) -> None:
         """Drop the first ``n`` bytes (a parsed message); later offsets shift by ``n``."""
@@ -138,6 +143,7 @@ class LargeBuffer:
         self._starts = starts
         self._len = pos
         self._hint = 0
+        self._he = -1
 
     def __len__(self) -> int:
         return self._len
@@ -169,6 +175,12 @@ class LargeBuffer:
         self._hint = h
         return h
 
+    def _cache(self, i: int) -> None:
+        c = self._chunks[i]
+        self._hc = c
+        self._hs = s = self._starts[i]
+        self._he = s + c.nbytes
+
     def _check(self, off: int, n: int) -> None:
         if n < 0:
             raise BufferBoundsError(f"negative size {n}")
@@ -181,14 +193,18 @@ class LargeBuffer:
 
         A scratch view is valid until the next straddling read on this buffer.
         """
+        hs = self._hs
+        if hs <= off and off + n <= self._he and n >= 0:
+            rel = off - hs
+            return self._hc[rel:rel + n]
         self._check(off, n)
         if n == 0:
             return self._scratch_mv[:0]
         i = self._locate(off)
-        c = self._chunks[i]
-        rel = off - self._starts[i]
-        if rel + n <= c.nbytes:
-            return c[rel:rel + n]
+        self._cache(i)
+        rel = off - self._hs
+        if off + n <= self._he:
+            return self._hc[rel:rel + n]
         return self._gather(i, rel, n)
 
     def _gather(self, i: int, rel: int, n: int) -> memoryview:
@@ -302,14 +318,16 @@ def _make_at(fmt: str) -> Callable[[LargeBuffer, int], int]:
     size = st.size
 
     def at(self: LargeBuffer, off: int) -> int:
+        hs = self._hs
+        if hs <= off and off + size <= self._he:
+            return unpack(self._hc, off - hs)[0]
         if off < 0 or off + size > self._len:
             raise BufferBoundsError(f"read of {size} bytes at {off} outside buffer of {self._len} bytes")
         i = self._locate(off)
-        c = self._chunks[i]
-        rel = off - self._starts[i]
-        if rel + size <= c.nbytes:
-            return unpack(c, rel)[0]
-        return unpack(self._gather(i, rel, size))[0]
+        self._cache(i)
+        if off + size <= self._he:
+            return unpack(self._hc, off - self._hs)[0]
+        return unpack(self._gather(i, off - self._hs, size))[0]
 
     at.__doc__ = f"Unsigned/signed scalar ``{fmt}`` at absolute offset."
     return at
@@ -472,20 +490,21 @@ def _make_read(fmt: str) -> Callable[[LargeBufferReader], int]:
     def read(self: LargeBufferReader) -> int:
         p = self._pos
         q = p + size
-        if q > self._end:
-            raise BufferBoundsError(f"need {size} bytes at {p}, window ends at {self._end}")
-        if p >= self._cs and q <= self._ce:
+        # _ce is min(chunk end, window end): one comparison covers both bounds.
+        if q <= self._ce and p >= self._cs:
             self._pos = q
             return unpack(self._c, p - self._cs)[0]
+        if q > self._end:
+            raise BufferBoundsError(f"need {size} bytes at {p}, window ends at {self._end}")
         buf = self._buf
         i = buf._locate(p)
         c = buf._chunks[i]
         cs = buf._starts[i]
         self._c = c
         self._cs = cs
-        self._ce = cs + c.nbytes
+        self._ce = min(cs + c.nbytes, self._end)
         self._pos = q
-        if q <= self._ce:
+        if q <= cs + c.nbytes:
             return unpack(c, p - cs)[0]
         return unpack(buf._gather(i, p - cs, size))[0]
 

@@ -1,0 +1,35 @@
+"""Run the benchmarks: ``python -m bench`` (all) or ``python -m bench http1 kafka`` (by name).
+
+Each ``bench/bench_<name>.py`` has a ``main()`` that prints medians and ratios
+against peers measured in the same run. Benchmarks are not tests: they assert
+nothing and are not run by CI.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+import sys
+import time
+
+import bench
+
+
+def main(argv: list[str]) -> int:
+    names = sorted(m.name[len("bench_"):] for m in pkgutil.iter_modules(bench.__path__)
+                   if m.name.startswith("bench_"))
+    wanted = argv or names
+    unknown = [w for w in wanted if w not in names]
+    if unknown:
+        print(f"unknown benchmark(s): {', '.join(unknown)}; available: {', '.join(names)}", file=sys.stderr)
+        return 2
+    for name in wanted:
+        print(f"\n=== bench_{name} ===", flush=True)
+        t0 = time.monotonic()
+        importlib.import_module(f"bench.bench_{name}").main()
+        print(f"(bench_{name}: {time.monotonic() - t0:.1f}s)", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,143 @@
+"""Core types and the one OTLP conversion."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from google.protobuf import json_format
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+from service.model import (
+    EventKind,
+    Resource,
+    Span,
+    SpanEvent,
+    SpanKind,
+    StatusCode,
+    TcpEvent,
+    new_span_id,
+    new_trace_id,
+    otlp_json_to_proto,
+    parse_traceparent,
+    spans_to_otlp,
+    spans_to_otlp_dict,
+    spans_to_otlp_json,
+)
+
+RES_A = Resource({"service.name": "shop", "host.name": "n1"})
+RES_B = Resource({"service.name": "db", "host.name": "n1"})
+
+
+def _spans() -> list[Span]:
+    tp = parse_traceparent("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
+    assert tp is not None
+    return [
+        Span("GET", SpanKind.SERVER, 1_700_000_000_000_000_000, 1_700_000_000_001_000_000,
+             {"http.request.method": "GET", "url.path": "/a", "http.response.status_code": 200,
+              "server.port": 8080, "ok": True, "ratio": 0.5, "tags": ["a", "b"], "raw": b"\x00\x01"},
+             RES_A, trace_id=tp[0], parent_span_id=tp[1]),
+        Span("SELECT orders", SpanKind.CLIENT, 10, 20, {"db.system.name": "postgresql"},
+             Resource({"service.name": "db", "host.name": "n1"}),  # equal content, other object
+             status_code=StatusCode.ERROR, status_message="42P01: relation does not exist",
+             events=[SpanEvent("stderr", 15, {"message": "warn"})]),
+        Span("send orders", SpanKind.PRODUCER, 30, 40, {"messaging.system": "kafka"}, RES_A),
+        Span("SET", SpanKind.CLIENT, 50, 60, {"huge": 1 << 70}, RES_B),
+    ]
+
+
+def test_protobuf_round_trip_and_grouping() -> None:
+    spans = _spans()
+    req = spans_to_otlp(spans)
+    data = req.SerializeToString()
+    back = ExportTraceServiceRequest.FromString(data)
+    assert back == req
+    # one ResourceSpans per distinct resource content, spans in input order within it
+    assert len(back.resource_spans) == 2
+    by_service = {
+        {kv.key: kv.value.string_value for kv in rs.resource.attributes}["service.name"]: rs
+        for rs in back.resource_spans
+    }
+    shop = by_service["shop"].scope_spans[0]
+    assert shop.scope.name == "wirespan"
+    assert [s.name for s in shop.spans] == ["GET", "send orders"]
+    get = shop.spans[0]
+    assert get.trace_id.hex() == "4bf92f3577b34da6a3ce929d0e0e4736"
+    assert get.parent_span_id.hex() == "00f067aa0ba902b7"
+    assert get.kind == SpanKind.SERVER
+    attrs = {kv.key: kv.value for kv in get.attributes}
+    assert attrs["http.response.status_code"].int_value == 200
+    assert attrs["ok"].bool_value is True
+    assert attrs["ratio"].double_value == 0.5
+    assert [v.string_value for v in attrs["tags"].array_value.values] == ["a", "b"]
+    assert attrs["raw"].bytes_value == b"\x00\x01"
+    db = by_service["db"].scope_spans[0].spans
+    assert [s.name for s in db] == ["SELECT orders", "SET"]
+    assert db[0].status.code == StatusCode.ERROR
+    assert db[0].status.message.startswith("42P01")
+    assert db[0].events[0].name == "stderr"
+    # an int beyond int64 is not silently wrapped: it becomes a string
+    assert {kv.key: kv.value for kv in db[1].attributes}["huge"].string_value == str(1 << 70)
+
+
+def test_otlp_json_is_the_protobuf_json_mapping() -> None:
+    spans = _spans()
+    line = spans_to_otlp_json(spans)
+    assert "\n" not in line
+    d = json.loads(line)
+    s0 = d["resourceSpans"][0]["scopeSpans"][0]["spans"][0]
+    # OTLP/JSON: hex ids, integer enums, 64-bit integers as decimal strings
+    assert s0["traceId"] == "4bf92f3577b34da6a3ce929d0e0e4736"
+    assert s0["kind"] == 2
+    assert s0["startTimeUnixNano"] == "1700000000000000000"
+    # parsed back through google.protobuf.json_format, it is the same message
+    assert otlp_json_to_proto(line) == spans_to_otlp(spans)
+    # and json_format accepts the dict (with ids rewritten to base64 by otlp_json_to_proto)
+    assert json_format.MessageToDict(otlp_json_to_proto(line))["resourceSpans"]
+    assert spans_to_otlp_dict(spans) == d
+
+
+def test_ids_are_random_and_valid() -> None:
+    tids = {new_trace_id() for _ in range(1000)}
+    sids = {new_span_id() for _ in range(1000)}
+    assert len(tids) == 1000 and len(sids) == 1000
+    assert all(len(t) == 16 and any(t) for t in tids)
+    assert all(len(s) == 8 and any(s) for s in sids)
+
+
+@pytest.mark.parametrize("value,ok", [
+    ("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01", True),
+    (b"00-4BF92F3577B34DA6A3CE929D0E0E4736-00F067AA0BA902B7-00", True),
+    ("01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra", True),  # future version
+    ("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra", False),  # v00 is exact
+    ("ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01", False),
+    ("00-00000000000000000000000000000000-00f067aa0ba902b7-01", False),
+    ("00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01", False),
+    ("00-4bf92f3577b34da6a3ce929d0e0e473g-00f067aa0ba902b7-01", False),
+    ("garbage", False),
+    ("", False),
+])
+def test_traceparent(value: str | bytes, ok: bool) -> None:
+    r = parse_traceparent(value)
+    assert (r is not None) == ok
+    if ok:
+        assert r is not None and len(r[0]) == 16 and len(r[1]) == 8
+
+
+def test_tcp_event_and_span_are_slotted() -> None:
+    ev = TcpEvent(EventKind.DATA, 1, "::1", 5000, "::1", 80, 1, memoryview(b"x"))
+    sp = Span("x", SpanKind.INTERNAL, 0, 1)
+    for obj in (ev, sp):
+        assert not hasattr(obj, "__dict__")
+        with pytest.raises(AttributeError):
+            obj.nope = 1  # type: ignore[attr-defined]
+    assert "DATA" in repr(ev)
+    assert sp.duration_ns == 1 and sp.parent_span_id == b""
+
+
+def test_resource_equality_by_content() -> None:
+    a = Resource({"service.name": "x", "k": [1, 2]})
+    b = Resource({"k": [1, 2], "service.name": "x"})
+    assert a == b and hash(a) == hash(b)
+    assert a.merged({"service.name": "y"}).attributes["service.name"] == "y"
+    assert a.attributes["service.name"] == "x"
