@@ -1,0 +1,518 @@
+// SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause)
+// wirespan eBPF probe: the bytes every traced process reads from and writes to
+// its TCP sockets, seen at the syscall boundary.
+//
+// Contract with receivers/ebpf/receiver.py (keep struct rec_hdr in sync with
+// HDR there):
+// - syscalls tracepoints only (kprobes are not compiled into the target kernel,
+//   fentry/fexit are refused there: design.md §6);
+// - enter: filter by pid and comm, resolve the fd to a TCP socket through
+//   task->files->fdt, remember the user buffer(s) keyed by pid_tgid;
+// - exit: filter by port, copy min(ret, cfg.max_call_bytes) bytes into
+//   ring-buffer records of at most CHUNK payload bytes, each carrying the
+//   socket, 4-tuple, pid/tid/comm, direction, timestamps, the syscall's total
+//   byte count and the record's offset in it; bytes not copied are counted as
+//   truncated and userspace turns them into a gap;
+// - close(): one CLOSE record for a TCP socket fd.
+// Every loop and every variable-size copy is clamped to a constant bound, as
+// the verifier requires.
+
+#include "vmlinux.h"
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_core_read.h>
+
+char LICENSE[] SEC("license") = "Dual BSD/GPL";
+
+#define CHUNK 16384          // payload bytes per ring-buffer record (issue 9)
+#define MAX_IOV 16           // iovecs followed per readv/writev/recvmsg/sendmsg
+#define MAX_RECORDS 64       // records per syscall: 64 * 16 KiB = 1 MiB hard bound
+#define MAX_FDS_BITS 20      // fd numbers above 2^20 are not followed
+#define AF_INET 2
+#define AF_INET6 10
+#define S_IFMT 00170000
+#define S_IFSOCK 0140000
+#define IPPROTO_TCP 6
+#define SOCK_STREAM 1
+
+enum op { WS_READ = 0, WS_WRITE = 1, WS_READV = 2, WS_WRITEV = 3, WS_RECVMSG = 4, WS_SENDMSG = 5 };
+enum kind { K_DATA = 0, K_CLOSE = 1 };
+enum counter {
+	C_RESERVE_FAIL = 0,  // bpf_ringbuf_output failed: ring full, record lost
+	C_TRUNC_CALLS = 1,   // syscalls with bytes beyond max_call_bytes
+	C_TRUNC_BYTES = 2,   // those bytes
+	C_RECORDS = 3,       // records written
+	C_READ_FAIL = 4,     // bpf_probe_read_user failed (page not present)
+	C_ACTIVE_FULL = 5,   // the in-flight syscall table was full
+	N_COUNTERS = 8,
+};
+
+struct ws_cfg {
+	u32 self_pid;        // never trace the receiver itself (it exports over TCP)
+	u32 filter_pids;     // 1: only pids in pid_filter
+	u32 filter_comms;    // 1: only comms in comm_filter
+	u32 filter_ports;    // 1: only sockets whose local or remote port is in port_filter
+	u32 max_call_bytes;  // bytes copied per syscall (<= MAX_RECORDS * CHUNK)
+	u32 pad;
+};
+
+struct rec_hdr {
+	u64 ts_enter;        // bpf_ktime_get_ns at syscall entry
+	u64 ts_exit;         // at exit
+	u64 sock;            // struct sock address: the connection's identity in this process
+	u32 pid;
+	u32 tid;
+	u32 total;           // bytes the syscall moved
+	u32 offset;          // of this record's payload within them
+	u32 len;             // payload bytes in this record
+	u16 lport;           // local port (host order)
+	u16 rport;           // remote port (host order)
+	u8 kind;
+	u8 egress;           // 1: the process wrote these bytes
+	u8 family;
+	u8 last;             // 1: the last record of this syscall
+	u32 pad;
+	u8 laddr[16];
+	u8 raddr[16];
+	char comm[16];
+};
+
+struct record {
+	struct rec_hdr h;
+	u8 data[CHUNK];
+};
+
+struct active {
+	u64 sock;
+	u64 buf;             // user buffer, or iovec array for the vector ops
+	u64 ts;
+	u32 cnt;             // iovec count for the vector ops
+	u8 op;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 16 << 20);  // userspace sets the configured size before load
+} events SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 16384);
+	__type(key, u64);
+	__type(value, struct active);
+} active SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, u32);
+	__type(value, struct record);
+} scratch SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, N_COUNTERS);
+	__type(key, u32);
+	__type(value, u64);
+} counters SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, u32);
+	__type(value, struct ws_cfg);
+} ws_config SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 1024);
+	__type(key, u32);
+	__type(value, u8);
+} pid_filter SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 256);
+	__type(key, char[16]);
+	__type(value, u8);
+} comm_filter SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 1024);
+	__type(key, u16);
+	__type(value, u8);
+} port_filter SEC(".maps");
+
+static __always_inline void count(u32 idx, u64 n)
+{
+	u64 *v = bpf_map_lookup_elem(&counters, &idx);
+	if (v)
+		*v += n;  // per-CPU slot: no atomics needed
+}
+
+static __always_inline struct ws_cfg *get_config(void)
+{
+	u32 zero = 0;
+	return bpf_map_lookup_elem(&ws_config, &zero);
+}
+
+// Process-level filters, checked at entry before any map write.
+static __always_inline bool want_process(struct ws_cfg *cfg, u32 pid)
+{
+	if (pid == cfg->self_pid)
+		return false;
+	if (cfg->filter_pids && !bpf_map_lookup_elem(&pid_filter, &pid))
+		return false;
+	if (cfg->filter_comms) {
+		char comm[16] = {};
+		bpf_get_current_comm(comm, sizeof(comm));
+		if (!bpf_map_lookup_elem(&comm_filter, comm))
+			return false;
+	}
+	return true;
+}
+
+// fd -> struct sock of a TCP socket (IPv4/IPv6), else NULL.
+static __always_inline struct sock *fd_to_tcp_sock(u64 fd)
+{
+	if (fd >= (1 << MAX_FDS_BITS))
+		return NULL;
+	struct task_struct *task = (struct task_struct *)bpf_get_current_task_btf();
+	struct files_struct *files = BPF_CORE_READ(task, files);
+	if (!files)
+		return NULL;
+	struct fdtable *fdt = BPF_CORE_READ(files, fdt);
+	if (!fdt)
+		return NULL;
+	if (fd >= BPF_CORE_READ(fdt, max_fds))
+		return NULL;
+	struct file **fds = BPF_CORE_READ(fdt, fd);
+	struct file *f = NULL;
+	if (bpf_core_read(&f, sizeof(f), &fds[fd]) || !f)
+		return NULL;
+	struct inode *ino = BPF_CORE_READ(f, f_inode);
+	if (!ino)
+		return NULL;
+	umode_t mode = BPF_CORE_READ(ino, i_mode);
+	if ((mode & S_IFMT) != S_IFSOCK)
+		return NULL;
+	struct socket *so = BPF_CORE_READ(f, private_data);
+	if (!so)
+		return NULL;
+	struct sock *sk = BPF_CORE_READ(so, sk);
+	if (!sk)
+		return NULL;
+	u16 family = BPF_CORE_READ(sk, __sk_common.skc_family);
+	if (family != AF_INET && family != AF_INET6)
+		return NULL;
+	if (BPF_CORE_READ(sk, sk_protocol) != IPPROTO_TCP || BPF_CORE_READ(sk, sk_type) != SOCK_STREAM)
+		return NULL;
+	return sk;
+}
+
+static __always_inline void fill_tuple(struct rec_hdr *h, struct sock *sk)
+{
+	h->family = BPF_CORE_READ(sk, __sk_common.skc_family);
+	h->lport = BPF_CORE_READ(sk, __sk_common.skc_num);
+	h->rport = __builtin_bswap16(BPF_CORE_READ(sk, __sk_common.skc_dport));
+	if (h->family == AF_INET) {
+		__builtin_memset(h->laddr, 0, 16);
+		__builtin_memset(h->raddr, 0, 16);
+		bpf_core_read(h->laddr, 4, &sk->__sk_common.skc_rcv_saddr);
+		bpf_core_read(h->raddr, 4, &sk->__sk_common.skc_daddr);
+	} else {
+		bpf_core_read(h->laddr, 16, &sk->__sk_common.skc_v6_rcv_saddr);
+		bpf_core_read(h->raddr, 16, &sk->__sk_common.skc_v6_daddr);
+	}
+}
+
+static __always_inline bool want_ports(struct ws_cfg *cfg, struct rec_hdr *h)
+{
+	if (!cfg->filter_ports)
+		return true;
+	return bpf_map_lookup_elem(&port_filter, &h->lport) || bpf_map_lookup_elem(&port_filter, &h->rport);
+}
+
+static __always_inline int on_enter(u64 fd, u64 buf, u32 cnt, u8 op)
+{
+	struct ws_cfg *cfg = get_config();
+	if (!cfg)
+		return 0;
+	u64 id = bpf_get_current_pid_tgid();
+	if (!want_process(cfg, id >> 32))
+		return 0;
+	struct sock *sk = fd_to_tcp_sock(fd);
+	if (!sk)
+		return 0;
+	struct active a = {
+		.sock = (u64)sk, .buf = buf, .ts = bpf_ktime_get_ns(), .cnt = cnt, .op = op,
+	};
+	if (bpf_map_update_elem(&active, &id, &a, BPF_ANY))
+		count(C_ACTIVE_FULL, 1);
+	return 0;
+}
+
+// sendmsg/recvmsg: the iovec array lives in the user's struct msghdr.
+static __always_inline int on_enter_msg(u64 fd, u64 umsg, u8 op)
+{
+	struct user_msghdr m = {};
+	if (bpf_probe_read_user(&m, sizeof(m), (void *)umsg))
+		return 0;
+	return on_enter(fd, (u64)m.msg_iov, (u32)m.msg_iovlen, op);
+}
+
+// Lives in a per-CPU map, not on the stack: the verifier does not track map
+// contents, so each bpf_loop iteration looks the same to it and verification
+// converges (stack scalars that change every iteration made it explode).
+struct copy_ctx {
+	u64 ubuf;            // user buffer or iovec array
+	u64 base;            // current user pointer
+	u64 avail;           // bytes left at base
+	u32 cnt;             // iovec count
+	u32 iov_i;
+	u32 want;            // bytes to copy in all
+	u32 done;
+	u32 vec;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, u32);
+	__type(value, struct copy_ctx);
+} copy_state SEC(".maps");
+
+// One step of the copy: either the next record (at most CHUNK bytes) or a move
+// to the next iovec. Returns 1 to stop.
+static long copy_step(u32 i, void *arg)
+{
+	u32 zero = 0;
+	struct copy_ctx *c = bpf_map_lookup_elem(&copy_state, &zero);
+	if (!c)
+		return 1;
+	if (c->done >= c->want)
+		return 1;
+	if (c->avail == 0) {
+		c->iov_i++;
+		if (!c->vec || c->iov_i >= c->cnt || c->iov_i >= MAX_IOV)
+			return 1;
+		struct iovec v = {};
+		if (bpf_probe_read_user(&v, sizeof(v), (void *)(c->ubuf + (u64)c->iov_i * sizeof(struct iovec))))
+			return 1;
+		c->base = (u64)v.iov_base;
+		c->avail = v.iov_len;
+		return 0;
+	}
+	struct record *r = bpf_map_lookup_elem(&scratch, &zero);
+	if (!r)
+		return 1;
+	u64 n = c->want - c->done;
+	if (n > c->avail)
+		n = c->avail;
+	if (n > CHUNK)
+		n = CHUNK;
+	// n is in [1, CHUNK]. The verifier needs that bound on the very register
+	// passed to the helper, so clamp in asm where clang cannot move the check
+	// to a copy: ((n - 1) & (CHUNK - 1)) + 1. Going through the map value
+	// first stops precision tracking there: otherwise done/avail/want become
+	// precise and the bpf_loop callback states never converge.
+	r->h.len = n;
+	u64 sz = *(volatile u32 *)&r->h.len;
+	asm volatile("%[n] += -1\n\t%[n] &= 0x3fff\n\t%[n] += 1" : [n] "+r"(sz));
+	if (bpf_probe_read_user(r->data, sz, (void *)c->base)) {
+		count(C_READ_FAIL, 1);
+		return 1;
+	}
+	r->h.offset = c->done;
+	c->done += n;
+	c->base += n;
+	c->avail -= n;
+	r->h.last = c->done >= c->want;
+	if (bpf_ringbuf_output(&events, r, sizeof(struct rec_hdr) + sz, 0))
+		count(C_RESERVE_FAIL, 1);
+	else
+		count(C_RECORDS, 1);
+	return 0;
+}
+
+static __always_inline int on_exit(long ret)
+{
+	u64 id = bpf_get_current_pid_tgid();
+	struct active *ap = bpf_map_lookup_elem(&active, &id);
+	if (!ap)
+		return 0;
+	struct active a = *ap;
+	bpf_map_delete_elem(&active, &id);
+	if (ret <= 0)
+		return 0;
+	struct ws_cfg *cfg = get_config();
+	u32 zero = 0;
+	struct record *r = bpf_map_lookup_elem(&scratch, &zero);
+	if (!cfg || !r)
+		return 0;
+	struct sock *sk = (struct sock *)a.sock;
+	struct rec_hdr *h = &r->h;
+	fill_tuple(h, sk);
+	if (!want_ports(cfg, h))
+		return 0;
+	h->ts_enter = a.ts;
+	h->ts_exit = bpf_ktime_get_ns();
+	h->sock = a.sock;
+	h->pid = id >> 32;
+	h->tid = (u32)id;
+	h->total = ret > 0x7fffffff ? 0x7fffffff : (u32)ret;
+	h->kind = K_DATA;
+	h->egress = (a.op & 1);  // odd ops write
+	h->last = 0;
+	h->pad = 0;
+	bpf_get_current_comm(h->comm, sizeof(h->comm));
+
+	u32 want = h->total;
+	u32 limit = cfg->max_call_bytes;
+	if (limit > MAX_RECORDS * CHUNK)
+		limit = MAX_RECORDS * CHUNK;
+	if (want > limit) {
+		count(C_TRUNC_CALLS, 1);
+		count(C_TRUNC_BYTES, want - limit);
+		want = limit;
+	}
+
+	struct copy_ctx *c = bpf_map_lookup_elem(&copy_state, &zero);
+	if (!c)
+		return 0;
+	c->ubuf = a.buf;
+	c->cnt = a.cnt;
+	c->iov_i = 0;
+	c->want = want;
+	c->done = 0;
+	c->vec = a.op >= WS_READV;
+	if (c->vec) {
+		struct iovec v = {};
+		if (a.cnt == 0 || bpf_probe_read_user(&v, sizeof(v), (void *)a.buf))
+			return 0;
+		c->base = (u64)v.iov_base;
+		c->avail = v.iov_len;
+	} else {
+		c->base = a.buf;
+		c->avail = want;
+	}
+	// bpf_loop: the step is verified once, not once per iteration
+	bpf_loop(MAX_RECORDS + MAX_IOV, copy_step, NULL, 0);
+	u32 done = c->done;
+	if (done < want) {
+		// could not copy everything (iovec bound, fault): a zero-length last
+		// record tells userspace how much is missing
+		h->offset = done;
+		h->len = 0;
+		h->last = 1;
+		if (bpf_ringbuf_output(&events, r, sizeof(struct rec_hdr), 0))
+			count(C_RESERVE_FAIL, 1);
+		else
+			count(C_RECORDS, 1);
+	}
+	return 0;
+}
+
+SEC("tracepoint/syscalls/sys_enter_read")
+int enter_read(struct trace_event_raw_sys_enter *ctx)
+{
+	return on_enter(ctx->args[0], ctx->args[1], 0, WS_READ);
+}
+
+SEC("tracepoint/syscalls/sys_enter_recvfrom")
+int enter_recvfrom(struct trace_event_raw_sys_enter *ctx)
+{
+	return on_enter(ctx->args[0], ctx->args[1], 0, WS_READ);
+}
+
+SEC("tracepoint/syscalls/sys_enter_write")
+int enter_write(struct trace_event_raw_sys_enter *ctx)
+{
+	return on_enter(ctx->args[0], ctx->args[1], 0, WS_WRITE);
+}
+
+SEC("tracepoint/syscalls/sys_enter_sendto")
+int enter_sendto(struct trace_event_raw_sys_enter *ctx)
+{
+	return on_enter(ctx->args[0], ctx->args[1], 0, WS_WRITE);
+}
+
+SEC("tracepoint/syscalls/sys_enter_readv")
+int enter_readv(struct trace_event_raw_sys_enter *ctx)
+{
+	return on_enter(ctx->args[0], ctx->args[1], ctx->args[2], WS_READV);
+}
+
+SEC("tracepoint/syscalls/sys_enter_writev")
+int enter_writev(struct trace_event_raw_sys_enter *ctx)
+{
+	return on_enter(ctx->args[0], ctx->args[1], ctx->args[2], WS_WRITEV);
+}
+
+SEC("tracepoint/syscalls/sys_enter_recvmsg")
+int enter_recvmsg(struct trace_event_raw_sys_enter *ctx)
+{
+	return on_enter_msg(ctx->args[0], ctx->args[1], WS_RECVMSG);
+}
+
+SEC("tracepoint/syscalls/sys_enter_sendmsg")
+int enter_sendmsg(struct trace_event_raw_sys_enter *ctx)
+{
+	return on_enter_msg(ctx->args[0], ctx->args[1], WS_SENDMSG);
+}
+
+SEC("tracepoint/syscalls/sys_exit_read")
+int exit_read(struct trace_event_raw_sys_exit *ctx) { return on_exit(ctx->ret); }
+SEC("tracepoint/syscalls/sys_exit_recvfrom")
+int exit_recvfrom(struct trace_event_raw_sys_exit *ctx) { return on_exit(ctx->ret); }
+SEC("tracepoint/syscalls/sys_exit_write")
+int exit_write(struct trace_event_raw_sys_exit *ctx) { return on_exit(ctx->ret); }
+SEC("tracepoint/syscalls/sys_exit_sendto")
+int exit_sendto(struct trace_event_raw_sys_exit *ctx) { return on_exit(ctx->ret); }
+SEC("tracepoint/syscalls/sys_exit_readv")
+int exit_readv(struct trace_event_raw_sys_exit *ctx) { return on_exit(ctx->ret); }
+SEC("tracepoint/syscalls/sys_exit_writev")
+int exit_writev(struct trace_event_raw_sys_exit *ctx) { return on_exit(ctx->ret); }
+SEC("tracepoint/syscalls/sys_exit_recvmsg")
+int exit_recvmsg(struct trace_event_raw_sys_exit *ctx) { return on_exit(ctx->ret); }
+SEC("tracepoint/syscalls/sys_exit_sendmsg")
+int exit_sendmsg(struct trace_event_raw_sys_exit *ctx) { return on_exit(ctx->ret); }
+
+SEC("tracepoint/syscalls/sys_enter_close")
+int enter_close(struct trace_event_raw_sys_enter *ctx)
+{
+	struct ws_cfg *cfg = get_config();
+	if (!cfg)
+		return 0;
+	u64 id = bpf_get_current_pid_tgid();
+	if (!want_process(cfg, id >> 32))
+		return 0;
+	struct sock *sk = fd_to_tcp_sock(ctx->args[0]);
+	if (!sk)
+		return 0;
+	u32 zero = 0;
+	struct record *r = bpf_map_lookup_elem(&scratch, &zero);
+	if (!r)
+		return 0;
+	struct rec_hdr *h = &r->h;
+	fill_tuple(h, sk);
+	if (!want_ports(cfg, h))
+		return 0;
+	h->ts_enter = h->ts_exit = bpf_ktime_get_ns();
+	h->sock = (u64)sk;
+	h->pid = id >> 32;
+	h->tid = (u32)id;
+	h->total = 0;
+	h->offset = 0;
+	h->len = 0;
+	h->kind = K_CLOSE;
+	h->egress = 0;
+	h->last = 1;
+	h->pad = 0;
+	bpf_get_current_comm(h->comm, sizeof(h->comm));
+	if (bpf_ringbuf_output(&events, h, sizeof(*h), 0))
+		count(C_RESERVE_FAIL, 1);
+	else
+		count(C_RECORDS, 1);
+	return 0;
+}
