@@ -14,6 +14,7 @@ import json
 import os
 import random
 import socket
+import struct
 from collections.abc import Iterable, Mapping, Sequence
 from enum import IntEnum
 from typing import Any
@@ -31,6 +32,7 @@ __all__ = [
     "new_trace_id",
     "parse_traceparent",
     "spans_to_otlp",
+    "spans_to_otlp_bytes",
     "spans_to_otlp_dict",
     "spans_to_otlp_json",
     "otlp_json_to_proto",
@@ -409,6 +411,147 @@ def spans_to_otlp(spans: Iterable[Span]) -> Any:
 
 
 # ---------------------------------------------------------------------------
+# OTLP: protobuf wire bytes, encoded directly
+# ---------------------------------------------------------------------------
+# Building upb message objects costs ~35 us a span here; writing the wire format
+# directly, with the encoded form of repeated (key, string value) attributes
+# cached, costs a tenth of that. Field numbers are those of opentelemetry-proto
+# (trace.proto, common.proto, trace_service.proto); tests parse the bytes back
+# with the official messages.
+_FIXED64 = struct.Struct("<Q").pack
+_FIXED32 = struct.Struct("<I").pack
+_DOUBLE = struct.Struct("<d").pack
+_SMALL_VARINTS = [bytes((i,)) for i in range(128)]
+#: Bound on the attribute-encoding cache: a per-request id in a value must not grow it forever.
+_KV_CACHE_MAX = 65536
+_kv_cache: dict[tuple[str, Any], bytes] = {}
+
+
+def _varint(n: int) -> bytes:
+    if n < 128:
+        return _SMALL_VARINTS[n]
+    out = bytearray()
+    while n >= 0x80:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _ld(tag: bytes, payload: bytes) -> bytes:
+    """A length-delimited field: tag, length, payload."""
+    return tag + _varint(len(payload)) + payload
+
+
+def _str_field(tag: bytes, v: str) -> bytes:
+    b = v.encode("utf-8", "surrogatepass")
+    return tag + _varint(len(b)) + b
+
+
+def _any_bytes(v: Any) -> bytes:
+    """AnyValue message body."""
+    if isinstance(v, str):
+        return _str_field(b"\x0a", v)
+    if isinstance(v, bool):
+        return b"\x10\x01" if v else b"\x10\x00"
+    if isinstance(v, int):
+        if -(1 << 63) <= v < (1 << 63):
+            return b"\x18" + _varint(v & 0xFFFFFFFFFFFFFFFF)
+        return _str_field(b"\x0a", str(v))
+    if isinstance(v, float):
+        return b"\x21" + _DOUBLE(v)
+    if isinstance(v, (bytes, bytearray, memoryview)):
+        return _ld(b"\x3a", bytes(v))
+    if isinstance(v, (list, tuple)):
+        return _ld(b"\x2a", b"".join(_ld(b"\x0a", _any_bytes(x)) for x in v))
+    if isinstance(v, Mapping):
+        return _ld(b"\x32", b"".join(_ld(b"\x0a", _kv_body(str(k), x)) for k, x in v.items()))
+    return _str_field(b"\x0a", str(v))
+
+
+def _kv_body(k: str, v: Any) -> bytes:
+    return _str_field(b"\x0a", k) + _ld(b"\x12", _any_bytes(v))
+
+
+def _kv_fields(tag: bytes, attrs: Mapping[str, Any]) -> list[bytes]:
+    return [tag + _varint(len(f)) + f for f in (_kv_body(k, v) for k, v in attrs.items())]
+
+
+def _span_attr_fields(attrs: Mapping[str, Any]) -> list[bytes]:
+    """Span attributes (field 9), each whole field cached for str and int values.
+
+    The exact-type check keeps ``True`` (a bool) from hitting the entry of ``1``.
+    """
+    out = []
+    cache = _kv_cache
+    for k, v in attrs.items():
+        t = type(v)
+        if t is str or t is int:
+            f = cache.get((k, v))
+            if f is None:
+                if len(cache) >= _KV_CACHE_MAX:
+                    cache.clear()
+                body = _kv_body(k, v)
+                f = cache[(k, v)] = b"\x4a" + _varint(len(body)) + body
+            out.append(f)
+        else:
+            body = _kv_body(k, v)
+            out.append(b"\x4a" + _varint(len(body)) + body)
+    return out
+
+
+_SCOPE_FIELD = _ld(b"\x0a", _str_field(b"\x0a", SCOPE_NAME) + _str_field(b"\x12", SCOPE_VERSION))
+_resource_cache: dict[tuple[Any, ...], bytes] = {}
+
+
+def _span_bytes(s: Span) -> bytes:
+    parts = [b"\x0a\x10", s.trace_id, b"\x12\x08", s.span_id]
+    if s.trace_state:
+        parts.append(_str_field(b"\x1a", s.trace_state))
+    if s.parent_span_id:
+        parts.append(b"\x22\x08")
+        parts.append(s.parent_span_id)
+    parts.append(_str_field(b"\x2a", s.name))
+    parts.append(b"\x30" + _SMALL_VARINTS[int(s.kind) & 0x7F])
+    parts.append(b"\x39" + _FIXED64(s.start_ns) + b"\x41" + _FIXED64(s.end_ns))
+    if s.attributes:
+        parts.extend(_span_attr_fields(s.attributes))
+    if s.events:
+        for e in s.events:
+            body = b"\x09" + _FIXED64(e.ts_ns) + _str_field(b"\x12", e.name) + b"".join(
+                _kv_fields(b"\x1a", e.attributes))
+            parts.append(_ld(b"\x5a", body))
+    code = int(s.status_code)
+    if code or s.status_message:
+        st = (_str_field(b"\x12", s.status_message) if s.status_message else b"") + (
+            b"\x18" + _SMALL_VARINTS[code & 0x7F] if code else b"")
+        parts.append(_ld(b"\x7a", st))
+    else:
+        parts.append(b"\x7a\x00")  # an empty Status, as the message path writes it
+    parts.append(b"\x85\x01" + _FIXED32(s.flags & 0xFF))
+    return b"".join(parts)
+
+
+def spans_to_otlp_bytes(spans: Iterable[Span]) -> bytes:
+    """Spans -> serialized ``ExportTraceServiceRequest``: what the exporters send."""
+    out = []
+    for res, group in _group(spans):
+        rkey = res.key()
+        rfield = _resource_cache.get(rkey)
+        if rfield is None:
+            if len(_resource_cache) > 1024:
+                _resource_cache.clear()
+            rfield = _resource_cache[rkey] = _ld(b"\x0a", b"".join(_kv_fields(b"\x0a", res.attributes)))
+        span_fields = []
+        for s in group:
+            b = _span_bytes(s)
+            span_fields.append(b"\x12" + _varint(len(b)) + b)
+        ss = _ld(b"\x12", _SCOPE_FIELD + b"".join(span_fields))
+        out.append(_ld(b"\x0a", rfield + ss))
+    return b"".join(out)
+
+
+# ---------------------------------------------------------------------------
 # OTLP: JSON (OTLP/JSON rules: hex ids, integer enums, 64-bit ints as strings)
 # ---------------------------------------------------------------------------
 def _json_value(v: Any) -> dict[str, Any]:
@@ -468,9 +611,49 @@ def spans_to_otlp_dict(spans: Iterable[Span]) -> dict[str, Any]:
     return {"resourceSpans": rs}
 
 
+_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+_json_kv_cache: dict[tuple[str, Any], str] = {}
+
+
+def _json_kv(k: str, v: Any) -> str:
+    """One attribute as OTLP/JSON text; str and int values cached like the protobuf fields."""
+    t = type(v)
+    if t is str or t is int:
+        f = _json_kv_cache.get((k, v))
+        if f is None:
+            if len(_json_kv_cache) >= _KV_CACHE_MAX:
+                _json_kv_cache.clear()
+            f = _json_kv_cache[(k, v)] = _dumps({"key": k, "value": _json_value(v)})
+        return f
+    return _dumps({"key": k, "value": _json_value(v)})
+
+
+def _json_span(s: Span) -> str:
+    attrs = ",".join([_json_kv(k, v) for k, v in s.attributes.items()])
+    status = f'{{"code":{int(s.status_code)},"message":{_dumps(s.status_message)}}}' if s.status_message \
+        else f'{{"code":{int(s.status_code)}}}'
+    extra = ""
+    if s.parent_span_id:
+        extra += f',"parentSpanId":"{s.parent_span_id.hex()}"'
+    if s.trace_state:
+        extra += f',"traceState":{_dumps(s.trace_state)}'
+    if s.events:
+        extra += ',"events":' + _dumps([
+            {"timeUnixNano": str(e.ts_ns), "name": e.name, "attributes": _json_kvs(e.attributes)} for e in s.events])
+    return (f'{{"traceId":"{s.trace_id.hex()}","spanId":"{s.span_id.hex()}","name":{_dumps(s.name)},'
+            f'"kind":{int(s.kind)},"startTimeUnixNano":"{s.start_ns}","endTimeUnixNano":"{s.end_ns}",'
+            f'"attributes":[{attrs}],"status":{status},"flags":{s.flags & 0xFF}{extra}}}')
+
+
 def spans_to_otlp_json(spans: Iterable[Span]) -> str:
-    """One line of the Collector file exporter's format (no newline)."""
-    return json.dumps(spans_to_otlp_dict(spans), separators=(",", ":"), ensure_ascii=False)
+    """One line of the Collector file exporter's format (no newline); same content as ``spans_to_otlp_dict``."""
+    scope = f'{{"name":"{SCOPE_NAME}","version":"{SCOPE_VERSION}"}}'
+    rs = []
+    for res, group in _group(spans):
+        rattrs = ",".join(_dumps(kv) for kv in _json_kvs(res.attributes))
+        body = ",".join([_json_span(s) for s in group])
+        rs.append(f'{{"resource":{{"attributes":[{rattrs}]}},"scopeSpans":[{{"scope":{scope},"spans":[{body}]}}]}}')
+    return '{"resourceSpans":[' + ",".join(rs) + "]}"
 
 
 def otlp_json_to_proto(text: str | bytes) -> Any:

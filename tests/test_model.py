@@ -141,3 +141,46 @@ def test_resource_equality_by_content() -> None:
     assert a == b and hash(a) == hash(b)
     assert a.merged({"service.name": "y"}).attributes["service.name"] == "y"
     assert a.attributes["service.name"] == "x"
+
+
+def _tricky_spans() -> list[Span]:
+    res = Resource({"service.name": "x\u00e9", "n": 3})
+    return [
+        Span(f'GET "{i}"', SpanKind.SERVER, 1 + i, 2 + i,
+             {"s": f"/p/{i}\n\u00e9\"\\", "i": i, "neg": -i - 1, "b": bool(i % 2), "one": 1, "f": 0.25,
+              "big": 1 << 64, "l": ["a", 1, True], "m": {"k": "v"}, "raw": b"\xff"},
+             res, status_code=i % 3, status_message="boom\t" if i % 4 == 0 else "",
+             parent_span_id=new_span_id() if i % 2 else b"", trace_state="k=v" if i == 3 else "",
+             events=[SpanEvent("stderr", 7, {"message": "x"})] if i % 5 == 0 else None)
+        for i in range(50)
+    ]
+
+
+def test_direct_protobuf_encoding_is_byte_identical() -> None:
+    from service.model import spans_to_otlp_bytes
+    spans = _tricky_spans()
+    for _ in range(2):  # the second pass hits the attribute cache
+        data = spans_to_otlp_bytes(spans)
+        assert data == spans_to_otlp(spans).SerializeToString()
+        assert ExportTraceServiceRequest.FromString(data) == spans_to_otlp(spans)
+
+
+def test_bool_and_int_attributes_do_not_share_cache_entries() -> None:
+    from service.model import spans_to_otlp_bytes
+    a = Span("a", SpanKind.CLIENT, 0, 1, {"k": 1})
+    b = Span("b", SpanKind.CLIENT, 0, 1, {"k": True})
+    req = ExportTraceServiceRequest.FromString(spans_to_otlp_bytes([a, b]))
+    vals = [s.attributes[0].value for s in req.resource_spans[0].scope_spans[0].spans]
+    assert vals[0].WhichOneof("value") == "int_value"
+    assert vals[1].WhichOneof("value") == "bool_value"
+    j = json.loads(spans_to_otlp_json([a, b]))
+    got = [s["attributes"][0]["value"] for s in j["resourceSpans"][0]["scopeSpans"][0]["spans"]]
+    assert got == [{"intValue": "1"}, {"boolValue": True}]
+
+
+def test_fast_json_equals_dict_form() -> None:
+    spans = _tricky_spans()
+    for _ in range(2):
+        line = spans_to_otlp_json(spans)
+        assert json.loads(line) == spans_to_otlp_dict(spans)
+        assert otlp_json_to_proto(line) == spans_to_otlp(spans)
