@@ -1,0 +1,593 @@
+"""The ``protocols`` stage: TcpEvents in, spans out (design.md §1).
+
+Contract: per connection it keeps two ``LargeBuffer``s (one per direction),
+detects the protocol by content (ports only order the tries), builds that
+protocol module's ``Session`` (base.py) and feeds it. Everything a parser can
+do wrong stops here: a ``ProtocolError`` is counted
+(``wirespan_parser_messages{protocol,result=reason}``), the direction's buffer
+is cleared and the session told of a gap; after ``max_consecutive_errors`` the
+connection is abandoned (counted). Any other exception is a bug: counted as
+``internal_error``, logged once with its traceback, the connection abandoned;
+nothing escapes ``consume_events``. State is bounded: an LRU of connections,
+an idle timeout, a byte budget before detection and per pending message, all
+evictions and drops counted. Spans go to ``next.consume_spans`` once per call.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import re
+import threading
+from collections import OrderedDict
+from types import ModuleType
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
+
+from processors.protocols import PROTOCOLS, load
+from processors.protocols.base import Conn, Detection, Perspective, ProtocolSettings, Session
+from processors.protocols.errors import ProtocolError
+from service.component import ComponentConfig, EventProcessor
+from service.largebuf import LargeBuffer
+from service.model import DEFAULT_RESOURCE, EventKind, Resource, Span, TcpEvent
+from service.telemetry import CONNECTIONS_EVICTED, PARSER_MESSAGES, PROCESSOR_INCOMING, PROCESSOR_OUTGOING
+
+__all__ = ["ProtocolsProcessor", "ServiceNameRule", "Config", "parse_duration"]
+
+log = logging.getLogger(__name__)
+
+#: Connections tracked at once; the least recently used is evicted beyond it
+#: (OBI and Beyla keep a comparable LRU of ongoing connections).
+MAX_CONNECTIONS = 65_536
+#: Seconds without traffic before a connection's state is dropped (the
+#: Collector's and conntrack's established-idle timeouts are minutes).
+IDLE_TIMEOUT_S = 300.0
+#: Bytes a connection may send before a protocol is recognised; then it is ignored.
+MAX_DETECT_BYTES = 64 * 1024
+#: Unconsumed bytes one direction may hold (an incomplete message); beyond it the
+#: direction is cleared and the session resynchronises.
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+#: Consecutive parse errors before a connection is abandoned.
+MAX_CONSECUTIVE_ERRORS = 3
+#: Default service.name for passive captures when no rule matches: the OTel SDK's
+#: own fallback, honest about not knowing.
+UNKNOWN_SERVICE = "unknown_service"
+
+_DUR = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?)\s*(ns|us|µs|ms|s|m|h)?\s*$")
+_UNIT = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+
+
+def parse_duration(v: Any) -> float:
+    """Seconds from a number or a Collector-style duration string (``"30s"``, ``"5m"``)."""
+    if isinstance(v, bool):
+        raise ValueError("a duration, not a boolean")
+    if isinstance(v, (int, float)):
+        return float(v)
+    m = _DUR.match(str(v))
+    if m is None:
+        raise ValueError(f"not a duration: {v!r} (e.g. 30s, 5m, 200ms)")
+    return float(m.group(1)) * _UNIT[m.group(2)]
+
+
+class ServiceNameRule(BaseModel):
+    """``service.name`` for connections whose server matches every given condition."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    #: The server's port.
+    port: int | None = Field(None, ge=0, le=65535)
+    #: The server's address, or a network in CIDR form.
+    address: str | None = None
+    #: The traced process's command name (eBPF receivers only).
+    process: str | None = None
+    #: The service.name to set.
+    name: str
+
+    @model_validator(mode="after")
+    def _one_condition(self) -> ServiceNameRule:
+        if self.port is None and self.address is None and self.process is None:
+            raise ValueError("a service_name rule needs at least one of port, address, process")
+        if self.address is not None:
+            ipaddress.ip_network(self.address, strict=False)  # raises ValueError on a typo
+        return self
+
+    def matches(self, server_addr: str, server_port: int, comm: str | None) -> bool:
+        if self.port is not None and self.port != server_port:
+            return False
+        if self.process is not None and self.process != comm:
+            return False
+        if self.address is not None:
+            try:
+                return ipaddress.ip_address(server_addr) in ipaddress.ip_network(self.address, strict=False)
+            except ValueError:
+                return False
+        return True
+
+
+class _BaseConfig(ComponentConfig):
+    #: Protocols to detect (default: every available one).
+    enabled: list[str] | None = None
+    #: Rules giving service.name; the first match wins.
+    service_name: list[ServiceNameRule] = []
+    #: service.name when no rule matches a passive capture (eBPF uses the process name).
+    default_service_name: str = UNKNOWN_SERVICE
+    #: Connections tracked at once (LRU beyond).
+    max_connections: int = Field(MAX_CONNECTIONS, ge=1)
+    #: Idle time before a connection's state is dropped (seconds or "5m").
+    idle_timeout: float = IDLE_TIMEOUT_S
+    #: Bytes a connection may send before its protocol is recognised.
+    max_detect_bytes: int = Field(MAX_DETECT_BYTES, ge=16)
+    #: Unconsumed bytes one direction may hold once detected.
+    max_message_bytes: int = Field(MAX_MESSAGE_BYTES, ge=1024)
+    #: Consecutive parse errors before a connection is abandoned.
+    max_consecutive_errors: int = Field(MAX_CONSECUTIVE_ERRORS, ge=1)
+
+    @field_validator("idle_timeout", mode="before")
+    @classmethod
+    def _duration(cls, v: Any) -> float:
+        d = parse_duration(v)
+        if d <= 0:
+            raise ValueError("idle_timeout must be > 0")
+        return d
+
+    @field_validator("enabled")
+    @classmethod
+    def _known(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None:
+            unknown = [n for n in v if n not in PROTOCOLS]
+            if unknown:
+                raise ValueError(f"unknown protocol(s) {unknown}; known: {', '.join(PROTOCOLS)}")
+        return v
+
+    @model_validator(mode="after")
+    def _protocol_settings(self) -> _BaseConfig:
+        """Validate each ``<protocol>:`` block with that module's own Settings model."""
+        settings: dict[str, ProtocolSettings] = {}
+        for name in PROTOCOLS:
+            raw = getattr(self, name, None)
+            if raw is None:
+                continue
+            mod = load(name)
+            if mod is None:
+                raise ValueError(f"{name}: settings given but the protocol module is not available")
+            settings[name] = mod.Settings.model_validate(raw)
+        object.__setattr__(self, "_settings", settings)
+        return self
+
+    def protocol_settings(self, name: str) -> ProtocolSettings | None:
+        return getattr(self, "_settings", {}).get(name)
+
+
+# One optional field per protocol in the table, so a new protocol needs no change here.
+Config = create_model(  # type: ignore[call-overload]
+    "Config", __base__=_BaseConfig,
+    **{name: (dict[str, Any] | None, None) for name in PROTOCOLS},
+)
+Config.__doc__ = "Options of the ``protocols`` stage (see processors/protocols/README.md)."
+
+# Connection modes.
+_DETECTING, _PARSING, _IGNORED = 0, 1, 2
+
+
+class _State:
+    """One tracked connection. Sides are 0 (first sender seen) and 1."""
+
+    __slots__ = (
+        "a_addr",
+        "a_port",
+        "b_addr",
+        "b_port",
+        "bufs",
+        "client_side",
+        "closed",
+        "comm",
+        "conn",
+        "detect_bytes",
+        "egress_side",
+        "errors",
+        "last_ts",
+        "mode",
+        "module",
+        "pid",
+        "server_closed",
+        "session",
+        "spans_at_error",
+    )
+
+    def __init__(self, ev: TcpEvent) -> None:
+        self.a_addr = ev.src
+        self.a_port = ev.sport
+        self.b_addr = ev.dst
+        self.b_port = ev.dport
+        self.bufs = (LargeBuffer(), LargeBuffer())
+        self.client_side: int | None = None
+        self.conn: Conn | None = None
+        self.session: Session | None = None
+        self.module: ModuleType | None = None
+        self.mode = _DETECTING
+        self.last_ts = ev.ts_ns
+        self.errors = 0
+        self.detect_bytes = 0
+        self.closed = [False, False]
+        self.server_closed = False
+        self.egress_side: int | None = None
+        self.pid = ev.pid
+        self.comm = ev.comm
+        self.spans_at_error = 0
+
+
+class ProtocolsProcessor(EventProcessor):
+    """Detects protocols per connection, runs their sessions, emits spans in batches."""
+
+    type = "protocols"
+    Config = Config
+
+    def __init__(self, id: str, config: Any, next: Any = None) -> None:
+        if config is None:
+            config = Config()
+        elif isinstance(config, dict):
+            config = Config.model_validate(config)
+        super().__init__(id, config, next)
+        self._lock = threading.Lock()
+        self._conns: OrderedDict[Any, _State] = OrderedDict()
+        self._modules: list[tuple[str, ModuleType, frozenset[int]]] = []
+        names = config.enabled if config.enabled is not None else list(PROTOCOLS)
+        for name in names:
+            mod = load(name)
+            if mod is None:
+                continue
+            s = config.protocol_settings(name) or mod.Settings()
+            ports = frozenset(mod.DEFAULT_PORTS) | frozenset(s.ports)
+            self._modules.append((name, mod, ports))
+        self._settings = {name: (config.protocol_settings(name) or mod.Settings()) for name, mod, _ in self._modules}
+        self._resources: dict[tuple[str, int | None, str | None], Resource] = {}
+        self._out: list[Span] = []
+        self._counts: dict[tuple[str, str], int] = {}
+        self._emitters: dict[str, Any] = {}
+        self._logged: set[str] = set()
+        self._last_sweep = 0
+        self.stats: dict[str, Any] = {"connections": 0, "spans": 0, "events": 0, "drops": {},
+                                      "protocols": {}}
+
+    @property
+    def protocols(self) -> list[str]:
+        """The protocols this stage detects (enabled and available)."""
+        return [n for n, _, _ in self._modules]
+
+    # -- counting ------------------------------------------------------------------
+    def _drop(self, protocol: str, reason: str, n: int = 1) -> None:
+        key = (protocol, reason)
+        self._counts[key] = self._counts.get(key, 0) + n
+        d = self.stats["drops"]
+        k = f"{protocol}:{reason}" if protocol else reason
+        d[k] = d.get(k, 0) + n
+
+    def _evict_count(self, reason: str) -> None:
+        CONNECTIONS_EVICTED.labels(component=self.id, reason=reason).inc()
+        d = self.stats["drops"]
+        k = f"evicted:{reason}"
+        d[k] = d.get(k, 0) + 1
+
+    # -- the component API ------------------------------------------------------------
+    def consume_events(self, events: list[TcpEvent]) -> None:
+        with self._lock:
+            out = self._out = []
+            for ev in events:
+                try:
+                    self._event(ev)
+                except Exception:  # a bug: never let it escape; abandon the connection
+                    self._internal_error(ev.conn_id)
+            self.stats["events"] += len(events)
+            if events:
+                self._sweep(events[-1].ts_ns)
+            self._publish(len(events), out)
+        if out and self.next is not None:
+            self.next.consume_spans(out)
+
+    def flush(self) -> None:
+        """Nothing is held between calls except connection state (closed at shutdown)."""
+
+    def shutdown(self) -> None:
+        """Close every tracked connection so close-delimited bodies and resets are emitted."""
+        with self._lock:
+            out = self._out = []
+            for cid in list(self._conns):
+                st = self._conns.get(cid)
+                if st is not None:
+                    self._end(cid, st, st.last_ts, reset=False)
+            self._publish(0, out)
+        if out and self.next is not None:
+            self.next.consume_spans(out)
+
+    def _publish(self, n_events: int, out: list[Span]) -> None:
+        if n_events:
+            PROCESSOR_INCOMING.labels(processor=self.id).inc(n_events)
+        if out:
+            PROCESSOR_OUTGOING.labels(processor=self.id).inc(len(out))
+            self.stats["spans"] += len(out)
+        for (proto, result), n in self._counts.items():
+            PARSER_MESSAGES.labels(protocol=proto or "none", result=result).inc(n)
+        self._counts.clear()
+
+    def _emitter(self, protocol: str) -> Any:
+        """The emit callback for one protocol's sessions: collects the span, counts it ok."""
+        e = self._emitters.get(protocol)
+        if e is None:
+            key = (protocol, "ok")
+            counts = self._counts
+
+            def e(span: Span) -> None:
+                self._out.append(span)
+                counts[key] = counts.get(key, 0) + 1
+
+            self._emitters[protocol] = e
+        return e
+
+    # -- per event ---------------------------------------------------------------------
+    def _event(self, ev: TcpEvent) -> None:
+        cid = ev.conn_id
+        conns = self._conns
+        st = conns.get(cid)
+        kind = ev.kind
+        if st is None:
+            if kind in (EventKind.CLOSE, EventKind.RESET, EventKind.GAP):
+                return  # nothing known about it: nothing to end
+            st = conns[cid] = _State(ev)
+            self.stats["connections"] += 1
+            if len(conns) > self.config.max_connections:
+                old_id, old = next(iter(conns.items()))
+                self._end(old_id, old, old.last_ts, reset=False)
+                self._evict_count("max_connections")
+        else:
+            conns.move_to_end(cid)
+        if ev.ts_ns > st.last_ts:
+            st.last_ts = ev.ts_ns
+        side = 0 if (ev.src == st.a_addr and ev.sport == st.a_port) else 1
+        if ev.client_is_src is not None and st.client_side is None:
+            st.client_side = side if ev.client_is_src else 1 - side
+        if ev.egress is not None and st.egress_side is None:
+            st.egress_side = side if ev.egress else 1 - side
+        if kind == EventKind.DATA:
+            if st.mode == _PARSING:
+                self._data(st, side, ev)
+            elif st.mode == _DETECTING:
+                self._detect(cid, st, side, ev)
+        elif kind == EventKind.GAP:
+            self._gap(cid, st, side, ev.ts_ns)
+        elif kind == EventKind.CLOSE:
+            st.closed[side] = True
+            if st.mode == _PARSING and side != st.client_side and not st.server_closed:
+                # The server is done: nothing in flight can still be answered.
+                st.server_closed = True
+                self._guard(cid, st, lambda: st.session.close(ev.ts_ns, False))  # type: ignore[union-attr]
+            if st.closed[0] and st.closed[1]:
+                self._end(cid, st, ev.ts_ns, reset=False)
+        elif kind == EventKind.RESET:
+            self._end(cid, st, ev.ts_ns, reset=True)
+        # OPEN needs nothing beyond creating the state and noting the roles.
+
+    def _data(self, st: _State, side: int, ev: TcpEvent) -> None:
+        payload = ev.payload
+        if payload is None or len(payload) == 0:
+            return
+        buf = st.bufs[side]
+        buf.append(payload, ev.ts_ns)
+        from_client = side == st.client_side
+        if len(buf) > self.config.max_message_bytes:
+            self._drop(st.conn.protocol, "message_too_large")  # type: ignore[union-attr]
+            buf.reset()
+            self._guard(ev.conn_id, st, lambda: st.session.gap(from_client, ev.ts_ns))  # type: ignore[union-attr]
+            return
+        self._feed(ev.conn_id, st, side, ev.ts_ns)
+
+    def _feed(self, cid: Any, st: _State, side: int, ts: int) -> None:
+        conn = st.conn
+        session = st.session
+        assert conn is not None and session is not None
+        buf = st.bufs[side]
+        from_client = side == st.client_side
+        before = len(self._out)
+        try:
+            session.feed(from_client, buf, ts)
+        except ProtocolError as e:
+            self._protocol_error(cid, st, side, ts, e)
+            return
+        except Exception:
+            self._internal_error(cid)
+            return
+        if len(self._out) > before:
+            st.errors = 0
+        if conn.extra and "switch_to" in conn.extra:
+            self._switch(cid, st, ts)
+
+    def _protocol_error(self, cid: Any, st: _State, side: int, ts: int, e: ProtocolError) -> None:
+        proto = st.conn.protocol if st.conn is not None else e.protocol
+        self._drop(proto, e.reason)
+        st.bufs[side].reset()
+        st.errors += 1
+        if st.errors >= self.config.max_consecutive_errors:
+            self._abandon(cid, st, "too_many_errors")
+            return
+        from_client = side == st.client_side
+        self._guard(cid, st, lambda: st.session.gap(from_client, ts))  # type: ignore[union-attr]
+
+    def _guard(self, cid: Any, st: _State, fn: Any) -> None:
+        """Run a session callback (gap/close) under the same rules as feed."""
+        if st.session is None:
+            return
+        try:
+            fn()
+        except ProtocolError as e:
+            self._drop(st.conn.protocol if st.conn else e.protocol, e.reason)
+        except Exception:
+            self._internal_error(cid)
+
+    def _internal_error(self, cid: Any) -> None:
+        st = self._conns.get(cid)
+        proto = st.conn.protocol if st is not None and st.conn is not None else ""
+        self._drop(proto, "internal_error")
+        key = f"internal:{proto}"
+        if key not in self._logged:
+            self._logged.add(key)
+            log.error("%s: internal error in the %s parser; connection abandoned (logged once)",
+                      self.id, proto or "protocols", exc_info=True)
+        if st is not None:
+            self._abandon(cid, st, "internal_error", count=False)
+
+    def _abandon(self, cid: Any, st: _State, reason: str, count: bool = True) -> None:
+        """Stop parsing a connection but remember it, so its later bytes are ignored."""
+        if count:
+            self._evict_count(reason)
+        st.mode = _IGNORED
+        st.session = None
+        st.bufs[0].reset()
+        st.bufs[1].reset()
+
+    def _gap(self, cid: Any, st: _State, side: int, ts: int) -> None:
+        st.bufs[side].reset()
+        if st.mode == _PARSING:
+            from_client = side == st.client_side
+            self._guard(cid, st, lambda: st.session.gap(from_client, ts))  # type: ignore[union-attr]
+
+    def _end(self, cid: Any, st: _State, ts: int, reset: bool) -> None:
+        if st.mode == _PARSING and st.session is not None:
+            if not st.server_closed or reset:
+                self._guard(cid, st, lambda: st.session.close(ts, reset))  # type: ignore[union-attr]
+        st.session = None
+        st.conn = None
+        self._conns.pop(cid, None)
+
+    def _sweep(self, now: int) -> None:
+        """Drop idle connections (at most once a second of event time)."""
+        if now - self._last_sweep < 1_000_000_000:
+            return
+        self._last_sweep = now
+        cutoff = now - int(self.config.idle_timeout * 1e9)
+        conns = self._conns
+        while conns:
+            cid, st = next(iter(conns.items()))
+            if st.last_ts >= cutoff:
+                break
+            self._end(cid, st, st.last_ts, reset=False)
+            self._evict_count("idle_timeout")
+
+    # -- detection -----------------------------------------------------------------------
+    def _detect(self, cid: Any, st: _State, side: int, ev: TcpEvent) -> None:
+        payload = ev.payload
+        if payload is None or len(payload) == 0:
+            return
+        buf = st.bufs[side]
+        buf.append(payload, ev.ts_ns)
+        st.detect_bytes += len(payload)
+        from_client = None if st.client_side is None else side == st.client_side
+        port_a, port_b = st.a_port, st.b_port
+        hinted = [m for m in self._modules if port_a in m[2] or port_b in m[2]]
+        order = hinted + [m for m in self._modules if m not in hinted]
+        need_more = False
+        for name, mod, _ in order:
+            try:
+                d = mod.detect(buf, from_client)
+            except Exception:
+                self._drop(name, "internal_error")
+                key = f"detect:{name}"
+                if key not in self._logged:
+                    self._logged.add(key)
+                    log.error("%s: %s.detect raised (logged once)", self.id, name, exc_info=True)
+                continue
+            if d == Detection.REQUEST or d == Detection.RESPONSE:
+                self._start(cid, st, side, name, mod, d, ev.ts_ns)
+                return
+            if d == Detection.NEED_MORE:
+                need_more = True
+        if st.detect_bytes >= self.config.max_detect_bytes:
+            self._drop("", "undetected")
+            self._abandon(cid, st, "undetected", count=False)
+        elif not need_more:
+            buf.reset()  # not the start of any message: wait for one at a later segment
+
+    def _start(self, cid: Any, st: _State, side: int, name: str, mod: ModuleType, d: Detection, ts: int) -> None:
+        if st.client_side is None:  # the receiver's knowledge wins when it has it
+            st.client_side = side if d == Detection.REQUEST else 1 - side
+        cs = st.client_side
+        if cs == 0:
+            caddr, cport, saddr, sport = st.a_addr, st.a_port, st.b_addr, st.b_port
+        else:
+            caddr, cport, saddr, sport = st.b_addr, st.b_port, st.a_addr, st.a_port
+        perspective = Perspective.PASSIVE
+        if st.pid is not None and st.egress_side is not None:
+            perspective = Perspective.CLIENT if st.egress_side == cs else Perspective.SERVER
+        conn = Conn(cid, caddr, cport, saddr, sport, self._emitter(name), self._drop, perspective=perspective,
+                    resource=self._resource(saddr, sport, st.pid, st.comm), settings=self._settings.get(name),
+                    protocol=name, pid=st.pid, comm=st.comm)
+        conn.client_buf = st.bufs[cs]
+        conn.server_buf = st.bufs[1 - cs]
+        st.conn = conn
+        st.module = mod
+        st.mode = _PARSING
+        proto = self.stats["protocols"]
+        proto[name] = proto.get(name, 0) + 1
+        try:
+            st.session = mod.Session(conn)
+        except Exception:
+            self._internal_error(cid)
+            return
+        other = 1 - side
+        obuf = st.bufs[other]
+        if len(obuf):
+            od = mod.detect(obuf, other == cs)
+            if od not in (Detection.REQUEST, Detection.RESPONSE, Detection.NEED_MORE):
+                obuf.reset()
+        # Requests before responses, whichever side was detected first.
+        for s in (cs, 1 - cs):
+            if len(st.bufs[s]) and st.session is not None and st.mode == _PARSING:
+                self._feed(cid, st, s, ts)
+
+    def _switch(self, cid: Any, st: _State, ts: int) -> None:
+        """A session handed the connection on (HTTP/1 101 -> h2c, websocket, CONNECT)."""
+        conn = st.conn
+        assert conn is not None
+        to = conn.extra.pop("switch_to")
+        old = conn.protocol
+        mod = load(to) if to is not None and to in self._settings else None
+        if mod is None:
+            self._drop(old, "upgraded")
+            self._abandon(cid, st, "upgraded", count=False)
+            return
+        sw = self.stats.setdefault("switched", {})
+        sw[f"{old}->{to}"] = sw.get(f"{old}->{to}", 0) + 1
+        conn.protocol = to
+        conn.settings = self._settings[to]
+        conn._emit = self._emitter(to)
+        try:
+            st.session = mod.Session(conn)
+        except Exception:
+            self._internal_error(cid)
+            return
+        st.module = mod
+        cs = st.client_side
+        for s in (cs, 1 - cs):  # type: ignore[operator]
+            if len(st.bufs[s]) and st.session is not None and st.mode == _PARSING:
+                self._feed(cid, st, s, ts)
+
+    # -- resources -----------------------------------------------------------------------
+    def _resource(self, saddr: str, sport: int, pid: int | None, comm: str | None) -> Resource:
+        name = None
+        for rule in self.config.service_name:
+            if rule.matches(saddr, sport, comm):
+                name = rule.name
+                break
+        if name is None:
+            name = comm if comm else self.config.default_service_name
+        key = (name, pid, comm if pid is not None else None)
+        r = self._resources.get(key)
+        if r is None:
+            extra: dict[str, Any] = {"service.name": name}
+            if pid is not None:
+                extra["process.pid"] = pid
+                if comm:
+                    extra["process.executable.name"] = comm
+            if len(self._resources) > 4096:
+                self._resources.clear()
+            r = self._resources[key] = DEFAULT_RESOURCE.merged(extra)
+        return r
