@@ -1,0 +1,452 @@
+"""The one send/retry loop and sending queue behind every OTLP exporter.
+
+Contract: an exporter encodes spans once into request bytes (``_encode``) and
+implements one attempt (``_send(data) -> rejected_spans``), raising ``SendError``
+that says whether the failure is retryable and whether the server asked for a
+delay. Everything else lives here and is shared by ``otlp`` and ``otlphttp``:
+
+- ``retry_on_failure``: jittered exponential backoff as the Collector's
+  configretry (initial_interval, randomization_factor, multiplier, max_interval,
+  max_elapsed_time); a server delay (gRPC RetryInfo, HTTP Retry-After) is honoured
+  as a lower bound; retries stop at the deadline, on a permanent error, or when
+  shutdown runs out of drain time.
+- ``sending_queue``: bounded in spans, ``num_consumers`` threads, drop (counted
+  as enqueue failures) or block on overflow; in memory, or on disk when
+  ``storage`` names a directory (``exporters.persistent_queue``).
+- ``shutdown`` drains the queue within ``drain_timeout``; what is still queued
+  then is counted as failed (memory) or left on disk for the next run (storage).
+
+Metrics (label ``exporter``): sent, send_failed{reason}, enqueue_failed, retries,
+queue_size, queue_capacity.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import random
+import re
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BeforeValidator, Field, model_validator
+
+from exporters.persistent_queue import PersistentQueue, QueueItem
+from service import telemetry
+from service.component import ComponentConfig, Exporter
+
+__all__ = [
+    "Duration",
+    "parse_duration",
+    "RetryConfig",
+    "QueueConfig",
+    "TlsConfig",
+    "SendError",
+    "MemoryQueue",
+    "Sender",
+    "QueuedExporter",
+    "DEFAULT_TIMEOUT",
+    "DEFAULT_DRAIN_TIMEOUT",
+    "DEFAULT_QUEUE_SIZE",
+    "DEFAULT_NUM_CONSUMERS",
+]
+
+log = logging.getLogger("wirespan.exporter")
+
+# Defaults of the Collector's exporterhelper / configretry (v0.1xx), kept where they mean the same.
+DEFAULT_TIMEOUT = 5.0                    # exporterhelper TimeoutConfig: 5s per attempt
+DEFAULT_INITIAL_INTERVAL = 5.0           # configretry.NewDefaultBackOffConfig
+DEFAULT_RANDOMIZATION_FACTOR = 0.5
+DEFAULT_MULTIPLIER = 1.5
+DEFAULT_MAX_INTERVAL = 30.0
+DEFAULT_MAX_ELAPSED_TIME = 300.0         # 0 means retry until shutdown
+#: The Collector counts 1000 *requests*; we bound memory in spans. 100k spans of ~300 encoded
+#: bytes is ~30 MB, i.e. ~1000 requests of the batch processor's default 8192/… mix.
+DEFAULT_QUEUE_SIZE = 100_000
+#: The Collector uses 10 goroutines; sends release the GIL, but on a small node four
+#: concurrent requests already saturate one core of encoding and bookkeeping.
+DEFAULT_NUM_CONSUMERS = 4
+#: How long shutdown keeps sending what is queued (the Collector drains until its context ends).
+DEFAULT_DRAIN_TIMEOUT = 10.0
+
+_DUR_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
+_DUR_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_duration(v: Any) -> float:
+    """Collector (Go) duration strings ("5s", "200ms", "1m30s") or numbers of seconds -> seconds."""
+    if isinstance(v, bool):
+        raise ValueError("a duration, not a boolean")
+    if isinstance(v, (int, float)):
+        return float(v)
+    if not isinstance(v, str):
+        raise ValueError(f"not a duration: {v!r}")
+    s = v.strip()
+    if s in ("0", ""):
+        return 0.0
+    neg = s.startswith("-")
+    if neg or s.startswith("+"):
+        s = s[1:]
+    pos, total = 0, 0.0
+    for m in _DUR_PART.finditer(s):
+        if m.start() != pos:
+            break
+        total += float(m.group(1)) * _DUR_UNITS[m.group(2)]
+        pos = m.end()
+    if pos != len(s) or pos == 0:
+        try:
+            total = float(s)  # a bare number in a string: seconds
+        except ValueError:
+            raise ValueError(f"invalid duration {v!r} (use e.g. 5s, 200ms, 1m30s)")
+    return -total if neg else total
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+
+
+class RetryConfig(ComponentConfig):
+    """``retry_on_failure``: as the Collector's configretry.BackOffConfig."""
+
+    enabled: bool = True
+    initial_interval: Duration = DEFAULT_INITIAL_INTERVAL
+    randomization_factor: float = Field(DEFAULT_RANDOMIZATION_FACTOR, ge=0.0, le=1.0)
+    multiplier: float = Field(DEFAULT_MULTIPLIER, ge=1.0)
+    max_interval: Duration = DEFAULT_MAX_INTERVAL
+    max_elapsed_time: Duration = DEFAULT_MAX_ELAPSED_TIME
+
+    @model_validator(mode="after")
+    def _check(self) -> RetryConfig:
+        if self.enabled:
+            if self.initial_interval <= 0:
+                raise ValueError("initial_interval must be > 0")
+            if self.max_interval < self.initial_interval:
+                raise ValueError("max_interval must be >= initial_interval")
+            if self.max_elapsed_time < 0:
+                raise ValueError("max_elapsed_time must be >= 0 (0: until shutdown)")
+            if 0 < self.max_elapsed_time < self.initial_interval:
+                raise ValueError("max_elapsed_time must be 0 or >= initial_interval")
+        return self
+
+
+class QueueConfig(ComponentConfig):
+    """``sending_queue``: as exporterhelper's QueueConfig, sized in spans."""
+
+    enabled: bool = True
+    num_consumers: int = Field(DEFAULT_NUM_CONSUMERS, ge=1, le=256)
+    queue_size: int = Field(DEFAULT_QUEUE_SIZE, ge=1)
+    block_on_overflow: bool = False
+    #: A directory: the queue lives on disk there and survives restarts and kill -9.
+    storage: str | None = None
+    drain_timeout: Duration = DEFAULT_DRAIN_TIMEOUT
+
+    @model_validator(mode="after")
+    def _check(self) -> QueueConfig:
+        if self.storage is not None and not self.enabled:
+            raise ValueError("storage needs the sending queue enabled")
+        if self.drain_timeout < 0:
+            raise ValueError("drain_timeout must be >= 0")
+        return self
+
+
+class TlsConfig(ComponentConfig):
+    """``tls``: as configtls.ClientConfig (insecure means plaintext)."""
+
+    insecure: bool = False
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    server_name_override: str | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> TlsConfig:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together (client certificate)")
+        for name in ("ca_file", "cert_file", "key_file"):
+            path = getattr(self, name)
+            if path is not None and not Path(path).is_file():
+                raise ValueError(f"{name}: no such file: {path}")
+        if self.insecure and (self.ca_file or self.cert_file):
+            raise ValueError("insecure: true sends plaintext; drop ca_file/cert_file or set insecure: false")
+        return self
+
+
+class SendError(Exception):
+    """One failed attempt. ``reason`` is a small fixed vocabulary (a metric label)."""
+
+    def __init__(self, reason: str, retryable: bool, delay: float | None = None, message: str = "") -> None:
+        super().__init__(f"{reason}: {message}" if message else reason)
+        self.reason = reason
+        self.retryable = retryable
+        self.delay = delay
+
+
+class MemoryQueue:
+    """A FIFO of encoded requests bounded by the number of spans it holds."""
+
+    def __init__(self, capacity_spans: int, exporter_id: str = "", block_on_overflow: bool = False) -> None:
+        self.capacity = capacity_spans
+        self.exporter_id = exporter_id
+        self.block_on_overflow = block_on_overflow
+        self._items: collections.deque[QueueItem] = collections.deque()
+        self._cv = threading.Condition()
+        self._closed = False
+        self._size = 0      # queued + in flight, in spans
+        self._queued = 0
+
+    def put(self, data: bytes, n: int, timeout: float | None = None) -> bool:
+        with self._cv:
+            if self.block_on_overflow:
+                deadline = None if timeout is None else time.monotonic() + timeout
+                while not self._closed and self._size + n > self.capacity and self._size > 0:
+                    left = None if deadline is None else deadline - time.monotonic()
+                    if left is not None and left <= 0:
+                        return False
+                    self._cv.wait(left)
+            if self._closed or self._size + n > self.capacity:
+                return False
+            self._items.append(QueueItem(data, n))
+            self._size += n
+            self._queued += n
+            telemetry.EXPORTER_QUEUE_SIZE.labels(exporter=self.exporter_id).set(self._size)
+            self._cv.notify()
+            return True
+
+    def get(self, timeout: float | None = None) -> QueueItem | None:
+        with self._cv:
+            while not self._items:
+                if self._closed or not self._cv.wait(timeout):
+                    return None
+            item = self._items.popleft()
+            self._queued -= item.n
+            return item
+
+    def ack(self, item: QueueItem) -> None:
+        with self._cv:
+            self._size -= item.n
+            telemetry.EXPORTER_QUEUE_SIZE.labels(exporter=self.exporter_id).set(self._size)
+            self._cv.notify_all()
+
+    release = ack  # nothing survives a restart in memory: the caller counts it as failed
+
+    def drain_items(self) -> list[QueueItem]:
+        with self._cv:
+            items = list(self._items)
+            self._items.clear()
+            self._queued = 0
+            return items
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    @property
+    def queued(self) -> int:
+        return self._queued
+
+    def close(self) -> None:
+        with self._cv:
+            self._closed = True
+            self._cv.notify_all()
+
+
+_SENT, _FAILED, _STOPPED = "sent", "failed", "stopped"
+
+
+class Sender:
+    """Queue + consumer threads + the retry loop, around one ``send(data) -> rejected`` callable."""
+
+    def __init__(self, exporter_id: str, send: Callable[[bytes], int], retry: RetryConfig, queue: QueueConfig,
+                 rng: random.Random | None = None) -> None:
+        self.id = exporter_id
+        self._send = send
+        self.retry = retry
+        self.qcfg = queue
+        self._rng = rng or random.Random()
+        self._stop = threading.Event()        # interrupts backoff waits: drain time is over
+        self._closing = False                 # no new data accepted
+        self._threads: list[threading.Thread] = []
+        self._inflight = 0
+        self._idle = threading.Condition()
+        self.queue: MemoryQueue | PersistentQueue | None = None
+        lbl = {"exporter": exporter_id}
+        self._m_sent = telemetry.EXPORTER_SENT.labels(**lbl)
+        self._m_enqueue_failed = telemetry.EXPORTER_ENQUEUE_FAILED.labels(**lbl)
+        self._m_retries = telemetry.EXPORTER_RETRIES.labels(**lbl)
+
+    # -- lifecycle ------------------------------------------------------------------
+    def start(self) -> None:
+        q = self.qcfg
+        if q.enabled:
+            if q.storage:
+                safe = re.sub(r"[^A-Za-z0-9_.-]", "_", self.id) or "exporter"
+                self.queue = PersistentQueue(Path(q.storage) / safe, q.queue_size, self.id, q.block_on_overflow)
+            else:
+                self.queue = MemoryQueue(q.queue_size, self.id, q.block_on_overflow)
+            telemetry.EXPORTER_QUEUE_CAPACITY.labels(exporter=self.id).set(q.queue_size)
+            for i in range(q.num_consumers):
+                t = threading.Thread(target=self._consume, name=f"{self.id}-sender-{i}", daemon=True)
+                t.start()
+                self._threads.append(t)
+
+    def submit(self, data: bytes, n: int) -> bool:
+        """Queue one encoded request of ``n`` spans (or send it now without a queue)."""
+        if self._closing:
+            self._m_enqueue_failed.inc(n)
+            return False
+        if self.queue is None:
+            with self._idle:
+                self._inflight += 1
+            try:
+                return self._export(data, n) == _SENT
+            finally:
+                with self._idle:
+                    self._inflight -= 1
+                    self._idle.notify_all()
+        try:
+            ok = self.queue.put(data, n)
+        except OSError as e:  # the disk under a persistent queue is full or gone
+            log.error("%s: cannot queue %d spans: %s", self.id, n, e)
+            ok = False
+        if not ok:
+            self._m_enqueue_failed.inc(n)
+        return ok
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until everything queued so far has been sent or has failed for good."""
+        deadline = time.monotonic() + (self.qcfg.drain_timeout if timeout is None else timeout)
+        with self._idle:
+            while (self.queue is not None and self.queue.size > 0) or self._inflight:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._idle.wait(min(left, 0.05))
+        return True
+
+    def shutdown(self, timeout: float | None = None) -> None:
+        """Stop accepting, drain within ``drain_timeout``, then stop the consumers."""
+        self._closing = True
+        self.flush(timeout)
+        self._stop.set()
+        q = self.queue
+        if q is not None:
+            q.close()
+        for t in self._threads:
+            t.join(timeout=max(DEFAULT_TIMEOUT, 1.0) + 1.0)
+        if isinstance(q, MemoryQueue):
+            lost = sum(it.n for it in q.drain_items())
+            if lost:
+                log.error("%s: %d spans still queued at shutdown were dropped", self.id, lost)
+                telemetry.EXPORTER_SEND_FAILED.labels(exporter=self.id, reason="shutdown").inc(lost)
+        telemetry.EXPORTER_QUEUE_SIZE.labels(exporter=self.id).set(q.size if isinstance(q, MemoryQueue) else 0)
+
+    # -- consumers ------------------------------------------------------------------
+    def _consume(self) -> None:
+        q = self.queue
+        assert q is not None
+        while not self._stop.is_set():
+            item = q.get(timeout=0.2)
+            if item is None:
+                continue
+            with self._idle:
+                self._inflight += 1
+            try:
+                result = self._export(item.data, item.n)
+            except Exception:  # a bug in a send path must not kill the consumer
+                log.exception("%s: unexpected error while sending", self.id)
+                telemetry.EXPORTER_SEND_FAILED.labels(exporter=self.id, reason="internal").inc(item.n)
+                result = _FAILED
+            if result == _STOPPED:
+                q.release(item)
+                if isinstance(q, MemoryQueue):
+                    telemetry.EXPORTER_SEND_FAILED.labels(exporter=self.id, reason="shutdown").inc(item.n)
+            else:
+                q.ack(item)
+            with self._idle:
+                self._inflight -= 1
+                self._idle.notify_all()
+
+    def _export(self, data: bytes, n: int) -> str:
+        """Send with retries. Returns _SENT, _FAILED (counted) or _STOPPED (shutdown; caller counts)."""
+        r = self.retry
+        start = time.monotonic()
+        interval = r.initial_interval
+        while True:
+            try:
+                rejected = self._send(data)
+            except SendError as e:
+                if not e.retryable or not r.enabled:
+                    log.warning("%s: dropping %d spans: %s", self.id, n, e)
+                    telemetry.EXPORTER_SEND_FAILED.labels(exporter=self.id, reason=e.reason).inc(n)
+                    return _FAILED
+                delay = interval * (1.0 + r.randomization_factor * (2.0 * self._rng.random() - 1.0))
+                interval = min(interval * r.multiplier, r.max_interval)
+                if e.delay is not None:
+                    delay = max(delay, e.delay)  # the server's throttle wins when longer (Collector rule)
+                if r.max_elapsed_time > 0 and time.monotonic() + delay - start > r.max_elapsed_time:
+                    log.warning("%s: dropping %d spans after retrying for %.1fs: %s",
+                                self.id, n, time.monotonic() - start, e)
+                    telemetry.EXPORTER_SEND_FAILED.labels(exporter=self.id, reason="retries_exhausted").inc(n)
+                    return _FAILED
+                if self._stop.is_set():
+                    return _STOPPED
+                log.debug("%s: retrying %d spans in %.2fs: %s", self.id, n, delay, e)
+                self._m_retries.inc()
+                if self._stop.wait(delay):
+                    return _STOPPED
+                continue
+            if rejected:
+                telemetry.EXPORTER_SEND_FAILED.labels(exporter=self.id, reason="rejected").inc(rejected)
+            self._m_sent.inc(max(n - rejected, 0))
+            return _SENT
+
+
+class QueuedExporter(Exporter):
+    """Base of the OTLP exporters: encode once in ``consume_spans``, then queue and send.
+
+    Subclasses implement ``_encode(spans) -> bytes``, ``_send(data) -> rejected``
+    (raising ``SendError``), ``_open()`` and ``_close()``.
+    """
+
+    retry_config: RetryConfig
+    queue_config: QueueConfig
+
+    def __init__(self, id: str, config: Any, next: Any = None) -> None:
+        super().__init__(id, config, next)
+        self.sender = Sender(id, self._send, config.retry_on_failure, config.sending_queue)
+
+    def start(self) -> None:
+        self._open()
+        self.sender.start()
+
+    def consume_spans(self, spans: Sequence[Any]) -> None:
+        if not spans:
+            return
+        self.sender.submit(self._encode(spans), len(spans))
+
+    def flush(self) -> None:
+        self.sender.flush()
+
+    def shutdown(self) -> None:
+        try:
+            self.sender.shutdown()
+        finally:
+            self._close()
+
+    # -- to implement ---------------------------------------------------------------
+    def _open(self) -> None:
+        raise NotImplementedError
+
+    def _close(self) -> None:
+        raise NotImplementedError
+
+    def _encode(self, spans: Sequence[Any]) -> bytes:
+        raise NotImplementedError
+
+    def _send(self, data: bytes) -> int:
+        raise NotImplementedError
+
+
+Compression = Literal["gzip", "none"]

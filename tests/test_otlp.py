@@ -1,0 +1,252 @@
+"""otlp exporter against a real OTLP/gRPC endpoint (grpcio + official TraceService).
+
+Every scenario asserts exact span counts at the endpoint and in the self-metrics.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+import tracemalloc
+
+import pytest
+
+from exporters.otlp import OtlpConfig, OtlpExporter
+from tests.support.capture import free_port
+from tests.support.otlp_sink import INVALID_ARGUMENT, RESOURCE_EXHAUSTED, GrpcSink, make_spans, make_tls, metric
+
+_ids = itertools.count()
+FAST_RETRY = {"initial_interval": "20ms", "max_interval": "100ms", "randomization_factor": 0.1}
+
+
+def exporter(endpoint: str, **over) -> OtlpExporter:
+    eid = f"otlp/t{next(_ids)}"
+    cfg = {"endpoint": endpoint, "tls": {"insecure": True}, "retry_on_failure": FAST_RETRY, **over}
+    e = OtlpExporter(eid, OtlpConfig.model_validate(cfg))
+    e.start()
+    return e
+
+
+def sent(e) -> float:
+    return metric("wirespan_exporter_sent_spans_total", exporter=e.id)
+
+
+def failed(e, reason: str) -> float:
+    return metric("wirespan_exporter_send_failed_spans_total", exporter=e.id, reason=reason)
+
+
+def feed(e, n: int, batch: int) -> list:
+    spans = make_spans(n)
+    for i in range(0, n, batch):
+        e.consume_spans(spans[i:i + batch])
+    return spans
+
+
+def test_endpoint_up():
+    with GrpcSink() as sink:
+        e = exporter(sink.endpoint)
+        spans = feed(e, 1000, 100)
+        assert sink.wait_spans(1000, 10)
+        e.flush()
+        e.shutdown()
+        assert sink.span_count == 1000
+        assert sink.unique_spans() == {s.span_id for s in spans}
+        assert sent(e) == 1000
+        assert "wirespan/" in sink.headers_seen[0]["user-agent"]
+
+
+def test_endpoint_down_at_start_then_up_after_5s():
+    port = free_port()
+    e = exporter(f"127.0.0.1:{port}", retry_on_failure={**FAST_RETRY, "max_interval": "500ms"})
+    spans = feed(e, 500, 50)
+    time.sleep(5)
+    assert sent(e) == 0
+    assert metric("wirespan_exporter_queue_size", exporter=e.id) == 500
+    with GrpcSink(port=port) as sink:
+        assert sink.wait_spans(500, 15)
+        e.shutdown()
+        assert sink.unique_spans() == {s.span_id for s in spans}
+        assert sink.span_count == 500
+    assert sent(e) == 500
+    assert failed(e, "UNAVAILABLE") == 0 and failed(e, "retries_exhausted") == 0
+    assert metric("wirespan_exporter_retries_total", exporter=e.id) > 0
+
+
+def test_refuses_first_n_with_unavailable():
+    with GrpcSink() as sink:
+        sink.fail_next(3)
+        e = exporter(sink.endpoint, sending_queue={"num_consumers": 1})
+        feed(e, 200, 200)
+        assert sink.wait_spans(200, 10)
+        e.shutdown()
+        assert sink.calls == 4 and sink.span_count == 200
+        assert metric("wirespan_exporter_retries_total", exporter=e.id) == 3
+        assert sent(e) == 200
+
+
+def test_resource_exhausted_with_retry_info_is_retried_after_the_delay():
+    with GrpcSink() as sink:
+        sink.fail_next(1, RESOURCE_EXHAUSTED, retry_delay=1.0)
+        e = exporter(sink.endpoint)
+        t0 = time.monotonic()
+        feed(e, 100, 100)
+        assert sink.wait_spans(100, 10)
+        assert time.monotonic() - t0 >= 1.0  # the server's delay, not our 20 ms backoff
+        e.shutdown()
+        assert sink.calls == 2 and sink.span_count == 100 and sent(e) == 100
+
+
+def test_resource_exhausted_without_retry_info_is_permanent():
+    with GrpcSink() as sink:
+        sink.fail_next(1, RESOURCE_EXHAUSTED)
+        e = exporter(sink.endpoint)
+        feed(e, 100, 100)
+        e.flush()
+        e.shutdown()
+        assert sink.calls == 1 and sink.span_count == 0
+        assert failed(e, "RESOURCE_EXHAUSTED") == 100
+
+
+def test_permanent_error_is_counted_not_retried():
+    with GrpcSink() as sink:
+        sink.fail_next(1, INVALID_ARGUMENT)
+        e = exporter(sink.endpoint, sending_queue={"num_consumers": 1})
+        feed(e, 300, 100)  # first request refused for good, the next two accepted
+        assert sink.wait_spans(200, 10)
+        e.shutdown()
+        assert sink.calls == 3 and sink.span_count == 200
+        assert failed(e, "INVALID_ARGUMENT") == 100
+        assert metric("wirespan_exporter_retries_total", exporter=e.id) == 0
+        assert sent(e) == 200
+
+
+def test_partial_success_counts_rejected():
+    with GrpcSink() as sink:
+        sink.partial(7)
+        e = exporter(sink.endpoint)
+        feed(e, 50, 50)
+        e.flush()
+        e.shutdown()
+        assert sink.span_count == 43
+        assert sent(e) == 43 and failed(e, "rejected") == 7
+
+
+def test_queue_overflow_drops_are_counted_and_memory_bounded():
+    port = free_port()
+    e = exporter(f"127.0.0.1:{port}", sending_queue={"queue_size": 1000, "num_consumers": 2},
+                 retry_on_failure={**FAST_RETRY, "max_interval": "200ms"})
+    feed(e, 1000, 100)  # fills the queue exactly
+    spans = make_spans(100)
+    tracemalloc.start()
+    base, _ = tracemalloc.get_traced_memory()
+    for _ in range(200):  # 20,000 more spans against a full queue: all refused
+        e.consume_spans(spans)
+    grown = tracemalloc.get_traced_memory()[0] - base
+    tracemalloc.stop()
+    assert metric("wirespan_exporter_enqueue_failed_spans_total", exporter=e.id) == 20_000
+    assert metric("wirespan_exporter_queue_size", exporter=e.id) == 1000
+    assert metric("wirespan_exporter_queue_capacity", exporter=e.id) == 1000
+    assert grown < 256 * 1024, f"refused data must not be kept: grew {grown} bytes"
+    with GrpcSink(port=port) as sink:
+        assert sink.wait_spans(1000, 15)
+        e.shutdown()
+        assert sink.span_count == 1000
+    assert sent(e) == 1000
+
+
+def test_block_on_overflow_waits_instead_of_dropping():
+    with GrpcSink() as sink:
+        sink.fail_next(5)
+        e = exporter(sink.endpoint, sending_queue={"queue_size": 200, "num_consumers": 1, "block_on_overflow": True})
+        feed(e, 1000, 100)  # blocks until consumers make room; nothing refused
+        assert sink.wait_spans(1000, 15)
+        e.shutdown()
+        assert sink.span_count == 1000
+        assert metric("wirespan_exporter_enqueue_failed_spans_total", exporter=e.id) == 0
+
+
+def test_tls_with_self_signed_ca_and_required_header(tmp_path, monkeypatch):
+    tls = make_tls(tmp_path)
+    with GrpcSink(tls=tls, required_headers={"api-key": "s3cret"}) as sink:
+        e = exporter(f"localhost:{sink.port}", tls={"ca_file": str(tls.ca_cert)}, headers={"API-Key": "s3cret"})
+        feed(e, 300, 100)
+        assert sink.wait_spans(300, 10)
+        e.shutdown()
+        assert sink.span_count == 300 and sent(e) == 300
+        assert all(h.get("api-key") == "s3cret" for h in sink.headers_seen)
+        # Without the header: UNAUTHENTICATED is permanent, counted, never retried.
+        calls = sink.calls
+        e2 = exporter(f"localhost:{sink.port}", tls={"ca_file": str(tls.ca_cert)})
+        feed(e2, 10, 10)
+        e2.flush()
+        e2.shutdown()
+        assert sink.calls == calls + 1 and failed(e2, "UNAUTHENTICATED") == 10
+        # server_name_override: connect by IP, verify the certificate's name.
+        e3 = exporter(f"127.0.0.1:{sink.port}", tls={"ca_file": str(tls.ca_cert), "server_name_override": "localhost"},
+                      headers={"api-key": "s3cret"})
+        feed(e3, 10, 10)
+        e3.flush()
+        e3.shutdown()
+        assert sent(e3) == 10 and sink.span_count == 310
+
+
+def test_tls_untrusted_server_is_not_accepted(tmp_path):
+    tls = make_tls(tmp_path / "a")
+    other = make_tls(tmp_path / "b")
+    with GrpcSink(tls=tls) as sink:
+        e = exporter(f"localhost:{sink.port}", tls={"ca_file": str(other.ca_cert)},
+                     retry_on_failure={**FAST_RETRY, "max_elapsed_time": "300ms", "initial_interval": "50ms"})
+        feed(e, 10, 10)
+        e.flush()
+        e.shutdown()
+        assert sink.calls == 0 and failed(e, "retries_exhausted") == 10
+
+
+def test_graceful_shutdown_drains_the_memory_queue():
+    with GrpcSink() as sink:
+        sink.fail_next(4)
+        e = exporter(sink.endpoint, sending_queue={"num_consumers": 2})
+        spans = feed(e, 2000, 100)
+        e.shutdown()  # no flush first: shutdown itself must drain
+        assert sink.span_count == 2000 and sink.unique_spans() == {s.span_id for s in spans}
+        assert sent(e) == 2000
+
+
+def test_shutdown_with_endpoint_down_counts_what_is_left():
+    port = free_port()
+    e = exporter(f"127.0.0.1:{port}", sending_queue={"drain_timeout": "300ms", "num_consumers": 1})
+    feed(e, 500, 100)
+    e.shutdown()
+    assert failed(e, "shutdown") == 500 and sent(e) == 0
+
+
+def test_no_queue_sends_synchronously():
+    with GrpcSink() as sink:
+        sink.fail_next(2)
+        e = exporter(sink.endpoint, sending_queue={"enabled": False}, compression="none")
+        feed(e, 100, 50)
+        assert sink.span_count == 100  # consume_spans returned only after the backend accepted
+        e.shutdown()
+
+
+@pytest.mark.parametrize("bad", [
+    {"endpoint": "localhost"},
+    {"compression": "zstd"},
+    {"timeout": "5 parsecs"},
+    {"retry_on_failure": {"initial_interval": "10s", "max_interval": "1s"}},
+    {"sending_queue": {"queue_size": 0}},
+    {"tls": {"cert_file": "/nonexistent"}},
+    {"headers": {"bad key": "x"}},
+    {"endpiont": "localhost:4317"},
+])
+def test_config_errors(bad):
+    with pytest.raises(ValueError):
+        OtlpConfig.model_validate(bad)
+
+
+def test_config_durations_and_defaults():
+    c = OtlpConfig.model_validate({"timeout": "1m30s", "retry_on_failure": {"initial_interval": "200ms"}})
+    assert c.timeout == 90.0 and c.retry_on_failure.initial_interval == 0.2
+    assert c.compression == "gzip" and c.retry_on_failure.max_elapsed_time == 300.0
+    assert c.target_and_secure() == ("localhost:4317", True)
+    assert OtlpConfig(endpoint="http://h:1").target_and_secure() == ("h:1", False)
