@@ -1,0 +1,281 @@
+"""Link-layer, IPv4/IPv6 and TCP decoding from a buffer and offsets (no file format here).
+
+Contract: ``decode(linktype, buf, off, end)`` looks at ``buf[off:end]`` (one captured
+frame, ``buf`` a memoryview/bytes) and returns either a ``Segment`` tuple
+
+    (src, dst, sport, dport, seq, ack, flags, payload_off, payload_end)
+
+with ``src``/``dst`` the packed addresses (4 or 16 ``bytes``: small fields, copied on
+purpose because they become dict keys) and the TCP payload at
+``buf[payload_off:payload_end]`` (not copied: the caller slices the view), or a ``str``
+drop reason (one of ``REASONS``). It never raises on bad input: every length is
+checked before it is used. Shared by the ``pcap`` and AF_PACKET ``live`` receivers.
+
+Headers are tables of precompiled ``struct.Struct``s read with ``unpack_from``
+(dpkt-style); link types dispatch through ``LINK_DECODERS`` keyed by the LINKTYPE_*
+number (https://www.tcpdump.org/linktypes.html).
+
+IPv4 fragments are counted and dropped (reason ``ip_fragment``), not reassembled: TCP
+stacks use path-MTU discovery and set DF, so fragmented TCP is rare and reassembly
+would buy an unbounded-state attack surface for almost no traffic. The same holds for
+IPv6 fragment headers, except atomic fragments (offset 0, no more fragments), which
+carry the whole packet and are decoded.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable
+
+__all__ = [
+    "LINKTYPE_NULL", "LINKTYPE_ETHERNET", "LINKTYPE_RAW", "LINKTYPE_LOOP", "LINKTYPE_LINUX_SLL",
+    "LINKTYPE_IPV4", "LINKTYPE_IPV6", "LINKTYPE_LINUX_SLL2", "LINK_DECODERS", "REASONS",
+    "TCP_FIN", "TCP_SYN", "TCP_RST", "TCP_PSH", "TCP_ACK", "TCP_URG",
+    "Segment", "decode", "decode_l3", "supported_linktype",
+]
+
+# LINKTYPE_* numbers (tcpdump.org/linktypes.html). 12 and 14 are historical aliases of RAW.
+LINKTYPE_NULL = 0
+LINKTYPE_ETHERNET = 1
+LINKTYPE_RAW = 101
+LINKTYPE_LOOP = 108
+LINKTYPE_LINUX_SLL = 113
+LINKTYPE_IPV4 = 228
+LINKTYPE_IPV6 = 229
+LINKTYPE_LINUX_SLL2 = 276
+
+ETH_P_IP = 0x0800
+ETH_P_IPV6 = 0x86DD
+# 802.1Q, 802.1ad (QinQ) and the pre-standard 0x9100 QinQ tag.
+_VLAN_TPIDS = frozenset((0x8100, 0x88A8, 0x9100))
+#: Stacked VLAN tags beyond this are refused (QinQ uses 2; a loop would be hostile input).
+MAX_VLAN_TAGS = 8
+#: IPv6 extension headers walked before giving up (RFC 8200 §4.1 recommends each appear at most once or twice).
+MAX_IPV6_EXT_HEADERS = 10
+
+IPPROTO_TCP = 6
+_IPV6_EXT_LEN8 = frozenset((0, 43, 60))  # hop-by-hop, routing, destination options: (len+1)*8
+_IPPROTO_FRAGMENT = 44
+_IPPROTO_AH = 51
+_IPPROTO_NONE = 59
+
+# TCP flags (RFC 9293 §3.1), low byte of the offset/flags word.
+TCP_FIN = 0x01
+TCP_SYN = 0x02
+TCP_RST = 0x04
+TCP_PSH = 0x08
+TCP_ACK = 0x10
+TCP_URG = 0x20
+
+# BSD loopback address families, in either byte order (AF_INET6 is 24, 28 or 30 on the BSDs, 10 on Linux).
+_NULL_AF_INET = frozenset((2, 0x02000000))
+_NULL_AF_INET6 = frozenset((10, 24, 28, 30, 0x0A000000, 0x18000000, 0x1C000000, 0x1E000000))
+
+REASONS = (
+    "truncated",          # shorter than its headers say (snaplen or a cut file)
+    "not_ip",             # ARP, LLDP, ... anything that is neither IPv4 nor IPv6
+    "not_tcp",            # UDP, ICMP, ...
+    "ip_fragment",        # see module docstring
+    "malformed",          # impossible header values
+    "unsupported_linktype",
+)
+
+# (sport, dport, seq, ack, data offset<<4 | reserved, flags, window)
+_TCP = struct.Struct("!HHIIBBH")
+# (version<<4|ihl, tos, total length, id, flags|fragment offset, ttl, proto, checksum, src, dst)
+_IP4 = struct.Struct("!BBHHHBB2x4s4s")
+# (version|class|flow, payload length, next header, hop limit, src, dst)
+_IP6 = struct.Struct("!IHBB16s16s")
+_U16 = struct.Struct("!H")
+_U32LE = struct.Struct("<I")
+_U32BE = struct.Struct("!I")
+_EXT = struct.Struct("!BB")
+_FRAG6 = struct.Struct("!BxH")
+
+Buf = memoryview | bytes | bytearray
+Segment = tuple  # (src, dst, sport, dport, seq, ack, flags, payload_off, payload_end)
+Result = Segment | str
+
+
+def _tcp(buf: Buf, off: int, end: int, src: bytes, dst: bytes) -> Result:
+    if end - off < 20:
+        return "truncated"
+    sport, dport, seq, ack, doff, flags, _win = _TCP.unpack_from(buf, off)
+    hl = (doff >> 4) << 2
+    if hl < 20:
+        return "malformed"
+    if off + hl > end:
+        return "truncated"
+    return (src, dst, sport, dport, seq, ack, flags, off + hl, end)
+
+
+def _ip4(buf: Buf, off: int, end: int) -> Result:
+    if end - off < 20:
+        return "truncated"
+    vhl, _tos, total, _id, frag, _ttl, proto, src, dst = _IP4.unpack_from(buf, off)
+    hl = (vhl & 0x0F) << 2
+    if vhl >> 4 != 4 or hl < 20 or total < hl:
+        return "malformed"
+    if off + total > end:
+        # The frame was cut by the snaplen: the TCP payload is incomplete. Dropping it leaves a
+        # hole that reassembly reports as a GAP instead of handing on short, misaligned bytes.
+        return "truncated"
+    if frag & 0x3FFF:  # more-fragments flag or a non-zero offset
+        return "ip_fragment"
+    if proto != IPPROTO_TCP:
+        return "not_tcp"
+    # `total` also trims Ethernet padding off short frames.
+    return _tcp(buf, off + hl, off + total, src, dst)
+
+
+def _ip6(buf: Buf, off: int, end: int) -> Result:
+    if end - off < 40:
+        return "truncated"
+    vtf, plen, nxt, _hlim, src, dst = _IP6.unpack_from(buf, off)
+    if vtf >> 28 != 6:
+        return "malformed"
+    off += 40
+    if plen:  # 0 means a jumbogram (RFC 2675): the frame length is all we have
+        if off + plen > end:
+            return "truncated"
+        end = off + plen
+    for _ in range(MAX_IPV6_EXT_HEADERS):
+        if nxt == IPPROTO_TCP:
+            return _tcp(buf, off, end, src, dst)
+        if end - off < 8:
+            return "truncated" if nxt in _IPV6_EXT_LEN8 or nxt in (_IPPROTO_FRAGMENT, _IPPROTO_AH) else "not_tcp"
+        if nxt in _IPV6_EXT_LEN8:
+            n, ln = _EXT.unpack_from(buf, off)
+            nxt = n
+            off += (ln + 1) << 3
+        elif nxt == _IPPROTO_FRAGMENT:
+            n, fo = _FRAG6.unpack_from(buf, off)
+            if fo & 0xFFF9:  # offset != 0 or M flag: a real fragment
+                return "ip_fragment"
+            nxt = n
+            off += 8
+        elif nxt == _IPPROTO_AH:
+            n, ln = _EXT.unpack_from(buf, off)
+            nxt = n
+            off += (ln + 2) << 2
+        else:
+            return "not_tcp"
+        if off > end:
+            return "truncated"
+    return "malformed"
+
+
+def decode_l3(ethertype: int, buf: Buf, off: int, end: int) -> Result:
+    """Decode from the network layer given an Ethernet type (0x0800 / 0x86DD)."""
+    if ethertype == ETH_P_IP:
+        return _ip4(buf, off, end)
+    if ethertype == ETH_P_IPV6:
+        return _ip6(buf, off, end)
+    return "not_ip"
+
+
+def _ethernet(buf: Buf, off: int, end: int) -> Result:
+    if end - off < 14:
+        return "truncated"
+    (et,) = _U16.unpack_from(buf, off + 12)
+    off += 14
+    if et in _VLAN_TPIDS:
+        for _ in range(MAX_VLAN_TAGS):
+            if end - off < 4:
+                return "truncated"
+            (et,) = _U16.unpack_from(buf, off + 2)
+            off += 4
+            if et not in _VLAN_TPIDS:
+                break
+        else:
+            return "malformed"
+    if et == ETH_P_IP:
+        return _ip4(buf, off, end)
+    if et == ETH_P_IPV6:
+        return _ip6(buf, off, end)
+    return "not_ip"
+
+
+def _raw(buf: Buf, off: int, end: int) -> Result:
+    if end <= off:
+        return "truncated"
+    v = buf[off] >> 4
+    if v == 4:
+        return _ip4(buf, off, end)
+    if v == 6:
+        return _ip6(buf, off, end)
+    return "not_ip"
+
+
+def _null(buf: Buf, off: int, end: int) -> Result:
+    # The family is in the capturing host's byte order, which the file does not record.
+    if end - off < 4:
+        return "truncated"
+    (af,) = _U32LE.unpack_from(buf, off)
+    if af in _NULL_AF_INET:
+        return _ip4(buf, off + 4, end)
+    if af in _NULL_AF_INET6:
+        return _ip6(buf, off + 4, end)
+    return "not_ip"
+
+
+def _loop(buf: Buf, off: int, end: int) -> Result:
+    # OpenBSD loopback: like NULL but always network byte order.
+    if end - off < 4:
+        return "truncated"
+    (af,) = _U32BE.unpack_from(buf, off)
+    if af == 2:
+        return _ip4(buf, off + 4, end)
+    if af in (10, 24, 28, 30):
+        return _ip6(buf, off + 4, end)
+    return "not_ip"
+
+
+def _sll(buf: Buf, off: int, end: int) -> Result:
+    # Linux cooked v1: pkttype, arphrd, addr len, 8-byte addr, protocol (16 bytes).
+    if end - off < 16:
+        return "truncated"
+    (et,) = _U16.unpack_from(buf, off + 14)
+    return decode_l3(et, buf, off + 16, end)
+
+
+def _sll2(buf: Buf, off: int, end: int) -> Result:
+    # Linux cooked v2: protocol, reserved, ifindex, arphrd, pkttype, addr len, 8-byte addr (20 bytes).
+    if end - off < 20:
+        return "truncated"
+    (et,) = _U16.unpack_from(buf, off)
+    return decode_l3(et, buf, off + 20, end)
+
+
+LINK_DECODERS: dict[int, Callable[[Buf, int, int], Result]] = {
+    LINKTYPE_NULL: _null,
+    LINKTYPE_ETHERNET: _ethernet,
+    LINKTYPE_RAW: _raw,
+    12: _raw,  # DLT_RAW on some BSDs
+    14: _raw,  # DLT_RAW on OpenBSD
+    LINKTYPE_LOOP: _loop,
+    LINKTYPE_LINUX_SLL: _sll,
+    LINKTYPE_IPV4: _ip4,
+    LINKTYPE_IPV6: _ip6,
+    LINKTYPE_LINUX_SLL2: _sll2,
+}
+
+
+def _unsupported(buf: Buf, off: int, end: int) -> Result:
+    return "unsupported_linktype"
+
+
+def supported_linktype(linktype: int) -> bool:
+    return linktype in LINK_DECODERS
+
+
+def link_decoder(linktype: int) -> Callable[[Buf, int, int], Result]:
+    """The decoder for a link type; unknown ones get a decoder that always says why."""
+    return LINK_DECODERS.get(linktype, _unsupported)
+
+
+def decode(linktype: int, buf: Buf, off: int = 0, end: int | None = None) -> Result:
+    """Decode one frame; see the module docstring for the result."""
+    if end is None:
+        end = len(buf)
+    return LINK_DECODERS.get(linktype, _unsupported)(buf, off, end)

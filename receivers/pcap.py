@@ -1,0 +1,609 @@
+"""Capture-file replay: pcap/pcapng readers over ``mmap`` and the ``pcap`` receiver.
+
+Contract (readers): ``open_capture(path)`` (or ``reader_for(buffer)``) returns a reader
+whose iteration yields ``(linktype, ts_ns, off, end)`` per packet, the frame being
+``reader.view[off:end]`` (a memoryview of the mapped file: nothing is copied). A damaged
+or cut file ends the iteration early with ``reader.error`` set to a message naming the
+offset; packets before the damage are all yielded. Readers never raise while iterating.
+
+- pcap: both byte orders, µs and ns magics; the link type is the header's low 16 bits.
+- pcapng: SHB in either byte order (a new SHB starts a new section and interface list),
+  IDB with ``if_tsresol`` (10^-n or 2^-n) and ``if_tsoffset``, EPB, SPB, the obsolete
+  Packet Block; other blocks (NRB, ISB, DSB, custom, unknown) are skipped by length.
+  Several interfaces each keep their own link type and resolution.
+
+Contract (receiver ``pcap``): ``PcapReceiver(id, config, next)``; ``start()`` runs a
+reader thread that decodes packets (receivers/packet.py), reassembles TCP
+(receivers/tcp_reassembly.py) and calls ``next.consume_events(batch)`` with ordered
+lists of ``TcpEvent`` whose payloads are views into the mapped files, then sets
+``done``. Mapped files are never closed explicitly: views handed downstream keep them
+alive and the garbage collector unmaps them once the last view is gone. ``stats`` holds
+packets, bytes, connections, events and drops by reason; the same counts go to the
+self-metrics in service/telemetry.py.
+"""
+
+from __future__ import annotations
+
+import glob
+import ipaddress
+import logging
+import mmap
+import os
+import re
+import struct
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, ClassVar
+
+from pydantic import Field, field_validator
+
+from receivers.packet import LINK_DECODERS, link_decoder
+from receivers.tcp_reassembly import ReassemblyLimits, TcpReassembler
+from service.component import ComponentConfig, Receiver
+from service.telemetry import CONNECTIONS_EVICTED, RECEIVER_ACCEPTED, RECEIVER_DROPPED
+
+__all__ = ["CaptureError", "PcapReader", "PcapngReader", "PcapReceiver", "open_capture", "reader_for"]
+
+log = logging.getLogger("wirespan.receivers.pcap")
+
+# pcap magic numbers, as read little-endian from the first 4 bytes -> (byte order, ns per tick).
+_PCAP_MAGICS = {
+    0xA1B2C3D4: ("<", 1000),   # little-endian file, microseconds
+    0xD4C3B2A1: (">", 1000),   # big-endian file, microseconds
+    0xA1B23C4D: ("<", 1),      # little-endian file, nanoseconds
+    0x4D3CB2A1: (">", 1),      # big-endian file, nanoseconds
+}
+_PCAPNG_SHB = 0x0A0D0D0A
+_PCAPNG_BOM = 0x1A2B3C4D
+_BT_IDB, _BT_OPB, _BT_SPB, _BT_EPB = 1, 2, 3, 6
+_OPT_IF_TSRESOL, _OPT_IF_TSOFFSET = 9, 14
+
+#: A record claiming more than this is corrupt (libpcap refuses captured lengths above its
+#: 256 KiB maximum snapshot length for most link types; we allow far more, but not gigabytes).
+MAX_CAPLEN = 64 << 20
+
+_U32LE = struct.Struct("<I")
+_U32BE = struct.Struct(">I")
+
+
+class CaptureError(Exception):
+    """The file is not a capture we can read (bad magic, empty, unreadable)."""
+
+
+class PcapReader:
+    """Classic pcap records; iterate for ``(linktype, ts_ns, off, end)``."""
+
+    format = "pcap"
+
+    def __init__(self, view: memoryview) -> None:
+        self.view = view
+        self.error: str | None = None
+        if len(view) < 24:
+            raise CaptureError("pcap header truncated")
+        (magic,) = _U32LE.unpack_from(view, 0)
+        order, self._tick = _PCAP_MAGICS[magic]
+        self._hdr = struct.Struct(order + "HHiIII")
+        self._rec = struct.Struct(order + "IIII")
+        _vmaj, _vmin, _zone, _sig, self.snaplen, lt = self._hdr.unpack_from(view, 4)
+        self.linktype = lt & 0xFFFF  # upper bits: FCS length flags (draft-ietf-opsawg-pcap)
+
+    def __iter__(self) -> Iterator[tuple[int, int, int, int]]:
+        view, size, lt, tick = self.view, len(self.view), self.linktype, self._tick
+        unpack = self._rec.unpack_from
+        off = 24
+        while off + 16 <= size:
+            sec, frac, caplen, _orig = unpack(view, off)
+            end = off + 16 + caplen
+            if end > size or caplen > MAX_CAPLEN:
+                if caplen > MAX_CAPLEN:
+                    self.error = f"corrupt record at offset {off}: captured length {caplen} over {MAX_CAPLEN}"
+                else:
+                    self.error = f"truncated packet record at offset {off}: file ends at {size}"
+                return
+            yield lt, sec * 1_000_000_000 + frac * tick, off + 16, end
+            off = end
+        if off != size:
+            self.error = f"truncated record header at offset {off}: file ends at {size}"
+
+
+class _Iface:
+    __slots__ = ("div", "linktype", "mul", "offset_ns", "shift", "snaplen")
+
+    def __init__(self, linktype: int, snaplen: int, resol: int, offset_s: int) -> None:
+        self.linktype = linktype
+        self.snaplen = snaplen
+        self.mul, self.div, self.shift = 1000, 1, 0  # default resolution: microseconds
+        if resol & 0x80:  # 2^-n seconds
+            self.mul, self.div, self.shift = 1_000_000_000, 1, resol & 0x7F
+        elif resol <= 9:
+            self.mul = 10 ** (9 - resol)
+        else:
+            self.mul, self.div = 1, 10 ** (resol - 9)
+        self.offset_ns = offset_s * 1_000_000_000
+
+    def ts(self, ticks: int) -> int:
+        return ((ticks * self.mul) >> self.shift) // self.div + self.offset_ns
+
+
+class PcapngReader:
+    """pcapng blocks; iterate for ``(linktype, ts_ns, off, end)``."""
+
+    format = "pcapng"
+
+    def __init__(self, view: memoryview) -> None:
+        self.view = view
+        self.error: str | None = None
+        if len(view) < 28:
+            raise CaptureError("pcapng section header truncated")
+        self.interfaces: list[_Iface] = []
+
+    def _options(self, view: memoryview, off: int, end: int, order: str) -> dict[int, memoryview]:
+        """Option TLVs of a block body (code, length, value padded to 32 bits)."""
+        opts: dict[int, memoryview] = {}
+        hdr = struct.Struct(order + "HH")
+        while off + 4 <= end:
+            code, ln = hdr.unpack_from(view, off)
+            off += 4
+            if code == 0 or off + ln > end:
+                break
+            opts[code] = view[off:off + ln]
+            off += (ln + 3) & ~3
+        return opts
+
+    def __iter__(self) -> Iterator[tuple[int, int, int, int]]:
+        view, size = self.view, len(self.view)
+        off = 0
+        ifaces = self.interfaces
+        order = "<"
+        bh = struct.Struct("<II")
+        epb = struct.Struct("<IIIII")
+        while off < size:
+            if off + 12 > size:
+                self.error = f"truncated block header at offset {off}: file ends at {size}"
+                return
+            (btype,) = _U32LE.unpack_from(view, off)
+            if btype == _PCAPNG_SHB:
+                (bom,) = _U32LE.unpack_from(view, off + 8)
+                if bom == _PCAPNG_BOM:
+                    order = "<"
+                elif bom == 0x4D3C2B1A:
+                    order = ">"
+                else:
+                    self.error = f"bad section header byte-order magic at offset {off}"
+                    return
+                bh = struct.Struct(order + "II")
+                epb = struct.Struct(order + "IIIII")
+                ifaces.clear()
+            btype, blen = bh.unpack_from(view, off)
+            if blen < 12 or blen & 3:
+                self.error = f"corrupt block length {blen} at offset {off}"
+                return
+            bend = off + blen
+            if bend > size:
+                self.error = f"truncated block (type {btype:#x}) at offset {off}: file ends at {size}"
+                return
+            body_end = bend - 4
+            if btype == _BT_EPB:
+                if off + 28 <= body_end:
+                    ifid, hi, lo, caplen, _orig = epb.unpack_from(view, off + 8)
+                    data = off + 28
+                    if ifid < len(ifaces) and data + caplen <= body_end:
+                        ifc = ifaces[ifid]
+                        t = (hi << 32) | lo
+                        if ifc.shift == 0 and ifc.div == 1 and not ifc.offset_ns:
+                            yield ifc.linktype, t * ifc.mul, data, data + caplen
+                        else:
+                            yield ifc.linktype, ifc.ts(t), data, data + caplen
+                    else:
+                        self._skipped("epb", off)
+                else:
+                    self._skipped("epb", off)
+            elif btype == _BT_IDB:
+                if off + 16 <= body_end:
+                    lt, _res, snap = struct.unpack_from(order + "HHI", view, off + 8)
+                    opts = self._options(view, off + 16, body_end, order)
+                    resol = opts.get(_OPT_IF_TSRESOL)
+                    tsoff = opts.get(_OPT_IF_TSOFFSET)
+                    ifaces.append(_Iface(
+                        lt, snap, resol[0] if resol is not None and len(resol) >= 1 else 6,
+                        struct.unpack_from(order + "q", tsoff)[0] if tsoff is not None and len(tsoff) >= 8 else 0))
+                else:
+                    self.error = f"truncated interface description block at offset {off}"
+                    return
+            elif btype == _BT_SPB:
+                if ifaces and off + 12 <= body_end:
+                    (orig,) = struct.unpack_from(order + "I", view, off + 8)
+                    data = off + 12
+                    caplen = min(orig, body_end - data)
+                    if ifaces[0].snaplen:
+                        caplen = min(caplen, ifaces[0].snaplen)
+                    # No timestamp in an SPB: 0, and the reassembler's clock does not move.
+                    yield ifaces[0].linktype, self._last_ts, data, data + caplen
+                else:
+                    self._skipped("spb", off)
+            elif btype == _BT_OPB:
+                if off + 28 <= body_end:
+                    ifid, _drops, hi, lo, caplen, _orig = struct.unpack_from(order + "HHIIII", view, off + 8)
+                    data = off + 28
+                    if ifid < len(ifaces) and data + caplen <= body_end:
+                        ifc = ifaces[ifid]
+                        yield ifc.linktype, ifc.ts((hi << 32) | lo), data, data + caplen
+                    else:
+                        self._skipped("opb", off)
+                else:
+                    self._skipped("opb", off)
+            # Anything else (NRB, ISB, DSB, custom, unknown): skipped by its length.
+            off = bend
+
+    _last_ts = 0
+    skipped = 0
+
+    def _skipped(self, what: str, off: int) -> None:
+        # A malformed packet block is skipped; the count shows up as drop reason "bad_block".
+        self.skipped += 1
+
+
+def reader_for(buf: Any) -> PcapReader | PcapngReader:
+    """A reader over a buffer (bytes, mmap, memoryview); raises ``CaptureError`` if it is no capture."""
+    view = memoryview(buf)
+    if view.ndim != 1 or view.itemsize != 1:
+        view = view.cast("B")
+    if len(view) < 4:
+        raise CaptureError("not a capture file: shorter than a header")
+    (magic,) = _U32LE.unpack_from(view, 0)
+    if magic in _PCAP_MAGICS:
+        return PcapReader(view)
+    if magic == _PCAPNG_SHB:
+        return PcapngReader(view)
+    raise CaptureError(f"not a pcap or pcapng file (magic {magic:#010x})")
+
+
+def open_capture(path: str | os.PathLike[str]) -> PcapReader | PcapngReader:
+    """Map ``path`` read-only and return its reader.
+
+    The mapping is not closed here: the reader's view and every payload view handed on
+    keep it alive; it is unmapped when the last of them is collected.
+    """
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size == 0:
+            raise CaptureError("empty file")
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    try:
+        mm.madvise(mmap.MADV_SEQUENTIAL)
+    except (AttributeError, OSError):
+        pass
+    return reader_for(mm)
+
+
+# ---------------------------------------------------------------------------
+# The receiver
+# ---------------------------------------------------------------------------
+_DURATION = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(ns|us|µs|ms|s|m|h)?\s*$")
+_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+
+DEFAULT_BATCH = 256
+CAPTURE_SUFFIXES = (".pcap", ".pcapng", ".cap", ".dmp")
+
+
+def _seconds(v: Any) -> Any:
+    if isinstance(v, str):
+        m = _DURATION.match(v)
+        if not m:
+            raise ValueError(f"not a duration: {v!r} (e.g. 300s, 5m, 250ms)")
+        return float(m.group(1)) * _UNITS[m.group(2)]
+    return v
+
+
+class FilterConfig(ComponentConfig):
+    #: Keep packets whose source or destination port is listed (empty = all ports).
+    ports: list[int] = Field(default_factory=list)
+    #: Keep packets whose source or destination address is in one of these addresses/CIDRs (empty = all).
+    addresses: list[str] = Field(default_factory=list)
+
+    @field_validator("ports")
+    @classmethod
+    def _ports(cls, v: list[int]) -> list[int]:
+        for p in v:
+            if not 0 <= p <= 65535:
+                raise ValueError(f"port out of range: {p}")
+        return v
+
+    @field_validator("addresses")
+    @classmethod
+    def _addresses(cls, v: list[str]) -> list[str]:
+        for a in v:
+            ipaddress.ip_network(a, strict=False)  # raises ValueError with the culprit
+        return v
+
+
+class PcapConfig(ComponentConfig):
+    #: A capture file, a glob (``/var/cap/*.pcap``) or a directory (its .pcap/.pcapng/.cap files, by name).
+    path: str
+    #: Replay speed: 0 = as fast as possible, 1.0 = real time, 2.0 = twice as fast.
+    rate: float = Field(default=0.0, ge=0.0)
+    #: Replay the files again and again until shutdown (timestamps keep increasing).
+    loop: bool = False
+    filter: FilterConfig = Field(default_factory=FilterConfig)
+    max_connections: int = Field(default=ReassemblyLimits.max_connections, ge=1)
+    max_buffered_bytes_per_connection: int = Field(default=ReassemblyLimits.max_buffered_bytes_per_connection, ge=0)
+    max_buffered_bytes_total: int = Field(default=ReassemblyLimits.max_buffered_bytes_total, ge=0)
+    #: Idle connections are expired after this long in capture time (seconds or "5m", "300s").
+    idle_timeout: float = Field(default=ReassemblyLimits.idle_timeout, gt=0)
+    #: Events per ``consume_events`` call.
+    batch_size: int = Field(default=DEFAULT_BATCH, ge=1)
+    #: A progress bar on stderr: null = only when stderr is a terminal.
+    progress: bool | None = None
+
+    _idle = field_validator("idle_timeout", mode="before")(classmethod(lambda cls, v: _seconds(v)))
+
+
+class _AddrFilter:
+    """Port/address filter with a bounded per-address decision cache."""
+
+    __slots__ = ("cache", "nets", "ports")
+
+    def __init__(self, cfg: FilterConfig) -> None:
+        self.ports = frozenset(cfg.ports)
+        self.nets = [ipaddress.ip_network(a, strict=False) for a in cfg.addresses]
+        self.cache: dict[bytes, bool] = {}
+
+    def _addr_ok(self, a: bytes) -> bool:
+        ok = self.cache.get(a)
+        if ok is None:
+            ip = ipaddress.ip_address(bytes(a))
+            ok = any(ip in n for n in self.nets)
+            if len(self.cache) > 65536:
+                self.cache.clear()
+            self.cache[a] = ok
+        return ok
+
+    def keep(self, src: bytes, dst: bytes, sport: int, dport: int) -> bool:
+        if self.ports and sport not in self.ports and dport not in self.ports:
+            return False
+        if self.nets and not (self._addr_ok(src) or self._addr_ok(dst)):
+            return False
+        return True
+
+
+def _resolve(path: str) -> list[str]:
+    p = Path(path)
+    if p.is_dir():
+        return sorted(str(f) for f in p.iterdir() if f.is_file() and f.suffix.lower() in CAPTURE_SUFFIXES)
+    if glob.has_magic(path):
+        return sorted(f for f in glob.glob(path) if os.path.isfile(f))
+    return [path] if p.is_file() else []
+
+
+_EMPTY = memoryview(b"")
+
+
+class PcapReceiver(Receiver):
+    """Replays capture files as TCP events (see the module docstring)."""
+
+    type: ClassVar[str] = "pcap"
+    finite: ClassVar[bool] = True
+    Config = PcapConfig
+
+    def __init__(self, id: str, config: PcapConfig | dict, next: Any = None) -> None:
+        if isinstance(config, dict):
+            config = PcapConfig(**config)
+        super().__init__(id, config, next)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.limits = ReassemblyLimits(
+            max_connections=config.max_connections,
+            max_buffered_bytes_per_connection=config.max_buffered_bytes_per_connection,
+            max_buffered_bytes_total=config.max_buffered_bytes_total,
+            idle_timeout=config.idle_timeout,
+        )
+        self.reassembler = TcpReassembler(self.limits)
+        self.files: list[str] = []
+        self.errors: list[str] = []
+        self._drops: dict[str, int] = {}
+        self._published: dict[tuple[str, str], int] = {}
+        self._packets = 0
+        self._bytes = 0
+        self._events = 0
+        self._filter = _AddrFilter(config.filter) if (config.filter.ports or config.filter.addresses) else None
+
+    # -------------------------------------------------------------- lifecycle
+    def start(self) -> None:
+        self.files = _resolve(self.config.path)
+        if not self.files:
+            raise FileNotFoundError(f"receivers::{self.id}::path: no capture file matches {self.config.path!r}")
+        self._thread = threading.Thread(target=self._run, name=f"receiver-{self.id}", daemon=True)
+        self._thread.start()
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        t = self._thread
+        if t is not None and t is not threading.current_thread():
+            t.join(timeout=10)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self.done.wait(timeout)
+
+    # -------------------------------------------------------------- stats
+    @property
+    def stats(self) -> dict[str, Any]:
+        r = self.reassembler
+        drops = dict(self._drops)
+        for k, v in r.drops.items():
+            drops[k] = drops.get(k, 0) + v
+        return {
+            "packets": self._packets,
+            "bytes": self._bytes,
+            "connections": r.stats["connections"],
+            "events": self._events,
+            "drops": drops,
+            "gap_bytes": dict(r.gaps),
+            "evicted": dict(r.evictions),
+            "errors": list(self.errors),
+        }
+
+    def _publish(self) -> None:
+        """Push counter deltas to the self-metrics (per batch, not per packet)."""
+        pub = self._published
+        r = self.reassembler
+        for metric, labels, d in ((RECEIVER_DROPPED, "drop", self._drops), (RECEIVER_DROPPED, "drop", r.drops),
+                                  (CONNECTIONS_EVICTED, "evict", r.evictions)):
+            for reason, n in d.items():
+                key = (labels + ("r" if d is r.drops else ""), reason)
+                delta = n - pub.get(key, 0)
+                if delta:
+                    pub[key] = n
+                    if labels == "evict":
+                        metric.labels(component=self.id, reason=reason).inc(delta)
+                    else:
+                        metric.labels(receiver=self.id, reason=reason).inc(delta)
+        delta = self._events - pub.get(("accepted", ""), 0)
+        if delta:
+            pub[("accepted", "")] = self._events
+            RECEIVER_ACCEPTED.labels(receiver=self.id).inc(delta)
+
+    def _drop(self, reason: str, n: int = 1) -> None:
+        self._drops[reason] = self._drops.get(reason, 0) + n
+
+    def _flush_events(self) -> None:
+        r = self.reassembler
+        ev = r.events
+        if not ev:
+            return
+        r.events = []
+        self._events += len(ev)
+        bs = self.config.batch_size
+        nxt = self.next
+        for i in range(0, len(ev), bs):
+            if nxt is not None:
+                nxt.consume_events(ev[i:i + bs] if len(ev) > bs else ev)
+        self._publish()
+
+    # -------------------------------------------------------------- reader thread
+    def _run(self) -> None:
+        ts_shift = 0
+        try:
+            while not self._stop.is_set():
+                first = last = None
+                for path in self.files:
+                    if self._stop.is_set():
+                        break
+                    span = self._replay(path, ts_shift)
+                    if span is not None:
+                        first = span[0] if first is None else first
+                        last = span[1]
+                self.reassembler.finish()
+                self._flush_events()
+                if not self.config.loop or first is None:
+                    break
+                # Next pass: shift capture time so it keeps moving forward.
+                ts_shift += (last - first) + 1_000_000_000
+        except Exception as e:  # a bug, not bad input: keep the pipeline alive, say what happened
+            log.exception("receiver %s: replay failed", self.id)
+            self.errors.append(f"internal error: {e!r}")
+            self._drop("internal_error")
+        finally:
+            try:
+                self._flush_events()
+            except Exception:
+                log.exception("receiver %s: downstream failed while flushing", self.id)
+            self._publish()
+            self.done.set()
+
+    def _replay(self, path: str, ts_shift: int) -> tuple[int, int] | None:
+        try:
+            reader = open_capture(path)
+        except (OSError, ValueError, CaptureError) as e:
+            msg = f"{path}: cannot read capture: {e}"
+            log.error("receiver %s: %s", self.id, msg)
+            self.errors.append(msg)
+            self._drop("unreadable_file")
+            return None
+        view = reader.view
+        seg = self.reassembler.segment
+        r = self.reassembler
+        flt = self._filter
+        drops = self._drops
+        decoders = dict(LINK_DECODERS)
+        bs = self.config.batch_size
+        stop = self._stop
+        rate = self.config.rate
+        bar = self._progress_bar(path, len(view))
+        wall0 = ts0 = None
+        first = last = None
+        packets = nbytes = 0
+        last_off = 0
+        try:
+            for lt, ts, off, end in reader:
+                packets += 1
+                nbytes += end - off
+                ts += ts_shift
+                last = ts
+                dec = decoders.get(lt)
+                if dec is None:
+                    dec = decoders[lt] = link_decoder(lt)
+                try:
+                    res = dec(view, off, end)
+                except (struct.error, ValueError, IndexError):  # never expected: decoders check lengths
+                    res = "malformed"
+                if res.__class__ is str:
+                    drops[res] = drops.get(res, 0) + 1
+                    continue
+                src, dst, sport, dport, seq, ack, flags, poff, pend = res
+                if flt is not None and not flt.keep(src, dst, sport, dport):
+                    drops["filtered"] = drops.get("filtered", 0) + 1
+                    continue
+                seg(src, sport, dst, dport, seq, ack, flags, view[poff:pend] if pend > poff else _EMPTY, ts)
+                if len(r.events) >= bs:
+                    self._packets += packets
+                    self._bytes += nbytes
+                    packets = nbytes = 0
+                    self._flush_events()
+                    if stop.is_set():
+                        break
+                    if bar is not None and off - last_off > 1 << 20:
+                        bar.update(off - last_off)
+                        last_off = off
+                if rate:
+                    if first is None:
+                        first = ts
+                    if wall0 is None:
+                        wall0, ts0 = time.monotonic(), ts
+                    delay = wall0 + (ts - ts0) / 1e9 / rate - time.monotonic()
+                    if delay > 0.001:
+                        self._flush_events()
+                        if stop.wait(delay):
+                            break
+                elif first is None:
+                    first = ts
+        finally:
+            self._packets += packets
+            self._bytes += nbytes
+            if bar is not None:
+                bar.update(len(view) - last_off)
+                bar.close()
+        if getattr(reader, "skipped", 0):
+            self._drop("bad_block", reader.skipped)
+        if reader.error:
+            msg = f"{path}: {reader.error}; the packets before it were replayed"
+            log.error("receiver %s: %s", self.id, msg)
+            self.errors.append(msg)
+            self._drop("truncated_file")
+        self._flush_events()
+        return None if first is None else (first, last)
+
+    def _progress_bar(self, path: str, total: int) -> Any:
+        show = self.config.progress
+        if show is None:
+            show = sys.stderr.isatty()
+        if not show:
+            return None
+        try:
+            from tqdm import tqdm
+        except ImportError:
+            return None
+        return tqdm(total=total, unit="B", unit_scale=True, desc=os.path.basename(path), file=sys.stderr,
+                    leave=False)
