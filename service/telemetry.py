@@ -73,3 +73,18 @@ EXPORTER_QUEUE_CORRUPT = Counter(
     "Persistent-queue records skipped because they were corrupt or truncated on disk.",
     ["exporter"], registry=_registry)
 __all__ += ["EXPORTER_QUEUE_CORRUPT"]
+
+# ---------------------------------------------------------------------------
+# eBPF receiver (receivers/ebpf, issue 9)
+# ---------------------------------------------------------------------------
+EBPF_KERNEL_COUNTERS = Counter(
+    "wirespan_ebpf_kernel_events",
+    "Counters kept by the BPF program, by counter: ringbuf_reserve_failures (records lost to a full "
+    "ring), truncated_calls/truncated_bytes (beyond the per-syscall copy bound), records, "
+    "user_read_failures, inflight_table_full.",
+    ["receiver", "counter"], registry=_registry)
+EBPF_TRUNCATED_BYTES = Counter(
+    "wirespan_ebpf_truncated_bytes",
+    "Payload bytes turned into gaps: where=message_cap (beyond max_message_bytes) or kernel (not copied).",
+    ["receiver", "where"], registry=_registry)
+__all__ += ["EBPF_KERNEL_COUNTERS", "EBPF_TRUNCATED_BYTES"]

@@ -248,7 +248,7 @@ class RingBuffer:
         def cb(_ctx: int, data: int, size: int) -> int:
             try:
                 return callback(data, size)
-            except Exception:  # noqa: BLE001 - never unwind through C
+            except Exception:
                 return 0
 
         self._cb = SAMPLE_FN(cb)  # keep a reference: libbpf holds the pointer

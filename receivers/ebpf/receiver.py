@@ -1,0 +1,431 @@
+"""The ``ebpf`` receiver: every traced process's TCP reads and writes, from the kernel.
+
+Contract: ``start()`` loads ``bpf/wirespan.bpf.o`` (syscall tracepoints, see the C
+file's header), writes the filters into its config maps, attaches, and starts one
+thread that polls the ring buffer and hands ``TcpEvent``s to ``self.next`` in
+batches. Each process's view of a socket is its own connection: ``conn_id`` is
+``(pid, socket address, generation)``; ``egress`` is True for the process's writes;
+``src`` is the sender. A ``close()`` ends both directions (CLOSE events) and the
+next use of that socket address starts a new generation. Bytes beyond the
+per-message cap (the run of bytes in one direction before the other speaks, as OBI's
+large buffers) and bytes the kernel side did not copy become GAP events, counted.
+``shutdown()`` detaches everything; a reload is shutdown + a new instance.
+
+Why a run cap rather than a per-syscall cap: a 200 KB response is one write on the
+server and many reads on the client; capping the run gives both views the same bytes.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import socket
+import struct
+import threading
+import time
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, field_validator, model_validator
+
+from service.component import ComponentConfig, Receiver
+from service.model import EventKind, TcpEvent
+from service.telemetry import (
+    CONNECTIONS_EVICTED,
+    EBPF_KERNEL_COUNTERS,
+    EBPF_TRUNCATED_BYTES,
+    RECEIVER_ACCEPTED,
+    RECEIVER_DROPPED,
+)
+
+from .libbpf import BpfError, BpfObject, RingBuffer, check_environment
+
+__all__ = ["EbpfReceiver", "EbpfConfig", "BpfError", "OBJECT_PATH", "HDR", "COUNTER_NAMES"]
+
+log = logging.getLogger("wirespan.receivers.ebpf")
+
+OBJECT_PATH = Path(__file__).parent / "bpf" / "wirespan.bpf.o"
+
+#: struct rec_hdr in wirespan.bpf.c (keep in sync):
+#: ts_enter, ts_exit, sock, pid, tid, total, offset, len, lport, rport, kind, egress,
+#: family, last, pad, laddr, raddr, comm
+HDR = struct.Struct("<QQQIIIIIHHBBBBI16s16s16s")
+#: struct ws_cfg: self_pid, filter_pids, filter_comms, filter_ports, max_call_bytes, pad
+CFG = struct.Struct("<6I")
+#: enum counter in wirespan.bpf.c, by index (metric label ``counter``).
+COUNTER_NAMES = ("ringbuf_reserve_failures", "truncated_calls", "truncated_bytes", "records",
+                 "user_read_failures", "inflight_table_full")
+N_COUNTERS = 8
+
+CHUNK = 16384                     #: payload bytes per ring record (issue 9)
+MAX_CALL_BYTES = 64 * CHUNK       #: MAX_RECORDS * CHUNK in the C file: 1 MiB per syscall
+DEFAULT_RING_SIZE = 16 << 20      #: design.md §6: a 16 MiB ring kept up with ~220k events/s here
+DEFAULT_MESSAGE_CAP = 64 << 10    #: OBI's large-buffer default order of magnitude (issue 9)
+COMM_LEN = 16                     #: TASK_COMM_LEN, including the NUL
+AF_INET, AF_INET6 = 2, 10
+K_DATA, K_CLOSE = 0, 1
+#: Connections tracked before the least recently used one is closed (as the reassembler).
+MAX_CONNECTIONS = 65536
+#: How often dead processes' connections are closed and kernel counters exported.
+HOUSEKEEPING_S = 1.0
+
+#: Well-known ports of the protocols wirespan parses, for per-protocol caps when the
+#: protocol module is not importable (each module's DEFAULT_PORTS wins when it is).
+_FALLBACK_PORTS: dict[str, tuple[int, ...]] = {
+    "http": (80, 8080, 8000), "http2": (), "grpc": (50051,), "kafka": (9092,),
+    "postgresql": (5432,), "mysql": (3306,), "redis": (6379,), "mongodb": (27017,),
+    "mqtt": (1883,), "fastcgi": (9000,), "memcached": (11211,), "couchbase": (11210,),
+}
+
+
+def _protocol_ports(name: str) -> tuple[int, ...]:
+    try:
+        import importlib
+
+        mod = importlib.import_module(f"processors.protocols.{name}")
+        ports = getattr(mod, "DEFAULT_PORTS", None)
+        if ports:
+            return tuple(ports)
+    except Exception:
+        pass
+    return _FALLBACK_PORTS.get(name, ())
+
+
+class EbpfConfig(ComponentConfig):
+    """Options of the ``ebpf`` receiver (all filters are ANDed; empty = everything)."""
+
+    #: Only these process ids (thread-group ids).
+    pids: list[int] = []
+    #: Only processes whose name (``comm``, first 15 bytes) is one of these.
+    process_names: list[str] = []
+    #: Only sockets whose local or remote port is one of these.
+    ports: list[int] = []
+    #: Ring buffer bytes (a power of two, at least one page).
+    ring_size: int = DEFAULT_RING_SIZE
+    #: Bytes kept per message (a run of bytes in one direction); the rest is a counted gap.
+    max_message_bytes: int = Field(DEFAULT_MESSAGE_CAP, ge=1, le=MAX_CALL_BYTES)
+    #: Per-protocol overrides of ``max_message_bytes``, applied by the protocol's ports.
+    max_message_bytes_per_protocol: dict[str, int] = {}
+    #: Per-port overrides (win over per-protocol ones).
+    max_message_bytes_per_port: dict[int, int] = {}
+    #: How long one ring-buffer poll waits, in milliseconds.
+    poll_timeout_ms: int = Field(100, ge=1, le=5000)
+    #: Events handed on per ``consume_events`` call at most.
+    batch_size: int = Field(1024, ge=1)
+    #: Never trace wirespan's own process (it exports over TCP: tracing itself would loop).
+    exclude_self: bool = True
+    #: The compiled object (default: the one built by build.sh / shipped).
+    object_path: str = str(OBJECT_PATH)
+
+    @field_validator("ring_size")
+    @classmethod
+    def _pow2(cls, v: int) -> int:
+        if v < 4096 or v & (v - 1):
+            raise ValueError("must be a power of two >= 4096")
+        return v
+
+    @field_validator("process_names")
+    @classmethod
+    def _comm(cls, v: list[str]) -> list[str]:
+        for n in v:
+            if not n or len(n.encode()) > COMM_LEN - 1:
+                raise ValueError(f"process name {n!r}: 1 to {COMM_LEN - 1} bytes (the kernel's comm)")
+        return v
+
+    @model_validator(mode="after")
+    def _caps(self) -> EbpfConfig:
+        for k, cap in {**self.max_message_bytes_per_protocol, **self.max_message_bytes_per_port}.items():
+            if not 1 <= cap <= MAX_CALL_BYTES:
+                raise ValueError(f"max_message_bytes override {k}: must be 1..{MAX_CALL_BYTES}")
+        for p in [*self.ports, *self.max_message_bytes_per_port]:
+            if not 0 < p < 65536:
+                raise ValueError(f"port {p} out of range")
+        return self
+
+
+class _Conn:
+    """One process's view of one socket."""
+
+    __slots__ = ("cap", "id", "laddr", "lport", "pid", "raddr", "rport", "run_bytes", "run_egress")
+
+    def __init__(self, cid: tuple, pid: int, laddr: str, lport: int, raddr: str, rport: int, cap: int) -> None:
+        self.id = cid
+        self.pid = pid
+        self.laddr, self.lport, self.raddr, self.rport = laddr, lport, raddr, rport
+        self.cap = cap
+        self.run_egress: int = -1
+        self.run_bytes = 0
+
+
+def _addr(family: int, raw: bytes) -> str:
+    if family == AF_INET:
+        return socket.inet_ntop(socket.AF_INET, raw[:4])
+    if raw[:12] == b"\0" * 10 + b"\xff\xff":  # v4-mapped: report as IPv4
+        return socket.inet_ntop(socket.AF_INET, raw[12:16])
+    return socket.inet_ntop(socket.AF_INET6, raw)
+
+
+class EbpfReceiver(Receiver):
+    """Syscall-level capture of TCP payloads with eBPF (syscall tracepoints + ring buffer)."""
+
+    type = "ebpf"
+    Config = EbpfConfig
+
+    def __init__(self, id: str, config: EbpfConfig, next: Any = None) -> None:
+        super().__init__(id, config, next)
+        self._obj: BpfObject | None = None
+        self._rb: RingBuffer | None = None
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._records: list[bytes] = []
+        self._conns: OrderedDict[tuple, _Conn] = OrderedDict()
+        self._gen: dict[tuple, int] = {}
+        self._last_counters = [0] * N_COUNTERS
+        self._mono_to_epoch = time.time_ns() - time.monotonic_ns()
+        self._cap_by_port: dict[int, int] = {}
+        for proto, cap in config.max_message_bytes_per_protocol.items():
+            for p in _protocol_ports(proto):
+                self._cap_by_port[p] = cap
+        self._cap_by_port.update(config.max_message_bytes_per_port)
+        self.stats = {"records": 0, "events": 0, "gap_bytes": 0, "closes": 0}
+        self._comm_cache: dict[bytes, str] = {}
+        self._pending_close: list[TcpEvent] = []
+        self._counter_snapshot: dict[str, int] = {}
+        self._labels = {
+            "accepted": RECEIVER_ACCEPTED.labels(receiver=id),
+            "trunc_cap": EBPF_TRUNCATED_BYTES.labels(receiver=id, where="message_cap"),
+            "trunc_kernel": EBPF_TRUNCATED_BYTES.labels(receiver=id, where="kernel"),
+        }
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        c = self.config
+        check_environment()
+        max_call = max([c.max_message_bytes, *self._cap_by_port.values()])
+        self._obj = obj = BpfObject(c.object_path, {"events": c.ring_size})
+        try:
+            self._write_filters(max_call)
+            obj.attach_all()
+            self._rb = RingBuffer(obj, "events", self._on_record)
+        except BaseException:
+            self._close_bpf()
+            raise
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name=f"ebpf-{self.id}", daemon=True)
+        self._thread.start()
+        log.info("%s: attached to syscall tracepoints (ring %d MiB)", self.id, c.ring_size >> 20)
+
+    def _write_filters(self, max_call: int) -> None:
+        c, obj = self.config, self._obj
+        assert obj is not None
+        for pid in c.pids:
+            obj.update("pid_filter", struct.pack("<I", pid), b"\1")
+        for name in c.process_names:
+            obj.update("comm_filter", name.encode().ljust(COMM_LEN, b"\0"), b"\1")
+        for port in c.ports:
+            obj.update("port_filter", struct.pack("<H", port), b"\1")
+        self_pid = os.getpid() if c.exclude_self else 0
+        obj.update("ws_config", struct.pack("<I", 0),
+                   CFG.pack(self_pid, bool(c.pids), bool(c.process_names), bool(c.ports), max_call, 0))
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+            self._thread = None
+        else:
+            self._close_bpf()
+
+    def _close_bpf(self) -> None:
+        if self._rb is not None:
+            self._rb.free()
+            self._rb = None
+        if self._obj is not None:
+            self._export_counters()
+            self._counter_snapshot = dict(zip(COUNTER_NAMES, self._last_counters, strict=False))
+            self._obj.close()
+            self._obj = None
+
+    # ------------------------------------------------------------------ hot path
+    def _on_record(self, addr: int, size: int) -> int:
+        # The ring memory is released when this returns: one deliberate copy per
+        # record (at most 16 KiB + header), then only views of it.
+        self._records.append(ctypes.string_at(addr, size))
+        return 0
+
+    def _run(self) -> None:
+        next_house = time.monotonic() + HOUSEKEEPING_S
+        rb = self._rb
+        assert rb is not None
+        try:
+            while not self._stop.is_set():
+                rc = rb.poll(self.config.poll_timeout_ms)
+                if rc < 0 and rc != -4:  # -EINTR is harmless
+                    log.error("%s: ring buffer poll failed: %s", self.id, os.strerror(-rc))
+                    time.sleep(0.1)
+                if self._records:
+                    self._process()
+                now = time.monotonic()
+                if now >= next_house:
+                    next_house = now + HOUSEKEEPING_S
+                    self._housekeeping()
+            # drain what is left, then detach
+            while rb.poll(0) > 0:
+                self._process()
+            self._process()
+        except Exception:
+            log.exception("%s: receiver loop failed", self.id)
+        finally:
+            self._close_bpf()
+            self.done.set()
+
+    def _process(self) -> None:
+        recs, self._records = self._records, []
+        out: list[TcpEvent] = []
+        unpack = HDR.unpack_from
+        hsize = HDR.size
+        conns = self._conns
+        epoch = self._mono_to_epoch
+        gap_cap = gap_kernel = 0
+        for rec in recs:
+            (ts_in, ts_out, sk, pid, tid, total, offset, n, lport, rport, kind, egress, family, last, _p,
+             laddr, raddr, comm) = unpack(rec)
+            key = (pid, sk)
+            c = conns.get(key)
+            if kind == K_CLOSE:
+                if c is not None:
+                    self._close(c, ts_out + epoch, out, tid, comm)
+                continue
+            if c is None:
+                c = self._new_conn(key, pid, family, laddr, lport, raddr, rport)
+            else:
+                conns.move_to_end(key)
+            if egress:
+                src, sport, dst, dport, ts = c.laddr, c.lport, c.raddr, c.rport, ts_in + epoch
+            else:
+                src, sport, dst, dport, ts = c.raddr, c.rport, c.laddr, c.lport, ts_out + epoch
+            name = self._comm_cache.get(comm)
+            if name is None:
+                name = self._comm_cache[comm] = comm.split(b"\0", 1)[0].decode(errors="replace")
+            if c.run_egress != egress:
+                c.run_egress = egress
+                c.run_bytes = 0
+            gap = 0
+            if n:
+                room = c.cap - c.run_bytes
+                if room >= n:
+                    payload = memoryview(rec)[hsize:hsize + n]
+                elif room > 0:
+                    payload = memoryview(rec)[hsize:hsize + room]
+                    gap = n - room
+                else:
+                    payload = None
+                    gap = n
+                c.run_bytes += n
+                if payload is not None:
+                    out.append(TcpEvent(EventKind.DATA, c.id, src, sport, dst, dport, ts, payload, 0, None,
+                                        bool(egress), pid, tid, name))
+                gap_cap += gap
+            if last:
+                missing = total - offset - n  # bytes the kernel side did not copy
+                if missing > 0:
+                    gap += missing
+                    gap_kernel += missing
+                    c.run_bytes += missing
+            if gap:
+                out.append(TcpEvent(EventKind.GAP, c.id, src, sport, dst, dport, ts, None, gap, None,
+                                    bool(egress), pid, tid, name))
+        self.stats["records"] += len(recs)
+        self.stats["gap_bytes"] += gap_cap + gap_kernel
+        if gap_cap:
+            self._labels["trunc_cap"].inc(gap_cap)
+        if gap_kernel:
+            self._labels["trunc_kernel"].inc(gap_kernel)
+        self._emit(out)
+
+    def _emit(self, out: list[TcpEvent]) -> None:
+        if not out:
+            return
+        self.stats["events"] += len(out)
+        self._labels["accepted"].inc(len(out))
+        if self.next is None:
+            return
+        bs = self.config.batch_size
+        for i in range(0, len(out), bs):
+            try:
+                self.next.consume_events(out[i:i + bs] if len(out) > bs else out)
+            except Exception:
+                log.exception("%s: downstream consume_events failed", self.id)
+                RECEIVER_DROPPED.labels(receiver=self.id, reason="downstream_error").inc(min(bs, len(out) - i))
+
+    def _new_conn(self, key: tuple, pid: int, family: int, laddr: bytes, lport: int, raddr: bytes,
+                  rport: int) -> _Conn:
+        gen = self._gen.get(key, 0)
+        cap = self._cap_by_port.get(lport) or self._cap_by_port.get(rport) or self.config.max_message_bytes
+        c = _Conn((pid, key[1], gen), pid, _addr(family, laddr), lport, _addr(family, raddr), rport, cap)
+        self._conns[key] = c
+        if len(self._conns) > MAX_CONNECTIONS:
+            _, old = self._conns.popitem(last=False)
+            CONNECTIONS_EVICTED.labels(component=self.id, reason="lru").inc()
+            self._close(old, time.time_ns(), self._pending_close, None, None, forget=False)
+        return c
+
+    def _close(self, c: _Conn, ts: int, out: list[TcpEvent], tid: int | None, comm: bytes | str | None,
+               forget: bool = True) -> None:
+        key = (c.pid, c.id[1])
+        if forget:
+            self._conns.pop(key, None)
+        self._gen[key] = c.id[2] + 1
+        if len(self._gen) > 4 * MAX_CONNECTIONS:
+            self._gen.clear()  # addresses get reused anyway; generations only need to differ locally
+        name = comm.split(b"\0", 1)[0].decode(errors="replace") if isinstance(comm, bytes) else comm
+        self.stats["closes"] += 1
+        out.append(TcpEvent(EventKind.CLOSE, c.id, c.laddr, c.lport, c.raddr, c.rport, ts, None, 0, None,
+                            True, c.pid, tid, name))
+        out.append(TcpEvent(EventKind.CLOSE, c.id, c.raddr, c.rport, c.laddr, c.lport, ts, None, 0, None,
+                            False, c.pid, tid, name))
+
+    # ------------------------------------------------------------------ housekeeping
+    def _housekeeping(self) -> None:
+        """Close connections of processes that exited (the kernel closes their fds
+        without a close() syscall), and export the kernel counters."""
+        self._mono_to_epoch = time.time_ns() - time.monotonic_ns()
+        out: list[TcpEvent] = []
+        pids = {c.pid for c in self._conns.values()}
+        dead = {p for p in pids if not os.path.exists(f"/proc/{p}")}
+        if dead:
+            now = time.time_ns()
+            for c in [c for c in self._conns.values() if c.pid in dead]:
+                CONNECTIONS_EVICTED.labels(component=self.id, reason="process_exited").inc()
+                self._close(c, now, out, None, None)
+        if self._pending_close:
+            out.extend(self._pending_close)
+            self._pending_close = []
+        self._emit(out)
+        self._export_counters()
+
+    def _export_counters(self) -> None:
+        if self._obj is None:
+            return
+        try:
+            vals = self._obj.percpu_u64_sums("counters", N_COUNTERS)
+        except Exception:
+            return
+        for i, name in enumerate(COUNTER_NAMES):
+            d = vals[i] - self._last_counters[i]
+            if d > 0:
+                EBPF_KERNEL_COUNTERS.labels(receiver=self.id, counter=name).inc(d)
+                if name == "ringbuf_reserve_failures":
+                    RECEIVER_DROPPED.labels(receiver=self.id, reason="ringbuf_full").inc(d)
+        self._last_counters = vals
+
+    def kernel_counters(self) -> dict[str, int]:
+        """The BPF-side counters so far (for tests, benchmarks and debugging)."""
+        if self._obj is not None:
+            try:
+                return dict(zip(COUNTER_NAMES, self._obj.percpu_u64_sums("counters", N_COUNTERS), strict=False))
+            except Exception:
+                pass
+        return dict(self._counter_snapshot)
