@@ -342,6 +342,7 @@ class Http1Session(_BaseSession):
         self.settings: Settings = s if isinstance(s, Settings) else _DEFAULT_SETTINGS
         self._block = _header_block(self.settings.max_headers)
         self._pending: deque[_Request] = deque()
+        self._deferred: deque[tuple[_Request, int, str, int, int]] = deque()
         self._cbody: _Body | None = None   # request body being skipped
         self._creq: _Request | None = None
         self._cpaused = False              # after Upgrade/CONNECT: wait for the response
@@ -405,6 +406,7 @@ class Http1Session(_BaseSession):
                 if req is not None:
                     req.body_size = body.size
                 self._cbody = self._creq = None
+                self._emit_deferred()
                 continue
             if self._cpaused or self._done:
                 return
@@ -537,7 +539,19 @@ class Http1Session(_BaseSession):
             self._cpaused = False  # upgrade refused: HTTP/1 goes on
             if len(self.conn.client_buf):
                 self._feed_client(self.conn.client_buf)
+        if req is self._creq and error is None:
+            # The server answered before the request body ended (an early 413, nginx's
+            # `return`): emit once the body is complete, so its size is known.
+            self._deferred.append((req, status, version, resp_size, end_ts))
+            return
         self.conn.emit(self._span(req, status, version, resp_size, end_ts, error))
+
+    def _emit_deferred(self, error: str | None = None) -> None:
+        while self._deferred:
+            req, status, version, size, end_ts = self._deferred.popleft()
+            if error is not None and req is self._creq and self._cbody is not None:
+                req.body_size = self._cbody.size
+            self.conn.emit(self._span(req, status, version, size, end_ts, None))
 
     # -- spans -------------------------------------------------------------------
     def _span(self, req: _Request, status: int, version: str, resp_size: int, end_ts: int,
@@ -606,22 +620,42 @@ class Http1Session(_BaseSession):
 
     # -- gaps and ends -------------------------------------------------------------
     def gap(self, from_client: bool, ts_ns: int) -> None:
-        """Lost bytes: requests in flight can't be paired reliably, so forget them (counted)."""
-        for _ in self._pending:
-            self.conn.drop("gap")
-        self._pending.clear()
-        self._cbody = self._creq = None
-        self._sbody = None
-        self._sresp = None
-        self._cpaused = False
-        self._scan = [0, 0]
-        self._resync[0 if from_client else 1] = True
+        """Lost bytes in one direction: resync it at the next message start.
+
+        A client gap may have swallowed whole requests, so queued requests other than
+        the one whose response is being read can no longer be paired: they are
+        dropped (counted). A server gap loses the response in progress and makes
+        every queued request unpairable.
+        """
+        self._emit_deferred("gap")
+        if from_client:
+            self._cbody = self._creq = None
+            self._cpaused = False
+            keep = self._sresp[0] if self._sresp is not None else None
+            for r in self._pending:
+                if r is not keep:
+                    self.conn.drop("gap")
+            self._pending.clear()
+            if keep is not None:
+                self._pending.append(keep)
+            self._scan[0] = 0
+            self._resync[0] = True
+        else:
+            for _ in self._pending:
+                self.conn.drop("gap")
+            self._pending.clear()
+            self._sbody = None
+            self._sresp = None
+            self._scan[1] = 0
+            self._resync[1] = True
 
     def close(self, ts_ns: int, reset: bool = False) -> None:
         """End of connection: a close-delimited body ends here; anything else in flight is marked."""
         if self._done:
+            self._emit_deferred("closed")
             return
         self._cpaused = False
+        self._emit_deferred("closed")
         end_ts = self._s_last_ts or ts_ns
         body = self._sbody
         if self._sresp is not None:

@@ -64,7 +64,11 @@ def tcpdump(ports: int | list[int], path: str | os.PathLike[str] | None = None, 
         path = Path(d) / ("capture.pcapng" if pcapng else "capture.pcap")
     path = Path(path)
     flt = " or ".join(f"tcp port {p}" for p in ports)
-    cmd = [TCPDUMP, "-i", iface, "-U", "-s", str(snaplen), "-w", str(path), "-Z", "root"]
+    # --immediate-mode: without it packets wait in the kernel ring for up to the 1 s
+    # block timeout and the last ones of a short test are lost at SIGINT.
+    # -B: a 32 MiB kernel buffer, so a burst of 64 KiB loopback segments is not dropped.
+    cmd = [TCPDUMP, "-i", iface, "--immediate-mode", "-B", "32768", "-U", "-s", str(snaplen),
+           "-w", str(path), "-Z", "root"]
     if not pcapng:
         cmd[1:1] = ["--time-stamp-precision=nano"]
     cmd.append(flt)
