@@ -1,7 +1,8 @@
 """``otlp`` exporter: OTLP/gRPC to any backend (Collector, Tempo, Jaeger, vendors).
 
-Contract: spans are encoded once by ``service.model.spans_to_otlp`` and
-serialized; the bytes go on the sending queue (in memory or on disk) and are
+Contract: spans are encoded once by ``service.model.spans_to_otlp_bytes`` (the
+single conversion, byte-identical to ``spans_to_otlp(...).SerializeToString()``);
+the bytes go on the sending queue (in memory or on disk) and are
 sent as-is on every attempt through a raw ``unary_unary`` on the official
 ``TraceService/Export`` method (no re-serialization per retry). Retry policy is
 the OTLP specification's: the retryable gRPC codes below, RESOURCE_EXHAUSTED
@@ -30,7 +31,7 @@ from exporters.sender import (
     TlsConfig,
 )
 from service.component import ComponentConfig
-from service.model import SCOPE_VERSION, spans_to_otlp
+from service.model import SCOPE_VERSION, spans_to_otlp_bytes
 
 __all__ = ["OtlpExporter", "OtlpConfig", "RETRYABLE_CODES", "retry_delay_from_metadata", "EXPORT_METHOD"]
 
@@ -175,7 +176,7 @@ class OtlpExporter(QueuedExporter):
             self._channel = None
 
     def _encode(self, spans: Sequence[Any]) -> bytes:
-        return spans_to_otlp(spans).SerializeToString()
+        return spans_to_otlp_bytes(spans)
 
     def _send(self, data: bytes) -> int:
         try:

@@ -1,7 +1,7 @@
 """``otlphttp`` exporter: OTLP/HTTP (protobuf or JSON) with httpx.
 
 Contract: ``POST {endpoint}/v1/traces`` (or ``traces_endpoint`` verbatim) with
-the request encoded once (``spans_to_otlp(...).SerializeToString()`` for
+the request encoded once (``spans_to_otlp_bytes`` for
 ``encoding: proto``, ``spans_to_otlp_json`` for ``json``) and gzip-compressed
 per attempt when ``compression: gzip``. Per the OTLP/HTTP spec, 429, 502, 503
 and 504 are retryable and ``Retry-After`` (seconds or an HTTP date) is honoured;
@@ -34,7 +34,7 @@ from exporters.sender import (
     TlsConfig,
 )
 from service.component import ComponentConfig
-from service.model import SCOPE_VERSION, spans_to_otlp, spans_to_otlp_json
+from service.model import SCOPE_VERSION, spans_to_otlp_bytes, spans_to_otlp_json
 
 __all__ = ["OtlpHttpExporter", "OtlpHttpConfig", "RETRYABLE_STATUS", "parse_retry_after"]
 
@@ -149,7 +149,7 @@ class OtlpHttpExporter(QueuedExporter):
     def _encode(self, spans: Sequence[Any]) -> bytes:
         if self.config.encoding == "json":
             return spans_to_otlp_json(spans).encode()
-        return spans_to_otlp(spans).SerializeToString()
+        return spans_to_otlp_bytes(spans)
 
     def _send(self, data: bytes) -> int:
         assert self._client is not None
