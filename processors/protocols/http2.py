@@ -24,7 +24,8 @@ table, and only for fields we keep or must index.
 
 h2c: prior knowledge starts with the client preface. An ``Upgrade: h2c``
 exchange is handled by the HTTP/1 session, which sets, on the shared
-``Conn``, ``conn.extra["switch_to"] = "http2"`` and
+``Conn``, ``conn.extra["switch_to"] = "http2"`` (the stage pops it and builds
+this session on the same ``Conn`` and buffers) and
 ``conn.extra["http2_upgrade_request"]`` = a dict with the upgraded request
 (keys, all optional: ``method``, ``target``, ``host``, ``scheme``,
 ``user_agent``, ``traceparent``, ``content_type``, ``start_ns``,
@@ -90,12 +91,20 @@ F_END_HEADERS = 0x4
 F_PADDED = 0x8
 F_PRIORITY = 0x20
 
-#: (type) -> (exact payload length or -1, stream id must be zero?) for the frames with fixed shapes.
-_SHAPES: dict[int, tuple[int, bool]] = {
-    DATA: (-1, False), HEADERS: (-1, False), PRIORITY: (5, False), RST_STREAM: (4, False),
-    SETTINGS: (-1, True), PUSH_PROMISE: (-1, False), PING: (8, True), GOAWAY: (-1, True),
-    WINDOW_UPDATE: (4, False), CONTINUATION: (-1, False),
+#: type -> (exact payload length or -1, stream id rule): _NONZERO, _ZERO or _ANY (RFC 9113 §6).
+_NONZERO, _ZERO, _ANY = 0, 1, 2
+_SHAPES: dict[int, tuple[int, int]] = {
+    DATA: (-1, _NONZERO), HEADERS: (-1, _NONZERO), PRIORITY: (5, _NONZERO), RST_STREAM: (4, _NONZERO),
+    SETTINGS: (-1, _ZERO), PUSH_PROMISE: (-1, _NONZERO), PING: (8, _ZERO), GOAWAY: (-1, _ZERO),
+    WINDOW_UPDATE: (4, _ANY), CONTINUATION: (-1, _NONZERO),
 }
+
+
+def _bad_shape(shape: tuple[int, int], length: int, sid: int) -> bool:
+    exact, rule = shape
+    if exact >= 0 and length != exact:
+        return True
+    return (rule == _ZERO) != (sid == 0) if rule != _ANY else False
 
 #: RFC 9113 §7 error codes, for error.type on reset streams.
 ERROR_CODES = (
@@ -135,8 +144,7 @@ def _plausible_frame(buf: LargeBuffer, off: int) -> int:
     shape = _SHAPES.get(ftype)
     if shape is None or length > DEFAULT_MAX_FRAME_SIZE or sid & 0x80000000:
         return -1
-    exact, zero = shape
-    if (exact >= 0 and length != exact) or zero != (sid == 0):
+    if _bad_shape(shape, length, sid):
         return -1
     if ftype == SETTINGS and (length % 6 or (flags & F_ACK and length) or flags & ~F_ACK):
         return -1
@@ -464,8 +472,8 @@ class H2Session(_BaseSession):
         self.streams: dict[int, _Stream] = {}
         self.preface_seen = False
         self.goaway_last: int | None = None
-        up = conn.extra.get("http2_upgrade_request") if conn.extra.get("switch_to") == NAME else None
-        if up is not None:
+        up = conn.extra.pop("http2_upgrade_request", None)
+        if isinstance(up, dict):
             self._start_upgraded(up)
 
     # -- set-up -----------------------------------------------------------------
@@ -584,8 +592,7 @@ class H2Session(_BaseSession):
             if shape is None:
                 d.skip = _FRAME_HDR_LEN + length  # RFC 9113 §5.5: unknown frame types are ignored
                 continue
-            exact, zero = shape
-            if (exact >= 0 and length != exact) or zero != (sid == 0):
+            if _bad_shape(shape, length, sid):
                 raise Malformed(NAME, "bad_frame_shape", pos, f"type {ftype} length {length} stream {sid}")
             if n - pos < _FRAME_HDR_LEN + length:
                 return pos  # control frames and header blocks are small: wait for all of it

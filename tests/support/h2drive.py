@@ -78,8 +78,9 @@ class H2Pair:
     """A real h2 client and server talking in memory; records each side's bytes in order."""
 
     def __init__(self, header_encoding: str | None = None) -> None:
-        self.client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding=header_encoding))
-        self.server = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False, header_encoding=header_encoding))
+        cfg = h2.config.H2Configuration
+        self.client = h2.connection.H2Connection(cfg(client_side=True, header_encoding=header_encoding))
+        self.server = h2.connection.H2Connection(cfg(client_side=False, header_encoding=header_encoding))
         self.log: list[tuple[bool, bytes]] = []  # (from_client, bytes)
         self.client.initiate_connection()
         self.server.initiate_connection()
