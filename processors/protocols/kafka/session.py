@@ -1,0 +1,337 @@
+"""The Kafka session: frames messages, runs the walkers, pairs by correlation id, builds spans.
+
+Framing: every message is ``size:i32`` then ``size`` bytes. A ``Cursor`` per
+direction runs one message's walker (a generator of units and skips, see
+state.py) over the connection's ``LargeBuffer``. Whatever is behind the cursor
+is released as soon as the cursor stops for more bytes, so what stays buffered
+is at most one unit (a header, a topic name, one partition's fixed fields, the
+first record's headers; each bounded by ``MAX_UNIT``) -- never a record payload,
+whatever the declared message size.
+
+Pairing: requests wait in a per-connection dict keyed by correlation id (bounded,
+oldest evicted and counted), so responses pair in any order. Produce with
+acks=0 has no response and is emitted at once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Generator
+from typing import Any
+
+from processors.protocols.errors import LimitExceeded, Malformed
+from service.largebuf import BufferBoundsError, LargeBuffer, LargeBufferReader
+from service.model import SpanKind, StatusCode
+
+from . import apis, fetch, metadata, produce
+from .codec import NAME, printable, skip_tags, uuid_str
+from .header import MAX_MESSAGE_SIZE, MIN_REQUEST_SIZE, MIN_RESPONSE_SIZE, REQUEST_FIXED
+from .state import Msg, TopicIdCache, u_tags
+
+#: The largest piece a unit may need in memory at once (longest: a client id of
+#: 32 KiB, an aborted-transactions list); more than this waiting is refused.
+MAX_UNIT = 64 * 1024
+
+Walker = Generator[Any, Any, Any]
+Unit = Callable[[LargeBufferReader, Any], Any]
+
+
+class Cursor:
+    """One direction's position inside the message being parsed."""
+
+    __slots__ = ("end", "gen", "msg", "pos", "req", "start_ns", "started", "unit")
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.gen: Walker | None = None
+        self.unit: Any = None
+        self.pos = 0
+        self.end = 0
+        self.msg: Msg | None = None
+        self.req: Msg | None = None
+        self.started = False
+        self.start_ns = 0
+
+    def begin(self, gen: Walker, end: int, start_ns: int) -> None:
+        self.gen = gen
+        self.unit = next(gen)
+        self.pos = 4
+        self.end = end
+        self.started = True
+        self.start_ns = start_ns
+
+    def run(self, buf: LargeBuffer) -> bool:
+        """Advance through ``buf``; True when the message is fully consumed.
+
+        On False everything before the cursor has been released from ``buf``.
+        """
+        gen = self.gen
+        unit = self.unit
+        pos = self.pos
+        end = self.end
+        n = len(buf)
+        while True:
+            if type(unit) is int:
+                if unit < 0 or pos + unit > end:
+                    raise Malformed(NAME, "bad_length", pos, f"skip of {unit} past message end")
+                avail = (n if n < end else end) - pos
+                if unit > avail:
+                    self._park(buf, pos + avail, unit - avail)
+                    return False
+                pos += unit
+                val = None
+            else:
+                lim = n if n < end else end
+                r = buf.reader(pos, lim)
+                try:
+                    val = unit(r, self.msg)
+                except (BufferBoundsError, Malformed) as e:
+                    # Before the message end, running out of bytes (or a count
+                    # that only looks too large for what has arrived) means wait.
+                    if lim == end:
+                        if isinstance(e, Malformed):
+                            raise
+                        raise Malformed(NAME, "truncated", pos, str(e))
+                    if lim - pos > MAX_UNIT:
+                        if isinstance(e, Malformed):
+                            raise
+                        raise LimitExceeded(NAME, "field_too_large", pos, f"unit over {MAX_UNIT} bytes")
+                    self._park(buf, pos, unit)
+                    return False
+                pos = r.offset
+            if gen is None:
+                self.pos = pos
+                return True
+            try:
+                unit = gen.send(val)
+            except StopIteration:
+                gen = self.gen = None
+                unit = end - pos  # trailing fields nobody needs
+
+    def _park(self, buf: LargeBuffer, pos: int, unit: Any) -> None:
+        if pos:
+            buf.release(pos)
+        self.end -= pos
+        self.pos = 0
+        self.unit = unit
+
+
+# -- header units ---------------------------------------------------------------
+def u_request_header(r: LargeBufferReader, m: Any) -> Msg:
+    """Key, version, correlation id, client id (+ tagged fields when flexible)."""
+    key = r.read_i16be()
+    ver = r.read_i16be()
+    corr = r.read_i32be()
+    cid_len = r.read_i16be()
+    if not apis.known(key, ver):
+        raise Malformed(NAME, "unknown_api", r.offset, f"api {key} v{ver}")
+    if corr < 0 or cid_len < -1:
+        raise Malformed(NAME, "bad_header", r.offset)
+    flex = apis.flexible(key, ver)
+    msg = Msg(key, ver, flex, corr)
+    if cid_len > 0:
+        msg.client_id = str(r.read(cid_len), "ascii", "replace")  # small, kept as an attribute
+    if flex:
+        skip_tags(r)
+    return msg
+
+
+def u_corr(r: LargeBufferReader, m: Any) -> int:
+    return r.read_i32be()
+
+
+class KafkaSession:
+    """Per-connection state; the contract is in processors/protocols/base.py."""
+
+    protocol = NAME
+
+    def __init__(self, conn: Any, settings: Any) -> None:
+        self.conn = conn
+        self.settings = settings
+        self.cache: TopicIdCache = settings.topic_ids
+        self.client = Cursor()
+        self.server = Cursor()
+        self.pending: dict[int, Msg] = {}
+
+    # -- feeding ---------------------------------------------------------------
+    def feed(self, from_client: bool, buf: LargeBuffer, ts_ns: int) -> None:
+        cur = self.client if from_client else self.server
+        while True:
+            if not cur.started:
+                if len(buf) < 4:
+                    return
+                size = buf.i32be_at(0)
+                lo = MIN_REQUEST_SIZE if from_client else MIN_RESPONSE_SIZE
+                if size < lo or size > self.settings.max_message_bytes:
+                    raise Malformed(NAME, "bad_size", 0, f"message size {size}")
+                gen = self._walk_request(cur) if from_client else self._walk_response(cur)
+                cur.begin(gen, 4 + size, buf.ts_at(0))
+            if not cur.run(buf):
+                return
+            end = cur.end
+            end_ns = buf.ts_at(end - 1) if end > 0 else ts_ns
+            if from_client:
+                self._request_done(cur, end_ns)
+            else:
+                self._response_done(cur, end_ns)
+            cur.reset()
+            buf.release(end)
+
+    def _walk_request(self, cur: Cursor) -> Walker:
+        m: Msg = yield u_request_header
+        m.start_ns = cur.start_ns
+        m.scan_left = self.settings.max_records_scan_bytes
+        cur.msg = m
+        if m.api_key == apis.PRODUCE:
+            yield from produce.walk_request(m)
+        elif m.api_key == apis.FETCH:
+            yield from fetch.walk_request(m)
+
+    def _walk_response(self, cur: Cursor) -> Walker:
+        corr = yield u_corr
+        req = self.pending.pop(corr, None)
+        if req is None:
+            self.conn.drop("unpaired_response")
+            return
+        cur.req = req
+        m = Msg(req.api_key, req.version, req.flex, corr)
+        m.response = True
+        m.scan_left = self.settings.max_records_scan_bytes
+        m.cache = self.cache
+        cur.msg = m
+        if apis.response_header_flexible(req.api_key, req.version):
+            yield u_tags
+        if req.api_key == apis.PRODUCE:
+            yield from produce.walk_response(m, req)
+        elif req.api_key == apis.FETCH:
+            yield from fetch.walk_response(m, req)
+        elif req.api_key == apis.METADATA:
+            yield from metadata.walk_response(m, req)
+
+    # -- pairing ---------------------------------------------------------------
+    def _request_done(self, cur: Cursor, end_ns: int) -> None:
+        m = cur.msg
+        if m is None:
+            return
+        m.end_ns = end_ns
+        if m.truncated:
+            self.conn.drop("records_over_scan_cap")
+        if m.api_key == apis.PRODUCE and m.acks == 0:
+            self._emit(m, None, end_ns)  # acks=0: the broker never answers
+            return
+        pending = self.pending
+        if m.corr in pending:
+            self.conn.drop("duplicate_correlation_id")
+        elif len(pending) >= self.settings.max_pending_requests:
+            del pending[next(iter(pending))]
+            self.conn.drop("pending_evicted")
+        pending[m.corr] = m
+
+    def _response_done(self, cur: Cursor, end_ns: int) -> None:
+        req = cur.req
+        if req is None:
+            return
+        if cur.msg is not None and cur.msg.truncated:
+            self.conn.drop("records_over_scan_cap")
+        self._emit(req, cur.msg, end_ns)
+
+    # -- spans -----------------------------------------------------------------
+    def _emit(self, req: Msg, resp: Msg | None, end_ns: int) -> None:
+        key = req.api_key
+        conn = self.conn
+        if key == apis.PRODUCE:
+            op, optype = "send", "send"
+            kind = conn.kind_for(SpanKind.PRODUCER, SpanKind.PRODUCER)
+        elif key == apis.FETCH:
+            op, optype = "poll", "receive"
+            kind = conn.kind_for(SpanKind.CONSUMER, SpanKind.CONSUMER)
+        else:
+            if self.settings.other_api_spans:
+                self._emit_other(req, end_ns)
+            return
+        cache = self.cache
+        for t in req.topics:
+            if t.name is not None:
+                dest = t.name
+            else:
+                tid = t.topic_id or b""
+                dest = cache.get(tid) or uuid_str(tid)  # an unknown id is shown as itself
+            attrs: dict[str, Any] = {
+                "messaging.system": "kafka",
+                "messaging.operation.type": optype,
+                "messaging.operation.name": op,
+                "messaging.destination.name": dest,
+            }
+            if req.client_id:
+                attrs["messaging.client.id"] = req.client_id
+            if t.topic_id is not None:
+                attrs["messaging.kafka.topic.id"] = uuid_str(t.topic_id)
+            if len(t.partitions) == 1:
+                attrs["messaging.destination.partition.id"] = str(t.partitions[0])
+                if t.offsets:
+                    attrs["messaging.kafka.offset"] = t.offsets[0]
+            elif t.partitions:
+                attrs["messaging.kafka.partition.count"] = len(t.partitions)
+            if not t.records_unknown and (t.records or key == apis.PRODUCE or resp is not None):
+                attrs["messaging.batch.message_count"] = t.records
+            code = t.error or req.error
+            status = StatusCode.UNSET
+            msg = ""
+            if code:
+                status = StatusCode.ERROR
+                msg = apis.error_name(code)
+                attrs["error.type"] = msg
+                if t.error_partition >= 0 and len(t.partitions) > 1:
+                    attrs["messaging.kafka.error.partition"] = t.error_partition
+            conn.emit(conn.span(f"{op} {dest}", kind, req.start_ns, end_ns, attrs,
+                                traceparent=t.traceparent, status_code=status, status_message=msg))
+
+    def _emit_other(self, req: Msg, end_ns: int) -> None:
+        name = apis.APIS[req.api_key][0]
+        attrs: dict[str, Any] = {"messaging.system": "kafka", "messaging.operation.name": name}
+        if req.client_id:
+            attrs["messaging.client.id"] = req.client_id
+        kind = self.conn.kind_for(SpanKind.CLIENT, SpanKind.CLIENT)
+        self.conn.emit(self.conn.span(name, kind, req.start_ns, end_ns, attrs))
+
+    # -- lifecycle -------------------------------------------------------------
+    def gap(self, from_client: bool, ts_ns: int) -> None:
+        (self.client if from_client else self.server).reset()
+        for _ in self.pending:
+            self.conn.drop("lost_on_gap")
+        self.pending.clear()
+
+    def close(self, ts_ns: int, reset: bool = False) -> None:
+        for m in self.pending.values():
+            if m.api_key in (apis.PRODUCE, apis.FETCH):
+                self.conn.drop("unanswered")
+        self.pending.clear()
+        self.client.reset()
+        self.server.reset()
+
+
+def looks_like_request(buf: LargeBuffer) -> bool | None:
+    """OBI-strict check of a request's first bytes: True, False, or None (need more)."""
+    n = len(buf)
+    if n >= 1 and buf.u8_at(0) > (MAX_MESSAGE_SIZE >> 24):
+        return False
+    if n < 4:
+        return None
+    size = buf.i32be_at(0)
+    if size < MIN_REQUEST_SIZE or size > MAX_MESSAGE_SIZE:
+        return False
+    if n >= 8 and not apis.known(buf.i16be_at(4), buf.i16be_at(6)):
+        return False
+    if n >= 12 and buf.i32be_at(8) < 0:
+        return False
+    if n < REQUEST_FIXED:
+        return None
+    cid = buf.i16be_at(12)
+    if cid < -1 or cid > size - MIN_REQUEST_SIZE:
+        return False
+    if n < REQUEST_FIXED + max(cid, 0):
+        return None
+    if cid > 0 and not printable(buf.view_at(REQUEST_FIXED, cid)):
+        return False
+    return True
