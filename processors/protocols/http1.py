@@ -496,6 +496,7 @@ class Http1Session(_BaseSession):
         if status < 200:
             if status == 101:
                 self._sresp = (req, status, version)
+                self._done = True  # before _finish: the paused client side must not resume
                 self._finish(0, last_ts)
                 up = req.upgrade if req is not None else h.upgrade
                 self._switch("http2" if up == b"h2c" else None)

@@ -1,0 +1,420 @@
+"""processors/protocols/http1.py: feed-style tests (whole, byte-by-byte, trailing bytes),
+framing rules, attributes, hostile input, fuzzing and the allocation proof."""
+
+from __future__ import annotations
+
+import tracemalloc
+from collections.abc import Iterable
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from processors.protocols import http1
+from processors.protocols.base import Conn, Detection, Perspective
+from processors.protocols.errors import LimitExceeded, Malformed, ProtocolError
+from service.largebuf import LargeBuffer
+from service.model import Span, SpanKind, StatusCode
+
+TP = b"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+
+
+class Driver:
+    """A session with its connection; collects spans and drops."""
+
+    def __init__(self, perspective: Perspective = Perspective.PASSIVE, settings: http1.Settings | None = None):
+        self.spans: list[Span] = []
+        self.drops: list[str] = []
+        self.conn = Conn("c1", "10.0.0.1", 40000, "10.0.0.2", 8080, self.spans.append,
+                         lambda p, r: self.drops.append(r), perspective=perspective, settings=settings,
+                         protocol="http")
+        self.s = http1.Session(self.conn)
+        self.ts = 1_000
+
+    def send(self, from_client: bool, data: bytes, mode: str = "whole") -> None:
+        buf = self.conn.client_buf if from_client else self.conn.server_buf
+        for piece in _pieces(data, mode):
+            self.ts += 1_000
+            buf.append(memoryview(piece), self.ts)
+            self.s.feed(from_client, buf, self.ts)
+
+    def req(self, data: bytes, mode: str = "whole") -> None:
+        self.send(True, data, mode)
+
+    def resp(self, data: bytes, mode: str = "whole") -> None:
+        self.send(False, data, mode)
+
+
+def _pieces(data: bytes, mode: str) -> Iterable[bytes]:
+    if mode == "whole":
+        yield data
+    elif mode == "bytes":
+        for i in range(len(data)):
+            yield data[i:i + 1]
+    elif mode == "split3":
+        n = max(1, len(data) // 3)
+        for i in range(0, len(data), n):
+            yield data[i:i + n]
+    else:
+        raise ValueError(mode)
+
+
+MODES = ["whole", "bytes", "split3"]
+
+GET = (b"GET /a/b?x=1&y=2 HTTP/1.1\r\nHost: shop.example:8443\r\nUser-Agent: curl/8.0\r\n"
+       b"Authorization: Bearer secret-token\r\nCookie: session=secret-cookie\r\n"
+       b"traceparent: " + TP + b"\r\n\r\n")
+OK5 = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nSet-Cookie: id=secret-set\r\n\r\nhello"
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_get_whole_and_piecewise(mode: str) -> None:
+    d = Driver()
+    d.req(GET, mode)
+    d.resp(OK5, mode)
+    assert len(d.spans) == 1
+    s = d.spans[0]
+    a = s.attributes
+    assert s.name == "GET" and s.kind == SpanKind.SERVER and s.status_code == StatusCode.UNSET
+    assert a["http.request.method"] == "GET"
+    assert a["url.path"] == "/a/b" and a["url.query"] == "x=1&y=2" and a["url.scheme"] == "http"
+    assert a["server.address"] == "shop.example" and a["server.port"] == 8443
+    assert a["client.address"] == "10.0.0.1"
+    assert a["http.response.status_code"] == 200
+    assert a["network.protocol.version"] == "1.1"
+    assert a["http.response.body.size"] == 5
+    assert a["user_agent.original"] == "curl/8.0"
+    assert s.trace_id.hex() == "0af7651916cd43dd8448eb211c80319c"
+    assert s.parent_span_id.hex() == "b7ad6b7169203331"
+    assert s.start_ns < s.end_ns
+    assert not any("secret" in str(v) for v in a.values())
+    assert len(d.conn.client_buf) == 0 and len(d.conn.server_buf) == 0
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_trailing_bytes_stay_in_buffer(mode: str) -> None:
+    d = Driver()
+    tail = b"GET /next HTTP/1.1\r\nHo"
+    d.req(GET + tail, mode)
+    d.resp(OK5 + b"HTTP/1.1 20", mode)
+    assert len(d.spans) == 1
+    assert len(d.conn.client_buf) == len(tail)
+    assert len(d.conn.server_buf) == len(b"HTTP/1.1 20")
+    d.req(b"st: x\r\n\r\n")
+    d.resp(b"4 No Content\r\n\r\n")
+    assert [s.attributes["url.path"] for s in d.spans] == ["/a/b", "/next"]
+    assert d.spans[1].attributes["http.response.status_code"] == 204
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_chunked_with_extensions_and_trailers(mode: str) -> None:
+    d = Driver()
+    d.req(b"POST /up HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"
+          b"5;name=value;x\r\nhello\r\nA\r\n0123456789\r\n0\r\nX-Checksum: abc\r\nX-Other: 1\r\n\r\n", mode)
+    d.resp(b"HTTP/1.1 201 Created\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n", mode)
+    (s,) = d.spans
+    assert s.attributes["http.request.body.size"] == 15
+    assert s.attributes["http.response.body.size"] == 3
+    assert s.attributes["http.response.status_code"] == 201
+
+
+def test_pipelining_pairs_in_order() -> None:
+    d = Driver()
+    d.req(b"".join(b"GET /%d HTTP/1.1\r\nHost: h\r\n\r\n" % i for i in range(3)))
+    assert d.spans == []
+    d.resp(b"".join(b"HTTP/1.1 %d X\r\nContent-Length: 1\r\n\r\n%d" % (200 + i, i) for i in range(3)))
+    assert [(s.attributes["url.path"], s.attributes["http.response.status_code"]) for s in d.spans] == [
+        ("/0", 200), ("/1", 201), ("/2", 202)]
+
+
+@pytest.mark.parametrize("status", [204, 304])
+def test_no_body_statuses(status: int) -> None:
+    d = Driver()
+    d.req(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n" * 2)
+    # Content-Length on a 304 describes the resource, not a body (RFC 9110 §8.6).
+    d.resp(b"HTTP/1.1 %d X\r\nContent-Length: 100\r\n\r\n" % status * 2)
+    assert len(d.spans) == 2
+    assert all(s.attributes["http.response.body.size"] == 0 for s in d.spans)
+
+
+def test_head_has_no_body() -> None:
+    d = Driver()
+    d.req(b"HEAD /f HTTP/1.1\r\nHost: h\r\n\r\nGET /g HTTP/1.1\r\nHost: h\r\n\r\n")
+    d.resp(b"HTTP/1.1 200 OK\r\nContent-Length: 6000\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    assert [(s.name, s.attributes["http.response.body.size"]) for s in d.spans] == [("HEAD", 0), ("GET", 2)]
+
+
+def test_100_continue() -> None:
+    d = Driver()
+    d.req(b"PUT /x HTTP/1.1\r\nHost: h\r\nExpect: 100-continue\r\nContent-Length: 4\r\n\r\n")
+    d.resp(b"HTTP/1.1 100 Continue\r\n\r\n")
+    assert d.spans == []
+    d.req(b"data")
+    d.resp(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+    (s,) = d.spans
+    assert s.attributes["http.response.status_code"] == 200
+    assert s.attributes["http.request.body.size"] == 4
+
+
+def test_close_delimited_body_ends_at_close() -> None:
+    d = Driver()
+    d.req(b"GET /old HTTP/1.0\r\nHost: h\r\n\r\n")
+    d.resp(b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\nsome ")
+    d.resp(b"body")
+    assert d.spans == []
+    d.s.close(d.ts + 5, reset=False)
+    (s,) = d.spans
+    assert s.status_code == StatusCode.UNSET
+    assert s.attributes["http.response.body.size"] == 9
+    assert s.attributes["network.protocol.version"] == "1.0"
+    assert s.end_ns == d.ts  # the last body byte, not the close
+
+
+def test_reset_mid_response_gives_marked_span() -> None:
+    d = Driver()
+    d.req(b"GET /big HTTP/1.1\r\nHost: h\r\n\r\n")
+    d.resp(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\npartial")
+    d.s.close(d.ts + 10, reset=True)
+    (s,) = d.spans
+    assert s.status_code == StatusCode.ERROR
+    assert s.attributes["error.type"] == "connection_reset"
+    assert s.attributes["http.response.status_code"] == 200
+    assert s.attributes["http.response.body.size"] == 7
+    assert "reset" in s.status_message
+
+
+def test_reset_before_response_and_unanswered_at_close() -> None:
+    d = Driver()
+    d.req(b"GET /a HTTP/1.1\r\nHost: h\r\n\r\n")
+    d.s.close(d.ts + 1, reset=True)
+    (s,) = d.spans
+    assert s.attributes["error.type"] == "connection_reset" and "http.response.status_code" not in s.attributes
+    d2 = Driver()
+    d2.req(b"GET /a HTTP/1.1\r\nHost: h\r\n\r\n")
+    d2.s.close(d2.ts + 1, reset=False)
+    assert d2.spans == [] and d2.drops == ["unanswered"]
+
+
+def test_upgrade_websocket_stops_and_h2c_switches() -> None:
+    d = Driver()
+    d.req(b"GET /ws HTTP/1.1\r\nHost: h\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n\x81\x05hello")
+    d.resp(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n\x81\x02hi")
+    (s,) = d.spans
+    assert s.attributes["http.response.status_code"] == 101
+    assert d.conn.extra["switch_to"] is None
+    d2 = Driver()
+    d2.req(b"GET / HTTP/1.1\r\nHost: h\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n"
+           b"HTTP2-Settings: AAMAAABkAAQAAP__\r\n\r\nPRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+    d2.resp(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n\x00\x00\x00\x04\x00")
+    assert d2.conn.extra["switch_to"] == "http2"
+    # The bytes after the switch are left for the next protocol.
+    assert bytes(d2.conn.client_buf.view_at(0, 3)) == b"PRI"
+    assert len(d2.conn.server_buf) == 5
+
+
+def test_refused_upgrade_continues_http1() -> None:
+    d = Driver()
+    d.req(b"GET / HTTP/1.1\r\nHost: h\r\nUpgrade: websocket\r\n\r\nGET /2 HTTP/1.1\r\nHost: h\r\n\r\n")
+    d.resp(b"HTTP/1.1 400 Bad\r\nContent-Length: 0\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+    assert [s.attributes["url.path"] for s in d.spans] == ["/", "/2"]
+    assert "switch_to" not in d.conn.extra
+
+
+def test_unknown_method_and_error_rules() -> None:
+    d = Driver()
+    d.req(b"PROPFIND /dav HTTP/1.1\r\nHost: h\r\n\r\nGET /nf HTTP/1.1\r\nHost: h\r\n\r\n")
+    d.resp(b"HTTP/1.1 207 Multi\r\nContent-Length: 0\r\n\r\nHTTP/1.1 404 NF\r\nContent-Length: 0\r\n\r\n")
+    a = d.spans[0].attributes
+    assert d.spans[0].name == "HTTP"
+    assert a["http.request.method"] == "_OTHER" and a["http.request.method_original"] == "PROPFIND"
+    assert d.spans[1].status_code == StatusCode.UNSET  # 4xx is not a server error
+    c = Driver(Perspective.CLIENT)
+    c.req(b"GET /nf HTTP/1.1\r\nHost: h\r\n\r\n")
+    c.resp(b"HTTP/1.1 404 NF\r\nContent-Length: 0\r\n\r\n")
+    (s,) = c.spans
+    assert s.kind == SpanKind.CLIENT and s.status_code == StatusCode.ERROR
+    assert s.attributes["error.type"] == "404" and s.attributes["url.full"] == "http://h/nf"
+
+
+def test_absolute_form_and_query_redaction() -> None:
+    d = Driver()
+    d.req(b"GET http://proxy.test:81/p?AWSAccessKeyId=AKIA&Signature=zzz&a=1 HTTP/1.1\r\nHost: x\r\n\r\n")
+    d.resp(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+    a = d.spans[0].attributes
+    assert a["url.path"] == "/p" and a["server.address"] == "proxy.test" and a["server.port"] == 81
+    assert a["url.query"] == "AWSAccessKeyId=REDACTED&Signature=REDACTED&a=1"
+
+
+def test_leading_crlf_between_requests_is_ignored() -> None:
+    d = Driver()
+    d.req(b"POST /a HTTP/1.1\r\nHost: h\r\nContent-Length: 1\r\n\r\nx\r\nGET /b HTTP/1.1\r\nHost: h\r\n\r\n")
+    d.resp(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n" * 2)
+    assert [s.attributes["url.path"] for s in d.spans] == ["/a", "/b"]
+
+
+# -- detection ---------------------------------------------------------------------------
+@pytest.mark.parametrize(("data", "from_client", "want"), [
+    (b"GET / HTTP/1.1\r\n", None, Detection.REQUEST),
+    (b"HTTP/1.1 200 OK\r\n", None, Detection.RESPONSE),
+    (b"HTTP/1.0 404\r\n", None, Detection.RESPONSE),
+    (b"GE", None, Detection.NEED_MORE),
+    (b"GET /very/long/path", None, Detection.NEED_MORE),
+    (b"HTTP/1.1 2", None, Detection.NEED_MORE),
+    (b"GET / HTTP/1.1\r\n", False, Detection.NO),  # a server does not send requests
+    (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", None, Detection.NO),
+    (b"\x16\x03\x01\x02\x00\x01", None, Detection.NO),  # TLS ClientHello
+    (b"*1\r\n$4\r\nPING\r\n", None, Detection.NO),       # Redis
+    (b"get / HTTP/1.1\r\n", None, Detection.NO),
+    (b"GET /\x00 HTTP/1.1\r\n", None, Detection.NO),
+])
+def test_detect(data: bytes, from_client: bool | None, want: Detection) -> None:
+    assert http1.detect(LargeBuffer(data), from_client) == want
+
+
+@given(st.binary(max_size=64))
+@settings(max_examples=300, deadline=None)
+def test_detect_random_bytes_are_not_http(data: bytes) -> None:
+    d = http1.detect(LargeBuffer(data), None)
+    if d in (Detection.REQUEST, Detection.RESPONSE):
+        assert b" HTTP/1." in data or data.startswith(b"HTTP/1.")
+
+
+# -- hostile input -------------------------------------------------------------------------
+def test_huge_content_length_is_skipped_without_allocation() -> None:
+    d = Driver()
+    d.req(b"POST /big HTTP/1.1\r\nHost: h\r\nContent-Length: %d\r\n\r\n" % (1 << 40))
+    chunk = bytes(65536)
+    tracemalloc.start()
+    try:
+        d.req(chunk)
+        base = tracemalloc.get_traced_memory()[0]
+        for _ in range(200):
+            d.req(chunk)
+        grown = tracemalloc.get_traced_memory()[0] - base
+    finally:
+        tracemalloc.stop()
+    assert grown < 20_000, grown
+    assert len(d.conn.client_buf) == 0
+    assert d.s._cbody is not None and d.s._cbody.remaining == (1 << 40) - 201 * 65536
+
+
+def test_header_line_of_10_mb_is_bounded() -> None:
+    d = Driver()
+    with pytest.raises(LimitExceeded) as e:
+        d.req(b"GET / HTTP/1.1\r\nX-Big: " + b"a" * (10 * 1024 * 1024))
+    assert e.value.reason == "header_too_large"
+
+
+def test_100k_headers_are_bounded() -> None:
+    d = Driver()
+    with pytest.raises(LimitExceeded):
+        d.req(b"GET / HTTP/1.1\r\n" + b"a: b\r\n" * 100_000 + b"\r\n")
+    # Within the size limit but over the count limit.
+    d2 = Driver(settings=http1.Settings(max_headers=10))
+    with pytest.raises(LimitExceeded) as e:
+        d2.req(b"GET / HTTP/1.1\r\n" + b"a: b\r\n" * 11 + b"\r\n")
+    assert e.value.reason == "too_many_headers"
+
+
+@pytest.mark.parametrize(("data", "reason"), [
+    (b"GET / HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n", "conflicting_content_length"),
+    (b"GET / HTTP/1.1\r\nContent-Length: -1\r\n\r\n", "bad_content_length"),
+    (b"GET / HTTP/1.1\r\nContent-Length: " + b"9" * 5000 + b"\r\n\r\n", "bad_content_length"),
+    (b"GET / HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n", "bad_transfer_encoding"),
+    (b"GET / HTTP/1.1\r\nBad Header: x\r\n\r\n", "bad_header"),
+    (b"GET / HTTP/1.1\r\n folded: x\r\n\r\n", "bad_header"),
+    (b"GET / HTTP/9.9\r\n\r\n", "bad_request_line"),
+    (b"GET / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", "bad_chunk_size"),
+    (b"GET / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n1\r\nabc", "bad_chunk_end"),
+    (b"GET / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n" + b"1" * 5000, "chunk_line_too_long"),
+])
+def test_malformed_requests(data: bytes, reason: str) -> None:
+    d = Driver()
+    with pytest.raises(ProtocolError) as e:
+        d.req(data)
+    assert e.value.reason == reason
+
+
+def test_gap_resyncs_at_next_message() -> None:
+    d = Driver()
+    d.req(b"GET /1 HTTP/1.1\r\nHost: h\r\n\r\n")
+    d.resp(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc")
+    d.conn.server_buf.reset()
+    d.s.gap(False, d.ts)
+    assert d.drops == ["gap"]
+    d.resp(b"ij")  # the rest of the lost response: discarded while resyncing
+    d.req(b"GET /2 HTTP/1.1\r\nHost: h\r\n\r\n")
+    d.resp(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+    assert [s.attributes["url.path"] for s in d.spans] == ["/2"]
+
+
+def test_unmatched_response_is_counted() -> None:
+    d = Driver()
+    d.resp(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    assert d.spans == [] and d.drops == ["unmatched_response"]
+
+
+# -- allocation: a 100x larger body allocates the same ---------------------------------------------
+def _alloc_for_body(size: int) -> int:
+    body = b"x" * size
+    chunks = [memoryview(body)[i:i + 16384] for i in range(0, size, 16384)]
+    req_head = b"POST /u HTTP/1.1\r\nHost: h\r\nContent-Length: %d\r\n\r\n" % size
+    resp_head = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size
+    d = Driver()
+    d.req(b"GET /warm HTTP/1.1\r\nHost: h\r\n\r\n")
+    d.resp(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+    d.spans.clear()
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        base = tracemalloc.get_traced_memory()[0]
+        d.req(req_head)
+        for c in chunks:
+            d.send(True, c)  # type: ignore[arg-type]
+        d.resp(resp_head)
+        for c in chunks:
+            d.send(False, c)  # type: ignore[arg-type]
+        peak = tracemalloc.get_traced_memory()[1] - base
+    finally:
+        tracemalloc.stop()
+    assert len(d.spans) == 1 and d.spans[0].attributes["http.request.body.size"] == size
+    return peak
+
+
+def test_allocation_flat_when_body_grows_100x() -> None:
+    small = _alloc_for_body(64 * 1024)
+    large = _alloc_for_body(6400 * 1024)
+    assert large < small * 1.5 + 4096, (small, large)
+
+
+# -- fuzzing ------------------------------------------------------------------------------------------
+_PARTS = st.sampled_from([
+    b"GET / HTTP/1.1\r\n", b"POST /p?q=1 HTTP/1.0\r\n", b"HTTP/1.1 200 OK\r\n", b"HTTP/1.1 101 S\r\n",
+    b"Content-Length: 3\r\n", b"Content-Length: 99999999999\r\n", b"Transfer-Encoding: chunked\r\n",
+    b"Upgrade: h2c\r\n", b"Connection: close\r\n", b"Host: [::1]:80\r\n", b"Host: :\r\n",
+    b"traceparent: 00-zz\r\n", b"\r\n", b"abc", b"5\r\nhello\r\n", b"0\r\n\r\n", b"ffffffffffffffff\r\n",
+    b";ext\r\n", b"\x00", b"\xff\xfe", b" ", b":",
+])
+
+
+@given(st.lists(st.tuples(st.booleans(), st.one_of(_PARTS, st.binary(max_size=20))), max_size=30),
+       st.booleans())
+@settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_fuzz_session_never_raises_anything_but_protocol_errors(steps: list[tuple[bool, bytes]],
+                                                                 reset: bool) -> None:
+    d = Driver()
+    for from_client, data in steps:
+        try:
+            d.send(from_client, data)
+        except ProtocolError:
+            buf = d.conn.client_buf if from_client else d.conn.server_buf
+            buf.reset()
+            d.s.gap(from_client, d.ts)
+        assert len(d.conn.client_buf) <= http1.MAX_HEADER_BYTES + 64
+    d.s.close(d.ts, reset=reset)
+    for s in d.spans:
+        assert s.end_ns >= s.start_ns
+
+
+def test_malformed_is_a_protocol_error() -> None:
+    assert issubclass(Malformed, ProtocolError) and issubclass(LimitExceeded, ProtocolError)
