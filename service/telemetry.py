@@ -74,6 +74,176 @@ EXPORTER_QUEUE_CORRUPT = Counter(
     ["exporter"], registry=_registry)
 __all__ += ["EXPORTER_QUEUE_CORRUPT"]
 
+
+# ===========================================================================
+# Runtime additions (issue 3): batch metrics, process metrics, the HTTP
+# endpoints for /metrics and health, and a reader for counter values.
+# Nothing above this line is changed.
+# ===========================================================================
+import json as _json  # noqa: E402
+import logging as _logging  # noqa: E402
+import os as _os  # noqa: E402
+import threading as _threading  # noqa: E402
+import time as _time  # noqa: E402
+from collections.abc import Callable as _Callable  # noqa: E402
+from http.server import BaseHTTPRequestHandler as _Handler  # noqa: E402
+from http.server import ThreadingHTTPServer as _HTTPServer  # noqa: E402
+
+from prometheus_client import CONTENT_TYPE_LATEST as _CONTENT_TYPE  # noqa: E402
+from prometheus_client import generate_latest as _generate_latest  # noqa: E402
+from prometheus_client.core import GaugeMetricFamily as _GaugeFamily  # noqa: E402
+from prometheus_client.registry import Collector as _Collector  # noqa: E402
+
+__all__ += [
+    "BATCH_SIZE_TRIGGER_SEND",
+    "BATCH_TIMEOUT_TRIGGER_SEND",
+    "BATCH_SEND_SIZE",
+    "TelemetryServer",
+    "start_metrics_server",
+    "start_health_server",
+    "counter_value",
+    "parse_address",
+]
+
+_log = _logging.getLogger("wirespan.telemetry")
+
+# The Collector's batch processor metrics (otelcol_processor_batch_*).
+BATCH_SIZE_TRIGGER_SEND = Counter(
+    "wirespan_processor_batch_batch_size_trigger_send", "Batches sent because they reached send_batch_size.",
+    ["processor"], registry=_registry)
+BATCH_TIMEOUT_TRIGGER_SEND = Counter(
+    "wirespan_processor_batch_timeout_trigger_send", "Batches sent because the timeout fired.",
+    ["processor"], registry=_registry)
+BATCH_SEND_SIZE = Counter(
+    "wirespan_processor_batch_sent_items", "Items sent in batches (divide by the trigger counts for the mean size).",
+    ["processor"], registry=_registry)
+
+
+_PAGE = _os.sysconf("SC_PAGE_SIZE") if hasattr(_os, "sysconf") else 4096
+_STARTED = _time.time()
+
+
+class _ProcessCollector(_Collector):
+    """RSS, CPU seconds and uptime under the Collector's names (otelcol_process_*).
+
+    Read at scrape time from /proc (no psutil dependency); prometheus_client's
+    own ``process_*`` metrics are exported too.
+    """
+
+    def collect(self):  # type: ignore[override]
+        rss = 0.0
+        try:
+            with open("/proc/self/statm", "rb") as f:
+                rss = float(int(f.read().split()[1]) * _PAGE)
+        except (OSError, ValueError, IndexError):
+            pass
+        t = _os.times()
+        yield _GaugeFamily("wirespan_process_memory_rss", "Resident set size in bytes.", value=rss)
+        yield _GaugeFamily("wirespan_process_cpu_seconds", "User plus system CPU time in seconds.",
+                           value=t.user + t.system)
+        yield _GaugeFamily("wirespan_process_uptime", "Seconds since the process started.",
+                           value=_time.time() - _STARTED)
+
+
+_registry.register(_ProcessCollector())
+
+
+def counter_value(metric: Counter, **labels: str) -> float:
+    """Sum of a counter's samples whose labels include ``labels`` (public API only)."""
+    total = 0.0
+    for fam in metric.collect():
+        for s in fam.samples:
+            if s.name.endswith("_total") and all(s.labels.get(k) == v for k, v in labels.items()):
+                total += s.value
+    return total
+
+
+def parse_address(address: str, default_host: str = "localhost") -> tuple[str, int]:
+    """``host:port`` (``[v6]:port``, ``:port``) -> (host, port). Raises ValueError."""
+    host, sep, port = address.rpartition(":")
+    if not sep:
+        raise ValueError(f"address {address!r} must be host:port")
+    host = host.strip("[]") or default_host
+    try:
+        p = int(port)
+    except ValueError:
+        raise ValueError(f"address {address!r}: port {port!r} is not a number")
+    if not 0 <= p <= 65535:
+        raise ValueError(f"address {address!r}: port out of range")
+    return host, p
+
+
+class _Server(_HTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, addr: tuple[str, int], handler: type, route: str, respond: _Callable[[], tuple]) -> None:
+        import socket
+        infos = socket.getaddrinfo(addr[0], addr[1], type=socket.SOCK_STREAM)
+        self.address_family = infos[0][0]
+        self.route = route
+        self.respond = respond
+        super().__init__(infos[0][4][:2], handler)
+
+
+class _RouteHandler(_Handler):
+    server: _Server
+
+    def do_GET(self) -> None:
+        path = self.path.split("?", 1)[0]
+        if path != self.server.route and not (self.server.route == "/" and path == ""):
+            status, ctype, body = 404, "text/plain; charset=utf-8", b"not found\n"
+        else:
+            status, ctype, body = self.server.respond()
+        self.send_response(status)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_HEAD(self) -> None:
+        self.do_GET()
+
+    def log_message(self, fmt: str, *args) -> None:  # quiet: scrapes are not news
+        _log.debug("telemetry http: " + fmt, *args)
+
+
+class TelemetryServer:
+    """A tiny HTTP server on its own daemon thread; ``close()`` frees the port."""
+
+    def __init__(self, name: str, address: str, route: str, respond: _Callable[[], tuple]) -> None:
+        host, port = parse_address(address)
+        self.name = name
+        self._srv = _Server((host, port), _RouteHandler, route, respond)
+        self.host, self.port = self._srv.server_address[:2]
+        self._thread = _threading.Thread(target=self._srv.serve_forever, kwargs={"poll_interval": 0.2},
+                                         name=f"wirespan-{name}-http", daemon=True)
+        self._thread.start()
+        _log.info("%s endpoint listening on http://%s:%d%s", name, self.host, self.port, route)
+
+    def close(self) -> None:
+        self._srv.shutdown()
+        self._srv.server_close()
+        self._thread.join(5)
+
+
+def start_metrics_server(address: str, path: str = "/metrics") -> TelemetryServer:
+    """Prometheus text exposition of the process registry on ``address`` + ``path``."""
+    def respond() -> tuple:
+        return 200, _CONTENT_TYPE, _generate_latest(_registry)
+    return TelemetryServer("metrics", address, path, respond)
+
+
+def start_health_server(address: str, ready: _Callable[[], tuple[bool, str]], path: str = "/") -> TelemetryServer:
+    """Health in the Collector's health_check form: 200 when ``ready()`` says so, else 503."""
+    def respond() -> tuple:
+        ok, state = ready()
+        body = {"status": "Server available" if ok else "Server not available", "state": state,
+                "upSince": _time.strftime("%Y-%m-%dT%H:%M:%SZ", _time.gmtime(_STARTED)),
+                "uptime": f"{_time.time() - _STARTED:.3f}s"}
+        return (200 if ok else 503), "application/json", _json.dumps(body).encode()
+    return TelemetryServer("health", address, path, respond)
+
 # ---------------------------------------------------------------------------
 # eBPF receiver (receivers/ebpf, issue 9)
 # ---------------------------------------------------------------------------

@@ -1,0 +1,86 @@
+"""``debug`` exporter: spans to the console, for trying a pipeline out.
+
+Like the Collector's debug exporter, ``verbosity`` picks how much: ``basic``
+one line per batch with counts, ``normal`` one line per span, ``detailed``
+every field and attribute of every span and its resource. Writes to stdout
+(logs go to stderr) under a lock so lines from several pipelines never
+interleave. Counts ``wirespan_exporter_sent_spans`` once a batch is written.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+from typing import Any, ClassVar, Literal, TextIO
+
+from service import telemetry as tm
+from service.component import ComponentConfig, Exporter
+from service.model import Span, SpanKind, StatusCode, span_summary
+
+__all__ = ["DebugExporter", "DebugConfig"]
+
+
+class DebugConfig(ComponentConfig):
+    #: basic: counts per batch; normal: one line per span; detailed: everything (Collector default: basic).
+    verbosity: Literal["basic", "normal", "detailed"] = "basic"
+
+
+def _fmt_value(v: Any) -> str:
+    if isinstance(v, (bytes, bytearray, memoryview)):
+        return "0x" + bytes(v).hex()  # attribute values are small; a copy for display is fine
+    return repr(v) if isinstance(v, str) else str(v)
+
+
+def format_detailed(s: Span) -> str:
+    lines = [
+        f"Span {s.name!r}",
+        f"    Trace ID       : {s.trace_id.hex()}",
+        f"    Parent ID      : {s.parent_span_id.hex()}",
+        f"    ID             : {s.span_id.hex()}",
+        f"    Kind           : {SpanKind(s.kind).name}",
+        f"    Start time     : {s.start_ns}",
+        f"    End time       : {s.end_ns}",
+        f"    Duration       : {(s.end_ns - s.start_ns) / 1e6:.3f}ms",
+        f"    Status code    : {StatusCode(s.status_code).name}",
+        f"    Status message : {s.status_message}",
+        "    Attributes:",
+    ]
+    lines += [f"         -> {k}: {_fmt_value(v)}" for k, v in s.attributes.items()]
+    lines.append("    Resource:")
+    lines += [f"         -> {k}: {_fmt_value(v)}" for k, v in s.resource.attributes.items()]
+    for e in s.events or ():
+        lines.append(f"    Event {e.name!r} at {e.ts_ns}")
+        lines += [f"         -> {k}: {_fmt_value(v)}" for k, v in e.attributes.items()]
+    return "\n".join(lines)
+
+
+class DebugExporter(Exporter):
+    type: ClassVar[str] = "debug"
+    Config = DebugConfig
+
+    def __init__(self, id: str, config: DebugConfig, next: Any = None, stream: TextIO | None = None) -> None:
+        super().__init__(id, config, next)
+        self._stream = stream
+        self._lock = threading.Lock()
+        self._sent = tm.EXPORTER_SENT.labels(exporter=id)
+
+    @property
+    def stream(self) -> TextIO:
+        return self._stream if self._stream is not None else sys.stdout  # late: tests swap stdout
+
+    def consume_spans(self, spans: list[Span]) -> None:
+        v = self.config.verbosity
+        if v == "basic":
+            text = f"{self.id}: {len(spans)} spans\n"
+        elif v == "normal":
+            text = "".join(f"{s.trace_id.hex()} {span_summary(s)}\n" for s in spans)
+        else:
+            text = "".join(format_detailed(s) + "\n" for s in spans)
+        with self._lock:
+            try:
+                self.stream.write(text)
+                self.stream.flush()
+            except (OSError, ValueError):  # closed pipe: count, never crash the caller
+                tm.EXPORTER_SEND_FAILED.labels(exporter=self.id, reason="write_error").inc(len(spans))
+                return
+        self._sent.inc(len(spans))

@@ -1,0 +1,357 @@
+"""The ``wirespan`` command: run, validate, components, replay.
+
+``run`` is the long-lived service: SIGTERM/SIGINT drain and stop (a second one
+forces the exit), SIGHUP re-reads the same ``--config`` files and ``--set``
+overrides and swaps the pipelines (a bad config is refused and logged; the
+running ones keep going). When every receiver is finite (capture files) and
+all are done, ``run`` drains and exits by itself. ``replay`` is one-shot: the
+pipeline of ``--config`` (or the default) with its receivers replaced by one
+``pcap`` receiver on FILE, and with ``--output`` its exporters by one ``file``
+exporter; it exits 0 once everything is delivered, non-zero naming what was
+not. Exit codes: 0 ok, 1 config/start error or undelivered spans, 2 usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import queue
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from service import config as wconfig
+from service.config import ConfigError
+
+__all__ = ["main", "default_config_path"]
+
+log = logging.getLogger("wirespan.cli")
+
+#: Longest ``replay`` (and ``run`` at shutdown) waits for queues to drain (default of --drain-timeout).
+DEFAULT_DRAIN_TIMEOUT = 30.0
+
+
+def default_config_path() -> Path:
+    """config/default.yaml: beside the packages in a checkout or an editable
+    install, or under ``<prefix>/share/wirespan`` in a wheel install."""
+    here = Path(__file__).resolve().parent.parent
+    candidates = [here / "config" / "default.yaml",
+                  Path(sys.prefix) / "share" / "wirespan" / "config" / "default.yaml"]
+    for c in candidates:
+        if c.is_file():
+            return c
+    raise ConfigError("the built-in default config was not found (looked in: "
+                      + ", ".join(str(c) for c in candidates) + "); pass --config")
+
+
+def _config_files(args: argparse.Namespace) -> list[str]:
+    return list(args.config) if args.config else [str(default_config_path())]
+
+
+def _print_errors(errors: list[str]) -> None:
+    for e in errors:
+        print(f"error: {e}", file=sys.stderr)
+
+
+# ---------------------------------------------------------------------------
+# validate / components
+# ---------------------------------------------------------------------------
+def cmd_validate(args: argparse.Namespace) -> int:
+    try:
+        wconfig.load(_config_files(args), args.set)
+    except ConfigError as e:
+        _print_errors(e.errors)
+        return 1
+    print("config is valid")
+    return 0
+
+
+def cmd_components(args: argparse.Namespace) -> int:
+    from service.registry import default_registry
+    rows = []
+    for e in default_registry().entries():
+        ok, why = e.status()
+        rows.append({"kind": e.kind, "type": e.type, "source": e.source, "available": ok,
+                     "target": e.target if isinstance(e.target, str) else repr(e.target),
+                     **({} if ok else {"reason": why})})
+    if args.format == "json":
+        print(json.dumps(rows, indent=2))
+        return 0
+    w_type = max([len(r["type"]) for r in rows] + [4])
+    w_src = max([len(r["source"]) for r in rows] + [6])
+    print(f"{'KIND':<10} {'TYPE':<{w_type}} {'SOURCE':<{w_src}} STATUS")
+    for r in rows:
+        status = "available" if r["available"] else f"unavailable ({r['reason']})"
+        print(f"{r['kind']:<10} {r['type']:<{w_type}} {r['source']:<{w_src}} {status}")
+    return 0
+
+
+# ---------------------------------------------------------------------------
+# run
+# ---------------------------------------------------------------------------
+def _install_signals(q: queue.SimpleQueue, which: tuple[int, ...]) -> None:
+    # SimpleQueue.put is reentrant, so it is safe in a signal handler.
+    for s in which:
+        signal.signal(s, lambda signum, _frame: q.put(signum))
+
+
+def _stop_with_timeout(stop: Any, timeout: float, sigq: queue.SimpleQueue, what: Any) -> tuple[bool, list[str]]:
+    """Run ``stop()`` in a thread; (finished, problems). A second SIGINT/SIGTERM forces the exit."""
+    result: list[list[str]] = []
+    t = threading.Thread(target=lambda: result.append(stop()), name="wirespan-drain", daemon=True)
+    t.start()
+    deadline = time.monotonic() + timeout
+    while t.is_alive() and time.monotonic() < deadline:
+        try:
+            sig = sigq.get(timeout=0.1)
+        except queue.Empty:
+            continue
+        if sig in (signal.SIGINT, signal.SIGTERM):
+            print("wirespan: forced exit while draining", file=sys.stderr)
+            sys.stderr.flush()
+            sys.stdout.flush()
+            os._exit(1)
+    if t.is_alive():
+        step = what() if callable(what) else ""
+        return False, [f"drain timed out after {timeout:g}s" + (f" while at: {step}" if step else "")]
+    return True, result[0] if result else []
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from service import log as slog
+    from service.pipeline import BuildError, Runner, StartError
+
+    files = _config_files(args)
+    sets = list(args.set or [])
+    slog.setup("info")
+
+    def load():
+        return wconfig.load(files, sets)
+
+    runner = Runner(load, configure_logs=True)
+    sigq: queue.SimpleQueue = queue.SimpleQueue()
+    _install_signals(sigq, (signal.SIGTERM, signal.SIGINT, signal.SIGHUP))
+    try:
+        runner.start()
+    except ConfigError as e:
+        _print_errors(e.errors)
+        return 1
+    except (BuildError, StartError) as e:
+        _print_errors([str(e)])
+        return 1
+    log.info("wirespan running (config: %s)", ", ".join(files))
+    reason = "signal"
+    while True:
+        try:
+            sig = sigq.get(timeout=0.2)
+        except queue.Empty:
+            sig = None
+        if sig in (signal.SIGTERM, signal.SIGINT):
+            log.info("received %s, shutting down", signal.Signals(sig).name)
+            break
+        if sig == signal.SIGHUP:
+            log.info("received SIGHUP, reloading configuration")
+            runner.reload()
+        if runner.finished():
+            reason = "done"
+            log.info("all receivers finished; draining")
+            break
+    finished, problems = _stop_with_timeout(runner.stop, args.drain_timeout, sigq,
+                                            lambda: runner.service.current_step if runner.service else "")
+    _print_errors(problems)
+    code = 1 if problems else 0
+    if reason == "done":
+        log.info("exiting")
+    sys.stdout.flush()
+    if not finished:
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
+# ---------------------------------------------------------------------------
+# replay
+# ---------------------------------------------------------------------------
+def replay_config(raw: dict[str, Any], capture: str, output: str | None) -> dict[str, Any]:
+    """The pipelines of ``raw`` reading ``capture`` (and writing ``output``)."""
+    raw = dict(raw)
+    raw["receivers"] = {"pcap": {"path": capture}}
+    if output is not None:
+        raw["exporters"] = {"file": {"path": output}}
+    svc = dict(raw.get("service") or {})
+    pipes = {}
+    for pid, p in (svc.get("pipelines") or {}).items():
+        p = dict(p or {})
+        p["receivers"] = ["pcap"]
+        if output is not None:
+            p["exporters"] = ["file"]
+        pipes[pid] = p
+    svc["pipelines"] = pipes
+    # One-shot: never take the ports of a wirespan service running on this node.
+    tel = dict(svc.get("telemetry") or {})
+    tel["metrics"] = {**(tel.get("metrics") or {}), "address": ""}
+    tel["health"] = {**(tel.get("health") or {}), "address": ""}
+    svc["telemetry"] = tel
+    raw["service"] = svc
+    return raw
+
+
+def _summary(svc: Any) -> dict[str, Any]:
+    from service import telemetry as tm
+    out: dict[str, Any] = {"packets": 0, "connections": 0, "events": 0, "spans": 0, "exported": 0, "drops": {}}
+    drops: dict[str, int] = out["drops"]
+
+    def add_drops(d: Any, prefix: str = "") -> None:
+        if isinstance(d, dict):
+            for k, v in d.items():
+                if isinstance(v, (int, float)) and v:
+                    drops[prefix + str(k)] = drops.get(prefix + str(k), 0) + int(v)
+
+    for rid, r in svc.receivers.items():
+        st = getattr(r, "stats", None) or {}
+        out["packets"] += int(st.get("packets", 0) or 0)
+        out["connections"] += int(st.get("connections", 0) or 0)
+        add_drops(st.get("drops"))
+        for reason in ("refused", "queue_full"):
+            n = tm.counter_value(tm.RECEIVER_DROPPED, receiver=rid, reason=reason)
+            if n and reason not in (st.get("drops") or {}):
+                drops[reason] = drops.get(reason, 0) + int(n)
+    for chain in svc.pipelines.values():
+        for p in chain:
+            st = getattr(p, "stats", None)
+            if isinstance(st, dict) and p is chain[0]:
+                out.setdefault("protocols", {k: v for k, v in st.items() if k != "drops"})
+                add_drops(st.get("drops"))
+    s = svc.stats()
+    out["events"] = sum(s["events"].values())
+    out["spans"] = sum(s["spans"].values())
+    out["exported"] = {eid: e["offered"] for eid, e in s["exporters"].items()}
+    return out
+
+
+def _print_summary(summary: dict[str, Any], elapsed: float) -> None:
+    p = sys.stderr
+    drops = summary["drops"]
+    print(f"replay: {summary['packets']} packets, {summary['connections']} connections, "
+          f"{summary['events']} events, {summary['spans']} spans in {elapsed:.2f}s", file=p)
+    for eid, n in summary["exported"].items():
+        print(f"replay: exporters::{eid}: {n} spans", file=p)
+    if drops:
+        print("replay: drops: " + ", ".join(f"{k}={v}" for k, v in sorted(drops.items())), file=p)
+    else:
+        print("replay: drops: none", file=p)
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from service import log as slog
+    from service.pipeline import BuildError, Service, StartError
+
+    slog.setup("warning" if not args.verbose else "info")
+    capture = os.path.abspath(args.file)
+    output = os.path.abspath(args.output) if args.output else None
+    try:
+        raw = replay_config(wconfig.load_raw(_config_files(args), args.set), capture, output)
+        cfg = wconfig.validate(raw)
+        slog.setup("info" if args.verbose else "warning", cfg.telemetry.logs.encoding)
+        svc = Service(cfg)
+    except ConfigError as e:
+        _print_errors(e.errors)
+        return 1
+    except BuildError as e:
+        _print_errors([str(e)])
+        return 1
+    sigq: queue.SimpleQueue = queue.SimpleQueue()
+    _install_signals(sigq, (signal.SIGTERM, signal.SIGINT))
+    t0 = time.monotonic()
+    try:
+        svc.start()
+    except StartError as e:
+        _print_errors([str(e)])
+        return 1
+    interrupted = False
+    while not svc.wait_receivers(0.2):
+        try:
+            sig = sigq.get_nowait()
+        except queue.Empty:
+            continue
+        print(f"replay: interrupted by {signal.Signals(sig).name}; draining what was read", file=sys.stderr)
+        interrupted = True
+        break
+    finished, problems = _stop_with_timeout(lambda: svc.shutdown() + svc.undelivered(), args.drain_timeout, sigq,
+                                            lambda: svc.current_step)
+    if not finished:
+        problems += svc.undelivered()
+    sys.stdout.flush()
+    _print_summary(_summary(svc), time.monotonic() - t0)
+    _print_errors(problems)
+    code = 1 if problems else (130 if interrupted else 0)
+    if output and not problems:
+        print(f"replay: spans written to {output}", file=sys.stderr)
+    if not finished:
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
+# ---------------------------------------------------------------------------
+def _duration(text: str) -> float:
+    try:
+        return wconfig.parse_duration(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="wirespan", description="Raw TCP traffic to OpenTelemetry traces.")
+    ap.add_argument("--version", action="version", version="wirespan 0.1.0")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    def config_opts(p: argparse.ArgumentParser, help_config: str) -> None:
+        p.add_argument("--config", action="append", metavar="FILE", help=help_config)
+        p.add_argument("--set", action="append", metavar="KEY.PATH=VALUE", default=[],
+                       help="override one value, e.g. processors.batch.timeout=1s (repeatable)")
+
+    p = sub.add_parser("run", help="run the pipelines until stopped (SIGHUP reloads)")
+    config_opts(p, "pipeline YAML (repeatable, merged in order); default: the built-in default pipeline")
+    p.add_argument("--drain-timeout", type=_duration, default=DEFAULT_DRAIN_TIMEOUT,
+                   help="longest wait for queues to drain at shutdown (default 30s)")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("validate", help="check a config and exit 0, or print its errors and exit 1")
+    config_opts(p, "pipeline YAML (repeatable, merged in order)")
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("components", help="list every component type, its kind and where it comes from")
+    p.add_argument("--format", choices=("text", "json"), default="text")
+    p.set_defaults(func=cmd_components)
+
+    p = sub.add_parser("replay", help="replay a capture file through the pipeline once, then exit")
+    p.add_argument("file", metavar="FILE", help="pcap or pcapng capture")
+    config_opts(p, "pipeline YAML whose receivers are replaced by the capture (default: the built-in one)")
+    p.add_argument("--output", metavar="OUT.jsonl", help="write spans as OTLP JSON lines instead of the "
+                                                         "config's exporters")
+    p.add_argument("--drain-timeout", type=_duration, default=DEFAULT_DRAIN_TIMEOUT,
+                   help="longest wait for everything to be delivered after the file ends (default 30s)")
+    p.add_argument("-v", "--verbose", action="store_true", help="log at info level")
+    p.set_defaults(func=cmd_replay)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "command", None) == "validate" and not args.config:
+        args.config = None  # validate without --config checks the built-in default
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as e:
+        _print_errors(e.errors)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,489 @@
+"""Pipeline configuration in the OpenTelemetry Collector's shape.
+
+Contract: ``load_raw(files, sets)`` reads YAML files (merged in order: maps
+merged key by key, lists and scalars replaced), expands ``${...}`` references
+and applies ``--set`` overrides, giving a plain dict. ``validate(raw)`` turns
+that dict into a typed ``Config``: every component's options validated by its
+own pydantic model, every pipeline checked. Both raise ``ConfigError`` whose
+``errors`` are path-qualified messages in the Collector's form
+(``exporters::debug: unknown option 'no_such_option'``); all problems found are
+reported at once, not just the first.
+
+References (expanded in string values after YAML parsing, as the Collector does):
+``${env:VAR}``, ``${env:VAR:-default}``, ``${VAR}`` (environment),
+``${wirespan:config_dir}`` (directory of the file being read, so a config can
+name files shipped next to it), and ``$$`` for a literal ``$``. A value that is
+exactly one reference takes the referenced text's YAML type (``8192`` is an int).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+
+__all__ = [
+    "ConfigError",
+    "Config",
+    "ComponentSpec",
+    "PipelineSpec",
+    "TelemetryConfig",
+    "Duration",
+    "parse_duration",
+    "parse_component_id",
+    "load_raw",
+    "load",
+    "merge",
+    "apply_set",
+    "expand",
+    "validate",
+    "KINDS",
+]
+
+log = logging.getLogger("wirespan.config")
+
+#: section name -> component kind (service.component constants).
+KINDS = {"receivers": "receiver", "processors": "processor", "exporters": "exporter"}
+_TOP_LEVEL = ("receivers", "processors", "exporters", "extensions", "service")
+#: Pipeline types the Collector knows; wirespan carries traces only.
+_PIPELINE_TYPES = ("traces", "metrics", "logs")
+
+# Component id rules from the Collector (component/identifiable.go): the type
+# is a letter then up to 62 letters, digits or '_'; the name is non-empty
+# with no whitespace or control characters, at most 1024 characters.
+_TYPE_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,62}$")
+_NAME_RE = re.compile(r"^[^\s\x00-\x1f\x7f]{1,1024}$")
+
+
+class ConfigError(Exception):
+    """One or more configuration problems, each a path-qualified message."""
+
+    def __init__(self, errors: list[str] | str) -> None:
+        self.errors = [errors] if isinstance(errors, str) else list(errors)
+        super().__init__("\n".join(self.errors))
+
+
+# ---------------------------------------------------------------------------
+# Durations, as Go's time.ParseDuration reads them ("200ms", "1m30s")
+# ---------------------------------------------------------------------------
+_DUR_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+_DUR_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
+
+
+def parse_duration(value: Any) -> float:
+    """A Go-style duration string (or a number of seconds) -> seconds as float."""
+    if isinstance(value, bool):
+        raise ValueError("a duration such as 200ms or 5s is expected")
+    if isinstance(value, (int, float)):
+        return float(value)
+    if not isinstance(value, str):
+        raise ValueError("a duration such as 200ms or 5s is expected")
+    s = value.strip()
+    sign = -1.0 if s.startswith("-") else 1.0
+    s = s.lstrip("+-")
+    if s == "0":
+        return 0.0
+    pos, total = 0, 0.0
+    while pos < len(s):
+        m = _DUR_PART.match(s, pos)
+        if not m:
+            raise ValueError(f"invalid duration {value!r} (use a unit: ns, us, ms, s, m, h)")
+        total += float(m.group(1)) * _DUR_UNITS[m.group(2)]
+        pos = m.end()
+    if pos == 0:
+        raise ValueError(f"invalid duration {value!r}")
+    return sign * total
+
+
+#: Seconds, written in config as "200ms", "5s", "1m" (or a plain number of seconds).
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+
+
+# ---------------------------------------------------------------------------
+# Reading, expanding, merging
+# ---------------------------------------------------------------------------
+_REF = re.compile(r"\$\$|\$\{([^}]*)\}")
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def _resolve_ref(body: str, path: str, config_dir: str) -> str:
+    scheme, sep, rest = body.partition(":")
+    if not sep:  # ${VAR}
+        scheme, rest = "env", body
+    if scheme == "env":
+        name, dsep, default = rest.partition(":-")
+        if not _ENV_NAME.match(name):
+            raise ConfigError(f"{path}: invalid environment variable name {name!r} in ${{{body}}}")
+        val = os.environ.get(name)
+        if val is None or (dsep and val == ""):
+            if dsep:
+                return default
+            log.warning("%s: environment variable %s is not set; using an empty string", path, name)
+            return ""
+        return val
+    if scheme == "wirespan" and rest == "config_dir":
+        return config_dir
+    raise ConfigError(f"{path}: unsupported reference ${{{body}}} (use ${{env:VAR}}, ${{env:VAR:-default}}, "
+                      f"${{VAR}} or ${{wirespan:config_dir}}; $$ for a literal $)")
+
+
+def _expand_str(s: str, path: str, config_dir: str) -> Any:
+    if "$" not in s:
+        return s
+    m = _REF.fullmatch(s)
+    if m and m.group(0) != "$$":
+        text = _resolve_ref(m.group(1), path, config_dir)
+        # The Collector gives a lone reference the YAML type of its text.
+        try:
+            typed = yaml.safe_load(text) if text else text
+        except yaml.YAMLError:
+            return text
+        return typed if isinstance(typed, (str, int, float, bool)) else text
+    return _REF.sub(lambda mm: "$" if mm.group(0) == "$$" else _resolve_ref(mm.group(1), path, config_dir), s)
+
+
+def expand(value: Any, config_dir: str = ".", path: str = "") -> Any:
+    """Expand ``${...}`` references and ``$$`` in every string value (not keys)."""
+    if isinstance(value, dict):
+        return {k: expand(v, config_dir, f"{path}::{k}" if path else str(k)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [expand(v, config_dir, f"{path}::{i}") for i, v in enumerate(value)]
+    if isinstance(value, str):
+        return _expand_str(value, path, config_dir)
+    return value
+
+
+def merge(base: Any, over: Any) -> Any:
+    """Maps merged key by key (recursively); anything else in ``over`` replaces ``base``."""
+    if isinstance(base, dict) and isinstance(over, dict):
+        out = dict(base)
+        for k, v in over.items():
+            out[k] = merge(base[k], v) if k in base else v
+        return out
+    return over
+
+
+def read_file(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """One YAML file, expanded. An empty file is an empty config."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {str(path)!r}: {e.strerror or e}")
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML: {e}")
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a map (receivers:, processors:, ...)")
+    return expand(data, str(p.resolve().parent))
+
+
+def apply_set(raw: dict[str, Any], assignment: str) -> dict[str, Any]:
+    """Apply one ``--set key.path=value`` (``::`` may separate keys instead of ``.``,
+    for ids whose name contains a dot). The value is read as YAML: ``8192`` is an
+    int, ``[a, b]`` a list."""
+    key, eq, text = assignment.partition("=")
+    key = key.strip()
+    if not eq or not key:
+        raise ConfigError(f"--set {assignment!r}: expected key.path=value")
+    parts = key.split("::") if "::" in key else key.split(".")
+    if any(not p for p in parts):
+        raise ConfigError(f"--set {assignment!r}: empty key in {key!r}")
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--set {assignment!r}: invalid value: {e}")
+    value = expand(value, os.getcwd(), "::".join(parts))
+    patch: Any = value
+    for p in reversed(parts):
+        patch = {p: patch}
+    return merge(raw, patch)
+
+
+def load_raw(files: list[str | os.PathLike[str]], sets: list[str] | None = None) -> dict[str, Any]:
+    """Read, expand and merge ``files`` in order, then apply ``sets``."""
+    raw: dict[str, Any] = {}
+    for f in files:
+        raw = merge(raw, read_file(f))
+    for s in sets or ():
+        raw = apply_set(raw, s)
+    return raw
+
+
+def load(files: list[str | os.PathLike[str]], sets: list[str] | None = None, registry: Any = None) -> Config:
+    return validate(load_raw(files, sets), registry)
+
+
+# ---------------------------------------------------------------------------
+# Typed config
+# ---------------------------------------------------------------------------
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class MetricsTelemetry(_Strict):
+    #: host:port of the Prometheus endpoint; "" turns it off.
+    address: str = "localhost:8888"
+    path: str = "/metrics"
+    #: "none" turns the endpoint off (the Collector's metrics levels otherwise).
+    level: Literal["none", "basic", "normal", "detailed"] = "normal"
+
+
+class HealthTelemetry(_Strict):
+    #: host:port of the health endpoint (the Collector's health_check default); "" turns it off.
+    address: str = "localhost:13133"
+    path: str = "/"
+
+
+class LogsTelemetry(_Strict):
+    level: Literal["debug", "info", "warn", "warning", "error"] = "info"
+    encoding: Literal["console", "json"] = "console"
+
+
+class TelemetryConfig(_Strict):
+    metrics: MetricsTelemetry = Field(default_factory=MetricsTelemetry)
+    health: HealthTelemetry = Field(default_factory=HealthTelemetry)
+    logs: LogsTelemetry = Field(default_factory=LogsTelemetry)
+
+
+@dataclass
+class ComponentSpec:
+    """A configured component: what the pipeline needs to build it."""
+
+    kind: str            # receiver | processor | exporter
+    id: str              # as written in config: "type[/name]" or, with class:, any name
+    cls: type
+    config: Any          # an instance of cls.Config
+    source: str          # "built-in", a plugin's distribution, or "class: pkg.mod:Cls"
+
+    @property
+    def path(self) -> str:
+        return f"{self.kind}s::{self.id}"
+
+
+@dataclass
+class PipelineSpec:
+    id: str
+    receivers: list[str]
+    processors: list[str]
+    exporters: list[str]
+
+
+@dataclass
+class Config:
+    receivers: dict[str, ComponentSpec] = field(default_factory=dict)
+    processors: dict[str, ComponentSpec] = field(default_factory=dict)
+    exporters: dict[str, ComponentSpec] = field(default_factory=dict)
+    pipelines: dict[str, PipelineSpec] = field(default_factory=dict)
+    telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
+    raw: dict[str, Any] = field(default_factory=dict)
+
+    def section(self, kind: str) -> dict[str, ComponentSpec]:
+        return {"receiver": self.receivers, "processor": self.processors, "exporter": self.exporters}[kind]
+
+
+def parse_component_id(cid: Any) -> tuple[str, str]:
+    """``"type/name"`` -> (type, name); raises ValueError with the Collector's rules."""
+    if not isinstance(cid, str) or not cid.strip():
+        raise ValueError("id must be a non-empty string")
+    typ, sep, name = cid.partition("/")
+    if not _TYPE_RE.match(typ):
+        raise ValueError(f"invalid type {typ!r}: a letter then letters, digits or '_' (at most 63)")
+    if sep and not _NAME_RE.match(name):
+        raise ValueError(f"invalid name {name!r}: non-empty, no spaces or control characters")
+    return typ, name
+
+
+def pydantic_errors(prefix: str, exc: ValidationError) -> list[str]:
+    """Pydantic errors as Collector-style messages under ``prefix``."""
+    out = []
+    for e in exc.errors():
+        loc = [str(x) for x in e["loc"]]
+        msg = e["msg"]
+        for p in ("Value error, ", "Assertion failed, "):
+            if msg.startswith(p):
+                msg = msg[len(p):]
+        if e["type"] == "extra_forbidden" and loc:
+            where = "::".join([prefix, *loc[:-1]])
+            out.append(f"{where}: unknown option '{loc[-1]}'")
+        else:
+            out.append(f"{'::'.join([prefix, *loc])}: {msg}")
+    return out
+
+
+def _component(kind: str, section: str, cid: Any, body: Any, registry: Any, errors: list[str]) -> ComponentSpec | None:
+    path = f"{section}::{cid}"
+    if body is None:
+        body = {}
+    if not isinstance(body, dict):
+        errors.append(f"{path}: expected a map of options, got {type(body).__name__}")
+        return None
+    body = dict(body)
+    target = body.pop("class", None)
+    from service.registry import ComponentNotFound, ComponentUnavailable
+    try:
+        if target is not None:
+            # With class:, the id is only a name (any non-empty name without spaces).
+            if not isinstance(cid, str) or not _NAME_RE.match(cid):
+                errors.append(f"{path}: invalid component name")
+                return None
+            if not isinstance(target, str):
+                errors.append(f"{path}::class: expected 'package.module:ClassName'")
+                return None
+            cls, source = registry.load_class(kind, target), f"class: {target}"
+        else:
+            try:
+                typ, _ = parse_component_id(cid)
+            except ValueError as e:
+                errors.append(f"{path}: {e}")
+                return None
+            cls, source = registry.get(kind, typ), registry.source(kind, typ)
+    except (ComponentNotFound, ComponentUnavailable) as e:
+        errors.append(f"{path}: {e}")
+        return None
+    try:
+        cfg = cls.Config.model_validate(body)
+    except ValidationError as e:
+        errors.extend(pydantic_errors(path, e))
+        return None
+    return ComponentSpec(kind=kind, id=cid, cls=cls, config=cfg, source=source)
+
+
+def _id_list(path: str, value: Any, errors: list[str]) -> list[str]:
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(x, str) for x in value):
+        errors.append(f"{path}: expected a list of component ids")
+        return []
+    return value
+
+
+def validate(raw: dict[str, Any], registry: Any = None) -> Config:
+    """Check a merged raw config and build the typed ``Config``.
+
+    Raises:
+        ConfigError: with every problem found, each naming its path.
+    """
+    if registry is None:
+        from service.registry import default_registry
+        registry = default_registry()
+    errors: list[str] = []
+    cfg = Config(raw=raw)
+    if not isinstance(raw, dict):
+        raise ConfigError("the top level must be a map (receivers:, processors:, ...)")
+    for key in raw:
+        if key not in _TOP_LEVEL:
+            errors.append(f"{key}: unknown section (expected one of: {', '.join(_TOP_LEVEL)})")
+
+    for section, kind in KINDS.items():
+        comps = raw.get(section) or {}
+        if not isinstance(comps, dict):
+            errors.append(f"{section}: expected a map of component id -> options")
+            continue
+        for cid, body in comps.items():
+            spec = _component(kind, section, cid, body, registry, errors)
+            if spec is not None:
+                cfg.section(kind)[cid] = spec
+    ext = raw.get("extensions") or {}
+    if not isinstance(ext, dict):
+        errors.append("extensions: expected a map")
+    for eid in ext:
+        errors.append(f"extensions::{eid}: unknown extension type (wirespan has no extensions yet)")
+
+    svc = raw.get("service")
+    if svc is None:
+        svc = {}
+    if not isinstance(svc, dict):
+        errors.append("service: expected a map (pipelines:, telemetry:)")
+        svc = {}
+    for key in svc:
+        if key not in ("pipelines", "telemetry", "extensions"):
+            errors.append(f"service: unknown option '{key}'")
+    if svc.get("extensions"):
+        errors.append("service::extensions: wirespan has no extensions yet")
+    try:
+        cfg.telemetry = TelemetryConfig.model_validate(svc.get("telemetry") or {})
+    except ValidationError as e:
+        errors.extend(pydantic_errors("service::telemetry", e))
+
+    pipes = svc.get("pipelines")
+    if not pipes:
+        errors.append("service::pipelines: at least one pipeline is required")
+        pipes = {}
+    if not isinstance(pipes, dict):
+        errors.append("service::pipelines: expected a map of pipeline id -> pipeline")
+        pipes = {}
+    configured = {kind: (raw.get(section) or {}) if isinstance(raw.get(section) or {}, dict) else {}
+                  for section, kind in KINDS.items()}
+    for pid, body in pipes.items():
+        path = f"service::pipelines::{pid}"
+        try:
+            ptype, _ = parse_component_id(pid)
+        except ValueError as e:
+            errors.append(f"{path}: {e}")
+            continue
+        if ptype not in _PIPELINE_TYPES:
+            errors.append(f"{path}: unknown pipeline type {ptype!r} (expected traces)")
+            continue
+        if ptype != "traces":
+            errors.append(f"{path}: {ptype} pipelines are not supported; wirespan produces traces")
+            continue
+        if not isinstance(body, dict):
+            errors.append(f"{path}: expected a map (receivers:, processors:, exporters:)")
+            continue
+        for key in body:
+            if key not in ("receivers", "processors", "exporters"):
+                errors.append(f"{path}: unknown option '{key}'")
+        lists = {s: _id_list(f"{path}::{s}", body.get(s), errors) for s in KINDS}
+        before = len(errors)
+        for section, kind in KINDS.items():
+            seen: set[str] = set()
+            for cid in lists[section]:
+                if cid not in configured[kind]:
+                    errors.append(f'{path}: references {kind} "{cid}" which is not configured')
+                if cid in seen:
+                    errors.append(f'{path}: references {kind} "{cid}" multiple times')
+                seen.add(cid)
+        if not lists["receivers"]:
+            errors.append(f"{path}: must have at least one receiver")
+        if not lists["exporters"]:
+            errors.append(f"{path}: must have at least one exporter")
+        if len(errors) == before:
+            _check_chain(path, [cfg.processors.get(p) for p in lists["processors"]], lists["processors"], errors)
+        cfg.pipelines[pid] = PipelineSpec(pid, lists["receivers"], lists["processors"], lists["exporters"])
+
+    if errors:
+        raise ConfigError(errors)
+    return cfg
+
+
+def _check_chain(path: str, specs: list[ComponentSpec | None], ids: list[str], errors: list[str]) -> None:
+    """Events must become spans exactly once, before every span processor."""
+    if any(s is None for s in specs):
+        return  # the component's own error is reported already
+    kinds = [getattr(s.cls, "consumes", None) for s in specs]  # type: ignore[union-attr]
+    events = [i for i, k in enumerate(kinds) if k == "events"]
+    if not events:
+        errors.append(f"{path}: no processor turns events into spans; the processors must start with "
+                      f'exactly one such processor (e.g. "protocols")')
+        return
+    if len(events) > 1:
+        errors.append(f'{path}: processors "{ids[events[0]]}" and "{ids[events[1]]}" both turn events into '
+                      f"spans; exactly one is allowed, first in the chain")
+        return
+    if events[0] != 0:
+        errors.append(f'{path}: processor "{ids[0]}" comes before "{ids[events[0]]}", which turns events into '
+                      f"spans; it must be first in the chain")
+        return
+    for i, k in enumerate(kinds[1:], 1):
+        if k != "spans":
+            errors.append(f'{path}: processor "{ids[i]}" does not consume spans (consumes={k!r})')

@@ -1,0 +1,516 @@
+"""Pipelines: build the component graph from a validated config, start, drain, stop, reload.
+
+Graph. Each pipeline is ``receivers -> events->spans processor -> span
+processors -> exporters``. Processors are built once per pipeline (they hold
+per-pipeline state); a receiver or exporter named by several pipelines is one
+instance: a receiver fans its events out to every pipeline that lists it, and
+a pipeline's last processor fans its spans out to all its exporters (the same
+list object goes to each: exporters must not mutate spans). Between stages the
+pipeline puts thin links that count items in and out (``wirespan_processor_*``,
+``wirespan_receiver_accepted_events``) and stop a component's exception from
+escaping into the receiver's thread (counted as ``reason="error"``).
+
+Concurrency model, and why. Each receiver runs its own thread(s). The
+protocols stage and the span processors run synchronously in the calling
+receiver's thread (they guard their own state with a lock): under the GIL,
+handing each item to another thread costs more than parsing it, and a call
+chain gives backpressure for free. Batching is the ``batch`` processor's job
+(by size, or by timeout from its timer thread). Exporters that do network I/O
+own a bounded sending queue with consumer threads, so a slow backend never
+blocks parsing. When such a queue is full, a finite receiver (a capture file)
+waits and a live receiver drops and counts: the link in front of a receiver's
+consumers records in a thread-local whether the producer is finite, and a
+queue asks ``should_block()``. Threads that emit on someone's behalf (the batch
+timer) carry the flag along with ``blocking(...)``. A processor that refuses
+data (``DataRefused``, e.g. a memory limiter) makes the link in front of it
+wait and retry for a finite producer and count a drop for a live one.
+
+Lifecycle. Start exporters first, then processors (downstream first), then
+receivers, so nothing produces into a stage that is not ready. If a start
+raises, everything started so far (and the one that failed) is shut down and
+``StartError`` names the component. Shutdown goes in reverse: receivers stop
+(``shutdown`` then ``flush``), then each processor in chain order and each
+exporter is ``flush``-ed and shut down, so what is in flight drains stage by
+stage. ``Runner`` adds the telemetry endpoints and SIGHUP-style reload: a new
+config that fails to load, validate or build is refused and logged while the
+running pipelines keep going.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from service import telemetry as tm
+from service.component import EXPORTER, PROCESSOR, RECEIVER
+from service.config import Config, ConfigError
+
+__all__ = [
+    "Service",
+    "Runner",
+    "StartError",
+    "BuildError",
+    "DataRefused",
+    "should_block",
+    "blocking",
+]
+
+log = logging.getLogger("wirespan.pipeline")
+
+#: How long a finite producer waits between retries when a processor refuses data.
+REFUSED_RETRY_S = 0.05
+#: At most one log line per link per this many seconds for repeated component errors.
+ERROR_LOG_INTERVAL_S = 10.0
+
+_tls = threading.local()
+
+
+def should_block() -> bool:
+    """True when the current producer is finite (a file): a full queue should wait, not drop."""
+    return getattr(_tls, "block", False)
+
+
+@contextlib.contextmanager
+def blocking(flag: bool) -> Iterator[None]:
+    """Run a block on behalf of a producer whose ``should_block()`` was ``flag``."""
+    old = getattr(_tls, "block", False)
+    _tls.block = flag
+    try:
+        yield
+    finally:
+        _tls.block = old
+
+
+class DataRefused(Exception):
+    """Raised by a processor that cannot take data now (memory pressure)."""
+
+
+class StartError(RuntimeError):
+    """A component failed to start; everything started before it was shut down."""
+
+
+class BuildError(RuntimeError):
+    """A component's constructor failed."""
+
+
+class _Tally:
+    __slots__ = ("_lock", "value")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.value = 0
+
+    def add(self, n: int) -> None:
+        with self._lock:
+            self.value += n
+
+
+class _Link:
+    """In front of one consumer: counts what goes in, contains its failures."""
+
+    __slots__ = ("_drop", "_err_at", "_stopping", "incoming", "label", "path", "tally", "target")
+
+    def __init__(self, target: Any, path: str, label: str, kind: str, stopping: threading.Event) -> None:
+        self.target = target
+        self.path = path
+        self.label = label
+        self.tally = _Tally()
+        self._err_at = 0.0
+        self._stopping = stopping
+        if kind == PROCESSOR:
+            self.incoming = tm.PROCESSOR_INCOMING.labels(processor=label)
+            self._drop = lambda reason, n: tm.PROCESSOR_DROPPED.labels(processor=label, reason=reason).inc(n)
+        else:
+            self.incoming = None
+            self._drop = lambda reason, n: tm.EXPORTER_SEND_FAILED.labels(exporter=label, reason=reason).inc(n)
+
+    def _call(self, fn: Callable[[list], None], items: list) -> None:
+        n = len(items)
+        if self.incoming is not None:
+            self.incoming.inc(n)
+        self.tally.add(n)
+        while True:
+            try:
+                fn(items)
+                return
+            except DataRefused:
+                if should_block() and not self._stopping.is_set():
+                    time.sleep(REFUSED_RETRY_S)
+                    continue
+                self._drop("refused", n)
+                return
+            except Exception:
+                self._drop("error", n)
+                now = time.monotonic()
+                if now - self._err_at >= ERROR_LOG_INTERVAL_S:
+                    self._err_at = now
+                    log.exception("%s raised; %d items dropped (counted with reason=error)", self.path, n,
+                                  extra={"component": self.path})
+                return
+
+    def consume_events(self, events: list) -> None:
+        if events:
+            self._call(self.target.consume_events, events)
+
+    def consume_spans(self, spans: list) -> None:
+        if spans:
+            self._call(self.target.consume_spans, spans)
+
+
+class _SpanOut:
+    """A processor's ``next``: counts its outgoing spans and fans out."""
+
+    __slots__ = ("outgoing", "tally", "targets")
+
+    def __init__(self, label: str, targets: list[_Link]) -> None:
+        self.outgoing = tm.PROCESSOR_OUTGOING.labels(processor=label)
+        self.targets = targets
+        self.tally = _Tally()
+
+    def consume_spans(self, spans: list) -> None:
+        if not spans:
+            return
+        n = len(spans)
+        self.outgoing.inc(n)
+        self.tally.add(n)
+        for t in self.targets:
+            t.consume_spans(spans)
+
+
+class _EventOut:
+    """A receiver's ``next``: counts accepted events, marks the thread's backpressure mode, fans out."""
+
+    __slots__ = ("accepted", "finite", "tally", "targets")
+
+    def __init__(self, receiver_id: str, finite: bool, targets: list[_Link]) -> None:
+        self.accepted = tm.RECEIVER_ACCEPTED.labels(receiver=receiver_id)
+        self.targets = targets
+        self.finite = finite
+        self.tally = _Tally()
+
+    def consume_events(self, events: list) -> None:
+        if not events:
+            return
+        _tls.block = self.finite
+        n = len(events)
+        self.accepted.inc(n)
+        self.tally.add(n)
+        for t in self.targets:
+            t.consume_events(events)
+
+
+def _delivery_counts(eid: str) -> float:
+    return (tm.counter_value(tm.EXPORTER_SENT, exporter=eid)
+            + tm.counter_value(tm.EXPORTER_SEND_FAILED, exporter=eid)
+            + tm.counter_value(tm.EXPORTER_ENQUEUE_FAILED, exporter=eid))
+
+
+class Service:
+    """The running graph of one config. Build, ``start()``, ``shutdown()``; not restartable."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.state = "building"
+        self.receivers: dict[str, Any] = {}
+        self.exporters: dict[str, Any] = {}
+        self.pipelines: dict[str, list[Any]] = {}
+        self.current_step = ""
+        self._stopping = threading.Event()
+        self._started: list[tuple[str, str, Any]] = []   # (kind, path, component) in start order
+        self._order: list[tuple[str, str, Any]] = []
+        self._exporter_links: dict[str, _Link] = {}
+        self._span_outs: dict[str, _SpanOut] = {}        # pipeline id -> output of its events->spans processor
+        self._event_outs: dict[str, _EventOut] = {}
+        self._baseline: dict[str, float] = {}
+        self._build()
+        self.state = "built"
+
+    # -- build ---------------------------------------------------------------
+    def _make(self, kind: str, cid: str, nxt: Any) -> Any:
+        spec = self.cfg.section(kind)[cid]
+        try:
+            return spec.cls(cid, spec.config, nxt)
+        except Exception as e:
+            raise BuildError(f"{spec.path}: cannot be created: {type(e).__name__}: {e}") from e
+
+    def _build(self) -> None:
+        cfg = self.cfg
+        used_exp = [e for p in cfg.pipelines.values() for e in p.exporters]
+        for eid in dict.fromkeys(used_exp):
+            inst = self._make(EXPORTER, eid, None)
+            self.exporters[eid] = inst
+            self._exporter_links[eid] = _Link(inst, f"exporters::{eid}", eid, EXPORTER, self._stopping)
+            self._order.append((EXPORTER, f"exporters::{eid}", inst))
+            self._baseline[eid] = _delivery_counts(eid)
+        entries: dict[str, _Link] = {}
+        for pid, p in cfg.pipelines.items():
+            targets = [self._exporter_links[e] for e in p.exporters]
+            chain: list[Any] = []
+            for proc_id in reversed(p.processors):
+                out = _SpanOut(proc_id, targets)
+                inst = self._make(PROCESSOR, proc_id, out)
+                if getattr(inst, "consumes", None) == "events":
+                    self._span_outs[pid] = out
+                chain.insert(0, inst)
+                targets = [_Link(inst, f"service::pipelines::{pid}::processors::{proc_id}", proc_id, PROCESSOR,
+                                 self._stopping)]
+                self._order.append((PROCESSOR, f"processors::{proc_id} (pipeline {pid})", inst))
+            self.pipelines[pid] = chain
+            entries[pid] = targets[0]
+        used_rcv = [r for p in cfg.pipelines.values() for r in p.receivers]
+        for rid in dict.fromkeys(used_rcv):
+            spec = cfg.receivers[rid]
+            out = _EventOut(rid, bool(getattr(spec.cls, "finite", False)),
+                            [entries[pid] for pid, p in cfg.pipelines.items() if rid in p.receivers])
+            self._event_outs[rid] = out
+            inst = self._make(RECEIVER, rid, out)
+            self.receivers[rid] = inst
+            self._order.append((RECEIVER, f"receivers::{rid}", inst))
+
+    # -- lifecycle -----------------------------------------------------------
+    def start(self) -> None:
+        """Start exporters, processors (downstream first), receivers.
+
+        Raises:
+            StartError: naming the component; everything started was shut down.
+        """
+        if self.state != "built":
+            raise RuntimeError(f"cannot start a service in state {self.state}")
+        self.state = "starting"
+        for kind, path, comp in self._order:
+            self.current_step = f"starting {path}"
+            self._started.append((kind, path, comp))   # shutdown() must be safe after a failed start
+            try:
+                comp.start()
+            except Exception as e:
+                log.error("%s failed to start: %s; shutting down what was started", path, e,
+                          extra={"component": path})
+                self._stop_started(drain=False)
+                self.state = "failed"
+                raise StartError(f"{path}: failed to start: {type(e).__name__}: {e}") from e
+            log.debug("started %s", path, extra={"component": path})
+        self.current_step = ""
+        self.state = "running"
+        log.info("pipelines running: %s", ", ".join(self.cfg.pipelines))
+
+    def _stop_started(self, drain: bool) -> list[str]:
+        problems: list[str] = []
+        self._stopping.set()
+        for kind, path, comp in reversed(self._started):
+            steps = ("shutdown", "flush") if kind == RECEIVER else ("flush", "shutdown")
+            for step in steps:
+                if step == "flush" and not drain:
+                    continue
+                self.current_step = f"{step} {path}"
+                try:
+                    getattr(comp, step)()
+                except Exception as e:
+                    problems.append(f"{path}: {step} failed: {type(e).__name__}: {e}")
+                    log.exception("%s: %s failed", path, step, extra={"component": path})
+        self._started.clear()
+        self.current_step = ""
+        return problems
+
+    def shutdown(self) -> list[str]:
+        """Stop receivers, drain every stage into the next, stop exporters. Returns problems found."""
+        if self.state in ("stopped", "stopping"):
+            return []
+        self.state = "stopping"
+        problems = self._stop_started(drain=True)
+        self.state = "stopped"
+        log.info("pipelines stopped")
+        return problems
+
+    # -- observation -----------------------------------------------------------
+    def finite(self) -> bool:
+        """True when every receiver ends by itself (capture files)."""
+        return bool(self.receivers) and all(getattr(r, "finite", False) for r in self.receivers.values())
+
+    def receivers_done(self) -> bool:
+        return all(r.done.is_set() for r in self.receivers.values() if getattr(r, "finite", False))
+
+    def wait_receivers(self, timeout: float | None = None) -> bool:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for r in self.receivers.values():
+            if getattr(r, "finite", False):
+                left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                if not r.done.wait(left):
+                    return False
+        return True
+
+    def undelivered(self) -> list[str]:
+        """Per exporter, spans handed to it that it neither sent nor counted as failed.
+
+        Exporters that report nothing at all (third-party ones that do not count
+        ``wirespan_exporter_sent_spans``) cannot be checked and are left out.
+        """
+        out = []
+        for eid, link in self._exporter_links.items():
+            offered = link.tally.value
+            accounted = _delivery_counts(eid) - self._baseline[eid]
+            if offered and accounted == 0 and not getattr(self.exporters[eid], "reports_delivery", True):
+                continue
+            if offered > accounted:
+                out.append(f"exporters::{eid}: {int(offered - accounted)} of {offered} spans not delivered")
+        return out
+
+    def stats(self) -> dict[str, Any]:
+        """Counts of this service's own traffic, for summaries."""
+        exp = {}
+        for eid, link in self._exporter_links.items():
+            exp[eid] = {
+                "offered": link.tally.value,
+                "sent": int(tm.counter_value(tm.EXPORTER_SENT, exporter=eid) - 0),
+                "failed": int(tm.counter_value(tm.EXPORTER_SEND_FAILED, exporter=eid)),
+                "enqueue_failed": int(tm.counter_value(tm.EXPORTER_ENQUEUE_FAILED, exporter=eid)),
+            }
+        return {
+            "events": {rid: o.tally.value for rid, o in self._event_outs.items()},
+            "spans": {pid: o.tally.value for pid, o in self._span_outs.items()},
+            "exporters": exp,
+        }
+
+
+class Runner:
+    """A long-running service: telemetry endpoints, the current ``Service``, reload.
+
+    ``load`` returns a validated ``Config`` (re-reading files each call, so a
+    reload sees edits) and raises ``ConfigError`` for a bad one.
+    """
+
+    def __init__(self, load: Callable[[], Config], configure_logs: bool = False) -> None:
+        self._load = load
+        self._configure_logs = configure_logs
+        self.service: Service | None = None
+        self._metrics: tm.TelemetryServer | None = None
+        self._health: tm.TelemetryServer | None = None
+        self._telemetry_key: Any = None
+        self._lock = threading.RLock()
+        self.state = "starting"
+
+    # health ----------------------------------------------------------------
+    def ready(self) -> tuple[bool, str]:
+        svc = self.service
+        st = svc.state if svc is not None else self.state
+        return (self.state == "running" and st == "running"), (st if self.state == "running" else self.state)
+
+    @property
+    def metrics_port(self) -> int | None:
+        return self._metrics.port if self._metrics else None
+
+    @property
+    def health_port(self) -> int | None:
+        return self._health.port if self._health else None
+
+    def _apply_telemetry(self, cfg: Config) -> None:
+        t = cfg.telemetry
+        if self._configure_logs:
+            from service import log as slog
+            slog.setup(t.logs.level, t.logs.encoding)
+        key = (t.metrics.address, t.metrics.path, t.metrics.level, t.health.address, t.health.path)
+        if key == self._telemetry_key:
+            return
+        self._close_telemetry()
+        try:
+            if t.metrics.address and t.metrics.level != "none":
+                try:
+                    self._metrics = tm.start_metrics_server(t.metrics.address, t.metrics.path)
+                except (OSError, ValueError) as e:
+                    raise ConfigError(f"service::telemetry::metrics::address: cannot listen on "
+                                      f"{t.metrics.address}: {e}")
+            if t.health.address:
+                try:
+                    self._health = tm.start_health_server(t.health.address, self.ready, t.health.path)
+                except (OSError, ValueError) as e:
+                    raise ConfigError(f"service::telemetry::health::address: cannot listen on "
+                                      f"{t.health.address}: {e}")
+        except ConfigError:
+            self._close_telemetry()
+            raise
+        self._telemetry_key = key
+
+    def _close_telemetry(self) -> None:
+        for s in (self._metrics, self._health):
+            if s is not None:
+                s.close()
+        self._metrics = self._health = None
+        self._telemetry_key = None
+
+    # lifecycle ----------------------------------------------------------------
+    def start(self) -> None:
+        """Load, serve telemetry, build and start. Raises ConfigError/BuildError/StartError."""
+        with self._lock:
+            cfg = self._load()
+            self._apply_telemetry(cfg)
+            try:
+                svc = Service(cfg)
+                self.service = svc
+                svc.start()
+            except Exception:
+                self.state = "failed"
+                self._close_telemetry()
+                raise
+            self.state = "running"
+
+    def reload(self) -> bool:
+        """Swap in the config as it is now on disk. False (logged) if it was refused or failed."""
+        with self._lock:
+            try:
+                cfg = self._load()
+                new = Service(cfg)
+            except ConfigError as e:
+                log.error("reload refused, the running pipelines keep going: %s", "; ".join(e.errors))
+                return False
+            except BuildError as e:
+                log.error("reload refused, the running pipelines keep going: %s", e)
+                return False
+            old = self.service
+            self.state = "reloading"
+            log.info("reloading configuration")
+            if old is not None:
+                for p in old.shutdown():
+                    log.error("while stopping the old pipelines: %s", p)
+            try:
+                self._apply_telemetry(cfg)
+                new.start()
+            except (StartError, ConfigError) as e:
+                log.error("new configuration failed to start (%s); restoring the previous one", e)
+                self.service = None
+                if old is not None:
+                    try:
+                        self._apply_telemetry(old.cfg)
+                        restored = Service(old.cfg)
+                        self.service = restored
+                        restored.start()
+                    except Exception as e2:
+                        log.error("the previous configuration failed to start again: %s", e2)
+                        self.state = "failed"
+                        return False
+                self.state = "running"
+                return False
+            self.service = new
+            self.state = "running"
+            log.info("configuration reloaded")
+            return True
+
+    def finished(self) -> bool:
+        """True when every receiver is finite and done: nothing more will come."""
+        svc = self.service
+        return svc is not None and svc.state == "running" and svc.finite() and svc.receivers_done()
+
+    def stop(self) -> list[str]:
+        """Drain and stop everything. Returns problems (undelivered spans, failed steps)."""
+        with self._lock:
+            self.state = "stopping"
+            problems: list[str] = []
+            svc = self.service
+            if svc is not None:
+                problems += svc.shutdown()
+                problems += svc.undelivered()
+            self._close_telemetry()
+            self.state = "stopped"
+            return problems
