@@ -1,0 +1,503 @@
+"""Redis (RESP2 and RESP3): one CLIENT span per command, replies paired in order.
+
+Contract: processors/protocols/base.py. Both directions are parsed by one
+incremental RESP scanner (``_Scanner``) that keeps its place across ``feed``
+calls: a reply of a million elements or a 500 MB bulk string is walked once,
+as it arrives, and released as it goes, so memory stays bounded and work
+linear. Only what a span needs is decoded: a request's command name and a few
+leading arguments (small copies, deliberate), a reply's type and, for errors,
+its first line.
+
+Pub/sub: after SUBSCRIBE the server pushes ``message``/``pmessage``/``smessage``
+arrays (RESP2) or ``>`` pushes (RESP3); these are never paired with a request.
+Commands inside MULTI get their ``+QUEUED`` reply; EXEC gets the result array
+(null = aborted, an error).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import ClassVar
+
+from processors.protocols.base import Conn, Detection, ProtocolSettings, Session
+from processors.protocols.errors import LimitExceeded, Malformed
+from service.largebuf import LargeBuffer
+from service.model import SpanKind, StatusCode
+
+NAME = "redis"
+DEFAULT_PORTS = frozenset({6379, 6380, 26379})
+
+#: Nesting deeper than this is refused: real replies nest a few levels (CLUSTER
+#: SLOTS, XREAD ~4); RESP3 attributes add one. Hostile nesting must not recurse.
+MAX_DEPTH = 64
+#: Longest RESP type line (``$<len>``, ``+simple``, ``-error``) accepted. Redis
+#: itself caps inline/multibulk header lines at 64 KiB (PROTO_INLINE_MAX_SIZE).
+MAX_LINE = 64 * 1024
+#: Aggregate and bulk lengths above these are malformed (Redis's own proto-max-bulk-len
+#: default is 512 MB; 2^31 elements is far past any real reply).
+MAX_BULK = 512 * 1024 * 1024
+MAX_AGGREGATE = 1 << 31
+#: Requests in flight per connection before the oldest are dropped (counted).
+MAX_PENDING = 10_000
+#: Arguments of a request kept for db.query.text, and bytes kept of each.
+MAX_ARGS_KEPT = 8
+MAX_ARG_BYTES = 128
+
+_AGG_TYPES = frozenset(b"*%~>|")  # array, map, set, push, attribute
+_LINE_TYPES = frozenset(b"+-:_,#(")  # simple, error, integer, null, double, boolean, big number
+_BULK_TYPES = frozenset(b"$!=")  # bulk string, bulk error, verbatim string
+_ALL_TYPES = _AGG_TYPES | _LINE_TYPES | _BULK_TYPES
+
+#: Commands whose every argument is a key (kept in db.query.text); others keep the first.
+_KEY_ONLY = frozenset({
+    "GET", "DEL", "UNLINK", "EXISTS", "MGET", "INCR", "DECR", "TTL", "PTTL", "TYPE", "HGETALL", "HKEYS",
+    "HVALS", "HLEN", "LLEN", "SMEMBERS", "SCARD", "ZCARD", "KEYS", "PERSIST", "STRLEN", "WATCH",
+    "SUBSCRIBE", "UNSUBSCRIBE", "PSUBSCRIBE", "PUNSUBSCRIBE", "SSUBSCRIBE", "SUNSUBSCRIBE", "SELECT",
+    "DUMP", "SINTER", "SUNION", "SDIFF", "PFCOUNT", "XLEN", "GETDEL",
+})
+#: Commands whose first argument is a subcommand, part of the operation name (CLIENT SETNAME).
+_CONTAINER = frozenset({
+    "CLIENT", "CONFIG", "CLUSTER", "COMMAND", "MEMORY", "MODULE", "OBJECT", "SCRIPT", "XINFO", "XGROUP",
+    "FUNCTION", "ACL", "LATENCY", "PUBSUB", "SLOWLOG", "DEBUG",
+})
+#: Inline commands recognised at detection (a bare word on a line is otherwise too weak a sign).
+_INLINE_OK = frozenset({"PING", "INFO", "GET", "SET", "DEL", "KEYS", "SELECT", "QUIT", "MONITOR", "DBSIZE",
+                        "FLUSHALL", "FLUSHDB", "HELLO", "AUTH", "EXISTS", "INCR", "SUBSCRIBE", "CLIENT"})
+_SUBSCRIBE = frozenset({"SUBSCRIBE", "PSUBSCRIBE", "SSUBSCRIBE"})
+_UNSUBSCRIBE = frozenset({"UNSUBSCRIBE", "PUNSUBSCRIBE", "SUNSUBSCRIBE"})
+_PUSH_KINDS = frozenset({b"message", b"pmessage", b"smessage"})
+_SUB_REPLY_KINDS = frozenset({b"subscribe", b"psubscribe", b"ssubscribe", b"unsubscribe", b"punsubscribe",
+                              b"sunsubscribe"})
+_CREDENTIAL_CMDS = frozenset({"AUTH", "HELLO", "MIGRATE"})
+
+
+class Settings(ProtocolSettings):
+    #: Replace argument values in db.query.text with ``?`` (keys are kept).
+    sanitize_query: bool = True
+    #: Emit spans for pub/sub messages pushed by the server (CONSUMER, no request).
+    trace_pushes: bool = False
+
+
+# ---------------------------------------------------------------------------
+# detection
+# ---------------------------------------------------------------------------
+def _int_line(buf: LargeBuffer, off: int, limit: int) -> tuple[int, int] | None:
+    """``<digits>\\r\\n`` at ``off`` -> (value, next offset); None if not (yet) that."""
+    end = buf.find(b"\r\n", off, min(len(buf), off + 24))
+    if end < 0:
+        return None
+    v = buf.view_at(off, end - off)
+    if not v or not bytes(v).lstrip(b"-").isdigit():  # <= 21 bytes: a cheap, deliberate copy
+        return None
+    n = int(bytes(v))
+    if n > limit:
+        return None
+    return n, end + 2
+
+
+def detect(buf: LargeBuffer, from_client: bool | None) -> Detection:
+    n = len(buf)
+    if n == 0:
+        return Detection.NEED_MORE
+    t = buf.u8_at(0)
+    if t == 0x2A and from_client is not False:  # '*': a command array: *<n>\r\n$<len>\r\n<name>\r\n
+        if n < 8:
+            return Detection.NEED_MORE
+        head = _int_line(buf, 1, 1 << 20)
+        if head is None or head[0] < 1:
+            return Detection.NEED_MORE if buf.find(b"\r\n", 1, min(n, 25)) < 0 and n < 25 else Detection.NO
+        off = head[1]
+        if off >= n:
+            return Detection.NEED_MORE
+        if buf.u8_at(off) != 0x24:  # '$'
+            return Detection.NO
+        blen = _int_line(buf, off + 1, 64)
+        if blen is None:
+            return Detection.NEED_MORE if n - off < 8 else Detection.NO
+        name_off = blen[1]
+        if name_off + blen[0] + 2 > n:
+            return Detection.NEED_MORE
+        name = buf.view_at(name_off, blen[0])
+        if not bytes(name).replace(b"-", b"").replace(b"_", b"").replace(b"|", b"").isalpha():
+            return Detection.NO
+        if buf.view_at(name_off + blen[0], 2) != b"\r\n":
+            return Detection.NO
+        return Detection.REQUEST
+    if from_client is not False and 0x41 <= (t & 0xDF) <= 0x5A:  # inline command, a letter first
+        end = buf.find(b"\r\n", 0, min(n, 256))
+        if end < 0:
+            return Detection.NEED_MORE if n < 256 else Detection.NO
+        line = bytes(buf.view_at(0, end))  # <= 256 bytes
+        if b" HTTP/" in line or not line.isascii():  # "GET / HTTP/1.1" is HTTP, not Redis
+            return Detection.NO
+        word = line.split(b" ", 1)[0].upper()
+        return Detection.REQUEST if word.decode("ascii") in _INLINE_OK else Detection.NO
+    if from_client is not True and t in b"+-$:*%":
+        # Responses are a weaker sign: accept only the common exact shapes.
+        end = buf.find(b"\r\n", 0, min(n, 128))
+        if end < 0:
+            return Detection.NEED_MORE if n < 128 else Detection.NO
+        line = bytes(buf.view_at(0, end))  # <= 128 bytes
+        if line in (b"+OK", b"+PONG", b"+QUEUED") or line.startswith((b"-ERR ", b"-WRONGTYPE ", b"-NOAUTH ")):
+            return Detection.RESPONSE
+        if line[:1] in (b"$", b":", b"*", b"%") and line[1:].lstrip(b"-").isdigit() and len(line) < 12:
+            return Detection.RESPONSE
+    return Detection.NO
+
+
+# ---------------------------------------------------------------------------
+# the incremental scanner
+# ---------------------------------------------------------------------------
+class _Value:
+    """What a top-level value is, as far as a span cares."""
+
+    __slots__ = ("args", "end_ts", "error", "first", "is_null", "nargs", "push", "start_ts", "type")
+
+    def __init__(self, t: int, start_ts: int) -> None:
+        self.type = t
+        self.start_ts = start_ts
+        self.end_ts = start_ts
+        self.error: str | None = None
+        self.push = t == 0x3E  # '>'
+        self.is_null = False
+        self.args: list[bytes] = []   # leading bulk/simple elements of a top-level array (small copies)
+        self.first: bytes | None = None
+        self.nargs = 0
+
+
+class _Scanner:
+    """Walks RESP values as bytes arrive; resumable at any byte.
+
+    ``stack`` holds the elements still expected at each open aggregate level;
+    ``skip`` the bulk bytes (plus CRLF) still to pass over. ``keep`` is how many
+    leading top-level elements to copy (the command name and a few args).
+    """
+
+    __slots__ = ("cur", "keep", "skip", "stack")
+
+    def __init__(self, keep: int) -> None:
+        self.keep = keep
+        self.stack: list[int] = []
+        self.skip = 0
+        self.cur: _Value | None = None
+
+    def reset(self) -> None:
+        self.stack.clear()
+        self.skip = 0
+        self.cur = None
+
+    def _elem_done(self) -> bool:
+        """One element finished at the current level; True when the top-level value is complete."""
+        st = self.stack
+        while st:
+            st[-1] -= 1
+            if st[-1] > 0:
+                return False
+            st.pop()
+        return True
+
+    def scan(self, buf: LargeBuffer, ts_ns: int) -> list[_Value]:
+        """Consume complete values at the front of ``buf``; return them (top-level only)."""
+        out: list[_Value] = []
+        off = 0
+        n = len(buf)
+        while off < n:
+            if self.skip:
+                take = min(self.skip, n - off)
+                self.skip -= take
+                off += take
+                if self.skip:
+                    break
+                if self._elem_done():
+                    assert self.cur is not None
+                    self.cur.end_ts = ts_ns
+                    out.append(self.cur)
+                    self.cur = None
+                continue
+            t = buf.u8_at(off)
+            if t not in _ALL_TYPES:
+                if self.cur is None and not self.stack and 0x20 < t < 0x7F:
+                    got = self._inline(buf, off, ts_ns)
+                    if got is None:
+                        break
+                    off, v = got
+                    out.append(v)
+                    continue
+                raise Malformed(NAME, "bad_type", off, f"type byte {t:#x}")
+            end = buf.find(b"\r\n", off + 1, min(n, off + 1 + MAX_LINE + 2))
+            if end < 0:
+                if n - off > MAX_LINE:
+                    raise LimitExceeded(NAME, "line_too_long", off)
+                break
+            hdr = off  # where to resume if a kept element has not fully arrived
+            top = not self.stack
+            if top:
+                self.cur = _Value(t, buf.ts_at(off))
+            cur = self.cur
+            assert cur is not None
+            if t in _AGG_TYPES:
+                cnt = _parse_int(buf, off + 1, end)
+                if t == 0x25 or t == 0x7C:  # map / attribute: key and value per entry
+                    cnt *= 2
+                if t == 0x7C:
+                    # An attribute annotates the value after it: it does not count as an
+                    # element of its own, so expect cnt+1 (the annotated value follows).
+                    cnt += 1
+                    if top:
+                        cur.type = 0  # decided by the annotated value
+                if cnt > MAX_AGGREGATE:
+                    raise LimitExceeded(NAME, "aggregate_too_large", off)
+                if top and t != 0x7C:
+                    cur.nargs = max(cnt, 0)
+                off = end + 2
+                if cnt <= 0:  # empty or null (*-1) aggregate is a complete element
+                    if top:
+                        cur.is_null = cnt < 0
+                    if self._elem_done():
+                        cur.end_ts = ts_ns
+                        out.append(cur)
+                        self.cur = None
+                    continue
+                if len(self.stack) >= MAX_DEPTH:
+                    raise LimitExceeded(NAME, "too_deep", off)
+                self.stack.append(cnt)
+                continue
+            if t in _BULK_TYPES:
+                blen = _parse_int(buf, off + 1, end)
+                off = end + 2
+                if blen < 0:  # $-1: null bulk
+                    if top:
+                        cur.is_null = True
+                    if self._elem_done():
+                        cur.end_ts = ts_ns
+                        out.append(cur)
+                        self.cur = None
+                    continue
+                if blen > MAX_BULK:
+                    raise LimitExceeded(NAME, "bulk_too_large", off)
+                # Elements a span needs are copied (bounded); if they have not fully
+                # arrived, stop before the header and read it again with more bytes.
+                if t == 0x21 and top:  # '!' bulk error: keep its text
+                    if off + min(blen, 256) > n:
+                        off = hdr
+                        break
+                    cur.error = _text(buf, off, min(blen, 256))
+                elif len(self.stack) == 1 and len(cur.args) < self.keep:
+                    if off + min(blen, MAX_ARG_BYTES) > n:
+                        off = hdr
+                        break
+                    cur.args.append(buf.bytes_at(off, min(blen, MAX_ARG_BYTES)))
+                elif top:
+                    if off + min(blen, MAX_ARG_BYTES) > n:
+                        off = hdr
+                        break
+                    cur.first = buf.bytes_at(off, min(blen, MAX_ARG_BYTES))
+                self.skip = blen + 2
+                continue
+            # line types
+            if t == 0x2D and top:  # '-' error
+                cur.error = _text(buf, off + 1, min(end - off - 1, 512))
+            elif t == 0x5F and top:  # '_' null
+                cur.is_null = True
+            elif len(self.stack) == 1 and len(cur.args) < self.keep and t == 0x2B:
+                cur.args.append(buf.bytes_at(off + 1, min(end - off - 1, MAX_ARG_BYTES)))
+            elif top and t == 0x2B:
+                cur.first = buf.bytes_at(off + 1, min(end - off - 1, MAX_ARG_BYTES))
+            off = end + 2
+            if self._elem_done():
+                cur.end_ts = ts_ns
+                out.append(cur)
+                self.cur = None
+        if off:
+            buf.release(off)
+        return out
+
+    def _inline(self, buf: LargeBuffer, off: int, ts_ns: int) -> tuple[int, _Value] | None:
+        """An inline command (``PING\\r\\n``): space-separated words on one line."""
+        end = buf.find(b"\n", off, min(len(buf), off + MAX_LINE + 1))
+        if end < 0:
+            if len(buf) - off > MAX_LINE:
+                raise LimitExceeded(NAME, "line_too_long", off)
+            return None
+        v = _Value(0x2A, buf.ts_at(off))
+        line = buf.view_at(off, min(end - off, 4096)).tobytes().rstrip(b"\r")  # bounded: one command line
+        words = line.split()
+        v.args = [w[:MAX_ARG_BYTES] for w in words[: self.keep]]
+        v.nargs = len(words)
+        v.end_ts = ts_ns
+        return end + 1, v
+
+
+def _parse_int(buf: LargeBuffer, off: int, end: int) -> int:
+    if end - off > 20 or end == off:
+        raise Malformed(NAME, "bad_length", off)
+    raw = bytes(buf.view_at(off, end - off))  # <= 20 bytes
+    try:
+        return int(raw)
+    except ValueError:
+        raise Malformed(NAME, "bad_length", off, repr(raw)) from None
+
+
+def _text(buf: LargeBuffer, off: int, n: int) -> str:
+    return buf.bytes_at(off, max(n, 0)).decode("utf-8", "replace")
+
+
+# ---------------------------------------------------------------------------
+# session
+# ---------------------------------------------------------------------------
+class _Pending:
+    __slots__ = ("command", "in_multi", "nargs", "replies_left", "start_ts", "text")
+
+    def __init__(self, command: str, text: str, start_ts: int, replies: int, in_multi: bool, nargs: int) -> None:
+        self.command = command
+        self.text = text
+        self.start_ts = start_ts
+        self.replies_left = replies
+        self.in_multi = in_multi
+        self.nargs = nargs
+
+
+def _decode(b: bytes) -> str:
+    return b.decode("utf-8", "replace")
+
+
+class Session(Session):  # type: ignore[no-redef]
+    protocol: ClassVar[str] = NAME
+
+    def __init__(self, conn: Conn) -> None:
+        super().__init__(conn)
+        self.settings: Settings = conn.settings if isinstance(conn.settings, Settings) else Settings()
+        self.req = _Scanner(keep=MAX_ARGS_KEPT)
+        self.resp = _Scanner(keep=3)
+        self.pending: deque[_Pending] = deque()
+        self.namespace: str | None = None
+        self._select: str | None = None  # the index a pending SELECT asks for
+        self.in_multi = False
+        self.subscribed = False
+
+    # -- requests ------------------------------------------------------
+    def feed(self, from_client: bool, buf: LargeBuffer, ts_ns: int) -> None:
+        if from_client:
+            for v in self.req.scan(buf, ts_ns):
+                self._request(v)
+        else:
+            for v in self.resp.scan(buf, ts_ns):
+                self._reply(v)
+
+    def _request(self, v: _Value) -> None:
+        if not v.args:
+            self.conn.drop("empty_command")
+            return
+        cmd = _decode(v.args[0]).upper()
+        op = cmd
+        if cmd in _CONTAINER and len(v.args) > 1:
+            op = f"{cmd} {_decode(v.args[1]).upper()}"
+        text = self._query_text(cmd, v)
+        replies = 1
+        if cmd in _SUBSCRIBE:
+            replies = max(v.nargs - 1, 1)  # one confirmation per channel
+            self.subscribed = True
+        if len(self.pending) >= MAX_PENDING:
+            self.pending.popleft()
+            self.conn.drop("too_many_pending")
+        p = _Pending(op, text, v.start_ts, replies, self.in_multi, v.nargs)
+        if cmd == "MULTI":
+            self.in_multi = True
+        elif cmd in ("EXEC", "DISCARD"):
+            self.in_multi = False
+        elif cmd == "SELECT" and len(v.args) > 1:
+            self._select = _decode(v.args[1])
+        self.pending.append(p)
+
+    def _query_text(self, cmd: str, v: _Value) -> str:
+        args = [_decode(a) for a in v.args[1:]]
+        if cmd in _CREDENTIAL_CMDS:
+            return cmd + (" ?" * len(args))  # never a password, sanitising or not
+        if self.settings.sanitize_query:
+            if cmd in _CONTAINER:
+                keep = 1
+            elif cmd in _KEY_ONLY:
+                keep = len(args)
+            else:
+                keep = 1
+            shown = args[:keep] + ["?"] * (len(args) - keep)
+        else:
+            shown = args
+        more = v.nargs - 1 - len(args)
+        text = " ".join([cmd, *shown])
+        if more > 0:
+            text += " ?" * min(more, 8) + (" ..." if more > 8 else "")
+        return text
+
+    # -- replies ---------------------------------------------------------
+    def _reply(self, v: _Value) -> None:
+        if v.push or (self.subscribed and v.args and v.args[0] in _PUSH_KINDS):
+            self.conn.extra["redis_pushes"] = self.conn.extra.get("redis_pushes", 0) + 1
+            if self.settings.trace_pushes and len(v.args) >= 2:
+                self._push_span(v)
+            return
+        if self.subscribed and v.args and v.args[0] in _SUB_REPLY_KINDS and not self.pending:
+            return  # extra (un)subscribe confirmations with no request left to pair
+        if not self.pending:
+            self.conn.drop("unpaired_reply")
+            return
+        p = self.pending[0]
+        p.replies_left -= 1
+        if p.replies_left > 0:
+            return
+        self.pending.popleft()
+        self._span(p, v)
+
+    def _span(self, p: _Pending, v: _Value) -> None:
+        conn = self.conn
+        cmd = p.command
+        base = cmd.split(" ", 1)[0]
+        if base == "SELECT" and v.error is None and self._select is not None:
+            self.namespace = self._select
+        if base in _UNSUBSCRIBE and v.args and v.args[-1:] == [b"0"]:
+            self.subscribed = False
+        attrs: dict[str, object] = {
+            "db.system.name": "redis",
+            "db.operation.name": cmd,
+            "db.query.text": p.text,
+        }
+        if self.namespace is not None:
+            attrs["db.namespace"] = self.namespace
+        if p.in_multi and cmd not in ("EXEC", "DISCARD"):
+            attrs["db.redis.transaction"] = True
+        status = StatusCode.UNSET
+        msg = ""
+        if v.error is not None:
+            status = StatusCode.ERROR
+            msg = v.error
+            prefix = v.error.split(" ", 1)[0]
+            attrs["db.response.status_code"] = prefix
+            attrs["error.type"] = prefix
+        elif base == "EXEC" and v.is_null:
+            status = StatusCode.ERROR
+            msg = "transaction aborted (WATCH)"
+            attrs["error.type"] = "EXECABORT"
+        kind = conn.kind_for(SpanKind.CLIENT)
+        conn.emit(conn.span(cmd, kind, p.start_ts, v.end_ts, attrs, status_code=status, status_message=msg))
+
+    def _push_span(self, v: _Value) -> None:
+        conn = self.conn
+        channel = _decode(v.args[2] if v.args[0] == b"pmessage" and len(v.args) > 2 else v.args[1])
+        attrs: dict[str, object] = {
+            "messaging.system": "redis",
+            "messaging.operation.type": "receive",
+            "messaging.destination.name": channel,
+        }
+        conn.emit(conn.span(f"receive {channel}", SpanKind.CONSUMER, v.start_ts, v.end_ts, attrs))
+
+    def gap(self, from_client: bool, ts_ns: int) -> None:
+        # Lost bytes: the scanner's place is meaningless and pairing is unknowable.
+        (self.req if from_client else self.resp).reset()
+        if self.pending:
+            self.conn.drop("gap")
+        self.pending.clear()
+
+    def close(self, ts_ns: int, reset: bool = False) -> None:
+        for _ in self.pending:
+            self.conn.drop("no_reply")
+        self.pending.clear()

@@ -1,0 +1,288 @@
+"""Redis: RESP2/RESP3 parsing, pairing, pub/sub, transactions, bad input, and a real redis-server."""
+
+from __future__ import annotations
+
+import tracemalloc
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from processors.protocols import redis as r
+from processors.protocols.base import Conn, Detection
+from processors.protocols.errors import ProtocolError
+from service.largebuf import LargeBuffer
+from service.model import Span, SpanKind, StatusCode
+
+
+def cmd(*args: bytes | str) -> bytes:
+    parts = [f"*{len(args)}\r\n".encode()]
+    for a in args:
+        b = a.encode() if isinstance(a, str) else a
+        parts.append(b"$%d\r\n%s\r\n" % (len(b), b))
+    return b"".join(parts)
+
+
+class Driver:
+    """Feeds a Session as the protocols stage does; collects spans and drops."""
+
+    def __init__(self, **settings: object) -> None:
+        self.spans: list[Span] = []
+        self.drops: list[str] = []
+        self.conn = Conn(1, "127.0.0.1", 50000, "127.0.0.1", 6379, self.spans.append,
+                         lambda p, reason: self.drops.append(reason), settings=r.Settings(**settings),
+                         protocol="redis")
+        self.session = r.Session(self.conn)
+        self.ts = 1_000
+
+    def send(self, from_client: bool, data: bytes, step: int | None = None) -> None:
+        buf = self.conn.client_buf if from_client else self.conn.server_buf
+        step = step or len(data) or 1
+        for i in range(0, len(data), step):
+            self.ts += 10
+            buf.append(data[i:i + step], self.ts)
+            self.session.feed(from_client, buf, self.ts)
+
+
+@pytest.mark.parametrize("step", [None, 1, 3, 7])
+def test_get_set_pipeline_any_chunking(step: int | None) -> None:
+    d = Driver()
+    d.send(True, cmd("SET", "user:1", "secret-value") + cmd("GET", "user:1") + cmd("GET", "nokey")
+           + cmd("HSET", "h", "f", "v"), step)
+    d.send(False, b"+OK\r\n$12\r\nsecret-value\r\n$-1\r\n:1\r\n", step)
+    assert [s.name for s in d.spans] == ["SET", "GET", "GET", "HSET"]
+    texts = [s.attributes["db.query.text"] for s in d.spans]
+    assert texts == ["SET user:1 ?", "GET user:1", "GET nokey", "HSET h ? ?"]
+    for s in d.spans:
+        assert s.kind == SpanKind.CLIENT
+        assert s.attributes["db.system.name"] == "redis"
+        assert s.attributes["server.port"] == 6379
+        assert s.status_code == StatusCode.UNSET
+        assert s.end_ns >= s.start_ns
+    assert "secret-value" not in repr([s.attributes for s in d.spans])
+    assert len(d.conn.client_buf) == 0 and len(d.conn.server_buf) == 0
+
+
+def test_trailing_bytes_stay_for_the_next_feed() -> None:
+    d = Driver()
+    d.send(True, cmd("GET", "a") + b"*2\r\n$3\r\nGE")
+    d.send(False, b"$1\r\nx\r\n")
+    assert [s.name for s in d.spans] == ["GET"]
+    # the array header is consumed (the scanner keeps its place); the element that has
+    # not fully arrived waits in the buffer
+    assert bytes(d.conn.client_buf.view_at(0, len(d.conn.client_buf))) == b"$3\r\nGE"
+    d.send(True, b"T\r\n$1\r\nb\r\n")
+    d.send(False, b"$-1\r\n")
+    assert [s.attributes["db.query.text"] for s in d.spans] == ["GET a", "GET b"]
+
+
+def test_errors_and_namespace() -> None:
+    d = Driver()
+    d.send(True, cmd("SELECT", "3") + cmd("LPUSH", "k", "v") + cmd("BOGUS"))
+    d.send(False, b"+OK\r\n-WRONGTYPE Operation against a key holding the wrong kind of value\r\n"
+           b"-ERR unknown command 'BOGUS'\r\n")
+    sel, lp, bog = d.spans
+    assert sel.status_code == StatusCode.UNSET
+    assert lp.attributes["db.namespace"] == "3"
+    assert lp.status_code == StatusCode.ERROR
+    assert lp.attributes["error.type"] == "WRONGTYPE"
+    assert lp.attributes["db.response.status_code"] == "WRONGTYPE"
+    assert lp.status_message.startswith("WRONGTYPE Operation")
+    assert bog.attributes["error.type"] == "ERR"
+
+
+def test_resp3_types_and_bulk_error() -> None:
+    d = Driver()
+    d.send(True, cmd("HELLO", "3", "AUTH", "u", "pw") + cmd("HGETALL", "h") + cmd("SMEMBERS", "s")
+           + cmd("GET", "x") + cmd("OBJECT", "FREQ", "k") + cmd("DEBUG", "X") + cmd("GET", "v"))
+    d.send(False, b"%2\r\n+server\r\n+redis\r\n+proto\r\n:3\r\n"
+           b"%1\r\n$1\r\nf\r\n$1\r\nv\r\n"
+           b"~2\r\n+a\r\n,3.14\r\n"
+           b"_\r\n"
+           b"|1\r\n+ttl\r\n:3600\r\n(3492890328409238509324850943850943825024385\r\n"
+           b"!21\r\nSYNTAX invalid syntax\r\n"
+           b"=15\r\ntxt:Some string\r\n")
+    assert [s.name for s in d.spans] == ["HELLO", "HGETALL", "SMEMBERS", "GET", "OBJECT FREQ", "DEBUG X", "GET"]
+    assert d.spans[0].attributes["db.query.text"] == "HELLO ? ? ? ?"  # credentials never shown
+    assert d.spans[5].status_code == StatusCode.ERROR
+    assert d.spans[5].attributes["error.type"] == "SYNTAX"
+    assert all(s.status_code == StatusCode.UNSET for i, s in enumerate(d.spans) if i != 5)
+
+
+def test_push_messages_are_not_replies() -> None:
+    d = Driver()
+    d.send(True, cmd("SUBSCRIBE", "news", "sports"))
+    d.send(False, b"*3\r\n$9\r\nsubscribe\r\n$4\r\nnews\r\n:1\r\n*3\r\n$9\r\nsubscribe\r\n$6\r\nsports\r\n:2\r\n")
+    d.send(False, b"*3\r\n$7\r\nmessage\r\n$4\r\nnews\r\n$5\r\nhello\r\n")
+    d.send(False, b">3\r\n$7\r\nmessage\r\n$4\r\nnews\r\n$3\r\nbye\r\n")
+    d.send(True, cmd("PING"))
+    d.send(False, b"*2\r\n$4\r\npong\r\n$0\r\n\r\n")
+    assert [s.name for s in d.spans] == ["SUBSCRIBE", "PING"]
+    assert d.conn.extra["redis_pushes"] == 2
+    assert not d.drops
+
+
+def test_multi_exec_and_aborted_exec() -> None:
+    d = Driver()
+    d.send(True, cmd("MULTI") + cmd("INCR", "a") + cmd("INCR", "b") + cmd("EXEC"))
+    d.send(False, b"+OK\r\n+QUEUED\r\n+QUEUED\r\n*2\r\n:1\r\n:1\r\n")
+    d.send(True, cmd("WATCH", "a") + cmd("MULTI") + cmd("INCR", "a") + cmd("EXEC"))
+    d.send(False, b"+OK\r\n+OK\r\n+QUEUED\r\n*-1\r\n")
+    names = [s.name for s in d.spans]
+    assert names == ["MULTI", "INCR", "INCR", "EXEC", "WATCH", "MULTI", "INCR", "EXEC"]
+    assert d.spans[1].attributes["db.redis.transaction"] is True
+    assert d.spans[3].status_code == StatusCode.UNSET
+    assert d.spans[7].status_code == StatusCode.ERROR
+
+
+def test_inline_commands() -> None:
+    d = Driver()
+    d.send(True, b"PING\r\nSET k v\r\n")
+    d.send(False, b"+PONG\r\n+OK\r\n")
+    assert [s.attributes["db.query.text"] for s in d.spans] == ["PING", "SET k ?"]
+
+
+def test_sanitize_off_shows_values() -> None:
+    d = Driver(sanitize_query=False)
+    d.send(True, cmd("SET", "k", "v1"))
+    d.send(False, b"+OK\r\n")
+    assert d.spans[0].attributes["db.query.text"] == "SET k v1"
+
+
+def test_detect() -> None:
+    assert r.detect(LargeBuffer(cmd("GET", "a")), None) == Detection.REQUEST
+    assert r.detect(LargeBuffer(b"*1\r\n$4\r\nPI"), None) == Detection.NEED_MORE
+    assert r.detect(LargeBuffer(b"PING\r\n"), None) == Detection.REQUEST
+    assert r.detect(LargeBuffer(b"+OK\r\n"), False) == Detection.RESPONSE
+    assert r.detect(LargeBuffer(b"GET / HTTP/1.1\r\n"), None) == Detection.NO
+    assert r.detect(LargeBuffer(b"\x16\x03\x01\x02\x00"), None) == Detection.NO
+    assert r.detect(LargeBuffer(b"*1\r\n$4\r\n\x00\x01\x02\x03\r\n"), None) == Detection.NO
+
+
+@pytest.mark.parametrize("data,reason", [
+    (b"*99999999999999\r\n", "aggregate_too_large"),
+    (b"$600000000\r\n", "bulk_too_large"),
+    (b"*1\r\n" * 100, "too_deep"),
+    (b"$abc\r\n", "bad_length"),
+    (b"\x00\x01garbage\r\n", "bad_type"),
+    (b"+" + b"x" * (70 * 1024), "line_too_long"),
+])
+def test_hostile_replies_raise_counted_protocol_errors(data: bytes, reason: str) -> None:
+    d = Driver()
+    d.send(True, cmd("GET", "a"))
+    with pytest.raises(ProtocolError) as e:
+        d.send(False, data)
+    assert e.value.reason == reason
+
+
+def test_huge_bulk_is_skipped_as_it_arrives() -> None:
+    d = Driver()
+    d.send(True, cmd("GET", "big"))
+    size = 50 * 1024 * 1024
+    d.send(False, b"$%d\r\n" % size)
+    chunk = bytes(65536)
+    for _ in range(size // len(chunk)):
+        d.send(False, chunk)
+        assert len(d.conn.server_buf) == 0  # nothing held
+    d.send(False, b"\r\n")
+    assert [s.name for s in d.spans] == ["GET"]
+
+
+def _alloc(n_elems: int) -> int:
+    reply = b"*%d\r\n" % n_elems + b"$10\r\n0123456789\r\n" * n_elems
+    d = Driver()
+    d.send(True, cmd("LRANGE", "l", "0", "-1"))
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        for i in range(0, len(reply), 1400):
+            d.send(False, reply[i:i + 1400])
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert len(d.spans) == 1
+    return peak
+
+
+def test_allocation_is_flat_when_the_reply_grows_100x() -> None:
+    small = _alloc(100)
+    large = _alloc(10_000)
+    assert large < small * 1.5 + 4096, (small, large)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.binary(max_size=300), st.integers(1, 40))
+def test_fuzz_garbage_never_escapes_except_protocol_errors(data: bytes, step: int) -> None:
+    d = Driver()
+    for side in (True, False):
+        try:
+            d.send(side, data, step)
+        except ProtocolError:
+            pass
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["GET", "SET", "DEL", "INCR"]), st.binary(max_size=40)),
+                min_size=1, max_size=10), st.integers(1, 30))
+def test_fuzz_valid_pipelines_pair_exactly(cmds: list[tuple[str, bytes]], step: int) -> None:
+    d = Driver()
+    d.send(True, b"".join(cmd(c, k) for c, k in cmds), step)
+    d.send(False, b"".join(b"$3\r\nabc\r\n" for _ in cmds), step)
+    assert [s.name for s in d.spans] == [c for c, _ in cmds]
+
+
+# ---------------------------------------------------------------------------
+# real redis-server, real redis-py, recorded with tcpdump, replayed
+# ---------------------------------------------------------------------------
+def test_real_redis_server_replay() -> None:
+    redis = pytest.importorskip("redis")
+    from tests.support.capture import tcpdump
+    from tests.support.redis_server import redis_server
+    from tests.support.replay import replay_spans
+
+    with redis_server() as port, tcpdump(port) as pcap:
+        c = redis.Redis(host="127.0.0.1", port=port)
+        c.set("user:1", "alice")
+        assert c.get("user:1") == b"alice"
+        c.get("missing")
+        c.hset("h", mapping={"a": "1", "b": "2"})
+        with pytest.raises(redis.ResponseError):
+            c.lpush("user:1", "x")
+        p = c.pipeline(transaction=False)
+        p.incr("n").incr("n").get("n")
+        p.execute()
+        t = c.pipeline(transaction=True)
+        t.incr("t").incr("t")
+        t.execute()
+        c3 = redis.Redis(host="127.0.0.1", port=port, protocol=3, db=2)
+        c3.set("k3", "v")
+        c3.hgetall("h")
+        ps = c.pubsub()
+        ps.subscribe("news")
+        ps.get_message(timeout=1)
+        c.publish("news", "hello")
+        msg = None
+        for _ in range(20):
+            msg = ps.get_message(timeout=0.2)
+            if msg and msg["type"] == "message":
+                break
+        assert msg and msg["data"] == b"hello"
+        ps.close()
+        c.close()
+        c3.close()
+    spans = replay_spans(pcap)
+    ops = [s.attributes["db.operation.name"] for s in spans]
+    texts = [s.attributes["db.query.text"] for s in spans]
+    assert "SET user:1 ?" in texts and "GET user:1" in texts and "GET missing" in texts
+    assert ops.count("INCRBY") == 4 and "MULTI" in ops and "EXEC" in ops  # redis-py sends INCRBY
+    err = [s for s in spans if s.attributes["db.operation.name"] == "LPUSH"]
+    assert len(err) == 1 and err[0].status_code == StatusCode.ERROR
+    assert err[0].attributes["error.type"] == "WRONGTYPE"
+    ns = [s for s in spans if s.attributes.get("db.query.text") == "SET k3 ?"]
+    assert len(ns) == 1 and ns[0].attributes["db.namespace"] == "2"
+    assert "SUBSCRIBE" in ops and "PUBLISH" in ops
+    for s in spans:
+        assert s.kind == SpanKind.CLIENT
+        assert s.attributes["server.port"] == port
+        assert 0 <= s.end_ns - s.start_ns < 5_000_000_000
+    assert "alice" not in repr([s.attributes for s in spans])
