@@ -239,12 +239,12 @@ class PersistentQueue:
             self._remove_segment(old)
 
     # -- queue API ------------------------------------------------------------------
-    def put(self, data: bytes, n: int, timeout: float | None = None) -> bool:
+    def put(self, data: bytes, n: int, block: bool | None = None, timeout: float | None = None) -> bool:
         """Append one request of ``n`` spans; False if full (and not blocking) or closed."""
         if len(data) > MAX_RECORD_BYTES:
             return False
         with self._cv:
-            if self.block_on_overflow:
+            if self.block_on_overflow if block is None else block:
                 deadline = None if timeout is None else time.monotonic() + timeout
                 while not self._closed and self._size + n > self.capacity and self._size > 0:
                     left = None if deadline is None else deadline - time.monotonic()

@@ -30,13 +30,15 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
-from pydantic import BeforeValidator, Field, model_validator
+from pydantic import Field, model_validator
 
 from exporters.persistent_queue import PersistentQueue, QueueItem
 from service import telemetry
 from service.component import ComponentConfig, Exporter
+from service.config import Duration, parse_duration
+from service.pipeline import should_block
 
 __all__ = [
     "Duration",
@@ -71,41 +73,6 @@ DEFAULT_QUEUE_SIZE = 100_000
 DEFAULT_NUM_CONSUMERS = 4
 #: How long shutdown keeps sending what is queued (the Collector drains until its context ends).
 DEFAULT_DRAIN_TIMEOUT = 10.0
-
-_DUR_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
-_DUR_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
-
-
-def parse_duration(v: Any) -> float:
-    """Collector (Go) duration strings ("5s", "200ms", "1m30s") or numbers of seconds -> seconds."""
-    if isinstance(v, bool):
-        raise ValueError("a duration, not a boolean")
-    if isinstance(v, (int, float)):
-        return float(v)
-    if not isinstance(v, str):
-        raise ValueError(f"not a duration: {v!r}")
-    s = v.strip()
-    if s in ("0", ""):
-        return 0.0
-    neg = s.startswith("-")
-    if neg or s.startswith("+"):
-        s = s[1:]
-    pos, total = 0, 0.0
-    for m in _DUR_PART.finditer(s):
-        if m.start() != pos:
-            break
-        total += float(m.group(1)) * _DUR_UNITS[m.group(2)]
-        pos = m.end()
-    if pos != len(s) or pos == 0:
-        try:
-            total = float(s)  # a bare number in a string: seconds
-        except ValueError:
-            raise ValueError(f"invalid duration {v!r} (use e.g. 5s, 200ms, 1m30s)")
-    return -total if neg else total
-
-
-Duration = Annotated[float, BeforeValidator(parse_duration)]
-
 
 class RetryConfig(ComponentConfig):
     """``retry_on_failure``: as the Collector's configretry.BackOffConfig."""
@@ -196,9 +163,9 @@ class MemoryQueue:
         self._size = 0      # queued + in flight, in spans
         self._queued = 0
 
-    def put(self, data: bytes, n: int, timeout: float | None = None) -> bool:
+    def put(self, data: bytes, n: int, block: bool | None = None, timeout: float | None = None) -> bool:
         with self._cv:
-            if self.block_on_overflow:
+            if self.block_on_overflow if block is None else block:
                 deadline = None if timeout is None else time.monotonic() + timeout
                 while not self._closed and self._size + n > self.capacity and self._size > 0:
                     left = None if deadline is None else deadline - time.monotonic()
@@ -306,7 +273,8 @@ class Sender:
                     self._inflight -= 1
                     self._idle.notify_all()
         try:
-            ok = self.queue.put(data, n)
+            # A finite producer (a capture replay) waits for room instead of dropping.
+            ok = self.queue.put(data, n, block=self.qcfg.block_on_overflow or should_block())
         except OSError as e:  # the disk under a persistent queue is full or gone
             log.error("%s: cannot queue %d spans: %s", self.id, n, e)
             ok = False
