@@ -286,3 +286,14 @@ def test_real_redis_server_replay() -> None:
         assert s.attributes["server.port"] == port
         assert 0 <= s.end_ns - s.start_ns < 5_000_000_000
     assert "alice" not in repr([s.attributes for s in spans])
+
+
+def test_resp3_subscribe_confirmation_push_answers_the_request() -> None:
+    d = Driver()
+    d.send(True, cmd("SUBSCRIBE", "news"))
+    d.send(False, b">3\r\n$9\r\nsubscribe\r\n$4\r\nnews\r\n:1\r\n")
+    d.send(False, b">3\r\n$7\r\nmessage\r\n$4\r\nnews\r\n$5\r\nhello\r\n")
+    d.send(True, cmd("UNSUBSCRIBE", "news"))
+    d.send(False, b">3\r\n$11\r\nunsubscribe\r\n$4\r\nnews\r\n:0\r\n")
+    assert [s.name for s in d.spans] == ["SUBSCRIBE", "UNSUBSCRIBE"]
+    assert d.conn.extra["redis_pushes"] == 1 and not d.drops

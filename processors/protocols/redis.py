@@ -431,12 +431,15 @@ class Session(Session):  # type: ignore[no-redef]
 
     # -- replies ---------------------------------------------------------
     def _reply(self, v: _Value) -> None:
+        confirms = bool(v.args) and v.args[0] in _SUB_REPLY_KINDS
+        if confirms and self.pending and self.pending[0].command in _SUBSCRIBE | _UNSUBSCRIBE:
+            v.push = False  # RESP3 sends (un)subscribe confirmations as pushes: they answer the request
         if v.push or (self.subscribed and v.args and v.args[0] in _PUSH_KINDS):
             self.conn.extra["redis_pushes"] = self.conn.extra.get("redis_pushes", 0) + 1
             if self.settings.trace_pushes and len(v.args) >= 2:
                 self._push_span(v)
             return
-        if self.subscribed and v.args and v.args[0] in _SUB_REPLY_KINDS and not self.pending:
+        if self.subscribed and confirms and not self.pending:
             return  # extra (un)subscribe confirmations with no request left to pair
         if not self.pending:
             self.conn.drop("unpaired_reply")
