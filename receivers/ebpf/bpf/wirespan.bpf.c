@@ -13,7 +13,7 @@
 //   socket, 4-tuple, pid/tid/comm, direction, timestamps, the syscall's total
 //   byte count and the record's offset in it; bytes not copied are counted as
 //   truncated and userspace turns them into a gap;
-// - close(): one CLOSE record for a TCP socket fd.
+// - close(): one CLOSE record for a TCP socket this program reported data for.
 // Every loop and every variable-size copy is clamped to a constant bound, as
 // the verifier requires.
 
@@ -142,6 +142,22 @@ struct {
 	__type(key, u16);
 	__type(value, u8);
 } port_filter SEC(".maps");
+
+// Sockets this program has reported data for, per process. close() of one of
+// them is reported even when the port filter no longer matches: a socket that
+// reached TCP_CLOSE has had its local port cleared (inet_put_port).
+struct seen_key {
+	u64 sock;
+	u32 pid;
+	u32 pad;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct seen_key);
+	__type(value, u8);
+} seen SEC(".maps");
 
 static __always_inline void count(u32 idx, u64 n)
 {
@@ -353,8 +369,13 @@ static __always_inline int on_exit(long ret)
 	struct sock *sk = (struct sock *)a.sock;
 	struct rec_hdr *h = &r->h;
 	fill_tuple(h, sk);
-	if (!want_ports(cfg, h))
-		return 0;
+	struct seen_key sk_key = { .sock = a.sock, .pid = id >> 32 };
+	if (!bpf_map_lookup_elem(&seen, &sk_key)) {
+		if (!want_ports(cfg, h))
+			return 0;
+		u8 one = 1;
+		bpf_map_update_elem(&seen, &sk_key, &one, BPF_ANY);
+	}
 	h->ts_enter = a.ts;
 	h->ts_exit = bpf_ktime_get_ns();
 	h->sock = a.sock;
@@ -495,9 +516,11 @@ int enter_close(struct trace_event_raw_sys_enter *ctx)
 	if (!r)
 		return 0;
 	struct rec_hdr *h = &r->h;
+	struct seen_key sk_key = { .sock = (u64)sk, .pid = id >> 32 };
+	if (!bpf_map_lookup_elem(&seen, &sk_key))
+		return 0;  // never reported data for it: nothing to close
+	bpf_map_delete_elem(&seen, &sk_key);
 	fill_tuple(h, sk);
-	if (!want_ports(cfg, h))
-		return 0;
 	h->ts_enter = h->ts_exit = bpf_ktime_get_ns();
 	h->sock = (u64)sk;
 	h->pid = id >> 32;
