@@ -1,0 +1,334 @@
+"""processors/protocols/processor.py: config, detection, roles, limits, errors, perspectives.
+
+Events are built by hand here (the stage's input type is TcpEvent); the
+end-to-end path from real captures is in tests/test_http_real.py.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import types
+
+import pytest
+from pydantic import ValidationError
+
+import processors.protocols as protocols
+from processors.protocols.base import Detection, ProtocolSettings, Session
+from processors.protocols.errors import Malformed
+from processors.protocols.processor import Config, ProtocolsProcessor, parse_duration
+from service.model import EventKind, SpanKind, StatusCode, TcpEvent
+from service.telemetry import CONNECTIONS_EVICTED, PARSER_MESSAGES
+
+C = ("10.0.0.1", 40000)
+S = ("10.0.0.2", 8080)
+REQ = b"GET /x HTTP/1.1\r\nHost: h\r\n\r\n"
+RESP = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+
+
+class Sink:
+    def __init__(self) -> None:
+        self.calls: list[list] = []
+
+    def consume_spans(self, spans: list) -> None:
+        self.calls.append(list(spans))
+
+    @property
+    def spans(self) -> list:
+        return [s for c in self.calls for s in c]
+
+
+def ev(kind: EventKind, from_client: bool, data: bytes = b"", ts: int = 1_000, cid: object = 1,
+       client: tuple[str, int] = C, server: tuple[str, int] = S, **kw: object) -> TcpEvent:
+    a, b = (client, server) if from_client else (server, client)
+    return TcpEvent(kind, cid, a[0], a[1], b[0], b[1], ts, memoryview(data) if data else None, **kw)
+
+
+def data(from_client: bool, payload: bytes, ts: int = 1_000, **kw: object) -> TcpEvent:
+    return ev(EventKind.DATA, from_client, payload, ts, **kw)
+
+
+def metric(protocol: str, result: str) -> float:
+    return PARSER_MESSAGES.labels(protocol=protocol, result=result)._value.get()
+
+
+def stage(cfg: dict | None = None) -> tuple[ProtocolsProcessor, Sink]:
+    sink = Sink()
+    return ProtocolsProcessor("protocols", cfg or {"enabled": ["http"]}, sink), sink
+
+
+# -- config --------------------------------------------------------------------------------
+def test_config_defaults_and_validation() -> None:
+    c = Config()
+    assert c.enabled is None and c.default_service_name == "unknown_service"
+    assert Config.model_validate({"idle_timeout": "5m"}).idle_timeout == 300.0
+    assert parse_duration("200ms") == 0.2
+    with pytest.raises(ValidationError, match="extra"):
+        Config.model_validate({"enabeld": ["http"]})  # typo
+    with pytest.raises(ValidationError, match="unknown protocol"):
+        Config.model_validate({"enabled": ["htp"]})
+    with pytest.raises(ValidationError):
+        Config.model_validate({"http": {"max_headers": 0}})
+    with pytest.raises(ValidationError, match="extra"):
+        Config.model_validate({"http": {"max_header": 10}})
+    with pytest.raises(ValidationError, match="at least one"):
+        Config.model_validate({"service_name": [{"name": "x"}]})
+    with pytest.raises(ValidationError):
+        Config.model_validate({"service_name": [{"address": "10.0.0.300/8", "name": "x"}]})
+    c = Config.model_validate({"http": {"max_headers": 50, "ports": [9999]}})
+    assert c.protocol_settings("http").max_headers == 50
+
+
+def test_unavailable_protocol_is_skipped_not_fatal(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(protocols.PROTOCOLS, "nosuch", "processors.protocols.nosuch_module")
+    monkeypatch.delitem(protocols._cache, "nosuch", raising=False)
+    p, _ = stage({"enabled": ["http", "nosuch"]})
+    assert p.protocols == ["http"]
+
+
+# -- the basic path --------------------------------------------------------------------------
+def test_spans_batched_once_per_call_and_stats() -> None:
+    p, sink = stage()
+    ok0 = metric("http", "ok")
+    p.consume_events([data(True, REQ + REQ, 1000), data(False, RESP, 2000), data(False, RESP, 3000)])
+    assert len(sink.calls) == 1 and len(sink.calls[0]) == 2
+    s = sink.spans[0]
+    assert s.kind == SpanKind.SERVER and s.resource.attributes["service.name"] == "unknown_service"
+    assert (s.start_ns, s.end_ns) == (1000, 2000)
+    assert p.stats["spans"] == 2 and p.stats["connections"] == 1 and p.stats["protocols"] == {"http": 1}
+    assert metric("http", "ok") == ok0 + 2
+    p.consume_events([])
+    assert len(sink.calls) == 1  # nothing to send: no call
+
+
+def test_detection_from_response_first_and_roles_from_receiver() -> None:
+    # The response is seen first (capture started mid-way): the sender is the server.
+    p, sink = stage()
+    p.consume_events([data(False, b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"), data(True, REQ),
+                      data(False, RESP)])
+    assert len(sink.spans) == 1
+    assert sink.spans[0].attributes["client.address"] == C[0]
+    # The receiver says who connected: that wins.
+    p2, sink2 = stage()
+    p2.consume_events([ev(EventKind.OPEN, True, client_is_src=True), data(True, REQ, client_is_src=True),
+                       data(False, RESP, client_is_src=False)])
+    assert sink2.spans[0].attributes["client.port"] == C[1]
+
+
+def test_garbage_gives_no_span_and_a_counted_drop() -> None:
+    p, sink = stage({"enabled": ["http"], "max_detect_bytes": 1024})
+    before = metric("none", "undetected")
+    junk = bytes(range(256)) * 2
+    p.consume_events([data(True, junk, ts=1000 + i) for i in range(4)])
+    p.consume_events([data(True, REQ), data(False, RESP)])  # later bytes are ignored too
+    assert sink.spans == []
+    assert p.stats["drops"]["undetected"] == 1
+    assert metric("none", "undetected") == before + 1
+
+
+def test_port_hint_only_orders_detection() -> None:
+    # HTTP on an unusual port is still detected by content.
+    p, sink = stage()
+    srv = ("10.0.0.2", 5432)
+    p.consume_events([data(True, REQ, server=srv), data(False, RESP, server=srv)])
+    assert len(sink.spans) == 1 and sink.spans[0].attributes["server.port"] == 5432
+
+
+def test_protocol_errors_counted_then_connection_abandoned() -> None:
+    p, sink = stage({"enabled": ["http"], "max_consecutive_errors": 2})
+    before = metric("http", "bad_request_line")
+    ev0 = CONNECTIONS_EVICTED.labels(component="protocols", reason="too_many_errors")._value.get()
+    p.consume_events([data(True, REQ), data(False, RESP)])
+    p.consume_events([data(True, b"GET / HTTP/1.1\r\nBad Header\r\n\r\n")])
+    assert p.stats["drops"]["http:bad_header"] == 1
+    p.consume_events([data(True, b"GET x\r\n\r\n")])  # resync: not a request line, dropped quietly
+    p.consume_events([data(True, b"GET / HTTP/1.1\r\nContent-Length: x\r\n\r\n")])
+    assert p.stats["drops"]["http:bad_content_length"] == 1
+    assert CONNECTIONS_EVICTED.labels(component="protocols", reason="too_many_errors")._value.get() == ev0 + 1
+    p.consume_events([data(True, REQ), data(False, RESP)])
+    assert len(sink.spans) == 1  # abandoned: later exchanges on it are ignored
+    assert metric("http", "bad_request_line") == before
+
+
+def test_gap_event_resyncs() -> None:
+    p, sink = stage()
+    p.consume_events([data(True, REQ), data(False, b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nab"),
+                      ev(EventKind.GAP, False, gap=5), data(False, b"xyz"),
+                      data(True, REQ), data(False, RESP)])
+    assert len(sink.spans) == 1 and p.stats["drops"]["http:gap"] == 1
+
+
+def test_message_limit_clears_direction() -> None:
+    p, sink = stage({"enabled": ["http"], "max_message_bytes": 1024, "http": {"max_header_bytes": 65536}})
+    p.consume_events([data(True, REQ), data(False, RESP), data(True, b"GET / HTTP/1.1\r\nX: " + b"a" * 2000)])
+    assert p.stats["drops"]["http:message_too_large"] == 1
+    p.consume_events([data(True, REQ), data(False, RESP)])
+    assert len(sink.spans) == 2
+
+
+def test_reset_and_close_end_connections() -> None:
+    p, sink = stage()
+    p.consume_events([data(True, REQ), data(False, b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nab"),
+                      ev(EventKind.RESET, False, ts=5000)])
+    (s,) = sink.spans
+    assert s.status_code == StatusCode.ERROR and s.attributes["error.type"] == "connection_reset"
+    assert len(p._conns) == 0
+    # Close-delimited body: the server's FIN ends it.
+    p2, sink2 = stage()
+    p2.consume_events([data(True, b"GET / HTTP/1.0\r\n\r\n"), data(False, b"HTTP/1.0 200 OK\r\n\r\nbody"),
+                       ev(EventKind.CLOSE, False, ts=6000)])
+    assert sink2.spans[0].attributes["http.response.body.size"] == 4
+    p2.consume_events([ev(EventKind.CLOSE, True, ts=6001)])
+    assert len(p2._conns) == 0
+
+
+def test_shutdown_flushes_open_connections() -> None:
+    p, sink = stage()
+    p.consume_events([data(True, b"GET / HTTP/1.0\r\n\r\n"), data(False, b"HTTP/1.0 200 OK\r\n\r\nbody")])
+    assert sink.spans == []
+    p.shutdown()
+    assert len(sink.spans) == 1
+
+
+def test_lru_and_idle_eviction_are_counted() -> None:
+    p, _ = stage({"enabled": ["http"], "max_connections": 2, "idle_timeout": "10s"})
+    for i in range(3):
+        p.consume_events([data(True, REQ, cid=i, client=("10.0.0.1", 1000 + i))])
+    assert len(p._conns) == 2 and p.stats["drops"]["evicted:max_connections"] == 1
+    assert p.stats["drops"]["http:unanswered"] == 1
+    p.consume_events([data(True, REQ, ts=60 * 10**9, cid=9, client=("10.0.0.1", 9))])
+    # cid 9 pushed one more out by LRU; the sweep expired the last idle one.
+    assert p.stats["drops"]["evicted:max_connections"] == 2
+    assert p.stats["drops"]["evicted:idle_timeout"] == 1
+    assert list(p._conns) == [9]
+
+
+def test_service_name_rules() -> None:
+    cfg = {"enabled": ["http"], "service_name": [
+        {"port": 9090, "name": "metrics"}, {"address": "10.0.0.0/24", "name": "shop"}],
+        "default_service_name": "other"}
+    p, sink = stage(cfg)
+    p.consume_events([data(True, REQ), data(False, RESP),
+                      data(True, REQ, cid=2, server=("10.0.0.5", 9090)),
+                      data(False, RESP, cid=2, server=("10.0.0.5", 9090)),
+                      data(True, REQ, cid=3, server=("192.168.1.1", 80)),
+                      data(False, RESP, cid=3, server=("192.168.1.1", 80))])
+    assert [s.resource.attributes["service.name"] for s in sink.spans] == ["shop", "metrics", "other"]
+
+
+def test_ebpf_perspectives_and_process_resource() -> None:
+    """One process's view: egress requests -> CLIENT span; egress responses -> SERVER span."""
+    p, sink = stage()
+    kw = {"pid": 42, "comm": "curl"}
+    p.consume_events([data(True, REQ, cid=(42, 1), egress=True, **kw),
+                      data(False, b"HTTP/1.1 503 Busy\r\nContent-Length: 0\r\n\r\n", cid=(42, 1), egress=False, **kw)])
+    kw2 = {"pid": 7, "comm": "nginx"}
+    p.consume_events([data(True, REQ, cid=(7, 1), egress=False, **kw2),
+                      data(False, RESP, cid=(7, 1), egress=True, **kw2)])
+    c, s = sink.spans
+    assert c.kind == SpanKind.CLIENT and c.status_code == StatusCode.ERROR
+    assert c.resource.attributes["service.name"] == "curl"
+    assert c.resource.attributes["process.pid"] == 42
+    assert c.resource.attributes["process.executable.name"] == "curl"
+    assert s.kind == SpanKind.SERVER and s.resource.attributes["service.name"] == "nginx"
+
+
+def test_upgrade_to_unavailable_or_websocket_is_counted() -> None:
+    p, sink = stage()
+    before = metric("http", "upgraded")
+    p.consume_events([
+        data(True, b"GET /ws HTTP/1.1\r\nHost: h\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n"),
+        data(False, b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n\x81\x02hi"),
+        data(True, b"\x81\x85abcdefghi")])
+    assert len(sink.spans) == 1 and metric("http", "upgraded") == before + 1
+    assert p.stats["drops"]["http:upgraded"] == 1
+
+
+def _fake_module(name: str, feed: object) -> types.ModuleType:
+    mod = types.ModuleType(f"fake_{name}")
+
+    class S(Session):
+        protocol = name
+
+        def feed(self, from_client, buf, ts_ns):  # type: ignore[override]
+            feed(self, from_client, buf, ts_ns)  # type: ignore[operator]
+
+    mod.NAME = name  # type: ignore[attr-defined]
+    mod.DEFAULT_PORTS = frozenset()  # type: ignore[attr-defined]
+    mod.Settings = ProtocolSettings  # type: ignore[attr-defined]
+    mod.detect = lambda buf, fc: Detection.REQUEST if len(buf) and buf.u8_at(0) == 0x5A else Detection.NO  # type: ignore[attr-defined]
+    mod.Session = S  # type: ignore[attr-defined]
+    return mod
+
+
+def test_internal_errors_never_escape(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    def boom(self, fc, buf, ts):
+        raise KeyError("bug")
+
+    monkeypatch.setitem(protocols.PROTOCOLS, "zz", "fake_zz")
+    monkeypatch.setitem(protocols._cache, "zz", _fake_module("zz", boom))
+    p, sink = stage({"enabled": ["zz", "http"]})
+    before = metric("zz", "internal_error")
+    p.consume_events([data(True, b"Z1", cid=1), data(True, b"Z2", cid=2), data(True, REQ, cid=3),
+                      data(False, RESP, cid=3)])
+    assert metric("zz", "internal_error") == before + 2
+    assert len(sink.spans) == 1  # other connections unaffected
+    assert sum("internal error" in r.getMessage() for r in caplog.records) == 1  # logged once
+
+
+def test_protocol_error_from_fake_module_counts_its_reason(monkeypatch: pytest.MonkeyPatch) -> None:
+    def bad(self, fc, buf, ts):
+        raise Malformed("yy", "weird")
+
+    monkeypatch.setitem(protocols.PROTOCOLS, "yy", "fake_yy")
+    monkeypatch.setitem(protocols._cache, "yy", _fake_module("yy", bad))
+    p, _ = stage({"enabled": ["yy"]})
+    p.consume_events([data(True, b"Z1")])
+    assert p.stats["drops"]["yy:weird"] == 1
+
+
+def test_thread_safety() -> None:
+    p, sink = stage()
+
+    def run(base: int) -> None:
+        for i in range(200):
+            cid = base + i
+            cl = ("10.0.0.1", cid % 60000 + 1)
+            p.consume_events([data(True, REQ, cid=cid, client=cl), data(False, RESP, cid=cid, client=cl)])
+
+    ts = [threading.Thread(target=run, args=(k * 1000,)) for k in range(4)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    assert len(sink.spans) == 800 and p.stats["spans"] == 800
+
+
+def test_h2c_upgrade_hands_buffers_to_http2_when_available() -> None:
+    """HTTP/1.1 Upgrade: h2c -> 101 -> the http2 module's session gets the remaining bytes."""
+    import h2.config
+    import h2.connection
+
+    assert protocols.load("http2") is not None, "processors/protocols/http2.py must import"
+
+    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    settings_header = client.initiate_upgrade_connection()
+    server = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+    server.initiate_upgrade_connection(settings_header)
+    client_bytes = client.data_to_send()
+    server_bytes = server.data_to_send()
+    server.send_headers(1, [(":status", "200"), ("content-length", "0")], end_stream=True)
+    server_bytes += server.data_to_send()
+    up = (b"GET /h2 HTTP/1.1\r\nHost: h\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n"
+          b"HTTP2-Settings: " + settings_header + b"\r\n\r\n")
+    p, sink = stage({"enabled": ["http", "http2"]})
+    p.consume_events([data(True, up), data(False, b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\n\r\n"),
+                      data(True, client_bytes), data(False, server_bytes)])
+    assert sink.spans[0].attributes["http.response.status_code"] == 101
+    assert p.stats.get("switched") == {"http->http2": 1}
+    st = next(iter(p._conns.values()))
+    assert st.conn.protocol == "http2" and type(st.session).__module__ == "processors.protocols.http2"
+
+
+def test_module_has_no_stale_import() -> None:
+    assert "processors.protocols.processor" in sys.modules
