@@ -1,0 +1,603 @@
+"""MySQL / MariaDB client/server protocol: one CLIENT span per command.
+
+Contract (processors/protocols/base.py): ``detect`` recognises the server's
+initial handshake (protocol 10) or, picked up mid-stream, a client command
+packet (sequence 0, a known command byte, content checked); ``Session`` tracks
+the handshake (capabilities, schema from HandshakeResponse41, SSL request =>
+TLS follows: stop, counted ``tls``), then pairs each command with its response
+by order. COM_QUERY and COM_STMT_EXECUTE give spans (EXECUTE carries the text
+cached at COM_STMT_PREPARE, bounded LRU by statement id); COM_STMT_PREPARE
+gives a span only when it fails; COM_INIT_DB and ``USE x`` set
+``db.namespace``; COM_PING gives a span only with ``trace_ping``; COM_QUIT,
+COM_STMT_CLOSE, COM_STMT_RESET none.
+
+Zero-copy: a packet is its 4-byte header (3-byte little-endian length, sequence
+id) and at most a bounded head of its payload (``_CLIENT_HEAD``/``_SERVER_HEAD``);
+rows are counted by their first byte and released as they arrive. Payloads of
+16 MiB - 1 continue in the next packet (the continuation is skipped, never
+joined). CLIENT_DEPRECATE_EOF decides whether result sets end with EOF or OK.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict, deque
+
+from service.largebuf import LargeBuffer
+from service.model import SpanKind, StatusCode
+
+from .base import Conn, Detection, ProtocolSettings, Session as _Session
+from .errors import Malformed
+from .sql import MAX_QUERY_BYTES, QueryInfo, analyze, decode_query
+
+NAME = "mysql"
+DEFAULT_PORTS = frozenset({3306})
+SYSTEM = "mysql"
+
+#: A payload of this length continues in the next packet (MySQL "Sending More than 16Mb").
+MAX_PACKET_PAYLOAD = 0xFFFFFF
+#: Handshake protocol version of every server since 3.21.
+PROTOCOL_VERSION = 10
+# Capability flags (MySQL source, include/mysql_com.h).
+CLIENT_CONNECT_WITH_DB = 0x8
+CLIENT_PROTOCOL_41 = 0x200
+CLIENT_SSL = 0x800
+CLIENT_SECURE_CONNECTION = 0x8000
+CLIENT_PLUGIN_AUTH_LENENC_CLIENT_DATA = 0x200000
+CLIENT_DEPRECATE_EOF = 0x1000000
+# Server status flags.
+SERVER_MORE_RESULTS_EXISTS = 0x8
+#: Requests waiting for their response before the oldest is dropped (counted).
+MAX_PENDING = 256
+#: Bytes searched for a command boundary after a gap before giving up on them.
+RESYNC_WINDOW = 16384
+#: Names (schema, user) kept at most this long; MySQL's own limit is 64 characters.
+MAX_NAME = 256
+#: Payload bytes the server-side parser looks at (OK, ERR, EOF, PREPARE-OK, column count).
+_SERVER_HEAD = 1024
+#: Client: a command byte plus the longest query text we keep.
+_CLIENT_HEAD = 1 + MAX_QUERY_BYTES
+
+# Command bytes (MySQL "Text Protocol" / "Prepared Statements").
+COM_QUIT = 0x01
+COM_INIT_DB = 0x02
+COM_QUERY = 0x03
+COM_FIELD_LIST = 0x04
+COM_STATISTICS = 0x09
+COM_PING = 0x0E
+COM_CHANGE_USER = 0x11
+COM_STMT_PREPARE = 0x16
+COM_STMT_EXECUTE = 0x17
+COM_STMT_SEND_LONG_DATA = 0x18
+COM_STMT_CLOSE = 0x19
+COM_STMT_RESET = 0x1A
+COM_SET_OPTION = 0x1B
+COM_STMT_FETCH = 0x1C
+COM_RESET_CONNECTION = 0x1F
+#: Commands the server never answers.
+_NO_RESPONSE = frozenset((COM_QUIT, COM_STMT_SEND_LONG_DATA, COM_STMT_CLOSE))
+#: Known command bytes (0x00 sleep .. 0x1f reset connection; MariaDB adds 0xfe bulk execute).
+_COMMANDS = frozenset(range(0x01, 0x20)) | {0xFA, 0xFE}
+#: Commands whose payload is text, checked by ``detect``.
+_TEXT_COMMANDS = frozenset((COM_QUERY, COM_INIT_DB, COM_STMT_PREPARE))
+
+# Response states.
+_FIRST, _COLS, _COLS_EOF, _ROWS, _P_PARAMS, _P_PARAMS_EOF, _P_COLS, _P_COLS_EOF, _INFILE, _FIELDS = range(10)
+_HANDSHAKE, _AUTH, _COMMAND = range(3)
+
+
+class Settings(ProtocolSettings):
+    """Options under ``processors: protocols: mysql:``."""
+
+    #: Replace literals in ``db.query.text`` by ``?`` (off: the text as sent).
+    sanitize_query: bool = True
+    #: Prepared statements remembered per connection (LRU by statement id).
+    max_statements: int = 512
+    #: Make spans for COM_PING (connection-pool health checks; off by default).
+    trace_ping: bool = False
+
+
+def _printable(buf: LargeBuffer, off: int, end: int) -> bool:
+    n = min(end - off, 64)
+    for b in buf.view_at(off, n) if n > 0 else b"":
+        if b < 0x20 and b not in (9, 10, 13):
+            return False
+    return True
+
+
+def _greeting_ok(buf: LargeBuffer, plen: int) -> bool:
+    """Is the payload at 4 a protocol-10 server handshake?"""
+    if plen < 34 or plen > 1024 or buf.u8_at(4) != PROTOCOL_VERSION:
+        return False
+    z = buf.find(b"\0", 5, min(4 + plen, 5 + 80))
+    if z < 6 or not _printable(buf, 5, z):
+        return False
+    filler = z + 1 + 4 + 8
+    return filler < 4 + plen and buf.u8_at(filler) == 0
+
+
+def _command_ok(buf: LargeBuffer, off: int, plen: int) -> bool:
+    """Is the payload at ``off`` a plausible client command?"""
+    if plen < 1:
+        return False
+    cmd = buf.u8_at(off)
+    if cmd not in _COMMANDS:
+        return False
+    if cmd in (COM_QUIT, COM_PING, COM_STATISTICS, COM_RESET_CONNECTION):
+        return plen == 1
+    if cmd in (COM_STMT_CLOSE, COM_STMT_RESET):
+        return plen == 5
+    if cmd == COM_STMT_EXECUTE:
+        return plen >= 10 and buf.u8_at(off + 5) <= 0x0F
+    if cmd in _TEXT_COMMANDS:
+        return plen >= 2 and _printable(buf, off + 1, off + plen)
+    return False  # rarer commands are not trusted for detection
+
+
+def detect(buf: LargeBuffer, from_client: bool | None) -> Detection:
+    """Server handshake, or (mid-stream) a client command with sequence 0."""
+    n = len(buf)
+    if n < 4:
+        return Detection.NEED_MORE if n else Detection.NEED_MORE
+    plen = buf.u32le_at(0) & 0xFFFFFF
+    seq = buf.u8_at(3)
+    if seq != 0 or plen == 0:
+        return Detection.NO
+    if from_client is not True:
+        if n >= 5 and buf.u8_at(4) == PROTOCOL_VERSION and plen >= 34:
+            if n < 4 + plen:
+                return Detection.NEED_MORE if plen <= 1024 else Detection.NO
+            if _greeting_ok(buf, plen):
+                return Detection.RESPONSE
+            return Detection.NO
+    if from_client is not False:
+        if n < 5:
+            return Detection.NEED_MORE
+        if buf.u8_at(4) not in _COMMANDS:
+            return Detection.NO
+        if n < 4 + plen:
+            if plen > 65536 and n >= 4 + 64 and buf.u8_at(4) in _TEXT_COMMANDS:
+                return Detection.REQUEST if _printable(buf, 5, 4 + 64) else Detection.NO
+            return Detection.NEED_MORE if plen <= 65536 else Detection.NO
+        if n != 4 + plen:
+            return Detection.NO  # one command, then the client waits for its answer
+        return Detection.REQUEST if _command_ok(buf, 4, plen) else Detection.NO
+    return Detection.NO
+
+
+class _Cmd:
+    """A command waiting for (the rest of) its response."""
+
+    __slots__ = ("cmd", "info", "start", "state", "left", "rows", "err_code", "err_state", "err_msg",
+                 "stmt_info", "arg")
+
+    def __init__(self, cmd: int, info: QueryInfo | None, start: int, arg: str = "") -> None:
+        self.cmd = cmd
+        self.info = info
+        self.start = start
+        self.state = _FIRST
+        self.left = 0
+        self.rows = 0
+        self.err_code = 0
+        self.err_state = ""
+        self.err_msg = ""
+        self.arg = arg
+
+
+def _lenenc(buf: LargeBuffer, off: int) -> tuple[int, int]:
+    """(value, offset after) of a length-encoded integer."""
+    b = buf.u8_at(off)
+    if b < 0xFB:
+        return b, off + 1
+    if b == 0xFC:
+        return buf.u16le_at(off + 1), off + 3
+    if b == 0xFD:
+        return buf.u32le_at(off + 1) & 0xFFFFFF, off + 4
+    if b == 0xFE:
+        return buf.u64le_at(off + 1), off + 9
+    raise Malformed(NAME, "bad_lenenc", off)
+
+
+class Session(_Session):
+    protocol = NAME
+
+    def __init__(self, conn: Conn) -> None:
+        super().__init__(conn)
+        s = conn.settings if isinstance(conn.settings, Settings) else Settings()
+        self._sanitize = s.sanitize_query
+        self._max_stmts = max(1, s.max_statements)
+        self._trace_ping = s.trace_ping
+        self._stmts: OrderedDict[int, QueryInfo | None] = OrderedDict()
+        self._pending: deque[_Cmd] = deque()
+        self._phase = _HANDSHAKE
+        self._server_caps = 0
+        self._deprecate_eof: bool | None = None  # None: joined mid-stream, not negotiated
+        self._skip = [0, 0]
+        self._cont = [False, False]      # next packet continues a 16 MiB payload
+        self._resync_client = False
+        self._server_desync = False      # drop server bytes until the next command
+        self._stopped = False
+        self.namespace = ""
+        self.user = ""
+        self.server_version = ""
+
+    # -- plumbing --------------------------------------------------------------------
+    def feed(self, from_client: bool, buf: LargeBuffer, ts_ns: int) -> None:
+        d = 0 if from_client else 1
+        cap = _CLIENT_HEAD if from_client else _SERVER_HEAD
+        while True:
+            n = len(buf)
+            if n == 0:
+                return
+            if self._stopped or (not from_client and self._server_desync):
+                buf.release(n)
+                return
+            skip = self._skip[d]
+            if skip:
+                k = skip if skip < n else n
+                buf.release(k)
+                self._skip[d] = skip - k
+                continue
+            if from_client and self._resync_client:
+                if not self._find_command(buf):
+                    return
+                continue
+            if n < 4:
+                return
+            plen = buf.u32le_at(0) & 0xFFFFFF
+            seq = buf.u8_at(3)
+            total = 4 + plen
+            head = plen if plen < cap else cap
+            if n < 4 + head:
+                return
+            ts = buf.ts_at(0)
+            if self._cont[d]:
+                pass  # the tail of a >16 MiB payload: nothing to read
+            elif from_client:
+                self._client_packet(buf, plen, head, seq, ts)
+            else:
+                self._server_packet(buf, plen, head, seq, ts)
+            self._cont[d] = plen == MAX_PACKET_PAYLOAD
+            if self._stopped:
+                buf.release(len(buf))
+                return
+            if n >= total:
+                buf.release(total)
+            else:
+                buf.release(n)
+                self._skip[d] = total - n
+
+    def gap(self, from_client: bool, ts_ns: int) -> None:
+        d = 0 if from_client else 1
+        self._skip[d] = 0
+        self._cont[d] = False
+        if from_client:
+            self._resync_client = True
+        self._server_desync = True
+        if self._phase != _COMMAND:
+            self._phase = _COMMAND
+        self._forget("gap")
+
+    def close(self, ts_ns: int, reset: bool = False) -> None:
+        self._forget("no_response")
+
+    def _forget(self, reason: str) -> None:
+        for c in self._pending:
+            if c.cmd in (COM_QUERY, COM_STMT_EXECUTE):
+                self.conn.drop(reason)
+        self._pending.clear()
+
+    def _find_command(self, buf: LargeBuffer) -> bool:
+        """Release bytes up to the next plausible command packet; False if it needs more."""
+        n = len(buf)
+        for off in range(min(n, RESYNC_WINDOW)):
+            if off + 5 > n:
+                break
+            plen = buf.u32le_at(off) & 0xFFFFFF
+            if buf.u8_at(off + 3) != 0 or off + 4 + plen != n:
+                continue
+            if _command_ok(buf, off + 4, plen):
+                if off:
+                    self.conn.drop("resync")
+                buf.release(off)
+                self._resync_client = False
+                return True
+        if n >= RESYNC_WINDOW:
+            buf.release(n)
+            self.conn.drop("resync")
+        return False
+
+    # -- client ----------------------------------------------------------------------------
+    def _client_packet(self, buf: LargeBuffer, plen: int, head: int, seq: int, ts: int) -> None:
+        if self._phase == _HANDSHAKE:
+            if seq == 0 and plen >= 1:
+                self._phase = _COMMAND  # joined after the handshake
+            else:
+                return
+        if self._phase == _AUTH:
+            if seq == 1:
+                self._handshake_response(buf, plen, head)
+            return
+        if seq != 0 or plen == 0:
+            return  # LOCAL INFILE contents and other mid-command client packets
+        cmd = buf.u8_at(4)
+        if cmd not in _COMMANDS:
+            raise Malformed(NAME, "bad_command", 4, f"command {cmd:#x}")
+        self._server_desync = False
+        if self._deprecate_eof is None and self._pending:
+            # Caps unknown (mid-stream): a new command means the last answer ended.
+            self._finish(self._pending.popleft(), ts)
+        if cmd in (COM_QUERY, COM_STMT_PREPARE):
+            info = analyze(decode_query(buf.view_at(5, head - 1)), "mysql", self._sanitize)
+            self._push(_Cmd(cmd, info, ts))
+        elif cmd == COM_STMT_EXECUTE:
+            sid = buf.u32le_at(5) if head >= 5 else -1
+            self._push(_Cmd(cmd, self._stmts.get(sid), ts))
+        elif cmd == COM_STMT_CLOSE:
+            if head >= 5:
+                self._stmts.pop(buf.u32le_at(5), None)
+        elif cmd == COM_INIT_DB:
+            self._push(_Cmd(cmd, None, ts, _text(buf, 5, 4 + head)))
+        elif cmd == COM_CHANGE_USER:
+            self._phase = _AUTH  # an auth exchange follows, ended by OK/ERR
+        elif cmd not in _NO_RESPONSE:
+            c = _Cmd(cmd, None, ts)
+            if cmd == COM_STMT_FETCH:
+                c.state = _ROWS
+            elif cmd == COM_FIELD_LIST:
+                c.state = _FIELDS
+            self._push(c)
+
+    def _push(self, c: _Cmd) -> None:
+        p = self._pending
+        p.append(c)
+        if len(p) > MAX_PENDING:
+            p.popleft()
+            self.conn.drop("pending_overflow")
+
+    def _handshake_response(self, buf: LargeBuffer, plen: int, head: int) -> None:
+        end = 4 + head
+        if head < 4:
+            return
+        caps = buf.u32le_at(4)
+        if not caps & CLIENT_PROTOCOL_41:
+            self._deprecate_eof = False
+            return  # pre-4.1 HandshakeResponse320: no schema worth the trouble
+        if caps & CLIENT_SSL:
+            # SSLRequest (the 32-byte head of a response): TLS starts now.
+            self._stopped = True
+            self.conn.drop("tls")
+            return
+        both = caps & (self._server_caps or 0xFFFFFFFF)
+        self._deprecate_eof = bool(both & CLIENT_DEPRECATE_EOF)
+        off = 4 + 32
+        z = buf.find(b"\0", off, end)
+        if z < 0:
+            return
+        self.user = _text(buf, off, z)
+        off = z + 1
+        if off >= end:
+            return
+        if caps & CLIENT_PLUGIN_AUTH_LENENC_CLIENT_DATA:
+            alen, off = _lenenc(buf, off)
+        elif caps & CLIENT_SECURE_CONNECTION:
+            alen = buf.u8_at(off)
+            off += 1
+        else:
+            z = buf.find(b"\0", off, end)
+            alen = (z - off) if z >= 0 else end - off
+            off += 1
+        off += alen
+        if caps & CLIENT_CONNECT_WITH_DB and off < end:
+            z = buf.find(b"\0", off, end)
+            if z > off:
+                self.namespace = _text(buf, off, z)
+
+    # -- server ----------------------------------------------------------------------------
+    def _server_packet(self, buf: LargeBuffer, plen: int, head: int, seq: int, ts: int) -> None:
+        if self._phase == _HANDSHAKE:
+            if seq == 0 and head >= 1 and buf.u8_at(4) == PROTOCOL_VERSION:
+                self._greeting(buf, head)
+                self._phase = _AUTH
+            return
+        if self._phase == _AUTH:
+            if head >= 1 and buf.u8_at(4) in (0x00, 0xFF):
+                self._phase = _COMMAND  # OK: authenticated; ERR: the server will hang up
+            return
+        if not self._pending or plen == 0:
+            return
+        c = self._pending[0]
+        b0 = buf.u8_at(4)
+        st = c.state
+        if st == _FIRST:
+            if c.cmd == COM_STATISTICS:
+                self._done(c, ts)
+            elif b0 == 0xFF:
+                self._error(c, buf, head)
+                self._done(c, ts)
+            elif b0 == 0x00 and c.cmd == COM_STMT_PREPARE and head >= 9:
+                sid = buf.u32le_at(5)
+                ncols = buf.u16le_at(9)
+                nparams = buf.u16le_at(11) if head >= 13 else 0
+                self._stmts[sid] = c.info
+                self._stmts.move_to_end(sid)
+                if len(self._stmts) > self._max_stmts:
+                    self._stmts.popitem(last=False)
+                    self.conn.drop("statement_evicted")
+                c.left = ncols
+                if nparams:
+                    c.state, c.arg = _P_PARAMS, ""
+                    c.rows = nparams  # reused as the params still to skip
+                elif ncols:
+                    c.state = _P_COLS
+                else:
+                    self._done(c, ts)
+            elif b0 == 0x00:
+                if self._more_results_ok(buf, head):
+                    return
+                if c.cmd == COM_INIT_DB:
+                    self.namespace = c.arg
+                elif c.cmd == COM_QUERY and c.info is not None and c.info.operation == "USE":
+                    self.namespace = _use_target(c.info.text)
+                self._done(c, ts)
+            elif b0 == 0xFE and plen < 9:
+                self._done(c, ts)
+            elif b0 == 0xFB:
+                c.state = _INFILE
+            else:
+                c.left, _ = _lenenc(buf, 4)
+                c.state = _COLS if c.left else _ROWS
+        elif st == _COLS:
+            c.left -= 1
+            if c.left <= 0:
+                c.state = _ROWS if self._deprecate_eof else _COLS_EOF
+        elif st == _COLS_EOF:
+            c.state = _ROWS
+            if not (b0 == 0xFE and plen < 9):
+                self._row(c, buf, plen, head, ts, b0)  # no EOF after all: this is a row
+        elif st == _ROWS:
+            self._row(c, buf, plen, head, ts, b0)
+        elif st in (_P_PARAMS, _P_COLS):
+            if st == _P_PARAMS:
+                c.rows -= 1
+                if c.rows > 0:
+                    return
+                c.rows = 0
+                nxt_eof = _P_PARAMS_EOF
+            else:
+                c.left -= 1
+                if c.left > 0:
+                    return
+                nxt_eof = _P_COLS_EOF
+            if not self._deprecate_eof:
+                c.state = nxt_eof
+            elif st == _P_PARAMS and c.left:
+                c.state = _P_COLS
+            else:
+                self._done(c, ts)
+        elif st in (_P_PARAMS_EOF, _P_COLS_EOF):
+            if st == _P_PARAMS_EOF and c.left:
+                c.state = _P_COLS
+            else:
+                self._done(c, ts)
+        elif st == _INFILE:
+            if b0 == 0xFF:
+                self._error(c, buf, head)
+            self._done(c, ts)
+        elif st == _FIELDS:
+            if b0 == 0xFF:
+                self._error(c, buf, head)
+                self._done(c, ts)
+            elif b0 == 0xFE and plen < 9:
+                self._done(c, ts)
+
+    def _row(self, c: _Cmd, buf: LargeBuffer, plen: int, head: int, ts: int, b0: int) -> None:
+        if b0 == 0xFE and (plen < 9 or (self._deprecate_eof and plen < MAX_PACKET_PAYLOAD)):
+            if plen < 9 and not self._deprecate_eof:
+                more = head >= 5 and buf.u16le_at(7) & SERVER_MORE_RESULTS_EXISTS
+            else:
+                more = self._ok_status(buf, head) & SERVER_MORE_RESULTS_EXISTS
+            if more:
+                c.state = _FIRST
+            else:
+                self._done(c, ts)
+        elif b0 == 0xFF:
+            self._error(c, buf, head)
+            self._done(c, ts)
+        else:
+            c.rows += 1
+
+    def _ok_status(self, buf: LargeBuffer, head: int) -> int:
+        try:
+            _, off = _lenenc(buf, 5)
+            _, off = _lenenc(buf, off)
+            return buf.u16le_at(off) if off + 2 <= 4 + head else 0
+        except ValueError:
+            return 0
+
+    def _more_results_ok(self, buf: LargeBuffer, head: int) -> bool:
+        """An OK ending one result of several (multi-statement, CALL): wait for the next."""
+        return bool(self._ok_status(buf, head) & SERVER_MORE_RESULTS_EXISTS)
+
+    def _greeting(self, buf: LargeBuffer, head: int) -> None:
+        end = 4 + head
+        z = buf.find(b"\0", 5, end)
+        if z < 0:
+            return
+        self.server_version = _text(buf, 5, z)
+        off = z + 1 + 4 + 8 + 1
+        if off + 2 <= end:
+            caps = buf.u16le_at(off)
+            if off + 7 <= end:
+                caps |= buf.u16le_at(off + 5) << 16
+            self._server_caps = caps
+
+    def _error(self, c: _Cmd, buf: LargeBuffer, head: int) -> None:
+        end = 4 + head
+        if head < 3:
+            c.err_code = -1
+            return
+        c.err_code = buf.u16le_at(5)
+        off = 7
+        if off + 6 <= end and buf.u8_at(off) == 0x23:  # '#' + SQLSTATE
+            c.err_state = str(buf.view_at(off + 1, 5), "ascii", "replace")
+            off += 6
+        c.err_msg = str(buf.view_at(off, end - off), "utf-8", "replace")
+
+    def _done(self, c: _Cmd, ts: int) -> None:
+        if self._pending and self._pending[0] is c:
+            self._pending.popleft()
+        self._finish(c, ts)
+
+    def _finish(self, c: _Cmd, ts: int) -> None:
+        cmd = c.cmd
+        if cmd in (COM_QUERY, COM_STMT_EXECUTE):
+            pass
+        elif cmd == COM_PING and self._trace_ping:
+            pass
+        elif c.err_code and cmd in (COM_STMT_PREPARE, COM_INIT_DB):
+            pass
+        else:
+            return
+        info = c.info
+        attrs: dict = {"db.system.name": SYSTEM}
+        ns = self.namespace
+        if ns:
+            attrs["db.namespace"] = ns
+        name = SYSTEM
+        if cmd == COM_PING:
+            name = attrs["db.operation.name"] = "PING"
+        elif cmd == COM_INIT_DB:
+            name = attrs["db.operation.name"] = "USE"
+        elif info is not None:
+            if info.operation:
+                attrs["db.operation.name"] = info.operation
+            if info.collection:
+                attrs["db.collection.name"] = info.collection
+            if info.summary:
+                attrs["db.query.summary"] = info.summary
+                name = info.summary
+            elif info.operation:
+                name = info.operation
+            attrs["db.query.text"] = info.text
+        elif cmd == COM_STMT_EXECUTE:
+            name = attrs["db.operation.name"] = "EXECUTE"  # prepared before we joined
+        if c.rows and cmd in (COM_QUERY, COM_STMT_EXECUTE):
+            attrs["db.response.returned_rows"] = c.rows
+        status = StatusCode.UNSET
+        if c.err_code:
+            attrs["db.response.status_code"] = str(c.err_code)
+            attrs["error.type"] = c.err_state or str(c.err_code)
+            status = StatusCode.ERROR
+        conn = self.conn
+        conn.emit(conn.span(name, conn.kind_for(SpanKind.CLIENT), c.start, ts, attrs,
+                            status_code=status, status_message=c.err_msg))
+
+
+def _text(buf: LargeBuffer, off: int, end: int) -> str:
+    # Small fields kept on the span (schema, user): a deliberate, bounded copy.
+    return str(buf.view_at(off, max(0, min(end - off, MAX_NAME))), "utf-8", "replace")
+
+
+def _use_target(text: str) -> str:
+    parts = text.split()
+    return parts[1].strip("`;") if len(parts) > 1 else ""

@@ -1,0 +1,681 @@
+"""PostgreSQL frontend/backend protocol 3.x: one CLIENT span per query.
+
+Contract (processors/protocols/base.py): ``detect`` recognises a startup packet
+or, for a connection picked up mid-stream, a chain of well-formed typed
+messages (type byte + int32 length, content checked per type); ``Session``
+parses both directions and emits one span per simple Query (``Q``, several
+statements give one span with a summary) and per extended-protocol Execute
+(``E``), its query text resolved through bounded LRU caches of named
+statements and portals (Parse/Bind/Close). Responses pair with requests by
+order, so pipelined Parse/Bind/Execute.../Sync batches work. After an
+ErrorResponse the server skips to the next Sync: the error lands on the first
+Execute (or Parse) it skipped. SSLRequest/GSSENCRequest answered ``S``/``G``
+means encrypted bytes follow: the session stops (counted ``tls``).
+
+Zero-copy: each message is looked at through its header and, for the types we
+read, at most a bounded head (``_CLIENT_HEAD``/``_SERVER_HEAD``); the rest of a
+large message (DataRow, CopyData, a huge Bind) is released as it arrives and
+skipped by count, never held. The only copies are the query text (bounded by
+``sql.MAX_QUERY_BYTES``), names, and error fields.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict, deque
+
+from service.largebuf import LargeBuffer
+from service.model import SpanKind, StatusCode
+
+from .base import Conn, Detection, ProtocolSettings, Session as _Session
+from .errors import LimitExceeded, Malformed
+from .sql import MAX_QUERY_BYTES, QueryInfo, analyze, decode_query
+
+NAME = "postgresql"
+DEFAULT_PORTS = frozenset({5432})
+SYSTEM = "postgresql"
+
+#: Startup-packet codes (PostgreSQL docs, "Message Formats").
+PROTOCOL_MAJOR = 3
+SSL_REQUEST = 80877103
+GSSENC_REQUEST = 80877104
+CANCEL_REQUEST = 80877102
+#: The server refuses startup packets longer than this (MAX_STARTUP_PACKET_LENGTH).
+MAX_STARTUP_LEN = 10000
+#: Largest message the server accepts or sends (PQ_LARGE_MESSAGE_LIMIT, 1 GiB).
+MAX_MESSAGE_LEN = (1 << 30) - 1
+#: Requests waiting for their response before the oldest is dropped (counted).
+MAX_PENDING = 1024
+#: Bytes searched for a message boundary after a gap before giving up on them.
+RESYNC_WINDOW = 16384
+#: Messages checked in a row by ``detect`` (strictness vs. cost).
+DETECT_CHAIN = 4
+#: Longest message ``detect`` and resync will vouch for without seeing it whole.
+DETECT_MAX_LEN = 65536
+#: PostgreSQL's NAMEDATALEN is 64; names longer than this cap are cut.
+MAX_NAME = 256
+#: Error/notice fields kept (message text is cut here).
+MAX_ERROR_HEAD = 4096
+
+# Bytes of a message body we need, per type; the rest is skipped by count.
+_CLIENT_HEAD: dict[int, int] = {
+    ord("Q"): MAX_QUERY_BYTES + 1,
+    ord("P"): MAX_NAME + MAX_QUERY_BYTES + 2,
+    ord("B"): 2 * MAX_NAME + 2,
+    ord("E"): MAX_NAME + 5,
+    ord("D"): MAX_NAME + 2,
+    ord("C"): MAX_NAME + 2,
+    ord("S"): 0, ord("H"): 0, ord("X"): 0, ord("d"): 0, ord("c"): 0, ord("f"): 0,
+    ord("p"): 0, ord("F"): 0,
+}
+_SERVER_HEAD: dict[int, int] = {
+    ord("E"): MAX_ERROR_HEAD, ord("N"): 0, ord("C"): 64, ord("Z"): 1,
+    ord("R"): 0, ord("S"): 0, ord("K"): 0, ord("T"): 0, ord("D"): 0, ord("I"): 0,
+    ord("1"): 0, ord("2"): 0, ord("3"): 0, ord("n"): 0, ord("t"): 0, ord("s"): 0,
+    ord("G"): 0, ord("H"): 0, ord("W"): 0, ord("d"): 0, ord("c"): 0, ord("A"): 0,
+    ord("v"): 0, ord("V"): 0,
+}
+_CLIENT_ONLY = frozenset(b"QPBXpFf")
+_SERVER_ONLY = frozenset(b"RKZTI123ntsGWAvV")
+
+
+class Settings(ProtocolSettings):
+    """Options under ``processors: protocols: postgresql:``."""
+
+    #: Replace literals in ``db.query.text`` by ``?`` (off: the text as sent).
+    sanitize_query: bool = True
+    #: Named prepared statements remembered per connection (LRU).
+    max_statements: int = 512
+    #: Named portals remembered per connection (LRU).
+    max_portals: int = 64
+
+
+# -- validation shared by detect and resync -----------------------------------------
+def _cstr_end(buf: LargeBuffer, off: int, end: int) -> int:
+    """Offset just past the NUL of a C string at ``off``, or -1."""
+    z = buf.find(b"\0", off, end)
+    return -1 if z < 0 else z + 1
+
+
+def _printable(buf: LargeBuffer, off: int, end: int) -> bool:
+    n = min(end - off, 64)
+    if n <= 0:
+        return True
+    for b in buf.view_at(off, n):
+        if b < 0x20 and b not in (9, 10, 13):
+            return False
+    return True
+
+
+def _valid_body(buf: LargeBuffer, t: int, off: int, end: int, client: bool) -> bool:
+    """Is ``buf[off:end]`` a well-formed body of a ``t`` message from this side?"""
+    ln = end - off
+    try:
+        if client:
+            if t == 81:  # Q
+                return ln >= 1 and buf.u8_at(end - 1) == 0 and _printable(buf, off, end - 1)
+            if t == 80:  # P: name, query, int16 n, n oids
+                p = _cstr_end(buf, off, end)
+                q = _cstr_end(buf, p, end) if p > 0 else -1
+                return q > 0 and q + 2 <= end and q + 2 + 4 * buf.i16be_at(q) == end \
+                    and _printable(buf, p, q - 1)
+            if t == 66:  # B
+                p = _cstr_end(buf, off, end)
+                if p < 0:
+                    return False
+                p = _cstr_end(buf, p, end)
+                if p < 0 or p + 2 > end:
+                    return False
+                nf = buf.i16be_at(p)
+                p += 2 + 2 * nf
+                if nf < 0 or p + 2 > end:
+                    return False
+                npar = buf.i16be_at(p)
+                p += 2
+                if npar < 0:
+                    return False
+                for _ in range(npar):
+                    if p + 4 > end:
+                        return False
+                    vl = buf.i32be_at(p)
+                    p += 4 + max(vl, 0)
+                    if vl < -1 or p > end:
+                        return False
+                if p + 2 > end:
+                    return False
+                return p + 2 + 2 * buf.i16be_at(p) == end
+            if t == 69:  # E: portal, int32 max rows
+                p = _cstr_end(buf, off, end)
+                return p > 0 and p + 4 == end
+            if t in (68, 67):  # D, C: 'S'|'P' + name
+                return ln >= 2 and buf.u8_at(off) in (80, 83) and _cstr_end(buf, off + 1, end) == end
+            if t in (83, 72, 88, 99):  # S H X c
+                return ln == 0
+            if t == 102:  # f
+                return _cstr_end(buf, off, end) == end
+            return t in (100, 112, 70)  # d p F: opaque
+        if t == 82:  # R
+            return ln >= 4 and buf.i32be_at(off) in (0, 2, 3, 5, 7, 8, 9, 10, 11, 12)
+        if t == 83:  # S: name, value
+            p = _cstr_end(buf, off, end)
+            return p > 0 and _cstr_end(buf, p, end) == end and _printable(buf, off, p - 1)
+        if t == 75:  # K: pid, secret key (4..256 bytes in 3.2)
+            return 8 <= ln <= 260
+        if t == 90:  # Z
+            return ln == 1 and buf.u8_at(off) in (73, 84, 69)
+        if t == 84:  # T
+            n = buf.i16be_at(off)
+            p = off + 2
+            if n < 0:
+                return False
+            for _ in range(n):
+                p = _cstr_end(buf, p, end)
+                if p < 0:
+                    return False
+                p += 18
+            return p == end
+        if t == 68:  # D
+            n = buf.i16be_at(off)
+            p = off + 2
+            if n < 0:
+                return False
+            for _ in range(n):
+                if p + 4 > end:
+                    return False
+                vl = buf.i32be_at(p)
+                p += 4 + max(vl, 0)
+                if vl < -1:
+                    return False
+            return p == end
+        if t == 67:  # C
+            return _cstr_end(buf, off, end) == end and _printable(buf, off, end - 1)
+        if t in (69, 78):  # E N: (code, cstr)* 0
+            p = off
+            while p < end:
+                c = buf.u8_at(p)
+                if c == 0:
+                    return p + 1 == end
+                p = _cstr_end(buf, p + 1, end)
+                if p < 0:
+                    return False
+            return False
+        if t in (73, 49, 50, 51, 110, 115, 99):  # I 1 2 3 n s c
+            return ln == 0
+        if t == 116:  # t
+            return ln >= 2 and off + 2 + 4 * buf.i16be_at(off) == end
+        if t in (71, 72, 87):  # G H W
+            return ln >= 3 and buf.u8_at(off) in (0, 1) and off + 3 + 2 * buf.i16be_at(off + 1) == end
+        if t == 65:  # A
+            p = _cstr_end(buf, off + 4, end)
+            return p > 0 and _cstr_end(buf, p, end) == end
+        return t in (100, 118, 86)  # d v V
+    except ValueError:
+        return False
+
+
+def _check_at(buf: LargeBuffer, off: int, client: bool) -> int:
+    """At ``off``: 1 a complete valid message, 0 invalid, -1 undecided (need bytes)."""
+    n = len(buf)
+    if off + 5 > n:
+        return -1
+    t = buf.u8_at(off)
+    if t not in (_CLIENT_HEAD if client else _SERVER_HEAD):
+        return 0
+    ln = buf.i32be_at(off + 1)
+    if ln < 4 or ln > DETECT_MAX_LEN:
+        return 0
+    if off + 1 + ln > n:
+        return -1
+    return 1 if _valid_body(buf, t, off + 5, off + 1 + ln, client) else 0
+
+
+def _chain(buf: LargeBuffer, off: int, client: bool) -> tuple[int, bool]:
+    """Validate up to DETECT_CHAIN messages from ``off``: (verdict, saw a role-unique type)."""
+    unique = False
+    only = _CLIENT_ONLY if client else _SERVER_ONLY
+    for _ in range(DETECT_CHAIN):
+        r = _check_at(buf, off, client)
+        if r != 1:
+            if r == -1 and off + 5 <= len(buf) and unique:
+                return 1, unique  # earlier messages proved it; the next is just long
+            return r, unique
+        unique = unique or buf.u8_at(off) in only
+        off += 1 + buf.i32be_at(off + 1)
+        if off == len(buf):
+            return 1, unique
+    return 1, unique
+
+
+def _startup_verdict(buf: LargeBuffer) -> Detection:
+    n = len(buf)
+    if n < 8:
+        if n == 0 or buf.u8_at(0) != 0:
+            return Detection.NO
+        return Detection.NEED_MORE
+    ln = buf.i32be_at(0)
+    code = buf.i32be_at(4)
+    if code in (SSL_REQUEST, GSSENC_REQUEST):
+        return Detection.REQUEST if ln == 8 else Detection.NO
+    if code == CANCEL_REQUEST:
+        return Detection.REQUEST if 16 <= ln <= 264 else Detection.NO
+    if code >> 16 != PROTOCOL_MAJOR or ln < 9 or ln > MAX_STARTUP_LEN:
+        return Detection.NO
+    if n < ln:
+        return Detection.NEED_MORE if _printable(buf, 8, n) else Detection.NO
+    if buf.u8_at(ln - 1) != 0 or buf.find(b"user\0", 8, ln) < 0 or not _printable(buf, 8, ln - 1):
+        return Detection.NO
+    return Detection.REQUEST
+
+
+def detect(buf: LargeBuffer, from_client: bool | None) -> Detection:
+    """Startup packet, or (mid-stream) a chain of valid typed messages."""
+    if len(buf) == 0:
+        return Detection.NEED_MORE
+    if from_client is not False:
+        v = _startup_verdict(buf)
+        if v != Detection.NO:
+            return v
+    verdicts = []
+    for client in ((True,) if from_client else (False,) if from_client is False else (True, False)):
+        r, unique = _chain(buf, 0, client)
+        if r == 1 and (unique or from_client is not None):
+            return Detection.REQUEST if client else Detection.RESPONSE
+        verdicts.append(r)
+    if -1 in verdicts or (1 in verdicts and len(buf) < 64):
+        return Detection.NEED_MORE
+    return Detection.NO
+
+
+# -- the session ---------------------------------------------------------------------
+class _Op:
+    """A request waiting for its response: kind is the message type byte."""
+
+    __slots__ = ("kind", "info", "start", "rows", "err_code", "err_msg")
+
+    def __init__(self, kind: int, info: QueryInfo | None, start: int) -> None:
+        self.kind = kind
+        self.info = info
+        self.start = start
+        self.rows = 0
+        self.err_code = ""
+        self.err_msg = ""
+
+
+_Q, _P, _B, _E, _D, _C, _S, _F = (ord(c) for c in "QPBEDCSF")
+
+
+class Session(_Session):
+    protocol = NAME
+
+    def __init__(self, conn: Conn) -> None:
+        super().__init__(conn)
+        s = conn.settings if isinstance(conn.settings, Settings) else Settings()
+        self._sanitize = s.sanitize_query
+        self._max_stmts = max(1, s.max_statements)
+        self._max_portals = max(1, s.max_portals)
+        self._stmts: OrderedDict[bytes, QueryInfo] = OrderedDict()
+        self._portals: OrderedDict[bytes, QueryInfo | None] = OrderedDict()
+        self._unnamed: QueryInfo | None = None
+        self._pending: deque[_Op] = deque()
+        self._batch_start = 0
+        self._skip = [0, 0]          # bytes of a message still to skip, per direction
+        self._resync = [False, True]  # look for a boundary before parsing
+        self._startup = True          # the client may still send a startup packet
+        self._ssl_wait = False        # SSLRequest/GSSENCRequest sent, 1-byte answer due
+        self._stopped = False
+        self.namespace = ""
+        self.user = ""
+
+    # -- plumbing --------------------------------------------------------------------
+    def feed(self, from_client: bool, buf: LargeBuffer, ts_ns: int) -> None:
+        d = 0 if from_client else 1
+        heads = _CLIENT_HEAD if from_client else _SERVER_HEAD
+        while True:
+            n = len(buf)
+            if n == 0:
+                return
+            if self._stopped:
+                buf.release(n)
+                return
+            skip = self._skip[d]
+            if skip:
+                k = skip if skip < n else n
+                buf.release(k)
+                self._skip[d] = skip - k
+                continue
+            if from_client and self._startup:
+                if not self._feed_startup(buf):
+                    return
+                continue
+            if not from_client and self._ssl_wait:
+                if not self._ssl_answer(buf):
+                    return
+                continue
+            if self._resync[d]:
+                if not self._find_boundary(buf, from_client):
+                    return
+                continue
+            if n < 5:
+                return
+            t = buf.u8_at(0)
+            ln = buf.i32be_at(1)
+            if t not in heads or ln < 4:
+                self._resync[d] = True
+                raise Malformed(NAME, "bad_message", 0, f"type {t:#x} length {ln}")
+            if ln > MAX_MESSAGE_LEN:
+                self._resync[d] = True
+                raise LimitExceeded(NAME, "message_too_large", 0, f"length {ln}")
+            total = ln + 1
+            body = ln - 4
+            cap = heads[t]
+            if body > cap:
+                body = cap
+            if n < 5 + body:
+                return
+            ts = buf.ts_at(0)
+            if from_client:
+                self._client_msg(t, buf, 5, 5 + body, ts)
+            else:
+                self._server_msg(t, buf, 5, 5 + body, ts)
+            if self._stopped:
+                buf.release(len(buf))
+                return
+            if n >= total:
+                buf.release(total)
+            else:
+                buf.release(n)
+                self._skip[d] = total - n
+
+    def gap(self, from_client: bool, ts_ns: int) -> None:
+        d = 0 if from_client else 1
+        self._skip[d] = 0
+        self._resync[d] = True
+        if from_client:
+            self._startup = False
+        self._ssl_wait = False
+        self._forget_pending("gap")
+
+    def close(self, ts_ns: int, reset: bool = False) -> None:
+        self._forget_pending("no_response")
+
+    def _forget_pending(self, reason: str) -> None:
+        for op in self._pending:
+            if op.kind in (_Q, _E):
+                self.conn.drop(reason)
+        self._pending.clear()
+        self._batch_start = 0
+
+    def _push(self, op: _Op) -> None:
+        p = self._pending
+        p.append(op)
+        if len(p) > MAX_PENDING:
+            p.popleft()
+            self.conn.drop("pending_overflow")
+
+    def _find_boundary(self, buf: LargeBuffer, client: bool) -> bool:
+        """Release bytes up to the next message boundary; False if it needs more bytes."""
+        d = 0 if client else 1
+        n = len(buf)
+        limit = min(n, RESYNC_WINDOW)
+        first_undecided = -1
+        for off in range(limit):
+            r, _ = _chain(buf, off, client)
+            if r == 1:
+                if off:
+                    self.conn.drop("resync")
+                buf.release(off)
+                self._resync[d] = False
+                return True
+            if r == -1 and first_undecided < 0:
+                first_undecided = off
+        if first_undecided >= 0 and n < RESYNC_WINDOW:
+            if first_undecided:
+                buf.release(first_undecided)
+            return False
+        # Nothing plausible in a whole window: give those bytes up (counted).
+        keep = 4
+        drop = n - keep if first_undecided < 0 else max(first_undecided, 1)
+        if drop > 0:
+            buf.release(drop)
+            self.conn.drop("resync")
+        return False
+
+    # -- startup and TLS -----------------------------------------------------------------
+    def _feed_startup(self, buf: LargeBuffer) -> bool:
+        n = len(buf)
+        if n < 8:
+            if buf.u8_at(0) != 0:  # no startup packet: a typed message, mid-stream
+                self._startup = False
+                self._resync[0] = True
+                return True
+            return False
+        ln = buf.i32be_at(0)
+        code = buf.i32be_at(4)
+        if code in (SSL_REQUEST, GSSENC_REQUEST) and ln == 8:
+            buf.release(8)
+            self._ssl_wait = True
+            return True
+        if code == CANCEL_REQUEST and 16 <= ln <= 264:
+            # A cancel request opens its own connection and carries no query.
+            self._startup = False
+            if n < ln:
+                return False
+            buf.release(ln)
+            return True
+        if code >> 16 != PROTOCOL_MAJOR or ln < 8 or ln > MAX_STARTUP_LEN:
+            self._startup = False
+            if buf.u8_at(0) == 0:
+                raise Malformed(NAME, "bad_startup", 0, f"length {ln} code {code}")
+            self._resync[0] = True  # typed messages: we joined mid-stream
+            return True
+        if n < ln:
+            return False
+        self._parse_startup(buf, 8, ln)
+        buf.release(ln)
+        self._startup = False
+        self._resync[0] = False
+        return True
+
+    def _parse_startup(self, buf: LargeBuffer, off: int, end: int) -> None:
+        user = database = ""
+        while off < end:
+            k = _cstr_end(buf, off, end)
+            if k < 0 or k == off + 1:
+                break
+            v = _cstr_end(buf, k, end)
+            if v < 0:
+                break
+            key = buf.view_at(off, k - off - 1)
+            if key == b"user":
+                user = _text(buf, k, v - 1)
+            elif key == b"database":
+                database = _text(buf, k, v - 1)
+            off = v
+        self.user = user
+        self.namespace = database or user  # the server's default database is the user's name
+
+    def _ssl_answer(self, buf: LargeBuffer) -> bool:
+        b = buf.u8_at(0)
+        self._ssl_wait = False
+        if b == 78:  # 'N': plaintext continues, the client sends its startup next
+            buf.release(1)
+            return True
+        if b in (83, 71):  # 'S' TLS, 'G' GSSAPI encryption: nothing readable follows
+            self._stopped = True
+            self.conn.drop("tls")
+            buf.release(len(buf))
+            return True
+        return True  # 'E' from a pre-SSL server: an ErrorResponse, parsed as usual
+
+    # -- client messages ---------------------------------------------------------------
+    def _client_msg(self, t: int, buf: LargeBuffer, off: int, end: int, ts: int) -> None:
+        if t == _Q:
+            z = _cstr_end(buf, off, end)
+            info = self._info(buf, off, (z - 1) if z > 0 else end)
+            self._push(_Op(_Q, info, ts))
+        elif t == _P:
+            p = _cstr_end(buf, off, end)
+            if p < 0:
+                raise Malformed(NAME, "bad_parse", off)
+            name = buf.bytes_at(off, min(p - 1 - off, MAX_NAME))  # kept: a cache key
+            z = _cstr_end(buf, p, end)
+            info = self._info(buf, p, (z - 1) if z > 0 else end)
+            if name:
+                st = self._stmts
+                st[name] = info
+                st.move_to_end(name)
+                if len(st) > self._max_stmts:
+                    st.popitem(last=False)
+                    self.conn.drop("statement_evicted")
+            else:
+                self._unnamed = info
+            if not self._batch_start:
+                self._batch_start = ts
+            self._push(_Op(_P, info, ts))
+        elif t == _B:
+            p = _cstr_end(buf, off, end)
+            if p < 0:
+                raise Malformed(NAME, "bad_bind", off)
+            q = _cstr_end(buf, p, end)
+            if q < 0:
+                raise Malformed(NAME, "bad_bind", p)
+            stmt = buf.view_at(p, q - 1 - p)
+            info = self._stmts.get(stmt.tobytes()) if len(stmt) else self._unnamed
+            portal = buf.bytes_at(off, p - 1 - off)
+            pt = self._portals
+            pt[portal] = info
+            pt.move_to_end(portal)
+            if len(pt) > self._max_portals:
+                pt.popitem(last=False)
+            if not self._batch_start:
+                self._batch_start = ts
+            self._push(_Op(_B, info, ts))
+        elif t == _E:
+            p = _cstr_end(buf, off, end)
+            portal = buf.bytes_at(off, (p - 1 if p > 0 else end) - off)
+            info = self._portals.get(portal)
+            start = self._batch_start or ts
+            self._batch_start = 0
+            self._push(_Op(_E, info, start))
+        elif t == _D:
+            self._push(_Op(_D, None, ts))
+        elif t == _C:
+            kind = buf.u8_at(off) if end > off else 0
+            p = _cstr_end(buf, off + 1, end)
+            if p > 0:
+                name = buf.bytes_at(off + 1, p - 2 - off)
+                (self._stmts if kind == 83 else self._portals).pop(name, None)
+            self._push(_Op(_C, None, ts))
+        elif t == _S:
+            self._push(_Op(_S, None, ts))
+        elif t == _F:
+            self._push(_Op(_F, None, ts))
+        # H (Flush), X (Terminate: no span), d/c/f (COPY data), p (auth): nothing to pair.
+
+    def _info(self, buf: LargeBuffer, off: int, end: int) -> QueryInfo:
+        return analyze(decode_query(buf.view_at(off, end - off)), "postgresql", self._sanitize)
+
+    # -- server messages -----------------------------------------------------------------
+    def _server_msg(self, t: int, buf: LargeBuffer, off: int, end: int, ts: int) -> None:
+        pend = self._pending
+        head = pend[0] if pend else None
+        hk = head.kind if head is not None else 0
+        if t == 68:  # D DataRow
+            if head is not None:
+                head.rows += 1
+        elif t == 67:  # C CommandComplete
+            if hk == _E:
+                pend.popleft()
+                self._span(head, ts)  # type: ignore[arg-type]
+        elif t == 90:  # Z ReadyForQuery: ends a Q or a Sync group
+            while pend:
+                op = pend.popleft()
+                if op.kind == _Q:
+                    self._span(op, ts)
+                    break
+                if op.kind == _S:
+                    break
+                if op.kind == _E:  # answered nothing before Sync: lost, count it
+                    self.conn.drop("unpaired")
+        elif t == 69:  # E ErrorResponse
+            code, msg = _error_fields(buf, off, end)
+            if hk == _Q:
+                if not head.err_code:  # type: ignore[union-attr]
+                    head.err_code, head.err_msg = code, msg  # type: ignore[union-attr]
+                return
+            # Extended protocol: the server discards everything up to Sync.
+            target: _Op | None = None
+            while pend and pend[0].kind != _S:
+                op = pend.popleft()
+                if target is None or (target.kind != _E and op.kind == _E):
+                    target = op if op.kind in (_E, _P, _B) else target
+            if target is not None:
+                target.err_code, target.err_msg = code, msg
+                self._span(target, ts)
+        elif t in (49, 50, 51):  # 1 2 3: Parse/Bind/CloseComplete
+            want = _P if t == 49 else _B if t == 50 else _C
+            if hk == want:
+                pend.popleft()
+        elif t in (84, 110):  # T RowDescription, n NoData: answer Describe
+            if hk == _D:
+                pend.popleft()
+        elif t in (73, 115):  # I EmptyQuery, s PortalSuspended
+            if hk == _E:
+                pend.popleft()
+                self._span(head, ts)  # type: ignore[arg-type]
+        elif t == 86:  # V FunctionCallResponse
+            if hk == _F:
+                pend.popleft()
+        # R S K N A t G H W d c v: nothing to pair.
+
+    def _span(self, op: _Op, end_ts: int) -> None:
+        info = op.info
+        attrs: dict = {"db.system.name": SYSTEM}
+        if self.namespace:
+            attrs["db.namespace"] = self.namespace
+        name = SYSTEM
+        if info is not None:
+            if info.operation:
+                attrs["db.operation.name"] = info.operation
+            if info.collection:
+                attrs["db.collection.name"] = info.collection
+            if info.summary:
+                attrs["db.query.summary"] = info.summary
+                name = info.summary
+            elif info.operation:
+                name = info.operation
+            attrs["db.query.text"] = info.text
+        if op.rows:
+            attrs["db.response.returned_rows"] = op.rows
+        status = StatusCode.UNSET
+        if op.err_code:
+            attrs["db.response.status_code"] = op.err_code
+            attrs["error.type"] = op.err_code
+            status = StatusCode.ERROR
+        conn = self.conn
+        conn.emit(conn.span(name, conn.kind_for(SpanKind.CLIENT), op.start, end_ts, attrs,
+                            status_code=status, status_message=op.err_msg))
+
+
+def _text(buf: LargeBuffer, off: int, end: int) -> str:
+    # Small fields kept on the span: a deliberate, bounded copy.
+    return str(buf.view_at(off, min(end - off, MAX_NAME)), "utf-8", "replace")
+
+
+def _error_fields(buf: LargeBuffer, off: int, end: int) -> tuple[str, str]:
+    """SQLSTATE and message of an ErrorResponse body (possibly cut at its head cap)."""
+    code = msg = ""
+    p = off
+    while p < end:
+        c = buf.u8_at(p)
+        if c == 0:
+            break
+        z = _cstr_end(buf, p + 1, end)
+        stop = (z - 1) if z > 0 else end
+        if c == 67:  # 'C'
+            code = str(buf.view_at(p + 1, min(stop - p - 1, 5)), "ascii", "replace")
+        elif c == 77:  # 'M'
+            msg = str(buf.view_at(p + 1, stop - p - 1), "utf-8", "replace")
+        if z < 0:
+            break
+        p = z
+    return code, msg
