@@ -100,6 +100,10 @@ def import_target(target: str) -> type:
     return obj
 
 
+def _a(word: str) -> str:
+    return ("an " if word[:1] in "aeiou" else "a ") + word
+
+
 def check_class(kind: str, cls: Any, target: str) -> type:
     """The small API every component must have; the message says what is missing."""
     if not isinstance(cls, type):
@@ -109,7 +113,7 @@ def check_class(kind: str, cls: Any, target: str) -> type:
         raise ComponentUnavailable(f"{target} has no pydantic Config model")
     ckind = getattr(cls, "kind", "")
     if ckind != kind:
-        raise ComponentUnavailable(f"{target} is a {ckind or 'non-component'}, not a {kind}")
+        raise ComponentUnavailable(f"{target} is {_a(ckind or 'non-component')}, not {_a(kind)}")
     needed = {RECEIVER: ("start", "shutdown"), PROCESSOR: ("start", "shutdown", "flush"),
               EXPORTER: ("start", "shutdown", "consume_spans")}[kind]
     if kind == PROCESSOR:
@@ -213,7 +217,7 @@ class Registry:
             with self._lock:
                 self._classes[target] = cls
         elif getattr(cls, "kind", "") != kind:
-            raise ComponentUnavailable(f"{target} is a {cls.kind}, not a {kind}")
+            raise ComponentUnavailable(f"{target} is {_a(cls.kind)}, not {_a(kind)}")
         return cls
 
     def entries(self) -> list[Entry]:

@@ -45,6 +45,8 @@ class _Lifecycle:
 
 
 class FiniteConfig(ComponentConfig):
+    #: Ignored; lets ``wirespan replay`` hand this receiver its ``{"path": FILE}``.
+    path: str = ""
     events: int = 10
     per_batch: int = 5
     delay: float = 0.0
