@@ -14,8 +14,9 @@ import httpx
 
 from service.model import SpanKind, StatusCode
 from tests.support.capture import tcpdump
+from tests.support.h2c_server import h2c_server
 from tests.support.nginx_h2 import nginx_h2_server
-from tests.support.replay import replay_spans
+from tests.support.replay import replay, replay_spans
 
 TP = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 BIG = bytes(range(256)) * 4096  # 1 MiB: many DATA frames, flow control, WINDOW_UPDATEs
@@ -92,3 +93,30 @@ def test_httpx_multiplexed(tmp_path: Path) -> None:
     assert by_path["/big.bin"].attributes["http.response.body.size"] == len(BIG)
     assert by_path["/api/p"].attributes["http.request.body.size"] == 60000
     assert by_path["/nope"].attributes["http.response.status_code"] == 404
+
+
+def test_curl_h2c_upgrade(tmp_path: Path) -> None:
+    """curl --http2 on http:// upgrades (HTTP/1.1 101 -> h2c); the second URL goes on stream 3.
+
+    The server is tests/support/h2c_server.py (h2's real state machine behind a
+    small socket loop): nginx 1.22 does not implement the h2c upgrade.
+    """
+    with h2c_server() as port, tcpdump(port, tmp_path / "h2c.pcap") as pcap:
+        out = subprocess.run(["curl", "-sS", "--http2", f"http://127.0.0.1:{port}/up?q=1",
+                              f"http://127.0.0.1:{port}/second"], check=True, timeout=30, capture_output=True)
+        assert out.stdout == b"body:/up?q=1body:/second"
+    spans, _, stats = replay(pcap)
+    assert stats["switched"] == {"http->http2": 1}
+    h1 = [s for s in spans if s.attributes.get("network.protocol.version") == "1.1"]
+    assert [s.attributes["http.response.status_code"] for s in h1] == [101]
+    h2 = {s.attributes["url.path"]: s for s in spans if s.attributes.get("network.protocol.version") == "2"}
+    second = h2["/second"]
+    assert second.attributes["http.response.status_code"] == 200
+    assert second.attributes["http.response.body.size"] == len(b"body:/second")
+    # Stream 1 answers the upgraded request. With the HTTP/1 session's
+    # conn.extra["http2_upgrade_request"] it is a full span; without it, the
+    # response is counted as request_not_seen, never dropped silently.
+    if "/up" in h2:
+        assert h2["/up"].attributes["http.response.status_code"] == 200
+    else:
+        assert stats["drops"].get("http2:request_not_seen") == 1
