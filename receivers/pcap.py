@@ -411,10 +411,13 @@ class PcapReceiver(Receiver):
         self._filter = _AddrFilter(config.filter) if (config.filter.ports or config.filter.addresses) else None
 
     # -------------------------------------------------------------- lifecycle
-    def start(self) -> None:
+    def _resolve_files(self) -> None:
         self.files = _resolve(self.config.path)
         if not self.files:
             raise FileNotFoundError(f"receivers::{self.id}::path: no capture file matches {self.config.path!r}")
+
+    def start(self) -> None:
+        self._resolve_files()
         self._thread = threading.Thread(target=self._run, name=f"receiver-{self.id}", daemon=True)
         self._thread.start()
 
@@ -423,6 +426,11 @@ class PcapReceiver(Receiver):
         t = self._thread
         if t is not None and t is not threading.current_thread():
             t.join(timeout=10)
+
+    def run(self) -> None:
+        """Replay in the calling thread (what ``start()``'s thread runs): for one-shot tools and tests."""
+        self._resolve_files()
+        self._run()
 
     def wait(self, timeout: float | None = None) -> bool:
         return self.done.wait(timeout)
