@@ -292,3 +292,18 @@ def test_reset_mid_response_real_socket(tmp_path: Path) -> None:
     assert s.status_code == StatusCode.ERROR and s.attributes["error.type"] == "connection_reset"
     assert s.attributes["http.response.status_code"] == 200
     assert 0 < s.attributes["http.response.body.size"] <= 1000
+
+
+def test_bundled_sample_capture() -> None:
+    """The capture `wirespan run` replays by default: every exchange becomes a span."""
+    sample = Path(__file__).resolve().parents[1] / "config" / "samples" / "http-sample.pcap"
+    spans, rstats, pstats = replay(sample)
+    assert len(spans) == 24 and pstats["drops"] == {} and rstats["drops"] == {}
+    methods = {s.name for s in spans}
+    assert {"GET", "POST", "PUT", "DELETE", "HEAD"} <= methods
+    codes = {s.attributes["http.response.status_code"] for s in spans}
+    assert {200, 201, 204, 404, 500} <= codes
+    assert any(s.attributes.get("url.query") == "page=2&sort=price" for s in spans)
+    assert sum(s.status_code == StatusCode.ERROR for s in spans) == 2
+    joined = [s for s in spans if s.parent_span_id]
+    assert len(joined) == 1 and joined[0].trace_id.hex() == "7d3c2b1a0f9e8d7c6b5a493827160514"
