@@ -12,6 +12,7 @@ from pathlib import Path
 
 import httpx
 
+from processors.protocols import grpc
 from service.model import SpanKind, StatusCode
 from tests.support.capture import tcpdump
 from tests.support.h2c_server import h2c_server
@@ -120,3 +121,47 @@ def test_curl_h2c_upgrade(tmp_path: Path) -> None:
         assert h2["/up"].attributes["http.response.status_code"] == 200
     else:
         assert stats["drops"].get("http2:request_not_seen") == 1
+
+
+FIXTURES = Path(__file__).parent / "fixtures" / "http2"
+
+
+def _tshark_streams(pcap: Path, port: int) -> dict[tuple[int, int], dict[str, str]]:
+    """(tcp stream, h2 stream) -> the header fields tshark (Wireshark's HPACK decoder) read."""
+    out = subprocess.run(
+        ["tshark", "-r", str(pcap), "-d", f"tcp.port=={port},http2", "-Y", "http2.type==1", "-T", "fields",
+         "-e", "tcp.stream", "-e", "http2.streamid", "-e", "http2.header.name", "-e", "http2.header.value",
+         "-E", "separator=|", "-E", "aggregator=\x1f"],
+        check=True, capture_output=True, text=True, timeout=60).stdout
+    got: dict[tuple[int, int], dict[str, str]] = {}
+    for line in out.splitlines():
+        tcp, sids, names, values = line.split("|")
+        sid = int(sids.split("\x1f")[0])
+        fields = got.setdefault((int(tcp), sid), {})
+        for n, v in zip(names.split("\x1f"), values.split("\x1f"), strict=False):
+            fields.setdefault(n, v)
+    return got
+
+
+def test_fixtures_agree_with_tshark() -> None:
+    """The stored captures (grpcio calls, curl against nginx) decode as Wireshark decodes them."""
+    for name in ("grpc_calls.pcap", "nginx_curl.pcap"):
+        pcap = FIXTURES / name
+        spans = replay_spans(pcap)
+        assert spans, name
+        port = spans[0].attributes["server.port"]
+        oracle = _tshark_streams(pcap, port)
+        # the response's :status is in the same stream's other HEADERS frame
+        by_stream = {}
+        for key, f in oracle.items():
+            by_stream.setdefault(key, {}).update(f)
+        want = sorted((f[":path"], int(f[":status"]), f.get("grpc-status")) for f in by_stream.values())
+        got = []
+        for s in spans:
+            a = s.attributes
+            if a.get("rpc.system.name") == "grpc":
+                code = grpc.STATUS_NAMES.index(a["rpc.response.status_code"])
+                got.append(("/" + a["rpc.method"], 200, str(code)))
+            else:
+                got.append((a["url.path"], a["http.response.status_code"], None))
+        assert sorted(got) == want, name
