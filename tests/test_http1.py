@@ -418,3 +418,24 @@ def test_fuzz_session_never_raises_anything_but_protocol_errors(steps: list[tupl
 
 def test_malformed_is_a_protocol_error() -> None:
     assert issubclass(Malformed, ProtocolError) and issubclass(LimitExceeded, ProtocolError)
+
+
+# -- recorded real streams (tests/fixtures/http1, see record.py there) ------------------------------
+FIXTURES = __import__("pathlib").Path(__file__).parent / "fixtures" / "http1"
+
+
+@pytest.mark.parametrize("name", ["curl_nginx", "httpx_nginx"])
+@pytest.mark.parametrize("mode", ["whole", "split3", "bytes"])
+def test_recorded_streams(name: str, mode: str) -> None:
+    client = (FIXTURES / f"{name}.client.bin").read_bytes()
+    server = (FIXTURES / f"{name}.server.bin").read_bytes()
+    d = Driver()
+    d.req(client, mode)
+    d.resp(server, mode)
+    got = [(s.name, s.attributes["url.path"], s.attributes["http.response.status_code"]) for s in d.spans]
+    if name == "curl_nginx":
+        assert got == [("GET", "/index.html", 200), ("GET", "/missing", 404), ("GET", "/boom", 500)]
+    else:
+        assert got == [("GET", "/text.txt", 200), ("POST", "/api/items", 200), ("HEAD", "/index.html", 200)]
+        assert d.spans[1].attributes["http.request.body.size"] == len(b'{"name":"lamp","qty":2}')
+    assert len(d.conn.client_buf) == 0 and len(d.conn.server_buf) == 0 and d.drops == []
