@@ -250,3 +250,50 @@ def test_config_durations_and_defaults():
     assert c.compression == "gzip" and c.retry_on_failure.max_elapsed_time == 300.0
     assert c.target_and_secure() == ("localhost:4317", True)
     assert OtlpConfig(endpoint="http://h:1").target_and_secure() == ("h:1", False)
+
+
+def test_end_to_end_capture_through_span_processors_to_grpc(tmp_path):
+    """pcap -> protocols -> memory_limiter, attributes, filter, redaction, batch -> otlp + file (real runtime)."""
+    import json
+
+    from bench.gen_http_capture import generate
+    from service import config as c
+    from service.pipeline import Service
+
+    cap = tmp_path / "http.pcap"
+    conns, reqs = 4, 50
+    generate(str(cap), connections=conns, requests=reqs)
+    health = sum(1 for ci in range(conns) for i in range(reqs) if (ci + i) % 5 == 2)  # "/health" requests
+    with GrpcSink() as sink:
+        raw = {
+            "receivers": {"pcap": {"path": str(cap)}},
+            "processors": {
+                "protocols": {},
+                "memory_limiter": {"check_interval": "1s", "limit_percentage": 90},
+                "attributes": {"actions": [{"key": "deployment.environment.name", "action": "insert",
+                                            "value": "test"}]},
+                "filter": {"spans": {"exclude": [{"attributes": {"url.path": "/health"}}]}},
+                "redaction": {},
+                "batch": {"timeout": "50ms", "send_batch_size": 64},
+            },
+            "exporters": {
+                "otlp": {"endpoint": sink.endpoint, "tls": {"insecure": True}},
+                "file": {"path": str(tmp_path / "spans.jsonl")},
+            },
+            "service": {"pipelines": {"traces": {
+                "receivers": ["pcap"],
+                "processors": ["protocols", "memory_limiter", "attributes", "filter", "redaction", "batch"],
+                "exporters": ["otlp", "file"]}},
+                "telemetry": {"metrics": {"address": ""}, "health": {"address": ""}}},
+        }
+        svc = Service(c.validate(raw))
+        svc.start()
+        assert svc.wait_receivers(30)
+        svc.shutdown()
+        want = conns * reqs - health
+        assert sink.span_count == want
+        lines = (tmp_path / "spans.jsonl").read_text().splitlines()
+        in_file = sum(len(ss["spans"]) for ln in lines for rs in json.loads(ln)["resourceSpans"]
+                      for ss in rs["scopeSpans"])
+        assert in_file == want
+        assert metric("wirespan_processor_dropped_items_total", processor="filter", reason="filtered") >= health
