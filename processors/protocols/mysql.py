@@ -25,7 +25,8 @@ from collections import OrderedDict, deque
 from service.largebuf import LargeBuffer
 from service.model import SpanKind, StatusCode
 
-from .base import Conn, Detection, ProtocolSettings, Session as _Session
+from .base import Conn, Detection, ProtocolSettings
+from .base import Session as _Session
 from .errors import Malformed
 from .sql import MAX_QUERY_BYTES, QueryInfo, analyze, decode_query
 
@@ -137,7 +138,7 @@ def detect(buf: LargeBuffer, from_client: bool | None) -> Detection:
     """Server handshake, or (mid-stream) a client command with sequence 0."""
     n = len(buf)
     if n < 4:
-        return Detection.NEED_MORE if n else Detection.NEED_MORE
+        return Detection.NEED_MORE
     plen = buf.u32le_at(0) & 0xFFFFFF
     seq = buf.u8_at(3)
     if seq != 0 or plen == 0:
@@ -167,8 +168,18 @@ def detect(buf: LargeBuffer, from_client: bool | None) -> Detection:
 class _Cmd:
     """A command waiting for (the rest of) its response."""
 
-    __slots__ = ("cmd", "info", "start", "state", "left", "rows", "err_code", "err_state", "err_msg",
-                 "stmt_info", "arg")
+    __slots__ = (
+        "arg",
+        "cmd",
+        "err_code",
+        "err_msg",
+        "err_state",
+        "info",
+        "left",
+        "rows",
+        "start",
+        "state",
+    )
 
     def __init__(self, cmd: int, info: QueryInfo | None, start: int, arg: str = "") -> None:
         self.cmd = cmd

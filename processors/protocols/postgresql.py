@@ -26,7 +26,8 @@ from collections import OrderedDict, deque
 from service.largebuf import LargeBuffer
 from service.model import SpanKind, StatusCode
 
-from .base import Conn, Detection, ProtocolSettings, Session as _Session
+from .base import Conn, Detection, ProtocolSettings
+from .base import Session as _Session
 from .errors import LimitExceeded, Malformed
 from .sql import MAX_QUERY_BYTES, QueryInfo, analyze, decode_query
 
@@ -96,12 +97,13 @@ def _cstr_end(buf: LargeBuffer, off: int, end: int) -> int:
     return -1 if z < 0 else z + 1
 
 
-def _printable(buf: LargeBuffer, off: int, end: int) -> bool:
+def _printable(buf: LargeBuffer, off: int, end: int, nul: bool = False) -> bool:
+    """No control bytes in the first 64 bytes of ``[off, end)`` (NULs allowed if ``nul``)."""
     n = min(end - off, 64)
     if n <= 0:
         return True
     for b in buf.view_at(off, n):
-        if b < 0x20 and b not in (9, 10, 13):
+        if b < 0x20 and b not in (9, 10, 13) and not (nul and b == 0):
             return False
     return True
 
@@ -260,8 +262,8 @@ def _startup_verdict(buf: LargeBuffer) -> Detection:
     if code >> 16 != PROTOCOL_MAJOR or ln < 9 or ln > MAX_STARTUP_LEN:
         return Detection.NO
     if n < ln:
-        return Detection.NEED_MORE if _printable(buf, 8, n) else Detection.NO
-    if buf.u8_at(ln - 1) != 0 or buf.find(b"user\0", 8, ln) < 0 or not _printable(buf, 8, ln - 1):
+        return Detection.NEED_MORE if _printable(buf, 8, n, True) else Detection.NO
+    if buf.u8_at(ln - 1) != 0 or buf.find(b"user\0", 8, ln) < 0 or not _printable(buf, 8, ln - 1, True):
         return Detection.NO
     return Detection.REQUEST
 
@@ -289,7 +291,7 @@ def detect(buf: LargeBuffer, from_client: bool | None) -> Detection:
 class _Op:
     """A request waiting for its response: kind is the message type byte."""
 
-    __slots__ = ("kind", "info", "start", "rows", "err_code", "err_msg")
+    __slots__ = ("err_code", "err_msg", "info", "kind", "rows", "start")
 
     def __init__(self, kind: int, info: QueryInfo | None, start: int) -> None:
         self.kind = kind
@@ -463,7 +465,7 @@ class Session(_Session):
             return True
         if code >> 16 != PROTOCOL_MAJOR or ln < 8 or ln > MAX_STARTUP_LEN:
             self._startup = False
-            if buf.u8_at(0) == 0:
+            if buf.u8_at(0) == 0 or code >> 16 == PROTOCOL_MAJOR:
                 raise Malformed(NAME, "bad_startup", 0, f"length {ln} code {code}")
             self._resync[0] = True  # typed messages: we joined mid-stream
             return True

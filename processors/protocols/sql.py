@@ -103,7 +103,7 @@ def _repl(m: re.Match[str]) -> str:
 # IN (?, ?, ?) -> IN (?): list length is data too, and it splits summaries.
 _IN_LIST = re.compile(r"(?i)\bIN\s*\(\s*\?(?:\s*,\s*\?)*\s*\)")
 # VALUES (?, ?), (?, ?) -> VALUES (?, ?): the row count of a bulk insert is data too.
-_ROWS = re.compile(r"(\(\s*\?(?:\s*,\s*\?)*\s*\))(?:\s*,\s*\1)+")
+_ROWS = re.compile(r"(\(\s*\?(?:\s*,\s*\?)*\s*\))(?:\s*,\s*\(\s*\?(?:\s*,\s*\?)*\s*\))+")
 _SPACES = re.compile(r"\s{2,}")
 
 
