@@ -1,0 +1,473 @@
+"""MongoDB wire protocol: OP_MSG, legacy OP_QUERY/OP_REPLY, OP_COMPRESSED.
+
+Contract: processors/protocols/base.py. One CLIENT span per command, paired by
+``requestID``/``responseTo`` (any order). BSON is read lazily where it lies in
+the ``LargeBuffer``: only the top-level elements a span needs are decoded (the
+command's first key and its value, ``$db``; ``ok``, ``errmsg``, ``code``,
+``codeName`` in replies) and every other value is stepped over by its declared
+size, never parsed, so nesting depth costs nothing and is not recursed into.
+
+A message is processed as it arrives: once its command document is complete,
+the rest (OP_MSG document sequences: the inserted documents themselves) is
+skipped as bytes come in and released, so a 40 MB insert never sits in memory.
+OP_COMPRESSED must be decompressed to be read; that copy is deliberate and
+bounded by ``max_decompressed_bytes`` (zlib always; snappy and zstd when
+``python-snappy`` / ``zstandard`` are installed, else counted as unsupported).
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from typing import Any, ClassVar
+
+from processors.protocols.base import Conn, Detection, ProtocolSettings, Session
+from processors.protocols.errors import LimitExceeded, Malformed, Unsupported
+from service.largebuf import LargeBuffer
+from service.model import SpanKind, StatusCode
+
+NAME = "mongodb"
+DEFAULT_PORTS = frozenset({27017, 27018, 27019})
+
+# Opcodes (MongoDB wire protocol reference).
+OP_REPLY = 1
+OP_QUERY = 2004
+OP_COMPRESSED = 2012
+OP_MSG = 2013
+_OPCODES = frozenset({OP_REPLY, OP_QUERY, OP_COMPRESSED, OP_MSG})
+
+#: The server's maxMessageSizeBytes (48 MB): a larger declared length is not MongoDB.
+MAX_MESSAGE = 48_000_000
+#: BSON's own document limit (16 MiB) bounds a command document we wait for.
+MAX_DOCUMENT = 16 * 1024 * 1024
+#: OP_MSG flag bits: checksumPresent, moreToCome, exhaustAllowed; others must be 0.
+FLAG_CHECKSUM = 1 << 0
+FLAG_MORE_TO_COME = 1 << 1
+FLAG_EXHAUST = 1 << 16
+_KNOWN_FLAGS = FLAG_CHECKSUM | FLAG_MORE_TO_COME | FLAG_EXHAUST
+#: Requests in flight per connection before the oldest is dropped (counted).
+MAX_PENDING = 4096
+#: Commands of server monitoring: no span unless ``trace_heartbeats``.
+_HEARTBEATS = frozenset({"hello", "ismaster", "isMaster"})
+
+_HDR = struct.Struct("<iiii")  # messageLength, requestID, responseTo, opCode
+_I32 = struct.Struct("<i")
+_D = struct.Struct("<d")
+_Q = struct.Struct("<q")
+
+
+class Settings(ProtocolSettings):
+    #: Make spans for hello/isMaster monitoring heartbeats.
+    trace_heartbeats: bool = False
+    #: Largest OP_COMPRESSED payload decompressed (bytes); larger ones are counted and skipped.
+    max_decompressed_bytes: int = MAX_DOCUMENT
+
+
+# ---------------------------------------------------------------------------
+# lazy BSON
+# ---------------------------------------------------------------------------
+#: Fixed value sizes by BSON type; -1: int32-prefixed (string-like: +4 bytes of length),
+#: -2: int32 total size (document, array, code-with-scope), -3: binary, -4: regex, -5: DBPointer.
+_FIXED = {0x01: 8, 0x06: 0, 0x07: 12, 0x08: 1, 0x09: 8, 0x0A: 0, 0x10: 4, 0x11: 8, 0x12: 8, 0x13: 16,
+          0xFF: 0, 0x7F: 0, 0x02: -1, 0x0D: -1, 0x0E: -1, 0x03: -2, 0x04: -2, 0x0F: -2, 0x05: -3,
+          0x0B: -4, 0x0C: -5}
+
+
+def _cstring_end(buf: LargeBuffer, off: int, end: int) -> int:
+    z = buf.find(b"\0", off, end)
+    if z < 0:
+        raise Malformed(NAME, "bad_bson", off, "unterminated key")
+    return z
+
+
+def _value_end(buf: LargeBuffer, t: int, off: int, end: int) -> int:
+    """Offset just past a BSON value of type ``t`` at ``off`` (no parsing of its contents)."""
+    size = _FIXED.get(t)
+    if size is None:
+        raise Malformed(NAME, "bad_bson", off, f"type {t:#x}")
+    if size >= 0:
+        nxt = off + size
+    elif size == -1:
+        nxt = off + 4 + _i32(buf, off, end)
+    elif size == -2:
+        nxt = off + _i32(buf, off, end)
+    elif size == -3:
+        nxt = off + 5 + _i32(buf, off, end)
+    elif size == -4:
+        nxt = _cstring_end(buf, _cstring_end(buf, off, end) + 1, end) + 1
+    else:
+        nxt = off + 4 + _i32(buf, off, end) + 12
+    if nxt > end:
+        raise Malformed(NAME, "bad_bson", off, "value overruns its document")
+    return nxt
+
+
+def _i32(buf: LargeBuffer, off: int, end: int) -> int:
+    if off + 4 > end:
+        raise Malformed(NAME, "bad_bson", off, "truncated length")
+    v = buf.i32le_at(off)
+    if v < 0:
+        raise Malformed(NAME, "bad_bson", off, "negative length")
+    return v
+
+
+def _string(buf: LargeBuffer, off: int, limit: int = 512) -> str:
+    n = buf.i32le_at(off)
+    return buf.bytes_at(off + 4, max(0, min(n - 1, limit))).decode("utf-8", "replace")
+
+
+def _scalar(buf: LargeBuffer, t: int, off: int) -> Any:
+    """The few scalar types a span reads (ok, code, names); others -> None."""
+    if t == 0x02:
+        return _string(buf, off)
+    if t == 0x01:
+        return _D.unpack(buf.view_at(off, 8))[0]
+    if t == 0x10:
+        return buf.i32le_at(off)
+    if t == 0x12:
+        return buf.i64le_at(off)
+    if t == 0x08:
+        return buf.u8_at(off) != 0
+    return None
+
+
+def bson_fields(buf: LargeBuffer, off: int, wanted: frozenset[str], first: bool = True) -> tuple[dict[str, Any], int]:
+    """Top-level fields of the document at ``off``: the first element (as ``""`` -> (name, value))
+    and the ``wanted`` names. Returns (fields, document end).
+    """
+    size = _i32(buf, off, len(buf))
+    end = off + size
+    if size < 5 or end > len(buf):
+        raise Malformed(NAME, "bad_bson", off, "document size")
+    if buf.u8_at(end - 1) != 0:
+        raise Malformed(NAME, "bad_bson", end - 1, "missing terminator")
+    out: dict[str, Any] = {}
+    p = off + 4
+    is_first = first
+    while p < end - 1:
+        t = buf.u8_at(p)
+        z = _cstring_end(buf, p + 1, end)
+        name = buf.bytes_at(p + 1, min(z - p - 1, 128)).decode("utf-8", "replace")
+        vstart = z + 1
+        vend = _value_end(buf, t, vstart, end)
+        if is_first:
+            out[""] = (name, _scalar(buf, t, vstart))
+            is_first = False
+        if name in wanted and name not in out:
+            out[name] = _scalar(buf, t, vstart)
+        p = vend
+    if p != end - 1:
+        raise Malformed(NAME, "bad_bson", p, "elements overrun the document")
+    return out, end
+
+
+# ---------------------------------------------------------------------------
+# detection
+# ---------------------------------------------------------------------------
+def detect(buf: LargeBuffer, from_client: bool | None) -> Detection:
+    if len(buf) < 16:
+        return Detection.NEED_MORE
+    length, _, resp_to, op = _HDR.unpack(buf.view_at(0, 16))
+    if op not in _OPCODES or not 16 < length <= MAX_MESSAGE:
+        return Detection.NO
+    if op == OP_MSG:
+        if len(buf) < 26:
+            return Detection.NEED_MORE
+        flags = buf.u32le_at(16)
+        kind = buf.u8_at(20)
+        if flags & ~_KNOWN_FLAGS or kind not in (0, 1):
+            return Detection.NO
+        dsize = buf.i32le_at(21)
+        if not 5 <= dsize <= length - 21:
+            return Detection.NO
+        if kind == 0 and len(buf) >= 26 and buf.u8_at(25) not in _FIXED:
+            return Detection.NO
+    elif op == OP_QUERY:
+        if resp_to != 0:
+            return Detection.NO
+        if len(buf) < 24:
+            return Detection.NEED_MORE
+        z = buf.find(b"\0", 20, min(len(buf), 20 + 256))
+        if z < 0:
+            return Detection.NEED_MORE if len(buf) < 276 else Detection.NO
+        ns = bytes(buf.view_at(20, z - 20))  # namespace: <= 256 bytes
+        if b"." not in ns or not ns.isascii():
+            return Detection.NO
+        return Detection.REQUEST
+    elif op == OP_REPLY:
+        return Detection.RESPONSE if resp_to != 0 else Detection.NO
+    if resp_to == 0:
+        return Detection.REQUEST
+    return Detection.RESPONSE
+
+
+def _zstd_decompress(data: memoryview, limit: int) -> bytes:
+    """zstd through ``zstandard`` or the stdlib-style ``backports.zstd`` (what pymongo uses)."""
+    try:
+        import zstandard  # type: ignore[import-not-found]
+        return zstandard.ZstdDecompressor().decompress(bytes(data), max_output_size=limit)  # codec wants bytes
+    except ImportError:
+        from backports.zstd import ZstdDecompressor  # type: ignore[import-not-found]
+        return ZstdDecompressor().decompress(data, max_length=limit)
+
+
+# ---------------------------------------------------------------------------
+# session
+# ---------------------------------------------------------------------------
+class _Msg:
+    """What one message said, as far as a span cares."""
+
+    __slots__ = ("cmd", "coll", "db", "error", "flags", "ok", "op", "req_id", "resp_to", "start_ts")
+
+    def __init__(self, req_id: int, resp_to: int, op: int, start_ts: int) -> None:
+        self.req_id = req_id
+        self.resp_to = resp_to
+        self.op = op
+        self.start_ts = start_ts
+        self.flags = 0
+        self.cmd = ""
+        self.coll: str | None = None
+        self.db: str | None = None
+        self.ok: Any = None
+        self.error: tuple[Any, str, str] | None = None  # (code, codeName, errmsg)
+
+
+class _Dir:
+    """Per-direction progress through the current message."""
+
+    __slots__ = ("msg", "remaining", "skip")
+
+    def __init__(self) -> None:
+        self.msg: _Msg | None = None
+        self.remaining = 0   # bytes of the current message not yet consumed
+        self.skip = 0        # bytes to pass over as they arrive
+
+
+_REPLY_FIELDS = frozenset({"ok", "errmsg", "code", "codeName", "$err"})
+_CMD_FIELDS = frozenset({"$db"})
+
+
+class Session(Session):  # type: ignore[no-redef]
+    protocol: ClassVar[str] = NAME
+
+    def __init__(self, conn: Conn) -> None:
+        super().__init__(conn)
+        self.settings: Settings = conn.settings if isinstance(conn.settings, Settings) else Settings()
+        self.dirs = (_Dir(), _Dir())  # server, client
+        self.pending: dict[int, _Msg] = {}
+        self.exhaust: set[int] = set()  # requestIDs of moreToCome replies: their follow-ups are expected
+
+    def feed(self, from_client: bool, buf: LargeBuffer, ts_ns: int) -> None:
+        d = self.dirs[from_client]
+        while True:
+            if d.skip:
+                take = min(d.skip, len(buf))
+                buf.release(take)
+                d.skip -= take
+                d.remaining -= take
+                if d.skip:
+                    return
+                if d.remaining == 0 and d.msg is not None:
+                    self._done(from_client, d.msg, ts_ns)
+                    d.msg = None
+                continue
+            if d.msg is None:
+                if len(buf) < 16:
+                    return
+                length, req_id, resp_to, op = _HDR.unpack(buf.view_at(0, 16))
+                if op not in _OPCODES or not 16 < length <= MAX_MESSAGE:
+                    raise Malformed(NAME, "bad_header", 0, f"length {length} opcode {op}")
+                d.msg = _Msg(req_id, resp_to, op, buf.ts_at(0))
+                d.remaining = length
+            if not self._body(d, buf, ts_ns, from_client):
+                return
+
+    def _body(self, d: _Dir, buf: LargeBuffer, ts_ns: int, from_client: bool) -> bool:
+        """Read what a span needs from the message at the front of ``buf``; False = need more bytes."""
+        m = d.msg
+        assert m is not None
+        length = d.remaining
+        if m.op == OP_COMPRESSED:
+            if len(buf) < length:
+                return False
+            inner = self._decompress(buf, length)
+            if inner is not None:
+                im = _Msg(m.req_id, m.resp_to, inner.i32le_at(12), m.start_ts)
+                if self._parse(im, inner, len(inner)):
+                    raise Malformed(NAME, "bad_compressed_message", 0)
+                d.msg = im
+            d.skip = length
+            return True
+        need = self._parse(m, buf, min(length, len(buf)))
+        if need:
+            if len(buf) >= length:  # the whole message is here and still not parseable
+                raise Malformed(NAME, "bad_message", 0)
+            return False
+        d.skip = length
+        return True
+
+    def _parse(self, m: _Msg, buf: LargeBuffer, avail: int) -> bool:
+        """Fill ``m`` from the message at offset 0. True if more bytes are needed first."""
+        if m.op == OP_MSG:
+            if avail < 21:
+                return True
+            m.flags = buf.u32le_at(16)
+            if m.flags & ~_KNOWN_FLAGS:
+                raise Malformed(NAME, "bad_flags", 16)
+            p = 20
+            end = buf.i32le_at(0) - (4 if m.flags & FLAG_CHECKSUM else 0)
+            while p < end:
+                if p + 5 > avail:
+                    return True
+                kind = buf.u8_at(p)
+                size = buf.i32le_at(p + 1)
+                if size < 5 or size > MAX_DOCUMENT + 1024:
+                    raise LimitExceeded(NAME, "section_size", p)
+                if kind == 0:
+                    if p + 1 + size > avail:
+                        return True
+                    self._command_doc(m, buf, p + 1)
+                    return False
+                if kind != 1:
+                    raise Malformed(NAME, "bad_section", p, f"kind {kind}")
+                p += 1 + size  # a document sequence: skipped, not read
+            raise Malformed(NAME, "no_body", p)
+        if m.op == OP_QUERY:
+            z = buf.find(b"\0", 20, avail)
+            if z < 0:
+                return True
+            ns = buf.bytes_at(20, min(z - 20, 512)).decode("utf-8", "replace")
+            q = z + 1 + 8
+            if q + 4 > avail or q + buf.i32le_at(q) > avail:
+                return True
+            self._command_doc(m, buf, q)
+            db, _, coll = ns.partition(".")
+            m.db = m.db or db
+            if coll != "$cmd":  # a legacy query on a collection, not a command
+                m.cmd, m.coll = "find", coll
+            return False
+        if m.op == OP_REPLY:
+            if avail < 36:
+                return True
+            if buf.i32le_at(32) == 0 or buf.i32le_at(0) <= 36:
+                m.ok = 1
+                return False
+            if 36 + 4 > avail or 36 + buf.i32le_at(36) > avail:
+                return True
+            self._reply_doc(m, buf, 36)
+            return False
+        raise Unsupported(NAME, "opcode", 12, str(m.op))
+
+    def _command_doc(self, m: _Msg, buf: LargeBuffer, off: int) -> None:
+        if m.resp_to:  # a reply (OP_MSG answers are OP_MSG too)
+            self._reply_doc(m, buf, off)
+            return
+        f, _ = bson_fields(buf, off, _CMD_FIELDS)
+        if "" in f:
+            m.cmd, val = f[""]
+            m.coll = val if isinstance(val, str) else None
+        m.db = f.get("$db")
+
+    def _reply_doc(self, m: _Msg, buf: LargeBuffer, off: int) -> None:
+        f, _ = bson_fields(buf, off, _REPLY_FIELDS)
+        m.ok = f.get("ok")
+        if "$err" in f:  # legacy OP_REPLY query failure
+            m.ok = 0
+        if m.ok is not None and m.ok != 1:
+            m.error = (f.get("code"), f.get("codeName") or "", f.get("errmsg") or f.get("$err") or "")
+
+    def _decompress(self, buf: LargeBuffer, length: int) -> LargeBuffer | None:
+        orig_op = buf.i32le_at(16)
+        usize = buf.i32le_at(20)
+        comp = buf.u8_at(24)
+        if usize < 0 or usize > self.settings.max_decompressed_bytes:
+            self.conn.drop("decompressed_too_large")
+            return None
+        data = buf.view_at(25, length - 25)  # may be a scratch view: decompressed at once
+        try:
+            if comp == 2:
+                d = zlib.decompressobj()
+                raw = d.decompress(data, usize + 1)
+            elif comp == 1:
+                import snappy  # type: ignore[import-not-found]
+                raw = snappy.uncompress(bytes(data))  # the codec needs bytes: deliberate copy
+            elif comp == 3:
+                raw = _zstd_decompress(data, usize + 1)
+            elif comp == 0:
+                raw = bytes(data)
+            else:
+                self.conn.drop("unknown_compressor")
+                return None
+        except ImportError:
+            self.conn.drop("compressor_unavailable")
+            return None
+        except Exception:  # any codec failure is bad input, counted
+            self.conn.drop("decompression_failed")
+            return None
+        if len(raw) != usize:
+            self.conn.drop("decompression_failed")
+            return None
+        # Rebuild a header so the inner message parses like any other (16 bytes, small).
+        inner = LargeBuffer(_HDR.pack(usize + 16, buf.i32le_at(4), buf.i32le_at(8), orig_op), raw)
+        return inner
+
+    # -- pairing and spans ------------------------------------------------
+    def _done(self, from_client: bool, m: _Msg, ts_ns: int) -> None:
+        if not m.resp_to:
+            if len(self.pending) >= MAX_PENDING:
+                self.pending.pop(next(iter(self.pending)))
+                self.conn.drop("too_many_pending")
+            if m.flags & FLAG_MORE_TO_COME and m.op == OP_MSG:
+                self._span(m, None, ts_ns)  # no reply will come (unacknowledged write)
+            else:
+                self.pending[m.req_id] = m
+            return
+        req = self.pending.pop(m.resp_to, None)
+        if m.flags & FLAG_MORE_TO_COME:
+            self.exhaust.add(m.req_id)  # the server will send the next batch unasked
+        if req is None:
+            if m.resp_to in self.exhaust:
+                self.exhaust.discard(m.resp_to)
+                return
+            self.conn.drop("unpaired_reply")
+            return
+        self._span(req, m, ts_ns)
+
+    def _span(self, req: _Msg, rep: _Msg | None, end_ts: int) -> None:
+        if req.cmd in _HEARTBEATS and not self.settings.trace_heartbeats:
+            return
+        conn = self.conn
+        op = req.cmd or "unknown"
+        attrs: dict[str, object] = {"db.system.name": "mongodb", "db.operation.name": op}
+        name = op
+        if req.coll:
+            attrs["db.collection.name"] = req.coll
+            name = f"{op} {req.coll}"
+        if req.db:
+            attrs["db.namespace"] = req.db
+        status = StatusCode.UNSET
+        msg = ""
+        if rep is not None and rep.error is not None:
+            code, code_name, errmsg = rep.error
+            status = StatusCode.ERROR
+            msg = f"{code_name}: {errmsg}" if code_name else errmsg
+            if code is not None:
+                attrs["db.response.status_code"] = str(code)
+            attrs["error.type"] = code_name or (str(code) if code is not None else "error")
+        conn.emit(conn.span(name, conn.kind_for(SpanKind.CLIENT), req.start_ts, end_ts, attrs,
+                            status_code=status, status_message=msg))
+
+    def gap(self, from_client: bool, ts_ns: int) -> None:
+        d = self.dirs[from_client]
+        d.msg = None
+        d.skip = d.remaining = 0
+        if not from_client and self.pending:
+            # Replies lost: requests waiting on them will never be paired.
+            for _ in self.pending:
+                self.conn.drop("gap")
+            self.pending.clear()
+
+    def close(self, ts_ns: int, reset: bool = False) -> None:
+        for _ in self.pending:
+            self.conn.drop("no_reply")
+        self.pending.clear()

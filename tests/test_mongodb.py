@@ -1,0 +1,247 @@
+"""MongoDB: lazy BSON, OP_MSG/OP_QUERY/OP_REPLY/OP_COMPRESSED, pairing, bad input, real pymongo.
+
+The real-client tests drive ``pymongo`` against tests/support/mongo_responder.py, a
+scripted responder, because no MongoDB server package exists for this machine.
+"""
+
+from __future__ import annotations
+
+import struct
+import tracemalloc
+import zlib
+
+import bson
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from processors.protocols import mongodb as m
+from processors.protocols.base import Conn, Detection
+from processors.protocols.errors import ProtocolError
+from service.largebuf import LargeBuffer
+from service.model import Span, SpanKind, StatusCode
+
+HDR = struct.Struct("<iiii")
+
+
+def op_msg(req_id: int, resp_to: int, doc: dict, flags: int = 0, seq: tuple[str, list[dict]] | None = None,
+           checksum: bool = False) -> bytes:
+    body = struct.pack("<I", flags | (1 if checksum else 0)) + b"\0" + bson.encode(doc)
+    if seq is not None:
+        ident, docs = seq
+        payload = ident.encode() + b"\0" + b"".join(bson.encode(d) for d in docs)
+        body += b"\1" + struct.pack("<i", 4 + len(payload)) + payload
+    if checksum:
+        body += b"\0\0\0\0"
+    return HDR.pack(16 + len(body), req_id, resp_to, m.OP_MSG) + body
+
+
+def compressed(msg: bytes) -> bytes:
+    _length, rid, rto, op = HDR.unpack_from(msg)
+    inner = msg[16:]
+    body = struct.pack("<iiB", op, len(inner), 2) + zlib.compress(inner)
+    return HDR.pack(16 + len(body), rid, rto, m.OP_COMPRESSED) + body
+
+
+class Driver:
+    def __init__(self, **kw: object) -> None:
+        self.spans: list[Span] = []
+        self.drops: list[str] = []
+        self.conn = Conn(1, "127.0.0.1", 50000, "127.0.0.1", 27017, self.spans.append,
+                         lambda p, r: self.drops.append(r), settings=m.Settings(**kw), protocol="mongodb")
+        self.session = m.Session(self.conn)
+        self.ts = 0
+
+    def send(self, from_client: bool, data: bytes, step: int | None = None) -> None:
+        buf = self.conn.client_buf if from_client else self.conn.server_buf
+        step = step or len(data) or 1
+        for i in range(0, len(data), step):
+            self.ts += 1000
+            buf.append(data[i:i + step], self.ts)
+            self.session.feed(from_client, buf, self.ts)
+
+
+@pytest.mark.parametrize("step", [None, 1, 5, 13])
+def test_find_insert_error_paired_any_order(step: int | None) -> None:
+    d = Driver()
+    d.send(True, op_msg(1, 0, {"find": "users", "filter": {"a": {"$gt": 1}}, "$db": "shop"})
+           + op_msg(2, 0, {"insert": "orders", "$db": "shop"}, seq=("documents", [{"x": 1}, {"x": 2}]))
+           + op_msg(3, 0, {"update": "broken", "$db": "shop"}), step)
+    # replies out of order
+    d.send(False, op_msg(12, 2, {"n": 2, "ok": 1.0}) + op_msg(13, 3, {"ok": 0.0, "errmsg": "bad", "code": 2,
+                                                                        "codeName": "BadValue"})
+           + op_msg(11, 1, {"cursor": {"firstBatch": [], "id": bson.Int64(0)}, "ok": 1}), step)
+    by = {s.name: s for s in d.spans}
+    assert set(by) == {"find users", "insert orders", "update broken"}
+    f = by["find users"]
+    assert f.kind == SpanKind.CLIENT
+    assert f.attributes["db.system.name"] == "mongodb"
+    assert f.attributes["db.operation.name"] == "find"
+    assert f.attributes["db.collection.name"] == "users"
+    assert f.attributes["db.namespace"] == "shop"
+    assert f.status_code == StatusCode.UNSET
+    u = by["update broken"]
+    assert u.status_code == StatusCode.ERROR and u.status_message == "BadValue: bad"
+    assert u.attributes["db.response.status_code"] == "2" and u.attributes["error.type"] == "BadValue"
+    assert len(d.conn.client_buf) == 0 and len(d.conn.server_buf) == 0 and not d.drops
+
+
+def test_checksum_more_to_come_and_heartbeats() -> None:
+    d = Driver()
+    d.send(True, op_msg(1, 0, {"hello": 1, "$db": "admin"}, checksum=True))
+    d.send(False, op_msg(9, 1, {"ok": 1.0}, checksum=True))
+    d.send(True, op_msg(2, 0, {"insert": "logs", "$db": "app"}, flags=m.FLAG_MORE_TO_COME))
+    assert [s.name for s in d.spans] == ["insert logs"]  # heartbeat hidden; w:0 insert has no reply
+    d2 = Driver(trace_heartbeats=True)
+    d2.send(True, op_msg(1, 0, {"hello": 1, "$db": "admin"}))
+    d2.send(False, op_msg(9, 1, {"ok": 1.0}))
+    assert [s.name for s in d2.spans] == ["hello"]
+
+
+def test_exhaust_replies_are_not_unpaired() -> None:
+    d = Driver()
+    d.send(True, op_msg(1, 0, {"getMore": bson.Int64(5), "collection": "c", "$db": "x"}, flags=m.FLAG_EXHAUST))
+    d.send(False, op_msg(10, 1, {"ok": 1.0}, flags=m.FLAG_MORE_TO_COME)
+           + op_msg(11, 10, {"ok": 1.0}, flags=m.FLAG_MORE_TO_COME) + op_msg(12, 11, {"ok": 1.0}))
+    assert len(d.spans) == 1 and not d.drops
+
+
+def test_legacy_op_query_and_op_reply() -> None:
+    d = Driver(trace_heartbeats=True)
+    q = struct.pack("<i", 0) + b"admin.$cmd\0" + struct.pack("<ii", 0, -1) + bson.encode({"isMaster": 1})
+    d.send(True, HDR.pack(16 + len(q), 7, 0, m.OP_QUERY) + q)
+    r = struct.pack("<iqii", 8, 0, 0, 1) + bson.encode({"ismaster": True, "ok": 1.0})
+    d.send(False, HDR.pack(16 + len(r), 8, 7, m.OP_REPLY) + r)
+    q2 = struct.pack("<i", 0) + b"shop.users\0" + struct.pack("<ii", 0, 1) + bson.encode({"a": 1})
+    d.send(True, HDR.pack(16 + len(q2), 9, 0, m.OP_QUERY) + q2)
+    r2 = struct.pack("<iqii", 2, 0, 0, 1) + bson.encode({"$err": "not authorized", "code": 13})
+    d.send(False, HDR.pack(16 + len(r2), 10, 9, m.OP_REPLY) + r2)
+    assert [s.name for s in d.spans] == ["isMaster", "find users"]
+    assert d.spans[1].status_code == StatusCode.ERROR
+    assert d.spans[1].attributes["db.namespace"] == "shop"
+
+
+def test_op_compressed_zlib() -> None:
+    d = Driver()
+    d.send(True, compressed(op_msg(1, 0, {"count": "items", "$db": "inv"})), 3)
+    d.send(False, compressed(op_msg(2, 1, {"n": 3, "ok": 1.0})))
+    assert [s.name for s in d.spans] == ["count items"]
+
+
+def test_decompression_bomb_is_bounded() -> None:
+    d = Driver(max_decompressed_bytes=1024)
+    inner = op_msg(1, 0, {"find": "x", "pad": "a" * 100_000, "$db": "y"})
+    d.send(True, compressed(inner))
+    assert "decompressed_too_large" in d.drops and not d.spans
+
+
+def test_detect() -> None:
+    assert m.detect(LargeBuffer(op_msg(1, 0, {"ping": 1, "$db": "a"})), None) == Detection.REQUEST
+    assert m.detect(LargeBuffer(op_msg(1, 5, {"ok": 1.0})), None) == Detection.RESPONSE
+    assert m.detect(LargeBuffer(b"\x10\x00"), None) == Detection.NEED_MORE
+    assert m.detect(LargeBuffer(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"), None) == Detection.NO
+    assert m.detect(LargeBuffer(HDR.pack(2**30, 1, 0, m.OP_MSG) + b"\0" * 10), None) == Detection.NO
+    assert m.detect(LargeBuffer(HDR.pack(100, 1, 0, 9999) + b"\0" * 10), None) == Detection.NO
+
+
+@pytest.mark.parametrize("data", [
+    HDR.pack(2**31 - 1, 1, 0, m.OP_MSG),
+    HDR.pack(40, 1, 0, m.OP_MSG) + struct.pack("<I", 0x8000) + b"\0" * 20,
+    HDR.pack(40, 1, 0, m.OP_MSG) + struct.pack("<I", 0) + b"\x07" + b"\0" * 19,
+    HDR.pack(30, 1, 0, m.OP_MSG) + struct.pack("<I", 0) + b"\0" + struct.pack("<i", 9) + b"\x02a\0\x00\x00",
+])
+def test_hostile_messages_raise_protocol_errors(data: bytes) -> None:
+    d = Driver()
+    with pytest.raises(ProtocolError):
+        d.send(True, data)
+
+
+def test_deeply_nested_bson_is_not_recursed() -> None:
+    doc: dict = {"leaf": 1}
+    for _ in range(90):
+        doc = {"n": doc}
+    d = Driver()
+    d.send(True, op_msg(1, 0, {"find": "deep", "filter": doc, "$db": "x"}))
+    d.send(False, op_msg(2, 1, {"ok": 1.0}))
+    assert [s.name for s in d.spans] == ["find deep"]
+
+
+def _alloc(ndocs: int) -> int:
+    docs = [{"i": i, "payload": "x" * 100} for i in range(ndocs)]
+    msg = op_msg(1, 0, {"insert": "big", "$db": "x"}, seq=("documents", docs))
+    d = Driver()
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        for i in range(0, len(msg), 1400):
+            d.send(True, msg[i:i + 1400])
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    d.send(False, op_msg(2, 1, {"n": ndocs, "ok": 1.0}))
+    assert [s.name for s in d.spans] == ["insert big"]
+    return peak
+
+
+def test_allocation_is_flat_when_the_insert_grows_100x() -> None:
+    small = _alloc(50)
+    large = _alloc(5000)
+    assert large < small * 1.5 + 4096, (small, large)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.binary(max_size=400), st.integers(1, 50))
+def test_fuzz_only_protocol_errors_escape(data: bytes, step: int) -> None:
+    d = Driver()
+    for side in (True, False):
+        try:
+            d.send(side, data, step)
+        except ProtocolError:
+            pass
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.binary(min_size=1, max_size=40), st.integers(0, 200))
+def test_fuzz_mutated_valid_messages(patch: bytes, pos: int) -> None:
+    msg = bytearray(op_msg(1, 0, {"find": "users", "filter": {"a": 1}, "$db": "shop"}))
+    msg[pos % len(msg):pos % len(msg) + len(patch)] = patch
+    d = Driver()
+    try:
+        d.send(True, bytes(msg), 7)
+    except ProtocolError:
+        pass
+
+
+def test_real_pymongo_through_capture_replay() -> None:
+    pymongo = pytest.importorskip("pymongo")
+    from tests.support.capture import tcpdump
+    from tests.support.mongo_responder import mongo_responder
+    from tests.support.replay import replay_spans
+
+    with mongo_responder() as srv, tcpdump(srv.port) as pcap:
+        for comp in ("zlib", "snappy", "zstd", None):
+            kw = {"compressors": comp} if comp else {}
+            c = pymongo.MongoClient("127.0.0.1", srv.port, directConnection=True, serverSelectionTimeoutMS=5000,
+                                    heartbeatFrequencyMS=500, **kw)
+            db = c[f"shop_{comp or 'plain'}"]
+            db.users.insert_one({"name": "alice", "secret": "s3cr3t"})
+            list(db.users.find({"name": "alice"}))
+            db.orders.update_one({"_id": 1}, {"$set": {"x": 1}})
+            with pytest.raises(pymongo.errors.OperationFailure):
+                db.broken.insert_one({"a": 1})
+            db.get_collection("logs", write_concern=pymongo.WriteConcern(w=0)).insert_one({"l": 1})
+            c.close()
+        assert srv.compressors == {1, 2, 3}  # pymongo really compressed with snappy, zlib and zstd
+    spans = replay_spans(pcap)
+    for comp in ("zlib", "snappy", "zstd", "plain"):
+        ns = f"shop_{comp}"
+        mine = [s for s in spans if s.attributes.get("db.namespace") == ns]
+        names = [s.name for s in mine]
+        assert "insert users" in names and "find users" in names and "update orders" in names, (comp, names)
+        assert "insert logs" in names, (comp, names)
+        err = [s for s in mine if s.name == "insert broken"]
+        assert len(err) == 1 and err[0].status_code == StatusCode.ERROR, comp
+        assert err[0].attributes["error.type"] == "BadValue"
+        for s in mine:
+            assert s.kind == SpanKind.CLIENT and s.attributes["server.port"] == srv.port
+    assert not [s for s in spans if s.attributes["db.operation.name"] in ("hello", "isMaster", "ismaster")]
