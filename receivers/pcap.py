@@ -110,7 +110,7 @@ class PcapReader:
 
 
 class _Iface:
-    __slots__ = ("div", "linktype", "mul", "offset_ns", "shift", "snaplen")
+    __slots__ = ("div", "fast", "linktype", "mul", "offset_ns", "shift", "snaplen")
 
     def __init__(self, linktype: int, snaplen: int, resol: int, offset_s: int) -> None:
         self.linktype = linktype
@@ -123,6 +123,7 @@ class _Iface:
         else:
             self.mul, self.div = 1, 10 ** (resol - 9)
         self.offset_ns = offset_s * 1_000_000_000
+        self.fast = self.shift == 0 and self.div == 1 and not self.offset_ns  # ts = ticks * mul
 
     def ts(self, ticks: int) -> int:
         return ((ticks * self.mul) >> self.shift) // self.div + self.offset_ns
@@ -157,6 +158,7 @@ class PcapngReader:
         view, size = self.view, len(self.view)
         off = 0
         ifaces = self.interfaces
+        last_ts = 0
         order = "<"
         bh = struct.Struct("<II")
         epb = struct.Struct("<IIIII")
@@ -193,10 +195,8 @@ class PcapngReader:
                     if ifid < len(ifaces) and data + caplen <= body_end:
                         ifc = ifaces[ifid]
                         t = (hi << 32) | lo
-                        if ifc.shift == 0 and ifc.div == 1 and not ifc.offset_ns:
-                            yield ifc.linktype, t * ifc.mul, data, data + caplen
-                        else:
-                            yield ifc.linktype, ifc.ts(t), data, data + caplen
+                        last_ts = t * ifc.mul if ifc.fast else ifc.ts(t)
+                        yield ifc.linktype, last_ts, data, data + caplen
                     else:
                         self._skipped("epb", off)
                 else:
@@ -220,8 +220,8 @@ class PcapngReader:
                     caplen = min(orig, body_end - data)
                     if ifaces[0].snaplen:
                         caplen = min(caplen, ifaces[0].snaplen)
-                    # No timestamp in an SPB: 0, and the reassembler's clock does not move.
-                    yield ifaces[0].linktype, self._last_ts, data, data + caplen
+                    # An SPB has no timestamp: it gets the previous packet's (0 before any).
+                    yield ifaces[0].linktype, last_ts, data, data + caplen
                 else:
                     self._skipped("spb", off)
             elif btype == _BT_OPB:
@@ -230,7 +230,8 @@ class PcapngReader:
                     data = off + 28
                     if ifid < len(ifaces) and data + caplen <= body_end:
                         ifc = ifaces[ifid]
-                        yield ifc.linktype, ifc.ts((hi << 32) | lo), data, data + caplen
+                        last_ts = ifc.ts((hi << 32) | lo)
+                        yield ifc.linktype, last_ts, data, data + caplen
                     else:
                         self._skipped("opb", off)
                 else:
@@ -238,7 +239,6 @@ class PcapngReader:
             # Anything else (NRB, ISB, DSB, custom, unknown): skipped by its length.
             off = bend
 
-    _last_ts = 0
     skipped = 0
 
     def _skipped(self, what: str, off: int) -> None:
@@ -457,17 +457,16 @@ class PcapReceiver(Receiver):
         """Push counter deltas to the self-metrics (per batch, not per packet)."""
         pub = self._published
         r = self.reassembler
-        for metric, labels, d in ((RECEIVER_DROPPED, "drop", self._drops), (RECEIVER_DROPPED, "drop", r.drops),
-                                  (CONNECTIONS_EVICTED, "evict", r.evictions)):
-            for reason, n in d.items():
-                key = (labels + ("r" if d is r.drops else ""), reason)
+        for source, counts in (("receiver", self._drops), ("reassembly", r.drops), ("evicted", r.evictions)):
+            for reason, n in counts.items():
+                key = (source, reason)
                 delta = n - pub.get(key, 0)
                 if delta:
                     pub[key] = n
-                    if labels == "evict":
-                        metric.labels(component=self.id, reason=reason).inc(delta)
+                    if source == "evicted":
+                        CONNECTIONS_EVICTED.labels(component=self.id, reason=reason).inc(delta)
                     else:
-                        metric.labels(receiver=self.id, reason=reason).inc(delta)
+                        RECEIVER_DROPPED.labels(receiver=self.id, reason=reason).inc(delta)
         delta = self._events - pub.get(("accepted", ""), 0)
         if delta:
             pub[("accepted", "")] = self._events
@@ -544,15 +543,19 @@ class PcapReceiver(Receiver):
         first = last = None
         packets = nbytes = 0
         last_off = 0
+        last_lt = -1
+        dec = link_decoder(-1)
         try:
             for lt, ts, off, end in reader:
                 packets += 1
                 nbytes += end - off
                 ts += ts_shift
                 last = ts
-                dec = decoders.get(lt)
-                if dec is None:
-                    dec = decoders[lt] = link_decoder(lt)
+                if lt != last_lt:  # pcapng interfaces may differ packet to packet
+                    dec = decoders.get(lt)
+                    if dec is None:
+                        dec = decoders[lt] = link_decoder(lt)
+                    last_lt = lt
                 try:
                     res = dec(view, off, end)
                 except (struct.error, ValueError, IndexError):  # never expected: decoders check lengths

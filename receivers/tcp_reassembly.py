@@ -128,6 +128,7 @@ class TcpReassembler:
         self.events: list[TcpEvent] = []
         self._halves: dict[tuple, _Half] = {}
         self._lru: OrderedDict[int, _Conn] = OrderedDict()
+        self._touch = self._lru.move_to_end  # LRU order = last packet order (idle sweep relies on it)
         self._addr_cache: dict[Any, str] = {}
         self._idle_ns = int(limits.idle_timeout * 1e9)
         self._next_sweep = 0
@@ -138,7 +139,8 @@ class TcpReassembler:
         self.gaps: dict[str, int] = {}
         #: Connections ended before their FIN/RST, by reason.
         self.evictions: dict[str, int] = {}
-        self.stats = {"connections": 0, "segments": 0, "payload_bytes": 0, "ignored": 0}
+        #: Connections seen; bare ACK/FIN/RST segments of untracked connections (not drops).
+        self.stats = {"connections": 0, "ignored": 0}
 
     # ------------------------------------------------------------------ helpers
     def _count(self, d: dict[str, int], reason: str, n: int = 1) -> None:
@@ -302,11 +304,11 @@ class TcpReassembler:
                     if pe > e:
                         nxt.append((e, pe))
                 pieces = nxt
-        else:
-            h.segs = []
         if not pieces:
             self._count(self.drops, "retransmission")
             return
+        if h.segs is None:
+            h.segs = []
         conn = h.conn
         for ps, pe in pieces:
             insort(h.segs, (ps, pe, payload[ps - start:pe - start], ts), key=_seg_start)
@@ -346,31 +348,28 @@ class TcpReassembler:
         """Feed one TCP segment (capture order). Never raises on odd input."""
         if ts >= self._next_sweep:
             self._sweep(ts)
-        self.stats["segments"] += 1
         h = self._halves.get((src, sport, dst, dport))
-        if h is not None and not flags & 0x07:
-            # Fast path: established connection, no SYN/FIN/RST.
-            conn = h.conn
-            conn.last_ts = ts
-            self._lru.move_to_end(conn.id)
-            if payload:
-                self.stats["payload_bytes"] += len(payload)
-                if seq == h.next_seq and not h.segs and not h.closed:
-                    self.events.append(TcpEvent(_DATA, conn.id, h.src, h.sport, h.dst, h.dport, ts, payload, 0,
-                                                h.is_client))
-                    h.next_seq = (seq + len(payload)) & _MASK
-                    h.delivered += len(payload)
-                else:
-                    self._data(h, seq, payload, ts, False)
-            if flags & _ACK and h.peer.segs:
-                self._ack_gap(h.peer, ack, ts)
+        if h is None or flags & 0x07:
+            self._slow(h, src, sport, dst, dport, seq, ack, flags, payload, ts)
             return
-        self._slow(h, src, sport, dst, dport, seq, ack, flags, payload, ts)
+        # Fast path: established connection, no SYN/FIN/RST.
+        conn = h.conn
+        conn.last_ts = ts
+        self._touch(conn.id)
+        if payload:
+            if seq == h.next_seq and h.segs is None and not h.closed:
+                n = len(payload)
+                self.events.append(TcpEvent(_DATA, conn.id, h.src, h.sport, h.dst, h.dport, ts, payload, 0,
+                                            h.is_client))
+                h.next_seq = (seq + n) & _MASK
+                h.delivered += n
+            else:
+                self._data(h, seq, payload, ts, False)
+        if flags & _ACK and h.peer.segs:
+            self._ack_gap(h.peer, ack, ts)
 
     def _slow(self, h: _Half | None, src: Any, sport: int, dst: Any, dport: int, seq: int, ack: int,
               flags: int, payload: memoryview, ts: int) -> None:
-        if payload:
-            self.stats["payload_bytes"] += len(payload)
         if flags & _RST:
             if h is None:
                 self.stats["ignored"] += 1
@@ -405,7 +404,7 @@ class TcpReassembler:
                 h.next_seq = (seq + 1) & _MASK
                 self._emit(h, _OPEN, ts)
             h.conn.last_ts = ts
-            self._lru.move_to_end(h.conn.id)
+            self._touch(h.conn.id)
             if payload or flags & _FIN:  # TCP Fast Open data rides on the SYN
                 self._data(h, (seq + 1) & _MASK, payload, ts, bool(flags & _FIN))
             return
@@ -416,7 +415,7 @@ class TcpReassembler:
             h = self._new_conn(src, sport, dst, dport, ts, None)
         conn = h.conn
         conn.last_ts = ts
-        self._lru.move_to_end(conn.id)
+        self._touch(conn.id)
         self._data(h, seq, payload, ts, bool(flags & _FIN))
         if flags & _ACK and h.peer.segs and h.conn.id in self._lru:
             self._ack_gap(h.peer, ack, ts)

@@ -188,7 +188,7 @@ def build_pcapng(big_endian: bool = False) -> tuple[bytes, list[tuple[int, int, 
     w.obsolete_packet(e1, g.sll2(pk[0]), T0 + 10**9)
     exp.append((276, T0 + 10**9, g.sll2(pk[0])))
     w.simple_packet(g.ether(pk[1]))
-    exp.append((1, 0, g.ether(pk[1])))
+    exp.append((1, T0 + 10**9, g.ether(pk[1])))  # no time of its own: the previous packet's
     # A second section: interfaces start over (id 0 is now a NULL interface).
     w.section()
     n0 = w.interface(g.LINKTYPE_NULL, tsresol=3)
@@ -592,3 +592,32 @@ def test_receiver_on_fuzzed_file_never_raises(tmp_path):
 
 def test_fixture_dir_exists_or_not_needed():
     assert Path(__file__).parent.joinpath("support", "pcapgen.py").exists()
+
+
+def test_drops_and_evictions_reach_the_self_metrics(tmp_path):
+    f = g.TcpFlow(client=("10.0.0.1", 1234))
+    idle = g.TcpFlow(client=("10.0.0.1", 4321))
+    pk = [*idle.handshake(), idle.send(True, b"x"), *f.handshake()]
+    req = f.send(True, b"req")
+    pk += [req, req,
+          g.ipv4("10.0.0.1", "10.0.0.2", b"\x00" * 8, proto=17),
+          g.ipv4("10.0.0.1", "10.0.0.2", g.tcp(1, 2, 3), frag=0x2000)]
+    path = tmp_path / "m.pcap"
+    buf = io.BytesIO()
+    w = g.PcapWriter(buf, g.LINKTYPE_ETHERNET, nanos=True)
+    for i, p in enumerate(pk):
+        w.packet(g.ether(p), T0 + (i * 10**9 if i >= 4 else i))  # the idle flow goes quiet for seconds
+    path.write_bytes(buf.getvalue())
+
+    def val(name, **labels):
+        return REGISTRY.get_sample_value(name, labels) or 0
+
+    before = {r: val("wirespan_receiver_dropped_events_total", receiver="pcap/test", reason=r)
+              for r in ("not_tcp", "ip_fragment", "retransmission")}
+    ev_before = val("wirespan_connections_evicted_total", component="pcap/test", reason="idle_timeout")
+    rc, _sink = replay(path, idle_timeout="2s")
+    assert rc.stats["drops"] == {"not_tcp": 1, "ip_fragment": 1, "retransmission": 1}
+    assert rc.stats["evicted"] == {"idle_timeout": 1}
+    for r, b in before.items():
+        assert val("wirespan_receiver_dropped_events_total", receiver="pcap/test", reason=r) == b + 1
+    assert val("wirespan_connections_evicted_total", component="pcap/test", reason="idle_timeout") == ev_before + 1
