@@ -446,3 +446,19 @@ def test_regression_hpack_huge_integer_and_bad_huffman() -> None:
 
 def test_session_alias() -> None:
     assert http2.Session is H2Session and http2.NAME == "http2"
+
+
+def test_regression_hostile_control_frame_sizes() -> None:
+    drv = Driver()
+    big_settings = struct.pack(">HBBBI", 0x1000, 0, http2.SETTINGS, 0, 0)  # 1 MiB SETTINGS
+    drv.feed(True, PREFACE + big_settings)
+    assert drv.drops == ["frame_too_large"]
+    drv = Driver()
+    drv.feed(True, PREFACE + frame(http2.HEADERS, 0x5, 1, b"\x82\x84\x86"))
+    n = 1 << 20
+    goaway = struct.pack(">HBBBI", n >> 8, n & 0xFF, http2.GOAWAY, 0, 0) + struct.pack(">II", 0, 0)
+    drv.feed(False, goaway)  # last stream 0: stream 1 was never processed
+    drv.feed(False, b"\0" * (n - 8))  # the debug data is skipped as it arrives
+    drv.feed(False, frame(http2.PING, 0, 0, b"8bytes!!"))
+    assert drv.drops == ["goaway_unprocessed"]
+    assert len(drv.conn.server_buf) == 0

@@ -75,8 +75,9 @@ DEFAULT_TABLE_SIZE = 4096
 MAX_TABLE_SIZE = 65536
 #: RFC 7541 §5.1: an integer past 2^28 is not needed by any field; longer encodings are hostile.
 MAX_INT_BYTES = 5
-#: A frame whose length is at most this waits in the buffer whole (control frames, header blocks).
-_CONTROL_BYTES = MAX_HEADER_LIST_SIZE
+#: SETTINGS/GOAWAY longer than this are hostile (SETTINGS carries 6 bytes per known
+#: parameter; GOAWAY debug data is skipped as it arrives, never held).
+_CONTROL_BYTES = 16384
 
 # -- frames (RFC 9113 §6) ------------------------------------------------------
 _FRAME_HDR = struct.Struct(">HBBBI")  # length hi 16 | length lo 8 | type | flags | R+stream id
@@ -588,6 +589,15 @@ class H2Session(_BaseSession):
             if ftype in (HEADERS, CONTINUATION, PUSH_PROMISE) and length > self.max_block:
                 pos = self._oversized_block(from_client, d, buf, pos, ftype, flags, sid, length)
                 continue
+            if length > _CONTROL_BYTES and ftype in (SETTINGS, GOAWAY):
+                # Hostile sizes: only GOAWAY's first 8 bytes matter (the rest is debug data).
+                if ftype == SETTINGS or sid:
+                    raise LimitExceeded(NAME, "frame_too_large", pos, f"type {ftype} length {length}")
+                if n - pos < _FRAME_HDR_LEN + 8:
+                    return pos
+                self._goaway(buf.u32be_at(pos + _FRAME_HDR_LEN) & 0x7FFFFFFF, buf.ts_at(pos))
+                d.skip = _FRAME_HDR_LEN + length
+                continue
             shape = _SHAPES.get(ftype)
             if shape is None:
                 d.skip = _FRAME_HDR_LEN + length  # RFC 9113 §5.5: unknown frame types are ignored
@@ -719,13 +729,15 @@ class H2Session(_BaseSession):
         """A header frame past the limit: skip it as it arrives; the table is lost."""
         if ftype == CONTINUATION and d.block is None and not d.block_skip:
             raise Malformed(NAME, "unexpected_continuation", pos)
+        counted = d.block_skip  # a block already being skipped was counted once
         self._abandon_block(d)
         d.block_skip = not flags & F_END_HEADERS
         d.block_sid = sid
         d.skip = _FRAME_HDR_LEN + length
         if ftype == HEADERS and from_client:
             self.streams.pop(sid, None)  # its request is lost; counted below
-        self._too_large(from_client, d)
+        if not counted:
+            self._too_large(from_client, d)
         return pos
 
     def _too_large(self, from_client: bool, d: _Direction) -> None:
