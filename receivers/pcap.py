@@ -286,6 +286,8 @@ _DURATION = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(ns|us|µs|ms|s|m|h)?\s*$")
 _UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 
 DEFAULT_BATCH = 256
+#: Packets between looks at shutdown/progress when no batch filled up meanwhile.
+CHECK_EVERY = 4096
 CAPTURE_SUFFIXES = (".pcap", ".pcapng", ".cap", ".dmp")
 
 
@@ -484,9 +486,16 @@ class PcapReceiver(Receiver):
         self._events += len(ev)
         bs = self.config.batch_size
         nxt = self.next
-        for i in range(0, len(ev), bs):
-            if nxt is not None:
-                nxt.consume_events(ev[i:i + bs] if len(ev) > bs else ev)
+        if nxt is not None:
+            for i in range(0, len(ev), bs):
+                batch = ev[i:i + bs] if len(ev) > bs else ev
+                try:
+                    nxt.consume_events(batch)
+                except Exception:
+                    # A downstream bug must not stop the replay: count the batch as dropped, go on.
+                    log.exception("receiver %s: downstream consume_events failed; %d events dropped",
+                                  self.id, len(batch))
+                    self._drop("downstream_error", len(batch))
         self._publish()
 
     # -------------------------------------------------------------- reader thread
@@ -540,17 +549,41 @@ class PcapReceiver(Receiver):
         rate = self.config.rate
         bar = self._progress_bar(path, len(view))
         wall0 = ts0 = None
-        first = last = None
-        packets = nbytes = 0
+        first: int | None = None
+        last = 0
+        packets = nbytes = 0  # not yet added to self._packets / self._bytes
         last_off = 0
         last_lt = -1
         dec = link_decoder(-1)
         try:
             for lt, ts, off, end in reader:
+                # Hand events on in batches; look at shutdown and the progress bar at the same
+                # points (at least every CHECK_EVERY packets, so a capture that yields no events
+                # still stops promptly).
+                if len(r.events) >= bs or packets >= CHECK_EVERY:
+                    self._packets += packets
+                    self._bytes += nbytes
+                    packets = nbytes = 0
+                    self._flush_events()
+                    if stop.is_set():
+                        break
+                    if bar is not None and off - last_off > 1 << 20:
+                        bar.update(off - last_off)
+                        last_off = off
                 packets += 1
                 nbytes += end - off
                 ts += ts_shift
+                if first is None:
+                    first = ts
                 last = ts
+                if rate:
+                    if wall0 is None:
+                        wall0, ts0 = time.monotonic(), ts
+                    delay = wall0 + (ts - ts0) / 1e9 / rate - time.monotonic()
+                    if delay > 0.001:
+                        self._flush_events()
+                        if stop.wait(delay):
+                            break
                 if lt != last_lt:  # pcapng interfaces may differ packet to packet
                     dec = decoders.get(lt)
                     if dec is None:
@@ -568,28 +601,6 @@ class PcapReceiver(Receiver):
                     drops["filtered"] = drops.get("filtered", 0) + 1
                     continue
                 seg(src, sport, dst, dport, seq, ack, flags, view[poff:pend] if pend > poff else _EMPTY, ts)
-                if len(r.events) >= bs:
-                    self._packets += packets
-                    self._bytes += nbytes
-                    packets = nbytes = 0
-                    self._flush_events()
-                    if stop.is_set():
-                        break
-                    if bar is not None and off - last_off > 1 << 20:
-                        bar.update(off - last_off)
-                        last_off = off
-                if rate:
-                    if first is None:
-                        first = ts
-                    if wall0 is None:
-                        wall0, ts0 = time.monotonic(), ts
-                    delay = wall0 + (ts - ts0) / 1e9 / rate - time.monotonic()
-                    if delay > 0.001:
-                        self._flush_events()
-                        if stop.wait(delay):
-                            break
-                elif first is None:
-                    first = ts
         finally:
             self._packets += packets
             self._bytes += nbytes

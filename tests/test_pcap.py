@@ -621,3 +621,26 @@ def test_drops_and_evictions_reach_the_self_metrics(tmp_path):
     for r, b in before.items():
         assert val("wirespan_receiver_dropped_events_total", receiver="pcap/test", reason=r) == b + 1
     assert val("wirespan_connections_evicted_total", component="pcap/test", reason="idle_timeout") == ev_before + 1
+
+
+def test_downstream_failure_is_counted_and_replay_goes_on(tmp_path, caplog):
+    class Flaky:
+        def __init__(self):
+            self.calls = 0
+            self.events = []
+
+        def consume_events(self, events):
+            self.calls += 1
+            if self.calls == 1:
+                raise RuntimeError("bug downstream")
+            self.events += events
+
+    path = tmp_path / "d.pcap"
+    g.write_pcap(path, [g.ether(p) for p in http_flow_packets(2, 6)])
+    sink = Flaky()
+    rc = PcapReceiver("pcap/flaky", {"path": str(path), "batch_size": 4}, sink)
+    with caplog.at_level(logging.ERROR, logger="wirespan.receivers.pcap"):
+        rc.run()
+    assert rc.stats["drops"] == {"downstream_error": 4}
+    assert len(sink.events) == rc.stats["events"] - 4 and sink.calls > 3
+    assert any("downstream" in m for m in caplog.messages)

@@ -387,3 +387,27 @@ def test_property_reorder_duplicate_lose(data):
 
 def test_flags_constants_match_pcapgen():
     assert (FIN, SYN, PSH, ACK) == (1, 2, 8, 16)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 5), st.integers(0, 0xFFFFFFFF), st.integers(0, 0xFFFFFFFF),
+                          st.integers(0, 0x3F), st.integers(0, 3000), st.integers(0, 3)), max_size=120))
+def test_hostile_segments_keep_state_bounded(segs):
+    """Random 4-tuples, sequence numbers, flags and sizes: no exception, limits hold."""
+    lim = ReassemblyLimits(max_connections=3, max_buffered_bytes_per_connection=4000,
+                           max_buffered_bytes_total=6000, idle_timeout=1.0)
+    r = TcpReassembler(lim)
+    blob = memoryview(b"h" * 3000)
+    ts = T0
+    for tup, seq, ack, flags, size, dt in segs:
+        ts += dt * 400_000_000
+        a, b = ("10.0.0.1", 1000 + tup) if tup % 2 else ("10.0.0.2", 80), ("10.0.0.3", 2000 + tup // 2)
+        r.segment(a[0], a[1], b[0], b[1], seq, ack, flags, blob[:size], ts)
+        assert r.connections <= 3
+        assert r.buffered_total <= 6000 + 3000
+        assert r.buffered_total == sum(h.buffered for h in r._halves.values())
+    r.finish()
+    assert r.connections == 0 and r.buffered_total == 0 and not r._halves
+    for e in r.events:
+        assert e.kind != EventKind.GAP or e.gap > 0
+        assert e.kind != EventKind.DATA or len(e.payload) > 0
