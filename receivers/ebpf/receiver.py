@@ -63,6 +63,8 @@ CHUNK = 16384                     #: payload bytes per ring record (issue 9)
 MAX_CALL_BYTES = 64 * CHUNK       #: MAX_RECORDS * CHUNK in the C file: 1 MiB per syscall
 DEFAULT_RING_SIZE = 16 << 20      #: design.md §6: a 16 MiB ring kept up with ~220k events/s here
 DEFAULT_MESSAGE_CAP = 64 << 10    #: OBI's large-buffer default order of magnitude (issue 9)
+#: Largest configurable message cap: bounds what one connection can make us hold.
+MAX_MESSAGE_CAP = 64 << 20
 COMM_LEN = 16                     #: TASK_COMM_LEN, including the NUL
 AF_INET, AF_INET6 = 2, 10
 K_DATA, K_CLOSE = 0, 1
@@ -105,7 +107,7 @@ class EbpfConfig(ComponentConfig):
     #: Ring buffer bytes (a power of two, at least one page).
     ring_size: int = DEFAULT_RING_SIZE
     #: Bytes kept per message (a run of bytes in one direction); the rest is a counted gap.
-    max_message_bytes: int = Field(DEFAULT_MESSAGE_CAP, ge=1, le=MAX_CALL_BYTES)
+    max_message_bytes: int = Field(DEFAULT_MESSAGE_CAP, ge=1, le=MAX_MESSAGE_CAP)
     #: Per-protocol overrides of ``max_message_bytes``, applied by the protocol's ports.
     max_message_bytes_per_protocol: dict[str, int] = {}
     #: Per-port overrides (win over per-protocol ones).
@@ -137,8 +139,8 @@ class EbpfConfig(ComponentConfig):
     @model_validator(mode="after")
     def _caps(self) -> EbpfConfig:
         for k, cap in {**self.max_message_bytes_per_protocol, **self.max_message_bytes_per_port}.items():
-            if not 1 <= cap <= MAX_CALL_BYTES:
-                raise ValueError(f"max_message_bytes override {k}: must be 1..{MAX_CALL_BYTES}")
+            if not 1 <= cap <= MAX_MESSAGE_CAP:
+                raise ValueError(f"max_message_bytes override {k}: must be 1..{MAX_MESSAGE_CAP}")
         for p in [*self.ports, *self.max_message_bytes_per_port]:
             if not 0 < p < 65536:
                 raise ValueError(f"port {p} out of range")
@@ -203,7 +205,8 @@ class EbpfReceiver(Receiver):
     def start(self) -> None:
         c = self.config
         check_environment()
-        max_call = max([c.max_message_bytes, *self._cap_by_port.values()])
+        # the kernel copies at most this per syscall (and never more than 1 MiB)
+        max_call = min(MAX_CALL_BYTES, max([c.max_message_bytes, *self._cap_by_port.values()]))
         self._obj = obj = BpfObject(c.object_path, {"events": c.ring_size})
         try:
             self._write_filters(max_call)
