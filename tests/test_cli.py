@@ -1,0 +1,299 @@
+"""The ``wirespan`` command, run as a real subprocess (``python -m service.cli``), with real signals.
+
+Long-running ``run`` tests use the runtime fakes by dotted path (a live fake
+receiver and a recording exporter, tests/support/pipeline_fakes.py) because
+they are about signals and reload; ``replay`` runs end to end with the real
+pcap receiver and protocols stage on a generated HTTP capture. The replay
+drain-timeout and undelivered cases register a fake finite receiver as
+``pcap`` in the child process (said so below): they need an exporter that
+stalls or loses spans on purpose.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from service.model import otlp_json_to_proto
+from tests.support.capture import free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
+
+
+def cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "service.cli", *args], cwd=ROOT, env=ENV, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def wait_for(pred, timeout: float = 15, what: str = "") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def health(port: int) -> int:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
+    except OSError:
+        return 0
+
+
+def lines(p: Path) -> int:
+    return len(p.read_text().splitlines()) if p.exists() else 0
+
+
+@pytest.fixture(scope="module")
+def capture(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """3 keep-alive connections x 4 GET exchanges = 12 HTTP spans."""
+    from bench.gen_http_capture import generate
+    p = tmp_path_factory.mktemp("cap") / "http.pcap"
+    generate(str(p), connections=3, requests=4)
+    return p
+
+
+# -- validate / components -------------------------------------------------------
+def test_validate_default_config_exits_0() -> None:
+    r = cli("validate", "--config", "config/default.yaml")
+    assert r.returncode == 0, r.stderr
+    assert cli("validate").returncode == 0            # no --config: the built-in default
+
+
+def test_validate_unknown_option_names_component_and_option(tmp_path: Path) -> None:
+    r = cli("validate", "--config", "config/default.yaml", "--set", "exporters.debug.no_such_option=1")
+    assert r.returncode == 1
+    assert "error: exporters::debug: unknown option 'no_such_option'" in r.stderr
+    bad = tmp_path / "bad.yaml"
+    bad.write_text((ROOT / "config/default.yaml").read_text().replace("processors: [protocols, batch]",
+                                                                     "processors: [protocols, batch, x]"))
+    r = cli("validate", "--config", str(bad))
+    assert r.returncode == 1
+    assert 'error: service::pipelines::traces: references processor "x" which is not configured' in r.stderr
+
+
+def test_validate_custom_processor_example() -> None:
+    assert cli("validate", "--config", "config/custom-processor.yaml").returncode == 0
+
+
+def test_components_lists_builtins() -> None:
+    r = cli("components")
+    assert r.returncode == 0, r.stderr
+    rows = {tuple(ln.split()[:2]) for ln in r.stdout.splitlines()[1:]}
+    for kind, typ in [("receiver", "pcap"), ("receiver", "live"), ("receiver", "ebpf"), ("processor", "protocols"),
+                      ("processor", "batch"), ("processor", "memory_limiter"), ("processor", "attributes"),
+                      ("processor", "resource"), ("processor", "filter"), ("processor", "redaction"),
+                      ("exporter", "otlp"), ("exporter", "otlphttp"), ("exporter", "file"), ("exporter", "debug")]:
+        assert (kind, typ) in rows, (kind, typ)
+
+
+def test_usage_error_exits_2() -> None:
+    assert cli("frobnicate").returncode == 2
+
+
+# -- run: signals and reload --------------------------------------------------------
+def live_config(path: Path, out: Path, hport: int, extra: str = "") -> None:
+    path.write_text(f"""
+receivers:
+  live: {{class: "tests.support.pipeline_fakes:FakeLiveReceiver", interval: 0.01}}
+processors:
+  ev: {{class: "tests.support.pipeline_fakes:FakeEventProcessor"}}
+  batch: {{timeout: 20ms}}
+exporters:
+  rec: {{class: "tests.support.pipeline_fakes:RecordingExporter", path: "{out}"{extra}}}
+service:
+  telemetry:
+    metrics: {{address: ""}}
+    health: {{address: "127.0.0.1:{hport}"}}
+  pipelines:
+    traces: {{receivers: [live], processors: [ev, batch], exporters: [rec]}}
+""")
+
+
+def test_run_sigterm_graceful_and_sighup_reload(tmp_path: Path) -> None:
+    hport = free_port()
+    cfg, out1, out2 = tmp_path / "c.yaml", tmp_path / "one.jsonl", tmp_path / "two.jsonl"
+    live_config(cfg, out1, hport)
+    err = open(tmp_path / "stderr.log", "w")
+    p = subprocess.Popen([sys.executable, "-m", "service.cli", "run", "--config", str(cfg)], cwd=ROOT, env=ENV,
+                         stdout=subprocess.DEVNULL, stderr=err, text=True)
+    log = tmp_path / "stderr.log"
+    try:
+        wait_for(lambda: health(hport) == 200, what="health 200")
+        wait_for(lambda: lines(out1) >= 3, what="spans in the first file")
+        # SIGHUP with a good new config: the exporter now writes the second file
+        live_config(cfg, out2, hport)
+        p.send_signal(signal.SIGHUP)
+        wait_for(lambda: lines(out2) >= 3, what="spans in the second file after reload")
+        assert "configuration reloaded" in log.read_text()
+        n1 = lines(out1)
+        time.sleep(0.2)
+        assert lines(out1) == n1                     # the old exporter is gone
+        # SIGHUP with a bad config: refused and logged, the running pipelines keep going
+        cfg.write_text(cfg.read_text().replace("interval: 0.01", "interval: 0.01, no_such_option: 1"))
+        p.send_signal(signal.SIGHUP)
+        wait_for(lambda: "reload refused" in log.read_text(), what="refusal logged")
+        assert "receivers::live: unknown option 'no_such_option'" in log.read_text()
+        n2 = lines(out2)
+        wait_for(lambda: lines(out2) > n2 + 2, what="spans still flowing after a refused reload")
+        assert health(hport) == 200 and p.poll() is None
+        # SIGTERM: graceful, exit 0
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(20) == 0
+    finally:
+        if p.poll() is None:
+            p.kill()
+        err.close()
+    text = log.read_text()
+    assert "received SIGTERM, shutting down" in text and "pipelines stopped" in text
+    assert "Traceback" not in text
+    assert health(hport) == 0                        # nothing listens any more
+
+
+def test_run_sigint_drains_held_spans(tmp_path: Path) -> None:
+    """Spans held by the batch processor (1h timeout) are delivered on SIGINT."""
+    hport = free_port()
+    cfg, out = tmp_path / "c.yaml", tmp_path / "out.jsonl"
+    live_config(cfg, out, hport)
+    cfg.write_text(cfg.read_text().replace("timeout: 20ms", "timeout: 1h"))
+    p = subprocess.Popen([sys.executable, "-m", "service.cli", "run", "--config", str(cfg)], cwd=ROOT, env=ENV,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: health(hport) == 200, what="health 200")
+        time.sleep(0.3)
+        assert lines(out) == 0                       # all held in the batch
+        p.send_signal(signal.SIGINT)
+        _, err = p.communicate(timeout=20)
+        assert p.returncode == 0, err
+    finally:
+        if p.poll() is None:
+            p.kill()
+    batches = [json.loads(x) for x in out.read_text().splitlines()]
+    assert len(batches) == 1 and batches[0]["n"] > 5
+
+
+def test_run_start_failure_is_a_clean_error(tmp_path: Path) -> None:
+    hport = free_port()
+    cfg, out = tmp_path / "c.yaml", tmp_path / "out.jsonl"
+    live_config(cfg, out, hport, extra=", fail_start: true")
+    r = cli("run", "--config", str(cfg), timeout=30)
+    assert r.returncode == 1
+    assert "error: exporters::rec: failed to start: RuntimeError: rec refuses to start" in r.stderr
+    assert "Traceback" not in r.stderr
+    assert health(hport) == 0
+
+
+def test_run_without_config_uses_config_default_yaml() -> None:
+    sample = ROOT / "config" / "samples" / "http-sample.pcap"
+    mport, hport = free_port(), free_port()
+    r = cli("run", "--set", f"service.telemetry.metrics.address=127.0.0.1:{mport}",
+            "--set", f"service.telemetry.health.address=127.0.0.1:{hport}", timeout=60)
+    assert f"config: {ROOT / 'config' / 'default.yaml'}" in r.stderr or not sample.exists()
+    if not sample.exists():
+        # The sample capture is another issue's deliverable; until it lands the error must name it.
+        print(f"SKIP part: {sample} does not exist yet")
+        assert r.returncode == 1 and str(sample) in r.stderr
+        pytest.skip(f"the bundled sample capture {sample} is not in the repo yet")
+    assert r.returncode == 0, r.stderr
+    assert " SERVER " in r.stdout or " CLIENT " in r.stdout     # debug exporter, verbosity normal
+
+
+# -- replay -----------------------------------------------------------------------------
+def test_replay_to_file_end_to_end(capture: Path, tmp_path: Path) -> None:
+    out = tmp_path / "spans.jsonl"
+    r = cli("replay", str(capture), "--output", str(out))
+    assert r.returncode == 0, r.stderr
+    reqs = [otlp_json_to_proto(line) for line in out.read_text().splitlines()]
+    spans = [s for q in reqs for rs in q.resource_spans for ss in rs.scope_spans for s in ss.spans]
+    assert len(spans) == 12 and all(s.name.startswith("GET") for s in spans)
+    assert "replay: 42 packets, 3 connections," in r.stderr and " 12 spans " in r.stderr
+    assert "replay: exporters::file: 12 spans" in r.stderr
+    assert "replay: drops: none" in r.stderr
+    assert r.stdout == ""
+
+
+def test_replay_to_console(capture: Path) -> None:
+    r = cli("replay", str(capture))
+    assert r.returncode == 0, r.stderr
+    assert len([ln for ln in r.stdout.splitlines() if " GET" in ln]) == 12
+
+
+def test_replay_custom_processor_tags_spans(capture: Path, tmp_path: Path) -> None:
+    out = tmp_path / "spans.jsonl"
+    r = cli("replay", str(capture), "--config", "config/custom-processor.yaml", "--output", str(out))
+    assert r.returncode == 0, r.stderr
+    spans = [s for line in out.read_text().splitlines() for rs in json.loads(line)["resourceSpans"]
+             for ss in rs["scopeSpans"] for s in ss["spans"]]
+    assert len(spans) == 12
+    for s in spans:
+        assert {"key": "wirespan.example", "value": {"stringValue": "tagged"}} in s["attributes"]
+
+
+def test_replay_missing_file_is_an_error(tmp_path: Path) -> None:
+    r = cli("replay", str(tmp_path / "nope.pcap"), "--output", str(tmp_path / "o.jsonl"))
+    assert r.returncode != 0
+    assert "nope.pcap" in r.stderr and "Traceback" not in r.stderr
+
+
+# A child that maps "pcap" to the fake finite receiver (and adds the recording
+# exporter), then runs the real CLI: needed for an exporter that stalls/loses on purpose.
+FAKE_PCAP_CHILD = (
+    "import sys\n"
+    "from service.registry import default_registry\n"
+    "from tests.support import pipeline_fakes as fk\n"
+    "r = default_registry()\n"
+    "r.register('receiver', 'pcap', fk.FakeFiniteReceiver, replace=True)\n"
+    "r.register('exporter', 'recording', fk.RecordingExporter)\n"
+    "from service.cli import main\n"
+    "sys.exit(main(sys.argv[1:]))\n"
+)
+
+
+def replay_fake(tmp_path: Path, exporter_opts: str, *extra: str) -> subprocess.CompletedProcess:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"""
+receivers: {{anything: {{class: "tests.support.pipeline_fakes:FakeFiniteReceiver"}}}}
+processors: {{ev: {{class: "tests.support.pipeline_fakes:FakeEventProcessor"}}}}
+exporters: {{recording: {{{exporter_opts}}}}}
+service:
+  pipelines:
+    traces: {{receivers: [anything], processors: [ev], exporters: [recording]}}
+""")
+    return subprocess.run([sys.executable, "-c", FAKE_PCAP_CHILD, "replay", "whatever.pcap", "--config", str(cfg),
+                           *extra], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=60)
+
+
+def test_replay_wiring_with_fake_receiver(tmp_path: Path) -> None:
+    r = replay_fake(tmp_path, "")
+    assert r.returncode == 0, r.stderr
+    assert "replay: 10 packets, 1 connections, 10 events, 10 spans" in r.stderr
+    assert "replay: exporters::recording: 10 spans" in r.stderr
+    assert "replay: drops: none" in r.stderr
+
+
+def test_replay_drain_timeout_is_nonzero_and_named(tmp_path: Path) -> None:
+    t0 = time.monotonic()
+    r = replay_fake(tmp_path, "slow_shutdown: 30", "--drain-timeout", "500ms")
+    assert time.monotonic() - t0 < 20
+    assert r.returncode == 1
+    assert "error: drain timed out after 0.5s while at: shutdown exporters::recording" in r.stderr
+
+
+def test_replay_undelivered_is_nonzero_and_named(tmp_path: Path) -> None:
+    r = replay_fake(tmp_path, "lose: true")
+    assert r.returncode == 1
+    assert "error: exporters::recording: 10 of 10 spans not delivered" in r.stderr
