@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from collections import OrderedDict, deque
 
-from service.largebuf import LargeBuffer
+from service.largebuf import BufferBoundsError, LargeBuffer
 from service.model import SpanKind, StatusCode
 
 from .base import Conn, Detection, ProtocolSettings
@@ -78,6 +78,9 @@ COM_RESET_CONNECTION = 0x1F
 _NO_RESPONSE = frozenset((COM_QUIT, COM_STMT_SEND_LONG_DATA, COM_STMT_CLOSE))
 #: Known command bytes (0x00 sleep .. 0x1f reset connection; MariaDB adds 0xfe bulk execute).
 _COMMANDS = frozenset(range(0x01, 0x20)) | {0xFA, 0xFE}
+#: Commands ``detect`` trusts on a connection joined mid-stream (their content is checked).
+_DETECT_COMMANDS = frozenset((COM_QUIT, COM_INIT_DB, COM_QUERY, COM_STATISTICS, COM_PING, COM_STMT_PREPARE,
+                              0x17, 0x19, 0x1A, COM_RESET_CONNECTION))
 #: Commands whose payload is text, checked by ``detect``.
 _TEXT_COMMANDS = frozenset((COM_QUERY, COM_INIT_DB, COM_STMT_PREPARE))
 
@@ -153,7 +156,7 @@ def detect(buf: LargeBuffer, from_client: bool | None) -> Detection:
     if from_client is not False:
         if n < 5:
             return Detection.NEED_MORE
-        if buf.u8_at(4) not in _COMMANDS:
+        if buf.u8_at(4) not in _DETECT_COMMANDS:
             return Detection.NO
         if n < 4 + plen:
             if plen > 65536 and n >= 4 + 64 and buf.u8_at(4) in _TEXT_COMMANDS:
@@ -256,17 +259,26 @@ class Session(_Session):
                 return
             plen = buf.u32le_at(0) & 0xFFFFFF
             seq = buf.u8_at(3)
+            if not from_client and self._phase == _HANDSHAKE and (
+                    seq != 0 or (n > 4 and buf.u8_at(4) != PROTOCOL_VERSION)):
+                # Joined mid-stream: this is the tail of some answer; wait for a command.
+                self._server_desync = True
+                self.conn.drop("resync")
+                continue
             total = 4 + plen
             head = plen if plen < cap else cap
             if n < 4 + head:
                 return
             ts = buf.ts_at(0)
-            if self._cont[d]:
-                pass  # the tail of a >16 MiB payload: nothing to read
-            elif from_client:
-                self._client_packet(buf, plen, head, seq, ts)
-            else:
-                self._server_packet(buf, plen, head, seq, ts)
+            try:
+                if self._cont[d]:
+                    pass  # the tail of a >16 MiB payload: nothing to read
+                elif from_client:
+                    self._client_packet(buf, plen, head, seq, ts)
+                else:
+                    self._server_packet(buf, plen, head, seq, ts)
+            except BufferBoundsError as e:  # a field overruns its packet
+                raise Malformed(NAME, "truncated_field", 0, str(e)) from None
             self._cont[d] = plen == MAX_PACKET_PAYLOAD
             if self._stopped:
                 buf.release(len(buf))

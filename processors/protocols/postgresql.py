@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from collections import OrderedDict, deque
 
-from service.largebuf import LargeBuffer
+from service.largebuf import BufferBoundsError, LargeBuffer
 from service.model import SpanKind, StatusCode
 
 from .base import Conn, Detection, ProtocolSettings
@@ -374,10 +374,14 @@ class Session(_Session):
             if n < 5 + body:
                 return
             ts = buf.ts_at(0)
-            if from_client:
-                self._client_msg(t, buf, 5, 5 + body, ts)
-            else:
-                self._server_msg(t, buf, 5, 5 + body, ts)
+            try:
+                if from_client:
+                    self._client_msg(t, buf, 5, 5 + body, ts)
+                else:
+                    self._server_msg(t, buf, 5, 5 + body, ts)
+            except BufferBoundsError as e:  # a field overruns its message
+                self._resync[d] = True
+                raise Malformed(NAME, "truncated_field", 0, str(e)) from None
             if self._stopped:
                 buf.release(len(buf))
                 return

@@ -1,0 +1,405 @@
+"""MySQL/MariaDB parser: hand-built packets fed whole, in pieces and byte by byte, bad
+input, fuzzing, allocation, and the recorded PyMySQL + mysql-connector session re-fed."""
+
+from __future__ import annotations
+
+import gc
+import os
+import struct
+import tracemalloc
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from processors.protocols import mysql as my
+from processors.protocols.base import Detection
+from service.largebuf import LargeBuffer
+from service.model import SpanKind, StatusCode
+from tests.support.dbdrive import Driver, pcap_script
+
+FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "mysql")
+DEPRECATE_EOF = my.CLIENT_DEPRECATE_EOF
+BASE_CAPS = my.CLIENT_PROTOCOL_41 | my.CLIENT_SECURE_CONNECTION | my.CLIENT_PLUGIN_AUTH_LENENC_CLIENT_DATA
+
+
+# -- packet builders (MySQL "Client/Server Protocol") ----------------------------------------
+def pkt(payload: bytes, seq: int) -> bytes:
+    return struct.pack("<I", len(payload))[:3] + bytes([seq & 0xFF]) + payload
+
+
+def lenenc(n: int) -> bytes:
+    if n < 0xFB:
+        return bytes([n])
+    if n < 1 << 16:
+        return b"\xfc" + struct.pack("<H", n)
+    if n < 1 << 24:
+        return b"\xfd" + struct.pack("<I", n)[:3]
+    return b"\xfe" + struct.pack("<Q", n)
+
+
+def lstr(b: bytes) -> bytes:
+    return lenenc(len(b)) + b
+
+
+def greeting(caps: int = 0xFFFFFFFF) -> bytes:
+    body = (b"\x0a" + b"10.11.6-MariaDB\0" + struct.pack("<I", 7) + b"abcdefgh" + b"\0"
+            + struct.pack("<H", caps & 0xFFFF) + b"\x2d" + struct.pack("<H", 2) + struct.pack("<H", caps >> 16)
+            + b"\x15" + b"\0" * 10 + b"ijklmnopqrst\0" + b"mysql_native_password\0")
+    return pkt(body, 0)
+
+
+def response(user: str = "app", db: str | None = "shop", caps: int = BASE_CAPS | DEPRECATE_EOF,
+             ssl: bool = False) -> bytes:
+    if db is not None:
+        caps |= my.CLIENT_CONNECT_WITH_DB
+    if ssl:
+        return pkt(struct.pack("<IIB", caps | my.CLIENT_SSL, 1 << 24, 45) + b"\0" * 23, 1)
+    body = struct.pack("<IIB", caps, 1 << 24, 45) + b"\0" * 23 + user.encode() + b"\0" + lstr(b"x" * 20)
+    if db is not None:
+        body += db.encode() + b"\0"
+    return pkt(body + b"mysql_native_password\0", 1)
+
+
+def OK(seq: int = 1, status: int = 2, header: int = 0) -> bytes:
+    return pkt(bytes([header]) + b"\0\0" + struct.pack("<HH", status, 0), seq)
+
+
+def ERR(code: int, state: str, text: str, seq: int = 1) -> bytes:
+    return pkt(b"\xff" + struct.pack("<H", code) + b"#" + state.encode() + text.encode(), seq)
+
+
+def EOF(seq: int, status: int = 2) -> bytes:
+    return pkt(b"\xfe" + struct.pack("<HH", 0, status), seq)
+
+
+def query(sql: str) -> bytes:
+    return pkt(b"\x03" + sql.encode(), 0)
+
+
+def coldef(name: str) -> bytes:
+    return (lstr(b"def") + lstr(b"shop") + lstr(b"t") + lstr(b"t") + lstr(name.encode()) + lstr(name.encode())
+            + b"\x0c" + struct.pack("<HIBHB", 45, 255, 0xFD, 0, 0) + b"\0\0")
+
+
+def resultset(cols: list[str], rows: list[list[bytes]], deprecate: bool = True, seq: int = 1,
+              status: int = 2) -> bytes:
+    out = pkt(lenenc(len(cols)), seq)
+    seq += 1
+    for c in cols:
+        out += pkt(coldef(c), seq)
+        seq += 1
+    if not deprecate:
+        out += EOF(seq)
+        seq += 1
+    for r in rows:
+        out += pkt(b"".join(lstr(v) for v in r), seq)
+        seq += 1
+    out += OK(seq, status, 0xFE) if deprecate else EOF(seq, status)
+    return out
+
+
+def connect(d: Driver, deprecate: bool = True, db: str | None = "shop") -> None:
+    d.feed(False, greeting())
+    d.feed(True, response(db=db, caps=BASE_CAPS | (DEPRECATE_EOF if deprecate else 0)))
+    d.feed(False, OK(2))
+
+
+CHUNKINGS = [None, 1, 5]
+
+
+@pytest.mark.parametrize("chunk", CHUNKINGS)
+@pytest.mark.parametrize("deprecate", [True, False])
+def test_query_with_result_set(chunk, deprecate):
+    d = Driver(my, port=3306)
+    connect(d, deprecate)
+    d.feed(True, query("SELECT id, name FROM users WHERE name = 'bob' AND id IN (1, 2, 3)"), chunk)
+    d.feed(False, resultset(["id", "name"], [[b"1", b"bob"], [b"2", b"bob"]], deprecate), chunk)
+    assert len(d.spans) == 1
+    s = d.spans[0]
+    a = s.attributes
+    assert s.name == "SELECT users" and s.kind == SpanKind.CLIENT
+    assert a["db.system.name"] == "mysql"
+    assert a["db.namespace"] == "shop"
+    assert a["db.operation.name"] == "SELECT"
+    assert a["db.collection.name"] == "users"
+    assert a["db.query.text"] == "SELECT id, name FROM users WHERE name = ? AND id IN (?)"
+    assert a["db.response.returned_rows"] == 2
+    assert a["server.port"] == 3306
+    assert not d.drops and d.buffered() == 0 and not d.session._pending
+
+
+def test_error_and_namespace_changes():
+    d = Driver(my, port=3306)
+    connect(d)
+    d.feed(True, query("SELECT * FROM nosuch"))
+    d.feed(False, ERR(1146, "42S02", "Table 'shop.nosuch' doesn't exist"))
+    d.feed(True, pkt(b"\x02other", 0))  # COM_INIT_DB
+    d.feed(False, OK())
+    d.feed(True, query("INSERT INTO t VALUES (1)"))
+    d.feed(False, OK())
+    d.feed(True, query("USE `third`"))
+    d.feed(False, OK())
+    d.feed(True, query("DELETE FROM t"))
+    d.feed(False, OK())
+    s = d.spans
+    assert [x.name for x in s] == ["SELECT nosuch", "INSERT t", "USE", "DELETE t"]
+    assert s[0].status_code == StatusCode.ERROR and s[0].status_message == "Table 'shop.nosuch' doesn't exist"
+    assert s[0].attributes["db.response.status_code"] == "1146" and s[0].attributes["error.type"] == "42S02"
+    assert s[1].attributes["db.namespace"] == "other"
+    assert s[3].attributes["db.namespace"] == "third"
+
+
+def test_ping_quit_close_make_no_span_by_default():
+    d = Driver(my, port=3306)
+    connect(d)
+    d.feed(True, pkt(b"\x0e", 0))
+    d.feed(False, OK())
+    d.feed(True, pkt(b"\x19" + struct.pack("<I", 1), 0))
+    d.feed(True, pkt(b"\x01", 0))
+    d.close()
+    assert d.spans == [] and not d.drops
+    d = Driver(my, my.Settings(trace_ping=True), port=3306)
+    connect(d)
+    d.feed(True, pkt(b"\x0e", 0))
+    d.feed(False, OK())
+    assert [s.name for s in d.spans] == ["PING"]
+
+
+@pytest.mark.parametrize("deprecate", [True, False])
+@pytest.mark.parametrize("chunk", [None, 3])
+def test_prepared_statements(deprecate, chunk):
+    d = Driver(my, port=3306)
+    connect(d, deprecate)
+    sql = "SELECT item FROM orders WHERE id = ? AND qty > ?"
+    d.feed(True, pkt(b"\x16" + sql.encode(), 0), chunk)
+    prep = pkt(b"\0" + struct.pack("<IHHBH", 7, 1, 2, 0, 0), 1)
+    seq = 2
+    for _ in range(2):
+        prep += pkt(coldef("?"), seq)
+        seq += 1
+    if not deprecate:
+        prep += EOF(seq)
+        seq += 1
+    prep += pkt(coldef("item"), seq)
+    seq += 1
+    if not deprecate:
+        prep += EOF(seq)
+    d.feed(False, prep, chunk)
+    assert d.spans == [] and not d.session._pending
+    for _ in range(2):
+        d.feed(True, pkt(b"\x17" + struct.pack("<IBI", 7, 0, 1) + b"\0\x01" + b"\x08\0\x08\0" + b"\0" * 16, 0),
+               chunk)
+        rows = pkt(lenenc(1), 1) + pkt(coldef("item"), 2)
+        rows += (b"" if deprecate else EOF(3)) + pkt(b"\0\0" + lstr(b"pear"), 4) + (
+            OK(5, 2, 0xFE) if deprecate else EOF(5))
+        d.feed(False, rows, chunk)
+    d.feed(True, pkt(b"\x17" + struct.pack("<IBI", 7, 0, 1) + b"\0\x01" + b"\x08\0\x08\0" + b"\0" * 16, 0))
+    d.feed(False, ERR(1062, "23000", "Duplicate entry"))
+    assert [s.name for s in d.spans] == ["SELECT orders"] * 3
+    assert all(s.attributes["db.query.text"] == sql for s in d.spans)
+    assert d.spans[0].attributes["db.response.returned_rows"] == 1
+    assert d.spans[2].attributes["error.type"] == "23000"
+    d.feed(True, pkt(b"\x19" + struct.pack("<I", 7), 0))
+    assert 7 not in d.session._stmts
+
+
+def test_prepare_error_gives_a_span_and_unknown_execute_is_named():
+    d = Driver(my, port=3306)
+    connect(d)
+    d.feed(True, pkt(b"\x16SELEC 1", 0))
+    d.feed(False, ERR(1064, "42000", "You have an error in your SQL syntax"))
+    d.feed(True, pkt(b"\x17" + struct.pack("<IBI", 99, 0, 1), 0))
+    d.feed(False, OK())
+    assert [s.name for s in d.spans] == ["SELEC", "EXECUTE"]  # the verb as written
+    assert d.spans[0].attributes["db.response.status_code"] == "1064"
+
+
+def test_multi_results_one_span():
+    d = Driver(my, port=3306)
+    connect(d)
+    d.feed(True, query("CALL report(1)"))
+    more = 2 | my.SERVER_MORE_RESULTS_EXISTS
+    d.feed(False, resultset(["a"], [[b"1"]], status=more) + resultset(["b"], [[b"2"], [b"3"]], seq=5, status=more))
+    assert len(d.spans) == 0
+    d.feed(False, OK(9))  # final OK of a CALL
+    assert len(d.spans) == 1 and d.spans[0].attributes["db.response.returned_rows"] == 3
+
+
+def test_ssl_request_stops_and_counts():
+    d = Driver(my, port=3306)
+    d.feed(False, greeting())
+    d.feed(True, response(ssl=True))
+    d.feed(True, b"\x16\x03\x01\x02\x00" + os.urandom(200))
+    d.feed(False, b"\x16\x03\x03" + os.urandom(300))
+    assert d.drops == {"tls": 1} and d.spans == [] and d.buffered() == 0
+
+
+def test_over_16mb_payloads_are_split_and_skipped():
+    d = Driver(my, port=3306)
+    connect(d)
+    big = b"\x03INSERT INTO blobs VALUES ('" + b"a" * (my.MAX_PACKET_PAYLOAD + 100) + b"')"
+    first, rest = big[:my.MAX_PACKET_PAYLOAD], big[my.MAX_PACKET_PAYLOAD:]
+    wire = pkt(first, 0) + pkt(rest, 1)
+    peak = 0
+    for i in range(0, len(wire), 1 << 20):
+        d.feed(True, wire[i:i + (1 << 20)])
+        peak = max(peak, len(d.conn.client_buf))
+    d.feed(False, OK())
+    # a 16 MiB row split across two packets counts as one row
+    row = lstr(b"r" * (my.MAX_PACKET_PAYLOAD + 10))
+    d.feed(True, query("SELECT b FROM blobs"))
+    wire = pkt(lenenc(1), 1) + pkt(coldef("b"), 2) + pkt(row[:my.MAX_PACKET_PAYLOAD], 3) + pkt(
+        row[my.MAX_PACKET_PAYLOAD:], 4) + OK(5, 2, 0xFE)
+    for i in range(0, len(wire), 1 << 20):
+        d.feed(False, wire[i:i + (1 << 20)])
+        peak = max(peak, len(d.conn.server_buf))
+    assert peak <= 1 << 20
+    assert [s.name for s in d.spans] == ["INSERT blobs", "SELECT blobs"]
+    assert d.spans[0].attributes["db.query.text"] == "INSERT INTO blobs VALUES (?"
+    assert d.spans[1].attributes["db.response.returned_rows"] == 1
+
+
+def _buf(b: bytes) -> LargeBuffer:
+    return LargeBuffer(b)
+
+
+def test_detect():
+    assert my.detect(_buf(greeting()), None) == Detection.RESPONSE
+    assert my.detect(_buf(greeting()), False) == Detection.RESPONSE
+    assert my.detect(_buf(greeting()[:20]), None) == Detection.NEED_MORE
+    assert my.detect(_buf(query("SELECT 1")), None) == Detection.REQUEST
+    assert my.detect(_buf(pkt(b"\x0e", 0)), True) == Detection.REQUEST
+    assert my.detect(_buf(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"), None) == Detection.NO
+    assert my.detect(_buf(b"Q\x00\x00\x00\x0dSELECT 1\x00"), None) == Detection.NO
+    assert my.detect(_buf(pkt(b"\x03SELECT \x01\x02", 0)), None) == Detection.NO
+    assert my.detect(_buf(pkt(b"\x0e", 3)), None) == Detection.NO
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.binary(max_size=300), st.sampled_from([True, False, None]))
+def test_detect_random_bytes(data, from_client):
+    assert my.detect(_buf(data), from_client) in tuple(Detection)
+
+
+def test_mid_stream_pickup():
+    d = Driver(my, port=3306)
+    d.feed(False, resultset(["a"], [[b"1"]] * 3)[9:])   # tail of an answer we never saw asked
+    d.feed(True, query("UPDATE t SET a = 2"))
+    d.feed(False, OK())
+    d.feed(True, query("SELECT a FROM t"))
+    d.feed(False, resultset(["a"], [[b"2"]]))
+    assert [s.name for s in d.spans] == ["UPDATE t", "SELECT t"]
+
+
+def test_gap_resyncs_on_next_command():
+    d = Driver(my, port=3306)
+    connect(d)
+    d.feed(True, query("SELECT a FROM t"))
+    d.session.gap(False, 0)
+    d.feed(False, resultset(["a"], [[b"1"]] * 3)[7:])
+    d.feed(True, query("SELECT b FROM u"))
+    d.feed(False, resultset(["b"], [[b"2"]]))
+    assert [s.name for s in d.spans] == ["SELECT u"] and d.drops["gap"] == 1
+    d.session.gap(True, 0)
+    d.feed(True, query("SELECT c FROM v")[2:] + query("SELECT d FROM w"))
+    d.feed(False, OK())
+    assert d.spans[-1].name == "SELECT w"
+
+
+def test_unknown_command_is_malformed():
+    d = Driver(my, port=3306)
+    connect(d)
+    d.feed(True, pkt(b"\x77junk", 0))
+    assert d.drops["bad_command"] == 1
+
+
+def _alloc(rows: int) -> int:
+    d = Driver(my, port=3306)
+    connect(d)
+    q = query("SELECT a FROM t WHERE b = 'x'")
+    reply = resultset(["a"], [[b"v" * 100]] * rows)
+    chunks = [reply[i:i + 8192] for i in range(0, len(reply), 8192)]
+    d.feed(True, q)
+    d.feed(False, reply)
+    gc.collect()
+    tracemalloc.start()
+    d.feed(True, q)
+    srv = d.conn.server_buf
+    for c in chunks:
+        srv.append(c, 0)
+        d.session.feed(False, srv, 0)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert d.spans[-1].attributes["db.response.returned_rows"] == rows
+    return peak
+
+
+def test_allocation_is_flat_when_result_grows_100x():
+    small, large = _alloc(100), _alloc(10000)
+    assert large < small * 1.5 + 4096, (small, large)
+
+
+_SEED: list | None = None
+
+
+def _seed() -> list[list[tuple[bool, bytes]]]:
+    global _SEED
+    if _SEED is None:
+        _SEED = pcap_script(os.path.join(FIXTURES, "pymysql_connector_session.pcap"))
+    return _SEED
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(st.booleans(), st.binary(max_size=200)), max_size=12))
+def test_fuzz_random_streams(script):
+    d = Driver(my, port=3306)
+    d.run(script)
+    d.close()
+    assert d.buffered() <= 200 * 12
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.data())
+def test_fuzz_mutated_real_session(data):
+    script = list(_seed()[data.draw(st.integers(0, 1))])
+    i = data.draw(st.integers(0, len(script) - 1))
+    side, payload = script[i]
+    pos = data.draw(st.integers(0, max(len(payload) - 1, 0)))
+    mode = data.draw(st.sampled_from(["flip", "cut", "insert"]))
+    if mode == "flip" and payload:
+        payload = payload[:pos] + bytes([payload[pos] ^ data.draw(st.integers(1, 255))]) + payload[pos + 1:]
+    elif mode == "cut":
+        payload = payload[:pos]
+    else:
+        payload = payload[:pos] + data.draw(st.binary(min_size=1, max_size=16)) + payload[pos:]
+    script[i] = (side, payload)
+    d = Driver(my, port=3306)
+    d.run(script, chunk=data.draw(st.sampled_from([None, 1, 13])))
+    d.close()
+    assert len(d.spans) <= 20
+
+
+@pytest.mark.parametrize("chunk", [None, 1, 7])
+def test_recorded_sessions_any_chunking(chunk):
+    names = []
+    for script in _seed():
+        d = Driver(my, port=3306)
+        d.run(script, chunk)
+        assert not d.drops and not d.errors
+        names.append([s.name for s in d.spans])
+    assert names == [
+        ["SET", "CREATE TABLE orders", "INSERT orders", "INSERT orders", "SELECT orders", "SELECT nosuch"],
+        ["SET", "SET", "SELECT orders", "SELECT orders", "UPDATE orders", "INSERT orders", "COMMIT",
+         "SELECT orders"],
+    ]
+
+
+def test_regression_header_only_packet_before_greeting():
+    # Found by test_fuzz_mutated_real_session: a bare 4-byte header read past its end.
+    d = Driver(my, port=3306)
+    d.feed(False, b"\x07\x00\x00\x00")
+    d.feed(False, b"\x00\x00\x00\x02\x00\x00\x00")
+    d.feed(True, query("SELECT 1"))
+    d.feed(False, OK())
+    assert not d.errors and [s.name for s in d.spans] == ["SELECT"]
