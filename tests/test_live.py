@@ -196,3 +196,37 @@ def test_clean_errors(tmp_path) -> None:
                        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert p.returncode == 3, p.stderr
     assert "needs root or CAP_NET_RAW" in p.stdout and p.stdout.count("\n") == 1
+
+
+# --------------------------------------------------------------------------- end to end
+def test_wirespan_run_live_http_and_redis(tmp_path) -> None:
+    from tests.support.redis_server import redis_server
+    from tests.support.wirespan_proc import wirespan_run
+
+    tid, parent = "0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331"
+    get = "import urllib.request,sys; urllib.request.urlopen(sys.argv[1]).read()"
+    upload = ("import urllib.request,sys; urllib.request.urlopen(urllib.request.Request(sys.argv[1], "
+              "data=bytes(1 << 20))).read()")
+    rcli = "import redis,sys; r=redis.Redis(port=int(sys.argv[1])); r.set('k','v'); r.get('k'); r.close()"
+    with http_server() as srv, redis_server() as rport:
+        with wirespan_run(tmp_path, {"live": {"ports": [srv.port, rport]}}) as w:
+            subprocess.run([CURL, "-s", "-o", "/dev/null", "-H", f"traceparent: 00-{tid}-{parent}-01",
+                            f"{srv.url}/traced"], check=True)
+            run_client(get, f"{srv.url}/big")
+            run_client(upload, f"{srv.url}/upload")
+            for i in range(20):
+                subprocess.run([CURL, "-s", "-o", "/dev/null", f"{srv.url}/short{i}"], check=True)
+            run_client(rcli, str(rport))
+            time.sleep(1.5)
+    assert w.returncode == 0, w.log()
+    http = {s["attrs"].get("url.path"): s for s in w.spans if "url.path" in s["attrs"]}
+    # one span per exchange from the wire: SERVER
+    assert len([s for s in w.spans if "url.path" in s["attrs"]]) == 23
+    t = http["/traced"]
+    assert t["kind"] == 2 and t["trace_id"] == tid and t["parent"] == parent
+    assert t["attrs"]["http.response.status_code"] == 200
+    assert http["/big"]["attrs"]["http.response.body.size"] == len(BIG_BODY)
+    assert http["/upload"]["attrs"]["http.request.body.size"] == 1 << 20
+    assert all(f"/short{i}" in http for i in range(20))
+    names = [s["name"] for s in w.spans if s["attrs"].get("db.system.name") == "redis"]
+    assert "SET" in names and "GET" in names
