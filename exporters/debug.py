@@ -21,7 +21,8 @@ __all__ = ["DebugExporter", "DebugConfig"]
 
 
 class DebugConfig(ComponentConfig):
-    #: basic: counts per batch; normal: one line per span; detailed: everything (Collector default: basic).
+    #: basic: counts per batch; normal: one line per span with its attributes; detailed: every field.
+    #: The Collector's default is basic.
     verbosity: Literal["basic", "normal", "detailed"] = "basic"
 
 
@@ -29,6 +30,12 @@ def _fmt_value(v: Any) -> str:
     if isinstance(v, (bytes, bytearray, memoryview)):
         return "0x" + bytes(v).hex()  # attribute values are small; a copy for display is fine
     return repr(v) if isinstance(v, str) else str(v)
+
+
+def format_normal(s: Span) -> str:
+    """One line: trace id, kind, name, duration, status, then the span's attributes as k=v."""
+    attrs = " ".join(f"{k}={_fmt_value(v)}" for k, v in s.attributes.items())
+    return f"{s.trace_id.hex()} {span_summary(s)}" + (f" {attrs}" if attrs else "")
 
 
 def format_detailed(s: Span) -> str:
@@ -73,7 +80,7 @@ class DebugExporter(Exporter):
         if v == "basic":
             text = f"{self.id}: {len(spans)} spans\n"
         elif v == "normal":
-            text = "".join(f"{s.trace_id.hex()} {span_summary(s)}\n" for s in spans)
+            text = "".join(format_normal(s) + "\n" for s in spans)
         else:
             text = "".join(format_detailed(s) + "\n" for s in spans)
         with self._lock:
