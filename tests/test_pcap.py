@@ -644,3 +644,27 @@ def test_downstream_failure_is_counted_and_replay_goes_on(tmp_path, caplog):
     assert rc.stats["drops"] == {"downstream_error": 4}
     assert len(sink.events) == rc.stats["events"] - 4 and sink.calls > 3
     assert any("downstream" in m for m in caplog.messages)
+
+
+@pytest.mark.skipif(TSHARK is None, reason="tshark not installed")
+def test_real_sll2_capture_on_the_any_interface(tmp_path):
+    """tcpdump -i any writes LINKTYPE_LINUX_SLL2: a real file of that link type."""
+    (tmp_path / "f.txt").write_text("sll2 " * 2000)
+    port = free_port()
+    srv = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1",
+                            "--directory", str(tmp_path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_port(port)
+        with tcpdump(port, path=tmp_path / "any.pcap", iface="any") as cap:
+            for _ in range(2):
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/f.txt", timeout=10).read()
+    finally:
+        srv.terminate()
+        srv.wait(timeout=10)
+    r = open_capture(cap)
+    assert r.linktype == LINKTYPE_LINUX_SLL2
+    n, dirs = tshark_directions(cap)
+    rc, sink = replay(cap)
+    assert rc.stats["packets"] == n and rc.stats["drops"] == {}
+    assert by_direction(sink.events) == dirs and len(dirs) == 4
+    assert sum(len(v) for v in dirs.values()) > 20_000
