@@ -668,3 +668,22 @@ def test_real_sll2_capture_on_the_any_interface(tmp_path):
     assert rc.stats["packets"] == n and rc.stats["drops"] == {}
     assert by_direction(sink.events) == dirs and len(dirs) == 4
     assert sum(len(v) for v in dirs.values()) > 20_000
+
+
+FIXTURES = Path(__file__).parent / "fixtures" / "pcap"
+
+
+@pytest.mark.parametrize("name", ["http_server_lo.pcap", "http_server_lo.pcapng"])
+def test_committed_real_capture(name):
+    """Recorded by tests/fixtures/pcap/record_http_server.py (real http.server, curl, urllib)."""
+    rc, sink = replay(FIXTURES / name)
+    assert rc.stats["packets"] == 39 and rc.stats["connections"] == 3 and rc.stats["drops"] == {}
+    dirs = by_direction(sink.events)
+    reqs = sorted(v.split(b"\r\n")[0] for v in dirs.values() if not v.startswith(b"HTTP/"))
+    assert reqs == [b"GET /index.json?x=1 HTTP/1.1", b"GET /missing HTTP/1.1", b"POST /index.json HTTP/1.1"]
+    statuses = sorted(v.split(b" ")[1] for v in dirs.values() if v.startswith(b"HTTP/"))
+    assert statuses == [b"200", b"404", b"501"]
+    assert [e.kind.name for e in sink.events].count("OPEN") == 3
+    assert all(e.client_is_src == (e.dport == sink.events[0].dport) for e in sink.events)
+    if TSHARK:
+        assert tshark_directions(FIXTURES / name)[1] == dirs
