@@ -272,7 +272,8 @@ def test_trailers_and_server_push() -> None:
 
 
 def test_h2c_upgrade_stream_1() -> None:
-    up = {"method": "GET", "target": "/up?q=1", "host": "example.com", "user_agent": "curl/8", "start_ns": 5}
+    up = {"method": "GET", "target": b"/up?q=1", "host": b"example.com:80", "user_agent": b"curl/8", "start_ns": 5,
+          "traceparent": TP.encode()}
     drv = Driver(extra={"switch_to": "http2", "http2_upgrade_request": up})
     drv.feed(False, settings_frame() + frame(http2.HEADERS, 0x4, 1, b"\x88") + frame(http2.DATA, 0x1, 1, b"hi"), 7)
     drv.feed(True, PREFACE + settings_frame() + settings_frame(ack=True), 8)
@@ -281,6 +282,8 @@ def test_h2c_upgrade_stream_1() -> None:
     assert s.attributes["url.path"] == "/up" and s.attributes["url.query"] == "q=1"
     assert s.attributes["http.response.status_code"] == 200
     assert s.attributes["server.address"] == "example.com"
+    assert s.attributes["user_agent.original"] == "curl/8"
+    assert s.trace_id.hex() == "0af7651916cd43dd8448eb211c80319c"
 
 
 def _frames_of(data: bytes) -> list[bytes]:

@@ -28,8 +28,8 @@ exchange is handled by the HTTP/1 session, which sets, on the shared
 this session on the same ``Conn`` and buffers) and
 ``conn.extra["http2_upgrade_request"]`` = a dict with the upgraded request
 (keys, all optional: ``method``, ``target``, ``host``, ``scheme``,
-``user_agent``, ``traceparent``, ``content_type``, ``start_ns``,
-``body_size``). This session then answers that request on stream 1 (RFC 9113
+``user_agent``, ``traceparent``, ``content_type`` as str or bytes;
+``start_ns``, ``body_size`` as int). This session then answers that request on stream 1 (RFC 9113
 §3.2) and expects the client preface next.
 """
 
@@ -481,12 +481,12 @@ class H2Session(_BaseSession):
     def _start_upgraded(self, up: dict[str, Any]) -> None:
         """The HTTP/1 request that asked for h2c becomes stream 1, half-closed by the client."""
         st = _Stream(1, int(up.get("start_ns") or 0))
-        target = str(up.get("target") or "")
+        target = _text(up.get("target"))
         for key, field in (("method", b":method"), ("host", b":authority"), ("scheme", b":scheme"),
                            ("user_agent", b"user-agent"), ("traceparent", b"traceparent"),
                            ("content_type", b"content-type")):
             if up.get(key):
-                st.req[field] = str(up[key])
+                st.req[field] = _text(up[key])
         if target:
             st.req[b":path"] = target
         st.req.setdefault(b":scheme", "http")
@@ -984,6 +984,13 @@ class H2Session(_BaseSession):
         self.streams.clear()
         for st in streams:
             self._finish(st, ts_ns, closed=True)
+
+
+def _text(v: object) -> str:
+    """A field handed over by the HTTP/1 session: bytes (as it keeps them) or str."""
+    if isinstance(v, (bytes, bytearray, memoryview)):
+        return bytes(v).decode("latin-1")  # small header value
+    return "" if v is None else str(v)
 
 
 def _server_addr(attrs: dict[str, AttrValue], authority: str | None) -> None:
