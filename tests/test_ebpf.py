@@ -373,3 +373,29 @@ def test_wirespan_run_redis_spans(tmp_path) -> None:
     assert {s["attrs"]["db.system.name"] for s in by_proc[PY_COMM]} == {"redis"}
     srv_names = [s["name"] for s in by_proc["redis-server"]]
     assert "SET" in srv_names and "GET" in srv_names
+
+
+def test_wirespan_run_postgresql_spans(tmp_path) -> None:
+    from tests.support.postgres import pg_bin, postgres_server
+    from tests.support.wirespan_proc import wirespan_run
+
+    if pg_bin() is None:
+        pytest.skip("PostgreSQL server binaries not installed")
+    client = ("import psycopg,sys\n"
+              "with psycopg.connect(sys.argv[1]) as c:\n"
+              "    c.execute('CREATE TABLE orders (id int, item text)')\n"
+              "    c.execute('INSERT INTO orders VALUES (%s, %s)', (1, 'tea'))\n"
+              "    assert c.execute('SELECT item FROM orders WHERE id = %s', (1,)).fetchone() == ('tea',)\n")
+    with postgres_server() as pg:
+        with wirespan_run(tmp_path, {"ebpf": {"ports": [pg.port]}}) as w:
+            run_client(client, pg.dsn())
+            time.sleep(1.5)
+    assert w.returncode == 0, w.log()
+    cli = [s for s in w.spans if s["resource"].get("process.executable.name") == PY_COMM and s["kind"] == CLIENT]
+    assert cli and {s["attrs"].get("db.system.name") for s in cli} == {"postgresql"}
+    ops = {s["attrs"].get("db.operation.name") for s in cli}
+    assert {"CREATE TABLE", "INSERT", "SELECT", "COMMIT"} <= ops, ops
+    sel = next(s for s in cli if s["attrs"].get("db.operation.name") == "SELECT")
+    assert "orders" in sel["name"]
+    # the server's view comes from the postgres backend process
+    assert any(s["resource"].get("process.executable.name") == "postgres" for s in w.spans)

@@ -83,15 +83,15 @@ _FALLBACK_PORTS: dict[str, tuple[int, ...]] = {
 
 
 def _protocol_ports(name: str) -> tuple[int, ...]:
+    """The protocol module's DEFAULT_PORTS (via the protocol table), else well-known ones."""
     try:
-        import importlib
+        from processors.protocols import load
 
-        mod = importlib.import_module(f"processors.protocols.{name}")
-        ports = getattr(mod, "DEFAULT_PORTS", None)
-        if ports:
-            return tuple(ports)
+        mod = load(name)
+        if mod is not None and mod.DEFAULT_PORTS:
+            return tuple(mod.DEFAULT_PORTS)
     except Exception:
-        pass
+        pass  # a missing/broken module only loses the hint
     return _FALLBACK_PORTS.get(name, ())
 
 
