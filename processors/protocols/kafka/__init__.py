@@ -19,7 +19,7 @@ from service.largebuf import LargeBuffer
 
 from . import apis
 from .header import MAX_MESSAGE_SIZE, RequestHeader, ResponseHeader
-from .session import KafkaSession, looks_like_request
+from .session import KafkaSession, looks_like_request, looks_like_responses
 from .state import DEFAULT_TOPIC_ID_CACHE, TopicIdCache
 
 __all__ = ["NAME", "DEFAULT_PORTS", "Settings", "detect", "Session", "RequestHeader", "ResponseHeader", "apis"]
@@ -65,13 +65,17 @@ _DEFAULT_SETTINGS = Settings()
 def detect(buf: LargeBuffer | bytes | bytearray | memoryview, from_client: bool | None) -> Detection:
     """A Kafka request header, checked as strictly as OBI does.
 
-    Responses (size + correlation id) are too short to tell from random bytes, so
-    only a client's first bytes are recognised.
+    A response is only size + correlation id, too weak alone: server bytes count
+    as Kafka only when the roles are known and they are whole responses chaining
+    exactly to the end of what was seen.
     """
-    if from_client is False:
-        return Detection.NO
     if not isinstance(buf, LargeBuffer):
         buf = LargeBuffer(buf)
+    if from_client is False:
+        resp = looks_like_responses(buf)
+        if resp is None:
+            return Detection.NEED_MORE
+        return Detection.RESPONSE if resp else Detection.NO
     ok = looks_like_request(buf)
     if ok is None:
         return Detection.NEED_MORE

@@ -153,10 +153,15 @@ class KafkaSession:
         self.client = Cursor()
         self.server = Cursor()
         self.pending: dict[int, Msg] = {}
+        #: After a gap, a direction's next bytes may start mid-message: wait for a chunk
+        #: that starts like a message (a valid request header / a pending correlation id).
+        self.resync = [False, False]
 
     # -- feeding ---------------------------------------------------------------
     def feed(self, from_client: bool, buf: LargeBuffer, ts_ns: int) -> None:
         cur = self.client if from_client else self.server
+        if self.resync[from_client] and not self._resynced(from_client, buf):
+            return
         while True:
             if not cur.started:
                 if len(buf) < 4:
@@ -296,11 +301,29 @@ class KafkaSession:
         self.conn.emit(self.conn.span(name, kind, req.start_ns, end_ns, attrs))
 
     # -- lifecycle -------------------------------------------------------------
+    def _resynced(self, from_client: bool, buf: LargeBuffer) -> bool:
+        """Drop bytes until the buffer starts like a message again."""
+        if from_client:
+            ok = looks_like_request(buf)
+        elif len(buf) < 8:
+            ok = None
+        else:
+            size = buf.i32be_at(0)
+            ok = MIN_RESPONSE_SIZE <= size <= self.settings.max_message_bytes and buf.i32be_at(4) in self.pending
+        if ok is None:
+            return False
+        if not ok:
+            self.conn.drop("resync_skipped")
+            buf.release(len(buf))
+            return False
+        self.resync[from_client] = False
+        return True
+
     def gap(self, from_client: bool, ts_ns: int) -> None:
         (self.client if from_client else self.server).reset()
-        for _ in self.pending:
-            self.conn.drop("lost_on_gap")
-        self.pending.clear()
+        # Requests in flight stay pending: responses after the gap still pair by
+        # correlation id; those lost in it are counted at close or on eviction.
+        self.resync[from_client] = True
 
     def close(self, ts_ns: int, reset: bool = False) -> None:
         for m in self.pending.values():
@@ -309,6 +332,23 @@ class KafkaSession:
         self.pending.clear()
         self.client.reset()
         self.server.reset()
+
+
+def looks_like_responses(buf: LargeBuffer) -> bool | None:
+    """Server bytes that are whole responses chaining exactly to the end of ``buf``
+    (a response alone is only size + correlation id, too weak to check otherwise)."""
+    n = len(buf)
+    pos = 0
+    while pos < n:
+        if n - pos < 8:
+            return None
+        size = buf.i32be_at(pos)
+        if size < MIN_RESPONSE_SIZE or size > MAX_MESSAGE_SIZE or buf.i32be_at(pos + 4) < 0:
+            return False
+        pos += 4 + size
+    if pos == n:
+        return True
+    return None if size <= MAX_UNIT else False
 
 
 def looks_like_request(buf: LargeBuffer) -> bool | None:
