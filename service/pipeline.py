@@ -345,29 +345,31 @@ class Service:
     def undelivered(self) -> list[str]:
         """Per exporter, spans handed to it that it neither sent nor counted as failed.
 
-        Exporters that report nothing at all (third-party ones that do not count
-        ``wirespan_exporter_sent_spans``) cannot be checked and are left out.
+        Built-in exporters always count (``wirespan_exporter_sent_spans`` and the
+        failure counters), so they are always checked. A plugin exporter is
+        checked only if its class sets ``reports_delivery = True``; otherwise
+        nothing can be known about what it did with the spans.
         """
         out = []
         for eid, link in self._exporter_links.items():
+            exp = self.exporters[eid]
+            checked = getattr(exp, "reports_delivery", None)
+            if checked is None:
+                checked = self.cfg.exporters[eid].source == "built-in"
+            if not checked:
+                continue
             offered = link.tally.value
             accounted = _delivery_counts(eid) - self._baseline[eid]
-            if offered and accounted == 0 and not getattr(self.exporters[eid], "reports_delivery", True):
-                continue
             if offered > accounted:
                 out.append(f"exporters::{eid}: {int(offered - accounted)} of {offered} spans not delivered")
         return out
 
     def stats(self) -> dict[str, Any]:
-        """Counts of this service's own traffic, for summaries."""
+        """Counts of this service's own traffic (since it was built), for summaries."""
         exp = {}
         for eid, link in self._exporter_links.items():
-            exp[eid] = {
-                "offered": link.tally.value,
-                "sent": int(tm.counter_value(tm.EXPORTER_SENT, exporter=eid) - 0),
-                "failed": int(tm.counter_value(tm.EXPORTER_SEND_FAILED, exporter=eid)),
-                "enqueue_failed": int(tm.counter_value(tm.EXPORTER_ENQUEUE_FAILED, exporter=eid)),
-            }
+            exp[eid] = {"offered": link.tally.value,
+                        "accounted": int(_delivery_counts(eid) - self._baseline[eid])}
         return {
             "events": {rid: o.tally.value for rid, o in self._event_outs.items()},
             "spans": {pid: o.tally.value for pid, o in self._span_outs.items()},

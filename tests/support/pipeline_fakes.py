@@ -189,6 +189,8 @@ class RecConfig(ComponentConfig):
 class RecordingExporter(_Lifecycle, Exporter):
     type: ClassVar[str] = "recording"
     Config = RecConfig
+    #: It counts wirespan_exporter_sent_spans, so replay can check delivery.
+    reports_delivery: ClassVar[bool] = True
 
     def consume_spans(self, spans: list[Span]) -> None:
         with _lock:
