@@ -86,6 +86,8 @@ _TCP = struct.Struct("!HHIIBBH")
 _IP4 = struct.Struct("!BBHHHBB2x4s4s")
 # (version|class|flow, payload length, next header, hop limit, src, dst)
 _IP6 = struct.Struct("!IHBB16s16s")
+# Ethernet type followed by an IPv4 header (the fast path of _ethernet)
+_ETH_IP4 = struct.Struct("!12xHBBHHHBB2x4s4s")
 _U16 = struct.Struct("!H")
 _U32LE = struct.Struct("<I")
 _U32BE = struct.Struct("!I")
@@ -175,6 +177,23 @@ def decode_l3(ethertype: int, buf: Buf, off: int, end: int) -> Result:
 
 
 def _ethernet(buf: Buf, off: int, end: int) -> Result:
+    # Fast path for the common frame (untagged Ethernet, IPv4 without options, unfragmented
+    # TCP): two unpacks and no further calls. Anything else takes the general path below,
+    # which also names the reason when a frame is refused.
+    if end - off >= 54:
+        et, vhl, _tos, total, _id, frag, _ttl, proto, src, dst = _ETH_IP4.unpack_from(buf, off)
+        if et == ETH_P_IP and vhl == 0x45 and proto == IPPROTO_TCP and not frag & 0x3FFF and total >= 40:
+            ip_end = off + 14 + total
+            if ip_end <= end:
+                t = off + 34
+                sport, dport, seq, ack, doff, flags, _win = _TCP.unpack_from(buf, t)
+                hl = (doff >> 4) << 2
+                if hl >= 20 and t + hl <= ip_end:
+                    return (src, dst, sport, dport, seq, ack, flags, t + hl, ip_end)
+    return _ethernet_general(buf, off, end)
+
+
+def _ethernet_general(buf: Buf, off: int, end: int) -> Result:
     if end - off < 14:
         return "truncated"
     (et,) = _U16.unpack_from(buf, off + 12)

@@ -187,3 +187,18 @@ def test_fuzz_mutated_frames(i, flips, cut):
             b[pos] = val
     b = b[:cut] if cut < len(b) else b
     _check(decode(_SEED_LT[i], memoryview(bytes(b))), len(b))
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(st.integers(0, 80), st.integers(0, 255)), max_size=4), st.integers(0, 120),
+       st.binary(max_size=40))
+def test_ethernet_fast_path_agrees_with_general_path(flips, cut, payload):
+    b = bytearray(g.ether(g.ipv4("10.0.0.1", "10.0.0.2", g.tcp(5, 6, 7, 8, g.ACK, payload))))
+    for pos, val in flips:
+        if pos < len(b):
+            b[pos] = val
+    b = bytes(b[:cut])
+    fast = P._ethernet(b, 0, len(b))
+    general = P._ethernet_general(b, 0, len(b))
+    if not isinstance(fast, str) or not isinstance(general, str):
+        assert fast == general
