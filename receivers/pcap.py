@@ -20,6 +20,31 @@ lists of ``TcpEvent`` whose payloads are views into the mapped files, then sets
 alive and the garbage collector unmaps them once the last view is gone. ``stats`` holds
 packets, bytes, connections, events and drops by reason; the same counts go to the
 self-metrics in service/telemetry.py.
+
+Options (``receivers: pcap:``):
+- ``path``: a file, a glob or a directory (its .pcap/.pcapng/.cap/.dmp files by name); required.
+  Files are replayed in name order through one reassembler, so a connection may span rotated files.
+- ``rate`` (default = 0): 0 as fast as possible, 1.0 real time, 2.0 twice as fast.
+- ``loop`` (default = false): replay again until shutdown; capture time keeps moving forward.
+- ``filter.ports`` / ``filter.addresses`` (default = all): keep packets with either port listed /
+  either address in one of the addresses or CIDRs; the rest count as drop ``filtered``.
+- ``max_connections`` (65536), ``max_buffered_bytes_per_connection`` (1 MiB),
+  ``max_buffered_bytes_total`` (64 MiB), ``idle_timeout`` (300s): reassembly limits.
+- ``batch_size`` (256): events per ``consume_events`` call.
+- ``progress`` (default = null): a tqdm bar on stderr; null shows it only on a terminal.
+
+    receivers:
+      pcap:
+        path: /var/captures/*.pcapng
+        filter: {ports: [80, 8080], addresses: [10.0.0.0/8]}
+        idle_timeout: 5m
+
+Drop reasons: the decoder's (``truncated``, ``not_ip``, ``not_tcp``, ``ip_fragment``,
+``malformed``, ``unsupported_linktype``), ``filtered``, reassembly's (``retransmission``,
+``out_of_window``, ``after_close``), ``bad_block`` (a pcapng packet block naming no
+interface), ``truncated_file``, ``unreadable_file``, ``downstream_error``. Bytes given up
+as GAPs are in ``stats["gap_bytes"]`` by reason; early connection ends in
+``stats["evicted"]`` and ``wirespan_connections_evicted``.
 """
 
 from __future__ import annotations
