@@ -57,7 +57,7 @@ def _as_user(user: str) -> dict:
 
 @contextlib.contextmanager
 def postgres_server(ssl: bool = False, conf: dict[str, str] | None = None) -> Iterator[PgServer]:
-    """Start a server; yields its address. ``ssl`` turns on TLS with Debian's snakeoil cert."""
+    """Start a server; yields its address. ``ssl`` turns on TLS with a fresh self-signed cert."""
     bindir = pg_bin()
     if bindir is None:
         raise RuntimeError("PostgreSQL binaries not found under /usr/lib/postgresql/*/bin")
@@ -73,8 +73,13 @@ def postgres_server(ssl: bool = False, conf: dict[str, str] | None = None) -> It
                 "fsync": "off", "shared_buffers": "16MB", "max_connections": "20",
                 "logging_collector": "off"}
     if ssl:
-        settings.update({"ssl": "on", "ssl_cert_file": "/etc/ssl/certs/ssl-cert-snakeoil.pem",
-                         "ssl_key_file": "/etc/ssl/private/ssl-cert-snakeoil.key"})
+        cert, key = os.path.join(tmp, "server.crt"), os.path.join(tmp, "server.key")
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                        "-subj", "/CN=127.0.0.1", "-keyout", key, "-out", cert], check=True, capture_output=True)
+        for f in (cert, key):
+            os.chown(f, pw.pw_uid, pw.pw_gid)
+            os.chmod(f, 0o600)
+        settings.update({"ssl": "on", "ssl_cert_file": cert, "ssl_key_file": key})
     settings.update(conf or {})
     args = [f"{bindir}/postgres", "-D", data]
     for k, v in settings.items():
