@@ -181,6 +181,15 @@ class LargeBuffer:
         self._hs = s = self._starts[i]
         self._he = s + c.nbytes
 
+    def chunk_at(self, off: int) -> tuple[memoryview, int]:
+        """(the chunk holding ``off``, that chunk's absolute start): for scanners that tokenise
+        a chunk in place (``re`` on a memoryview) and fall back to ``find``/``view_at`` only at seams."""
+        if not 0 <= off < self._len:
+            raise BufferBoundsError(f"offset {off} outside buffer of {self._len} bytes")
+        if not (self._hs <= off < self._he):
+            self._cache(self._locate(off))
+        return self._hc, self._hs
+
     def _check(self, off: int, n: int) -> None:
         if n < 0:
             raise BufferBoundsError(f"negative size {n}")

@@ -16,6 +16,7 @@ Commands inside MULTI get their ``+QUEUED`` reply; EXEC gets the result array
 
 from __future__ import annotations
 
+import re
 from collections import deque
 from typing import ClassVar
 
@@ -47,6 +48,9 @@ _AGG_TYPES = frozenset(b"*%~>|")  # array, map, set, push, attribute
 _LINE_TYPES = frozenset(b"+-:_,#(")  # simple, error, integer, null, double, boolean, big number
 _BULK_TYPES = frozenset(b"$!=")  # bulk string, bulk error, verbatim string
 _ALL_TYPES = _AGG_TYPES | _LINE_TYPES | _BULK_TYPES
+_NUM_TYPES = _AGG_TYPES | _BULK_TYPES  # header line is a length
+#: A type byte and its header line, matched in place on a chunk (bounded like MAX_LINE).
+_TOKEN = re.compile(rb"([*%~>|$!=+\-:_,#(])([^\r\n]{0," + str(MAX_LINE).encode() + rb"})\r\n")
 
 #: Commands whose every argument is a key (kept in db.query.text); others keep the first.
 _KEY_ONLY = frozenset({
@@ -201,6 +205,7 @@ class _Scanner:
         out: list[_Value] = []
         off = 0
         n = len(buf)
+        token = _TOKEN.match
         while off < n:
             if self.skip:
                 take = min(self.skip, n - off)
@@ -214,103 +219,133 @@ class _Scanner:
                     out.append(self.cur)
                     self.cur = None
                 continue
-            t = buf.u8_at(off)
-            if t not in _ALL_TYPES:
-                if self.cur is None and not self.stack and 0x20 < t < 0x7F:
-                    got = self._inline(buf, off, ts_ns)
-                    if got is None:
-                        break
-                    off, v = got
-                    out.append(v)
+            # Fast path: the header line lies in one chunk; one regex match reads it in place.
+            c, cs = buf.chunk_at(off)
+            m = token(c, off - cs)
+            if m is not None:
+                t = m.group(1)[0]
+                st = self.stack
+                if t == 0x24 and st and st[-1] > 1 and (len(st) > 1 or len(self.cur.args) >= self.keep):  # type: ignore[union-attr]
+                    # The common bulk string inside an aggregate that nobody keeps
+                    # (LRANGE, HGETALL): step over it by its length, nothing else.
+                    raw = m.group(2)
+                    blen = _to_int(raw, off) if len(raw) > 20 or not raw.isdigit() else int(raw)
+                    if blen > MAX_BULK:
+                        raise LimitExceeded(NAME, "bulk_too_large", off)
+                    st[-1] -= 1
+                    nxt = cs + m.end() + blen + 2
+                    if nxt <= n:
+                        off = nxt
+                    else:
+                        off = cs + m.end()
+                        self.skip = blen + 2
+                        st[-1] += 1  # the skip branch counts the element when it ends
                     continue
-                raise Malformed(NAME, "bad_type", off, f"type byte {t:#x}")
-            end = buf.find(b"\r\n", off + 1, min(n, off + 1 + MAX_LINE + 2))
-            if end < 0:
-                if n - off > MAX_LINE:
-                    raise LimitExceeded(NAME, "line_too_long", off)
+                line_start = cs + m.start(2)
+                end = cs + m.end(2)
+                num = m.group(2) if t in _NUM_TYPES else b""
+            else:
+                t = c[off - cs]
+                if t not in _ALL_TYPES:
+                    if self.cur is None and not self.stack and 0x20 < t < 0x7F:
+                        got = self._inline(buf, off, ts_ns)
+                        if got is None:
+                            break
+                        off, v = got
+                        out.append(v)
+                        continue
+                    raise Malformed(NAME, "bad_type", off, f"type byte {t:#x}")
+                end = buf.find(b"\r\n", off + 1, min(n, off + 1 + MAX_LINE + 2))
+                if end < 0:
+                    if n - off > MAX_LINE:
+                        raise LimitExceeded(NAME, "line_too_long", off)
+                    break
+                line_start = off + 1
+                num = buf.bytes_at(line_start, min(end - line_start, 21)) if t in _NUM_TYPES else b""
+            nxt = self._element(buf, t, off, line_start, end, num, n, ts_ns, out)
+            if nxt < 0:
                 break
-            hdr = off  # where to resume if a kept element has not fully arrived
-            top = not self.stack
-            if top:
-                self.cur = _Value(t, buf.ts_at(off))
-            cur = self.cur
-            assert cur is not None
-            if t in _AGG_TYPES:
-                cnt = _parse_int(buf, off + 1, end)
-                if t == 0x25 or t == 0x7C:  # map / attribute: key and value per entry
-                    cnt *= 2
-                if t == 0x7C:
-                    # An attribute annotates the value after it: it does not count as an
-                    # element of its own, so expect cnt+1 (the annotated value follows).
-                    cnt += 1
-                    if top:
-                        cur.type = 0  # decided by the annotated value
-                if cnt > MAX_AGGREGATE:
-                    raise LimitExceeded(NAME, "aggregate_too_large", off)
-                if top and t != 0x7C:
-                    cur.nargs = max(cnt, 0)
-                off = end + 2
-                if cnt <= 0:  # empty or null (*-1) aggregate is a complete element
-                    if top:
-                        cur.is_null = cnt < 0
-                    if self._elem_done():
-                        cur.end_ts = ts_ns
-                        out.append(cur)
-                        self.cur = None
-                    continue
-                if len(self.stack) >= MAX_DEPTH:
-                    raise LimitExceeded(NAME, "too_deep", off)
-                self.stack.append(cnt)
-                continue
-            if t in _BULK_TYPES:
-                blen = _parse_int(buf, off + 1, end)
-                off = end + 2
-                if blen < 0:  # $-1: null bulk
-                    if top:
-                        cur.is_null = True
-                    if self._elem_done():
-                        cur.end_ts = ts_ns
-                        out.append(cur)
-                        self.cur = None
-                    continue
-                if blen > MAX_BULK:
-                    raise LimitExceeded(NAME, "bulk_too_large", off)
-                # Elements a span needs are copied (bounded); if they have not fully
-                # arrived, stop before the header and read it again with more bytes.
-                if t == 0x21 and top:  # '!' bulk error: keep its text
-                    if off + min(blen, 256) > n:
-                        off = hdr
-                        break
-                    cur.error = _text(buf, off, min(blen, 256))
-                elif len(self.stack) == 1 and len(cur.args) < self.keep:
-                    if off + min(blen, MAX_ARG_BYTES) > n:
-                        off = hdr
-                        break
-                    cur.args.append(buf.bytes_at(off, min(blen, MAX_ARG_BYTES)))
-                elif top:
-                    if off + min(blen, MAX_ARG_BYTES) > n:
-                        off = hdr
-                        break
-                    cur.first = buf.bytes_at(off, min(blen, MAX_ARG_BYTES))
-                self.skip = blen + 2
-                continue
-            # line types
-            if t == 0x2D and top:  # '-' error
-                cur.error = _text(buf, off + 1, min(end - off - 1, 512))
-            elif t == 0x5F and top:  # '_' null
-                cur.is_null = True
-            elif len(self.stack) == 1 and len(cur.args) < self.keep and t == 0x2B:
-                cur.args.append(buf.bytes_at(off + 1, min(end - off - 1, MAX_ARG_BYTES)))
-            elif top and t == 0x2B:
-                cur.first = buf.bytes_at(off + 1, min(end - off - 1, MAX_ARG_BYTES))
-            off = end + 2
-            if self._elem_done():
-                cur.end_ts = ts_ns
-                out.append(cur)
-                self.cur = None
+            off = nxt
         if off:
             buf.release(off)
         return out
+
+    def _element(self, buf: LargeBuffer, t: int, off: int, line_start: int, end: int, num: bytes, n: int,
+                 ts_ns: int, out: list[_Value]) -> int:
+        """Handle the element whose header line is ``buf[off:end+2]``; the offset after it, or -1 to wait."""
+        top = not self.stack
+        if top:
+            self.cur = _Value(t, buf.ts_at(off))
+        cur = self.cur
+        assert cur is not None
+        if t in _AGG_TYPES:
+            cnt = _to_int(num, off)
+            if t == 0x25 or t == 0x7C:  # map / attribute: key and value per entry
+                cnt *= 2
+            if t == 0x7C:
+                # An attribute annotates the value after it and is not an element of its
+                # own: expect its entries plus the annotated value.
+                cnt += 1
+                if top:
+                    cur.type = 0
+            if cnt > MAX_AGGREGATE:
+                raise LimitExceeded(NAME, "aggregate_too_large", off)
+            if top and t != 0x7C:
+                cur.nargs = max(cnt, 0)
+            if cnt <= 0:  # empty or null (*-1) aggregate is a complete element
+                if top:
+                    cur.is_null = cnt < 0
+                self._complete(ts_ns, out)
+                return end + 2
+            if len(self.stack) >= MAX_DEPTH:
+                raise LimitExceeded(NAME, "too_deep", off)
+            self.stack.append(cnt)
+            return end + 2
+        if t in _BULK_TYPES:
+            blen = _to_int(num, off)
+            body = end + 2
+            if blen < 0:  # $-1: null bulk
+                if top:
+                    cur.is_null = True
+                self._complete(ts_ns, out)
+                return body
+            if blen > MAX_BULK:
+                raise LimitExceeded(NAME, "bulk_too_large", off)
+            # Elements a span needs are copied (bounded); if they have not fully
+            # arrived, stop before the header and read it again with more bytes.
+            if t == 0x21 and top:  # '!' bulk error: keep its text
+                if body + min(blen, 256) > n:
+                    return -1
+                cur.error = _text(buf, body, min(blen, 256))
+            elif len(self.stack) == 1 and len(cur.args) < self.keep:
+                if body + min(blen, MAX_ARG_BYTES) > n:
+                    return -1
+                cur.args.append(buf.bytes_at(body, min(blen, MAX_ARG_BYTES)))
+            elif top:
+                if body + min(blen, MAX_ARG_BYTES) > n:
+                    return -1
+                cur.first = buf.bytes_at(body, min(blen, MAX_ARG_BYTES))
+            self.skip = blen + 2
+            return body
+        # line types
+        if t == 0x2D and top:  # '-' error
+            cur.error = _text(buf, line_start, min(end - line_start, 512))
+        elif t == 0x5F and top:  # '_' null
+            cur.is_null = True
+        elif t == 0x2B and len(self.stack) == 1 and len(cur.args) < self.keep:
+            cur.args.append(buf.bytes_at(line_start, min(end - line_start, MAX_ARG_BYTES)))
+        elif t == 0x2B and top:
+            cur.first = buf.bytes_at(line_start, min(end - line_start, MAX_ARG_BYTES))
+        self._complete(ts_ns, out)
+        return end + 2
+
+    def _complete(self, ts_ns: int, out: list[_Value]) -> None:
+        if self._elem_done():
+            cur = self.cur
+            assert cur is not None
+            cur.end_ts = ts_ns
+            out.append(cur)
+            self.cur = None
 
     def _inline(self, buf: LargeBuffer, off: int, ts_ns: int) -> tuple[int, _Value] | None:
         """An inline command (``PING\\r\\n``): space-separated words on one line."""
@@ -328,10 +363,9 @@ class _Scanner:
         return end + 1, v
 
 
-def _parse_int(buf: LargeBuffer, off: int, end: int) -> int:
-    if end - off > 20 or end == off:
+def _to_int(raw: bytes, off: int) -> int:
+    if not 0 < len(raw) <= 20:
         raise Malformed(NAME, "bad_length", off)
-    raw = bytes(buf.view_at(off, end - off))  # <= 20 bytes
     try:
         return int(raw)
     except ValueError:
