@@ -38,10 +38,22 @@ DEFAULT_DRAIN_TIMEOUT = 30.0
 
 def default_config_path() -> Path:
     """config/default.yaml: beside the packages in a checkout or an editable
-    install, or under ``<prefix>/share/wirespan`` in a wheel install."""
+    install, else where the installed distribution put its data files
+    (``share/wirespan/config/``, found through the distribution's file list so
+    venvs, ``--user`` and ``--target`` installs all work)."""
     here = Path(__file__).resolve().parent.parent
-    candidates = [here / "config" / "default.yaml",
-                  Path(sys.prefix) / "share" / "wirespan" / "config" / "default.yaml"]
+    candidates = [here / "config" / "default.yaml"]
+    try:
+        from importlib import metadata
+        dist = metadata.distribution("wirespan")
+        for f in dist.files or ():
+            if f.as_posix().endswith("share/wirespan/config/default.yaml"):
+                candidates.append(Path(dist.locate_file(f)).resolve())
+        # pip --target moves data files beside the packages (its RECORD paths do not follow)
+        candidates.append(Path(dist.locate_file("")) / "share" / "wirespan" / "config" / "default.yaml")
+    except Exception:  # not installed, or broken metadata: the checkout path is all there is
+        pass
+    candidates.append(Path(sys.prefix) / "share" / "wirespan" / "config" / "default.yaml")
     for c in candidates:
         if c.is_file():
             return c
