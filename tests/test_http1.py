@@ -439,3 +439,13 @@ def test_recorded_streams(name: str, mode: str) -> None:
         assert got == [("GET", "/text.txt", 200), ("POST", "/api/items", 200), ("HEAD", "/index.html", 200)]
         assert d.spans[1].attributes["http.request.body.size"] == len(b'{"name":"lamp","qty":2}')
     assert len(d.conn.client_buf) == 0 and len(d.conn.server_buf) == 0 and d.drops == []
+
+
+def test_flood_of_empty_lines_is_bounded() -> None:
+    d = Driver()
+    with pytest.raises(Malformed):
+        d.req(b"\r\n" * 40000 + b"GET / HTTP/1.1\r\n\r\n")
+    d2 = Driver()
+    d2.req(b"\r\n\r\nGET / HTTP/1.1\r\nHost: h\r\n\r\n")
+    d2.resp(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+    assert len(d2.spans) == 1

@@ -47,6 +47,8 @@ MAX_HEADER_BYTES = 64 * 1024
 MAX_HEADERS = 256
 #: A chunk-size line with extensions (RFC 9112 §7.1.1); llhttp and h11 bound it too.
 MAX_CHUNK_LINE = 4096
+#: Empty lines skipped before a request line (RFC 9112 §2.2 asks for "at least one").
+MAX_LEADING_CRLF = 4
 #: Requests awaiting a response on one connection (pipelining depth).
 MAX_PENDING_REQUESTS = 1024
 #: Hex digits in a chunk size: 16 is 2**64, more is hostile.
@@ -80,7 +82,10 @@ _ANY_HEADERS = re.compile(rb"(?:" + _FIELD_LINE + rb")*\r\n")
 # Only the fields we use; the leading CRLF anchors each match at a line start.
 _INTEREST = re.compile(
     rb"\r\n(content-length|transfer-encoding|connection|upgrade|host|user-agent|traceparent)"
-    rb"[ \t]*:[ \t]*([^\r\n]*?)[ \t]*(?=\r\n)", re.IGNORECASE)
+    rb"[ \t]*:[ \t]*([^\r\n]*)", re.IGNORECASE)
+_CL, _TE, _CONN, _UPGRADE, _HOST, _UA, _TP = range(7)
+_FIELD_IDS = {n: i for i, n in enumerate(
+    (b"content-length", b"transfer-encoding", b"connection", b"upgrade", b"host", b"user-agent", b"traceparent"))}
 _DIGITS = re.compile(rb"[0-9]{1,18}\Z")
 _CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]{1,%d})[ \t]*(?:;[^\r\n]*)?\Z" % MAX_CHUNK_SIZE_DIGITS)
 
@@ -88,13 +93,23 @@ _CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]{1,%d})[ \t]*(?:;[^\r\n]*)?\Z" % MAX_CHU
 _KNOWN_METHODS = {m.encode(): m for m in
                   ("GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH", "QUERY")}
 
-_HEADER_BLOCKS: dict[int, re.Pattern[bytes]] = {}
+_HEADER_BLOCKS: dict[int, tuple[re.Pattern[bytes], re.Pattern[bytes], re.Pattern[bytes]]] = {}
 
 
-def _header_block(max_headers: int) -> re.Pattern[bytes]:
+def _head_patterns(max_headers: int) -> tuple[re.Pattern[bytes], re.Pattern[bytes], re.Pattern[bytes]]:
+    """(header block, whole request head, whole response head) for a header-count limit.
+
+    One match validates a whole head: the start line's groups, then an empty group
+    marking where the field lines start, bounded repetition for the count limit.
+    """
     p = _HEADER_BLOCKS.get(max_headers)
     if p is None:
-        p = _HEADER_BLOCKS[max_headers] = re.compile(rb"(?:" + _FIELD_LINE + rb"){0,%d}\r\n" % max_headers)
+        fields = rb"(?:" + _FIELD_LINE + rb"){0,%d}\r\n" % max_headers
+        p = _HEADER_BLOCKS[max_headers] = (
+            re.compile(fields),
+            re.compile(_REQ_LINE.pattern + rb"()" + fields),
+            re.compile(_STATUS_LINE.pattern + rb"()" + fields),
+        )
     return p
 
 
@@ -268,53 +283,56 @@ class _Request:
         self.chunked = False
 
 
-class _Head:
-    """Framing and interesting fields of one head."""
-
-    __slots__ = ("chunked", "close", "host", "length", "te", "traceparent", "upgrade", "user_agent")
-
-    def __init__(self) -> None:
-        self.length = -1
-        self.chunked = False
-        self.te = False
-        self.close = False
-        self.upgrade: bytes | None = None
-        self.host: bytes | None = None
-        self.user_agent: bytes | None = None
-        self.traceparent: bytes | None = None
+#: (content length or -1, has Transfer-Encoding, ends in chunked, upgrade, host, user agent, traceparent)
+_Fields = tuple[int, bool, bool, Any, Any, Any, Any]
 
 
-def _fields(view: memoryview, start: int, end: int) -> _Head:
-    """Extract the fields we use from the header block ``view[start:end]`` (start at a CRLF)."""
-    h = _Head()
-    for m in _INTEREST.finditer(view, start, end):
-        name = m.group(1).lower()
-        value = m.group(2)  # small field copy, bounded by max_header_bytes
-        if name == b"content-length":
+def _fields(view: memoryview, start: int, end: int) -> _Fields:
+    """The fields we use from the header block ``view[start:end]`` (``start`` at a CRLF).
+
+    Returns (content length or -1, has Transfer-Encoding, ends in chunked, upgrade
+    token, Host, User-Agent, traceparent). Values are small copies (bounded by
+    ``max_header_bytes``); every other field, credentials included, is never read.
+    """
+    length = -1
+    te = chunked = False
+    upgrade = host = ua = tp = None
+    ids = _FIELD_IDS
+    for name, value in _INTEREST.findall(view, start, end):
+        fid = ids.get(name)
+        if fid is None:
+            fid = ids[name.lower()]
+        if value[-1:] in (b" ", b"\t"):
+            value = value.rstrip(b" \t")
+        if fid == _CL:
+            if value.isdigit() and len(value) <= 18:
+                n = int(value)
+                if length >= 0 and n != length:
+                    raise Malformed(NAME, "conflicting_content_length")
+                length = n
+                continue
             for part in value.split(b","):  # "5, 5" is a legal repeat (RFC 9110 §8.6)
                 part = part.strip()
                 if not _DIGITS.match(part):
                     raise Malformed(NAME, "bad_content_length")
                 n = int(part)
-                if h.length >= 0 and n != h.length:
+                if length >= 0 and n != length:
                     raise Malformed(NAME, "conflicting_content_length")
-                h.length = n
-        elif name == b"transfer-encoding":
-            h.te = True
-            h.chunked = value.rsplit(b",", 1)[-1].strip().lower() == b"chunked"
-        elif name == b"connection":
-            v = value.lower()
-            if b"close" in v:
-                h.close = True
-        elif name == b"upgrade":
-            h.upgrade = value.split(b",", 1)[0].strip().lower()
-        elif name == b"host":
-            h.host = value
-        elif name == b"user-agent":
-            h.user_agent = value
-        else:
-            h.traceparent = value
-    return h
+                length = n
+        elif fid == _HOST:
+            host = value
+        elif fid == _UA:
+            ua = value
+        elif fid == _TP:
+            tp = value
+        elif fid == _TE:
+            te = True
+            chunked = value.rsplit(b",", 1)[-1].strip().lower() == b"chunked"
+        elif fid == _UPGRADE:
+            upgrade = value.split(b",", 1)[0].strip().lower()
+        # Connection is not needed: a body without a length is recognised by its
+        # framing and ends with the FIN, whatever the header said.
+    return length, te, chunked, upgrade, host, ua, tp
 
 
 def _split_host(host: bytes) -> tuple[str, int | None]:
@@ -340,7 +358,10 @@ class Http1Session(_BaseSession):
         super().__init__(conn)
         s = conn.settings
         self.settings: Settings = s if isinstance(s, Settings) else _DEFAULT_SETTINGS
-        self._block = _header_block(self.settings.max_headers)
+        self._block, self._req_head, self._resp_head = _head_patterns(self.settings.max_headers)
+        self._limit = self.settings.max_header_bytes
+        self._hosts: dict[bytes, tuple[str, int | None]] = {}
+        self._kind = conn.kind_for(SpanKind.SERVER, SpanKind.CLIENT)
         self._pending: deque[_Request] = deque()
         self._deferred: deque[tuple[_Request, int, str, int, int]] = deque()
         self._cbody: _Body | None = None   # request body being skipped
@@ -367,6 +388,43 @@ class Http1Session(_BaseSession):
             return -1
         self._scan[side] = 0
         return e + 4
+
+    def _head(self, buf: LargeBuffer, side: int, skip_crlf: bool = True) -> tuple[memoryview, re.Match[bytes]] | None:
+        """The complete head at the front of ``buf``, validated in one regex match, or None.
+
+        Fast path: when the buffer is one chunk (the usual case: a head arrives in
+        one segment) the head regex runs over a view of it directly. Otherwise, or
+        when it does not match, look for the end of the head first (need more /
+        limits) and then classify the error.
+        """
+        pat = self._req_head if side == 0 else self._resp_head
+        n = len(buf)
+        if buf.chunk_count == 1:
+            lim = self._limit
+            v = buf.view_at(0, n if n <= lim else lim)
+            m = pat.match(v)
+            if m is not None:
+                self._scan[side] = 0
+                return v, m
+        if side == 0 and skip_crlf and n >= 2 and buf.u16be_at(0) == 0x0D0A:
+            # RFC 9112 §2.2: ignore empty lines before a request line (a few, not a flood).
+            for _ in range(MAX_LEADING_CRLF):
+                if len(buf) < 2 or buf.u16be_at(0) != 0x0D0A:
+                    break
+                buf.release(2)
+            return self._head(buf, side, False) if len(buf) else None
+        end = self._head_end(buf, side)
+        if end < 0:
+            return None
+        v = buf.view_at(0, end)
+        m = pat.fullmatch(v)
+        if m is not None:
+            return v, m
+        line = (_REQ_LINE if side == 0 else _STATUS_LINE).match(v)
+        if line is None:
+            raise Malformed(NAME, "bad_request_line" if side == 0 else "bad_status_line")
+        self._check_block(v, line.end(), end)
+        raise Malformed(NAME, "bad_header")  # not reached: _check_block raised
 
     def _check_block(self, view: memoryview, start: int, end: int) -> None:
         if self._block.fullmatch(view, start, end) is None:
@@ -412,22 +470,14 @@ class Http1Session(_BaseSession):
                 return
             if self._resync[0] and not self._resynced(buf, True):
                 return
-            if buf.u8_at(0) == 0x0D and len(buf) >= 2 and buf.u8_at(1) == 0x0A:
-                buf.release(2)  # RFC 9112 §2.2: ignore a CRLF before a request line
-                continue
-            end = self._head_end(buf, 0)
-            if end < 0:
+            head = self._head(buf, 0)
+            if head is None:
                 return
-            self._request(buf, end)
+            self._request(buf, head[0], head[1])
 
-    def _request(self, buf: LargeBuffer, end: int) -> None:
-        view = buf.view_at(0, end)
-        m = _REQ_LINE.match(view)
-        if m is None:
-            raise Malformed(NAME, "bad_request_line")
-        line_end = m.end()
-        self._check_block(view, line_end, end)
-        h = _fields(view, line_end - 2, end - 2)
+    def _request(self, buf: LargeBuffer, view: memoryview, m: re.Match[bytes]) -> None:
+        end = m.end()
+        length, te, chunked, upgrade, host, ua, tp = _fields(view, m.start(4) - 2, end - 2)
         req = _Request()
         method = m.group(1)
         known = _KNOWN_METHODS.get(method)
@@ -441,23 +491,23 @@ class Http1Session(_BaseSession):
         req.target = m.group(2)  # small field kept for the span
         req.version = "1.1" if m.group(3) == b"1" else "1.0"
         req.start_ts = buf.ts_at(0)
-        req.host = h.host
-        req.user_agent = h.user_agent
-        req.traceparent = h.traceparent
-        req.upgrade = h.upgrade
+        req.host = host
+        req.user_agent = ua
+        req.traceparent = tp
+        req.upgrade = upgrade
         buf.release(end)
         if len(self._pending) >= self.settings.max_pending_requests:
             self._pending.popleft()
             self.conn.drop("pending_overflow")
         self._pending.append(req)
-        if h.te:
-            if not h.chunked:  # RFC 9112 §6.3: a request must end in chunked
+        if te:
+            if not chunked:  # RFC 9112 §6.3: a request must end in chunked
                 raise Malformed(NAME, "bad_transfer_encoding")
             req.chunked = True
             self._cbody = _Body(_CHUNKED, 0, self.settings.max_header_bytes)
             self._creq = req
-        elif h.length > 0:
-            self._cbody = _Body(_LENGTH, h.length, 0)
+        elif length > 0:
+            self._cbody = _Body(_LENGTH, length, 0)
             self._creq = req
         if req.upgrade is not None or req.connect:
             self._cpaused = True
@@ -475,21 +525,16 @@ class Http1Session(_BaseSession):
                 return
             if self._resync[1] and not self._resynced(buf, False):
                 return
-            end = self._head_end(buf, 1)
-            if end < 0:
+            head = self._head(buf, 1)
+            if head is None:
                 return
-            self._response(buf, end)
+            self._response(buf, head[0], head[1])
 
-    def _response(self, buf: LargeBuffer, end: int) -> None:
-        view = buf.view_at(0, end)
-        m = _STATUS_LINE.match(view)
-        if m is None:
-            raise Malformed(NAME, "bad_status_line")
-        line_end = m.end()
-        self._check_block(view, line_end, end)
+    def _response(self, buf: LargeBuffer, view: memoryview, m: re.Match[bytes]) -> None:
+        end = m.end()
         status = int(m.group(2))
         version = "1.1" if m.group(1) == b"1" else "1.0"
-        h = _fields(view, line_end - 2, end - 2)
+        length, te, chunked, upgrade, _h, _u, _t = _fields(view, m.start(3) - 2, end - 2)
         last_ts = buf.ts_at(end - 1)
         buf.release(end)
         req = self._pending[0] if self._pending else None
@@ -498,7 +543,7 @@ class Http1Session(_BaseSession):
                 self._sresp = (req, status, version)
                 self._done = True  # before _finish: the paused client side must not resume
                 self._finish(0, last_ts)
-                up = req.upgrade if req is not None else h.upgrade
+                up = req.upgrade if req is not None else upgrade
                 self._switch("http2" if up == b"h2c" else None)
             # 100 Continue, 102, 103: interim, the final response follows.
             return
@@ -508,14 +553,14 @@ class Http1Session(_BaseSession):
         elif req is not None and req.connect and status < 300:
             self._finish(0, last_ts)
             self._switch(None)
-        elif h.te and h.chunked:
+        elif te and chunked:
             b = self._sbody = _Body(_CHUNKED, 0, self.settings.max_header_bytes)
             b.last_ts = last_ts
-        elif h.length >= 0 and not h.te:
-            if h.length == 0:
+        elif length >= 0 and not te:
+            if length == 0:
                 self._finish(0, last_ts)
             else:
-                b = self._sbody = _Body(_LENGTH, h.length, 0)
+                b = self._sbody = _Body(_LENGTH, length, 0)
                 b.last_ts = last_ts
         else:  # RFC 9112 §6.3 rule 8: the body ends when the server closes
             b = self._sbody = _Body(_CLOSE, 0, 0)
@@ -555,37 +600,49 @@ class Http1Session(_BaseSession):
             self.conn.emit(self._span(req, status, version, size, end_ts, None))
 
     # -- spans -------------------------------------------------------------------
+    def _host(self, raw: bytes) -> tuple[str, int | None]:
+        """Host header -> (name, port), cached per connection (it rarely changes)."""
+        hp = self._hosts.get(raw)
+        if hp is None:
+            if len(self._hosts) >= 16:
+                self._hosts.clear()
+            hp = self._hosts[raw] = _split_host(raw)
+        return hp
+
     def _span(self, req: _Request, status: int, version: str, resp_size: int, end_ts: int,
               error: str | None) -> Any:
         conn = self.conn
-        kind = conn.kind_for(SpanKind.SERVER, SpanKind.CLIENT)
+        kind = self._kind
+        target = req.target
+        host: str | None = None
+        port: int | None = None
         attrs: dict[str, AttrValue] = {"http.request.method": req.method}
         if req.method_original is not None:
             attrs["http.request.method_original"] = req.method_original
-        target = req.target.decode("utf-8", "replace")
-        host: str | None = None
-        port: int | None = None
-        if req.connect:
-            host, port = _split_host(req.target)
+        if req.connect:  # authority-form: CONNECT host:port
+            host, port = self._host(target)
         else:
-            if target.startswith(("http://", "https://")):  # absolute-form (a proxy request)
-                scheme_end = target.index("//") + 2
-                slash = target.find("/", scheme_end)
-                authority = target[scheme_end:] if slash < 0 else target[scheme_end:slash]
-                host, port = _split_host(authority.encode())
-                target = "/" if slash < 0 else target[slash:]
-            path, q, query = target.partition("?")
-            attrs["url.path"] = path
-            if q:
-                attrs["url.query"] = self._redact(query)
+            if target[:1] != b"/" and target[:7].lower() in (b"http://", b"https:/"):
+                # absolute-form (a request to a proxy): the authority is the server
+                scheme_end = target.index(b"//") + 2
+                slash = target.find(b"/", scheme_end)
+                host, port = self._host(target[scheme_end:] if slash < 0 else target[scheme_end:slash])
+                target = b"/" if slash < 0 else target[slash:]
+            q = target.find(b"?")
+            if q < 0:
+                attrs["url.path"] = target.decode("utf-8", "replace")
+            else:
+                attrs["url.path"] = target[:q].decode("utf-8", "replace")
+                attrs["url.query"] = self._redact(target[q + 1:].decode("utf-8", "replace"))
         attrs["url.scheme"] = "http"
         if host is None and req.host is not None:
-            host, port = _split_host(req.host)
+            host, port = self._host(req.host)
         if host:
             attrs["server.address"] = host
             attrs["server.port"] = port if port is not None else conn.server_port
-        if kind == SpanKind.CLIENT and host and not req.connect:
-            attrs["url.full"] = f"http://{req.host.decode('ascii', 'replace') if req.host else host}{target}"
+            if kind == SpanKind.CLIENT and not req.connect:
+                hh = req.host.decode("ascii", "replace") if req.host else host
+                attrs["url.full"] = f"http://{hh}{target.decode('utf-8', 'replace')}"
         attrs["network.protocol.version"] = req.version if version == "1.1" else version
         if status:
             attrs["http.response.status_code"] = status
@@ -599,14 +656,13 @@ class Http1Session(_BaseSession):
         if error is not None:
             code = StatusCode.ERROR
             attrs["error.type"] = error
-            message = "connection reset before the response completed" if error == "connection_reset" \
-                else "connection closed before the response completed"
+            message = ("connection reset before the response completed" if error == "connection_reset"
+                       else "connection closed before the response completed")
         elif status >= 500 or (status >= 400 and kind != SpanKind.SERVER):
             code = StatusCode.ERROR
             attrs["error.type"] = str(status)
-        name = req.method if req.method != "_OTHER" else "HTTP"
-        return conn.span(name, kind, req.start_ts, end_ts, attrs, traceparent=req.traceparent,
-                         status_code=code, status_message=message)
+        return conn.span(req.method if req.method_original is None else "HTTP", kind, req.start_ts, end_ts,
+                         attrs, traceparent=req.traceparent, status_code=code, status_message=message)
 
     def _redact(self, query: str) -> str:
         names = self.settings.redact_query_params
