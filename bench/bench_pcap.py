@@ -125,10 +125,11 @@ def main(argv: list[str] | None = None) -> None:
             results.append((name, n, t))
         base = results[0][1] / results[0][2]
         recv = results[1][1] / results[1][2]
-        print(f"{'reader':34s} {'packets':>8s} {'median s':>9s} {'packets/s':>11s} {'vs decode':>9s} {'vs recv':>8s}")
+        print(f"{'reader':34s} {'packets':>8s} {'median s':>9s} {'packets/s':>11s} "
+              f"{'decode/this':>11s} {'recv/this':>9s}")
         for name, n, t in results:
             pps = n / t
-            print(f"{name:34s} {n:8d} {t:9.3f} {pps:11,.0f} {base / pps:8.1f}x {recv / pps:7.1f}x")
+            print(f"{name:34s} {n:8d} {t:9.3f} {pps:11,.0f} {base / pps:10.1f}x {recv / pps:8.1f}x")
     finally:
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)
