@@ -31,7 +31,7 @@ Options (``receivers: pcap:``):
 - ``max_connections`` (65536), ``max_buffered_bytes_per_connection`` (1 MiB),
   ``max_buffered_bytes_total`` (64 MiB), ``idle_timeout`` (300s): reassembly limits.
 - ``batch_size`` (256): events per ``consume_events`` call.
-- ``progress`` (default = null): a tqdm bar on stderr; null shows it only on a terminal.
+- ``progress`` (default = auto): a tqdm bar on stderr; auto shows it only when stderr is a terminal.
 
     receivers:
       pcap:
@@ -61,7 +61,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field, field_validator
 
@@ -362,8 +362,8 @@ class PcapConfig(ComponentConfig):
     idle_timeout: float = Field(default=ReassemblyLimits.idle_timeout, gt=0)
     #: Events per ``consume_events`` call.
     batch_size: int = Field(default=DEFAULT_BATCH, ge=1)
-    #: A progress bar on stderr: null = only when stderr is a terminal.
-    progress: bool | None = None
+    #: A progress bar on stderr: "auto" (or null) = only when stderr is a terminal.
+    progress: bool | Literal["auto"] | None = "auto"
 
     _idle = field_validator("idle_timeout", mode="before")(classmethod(lambda cls, v: _seconds(v)))
 
@@ -467,7 +467,7 @@ class PcapReceiver(Receiver):
     def stats(self) -> dict[str, Any]:
         r = self.reassembler
         drops = dict(self._drops)
-        for k, v in r.drops.items():
+        for k, v in dict(r.drops).items():  # copied first: the reader thread may add keys meanwhile
             drops[k] = drops.get(k, 0) + v
         return {
             "packets": self._packets,
@@ -644,7 +644,7 @@ class PcapReceiver(Receiver):
 
     def _progress_bar(self, path: str, total: int) -> Any:
         show = self.config.progress
-        if show is None:
+        if show is None or show == "auto":
             show = sys.stderr.isatty()
         if not show:
             return None

@@ -427,7 +427,10 @@ def test_filter_ports_and_addresses(tmp_path):
 
 def test_config_validation():
     c = PcapConfig(path="x.pcap", idle_timeout="5m")
-    assert c.idle_timeout == 300.0 and c.rate == 0 and c.loop is False and c.progress is None
+    assert c.idle_timeout == 300.0 and c.rate == 0 and c.loop is False and c.progress == "auto"
+    assert PcapConfig(path="x", progress=False).progress is False
+    with pytest.raises(ValidationError):
+        PcapConfig(path="x", progress="sometimes")
     with pytest.raises(ValidationError):
         PcapConfig(path="x.pcap", rat=1)  # typo: unknown key
     with pytest.raises(ValidationError):
