@@ -225,3 +225,80 @@ def test_exporter_with_storage_survives_restart_in_process(tmp_path):
         assert sink.wait_spans(700, 15)
         e.shutdown()
         assert sink.unique_spans() == {s.span_id for s in spans}
+
+
+# ---------------------------------------------------------------------------
+# kill -9 of the real `wirespan run` (pcap replay -> protocols -> batch -> otlp with storage)
+# ---------------------------------------------------------------------------
+RUN_CONFIG = """
+receivers:
+  pcap:
+    path: {cap}
+    filter: {{ports: [{ports}]}}
+processors:
+  protocols: {{}}
+  batch: {{timeout: 50ms, send_batch_size: 50}}
+exporters:
+  otlp:
+    endpoint: 127.0.0.1:{port}
+    tls: {{insecure: true}}
+    retry_on_failure: {{initial_interval: 100ms, max_interval: 500ms, max_elapsed_time: 0}}
+    sending_queue: {{storage: {storage}, drain_timeout: 60s}}
+service:
+  pipelines:
+    traces: {{receivers: [pcap], processors: [protocols, batch], exporters: [otlp]}}
+  telemetry:
+    metrics: {{address: "127.0.0.1:{mport}"}}
+    health: {{address: ""}}
+"""
+
+
+def _queue_size(mport: int) -> float:
+    import urllib.request
+    try:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=2).read().decode()
+    except OSError:
+        return -1
+    for line in text.splitlines():
+        if line.startswith('wirespan_exporter_queue_size{exporter="otlp"}'):
+            return float(line.split()[-1])
+    return -1
+
+
+def test_kill_9_of_wirespan_run_then_restart_delivers_every_span(tmp_path):
+    from bench.gen_http_capture import generate
+
+    cap = tmp_path / "http.pcap"
+    conns, reqs = 4, 50
+    generate(str(cap), connections=conns, requests=reqs)
+    port = free_port()
+    storage = tmp_path / "queue"
+
+    def run(ports: str) -> tuple[subprocess.Popen, int]:
+        mport = free_port()
+        cfg = tmp_path / f"run-{mport}.yaml"
+        cfg.write_text(RUN_CONFIG.format(cap=cap, ports=ports, port=port, storage=storage, mport=mport))
+        p = subprocess.Popen([sys.executable, "-m", "service.cli", "run", "--config", str(cfg)], cwd=ROOT,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        return p, mport
+
+    # Endpoint down: every span of the capture ends up in the on-disk queue, then kill -9.
+    p, mport = run("8080")
+    deadline = time.monotonic() + 60
+    while _queue_size(mport) != conns * reqs:
+        assert p.poll() is None, p.stderr.read()
+        assert time.monotonic() < deadline, "spans never reached the queue"
+        time.sleep(0.1)
+    p.send_signal(signal.SIGKILL)
+    assert p.wait(10) == -signal.SIGKILL
+    # Restart with the endpoint up; the receiver now matches nothing (port 1), so every span the
+    # endpoint gets comes from the queue the killed process left on disk.
+    with GrpcSink(port=port) as sink:
+        p, mport = run("1")
+        try:
+            assert sink.wait_spans(conns * reqs, 60)
+        finally:
+            p.send_signal(signal.SIGTERM)
+            p.wait(60)
+        assert sink.span_count == conns * reqs
+        assert len(sink.unique_spans()) == conns * reqs
