@@ -482,3 +482,31 @@ def test_huffman_matches_hpack(data: bytes, garbage: bytes) -> None:
     except Exception:
         want = None
     assert http2._huffman(memoryview(garbage)) == want
+
+
+def test_gap_mid_frame_resyncs() -> None:
+    """Bytes lost mid-frame: the session skips to the next frame boundary and goes on."""
+    p = H2Pair()
+    a = p.request(_req("POST", "/before", user_agent="ua"), b"z" * 5000)
+    p.respond(a, [(":status", "200")], b"ok")
+    cut = len(p.log)
+    b = p.request(_req("POST", "/lost", user_agent="ua"), b"q" * 3000)
+    c = p.request(_req("GET", "/after"))
+    p.respond(b, [(":status", "200")])
+    p.respond(c, [(":status", "204")])
+    drv = Driver()
+    for fc, data in p.log[:cut]:
+        drv.feed(fc, data)
+    assert len(drv.spans) == 1
+    later = [(fc, d) for fc, d in p.log[cut:]]
+    client = b"".join(d for fc, d in later if fc)
+    cbuf = drv.conn.client_buf
+    cbuf.reset()
+    drv.session.gap(True, 0)  # as the stage does on a receiver GAP event
+    drv.feed(True, client[40:])  # resume inside /lost's HEADERS block
+    for fc, d in later:
+        if not fc:
+            drv.feed(False, d)
+    paths = [s.attributes.get("url.path") for s in drv.spans[1:]]
+    assert "/after" in paths and "/lost" not in paths
+    assert "resync_skipped" in drv.drops and "request_not_seen" in drv.drops
