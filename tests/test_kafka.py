@@ -38,6 +38,8 @@ from tests.support.kafka_wire import (
 
 IDS = {"orders": uuid.UUID("6ba7b810-9dad-11d1-80b4-00c04fd430c8").bytes,
        "audit": uuid.UUID("6ba7b811-9dad-11d1-80b4-00c04fd430c8").bytes}
+#: Raise for a long fuzzing run: WIRESPAN_FUZZ_EXAMPLES=5000 pytest tests/test_kafka.py -k fuzz
+FUZZ = int(os.environ.get("WIRESPAN_FUZZ_EXAMPLES", "300"))
 TP_HEADERS = [("traceparent", TRACEPARENT.encode()), ("other", b"x" * 10)]
 
 
@@ -276,8 +278,10 @@ def test_byte_by_byte_and_several_messages_per_chunk():
     resp = produce_response(11, {"orders": [(0, 0, 5)]}, corr=1)
     d.request(req, chunk=1)
     d.response(resp, chunk=1)
-    d.request(req.replace(b"\x00\x00\x00\x01", b"\x00\x00\x00\x02", 1) + fetch_request(12, {"orders": [(0, 7)]}, corr=3))
-    d.response(produce_response(11, {"orders": [(0, 0, 6)]}, corr=2) + fetch_response(12, {"orders": [(0, 0, 9, None)]}, corr=3))
+    req2 = req.replace(b"\x00\x00\x00\x01", b"\x00\x00\x00\x02", 1)
+    d.request(req2 + fetch_request(12, {"orders": [(0, 7)]}, corr=3))
+    d.response(produce_response(11, {"orders": [(0, 0, 6)]}, corr=2)
+               + fetch_response(12, {"orders": [(0, 0, 9, None)]}, corr=3))
     assert [s.name for s in d.spans] == ["send orders", "send orders", "poll orders"]
     assert d.spans[0].parent_span_id.hex() == "b7ad6b7169203331"
     assert len(d.conn.client_buf) == 0 and len(d.conn.server_buf) == 0
@@ -442,7 +446,7 @@ def _feed_all(d: Driver, from_client: bool, data: bytes, chunk: int | None) -> N
         d.session.gap(from_client, 0)
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=FUZZ, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.binary(max_size=600), st.booleans(), st.sampled_from([None, 1, 7, 64]))
 def test_fuzz_random_bytes_only_protocol_errors(data, from_client, chunk):
     d = Driver()
@@ -459,7 +463,7 @@ _VALID = [
 ]
 
 
-@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=FUZZ, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.sampled_from(range(len(_VALID))), st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)),
                                                      min_size=1, max_size=6),
        st.sampled_from([None, 3, 50]))
@@ -477,7 +481,7 @@ def test_fuzz_mutated_messages_only_protocol_errors(which, flips, chunk):
     _feed_all(d, False, bytes(resp), chunk)
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=FUZZ, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.sampled_from([(9, 1), (12, 2), (13, 3)]), st.binary(max_size=200), st.integers(0, 400))
 def test_fuzz_response_bodies_only_protocol_errors(vk, body, cut):
     version, kind = vk

@@ -23,9 +23,10 @@ TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 
 
 def records(n: int = 1, value: bytes = b"v", key: bytes | None = b"k", headers: list | None = None,
-            magic: int = 2, compression: int = 0, offset: int = 0) -> bytes:
+            magic: int = 2, compression: int = 0, offset: int = 0, producer_id: int = -1) -> bytes:
     """A record batch (magic 2) or message set (magic 0/1) of ``n`` records."""
-    b = MemoryRecordsBuilder(magic=magic, compression_type=compression, batch_size=1 << 30, offset=offset)
+    idem = {"producer_id": producer_id, "producer_epoch": 0, "base_sequence": 0} if producer_id >= 0 else {}
+    b = MemoryRecordsBuilder(magic=magic, compression_type=compression, batch_size=1 << 30, offset=offset, **idem)
     for i in range(n):
         b.append(timestamp=1_700_000_000_000 + i, key=key, value=value,
                  headers=(headers or []) if magic == 2 else None)

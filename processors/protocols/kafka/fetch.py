@@ -59,7 +59,7 @@ def walk_request(m: Msg) -> Walker:
             if part < 0:
                 raise bad("bad_field", f"partition {part}")
             t.partitions.append(part)
-            t.offsets.append(offset)
+            t.offsets[part] = offset
         if m.flex:
             yield u_tags
 
@@ -107,7 +107,10 @@ def walk_response(m: Msg, req: Msg) -> Walker:
                 t.error = err
                 t.error_partition = idx
             if rlen > 0:
+                before = t.records
                 yield from walk_records(m, rlen, t)
+                if t.records > before:
+                    t.data_partitions.append(idx)
             if m.flex:
                 yield u_tags
         if m.flex:

@@ -36,9 +36,7 @@ def u_partition(r: LargeBufferReader, m: Msg) -> tuple[int, int]:
 
 
 def walk_request(m: Msg) -> Walker:
-    m.acks = yield u_request_prefix
-    if m.acks not in (-1, 0, 1):
-        raise bad("bad_field", f"acks {m.acks}")
+    m.acks = yield u_request_prefix  # any value: the broker answers INVALID_REQUIRED_ACKS itself
     u_topic = u_topic_id if m.version >= TOPIC_IDS_SINCE else u_topic_name
     n = yield u_array
     for _ in range(n):
@@ -90,7 +88,7 @@ def walk_response(m: Msg, req: Msg) -> Walker:
             idx, err, base = yield u_partition_response
             if idx not in t.partitions:
                 t.partitions.append(idx)
-            t.offsets.append(base)
+            t.offsets[idx] = base
             if err and not t.error:
                 t.error = err
                 t.error_partition = idx

@@ -272,12 +272,16 @@ class KafkaSession:
                 attrs["messaging.client.id"] = req.client_id
             if t.topic_id is not None:
                 attrs["messaging.kafka.topic.id"] = uuid_str(t.topic_id)
-            if len(t.partitions) == 1:
-                attrs["messaging.destination.partition.id"] = str(t.partitions[0])
-                if t.offsets:
-                    attrs["messaging.kafka.offset"] = t.offsets[0]
-            elif t.partitions:
-                attrs["messaging.kafka.partition.count"] = len(t.partitions)
+            parts = t.partitions
+            # One partition, or a poll over several where only one returned records.
+            p = parts[0] if len(parts) == 1 else (t.data_partitions[0] if len(t.data_partitions) == 1 else -1)
+            if p >= 0:
+                attrs["messaging.destination.partition.id"] = str(p)
+                off = t.offsets.get(p)
+                if off is not None:
+                    attrs["messaging.kafka.offset"] = off
+            if len(parts) > 1:
+                attrs["messaging.kafka.partition.count"] = len(parts)
             if not t.records_unknown and (t.records or key == apis.PRODUCE or resp is not None):
                 attrs["messaging.batch.message_count"] = t.records
             code = t.error or req.error

@@ -27,6 +27,7 @@ class TopicData:
     """One topic of one exchange: request facts, then response facts merged in."""
 
     __slots__ = (
+        "data_partitions",
         "error",
         "error_partition",
         "name",
@@ -42,7 +43,8 @@ class TopicData:
         self.name = name
         self.topic_id = topic_id
         self.partitions: list[int] = []
-        self.offsets: list[int] = []  # fetch offsets (Fetch request) or base offsets (Produce response)
+        self.offsets: dict[int, int] = {}  # partition -> fetch offset (Fetch) or base offset (Produce response)
+        self.data_partitions: list[int] = []  # Fetch response partitions that returned records
         self.records = 0
         self.records_unknown = False  # some record data was skipped unread (cap, truncation)
         self.traceparent: bytes | None = None
