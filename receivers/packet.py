@@ -116,6 +116,10 @@ def _ip4(buf: Buf, off: int, end: int) -> Result:
         return "truncated"
     vhl, _tos, total, _id, frag, _ttl, proto, src, dst = _IP4.unpack_from(buf, off)
     hl = (vhl & 0x0F) << 2
+    if total == 0:
+        # Segmentation offload (TSO/BIG TCP) hands the tap packets over 64 KiB with a zero total
+        # length; Wireshark reads those to the end of the frame, so do we.
+        total = end - off
     if vhl >> 4 != 4 or hl < 20 or total < hl:
         return "malformed"
     if off + total > end:

@@ -202,3 +202,11 @@ def test_ethernet_fast_path_agrees_with_general_path(flips, cut, payload):
     general = P._ethernet_general(b, 0, len(b))
     if not isinstance(fast, str) or not isinstance(general, str):
         assert fast == general
+
+
+def test_ipv4_total_length_zero_from_segmentation_offload():
+    big = b"b" * 70000
+    pkt = bytearray(g.ipv4("1.1.1.1", "2.2.2.2", g.tcp(1, 2, 3, 4, g.ACK, b"")) + big)
+    pkt[2:4] = b"\x00\x00"  # what the tap sees for a >64 KiB GSO packet
+    res = decode(P.LINKTYPE_ETHERNET, g.ether(bytes(pkt)))
+    assert res[8] - res[7] == len(big)
