@@ -207,6 +207,9 @@ def test_upgrade_websocket_stops_and_h2c_switches() -> None:
            b"HTTP2-Settings: AAMAAABkAAQAAP__\r\n\r\nPRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
     d2.resp(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n\x00\x00\x00\x04\x00")
     assert d2.conn.extra["switch_to"] == "http2"
+    assert d2.spans == []  # the http2 session answers the request on stream 1
+    up = d2.conn.extra["http2_upgrade_request"]
+    assert up["method"] == "GET" and up["target"] == b"/" and up["host"] == b"h" and up["start_ns"] > 0
     # The bytes after the switch are left for the next protocol.
     assert bytes(d2.conn.client_buf.view_at(0, 3)) == b"PRI"
     assert len(d2.conn.server_buf) == 5

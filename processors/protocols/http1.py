@@ -540,11 +540,23 @@ class Http1Session(_BaseSession):
         req = self._pending[0] if self._pending else None
         if status < 200:
             if status == 101:
-                self._sresp = (req, status, version)
-                self._done = True  # before _finish: the paused client side must not resume
-                self._finish(0, last_ts)
+                self._done = True  # the paused client side must not resume as HTTP/1
                 up = req.upgrade if req is not None else upgrade
-                self._switch("http2" if up == b"h2c" else None)
+                if up == b"h2c":
+                    # The answer to this request comes as HTTP/2 stream 1 (RFC 9113 §3.2):
+                    # hand the request to the http2 session, which makes its span.
+                    if req is not None:
+                        self._pending.popleft()
+                        self.conn.extra["http2_upgrade_request"] = {
+                            "method": req.method_original or req.method, "target": req.target,
+                            "host": req.host, "scheme": "http", "user_agent": req.user_agent,
+                            "traceparent": req.traceparent, "start_ns": req.start_ts,
+                            "body_size": req.body_size}
+                    self._switch("http2")
+                else:  # websocket and others: the 101 ends the exchange
+                    self._sresp = (req, status, version)
+                    self._finish(0, last_ts)
+                    self._switch(None)
             # 100 Continue, 102, 103: interim, the final response follows.
             return
         self._sresp = (req, status, version)
