@@ -510,3 +510,14 @@ def test_gap_mid_frame_resyncs() -> None:
     paths = [s.attributes.get("url.path") for s in drv.spans[1:]]
     assert "/after" in paths and "/lost" not in paths
     assert "resync_skipped" in drv.drops and "request_not_seen" in drv.drops
+
+
+def test_kept_values_are_bounded() -> None:
+    p = H2Pair()
+    sid = p.request(_req("GET", "/" + "p" * 20000, user_agent="u" * 20000))
+    p.respond(sid, [(":status", "200")])
+    drv = Driver()
+    p.replay(drv)
+    (s,) = drv.spans
+    assert len(s.attributes["url.path"]) == http2.MAX_PATH_VALUE
+    assert len(s.attributes["user_agent.original"]) == http2.MAX_FIELD_VALUE

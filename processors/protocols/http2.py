@@ -73,6 +73,12 @@ MAX_STREAMS = 1000
 DEFAULT_TABLE_SIZE = 4096
 #: The largest dynamic table we keep per direction (memory bound, not a protocol value).
 MAX_TABLE_SIZE = 65536
+#: Longest :path / other field value kept per stream until its span is built
+#: (longer ones are truncated): bounds a connection with MAX_STREAMS open
+#: streams to ~30 MB even when every field is hostile. 8 KiB is nginx's
+#: large_client_header_buffers line size.
+MAX_PATH_VALUE = 8192
+MAX_FIELD_VALUE = 2048
 #: RFC 7541 §5.1: an integer past 2^28 is not needed by any field; longer encodings are hostile.
 MAX_INT_BYTES = 5
 #: SETTINGS/GOAWAY longer than this are hostile (SETTINGS carries 6 bytes per known
@@ -443,7 +449,8 @@ def _huffman(v: memoryview) -> bytes | None:
 
 def _keep(want: dict[bytes, str], name: bytes | None, value: bytes | None) -> None:
     if name in _WANTED and value is not None and name not in want:
-        want[name] = value.decode("latin-1")  # type: ignore[index]
+        limit = MAX_PATH_VALUE if name == b":path" else MAX_FIELD_VALUE
+        want[name] = value[:limit].decode("utf-8", "replace")  # type: ignore[index]
 
 
 # -- streams --------------------------------------------------------------------
