@@ -128,6 +128,7 @@ def test_grpc_web_and_plus_proto_content_types() -> None:
     assert grpc.is_grpc("application/grpc+proto")
     assert grpc.is_grpc("application/grpc;charset=utf-8")
     assert not grpc.is_grpc("application/json")
+    assert not grpc.is_grpc("application/grpc-web+proto")
     assert not grpc.is_grpc(None)
 
 

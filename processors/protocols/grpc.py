@@ -61,8 +61,15 @@ MAX_TIMEOUT_DIGITS = 8
 
 
 def is_grpc(content_type: str | None) -> bool:
-    """``application/grpc`` and its ``+proto``/``+json``/``;params`` variants."""
-    return content_type is not None and content_type[:16].lower() == "application/grpc"
+    """``application/grpc`` and its ``+proto``/``+json``/``;params`` variants.
+
+    Not ``application/grpc-web*``: its trailers travel inside the body (flag
+    0x80 frames) and it is mostly HTTP/1; such streams are plain HTTP spans.
+    """
+    if content_type is None:
+        return False
+    ct = content_type[:20].lower()
+    return ct.startswith("application/grpc") and not ct.startswith("application/grpc-web")
 
 
 def status_name(code: int) -> str:
