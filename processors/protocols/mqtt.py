@@ -1,0 +1,451 @@
+"""MQTT 3.1, 3.1.1 and 5.0: spans for PUBLISH, SUBSCRIBE and UNSUBSCRIBE.
+
+Contract: processors/protocols/base.py. Packets are read where they lie: the
+fixed header and the variable header a span needs (topic, packet id, MQTT 5
+properties) are decoded from the ``LargeBuffer``; a PUBLISH payload is never
+read, only stepped over as it arrives and released, so a 200 MB retained
+message costs no memory.
+
+Pairing is by packet id in the id space of the side that started the exchange
+(client->broker publishes and broker->client deliveries use separate ids):
+QoS 0 publishes end at once, QoS 1 at PUBACK, QoS 2 at PUBCOMP; SUBSCRIBE at
+SUBACK, UNSUBSCRIBE at UNSUBACK. CONNECT gives the client id (username and
+password are never read); a refused CONNACK makes an ERROR ``connect`` span
+even though CONNECT, PING and DISCONNECT make none by default.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any, ClassVar
+
+from processors.protocols.base import Conn, Detection, ProtocolSettings, Session
+from processors.protocols.errors import LimitExceeded, Malformed
+from service.largebuf import BufferBoundsError, LargeBuffer
+from service.model import SpanKind, StatusCode
+
+NAME = "mqtt"
+DEFAULT_PORTS = frozenset({1883, 8883})
+
+CONNECT, CONNACK, PUBLISH, PUBACK, PUBREC, PUBREL, PUBCOMP = 1, 2, 3, 4, 5, 6, 7
+SUBSCRIBE, SUBACK, UNSUBSCRIBE, UNSUBACK, PINGREQ, PINGRESP, DISCONNECT, AUTH = range(8, 16)
+_NAMES = {1: "connect", 3: "publish", 8: "subscribe", 10: "unsubscribe"}
+
+#: The largest remaining length MQTT can encode (4 varint bytes): 268,435,455.
+MAX_REMAINING = 268_435_455
+#: A non-PUBLISH packet, or a PUBLISH's variable header, larger than this is refused
+#: (subscriptions and properties are small; mosquitto's default max packet is larger
+#: only to admit big payloads, which we skip).
+MAX_HEADER = 1024 * 1024
+#: Exchanges awaiting their acknowledgement, per connection.
+MAX_PENDING = 65_535
+#: Fixed-header flags each packet type must carry (MQTT 3.1.1 §2.2.2, 5.0 §2.1.3).
+_REQUIRED_FLAGS = {PUBREL: 2, SUBSCRIBE: 2, UNSUBSCRIBE: 2}
+#: Smallest remaining length of each non-PUBLISH packet (a shorter one is malformed,
+#: and would otherwise make the reads run into the next packet).
+_MIN_LENGTH = {CONNECT: 10, CONNACK: 2, PUBACK: 2, PUBREC: 2, PUBREL: 2, PUBCOMP: 2, SUBSCRIBE: 5,
+               SUBACK: 3, UNSUBSCRIBE: 4, UNSUBACK: 2, PINGREQ: 0, PINGRESP: 0, DISCONNECT: 0, AUTH: 0}
+
+# MQTT 5 property identifiers -> value kind: 1/2/4 fixed bytes, "v" varint, "s" string,
+# "b" binary, "p" string pair (user property).
+_PROPS: dict[int, Any] = {
+    0x01: 1, 0x02: 4, 0x03: "s", 0x08: "s", 0x09: "b", 0x0B: "v", 0x11: 4, 0x12: "s", 0x13: 2,
+    0x15: "s", 0x16: "b", 0x17: 1, 0x18: 4, 0x19: 1, 0x1A: "s", 0x1C: "s", 0x1F: "s", 0x21: 2,
+    0x22: 2, 0x23: 2, 0x24: 1, 0x25: 1, 0x26: "p", 0x27: 4, 0x28: 1, 0x29: 1, 0x2A: 1,
+}
+_U16 = struct.Struct(">H")
+
+
+class Settings(ProtocolSettings):
+    #: Also make spans for CONNECT (and PING/DISCONNECT are still none).
+    trace_connect: bool = False
+
+
+# ---------------------------------------------------------------------------
+# reading helpers (absolute offsets in a LargeBuffer)
+# ---------------------------------------------------------------------------
+def _varint(buf: LargeBuffer, off: int, end: int) -> tuple[int, int] | None:
+    """MQTT variable byte integer at ``off`` -> (value, next offset); None if incomplete."""
+    v = 0
+    for i in range(4):
+        if off + i >= end:
+            return None
+        b = buf.u8_at(off + i)
+        v |= (b & 0x7F) << (7 * i)
+        if b < 0x80:
+            return v, off + i + 1
+    raise Malformed(NAME, "bad_varint", off)
+
+
+def _string(buf: LargeBuffer, off: int, end: int, keep: int = 1024) -> tuple[str, int]:
+    if off + 2 > end:
+        raise Malformed(NAME, "truncated", off)
+    n = buf.u16be_at(off)
+    if off + 2 + n > end:
+        raise Malformed(NAME, "truncated", off, "string overruns the packet")
+    s = buf.bytes_at(off + 2, min(n, keep)).decode("utf-8", "replace")  # small field, kept
+    return s, off + 2 + n
+
+
+def _properties(buf: LargeBuffer, off: int, end: int, want_user: bool) -> tuple[dict[str, Any], int]:
+    """MQTT 5 properties at ``off``: (the ones a span uses, next offset)."""
+    got = _varint(buf, off, end)
+    if got is None:
+        raise Malformed(NAME, "truncated", off)
+    plen, p = got
+    pend = p + plen
+    if pend > end:
+        raise Malformed(NAME, "truncated", off, "properties overrun the packet")
+    out: dict[str, Any] = {}
+    while p < pend:
+        pid = buf.u8_at(p)
+        kind = _PROPS.get(pid)
+        p += 1
+        if kind is None:
+            raise Malformed(NAME, "bad_property", p - 1, f"id {pid:#x}")
+        if kind == 1:
+            p += 1
+        elif kind == 2:
+            if pid == 0x23:
+                out["topic_alias"] = buf.u16be_at(p)
+            p += 2
+        elif kind == 4:
+            p += 4
+        elif kind == "v":
+            got = _varint(buf, p, pend)
+            if got is None:
+                raise Malformed(NAME, "truncated", p)
+            p = got[1]
+        elif kind in ("s", "b"):
+            if pid == 0x1F:
+                out["reason"], p = _string(buf, p, pend, 256)
+            elif pid == 0x03:
+                out["content_type"], p = _string(buf, p, pend, 256)
+            else:
+                if p + 2 > pend:
+                    raise Malformed(NAME, "truncated", p)
+                p += 2 + buf.u16be_at(p)
+        else:  # user property: name, value
+            if want_user:
+                k, p = _string(buf, p, pend, 64)
+                v, p = _string(buf, p, pend, 256)
+                if k.lower() in ("traceparent", "tracestate") and k.lower() not in out:
+                    out[k.lower()] = v
+            else:
+                for _ in range(2):
+                    if p + 2 > pend:
+                        raise Malformed(NAME, "truncated", p)
+                    p += 2 + buf.u16be_at(p)
+        if p > pend:
+            raise Malformed(NAME, "bad_property", p, "property overruns the list")
+    return out, pend
+
+
+# ---------------------------------------------------------------------------
+# detection
+# ---------------------------------------------------------------------------
+def detect(buf: LargeBuffer, from_client: bool | None) -> Detection:
+    n = len(buf)
+    if n < 2:
+        return Detection.NEED_MORE
+    b0 = buf.u8_at(0)
+    t = b0 >> 4
+    try:
+        got = _varint(buf, 1, min(n, 5))
+    except Malformed:
+        return Detection.NO
+    if got is None:
+        return Detection.NEED_MORE if n < 5 else Detection.NO
+    rl, p = got
+    if t == CONNECT and b0 == 0x10 and from_client is not False:
+        if n < p + 8:
+            return Detection.NEED_MORE
+        plen = buf.u16be_at(p)
+        if plen == 4 and buf.view_at(p + 2, 4) == b"MQTT" and buf.u8_at(p + 6) in (4, 5):
+            return Detection.REQUEST
+        if plen == 6 and n >= p + 9 and buf.view_at(p + 2, 6) == b"MQIsdp" and buf.u8_at(p + 8) == 3:
+            return Detection.REQUEST
+        return Detection.NO
+    if b0 == 0x20 and from_client is not True and rl >= 2 and n >= 4:
+        return Detection.RESPONSE if buf.u8_at(2) in (0, 1) else Detection.NO
+    if b0 == 0xC0 and rl == 0 and from_client is not False:
+        return Detection.REQUEST  # PINGREQ: a connection picked up between publishes
+    if t == PUBLISH and (b0 & 0x06) != 0x06 and 3 <= rl <= MAX_REMAINING:
+        # Mid-stream PUBLISH: the topic must be a printable UTF-8 name without wildcards.
+        if n < p + 2:
+            return Detection.NEED_MORE
+        tlen = buf.u16be_at(p)
+        if not 1 <= tlen <= min(rl - 2, 1024):
+            return Detection.NO
+        if n < p + 2 + tlen:
+            return Detection.NEED_MORE
+        topic = buf.bytes_at(p + 2, tlen)  # <= 1 KiB
+        if any(c < 0x20 or c == 0x7F for c in topic) or b"+" in topic or b"#" in topic:
+            return Detection.NO
+        return Detection.REQUEST if from_client is not False else Detection.RESPONSE
+    return Detection.NO
+
+
+# ---------------------------------------------------------------------------
+# session
+# ---------------------------------------------------------------------------
+class _Exchange:
+    __slots__ = ("attrs", "kind", "name", "op", "start_ts", "traceparent", "expect")
+
+    def __init__(self, op: str, name: str, kind: SpanKind, start_ts: int, attrs: dict[str, Any],
+                 traceparent: str | None, expect: int) -> None:
+        self.op = op
+        self.name = name
+        self.kind = kind
+        self.start_ts = start_ts
+        self.attrs = attrs
+        self.traceparent = traceparent
+        self.expect = expect  # the packet type that completes it
+
+
+class _Dir:
+    __slots__ = ("aliases", "skip")
+
+    def __init__(self) -> None:
+        self.skip = 0  # payload bytes still to step over
+        self.aliases: dict[int, str] = {}  # MQTT 5 topic aliases set by this direction's sender
+
+
+class Session(Session):  # type: ignore[no-redef]
+    protocol: ClassVar[str] = NAME
+
+    def __init__(self, conn: Conn) -> None:
+        super().__init__(conn)
+        self.settings: Settings = conn.settings if isinstance(conn.settings, Settings) else Settings()
+        self.version = 4  # until CONNECT says otherwise (3.1.1 is the common default)
+        self.client_id: str | None = None
+        self.dirs = (_Dir(), _Dir())  # from server, from client
+        self.pending: dict[tuple[bool, int], _Exchange] = {}  # (initiator is client, packet id)
+        self.connect: _Exchange | None = None
+
+    def feed(self, from_client: bool, buf: LargeBuffer, ts_ns: int) -> None:
+        d = self.dirs[from_client]
+        while True:
+            if d.skip:
+                take = min(d.skip, len(buf))
+                buf.release(take)
+                d.skip -= take
+                if d.skip:
+                    return
+            n = len(buf)
+            if n < 2:
+                return
+            b0 = buf.u8_at(0)
+            got = _varint(buf, 1, min(n, 5))
+            if got is None:
+                return
+            rl, p = got
+            t = b0 >> 4
+            if t == 0 or (t in _REQUIRED_FLAGS and b0 & 0x0F != _REQUIRED_FLAGS[t]):
+                raise Malformed(NAME, "bad_fixed_header", 0, f"{b0:#x}")
+            end = p + rl
+            if t == PUBLISH:
+                if not self._publish(from_client, buf, b0, p, end, ts_ns, d):
+                    return
+                continue
+            if rl > MAX_HEADER:
+                raise LimitExceeded(NAME, "packet_too_large", 0)
+            if rl < _MIN_LENGTH[t]:
+                raise Malformed(NAME, "packet_too_short", 0, f"type {t} length {rl}")
+            if n < end:
+                return
+            try:
+                self._control(from_client, t, buf, p, end, buf.ts_at(0), ts_ns)
+            except BufferBoundsError:
+                raise Malformed(NAME, "truncated", 0, "a field overruns the packet") from None
+            buf.release(end)
+
+    # -- PUBLISH ------------------------------------------------------------
+    def _publish(self, from_client: bool, buf: LargeBuffer, b0: int, p: int, end: int, ts_ns: int,
+                 d: _Dir) -> bool:
+        qos = (b0 >> 1) & 3
+        if qos == 3:
+            raise Malformed(NAME, "bad_qos", 0)
+        n = len(buf)
+        # The variable header: topic, packet id, properties. Wait for it (bounded).
+        if n < p + 2:
+            return False
+        hdr_end = p + 2 + buf.u16be_at(p) + (2 if qos else 0)
+        if hdr_end > end:
+            raise Malformed(NAME, "truncated", p, "topic overruns the packet")
+        if self.version == 5:
+            if n < hdr_end + 4 and n < end:
+                return False
+            got = _varint(buf, hdr_end, min(n, end))
+            if got is None:
+                return False
+            hdr_end = got[1] + got[0]
+            if hdr_end > end:
+                raise Malformed(NAME, "truncated", p, "properties overrun the packet")
+        if hdr_end - p > MAX_HEADER:
+            raise LimitExceeded(NAME, "header_too_large", p)
+        if n < hdr_end:
+            return False
+        topic, q = _string(buf, p, hdr_end)
+        pid = 0
+        if qos:
+            pid = buf.u16be_at(q)
+            q += 2
+        props: dict[str, Any] = {}
+        if self.version == 5:
+            props, q = _properties(buf, q, hdr_end, True)
+            alias = props.get("topic_alias")
+            if alias is not None:
+                if topic:
+                    d.aliases[alias] = topic
+                else:
+                    topic = d.aliases.get(alias, f"alias:{alias}")
+        start = buf.ts_at(0)
+        payload = end - hdr_end
+        retain = bool(b0 & 1)
+        # eBPF: the client process publishes (PRODUCER) or receives (CONSUMER); the broker is SERVER.
+        kind = self.conn.kind_for(SpanKind.PRODUCER if from_client else SpanKind.CONSUMER,
+                                  SpanKind.PRODUCER if from_client else SpanKind.CONSUMER)
+        attrs: dict[str, Any] = {
+            "messaging.system": "mqtt",
+            "messaging.operation.name": "publish",
+            "messaging.operation.type": "send" if from_client else "receive",
+            "messaging.destination.name": topic,
+            "messaging.message.body.size": payload,
+            "messaging.mqtt.qos": qos,
+        }
+        if retain:
+            attrs["messaging.mqtt.retain"] = True
+        if "content_type" in props:
+            attrs["messaging.mqtt.content_type"] = props["content_type"]
+        ex = _Exchange("publish", f"publish {topic}", kind, start, attrs, props.get("traceparent"),
+                       PUBACK if qos == 1 else PUBCOMP)
+        if qos == 0:
+            self._emit(ex, ts_ns)
+        else:
+            self._add((from_client, pid), ex)
+        buf.release(hdr_end)
+        d.skip = payload
+        return True
+
+    # -- everything else (small, read whole) ------------------------------------
+    def _control(self, from_client: bool, t: int, buf: LargeBuffer, p: int, end: int, start: int,
+                 ts_ns: int) -> None:
+        v5 = self.version == 5
+        if t == CONNECT:
+            plen = buf.u16be_at(p)
+            q = p + 2 + plen
+            if q + 4 > end:
+                raise Malformed(NAME, "truncated", p, "protocol name overruns CONNECT")
+            self.version = buf.u8_at(q)
+            q += 1 + 1 + 2  # level, flags, keep-alive
+            if self.version == 5:
+                _, q = _properties(buf, q, end, False)
+            self.client_id, _ = _string(buf, q, end, 256)  # the will, username and password are never read
+            attrs = {"messaging.system": "mqtt", "messaging.operation.name": "connect"}
+            self.connect = _Exchange("connect", "connect", self.conn.kind_for(SpanKind.CLIENT), start,
+                                     attrs, None, CONNACK)
+            return
+        if t == CONNACK:
+            code = buf.u8_at(p + 1) if end - p >= 2 else 0
+            reason = ""
+            if v5 and end - p > 2:
+                props, _ = _properties(buf, p + 2, end, False)
+                reason = props.get("reason", "")
+            ex, self.connect = self.connect, None
+            refused = code >= 0x80 if v5 else code != 0
+            if ex is not None and (refused or self.settings.trace_connect):
+                if refused:
+                    ex.attrs["error.type"] = str(code)
+                    ex.attrs["messaging.mqtt.reason_code"] = code
+                self._emit(ex, ts_ns, StatusCode.ERROR if refused else StatusCode.UNSET,
+                           reason or (f"connection refused: code {code}" if refused else ""))
+            return
+        if t in (PUBACK, PUBREC, PUBREL, PUBCOMP):
+            pid = buf.u16be_at(p)
+            code = buf.u8_at(p + 2) if v5 and end - p >= 3 else 0
+            # PUBACK/PUBREC/PUBCOMP answer the other side's publish; PUBREL is the
+            # publisher's own second step.
+            initiator = from_client if t == PUBREL else not from_client
+            ex = self.pending.get((initiator, pid))
+            if ex is None:
+                if t != PUBREL:
+                    self.conn.drop("unpaired_ack")
+                return
+            if code >= 0x80:
+                self.pending.pop((initiator, pid))
+                ex.attrs["error.type"] = str(code)
+                ex.attrs["messaging.mqtt.reason_code"] = code
+                self._emit(ex, ts_ns, StatusCode.ERROR, f"reason code {code:#x}")
+            elif t == ex.expect:
+                self.pending.pop((initiator, pid))
+                self._emit(ex, ts_ns)
+            return
+        if t in (SUBSCRIBE, UNSUBSCRIBE):
+            pid = buf.u16be_at(p)
+            q = p + 2
+            if v5:
+                _, q = _properties(buf, q, end, False)
+            filters = []
+            while q < end:
+                f, q = _string(buf, q, end, 512)
+                filters.append(f)
+                if t == SUBSCRIBE:
+                    q += 1  # subscription options / requested QoS
+            if not filters:
+                raise Malformed(NAME, "no_topic_filter", p)
+            op = _NAMES[t]
+            attrs = {"messaging.system": "mqtt", "messaging.operation.name": op,
+                     "messaging.destination.name": filters[0]}
+            if len(filters) > 1:
+                attrs["messaging.mqtt.topic_filters"] = filters[:32]
+            ex = _Exchange(op, f"{op} {filters[0]}", self.conn.kind_for(SpanKind.CLIENT), start, attrs, None,
+                           SUBACK if t == SUBSCRIBE else UNSUBACK)
+            self._add((from_client, pid), ex)
+            return
+        if t in (SUBACK, UNSUBACK):
+            pid = buf.u16be_at(p)
+            q = p + 2
+            reason = ""
+            if v5:
+                props, q = _properties(buf, q, end, False)
+                reason = props.get("reason", "")
+            ex = self.pending.pop((not from_client, pid), None)
+            if ex is None:
+                self.conn.drop("unpaired_ack")
+                return
+            codes = [buf.u8_at(i) for i in range(q, min(end, q + 256))]
+            failed = [c for c in codes if c >= 0x80]
+            if failed:
+                ex.attrs["error.type"] = str(failed[0])
+                ex.attrs["messaging.mqtt.reason_code"] = failed[0]
+                self._emit(ex, ts_ns, StatusCode.ERROR, reason or f"refused: reason code {failed[0]:#x}")
+            else:
+                self._emit(ex, ts_ns)
+            return
+        if t in (PINGREQ, PINGRESP, DISCONNECT, AUTH):
+            return
+        raise Malformed(NAME, "bad_packet_type", 0, str(t))  # pragma: no cover - all 15 handled
+
+    def _add(self, key: tuple[bool, int], ex: _Exchange) -> None:
+        if len(self.pending) >= MAX_PENDING:
+            self.pending.pop(next(iter(self.pending)))
+            self.conn.drop("too_many_pending")
+        if key in self.pending:
+            self.conn.drop("packet_id_reused")  # the earlier exchange never completed
+        self.pending[key] = ex
+
+    def _emit(self, ex: _Exchange, end_ts: int, status: StatusCode = StatusCode.UNSET, msg: str = "") -> None:
+        if self.client_id:
+            ex.attrs["messaging.client.id"] = self.client_id
+        conn = self.conn
+        conn.emit(conn.span(ex.name, ex.kind, ex.start_ts, end_ts, ex.attrs, traceparent=ex.traceparent,
+                            status_code=status, status_message=msg))
+
+    def gap(self, from_client: bool, ts_ns: int) -> None:
+        self.dirs[from_client].skip = 0
+
+    def close(self, ts_ns: int, reset: bool = False) -> None:
+        for _ in self.pending:
+            self.conn.drop("no_ack")
+        self.pending.clear()

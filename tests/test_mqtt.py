@@ -1,0 +1,286 @@
+"""MQTT 3.1.1 and 5.0: framing, pairing, properties, bad input, and a real mosquitto with paho-mqtt."""
+
+from __future__ import annotations
+
+import struct
+import time
+import tracemalloc
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from processors.protocols import mqtt as m
+from processors.protocols.base import Conn, Detection
+from processors.protocols.errors import ProtocolError
+from service.largebuf import LargeBuffer
+from service.model import Span, SpanKind, StatusCode
+
+TP = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+
+
+def vbi(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        b = n % 128
+        n //= 128
+        out.append(b | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def s(x: str | bytes) -> bytes:
+    b = x.encode() if isinstance(x, str) else x
+    return struct.pack(">H", len(b)) + b
+
+
+def pkt(b0: int, body: bytes) -> bytes:
+    return bytes([b0]) + vbi(len(body)) + body
+
+
+def props(*items: bytes) -> bytes:
+    body = b"".join(items)
+    return vbi(len(body)) + body
+
+
+def connect(client_id: str, v: int = 4, user: str | None = None, pw: str | None = None) -> bytes:
+    flags = 0x02 | (0x80 if user else 0) | (0x40 if pw else 0)
+    body = s("MQTT") + bytes([v, flags]) + struct.pack(">H", 60) + (props() if v == 5 else b"") + s(client_id)
+    if user:
+        body += s(user)
+    if pw:
+        body += s(pw)
+    return pkt(0x10, body)
+
+
+def publish(topic: str, payload: bytes, qos: int = 0, pid: int = 0, v: int = 4, pr: bytes | None = None,
+            retain: bool = False) -> bytes:
+    body = s(topic) + (struct.pack(">H", pid) if qos else b"")
+    if v == 5:
+        body += pr if pr is not None else props()
+    return pkt(0x30 | (qos << 1) | int(retain), body + payload)
+
+
+class Driver:
+    def __init__(self, **kw: object) -> None:
+        self.spans: list[Span] = []
+        self.drops: list[str] = []
+        self.conn = Conn(1, "127.0.0.1", 50000, "127.0.0.1", 1883, self.spans.append,
+                         lambda p, r: self.drops.append(r), settings=m.Settings(**kw), protocol="mqtt")
+        self.session = m.Session(self.conn)
+        self.ts = 0
+
+    def send(self, from_client: bool, data: bytes, step: int | None = None) -> None:
+        buf = self.conn.client_buf if from_client else self.conn.server_buf
+        step = step or len(data) or 1
+        for i in range(0, len(data), step):
+            self.ts += 100
+            buf.append(data[i:i + step], self.ts)
+            self.session.feed(from_client, buf, self.ts)
+
+
+@pytest.mark.parametrize("step", [None, 1, 4])
+def test_v311_qos_levels_and_subscribe(step: int | None) -> None:
+    d = Driver()
+    d.send(True, connect("sensor-7", user="bob", pw="hunter2"), step)
+    d.send(False, pkt(0x20, b"\x00\x00"), step)
+    d.send(True, publish("a/t0", b"zero") + publish("a/t1", b"one", 1, 10) + publish("a/t2", b"two", 2, 11), step)
+    d.send(False, pkt(0x40, struct.pack(">H", 10)) + pkt(0x50, struct.pack(">H", 11)), step)
+    d.send(True, pkt(0x62, struct.pack(">H", 11)), step)
+    d.send(False, pkt(0x70, struct.pack(">H", 11)), step)
+    d.send(True, pkt(0x82, struct.pack(">H", 12) + s("a/#") + b"\x01" + s("b/+") + b"\x00"), step)
+    d.send(False, pkt(0x90, struct.pack(">H", 12) + b"\x01\x80"), step)
+    d.send(True, pkt(0xA2, struct.pack(">H", 13) + s("a/#")), step)
+    d.send(False, pkt(0xB0, struct.pack(">H", 13)), step)
+    d.send(True, b"\xc0\x00\xe0\x00", step)  # PINGREQ, DISCONNECT: no spans
+    names = [x.name for x in d.spans]
+    assert names == ["publish a/t0", "publish a/t1", "publish a/t2", "subscribe a/#", "unsubscribe a/#"]
+    p0, p1, p2, sub, unsub = d.spans
+    for sp in (p0, p1, p2):
+        assert sp.kind == SpanKind.PRODUCER
+        assert sp.attributes["messaging.system"] == "mqtt"
+        assert sp.attributes["messaging.operation.name"] == "publish"
+        assert sp.attributes["messaging.operation.type"] == "send"
+        assert sp.attributes["messaging.client.id"] == "sensor-7"
+    assert [p.attributes["messaging.mqtt.qos"] for p in (p0, p1, p2)] == [0, 1, 2]
+    assert p2.end_ns > p1.end_ns  # QoS 2 ends at PUBCOMP
+    assert p1.attributes["messaging.message.body.size"] == 3
+    assert sub.status_code == StatusCode.ERROR  # one filter refused (0x80)
+    assert sub.attributes["messaging.mqtt.topic_filters"] == ["a/#", "b/+"]
+    assert unsub.status_code == StatusCode.UNSET
+    text = repr([x.attributes for x in d.spans])
+    assert "hunter2" not in text and "bob" not in text
+    assert not d.drops
+
+
+def test_broker_to_client_delivery_is_a_consumer_span() -> None:
+    d = Driver()
+    d.send(True, connect("c1"))
+    d.send(False, pkt(0x20, b"\x00\x00"))
+    d.send(False, publish("news", b"hello", 1, 77, retain=True))
+    d.send(True, pkt(0x40, struct.pack(">H", 77)))
+    (sp,) = d.spans
+    assert sp.kind == SpanKind.CONSUMER and sp.name == "publish news"
+    assert sp.attributes["messaging.operation.type"] == "receive"
+    assert sp.attributes["messaging.mqtt.retain"] is True
+
+
+def test_v5_properties_traceparent_alias_and_reason_codes() -> None:
+    d = Driver()
+    d.send(True, connect("v5client", v=5))
+    d.send(False, pkt(0x20, b"\x00\x00" + props()))
+    user_prop = b"\x26" + s("traceparent") + s(TP)
+    d.send(True, publish("sensors/temp", b"21.5", 1, 1, v=5, pr=props(b"\x23\x00\x05", user_prop,
+                                                                      b"\x03" + s("text/plain"))))
+    d.send(True, publish("", b"22.0", 1, 2, v=5, pr=props(b"\x23\x00\x05")))  # alias only
+    d.send(False, pkt(0x40, struct.pack(">H", 1) + b"\x00" + props()))
+    d.send(False, pkt(0x40, struct.pack(">H", 2) + b"\x87" + props(b"\x1f" + s("Not authorized"))))
+    a, b = d.spans
+    assert a.trace_id.hex() == "4bf92f3577b34da6a3ce929d0e0e4736"
+    assert a.parent_span_id.hex() == "00f067aa0ba902b7"
+    assert a.attributes["messaging.mqtt.content_type"] == "text/plain"
+    assert b.name == "publish sensors/temp"  # resolved from the alias
+    assert b.status_code == StatusCode.ERROR and b.attributes["error.type"] == "135"
+
+
+def test_refused_connect_is_an_error_span() -> None:
+    d = Driver()
+    d.send(True, connect("intruder", user="x", pw="y"))
+    d.send(False, pkt(0x20, b"\x00\x05"))  # 3.1.1: not authorized
+    (sp,) = d.spans
+    assert sp.name == "connect" and sp.status_code == StatusCode.ERROR
+    d5 = Driver()
+    d5.send(True, connect("intruder", v=5))
+    d5.send(False, pkt(0x20, b"\x00\x86" + props(b"\x1f" + s("Bad user name or password"))))
+    assert d5.spans[0].status_message == "Bad user name or password"
+    ok = Driver()
+    ok.send(True, connect("fine"))
+    ok.send(False, pkt(0x20, b"\x00\x00"))
+    assert ok.spans == []
+
+
+def test_detect() -> None:
+    assert m.detect(LargeBuffer(connect("x")), None) == Detection.REQUEST
+    assert m.detect(LargeBuffer(connect("x", v=5)), None) == Detection.REQUEST
+    assert m.detect(LargeBuffer(connect("x")[:5]), None) == Detection.NEED_MORE
+    assert m.detect(LargeBuffer(publish("a/b", b"x")), None) == Detection.REQUEST
+    assert m.detect(LargeBuffer(b"GET / HTTP/1.1\r\n\r\n"), None) == Detection.NO
+    assert m.detect(LargeBuffer(b"\x30\x05\x00\x03a\x00b"), None) == Detection.NO  # control char topic
+    assert m.detect(LargeBuffer(b"\x10\xff\xff\xff\xff\x01"), None) == Detection.NO
+
+
+@pytest.mark.parametrize("data", [
+    b"\x30\xff\xff\xff\xff\x7f",             # 5-byte remaining length
+    b"\x60\x02\x00\x01",                      # PUBREL with wrong flags (must be 0010)
+    b"\x36\x05\x00\x01a\x00\x01",             # QoS 3
+    b"\x30\x04\x00\x09ab",                    # topic overruns the packet
+    b"\x82\x02\x00\x01",                      # SUBSCRIBE with no filter
+    b"\x00\x00",                              # reserved type 0
+    b"\x82" + vbi(2 * 1024 * 1024) + b"\x00",  # control packet too large
+    b"p\x00",                                 # PUBCOMP without a packet id (found by the fuzzer)
+    b"\x10\x0a\x00\x20MQTT\x04\x02\x00\x3c",  # CONNECT whose protocol name overruns it
+])
+def test_malformed_packets_raise_protocol_errors(data: bytes) -> None:
+    d = Driver()
+    with pytest.raises(ProtocolError):
+        d.send(True, data)
+
+
+def test_v5_bad_property_is_malformed() -> None:
+    d = Driver()
+    d.send(True, connect("c", v=5))
+    with pytest.raises(ProtocolError):
+        d.send(True, publish("t", b"", 0, v=5, pr=props(b"\x7f\x00")))
+
+
+def _alloc(size: int) -> int:
+    d = Driver()
+    data = publish("big/blob", b"\x00" * size, 1, 5)
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        for i in range(0, len(data), 1400):
+            d.send(True, data[i:i + 1400])
+            assert len(d.conn.client_buf) <= 1400
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    d.send(False, pkt(0x40, struct.pack(">H", 5)))
+    assert d.spans[0].attributes["messaging.message.body.size"] == size
+    return peak
+
+
+def test_publish_allocation_is_flat_when_the_payload_grows_100x() -> None:
+    small, large = _alloc(20_000), _alloc(2_000_000)
+    assert large < small * 1.5 + 4096, (small, large)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.binary(max_size=300), st.integers(1, 40), st.booleans())
+def test_fuzz_only_protocol_errors_escape(data: bytes, step: int, v5: bool) -> None:
+    d = Driver()
+    if v5:
+        d.send(True, connect("f", v=5))
+    for side in (True, False):
+        try:
+            d.send(side, data, step)
+        except ProtocolError:
+            pass
+
+
+def test_real_mosquitto_with_paho() -> None:
+    mqtt = pytest.importorskip("paho.mqtt.client")
+    from tests.support.capture import tcpdump
+    from tests.support.mosquitto import mosquitto
+    from tests.support.replay import replay_spans
+
+    def client(cid: str, proto: int, port: int, user: tuple[str, str] | None = None) -> tuple[object, list]:
+        got: list = []
+        c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=cid, protocol=proto)
+        if user:
+            c.username_pw_set(*user)
+        c.on_message = lambda cl, ud, msg: got.append(msg)
+        c.connect("127.0.0.1", port)
+        c.loop_start()
+        return c, got
+
+    with mosquitto() as broker, tcpdump([broker.port, broker.auth_port]) as pcap:
+        for proto, tag in ((mqtt.MQTTv311, "v311"), (mqtt.MQTTv5, "v5")):
+            sub, got = client(f"sub-{tag}", proto, broker.port)
+            sub.subscribe(f"{tag}/#", qos=2)
+            time.sleep(0.3)
+            pub, _ = client(f"pub-{tag}", proto, broker.port)
+            for qos in (0, 1, 2):
+                pub.publish(f"{tag}/q{qos}", f"m{qos}".encode(), qos=qos).wait_for_publish(5)
+            pub.publish(f"{tag}/retained", b"keep", qos=1, retain=True).wait_for_publish(5)
+            deadline = time.time() + 5
+            while len(got) < 4 and time.time() < deadline:
+                time.sleep(0.05)
+            assert len(got) == 4, tag
+            sub.unsubscribe(f"{tag}/#")
+            time.sleep(0.3)
+            for c in (pub, sub):
+                c.disconnect()
+                c.loop_stop()
+        bad = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="intruder", protocol=mqtt.MQTTv311)
+        bad.username_pw_set("alice", "wrong")
+        bad.connect("127.0.0.1", broker.auth_port)
+        bad.loop_start()
+        time.sleep(0.5)
+        bad.loop_stop()
+    spans = replay_spans(pcap)
+    for tag in ("v311", "v5"):
+        prod = [x for x in spans if x.kind == SpanKind.PRODUCER and x.name.startswith(f"publish {tag}/")]
+        cons = [x for x in spans if x.kind == SpanKind.CONSUMER and x.name.startswith(f"publish {tag}/")]
+        assert sorted(x.name for x in prod) == sorted(f"publish {tag}/{t}" for t in ("q0", "q1", "q2", "retained"))
+        assert len(cons) == 4, [x.name for x in cons]
+        assert all(x.attributes["messaging.client.id"] == f"pub-{tag}" for x in prod)
+        assert all(x.attributes["messaging.client.id"] == f"sub-{tag}" for x in cons)
+        assert {x.attributes["messaging.mqtt.qos"] for x in prod} == {0, 1, 2}
+        subs = [x for x in spans if x.name == f"subscribe {tag}/#"]
+        unsubs = [x for x in spans if x.name == f"unsubscribe {tag}/#"]
+        assert len(subs) == 1 and len(unsubs) == 1
+        assert subs[0].status_code == StatusCode.UNSET
+    refused = [x for x in spans if x.name == "connect"]
+    assert len(refused) == 1 and refused[0].status_code == StatusCode.ERROR
+    assert "wrong" not in repr([x.attributes for x in spans])
