@@ -187,6 +187,7 @@ class PcapngReader:
         order = "<"
         bh = struct.Struct("<II")
         epb = struct.Struct("<IIIII")
+        tl = _U32LE.unpack_from
         while off < size:
             if off + 12 > size:
                 self.error = f"truncated block header at offset {off}: file ends at {size}"
@@ -203,6 +204,7 @@ class PcapngReader:
                     return
                 bh = struct.Struct(order + "II")
                 epb = struct.Struct(order + "IIIII")
+                tl = struct.Struct(order + "I").unpack_from
                 ifaces.clear()
             btype, blen = bh.unpack_from(view, off)
             if blen < 12 or blen & 3:
@@ -213,6 +215,9 @@ class PcapngReader:
                 self.error = f"truncated block (type {btype:#x}) at offset {off}: file ends at {size}"
                 return
             body_end = bend - 4
+            if tl(view, body_end)[0] != blen:  # the trailing copy of the length must agree
+                self.error = f"corrupt block (type {btype:#x}) at offset {off}: trailing length differs"
+                return
             if btype == _BT_EPB:
                 if off + 28 <= body_end:
                     ifid, hi, lo, caplen, _orig = epb.unpack_from(view, off + 8)

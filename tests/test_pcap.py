@@ -14,6 +14,7 @@ import logging
 import mmap
 import os
 import shutil
+import struct
 import subprocess
 import sys
 import time
@@ -235,7 +236,6 @@ def test_pcapng_cut_and_corrupt_blocks():
     bad = bytearray(data)
     # Corrupt the first EPB's length field to an odd value: the reader stops there, with a reason.
     off = 0
-    import struct
     while True:
         bt, bl = struct.unpack_from("<II", bad, off)
         if bt == 6:
@@ -745,3 +745,16 @@ def test_hand_built_pcapng_scenario_through_the_receiver(tmp_path):
     assert rc.stats["drops"] == {"retransmission": 2}
     assert rc.stats["gap_bytes"] == {"ack_above_hole": 14}
     assert rc.stats["connections"] == 3
+
+
+def test_pcapng_trailing_length_mismatch_stops_with_reason():
+    data, _exp = build_pcapng()
+    r = reader_for(data)
+    offs = [o for _lt, _ts, o, _e in r]
+    bad = bytearray(data)
+    # The 4th packet's block: its trailing length sits just before the 5th packet's block header.
+    epb_start = offs[3] - 28
+    (blen,) = struct.unpack_from("<I", bad, epb_start + 4)
+    struct.pack_into("<I", bad, epb_start + blen - 4, blen + 4)
+    r = reader_for(bytes(bad))
+    assert len(frames(r)) == 3 and "trailing length" in r.error
