@@ -521,3 +521,19 @@ def test_kept_values_are_bounded() -> None:
     (s,) = drv.spans
     assert len(s.attributes["url.path"]) == http2.MAX_PATH_VALUE
     assert len(s.attributes["user_agent.original"]) == http2.MAX_FIELD_VALUE
+
+
+def test_pickup_starting_inside_a_frame() -> None:
+    """Mid-stream pickup where the server's first bytes are the tail of a DATA frame."""
+    p = H2Pair()
+    a = p.request(_req("GET", "/big"))
+    p.respond(a, [(":status", "200")], b"B" * 10000)
+    start = len(p.log)
+    b = p.request(_req("GET", "/next"))
+    p.respond(b, [(":status", "200")], b"n")
+    server_tail = b"".join(d for fc, d in p.log[:start] if not fc)[-3000:]  # inside /big's DATA
+    drv = Driver()
+    client_later = b"".join(d for fc, d in p.log[start:] if fc)
+    drv.feed(True, client_later)
+    drv.feed(False, server_tail + b"".join(d for fc, d in p.log[start:] if not fc))
+    assert [s.attributes.get("url.path") for s in drv.spans] == ["/next"]

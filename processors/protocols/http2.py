@@ -597,10 +597,14 @@ class H2Session(_BaseSession):
                     self.server.hpack = _Hpack(True)
             else:
                 d.hpack = _Hpack(False)
+                d.resync = True  # picked up mid-stream: the bytes may start inside a frame
         elif d.hpack is None:
             # The server's table is known from empty only if we saw the
             # client's preface (a server answers only after it).
             d.hpack = _Hpack(self.preface_seen)
+            # Without the preface, the stage may hand us this direction from
+            # the middle of a frame: find a frame boundary first.
+            d.resync = not self.preface_seen
         d.started = True
         return True
 
