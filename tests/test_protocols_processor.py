@@ -335,3 +335,33 @@ def test_h2c_upgrade_hands_buffers_to_http2_when_available() -> None:
 
 def test_module_has_no_stale_import() -> None:
     assert "processors.protocols.processor" in sys.modules
+
+
+# -- fuzz: whatever the events, nothing escapes and state stays bounded ------------------------------
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_PAYLOADS = st.one_of(
+    st.binary(max_size=40),
+    st.sampled_from([REQ, RESP, b"HTTP/1.1 101 S\r\nUpgrade: h2c\r\n\r\n", b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
+                     b"GET / HTTP/1.1\r\nContent-Length: 99999999999\r\n\r\n", b"\x00\x00\x00\x08\x04\xd2\x16\x2f",
+                     b"*1\r\n$4\r\nPING\r\n", b"+OK\r\n", b"Q\x00\x00\x00\x0dSELECT 1;\x00"]),
+)
+_EVENTS = st.lists(st.tuples(st.sampled_from([EventKind.DATA] * 6 + [EventKind.GAP, EventKind.CLOSE,
+                                                                     EventKind.RESET, EventKind.OPEN]),
+                             st.integers(0, 2), st.booleans(), _PAYLOADS), max_size=40)
+
+
+@given(_EVENTS)
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_fuzz_events_never_escape(steps: list) -> None:
+    p, sink = stage({"max_connections": 2})  # every available protocol
+    ts = 1_000
+    for kind, cid, from_client, payload in steps:
+        ts += 1_000
+        client = ("10.0.0.1", 40000 + cid)
+        p.consume_events([ev(kind, from_client, payload if kind == EventKind.DATA else b"", ts, cid=cid,
+                             client=client, gap=5 if kind == EventKind.GAP else 0)])
+    p.shutdown()
+    assert len(p._conns) <= 2
+    assert p.stats["spans"] == len(sink.spans)

@@ -536,8 +536,17 @@ class Http1Session(_BaseSession):
         version = "1.1" if m.group(1) == b"1" else "1.0"
         length, te, chunked, upgrade, _h, _u, _t = _fields(view, m.start(3) - 2, end - 2)
         last_ts = buf.ts_at(end - 1)
-        buf.release(end)
         req = self._pending[0] if self._pending else None
+        if length > 0 and not te and status >= 200 and len(buf) - end >= length and status != 204 \
+                and status != 304 and (req is None or not (req.head or req.connect)):
+            # The usual small response: head and whole body are here, release them at once.
+            last = end + length
+            last_ts = buf.ts_at(last - 1)
+            buf.release(last)
+            self._sresp = (req, status, version)
+            self._finish(length, last_ts)
+            return
+        buf.release(end)
         if status < 200:
             if status == 101:
                 self._done = True  # the paused client side must not resume as HTTP/1
