@@ -341,6 +341,8 @@ class TcpReassembler:
         acked = h.delivered + d
         while h.segs and h.segs[0][0] <= acked:
             self._skip_to(h, h.segs[0][0], "ack_above_hole", ts)
+        if h.fin_at is not None and not h.closed and h.fin_at <= acked:
+            self._skip_to(h, h.fin_at, "ack_above_hole", ts)  # a FIN beyond a hole, acknowledged
 
     # ------------------------------------------------------------------ API
     def segment(self, src: Any, sport: int, dst: Any, dport: int, seq: int, ack: int, flags: int,
@@ -365,8 +367,10 @@ class TcpReassembler:
                 h.delivered += n
             else:
                 self._data(h, seq, payload, ts, False)
-        if flags & _ACK and h.peer.segs:
-            self._ack_gap(h.peer, ack, ts)
+        if flags & _ACK:
+            p = h.peer
+            if p.segs or (p.fin_at is not None and not p.closed):
+                self._ack_gap(p, ack, ts)
 
     def _slow(self, h: _Half | None, src: Any, sport: int, dst: Any, dport: int, seq: int, ack: int,
               flags: int, payload: memoryview, ts: int) -> None:
@@ -417,8 +421,10 @@ class TcpReassembler:
         conn.last_ts = ts
         self._touch(conn.id)
         self._data(h, seq, payload, ts, bool(flags & _FIN))
-        if flags & _ACK and h.peer.segs and h.conn.id in self._lru:
-            self._ack_gap(h.peer, ack, ts)
+        if flags & _ACK and h.conn.id in self._lru:
+            p = h.peer
+            if p.segs or (p.fin_at is not None and not p.closed):
+                self._ack_gap(p, ack, ts)
 
     def _sweep(self, now: int) -> None:
         self._next_sweep = now + SWEEP_INTERVAL_NS

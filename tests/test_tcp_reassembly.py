@@ -149,18 +149,19 @@ def test_hole_before_fin_becomes_gap_at_end_of_input():
     assert r.connections == 0
 
 
-def test_fin_only_after_hole_gap_when_acked():
+def test_fin_beyond_hole_gap_when_acked():
     f = TcpFlow()
     hs = f.handshake()
     f.send(True, b"lost")
     fin = f.fin(True)
-    ack = f.ack(False)
+    ack = f.ack(False)  # the server acknowledges the FIN: the 4 bytes before it are gone for good
     r = TcpReassembler()
-    feed(r, [*hs, fin, ack])
-    # A bare FIN beyond a hole is not buffered data: the hole goes at the end.
-    r.finish()
+    feed(r, [*hs, fin])
+    assert kinds(r.events, 40000) == ["OPEN"]
+    feed(r, [ack])
     ev = [e for e in r.events if e.sport == 40000]
     assert kinds(ev) == ["OPEN", "GAP", "CLOSE"] and ev[1].gap == 4
+    assert r.gaps == {"ack_above_hole": 4}
 
 
 def test_sequence_wraparound():
