@@ -52,42 +52,48 @@ class QueryInfo(NamedTuple):
 
 
 # -- sanitiser ---------------------------------------------------------------
-# Alternatives are named so one dispatch on ``lastgroup`` decides keep/replace.
-# Strings accept end-of-input as a terminator: a cut query never leaks half a
-# literal. Numbers must not start inside a name (t1, $1, x_2).
-_COMMON_HEAD = r"""
+# Each match is a run of ordinary text (``pre``, kept) followed by one token that
+# matters. The run is possessive and made of names (atomic, so a name never ends
+# just before a quote: ``E'..'`` and ``_utf8'..'`` stay whole) and characters that
+# cannot start a token, so the regex engine skips ordinary SQL in C and the
+# Python callback runs once per literal, not once per character. Strings accept
+# end-of-input as a terminator: a cut query never leaks half a literal. Numbers
+# cannot start inside a name (t1, x_2) because names are consumed whole.
+_NAME = r"(?>[A-Za-z_\u0080-\uffff][\w$\u0080-\uffff]*)(?!'|&')"
+_PRE = (r"(?P<pre>(?:" + _NAME + r"|[^A-Za-z_\u0080-\uffff'\"`$\d.\-/#]|\.(?!\d)|-(?!-)|/(?!\*)"
+        r"|\$(?![\w$\u0080-\uffff])|\#%s)*+)")
+_TAIL = r"""
+|(?P<hex>0[xX][0-9a-fA-F]+|0[bB][01]+)
+|(?P<num>(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?)
+|(?P<other>[\s\S])
+|\Z
+)"""
+_PG = re.compile(
+    _PRE % "" + r"""(?:
  (?P<lc>--[^\n]*)
 |(?P<bc>/\*[\s\S]*?(?:\*/|\Z))
-"""
-_COMMON_TAIL = r"""
-|(?P<hex>(?<![\w$])0[xX][0-9a-fA-F]+|(?<![\w$])0[bB][01]+)
-|(?P<num>(?<![\w$.])(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?(?![\w$]))
-"""
-_PG = re.compile(
-    _COMMON_HEAD
-    + r"""
+|(?P<ph>\$\d+)
 |(?P<dq>\$(?P<tag>(?:[A-Za-z_\u0080-\uffff][\w\u0080-\uffff]*)?)\$[\s\S]*?(?:\$(?P=tag)\$|\Z))
-|(?P<es>(?<![\w$])[eE]'(?:[^'\\]|\\[\s\S]|'')*(?:'|\Z))
-|(?P<str>(?:(?<![\w$])(?:[xXbBnN]|[uU]&))?'(?:[^']|'')*(?:'|\Z))
+|(?P<es>[eE]'(?:[^'\\]|\\[\s\S]|'')*(?:'|\Z))
+|(?P<str>(?:[xXbBnN]|[uU]&)?'(?:[^']|'')*(?:'|\Z))
 |(?P<qi>"(?:[^"]|"")*(?:"|\Z))
-"""
-    + _COMMON_TAIL,
+""" + _TAIL,
     re.VERBOSE,
 )
 # MySQL: backslash escapes in strings, "..." is a string unless ANSI_QUOTES (we
 # sanitise it either way: the safe side), `name` quotes identifiers, # comments.
 _MY = re.compile(
-    _COMMON_HEAD
-    + r"""
+    _PRE % "(?!)" + r"""(?:
+ (?P<lc>--[^\n]*)
+|(?P<bc>/\*[\s\S]*?(?:\*/|\Z))
 |(?P<hc>\#[^\n]*)
-|(?P<str>(?:(?<![\w$])(?:[xXbBnN]|_[A-Za-z0-9]+))?'(?:[^'\\]|\\[\s\S]|'')*(?:'|\Z))
+|(?P<str>(?:[xXbBnN]|_[A-Za-z0-9]+)?'(?:[^'\\]|\\[\s\S]|'')*(?:'|\Z))
 |(?P<dstr>"(?:[^"\\]|\\[\s\S]|"")*(?:"|\Z))
 |(?P<qi>`(?:[^`]|``)*(?:`|\Z))
-"""
-    + _COMMON_TAIL,
+""" + _TAIL,
     re.VERBOSE,
 )
-_KEEP = frozenset(("qi",))
+_KEEP = frozenset(("qi", "ph", "other", "pre", None))
 _DROP = frozenset(("lc", "bc", "hc"))
 
 
@@ -96,12 +102,12 @@ def _repl(m: re.Match[str]) -> str:
     if g in _KEEP:
         return m.group(0)
     if g in _DROP:
-        return " "
-    return "?"
+        return m.group("pre") + " "
+    return m.group("pre") + "?"
 
 
 # IN (?, ?, ?) -> IN (?): list length is data too, and it splits summaries.
-_IN_LIST = re.compile(r"(?i)\bIN\s*\(\s*\?(?:\s*,\s*\?)*\s*\)")
+_IN_LIST = re.compile(r"\b[Ii][Nn]\s*\(\s*\?(?:\s*,\s*\?)*\s*\)")
 # VALUES (?, ?), (?, ?) -> VALUES (?, ?): the row count of a bulk insert is data too.
 _ROWS = re.compile(r"(\(\s*\?(?:\s*,\s*\?)*\s*\))(?:\s*,\s*\(\s*\?(?:\s*,\s*\?)*\s*\))+")
 _SPACES = re.compile(r"\s{2,}")
@@ -110,21 +116,19 @@ _SPACES = re.compile(r"\s{2,}")
 def sanitize(text: str, dialect: str = "postgresql") -> str:
     """Replace literals by ``?`` and drop comments."""
     out = (_MY if dialect == "mysql" else _PG).sub(_repl, text)
-    if "?" in out:
+    if "?," in out or "? ," in out:  # only lists need the two list passes
         out = _IN_LIST.sub("IN (?)", out)
         out = _ROWS.sub(r"\1", out)
     return out
 
 
 # -- verb and table ------------------------------------------------------------
-_TOK = re.compile(
-    r"""
- (?P<name>(?:"(?:[^"]|"")*"|`(?:[^`]|``)*`|[A-Za-z_\u0080-\uffff][\w$\u0080-\uffff]*)
-    (?:\s*\.\s*(?:"(?:[^"]|"")*"|`(?:[^`]|``)*`|[A-Za-z_\u0080-\uffff][\w$\u0080-\uffff]*|\*))*)
-|(?P<p>[();,])
-""",
-    re.VERBOSE,
-)
+# A token is a run of quoted parts and characters other than space and ( ) ; ,
+# (so ``schema."My Table"`` is one token), or one of those four. Kinds are
+# decided by the first character: cheaper than a named alternation per token.
+_TOK = re.compile(r'(?:"[^"]*(?:"|\Z)|`[^`]*(?:`|\Z)|[^\s();,"`])+|[();,]')
+_NAME_START = frozenset("_\"`abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+
 
 # Words after which the next name is a table.
 _TABLE_AFTER = frozenset(("FROM", "JOIN", "INTO", "UPDATE", "TABLE"))
@@ -288,9 +292,8 @@ def _split(sanitised: str) -> list[list[tuple[str | None, str]]]:
     """Token lists per statement (split at ``;`` outside quotes), bounded."""
     stmts: list[list[tuple[str | None, str]]] = []
     cur: list[tuple[str | None, str]] = []
-    for m in _TOK.finditer(sanitised):
-        val = m.group(0)
-        kind = m.lastgroup
+    starts = _NAME_START
+    for val in _TOK.findall(sanitised):
         if val == ";":
             if cur:
                 stmts.append(cur)
@@ -299,7 +302,13 @@ def _split(sanitised: str) -> list[list[tuple[str | None, str]]]:
                 cur = []
             continue
         if len(cur) < _MAX_TOKENS:
-            cur.append((kind, val))
+            c = val[0]
+            if c in "(),":
+                cur.append(("p", val))
+            elif c in starts or c >= "\u0080":
+                cur.append(("name", val))
+            else:
+                cur.append((None, val))
     if cur:
         stmts.append(cur)
     return stmts
