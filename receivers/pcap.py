@@ -192,8 +192,8 @@ class PcapngReader:
             if off + 12 > size:
                 self.error = f"truncated block header at offset {off}: file ends at {size}"
                 return
-            (btype,) = _U32LE.unpack_from(view, off)
-            if btype == _PCAPNG_SHB:
+            btype, blen = bh.unpack_from(view, off)
+            if btype == _PCAPNG_SHB:  # palindromic: reads the same in either byte order
                 (bom,) = _U32LE.unpack_from(view, off + 8)
                 if bom == _PCAPNG_BOM:
                     order = "<"
@@ -206,7 +206,7 @@ class PcapngReader:
                 epb = struct.Struct(order + "IIIII")
                 tl = struct.Struct(order + "I").unpack_from
                 ifaces.clear()
-            btype, blen = bh.unpack_from(view, off)
+                btype, blen = bh.unpack_from(view, off)
             if blen < 12 or blen & 3:
                 self.error = f"corrupt block length {blen} at offset {off}"
                 return
