@@ -6,9 +6,12 @@ per-pipeline state); a receiver or exporter named by several pipelines is one
 instance: a receiver fans its events out to every pipeline that lists it, and
 a pipeline's last processor fans its spans out to all its exporters (the same
 list object goes to each: exporters must not mutate spans). Between stages the
-pipeline puts thin links that count items in and out (``wirespan_processor_*``,
-``wirespan_receiver_accepted_events``) and stop a component's exception from
-escaping into the receiver's thread (counted as ``reason="error"``).
+pipeline puts thin links that count items in and out of span processors
+(``wirespan_processor_incoming_items``/``outgoing_items``) and stop a
+component's exception from escaping into the receiver's thread (counted as
+``reason="error"``). Receivers and the events->spans processor count their own
+accepted events and items in/out (they publish in their own rhythm), so the
+pipeline does not count those again.
 
 Concurrency model, and why. Each receiver runs its own thread(s). The
 protocols stage and the span processors run synchronously in the calling
@@ -114,15 +117,19 @@ class _Link:
 
     __slots__ = ("_drop", "_err_at", "_stopping", "incoming", "label", "path", "tally", "target")
 
-    def __init__(self, target: Any, path: str, label: str, kind: str, stopping: threading.Event) -> None:
+    def __init__(self, target: Any, path: str, label: str, kind: str, stopping: threading.Event,
+                 count: bool = True) -> None:
         self.target = target
         self.path = path
         self.label = label
-        self.tally = _Tally()
+        # Only exporters need an exact "offered" count (the delivery check); elsewhere
+        # the Prometheus counters suffice and a second lock per batch is not worth it.
+        self.tally = _Tally() if kind == EXPORTER else None
         self._err_at = 0.0
         self._stopping = stopping
         if kind == PROCESSOR:
-            self.incoming = tm.PROCESSOR_INCOMING.labels(processor=label)
+            # events->spans processors count their own incoming items
+            self.incoming = tm.PROCESSOR_INCOMING.labels(processor=label) if count else None
             self._drop = lambda reason, n: tm.PROCESSOR_DROPPED.labels(processor=label, reason=reason).inc(n)
         else:
             self.incoming = None
@@ -132,7 +139,8 @@ class _Link:
         n = len(items)
         if self.incoming is not None:
             self.incoming.inc(n)
-        self.tally.add(n)
+        if self.tally is not None:
+            self.tally.add(n)
         while True:
             try:
                 fn(items)
@@ -166,39 +174,36 @@ class _SpanOut:
 
     __slots__ = ("outgoing", "tally", "targets")
 
-    def __init__(self, label: str, targets: list[_Link]) -> None:
-        self.outgoing = tm.PROCESSOR_OUTGOING.labels(processor=label)
+    def __init__(self, label: str, targets: list[_Link], tally: bool = False) -> None:
+        # an events->spans processor (tally=True) counts its own outgoing spans
+        self.outgoing = None if tally else tm.PROCESSOR_OUTGOING.labels(processor=label)
         self.targets = targets
-        self.tally = _Tally()
+        self.tally = _Tally() if tally else None   # spans made by a pipeline's events->spans processor
 
     def consume_spans(self, spans: list) -> None:
         if not spans:
             return
-        n = len(spans)
-        self.outgoing.inc(n)
-        self.tally.add(n)
+        if self.outgoing is not None:
+            self.outgoing.inc(len(spans))
+        if self.tally is not None:
+            self.tally.add(len(spans))
         for t in self.targets:
             t.consume_spans(spans)
 
 
 class _EventOut:
-    """A receiver's ``next``: counts accepted events, marks the thread's backpressure mode, fans out."""
+    """A receiver's ``next``: marks the thread's backpressure mode, fans out."""
 
-    __slots__ = ("accepted", "finite", "tally", "targets")
+    __slots__ = ("finite", "targets")
 
-    def __init__(self, receiver_id: str, finite: bool, targets: list[_Link]) -> None:
-        self.accepted = tm.RECEIVER_ACCEPTED.labels(receiver=receiver_id)
+    def __init__(self, finite: bool, targets: list[_Link]) -> None:
         self.targets = targets
         self.finite = finite
-        self.tally = _Tally()
 
     def consume_events(self, events: list) -> None:
         if not events:
             return
         _tls.block = self.finite
-        n = len(events)
-        self.accepted.inc(n)
-        self.tally.add(n)
         for t in self.targets:
             t.consume_events(events)
 
@@ -251,22 +256,24 @@ class Service:
             targets = [self._exporter_links[e] for e in p.exporters]
             chain: list[Any] = []
             for proc_id in reversed(p.processors):
-                out = _SpanOut(proc_id, targets)
+                makes_spans = getattr(cfg.processors[proc_id].cls, "consumes", None) == "events"
+                out = _SpanOut(proc_id, targets, tally=makes_spans)
                 inst = self._make(PROCESSOR, proc_id, out)
-                if getattr(inst, "consumes", None) == "events":
+                if makes_spans:
                     self._span_outs[pid] = out
                 chain.insert(0, inst)
                 targets = [_Link(inst, f"service::pipelines::{pid}::processors::{proc_id}", proc_id, PROCESSOR,
-                                 self._stopping)]
+                                 self._stopping, count=not makes_spans)]
                 self._order.append((PROCESSOR, f"processors::{proc_id} (pipeline {pid})", inst))
             self.pipelines[pid] = chain
             entries[pid] = targets[0]
         used_rcv = [r for p in cfg.pipelines.values() for r in p.receivers]
         for rid in dict.fromkeys(used_rcv):
             spec = cfg.receivers[rid]
-            out = _EventOut(rid, bool(getattr(spec.cls, "finite", False)),
+            out = _EventOut(bool(getattr(spec.cls, "finite", False)),
                             [entries[pid] for pid, p in cfg.pipelines.items() if rid in p.receivers])
             self._event_outs[rid] = out
+            self._baseline[f"receiver:{rid}"] = tm.counter_value(tm.RECEIVER_ACCEPTED, receiver=rid)
             inst = self._make(RECEIVER, rid, out)
             self.receivers[rid] = inst
             self._order.append((RECEIVER, f"receivers::{rid}", inst))
@@ -371,7 +378,8 @@ class Service:
             exp[eid] = {"offered": link.tally.value,
                         "accounted": int(_delivery_counts(eid) - self._baseline[eid])}
         return {
-            "events": {rid: o.tally.value for rid, o in self._event_outs.items()},
+            "events": {rid: int(tm.counter_value(tm.RECEIVER_ACCEPTED, receiver=rid)
+                                - self._baseline[f"receiver:{rid}"]) for rid in self._event_outs},
             "spans": {pid: o.tally.value for pid, o in self._span_outs.items()},
             "exporters": exp,
         }

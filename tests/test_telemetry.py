@@ -76,7 +76,7 @@ def test_metrics_endpoint_serves_pipeline_and_process_metrics(reg: Registry) -> 
     try:
         assert r.metrics_port == mport and r.health_port == hport
         deadline = time.monotonic() + 10
-        while tm.counter_value(tm.EXPORTER_SENT, exporter="recording") < 5 and time.monotonic() < deadline:
+        while tm.counter_value(tm.RECEIVER_ACCEPTED, receiver="tele_rcv") < 6 and time.monotonic() < deadline:
             time.sleep(0.01)
         status, ctype, body = get(f"http://127.0.0.1:{mport}/metrics")
         assert status == 200 and ctype.startswith("text/plain")

@@ -81,6 +81,7 @@ class FakeFiniteReceiver(_Lifecycle, Receiver):
                                       time.time_ns(), memoryview(b"GET / HTTP/1.1\r\n\r\n")))
                 n += 1
             self.stats["packets"] += len(batch)
+            tm.RECEIVER_ACCEPTED.labels(receiver=self.id).inc(len(batch))  # receivers count their own
             self.next.consume_events(batch)
             if c.delay:
                 time.sleep(c.delay)
@@ -117,6 +118,7 @@ class FakeLiveReceiver(_Lifecycle, Receiver):
 
     def _run(self) -> None:
         while not self._stop.wait(self.config.interval):
+            tm.RECEIVER_ACCEPTED.labels(receiver=self.id).inc()
             self.next.consume_events([TcpEvent(EventKind.DATA, ("l", 1), "127.0.0.1", 40001, "127.0.0.1", 80,
                                                time.time_ns(), b"x")])
             self.sent += 1
@@ -151,12 +153,14 @@ class FakeEventProcessor(_Lifecycle, EventProcessor):
     def consume_events(self, events: list[TcpEvent]) -> None:
         if self.config.explode:
             raise ValueError("boom")
+        tm.PROCESSOR_INCOMING.labels(processor=self.id).inc(len(events))  # as the protocols stage does
         spans = [Span("GET", SpanKind.SERVER, e.ts_ns, e.ts_ns + 1000, {"url.path": "/"}) for e in events]
         with self._lock:
             self.stats["requests"] += len(spans)
             if self.config.hold:
                 self._held.extend(spans)
                 return
+        tm.PROCESSOR_OUTGOING.labels(processor=self.id).inc(len(spans))
         self.next.consume_spans(spans)
 
     def flush(self) -> None:
@@ -164,6 +168,7 @@ class FakeEventProcessor(_Lifecycle, EventProcessor):
         with self._lock:
             held, self._held = self._held, []
         if held:
+            tm.PROCESSOR_OUTGOING.labels(processor=self.id).inc(len(held))
             self.next.consume_spans(held)
 
 
