@@ -7,6 +7,7 @@ x 500 GETs, ~100k packets) in a temp dir. Prints median packets/s over several r
 - ``wirespan read+decode``: records + Ethernet/IP/TCP decode to the payload offsets;
 - ``wirespan receiver``: the same plus TCP reassembly into ``TcpEvent``s (what the
   ``pcap`` receiver does, downstream a no-op);
+- ``wirespan read+decode (pcapng)``: the same packets written as pcapng (EPBs);
 - ``dpkt``: ``dpkt.pcap.Reader`` + ``dpkt.ethernet.Ethernet`` down to ``tcp.data``;
 - ``tshark -T fields -e tcp.len`` (whole process, one field: its cheapest useful run);
 
@@ -96,20 +97,23 @@ def _timed(fn, path: str, repeats: int) -> tuple[float, int]:
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    tmp = None
+    from bench.gen_http_capture import generate
+
+    tmp = tempfile.mkdtemp(prefix="wirespan-bench-")
+    ng_path = os.path.join(tmp, "http.pcapng")
     if argv:
         path = argv[0]
     else:
-        from bench.gen_http_capture import generate
-
-        tmp = tempfile.mkdtemp(prefix="wirespan-bench-")
         path = os.path.join(tmp, "http.pcap")
         generate(path)
+        generate(ng_path, pcapng=True)
     try:
         size = os.path.getsize(path)
         print(f"capture: {path} ({size / 1e6:.1f} MB)")
-        rows = [("wirespan read+decode", ours_decode, REPEATS), ("wirespan receiver (reassembly)", ours_receiver,
-                                                                 REPEATS)]
+        rows = [("wirespan read+decode", ours_decode, REPEATS),
+                ("wirespan receiver (reassembly)", ours_receiver, REPEATS)]
+        if os.path.exists(ng_path):
+            rows.append(("wirespan read+decode (pcapng)", lambda _p: ours_decode(ng_path), REPEATS))
         try:
             import dpkt  # noqa: F401
             rows.append(("dpkt Reader+Ethernet", dpkt_decode, PEER_REPEATS))
@@ -131,8 +135,7 @@ def main(argv: list[str] | None = None) -> None:
             pps = n / t
             print(f"{name:34s} {n:8d} {t:9.3f} {pps:11,.0f} {base / pps:10.1f}x {recv / pps:8.1f}x")
     finally:
-        if tmp:
-            shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Generate the replay benchmark capture: keep-alive HTTP/1.1 connections, small GETs.
 
-Usage: python bench/gen_http_capture.py OUT.pcap [--connections 100] [--requests 500]
+Usage: python bench/gen_http_capture.py OUT.pcap [--connections 100] [--requests 500] [--pcapng]
 
 Each connection: SYN, SYN-ACK, ACK, then ``requests`` exchanges (one request segment,
 one response segment whose ACK is piggybacked by the next request), then FIN/ACK both
@@ -17,7 +17,7 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from tests.support.pcapgen import ACK, FIN, PSH, PcapWriter, TcpFlow, ether
+from tests.support.pcapgen import ACK, FIN, PSH, PcapngWriter, PcapWriter, TcpFlow, ether
 
 PATHS = ["/api/v1/users/{i}", "/api/v1/orders?page={i}&size=20", "/health", "/static/app.js?v={i}",
          "/api/v1/items/{i}/reviews"]
@@ -38,16 +38,26 @@ def response(c: int, i: int) -> bytes:
             ).encode() + body
 
 
-def generate(path: str, connections: int = 100, requests: int = 500, t0_ns: int = 1_764_000_000_000_000_000) -> int:
+def generate(path: str, connections: int = 100, requests: int = 500, t0_ns: int = 1_764_000_000_000_000_000,
+             pcapng: bool = False) -> int:
     flows = [TcpFlow(client=(f"10.1.{c // 250}.{c % 250 + 1}", 40000 + c), server=("10.2.0.1", 8080),
                      isn_client=(c * 2654435761) & 0xFFFFFFFF, isn_server=(c * 40503 + 17) & 0xFFFFFFFF)
              for c in range(connections)]
     t = t0_ns
     n = 0
-    with PcapWriter(path) as w:
+    w: PcapWriter | PcapngWriter
+    if pcapng:
+        w = PcapngWriter(path)
+        ifid = w.interface(1, name="eth0")
+    else:
+        w = PcapWriter(path)
+    with w:
         def put(pkt: bytes) -> None:
             nonlocal t, n
-            w.packet(ether(pkt), t)
+            if pcapng:
+                w.packet(ifid, ether(pkt), t)  # type: ignore[call-arg]
+            else:
+                w.packet(ether(pkt), t)  # type: ignore[call-arg]
             t += 10_000  # 10 µs apart
             n += 1
         for f in flows:
@@ -69,8 +79,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("out")
     ap.add_argument("--connections", type=int, default=100)
     ap.add_argument("--requests", type=int, default=500)
+    ap.add_argument("--pcapng", action="store_true", help="write pcapng (one Ethernet interface, µs) instead of pcap")
     a = ap.parse_args(argv)
-    n = generate(a.out, a.connections, a.requests)
+    n = generate(a.out, a.connections, a.requests, pcapng=a.pcapng)
     print(f"{a.out}: {n} packets, {a.connections} connections x {a.requests} exchanges")
 
 
