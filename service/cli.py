@@ -224,8 +224,10 @@ def _summary(svc: Any) -> dict[str, Any]:
                 if isinstance(v, (int, float)) and v:
                     drops[prefix + str(k)] = drops.get(prefix + str(k), 0) + int(v)
 
+    out["errors"] = []
     for rid, r in svc.receivers.items():
         st = getattr(r, "stats", None) or {}
+        out["errors"] += [f"receivers::{rid}: {e}" for e in st.get("errors") or ()]
         out["packets"] += int(st.get("packets", 0) or 0)
         out["connections"] += int(st.get("connections", 0) or 0)
         add_drops(st.get("drops"))
@@ -237,7 +239,11 @@ def _summary(svc: Any) -> dict[str, Any]:
         for p in chain:
             st = getattr(p, "stats", None)
             if isinstance(st, dict) and p is chain[0]:
-                out.setdefault("protocols", {k: v for k, v in st.items() if k != "drops"})
+                protos = st.get("protocols")
+                if isinstance(protos, dict):
+                    for k, v in protos.items():
+                        if isinstance(v, (int, float)):
+                            out.setdefault("protocols", {})[k] = out.get("protocols", {}).get(k, 0) + int(v)
                 add_drops(st.get("drops"))
     s = svc.stats()
     out["events"] = sum(s["events"].values())
@@ -251,8 +257,12 @@ def _print_summary(summary: dict[str, Any], elapsed: float) -> None:
     drops = summary["drops"]
     print(f"replay: {summary['packets']} packets, {summary['connections']} connections, "
           f"{summary['events']} events, {summary['spans']} spans in {elapsed:.2f}s", file=p)
+    if summary.get("protocols"):
+        print("replay: protocols: " + ", ".join(f"{k}={v}" for k, v in sorted(summary["protocols"].items())), file=p)
     for eid, n in summary["exported"].items():
         print(f"replay: exporters::{eid}: {n} spans", file=p)
+    for e in summary["errors"]:
+        print(f"replay: {e}", file=p)
     if drops:
         print("replay: drops: " + ", ".join(f"{k}={v}" for k, v in sorted(drops.items())), file=p)
     else:
