@@ -235,6 +235,25 @@ class LargeBuffer:
             rel = 0
         return dst[:n]
 
+    def views(self, off: int, n: int) -> list[memoryview]:
+        """The chunk slices covering ``[off, off+n)``, like an iovec: no copy and, unlike
+        ``view_at``, no scratch, so they stay valid after ``release`` (a memoryview keeps
+        its chunk alive). For content kept across messages (e.g. FastCGI PARAMS)."""
+        self._check(off, n)
+        out: list[memoryview] = []
+        if n == 0:
+            return out
+        i = self._locate(off)
+        rel = off - self._starts[i]
+        while n > 0:
+            c = self._chunks[i]
+            take = min(c.nbytes - rel, n)
+            out.append(c[rel:rel + take])
+            n -= take
+            i += 1
+            rel = 0
+        return out
+
     def copy_at(self, off: int, dst: bytearray | memoryview) -> int:
         """Copy ``len(dst)`` bytes at ``off`` into ``dst`` (the caller's explicit copy)."""
         out = _as_view(dst)

@@ -332,3 +332,18 @@ def test_many_straddling_reads_allocate_nothing_new() -> None:
 
 def test_reader_is_exported() -> None:
     assert isinstance(LargeBuffer(b"x").reader(), LargeBufferReader)
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=message, cuts=cuts, off=st.integers(0, 600), n=st.integers(0, 600))
+def test_views_cover_the_range_without_scratch(data: bytes, cuts: list[int], off: int, n: int) -> None:
+    buf = chunked(data, cuts)
+    if off + n > len(data):
+        with pytest.raises(BufferBoundsError):
+            buf.views(off, n)
+        return
+    vs = buf.views(off, n)
+    assert b"".join(bytes(v) for v in vs) == data[off:off + n]
+    assert all(v.obj is not buf._scratch for v in vs)
+    buf.release(len(buf))  # the views outlive the buffer's references
+    assert b"".join(bytes(v) for v in vs) == data[off:off + n]

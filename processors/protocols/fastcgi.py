@@ -1,0 +1,278 @@
+"""FastCGI: one HTTP-style SERVER span per request, from the web server <-> app records.
+
+Contract: processors/protocols/base.py. Records (8-byte header, content,
+padding) are read in place; requests are multiplexed by request id. PARAMS
+content, which may be split anywhere across records, is collected as views of
+the payload chunks (``LargeBuffer.views``: no copy) and decoded once the empty
+PARAMS record ends the stream; only the parameters a span uses are copied
+out. STDIN and the STDOUT body are counted, never read; the STDOUT head is
+read only up to the blank line, for ``Status:``. STDERR is kept as span events.
+
+The span is the app's view of an HTTP request (design.md §3, FastCGI row):
+method, path, query, scheme, the HTTP server's port and the client address from
+the params; status from ``Status:`` (200 when absent); 5xx -> ERROR. An
+END_REQUEST with a protocol status other than REQUEST_COMPLETE, or an
+ABORT_REQUEST, is an error too.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any, ClassVar
+
+from processors.protocols.base import Conn, Detection, ProtocolSettings, Session
+from processors.protocols.errors import LimitExceeded, Malformed
+from service.largebuf import BufferBoundsError, LargeBuffer
+from service.model import SpanEvent, SpanKind, StatusCode
+
+NAME = "fastcgi"
+DEFAULT_PORTS = frozenset({9000, 9001})
+
+BEGIN_REQUEST, ABORT_REQUEST, END_REQUEST, PARAMS, STDIN, STDOUT, STDERR, DATA = range(1, 9)
+GET_VALUES, GET_VALUES_RESULT, UNKNOWN_TYPE = 9, 10, 11
+_TYPES = frozenset(range(1, 12))
+_HDR = struct.Struct(">BBHHBB")  # version, type, requestId, contentLength, paddingLength, reserved
+
+#: A PARAMS stream larger than this is refused (nginx sends ~1-2 KB; Apache's
+#: mod_proxy_fcgi caps the whole header set at 8 KB by default).
+MAX_PARAMS = 256 * 1024
+#: Bytes of STDOUT searched for the end of the response head.
+MAX_HEAD = 64 * 1024
+#: Requests in flight on one connection (nginx multiplexes rarely; php-fpm never).
+MAX_REQUESTS = 1024
+#: STDERR kept per request, as span events.
+MAX_STDERR_EVENTS = 8
+MAX_STDERR_BYTES = 1024
+_PROTOCOL_STATUS = {0: "REQUEST_COMPLETE", 1: "CANT_MPX_CONN", 2: "OVERLOADED", 3: "UNKNOWN_ROLE"}
+_WANTED = frozenset({
+    b"REQUEST_METHOD", b"REQUEST_URI", b"SCRIPT_NAME", b"QUERY_STRING", b"CONTENT_LENGTH", b"SERVER_PORT",
+    b"SERVER_NAME", b"SERVER_ADDR", b"REMOTE_ADDR", b"REMOTE_PORT", b"SERVER_PROTOCOL", b"REQUEST_SCHEME",
+    b"HTTPS", b"HTTP_USER_AGENT", b"HTTP_TRACEPARENT", b"HTTP_HOST", b"DOCUMENT_URI",
+})
+
+
+class Settings(ProtocolSettings):
+    #: Keep STDERR output as span events.
+    stderr_events: bool = True
+
+
+def detect(buf: LargeBuffer, from_client: bool | None) -> Detection:
+    if len(buf) < 8:
+        return Detection.NEED_MORE
+    version, t, rid, clen, _plen, reserved = _HDR.unpack(buf.view_at(0, 8))
+    if version != 1 or reserved != 0:
+        return Detection.NO
+    if t == BEGIN_REQUEST and clen == 8 and from_client is not False:
+        if len(buf) < 10:
+            return Detection.NEED_MORE
+        return Detection.REQUEST if buf.u16be_at(8) in (1, 2, 3) and rid != 0 else Detection.NO
+    if t == GET_VALUES and rid == 0 and from_client is not False:
+        return Detection.REQUEST
+    if t in (STDOUT, STDERR, END_REQUEST) and rid != 0 and from_client is not True:
+        return Detection.RESPONSE
+    return Detection.NO
+
+
+class _Req:
+    __slots__ = ("aborted", "head", "head_done", "head_len", "params", "start_ts", "stderr", "stdin",
+                 "stdout")
+
+    def __init__(self, start_ts: int) -> None:
+        self.start_ts = start_ts
+        self.params: LargeBuffer | None = LargeBuffer()  # None once decoded
+        self.head = LargeBuffer()  # STDOUT views until the blank line is found
+        self.head_done = False
+        self.head_len = 0
+        self.stdout = 0
+        self.stdin = 0
+        self.stderr: list[SpanEvent] = []
+        self.aborted = False
+
+
+def _pairs(buf: LargeBuffer) -> dict[bytes, bytes]:
+    """Decode FastCGI name-value pairs (1- or 4-byte lengths); keep only the wanted ones."""
+    r = buf.reader()
+    out: dict[bytes, bytes] = {}
+    while r.remaining:
+        lens = []
+        for _ in range(2):
+            b = r.read_u8()
+            lens.append(b if b < 0x80 else ((b & 0x7F) << 24) | (r.read_u8() << 16) | r.read_u16be())
+        nlen, vlen = lens
+        if nlen + vlen > r.remaining:
+            raise Malformed(NAME, "bad_params", r.offset, "pair overruns the stream")
+        name = r.peek(min(nlen, 64))
+        if nlen <= 64 and (bytes(name) in _WANTED or bytes(name[:5]) == b"HTTP_"):
+            key = bytes(name)  # a small name, copied to be kept
+            r.skip(nlen)
+            out[key] = r.read_bytes(min(vlen, 2048))
+            r.skip(vlen - min(vlen, 2048))
+        else:
+            r.skip(nlen + vlen)
+    return out
+
+
+class Session(Session):  # type: ignore[no-redef]
+    protocol: ClassVar[str] = NAME
+
+    def __init__(self, conn: Conn) -> None:
+        super().__init__(conn)
+        self.settings: Settings = conn.settings if isinstance(conn.settings, Settings) else Settings()
+        self.reqs: dict[int, _Req] = {}
+        self.done: dict[int, dict[bytes, bytes]] = {}  # params of requests whose span is pending
+
+    def feed(self, from_client: bool, buf: LargeBuffer, ts_ns: int) -> None:
+        while len(buf) >= 8:
+            version, t, rid, clen, plen, _ = _HDR.unpack(buf.view_at(0, 8))
+            if version != 1 or t not in _TYPES:
+                raise Malformed(NAME, "bad_record", 0, f"version {version} type {t}")
+            total = 8 + clen + plen
+            if len(buf) < total:
+                return  # records are at most 65,543 bytes: waiting for one is bounded
+            self._record(from_client, t, rid, buf, clen, ts_ns)
+            buf.release(total)
+
+    def _record(self, from_client: bool, t: int, rid: int, buf: LargeBuffer, clen: int, ts_ns: int) -> None:
+        if t == BEGIN_REQUEST:
+            if len(self.reqs) >= MAX_REQUESTS:
+                self.reqs.pop(next(iter(self.reqs)))
+                self.conn.drop("too_many_requests")
+            self.reqs[rid] = _Req(buf.ts_at(0))
+            return
+        if t in (GET_VALUES, GET_VALUES_RESULT, UNKNOWN_TYPE) or rid == 0:
+            return  # management records: no span
+        req = self.reqs.get(rid)
+        if req is None:
+            self.conn.drop("unknown_request_id")
+            return
+        if t == PARAMS:
+            if req.params is None:
+                return
+            if clen == 0:
+                p, req.params = req.params, None
+                try:
+                    self.done[rid] = _pairs(p)
+                except BufferBoundsError:
+                    raise Malformed(NAME, "bad_params", 0, "truncated pair lengths") from None
+                return
+            if len(req.params) + clen > MAX_PARAMS:
+                self.reqs.pop(rid, None)
+                raise LimitExceeded(NAME, "params_too_large", 0)
+            for v in buf.views(8, clen):
+                req.params.append(v)
+        elif t in (STDIN, DATA):
+            req.stdin += clen
+        elif t == STDOUT:
+            req.stdout += clen
+            if not req.head_done and clen:
+                for v in buf.views(8, clen):
+                    req.head.append(v)
+                end = req.head.find(b"\r\n\r\n", 0, MAX_HEAD)
+                if end < 0:
+                    end = req.head.find(b"\n\n", 0, MAX_HEAD)
+                    sep = 2
+                else:
+                    sep = 4
+                if end >= 0:
+                    req.head_done = True
+                    req.head_len = end + sep
+                elif len(req.head) > MAX_HEAD:
+                    req.head_done = True  # no head: treat all as body
+                    req.head = LargeBuffer()
+        elif t == STDERR:
+            if clen and self.settings.stderr_events and len(req.stderr) < MAX_STDERR_EVENTS:
+                text = buf.bytes_at(8, min(clen, MAX_STDERR_BYTES)).decode("utf-8", "replace")
+                req.stderr.append(SpanEvent("fastcgi.stderr", ts_ns, {"message": text}))
+        elif t == ABORT_REQUEST:
+            req.aborted = True
+        elif t == END_REQUEST:
+            app_status = buf.i32be_at(8) if clen >= 5 else 0
+            proto = buf.u8_at(12) if clen >= 5 else 0
+            self.reqs.pop(rid, None)
+            self._span(rid, req, app_status, proto, ts_ns)
+
+    def _status(self, req: _Req) -> int:
+        if not req.head_done or not req.head_len:
+            return 200
+        head = req.head
+        p = 0
+        while p < req.head_len:
+            e = head.find(b"\n", p, req.head_len)
+            if e < 0:
+                break
+            if e - p > 7 and bytes(head.view_at(p, 7)).lower() == b"status:":
+                line = head.bytes_at(p + 7, min(e - p - 7, 64)).strip()
+                try:
+                    return int(line.split(b" ", 1)[0])
+                except ValueError:
+                    return 200
+            p = e + 1
+        return 200
+
+    def _span(self, rid: int, req: _Req, app_status: int, proto: int, ts_ns: int) -> None:
+        params = self.done.pop(rid, {})
+        g = params.get
+        method = (g(b"REQUEST_METHOD") or b"GET").decode("latin-1")
+        uri = (g(b"REQUEST_URI") or g(b"DOCUMENT_URI") or g(b"SCRIPT_NAME") or b"/").decode("utf-8", "replace")
+        path, _, query = uri.partition("?")
+        query = query or (g(b"QUERY_STRING") or b"").decode("utf-8", "replace")
+        status = self._status(req)
+        attrs: dict[str, Any] = {
+            "http.request.method": method,
+            "url.path": path,
+            "url.scheme": "https" if g(b"HTTPS", b"").lower() in (b"on", b"1") else
+            (g(b"REQUEST_SCHEME") or b"http").decode("latin-1"),
+            "http.response.status_code": status,
+            "http.request.body.size": req.stdin,
+            "http.response.body.size": max(req.stdout - req.head_len, 0),
+            "network.protocol.name": "fastcgi",
+        }
+        if query:
+            attrs["url.query"] = query
+        host = g(b"SERVER_NAME") or g(b"HTTP_HOST")
+        if host:
+            attrs["server.address"] = host.decode("latin-1").split(":")[0]
+        port = g(b"SERVER_PORT")
+        if port and port.isdigit():
+            attrs["server.port"] = int(port)
+        if g(b"REMOTE_ADDR"):
+            attrs["client.address"] = g(b"REMOTE_ADDR", b"").decode("latin-1")
+        rport = g(b"REMOTE_PORT")
+        if rport and rport.isdigit():
+            attrs["client.port"] = int(rport)
+        proto_name = g(b"SERVER_PROTOCOL", b"")
+        if proto_name.startswith(b"HTTP/"):
+            attrs["network.protocol.version"] = proto_name[5:].decode("latin-1")
+        if g(b"HTTP_USER_AGENT"):
+            attrs["user_agent.original"] = g(b"HTTP_USER_AGENT", b"").decode("utf-8", "replace")
+        code = StatusCode.UNSET
+        msg = ""
+        if status >= 500:
+            code = StatusCode.ERROR
+            attrs["error.type"] = str(status)
+        if proto != 0:
+            code = StatusCode.ERROR
+            msg = _PROTOCOL_STATUS.get(proto, str(proto))
+            attrs["error.type"] = msg
+        if req.aborted:
+            code = StatusCode.ERROR
+            msg = "request aborted by the web server"
+            attrs["error.type"] = "aborted"
+        if app_status:
+            attrs["fastcgi.app_status"] = app_status
+        conn = self.conn
+        conn.emit(conn.span(method, conn.kind_for(SpanKind.SERVER, SpanKind.CLIENT), req.start_ts, ts_ns, attrs,
+                            traceparent=g(b"HTTP_TRACEPARENT"), status_code=code, status_message=msg,
+                            events=req.stderr or None))
+
+    def gap(self, from_client: bool, ts_ns: int) -> None:
+        for _ in self.reqs:
+            self.conn.drop("gap")
+        self.reqs.clear()
+        self.done.clear()
+
+    def close(self, ts_ns: int, reset: bool = False) -> None:
+        for _ in self.reqs:
+            self.conn.drop("no_end_request")
+        self.reqs.clear()
+        self.done.clear()

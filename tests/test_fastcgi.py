@@ -1,0 +1,228 @@
+"""FastCGI: records, PARAMS split anywhere, multiplexing, status, stderr, bad input, real nginx + php-fpm."""
+
+from __future__ import annotations
+
+import struct
+import tracemalloc
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from processors.protocols import fastcgi as f
+from processors.protocols.base import Conn, Detection
+from processors.protocols.errors import ProtocolError
+from service.largebuf import LargeBuffer
+from service.model import Span, SpanKind, StatusCode
+
+TP = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+
+
+def rec(t: int, rid: int, content: bytes = b"", pad: int = 0) -> bytes:
+    return struct.pack(">BBHHBB", 1, t, rid, len(content), pad, 0) + content + b"\0" * pad
+
+
+def nv(name: str, value: str | bytes) -> bytes:
+    n = name.encode()
+    v = value.encode() if isinstance(value, str) else value
+
+    def enc(x: int) -> bytes:
+        return bytes([x]) if x < 128 else struct.pack(">I", x | 0x80000000)
+
+    return enc(len(n)) + enc(len(v)) + n + v
+
+
+def params(rid: int, pairs: dict[str, str | bytes], split: int = 0) -> bytes:
+    stream = b"".join(nv(k, v) for k, v in pairs.items())
+    if split:
+        parts = [stream[i:i + split] for i in range(0, len(stream), split)]
+    else:
+        parts = [stream]
+    return b"".join(rec(f.PARAMS, rid, p, pad=len(p) % 8) for p in parts) + rec(f.PARAMS, rid)
+
+
+def begin(rid: int) -> bytes:
+    return rec(f.BEGIN_REQUEST, rid, struct.pack(">HB5x", 1, 1))
+
+
+def end(rid: int, app: int = 0, proto: int = 0) -> bytes:
+    return rec(f.END_REQUEST, rid, struct.pack(">IB3x", app, proto))
+
+
+BASE = {"REQUEST_METHOD": "GET", "REQUEST_URI": "/shop/item.php?id=7", "QUERY_STRING": "id=7",
+        "SERVER_PORT": "8080", "SERVER_NAME": "shop.local", "REMOTE_ADDR": "10.1.2.3", "REMOTE_PORT": "50123",
+        "SERVER_PROTOCOL": "HTTP/1.1", "REQUEST_SCHEME": "http", "HTTP_USER_AGENT": "curl/8",
+        "HTTP_COOKIE": "session=secret", "HTTP_AUTHORIZATION": "Bearer tok", "CONTENT_LENGTH": "0"}
+
+
+class Driver:
+    def __init__(self, **kw: object) -> None:
+        self.spans: list[Span] = []
+        self.drops: list[str] = []
+        self.conn = Conn(1, "127.0.0.1", 40000, "127.0.0.1", 9000, self.spans.append,
+                         lambda p, r: self.drops.append(r), settings=f.Settings(**kw), protocol="fastcgi")
+        self.session = f.Session(self.conn)
+        self.ts = 0
+
+    def send(self, from_client: bool, data: bytes, step: int | None = None) -> None:
+        buf = self.conn.client_buf if from_client else self.conn.server_buf
+        step = step or len(data) or 1
+        for i in range(0, len(data), step):
+            self.ts += 100
+            buf.append(data[i:i + step], self.ts)
+            self.session.feed(from_client, buf, self.ts)
+
+
+@pytest.mark.parametrize("step,split", [(None, 0), (1, 3), (7, 1), (64, 5)])
+def test_request_with_params_split_anywhere(step: int | None, split: int) -> None:
+    d = Driver()
+    d.send(True, begin(1) + params(1, {**BASE, "HTTP_TRACEPARENT": TP}, split) + rec(f.STDIN, 1), step)
+    d.send(False, rec(f.STDOUT, 1, b"Status: 404 Not Found\r\nContent-type: text/html\r\n\r\nmissing")
+           + rec(f.STDOUT, 1) + end(1), step)
+    (s,) = d.spans
+    assert s.name == "GET" and s.kind == SpanKind.SERVER
+    a = s.attributes
+    assert a["url.path"] == "/shop/item.php" and a["url.query"] == "id=7"
+    assert a["http.response.status_code"] == 404 and s.status_code == StatusCode.UNSET
+    assert a["server.port"] == 8080 and a["server.address"] == "shop.local"
+    assert a["client.address"] == "10.1.2.3" and a["client.port"] == 50123
+    assert a["network.protocol.version"] == "1.1" and a["user_agent.original"] == "curl/8"
+    assert a["http.response.body.size"] == len(b"missing")
+    assert s.trace_id.hex() == "4bf92f3577b34da6a3ce929d0e0e4736"
+    assert "secret" not in repr(a) and "Bearer" not in repr(a)
+    assert not d.drops and len(d.conn.client_buf) == 0 and len(d.conn.server_buf) == 0
+
+
+def test_multiplexed_requests_post_body_status_500_and_stderr() -> None:
+    d = Driver()
+    body = b"x" * 70_000
+    stdin = b"".join(rec(f.STDIN, 2, body[i:i + 65535]) for i in range(0, len(body), 65535)) + rec(f.STDIN, 2)
+    d.send(True, begin(1) + begin(2) + params(2, {**BASE, "REQUEST_METHOD": "POST", "REQUEST_URI": "/up.php"})
+           + params(1, BASE) + stdin + rec(f.STDIN, 1))
+    d.send(False, rec(f.STDERR, 1, b"PHP Warning: odd") + rec(f.STDOUT, 2, b"Status: 500\r\n\r\nboom")
+           + rec(f.STDOUT, 1, b"Content-type: text/plain\r\n\r\nhello") + end(2) + end(1))
+    post, get = d.spans
+    assert post.name == "POST" and post.status_code == StatusCode.ERROR
+    assert post.attributes["http.response.status_code"] == 500
+    assert post.attributes["http.request.body.size"] == 70_000
+    assert get.attributes["http.response.status_code"] == 200  # no Status: line
+    assert get.status_code == StatusCode.UNSET  # stderr alone is not an error
+    assert get.events and get.events[0].attributes["message"] == "PHP Warning: odd"
+
+
+def test_abort_and_protocol_status_are_errors() -> None:
+    d = Driver()
+    d.send(True, begin(3) + params(3, BASE) + rec(f.ABORT_REQUEST, 3))
+    d.send(False, end(3, app=1))
+    d.send(True, begin(4) + params(4, BASE))
+    d.send(False, end(4, proto=2))
+    a, o = d.spans
+    assert a.status_code == StatusCode.ERROR and a.attributes["error.type"] == "aborted"
+    assert o.status_code == StatusCode.ERROR and o.attributes["error.type"] == "OVERLOADED"
+
+
+def test_detect() -> None:
+    assert f.detect(LargeBuffer(begin(1)), None) == Detection.REQUEST
+    assert f.detect(LargeBuffer(rec(f.STDOUT, 1, b"x")), None) == Detection.RESPONSE
+    assert f.detect(LargeBuffer(begin(1)[:5]), None) == Detection.NEED_MORE
+    assert f.detect(LargeBuffer(b"GET / HTTP/1.1\r\n\r\n"), None) == Detection.NO
+    assert f.detect(LargeBuffer(b"\x02\x01\x00\x01\x00\x08\x00\x00\x00\x01"), None) == Detection.NO
+
+
+def test_declared_64k_with_10_bytes_sent_waits_bounded_and_is_counted_at_close() -> None:
+    d = Driver()
+    d.send(True, begin(1) + params(1, BASE))
+    d.send(False, struct.pack(">BBHHBB", 1, f.STDOUT, 1, 65535, 0, 0) + b"0123456789")
+    assert len(d.conn.server_buf) == 18 and not d.spans
+    d.session.close(d.ts, reset=True)
+    assert d.drops == ["no_end_request"]
+
+
+@pytest.mark.parametrize("data", [
+    b"\x02\x01\x00\x01\x00\x08\x00\x00" + b"\0" * 8,          # wrong version
+    b"\x01\x0f\x00\x01\x00\x00\x00\x00",                      # unknown record type
+])
+def test_malformed_records(data: bytes) -> None:
+    d = Driver()
+    with pytest.raises(ProtocolError):
+        d.send(True, data)
+
+
+def test_truncated_and_oversized_params() -> None:
+    d = Driver()
+    with pytest.raises(ProtocolError):
+        d.send(True, begin(1) + rec(f.PARAMS, 1, b"\x85\x00") + rec(f.PARAMS, 1))
+    d = Driver()
+    with pytest.raises(ProtocolError):
+        d.send(True, begin(1) + b"".join(rec(f.PARAMS, 1, b"\0" * 65535) for _ in range(5)))
+
+
+def _alloc(size: int) -> int:
+    d = Driver()
+    d.send(True, begin(1) + params(1, BASE) + rec(f.STDIN, 1))
+    out = rec(f.STDOUT, 1, b"Content-type: text/plain\r\n\r\n")
+    chunk = rec(f.STDOUT, 1, b"y" * 32768)
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        d.send(False, out)
+        for _ in range(size // 32768):
+            d.send(False, chunk, 1400)
+        d.send(False, end(1))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert d.spans[0].attributes["http.response.body.size"] == size // 32768 * 32768
+    return peak
+
+
+def test_allocation_is_flat_when_the_response_grows_100x() -> None:
+    small, large = _alloc(32768 * 2), _alloc(32768 * 200)
+    assert large < small * 1.5 + 4096, (small, large)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.binary(max_size=300), st.integers(1, 40))
+def test_fuzz_only_protocol_errors_escape(data: bytes, step: int) -> None:
+    d = Driver()
+    for side in (True, False):
+        try:
+            d.send(side, begin(1) + data if side else data, step)
+        except ProtocolError:
+            pass
+
+
+def test_real_nginx_php_fpm() -> None:
+    httpx = pytest.importorskip("httpx")
+    from tests.support.capture import tcpdump
+    from tests.support.php_fpm import nginx_php_fpm
+    from tests.support.replay import replay_spans
+
+    with nginx_php_fpm() as site, tcpdump(site.fpm_port) as pcap:
+        base = f"http://127.0.0.1:{site.http_port}"
+        with httpx.Client() as c:
+            assert c.get(f"{base}/index.php?q=1", headers={"traceparent": TP}).status_code == 200
+            assert c.post(f"{base}/index.php", content=b"a" * 10).status_code == 200
+            assert c.put(f"{base}/index.php?x=y", content=b"p").status_code == 200
+            assert c.delete(f"{base}/index.php").status_code == 200
+            assert c.post(f"{base}/index.php", content=b"z" * 2_000_000).status_code == 200
+            assert c.get(f"{base}/error.php").status_code == 500
+            assert c.get(f"{base}/stderr.php").status_code == 200
+            assert c.get(f"{base}/missing.php").status_code == 404
+            big = c.get(f"{base}/big.php")
+            assert len(big.content) == 300_000
+    spans = replay_spans(pcap)
+    got = [(s.attributes["http.request.method"], s.attributes["url.path"], s.attributes["http.response.status_code"])
+           for s in spans]
+    assert got == [("GET", "/index.php", 200), ("POST", "/index.php", 200), ("PUT", "/index.php", 200),
+                   ("DELETE", "/index.php", 200), ("POST", "/index.php", 200), ("GET", "/error.php", 500),
+                   ("GET", "/stderr.php", 200), ("GET", "/missing.php", 404), ("GET", "/big.php", 200)]
+    assert spans[0].attributes["url.query"] == "q=1"
+    assert spans[0].trace_id.hex() == "4bf92f3577b34da6a3ce929d0e0e4736"
+    assert spans[4].attributes["http.request.body.size"] == 2_000_000
+    assert spans[5].status_code == StatusCode.ERROR
+    assert spans[6].status_code == StatusCode.UNSET and spans[6].events
+    assert "something odd happened" in spans[6].events[0].attributes["message"]
+    assert spans[8].attributes["http.response.body.size"] == 300_000
+    for s in spans:
+        assert s.kind == SpanKind.SERVER and s.attributes["server.port"] == site.http_port
