@@ -234,3 +234,10 @@ def test_message_allocation_is_flat() -> None:
     small = peak(100_000)
     large = peak(10_000_000)
     assert large < small + 4096, (small, large)
+
+
+def test_status_unknown_is_not_guessed() -> None:
+    name, attrs, status, _ = grpc.rpc_fields("/a.B/C", SpanKind.SERVER, None, None, 200, False, False, None,
+                                               None, None, status_unknown=True)
+    assert name == "a.B/C" and "rpc.response.status_code" not in attrs and status == StatusCode.UNSET
+    assert "wirespan.grpc.request.message_count" not in attrs

@@ -537,3 +537,18 @@ def test_pickup_starting_inside_a_frame() -> None:
     drv.feed(True, client_later)
     drv.feed(False, server_tail + b"".join(d for fc, d in p.log[start:] if not fc))
     assert [s.attributes.get("url.path") for s in drv.spans] == ["/next"]
+
+
+def test_detect_literal_pseudo_header_names() -> None:
+    """grpc-c starts blocks with ':path' as a literal with a new name (raw or Huffman)."""
+    from hpack.huffman import HuffmanEncoder
+    from hpack.huffman_constants import REQUEST_CODES, REQUEST_CODES_LENGTH
+
+    hname = HuffmanEncoder(REQUEST_CODES, REQUEST_CODES_LENGTH).encode(b":path")
+    for name in (b"\x05:path", bytes([0x80 | len(hname)]) + hname):
+        hf = frame(http2.HEADERS, 0x4, 5, b"\x40" + name + b"\x06/a.B/C")
+        assert detect(LargeBuffer(hf), None) == Detection.REQUEST
+    blk = b"\x40\x07:status\x03200"
+    assert detect(LargeBuffer(frame(http2.HEADERS, 0x4, 5, blk)), None) == Detection.RESPONSE
+    blk = b"\x40\x04x-yz\x01a"
+    assert detect(LargeBuffer(frame(http2.HEADERS, 0x4, 5, blk)), None) == Detection.NO

@@ -191,15 +191,18 @@ def rpc_fields(
     reset: bool,
     timed_out: bool,
     grpc_timeout: str | None,
-    req_messages: int,
-    resp_messages: int,
+    req_messages: int | None,
+    resp_messages: int | None,
+    status_unknown: bool = False,
 ) -> tuple[str, dict[str, AttrValue], StatusCode, str]:
     """Span name, attributes, status and status message of one gRPC call.
 
     The status comes from the grpc-status trailer; failing that, a stream
     reset is CANCELLED (DEADLINE_EXCEEDED when the caller's grpc-timeout had
     passed: that is why a client resets), and failing that, the HTTP status
-    mapped per http-grpc-status-mapping.md.
+    mapped per http-grpc-status-mapping.md. ``status_unknown``: the status
+    field was there but undecodable (mid-stream pickup): no status is reported
+    rather than a guessed one.
     """
     method = path[1:] if path and path.startswith("/") else (path or "")
     name = method or "grpc"
@@ -213,13 +216,18 @@ def rpc_fields(
     attrs: dict[str, AttrValue] = {"rpc.system.name": "grpc"}
     if method:
         attrs["rpc.method"] = method
-    attrs["rpc.response.status_code"] = code_name
+    if status_unknown:
+        code = OK  # for the error rules below: nothing known to be wrong
+    else:
+        attrs["rpc.response.status_code"] = code_name
     attrs["network.protocol.version"] = "2"
     if grpc_timeout is not None:
         # OTel semconv rpc.grpc.request.metadata.<key>: metadata values as a string array.
         attrs["rpc.grpc.request.metadata.grpc-timeout"] = [grpc_timeout]
-    attrs["wirespan.grpc.request.message_count"] = req_messages
-    attrs["wirespan.grpc.response.message_count"] = resp_messages
+    if req_messages is not None:  # None: the stream was not known as gRPC from its start
+        attrs["wirespan.grpc.request.message_count"] = req_messages
+    if resp_messages is not None:
+        attrs["wirespan.grpc.response.message_count"] = resp_messages
     if kind == SpanKind.SERVER:
         err = code in SERVER_ERROR_CODES
     else:

@@ -35,6 +35,7 @@ this session on the same ``Conn`` and buffers) and
 
 from __future__ import annotations
 
+import re
 import struct
 from collections import deque
 from typing import Any
@@ -129,6 +130,8 @@ _WANTED = frozenset({
 #: Never exported, whatever future options ask for (credentials).
 _NEVER = frozenset({b"authorization", b"proxy-authorization", b"cookie", b"set-cookie"})
 
+#: gRPC's path: /{package.Service}/{Method} (PROTOCOL-HTTP2 "Path").
+_GRPC_PATH = re.compile(r"/[A-Za-z_][\w.]*/[A-Za-z_]\w*\Z")
 _KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"})
 _STATIC = HeaderTable.STATIC_TABLE
 _STATIC_LEN = len(_STATIC)  # 61
@@ -189,6 +192,16 @@ def _block_side(buf: LargeBuffer, off: int, length: int, flags: int) -> Detectio
             return Detection.REQUEST
         if 8 <= idx <= 14:
             return Detection.RESPONSE
+        if idx == 0 and not b & 0x80 and b & 0x0F == 0 and b in (0x00, 0x10, 0x40):
+            # a literal with a new name: read the name (it may be Huffman-coded)
+            try:
+                name, _ = _str(buf.view_at(p + 1, end - p - 1), 0, p + 1)
+            except ProtocolError:
+                return Detection.NO
+            if name in (b":method", b":path", b":scheme", b":authority"):
+                return Detection.REQUEST
+            if name == b":status":
+                return Detection.RESPONSE
         return Detection.NO
     return Detection.NO
 
@@ -462,6 +475,7 @@ class _Stream:
         "req_done",
         "req_msgs",
         "req_partial",
+        "resp_partial",
         "req_seen",
         "resp",
         "resp_body",
@@ -469,6 +483,7 @@ class _Stream:
         "resp_status",
         "sid",
         "start_ns",
+        "trailer_block",
         "trailers",
     )
 
@@ -480,6 +495,8 @@ class _Stream:
         self.trailers: dict[bytes, str] = {}
         self.req_seen = False
         self.req_partial = False
+        self.resp_partial = False  #: a response/trailer field could not be decoded
+        self.trailer_block = False
         self.resp_status: int | None = None
         self.req_body = 0
         self.resp_body = 0
@@ -860,12 +877,15 @@ class H2Session(_BaseSession):
             else:
                 st.resp_status = 0  # undecodable status: keep going, report none
             st.resp = fields
+            st.resp_partial |= partial
             if st.grpc or grpc.is_grpc(fields.get(b"content-type")):
                 if st.resp_msgs is None:
                     st.resp_msgs = grpc.MessageCounter()
                 st.grpc = True
         else:
             st.trailers = fields
+            st.trailer_block = True
+            st.resp_partial |= partial
         if end_stream:
             self._end_stream(False, sid, ts)
 
@@ -942,10 +962,16 @@ class H2Session(_BaseSession):
         kind = conn.kind_for(SpanKind.SERVER, SpanKind.CLIENT)
         start = st.start_ns or end_ns
         traceparent = req.get(b"traceparent")
-        if st.grpc:
-            trailers = st.trailers or st.resp
+        trailers = st.trailers or st.resp
+        # Picked up mid-stream, content-type may have been an unknown table
+        # entry: a grpc-status, or a /pkg.Service/Method path answered with
+        # trailers, still marks the call as gRPC.
+        if st.grpc or b"grpc-status" in trailers or (
+                st.req_partial and b"content-type" not in req and st.trailer_block
+                and _GRPC_PATH.match(req.get(b":path", "")) is not None):
             gs = trailers.get(b"grpc-status")
             code = int(gs) if gs is not None and gs.isdigit() and len(gs) <= 3 else None
+            unknown = code is None and st.resp_partial and reset_code is None and not closed
             gm = trailers.get(b"grpc-message")
             timeout = req.get(b"grpc-timeout")
             tns = grpc.parse_timeout_ns(timeout)
@@ -956,7 +982,8 @@ class H2Session(_BaseSession):
             name, attrs, status, msg = grpc.rpc_fields(
                 req.get(b":path"), kind, code, grpc.percent_decode(gm) if gm else None,
                 st.resp_status or None, reset, timed_out, timeout,
-                st.req_msgs.messages if st.req_msgs else 0, st.resp_msgs.messages if st.resp_msgs else 0,
+                st.req_msgs.messages if st.req_msgs else None, st.resp_msgs.messages if st.resp_msgs else None,
+                status_unknown=unknown,
             )
             _server_addr(attrs, req.get(b":authority"))
             conn.emit(conn.span(name, kind, start, end_ns, attrs, traceparent, status, msg))
