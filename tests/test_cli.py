@@ -297,3 +297,30 @@ def test_replay_undelivered_is_nonzero_and_named(tmp_path: Path) -> None:
     r = replay_fake(tmp_path, "lose: true")
     assert r.returncode == 1
     assert "error: exporters::recording: 10 of 10 spans not delivered" in r.stderr
+
+
+def test_json_logs_and_merged_configs(tmp_path: Path) -> None:
+    """Two --config files merged in order plus --set; logs as JSON lines on stderr."""
+    out = tmp_path / "out.jsonl"
+    base = tmp_path / "base.yaml"
+    base.write_text(f"""
+receivers:
+  src: {{class: "tests.support.pipeline_fakes:FakeFiniteReceiver", events: 4, per_batch: 4}}
+processors:
+  ev: {{class: "tests.support.pipeline_fakes:FakeEventProcessor"}}
+exporters:
+  rec: {{class: "tests.support.pipeline_fakes:RecordingExporter", path: "{tmp_path / 'never.jsonl'}"}}
+service:
+  telemetry: {{metrics: {{address: ""}}, health: {{address: ""}}}}
+  pipelines:
+    traces: {{receivers: [src], processors: [ev], exporters: [rec]}}
+""")
+    over = tmp_path / "over.yaml"
+    over.write_text(f'exporters:\n  rec:\n    path: "{out}"\nservice:\n  telemetry:\n    logs: {{encoding: json}}\n')
+    r = cli("run", "--config", str(base), "--config", str(over), "--set", "receivers.src.events=9")
+    assert r.returncode == 0, r.stderr
+    assert sum(json.loads(x)["n"] for x in out.read_text().splitlines()) == 9
+    assert not (tmp_path / "never.jsonl").exists()
+    records = [json.loads(x) for x in r.stderr.splitlines() if x.strip()]
+    assert records and all({"ts", "level", "logger", "msg"} <= set(rec) for rec in records)
+    assert any(rec["msg"] == "pipelines running: traces" for rec in records)
