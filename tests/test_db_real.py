@@ -168,3 +168,47 @@ def test_mariadb_pymysql_and_mysql_connector(maria):
     assert all(sp.attributes["server.port"] == m.port for sp in spans)
     assert all("secret" not in str(sp.attributes) for sp in spans)
     assert not pstats["drops"], pstats
+
+
+def test_postgresql_picked_up_mid_stream(pg_server):
+    """The capture starts after the connection's startup: detection by message framing."""
+    s = pg_server
+    with psycopg.connect(s.dsn(), autocommit=True) as c:
+        c.execute("CREATE TABLE mid (a int)")
+        with tcpdump(s.port) as path:
+            c.execute("INSERT INTO mid VALUES (%s)", (1,))
+            c.execute("SELECT a FROM mid WHERE a = 5").fetchall()
+            c.execute("SELECT a FROM mid WHERE a = %s", (1,)).fetchall()
+    spans, _, pstats = replay(path)
+    assert _rows(spans) == [
+        ("INSERT mid", "INSERT", "mid", None, "INSERT INTO mid VALUES ($1)", None),
+        ("SELECT mid", "SELECT", "mid", None, "SELECT a FROM mid WHERE a = ?", None),
+        ("SELECT mid", "SELECT", "mid", None, "SELECT a FROM mid WHERE a = $1", None),
+    ]
+    assert spans[2].attributes["db.response.returned_rows"] == 1
+    assert all(sp.attributes["server.port"] == s.port for sp in spans)
+    assert not pstats["drops"], pstats
+
+
+def test_mariadb_picked_up_mid_stream(maria):
+    m = maria
+    c = pymysql.connect(host=m.host, port=m.port, user=m.user, password=m.password, database=m.database,
+                        autocommit=True)
+    cur = c.cursor()
+    cur.execute("CREATE TABLE mid (a INT)")
+    with tcpdump(m.port) as path:
+        cur.execute("INSERT INTO mid VALUES (%s)", (1,))
+        cur.execute("SELECT a FROM mid WHERE a = %s", (1,))
+        assert cur.fetchall() == ((1,),)
+        cur.execute("SELECT a FROM mid")
+        cur.fetchall()
+    c.close()
+    spans, _, pstats = replay(path)
+    assert _rows(spans) == [
+        ("INSERT mid", "INSERT", "mid", None, "INSERT INTO mid VALUES (?)", None),
+        ("SELECT mid", "SELECT", "mid", None, "SELECT a FROM mid WHERE a = ?", None),
+        ("SELECT mid", "SELECT", "mid", None, "SELECT a FROM mid", None),
+    ]
+    assert [sp.attributes.get("db.response.returned_rows") for sp in spans] == [None, 1, 1]
+    assert all(sp.attributes["server.port"] == m.port for sp in spans)
+    assert not pstats["drops"], pstats

@@ -15,6 +15,7 @@ import shutil
 import signal
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -92,6 +93,12 @@ def postgres_server(ssl: bool = False, conf: dict[str, str] | None = None) -> It
         except TimeoutError:
             log.flush()
             raise RuntimeError(open(os.path.join(tmp, "server.log")).read()[-2000:]) from None
+        # The port accepts before recovery ends ("the database system is starting up").
+        deadline = time.monotonic() + 30
+        while subprocess.run([f"{bindir}/pg_isready", "-q", "-h", tmp, "-p", str(port)]).returncode != 0:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise RuntimeError(open(os.path.join(tmp, "server.log")).read()[-2000:])
+            time.sleep(0.05)
         yield PgServer("127.0.0.1", port, USER, "postgres", proc.pid, data)
     finally:
         if proc.poll() is None:
