@@ -81,11 +81,11 @@ _FIELD_LINE = rb"[" + _TCHAR + rb"]+:[\t\x20-\x7e\x80-\xff]*\r\n"
 _ANY_HEADERS = re.compile(rb"(?:" + _FIELD_LINE + rb")*\r\n")
 # Only the fields we use; the leading CRLF anchors each match at a line start.
 _INTEREST = re.compile(
-    rb"\r\n(content-length|transfer-encoding|connection|upgrade|host|user-agent|traceparent)"
+    rb"\r\n(content-length|transfer-encoding|upgrade|host|user-agent|traceparent)"
     rb"[ \t]*:[ \t]*([^\r\n]*)", re.IGNORECASE)
-_CL, _TE, _CONN, _UPGRADE, _HOST, _UA, _TP = range(7)
+_CL, _TE, _UPGRADE, _HOST, _UA, _TP = range(6)
 _FIELD_IDS = {n: i for i, n in enumerate(
-    (b"content-length", b"transfer-encoding", b"connection", b"upgrade", b"host", b"user-agent", b"traceparent"))}
+    (b"content-length", b"transfer-encoding", b"upgrade", b"host", b"user-agent", b"traceparent"))}
 _DIGITS = re.compile(rb"[0-9]{1,18}\Z")
 _CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]{1,%d})[ \t]*(?:;[^\r\n]*)?\Z" % MAX_CHUNK_SIZE_DIGITS)
 
@@ -267,19 +267,26 @@ class _Request:
         "version",
     )
 
-    def __init__(self) -> None:
-        self.method = ""
-        self.method_original: str | None = None
-        self.target = b""
-        self.version = "1.1"
-        self.start_ts = 0
+    def __init__(self, method: bytes, target: bytes, minor: bytes, start_ts: int, host: bytes | None,
+                 user_agent: bytes | None, traceparent: bytes | None, upgrade: bytes | None) -> None:
+        known = _KNOWN_METHODS.get(method)
+        if known is None:
+            self.method = "_OTHER"
+            self.method_original: str | None = method.decode("ascii", "replace")
+            self.head = self.connect = False
+        else:
+            self.method = known
+            self.method_original = None
+            self.head = known == "HEAD"
+            self.connect = known == "CONNECT"
+        self.target = target  # small field kept for the span
+        self.version = "1.1" if minor == b"1" else "1.0"
+        self.start_ts = start_ts
         self.body_size = 0
-        self.host: bytes | None = None
-        self.user_agent: bytes | None = None
-        self.traceparent: bytes | None = None
-        self.upgrade: bytes | None = None
-        self.head = False
-        self.connect = False
+        self.host = host
+        self.user_agent = user_agent
+        self.traceparent = traceparent
+        self.upgrade = upgrade
         self.chunked = False
 
 
@@ -330,8 +337,6 @@ def _fields(view: memoryview, start: int, end: int) -> _Fields:
             chunked = value.rsplit(b",", 1)[-1].strip().lower() == b"chunked"
         elif fid == _UPGRADE:
             upgrade = value.split(b",", 1)[0].strip().lower()
-        # Connection is not needed: a body without a length is recognised by its
-        # framing and ends with the FIN, whatever the header said.
     return length, te, chunked, upgrade, host, ua, tp
 
 
@@ -478,23 +483,8 @@ class Http1Session(_BaseSession):
     def _request(self, buf: LargeBuffer, view: memoryview, m: re.Match[bytes]) -> None:
         end = m.end()
         length, te, chunked, upgrade, host, ua, tp = _fields(view, m.start(4) - 2, end - 2)
-        req = _Request()
-        method = m.group(1)
-        known = _KNOWN_METHODS.get(method)
-        if known is None:
-            req.method = "_OTHER"
-            req.method_original = method.decode("ascii", "replace")
-        else:
-            req.method = known
-            req.head = known == "HEAD"
-            req.connect = known == "CONNECT"
-        req.target = m.group(2)  # small field kept for the span
-        req.version = "1.1" if m.group(3) == b"1" else "1.0"
-        req.start_ts = buf.ts_at(0)
-        req.host = host
-        req.user_agent = ua
-        req.traceparent = tp
-        req.upgrade = upgrade
+        method, target, minor = m.group(1, 2, 3)
+        req = _Request(method, target, minor, buf.ts_at(0), host, ua, tp, upgrade)
         buf.release(end)
         if len(self._pending) >= self.settings.max_pending_requests:
             self._pending.popleft()

@@ -168,6 +168,7 @@ Config.__doc__ = "Options of the ``protocols`` stage (see processors/protocols/R
 
 # Connection modes.
 _DETECTING, _PARSING, _IGNORED = 0, 1, 2
+_DATA = EventKind.DATA
 
 
 class _State:
@@ -273,8 +274,29 @@ class ProtocolsProcessor(EventProcessor):
     def consume_events(self, events: list[TcpEvent]) -> None:
         with self._lock:
             out = self._out = []
+            conns = self._conns
+            max_msg = self.config.max_message_bytes
             for ev in events:
                 try:
+                    # Fast path: data on a connection already being parsed (most events).
+                    if ev.kind == _DATA and ev.egress is None:
+                        cid = ev.conn_id
+                        st = conns.get(cid)
+                        if st is not None and st.mode == _PARSING:
+                            conns.move_to_end(cid)
+                            ts = ev.ts_ns
+                            if ts > st.last_ts:
+                                st.last_ts = ts
+                            payload = ev.payload
+                            if payload is not None and len(payload):
+                                side = 0 if (ev.sport == st.a_port and ev.src == st.a_addr) else 1
+                                buf = st.bufs[side]
+                                buf.append(payload, ts)
+                                if len(buf) <= max_msg:
+                                    self._feed(cid, st, side, ts)
+                                else:
+                                    self._too_large(st, side, ev)
+                            continue
                     self._event(ev)
                 except Exception:  # a bug: never let it escape; abandon the connection
                     self._internal_error(ev.conn_id)
@@ -373,13 +395,17 @@ class ProtocolsProcessor(EventProcessor):
             return
         buf = st.bufs[side]
         buf.append(payload, ev.ts_ns)
-        from_client = side == st.client_side
         if len(buf) > self.config.max_message_bytes:
-            self._drop(st.conn.protocol, "message_too_large")  # type: ignore[union-attr]
-            buf.reset()
-            self._guard(ev.conn_id, st, lambda: st.session.gap(from_client, ev.ts_ns))  # type: ignore[union-attr]
+            self._too_large(st, side, ev)
             return
         self._feed(ev.conn_id, st, side, ev.ts_ns)
+
+    def _too_large(self, st: _State, side: int, ev: TcpEvent) -> None:
+        """An incomplete message outgrew ``max_message_bytes``: drop it and resync."""
+        from_client = side == st.client_side
+        self._drop(st.conn.protocol, "message_too_large")  # type: ignore[union-attr]
+        st.bufs[side].reset()
+        self._guard(ev.conn_id, st, lambda: st.session.gap(from_client, ev.ts_ns))  # type: ignore[union-attr]
 
     def _feed(self, cid: Any, st: _State, side: int, ts: int) -> None:
         conn = st.conn
@@ -387,7 +413,8 @@ class ProtocolsProcessor(EventProcessor):
         assert conn is not None and session is not None
         buf = st.bufs[side]
         from_client = side == st.client_side
-        before = len(self._out)
+        out = self._out
+        before = len(out)
         try:
             session.feed(from_client, buf, ts)
         except ProtocolError as e:
@@ -396,7 +423,7 @@ class ProtocolsProcessor(EventProcessor):
         except Exception:
             self._internal_error(cid)
             return
-        if len(self._out) > before:
+        if st.errors and len(out) > before:
             st.errors = 0
         if conn.extra and "switch_to" in conn.extra:
             self._switch(cid, st, ts)
