@@ -336,7 +336,7 @@ def test_limits_streams_and_header_list() -> None:
     assert "too_many_streams" in drv.drops
     assert len(drv.session.streams) == 0
     # a header block larger than the limit: skipped and counted, never gathered
-    drv = Driver(Settings(max_header_list_size=1024))
+    drv = Driver(Settings(max_header_list_size=4096))
     big = hpack.Encoder().encode([(b":method", b"GET"), (b":path", b"/big"),
                                   (b"x-big", os.urandom(3000).hex().encode())])
     drv.feed(True, PREFACE + frame(http2.HEADERS, 0, 1, big[:800]) + frame(http2.CONTINUATION, 0, 1, big[800:1600])
@@ -552,3 +552,13 @@ def test_detect_literal_pseudo_header_names() -> None:
     assert detect(LargeBuffer(frame(http2.HEADERS, 0x4, 5, blk)), None) == Detection.RESPONSE
     blk = b"\x40\x04x-yz\x01a"
     assert detect(LargeBuffer(frame(http2.HEADERS, 0x4, 5, blk)), None) == Detection.NO
+
+
+def test_settings_validation() -> None:
+    import pydantic
+    import pytest
+
+    assert Settings().max_streams == http2.MAX_STREAMS
+    for bad in ({"max_streams": 0}, {"max_header_list_size": 10}, {"max_stream": 5}):
+        with pytest.raises(pydantic.ValidationError):
+            Settings(**bad)

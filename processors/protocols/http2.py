@@ -42,6 +42,7 @@ from typing import Any
 
 from hpack import huffman_table as _hufft
 from hpack.table import HeaderTable
+from pydantic import Field
 
 from service.largebuf import LargeBuffer
 from service.model import AttrValue, SpanKind, StatusCode
@@ -140,10 +141,11 @@ _STATIC_LEN = len(_STATIC)  # 61
 class Settings(ProtocolSettings):
     """Options under ``processors: protocols: http2:``."""
 
-    #: Largest header block gathered across CONTINUATION frames (bytes).
-    max_header_list_size: int = MAX_HEADER_LIST_SIZE
+    #: Largest header block gathered across CONTINUATION frames (bytes); at
+    #: least the 4 KiB every peer must accept, at most one full-size frame.
+    max_header_list_size: int = Field(MAX_HEADER_LIST_SIZE, ge=4096, le=MAX_FRAME_SIZE)
     #: Streams tracked per connection; more are counted as ``too_many_streams``.
-    max_streams: int = MAX_STREAMS
+    max_streams: int = Field(MAX_STREAMS, ge=1, le=100_000)
 
 
 # -- detection ------------------------------------------------------------------
