@@ -191,3 +191,28 @@ def test_default_config_validates_with_builtins() -> None:
     assert cfg.pipelines["traces"].processors == ["protocols", "batch"]
     assert cfg.receivers["pcap"].config.path == str(p.parent / "samples" / "http-sample.pcap")
     assert os.path.isabs(cfg.receivers["pcap"].config.path)
+
+
+# -- hostile input: anything YAML can express gives a ConfigError, never another exception --
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_scalars = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False),
+                     st.sampled_from(["", "batch", "debug", "fake_events", "fake_finite", "traces", "x/y",
+                                      "${env:HOME}", "$$", "${", "200ms", "class", "pkg.mod:Cls"]),
+                     st.text(max_size=8))
+_keys = st.one_of(st.sampled_from(["receivers", "processors", "exporters", "service", "pipelines", "telemetry",
+                                   "extensions", "batch", "debug", "fake_finite", "fake_events", "traces",
+                                   "class", "timeout", "verbosity", "metrics", "address"]),
+                  st.text(max_size=6), st.integers())
+_values = st.recursive(_scalars, lambda inner: st.one_of(st.lists(inner, max_size=4),
+                                                         st.dictionaries(_keys, inner, max_size=4)), max_leaves=20)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(raw=st.dictionaries(_keys, _values, max_size=5))
+def test_fuzz_validate_never_crashes(raw: dict, reg: Registry) -> None:
+    try:
+        c.validate(c.expand(raw), reg)
+    except ConfigError as e:
+        assert e.errors and all(isinstance(m, str) for m in e.errors)
