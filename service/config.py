@@ -234,7 +234,8 @@ class MetricsTelemetry(_Strict):
     #: host:port of the Prometheus endpoint; "" turns it off.
     address: str = "localhost:8888"
     path: str = "/metrics"
-    #: "none" turns the endpoint off (the Collector's metrics levels otherwise).
+    #: "none" turns the endpoint off; the Collector's other levels are accepted and
+    #: currently export the same set.
     level: Literal["none", "basic", "normal", "detailed"] = "normal"
 
 
