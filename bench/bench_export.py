@@ -13,6 +13,9 @@ the same run, medians of several repeats:
    ``OTLPSpanExporter.export`` (encode + send) on the same spans.
 3. Sending-queue storage, 512-span requests: the append-only segment log vs sqlite3
    (WAL, synchronous=NORMAL, one transaction per request), put and get+ack per second.
+4. End to end on one core: the small-HTTP-exchange capture (bench/gen_http_capture.py,
+   100 connections x 500 GETs = 50k spans) through the real runtime, pcap -> protocols ->
+   batch -> otlp (gzip) -> the endpoint: spans/s of wall time and of this process's CPU time.
 """
 
 from __future__ import annotations
@@ -222,6 +225,35 @@ def bench_queue() -> dict[str, tuple[float, float]]:
     return out, len(req)
 
 
+def bench_end_to_end(endpoint: str, counter: Any) -> tuple[int, float, float]:
+    from bench.gen_http_capture import generate
+    from service import config as c
+    from service.pipeline import Service
+    with tempfile.TemporaryDirectory() as d:
+        cap = os.path.join(d, "http.pcap")
+        generate(cap)
+        raw = {
+            "receivers": {"pcap": {"path": cap}},
+            "processors": {"protocols": {}, "batch": {"timeout": "200ms", "send_batch_size": 8192}},
+            "exporters": {"otlp": {"endpoint": endpoint, "tls": {"insecure": True}}},
+            "service": {"pipelines": {"traces": {"receivers": ["pcap"], "processors": ["protocols", "batch"],
+                                                 "exporters": ["otlp"]}},
+                        "telemetry": {"metrics": {"address": ""}, "health": {"address": ""}}},
+        }
+        runs = []
+        for _ in range(3):
+            base = counter.value
+            svc = Service(c.validate(raw))
+            t, cpu = time.perf_counter(), time.process_time()
+            svc.start()
+            svc.wait_receivers(600)
+            svc.shutdown()
+            wall, cpu = time.perf_counter() - t, time.process_time() - cpu
+            runs.append((counter.value - base, wall, cpu))
+        n = runs[0][0]
+        return n, statistics.median(r[0] / r[1] for r in runs), statistics.median(r[0] / r[2] for r in runs)
+
+
 def main() -> None:
     _pin(0)
     print(f"1. encoding, 512-span batches (µs/span, median of {REPEATS})")
@@ -238,6 +270,7 @@ def main() -> None:
     try:
         endpoint = f"127.0.0.1:{port_q.get(timeout=30)}"
         tp = bench_throughput(endpoint, counter)
+        e2e = bench_end_to_end(endpoint, counter)
     finally:
         stop_ev.set()
         proc.join(10)
@@ -254,6 +287,9 @@ def main() -> None:
     for label, (put, get) in q.items():
         print(f"   {label:<20} put {put:8.0f}/s (x{put / base_put:4.2f})   "
               f"get+ack {get:8.0f}/s (x{get / base_get:4.2f})")
+    n, per_wall, per_cpu = e2e
+    print(f"4. end to end, capture -> protocols -> batch -> otlp: {n} spans per run (median of 3)")
+    print(f"   {per_wall:10.0f} spans/s wall time (pinned to one core)   {per_cpu:10.0f} spans/s per CPU-second")
 
 
 if __name__ == "__main__":

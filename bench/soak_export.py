@@ -1,0 +1,101 @@
+"""Soak: replay a capture in a loop into a local OTLP/gRPC endpoint; RSS must stay flat.
+
+Run: ``python -m bench.soak_export [--minutes 10] [--interval 10]``. The real runtime
+runs pcap (``loop: true``) -> protocols -> batch -> otlp (gzip, in-memory queue) into
+a grpcio endpoint in another process (the small-HTTP-exchange capture of
+bench/gen_http_capture.py, 20 connections x 500 GETs). Every ``interval`` seconds it
+prints this process's RSS and the spans sent/received so far; at the end, the RSS
+spread after the first minute of warm-up (must be within 10 %) and the drop counters
+(must be zero: a looping capture is a finite producer, so a full queue waits).
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from bench.bench_export import _pin, _sink_proc
+
+WARMUP_S = 60.0
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def rss_mib() -> float:
+    with open("/proc/self/statm", "rb") as f:
+        return int(f.read().split()[1]) * _PAGE / (1 << 20)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--minutes", type=float, default=10.0)
+    ap.add_argument("--interval", type=float, default=10.0)
+    args = ap.parse_args(argv)
+    _pin(0)
+    from bench.gen_http_capture import generate
+    from service import config as c
+    from service import telemetry as tm
+    from service.pipeline import Service
+
+    ctx = mp.get_context("spawn")
+    port_q, stop_ev, counter = ctx.Queue(), ctx.Event(), ctx.Value("q", 0)
+    proc = ctx.Process(target=_sink_proc, args=(port_q, stop_ev, counter), daemon=True)
+    proc.start()
+    d = tempfile.mkdtemp()
+    cap = os.path.join(d, "http.pcap")
+    generate(cap, connections=20, requests=500)
+    endpoint = f"127.0.0.1:{port_q.get(timeout=30)}"
+    raw = {
+        "receivers": {"pcap": {"path": cap, "loop": True}},
+        "processors": {"protocols": {}, "batch": {"timeout": "200ms", "send_batch_size": 8192}},
+        "exporters": {"otlp": {"endpoint": endpoint, "tls": {"insecure": True}}},
+        "service": {"pipelines": {"traces": {"receivers": ["pcap"], "processors": ["protocols", "batch"],
+                                             "exporters": ["otlp"]}},
+                    "telemetry": {"metrics": {"address": ""}, "health": {"address": ""}}},
+    }
+    svc = Service(c.validate(raw))
+    t0 = time.monotonic()
+    svc.start()
+    samples: list[tuple[float, float]] = []
+    print(f"{'t(s)':>6} {'RSS MiB':>8} {'sent':>10} {'received':>10} {'spans/s':>8}", flush=True)
+    last_n, last_t = 0, t0
+    try:
+        while time.monotonic() - t0 < args.minutes * 60:
+            time.sleep(args.interval)
+            now = time.monotonic()
+            r = rss_mib()
+            sent = tm.REGISTRY.get_sample_value("wirespan_exporter_sent_spans_total", {"exporter": "otlp"}) or 0
+            got = counter.value
+            samples.append((now - t0, r))
+            print(f"{now - t0:6.0f} {r:8.1f} {sent:10.0f} {got:10d} {(got - last_n) / (now - last_t):8.0f}",
+                  flush=True)
+            last_n, last_t = got, now
+    finally:
+        svc.shutdown()
+        time.sleep(1)
+        stop_ev.set()
+        proc.join(10)
+    after = [r for t, r in samples if t >= WARMUP_S] or [r for _, r in samples]
+    lo, hi = min(after), max(after)
+    spread = (hi - lo) / lo * 100
+    g = tm.REGISTRY.get_sample_value
+    dropped = {
+        "enqueue_failed": g("wirespan_exporter_enqueue_failed_spans_total", {"exporter": "otlp"}) or 0,
+        "send_failed": sum(g("wirespan_exporter_send_failed_spans_total", {"exporter": "otlp", "reason": r}) or 0
+                           for r in ("shutdown", "retries_exhausted", "UNAVAILABLE", "rejected", "internal")),
+    }
+    sent = g("wirespan_exporter_sent_spans_total", {"exporter": "otlp"}) or 0
+    print(f"RSS after warm-up: {lo:.1f}..{hi:.1f} MiB (spread {spread:.1f} %, limit 10 %); "
+          f"sent {sent:.0f}, received {counter.value}, drops {dropped}")
+    ok = spread <= 10.0 and not any(dropped.values()) and sent == counter.value
+    print("PASS" if ok else "FAIL")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
