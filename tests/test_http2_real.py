@@ -166,3 +166,14 @@ def test_fixtures_agree_with_tshark() -> None:
             else:
                 got.append((a["url.path"], a["http.response.status_code"], None))
         assert sorted(got) == want, name
+
+
+def test_stage_config_options() -> None:
+    """Options under processors: protocols: http2: reach the session; typos are errors."""
+    import pytest
+
+    pcap = FIXTURES / "grpc_calls.pcap"
+    spans, _, stats = replay(pcap, {"http2": {"max_streams": 1}})
+    assert len(spans) == 5 and not stats.get("drops")  # grpcio runs one call at a time
+    with pytest.raises(Exception, match="max_stream"):
+        replay(pcap, {"http2": {"max_stream": 1}})
