@@ -403,3 +403,37 @@ def test_regression_header_only_packet_before_greeting():
     d.feed(True, query("SELECT 1"))
     d.feed(False, OK())
     assert not d.errors and [s.name for s in d.spans] == ["SELECT"]
+
+
+def _alloc_query(size: int) -> int:
+    d = Driver(my, port=3306)
+    connect(d)
+    q = query("INSERT INTO t VALUES ('" + "s" * size + "')")
+    chunks = [q[i:i + 8192] for i in range(0, len(q), 8192)]
+    cli = d.conn.client_buf
+    gc.collect()
+    tracemalloc.start()
+    for c in chunks:
+        cli.append(c, 0)
+        d.session.feed(True, cli, 0)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    d.feed(False, OK())
+    assert d.spans[-1].name == "INSERT t"
+    return peak
+
+
+def test_allocation_is_flat_when_query_grows_100x():
+    small, large = _alloc_query(20_000), _alloc_query(2_000_000)
+    assert large < small * 1.5 + 4096, (small, large)
+
+
+def test_mariadb_bulk_execute_carries_the_prepared_text():
+    d = Driver(my, port=3306)
+    connect(d)
+    d.feed(True, pkt(b"\x16INSERT INTO t VALUES (?)", 0))
+    d.feed(False, pkt(b"\0" + struct.pack("<IHHBH", 3, 0, 1, 0, 0), 1) + pkt(coldef("?"), 2))
+    d.feed(True, pkt(b"\xfa" + struct.pack("<IH", 3, 0x80) + b"\x08\0" + b"\0" + struct.pack("<q", 1), 0))
+    d.feed(False, OK())
+    assert [s.name for s in d.spans] == ["INSERT t"]
+    assert d.spans[0].attributes["db.query.text"] == "INSERT INTO t VALUES (?)"

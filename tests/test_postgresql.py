@@ -458,3 +458,26 @@ def test_recorded_session_any_chunking(chunk):
                      "SELECT orders", "SELECT orders", "UPDATE orders", "SELECT orders", "COPY orders",
                      "COPY orders", "SELECT nosuch", "ROLLBACK", "DEALLOCATE"]
     assert not d.drops and not d.errors
+
+
+def _alloc_query(size: int) -> int:
+    d = Driver(pg)
+    connect(d)
+    q = Q("INSERT INTO t VALUES ('" + "s" * size + "')")
+    chunks = [q[i:i + 8192] for i in range(0, len(q), 8192)]
+    cli = d.conn.client_buf
+    gc.collect()
+    tracemalloc.start()
+    for c in chunks:
+        cli.append(c, 0)
+        d.session.feed(True, cli, 0)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    d.feed(False, DONE("INSERT 0 1") + READY)
+    assert d.spans[-1].name == "INSERT t"
+    return peak
+
+
+def test_allocation_is_flat_when_query_grows_100x():
+    small, large = _alloc_query(20_000), _alloc_query(2_000_000)
+    assert large < small * 1.5 + 4096, (small, large)

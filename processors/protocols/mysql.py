@@ -74,6 +74,8 @@ COM_STMT_RESET = 0x1A
 COM_SET_OPTION = 0x1B
 COM_STMT_FETCH = 0x1C
 COM_RESET_CONNECTION = 0x1F
+#: MariaDB 10.2+: an EXECUTE with an array of parameter rows (same statement id layout).
+COM_STMT_BULK_EXECUTE = 0xFA
 #: Commands the server never answers.
 _NO_RESPONSE = frozenset((COM_QUIT, COM_STMT_SEND_LONG_DATA, COM_STMT_CLOSE))
 #: Known command bytes (0x00 sleep .. 0x1f reset connection; MariaDB adds 0xfe bulk execute).
@@ -236,58 +238,67 @@ class Session(_Session):
 
     # -- plumbing --------------------------------------------------------------------
     def feed(self, from_client: bool, buf: LargeBuffer, ts_ns: int) -> None:
+        # Packets are walked with an offset and released once at the end: one
+        # release per feed, not per packet (a row is a few dozen bytes).
         d = 0 if from_client else 1
         cap = _CLIENT_HEAD if from_client else _SERVER_HEAD
-        while True:
-            n = len(buf)
-            if n == 0:
-                return
-            if self._stopped or (not from_client and self._server_desync):
-                buf.release(n)
-                return
-            skip = self._skip[d]
-            if skip:
-                k = skip if skip < n else n
-                buf.release(k)
-                self._skip[d] = skip - k
-                continue
-            if from_client and self._resync_client:
-                if not self._find_command(buf):
+        pos = 0
+        try:
+            while True:
+                n = len(buf)
+                if pos >= n:
                     return
-                continue
-            if n < 4:
-                return
-            plen = buf.u32le_at(0) & 0xFFFFFF
-            seq = buf.u8_at(3)
-            if not from_client and self._phase == _HANDSHAKE and (
-                    seq != 0 or (n > 4 and buf.u8_at(4) != PROTOCOL_VERSION)):
-                # Joined mid-stream: this is the tail of some answer; wait for a command.
-                self._server_desync = True
-                self.conn.drop("resync")
-                continue
-            total = 4 + plen
-            head = plen if plen < cap else cap
-            if n < 4 + head:
-                return
-            ts = buf.ts_at(0)
-            try:
-                if self._cont[d]:
-                    pass  # the tail of a >16 MiB payload: nothing to read
-                elif from_client:
-                    self._client_packet(buf, plen, head, seq, ts)
+                if self._stopped or (not from_client and self._server_desync):
+                    pos = n
+                    return
+                skip = self._skip[d]
+                if skip:
+                    k = skip if skip < n - pos else n - pos
+                    pos += k
+                    self._skip[d] = skip - k
+                    continue
+                if from_client and self._resync_client:
+                    if pos:
+                        buf.release(pos)
+                        pos = 0
+                    if not self._find_command(buf):
+                        return
+                    continue
+                if n - pos < 4:
+                    return
+                plen = buf.u32le_at(pos) & 0xFFFFFF
+                seq = buf.u8_at(pos + 3)
+                if not from_client and self._phase == _HANDSHAKE and (
+                        seq != 0 or (n - pos > 4 and buf.u8_at(pos + 4) != PROTOCOL_VERSION)):
+                    # Joined mid-stream: this is the tail of some answer; wait for a command.
+                    self._server_desync = True
+                    self.conn.drop("resync")
+                    continue
+                total = 4 + plen
+                head = plen if plen < cap else cap
+                if n - pos < 4 + head:
+                    return
+                try:
+                    if self._cont[d]:
+                        pass  # the tail of a >16 MiB payload: nothing to read
+                    elif from_client:
+                        self._client_packet(buf, pos + 4, plen, head, seq, buf.ts_at(pos))
+                    else:
+                        self._server_packet(buf, pos + 4, plen, head, seq, pos)
+                except BufferBoundsError as e:  # a field overruns its packet
+                    raise Malformed(NAME, "truncated_field", pos, str(e)) from None
+                self._cont[d] = plen == MAX_PACKET_PAYLOAD
+                if self._stopped:
+                    pos = len(buf)
+                    return
+                if n - pos >= total:
+                    pos += total
                 else:
-                    self._server_packet(buf, plen, head, seq, ts)
-            except BufferBoundsError as e:  # a field overruns its packet
-                raise Malformed(NAME, "truncated_field", 0, str(e)) from None
-            self._cont[d] = plen == MAX_PACKET_PAYLOAD
-            if self._stopped:
-                buf.release(len(buf))
-                return
-            if n >= total:
-                buf.release(total)
-            else:
-                buf.release(n)
-                self._skip[d] = total - n
+                    self._skip[d] = total - (n - pos)
+                    pos = n
+        finally:
+            if pos:
+                buf.release(pos)
 
     def gap(self, from_client: bool, ts_ns: int) -> None:
         d = 0 if from_client else 1
@@ -330,7 +341,8 @@ class Session(_Session):
         return False
 
     # -- client ----------------------------------------------------------------------------
-    def _client_packet(self, buf: LargeBuffer, plen: int, head: int, seq: int, ts: int) -> None:
+    def _client_packet(self, buf: LargeBuffer, p: int, plen: int, head: int, seq: int, ts: int) -> None:
+        """A client packet whose payload starts at ``p``."""
         if self._phase == _HANDSHAKE:
             if seq == 0 and plen >= 1:
                 self._phase = _COMMAND  # joined after the handshake
@@ -338,11 +350,11 @@ class Session(_Session):
                 return
         if self._phase == _AUTH:
             if seq == 1:
-                self._handshake_response(buf, plen, head)
+                self._handshake_response(buf, p, head)
             return
         if seq != 0 or plen == 0:
             return  # LOCAL INFILE contents and other mid-command client packets
-        cmd = buf.u8_at(4)
+        cmd = buf.u8_at(p)
         if cmd not in _COMMANDS:
             raise Malformed(NAME, "bad_command", 4, f"command {cmd:#x}")
         self._server_desync = False
@@ -350,16 +362,16 @@ class Session(_Session):
             # Caps unknown (mid-stream): a new command means the last answer ended.
             self._finish(self._pending.popleft(), ts)
         if cmd in (COM_QUERY, COM_STMT_PREPARE):
-            info = analyze(decode_query(buf.view_at(5, head - 1)), "mysql", self._sanitize)
+            info = analyze(decode_query(buf.view_at(p + 1, head - 1)), "mysql", self._sanitize)
             self._push(_Cmd(cmd, info, ts))
-        elif cmd == COM_STMT_EXECUTE:
-            sid = buf.u32le_at(5) if head >= 5 else -1
-            self._push(_Cmd(cmd, self._stmts.get(sid), ts))
+        elif cmd in (COM_STMT_EXECUTE, COM_STMT_BULK_EXECUTE):
+            sid = buf.u32le_at(p + 1) if head >= 5 else -1
+            self._push(_Cmd(COM_STMT_EXECUTE, self._stmts.get(sid), ts))
         elif cmd == COM_STMT_CLOSE:
             if head >= 5:
-                self._stmts.pop(buf.u32le_at(5), None)
+                self._stmts.pop(buf.u32le_at(p + 1), None)
         elif cmd == COM_INIT_DB:
-            self._push(_Cmd(cmd, None, ts, _text(buf, 5, 4 + head)))
+            self._push(_Cmd(cmd, None, ts, _text(buf, p + 1, p + head)))
         elif cmd == COM_CHANGE_USER:
             self._phase = _AUTH  # an auth exchange follows, ended by OK/ERR
         elif cmd not in _NO_RESPONSE:
@@ -377,11 +389,11 @@ class Session(_Session):
             p.popleft()
             self.conn.drop("pending_overflow")
 
-    def _handshake_response(self, buf: LargeBuffer, plen: int, head: int) -> None:
-        end = 4 + head
+    def _handshake_response(self, buf: LargeBuffer, p: int, head: int) -> None:
+        end = p + head
         if head < 4:
             return
-        caps = buf.u32le_at(4)
+        caps = buf.u32le_at(p)
         if not caps & CLIENT_PROTOCOL_41:
             self._deprecate_eof = False
             return  # pre-4.1 HandshakeResponse320: no schema worth the trouble
@@ -392,7 +404,7 @@ class Session(_Session):
             return
         both = caps & (self._server_caps or 0xFFFFFFFF)
         self._deprecate_eof = bool(both & CLIENT_DEPRECATE_EOF)
-        off = 4 + 32
+        off = p + 32
         z = buf.find(b"\0", off, end)
         if z < 0:
             return
@@ -416,31 +428,32 @@ class Session(_Session):
                 self.namespace = _text(buf, off, z)
 
     # -- server ----------------------------------------------------------------------------
-    def _server_packet(self, buf: LargeBuffer, plen: int, head: int, seq: int, ts: int) -> None:
+    def _server_packet(self, buf: LargeBuffer, p: int, plen: int, head: int, seq: int, pos: int) -> None:
+        """A server packet whose payload starts at ``p`` (its header at ``pos``, for its time)."""
         if self._phase == _HANDSHAKE:
-            if seq == 0 and head >= 1 and buf.u8_at(4) == PROTOCOL_VERSION:
-                self._greeting(buf, head)
+            if seq == 0 and head >= 1 and buf.u8_at(p) == PROTOCOL_VERSION:
+                self._greeting(buf, p, head)
                 self._phase = _AUTH
             return
         if self._phase == _AUTH:
-            if head >= 1 and buf.u8_at(4) in (0x00, 0xFF):
+            if head >= 1 and buf.u8_at(p) in (0x00, 0xFF):
                 self._phase = _COMMAND  # OK: authenticated; ERR: the server will hang up
             return
         if not self._pending or plen == 0:
             return
         c = self._pending[0]
-        b0 = buf.u8_at(4)
+        b0 = buf.u8_at(p)
         st = c.state
         if st == _FIRST:
             if c.cmd == COM_STATISTICS:
-                self._done(c, ts)
+                self._done(c, buf.ts_at(pos))
             elif b0 == 0xFF:
-                self._error(c, buf, head)
-                self._done(c, ts)
+                self._error(c, buf, p, head)
+                self._done(c, buf.ts_at(pos))
             elif b0 == 0x00 and c.cmd == COM_STMT_PREPARE and head >= 9:
-                sid = buf.u32le_at(5)
-                ncols = buf.u16le_at(9)
-                nparams = buf.u16le_at(11) if head >= 13 else 0
+                sid = buf.u32le_at(p + 1)
+                ncols = buf.u16le_at(p + 5)
+                nparams = buf.u16le_at(p + 7) if head >= 9 else 0
                 self._stmts[sid] = c.info
                 self._stmts.move_to_end(sid)
                 if len(self._stmts) > self._max_stmts:
@@ -453,21 +466,21 @@ class Session(_Session):
                 elif ncols:
                     c.state = _P_COLS
                 else:
-                    self._done(c, ts)
+                    self._done(c, buf.ts_at(pos))
             elif b0 == 0x00:
-                if self._more_results_ok(buf, head):
+                if self._more_results_ok(buf, p, head):
                     return
                 if c.cmd == COM_INIT_DB:
                     self.namespace = c.arg
                 elif c.cmd == COM_QUERY and c.info is not None and c.info.operation == "USE":
                     self.namespace = _use_target(c.info.text)
-                self._done(c, ts)
+                self._done(c, buf.ts_at(pos))
             elif b0 == 0xFE and plen < 9:
-                self._done(c, ts)
+                self._done(c, buf.ts_at(pos))
             elif b0 == 0xFB:
                 c.state = _INFILE
             else:
-                c.left, _ = _lenenc(buf, 4)
+                c.left, _ = _lenenc(buf, p)
                 c.state = _COLS if c.left else _ROWS
         elif st == _COLS:
             c.left -= 1
@@ -476,9 +489,9 @@ class Session(_Session):
         elif st == _COLS_EOF:
             c.state = _ROWS
             if not (b0 == 0xFE and plen < 9):
-                self._row(c, buf, plen, head, ts, b0)  # no EOF after all: this is a row
+                self._row(c, buf, p, plen, head, pos, b0)  # no EOF after all: this is a row
         elif st == _ROWS:
-            self._row(c, buf, plen, head, ts, b0)
+            self._row(c, buf, p, plen, head, pos, b0)
         elif st in (_P_PARAMS, _P_COLS):
             if st == _P_PARAMS:
                 c.rows -= 1
@@ -496,57 +509,57 @@ class Session(_Session):
             elif st == _P_PARAMS and c.left:
                 c.state = _P_COLS
             else:
-                self._done(c, ts)
+                self._done(c, buf.ts_at(pos))
         elif st in (_P_PARAMS_EOF, _P_COLS_EOF):
             if st == _P_PARAMS_EOF and c.left:
                 c.state = _P_COLS
             else:
-                self._done(c, ts)
+                self._done(c, buf.ts_at(pos))
         elif st == _INFILE:
             if b0 == 0xFF:
-                self._error(c, buf, head)
-            self._done(c, ts)
+                self._error(c, buf, p, head)
+            self._done(c, buf.ts_at(pos))
         elif st == _FIELDS:
             if b0 == 0xFF:
-                self._error(c, buf, head)
-                self._done(c, ts)
+                self._error(c, buf, p, head)
+                self._done(c, buf.ts_at(pos))
             elif b0 == 0xFE and plen < 9:
-                self._done(c, ts)
+                self._done(c, buf.ts_at(pos))
 
-    def _row(self, c: _Cmd, buf: LargeBuffer, plen: int, head: int, ts: int, b0: int) -> None:
+    def _row(self, c: _Cmd, buf: LargeBuffer, p: int, plen: int, head: int, pos: int, b0: int) -> None:
         if b0 == 0xFE and (plen < 9 or (self._deprecate_eof and plen < MAX_PACKET_PAYLOAD)):
             if plen < 9 and not self._deprecate_eof:
-                more = head >= 5 and buf.u16le_at(7) & SERVER_MORE_RESULTS_EXISTS
+                more = head >= 5 and buf.u16le_at(p + 3) & SERVER_MORE_RESULTS_EXISTS
             else:
-                more = self._ok_status(buf, head) & SERVER_MORE_RESULTS_EXISTS
+                more = self._ok_status(buf, p, head) & SERVER_MORE_RESULTS_EXISTS
             if more:
                 c.state = _FIRST
             else:
-                self._done(c, ts)
+                self._done(c, buf.ts_at(pos))
         elif b0 == 0xFF:
-            self._error(c, buf, head)
-            self._done(c, ts)
+            self._error(c, buf, p, head)
+            self._done(c, buf.ts_at(pos))
         else:
             c.rows += 1
 
-    def _ok_status(self, buf: LargeBuffer, head: int) -> int:
+    def _ok_status(self, buf: LargeBuffer, p: int, head: int) -> int:
         try:
-            _, off = _lenenc(buf, 5)
+            _, off = _lenenc(buf, p + 1)
             _, off = _lenenc(buf, off)
-            return buf.u16le_at(off) if off + 2 <= 4 + head else 0
+            return buf.u16le_at(off) if off + 2 <= p + head else 0
         except ValueError:
             return 0
 
-    def _more_results_ok(self, buf: LargeBuffer, head: int) -> bool:
+    def _more_results_ok(self, buf: LargeBuffer, p: int, head: int) -> bool:
         """An OK ending one result of several (multi-statement, CALL): wait for the next."""
-        return bool(self._ok_status(buf, head) & SERVER_MORE_RESULTS_EXISTS)
+        return bool(self._ok_status(buf, p, head) & SERVER_MORE_RESULTS_EXISTS)
 
-    def _greeting(self, buf: LargeBuffer, head: int) -> None:
-        end = 4 + head
-        z = buf.find(b"\0", 5, end)
+    def _greeting(self, buf: LargeBuffer, p: int, head: int) -> None:
+        end = p + head
+        z = buf.find(b"\0", p + 1, end)
         if z < 0:
             return
-        self.server_version = _text(buf, 5, z)
+        self.server_version = _text(buf, p + 1, z)
         off = z + 1 + 4 + 8 + 1
         if off + 2 <= end:
             caps = buf.u16le_at(off)
@@ -554,13 +567,13 @@ class Session(_Session):
                 caps |= buf.u16le_at(off + 5) << 16
             self._server_caps = caps
 
-    def _error(self, c: _Cmd, buf: LargeBuffer, head: int) -> None:
-        end = 4 + head
+    def _error(self, c: _Cmd, buf: LargeBuffer, p: int, head: int) -> None:
+        end = p + head
         if head < 3:
             c.err_code = -1
             return
-        c.err_code = buf.u16le_at(5)
-        off = 7
+        c.err_code = buf.u16le_at(p + 1)
+        off = p + 3
         if off + 6 <= end and buf.u8_at(off) == 0x23:  # '#' + SQLSTATE
             c.err_state = str(buf.view_at(off + 1, 5), "ascii", "replace")
             off += 6
