@@ -39,7 +39,9 @@ def test_curl_prior_knowledge(tmp_path: Path) -> None:
                    "-H", f"traceparent: {TP}", "-H", "Authorization: Bearer TOPSECRET",
                    "-H", "Cookie: s=TOPSECRET", base + path]
             subprocess.run(cmd, check=True, timeout=30)
-        subprocess.run(["curl", "-s", "-o", "/dev/null", "--http2-prior-knowledge", "-d", "x" * 5000,
+        upload = tmp_path / "upload.bin"
+        upload.write_bytes(bytes(range(256)) * 1200)  # 300 KiB: past the 64 KiB flow-control window
+        subprocess.run(["curl", "-s", "-o", "/dev/null", "--http2-prior-knowledge", "--data-binary", f"@{upload}",
                         base + "api/post?a=1&b=2"], check=True, timeout=30)
     spans = _h2_spans(pcap)
     by_path = {s.attributes["url.path"]: s for s in spans}
@@ -61,7 +63,7 @@ def test_curl_prior_knowledge(tmp_path: Path) -> None:
     assert by_path["/boom"].status_code == StatusCode.ERROR
     post = by_path["/api/post"]
     assert post.name == "POST" and post.attributes["url.query"] == "a=1&b=2"
-    assert post.attributes["http.request.body.size"] == 5000
+    assert post.attributes["http.request.body.size"] == 256 * 1200
     for s in spans:
         assert "TOPSECRET" not in repr(s.attributes)
         assert s.end_ns >= s.start_ns > 0
