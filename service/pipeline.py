@@ -208,10 +208,11 @@ class _EventOut:
             t.consume_events(events)
 
 
-def _delivery_counts(eid: str) -> float:
-    return (tm.counter_value(tm.EXPORTER_SENT, exporter=eid)
-            + tm.counter_value(tm.EXPORTER_SEND_FAILED, exporter=eid)
-            + tm.counter_value(tm.EXPORTER_ENQUEUE_FAILED, exporter=eid))
+def _delivery_counts(eid: str) -> tuple[float, float, float]:
+    """(sent, failed, refused by a full queue) so far for exporter ``eid``."""
+    return (tm.counter_value(tm.EXPORTER_SENT, exporter=eid),
+            tm.counter_value(tm.EXPORTER_SEND_FAILED, exporter=eid),
+            tm.counter_value(tm.EXPORTER_ENQUEUE_FAILED, exporter=eid))
 
 
 class Service:
@@ -230,7 +231,7 @@ class Service:
         self._exporter_links: dict[str, _Link] = {}
         self._span_outs: dict[str, _SpanOut] = {}        # pipeline id -> output of its events->spans processor
         self._event_outs: dict[str, _EventOut] = {}
-        self._baseline: dict[str, float] = {}
+        self._baseline: dict[str, Any] = {}
         self._build()
         self.state = "built"
 
@@ -366,17 +367,21 @@ class Service:
             if not checked:
                 continue
             offered = link.tally.value
-            accounted = _delivery_counts(eid) - self._baseline[eid]
-            if offered > accounted:
-                out.append(f"exporters::{eid}: {int(offered - accounted)} of {offered} spans not delivered")
+            now = _delivery_counts(eid)
+            sent, failed, refused = (int(x - y) for x, y in zip(now, self._baseline[eid], strict=True))
+            if sent < offered:
+                pending = max(0, offered - sent - failed - refused)
+                out.append(f"exporters::{eid}: {offered - sent} of {offered} spans not delivered "
+                           f"({failed} failed, {refused} refused by a full queue, {pending} still pending)")
         return out
 
     def stats(self) -> dict[str, Any]:
         """Counts of this service's own traffic (since it was built), for summaries."""
         exp = {}
         for eid, link in self._exporter_links.items():
-            exp[eid] = {"offered": link.tally.value,
-                        "accounted": int(_delivery_counts(eid) - self._baseline[eid])}
+            sent, failed, refused = (int(x - y) for x, y in zip(_delivery_counts(eid), self._baseline[eid],
+                                                                 strict=True))
+            exp[eid] = {"offered": link.tally.value, "sent": sent, "failed": failed, "refused": refused}
         return {
             "events": {rid: int(tm.counter_value(tm.RECEIVER_ACCEPTED, receiver=rid)
                                 - self._baseline[f"receiver:{rid}"]) for rid in self._event_outs},

@@ -296,7 +296,8 @@ def test_replay_drain_timeout_is_nonzero_and_named(tmp_path: Path) -> None:
 def test_replay_undelivered_is_nonzero_and_named(tmp_path: Path) -> None:
     r = replay_fake(tmp_path, "lose: true")
     assert r.returncode == 1
-    assert "error: exporters::recording: 10 of 10 spans not delivered" in r.stderr
+    assert ("error: exporters::recording: 10 of 10 spans not delivered "
+            "(0 failed, 0 refused by a full queue, 10 still pending)") in r.stderr
 
 
 def test_json_logs_and_merged_configs(tmp_path: Path) -> None:

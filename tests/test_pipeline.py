@@ -219,7 +219,8 @@ def test_metrics_count_items_in_and_out(reg: Registry) -> None:
 def test_undelivered_is_reported(reg: Registry) -> None:
     svc = Service(simple(reg, exp={"lose": True}, recv={"events": 9}))
     assert run_to_end(svc) == []
-    assert svc.undelivered() == ["exporters::recording: 9 of 9 spans not delivered"]
+    assert svc.undelivered() == ["exporters::recording: 9 of 9 spans not delivered "
+                                 "(0 failed, 0 refused by a full queue, 9 still pending)"]
 
 
 def test_blocking_mode_follows_the_producer(reg: Registry) -> None:
@@ -301,3 +302,20 @@ def test_concurrent_receivers_all_delivered(reg: Registry) -> None:
     assert run_to_end(svc, 30) == []
     assert len(fk.RECEIVED["recording"]) == 8000 and svc.undelivered() == []
     assert threading.active_count() < 50
+
+
+def test_failed_sends_are_not_delivered(reg: Registry) -> None:
+    """An exporter that raises: its spans count as failed (reason=error), and the check says so."""
+    class Broken(fk.RecordingExporter):
+        type = "broken"
+
+        def consume_spans(self, spans: list) -> None:
+            raise ConnectionError("backend gone")
+    reg.register("exporter", "broken", Broken)
+    cfg = cfg_of(reg, {"fake_finite": {"events": 6}}, {"fake_events": {}}, {"broken": {}},
+                 {"traces": {"receivers": ["fake_finite"], "processors": ["fake_events"], "exporters": ["broken"]}})
+    svc = Service(cfg)
+    assert run_to_end(svc) == []
+    assert svc.undelivered() == ["exporters::broken: 6 of 6 spans not delivered "
+                                 "(6 failed, 0 refused by a full queue, 0 still pending)"]
+    assert svc.stats()["exporters"]["broken"] == {"offered": 6, "sent": 0, "failed": 6, "refused": 0}
