@@ -297,3 +297,45 @@ def test_end_to_end_capture_through_span_processors_to_grpc(tmp_path):
                       for ss in rs["scopeSpans"])
         assert in_file == want
         assert metric("wirespan_processor_dropped_items_total", processor="filter", reason="filtered") >= health
+
+
+# Config cases for the export components: one YAML per case in tests/testdata/export (typos included),
+# loaded through the real config loader and registry, with the exact Collector-style error expected.
+EXPORT_CASES = {
+    "attributes_extract_no_groups.yaml": "processors::attributes::actions::0: action extract: pattern needs named",
+    "filter_kind_typo.yaml": "processors::filter::spans::exclude::0::kind: unknown span kind(s) ['sever']",
+    "memory_limiter_two_limits.yaml": "processors::memory_limiter: set exactly one of limit_mib or limit_percentage",
+    "otlp_compression_typo.yaml": "exporters::otlp::compression: Input should be 'gzip' or 'none'",
+    "otlp_no_port.yaml": "exporters::otlp::endpoint: endpoint must be host:port",
+    "otlp_queue_storage_without_queue.yaml": "exporters::otlp::sending_queue: storage needs the sending queue enabled",
+    "otlp_retry_typo.yaml": "exporters::otlp::retry_on_failure: unknown option 'initial_intervall'",
+    "otlphttp_encoding_typo.yaml": "exporters::otlphttp::encoding: Input should be 'proto' or 'json'",
+    "redaction_option_typo.yaml": "processors::redaction: unknown option 'blocked_key'",
+}
+
+
+@pytest.mark.parametrize("name", sorted(EXPORT_CASES))
+def test_export_config_cases(name):
+    from pathlib import Path
+
+    from service import config as c
+    from service.config import ConfigError
+    with pytest.raises(ConfigError) as ei:
+        c.load([Path(__file__).parent / "testdata" / "export" / name])
+    assert any(e.startswith(EXPORT_CASES[name]) for e in ei.value.errors), ei.value.errors
+
+
+def test_export_config_valid_and_every_case_listed():
+    from pathlib import Path
+
+    from service import config as c
+    data = Path(__file__).parent / "testdata" / "export"
+    assert {p.name for p in data.glob("*.yaml")} == set(EXPORT_CASES) | {"valid.yaml"}
+    cfg = c.load([data / "valid.yaml"])
+    otlp = cfg.exporters["otlp"].config
+    assert otlp.retry_on_failure.initial_interval == 0.2 and otlp.retry_on_failure.max_elapsed_time == 120
+    assert otlp.sending_queue.storage == "/var/lib/wirespan/queue" and otlp.headers == {"api-key": "abc"}
+    assert cfg.exporters["otlphttp"].config.url() == "https://collector:4318/v1/traces"
+    assert cfg.processors["memory_limiter"].config.limits_bytes() == (384 << 20, 512 << 20)
+    assert cfg.pipelines["traces"].processors[1:6] == ["memory_limiter", "attributes", "resource", "filter",
+                                                       "redaction"]
