@@ -155,6 +155,9 @@ def test_detect() -> None:
     assert r.detect(LargeBuffer(b"PING\r\n"), None) == Detection.REQUEST
     assert r.detect(LargeBuffer(b"+OK\r\n"), False) == Detection.RESPONSE
     assert r.detect(LargeBuffer(b"GET / HTTP/1.1\r\n"), None) == Detection.NO
+    assert r.detect(LargeBuffer(b"set k 0 0 5 noreply\r\n"), None) == Detection.NO  # memcached text
+    assert r.detect(LargeBuffer(b"get k1 k2\r\n"), None) == Detection.NO
+    assert r.detect(LargeBuffer(b"SET k v\r\n"), None) == Detection.REQUEST
     assert r.detect(LargeBuffer(b"\x16\x03\x01\x02\x00"), None) == Detection.NO
     assert r.detect(LargeBuffer(b"*1\r\n$4\r\n\x00\x01\x02\x03\r\n"), None) == Detection.NO
 

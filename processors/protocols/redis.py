@@ -134,8 +134,17 @@ def detect(buf: LargeBuffer, from_client: bool | None) -> Detection:
         line = bytes(buf.view_at(0, end))  # <= 256 bytes
         if b" HTTP/" in line or not line.isascii():  # "GET / HTTP/1.1" is HTTP, not Redis
             return Detection.NO
-        word = line.split(b" ", 1)[0].upper()
-        return Detection.REQUEST if word.decode("ascii") in _INLINE_OK else Detection.NO
+        words = line.split()
+        word = words[0].upper() if words else b""
+        if word.decode("ascii") not in _INLINE_OK:
+            return Detection.NO
+        # memcached's text protocol shares words with inline Redis: "set k 0 0 5" (flags,
+        # exptime, bytes) and "get k1 k2" are memcached; Redis GET takes one key.
+        if word == b"SET" and len(words) >= 5 and all(w.isdigit() for w in words[2:5]):
+            return Detection.NO
+        if word == b"GET" and len(words) != 2:
+            return Detection.NO
+        return Detection.REQUEST
     if from_client is not True and t in b"+-$:*%":
         # Responses are a weaker sign: accept only the common exact shapes.
         end = buf.find(b"\r\n", 0, min(n, 128))

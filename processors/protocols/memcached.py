@@ -1,0 +1,431 @@
+"""memcached (binary and text protocols) and Couchbase KV (the binary protocol's superset).
+
+Contract: processors/protocols/base.py. One CLIENT span per command.
+
+Binary: the 24-byte header is read in place (classic magics 0x80/0x81, and
+Couchbase's alternative framing 0x08/0x18 with framing extras); the key is read
+(small, bounded), values are stepped over as they arrive and released. Pairing
+is by ``opaque``; quiet opcodes (GETQ, GETKQ, SETQ, ...) are answered only on a
+miss/error, so when a later request's response arrives, every quiet request sent
+before it is complete (a GETQ with no answer was a miss, a SETQ a success), as
+the protocol's in-order processing guarantees; NOOP is the usual fence.
+
+Text: command lines (``get``, ``set``, ``cas``, ``incr``, ``delete``, ``touch``,
+``gat``, meta ``mg``/``ms``/``md``/``ma``...) paired with replies in order; data
+blocks are skipped by their declared length; ``noreply`` commands end at once.
+
+A GET-family miss is not an error; other non-success statuses are. The
+connection is Couchbase (``db.system.name`` = ``couchbase``) once it shows
+Couchbase traits: SELECT_BUCKET (its key is ``db.namespace``), HELLO with the
+collections feature, alternative framing, or collection-id operations.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections import OrderedDict, deque
+from typing import Any, ClassVar
+
+from processors.protocols.base import Conn, Detection, ProtocolSettings, Session
+from processors.protocols.errors import LimitExceeded, Malformed
+from service.largebuf import LargeBuffer
+from service.model import SpanKind, StatusCode
+
+NAME = "memcached"
+DEFAULT_PORTS = frozenset({11211, 11210, 11207})
+
+REQ, RES, ALT_REQ, ALT_RES = 0x80, 0x81, 0x08, 0x18
+_HDR = struct.Struct(">BBHBBHIIQ")  # magic, opcode, keylen, extlen, datatype, vbucket|status, bodylen, opaque, cas
+
+#: Keys are at most 250 bytes (memcached) and 250 + collection prefix (Couchbase); more is malformed.
+MAX_KEY = 255 + 8
+#: A binary body larger than this is refused (Couchbase's max document is 20 MiB).
+MAX_BODY = 64 * 1024 * 1024
+#: Longest text command line (memcached's own limit for a key line is 2048 bytes).
+MAX_LINE = 8192
+#: Requests in flight per connection.
+MAX_PENDING = 8192
+
+# opcode -> (name, quiet, get-family)
+_OPS: dict[int, tuple[str, bool, bool]] = {
+    0x00: ("GET", False, True), 0x01: ("SET", False, False), 0x02: ("ADD", False, False),
+    0x03: ("REPLACE", False, False), 0x04: ("DELETE", False, False), 0x05: ("INCREMENT", False, False),
+    0x06: ("DECREMENT", False, False), 0x07: ("QUIT", False, False), 0x08: ("FLUSH", False, False),
+    0x09: ("GETQ", True, True), 0x0A: ("NOOP", False, False), 0x0B: ("VERSION", False, False),
+    0x0C: ("GETK", False, True), 0x0D: ("GETKQ", True, True), 0x0E: ("APPEND", False, False),
+    0x0F: ("PREPEND", False, False), 0x10: ("STAT", False, False), 0x11: ("SETQ", True, False),
+    0x12: ("ADDQ", True, False), 0x13: ("REPLACEQ", True, False), 0x14: ("DELETEQ", True, False),
+    0x15: ("INCREMENTQ", True, False), 0x16: ("DECREMENTQ", True, False), 0x17: ("QUITQ", True, False),
+    0x18: ("FLUSHQ", True, False), 0x19: ("APPENDQ", True, False), 0x1A: ("PREPENDQ", True, False),
+    0x1B: ("VERBOSITY", False, False), 0x1C: ("TOUCH", False, False), 0x1D: ("GAT", False, True),
+    0x1E: ("GATQ", True, True), 0x1F: ("HELLO", False, False), 0x20: ("SASL_LIST_MECHS", False, False),
+    0x21: ("SASL_AUTH", False, False), 0x22: ("SASL_STEP", False, False),
+    # Couchbase KV
+    0x83: ("GET_REPLICA", False, True), 0x89: ("SELECT_BUCKET", False, False),
+    0x91: ("OBSERVE_SEQNO", False, False), 0x92: ("OBSERVE", False, False),
+    0x94: ("GET_LOCKED", False, True), 0x95: ("UNLOCK_KEY", False, False),
+    0xA0: ("SUBDOC_GET", False, True), 0xA1: ("SUBDOC_EXISTS", False, True),
+    0xA2: ("SUBDOC_DICT_ADD", False, False), 0xA3: ("SUBDOC_DICT_UPSERT", False, False),
+    0xA4: ("SUBDOC_DELETE", False, False), 0xA5: ("SUBDOC_REPLACE", False, False),
+    0xB5: ("GET_CLUSTER_CONFIG", False, False), 0xBA: ("GET_COLLECTION_ID", False, False),
+    0xBB: ("GET_COLLECTIONS_MANIFEST", False, False), 0xD0: ("SUBDOC_MULTI_LOOKUP", False, True),
+    0xD1: ("SUBDOC_MULTI_MUTATION", False, False), 0xFE: ("GET_ERROR_MAP", False, False),
+}
+_COUCHBASE_OPS = frozenset({0x83, 0x89, 0x91, 0x92, 0x94, 0x95, 0xA0, 0xA1, 0xA2, 0xA3, 0xA4, 0xA5, 0xB5,
+                            0xBA, 0xBB, 0xD0, 0xD1, 0xFE})
+_STATUS = {
+    0x00: "SUCCESS", 0x01: "KEY_ENOENT", 0x02: "KEY_EEXISTS", 0x03: "E2BIG", 0x04: "EINVAL",
+    0x05: "NOT_STORED", 0x06: "DELTA_BADVAL", 0x07: "NOT_MY_VBUCKET", 0x08: "NO_BUCKET", 0x09: "LOCKED",
+    0x1F: "AUTH_STALE", 0x20: "AUTH_ERROR", 0x21: "AUTH_CONTINUE", 0x22: "ERANGE", 0x24: "EACCESS",
+    0x81: "UNKNOWN_COMMAND", 0x82: "ENOMEM", 0x83: "NOT_SUPPORTED", 0x84: "EINTERNAL", 0x85: "EBUSY",
+    0x86: "ETMPFAIL", 0x88: "UNKNOWN_COLLECTION", 0xC0: "SUBDOC_PATH_ENOENT",
+}
+#: HELLO feature 0x12: collections (the key starts with a LEB128 collection id).
+_FEATURE_COLLECTIONS = 0x12
+_SUCCESS_LIKE = frozenset({0x00, 0x21})  # AUTH_CONTINUE is a step, not a failure
+
+_TEXT_STORAGE = frozenset({b"set", b"add", b"replace", b"append", b"prepend", b"cas"})
+_TEXT_GET = frozenset({b"get", b"gets", b"gat", b"gats", b"mg"})
+_TEXT_CMDS = _TEXT_STORAGE | _TEXT_GET | frozenset({
+    b"incr", b"decr", b"delete", b"touch", b"version", b"stats", b"flush_all", b"verbosity", b"quit",
+    b"ms", b"md", b"ma", b"mn", b"me", b"cache_memlimit", b"shutdown", b"lru_crawler", b"slabs", b"watch",
+})
+_TEXT_ERRORS = (b"ERROR", b"CLIENT_ERROR", b"SERVER_ERROR")
+#: Replies that end a text command (multi-line replies end with END).
+_TEXT_FINAL = frozenset({b"STORED", b"NOT_STORED", b"EXISTS", b"NOT_FOUND", b"DELETED", b"TOUCHED", b"OK",
+                         b"END", b"RESET", b"HD", b"NF", b"NS", b"EX", b"EN", b"MN"})
+
+
+class Settings(ProtocolSettings):
+    #: Show keys in db.query.text (off by default: keys often carry user ids or emails).
+    show_keys: bool = False
+
+
+def detect(buf: LargeBuffer, from_client: bool | None) -> Detection:
+    n = len(buf)
+    if n == 0:
+        return Detection.NEED_MORE
+    m0 = buf.u8_at(0)
+    if m0 in (REQ, ALT_REQ, RES, ALT_RES):
+        if n < 24:
+            return Detection.NEED_MORE
+        magic, op, keylen, extlen, dtype, _, body, _, _ = _HDR.unpack(buf.view_at(0, 24))
+        fe = 0
+        if magic in (ALT_REQ, ALT_RES):
+            fe, keylen = keylen >> 8, keylen & 0xFF
+        if body > MAX_BODY or fe + extlen + keylen > body or dtype > 7 or keylen > MAX_KEY:
+            return Detection.NO
+        if op not in _OPS and op < 0x80:
+            return Detection.NO
+        if magic in (REQ, ALT_REQ):
+            return Detection.REQUEST if from_client is not False else Detection.NO
+        return Detection.RESPONSE if from_client is not True else Detection.NO
+    if from_client is False:
+        return Detection.NO
+    end = buf.find(b"\r\n", 0, min(n, MAX_LINE))
+    if end < 0:
+        return Detection.NEED_MORE if n < 16 else Detection.NO
+    line = buf.bytes_at(0, min(end, 300))  # one command line, bounded
+    word = line.split(b" ", 1)[0]
+    if word not in _TEXT_CMDS:
+        return Detection.NO
+    if word in _TEXT_STORAGE:
+        parts = line.split()
+        if len(parts) < 5 or not all(p.isdigit() for p in parts[2:5]):
+            return Detection.NO
+    return Detection.REQUEST
+
+
+class _Req:
+    __slots__ = ("collection", "get_family", "hit", "key", "name", "op", "opaque", "quiet", "start_ts")
+
+    def __init__(self, name: str, key: str, start_ts: int, get_family: bool, quiet: bool = False,
+                 opaque: int = 0, op: int = -1) -> None:
+        self.name = name
+        self.key = key
+        self.start_ts = start_ts
+        self.get_family = get_family
+        self.quiet = quiet
+        self.opaque = opaque
+        self.op = op
+        self.hit = False  # text protocol: a VALUE/VA line came for it
+        self.collection: str | None = None
+
+
+def _leb128(buf: LargeBuffer, off: int, end: int) -> tuple[int, int]:
+    v = shift = 0
+    for i in range(5):
+        if off + i >= end:
+            break
+        b = buf.u8_at(off + i)
+        v |= (b & 0x7F) << shift
+        if b < 0x80:
+            return v, off + i + 1
+        shift += 7
+    raise Malformed(NAME, "bad_collection_id", off)
+
+
+class Session(Session):  # type: ignore[no-redef]
+    protocol: ClassVar[str] = NAME
+
+    def __init__(self, conn: Conn) -> None:
+        super().__init__(conn)
+        self.settings: Settings = conn.settings if isinstance(conn.settings, Settings) else Settings()
+        self.binary: bool | None = None
+        self.couchbase = False
+        self.collections = False
+        self.bucket: str | None = None
+        self.pending: OrderedDict[int, _Req] = OrderedDict()  # binary, by opaque in send order
+        self.text_pending: deque[_Req] = deque()
+        self.skip = [0, 0]  # per direction: value bytes still to step over
+        self.text_reply_open: _Req | None = None  # a multi-line text reply in progress
+        self.cid_names: dict[int, str] = {}
+        self.cid_requests: dict[int, str] = {}  # opaque -> "scope.collection" asked for
+
+    # -- dispatch --------------------------------------------------------------
+    def feed(self, from_client: bool, buf: LargeBuffer, ts_ns: int) -> None:
+        side = int(from_client)
+        while True:
+            if self.skip[side]:
+                take = min(self.skip[side], len(buf))
+                buf.release(take)
+                self.skip[side] -= take
+                if self.skip[side]:
+                    return
+            if not len(buf):
+                return
+            if self.binary is None:
+                self.binary = buf.u8_at(0) in (REQ, ALT_REQ, RES, ALT_RES)
+            done = self._binary(from_client, buf, ts_ns) if self.binary else self._text(from_client, buf, ts_ns)
+            if not done:
+                return
+
+    # -- binary ------------------------------------------------------------------
+    def _binary(self, from_client: bool, buf: LargeBuffer, ts_ns: int) -> bool:
+        if len(buf) < 24:
+            return False
+        magic, op, keylen, extlen, _dtype, vb_status, body, opaque, _cas = _HDR.unpack(buf.view_at(0, 24))
+        fe = 0
+        if magic in (ALT_REQ, ALT_RES):
+            fe, keylen = keylen >> 8, keylen & 0xFF
+            self._couch()
+        elif magic not in (REQ, RES):
+            raise Malformed(NAME, "bad_magic", 0, f"{magic:#x}")
+        if body > MAX_BODY:
+            raise LimitExceeded(NAME, "body_too_large", 0)
+        if fe + extlen + keylen > body or keylen > MAX_KEY:
+            raise Malformed(NAME, "bad_lengths", 0)
+        head = 24 + fe + extlen + keylen
+        if len(buf) < head:
+            return False
+        kstart = 24 + fe + extlen
+        if magic in (REQ, ALT_REQ) and from_client:
+            self._bin_request(buf, op, kstart, keylen, opaque, body - (head - 24), buf.ts_at(0))
+        elif magic in (RES, ALT_RES) and not from_client:
+            value = body - (head - 24)
+            if op == 0xBA and vb_status == 0 and extlen >= 12:
+                self._learn_cid(opaque, buf.u32be_at(24 + fe + 8))
+            if op == 0x1F and vb_status == 0 and value >= 2 and len(buf) >= head + min(value, 64):
+                self._hello_features(buf, head, value)
+            self._bin_response(op, vb_status, opaque, ts_ns)
+        else:
+            raise Malformed(NAME, "wrong_direction", 0, f"magic {magic:#x}")
+        buf.release(head)
+        self.skip[int(from_client)] = body - (head - 24)
+        return True
+
+    def _couch(self) -> None:
+        self.couchbase = True
+
+    def _bin_request(self, buf: LargeBuffer, op: int, kstart: int, keylen: int, opaque: int, value: int,
+                     ts: int) -> None:
+        name, quiet, get_family = _OPS.get(op, (f"OP_{op:#04x}", False, False))
+        if op in _COUCHBASE_OPS:
+            self._couch()
+        key_off, key_len = kstart, keylen
+        collection = None
+        if self.collections and keylen and op not in (0x89, 0x1F, 0xBA, 0xBB, 0xB5, 0x20, 0x21, 0x22, 0xFE):
+            cid, key_off = _leb128(buf, kstart, kstart + keylen)
+            key_len = kstart + keylen - key_off
+            collection = self.cid_names.get(cid, "_default" if cid == 0 else f"cid:{cid}")
+        key = buf.bytes_at(key_off, min(key_len, 250)).decode("utf-8", "replace") if key_len else ""
+        if op == 0x89:  # SELECT_BUCKET: the key is the bucket name
+            self.bucket = key
+        if op == 0xBA and key:
+            # GET_COLLECTION_ID asks for "scope.collection" in its key; its response carries the id.
+            if len(self.cid_requests) > 1024:
+                self.cid_requests.clear()
+            self.cid_requests[opaque] = key
+        r = _Req(name, key, ts, get_family, quiet, opaque, op)
+        r.collection = collection
+        if len(self.pending) >= MAX_PENDING:
+            self.pending.popitem(last=False)
+            self.conn.drop("too_many_pending")
+        if opaque in self.pending:
+            self.conn.drop("opaque_reused")
+            del self.pending[opaque]
+        self.pending[opaque] = r
+
+    def _hello_features(self, buf: LargeBuffer, off: int, n: int) -> None:
+        for i in range(0, min(n, 64) - 1, 2):
+            if buf.u16be_at(off + i) == _FEATURE_COLLECTIONS:
+                self.collections = True
+                self._couch()
+
+    def _learn_cid(self, opaque: int, cid: int) -> None:
+        name = self.cid_requests.pop(opaque, None)
+        if name:
+            if len(self.cid_names) > 4096:
+                self.cid_names.clear()
+            self.cid_names[cid] = name.split(".", 1)[-1]
+
+    def _bin_response(self, op: int, status: int, opaque: int, ts_ns: int) -> None:
+        if opaque not in self.pending:
+            self.conn.drop("unpaired_response")
+            return
+        # Requests sent before this one and still unanswered are complete: a quiet
+        # GETQ was a miss, a quiet SETQ a success (the server answers in order).
+        while True:
+            first_opaque, first = self.pending.popitem(last=False)
+            if first_opaque == opaque:
+                break
+            if first.quiet:
+                self._span(first, 0x01 if first.get_family else 0x00, ts_ns, implicit=True)
+            else:
+                self.conn.drop("no_response")
+        self._span(first, status, ts_ns)
+
+    # -- text --------------------------------------------------------------------
+    def _text(self, from_client: bool, buf: LargeBuffer, ts_ns: int) -> bool:
+        end = buf.find(b"\r\n", 0, min(len(buf), MAX_LINE + 2))
+        if end < 0:
+            if len(buf) > MAX_LINE:
+                raise LimitExceeded(NAME, "line_too_long", 0)
+            return False
+        line = buf.bytes_at(0, min(end, 512))  # one command/reply line (bounded copy)
+        start = buf.ts_at(0)
+        buf.release(end + 2)
+        if from_client:
+            self._text_request(line, start, ts_ns)
+        else:
+            self._text_reply(line, ts_ns)
+        return True
+
+    def _text_request(self, line: bytes, start: int, ts_ns: int) -> None:
+        parts = line.split()
+        if not parts:
+            return
+        word = parts[0].lower()
+        if word not in _TEXT_CMDS:
+            raise Malformed(NAME, "unknown_command", 0, repr(word[:16]))
+        key = parts[1].decode("utf-8", "replace") if len(parts) > 1 and word not in (
+            b"verbosity", b"stats", b"flush_all", b"version") else ""
+        if word in _TEXT_STORAGE:
+            if len(parts) < 5 or not parts[4].isdigit():
+                raise Malformed(NAME, "bad_storage_command", 0)
+            self.skip[1] = int(parts[4]) + 2
+            if self.skip[1] > MAX_BODY:
+                raise LimitExceeded(NAME, "body_too_large", 0)
+        elif word == b"ms" and len(parts) > 2 and parts[2].isdigit():
+            self.skip[1] = int(parts[2]) + 2
+        r = _Req(word.decode().upper(), key, start, word in _TEXT_GET)
+        if b"noreply" in parts[2:] or (word.startswith(b"m") and b"q" in parts[2:]):
+            self._span(r, 0, ts_ns)
+            return
+        if len(self.text_pending) >= MAX_PENDING:
+            self.text_pending.popleft()
+            self.conn.drop("too_many_pending")
+        self.text_pending.append(r)
+
+    def _text_reply(self, line: bytes, ts_ns: int) -> None:
+        word = line.split(b" ", 1)[0]
+        if word == b"VALUE":
+            parts = line.split()
+            if len(parts) < 4 or not parts[3].isdigit():
+                raise Malformed(NAME, "bad_value_line", 0)
+            self.skip[0] = int(parts[3]) + 2
+            if self.skip[0] > MAX_BODY:
+                raise LimitExceeded(NAME, "body_too_large", 0)
+            if self.text_pending:
+                self.text_pending[0].hit = True
+            return
+        if word in (b"STAT",):
+            return  # a line of a multi-line reply; END closes it
+        if word == b"VA" and len(line.split()) > 1 and line.split()[1].isdigit():  # meta get value
+            self.skip[0] = int(line.split()[1]) + 2
+            if self.text_pending:
+                self.text_pending[0].hit = True
+            return
+        if not self.text_pending:
+            self.conn.drop("unpaired_response")
+            return
+        req = self.text_pending.popleft()
+        if word in _TEXT_ERRORS:
+            self._span(req, -1, ts_ns, text_error=line.decode("utf-8", "replace")[:256])
+            return
+        if req.get_family:
+            hit = req.hit or word in (b"HD", b"VA")
+            self._span(req, 0x00 if hit else 0x01, ts_ns)
+            return
+        if word in (b"STORED", b"DELETED", b"TOUCHED", b"OK", b"HD", b"MN", b"RESET", b"END") or \
+                word.isdigit() or word == b"VERSION":
+            self._span(req, 0x00, ts_ns)
+        elif word in (b"NOT_FOUND", b"NF", b"EN"):
+            self._span(req, 0x01, ts_ns)
+        elif word in (b"EXISTS", b"EX"):
+            self._span(req, 0x02, ts_ns)
+        elif word in (b"NOT_STORED", b"NS"):
+            self._span(req, 0x05, ts_ns)
+        else:
+            self._span(req, 0x00, ts_ns)
+
+    # -- spans -------------------------------------------------------------------
+    def _span(self, req: _Req, status: int, end_ts: int, implicit: bool = False, text_error: str = "") -> None:
+        conn = self.conn
+        system = "couchbase" if self.couchbase else "memcached"
+        op = req.name
+        attrs: dict[str, Any] = {"db.system.name": system, "db.operation.name": op}
+        key_text = req.key if self.settings.show_keys else ("?" if req.key else "")
+        attrs["db.query.text"] = f"{op} {key_text}".rstrip()
+        if self.bucket:
+            attrs["db.namespace"] = self.bucket
+        name = op
+        if req.collection:
+            attrs["db.collection.name"] = req.collection
+            name = f"{op} {req.collection}"
+        code = StatusCode.UNSET
+        msg = ""
+        if text_error:
+            code = StatusCode.ERROR
+            msg = text_error
+            attrs["error.type"] = text_error.split(" ", 1)[0]
+        elif status not in _SUCCESS_LIKE:
+            sname = _STATUS.get(status, f"{status:#06x}")
+            attrs["db.response.status_code"] = sname
+            if not (status == 0x01 and req.get_family):  # a GET miss is not an error
+                code = StatusCode.ERROR
+                msg = sname
+                attrs["error.type"] = sname
+        if implicit:
+            attrs["memcached.quiet"] = True
+        conn.emit(conn.span(name, conn.kind_for(SpanKind.CLIENT), req.start_ts, end_ts, attrs,
+                            status_code=code, status_message=msg))
+
+    def gap(self, from_client: bool, ts_ns: int) -> None:
+        self.skip[int(from_client)] = 0
+        if self.pending or self.text_pending:
+            self.conn.drop("gap")
+        self.pending.clear()
+        self.text_pending.clear()
+
+    def close(self, ts_ns: int, reset: bool = False) -> None:
+        # Quiet requests still unanswered when the connection ends completed silently.
+        for r in list(self.pending.values()):
+            if r.quiet:
+                self._span(r, 0x01 if r.get_family else 0x00, ts_ns, implicit=True)
+            else:
+                self.conn.drop("no_response")
+        self.pending.clear()
+        for _ in self.text_pending:
+            self.conn.drop("no_response")
+        self.text_pending.clear()

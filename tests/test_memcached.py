@@ -1,0 +1,236 @@
+"""memcached binary + text protocols and Couchbase KV traits; bad input; real memcached.
+
+Couchbase KV frames are built here by hand (no Couchbase server package exists for
+this machine); memcached itself is real, driven by python-binary-memcached and pymemcache.
+"""
+
+from __future__ import annotations
+
+import struct
+import tracemalloc
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from processors.protocols import memcached as mc
+from processors.protocols.base import Conn, Detection
+from processors.protocols.errors import ProtocolError
+from service.largebuf import LargeBuffer
+from service.model import Span, SpanKind, StatusCode
+
+HDR = struct.Struct(">BBHBBHIIQ")
+
+
+def req(op: int, key: bytes = b"", extras: bytes = b"", value: bytes = b"", opaque: int = 0) -> bytes:
+    return HDR.pack(0x80, op, len(key), len(extras), 0, 0, len(extras) + len(key) + len(value), opaque, 0) \
+        + extras + key + value
+
+
+def res(op: int, status: int = 0, value: bytes = b"", opaque: int = 0, extras: bytes = b"", key: bytes = b"") -> bytes:
+    return HDR.pack(0x81, op, len(key), len(extras), 0, status, len(extras) + len(key) + len(value), opaque, 0) \
+        + extras + key + value
+
+
+def alt_req(op: int, key: bytes, framing: bytes = b"", opaque: int = 0) -> bytes:
+    return struct.pack(">BBBBBBHIIQ", 0x08, op, len(framing), len(key), 0, 0, 0, len(framing) + len(key),
+                       opaque, 0) + framing + key
+
+
+class Driver:
+    def __init__(self, **kw: object) -> None:
+        self.spans: list[Span] = []
+        self.drops: list[str] = []
+        self.conn = Conn(1, "127.0.0.1", 40000, "127.0.0.1", 11211, self.spans.append,
+                         lambda p, r: self.drops.append(r), settings=mc.Settings(**kw), protocol="memcached")
+        self.session = mc.Session(self.conn)
+        self.ts = 0
+
+    def send(self, from_client: bool, data: bytes, step: int | None = None) -> None:
+        buf = self.conn.client_buf if from_client else self.conn.server_buf
+        step = step or len(data) or 1
+        for i in range(0, len(data), step):
+            self.ts += 10
+            buf.append(data[i:i + step], self.ts)
+            self.session.feed(from_client, buf, self.ts)
+
+
+@pytest.mark.parametrize("step", [None, 1, 5])
+def test_binary_get_set_miss_exists_incr(step: int | None) -> None:
+    d = Driver()
+    d.send(True, req(0x01, b"user:1", struct.pack(">II", 0, 0), b"alice", 1) + req(0x00, b"user:1", opaque=2)
+           + req(0x00, b"nokey", opaque=3) + req(0x02, b"user:1", struct.pack(">II", 0, 0), b"x", 4)
+           + req(0x05, b"n", struct.pack(">QQI", 1, 0, 0), opaque=5), step)
+    d.send(False, res(0x01, opaque=1) + res(0x00, 0, b"alice", 2, struct.pack(">I", 0))
+           + res(0x00, 1, b"Not found", 3) + res(0x02, 2, b"Data exists for key.", 4)
+           + res(0x05, 0, struct.pack(">Q", 1), 5), step)
+    names = [s.name for s in d.spans]
+    assert names == ["SET", "GET", "GET", "ADD", "INCREMENT"]
+    st_ = [s.status_code for s in d.spans]
+    assert st_ == [StatusCode.UNSET, StatusCode.UNSET, StatusCode.UNSET, StatusCode.ERROR, StatusCode.UNSET]
+    assert d.spans[2].attributes["db.response.status_code"] == "KEY_ENOENT"  # a miss: recorded, not an error
+    assert d.spans[3].attributes["error.type"] == "KEY_EEXISTS"
+    for s in d.spans:
+        assert s.kind == SpanKind.CLIENT and s.attributes["db.system.name"] == "memcached"
+        assert "user:1" not in s.attributes["db.query.text"]
+    assert d.spans[0].attributes["db.query.text"] == "SET ?"
+
+
+def test_quiet_ops_complete_at_the_next_response() -> None:
+    d = Driver(show_keys=True)
+    d.send(True, req(0x0D, b"a", opaque=1) + req(0x0D, b"b", opaque=2) + req(0x11, b"c", b"\0" * 8, b"v", 3)
+           + req(0x0A, opaque=4))
+    d.send(False, res(0x0D, 0, b"A", 1, b"\0" * 4, b"a") + res(0x0A, opaque=4))  # b missed, c stored
+    by = {(s.name, s.attributes["db.query.text"]): s for s in d.spans}
+    assert set(by) == {("GETKQ", "GETKQ a"), ("GETKQ", "GETKQ b"), ("SETQ", "SETQ c"), ("NOOP", "NOOP")}
+    miss = by[("GETKQ", "GETKQ b")]
+    assert miss.status_code == StatusCode.UNSET and miss.attributes["memcached.quiet"] is True
+    assert not d.drops
+
+
+def test_couchbase_traits_bucket_collections_alt_framing() -> None:
+    d = Driver()
+    d.send(True, req(0x1F, b"client", value=struct.pack(">HH", 0x12, 0x0B), opaque=1) + req(0x89, b"travel", opaque=2)
+           + req(0xBA, b"inventory.hotels", opaque=3))
+    d.send(False, res(0x1F, 0, struct.pack(">HH", 0x12, 0x0B), 1) + res(0x89, 0, opaque=2)
+           + res(0xBA, 0, opaque=3, extras=struct.pack(">QI", 1, 8)))
+    # a GET in collection 8 (LEB128 prefix) with alternative framing (a durability frame)
+    d.send(True, alt_req(0x00, b"\x08hotel_1", framing=b"\x01\x01", opaque=4))
+    d.send(False, res(0x00, 0x88, b"", 4))
+    get = d.spans[-1]
+    assert len(d.spans) == 4
+    assert get.attributes["db.system.name"] == "couchbase"
+    assert get.attributes["db.namespace"] == "travel"
+    assert get.attributes["db.collection.name"] == "hotels"
+    assert get.name == "GET hotels"
+    assert get.status_code == StatusCode.ERROR and get.attributes["error.type"] == "UNKNOWN_COLLECTION"
+
+
+@pytest.mark.parametrize("step", [None, 1, 3])
+def test_text_protocol(step: int | None) -> None:
+    d = Driver()
+    d.send(True, b"set k1 0 0 5\r\nhello\r\nget k1 k2\r\nget nope\r\nadd k1 0 0 1\r\nx\r\n"
+           b"incr n 1\r\ndelete k1 noreply\r\nbogus_cmd x\r\n"[:-len(b"bogus_cmd x\r\n")], step)
+    d.send(False, b"STORED\r\nVALUE k1 0 5\r\nhello\r\nEND\r\nEND\r\nNOT_STORED\r\nNOT_FOUND\r\n", step)
+    names = [s.name for s in d.spans]
+    assert names == ["DELETE", "SET", "GET", "GET", "ADD", "INCR"]  # noreply DELETE ends at once
+    by = dict(zip(names[1:], d.spans[1:], strict=False))
+    assert d.spans[2].status_code == StatusCode.UNSET  # hit
+    assert d.spans[3].status_code == StatusCode.UNSET  # a miss is not an error
+    assert d.spans[3].attributes["db.response.status_code"] == "KEY_ENOENT"
+    assert by["ADD"].status_code == StatusCode.ERROR
+    assert by["INCR"].status_code == StatusCode.ERROR
+
+
+def test_text_server_errors() -> None:
+    d = Driver()
+    d.send(True, b"set k 0 0 2\r\nab\r\n")
+    d.send(False, b"SERVER_ERROR out of memory storing object\r\n")
+    assert d.spans[0].status_code == StatusCode.ERROR
+    assert d.spans[0].attributes["error.type"] == "SERVER_ERROR"
+
+
+def test_detect() -> None:
+    assert mc.detect(LargeBuffer(req(0x00, b"k")), None) == Detection.REQUEST
+    assert mc.detect(LargeBuffer(res(0x00, 1)), None) == Detection.RESPONSE
+    assert mc.detect(LargeBuffer(b"get foo\r\n"), None) == Detection.REQUEST
+    assert mc.detect(LargeBuffer(b"set foo 0 0 3\r\nabc\r\n"), None) == Detection.REQUEST
+    assert mc.detect(LargeBuffer(b"set foo bar baz\r\n"), None) == Detection.NO
+    assert mc.detect(LargeBuffer(b"GET / HTTP/1.1\r\n\r\n"), None) == Detection.NO
+    assert mc.detect(LargeBuffer(b"\x80\x00\x00\x05" + b"\0" * 20), None) == Detection.NO  # key > body
+
+
+@pytest.mark.parametrize("data", [
+    b"\x99" + b"\0" * 23,                                   # wrong magic after binary start
+    HDR.pack(0x80, 0, 10, 0, 0, 0, 5, 0, 0),                 # key longer than the body
+    HDR.pack(0x80, 0, 0, 0, 0, 0, 2**31, 0, 0),              # 2 GiB body
+])
+def test_malformed_binary(data: bytes) -> None:
+    d = Driver()
+    d.send(True, req(0x0A))
+    with pytest.raises(ProtocolError):
+        d.send(True, data)
+
+
+def test_unknown_opcode_is_a_span_not_a_crash() -> None:
+    d = Driver()
+    d.send(True, req(0x7E, opaque=9))
+    d.send(False, res(0x7E, 0x81, opaque=9))
+    assert d.spans[0].name == "OP_0x7e" and d.spans[0].attributes["error.type"] == "UNKNOWN_COMMAND"
+
+
+def _alloc(size: int) -> int:
+    d = Driver()
+    d.send(True, req(0x00, b"big", opaque=1))
+    data = res(0x00, 0, b"v" * size, 1, struct.pack(">I", 0))
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        for i in range(0, len(data), 1400):
+            d.send(False, data[i:i + 1400])
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert len(d.spans) == 1
+    return peak
+
+
+def test_allocation_is_flat_when_values_grow_100x() -> None:
+    small, large = _alloc(10_000), _alloc(1_000_000)
+    assert large < small * 1.5 + 4096, (small, large)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.binary(max_size=300), st.integers(1, 40), st.booleans())
+def test_fuzz_only_protocol_errors_escape(data: bytes, step: int, binary: bool) -> None:
+    d = Driver()
+    d.send(True, req(0x0A) if binary else b"version\r\n")
+    for side in (True, False):
+        try:
+            d.send(side, data, step)
+        except ProtocolError:
+            pass
+
+
+def test_real_memcached_binary_and_text() -> None:
+    bmemcached = pytest.importorskip("bmemcached")
+    pymemcache = pytest.importorskip("pymemcache.client.base")
+    from tests.support.capture import tcpdump
+    from tests.support.memcached_server import memcached
+    from tests.support.replay import replay_spans
+
+    with memcached("binary") as bport, memcached("ascii") as tport, tcpdump([bport, tport]) as pcap:
+        b = bmemcached.Client((f"127.0.0.1:{bport}",))
+        assert b.set("user:1", "alice")
+        assert b.get("user:1") == "alice"
+        assert b.get("missing") is None
+        assert not b.add("user:1", "again")
+        b.set("n", 1)
+        assert b.incr("n", 5) == 6
+        assert b.delete("user:1")
+        b.set_multi({"q1": "a", "q2": "b"})
+        assert b.get_multi(["q1", "q2", "q3"]) == {"q1": "a", "q2": "b"}
+        b.disconnect_all()
+        t = pymemcache.Client(("127.0.0.1", tport))
+        t.set("k", "v")
+        assert t.get("k") == b"v"
+        assert t.get("nope") is None
+        assert t.add("k", "x", noreply=False) is False
+        t.delete("k")
+        t.close()
+    spans = replay_spans(pcap)
+    binary = [s for s in spans if s.attributes["server.port"] == bport]
+    text = [s for s in spans if s.attributes["server.port"] == tport]
+    bops = [s.attributes["db.operation.name"] for s in binary]
+    for op in ("SET", "GET", "ADD", "INCREMENT", "DELETE"):
+        assert op in bops, bops
+    misses = [s for s in binary if s.attributes.get("db.response.status_code") == "KEY_ENOENT"]
+    assert misses and all(s.status_code == StatusCode.UNSET for s in misses)
+    add = [s for s in binary if s.attributes["db.operation.name"] == "ADD"]
+    assert add[0].status_code == StatusCode.ERROR
+    assert any(s.attributes.get("memcached.quiet") for s in binary) or "SETQ" in bops or "GETKQ" in bops
+    tops = [s.attributes["db.operation.name"] for s in text]
+    assert tops == ["SET", "GET", "GET", "ADD", "DELETE"]
+    assert text[3].status_code == StatusCode.ERROR and text[2].status_code == StatusCode.UNSET
+    for s in spans:
+        assert s.attributes["db.system.name"] == "memcached" and s.kind == SpanKind.CLIENT
