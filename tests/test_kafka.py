@@ -603,3 +603,29 @@ def test_stored_capture_replay_matches_tshark():
     assert len([r for r in reqs if r[0] == "0"]) == len({s.start_ns for s in sends})
     assert len([r for r in reqs if r[0] == "1"]) == len({s.start_ns for s in polls})
     assert {r[2] for r in reqs} == {"fixture-producer", "fixture-consumer"}
+
+
+def _summary(m):
+    return (m.api_key, m.version, m.corr, m.client_id, m.acks if m.api_key == 0 else None,
+            [(t.name, t.topic_id, t.partitions, t.offsets, t.records, t.records_unknown, t.traceparent)
+             for t in m.topics])
+
+
+@pytest.mark.parametrize("seg", [1, 7, 1460])
+def test_fast_path_and_streaming_walker_agree(seg):
+    """Whole requests take flat.py, split ones the walkers: same result for every version."""
+    from processors.protocols.kafka import flat
+    from processors.protocols.kafka.session import parse_request
+
+    reqs = [produce_request(v, {"orders": {0: records(3, headers=TP_HEADERS), 1: None},
+                                "audit": {2: records(1, compression=1) + records(2, offset=1)}}, ids=IDS)
+            for v in range(3, 14)]
+    reqs += [produce_request(v, {"orders": {0: records(1, magic=1)}}) for v in range(3)]
+    reqs += [fetch_request(v, {"orders": [(0, 5), (1, 6)], "audit": [(3, 9)], "empty": []}, ids=IDS)
+             for v in range(19)]
+    reqs += [metadata_request(v, ["orders"]) for v in (0, 9, 13)]
+    for r in reqs:
+        mv = memoryview(r)
+        fast = flat.parse_request(mv, 1 << 20)
+        slow = parse_request(LargeBuffer(*[mv[i:i + seg] for i in range(0, len(mv), seg)]))
+        assert _summary(fast) == _summary(slow)

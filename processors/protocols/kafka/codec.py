@@ -22,7 +22,7 @@ NAME = "kafka"
 
 #: Kafka topic names: 1..249 characters of [a-zA-Z0-9._-] (org.apache.kafka.common.internals.Topic).
 MAX_TOPIC_NAME = 249
-_TOPIC_RE = re.compile(rb"[A-Za-z0-9._-]{1,249}")
+TOPIC_RE = re.compile(rb"[A-Za-z0-9._-]{1,249}")
 #: Printable ASCII only: how OBI tells a client id from random bytes.
 _PRINTABLE_RE = re.compile(rb"[\x20-\x7e]*")
 
@@ -92,7 +92,7 @@ def uuid_str(u: bytes) -> str:
 
 def topic_name(v: memoryview | None, off: int = -1) -> str:
     """Validate and decode a topic name (a small copy, kept in the span)."""
-    if v is None or _TOPIC_RE.fullmatch(v) is None:
+    if v is None or TOPIC_RE.fullmatch(v) is None:
         raise Malformed(NAME, "bad_topic", off, "topic name not [a-zA-Z0-9._-]{1,249}")
     return str(v, "ascii")
 

@@ -22,7 +22,7 @@ from processors.protocols.errors import LimitExceeded, Malformed
 from service.largebuf import BufferBoundsError, LargeBuffer, LargeBufferReader
 from service.model import SpanKind, StatusCode
 
-from . import apis, fetch, metadata, produce
+from . import apis, fetch, flat, metadata, produce
 from .codec import NAME, printable, skip_tags, uuid_str
 from .header import MAX_MESSAGE_SIZE, MIN_REQUEST_SIZE, MIN_RESPONSE_SIZE, REQUEST_FIXED
 from .state import Msg, TopicIdCache, u_tags
@@ -141,6 +141,33 @@ def u_corr(r: LargeBufferReader, m: Any) -> int:
     return r.read_i32be()
 
 
+def walk_request(cur: Cursor, scan_bytes: int) -> Walker:
+    """Any request: the header, then the body walker of the APIs that make spans."""
+    m: Msg = yield u_request_header
+    m.start_ns = cur.start_ns
+    m.scan_left = scan_bytes
+    cur.msg = m
+    if m.api_key == apis.PRODUCE:
+        yield from produce.walk_request(m)
+    elif m.api_key == apis.FETCH:
+        yield from fetch.walk_request(m)
+
+
+def parse_request(buf: LargeBuffer, scan_bytes: int = 1 << 20) -> Msg:
+    """Parse the one complete request at the front of ``buf`` (header and all topics);
+    no pairing, no spans, nothing released. For tools and benchmarks."""
+    if len(buf) < 4:
+        raise Malformed(NAME, "truncated", 0)
+    size = buf.i32be_at(0)
+    if size < MIN_REQUEST_SIZE or size > MAX_MESSAGE_SIZE or 4 + size > len(buf):
+        raise Malformed(NAME, "bad_size", 0, f"message size {size}")
+    cur = Cursor()
+    cur.begin(walk_request(cur, scan_bytes), 4 + size, 0)
+    cur.run(buf)
+    assert cur.msg is not None
+    return cur.msg
+
+
 class KafkaSession:
     """Per-connection state; the contract is in processors/protocols/base.py."""
 
@@ -170,6 +197,17 @@ class KafkaSession:
                 lo = MIN_REQUEST_SIZE if from_client else MIN_RESPONSE_SIZE
                 if size < lo or size > self.settings.max_message_bytes:
                     raise Malformed(NAME, "bad_size", 0, f"message size {size}")
+                total = 4 + size
+                if from_client and total <= len(buf) and (
+                        total <= flat.MAX_GATHER or buf.chunk_count == 1 or buf.chunks()[0].nbytes >= total):
+                    # Fast path: the whole request in one view (a chunk, or the scratch when small).
+                    m = flat.parse_request(buf.view_at(0, total), self.settings.max_records_scan_bytes)
+                    m.start_ns = buf.ts_at(0)
+                    cur.msg = m
+                    self._request_done(cur, buf.ts_at(total - 1))
+                    cur.reset()
+                    buf.release(total)
+                    continue
                 gen = self._walk_request(cur) if from_client else self._walk_response(cur)
                 cur.begin(gen, 4 + size, buf.ts_at(0))
             if not cur.run(buf):
@@ -184,14 +222,7 @@ class KafkaSession:
             buf.release(end)
 
     def _walk_request(self, cur: Cursor) -> Walker:
-        m: Msg = yield u_request_header
-        m.start_ns = cur.start_ns
-        m.scan_left = self.settings.max_records_scan_bytes
-        cur.msg = m
-        if m.api_key == apis.PRODUCE:
-            yield from produce.walk_request(m)
-        elif m.api_key == apis.FETCH:
-            yield from fetch.walk_request(m)
+        return walk_request(cur, self.settings.max_records_scan_bytes)
 
     def _walk_response(self, cur: Cursor) -> Walker:
         corr = yield u_corr

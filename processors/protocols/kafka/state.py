@@ -39,11 +39,13 @@ class TopicData:
         "traceparent",
     )
 
-    def __init__(self, name: str | None, topic_id: bytes | None) -> None:
+    def __init__(self, name: str | None, topic_id: bytes | None, partitions: list[int] | None = None,
+                 offsets: dict[int, int] | None = None) -> None:
         self.name = name
         self.topic_id = topic_id
-        self.partitions: list[int] = []
-        self.offsets: dict[int, int] = {}  # partition -> fetch offset (Fetch) or base offset (Produce response)
+        self.partitions: list[int] = partitions if partitions is not None else []
+        # partition -> fetch offset (Fetch) or base offset (Produce response)
+        self.offsets: dict[int, int] = offsets if offsets is not None else {}
         self.data_partitions: list[int] = []  # Fetch response partitions that returned records
         self.records = 0
         self.records_unknown = False  # some record data was skipped unread (cap, truncation)
@@ -102,6 +104,8 @@ class Msg:
         """The topic entry for a (name, id) key, created in first-seen order."""
         name, tid = key
         k = name if name is not None else (tid or b"")
+        if not self.by_key and self.topics:  # the fast path appends to topics only
+            self.by_key = {t.key: t for t in self.topics}
         t = self.by_key.get(k)
         if t is None:
             t = TopicData(name, tid)

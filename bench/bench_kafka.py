@@ -1,0 +1,97 @@
+"""Kafka request parsing: our zero-copy walker vs kafka-python's protocol classes, same bytes.
+
+Run: ``python -m bench kafka`` (or ``python bench/bench_kafka.py``). Prints the median
+(of REPEATS runs of N parses) per request, and the ratio.
+
+- ours (fast): ``processors.protocols.kafka.flat.parse_request`` on the framed request's
+  view, what a session does when a request arrives whole: header, every topic and
+  partition, and for Produce the record batch headers (record count) and the first
+  record's headers (traceparent).
+- ours (streaming): ``session.parse_request`` -- the resumable walker used when a request
+  arrives split or is large -- on a ``LargeBuffer`` of 1460-byte chunks (MSS-sized).
+- peer: ``kafka.protocol.producer.ProduceRequest.decode`` / ``consumer.FetchRequest.decode``
+  (kafka-python 3.x, generated from Apache Kafka's message JSON) with ``header=True,
+  framed=True``: it decodes the same header and topics, and keeps record data as bytes.
+
+Workloads (bytes encoded by kafka-python itself, tests/support/kafka_wire.py):
+  Produce v3 / v9 (flexible) / v13 (topic ids): 5 topics x 3 partitions, 10 records each
+  Fetch v4 / v12 (flexible) / v13 (topic ids): 10 topics x 4 partitions
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+import time
+import uuid
+from typing import Any
+
+if __package__ in (None, ""):
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from kafka.protocol.consumer import FetchRequest
+from kafka.protocol.producer import ProduceRequest
+
+from processors.protocols.kafka import flat
+from processors.protocols.kafka.session import parse_request
+from service.largebuf import LargeBuffer
+from tests.support.kafka_wire import TRACEPARENT, fetch_request, produce_request, records
+
+REPEATS = 5
+N = 2000
+
+
+def _median_us(fn: Any, n: int = N) -> float:
+    times = []
+    for _ in range(REPEATS):
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        times.append((time.perf_counter() - t0) / n * 1e6)
+    return statistics.median(times)
+
+
+def workloads() -> list[tuple[str, bytes, Any, int]]:
+    ids = {f"topic-{i}": uuid.uuid5(uuid.NAMESPACE_DNS, f"topic-{i}").bytes for i in range(10)}
+    batch = records(10, value=b"v" * 100, headers=[("traceparent", TRACEPARENT.encode())])
+    out = []
+    for v in (3, 9, 13):
+        topics = {f"topic-{i}": {p: batch for p in range(3)} for i in range(5)}
+        out.append((f"Produce v{v} (5 topics x 3 partitions x 10 records)",
+                    produce_request(v, topics, corr=1, ids=ids), ProduceRequest, v))
+    for v in (4, 12, 13):
+        topics = {f"topic-{i}": [(p, 1000 * p) for p in range(4)] for i in range(10)}
+        out.append((f"Fetch v{v} (10 topics x 4 partitions)", fetch_request(v, topics, corr=1, ids=ids),
+                    FetchRequest, v))
+    return out
+
+
+def main() -> None:
+    print(f"{'request':52} {'bytes':>6} {'fast µs':>8} {'stream µs':>10} {'kafka-python µs':>16} "
+          f"{'fast x':>7} {'stream x':>8}")
+    ratios = []
+    sratios = []
+    for name, data, cls, version in workloads():
+        mv = memoryview(data)
+        chunked = LargeBuffer(*[mv[i:i + 1460] for i in range(0, len(mv), 1460)])
+        m = flat.parse_request(mv, 1 << 20)
+        ms = parse_request(chunked)
+        assert [(t.key, t.partitions, t.records) for t in m.topics] == \
+            [(t.key, t.partitions, t.records) for t in ms.topics]
+        peer = cls.decode(data, version=version, header=True, framed=True)
+        assert len(getattr(peer, "topic_data", None) or getattr(peer, "topics", [])) == len(m.topics)
+        fast = _median_us(lambda v=mv: flat.parse_request(v, 1 << 20))
+        stream = _median_us(lambda b=chunked: parse_request(b), N // 4)
+        theirs = _median_us(lambda c=cls, d=data, v=version: c.decode(d, version=v, header=True, framed=True),
+                            N // 4)
+        ratios.append(theirs / fast)
+        sratios.append(theirs / stream)
+        print(f"{name:52} {len(data):>6} {fast:>8.1f} {stream:>10.1f} {theirs:>16.1f} "
+              f"{theirs / fast:>6.1f}x {theirs / stream:>7.1f}x")
+    print(f"median ratio vs kafka-python: fast path {statistics.median(ratios):.1f}x, "
+          f"streaming path {statistics.median(sratios):.2f}x")
+
+
+if __name__ == "__main__":
+    main()
