@@ -65,6 +65,19 @@ def _config_files(args: argparse.Namespace) -> list[str]:
     return list(args.config) if args.config else [str(default_config_path())]
 
 
+def _flush_stdout() -> None:
+    """Flush stdout; if the reader went away (``wirespan run | head``), point it at /dev/null
+    so the interpreter's own flush at exit does not complain."""
+    try:
+        sys.stdout.flush()
+    except (BrokenPipeError, ValueError, OSError):
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
+
+
 def _print_errors(errors: list[str]) -> None:
     for e in errors:
         print(f"error: {e}", file=sys.stderr)
@@ -126,7 +139,7 @@ def _stop_with_timeout(stop: Any, timeout: float, sigq: queue.SimpleQueue, what:
         if sig in (signal.SIGINT, signal.SIGTERM):
             print("wirespan: forced exit while draining", file=sys.stderr)
             sys.stderr.flush()
-            sys.stdout.flush()
+            _flush_stdout()
             os._exit(1)
     if t.is_alive():
         step = what() if callable(what) else ""
@@ -179,7 +192,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     code = 1 if problems else 0
     if reason == "done":
         log.info("exiting")
-    sys.stdout.flush()
+    _flush_stdout()
     if not finished:
         sys.stderr.flush()
         os._exit(code)
@@ -308,7 +321,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
                                             lambda: svc.current_step)
     if not finished:
         problems += svc.undelivered()
-    sys.stdout.flush()
+    _flush_stdout()
     _print_summary(_summary(svc), time.monotonic() - t0)
     _print_errors(problems)
     code = 1 if problems else (130 if interrupted else 0)
@@ -373,6 +386,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         _print_errors(e.errors)
         return 1
+    finally:
+        _flush_stdout()
 
 
 if __name__ == "__main__":
