@@ -61,6 +61,8 @@ class OtlpHttpConfig(ComponentConfig):
     #: Full URL for traces; overrides ``endpoint`` + /v1/traces.
     traces_endpoint: str | None = None
     encoding: Literal["proto", "json"] = "proto"
+    #: An HTTP(S) proxy for the requests (environment proxy variables are not used).
+    proxy_url: str | None = None
     tls: HttpTlsConfig = Field(default_factory=HttpTlsConfig)
     headers: dict[str, str] = Field(default_factory=dict)
     compression: Compression = "gzip"
@@ -68,7 +70,7 @@ class OtlpHttpConfig(ComponentConfig):
     retry_on_failure: RetryConfig = Field(default_factory=RetryConfig)
     sending_queue: QueueConfig = Field(default_factory=QueueConfig)
 
-    @field_validator("endpoint", "traces_endpoint")
+    @field_validator("endpoint", "traces_endpoint", "proxy_url")
     @classmethod
     def _url(cls, v: str | None) -> str | None:
         if v is not None and not (v.startswith("http://") or v.startswith("https://")):
@@ -115,6 +117,8 @@ class OtlpHttpExporter(QueuedExporter):
         super().__init__(id, config, next)
         self._client: httpx.Client | None = None
         self._url = config.url()
+        #: The name sent in SNI and verified in the certificate, when not the URL's host.
+        self._sni = config.tls.server_name_override
         self._headers = {"User-Agent": f"wirespan/{SCOPE_VERSION}", **config.headers,
                          "Content-Type": _CONTENT_TYPES[config.encoding]}
         if config.compression == "gzip":
@@ -135,11 +139,7 @@ class OtlpHttpExporter(QueuedExporter):
         limits = httpx.Limits(max_connections=cfg.sending_queue.num_consumers,
                               max_keepalive_connections=cfg.sending_queue.num_consumers)
         self._client = httpx.Client(verify=verify, timeout=cfg.timeout, limits=limits, headers=self._headers,
-                                    trust_env=False)
-        if t.server_name_override:
-            self._sni = t.server_name_override
-        else:
-            self._sni = None
+                                    trust_env=False, proxy=cfg.proxy_url)
 
     def _close(self) -> None:
         if self._client is not None:
