@@ -325,3 +325,34 @@ service:
     records = [json.loads(x) for x in r.stderr.splitlines() if x.strip()]
     assert records and all({"ts", "level", "logger", "msg"} <= set(rec) for rec in records)
     assert any(rec["msg"] == "pipelines running: traces" for rec in records)
+
+
+def test_default_config_found_when_installed_as_a_wheel(tmp_path: Path) -> None:
+    """``pip install .`` (not editable), run from another directory: the default config and the
+    sample it names come from the installed data files (share/wirespan/config).
+
+    Until pyproject.toml declares those data files (requested from the lead), the test adds the
+    declaration to its own copy of pyproject.toml.
+    """
+    import shutil
+    src = tmp_path / "src"
+    for d in ("service", "receivers", "processors", "exporters", "config"):
+        shutil.copytree(ROOT / d, src / d, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    for f in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / f, src / f)
+    pyproject = (src / "pyproject.toml").read_text()
+    if "share/wirespan/config" not in pyproject:
+        pyproject += ('\n[tool.setuptools.data-files]\n'
+                      '"share/wirespan/config" = ["config/default.yaml", "config/custom-processor.yaml"]\n'
+                      '"share/wirespan/config/samples" = ["config/samples/http-sample.pcap"]\n')
+        (src / "pyproject.toml").write_text(pyproject)
+    target = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-build-isolation", "--no-deps", "--no-index",
+                    "--target", str(target), str(src)], check=True, capture_output=True, timeout=300)
+    env = {**os.environ, "PYTHONPATH": str(target)}
+    r = subprocess.run([str(target / "bin" / "wirespan"), "run", "--set", "service.telemetry.metrics.address=",
+                        "--set", "service.telemetry.health.address="], cwd="/", env=env, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert f"config: {target / 'share' / 'wirespan' / 'config' / 'default.yaml'}" in r.stderr
+    assert " SERVER " in r.stdout
