@@ -180,6 +180,8 @@ class _Server(_HTTPServer):
     def __init__(self, addr: tuple[str, int], handler: type, route: str, respond: _Callable[[], tuple]) -> None:
         import socket
         infos = socket.getaddrinfo(addr[0], addr[1], type=socket.SOCK_STREAM)
+        # "localhost" may resolve to ::1 first; 127.0.0.1 is what scrapers and curl try first.
+        infos.sort(key=lambda i: i[0] != socket.AF_INET)
         self.address_family = infos[0][0]
         self.route = route
         self.respond = respond
