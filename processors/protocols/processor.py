@@ -279,10 +279,10 @@ class ProtocolsProcessor(EventProcessor):
             for ev in events:
                 try:
                     # Fast path: data on a connection already being parsed (most events).
-                    if ev.kind == _DATA and ev.egress is None:
+                    if ev.kind == _DATA:
                         cid = ev.conn_id
                         st = conns.get(cid)
-                        if st is not None and st.mode == _PARSING:
+                        if st is not None and st.mode == _PARSING and (ev.egress is None or st.egress_side is not None):
                             conns.move_to_end(cid)
                             ts = ev.ts_ns
                             if ts > st.last_ts:
