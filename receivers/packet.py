@@ -130,8 +130,19 @@ def _ip4(buf: Buf, off: int, end: int) -> Result:
         return "ip_fragment"
     if proto != IPPROTO_TCP:
         return "not_tcp"
-    # `total` also trims Ethernet padding off short frames.
-    return _tcp(buf, off + hl, off + total, src, dst)
+    # `total` also trims Ethernet padding off short frames. TCP is decoded inline (as in _tcp):
+    # one call less on every IPv4 packet.
+    t = off + hl
+    end = off + total
+    if end - t < 20:
+        return "truncated"
+    sport, dport, seq, ack, doff, flags, _win = _TCP.unpack_from(buf, t)
+    thl = (doff >> 4) << 2
+    if thl < 20:
+        return "malformed"
+    if t + thl > end:
+        return "truncated"
+    return (src, dst, sport, dport, seq, ack, flags, t + thl, end)
 
 
 def _ip6(buf: Buf, off: int, end: int) -> Result:
