@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 
 from processors.protocols.base import Conn, Detection, ProtocolSettings, Session
 from processors.protocols.errors import LimitExceeded, Malformed
-from service.largebuf import BufferBoundsError, LargeBuffer
+from service.largebuf import LargeBuffer
 from service.model import SpanEvent, SpanKind, StatusCode
 
 NAME = "fastcgi"
@@ -89,26 +89,49 @@ class _Req:
         self.aborted = False
 
 
+_WANTED_LENGTHS = frozenset(len(w) for w in _WANTED)
+
+
 def _pairs(buf: LargeBuffer) -> dict[bytes, bytes]:
-    """Decode FastCGI name-value pairs (1- or 4-byte lengths); keep only the wanted ones."""
-    r = buf.reader()
+    """Decode FastCGI name-value pairs (1- or 4-byte lengths); keep only the wanted ones.
+
+    One view over the stream (gathered into the buffer's scratch only when the
+    PARAMS content spans chunks: bounded by MAX_PARAMS); a name is copied only
+    when its length is that of a wanted name.
+    """
+    mv = buf.view_at(0, len(buf))
+    n = len(mv)
     out: dict[bytes, bytes] = {}
-    while r.remaining:
-        lens = []
-        for _ in range(2):
-            b = r.read_u8()
-            lens.append(b if b < 0x80 else ((b & 0x7F) << 24) | (r.read_u8() << 16) | r.read_u16be())
-        nlen, vlen = lens
-        if nlen + vlen > r.remaining:
-            raise Malformed(NAME, "bad_params", r.offset, "pair overruns the stream")
-        name = r.peek(min(nlen, 64))
-        if nlen <= 64 and (bytes(name) in _WANTED or bytes(name[:5]) == b"HTTP_"):
-            key = bytes(name)  # a small name, copied to be kept
-            r.skip(nlen)
-            out[key] = r.read_bytes(min(vlen, 2048))
-            r.skip(vlen - min(vlen, 2048))
+    i = 0
+    wanted_lengths = _WANTED_LENGTHS
+    while i < n:
+        b = mv[i]
+        if b < 0x80:
+            nlen = b
+            i += 1
         else:
-            r.skip(nlen + vlen)
+            if i + 4 > n:
+                raise Malformed(NAME, "bad_params", i, "truncated name length")
+            nlen = int.from_bytes(mv[i:i + 4], "big") & 0x7FFFFFFF
+            i += 4
+        if i >= n:
+            raise Malformed(NAME, "bad_params", i, "truncated value length")
+        b = mv[i]
+        if b < 0x80:
+            vlen = b
+            i += 1
+        else:
+            if i + 4 > n:
+                raise Malformed(NAME, "bad_params", i, "truncated value length")
+            vlen = int.from_bytes(mv[i:i + 4], "big") & 0x7FFFFFFF
+            i += 4
+        if i + nlen + vlen > n:
+            raise Malformed(NAME, "bad_params", i, "pair overruns the stream")
+        if nlen in wanted_lengths:
+            name = mv[i:i + nlen].tobytes()  # a short parameter name
+            if name in _WANTED:
+                out[name] = mv[i + nlen:i + nlen + min(vlen, 2048)].tobytes()  # a kept value, bounded
+        i += nlen + vlen
     return out
 
 
@@ -150,10 +173,7 @@ class Session(Session):  # type: ignore[no-redef]
                 return
             if clen == 0:
                 p, req.params = req.params, None
-                try:
-                    self.done[rid] = _pairs(p)
-                except BufferBoundsError:
-                    raise Malformed(NAME, "bad_params", 0, "truncated pair lengths") from None
+                self.done[rid] = _pairs(p)
                 return
             if len(req.params) + clen > MAX_PARAMS:
                 self.reqs.pop(rid, None)
