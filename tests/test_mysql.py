@@ -190,9 +190,10 @@ def test_prepared_statements(deprecate, chunk):
     for _ in range(2):
         d.feed(True, pkt(b"\x17" + struct.pack("<IBI", 7, 0, 1) + b"\0\x01" + b"\x08\0\x08\0" + b"\0" * 16, 0),
                chunk)
+        k = 3 if deprecate else 4
         rows = pkt(lenenc(1), 1) + pkt(coldef("item"), 2)
-        rows += (b"" if deprecate else EOF(3)) + pkt(b"\0\0" + lstr(b"pear"), 4) + (
-            OK(5, 2, 0xFE) if deprecate else EOF(5))
+        rows += (b"" if deprecate else EOF(3)) + pkt(b"\0\0" + lstr(b"pear"), k) + (
+            OK(k + 1, 2, 0xFE) if deprecate else EOF(k + 1))
         d.feed(False, rows, chunk)
     d.feed(True, pkt(b"\x17" + struct.pack("<IBI", 7, 0, 1) + b"\0\x01" + b"\x08\0\x08\0" + b"\0" * 16, 0))
     d.feed(False, ERR(1062, "23000", "Duplicate entry"))
@@ -222,7 +223,7 @@ def test_multi_results_one_span():
     more = 2 | my.SERVER_MORE_RESULTS_EXISTS
     d.feed(False, resultset(["a"], [[b"1"]], status=more) + resultset(["b"], [[b"2"], [b"3"]], seq=5, status=more))
     assert len(d.spans) == 0
-    d.feed(False, OK(9))  # final OK of a CALL
+    d.feed(False, OK(10))  # final OK of a CALL
     assert len(d.spans) == 1 and d.spans[0].attributes["db.response.returned_rows"] == 3
 
 
@@ -245,7 +246,7 @@ def test_over_16mb_payloads_are_split_and_skipped():
     for i in range(0, len(wire), 1 << 20):
         d.feed(True, wire[i:i + (1 << 20)])
         peak = max(peak, len(d.conn.client_buf))
-    d.feed(False, OK())
+    d.feed(False, OK(2))  # the answer follows the continuation packet's sequence id
     # a 16 MiB row split across two packets counts as one row
     row = lstr(b"r" * (my.MAX_PACKET_PAYLOAD + 10))
     d.feed(True, query("SELECT b FROM blobs"))
@@ -437,3 +438,50 @@ def test_mariadb_bulk_execute_carries_the_prepared_text():
     d.feed(False, OK())
     assert [s.name for s in d.spans] == ["INSERT t"]
     assert d.spans[0].attributes["db.query.text"] == "INSERT INTO t VALUES (?)"
+
+
+@pytest.mark.parametrize("prefix", [True, False])
+def test_garbage_on_the_port_through_the_protocols_stage(tmp_path, prefix):
+    """Real receiver + stage: garbage (after a valid start, or alone) is counted, never a crash."""
+    import random
+
+    from tests.support.pcapgen import LINKTYPE_RAW, TcpFlow, write_pcap
+    from tests.support.replay import replay
+
+    rnd = random.Random(9)
+    flow = TcpFlow(("10.0.0.1", 40000), ("10.0.0.2", 3306))
+    frames = flow.handshake()
+    if prefix:
+        frames += [flow.send(False, greeting()), flow.send(True, response()), flow.send(False, OK(2)),
+                   flow.send(True, query("SELECT 1")), flow.send(False, OK())]
+    for _ in range(40):
+        frames.append(flow.send(True, rnd.randbytes(rnd.randrange(1, 3000))))
+        frames.append(flow.send(False, rnd.randbytes(rnd.randrange(1, 3000))))
+    path = tmp_path / "garbage.pcap"
+    write_pcap(path, frames, LINKTYPE_RAW)
+    spans, _, stats = replay(path)
+    assert len(spans) == (1 if prefix else 0)
+    assert stats["drops"] and not any("internal_error" in k for k in stats["drops"]), stats
+
+
+def test_sequence_ids_are_checked():
+    d = Driver(my, port=3306)
+    connect(d)
+    d.feed(True, query("SELECT a FROM t"))
+    d.feed(False, OK(7))                       # not an answer to that command
+    assert d.drops["bad_sequence"] == 1
+    d.feed(True, pkt(b"\x03SELECT 1", 3))      # a client packet in the middle of nowhere
+    assert d.drops["bad_sequence"] == 2
+    d.feed(False, OK(1))                       # nothing pending any more: ignored until a command
+    d.feed(True, query("SELECT b FROM u"))
+    d.feed(False, OK(1))
+    assert [s.name for s in d.spans] == ["SELECT u"]
+
+
+def test_compression_stops_and_counts():
+    d = Driver(my, port=3306)
+    d.feed(False, greeting())
+    d.feed(True, response(caps=BASE_CAPS | my.CLIENT_COMPRESS))
+    d.feed(False, OK(2))
+    d.feed(True, b"\x10\x00\x00\x00\x00\x00\x00" + b"x" * 16)
+    assert d.drops == {"compressed": 1} and d.spans == [] and d.buffered() == 0

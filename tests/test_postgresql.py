@@ -481,3 +481,27 @@ def _alloc_query(size: int) -> int:
 def test_allocation_is_flat_when_query_grows_100x():
     small, large = _alloc_query(20_000), _alloc_query(2_000_000)
     assert large < small * 1.5 + 4096, (small, large)
+
+
+@pytest.mark.parametrize("prefix", [True, False])
+def test_garbage_on_the_port_through_the_protocols_stage(tmp_path, prefix):
+    """Real receiver + stage: garbage (after a valid start, or alone) is counted, never a crash."""
+    import random
+
+    from tests.support.pcapgen import LINKTYPE_RAW, TcpFlow, write_pcap
+    from tests.support.replay import replay
+
+    rnd = random.Random(5)
+    flow = TcpFlow(("10.0.0.1", 40000), ("10.0.0.2", 5432))
+    frames = flow.handshake()
+    if prefix:
+        frames += [flow.send(True, startup()), flow.send(False, AUTH_OK + READY),
+                   flow.send(True, Q("SELECT 1")), flow.send(False, DONE("SELECT 1") + READY)]
+    for _ in range(40):
+        frames.append(flow.send(True, rnd.randbytes(rnd.randrange(1, 3000))))
+        frames.append(flow.send(False, rnd.randbytes(rnd.randrange(1, 3000))))
+    path = tmp_path / "garbage.pcap"
+    write_pcap(path, frames, LINKTYPE_RAW)
+    spans, _, stats = replay(path)
+    assert len(spans) == (1 if prefix else 0)
+    assert stats["drops"] and not any("internal_error" in k for k in stats["drops"]), stats

@@ -40,6 +40,7 @@ MAX_PACKET_PAYLOAD = 0xFFFFFF
 PROTOCOL_VERSION = 10
 # Capability flags (MySQL source, include/mysql_com.h).
 CLIENT_CONNECT_WITH_DB = 0x8
+CLIENT_COMPRESS = 0x20
 CLIENT_PROTOCOL_41 = 0x200
 CLIENT_SSL = 0x800
 CLIENT_SECURE_CONNECTION = 0x8000
@@ -231,7 +232,9 @@ class Session(_Session):
         self._cont = [False, False]      # next packet continues a 16 MiB payload
         self._resync_client = False
         self._server_desync = False      # drop server bytes until the next command
+        self._seq = 0                    # last sequence id of the command in progress
         self._stopped = False
+        self._compress = False
         self.namespace = ""
         self.user = ""
         self.server_version = ""
@@ -280,7 +283,7 @@ class Session(_Session):
                     return
                 try:
                     if self._cont[d]:
-                        pass  # the tail of a >16 MiB payload: nothing to read
+                        self._seq = seq  # the tail of a >16 MiB payload: nothing to read
                     elif from_client:
                         self._client_packet(buf, pos + 4, plen, head, seq, buf.ts_at(pos))
                     else:
@@ -352,8 +355,15 @@ class Session(_Session):
             if seq == 1:
                 self._handshake_response(buf, p, head)
             return
-        if seq != 0 or plen == 0:
-            return  # LOCAL INFILE contents and other mid-command client packets
+        if seq != 0:
+            # Only LOCAL INFILE contents continue a command from the client side.
+            if self._pending and self._pending[0].state == _INFILE and seq == (self._seq + 1) & 0xFF:
+                self._seq = seq
+                return
+            raise Malformed(NAME, "bad_sequence", p - 4, f"client packet with sequence {seq}")
+        if plen == 0:
+            raise Malformed(NAME, "bad_command", p - 4, "empty command packet")
+        self._seq = 0
         cmd = buf.u8_at(p)
         if cmd not in _COMMANDS:
             raise Malformed(NAME, "bad_command", 4, f"command {cmd:#x}")
@@ -404,6 +414,10 @@ class Session(_Session):
             return
         both = caps & (self._server_caps or 0xFFFFFFFF)
         self._deprecate_eof = bool(both & CLIENT_DEPRECATE_EOF)
+        if both & CLIENT_COMPRESS:
+            # Compressed packets (zlib/zstd frames with their own header) after auth:
+            # not followed; stop rather than misread them.
+            self._compress = True
         off = p + 32
         z = buf.find(b"\0", off, end)
         if z < 0:
@@ -438,8 +452,20 @@ class Session(_Session):
         if self._phase == _AUTH:
             if head >= 1 and buf.u8_at(p) in (0x00, 0xFF):
                 self._phase = _COMMAND  # OK: authenticated; ERR: the server will hang up
+                self._seq = 0
+                if self._compress:
+                    self._stopped = True
+                    self.conn.drop("compressed")
             return
-        if not self._pending or plen == 0:
+        if seq != (self._seq + 1) & 0xFF:
+            # Every packet of an answer follows the previous one's sequence id: anything
+            # else is not an answer to what we saw (garbage, or a capture that lost bytes).
+            raise Malformed(NAME, "bad_sequence", p - 4, f"server packet {seq} after {self._seq}")
+        self._seq = seq
+        if not self._pending:
+            self.conn.drop("unpaired")
+            return
+        if plen == 0:
             return
         c = self._pending[0]
         b0 = buf.u8_at(p)
