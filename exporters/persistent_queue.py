@@ -257,9 +257,16 @@ class PersistentQueue:
             off = self._wseg.size
             # One writev() for header and payload (no copy): a kill -9 leaves the record whole or a
             # torn tail, which the next scan skips.
-            written = os.writev(self._wfd, (hdr, data))
-            if written != len(hdr) + len(data):  # disk full: the partial tail is skipped at next scan
-                raise OSError(f"short write to {self._wseg.path}")
+            try:
+                written = os.writev(self._wfd, (hdr, data))
+                if written != len(hdr) + len(data):
+                    raise OSError(f"short write to {self._wseg.path}")
+            except OSError:
+                # Disk full or gone: a partial tail may be on disk. Start a new segment so later
+                # offsets stay right; the next start-up scan skips the torn tail (counted).
+                self._wseg.size = os.fstat(self._wfd).st_size
+                self._rotate()
+                raise
             self._wseg.size += written
             self._wseg.pending += 1
             self._ready.append((self._wseg.seq, off, len(data), n))

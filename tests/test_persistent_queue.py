@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import os
 import signal
 import subprocess
@@ -302,3 +303,40 @@ def test_kill_9_of_wirespan_run_then_restart_delivers_every_span(tmp_path):
             p.wait(60)
         assert sink.span_count == conns * reqs
         assert len(sink.unique_spans()) == conns * reqs
+
+
+DISK_FULL_CHILD = textwrap.dedent("""
+    import resource, signal, sys
+    sys.path.insert(0, {root!r})
+    from exporters.persistent_queue import PersistentQueue
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG instead
+    resource.setrlimit(resource.RLIMIT_FSIZE, (3000, 3000))  # "the disk is full" past 3000 bytes a file
+    q = PersistentQueue(sys.argv[1], 10**6, "pq/full")
+    results = []
+    for i in range(6):
+        try:
+            results.append(q.put(bytes([65 + i]) * 1000, 1))
+        except OSError:
+            results.append("full")
+    got = []
+    while (it := q.get(timeout=0)) is not None:
+        got.append(it.data[:1].decode())
+        q.ack(it)
+    print(results, "".join(got))
+""")
+
+
+def test_disk_full_is_an_error_not_a_corrupt_queue(tmp_path):
+    script = tmp_path / "full.py"
+    script.write_text(DISK_FULL_CHILD.format(root=str(ROOT)))
+    out = subprocess.run([sys.executable, str(script), str(tmp_path / "q")], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    results, got = out.stdout.split("] ")
+    # Two 1 KB records fit a segment, the third is cut short: refused with an error, and the queue
+    # moves on to a new segment; every record that was accepted is read back intact, in order.
+    accepted = [chr(65 + i) for i, r in enumerate(ast.literal_eval(results + "]")) if r is True]
+    assert "full" in results and got.strip() == "".join(accepted) and len(accepted) >= 4
+    q = PersistentQueue(tmp_path / "q", 10**6, "pq/full2")  # all acked: the torn segment was deleted
+    assert drain(q) == [] and q.corrupt_records == 0
+    q.close()
