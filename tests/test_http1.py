@@ -452,3 +452,15 @@ def test_flood_of_empty_lines_is_bounded() -> None:
     d2.req(b"\r\n\r\nGET / HTTP/1.1\r\nHost: h\r\n\r\n")
     d2.resp(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
     assert len(d2.spans) == 1
+
+
+def test_expect_refused_before_body_span_at_close() -> None:
+    """A final response before the (never sent) body: the span comes out when the connection ends."""
+    d = Driver()
+    d.req(b"PUT /big HTTP/1.1\r\nHost: h\r\nExpect: 100-continue\r\nContent-Length: 1000000\r\n\r\n")
+    d.resp(b"HTTP/1.1 417 Expectation Failed\r\nContent-Length: 0\r\n\r\n")
+    assert d.spans == []  # waiting for the body, which the client may still send
+    d.s.close(d.ts + 1)
+    (s,) = d.spans
+    assert s.attributes["http.response.status_code"] == 417
+    assert s.attributes.get("http.request.body.size", 0) == 0
