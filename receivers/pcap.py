@@ -440,6 +440,7 @@ class PcapReceiver(Receiver):
         self._packets = 0
         self._bytes = 0
         self._events = 0
+        self._pace: tuple[float | None, int | None] = (None, None)
         self._filter = _AddrFilter(config.filter) if (config.filter.ports or config.filter.addresses) else None
 
     # -------------------------------------------------------------- lifecycle
@@ -578,7 +579,8 @@ class PcapReceiver(Receiver):
         stop = self._stop
         rate = self.config.rate
         bar = self._progress_bar(path, len(view))
-        wall0 = ts0 = None
+        # Pacing (rate > 0) is anchored once per run, so gaps between files and loop passes are kept too.
+        wall0, ts0 = self._pace
         first: int | None = None
         last = 0
         packets = nbytes = 0  # not yet added to self._packets / self._bytes
@@ -609,6 +611,7 @@ class PcapReceiver(Receiver):
                 if rate:
                     if wall0 is None:
                         wall0, ts0 = time.monotonic(), ts
+                        self._pace = (wall0, ts0)
                     delay = wall0 + (ts - ts0) / 1e9 / rate - time.monotonic()
                     if delay > 0.001:
                         self._flush_events()

@@ -758,3 +758,14 @@ def test_pcapng_trailing_length_mismatch_stops_with_reason():
     struct.pack_into("<I", bad, epb_start + blen - 4, blen + 4)
     r = reader_for(bytes(bad))
     assert len(frames(r)) == 3 and "trailing length" in r.error
+
+
+def test_rate_keeps_the_time_between_files(tmp_path):
+    f1, f2 = g.TcpFlow(client=("10.0.0.1", 1111)), g.TcpFlow(client=("10.0.0.1", 2222))
+    g.write_pcap(tmp_path / "a.pcap", [g.ether(p) for p in [*f1.handshake(), f1.send(True, b"a")]])
+    g.write_pcap(tmp_path / "b.pcap", [g.ether(p) for p in [*f2.handshake(), f2.send(True, b"b")]],
+                 ts0_ns=T0 + 400_000_000)
+    t0 = time.monotonic()
+    _, sink = replay(tmp_path, rate=1.0)
+    assert time.monotonic() - t0 >= 0.35
+    assert [bytes(e.payload) for e in sink.events if e.kind == EventKind.DATA] == [b"a", b"b"]
