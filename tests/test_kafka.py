@@ -629,3 +629,44 @@ def test_fast_path_and_streaming_walker_agree(seg):
         fast = flat.parse_request(mv, 1 << 20)
         slow = parse_request(LargeBuffer(*[mv[i:i + seg] for i in range(0, len(mv), seg)]))
         assert _summary(fast) == _summary(slow)
+
+
+def test_fast_path_and_streaming_walker_agree_on_responses():
+    def run(pairs, chunk):
+        d = Driver()
+        for req, resp in pairs:
+            d.request(req, chunk=chunk)
+            d.response(resp, chunk=chunk)
+        assert not d.drops
+        return [(s.name, s.attributes, s.status_code, s.trace_id if s.parent_span_id else None) for s in d.spans]
+
+    pairs = []
+    for v in range(14):
+        magic = 2 if v >= 3 else 1
+        pairs.append((produce_request(v, {"orders": {0: records(2, magic=magic)}, "audit": {1: None, 2: None}},
+                                      corr=v, ids=IDS),
+                      produce_response(v, {"orders": [(0, 0, 5)], "audit": [(1, 0, 6), (2, 6, 7)]}, corr=v, ids=IDS)))
+    for v in range(19):
+        magic = 2 if v >= 4 else 1
+        pairs.append((fetch_request(v, {"orders": [(0, 5), (1, 6)]}, corr=100 + v, ids=IDS),
+                      fetch_response(v, {"orders": [(0, 0, 9, records(3, headers=TP_HEADERS if magic == 2 else None,
+                                                                           magic=magic)),
+                                                    (1, 1, 9, None)], "audit": [(4, 0, 1, records(1, magic=magic))]},
+                                     corr=100 + v, ids=IDS, error=0)))
+    fast = run(pairs, None)
+    assert len(fast) == 2 * 14 + 2 * 19
+    assert fast == run(pairs, 5)
+
+
+def test_whole_small_message_split_over_chunks_before_feed_uses_scratch_gather():
+    d = Driver()
+    req = produce_request(9, {"orders": {0: records(2, headers=TP_HEADERS)}}, corr=1)
+    resp = produce_response(9, {"orders": [(0, 0, 5)]}, corr=1)
+    for data, buf, fc in ((req, d.conn.client_buf, True), (resp, d.conn.server_buf, False)):
+        mv = memoryview(data)
+        for i in range(0, len(mv), 50):
+            buf.append(mv[i:i + 50], i)
+        d.session.feed(fc, buf, 0)
+    (s,) = d.spans
+    assert s.name == "send orders" and s.attributes["messaging.kafka.offset"] == 5
+    assert s.trace_id.hex() == TRACEPARENT[3:35]

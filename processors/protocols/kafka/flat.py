@@ -391,6 +391,130 @@ def fetch_request(mv: memoryview, pos: int, m: Msg) -> None:
         m.topics = list(merged.values())
 
 
+def _topic_key(mv: memoryview, pos: int, flex: bool, ids: bool) -> tuple[tuple[str | None, bytes | None], int]:
+    if ids:
+        e = pos + 16
+        if e > len(mv):
+            raise _bad("truncated", pos)
+        return (None, mv[pos:e].tobytes()), e
+    if flex:
+        n, pos = _uvarint(mv, pos)
+        n -= 1
+    else:
+        n = _I16(mv, pos)[0]
+        pos += 2
+    e = pos + n
+    if n < 1 or e > len(mv):
+        raise _bad("bad_topic", pos, f"topic name length {n}")
+    v = mv[pos:e]
+    if TOPIC_RE.fullmatch(v) is None:
+        raise _bad("bad_topic", pos, "topic name not [a-zA-Z0-9._-]{1,249}")
+    return (str(v, "ascii"), None), e
+
+
+_PRODUCE_PART = struct.Struct(">ihq").unpack_from  # index, error code, base offset
+_FETCH_PART_HEAD = struct.Struct(">ih").unpack_from  # index, error code
+
+
+def produce_response(mv: memoryview, pos: int, m: Msg, req: Msg) -> None:
+    flex = m.flex
+    v = m.version
+    ids = v >= 13
+    n, pos = _array(mv, pos, flex)
+    for _ in range(n):
+        key, pos = _topic_key(mv, pos, flex, ids)
+        t = req.topic(key)
+        np, pos = _array(mv, pos, flex)
+        for _ in range(np):
+            idx, err, base = _PRODUCE_PART(mv, pos)
+            pos += 14 + (8 if v >= 2 else 0) + (8 if v >= 5 else 0)
+            if v >= 8:
+                ne, pos = _array(mv, pos, flex)
+                for _ in range(ne):
+                    pos = _skip_str(mv, pos + 4, flex)
+                    if flex:
+                        pos = _tags(mv, pos)
+                pos = _skip_str(mv, pos, flex)
+            if flex:
+                pos = _tags(mv, pos)
+            if idx not in t.partitions:
+                t.partitions.append(idx)
+            t.offsets[idx] = base
+            if err and not t.error:
+                t.error = err
+                t.error_partition = idx
+        if flex:
+            pos = _tags(mv, pos)
+
+
+def fetch_response(mv: memoryview, pos: int, m: Msg, req: Msg) -> None:
+    flex = m.flex
+    v = m.version
+    ids = v >= 13
+    if v >= 1:
+        pos += 4
+    if v >= 7:
+        req.error = _I16(mv, pos)[0]
+        pos += 6
+    fixed = 8 + (8 if v >= 4 else 0) + (8 if v >= 5 else 0)
+    end = len(mv)
+    n, pos = _array(mv, pos, flex)
+    for _ in range(n):
+        key, pos = _topic_key(mv, pos, flex, ids)
+        t = req.topic(key)
+        np, pos = _array(mv, pos, flex)
+        for _ in range(np):
+            idx, err = _FETCH_PART_HEAD(mv, pos)
+            pos += 6 + fixed
+            if v >= 4:
+                na, pos = _array(mv, pos, flex)
+                if na > 0:
+                    if flex:
+                        for _ in range(na):
+                            pos = _tags(mv, pos + 16)
+                    else:
+                        pos += 16 * na
+            if v >= 11:
+                pos += 4
+            if flex:
+                rlen, pos = _uvarint(mv, pos)
+                rlen -= 1
+            else:
+                rlen = _I32(mv, pos)[0]
+                pos += 4
+            if rlen < -1 or pos + rlen > end:
+                raise _bad("bad_length", pos, f"records of {rlen}")
+            if idx not in t.partitions:
+                t.partitions.append(idx)
+            if err and not t.error:
+                t.error = err
+                t.error_partition = idx
+            if rlen > 0:
+                before = t.records
+                records(mv, pos, rlen, m, t)
+                if t.records > before:
+                    t.data_partitions.append(idx)
+                pos += rlen
+            if flex:
+                pos = _tags(mv, pos)
+        if flex:
+            pos = _tags(mv, pos)
+
+
+def parse_response(mv: memoryview, m: Msg, req: Msg) -> None:
+    """A complete Produce or Fetch response view, merged into its request ``req``."""
+    try:
+        pos = 8
+        if apis.response_header_flexible(req.api_key, req.version):
+            pos = _tags(mv, pos)
+        if req.api_key == apis.PRODUCE:
+            produce_response(mv, pos, m, req)
+        else:
+            fetch_response(mv, pos, m, req)
+    except (IndexError, struct.error) as e:
+        raise Malformed(NAME, "truncated", -1, str(e))
+
+
 def parse_request(mv: memoryview, scan_bytes: int) -> Msg:
     """Header and, for Produce/Fetch, every topic and partition of a complete request view."""
     try:

@@ -198,16 +198,13 @@ class KafkaSession:
                 if size < lo or size > self.settings.max_message_bytes:
                     raise Malformed(NAME, "bad_size", 0, f"message size {size}")
                 total = 4 + size
-                if from_client and total <= len(buf) and (
+                if total <= len(buf) and (
                         total <= flat.MAX_GATHER or buf.chunk_count == 1 or buf.chunks()[0].nbytes >= total):
-                    # Fast path: the whole request in one view (a chunk, or the scratch when small).
-                    m = flat.parse_request(buf.view_at(0, total), self.settings.max_records_scan_bytes)
-                    m.start_ns = buf.ts_at(0)
-                    cur.msg = m
-                    self._request_done(cur, buf.ts_at(total - 1))
-                    cur.reset()
-                    buf.release(total)
-                    continue
+                    # Fast path: the whole message in one view (a chunk, or the scratch when small).
+                    if self._flat(from_client, cur, buf, total):
+                        cur.reset()
+                        buf.release(total)
+                        continue
                 gen = self._walk_request(cur) if from_client else self._walk_response(cur)
                 cur.begin(gen, 4 + size, buf.ts_at(0))
             if not cur.run(buf):
@@ -220,6 +217,30 @@ class KafkaSession:
                 self._response_done(cur, end_ns)
             cur.reset()
             buf.release(end)
+
+    def _flat(self, from_client: bool, cur: Cursor, buf: LargeBuffer, total: int) -> bool:
+        """Handle a complete message with flat.py; False leaves it to the walkers."""
+        mv = buf.view_at(0, total)
+        scan = self.settings.max_records_scan_bytes
+        if from_client:
+            m = flat.parse_request(mv, scan)
+            m.start_ns = buf.ts_at(0)
+            cur.msg = m
+            self._request_done(cur, buf.ts_at(total - 1))
+            return True
+        corr = int.from_bytes(mv[4:8], "big", signed=True)  # from mv: a buffer read could reuse its scratch
+        req = self.pending.get(corr)
+        if req is None or req.api_key not in (apis.PRODUCE, apis.FETCH):
+            return False  # unpaired (counted by the walker) or Metadata/other: the walker path
+        del self.pending[corr]
+        m = Msg(req.api_key, req.version, req.flex, corr)
+        m.response = True
+        m.scan_left = scan
+        flat.parse_response(mv, m, req)
+        cur.req = req
+        cur.msg = m
+        self._response_done(cur, buf.ts_at(total - 1))
+        return True
 
     def _walk_request(self, cur: Cursor) -> Walker:
         return walk_request(cur, self.settings.max_records_scan_bytes)
