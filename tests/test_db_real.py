@@ -5,11 +5,15 @@ every span is asserted (operation, collection, namespace, sanitised text, error)
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+
 import mysql.connector
 import psycopg
 import pymysql
 import pytest
 
+from processors.protocols.sql import analyze
 from service.model import SpanKind, StatusCode
 from tests.support.capture import tcpdump
 from tests.support.mariadb import mariadb_server
@@ -27,6 +31,43 @@ def _rows(spans):
         assert s.name == a.get("db.query.summary", s.name)
         out.append((s.name, *(a.get(k) for k in KEYS), a.get("error.type")))
     return out
+
+
+def _tshark(path, port: int, proto: str, display: str, fields: list[str]) -> list[list[str]]:
+    """tshark (Wireshark's dissectors) as an independent oracle: one row per packet."""
+    tshark = shutil.which("tshark")
+    assert tshark, "tshark is required (Debian package tshark)"
+    cmd = [tshark, "-r", str(path), "-n", "-d", f"tcp.port=={port},{proto}", "-Y", display, "-T", "fields",
+           "-E", "occurrence=a", "-E", "aggregator=~"]
+    for f in fields:
+        cmd += ["-e", f]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return [line.split("\t") for line in out.splitlines()]
+
+
+def _pg_oracle(path, port: int, spans) -> None:
+    """As many spans as tshark sees Simple query + Execute messages, with the same texts."""
+    rows = _tshark(path, port, "pgsql", f"pgsql and tcp.dstport == {port}", ["pgsql.type", "pgsql.query"])
+    types = [t for r in rows for t in r[0].split("~")]
+    texts = {analyze(q).text for r in rows if len(r) > 1 and r[1] for q in r[1].split("~")}
+    assert types.count("Simple query") + types.count("Execute") == len(spans)
+    assert {sp.attributes["db.query.text"] for sp in spans} == texts
+
+
+def _my_oracle(path, port: int, spans) -> None:
+    """One span per COM_QUERY / COM_STMT_EXECUTE tshark sees, with the same (prepared) texts."""
+    rows = _tshark(path, port, "mysql", "mysql.command", ["mysql.command", "mysql.query"])
+    want = []
+    prepared = ""
+    for r in rows:
+        cmd, text = r[0], r[1] if len(r) > 1 else ""
+        if cmd == "3":
+            want.append(analyze(text, "mysql").text)
+        elif cmd == "22":
+            prepared = text
+        elif cmd == "23":
+            want.append(analyze(prepared, "mysql").text)
+    assert [sp.attributes["db.query.text"] for sp in spans] == want
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +103,7 @@ def test_postgresql_psycopg(pg_server):
                 c.execute("INSERT INTO orders VALUES (%s, %s, %s)", (1, "dup", 1))
             c.rollback()
     spans, _, pstats = replay(path)
+    _pg_oracle(path, s.port, spans)
     ns = "postgres"
     assert _rows(spans) == [
         ("BEGIN", "BEGIN", None, ns, "BEGIN", None),
@@ -141,6 +183,7 @@ def test_mariadb_pymysql_and_mysql_connector(maria):
         cur2.close()
         c2.close()
     spans, _, pstats = replay(path)
+    _my_oracle(path, m.port, spans)
     rows = _rows(spans)
     shop = m.database
     assert rows == [
