@@ -87,8 +87,9 @@ CURL = shutil.which("curl")
 PY_COMM = os.path.basename(sys.executable)[:15]
 
 
-def test_curl_and_http_server_both_views() -> None:
-    with http_server() as srv, Running(ports=[srv.port]) as r:
+@pytest.mark.parametrize("reader", ["mmap", "libbpf"])
+def test_curl_and_http_server_both_views(reader: str) -> None:
+    with http_server() as srv, Running(ports=[srv.port], ring_reader=reader) as r:
         p = subprocess.run([CURL, "-s", "-H", "X-Test: 1", f"{srv.url}/hello?q=1"], capture_output=True,
                            check=True)
         assert p.stdout == b"hello /hello?q=1\n"

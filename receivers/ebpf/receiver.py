@@ -26,7 +26,7 @@ import threading
 import time
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -40,7 +40,7 @@ from service.telemetry import (
     RECEIVER_DROPPED,
 )
 
-from .libbpf import BpfError, BpfObject, RingBuffer, check_environment
+from .libbpf import BpfError, BpfObject, MmapRing, RingBuffer, check_environment
 
 __all__ = ["EbpfReceiver", "EbpfConfig", "BpfError", "OBJECT_PATH", "HDR", "COUNTER_NAMES"]
 
@@ -68,6 +68,7 @@ MAX_MESSAGE_CAP = 64 << 20
 COMM_LEN = 16                     #: TASK_COMM_LEN, including the NUL
 AF_INET, AF_INET6 = 2, 10
 K_DATA, K_CLOSE = 0, 1
+_DATA, _GAP = EventKind.DATA, EventKind.GAP
 #: Connections tracked before the least recently used one is closed (as the reassembler).
 MAX_CONNECTIONS = 65536
 #: How often dead processes' connections are closed and kernel counters exported.
@@ -116,6 +117,9 @@ class EbpfConfig(ComponentConfig):
     poll_timeout_ms: int = Field(100, ge=1, le=5000)
     #: Events handed on per ``consume_events`` call at most.
     batch_size: int = Field(1024, ge=1)
+    #: How records are read: ``mmap`` (the ring read in place, no per-record callback:
+    #: ~2x faster here) or ``libbpf`` (``ring_buffer__poll`` with a ctypes callback).
+    ring_reader: Literal["mmap", "libbpf"] = "mmap"
     #: Never trace wirespan's own process (it exports over TCP: tracing itself would loop).
     exclude_self: bool = True
     #: The compiled object (default: the one built by build.sh / shipped).
@@ -181,7 +185,9 @@ class EbpfReceiver(Receiver):
         self._rb: RingBuffer | None = None
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
-        self._records: list[bytes] = []
+        self._ring: MmapRing | None = None
+        self._out: list[TcpEvent] = []
+        self._gap_cap = self._gap_kernel = self._nrec = 0
         self._conns: OrderedDict[tuple, _Conn] = OrderedDict()
         self._gen: dict[tuple, int] = {}
         self._last_counters = [0] * N_COUNTERS
@@ -211,7 +217,10 @@ class EbpfReceiver(Receiver):
         try:
             self._write_filters(max_call)
             obj.attach_all()
-            self._rb = RingBuffer(obj, "events", self._on_record)
+            if c.ring_reader == "mmap":
+                self._ring = MmapRing(obj.map_fd("events"), c.ring_size)
+            else:
+                self._rb = RingBuffer(obj, "events", self._on_record)
         except BaseException:
             self._close_bpf()
             raise
@@ -245,6 +254,9 @@ class EbpfReceiver(Receiver):
         if self._rb is not None:
             self._rb.free()
             self._rb = None
+        if self._ring is not None:
+            self._ring.free()
+            self._ring = None
         if self._obj is not None:
             self._export_counters()
             self._counter_snapshot = dict(zip(COUNTER_NAMES, self._last_counters, strict=False))
@@ -253,100 +265,118 @@ class EbpfReceiver(Receiver):
 
     # ------------------------------------------------------------------ hot path
     def _on_record(self, addr: int, size: int) -> int:
-        # The ring memory is released when this returns: one deliberate copy per
-        # record (at most 16 KiB + header), then only views of it.
-        self._records.append(ctypes.string_at(addr, size))
+        """libbpf callback (fallback path): the ring memory is released when this
+        returns, so the record is copied once (at most 16 KiB + header)."""
+        rec = ctypes.string_at(addr, size)
+        h = HDR.unpack_from(rec)
+        n = h[7]
+        self._one(h, memoryview(rec)[HDR.size:HDR.size + n] if n else None)
         return 0
+
+    def _on_mapped(self, mm: Any, off: int, size: int) -> None:
+        """Direct ring reader: the header is decoded in place; the payload is copied
+        out once (the ring slot is reused as soon as the batch is published)."""
+        h = HDR.unpack_from(mm, off)
+        n = h[7]
+        start = off + HDR.size
+        self._one(h, mm[start:start + n] if n else None)
 
     def _run(self) -> None:
         next_house = time.monotonic() + HOUSEKEEPING_S
-        rb = self._rb
-        assert rb is not None
+        timeout_s = self.config.poll_timeout_ms / 1000
+        ring, rb = self._ring, self._rb
         try:
             while not self._stop.is_set():
-                rc = rb.poll(self.config.poll_timeout_ms)
-                if rc < 0 and rc != -4:  # -EINTR is harmless
-                    log.error("%s: ring buffer poll failed: %s", self.id, os.strerror(-rc))
-                    time.sleep(0.1)
-                if self._records:
-                    self._process()
+                if ring is not None:
+                    ring.wait(timeout_s)
+                    while ring.consume(self._on_mapped, self.config.batch_size):
+                        self._flush_out()
+                else:
+                    assert rb is not None
+                    rc = rb.poll(self.config.poll_timeout_ms)
+                    if rc < 0 and rc != -4:  # -EINTR is harmless
+                        log.error("%s: ring buffer poll failed: %s", self.id, os.strerror(-rc))
+                        time.sleep(0.1)
+                self._flush_out()
                 now = time.monotonic()
                 if now >= next_house:
                     next_house = now + HOUSEKEEPING_S
                     self._housekeeping()
             # drain what is left, then detach
-            while rb.poll(0) > 0:
-                self._process()
-            self._process()
+            if ring is not None:
+                while ring.consume(self._on_mapped, self.config.batch_size):
+                    self._flush_out()
+            elif rb is not None:
+                while rb.poll(0) > 0:
+                    self._flush_out()
+            self._flush_out()
         except Exception:
             log.exception("%s: receiver loop failed", self.id)
         finally:
             self._close_bpf()
             self.done.set()
 
-    def _process(self) -> None:
-        recs, self._records = self._records, []
-        out: list[TcpEvent] = []
-        unpack = HDR.unpack_from
-        hsize = HDR.size
-        conns = self._conns
+    def _one(self, h: tuple, payload: Any) -> None:
+        """One ring record -> DATA/GAP/CLOSE events appended to ``self._out``."""
+        (ts_in, ts_out, sk, pid, tid, total, offset, n, lport, rport, kind, egress, family, last, _p,
+         laddr, raddr, comm) = h
+        out = self._out
+        key = (pid, sk)
+        c = self._conns.get(key)
         epoch = self._mono_to_epoch
-        gap_cap = gap_kernel = 0
-        for rec in recs:
-            (ts_in, ts_out, sk, pid, tid, total, offset, n, lport, rport, kind, egress, family, last, _p,
-             laddr, raddr, comm) = unpack(rec)
-            key = (pid, sk)
-            c = conns.get(key)
-            if kind == K_CLOSE:
-                if c is not None:
-                    self._close(c, ts_out + epoch, out, tid, comm)
-                continue
-            if c is None:
-                c = self._new_conn(key, pid, family, laddr, lport, raddr, rport)
-            else:
-                conns.move_to_end(key)
-            if egress:
-                src, sport, dst, dport, ts = c.laddr, c.lport, c.raddr, c.rport, ts_in + epoch
-            else:
-                src, sport, dst, dport, ts = c.raddr, c.rport, c.laddr, c.lport, ts_out + epoch
-            name = self._comm_cache.get(comm)
-            if name is None:
-                name = self._comm_cache[comm] = comm.split(b"\0", 1)[0].decode(errors="replace")
-            if c.run_egress != egress:
-                c.run_egress = egress
-                c.run_bytes = 0
-            gap = 0
-            if n:
-                room = c.cap - c.run_bytes
-                if room >= n:
-                    payload = memoryview(rec)[hsize:hsize + n]
-                elif room > 0:
-                    payload = memoryview(rec)[hsize:hsize + room]
-                    gap = n - room
-                else:
-                    payload = None
-                    gap = n
-                c.run_bytes += n
-                if payload is not None:
-                    out.append(TcpEvent(EventKind.DATA, c.id, src, sport, dst, dport, ts, payload, 0, None,
-                                        bool(egress), pid, tid, name))
-                gap_cap += gap
-            if last:
-                missing = total - offset - n  # bytes the kernel side did not copy
-                if missing > 0:
-                    gap += missing
-                    gap_kernel += missing
-                    c.run_bytes += missing
-            if gap:
-                out.append(TcpEvent(EventKind.GAP, c.id, src, sport, dst, dport, ts, None, gap, None,
+        if kind == K_CLOSE:
+            if c is not None:
+                self._close(c, ts_out + epoch, out, tid, comm)
+            return
+        if c is None:
+            c = self._new_conn(key, pid, family, laddr, lport, raddr, rport)
+        else:
+            self._conns.move_to_end(key)
+        if egress:
+            src, sport, dst, dport, ts = c.laddr, c.lport, c.raddr, c.rport, ts_in + epoch
+        else:
+            src, sport, dst, dport, ts = c.raddr, c.rport, c.laddr, c.lport, ts_out + epoch
+        name = self._comm_cache.get(comm)
+        if name is None:
+            name = self._comm_cache[comm] = comm.split(b"\0", 1)[0].decode(errors="replace")
+        if c.run_egress != egress:
+            c.run_egress = egress
+            c.run_bytes = 0
+        gap = 0
+        if n:
+            room = c.cap - c.run_bytes
+            if room < n:
+                gap = n - max(room, 0)
+                payload = memoryview(payload)[:room] if room > 0 else None
+            c.run_bytes += n
+            if payload is not None:
+                out.append(TcpEvent(_DATA, c.id, src, sport, dst, dport, ts, payload, 0, None,
                                     bool(egress), pid, tid, name))
-        self.stats["records"] += len(recs)
-        self.stats["gap_bytes"] += gap_cap + gap_kernel
-        if gap_cap:
-            self._labels["trunc_cap"].inc(gap_cap)
-        if gap_kernel:
-            self._labels["trunc_kernel"].inc(gap_kernel)
-        self._emit(out)
+            self._gap_cap += gap
+        if last:
+            missing = total - offset - n  # bytes the kernel side did not copy
+            if missing > 0:
+                gap += missing
+                self._gap_kernel += missing
+                c.run_bytes += missing
+        if gap:
+            out.append(TcpEvent(_GAP, c.id, src, sport, dst, dport, ts, None, gap, None,
+                                bool(egress), pid, tid, name))
+        self._nrec += 1
+
+    def _flush_out(self) -> None:
+        if self._gap_cap or self._gap_kernel:
+            self.stats["gap_bytes"] += self._gap_cap + self._gap_kernel
+            if self._gap_cap:
+                self._labels["trunc_cap"].inc(self._gap_cap)
+            if self._gap_kernel:
+                self._labels["trunc_kernel"].inc(self._gap_kernel)
+            self._gap_cap = self._gap_kernel = 0
+        self.stats["records"] += self._nrec
+        self._nrec = 0
+        if self._out:
+            out, self._out = self._out, []
+            self._emit(out)
 
     def _emit(self, out: list[TcpEvent]) -> None:
         if not out:
