@@ -23,7 +23,16 @@ from collections import OrderedDict
 from types import ModuleType
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    create_model,
+    field_validator,
+    model_validator,
+)
 
 from processors.protocols import PROTOCOLS, load
 from processors.protocols.base import Conn, Detection, Perspective, ProtocolSettings, Session
@@ -142,16 +151,12 @@ class _BaseConfig(ComponentConfig):
 
     @model_validator(mode="after")
     def _protocol_settings(self) -> _BaseConfig:
-        """Validate each ``<protocol>:`` block with that module's own Settings model."""
+        """Keep each ``<protocol>:`` block as that module's validated Settings."""
         settings: dict[str, ProtocolSettings] = {}
         for name in PROTOCOLS:
             raw = getattr(self, name, None)
-            if raw is None:
-                continue
-            mod = load(name)
-            if mod is None:
-                raise ValueError(f"{name}: settings given but the protocol module is not available")
-            settings[name] = mod.Settings.model_validate(raw)
+            if isinstance(raw, ProtocolSettings):
+                settings[name] = raw
         object.__setattr__(self, "_settings", settings)
         return self
 
@@ -159,10 +164,26 @@ class _BaseConfig(ComponentConfig):
         return getattr(self, "_settings", {}).get(name)
 
 
+def _check_protocol_block(value: Any, info: ValidationInfo) -> Any:
+    """Validate a ``<protocol>:`` block with the module's own Settings (errors keep their path)."""
+    if value is None:
+        return None
+    name = info.field_name
+    mod = load(name)  # type: ignore[arg-type]
+    if mod is None:
+        raise ValueError(f"settings given but the {name!r} protocol module is not available")
+    try:
+        return mod.Settings.model_validate(value)
+    except ValidationError as e:
+        msgs = "; ".join(f"{'::'.join(str(p) for p in err['loc']) or name}: {err['msg']}" for err in e.errors())
+        raise ValueError(msgs) from None
+
+
 # One optional field per protocol in the table, so a new protocol needs no change here.
 Config = create_model(  # type: ignore[call-overload]
     "Config", __base__=_BaseConfig,
-    **{name: (dict[str, Any] | None, None) for name in PROTOCOLS},
+    __validators__={"_protocol_blocks": field_validator(*PROTOCOLS, mode="after")(_check_protocol_block)},
+    **{name: (dict[str, Any] | ProtocolSettings | None, None) for name in PROTOCOLS},
 )
 Config.__doc__ = "Options of the ``protocols`` stage (see processors/protocols/README.md)."
 
