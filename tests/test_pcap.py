@@ -30,7 +30,16 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from receivers.packet import LINKTYPE_ETHERNET, LINKTYPE_LINUX_SLL2, LINKTYPE_NULL, LINKTYPE_RAW, decode
-from receivers.pcap import CaptureError, PcapConfig, PcapngReader, PcapReader, PcapReceiver, open_capture, reader_for
+from receivers.pcap import (
+    MAX_CAPLEN,
+    CaptureError,
+    PcapConfig,
+    PcapngReader,
+    PcapReader,
+    PcapReceiver,
+    open_capture,
+    reader_for,
+)
 from service.model import EventKind
 from service.telemetry import REGISTRY
 from tests.support import pcapgen as g
@@ -769,3 +778,24 @@ def test_rate_keeps_the_time_between_files(tmp_path):
     _, sink = replay(tmp_path, rate=1.0)
     assert time.monotonic() - t0 >= 0.35
     assert [bytes(e.payload) for e in sink.events if e.kind == EventKind.DATA] == [b"a", b"b"]
+
+
+def test_hostile_declared_lengths_allocate_nothing_big():
+    """Lengths come from the file but nothing is allocated from them: views and offsets only."""
+    hostile = [
+        bytearray(_PCAP_SEED[:24]) + struct.pack("<IIII", 0, 0, MAX_CAPLEN - 1, 0xFFFFFFFF) + b"\x00" * 64,
+        bytearray(_PCAPNG_SEED[:28]) + struct.pack("<II", 1, 0xFFFFFFF0) + b"\x00" * 64,  # IDB claiming 4 GiB
+        bytearray(_PCAPNG_SEED),
+    ]
+    # An IDB option claiming 65535 bytes inside a small block.
+    ng = hostile[2]
+    off = 28
+    bt, _bl = struct.unpack_from("<II", ng, off)
+    assert bt == 1
+    struct.pack_into("<HH", ng, off + 16, 9, 0xFFFF)
+    tracemalloc.start()
+    for data in hostile:
+        _drain(bytes(data))
+    _cur, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert peak < 256 * 1024, peak
