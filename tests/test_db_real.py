@@ -255,3 +255,27 @@ def test_mariadb_picked_up_mid_stream(maria):
     assert [sp.attributes.get("db.response.returned_rows") for sp in spans] == [None, 1, 1]
     assert all(sp.attributes["server.port"] == m.port for sp in spans)
     assert not pstats["drops"], pstats
+
+
+def test_mariadb_cli_multi_results_and_empty_results(maria):
+    """The mariadb command-line client (libmariadb): a CALL with two result sets, an empty one."""
+    m = maria
+    c = pymysql.connect(host=m.host, port=m.port, user=m.user, password=m.password, database=m.database,
+                        autocommit=True)
+    cur = c.cursor()
+    cur.execute("CREATE TABLE cli (a INT, b VARCHAR(10))")
+    cur.execute("INSERT INTO cli VALUES (1, 'x'), (2, 'y')")
+    cur.execute("CREATE PROCEDURE two() BEGIN SELECT a FROM cli; SELECT b FROM cli WHERE a = 2; END")
+    c.close()
+    with tcpdump(m.port) as path:
+        r = subprocess.run(["mariadb", "--no-defaults", "-h", m.host, "-P", str(m.port), "-u", m.user,
+                            f"-p{m.password}", m.database, "-e",
+                            "SELECT a, b FROM cli WHERE a > 0; SELECT a FROM cli WHERE a = 99; CALL two(); "
+                            "SELECT * FROM nosuch"], capture_output=True, text=True)
+    assert "1146" in r.stderr
+    spans, _, pstats = replay(path)
+    _my_oracle(path, m.port, spans)
+    assert [(sp.name, sp.attributes.get("db.response.returned_rows"), sp.attributes.get("error.type"))
+            for sp in spans] == [("SELECT cli", 2, None), ("SELECT cli", None, None), ("CALL", 3, None),
+                                 ("SELECT nosuch", None, "42S02")]
+    assert not pstats["drops"], pstats
