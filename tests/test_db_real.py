@@ -279,3 +279,17 @@ def test_mariadb_cli_multi_results_and_empty_results(maria):
             for sp in spans] == [("SELECT cli", 2, None), ("SELECT cli", None, None), ("CALL", 3, None),
                                  ("SELECT nosuch", None, "42S02")]
     assert not pstats["drops"], pstats
+
+
+def test_mariadb_tls_is_counted_not_parsed():
+    with mariadb_server(ssl=True) as m:
+        with tcpdump(m.port) as path:
+            c = pymysql.connect(host=m.host, port=m.port, user=m.user, password=m.password, database=m.database,
+                                ssl={"ca": f"{m.tmpdir}/server.crt", "check_hostname": False})
+            cur = c.cursor()
+            cur.execute("SHOW STATUS LIKE 'Ssl_cipher'")
+            assert cur.fetchone()[1]  # really encrypted
+            c.close()
+    spans, _, pstats = replay(path)
+    assert spans == []
+    assert pstats["drops"] == {"mysql:tls": 1}, pstats

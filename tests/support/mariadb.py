@@ -37,10 +37,12 @@ class MariaServer:
     database: str
     pid: int
     socket: str
+    tmpdir: str
 
 
 @contextlib.contextmanager
-def mariadb_server() -> Iterator[MariaServer]:
+def mariadb_server(ssl: bool = False) -> Iterator[MariaServer]:
+    """Start a server; ``ssl`` turns on TLS with a fresh self-signed cert (``<tmp>/server.crt``)."""
     tmp = tempfile.mkdtemp(prefix="wirespan-maria-")
     data = os.path.join(tmp, "data")
     sock = os.path.join(tmp, "mysqld.sock")
@@ -54,6 +56,11 @@ def mariadb_server() -> Iterator[MariaServer]:
             f"--socket={sock}", f"--pid-file={tmp}/mysqld.pid", "--skip-name-resolve",
             "--innodb-buffer-pool-size=16M", "--skip-log-bin", "--max-connections=20",
             f"--log-error={tmp}/error.log"] + ([f"--user={user}"] if user else [])
+    if ssl:
+        cert, key = os.path.join(tmp, "server.crt"), os.path.join(tmp, "server.key")
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                        "-subj", "/CN=127.0.0.1", "-keyout", key, "-out", cert], check=True, capture_output=True)
+        args += [f"--ssl-cert={cert}", f"--ssl-key={key}"]
     proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
     try:
         try:
@@ -72,7 +79,7 @@ def mariadb_server() -> Iterator[MariaServer]:
             time.sleep(0.1)
         else:
             raise RuntimeError(r.stderr.decode(errors="replace"))
-        yield MariaServer("127.0.0.1", port, USER, PASSWORD, DATABASE, proc.pid, sock)
+        yield MariaServer("127.0.0.1", port, USER, PASSWORD, DATABASE, proc.pid, sock, tmp)
     finally:
         if proc.poll() is None:
             os.kill(proc.pid, signal.SIGTERM)
