@@ -485,3 +485,20 @@ def test_compression_stops_and_counts():
     d.feed(False, OK(2))
     d.feed(True, b"\x10\x00\x00\x00\x00\x00\x00" + b"x" * 16)
     assert d.drops == {"compressed": 1} and d.spans == [] and d.buffered() == 0
+
+
+def test_settings_validation_and_config_through_the_stage():
+    from pydantic import ValidationError
+
+    from tests.support.replay import replay
+
+    assert my.Settings().trace_ping is False
+    with pytest.raises(ValidationError):
+        my.Settings.model_validate({"trace_pings": True})  # typo: unknown keys are errors
+    with pytest.raises(ValidationError):
+        my.Settings.model_validate({"max_statements": -1})
+    spans, _, _ = replay(os.path.join(FIXTURES, "pymysql_connector_session.pcap"),
+                         {"mysql": {"sanitize_query": False, "trace_ping": True}})
+    names = [s.name for s in spans]
+    assert "PING" in names
+    assert "SELECT * FROM nosuch WHERE a = 'secret'" in [s.attributes.get("db.query.text") for s in spans]

@@ -505,3 +505,19 @@ def test_garbage_on_the_port_through_the_protocols_stage(tmp_path, prefix):
     spans, _, stats = replay(path)
     assert len(spans) == (1 if prefix else 0)
     assert stats["drops"] and not any("internal_error" in k for k in stats["drops"]), stats
+
+
+def test_settings_validation_and_config_through_the_stage():
+    from pydantic import ValidationError
+
+    from tests.support.replay import replay
+
+    assert pg.Settings().sanitize_query is True
+    with pytest.raises(ValidationError):
+        pg.Settings.model_validate({"sanitize_querry": False})  # typo: unknown keys are errors
+    with pytest.raises(ValidationError):
+        pg.Settings.model_validate({"max_statements": 0})
+    spans, _, _ = replay(os.path.join(FIXTURES, "psycopg_session.pcap"),
+                         {"postgresql": {"sanitize_query": False}})
+    texts = [s.attributes["db.query.text"] for s in spans]
+    assert "SELECT * FROM nosuch WHERE a = 'secret'" in texts

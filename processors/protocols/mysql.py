@@ -22,6 +22,8 @@ from __future__ import annotations
 
 from collections import OrderedDict, deque
 
+from pydantic import Field
+
 from service.largebuf import BufferBoundsError, LargeBuffer
 from service.model import SpanKind, StatusCode
 
@@ -98,7 +100,7 @@ class Settings(ProtocolSettings):
     #: Replace literals in ``db.query.text`` by ``?`` (off: the text as sent).
     sanitize_query: bool = True
     #: Prepared statements remembered per connection (LRU by statement id).
-    max_statements: int = 512
+    max_statements: int = Field(512, ge=1, le=1_000_000)
     #: Make spans for COM_PING (connection-pool health checks; off by default).
     trace_ping: bool = False
 

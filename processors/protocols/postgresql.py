@@ -23,6 +23,8 @@ from __future__ import annotations
 
 from collections import OrderedDict, deque
 
+from pydantic import Field
+
 from service.largebuf import BufferBoundsError, LargeBuffer
 from service.model import SpanKind, StatusCode
 
@@ -85,9 +87,9 @@ class Settings(ProtocolSettings):
     #: Replace literals in ``db.query.text`` by ``?`` (off: the text as sent).
     sanitize_query: bool = True
     #: Named prepared statements remembered per connection (LRU).
-    max_statements: int = 512
+    max_statements: int = Field(512, ge=1, le=1_000_000)
     #: Named portals remembered per connection (LRU).
-    max_portals: int = 64
+    max_portals: int = Field(64, ge=1, le=1_000_000)
 
 
 # -- validation shared by detect and resync -----------------------------------------
