@@ -26,8 +26,8 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 
-def _run(cmd: list[str], stdout: int | None = subprocess.DEVNULL) -> tuple[float, float, bytes]:
-    """(wall seconds, peak RSS MiB, stderr) of one child process."""
+def _run(cmd: list[str], stdout: int | None = subprocess.DEVNULL) -> tuple[float, float, bytes, float]:
+    """(wall seconds, peak RSS MiB, stderr, CPU seconds user+sys) of one child process."""
     t0 = time.perf_counter()
     p = subprocess.Popen(cmd, stdout=stdout, stderr=subprocess.PIPE)
     assert p.stderr is not None
@@ -37,7 +37,7 @@ def _run(cmd: list[str], stdout: int | None = subprocess.DEVNULL) -> tuple[float
     p.returncode = os.waitstatus_to_exitcode(status)
     if p.returncode != 0:
         raise RuntimeError(f"{cmd[0]} failed ({p.returncode}): {err.decode(errors='replace')[-2000:]}")
-    return wall, ru.ru_maxrss / 1024, err
+    return wall, ru.ru_maxrss / 1024, err, ru.ru_utime + ru.ru_stime
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -66,29 +66,32 @@ def main(argv: list[str] | None = None) -> None:
         ws, ts, inproc = [], [], []
         spans_seen = 0
         for _ in range(args.repeats):
-            wall, rss, err = _run(ws_cmd)
-            ws.append((wall, rss))
+            wall, rss, err, cpu = _run(ws_cmd)
+            ws.append((wall, rss, cpu))
             for line in err.decode(errors="replace").splitlines():
                 if " spans in " in line:
                     spans_seen = int(line.split(" spans in ")[0].rsplit(" ", 1)[1])
             with open(os.path.join(d, "tshark.txt"), "wb") as f:
-                wall, rss, _ = _run(ts_cmd, stdout=f.fileno())
-            ts.append((wall, rss))
+                wall, rss, _, cpu = _run(ts_cmd, stdout=f.fileno())
+            ts.append((wall, rss, cpu))
             inproc.append(_inprocess(cap))
         with open(os.path.join(d, "tshark.txt"), "rb") as f:
             ts_responses = sum(1 for line in f if line.rstrip(b"\n").split(b"\t")[-1:] != [b""])
-        ws_wall = statistics.median(w for w, _ in ws)
-        ts_wall = statistics.median(w for w, _ in ts)
+        ws_wall = statistics.median(w for w, _, _ in ws)
+        ts_wall = statistics.median(w for w, _, _ in ts)
+        ws_cpu = statistics.median(c for _, _, c in ws)
+        ts_cpu = statistics.median(c for _, _, c in ts)
         ip_wall = statistics.median(t for t, _ in inproc)
-        print(f"{'':<44} {'wall s':>8} {'spans/s':>10} {'peak RSS':>10}")
-        print(f"{'wirespan replay --output (CLI, OTLP JSON)':<44} {ws_wall:>8.2f} {spans_seen / ws_wall:>10.0f} "
-              f"{statistics.median(r for _, r in ws):>8.0f}MB")
-        print(f"{'tshark -T fields (3 HTTP fields)':<44} {ts_wall:>8.2f} {ts_responses / ts_wall:>10.0f} "
-              f"{statistics.median(r for _, r in ts):>8.0f}MB")
-        print(f"{'in-process pcap receiver + protocols only':<44} {ip_wall:>8.2f} {inproc[0][1] / ip_wall:>10.0f}")
-        print(f"wirespan spans: {spans_seen}, tshark response lines: {ts_responses}; "
-              f"speed-up vs tshark: {ts_wall / ws_wall:.2f}x (CLI), {ts_wall / ip_wall:.2f}x (stage only); "
-              f"medians of {args.repeats}")
+        print(f"{'':<44} {'wall s':>8} {'cpu s':>7} {'spans/s':>10} {'peak RSS':>10}")
+        print(f"{'wirespan replay --output (CLI, OTLP JSON)':<44} {ws_wall:>8.2f} {ws_cpu:>7.2f} "
+              f"{spans_seen / ws_wall:>10.0f} {statistics.median(r for _, r, _ in ws):>8.0f}MB")
+        print(f"{'tshark -T fields (3 HTTP fields)':<44} {ts_wall:>8.2f} {ts_cpu:>7.2f} "
+              f"{ts_responses / ts_wall:>10.0f} {statistics.median(r for _, r, _ in ts):>8.0f}MB")
+        print(f"{'in-process pcap receiver + protocols only':<44} {ip_wall:>8.2f} {'':>7} "
+              f"{inproc[0][1] / ip_wall:>10.0f}")
+        print(f"wirespan spans: {spans_seen}, tshark response lines: {ts_responses}; speed-up vs tshark: "
+              f"{ts_wall / ws_wall:.2f}x wall, {ts_cpu / ws_cpu:.2f}x CPU (CLI), {ts_wall / ip_wall:.2f}x "
+              f"(receiver + stage only, wall); medians of {args.repeats}")
     finally:
         shutil.rmtree(d, ignore_errors=True)
 
