@@ -1,7 +1,8 @@
 """The Kafka session: frames messages, runs the walkers, pairs by correlation id, builds spans.
 
-Framing: every message is ``size:i32`` then ``size`` bytes. A ``Cursor`` per
-direction runs one message's walker (a generator of units and skips, see
+Framing: every message is ``size:i32`` then ``size`` bytes. A message that is
+already complete when it starts (in one chunk, or small) is parsed by flat.py from
+one view; otherwise a ``Cursor`` per direction runs the message's walker (a generator of units and skips, see
 state.py) over the connection's ``LargeBuffer``. Whatever is behind the cursor
 is released as soon as the cursor stops for more bytes, so what stays buffered
 is at most one unit (a header, a topic name, one partition's fixed fields, the
