@@ -1,0 +1,260 @@
+"""eBPF receiver throughput, drops and overhead, with real loopback load (root).
+
+Run: ``python -m bench.bench_ebpf`` (or ``python bench/bench_ebpf.py``). Prints medians of
+REPEATS runs for:
+
+1. **end to end**: a load generator (separate processes: a minimal HTTP/1.1 keep-alive
+   server and client pairs over loopback, as fast as they go) while the ``ebpf``
+   receiver feeds (a) nothing, (b) the protocols stage into a span counter. Each
+   request/response gives 4 ring records (client write, server read, server write,
+   client read) and 2 spans (CLIENT + SERVER). Reports records/s consumed, spans/s,
+   ring-buffer reservation failures.
+2. **drops at a fixed rate**: the generator paced to 50k and 100k records/s for
+   DURATION s into receiver + protocols stage; reports records seen vs generated and
+   reservation failures (default 16 MiB ring).
+3. **overhead on a traced server**: nginx (Debian's, one worker) served by the same
+   keep-alive client, requests/s without and with the receiver + protocols stage,
+   alternating A/B runs in the same invocation; ratio of medians.
+
+The machine has 2 cores shared by everything (generator, server, receiver): figures
+are a floor for a dedicated node, but the ratios are measured in the same run.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from receivers.ebpf import EbpfConfig, EbpfReceiver
+from tests.support.capture import free_port, wait_port
+
+REPEATS = 3
+DURATION = 4.0
+PAIRS = 2
+
+#: A minimal keep-alive HTTP server and a paced client: small fixed messages, so the
+#: Python generator itself (not parsing) bounds the rate, and every syscall moves one
+#: whole message (one ring record each).
+_GEN = r'''
+import socket, sys, threading, time
+mode = sys.argv[1]
+RESP = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Type: text/plain\r\n\r\nok"
+REQ = b"GET /bench HTTP/1.1\r\nHost: bench\r\n\r\n"
+if mode == "server":
+    ls = socket.socket(); ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    ls.bind(("127.0.0.1", int(sys.argv[2]))); ls.listen(64)
+    def serve(c):
+        c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        while True:
+            d = c.recv(65536)
+            if not d:
+                c.close(); return
+            c.sendall(RESP * d.count(b"\r\n\r\n"))
+    while True:
+        c, _ = ls.accept()
+        threading.Thread(target=serve, args=(c,), daemon=True).start()
+else:
+    port, duration, rate = int(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4])
+    resp_len = int(sys.argv[5]) if len(sys.argv) > 5 else len(RESP)
+    s = socket.create_connection(("127.0.0.1", port))
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    n = 0
+    t0 = time.monotonic(); end = t0 + duration
+    while True:
+        now = time.monotonic()
+        if now >= end:
+            break
+        if rate and n > (now - t0) * rate:
+            time.sleep(min(0.001, (n / rate) - (now - t0)))
+            continue
+        s.sendall(REQ)
+        got = 0
+        while got < resp_len:
+            d = s.recv(65536)
+            if not d:  # the server ended keep-alive (nginx keepalive_requests): reconnect
+                s.close()
+                s = socket.create_connection(("127.0.0.1", port))
+                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                s.sendall(REQ)
+                got = 0
+                continue
+            got += len(d)
+        n += 1
+    s.close()
+    print(n / (time.monotonic() - t0))
+'''
+
+class SpanCounter:
+    def __init__(self) -> None:
+        self.n = 0
+        self.lock = threading.Lock()
+
+    def consume_spans(self, spans: list) -> None:
+        with self.lock:
+            self.n += len(spans)
+
+    def consume_events(self, events: list) -> None:
+        with self.lock:
+            self.n += len(events)
+
+
+def protocols_stage(sink: SpanCounter):
+    from processors.protocols.processor import ProtocolsProcessor
+
+    cfg = ProtocolsProcessor.Config()
+    p = ProtocolsProcessor("protocols", cfg, sink)
+    p.start()
+    return p
+
+
+def start_server(port: int) -> subprocess.Popen:
+    p = subprocess.Popen([sys.executable, "-c", _GEN, "server", str(port)])
+    wait_port(port)
+    return p
+
+
+def run_clients(port: int, duration: float, rate_per_client: float, pairs: int = PAIRS,
+                resp_len: int | None = None) -> float:
+    args = [str(port), str(duration), str(rate_per_client)] + ([str(resp_len)] if resp_len else [])
+    procs = [subprocess.Popen([sys.executable, "-c", _GEN, "client", *args], stdout=subprocess.PIPE, text=True)
+             for _ in range(pairs)]
+    return sum(float(p.communicate()[0].strip() or 0) for p in procs)
+
+
+def with_receiver(port: int, stage: bool, fn, reader: str = "mmap"):
+    """Run ``fn()`` with the receiver attached; returns (fn result, records, spans_or_events, reserve failures)."""
+    sink = SpanCounter()
+    proc = protocols_stage(sink) if stage else None
+    rx = EbpfReceiver("ebpf", EbpfConfig(ports=[port], ring_reader=reader), proc if proc is not None else sink)
+    rx.start()
+    try:
+        out = fn()
+        time.sleep(0.5)  # let the consumer drain
+    finally:
+        rx.shutdown()
+        if proc is not None:
+            proc.flush()
+            proc.shutdown()
+    kc = rx.kernel_counters()
+    return out, rx.stats["records"], sink.n, kc["ringbuf_reserve_failures"]
+
+
+def end_to_end() -> None:
+    port = free_port()
+    srv = start_server(port)
+    try:
+        for stage, reader in ((False, "libbpf"), (False, "mmap"), (True, "mmap")):
+            rec_s, out_s, fails, rts = [], [], [], []
+            for _ in range(REPEATS):
+                rt, recs, outs, fail = with_receiver(port, stage, lambda: run_clients(port, DURATION, 0), reader)
+                rec_s.append(recs / DURATION)  # records are produced during the load
+                out_s.append(outs / DURATION)
+                fails.append(fail)
+                rts.append(rt)
+            label = "receiver + protocols -> spans" if stage else f"receiver only ({reader}) -> events"
+            print(f"  {label:32s} records/s {statistics.median(rec_s):9.0f}   "
+                  f"{'spans' if stage else 'events'}/s {statistics.median(out_s):9.0f}   "
+                  f"generator req/s {statistics.median(rts):7.0f}   reserve failures {max(fails)}")
+    finally:
+        srv.terminate()
+        srv.wait()
+
+
+def fixed_rates() -> None:
+    port = free_port()
+    srv = start_server(port)
+    try:
+        for stage in (False, True):
+            for target in (50_000, 100_000):
+                per_client = target / 4 / PAIRS
+                rt, recs, outs, fail = with_receiver(port, stage,
+                                                     lambda pc=per_client: run_clients(port, DURATION, pc))
+                label = "receiver + protocols" if stage else "receiver only"
+                print(f"  {label:20s} target {target:7d} records/s: generated {rt * 4:9.0f}/s, "
+                      f"consumed {recs / DURATION:9.0f}/s, {'spans' if stage else 'events'} "
+                      f"{outs / DURATION:8.0f}/s, ring reserve failures {fail}")
+    finally:
+        srv.terminate()
+        srv.wait()
+
+
+def protocols_cost() -> None:
+    """The protocols stage alone on the events the receiver produces (same run, no kernel)."""
+    from service.model import EventKind, TcpEvent
+
+    req = b"GET /bench HTTP/1.1\r\nHost: bench\r\n\r\n"
+    resp = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Type: text/plain\r\n\r\nok"
+    evs = []
+    for i in range(10_000):
+        pid = 100 + i % 4
+        cid = (pid, 1, 0)
+        evs.append(TcpEvent(EventKind.DATA, cid, "127.0.0.1", 40000, "127.0.0.1", 8080, i, req, 0, None, True,
+                            pid, pid, "python3"))
+        evs.append(TcpEvent(EventKind.DATA, cid, "127.0.0.1", 8080, "127.0.0.1", 40000, i, resp, 0, None, False,
+                            pid, pid, "python3"))
+    runs = []
+    for _ in range(REPEATS):
+        sink = SpanCounter()
+        p = protocols_stage(sink)
+        t = time.perf_counter()
+        for i in range(0, len(evs), 1024):
+            p.consume_events(evs[i:i + 1024])
+        p.flush()
+        runs.append(len(evs) / (time.perf_counter() - t))
+        p.shutdown()
+    print(f"  protocols stage alone (HTTP/1 client view): {statistics.median(runs):9.0f} events/s "
+          f"({1e6 / statistics.median(runs):.1f} us/event)")
+
+
+def nginx_overhead() -> None:
+    from tests.support.nginx import nginx_server
+
+    body = b"x" * 100
+    with nginx_server({"b.txt": body}) as ng:
+        # the generator's client speaks to nginx: same request path, response length known
+        import socket
+
+        s = socket.create_connection(("127.0.0.1", ng.port))
+        s.sendall(b"GET /b.txt HTTP/1.1\r\nHost: bench\r\n\r\n")
+        time.sleep(0.2)
+        resp_len = len(s.recv(65536))
+        s.close()
+        req_path_client = _GEN.replace("GET /bench", "GET /b.txt")
+
+        def load() -> float:
+            args = [str(ng.port), str(DURATION), "0", str(resp_len)]
+            procs = [subprocess.Popen([sys.executable, "-c", req_path_client, "client", *args],
+                                      stdout=subprocess.PIPE, text=True) for _ in range(PAIRS)]
+            return sum(float(p.communicate()[0].strip() or 0) for p in procs)
+
+        base, traced = [], []
+        for _ in range(REPEATS):
+            base.append(load())
+            traced.append(with_receiver(ng.port, True, load)[0])
+        b, t = statistics.median(base), statistics.median(traced)
+        print(f"  nginx req/s untraced {b:8.0f}   traced (ebpf + protocols) {t:8.0f}   "
+              f"traced/untraced {t / b:.2f}")
+
+
+def main() -> None:
+    if os.geteuid() != 0:
+        print("bench_ebpf: needs root (eBPF)")
+        return
+    print(f"end to end ({PAIRS} client processes, {DURATION:.0f}s, median of {REPEATS}):")
+    end_to_end()
+    print("fixed rates (16 MiB ring):")
+    fixed_rates()
+    print("for comparison, in the same run:")
+    protocols_cost()
+    print(f"overhead on a traced nginx (median of {REPEATS}, A/B alternating):")
+    nginx_overhead()
+
+
+if __name__ == "__main__":
+    main()
