@@ -489,7 +489,7 @@ class Session(_Session):
                     self.conn.drop("statement_evicted")
                 c.left = ncols
                 if nparams:
-                    c.state, c.arg = _P_PARAMS, ""
+                    c.state = _P_PARAMS
                     c.rows = nparams  # reused as the params still to skip
                 elif ncols:
                     c.state = _P_COLS
