@@ -475,6 +475,14 @@ class Http1Session(_BaseSession):
                 return
             if self._resync[0] and not self._resynced(buf, True):
                 return
+            if buf.chunk_count == 1:  # the usual case, inlined from _head's fast path
+                n = len(buf)
+                v = buf.view_at(0, n if n <= self._limit else self._limit)
+                m = self._req_head.match(v)
+                if m is not None:
+                    self._scan[0] = 0
+                    self._request(buf, v, m)
+                    continue
             head = self._head(buf, 0)
             if head is None:
                 return
@@ -515,6 +523,14 @@ class Http1Session(_BaseSession):
                 return
             if self._resync[1] and not self._resynced(buf, False):
                 return
+            if buf.chunk_count == 1:  # the usual case, inlined from _head's fast path
+                n = len(buf)
+                v = buf.view_at(0, n if n <= self._limit else self._limit)
+                m = self._resp_head.match(v)
+                if m is not None:
+                    self._scan[1] = 0
+                    self._response(buf, v, m)
+                    continue
             head = self._head(buf, 1)
             if head is None:
                 return
@@ -525,7 +541,6 @@ class Http1Session(_BaseSession):
         status = int(m.group(2))
         version = "1.1" if m.group(1) == b"1" else "1.0"
         length, te, chunked, upgrade, _h, _u, _t = _fields(view, m.start(3) - 2, end - 2)
-        last_ts = buf.ts_at(end - 1)
         req = self._pending[0] if self._pending else None
         if length > 0 and not te and status >= 200 and len(buf) - end >= length and status != 204 \
                 and status != 304 and (req is None or not (req.head or req.connect)):
@@ -536,6 +551,7 @@ class Http1Session(_BaseSession):
             self._sresp = (req, status, version)
             self._finish(length, last_ts)
             return
+        last_ts = buf.ts_at(end - 1)
         buf.release(end)
         if status < 200:
             if status == 101:
