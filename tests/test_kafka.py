@@ -672,3 +672,14 @@ def test_whole_small_message_split_over_chunks_before_feed_uses_scratch_gather()
     (s,) = d.spans
     assert s.name == "send orders" and s.attributes["messaging.kafka.offset"] == 5
     assert s.trace_id.hex() == TRACEPARENT[3:35]
+
+
+@pytest.mark.parametrize("chunk", [None, 3])
+def test_zero_topic_id_in_response_matches_the_only_request_topic(chunk):
+    d = Driver()
+    zero = {"orders": bytes(16)}
+    d.request(fetch_request(13, {"orders": [(0, 0)]}, corr=1, ids=IDS), chunk=chunk)
+    d.response(fetch_response(13, {"orders": [(0, 3, 0, None)]}, corr=1, ids=zero), chunk=chunk)
+    (s,) = d.spans
+    assert s.name == "poll " + kafka.codec.uuid_str(IDS["orders"])
+    assert s.attributes["error.type"] == "UNKNOWN_TOPIC_OR_PARTITION"

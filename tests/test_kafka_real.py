@@ -191,3 +191,50 @@ def test_large_produce_real_broker(kafka_broker):  # noqa: F811
     assert [s.attributes["messaging.kafka.offset"] for s in sends] == [big.offset, small.offset]
     assert sends[0].trace_id.hex() == TRACEPARENT[3:35]
     assert all(s.attributes["messaging.batch.message_count"] == 1 for s in sends)
+
+
+def test_topic_ids_and_newest_versions_real_broker(kafka_broker):  # noqa: F811
+    """Versions kafka-python's client does not send (Metadata v12, Fetch v13-v18 with topic
+    ids, Produce v11/v12), encoded by kafka-python's protocol classes, answered by Tansu."""
+    import uuid
+
+    from kafka.protocol.metadata import MetadataResponse
+
+    from tests.support.kafka_wire import metadata_request, produce_request
+
+    b = kafka_broker
+    p = KafkaProducer(bootstrap_servers=b.bootstrap, client_id="seed")
+    p.send("ids", value=b"x", partition=0).get(timeout=15)
+    p.close()
+    # Learn the real topic id first (outside the capture), so the requests can carry it.
+    (r,) = _raw_exchange(b.port, metadata_request(12, ["ids"], corr=1))
+    tid = MetadataResponse.decode(r[5:], version=12).topics[0].topic_id.bytes
+    stranger = uuid.uuid4().bytes
+    with tcpdump(b.port) as path:
+        _raw_exchange(
+            b.port,
+            fetch_request(13, {"ids": [(0, 0)]}, corr=1, client_id="early", ids={"ids": tid}),
+            metadata_request(12, ["ids"], corr=2, client_id="ids-client"),
+            fetch_request(13, {"ids": [(0, 0)]}, corr=3, client_id="ids-client", ids={"ids": tid}),
+            fetch_request(15, {"ids": [(0, 1)]}, corr=4, client_id="ids-client", ids={"ids": tid}),
+            fetch_request(18, {"ids": [(0, 0)]}, corr=5, client_id="ids-client", ids={"ids": tid}),
+            produce_request(11, {"ids": {0: records(2)}}, corr=6, client_id="ids-client"),
+            produce_request(12, {"ids": {0: records(3)}}, corr=7, client_id="ids-client"),
+            fetch_request(13, {"x": [(0, 0)]}, corr=8, client_id="ids-client", ids={"x": stranger}),
+        )
+    spans, _ = _spans(path)
+    from processors.protocols.kafka.codec import uuid_str
+    names = [(s.name, s.attributes["messaging.client.id"]) for s in spans]
+    # Before the Metadata response the id is unknown: the span names the id, never "*".
+    assert names[0] == (f"poll {uuid_str(tid)}", "early")
+    assert names[1:] == [("poll ids", "ids-client")] * 3 + [("send ids", "ids-client")] * 2 + \
+        [(f"poll {uuid_str(stranger)}", "ids-client")]
+    polls = spans[1:4]
+    assert [s.attributes["messaging.kafka.offset"] for s in polls] == [0, 1, 0]
+    assert polls[0].attributes["messaging.batch.message_count"] >= 1
+    assert all(s.attributes["messaging.kafka.topic.id"] == uuid_str(tid) for s in polls)
+    assert [s.attributes["messaging.batch.message_count"] for s in spans[4:6]] == [2, 3]
+    # Tansu answers an unknown id with a zero id and UNKNOWN_TOPIC_OR_PARTITION (Kafka would
+    # echo the id with UNKNOWN_TOPIC_ID): the zero id is matched to the request's only topic.
+    assert spans[6].status_code == StatusCode.ERROR
+    assert spans[6].attributes["error.type"] in ("UNKNOWN_TOPIC_OR_PARTITION", "UNKNOWN_TOPIC_ID")

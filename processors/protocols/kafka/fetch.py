@@ -24,7 +24,7 @@ from service.largebuf import LargeBufferReader
 
 from .codec import read_array_len, read_bytes_len, skip_tags
 from .records import Walker, walk_records
-from .state import Msg, bad, u_array, u_tags, u_topic_id, u_topic_name
+from .state import Msg, bad, resp_topic, u_array, u_tags, u_topic_id, u_topic_name
 
 MAX_VERSION = 18
 TOPIC_IDS_SINCE = 13
@@ -97,7 +97,7 @@ def walk_response(m: Msg, req: Msg) -> Walker:
     u_topic = u_topic_id if m.version >= TOPIC_IDS_SINCE else u_topic_name
     n = yield u_array
     for _ in range(n):
-        t = req.topic((yield u_topic))
+        t = resp_topic(req, (yield u_topic))
         np = yield u_array
         for _ in range(np):
             idx, err, rlen = yield u_partition_response

@@ -19,7 +19,7 @@ from processors.protocols.errors import Malformed
 from . import apis
 from .codec import NAME, TOPIC_RE
 from .records import BATCH_HEADER, BATCH_PREFIX, MAX_HEADERS_SCAN, MAX_TRACEPARENT
-from .state import Msg, TopicData
+from .state import Msg, TopicData, resp_topic
 
 #: Messages up to this size spanning several chunks are gathered into the buffer's scratch
 #: (so a connection direction's scratch never grows past it for this).
@@ -423,7 +423,7 @@ def produce_response(mv: memoryview, pos: int, m: Msg, req: Msg) -> None:
     n, pos = _array(mv, pos, flex)
     for _ in range(n):
         key, pos = _topic_key(mv, pos, flex, ids)
-        t = req.topic(key)
+        t = resp_topic(req, key)
         np, pos = _array(mv, pos, flex)
         for _ in range(np):
             idx, err, base = _PRODUCE_PART(mv, pos)
@@ -461,7 +461,7 @@ def fetch_response(mv: memoryview, pos: int, m: Msg, req: Msg) -> None:
     n, pos = _array(mv, pos, flex)
     for _ in range(n):
         key, pos = _topic_key(mv, pos, flex, ids)
-        t = req.topic(key)
+        t = resp_topic(req, key)
         np, pos = _array(mv, pos, flex)
         for _ in range(np):
             idx, err = _FETCH_PART_HEAD(mv, pos)

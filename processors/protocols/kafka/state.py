@@ -114,6 +114,19 @@ class Msg:
         return t
 
 
+def resp_topic(req: Msg, key: tuple[str | None, bytes | None]) -> TopicData:
+    """The request's topic a response entry belongs to.
+
+    A zero topic id in a response means "no id" (Kafka's Uuid.ZERO_UUID; Tansu answers
+    unknown ids so): it belongs to the request's only topic, or to none (dropped).
+    """
+    if key[1] == ZERO_UUID:
+        if len(req.topics) == 1:
+            return req.topics[0]
+        return TopicData(None, ZERO_UUID)  # not attached to the exchange
+    return req.topic(key)
+
+
 class TopicIdCache:
     """Bounded LRU of topic id -> name, filled from Metadata responses (v10+).
 
