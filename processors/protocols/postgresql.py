@@ -95,6 +95,8 @@ class Settings(ProtocolSettings):
 # -- validation shared by detect and resync -----------------------------------------
 def _cstr_end(buf: LargeBuffer, off: int, end: int) -> int:
     """Offset just past the NUL of a C string at ``off``, or -1."""
+    if off < end and buf.u8_at(off) == 0:  # the unnamed statement/portal: the common case
+        return off + 1
     z = buf.find(b"\0", off, end)
     return -1 if z < 0 else z + 1
 
