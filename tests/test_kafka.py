@@ -8,6 +8,7 @@ are in test_kafka_real.py.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import tracemalloc
@@ -41,6 +42,18 @@ IDS = {"orders": uuid.UUID("6ba7b810-9dad-11d1-80b4-00c04fd430c8").bytes,
 #: Raise for a long fuzzing run: WIRESPAN_FUZZ_EXAMPLES=5000 pytest tests/test_kafka.py -k fuzz
 FUZZ = int(os.environ.get("WIRESPAN_FUZZ_EXAMPLES", "300"))
 TP_HEADERS = [("traceparent", TRACEPARENT.encode()), ("other", b"x" * 10)]
+
+
+@contextlib.contextmanager
+def walkers_only():
+    """Send every message through the streaming walkers (no whole-message fast path)."""
+    from processors.protocols.kafka import flat
+    saved = flat.MAX_GATHER
+    flat.MAX_GATHER = 0
+    try:
+        yield
+    finally:
+        flat.MAX_GATHER = saved
 
 
 def by_name(spans):
@@ -447,11 +460,12 @@ def _feed_all(d: Driver, from_client: bool, data: bytes, chunk: int | None) -> N
 
 
 @settings(max_examples=FUZZ, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.binary(max_size=600), st.booleans(), st.sampled_from([None, 1, 7, 64]))
-def test_fuzz_random_bytes_only_protocol_errors(data, from_client, chunk):
-    d = Driver()
-    _feed_all(d, from_client, data, chunk)
-    _feed_all(d, True, produce_request(9, {"a": {0: records(1)}}, corr=1), None)
+@given(st.binary(max_size=600), st.booleans(), st.sampled_from([None, 1, 7, 64]), st.booleans())
+def test_fuzz_random_bytes_only_protocol_errors(data, from_client, chunk, walkers):
+    with walkers_only() if walkers else contextlib.nullcontext():
+        d = Driver()
+        _feed_all(d, from_client, data, chunk)
+        _feed_all(d, True, produce_request(9, {"a": {0: records(1)}}, corr=1), None)
 
 
 _VALID = [
@@ -466,8 +480,13 @@ _VALID = [
 @settings(max_examples=FUZZ, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.sampled_from(range(len(_VALID))), st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)),
                                                      min_size=1, max_size=6),
-       st.sampled_from([None, 3, 50]))
-def test_fuzz_mutated_messages_only_protocol_errors(which, flips, chunk):
+       st.sampled_from([None, 3, 50]), st.booleans())
+def test_fuzz_mutated_messages_only_protocol_errors(which, flips, chunk, walkers):
+    with walkers_only() if walkers else contextlib.nullcontext():
+        _mutated(which, flips, chunk)
+
+
+def _mutated(which, flips, chunk):
     from_client, msg = _VALID[which]
     data = bytearray(msg)
     for pos, val in flips:
@@ -482,8 +501,13 @@ def test_fuzz_mutated_messages_only_protocol_errors(which, flips, chunk):
 
 
 @settings(max_examples=FUZZ, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.sampled_from([(9, 1), (12, 2), (13, 3)]), st.binary(max_size=200), st.integers(0, 400))
-def test_fuzz_response_bodies_only_protocol_errors(vk, body, cut):
+@given(st.sampled_from([(9, 1), (12, 2), (13, 3)]), st.binary(max_size=200), st.integers(0, 400), st.booleans())
+def test_fuzz_response_bodies_only_protocol_errors(vk, body, cut, walkers):
+    with walkers_only() if walkers else contextlib.nullcontext():
+        _response_body(vk, body, cut)
+
+
+def _response_body(vk, body, cut):
     version, kind = vk
     d = Driver()
     if kind == 1:
@@ -657,7 +681,8 @@ def test_fast_path_and_streaming_walker_agree_on_responses():
                                      corr=100 + v, ids=IDS, error=0)))
     fast = run(pairs, None)
     assert len(fast) == 2 * 14 + 2 * 19
-    assert fast == run(pairs, 5)
+    with walkers_only():
+        assert fast == run(pairs, 5)
 
 
 def test_whole_small_message_split_over_chunks_before_feed_uses_scratch_gather():

@@ -199,8 +199,11 @@ class KafkaSession:
                 if size < lo or size > self.settings.max_message_bytes:
                     raise Malformed(NAME, "bad_size", 0, f"message size {size}")
                 total = 4 + size
+                gather = flat.MAX_GATHER
+                if total > len(buf) and total <= gather:
+                    return  # a small message: wait for all of it (<= MAX_GATHER buffered), then the fast path
                 if total <= len(buf) and (
-                        total <= flat.MAX_GATHER or buf.chunk_count == 1 or buf.chunks()[0].nbytes >= total):
+                        total <= gather or buf.chunk_count == 1 or buf.chunks()[0].nbytes >= total):
                     # Fast path: the whole message in one view (a chunk, or the scratch when small).
                     if self._flat(from_client, cur, buf, total):
                         cur.reset()
