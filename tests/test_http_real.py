@@ -307,3 +307,43 @@ def test_bundled_sample_capture() -> None:
     assert sum(s.status_code == StatusCode.ERROR for s in spans) == 2
     joined = [s for s in spans if s.parent_span_id]
     assert len(joined) == 1 and joined[0].trace_id.hex() == "7d3c2b1a0f9e8d7c6b5a493827160514"
+
+
+# -- hostile clients against a real nginx --------------------------------------------------------------
+def _raw(port: int, data: bytes, read: bool = True) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        try:
+            s.sendall(data)
+        except OSError:  # nginx may close while we are still sending: that is the point
+            pass
+        got = bytearray()
+        if read:
+            try:
+                while True:
+                    b = s.recv(65536)
+                    if not b:
+                        break
+                    got += b
+            except OSError:
+                pass
+    return bytes(got)
+
+
+def test_hostile_requests_against_nginx() -> None:
+    """Garbage, a 2^40 Content-Length and a 10 MB header line: bounded, counted, never a crash."""
+    with nginx_server({"index.html": b"ok\n"}) as ng:
+        with tcpdump(ng.port) as cap:
+            _raw(ng.port, os.urandom(3000))
+            _raw(ng.port, b"POST /huge HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % (1 << 40) + b"x" * 100000)
+            _raw(ng.port, b"GET /big HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * (10 * 1024 * 1024) + b"\r\n\r\n")
+            _curl(ng.url("/index.html?after=1"))  # a normal request still works and is seen
+        spans, _rstats, pstats = replay(cap)
+    paths = {s.attributes.get("url.path"): s for s in spans}
+    assert "/index.html" in paths and paths["/index.html"].attributes["http.response.status_code"] == 200
+    huge = paths["/huge"]  # nginx answers 413 at once; the span comes out when the connection ends
+    assert huge.attributes["http.response.status_code"] == 413
+    assert 0 < huge.attributes["http.request.body.size"] <= 100000
+    assert "/big" not in paths
+    drops = pstats["drops"]
+    assert drops.get("http:header_too_large", 0) >= 1, drops
+    assert sum(v for k, v in drops.items() if k.startswith(("http:", "undetected"))) >= 2, drops

@@ -126,6 +126,15 @@ def test_garbage_gives_no_span_and_a_counted_drop() -> None:
     assert metric("none", "undetected") == before + 1
 
 
+def test_garbage_then_close_is_counted_and_skipped_prefix_too() -> None:
+    p, sink = stage()
+    p.consume_events([data(True, b"\x16\x03\x01garbage"), ev(EventKind.RESET, True, ts=2_000)])
+    assert p.stats["drops"]["undetected"] == 1 and len(p._conns) == 0
+    # Joined mid-connection: a body tail, then a real exchange; the tail is counted, the exchange kept.
+    p.consume_events([data(False, b"}]} end of some body", cid=2), data(True, REQ, cid=2), data(False, RESP, cid=2)])
+    assert p.stats["drops"]["undetected"] == 2 and len(sink.spans) == 1
+
+
 def test_port_hint_only_orders_detection() -> None:
     # HTTP on an unusual port is still detected by content.
     p, sink = stage()

@@ -213,6 +213,7 @@ class _State:
         "module",
         "pid",
         "server_closed",
+        "skipped",
         "session",
         "spans_at_error",
     )
@@ -237,6 +238,7 @@ class _State:
         self.pid = ev.pid
         self.comm = ev.comm
         self.spans_at_error = 0
+        self.skipped = False
 
 
 class ProtocolsProcessor(EventProcessor):
@@ -499,6 +501,8 @@ class ProtocolsProcessor(EventProcessor):
             self._guard(cid, st, lambda: st.session.gap(from_client, ts))  # type: ignore[union-attr]
 
     def _end(self, cid: Any, st: _State, ts: int, reset: bool) -> None:
+        if st.mode == _DETECTING and st.detect_bytes:
+            self._drop("", "undetected")  # it sent bytes, none of them understood
         if st.mode == _PARSING and st.session is not None:
             if not st.server_closed or reset:
                 self._guard(cid, st, lambda: st.session.close(ts, reset))  # type: ignore[union-attr]
@@ -553,6 +557,7 @@ class ProtocolsProcessor(EventProcessor):
             self._abandon(cid, st, "undetected", count=False)
         elif not need_more:
             buf.reset()  # not the start of any message: wait for one at a later segment
+            st.skipped = True
 
     def _start(self, cid: Any, st: _State, side: int, name: str, mod: ModuleType, d: Detection, ts: int) -> None:
         if st.client_side is None:  # the receiver's knowledge wins when it has it
@@ -573,6 +578,9 @@ class ProtocolsProcessor(EventProcessor):
         st.conn = conn
         st.module = mod
         st.mode = _PARSING
+        if st.skipped:  # bytes before the first recognised message were dropped: say so
+            self._drop("", "undetected")
+            st.skipped = False
         proto = self.stats["protocols"]
         proto[name] = proto.get(name, 0) + 1
         try:
