@@ -24,7 +24,7 @@ import socket
 import struct
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from pathlib import Path
 from typing import Any, Literal
 
@@ -120,6 +120,10 @@ class EbpfConfig(ComponentConfig):
     #: How records are read: ``mmap`` (the ring read in place, no per-record callback:
     #: ~2x faster here) or ``libbpf`` (``ring_buffer__poll`` with a ctypes callback).
     ring_reader: Literal["mmap", "libbpf"] = "mmap"
+    #: Events waiting for the protocols stage at most (a burst buffer; beyond it batches are dropped, counted).
+    queue_max_events: int = Field(1 << 18, ge=1)
+    #: Payload bytes waiting for the protocols stage at most.
+    queue_max_bytes: int = Field(256 << 20, ge=1 << 16)
     #: Never trace wirespan's own process (it exports over TCP: tracing itself would loop).
     exclude_self: bool = True
     #: The compiled object (default: the one built by build.sh / shipped).
@@ -186,6 +190,11 @@ class EbpfReceiver(Receiver):
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._ring: MmapRing | None = None
+        self._q: deque[tuple[list[TcpEvent], int]] = deque()
+        self._q_cv = threading.Condition()
+        self._q_events = self._q_bytes = 0
+        self._ring_done = False
+        self._dispatcher: threading.Thread | None = None
         self._out: list[TcpEvent] = []
         self._gap_cap = self._gap_kernel = self._nrec = 0
         self._conns: OrderedDict[tuple, _Conn] = OrderedDict()
@@ -197,7 +206,7 @@ class EbpfReceiver(Receiver):
             for p in _protocol_ports(proto):
                 self._cap_by_port[p] = cap
         self._cap_by_port.update(config.max_message_bytes_per_port)
-        self.stats = {"records": 0, "events": 0, "gap_bytes": 0, "closes": 0}
+        self.stats = {"records": 0, "events": 0, "gap_bytes": 0, "closes": 0, "queue_dropped": 0}
         self._comm_cache: dict[bytes, str] = {}
         self._pending_close: list[TcpEvent] = []
         self._counter_snapshot: dict[str, int] = {}
@@ -225,6 +234,9 @@ class EbpfReceiver(Receiver):
             self._close_bpf()
             raise
         self._stop.clear()
+        self._ring_done = False
+        self._dispatcher = threading.Thread(target=self._dispatch, name=f"ebpf-{self.id}-out", daemon=True)
+        self._dispatcher.start()
         self._thread = threading.Thread(target=self._run, name=f"ebpf-{self.id}", daemon=True)
         self._thread.start()
         log.info("%s: attached to syscall tracepoints (ring %d MiB)", self.id, c.ring_size >> 20)
@@ -249,6 +261,21 @@ class EbpfReceiver(Receiver):
             self._thread = None
         else:
             self._close_bpf()
+        self._finish_dispatch()
+
+    def _finish_dispatch(self) -> None:
+        with self._q_cv:
+            self._ring_done = True
+            self._q_cv.notify_all()
+        if self._dispatcher is not None:
+            self._dispatcher.join(timeout=30)
+            self._dispatcher = None
+
+    def flush(self) -> None:
+        """Wait until what the ring thread queued has been handed on."""
+        deadline = time.monotonic() + 10
+        while self._q and time.monotonic() < deadline:
+            time.sleep(0.01)
 
     def _close_bpf(self) -> None:
         if self._rb is not None:
@@ -379,19 +406,55 @@ class EbpfReceiver(Receiver):
             self._emit(out)
 
     def _emit(self, out: list[TcpEvent]) -> None:
+        """Queue a batch for the dispatcher thread (called by the ring thread).
+
+        Draining the ring costs ~2 us a record, parsing downstream several times
+        that: the queue lets the ring thread keep the kernel ring empty through
+        bursts, and bounds what a slow stage can make us hold (a full queue drops
+        the batch, counted as ``queue_full``).
+        """
         if not out:
             return
         self.stats["events"] += len(out)
         self._labels["accepted"].inc(len(out))
         if self.next is None:
             return
+        nbytes = 0
+        for e in out:
+            if e.payload is not None:
+                nbytes += len(e.payload)
+        cfg = self.config
+        with self._q_cv:
+            if (self._q_events + len(out) > cfg.queue_max_events
+                    or self._q_bytes + nbytes > cfg.queue_max_bytes):
+                RECEIVER_DROPPED.labels(receiver=self.id, reason="queue_full").inc(len(out))
+                self.stats["queue_dropped"] += len(out)
+                return
+            self._q.append((out, nbytes))
+            self._q_events += len(out)
+            self._q_bytes += nbytes
+            self._q_cv.notify()
+
+    def _dispatch(self) -> None:
+        """Hand queued batches downstream in order, until the ring thread has finished."""
         bs = self.config.batch_size
-        for i in range(0, len(out), bs):
-            try:
-                self.next.consume_events(out[i:i + bs] if len(out) > bs else out)
-            except Exception:
-                log.exception("%s: downstream consume_events failed", self.id)
-                RECEIVER_DROPPED.labels(receiver=self.id, reason="downstream_error").inc(min(bs, len(out) - i))
+        q, cv = self._q, self._q_cv
+        while True:
+            with cv:
+                while not q and not self._ring_done:
+                    cv.wait(0.5)
+                if not q:
+                    return
+                out, nbytes = q.popleft()
+                self._q_events -= len(out)
+                self._q_bytes -= nbytes
+            for i in range(0, len(out), bs):
+                try:
+                    self.next.consume_events(out[i:i + bs] if len(out) > bs else out)
+                except Exception:
+                    log.exception("%s: downstream consume_events failed", self.id)
+                    RECEIVER_DROPPED.labels(receiver=self.id, reason="downstream_error").inc(
+                        min(bs, len(out) - i))
 
     def _new_conn(self, key: tuple, pid: int, family: int, laddr: bytes, lport: int, raddr: bytes,
                   rport: int) -> _Conn:
