@@ -3,6 +3,7 @@ framing rules, attributes, hostile input, fuzzing and the allocation proof."""
 
 from __future__ import annotations
 
+import os
 import tracemalloc
 from collections.abc import Iterable
 
@@ -402,7 +403,8 @@ _PARTS = st.sampled_from([
 
 @given(st.lists(st.tuples(st.booleans(), st.one_of(_PARTS, st.binary(max_size=20))), max_size=30),
        st.booleans())
-@settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=int(os.environ.get("WIRESPAN_FUZZ_EXAMPLES", "600")), deadline=None,
+          suppress_health_check=[HealthCheck.too_slow])
 def test_fuzz_session_never_raises_anything_but_protocol_errors(steps: list[tuple[bool, bytes]],
                                                                  reset: bool) -> None:
     d = Driver()

@@ -6,6 +6,7 @@ end-to-end path from real captures is in tests/test_http_real.py.
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
 import types
@@ -362,7 +363,8 @@ _EVENTS = st.lists(st.tuples(st.sampled_from([EventKind.DATA] * 6 + [EventKind.G
 
 
 @given(_EVENTS)
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=int(os.environ.get("WIRESPAN_FUZZ_EXAMPLES", "300")), deadline=None,
+          suppress_health_check=[HealthCheck.too_slow])
 def test_fuzz_events_never_escape(steps: list) -> None:
     p, sink = stage({"max_connections": 2})  # every available protocol
     ts = 1_000
