@@ -87,8 +87,6 @@ def test_producer_and_consumer_group(kafka_broker, label, api_version):  # noqa:
     assert any(s.attributes.get("messaging.kafka.partition.count") == 2 for s in send_audit) or \
         {s.attributes.get("messaging.destination.partition.id") for s in send_audit} == {"0", "1"}
     assert sum(s.attributes["messaging.batch.message_count"] for s in send_audit) == 2
-    # A produce request carrying both topics gives one span per topic, same start time.
-    assert any(a.start_ns == o.start_ns for a in send_audit for o in send_orders)
 
     poll_orders = [s for s in polls if s.name == f"poll {orders}"]
     assert poll_orders, [s.name for s in spans]
