@@ -236,3 +236,28 @@ def test_topic_ids_and_newest_versions_real_broker(kafka_broker):  # noqa: F811
     # echo the id with UNKNOWN_TOPIC_ID): the zero id is matched to the request's only topic.
     assert spans[6].status_code == StatusCode.ERROR
     assert spans[6].attributes["error.type"] in ("UNKNOWN_TOPIC_OR_PARTITION", "UNKNOWN_TOPIC_ID")
+
+
+def test_all_topics_and_partitions_of_one_request_real_broker(kafka_broker):  # noqa: F811
+    b = kafka_broker
+    with tcpdump(b.port) as path:
+        _raw_exchange(
+            b.port,
+            produce_request(9, {"multi-a": {0: records(2), 1: records(3)}, "multi-b": {0: records(1)},
+                                "multi-c": {2: records(4)}}, corr=1, client_id="multi"),
+            fetch_request(12, {"multi-a": [(0, 0), (1, 0)], "multi-b": [(0, 0)], "multi-c": [(2, 0)]}, corr=2,
+                          client_id="multi"),
+        )
+    spans, _ = _spans(path)
+    sends = {s.name: s for s in spans if s.kind == SpanKind.PRODUCER}
+    polls = {s.name: s for s in spans if s.kind == SpanKind.CONSUMER}
+    assert set(sends) == {"send multi-a", "send multi-b", "send multi-c"}
+    assert len({s.start_ns for s in sends.values()}) == 1  # one request, one span per topic
+    assert sends["send multi-a"].attributes["messaging.kafka.partition.count"] == 2
+    assert sends["send multi-a"].attributes["messaging.batch.message_count"] == 5
+    assert sends["send multi-c"].attributes["messaging.destination.partition.id"] == "2"
+    assert sends["send multi-c"].attributes["messaging.kafka.offset"] == 0
+    assert set(polls) == {"poll multi-a", "poll multi-b", "poll multi-c"}
+    assert polls["poll multi-a"].attributes["messaging.batch.message_count"] == 5
+    assert polls["poll multi-c"].attributes["messaging.batch.message_count"] == 4
+    assert polls["poll multi-b"].attributes["messaging.kafka.offset"] == 0
