@@ -339,3 +339,19 @@ def test_export_config_valid_and_every_case_listed():
     assert cfg.processors["memory_limiter"].config.limits_bytes() == (384 << 20, 512 << 20)
     assert cfg.pipelines["traces"].processors[1:6] == ["memory_limiter", "attributes", "resource", "filter",
                                                        "redaction"]
+
+
+def test_tls_with_a_ca_made_by_the_openssl_command(tmp_path):
+    """The fallback of make_tls when ``cryptography`` is missing, checked against a real TLS endpoint."""
+    import shutil
+
+    from tests.support.otlp_sink import _make_tls_openssl
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl command not installed")
+    tls = _make_tls_openssl(tmp_path, "localhost")
+    with GrpcSink(tls=tls) as sink:
+        e = exporter(f"localhost:{sink.port}", tls={"ca_file": str(tls.ca_cert)})
+        feed(e, 20, 10)
+        e.flush()
+        e.shutdown()
+        assert sink.span_count == 20 and sent(e) == 20
