@@ -17,18 +17,22 @@ __all__ = ["PROTOCOLS", "load", "available"]
 
 log = logging.getLogger(__name__)
 
-#: name (as in config and metrics) -> module path.
+#: name (as in config and metrics) -> module path, in the order detection tries them
+#: (after the ones whose ports are hinted). Strong signatures come first: a fixed
+#: magic or preface (HTTP, HTTP/2, MongoDB, MQTT CONNECT, FastCGI, memcached binary,
+#: PostgreSQL startup); the weakest last: a Kafka request header is only a size and
+#: four small integers, so other binary protocols' first bytes can read as one.
 PROTOCOLS: dict[str, str] = {
     "http": "processors.protocols.http1",
     "http2": "processors.protocols.http2",        # HTTP/2 and gRPC
-    "kafka": "processors.protocols.kafka",
     "postgresql": "processors.protocols.postgresql",
     "mysql": "processors.protocols.mysql",
-    "redis": "processors.protocols.redis",
     "mongodb": "processors.protocols.mongodb",
     "mqtt": "processors.protocols.mqtt",
     "fastcgi": "processors.protocols.fastcgi",
-    "memcached": "processors.protocols.memcached",  # memcached binary and Couchbase
+    "memcached": "processors.protocols.memcached",  # memcached binary/text and Couchbase
+    "redis": "processors.protocols.redis",
+    "kafka": "processors.protocols.kafka",
 }
 
 _REQUIRED = ("NAME", "DEFAULT_PORTS", "Settings", "detect", "Session")

@@ -61,7 +61,6 @@ listen = 127.0.0.1:{fpm_port}
 pm = static
 pm.max_children = 2
 catch_workers_output = yes
-php_admin_value[error_log] = /dev/stderr
 php_admin_flag[log_errors] = on
 """)
     nginx_conf = os.path.join(d, "nginx.conf")
