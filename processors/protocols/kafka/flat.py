@@ -327,7 +327,9 @@ def fetch_request(mv: memoryview, pos: int, m: Msg) -> None:
     off_i = 2 if v >= 9 else 1
     n, pos = _array(mv, pos, flex)
     topics = m.topics
+    append = topics.append
     end = len(mv)
+    seen: set[str | bytes] = set()
     for _ in range(n):
         # Topic key, inlined (the hot loop of a poll).
         if ids:
@@ -336,6 +338,7 @@ def fetch_request(mv: memoryview, pos: int, m: Msg) -> None:
                 raise _bad("truncated", pos)
             name = None
             tid: bytes | None = mv[pos:e].tobytes()  # 16-byte id, kept
+            key: str | bytes = tid
         else:
             if flex:
                 ln, pos = _uvarint(mv, pos)
@@ -349,13 +352,20 @@ def fetch_request(mv: memoryview, pos: int, m: Msg) -> None:
             nv = mv[pos:e]
             if TOPIC_RE.fullmatch(nv) is None:
                 raise _bad("bad_topic", pos, "topic name not [a-zA-Z0-9._-]{1,249}")
-            name = str(nv, "ascii")
+            key = name = str(nv, "ascii")
             tid = None
-        pos = e
-        np, pos = _array(mv, pos, flex)
+        seen.add(key)
+        if flex:
+            np, pos = _uvarint(mv, e)
+            np -= 1
+        else:
+            np = _I32(mv, e)[0]
+            pos = e + 4
+        if np < -1 or np > end - pos:
+            raise _bad("bad_length", pos, f"array length {np}")
         if not flex:
             if np <= 0:
-                topics.append(TopicData(name, tid))
+                append(TopicData(name, tid))
                 continue
             e = pos + np * size
             if e > end:
@@ -364,7 +374,7 @@ def fetch_request(mv: memoryview, pos: int, m: Msg) -> None:
             parts = list(vals[0::k])
             if min(parts) < 0:
                 raise _bad("bad_field", pos, "negative partition")
-            topics.append(TopicData(name, tid, parts, dict(zip(parts, vals[off_i::k], strict=True))))
+            append(TopicData(name, tid, parts, dict(zip(parts, vals[off_i::k], strict=True))))
             pos = e
             continue
         parts = []
@@ -378,10 +388,10 @@ def fetch_request(mv: memoryview, pos: int, m: Msg) -> None:
             parts.append(p)
             offsets[p] = f[off_i]
             pos = pos + 1 if mv[pos] == 0 else _tags(mv, pos)
-        topics.append(TopicData(name, tid, parts, offsets))
+        append(TopicData(name, tid, parts, offsets))
         pos = pos + 1 if mv[pos] == 0 else _tags(mv, pos)
     # Duplicate topics in one request (not sent by real clients) merge as the walker does.
-    if len(topics) > 1 and len({t.key for t in topics}) != len(topics):
+    if len(seen) != len(topics):
         merged: dict[str | bytes, TopicData] = {}
         for t in topics:
             first = merged.setdefault(t.key, t)
