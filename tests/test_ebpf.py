@@ -10,6 +10,7 @@ or machine truly lacks what the receiver needs (the reason is printed).
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -400,3 +401,24 @@ def test_wirespan_run_postgresql_spans(tmp_path) -> None:
     assert "orders" in sel["name"]
     # the server's view comes from the postgres backend process
     assert any(s["resource"].get("process.executable.name") == "postgres" for s in w.spans)
+
+
+def test_wirespan_run_sighup_reload(tmp_path) -> None:
+    import signal
+
+    from tests.support.wirespan_proc import wirespan_run
+
+    with http_server() as srv:
+        with wirespan_run(tmp_path, {"ebpf": {"ports": [srv.port]}}) as w:
+            subprocess.run([CURL, "-s", "-o", "/dev/null", f"{srv.url}/before"], check=True)
+            time.sleep(1)
+            os.kill(w.proc.pid, signal.SIGHUP)
+            assert wait_for(lambda: w.log().count("pipelines running") >= 2, 20), w.log()
+            subprocess.run([CURL, "-s", "-o", "/dev/null", f"{srv.url}/after"], check=True)
+            time.sleep(1.5)
+            # one set of programs attached after the reload, not two
+            progs = subprocess.run(["bpftool", "prog", "show"], capture_output=True, text=True).stdout
+            assert len(re.findall(r"name exit_read\s", progs)) == 1, (progs, w.log())
+    assert w.returncode == 0, w.log()
+    paths = sorted((s["attrs"].get("url.path"), s["kind"]) for s in w.spans)
+    assert paths == [("/after", SERVER), ("/after", CLIENT), ("/before", SERVER), ("/before", CLIENT)], paths

@@ -76,7 +76,8 @@ def wirespan_run(tmp_path: Path, receivers: dict[str, Any], processors: dict[str
     cfg = {
         "receivers": receivers,
         "processors": procs,
-        "exporters": {"file": {"path": str(spans), "flush_interval": "0s"}},
+        # append: a SIGHUP reload re-creates the exporter, which would otherwise start the file afresh
+        "exporters": {"file": {"path": str(spans), "flush_interval": "0s", "append": True}},
         "service": {
             "pipelines": {"traces": {"receivers": list(receivers), "processors": list(procs),
                                      "exporters": ["file"]}},
