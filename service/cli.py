@@ -128,14 +128,24 @@ def _install_signals(q: queue.SimpleQueue, which: tuple[int, ...]) -> None:
 def _stop_with_timeout(stop: Any, timeout: float, sigq: queue.SimpleQueue, what: Any) -> tuple[bool, list[str]]:
     """Run ``stop()`` in a thread; (finished, problems). A second SIGINT/SIGTERM forces the exit."""
     result: list[list[str]] = []
-    t = threading.Thread(target=lambda: result.append(stop()), name="wirespan-drain", daemon=True)
+
+    def drain() -> None:
+        try:
+            result.append(stop())
+        finally:
+            sigq.put(None)  # wake the wait below at once, rather than at its next poll
+
+    t = threading.Thread(target=drain, name="wirespan-drain", daemon=True)
     t.start()
     deadline = time.monotonic() + timeout
     while t.is_alive() and time.monotonic() < deadline:
         try:
-            sig = sigq.get(timeout=0.1)
+            sig = sigq.get(timeout=max(0.0, min(1.0, deadline - time.monotonic())))
         except queue.Empty:
             continue
+        if sig is None:
+            t.join()
+            break
         if sig in (signal.SIGINT, signal.SIGTERM):
             print("wirespan: forced exit while draining", file=sys.stderr)
             sys.stderr.flush()

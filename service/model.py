@@ -13,8 +13,10 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import socket
 import struct
+from binascii import unhexlify
 from collections.abc import Iterable, Mapping, Sequence
 from enum import IntEnum
 from typing import Any
@@ -277,35 +279,35 @@ def new_span_id() -> bytes:
     return v.to_bytes(8, "big")
 
 
-_HEX = frozenset(b"0123456789abcdef")
+#: W3C Trace Context §3.2: version-traceid-parentid-flags, lowercase hex (uppercase
+#: tolerated, as most SDKs do); a later version may append "-..." fields.
+_TRACEPARENT = re.compile(
+    rb"[ \t]*([0-9a-fA-F]{2})-([0-9a-fA-F]{32})-([0-9a-fA-F]{16})-([0-9a-fA-F]{2})(-[\x21-\x7e]*)?[ \t]*\Z")
+_ZERO_TRACE = bytes(16)
+_ZERO_SPAN = bytes(8)
 
 
 def parse_traceparent(value: bytes | bytearray | memoryview | str) -> tuple[bytes, bytes, int] | None:
     """W3C ``traceparent`` -> (trace_id, parent_span_id, flags), or None if invalid.
 
     Version 00 is exactly 55 characters; later versions may append fields after
-    a dash (W3C Trace Context §3.2.4), so only the first 55 are read then.
+    a dash (W3C Trace Context §3.2.4); version ff is invalid.
     """
     if isinstance(value, str):
         value = value.encode("ascii", "replace")
-    v = bytes(value[:64]).strip().lower()  # small header value: copying 55 bytes is deliberate
-    if len(v) < 55 or v[2:3] != b"-" or v[35:36] != b"-" or v[52:53] != b"-":
+    if len(value) > 512:
         return None
-    version = v[0:2]
-    if version == b"ff" or not _HEX.issuperset(version):
+    m = _TRACEPARENT.match(value)
+    if m is None:
         return None
-    if version == b"00" and len(v) != 55:
+    version, tid, sid, flags, rest = m.groups()
+    if version in (b"ff", b"FF", b"fF", b"Ff") or (version == b"00" and rest):
         return None
-    if len(v) > 55 and v[55:56] != b"-":
+    trace_id = unhexlify(tid)
+    span_id = unhexlify(sid)
+    if trace_id == _ZERO_TRACE or span_id == _ZERO_SPAN:
         return None
-    tid, sid, fl = v[3:35], v[36:52], v[53:55]
-    if not (_HEX.issuperset(tid) and _HEX.issuperset(sid) and _HEX.issuperset(fl)):
-        return None
-    trace_id = bytes.fromhex(tid.decode())
-    span_id = bytes.fromhex(sid.decode())
-    if trace_id == bytes(16) or span_id == bytes(8):
-        return None
-    return trace_id, span_id, int(fl, 16)
+    return trace_id, span_id, int(flags, 16)
 
 
 def _default_resource() -> Resource:
