@@ -257,6 +257,7 @@ EBPF_KERNEL_COUNTERS = Counter(
     ["receiver", "counter"], registry=_registry)
 EBPF_TRUNCATED_BYTES = Counter(
     "wirespan_ebpf_truncated_bytes",
-    "Payload bytes turned into gaps: where=message_cap (beyond max_message_bytes) or kernel (not copied).",
+    "Payload bytes turned into gaps: where=message_cap (beyond max_message_bytes), kernel (not copied) "
+    "or ring_full (records lost to a full ring buffer).",
     ["receiver", "where"], registry=_registry)
 __all__ += ["EBPF_KERNEL_COUNTERS", "EBPF_TRUNCATED_BYTES"]

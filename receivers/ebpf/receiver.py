@@ -50,8 +50,8 @@ OBJECT_PATH = Path(__file__).parent / "bpf" / "wirespan.bpf.o"
 
 #: struct rec_hdr in wirespan.bpf.c (keep in sync):
 #: ts_enter, ts_exit, sock, pid, tid, total, offset, len, lport, rport, kind, egress,
-#: family, last, pad, laddr, raddr, comm
-HDR = struct.Struct("<QQQIIIIIHHBBBBI16s16s16s")
+#: family, last, pad, laddr, raddr, comm, stream_off
+HDR = struct.Struct("<QQQIIIIIHHBBBBI16s16s16sQ")
 #: struct ws_cfg: self_pid, filter_pids, filter_comms, filter_ports, max_call_bytes, pad
 CFG = struct.Struct("<6I")
 #: enum counter in wirespan.bpf.c, by index (metric label ``counter``).
@@ -158,7 +158,7 @@ class EbpfConfig(ComponentConfig):
 class _Conn:
     """One process's view of one socket."""
 
-    __slots__ = ("cap", "id", "laddr", "lport", "pid", "raddr", "rport", "run_bytes", "run_egress")
+    __slots__ = ("cap", "id", "laddr", "lport", "pid", "pos", "raddr", "rport", "run_bytes", "run_egress")
 
     def __init__(self, cid: tuple, pid: int, laddr: str, lport: int, raddr: str, rport: int, cap: int) -> None:
         self.id = cid
@@ -167,6 +167,8 @@ class _Conn:
         self.cap = cap
         self.run_egress: int = -1
         self.run_bytes = 0
+        #: next expected stream position per direction ([0] received, [1] sent), None until seen
+        self.pos: list[int | None] = [None, None]
 
 
 def _addr(family: int, raw: bytes) -> str:
@@ -196,7 +198,7 @@ class EbpfReceiver(Receiver):
         self._ring_done = False
         self._dispatcher: threading.Thread | None = None
         self._out: list[TcpEvent] = []
-        self._gap_cap = self._gap_kernel = self._nrec = 0
+        self._gap_cap = self._gap_kernel = self._gap_lost = self._nrec = 0
         self._conns: OrderedDict[tuple, _Conn] = OrderedDict()
         self._gen: dict[tuple, int] = {}
         self._last_counters = [0] * N_COUNTERS
@@ -214,6 +216,7 @@ class EbpfReceiver(Receiver):
             "accepted": RECEIVER_ACCEPTED.labels(receiver=id),
             "trunc_cap": EBPF_TRUNCATED_BYTES.labels(receiver=id, where="message_cap"),
             "trunc_kernel": EBPF_TRUNCATED_BYTES.labels(receiver=id, where="kernel"),
+            "trunc_lost": EBPF_TRUNCATED_BYTES.labels(receiver=id, where="ring_full"),
         }
 
     # ------------------------------------------------------------------ lifecycle
@@ -346,7 +349,7 @@ class EbpfReceiver(Receiver):
     def _one(self, h: tuple, payload: Any) -> None:
         """One ring record -> DATA/GAP/CLOSE events appended to ``self._out``."""
         (ts_in, ts_out, sk, pid, tid, total, offset, n, lport, rport, kind, egress, family, last, _p,
-         laddr, raddr, comm) = h
+         laddr, raddr, comm, stream_off) = h
         out = self._out
         key = (pid, sk)
         c = self._conns.get(key)
@@ -369,7 +372,20 @@ class EbpfReceiver(Receiver):
         if c.run_egress != egress:
             c.run_egress = egress
             c.run_bytes = 0
+        # Stream positions: a record starting past where the last one ended means
+        # records were lost (ring full): a gap, so the parser resyncs instead of
+        # splicing unrelated bytes. A position behind (the kernel's table entry was
+        # recycled) just restarts the count.
+        start = stream_off + offset
+        d = egress & 1
+        expect = c.pos[d]
         gap = 0
+        if expect is not None and start > expect:
+            lost = start - expect
+            self._gap_lost += lost
+            c.run_bytes += lost
+            out.append(TcpEvent(_GAP, c.id, src, sport, dst, dport, ts, None, lost, None,
+                                bool(egress), pid, tid, name))
         if n:
             room = c.cap - c.run_bytes
             if room < n:
@@ -380,25 +396,30 @@ class EbpfReceiver(Receiver):
                 out.append(TcpEvent(_DATA, c.id, src, sport, dst, dport, ts, payload, 0, None,
                                     bool(egress), pid, tid, name))
             self._gap_cap += gap
+        end = start + n
         if last:
             missing = total - offset - n  # bytes the kernel side did not copy
             if missing > 0:
                 gap += missing
                 self._gap_kernel += missing
                 c.run_bytes += missing
+                end += missing
+        c.pos[d] = end
         if gap:
             out.append(TcpEvent(_GAP, c.id, src, sport, dst, dport, ts, None, gap, None,
                                 bool(egress), pid, tid, name))
         self._nrec += 1
 
     def _flush_out(self) -> None:
-        if self._gap_cap or self._gap_kernel:
-            self.stats["gap_bytes"] += self._gap_cap + self._gap_kernel
+        if self._gap_cap or self._gap_kernel or self._gap_lost:
+            self.stats["gap_bytes"] += self._gap_cap + self._gap_kernel + self._gap_lost
             if self._gap_cap:
                 self._labels["trunc_cap"].inc(self._gap_cap)
             if self._gap_kernel:
                 self._labels["trunc_kernel"].inc(self._gap_kernel)
-            self._gap_cap = self._gap_kernel = 0
+            if self._gap_lost:
+                self._labels["trunc_lost"].inc(self._gap_lost)
+            self._gap_cap = self._gap_kernel = self._gap_lost = 0
         self.stats["records"] += self._nrec
         self._nrec = 0
         if self._out:

@@ -74,6 +74,7 @@ struct rec_hdr {
 	u8 laddr[16];
 	u8 raddr[16];
 	char comm[16];
+	u64 stream_off;      // bytes this process moved in this direction on this socket before this syscall
 };
 
 struct record {
@@ -152,11 +153,18 @@ struct seen_key {
 	u32 pad;
 };
 
+// Per socket and process: bytes sent and received so far. Records carry the
+// position, so userspace sees bytes lost to a full ring as a hole, not as
+// silently spliced streams.
+struct seen_val {
+	u64 bytes[2];        // [0] received, [1] sent
+};
+
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, 65536);
 	__type(key, struct seen_key);
-	__type(value, u8);
+	__type(value, struct seen_val);
 } seen SEC(".maps");
 
 static __always_inline void count(u32 idx, u64 n)
@@ -370,11 +378,15 @@ static __always_inline int on_exit(long ret)
 	struct rec_hdr *h = &r->h;
 	fill_tuple(h, sk);
 	struct seen_key sk_key = { .sock = a.sock, .pid = id >> 32 };
-	if (!bpf_map_lookup_elem(&seen, &sk_key)) {
+	struct seen_val *sv = bpf_map_lookup_elem(&seen, &sk_key);
+	if (!sv) {
 		if (!want_ports(cfg, h))
 			return 0;
-		u8 one = 1;
-		bpf_map_update_elem(&seen, &sk_key, &one, BPF_ANY);
+		struct seen_val zero_sv = {};
+		bpf_map_update_elem(&seen, &sk_key, &zero_sv, BPF_NOEXIST);
+		sv = bpf_map_lookup_elem(&seen, &sk_key);
+		if (!sv)
+			return 0;
 	}
 	h->ts_enter = a.ts;
 	h->ts_exit = bpf_ktime_get_ns();
@@ -387,6 +399,7 @@ static __always_inline int on_exit(long ret)
 	h->last = 0;
 	h->pad = 0;
 	bpf_get_current_comm(h->comm, sizeof(h->comm));
+	h->stream_off = __sync_fetch_and_add(&sv->bytes[h->egress & 1], (u64)h->total);
 
 	u32 want = h->total;
 	u32 limit = cfg->max_call_bytes;
@@ -530,6 +543,7 @@ int enter_close(struct trace_event_raw_sys_enter *ctx)
 	h->len = 0;
 	h->kind = K_CLOSE;
 	h->egress = 0;
+	h->stream_off = 0;
 	h->last = 1;
 	h->pad = 0;
 	bpf_get_current_comm(h->comm, sizeof(h->comm));
