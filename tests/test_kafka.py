@@ -433,6 +433,11 @@ def test_detect_real_requests_and_need_more():
     b"\x00\x00\x00\x08\x04\xd2\x16\x2f",  # PostgreSQL SSLRequest
     b"\x00\x00\x00\x29\x00\x03\x00\x00user\x00postgres\x00database\x00x\x00\x00",  # PostgreSQL startup
     b"\x10\x0c\x00\x04MQTT\x04\x02\x00\x3c\x00\x00",  # MQTT CONNECT
+    # FastCGI BEGIN_REQUEST + PARAMS: its header reads as a ~16 MiB OffsetCommit v0
+    bytes([1, 1, 0, 1, 0, 8, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 1, 4, 0, 1, 0, 20, 4, 0]) + b"\x0b\x05SCRIPT_NAMEindex",
+    # HTTP/2 SETTINGS (mid-stream pickup): reads as a Produce v0 with acks 25600
+    b"\x00\x00\x12\x04\x00\x00\x00\x00\x00\x00\x03\x00\x00\x00\x64\x00\x04\x00\x01\x00\x00\x00\x02\x00\x00\x00\x00",
+    b"\x00\x00\x20\x01\x05\x00\x00\x00\x01\x82\x86\x84\x41\x8a" + b"x" * 27,  # HTTP/2 HEADERS
 ])
 def test_detect_other_protocols_are_not_kafka(other):
     assert kafka.detect(other, True) != Detection.REQUEST
@@ -708,3 +713,19 @@ def test_zero_topic_id_in_response_matches_the_only_request_topic(chunk):
     (s,) = d.spans
     assert s.name == "poll " + kafka.codec.uuid_str(IDS["orders"])
     assert s.attributes["error.type"] == "UNKNOWN_TOPIC_OR_PARTITION"
+
+
+@pytest.mark.parametrize("capture", [
+    "http2/grpc_calls.pcap", "http2/nginx_curl.pcap", "mysql/pymysql_connector_session.pcap",
+    "postgresql/psycopg_session.pcap", "pcap/http_server_lo.pcap",
+])
+def test_other_protocols_real_captures_never_detected_as_kafka(capture):
+    """Kafka alone enabled: every segment of these real conversations (HTTP/2 frames after the
+    preface, gRPC, MySQL, PostgreSQL, HTTP/1) is offered to its detection; none may pass."""
+    from tests.support.replay import replay
+
+    path = os.path.join(os.path.dirname(__file__), "fixtures", capture)
+    if not os.path.exists(path):
+        pytest.fail(f"fixture {capture} missing")
+    spans, _, stats = replay(path, {"enabled": ["kafka"]})
+    assert stats["protocols"].get("kafka", 0) == 0 and spans == []

@@ -24,7 +24,7 @@ from service.largebuf import BufferBoundsError, LargeBuffer, LargeBufferReader
 from service.model import SpanKind, StatusCode
 
 from . import apis, fetch, flat, metadata, produce
-from .codec import NAME, printable, skip_tags, uuid_str
+from .codec import NAME, printable, read_array_len, read_string, skip_tags, topic_name, uuid_str
 from .header import MAX_MESSAGE_SIZE, MIN_REQUEST_SIZE, MIN_RESPONSE_SIZE, REQUEST_FIXED
 from .state import Msg, TopicIdCache, u_tags
 
@@ -411,8 +411,21 @@ def looks_like_responses(buf: LargeBuffer) -> bool | None:
     return None if size <= MAX_UNIT else False
 
 
+#: A first request other than Produce larger than this is not taken for Kafka: clients
+#: open with ApiVersions/Metadata (tens of bytes); a FastCGI record read as a Kafka
+#: header declares ~16 MiB.
+MAX_DETECT_OTHER = 1024 * 1024
+
+
 def looks_like_request(buf: LargeBuffer) -> bool | None:
-    """OBI-strict check of a request's first bytes: True, False, or None (need more)."""
+    """OBI-strict check of a request's first bytes: True, False, or None (need more).
+
+    Beyond the header (size, known key/version, correlation id, printable client id):
+    Produce must have a valid acks, timeout and first topic name; Fetch sane
+    wait/size fields; any other API a modest size and, once whole, must be followed
+    by nothing or by another plausible request header; Produce/Fetch, once whole,
+    must parse completely.
+    """
     n = len(buf)
     if n >= 1 and buf.u8_at(0) > (MAX_MESSAGE_SIZE >> 24):
         return False
@@ -434,4 +447,55 @@ def looks_like_request(buf: LargeBuffer) -> bool | None:
         return None
     if cid > 0 and not printable(buf.view_at(REQUEST_FIXED, cid)):
         return False
+    key = buf.i16be_at(4)
+    total = 4 + size
+    if key != apis.PRODUCE and size > MAX_DETECT_OTHER:
+        return False
+    try:
+        ok = _body_plausible(buf, key, buf.i16be_at(6), cid)
+    except (BufferBoundsError, Malformed):
+        ok = None if n < total else False
+    if ok is not True:
+        return ok
+    if n < total:
+        # A produce may be large and arrive in pieces; any other first request is small.
+        return True if key == apis.PRODUCE else None
+    if key in (apis.PRODUCE, apis.FETCH):
+        try:
+            flat.parse_request(buf.view_at(0, total), 0)
+        except Malformed:
+            return False
+    if n > total:
+        rest = LargeBuffer(buf.view_at(total, min(n - total, REQUEST_FIXED)))
+        return looks_like_request(rest) is not False
     return True
+
+
+def _body_plausible(buf: LargeBuffer, key: int, ver: int, cid: int) -> bool:
+    """The first body fields of Produce/Fetch; raises BufferBoundsError when not there yet."""
+    if key not in (apis.PRODUCE, apis.FETCH):
+        return True
+    flex = apis.flexible(key, ver)
+    r = buf.reader(REQUEST_FIXED + max(cid, 0), min(len(buf), buf.i32be_at(0) + 4))
+    if flex:
+        skip_tags(r)
+    if key == apis.PRODUCE:
+        if ver >= 3:
+            tx = read_string(r, flex)
+            if tx is not None and not printable(tx):
+                return False
+        if r.read_i16be() not in (-1, 0, 1) or r.read_i32be() < 0:
+            return False
+        ntopics = read_array_len(r, flex)
+        if ntopics < 1:
+            return False
+        if ver < 13:
+            topic_name(read_string(r, flex))
+        return True
+    if ver <= 14 and r.read_i32be() < -1:  # replica id: -1 for consumers
+        return False
+    if r.read_i32be() < 0 or r.read_i32be() < 0:  # max wait, min bytes
+        return False
+    if ver >= 3 and r.read_i32be() < 0:  # max bytes
+        return False
+    return not (ver >= 4 and r.read_u8() > 1)  # isolation level
