@@ -21,7 +21,6 @@ import pytest
 
 from receivers.live import MAX_FILTER_PORTS, LiveConfig, LiveError, LiveReceiver, build_filter
 from service.model import EventKind, TcpEvent
-from tests.support.capture import free_port
 from tests.support.live_http import BIG_BODY, http_server, run_client
 
 
@@ -173,7 +172,8 @@ def test_filter_program_and_many_ports() -> None:
         assert 0 <= jt <= 255 and 0 <= jf <= 255
     # more ports than 8-bit jumps allow: the receiver filters those in Python, still correct
     with http_server() as srv:
-        ports = [free_port() for _ in range(MAX_FILTER_PORTS)] + [srv.port]
+        ports = [p for p in range(20000, 20000 + MAX_FILTER_PORTS + 1) if p != srv.port][:MAX_FILTER_PORTS]
+        ports.append(srv.port)
         with Running(ports=ports) as r:
             assert r.rx._py_ports is not None
             subprocess.run([CURL, "-s", f"{srv.url}/p"], check=True, capture_output=True)
