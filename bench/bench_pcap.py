@@ -29,7 +29,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from receivers.packet import link_decoder
 from receivers.pcap import PcapReceiver, open_capture
 
-REPEATS = 5
+REPEATS = 7
 PEER_REPEATS = 3
 
 
