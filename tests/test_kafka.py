@@ -729,3 +729,16 @@ def test_other_protocols_real_captures_never_detected_as_kafka(capture):
         pytest.fail(f"fixture {capture} missing")
     spans, _, stats = replay(path, {"enabled": ["kafka"]})
     assert stats["protocols"].get("kafka", 0) == 0 and spans == []
+
+
+@settings(max_examples=FUZZ, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.sampled_from(range(len(_VALID))), st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)),
+                                                     max_size=4),
+       st.integers(1, 600), st.sampled_from([True, False, None]), st.binary(max_size=40))
+def test_fuzz_detect_never_raises(which, flips, cut, from_client, tail):
+    data = bytearray(_VALID[which][1])
+    for pos, val in flips:
+        data[pos % len(data)] = val
+    chunk = bytes(data[:cut]) + tail
+    d = kafka.detect(LargeBuffer(chunk[:7], chunk[7:]), from_client)
+    assert d in (Detection.NO, Detection.NEED_MORE, Detection.REQUEST, Detection.RESPONSE)
