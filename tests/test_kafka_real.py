@@ -261,3 +261,43 @@ def test_all_topics_and_partitions_of_one_request_real_broker(kafka_broker):  # 
     assert polls["poll multi-a"].attributes["messaging.batch.message_count"] == 5
     assert polls["poll multi-c"].attributes["messaging.batch.message_count"] == 4
     assert polls["poll multi-b"].attributes["messaging.kafka.offset"] == 0
+
+
+def test_topics_and_partitions_match_tshark(kafka_broker):  # noqa: F811
+    """Wireshark's Kafka dissector as an oracle (tshark 4.0 decodes topics up to Produce v8 /
+    Fetch v11): same topics and partitions per request as our spans."""
+    import shutil
+    import subprocess
+
+    tshark = shutil.which("tshark")
+    if tshark is None:
+        pytest.skip("tshark not installed")
+    b = kafka_broker
+    with tcpdump(b.port) as path:
+        _raw_exchange(
+            b.port,
+            produce_request(7, {"alpha": {0: records(2), 1: records(1)}, "beta": {0: records(1)}}, corr=1,
+                            client_id="p7"),
+            fetch_request(10, {"alpha": [(0, 0), (1, 0)], "beta": [(0, 0)]}, corr=2, client_id="f10"),
+            produce_request(5, {"gamma": {3: records(1)}}, corr=3, client_id="p5"),
+        )
+    out = subprocess.run([tshark, "-r", str(path), "-d", f"tcp.port=={b.port},kafka", "-Y",
+                          "kafka.request_key==0 || kafka.request_key==1", "-T", "fields", "-e", "kafka.request_key",
+                          "-e", "kafka.client_id", "-e", "kafka.topic_name", "-e", "kafka.partition_id"],
+                         capture_output=True, text=True, check=True).stdout
+    oracle = {}
+    for line in out.splitlines():
+        key, cid, topics, parts = [*line.split("\t"), "", "", "", ""][:4]
+        if key:  # requests only (responses leave the key empty)
+            oracle[(key, cid)] = (topics.split(","), sorted(int(p) for p in parts.split(",")))
+    assert set(oracle) == {("0", "p7"), ("1", "f10"), ("0", "p5")}
+    spans, _ = _spans(path)
+    ours: dict = {}
+    for s in spans:
+        k = ("0" if s.kind == SpanKind.PRODUCER else "1", s.attributes["messaging.client.id"])
+        topic = s.attributes["messaging.destination.name"]
+        n = s.attributes.get("messaging.kafka.partition.count", 1)
+        ours.setdefault(k, ([], 0))
+        ours[k] = (ours[k][0] + [topic], ours[k][1] + n)
+    for k, (topics, parts) in oracle.items():
+        assert ours[k][0] == topics and ours[k][1] == len(parts), (k, ours[k], topics, parts)
