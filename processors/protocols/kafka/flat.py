@@ -28,11 +28,10 @@ MAX_GATHER = 16 * 1024
 _HDR = struct.Struct(">ihhih")  # size, api key, version, correlation id, client id length
 _I16 = struct.Struct(">h").unpack_from
 _I32 = struct.Struct(">i").unpack_from
-_I16I32 = struct.Struct(">hi").unpack_from  # acks, timeout
 _PART = struct.Struct(">ii").unpack_from  # partition index, records length (non-flexible)
-_I32I32 = _PART
-_BATCH = struct.Struct(">qiib").unpack_from
-_V2HEADER = struct.Struct(">qiibIhiqqqhii").unpack_from  # the whole 61-byte v2 batch header
+#: The 61-byte v2 batch header, unpacking only length, magic, attributes and recordsCount.
+_V2HEADER = struct.Struct(">8xi4xb4xh34xi").unpack_from
+_PREFIX = struct.Struct(">8xi4xb").unpack_from  # length, magic
 
 
 def _bad(reason: str, pos: int, detail: str = "") -> Malformed:
@@ -171,9 +170,9 @@ def records(mv: memoryview, pos: int, n: int, m: Msg, t: TopicData) -> None:
             m.truncated = True
             return
         if left >= BATCH_HEADER:
-            _, length, _, magic, _, attrs, _, _, _, _, _, _, count = _V2HEADER(mv, pos)
+            length, magic, attrs, count = _V2HEADER(mv, pos)
         else:
-            _, length, _, magic = _BATCH(mv, pos)
+            length, magic = _PREFIX(mv, pos)
             attrs = count = 0
         total = 12 + length
         if length < BATCH_PREFIX - 12 or magic > 2 or magic < 0:
@@ -260,7 +259,7 @@ def produce_request(mv: memoryview, pos: int, m: Msg) -> None:
     flex = m.flex
     if m.version >= 3:
         pos = _skip_str(mv, pos, flex)
-    m.acks = _I16I32(mv, pos)[0]
+    m.acks = _I16(mv, pos)[0]
     pos += 6
     ids = m.version >= 13
     n, pos = _array(mv, pos, flex)
