@@ -7,8 +7,9 @@
 // - syscalls tracepoints only (kprobes are not compiled into the target kernel,
 //   fentry/fexit are refused there: design.md §6);
 // - enter: filter by pid and comm, resolve the fd to a TCP socket through
-//   task->files->fdt, remember the user buffer(s) keyed by pid_tgid;
-// - exit: filter by port, copy min(ret, cfg.max_call_bytes) bytes into
+//   task->files->fdt, filter by port, remember the user buffer(s) keyed by
+//   pid_tgid;
+// - exit: copy min(ret, cfg.max_call_bytes) bytes into
 //   ring-buffer records of at most CHUNK payload bytes, each carrying the
 //   socket, 4-tuple, pid/tid/comm, direction, timestamps, the syscall's total
 //   byte count and the record's offset in it; bytes not copied are counted as
@@ -250,13 +251,6 @@ static __always_inline void fill_tuple(struct rec_hdr *h, struct sock *sk)
 	}
 }
 
-static __always_inline bool want_ports(struct ws_cfg *cfg, struct rec_hdr *h)
-{
-	if (!cfg->filter_ports)
-		return true;
-	return bpf_map_lookup_elem(&port_filter, &h->lport) || bpf_map_lookup_elem(&port_filter, &h->rport);
-}
-
 static __always_inline int on_enter(u64 fd, u64 buf, u32 cnt, u8 op)
 {
 	struct ws_cfg *cfg = get_config();
@@ -268,6 +262,16 @@ static __always_inline int on_enter(u64 fd, u64 buf, u32 cnt, u8 op)
 	struct sock *sk = fd_to_tcp_sock(fd);
 	if (!sk)
 		return 0;
+	if (cfg->filter_ports) {
+		// decide here, so filtered-out syscalls cost no map update/delete
+		u16 lport = BPF_CORE_READ(sk, __sk_common.skc_num);
+		u16 rport = __builtin_bswap16(BPF_CORE_READ(sk, __sk_common.skc_dport));
+		if (!bpf_map_lookup_elem(&port_filter, &lport) && !bpf_map_lookup_elem(&port_filter, &rport)) {
+			struct seen_key sk_key = { .sock = (u64)sk, .pid = id >> 32 };
+			if (!bpf_map_lookup_elem(&seen, &sk_key))
+				return 0;
+		}
+	}
 	struct active a = {
 		.sock = (u64)sk, .buf = buf, .ts = bpf_ktime_get_ns(), .cnt = cnt, .op = op,
 	};
@@ -380,8 +384,7 @@ static __always_inline int on_exit(long ret)
 	struct seen_key sk_key = { .sock = a.sock, .pid = id >> 32 };
 	struct seen_val *sv = bpf_map_lookup_elem(&seen, &sk_key);
 	if (!sv) {
-		if (!want_ports(cfg, h))
-			return 0;
+		// the port filter was applied at entry
 		struct seen_val zero_sv = {};
 		bpf_map_update_elem(&seen, &sk_key, &zero_sv, BPF_NOEXIST);
 		sv = bpf_map_lookup_elem(&seen, &sk_key);
