@@ -204,6 +204,15 @@ class Session:
         """Parse the complete messages at the front of ``buf`` and release them."""
         raise NotImplementedError
 
+    def skip_gap(self, from_client: bool, nbytes: int, ts_ns: int) -> bool:
+        """``nbytes`` of this direction were lost (a capture cap, a full ring, a missing
+        segment) and the buffer before them was fully consumed. A session that can step
+        over them without losing its place (inside a body of known length) does so and
+        returns True; then nothing is cleared. The default returns False: the stage
+        clears the buffer and calls ``gap``.
+        """
+        return False
+
     def gap(self, from_client: bool, ts_ns: int) -> None:
         """Bytes of this direction were lost and its buffer was cleared: resync.
 

@@ -593,6 +593,34 @@ class Http1Session(_BaseSession):
             b = self._sbody = _Body(_CLOSE, 0, 0)
             b.last_ts = last_ts
 
+    def skip_gap(self, from_client: bool, nbytes: int, ts_ns: int) -> bool:
+        """Lost bytes inside a Content-Length body: count them and keep going.
+
+        eBPF's per-message cap and a full ring lose the middle of large bodies; the
+        exchange is still whole from HTTP's point of view, and its sizes stay right.
+        """
+        body = self._cbody if from_client else self._sbody
+        if body is None or body.mode != _LENGTH or nbytes > body.remaining:
+            return False
+        body.remaining -= nbytes
+        body.size += nbytes
+        body.last_ts = ts_ns
+        if body.remaining == 0:  # the gap ended the body: finish now, no more bytes may come
+            if from_client:
+                req = self._creq
+                if req is not None:
+                    req.body_size = body.size
+                self._cbody = self._creq = None
+                self._emit_deferred()
+                if len(self.conn.client_buf):
+                    self._feed_client(self.conn.client_buf)
+            else:
+                self._sbody = None
+                self._finish(body.size, body.last_ts)
+                if len(self.conn.server_buf):
+                    self._feed_server(self.conn.server_buf)
+        return True
+
     def _switch(self, to: str | None) -> None:
         self._done = True
         self._cpaused = False

@@ -399,7 +399,7 @@ class ProtocolsProcessor(EventProcessor):
             elif st.mode == _DETECTING:
                 self._detect(cid, st, side, ev)
         elif kind == EventKind.GAP:
-            self._gap(cid, st, side, ev.ts_ns)
+            self._gap(cid, st, side, ev.ts_ns, ev.gap)
         elif kind == EventKind.CLOSE:
             st.closed[side] = True
             if st.mode == _PARSING and side != st.client_side and not st.server_closed:
@@ -494,11 +494,25 @@ class ProtocolsProcessor(EventProcessor):
         st.bufs[0].reset()
         st.bufs[1].reset()
 
-    def _gap(self, cid: Any, st: _State, side: int, ts: int) -> None:
-        st.bufs[side].reset()
+    def _gap(self, cid: Any, st: _State, side: int, ts: int, nbytes: int = 0) -> None:
         if st.mode == _PARSING:
             from_client = side == st.client_side
-            self._guard(cid, st, lambda: st.session.gap(from_client, ts))  # type: ignore[union-attr]
+            session = st.session
+            assert session is not None
+            if nbytes > 0 and not len(st.bufs[side]):
+                # Lost bytes inside something the session can step over (a body of known
+                # length): it keeps its place and nothing is resynchronised.
+                skipped: list[bool] = []
+                self._guard(cid, st, lambda: skipped.append(session.skip_gap(from_client, nbytes, ts)))
+                if skipped and skipped[0]:
+                    self._drop(st.conn.protocol if st.conn else "", "gap_skipped")
+                    return
+                if cid not in self._conns:  # the guard abandoned it
+                    return
+            st.bufs[side].reset()
+            self._guard(cid, st, lambda: session.gap(from_client, ts))
+        else:
+            st.bufs[side].reset()
 
     def _end(self, cid: Any, st: _State, ts: int, reset: bool) -> None:
         if st.mode == _DETECTING and st.detect_bytes:
