@@ -306,7 +306,9 @@ def test_wirespan_run_http_spans_both_processes(tmp_path) -> None:
     upload = ("import urllib.request,sys; urllib.request.urlopen(urllib.request.Request(sys.argv[1], "
               "data=bytes(range(256))*4096)).read()")
     with http_server() as srv, nginx_server({"index.html": b"<p>hi</p>\n"}) as ng:
-        cfg = {"ebpf": {"ports": [srv.port, ng.port], "max_message_bytes_per_port": {srv.port: 2 << 20}}}
+        # The default 64 KiB message cap: the middle of the 200 KB response and of the 1 MB
+        # upload becomes counted gaps, which HTTP/1 steps over inside Content-Length bodies.
+        cfg = {"ebpf": {"ports": [srv.port, ng.port]}}
         with wirespan_run(tmp_path, cfg) as w:
             subprocess.run([CURL, "-s", "-o", "/dev/null", "-H", f"traceparent: 00-{TRACE_ID}-{PARENT_ID}-01",
                             f"{srv.url}/traced?x=1"], check=True)
