@@ -19,31 +19,21 @@ from __future__ import annotations
 import os
 import random
 import shutil
-import statistics
 import struct
 import subprocess
 import sys
 import tempfile
-import time
 from typing import Any
 
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench.common import median_seconds
 from processors.protocols import mysql, postgresql, sql
 from processors.protocols.base import Conn
 
 REPEATS = 5
 SEGMENT = 1400
-
-
-def _median(fn: Any, repeats: int = REPEATS) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 # -- PostgreSQL workload -------------------------------------------------------------------
@@ -178,7 +168,7 @@ def _tshark(ex: list[tuple[bytes, bytes]], port: int, proto: str) -> float | Non
     path = os.path.join(d, "db.pcap")
     write_pcap(path, frames, LINKTYPE_RAW)
     try:
-        return _median(lambda: subprocess.run(
+        return median_seconds(lambda: subprocess.run(
             [tshark, "-r", path, "-n", "-d", f"tcp.port=={port},{proto}", "-T", "fields", "-e", "frame.number"],
             check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), 3)
     finally:
@@ -203,7 +193,7 @@ def main() -> None:
     n = 3000
     ex, msgs = pg_workload(n)
     spans = _run_session(postgresql, ex, 5432)
-    t = _median(lambda: _run_session(postgresql, ex, 5432))
+    t = median_seconds(lambda: _run_session(postgresql, ex, 5432))
     print(f"postgresql Session: {msgs / t:,.0f} messages/s, {spans / t:,.0f} spans/s "
           f"({msgs} messages, {spans} spans, median {t * 1e3:.1f} ms)")
     tt = _tshark(ex, 5432, "pgsql")
@@ -213,10 +203,10 @@ def main() -> None:
 
     mex, packets, payloads = my_workload(n)
     spans = _run_session(mysql, mex, 3306)
-    t = _median(lambda: _run_session(mysql, mex, 3306))
+    t = median_seconds(lambda: _run_session(mysql, mex, 3306))
     print(f"mysql Session: {packets / t:,.0f} packets/s, {spans / t:,.0f} spans/s "
           f"({packets} packets, {spans} spans, median {t * 1e3:.1f} ms)")
-    tp = _median(lambda: _pymysql_decode(payloads))
+    tp = median_seconds(lambda: _pymysql_decode(payloads))
     print(f"  PyMySQL MysqlPacket decode (server packets only, no framing/pairing): "
           f"{len(payloads) / tp:,.0f} packets/s -> ours (whole job) is {tp / t * packets / len(payloads):.2f}x")
     tt = _tshark(mex, 3306, "mysql")
@@ -240,12 +230,12 @@ def main() -> None:
 
     for s in stmts[:400]:
         sql.analyze(s)
-    tc = _median(cold)
+    tc = median_seconds(cold)
     sql._cache.clear()
     for s in stmts[:400]:
         sql.analyze(s)
-    tw = _median(warm)
-    ts = _median(sanitize_only)
+    tw = median_seconds(warm)
+    ts = median_seconds(sanitize_only)
     avg = sum(map(len, stmts)) / len(stmts)
     print(f"sql.analyze cold: {tc / len(stmts) * 1e6:.1f} us/statement (avg {avg:.0f} chars); "
           f"warm (memo hit): {tw / 400 * 1e6:.2f} us; sanitize alone: {ts / len(stmts) * 1e6:.1f} us")

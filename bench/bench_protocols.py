@@ -13,26 +13,12 @@ import statistics
 import struct
 import time
 from collections.abc import Callable
-from typing import Any
 
+from bench.common import feed_session
 from processors.protocols import fastcgi, memcached, mqtt
-from processors.protocols.base import Conn
 
 REPEATS = 7
 CHUNK = 1400
-
-
-def _run(mod: Any, batches: list[tuple[bytes, bytes]]) -> int:
-    spans: list[Any] = []
-    conn = Conn(1, "127.0.0.1", 1, "127.0.0.1", 2, spans.append, protocol=mod.NAME)
-    s = mod.Session(conn)
-    for req, rep in batches:
-        for data, side, buf in ((req, True, conn.client_buf), (rep, False, conn.server_buf)):
-            mv = memoryview(data)
-            for i in range(0, len(mv), CHUNK):
-                buf.append(mv[i:i + CHUNK], i)
-                s.feed(side, buf, i)
-    return len(spans)
 
 
 def _vbi(n: int) -> bytes:
@@ -140,7 +126,7 @@ def main() -> None:
     for title, mod, gen, n in cases:
         batches = gen(n)
         nbytes = sum(len(a) + len(b) for a, b in batches)
-        rate = _median_rate(lambda mod=mod, batches=batches: _run(mod, batches), n)
+        rate = _median_rate(lambda mod=mod, batches=batches: feed_session(mod, batches, CHUNK), n)
         print(f"  {title:<46} {rate:>10,.0f} msg/s  {rate * nbytes / n / 1e6:8.1f} MB/s")
 
 

@@ -12,25 +12,14 @@ Run: ``python -m bench redis_mongo``. Prints medians of several repeats:
 
 from __future__ import annotations
 
-import statistics
 import struct
-import time
 from typing import Any
 
+from bench.common import feed_session, median_seconds
 from processors.protocols import mongodb, redis
-from processors.protocols.base import Conn
 from service.largebuf import LargeBuffer
 
 REPEATS = 7
-
-
-def _median(fn: Any, repeats: int = REPEATS) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def _cmd(*args: bytes) -> bytes:
@@ -55,20 +44,6 @@ def redis_workload(n: int) -> tuple[list[bytes], list[bytes]]:
                 reqs.append(_cmd(b"LRANGE", k, b"0", b"9"))
                 reps.append(b"*10\r\n" + b"$8\r\nelement!\r\n" * 10)
     return reqs, reps
-
-
-def _feed(mod: Any, batches: list[tuple[bytes, bytes]], chunk: int = 1400) -> int:
-    """Each batch: a pipeline of requests, then its replies, cut into TCP-sized chunks."""
-    spans: list[Any] = []
-    conn = Conn(1, "127.0.0.1", 1, "127.0.0.1", 2, spans.append, protocol=mod.NAME)
-    s = mod.Session(conn)
-    for req, rep in batches:
-        for data, side, buf in ((req, True, conn.client_buf), (rep, False, conn.server_buf)):
-            mv = memoryview(data)
-            for i in range(0, len(mv), chunk):
-                buf.append(mv[i:i + chunk], i)
-                s.feed(side, buf, i)
-    return len(spans)
 
 
 def _batches(reqs: list[bytes], reps: list[bytes], per: int = 256) -> list[tuple[bytes, bytes]]:
@@ -110,8 +85,8 @@ def bench_redis() -> list[tuple[str, float]]:
     batches = _batches(reqs, reps)
     rep = b"".join(reps)
     rows = []
-    ours = _median(lambda: _feed(redis, batches))
-    assert _feed(redis, batches) == n
+    ours = median_seconds(lambda: feed_session(redis, batches))
+    assert feed_session(redis, batches) == n
     rows.append(("wirespan redis Session (requests+replies -> spans)", n / ours))
 
     def scan_replies() -> None:
@@ -121,7 +96,7 @@ def bench_redis() -> list[tuple[str, float]]:
         for i in range(0, len(mv), 1400):
             buf.append(mv[i:i + 1400])
             sc.scan(buf, 0)
-    rows.append(("wirespan RESP scanner (replies only, 1400-byte chunks)", n / _median(scan_replies)))
+    rows.append(("wirespan RESP scanner (replies only, 1400-byte chunks)", n / median_seconds(scan_replies)))
 
     def peer() -> None:
         p = _RESP2Parser(socket_read_size=65536)
@@ -129,7 +104,7 @@ def bench_redis() -> list[tuple[str, float]]:
         p.encoder = None
         for _ in range(n):
             p._read_response(disable_decoding=True)
-    rows.append(("redis-py _RESP2Parser (replies only)", n / _median(peer)))
+    rows.append(("redis-py _RESP2Parser (replies only)", n / median_seconds(peer)))
     try:
         import hiredis
     except ImportError:
@@ -140,7 +115,7 @@ def bench_redis() -> list[tuple[str, float]]:
         r.feed(rep)
         for _ in range(n):
             r.gets()
-    rows.append(("hiredis C reader (replies only)", n / _median(hi)))
+    rows.append(("hiredis C reader (replies only)", n / median_seconds(hi)))
     return rows
 
 
@@ -171,9 +146,9 @@ def bench_mongo() -> list[tuple[str, float]]:
     n = 10_000
     reqs, reps, docs = mongo_workload(n)
     batches = _batches(reqs, reps, 64)
-    ours = _median(lambda: _feed(mongodb, batches))
-    assert _feed(mongodb, batches) == n
-    peer = _median(lambda: [bson.decode(d) for d in docs])
+    ours = median_seconds(lambda: feed_session(mongodb, batches))
+    assert feed_session(mongodb, batches) == n
+    peer = median_seconds(lambda: [bson.decode(d) for d in docs])
     return [("wirespan mongodb Session (exchanges -> spans)", n / ours),
             ("pymongo bson.decode (C) of the same documents", n / peer)]
 

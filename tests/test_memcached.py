@@ -14,10 +14,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from processors.protocols import memcached as mc
-from processors.protocols.base import Conn, Detection
+from processors.protocols.base import Detection
 from processors.protocols.errors import ProtocolError
 from service.largebuf import LargeBuffer
-from service.model import Span, SpanKind, StatusCode
+from service.model import SpanKind, StatusCode
+from tests.support.driver import SessionDriver
 
 HDR = struct.Struct(">BBHBBHIIQ")
 
@@ -37,22 +38,9 @@ def alt_req(op: int, key: bytes, framing: bytes = b"", opaque: int = 0) -> bytes
                        opaque, 0) + framing + key
 
 
-class Driver:
-    def __init__(self, **kw: object) -> None:
-        self.spans: list[Span] = []
-        self.drops: list[str] = []
-        self.conn = Conn(1, "127.0.0.1", 40000, "127.0.0.1", 11211, self.spans.append,
-                         lambda p, r: self.drops.append(r), settings=mc.Settings(**kw), protocol="memcached")
-        self.session = mc.Session(self.conn)
-        self.ts = 0
-
-    def send(self, from_client: bool, data: bytes, step: int | None = None) -> None:
-        buf = self.conn.client_buf if from_client else self.conn.server_buf
-        step = step or len(data) or 1
-        for i in range(0, len(data), step):
-            self.ts += 10
-            buf.append(data[i:i + step], self.ts)
-            self.session.feed(from_client, buf, self.ts)
+class Driver(SessionDriver):
+    def __init__(self, **settings: object) -> None:
+        super().__init__(mc, 11211, ts_step=10, **settings)
 
 
 @pytest.mark.parametrize("step", [None, 1, 5])

@@ -16,10 +16,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from processors.protocols import mongodb as m
-from processors.protocols.base import Conn, Detection
+from processors.protocols.base import Detection
 from processors.protocols.errors import ProtocolError
 from service.largebuf import LargeBuffer
-from service.model import Span, SpanKind, StatusCode
+from service.model import SpanKind, StatusCode
+from tests.support.driver import SessionDriver
 
 HDR = struct.Struct("<iiii")
 
@@ -43,22 +44,9 @@ def compressed(msg: bytes) -> bytes:
     return HDR.pack(16 + len(body), rid, rto, m.OP_COMPRESSED) + body
 
 
-class Driver:
-    def __init__(self, **kw: object) -> None:
-        self.spans: list[Span] = []
-        self.drops: list[str] = []
-        self.conn = Conn(1, "127.0.0.1", 50000, "127.0.0.1", 27017, self.spans.append,
-                         lambda p, r: self.drops.append(r), settings=m.Settings(**kw), protocol="mongodb")
-        self.session = m.Session(self.conn)
-        self.ts = 0
-
-    def send(self, from_client: bool, data: bytes, step: int | None = None) -> None:
-        buf = self.conn.client_buf if from_client else self.conn.server_buf
-        step = step or len(data) or 1
-        for i in range(0, len(data), step):
-            self.ts += 1000
-            buf.append(data[i:i + step], self.ts)
-            self.session.feed(from_client, buf, self.ts)
+class Driver(SessionDriver):
+    def __init__(self, **settings: object) -> None:
+        super().__init__(m, 27017, ts_step=1000, **settings)
 
 
 @pytest.mark.parametrize("step", [None, 1, 5, 13])

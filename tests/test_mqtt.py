@@ -11,10 +11,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from processors.protocols import mqtt as m
-from processors.protocols.base import Conn, Detection
+from processors.protocols.base import Detection
 from processors.protocols.errors import ProtocolError
 from service.largebuf import LargeBuffer
-from service.model import Span, SpanKind, StatusCode
+from service.model import SpanKind, StatusCode
+from tests.support.driver import SessionDriver
 
 TP = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 
@@ -61,22 +62,9 @@ def publish(topic: str, payload: bytes, qos: int = 0, pid: int = 0, v: int = 4, 
     return pkt(0x30 | (qos << 1) | int(retain), body + payload)
 
 
-class Driver:
-    def __init__(self, **kw: object) -> None:
-        self.spans: list[Span] = []
-        self.drops: list[str] = []
-        self.conn = Conn(1, "127.0.0.1", 50000, "127.0.0.1", 1883, self.spans.append,
-                         lambda p, r: self.drops.append(r), settings=m.Settings(**kw), protocol="mqtt")
-        self.session = m.Session(self.conn)
-        self.ts = 0
-
-    def send(self, from_client: bool, data: bytes, step: int | None = None) -> None:
-        buf = self.conn.client_buf if from_client else self.conn.server_buf
-        step = step or len(data) or 1
-        for i in range(0, len(data), step):
-            self.ts += 100
-            buf.append(data[i:i + step], self.ts)
-            self.session.feed(from_client, buf, self.ts)
+class Driver(SessionDriver):
+    def __init__(self, **settings: object) -> None:
+        super().__init__(m, 1883, ts_step=100, **settings)
 
 
 @pytest.mark.parametrize("step", [None, 1, 4])

@@ -9,10 +9,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from processors.protocols import redis as r
-from processors.protocols.base import Conn, Detection
+from processors.protocols.base import Detection
 from processors.protocols.errors import ProtocolError
 from service.largebuf import LargeBuffer
-from service.model import Span, SpanKind, StatusCode
+from service.model import SpanKind, StatusCode
+from tests.support.driver import SessionDriver
 
 
 def cmd(*args: bytes | str) -> bytes:
@@ -23,25 +24,9 @@ def cmd(*args: bytes | str) -> bytes:
     return b"".join(parts)
 
 
-class Driver:
-    """Feeds a Session as the protocols stage does; collects spans and drops."""
-
+class Driver(SessionDriver):
     def __init__(self, **settings: object) -> None:
-        self.spans: list[Span] = []
-        self.drops: list[str] = []
-        self.conn = Conn(1, "127.0.0.1", 50000, "127.0.0.1", 6379, self.spans.append,
-                         lambda p, reason: self.drops.append(reason), settings=r.Settings(**settings),
-                         protocol="redis")
-        self.session = r.Session(self.conn)
-        self.ts = 1_000
-
-    def send(self, from_client: bool, data: bytes, step: int | None = None) -> None:
-        buf = self.conn.client_buf if from_client else self.conn.server_buf
-        step = step or len(data) or 1
-        for i in range(0, len(data), step):
-            self.ts += 10
-            buf.append(data[i:i + step], self.ts)
-            self.session.feed(from_client, buf, self.ts)
+        super().__init__(r, 6379, ts_step=10, **settings)
 
 
 @pytest.mark.parametrize("step", [None, 1, 3, 7])

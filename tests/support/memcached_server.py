@@ -8,6 +8,7 @@ import subprocess
 from collections.abc import Iterator
 
 from tests.support.capture import free_port, wait_port
+from tests.support.proc import stop
 
 MEMCACHED = shutil.which("memcached") or "/usr/bin/memcached"
 
@@ -22,9 +23,4 @@ def memcached(protocol: str = "binary") -> Iterator[int]:
         wait_port(port)
         yield port
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc)

@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from tests.support.capture import free_port, wait_port
+from tests.support.proc import stop
 
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 PHP_FPM = (sorted(glob.glob("/usr/sbin/php-fpm*")) or ["/usr/sbin/php-fpm"])[-1]
@@ -101,13 +102,6 @@ http {{
         wait_port(http_port)
         yield FastCgiSite(http_port, fpm_port, root)
     finally:
-        for p in (ngx, fpm):
-            if p is None:
-                continue
-            p.terminate()
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+        stop(ngx)
+        stop(fpm)
         shutil.rmtree(d, ignore_errors=True)

@@ -9,6 +9,7 @@ import tempfile
 from collections.abc import Iterator
 
 from tests.support.capture import free_port, wait_port
+from tests.support.proc import stop
 
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 
@@ -26,10 +27,5 @@ def redis_server() -> Iterator[int]:
         wait_port(port)
         yield port
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc)
         shutil.rmtree(d, ignore_errors=True)

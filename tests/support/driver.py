@@ -1,0 +1,38 @@
+"""Feed one protocol ``Session`` directly, as the protocols stage would, for unit tests.
+
+No detection and no receiver: ``send`` appends the bytes (in chunks of ``step``)
+to the direction's buffer and calls ``feed`` after each chunk, so a parser is
+tested whole, byte by byte, or at any cut. ``ProtocolError`` is left to the
+test (``pytest.raises``); spans and ``conn.drop`` reasons are collected.
+(tests/support/dbdrive.py is the database tests' variant that also plays the
+stage's error handling and re-feeds recorded captures.)
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+from processors.protocols.base import Conn
+from service.model import Span
+
+__all__ = ["SessionDriver"]
+
+
+class SessionDriver:
+    def __init__(self, mod: ModuleType, server_port: int, ts_step: int = 100, **settings: object) -> None:
+        self.spans: list[Span] = []
+        self.drops: list[str] = []
+        self.conn = Conn(1, "127.0.0.1", 50000, "127.0.0.1", server_port, self.spans.append,
+                         lambda _proto, reason: self.drops.append(reason), settings=mod.Settings(**settings),
+                         protocol=mod.NAME)
+        self.session = mod.Session(self.conn)
+        self.ts = 0
+        self.ts_step = ts_step
+
+    def send(self, from_client: bool, data: bytes, step: int | None = None) -> None:
+        buf = self.conn.client_buf if from_client else self.conn.server_buf
+        step = step or len(data) or 1
+        for i in range(0, len(data), step):
+            self.ts += self.ts_step
+            buf.append(data[i:i + step], self.ts)
+            self.session.feed(from_client, buf, self.ts)
