@@ -337,7 +337,9 @@ def test_hostile_requests_against_nginx() -> None:
             _raw(ng.port, b"POST /huge HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % (1 << 40) + b"x" * 100000)
             _raw(ng.port, b"GET /big HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * (10 * 1024 * 1024) + b"\r\n\r\n")
             _curl(ng.url("/index.html?after=1"))  # a normal request still works and is seen
-        spans, _rstats, pstats = replay(cap)
+        # nginx answers 400 once it has read ~9 KB of the oversized header line; a header
+        # limit below that is always reached before the answer, whatever the timing.
+        spans, _rstats, pstats = replay(cap, {"http": {"max_header_bytes": 4096}})
     paths = {s.attributes.get("url.path"): s for s in spans}
     assert "/index.html" in paths and paths["/index.html"].attributes["http.response.status_code"] == 200
     huge = paths["/huge"]  # nginx answers 413 at once; the span comes out when the connection ends
