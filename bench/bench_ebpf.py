@@ -11,7 +11,7 @@ REPEATS runs for:
    ring-buffer reservation failures.
 2. **drops at a fixed rate**: the generator paced to 50k and 100k records/s for
    DURATION s into receiver + protocols stage; reports records seen vs generated and
-   reservation failures (default 16 MiB ring).
+   reservation failures (at the receiver's default ring size, and at 16 MiB).
 3. **overhead on a traced server**: nginx (Debian's, one worker) served by the same
    keep-alive client, requests/s untraced, with the programs attached but filtering
    everything out (the per-syscall hook cost), and traced (receiver + protocols stage
@@ -33,6 +33,7 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from receivers.ebpf import EbpfConfig, EbpfReceiver
+from receivers.ebpf.receiver import DEFAULT_RING_SIZE
 from tests.support.capture import free_port, wait_port
 
 REPEATS = 3
@@ -128,11 +129,12 @@ def run_clients(port: int, duration: float, rate_per_client: float, pairs: int =
     return sum(float(p.communicate()[0].strip() or 0) for p in procs)
 
 
-def with_receiver(port: int, stage: bool, fn, reader: str = "mmap"):
+def with_receiver(port: int, stage: bool, fn, reader: str = "mmap", ring_size: int = DEFAULT_RING_SIZE):
     """Run ``fn()`` with the receiver attached; returns (fn result, records, spans_or_events, reserve failures)."""
     sink = SpanCounter()
     proc = protocols_stage(sink) if stage else None
-    rx = EbpfReceiver("ebpf", EbpfConfig(ports=[port], ring_reader=reader), proc if proc is not None else sink)
+    rx = EbpfReceiver("ebpf", EbpfConfig(ports=[port], ring_reader=reader, ring_size=ring_size),
+                      proc if proc is not None else sink)
     rx.start()
     try:
         out = fn()
@@ -180,6 +182,13 @@ def fixed_rates() -> None:
                 print(f"  {label:20s} target {target:7d} records/s: generated {rt * 4:9.0f}/s, "
                       f"consumed {recs / DURATION:9.0f}/s, {'spans' if stage else 'events'} "
                       f"{outs / DURATION:8.0f}/s, ring reserve failures {fail}")
+        # why the default is 64 MiB: the same hardest case with a 16 MiB ring
+        per_client = 100_000 / 4 / PAIRS
+        for ring in (16 << 20, DEFAULT_RING_SIZE):
+            fails = [with_receiver(port, True, lambda pc=per_client: run_clients(port, DURATION, pc),
+                                   ring_size=ring)[3] for _ in range(REPEATS)]
+            print(f"  receiver + protocols at 100000 records/s, {ring >> 20:3d} MiB ring: "
+                  f"reserve failures per run {fails}")
     finally:
         srv.terminate()
         srv.wait()
@@ -252,7 +261,7 @@ def main() -> None:
         return
     print(f"end to end ({PAIRS} client processes, {DURATION:.0f}s, median of {REPEATS}):")
     end_to_end()
-    print("fixed rates (16 MiB ring):")
+    print(f"fixed rates (default ring, {DEFAULT_RING_SIZE >> 20} MiB):")
     fixed_rates()
     print("for comparison, in the same run:")
     protocols_cost()

@@ -61,7 +61,11 @@ N_COUNTERS = 8
 
 CHUNK = 16384                     #: payload bytes per ring record (issue 9)
 MAX_CALL_BYTES = 64 * CHUNK       #: MAX_RECORDS * CHUNK in the C file: 1 MiB per syscall
-DEFAULT_RING_SIZE = 16 << 20      #: design.md §6: a 16 MiB ring kept up with ~220k events/s here
+#: 64 MiB: at 100k records/s with the protocols stage in the same process, a 16 MiB
+#: ring lost 3-25 records per 4 s run to consumer stalls (GIL, GC), 64 MiB 0-3
+#: (bench/bench_ebpf.py prints both). It costs 64 MiB of locked kernel memory per
+#: node: lower it with ``ring_size`` where memory matters more than bursts.
+DEFAULT_RING_SIZE = 64 << 20
 DEFAULT_MESSAGE_CAP = 64 << 10    #: OBI's large-buffer default order of magnitude (issue 9)
 #: Largest configurable message cap: bounds what one connection can make us hold.
 MAX_MESSAGE_CAP = 64 << 20
