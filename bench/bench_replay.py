@@ -86,15 +86,19 @@ def main(argv: list[str] | None = None) -> None:
         ws_cmd = ([wirespan] if wirespan else [sys.executable, "-m", "service.cli"])
         out = os.path.join(d, "spans.jsonl")
         ws_cmd += ["replay", cap, "--output", out]
+        ncpu = os.cpu_count() or 1
+        wsn_cmd = [*ws_cmd, "--workers", str(ncpu)]  # one worker per core (forked, same output)
         tshark = shutil.which("tshark") or "/usr/bin/tshark"
         ts_cmd = [tshark, "-T", "fields", "-e", "http.request.method", "-e", "http.request.uri",
                   "-e", "http.response.code", "-r", cap]
 
-        ws, ts, inproc = [], [], []
+        ws, wsn, ts, inproc = [], [], [], []
         spans_seen = 0
         for _ in range(args.repeats):
             wall, rss, err, cpu = _run(ws_cmd)
             ws.append((wall, rss, cpu))
+            if ncpu > 1:
+                wsn.append(_run(wsn_cmd))
             for line in err.decode(errors="replace").splitlines():
                 if " spans in " in line:
                     spans_seen = int(line.split(" spans in ")[0].rsplit(" ", 1)[1])
@@ -112,6 +116,12 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{'':<44} {'wall s':>8} {'cpu s':>7} {'spans/s':>10} {'peak RSS':>10}")
         print(f"{'wirespan replay --output (CLI, OTLP JSON)':<44} {ws_wall:>8.2f} {ws_cpu:>7.2f} "
               f"{spans_seen / ws_wall:>10.0f} {statistics.median(r for _, r, _ in ws):>8.0f}MB")
+        if wsn:
+            wn_wall = statistics.median(w for w, _, _, _ in wsn)
+            wn_cpu = statistics.median(c for _, _, _, c in wsn)
+            label = f"wirespan replay --output --workers {ncpu}"
+            print(f"{label:<44} {wn_wall:>8.2f} {wn_cpu:>7.2f} {spans_seen / wn_wall:>10.0f} "
+                  f"{statistics.median(r for _, r, _, _ in wsn):>8.0f}MB (parent only)")
         print(f"{'tshark -T fields (3 HTTP fields)':<44} {ts_wall:>8.2f} {ts_cpu:>7.2f} "
               f"{ts_responses / ts_wall:>10.0f} {statistics.median(r for _, r, _ in ts):>8.0f}MB")
         print(f"{'in-process pcap receiver + protocols only':<44} {ip_wall:>8.2f} {'':>7} "
@@ -119,6 +129,9 @@ def main(argv: list[str] | None = None) -> None:
         print(f"wirespan spans: {spans_seen}, tshark response lines: {ts_responses}; speed-up vs tshark: "
               f"{ts_wall / ws_wall:.2f}x wall, {ts_cpu / ws_cpu:.2f}x CPU (CLI), {ts_wall / ip_wall:.2f}x "
               f"(receiver + stage only, wall); medians of {args.repeats}")
+        if wsn:
+            print(f"with --workers {ncpu} (this machine's cores; tshark uses one): "
+                  f"{ts_wall / wn_wall:.2f}x wall, {ts_cpu / wn_cpu:.2f}x CPU")
     finally:
         shutil.rmtree(d, ignore_errors=True)
 

@@ -63,7 +63,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from pydantic import Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from receivers.packet import LINK_DECODERS, link_decoder
 from receivers.tcp_reassembly import ReassemblyLimits, TcpReassembler
@@ -352,6 +352,19 @@ class FilterConfig(ComponentConfig):
         return v
 
 
+class ShardConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    index: int = Field(ge=0)
+    count: int = Field(ge=1, le=256)
+
+    @model_validator(mode="after")
+    def _in_range(self) -> ShardConfig:
+        if self.index >= self.count:
+            raise ValueError(f"shard index {self.index} must be below count {self.count}")
+        return self
+
+
 class PcapConfig(ComponentConfig):
     #: A capture file, a glob (``/var/cap/*.pcap``) or a directory (its .pcap/.pcapng/.cap files, by name).
     path: str
@@ -369,6 +382,9 @@ class PcapConfig(ComponentConfig):
     batch_size: int = Field(default=DEFAULT_BATCH, ge=1)
     #: A progress bar on stderr: "auto" (or null) = only when stderr is a terminal.
     progress: bool | Literal["auto"] | None = "auto"
+    #: Follow only the connections of one shard, ``index`` of ``count`` (by ``sport ^ dport``,
+    #: the same for both directions): ``wirespan replay --workers N`` runs N shards in parallel.
+    shard: ShardConfig | None = None
 
     _idle = field_validator("idle_timeout", mode="before")(classmethod(lambda cls, v: _seconds(v)))
 
@@ -578,6 +594,9 @@ class PcapReceiver(Receiver):
         bs = self.config.batch_size
         stop = self._stop
         rate = self.config.rate
+        shard = self.config.shard
+        shard_count = shard.count if shard is not None and shard.count > 1 else 0
+        shard_index = shard.index if shard is not None else 0
         bar = self._progress_bar(path, len(view))
         # Pacing (rate > 0) is anchored once per run, so gaps between files and loop passes are kept too.
         wall0, ts0 = self._pace
@@ -627,9 +646,12 @@ class PcapReceiver(Receiver):
                 except (struct.error, ValueError, IndexError):  # never expected: decoders check lengths
                     res = "malformed"
                 if res.__class__ is str:
-                    drops[res] = drops.get(res, 0) + 1
+                    if shard_index == 0:  # every worker sees it: one of them counts it
+                        drops[res] = drops.get(res, 0) + 1
                     continue
                 src, dst, sport, dport, seq, ack, flags, poff, pend = res
+                if shard_count and (sport ^ dport) % shard_count != shard_index:
+                    continue  # another worker's connection: not a drop
                 if flt is not None and not flt.keep(src, dst, sport, dport):
                     drops["filtered"] = drops.get("filtered", 0) + 1
                     continue

@@ -292,15 +292,130 @@ def _print_summary(summary: dict[str, Any], elapsed: float) -> None:
         print("replay: drops: none", file=p)
 
 
+def _merge_summaries(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """Workers each read the whole file (packets: the same count) and follow their own connections."""
+    out: dict[str, Any] = {"packets": 0, "connections": 0, "events": 0, "spans": 0, "exported": {}, "drops": {},
+                           "errors": []}
+    for p in parts:
+        out["packets"] = max(out["packets"], p.get("packets", 0))
+        for k in ("connections", "events", "spans"):
+            out[k] += p.get(k, 0)
+        for eid, n in (p.get("exported") or {}).items():
+            out["exported"][eid] = out["exported"].get(eid, 0) + n
+        for k, n in (p.get("drops") or {}).items():
+            out["drops"][k] = out["drops"].get(k, 0) + n
+        for k, n in (p.get("protocols") or {}).items():
+            out.setdefault("protocols", {})[k] = out.get("protocols", {}).get(k, 0) + n
+        out["errors"] += [e for e in p.get("errors") or () if e not in out["errors"]]
+    return out
+
+
+def _replay_parallel(args: argparse.Namespace) -> int:
+    """``replay --workers N``: N forked workers, each following the connections of one shard.
+
+    Python runs one core per process, so a capture is replayed up to N times faster on
+    N cores. The parent imports the pipeline's modules first and forks (no thread runs
+    yet), so workers start warm. Each writes its own part; the parts are concatenated
+    into ``--output`` and the summaries merged.
+    """
+    import copy
+    import shutil
+    import tempfile
+    import traceback
+
+    if not args.output:
+        print("wirespan replay: --workers needs --output (workers must not share exporters)", file=sys.stderr)
+        return 2
+    # Warm up what every worker needs, once, before forking.
+    import exporters.file  # noqa: F401
+    import processors.batch  # noqa: F401
+    import processors.protocols as protocols
+    import receivers.pcap  # noqa: F401
+    from service.pipeline import Service  # noqa: F401
+    for name in protocols.PROTOCOLS:
+        protocols.load(name)
+
+    n = args.workers
+    output = os.path.abspath(args.output)
+    tmp = tempfile.mkdtemp(prefix=".wirespan-replay-", dir=os.path.dirname(output) or ".")
+    t0 = time.monotonic()
+    workers: list[tuple[int, str, str]] = []
+    codes: list[int] = []
+    parts: list[dict[str, Any]] = []
+    problems: list[str] = []
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        for k in range(n):
+            part, summ = os.path.join(tmp, f"part{k}.jsonl"), os.path.join(tmp, f"summary{k}.json")
+            pid = os.fork()
+            if pid == 0:  # the worker
+                code = 1
+                try:
+                    sub = copy.copy(args)
+                    sub.output, sub.shard, sub.summary_json, sub.workers = part, f"{k}/{n}", summ, 1
+                    code = cmd_replay(sub)
+                except BaseException:
+                    traceback.print_exc()
+                finally:
+                    _flush_stdout()
+                    sys.stderr.flush()
+                    os._exit(code)
+            workers.append((pid, part, summ))
+        sigq: queue.SimpleQueue = queue.SimpleQueue()
+        _install_signals(sigq, (signal.SIGTERM, signal.SIGINT))
+        pending = {pid: i for i, (pid, _, _) in enumerate(workers)}
+        codes = [1] * n
+        while pending:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+            if pid in pending:
+                codes[pending.pop(pid)] = os.waitstatus_to_exitcode(status)
+                continue
+            try:
+                sig = sigq.get(timeout=0.02)
+            except queue.Empty:
+                continue
+            for wpid in pending:  # the workers drain what they read, as a single replay does
+                os.kill(wpid, sig)
+        for k, (_, _part, summ) in enumerate(workers):
+            try:
+                with open(summ) as f:
+                    got = json.load(f)
+                parts.append(got["summary"])
+                problems += [f"worker {k}: {e}" for e in got["problems"]]
+            except (OSError, ValueError, KeyError):
+                problems.append(f"worker {k} exited with {codes[k]} and left no summary")
+        with open(output, "wb") as out:
+            for _, part, _ in workers:
+                if os.path.exists(part):
+                    with open(part, "rb") as f:
+                        shutil.copyfileobj(f, out, 1 << 20)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    _print_summary(_merge_summaries(parts), time.monotonic() - t0)
+    _print_errors(problems)
+    code = max(codes) if codes else 1
+    if problems and code == 0:
+        code = 1
+    if code == 0:
+        print(f"replay: spans written to {output} ({n} workers)", file=sys.stderr)
+    return code
+
+
 def cmd_replay(args: argparse.Namespace) -> int:
     from service import log as slog
     from service.pipeline import BuildError, Service, StartError
 
     slog.setup("warning" if not args.verbose else "info")
+    if args.workers > 1 and not args.shard:
+        return _replay_parallel(args)
     capture = os.path.abspath(args.file)
     output = os.path.abspath(args.output) if args.output else None
     try:
         raw = replay_config(wconfig.load_raw(_config_files(args), args.set), capture, output)
+        if args.shard:
+            k, _, n = args.shard.partition("/")
+            raw["receivers"]["pcap"]["shard"] = {"index": int(k), "count": int(n)}
         cfg = wconfig.validate(raw)
         slog.setup("info" if args.verbose else "warning", cfg.telemetry.logs.encoding)
         svc = Service(cfg)
@@ -332,9 +447,16 @@ def cmd_replay(args: argparse.Namespace) -> int:
     if not finished:
         problems += svc.undelivered()
     _flush_stdout()
-    _print_summary(_summary(svc), time.monotonic() - t0)
-    _print_errors(problems)
+    summary = _summary(svc)
     code = 1 if problems else (130 if interrupted else 0)
+    if args.summary_json:  # a worker: the parent prints one merged summary
+        with open(args.summary_json, "w") as f:
+            json.dump({"summary": summary, "problems": problems}, f)
+        if not finished:
+            os._exit(code)
+        return code
+    _print_summary(summary, time.monotonic() - t0)
+    _print_errors(problems)
     if output and not problems:
         print(f"replay: spans written to {output}", file=sys.stderr)
     if not finished:
@@ -382,6 +504,11 @@ def build_parser() -> argparse.ArgumentParser:
                                                          "config's exporters")
     p.add_argument("--drain-timeout", type=_duration, default=DEFAULT_DRAIN_TIMEOUT,
                    help="longest wait for everything to be delivered after the file ends (default 30s)")
+    p.add_argument("--workers", type=int, default=1, metavar="N",
+                   help="with --output: split the connections over N processes (one per core is typical); "
+                        "spans of one connection stay in order, the file is their concatenation")
+    p.add_argument("--shard", help=argparse.SUPPRESS)          # K/N: one worker of --workers
+    p.add_argument("--summary-json", help=argparse.SUPPRESS)   # a worker hands its summary back here
     p.add_argument("-v", "--verbose", action="store_true", help="log at info level")
     p.set_defaults(func=cmd_replay)
     return ap

@@ -356,3 +356,39 @@ def test_default_config_found_when_installed_as_a_wheel(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr
     assert f"config: {target / 'share' / 'wirespan' / 'config' / 'default.yaml'}" in r.stderr
     assert " SERVER " in r.stdout
+
+
+def _span_keys(path: Path) -> list[tuple]:
+    """Every span of an OTLP JSON lines file, without its random ids, sorted."""
+    out = []
+    for line in path.read_text().splitlines():
+        for rs in otlp_json_to_proto(line).resource_spans:
+            for ss in rs.scope_spans:
+                for s in ss.spans:
+                    attrs = tuple(sorted((kv.key, str(kv.value)) for kv in s.attributes))
+                    out.append((s.start_time_unix_nano, s.end_time_unix_nano, s.name, s.kind, attrs))
+    return sorted(out)
+
+
+@pytest.mark.parametrize("capture", ["config/samples/http-sample.pcap", "tests/fixtures/pcap/http_server_lo.pcapng"])
+def test_replay_workers_give_the_same_spans_as_one(tmp_path: Path, capture: str) -> None:
+    if not (ROOT / capture).exists():
+        pytest.fail(f"fixture {capture} is missing")
+    one, two = tmp_path / "one.jsonl", tmp_path / "two.jsonl"
+    r1 = cli("replay", capture, "--output", str(one))
+    r2 = cli("replay", capture, "--output", str(two), "--workers", "2")
+    assert r1.returncode == 0, r1.stderr
+    assert r2.returncode == 0, r2.stderr
+    assert "(2 workers)" in r2.stderr
+    keys = _span_keys(one)
+    assert keys and keys == _span_keys(two)
+    # the merged summary counts each packet once and each span once
+    line1 = next(ln for ln in r1.stderr.splitlines() if " packets, " in ln).split(" spans in ")[0]
+    line2 = next(ln for ln in r2.stderr.splitlines() if " packets, " in ln).split(" spans in ")[0]
+    assert line1 == line2
+    assert not list(tmp_path.glob(".wirespan-replay-*"))  # worker parts cleaned up
+
+
+def test_replay_workers_need_output() -> None:
+    r = cli("replay", "config/samples/http-sample.pcap", "--workers", "2")
+    assert r.returncode == 2 and "--workers needs --output" in r.stderr
