@@ -24,7 +24,7 @@ from receivers.ebpf import BpfError, EbpfConfig, EbpfReceiver
 from receivers.ebpf.libbpf import check_environment
 from service.model import EventKind, TcpEvent
 from service.telemetry import EBPF_TRUNCATED_BYTES
-from tests.support.capture import free_port, wait_port
+from tests.support.capture import free_port, wait_port, wait_until
 from tests.support.live_http import BIG_BODY, http_server, run_client
 
 try:
@@ -57,13 +57,7 @@ class Collect:
         return sum(e.gap for e in self.events if e.kind == EventKind.GAP and e.pid == pid and e.egress == egress)
 
 
-def wait_for(pred, timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(0.05)
-    return pred()
+wait_for = wait_until
 
 
 class Running:

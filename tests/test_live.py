@@ -21,6 +21,7 @@ import pytest
 
 from receivers.live import MAX_FILTER_PORTS, LiveConfig, LiveError, LiveReceiver, build_filter
 from service.model import EventKind, TcpEvent
+from tests.support.capture import wait_until
 from tests.support.live_http import BIG_BODY, http_server, run_client
 
 
@@ -57,13 +58,7 @@ class Collect:
         return out
 
 
-def wait_for(pred, timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(0.05)
-    return pred()
+wait_for = wait_until
 
 
 class Running:

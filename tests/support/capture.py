@@ -15,10 +15,10 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
-__all__ = ["free_port", "tcpdump", "wait_port", "TCPDUMP"]
+__all__ = ["free_port", "tcpdump", "wait_port", "wait_until", "TCPDUMP"]
 
 TCPDUMP = shutil.which("tcpdump") or "/usr/bin/tcpdump"
 
@@ -45,6 +45,16 @@ def wait_port(port: int, host: str = "127.0.0.1", timeout: float = 20.0) -> None
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"nothing listening on {host}:{port} after {timeout}s")
                 time.sleep(0.05)
+
+
+def wait_until(pred: Callable[[], object], timeout: float = 5.0, interval: float = 0.05) -> bool:
+    """Poll ``pred`` until it is true or ``timeout`` passes; its last answer, as a bool."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(interval)
+    return bool(pred())
 
 
 @contextlib.contextmanager
