@@ -21,7 +21,8 @@ if [ ${#missing[@]} -gt 0 ]; then
   $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
-python3 -m pip install -q -e '.[test]' 2>&1 | grep -v -e '^WARNING: Running pip as' -e 'is ignored' || true
+# A failed install must fail the run here, not later as an import error.
+PIP_ROOT_USER_ACTION=ignore python3 -m pip install -q -e '.[test]'
 
 if [ -f receivers/ebpf/build.sh ]; then
   bash receivers/ebpf/build.sh
