@@ -106,30 +106,9 @@ def _skip_str(mv: memoryview, pos: int, flex: bool) -> int:
 
 
 def _topic(mv: memoryview, pos: int, flex: bool, ids: bool, m: Msg) -> tuple[TopicData, int]:
-    if ids:
-        e = pos + 16
-        if e > len(mv):
-            raise _bad("truncated", pos)
-        tid = mv[pos:e].tobytes()  # 16-byte id, kept
-        key: str | bytes = tid
-        name = None
-        pos = e
-    else:
-        if flex:
-            n, pos = _uvarint(mv, pos)
-            n -= 1
-        else:
-            n = _I16(mv, pos)[0]
-            pos += 2
-        e = pos + n
-        if n < 1 or e > len(mv):
-            raise _bad("bad_topic", pos, f"topic name length {n}")
-        v = mv[pos:e]
-        if TOPIC_RE.fullmatch(v) is None:
-            raise _bad("bad_topic", pos, "topic name not [a-zA-Z0-9._-]{1,249}")
-        key = name = str(v, "ascii")
-        tid = None
-        pos = e
+    """The topic (name, or id from v13/Fetch v13) at ``pos``, merged by key into ``m.topics``."""
+    (name, tid), pos = _topic_key(mv, pos, flex, ids)
+    key: str | bytes = tid if ids else name  # type: ignore[assignment]
     t = m.by_key.get(key)
     if t is None:
         t = TopicData(name, tid)
