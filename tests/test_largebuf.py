@@ -347,3 +347,12 @@ def test_views_cover_the_range_without_scratch(data: bytes, cuts: list[int], off
     assert all(v.obj is not buf._scratch for v in vs)
     buf.release(len(buf))  # the views outlive the buffer's references
     assert b"".join(bytes(v) for v in vs) == data[off:off + n]
+
+
+def test_peak_allocation_helper_sees_a_payload_copy() -> None:
+    """The parsers' zero-copy tests compare peak_allocation figures: it must see a real copy."""
+    from tests.support.driver import peak_allocation
+
+    payload = bytes(1_000_000)
+    assert peak_allocation(lambda: bytes(bytearray(payload))) >= 1_000_000
+    assert peak_allocation(lambda: memoryview(payload)[10:900_000]) < 10_000

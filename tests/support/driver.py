@@ -10,12 +10,30 @@ stage's error handling and re-feeds recorded captures.)
 
 from __future__ import annotations
 
+import contextlib
+import gc
+import tracemalloc
+from collections.abc import Callable
 from types import ModuleType
 
 from processors.protocols.base import Conn
+from processors.protocols.errors import ProtocolError
 from service.model import Span
 
-__all__ = ["SessionDriver"]
+__all__ = ["SessionDriver", "peak_allocation"]
+
+
+def peak_allocation(fn: Callable[[], object]) -> int:
+    """Peak bytes Python allocates while ``fn`` runs (tracemalloc): the zero-copy tests compare
+    this for a payload and the same payload 100x larger."""
+    gc.collect()
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        fn()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
 
 
 class SessionDriver:
@@ -36,3 +54,10 @@ class SessionDriver:
             self.ts += self.ts_step
             buf.append(data[i:i + step], self.ts)
             self.session.feed(from_client, buf, self.ts)
+
+    def fuzz(self, data: bytes, step: int) -> None:
+        """Feed ``data`` from both sides: a ``ProtocolError`` is an allowed answer (the stage
+        counts it), any other exception fails the calling test."""
+        for side in (True, False):
+            with contextlib.suppress(ProtocolError):
+                self.send(side, data, step)
