@@ -9,10 +9,19 @@ import pytest
 
 from exporters.otlphttp import OtlpHttpConfig, OtlpHttpExporter, parse_retry_after
 from tests.support.capture import free_port
-from tests.support.otlp_sink import INVALID_ARGUMENT, RESOURCE_EXHAUSTED, HttpSink, make_spans, make_tls, metric
+from tests.support.otlp_sink import (
+    FAST_RETRY,
+    INVALID_ARGUMENT,
+    RESOURCE_EXHAUSTED,
+    HttpSink,
+    failed,
+    feed,
+    make_tls,
+    metric,
+    sent,
+)
 
 _ids = itertools.count()
-FAST_RETRY = {"initial_interval": "20ms", "max_interval": "100ms", "randomization_factor": 0.1}
 
 
 def exporter(endpoint: str, **over) -> OtlpHttpExporter:
@@ -20,21 +29,6 @@ def exporter(endpoint: str, **over) -> OtlpHttpExporter:
     e = OtlpHttpExporter(f"otlphttp/t{next(_ids)}", OtlpHttpConfig.model_validate(cfg))
     e.start()
     return e
-
-
-def sent(e) -> float:
-    return metric("wirespan_exporter_sent_spans_total", exporter=e.id)
-
-
-def failed(e, reason: str) -> float:
-    return metric("wirespan_exporter_send_failed_spans_total", exporter=e.id, reason=reason)
-
-
-def feed(e, n: int, batch: int) -> list:
-    spans = make_spans(n)
-    for i in range(0, n, batch):
-        e.consume_spans(spans[i:i + batch])
-    return spans
 
 
 @pytest.mark.parametrize("encoding,compression", [("proto", "gzip"), ("proto", "none"), ("json", "gzip")])

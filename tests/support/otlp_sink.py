@@ -24,6 +24,7 @@ from collections.abc import Iterator
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 from google.protobuf import duration_pb2
@@ -33,7 +34,8 @@ from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_serv
 from service.model import otlp_json_to_proto
 from tests.support.capture import free_port
 
-__all__ = ["GrpcSink", "HttpSink", "Failure", "make_tls", "TlsFiles", "make_spans", "metric"]
+__all__ = ["GrpcSink", "HttpSink", "Failure", "make_tls", "TlsFiles", "make_spans", "metric", "FAST_RETRY",
+           "sent", "failed", "feed"]
 
 
 @dataclass
@@ -370,3 +372,25 @@ def metric(name: str, **labels: str) -> float:
 
     v = REGISTRY.get_sample_value(name, labels)
     return 0.0 if v is None else v
+
+
+#: Retries fast enough for tests, jittered like production.
+FAST_RETRY = {"initial_interval": "20ms", "max_interval": "100ms", "randomization_factor": 0.1}
+
+
+def sent(exporter: Any) -> float:
+    """Spans the exporter counted as accepted by the backend."""
+    return metric("wirespan_exporter_sent_spans_total", exporter=exporter.id)
+
+
+def failed(exporter: Any, reason: str) -> float:
+    """Spans the exporter counted as failed for good, with ``reason``."""
+    return metric("wirespan_exporter_send_failed_spans_total", exporter=exporter.id, reason=reason)
+
+
+def feed(exporter: Any, n: int, batch: int) -> list:
+    """Hand ``n`` fresh spans to ``exporter`` in batches of ``batch``; returns them."""
+    spans = make_spans(n)
+    for i in range(0, n, batch):
+        exporter.consume_spans(spans[i:i + batch])
+    return spans
