@@ -14,7 +14,6 @@ import re
 import shutil
 import subprocess
 import sys
-import threading
 import time
 from collections import defaultdict
 
@@ -22,10 +21,10 @@ import pytest
 
 from receivers.ebpf import BpfError, EbpfConfig, EbpfReceiver
 from receivers.ebpf.libbpf import check_environment
-from service.model import EventKind, TcpEvent
+from service.model import EventKind
 from service.telemetry import EBPF_TRUNCATED_BYTES
 from tests.support.capture import free_port, wait_port, wait_until
-from tests.support.live_http import BIG_BODY, http_server, run_client
+from tests.support.live_http import BIG_BODY, EventCollector, ReceiverRunning, http_server, run_client
 
 try:
     check_environment()
@@ -37,16 +36,7 @@ except BpfError as e:  # pragma: no cover - depends on the machine
 pytestmark = pytest.mark.skipif(bool(_SKIP), reason=_SKIP or "ok")
 
 
-class Collect:
-    """A consumer that keeps every event (thread-safe: the receiver calls from its thread)."""
-
-    def __init__(self) -> None:
-        self.events: list[TcpEvent] = []
-        self.lock = threading.Lock()
-
-    def consume_events(self, events: list[TcpEvent]) -> None:
-        with self.lock:
-            self.events.extend(events)
+class Collect(EventCollector):
 
     def stream(self, pid: int, egress: bool) -> bytes:
         """Everything process ``pid`` sent (egress) or received, in order (test-side copy)."""
@@ -60,17 +50,12 @@ class Collect:
 wait_for = wait_until
 
 
-class Running:
-    def __init__(self, **cfg) -> None:
-        self.sink = Collect()
-        self.rx = EbpfReceiver("ebpf", EbpfConfig(**cfg), self.sink)
+class Running(ReceiverRunning):
+    collector = Collect
+    sink: Collect
 
-    def __enter__(self) -> Running:
-        self.rx.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.rx.shutdown()
+    def make(self, cfg: dict, sink: EventCollector) -> EbpfReceiver:
+        return EbpfReceiver("ebpf", EbpfConfig(**cfg), sink)
 
 
 def truncated() -> float:

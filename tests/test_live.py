@@ -20,9 +20,9 @@ from collections import defaultdict
 import pytest
 
 from receivers.live import MAX_FILTER_PORTS, LiveConfig, LiveError, LiveReceiver, build_filter
-from service.model import EventKind, TcpEvent
+from service.model import EventKind
 from tests.support.capture import wait_until
-from tests.support.live_http import BIG_BODY, http_server, run_client
+from tests.support.live_http import BIG_BODY, EventCollector, ReceiverRunning, http_server, run_client
 
 
 def _can_capture() -> str:
@@ -40,14 +40,7 @@ pytestmark = pytest.mark.skipif(bool(_SKIP), reason=_SKIP or "ok")
 CURL = shutil.which("curl")
 
 
-class Collect:
-    def __init__(self) -> None:
-        self.events: list[TcpEvent] = []
-        self.lock = threading.Lock()
-
-    def consume_events(self, events: list[TcpEvent]) -> None:
-        with self.lock:
-            self.events.extend(events)
+class Collect(EventCollector):
 
     def streams(self) -> dict:
         """(conn_id, sport) -> the bytes that side sent (test-side copy)."""
@@ -61,17 +54,12 @@ class Collect:
 wait_for = wait_until
 
 
-class Running:
-    def __init__(self, **cfg) -> None:
-        self.sink = Collect()
-        self.rx = LiveReceiver("live", LiveConfig(**cfg), self.sink)
+class Running(ReceiverRunning):
+    collector = Collect
+    sink: Collect
 
-    def __enter__(self) -> Running:
-        self.rx.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.rx.shutdown()
+    def make(self, cfg: dict, sink: EventCollector) -> LiveReceiver:
+        return LiveReceiver("live", LiveConfig(**cfg), sink)
 
 
 def closes(r: Running) -> int:

@@ -13,12 +13,14 @@ from __future__ import annotations
 import contextlib
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 from tests.support.capture import free_port, wait_port
 
-__all__ = ["BIG_BODY", "HttpServer", "http_server", "run_client"]
+__all__ = ["BIG_BODY", "EventCollector", "HttpServer", "ReceiverRunning", "http_server", "run_client"]
 
 #: 200 KB body with a position-dependent pattern, so any misplaced chunk shows.
 BIG_SIZE = 200 * 1024
@@ -94,3 +96,38 @@ def http_server() -> Iterator[HttpServer]:
 def run_client(code: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
     """Run a Python client in its own process (so live receivers see it); returns it finished."""
     return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, timeout=timeout, check=True)
+
+
+class EventCollector:
+    """A consumer that keeps every event (thread-safe: receivers call from their own thread)."""
+
+    def __init__(self) -> None:
+        self.events: list[Any] = []
+        self.lock = threading.Lock()
+
+    def consume_events(self, events: list[Any]) -> None:
+        with self.lock:
+            self.events.extend(events)
+
+
+class ReceiverRunning:
+    """``with Sub(**config) as r``: a live receiver feeding ``r.sink`` while the block runs.
+
+    Subclasses name the collector and build their receiver in ``make``.
+    """
+
+    collector: ClassVar[type[EventCollector]] = EventCollector
+
+    def __init__(self, **cfg: Any) -> None:
+        self.sink = self.collector()
+        self.rx = self.make(cfg, self.sink)
+
+    def make(self, cfg: dict[str, Any], sink: EventCollector) -> Any:
+        raise NotImplementedError
+
+    def __enter__(self) -> ReceiverRunning:
+        self.rx.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.rx.shutdown()
