@@ -23,7 +23,7 @@ collections feature, alternative framing, or collection-id operations.
 from __future__ import annotations
 
 import struct
-from collections import OrderedDict, deque
+from collections import Counter, deque
 from typing import Any, ClassVar
 
 from processors.protocols.base import Conn, Detection, ProtocolSettings, Session
@@ -175,7 +175,12 @@ class Session(Session):  # type: ignore[no-redef]
         self.couchbase = False
         self.collections = False
         self.bucket: str | None = None
-        self.pending: OrderedDict[int, _Req] = OrderedDict()  # binary, by opaque in send order
+        # Binary requests in send order. Opaques may repeat (python-binary-memcached numbers a
+        # batch from 0 and sends its NOOP with opaque 0), so a response answers the earliest
+        # request in flight with its (opaque, opcode); the counter says whether there is one
+        # without a scan.
+        self.pending: deque[_Req] = deque()
+        self.in_flight: Counter[tuple[int, int]] = Counter()
         self.text_pending: deque[_Req] = deque()
         self.skip = [0, 0]  # per direction: value bytes still to step over
         self.text_reply_open: _Req | None = None  # a multi-line text reply in progress
@@ -259,12 +264,20 @@ class Session(Session):  # type: ignore[no-redef]
         r = _Req(name, key, ts, get_family, quiet, opaque, op)
         r.collection = collection
         if len(self.pending) >= MAX_PENDING:
-            self.pending.popitem(last=False)
+            self._pop_oldest()
             self.conn.drop("too_many_pending")
-        if opaque in self.pending:
-            self.conn.drop("opaque_reused")
-            del self.pending[opaque]
-        self.pending[opaque] = r
+        self.pending.append(r)
+        self.in_flight[(opaque, op)] += 1
+
+    def _pop_oldest(self) -> _Req:
+        r = self.pending.popleft()
+        key = (r.opaque, r.op)
+        left = self.in_flight[key] - 1
+        if left:
+            self.in_flight[key] = left
+        else:
+            del self.in_flight[key]
+        return r
 
     def _hello_features(self, buf: LargeBuffer, off: int, n: int) -> None:
         for i in range(0, min(n, 64) - 1, 2):
@@ -280,14 +293,15 @@ class Session(Session):  # type: ignore[no-redef]
             self.cid_names[cid] = name.split(".", 1)[-1]
 
     def _bin_response(self, op: int, status: int, opaque: int, ts_ns: int) -> None:
-        if opaque not in self.pending:
+        if (opaque, op) not in self.in_flight:
             self.conn.drop("unpaired_response")
             return
-        # Requests sent before this one and still unanswered are complete: a quiet
-        # GETQ was a miss, a quiet SETQ a success (the server answers in order).
+        # The response answers the earliest request in flight with its opaque; requests
+        # sent before that one and still unanswered are complete: a quiet GETQ was a miss,
+        # a quiet SETQ a success (the server answers in order).
         while True:
-            first_opaque, first = self.pending.popitem(last=False)
-            if first_opaque == opaque:
+            first = self._pop_oldest()
+            if first.opaque == opaque and first.op == op:
                 break
             if first.quiet:
                 self._span(first, 0x01 if first.get_family else 0x00, ts_ns, implicit=True)
@@ -416,16 +430,18 @@ class Session(Session):  # type: ignore[no-redef]
         if self.pending or self.text_pending:
             self.conn.drop("gap")
         self.pending.clear()
+        self.in_flight.clear()
         self.text_pending.clear()
 
     def close(self, ts_ns: int, reset: bool = False) -> None:
         # Quiet requests still unanswered when the connection ends completed silently.
-        for r in list(self.pending.values()):
+        for r in self.pending:
             if r.quiet:
                 self._span(r, 0x01 if r.get_family else 0x00, ts_ns, implicit=True)
             else:
                 self.conn.drop("no_response")
         self.pending.clear()
+        self.in_flight.clear()
         for _ in self.text_pending:
             self.conn.drop("no_response")
         self.text_pending.clear()
