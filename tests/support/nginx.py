@@ -21,11 +21,13 @@ from pathlib import Path
 
 from tests.support.capture import free_port, wait_port
 
-__all__ = ["NGINX", "Nginx", "nginx_server"]
+__all__ = ["NGINX", "PREAMBLE", "Nginx", "nginx_server"]
 
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 
-_CONF = """
+#: What every test nginx needs: one foreground process, everything in its temp dir ``{d}``.
+#: A fixture's config is this, then its own ``http`` settings and servers, then ``}}``.
+PREAMBLE = """
 daemon off;
 master_process off;
 worker_processes 1;
@@ -39,7 +41,9 @@ http {{
     fastcgi_temp_path {d}/fastcgi;
     uwsgi_temp_path {d}/uwsgi;
     scgi_temp_path {d}/scgi;
-    client_max_body_size 64m;
+"""
+
+_CONF = PREAMBLE + """    client_max_body_size 64m;
     keepalive_requests 10000;
     default_type text/plain;
     server {{

@@ -18,25 +18,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from tests.support.capture import free_port, wait_port
-from tests.support.nginx import NGINX, Nginx
+from tests.support.nginx import NGINX, PREAMBLE, Nginx
 
 __all__ = ["nginx_h2_server"]
 
-_CONF = """
-daemon off;
-master_process off;
-worker_processes 1;
-pid {d}/nginx.pid;
-error_log {d}/error.log warn;
-events {{ worker_connections 256; }}
-http {{
-    access_log {d}/access.log;
-    client_body_temp_path {d}/client_body;
-    proxy_temp_path {d}/proxy;
-    fastcgi_temp_path {d}/fastcgi;
-    uwsgi_temp_path {d}/uwsgi;
-    scgi_temp_path {d}/scgi;
-    client_max_body_size 64m;
+_CONF = PREAMBLE + """    client_max_body_size 64m;
     default_type text/plain;
     server {{
         listen 127.0.0.1:{port} http2;
