@@ -213,7 +213,7 @@ class Session(Session):  # type: ignore[no-redef]
         fe = 0
         if magic in (ALT_REQ, ALT_RES):
             fe, keylen = keylen >> 8, keylen & 0xFF
-            self._couch()
+            self.couchbase = True
         elif magic not in (REQ, RES):
             raise Malformed(NAME, "bad_magic", 0, f"{magic:#x}")
         if body > MAX_BODY:
@@ -239,14 +239,11 @@ class Session(Session):  # type: ignore[no-redef]
         self.skip[int(from_client)] = body - (head - 24)
         return True
 
-    def _couch(self) -> None:
-        self.couchbase = True
-
     def _bin_request(self, buf: LargeBuffer, op: int, kstart: int, keylen: int, opaque: int, value: int,
                      ts: int) -> None:
         name, quiet, get_family = _OPS.get(op, (f"OP_{op:#04x}", False, False))
         if op in _COUCHBASE_OPS:
-            self._couch()
+            self.couchbase = True
         key_off, key_len = kstart, keylen
         collection = None
         if self.collections and keylen and op not in (0x89, 0x1F, 0xBA, 0xBB, 0xB5, 0x20, 0x21, 0x22, 0xFE):
@@ -283,7 +280,7 @@ class Session(Session):  # type: ignore[no-redef]
         for i in range(0, min(n, 64) - 1, 2):
             if buf.u16be_at(off + i) == _FEATURE_COLLECTIONS:
                 self.collections = True
-                self._couch()
+                self.couchbase = True
 
     def _learn_cid(self, opaque: int, cid: int) -> None:
         name = self.cid_requests.pop(opaque, None)

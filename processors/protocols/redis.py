@@ -164,7 +164,7 @@ def detect(buf: LargeBuffer, from_client: bool | None) -> Detection:
 class _Value:
     """What a top-level value is, as far as a span cares."""
 
-    __slots__ = ("args", "end_ts", "error", "first", "is_null", "nargs", "push", "start_ts", "type")
+    __slots__ = ("args", "end_ts", "error", "is_null", "nargs", "push", "start_ts", "type")
 
     def __init__(self, t: int, start_ts: int) -> None:
         self.type = t
@@ -174,7 +174,6 @@ class _Value:
         self.push = t == 0x3E  # '>'
         self.is_null = False
         self.args: list[bytes] = []   # leading bulk/simple elements of a top-level array (small copies)
-        self.first: bytes | None = None
         self.nargs = 0
 
 
@@ -330,10 +329,6 @@ class _Scanner:
                 if body + min(blen, MAX_ARG_BYTES) > n:
                     return -1
                 cur.args.append(buf.bytes_at(body, min(blen, MAX_ARG_BYTES)))
-            elif top:
-                if body + min(blen, MAX_ARG_BYTES) > n:
-                    return -1
-                cur.first = buf.bytes_at(body, min(blen, MAX_ARG_BYTES))
             self.skip = blen + 2
             return body
         # line types
@@ -343,8 +338,6 @@ class _Scanner:
             cur.is_null = True
         elif t == 0x2B and len(self.stack) == 1 and len(cur.args) < self.keep:
             cur.args.append(buf.bytes_at(line_start, min(end - line_start, MAX_ARG_BYTES)))
-        elif t == 0x2B and top:
-            cur.first = buf.bytes_at(line_start, min(end - line_start, MAX_ARG_BYTES))
         self._complete(ts_ns, out)
         return end + 2
 
