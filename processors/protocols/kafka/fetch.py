@@ -110,7 +110,7 @@ def walk_response(m: Msg, req: Msg) -> Walker:
                 before = t.records
                 yield from walk_records(m, rlen, t)
                 if t.records > before:
-                    t.data_partitions.append(idx)
+                    t.add_data_partition(idx)
             if m.flex:
                 yield u_tags
         if m.flex:

@@ -12,14 +12,17 @@ inconsistency raises ``Malformed``.
 
 from __future__ import annotations
 
+import re
 import struct
+from typing import Any
 
 from processors.protocols.errors import Malformed
 
 from . import apis
+from .apis import APIS
 from .codec import NAME, TOPIC_RE
 from .records import BATCH_HEADER, BATCH_PREFIX, MAX_HEADERS_SCAN, MAX_TRACEPARENT
-from .state import Msg, TopicData, resp_topic
+from .state import FastTopic, Msg, TopicData, resp_topic
 
 #: Messages up to this size spanning several chunks are gathered into the buffer's scratch
 #: (so a connection direction's scratch never grows past it for this).
@@ -105,36 +108,73 @@ def _skip_str(mv: memoryview, pos: int, flex: bool) -> int:
     return pos
 
 
-def _topic(mv: memoryview, pos: int, flex: bool, ids: bool, m: Msg) -> tuple[TopicData, int]:
-    """The topic (name, or id from v13/Fetch v13) at ``pos``, merged by key into ``m.topics``."""
-    (name, tid), pos = _topic_key(mv, pos, flex, ids)
-    key: str | bytes = tid if ids else name  # type: ignore[assignment]
-    t = m.by_key.get(key)
-    if t is None:
-        t = TopicData(name, tid)
-        m.by_key[key] = t
-        m.topics.append(t)
-    return t, pos
+# -- topic names ----------------------------------------------------------------
+#: Validated topic names, bytes -> str. Clients repeat the same few topics in every
+#: request for months, so a hit skips the pattern check and the decode. Bounded:
+#: cleared when full (a cluster with more topics than this just decodes more).
+MAX_NAME_CACHE = 4096
+_NAMES: dict[bytes, str] = {}
+#: Per name length n (1..249, Topic.MAX_NAME_LENGTH): unpack the name's n bytes, and
+#: the name plus the int32 that follows it (a non-flexible array length) in one call.
+_NAME_S = [None] + [struct.Struct(f">{n}s").unpack_from for n in range(1, 250)]
+_NAME_I = [None] + [struct.Struct(f">{n}si").unpack_from for n in range(1, 250)]
+_UUID_S = struct.Struct(">16s").unpack_from
+_UUID_I = struct.Struct(">16si").unpack_from
+_CLIENT_IDS: dict[int, object] = {}
+_CLIENT_ID_CACHE: dict[bytes, str] = {}
+
+
+def _name(nb: bytes, pos: int) -> str:
+    """Validate and decode a topic name the cache does not hold (a small copy, kept)."""
+    if TOPIC_RE.fullmatch(nb) is None:
+        raise _bad("bad_topic", pos, "topic name not [a-zA-Z0-9._-]{1,249}")
+    name = str(nb, "ascii")
+    if len(_NAMES) >= MAX_NAME_CACHE:
+        _NAMES.clear()
+    _NAMES[nb] = name
+    return name
+
+
+def _client_id(mv: memoryview, n: int) -> str:
+    unpack = _CLIENT_IDS.get(n)
+    if unpack is None:
+        unpack = struct.Struct(f">14x{n}s").unpack_from
+        if len(_CLIENT_IDS) < 256:
+            _CLIENT_IDS[n] = unpack
+    raw = unpack(mv, 0)[0]  # small, kept as an attribute
+    cid = _CLIENT_ID_CACHE.get(raw)
+    if cid is None:
+        cid = str(raw, "ascii", "replace")
+        if len(_CLIENT_ID_CACHE) >= MAX_NAME_CACHE:
+            _CLIENT_ID_CACHE.clear()
+        _CLIENT_ID_CACHE[raw] = cid
+    return cid
 
 
 def request_header(mv: memoryview) -> tuple[Msg, int]:
     """The header of a complete request view; returns the body offset."""
     _, key, ver, corr, cid = _HDR.unpack_from(mv, 0)
-    if not apis.known(key, ver):
+    a = APIS.get(key)
+    if a is None or ver < 0 or ver > a[1]:
         raise _bad("unknown_api", 4, f"api {key} v{ver}")
     if corr < 0 or cid < -1:
         raise _bad("bad_header", 8)
-    flex = apis.flexible(key, ver)
+    flex = ver >= a[2]
     m = Msg(key, ver, flex, corr)
     pos = 14
     if cid > 0:
         pos += cid
         if pos > len(mv):
             raise _bad("truncated", 14)
-        m.client_id = str(mv[14:pos], "ascii", "replace")  # small, kept as an attribute
+        m.client_id = _client_id(mv, cid)
     if flex:
-        pos = _tags(mv, pos)
+        pos = pos + 1 if mv[pos] == 0 else _tags(mv, pos)
     return m, pos
+
+
+# -- record data ----------------------------------------------------------------
+#: The first record's header key as it appears on the wire: varint length 11 (zigzag 22).
+_TP_KEY = re.compile(rb"\x16traceparent").search
 
 
 def records(mv: memoryview, pos: int, n: int, m: Msg, t: TopicData) -> None:
@@ -163,13 +203,32 @@ def records(mv: memoryview, pos: int, n: int, m: Msg, t: TopicData) -> None:
                 raise _bad("bad_record", pos, f"records count {count}")
             t.records += count
             if first and t.traceparent is None and count > 0 and (attrs & 7) == 0 and m.want_tp:
-                _first_record(mv, pos + BATCH_HEADER, total - BATCH_HEADER, t)
+                _traceparent(mv, pos + BATCH_HEADER, pos + total, t)
         else:
             t.records += 1
         m.scan_left -= total
         pos += total
         left -= total
         first = False
+
+
+def _traceparent(mv: memoryview, pos: int, end: int, t: TopicData) -> None:
+    """The first record's ``traceparent`` header, if any, from the record at ``pos``.
+
+    Its header keys lie inside the record's bytes, so when the key's wire form does
+    not occur there (one C-speed search of the view, no copy) there is none to find.
+    When it does occur -- maybe inside a key or value -- the precise walk decides.
+    """
+    b = mv[pos]
+    if b < 0x80:
+        length = (b >> 1) ^ -(b & 1)
+        p = pos + 1
+    else:
+        length, p = _varint(mv, pos)
+    if length < 0 or p + length > end:
+        raise _bad("bad_record", pos, "record length")
+    if _TP_KEY(mv, p, p + length) is not None:
+        _first_record(mv, pos, end - pos, t)
 
 
 def _first_record(mv: memoryview, pos: int, room: int, t: TopicData) -> None:
@@ -202,7 +261,12 @@ def _first_record(mv: memoryview, pos: int, room: int, t: TopicData) -> None:
         raise _bad("bad_record", pos, "key length")
     if pos >= end:
         raise _bad("bad_record", pos, "key length")
-    vlen, pos = _varint(mv, pos)
+    b = mv[pos]
+    if b < 0x80:
+        vlen = (b >> 1) ^ -(b & 1)
+        pos += 1
+    else:
+        vlen, pos = _varint(mv, pos)
     if vlen > 0:
         pos += vlen
     elif vlen < -1:
@@ -234,63 +298,201 @@ def _first_record(mv: memoryview, pos: int, room: int, t: TopicData) -> None:
             raise _bad("bad_record", pos, "header length")
 
 
+# -- Produce ----------------------------------------------------------------------
 def produce_request(mv: memoryview, pos: int, m: Msg) -> None:
     flex = m.flex
-    if m.version >= 3:
-        pos = _skip_str(mv, pos, flex)
+    v = m.version
+    if v >= 3:  # transactional id
+        if flex:
+            b = mv[pos]
+            pos = pos + 1 if b == 0 else _skip_str(mv, pos, True)
+        else:
+            pos = _skip_str(mv, pos, False)
     m.acks = _I16(mv, pos)[0]
     pos += 6
-    ids = m.version >= 13
-    n, pos = _array(mv, pos, flex)
+    ids = v >= 13
     end = len(mv)
+    if flex:
+        b = mv[pos]
+        if b < 0x80:
+            n = b - 1
+            pos += 1
+        else:
+            n, pos = _uvarint(mv, pos)
+            n -= 1
+    else:
+        n = _I32(mv, pos)[0]
+        pos += 4
+    if n < -1 or n > end - pos:
+        raise _bad("bad_length", pos, f"array length {n}")
+    names = _NAMES
+    topics = m.topics
+    by: dict[str | bytes, TopicData] = {}
+    want_tp = m.want_tp
+    part = _PART
+    v2head = _V2HEADER
+    i32 = _I32
     for _ in range(n):
-        t, pos = _topic(mv, pos, flex, ids, m)
-        np, pos = _array(mv, pos, flex)
+        # Topic key and partition count.
+        if ids:
+            if flex:
+                key, = _UUID_S(mv, pos)  # 16-byte id, kept
+                pos += 16
+                b = mv[pos]
+                if b < 0x80:
+                    np = b - 1
+                    pos += 1
+                else:
+                    np, pos = _uvarint(mv, pos)
+                    np -= 1
+            else:
+                key, np = _UUID_I(mv, pos)
+                pos += 20
+            t = by.get(key)
+            if t is None:
+                t = by[key] = TopicData(None, key)
+                topics.append(t)
+        else:
+            if flex:
+                b = mv[pos]
+                if b < 0x80:
+                    ln = b - 1
+                    pos += 1
+                else:
+                    ln, pos = _uvarint(mv, pos)
+                    ln -= 1
+                if ln < 1 or ln > 249:
+                    raise _bad("bad_topic", pos, f"topic name length {ln}")
+                nb, = _NAME_S[ln](mv, pos)
+                pos += ln
+                b = mv[pos]
+                if b < 0x80:
+                    np = b - 1
+                    pos += 1
+                else:
+                    np, pos = _uvarint(mv, pos)
+                    np -= 1
+            else:
+                ln = mv[pos] << 8 | mv[pos + 1]
+                if ln < 1 or ln > 249:
+                    raise _bad("bad_topic", pos, f"topic name length {ln}")
+                nb, np = _NAME_I[ln](mv, pos + 2)
+                pos += 6 + ln
+            name = names.get(nb) or _name(nb, pos)
+            t = by.get(name)
+            if t is None:
+                t = by[name] = TopicData(name, None)
+                topics.append(t)
+        if np < -1 or np > end - pos:
+            raise _bad("bad_length", pos, f"array length {np}")
         parts = t.partitions
         for _ in range(np):
             if flex:
-                idx = _I32(mv, pos)[0]
-                rlen, pos = _uvarint(mv, pos + 4)
-                rlen -= 1
+                idx = i32(mv, pos)[0]
+                b = mv[pos + 4]
+                if b < 0x80:
+                    rlen = b - 1
+                    pos += 5
+                else:
+                    b2 = mv[pos + 5]
+                    if b2 < 0x80:
+                        rlen = ((b & 0x7F) | b2 << 7) - 1
+                        pos += 6
+                    else:
+                        rlen, pos = _uvarint(mv, pos + 4)
+                        rlen -= 1
             else:
-                idx, rlen = _PART(mv, pos)
+                idx, rlen = part(mv, pos)
                 pos += 8
             if idx < 0 or rlen < -1:
                 raise _bad("bad_field", pos, f"partition {idx} records {rlen}")
             parts.append(idx)
             if rlen > 0:
-                if pos + rlen > end:
+                e = pos + rlen
+                if e > end:
                     raise _bad("bad_length", pos, f"records of {rlen} past message end")
-                records(mv, pos, rlen, m, t)
-                pos += rlen
+                if m.scan_left <= 0:
+                    if rlen >= BATCH_PREFIX:
+                        t.records_unknown = True
+                        m.truncated = True
+                elif rlen >= BATCH_HEADER:
+                    # The usual produce: one v2 batch filling the partition's records.
+                    length, magic, attrs, count = v2head(mv, pos)
+                    if magic == 2 and length + 12 == rlen and count >= 0:
+                        t.records += count
+                        m.scan_left -= rlen
+                        if count and t.traceparent is None and (attrs & 7) == 0 and want_tp:
+                            _traceparent(mv, pos + BATCH_HEADER, e, t)
+                    else:
+                        records(mv, pos, rlen, m, t)
+                else:
+                    records(mv, pos, rlen, m, t)
+                pos = e
             if flex:
-                pos = _tags(mv, pos)
+                pos = pos + 1 if mv[pos] == 0 else _tags(mv, pos)
         if flex:
-            pos = _tags(mv, pos)
+            pos = pos + 1 if mv[pos] == 0 else _tags(mv, pos)
 
 
-_FETCH_PART: dict[int, struct.Struct] = {}
+# -- Fetch ------------------------------------------------------------------------
+def _fetch_fmt(v: int, flex: bool) -> str:
+    """One Fetch request partition: partition index and fetch offset kept, the rest
+    padding; the tagged-field count byte (flexible versions) kept to check it is 0."""
+    return ("i" + ("4x" if v >= 9 else "") + "q" + ("4x" if v >= 12 else "") + ("8x" if v >= 5 else "")
+            + "4x" + ("B" if flex else ""))
 
 
-def _fetch_part(v: int) -> struct.Struct:
-    s = _FETCH_PART.get(v)
-    if s is None:
-        fmt = ">i" + ("i" if v >= 9 else "") + "q" + ("i" if v >= 12 else "") + ("q" if v >= 5 else "") + "i"
-        s = _FETCH_PART[v] = struct.Struct(fmt)
-    return s
+#: Partitions per topic up to which the check of the unpacked values is generated code.
+_MAX_GENERATED = 64
+_FETCH_N: dict[tuple[int, bool], dict[int, tuple[Any, int, Any]]] = {}
 
 
-_FETCH_N: dict[tuple[int, int], struct.Struct] = {}
+def _fetch_layout(v: int, flex: bool, np: int) -> tuple[Any, int, Any]:
+    """(unpack, size, check) for ``np`` consecutive fixed-size partitions.
+
+    ``check(raw)`` is < 0 when a partition index is negative, > 0 (flexible versions)
+    when some partition has tagged fields -- then the partitions are not fixed-size
+    from there and are walked one by one. Generated (like namedtuple) for small
+    ``np`` as ORs of the values: one call instead of a slice and ``min``.
+    """
+    st = struct.Struct(">" + _fetch_fmt(v, flex) * np)
+    k = 3 if flex else 2
+    check: Any
+    if np <= _MAX_GENERATED:
+        ids = " | ".join(f"r[{i * k}]" for i in range(np))
+        if flex:
+            tags = " | ".join(f"r[{i * k + 2}]" for i in range(np))
+            check = eval(f"lambda r: -1 if ({ids}) < 0 else ({tags})")  # our own literal code (as namedtuple does)
+        else:
+            check = eval(f"lambda r: {ids}")  # our own literal code (as namedtuple does)
+    elif flex:
+        def check(r: tuple[int, ...]) -> int:
+            return -1 if min(r[0::3]) < 0 else max(r[2::3])
+    else:
+        def check(r: tuple[int, ...]) -> int:
+            return min(r[0::2])
+    entry = (st.unpack_from, st.size, check)
+    cache = _FETCH_N.setdefault((v, flex), {})
+    if len(cache) < 1024:
+        cache[np] = entry
+    return entry
 
 
-def _fetch_parts(v: int, np: int) -> struct.Struct:
-    """All ``np`` fixed-size partitions of a non-flexible Fetch topic in one unpack."""
-    s = _FETCH_N.get((v, np))
-    if s is None:
-        s = struct.Struct(">" + _fetch_part(v).format[1:] * np)
-        if len(_FETCH_N) < 1024:
-            _FETCH_N[(v, np)] = s
-    return s
+def _fetch_parts_walk(mv: memoryview, pos: int, np: int, v: int, flex: bool) -> tuple[list[int], dict[int, int], int]:
+    """Partition by partition (some partition carries tagged fields)."""
+    st = struct.Struct(">" + _fetch_fmt(v, flex))
+    unpack = st.unpack_from
+    size = st.size - 1
+    parts: list[int] = []
+    offsets: dict[int, int] = {}
+    for _ in range(np):
+        p, off, _tag = unpack(mv, pos)
+        if p < 0:
+            raise _bad("bad_field", pos, f"partition {p}")
+        parts.append(p)
+        offsets[p] = off
+        pos = _tags(mv, pos + size)
+    return parts, offsets, pos
 
 
 def fetch_request(mv: memoryview, pos: int, m: Msg) -> None:
@@ -298,76 +500,102 @@ def fetch_request(mv: memoryview, pos: int, m: Msg) -> None:
     flex = m.flex
     pos += (4 if v <= 14 else 0) + 8 + (4 if v >= 3 else 0) + (1 if v >= 4 else 0) + (8 if v >= 7 else 0)
     ids = v >= 13
-    st = _fetch_part(v)
-    unpack = st.unpack_from
-    size = st.size
-    k = len(st.format) - 1  # fields per partition
-    off_i = 2 if v >= 9 else 1
-    n, pos = _array(mv, pos, flex)
+    end = len(mv)
+    if flex:
+        b = mv[pos]
+        if b < 0x80:
+            n = b - 1
+            pos += 1
+        else:
+            n, pos = _uvarint(mv, pos)
+            n -= 1
+    else:
+        n = _I32(mv, pos)[0]
+        pos += 4
+    if n < -1 or n > end - pos:
+        raise _bad("bad_length", pos, f"array length {n}")
+    names = _NAMES
     topics = m.topics
     append = topics.append
-    end = len(mv)
+    layouts = _FETCH_N.get((v, flex)) or {}
     seen: set[str | bytes] = set()
+    add = seen.add
+    name: str | None = None
+    tid: bytes | None = None
     for _ in range(n):
-        # Topic key, inlined (the hot loop of a poll).
         if ids:
-            e = pos + 16
-            if e > end:
-                raise _bad("truncated", pos)
-            name = None
-            tid: bytes | None = mv[pos:e].tobytes()  # 16-byte id, kept
-            key: str | bytes = tid
+            if flex:
+                tid, = _UUID_S(mv, pos)  # 16-byte id, kept
+                pos += 16
+                b = mv[pos]
+                if b < 0x80:
+                    np = b - 1
+                    pos += 1
+                else:
+                    np, pos = _uvarint(mv, pos)
+                    np -= 1
+            else:
+                tid, np = _UUID_I(mv, pos)
+                pos += 20
+            add(tid)
         else:
             if flex:
-                ln, pos = _uvarint(mv, pos)
-                ln -= 1
+                b = mv[pos]
+                if b < 0x80:
+                    ln = b - 1
+                    pos += 1
+                else:
+                    ln, pos = _uvarint(mv, pos)
+                    ln -= 1
+                if ln < 1 or ln > 249:
+                    raise _bad("bad_topic", pos, f"topic name length {ln}")
+                nb, = _NAME_S[ln](mv, pos)
+                pos += ln
+                b = mv[pos]
+                if b < 0x80:
+                    np = b - 1
+                    pos += 1
+                else:
+                    np, pos = _uvarint(mv, pos)
+                    np -= 1
             else:
-                ln = _I16(mv, pos)[0]
-                pos += 2
-            e = pos + ln
-            if ln < 1 or e > end:
-                raise _bad("bad_topic", pos, f"topic name length {ln}")
-            nv = mv[pos:e]
-            if TOPIC_RE.fullmatch(nv) is None:
-                raise _bad("bad_topic", pos, "topic name not [a-zA-Z0-9._-]{1,249}")
-            key = name = str(nv, "ascii")
-            tid = None
-        seen.add(key)
-        if flex:
-            np, pos = _uvarint(mv, e)
-            np -= 1
-        else:
-            np = _I32(mv, e)[0]
-            pos = e + 4
-        if np < -1 or np > end - pos:
-            raise _bad("bad_length", pos, f"array length {np}")
-        if not flex:
-            if np <= 0:
-                append(TopicData(name, tid))
-                continue
-            e = pos + np * size
-            if e > end:
-                raise _bad("truncated", pos)
-            vals = _fetch_parts(v, np).unpack_from(mv, pos)
-            parts = list(vals[0::k])
-            if min(parts) < 0:
+                ln = mv[pos] << 8 | mv[pos + 1]
+                if ln < 1 or ln > 249:
+                    raise _bad("bad_topic", pos, f"topic name length {ln}")
+                nb, np = _NAME_I[ln](mv, pos + 2)
+                pos += 6 + ln
+            name = names.get(nb) or _name(nb, pos)
+            add(name)
+        t = FastTopic()
+        t.name = name
+        t.topic_id = tid
+        append(t)
+        if np > 0:
+            # Fixed-size partitions: all of them in one unpack, O(1) Python steps per topic.
+            lay = layouts.get(np)
+            if lay is None:
+                if np > end - pos:
+                    raise _bad("bad_length", pos, f"array length {np}")
+                lay = _fetch_layout(v, flex, np)
+                layouts = _FETCH_N[(v, flex)]
+            unpack, size, check = lay
+            raw = unpack(mv, pos)  # struct.error past the end: truncated
+            c = (raw[0] if not flex else -1 if raw[0] < 0 else raw[2]) if np == 1 else check(raw)
+            if c < 0:
                 raise _bad("bad_field", pos, "negative partition")
-            append(TopicData(name, tid, parts, dict(zip(parts, vals[off_i::k], strict=True))))
-            pos = e
-            continue
-        parts = []
-        offsets = {}
-        for _ in range(np):
-            f = unpack(mv, pos)
-            pos += size
-            p = f[0]
-            if p < 0:
-                raise _bad("bad_field", pos, f"partition {p}")
-            parts.append(p)
-            offsets[p] = f[off_i]
+            if flex and c:
+                t._p, t._o, pos = _fetch_parts_walk(mv, pos, np, v, flex)
+            else:
+                t._p = raw
+                if flex:
+                    t._k = 3
+                pos += size
+        else:
+            if np < -1:
+                raise _bad("bad_length", pos, f"array length {np}")
+            t._p = []
+        if flex:
             pos = pos + 1 if mv[pos] == 0 else _tags(mv, pos)
-        append(TopicData(name, tid, parts, offsets))
-        pos = pos + 1 if mv[pos] == 0 else _tags(mv, pos)
     # Duplicate topics in one request (not sent by real clients) merge as the walker does.
     if len(seen) != len(topics):
         merged: dict[str | bytes, TopicData] = {}
@@ -481,7 +709,7 @@ def fetch_response(mv: memoryview, pos: int, m: Msg, req: Msg) -> None:
                 before = t.records
                 records(mv, pos, rlen, m, t)
                 if t.records > before:
-                    t.data_partitions.append(idx)
+                    t.add_data_partition(idx)
                 pos += rlen
             if flex:
                 pos = _tags(mv, pos)

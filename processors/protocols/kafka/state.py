@@ -24,92 +24,121 @@ DEFAULT_TOPIC_ID_CACHE = 10_000
 
 
 class TopicData:
-    """One topic of one exchange: request facts, then response facts merged in."""
+    """One topic of one exchange: request facts, then response facts merged in.
 
-    __slots__ = (
-        "data_partitions",
-        "error",
-        "error_partition",
-        "name",
-        "offsets",
-        "partitions",
-        "records",
-        "records_unknown",
-        "topic_id",
-        "traceparent",
-    )
+    The rarely-set fields are class defaults (stored in the instance dict only when
+    written), so the fast path (flat.py, via ``FastTopic``) creates one with three
+    slot stores. ``_p`` holds the partitions as a list, or as the flat tuple the fast
+    path unpacked (partition, offset[, tag] per partition: ``_k`` values each), which
+    becomes the ``partitions`` list and ``offsets`` dict on first use.
+    """
+
+    __slots__ = ("__dict__", "_p", "name", "topic_id")
+
+    records = 0
+    records_unknown = False  # some record data was skipped unread (cap, truncation)
+    traceparent: bytes | None = None
+    error = 0
+    error_partition = -1
+    #: Fetch response partitions that returned records (replaced, never mutated in place).
+    data_partitions: tuple[int, ...] | list[int] = ()
+    # partition -> fetch offset (Fetch) or base offset (Produce response)
+    _o: dict[int, int] | None = None
+    _k = 2
 
     def __init__(self, name: str | None, topic_id: bytes | None, partitions: list[int] | None = None,
                  offsets: dict[int, int] | None = None) -> None:
         self.name = name
         self.topic_id = topic_id
-        self.partitions: list[int] = partitions if partitions is not None else []
-        # partition -> fetch offset (Fetch) or base offset (Produce response)
-        self.offsets: dict[int, int] = offsets if offsets is not None else {}
-        self.data_partitions: list[int] = []  # Fetch response partitions that returned records
-        self.records = 0
-        self.records_unknown = False  # some record data was skipped unread (cap, truncation)
-        self.traceparent: bytes | None = None
-        self.error = 0
-        self.error_partition = -1
+        self._p = partitions if partitions is not None else []
+        if offsets is not None:
+            self._o = offsets
+
+    def _unpack(self) -> None:
+        raw = self._p
+        k = self._k
+        parts = list(raw[0::k])  # type: ignore[index]
+        self._p = parts
+        offs = dict(zip(parts, raw[1::k], strict=True))  # type: ignore[index]
+        if self._o is None:
+            self._o = offs
+
+    @property
+    def partitions(self) -> list[int]:
+        if type(self._p) is not list:
+            self._unpack()
+        return self._p  # type: ignore[return-value]
+
+    @partitions.setter
+    def partitions(self, value: list[int]) -> None:
+        self._p = value
+
+    @property
+    def offsets(self) -> dict[int, int]:
+        if type(self._p) is not list:
+            self._unpack()
+        o = self._o
+        if o is None:
+            o = self._o = {}
+        return o
+
+    @offsets.setter
+    def offsets(self, value: dict[int, int]) -> None:
+        self._o = value
+
+    def add_data_partition(self, idx: int) -> None:
+        self.data_partitions = [*self.data_partitions, idx]
 
     @property
     def key(self) -> str | bytes:
         return self.name if self.name is not None else (self.topic_id or b"")
 
 
-class Msg:
-    """Parse context of one request or response (the walker's ``m``)."""
+class FastTopic(TopicData):
+    """A TopicData made without ``__init__`` (C-level init): the caller sets ``name``,
+    ``topic_id`` and ``_p``."""
 
-    __slots__ = (
-        "acks",
-        "api_key",
-        "by_key",
-        "cache",
-        "client_id",
-        "corr",
-        "end_ns",
-        "error",
-        "flex",
-        "rec_left",
-        "response",
-        "scan_left",
-        "start_ns",
-        "topics",
-        "truncated",
-        "version",
-        "want_tp",
-    )
+    __slots__ = ()
+    __init__ = object.__init__  # type: ignore[assignment]
+
+
+class Msg:
+    """Parse context of one request or response (the walker's ``m``).
+
+    No ``__slots__``: defaults live on the class so a message costs five stores.
+    """
+
+    client_id: str | None = None
+    start_ns = 0
+    end_ns = 0
+    by_key: dict[str | bytes, TopicData] | None = None  # built on first Msg.topic()
+    acks = -1
+    rec_left = 0
+    scan_left = 0
+    truncated = False
+    want_tp = True
+    error = 0
+    cache: TopicIdCache | None = None
+    response = False
 
     def __init__(self, api_key: int, version: int, flex: bool, corr: int) -> None:
         self.api_key = api_key
         self.version = version
         self.flex = flex
         self.corr = corr
-        self.client_id: str | None = None
-        self.start_ns = 0
-        self.end_ns = 0
         self.topics: list[TopicData] = []
-        self.by_key: dict[str | bytes, TopicData] = {}
-        self.acks = -1
-        self.rec_left = 0
-        self.scan_left = 0
-        self.truncated = False
-        self.want_tp = True
-        self.error = 0
-        self.cache: TopicIdCache | None = None
-        self.response = False
 
     def topic(self, key: tuple[str | None, bytes | None]) -> TopicData:
         """The topic entry for a (name, id) key, created in first-seen order."""
         name, tid = key
         k = name if name is not None else (tid or b"")
-        if not self.by_key and self.topics:  # the fast path appends to topics only
-            self.by_key = {t.key: t for t in self.topics}
-        t = self.by_key.get(k)
+        by_key = self.by_key
+        if by_key is None:  # the fast path appends to topics only
+            by_key = self.by_key = {t.key: t for t in self.topics}
+        t = by_key.get(k)
         if t is None:
             t = TopicData(name, tid)
-            self.by_key[k] = t
+            by_key[k] = t
             self.topics.append(t)
         return t
 
