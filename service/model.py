@@ -295,6 +295,17 @@ def parse_traceparent(value: bytes | bytearray | memoryview | str) -> tuple[byte
     """
     if isinstance(value, str):
         value = value.encode("ascii", "replace")
+    if len(value) == 55 and value[:3] == b"00-" and value[35:36] == b"-" and value[52:53] == b"-":
+        # The usual version-00 form, without the regex: unhexlify checks the digits.
+        try:
+            trace_id = unhexlify(value[3:35])
+            span_id = unhexlify(value[36:52])
+            flags = unhexlify(value[53:55])[0]
+        except ValueError:  # binascii.Error
+            return None
+        if trace_id == _ZERO_TRACE or span_id == _ZERO_SPAN:
+            return None
+        return trace_id, span_id, flags
     if len(value) > 512:
         return None
     m = _TRACEPARENT.match(value)
@@ -614,6 +625,7 @@ def spans_to_otlp_dict(spans: Iterable[Span]) -> dict[str, Any]:
 
 
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+_quote = json.encoder.encode_basestring  # a str as a JSON string: what _dumps does for str, minus its dispatch
 _json_kv_cache: dict[tuple[str, Any], str] = {}
 
 
@@ -630,10 +642,18 @@ def _json_kv(k: str, v: Any) -> str:
     return _dumps({"key": k, "value": _json_value(v)})
 
 
+_CACHED_TYPES = frozenset((str, int))
+_JSON_STATUS = {int(c): f'{{"code":{int(c)}}}' for c in StatusCode}
+
+
 def _json_span(s: Span) -> str:
-    attrs = ",".join([_json_kv(k, v) for k, v in s.attributes.items()])
+    # _json_kv's cache inlined (most attributes repeat: method, port, scheme, status ...);
+    # only str and int values are keys, so True never finds the entry of 1.
+    get = _json_kv_cache.get
+    attrs = ",".join([(get((k, v)) if type(v) in _CACHED_TYPES else None) or _json_kv(k, v)
+                      for k, v in s.attributes.items()])
     status = f'{{"code":{int(s.status_code)},"message":{_dumps(s.status_message)}}}' if s.status_message \
-        else f'{{"code":{int(s.status_code)}}}'
+        else _JSON_STATUS.get(s.status_code) or f'{{"code":{int(s.status_code)}}}'
     extra = ""
     if s.parent_span_id:
         extra += f',"parentSpanId":"{s.parent_span_id.hex()}"'
@@ -642,8 +662,8 @@ def _json_span(s: Span) -> str:
     if s.events:
         extra += ',"events":' + _dumps([
             {"timeUnixNano": str(e.ts_ns), "name": e.name, "attributes": _json_kvs(e.attributes)} for e in s.events])
-    return (f'{{"traceId":"{s.trace_id.hex()}","spanId":"{s.span_id.hex()}","name":{_dumps(s.name)},'
-            f'"kind":{int(s.kind)},"startTimeUnixNano":"{s.start_ns}","endTimeUnixNano":"{s.end_ns}",'
+    return (f'{{"traceId":"{s.trace_id.hex()}","spanId":"{s.span_id.hex()}","name":{_quote(s.name)},'
+            f'"kind":{s.kind:d},"startTimeUnixNano":"{s.start_ns}","endTimeUnixNano":"{s.end_ns}",'
             f'"attributes":[{attrs}],"status":{status},"flags":{s.flags & 0xFF}{extra}}}')
 
 

@@ -6,6 +6,8 @@ import json
 
 import pytest
 from google.protobuf import json_format
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
 from service.model import (
@@ -122,6 +124,33 @@ def test_traceparent(value: str | bytes, ok: bool) -> None:
     assert (r is not None) == ok
     if ok:
         assert r is not None and len(r[0]) == 16 and len(r[1]) == 8
+
+
+_HEX = "0123456789abcdefABCDEF"
+
+
+def _field(n: int) -> st.SearchStrategy[str]:
+    return st.one_of(st.just("0" * n), st.text(alphabet=_HEX, min_size=n, max_size=n),
+                     st.text(alphabet=_HEX + "g -", min_size=n, max_size=n))
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.sampled_from(["00", "01", "ff", "FF", "0g"]), _field(32), _field(16), _field(2),
+       st.sampled_from(["-", "-", "-", "_"]))
+def test_traceparent_fast_path_agrees_with_the_regex(ver: str, tid_s: str, sid_s: str, fl: str, sep: str) -> None:
+    """The regex-free version-00 path decides exactly as the W3C grammar (the regex) does."""
+    import re
+    from binascii import unhexlify
+
+    value = f"{ver}-{tid_s}{sep}{sid_s}-{fl}"
+    m = re.fullmatch(r"([0-9a-fA-F]{2})-([0-9a-fA-F]{32})-([0-9a-fA-F]{16})-([0-9a-fA-F]{2})", value)
+    want = None
+    if m and m.group(1).lower() != "ff":
+        tid, sid = unhexlify(m.group(2)), unhexlify(m.group(3))
+        if any(tid) and any(sid):
+            want = (tid, sid, int(m.group(4), 16))
+    assert parse_traceparent(value) == want
+    assert parse_traceparent(value.encode()) == want
 
 
 def test_tcp_event_and_span_are_slotted() -> None:

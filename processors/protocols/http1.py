@@ -28,7 +28,7 @@ from pydantic import Field
 
 from processors.protocols.base import Conn, Detection, ProtocolSettings
 from processors.protocols.base import Session as _BaseSession
-from processors.protocols.errors import LimitExceeded, Malformed
+from processors.protocols.errors import LimitExceeded, Malformed, ProtocolError
 from service.largebuf import LargeBuffer
 from service.model import AttrValue, SpanKind, StatusCode
 
@@ -84,8 +84,13 @@ _INTEREST = re.compile(
     rb"\r\n(content-length|transfer-encoding|upgrade|host|user-agent|traceparent)"
     rb"[ \t]*:[ \t]*([^\r\n]*)", re.IGNORECASE)
 _CL, _TE, _UPGRADE, _HOST, _UA, _TP = range(6)
+_UNSET, _ERROR = StatusCode.UNSET, StatusCode.ERROR  # module constants: enum attribute access is slow
+_CLIENT, _SERVER = SpanKind.CLIENT, SpanKind.SERVER
 _FIELD_IDS = {n: i for i, n in enumerate(
     (b"content-length", b"transfer-encoding", b"upgrade", b"host", b"user-agent", b"traceparent"))}
+# The spellings clients and servers send, so the usual lookup needs no lower(); others are lowered.
+_FIELD_IDS.update((n.title(), i) for n, i in list(_FIELD_IDS.items()))
+_FIELD_IDS.update(((b"TraceParent", _FIELD_IDS[b"traceparent"]), (b"HOST", _FIELD_IDS[b"host"])))
 _DIGITS = re.compile(rb"[0-9]{1,18}\Z")
 _CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]{1,%d})[ \t]*(?:;[^\r\n]*)?\Z" % MAX_CHUNK_SIZE_DIGITS)
 
@@ -459,6 +464,64 @@ class Http1Session(_BaseSession):
             self._s_last_ts = ts_ns
             self._feed_server(buf)
 
+    def feed_whole(self, from_client: bool, data: memoryview, ts_ns: int) -> bool:
+        """The common segment, parsed without a buffer: a body-less request, or a response
+        whose head and whole Content-Length body are exactly ``data``.
+
+        Anything else (partial, pipelined, chunked, interim, malformed) returns False
+        before any state changes, and the stage takes the buffered path, which handles
+        and counts it. About a third of the stage's cost per exchange is the buffer
+        bookkeeping this skips.
+        """
+        if self._done:
+            return False
+        n = len(data)
+        if n > self._limit and from_client:
+            return False
+        if from_client:
+            if self._cbody is not None or self._cpaused or self._resync[0]:
+                return False
+            m = self._req_head.match(data)
+            if m is None or m.end() != n:
+                return False
+            try:
+                length, te, _c, upgrade, host, ua, tp = _fields(data, m.start(4) - 2, n - 2)
+            except ProtocolError:
+                return False
+            if te or length > 0:
+                return False
+            method, target, minor = m.group(1, 2, 3)
+            pending = self._pending
+            if len(pending) >= self.settings.max_pending_requests:
+                return False
+            req = _Request(method, target, minor, ts_ns, host, ua, tp, upgrade)
+            pending.append(req)
+            self._scan[0] = 0
+            if upgrade is not None or req.connect:
+                self._cpaused = True
+            return True
+        if self._sbody is not None or self._resync[1] or not self._pending:
+            return False
+        m = self._resp_head.match(data, 0, self._limit)
+        if m is None:
+            return False
+        end = m.end()
+        status = int(m.group(2))
+        if status < 200 or status == 204 or status == 304:
+            return False
+        try:
+            length, te, _c, _u, _h, _a, _t = _fields(data, m.start(3) - 2, end - 2)
+        except ProtocolError:
+            return False
+        req = self._pending[0]
+        if te or length < 0 or end + length != n or req.head or req.connect:
+            return False
+        self._s_last_ts = ts_ns
+        self._scan[1] = 0
+        self._sresp = (req, status, "1.1" if m.group(1) == b"1" else "1.0")
+        self._finish(length, ts_ns)
+        return True
+
     def _feed_client(self, buf: LargeBuffer) -> None:
         while len(buf):
             body = self._cbody
@@ -691,11 +754,11 @@ class Http1Session(_BaseSession):
                 attrs["url.query"] = self._redact(target[q + 1:].decode("utf-8", "replace"))
         attrs["url.scheme"] = "http"
         if host is None and req.host is not None:
-            host, port = self._host(req.host)
+            host, port = self._hosts.get(req.host) or self._host(req.host)
         if host:
             attrs["server.address"] = host
             attrs["server.port"] = port if port is not None else conn.server_port
-            if kind == SpanKind.CLIENT and not req.connect:
+            if kind == _CLIENT and not req.connect:
                 hh = req.host.decode("ascii", "replace") if req.host else host
                 attrs["url.full"] = f"http://{hh}{target.decode('utf-8', 'replace')}"
         attrs["network.protocol.version"] = req.version if version == "1.1" else version
@@ -706,15 +769,15 @@ class Http1Session(_BaseSession):
         attrs["http.response.body.size"] = resp_size
         if req.user_agent is not None:
             attrs["user_agent.original"] = req.user_agent.decode("utf-8", "replace")
-        code = StatusCode.UNSET
+        code = _UNSET
         message = ""
         if error is not None:
-            code = StatusCode.ERROR
+            code = _ERROR
             attrs["error.type"] = error
             message = ("connection reset before the response completed" if error == "connection_reset"
                        else "connection closed before the response completed")
-        elif status >= 500 or (status >= 400 and kind != SpanKind.SERVER):
-            code = StatusCode.ERROR
+        elif status >= 500 or (status >= 400 and kind != _SERVER):
+            code = _ERROR
             attrs["error.type"] = str(status)
         return conn.span(req.method if req.method_original is None else "HTTP", kind, req.start_ts, end_ts,
                          attrs, traceparent=req.traceparent, status_code=code, status_message=message)

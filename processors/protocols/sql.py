@@ -17,6 +17,7 @@ because applications repeat statements (prepared ones always).
 
 from __future__ import annotations
 
+import functools
 import re
 from collections import OrderedDict
 from typing import NamedTuple
@@ -68,7 +69,7 @@ _TAIL = r"""
 |(?P<other>[\s\S])
 |\Z
 )"""
-_PG = re.compile(
+_PG_SRC = (
     _PRE % "" + r"""(?:
  (?P<lc>--[^\n]*)
 |(?P<bc>/\*[\s\S]*?(?:\*/|\Z))
@@ -77,12 +78,10 @@ _PG = re.compile(
 |(?P<es>[eE]'(?:[^'\\]|\\[\s\S]|'')*(?:'|\Z))
 |(?P<str>(?:[xXbBnN]|[uU]&)?'(?:[^']|'')*(?:'|\Z))
 |(?P<qi>"(?:[^"]|"")*(?:"|\Z))
-""" + _TAIL,
-    re.VERBOSE,
-)
+""" + _TAIL)
 # MySQL: backslash escapes in strings, "..." is a string unless ANSI_QUOTES (we
 # sanitise it either way: the safe side), `name` quotes identifiers, # comments.
-_MY = re.compile(
+_MY_SRC = (
     _PRE % "(?!)" + r"""(?:
  (?P<lc>--[^\n]*)
 |(?P<bc>/\*[\s\S]*?(?:\*/|\Z))
@@ -90,9 +89,7 @@ _MY = re.compile(
 |(?P<str>(?:[xXbBnN]|_[A-Za-z0-9]+)?'(?:[^'\\]|\\[\s\S]|'')*(?:'|\Z))
 |(?P<dstr>"(?:[^"\\]|\\[\s\S]|"")*(?:"|\Z))
 |(?P<qi>`(?:[^`]|``)*(?:`|\Z))
-""" + _TAIL,
-    re.VERBOSE,
-)
+""" + _TAIL)
 _KEEP = frozenset(("qi", "ph", "other", "pre", None))
 _DROP = frozenset(("lc", "bc", "hc"))
 
@@ -113,9 +110,16 @@ _ROWS = re.compile(r"(\(\s*\?(?:\s*,\s*\?)*\s*\))(?:\s*,\s*\(\s*\?(?:\s*,\s*\?)*
 _SPACES = re.compile(r"\s{2,}")
 
 
+@functools.cache
+def _tokenizer(dialect: str) -> re.Pattern[str]:
+    """Compiled on first use: the Unicode classes take ~20 ms to compile, paid at every
+    start-up (``wirespan replay`` of an HTTP capture included) if done at import."""
+    return re.compile(_MY_SRC if dialect == "mysql" else _PG_SRC, re.VERBOSE)
+
+
 def sanitize(text: str, dialect: str = "postgresql") -> str:
     """Replace literals by ``?`` and drop comments."""
-    out = (_MY if dialect == "mysql" else _PG).sub(_repl, text)
+    out = _tokenizer("mysql" if dialect == "mysql" else "postgresql").sub(_repl, text)
     if "?," in out or "? ," in out:  # only lists need the two list passes
         out = _IN_LIST.sub("IN (?)", out)
         out = _ROWS.sub(r"\1", out)
