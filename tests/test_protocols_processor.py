@@ -424,3 +424,95 @@ def test_stage_allocation_flat_when_body_grows_100x() -> None:
     small = _stage_alloc(64 * 1024)
     large = _stage_alloc(6400 * 1024)
     assert large < small * 1.5 + 8192, (small, large)
+
+
+# -- Session.feed_whole: the buffer-less path decides exactly as the buffered one ---------------
+_WHOLE_REQS = [
+    b"GET /a?q=1 HTTP/1.1\r\nHost: h:81\r\nUser-Agent: ua\r\n\r\n",
+    b"HEAD /h HTTP/1.1\r\nHost: h\r\n\r\n",
+    b"POST /p HTTP/1.1\r\nContent-Length: 3\r\n\r\nabc",
+    b"POST /c HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+    b"GET /u HTTP/1.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
+    b"GET /x HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab",
+    b"GET /bad HTTP/1.1\r\nHo st: x\r\n\r\n",
+    b"PUT /t HTTP/1.0\r\ntraceparent: 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01\r\n\r\n",
+    b"garbage\r\n\r\n",
+]
+_WHOLE_RESPS = [
+    b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+    b"HTTP/1.1 204 No Content\r\n\r\n",
+    b"HTTP/1.1 304 Not Modified\r\nContent-Length: 9\r\n\r\n",
+    b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 500 Oops\r\nContent-Length: 0\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n",
+    b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n",
+    b"HTTP/1.1 404 Not Found\r\nContent-Length: 5\r\n\r\nnope!extra",
+    b"HTTP/1.0 200 OK\r\n\r\nclose-delimited",
+    b"HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n",
+]
+
+
+def _http_results() -> dict[str, float]:
+    """Every ``wirespan_parser_messages{protocol="http"}`` count, by result."""
+    return {smp.labels["result"]: smp.value for fam in PARSER_MESSAGES.collect() for smp in fam.samples
+            if smp.name.endswith("_total") and smp.labels.get("protocol") == "http"}
+
+
+def _run_stage(segments: list[tuple[bool, bytes]], whole: bool, monkeypatch: pytest.MonkeyPatch) -> tuple:
+    from processors.protocols import http1
+    with monkeypatch.context() as m:
+        if not whole:
+            m.setattr(http1.Http1Session, "feed_whole", None)
+        before = _http_results()
+        p, sink = stage()
+        for i, (fc, payload) in enumerate(segments):
+            p.consume_events([data(fc, payload, ts=1_000 + i)])
+        p.consume_events([ev(EventKind.CLOSE, False, ts=9_000), ev(EventKind.CLOSE, True, ts=9_001)])
+        p.shutdown()
+        after = _http_results()
+        counts = {r: v - before.get(r, 0.0) for r, v in after.items() if v != before.get(r, 0.0)}
+    spans = [(s.name, int(s.kind), s.start_ns, s.end_ns, int(s.status_code), s.status_message,
+              sorted(s.attributes.items()), s.trace_id if s.parent_span_id else b"", s.parent_span_id)
+             for s in sink.spans]
+    return spans, counts
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(exchanges=st.lists(st.tuples(st.sampled_from(_WHOLE_REQS), st.sampled_from(_WHOLE_RESPS)),
+                          min_size=1, max_size=4),
+       cuts=st.lists(st.integers(1, 40), min_size=0, max_size=6), pipeline=st.booleans())
+def test_feed_whole_matches_the_buffered_path(exchanges: list, cuts: list, pipeline: bool,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    segs: list[tuple[bool, bytes]] = []
+    if pipeline:  # all requests in one segment, then the responses, split at the cuts
+        segs.append((True, b"".join(r for r, _ in exchanges)))
+        resp = b"".join(r for _, r in exchanges)
+        pos = 0
+        for c in cuts:
+            if pos + c < len(resp):
+                segs.append((False, resp[pos:pos + c]))
+                pos += c
+        segs.append((False, resp[pos:]))
+    else:
+        for r, s in exchanges:
+            segs += [(True, r), (False, s)]
+    assert _run_stage(segs, True, monkeypatch) == _run_stage(segs, False, monkeypatch)
+
+
+def test_feed_whole_takes_the_common_exchange(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The usual segment goes through feed_whole, and no buffer ever holds it."""
+    from processors.protocols import http1
+    calls: list[bool] = []
+    orig = http1.Http1Session.feed_whole
+
+    def spy(self: object, fc: bool, d: memoryview, ts: int) -> bool:
+        r = orig(self, fc, d, ts)
+        calls.append(r)
+        return r
+
+    monkeypatch.setattr(http1.Http1Session, "feed_whole", spy)
+    p, sink = stage()
+    for i in range(3):
+        p.consume_events([data(True, REQ, ts=10 * i), data(False, RESP, ts=10 * i + 5)])
+    assert [s.attributes["http.response.status_code"] for s in sink.spans] == [200] * 3
+    assert [(s.start_ns, s.end_ns) for s in sink.spans] == [(0, 5), (10, 15), (20, 25)]
+    assert calls.count(True) >= 4  # the first request goes through detection, the rest whole
