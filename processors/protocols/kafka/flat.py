@@ -223,32 +223,34 @@ def _traceparent(mv: memoryview, pos: int, end: int, t: TopicData) -> None:
     if b < 0x80:
         length = (b >> 1) ^ -(b & 1)
         p = pos + 1
+    elif mv[pos + 1] < 0x80:
+        u = (b & 0x7F) | mv[pos + 1] << 7
+        length = (u >> 1) ^ -(u & 1)
+        p = pos + 2
     else:
         length, p = _varint(mv, pos)
-    if length < 0 or p + length > end:
+    rend = p + length
+    if length < 0 or rend > end:
         raise _bad("bad_record", pos, "record length")
-    if _TP_KEY(mv, p, p + length) is not None:
-        _first_record(mv, pos, end - pos, t)
+    if _TP_KEY(mv, p, rend) is not None:
+        _first_record(mv, p, rend, t)
 
 
-def _first_record(mv: memoryview, pos: int, room: int, t: TopicData) -> None:
-    start = pos
-    # length, attributes, timestampDelta, offsetDelta, keyLength: one byte each when small
-    b = mv[pos]
-    if b < 0x80:
-        length = (b >> 1) ^ -(b & 1)
+def _first_record(mv: memoryview, pos: int, end: int, t: TopicData) -> None:
+    """Walk the record body ``mv[pos:end]`` to its headers; take a ``traceparent``.
+
+    Varints of one byte (and the value length of two) are decoded inline: a record's
+    small fields almost always fit.
+    """
+    pos += 1  # attributes
+    if mv[pos] < 0x80:  # timestamp delta
         pos += 1
     else:
-        length, pos = _varint(mv, pos)
-    end = pos + length
-    if length < 0 or end - start > room:
-        raise _bad("bad_record", pos, "record length")
-    pos += 1  # attributes
-    for _ in range(2):  # timestamp delta, offset delta
-        if mv[pos] < 0x80:
-            pos += 1
-        else:
-            _, pos = _varint(mv, pos)
+        _, pos = _varint(mv, pos)
+    if mv[pos] < 0x80:  # offset delta
+        pos += 1
+    else:
+        _, pos = _varint(mv, pos)
     b = mv[pos]
     if b < 0x80:
         klen = (b >> 1) ^ -(b & 1)
@@ -265,6 +267,10 @@ def _first_record(mv: memoryview, pos: int, room: int, t: TopicData) -> None:
     if b < 0x80:
         vlen = (b >> 1) ^ -(b & 1)
         pos += 1
+    elif mv[pos + 1] < 0x80:
+        u = (b & 0x7F) | mv[pos + 1] << 7
+        vlen = (u >> 1) ^ -(u & 1)
+        pos += 2
     else:
         vlen, pos = _varint(mv, pos)
     if vlen > 0:
@@ -275,16 +281,31 @@ def _first_record(mv: memoryview, pos: int, room: int, t: TopicData) -> None:
         raise _bad("bad_record", pos, "value length")
     if end - pos > MAX_HEADERS_SCAN or pos == end:
         return
-    n, pos = _varint(mv, pos)
+    b = mv[pos]
+    if b < 0x80:
+        n = (b >> 1) ^ -(b & 1)
+        pos += 1
+    else:
+        n, pos = _varint(mv, pos)
     if n < 0 or n > end - pos:
         raise _bad("bad_record", pos, f"{n} record headers")
     for _ in range(n):
-        kl, pos = _varint(mv, pos)
+        b = mv[pos]
+        if b < 0x80:
+            kl = (b >> 1) ^ -(b & 1)
+            pos += 1
+        else:
+            kl, pos = _varint(mv, pos)
         if kl < 0:
             raise _bad("bad_record", pos, "header key length")
         kpos = pos
         pos += kl
-        vl, pos = _varint(mv, pos)
+        b = mv[pos]
+        if b < 0x80:
+            vl = (b >> 1) ^ -(b & 1)
+            pos += 1
+        else:
+            vl, pos = _varint(mv, pos)
         if vl < -1:
             raise _bad("bad_record", pos, "header value length")
         if kl == 11 and 0 < vl <= MAX_TRACEPARENT and mv[kpos:kpos + 11] == b"traceparent":

@@ -1,0 +1,157 @@
+"""The whole-request fast path's shortcuts (flat.py) against the streaming walkers.
+
+flat.py skips work the walkers do: a Fetch topic's partitions are unpacked in one
+call at a fixed stride (flexible versions: only while every partition's tagged-field
+count is 0), a produce partition holding exactly one v2 batch is read with one header
+unpack, the first record is walked only when the bytes of a ``traceparent`` header key
+occur in it, and topic names come from a bounded cache. Each shortcut must give
+exactly the walkers' result, on requests encoded by kafka-python (hypothesis picks the
+shapes) and on hand-made edge cases.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from processors.protocols.errors import Malformed
+from processors.protocols.kafka import flat
+from processors.protocols.kafka.session import parse_request
+from service.largebuf import LargeBuffer
+from tests.support.kafka_wire import TRACEPARENT, fetch_request, produce_request, records
+
+TP = TRACEPARENT.encode()
+#: The traceparent header key as it appears inside a record (varint 11, zigzag: 0x16).
+TP_WIRE = b"\x16traceparent"
+
+
+def _summary(m):
+    return (m.api_key, m.version, m.corr, m.client_id, m.acks if m.api_key == 0 else None,
+            [(t.name, t.topic_id, t.partitions, t.offsets, t.records, t.records_unknown, t.traceparent)
+             for t in m.topics])
+
+
+def both(data: bytes, seg: int = 7, scan: int = 1 << 20):
+    """(fast path result, streaming walker result over ``seg``-byte chunks)."""
+    mv = memoryview(data)
+    fast = flat.parse_request(mv, scan)
+    slow = parse_request(LargeBuffer(*[mv[i:i + seg] for i in range(0, len(mv), seg)]), scan)
+    return _summary(fast), _summary(slow)
+
+
+def _ids(names):
+    return {n: uuid.uuid5(uuid.NAMESPACE_DNS, n).bytes for n in names}
+
+
+_names = st.sampled_from(["orders", "audit", "a", "t.x_y-z", "n" * 130, "n" * 249])
+_fetch_topics = st.dictionaries(
+    _names, st.lists(st.tuples(st.integers(0, 2**31 - 1), st.integers(0, 2**63 - 1)), max_size=70), max_size=4)
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(version=st.integers(0, 18), topics=_fetch_topics)
+def test_fetch_fixed_stride_skip_agrees_with_walker(version, topics):
+    """Up to 70 partitions per topic: both the generated checks (<= 64) and the generic ones."""
+    fast, slow = both(fetch_request(version, topics, ids=_ids(topics)))
+    assert fast == slow
+    assert [t[2] for t in fast[5]] == [[p for p, _ in parts] for parts in topics.values()]
+
+
+_headers = st.lists(st.tuples(st.sampled_from(["traceparent", "tracestate", "x", "traceparentx", "b3"]),
+                              st.sampled_from([TP, b"", b"v" * 200, TP_WIRE + b"n" + TP])), max_size=3)
+_payload = st.sampled_from([b"", b"k", b"v" * 100, b"v" * 300, TP_WIRE + b"n" + TP, b"x" + TP_WIRE * 2])
+_batch = st.builds(lambda n, k, v, h, c: records(n, key=k, value=v, headers=h, compression=c),
+                   st.integers(1, 4), st.one_of(st.none(), _payload), _payload, _headers, st.sampled_from([0, 0, 1]))
+_parts = st.dictionaries(st.integers(0, 1000), st.one_of(st.none(), _batch,
+                                                         st.builds(lambda a, b: a + b, _batch, _batch)), max_size=3)
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(version=st.integers(3, 13), topics=st.dictionaries(_names, _parts, min_size=1, max_size=3),
+       scan=st.sampled_from([0, 100, 1 << 20]))
+def test_produce_shortcuts_agree_with_walker(version, topics, scan):
+    """One-batch partitions, the traceparent search (hits inside keys, values and other
+    headers), several batches, compressed ones and the scan cap."""
+    fast, slow = both(produce_request(version, topics, ids=_ids(topics)), scan=scan)
+    assert fast == slow
+
+
+def _one_record_produce(key: bytes | None, value: bytes, headers: list, version: int = 9) -> bytes:
+    return produce_request(version, {"orders": {0: records(1, key=key, value=value, headers=headers)}})
+
+
+@pytest.mark.parametrize("version", [3, 9])
+def test_traceparent_bytes_in_a_value_or_key_are_not_a_header(version):
+    fake = TP_WIRE + b"n" + TP
+    for key, value, headers in ((None, fake, []), (fake, b"v", []), (b"k", fake, [("other", fake)])):
+        fast, slow = both(_one_record_produce(key, value, headers, version))
+        assert fast == slow
+        assert fast[5][0][6] is None
+    # The real header is found even behind a false hit in the value.
+    fast, slow = both(_one_record_produce(b"k", fake, [("traceparent", TP)], version))
+    assert fast == slow and fast[5][0][6] == TP
+
+
+def test_only_the_first_records_headers_count():
+    batch = records(1, headers=[]) + records(1, headers=[("traceparent", TP)], offset=1)
+    both_ = both(produce_request(9, {"orders": {0: batch}}))
+    assert both_[0] == both_[1] and both_[0][5][0][6] is None
+    # A second partition's first record still counts for the topic.
+    both_ = both(produce_request(9, {"orders": {0: records(1), 1: records(2, headers=[("traceparent", TP)])}}))
+    assert both_[0] == both_[1] and both_[0][5][0][6] == TP
+
+
+def _with_partition_tags(data: bytes, partition_max: bytes = b"\x00\x10\x00\x00") -> bytes:
+    """Give the first partition of a flexible Fetch request one unknown tagged field."""
+    i = data.index(partition_max + b"\x00") + 4  # the partition's tagged-field count byte
+    out = data[:i] + b"\x01\x05\x02hi" + data[i + 1:]
+    return (len(out) - 4).to_bytes(4, "big") + out[4:]
+
+
+@pytest.mark.parametrize("version", [12, 13, 15, 18])
+def test_fetch_partition_with_tagged_fields_falls_back_to_the_walk(version):
+    data = _with_partition_tags(fetch_request(version, {"orders": [(3, 7), (4, 8), (5, 9)], "audit": [(1, 2)]},
+                                              ids=_ids(["orders", "audit"])))
+    fast, slow = both(data)
+    assert fast == slow
+    assert fast[5][0][2:4] == ([3, 4, 5], {3: 7, 4: 8, 5: 9})
+
+
+def test_negative_partition_in_a_fixed_stride_topic_is_malformed():
+    for v in (4, 12):
+        data = bytearray(fetch_request(v, {"orders": [(1, 7), (0x01020304, 8)]}))
+        i = data.index(b"\x01\x02\x03\x04")  # the second partition's index
+        data[i:i + 4] = b"\xff\xff\xff\xfe"
+        flat.parse_request(memoryview(fetch_request(v, {"orders": [(1, 7), (0x01020304, 8)]})), 0)
+        with pytest.raises(Malformed):
+            flat.parse_request(memoryview(bytes(data)), 1 << 20)
+
+
+def test_topic_name_cache_holds_only_valid_names_and_is_bounded(monkeypatch):
+    monkeypatch.setattr(flat, "MAX_NAME_CACHE", 8)
+    flat._NAMES.clear()
+    for i in range(20):
+        m = flat.parse_request(memoryview(fetch_request(4, {f"t{i}": [(0, 1)]})), 0)
+        assert m.topics[0].name == f"t{i}"
+        assert len(flat._NAMES) <= 8
+    bad = bytearray(fetch_request(4, {"ab": [(0, 1)]}))
+    bad[bad.index(b"ab")] = ord("*")
+    for _ in range(2):  # rejected each time, never cached
+        with pytest.raises(Malformed):
+            flat.parse_request(memoryview(bytes(bad)), 0)
+    assert b"*b" not in flat._NAMES
+
+
+def test_lazy_partitions_and_offsets_merge_with_responses():
+    """The fast path's unpacked tuple becomes a list/dict on first use, in either order."""
+    m = flat.parse_request(memoryview(fetch_request(4, {"orders": [(1, 10), (2, 20)]})), 0)
+    t = m.topics[0]
+    assert t.offsets == {1: 10, 2: 20}
+    t.partitions.append(3)
+    assert t.partitions == [1, 2, 3] and t.offsets == {1: 10, 2: 20}
+    m = flat.parse_request(memoryview(fetch_request(12, {"orders": [(1, 10), (2, 20)]})), 0)
+    t = m.topics[0]
+    assert t.partitions == [1, 2] and t.offsets == {1: 10, 2: 20}
