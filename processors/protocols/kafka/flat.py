@@ -22,7 +22,7 @@ from . import apis
 from .apis import APIS
 from .codec import NAME, TOPIC_RE
 from .records import BATCH_HEADER, BATCH_PREFIX, MAX_HEADERS_SCAN, MAX_TRACEPARENT
-from .state import FastTopic, Msg, TopicData, resp_topic
+from .state import FastTopic, FastTopic3, Msg, TopicData, resp_topic
 
 #: Messages up to this size spanning several chunks are gathered into the buffer's scratch
 #: (so a connection direction's scratch never grows past it for this).
@@ -35,6 +35,8 @@ _PART = struct.Struct(">ii").unpack_from  # partition index, records length (non
 #: The 61-byte v2 batch header, unpacking only length, magic, attributes and recordsCount.
 _V2HEADER = struct.Struct(">8xi4xb4xh34xi").unpack_from
 _PREFIX = struct.Struct(">8xi4xb").unpack_from  # length, magic
+#: A non-flexible produce partition's index and records length, then _V2HEADER's fields.
+_PART_HEAD = struct.Struct(">ii8xi4xb4xh34xi").unpack_from
 
 
 def _bad(reason: str, pos: int, detail: str = "") -> Malformed:
@@ -351,7 +353,9 @@ def produce_request(mv: memoryview, pos: int, m: Msg) -> None:
     by: dict[str | bytes, TopicData] = {}
     want_tp = m.want_tp
     part = _PART
+    part_head = _PART_HEAD
     v2head = _V2HEADER
+    scan = m.scan_left
     i32 = _I32
     for _ in range(n):
         # Topic key and partition count.
@@ -407,8 +411,11 @@ def produce_request(mv: memoryview, pos: int, m: Msg) -> None:
         if np < -1 or np > end - pos:
             raise _bad("bad_length", pos, f"array length {np}")
         parts = t.partitions
+        recs = 0
+        need_tp = want_tp and t.traceparent is None
         for _ in range(np):
             if flex:
+                head = False
                 idx = i32(mv, pos)[0]
                 b = mv[pos + 4]
                 if b < 0x80:
@@ -422,7 +429,13 @@ def produce_request(mv: memoryview, pos: int, m: Msg) -> None:
                     else:
                         rlen, pos = _uvarint(mv, pos + 4)
                         rlen -= 1
+            elif scan > 0 and pos + 8 + BATCH_HEADER <= end:
+                # Partition index, records length and (if it is one) the batch header at once.
+                idx, rlen, length, magic, attrs, count = part_head(mv, pos)
+                head = True
+                pos += 8
             else:
+                head = False
                 idx, rlen = part(mv, pos)
                 pos += 8
             if idx < 0 or rlen < -1:
@@ -432,27 +445,33 @@ def produce_request(mv: memoryview, pos: int, m: Msg) -> None:
                 e = pos + rlen
                 if e > end:
                     raise _bad("bad_length", pos, f"records of {rlen} past message end")
-                if m.scan_left <= 0:
+                if scan <= 0:
                     if rlen >= BATCH_PREFIX:
                         t.records_unknown = True
                         m.truncated = True
-                elif rlen >= BATCH_HEADER:
-                    # The usual produce: one v2 batch filling the partition's records.
-                    length, magic, attrs, count = v2head(mv, pos)
-                    if magic == 2 and length + 12 == rlen and count >= 0:
-                        t.records += count
-                        m.scan_left -= rlen
-                        if count and t.traceparent is None and (attrs & 7) == 0 and want_tp:
-                            _traceparent(mv, pos + BATCH_HEADER, e, t)
-                    else:
-                        records(mv, pos, rlen, m, t)
                 else:
-                    records(mv, pos, rlen, m, t)
+                    if rlen >= BATCH_HEADER and not head:
+                        length, magic, attrs, count = v2head(mv, pos)
+                    if rlen >= BATCH_HEADER and magic == 2 and length + 12 == rlen and count >= 0:
+                        # The usual produce: one v2 batch filling the partition's records.
+                        recs += count
+                        scan -= rlen
+                        if count and need_tp and (attrs & 7) == 0:
+                            _traceparent(mv, pos + BATCH_HEADER, e, t)
+                            need_tp = t.traceparent is None
+                    else:
+                        m.scan_left = scan
+                        records(mv, pos, rlen, m, t)
+                        scan = m.scan_left
+                        need_tp = want_tp and t.traceparent is None
                 pos = e
             if flex:
                 pos = pos + 1 if mv[pos] == 0 else _tags(mv, pos)
+        if recs:
+            t.records += recs
         if flex:
             pos = pos + 1 if mv[pos] == 0 else _tags(mv, pos)
+    m.scan_left = scan
 
 
 # -- Fetch ------------------------------------------------------------------------
@@ -539,6 +558,7 @@ def fetch_request(mv: memoryview, pos: int, m: Msg) -> None:
     topics = m.topics
     append = topics.append
     layouts = _FETCH_N.get((v, flex)) or {}
+    new_topic = FastTopic3 if flex else FastTopic
     seen: set[str | bytes] = set()
     add = seen.add
     name: str | None = None
@@ -587,7 +607,7 @@ def fetch_request(mv: memoryview, pos: int, m: Msg) -> None:
                 pos += 6 + ln
             name = names.get(nb) or _name(nb, pos)
             add(name)
-        t = FastTopic()
+        t = new_topic()
         t.name = name
         t.topic_id = tid
         append(t)
@@ -608,8 +628,6 @@ def fetch_request(mv: memoryview, pos: int, m: Msg) -> None:
                 t._p, t._o, pos = _fetch_parts_walk(mv, pos, np, v, flex)
             else:
                 t._p = raw
-                if flex:
-                    t._k = 3
                 pos += size
         else:
             if np < -1:

@@ -102,6 +102,14 @@ class FastTopic(TopicData):
     __init__ = object.__init__  # type: ignore[assignment]
 
 
+class FastTopic3(FastTopic):
+    """A FastTopic whose ``_p`` tuple has three values per partition (flexible Fetch:
+    partition, offset, tagged-field count)."""
+
+    __slots__ = ()
+    _k = 3
+
+
 class Msg:
     """Parse context of one request or response (the walker's ``m``).
 
