@@ -357,6 +357,7 @@ def produce_request(mv: memoryview, pos: int, m: Msg) -> None:
     v2head = _V2HEADER
     scan = m.scan_left
     i32 = _I32
+    bh = BATCH_HEADER
     for _ in range(n):
         # Topic key and partition count.
         if ids:
@@ -375,7 +376,10 @@ def produce_request(mv: memoryview, pos: int, m: Msg) -> None:
                 pos += 20
             t = by.get(key)
             if t is None:
-                t = by[key] = TopicData(None, key)
+                t = by[key] = FastTopic()
+                t.name = None
+                t.topic_id = key
+                t._p = []
                 topics.append(t)
         else:
             if flex:
@@ -406,16 +410,19 @@ def produce_request(mv: memoryview, pos: int, m: Msg) -> None:
             name = names.get(nb) or _name(nb, pos)
             t = by.get(name)
             if t is None:
-                t = by[name] = TopicData(name, None)
+                t = by[name] = FastTopic()
+                t.name = name
+                t.topic_id = None
+                t._p = []
                 topics.append(t)
         if np < -1 or np > end - pos:
             raise _bad("bad_length", pos, f"array length {np}")
         parts = t.partitions
+        add = parts.append
         recs = 0
         need_tp = want_tp and t.traceparent is None
         for _ in range(np):
             if flex:
-                head = False
                 idx = i32(mv, pos)[0]
                 b = mv[pos + 4]
                 if b < 0x80:
@@ -429,41 +436,41 @@ def produce_request(mv: memoryview, pos: int, m: Msg) -> None:
                     else:
                         rlen, pos = _uvarint(mv, pos + 4)
                         rlen -= 1
-            elif scan > 0 and pos + 8 + BATCH_HEADER <= end:
+                if rlen >= bh and scan > 0:
+                    length, magic, attrs, count = v2head(mv, pos)
+                else:
+                    magic = -1
+            elif scan > 0 and pos + 69 <= end:  # 8 + BATCH_HEADER
                 # Partition index, records length and (if it is one) the batch header at once.
                 idx, rlen, length, magic, attrs, count = part_head(mv, pos)
-                head = True
                 pos += 8
             else:
-                head = False
                 idx, rlen = part(mv, pos)
                 pos += 8
+                magic = -1
             if idx < 0 or rlen < -1:
                 raise _bad("bad_field", pos, f"partition {idx} records {rlen}")
-            parts.append(idx)
+            add(idx)
             if rlen > 0:
                 e = pos + rlen
                 if e > end:
                     raise _bad("bad_length", pos, f"records of {rlen} past message end")
-                if scan <= 0:
+                if magic == 2 and length + 12 == rlen and rlen >= bh and count >= 0:
+                    # The usual produce: one v2 batch filling the partition's records.
+                    recs += count
+                    scan -= rlen
+                    if need_tp and count and (attrs & 7) == 0:
+                        _traceparent(mv, pos + bh, e, t)
+                        need_tp = t.traceparent is None
+                elif scan <= 0:
                     if rlen >= BATCH_PREFIX:
                         t.records_unknown = True
                         m.truncated = True
                 else:
-                    if rlen >= BATCH_HEADER and not head:
-                        length, magic, attrs, count = v2head(mv, pos)
-                    if rlen >= BATCH_HEADER and magic == 2 and length + 12 == rlen and count >= 0:
-                        # The usual produce: one v2 batch filling the partition's records.
-                        recs += count
-                        scan -= rlen
-                        if count and need_tp and (attrs & 7) == 0:
-                            _traceparent(mv, pos + BATCH_HEADER, e, t)
-                            need_tp = t.traceparent is None
-                    else:
-                        m.scan_left = scan
-                        records(mv, pos, rlen, m, t)
-                        scan = m.scan_left
-                        need_tp = want_tp and t.traceparent is None
+                    m.scan_left = scan
+                    records(mv, pos, rlen, m, t)
+                    scan = m.scan_left
+                    need_tp = want_tp and t.traceparent is None
                 pos = e
             if flex:
                 pos = pos + 1 if mv[pos] == 0 else _tags(mv, pos)
