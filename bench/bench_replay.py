@@ -82,7 +82,11 @@ def main(argv: list[str] | None = None) -> None:
         packets = generate(cap, args.connections, args.requests)
         exchanges = args.connections * args.requests
         print(f"capture: {packets} packets, {exchanges} exchanges, {os.path.getsize(cap) / 1e6:.1f} MB")
-        wirespan = shutil.which("wirespan")
+        # The console script installed beside this interpreter, not the first on PATH: a
+        # version manager's shim there (pyenv's is a bash script) adds ~70 ms per run
+        # that is not wirespan's. tshark is run from /usr/bin alike.
+        beside = os.path.join(os.path.dirname(sys.executable), "wirespan")
+        wirespan = beside if os.access(beside, os.X_OK) else shutil.which("wirespan")
         ws_cmd = ([wirespan] if wirespan else [sys.executable, "-m", "service.cli"])
         out = os.path.join(d, "spans.jsonl")
         ws_cmd += ["replay", cap, "--output", out]

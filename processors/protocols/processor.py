@@ -314,10 +314,22 @@ class ProtocolsProcessor(EventProcessor):
                             if payload is not None and len(payload):
                                 side = 0 if (ev.sport == st.a_port and ev.src == st.a_addr) else 1
                                 buf = st.bufs[side]
-                                if not buf._len:
+                                if not buf._len:  # Session.feed_whole: no buffering for a whole message
                                     whole = st.session.feed_whole  # type: ignore[union-attr]
-                                    if whole is not None and self._whole(cid, st, whole, side, payload, ts):
-                                        continue
+                                    if whole is not None:
+                                        before = len(out)
+                                        try:
+                                            took = whole(side == st.client_side, payload, ts)
+                                        except ProtocolError as e:
+                                            self._protocol_error(cid, st, side, ts, e)
+                                            continue
+                                        if took:
+                                            if st.errors and len(out) > before:
+                                                st.errors = 0
+                                            extra = st.conn.extra  # type: ignore[union-attr]
+                                            if extra and "switch_to" in extra:
+                                                self._switch(cid, st, ts)
+                                            continue
                                 buf.append(payload, ts)
                                 if len(buf) <= max_msg:
                                     self._feed(cid, st, side, ts)
@@ -454,26 +466,6 @@ class ProtocolsProcessor(EventProcessor):
             st.errors = 0
         if conn.extra and "switch_to" in conn.extra:
             self._switch(cid, st, ts)
-
-    def _whole(self, cid: Any, st: _State, whole: Any, side: int, payload: Any, ts: int) -> bool:
-        """Offer a segment to the session's buffer-less path (``Session.feed_whole``)."""
-        out = self._out
-        before = len(out)
-        try:
-            if not whole(side == st.client_side, payload, ts):
-                return False
-        except ProtocolError as e:
-            self._protocol_error(cid, st, side, ts, e)
-            return True
-        except Exception:
-            self._internal_error(cid)
-            return True
-        if st.errors and len(out) > before:
-            st.errors = 0
-        conn = st.conn
-        if conn is not None and conn.extra and "switch_to" in conn.extra:
-            self._switch(cid, st, ts)
-        return True
 
     def _protocol_error(self, cid: Any, st: _State, side: int, ts: int, e: ProtocolError) -> None:
         proto = st.conn.protocol if st.conn is not None else e.protocol
@@ -652,7 +644,7 @@ class ProtocolsProcessor(EventProcessor):
         sw[f"{old}->{to}"] = sw.get(f"{old}->{to}", 0) + 1
         conn.protocol = to
         conn.settings = self._settings[to]
-        conn._emit = self._emitter(to)
+        conn.set_emit(self._emitter(to))
         try:
             st.session = mod.Session(conn)
         except Exception:
