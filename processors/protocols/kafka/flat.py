@@ -220,30 +220,24 @@ def _traceparent(mv: memoryview, pos: int, end: int, t: TopicData) -> None:
     Its header keys lie inside the record's bytes, so when the key's wire form does
     not occur there (one C-speed search of the view, no copy) there is none to find.
     When it does occur -- maybe inside a key or value -- the precise walk decides.
+    Varints of one byte (two for lengths) are decoded inline: a record's small fields
+    almost always fit.
     """
     b = mv[pos]
     if b < 0x80:
         length = (b >> 1) ^ -(b & 1)
-        p = pos + 1
+        pos += 1
     elif mv[pos + 1] < 0x80:
         u = (b & 0x7F) | mv[pos + 1] << 7
         length = (u >> 1) ^ -(u & 1)
-        p = pos + 2
+        pos += 2
     else:
-        length, p = _varint(mv, pos)
-    rend = p + length
-    if length < 0 or rend > end:
+        length, pos = _varint(mv, pos)
+    if length < 0 or pos + length > end:
         raise _bad("bad_record", pos, "record length")
-    if _TP_KEY(mv, p, rend) is not None:
-        _first_record(mv, p, rend, t)
-
-
-def _first_record(mv: memoryview, pos: int, end: int, t: TopicData) -> None:
-    """Walk the record body ``mv[pos:end]`` to its headers; take a ``traceparent``.
-
-    Varints of one byte (and the value length of two) are decoded inline: a record's
-    small fields almost always fit.
-    """
+    end = pos + length
+    if _TP_KEY(mv, pos, end) is None:
+        return
     pos += 1  # attributes
     if mv[pos] < 0x80:  # timestamp delta
         pos += 1
@@ -279,9 +273,9 @@ def _first_record(mv: memoryview, pos: int, end: int, t: TopicData) -> None:
         pos += vlen
     elif vlen < -1:
         raise _bad("bad_record", pos, "value length")
-    if pos > end:
-        raise _bad("bad_record", pos, "value length")
-    if end - pos > MAX_HEADERS_SCAN or pos == end:
+    if pos >= end or end - pos > MAX_HEADERS_SCAN:
+        if pos > end:
+            raise _bad("bad_record", pos, "value length")
         return
     b = mv[pos]
     if b < 0x80:
@@ -291,7 +285,8 @@ def _first_record(mv: memoryview, pos: int, end: int, t: TopicData) -> None:
         n, pos = _varint(mv, pos)
     if n < 0 or n > end - pos:
         raise _bad("bad_record", pos, f"{n} record headers")
-    for _ in range(n):
+    while n:
+        n -= 1
         b = mv[pos]
         if b < 0x80:
             kl = (b >> 1) ^ -(b & 1)
@@ -349,6 +344,10 @@ def produce_request(mv: memoryview, pos: int, m: Msg) -> None:
     if n < -1 or n > end - pos:
         raise _bad("bad_length", pos, f"array length {n}")
     names = _NAMES
+    name_s = _NAME_S
+    name_i = _NAME_I
+    uuid_s = _UUID_S
+    uuid_i = _UUID_I
     topics = m.topics
     by: dict[str | bytes, TopicData] = {}
     want_tp = m.want_tp
@@ -362,7 +361,7 @@ def produce_request(mv: memoryview, pos: int, m: Msg) -> None:
         # Topic key and partition count.
         if ids:
             if flex:
-                key, = _UUID_S(mv, pos)  # 16-byte id, kept
+                key, = uuid_s(mv, pos)  # 16-byte id, kept
                 pos += 16
                 b = mv[pos]
                 if b < 0x80:
@@ -372,7 +371,7 @@ def produce_request(mv: memoryview, pos: int, m: Msg) -> None:
                     np, pos = _uvarint(mv, pos)
                     np -= 1
             else:
-                key, np = _UUID_I(mv, pos)
+                key, np = uuid_i(mv, pos)
                 pos += 20
             t = by.get(key)
             if t is None:
@@ -392,7 +391,7 @@ def produce_request(mv: memoryview, pos: int, m: Msg) -> None:
                     ln -= 1
                 if ln < 1 or ln > 249:
                     raise _bad("bad_topic", pos, f"topic name length {ln}")
-                nb, = _NAME_S[ln](mv, pos)
+                nb, = name_s[ln](mv, pos)
                 pos += ln
                 b = mv[pos]
                 if b < 0x80:
@@ -405,7 +404,7 @@ def produce_request(mv: memoryview, pos: int, m: Msg) -> None:
                 ln = mv[pos] << 8 | mv[pos + 1]
                 if ln < 1 or ln > 249:
                     raise _bad("bad_topic", pos, f"topic name length {ln}")
-                nb, np = _NAME_I[ln](mv, pos + 2)
+                nb, np = name_i[ln](mv, pos + 2)
                 pos += 6 + ln
             name = names.get(nb) or _name(nb, pos)
             t = by.get(name)
@@ -562,6 +561,10 @@ def fetch_request(mv: memoryview, pos: int, m: Msg) -> None:
     if n < -1 or n > end - pos:
         raise _bad("bad_length", pos, f"array length {n}")
     names = _NAMES
+    name_s = _NAME_S
+    name_i = _NAME_I
+    uuid_s = _UUID_S
+    uuid_i = _UUID_I
     topics = m.topics
     append = topics.append
     layouts = _FETCH_N.get((v, flex)) or {}
@@ -573,7 +576,7 @@ def fetch_request(mv: memoryview, pos: int, m: Msg) -> None:
     for _ in range(n):
         if ids:
             if flex:
-                tid, = _UUID_S(mv, pos)  # 16-byte id, kept
+                tid, = uuid_s(mv, pos)  # 16-byte id, kept
                 pos += 16
                 b = mv[pos]
                 if b < 0x80:
@@ -583,7 +586,7 @@ def fetch_request(mv: memoryview, pos: int, m: Msg) -> None:
                     np, pos = _uvarint(mv, pos)
                     np -= 1
             else:
-                tid, np = _UUID_I(mv, pos)
+                tid, np = uuid_i(mv, pos)
                 pos += 20
             add(tid)
         else:
@@ -597,7 +600,7 @@ def fetch_request(mv: memoryview, pos: int, m: Msg) -> None:
                     ln -= 1
                 if ln < 1 or ln > 249:
                     raise _bad("bad_topic", pos, f"topic name length {ln}")
-                nb, = _NAME_S[ln](mv, pos)
+                nb, = name_s[ln](mv, pos)
                 pos += ln
                 b = mv[pos]
                 if b < 0x80:
@@ -610,7 +613,7 @@ def fetch_request(mv: memoryview, pos: int, m: Msg) -> None:
                 ln = mv[pos] << 8 | mv[pos + 1]
                 if ln < 1 or ln > 249:
                     raise _bad("bad_topic", pos, f"topic name length {ln}")
-                nb, np = _NAME_I[ln](mv, pos + 2)
+                nb, np = name_i[ln](mv, pos + 2)
                 pos += 6 + ln
             name = names.get(nb) or _name(nb, pos)
             add(name)
