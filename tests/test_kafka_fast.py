@@ -155,3 +155,29 @@ def test_lazy_partitions_and_offsets_merge_with_responses():
     m = flat.parse_request(memoryview(fetch_request(12, {"orders": [(1, 10), (2, 20)]})), 0)
     t = m.topics[0]
     assert t.partitions == [1, 2] and t.offsets == {1: 10, 2: 20}
+
+
+@pytest.mark.parametrize("version", [4, 12])
+def test_span_reads_served_from_the_unpacked_tuple_match_the_list_and_dict(version):
+    parts = [(5, 50), (6, 60), (5, 55)]  # a repeated partition: the last offset wins, as in a dict
+    m = flat.parse_request(memoryview(fetch_request(version, {"orders": parts})), 0)
+    t = m.topics[0]
+    reads = (t.partition_count, t.first_partition, t.offset_of(5), t.offset_of(6), t.offset_of(7),
+             t.has_partition(6), t.has_partition(7))
+    assert type(t._p) is tuple  # nothing materialized by those reads
+    t.partitions  # noqa: B018 (materialize)
+    assert reads == (t.partition_count, t.first_partition, t.offset_of(5), t.offset_of(6), t.offset_of(7),
+                     t.has_partition(6), t.has_partition(7)) == (3, 5, 55, 60, None, True, False)
+    assert t.offsets == {5: 55, 6: 60}
+
+
+def test_poll_span_offset_of_the_only_partition_that_returned_records():
+    from tests.support.kafka_wire import Driver, fetch_response
+
+    d = Driver()
+    d.request(fetch_request(12, {"orders": [(0, 100), (1, 200), (2, 300)]}, corr=7))
+    d.response(fetch_response(12, {"orders": [(0, 0, 9, None), (1, 0, 9, records(2)), (2, 0, 9, None)]}, corr=7))
+    (s,) = d.spans
+    assert s.attributes["messaging.destination.partition.id"] == "1"
+    assert s.attributes["messaging.kafka.offset"] == 200
+    assert s.attributes["messaging.kafka.partition.count"] == 3

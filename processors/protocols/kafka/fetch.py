@@ -101,7 +101,7 @@ def walk_response(m: Msg, req: Msg) -> Walker:
         np = yield u_array
         for _ in range(np):
             idx, err, rlen = yield u_partition_response
-            if idx not in t.partitions:
+            if not t.has_partition(idx):
                 t.partitions.append(idx)
             if err and not t.error:
                 t.error = err

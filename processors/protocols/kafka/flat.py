@@ -702,7 +702,7 @@ def produce_response(mv: memoryview, pos: int, m: Msg, req: Msg) -> None:
                 pos = _skip_str(mv, pos, flex)
             if flex:
                 pos = _tags(mv, pos)
-            if idx not in t.partitions:
+            if not t.has_partition(idx):
                 t.partitions.append(idx)
             t.offsets[idx] = base
             if err and not t.error:
@@ -749,7 +749,7 @@ def fetch_response(mv: memoryview, pos: int, m: Msg, req: Msg) -> None:
                 pos += 4
             if rlen < -1 or pos + rlen > end:
                 raise _bad("bad_length", pos, f"records of {rlen}")
-            if idx not in t.partitions:
+            if not t.has_partition(idx):
                 t.partitions.append(idx)
             if err and not t.error:
                 t.error = err

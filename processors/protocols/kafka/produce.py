@@ -86,7 +86,7 @@ def walk_response(m: Msg, req: Msg) -> Walker:
         np = yield u_array
         for _ in range(np):
             idx, err, base = yield u_partition_response
-            if idx not in t.partitions:
+            if not t.has_partition(idx):
                 t.partitions.append(idx)
             t.offsets[idx] = base
             if err and not t.error:

@@ -328,16 +328,17 @@ class KafkaSession:
                 attrs["messaging.client.id"] = req.client_id
             if t.topic_id is not None:
                 attrs["messaging.kafka.topic.id"] = uuid_str(t.topic_id)
-            parts = t.partitions
+            nparts = t.partition_count
             # One partition, or a poll over several where only one returned records.
-            p = parts[0] if len(parts) == 1 else (t.data_partitions[0] if len(t.data_partitions) == 1 else -1)
+            dp = t.data_partitions
+            p = t.first_partition if nparts == 1 else (dp[0] if len(dp) == 1 else -1)
             if p >= 0:
                 attrs["messaging.destination.partition.id"] = str(p)
-                off = t.offsets.get(p)
+                off = t.offset_of(p)
                 if off is not None:
                     attrs["messaging.kafka.offset"] = off
-            if len(parts) > 1:
-                attrs["messaging.kafka.partition.count"] = len(parts)
+            if nparts > 1:
+                attrs["messaging.kafka.partition.count"] = nparts
             if not t.records_unknown and (t.records or key == apis.PRODUCE or resp is not None):
                 attrs["messaging.batch.message_count"] = t.records
             code = t.error or req.error
@@ -347,7 +348,7 @@ class KafkaSession:
                 status = StatusCode.ERROR
                 msg = apis.error_name(code)
                 attrs["error.type"] = msg
-                if t.error_partition >= 0 and len(t.partitions) > 1:
+                if t.error_partition >= 0 and nparts > 1:
                     attrs["messaging.kafka.error.partition"] = t.error_partition
             conn.emit(conn.span(f"{op} {dest}", kind, req.start_ns, end_ns, attrs,
                                 traceparent=t.traceparent, status_code=status, status_message=msg))

@@ -86,6 +86,31 @@ class TopicData:
     def offsets(self, value: dict[int, int]) -> None:
         self._o = value
 
+    # Reads that spans and response merges need, served from the unpacked tuple in place.
+    @property
+    def partition_count(self) -> int:
+        p = self._p
+        return len(p) if type(p) is list else len(p) // self._k  # type: ignore[arg-type]
+
+    @property
+    def first_partition(self) -> int:
+        return self._p[0]  # type: ignore[index]
+
+    def has_partition(self, idx: int) -> bool:
+        p = self._p
+        return idx in p if type(p) is list else idx in p[0::self._k]  # type: ignore[index, operator]
+
+    def offset_of(self, idx: int) -> int | None:
+        p = self._p
+        if type(p) is list:
+            o = self._o
+            return None if o is None else o.get(idx)
+        k = self._k
+        for i in range(len(p) - k, -1, -k):  # type: ignore[arg-type]  # the last entry wins, as in a dict
+            if p[i] == idx:  # type: ignore[index]
+                return p[i + 1]  # type: ignore[index]
+        return None
+
     def add_data_partition(self, idx: int) -> None:
         self.data_partitions = [*self.data_partitions, idx]
 
