@@ -181,3 +181,15 @@ def test_poll_span_offset_of_the_only_partition_that_returned_records():
     assert s.attributes["messaging.destination.partition.id"] == "1"
     assert s.attributes["messaging.kafka.offset"] == 200
     assert s.attributes["messaging.kafka.partition.count"] == 3
+
+
+@pytest.mark.parametrize("version", [4, 12, 13])
+def test_many_partitions_are_walked_and_unpackers_stay_bounded(version):
+    """A topic with more partitions than MAX_LAYOUT_PARTITIONS builds no unpacker for
+    its count (a hostile message cannot grow the cache with the counts it declares)."""
+    for np in (flat.MAX_LAYOUT_PARTITIONS + 1, 300, 1000):
+        parts = [(i, 10 * i) for i in range(np)]
+        fast, slow = both(fetch_request(version, {"orders": parts, "audit": [(1, 2)]}, ids=_ids(["orders", "audit"])))
+        assert fast == slow and fast[5][0][2] == list(range(np))
+    for layouts in flat._FETCH_N.values():
+        assert max(layouts) <= flat.MAX_LAYOUT_PARTITIONS

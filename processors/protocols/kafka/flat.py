@@ -488,56 +488,50 @@ def _fetch_fmt(v: int, flex: bool) -> str:
             + "4x" + ("B" if flex else ""))
 
 
-#: Partitions per topic up to which the check of the unpacked values is generated code.
-_MAX_GENERATED = 64
+#: Partitions per topic up to which one ``struct`` unpacks them all (and the check of
+#: the values is generated code); a topic with more is walked partition by partition,
+#: so no unpacker (and no cache entry) grows with what a message declares.
+MAX_LAYOUT_PARTITIONS = 64
 _FETCH_N: dict[tuple[int, bool], dict[int, tuple[Any, int, Any]]] = {}
 
 
 def _fetch_layout(v: int, flex: bool, np: int) -> tuple[Any, int, Any]:
-    """(unpack, size, check) for ``np`` consecutive fixed-size partitions.
+    """(unpack, size, check) for ``np`` (<= MAX_LAYOUT_PARTITIONS) fixed-size partitions.
 
     ``check(raw)`` is < 0 when a partition index is negative, > 0 (flexible versions)
     when some partition has tagged fields -- then the partitions are not fixed-size
-    from there and are walked one by one. Generated (like namedtuple) for small
-    ``np`` as ORs of the values: one call instead of a slice and ``min``.
+    from there and are walked one by one. Generated (like namedtuple does) as ORs of
+    the values: one call instead of a slice and ``min``.
     """
     st = struct.Struct(">" + _fetch_fmt(v, flex) * np)
     k = 3 if flex else 2
-    check: Any
-    if np <= _MAX_GENERATED:
-        ids = " | ".join(f"r[{i * k}]" for i in range(np))
-        if flex:
-            tags = " | ".join(f"r[{i * k + 2}]" for i in range(np))
-            check = eval(f"lambda r: -1 if ({ids}) < 0 else ({tags})")  # our own literal code (as namedtuple does)
-        else:
-            check = eval(f"lambda r: {ids}")  # our own literal code (as namedtuple does)
-    elif flex:
-        def check(r: tuple[int, ...]) -> int:
-            return -1 if min(r[0::3]) < 0 else max(r[2::3])
+    ids = " | ".join(f"r[{i * k}]" for i in range(np))
+    if flex:
+        tags = " | ".join(f"r[{i * k + 2}]" for i in range(np))
+        check = eval(f"lambda r: -1 if ({ids}) < 0 else ({tags})")  # our own literal code
     else:
-        def check(r: tuple[int, ...]) -> int:
-            return min(r[0::2])
+        check = eval(f"lambda r: {ids}")  # our own literal code
     entry = (st.unpack_from, st.size, check)
-    cache = _FETCH_N.setdefault((v, flex), {})
-    if len(cache) < 1024:
-        cache[np] = entry
+    _FETCH_N.setdefault((v, flex), {})[np] = entry  # at most MAX_LAYOUT_PARTITIONS per version
     return entry
 
 
 def _fetch_parts_walk(mv: memoryview, pos: int, np: int, v: int, flex: bool) -> tuple[list[int], dict[int, int], int]:
-    """Partition by partition (some partition carries tagged fields)."""
+    """Partition by partition: many partitions, or some carry tagged fields."""
     st = struct.Struct(">" + _fetch_fmt(v, flex))
     unpack = st.unpack_from
-    size = st.size - 1
+    size = st.size - flex
     parts: list[int] = []
     offsets: dict[int, int] = {}
     for _ in range(np):
-        p, off, _tag = unpack(mv, pos)
+        p, off = unpack(mv, pos)[:2]
         if p < 0:
             raise _bad("bad_field", pos, f"partition {p}")
         parts.append(p)
         offsets[p] = off
-        pos = _tags(mv, pos + size)
+        pos += size
+        if flex:
+            pos = pos + 1 if mv[pos] == 0 else _tags(mv, pos)
     return parts, offsets, pos
 
 
@@ -627,6 +621,11 @@ def fetch_request(mv: memoryview, pos: int, m: Msg) -> None:
             if lay is None:
                 if np > end - pos:
                     raise _bad("bad_length", pos, f"array length {np}")
+                if np > MAX_LAYOUT_PARTITIONS:
+                    t._p, t._o, pos = _fetch_parts_walk(mv, pos, np, v, flex)
+                    if flex:
+                        pos = pos + 1 if mv[pos] == 0 else _tags(mv, pos)
+                    continue
                 lay = _fetch_layout(v, flex, np)
                 layouts = _FETCH_N[(v, flex)]
             unpack, size, check = lay
