@@ -1,6 +1,7 @@
 """eBPF receiver throughput, drops and overhead, with real loopback load (root).
 
-Run: ``python -m bench.bench_ebpf`` (or ``python bench/bench_ebpf.py``). Prints medians of
+Run: ``python -m bench.bench_ebpf`` (or ``python bench/bench_ebpf.py [end_to_end drops protocols
+nginx]`` for some sections). Prints medians of
 REPEATS runs for:
 
 1. **end to end**: a load generator (separate processes: a minimal HTTP/1.1 keep-alive
@@ -10,8 +11,9 @@ REPEATS runs for:
    client read) and 2 spans (CLIENT + SERVER). Reports records/s consumed, spans/s,
    ring-buffer reservation failures.
 2. **drops at a fixed rate**: the generator paced to 50k and 100k records/s for
-   DURATION s into receiver + protocols stage; reports records seen vs generated and
-   reservation failures (at the receiver's default ring size, and at 16 MiB).
+   DURATION s into receiver + protocols stage, DROP_REPEATS runs each, at the
+   receiver's default ring size (then 100k on a 16 MiB ring for the headroom); prints
+   every run's ring reservation failures, records seen vs generated, load average.
 3. **overhead on a traced server**: nginx (Debian's, one worker) served by the same
    keep-alive client, requests/s untraced, with the programs attached but filtering
    everything out (the per-syscall hook cost), and traced (receiver + protocols stage
@@ -37,6 +39,9 @@ from receivers.ebpf.receiver import DEFAULT_RING_SIZE
 from tests.support.capture import free_port, wait_port
 
 REPEATS = 3
+#: fixed-rate drop runs per rate: every run's count is printed
+DROP_REPEATS = 5
+SMALL_RING = 16 << 20
 DURATION = 4.0
 PAIRS = 2
 
@@ -129,8 +134,11 @@ def run_clients(port: int, duration: float, rate_per_client: float, pairs: int =
     return sum(float(p.communicate()[0].strip() or 0) for p in procs)
 
 
-def with_receiver(port: int, stage: bool, fn, reader: str = "mmap", ring_size: int = DEFAULT_RING_SIZE):
-    """Run ``fn()`` with the receiver attached; returns (fn result, records, spans_or_events, reserve failures)."""
+def with_receiver(port: int, stage: bool, fn, reader: str = "mmap", ring_size: int = DEFAULT_RING_SIZE,
+                  detail: dict | None = None):
+    """Run ``fn()`` with the receiver attached; returns (fn result, records, spans_or_events, reserve failures).
+
+    ``detail``, when given, is filled with the kernel counters and the receiver's stats."""
     sink = SpanCounter()
     proc = protocols_stage(sink) if stage else None
     rx = EbpfReceiver("ebpf", EbpfConfig(ports=[port], ring_reader=reader, ring_size=ring_size),
@@ -145,6 +153,9 @@ def with_receiver(port: int, stage: bool, fn, reader: str = "mmap", ring_size: i
             proc.flush()
             proc.shutdown()
     kc = rx.kernel_counters()
+    if detail is not None:
+        detail.update(kc)
+        detail.update(rx.stats)
     return out, rx.stats["records"], sink.n, kc["ringbuf_reserve_failures"]
 
 
@@ -170,28 +181,40 @@ def end_to_end() -> None:
 
 
 def fixed_rates() -> None:
+    """Ring drops at 50k and 100k records/s with the protocols stage, at the default ring.
+
+    Every run is printed (drops are rare events: a median would hide them), with the
+    1-minute load average, since the 2 cores are shared with the generator and others.
+    ``with room`` counts failures while the ring had space for the record (not a slow
+    consumer); ``queue`` counts batches the receiver's own burst queue dropped."""
     port = free_port()
     srv = start_server(port)
+    drops: dict[tuple[int, int], list[int]] = {}
     try:
-        for stage in (False, True):
+        def run(target: int, ring: int) -> None:
+            per_client = target / 4 / PAIRS
+            d: dict = {}
+            load = os.getloadavg()[0]
+            rt, recs, outs, fail = with_receiver(port, True, lambda: run_clients(port, DURATION, per_client),
+                                                 ring_size=ring, detail=d)
+            drops.setdefault((target, ring), []).append(fail)
+            print(f"    {target:7d}/s {ring >> 20:3d} MiB: generated {rt * 4:7.0f}/s consumed {recs / DURATION:7.0f}/s "
+                  f"spans {outs / DURATION:6.0f}/s | ring drops {fail} (with room "
+                  f"{d.get('ringbuf_reserve_failures_with_room', '-')}) queue drops {d.get('queue_dropped', 0)} "
+                  f"| load {load:.2f}")
+
+        for _ in range(DROP_REPEATS):
             for target in (50_000, 100_000):
-                per_client = target / 4 / PAIRS
-                rt, recs, outs, fail = with_receiver(port, stage,
-                                                     lambda pc=per_client: run_clients(port, DURATION, pc))
-                label = "receiver + protocols" if stage else "receiver only"
-                print(f"  {label:20s} target {target:7d} records/s: generated {rt * 4:9.0f}/s, "
-                      f"consumed {recs / DURATION:9.0f}/s, {'spans' if stage else 'events'} "
-                      f"{outs / DURATION:8.0f}/s, ring reserve failures {fail}")
-        # why the default is 64 MiB: the same hardest case with a 16 MiB ring
-        per_client = 100_000 / 4 / PAIRS
-        for ring in (16 << 20, DEFAULT_RING_SIZE):
-            fails = [with_receiver(port, True, lambda pc=per_client: run_clients(port, DURATION, pc),
-                                   ring_size=ring)[3] for _ in range(REPEATS)]
-            print(f"  receiver + protocols at 100000 records/s, {ring >> 20:3d} MiB ring: "
-                  f"reserve failures per run {fails}")
+                run(target, DEFAULT_RING_SIZE)
+        # the same hardest case on a 4x smaller ring: how much headroom the default has
+        for _ in range(DROP_REPEATS):
+            run(100_000, SMALL_RING)
     finally:
         srv.terminate()
         srv.wait()
+    for (target, ring), fails in drops.items():
+        print(f"  receiver + protocols at {target:6d} records/s, {ring >> 20:3d} MiB ring: "
+              f"ring drops per run {fails}")
 
 
 def protocols_cost() -> None:
@@ -255,19 +278,26 @@ def nginx_overhead() -> None:
               f"traced (ebpf + protocols) {t:8.0f} ({t / b:.2f})")
 
 
-def main() -> None:
+def main(sections: list[str] | None = None) -> None:
+    """All sections, or those named (``python bench/bench_ebpf.py drops``)."""
     if os.geteuid() != 0:
         print("bench_ebpf: needs root (eBPF)")
         return
-    print(f"end to end ({PAIRS} client processes, {DURATION:.0f}s, median of {REPEATS}):")
-    end_to_end()
-    print(f"fixed rates (default ring, {DEFAULT_RING_SIZE >> 20} MiB):")
-    fixed_rates()
-    print("for comparison, in the same run:")
-    protocols_cost()
-    print(f"overhead on a traced nginx (median of {REPEATS}, A/B alternating):")
-    nginx_overhead()
+    want = set(sections or ("end_to_end", "drops", "protocols", "nginx"))
+    if "end_to_end" in want:
+        print(f"end to end ({PAIRS} client processes, {DURATION:.0f}s, median of {REPEATS}):")
+        end_to_end()
+    if "drops" in want:
+        print(f"fixed rates, receiver + protocols (default ring {DEFAULT_RING_SIZE >> 20} MiB, {DURATION:.0f}s, "
+              f"every run of {DROP_REPEATS}):")
+        fixed_rates()
+    if "protocols" in want:
+        print("for comparison, in the same run:")
+        protocols_cost()
+    if "nginx" in want:
+        print(f"overhead on a traced nginx (median of {REPEATS}, A/B alternating):")
+        nginx_overhead()
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

@@ -291,6 +291,15 @@ class MmapRing:
     for each committed record and only then publishes the new consumer position,
     so ``fn`` must copy what it keeps. Loads are ordered by x86-64's TSO model
     (and the BUSY bit is checked); that is the platform this is measured on.
+
+    The consumer position is shared with producers on every CPU, which read it
+    without a lock, so it is stored with one 8-byte store (a ctypes ``c_uint64``
+    over the mapping). ``struct.pack_into`` must not be used there: it zero-fills
+    the field before writing it, and a producer that reads the 0 in between sees
+    the ring as full (``new_prod_pos - 0 > mask`` once the ring has wrapped) and
+    drops the record: that was the rare ring-reservation failure at any ring size
+    and fill level (issue 9). The producer position is only read here;
+    ``unpack_from`` of a native-size ``Q`` is one 8-byte load.
     """
 
     def __init__(self, map_fd: int, size: int) -> None:
@@ -304,20 +313,22 @@ class MmapRing:
         except OSError as e:
             raise BpfError(f"mapping the ring buffer: {e.strerror}") from None
         self._data_off = page
+        #: consumer_pos, written with single 8-byte stores (see the class docstring)
+        self._cons_pos: ctypes.c_uint64 | None = ctypes.c_uint64.from_buffer(self._cons, 0)
         self._ep = select.epoll()
         self._ep.register(map_fd, select.EPOLLIN)
 
     def wait(self, timeout_s: float) -> None:
         """Block until the kernel signals data (or the timeout)."""
-        if _U64.unpack_from(self._cons, 0)[0] == _U64.unpack_from(self._prod, 0)[0]:
+        if self._cons_pos.value == _U64.unpack_from(self._prod, 0)[0]:
             self._ep.poll(timeout_s)
 
     def consume(self, fn, limit: int = 1 << 30) -> int:
         """Hand each committed record to ``fn(mapping, offset, length)``; returns the count."""
-        prod, cons = self._prod, self._cons
+        prod, cons = self._prod, self._cons_pos
         base, mask = self._data_off, self.mask
         u32 = _U32.unpack_from
-        pos = _U64.unpack_from(cons, 0)[0]
+        pos = cons.value
         end = _U64.unpack_from(prod, 0)[0]
         n = 0
         while pos < end and n < limit:
@@ -331,13 +342,14 @@ class MmapRing:
                 n += 1
             pos += (size + RINGBUF_HDR + 7) & ~7
             if n & 255 == 0:
-                _U64.pack_into(cons, 0, pos)  # let the producer reuse space during long batches
+                cons.value = pos  # let the producer reuse space during long batches
             if pos >= end:
                 end = _U64.unpack_from(prod, 0)[0]
-        _U64.pack_into(cons, 0, pos)
+        cons.value = pos
         return n
 
     def free(self) -> None:
+        self._cons_pos = None  # drop the buffer export, so the mapping can be closed
         for m in ("_cons", "_prod"):
             mm = getattr(self, m, None)
             if mm is not None:

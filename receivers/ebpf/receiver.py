@@ -56,15 +56,17 @@ HDR = struct.Struct("<QQQIIIIIHHBBBBI16s16s16sQ")
 CFG = struct.Struct("<6I")
 #: enum counter in wirespan.bpf.c, by index (metric label ``counter``).
 COUNTER_NAMES = ("ringbuf_reserve_failures", "truncated_calls", "truncated_bytes", "records",
-                 "user_read_failures", "inflight_table_full")
+                 "user_read_failures", "inflight_table_full", "ringbuf_reserve_failures_with_room")
 N_COUNTERS = 8
 
 CHUNK = 16384                     #: payload bytes per ring record (issue 9)
 MAX_CALL_BYTES = 64 * CHUNK       #: MAX_RECORDS * CHUNK in the C file: 1 MiB per syscall
-#: 64 MiB: at 100k records/s with the protocols stage in the same process, a 16 MiB
-#: ring lost 3-25 records per 4 s run to consumer stalls (GIL, GC), 64 MiB 0-3
-#: (bench/bench_ebpf.py prints both). It costs 64 MiB of locked kernel memory per
-#: node: lower it with ``ring_size`` where memory matters more than bursts.
+#: 64 MiB: room for ~4 s of 100k records/s while the process is stalled (GC, CPU
+#: shared with the traced workload). The rare drops once blamed on a small ring
+#: were the consumer position being rewritten non-atomically (fixed in
+#: libbpf.MmapRing, issue 9); a 16 MiB ring still filled in some runs on a loaded
+#: 2-core machine (bench/bench_ebpf.py prints both). It costs 64 MiB of locked
+#: kernel memory per node: lower it with ``ring_size`` where memory matters more.
 DEFAULT_RING_SIZE = 64 << 20
 DEFAULT_MESSAGE_CAP = 64 << 10    #: OBI's large-buffer default order of magnitude (issue 9)
 #: Largest configurable message cap: bounds what one connection can make us hold.

@@ -28,6 +28,7 @@ char LICENSE[] SEC("license") = "Dual BSD/GPL";
 #define MAX_IOV 16           // iovecs followed per readv/writev/recvmsg/sendmsg
 #define MAX_RECORDS 64       // records per syscall: 64 * 16 KiB = 1 MiB hard bound
 #define MAX_FDS_BITS 20      // fd numbers above 2^20 are not followed
+#define RINGBUF_HDR 8        // BPF_RINGBUF_HDR_SZ: the kernel's per-record header
 #define AF_INET 2
 #define AF_INET6 10
 #define S_IFMT 00170000
@@ -38,12 +39,13 @@ char LICENSE[] SEC("license") = "Dual BSD/GPL";
 enum op { WS_READ = 0, WS_WRITE = 1, WS_READV = 2, WS_WRITEV = 3, WS_RECVMSG = 4, WS_SENDMSG = 5 };
 enum kind { K_DATA = 0, K_CLOSE = 1 };
 enum counter {
-	C_RESERVE_FAIL = 0,  // bpf_ringbuf_output failed: ring full, record lost
+	C_RESERVE_FAIL = 0,  // bpf_ringbuf_output failed (ring full, or see C_RESERVE_FAIL_ROOM): record lost
 	C_TRUNC_CALLS = 1,   // syscalls with bytes beyond max_call_bytes
 	C_TRUNC_BYTES = 2,   // those bytes
 	C_RECORDS = 3,       // records written
 	C_READ_FAIL = 4,     // bpf_probe_read_user failed (page not present)
 	C_ACTIVE_FULL = 5,   // the in-flight syscall table was full
+	C_RESERVE_FAIL_ROOM = 6,  // of C_RESERVE_FAIL: the ring had room for the record
 	N_COUNTERS = 8,
 };
 
@@ -173,6 +175,22 @@ static __always_inline void count(u32 idx, u64 n)
 	u64 *v = bpf_map_lookup_elem(&counters, &idx);
 	if (v)
 		*v += n;  // per-CPU slot: no atomics needed
+}
+
+// Every record goes out through here. A failed reservation is counted, and
+// counted again when the ring still had room for the record: a full ring means
+// the consumer fell behind, a failure with room means something else refused it
+// (it was a consumer position read as 0 while userspace rewrote it: issue 9).
+static __always_inline void rb_output(void *data, u64 size)
+{
+	if (!bpf_ringbuf_output(&events, data, size, 0)) {
+		count(C_RECORDS, 1);
+		return;
+	}
+	count(C_RESERVE_FAIL, 1);
+	u64 need = (size + RINGBUF_HDR + 7) & ~7ULL;
+	if (bpf_ringbuf_query(&events, BPF_RB_AVAIL_DATA) + need < bpf_ringbuf_query(&events, BPF_RB_RING_SIZE))
+		count(C_RESERVE_FAIL_ROOM, 1);
 }
 
 static __always_inline struct ws_cfg *get_config(void)
@@ -356,10 +374,7 @@ static long copy_step(u32 i, void *arg)
 	c->base += n;
 	c->avail -= n;
 	r->h.last = c->done >= c->want;
-	if (bpf_ringbuf_output(&events, r, sizeof(struct rec_hdr) + sz, 0))
-		count(C_RESERVE_FAIL, 1);
-	else
-		count(C_RECORDS, 1);
+	rb_output(r, sizeof(struct rec_hdr) + sz);
 	return 0;
 }
 
@@ -442,10 +457,7 @@ static __always_inline int on_exit(long ret)
 		h->offset = done;
 		h->len = 0;
 		h->last = 1;
-		if (bpf_ringbuf_output(&events, r, sizeof(struct rec_hdr), 0))
-			count(C_RESERVE_FAIL, 1);
-		else
-			count(C_RECORDS, 1);
+		rb_output(r, sizeof(struct rec_hdr));
 	}
 	return 0;
 }
@@ -550,9 +562,6 @@ int enter_close(struct trace_event_raw_sys_enter *ctx)
 	h->last = 1;
 	h->pad = 0;
 	bpf_get_current_comm(h->comm, sizeof(h->comm));
-	if (bpf_ringbuf_output(&events, h, sizeof(*h), 0))
-		count(C_RESERVE_FAIL, 1);
-	else
-		count(C_RECORDS, 1);
+	rb_output(h, sizeof(*h));
 	return 0;
 }
