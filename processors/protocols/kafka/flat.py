@@ -122,7 +122,10 @@ _NAME_S = [None] + [struct.Struct(f">{n}s").unpack_from for n in range(1, 250)]
 _NAME_I = [None] + [struct.Struct(f">{n}si").unpack_from for n in range(1, 250)]
 _UUID_S = struct.Struct(">16s").unpack_from
 _UUID_I = struct.Struct(">16si").unpack_from
-_CLIENT_IDS: dict[int, object] = {}
+#: Client ids (decoded once per distinct id, like names); only short ones are cached, so
+#: the cache holds at most MAX_NAME_CACHE x 128 bytes whatever clients send.
+MAX_CACHED_CLIENT_ID = 128
+_CLIENT_IDS: dict[int, Any] = {}  # client id length -> unpacker, at most 256 lengths
 _CLIENT_ID_CACHE: dict[bytes, str] = {}
 
 
@@ -147,9 +150,10 @@ def _client_id(mv: memoryview, n: int) -> str:
     cid = _CLIENT_ID_CACHE.get(raw)
     if cid is None:
         cid = str(raw, "ascii", "replace")
-        if len(_CLIENT_ID_CACHE) >= MAX_NAME_CACHE:
-            _CLIENT_ID_CACHE.clear()
-        _CLIENT_ID_CACHE[raw] = cid
+        if n <= MAX_CACHED_CLIENT_ID:
+            if len(_CLIENT_ID_CACHE) >= MAX_NAME_CACHE:
+                _CLIENT_ID_CACHE.clear()
+            _CLIENT_ID_CACHE[raw] = cid
     return cid
 
 
