@@ -181,6 +181,7 @@ def request_header(mv: memoryview) -> tuple[Msg, int]:
 # -- record data ----------------------------------------------------------------
 #: The first record's header key as it appears on the wire: varint length 11 (zigzag 22).
 _TP_KEY = re.compile(rb"\x16traceparent").search
+_B3 = struct.Struct(">3B").unpack_from
 
 
 def records(mv: memoryview, pos: int, n: int, m: Msg, t: TopicData) -> None:
@@ -240,23 +241,30 @@ def _traceparent(mv: memoryview, pos: int, end: int, t: TopicData) -> None:
     if length < 0 or pos + length > end:
         raise _bad("bad_record", pos, "record length")
     end = pos + length
-    if _TP_KEY(mv, pos, end) is None:
+    hit = _TP_KEY(mv, pos, end)
+    if hit is None:
         return
-    pos += 1  # attributes
-    if mv[pos] < 0x80:  # timestamp delta
-        pos += 1
-    else:
-        _, pos = _varint(mv, pos)
-    if mv[pos] < 0x80:  # offset delta
-        pos += 1
-    else:
-        _, pos = _varint(mv, pos)
-    b = mv[pos]
-    if b < 0x80:
+    # attributes, then timestamp delta, offset delta and key length: one byte each, mostly
+    ts, od, b = _B3(mv, pos + 1) if length >= 4 else (0x80, 0, 0)
+    if ts < 0x80 and od < 0x80 and b < 0x80:
         klen = (b >> 1) ^ -(b & 1)
-        pos += 1
+        pos += 4
     else:
-        klen, pos = _varint(mv, pos)
+        pos += 1
+        if mv[pos] < 0x80:  # timestamp delta
+            pos += 1
+        else:
+            _, pos = _varint(mv, pos)
+        if mv[pos] < 0x80:  # offset delta
+            pos += 1
+        else:
+            _, pos = _varint(mv, pos)
+        b = mv[pos]
+        if b < 0x80:
+            klen = (b >> 1) ^ -(b & 1)
+            pos += 1
+        else:
+            klen, pos = _varint(mv, pos)
     if klen > 0:
         pos += klen
     elif klen < -1:
@@ -285,6 +293,16 @@ def _traceparent(mv: memoryview, pos: int, end: int, t: TopicData) -> None:
     if b < 0x80:
         n = (b >> 1) ^ -(b & 1)
         pos += 1
+        if n > 0 and pos == hit.start():
+            # The search's hit is the first header's key (length 11, "traceparent").
+            b = mv[pos + 12]
+            vl = (b >> 1) ^ -(b & 1) if b < 0x80 else -2
+            if 0 < vl <= MAX_TRACEPARENT:
+                pos += 13
+                if pos + vl > end:
+                    raise _bad("bad_record", pos, "header value length")
+                t.traceparent = mv[pos:pos + vl].tobytes()  # deliberate small copy: the span's parent
+                return
     else:
         n, pos = _varint(mv, pos)
     if n < 0 or n > end - pos:
