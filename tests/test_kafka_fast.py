@@ -193,3 +193,36 @@ def test_many_partitions_are_walked_and_unpackers_stay_bounded(version):
         assert fast == slow and fast[5][0][2] == list(range(np))
     for layouts in flat._FETCH_N.values():
         assert max(layouts) <= flat.MAX_LAYOUT_PARTITIONS
+
+
+def _zz(n: int) -> bytes:
+    """A zigzag varint, as Kafka record fields are encoded."""
+    u = (n << 1) ^ (n >> 63)
+    out = bytearray()
+    while u >= 0x80:
+        out.append(u & 0x7F | 0x80)
+        u >>= 7
+    out.append(u)
+    return bytes(out)
+
+
+def _batch(ts_delta: int, offset_delta: int, key: bytes | None, headers: list[tuple[bytes, bytes]]) -> bytes:
+    """One v2 batch of one record, written by hand for field values kafka-python's
+    builder never makes for a first record (non-zero timestamp/offset deltas)."""
+    import struct
+
+    body = (b"\x00" + _zz(ts_delta) + _zz(offset_delta) + (_zz(-1) if key is None else _zz(len(key)) + key)
+            + _zz(1) + b"v" + _zz(len(headers)) + b"".join(_zz(len(k)) + k + _zz(len(v)) + v for k, v in headers))
+    rec = _zz(len(body)) + body
+    head = struct.pack(">ibIhiqqqhii", 0, 2, 0, 0, offset_delta, 0, 0, -1, -1, -1, 1)
+    return struct.pack(">qi", 0, len(head) + len(rec)) + head + rec
+
+
+@pytest.mark.parametrize("ts_delta,offset_delta", [(0, 0), (1 << 40, 0), (-5, 300), (100, 1)])
+@pytest.mark.parametrize("first", [True, False])
+def test_first_record_walk_with_multibyte_prefix_fields(ts_delta, offset_delta, first):
+    headers = [(b"traceparent", TP), (b"x", b"y")] if first else [(b"x", b"y" * 200), (b"traceparent", TP)]
+    for key in (None, b"", b"k" * 70):
+        data = produce_request(9, {"orders": {0: _batch(ts_delta, offset_delta, key, headers)}})
+        fast, slow = both(data)
+        assert fast == slow and fast[5][0][6] == TP
