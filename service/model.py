@@ -438,6 +438,8 @@ _SMALL_VARINTS = [bytes((i,)) for i in range(128)]
 #: Bound on the attribute-encoding cache: a per-request id in a value must not grow it forever.
 _KV_CACHE_MAX = 65536
 _kv_cache: dict[tuple[str, Any], bytes] = {}
+#: Only values of these exact types are cache keys (True == 1, but must not share an entry).
+_CACHED_TYPES = frozenset((str, int))
 
 
 def _varint(n: int) -> bytes:
@@ -490,29 +492,28 @@ def _kv_fields(tag: bytes, attrs: Mapping[str, Any]) -> list[bytes]:
     return [tag + _varint(len(f)) + f for f in (_kv_body(k, v) for k, v in attrs.items())]
 
 
-def _span_attr_fields(attrs: Mapping[str, Any]) -> list[bytes]:
-    """Span attributes (field 9), each whole field cached for str and int values.
+def _attr_field(k: str, v: Any) -> bytes:
+    """One span attribute as field 9, cached (bounded) for str and int values.
 
     The exact-type check keeps ``True`` (a bool) from hitting the entry of ``1``.
     """
-    out = []
-    cache = _kv_cache
-    for k, v in attrs.items():
-        t = type(v)
-        if t is str or t is int:
-            f = cache.get((k, v))
-            if f is None:
-                if len(cache) >= _KV_CACHE_MAX:
-                    cache.clear()
-                body = _kv_body(k, v)
-                f = cache[(k, v)] = b"\x4a" + _varint(len(body)) + body
-            out.append(f)
-        else:
-            body = _kv_body(k, v)
-            out.append(b"\x4a" + _varint(len(body)) + body)
-    return out
+    body = _kv_body(k, v)
+    f = b"\x4a" + _varint(len(body)) + body
+    if type(v) in _CACHED_TYPES:
+        if len(_kv_cache) >= _KV_CACHE_MAX:
+            _kv_cache.clear()
+        _kv_cache[(k, v)] = f
+    return f
 
 
+def _span_attr_fields(attrs: Mapping[str, Any]) -> list[bytes]:
+    """Span attributes (field 9); the cache lookup inlined, as the encoder runs per span."""
+    get = _kv_cache.get
+    return [(get((k, v)) if type(v) in _CACHED_TYPES else None) or _attr_field(k, v) for k, v in attrs.items()]
+
+
+#: kind (field 6, a one-byte varint), start and end time (fields 7 and 8, fixed64): one pack.
+_KIND_TIMES = struct.Struct("<BBBQBQ").pack
 _SCOPE_FIELD = _ld(b"\x0a", _str_field(b"\x0a", SCOPE_NAME) + _str_field(b"\x12", SCOPE_VERSION))
 _resource_cache: dict[tuple[Any, ...], bytes] = {}
 
@@ -525,10 +526,11 @@ def _span_bytes(s: Span) -> bytes:
         parts.append(b"\x22\x08")
         parts.append(s.parent_span_id)
     parts.append(_str_field(b"\x2a", s.name))
-    parts.append(b"\x30" + _SMALL_VARINTS[int(s.kind) & 0x7F])
-    parts.append(b"\x39" + _FIXED64(s.start_ns) + b"\x41" + _FIXED64(s.end_ns))
+    parts.append(_KIND_TIMES(0x30, s.kind & 0x7F, 0x39, s.start_ns, 0x41, s.end_ns))
     if s.attributes:
-        parts.extend(_span_attr_fields(s.attributes))
+        get = _kv_cache.get
+        parts += [(get((k, v)) if type(v) in _CACHED_TYPES else None) or _attr_field(k, v)
+                  for k, v in s.attributes.items()]
     if s.events:
         for e in s.events:
             body = b"\x09" + _FIXED64(e.ts_ns) + _str_field(b"\x12", e.name) + b"".join(
@@ -642,7 +644,6 @@ def _json_kv(k: str, v: Any) -> str:
     return _dumps({"key": k, "value": _json_value(v)})
 
 
-_CACHED_TYPES = frozenset((str, int))
 _JSON_STATUS = {int(c): f'{{"code":{int(c)}}}' for c in StatusCode}
 
 

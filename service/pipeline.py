@@ -42,6 +42,7 @@ running pipelines keep going.
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import threading
 import time
@@ -215,6 +216,34 @@ def _delivery_counts(eid: str) -> tuple[float, float, float]:
             tm.counter_value(tm.EXPORTER_ENQUEUE_FAILED, exporter=eid))
 
 
+#: Young-generation threshold while pipelines run (CPython's default is 700). The hot path
+#: allocates several short-lived objects per event (events, spans, attribute dicts), so the
+#: default runs a collection every ~100 events and, as batches in flight grow the heap, full
+#: ones that scan every span alive; measured 5-10 % of replay CPU. The only cycles we make
+#: are per connection (its two halves), which a later collection still frees.
+GC_GEN0_THRESHOLD = 10_000
+
+
+_gc_tuned = False
+
+
+def tune_gc() -> None:
+    """Freeze what start-up allocated (modules, config models: never garbage) so collections
+    stop rescanning it, and collect the young generation less often.
+
+    Once per process: frozen objects are never collected, so freezing again at a reload
+    would keep whatever garbage the previous pipelines had left.
+    """
+    global _gc_tuned
+    if _gc_tuned:
+        return
+    _gc_tuned = True
+    gc.freeze()
+    t0, t1, t2 = gc.get_threshold()
+    if t0 < GC_GEN0_THRESHOLD:
+        gc.set_threshold(GC_GEN0_THRESHOLD, t1, t2)
+
+
 class Service:
     """The running graph of one config. Build, ``start()``, ``shutdown()``; not restartable."""
 
@@ -303,6 +332,7 @@ class Service:
             log.debug("started %s", path, extra={"component": path})
         self.current_step = ""
         self.state = "running"
+        tune_gc()
         log.info("pipelines running: %s", ", ".join(self.cfg.pipelines))
 
     def _stop_started(self, drain: bool) -> list[str]:
