@@ -11,6 +11,7 @@ shapes) and on hand-made edge cases.
 
 from __future__ import annotations
 
+import os
 import uuid
 
 import pytest
@@ -24,6 +25,8 @@ from service.largebuf import LargeBuffer
 from tests.support.kafka_wire import TRACEPARENT, fetch_request, produce_request, records
 
 TP = TRACEPARENT.encode()
+#: Raise for a long run: WIRESPAN_FUZZ_EXAMPLES=3000 pytest tests/test_kafka_fast.py
+EXAMPLES = max(80, int(os.environ.get("WIRESPAN_FUZZ_EXAMPLES", "80")) // 4)
 #: The traceparent header key as it appears inside a record (varint 11, zigzag: 0x16).
 TP_WIRE = b"\x16traceparent"
 
@@ -51,7 +54,7 @@ _fetch_topics = st.dictionaries(
     _names, st.lists(st.tuples(st.integers(0, 2**31 - 1), st.integers(0, 2**63 - 1)), max_size=70), max_size=4)
 
 
-@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(version=st.integers(0, 18), topics=_fetch_topics)
 def test_fetch_fixed_stride_skip_agrees_with_walker(version, topics):
     """Up to 70 partitions per topic: both the generated checks (<= 64) and the generic ones."""
@@ -69,7 +72,7 @@ _parts = st.dictionaries(st.integers(0, 1000), st.one_of(st.none(), _batch,
                                                          st.builds(lambda a, b: a + b, _batch, _batch)), max_size=3)
 
 
-@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(version=st.integers(3, 13), topics=st.dictionaries(_names, _parts, min_size=1, max_size=3),
        scan=st.sampled_from([0, 100, 1 << 20]))
 def test_produce_shortcuts_agree_with_walker(version, topics, scan):
