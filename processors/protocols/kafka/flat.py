@@ -401,6 +401,8 @@ def produce_request(mv: memoryview, pos: int, m: Msg) -> None:
                 t.name = None
                 t.topic_id = key
                 t._p = []
+                t.records = 0
+                t.traceparent = None
                 topics.append(t)
         else:
             if flex:
@@ -435,11 +437,12 @@ def produce_request(mv: memoryview, pos: int, m: Msg) -> None:
                 t.name = name
                 t.topic_id = None
                 t._p = []
+                t.records = 0
+                t.traceparent = None
                 topics.append(t)
         if np < -1 or np > end - pos:
             raise _bad("bad_length", pos, f"array length {np}")
-        parts = t.partitions
-        add = parts.append
+        add = t._p.append  # a list: produce topics are made here, never from a tuple
         recs = 0
         need_tp = want_tp and t.traceparent is None
         for _ in range(np):
@@ -636,6 +639,8 @@ def fetch_request(mv: memoryview, pos: int, m: Msg) -> None:
         t = new_topic()
         t.name = name
         t.topic_id = tid
+        t.records = 0
+        t.traceparent = None
         append(t)
         if np > 0:
             # Fixed-size partitions: all of them in one unpack, O(1) Python steps per topic.

@@ -27,17 +27,15 @@ class TopicData:
     """One topic of one exchange: request facts, then response facts merged in.
 
     The rarely-set fields are class defaults (stored in the instance dict only when
-    written), so the fast path (flat.py, via ``FastTopic``) creates one with three
+    written), so the fast path (flat.py, via ``FastTopic``) creates one with five
     slot stores. ``_p`` holds the partitions as a list, or as the flat tuple the fast
     path unpacked (partition, offset[, tag] per partition: ``_k`` values each), which
     becomes the ``partitions`` list and ``offsets`` dict on first use.
     """
 
-    __slots__ = ("__dict__", "_p", "name", "topic_id")
+    __slots__ = ("__dict__", "_p", "name", "records", "topic_id", "traceparent")
 
-    records = 0
     records_unknown = False  # some record data was skipped unread (cap, truncation)
-    traceparent: bytes | None = None
     error = 0
     error_partition = -1
     #: Fetch response partitions that returned records (replaced, never mutated in place).
@@ -50,6 +48,8 @@ class TopicData:
                  offsets: dict[int, int] | None = None) -> None:
         self.name = name
         self.topic_id = topic_id
+        self.records = 0
+        self.traceparent: bytes | None = None
         self._p = partitions if partitions is not None else []
         if offsets is not None:
             self._o = offsets
@@ -121,7 +121,7 @@ class TopicData:
 
 class FastTopic(TopicData):
     """A TopicData made without ``__init__`` (C-level init): the caller sets ``name``,
-    ``topic_id`` and ``_p``."""
+    ``topic_id``, ``_p``, ``records`` and ``traceparent``."""
 
     __slots__ = ()
     __init__ = object.__init__  # type: ignore[assignment]
