@@ -195,7 +195,7 @@ def test_many_partitions_are_walked_and_unpackers_stay_bounded(version):
         fast, slow = both(fetch_request(version, {"orders": parts, "audit": [(1, 2)]}, ids=_ids(["orders", "audit"])))
         assert fast == slow and fast[5][0][2] == list(range(np))
     for layouts in flat._FETCH_N.values():
-        assert max(layouts) <= flat.MAX_LAYOUT_PARTITIONS
+        assert max(layouts, default=0) <= flat.MAX_LAYOUT_PARTITIONS
 
 
 def _zz(n: int) -> bytes:

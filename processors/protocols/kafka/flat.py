@@ -560,11 +560,40 @@ def _fetch_parts_walk(mv: memoryview, pos: int, np: int, v: int, flex: bool) -> 
     return parts, offsets, pos
 
 
+def _fetch_topic_rest(mv: memoryview, pos: int, np: int, t: TopicData, v: int, flex: bool) -> int:
+    """A Fetch topic's partitions when the fast loop has no unpacker for ``np``
+    (first sight of that count, none or too many) or some partition has tagged fields."""
+    if np <= 0:
+        if np < -1:
+            raise _bad("bad_length", pos, f"array length {np}")
+        t._p = []
+        return pos
+    if np > len(mv) - pos:
+        raise _bad("bad_length", pos, f"array length {np}")
+    if np <= MAX_LAYOUT_PARTITIONS:
+        unpack, size, check = _FETCH_N[(v, flex)].get(np) or _fetch_layout(v, flex, np)
+        raw = unpack(mv, pos)  # struct.error past the end: truncated
+        c = check(raw)
+        if c < 0:
+            raise _bad("bad_field", pos, "negative partition")
+        if not flex or not c:
+            t._p = raw
+            return pos + size
+    t._p, t._o, pos = _fetch_parts_walk(mv, pos, np, v, flex)
+    return pos
+
+
 def fetch_request(mv: memoryview, pos: int, m: Msg) -> None:
+    """Every topic and partition of a Fetch request.
+
+    One loop per topic encoding (names, compact names, ids): the per-topic steps are
+    the cost here, so each loop does only its own. A topic's partitions are one
+    unpack at a fixed stride (flexible: while every tagged-field count is 0) and a
+    generated sign/tag check; anything else goes to ``_fetch_topic_rest``.
+    """
     v = m.version
     flex = m.flex
     pos += (4 if v <= 14 else 0) + 8 + (4 if v >= 3 else 0) + (1 if v >= 4 else 0) + (8 if v >= 7 else 0)
-    ids = v >= 13
     end = len(mv)
     if flex:
         b = mv[pos]
@@ -580,36 +609,49 @@ def fetch_request(mv: memoryview, pos: int, m: Msg) -> None:
     if n < -1 or n > end - pos:
         raise _bad("bad_length", pos, f"array length {n}")
     names = _NAMES
-    name_s = _NAME_S
-    name_i = _NAME_I
-    uuid_s = _UUID_S
-    uuid_i = _UUID_I
     topics = m.topics
     append = topics.append
-    layouts = _FETCH_N.get((v, flex)) or {}
-    new_topic = FastTopic3 if flex else FastTopic
+    layouts = _FETCH_N.setdefault((v, flex), {})
     seen: set[str | bytes] = set()
     add = seen.add
-    name: str | None = None
-    tid: bytes | None = None
-    for _ in range(n):
-        if ids:
-            if flex:
+    if not flex:  # v0-v11: STRING names, INT32 counts
+        name_i = _NAME_I
+        for _ in range(n):
+            ln = mv[pos] << 8 | mv[pos + 1]
+            if ln < 1 or ln > 249:
+                raise _bad("bad_topic", pos, f"topic name length {ln}")
+            nb, np = name_i[ln](mv, pos + 2)
+            pos += 6 + ln
+            name = names.get(nb) or _name(nb, pos)
+            add(name)
+            t = FastTopic()
+            t.name = name
+            t.topic_id = None
+            t.records = 0
+            t.traceparent = None
+            append(t)
+            lay = layouts.get(np)
+            if lay is not None:
+                unpack, size, check = lay
+                raw = unpack(mv, pos)  # struct.error past the end: truncated
+                if (raw[0] if np == 1 else check(raw)) < 0:
+                    raise _bad("bad_field", pos, "negative partition")
+                t._p = raw
+                pos += size
+            else:
+                pos = _fetch_topic_rest(mv, pos, np, t, v, flex)
+    else:  # v12: COMPACT_STRING names; v13+: topic ids
+        ids = v >= 13
+        name_s = _NAME_S
+        uuid_s = _UUID_S
+        name = None
+        tid = None
+        for _ in range(n):
+            if ids:
                 tid, = uuid_s(mv, pos)  # 16-byte id, kept
                 pos += 16
-                b = mv[pos]
-                if b < 0x80:
-                    np = b - 1
-                    pos += 1
-                else:
-                    np, pos = _uvarint(mv, pos)
-                    np -= 1
+                add(tid)
             else:
-                tid, np = uuid_i(mv, pos)
-                pos += 20
-            add(tid)
-        else:
-            if flex:
                 b = mv[pos]
                 if b < 0x80:
                     ln = b - 1
@@ -621,55 +663,32 @@ def fetch_request(mv: memoryview, pos: int, m: Msg) -> None:
                     raise _bad("bad_topic", pos, f"topic name length {ln}")
                 nb, = name_s[ln](mv, pos)
                 pos += ln
-                b = mv[pos]
-                if b < 0x80:
-                    np = b - 1
-                    pos += 1
-                else:
-                    np, pos = _uvarint(mv, pos)
-                    np -= 1
+                name = names.get(nb) or _name(nb, pos)
+                add(name)
+            b = mv[pos]
+            if b < 0x80:
+                np = b - 1
+                pos += 1
             else:
-                ln = mv[pos] << 8 | mv[pos + 1]
-                if ln < 1 or ln > 249:
-                    raise _bad("bad_topic", pos, f"topic name length {ln}")
-                nb, np = name_i[ln](mv, pos + 2)
-                pos += 6 + ln
-            name = names.get(nb) or _name(nb, pos)
-            add(name)
-        t = new_topic()
-        t.name = name
-        t.topic_id = tid
-        t.records = 0
-        t.traceparent = None
-        append(t)
-        if np > 0:
-            # Fixed-size partitions: all of them in one unpack, O(1) Python steps per topic.
+                np, pos = _uvarint(mv, pos)
+                np -= 1
+            t = FastTopic3()
+            t.name = name
+            t.topic_id = tid
+            t.records = 0
+            t.traceparent = None
+            append(t)
             lay = layouts.get(np)
-            if lay is None:
-                if np > end - pos:
-                    raise _bad("bad_length", pos, f"array length {np}")
-                if np > MAX_LAYOUT_PARTITIONS:
-                    t._p, t._o, pos = _fetch_parts_walk(mv, pos, np, v, flex)
-                    if flex:
-                        pos = pos + 1 if mv[pos] == 0 else _tags(mv, pos)
-                    continue
-                lay = _fetch_layout(v, flex, np)
-                layouts = _FETCH_N[(v, flex)]
-            unpack, size, check = lay
-            raw = unpack(mv, pos)  # struct.error past the end: truncated
-            c = (raw[0] if not flex else -1 if raw[0] < 0 else raw[2]) if np == 1 else check(raw)
-            if c < 0:
-                raise _bad("bad_field", pos, "negative partition")
-            if flex and c:
-                t._p, t._o, pos = _fetch_parts_walk(mv, pos, np, v, flex)
+            if lay is not None:
+                unpack, size, check = lay
+                raw = unpack(mv, pos)  # struct.error past the end: truncated
+                if not ((raw[2] if raw[0] >= 0 else -1) if np == 1 else check(raw)):
+                    t._p = raw
+                    pos += size
+                else:
+                    pos = _fetch_topic_rest(mv, pos, np, t, v, flex)
             else:
-                t._p = raw
-                pos += size
-        else:
-            if np < -1:
-                raise _bad("bad_length", pos, f"array length {np}")
-            t._p = []
-        if flex:
+                pos = _fetch_topic_rest(mv, pos, np, t, v, flex)
             pos = pos + 1 if mv[pos] == 0 else _tags(mv, pos)
     # Duplicate topics in one request (not sent by real clients) merge as the walker does.
     if len(seen) != len(topics):
