@@ -184,7 +184,8 @@ def fixed_rates() -> None:
     """Ring drops at 50k and 100k records/s with the protocols stage, at the default ring.
 
     Every run is printed (drops are rare events: a median would hide them), with the
-    1-minute load average, since the 2 cores are shared with the generator and others.
+    1-minute load average, since the 2 cores are shared with the generator and others,
+    and this process's CPU time per second of load (receiver + protocols stage).
     ``with room`` counts failures while the ring had space for the record (not a slow
     consumer); ``queue`` counts batches the receiver's own burst queue dropped."""
     port = free_port()
@@ -195,13 +196,15 @@ def fixed_rates() -> None:
             per_client = target / 4 / PAIRS
             d: dict = {}
             load = os.getloadavg()[0]
+            cpu0 = time.process_time()
             rt, recs, outs, fail = with_receiver(port, True, lambda: run_clients(port, DURATION, per_client),
                                                  ring_size=ring, detail=d)
+            cpu = (time.process_time() - cpu0) / DURATION
             drops.setdefault((target, ring), []).append(fail)
             print(f"    {target:7d}/s {ring >> 20:3d} MiB: generated {rt * 4:7.0f}/s consumed {recs / DURATION:7.0f}/s "
                   f"spans {outs / DURATION:6.0f}/s | ring drops {fail} (with room "
                   f"{d.get('ringbuf_reserve_failures_with_room', '-')}) queue drops {d.get('queue_dropped', 0)} "
-                  f"| load {load:.2f}")
+                  f"| receiver CPU {cpu:.0%} load {load:.2f}")
 
         for _ in range(DROP_REPEATS):
             for target in (50_000, 100_000):

@@ -40,7 +40,7 @@ from service.telemetry import (
     RECEIVER_DROPPED,
 )
 
-from .libbpf import BpfError, BpfObject, MmapRing, RingBuffer, check_environment
+from .libbpf import BpfError, BpfObject, MmapRing, RingBuffer, check_environment, iter_chunk
 
 __all__ = ["EbpfReceiver", "EbpfConfig", "BpfError", "OBJECT_PATH", "HDR", "COUNTER_NAMES"]
 
@@ -79,6 +79,11 @@ _DATA, _GAP = EventKind.DATA, EventKind.GAP
 MAX_CONNECTIONS = 65536
 #: How often dead processes' connections are closed and kernel counters exported.
 HOUSEKEEPING_S = 1.0
+#: Bytes the ring thread copies out of the kernel ring per slice (then frees them).
+TAKE_BYTES = 1 << 20
+#: Pause after a small take, so records are moved in batches rather than one per
+#: wakeup: 5 ms is ~85 KB at 100k records/s, against a ring that holds seconds.
+DRAIN_INTERVAL_S = 0.005
 
 #: Well-known ports of the protocols wirespan parses, for per-protocol caps when the
 #: protocol module is not importable (each module's DEFAULT_PORTS wins when it is).
@@ -126,9 +131,10 @@ class EbpfConfig(ComponentConfig):
     #: How records are read: ``mmap`` (the ring read in place, no per-record callback:
     #: ~2x faster here) or ``libbpf`` (``ring_buffer__poll`` with a ctypes callback).
     ring_reader: Literal["mmap", "libbpf"] = "mmap"
-    #: Events waiting for the protocols stage at most (a burst buffer; beyond it batches are dropped, counted).
+    #: Ring records copied out of the kernel and waiting to be decoded, at most (a burst
+    #: buffer in pageable memory; beyond it batches are dropped, counted as ``queue_full``).
     queue_max_events: int = Field(1 << 18, ge=1)
-    #: Payload bytes waiting for the protocols stage at most.
+    #: Record bytes waiting to be decoded at most.
     queue_max_bytes: int = Field(256 << 20, ge=1 << 16)
     #: Never trace wirespan's own process (it exports over TCP: tracing itself would loop).
     exclude_self: bool = True
@@ -198,9 +204,12 @@ class EbpfReceiver(Receiver):
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._ring: MmapRing | None = None
-        self._q: deque[tuple[list[TcpEvent], int]] = deque()
+        #: raw records waiting for the dispatcher: (MmapRing chunk or list of records, records, bytes)
+        self._q: deque[tuple[bytes | list[bytes], int, int]] = deque()
         self._q_cv = threading.Condition()
         self._q_events = self._q_bytes = 0
+        self._q_busy = False
+        self._rb_records: list[bytes] = []
         self._ring_done = False
         self._dispatcher: threading.Thread | None = None
         self._out: list[TcpEvent] = []
@@ -281,9 +290,9 @@ class EbpfReceiver(Receiver):
             self._dispatcher = None
 
     def flush(self) -> None:
-        """Wait until what the ring thread queued has been handed on."""
+        """Wait until what the ring thread queued has been decoded and handed on."""
         deadline = time.monotonic() + 10
-        while self._q and time.monotonic() < deadline:
+        while (self._q or self._q_busy) and time.monotonic() < deadline:
             time.sleep(0.01)
 
     def _close_bpf(self) -> None:
@@ -299,58 +308,130 @@ class EbpfReceiver(Receiver):
             self._obj.close()
             self._obj = None
 
-    # ------------------------------------------------------------------ hot path
+    # ------------------------------------------------------------------ ring thread
+    # Two threads: this one only moves raw records from the kernel ring into a
+    # bounded queue (one slice per batch with the mmap reader), so the ring is
+    # emptied at memcpy speed whatever the protocols stage costs; the dispatcher
+    # decodes them into TcpEvents and hands them on. A queue of bytes rather than
+    # of events also keeps a backlog out of the GC's way (issue 9: a backlog of
+    # ~150k queued TcpEvents made gen-2 collections take up to 300 ms).
     def _on_record(self, addr: int, size: int) -> int:
-        """libbpf callback (fallback path): the ring memory is released when this
+        """libbpf callback (fallback reader): the ring memory is released when this
         returns, so the record is copied once (at most 16 KiB + header)."""
-        rec = ctypes.string_at(addr, size)
-        h = HDR.unpack_from(rec)
-        n = h[7]
-        self._one(h, memoryview(rec)[HDR.size:HDR.size + n] if n else None)
+        self._rb_records.append(ctypes.string_at(addr, size))
         return 0
-
-    def _on_mapped(self, mm: Any, off: int, size: int) -> None:
-        """Direct ring reader: the header is decoded in place; the payload is copied
-        out once (the ring slot is reused as soon as the batch is published)."""
-        h = HDR.unpack_from(mm, off)
-        n = h[7]
-        start = off + HDR.size
-        self._one(h, mm[start:start + n] if n else None)
 
     def _run(self) -> None:
         next_house = time.monotonic() + HOUSEKEEPING_S
         timeout_s = self.config.poll_timeout_ms / 1000
+        limit = TAKE_BYTES
         ring, rb = self._ring, self._rb
         try:
             while not self._stop.is_set():
+                taken = 0
                 if ring is not None:
                     ring.wait(timeout_s)
-                    while ring.consume(self._on_mapped, self.config.batch_size):
-                        self._flush_out()
+                    while (got := ring.take(limit)) is not None:
+                        taken += len(got[0])
+                        self._enqueue(got[0], got[1], len(got[0]))
                 else:
                     assert rb is not None
                     rc = rb.poll(self.config.poll_timeout_ms)
                     if rc < 0 and rc != -4:  # -EINTR is harmless
                         log.error("%s: ring buffer poll failed: %s", self.id, os.strerror(-rc))
                         time.sleep(0.1)
-                self._flush_out()
+                    taken = self._enqueue_records()
+                if 0 < taken < limit // 4:
+                    # Caught up: the kernel wakes a caught-up reader for every record,
+                    # so let records gather first (the ring holds seconds of traffic).
+                    self._stop.wait(DRAIN_INTERVAL_S)
                 now = time.monotonic()
                 if now >= next_house:
                     next_house = now + HOUSEKEEPING_S
-                    self._housekeeping()
+                    self._export_counters()
             # drain what is left, then detach
             if ring is not None:
-                while ring.consume(self._on_mapped, self.config.batch_size):
-                    self._flush_out()
+                while (got := ring.take(limit)) is not None:
+                    self._enqueue(got[0], got[1], len(got[0]))
             elif rb is not None:
                 while rb.poll(0) > 0:
-                    self._flush_out()
-            self._flush_out()
+                    self._enqueue_records()
+                self._enqueue_records()
         except Exception:
             log.exception("%s: receiver loop failed", self.id)
         finally:
             self._close_bpf()
             self.done.set()
+
+    def _enqueue_records(self) -> int:
+        recs, self._rb_records = self._rb_records, []
+        if not recs:
+            return 0
+        nbytes = sum(len(r) for r in recs)
+        self._enqueue(recs, len(recs), nbytes)
+        return nbytes
+
+    def _enqueue(self, item: bytes | list[bytes], nrec: int, nbytes: int) -> None:
+        """Queue raw records for the dispatcher; a full queue drops them, counted as
+        ``queue_full`` (the stream positions turn the loss into gaps downstream)."""
+        cfg = self.config
+        with self._q_cv:
+            if (self._q_events + nrec > cfg.queue_max_events
+                    or self._q_bytes + nbytes > cfg.queue_max_bytes):
+                RECEIVER_DROPPED.labels(receiver=self.id, reason="queue_full").inc(nrec)
+                self.stats["queue_dropped"] += nrec
+                return
+            self._q.append((item, nrec, nbytes))
+            self._q_events += nrec
+            self._q_bytes += nbytes
+            self._q_cv.notify()
+
+    # ------------------------------------------------------------------ dispatcher thread
+    def _dispatch(self) -> None:
+        """Decode queued records and hand the events on in order, until the ring thread has finished."""
+        q, cv = self._q, self._q_cv
+        next_house = time.monotonic() + HOUSEKEEPING_S
+        overdue = HOUSEKEEPING_S * 10
+        hdr, hlen = HDR.unpack_from, HDR.size
+        while True:
+            with cv:
+                while not q and not self._ring_done:
+                    cv.wait(HOUSEKEEPING_S / 2)
+                    if not q and time.monotonic() >= next_house:
+                        break
+                if q:
+                    item, nrec, nbytes = q.popleft()
+                    self._q_events -= nrec
+                    self._q_bytes -= nbytes
+                    self._q_busy = True
+                elif self._ring_done:
+                    return
+                else:
+                    item = None
+            try:
+                if item is not None:
+                    one = self._one
+                    if isinstance(item, bytes):
+                        for off, _size in iter_chunk(item):
+                            h = hdr(item, off)
+                            n = h[7]
+                            # one copy per payload, so a message a parser keeps does not pin the chunk
+                            one(h, item[off + hlen:off + hlen + n] if n else None)
+                    else:
+                        for rec in item:
+                            h = hdr(rec)
+                            n = h[7]
+                            one(h, memoryview(rec)[hlen:hlen + n] if n else None)
+                    self._flush_out()
+                now = time.monotonic()
+                # processes that exited: only once their queued records are decoded
+                if now >= next_house and (not q or now >= next_house + overdue):
+                    next_house = now + HOUSEKEEPING_S
+                    self._housekeeping()
+            except Exception:
+                log.exception("%s: decoding ring records failed", self.id)
+            finally:
+                self._q_busy = False
 
     def _one(self, h: tuple, payload: Any) -> None:
         """One ring record -> DATA/GAP/CLOSE events appended to ``self._out``."""
@@ -430,58 +511,24 @@ class EbpfReceiver(Receiver):
         self._nrec = 0
         if self._out:
             out, self._out = self._out, []
-            self._emit(out)
+            self._deliver(out)
 
-    def _emit(self, out: list[TcpEvent]) -> None:
-        """Queue a batch for the dispatcher thread (called by the ring thread).
-
-        Draining the ring costs ~2 us a record, parsing downstream several times
-        that: the queue lets the ring thread keep the kernel ring empty through
-        bursts, and bounds what a slow stage can make us hold (a full queue drops
-        the batch, counted as ``queue_full``).
-        """
+    def _deliver(self, out: list[TcpEvent]) -> None:
+        """Hand events downstream in batches (dispatcher thread)."""
         if not out:
             return
         self.stats["events"] += len(out)
         self._labels["accepted"].inc(len(out))
         if self.next is None:
             return
-        nbytes = 0
-        for e in out:
-            if e.payload is not None:
-                nbytes += len(e.payload)
-        cfg = self.config
-        with self._q_cv:
-            if (self._q_events + len(out) > cfg.queue_max_events
-                    or self._q_bytes + nbytes > cfg.queue_max_bytes):
-                RECEIVER_DROPPED.labels(receiver=self.id, reason="queue_full").inc(len(out))
-                self.stats["queue_dropped"] += len(out)
-                return
-            self._q.append((out, nbytes))
-            self._q_events += len(out)
-            self._q_bytes += nbytes
-            self._q_cv.notify()
-
-    def _dispatch(self) -> None:
-        """Hand queued batches downstream in order, until the ring thread has finished."""
         bs = self.config.batch_size
-        q, cv = self._q, self._q_cv
-        while True:
-            with cv:
-                while not q and not self._ring_done:
-                    cv.wait(0.5)
-                if not q:
-                    return
-                out, nbytes = q.popleft()
-                self._q_events -= len(out)
-                self._q_bytes -= nbytes
-            for i in range(0, len(out), bs):
-                try:
-                    self.next.consume_events(out[i:i + bs] if len(out) > bs else out)
-                except Exception:
-                    log.exception("%s: downstream consume_events failed", self.id)
-                    RECEIVER_DROPPED.labels(receiver=self.id, reason="downstream_error").inc(
-                        min(bs, len(out) - i))
+        for i in range(0, len(out), bs):
+            try:
+                self.next.consume_events(out[i:i + bs] if len(out) > bs else out)
+            except Exception:
+                log.exception("%s: downstream consume_events failed", self.id)
+                RECEIVER_DROPPED.labels(receiver=self.id, reason="downstream_error").inc(
+                    min(bs, len(out) - i))
 
     def _new_conn(self, key: tuple, pid: int, family: int, laddr: bytes, lport: int, raddr: bytes,
                   rport: int) -> _Conn:
@@ -513,7 +560,7 @@ class EbpfReceiver(Receiver):
     # ------------------------------------------------------------------ housekeeping
     def _housekeeping(self) -> None:
         """Close connections of processes that exited (the kernel closes their fds
-        without a close() syscall), and export the kernel counters."""
+        without a close() syscall). Dispatcher thread: it owns the connection table."""
         self._mono_to_epoch = time.time_ns() - time.monotonic_ns()
         out: list[TcpEvent] = []
         pids = {c.pid for c in self._conns.values()}
@@ -526,8 +573,7 @@ class EbpfReceiver(Receiver):
         if self._pending_close:
             out.extend(self._pending_close)
             self._pending_close = []
-        self._emit(out)
-        self._export_counters()
+        self._deliver(out)
 
     def _export_counters(self) -> None:
         if self._obj is None:
