@@ -8,6 +8,13 @@ reusable scratch (a bounded, deliberate copy, as OBI's scratch for straddling
 fields) -- this module parses it straight from a memoryview with precompiled
 ``struct`` unpackers. Same results as the walkers (tests run both); any
 inconsistency raises ``Malformed``.
+
+What makes it fast is doing per topic a few Python steps, whatever its size: a Fetch
+topic's fixed-size partitions are one unpack (kept as that tuple, see
+state.TopicData), a produce partition with one v2 batch is one unpack, the first
+record is walked only when a ``traceparent`` key's bytes occur in it, and validated
+topic names / client ids are cached (bounded). tests/test_kafka_fast.py holds each
+shortcut to the walkers' result; ``python -m bench kafka`` measures it.
 """
 
 from __future__ import annotations
