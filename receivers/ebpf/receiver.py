@@ -1,9 +1,11 @@
 """The ``ebpf`` receiver: every traced process's TCP reads and writes, from the kernel.
 
 Contract: ``start()`` loads ``bpf/wirespan.bpf.o`` (syscall tracepoints, see the C
-file's header), writes the filters into its config maps, attaches, and starts one
-thread that polls the ring buffer and hands ``TcpEvent``s to ``self.next`` in
-batches. Each process's view of a socket is its own connection: ``conn_id`` is
+file's header), writes the filters into its config maps, attaches, and starts two
+threads: one moves raw records out of the kernel ring into a bounded queue (and
+nothing else, so the ring never waits for parsing), the other decodes them and
+hands ``TcpEvent``s to ``self.next`` in batches, in ring order. Each process's view of
+a socket is its own connection: ``conn_id`` is
 ``(pid, socket address, generation)``; ``egress`` is True for the process's writes;
 ``src`` is the sender. A ``close()`` ends both directions (CLOSE events) and the
 next use of that socket address starts a new generation. Bytes beyond the
