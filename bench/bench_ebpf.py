@@ -187,7 +187,9 @@ def fixed_rates() -> None:
     1-minute load average, since the 2 cores are shared with the generator and others,
     and this process's CPU time per second of load (receiver + protocols stage).
     ``with room`` counts failures while the ring had space for the record (not a slow
-    consumer); ``queue`` counts batches the receiver's own burst queue dropped."""
+    consumer); ``peak ring fill`` is the most the kernel ring held (the headroom left:
+    a 4 s run at 100k/s is ~70 MB, about one 64 MiB ring); ``queue`` counts records
+    the receiver's own burst queue dropped (parsing slower than the load)."""
     port = free_port()
     srv = start_server(port)
     drops: dict[tuple[int, int], list[int]] = {}
@@ -203,7 +205,8 @@ def fixed_rates() -> None:
             drops.setdefault((target, ring), []).append(fail)
             print(f"    {target:7d}/s {ring >> 20:3d} MiB: generated {rt * 4:7.0f}/s consumed {recs / DURATION:7.0f}/s "
                   f"spans {outs / DURATION:6.0f}/s | ring drops {fail} (with room "
-                  f"{d.get('ringbuf_reserve_failures_with_room', '-')}) queue drops {d.get('queue_dropped', 0)} "
+                  f"{d.get('ringbuf_reserve_failures_with_room', '-')}) peak ring fill "
+                  f"{d.get('ring_fill_max', 0) / 2**20:5.2f} MiB queue drops {d.get('queue_dropped', 0)} "
                   f"| receiver CPU {cpu:.0%} load {load:.2f}")
 
         for _ in range(DROP_REPEATS):

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import ctypes
 import os
+import struct
 import sys
 import time
 
 import pytest
 
 from receivers.ebpf import BpfError
-from receivers.ebpf.libbpf import MmapRing, _load, check_environment
+from receivers.ebpf.libbpf import RINGBUF_DISCARD, MmapRing, _load, check_environment, iter_chunk
 
 try:
     check_environment()
@@ -81,3 +82,13 @@ def test_consumer_position_is_published_whole() -> None:
     finally:
         ring.free()
         os.close(fd)
+
+
+def test_iter_chunk_walks_kernel_records_and_skips_discarded() -> None:
+    """``MmapRing.take`` chunks keep the kernel's layout: 8-byte header, records padded to 8."""
+    def rec(data: bytes, flags: int = 0) -> bytes:
+        return struct.pack("<II", len(data) | flags, 0) + data + b"\0" * (-len(data) % 8)
+
+    chunk = rec(b"first") + rec(b"dropped!", RINGBUF_DISCARD) + rec(b"") + rec(b"x" * 16)
+    got = [chunk[off:off + n] for off, n in iter_chunk(chunk)]
+    assert got == [b"first", b"", b"x" * 16]

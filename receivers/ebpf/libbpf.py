@@ -326,6 +326,8 @@ class MmapRing:
         except OSError as e:
             raise BpfError(f"mapping the ring buffer: {e.strerror}") from None
         self._data_off = page
+        #: the fullest the ring was seen at a ``take`` (bytes): the headroom left
+        self.max_fill = 0
         #: consumer_pos, written with single 8-byte stores (see the class docstring)
         self._cons_pos: ctypes.c_uint64 | None = ctypes.c_uint64.from_buffer(self._cons, 0)
         self._ep = select.epoll()
@@ -377,6 +379,8 @@ class MmapRing:
         u32 = _U32.unpack_from
         pos = self._cons_pos.value
         end = _U64.unpack_from(prod, 0)[0]
+        if end - pos > self.max_fill:
+            self.max_fill = end - pos
         stop = pos + min(limit, self.size)
         p = pos
         n = 0

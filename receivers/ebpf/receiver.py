@@ -225,7 +225,9 @@ class EbpfReceiver(Receiver):
             for p in _protocol_ports(proto):
                 self._cap_by_port[p] = cap
         self._cap_by_port.update(config.max_message_bytes_per_port)
-        self.stats = {"records": 0, "events": 0, "gap_bytes": 0, "closes": 0, "queue_dropped": 0}
+        #: ring_fill_max: the most bytes seen waiting in the kernel ring (mmap reader)
+        self.stats = {"records": 0, "events": 0, "gap_bytes": 0, "closes": 0, "queue_dropped": 0,
+                      "ring_fill_max": 0}
         self._comm_cache: dict[bytes, str] = {}
         self._pending_close: list[TcpEvent] = []
         self._counter_snapshot: dict[str, int] = {}
@@ -351,10 +353,13 @@ class EbpfReceiver(Receiver):
                 if now >= next_house:
                     next_house = now + HOUSEKEEPING_S
                     self._export_counters()
+                    if ring is not None:
+                        self.stats["ring_fill_max"] = ring.max_fill
             # drain what is left, then detach
             if ring is not None:
                 while (got := ring.take(limit)) is not None:
                     self._enqueue(got[0], got[1], len(got[0]))
+                self.stats["ring_fill_max"] = ring.max_fill
             elif rb is not None:
                 while rb.poll(0) > 0:
                     self._enqueue_records()
