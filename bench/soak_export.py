@@ -38,6 +38,17 @@ def rss_mib() -> float:
         return int(f.read().split()[1]) * _PAGE / (1 << 20)
 
 
+def rss_parts_mib() -> tuple[float, float]:
+    """(RssAnon, RssFile) in MiB: heap vs file pages mapped (the replayed capture is mmap'ed)."""
+    got = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(("RssAnon:", "RssFile:")):
+                k, v = line.split(":")
+                got[k] = int(v.split()[0]) / 1024
+    return got.get("RssAnon", 0.0), got.get("RssFile", 0.0)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--minutes", type=float, default=10.0)
@@ -73,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.monotonic()
     svc.start()
     samples: list[tuple[float, float]] = []
-    print(f"{'t(s)':>6} {'RSS MiB':>8} {'sent':>10} {'received':>10} {'spans/s':>8}", flush=True)
+    print(f"{'t(s)':>6} {'RSS MiB':>8} {'anon':>6} {'file':>6} {'sent':>10} {'received':>10} {'spans/s':>8}",
+          flush=True)
     last_n, last_t = 0, t0
     try:
         while time.monotonic() - t0 < args.minutes * 60:
@@ -83,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
             sent = tm.REGISTRY.get_sample_value("wirespan_exporter_sent_spans_total", {"exporter": "otlp"}) or 0
             got = counter.value
             samples.append((now - t0, r))
-            print(f"{now - t0:6.0f} {r:8.1f} {sent:10.0f} {got:10d} {(got - last_n) / (now - last_t):8.0f}",
+            anon, fil = rss_parts_mib()
+            print(f"{now - t0:6.0f} {r:8.1f} {anon:6.1f} {fil:6.1f} {sent:10.0f} {got:10d} {(got - last_n) / (now - last_t):8.0f}",
                   flush=True)
             last_n, last_t = got, now
     finally:

@@ -309,6 +309,31 @@ def open_capture(path: str | os.PathLike[str]) -> PcapReader | PcapngReader:
     return reader_for(mm)
 
 
+#: Let go of the mapped pages already read every this many bytes, keeping the last
+#: DROP_MARGIN_BYTES (payloads still pending in the stage are likeliest there).
+DROP_BEHIND_BYTES = 1 << 20
+DROP_MARGIN_BYTES = 256 << 10
+_PAGE = mmap.PAGESIZE
+
+
+def _drop_behind(mm: mmap.mmap, start: int, off: int) -> int:
+    """Drop the mapped pages of ``[start, off - DROP_MARGIN_BYTES)`` from this process (MADV_DONTNEED).
+
+    Read pages of a mapped file count in RSS until unmapped, so a looping replay of a
+    large capture would show RSS growing by the file's size each pass and falling back.
+    The data is not lost: a payload view still pending in the protocols stage faults its
+    page back in from the file. Returns the new start.
+    """
+    end = (off - DROP_MARGIN_BYTES) & ~(_PAGE - 1)
+    if end <= start:
+        return start
+    try:
+        mm.madvise(mmap.MADV_DONTNEED, start, end - start)
+    except (AttributeError, OSError, ValueError):
+        return off  # not supported here: skip this stretch
+    return end
+
+
 # ---------------------------------------------------------------------------
 # The receiver
 # ---------------------------------------------------------------------------
@@ -606,6 +631,8 @@ class PcapReceiver(Receiver):
         last_off = 0
         last_lt = -1
         dec = link_decoder(-1)
+        mm = view.obj if isinstance(view.obj, mmap.mmap) else None
+        dropped = 0  # pages of the file before this offset were let go (see _drop_behind)
         try:
             for lt, ts, off, end in reader:
                 # Hand events on in batches; look at shutdown and the progress bar at the same
@@ -621,6 +648,8 @@ class PcapReceiver(Receiver):
                     if bar is not None and off - last_off > 1 << 20:
                         bar.update(off - last_off)
                         last_off = off
+                    if mm is not None and off - dropped >= DROP_BEHIND_BYTES:
+                        dropped = _drop_behind(mm, dropped, off)
                 packets += 1
                 nbytes += end - off
                 ts += ts_shift

@@ -828,3 +828,43 @@ def test_shards_partition_the_connections(tmp_path) -> None:
     assert set().union(*parts) == every
     assert sum(len(p) for p in parts) == len(every)  # disjoint
     assert sum(1 for p in parts if p) >= 2  # the ports really spread them
+
+
+def _mapping_rss_kib(path: str) -> int:
+    """Rss of this process's mapping(s) of ``path``, from /proc/self/smaps."""
+    total, inside = 0, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            first = line.split(" ", 1)[0]
+            if "-" in first and ":" not in first:  # a mapping's header line
+                inside = line.rstrip().endswith(path)
+            elif inside and line.startswith("Rss:"):
+                total += int(line.split()[1])
+    return total
+
+
+def test_drop_behind_releases_read_pages_and_keeps_the_data(tmp_path) -> None:
+    """A looping replay must not carry the capture's read pages in RSS; the bytes stay readable."""
+    import mmap as _mmap
+
+    from receivers.pcap import DROP_MARGIN_BYTES, _drop_behind
+
+    size = 8 << 20
+    path = str(tmp_path / "big.bin")
+    data = bytes(range(256)) * (size // 256)
+    with open(path, "wb") as f:
+        f.write(data)
+    with open(path, "rb") as f:
+        mm = _mmap.mmap(f.fileno(), 0, access=_mmap.ACCESS_READ)
+    view = memoryview(mm)
+    assert sum(view[i] + 1 for i in range(0, size, _mmap.PAGESIZE)) > 0  # touch every page
+    before = _mapping_rss_kib(path)
+    assert before >= (size >> 10) * 9 // 10
+    new_start = _drop_behind(mm, 0, size)
+    assert new_start == (size - DROP_MARGIN_BYTES) & ~(_mmap.PAGESIZE - 1)
+    after = _mapping_rss_kib(path)
+    assert after <= (DROP_MARGIN_BYTES >> 10) + 64, (before, after)
+    assert view[:size] == data  # pages dropped from the process come back from the file
+    assert _drop_behind(mm, new_start, new_start + 10) == new_start  # nothing (whole pages) to drop
+    view.release()
+    mm.close()
