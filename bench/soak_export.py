@@ -96,8 +96,8 @@ def main(argv: list[str] | None = None) -> int:
             got = counter.value
             samples.append((now - t0, r))
             anon, fil = rss_parts_mib()
-            print(f"{now - t0:6.0f} {r:8.1f} {anon:6.1f} {fil:6.1f} {sent:10.0f} {got:10d} {(got - last_n) / (now - last_t):8.0f}",
-                  flush=True)
+            rate = (got - last_n) / (now - last_t)
+            print(f"{now - t0:6.0f} {r:8.1f} {anon:6.1f} {fil:6.1f} {sent:10.0f} {got:10d} {rate:8.0f}", flush=True)
             last_n, last_t = got, now
     finally:
         svc.shutdown()
