@@ -402,11 +402,48 @@ def _replay_parallel(args: argparse.Namespace) -> int:
     return code
 
 
+#: ``replay --workers auto``: fork workers only for captures this large (smaller ones are
+#: done before the workers would have paid for themselves) and at most this many.
+AUTO_WORKERS_MIN_MB = 16
+AUTO_MAX_WORKERS = 4
+
+
+def _workers(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of workers: {text!r} (N or auto)") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError("--workers must be at least 1")
+    return n
+
+
+def _auto_workers(args: argparse.Namespace) -> int:
+    """One process a core for a large capture written to a file; else 1 (see AUTO_WORKERS_MIN_MB)."""
+    if not args.output or args.shard:
+        return 1
+    try:
+        size = os.path.getsize(args.file) if os.path.isfile(args.file) else 0
+    except OSError:
+        size = 0
+    if size < AUTO_WORKERS_MIN_MB * 1_000_000:
+        return 1
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    return max(1, min(cores, AUTO_MAX_WORKERS))
+
+
 def cmd_replay(args: argparse.Namespace) -> int:
     from service import log as slog
     from service.pipeline import BuildError, Service, StartError
 
     slog.setup("warning" if not args.verbose else "info")
+    if args.workers == "auto":
+        args.workers = _auto_workers(args)
     if args.workers > 1 and not args.shard:
         return _replay_parallel(args)
     capture = os.path.abspath(args.file)
@@ -504,9 +541,11 @@ def build_parser() -> argparse.ArgumentParser:
                                                          "config's exporters")
     p.add_argument("--drain-timeout", type=_duration, default=DEFAULT_DRAIN_TIMEOUT,
                    help="longest wait for everything to be delivered after the file ends (default 30s)")
-    p.add_argument("--workers", type=int, default=1, metavar="N",
-                   help="with --output: split the connections over N processes (one per core is typical); "
-                        "spans of one connection stay in order, the file is their concatenation")
+    p.add_argument("--workers", type=_workers, default="auto", metavar="N|auto",
+                   help="with --output: split the connections over N processes; spans of one connection "
+                        "stay in order, the file is their concatenation. auto (the default): one per core, "
+                        f"at most {AUTO_MAX_WORKERS}, for a capture of {AUTO_WORKERS_MIN_MB} MB or more "
+                        "written with --output; else 1")
     p.add_argument("--shard", help=argparse.SUPPRESS)          # K/N: one worker of --workers
     p.add_argument("--summary-json", help=argparse.SUPPRESS)   # a worker hands its summary back here
     p.add_argument("-v", "--verbose", action="store_true", help="log at info level")

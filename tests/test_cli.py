@@ -392,3 +392,36 @@ def test_replay_workers_give_the_same_spans_as_one(tmp_path: Path, capture: str)
 def test_replay_workers_need_output() -> None:
     r = cli("replay", "config/samples/http-sample.pcap", "--workers", "2")
     assert r.returncode == 2 and "--workers needs --output" in r.stderr
+
+
+def test_replay_workers_auto_forks_only_for_large_captures_with_output(tmp_path: Path) -> None:
+    import argparse
+    import os
+
+    from service import cli as wcli
+
+    small, big = tmp_path / "small.pcap", tmp_path / "big.pcap"
+    small.write_bytes(b"\0" * 1000)
+    with open(big, "wb") as f:  # sparse: only its size matters here
+        f.truncate(wcli.AUTO_WORKERS_MIN_MB * 1_000_000)
+    cores = min(len(os.sched_getaffinity(0)), wcli.AUTO_MAX_WORKERS)
+
+    def auto(file: Path, output: str | None) -> int:
+        return wcli._auto_workers(argparse.Namespace(file=str(file), output=output, shard=None))
+
+    assert auto(small, "out.jsonl") == 1
+    assert auto(big, None) == 1  # workers need --output
+    assert auto(big, "out.jsonl") == cores
+    assert auto(tmp_path / "missing.pcap", "out.jsonl") == 1
+    p = wcli.build_parser()
+    assert p.parse_args(["replay", "x.pcap"]).workers == "auto"
+    assert p.parse_args(["replay", "x.pcap", "--workers", "3"]).workers == 3
+    with pytest.raises(SystemExit):
+        p.parse_args(["replay", "x.pcap", "--workers", "0"])
+
+
+def test_replay_default_is_one_process_for_the_sample(tmp_path: Path) -> None:
+    out = tmp_path / "spans.jsonl"
+    r = cli("replay", "config/samples/http-sample.pcap", "--output", str(out))
+    assert r.returncode == 0, r.stderr
+    assert "workers)" not in r.stderr and out.read_text().strip()
