@@ -22,6 +22,7 @@ load here, and a ring gives no zero-copy in Python since blocks are reused).
 from __future__ import annotations
 
 import logging
+import mmap
 import os
 import select
 import socket
@@ -30,14 +31,14 @@ import threading
 import time
 from typing import Any
 
-from pydantic import Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from receivers.packet import LINKTYPE_ETHERNET, LINKTYPE_RAW, decode
 from receivers.tcp_reassembly import ReassemblyLimits, TcpReassembler
 from service.component import ComponentConfig, Receiver
 from service.telemetry import CONNECTIONS_EVICTED, RECEIVER_ACCEPTED, RECEIVER_DROPPED
 
-__all__ = ["LiveConfig", "LiveReceiver", "LiveError", "build_filter"]
+__all__ = ["LiveConfig", "LiveReceiver", "LiveError", "RingConfig", "build_filter"]
 
 log = logging.getLogger("wirespan.receivers.live")
 
@@ -55,6 +56,31 @@ DEFAULT_RCVBUF = 32 << 20
 #: Classic BPF jump offsets are 8 bits: beyond this many ports, filter ports in Python.
 MAX_FILTER_PORTS = 48
 DEFAULT_BATCH = 1024
+
+# TPACKET_V3 ring (linux/if_packet.h)
+PACKET_RX_RING = 5
+PACKET_VERSION = 10
+TPACKET_V3 = 2
+TP_STATUS_KERNEL, TP_STATUS_USER = 0, 1
+#: struct tpacket_req3: block_size, block_nr, frame_size, frame_nr, retire_blk_tov, sizeof_priv, feature_req_word
+_REQ3 = struct.Struct("7I")
+#: struct tpacket_block_desc up to blk_len: version, offset_to_priv, then tpacket_hdr_v1's
+#: block_status, num_pkts, offset_to_first_pkt, blk_len
+_BLOCK = struct.Struct("6I")
+_BLOCK_STATUS_OFF = 8
+_U32 = struct.Struct("I")
+#: struct tpacket3_hdr up to tp_net: next_offset, sec, nsec, snaplen, len, status, mac, net
+_FRAME = struct.Struct("6I2H")
+#: struct tpacket_stats_v3: tp_packets, tp_drops, tp_freeze_q_cnt
+_STATS_V3 = struct.Struct("3I")
+#: Ring block size: libpcap's choice for TPACKET_V3 (the smallest page multiple that holds
+#: a 262144-byte snap), so a 64 KiB loopback packet always fits a block.
+DEFAULT_BLOCK_SIZE = 1 << 18
+#: Blocks: DEFAULT_RCVBUF worth of memory, the same burst room as the recv path.
+DEFAULT_BLOCK_COUNT = DEFAULT_RCVBUF // DEFAULT_BLOCK_SIZE
+#: Ring mode copy strategy (measured in bench/bench_live.py; see the module doc).
+COPY_PER_BLOCK = False
+_EMPTY = memoryview(b"")
 
 # classic BPF opcodes (linux/bpf_common.h)
 _LD_H_ABS, _LD_B_ABS, _LD_W_ABS = 0x28, 0x30, 0x20
@@ -131,6 +157,33 @@ def build_filter(ports: list[int], snaplen: int, drop_outgoing: bool) -> list[tu
     return out
 
 
+class RingConfig(BaseModel):
+    """``ring:`` of the ``live`` receiver: a TPACKET_V3 ``PACKET_RX_RING`` instead of ``recv``."""
+
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+    enabled: bool = False
+    #: Bytes per block (a page multiple; a block is handed to user space whole).
+    block_size: int = Field(DEFAULT_BLOCK_SIZE, ge=mmap.PAGESIZE, le=1 << 26)
+    block_count: int = Field(DEFAULT_BLOCK_COUNT, ge=2, le=1 << 16)
+    #: Nominal frame size (TPACKET_V3 packs frames of any size; the kernel only checks it);
+    #: default = block_size, as libpcap.
+    frame_size: int | None = Field(None, ge=64)
+    #: Milliseconds before the kernel hands over a partly filled block (the latency bound at low rate).
+    retire_timeout_ms: int = Field(100, ge=1, le=60000)
+
+    @model_validator(mode="after")
+    def _check(self) -> RingConfig:
+        if self.block_size % mmap.PAGESIZE:
+            raise ValueError(f"ring.block_size must be a multiple of the page size ({mmap.PAGESIZE})")
+        fs = self.frame_size if self.frame_size is not None else self.block_size
+        if fs % 16 or fs > self.block_size:
+            raise ValueError("ring.frame_size must be a multiple of 16 and at most ring.block_size")
+        if self.block_size * self.block_count > 1 << 32:
+            raise ValueError("ring is larger than 4 GiB")
+        return self
+
+
 class LiveConfig(ComponentConfig):
     """Options of the ``live`` receiver."""
 
@@ -151,6 +204,8 @@ class LiveConfig(ComponentConfig):
     max_buffered_bytes_total: int = Field(default=ReassemblyLimits.max_buffered_bytes_total, ge=0)
     #: Seconds without a packet before a connection is expired.
     idle_timeout: float = Field(default=ReassemblyLimits.idle_timeout, gt=0)
+    #: Read through a mapped TPACKET_V3 ring instead of ``recv`` (off by default: see the module doc).
+    ring: RingConfig = RingConfig()
 
     @field_validator("ports")
     @classmethod
@@ -181,6 +236,10 @@ class LiveReceiver(Receiver):
         self.stats: dict[str, Any] = {"packets": 0, "bytes": 0, "events": 0, "drops": {}}
         self._published: dict[tuple[str, str], int] = {}
         self._kernel_drops = 0
+        self._mm: mmap.mmap | None = None
+        #: Ring mode: copy each block's used bytes once and hand out views of it (True),
+        #: or copy each packet's payload (False). See the module doc for the figures.
+        self.copy_per_block = COPY_PER_BLOCK
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -224,16 +283,42 @@ class LiveReceiver(Receiver):
                     s.recv(1)
             except OSError:
                 pass
+            if c.ring.enabled:
+                self._mm = self._map_ring(s, c.ring)
             self._read_kernel_stats(s)  # reading resets the kernel's counters
         except BaseException:
             s.close()
             raise
         self._sock = s
         self._stop.clear()
-        self._thread = threading.Thread(target=self._run, name=f"live-{self.id}", daemon=True)
+        run = self._run_ring if self._mm is not None else self._run
+        self._thread = threading.Thread(target=run, name=f"live-{self.id}", daemon=True)
         self._thread.start()
-        log.info("%s: capturing on %s (%s)", self.id, c.interface,
-                 f"ports {c.ports}" if c.ports else "all TCP")
+        log.info("%s: capturing on %s (%s, %s)", self.id, c.interface,
+                 f"ports {c.ports}" if c.ports else "all TCP",
+                 f"TPACKET_V3 ring {c.ring.block_count} x {c.ring.block_size} B" if self._mm is not None else "recv")
+
+    @staticmethod
+    def _map_ring(s: socket.socket, rc: RingConfig) -> mmap.mmap:
+        """Switch ``s`` to TPACKET_V3, create its RX ring and map it (after the filter is on)."""
+        fs = rc.frame_size if rc.frame_size is not None else rc.block_size
+        req = _REQ3.pack(rc.block_size, rc.block_count, fs, rc.block_count * (rc.block_size // fs),
+                         rc.retire_timeout_ms, 0, 0)
+        try:
+            s.setsockopt(SOL_PACKET, PACKET_VERSION, TPACKET_V3)
+        except OSError as e:
+            raise LiveError(f"the kernel refused TPACKET_V3 (PACKET_VERSION): {e.strerror}") from None
+        try:
+            s.setsockopt(SOL_PACKET, PACKET_RX_RING, req)
+        except OSError as e:
+            raise LiveError(f"the kernel refused a PACKET_RX_RING of {rc.block_count} x {rc.block_size} bytes: "
+                            f"{e.strerror}") from None
+        try:
+            return mmap.mmap(s.fileno(), rc.block_size * rc.block_count, mmap.MAP_SHARED,
+                             mmap.PROT_READ | mmap.PROT_WRITE)
+        except OSError as e:
+            raise LiveError(f"cannot map the packet ring ({rc.block_size * rc.block_count} bytes): "
+                            f"{e.strerror}") from None
 
     @staticmethod
     def _attach(s: socket.socket, prog: list[tuple[int, int, int, int]]) -> None:
@@ -246,11 +331,19 @@ class LiveReceiver(Receiver):
 
     def shutdown(self) -> None:
         self._stop.set()
+        alive = False
         if self._thread is not None:
             self._thread.join(timeout=10)
+            alive = self._thread.is_alive()
             self._thread = None
+        if self._mm is not None:
+            if alive:  # the loop is stuck downstream: leave the map to the garbage collector
+                log.warning("%s: capture thread still running at shutdown; ring left mapped", self.id)
+            else:
+                self._mm.close()  # munmap (no view of the map outlives a loop pass)
+            self._mm = None
         if self._sock is not None:
-            self._sock.close()
+            self._sock.close()  # frees the ring
             self._sock = None
 
     def flush(self) -> None:
@@ -317,6 +410,101 @@ class LiveReceiver(Receiver):
             self._publish()
             self.done.set()
 
+    def _run_ring(self) -> None:
+        """The TPACKET_V3 loop: wait for the next block to be user-owned, walk its frames,
+        copy what must outlive the block, give the block back (``TP_STATUS_KERNEL``)."""
+        s = self._sock
+        mm = self._mm
+        assert s is not None and mm is not None
+        r = self.reassembler
+        seg = r.segment
+        lt = self._linktype
+        bs = self.config.batch_size
+        bsize = self.config.ring.block_size
+        nblocks = self.config.ring.block_count
+        drops = self.stats["drops"]
+        py_ports = self._py_ports
+        per_block = self.copy_per_block
+        unpack_block = _BLOCK.unpack_from
+        unpack_frame = _FRAME.unpack_from
+        kernel = _U32.pack_into
+        poller = select.poll()
+        poller.register(s.fileno(), select.POLLIN | select.POLLERR)
+        timeout_ms = self.config.poll_timeout_ms
+        next_house = time.monotonic() + 1.0
+        cur = 0
+        try:
+            while not self._stop.is_set():
+                base = cur * bsize
+                _ver, _priv, status, npkts, first, blen = unpack_block(mm, base)
+                if status & TP_STATUS_USER:
+                    n = nbytes = 0
+                    if not (0 < first <= blen <= bsize):  # never from this kernel; refuse, don't walk
+                        drops["malformed"] = drops.get("malformed", 0) + npkts
+                        npkts = 0
+                    if per_block:
+                        # One copy of the block's used bytes; payloads are views of it. A view
+                        # keeps at most one block (block_size) alive.
+                        buf: Any = mm[base:base + blen]
+                        view = memoryview(buf)
+                        off = first
+                        lim = blen
+                    else:
+                        buf = mm
+                        off = base + first
+                        lim = base + blen
+                    for _ in range(npkts):
+                        nxt, sec, nsec, snap, _wire, _st, mac, _net = unpack_frame(buf, off)
+                        start = off + mac
+                        end = start + snap
+                        if end > lim:
+                            drops["malformed"] = drops.get("malformed", 0) + 1
+                            break
+                        n += 1
+                        nbytes += snap
+                        res = decode(lt, buf, start, end)
+                        if res.__class__ is str:
+                            drops[res] = drops.get(res, 0) + 1
+                        else:
+                            src, dst, sport, dport, sq, ack, flags, poff, pend = res
+                            if py_ports is None or sport in py_ports or dport in py_ports:
+                                if pend <= poff:
+                                    pl = _EMPTY
+                                elif per_block:
+                                    pl = view[poff:pend]
+                                else:
+                                    # the one copy per packet, of the payload only (the block is reused)
+                                    pl = memoryview(mm[poff:pend])
+                                seg(src, sport, dst, dport, sq, ack, flags, pl, sec * 1_000_000_000 + nsec)
+                        if not nxt:
+                            break
+                        off += nxt
+                    kernel(mm, base + _BLOCK_STATUS_OFF, TP_STATUS_KERNEL)
+                    cur = cur + 1 if cur + 1 < nblocks else 0
+                    self.stats["packets"] += n
+                    self.stats["bytes"] += nbytes
+                    if len(r.events) >= bs:
+                        self._flush_events()
+                else:
+                    self._flush_events()
+                    poller.poll(timeout_ms)
+                now = time.monotonic()
+                if now >= next_house:
+                    next_house = now + 1.0
+                    self._flush_events()
+                    r.expire(time.time_ns())
+                    self._flush_events()
+                    self._read_kernel_stats(s)
+                    self._publish()
+        except Exception:
+            log.exception("%s: capture loop failed", self.id)
+        finally:
+            r.finish()
+            self._flush_events()
+            self._read_kernel_stats(s)
+            self._publish()
+            self.done.set()
+
     def _flush_events(self) -> None:
         r = self.reassembler
         ev = r.events
@@ -334,7 +522,12 @@ class LiveReceiver(Receiver):
 
     def _read_kernel_stats(self, s: socket.socket) -> None:
         try:
-            _pkts, dropped = struct.unpack("II", s.getsockopt(SOL_PACKET, PACKET_STATISTICS, 8))
+            if self._mm is not None:  # tpacket_stats_v3
+                _pkts, dropped, freezes = _STATS_V3.unpack(s.getsockopt(SOL_PACKET, PACKET_STATISTICS, 12))
+                if freezes:  # times every block was user-owned (not a loss by itself: drops say that)
+                    self.stats["ring_freezes"] = self.stats.get("ring_freezes", 0) + freezes
+            else:
+                _pkts, dropped = struct.unpack("II", s.getsockopt(SOL_PACKET, PACKET_STATISTICS, 8))
         except OSError:
             return
         if dropped:
