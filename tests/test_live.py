@@ -4,6 +4,9 @@ Real processes generate the traffic (Python http.server, curl, urllib, raw socke
 IPv6); the receiver captures it from ``lo`` and the tests assert the TcpEvents: each
 payload once (loopback duplicates removed), exact bytes, roles from the handshake, big
 bodies, many connections, a client that dies mid-request, and the socket filter itself.
+The event tests run on both read paths (``recv`` and the TPACKET_V3 ring); one test runs
+both paths (and both ring copy strategies) on the same traffic at once and compares the
+spans; kernel drops are forced with a slow consumer and checked to be counted.
 """
 
 from __future__ import annotations
@@ -18,9 +21,11 @@ import time
 from collections import defaultdict
 
 import pytest
+from pydantic import ValidationError
 
-from receivers.live import MAX_FILTER_PORTS, LiveConfig, LiveError, LiveReceiver, build_filter
+from receivers.live import MAX_FILTER_PORTS, LiveConfig, LiveError, LiveReceiver, RingConfig, build_filter
 from service.model import EventKind
+from service.telemetry import RECEIVER_DROPPED
 from tests.support.capture import wait_until
 from tests.support.live_http import BIG_BODY, EventCollector, ReceiverRunning, http_server, run_client
 
@@ -38,6 +43,9 @@ if _SKIP:  # pragma: no cover
     print(f"test_live: skipping, {_SKIP}", file=sys.stderr)
 pytestmark = pytest.mark.skipif(bool(_SKIP), reason=_SKIP or "ok")
 CURL = shutil.which("curl")
+#: the two read paths, as config
+MODES = {"recv": {}, "ring": {"ring": {"enabled": True}}}
+modes = pytest.mark.parametrize("mode", list(MODES))
 
 
 class Collect(EventCollector):
@@ -66,8 +74,9 @@ def closes(r: Running) -> int:
     return sum(1 for e in r.sink.events if e.kind in (EventKind.CLOSE, EventKind.RESET))
 
 
-def test_curl_each_payload_once_with_roles() -> None:
-    with http_server() as srv, Running(ports=[srv.port]) as r:
+@modes
+def test_curl_each_payload_once_with_roles(mode: str) -> None:
+    with http_server() as srv, Running(ports=[srv.port], **MODES[mode]) as r:
         p = subprocess.run([CURL, "-s", f"{srv.url}/one?x=1"], capture_output=True, check=True)
         assert p.stdout == b"hello /one?x=1\n"
         assert wait_for(lambda: closes(r) >= 2)
@@ -89,11 +98,12 @@ def test_curl_each_payload_once_with_roles() -> None:
     assert r.rx.stats["drops"] == {}
 
 
-def test_big_response_and_upload_whole() -> None:
+@modes
+def test_big_response_and_upload_whole(mode: str) -> None:
     get = "import urllib.request,sys; sys.stdout.buffer.write(urllib.request.urlopen(sys.argv[1]).read())"
     post = ("import urllib.request,sys; d=bytes(range(256))*4096; "
             "sys.stdout.buffer.write(urllib.request.urlopen(urllib.request.Request(sys.argv[1], data=d)).read())")
-    with http_server() as srv, Running(ports=[srv.port]) as r:
+    with http_server() as srv, Running(ports=[srv.port], **MODES[mode]) as r:
         assert run_client(get, f"{srv.url}/big").stdout == BIG_BODY
         assert run_client(post, f"{srv.url}/upload").stdout == b"got 1048576\n"
         assert wait_for(lambda: closes(r) >= 4)
@@ -105,12 +115,13 @@ def test_big_response_and_upload_whole() -> None:
     assert not any(e.kind == EventKind.GAP for e in r.sink.events)
 
 
-def test_many_short_connections() -> None:
+@modes
+def test_many_short_connections(mode: str) -> None:
     n = 150
     client = ("import urllib.request,sys\n"
               "for i in range(int(sys.argv[2])):\n"
               "    urllib.request.urlopen(f'{sys.argv[1]}/c{i}').read()\n")
-    with http_server() as srv, Running(ports=[srv.port]) as r:
+    with http_server() as srv, Running(ports=[srv.port], **MODES[mode]) as r:
         run_client(client, srv.url, str(n))
         assert wait_for(lambda: closes(r) >= 2 * n)
     opens = [e for e in r.sink.events if e.kind == EventKind.OPEN]
@@ -119,24 +130,26 @@ def test_many_short_connections() -> None:
     assert sorted(v.split(b" ", 2)[1] for v in reqs) == sorted(f"/c{i}".encode() for i in range(n))
 
 
-def test_client_dies_mid_request() -> None:
+@modes
+def test_client_dies_mid_request(mode: str) -> None:
     client = ("import socket,os,sys; s=socket.create_connection(('127.0.0.1', int(sys.argv[1]))); "
               "s.sendall(b'POST /upload HTTP/1.1\\r\\nContent-Length: 100\\r\\n\\r\\nabc'); os._exit(0)")
-    with http_server() as srv, Running(ports=[srv.port]) as r:
+    with http_server() as srv, Running(ports=[srv.port], **MODES[mode]) as r:
         subprocess.run([sys.executable, "-c", client, str(srv.port)], check=True)
         assert wait_for(lambda: closes(r) >= 2)
     reqs = [v for k, v in r.sink.streams().items() if k[1] != srv.port]
     assert reqs == [b"POST /upload HTTP/1.1\r\nContent-Length: 100\r\n\r\nabc"]
 
 
-def test_ipv6_loopback() -> None:
+@modes
+def test_ipv6_loopback(mode: str) -> None:
     lsock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
     lsock.bind(("::1", 0))
     lsock.listen(4)
     port = lsock.getsockname()[1]
     echo = ("import socket,sys; s=socket.create_connection(('::1', int(sys.argv[1]))); "
             "s.sendall(b'ping6'); s.recv(10); s.close()")
-    with Running(ports=[port]) as r:
+    with Running(ports=[port], **MODES[mode]) as r:
         t = threading.Thread(target=lambda: (c := lsock.accept()[0], c.recv(10), c.sendall(b'pong6'), c.close()))
         t.start()
         run_client(echo, str(port))
@@ -181,8 +194,160 @@ def test_clean_errors(tmp_path) -> None:
     assert "needs root or CAP_NET_RAW" in p.stdout and p.stdout.count("\n") == 1
 
 
+def test_ring_config_and_kernel_refusal() -> None:
+    c = LiveConfig()
+    assert c.ring.enabled is False and c.ring.block_size == 1 << 18 and c.ring.block_count == 128
+    assert LiveConfig(ring={"enabled": True, "block_size": 65536}).ring.block_size == 65536
+    for bad in ({"block_size": 5000}, {"frame_size": 1 << 19}, {"frame_size": 100}, {"block_count": 1},
+                {"blocks": 4}, {"block_size": 1 << 26, "block_count": 65}):
+        with pytest.raises(ValidationError):
+            RingConfig(**bad)
+    # valid for pydantic, refused by the kernel (a frame smaller than tpacket3_hdr + sockaddr_ll)
+    rx = LiveReceiver("live", LiveConfig(ring={"enabled": True, "frame_size": 64}), Collect())
+    with pytest.raises(LiveError) as ei:
+        rx.start()
+    assert "PACKET_RX_RING" in str(ei.value) and "\n" not in str(ei.value)
+    assert rx._sock is None and rx._thread is None
+
+
+class SpanSink:
+    def __init__(self) -> None:
+        self.spans: list = []
+        self.lock = threading.Lock()
+
+    def consume_spans(self, spans: list) -> None:
+        with self.lock:
+            self.spans.extend(spans)
+
+
+def _comparable(sp) -> tuple:
+    """A span without what differs between two captures of the same traffic: random ids of
+    root spans, and timestamps (recv stamps at read time, the ring with the kernel's)."""
+    traced = bool(sp.parent_span_id)
+    return (sp.name, int(sp.kind), int(sp.status_code), sp.trace_id if traced else b"", sp.parent_span_id,
+            tuple(sorted((k, str(v)) for k, v in sp.attributes.items())))
+
+
+def test_recv_and_ring_give_identical_spans() -> None:
+    """recv, ring with per-packet copies and ring with per-block copies capture the same
+    traffic at once (three sockets on lo), each into its own protocols stage."""
+    from processors.protocols.processor import ProtocolsProcessor
+
+    tid, parent = "0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331"
+    upload = ("import urllib.request,sys; urllib.request.urlopen(urllib.request.Request(sys.argv[1], "
+              "data=bytes(range(256))*4096)).read()")
+    many = ("import urllib.request,sys\n"
+            "for i in range(40):\n"
+            "    urllib.request.urlopen(f'{sys.argv[1]}/s{i}').read()\n")
+    setups = (("recv", {}, False), ("ring_packet", MODES["ring"], False), ("ring_block", MODES["ring"], True))
+    with http_server() as srv:
+        runs = []
+        for name, extra, per_block in setups:
+            sink = SpanSink()
+            stage = ProtocolsProcessor(f"protocols/{name}", {"enabled": ["http"]}, sink)
+            stage.start()
+            rx = LiveReceiver(f"live/{name}", LiveConfig(ports=[srv.port], **extra), stage)
+            rx.copy_per_block = per_block
+            rx.start()
+            runs.append((name, rx, stage, sink))
+        try:
+            subprocess.run([CURL, "-s", "-o", "/dev/null", "-H", f"traceparent: 00-{tid}-{parent}-01",
+                            f"{srv.url}/traced"], check=True)
+            subprocess.run([CURL, "-s", "-o", "/dev/null", f"{srv.url}/missing"], check=True)
+            assert run_client("import urllib.request,sys; sys.stdout.buffer.write("
+                              "urllib.request.urlopen(sys.argv[1]).read())", f"{srv.url}/big").stdout == BIG_BODY
+            assert run_client(upload, f"{srv.url}/upload").stdout == b""
+            run_client(many, srv.url)
+            n = 44  # traced, missing, big, upload, 40 short
+            assert wait_for(lambda: all(len(sk.spans) >= n for _, _, _, sk in runs), timeout=15)
+        finally:
+            for _, rx, stage, _ in runs:
+                rx.shutdown()
+                stage.flush()
+                stage.shutdown()
+    got = {name: sorted(map(_comparable, sink.spans)) for name, _, _, sink in runs}
+    for name, rx, _, _ in runs:
+        assert rx.stats["drops"] == {}, (name, rx.stats)
+    assert got["recv"] == got["ring_packet"] == got["ring_block"]
+    # and the spans are right (asserted on the ring's, equal to recv's above)
+    spans = {s.attributes["url.path"]: s for s in runs[1][3].spans}
+    assert len(runs[1][3].spans) == n
+    t = spans["/traced"]
+    assert t.trace_id.hex() == tid and t.parent_span_id.hex() == parent and int(t.kind) == 2
+    assert t.attributes["http.response.status_code"] == 200
+    assert spans["/missing"].attributes["http.response.status_code"] == 404
+    assert spans["/big"].attributes["http.response.body.size"] == len(BIG_BODY)
+    assert spans["/upload"].attributes["http.request.body.size"] == 1 << 20
+    assert all(f"/s{i}" in spans for i in range(40))
+
+
+class StalledCollect(Collect):
+    """A consumer whose first call blocks until the test releases it, so the kernel's
+    buffer (or ring) fills while the client runs: drops, deterministically."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = threading.Event()
+
+    def consume_events(self, events: list) -> None:
+        self.release.wait(10)
+        super().consume_events(events)
+
+
+@modes
+def test_kernel_drops_counted(mode: str) -> None:
+    small = {"recv": {"buffer_size": 65536}, "ring": {"ring": {"enabled": True, "block_size": 1 << 17,
+                                                                "block_count": 2}}}[mode]
+    # one keep-alive connection: a 4 MiB upload while the consumer is stalled (the kernel
+    # drops its tail), then, once the receiver has drained, a GET on the same connection:
+    # its bytes lie beyond the hole, so the reassembler must report the loss as a GAP
+    client = ("import http.client,sys\n"
+              "c=http.client.HTTPConnection('127.0.0.1', int(sys.argv[1]))\n"
+              "c.request('POST','/upload',body=bytes(4 << 20)); print(c.getresponse().read().decode(), flush=True)\n"
+              "sys.stdin.readline()\n"
+              "c.request('GET','/after'); c.getresponse().read(); c.close()\n")
+    metric = RECEIVER_DROPPED.labels(receiver=f"live-drops-{mode}", reason="kernel_buffer_full")
+    before = metric._value.get()
+
+    def drained() -> None:
+        seen = -1
+        while seen != rx.stats["packets"]:
+            seen = rx.stats["packets"]
+            time.sleep(0.3)
+
+    with http_server() as srv:
+        sink = StalledCollect()
+        rx = LiveReceiver(f"live-drops-{mode}", LiveConfig(ports=[srv.port], batch_size=1, **small), sink)
+        rx.start()
+        proc = subprocess.Popen([sys.executable, "-c", client, str(srv.port)], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, text=True)
+        try:
+            assert proc.stdout.readline() == "got 4194304\n"
+            sink.release.set()
+            drained()
+            proc.communicate("\n", timeout=20)
+            assert proc.returncode == 0
+            drained()
+        finally:
+            sink.release.set()
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            rx.shutdown()
+    lost = rx.stats["drops"].get("kernel_buffer_full", 0)
+    assert lost > 0, rx.stats
+    assert metric._value.get() - before == lost
+    kinds = [e.kind for e in sink.events]
+    assert EventKind.GAP in kinds, (kinds, rx.stats)
+    after = [bytes(e.payload) for e in sink.events if e.kind == EventKind.DATA and e.dport == srv.port]
+    assert after[-1].startswith(b"GET /after HTTP/1.1\r\n")
+    if mode == "ring":
+        assert rx.stats.get("ring_freezes", 0) > 0
+
+
 # --------------------------------------------------------------------------- end to end
-def test_wirespan_run_live_http_and_redis(tmp_path) -> None:
+@modes
+def test_wirespan_run_live_http_and_redis(tmp_path, mode: str) -> None:
     from tests.support.redis_server import redis_server
     from tests.support.wirespan_proc import wirespan_run
 
@@ -192,7 +357,7 @@ def test_wirespan_run_live_http_and_redis(tmp_path) -> None:
               "data=bytes(1 << 20))).read()")
     rcli = "import redis,sys; r=redis.Redis(port=int(sys.argv[1])); r.set('k','v'); r.get('k'); r.close()"
     with http_server() as srv, redis_server() as rport:
-        with wirespan_run(tmp_path, {"live": {"ports": [srv.port, rport]}}) as w:
+        with wirespan_run(tmp_path, {"live": {"ports": [srv.port, rport], **MODES[mode]}}) as w:
             subprocess.run([CURL, "-s", "-o", "/dev/null", "-H", f"traceparent: 00-{tid}-{parent}-01",
                             f"{srv.url}/traced"], check=True)
             run_client(get, f"{srv.url}/big")
