@@ -79,7 +79,7 @@ DEFAULT_BLOCK_SIZE = 1 << 18
 #: Blocks: DEFAULT_RCVBUF worth of memory, the same burst room as the recv path.
 DEFAULT_BLOCK_COUNT = DEFAULT_RCVBUF // DEFAULT_BLOCK_SIZE
 #: Ring mode copy strategy (measured in bench/bench_live.py; see the module doc).
-COPY_PER_BLOCK = False
+COPY_UNIT = 0
 _EMPTY = memoryview(b"")
 
 # classic BPF opcodes (linux/bpf_common.h)
@@ -237,9 +237,9 @@ class LiveReceiver(Receiver):
         self._published: dict[tuple[str, str], int] = {}
         self._kernel_drops = 0
         self._mm: mmap.mmap | None = None
-        #: Ring mode: copy each block's used bytes once and hand out views of it (True),
-        #: or copy each packet's payload (False). See the module doc for the figures.
-        self.copy_per_block = COPY_PER_BLOCK
+        #: Ring mode: 0 copies each payload; N > 0 copies runs of consecutive frames of up
+        #: to N bytes once and hands out views of them. See the module doc for the figures.
+        self.copy_unit = COPY_UNIT
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -424,7 +424,7 @@ class LiveReceiver(Receiver):
         nblocks = self.config.ring.block_count
         drops = self.stats["drops"]
         py_ports = self._py_ports
-        per_block = self.copy_per_block
+        unit = self.copy_unit
         unpack_block = _BLOCK.unpack_from
         unpack_frame = _FRAME.unpack_from
         kernel = _U32.pack_into
@@ -432,6 +432,18 @@ class LiveReceiver(Receiver):
         poller.register(s.fileno(), select.POLLIN | select.POLLERR)
         timeout_ms = self.config.poll_timeout_ms
         next_house = time.monotonic() + 1.0
+        pending: list[tuple[Any, int]] = []
+        run_start = run_end = 0
+
+        def flush_run() -> None:
+            # One copy for a run of consecutive frames; their payloads are views of it, so a
+            # payload kept downstream keeps at most max(unit, its own frame) bytes alive.
+            view = memoryview(mm[run_start:run_end])
+            for (src, dst, sport, dport, sq, ack, flags, poff, pend), ts in pending:
+                seg(src, sport, dst, dport, sq, ack, flags,
+                    view[poff - run_start:pend - run_start] if pend > poff else _EMPTY, ts)
+            pending.clear()
+
         cur = 0
         try:
             while not self._stop.is_set():
@@ -442,19 +454,10 @@ class LiveReceiver(Receiver):
                     if not (0 < first <= blen <= bsize):  # never from this kernel; refuse, don't walk
                         drops["malformed"] = drops.get("malformed", 0) + npkts
                         npkts = 0
-                    if per_block:
-                        # One copy of the block's used bytes; payloads are views of it. A view
-                        # keeps at most one block (block_size) alive.
-                        buf: Any = mm[base:base + blen]
-                        view = memoryview(buf)
-                        off = first
-                        lim = blen
-                    else:
-                        buf = mm
-                        off = base + first
-                        lim = base + blen
+                    off = base + first
+                    lim = base + blen
                     for _ in range(npkts):
-                        nxt, sec, nsec, snap, _wire, _st, mac, _net = unpack_frame(buf, off)
+                        nxt, sec, nsec, snap, _wire, _st, mac, _net = unpack_frame(mm, off)
                         start = off + mac
                         end = start + snap
                         if end > lim:
@@ -462,23 +465,28 @@ class LiveReceiver(Receiver):
                             break
                         n += 1
                         nbytes += snap
-                        res = decode(lt, buf, start, end)
+                        res = decode(lt, mm, start, end)
                         if res.__class__ is str:
                             drops[res] = drops.get(res, 0) + 1
-                        else:
-                            src, dst, sport, dport, sq, ack, flags, poff, pend = res
-                            if py_ports is None or sport in py_ports or dport in py_ports:
-                                if pend <= poff:
-                                    pl = _EMPTY
-                                elif per_block:
-                                    pl = view[poff:pend]
-                                else:
-                                    # the one copy per packet, of the payload only (the block is reused)
-                                    pl = memoryview(mm[poff:pend])
-                                seg(src, sport, dst, dport, sq, ack, flags, pl, sec * 1_000_000_000 + nsec)
+                        elif py_ports is None or res[2] in py_ports or res[3] in py_ports:
+                            ts = sec * 1_000_000_000 + nsec
+                            if not unit:
+                                src, dst, sport, dport, sq, ack, flags, poff, pend = res
+                                # the one copy per packet, of the payload only (the block is reused)
+                                seg(src, sport, dst, dport, sq, ack, flags,
+                                    memoryview(mm[poff:pend]) if pend > poff else _EMPTY, ts)
+                            else:
+                                if pending and end - run_start > unit:
+                                    flush_run()
+                                if not pending:
+                                    run_start = start
+                                pending.append((res, ts))
+                                run_end = end
                         if not nxt:
                             break
                         off += nxt
+                    if pending:
+                        flush_run()
                     kernel(mm, base + _BLOCK_STATUS_OFF, TP_STATUS_KERNEL)
                     cur = cur + 1 if cur + 1 < nblocks else 0
                     self.stats["packets"] += n

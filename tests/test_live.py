@@ -5,7 +5,7 @@ IPv6); the receiver captures it from ``lo`` and the tests assert the TcpEvents: 
 payload once (loopback duplicates removed), exact bytes, roles from the handshake, big
 bodies, many connections, a client that dies mid-request, and the socket filter itself.
 The event tests run on both read paths (``recv`` and the TPACKET_V3 ring); one test runs
-both paths (and both ring copy strategies) on the same traffic at once and compares the
+both paths (and the ring's copy strategies) on the same traffic at once and compares the
 spans; kernel drops are forced with a slow consumer and checked to be counted.
 """
 
@@ -229,8 +229,8 @@ def _comparable(sp) -> tuple:
 
 
 def test_recv_and_ring_give_identical_spans() -> None:
-    """recv, ring with per-packet copies and ring with per-block copies capture the same
-    traffic at once (three sockets on lo), each into its own protocols stage."""
+    """recv, and the ring with per-packet copies, 4 KiB runs and whole-block runs, capture
+    the same traffic at once (four sockets on lo), each into its own protocols stage."""
     from processors.protocols.processor import ProtocolsProcessor
 
     tid, parent = "0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331"
@@ -239,15 +239,16 @@ def test_recv_and_ring_give_identical_spans() -> None:
     many = ("import urllib.request,sys\n"
             "for i in range(40):\n"
             "    urllib.request.urlopen(f'{sys.argv[1]}/s{i}').read()\n")
-    setups = (("recv", {}, False), ("ring_packet", MODES["ring"], False), ("ring_block", MODES["ring"], True))
+    setups = (("recv", {}, 0), ("ring_packet", MODES["ring"], 0), ("ring_4k", MODES["ring"], 4096),
+              ("ring_block", MODES["ring"], 1 << 18))
     with http_server() as srv:
         runs = []
-        for name, extra, per_block in setups:
+        for name, extra, unit in setups:
             sink = SpanSink()
             stage = ProtocolsProcessor(f"protocols/{name}", {"enabled": ["http"]}, sink)
             stage.start()
             rx = LiveReceiver(f"live/{name}", LiveConfig(ports=[srv.port], **extra), stage)
-            rx.copy_per_block = per_block
+            rx.copy_unit = unit
             rx.start()
             runs.append((name, rx, stage, sink))
         try:
@@ -268,7 +269,7 @@ def test_recv_and_ring_give_identical_spans() -> None:
     got = {name: sorted(map(_comparable, sink.spans)) for name, _, _, sink in runs}
     for name, rx, _, _ in runs:
         assert rx.stats["drops"] == {}, (name, rx.stats)
-    assert got["recv"] == got["ring_packet"] == got["ring_block"]
+    assert got["recv"] == got["ring_packet"] == got["ring_4k"] == got["ring_block"]
     # and the spans are right (asserted on the ring's, equal to recv's above)
     spans = {s.attributes["url.path"]: s for s in runs[1][3].spans}
     assert len(runs[1][3].spans) == n
