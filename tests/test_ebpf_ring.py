@@ -92,3 +92,34 @@ def test_iter_chunk_walks_kernel_records_and_skips_discarded() -> None:
     chunk = rec(b"first") + rec(b"dropped!", RINGBUF_DISCARD) + rec(b"") + rec(b"x" * 16)
     got = [chunk[off:off + n] for off, n in iter_chunk(chunk)]
     assert got == [b"first", b"", b"x" * 16]
+
+
+def test_close_positions_turn_a_lost_tail_into_gaps() -> None:
+    """The records at the end of a write lost to a full ring leave no later data record to
+    show the hole: the close record's end positions must (sent: stream_off, received: recv_end)."""
+    import socket as _socket
+
+    from receivers.ebpf.receiver import K_CLOSE, K_DATA, EbpfConfig, EbpfReceiver
+    from service.model import EventKind
+
+    rx = EbpfReceiver("ebpf", EbpfConfig(), None)
+    v4 = _socket.inet_aton("127.0.0.1") + bytes(12)
+    comm = b"srv".ljust(16, b"\0")
+
+    def rec(kind: int, egress: int, stream_off: int, n: int, total: int, last: int, recv_end: int = 0) -> tuple:
+        # (ts_in, ts_out, sk, pid, tid, total, offset, n, lport, rport, kind, egress, family, last, pad,
+        #  laddr, raddr, comm, stream_off, recv_end)
+        return (1, 2, 0xABC, 42, 42, total, 0, n, 8080, 50000, kind, egress, _socket.AF_INET, last, 0,
+                v4, v4, comm, stream_off, recv_end)
+
+    rx._one(rec(K_DATA, 0, 0, 20, 20, 1), memoryview(b"GET / HTTP/1.1\r\n\r\n\0\0"))  # 20 bytes received
+    rx._one(rec(K_DATA, 1, 0, 100, 5000, 0), memoryview(bytes(100)))  # first record of a 5000-byte write
+    rx._one(rec(K_CLOSE, 0, 5000, 0, 0, 1, recv_end=20), None)  # the other records of the write were lost
+    kinds = [(e.kind, e.egress, e.gap if e.kind == EventKind.GAP else len(e.payload or b"")) for e in rx._out]
+    assert kinds == [
+        (EventKind.DATA, False, 20),
+        (EventKind.DATA, True, 100),
+        (EventKind.GAP, True, 4900),  # sent 5000, delivered 100: the lost tail, at its position
+        (EventKind.CLOSE, True, 0),
+        (EventKind.CLOSE, False, 0),
+    ]

@@ -52,8 +52,8 @@ OBJECT_PATH = Path(__file__).parent / "bpf" / "wirespan.bpf.o"
 
 #: struct rec_hdr in wirespan.bpf.c (keep in sync):
 #: ts_enter, ts_exit, sock, pid, tid, total, offset, len, lport, rport, kind, egress,
-#: family, last, pad, laddr, raddr, comm, stream_off
-HDR = struct.Struct("<QQQIIIIIHHBBBBI16s16s16sQ")
+#: family, last, pad, laddr, raddr, comm, stream_off, recv_end
+HDR = struct.Struct("<QQQIIIIIHHBBBBI16s16s16sQQ")
 #: struct ws_cfg: self_pid, filter_pids, filter_comms, filter_ports, max_call_bytes, pad
 CFG = struct.Struct("<6I")
 #: enum counter in wirespan.bpf.c, by index (metric label ``counter``).
@@ -443,13 +443,16 @@ class EbpfReceiver(Receiver):
     def _one(self, h: tuple, payload: Any) -> None:
         """One ring record -> DATA/GAP/CLOSE events appended to ``self._out``."""
         (ts_in, ts_out, sk, pid, tid, total, offset, n, lport, rport, kind, egress, family, last, _p,
-         laddr, raddr, comm, stream_off) = h
+         laddr, raddr, comm, stream_off, recv_end) = h
         out = self._out
         key = (pid, sk)
         c = self._conns.get(key)
         epoch = self._mono_to_epoch
         if kind == K_CLOSE:
             if c is not None:
+                # Where each direction ended (stream_off: sent, recv_end: received): the
+                # records of a tail lost to a full ring leave no later record to show the hole.
+                self._tail_gaps(c, (recv_end, stream_off), ts_out + epoch, out, tid, comm)
                 self._close(c, ts_out + epoch, out, tid, comm)
             return
         if c is None:
@@ -503,6 +506,24 @@ class EbpfReceiver(Receiver):
             out.append(TcpEvent(_GAP, c.id, src, sport, dst, dport, ts, None, gap, None,
                                 bool(egress), pid, tid, name))
         self._nrec += 1
+
+    def _tail_gaps(self, c: _Conn, ends: tuple[int, int], ts: int, out: list[TcpEvent], tid: int | None,
+                   comm: bytes) -> None:
+        """GAP events for bytes a direction moved after the last record received of it."""
+        for d in (0, 1):
+            expect = c.pos[d]
+            if expect is None or ends[d] <= expect:
+                continue  # nothing seen that way (no position to anchor), or nothing missing
+            lost = ends[d] - expect
+            self._gap_lost += lost
+            c.pos[d] = ends[d]
+            name = comm.split(b"\0", 1)[0].decode(errors="replace")
+            if d:  # sent by this process
+                out.append(TcpEvent(_GAP, c.id, c.laddr, c.lport, c.raddr, c.rport, ts, None, lost, None,
+                                    True, c.pid, tid, name))
+            else:
+                out.append(TcpEvent(_GAP, c.id, c.raddr, c.rport, c.laddr, c.lport, ts, None, lost, None,
+                                    False, c.pid, tid, name))
 
     def _flush_out(self) -> None:
         if self._gap_cap or self._gap_kernel or self._gap_lost:

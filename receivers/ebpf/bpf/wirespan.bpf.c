@@ -78,6 +78,9 @@ struct rec_hdr {
 	u8 raddr[16];
 	char comm[16];
 	u64 stream_off;      // bytes this process moved in this direction on this socket before this syscall
+	                     // (K_CLOSE: bytes it sent in all)
+	u64 recv_end;        // K_CLOSE: bytes it received in all; 0 in data records. With stream_off, lost
+	                     // tail records (the ring was full to the end) become positioned gaps too.
 };
 
 struct record {
@@ -418,6 +421,7 @@ static __always_inline int on_exit(long ret)
 	h->pad = 0;
 	bpf_get_current_comm(h->comm, sizeof(h->comm));
 	h->stream_off = __sync_fetch_and_add(&sv->bytes[h->egress & 1], (u64)h->total);
+	h->recv_end = 0;
 
 	u32 want = h->total;
 	u32 limit = cfg->max_call_bytes;
@@ -545,8 +549,10 @@ int enter_close(struct trace_event_raw_sys_enter *ctx)
 		return 0;
 	struct rec_hdr *h = &r->h;
 	struct seen_key sk_key = { .sock = (u64)sk, .pid = id >> 32 };
-	if (!bpf_map_lookup_elem(&seen, &sk_key))
+	struct seen_val *sv = bpf_map_lookup_elem(&seen, &sk_key);
+	if (!sv)
 		return 0;  // never reported data for it: nothing to close
+	u64 sent = sv->bytes[1], received = sv->bytes[0];
 	bpf_map_delete_elem(&seen, &sk_key);
 	fill_tuple(h, sk);
 	h->ts_enter = h->ts_exit = bpf_ktime_get_ns();
@@ -558,7 +564,8 @@ int enter_close(struct trace_event_raw_sys_enter *ctx)
 	h->len = 0;
 	h->kind = K_CLOSE;
 	h->egress = 0;
-	h->stream_off = 0;
+	h->stream_off = sent;
+	h->recv_end = received;
 	h->last = 1;
 	h->pad = 0;
 	bpf_get_current_comm(h->comm, sizeof(h->comm));
