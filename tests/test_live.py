@@ -44,7 +44,7 @@ if _SKIP:  # pragma: no cover
 pytestmark = pytest.mark.skipif(bool(_SKIP), reason=_SKIP or "ok")
 CURL = shutil.which("curl")
 #: the two read paths, as config
-MODES = {"recv": {}, "ring": {"ring": {"enabled": True}}}
+MODES = {"recv": {"ring": {"enabled": False}}, "ring": {"ring": {"enabled": True}}}
 modes = pytest.mark.parametrize("mode", list(MODES))
 
 
@@ -196,7 +196,7 @@ def test_clean_errors(tmp_path) -> None:
 
 def test_ring_config_and_kernel_refusal() -> None:
     c = LiveConfig()
-    assert c.ring.enabled is False and c.ring.block_size == 1 << 18 and c.ring.block_count == 128
+    assert c.ring.enabled is True and c.ring.block_size == 1 << 18 and c.ring.block_count == 128
     assert LiveConfig(ring={"enabled": True, "block_size": 65536}).ring.block_size == 65536
     for bad in ({"block_size": 5000}, {"frame_size": 1 << 19}, {"frame_size": 100}, {"block_count": 1},
                 {"blocks": 4}, {"block_size": 1 << 26, "block_count": 65}):
@@ -239,7 +239,7 @@ def test_recv_and_ring_give_identical_spans() -> None:
     many = ("import urllib.request,sys\n"
             "for i in range(40):\n"
             "    urllib.request.urlopen(f'{sys.argv[1]}/s{i}').read()\n")
-    setups = (("recv", {}, 0), ("ring_packet", MODES["ring"], 0), ("ring_4k", MODES["ring"], 4096),
+    setups = (("recv", MODES["recv"], 0), ("ring_packet", MODES["ring"], 0), ("ring_4k", MODES["ring"], 4096),
               ("ring_block", MODES["ring"], 1 << 18))
     with http_server() as srv:
         runs = []
@@ -297,7 +297,7 @@ class StalledCollect(Collect):
 
 @modes
 def test_kernel_drops_counted(mode: str) -> None:
-    small = {"recv": {"buffer_size": 65536}, "ring": {"ring": {"enabled": True, "block_size": 1 << 17,
+    small = {"recv": {"buffer_size": 65536, **MODES["recv"]}, "ring": {"ring": {"enabled": True, "block_size": 1 << 17,
                                                                 "block_count": 2}}}[mode]
     # one keep-alive connection: a 4 MiB upload while the consumer is stalled (the kernel
     # drops its tail), then, once the receiver has drained, a GET on the same connection:
