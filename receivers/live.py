@@ -292,7 +292,7 @@ class LiveReceiver(Receiver):
             else:
                 raise LiveError(f"interface {c.interface!r}: link type {hatype} not supported "
                                 "(Ethernet, loopback and raw-IP interfaces are)")
-            for opt in (33, socket.SO_RCVBUF):  # SO_RCVBUFFORCE (root) first, else the capped one
+            for opt in (33, socket.SO_RCVBUF) if not c.ring.enabled else ():  # SO_RCVBUFFORCE (root) first
                 try:
                     s.setsockopt(socket.SOL_SOCKET, opt, c.buffer_size)
                     break
