@@ -17,20 +17,21 @@ Two read paths, the same filter, decoding and reassembly:
   block, so each payload is copied out first: one copy per packet, of the payload only
   (``copy_unit = 0``), the same one allocation as ``recv`` and nothing else kept alive.
   ``copy_unit = N`` copies runs of consecutive frames up to N bytes once and hands out
-  views (a kept view then holds at most N bytes besides its own); it saved 10-20% of
-  the reader's CPU alone and nothing measurable with the protocols stage, so it stays off.
+  views (a kept view then holds at most N bytes besides its own); 16 KiB runs to whole
+  blocks measured 0.83-1.21x the per-packet copy's cost, within run-to-run noise, so
+  per-packet copies (memory exactly like recv) stay.
 - ``recv`` (``ring: {enabled: false}``): one ``recv`` per packet, in batches (one
   allocation per packet, the only copy; payloads are views of it; timestamped on read).
 
-Why the ring is the default, measured by bench/bench_live.py (2 shared cores, load
-average 1-3.8 from the generator itself, medians of 3): reader CPU per packet on small
-HTTP exchanges, receiver only 5.4 us (recv) vs 3.0 us (ring) = 1.8x packets per
-CPU-second, with the protocols stage 10.8 vs 9.7 us (1.1x); under concurrent load with
-the protocols stage 9.1 vs 7.2 us (1.26x), and recv dropped up to 216k packets in a
-3 s run where the ring dropped none; 64 KiB bulk segments 2240 vs 3007 MiB/CPU-s
-receiver only, 2554 vs 2770 with the stage. The ring costs its memory up front
-(block_size x block_count = 32 MiB by default, kernel pages) where ``buffer_size``
-is only a cap.
+Why the ring is the default, measured by bench/bench_live.py (two runs, medians of 3,
+2 cores shared with the load generator, load average 0.9-3.8): reader CPU per packet
+on small HTTP exchanges, receiver only, recv 4.4-5.4 us vs ring 2.4-3.0 us (1.7-1.9x
+packets per CPU-second, burst and concurrent); with the protocols stage 9.7-10.8 vs
+7.4-9.7 us (1.1-1.34x). 64 KiB bulk segments: parity (0.96-1.34x MiB per CPU-second).
+Under concurrent load with the protocols stage both paths drop at times (at 7-10 us a
+packet the stage does 100-135k packets per CPU-second, about what the generator offers). The ring
+costs its memory up front (block_size x block_count = 32 MiB by default, kernel
+pages), where ``buffer_size`` is only a cap.
 
 Loopback duplicates: on ``lo`` every packet passes the tap twice, once leaving
 (``PACKET_OUTGOING``) and once arriving (``PACKET_HOST``); the filter drops the
