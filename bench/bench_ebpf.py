@@ -29,11 +29,11 @@ import os
 import statistics
 import subprocess
 import sys
-import threading
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from bench.common import ItemCounter
 from receivers.ebpf import EbpfConfig, EbpfReceiver
 from receivers.ebpf.receiver import DEFAULT_RING_SIZE
 from tests.support.capture import free_port, wait_port
@@ -97,21 +97,7 @@ else:
     print(n / (time.monotonic() - t0))
 '''
 
-class SpanCounter:
-    def __init__(self) -> None:
-        self.n = 0
-        self.lock = threading.Lock()
-
-    def consume_spans(self, spans: list) -> None:
-        with self.lock:
-            self.n += len(spans)
-
-    def consume_events(self, events: list) -> None:
-        with self.lock:
-            self.n += len(events)
-
-
-def protocols_stage(sink: SpanCounter):
+def protocols_stage(sink: ItemCounter):
     from processors.protocols.processor import ProtocolsProcessor
 
     cfg = ProtocolsProcessor.Config()
@@ -139,7 +125,7 @@ def with_receiver(port: int, stage: bool, fn, reader: str = "mmap", ring_size: i
     """Run ``fn()`` with the receiver attached; returns (fn result, records, spans_or_events, reserve failures).
 
     ``detail``, when given, is filled with the kernel counters and the receiver's stats."""
-    sink = SpanCounter()
+    sink = ItemCounter()
     proc = protocols_stage(sink) if stage else None
     rx = EbpfReceiver("ebpf", EbpfConfig(ports=[port], ring_reader=reader, ring_size=ring_size),
                       proc if proc is not None else sink)
@@ -239,7 +225,7 @@ def protocols_cost() -> None:
                             pid, pid, "python3"))
     runs = []
     for _ in range(REPEATS):
-        sink = SpanCounter()
+        sink = ItemCounter()
         p = protocols_stage(sink)
         t = time.perf_counter()
         for i in range(0, len(evs), 1024):

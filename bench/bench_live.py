@@ -35,6 +35,7 @@ from typing import Any
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from bench.common import ItemCounter
 from receivers.live import LiveConfig, LiveReceiver
 from tests.support.capture import free_port, wait_port
 
@@ -106,22 +107,6 @@ else:  # bulk: one POST of argv[3] zero bytes (no CRLFCRLF inside), one response
 '''
 
 
-class Counter:
-    """Counts events or spans."""
-
-    def __init__(self) -> None:
-        self.n = 0
-        self.lock = threading.Lock()
-
-    def consume_events(self, events: list) -> None:
-        with self.lock:
-            self.n += len(events)
-
-    def consume_spans(self, spans: list) -> None:
-        with self.lock:
-            self.n += len(spans)
-
-
 class Gate:
     """Holds the receiver's first hand-off until released, then passes events on."""
 
@@ -134,7 +119,7 @@ class Gate:
         self.next.consume_events(events)
 
 
-def make_stage(sink: Counter) -> Any:
+def make_stage(sink: ItemCounter) -> Any:
     from processors.protocols.processor import ProtocolsProcessor
 
     p = ProtocolsProcessor("protocols", {"enabled": ["http"]}, sink)
@@ -176,7 +161,7 @@ def wait_drained(rx: LiveReceiver, quiet: float = 0.3) -> None:
 
 
 def burst_run(port: int, shape: str, ring: dict, copy_unit: int, stage: bool) -> dict[str, float]:
-    sink = Counter()
+    sink = ItemCounter()
     st = make_stage(sink) if stage else None
     gate = Gate(st if st is not None else sink)
     rx = receiver(port, ring, copy_unit, gate, BURST_BUFFER)
@@ -201,7 +186,7 @@ def burst_run(port: int, shape: str, ring: dict, copy_unit: int, stage: bool) ->
 
 
 def concurrent_run(port: int, ring: dict, copy_unit: int, stage: bool) -> dict[str, float]:
-    sink = Counter()
+    sink = ItemCounter()
     st = make_stage(sink) if stage else None
     rx = receiver(port, ring, copy_unit, st if st is not None else sink, None)
     rx.start()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import statistics
+import threading
 import time
 from collections.abc import Callable
 from types import ModuleType
@@ -10,7 +11,7 @@ from typing import Any
 
 from processors.protocols.base import Conn
 
-__all__ = ["feed_session", "median_seconds"]
+__all__ = ["ItemCounter", "feed_session", "median_seconds"]
 
 
 def median_seconds(fn: Callable[[], Any], repeats: int = 7) -> float:
@@ -35,3 +36,19 @@ def feed_session(mod: ModuleType, batches: list[tuple[bytes, bytes]], chunk: int
                 buf.append(mv[i:i + chunk], i)
                 s.feed(side, buf, i)
     return len(spans)
+
+
+class ItemCounter:
+    """A sink that counts what reaches it (events or spans), from any thread."""
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.lock = threading.Lock()
+
+    def consume_events(self, events: list) -> None:
+        with self.lock:
+            self.n += len(events)
+
+    def consume_spans(self, spans: list) -> None:
+        with self.lock:
+            self.n += len(spans)

@@ -421,18 +421,11 @@ class LiveReceiver(Receiver):
                 now = time.monotonic()
                 if now >= next_house:
                     next_house = now + 1.0
-                    r.expire(time.time_ns())
-                    self._flush_events()
-                    self._read_kernel_stats(s)
-                    self._publish()
+                    self._housekeeping(s)
         except Exception:
             log.exception("%s: capture loop failed", self.id)
         finally:
-            r.finish()
-            self._flush_events()
-            self._read_kernel_stats(s)
-            self._publish()
-            self.done.set()
+            self._finish(s)
 
     def _run_ring(self) -> None:
         """The TPACKET_V3 loop: wait for the next block to be user-owned, walk its frames,
@@ -523,19 +516,27 @@ class LiveReceiver(Receiver):
                 now = time.monotonic()
                 if now >= next_house:
                     next_house = now + 1.0
-                    self._flush_events()
-                    r.expire(time.time_ns())
-                    self._flush_events()
-                    self._read_kernel_stats(s)
-                    self._publish()
+                    self._housekeeping(s)
         except Exception:
             log.exception("%s: capture loop failed", self.id)
         finally:
-            r.finish()
-            self._flush_events()
-            self._read_kernel_stats(s)
-            self._publish()
-            self.done.set()
+            self._finish(s)
+
+    def _housekeeping(self, s: socket.socket) -> None:
+        """Once a second, both read loops: expire idle connections, read kernel drops, publish."""
+        self._flush_events()
+        self.reassembler.expire(time.time_ns())
+        self._flush_events()
+        self._read_kernel_stats(s)
+        self._publish()
+
+    def _finish(self, s: socket.socket) -> None:
+        """End of either read loop: pending holes become GAPs, open directions CLOSE."""
+        self.reassembler.finish()
+        self._flush_events()
+        self._read_kernel_stats(s)
+        self._publish()
+        self.done.set()
 
     def _flush_events(self) -> None:
         r = self.reassembler
