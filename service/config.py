@@ -397,6 +397,7 @@ def validate(raw: dict[str, Any], registry: Any = None) -> Config:
     ext = raw.get("extensions") or {}
     if not isinstance(ext, dict):
         errors.append("extensions: expected a map")
+        ext = {}
     for eid in ext:
         errors.append(f"extensions::{eid}: unknown extension type (wirespan has no extensions yet)")
 

@@ -216,3 +216,11 @@ def test_fuzz_validate_never_crashes(raw: dict, reg: Registry) -> None:
         c.validate(c.expand(raw), reg)
     except ConfigError as e:
         assert e.errors and all(isinstance(m, str) for m in e.errors)
+
+
+@pytest.mark.parametrize("ext", [True, 1, "x", [1]])
+def test_extensions_not_a_map_is_an_error_not_a_crash(ext: object) -> None:
+    """Found by test_fuzz_validate_never_crashes: ``extensions: true`` raised TypeError."""
+    with pytest.raises(ConfigError) as e:
+        c.validate({"extensions": ext})
+    assert "extensions: expected a map" in e.value.errors
