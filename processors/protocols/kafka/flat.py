@@ -359,19 +359,7 @@ def produce_request(mv: memoryview, pos: int, m: Msg) -> None:
     pos += 6
     ids = v >= 13
     end = len(mv)
-    if flex:
-        b = mv[pos]
-        if b < 0x80:
-            n = b - 1
-            pos += 1
-        else:
-            n, pos = _uvarint(mv, pos)
-            n -= 1
-    else:
-        n = _I32(mv, pos)[0]
-        pos += 4
-    if n < -1 or n > end - pos:
-        raise _bad("bad_length", pos, f"array length {n}")
+    n, pos = _array(mv, pos, flex)  # the topics array: once per request
     names = _NAMES
     name_s = _NAME_S
     name_i = _NAME_I
@@ -601,20 +589,7 @@ def fetch_request(mv: memoryview, pos: int, m: Msg) -> None:
     v = m.version
     flex = m.flex
     pos += (4 if v <= 14 else 0) + 8 + (4 if v >= 3 else 0) + (1 if v >= 4 else 0) + (8 if v >= 7 else 0)
-    end = len(mv)
-    if flex:
-        b = mv[pos]
-        if b < 0x80:
-            n = b - 1
-            pos += 1
-        else:
-            n, pos = _uvarint(mv, pos)
-            n -= 1
-    else:
-        n = _I32(mv, pos)[0]
-        pos += 4
-    if n < -1 or n > end - pos:
-        raise _bad("bad_length", pos, f"array length {n}")
+    n, pos = _array(mv, pos, flex)  # the topics array: once per request
     names = _NAMES
     topics = m.topics
     append = topics.append
