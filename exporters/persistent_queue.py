@@ -41,6 +41,7 @@ import time
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from service import telemetry
 
@@ -91,6 +92,21 @@ class _Segment:
 
 class QueueClosed(Exception):
     """The queue was closed while a caller waited on it."""
+
+
+def room_for(q: Any, n: int, block: bool | None, timeout: float | None) -> bool:
+    """Whether ``n`` more spans fit in queue ``q`` (memory or persistent; the caller holds
+    ``q._cv``), waiting for room when blocking on overflow. Capacity is in spans; waiting
+    stops once the queue is empty, so a request larger than the whole queue is refused
+    rather than waited on forever."""
+    if q.block_on_overflow if block is None else block:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not q._closed and q._size + n > q.capacity and q._size > 0:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                return False
+            q._cv.wait(left)
+    return not q._closed and q._size + n <= q.capacity
 
 
 class PersistentQueue:
@@ -244,14 +260,7 @@ class PersistentQueue:
         if len(data) > MAX_RECORD_BYTES:
             return False
         with self._cv:
-            if self.block_on_overflow if block is None else block:
-                deadline = None if timeout is None else time.monotonic() + timeout
-                while not self._closed and self._size + n > self.capacity and self._size > 0:
-                    left = None if deadline is None else deadline - time.monotonic()
-                    if left is not None and left <= 0:
-                        return False
-                    self._cv.wait(left)
-            if self._closed or self._size + n > self.capacity:
+            if not room_for(self, n, block, timeout):
                 return False
             hdr = _HDR.pack(MAGIC, len(data), n, zlib.crc32(data, zlib.crc32(_LEN_SPANS.pack(len(data), n))))
             off = self._wseg.size

@@ -34,7 +34,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from exporters.persistent_queue import PersistentQueue, QueueItem
+from exporters.persistent_queue import PersistentQueue, QueueItem, room_for
 from service import telemetry
 from service.component import ComponentConfig, Exporter
 from service.config import Duration, parse_duration
@@ -165,14 +165,7 @@ class MemoryQueue:
 
     def put(self, data: bytes, n: int, block: bool | None = None, timeout: float | None = None) -> bool:
         with self._cv:
-            if self.block_on_overflow if block is None else block:
-                deadline = None if timeout is None else time.monotonic() + timeout
-                while not self._closed and self._size + n > self.capacity and self._size > 0:
-                    left = None if deadline is None else deadline - time.monotonic()
-                    if left is not None and left <= 0:
-                        return False
-                    self._cv.wait(left)
-            if self._closed or self._size + n > self.capacity:
+            if not room_for(self, n, block, timeout):
                 return False
             self._items.append(QueueItem(data, n))
             self._size += n
