@@ -319,3 +319,24 @@ def test_failed_sends_are_not_delivered(reg: Registry) -> None:
     assert svc.undelivered() == ["exporters::broken: 6 of 6 spans not delivered "
                                  "(6 failed, 0 refused by a full queue, 0 still pending)"]
     assert svc.stats()["exporters"]["broken"] == {"offered": 6, "sent": 0, "failed": 6, "refused": 0}
+
+
+def test_running_pipelines_tune_the_gc_once(reg: Registry, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Start-up objects are frozen and the young generation collected less often, once per
+    process: a second start (a reload) must not freeze again, which would keep its garbage."""
+    import gc
+
+    from service import pipeline
+
+    monkeypatch.setattr(pipeline, "_gc_tuned", False)
+    old = gc.get_threshold()
+    freezes: list[int] = []
+    monkeypatch.setattr(gc, "freeze", lambda: freezes.append(1))
+    try:
+        gc.set_threshold(700, old[1], old[2])
+        assert run_to_end(Service(simple(reg))) == []
+        assert gc.get_threshold()[0] == pipeline.GC_GEN0_THRESHOLD and freezes == [1]
+        assert run_to_end(Service(simple(reg))) == []
+        assert freezes == [1]
+    finally:
+        gc.set_threshold(*old)
