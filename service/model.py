@@ -528,9 +528,7 @@ def _span_bytes(s: Span) -> bytes:
     parts.append(_str_field(b"\x2a", s.name))
     parts.append(_KIND_TIMES(0x30, s.kind & 0x7F, 0x39, s.start_ns, 0x41, s.end_ns))
     if s.attributes:
-        get = _kv_cache.get
-        parts += [(get((k, v)) if type(v) in _CACHED_TYPES else None) or _attr_field(k, v)
-                  for k, v in s.attributes.items()]
+        parts += _span_attr_fields(s.attributes)
     if s.events:
         for e in s.events:
             body = b"\x09" + _FIXED64(e.ts_ns) + _str_field(b"\x12", e.name) + b"".join(
