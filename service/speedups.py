@@ -1,0 +1,40 @@
+"""The optional C accelerators, and the switch that turns them off.
+
+A parser with an accelerator keeps its pure-Python path as the reference: the C
+function does the common case and hands back anything unusual, and tests hold both
+paths to the same results. ``WIRESPAN_PURE_PYTHON=1`` disables every accelerator
+(so the test suite can run each parser both ways); ``WIRESPAN_REQUIRE_SPEEDUPS=1``
+(set by tests/run.sh) makes a missing one an error instead of a silent slowdown.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from types import ModuleType
+
+#: Extension module -> its C source (setup.py builds exactly these).
+ACCELERATORS: dict[str, str] = {
+    "processors.protocols.kafka._flat": "processors/protocols/kafka/_flat.c",  # kafka/flat.py's requests
+    "processors.protocols._http1": "processors/protocols/_http1.c",  # http1.py's heads
+}
+
+PURE = os.environ.get("WIRESPAN_PURE_PYTHON", "") not in ("", "0")
+REQUIRED = os.environ.get("WIRESPAN_REQUIRE_SPEEDUPS", "") not in ("", "0")
+
+
+def load(name: str) -> ModuleType | None:
+    """The accelerator module ``name``, or None when disabled or not built."""
+    if PURE:
+        return None
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        if REQUIRED:
+            raise
+        return None
+
+
+def status() -> dict[str, bool]:
+    """Which accelerators are in use, for ``wirespan components`` and the tests."""
+    return {name: load(name) is not None for name in ACCELERATORS}
