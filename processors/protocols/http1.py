@@ -31,6 +31,13 @@ from processors.protocols.base import Session as _BaseSession
 from processors.protocols.errors import LimitExceeded, Malformed, ProtocolError
 from service.largebuf import LargeBuffer
 from service.model import AttrValue, SpanKind, StatusCode
+from service.speedups import load as _load_speedup
+
+# The C head parser (_http1.c): the common valid head in one call, None for anything
+# else (then the regexes below run and classify it). None here when disabled/not built.
+_C = _load_speedup("processors.protocols._http1")
+_C_REQUEST = _C.parse_request if _C is not None else None
+_C_RESPONSE = _C.parse_response if _C is not None else None
 
 __all__ = ["NAME", "DEFAULT_PORTS", "Settings", "detect", "Http1Session", "Session",
            "MAX_HEADER_BYTES", "MAX_HEADERS", "MAX_CHUNK_LINE", "MAX_PENDING_REQUESTS"]
@@ -264,6 +271,8 @@ class _Request:
         "host",
         "method",
         "method_original",
+        "path",
+        "query",
         "start_ts",
         "target",
         "traceparent",
@@ -272,20 +281,17 @@ class _Request:
         "version",
     )
 
-    def __init__(self, method: bytes, target: bytes, minor: bytes, start_ts: int, host: bytes | None,
-                 user_agent: bytes | None, traceparent: bytes | None, upgrade: bytes | None) -> None:
-        known = _KNOWN_METHODS.get(method)
-        if known is None:
-            self.method = "_OTHER"
-            self.method_original: str | None = method.decode("ascii", "replace")
-            self.head = self.connect = False
-        else:
-            self.method = known
-            self.method_original = None
-            self.head = known == "HEAD"
-            self.connect = known == "CONNECT"
+    def __init__(self, method: str, method_original: str | None, target: bytes, version: str, start_ts: int,
+                 host: bytes | None, user_agent: bytes | None, traceparent: bytes | None, upgrade: bytes | None,
+                 path: str | None = None, query: str | None = None) -> None:
+        self.method = method
+        self.method_original = method_original
+        self.head = method == "HEAD"
+        self.connect = method == "CONNECT"
         self.target = target  # small field kept for the span
-        self.version = "1.1" if minor == b"1" else "1.0"
+        self.path = path    # url.path / raw url.query when the C parser decoded them already
+        self.query = query
+        self.version = version
         self.start_ts = start_ts
         self.body_size = 0
         self.host = host
@@ -293,6 +299,14 @@ class _Request:
         self.traceparent = traceparent
         self.upgrade = upgrade
         self.chunked = False
+
+
+def _method(raw: bytes) -> tuple[str, str | None]:
+    """(semconv method, method_original) for a request line's method token."""
+    known = _KNOWN_METHODS.get(raw)
+    if known is None:
+        return "_OTHER", raw.decode("ascii", "replace")
+    return known, None
 
 
 #: (content length or -1, has Transfer-Encoding, ends in chunked, upgrade, host, user agent, traceparent)
@@ -370,6 +384,8 @@ class Http1Session(_BaseSession):
         self.settings: Settings = s if isinstance(s, Settings) else _DEFAULT_SETTINGS
         self._block, self._req_head, self._resp_head = _head_patterns(self.settings.max_headers)
         self._limit = self.settings.max_header_bytes
+        self._max_headers = self.settings.max_headers
+        self._max_pending = self.settings.max_pending_requests
         self._hosts: dict[bytes, tuple[str, int | None]] = {}
         self._kind = conn.kind_for(SpanKind.SERVER, SpanKind.CLIENT)
         self._pending: deque[_Request] = deque()
@@ -475,33 +491,71 @@ class Http1Session(_BaseSession):
         """
         if self._done:
             return False
-        n = len(data)
-        if n > self._limit and from_client:
-            return False
         if from_client:
             if self._cbody is not None or self._cpaused or self._resync[0]:
                 return False
-            m = self._req_head.match(data)
-            if m is None or m.end() != n:
-                return False
-            try:
-                length, te, _c, upgrade, host, ua, tp = _fields(data, m.start(4) - 2, n - 2)
-            except ProtocolError:
-                return False
-            if te or length > 0:
-                return False
-            method, target, minor = m.group(1, 2, 3)
-            pending = self._pending
-            if len(pending) >= self.settings.max_pending_requests:
-                return False
-            req = _Request(method, target, minor, ts_ns, host, ua, tp, upgrade)
-            pending.append(req)
-            self._scan[0] = 0
-            if upgrade is not None or req.connect:
-                self._cpaused = True
-            return True
+            if _C_REQUEST is not None and len(data) <= self._limit:
+                r = _C_REQUEST(data, self._max_headers)
+                if r is not None:
+                    (end, method, original, target, version, length, te, _c, upgrade, host, ua, tp, path,
+                     query) = r
+                    if end != len(data) or te or length > 0:
+                        return False
+                    pending = self._pending
+                    if len(pending) >= self._max_pending:
+                        return False
+                    req = _Request(method, original, target, version, ts_ns, host, ua, tp, upgrade, path, query)
+                    pending.append(req)
+                    self._scan[0] = 0
+                    if upgrade is not None or req.connect:
+                        self._cpaused = True
+                    return True
+            return self._whole_request(data, ts_ns)
         if self._sbody is not None or self._resync[1] or not self._pending:
             return False
+        if _C_RESPONSE is not None:
+            r = _C_RESPONSE(data, self._max_headers, self._limit)
+            if r is not None:
+                end, status, version, length, te, _c, _u = r
+                req = self._pending[0]
+                if status < 200 or status == 204 or status == 304 or te or length < 0 or end + length != len(data) \
+                        or req.head or req.connect:
+                    return False
+                self._s_last_ts = ts_ns
+                self._scan[1] = 0
+                self._sresp = (req, status, version)
+                self._finish(length, ts_ns)
+                return True
+        return self._whole_response(data, ts_ns)
+
+    def _whole_request(self, data: memoryview, ts_ns: int) -> bool:
+        """feed_whole's request side with the regexes (the reference; C declined or is off)."""
+        n = len(data)
+        if n > self._limit:
+            return False
+        m = self._req_head.match(data)
+        if m is None or m.end() != n:
+            return False
+        try:
+            length, te, _c, upgrade, host, ua, tp = _fields(data, m.start(4) - 2, n - 2)
+        except ProtocolError:
+            return False
+        if te or length > 0:
+            return False
+        method, target, minor = m.group(1, 2, 3)
+        pending = self._pending
+        if len(pending) >= self._max_pending:
+            return False
+        meth, original = _method(method)
+        req = _Request(meth, original, target, "1.1" if minor == b"1" else "1.0", ts_ns, host, ua, tp, upgrade)
+        pending.append(req)
+        self._scan[0] = 0
+        if upgrade is not None or req.connect:
+            self._cpaused = True
+        return True
+
+    def _whole_response(self, data: memoryview, ts_ns: int) -> bool:
+        """feed_whole's response side with the regexes (the reference; C declined or is off)."""
         m = self._resp_head.match(data, 0, self._limit)
         if m is None:
             return False
@@ -514,7 +568,7 @@ class Http1Session(_BaseSession):
         except ProtocolError:
             return False
         req = self._pending[0]
-        if te or length < 0 or end + length != n or req.head or req.connect:
+        if te or length < 0 or end + length != len(data) or req.head or req.connect:
             return False
         self._s_last_ts = ts_ns
         self._scan[1] = 0
@@ -541,6 +595,15 @@ class Http1Session(_BaseSession):
             if buf.chunk_count == 1:  # the usual case, inlined from _head's fast path
                 n = len(buf)
                 v = buf.view_at(0, n if n <= self._limit else self._limit)
+                if _C_REQUEST is not None:
+                    r = _C_REQUEST(v, self._max_headers)
+                    if r is not None:
+                        self._scan[0] = 0
+                        (end, method, original, target, version, length, te, chunked, upgrade, host, ua, tp, path,
+                         query) = r
+                        self._queue_request(buf, _Request(method, original, target, version, buf.ts_at(0), host, ua,
+                                                          tp, upgrade, path, query), end, length, te, chunked)
+                        continue
                 m = self._req_head.match(v)
                 if m is not None:
                     self._scan[0] = 0
@@ -555,7 +618,14 @@ class Http1Session(_BaseSession):
         end = m.end()
         length, te, chunked, upgrade, host, ua, tp = _fields(view, m.start(4) - 2, end - 2)
         method, target, minor = m.group(1, 2, 3)
-        req = _Request(method, target, minor, buf.ts_at(0), host, ua, tp, upgrade)
+        meth, original = _method(method)
+        req = _Request(meth, original, target, "1.1" if minor == b"1" else "1.0", buf.ts_at(0), host, ua, tp,
+                       upgrade)
+        self._queue_request(buf, req, end, length, te, chunked)
+
+    def _queue_request(self, buf: LargeBuffer, req: _Request, end: int, length: int, te: bool,
+                       chunked: bool) -> None:
+        """A parsed request head (``end`` bytes at the front of ``buf``): queue it, frame its body."""
         buf.release(end)
         if len(self._pending) >= self.settings.max_pending_requests:
             self._pending.popleft()
@@ -589,6 +659,12 @@ class Http1Session(_BaseSession):
             if buf.chunk_count == 1:  # the usual case, inlined from _head's fast path
                 n = len(buf)
                 v = buf.view_at(0, n if n <= self._limit else self._limit)
+                if _C_RESPONSE is not None:
+                    r = _C_RESPONSE(v, self._max_headers, n)
+                    if r is not None:
+                        self._scan[1] = 0
+                        self._response_head(buf, *r)
+                        continue
                 m = self._resp_head.match(v)
                 if m is not None:
                     self._scan[1] = 0
@@ -604,6 +680,11 @@ class Http1Session(_BaseSession):
         status = int(m.group(2))
         version = "1.1" if m.group(1) == b"1" else "1.0"
         length, te, chunked, upgrade, _h, _u, _t = _fields(view, m.start(3) - 2, end - 2)
+        self._response_head(buf, end, status, version, length, te, chunked, upgrade)
+
+    def _response_head(self, buf: LargeBuffer, end: int, status: int, version: str, length: int, te: bool,
+                       chunked: bool, upgrade: bytes | None) -> None:
+        """A parsed response head (``end`` bytes at the front of ``buf``): pair it, frame its body."""
         req = self._pending[0] if self._pending else None
         if length > 0 and not te and status >= 200 and len(buf) - end >= length and status != 204 \
                 and status != 304 and (req is None or not (req.head or req.connect)):
@@ -739,6 +820,10 @@ class Http1Session(_BaseSession):
             attrs["http.request.method_original"] = req.method_original
         if req.connect:  # authority-form: CONNECT host:port
             host, port = self._host(target)
+        elif req.path is not None:  # origin-form, decoded by the C parser already
+            attrs["url.path"] = req.path
+            if req.query is not None:
+                attrs["url.query"] = self._redact(req.query)
         else:
             if target[:1] != b"/" and target[:7].lower() in (b"http://", b"https:/"):
                 # absolute-form (a request to a proxy): the authority is the server
