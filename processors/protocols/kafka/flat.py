@@ -24,6 +24,7 @@ import struct
 from typing import Any
 
 from processors.protocols.errors import Malformed
+from service import speedups
 
 from . import apis
 from .apis import APIS
@@ -808,7 +809,35 @@ def parse_response(mv: memoryview, m: Msg, req: Msg) -> None:
 
 
 def parse_request(mv: memoryview, scan_bytes: int) -> Msg:
-    """Header and, for Produce/Fetch, every topic and partition of a complete request view."""
+    """Header and, for Produce/Fetch, every topic and partition of a complete request view.
+
+    A valid Produce or Fetch request goes through the C accelerator (_flat.c) when it is
+    built; it hands back anything else (None) and this module's walk decides.
+    """
+    if _c_request is not None:
+        r = _c_request(mv, scan_bytes, True)  # Msg.want_tp: always True today
+        if r is not None:
+            return _c_msg(r)
+    return parse_request_py(mv, scan_bytes)
+
+
+def _c_msg(r: tuple[Any, ...]) -> Msg:
+    """The Msg parse_request_py would build, from the accelerator's tuple."""
+    key, version, flex, corr, client_id, acks, scan_left, truncated, topics = r
+    m = Msg(key, version, flex, corr)
+    m.topics = topics
+    if client_id is not None:
+        m.client_id = client_id
+    m.scan_left = scan_left
+    if key == apis.PRODUCE:
+        m.acks = acks
+        if truncated:
+            m.truncated = True
+    return m
+
+
+def parse_request_py(mv: memoryview, scan_bytes: int) -> Msg:
+    """parse_request in Python: the reference, and the fallback for whatever C hands back."""
     try:
         m, pos = request_header(mv)
         m.scan_left = scan_bytes
@@ -819,3 +848,14 @@ def parse_request(mv: memoryview, scan_bytes: int) -> Msg:
     except (IndexError, struct.error) as e:
         raise Malformed(NAME, "truncated", -1, str(e))
     return m
+
+
+# -- the C accelerator ------------------------------------------------------------
+#: processors/protocols/kafka/_flat.c (None: not built, or WIRESPAN_PURE_PYTHON=1).
+_C = speedups.load("processors.protocols.kafka._flat")
+_c_request = None
+if _C is not None:
+    _C.setup(FastTopic, FastTopic3, (APIS[apis.PRODUCE][1], APIS[apis.PRODUCE][2], APIS[apis.FETCH][1],
+                                     APIS[apis.FETCH][2], MAX_HEADERS_SCAN, MAX_TRACEPARENT,
+                                     MAX_LAYOUT_PARTITIONS))
+    _c_request = _C.request
