@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 from google.protobuf import json_format
@@ -215,3 +216,88 @@ def test_fast_json_equals_dict_form() -> None:
         line = spans_to_otlp_json(spans)
         assert json.loads(line) == spans_to_otlp_dict(spans)
         assert otlp_json_to_proto(line) == spans_to_otlp(spans)
+
+
+# -- the C span encoder (service/_otlp.c) against the Python one ------------------------
+_scalar = st.one_of(
+    st.text(max_size=40),  # any code point, surrogates included (Python's surrogatepass path)
+    st.booleans(),
+    st.integers(min_value=-(1 << 70), max_value=1 << 70),
+    st.floats(allow_nan=False),
+    st.binary(max_size=8),
+)
+_value = st.one_of(_scalar, st.lists(_scalar, max_size=3), st.dictionaries(st.text(max_size=5), _scalar, max_size=2))
+#: What the C encoder writes itself (most spans); the rest it hands to the Python encoder.
+_c_value = st.one_of(st.text(max_size=40), st.booleans(), st.integers(min_value=-(1 << 70), max_value=1 << 70),
+                     st.floats(allow_nan=False))
+
+
+@st.composite
+def _any_span(draw: st.DrawFn) -> Span:
+    simple = draw(st.booleans())
+    return Span(
+        draw(st.text(max_size=30)),
+        draw(st.one_of(st.sampled_from(list(SpanKind)), st.integers(0, 300))),
+        draw(st.integers(0, (1 << 64) - 1)),
+        draw(st.integers(0, (1 << 64) - 1)),
+        draw(st.dictionaries(st.text(max_size=20), _c_value if simple else _value, max_size=6)),
+        trace_id=draw(st.binary(min_size=16, max_size=16)),
+        span_id=draw(st.binary(min_size=8, max_size=8)),
+        parent_span_id=draw(st.sampled_from([b"", b"\x01" * 8])),
+        status_code=draw(st.one_of(st.sampled_from(list(StatusCode)), st.integers(0, 300))),
+        status_message=draw(st.text(max_size=10)),
+        events=None if simple else draw(st.one_of(st.none(), st.just([]), st.just([SpanEvent("e", 5, {"k": "v"})]))),
+        trace_state=draw(st.sampled_from(["", "k=v"])),
+        flags=draw(st.integers(-(1 << 66), 1 << 66)),
+    )
+
+
+def _c_encoder() -> Any:
+    """The C span encoder, imported directly (also under WIRESPAN_PURE_PYTHON, to compare)."""
+    import importlib
+
+    from service import speedups
+    try:
+        return importlib.import_module("service._otlp").span_fields
+    except ImportError:
+        if speedups.REQUIRED:
+            raise
+        pytest.skip("service._otlp is not built (no C compiler or Python headers); the Python encoder is in use")
+
+
+def _both_encoders(spans: list[Span]) -> tuple[Any, Any]:
+    """(C result, Python result); either may be an exception (type), compared as such."""
+    import service.model as m
+
+    def run() -> Any:
+        try:
+            return m.spans_to_otlp_bytes(spans)
+        except Exception as e:  # the two must fail alike
+            return type(e)
+
+    saved = m._c_span_fields
+    try:
+        m._c_span_fields = _c_encoder()
+        c = run()
+        m._c_span_fields = None
+        py = run()
+    finally:
+        m._c_span_fields = saved
+    return c, py
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_any_span(), max_size=5))
+def test_c_span_encoder_matches_python(spans: list[Span]) -> None:
+    c, py = _both_encoders(spans)
+    assert c == py
+
+
+def test_c_span_encoder_on_the_tricky_spans_and_big_bodies() -> None:
+    spans = _tricky_spans()
+    # bodies whose length varint is 1, 2, 3 and 4 bytes (the C writer reserves 3 and moves)
+    for n in (10, 200, 20_000, 3_000_000):
+        spans.append(Span("big", SpanKind.CLIENT, 1, 2, {"v": "x" * n}))
+    c, py = _both_encoders(spans)
+    assert isinstance(c, bytes) and c == py
+    assert ExportTraceServiceRequest.FromString(c) == spans_to_otlp(spans)
