@@ -1,0 +1,348 @@
+"""The C head parser (processors/protocols/_http1.c) against the pure-Python reference.
+
+_http1.c must accept exactly the heads http1.py's whole-head regexes accept, and
+extract exactly what ``_fields`` extracts (None wherever ``_fields`` raises), so the
+session gives the same spans and drop counts with the accelerator on or off.
+hypothesis generates heads of many shapes (header-name case, OWS, repeated and
+conflicting lengths, obs-text, header-count limits) and damages them (truncation,
+byte flips, inserted bytes, random bytes).
+
+The C module is imported directly, so these run under WIRESPAN_PURE_PYTHON=1 too.
+``WIRESPAN_HTTP1_SO=/tmp/x.so`` loads another build of it (the ASAN check):
+  LD_PRELOAD=$(gcc -print-file-name=libasan.so) ASAN_OPTIONS=detect_leaks=0 \\
+  WIRESPAN_HTTP1_SO=/tmp/_http1_asan.so WIRESPAN_FUZZ_EXAMPLES=20000 pytest tests/test_http1_speedup.py
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+from types import ModuleType
+
+import pytest
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+
+from processors.protocols import http1
+from processors.protocols.base import Conn
+from processors.protocols.errors import ProtocolError
+
+#: Raise for a long local run: WIRESPAN_FUZZ_EXAMPLES=20000 pytest tests/test_http1_speedup.py
+EXAMPLES = int(os.environ.get("WIRESPAN_FUZZ_EXAMPLES", "400"))
+
+
+def _load_c() -> ModuleType:
+    so = os.environ.get("WIRESPAN_HTTP1_SO")
+    if so:
+        spec = importlib.util.spec_from_file_location("processors.protocols._http1", so)
+        assert spec is not None and spec.loader is not None
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod
+    try:
+        return importlib.import_module("processors.protocols._http1")
+    except ImportError as e:  # no compiler on this machine: only the pure path exists
+        pytest.skip(f"the _http1 accelerator is not built here ({e})", allow_module_level=True)
+        raise
+
+
+C = _load_c()
+
+
+# -- the reference: what the pure-Python path decides ---------------------------------------
+def ref_request(data: bytes, max_headers: int) -> tuple | None:
+    _b, req_head, _r = http1._head_patterns(max_headers)
+    m = req_head.match(data)
+    if m is None:
+        return None
+    end = m.end()
+    try:
+        length, te, chunked, upgrade, host, ua, tp = http1._fields(memoryview(data), m.start(4) - 2, end - 2)
+    except ProtocolError:
+        return None
+    method, target, minor = m.group(1, 2, 3)
+    meth, original = http1._method(method)
+    path = query = None
+    if target[:1] == b"/":  # what _span decodes for an origin-form target
+        q = target.find(b"?")
+        if q < 0:
+            path = target.decode("utf-8", "replace")
+        else:
+            path, query = target[:q].decode("utf-8", "replace"), target[q + 1:].decode("utf-8", "replace")
+    return (end, meth, original, target, "1.1" if minor == b"1" else "1.0", length, te, chunked, upgrade, host, ua,
+            tp, path, query)
+
+
+def ref_response(data: bytes, max_headers: int, limit: int) -> tuple | None:
+    _b, _q, resp_head = http1._head_patterns(max_headers)
+    m = resp_head.match(data, 0, limit)
+    if m is None:
+        return None
+    end = m.end()
+    try:
+        length, te, chunked, upgrade, _h, _u, _t = http1._fields(memoryview(data), m.start(3) - 2, end - 2)
+    except ProtocolError:
+        return None
+    return end, int(m.group(2)), "1.1" if m.group(1) == b"1" else "1.0", length, te, chunked, upgrade
+
+
+def _same(got: tuple | None, want: tuple | None) -> None:
+    assert got == want
+    if got is not None and want is not None:  # and the same types (True is not 1, str is not bytes)
+        assert [type(x) for x in got] == [type(x) for x in want]
+
+
+def check_request(data: bytes, max_headers: int) -> None:
+    _same(C.parse_request(memoryview(data), max_headers), ref_request(data, max_headers))
+    _same(C.parse_request(data, max_headers), ref_request(data, max_headers))
+
+
+def check_response(data: bytes, max_headers: int, limit: int) -> None:
+    _same(C.parse_response(memoryview(data), max_headers, limit), ref_response(data, max_headers, limit))
+
+
+# -- generated heads ---------------------------------------------------------------------------
+_INTEREST = ["content-length", "transfer-encoding", "upgrade", "host", "user-agent", "traceparent"]
+_OTHER_NAMES = ["Accept", "X-Foo", "Authorization", "Cookie", "Hostname", "Content-Length-X",
+                "Upgrade-Insecure-Requests", "Connection", "X-Host", "hos", "Content-Lengt", "te"]
+_TCHARS = b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+
+
+@st.composite
+def _case(draw: st.DrawFn, name: str) -> bytes:
+    mode = draw(st.integers(0, 3))
+    if mode == 0:
+        return name.encode()
+    if mode == 1:
+        return name.title().encode()
+    if mode == 2:
+        return name.upper().encode()
+    flips = draw(st.lists(st.booleans(), min_size=len(name), max_size=len(name)))
+    return "".join(c.upper() if f else c for c, f in zip(name, flips, strict=True)).encode()
+
+
+_ows = st.sampled_from([b"", b" ", b"\t", b"  ", b" \t ", b"\t\t"])
+_obs = st.binary(min_size=0, max_size=6).map(lambda b: bytes((c | 0x80) for c in b))
+_vtext = st.text(alphabet=st.characters(min_codepoint=0x21, max_codepoint=0x7E), max_size=12).map(str.encode)
+_digits = st.one_of(st.integers(0, 10**6), st.integers(0, 10**19)).map(lambda n: str(n).encode())
+_zpad = st.tuples(st.sampled_from([b"", b"0", b"00"]), _digits).map(b"".join)
+
+
+@st.composite
+def _cl_value(draw: st.DrawFn) -> bytes:
+    n = draw(st.integers(0, 5))
+    if n == 0:
+        return draw(st.sampled_from([b"", b"x", b"5x", b"-1", b"+5", b"0x10", b"1_0", b"5,", b",5", b"5,,5",
+                                     b"\xd9\xa3", b"1" * 18, b"1" * 19, b"9" * 18 + b", " + b"9" * 18]))
+    base = draw(_zpad)  # "5, 05, 5" repeats are legal; a different number conflicts
+    parts = [draw(st.sampled_from([base, base, base, base.lstrip(b"0") or b"0", b"0" + base, b"5"])) for _ in range(n)]
+    seps = [draw(st.sampled_from([b",", b", ", b" ,", b" , ", b",\t"])) for _ in range(n - 1)]
+    out = parts[0]
+    for s, p in zip(seps, parts[1:], strict=True):
+        out += s + p
+    return out
+
+
+def _value_for(name: str) -> st.SearchStrategy[bytes]:
+    if name == "content-length":
+        return _cl_value()
+    if name == "transfer-encoding":
+        return st.sampled_from([b"chunked", b"CHUNKED", b"gzip, chunked", b"chunked, gzip", b"gzip", b"",
+                                b"gzip,chunked ", b"x, Chunked", b"chunked,", b"chunke", b" ,chunked",
+                                b"chunkeds", b"gzip, chunked2", b"xchunked"])
+    if name == "upgrade":
+        return st.sampled_from([b"h2c", b"H2C", b"websocket", b"WebSocket, h2c", b" h2c ,x", b"", b",h2c",
+                                b"TLS/1.2, HTTP/2.0"])
+    return st.one_of(_vtext, st.tuples(_vtext, _obs, _vtext).map(b"".join),
+                     st.just(b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
+                     st.just(b"a b\tc"), st.just(b"shop.internal:8080"))
+
+
+@st.composite
+def _field(draw: st.DrawFn) -> bytes:
+    kind = draw(st.integers(0, 29))
+    if kind <= 15:
+        name = draw(st.sampled_from(_INTEREST))
+        value = draw(_value_for(name))
+        nb = draw(_case(name))
+    elif kind <= 25:
+        nb = draw(st.sampled_from(_OTHER_NAMES)).encode()
+        value = draw(st.one_of(_vtext, _obs))
+    elif kind <= 28:
+        nb = draw(st.binary(min_size=1, max_size=8).map(lambda b: bytes(_TCHARS[c % len(_TCHARS)] for c in b)))
+        value = draw(_vtext)
+    else:  # a rarely-bad line: space before the colon, empty name, a control byte, bare LF
+        return draw(st.sampled_from([b"Host : x\r\n", b": x\r\n", b"Host: a\x01b\r\n", b"Host: x\n",
+                                     b"Host: a\x7fb\r\n", b"Ho st: x\r\n", b" Host: x\r\n", b"Host:\r\n",
+                                     b"Content-Length:\t\r\n", b"Host: a\rb\r\n"]))
+    return nb + b":" + draw(_ows) + value + draw(_ows) + b"\r\n"
+
+
+_methods = st.one_of(
+    st.sampled_from([b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"CONNECT", b"OPTIONS", b"TRACE", b"PATCH",
+                     b"QUERY", b"get", b"PROPFIND", b"M-SEARCH", b"G" * 32, b"G" * 33, b"", b"GE T", b"G\x80T"]),
+    st.binary(min_size=1, max_size=34).map(lambda b: bytes(_TCHARS[c % len(_TCHARS)] for c in b)))
+_targets = st.one_of(
+    st.sampled_from([b"/", b"/a?q=1", b"/p?", b"?x", b"*", b"http://h:81/x?y", b"h:443", b"/\xc3\xa9\xff?\xfe=1",
+                     b"/a b", b"", b"/a\x7f", b"/%20?sig=x&a=b"]),
+    st.tuples(st.just(b"/"), st.binary(max_size=30).map(lambda b: bytes((c % 0x5E) + 0x21 for c in b))).map(b"".join),
+    st.binary(min_size=1, max_size=12))
+_versions = st.sampled_from([b"HTTP/1.1"] * 6 + [b"HTTP/1.0"] * 3 + [b"HTTP/1.2", b"HTTP/2.0", b"http/1.1",
+                                                                       b"HTTP/1.1 "])
+_reasons = st.one_of(st.sampled_from([b"", b" OK", b" ", b"\tOK", b" Not Found", b" \xff\xfe obs", b"x", b" a\x01",
+                                      b"  two  spaces"]), _vtext.map(lambda v: b" " + v))
+_statuses = st.one_of(st.integers(100, 599).map(lambda n: b"%d" % n),
+                      st.sampled_from([b"099", b"2000", b"20", b"abc", b"1000", b"000"]))
+
+
+@st.composite
+def request_heads(draw: st.DrawFn) -> bytes:
+    fields = draw(st.lists(_field(), max_size=12))
+    line = draw(_methods) + b" " + draw(_targets) + b" " + draw(_versions) + b"\r\n"
+    return line + b"".join(fields) + b"\r\n" + draw(st.sampled_from([b"", b"", b"body", b"GET / HTTP/1.1\r\n\r\n"]))
+
+
+@st.composite
+def response_heads(draw: st.DrawFn) -> bytes:
+    fields = draw(st.lists(_field(), max_size=12))
+    v = draw(st.sampled_from([b"HTTP/1.1"] * 6 + [b"HTTP/1.0"] * 3 + [b"HTTP/1.2", b"HTTP/2"]))
+    line = v + b" " + draw(_statuses) + draw(_reasons) + b"\r\n"
+    return line + b"".join(fields) + b"\r\n" + draw(st.sampled_from([b"", b"", b"{\"ok\": 1}", b"\r\n"]))
+
+
+@st.composite
+def damaged(draw: st.DrawFn, heads: st.SearchStrategy[bytes]) -> bytes:
+    data = draw(heads)
+    how = draw(st.integers(-3, 4))  # half of them whole
+    if how <= 0 or not data:
+        return data
+    i = draw(st.integers(0, len(data) - 1))
+    if how == 1:
+        return data[:i]  # truncation
+    if how == 2:
+        return data[:i] + bytes([draw(st.integers(0, 255))]) + data[i + 1:]  # byte flip
+    if how == 3:
+        return data[:i] + draw(st.binary(min_size=1, max_size=4)) + data[i:]  # inserted bytes
+    return data[:i] + data[i + 1:]  # deleted byte
+
+
+_max_headers = st.one_of(st.just(http1.MAX_HEADERS), st.integers(1, 14))
+
+
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=damaged(request_heads()), max_headers=_max_headers)
+@example(data=b"GET / HTTP/1.1\r\nContent-Length: 5, 5\r\nContent-Length: 05\r\n\r\n", max_headers=256)
+@example(data=b"GET / HTTP/1.1\r\nContent-Length: 5, 6\r\n\r\n", max_headers=256)
+@example(data=b"GET / HTTP/1.1\r\nContent-Length: 123456789012345678\r\n\r\n", max_headers=256)
+@example(data=b"GET / HTTP/1.1\r\nContent-Length: 1234567890123456789\r\n\r\n", max_headers=256)
+@example(data=b"GET / HTTP/1.1\r\nContent-Length: 5, 0000000000000000005\r\n\r\n", max_headers=256)
+@example(data=b"GET / HTTP/1.1\r\nA: 1\r\nB: 2\r\n\r\n", max_headers=2)
+@example(data=b"GET / HTTP/1.1\r\nA: 1\r\nB: 2\r\n\r\n", max_headers=1)
+def test_request_heads_match_the_reference(data: bytes, max_headers: int) -> None:
+    check_request(data, max_headers)
+
+
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=damaged(response_heads()), max_headers=_max_headers, cut=st.integers(0, 400))
+@example(data=b"HTTP/1.1 200\r\n\r\n", max_headers=256, cut=400)
+@example(data=b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", max_headers=256, cut=37)
+def test_response_heads_match_the_reference(data: bytes, max_headers: int, cut: int) -> None:
+    check_response(data, max_headers, cut)
+    check_response(data, max_headers, 1 << 20)
+
+
+@settings(max_examples=EXAMPLES, deadline=None)
+@given(data=st.binary(max_size=200), max_headers=_max_headers, limit=st.integers(0, 300))
+def test_random_bytes_match_the_reference(data: bytes, max_headers: int, limit: int) -> None:
+    check_request(data, max_headers)
+    check_response(data, max_headers, limit)
+    for prefix in (b"GET / HTTP/1.1\r\n", b"HTTP/1.1 200 OK\r\n"):
+        check_request(prefix + data, max_headers)
+        check_response(prefix + data, max_headers, limit + 17)
+
+
+def test_limits_and_the_bounds() -> None:
+    many = b"GET / HTTP/1.1\r\n" + b"X: y\r\n" * 300 + b"\r\n"
+    assert C.parse_request(many, 300) is not None and C.parse_request(many, 299) is None
+    check_request(many, 256)
+    resp = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+    assert C.parse_response(resp, 256, len(resp) - 2)[0] == len(resp) - 2
+    assert C.parse_response(resp, 256, len(resp) - 3) is None  # the head must end by ``limit``
+    assert C.parse_response(resp, 256, 0) is None and C.parse_response(resp, 256, -5) is None
+    assert C.parse_request(memoryview(b"x" * 10)[::2], 256) is None  # not contiguous: Python decides
+    with pytest.raises(TypeError):
+        C.parse_request(b"GET / HTTP/1.1\r\n\r\n")
+
+
+# -- the session with and without the accelerator -----------------------------------------
+def _run_session(segments: list[tuple[bool, bytes]], use_c: bool, monkeypatch: pytest.MonkeyPatch) -> tuple:
+    """Feed like the protocols stage (feed_whole when the direction's buffer is empty)."""
+    with monkeypatch.context() as m:
+        m.setattr(http1, "_C_REQUEST", C.parse_request if use_c else None)
+        m.setattr(http1, "_C_RESPONSE", C.parse_response if use_c else None)
+        spans: list = []
+        drops: list[str] = []
+        conn = Conn("t", "10.0.0.1", 40000, "10.0.0.2", 8080, spans.append,
+                    drop=lambda _p, r: drops.append(r), protocol="http")
+        s = http1.Session(conn)
+        errors: list[str] = []
+        for i, (fc, payload) in enumerate(segments):
+            buf = conn.client_buf if fc else conn.server_buf
+            try:
+                if len(buf) or not s.feed_whole(fc, memoryview(payload), i):
+                    buf.append(memoryview(payload), i)
+                    s.feed(fc, buf, i)
+            except ProtocolError as e:
+                errors.append(str(e))
+                buf.release(len(buf))
+        s.close(10**6)
+    return ([(sp.name, int(sp.kind), sp.start_ns, sp.end_ns, int(sp.status_code), sorted(sp.attributes.items()),
+              sp.parent_span_id) for sp in spans], drops, errors, conn.extra.get("switch_to", "-"))
+
+
+_resp_bodies = st.sampled_from([b"", b"ok", b"0123456789"])
+
+
+@st.composite
+def _response(draw: st.DrawFn) -> bytes:
+    head = draw(response_heads())
+    body = draw(_resp_bodies)
+    if draw(st.booleans()):
+        head = head.replace(b"\r\n\r\n", b"\r\nContent-Length: %d\r\n\r\n" % len(body), 1)
+    return head + body
+
+
+@settings(max_examples=max(50, EXAMPLES // 4), deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(exchanges=st.lists(st.tuples(damaged(request_heads()), _response()), min_size=1, max_size=4),
+       cuts=st.lists(st.integers(1, 60), max_size=4))
+def test_session_same_spans_and_drops_with_and_without_c(exchanges: list[tuple[bytes, bytes]], cuts: list[int],
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    segs: list[tuple[bool, bytes]] = []
+    for q, r in exchanges:
+        segs.append((True, q))
+        pos = 0
+        for c in cuts:
+            if pos + c < len(r):
+                segs.append((False, r[pos:pos + c]))
+                pos += c
+        segs.append((False, r[pos:]))
+    assert _run_session(segs, True, monkeypatch) == _run_session(segs, False, monkeypatch)
+
+
+def test_session_uses_c_for_the_common_exchange(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The small GET goes through C on both sides and gives the span the Python path gives."""
+    calls: list[str] = []
+    monkeypatch.setattr(http1, "_C_REQUEST", lambda *a: calls.append("q") or C.parse_request(*a))
+    monkeypatch.setattr(http1, "_C_RESPONSE", lambda *a: calls.append("r") or C.parse_response(*a))
+    spans: list = []
+    conn = Conn("t", "10.0.0.1", 40000, "10.0.0.2", 8080, spans.append, protocol="http")
+    s = http1.Session(conn)
+    assert s.feed_whole(True, memoryview(b"GET /a/b?sig=1&x=2 HTTP/1.1\r\nHost: h:81\r\nUser-Agent: u\r\n\r\n"), 1)
+    assert s.feed_whole(False, memoryview(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"), 2)
+    assert calls == ["q", "r"]
+    a = spans[0].attributes
+    assert (a["http.request.method"], a["url.path"], a["url.query"], a["server.address"], a["server.port"],
+            a["user_agent.original"], a["http.response.body.size"]) == ("GET", "/a/b", "sig=REDACTED&x=2", "h", 81,
+                                                                         "u", 2)
