@@ -104,15 +104,21 @@ def cmd_components(args: argparse.Namespace) -> int:
         rows.append({"kind": e.kind, "type": e.type, "source": e.source, "available": ok,
                      "target": e.target if isinstance(e.target, str) else repr(e.target),
                      **({} if ok else {"reason": why})})
+    from service import speedups
+    for name, built in speedups.status().items():
+        rows.append({"kind": "accelerator", "type": name, "source": "C", "available": built,
+                     "target": speedups.ACCELERATORS[name],
+                     **({} if built else {"reason": speedups.why_not(name)})})
     if args.format == "json":
         print(json.dumps(rows, indent=2))
         return 0
     w_type = max([len(r["type"]) for r in rows] + [4])
     w_src = max([len(r["source"]) for r in rows] + [6])
-    print(f"{'KIND':<10} {'TYPE':<{w_type}} {'SOURCE':<{w_src}} STATUS")
+    print(f"{'KIND':<11} {'TYPE':<{w_type}} {'SOURCE':<{w_src}} STATUS")
     for r in rows:
-        status = "available" if r["available"] else f"unavailable ({r['reason']})"
-        print(f"{r['kind']:<10} {r['type']:<{w_type}} {r['source']:<{w_src}} {status}")
+        status = ("available" if r["available"] else f"unavailable ({r['reason']})") if r["kind"] != "accelerator" \
+            else ("in use" if r["available"] else f"not in use: {r['reason']}")
+        print(f"{r['kind']:<11} {r['type']:<{w_type}} {r['source']:<{w_src}} {status}")
     return 0
 
 

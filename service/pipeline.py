@@ -49,6 +49,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from service import speedups
 from service import telemetry as tm
 from service.component import EXPORTER, PROCESSOR, RECEIVER
 from service.config import Config, ConfigError
@@ -242,6 +243,11 @@ def tune_gc() -> None:
     t0, t1, t2 = gc.get_threshold()
     if t0 < GC_GEN0_THRESHOLD:
         gc.set_threshold(GC_GEN0_THRESHOLD, t1, t2)
+    # Also once per process: say if a C accelerator is missing (the service works, slower).
+    missing = [n for n, ok in speedups.status().items() if not ok]
+    if missing and not speedups.PURE:
+        log.warning("C accelerators not built, pure-Python fallback in use (slower): %s; "
+                    "reinstall with a C compiler and Python headers", ", ".join(missing))
 
 
 class Service:

@@ -37,5 +37,16 @@ def load(name: str) -> ModuleType | None:
 
 
 def status() -> dict[str, bool]:
-    """Which accelerators are in use, for ``wirespan components`` and the tests."""
+    """Which accelerators are in use, for ``wirespan components`` and the start-up log."""
     return {name: load(name) is not None for name in ACCELERATORS}
+
+
+def why_not(name: str) -> str:
+    """Why ``name`` is not in use, in a few words."""
+    if PURE:
+        return "WIRESPAN_PURE_PYTHON is set"
+    try:
+        importlib.import_module(name)
+    except ImportError as e:
+        return f"not built ({e}); reinstall with a C compiler and Python headers"
+    return "in use"
