@@ -8,6 +8,8 @@ servers (tests/fixtures/http1) plus the replay benchmark's small GET exchange:
   each message through ``feed_whole`` (no buffering) when it is whole, else appended
   to the connection's buffer and ``feed``. This *includes*
   building the span (attributes, ids, trace context), which the peers don't do.
+  Measured twice: with the C head parser (processors/protocols/_http1.c) and on the
+  pure-Python path (the regexes; what ``WIRESPAN_PURE_PYTHON=1`` runs).
 - httptools: one reused ``HttpRequestParser`` + ``HttpResponseParser`` with the
   callbacks a span needs (url, headers, status), values kept as bytes.
 - h11: a fresh server ``Connection`` for the request and a fresh client one for the
@@ -113,6 +115,13 @@ def _split_responses(stream: bytes, heads: list[bool]) -> list[bytes]:
     return out
 
 
+def _with_c(use_c: bool):
+    """Switch http1's C head parser on or off for one measurement (module globals read per call)."""
+    c = http1._C
+    http1._C_REQUEST = c.parse_request if use_c and c is not None else None
+    http1._C_RESPONSE = c.parse_response if use_c and c is not None else None
+
+
 def bench_wirespan(msgs: list[tuple[bytes, bytes]], rounds: int) -> float:
     spans: list = []
     conn = Conn("b", "10.0.0.1", 40000, "10.0.0.2", 8080, spans.append, protocol="http")
@@ -200,9 +209,13 @@ def bench_h11(msgs: list[tuple[bytes, bytes]], rounds: int) -> float:
     return time.process_time() - t0
 
 
-def _median_us(fn, msgs: list[tuple[bytes, bytes]], rounds: int) -> float:
-    fn(msgs, max(1, rounds // 10))  # warm up
-    times = [fn(msgs, rounds) for _ in range(REPEATS)]
+def _median_us(fn, msgs: list[tuple[bytes, bytes]], rounds: int, use_c: bool = True) -> float:
+    _with_c(use_c)
+    try:
+        fn(msgs, max(1, rounds // 10))  # warm up
+        times = [fn(msgs, rounds) for _ in range(REPEATS)]
+    finally:
+        _with_c(True)
     return statistics.median(times) / (rounds * len(msgs)) * 1e6
 
 
@@ -210,19 +223,23 @@ def main() -> None:
     ex = exchanges()
     sets = {"all recorded + small GET": [(q, r) for _, q, r, _ in ex]}
     sets["small GET only (replay bench)"] = [(ex[-1][1], ex[-1][2])]
-    # Large chunked gzip response skipped by body: shows body cost.
-    print(f"{'message set':<31} {'wirespan':>9} {'ws parse':>9} {'httptools':>10} {'h11':>9} "
-          f"{'ws/httptools':>13} {'h11/ws':>7} {'h11/ws parse':>12}")
+    if http1._C is None:
+        print("NOTE: the C head parser is not in use (WIRESPAN_PURE_PYTHON=1 or not built): "
+              "the 'C' columns show the pure-Python path too")
+    print(f"{'message set':<31} {'C span':>8} {'C parse':>8} {'py span':>8} {'py parse':>8} {'httptools':>9} "
+          f"{'h11':>8} | {'C/httptools':>11} {'C parse/ht':>10} {'h11/C':>6} {'py/C':>5}")
     for label, msgs in sets.items():
         rounds = 20000 // len(msgs)
         w = _median_us(bench_wirespan, msgs, rounds)
         wp = _median_us(bench_wirespan_no_span, msgs, rounds)
+        pw = _median_us(bench_wirespan, msgs, rounds, use_c=False)
+        pwp = _median_us(bench_wirespan_no_span, msgs, rounds, use_c=False)
         h = _median_us(bench_httptools, msgs, rounds)
         e = _median_us(bench_h11, msgs, max(1, rounds // 10))
-        print(f"{label:<31} {w:>7.2f}us {wp:>7.2f}us {h:>8.2f}us {e:>7.2f}us {w / h:>12.2f}x {e / w:>6.1f}x "
-              f"{e / wp:>11.1f}x")
-    print("(median µs per request+response exchange over "
-          f"{REPEATS} repeats; 'wirespan' includes building the span, 'ws parse' stubs that out)")
+        print(f"{label:<31} {w:>6.2f}us {wp:>6.2f}us {pw:>6.2f}us {pwp:>6.2f}us {h:>7.2f}us {e:>6.2f}us | "
+              f"{w / h:>10.2f}x {wp / h:>9.2f}x {e / w:>5.1f}x {pw / w:>4.1f}x")
+    print(f"(median µs per request+response exchange over {REPEATS} repeats of CPU time; 'span' includes "
+          "building the span, 'parse' stubs that out; C = with _http1.c, py = the pure-Python path)")
     for label, q, r, _ in ex:
         print(f"  message: {label:<40} request {len(q):>5} B, response {len(r):>6} B")
 

@@ -523,8 +523,12 @@ class Http1Session(_BaseSession):
                     return False
                 self._s_last_ts = ts_ns
                 self._scan[1] = 0
-                self._sresp = (req, status, version)
-                self._finish(length, ts_ns)
+                if self._cpaused or req is self._creq:  # _finish resumes / defers these
+                    self._sresp = (req, status, version)
+                    self._finish(length, ts_ns)
+                else:  # _finish's common case, inlined
+                    self._pending.popleft()
+                    self.conn.emit(self._span(req, status, version, length, ts_ns, None))
                 return True
         return self._whole_response(data, ts_ns)
 
