@@ -7,11 +7,23 @@ unpack, the first record is walked only when the bytes of a ``traceparent`` head
 occur in it, and topic names come from a bounded cache. Each shortcut must give
 exactly the walkers' result, on requests encoded by kafka-python (hypothesis picks the
 shapes) and on hand-made edge cases.
+
+The C accelerator (_flat.c) is held to flat.py's own walk (``parse_request_py``, the
+reference): wherever C returns a result it must equal Python's exactly (same values,
+same representations), and wherever Python raises Malformed C must return None --
+on valid requests, mutated and truncated ones, and random bodies. The C tests load
+the extension directly, so they run with ``WIRESPAN_PURE_PYTHON=1`` too;
+``WIRESPAN_KAFKA_FLAT_SO=/tmp/x.so`` loads another build (the ASAN pass, see the
+kafka README).
 """
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import os
+import struct
+import tracemalloc
 import uuid
 
 import pytest
@@ -21,6 +33,8 @@ from hypothesis import strategies as st
 from processors.protocols.errors import Malformed
 from processors.protocols.kafka import flat
 from processors.protocols.kafka.session import parse_request
+from processors.protocols.kafka.state import Msg
+from service import speedups
 from service.largebuf import LargeBuffer
 from tests.support.kafka_wire import TRACEPARENT, fetch_request, produce_request, records
 
@@ -37,10 +51,62 @@ def _summary(m):
              for t in m.topics])
 
 
+def _load_c():
+    """The accelerator module, set up as flat.py does, or None (printed reason) when not built."""
+    path = os.environ.get("WIRESPAN_KAFKA_FLAT_SO")
+    if path:
+        spec = importlib.util.spec_from_file_location("processors.protocols.kafka._flat", path)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+    else:
+        try:
+            mod = importlib.import_module("processors.protocols.kafka._flat")
+        except ImportError as e:
+            if speedups.REQUIRED:
+                raise
+            print(f"kafka _flat accelerator not built ({e}): C equivalence tests skip")
+            return None
+    mod.setup(*flat.C_SETUP)
+    return mod
+
+
+C = _load_c()
+needs_c = pytest.mark.skipif(C is None, reason="the _flat C accelerator is not built (python setup.py build_ext -i)")
+#: C-vs-Python examples per property test; raise for a long local run (e.g. 20000).
+C_EXAMPLES = int(os.environ.get("WIRESPAN_FUZZ_EXAMPLES", "150"))
+
+
+def _exact(m: Msg):
+    """Everything a parse leaves on a Msg and its topics, representations included."""
+    d = dict(vars(m))
+    topics = d.pop("topics")
+    return d, [(type(t), t.name, t.topic_id, type(t._p), t._p, vars(t), t.records, t.traceparent) for t in topics]
+
+
+def c_check(data: bytes, scan: int = 1 << 20, want_tp: bool = True) -> str:
+    """Hold C to Python on ``data``: 'same' (C's result equals Python's), 'declined'
+    (C returned None: Python's walk decides), or 'rejected' (Python raised, C declined)."""
+    mv = memoryview(data)
+    try:
+        py = _exact(flat.parse_request_py(mv, scan))
+    except Malformed:
+        py = None
+    r = C.request(mv, scan, want_tp)
+    if r is None:
+        return "rejected" if py is None else "declined"
+    assert py is not None, "C accepted a request flat.py rejects"
+    assert _exact(flat._c_msg(r)) == py
+    return "same"
+
+
 def both(data: bytes, seg: int = 7, scan: int = 1 << 20):
-    """(fast path result, streaming walker result over ``seg``-byte chunks)."""
+    """(fast path result, streaming walker result over ``seg``-byte chunks); the fast
+    path (C when built) also equals flat.py's own walk exactly."""
     mv = memoryview(data)
     fast = flat.parse_request(mv, scan)
+    assert _exact(fast) == _exact(flat.parse_request_py(mv, scan))
+    if C is not None and data[4:6] in (b"\x00\x00", b"\x00\x01"):
+        assert c_check(data, scan) == "same"  # every valid Produce/Fetch here is C's to parse
     slow = parse_request(LargeBuffer(*[mv[i:i + seg] for i in range(0, len(mv), seg)]), scan)
     return _summary(fast), _summary(slow)
 
@@ -137,7 +203,7 @@ def test_topic_name_cache_holds_only_valid_names_and_is_bounded(monkeypatch):
     monkeypatch.setattr(flat, "MAX_NAME_CACHE", 8)
     flat._NAMES.clear()
     for i in range(20):
-        m = flat.parse_request(memoryview(fetch_request(4, {f"t{i}": [(0, 1)]})), 0)
+        m = flat.parse_request_py(memoryview(fetch_request(4, {f"t{i}": [(0, 1)]})), 0)
         assert m.topics[0].name == f"t{i}"
         assert len(flat._NAMES) <= 8
     bad = bytearray(fetch_request(4, {"ab": [(0, 1)]}))
@@ -146,6 +212,26 @@ def test_topic_name_cache_holds_only_valid_names_and_is_bounded(monkeypatch):
         with pytest.raises(Malformed):
             flat.parse_request(memoryview(bytes(bad)), 0)
     assert b"*b" not in flat._NAMES
+
+
+@needs_c
+def test_c_name_caches_hold_only_valid_names_and_are_bounded():
+    C.clear_caches()
+    assert C.cache_sizes() == (0, 0)
+    bad = bytearray(fetch_request(4, {"ab": [(0, 1)]}, client_id="c"))
+    bad[bad.index(b"ab")] = ord("*")
+    assert c_check(bytes(bad)) == "rejected"
+    assert C.cache_sizes()[0] == 0  # the invalid name was not cached
+    for i in range(3000):  # more distinct names and client ids than slots
+        data = fetch_request(4, {f"t{i}": [(0, 1)]}, client_id=f"client-{i}")
+        r = C.request(memoryview(data), 0, True)
+        assert r[4] == f"client-{i}" and r[8][0].name == f"t{i}"
+    names, cids = C.cache_sizes()
+    assert 0 < names <= 1024 and 0 < cids <= 256
+    long_cid = "x" * 200  # longer than MAX_CACHED_CLIENT_ID: decoded, not cached
+    C.clear_caches()
+    assert C.request(memoryview(fetch_request(4, {"a": [(0, 1)]}, client_id=long_cid)), 0, True)[4] == long_cid
+    assert C.cache_sizes() == (1, 0)
 
 
 def test_lazy_partitions_and_offsets_merge_with_responses():
@@ -229,3 +315,143 @@ def test_first_record_walk_with_multibyte_prefix_fields(ts_delta, offset_delta, 
         data = produce_request(9, {"orders": {0: _batch(ts_delta, offset_delta, key, headers)}})
         fast, slow = both(data)
         assert fast == slow and fast[5][0][6] == TP
+
+
+# -- the C accelerator against flat.py's walk ---------------------------------------------
+_small_names = st.sampled_from(["orders", "audit", "a", "t.x_y-z", "n" * 249])
+_fetch_small = st.dictionaries(
+    _small_names, st.lists(st.tuples(st.integers(0, 2**31 - 1), st.integers(0, 2**63 - 1)), max_size=6), max_size=3)
+_produce_small = st.dictionaries(_small_names, _parts, min_size=1, max_size=3)
+_client_ids = st.sampled_from([None, "", "producer-1", "x" * 200, "caf\u00e9"])
+
+
+@st.composite
+def _valid_request(draw) -> bytes:
+    """A Produce (v0-v13) or Fetch (v0-v18) request encoded by kafka-python."""
+    cid = draw(_client_ids)
+    if draw(st.booleans()):
+        topics = draw(_produce_small)
+        return produce_request(draw(st.integers(0, 13)), topics, ids=_ids(topics), client_id=cid,
+                               corr=draw(st.integers(0, 2**31 - 1)), acks=draw(st.sampled_from([-1, 0, 1])))
+    topics = draw(_fetch_small)
+    return fetch_request(draw(st.integers(0, 18)), topics, ids=_ids(topics), client_id=cid,
+                         corr=draw(st.integers(0, 2**31 - 1)))
+
+
+_fuzz = settings(max_examples=C_EXAMPLES, deadline=None,
+                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+_SCANS = st.sampled_from([0, 1, 100, 1 << 20])
+
+
+@needs_c
+@_fuzz
+@given(data=_valid_request(), scan=_SCANS)
+def test_c_equals_python_on_valid_requests(data, scan):
+    """Every valid request (no repeated topic) is C's, with exactly Python's result."""
+    assert c_check(data, scan) == "same"
+
+
+#: Bytes that sit on the edges of Kafka's encodings: 0, varint continuation, sign bits,
+#: the traceparent key's length byte.
+_EDGE_BYTES = st.one_of(st.sampled_from([0, 1, 2, 0x16, 0x7F, 0x80, 0xFE, 0xFF]), st.integers(0, 255))
+
+
+@needs_c
+@_fuzz
+@given(data=st.data(), scan=_SCANS)
+def test_c_agrees_on_mutated_and_truncated_requests(data, scan):
+    """Byte flips (mostly in the header and topic structure, some in record data) and
+    cuts: C either gives Python's result or declines; never accepts what Python rejects."""
+    b = bytearray(data.draw(_valid_request()))
+    n = len(b)
+    for _ in range(data.draw(st.integers(0, 4))):
+        i = data.draw(st.one_of(st.integers(4, min(n - 1, 160)), st.integers(4, n - 1)))
+        b[i] = data.draw(_EDGE_BYTES)
+    if data.draw(st.booleans()):
+        del b[data.draw(st.integers(14, n)):]
+    if data.draw(st.integers(0, 3)) == 0:  # an inserted or deleted byte shifts everything after it
+        i = data.draw(st.integers(14, len(b)))
+        if data.draw(st.booleans()):
+            b[i:i] = bytes([data.draw(_EDGE_BYTES)])
+        else:
+            del b[i:i + 1]
+    c_check(bytes(b), scan)
+
+
+_MOSTLY_ZERO = st.sampled_from([0] * 12 + [1, 2, 3, 0x16, 0x61, 0x7F, 0x80, 0xFF])
+
+
+@needs_c
+@_fuzz
+@given(key=st.sampled_from([0, 1]), version=st.integers(-1, 19), cid=st.integers(-2, 20),
+       body=st.one_of(st.binary(max_size=300), st.lists(_MOSTLY_ZERO, max_size=120).map(bytes)), scan=_SCANS)
+def test_c_agrees_on_random_bodies(key, version, cid, body, scan):
+    """Random bytes after a plausible header; edge bytes (runs of 0, 1, 0xFF) often make
+    small valid requests (empty or null topic arrays, empty names rejected)."""
+    head = struct.pack(">ihhih", 10 + len(body), key, version, 1, cid)
+    c_check(head + body, scan)
+
+
+@needs_c
+@pytest.mark.parametrize("want_tp", [True, False])
+def test_c_honours_want_tp_as_python_does(monkeypatch, want_tp):
+    monkeypatch.setattr(Msg, "want_tp", want_tp)
+    data = produce_request(9, {"orders": {0: records(2, headers=[("traceparent", TP)])}})
+    assert c_check(data, want_tp=want_tp) == "same"
+    assert C.request(memoryview(data), 1 << 20, want_tp)[8][0].traceparent == (TP if want_tp else None)
+
+
+@needs_c
+def test_c_declines_what_it_does_not_handle():
+    """Other API keys, repeated topics, non-contiguous views, huge scan caps: Python's."""
+    from tests.support.kafka_wire import metadata_request
+
+    assert C.request(memoryview(metadata_request(9, ["orders"])), 0, True) is None
+    dup = fetch_request(4, {"orders": [(0, 1)], "ordert": [(1, 2)]})
+    dup = dup.replace(b"ordert", b"orders")
+    assert c_check(dup) == "declined"
+    assert [t.partitions for t in flat.parse_request(memoryview(dup), 0).topics] == [[0, 1]]
+    data = fetch_request(4, {"orders": [(0, 1)]})
+    assert C.request(memoryview(data)[::1], 0, True) is not None
+    assert C.request(memoryview(data + data)[::2], 0, True) is None  # strided: not a simple buffer
+    assert C.request(memoryview(data), 1 << 70, True) is None
+    with pytest.raises(TypeError):
+        C.request(memoryview(data), 0)
+
+
+@needs_c
+@pytest.mark.parametrize("version", [4, 12, 13])
+def test_c_many_and_tagged_partitions(version):
+    """Topics past MAX_LAYOUT_PARTITIONS and partitions with tagged fields: C walks them
+    (list + dict, as flat.py) instead of the fixed-stride tuple."""
+    parts = [(i, 10 * i) for i in range(flat.MAX_LAYOUT_PARTITIONS + 6)]
+    assert c_check(fetch_request(version, {"orders": parts, "audit": [(1, 2)]}, ids=_ids(["orders", "audit"]))) \
+        == "same"
+    if version >= 12:
+        data = _with_partition_tags(fetch_request(version, {"orders": [(3, 7), (4, 8)]}, ids=_ids(["orders"])))
+        assert c_check(data) == "same"
+        assert type(C.request(memoryview(data), 0, True)[8][0]._p) is list
+
+
+@needs_c
+def test_c_allocates_nothing_that_outlives_a_parse():
+    """Reference leaks on any path (results, declines, errors) would grow traced memory."""
+    inputs = [fetch_request(v, {"orders": [(0, 1000), (1, 2000)], "audit": [(2, 5)]}, ids=_ids(["orders", "audit"]))
+              for v in (4, 12, 13)]
+    inputs += [produce_request(v, {"orders": {0: records(3, headers=[("traceparent", TP)]), 1: records(1) * 2}},
+                               ids=_ids(["orders"])) for v in (3, 9, 13)]
+    inputs += [d[:len(d) - 9] for d in inputs]  # truncated: declined mid-walk
+    inputs.append(_with_partition_tags(fetch_request(12, {"orders": [(3, 7), (4, 8)]})))
+    views = [memoryview(d) for d in inputs]
+    for v in views:
+        C.request(v, 1 << 20, True)
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        for _ in range(300):
+            for v in views:
+                C.request(v, 1 << 20, True)
+        grown = tracemalloc.get_traced_memory()[0] - base
+    finally:
+        tracemalloc.stop()
+    assert grown < 4096, grown

@@ -57,7 +57,7 @@ static PyTypeObject *T_FAST, *T_FAST3;
 static ssize OFF_P, OFF_NAME, OFF_RECORDS, OFF_TID, OFF_TP;
 static int PRODUCE_MAX, PRODUCE_FLEX, FETCH_MAX, FETCH_FLEX;
 static int64_t MAX_HEADERS_SCAN, MAX_TRACEPARENT, MAX_LAYOUT;
-static PyObject *S_RECORDS_UNKNOWN, *S_O;
+static PyObject *S_RECORDS_UNKNOWN, *S_O, *EMPTY;
 
 static unsigned char NAME_OK[256];  /* [a-zA-Z0-9._-] */
 static PyObject *NAMES[NAME_SLOTS];
@@ -266,7 +266,7 @@ static PyObject *client_id(const uint8_t *p, ssize n) {
 /* A FastTopic with every slot set: name, topic_id (steals both), _p, records 0 and
  * traceparent None (the caller replaces _p / records / traceparent). */
 static PyObject *new_topic(PyTypeObject *tp, PyObject *name, PyObject *tid) {
-    PyObject *t = tp->tp_alloc(tp, 0);
+    PyObject *t = tp->tp_new(tp, EMPTY, NULL);  /* FastTopic(): object.__new__, and __init__ is object's */
     if (t == NULL) {
         Py_XDECREF(name);
         Py_XDECREF(tid);
@@ -276,7 +276,6 @@ static PyObject *new_topic(PyTypeObject *tp, PyObject *name, PyObject *tid) {
     SLOT(t, OFF_TID) = tid != NULL ? tid : Py_NewRef(Py_None);
     SLOT(t, OFF_RECORDS) = PyLong_FromLong(0);  /* a cached small int */
     SLOT(t, OFF_TP) = Py_NewRef(Py_None);
-    SLOT(t, OFF_P) = NULL;
     return t;
 }
 
@@ -970,6 +969,10 @@ static PyObject *setup(PyObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "O!O!(iiiiLLL)", &PyType_Type, &fast, &PyType_Type, &fast3, &PRODUCE_MAX,
                           &PRODUCE_FLEX, &FETCH_MAX, &FETCH_FLEX, &hs, &mt, &ml))
         return NULL;
+    if (T_FAST != NULL && ((PyObject *)T_FAST != fast || (PyObject *)T_FAST3 != fast3)) {
+        PyErr_SetString(PyExc_RuntimeError, "_flat.setup() was already called with other classes");
+        return NULL;
+    }
     if (!PyType_IsSubtype((PyTypeObject *)fast3, (PyTypeObject *)fast)
         || ((PyTypeObject *)fast3)->tp_basicsize != ((PyTypeObject *)fast)->tp_basicsize) {
         PyErr_SetString(PyExc_TypeError, "FastTopic3 must extend FastTopic without slots");
@@ -1027,7 +1030,8 @@ PyMODINIT_FUNC PyInit__flat(void) {
                      || c == '_' || c == '-';
     S_RECORDS_UNKNOWN = PyUnicode_InternFromString("records_unknown");
     S_O = PyUnicode_InternFromString("_o");
-    if (S_RECORDS_UNKNOWN == NULL || S_O == NULL)
+    EMPTY = PyTuple_New(0);
+    if (S_RECORDS_UNKNOWN == NULL || S_O == NULL || EMPTY == NULL)
         return NULL;
     return PyModule_Create(&module);
 }
