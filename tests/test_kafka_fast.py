@@ -134,6 +134,7 @@ _headers = st.lists(st.tuples(st.sampled_from(["traceparent", "tracestate", "x",
 _payload = st.sampled_from([b"", b"k", b"v" * 100, b"v" * 300, TP_WIRE + b"n" + TP, b"x" + TP_WIRE * 2])
 _batch = st.builds(lambda n, k, v, h, c: records(n, key=k, value=v, headers=h, compression=c),
                    st.integers(1, 4), st.one_of(st.none(), _payload), _payload, _headers, st.sampled_from([0, 0, 1]))
+_batch_strategy = _batch  # (the name is reused below for a hand-made batch builder)
 _parts = st.dictionaries(st.integers(0, 1000), st.one_of(st.none(), _batch,
                                                          st.builds(lambda a, b: a + b, _batch, _batch)), max_size=3)
 
@@ -321,7 +322,12 @@ def test_first_record_walk_with_multibyte_prefix_fields(ts_delta, offset_delta, 
 _small_names = st.sampled_from(["orders", "audit", "a", "t.x_y-z", "n" * 249])
 _fetch_small = st.dictionaries(
     _small_names, st.lists(st.tuples(st.integers(0, 2**31 - 1), st.integers(0, 2**63 - 1)), max_size=6), max_size=3)
-_produce_small = st.dictionaries(_small_names, _parts, min_size=1, max_size=3)
+#: Partitions as _parts, plus legacy message sets (magic 0/1) and several batches.
+_legacy_set = st.builds(lambda n, m: records(n, magic=m), st.integers(1, 3), st.sampled_from([0, 1]))
+_parts_c = st.dictionaries(st.integers(0, 1000), st.one_of(
+    st.none(), _batch_strategy, _legacy_set,
+    st.builds(lambda a, b: a + b, st.one_of(_batch_strategy, _legacy_set), _batch_strategy)), max_size=3)
+_produce_small = st.dictionaries(_small_names, _parts_c, min_size=1, max_size=3)
 _client_ids = st.sampled_from([None, "", "producer-1", "x" * 200, "caf\u00e9"])
 
 
@@ -455,3 +461,43 @@ def test_c_allocates_nothing_that_outlives_a_parse():
     finally:
         tracemalloc.stop()
     assert grown < 4096, grown
+
+
+@needs_c
+@pytest.mark.parametrize("version,at,null", [(0, -4, b"\xff\xff\xff\xff"), (4, -4, b"\xff\xff\xff\xff"),
+                                             (12, -4, b"\x00")])
+def test_c_null_and_empty_topic_arrays(version, at, null):
+    """A null topics array (-1; compact: 0) is zero topics in flat.py; C agrees. ``at``:
+    where the topics array of an empty request is (v12: then forgotten topics, rack, tags)."""
+    data = fetch_request(version, {})
+    assert c_check(data) == "same"
+    n = len(null)
+    for repl, verdict in ((null, "same"), (b"\x7f" * n, "rejected")):  # the latter proves ``at``
+        assert c_check(data[:at] + repl + data[at + n:]) == verdict
+
+
+@needs_c
+@pytest.mark.parametrize("version", [3, 8, 9, 13])
+def test_c_transactional_produce(version):
+    from kafka.protocol.producer import ProduceRequest
+
+    T = ProduceRequest.TopicProduceData
+    key = {"topic_id": uuid.uuid5(uuid.NAMESPACE_DNS, "orders")} if version >= 13 else {"name": "orders"}
+    req = ProduceRequest(version=version, transactional_id="tx-1", acks=-1, timeout_ms=10, topic_data=[
+        T(**key, partition_data=[T.PartitionProduceData(index=2, records=records(3, headers=[("traceparent", TP)]))])])
+    req.with_header(correlation_id=5, client_id="p")
+    data = bytes(req.encode(header=True, framed=True))
+    assert c_check(data) == "same"
+    assert C.request(memoryview(data), 1 << 20, True)[8][0].traceparent == TP
+
+
+@needs_c
+@pytest.mark.parametrize("data", [produce_request(9, {"orders": {0: records(1)}}, client_id="c"),
+                                  fetch_request(12, {"orders": [(0, 1)]}, client_id="c")])
+def test_c_request_header_tagged_fields(data):
+    """A flexible request header with a tagged field (count 1, tag 0, 2 bytes), and a
+    hostile count (> 64 tags): Python's verdict either way."""
+    i = 14 + 1  # size, key, version, corr, client id length 1, "c": the header's tag count
+    for tags in (b"\x01\x00\x02hi", b"\x02\x00\x00\x05\x01z", b"\x41" + b"\x00\x00" * 65, b"\x01\x00\x7f"):
+        mutated = data[:i] + tags + data[i + 1:]
+        assert c_check(mutated) == ("same" if tags[0] < 0x40 and tags[-1:] != b"\x7f" else "rejected")
