@@ -15,6 +15,12 @@ state.TopicData), a produce partition with one v2 batch is one unpack, the first
 record is walked only when a ``traceparent`` key's bytes occur in it, and validated
 topic names / client ids are cached (bounded). tests/test_kafka_fast.py holds each
 shortcut to the walkers' result; ``python -m bench kafka`` measures it.
+
+Produce and Fetch requests go first to the optional C accelerator (_flat.c), which
+does this module's request walk step for step and returns None for anything it does
+not take (any input this walk rejects, a repeated topic, other API keys); then
+``parse_request_py`` -- the reference -- runs. The tests hold the two to identical
+results; ``WIRESPAN_PURE_PYTHON=1`` turns C off.
 """
 
 from __future__ import annotations
@@ -851,11 +857,13 @@ def parse_request_py(mv: memoryview, scan_bytes: int) -> Msg:
 
 
 # -- the C accelerator ------------------------------------------------------------
+#: What _flat.setup needs: the topic classes it instantiates and the limits it shares with
+#: this module (one source for each).
+C_SETUP = (FastTopic, FastTopic3, (APIS[apis.PRODUCE][1], APIS[apis.PRODUCE][2], APIS[apis.FETCH][1],
+                                   APIS[apis.FETCH][2], MAX_HEADERS_SCAN, MAX_TRACEPARENT, MAX_LAYOUT_PARTITIONS))
 #: processors/protocols/kafka/_flat.c (None: not built, or WIRESPAN_PURE_PYTHON=1).
 _C = speedups.load("processors.protocols.kafka._flat")
 _c_request = None
 if _C is not None:
-    _C.setup(FastTopic, FastTopic3, (APIS[apis.PRODUCE][1], APIS[apis.PRODUCE][2], APIS[apis.FETCH][1],
-                                     APIS[apis.FETCH][2], MAX_HEADERS_SCAN, MAX_TRACEPARENT,
-                                     MAX_LAYOUT_PARTITIONS))
+    _C.setup(*C_SETUP)
     _c_request = _C.request
