@@ -501,3 +501,23 @@ def test_c_request_header_tagged_fields(data):
     for tags in (b"\x01\x00\x02hi", b"\x02\x00\x00\x05\x01z", b"\x41" + b"\x00\x00" * 65, b"\x01\x00\x7f"):
         mutated = data[:i] + tags + data[i + 1:]
         assert c_check(mutated) == ("same" if tags[0] < 0x40 and tags[-1:] != b"\x7f" else "rejected")
+
+
+@needs_c
+@_fuzz
+@given(data=st.data(), version=st.sampled_from([3, 9, 13]), scan=_SCANS)
+def test_c_agrees_on_mutated_first_records(data, version, scan):
+    """Flips around the first record's fields and headers (the traceparent walk's
+    bounds: lengths running past the record, the batch or the view)."""
+    key = data.draw(st.sampled_from([None, b"", b"k", b"k" * 70]))
+    headers = data.draw(st.sampled_from([[("traceparent", TP)], [("x", b"y"), ("traceparent", TP)],
+                                         [("traceparentx", TP), ("traceparent", TP)]]))
+    b = bytearray(produce_request(version, {"orders": {0: records(data.draw(st.integers(1, 2)), key=key,
+                                                                   headers=headers)}}, ids=_ids(["orders"])))
+    at = b.index(TP_WIRE)
+    lo, hi = max(14, at - 90), min(len(b) - 1, at + 80)
+    for _ in range(data.draw(st.integers(1, 3))):
+        b[data.draw(st.integers(lo, hi))] = data.draw(_EDGE_BYTES)
+    if data.draw(st.booleans()):
+        del b[data.draw(st.integers(lo, len(b))):]
+    c_check(bytes(b), scan)
