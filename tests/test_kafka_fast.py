@@ -521,3 +521,22 @@ def test_c_agrees_on_mutated_first_records(data, version, scan):
     if data.draw(st.booleans()):
         del b[data.draw(st.integers(lo, len(b))):]
     c_check(bytes(b), scan)
+
+
+@needs_c
+@pytest.mark.parametrize("version", [4, 12, 13])
+@pytest.mark.parametrize("count", [2, 32, 33, 200])
+def test_c_repeated_topic_among_many_is_declined(version, count):
+    """The repeated-topic check (pairwise up to 32 topics, a set beyond) finds the one
+    repeat wherever it is; without one, C parses all the topics."""
+    names = [f"t{i:03d}" for i in range(count)]
+    ids = _ids(names)
+    data = fetch_request(version, {n: [(0, 1)] for n in names}, ids=ids)
+    assert c_check(data) == "same"
+    assert len(C.request(memoryview(data), 0, True)[8]) == count
+    last, first = names[-1], names[0]
+    old, new = (ids[last], ids[first]) if version >= 13 else (last.encode(), first.encode())
+    assert c_check(data.replace(old, new)) == "declined"
+    pdata = produce_request(9 if version < 13 else 13, {n: {0: records(1)} for n in names}, ids=ids)
+    assert c_check(pdata) == "same"
+    assert c_check(pdata.replace(old, new)) == "declined"
