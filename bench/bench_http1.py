@@ -120,6 +120,7 @@ def _with_c(use_c: bool):
     c = http1._C
     http1._C_REQUEST = c.parse_request if use_c and c is not None else None
     http1._C_RESPONSE = c.parse_response if use_c and c is not None else None
+    http1._C_CHUNKED = c.chunked_body if use_c and c is not None else None
 
 
 def bench_wirespan(msgs: list[tuple[bytes, bytes]], rounds: int) -> float:

@@ -16,8 +16,10 @@ so that ASAN sees the bounds of small bytes objects, which pymalloc would otherw
 
 from __future__ import annotations
 
+import ctypes
 import importlib
 import importlib.util
+import mmap
 import os
 from types import ModuleType
 
@@ -28,6 +30,7 @@ from hypothesis import strategies as st
 from processors.protocols import http1
 from processors.protocols.base import Conn
 from processors.protocols.errors import ProtocolError
+from service.largebuf import LargeBuffer
 
 #: Raise for a long local run: WIRESPAN_FUZZ_EXAMPLES=20000 pytest tests/test_http1_speedup.py
 EXAMPLES = int(os.environ.get("WIRESPAN_FUZZ_EXAMPLES", "400"))
@@ -94,23 +97,47 @@ def _same(got: tuple | None, want: tuple | None) -> None:
         assert [type(x) for x in got] == [type(x) for x in want]
 
 
-def _fenced(data: bytes) -> memoryview:
-    """``data`` as a view whose buffer goes on with a CRLFCRLF: a read past the view's end
-    would complete a head the reference rejects (ASAN cannot see it inside one object)."""
-    return memoryview(data + b"\r\n\r\n")[:len(data)]
+_FENCES = (b"\r\n\r\n", b"\n\r\n0\r\n\r\n")
+
+# A buffer that ends at an inaccessible page: any read past a view's end is a SIGSEGV
+# (a test crash), even a one-byte over-read that stays inside a Python object's memory.
+_PAGE = mmap.PAGESIZE
+_GUARDED = mmap.mmap(-1, 17 * _PAGE)
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mprotect.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+_base = ctypes.addressof(ctypes.c_char.from_buffer(_GUARDED))
+assert _libc.mprotect(_base + 16 * _PAGE, _PAGE, 0) == 0  # PROT_NONE
+_GUARDED_VIEW = memoryview(_GUARDED)[:16 * _PAGE]
+
+
+def _guarded(data: bytes) -> memoryview:
+    """``data`` as a view that ends right at the guard page."""
+    end = 16 * _PAGE
+    _GUARDED_VIEW[end - len(data):end] = data
+    return _GUARDED_VIEW[end - len(data):end]
+
+
+def _fenced(data: bytes, fence: bytes = _FENCES[0]) -> memoryview:
+    """``data`` as a view whose buffer goes on with ``fence``: a read past the view's end
+    would complete a head or body the reference rejects (ASAN cannot see that inside one object)."""
+    return memoryview(data + fence)[:len(data)]
 
 
 def check_request(data: bytes, max_headers: int) -> None:
     want = ref_request(data, max_headers)
     _same(C.parse_request(memoryview(data), max_headers), want)
     _same(C.parse_request(data, max_headers), want)
-    _same(C.parse_request(_fenced(data), max_headers), want)
+    for fence in _FENCES:
+        _same(C.parse_request(_fenced(data, fence), max_headers), want)
+    _same(C.parse_request(_guarded(data), max_headers), want)
 
 
 def check_response(data: bytes, max_headers: int, limit: int) -> None:
     want = ref_response(data, max_headers, limit)
     _same(C.parse_response(memoryview(data), max_headers, limit), want)
-    _same(C.parse_response(_fenced(data), max_headers, limit), want)
+    for fence in _FENCES:
+        _same(C.parse_response(_fenced(data, fence), max_headers, limit), want)
+    _same(C.parse_response(_guarded(data), max_headers, limit), want)
 
 
 # -- generated heads ---------------------------------------------------------------------------
@@ -292,6 +319,7 @@ def _run_session(segments: list[tuple[bool, bytes]], use_c: bool, monkeypatch: p
     with monkeypatch.context() as m:
         m.setattr(http1, "_C_REQUEST", C.parse_request if use_c else None)
         m.setattr(http1, "_C_RESPONSE", C.parse_response if use_c else None)
+        m.setattr(http1, "_C_CHUNKED", C.chunked_body if use_c else None)
         spans: list = []
         drops: list[str] = []
         conn = Conn("t", "10.0.0.1", 40000, "10.0.0.2", 8080, spans.append,
@@ -318,15 +346,32 @@ _resp_bodies = st.sampled_from([b"", b"ok", b"0123456789"])
 @st.composite
 def _response(draw: st.DrawFn) -> bytes:
     head = draw(response_heads())
+    how = draw(st.integers(0, 2))
+    if how == 2:  # a chunked body
+        head = head.replace(b"\r\n\r\n", b"\r\nTransfer-Encoding: chunked\r\n\r\n", 1)
+        return head + draw(damaged(chunked_bodies()))
     body = draw(_resp_bodies)
-    if draw(st.booleans()):
+    if how == 1:
         head = head.replace(b"\r\n\r\n", b"\r\nContent-Length: %d\r\n\r\n" % len(body), 1)
     return head + body
 
 
+@st.composite
+def _request(draw: st.DrawFn) -> bytes:
+    head = draw(damaged(request_heads()))
+    how = draw(st.integers(0, 3))
+    if how == 2:
+        head = head.replace(b"\r\n\r\n", b"\r\nTransfer-Encoding: chunked\r\n\r\n", 1)
+        return head + draw(damaged(chunked_bodies()))
+    if how == 3:
+        body = draw(_resp_bodies)
+        return head.replace(b"\r\n\r\n", b"\r\nContent-Length: %d\r\n\r\n" % len(body), 1) + body
+    return head
+
+
 @settings(max_examples=max(50, EXAMPLES // 4), deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
-@given(exchanges=st.lists(st.tuples(damaged(request_heads()), _response()), min_size=1, max_size=4),
+@given(exchanges=st.lists(st.tuples(_request(), _response()), min_size=1, max_size=4),
        cuts=st.lists(st.integers(1, 60), max_size=4))
 def test_session_same_spans_and_drops_with_and_without_c(exchanges: list[tuple[bytes, bytes]], cuts: list[int],
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
@@ -347,6 +392,7 @@ def test_session_uses_c_for_the_common_exchange(monkeypatch: pytest.MonkeyPatch)
     calls: list[str] = []
     monkeypatch.setattr(http1, "_C_REQUEST", lambda *a: calls.append("q") or C.parse_request(*a))
     monkeypatch.setattr(http1, "_C_RESPONSE", lambda *a: calls.append("r") or C.parse_response(*a))
+    monkeypatch.setattr(http1, "_C_CHUNKED", C.chunked_body)
     spans: list = []
     conn = Conn("t", "10.0.0.1", 40000, "10.0.0.2", 8080, spans.append, protocol="http")
     s = http1.Session(conn)
@@ -357,3 +403,82 @@ def test_session_uses_c_for_the_common_exchange(monkeypatch: pytest.MonkeyPatch)
     assert (a["http.request.method"], a["url.path"], a["url.query"], a["server.address"], a["server.port"],
             a["user_agent.original"], a["http.response.body.size"]) == ("GET", "/a/b", "sig=REDACTED&x=2", "h", 81,
                                                                          "u", 2)
+
+
+# -- whole chunked bodies: _http1.chunked_body against _Body's walker ------------------------
+def ref_chunked(data: bytes, start: int, limit: int) -> tuple | None:
+    """What the buffered path decides: (end, body size) once the walker completes, else None."""
+    buf = LargeBuffer()
+    if start < len(data):
+        buf.append(memoryview(data)[start:], 0)
+    body = http1._Body(http1._CHUNKED, 0, limit)
+    try:
+        if not body.consume(buf):
+            return None
+    except ProtocolError:
+        return None
+    return len(data) - len(buf), body.size
+
+
+@st.composite
+def chunked_bodies(draw: st.DrawFn) -> bytes:
+    out = b""
+    for _ in range(draw(st.integers(0, 4))):
+        data = draw(st.binary(max_size=20).filter(len))
+        hx = draw(st.sampled_from(["%x", "%X", "%04x", "%016x"])) % len(data)
+        ext = draw(st.sampled_from([b"", b";a=b", b" ;x", b"\t", b"; q=\"v\"", b" "]))
+        out += hx.encode() + ext + b"\r\n" + data + b"\r\n"
+    out += draw(st.sampled_from([b"0", b"000", b"0 ", b"0;end"])) + b"\r\n"
+    for _ in range(draw(st.integers(0, 2))):
+        out += draw(st.sampled_from([b"Expires: never", b"X-T: 1", b"weird trailer \x80"])) + b"\r\n"
+    return out + b"\r\n" + draw(st.sampled_from([b"", b"", b"HTTP/1.1 200 OK\r\n"]))
+
+
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(body=damaged(chunked_bodies()), prefix=st.sampled_from([b"", b"HTTP/1.1 200 OK\r\n\r\n"]),
+       limit=st.sampled_from([http1.MAX_HEADER_BYTES, 2, 20]))
+@example(body=b"1" * 17 + b"\r\n", prefix=b"", limit=65536)
+@example(body=b"fffffffffffffffff\r\n", prefix=b"", limit=65536)
+@example(body=b"ffffffffffffffff\r\nab\r\n", prefix=b"", limit=65536)
+@example(body=b"2\r\nab\r\n0\r\nX: 1\r\n\r\n", prefix=b"", limit=8)
+@example(body=b"2\r\nab\r\n0\r\nX: 1\r\n\r\n", prefix=b"", limit=9)
+@example(body=b"2;a\rb\r\nab\r\n0\r\n\r\n", prefix=b"", limit=99)
+@example(body=b"2;a\nb\r\nab\r\n0\r\n\r\n", prefix=b"", limit=99)
+@example(body=b"00000000000000002\r\nab\r\n0\r\n\r\n", prefix=b"", limit=99)
+@example(body=b"0000000000000002\r\nab\r\n0\r\n\r\n", prefix=b"", limit=99)
+@example(body=b"2\r\nab\r", prefix=b"", limit=99)
+@example(body=b"2\r\nabX\n0\r\n\r\n", prefix=b"", limit=99)
+def test_chunked_bodies_match_the_walker(body: bytes, prefix: bytes, limit: int) -> None:
+    data = prefix + body
+    want = ref_chunked(data, len(prefix), limit)
+    for view in (memoryview(data), _fenced(data), _fenced(data, _FENCES[1]), _guarded(data)):
+        _same(C.chunked_body(view, len(prefix), limit), want)
+
+
+def test_chunked_body_declines_long_lines_and_bad_starts() -> None:
+    long_ext = b"2;" + b"e" * 2000 + b"\r\nab\r\n0\r\n\r\n"
+    assert ref_chunked(long_ext, 0, 65536) == (len(long_ext), 2)  # Python takes it (4096 allowed) ...
+    assert C.chunked_body(long_ext, 0, 65536) is None  # ... C leaves it to Python
+    assert C.chunked_body(b"0\r\n\r\n", 6, 99) is None and C.chunked_body(b"0\r\n\r\n", -1, 99) is None
+    assert C.chunked_body(b"0\r\n\r\n", 0, 99) == (5, 0)
+
+
+def test_whole_bodies_take_feed_whole_with_c(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A POST with its whole body and a whole chunked response skip the buffers (C on)."""
+    monkeypatch.setattr(http1, "_C_REQUEST", C.parse_request)
+    monkeypatch.setattr(http1, "_C_RESPONSE", C.parse_response)
+    monkeypatch.setattr(http1, "_C_CHUNKED", C.chunked_body)
+    spans: list = []
+    conn = Conn("t", "10.0.0.1", 40000, "10.0.0.2", 8080, spans.append, protocol="http")
+    s = http1.Session(conn)
+    assert s.feed_whole(True, memoryview(b"POST /p HTTP/1.1\r\nContent-Length: 3\r\n\r\nabc"), 1)
+    assert s.feed_whole(False, memoryview(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                                          b"2;x=1\r\nok\r\n3\r\nabc\r\n0\r\nX-T: 1\r\n\r\n"), 2)
+    assert s.feed_whole(True, memoryview(b"PUT /c HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+                                         b"1\r\nz\r\n0\r\n\r\n"), 3)
+    assert s.feed_whole(False, memoryview(b"HTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\n"), 4)
+    assert not s.feed_whole(False, memoryview(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok"), 5)
+    a, b = spans[0].attributes, spans[1].attributes
+    assert (a["http.request.body.size"], a["http.response.body.size"], spans[0].end_ns) == (3, 5, 2)
+    assert (b["http.request.body.size"], b["http.response.body.size"]) == (1, 0)
+    assert not len(conn.client_buf) and not len(conn.server_buf)

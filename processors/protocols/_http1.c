@@ -19,6 +19,9 @@
  *   the raw url.query as str (UTF-8, errors replaced) for an origin-form target,
  *   else None (the span builder then works from ``target``).
  * Response tuple: (end, status, version, length, te, chunked, upgrade)
+ *   chunked_body(data, start, max_trailer) -> (end, size) | None
+ * walks a whole chunked body as _Body._chunked does (None: incomplete, or anything
+ * the Python walker would count as an error, or merely unusual: a long line).
  *
  * Memory: reads are bounds-checked against the buffer's length; the only
  * allocations are the few small result objects. No mutable global state: the
@@ -34,6 +37,8 @@ static unsigned char TCHAR[256];
 static unsigned char VCHAR[256];
 /* Request-target bytes: anything but CTLs, SP and DEL. */
 static unsigned char TARGET[256];
+/* Hex digits of a chunk size. */
+static unsigned char HEX[256];
 
 static PyObject *S_V11, *S_V10, *S_OTHER;
 #define N_METHODS 10
@@ -47,6 +52,7 @@ static void init_tables(void) {
         TCHAR[c] = (c >= '0' && c <= '9') || (c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z');
         VCHAR[c] = c == '\t' || (c >= 0x20 && c != 0x7f);
         TARGET[c] = c > 0x20 && c != 0x7f;
+        HEX[c] = (c >= '0' && c <= '9') || (c >= 'A' && c <= 'F') || (c >= 'a' && c <= 'f');
     }
     for (const char *p = extra; *p; p++)
         TCHAR[(unsigned char)*p] = 1;
@@ -398,11 +404,106 @@ done:
     return result;
 }
 
+/* Longest chunk-size or trailer line taken here; longer ones go to the Python path
+ * (which allows MAX_CHUNK_LINE and counts the violations). */
+#define C_MAX_CHUNK_LINE 1024
+
+/* Offset of the CRLF ending the line at p[i], or -1 (none within C_MAX_CHUNK_LINE). */
+static Py_ssize_t line_end(const unsigned char *p, Py_ssize_t i, Py_ssize_t n) {
+    Py_ssize_t stop = n - 1;
+    if (stop > i + C_MAX_CHUNK_LINE)
+        stop = i + C_MAX_CHUNK_LINE;
+    for (Py_ssize_t j = i; j < stop; j++)
+        if (p[j] == '\r' && p[j + 1] == '\n')
+            return j;
+    return -1;
+}
+
+/* chunked_body(data, start, max_trailer) -> (end, size) | None
+ * A whole chunked body (RFC 9112 7.1) at data[start:], as _Body._chunked walks it:
+ * chunk-size lines matching ``[0-9A-Fa-f]{1,16}[ \t]*(;[^\r\n]*)?``, data, CRLF, the
+ * last chunk, trailer lines (at most max_trailer bytes) and the empty line. ``size``
+ * is the sum of the chunk sizes. None when incomplete or anything is off. */
+static PyObject *chunked_body(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "chunked_body(data, start, max_trailer)");
+        return NULL;
+    }
+    Py_ssize_t start = PyLong_AsSsize_t(args[1]);
+    if (start == -1 && PyErr_Occurred())
+        return NULL;
+    Py_ssize_t max_trailer = PyLong_AsSsize_t(args[2]);
+    if (max_trailer == -1 && PyErr_Occurred())
+        return NULL;
+    Py_buffer view;
+    if (!get_buffer(args[0], &view))
+        Py_RETURN_NONE;
+    const unsigned char *p = view.buf;
+    Py_ssize_t n = view.len;
+    unsigned long long total = 0;
+    Py_ssize_t i = start;
+    if (i < 0 || i > n)
+        goto decline;
+    for (;;) {
+        Py_ssize_t e = line_end(p, i, n);
+        if (e < 0)
+            goto decline;
+        Py_ssize_t k = i;
+        unsigned long long size = 0;
+        while (k < e && k - i < 16 && HEX[p[k]]) {
+            unsigned char c = p[k];
+            size = size * 16 + (unsigned long long)(c <= '9' ? c - '0' : (c | 0x20) - 'a' + 10);
+            k++;
+        }
+        if (k == i)
+            goto decline;
+        while (k < e && is_ows(p[k]))
+            k++;
+        if (k < e) {
+            if (p[k] != ';')
+                goto decline; /* also a 17th hex digit */
+            for (; k < e; k++)
+                if (p[k] == '\r' || p[k] == '\n')
+                    goto decline;
+        }
+        i = e + 2;
+        if (size == 0)
+            break;
+        if (size > (unsigned long long)(n - i) || n - i - (Py_ssize_t)size < 2)
+            goto decline; /* incomplete here */
+        i += (Py_ssize_t)size;
+        if (p[i] != '\r' || p[i + 1] != '\n')
+            goto decline;
+        i += 2;
+        total += size;
+    }
+    Py_ssize_t trailer = 0;
+    for (;;) { /* trailer fields (never read), then the empty line */
+        Py_ssize_t ls = i;
+        Py_ssize_t e = line_end(p, i, n);
+        if (e < 0)
+            goto decline;
+        trailer += e - ls + 2;
+        if (trailer > max_trailer)
+            goto decline;
+        i = e + 2;
+        if (e == ls)
+            break;
+    }
+    PyBuffer_Release(&view);
+    return Py_BuildValue("(nK)", i, total);
+decline:
+    PyBuffer_Release(&view);
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"parse_request", (PyCFunction)(void (*)(void))parse_request, METH_FASTCALL,
      "parse_request(data, max_headers) -> tuple | None: a whole request head at data's start."},
     {"parse_response", (PyCFunction)(void (*)(void))parse_response, METH_FASTCALL,
      "parse_response(data, max_headers, limit) -> tuple | None: a whole response head in data[:limit]."},
+    {"chunked_body", (PyCFunction)(void (*)(void))chunked_body, METH_FASTCALL,
+     "chunked_body(data, start, max_trailer) -> (end, size) | None: a whole chunked body at data[start:]."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -42,6 +42,7 @@ from service.speedups import load as _load_speedup
 _C = _load_speedup("processors.protocols._http1")
 _C_REQUEST = _C.parse_request if _C is not None else None
 _C_RESPONSE = _C.parse_response if _C is not None else None
+_C_CHUNKED = _C.chunked_body if _C is not None else None
 
 __all__ = ["NAME", "DEFAULT_PORTS", "Settings", "detect", "Http1Session", "Session",
            "MAX_HEADER_BYTES", "MAX_HEADERS", "MAX_CHUNK_LINE", "MAX_PENDING_REQUESTS"]
@@ -485,10 +486,11 @@ class Http1Session(_BaseSession):
             self._feed_server(buf)
 
     def feed_whole(self, from_client: bool, data: memoryview, ts_ns: int) -> bool:
-        """The common segment, parsed without a buffer: a body-less request, or a response
-        whose head and whole Content-Length body are exactly ``data``.
+        """The common segment, parsed without a buffer: a request, or a response, whose head
+        and whole Content-Length body (a response's whole chunked body too, with the C
+        parser) are exactly ``data``.
 
-        Anything else (partial, pipelined, chunked, interim, malformed) returns False
+        Anything else (partial, pipelined, interim, HEAD/204/304, malformed) returns False
         before any state changes, and the stage takes the buffered path, which handles
         and counts it. About a third of the stage's cost per exchange is the buffer
         bookkeeping this skips.
@@ -498,17 +500,29 @@ class Http1Session(_BaseSession):
         if from_client:
             if self._cbody is not None or self._cpaused or self._resync[0]:
                 return False
-            if _C_REQUEST is not None and len(data) <= self._limit:
-                r = _C_REQUEST(data, self._max_headers)
+            if _C_REQUEST is not None:
+                n = len(data)
+                r = _C_REQUEST(data if n <= self._limit else data[:self._limit], self._max_headers)
                 if r is not None:
-                    (end, method, original, target, version, length, te, _c, upgrade, host, ua, tp, path,
+                    (end, method, original, target, version, length, te, chunked, upgrade, host, ua, tp, path,
                      query) = r
-                    if end != len(data) or te or length > 0:
+                    # A body-less request, or one with its whole Content-Length or chunked body.
+                    if te:  # not ending in chunked: malformed, the buffered path counts it
+                        c = _C_CHUNKED(data, end, self._limit) if chunked else None  # type: ignore[misc]
+                        if c is None or c[0] != n:
+                            return False
+                        length = c[1]
+                    elif end + length != n if length > 0 else end != n:
                         return False
                     pending = self._pending
                     if len(pending) >= self._max_pending:
                         return False
                     req = _Request(method, original, target, version, ts_ns, host, ua, tp, upgrade, path, query)
+                    if te:
+                        req.chunked = True
+                        req.body_size = length
+                    elif length > 0:
+                        req.body_size = length
                     pending.append(req)
                     self._scan[0] = 0
                     if upgrade is not None or req.connect:
@@ -520,10 +534,18 @@ class Http1Session(_BaseSession):
         if _C_RESPONSE is not None:
             r = _C_RESPONSE(data, self._max_headers, self._limit)
             if r is not None:
-                end, status, version, length, te, _c, _u = r
+                end, status, version, length, te, chunked, _u = r
                 req = self._pending[0]
-                if status < 200 or status == 204 or status == 304 or te or length < 0 or end + length != len(data) \
-                        or req.head or req.connect:
+                if status < 200 or status == 204 or status == 304 or req.head or req.connect:
+                    return False
+                if te:  # a whole chunked body (the Python walker handles anything else)
+                    if not chunked:
+                        return False
+                    c = _C_CHUNKED(data, end, self._limit)  # type: ignore[misc]
+                    if c is None or c[0] != len(data):
+                        return False
+                    length = c[1]
+                elif length < 0 or end + length != len(data):
                     return False
                 self._s_last_ts = ts_ns
                 self._scan[1] = 0
@@ -539,16 +561,15 @@ class Http1Session(_BaseSession):
     def _whole_request(self, data: memoryview, ts_ns: int) -> bool:
         """feed_whole's request side with the regexes (the reference; C declined or is off)."""
         n = len(data)
-        if n > self._limit:
+        m = self._req_head.match(data, 0, self._limit)
+        if m is None:
             return False
-        m = self._req_head.match(data)
-        if m is None or m.end() != n:
-            return False
+        end = m.end()
         try:
-            length, te, _c, upgrade, host, ua, tp = _fields(data, m.start(4) - 2, n - 2)
+            length, te, _c, upgrade, host, ua, tp = _fields(data, m.start(4) - 2, end - 2)
         except ProtocolError:
             return False
-        if te or length > 0:
+        if te or (end + length != n if length > 0 else end != n):
             return False
         method, target, minor = m.group(1, 2, 3)
         pending = self._pending
@@ -556,6 +577,8 @@ class Http1Session(_BaseSession):
             return False
         meth, original = _method(method)
         req = _Request(meth, original, target, "1.1" if minor == b"1" else "1.0", ts_ns, host, ua, tp, upgrade)
+        if length > 0:
+            req.body_size = length
         pending.append(req)
         self._scan[0] = 0
         if upgrade is not None or req.connect:
