@@ -188,30 +188,28 @@ static int encode_span(Out *o, PyObject *span) {
             goto done;                                                                                                 \
     } while (0)
 
-    tid = get_bytes(span, s_trace_id, 16, 0);
-    if (tid == NULL)
-        goto done;
-    if (tid == Py_None) {
-        tid = NULL;
-        NOT_HANDLED;
-    }
-    sid = get_bytes(span, s_span_id, 8, 0);
-    if (sid == NULL)
-        goto done;
-    if (sid == Py_None) {
-        sid = NULL;
-        NOT_HANDLED;
-    }
-    psid = get_bytes(span, s_parent_span_id, 8, 1);
-    if (psid == NULL)
-        goto done;
-    if (psid == Py_None) {
-        psid = NULL;
-        NOT_HANDLED;
-    }
+#define GET_BYTES(var, nm, n, allow_empty)                                                                             \
+    do {                                                                                                               \
+        var = get_bytes(span, nm, n, allow_empty);                                                                     \
+        if (var == NULL)                                                                                               \
+            goto done;                                                                                                 \
+        if (var == Py_None) { /* borrowed sentinel: not handled here */                                               \
+            var = NULL;                                                                                                \
+            NOT_HANDLED;                                                                                               \
+        }                                                                                                              \
+    } while (0)
+
+    GET_BYTES(tid, s_trace_id, 16, 0);
+    GET_BYTES(sid, s_span_id, 8, 0);
+    GET_BYTES(psid, s_parent_span_id, 8, 1);
     GET(events, s_events);
-    if (events != Py_None && PyObject_IsTrue(events) != 0) /* events (or an error): Python's path */
-        NOT_HANDLED;
+    if (events != Py_None) { /* events: Python's path */
+        int has = PyObject_IsTrue(events);
+        if (has < 0)
+            goto done;
+        if (has)
+            NOT_HANDLED;
+    }
     GET(ts, s_trace_state);
     GET(name, s_name);
     GET(kind, s_kind);
@@ -333,6 +331,7 @@ done:
     return ret;
 #undef NOT_HANDLED
 #undef GET
+#undef GET_BYTES
 }
 
 /* Room for the length varint of a span body written after it: 3 bytes covers 2 MiB. */

@@ -301,3 +301,16 @@ def test_c_span_encoder_on_the_tricky_spans_and_big_bodies() -> None:
     c, py = _both_encoders(spans)
     assert isinstance(c, bytes) and c == py
     assert ExportTraceServiceRequest.FromString(c) == spans_to_otlp(spans)
+
+
+def test_c_span_encoder_fails_like_python_on_odd_objects() -> None:
+    class Boom:
+        def __bool__(self) -> bool:
+            raise RuntimeError("no truth")
+
+    odd = [Span("e", SpanKind.CLIENT, 1, 2, events=Boom()),  # type: ignore[arg-type]
+           Span("neg", SpanKind.CLIENT, -1, 2), Span(b"bytes name", SpanKind.CLIENT, 1, 2),  # type: ignore[arg-type]
+           Span("id", SpanKind.CLIENT, 1, 2, trace_id=b"short")]
+    for s in odd:
+        c, py = _both_encoders([s])
+        assert c == py, s.name
