@@ -249,6 +249,19 @@ def test_absolute_form_and_query_redaction() -> None:
     assert a["url.query"] == "AWSAccessKeyId=REDACTED&Signature=REDACTED&a=1"
 
 
+def test_scheme_lookalike_target_is_not_absolute_form() -> None:
+    """Regression (fuzz find, tests/test_http1_speedup.py): ``https:/`` without "//" made
+    the span builder raise ValueError; it is an opaque target, and https:// still works."""
+    d = Driver()
+    d.req(b"GET https:/ HTTP/1.1\r\n\r\n")
+    d.resp(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+    d.req(b"GET HTTPS://h.test/a?b HTTP/1.1\r\n\r\n")
+    d.resp(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+    assert d.spans[0].attributes["url.path"] == "https:/"
+    a = d.spans[1].attributes
+    assert (a["url.path"], a["url.query"], a["server.address"]) == ("/a", "b", "h.test")
+
+
 def test_leading_crlf_between_requests_is_ignored() -> None:
     d = Driver()
     d.req(b"POST /a HTTP/1.1\r\nHost: h\r\nContent-Length: 1\r\n\r\nx\r\nGET /b HTTP/1.1\r\nHost: h\r\n\r\n")

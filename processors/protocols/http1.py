@@ -856,9 +856,10 @@ class Http1Session(_BaseSession):
             if req.query is not None:
                 attrs["url.query"] = self._redact(req.query)
         else:
-            if target[:1] != b"/" and target[:7].lower() in (b"http://", b"https:/"):
-                # absolute-form (a request to a proxy): the authority is the server
-                scheme_end = target.index(b"//") + 2
+            scheme = target[:8].lower() if target[:1] != b"/" else b""
+            # absolute-form (a request to a proxy): the authority is the server
+            scheme_end = 7 if scheme[:7] == b"http://" else 8 if scheme == b"https://" else 0
+            if scheme_end:
                 slash = target.find(b"/", scheme_end)
                 host, port = self._host(target[scheme_end:] if slash < 0 else target[scheme_end:slash])
                 target = b"/" if slash < 0 else target[slash:]
