@@ -17,7 +17,8 @@ the same run, medians of several repeats:
    100 connections x 500 GETs = 50k spans) through the real runtime, pcap -> protocols ->
    batch -> otlp -> the endpoint, with gzip (the default) and without compression (what a
    node-local collector on loopback is usually sent): spans/s of wall time and of this
-   process's CPU time.
+   process's CPU time; with the C accelerators (the default where they are built) and
+   on the pure-Python paths, in the same run.
 """
 
 from __future__ import annotations
@@ -227,6 +228,23 @@ def bench_queue() -> dict[str, tuple[float, float]]:
     return out, len(req)
 
 
+class _PurePython:
+    """The HTTP/1 parser and the OTLP encoder without their C accelerators (what a machine
+    without a C compiler runs), by swapping the module globals they are reached through."""
+
+    def __enter__(self) -> None:
+        from processors.protocols import http1
+        from service import model
+        self._saved = [(m, n, getattr(m, n)) for m, n in (
+            (http1, "_C_REQUEST"), (http1, "_C_RESPONSE"), (http1, "_C_CHUNKED"), (model, "_c_span_fields"))]
+        for m, n, _ in self._saved:
+            setattr(m, n, None)
+
+    def __exit__(self, *exc: Any) -> None:
+        for m, n, v in self._saved:
+            setattr(m, n, v)
+
+
 def bench_end_to_end(endpoint: str, counter: Any, compression: str = "gzip") -> tuple[int, float, float]:
     from bench.gen_http_capture import generate
     from service import config as c
@@ -272,7 +290,11 @@ def main() -> None:
     try:
         endpoint = f"127.0.0.1:{port_q.get(timeout=30)}"
         tp = bench_throughput(endpoint, counter)
-        e2e = {comp: bench_end_to_end(endpoint, counter, comp) for comp in ("gzip", "none")}
+        e2e = {}
+        for comp in ("gzip", "none"):
+            e2e[(comp, "C accelerators")] = bench_end_to_end(endpoint, counter, comp)
+            with _PurePython():
+                e2e[(comp, "pure Python")] = bench_end_to_end(endpoint, counter, comp)
     finally:
         stop_ev.set()
         proc.join(10)
@@ -289,9 +311,9 @@ def main() -> None:
     for label, (put, get) in q.items():
         print(f"   {label:<20} put {put:8.0f}/s (x{put / base_put:4.2f})   "
               f"get+ack {get:8.0f}/s (x{get / base_get:4.2f})")
-    for comp, (n, per_wall, per_cpu) in e2e.items():
-        print(f"4. end to end, capture -> protocols -> batch -> otlp (compression {comp}): {n} spans per run "
-              "(median of 3)")
+    for (comp, path), (n, per_wall, per_cpu) in e2e.items():
+        print(f"4. end to end, capture -> protocols -> batch -> otlp (compression {comp}, {path}): {n} spans "
+              "per run (median of 3)")
         print(f"   {per_wall:10.0f} spans/s wall time (pinned to one core)   {per_cpu:10.0f} spans/s per CPU-second")
 
 
