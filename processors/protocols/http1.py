@@ -514,20 +514,12 @@ class Http1Session(_BaseSession):
                         length = c[1]
                     elif end + length != n if length > 0 else end != n:
                         return False
-                    pending = self._pending
-                    if len(pending) >= self._max_pending:
+                    if len(self._pending) >= self._max_pending:
                         return False
                     req = _Request(method, original, target, version, ts_ns, host, ua, tp, upgrade, path, query)
                     if te:
                         req.chunked = True
-                        req.body_size = length
-                    elif length > 0:
-                        req.body_size = length
-                    pending.append(req)
-                    self._scan[0] = 0
-                    if upgrade is not None or req.connect:
-                        self._cpaused = True
-                    return True
+                    return self._queue_whole(req, length)
             return self._whole_request(data, ts_ns)
         if self._sbody is not None or self._resync[1] or not self._pending:
             return False
@@ -572,16 +564,19 @@ class Http1Session(_BaseSession):
         if te or (end + length != n if length > 0 else end != n):
             return False
         method, target, minor = m.group(1, 2, 3)
-        pending = self._pending
-        if len(pending) >= self._max_pending:
+        if len(self._pending) >= self._max_pending:
             return False
         meth, original = _method(method)
         req = _Request(meth, original, target, "1.1" if minor == b"1" else "1.0", ts_ns, host, ua, tp, upgrade)
-        if length > 0:
-            req.body_size = length
-        pending.append(req)
+        return self._queue_whole(req, length)
+
+    def _queue_whole(self, req: _Request, body_size: int) -> bool:
+        """A whole request taken by feed_whole (either path): await its response."""
+        if body_size > 0:
+            req.body_size = body_size
+        self._pending.append(req)
         self._scan[0] = 0
-        if upgrade is not None or req.connect:
+        if req.upgrade is not None or req.connect:
             self._cpaused = True
         return True
 
