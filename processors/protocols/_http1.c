@@ -219,14 +219,22 @@ static PyObject *lower_bytes_or_none(const unsigned char *p, Py_ssize_t s, Py_ss
 }
 
 /* Fill ``t`` from index ``at`` with new references; on failure the tuple owns what was set. */
-static int set_items(PyObject *t, Py_ssize_t at, PyObject **items, Py_ssize_t k) {
-    int ok = 1;
+/* A new tuple holding ``items`` (references stolen), or NULL with the error set when
+ * the tuple or any item (NULL: its constructor failed) could not be made. */
+static PyObject *tuple_of(PyObject **items, Py_ssize_t k) {
+    PyObject *t = PyTuple_New(k);
+    int ok = t != NULL;
     for (Py_ssize_t j = 0; j < k; j++) {
         if (items[j] == NULL)
             ok = 0;
-        PyTuple_SET_ITEM(t, at + j, items[j]); /* NULL slots are fine for Py_DECREF(tuple) */
+        if (t != NULL)
+            PyTuple_SET_ITEM(t, j, items[j]); /* NULL slots are fine for Py_DECREF(tuple) */
+        else
+            Py_XDECREF(items[j]);
     }
-    return ok;
+    if (!ok)
+        Py_CLEAR(t);
+    return t;
 }
 
 static int get_buffer(PyObject *obj, Py_buffer *view) {
@@ -321,14 +329,7 @@ static PyObject *parse_request(PyObject *self, PyObject *const *args, Py_ssize_t
         query,
     };
     Py_INCREF(items[4]);
-    result = PyTuple_New(14);
-    if (result == NULL) {
-        for (int k = 0; k < 14; k++)
-            Py_XDECREF(items[k]);
-        goto done;
-    }
-    if (!set_items(result, 0, items, 14))
-        Py_CLEAR(result);
+    result = tuple_of(items, 14);
     goto done;
 decline:
     result = Py_None;
@@ -387,14 +388,7 @@ static PyObject *parse_response(PyObject *self, PyObject *const *args, Py_ssize_
         lower_bytes_or_none(p, f.up_s, f.up_e),
     };
     Py_INCREF(items[2]);
-    result = PyTuple_New(7);
-    if (result == NULL) {
-        for (int k = 0; k < 7; k++)
-            Py_XDECREF(items[k]);
-        goto done;
-    }
-    if (!set_items(result, 0, items, 7))
-        Py_CLEAR(result);
+    result = tuple_of(items, 7);
     goto done;
 decline:
     result = Py_None;
