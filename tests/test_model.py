@@ -314,3 +314,19 @@ def test_c_span_encoder_fails_like_python_on_odd_objects() -> None:
     for s in odd:
         c, py = _both_encoders([s])
         assert c == py, s.name
+
+
+def test_c_span_encoder_writes_the_usual_span_itself() -> None:
+    """The protocols' spans (scalar attributes, no events) never reach the Python fallback:
+    a C function that handed every span back would pass the equivalence tests above."""
+    spans = [s for s in _tricky_spans() if not s.events]
+    for s in spans:
+        for k in ("l", "m", "raw", "big"):  # non-scalar and beyond-int64 values: Python's to write
+            s.attributes.pop(k)
+
+    def refuse(span: Span) -> bytes:
+        raise AssertionError(f"fell back for {span!r}")
+
+    fields = _c_encoder()(spans, refuse)
+    import service.model as m
+    assert fields == b"".join(b"\x12" + m._varint(len(b)) + b for b in map(m._span_bytes, spans))
