@@ -34,6 +34,8 @@ from typing import Any
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from bench.common import median_seconds
+
 REPEATS = 5
 
 
@@ -79,13 +81,8 @@ def to_readable(spans: list[Any]) -> list[Any]:
     return out
 
 
-def _median_time(fn, repeats: int = REPEATS) -> float:
-    ts = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts)
+def _median_time(fn: Any) -> float:
+    return median_seconds(fn, REPEATS)
 
 
 # ---------------------------------------------------------------------------
