@@ -20,20 +20,13 @@ from collections import defaultdict
 import pytest
 
 from receivers.ebpf import BpfError, EbpfConfig, EbpfReceiver
-from receivers.ebpf.libbpf import check_environment
 from service.model import EventKind
 from service.telemetry import EBPF_TRUNCATED_BYTES
 from tests.support.capture import free_port, wait_port, wait_until
+from tests.support.ebpf import needs_ebpf
 from tests.support.live_http import BIG_BODY, EventCollector, ReceiverRunning, http_server, run_client
 
-try:
-    check_environment()
-    _SKIP = ""
-except BpfError as e:  # pragma: no cover - depends on the machine
-    _SKIP = str(e)
-    print(f"test_ebpf: skipping, {_SKIP}", file=sys.stderr)
-
-pytestmark = pytest.mark.skipif(bool(_SKIP), reason=_SKIP or "ok")
+pytestmark = needs_ebpf(__name__)
 
 
 class Collect(EventCollector):

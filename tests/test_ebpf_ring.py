@@ -13,22 +13,12 @@ from __future__ import annotations
 import ctypes
 import os
 import struct
-import sys
 import time
 
-import pytest
+from receivers.ebpf.libbpf import RINGBUF_DISCARD, MmapRing, _load, iter_chunk
+from tests.support.ebpf import needs_ebpf
 
-from receivers.ebpf import BpfError
-from receivers.ebpf.libbpf import RINGBUF_DISCARD, MmapRing, _load, check_environment, iter_chunk
-
-try:
-    check_environment()
-    _SKIP = ""
-except BpfError as e:  # pragma: no cover - depends on the machine
-    _SKIP = str(e)
-    print(f"test_ebpf_ring: skipping, {_SKIP}", file=sys.stderr)
-
-pytestmark = pytest.mark.skipif(bool(_SKIP), reason=_SKIP or "ok")
+pytestmark = needs_ebpf(__name__)
 
 BPF_MAP_TYPE_RINGBUF = 27
 RING = 1 << 16
