@@ -17,7 +17,6 @@ from processors.protocols.base import Detection
 from service.largebuf import LargeBuffer
 from service.model import SpanKind, StatusCode
 from tests.support.dbdrive import Driver, pcap_script
-from tests.support.driver import peak_allocation
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "mysql")
 DEPRECATE_EOF = my.CLIENT_DEPRECATE_EOF
@@ -321,18 +320,9 @@ def _alloc(rows: int) -> int:
     connect(d)
     q = query("SELECT a FROM t WHERE b = 'x'")
     reply = resultset(["a"], [[b"v" * 100]] * rows)
-    chunks = [reply[i:i + 8192] for i in range(0, len(reply), 8192)]
-    d.feed(True, q)
+    d.feed(True, q)  # warm caches
     d.feed(False, reply)
-
-    def query_and_reply() -> None:
-        d.feed(True, q)
-        srv = d.conn.server_buf
-        for c in chunks:
-            srv.append(c, 0)
-            d.session.feed(False, srv, 0)
-
-    peak = peak_allocation(query_and_reply)
+    peak = d.exchange_peak(q, reply)
     assert d.spans[-1].attributes["db.response.returned_rows"] == rows
     return peak
 

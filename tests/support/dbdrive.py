@@ -17,6 +17,7 @@ from typing import Any
 from processors.protocols.base import Conn, ProtocolSettings
 from processors.protocols.errors import ProtocolError
 from service.model import Span
+from tests.support.driver import peak_allocation
 
 __all__ = ["Driver", "pcap_script"]
 
@@ -46,6 +47,20 @@ class Driver:
                 self.drops.update([e.reason])
                 buf.reset()
                 self.session.gap(from_client, self.ts)
+
+    def exchange_peak(self, request: bytes, reply: bytes, chunk: int = 8192) -> int:
+        """Peak allocation (``peak_allocation``) while ``request`` and its ``reply`` are fed,
+        the reply in ``chunk``-byte pieces cut beforehand, so the test's own slices do not count."""
+        chunks = [reply[i:i + chunk] for i in range(0, len(reply), chunk)]
+        srv = self.conn.server_buf
+
+        def run() -> None:
+            self.feed(True, request)
+            for c in chunks:
+                srv.append(c, 0)
+                self.session.feed(False, srv, 0)
+
+        return peak_allocation(run)
 
     def run(self, script: list[tuple[bool, bytes]], chunk: int | None = None) -> list[Span]:
         for from_client, data in script:
