@@ -31,6 +31,7 @@ from processors.protocols import http1
 from processors.protocols.base import Conn
 from processors.protocols.errors import ProtocolError
 from service.largebuf import LargeBuffer
+from tests.support.driver import pieces
 
 #: Raise for a long local run: WIRESPAN_FUZZ_EXAMPLES=20000 pytest tests/test_http1_speedup.py
 EXAMPLES = int(os.environ.get("WIRESPAN_FUZZ_EXAMPLES", "400"))
@@ -378,12 +379,7 @@ def test_session_same_spans_and_drops_with_and_without_c(exchanges: list[tuple[b
     segs: list[tuple[bool, bytes]] = []
     for q, r in exchanges:
         segs.append((True, q))
-        pos = 0
-        for c in cuts:
-            if pos + c < len(r):
-                segs.append((False, r[pos:pos + c]))
-                pos += c
-        segs.append((False, r[pos:]))
+        segs += [(False, piece) for piece in pieces(r, cuts)]
     assert _run_session(segs, True, monkeypatch) == _run_session(segs, False, monkeypatch)
 
 

@@ -20,6 +20,7 @@ from processors.protocols.errors import Malformed
 from processors.protocols.processor import Config, ProtocolsProcessor, parse_duration
 from service.model import EventKind, SpanKind, StatusCode, TcpEvent
 from service.telemetry import CONNECTIONS_EVICTED, PARSER_MESSAGES
+from tests.support.driver import pieces
 
 C = ("10.0.0.1", 40000)
 S = ("10.0.0.2", 8080)
@@ -485,13 +486,7 @@ def test_feed_whole_matches_the_buffered_path(exchanges: list, cuts: list, pipel
     segs: list[tuple[bool, bytes]] = []
     if pipeline:  # all requests in one segment, then the responses, split at the cuts
         segs.append((True, b"".join(r for r, _ in exchanges)))
-        resp = b"".join(r for _, r in exchanges)
-        pos = 0
-        for c in cuts:
-            if pos + c < len(resp):
-                segs.append((False, resp[pos:pos + c]))
-                pos += c
-        segs.append((False, resp[pos:]))
+        segs += [(False, piece) for piece in pieces(b"".join(r for _, r in exchanges), cuts)]
     else:
         for r, s in exchanges:
             segs += [(True, r), (False, s)]

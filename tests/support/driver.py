@@ -20,7 +20,7 @@ from processors.protocols.base import Conn
 from processors.protocols.errors import ProtocolError
 from service.model import Span
 
-__all__ = ["SessionDriver", "peak_allocation"]
+__all__ = ["SessionDriver", "peak_allocation", "pieces"]
 
 
 def peak_allocation(fn: Callable[[], object]) -> int:
@@ -34,6 +34,18 @@ def peak_allocation(fn: Callable[[], object]) -> int:
         return tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
+
+
+def pieces(data: bytes, sizes: list[int]) -> list[bytes]:
+    """``data`` in pieces of the successive ``sizes`` (those that still leave bytes over),
+    then the rest: one segment's worth of a message split at arbitrary points."""
+    out, pos = [], 0
+    for n in sizes:
+        if pos + n < len(data):
+            out.append(data[pos:pos + n])
+            pos += n
+    out.append(data[pos:])
+    return out
 
 
 class SessionDriver:
