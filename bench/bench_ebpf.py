@@ -45,57 +45,8 @@ SMALL_RING = 16 << 20
 DURATION = 4.0
 PAIRS = 2
 
-#: A minimal keep-alive HTTP server and a paced client: small fixed messages, so the
-#: Python generator itself (not parsing) bounds the rate, and every syscall moves one
-#: whole message (one ring record each).
-_GEN = r'''
-import socket, sys, threading, time
-mode = sys.argv[1]
-RESP = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Type: text/plain\r\n\r\nok"
-REQ = b"GET /bench HTTP/1.1\r\nHost: bench\r\n\r\n"
-if mode == "server":
-    ls = socket.socket(); ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    ls.bind(("127.0.0.1", int(sys.argv[2]))); ls.listen(64)
-    def serve(c):
-        c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        while True:
-            d = c.recv(65536)
-            if not d:
-                c.close(); return
-            c.sendall(RESP * d.count(b"\r\n\r\n"))
-    while True:
-        c, _ = ls.accept()
-        threading.Thread(target=serve, args=(c,), daemon=True).start()
-else:
-    port, duration, rate = int(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4])
-    resp_len = int(sys.argv[5]) if len(sys.argv) > 5 else len(RESP)
-    s = socket.create_connection(("127.0.0.1", port))
-    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    n = 0
-    t0 = time.monotonic(); end = t0 + duration
-    while True:
-        now = time.monotonic()
-        if now >= end:
-            break
-        if rate and n > (now - t0) * rate:
-            time.sleep(min(0.001, (n / rate) - (now - t0)))
-            continue
-        s.sendall(REQ)
-        got = 0
-        while got < resp_len:
-            d = s.recv(65536)
-            if not d:  # the server ended keep-alive (nginx keepalive_requests): reconnect
-                s.close()
-                s = socket.create_connection(("127.0.0.1", port))
-                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                s.sendall(REQ)
-                got = 0
-                continue
-            got += len(d)
-        n += 1
-    s.close()
-    print(n / (time.monotonic() - t0))
-'''
+#: The loopback HTTP server and paced clients (bench/loadgen.py), each in its own process.
+LOADGEN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "loadgen.py")
 
 def protocols_stage(sink: ItemCounter):
     from processors.protocols.processor import ProtocolsProcessor
@@ -107,15 +58,20 @@ def protocols_stage(sink: ItemCounter):
 
 
 def start_server(port: int) -> subprocess.Popen:
-    p = subprocess.Popen([sys.executable, "-c", _GEN, "server", str(port)])
+    p = subprocess.Popen([sys.executable, LOADGEN, "server", str(port)])
     wait_port(port)
     return p
 
 
 def run_clients(port: int, duration: float, rate_per_client: float, pairs: int = PAIRS,
                 resp_len: int | None = None) -> float:
-    args = [str(port), str(duration), str(rate_per_client)] + ([str(resp_len)] if resp_len else [])
-    procs = [subprocess.Popen([sys.executable, "-c", _GEN, "client", *args], stdout=subprocess.PIPE, text=True)
+    args = ["--port", str(port), "--duration", str(duration), "--rate", str(rate_per_client)]
+    return _clients(args + (["--resp-len", str(resp_len)] if resp_len else []), pairs)
+
+
+def _clients(args: list[str], pairs: int = PAIRS) -> float:
+    """Total exchanges/s of ``pairs`` loadgen client processes run with ``args``."""
+    procs = [subprocess.Popen([sys.executable, LOADGEN, "client", *args], stdout=subprocess.PIPE, text=True)
              for _ in range(pairs)]
     return sum(float(p.communicate()[0].strip() or 0) for p in procs)
 
@@ -250,13 +206,10 @@ def nginx_overhead() -> None:
         time.sleep(0.2)
         resp_len = len(s.recv(65536))
         s.close()
-        req_path_client = _GEN.replace("GET /bench", "GET /b.txt")
 
         def load() -> float:
-            args = [str(ng.port), str(DURATION), "0", str(resp_len)]
-            procs = [subprocess.Popen([sys.executable, "-c", req_path_client, "client", *args],
-                                      stdout=subprocess.PIPE, text=True) for _ in range(PAIRS)]
-            return sum(float(p.communicate()[0].strip() or 0) for p in procs)
+            return _clients(["--port", str(ng.port), "--duration", str(DURATION), "--resp-len", str(resp_len),
+                             "--path", "/b.txt"])
 
         base, hooks, traced = [], [], []
         other = free_port()

@@ -55,56 +55,9 @@ READERS: list[tuple[str, dict[str, Any], int]] = [
     ("ring/block", {"enabled": True}, 1 << 18),
 ]
 
-_GEN = r'''
-import socket, sys, threading, time
-mode = sys.argv[1]
-RESP = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Type: text/plain\r\n\r\nok"
-REQ = b"GET /bench HTTP/1.1\r\nHost: bench\r\nUser-Agent: bench-live/1\r\nAccept: */*\r\n\r\n"
-def conn(port):
-    s = socket.create_connection(("127.0.0.1", port))
-    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    return s
-if mode == "server":
-    ls = socket.socket(); ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    ls.bind(("127.0.0.1", int(sys.argv[2]))); ls.listen(64)
-    def serve(c):
-        c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        while True:
-            d = c.recv(1 << 20)
-            if not d:
-                c.close(); return
-            k = d.count(b"\r\n\r\n")
-            if k:
-                c.sendall(RESP * k)
-    while True:
-        c, _ = ls.accept()
-        threading.Thread(target=serve, args=(c,), daemon=True).start()
-elif mode == "small":
-    port, count, duration = int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
-    s = conn(port)
-    n = 0
-    t0 = time.monotonic()
-    while n < count and (not duration or time.monotonic() - t0 < duration):
-        s.sendall(REQ)
-        got = 0
-        while got < len(RESP):
-            got += len(s.recv(65536))
-        n += 1
-    s.close()
-    print(n / (time.monotonic() - t0))
-else:  # bulk: one POST of argv[3] zero bytes (no CRLFCRLF inside), one response
-    port, size = int(sys.argv[2]), int(sys.argv[3])
-    s = conn(port)
-    s.sendall(b"POST /bulk HTTP/1.1\r\nHost: bench\r\nContent-Length: %d\r\n\r\n" % size)
-    chunk = bytes(1 << 16)
-    for _ in range(size >> 16):
-        s.sendall(chunk)
-    got = 0
-    while got < len(RESP):
-        got += len(s.recv(65536))
-    s.close()
-    print(1)
-'''
+#: The loopback HTTP server and clients (bench/loadgen.py), each in its own process.
+LOADGEN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "loadgen.py")
+_HEADERS = ["--header", "User-Agent: bench-live/1", "--header", "Accept: */*"]
 
 
 class Gate:
@@ -143,8 +96,8 @@ def generate(port: int, shape: str, duration: float = 0.0) -> float:
         args = [["bulk", str(port), str(BULK_BYTES)]]
     else:
         count = BURST_EXCHANGES if not duration else 10**9
-        args = [["small", str(port), str(count), str(duration)]] * PAIRS
-    procs = [subprocess.Popen([sys.executable, "-c", _GEN, *a], stdout=subprocess.PIPE, text=True) for a in args]
+        args = [["client", "--port", str(port), "--count", str(count), "--duration", str(duration), *_HEADERS]] * PAIRS
+    procs = [subprocess.Popen([sys.executable, LOADGEN, *a], stdout=subprocess.PIPE, text=True) for a in args]
     return sum(float(p.communicate()[0].strip() or 0) for p in procs)
 
 
@@ -217,7 +170,7 @@ def _print(label: str, name: str, runs: list[dict[str, float]], base: float | No
 
 def burst() -> None:
     port = free_port()
-    srv = subprocess.Popen([sys.executable, "-c", _GEN, "server", str(port)])
+    srv = subprocess.Popen([sys.executable, LOADGEN, "server", str(port)])
     wait_port(port)
     try:
         for shape in ("small", "bulk"):
@@ -241,7 +194,7 @@ def burst() -> None:
 
 def concurrent() -> None:
     port = free_port()
-    srv = subprocess.Popen([sys.executable, "-c", _GEN, "server", str(port)])
+    srv = subprocess.Popen([sys.executable, LOADGEN, "server", str(port)])
     wait_port(port)
     try:
         for stage in (False, True):
