@@ -6,8 +6,9 @@ the bytes go on the sending queue (in memory or on disk) and are
 sent as-is on every attempt through a raw ``unary_unary`` on the official
 ``TraceService/Export`` method (no re-serialization per retry). Retry policy is
 the OTLP specification's: the retryable gRPC codes below, RESOURCE_EXHAUSTED
-only when the server attaches ``google.rpc.RetryInfo`` (its delay is honoured),
-every other code permanent and counted. ``partial_success`` is logged and its
+only when the server attaches ``google.rpc.RetryInfo``, every other code
+permanent and counted. A RetryInfo delay is honoured on every retryable code
+(UNAVAILABLE included), as the Collector does. ``partial_success`` is logged and its
 rejected spans counted. Options are named as the Collector's otlp exporter.
 """
 
@@ -184,12 +185,15 @@ class OtlpExporter(QueuedExporter):
         except grpc.RpcError as e:
             code = e.code() if hasattr(e, "code") else grpc.StatusCode.UNKNOWN
             details = e.details() if hasattr(e, "details") else str(e)
-            if code in RETRYABLE_CODES:
-                raise SendError(code.name, True, None, details or "")
-            if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+            # The server's RetryInfo delay applies to every retryable code, as in the Collector's
+            # otlpexporter (throttle on UNAVAILABLE too); RESOURCE_EXHAUSTED is retryable only with it.
+            delay = None
+            if code in RETRYABLE_CODES or code == grpc.StatusCode.RESOURCE_EXHAUSTED:
                 delay = retry_delay_from_metadata(e.trailing_metadata() if hasattr(e, "trailing_metadata") else None)
-                if delay is not None:
-                    raise SendError(code.name, True, delay, details or "")
+            if code in RETRYABLE_CODES:
+                raise SendError(code.name, True, delay, details or "")
+            if code == grpc.StatusCode.RESOURCE_EXHAUSTED and delay is not None:
+                raise SendError(code.name, True, delay, details or "")
             raise SendError(code.name if code is not None else "UNKNOWN", False, None, details or "")
         ps = resp.partial_success
         if ps.rejected_spans or ps.error_message:

@@ -25,6 +25,7 @@ from pydantic import Field, field_validator, model_validator
 
 from exporters.sender import (
     DEFAULT_TIMEOUT,
+    MAX_SERVER_DELAY,
     Compression,
     Duration,
     QueueConfig,
@@ -47,8 +48,9 @@ RETRYABLE_STATUS = frozenset({429, 502, 503, 504})
 #: Compression level: zlib's 6 is ~3x slower than 1 for ~10% smaller OTLP; the Collector's
 #: gzip default (BestSpeed in confighttp) makes the same choice.
 GZIP_LEVEL = 1
-#: A Retry-After longer than this is capped: it would otherwise outlast any sensible drain.
-MAX_RETRY_AFTER = 300.0
+#: A Retry-After longer than this is capped: it would otherwise outlast any sensible drain
+#: (the sender caps a gRPC RetryInfo delay the same way).
+MAX_RETRY_AFTER = MAX_SERVER_DELAY
 _CONTENT_TYPES = {"proto": "application/x-protobuf", "json": "application/json"}
 
 

@@ -7,9 +7,10 @@ delay. Everything else lives here and is shared by ``otlp`` and ``otlphttp``:
 
 - ``retry_on_failure``: jittered exponential backoff as the Collector's
   configretry (initial_interval, randomization_factor, multiplier, max_interval,
-  max_elapsed_time); a server delay (gRPC RetryInfo, HTTP Retry-After) is honoured
-  as a lower bound; retries stop at the deadline, on a permanent error, or when
-  shutdown runs out of drain time.
+  max_elapsed_time); a server delay (gRPC RetryInfo on any retryable code, HTTP
+  Retry-After) is honoured as a lower bound, capped at ``MAX_SERVER_DELAY``;
+  retries stop at the deadline, on a permanent error, or when shutdown runs out
+  of drain time.
 - ``sending_queue``: bounded in spans, ``num_consumers`` threads, drop (counted
   as enqueue failures) or block on overflow; in memory, or on disk when
   ``storage`` names a directory (``exporters.persistent_queue``).
@@ -54,6 +55,7 @@ __all__ = [
     "DEFAULT_DRAIN_TIMEOUT",
     "DEFAULT_QUEUE_SIZE",
     "DEFAULT_NUM_CONSUMERS",
+    "MAX_SERVER_DELAY",
 ]
 
 log = logging.getLogger("wirespan.exporter")
@@ -73,6 +75,9 @@ DEFAULT_QUEUE_SIZE = 100_000
 DEFAULT_NUM_CONSUMERS = 4
 #: How long shutdown keeps sending what is queued (the Collector drains until its context ends).
 DEFAULT_DRAIN_TIMEOUT = 10.0
+#: A server-requested delay (gRPC RetryInfo, HTTP Retry-After) longer than this is capped: a hostile
+#: or broken backend must not park a consumer for days. Same cap for every exporter.
+MAX_SERVER_DELAY = 300.0
 
 class RetryConfig(ComponentConfig):
     """``retry_on_failure``: as the Collector's configretry.BackOffConfig."""
@@ -345,7 +350,8 @@ class Sender:
                 delay = interval * (1.0 + r.randomization_factor * (2.0 * self._rng.random() - 1.0))
                 interval = min(interval * r.multiplier, r.max_interval)
                 if e.delay is not None:
-                    delay = max(delay, e.delay)  # the server's throttle wins when longer (Collector rule)
+                    # the server's throttle wins when longer (Collector rule), within our cap
+                    delay = max(delay, min(e.delay, MAX_SERVER_DELAY))
                 if r.max_elapsed_time > 0 and time.monotonic() + delay - start > r.max_elapsed_time:
                     log.warning("%s: dropping %d spans after retrying for %.1fs: %s",
                                 self.id, n, time.monotonic() - start, e)

@@ -9,6 +9,7 @@ import itertools
 import time
 import tracemalloc
 
+import grpc
 import pytest
 
 from exporters.otlp import OtlpConfig, OtlpExporter
@@ -89,6 +90,20 @@ def test_resource_exhausted_with_retry_info_is_retried_after_the_delay():
         assert time.monotonic() - t0 >= 1.0  # the server's delay, not our 20 ms backoff
         e.shutdown()
         assert sink.calls == 2 and sink.span_count == 100 and sent(e) == 100
+
+
+@pytest.mark.parametrize("code", ["UNAVAILABLE", "ABORTED"])
+def test_retry_info_on_any_retryable_code_is_honoured(code):
+    with GrpcSink() as sink:
+        sink.fail_next(1, (getattr(grpc.StatusCode, code), 503), retry_delay=1.0)
+        e = exporter(sink.endpoint, sending_queue={"num_consumers": 1})
+        t0 = time.monotonic()
+        feed(e, 100, 100)
+        assert sink.wait_spans(100, 10)
+        assert time.monotonic() - t0 >= 1.0  # the server's delay, not our 20 ms backoff
+        e.shutdown()
+        assert sink.calls == 2 and sink.span_count == 100 and sent(e) == 100
+        assert metric("wirespan_exporter_retries_total", exporter=e.id) == 1
 
 
 def test_resource_exhausted_without_retry_info_is_permanent():

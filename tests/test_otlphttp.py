@@ -81,6 +81,18 @@ def test_429_retry_after_is_honoured():
         assert sink.calls == 2 and sink.span_count == 100
 
 
+def test_503_retry_after_is_honoured():
+    with HttpSink() as sink:
+        sink.fail_next(1, retry_delay=1)  # 503 Service Unavailable with Retry-After: 1
+        e = exporter(sink.endpoint)
+        t0 = time.monotonic()
+        feed(e, 100, 100)
+        assert sink.wait_spans(100, 10)
+        assert time.monotonic() - t0 >= 1.0
+        e.shutdown()
+        assert sink.calls == 2 and sink.span_count == 100
+
+
 def test_400_is_permanent():
     with HttpSink() as sink:
         sink.fail_next(1, INVALID_ARGUMENT)

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from exporters.sender import MemoryQueue, QueueConfig, RetryConfig, Sender, SendError
+from exporters.sender import MAX_SERVER_DELAY, MemoryQueue, QueueConfig, RetryConfig, Sender, SendError
 from service.pipeline import blocking
 from tests.support.otlp_sink import metric
 
@@ -83,6 +83,12 @@ def test_server_delay_wins_when_longer():
     s = sender(scripted(unavailable(delay=7.0), unavailable(delay=0.1)))
     s.submit(b"x", 1)
     assert s._stop.waits == [7.0, 2.0]
+
+
+def test_server_delay_is_capped():
+    s = sender(scripted(unavailable(delay=10 * 86400.0)), retry={"max_elapsed_time": 0})
+    s.submit(b"x", 1)
+    assert s._stop.waits == [MAX_SERVER_DELAY]
 
 
 def test_max_elapsed_time_with_real_time():
