@@ -36,6 +36,16 @@ _SCRATCH_MIN = 256
 
 _Bytes = bytes | bytearray | memoryview
 
+#: Appends of at most this many bytes are copied into a coalescing tail once a buffer
+#: holds COALESCE_AFTER chunks (a message dripped in tiny segments): TCP segments of
+#: real traffic are larger, and a buffer of a few chunks keeps every chunk's own time.
+COALESCE_MAX = 512
+COALESCE_AFTER = 8
+#: Size of one coalescing tail.
+TAIL_SIZE = 8192
+#: ``find`` misses remembered per buffer (the delimiters a parser looks for: CRLF, NUL, ...).
+_MAX_MISSES = 4
+
 
 class BufferBoundsError(ValueError):
     """A read outside the buffer or window, or a negative/overflowing size."""
@@ -78,7 +88,8 @@ class LargeBuffer:
     re-sliced) so a connection's pending bytes can be kept in one buffer.
     """
 
-    __slots__ = ("_chunks", "_hc", "_he", "_hint", "_hs", "_len", "_scratch", "_scratch_mv", "_starts", "_ts")
+    __slots__ = ("_chunks", "_hc", "_he", "_hint", "_hs", "_len", "_misses", "_scratch", "_scratch_mv", "_starts",
+                 "_tail", "_tail_base", "_tail_used", "_ts", "want")
 
     def __init__(self, *chunks: _Bytes) -> None:
         self._chunks: list[memoryview] = []
@@ -92,6 +103,16 @@ class LargeBuffer:
         self._hc: memoryview = self._scratch_mv
         self._hs = 0
         self._he = -1
+        #: Coalescing tail (see ``append``): a fixed-size bytearray, how much of it is
+        #: written, and where in it the last chunk's view begins.
+        self._tail: memoryview | None = None
+        self._tail_used = 0
+        self._tail_base = 0
+        #: ``find`` misses: sub -> (start, upto): ``sub`` starts nowhere in [start, upto - len(sub)].
+        self._misses: dict[bytes, tuple[int, int]] = {}
+        #: Bytes a session needs before its next ``feed`` can make progress (0: unknown).
+        #: The stage skips ``feed`` while ``len(buf) < want``; ``release``/``reset`` clear it.
+        self.want = 0
         for c in chunks:
             self.append(c)
 
@@ -106,7 +127,39 @@ class LargeBuffer:
         n = mv.nbytes
         if n == 0:
             return
+        if n <= COALESCE_MAX and len(self._chunks) >= COALESCE_AFTER:
+            # Many small segments (a byte a segment, at worst): copy them into a tail
+            # instead of keeping a view each, so the chunk count, and with it every
+            # walk over the chunks (find, release), stays proportional to the bytes
+            # over TAIL_SIZE, not to the segments. A copy of at most COALESCE_MAX
+            # bytes an append: linear, and less memory than a memoryview per byte.
+            self._coalesce(mv, n, ts_ns)
+            return
+        self._tail = None  # the tail is only ever the last chunk
         self._chunks.append(mv)
+        self._starts.append(self._len)
+        self._ts.append(ts_ns)
+        self._len += n
+
+    def _coalesce(self, mv: memoryview, n: int, ts_ns: int) -> None:
+        tail = self._tail
+        used = self._tail_used
+        if tail is not None and used + n <= TAIL_SIZE:
+            tail[used:used + n] = mv
+            self._tail_used = used + n
+            # The last chunk is a view of the tail: widen it (earlier bytes stay where they are,
+            # so views handed out before remain valid). Its time stays its first byte's.
+            self._chunks[-1] = tail[self._tail_base:used + n]
+            if self._hs == self._starts[-1]:
+                self._he = -1
+            self._len += n
+            return
+        # A new tail, never a reused one: views of an old tail may still be held.
+        tail = self._tail = memoryview(bytearray(TAIL_SIZE))
+        tail[:n] = mv
+        self._tail_used = n
+        self._tail_base = 0
+        self._chunks.append(tail[:n])
         self._starts.append(self._len)
         self._ts.append(ts_ns)
         self._len += n
@@ -119,6 +172,10 @@ class LargeBuffer:
         self._len = 0
         self._hint = 0
         self._he = -1
+        self._tail = None
+        self.want = 0
+        if self._misses:
+            self._misses.clear()
 
     def release(self, n: int) -> None:
         """Drop the first ``n`` bytes (a parsed message); later offsets shift by ``n``."""
@@ -130,8 +187,11 @@ class LargeBuffer:
             self.reset()
             return
         i = bisect_right(self._starts, n) - 1
-        first = self._chunks[i][n - self._starts[i]:]
         chunks = self._chunks
+        rel = n - self._starts[i]
+        first = chunks[i][rel:]
+        if i == len(chunks) - 1 and self._tail is not None:
+            self._tail_base += rel  # the re-sliced last chunk is still the tail's view
         del chunks[:i]
         del self._ts[:i]
         chunks[0] = first  # non-empty: bisect puts n strictly inside chunk i
@@ -144,6 +204,10 @@ class LargeBuffer:
         self._len = pos
         self._hint = 0
         self._he = -1
+        self.want = 0
+        if self._misses:
+            # What was searched stays searched: shift the ranges with the bytes.
+            self._misses = {sub: (max(a - n, 0), b - n) for sub, (a, b) in self._misses.items() if b - n > 0}
 
     def __len__(self) -> int:
         return self._len
@@ -288,6 +352,27 @@ class LargeBuffer:
             return start if start <= end else -1
         if end - start < m:
             return -1
+        # Resume a search that failed before (the same ``sub`` from a start at or before
+        # this one): a parser that re-asks on every segment then scans only the new bytes.
+        miss = self._misses.get(sub)
+        begin = start
+        if miss is not None and miss[0] <= start <= miss[1]:
+            begin = max(start, miss[1] - m + 1)
+            if end - begin < m:
+                if end > miss[1]:
+                    self._misses[sub] = (miss[0], end)
+                return -1
+        hit = self._find(sub, begin, end)
+        if hit < 0:
+            if miss is not None and miss[0] <= start <= miss[1]:
+                if end > miss[1]:
+                    self._misses[sub] = (miss[0], end)
+            elif len(self._misses) < _MAX_MISSES or sub in self._misses:
+                self._misses[sub] = (start, end)
+        return hit
+
+    def _find(self, sub: bytes, start: int, end: int) -> int:
+        m = len(sub)
         pat = _pattern(sub)
         i = self._locate(start)
         chunks = self._chunks

@@ -356,3 +356,69 @@ def test_peak_allocation_helper_sees_a_payload_copy() -> None:
     payload = bytes(1_000_000)
     assert peak_allocation(lambda: bytes(bytearray(payload))) >= 1_000_000
     assert peak_allocation(lambda: memoryview(payload)[10:900_000]) < 10_000
+
+
+# -- a message dripped in tiny segments: coalescing tail, remembered find misses ------------
+_op = st.one_of(
+    st.tuples(st.just("append"), st.binary(min_size=1, max_size=700).map(lambda b: b.replace(b"\x07", b"\r\n"))),
+    st.tuples(st.just("release"), st.integers(0, 2000)),
+    st.tuples(st.just("find"), st.sampled_from([b"\r\n", b"\r\n\r\n", b"\0", b"ab", b"x"]), st.integers(0, 900),
+              st.one_of(st.none(), st.integers(0, 2000))),
+    st.tuples(st.just("read"), st.integers(0, 2000), st.integers(0, 80)),
+    st.tuples(st.just("reset")),
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(ops=st.lists(_op, max_size=120))
+def test_any_appends_releases_and_finds_equal_flat(ops: list[tuple]) -> None:
+    """Small appends are coalesced and failed finds resumed: every answer must still be
+    the flat bytes' answer, and views handed out earlier must keep their bytes."""
+    buf, flat = LargeBuffer(), b""
+    kept: list[tuple[memoryview, bytes]] = []
+    for op in ops:
+        if op[0] == "append":
+            buf.append(op[1])
+            flat += op[1]
+        elif op[0] == "release":
+            n = min(op[1], len(flat))
+            buf.release(n)
+            flat = flat[n:]
+        elif op[0] == "reset":
+            buf.reset()
+            flat = b""
+        elif op[0] == "find":
+            _, sub, start, end = op
+            assert buf.find(sub, start, end) == flat.find(sub, start, len(flat) if end is None else end)
+        else:
+            _, off, n = op
+            if off + n <= len(flat):
+                v = buf.view_at(off, n)
+                assert v == flat[off:off + n]
+                if n and buf.views(off, n)[0].obj is not buf._scratch:
+                    kept.append((buf.views(off, n)[0], bytes(buf.views(off, n)[0])))
+        assert len(buf) == len(flat)
+    for v, b in kept:  # chunk views (tail views included) never change under later appends
+        assert v == b
+
+
+def test_a_byte_a_segment_keeps_the_chunk_count_and_find_cost_bounded() -> None:
+    buf = LargeBuffer()
+    for i in range(20_000):
+        buf.append(b"a")
+        assert buf.find(b"\r\n") == -1  # each call scans only the new byte
+    assert buf.chunk_count <= 8 + 20_000 // 8192 + 1
+    buf.append(b"\r\n")
+    assert buf.find(b"\r\n") == 20_000
+    buf.release(10_000)
+    assert buf.find(b"\r\n") == 10_000 and buf.view_at(9_999, 3) == b"a\r\n"
+
+
+def test_want_is_cleared_by_release_and_reset() -> None:
+    buf = LargeBuffer(b"abcdef")
+    buf.want = 100
+    buf.release(1)
+    assert buf.want == 0
+    buf.want = 100
+    buf.reset()
+    assert buf.want == 0

@@ -151,6 +151,7 @@ class Session(Session):  # type: ignore[no-redef]
                 raise Malformed(NAME, "bad_record", 0, f"version {version} type {t}")
             total = 8 + clen + plen
             if len(buf) < total:
+                buf.want = total
                 return  # records are at most 65,543 bytes: waiting for one is bounded
             self._record(from_client, t, rid, buf, clen, ts_ns)
             buf.release(total)

@@ -212,12 +212,10 @@ def detect(buf: LargeBuffer, from_client: bool | None) -> Detection:
     """The client preface, or (mid-stream pickup) two plausible frames in a row."""
     n = len(buf)
     m = min(n, len(PREFACE))
-    if buf.view_at(0, m) == PREFACE[:m]:
-        if from_client is False:
-            return Detection.NO
+    if from_client is not False and buf.view_at(0, m) == PREFACE[:m]:
         return Detection.REQUEST if m == len(PREFACE) else Detection.NEED_MORE
     if n < _FRAME_HDR_LEN:
-        return Detection.NO
+        return Detection.NEED_MORE  # a frame header a byte at a time is still a frame header
     length = _plausible_frame(buf, 0)
     if length < 0:
         return Detection.NO
@@ -227,8 +225,9 @@ def detect(buf: LargeBuffer, from_client: bool | None) -> Detection:
     if nxt < n and _plausible_frame(buf, nxt) < 0:
         return Detection.NO
     if nxt == n and buf.u8_at(3) not in (HEADERS, SETTINGS):
-        # One frame alone is weak evidence unless it is one that starts exchanges.
-        return Detection.NO
+        # One frame alone is weak evidence unless it is one that starts exchanges: wait
+        # for the next one (the bytes so far are kept, so nothing is lost by waiting).
+        return Detection.NEED_MORE
     if from_client is not None:
         return Detection.REQUEST if from_client else Detection.RESPONSE
     ftype = buf.u8_at(3)

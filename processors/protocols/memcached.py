@@ -124,7 +124,15 @@ def detect(buf: LargeBuffer, from_client: bool | None) -> Detection:
         return Detection.NO
     end = buf.find(b"\r\n", 0, min(n, MAX_LINE))
     if end < 0:
-        return Detection.NEED_MORE if n < 16 else Detection.NO
+        # The line is still arriving (a segment may hold a byte of it): wait while what
+        # came is a command word, or the start of one, and the line is not over-long.
+        head = buf.bytes_at(0, min(n, 16))  # a command word is at most 10 bytes
+        word, sp, _ = head.rstrip(b"\r").partition(b" ")
+        if n >= MAX_LINE:
+            return Detection.NO
+        if sp:
+            return Detection.NEED_MORE if word in _TEXT_CMDS else Detection.NO
+        return Detection.NEED_MORE if any(c.startswith(word) for c in _TEXT_CMDS) else Detection.NO
     line = buf.bytes_at(0, min(end, 300))  # one command line, bounded
     word = line.split(b" ", 1)[0]
     if word not in _TEXT_CMDS:
@@ -208,6 +216,7 @@ class Session(Session):  # type: ignore[no-redef]
     # -- binary ------------------------------------------------------------------
     def _binary(self, from_client: bool, buf: LargeBuffer, ts_ns: int) -> bool:
         if len(buf) < 24:
+            buf.want = 24
             return False
         magic, op, keylen, extlen, _dtype, vb_status, body, opaque, _cas = _HDR.unpack(buf.view_at(0, 24))
         fe = 0
@@ -222,6 +231,7 @@ class Session(Session):  # type: ignore[no-redef]
             raise Malformed(NAME, "bad_lengths", 0)
         head = 24 + fe + extlen + keylen
         if len(buf) < head:
+            buf.want = head
             return False
         kstart = 24 + fe + extlen
         if magic in (REQ, ALT_REQ) and from_client:

@@ -273,6 +273,7 @@ class Session(Session):  # type: ignore[no-redef]
                 continue
             if d.msg is None:
                 if len(buf) < 16:
+                    buf.want = 16
                     return
                 length, req_id, resp_to, op = _HDR.unpack(buf.view_at(0, 16))
                 if op not in _OPCODES or not 16 < length <= MAX_MESSAGE:
@@ -289,6 +290,7 @@ class Session(Session):  # type: ignore[no-redef]
         length = d.remaining
         if m.op == OP_COMPRESSED:
             if len(buf) < length:
+                buf.want = length
                 return False
             inner = self._decompress(buf, length)
             if inner is not None:
@@ -302,15 +304,17 @@ class Session(Session):  # type: ignore[no-redef]
         if need:
             if len(buf) >= length:  # the whole message is here and still not parseable
                 raise Malformed(NAME, "bad_message", 0)
+            buf.want = min(need, length)
             return False
         d.skip = length
         return True
 
-    def _parse(self, m: _Msg, buf: LargeBuffer, avail: int) -> bool:
-        """Fill ``m`` from the message at offset 0. True if more bytes are needed first."""
+    def _parse(self, m: _Msg, buf: LargeBuffer, avail: int) -> int:
+        """Fill ``m`` from the message at offset 0: 0 when done, else how many bytes of the
+        message must be there first (so the stage need not call again before)."""
         if m.op == OP_MSG:
             if avail < 21:
-                return True
+                return 21
             m.flags = buf.u32le_at(16)
             if m.flags & ~_KNOWN_FLAGS:
                 raise Malformed(NAME, "bad_flags", 16)
@@ -318,16 +322,16 @@ class Session(Session):  # type: ignore[no-redef]
             end = buf.i32le_at(0) - (4 if m.flags & FLAG_CHECKSUM else 0)
             while p < end:
                 if p + 5 > avail:
-                    return True
+                    return p + 5
                 kind = buf.u8_at(p)
                 size = buf.i32le_at(p + 1)
                 if size < 5 or size > MAX_DOCUMENT + 1024:
                     raise LimitExceeded(NAME, "section_size", p)
                 if kind == 0:
                     if p + 1 + size > avail:
-                        return True
+                        return p + 1 + size
                     self._command_doc(m, buf, p + 1)
-                    return False
+                    return 0
                 if kind != 1:
                     raise Malformed(NAME, "bad_section", p, f"kind {kind}")
                 p += 1 + size  # a document sequence: skipped, not read
@@ -335,27 +339,31 @@ class Session(Session):  # type: ignore[no-redef]
         if m.op == OP_QUERY:
             z = buf.find(b"\0", 20, avail)
             if z < 0:
-                return True
+                return avail + 1
             ns = buf.bytes_at(20, min(z - 20, 512)).decode("utf-8", "replace")
             q = z + 1 + 8
-            if q + 4 > avail or q + buf.i32le_at(q) > avail:
-                return True
+            if q + 4 > avail:
+                return q + 4
+            if q + buf.i32le_at(q) > avail:
+                return q + buf.i32le_at(q)
             self._command_doc(m, buf, q)
             db, _, coll = ns.partition(".")
             m.db = m.db or db
             if coll != "$cmd":  # a legacy query on a collection, not a command
                 m.cmd, m.coll = "find", coll
-            return False
+            return 0
         if m.op == OP_REPLY:
             if avail < 36:
-                return True
+                return 36
             if buf.i32le_at(32) == 0 or buf.i32le_at(0) <= 36:
                 m.ok = 1
-                return False
-            if 36 + 4 > avail or 36 + buf.i32le_at(36) > avail:
-                return True
+                return 0
+            if 36 + 4 > avail:
+                return 40
+            if 36 + buf.i32le_at(36) > avail:
+                return 36 + buf.i32le_at(36)
             self._reply_doc(m, buf, 36)
-            return False
+            return 0
         raise Unsupported(NAME, "opcode", 12, str(m.op))
 
     def _command_doc(self, m: _Msg, buf: LargeBuffer, off: int) -> None:

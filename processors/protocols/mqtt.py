@@ -166,8 +166,10 @@ def detect(buf: LargeBuffer, from_client: bool | None) -> Detection:
         if plen == 6 and n >= p + 9 and buf.view_at(p + 2, 6) == b"MQIsdp" and buf.u8_at(p + 8) == 3:
             return Detection.REQUEST
         return Detection.NO
-    if b0 == 0x20 and from_client is not True and rl >= 2 and n >= 4:
-        return Detection.RESPONSE if buf.u8_at(2) in (0, 1) else Detection.NO
+    if b0 == 0x20 and from_client is not True and rl >= 2:
+        if n < p + 2:
+            return Detection.NEED_MORE
+        return Detection.RESPONSE if buf.u8_at(p) in (0, 1) else Detection.NO
     if b0 == 0xC0 and rl == 0 and from_client is not False:
         return Detection.REQUEST  # PINGREQ: a connection picked up between publishes
     if t == PUBLISH and (b0 & 0x06) != 0x06 and 3 <= rl <= MAX_REMAINING:
@@ -253,6 +255,7 @@ class Session(Session):  # type: ignore[no-redef]
             if rl < _MIN_LENGTH[t]:
                 raise Malformed(NAME, "packet_too_short", 0, f"type {t} length {rl}")
             if n < end:
+                buf.want = end
                 return
             try:
                 self._control(from_client, t, buf, p, end, buf.ts_at(0), ts_ns)
@@ -285,6 +288,7 @@ class Session(Session):  # type: ignore[no-redef]
         if hdr_end - p > MAX_HEADER:
             raise LimitExceeded(NAME, "header_too_large", p)
         if n < hdr_end:
+            buf.want = hdr_end
             return False
         topic, q = _string(buf, p, hdr_end)
         pid = 0

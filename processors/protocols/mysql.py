@@ -152,7 +152,9 @@ def detect(buf: LargeBuffer, from_client: bool | None) -> Detection:
     if seq != 0 or plen == 0:
         return Detection.NO
     if from_client is not True:
-        if n >= 5 and buf.u8_at(4) == PROTOCOL_VERSION and plen >= 34:
+        if n < 5:
+            return Detection.NEED_MORE
+        if buf.u8_at(4) == PROTOCOL_VERSION and plen >= 34:
             if n < 4 + plen:
                 return Detection.NEED_MORE if plen <= 1024 else Detection.NO
             if _greeting_ok(buf, plen):

@@ -202,6 +202,7 @@ class _State:
         "b_port",
         "bufs",
         "client_side",
+        "candidates",
         "closed",
         "comm",
         "conn",
@@ -232,6 +233,9 @@ class _State:
         self.last_ts = ev.ts_ns
         self.errors = 0
         self.detect_bytes = 0
+        #: Per side, the protocols still in the running for the message at the buffer's
+        #: start (a detector's NO is final for it: base.py), in the order to try them.
+        self.candidates: list[list[tuple[str, ModuleType, frozenset[int]]] | None] = [None, None]
         self.closed = [False, False]
         self.server_closed = False
         self.egress_side: int | None = None
@@ -331,10 +335,11 @@ class ProtocolsProcessor(EventProcessor):
                                                 self._switch(cid, st, ts)
                                             continue
                                 buf.append(payload, ts)
-                                if len(buf) <= max_msg:
-                                    self._feed(cid, st, side, ts)
-                                else:
+                                n = buf._len
+                                if n > max_msg:
                                     self._too_large(st, side, ev)
+                                elif n >= buf.want:  # the session said how much it needs first
+                                    self._feed(cid, st, side, ts)
                             continue
                     self._event(ev)
                 except Exception:  # a bug: never let it escape; abandon the connection
@@ -437,7 +442,8 @@ class ProtocolsProcessor(EventProcessor):
         if len(buf) > self.config.max_message_bytes:
             self._too_large(st, side, ev)
             return
-        self._feed(ev.conn_id, st, side, ev.ts_ns)
+        if len(buf) >= buf.want:
+            self._feed(ev.conn_id, st, side, ev.ts_ns)
 
     def _too_large(self, st: _State, side: int, ev: TcpEvent) -> None:
         """An incomplete message outgrew ``max_message_bytes``: drop it and resync."""
@@ -529,6 +535,7 @@ class ProtocolsProcessor(EventProcessor):
             self._guard(cid, st, lambda: session.gap(from_client, ts))
         else:
             st.bufs[side].reset()
+            st.candidates[side] = None  # a new message start: every protocol may claim it
 
     def _end(self, cid: Any, st: _State, ts: int, reset: bool) -> None:
         if st.mode == _DETECTING and st.detect_bytes:
@@ -563,11 +570,14 @@ class ProtocolsProcessor(EventProcessor):
         buf.append(payload, ev.ts_ns)
         st.detect_bytes += len(payload)
         from_client = None if st.client_side is None else side == st.client_side
-        port_a, port_b = st.a_port, st.b_port
-        hinted = [m for m in self._modules if port_a in m[2] or port_b in m[2]]
-        order = hinted + [m for m in self._modules if m not in hinted]
-        need_more = False
-        for name, mod, _ in order:
+        order = st.candidates[side]
+        if order is None:
+            port_a, port_b = st.a_port, st.b_port
+            hinted = [m for m in self._modules if port_a in m[2] or port_b in m[2]]
+            order = st.candidates[side] = hinted + [m for m in self._modules if m not in hinted]
+        still: list[tuple[str, ModuleType, frozenset[int]]] = []
+        for entry in order:
+            name, mod, _ = entry
             try:
                 d = mod.detect(buf, from_client)
             except Exception:
@@ -581,12 +591,16 @@ class ProtocolsProcessor(EventProcessor):
                 self._start(cid, st, side, name, mod, d, ev.ts_ns)
                 return
             if d == Detection.NEED_MORE:
-                need_more = True
+                still.append(entry)
+        # Only the protocols that asked for more are asked again when the next segment comes:
+        # a byte a segment then costs the stage one call of each, not one of every protocol.
+        st.candidates[side] = still
         if st.detect_bytes >= self.config.max_detect_bytes:
             self._drop("", "undetected")
             self._abandon(cid, st, "undetected", count=False)
-        elif not need_more:
+        elif not still:
             buf.reset()  # not the start of any message: wait for one at a later segment
+            st.candidates[side] = None
             st.skipped = True
 
     def _start(self, cid: Any, st: _State, side: int, name: str, mod: ModuleType, d: Detection, ts: int) -> None:

@@ -90,10 +90,10 @@ def _int_line(buf: LargeBuffer, off: int, limit: int) -> tuple[int, int] | None:
     end = buf.find(b"\r\n", off, min(len(buf), off + 24))
     if end < 0:
         return None
-    v = buf.view_at(off, end - off)
-    if not v or not bytes(v).lstrip(b"-").isdigit():  # <= 21 bytes: a cheap, deliberate copy
+    v = bytes(buf.view_at(off, end - off))  # <= 24 bytes: a cheap, deliberate copy
+    if not (v[1:] if v[:1] == b"-" else v).isdigit():  # one sign at most: int(b"--1") raises
         return None
-    n = int(bytes(v))
+    n = int(v)
     if n > limit:
         return None
     return n, end + 2
@@ -118,6 +118,8 @@ def detect(buf: LargeBuffer, from_client: bool | None) -> Detection:
         blen = _int_line(buf, off + 1, 64)
         if blen is None:
             return Detection.NEED_MORE if n - off < 8 else Detection.NO
+        if blen[0] < 1:  # a command name is a non-empty bulk string ($-1 / $0 are not)
+            return Detection.NO
         name_off = blen[1]
         if name_off + blen[0] + 2 > n:
             return Detection.NEED_MORE
@@ -241,6 +243,9 @@ class _Scanner:
                     if blen > MAX_BULK:
                         raise LimitExceeded(NAME, "bulk_too_large", off)
                     st[-1] -= 1
+                    if blen < 0:  # $-1 (RESP2 null) or any negative length: no body follows
+                        off = cs + m.end()
+                        continue
                     nxt = cs + m.end() + blen + 2
                     if nxt <= n:
                         off = nxt

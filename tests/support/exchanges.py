@@ -1,0 +1,248 @@
+"""One valid exchange per protocol of the table, of any size, for tests that hold every
+protocol to the same rule (the drip test: linear time whatever the segmentation).
+
+``EXCHANGES[name](size)`` returns an ``Exchange``: the steps (who sends what, in order)
+of a short but complete conversation whose largest message is about ``size`` bytes,
+with the part that grows being the kind the parser really reads (header lines, SQL
+text, command arguments, keys) where the protocol has one, else a body the parser
+skips. ``spans`` is how many spans the conversation must give. The bytes are built
+here from each protocol's specification (kafka-python's protocol classes for Kafka,
+the ``hpack`` package for HTTP/2 header blocks), so a test of a new protocol only adds
+its line to ``EXCHANGES``; ``test_every_protocol_has_an_exchange`` keeps the table whole.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+
+__all__ = ["EXCHANGES", "Exchange"]
+
+
+@dataclass
+class Exchange:
+    port: int
+    steps: list[tuple[bool, bytes]]  # (from_client, bytes), in order
+    spans: int
+
+    @property
+    def nbytes(self) -> int:
+        return sum(len(b) for _, b in self.steps)
+
+
+# -- HTTP/1 -----------------------------------------------------------------------------------
+def _http(size: int) -> Exchange:
+    # Header lines the parser reads (a quarter, under its 64 KiB head limit), a body it skips.
+    nh = max(1, min(size // 4, 12 * 1024) // 64)  # under the parser's 256-header limit
+    heads = b"".join(b"X-Field-%04d: %s\r\n" % (i, b"v" * 48) for i in range(nh))
+    body = b"b" * max(0, size - len(heads))
+    req = (b"POST /upload/" + b"p" * 200 + b"?q=1 HTTP/1.1\r\nHost: example\r\n" + heads
+           + b"Content-Length: %d\r\n\r\n" % len(body) + body)
+    chunks = b"".join(b"%x\r\n%s\r\n" % (len(c), c) for c in (body[i:i + 4000] for i in range(0, len(body), 4000)))
+    resp = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + chunks + b"0\r\n\r\n"
+    return Exchange(8080, [(True, req), (False, resp), (True, b"GET / HTTP/1.1\r\n\r\n"),
+                           (False, b"HTTP/1.1 204 No Content\r\n\r\n")], 2)
+
+
+# -- HTTP/2 -----------------------------------------------------------------------------------
+def _h2frame(ftype: int, flags: int, sid: int, payload: bytes = b"") -> bytes:
+    n = len(payload)
+    return struct.pack(">HBBBI", n >> 8, n & 0xFF, ftype, flags, sid) + payload
+
+
+def _http2(size: int) -> Exchange:
+    import hpack
+
+    enc_c, enc_s = hpack.Encoder(), hpack.Encoder()
+    nh = max(1, min(size // 4, 12 * 1024) // 64)
+    req_h = [(":method", "POST"), (":scheme", "http"), (":path", "/api/items?x=1"), (":authority", "example")]
+    req_h += [(f"x-field-{i:04d}", "v" * 48) for i in range(nh)]
+    block = enc_c.encode(req_h)
+    body = b"d" * max(0, size - len(block))
+    client = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + _h2frame(4, 0, 0)
+    # The header block in HEADERS + CONTINUATION frames of 4 KiB, the body in DATA frames of 16 KiB.
+    parts = [block[i:i + 4096] for i in range(0, len(block), 4096)] or [b""]
+    client += _h2frame(1, 0 if len(parts) > 1 else 4, 1, parts[0])
+    for j, p in enumerate(parts[1:], 1):
+        client += _h2frame(9, 4 if j == len(parts) - 1 else 0, 1, p)
+    datas = [body[i:i + 16384] for i in range(0, len(body), 16384)] or [b""]
+    for j, d in enumerate(datas):
+        client += _h2frame(0, 1 if j == len(datas) - 1 else 0, 1, d)
+    server = _h2frame(4, 0, 0) + _h2frame(4, 1, 0)
+    server += _h2frame(1, 4, 1, enc_s.encode([(":status", "200"), ("content-type", "text/plain")]))
+    server += _h2frame(0, 0, 1, body[:16384]) + _h2frame(0, 1, 1, b"")
+    return Exchange(8080, [(True, client), (False, server)], 1)
+
+
+# -- PostgreSQL ------------------------------------------------------------------------------
+def _pg_msg(t: bytes, body: bytes = b"") -> bytes:
+    return t + struct.pack(">i", len(body) + 4) + body
+
+
+def _sql_in_list(size: int) -> bytes:
+    n = max(1, size // 8)
+    return b"SELECT id, name FROM orders WHERE id IN (" + b",".join(b"%d" % (100000 + i) for i in range(n)) + b")"
+
+
+def _postgresql(size: int) -> Exchange:
+    body = struct.pack(">i", 196608) + b"user\0alice\0database\0shop\0\0"
+    startup = struct.pack(">i", len(body) + 4) + body
+    ready = _pg_msg(b"Z", b"I")
+    auth = _pg_msg(b"R", struct.pack(">i", 0)) + _pg_msg(b"S", b"server_version\x0016.1\0") + ready
+    q = _pg_msg(b"Q", _sql_in_list(size) + b"\0")
+    rowdesc = _pg_msg(b"T", struct.pack(">h", 1) + b"id\0" + struct.pack(">ihihih", 0, 0, 23, 4, -1, 0))
+    rows = b"".join(_pg_msg(b"D", struct.pack(">hi", 1, 6) + b"%06d" % i) for i in range(max(1, size // 64)))
+    result = rowdesc + rows + _pg_msg(b"C", b"SELECT 1\0") + ready
+    return Exchange(5432, [(True, startup), (False, auth), (True, q), (False, result)], 1)
+
+
+# -- MySQL -----------------------------------------------------------------------------------
+def _my_pkt(payload: bytes, seq: int) -> bytes:
+    return struct.pack("<I", len(payload))[:3] + bytes([seq & 0xFF]) + payload
+
+
+def _mysql(size: int) -> Exchange:
+    caps = 0x000FA685 | 0x01000000  # protocol 41, secure connection, plugin auth, deprecate EOF, ...
+    greet = (b"\x0a" + b"8.0.36\0" + struct.pack("<I", 7) + b"abcdefgh\0" + struct.pack("<H", caps & 0xFFFF)
+             + b"\x2d" + struct.pack("<H", 2) + struct.pack("<H", caps >> 16) + b"\x15" + b"\0" * 10
+             + b"ijklmnopqrst\0" + b"mysql_native_password\0")
+    login_caps = 0x00000200 | 0x00008000 | 0x00080000 | 0x01000000 | 0x00000008  # 41, secure, plugin, EOF, db
+    login = (struct.pack("<IIB", login_caps, 1 << 24, 45) + b"\0" * 23 + b"app\0" + b"\x14" + b"x" * 20
+             + b"shop\0" + b"mysql_native_password\0")
+    ok = b"\x00\x00\x00" + struct.pack("<HH", 2, 0)
+    q = b"\x03" + _sql_in_list(size)
+    # A payload of 16 MiB - 1 or more would be split; the sizes used here are far below it.
+    steps = [(False, _my_pkt(greet, 0)), (True, _my_pkt(login, 1)), (False, _my_pkt(ok, 2)),
+             (True, _my_pkt(q, 0)), (False, _my_pkt(ok, 1))]
+    return Exchange(3306, steps, 1)
+
+
+# -- MongoDB ---------------------------------------------------------------------------------
+def _mongodb(size: int) -> Exchange:
+    import bson
+
+    doc = {"insert": "orders", "$db": "shop",
+           "documents": [{"_id": i, "note": "n" * 40} for i in range(max(1, size // 64))]}
+    body = struct.pack("<I", 0) + b"\0" + bson.encode(doc)
+    req = struct.pack("<iiii", 16 + len(body), 7, 0, 2013) + body
+    rbody = struct.pack("<I", 0) + b"\0" + bson.encode({"n": 1, "ok": 1.0})
+    resp = struct.pack("<iiii", 16 + len(rbody), 8, 7, 2013) + rbody
+    return Exchange(27017, [(True, req), (False, resp)], 1)
+
+
+# -- MQTT ------------------------------------------------------------------------------------
+def _vbi(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        b, n = n % 128, n // 128
+        out.append(b | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _mqtt_pkt(b0: int, body: bytes) -> bytes:
+    return bytes([b0]) + _vbi(len(body)) + body
+
+
+def _mqtt_str(b: bytes) -> bytes:
+    return struct.pack(">H", len(b)) + b
+
+
+def _mqtt(size: int) -> Exchange:
+    connect = _mqtt_pkt(0x10, _mqtt_str(b"MQTT") + bytes([4, 0x02]) + struct.pack(">H", 60) + _mqtt_str(b"dev-1"))
+    connack = _mqtt_pkt(0x20, b"\x00\x00")
+    pub = _mqtt_pkt(0x32, _mqtt_str(b"sensors/" + b"t" * 100) + struct.pack(">H", 1) + b"p" * size)
+    puback = _mqtt_pkt(0x40, struct.pack(">H", 1))
+    return Exchange(1883, [(True, connect), (False, connack), (True, pub), (False, puback)], 1)  # CONNECT: no span
+
+
+# -- FastCGI ---------------------------------------------------------------------------------
+def _fcgi_rec(t: int, rid: int, content: bytes = b"") -> bytes:
+    return struct.pack(">BBHHBB", 1, t, rid, len(content), 0, 0) + content
+
+
+def _fcgi_nv(n: bytes, v: bytes) -> bytes:
+    def enc(x: int) -> bytes:
+        return bytes([x]) if x < 128 else struct.pack(">I", x | 0x80000000)
+
+    return enc(len(n)) + enc(len(v)) + n + v
+
+
+def _fastcgi(size: int) -> Exchange:
+    pairs = {b"REQUEST_METHOD": b"POST", b"REQUEST_URI": b"/shop/item.php?id=7", b"QUERY_STRING": b"id=7",
+             b"SCRIPT_NAME": b"/shop/item.php", b"SERVER_PROTOCOL": b"HTTP/1.1", b"HTTP_HOST": b"example",
+             b"CONTENT_LENGTH": b"%d" % size}
+    stream = b"".join(_fcgi_nv(k, v) for k, v in pairs.items())
+    stream += b"".join(_fcgi_nv(b"HTTP_X_FIELD_%d" % i, b"v" * 48) for i in range(max(1, size // 256)))
+    req = _fcgi_rec(1, 1, struct.pack(">HB5x", 1, 0))
+    req += b"".join(_fcgi_rec(4, 1, stream[i:i + 60000]) for i in range(0, len(stream), 60000)) + _fcgi_rec(4, 1)
+    stdin = b"i" * size
+    req += b"".join(_fcgi_rec(5, 1, stdin[i:i + 60000]) for i in range(0, len(stdin), 60000)) + _fcgi_rec(5, 1)
+    out = b"Status: 200 OK\r\nContent-Type: text/html\r\n\r\n" + b"o" * size
+    resp = b"".join(_fcgi_rec(6, 1, out[i:i + 60000]) for i in range(0, len(out), 60000)) + _fcgi_rec(6, 1)
+    resp += _fcgi_rec(3, 1, struct.pack(">IB3x", 0, 0))
+    return Exchange(9000, [(True, req), (False, resp)], 1)
+
+
+# -- memcached (binary and text) ---------------------------------------------------------------
+def _memcached(size: int) -> Exchange:
+    hdr = struct.Struct(">BBHBBHIIQ")
+    key, extras, value = b"user:1", struct.pack(">II", 0, 0), b"x" * size
+    set_req = hdr.pack(0x80, 0x01, len(key), 8, 0, 0, 8 + len(key) + len(value), 1, 0) + extras + key + value
+    set_res = hdr.pack(0x81, 0x01, 0, 0, 0, 0, 0, 1, 0)
+    return Exchange(11211, [(True, set_req), (False, set_res)], 1)
+
+
+def _memcached_text(size: int) -> Exchange:
+    keys = b" ".join(b"key:%06d" % i for i in range(max(1, min(size // 2, 7000) // 11)))
+    value = b"x" * max(1, size // 2)
+    steps = [(True, b"set big 0 0 %d\r\n%s\r\n" % (len(value), value)), (False, b"STORED\r\n"),
+             (True, b"get " + keys + b"\r\n"), (False, b"VALUE key:000000 0 1\r\nz\r\nEND\r\n")]
+    return Exchange(11211, steps, 2)
+
+
+# -- Redis -----------------------------------------------------------------------------------
+def _resp(*args: bytes) -> bytes:
+    return b"*%d\r\n" % len(args) + b"".join(b"$%d\r\n%s\r\n" % (len(a), a) for a in args)
+
+
+def _redis(size: int) -> Exchange:
+    value = b"v" * max(1, size // 2)
+    keys = [b"key:%06d" % i for i in range(max(1, size // 2 // 16))]
+    steps = [(True, _resp(b"SET", b"big", value)), (False, b"+OK\r\n"),
+             (True, _resp(b"MGET", *keys)),
+             (False, b"*%d\r\n" % len(keys) + b"$-1\r\n" * len(keys))]
+    return Exchange(6379, steps, 2)
+
+
+def _redis_pipeline(size: int) -> Exchange:
+    n = max(1, size // 32)
+    cmds = b"".join(_resp(b"INCR", b"counter:%06d" % i) for i in range(n))
+    replies = b"".join(b":%d\r\n" % i for i in range(n))
+    return Exchange(6379, [(True, cmds), (False, replies)], n)
+
+
+# -- Kafka -----------------------------------------------------------------------------------
+def _kafka(size: int) -> Exchange:
+    from tests.support import kafka_wire as kw
+
+    recs = kw.records(n=max(1, size // 1024), value=b"r" * 1000)
+    req = kw.produce_request(9, {"orders": {0: recs}}, corr=5)
+    resp = kw.produce_response(9, {"orders": [(0, 0, 42)]}, corr=5)
+    return Exchange(9092, [(True, req), (False, resp)], 1)
+
+
+#: protocol name (as in processors/protocols/__init__.PROTOCOLS) -> exchanges of any size.
+EXCHANGES: dict[str, list[Callable[[int], Exchange]]] = {
+    "http": [_http],
+    "http2": [_http2],
+    "postgresql": [_postgresql],
+    "mysql": [_mysql],
+    "mongodb": [_mongodb],
+    "mqtt": [_mqtt],
+    "fastcgi": [_fastcgi],
+    "memcached": [_memcached, _memcached_text],
+    "redis": [_redis, _redis_pipeline],
+    "kafka": [_kafka],
+}
