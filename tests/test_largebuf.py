@@ -404,7 +404,7 @@ def test_any_appends_releases_and_finds_equal_flat(ops: list[tuple]) -> None:
 
 def test_a_byte_a_segment_keeps_the_chunk_count_and_find_cost_bounded() -> None:
     buf = LargeBuffer()
-    for i in range(20_000):
+    for _ in range(20_000):
         buf.append(b"a")
         assert buf.find(b"\r\n") == -1  # each call scans only the new byte
     assert buf.chunk_count <= 8 + 20_000 // 8192 + 1
