@@ -8,11 +8,14 @@ nothing and are not run by CI.
 from __future__ import annotations
 
 import importlib
+import os
 import pkgutil
 import sys
 import time
+import traceback
 
 import bench
+from service.log import describe
 
 
 def main(argv: list[str]) -> int:
@@ -23,12 +26,22 @@ def main(argv: list[str]) -> int:
     if unknown:
         print(f"unknown benchmark(s): {', '.join(unknown)}; available: {', '.join(names)}", file=sys.stderr)
         return 2
+    failed = []
     for name in wanted:
         print(f"\n=== bench_{name} ===", flush=True)
         t0 = time.monotonic()
-        importlib.import_module(f"bench.bench_{name}").main()
+        try:
+            importlib.import_module(f"bench.bench_{name}").main()
+        except KeyboardInterrupt:
+            return 130
+        except Exception as e:  # one benchmark's missing peer or bug: say so, go on with the others
+            if os.environ.get("WIRESPAN_DEBUG"):
+                traceback.print_exc()
+            print(f"bench_{name} failed: {describe(e)} (WIRESPAN_DEBUG=1 shows the traceback)", file=sys.stderr)
+            failed.append(name)
+            continue
         print(f"(bench_{name}: {time.monotonic() - t0:.1f}s)", flush=True)
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -96,7 +96,8 @@ def _timed(fn, path: str, repeats: int) -> tuple[float, int]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
+    # ``python -m bench pcap`` calls main() with no arguments: its own sys.argv is not ours
+    argv = [] if argv is None else argv
     from bench.gen_http_capture import generate
 
     tmp = tempfile.mkdtemp(prefix="wirespan-bench-")
@@ -139,4 +140,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

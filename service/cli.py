@@ -27,6 +27,7 @@ from typing import Any
 
 from service import config as wconfig
 from service.config import ConfigError
+from service.log import describe
 
 __all__ = ["main", "default_config_path"]
 
@@ -34,6 +35,15 @@ log = logging.getLogger("wirespan.cli")
 
 #: Longest ``replay`` (and ``run`` at shutdown) waits for queues to drain (default of --drain-timeout).
 DEFAULT_DRAIN_TIMEOUT = 30.0
+
+# Exit codes (README "Commands"). 2 is argparse's usage error, so a capture cut short gets 3
+# (tshark says 2 for both a usage error and a cut-short file; scripts need to tell them apart).
+EXIT_OK = 0
+EXIT_ERROR = 1          #: configuration/start error, unreadable capture, spans not delivered
+EXIT_USAGE = 2
+EXIT_TRUNCATED = 3      #: a capture was cut short or damaged; what came before it was delivered
+EXIT_INTERRUPTED = 130  #: SIGINT/SIGTERM during a replay (what was read was drained)
+EXIT_BROKEN_PIPE = 141  #: stdout's reader went away (128 + SIGPIPE, as Unix tools)
 
 
 def default_config_path() -> Path:
@@ -567,6 +577,18 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except ConfigError as e:
         _print_errors(e.errors)
+        return 1
+    except BrokenPipeError:
+        # the reader went away (``wirespan components | head``): stop quietly, as Unix tools do
+        _flush_stdout()
+        return EXIT_BROKEN_PIPE
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    except Exception as e:  # a bug: one line for the user, the traceback only on request
+        if os.environ.get("WIRESPAN_DEBUG"):
+            import traceback
+            traceback.print_exc()
+        print(f"wirespan: {describe(e)} (WIRESPAN_DEBUG=1 shows the traceback)", file=sys.stderr)
         return 1
     finally:
         _flush_stdout()

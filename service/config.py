@@ -321,12 +321,25 @@ def pydantic_errors(prefix: str, exc: ValidationError) -> list[str]:
     return out
 
 
+def _yaml_kind(value: Any) -> str:
+    """What a YAML value is, in YAML's words (not Python's class names)."""
+    if isinstance(value, bool):
+        return f"a boolean ({str(value).lower()})"
+    if isinstance(value, (int, float)):
+        return f"a number ({value})"
+    if isinstance(value, str):
+        return f"a string ({value!r})"
+    if isinstance(value, list):
+        return "a list"
+    return "a scalar"
+
+
 def _component(kind: str, section: str, cid: Any, body: Any, registry: Any, errors: list[str]) -> ComponentSpec | None:
     path = f"{section}::{cid}"
     if body is None:
         body = {}
     if not isinstance(body, dict):
-        errors.append(f"{path}: expected a map of options, got {type(body).__name__}")
+        errors.append(f"{path}: expected a map of options, got {_yaml_kind(body)}")
         return None
     body = dict(body)
     target = body.pop("class", None)

@@ -53,6 +53,7 @@ from service import speedups
 from service import telemetry as tm
 from service.component import EXPORTER, PROCESSOR, RECEIVER
 from service.config import Config, ConfigError
+from service.log import describe
 
 __all__ = [
     "Service",
@@ -276,7 +277,7 @@ class Service:
         try:
             return spec.cls(cid, spec.config, nxt)
         except Exception as e:
-            raise BuildError(f"{spec.path}: cannot be created: {type(e).__name__}: {e}") from e
+            raise BuildError(f"{spec.path}: cannot be created: {describe(e)}") from e
 
     def _build(self) -> None:
         cfg = self.cfg
@@ -330,11 +331,12 @@ class Service:
             try:
                 comp.start()
             except Exception as e:
-                log.error("%s failed to start: %s; shutting down what was started", path, e,
+                # the caller reports the StartError (one line); the traceback is for debug logs
+                log.debug("%s failed to start; shutting down what was started", path, exc_info=True,
                           extra={"component": path})
                 self._stop_started(drain=False)
                 self.state = "failed"
-                raise StartError(f"{path}: failed to start: {type(e).__name__}: {e}") from e
+                raise StartError(f"{path}: failed to start: {describe(e)}") from e
             log.debug("started %s", path, extra={"component": path})
         self.current_step = ""
         self.state = "running"
@@ -353,7 +355,7 @@ class Service:
                 try:
                     getattr(comp, step)()
                 except Exception as e:
-                    problems.append(f"{path}: {step} failed: {type(e).__name__}: {e}")
+                    problems.append(f"{path}: {step} failed: {describe(e)}")
                     log.exception("%s: %s failed", path, step, extra={"component": path})
         self._started.clear()
         self.current_step = ""

@@ -25,6 +25,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from service.component import EXPORTER, PROCESSOR, RECEIVER
+from service.log import describe
 
 __all__ = [
     "BUILTINS",
@@ -91,7 +92,7 @@ def import_target(target: str) -> type:
             raise ComponentUnavailable(f"module {mod_name!r} is not installed")
         raise ComponentUnavailable(f"importing {mod_name!r} failed: {e}")
     except Exception as e:  # a plugin's import-time bug must not take the service down
-        raise ComponentUnavailable(f"importing {mod_name!r} failed: {type(e).__name__}: {e}")
+        raise ComponentUnavailable(f"importing {mod_name!r} failed: {describe(e)}")
     obj: Any = module
     for part in attr.split("."):
         obj = getattr(obj, part, None)
