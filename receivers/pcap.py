@@ -70,7 +70,8 @@ from receivers.tcp_reassembly import ReassemblyLimits, TcpReassembler
 from service.component import ComponentConfig, Receiver
 from service.telemetry import CONNECTIONS_EVICTED, RECEIVER_ACCEPTED, RECEIVER_DROPPED
 
-__all__ = ["CaptureError", "PcapReader", "PcapngReader", "PcapReceiver", "open_capture", "reader_for"]
+__all__ = ["CaptureError", "PcapReader", "PcapngReader", "PcapReceiver", "capture_files", "check_capture",
+           "open_capture", "reader_for"]
 
 log = logging.getLogger("wirespan.receivers.pcap")
 
@@ -96,6 +97,49 @@ _U32BE = struct.Struct(">I")
 
 class CaptureError(Exception):
     """The file is not a capture we can read (bad magic, empty, unreadable)."""
+
+
+#: Leading bytes of compressed files (someone's ``capture.pcap.gz``): named, so the error says
+#: what the file is and what to do, instead of showing a magic number.
+_COMPRESSED = ((b"\x1f\x8b", "gzip", "gunzip -k"), (b"\x28\xb5\x2f\xfd", "zstd", "zstd -d"),
+               (b"\xfd7zXZ\x00", "xz", "xz -dk"), (b"BZh", "bzip2", "bunzip2 -k"),
+               (b"\x04\x22\x4d\x18", "lz4", "lz4 -d"))
+
+
+def _not_a_capture(head: bytes) -> str:
+    """Why bytes starting with ``head`` are no capture, in words (a compressed file is named)."""
+    for magic, name, cmd in _COMPRESSED:
+        if head.startswith(magic):
+            return f"{name}-compressed, not a capture; decompress it first ({cmd} FILE)"
+    shown = "".join(chr(b) if 32 <= b < 127 else "." for b in head[:8])
+    return f"not a pcap or pcapng file (it starts with {head[:4].hex(' ')}, {shown!r})"
+
+
+def check_capture(path: str | os.PathLike[str]) -> None:
+    """Raise ``CaptureError`` with one line of why ``path`` cannot be replayed (unreadable,
+    empty, compressed, not a capture, header cut); return if its header is a capture's.
+
+    Reads only the first bytes, so a receiver can refuse to start (and ``replay`` exit 1)
+    before anything runs, rather than reporting zero packets as a success.
+    """
+    try:
+        with open(path, "rb") as f:
+            head = f.read(32)
+    except OSError as e:
+        raise CaptureError(f"cannot read: {e.strerror or e}") from None
+    if not head:
+        raise CaptureError("empty file (0 bytes), not a capture")
+    if len(head) < 4:
+        raise CaptureError(f"{len(head)} bytes long, shorter than a capture file header")
+    (magic,) = _U32LE.unpack_from(head, 0)
+    if magic in _PCAP_MAGICS:
+        if len(head) < 24:
+            raise CaptureError(f"pcap file header cut short ({len(head)} of 24 bytes)")
+    elif magic == _PCAPNG_SHB:
+        if len(head) < 28:
+            raise CaptureError(f"pcapng section header cut short ({len(head)} of 28 bytes)")
+    else:
+        raise CaptureError(_not_a_capture(head))
 
 
 class PcapReader:
@@ -288,7 +332,7 @@ def reader_for(buf: Any) -> PcapReader | PcapngReader:
         return PcapReader(view)
     if magic == _PCAPNG_SHB:
         return PcapngReader(view)
-    raise CaptureError(f"not a pcap or pcapng file (magic {magic:#010x})")
+    raise CaptureError(_not_a_capture(bytes(view[:8])))
 
 
 def open_capture(path: str | os.PathLike[str]) -> PcapReader | PcapngReader:
@@ -300,7 +344,7 @@ def open_capture(path: str | os.PathLike[str]) -> PcapReader | PcapngReader:
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
         if size == 0:
-            raise CaptureError("empty file")
+            raise CaptureError("empty file (0 bytes), not a capture")
         mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     try:
         mm.madvise(mmap.MADV_SEQUENTIAL)
@@ -442,7 +486,9 @@ class _AddrFilter:
         return True
 
 
-def _resolve(path: str) -> list[str]:
+def capture_files(path: str) -> list[str]:
+    """The files ``path`` names, as the receiver replays them: itself, a glob's matches or a
+    directory's capture files, in name order (empty if none)."""
     p = Path(path)
     if p.is_dir():
         return sorted(str(f) for f in p.iterdir() if f.is_file() and f.suffix.lower() in CAPTURE_SUFFIXES)
@@ -476,6 +522,11 @@ class PcapReceiver(Receiver):
         self.reassembler = TcpReassembler(self.limits)
         self.files: list[str] = []
         self.errors: list[str] = []
+        #: Files that ended early (cut short or damaged), one message each saying where; what
+        #: came before was replayed. ``wirespan replay``/``run`` exit 3 on these.
+        self.truncated: list[str] = []
+        #: Files that could not be read at all once the replay ran (start() refuses those it sees first).
+        self.unreadable: list[str] = []
         self._drops: dict[str, int] = {}
         self._published: dict[tuple[str, str], int] = {}
         self._packets = 0
@@ -486,12 +537,17 @@ class PcapReceiver(Receiver):
 
     # -------------------------------------------------------------- lifecycle
     def _resolve_files(self) -> None:
-        self.files = _resolve(self.config.path)
+        self.files = capture_files(self.config.path)
         if not self.files:
             raise FileNotFoundError(f"receivers::{self.id}::path: no capture file matches {self.config.path!r}")
 
     def start(self) -> None:
         self._resolve_files()
+        for path in self.files:  # an unreadable input is a start error, not "0 packets" and success
+            try:
+                check_capture(path)
+            except CaptureError as e:
+                raise CaptureError(f"{path}: {e}") from None
         self._thread = threading.Thread(target=self._run, name=f"receiver-{self.id}", daemon=True)
         self._thread.start()
 
@@ -525,6 +581,7 @@ class PcapReceiver(Receiver):
             "gap_bytes": dict(r.gaps),
             "evicted": dict(r.evictions),
             "errors": list(self.errors),
+            "truncated": list(self.truncated),
         }
 
     def _publish(self) -> None:
@@ -605,9 +662,11 @@ class PcapReceiver(Receiver):
         try:
             reader = open_capture(path)
         except (OSError, ValueError, CaptureError) as e:
-            msg = f"{path}: cannot read capture: {e}"
+            msg = f"{path}: cannot read capture: {e.strerror if isinstance(e, OSError) and e.strerror else e}"
             log.error("receiver %s: %s", self.id, msg)
             self.errors.append(msg)
+            if msg not in self.unreadable:
+                self.unreadable.append(msg)
             self._drop("unreadable_file")
             return None
         view = reader.view
@@ -633,6 +692,7 @@ class PcapReceiver(Receiver):
         dec = link_decoder(-1)
         mm = view.obj if isinstance(view.obj, mmap.mmap) else None
         dropped = 0  # pages of the file before this offset were let go (see _drop_behind)
+        packets_before = self._packets
         try:
             for lt, ts, off, end in reader:
                 # Hand events on in batches; look at shutdown and the progress bar at the same
@@ -691,13 +751,19 @@ class PcapReceiver(Receiver):
             if bar is not None:
                 bar.update(len(view) - last_off)
                 bar.close()
-        if getattr(reader, "skipped", 0):
+        if getattr(reader, "skipped", 0) and shard_index == 0:  # every worker reads the file: one counts
             self._drop("bad_block", reader.skipped)
         if reader.error:
-            msg = f"{path}: {reader.error}; the packets before it were replayed"
-            log.error("receiver %s: %s", self.id, msg)
+            how = "cut short" if reader.error.startswith("truncated") else "damaged"
+            msg = (f"{path}: {how}: {reader.error}; the {self._packets - packets_before} packets "
+                   "before it were replayed")
+            # info: the command that ran the replay reports it as its error (exit 3) when done
+            log.info("receiver %s: %s", self.id, msg)
             self.errors.append(msg)
-            self._drop("truncated_file")
+            if msg not in self.truncated:  # a looping replay meets the same cut every pass
+                self.truncated.append(msg)
+            if shard_index == 0:
+                self._drop("truncated_file")
         self._flush_events()
         return None if first is None else (first, last)
 

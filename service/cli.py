@@ -214,8 +214,9 @@ def cmd_run(args: argparse.Namespace) -> int:
             break
     finished, problems = _stop_with_timeout(runner.stop, args.drain_timeout, sigq,
                                             lambda: runner.service.current_step if runner.service else "")
-    _print_errors(problems)
-    code = 1 if problems else 0
+    # capture files that could not be read to their end (pcap receivers) decide the code too
+    inputs = _summary(runner.service) if runner.service is not None else {}
+    code = _verdict(inputs, problems, False, args.allow_truncated)
     if reason == "done":
         log.info("exiting")
     _flush_stdout()
@@ -264,9 +265,12 @@ def _summary(svc: Any) -> dict[str, Any]:
                     drops[prefix + str(k)] = drops.get(prefix + str(k), 0) + int(v)
 
     out["errors"] = []
+    out["truncated"] = []
     for rid, r in svc.receivers.items():
         st = getattr(r, "stats", None) or {}
-        out["errors"] += [f"receivers::{rid}: {e}" for e in st.get("errors") or ()]
+        cut = list(st.get("truncated") or ())
+        out["truncated"] += cut  # each names its file and where it stopped
+        out["errors"] += [f"receivers::{rid}: {e}" for e in st.get("errors") or () if e not in cut]
         out["packets"] += int(st.get("packets", 0) or 0)
         out["connections"] += int(st.get("connections", 0) or 0)
         add_drops(st.get("drops"))
@@ -300,8 +304,6 @@ def _print_summary(summary: dict[str, Any], elapsed: float) -> None:
         print("replay: protocols: " + ", ".join(f"{k}={v}" for k, v in sorted(summary["protocols"].items())), file=p)
     for eid, n in summary["exported"].items():
         print(f"replay: exporters::{eid}: {n} spans", file=p)
-    for e in summary["errors"]:
-        print(f"replay: {e}", file=p)
     if drops:
         print("replay: drops: " + ", ".join(f"{k}={v}" for k, v in sorted(drops.items())), file=p)
     else:
@@ -311,7 +313,7 @@ def _print_summary(summary: dict[str, Any], elapsed: float) -> None:
 def _merge_summaries(parts: list[dict[str, Any]]) -> dict[str, Any]:
     """Workers each read the whole file (packets: the same count) and follow their own connections."""
     out: dict[str, Any] = {"packets": 0, "connections": 0, "events": 0, "spans": 0, "exported": {}, "drops": {},
-                           "errors": []}
+                           "errors": [], "truncated": []}
     for p in parts:
         out["packets"] = max(out["packets"], p.get("packets", 0))
         for k in ("connections", "events", "spans"):
@@ -323,7 +325,44 @@ def _merge_summaries(parts: list[dict[str, Any]]) -> dict[str, Any]:
         for k, n in (p.get("protocols") or {}).items():
             out.setdefault("protocols", {})[k] = out.get("protocols", {}).get(k, 0) + n
         out["errors"] += [e for e in p.get("errors") or () if e not in out["errors"]]
+        out["truncated"] += [e for e in p.get("truncated") or () if e not in out["truncated"]]
     return out
+
+
+def _verdict(summary: dict[str, Any], problems: list[str], interrupted: bool, allow_truncated: bool) -> int:
+    """Print what went wrong and return the exit code: undelivered spans and input errors 1,
+    then an interruption 130, then a capture cut short 3 (unless ``--allow-truncated``)."""
+    problems = problems + [e for e in summary.get("errors") or () if e not in problems]
+    _print_errors(problems)
+    cut = summary.get("truncated") or []
+    for m in cut:
+        if allow_truncated:
+            print(f"warning: {m} (accepted: --allow-truncated)", file=sys.stderr)
+        else:
+            print(f"error: {m} (exit {EXIT_TRUNCATED}; --allow-truncated accepts a cut-short capture)",
+                  file=sys.stderr)
+    if problems:
+        return EXIT_ERROR
+    if interrupted:
+        return EXIT_INTERRUPTED
+    return EXIT_TRUNCATED if cut and not allow_truncated else EXIT_OK
+
+
+def _unreadable_input(path: str) -> str | None:
+    """One line on why ``replay`` cannot read ``path`` at all, or None: checked before anything
+    starts, so ``--output`` is not emptied and no worker is forked for a file that is no capture."""
+    from receivers.pcap import CaptureError, capture_files, check_capture
+    files = capture_files(path)
+    if not files:
+        if os.path.isdir(path):
+            return f"{path}: no capture files in this directory (.pcap, .pcapng, .cap, .dmp)"
+        return f"{path}: no such file" if not any(c in path for c in "*?[") else f"{path}: no file matches"
+    for f in files:
+        try:
+            check_capture(f)
+        except CaptureError as e:
+            return f"{f}: {e}"
+    return None
 
 
 def _replay_parallel(args: argparse.Namespace) -> int:
@@ -371,8 +410,10 @@ def _replay_parallel(args: argparse.Namespace) -> int:
                     sub = copy.copy(args)
                     sub.output, sub.shard, sub.summary_json, sub.workers = part, f"{k}/{n}", summ, 1
                     code = cmd_replay(sub)
-                except BaseException:
-                    traceback.print_exc()
+                except BaseException as e:  # the parent reports "left no summary"; say why once
+                    if os.environ.get("WIRESPAN_DEBUG"):
+                        traceback.print_exc()
+                    print(f"wirespan replay: worker {k}: {describe(e)}", file=sys.stderr)
                 finally:
                     _flush_stdout()
                     sys.stderr.flush()
@@ -393,12 +434,14 @@ def _replay_parallel(args: argparse.Namespace) -> int:
                 continue
             for wpid in pending:  # the workers drain what they read, as a single replay does
                 os.kill(wpid, sig)
+        interrupted = False
         for k, (_, _part, summ) in enumerate(workers):
             try:
                 with open(summ) as f:
                     got = json.load(f)
                 parts.append(got["summary"])
                 problems += [f"worker {k}: {e}" for e in got["problems"]]
+                interrupted = interrupted or bool(got.get("interrupted"))
             except (OSError, ValueError, KeyError):
                 problems.append(f"worker {k} exited with {codes[k]} and left no summary")
         with open(output, "wb") as out:
@@ -408,12 +451,10 @@ def _replay_parallel(args: argparse.Namespace) -> int:
                         shutil.copyfileobj(f, out, 1 << 20)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    _print_summary(_merge_summaries(parts), time.monotonic() - t0)
-    _print_errors(problems)
-    code = max(codes) if codes else 1
-    if problems and code == 0:
-        code = 1
-    if code == 0:
+    merged = _merge_summaries(parts)
+    _print_summary(merged, time.monotonic() - t0)
+    code = _verdict(merged, problems, interrupted, args.allow_truncated)
+    if code in (EXIT_OK, EXIT_TRUNCATED):
         print(f"replay: spans written to {output} ({n} workers)", file=sys.stderr)
     return code
 
@@ -458,6 +499,11 @@ def cmd_replay(args: argparse.Namespace) -> int:
     from service.pipeline import BuildError, Service, StartError
 
     slog.setup("warning" if not args.verbose else "info")
+    if not args.shard:  # checked once, by the parent: a worker's input was checked before the fork
+        bad = _unreadable_input(args.file)
+        if bad:
+            print(f"error: {bad}", file=sys.stderr)
+            return EXIT_ERROR
     if args.workers == "auto":
         args.workers = _auto_workers(args)
     if args.workers > 1 and not args.shard:
@@ -501,16 +547,16 @@ def cmd_replay(args: argparse.Namespace) -> int:
         problems += svc.undelivered()
     _flush_stdout()
     summary = _summary(svc)
-    code = 1 if problems else (130 if interrupted else 0)
-    if args.summary_json:  # a worker: the parent prints one merged summary
+    if args.summary_json:  # a worker: the parent prints one merged summary and decides the exit code
         with open(args.summary_json, "w") as f:
-            json.dump({"summary": summary, "problems": problems}, f)
+            json.dump({"summary": summary, "problems": problems, "interrupted": interrupted}, f)
+        code = EXIT_ERROR if problems else EXIT_OK
         if not finished:
             os._exit(code)
         return code
     _print_summary(summary, time.monotonic() - t0)
-    _print_errors(problems)
-    if output and not problems:
+    code = _verdict(summary, problems, interrupted, args.allow_truncated)
+    if output and code in (EXIT_OK, EXIT_TRUNCATED):
         print(f"replay: spans written to {output}", file=sys.stderr)
     if not finished:
         sys.stderr.flush()
@@ -540,6 +586,9 @@ def build_parser() -> argparse.ArgumentParser:
     config_opts(p, "pipeline YAML (repeatable, merged in order); default: the built-in default pipeline")
     p.add_argument("--drain-timeout", type=_duration, default=DEFAULT_DRAIN_TIMEOUT,
                    help="longest wait for queues to drain at shutdown (default 30s)")
+    p.add_argument("--allow-truncated", action="store_true",
+                   help=f"a capture file (pcap receiver) cut short or damaged is not an error (else exit "
+                        f"{EXIT_TRUNCATED})")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("validate", help="check a config and exit 0, or print its errors and exit 1")
@@ -562,6 +611,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "stay in order, the file is their concatenation. auto (the default): one per core, "
                         f"at most {AUTO_MAX_WORKERS}, for a capture of {AUTO_WORKERS_MIN_MB} MB or more "
                         "written with --output; else 1")
+    p.add_argument("--allow-truncated", action="store_true",
+                   help=f"a capture cut short (or damaged) exits 0 after replaying what it holds, not "
+                        f"{EXIT_TRUNCATED}")
     p.add_argument("--shard", help=argparse.SUPPRESS)          # K/N: one worker of --workers
     p.add_argument("--summary-json", help=argparse.SUPPRESS)   # a worker hands its summary back here
     p.add_argument("-v", "--verbose", action="store_true", help="log at info level")

@@ -274,7 +274,11 @@ service:
   pipelines:
     traces: {{receivers: [anything], processors: [ev], exporters: [recording]}}
 """)
-    return subprocess.run([sys.executable, "-c", FAKE_PCAP_CHILD, "replay", "whatever.pcap", "--config", str(cfg),
+    # replay checks FILE is a capture before anything starts: an empty one (its header only)
+    import struct
+    cap = tmp_path / "whatever.pcap"
+    cap.write_bytes(struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 65535, 1))
+    return subprocess.run([sys.executable, "-c", FAKE_PCAP_CHILD, "replay", str(cap), "--config", str(cfg),
                            *extra], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=60)
 
 
@@ -480,3 +484,127 @@ def test_describe_is_one_line_without_class_names() -> None:
     assert describe(ConnectionRefusedError()) == "connection refused"
     assert describe(RuntimeError("two\nlines")) == "two lines"
     assert describe(KeyError("k")) == "internal error: missing key 'k'"
+
+
+# -- exit codes by input kind (issue 19 item 1) ---------------------------------------------
+def _inputs(capture: Path, d: Path) -> dict[str, Path]:
+    import gzip
+    data = capture.read_bytes()
+    made = {"text": b"GET / HTTP/1.1\r\nHost: x\r\n\r\nthis is a text file renamed .pcap\n", "empty": b"",
+            "header_cut": data[:10]}
+    out = {}
+    for name, body in made.items():
+        out[name] = d / f"{name}.pcap"
+        out[name].write_bytes(body)
+    out["gzip"] = d / "capture.pcap.gz"
+    out["gzip"].write_bytes(gzip.compress(data))
+    return out
+
+
+@pytest.mark.parametrize("kind,says", [
+    ("text", "not a pcap or pcapng file (it starts with 47 45 54 20, 'GET / HT')"),
+    ("empty", "empty file (0 bytes), not a capture"),
+    ("gzip", "gzip-compressed, not a capture; decompress it first (gunzip -k FILE)"),
+    ("header_cut", "pcap file header cut short (10 of 24 bytes)"),
+])
+def test_replay_unreadable_input_exits_1_with_one_line(capture: Path, tmp_path: Path, kind: str, says: str) -> None:
+    path = _inputs(capture, tmp_path)[kind]
+    out = tmp_path / "spans.jsonl"
+    out.write_text("kept\n")
+    for workers in ("1", "2"):
+        r = cli("replay", str(path), "--output", str(out), "--workers", workers)
+        assert r.returncode == 1, r.stderr
+        assert r.stderr == f"error: {path}: {says}\n"           # one clear line, nothing else
+        assert out.read_text() == "kept\n"                     # nothing ran: the output is untouched
+
+
+def test_replay_missing_and_empty_directory_exit_1(tmp_path: Path) -> None:
+    r = cli("replay", str(tmp_path / "nope.pcap"))
+    assert (r.returncode, r.stderr) == (1, f"error: {tmp_path / 'nope.pcap'}: no such file\n")
+    (tmp_path / "notes.txt").write_text("x")
+    r = cli("replay", str(tmp_path))
+    assert r.returncode == 1 and r.stderr.startswith(f"error: {tmp_path}: no capture files in this directory")
+
+
+def _spans_in(path: Path) -> int:
+    return sum(len(ss["spans"]) for line in path.read_text().splitlines()
+               for rs in json.loads(line)["resourceSpans"] for ss in rs["scopeSpans"])
+
+
+@pytest.mark.parametrize("fmt", ["pcap", "pcapng"])
+def test_replay_truncated_exits_3_says_where_and_keeps_what_came_before(tmp_path: Path, fmt: str) -> None:
+    import shutil as sh
+
+    from bench.gen_http_capture import generate
+    whole = tmp_path / f"whole.{fmt}"
+    generate(str(whole), connections=3, requests=4, pcapng=fmt == "pcapng")
+    data = whole.read_bytes()
+    cut = tmp_path / f"cut.{fmt}"
+    cut.write_bytes(data[: len(data) * 2 // 3 + 5])            # inside a packet
+    out = tmp_path / "spans.jsonl"
+    r = cli("replay", str(cut), "--output", str(out))
+    assert r.returncode == 3, r.stderr
+    err = [ln for ln in r.stderr.splitlines() if ln.startswith("error: ")]
+    assert len(err) == 1 and f"{cut}: cut short: truncated" in err[0] and " at offset " in err[0]
+    assert "--allow-truncated" in err[0]
+    packets = int(next(ln for ln in r.stderr.splitlines() if " packets, " in ln).split()[1])
+    assert f"the {packets} packets before it were replayed" in err[0]
+    assert 0 < _spans_in(out) < 12                              # what came before the cut was delivered
+    if sh.which("tshark"):                                      # the reference: non-zero, same packets read
+        t = subprocess.run(["tshark", "-r", str(cut), "-T", "fields", "-e", "frame.number"], capture_output=True,
+                           text=True, timeout=60)
+        assert t.returncode == 2 and len(t.stdout.split()) == packets
+    r2 = cli("replay", str(cut), "--output", str(out), "--allow-truncated")
+    assert r2.returncode == 0, r2.stderr
+    assert "error:" not in r2.stderr and "(accepted: --allow-truncated)" in r2.stderr
+    r3 = cli("replay", str(cut), "--output", str(out), "--workers", "2")
+    assert r3.returncode == 3, r3.stderr
+    assert len([ln for ln in r3.stderr.splitlines() if ln.startswith("error: ")]) == 1
+    assert "drops: truncated_file=1" in r3.stderr
+
+
+def test_replay_damaged_record_exits_3(capture: Path, tmp_path: Path) -> None:
+    import struct
+    data = bytearray(capture.read_bytes())
+    struct.pack_into("<I", data, 24 + 8, 1 << 30)               # the first record claims a 1 GiB packet
+    bad = tmp_path / "damaged.pcap"
+    bad.write_bytes(bytes(data))
+    r = cli("replay", str(bad), "--output", str(tmp_path / "o.jsonl"))
+    assert r.returncode == 3, r.stderr
+    assert f"error: {bad}: damaged: corrupt record at offset 24" in r.stderr
+
+
+def _run_config(tmp_path: Path, capture: Path) -> Path:
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(f"""
+receivers: {{pcap: {{path: "{capture}"}}}}
+processors: {{protocols: {{}}}}
+exporters: {{file: {{path: "{tmp_path / 'run.jsonl'}"}}}}
+service:
+  telemetry: {{metrics: {{address: ""}}, health: {{address: ""}}}}
+  pipelines: {{traces: {{receivers: [pcap], processors: [protocols], exporters: [file]}}}}
+""")
+    return cfg
+
+
+def test_run_unreadable_capture_exits_1(capture: Path, tmp_path: Path) -> None:
+    for kind, path in _inputs(capture, tmp_path).items():
+        r = cli("run", "--config", str(_run_config(tmp_path, path)))
+        assert r.returncode == 1, (kind, r.stderr)
+        errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error: ")]
+        assert errors == [ln for ln in r.stderr.splitlines() if "error" in ln], r.stderr  # one line says it
+        assert len(errors) == 1 and errors[0].startswith(f"error: receivers::pcap: failed to start: {path}: ")
+
+
+def test_run_truncated_capture_exits_3_unless_allowed(capture: Path, tmp_path: Path) -> None:
+    data = capture.read_bytes()
+    cut = tmp_path / "cut.pcap"
+    cut.write_bytes(data[: len(data) // 2 + 3])
+    cfg = _run_config(tmp_path, cut)
+    r = cli("run", "--config", str(cfg))
+    assert r.returncode == 3, r.stderr
+    assert f"error: {cut}: cut short: truncated" in r.stderr
+    assert _spans_in(tmp_path / "run.jsonl") > 0
+    r = cli("run", "--config", str(cfg), "--allow-truncated")
+    assert r.returncode == 0, r.stderr
+    assert cli("run", "--config", str(_run_config(tmp_path, capture))).returncode == 0

@@ -13,6 +13,7 @@ import io
 import logging
 import mmap
 import os
+import re
 import shutil
 import struct
 import subprocess
@@ -37,6 +38,7 @@ from receivers.pcap import (
     PcapngReader,
     PcapReader,
     PcapReceiver,
+    check_capture,
     open_capture,
     reader_for,
 )
@@ -367,11 +369,15 @@ def test_truncated_file_keeps_events_before_the_cut(tmp_path, caplog):
     data = g.write_pcap(None, [g.ether(p) for p in pk])
     path = tmp_path / "cut.pcap"
     path.write_bytes(data[: len(data) * 2 // 3])
-    with caplog.at_level(logging.ERROR, logger="wirespan.receivers.pcap"):
+    with caplog.at_level(logging.INFO, logger="wirespan.receivers.pcap"):
         rc, sink = replay(path)
     assert rc.done.is_set()
     assert any("truncated" in m and "cut.pcap" in m for m in caplog.messages)
     assert rc.stats["drops"].get("truncated_file") == 1
+    # where it stopped, for the command's exit-3 line
+    assert len(rc.truncated) == 1 and rc.stats["truncated"] == rc.truncated
+    assert rc.truncated[0].startswith(f"{path}: cut short: truncated ") and " at offset " in rc.truncated[0]
+    assert f"the {rc.stats['packets']} packets before it were replayed" in rc.truncated[0]
     whole_rc, whole = replay_bytes(tmp_path, data)
     n_before = rc.stats["packets"]
     assert 0 < n_before < whole_rc.stats["packets"]
@@ -393,10 +399,44 @@ def test_unreadable_file_sets_done_and_counts(tmp_path, caplog):
     p.write_bytes(b"this is not a capture file at all")
     e = tmp_path / "empty.pcap"
     e.write_bytes(b"")
+    # start() refuses these (test_unreadable_inputs_refuse_to_start); a file that turns bad after
+    # the start (replaced meanwhile) still meets the reader thread's own check: run() is that thread
+    sink = Sink()
+    rc = PcapReceiver("pcap/test", {"path": str(tmp_path / "*.pcap"), "progress": False}, sink)
     with caplog.at_level(logging.ERROR, logger="wirespan.receivers.pcap"):
-        rc, sink = replay(tmp_path / "*.pcap")
+        rc.run()
+    assert rc.done.is_set()
     assert rc.stats["drops"] == {"unreadable_file": 2} and sink.events == []
-    assert len(rc.stats["errors"]) == 2
+    assert len(rc.stats["errors"]) == 2 and len(rc.unreadable) == 2
+
+
+def test_unreadable_inputs_refuse_to_start(tmp_path):
+    """start() reads each file's first bytes: no capture, no start (a one-line reason naming the file)."""
+    import gzip
+    good = g.write_pcap(None, [g.ether(p) for p in http_flow_packets(1, 1)])
+    cases = {"text.pcap": (b"hello world, a text file\n", "not a pcap or pcapng file (it starts with 68 65 6c 6c"),
+             "empty.pcap": (b"", "empty file (0 bytes), not a capture"),
+             "c.pcap.gz": (gzip.compress(good), "gzip-compressed, not a capture; decompress it first"),
+             "c.pcap.zst": (b"\x28\xb5\x2f\xfd" + bytes(20), "zstd-compressed"),
+             "short.pcap": (good[:3], "3 bytes long, shorter than a capture file header"),
+             "hdr.pcap": (good[:20], "pcap file header cut short (20 of 24 bytes)")}
+    for name, (body, says) in cases.items():
+        p = tmp_path / name
+        p.write_bytes(body)
+        with pytest.raises(CaptureError) as ei:
+            check_capture(p)
+        assert says in str(ei.value) and "\n" not in str(ei.value)
+        rc = PcapReceiver("pcap", {"path": str(p)}, Sink())
+        with pytest.raises(CaptureError, match=re.escape(f"{p}: {says}")):
+            rc.start()
+        assert rc._thread is None
+    ok = tmp_path / "ok.pcap"
+    ok.write_bytes(good)
+    check_capture(ok)                                  # a capture: no error
+    # a glob with one bad file among good ones refuses too: an unreadable input is an error
+    rc = PcapReceiver("pcap", {"path": str(tmp_path / "*.pcap")}, Sink())
+    with pytest.raises(CaptureError):
+        rc.start()
 
 
 def test_missing_path_refuses_to_start(tmp_path):
