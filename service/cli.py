@@ -253,6 +253,50 @@ def replay_config(raw: dict[str, Any], capture: str, output: str | None) -> dict
     return raw
 
 
+def _replay_sets(sets: list[str], output: bool) -> tuple[list[str], list[str]]:
+    """Split ``replay``'s ``--set``s into those applied to the config before its receivers (and,
+    with ``--output``, exporters) are replaced and those applied to the replacements; refuse,
+    naming the path, any that the replacement would silently drop.
+
+    Raises:
+        ConfigError: every refused ``--set``, each with the reason.
+    """
+    before: list[str] = []
+    after: list[str] = []
+    errors: list[str] = []
+    for s in sets:
+        key = s.partition("=")[0].strip()
+        parts = key.split("::") if "::" in key else key.split(".")
+        section, comp = parts[0], (parts[1] if len(parts) > 1 else "")
+        opt = parts[2] if len(parts) > 2 else ""
+        why = ""
+        if section == "receivers":
+            if comp != "pcap":
+                why = "replay reads FILE with one pcap receiver; only receivers.pcap.* applies"
+            elif opt == "path" or len(parts) == 2:
+                why = "replay reads FILE (give the capture as FILE); set receivers.pcap.<option> instead"
+        elif section == "exporters" and output:
+            if comp != "file":
+                why = "with --output, replay writes one file exporter; only exporters.file.* applies"
+            elif opt == "path" or len(parts) == 2:
+                why = "--output gives the file exporter's path; set exporters.file.<option> instead"
+        elif section == "service" and comp == "pipelines" and len(parts) > 2:
+            if len(parts) == 3 or parts[3] == "receivers" or (output and parts[3] == "exporters"):
+                why = "replay sets the pipelines' receivers" + (" and exporters" if output else "") + \
+                      "; set their processors (service.pipelines.<id>.processors) instead"
+        elif section == "service" and comp == "telemetry" and opt in ("metrics", "health"):
+            why = "replay serves no telemetry endpoints (wirespan run does)"
+        if why:
+            errors.append(f"--set {s}: {why}")
+        elif section == "receivers" or (section == "exporters" and output):
+            after.append(s)
+        else:
+            before.append(s)
+    if errors:
+        raise ConfigError(errors)
+    return before, after
+
+
 def _summary(svc: Any) -> dict[str, Any]:
     from service import telemetry as tm
     out: dict[str, Any] = {"packets": 0, "connections": 0, "events": 0, "spans": 0, "exported": 0, "drops": {}}
@@ -511,7 +555,10 @@ def cmd_replay(args: argparse.Namespace) -> int:
     capture = os.path.abspath(args.file)
     output = os.path.abspath(args.output) if args.output else None
     try:
-        raw = replay_config(wconfig.load_raw(_config_files(args), args.set), capture, output)
+        before, after = _replay_sets(args.set, output is not None)
+        raw = replay_config(wconfig.load_raw(_config_files(args), before), capture, output)
+        for s in after:  # receivers.pcap.* and (with --output) exporters.file.*: onto what replay built
+            raw = wconfig.apply_set(raw, s)
         if args.shard:
             k, _, n = args.shard.partition("/")
             raw["receivers"]["pcap"]["shard"] = {"index": int(k), "count": int(n)}

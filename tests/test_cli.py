@@ -608,3 +608,41 @@ def test_run_truncated_capture_exits_3_unless_allowed(capture: Path, tmp_path: P
     r = cli("run", "--config", str(cfg), "--allow-truncated")
     assert r.returncode == 0, r.stderr
     assert cli("run", "--config", str(_run_config(tmp_path, capture))).returncode == 0
+
+
+# -- replay --set (issue 19 item 3) -----------------------------------------------------------
+def test_replay_set_applies_to_the_pcap_receiver(capture: Path, tmp_path: Path) -> None:
+    out = tmp_path / "spans.jsonl"
+    r = cli("replay", str(capture), "--output", str(out), "--set", "receivers.pcap.filter.ports=[9999]")
+    assert r.returncode == 0, r.stderr
+    assert _spans_in(out) == 0 and "drops: filtered=42" in r.stderr   # every packet filtered out
+    port = 8080                                                          # bench/gen_http_capture's server port
+    r = cli("replay", str(capture), "--output", str(out), "--set", f"receivers::pcap::filter::ports=[{port}]",
+            "--workers", "2")
+    assert r.returncode == 0, r.stderr
+    assert _spans_in(out) == 12
+    # the file exporter's own options apply too (not its path: --output is that)
+    r = cli("replay", str(capture), "--output", str(out), "--set", "exporters.file.flush_interval=0s")
+    assert r.returncode == 0 and _spans_in(out) == 12
+
+
+def test_replay_set_unknown_option_is_a_path_named_error(capture: Path, tmp_path: Path) -> None:
+    r = cli("replay", str(capture), "--output", str(tmp_path / "o.jsonl"), "--set", "receivers.pcap.nonsense=1")
+    assert r.returncode == 1
+    assert r.stderr == "error: receivers::pcap: unknown option 'nonsense'\n"
+
+
+def test_replay_set_that_replay_would_drop_is_refused(capture: Path, tmp_path: Path) -> None:
+    r = cli("replay", str(capture), "--output", str(tmp_path / "o.jsonl"),
+            "--set", "receivers.live.ports=[80]", "--set", "receivers.pcap.path=/elsewhere.pcap",
+            "--set", "exporters.otlp.endpoint=localhost:4317", "--set", "exporters.file.path=/x.jsonl",
+            "--set", "service.pipelines.traces.receivers=[live]", "--set", "service.telemetry.health.address=:1")
+    assert r.returncode == 1
+    errs = r.stderr.splitlines()
+    assert len(errs) == 6 and all(e.startswith("error: --set ") for e in errs)
+    assert "error: --set receivers.live.ports=[80]: replay reads FILE with one pcap receiver" in r.stderr
+    assert "error: --set exporters.otlp.endpoint=localhost:4317: with --output" in r.stderr
+    # without --output the config's exporters are used, so setting them applies
+    r = cli("replay", str(capture), "--set", "exporters.debug.verbosity=basic")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "debug: 12 spans\n"
