@@ -230,9 +230,15 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+#: wirespan's own telemetry ports, one off the Collector's (8888 metrics, 13133 health_check):
+#: the Collector is the usual neighbour, and a default that collides with it fails first.
+DEFAULT_METRICS_ADDRESS = "localhost:8898"
+DEFAULT_HEALTH_ADDRESS = "localhost:13134"
+
+
 class MetricsTelemetry(_Strict):
     #: host:port of the Prometheus endpoint; "" turns it off.
-    address: str = "localhost:8888"
+    address: str = DEFAULT_METRICS_ADDRESS
     path: str = "/metrics"
     #: "none" turns the endpoint off; the Collector's other levels are accepted and
     #: currently export the same set.
@@ -240,8 +246,8 @@ class MetricsTelemetry(_Strict):
 
 
 class HealthTelemetry(_Strict):
-    #: host:port of the health endpoint (the Collector's health_check default); "" turns it off.
-    address: str = "localhost:13133"
+    #: host:port of the health endpoint; "" turns it off.
+    address: str = DEFAULT_HEALTH_ADDRESS
     path: str = "/"
 
 

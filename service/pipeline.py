@@ -442,6 +442,7 @@ class Runner:
         self._metrics: tm.TelemetryServer | None = None
         self._health: tm.TelemetryServer | None = None
         self._telemetry_key: Any = None
+        self._telemetry_missing = False   # an endpoint could not listen (port taken): retried at a reload
         self._lock = threading.RLock()
         self.state = "starting"
 
@@ -465,26 +466,41 @@ class Runner:
             from service import log as slog
             slog.setup(t.logs.level, t.logs.encoding)
         key = (t.metrics.address, t.metrics.path, t.metrics.level, t.health.address, t.health.path)
-        if key == self._telemetry_key:
-            return
+        if key == self._telemetry_key and not self._telemetry_missing:
+            return  # unchanged and serving (one that could not listen is tried again at a reload)
         self._close_telemetry()
+        missing = False
         try:
             if t.metrics.address and t.metrics.level != "none":
-                try:
-                    self._metrics = tm.start_metrics_server(t.metrics.address, t.metrics.path)
-                except (OSError, ValueError) as e:
-                    raise ConfigError(f"service::telemetry::metrics::address: cannot listen on "
-                                      f"{t.metrics.address}: {e}")
+                self._metrics = self._listen("metrics", t.metrics.address,
+                                             lambda: tm.start_metrics_server(t.metrics.address, t.metrics.path))
+                missing = self._metrics is None
             if t.health.address:
-                try:
-                    self._health = tm.start_health_server(t.health.address, self.ready, t.health.path)
-                except (OSError, ValueError) as e:
-                    raise ConfigError(f"service::telemetry::health::address: cannot listen on "
-                                      f"{t.health.address}: {e}")
+                self._health = self._listen("health", t.health.address,
+                                            lambda: tm.start_health_server(t.health.address, self.ready,
+                                                                           t.health.path))
+                missing = missing or self._health is None
         except ConfigError:
             self._close_telemetry()
             raise
         self._telemetry_key = key
+        self._telemetry_missing = missing
+
+    @staticmethod
+    def _listen(name: str, address: str, start: Callable[[], tm.TelemetryServer]) -> tm.TelemetryServer | None:
+        """Start one endpoint. A malformed address is a config error; a port that is taken (say, by
+        a Collector next door) or not ours to bind is a warning: the pipelines run without it."""
+        try:
+            tm.parse_address(address)
+        except ValueError as e:
+            raise ConfigError(f"service::telemetry::{name}::address: {e}") from None
+        try:
+            return start()
+        except OSError as e:
+            log.warning("service::telemetry::%s::address: cannot listen on %s: %s; running without the %s "
+                        "endpoint (free the port or set another address, then SIGHUP)",
+                        name, address, (e.strerror or str(e)).lower(), name)
+            return None
 
     def _close_telemetry(self) -> None:
         for s in (self._metrics, self._health):

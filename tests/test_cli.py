@@ -646,3 +646,54 @@ def test_replay_set_that_replay_would_drop_is_refused(capture: Path, tmp_path: P
     r = cli("replay", str(capture), "--set", "exporters.debug.verbosity=basic")
     assert r.returncode == 0, r.stderr
     assert r.stdout == "debug: 12 spans\n"
+
+
+# -- telemetry ports (issue 19 item 6) ------------------------------------------------------
+def _hold(port: int):
+    import socket
+    s = socket.socket()
+    try:
+        s.bind(("127.0.0.1", port))
+        s.listen()
+    except OSError:        # taken already (a real Collector here?): the same situation for the test
+        s.close()
+        return None
+    return s
+
+
+def test_demo_run_next_to_a_collector() -> None:
+    """The README's first command while something holds the Collector's 8888 and 13133 and
+    wirespan's own 8898 and 13134: the demo opens no endpoint, so it runs."""
+    held = [_hold(p) for p in (8888, 13133, 8898, 13134)]
+    try:
+        r = cli("run", timeout=60)
+    finally:
+        for s in held:
+            if s is not None:
+                s.close()
+    assert r.returncode == 0, r.stderr
+    assert " SERVER " in r.stdout and "cannot listen" not in r.stderr and "error" not in r.stderr
+
+
+def test_run_whose_metrics_port_is_taken_says_so_and_keeps_running(tmp_path: Path) -> None:
+    hport = free_port()
+    taken = _hold(free_port())
+    assert taken is not None
+    mport = taken.getsockname()[1]
+    cfg, out = tmp_path / "c.yaml", tmp_path / "out.jsonl"
+    live_config(cfg, out, hport)
+    cfg.write_text(cfg.read_text().replace('metrics: {address: ""}', f'metrics: {{address: "127.0.0.1:{mport}"}}'))
+    p = subprocess.Popen([sys.executable, "-m", "service.cli", "run", "--config", str(cfg)], cwd=ROOT, env=ENV,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: health(hport) == 200, what="health 200")
+        wait_for(lambda: lines(out) >= 3, what="spans flowing")
+        p.send_signal(signal.SIGTERM)
+        _, err = p.communicate(timeout=20)
+    finally:
+        taken.close()
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 0, err
+    assert (f"service::telemetry::metrics::address: cannot listen on 127.0.0.1:{mport}: address already in use; "
+            "running without the metrics endpoint") in err

@@ -82,7 +82,8 @@ def test_valid_config_is_typed(reg: Registry) -> None:
     p = cfg.pipelines["traces"]
     assert (p.receivers, p.processors) == (["fake_finite"], ["fake_events", "batch"])
     assert p.exporters == ["debug", "file/out"]
-    assert cfg.telemetry.metrics.address == "localhost:8888" and cfg.telemetry.health.address == "localhost:13133"
+    # wirespan's own defaults, not the Collector's 8888/13133 (issue 19 item 6)
+    assert cfg.telemetry.metrics.address == "localhost:8898" and cfg.telemetry.health.address == "localhost:13134"
 
 
 def test_all_errors_reported_at_once(reg: Registry) -> None:

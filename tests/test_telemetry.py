@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import socket
 import threading
 import time
@@ -145,15 +146,39 @@ def test_endpoints_can_be_disabled(reg: Registry) -> None:
         r.stop()
 
 
-def test_port_in_use_is_a_clear_error(reg: Registry) -> None:
+def test_port_in_use_is_a_warning_and_the_pipelines_run(reg: Registry, caplog: pytest.LogCaptureFixture) -> None:
+    """A port taken (a Collector next door) is said once; the pipelines run without that endpoint,
+    the other endpoint serves, and a reload once the port is free opens it (issue 19 item 6)."""
+    hport = free_port()
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         s.listen()
         port = s.getsockname()[1]
-        r = Runner(make_load(reg, {"metrics": {"address": f"127.0.0.1:{port}"}, "health": {"address": ""}}))
-        with pytest.raises(c.ConfigError, match=rf"service::telemetry::metrics::address: cannot listen on "
-                                                rf"127.0.0.1:{port}"):
+        r = Runner(make_load(reg, {"metrics": {"address": f"127.0.0.1:{port}"},
+                                   "health": {"address": f"127.0.0.1:{hport}"}}))
+        with caplog.at_level(logging.WARNING, logger="wirespan.pipeline"):
             r.start()
+        try:
+            assert r.ready()[0] and r.metrics_port is None and r.health_port == hport
+            assert get(f"http://127.0.0.1:{hport}/")[0] == 200
+            warned = [m for m in caplog.messages if "cannot listen" in m]
+            assert warned == [f"service::telemetry::metrics::address: cannot listen on 127.0.0.1:{port}: address "
+                              "already in use; running without the metrics endpoint (free the port or set another "
+                              "address, then SIGHUP)"]
+        except BaseException:
+            r.stop()
+            raise
+    try:
+        assert r.reload() is True                   # the port is free now: the same config opens it
+        assert r.metrics_port == port and get(f"http://127.0.0.1:{port}/metrics")[0] == 200
+    finally:
+        r.stop()
+
+
+def test_malformed_telemetry_address_is_a_config_error(reg: Registry) -> None:
+    r = Runner(make_load(reg, {"metrics": {"address": "localhost"}, "health": {"address": ""}}))
+    with pytest.raises(c.ConfigError, match=r"service::telemetry::metrics::address: address 'localhost' must be"):
+        r.start()
 
 
 def test_parse_address() -> None:
