@@ -44,6 +44,11 @@ __all__ = [
     "expand",
     "validate",
     "KINDS",
+    "MAX_CONFIG_BYTES",
+    "MAX_CONFIG_NODES",
+    "MAX_CONFIG_DEPTH",
+    "YamlLimitError",
+    "load_yaml",
 ]
 
 log = logging.getLogger("wirespan.config")
@@ -106,6 +111,131 @@ Duration = Annotated[float, BeforeValidator(parse_duration)]
 
 
 # ---------------------------------------------------------------------------
+# YAML with limits (hostile input: "billion laughs", huge or deeply nested files)
+# ---------------------------------------------------------------------------
+#: A config file (or a ``--set`` value) larger than this is refused before it is parsed;
+#: a real pipeline is a few KiB.
+MAX_CONFIG_BYTES = 4 * 1024 * 1024
+#: At most this many YAML nodes (maps, lists, keys and scalars) once aliases are expanded.
+MAX_CONFIG_NODES = 1_000_000
+#: At most this deep, aliases expanded (a real pipeline nests under 10 levels).
+MAX_CONFIG_DEPTH = 100
+
+
+def allowed_alias_ratio(nodes: int) -> float:
+    """The share of a document's nodes that may come from alias expansion.
+
+    The rule of go-yaml v3, the Collector's YAML library: 99 % up to 400k nodes, down
+    linearly to 10 % at 4M; it applies once more than 100 nodes come from aliases and
+    the document has more than 1000 nodes.
+    """
+    if nodes <= 400_000:
+        return 0.99
+    if nodes >= 4_000_000:
+        return 0.10
+    return 0.99 - 0.89 * (nodes - 400_000) / 3_600_000
+
+
+class YamlLimitError(yaml.YAMLError):
+    """The document breaks one of the limits above (it is refused, not parsed further)."""
+
+
+def _expanded(node: yaml.Node, memo: dict[int, tuple[int, int]]) -> tuple[int, int]:
+    """(nodes, depth) of ``node`` with every alias expanded, without expanding anything.
+
+    Composed nodes form a DAG (an alias is the anchored node itself), so sizes are
+    memoized per node: linear in the distinct nodes, whatever the expansion. Iterative.
+    """
+    stack: list[tuple[yaml.Node, bool]] = [(node, False)]
+    while stack:
+        n, children_done = stack.pop()
+        if id(n) in memo:
+            continue
+        if isinstance(n, yaml.ScalarNode):
+            memo[id(n)] = (1, 1)
+            continue
+        kids = n.value if isinstance(n, yaml.SequenceNode) else [x for kv in n.value for x in kv]
+        if children_done:
+            sub = [memo[id(k)] for k in kids]
+            memo[id(n)] = (1 + sum(k[0] for k in sub), 1 + max((k[1] for k in sub), default=0))
+        else:
+            stack.append((n, True))
+            stack.extend((k, False) for k in kids if id(k) not in memo)
+    return memo[id(node)]
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses excessive aliasing, recursive aliases and deep nesting."""
+
+    def __init__(self, stream: Any) -> None:
+        super().__init__(stream)
+        self._memo: dict[int, tuple[int, int]] = {}
+        self._aliased = 0             # nodes reached through aliases, expanded
+        self._aliases = 0             # alias occurrences
+        self._depth = 0
+        self._open: set[str] = set()  # anchors whose node is still being composed
+
+    def fetch_flow_collection_start(self, TokenClass: Any) -> None:
+        # The scanner's per-token work grows with the flow level ("[[[[..." is quadratic):
+        # refuse here, before the composer ever sees the nodes.
+        if self.flow_level >= MAX_CONFIG_DEPTH:
+            raise YamlLimitError(f"line {self.line + 1}: nested deeper than {MAX_CONFIG_DEPTH} levels")
+        super().fetch_flow_collection_start(TokenClass)
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        event = self.peek_event()
+        mark = event.start_mark
+        where = f"line {mark.line + 1}" if mark is not None else "document"
+        if isinstance(event, yaml.AliasEvent):
+            if event.anchor in self._open:
+                raise YamlLimitError(f"{where}: alias *{event.anchor} refers to its own anchor (recursive)")
+            target = self.anchors.get(event.anchor)
+            if target is not None:
+                size, depth = _expanded(target, self._memo)
+                self._aliases += 1
+                self._aliased += size
+                if self._aliased > MAX_CONFIG_NODES:
+                    raise YamlLimitError(f"{where}: excessive aliasing: more than {MAX_CONFIG_NODES} nodes "
+                                         f"come from alias expansion")
+                if self._depth + depth > MAX_CONFIG_DEPTH:
+                    raise YamlLimitError(f"{where}: nested deeper than {MAX_CONFIG_DEPTH} levels "
+                                         f"(aliases expanded)")
+            return super().compose_node(parent, index)
+        if self._depth >= MAX_CONFIG_DEPTH:
+            raise YamlLimitError(f"{where}: nested deeper than {MAX_CONFIG_DEPTH} levels")
+        anchor = getattr(event, "anchor", None)
+        if anchor is not None:
+            self._open.add(anchor)
+        self._depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+            if anchor is not None:
+                self._open.discard(anchor)
+
+    def compose_document(self) -> Any:
+        node = super().compose_document()
+        if node is not None and self._aliases:
+            total, _ = _expanded(node, self._memo)
+            if total > MAX_CONFIG_NODES:
+                raise YamlLimitError(f"document has {total} nodes with aliases expanded "
+                                     f"(at most {MAX_CONFIG_NODES})")
+            if (self._aliased > 100 and total > 1000
+                    and self._aliased / total > allowed_alias_ratio(total)):
+                raise YamlLimitError(f"excessive aliasing: {self._aliased} of {total} nodes come from "
+                                     f"alias expansion")
+        return node
+
+
+def load_yaml(text: str) -> Any:
+    """``yaml.safe_load`` within the limits above; raises ``yaml.YAMLError`` (``YamlLimitError``)."""
+    if len(text) > MAX_CONFIG_BYTES:
+        raise YamlLimitError(f"larger than {MAX_CONFIG_BYTES} bytes")
+    return yaml.load(text, Loader=_ConfigLoader)  # a SafeLoader subclass: safe
+
+
+# ---------------------------------------------------------------------------
 # Reading, expanding, merging
 # ---------------------------------------------------------------------------
 _REF = re.compile(r"\$\$|\$\{([^}]*)\}")
@@ -141,7 +271,7 @@ def _expand_str(s: str, path: str, config_dir: str) -> Any:
         text = _resolve_ref(m.group(1), path, config_dir)
         # The Collector gives a lone reference the YAML type of its text.
         try:
-            typed = yaml.safe_load(text) if text else text
+            typed = load_yaml(text) if text else text
         except yaml.YAMLError:
             return text
         return typed if isinstance(typed, (str, int, float, bool)) else text
@@ -173,11 +303,20 @@ def read_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     """One YAML file, expanded. An empty file is an empty config."""
     p = Path(path)
     try:
-        text = p.read_text(encoding="utf-8")
+        with p.open("rb") as f:
+            blob = f.read(MAX_CONFIG_BYTES + 1)  # bounded, even for a FIFO or /dev/zero
     except OSError as e:
         raise ConfigError(f"cannot read config file {str(path)!r}: {e.strerror or e}")
+    if len(blob) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: config file is larger than {MAX_CONFIG_BYTES} bytes; refused")
     try:
-        data = yaml.safe_load(text)
+        text = blob.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text: {e}")
+    try:
+        data = load_yaml(text)
+    except YamlLimitError as e:
+        raise ConfigError(f"{path}: refused: {e}")
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: invalid YAML: {e}")
     if data is None:
@@ -199,7 +338,9 @@ def apply_set(raw: dict[str, Any], assignment: str) -> dict[str, Any]:
     if any(not p for p in parts):
         raise ConfigError(f"--set {assignment!r}: empty key in {key!r}")
     try:
-        value = yaml.safe_load(text) if text.strip() else ""
+        value = load_yaml(text) if text.strip() else ""
+    except YamlLimitError as e:
+        raise ConfigError(f"--set {key!r}: refused: {e}")
     except yaml.YAMLError as e:
         raise ConfigError(f"--set {assignment!r}: invalid value: {e}")
     value = expand(value, os.getcwd(), "::".join(parts))

@@ -8,6 +8,7 @@ fakes (tests/support/pipeline_fakes.py) registered as ``fake_finite`` and
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -70,7 +71,8 @@ def test_error_cases(name: str, reg: Registry) -> None:
 
 def test_every_testdata_file_is_a_case() -> None:
     files = {p.name for p in DATA.glob("*.yaml")}
-    assert files == set(ERROR_CASES) | {"base.yaml", "override.yaml", "env.yaml", "class_processor.yaml"}
+    assert files == set(ERROR_CASES) | {"base.yaml", "override.yaml", "env.yaml", "class_processor.yaml",
+                                        *REFUSED_CASES, "alias_merge.yaml"}
 
 
 def test_valid_config_is_typed(reg: Registry) -> None:
@@ -192,6 +194,89 @@ def test_default_config_validates_with_builtins() -> None:
     assert cfg.pipelines["traces"].processors == ["protocols", "batch"]
     assert cfg.receivers["pcap"].config.path == str(p.parent / "samples" / "http-sample.pcap")
     assert os.path.isabs(cfg.receivers["pcap"].config.path)
+
+
+# -- hostile YAML: alias bombs, recursive aliases, deep nesting, huge files (issue 20 item 6) --
+#: file -> what its error says after "<path>: refused: "
+REFUSED_CASES = {
+    "alias_bomb.yaml": "line 8: excessive aliasing: more than 1000000 nodes come from alias expansion",
+    "alias_ratio.yaml": "excessive aliasing: 74718 of 74765 nodes come from alias expansion",
+    "alias_recursive.yaml": "line 5: alias *loop refers to its own anchor (recursive)",
+}
+
+
+@pytest.mark.parametrize("name", sorted(REFUSED_CASES))
+def test_hostile_yaml_is_refused_fast_with_bounded_memory(name: str, reg: Registry) -> None:
+    import time
+    import tracemalloc
+    tracemalloc.start()
+    t0 = time.perf_counter()
+    try:
+        errs = errors_of(name, reg)
+        elapsed = time.perf_counter() - t0
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert errs[0].startswith(f"{DATA / name}: refused: {REFUSED_CASES[name]}"), errs
+    assert elapsed < 0.5 and peak < 8 << 20, (elapsed, peak)
+
+
+def test_ordinary_anchors_aliases_and_merge_keys_work(reg: Registry) -> None:
+    cfg = c.load([DATA / "alias_merge.yaml"], registry=reg)
+    small, big = cfg.processors["batch"].config, cfg.processors["batch/big"].config
+    assert (small.timeout, small.send_batch_size) == (2.0, 50)
+    assert (big.timeout, big.send_batch_size) == (2.0, 500)      # merged, then overridden
+    assert cfg.pipelines["traces"].exporters == cfg.pipelines["traces/2"].exporters == ["debug", "file/out"]
+
+
+def test_alias_ratio_rule_is_go_yamls() -> None:
+    assert c.allowed_alias_ratio(1000) == c.allowed_alias_ratio(400_000) == 0.99
+    assert c.allowed_alias_ratio(2_200_000) == pytest.approx(0.545)
+    assert c.allowed_alias_ratio(4_000_000) == c.allowed_alias_ratio(10**9) == 0.10
+    # many aliases of a small anchor, as configs use them, are fine (ratio under 99 %)
+    doc = "a: &a {x: 1, y: 2}\n" + "".join(f"k{i}: *a\n" for i in range(2000))
+    assert len(c.load_yaml(doc)) == 2001
+    # a large expansion under the node limit but past the ratio is not
+    with pytest.raises(c.YamlLimitError, match="excessive aliasing"):
+        c.load_yaml("a: &a [" + ", ".join(["x"] * 1000) + "]\nb: [" + ", ".join(["*a"] * 500) + "]\n")
+
+
+@pytest.mark.parametrize("doc, want", [
+    ("[" * 1_000_000, "line 1: nested deeper than 100 levels"),               # scanner, before composing
+    ("a:\n" + "".join(" " * i + "b:\n" for i in range(1, 200)), "line 100: nested deeper than 100 levels"),
+    ("a: &a [[[[[[[[[[x]]]]]]]]]]\n" + "".join(f"a{i}: &a{i} [*a{i - 1 if i else ''}]\n" for i in range(95)),
+     "nested deeper than 100 levels (aliases expanded)"),
+])
+def test_deep_nesting_is_refused(doc: str, want: str) -> None:
+    import time
+    t0 = time.perf_counter()
+    with pytest.raises(c.YamlLimitError, match=re.escape(want)):
+        c.load_yaml(doc)
+    assert time.perf_counter() - t0 < 0.5
+
+
+def test_file_size_is_bounded(tmp_path: Path) -> None:
+    big = tmp_path / "big.yaml"
+    big.write_text("receivers: {}\n#" + "x" * c.MAX_CONFIG_BYTES + "\n")
+    with pytest.raises(ConfigError) as ei:
+        c.load_raw([big])
+    assert ei.value.errors == [f"{big}: config file is larger than {c.MAX_CONFIG_BYTES} bytes; refused"]
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"receivers: \xff\xfe\n")
+    with pytest.raises(ConfigError, match=f"^{re.escape(str(binary))}: not UTF-8 text"):
+        c.load_raw([binary])
+
+
+def test_set_and_env_values_have_the_same_limits(monkeypatch: pytest.MonkeyPatch) -> None:
+    bomb = "[" + ", ".join([f"&l0 [{', '.join(['lol'] * 9)}]"]
+                           + [f"&l{i} [{', '.join([f'*l{i - 1}'] * 9)}]" for i in range(1, 9)]) + "]"
+    with pytest.raises(ConfigError) as ei:
+        c.apply_set({}, f"processors.batch.x={bomb}")
+    assert ei.value.errors[0].startswith("--set 'processors.batch.x': refused: line 1: excessive aliasing")
+    with pytest.raises(ConfigError, match=r"^--set 'a': refused: larger than"):
+        c.apply_set({}, "a=" + "x" * (c.MAX_CONFIG_BYTES + 1))
+    monkeypatch.setenv("WS_BOMB", bomb)
+    assert c.expand({"a": "${env:WS_BOMB}"}) == {"a": bomb}   # not a scalar: kept as text, never expanded
 
 
 # -- hostile input: anything YAML can express gives a ConfigError, never another exception --
