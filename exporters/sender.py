@@ -19,6 +19,13 @@ delay. Everything else lives here and is shared by ``otlp`` and ``otlphttp``:
 
 Metrics (label ``exporter``): sent, send_failed{reason}, enqueue_failed, retries,
 queue_size, queue_capacity.
+
+Logs (``Outage``): the first failed attempt of an outage is a warning naming the
+endpoint and the cause (connection refused, a TLS error, ``HTTP 503: <the body's
+message>``, a gRPC status and its details), whether the spans are kept for a retry
+or dropped; while it lasts, at most one "still failing" warning per
+``OUTAGE_LOG_INTERVAL`` (attempts, spans dropped, the latest cause); the first
+success after it says it recovered and how long it took. Every attempt is at debug.
 """
 
 from __future__ import annotations
@@ -48,6 +55,7 @@ __all__ = [
     "QueueConfig",
     "TlsConfig",
     "SendError",
+    "Outage",
     "MemoryQueue",
     "Sender",
     "QueuedExporter",
@@ -78,6 +86,8 @@ DEFAULT_DRAIN_TIMEOUT = 10.0
 #: A server-requested delay (gRPC RetryInfo, HTTP Retry-After) longer than this is capped: a hostile
 #: or broken backend must not park a consumer for days. Same cap for every exporter.
 MAX_SERVER_DELAY = 300.0
+#: While an outage lasts, at most one "still failing" warning per this many seconds (per exporter).
+OUTAGE_LOG_INTERVAL = 30.0
 
 class RetryConfig(ComponentConfig):
     """``retry_on_failure``: as the Collector's configretry.BackOffConfig."""
@@ -153,6 +163,73 @@ class SendError(Exception):
         self.reason = reason
         self.retryable = retryable
         self.delay = delay
+        self.message = message
+
+    def cause(self) -> str:
+        """The failure in a user's words: ``connection refused``, ``HTTP 503: overloaded``,
+        ``TLS: certificate verify failed ...``, ``gRPC UNAVAILABLE: ...``."""
+        msg = re.sub(r"^\[Errno \d+\] ", "", " ".join(self.message.split()))
+        r = self.reason
+        if r.startswith("http_") and r[5:].isdigit():
+            return f"HTTP {r[5:]}" + (f": {msg}" if msg else "")
+        if "SSL" in msg or "TLS" in msg or "certificate" in msg.lower():
+            what = f"TLS error: {msg}"
+        elif r == "timeout":
+            what = f"timed out: {msg}" if msg else "timed out"
+        elif r == "transport":
+            what = msg[:1].lower() + msg[1:] if msg else "connection failed"
+        elif r.isupper():  # a gRPC status code name
+            what = f"gRPC {r}" + (f": {msg}" if msg else "")
+        else:
+            what = f"{r}: {msg}" if msg else r
+        return what
+
+
+class Outage:
+    """The log lines of one exporter's send failures: the first failure of an outage at once
+    (a warning with the cause), then at most one summary per ``interval`` while it lasts, and
+    the recovery. Shared by the consumer threads; ``clock`` is replaceable for tests.
+    """
+
+    def __init__(self, exporter_id: str, target: str = "", interval: float = OUTAGE_LOG_INTERVAL,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.id = exporter_id
+        self.target = f" to {target}" if target else ""
+        self.interval = interval
+        self._clock = clock
+        self._lock = threading.Lock()
+        self.since: float | None = None    # when the outage began (None: sends are fine)
+        self._logged_at = 0.0
+        self._attempts = 0                 # failed attempts since the outage began
+        self._dropped = 0                  # spans given up on since the outage began
+
+    def failed(self, e: SendError, dropped: int = 0, why: str = "") -> None:
+        """An attempt failed; ``dropped`` spans were given up on (0: they are kept for a retry)."""
+        with self._lock:
+            now = self._clock()
+            self._attempts += 1
+            self._dropped += dropped
+            fate = f"{dropped} spans dropped ({why})" if dropped else "will retry; the spans are kept"
+            if self.since is None:
+                self.since = self._logged_at = now
+                log.warning("%s: export%s failed: %s; %s", self.id, self.target, e.cause(), fate)
+            elif now - self._logged_at >= self.interval:
+                self._logged_at = now
+                log.warning("%s: export%s still failing after %.0fs (%d failed attempts, %d spans dropped): %s",
+                            self.id, self.target, now - self.since, self._attempts, self._dropped, e.cause())
+            else:
+                log.debug("%s: export%s failed: %s; %s", self.id, self.target, e.cause(), fate)
+
+    def succeeded(self) -> None:
+        if self.since is None:  # the usual case, without the lock (a stale read only delays the line)
+            return
+        with self._lock:
+            if self.since is None:
+                return
+            log.warning("%s: export%s recovered after %.1fs (%d failed attempts, %d spans dropped meanwhile)",
+                        self.id, self.target, self._clock() - self.since, self._attempts, self._dropped)
+            self.since = None
+            self._attempts = self._dropped = 0
 
 
 class MemoryQueue:
@@ -224,8 +301,9 @@ class Sender:
     """Queue + consumer threads + the retry loop, around one ``send(data) -> rejected`` callable."""
 
     def __init__(self, exporter_id: str, send: Callable[[bytes], int], retry: RetryConfig, queue: QueueConfig,
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None, target: str = "") -> None:
         self.id = exporter_id
+        self.outage = Outage(exporter_id, target)
         self._send = send
         self.retry = retry
         self.qcfg = queue
@@ -344,7 +422,7 @@ class Sender:
                 rejected = self._send(data)
             except SendError as e:
                 if not e.retryable or not r.enabled:
-                    log.warning("%s: dropping %d spans: %s", self.id, n, e)
+                    self.outage.failed(e, n, "not retryable" if not e.retryable else "retry_on_failure is off")
                     telemetry.EXPORTER_SEND_FAILED.labels(exporter=self.id, reason=e.reason).inc(n)
                     return _FAILED
                 delay = interval * (1.0 + r.randomization_factor * (2.0 * self._rng.random() - 1.0))
@@ -353,10 +431,10 @@ class Sender:
                     # the server's throttle wins when longer (Collector rule), within our cap
                     delay = max(delay, min(e.delay, MAX_SERVER_DELAY))
                 if r.max_elapsed_time > 0 and time.monotonic() + delay - start > r.max_elapsed_time:
-                    log.warning("%s: dropping %d spans after retrying for %.1fs: %s",
-                                self.id, n, time.monotonic() - start, e)
+                    self.outage.failed(e, n, f"retried for {time.monotonic() - start:.1f}s, max_elapsed_time")
                     telemetry.EXPORTER_SEND_FAILED.labels(exporter=self.id, reason="retries_exhausted").inc(n)
                     return _FAILED
+                self.outage.failed(e)
                 if self._stop.is_set():
                     return _STOPPED
                 log.debug("%s: retrying %d spans in %.2fs: %s", self.id, n, delay, e)
@@ -364,6 +442,7 @@ class Sender:
                 if self._stop.wait(delay):
                     return _STOPPED
                 continue
+            self.outage.succeeded()
             if rejected:
                 telemetry.EXPORTER_SEND_FAILED.labels(exporter=self.id, reason="rejected").inc(rejected)
             self._m_sent.inc(max(n - rejected, 0))
@@ -382,7 +461,10 @@ class QueuedExporter(Exporter):
 
     def __init__(self, id: str, config: Any, next: Any = None) -> None:
         super().__init__(id, config, next)
-        self.sender = Sender(id, self._send, config.retry_on_failure, config.sending_queue)
+        # where the spans go, for the outage log lines (otlphttp: its URL; otlp: host:port)
+        url = getattr(config, "url", None)
+        target = url() if callable(url) else str(getattr(config, "endpoint", "") or "")
+        self.sender = Sender(id, self._send, config.retry_on_failure, config.sending_queue, target=target)
 
     def start(self) -> None:
         self._open()

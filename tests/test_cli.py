@@ -697,3 +697,24 @@ def test_run_whose_metrics_port_is_taken_says_so_and_keeps_running(tmp_path: Pat
     assert p.returncode == 0, err
     assert (f"service::telemetry::metrics::address: cannot listen on 127.0.0.1:{mport}: address already in use; "
             "running without the metrics endpoint") in err
+
+
+def test_replay_to_a_closed_port_says_why_while_retrying(tmp_path: Path) -> None:
+    """Issue 19 item 4: not only "24 of 24 spans not delivered" at the end: the cause, at once, once."""
+    port = free_port()
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"""
+receivers: {{pcap: {{path: x}}}}
+processors: {{protocols: {{}}}}
+exporters:
+  otlphttp: {{endpoint: "http://127.0.0.1:{port}", retry_on_failure: {{initial_interval: 100ms, max_interval: 200ms}}}}
+service:
+  pipelines: {{traces: {{receivers: [pcap], processors: [protocols], exporters: [otlphttp]}}}}
+""")
+    r = cli("replay", "config/samples/http-sample.pcap", "--config", str(cfg), "--drain-timeout", "2s")
+    assert r.returncode == 1
+    warned = [ln for ln in r.stderr.splitlines() if "\twarning\t" in ln]
+    assert len(warned) == 1, r.stderr
+    assert warned[0].endswith(f"otlphttp: export to http://127.0.0.1:{port}/v1/traces failed: connection refused; "
+                              "will retry; the spans are kept")
+    assert "error: exporters::otlphttp: 24 of 24 spans not delivered" in r.stderr
