@@ -21,6 +21,7 @@ from typing import Any
 import grpc
 from pydantic import Field, field_validator, model_validator
 
+from exporters.credentials import consent_error, plaintext_credentials
 from exporters.sender import (
     DEFAULT_TIMEOUT,
     Compression,
@@ -91,7 +92,15 @@ class OtlpConfig(ComponentConfig):
     def _check(self) -> OtlpConfig:
         if self.timeout <= 0:
             raise ValueError("timeout must be > 0")
+        found = self.plaintext_credentials()
+        if found and not self.tls.insecure_credentials:
+            raise ValueError(consent_error(found))
         return self
+
+    def plaintext_credentials(self) -> list[str]:
+        """Credentials this config sends unencrypted off the machine (exporters/credentials.py)."""
+        target, secure = self.target_and_secure()
+        return plaintext_credentials(self.headers, target, not secure)
 
     def target_and_secure(self) -> tuple[str, bool]:
         """The gRPC target and whether TLS is used (an explicit scheme decides, as in the Collector)."""
@@ -148,6 +157,10 @@ class OtlpExporter(QueuedExporter):
 
         cfg: OtlpConfig = self.config
         target, secure = cfg.target_and_secure()
+        found = cfg.plaintext_credentials()
+        if found:  # validation let it through: tls::insecure_credentials is set
+            log.warning("%s: sending credentials in plaintext (tls::insecure_credentials: true): %s",
+                        self.id, "; ".join(found))
         options: list[tuple[str, Any]] = [
             ("grpc.primary_user_agent", f"wirespan/{SCOPE_VERSION}"),
             ("grpc.enable_retries", 0),  # one retry policy: ours

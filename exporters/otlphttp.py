@@ -23,6 +23,7 @@ from typing import Any, Literal
 import httpx
 from pydantic import Field, field_validator, model_validator
 
+from exporters.credentials import consent_error, plaintext_credentials
 from exporters.sender import (
     DEFAULT_TIMEOUT,
     MAX_SERVER_DELAY,
@@ -86,7 +87,15 @@ class OtlpHttpConfig(ComponentConfig):
         lowered = {k.lower() for k in self.headers}
         if "content-type" in lowered or "content-encoding" in lowered:
             raise ValueError("headers: content-type and content-encoding are set by the exporter")
+        found = self.plaintext_credentials()
+        if found and not self.tls.insecure_credentials:
+            raise ValueError(consent_error(found))
         return self
+
+    def plaintext_credentials(self) -> list[str]:
+        """Credentials this config sends unencrypted off the machine (exporters/credentials.py)."""
+        url = self.url()
+        return plaintext_credentials(self.headers, url, url.startswith("http://"), self.proxy_url)
 
     def url(self) -> str:
         return self.traces_endpoint or self.endpoint.rstrip("/") + TRACES_PATH
@@ -129,6 +138,10 @@ class OtlpHttpExporter(QueuedExporter):
     def _open(self) -> None:
         cfg: OtlpHttpConfig = self.config
         t = cfg.tls
+        found = cfg.plaintext_credentials()
+        if found:  # validation let it through: tls::insecure_credentials is set
+            log.warning("%s: sending credentials in plaintext (tls::insecure_credentials: true): %s",
+                        self.id, "; ".join(found))
         verify: Any = True
         if self._url.startswith("https://"):
             if t.insecure_skip_verify:

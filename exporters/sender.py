@@ -137,6 +137,9 @@ class TlsConfig(ComponentConfig):
     """``tls``: as configtls.ClientConfig (insecure means plaintext)."""
 
     insecure: bool = False
+    #: Consent to send credentials (an authorization or API-key header, a URL's user:password) in
+    #: plaintext to a host that is not loopback; refused without it (exporters/credentials.py).
+    insecure_credentials: bool = False
     ca_file: str | None = None
     cert_file: str | None = None
     key_file: str | None = None

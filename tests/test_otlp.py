@@ -6,6 +6,7 @@ Every scenario asserts exact span counts at the endpoint and in the self-metrics
 from __future__ import annotations
 
 import itertools
+import re
 import time
 import tracemalloc
 
@@ -321,6 +322,11 @@ EXPORT_CASES = {
     "otlp_retry_typo.yaml": "exporters::otlp::retry_on_failure: unknown option 'initial_intervall'",
     "otlphttp_encoding_typo.yaml": "exporters::otlphttp::encoding: Input should be 'proto' or 'json'",
     "redaction_option_typo.yaml": "processors::redaction: unknown option 'blocked_key'",
+    "otlp_credentials_plaintext.yaml": "exporters::otlp: credentials would be sent in plaintext: header "
+                                       "authorization to collector.example.com. Use TLS, or set "
+                                       "tls::insecure_credentials: true",
+    "otlphttp_credentials_plaintext.yaml": "exporters::otlphttp/vendor: credentials would be sent in plaintext: "
+                                           "the user name/password of the endpoint to 10.1.2.3.",
 }
 
 
@@ -349,6 +355,40 @@ def test_export_config_valid_and_every_case_listed():
     assert cfg.processors["memory_limiter"].config.limits_bytes() == (384 << 20, 512 << 20)
     assert cfg.pipelines["traces"].processors[1:6] == ["memory_limiter", "attributes", "resource", "filter",
                                                        "redaction"]
+
+
+@pytest.mark.parametrize("endpoint, tls, headers, found", [
+    ("collector:4317", {"insecure": True}, {"Authorization": "Bearer x"}, ["header authorization to collector"]),
+    ("http://10.0.0.7:4317", {}, {"x-api-key": "k", "X-SF-Token": "t", "x-tenant": "a"},
+     ["headers x-api-key, x-sf-token to 10.0.0.7"]),
+    ("[2001:db8::1]:4317", {"insecure": True}, {"lightstep-access-token": "t"},
+     ["header lightstep-access-token to 2001:db8::1"]),
+    ("127.0.0.2:4317", {"insecure": True}, {"authorization": "x"}, []),      # loopback: exempt
+    ("[::1]:4317", {"insecure": True}, {"authorization": "x"}, []),
+    ("localhost:4317", {"insecure": True}, {"authorization": "x"}, []),
+    ("collector:4317", {}, {"authorization": "x"}, []),                        # TLS
+    ("collector:4317", {"insecure": True}, {"x-tenant": "a", "authorization": ""}, []),  # no credential
+])
+def test_plaintext_credentials_are_refused_without_consent(endpoint, tls, headers, found):
+    cfg = {"endpoint": endpoint, "tls": tls, "headers": headers}
+    if found:
+        with pytest.raises(ValueError, match="credentials would be sent in plaintext: " + re.escape(found[0])):
+            OtlpConfig.model_validate(cfg)
+    consented = OtlpConfig.model_validate({**cfg, "tls": {**tls, "insecure_credentials": True}})
+    assert consented.plaintext_credentials() == found
+
+
+def test_consent_warns_once_at_start_naming_the_exporter(caplog):
+    cfg = OtlpConfig.model_validate({"endpoint": "192.0.2.1:4317", "headers": {"authorization": "Bearer x"},
+                                     "tls": {"insecure": True, "insecure_credentials": True}})
+    e = OtlpExporter("otlp/plain", cfg)
+    with caplog.at_level("WARNING", logger="wirespan.exporter.otlp"):
+        e.start()
+        e.shutdown()
+    warned = [r.getMessage() for r in caplog.records if "plaintext" in r.getMessage()]
+    assert warned == ["otlp/plain: sending credentials in plaintext (tls::insecure_credentials: true): "
+                      "header authorization to 192.0.2.1"]
+    assert "Bearer" not in warned[0]  # the secret itself is never logged
 
 
 def test_tls_with_a_ca_made_by_the_openssl_command(tmp_path):

@@ -158,6 +158,52 @@ def test_config_errors(bad):
         OtlpHttpConfig.model_validate(bad)
 
 
+@pytest.mark.parametrize("cfg, found", [
+    ({"endpoint": "http://collector:4318", "headers": {"Authorization": "Basic x"}},
+     ["header authorization to collector"]),
+    ({"endpoint": "http://collector:4318", "headers": {"X-Honeycomb-Team": "k", "DD-API-KEY": "k"}},
+     ["headers dd-api-key, x-honeycomb-team to collector"]),
+    ({"endpoint": "http://u:p@collector:4318"}, ["the user name/password of the endpoint to collector"]),
+    ({"endpoint": "https://a/", "traces_endpoint": "http://b:4318/v1/traces", "headers": {"api-key": "k"}},
+     ["header api-key to b"]),
+    # a plaintext request through a proxy crosses the network even to a loopback endpoint
+    ({"endpoint": "http://localhost:4318", "proxy_url": "http://proxy:3128", "headers": {"api-key": "k"}},
+     ["header api-key to proxy"]),
+    # TLS to the endpoint through a CONNECT tunnel: only the proxy's own password is exposed
+    ({"endpoint": "https://collector", "proxy_url": "http://u:p@proxy:3128", "headers": {"api-key": "k"}},
+     ["the user name/password of proxy_url to proxy"]),
+    ({"endpoint": "http://127.0.0.1:4318", "headers": {"authorization": "x"}}, []),
+    ({"endpoint": "http://u:p@localhost:4318"}, []),
+    ({"endpoint": "https://collector:4318", "headers": {"authorization": "x"}}, []),
+    ({"endpoint": "https://collector", "proxy_url": "https://u:p@proxy:3128"}, []),
+])
+def test_plaintext_credentials_are_refused_without_consent(cfg, found):
+    if found:
+        with pytest.raises(ValueError, match="credentials would be sent in plaintext: " + found[0]):
+            OtlpHttpConfig.model_validate(cfg)
+    consented = OtlpHttpConfig.model_validate({**cfg, "tls": {"insecure_credentials": True}})
+    assert consented.plaintext_credentials() == found
+
+
+def test_consent_warns_once_at_start_naming_the_exporter(caplog):
+    cfg = OtlpHttpConfig.model_validate({"endpoint": "http://192.0.2.1:4318", "headers": {"x-api-key": "s3cret"},
+                                         "tls": {"insecure_credentials": True}})
+    e = OtlpHttpExporter("otlphttp/plain", cfg)
+    with caplog.at_level("WARNING", logger="wirespan.exporter.otlphttp"), \
+            HttpSink(required_headers={"authorization": "Bearer x"}) as sink:
+        e.start()
+        e.shutdown()
+        # plaintext to loopback: credentials allowed without consent, sent, and no warning
+        quiet = exporter(sink.endpoint, headers={"authorization": "Bearer x"})
+        feed(quiet, 10, 10)
+        assert sink.wait_spans(10, 10)
+        quiet.shutdown()
+    warned = [r.getMessage() for r in caplog.records if "plaintext" in r.getMessage()]
+    assert warned == ["otlphttp/plain: sending credentials in plaintext (tls::insecure_credentials: true): "
+                      "header x-api-key to 192.0.2.1"]
+    assert "s3cret" not in warned[0]
+
+
 def test_traces_endpoint_overrides():
     assert OtlpHttpConfig(endpoint="http://a:1/").url() == "http://a:1/v1/traces"
     assert OtlpHttpConfig(traces_endpoint="https://b/otlp/traces").url() == "https://b/otlp/traces"
