@@ -5,9 +5,18 @@ by default), attaches a classic BPF socket filter (``SO_ATTACH_FILTER``) that ke
 only TCP over IPv4/IPv6 to or from the configured ports, and starts one thread that
 reads the packets, decodes them (receivers/packet.py), reassembles the streams
 (receivers/tcp_reassembly.py, the same code as the ``pcap`` receiver) and hands
-ordered ``TcpEvent``s to ``self.next``. ``shutdown()`` stops the thread, flushes the
-reassembler (pending holes become GAPs, open directions CLOSE), unmaps the ring and
-closes the socket.
+ordered ``TcpEvent``s to ``self.next``. ``shutdown()`` first drains what the kernel
+already holds (below), then stops the thread, flushes the reassembler (pending holes
+become GAPs, open directions CLOSE), unmaps the ring and closes the socket.
+
+Draining at shutdown. Packets that passed the tap before ``shutdown()`` are the
+service's to deliver (SIGTERM drains everything). The ``recv`` path reads the socket
+until it is empty. The ring path has one more wait: the kernel hands over a partly
+filled block only when its retire timer fires (``retire_timeout_ms`` after the block's
+first packet at most), and a kernel-owned block cannot be read safely; so the thread
+keeps reading blocks until ``retire_timeout_ms`` + ``DRAIN_MARGIN_S`` after the stop has
+passed with no block ready. Either drain ends after ``DRAIN_MAX_S`` whatever arrives (a
+busy interface never runs dry), so a ``retire_timeout_ms`` above it loses the last block.
 
 Two read paths, the same filter, decoding and reassembly:
 - ``ring`` (default): a TPACKET_V3 ``PACKET_RX_RING`` mapped into the process. The
@@ -103,6 +112,11 @@ DEFAULT_BLOCK_SIZE = 1 << 18
 DEFAULT_BLOCK_COUNT = DEFAULT_RCVBUF // DEFAULT_BLOCK_SIZE
 #: Ring mode copy strategy (measured in bench/bench_live.py; see the module doc).
 COPY_UNIT = 0
+#: Shutdown drain (module doc): after the stop, wait the ring's retire timeout plus this for the
+#: kernel's last partly filled block (its timer has jiffy granularity and fires late under load) ...
+DRAIN_MARGIN_S = 0.05
+#: ... and never drain longer than this, however much keeps arriving.
+DRAIN_MAX_S = 2.0
 _EMPTY = memoryview(b"")
 
 # classic BPF opcodes (linux/bpf_common.h)
@@ -389,10 +403,21 @@ class LiveReceiver(Receiver):
         poller = select.poll()
         poller.register(s.fileno(), select.POLLIN)
         timeout_ms = self.config.poll_timeout_ms
+        stop = self._stop
+        drain_end = None  # set at the stop: read what the socket holds, up to DRAIN_MAX_S
         try:
-            while not self._stop.is_set():
+            while True:
                 pkt = None
-                if poller.poll(timeout_ms):
+                if stop.is_set():
+                    if drain_end is None:
+                        drain_end = time.monotonic() + DRAIN_MAX_S
+                    elif time.monotonic() >= drain_end:
+                        break
+                    try:
+                        pkt = recv(snap)
+                    except (BlockingIOError, InterruptedError):
+                        break  # the kernel holds nothing more: drained
+                elif poller.poll(timeout_ms):
                     try:
                         pkt = recv(snap)
                     except (BlockingIOError, InterruptedError):
@@ -462,8 +487,17 @@ class LiveReceiver(Receiver):
             pending.clear()
 
         cur = 0
+        stop = self._stop
+        retire_s = self.config.ring.retire_timeout_ms / 1000
+        soft_end = hard_end = None  # set at the stop (module doc: draining at shutdown)
         try:
-            while not self._stop.is_set():
+            while True:
+                if stop.is_set() and hard_end is None:
+                    t = time.monotonic()
+                    hard_end = t + DRAIN_MAX_S
+                    soft_end = min(t + retire_s + DRAIN_MARGIN_S, hard_end)
+                if hard_end is not None and time.monotonic() >= hard_end:
+                    break
                 base = cur * bsize
                 _ver, _priv, status, npkts, first, blen = unpack_block(mm, base)
                 if status & TP_STATUS_USER:
@@ -512,7 +546,13 @@ class LiveReceiver(Receiver):
                         self._flush_events()
                 else:
                     self._flush_events()
-                    poller.poll(timeout_ms)
+                    if soft_end is None:
+                        poller.poll(timeout_ms)
+                    else:  # stopping: wait for the kernel to retire the block it is filling
+                        left = soft_end - time.monotonic()
+                        if left <= 0:
+                            break
+                        poller.poll(max(1, min(timeout_ms, int(left * 1000) + 1)))
                 now = time.monotonic()
                 if now >= next_house:
                     next_house = now + 1.0

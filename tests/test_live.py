@@ -379,3 +379,44 @@ def test_wirespan_run_live_http_and_redis(tmp_path, mode: str) -> None:
     assert all(f"/short{i}" in http for i in range(20))
     names = [s["name"] for s in w.spans if s["attrs"].get("db.system.name") == "redis"]
     assert "SET" in names and "GET" in names
+
+
+# --------------------------------------------------------------------------- shutdown drain
+@modes
+def test_sigterm_right_after_traffic_delivers_every_span(tmp_path, mode: str) -> None:
+    """Issue 19 item 2: 21 exchanges, then SIGTERM at once (no pause): all 21 spans arrive.
+    The ring's last block is still the kernel's when the signal comes (retire timeout 100 ms)."""
+    import signal
+    import urllib.request
+
+    from tests.support.wirespan_proc import wirespan_run
+
+    for rnd in range(2):
+        with http_server() as srv:
+            d = tmp_path / f"{mode}{rnd}"
+            d.mkdir()
+            with wirespan_run(d, {"live": {"ports": [srv.port], **MODES[mode]}}) as w:
+                for i in range(21):   # from this process: the capture sees it on lo
+                    urllib.request.urlopen(f"{srv.url}/d{i}", timeout=10).read()
+                os.kill(w.proc.pid, signal.SIGTERM)
+        assert w.returncode == 0, w.log()
+        paths = sorted(s["attrs"]["url.path"] for s in w.spans if "url.path" in s["attrs"])
+        assert paths == sorted(f"/d{i}" for i in range(21)), (rnd, len(paths))
+
+
+def test_ring_shutdown_waits_for_the_kernels_last_block() -> None:
+    """A long retire timeout: the block holding the exchange is handed over only by its timer,
+    after shutdown() was called; shutdown waits for it (and no longer than it needs)."""
+    with http_server() as srv:
+        rx = LiveReceiver("live-drain", LiveConfig(ports=[srv.port], ring={"enabled": True,
+                                                                             "retire_timeout_ms": 600}), Collect())
+        rx.start()
+        try:
+            subprocess.run([CURL, "-s", "-o", "/dev/null", f"{srv.url}/last"], check=True)
+        finally:
+            t0 = time.monotonic()
+            rx.shutdown()
+            took = time.monotonic() - t0
+    reqs = [v for k, v in rx.next.streams().items() if k[1] != srv.port]
+    assert len(reqs) == 1 and reqs[0].startswith(b"GET /last HTTP/1.1\r\n"), rx.stats
+    assert took < 0.6 + 0.5
