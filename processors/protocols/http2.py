@@ -551,6 +551,7 @@ class H2Session(_BaseSession):
 
     def __init__(self, conn: Conn) -> None:
         super().__init__(conn)
+        self._want = 0  # bytes the frame being waited for needs (feed hands it to buf.want)
         s = conn.settings
         self.max_block = s.max_header_list_size if isinstance(s, Settings) else MAX_HEADER_LIST_SIZE
         self.max_streams = s.max_streams if isinstance(s, Settings) else MAX_STREAMS
@@ -591,11 +592,14 @@ class H2Session(_BaseSession):
             if not self._start(from_client, d, buf):
                 return
         pos = 0
+        self._want = 0
         try:
             pos = self._frames(from_client, d, buf)
         finally:
             if pos:
                 buf.release(pos)
+            if self._want:
+                buf.want = self._want
 
     def _start(self, from_client: bool, d: _Direction, buf: LargeBuffer) -> bool:
         """Consume the preface if there is one; otherwise pick up mid-stream."""
@@ -695,6 +699,7 @@ class H2Session(_BaseSession):
             if _bad_shape(shape, length, sid):
                 raise Malformed(NAME, "bad_frame_shape", pos, f"type {ftype} length {length} stream {sid}")
             if n - pos < _FRAME_HDR_LEN + length:
+                self._want = _FRAME_HDR_LEN + length  # from pos, which feed releases
                 return pos  # control frames and header blocks are small: wait for all of it
             ts = buf.ts_at(pos)
             body = pos + _FRAME_HDR_LEN

@@ -250,6 +250,7 @@ class Session(_Session):
         d = 0 if from_client else 1
         cap = _CLIENT_HEAD if from_client else _SERVER_HEAD
         pos = 0
+        want = 0
         try:
             while True:
                 n = len(buf)
@@ -284,6 +285,7 @@ class Session(_Session):
                 total = 4 + plen
                 head = plen if plen < cap else cap
                 if n - pos < 4 + head:
+                    want = 4 + head  # what of the packet is read is bounded by its cap
                     return
                 try:
                     if self._cont[d]:
@@ -306,6 +308,8 @@ class Session(_Session):
         finally:
             if pos:
                 buf.release(pos)
+            if want:
+                buf.want = want
 
     def gap(self, from_client: bool, ts_ns: int) -> None:
         d = 0 if from_client else 1

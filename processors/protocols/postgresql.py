@@ -338,6 +338,7 @@ class Session(_Session):
         d = 0 if from_client else 1
         heads = _CLIENT_HEAD if from_client else _SERVER_HEAD
         pos = 0
+        want = 0
         try:
             while True:
                 n = len(buf)
@@ -382,6 +383,7 @@ class Session(_Session):
                 if body > cap:
                     body = cap
                 if n - pos < 5 + body:
+                    want = 5 + body  # what of the message is read is bounded by its cap
                     return
                 try:
                     if from_client:
@@ -405,6 +407,8 @@ class Session(_Session):
         finally:
             if pos:
                 buf.release(pos)
+            if want:
+                buf.want = want
 
     def gap(self, from_client: bool, ts_ns: int) -> None:
         d = 0 if from_client else 1

@@ -187,12 +187,13 @@ class _Scanner:
     leading top-level elements to copy (the command name and a few args).
     """
 
-    __slots__ = ("cur", "keep", "skip", "stack")
+    __slots__ = ("cur", "keep", "need", "skip", "stack")
 
     def __init__(self, keep: int) -> None:
         self.keep = keep
         self.stack: list[int] = []
         self.skip = 0
+        self.need = 0  # the offset an element kept for the span needs (set when waiting for it)
         self.cur: _Value | None = None
 
     def reset(self) -> None:
@@ -281,6 +282,10 @@ class _Scanner:
             off = nxt
         if off:
             buf.release(off)
+        if self.need:
+            # An argument a span keeps has not fully arrived: no call helps before it has.
+            buf.want = self.need - off
+            self.need = 0
         return out
 
     def _element(self, buf: LargeBuffer, t: int, off: int, line_start: int, end: int, num: bytes, n: int,
@@ -328,10 +333,12 @@ class _Scanner:
             # arrived, stop before the header and read it again with more bytes.
             if t == 0x21 and top:  # '!' bulk error: keep its text
                 if body + min(blen, 256) > n:
+                    self.need = body + min(blen, 256)
                     return -1
                 cur.error = _text(buf, body, min(blen, 256))
             elif len(self.stack) == 1 and len(cur.args) < self.keep:
                 if body + min(blen, MAX_ARG_BYTES) > n:
+                    self.need = body + min(blen, MAX_ARG_BYTES)
                     return -1
                 cur.args.append(buf.bytes_at(body, min(blen, MAX_ARG_BYTES)))
             self.skip = blen + 2
