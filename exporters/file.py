@@ -76,10 +76,20 @@ class FileExporter(Exporter):
         self._stop = threading.Event()
         self._flusher: threading.Thread | None = None
         self._sent = tm.EXPORTER_SENT.labels(exporter=id)
+        self._carry_on = False   # a reload rebuilt this exporter: keep what the file holds
+
+    def replacing(self, old: Any) -> None:
+        """Called by a reload that rebuilds this exporter (its options changed) in place of ``old``:
+        the same file is continued, not started afresh. ``append: false`` empties the file when
+        the service starts, not at every SIGHUP (a reload keeps an exporter's data)."""
+        try:
+            self._carry_on = Path(old.config.path).resolve() == self.path.resolve()
+        except (AttributeError, OSError):
+            self._carry_on = False
 
     def start(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._open("a" if self.config.append else "w")
+        self._open("a" if self.config.append or self._carry_on else "w")
         if self.config.flush_interval > 0:
             self._flusher = threading.Thread(target=self._flush_loop, name=f"wirespan-{self.id}-flush", daemon=True)
             self._flusher.start()

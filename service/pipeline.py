@@ -36,7 +36,11 @@ raises, everything started so far (and the one that failed) is shut down and
 exporter is ``flush``-ed and shut down, so what is in flight drains stage by
 stage. ``Runner`` adds the telemetry endpoints and SIGHUP-style reload: a new
 config that fails to load, validate or build is refused and logged while the
-running pipelines keep going.
+running pipelines keep going. A reload keeps every component whose config did
+not change (``Service(cfg, reuse=old)``): rebuilding an unchanged exporter would
+throw away its queue (or empty its file), an unchanged receiver would miss the
+traffic of the swap. A processor is kept only if everything after it in its
+pipeline is kept as well, so kept components never feed a stage that is gone.
 """
 
 from __future__ import annotations
@@ -195,20 +199,27 @@ class _SpanOut:
 
 
 class _EventOut:
-    """A receiver's ``next``: marks the thread's backpressure mode, fans out."""
+    """A receiver's ``next``: marks the thread's backpressure mode, fans out.
 
-    __slots__ = ("finite", "targets")
+    ``lock`` is held while a batch goes downstream; a reload that keeps the receiver holds
+    it while it swaps the pipelines behind it, so the receiver waits (a live one's kernel
+    buffer holds what arrives meanwhile) and no batch reaches a stage being drained.
+    """
+
+    __slots__ = ("finite", "lock", "targets")
 
     def __init__(self, finite: bool, targets: list[_Link]) -> None:
         self.targets = targets
         self.finite = finite
+        self.lock = threading.Lock()
 
     def consume_events(self, events: list) -> None:
         if not events:
             return
         _tls.block = self.finite
-        for t in self.targets:
-            t.consume_events(events)
+        with self.lock:
+            for t in self.targets:
+                t.consume_events(events)
 
 
 def _delivery_counts(eid: str) -> tuple[float, float, float]:
@@ -252,9 +263,17 @@ def tune_gc() -> None:
 
 
 class Service:
-    """The running graph of one config. Build, ``start()``, ``shutdown()``; not restartable."""
+    """The running graph of one config. Build, ``start()``, ``shutdown()``; not restartable.
 
-    def __init__(self, cfg: Config) -> None:
+    With ``reuse`` (a reload), every component whose config did not change is taken over from
+    that running service instead of being built again: an exporter keeps its queue and its
+    file, a receiver keeps capturing, a processor keeps its state (batches, connections) when
+    everything downstream of it in its pipeline is kept too. ``kept`` lists them; ``start()``
+    does not start them again and points them at this service's stages before the receivers
+    start; the old service's ``shutdown(keep=...)`` leaves them running.
+    """
+
+    def __init__(self, cfg: Config, reuse: Service | None = None) -> None:
         self.cfg = cfg
         self.state = "building"
         self.receivers: dict[str, Any] = {}
@@ -267,23 +286,53 @@ class Service:
         self._exporter_links: dict[str, _Link] = {}
         self._span_outs: dict[str, _SpanOut] = {}        # pipeline id -> output of its events->spans processor
         self._event_outs: dict[str, _EventOut] = {}
+        self._proc_outs: dict[int, _SpanOut] = {}        # id(processor) -> its next
         self._baseline: dict[str, Any] = {}
-        self._build()
+        #: id() -> component, for every component running now on behalf of this service
+        #: (taken over at build, or started by start()); what a later reload may take over.
+        self._live: dict[int, Any] = {}
+        self.kept: dict[int, Any] = {}                   # taken over from ``reuse`` (already running)
+        self._repoint: list[tuple[Any, list[_Link]]] = []  # kept outs -> this service's stages
+        self._reuse = reuse
+        try:
+            self._build()
+        finally:
+            self._reuse = None
         self.state = "built"
 
     # -- build ---------------------------------------------------------------
-    def _make(self, kind: str, cid: str, nxt: Any) -> Any:
+    def _make(self, kind: str, cid: str, nxt: Any, old: Any = None) -> Any:
         spec = self.cfg.section(kind)[cid]
         try:
-            return spec.cls(cid, spec.config, nxt)
+            inst = spec.cls(cid, spec.config, nxt)
         except Exception as e:
             raise BuildError(f"{spec.path}: cannot be created: {describe(e)}") from e
+        replacing = getattr(inst, "replacing", None)
+        if old is not None and type(old) is type(inst) and callable(replacing):
+            replacing(old)  # a rebuilt component may carry on from the one it replaces (file: append)
+        return inst
+
+    def _take(self, kind: str, cid: str, old: Any) -> Any:
+        """``old`` if this reload may keep it: running in the old service, same class and config."""
+        prev = self._reuse
+        if old is None or prev is None or id(old) not in prev._live:
+            return None
+        spec, was = self.cfg.section(kind).get(cid), prev.cfg.section(kind).get(cid)
+        if spec is None or was is None or spec.cls is not was.cls or spec.config != was.config:
+            return None
+        self.kept[id(old)] = old
+        self._live[id(old)] = old
+        return old
 
     def _build(self) -> None:
         cfg = self.cfg
+        prev = self._reuse
         used_exp = [e for p in cfg.pipelines.values() for e in p.exporters]
         for eid in dict.fromkeys(used_exp):
-            inst = self._make(EXPORTER, eid, None)
+            old = prev.exporters.get(eid) if prev is not None else None
+            inst = self._take(EXPORTER, eid, old)
+            if inst is None:
+                inst = self._make(EXPORTER, eid, None, old)
             self.exporters[eid] = inst
             self._exporter_links[eid] = _Link(inst, f"exporters::{eid}", eid, EXPORTER, self._stopping)
             self._order.append((EXPORTER, f"exporters::{eid}", inst))
@@ -292,10 +341,25 @@ class Service:
         for pid, p in cfg.pipelines.items():
             targets = [self._exporter_links[e] for e in p.exporters]
             chain: list[Any] = []
-            for proc_id in reversed(p.processors):
+            # A processor is kept only with everything after it: the same processors behind it
+            # in this pipeline, kept, and the same exporters, kept (its output must not change).
+            was = prev.cfg.pipelines.get(pid) if prev is not None else None
+            old_chain = prev.pipelines.get(pid, []) if prev is not None else []
+            tail_kept = (was is not None and was.exporters == p.exporters
+                         and all(id(self.exporters[e]) in self.kept for e in p.exporters))
+            for k, proc_id in enumerate(reversed(p.processors), 1):
                 makes_spans = getattr(cfg.processors[proc_id].cls, "consumes", None) == "events"
-                out = _SpanOut(proc_id, targets, tally=makes_spans)
-                inst = self._make(PROCESSOR, proc_id, out)
+                same_place = was is not None and len(was.processors) >= k and was.processors[-k] == proc_id
+                old = old_chain[-k] if same_place and len(old_chain) >= k else None
+                inst = self._take(PROCESSOR, proc_id, old) if tail_kept else None
+                if inst is not None:
+                    out = prev._proc_outs[id(inst)]   # its next: pointed at this service's stages at start
+                    self._repoint.append((out, targets))
+                else:
+                    tail_kept = False
+                    out = _SpanOut(proc_id, targets, tally=makes_spans)
+                    inst = self._make(PROCESSOR, proc_id, out, old)
+                self._proc_outs[id(inst)] = out
                 if makes_spans:
                     self._span_outs[pid] = out
                 chain.insert(0, inst)
@@ -307,11 +371,17 @@ class Service:
         used_rcv = [r for p in cfg.pipelines.values() for r in p.receivers]
         for rid in dict.fromkeys(used_rcv):
             spec = cfg.receivers[rid]
-            out = _EventOut(bool(getattr(spec.cls, "finite", False)),
-                            [entries[pid] for pid, p in cfg.pipelines.items() if rid in p.receivers])
-            self._event_outs[rid] = out
+            targets = [entries[pid] for pid, p in cfg.pipelines.items() if rid in p.receivers]
             self._baseline[f"receiver:{rid}"] = tm.counter_value(tm.RECEIVER_ACCEPTED, receiver=rid)
-            inst = self._make(RECEIVER, rid, out)
+            old = prev.receivers.get(rid) if prev is not None else None
+            inst = self._take(RECEIVER, rid, old)
+            if inst is not None:
+                out = prev._event_outs[rid]
+                self._repoint.append((out, targets))
+            else:
+                out = _EventOut(bool(getattr(spec.cls, "finite", False)), targets)
+                inst = self._make(RECEIVER, rid, out, old)
+            self._event_outs[rid] = out
             self.receivers[rid] = inst
             self._order.append((RECEIVER, f"receivers::{rid}", inst))
 
@@ -325,28 +395,51 @@ class Service:
         if self.state != "built":
             raise RuntimeError(f"cannot start a service in state {self.state}")
         self.state = "starting"
+        adopted = False
         for kind, path, comp in self._order:
+            if kind == RECEIVER and not adopted:
+                self._adopt()   # kept components feed this service's stages from now on
+                adopted = True
             self.current_step = f"starting {path}"
             self._started.append((kind, path, comp))   # shutdown() must be safe after a failed start
+            if id(comp) in self.kept:
+                log.debug("kept %s (config unchanged)", path, extra={"component": path})
+                continue
+            self._live[id(comp)] = comp
             try:
                 comp.start()
             except Exception as e:
                 # the caller reports the StartError (one line); the traceback is for debug logs
                 log.debug("%s failed to start; shutting down what was started", path, exc_info=True,
                           extra={"component": path})
-                self._stop_started(drain=False)
+                self._stop_started(drain=False, keep=self.kept)
                 self.state = "failed"
                 raise StartError(f"{path}: failed to start: {describe(e)}") from e
             log.debug("started %s", path, extra={"component": path})
+        if not adopted:
+            self._adopt()
         self.current_step = ""
         self.state = "running"
         tune_gc()
         log.info("pipelines running: %s", ", ".join(self.cfg.pipelines))
 
-    def _stop_started(self, drain: bool) -> list[str]:
+    def _adopt(self) -> None:
+        for out, targets in self._repoint:
+            out.targets = targets
+            if isinstance(out, _SpanOut) and out.tally is not None:
+                out.tally = _Tally()   # this service's stats count from its start
+
+    def kept_event_outs(self) -> list[_EventOut]:
+        """The outputs of the receivers this service keeps: a reload holds their locks while it swaps."""
+        return [self._event_outs[rid] for rid, r in self.receivers.items() if id(r) in self.kept]
+
+    def _stop_started(self, drain: bool, keep: dict[int, Any] | None = None) -> list[str]:
         problems: list[str] = []
         self._stopping.set()
         for kind, path, comp in reversed(self._started):
+            if keep and id(comp) in keep:
+                continue  # taken over by the next service: it keeps running
+            self._live.pop(id(comp), None)
             steps = ("shutdown", "flush") if kind == RECEIVER else ("flush", "shutdown")
             for step in steps:
                 if step == "flush" and not drain:
@@ -357,18 +450,21 @@ class Service:
                 except Exception as e:
                     problems.append(f"{path}: {step} failed: {describe(e)}")
                     log.exception("%s: %s failed", path, step, extra={"component": path})
-        self._started.clear()
+        self._started[:] = [s for s in self._started if keep and id(s[2]) in keep]
         self.current_step = ""
         return problems
 
-    def shutdown(self) -> list[str]:
-        """Stop receivers, drain every stage into the next, stop exporters. Returns problems found."""
+    def shutdown(self, keep: dict[int, Any] | None = None) -> list[str]:
+        """Stop receivers, drain every stage into the next, stop exporters. Returns problems found.
+
+        ``keep`` (a reload: the next service's ``kept``) are left running, not drained.
+        """
         if self.state in ("stopped", "stopping"):
             return []
         self.state = "stopping"
-        problems = self._stop_started(drain=True)
+        problems = self._stop_started(drain=True, keep=keep)
         self.state = "stopped"
-        log.info("pipelines stopped")
+        log.info("pipelines stopped" if not keep else f"old pipelines stopped ({len(keep)} components kept)")
         return problems
 
     # -- observation -----------------------------------------------------------
@@ -526,45 +622,69 @@ class Runner:
             self.state = "running"
 
     def reload(self) -> bool:
-        """Swap in the config as it is now on disk. False (logged) if it was refused or failed."""
+        """Swap in the config as it is now on disk. False (logged) if it was refused or failed.
+
+        Components whose config did not change are kept running (``Service(cfg, reuse=old)``):
+        the receivers among them wait, their locks held, while the old pipelines drain and stop
+        around them and the new ones start; then they feed the new pipelines.
+        """
         with self._lock:
+            old = self.service
             try:
                 cfg = self._load()
-                new = Service(cfg)
+                new = Service(cfg, reuse=old)
             except ConfigError as e:
                 log.error("reload refused, the running pipelines keep going: %s", "; ".join(e.errors))
                 return False
             except BuildError as e:
                 log.error("reload refused, the running pipelines keep going: %s", e)
                 return False
-            old = self.service
             self.state = "reloading"
-            log.info("reloading configuration")
-            if old is not None:
-                for p in old.shutdown():
-                    log.error("while stopping the old pipelines: %s", p)
+            log.info("reloading configuration (unchanged and kept: %d components)", len(new.kept))
+            paused = new.kept_event_outs()
+            for out in paused:
+                out.lock.acquire()
             try:
-                self._apply_telemetry(cfg)
-                new.start()
-            except (StartError, ConfigError) as e:
-                log.error("new configuration failed to start (%s); restoring the previous one", e)
-                self.service = None
-                if old is not None:
-                    try:
-                        self._apply_telemetry(old.cfg)
-                        restored = Service(old.cfg)
-                        self.service = restored
-                        restored.start()
-                    except Exception as e2:
-                        log.error("the previous configuration failed to start again: %s", e2)
-                        self.state = "failed"
-                        return False
-                self.state = "running"
-                return False
-            self.service = new
+                return self._swap(old, new, cfg, paused)
+            finally:
+                for out in paused:
+                    out.lock.release()
+
+    def _swap(self, old: Service | None, new: Service, cfg: Config, paused: list[_EventOut]) -> bool:
+        if old is not None:
+            for p in old.shutdown(keep=new.kept):
+                log.error("while stopping the old pipelines: %s", p)
+        try:
+            self._apply_telemetry(cfg)
+            new.start()
+        except (StartError, ConfigError) as e:
+            log.error("new configuration failed to start (%s); restoring the previous one", e)
+            self.service = None
+            if old is not None:
+                restored: Service | None = None
+                try:
+                    self._apply_telemetry(old.cfg)
+                    restored = Service(old.cfg, reuse=new)   # takes the kept components back
+                    self.service = restored
+                    restored.start()
+                except Exception as e2:
+                    log.error("the previous configuration failed to start again: %s", e2)
+                    self.state = "failed"
+                    for out in paused:       # nothing to feed: kept receivers are stopped below
+                        out.targets = []
+                    for out in paused:
+                        out.lock.release()
+                    paused.clear()
+                    for svc in (restored, new):
+                        if svc is not None:
+                            svc._stop_started(drain=False)
+                    return False
             self.state = "running"
-            log.info("configuration reloaded")
-            return True
+            return False
+        self.service = new
+        self.state = "running"
+        log.info("configuration reloaded")
+        return True
 
     def finished(self) -> bool:
         """True when every receiver is finite and done: nothing more will come."""

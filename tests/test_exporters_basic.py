@@ -117,6 +117,28 @@ def test_file_truncates_unless_append(tmp_path: Path) -> None:
     assert p.read_text() == ""
 
 
+def test_file_rebuilt_by_a_reload_continues_the_file(tmp_path: Path) -> None:
+    """A reload that changes a file exporter's options rebuilds it (``replacing``): the new one
+    carries on in the same file; one on another path starts that file afresh."""
+    p = tmp_path / "out.jsonl"
+    first = make_file(tmp_path)
+    first.start()
+    first.consume_spans(spans(2))
+    first.shutdown()
+    second = make_file(tmp_path, flush_interval=0)
+    second.replacing(first)
+    second.start()
+    second.consume_spans(spans(1))
+    second.shutdown()
+    assert p.read_text().count("\n") == 2                  # the first batch is still there
+    other = FileExporter("file", FileExporter.Config(path=str(tmp_path / "other.jsonl")))
+    (tmp_path / "other.jsonl").write_text("stale\n")
+    other.replacing(second)
+    other.start()
+    other.shutdown()
+    assert (tmp_path / "other.jsonl").read_text() == ""
+
+
 def test_file_rotation_keeps_max_backups(tmp_path: Path) -> None:
     # ~0.01 MiB per file: each batch of 20 spans is ~6 KB, so every second batch rotates.
     e = make_file(tmp_path, rotation={"max_megabytes": 0.01, "max_backups": 2})

@@ -420,3 +420,55 @@ def test_ring_shutdown_waits_for_the_kernels_last_block() -> None:
     reqs = [v for k, v in rx.next.streams().items() if k[1] != srv.port]
     assert len(reqs) == 1 and reqs[0].startswith(b"GET /last HTTP/1.1\r\n"), rx.stats
     assert took < 0.6 + 0.5
+
+
+def test_sighup_reload_keeps_the_file_exporters_spans(tmp_path) -> None:
+    """Issue 19 item 5: reloads used to empty the file (21 spans -> 14 -> 0). A SIGHUP with the
+    same config keeps every component; one that changes a processor keeps the exporter and the
+    live receiver; one that changes the exporter rebuilds it on the same file, which it continues.
+    The file exporter starts afresh (``append: false``) only when the service starts."""
+    import signal
+    import urllib.request
+
+    import yaml
+
+    from tests.support.wirespan_proc import wirespan_run
+
+    spans = tmp_path / "spans.jsonl"
+    spans.write_text("from an earlier run\n")
+    conf = tmp_path / "wirespan.yaml"
+
+    def burst(srv, tag: str) -> None:
+        for i in range(7):
+            urllib.request.urlopen(f"{srv.url}/{tag}{i}", timeout=10).read()
+
+    def reload(w, change) -> None:
+        cfg = yaml.safe_load(conf.read_text())
+        change(cfg)
+        conf.write_text(yaml.safe_dump(cfg))
+        n = w.log().count("configuration reloaded")
+        os.kill(w.proc.pid, signal.SIGHUP)
+        assert wait_for(lambda: w.log().count("configuration reloaded") > n, timeout=15), w.log()
+
+    def paths(w) -> list[str]:
+        return [s["attrs"]["url.path"] for s in w.read_spans() if "url.path" in s["attrs"]]
+
+    with http_server() as srv:
+        with wirespan_run(tmp_path, {"live": {"ports": [srv.port]}}, file_options={"append": False}) as w:
+            assert not spans.read_text().startswith("from an earlier run")   # fresh at the start
+            burst(srv, "a")
+            assert wait_for(lambda: len(paths(w)) == 7, timeout=10)
+            reload(w, lambda cfg: None)                                        # same config
+            burst(srv, "b")
+            reload(w, lambda cfg: cfg["processors"]["protocols"].update(enabled=["http"]))  # a processor
+            burst(srv, "c")
+            reload(w, lambda cfg: cfg["exporters"]["file"].update(flush_interval="10ms"))   # the exporter
+            burst(srv, "d")
+            assert wait_for(lambda: len(paths(w)) == 28, timeout=10), len(paths(w))
+    assert w.returncode == 0, w.log()
+    got = sorted(paths(w))
+    assert got == sorted(f"/{t}{i}" for t in "abcd" for i in range(7)), got
+    log = w.log()
+    assert "reloading configuration (unchanged and kept: 3 components)" in log    # receiver, stage, exporter
+    assert "reloading configuration (unchanged and kept: 2 components)" in log    # the processor changed
+    assert "reloading configuration (unchanged and kept: 1 components)" in log    # the exporter changed

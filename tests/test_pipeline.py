@@ -341,3 +341,94 @@ def test_running_pipelines_tune_the_gc_once(reg: Registry, monkeypatch: pytest.M
         assert freezes == [1]
     finally:
         gc.set_threshold(*old)
+
+
+# -- reload keeps what did not change (issue 19 item 5) ----------------------------------------
+def live_runner(reg: Registry, state: dict) -> Runner:
+    def load() -> c.Config:
+        return cfg_of(reg, {"fake_live": {"interval": 0.002}},
+                      {"fake_events": state.get("ev", {}), "fake_spans": state.get("sp", {}),
+                       "batch": {"timeout": state.get("timeout", "10ms")}},
+                      {"recording": state.get("exp", {})},
+                      {"traces": {"receivers": ["fake_live"], "processors": ["fake_events", "fake_spans", "batch"],
+                                  "exporters": ["recording"]}})
+    return Runner(load)
+
+
+def test_reload_with_the_same_config_keeps_every_component(reg: Registry) -> None:
+    r = live_runner(reg, {})
+    r.start()
+    try:
+        first = r.service
+        rx, exp, chain = first.receivers["fake_live"], first.exporters["recording"], list(first.pipelines["traces"])
+        time.sleep(0.05)
+        fk.LOG.clear()
+        assert r.reload() is True
+        svc = r.service
+        assert svc is not first and first.state == "stopped" and svc.state == "running"
+        assert svc.receivers["fake_live"] is rx and svc.exporters["recording"] is exp
+        assert svc.pipelines["traces"] == chain
+        assert fk.LOG == []                           # nothing was stopped, flushed or started again
+        n = len(fk.RECEIVED["recording"])
+        time.sleep(0.1)
+        assert len(fk.RECEIVED["recording"]) > n      # still flowing, into the kept exporter
+    finally:
+        assert r.stop() == []
+    assert rx.sent == len(fk.RECEIVED["recording"])   # not one event lost across the reload
+
+
+def test_reload_rebuilds_what_changed_and_what_feeds_it(reg: Registry) -> None:
+    state: dict = {}
+    r = live_runner(reg, state)
+    r.start()
+    try:
+        first = r.service
+        rx, exp = first.receivers["fake_live"], first.exporters["recording"]
+        ev, sp, batch = first.pipelines["traces"]
+        time.sleep(0.05)
+        # the first processor changes: rebuilt; what is behind it, the exporter and receiver kept
+        state["ev"] = {"hold": True}
+        fk.LOG.clear()
+        assert r.reload() is True
+        ev2, sp2, batch2 = r.service.pipelines["traces"]
+        assert ev2 is not ev and sp2 is sp and batch2 is batch
+        assert r.service.receivers["fake_live"] is rx and r.service.exporters["recording"] is exp
+        assert fk.LOG == ["flush fake_events", "shutdown fake_events", "start fake_events"]
+        # the last processor changes: it and every processor in front of it are rebuilt (their
+        # output would go to a stage that is replaced), the exporter and receiver are kept
+        state["timeout"] = "20ms"
+        fk.LOG.clear()
+        assert r.reload() is True
+        ev3, sp3, batch3 = r.service.pipelines["traces"]
+        assert ev3 is not ev2 and sp3 is not sp2 and batch3 is not batch2
+        assert r.service.receivers["fake_live"] is rx and r.service.exporters["recording"] is exp
+        assert "shutdown fake_live" not in fk.LOG and "shutdown recording" not in fk.LOG
+        # the exporter changes: rebuilt, and so is every processor; the receiver is kept
+        state["exp"] = {"slow_shutdown": 0.01}
+        assert r.reload() is True
+        assert r.service.receivers["fake_live"] is rx and r.service.exporters["recording"] is not exp
+        assert all(a is not b for a, b in zip(r.service.pipelines["traces"], (ev3, sp3, batch3), strict=True))
+        time.sleep(0.05)
+    finally:
+        assert r.stop() == []
+    assert rx.sent == len(fk.RECEIVED["recording"])   # every event of the kept receiver was delivered
+
+
+def test_reload_whose_start_fails_gives_the_kept_components_back(reg: Registry) -> None:
+    state: dict = {}
+    r = live_runner(reg, state)
+    r.start()
+    try:
+        rx, exp = r.service.receivers["fake_live"], r.service.exporters["recording"]
+        state["sp"] = {"fail_start": True}
+        assert r.reload() is False
+        svc = r.service
+        assert svc.state == "running" and r.ready()[0]
+        assert svc.receivers["fake_live"] is rx and svc.exporters["recording"] is exp
+        assert not svc.cfg.processors["fake_spans"].config.fail_start
+        n = len(fk.RECEIVED.get("recording", []))
+        time.sleep(0.1)
+        assert len(fk.RECEIVED["recording"]) > n
+    finally:
+        assert r.stop() == []
+    assert rx.sent == len(fk.RECEIVED["recording"])

@@ -70,14 +70,15 @@ def _val(v: dict[str, Any]) -> Any:
 
 @contextlib.contextmanager
 def wirespan_run(tmp_path: Path, receivers: dict[str, Any], processors: dict[str, Any] | None = None,
-                 ready_timeout: float = 30.0) -> Iterator[WirespanRun]:
+                 ready_timeout: float = 30.0, file_options: dict[str, Any] | None = None) -> Iterator[WirespanRun]:
+    """The config is ``tmp_path / "wirespan.yaml"`` (a test may rewrite it and send SIGHUP);
+    ``file_options`` go to the file exporter (default: flush every batch, append)."""
     spans = tmp_path / "spans.jsonl"
     procs = processors if processors is not None else {"protocols": {}}
     cfg = {
         "receivers": receivers,
         "processors": procs,
-        # append: a SIGHUP reload re-creates the exporter, which would otherwise start the file afresh
-        "exporters": {"file": {"path": str(spans), "flush_interval": "0s", "append": True}},
+        "exporters": {"file": {"path": str(spans), "flush_interval": "0s", "append": True, **(file_options or {})}},
         "service": {
             "pipelines": {"traces": {"receivers": list(receivers), "processors": list(procs),
                                      "exporters": ["file"]}},
