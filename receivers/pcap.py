@@ -62,6 +62,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar, Literal
+from zlib import crc32
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -421,6 +422,22 @@ class FilterConfig(ComponentConfig):
         return v
 
 
+#: 2^32 / golden ratio: multiplying by it spreads any stride of inputs over the top bits
+#: (Fibonacci hashing, Knuth 6.4), which pick the shard.
+_GOLDEN32 = 0x9E3779B1
+
+
+def shard_of(src: bytes, dst: bytes, sport: int, dport: int, count: int) -> int:
+    """The shard (0..count-1) of a connection, the same for both directions.
+
+    Both addresses and both ports go in (CRC-32 of each address, XORed, so direction does
+    not matter), then a multiplicative mix whose top bits choose. ``(sport ^ dport) % count``
+    used to put every connection with even client ports to an even server port in shard 0.
+    """
+    x = crc32(src) ^ crc32(dst) ^ sport ^ dport
+    return (((x * _GOLDEN32) & 0xFFFFFFFF) * count) >> 32
+
+
 class ShardConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -451,7 +468,7 @@ class PcapConfig(ComponentConfig):
     batch_size: int = Field(default=DEFAULT_BATCH, ge=1)
     #: A progress bar on stderr: "auto" (or null) = only when stderr is a terminal.
     progress: bool | Literal["auto"] | None = "auto"
-    #: Follow only the connections of one shard, ``index`` of ``count`` (by ``sport ^ dport``,
+    #: Follow only the connections of one shard, ``index`` of ``count`` (``shard_of``: addresses and ports,
     #: the same for both directions): ``wirespan replay --workers N`` runs N shards in parallel.
     shard: ShardConfig | None = None
 
@@ -739,7 +756,7 @@ class PcapReceiver(Receiver):
                         drops[res] = drops.get(res, 0) + 1
                     continue
                 src, dst, sport, dport, seq, ack, flags, poff, pend = res
-                if shard_count and (sport ^ dport) % shard_count != shard_index:
+                if shard_count and shard_of(src, dst, sport, dport, shard_count) != shard_index:
                     continue  # another worker's connection: not a drop
                 if flt is not None and not flt.keep(src, dst, sport, dport):
                     drops["filtered"] = drops.get("filtered", 0) + 1

@@ -870,6 +870,41 @@ def test_shards_partition_the_connections(tmp_path) -> None:
     assert sum(1 for p in parts if p) >= 2  # the ports really spread them
 
 
+def test_shards_balance_even_client_ports(tmp_path) -> None:
+    """Issue 19 item 13's sibling: every client port even (and the server's, 8080): with
+    ``(sport ^ dport) % 2`` one shard got every connection. Each shard must get its share."""
+    from receivers.pcap import shard_of
+
+    cap = tmp_path / "even.pcap"
+    flows = [g.TcpFlow((f"10.1.0.{c // 50 + 1}", 40000 + 2 * c), ("10.2.0.1", 8080), isn_client=7 * c, isn_server=3)
+             for c in range(200)]
+    pk = [p for f in flows for p in (*f.handshake(), f.send(True, b"GET / HTTP/1.1\r\n\r\n"), f.fin(True))]
+    g.write_pcap(cap, [g.ether(p) for p in pk])
+    for n in (2, 3, 4):
+        sizes = []
+        for k in range(n):
+            sink = Sink()
+            PcapReceiver("pcap", {"path": str(cap), "progress": False, "shard": {"index": k, "count": n}}, sink).run()
+            sizes.append(len({e.conn_id for e in sink.events}))
+        assert sum(sizes) == 200
+        assert max(sizes) <= 1.3 * 200 / n and min(sizes) >= 0.7 * 200 / n, (n, sizes)
+    # and on other real-world shapes: strided ports, one port and many clients, IPv6; both directions alike
+    a4, srv = bytes([10, 1, 0, 1]), bytes([10, 2, 0, 1])
+    shapes = {"stride 4": [(a4, srv, 40000 + 4 * i, 80) for i in range(400)],
+              "stride 1024": [(a4, srv, 1024 * (i + 1), 80) for i in range(60)],
+              "one port, many clients": [(bytes([10, 1, i // 250, i % 250 + 1]), srv, 50000, 443)
+                                         for i in range(400)],
+              "ipv6, even ports": [(bytes(15) + bytes([i + 1]) if i < 255 else bytes(14) + i.to_bytes(2, "big"),
+                                    bytes(15) + b"\xff", 40000 + 2 * i, 80) for i in range(400)]}
+    for name, conns in shapes.items():
+        counts = [0, 0]
+        for s, d, sp, dp in conns:
+            k = shard_of(s, d, sp, dp, 2)
+            assert k == shard_of(d, s, dp, sp, 2)
+            counts[k] += 1
+        assert min(counts) >= 0.35 * len(conns), (name, counts)
+
+
 def _mapping_rss_kib(path: str) -> int:
     """Rss of this process's mapping(s) of ``path``, from /proc/self/smaps."""
     total, inside = 0, False
