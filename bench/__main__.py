@@ -21,6 +21,10 @@ from service.log import describe
 def main(argv: list[str]) -> int:
     names = sorted(m.name[len("bench_"):] for m in pkgutil.iter_modules(bench.__path__)
                    if m.name.startswith("bench_"))
+    if argv and argv[0] in names:
+        mod = importlib.import_module(f"bench.bench_{argv[0]}")
+        if hasattr(mod, "cli"):  # a benchmark with options of its own: ``python -m bench fuzz redis --seconds 5``
+            return mod.cli(argv[1:])
     wanted = argv or names
     unknown = [w for w in wanted if w not in names]
     if unknown:
