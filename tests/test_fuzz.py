@@ -88,7 +88,8 @@ def test_the_harness_catches_escapes_internal_errors_and_bad_detectors(monkeypat
     assert run(0x03, b"bad") == set()                       # a ProtocolError is an answer
     assert run(0x03 | F_DIRECT, b"bug") == {("escape", "session")}
     assert run(0x03, b"bug") == {("internal_error", "stage")}
-    assert run(0x03, b"\x42\x07") == {("detect", "detect"), ("internal_error", "stage")}
+    assert run(0x03, b"\x42\x07") == {("internal_error", "stage")}     # the stage ran the detector
+    assert run(0x03 | F_DIRECT, b"\x42\x07") == {("detect", "detect")}
     fails = t.run(encode(Input(0x03 | F_DIRECT, [], [Step(True, DATA, b"bug")])))
     assert "KeyError" in fails[0].detail and "test_fuzz.py" in fails[0].tb
 

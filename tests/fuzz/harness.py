@@ -2,7 +2,8 @@
 
 ``Target(name).run(raw)`` decodes ``raw`` (tests/fuzz/encoding.py) and drives:
 
-Every input runs (1), and (2) or (3) as its flag bit 7 says (the fuzzer flips it like any bit):
+Every input runs (1) and (2), or (3), as its flag bit 7 says (the fuzzer flips it like any bit;
+the stage runs the detectors itself):
 
 1. ``detect``: each direction's bytes, appended to a ``LargeBuffer`` piece by piece as the
    segmentation cuts them, ``detect(buf, from_client)`` after every piece (as the stage does:
@@ -200,7 +201,10 @@ class Target:
 
     def _drive(self, inp: Any) -> list[Failure]:
         fails: list[Failure] = []
-        for drive in (self._detect, self._session if inp.flags & F_DIRECT else self._stage):
+        # The stage runs the detectors itself (on prefixes, with and without known roles);
+        # the session alone is detected by the detect drive.
+        drives = (self._detect, self._session) if inp.flags & F_DIRECT else (self._stage,)
+        for drive in drives:
             f = drive(inp)
             if f is not None:
                 fails.append(f)
