@@ -409,6 +409,31 @@ def _unreadable_input(path: str) -> str | None:
     return None
 
 
+def _concatenate(parts: list[str], output: str) -> None:
+    """``output`` = the parts in order. The first part becomes the output (a rename: the parts
+    are written beside it), the others are appended in the kernel (copy_file_range), so
+    the workers' output is not read back through Python."""
+    import shutil
+    first, rest = (parts[0], parts[1:]) if parts and os.path.exists(parts[0]) else (None, parts)
+    if first is not None:
+        os.replace(first, output)
+    with open(output, "ab" if first is not None else "wb") as out:
+        for part in rest:
+            if not os.path.exists(part):
+                continue
+            with open(part, "rb") as f:
+                left = os.fstat(f.fileno()).st_size
+                try:
+                    while left > 0:
+                        n = os.copy_file_range(f.fileno(), out.fileno(), left)
+                        if n <= 0:
+                            break
+                        left -= n
+                except (AttributeError, OSError):   # not Linux, or a filesystem without it
+                    f.seek(os.fstat(f.fileno()).st_size - left)
+                    shutil.copyfileobj(f, out, 1 << 20)
+
+
 def _replay_parallel(args: argparse.Namespace) -> int:
     """``replay --workers N``: N forked workers, each following the connections of one shard.
 
@@ -488,11 +513,7 @@ def _replay_parallel(args: argparse.Namespace) -> int:
                 interrupted = interrupted or bool(got.get("interrupted"))
             except (OSError, ValueError, KeyError):
                 problems.append(f"worker {k} exited with {codes[k]} and left no summary")
-        with open(output, "wb") as out:
-            for _, part, _ in workers:
-                if os.path.exists(part):
-                    with open(part, "rb") as f:
-                        shutil.copyfileobj(f, out, 1 << 20)
+        _concatenate([part for _, part, _ in workers], output)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     merged = _merge_summaries(parts)
@@ -507,6 +528,40 @@ def _replay_parallel(args: argparse.Namespace) -> int:
 #: done before the workers would have paid for themselves) and at most this many.
 AUTO_WORKERS_MIN_MB = 16
 AUTO_MAX_WORKERS = 4
+#: ... and only as many as there are cores free of other work, sampled this long from
+#: /proc/stat before forking (niced work too: see _free_cores). Every
+#: worker reads and decodes the whole file and the parts are concatenated, so a worker on a
+#: core that is busy elsewhere makes the replay slower than one process: measured 0.7-0.9x
+#: on this 2-core machine with 1.5 cores busy (issue 19 item 13).
+AUTO_IDLE_SAMPLE_S = 0.15
+#: A worker needs this much of a free core.
+AUTO_CORE_PER_WORKER = 0.75
+
+
+def _free_cores(cores: int, sample_s: float = AUTO_IDLE_SAMPLE_S) -> float:
+    """Cores (of ``cores``) not busy with other work over the next ``sample_s``.
+
+    Niced work counts as busy: with the kernel's autogroup scheduling (on here, and by
+    default on desktop and server distributions) another session's niced processes get
+    their share of the CPU next to a replay at nice 0, they do not yield to it.
+    """
+    def read() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:9]]
+        v += [0] * (8 - len(v))
+        user, nice, system, _idle, _iowait, irq, softirq, steal = v
+        return user + nice + system + irq + softirq + steal, sum(v)
+    try:
+        busy0, total0 = read()
+        time.sleep(sample_s)
+        busy1, total1 = read()
+    except (OSError, ValueError):
+        return float(cores)  # no /proc: assume the cores are ours
+    if total1 <= total0:
+        return float(cores)
+    ncpu = os.cpu_count() or cores
+    busy = (busy1 - busy0) / (total1 - total0) * ncpu
+    return max(0.0, min(float(cores), ncpu - busy))
 
 
 def _workers(text: str) -> int | str:
@@ -521,12 +576,14 @@ def _workers(text: str) -> int | str:
     return n
 
 
-def _auto_workers(args: argparse.Namespace) -> int:
-    """One process a core for a large capture written to a file; else 1 (see AUTO_WORKERS_MIN_MB)."""
+def _auto_workers(args: argparse.Namespace, free_cores: Any = None) -> int:
+    """How many processes ``--workers auto`` replays with: one per free core for a capture of
+    AUTO_WORKERS_MIN_MB or more written to a file, at most AUTO_MAX_WORKERS; else 1."""
     if not args.output or args.shard:
         return 1
+    from receivers.pcap import capture_files
     try:
-        size = os.path.getsize(args.file) if os.path.isfile(args.file) else 0
+        size = sum(os.path.getsize(f) for f in capture_files(args.file))
     except OSError:
         size = 0
     if size < AUTO_WORKERS_MIN_MB * 1_000_000:
@@ -535,7 +592,15 @@ def _auto_workers(args: argparse.Namespace) -> int:
         cores = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         cores = os.cpu_count() or 1
-    return max(1, min(cores, AUTO_MAX_WORKERS))
+    n = min(cores, AUTO_MAX_WORKERS)
+    if n < 2:
+        return 1
+    free = (free_cores or _free_cores)(cores)
+    n = min(n, int(free / AUTO_CORE_PER_WORKER))
+    if n < 2:
+        log.info("replay: --workers auto: %.1f of %d cores free, one process", free, cores)
+        return 1
+    return n
 
 
 def cmd_replay(args: argparse.Namespace) -> int:

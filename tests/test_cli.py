@@ -412,13 +412,20 @@ def test_replay_workers_auto_forks_only_for_large_captures_with_output(tmp_path:
         f.truncate(wcli.AUTO_WORKERS_MIN_MB * 1_000_000)
     cores = min(len(os.sched_getaffinity(0)), wcli.AUTO_MAX_WORKERS)
 
-    def auto(file: Path, output: str | None) -> int:
-        return wcli._auto_workers(argparse.Namespace(file=str(file), output=output, shard=None))
+    def auto(file: Path, output: str | None, free: float | None = None) -> int:
+        # the free-core sample is replaced here (the machine's load is not the test's);
+        # test_replay_workers_auto_is_one_process_on_busy_cores samples for real
+        return wcli._auto_workers(argparse.Namespace(file=str(file), output=output, shard=None),
+                                  free_cores=lambda c: float(c) if free is None else free)
 
     assert auto(small, "out.jsonl") == 1
     assert auto(big, None) == 1  # workers need --output
     assert auto(big, "out.jsonl") == cores
     assert auto(tmp_path / "missing.pcap", "out.jsonl") == 1
+    if cores >= 2:
+        assert auto(big, "out.jsonl", free=1.0) == 1   # one core busy elsewhere: one process
+        assert auto(big, "out.jsonl", free=1.5) == 2
+    assert auto(tmp_path, "out.jsonl") == (cores if cores >= 2 else 1)   # a directory: its files' sizes
     p = wcli.build_parser()
     assert p.parse_args(["replay", "x.pcap"]).workers == "auto"
     assert p.parse_args(["replay", "x.pcap", "--workers", "3"]).workers == 3
@@ -718,3 +725,24 @@ service:
     assert warned[0].endswith(f"otlphttp: export to http://127.0.0.1:{port}/v1/traces failed: connection refused; "
                               "will retry; the spans are kept")
     assert "error: exporters::otlphttp: 24 of 24 spans not delivered" in r.stderr
+
+
+def test_replay_workers_auto_is_one_process_on_busy_cores(tmp_path: Path) -> None:
+    """Issue 19 item 13: auto must never be slower than one process. With every core busy
+    (real busy loops here, one a core), the free-core sample says so and auto forks nothing."""
+    import argparse
+
+    from service import cli as wcli
+
+    big = tmp_path / "big.pcap"
+    with open(big, "wb") as f:
+        f.truncate(wcli.AUTO_WORKERS_MIN_MB * 1_000_000)
+    spin = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(os.cpu_count() or 1)]
+    try:
+        time.sleep(0.3)
+        assert wcli._free_cores(os.cpu_count() or 1) < 1.0
+        assert wcli._auto_workers(argparse.Namespace(file=str(big), output="o.jsonl", shard=None)) == 1
+    finally:
+        for p in spin:
+            p.kill()
+            p.wait()
