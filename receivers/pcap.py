@@ -69,6 +69,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from receivers.packet import LINK_DECODERS, link_decoder
 from receivers.tcp_reassembly import ReassemblyLimits, TcpReassembler
 from service.component import ComponentConfig, Receiver
+from service.log import describe
 from service.telemetry import CONNECTIONS_EVICTED, RECEIVER_ACCEPTED, RECEIVER_DROPPED
 
 __all__ = ["CaptureError", "PcapReader", "PcapngReader", "PcapReceiver", "capture_files", "check_capture",
@@ -665,7 +666,8 @@ class PcapReceiver(Receiver):
                 ts_shift += (last - first) + 1_000_000_000
         except Exception as e:  # a bug, not bad input: keep the pipeline alive, say what happened
             log.exception("receiver %s: replay failed", self.id)
-            self.errors.append(f"internal error: {e!r}")
+            text = describe(e)
+            self.errors.append(text if text.startswith("internal error") else f"internal error: {text}")
             self._drop("internal_error")
         finally:
             try:
