@@ -22,7 +22,7 @@ DOCS = ["README.md", "CHANGELOG.md", "receivers/README.md", "exporters/README.md
 TOP = ("service/", "receivers/", "processors/", "exporters/", "config/", "tests/", "bench/")
 ROOT_FILES = ("README.md", "CHANGELOG.md", "LICENSE", "pyproject.toml", "setup.py")
 _LINK = re.compile(r"\]\(([^)\s]+)\)")
-_PATHLIKE = re.compile(r"(?<![\w./-])((?:%s)[\w./-]*[\w/])" % "|".join(re.escape(t) for t in TOP))
+_PATHLIKE = re.compile(r"(?<![\w./-])((?:" + "|".join(re.escape(t) for t in TOP) + r")[\w./-]*[\w/])")
 
 
 def _tracked() -> set[str] | None:
