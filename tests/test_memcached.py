@@ -231,3 +231,32 @@ def test_real_memcached_binary_and_text() -> None:
     assert text[3].status_code == StatusCode.ERROR and text[2].status_code == StatusCode.UNSET
     for s in spans:
         assert s.attributes["db.system.name"] == "memcached" and s.kind == SpanKind.CLIENT
+
+
+def test_a_quiet_get_flood_is_bounded_by_the_stage_budget_and_pairing_survives() -> None:
+    """GETQ misses get no answer (issue 20: 20 MB of them held 3.0 GiB): the budget drops the
+    oldest, counts them, and what is kept still pairs by opaque afterwards."""
+    from processors.protocols.processor import ProtocolsProcessor
+    from service.model import EventKind, TcpEvent
+
+    spans: list = []
+
+    class Sink:
+        def consume_spans(self, s: list) -> None:
+            spans.extend(s)
+
+    p = ProtocolsProcessor("protocols", {"enabled": ["memcached"], "pending": {
+        "max_entries": 5000, "max_entries_per_connection": 1000}}, Sink())
+    flood = b"".join(req(0x09, b"k%06d" % i, opaque=i) for i in range(3000))  # GETQ
+    tail = req(0x0A, opaque=99999) + req(0x00, b"user:1", opaque=4242)  # NOOP, then a plain GET
+    p.consume_events([TcpEvent(EventKind.DATA, 1, "10.0.0.1", 40000, "10.0.0.2", 11211, 1000,
+                               memoryview(flood + tail), client_is_src=True)])
+    assert p._budget.entries <= 1000
+    assert p.stats["drops"]["memcached:pending_limit"] == 3002 - 1000
+    p.consume_events([TcpEvent(EventKind.DATA, 1, "10.0.0.2", 11211, "10.0.0.1", 40000, 2000,
+                               memoryview(res(0x0A, opaque=99999) + res(0x00, value=b"alice", opaque=4242)),
+                               client_is_src=False)])
+    got = [s for s in spans if s.attributes.get("db.operation.name") == "GET"]
+    assert len(got) == 1 and got[0].status_code == StatusCode.UNSET
+    p.shutdown()
+    assert p._budget.entries == 0

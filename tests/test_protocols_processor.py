@@ -511,3 +511,66 @@ def test_feed_whole_takes_the_common_exchange(monkeypatch: pytest.MonkeyPatch) -
     assert [s.attributes["http.response.status_code"] for s in sink.spans] == [200] * 3
     assert [(s.start_ns, s.end_ns) for s in sink.spans] == [(0, 5), (10, 15), (20, 25)]
     assert calls.count(True) >= 4  # the first request goes through detection, the rest whole
+
+
+# -- the pending budget (issue 20: an MQTT flood of unacked publishes reached 1,450 MiB) ------
+def _mqtt_flood(n_conns: int, per_conn: int, start_port: int = 41000, tag: str = "m") -> list[TcpEvent]:
+    def pkt(b0: int, body: bytes) -> bytes:
+        assert len(body) < 128
+        return bytes([b0, len(body)]) + body
+
+    connect = pkt(0x10, b"\x00\x04MQTT\x04\x02\x00\x3c\x00\x03dev")
+    evs = []
+    for c in range(n_conns):
+        cl = (f"10.0.1.{c % 250 + 1}", start_port + c)
+        evs.append(data(True, connect, ts=1000, cid=(tag, c), client=cl, server=("10.0.0.9", 1883),
+                        client_is_src=True))
+        body = b"".join(pkt(0x32, b"\x00\x05t/abc" + (i % 60000 + 1).to_bytes(2, "big") + b"x" * 40)
+                        for i in range(per_conn))
+        evs.append(data(True, body, ts=2000 + c, cid=(tag, c), client=cl, server=("10.0.0.9", 1883),
+                        client_is_src=True))
+    return evs
+
+
+def test_pending_budget_bounds_an_unacked_flood_and_counts_every_drop() -> None:
+    import tracemalloc
+
+    cfg = {"enabled": ["mqtt"], "pending": {"max_entries": 3000, "max_bytes": 64 << 20,
+                                             "max_entries_per_connection": 300}}
+    p, _ = stage(cfg)
+    before_limit, before_budget = metric("mqtt", "pending_limit"), metric("mqtt", "pending_budget")
+    evs = _mqtt_flood(20, 800)
+    tracemalloc.start()
+    p.consume_events(evs)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    b = p._budget
+    assert b.entries <= 3000 and not b.over
+    # 20 x 800 publishes: each connection keeps at most 300, all together at most 3000.
+    dropped_limit = metric("mqtt", "pending_limit") - before_limit
+    dropped_budget = metric("mqtt", "pending_budget") - before_budget
+    assert dropped_limit == 20 * (800 - 300)
+    assert dropped_budget > 0 and dropped_limit + dropped_budget + b.entries == 20 * 800
+    assert peak < 6 << 20, peak  # unbounded, the 16,000 pending publishes held 9.6 MB (~600 B each)
+    held = b.entries
+    p.shutdown()
+    assert b.entries == 0 and b.bytes == 0  # every store gave back what it held
+    assert p.stats["drops"]["mqtt:no_ack"] == held  # and what was still held is counted at the end
+
+
+def test_pending_budget_sheds_the_least_recently_active_connection_first() -> None:
+    p, _ = stage({"enabled": ["mqtt"], "pending": {"max_entries": 100, "max_entries_per_connection": 100}})
+    p.consume_events(_mqtt_flood(1, 80, start_port=42000, tag="old"))
+    p.consume_events(_mqtt_flood(1, 80, start_port=43000, tag="new"))
+    kept = {cid: sum(len(s) for s in st.conn.stores) for cid, st in p._conns.items()}
+    # 160 entries against a budget of 100: shed to 90, all from the older connection.
+    assert kept == {("old", 0): 10, ("new", 0): 80}
+    p.shutdown()
+    assert p._budget.entries == 0
+
+
+def test_pending_budget_config_is_validated() -> None:
+    with pytest.raises(ValidationError, match="max_entries_per_connection must be <= max_entries"):
+        Config.model_validate({"pending": {"max_entries": 10, "max_entries_per_connection": 20}})
+    with pytest.raises(ValidationError, match="extra"):
+        Config.model_validate({"pending": {"max_entrys": 10}})

@@ -7,8 +7,8 @@ line cost 151 s before). Each exchange of tests/support/exchanges.py is fed thro
 ``protocols`` stage whole, a byte a segment and in random small segments:
 
 - the spans are the same (name, kind, status, attributes);
-- doubling the exchange at most doubles the time of the byte-a-segment feed (2.6x allowed
-  for noise; a rescan of the growing buffer gives 4x);
+- four times the bytes, a byte a segment, cost at most 1.6x as much per byte (a rescan of
+  the growing buffer costs 4x per byte, i.e. 16x in all);
 - a byte a segment costs at most 20x what the stage spends on the same events when it
   ignores the connection (the floor: an event's own cost). The ratio to one whole feed is
   not the measure: one call for 64 KiB against 64 Ki calls measures Python's call cost.
@@ -66,11 +66,11 @@ def run(evs: list[TcpEvent], prime: list[TcpEvent] = ()) -> tuple[float, list, d
     stage = ProtocolsProcessor("protocols", {}, sink)
     if prime:
         stage.consume_events(list(prime))
-    t = time.perf_counter()
+    t = time.process_time()
     for i in range(0, len(evs), BATCH):
         stage.consume_events(evs[i:i + BATCH])
     stage.shutdown()
-    return time.perf_counter() - t, sink.spans, dict(stage.stats["drops"])
+    return time.process_time() - t, sink.spans, dict(stage.stats["drops"])
 
 
 def shape(spans: list) -> list:
@@ -91,17 +91,16 @@ def test_segmentation_never_changes_the_spans(name: str, fn) -> None:
         assert shape(got) == shape(whole), (name, seg, roles, got_drops)
 
 
-def _drip_seconds(ex: Exchange, repeats: int = 3) -> float:
-    evs = events(ex, 1)
-    return min(run(evs)[0] for _ in range(repeats))
-
-
 @pytest.mark.parametrize(("name", "fn"), CASES, ids=IDS)
 def test_a_byte_a_segment_costs_linear_time(name: str, fn) -> None:
-    small, big = fn(16_000), fn(32_000)
-    t_small, t_big = _drip_seconds(small), _drip_seconds(big)
-    per_byte = (t_big / big.nbytes) / (t_small / small.nbytes)
-    assert per_byte <= 1.3, f"{name}: doubling the bytes cost {t_big / t_small:.2f}x the time"
+    """4x the bytes: a linear parser costs 4x, one that rescans what it buffered 16x."""
+    small, big = events(fn(12_000), 1), events(fn(48_000), 1)
+    ts, tb = [], []
+    for _ in range(3):  # interleaved, the minimum of each: CPU time, robust to a busy machine
+        ts.append(run(small)[0])
+        tb.append(run(big)[0])
+    ratio = (min(tb) / len(big)) / (min(ts) / len(small))
+    assert ratio <= 1.6, f"{name}: a byte costs {ratio:.2f}x as much in a 4x longer drip"
 
 
 @pytest.mark.parametrize(("name", "fn"), CASES, ids=IDS)
@@ -152,3 +151,29 @@ def test_a_detectors_no_is_final(name: str) -> None:
                     assert d == Detection.NO, (name, side, said_no, k, b[:k][:40])
                 elif d == Detection.NO:
                     said_no = k
+
+
+@pytest.mark.parametrize(("name", "fn"), CASES, ids=IDS)
+def test_nothing_leaves_the_stage_silently(name: str, fn) -> None:
+    """Cut the exchange anywhere (the capture or the connection ended there): every request
+    that gave no span is counted with a reason (issue 20: 70,000 incomplete heads at capture
+    end gave "drops: none")."""
+    ex = fn(3000)
+    for seg in (-300, -40):
+        starts, evs = [], []
+        for step in ex.steps:  # each step's events, remembering where each step begins
+            starts.append(len(evs))
+            evs += events(Exchange(ex.port, [step], 0), seg, seed=len(evs))
+        for i, e in enumerate(evs):
+            e.ts_ns = 1_000_000 + 1000 * i
+        for k in sorted({1, 2, 3, len(evs) // 3, len(evs) // 2, len(evs) - 3, len(evs) - 2, len(evs) - 1}):
+            if 0 < k < len(evs):
+                _owes_a_span_or_a_drop(name, ex, evs, starts, k)
+
+
+def _owes_a_span_or_a_drop(name: str, ex: Exchange, evs: list[TcpEvent], starts: list[int], k: int) -> None:
+    # A request whose first byte was fed owes its span(s), or a counted drop.
+    owed = sum(n for step, n in ex.requests_of().items() if starts[step] < k)
+    _, spans, drops = run(evs[:k])
+    if len(spans) < owed:
+        assert drops, f"{name}: cut after {k} of {len(evs)} events: {len(spans)} of {owed} spans, no drop counted"

@@ -34,7 +34,8 @@ session resynchronises (or drops the connection after repeated errors).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterable
 from enum import IntEnum
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -46,7 +47,20 @@ from service.model import AttrValue, Resource, Span, SpanEvent, SpanKind, Status
 if TYPE_CHECKING:
     pass
 
-__all__ = ["Detection", "Perspective", "ProtocolSettings", "Conn", "Session"]
+__all__ = ["Detection", "Perspective", "ProtocolSettings", "Conn", "Session", "PendingBudget", "PendingQueue",
+           "PendingMap"]
+
+#: Defaults of the stage's budget for pending-request state (``pending:`` in its config).
+#: A node agent must survive its worst neighbour: one connection that never answers (an
+#: MQTT flood of unacknowledged publishes, memcached quiet gets) may hold this much, and all
+#: of them together this much, before the oldest requests are dropped and counted.
+MAX_PENDING_ENTRIES = 200_000
+MAX_PENDING_BYTES = 128 * 1024 * 1024
+MAX_PENDING_ENTRIES_PER_CONNECTION = 10_000
+MAX_PENDING_BYTES_PER_CONNECTION = 8 * 1024 * 1024
+#: What one pending request costs when its store does not say (a small object with a few
+#: attributes and its dict entry: measured 400-700 bytes across the protocols here).
+ENTRY_BYTES = 512
 
 
 class Detection(IntEnum):
@@ -73,11 +87,211 @@ class ProtocolSettings(BaseModel):
     ports: list[int] = []
 
 
+class PendingBudget:
+    """The stage-wide budget every session's pending requests draw from.
+
+    Stores (``PendingQueue``/``PendingMap``) add and subtract their entries here as they
+    change (two integer updates: the hot path stays cheap). A store keeps itself within
+    the per-connection bounds by dropping its own oldest entries; when the totals go over,
+    ``over`` is set and the stage sheds the oldest entries of the least recently active
+    connections (``shed``) until the totals are back under ``low`` of the bounds.
+    """
+
+    __slots__ = ("bytes", "entries", "max_bytes", "max_entries", "over", "per_conn_bytes", "per_conn_entries")
+
+    def __init__(self, max_entries: int = MAX_PENDING_ENTRIES, max_bytes: int = MAX_PENDING_BYTES,
+                 per_conn_entries: int = MAX_PENDING_ENTRIES_PER_CONNECTION,
+                 per_conn_bytes: int = MAX_PENDING_BYTES_PER_CONNECTION) -> None:
+        self.max_entries = max_entries
+        self.max_bytes = max_bytes
+        self.per_conn_entries = per_conn_entries
+        self.per_conn_bytes = per_conn_bytes
+        self.entries = 0
+        self.bytes = 0
+        self.over = False
+
+    def shed(self, stores: Iterable[_Store], low: float = 0.9) -> int:
+        """Drop the oldest entries of ``stores`` (oldest connection first) until under ``low``
+        of both bounds; returns how many were dropped (each counted by its store)."""
+        goal_e, goal_b = int(self.max_entries * low), int(self.max_bytes * low)
+        dropped = 0
+        for store in stores:
+            while len(store) and (self.entries > goal_e or self.bytes > goal_b):
+                store._evict_oldest("pending_budget")
+                dropped += 1
+            if self.entries <= goal_e and self.bytes <= goal_b:
+                break
+        self.over = self.entries > self.max_entries or self.bytes > self.max_bytes
+        return dropped
+
+
+#: A budget for sessions built outside a stage (tests, tools): the defaults, shared.
+_DEFAULT_BUDGET = PendingBudget()
+
+
+class _Store:
+    """What PendingQueue and PendingMap share: the accounting against the budget."""
+
+    __slots__ = ()
+    _conn: Conn
+    _eb: int
+    _cap: int
+    _extra: dict[Any, int] | None
+    on_evict: Callable[[Any], None] | None
+
+    def _setup(self, conn: Conn, entry_bytes: int) -> None:
+        b = conn.budget
+        self._conn = conn
+        self._eb = entry_bytes
+        self._cap = max(1, min(b.per_conn_entries, b.per_conn_bytes // max(entry_bytes, 1)))
+        self._extra = None
+        #: Called with an entry the budget dropped, for a session's own bookkeeping.
+        self.on_evict = None
+        conn.stores.append(self)
+
+    def _added(self) -> None:
+        b = self._conn.budget
+        b.entries += 1
+        b.bytes += self._eb
+        if b.entries > b.max_entries or b.bytes > b.max_bytes:
+            b.over = True
+        if len(self) > self._cap:  # type: ignore[arg-type]
+            self._evict_oldest("pending_limit")
+
+    def _removed(self, n: int = 1, extra: int = 0) -> None:
+        b = self._conn.budget
+        b.entries -= n
+        b.bytes -= n * self._eb + extra
+
+    def _evict_oldest(self, reason: str) -> None:
+        raise NotImplementedError
+
+    def _dropped(self, item: Any, reason: str) -> None:
+        self._conn.drop(reason)
+        if self.on_evict is not None:
+            self.on_evict(item)
+
+
+class PendingQueue(deque, _Store):  # type: ignore[type-arg]
+    """A session's requests in order (a ``deque``), charged to the stage's ``PendingBudget``.
+
+    Beyond the per-connection bound the oldest is dropped and counted (``pending_limit``);
+    the stage may drop the oldest to keep the totals (``pending_budget``). Sessions use it
+    as the deque it is; only appending and removing are accounted.
+    """
+
+    __slots__ = ("_cap", "_conn", "_eb", "_extra", "on_evict")
+
+    def __init__(self, conn: Conn, entry_bytes: int = ENTRY_BYTES) -> None:
+        super().__init__()
+        self._setup(conn, entry_bytes)
+
+    def append(self, x: Any) -> None:
+        deque.append(self, x)
+        self._added()
+
+    def appendleft(self, x: Any) -> None:
+        deque.appendleft(self, x)
+        self._added()
+
+    def popleft(self) -> Any:
+        x = deque.popleft(self)
+        self._removed()
+        return x
+
+    def pop(self) -> Any:  # type: ignore[override]
+        x = deque.pop(self)
+        self._removed()
+        return x
+
+    def remove(self, x: Any) -> None:
+        deque.remove(self, x)
+        self._removed()
+
+    def clear(self) -> None:
+        n = len(self)
+        if n:
+            deque.clear(self)
+            self._removed(n)
+
+    def _evict_oldest(self, reason: str) -> None:
+        self._dropped(self.popleft(), reason)
+
+
+class PendingMap(dict, _Store):  # type: ignore[type-arg]
+    """A session's requests by key (a ``dict``, insertion-ordered), charged to the budget as
+    ``PendingQueue`` is. ``charge(key, n)`` adds bytes an entry holds beyond its estimate
+    (e.g. FastCGI params), refunded when the entry goes."""
+
+    __slots__ = ("_cap", "_conn", "_eb", "_extra", "on_evict")
+
+    def __init__(self, conn: Conn, entry_bytes: int = ENTRY_BYTES) -> None:
+        super().__init__()
+        self._setup(conn, entry_bytes)
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        new = key not in self
+        dict.__setitem__(self, key, value)
+        if new:
+            self._added()
+
+    def setdefault(self, key: Any, default: Any = None) -> Any:
+        if key not in self:
+            self[key] = default
+        return dict.__getitem__(self, key)
+
+    def __delitem__(self, key: Any) -> None:
+        dict.__delitem__(self, key)
+        self._removed(1, self._extra.pop(key, 0) if self._extra else 0)
+
+    def pop(self, key: Any, *default: Any) -> Any:
+        if key in self:
+            v = dict.pop(self, key)
+            self._removed(1, self._extra.pop(key, 0) if self._extra else 0)
+            return v
+        return dict.pop(self, key, *default)
+
+    def popitem(self) -> tuple[Any, Any]:
+        k, v = dict.popitem(self)
+        self._removed(1, self._extra.pop(k, 0) if self._extra else 0)
+        return k, v
+
+    def clear(self) -> None:
+        n = len(self)
+        if n:
+            extra = sum(self._extra.values()) if self._extra else 0
+            dict.clear(self)
+            if self._extra:
+                self._extra.clear()
+            self._removed(n, extra)
+
+    def update(self, *a: Any, **kw: Any) -> None:  # type: ignore[override]
+        for k, v in dict(*a, **kw).items():
+            self[k] = v
+
+    def charge(self, key: Any, nbytes: int) -> None:
+        """``key``'s entry holds ``nbytes`` more (refunded when it is removed)."""
+        if key not in self or nbytes <= 0:
+            return
+        if self._extra is None:
+            self._extra = {}
+        self._extra[key] = self._extra.get(key, 0) + nbytes
+        b = self._conn.budget
+        b.bytes += nbytes
+        if b.bytes > b.max_bytes:
+            b.over = True
+
+    def _evict_oldest(self, reason: str) -> None:
+        k = next(iter(self))
+        self._dropped(self.pop(k), reason)
+
+
 class Conn:
     """What a protocol session knows of its connection, and how it emits spans."""
 
     __slots__ = (
         "_drop",
+        "budget",
         "client_addr",
         "client_buf",
         "client_port",
@@ -93,6 +307,7 @@ class Conn:
         "server_buf",
         "server_port",
         "settings",
+        "stores",
     )
 
     def __init__(
@@ -110,6 +325,7 @@ class Conn:
         protocol: str = "",
         pid: int | None = None,
         comm: str | None = None,
+        budget: PendingBudget | None = None,
     ) -> None:
         self.conn_id = conn_id
         self.client_addr = client_addr
@@ -129,6 +345,16 @@ class Conn:
         self.pid = pid
         self.comm = comm
         self.extra: dict[str, Any] = {}
+        #: The stage's budget for pending requests, and this connection's stores drawing on it.
+        self.budget = budget if budget is not None else _DEFAULT_BUDGET
+        self.stores: list[_Store] = []
+
+    def release_stores(self) -> None:
+        """The session is gone: give back what its stores still hold (without counting drops:
+        the session's close counted what it had to)."""
+        for st in self.stores:
+            st.clear()
+        self.stores.clear()
 
     def set_emit(self, emit: Callable[[Span], None]) -> None:
         """Route this connection's spans elsewhere (the stage does when a protocol switches)."""

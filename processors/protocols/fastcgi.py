@@ -20,7 +20,7 @@ from __future__ import annotations
 import struct
 from typing import Any, ClassVar
 
-from processors.protocols.base import Conn, Detection, ProtocolSettings, Session
+from processors.protocols.base import Conn, Detection, PendingMap, ProtocolSettings, Session
 from processors.protocols.errors import LimitExceeded, Malformed
 from service.largebuf import LargeBuffer
 from service.model import SpanEvent, SpanKind, StatusCode
@@ -141,7 +141,7 @@ class Session(Session):  # type: ignore[no-redef]
     def __init__(self, conn: Conn) -> None:
         super().__init__(conn)
         self.settings: Settings = conn.settings if isinstance(conn.settings, Settings) else Settings()
-        self.reqs: dict[int, _Req] = {}
+        self.reqs: dict[int, _Req] = PendingMap(conn)
         self.done: dict[int, dict[bytes, bytes]] = {}  # params of requests whose span is pending
 
     def feed(self, from_client: bool, buf: LargeBuffer, ts_ns: int) -> None:
@@ -181,6 +181,7 @@ class Session(Session):  # type: ignore[no-redef]
                 raise LimitExceeded(NAME, "params_too_large", 0)
             for v in buf.views(8, clen):
                 req.params.append(v)
+            self.reqs.charge(rid, clen)  # the params are held until the request ends
         elif t in (STDIN, DATA):
             req.stdin += clen
         elif t == STDOUT:

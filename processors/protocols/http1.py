@@ -30,7 +30,7 @@ from typing import Any
 
 from pydantic import Field
 
-from processors.protocols.base import Conn, Detection, ProtocolSettings
+from processors.protocols.base import Conn, Detection, PendingQueue, ProtocolSettings
 from processors.protocols.base import Session as _BaseSession
 from processors.protocols.errors import LimitExceeded, Malformed, ProtocolError
 from service.largebuf import LargeBuffer
@@ -393,7 +393,7 @@ class Http1Session(_BaseSession):
         self._max_pending = self.settings.max_pending_requests
         self._hosts: dict[bytes, tuple[str, int | None]] = {}
         self._kind = conn.kind_for(SpanKind.SERVER, SpanKind.CLIENT)
-        self._pending: deque[_Request] = deque()
+        self._pending: deque[_Request] = PendingQueue(conn)
         self._deferred: deque[tuple[_Request, int, str, int, int]] = deque()
         self._cbody: _Body | None = None   # request body being skipped
         self._creq: _Request | None = None

@@ -48,7 +48,7 @@ from service.largebuf import LargeBuffer
 from service.model import AttrValue, SpanKind, StatusCode
 
 from . import grpc
-from .base import Conn, Detection, ProtocolSettings
+from .base import Conn, Detection, PendingMap, ProtocolSettings
 from .base import Session as _BaseSession
 from .errors import LimitExceeded, Malformed, ProtocolError
 
@@ -557,7 +557,7 @@ class H2Session(_BaseSession):
         self.max_streams = s.max_streams if isinstance(s, Settings) else MAX_STREAMS
         self.client = _Direction()
         self.server = _Direction()
-        self.streams: dict[int, _Stream] = {}
+        self.streams: dict[int, _Stream] = PendingMap(conn)
         self.preface_seen = False
         self.goaway_last: int | None = None
         up = conn.extra.pop("http2_upgrade_request", None)

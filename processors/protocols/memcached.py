@@ -26,7 +26,7 @@ import struct
 from collections import Counter, deque
 from typing import Any, ClassVar
 
-from processors.protocols.base import Conn, Detection, ProtocolSettings, Session
+from processors.protocols.base import Conn, Detection, PendingQueue, ProtocolSettings, Session
 from processors.protocols.errors import LimitExceeded, Malformed
 from service.largebuf import LargeBuffer
 from service.model import SpanKind, StatusCode
@@ -187,9 +187,10 @@ class Session(Session):  # type: ignore[no-redef]
         # batch from 0 and sends its NOOP with opaque 0), so a response answers the earliest
         # request in flight with its (opaque, opcode); the counter says whether there is one
         # without a scan.
-        self.pending: deque[_Req] = deque()
+        self.pending: deque[_Req] = PendingQueue(conn)
+        self.pending.on_evict = self._forget_flight
         self.in_flight: Counter[tuple[int, int]] = Counter()
-        self.text_pending: deque[_Req] = deque()
+        self.text_pending: deque[_Req] = PendingQueue(conn)
         self.skip = [0, 0]  # per direction: value bytes still to step over
         self.text_reply_open: _Req | None = None  # a multi-line text reply in progress
         self.cid_names: dict[int, str] = {}
@@ -278,13 +279,16 @@ class Session(Session):  # type: ignore[no-redef]
 
     def _pop_oldest(self) -> _Req:
         r = self.pending.popleft()
+        self._forget_flight(r)
+        return r
+
+    def _forget_flight(self, r: _Req) -> None:
         key = (r.opaque, r.op)
         left = self.in_flight[key] - 1
         if left:
             self.in_flight[key] = left
         else:
             del self.in_flight[key]
-        return r
 
     def _hello_features(self, buf: LargeBuffer, off: int, n: int) -> None:
         for i in range(0, min(n, 64) - 1, 2):

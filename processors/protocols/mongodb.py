@@ -21,7 +21,7 @@ import struct
 import zlib
 from typing import Any, ClassVar
 
-from processors.protocols.base import Conn, Detection, ProtocolSettings, Session
+from processors.protocols.base import Conn, Detection, PendingMap, ProtocolSettings, Session
 from processors.protocols.errors import LimitExceeded, Malformed, Unsupported
 from service.largebuf import LargeBuffer
 from service.model import SpanKind, StatusCode
@@ -254,7 +254,7 @@ class Session(Session):  # type: ignore[no-redef]
         super().__init__(conn)
         self.settings: Settings = conn.settings if isinstance(conn.settings, Settings) else Settings()
         self.dirs = (_Dir(), _Dir())  # server, client
-        self.pending: dict[int, _Msg] = {}
+        self.pending: dict[int, _Msg] = PendingMap(conn)
         self.exhaust: set[int] = set()  # requestIDs of moreToCome replies: their follow-ups are expected
 
     def feed(self, from_client: bool, buf: LargeBuffer, ts_ns: int) -> None:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import struct
 from typing import Any, ClassVar
 
-from processors.protocols.base import Conn, Detection, ProtocolSettings, Session
+from processors.protocols.base import Conn, Detection, PendingMap, ProtocolSettings, Session
 from processors.protocols.errors import LimitExceeded, Malformed
 from service.largebuf import BufferBoundsError, LargeBuffer
 from service.model import SpanKind, StatusCode
@@ -222,7 +222,7 @@ class Session(Session):  # type: ignore[no-redef]
         self.version = 4  # until CONNECT says otherwise (3.1.1 is the common default)
         self.client_id: str | None = None
         self.dirs = (_Dir(), _Dir())  # from server, from client
-        self.pending: dict[tuple[bool, int], _Exchange] = {}  # (initiator is client, packet id)
+        self.pending: dict[tuple[bool, int], _Exchange] = PendingMap(conn)  # (initiator is client, packet id)
         self.connect: _Exchange | None = None
 
     def feed(self, from_client: bool, buf: LargeBuffer, ts_ns: int) -> None:

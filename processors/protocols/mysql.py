@@ -27,7 +27,7 @@ from pydantic import Field
 from service.largebuf import BufferBoundsError, LargeBuffer
 from service.model import SpanKind, StatusCode
 
-from .base import Conn, Detection, ProtocolSettings
+from .base import Conn, Detection, PendingQueue, ProtocolSettings
 from .base import Session as _Session
 from .errors import Malformed
 from .sql import MAX_QUERY_BYTES, QueryInfo, analyze, decode_query
@@ -228,7 +228,7 @@ class Session(_Session):
         self._max_stmts = max(1, s.max_statements)
         self._trace_ping = s.trace_ping
         self._stmts: OrderedDict[int, QueryInfo | None] = OrderedDict()
-        self._pending: deque[_Cmd] = deque()
+        self._pending: deque[_Cmd] = PendingQueue(conn)
         self._phase = _HANDSHAKE
         self._server_caps = 0
         self._deprecate_eof: bool | None = None  # None: joined mid-stream, not negotiated

@@ -28,7 +28,7 @@ from pydantic import Field
 from service.largebuf import BufferBoundsError, LargeBuffer
 from service.model import SpanKind, StatusCode
 
-from .base import Conn, Detection, ProtocolSettings
+from .base import Conn, Detection, PendingQueue, ProtocolSettings
 from .base import Session as _Session
 from .errors import LimitExceeded, Malformed
 from .sql import MAX_QUERY_BYTES, QueryInfo, analyze, decode_query
@@ -321,7 +321,7 @@ class Session(_Session):
         self._stmts: OrderedDict[bytes, QueryInfo] = OrderedDict()
         self._portals: OrderedDict[bytes, QueryInfo | None] = OrderedDict()
         self._unnamed: QueryInfo | None = None
-        self._pending: deque[_Op] = deque()
+        self._pending: deque[_Op] = PendingQueue(conn)
         self._batch_start = 0
         self._skip = [0, 0]          # bytes of a message still to skip, per direction
         self._resync = [False, True]  # look for a boundary before parsing

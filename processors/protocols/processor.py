@@ -34,8 +34,8 @@ from pydantic import (
     model_validator,
 )
 
-from processors.protocols import PROTOCOLS, load
-from processors.protocols.base import Conn, Detection, Perspective, ProtocolSettings, Session
+from processors.protocols import PROTOCOLS, base, load
+from processors.protocols.base import Conn, Detection, PendingBudget, Perspective, ProtocolSettings, Session
 from processors.protocols.errors import ProtocolError
 from service.component import ComponentConfig, EventProcessor
 from service.largebuf import LargeBuffer
@@ -114,6 +114,29 @@ class ServiceNameRule(BaseModel):
         return True
 
 
+class PendingConfig(BaseModel):
+    """The budget of pending-request state all sessions draw from (base.PendingBudget)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    #: Requests awaiting an answer, all connections together.
+    max_entries: int = Field(base.MAX_PENDING_ENTRIES, ge=1)
+    #: Their estimated bytes, all connections together.
+    max_bytes: int = Field(base.MAX_PENDING_BYTES, ge=1024)
+    #: Requests awaiting an answer on one connection.
+    max_entries_per_connection: int = Field(base.MAX_PENDING_ENTRIES_PER_CONNECTION, ge=1)
+    #: Their estimated bytes on one connection.
+    max_bytes_per_connection: int = Field(base.MAX_PENDING_BYTES_PER_CONNECTION, ge=1024)
+
+    @model_validator(mode="after")
+    def _per_connection_within_total(self) -> PendingConfig:
+        if self.max_entries_per_connection > self.max_entries:
+            raise ValueError("max_entries_per_connection must be <= max_entries")
+        if self.max_bytes_per_connection > self.max_bytes:
+            raise ValueError("max_bytes_per_connection must be <= max_bytes")
+        return self
+
+
 class _BaseConfig(ComponentConfig):
     #: Protocols to detect (default: every available one).
     enabled: list[str] | None = None
@@ -131,6 +154,8 @@ class _BaseConfig(ComponentConfig):
     max_message_bytes: int = Field(MAX_MESSAGE_BYTES, ge=1024)
     #: Consecutive parse errors before a connection is abandoned.
     max_consecutive_errors: int = Field(MAX_CONSECUTIVE_ERRORS, ge=1)
+    #: The budget of requests awaiting answers (per connection and in total).
+    pending: PendingConfig = PendingConfig()
 
     @field_validator("idle_timeout", mode="before")
     @classmethod
@@ -269,6 +294,9 @@ class ProtocolsProcessor(EventProcessor):
             ports = frozenset(mod.DEFAULT_PORTS) | frozenset(s.ports)
             self._modules.append((name, mod, ports))
         self._settings = {name: (config.protocol_settings(name) or mod.Settings()) for name, mod, _ in self._modules}
+        pc = config.pending
+        self._budget = PendingBudget(pc.max_entries, pc.max_bytes, pc.max_entries_per_connection,
+                                     pc.max_bytes_per_connection)
         self._resources: dict[tuple[str, int | None, str | None], Resource] = {}
         self._out: list[Span] = []
         self._counts: dict[tuple[str, str], int] = {}
@@ -344,6 +372,9 @@ class ProtocolsProcessor(EventProcessor):
                     self._event(ev)
                 except Exception:  # a bug: never let it escape; abandon the connection
                     self._internal_error(ev.conn_id)
+                finally:
+                    if self._budget.over:
+                        self._shed()
             self.stats["events"] += len(events)
             if events:
                 self._sweep(events[-1].ts_ns)
@@ -511,6 +542,14 @@ class ProtocolsProcessor(EventProcessor):
         """Stop parsing a connection but remember it, so its later bytes are ignored."""
         if count:
             self._evict_count(reason)
+        if st.session is not None and reason != "internal_error":
+            # What the session still holds (requests awaiting an answer) is counted by its close,
+            # as when the connection ends; a session that raised is not asked again.
+            session = st.session
+            self._guard(cid, st, lambda: session.close(st.last_ts, True))
+            self._count_incomplete(st)
+        if st.conn is not None:
+            st.conn.release_stores()
         st.mode = _IGNORED
         st.session = None
         st.bufs[0].reset()
@@ -543,9 +582,25 @@ class ProtocolsProcessor(EventProcessor):
         if st.mode == _PARSING and st.session is not None:
             if not st.server_closed or reset:
                 self._guard(cid, st, lambda: st.session.close(ts, reset))  # type: ignore[union-attr]
+            self._count_incomplete(st)
+        if st.conn is not None:
+            st.conn.release_stores()
         st.session = None
         st.conn = None
         self._conns.pop(cid, None)
+
+    def _count_incomplete(self, st: _State) -> None:
+        """Bytes still buffered when a session ends are a message that never completed."""
+        if st.conn is not None:
+            for b in st.bufs:
+                if len(b):
+                    self._drop(st.conn.protocol, "incomplete_message")
+
+    def _shed(self) -> None:
+        """Over the pending budget: drop the oldest requests of the least recently active
+        connections first (each counted ``pending_budget`` under its protocol)."""
+        stores = (s for st in self._conns.values() if st.conn is not None for s in st.conn.stores)
+        self._budget.shed(stores)
 
     def _sweep(self, now: int) -> None:
         """Drop idle connections (at most once a second of event time)."""
@@ -616,7 +671,7 @@ class ProtocolsProcessor(EventProcessor):
             perspective = Perspective.CLIENT if st.egress_side == cs else Perspective.SERVER
         conn = Conn(cid, caddr, cport, saddr, sport, self._emitter(name), self._drop, perspective=perspective,
                     resource=self._resource(saddr, sport, st.pid, st.comm), settings=self._settings.get(name),
-                    protocol=name, pid=st.pid, comm=st.comm)
+                    protocol=name, pid=st.pid, comm=st.comm, budget=self._budget)
         conn.client_buf = st.bufs[cs]
         conn.server_buf = st.bufs[1 - cs]
         st.conn = conn
@@ -656,6 +711,7 @@ class ProtocolsProcessor(EventProcessor):
             return
         sw = self.stats.setdefault("switched", {})
         sw[f"{old}->{to}"] = sw.get(f"{old}->{to}", 0) + 1
+        conn.release_stores()  # the old session's requests were handed over or are done
         conn.protocol = to
         conn.settings = self._settings[to]
         conn.set_emit(self._emitter(to))

@@ -20,7 +20,7 @@ import re
 from collections import deque
 from typing import ClassVar
 
-from processors.protocols.base import Conn, Detection, ProtocolSettings, Session
+from processors.protocols.base import Conn, Detection, PendingQueue, ProtocolSettings, Session
 from processors.protocols.errors import LimitExceeded, Malformed
 from service.largebuf import LargeBuffer
 from service.model import SpanKind, StatusCode
@@ -417,7 +417,7 @@ class Session(Session):  # type: ignore[no-redef]
         self.settings: Settings = conn.settings if isinstance(conn.settings, Settings) else Settings()
         self.req = _Scanner(keep=MAX_ARGS_KEPT)
         self.resp = _Scanner(keep=3)
-        self.pending: deque[_Pending] = deque()
+        self.pending: deque[_Pending] = PendingQueue(conn)
         self.namespace: str | None = None
         self._select: str | None = None  # the index a pending SELECT asks for
         self.in_multi = False
@@ -552,3 +552,6 @@ class Session(Session):  # type: ignore[no-redef]
         for _ in self.pending:
             self.conn.drop("no_reply")
         self.pending.clear()
+        if self.req.cur is not None:  # a command begun (and its bytes consumed) but never ended
+            self.conn.drop("incomplete_message")
+            self.req.reset()

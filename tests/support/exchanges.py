@@ -25,6 +25,16 @@ class Exchange:
     port: int
     steps: list[tuple[bool, bytes]]  # (from_client, bytes), in order
     spans: int
+    #: step index -> spans the request(s) of that step give (default: every client step
+    #: after the handshake gives spans / number of such steps; see ``requests_of``).
+    requests: dict[int, int] | None = None
+
+    def requests_of(self) -> dict[int, int]:
+        if self.requests is not None:
+            return self.requests
+        client = [i for i, (c, _) in enumerate(self.steps) if c]
+        client = client[-self.spans:] if self.spans else []
+        return {i: 1 for i in client}
 
     @property
     def nbytes(self) -> int:
@@ -220,7 +230,7 @@ def _redis_pipeline(size: int) -> Exchange:
     n = max(1, size // 32)
     cmds = b"".join(_resp(b"INCR", b"counter:%06d" % i) for i in range(n))
     replies = b"".join(b":%d\r\n" % i for i in range(n))
-    return Exchange(6379, [(True, cmds), (False, replies)], n)
+    return Exchange(6379, [(True, cmds), (False, replies)], n, {0: n})
 
 
 # -- Kafka -----------------------------------------------------------------------------------

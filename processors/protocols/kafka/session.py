@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable, Generator
 from typing import Any
 
+from processors.protocols.base import PendingMap
 from processors.protocols.errors import LimitExceeded, Malformed
 from service.largebuf import BufferBoundsError, LargeBuffer, LargeBufferReader
 from service.model import SpanKind, StatusCode
@@ -180,7 +181,7 @@ class KafkaSession:
         self.cache: TopicIdCache = settings.topic_ids
         self.client = Cursor()
         self.server = Cursor()
-        self.pending: dict[int, Msg] = {}
+        self.pending: dict[int, Msg] = PendingMap(conn)
         #: After a gap, a direction's next bytes may start mid-message: wait for a chunk
         #: that starts like a message (a valid request header / a pending correlation id).
         self.resync = [False, False]
