@@ -60,6 +60,18 @@ class Driver(SessionDriver):
         super().__init__(f, 9000, ts_step=100, **settings)
 
 
+@pytest.mark.parametrize("sanitize, want", [(True, "id=7&token=REDACTED&pwd=REDACTED"),
+                                             (False, "id=7&token=t0k&pwd=pw")])
+def test_sensitive_query_values_are_redacted_by_default(sanitize: bool, want: str) -> None:
+    d = Driver(sanitize_query=sanitize)
+    uri = "/shop/item.php?id=7&token=t0k&pwd=pw"
+    d.send(True, begin(1) + params(1, {**BASE, "REQUEST_URI": uri, "QUERY_STRING": uri.partition("?")[2]})
+           + rec(f.STDIN, 1))
+    d.send(False, rec(f.STDOUT, 1, b"Content-type: text/html\r\n\r\nok") + rec(f.STDOUT, 1) + end(1))
+    (s,) = d.spans
+    assert s.attributes["url.query"] == want
+
+
 @pytest.mark.parametrize("step,split", [(None, 0), (1, 3), (7, 1), (64, 5)])
 def test_request_with_params_split_anywhere(step: int | None, split: int) -> None:
     d = Driver()

@@ -249,6 +249,25 @@ def test_absolute_form_and_query_redaction() -> None:
     assert a["url.query"] == "AWSAccessKeyId=REDACTED&Signature=REDACTED&a=1"
 
 
+def test_sensitive_query_values_are_redacted_by_default() -> None:
+    req = b"GET /login?user=bob&access_token=eyJhbGc&api_key=k1&page=2 HTTP/1.1\r\nHost: h\r\n\r\n"
+    resp = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
+    want = "user=bob&access_token=REDACTED&api_key=REDACTED&page=2"
+    c = Driver(Perspective.CLIENT)
+    c.req(req)
+    c.resp(resp)
+    a = c.spans[0].attributes
+    assert a["url.query"] == want and a["url.full"] == f"http://h/login?{want}"
+    assert "eyJhbGc" not in repr(a) and "k1" not in repr(a)
+    # off: as sent, except the names still listed in redact_query_params
+    off = Driver(Perspective.CLIENT, http1.Settings(sanitize_query=False))
+    off.req(req.replace(b"&page=2", b"&sig=s"))
+    off.resp(resp)
+    a = off.spans[0].attributes
+    assert a["url.query"] == "user=bob&access_token=eyJhbGc&api_key=k1&sig=REDACTED"
+    assert a["url.full"] == "http://h/login?user=bob&access_token=eyJhbGc&api_key=k1&sig=REDACTED"
+
+
 def test_scheme_lookalike_target_is_not_absolute_form() -> None:
     """Regression (fuzz find, tests/test_http1_speedup.py): ``https:/`` without "//" made
     the span builder raise ValueError; it is an opaque target, and https:// still works."""

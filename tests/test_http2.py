@@ -271,6 +271,24 @@ def test_trailers_and_server_push() -> None:
     assert [s.attributes["url.path"] for s in drv.spans] == ["/", "/pushed.css"]
 
 
+def _get(path: bytes) -> bytes:
+    """A HEADERS block written by hand: :method GET, :scheme http (static 2, 6), :path and :authority
+    as literals without indexing (RFC 7541 §6.2.2, name by static index 4 and 1, no Huffman)."""
+    return b"\x82\x86" + b"\x04" + bytes([len(path)]) + path + b"\x01\x09" + b"shop.test"
+
+
+def test_sensitive_query_values_are_redacted_by_default() -> None:
+    path = b"/cart?item=7&password=hunter2&X-Amz-Signature=abc"
+    for opts, want in ((None, "item=7&password=REDACTED&X-Amz-Signature=REDACTED"),
+                       (Settings(sanitize_query=False), "item=7&password=hunter2&X-Amz-Signature=abc")):
+        drv = Driver(opts)
+        drv.feed(True, PREFACE + settings_frame() + frame(http2.HEADERS, 0x5, 1, _get(path)), 1)
+        drv.feed(False, settings_frame() + frame(http2.HEADERS, 0x5, 1, b"\x88"), 2)
+        (sp,) = drv.spans
+        assert sp.attributes["url.path"] == "/cart" and sp.attributes["url.query"] == want
+        assert sp.attributes["server.address"] == "shop.test"
+
+
 def test_h2c_upgrade_stream_1() -> None:
     up = {"method": "GET", "target": b"/up?q=1", "host": b"example.com:80", "user_agent": b"curl/8", "start_ns": 5,
           "traceparent": TP.encode()}

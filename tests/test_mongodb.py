@@ -48,6 +48,24 @@ class Driver(SessionDriver):
         super().__init__(m, 27017, ts_step=1000, **settings)
 
 
+@pytest.mark.parametrize("sanitize, want", [
+    (True, "DuplicateKey: E11000 duplicate key error collection: shop.users index: email_1 dup key: { ? }"),
+    (False, 'DuplicateKey: E11000 duplicate key error collection: shop.users index: email_1 dup key: '
+            '{ email: "bob@example.com" }'),
+])
+def test_error_messages_are_sanitized_by_default(sanitize: bool, want: str) -> None:
+    d = Driver(sanitize_errors=sanitize)
+    d.send(True, op_msg(1, 0, {"insert": "users", "$db": "shop"}, seq=("documents", [{"email": "bob@example.com"}]))
+           + op_msg(2, 0, {"find": "users", "$db": "shop"}))
+    d.send(False, op_msg(11, 1, {"ok": 0.0, "code": 11000, "codeName": "DuplicateKey",
+                                 "errmsg": 'E11000 duplicate key error collection: shop.users index: email_1 '
+                                           'dup key: { email: "bob@example.com" }'})
+           + op_msg(12, 2, {"ok": 0.0, "code": 2, "codeName": "BadValue", "errmsg": 17}))  # hostile: not a string
+    dup, odd = d.spans
+    assert dup.status_message == want and dup.attributes["error.type"] == "DuplicateKey"
+    assert odd.status_message == "BadValue: 17"
+
+
 @pytest.mark.parametrize("step", [None, 1, 5, 13])
 def test_find_insert_error_paired_any_order(step: int | None) -> None:
     d = Driver()

@@ -129,6 +129,27 @@ def test_query_with_result_set(chunk, deprecate):
     assert not d.drops and d.buffered() == 0 and not d.session._pending
 
 
+@pytest.mark.parametrize("sanitize, want", [
+    (True, "Duplicate entry ? for key ?"),
+    (False, "Duplicate entry 'apple' for key 'fruits.PRIMARY'"),
+])
+def test_error_message_literals_are_sanitized_by_default(sanitize, want):
+    d = Driver(my, my.Settings(sanitize_errors=sanitize), port=3306)
+    connect(d)
+    d.feed(True, query("INSERT INTO fruits (name) VALUES ('apple')"))
+    d.feed(False, ERR(1062, "23000", "Duplicate entry 'apple' for key 'fruits.PRIMARY'"))
+    d.feed(True, query("SELECT * FROM t WHERE"))
+    d.feed(False, ERR(1064, "42000", "You have an error in your SQL syntax; check the manual that corresponds to "
+                                     "your MariaDB server version for the right syntax to use near 'pw = 'hunter2''"
+                                     " at line 1"))
+    dup, syntax = d.spans
+    assert dup.status_message == want and dup.attributes["db.query.text"] == "INSERT INTO fruits (name) VALUES (?)"
+    assert dup.attributes["error.type"] == "23000" and dup.attributes["db.response.status_code"] == "1062"
+    assert ("hunter2" in syntax.status_message) is not sanitize
+    if sanitize:
+        assert syntax.status_message.endswith("for the right syntax to use near ? at line 1")
+
+
 def test_error_and_namespace_changes():
     d = Driver(my, port=3306)
     connect(d)
@@ -144,7 +165,7 @@ def test_error_and_namespace_changes():
     d.feed(False, OK())
     s = d.spans
     assert [x.name for x in s] == ["SELECT nosuch", "INSERT t", "USE", "DELETE t"]
-    assert s[0].status_code == StatusCode.ERROR and s[0].status_message == "Table 'shop.nosuch' doesn't exist"
+    assert s[0].status_code == StatusCode.ERROR and s[0].status_message == "Table ? doesn't exist"  # sanitized
     assert s[0].attributes["db.response.status_code"] == "1146" and s[0].attributes["error.type"] == "42S02"
     assert s[1].attributes["db.namespace"] == "other"
     assert s[3].attributes["db.namespace"] == "third"

@@ -139,7 +139,22 @@ def test_multi_statement_query_is_one_span_with_summary_and_error():
     assert s.attributes["db.response.status_code"] == "42P01"
     assert s.attributes["error.type"] == "42P01"
     assert s.status_code == StatusCode.ERROR
-    assert s.status_message == 'relation "nosuch" does not exist'
+    assert s.status_message == "relation ? does not exist"  # quoted text sanitized (sanitize_errors)
+
+
+@pytest.mark.parametrize("sanitize, want", [
+    (True, "invalid input syntax for type integer: ?"),
+    (False, 'invalid input syntax for type integer: "4111-1111"'),
+])
+def test_error_message_literals_are_sanitized_by_default(sanitize, want):
+    d = Driver(pg, pg.Settings(sanitize_errors=sanitize))
+    connect(d)
+    d.feed(True, Q("SELECT * FROM cards WHERE id = '4111-1111'"))
+    d.feed(False, ERROR("22P02", 'invalid input syntax for type integer: "4111-1111"') + READY)
+    (s,) = d.spans
+    assert s.status_code == StatusCode.ERROR and s.status_message == want
+    assert s.attributes["db.query.text"] == "SELECT * FROM cards WHERE id = ?"
+    assert s.attributes["error.type"] == "22P02"
 
 
 def test_notice_is_not_an_error_and_terminate_makes_no_span():

@@ -74,6 +74,21 @@ def test_errors_and_namespace() -> None:
     assert bog.attributes["error.type"] == "ERR"
 
 
+@pytest.mark.parametrize("sanitize, want", [
+    (True, "ERR unknown command ?, with args beginning with: ? ? "),
+    (False, "ERR unknown command 'STE', with args beginning with: 'session:9' 's3cr3t' "),
+])
+def test_error_replies_echoing_arguments_are_sanitized_by_default(sanitize: bool, want: str) -> None:
+    d = Driver(sanitize_errors=sanitize)
+    d.send(True, cmd("STE", "session:9", "s3cr3t") + cmd("GET", "k"))
+    bulk_err = b"ERR 'bulk' error s3cr3t"
+    d.send(False, b"-ERR unknown command 'STE', with args beginning with: 'session:9' 's3cr3t' \r\n"
+           + b"!%d\r\n%s\r\n" % (len(bulk_err), bulk_err))
+    bad, bulk = d.spans
+    assert bad.status_message == want and bad.attributes["error.type"] == "ERR"
+    assert bulk.status_message == ("ERR ? error s3cr3t" if sanitize else "ERR 'bulk' error s3cr3t")
+
+
 def test_resp3_types_and_bulk_error() -> None:
     d = Driver()
     d.send(True, cmd("HELLO", "3", "AUTH", "u", "pw") + cmd("HGETALL", "h") + cmd("SMEMBERS", "s")

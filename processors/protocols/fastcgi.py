@@ -22,6 +22,7 @@ from typing import Any, ClassVar
 
 from processors.protocols.base import Conn, Detection, PendingMap, ProtocolSettings, Session
 from processors.protocols.errors import LimitExceeded, Malformed
+from processors.protocols.sanitize import redact_query
 from service.largebuf import LargeBuffer
 from service.model import SpanEvent, SpanKind, StatusCode
 
@@ -54,6 +55,8 @@ _WANTED = frozenset({
 class Settings(ProtocolSettings):
     #: Keep STDERR output as span events.
     stderr_events: bool = True
+    #: Values of sensitive query parameters become ``REDACTED`` in ``url.query`` (``sanitize.py``).
+    sanitize_query: bool = True
 
 
 def detect(buf: LargeBuffer, from_client: bool | None) -> Detection:
@@ -250,7 +253,7 @@ class Session(Session):  # type: ignore[no-redef]
             "network.protocol.name": "fastcgi",
         }
         if query:
-            attrs["url.query"] = query
+            attrs["url.query"] = redact_query(query) if self.settings.sanitize_query else query
         host = g(b"SERVER_NAME") or g(b"HTTP_HOST")
         if host:
             attrs["server.address"] = host.decode("latin-1").split(":")[0]

@@ -33,6 +33,7 @@ from pydantic import Field
 from processors.protocols.base import Conn, Detection, PendingQueue, ProtocolSettings
 from processors.protocols.base import Session as _BaseSession
 from processors.protocols.errors import LimitExceeded, Malformed, ProtocolError
+from processors.protocols.sanitize import redact_query
 from service.largebuf import LargeBuffer
 from service.model import AttrValue, SpanKind, StatusCode
 from service.speedups import load as _load_speedup
@@ -141,6 +142,9 @@ class Settings(ProtocolSettings):
     max_pending_requests: int = Field(MAX_PENDING_REQUESTS, ge=1)
     #: Query parameters whose values are replaced by ``REDACTED`` in ``url.query``.
     redact_query_params: list[str] = list(DEFAULT_REDACT_QUERY)
+    #: Values of sensitive query parameters (tokens, keys, passwords...: ``sanitize.py``) become
+    #: ``REDACTED`` in ``url.query`` and ``url.full`` (off: only ``redact_query_params``).
+    sanitize_query: bool = True
 
 
 _DEFAULT_SETTINGS = Settings()
@@ -872,7 +876,10 @@ class Http1Session(_BaseSession):
             attrs["server.port"] = port if port is not None else conn.server_port
             if kind == _CLIENT and not req.connect:
                 hh = req.host.decode("ascii", "replace") if req.host else host
-                attrs["url.full"] = f"http://{hh}{target.decode('utf-8', 'replace')}"
+                full = target.decode("utf-8", "replace")
+                if "url.query" in attrs:  # the redacted query, not the raw one
+                    full = f"{full.partition('?')[0]}?{attrs['url.query']}"
+                attrs["url.full"] = f"http://{hh}{full}"
         attrs["network.protocol.version"] = req.version if version == "1.1" else version
         if status:
             attrs["http.response.status_code"] = status
@@ -896,6 +903,8 @@ class Http1Session(_BaseSession):
                          attrs, req.traceparent, code, message)
 
     def _redact(self, query: str) -> str:
+        if self.settings.sanitize_query:  # one pass: the rule and redact_query_params
+            return redact_query(query, self.settings.redact_query_params)
         names = self.settings.redact_query_params
         if not names or not any(n in query for n in names):
             return query

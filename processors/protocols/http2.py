@@ -51,6 +51,7 @@ from . import grpc
 from .base import Conn, Detection, PendingMap, ProtocolSettings
 from .base import Session as _BaseSession
 from .errors import LimitExceeded, Malformed, ProtocolError
+from .sanitize import redact_query
 
 __all__ = ["NAME", "DEFAULT_PORTS", "Settings", "detect", "Session", "H2Session", "PREFACE"]
 
@@ -146,6 +147,8 @@ class Settings(ProtocolSettings):
     max_header_list_size: int = Field(MAX_HEADER_LIST_SIZE, ge=4096, le=MAX_FRAME_SIZE)
     #: Streams tracked per connection; more are counted as ``too_many_streams``.
     max_streams: int = Field(MAX_STREAMS, ge=1, le=100_000)
+    #: Values of sensitive query parameters become ``REDACTED`` in ``url.query`` (``sanitize.py``).
+    sanitize_query: bool = True
 
 
 # -- detection ------------------------------------------------------------------
@@ -1007,7 +1010,9 @@ class H2Session(_BaseSession):
             q = path.find("?")
             if q >= 0:
                 attrs["url.path"] = path[:q]
-                attrs["url.query"] = path[q + 1:]
+                s = conn.settings
+                attrs["url.query"] = (redact_query(path[q + 1:]) if not isinstance(s, Settings) or s.sanitize_query
+                                      else path[q + 1:])
             else:
                 attrs["url.path"] = path
         scheme = req.get(b":scheme")

@@ -23,6 +23,7 @@ from typing import Any, ClassVar
 
 from processors.protocols.base import Conn, Detection, PendingMap, ProtocolSettings, Session
 from processors.protocols.errors import LimitExceeded, Malformed, Unsupported
+from processors.protocols.sanitize import sanitize_error
 from service.largebuf import LargeBuffer
 from service.model import SpanKind, StatusCode
 
@@ -61,6 +62,8 @@ class Settings(ProtocolSettings):
     trace_heartbeats: bool = False
     #: Largest OP_COMPRESSED payload decompressed (bytes); larger ones are counted and skipped.
     max_decompressed_bytes: int = MAX_DOCUMENT
+    #: Replace quoted literals and ``dup key: {...}`` in ``errmsg`` by ``?`` (``sanitize.py``).
+    sanitize_errors: bool = True
 
 
 # ---------------------------------------------------------------------------
@@ -457,6 +460,8 @@ class Session(Session):  # type: ignore[no-redef]
         msg = ""
         if rep is not None and rep.error is not None:
             code, code_name, errmsg = rep.error
+            if self.settings.sanitize_errors:
+                errmsg = sanitize_error(errmsg)
             status = StatusCode.ERROR
             msg = f"{code_name}: {errmsg}" if code_name else errmsg
             if code is not None:

@@ -30,6 +30,7 @@ from service.model import SpanKind, StatusCode
 from .base import Conn, Detection, PendingQueue, ProtocolSettings
 from .base import Session as _Session
 from .errors import Malformed
+from .sanitize import sanitize_error
 from .sql import MAX_QUERY_BYTES, QueryInfo, analyze, decode_query
 
 NAME = "mysql"
@@ -103,6 +104,8 @@ class Settings(ProtocolSettings):
     max_statements: int = Field(512, ge=1, le=1_000_000)
     #: Make spans for COM_PING (connection-pool health checks; off by default).
     trace_ping: bool = False
+    #: Replace quoted literals in error messages by ``?`` (``sanitize.py``; off: as the server sent them).
+    sanitize_errors: bool = True
 
 
 def _printable(buf: LargeBuffer, off: int, end: int) -> bool:
@@ -227,6 +230,7 @@ class Session(_Session):
         self._sanitize = s.sanitize_query
         self._max_stmts = max(1, s.max_statements)
         self._trace_ping = s.trace_ping
+        self._sanitize_errors = s.sanitize_errors
         self._stmts: OrderedDict[int, QueryInfo | None] = OrderedDict()
         self._pending: deque[_Cmd] = PendingQueue(conn)
         self._phase = _HANDSHAKE
@@ -660,7 +664,8 @@ class Session(_Session):
             status = StatusCode.ERROR
         conn = self.conn
         conn.emit(conn.span(name, conn.kind_for(SpanKind.CLIENT), c.start, ts, attrs,
-                            status_code=status, status_message=c.err_msg))
+                            status_code=status,
+                            status_message=sanitize_error(c.err_msg) if self._sanitize_errors else c.err_msg))
 
 
 def _text(buf: LargeBuffer, off: int, end: int) -> str:

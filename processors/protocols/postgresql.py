@@ -31,6 +31,7 @@ from service.model import SpanKind, StatusCode
 from .base import Conn, Detection, PendingQueue, ProtocolSettings
 from .base import Session as _Session
 from .errors import LimitExceeded, Malformed
+from .sanitize import sanitize_error
 from .sql import MAX_QUERY_BYTES, QueryInfo, analyze, decode_query
 
 NAME = "postgresql"
@@ -90,6 +91,8 @@ class Settings(ProtocolSettings):
     max_statements: int = Field(512, ge=1, le=1_000_000)
     #: Named portals remembered per connection (LRU).
     max_portals: int = Field(64, ge=1, le=1_000_000)
+    #: Replace quoted literals in error messages by ``?`` (``sanitize.py``; off: as the server sent them).
+    sanitize_errors: bool = True
 
 
 # -- validation shared by detect and resync -----------------------------------------
@@ -318,6 +321,7 @@ class Session(_Session):
         self._sanitize = s.sanitize_query
         self._max_stmts = max(1, s.max_statements)
         self._max_portals = max(1, s.max_portals)
+        self._sanitize_errors = s.sanitize_errors
         self._stmts: OrderedDict[bytes, QueryInfo] = OrderedDict()
         self._portals: OrderedDict[bytes, QueryInfo | None] = OrderedDict()
         self._unnamed: QueryInfo | None = None
@@ -678,7 +682,8 @@ class Session(_Session):
             status = StatusCode.ERROR
         conn = self.conn
         conn.emit(conn.span(name, conn.kind_for(SpanKind.CLIENT), op.start, end_ts, attrs,
-                            status_code=status, status_message=op.err_msg))
+                            status_code=status,
+                            status_message=sanitize_error(op.err_msg) if self._sanitize_errors else op.err_msg))
 
 
 def _text(buf: LargeBuffer, off: int, end: int) -> str:

@@ -22,6 +22,7 @@ from typing import ClassVar
 
 from processors.protocols.base import Conn, Detection, PendingQueue, ProtocolSettings, Session
 from processors.protocols.errors import LimitExceeded, Malformed
+from processors.protocols.sanitize import sanitize_error
 from service.largebuf import LargeBuffer
 from service.model import SpanKind, StatusCode
 
@@ -80,6 +81,8 @@ class Settings(ProtocolSettings):
     sanitize_query: bool = True
     #: Emit spans for pub/sub messages pushed by the server (CONSUMER, no request).
     trace_pushes: bool = False
+    #: Replace quoted literals (echoed arguments) in error replies by ``?`` (``sanitize.py``).
+    sanitize_errors: bool = True
 
 
 # ---------------------------------------------------------------------------
@@ -520,7 +523,7 @@ class Session(Session):  # type: ignore[no-redef]
         msg = ""
         if v.error is not None:
             status = StatusCode.ERROR
-            msg = v.error
+            msg = sanitize_error(v.error) if self.settings.sanitize_errors else v.error
             prefix = v.error.split(" ", 1)[0]
             attrs["db.response.status_code"] = prefix
             attrs["error.type"] = prefix
