@@ -3,17 +3,19 @@
 Contract, shared by every protocol that exports such text (each calls these
 only when it has the text at all, so the common path costs nothing):
 
-- ``redact_query(query)``: the value of every sensitive parameter of a URL query
-  string becomes ``REDACTED`` (the OpenTelemetry semantic conventions' word for
-  ``url.query`` and ``url.full``); names, order, separators and every other value
-  are kept. A parameter is sensitive when its name, case-insensitive (and with
-  ``[]``/``[...]`` array suffixes allowed), is one of ``SHORT_WORDS`` on its own
+- ``redact_query(query, names=())``: the value of every sensitive parameter of a
+  URL query string (and of the exact ``names``) becomes ``REDACTED`` (the
+  OpenTelemetry semantic conventions' word for ``url.query`` and ``url.full``);
+  names, order, separators and every other value are kept. A parameter is
+  sensitive when its name, case-insensitive (without an array index ``[]``/``[0]``;
+  ``user[password]`` counts by its last part), is one of ``SHORT_WORDS`` on its own
   or after a separator (``_``, ``-``, ``.``, ``[`` or their percent-encodings:
   ``key``, ``api_key``, ``x-api-key``, ``pass``, ``sig``, ``auth``, ``session``...)
   or ends with one of ``LONG_WORDS`` (``token``, ``access_token``, ``accessToken``,
   ``password``, ``client_secret``, ``X-Amz-Signature``, ``X-Amz-Credential``,
   ``AWSAccessKeyId``...). Empty values stay empty. ``&`` and ``;`` separate
-  parameters.
+  parameters. A query none of whose names ends like a sensitive one is returned
+  after a few C-level string calls per parameter (``_PREFILTER``), no regex.
 - ``sanitize_error(message)``: a database's error text with every quoted literal
   replaced by ``?``, as the SQL sanitizer does for query text (``sql.py``):
   ``'...'`` and ``"..."`` (a quote opens only where a word does not go on, so
