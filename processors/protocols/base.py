@@ -30,6 +30,31 @@ Spans are built with ``conn.span(...)`` and emitted with ``conn.emit(span)``.
 Bad input raises a ``ProtocolError`` (processors/protocols/errors.py); the
 processor counts it, clears the buffers and calls ``session.gap`` so the
 session resynchronises (or drops the connection after repeated errors).
+
+Linear time, whatever the segmentation (a byte a segment included). One client
+dripping bytes must not cost the node a core, so:
+
+- ``detect`` answers from a bounded prefix, and its ``NO`` is final for the
+  message at the buffer's start: the stage does not ask again until the buffer
+  is reset, so a detector must say ``NEED_MORE`` while the bytes so far could
+  still begin its protocol (tests/test_segmentation.py holds every module to it).
+- ``feed`` resumes where it stopped: it releases what it consumed (or remembers
+  its place, as the Redis scanner does) and never rescans a growing message from
+  its start. ``LargeBuffer.find`` remembers a failed search, so re-asking for a
+  delimiter scans only the new bytes. When the next message needs ``n`` bytes,
+  set ``buf.want = n`` (from the buffer's start, after any release): the stage
+  does not call ``feed`` again before they are there.
+- A shared test feeds each protocol's exchange (tests/support/exchanges.py: add
+  a new protocol's line) whole, a byte a segment and in random pieces: same
+  spans, linear time.
+
+Bounded, and counted. Requests awaiting answers live in a ``PendingQueue`` or
+``PendingMap`` built with the ``Conn``: they draw from the stage's
+``PendingBudget`` (per connection and in total), which drops the oldest and
+counts each (``pending_limit``, ``pending_budget``). ``close`` counts what is
+still pending (``no_response``-like reasons) or a message begun and never ended
+(``incomplete_message``); bytes still buffered when a session ends are counted
+by the stage. Nothing leaves the stage without a span or a reason.
 """
 
 from __future__ import annotations
