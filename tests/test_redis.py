@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -287,3 +289,39 @@ def test_resp3_subscribe_confirmation_push_answers_the_request() -> None:
     d.send(False, b">3\r\n$11\r\nunsubscribe\r\n$4\r\nnews\r\n:0\r\n")
     assert [s.name for s in d.spans] == ["SUBSCRIBE", "UNSUBSCRIBE"]
     assert d.conn.extra["redis_pushes"] == 1 and not d.drops
+
+
+def test_hostile_lengths_are_counted_drops_never_escapes() -> None:
+    """Issue 20: ``*1\\r\\n$-1\\r\\nX`` made detect raise, and ``$-2147483648`` inside a nested
+    aggregate sent the scanner to a negative offset; ``--1`` made int() raise."""
+    from processors.protocols.processor import ProtocolsProcessor
+    from service.model import EventKind, TcpEvent
+
+    class Sink:
+        spans: list = []
+
+        def consume_spans(self, s: list) -> None:
+            self.spans.extend(s)
+
+    for data in (b"*1\r\n$-1\r\nX", b"*1\r\n$--1\r\nX", b"*1\r\n$0\r\n\r\n",
+                 b"*2\r\n$3\r\nGET\r\n*2\r\n$-2147483648\r\n$1\r\nx\r\n",
+                 b"*3\r\n$4\r\nMGET\r\n$1\r\na\r\n$-2147483648\r\n",
+                 b"*2\r\n$3\r\nGET\r\n$99999999999999999999\r\n"):
+        assert r.detect(LargeBuffer(data), None) in (Detection.NO, Detection.NEED_MORE, Detection.REQUEST)
+        d = Driver()
+        with contextlib.suppress(ProtocolError):
+            d.send(True, data)
+        p = ProtocolsProcessor("protocols", {"enabled": ["redis"]}, Sink())
+        p.consume_events([TcpEvent(EventKind.DATA, 1, "10.0.0.1", 40000, "10.0.0.2", 6379, 1, memoryview(data),
+                                   client_is_src=True),
+                          TcpEvent(EventKind.DATA, 1, "10.0.0.2", 6379, "10.0.0.1", 40000, 2,
+                                   memoryview(b"*2\r\n$-1\r\n$-1\r\n"), client_is_src=False)])
+        p.shutdown()
+        assert "internal_error" not in str(p.stats["drops"]), (data, p.stats["drops"])
+
+
+def test_a_negative_bulk_inside_an_aggregate_is_a_null_element() -> None:
+    d = Driver()
+    d.send(True, b"*2\r\n$4\r\nMGET\r\n$1\r\na\r\n")
+    d.send(False, b"*3\r\n$-1\r\n$-2147483648\r\n$1\r\nb\r\n")
+    assert [s.name for s in d.spans] == ["MGET"]
