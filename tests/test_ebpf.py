@@ -432,3 +432,14 @@ def test_ring_full_losses_become_positioned_gaps() -> None:
         assert pos == len(expected)
         checked += 1
     assert checked >= 1
+
+
+def test_a_client_dripping_a_byte_a_segment_costs_the_others_nothing() -> None:
+    """Issue 20: a client dripping 28 KB a byte a write beside normal clients (the server's
+    view): every normal request's span arrives, the dripped one too, and no record is lost."""
+    from tests.support.live_http import drip_beside_normal_traffic
+
+    got = drip_beside_normal_traffic(lambda srv, nxt: EbpfReceiver("ebpf", EbpfConfig(pids=[srv.pid]), nxt))
+    assert got["normal"] == sorted(f"/n/{i}" for i in range(300))
+    assert got["drip"] == 1
+    assert not {k: v for k, v in got["receiver_drops"].items() if v}, got["receiver_drops"]

@@ -131,3 +131,79 @@ class ReceiverRunning:
 
     def __exit__(self, *exc: object) -> None:
         self.rx.shutdown()
+
+
+# -- one client dripping a request a byte a segment while others make normal requests ------
+_DRIP_CLIENT = r'''
+import socket, sys
+port, n = int(sys.argv[1]), int(sys.argv[2])
+s = socket.create_connection(("127.0.0.1", port))
+s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+# The request line itself dripped: before the stage knows the protocol (the costly case).
+head = b"GET /drip?q=" + b"d" * n + b" HTTP/1.1\r\nHost: x\r\n\r\n"
+for i in range(len(head)):
+    s.send(head[i:i + 1])
+resp = b""
+while b"\r\n\r\n" not in resp or not resp.endswith(b"\n"):
+    c = s.recv(65536)
+    if not c:
+        break
+    resp += c
+assert resp.startswith(b"HTTP/1.1 200"), resp[:100]
+'''
+
+_NORMAL_CLIENT = r'''
+import http.client, sys
+port, n = int(sys.argv[1]), int(sys.argv[2])
+c = http.client.HTTPConnection("127.0.0.1", port)
+for i in range(n):
+    c.request("GET", f"/n/{i}")
+    r = c.getresponse()
+    assert r.status == 200 and r.read() == f"hello /n/{i}\n".encode()
+'''
+
+
+class SpanSink:
+    def __init__(self) -> None:
+        self.spans: list[Any] = []
+        self.lock = threading.Lock()
+
+    def consume_spans(self, spans: list[Any]) -> None:
+        with self.lock:
+            self.spans.extend(spans)
+
+    def paths(self) -> list[str]:
+        with self.lock:
+            return [str(s.attributes.get("url.path")) for s in self.spans]
+
+
+def drip_beside_normal_traffic(make_receiver: Any, drip_bytes: int = 28_000, normal: int = 300) -> dict[str, Any]:
+    """Run the scenario of issue 20's live finding (one client dripping 28 KB a byte a segment
+    pegged a core and cost the node most of its spans) through ``make_receiver(server, next)``
+    feeding a real protocols stage; returns what arrived, for the caller's assertions."""
+    from processors.protocols.processor import ProtocolsProcessor
+    from tests.support.capture import wait_until
+
+    sink = SpanSink()
+    stage = ProtocolsProcessor("protocols", {"enabled": ["http"]}, sink)
+    with http_server() as srv:
+        rx = make_receiver(srv, stage)
+        rx.start()
+        try:
+            drip = subprocess.Popen([sys.executable, "-c", _DRIP_CLIENT, str(srv.port), str(drip_bytes)],
+                                    stderr=subprocess.PIPE)
+            run_client(_NORMAL_CLIENT, str(srv.port), str(normal), timeout=120)
+            _, err = drip.communicate(timeout=120)
+            assert drip.returncode == 0, err
+
+            def done() -> bool:
+                p = sink.paths()
+                return "/drip" in p and sum(x.startswith("/n/") for x in p) >= normal
+
+            wait_until(done, timeout=30)
+        finally:
+            rx.shutdown()
+            stage.shutdown()
+    paths = sink.paths()
+    return {"normal": sorted({p for p in paths if p.startswith("/n/")}), "drip": paths.count("/drip"),
+            "receiver_drops": dict(getattr(rx, "stats", {}).get("drops", {})), "stage_drops": stage.stats["drops"]}
