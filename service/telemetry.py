@@ -64,6 +64,19 @@ EXPORTER_QUEUE_CAPACITY = Gauge(
 CONNECTIONS_EVICTED = Counter(
     "wirespan_connections_evicted", "Connection state dropped before the connection ended, by reason.",
     ["component", "reason"], registry=_registry)
+TRACE_UNATTRIBUTED = Counter(
+    "wirespan_trace_unattributed_spans",
+    "Calls trace assembly could not attribute to the request they were made for, by reason "
+    "(processors/protocols/assembly.py): they stay roots rather than risk a wrong parent.",
+    ["processor", "reason"], registry=_registry)
+TRACE_LINKS = Counter(
+    "wirespan_trace_links", "Parent links trace assembly made, by how (thread, process, host).",
+    ["processor", "how"], registry=_registry)
+TRACE_CONFLICTS = Counter(
+    "wirespan_trace_context_conflicts",
+    "Requests whose wire traceparent disagreed with the assembled parent (the wire's won).",
+    ["processor"], registry=_registry)
+__all__ += ["TRACE_CONFLICTS", "TRACE_LINKS", "TRACE_UNATTRIBUTED"]
 
 # ---------------------------------------------------------------------------
 # Added by the exporters work (issue 5): persistent sending queue integrity.

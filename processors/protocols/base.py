@@ -66,11 +66,12 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict
 
+from processors.protocols.assembly import recent_deque
 from service.largebuf import LargeBuffer
 from service.model import AttrValue, Resource, Span, SpanEvent, SpanKind, StatusCode, parse_traceparent
 
 if TYPE_CHECKING:
-    pass
+    from processors.protocols.assembly import Ctx, TraceAssembler
 
 __all__ = ["Detection", "Perspective", "ProtocolSettings", "Conn", "Session", "PendingBudget", "PendingQueue",
            "PendingMap"]
@@ -152,6 +153,7 @@ class PendingBudget:
 
 #: A budget for sessions built outside a stage (tests, tools): the defaults, shared.
 _DEFAULT_BUDGET = PendingBudget()
+_MISSING = object()
 
 
 class _Store:
@@ -162,31 +164,42 @@ class _Store:
     _eb: int
     _cap: int
     _extra: dict[Any, int] | None
+    _start: str
+    _tp: Callable[[Any], Any] | None
     on_evict: Callable[[Any], None] | None
 
-    def _setup(self, conn: Conn, entry_bytes: int) -> None:
+    def _setup(self, conn: Conn, entry_bytes: int, start: str, traceparent: Callable[[Any], Any] | None) -> None:
         b = conn.budget
         self._conn = conn
         self._eb = entry_bytes
         self._cap = max(1, min(b.per_conn_entries, b.per_conn_bytes // max(entry_bytes, 1)))
         self._extra = None
+        self._start = start
+        self._tp = traceparent
         #: Called with an entry the budget dropped, for a session's own bookkeeping.
         self.on_evict = None
         conn.stores.append(self)
 
-    def _added(self) -> None:
-        b = self._conn.budget
+    def _added(self, x: Any) -> None:
+        conn = self._conn
+        b = conn.budget
         b.entries += 1
         b.bytes += self._eb
         if b.entries > b.max_entries or b.bytes > b.max_bytes:
             b.over = True
+        if conn.assembler is not None:  # a request was parsed: its trace context is decided now
+            conn.assembler.open(conn, x, getattr(x, self._start, 0), self._tp)
         if len(self) > self._cap:  # type: ignore[arg-type]
             self._evict_oldest("pending_limit")
 
-    def _removed(self, n: int = 1, extra: int = 0) -> None:
-        b = self._conn.budget
+    def _removed(self, n: int = 1, extra: int = 0, x: Any = None) -> None:
+        """``n`` entries left (``x`` when one did: its request's context closes with it)."""
+        conn = self._conn
+        b = conn.budget
         b.entries -= n
         b.bytes -= n * self._eb + extra
+        if x is not None and conn.ctxs:
+            conn.assembler.close(conn, x)  # type: ignore[union-attr]
 
     def _evict_oldest(self, reason: str) -> None:
         raise NotImplementedError
@@ -205,37 +218,43 @@ class PendingQueue(deque, _Store):  # type: ignore[type-arg]
     as the deque it is; only appending and removing are accounted.
     """
 
-    __slots__ = ("_cap", "_conn", "_eb", "_extra", "on_evict")
+    __slots__ = ("_cap", "_conn", "_eb", "_extra", "_start", "_tp", "on_evict")
 
-    def __init__(self, conn: Conn, entry_bytes: int = ENTRY_BYTES) -> None:
+    def __init__(self, conn: Conn, entry_bytes: int = ENTRY_BYTES, start: str = "start_ts",
+                 traceparent: Callable[[Any], Any] | None = None) -> None:
+        """``start``: the entries' attribute holding the request's start (its span's start);
+        ``traceparent``: a function giving an entry's wire traceparent, for trace assembly."""
         super().__init__()
-        self._setup(conn, entry_bytes)
+        self._setup(conn, entry_bytes, start, traceparent)
 
     def append(self, x: Any) -> None:
         deque.append(self, x)
-        self._added()
+        self._added(x)
 
     def appendleft(self, x: Any) -> None:
         deque.appendleft(self, x)
-        self._added()
+        self._added(x)
 
     def popleft(self) -> Any:
         x = deque.popleft(self)
-        self._removed()
+        self._removed(1, 0, x)
         return x
 
     def pop(self) -> Any:  # type: ignore[override]
         x = deque.pop(self)
-        self._removed()
+        self._removed(1, 0, x)
         return x
 
     def remove(self, x: Any) -> None:
         deque.remove(self, x)
-        self._removed()
+        self._removed(1, 0, x)
 
     def clear(self) -> None:
         n = len(self)
         if n:
+            if self._conn.assembler is not None:
+                for y in self:
+                    self._conn.assembler.close(self._conn, y)
             deque.clear(self)
             self._removed(n)
 
@@ -248,17 +267,21 @@ class PendingMap(dict, _Store):  # type: ignore[type-arg]
     ``PendingQueue`` is. ``charge(key, n)`` adds bytes an entry holds beyond its estimate
     (e.g. FastCGI params), refunded when the entry goes."""
 
-    __slots__ = ("_cap", "_conn", "_eb", "_extra", "on_evict")
+    __slots__ = ("_cap", "_conn", "_eb", "_extra", "_start", "_tp", "on_evict")
 
-    def __init__(self, conn: Conn, entry_bytes: int = ENTRY_BYTES) -> None:
+    def __init__(self, conn: Conn, entry_bytes: int = ENTRY_BYTES, start: str = "start_ts",
+                 traceparent: Callable[[Any], Any] | None = None) -> None:
         super().__init__()
-        self._setup(conn, entry_bytes)
+        self._setup(conn, entry_bytes, start, traceparent)
 
     def __setitem__(self, key: Any, value: Any) -> None:
-        new = key not in self
+        old = dict.get(self, key, _MISSING)
         dict.__setitem__(self, key, value)
-        if new:
-            self._added()
+        if old is _MISSING:
+            self._added(value)
+        elif old is not value and self._conn.assembler is not None:  # a key reused: a new request
+            self._conn.assembler.close(self._conn, old)
+            self._conn.assembler.open(self._conn, value, getattr(value, self._start, 0), self._tp)
 
     def setdefault(self, key: Any, default: Any = None) -> Any:
         if key not in self:
@@ -266,25 +289,28 @@ class PendingMap(dict, _Store):  # type: ignore[type-arg]
         return dict.__getitem__(self, key)
 
     def __delitem__(self, key: Any) -> None:
-        dict.__delitem__(self, key)
-        self._removed(1, self._extra.pop(key, 0) if self._extra else 0)
+        v = dict.pop(self, key)
+        self._removed(1, self._extra.pop(key, 0) if self._extra else 0, v)
 
     def pop(self, key: Any, *default: Any) -> Any:
         if key in self:
             v = dict.pop(self, key)
-            self._removed(1, self._extra.pop(key, 0) if self._extra else 0)
+            self._removed(1, self._extra.pop(key, 0) if self._extra else 0, v)
             return v
         return dict.pop(self, key, *default)
 
     def popitem(self) -> tuple[Any, Any]:
         k, v = dict.popitem(self)
-        self._removed(1, self._extra.pop(k, 0) if self._extra else 0)
+        self._removed(1, self._extra.pop(k, 0) if self._extra else 0, v)
         return k, v
 
     def clear(self) -> None:
         n = len(self)
         if n:
             extra = sum(self._extra.values()) if self._extra else 0
+            if self._conn.assembler is not None:
+                for y in self.values():
+                    self._conn.assembler.close(self._conn, y)
             dict.clear(self)
             if self._extra:
                 self._extra.clear()
@@ -316,23 +342,28 @@ class Conn:
 
     __slots__ = (
         "_drop",
+        "assembler",
         "budget",
         "client_addr",
         "client_buf",
         "client_port",
         "comm",
         "conn_id",
+        "ctxs",
         "emit",
         "extra",
         "perspective",
         "pid",
         "protocol",
+        "recent",
+        "req_from_client",
         "resource",
         "server_addr",
         "server_buf",
         "server_port",
         "settings",
         "stores",
+        "tid",
     )
 
     def __init__(
@@ -351,6 +382,7 @@ class Conn:
         pid: int | None = None,
         comm: str | None = None,
         budget: PendingBudget | None = None,
+        assembler: TraceAssembler | None = None,
     ) -> None:
         self.conn_id = conn_id
         self.client_addr = client_addr
@@ -373,6 +405,14 @@ class Conn:
         #: The stage's budget for pending requests, and this connection's stores drawing on it.
         self.budget = budget if budget is not None else _DEFAULT_BUDGET
         self.stores: list[_Store] = []
+        #: Trace assembly (assembly.py), or None: the request contexts of this connection
+        #: by pending entry, the recently closed ones, and what the stage tells of the bytes
+        #: being fed (the thread that moved them, whether the client sent them).
+        self.assembler = assembler
+        self.ctxs: dict[int, Ctx] = {}
+        self.recent: deque[Ctx] = recent_deque()
+        self.tid: int | None = None
+        self.req_from_client = True
 
     def release_stores(self) -> None:
         """The session is gone: give back what its stores still hold (without counting drops:
@@ -380,6 +420,8 @@ class Conn:
         for st in self.stores:
             st.clear()
         self.stores.clear()
+        if self.assembler is not None:
+            self.assembler.forget(self)
 
     def set_emit(self, emit: Callable[[Span], None]) -> None:
         """Route this connection's spans elsewhere (the stage does when a protocol switches)."""
@@ -417,16 +459,23 @@ class Conn:
             attributes.setdefault("server.address", self.server_addr)
             attributes.setdefault("server.port", self.server_port)
         trace_id = None
+        span_id = None
         parent = b""
         flags = 1
+        if self.assembler is not None:
+            ids = self.assembler.for_span(self, start_ns, end_ns)
+            if ids is not None:
+                trace_id, span_id, parent, flags = ids
         if traceparent is not None:
             tp = parse_traceparent(traceparent)
             if tp is not None:
+                if trace_id is not None and (tp[0] != trace_id or tp[1] != parent):
+                    self.assembler.count_conflict()  # type: ignore[union-attr]  # the wire wins
                 trace_id, parent, flags = tp
         if end_ns < start_ns:
             end_ns = start_ns
         # Positional: this runs once per span, and keywords cost a third of the call.
-        return Span(name, kind, start_ns, end_ns, attributes, self.resource, trace_id, None, parent,
+        return Span(name, kind, start_ns, end_ns, attributes, self.resource, trace_id, span_id, parent,
                     status_code, status_message, events, "", flags)
 
     def kind_for(self, passive: SpanKind, client_side: SpanKind = SpanKind.CLIENT) -> SpanKind:

@@ -269,6 +269,10 @@ class _Body:
                     return True
 
 
+def _traceparent_of(req: _Request) -> Any:
+    return req.traceparent
+
+
 class _Request:
     """What a request head told us, kept until its response completes (small fields only)."""
 
@@ -397,7 +401,7 @@ class Http1Session(_BaseSession):
         self._max_pending = self.settings.max_pending_requests
         self._hosts: dict[bytes, tuple[str, int | None]] = {}
         self._kind = conn.kind_for(SpanKind.SERVER, SpanKind.CLIENT)
-        self._pending: deque[_Request] = PendingQueue(conn)
+        self._pending: deque[_Request] = PendingQueue(conn, traceparent=_traceparent_of)
         self._deferred: deque[tuple[_Request, int, str, int, int]] = deque()
         self._cbody: _Body | None = None   # request body being skipped
         self._creq: _Request | None = None

@@ -471,6 +471,10 @@ def _keep(want: dict[bytes, str], name: bytes | None, value: bytes | None) -> No
 
 
 # -- streams --------------------------------------------------------------------
+def _stream_traceparent(st: _Stream) -> Any:
+    return st.req.get(b"traceparent")
+
+
 class _Stream:
     __slots__ = (
         "grpc",
@@ -560,7 +564,7 @@ class H2Session(_BaseSession):
         self.max_streams = s.max_streams if isinstance(s, Settings) else MAX_STREAMS
         self.client = _Direction()
         self.server = _Direction()
-        self.streams: dict[int, _Stream] = PendingMap(conn)
+        self.streams: dict[int, _Stream] = PendingMap(conn, start="start_ns", traceparent=_stream_traceparent)
         self.preface_seen = False
         self.goaway_last: int | None = None
         up = conn.extra.pop("http2_upgrade_request", None)

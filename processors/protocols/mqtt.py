@@ -191,6 +191,10 @@ def detect(buf: LargeBuffer, from_client: bool | None) -> Detection:
 # ---------------------------------------------------------------------------
 # session
 # ---------------------------------------------------------------------------
+def _exchange_traceparent(ex: _Exchange) -> Any:
+    return ex.traceparent
+
+
 class _Exchange:
     __slots__ = ("attrs", "kind", "name", "op", "start_ts", "traceparent", "expect")
 
@@ -222,7 +226,7 @@ class Session(Session):  # type: ignore[no-redef]
         self.version = 4  # until CONNECT says otherwise (3.1.1 is the common default)
         self.client_id: str | None = None
         self.dirs = (_Dir(), _Dir())  # from server, from client
-        self.pending: dict[tuple[bool, int], _Exchange] = PendingMap(conn)  # (initiator is client, packet id)
+        self.pending: dict[tuple[bool, int], _Exchange] = PendingMap(conn, traceparent=_exchange_traceparent)  # (initiator is client, packet id)
         self.connect: _Exchange | None = None
 
     def feed(self, from_client: bool, buf: LargeBuffer, ts_ns: int) -> None:

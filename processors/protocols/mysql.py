@@ -232,7 +232,7 @@ class Session(_Session):
         self._trace_ping = s.trace_ping
         self._sanitize_errors = s.sanitize_errors
         self._stmts: OrderedDict[int, QueryInfo | None] = OrderedDict()
-        self._pending: deque[_Cmd] = PendingQueue(conn)
+        self._pending: deque[_Cmd] = PendingQueue(conn, start="start")
         self._phase = _HANDSHAKE
         self._server_caps = 0
         self._deprecate_eof: bool | None = None  # None: joined mid-stream, not negotiated

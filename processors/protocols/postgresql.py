@@ -325,7 +325,7 @@ class Session(_Session):
         self._stmts: OrderedDict[bytes, QueryInfo] = OrderedDict()
         self._portals: OrderedDict[bytes, QueryInfo | None] = OrderedDict()
         self._unnamed: QueryInfo | None = None
-        self._pending: deque[_Op] = PendingQueue(conn)
+        self._pending: deque[_Op] = PendingQueue(conn, start="start")
         self._batch_start = 0
         self._skip = [0, 0]          # bytes of a message still to skip, per direction
         self._resync = [False, True]  # look for a boundary before parsing

@@ -35,6 +35,7 @@ from pydantic import (
 )
 
 from processors.protocols import PROTOCOLS, base, load
+from processors.protocols.assembly import TraceAssembler
 from processors.protocols.base import Conn, Detection, PendingBudget, Perspective, ProtocolSettings, Session
 from processors.protocols.errors import ProtocolError
 from service.component import ComponentConfig, EventProcessor
@@ -156,6 +157,10 @@ class _BaseConfig(ComponentConfig):
     max_consecutive_errors: int = Field(MAX_CONSECUTIVE_ERRORS, ge=1)
     #: The budget of requests awaiting answers (per connection and in total).
     pending: PendingConfig = PendingConfig()
+    #: Trace assembly (assembly.py): None (the default) assembles what eBPF sees and leaves
+    #: captures one span per exchange; true also nests a capture's calls under the one inbound
+    #: request open on their host; false turns it off everywhere.
+    assemble: bool | None = None
 
     @field_validator("idle_timeout", mode="before")
     @classmethod
@@ -297,6 +302,9 @@ class ProtocolsProcessor(EventProcessor):
         pc = config.pending
         self._budget = PendingBudget(pc.max_entries, pc.max_bytes, pc.max_entries_per_connection,
                                      pc.max_bytes_per_connection)
+        asm_on = config.assemble is not False
+        self._assembler = TraceAssembler(self.id, passive=config.assemble is True) if asm_on else None
+        self._cur_tid: int | None = None
         self._resources: dict[tuple[str, int | None, str | None], Resource] = {}
         self._out: list[Span] = []
         self._counts: dict[tuple[str, str], int] = {}
@@ -305,6 +313,8 @@ class ProtocolsProcessor(EventProcessor):
         self._last_sweep = 0
         self.stats: dict[str, Any] = {"connections": 0, "spans": 0, "events": 0, "drops": {},
                                       "protocols": {}}
+        if self._assembler is not None:
+            self.stats["traces"] = self._assembler.stats
 
     @property
     def protocols(self) -> list[str]:
@@ -346,6 +356,10 @@ class ProtocolsProcessor(EventProcessor):
                             if payload is not None and len(payload):
                                 side = 0 if (ev.sport == st.a_port and ev.src == st.a_addr) else 1
                                 buf = st.bufs[side]
+                                conn = st.conn
+                                if conn.assembler is not None:  # type: ignore[union-attr]
+                                    conn.tid = ev.tid  # type: ignore[union-attr]
+                                    conn.req_from_client = side == st.client_side  # type: ignore[union-attr]
                                 if not buf._len:  # Session.feed_whole: no buffering for a whole message
                                     whole = st.session.feed_whole  # type: ignore[union-attr]
                                     if whole is not None:
@@ -423,6 +437,7 @@ class ProtocolsProcessor(EventProcessor):
 
     # -- per event ---------------------------------------------------------------------
     def _event(self, ev: TcpEvent) -> None:
+        self._cur_tid = ev.tid
         cid = ev.conn_id
         conns = self._conns
         st = conns.get(cid)
@@ -468,6 +483,8 @@ class ProtocolsProcessor(EventProcessor):
         payload = ev.payload
         if payload is None or len(payload) == 0:
             return
+        if st.conn is not None:
+            st.conn.tid = ev.tid
         buf = st.bufs[side]
         buf.append(payload, ev.ts_ns)
         if len(buf) > self.config.max_message_bytes:
@@ -479,6 +496,8 @@ class ProtocolsProcessor(EventProcessor):
     def _too_large(self, st: _State, side: int, ev: TcpEvent) -> None:
         """An incomplete message outgrew ``max_message_bytes``: drop it and resync."""
         from_client = side == st.client_side
+        if st.conn is not None and st.conn.assembler is not None:
+            st.conn.assembler.broken(st.conn)
         self._drop(st.conn.protocol, "message_too_large")  # type: ignore[union-attr]
         st.bufs[side].reset()
         self._guard(ev.conn_id, st, lambda: st.session.gap(from_client, ev.ts_ns))  # type: ignore[union-attr]
@@ -489,6 +508,7 @@ class ProtocolsProcessor(EventProcessor):
         assert conn is not None and session is not None
         buf = st.bufs[side]
         from_client = side == st.client_side
+        conn.req_from_client = from_client
         out = self._out
         before = len(out)
         try:
@@ -556,6 +576,8 @@ class ProtocolsProcessor(EventProcessor):
         st.bufs[1].reset()
 
     def _gap(self, cid: Any, st: _State, side: int, ts: int, nbytes: int = 0) -> None:
+        if st.conn is not None and st.conn.assembler is not None:
+            st.conn.assembler.broken(st.conn)  # request order on this 4-tuple is lost
         if st.mode == _PARSING:
             from_client = side == st.client_side
             session = st.session
@@ -669,9 +691,13 @@ class ProtocolsProcessor(EventProcessor):
         perspective = Perspective.PASSIVE
         if st.pid is not None and st.egress_side is not None:
             perspective = Perspective.CLIENT if st.egress_side == cs else Perspective.SERVER
+        asm = self._assembler
+        if asm is not None and st.pid is None and not asm.passive:
+            asm = None  # a capture: assembled only with assemble: true
         conn = Conn(cid, caddr, cport, saddr, sport, self._emitter(name), self._drop, perspective=perspective,
                     resource=self._resource(saddr, sport, st.pid, st.comm), settings=self._settings.get(name),
-                    protocol=name, pid=st.pid, comm=st.comm, budget=self._budget)
+                    protocol=name, pid=st.pid, comm=st.comm, budget=self._budget, assembler=asm)
+        conn.tid = self._cur_tid
         conn.client_buf = st.bufs[cs]
         conn.server_buf = st.bufs[1 - cs]
         st.conn = conn

@@ -181,7 +181,7 @@ class KafkaSession:
         self.cache: TopicIdCache = settings.topic_ids
         self.client = Cursor()
         self.server = Cursor()
-        self.pending: dict[int, Msg] = PendingMap(conn)
+        self.pending: dict[int, Msg] = PendingMap(conn, start="start_ns")
         #: After a gap, a direction's next bytes may start mid-message: wait for a chunk
         #: that starts like a message (a valid request header / a pending correlation id).
         self.resync = [False, False]
