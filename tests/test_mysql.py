@@ -490,13 +490,198 @@ def test_sequence_ids_are_checked():
     assert [s.name for s in d.spans] == ["SELECT u"]
 
 
-def test_compression_stops_and_counts():
+# -- the compressed protocol (CLIENT_COMPRESS: zlib; CLIENT_ZSTD_COMPRESSION_ALGORITHM) ----------
+def zframes(data: bytes, seq: int = 0, codec: str = "zlib", split: int = 0) -> bytes:
+    """``data`` (whole packets) as compressed-protocol frames: 3-byte compressed length,
+    sequence id, 3-byte uncompressed length (0: stored as is), payload; ``split`` cuts the
+    packets across two frames at that offset (a packet may span frames)."""
+    import zlib
+
+    parts = [data[:split], data[split:]] if split else [data]
+    out = b""
+    for i, part in enumerate(parts):
+        if codec == "stored":
+            body, ulen = part, 0
+        elif codec == "zstd":
+            import zstandard
+            body, ulen = zstandard.ZstdCompressor().compress(part), len(part)
+        else:
+            body, ulen = zlib.compress(part), len(part)
+        out += struct.pack("<I", len(body))[:3] + bytes([(seq + i) & 0xFF]) + struct.pack("<I", ulen)[:3] + body
+    return out
+
+
+def connect_compressed(d: Driver, caps: int) -> None:
+    d.feed(False, greeting())
+    d.feed(True, response(caps=BASE_CAPS | DEPRECATE_EOF | caps))
+    d.feed(False, OK(2))
+
+
+@pytest.mark.parametrize("chunk", CHUNKINGS)
+@pytest.mark.parametrize("codec, flag", [("zlib", my.CLIENT_COMPRESS), ("stored", my.CLIENT_COMPRESS),
+                                         ("zstd", my.CLIENT_ZSTD_COMPRESSION_ALGORITHM)])
+def test_compressed_protocol_is_followed(codec, flag, chunk):
+    d = Driver(my, port=3306)
+    connect_compressed(d, flag)
+    rows = [[b"%d" % i, b"item-%d" % i] for i in range(40)]
+    d.feed(True, zframes(query("SELECT id, item FROM orders WHERE qty > 2"), codec=codec), chunk)
+    reply = resultset(["id", "item"], rows)
+    d.feed(False, zframes(reply, seq=1, codec=codec, split=len(reply) // 3), chunk)  # a row spans two frames
+    d.feed(True, zframes(query("UPDATE orders SET qty = 1"), codec=codec), chunk)
+    d.feed(False, zframes(OK(1), seq=1, codec=codec), chunk)
+    d.feed(True, zframes(query("SELECT * FROM nosuch"), codec=codec), chunk)
+    d.feed(False, zframes(ERR(1146, "42S02", "Table 'shop.nosuch' doesn't exist"), seq=1, codec=codec), chunk)
+    assert [s.name for s in d.spans] == ["SELECT orders", "UPDATE orders", "SELECT nosuch"]
+    assert d.spans[0].attributes["db.response.returned_rows"] == 40
+    assert d.spans[0].attributes["db.namespace"] == "shop"
+    assert d.spans[2].status_code == StatusCode.ERROR and d.spans[2].attributes["error.type"] == "42S02"
+    assert not d.drops and d.buffered() == 0 and not d.session._pending
+
+
+@pytest.mark.parametrize("chunk", CHUNKINGS)
+@pytest.mark.parametrize("codec", ["zlib", "stored"])
+def test_compressed_protocol_joined_mid_stream(codec, chunk):
+    """No handshake seen: the client's first frame says the connection is compressed."""
+    req = zframes(query("SELECT * FROM `az_controller_connection`"), codec=codec)
+    assert my.detect(_buf(req), None) == Detection.REQUEST
+    assert my.detect(_buf(req), True) == Detection.REQUEST
+    for n in range(1, len(req)):
+        assert my.detect(_buf(req[:n]), None) == Detection.NEED_MORE, n
+    d = Driver(my, port=3306)
+    d.feed(False, zframes(resultset(["a"], [[b"1"]] * 3)[20:], seq=3, codec=codec), chunk)  # an old tail
+    d.feed(True, req, chunk)
+    d.feed(False, zframes(resultset(["id", "name"], [[b"1", b"x"], [b"2", b"y"]]), seq=1, codec=codec), chunk)
+    d.feed(True, zframes(query("SELECT 1"), codec=codec), chunk)
+    d.feed(False, zframes(resultset(["1"], [[b"1"]]), seq=1, codec=codec), chunk)
+    assert [s.name for s in d.spans] == ["SELECT az_controller_connection", "SELECT"]
+    assert d.spans[0].attributes["db.response.returned_rows"] == 2
+
+
+def test_compressed_frame_that_does_not_inflate_is_counted():
+    d = Driver(my, port=3306)
+    connect_compressed(d, my.CLIENT_COMPRESS)
+    d.feed(True, b"\x10\x00\x00\x00\x40\x00\x00" + b"x" * 16)  # declares 64 bytes zlib, is not zlib
+    assert d.drops == {"bad_compressed_frame": 1} and d.spans == []
+    d.feed(True, zframes(query("SELECT 2"), seq=0))
+    d.feed(False, zframes(resultset(["2"], [[b"2"]]), seq=1))
+    assert [s.name for s in d.spans] == ["SELECT"]
+
+
+def test_compressed_detection_is_strict():
+    for junk in (b"Q\x00\x00\x00\x0dSELECT 1\x00", b"\x05\x00\x00\x00\x00\x00\x00abcde",
+                 b"\x0c\x00\x00\x00\x20\x00\x00" + b"\x41" * 12):
+        assert my.detect(_buf(junk), None) == Detection.NO, junk
+
+
+# -- query attributes (CLIENT_QUERY_ATTRIBUTES, MySQL 8.0.23+) ----------------------------------------
+def qa_query(sql: str, attrs: list[tuple[str, int, bytes | None]] = ()) -> bytes:
+    """COM_QUERY with query attributes: (name, field type, binary value or None for NULL)."""
+    body = b"\x03" + lenenc(len(attrs)) + b"\x01"
+    if attrs:
+        bitmap = bytearray((len(attrs) + 7) // 8)
+        for i, (_n, _t, v) in enumerate(attrs):
+            if v is None:
+                bitmap[i // 8] |= 1 << (i % 8)
+        body += bytes(bitmap) + b"\x01"
+        for name, ftype, _v in attrs:
+            body += bytes([ftype, 0]) + lstr(name.encode())
+        body += b"".join(v for _n, _t, v in attrs if v is not None)
+    return pkt(body + sql.encode(), 0)
+
+
+TRACEPARENT = b"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+ATTRS = [("traceparent", 0xFE, lstr(TRACEPARENT)), ("n", 0x08, struct.pack("<q", 7)), ("gone", 0x06, None),
+         ("when", 0x0C, b"\x07" + struct.pack("<HBBBBB", 2024, 5, 6, 7, 8, 9)), ("d", 0xF6, lstr(b"1.50")),
+         ("t", 0x01, b"\x2a"), ("y", 0x0D, b"\xe8\x07"), ("f", 0x05, struct.pack("<d", 0.5))]
+QA_CAPS = BASE_CAPS | DEPRECATE_EOF | my.CLIENT_QUERY_ATTRIBUTES
+
+
+@pytest.mark.parametrize("chunk", CHUNKINGS)
+def test_query_attributes_come_before_the_text(chunk):
     d = Driver(my, port=3306)
     d.feed(False, greeting())
-    d.feed(True, response(caps=BASE_CAPS | my.CLIENT_COMPRESS))
+    d.feed(True, response(caps=QA_CAPS))
     d.feed(False, OK(2))
-    d.feed(True, b"\x10\x00\x00\x00\x00\x00\x00" + b"x" * 16)
-    assert d.drops == {"compressed": 1} and d.spans == [] and d.buffered() == 0
+    d.feed(True, qa_query("select @@version_comment limit 1"), chunk)
+    d.feed(False, resultset(["@@version_comment"], [[b"MySQL"]]), chunk)
+    d.feed(True, qa_query("SELECT name FROM users WHERE id = 1", ATTRS), chunk)
+    d.feed(False, resultset(["name"], [[b"bob"]]), chunk)
+    d.feed(True, qa_query("UPDATE users SET a = 2", ATTRS[2:3]), chunk)  # only a NULL attribute
+    d.feed(False, OK())
+    assert [s.name for s in d.spans] == ["SELECT", "SELECT users", "UPDATE users"]
+    assert [s.attributes["db.query.text"] for s in d.spans] == [
+        "select @@version_comment limit ?", "SELECT name FROM users WHERE id = ?", "UPDATE users SET a = ?"]
+    assert not d.drops and d.buffered() == 0
+
+
+@pytest.mark.parametrize("chunk", CHUNKINGS)
+def test_query_attributes_joined_mid_stream(chunk):
+    """Caps unknown: a text that starts with an attribute block (count, set count 1) is one."""
+    first = qa_query("show databases")
+    assert my.detect(_buf(first), None) == Detection.REQUEST
+    assert my.detect(_buf(qa_query("SELECT 1", ATTRS)), True) == Detection.REQUEST
+    d = Driver(my, port=3306)
+    d.feed(True, first, chunk)
+    d.feed(False, resultset(["Database"], [[b"shop"]]), chunk)
+    d.feed(True, qa_query("DELETE FROM t WHERE id = 3", ATTRS), chunk)
+    d.feed(False, OK(), chunk)
+    assert [s.name for s in d.spans] == ["SHOW", "DELETE t"]
+    assert not d.drops
+
+
+def test_query_attributes_real_client_library_bytes():
+    """mysql-connector-python (pure) against a scripted MySQL 8 greeting that offers
+    CLIENT_QUERY_ATTRIBUTES: its own COM_QUERY bytes, with and without attributes."""
+    from tests.support.mysql_responder import client_packets
+
+    def work(cn):
+        cur = cn.cursor()
+        cur.add_attribute("traceparent", TRACEPARENT.decode())
+        cur.add_attribute("n", 42)
+        cur.execute("SELECT name FROM users WHERE id = 1")
+        cur.clear_attributes()
+        cur.execute("UPDATE users SET a = 2")
+
+    packets = client_packets(work)
+    assert any(p[4] == 3 and p[5:7] == b"\x02\x01" for p in packets)  # the library did send attributes
+    for chunk in CHUNKINGS:
+        d = Driver(my, port=3306)
+        d.feed(False, greeting())
+        for p in packets:
+            d.feed(True, p, chunk)
+            if p[3] == 1:
+                d.feed(False, OK(2))
+            elif p[4] != 1:
+                d.feed(False, OK(), chunk)
+        texts = [s.attributes["db.query.text"] for s in d.spans]
+        assert texts[-2:] == ["SELECT name FROM users WHERE id = ?", "UPDATE users SET a = ?"], texts
+        assert all("\x00" not in t and "\x01" not in t for t in texts)
+
+
+def test_query_attributes_that_do_not_parse_are_counted():
+    d = Driver(my, port=3306)
+    d.feed(False, greeting())
+    d.feed(True, response(caps=QA_CAPS))
+    d.feed(False, OK(2))
+    d.feed(True, pkt(b"\x03\x01\x05SELECT 1", 0))  # parameter_set_count must be 1
+    assert d.drops == {"bad_query_attributes": 1}
+    d.feed(True, qa_query("SELECT 2"))
+    d.feed(False, resultset(["2"], [[b"2"]]))
+    assert [s.attributes["db.query.text"] for s in d.spans] == ["SELECT ?"]
+
+
+def test_execute_with_query_attributes_keeps_the_prepared_text():
+    d = Driver(my, port=3306)
+    d.feed(False, greeting())
+    d.feed(True, response(caps=QA_CAPS))
+    d.feed(False, OK(2))
+    d.feed(True, pkt(b"\x16SELECT a FROM t WHERE id = ?", 0))
+    d.feed(False, pkt(b"\x00" + struct.pack("<IHHBH", 9, 1, 1, 0, 0), 1) + pkt(coldef("id"), 2) + pkt(coldef("a"), 3))
+    # flags PARAMETER_COUNT_AVAILABLE (0x08), iteration 1, parameter_count 2 (1 + an attribute) ...
+    d.feed(True, pkt(b"\x17" + struct.pack("<IBI", 9, 0x08, 1) + b"\x02\x00\x01" + b"\x08\x00\x00\xfe\x00\x01x"
+                     + struct.pack("<q", 5) + lstr(b"v"), 0))
+    d.feed(False, resultset(["a"], [[b"1"]]))
+    assert [(s.name, s.attributes["db.query.text"]) for s in d.spans] == [("SELECT t", "SELECT a FROM t WHERE id = ?")]
 
 
 def test_settings_validation_and_config_through_the_stage():

@@ -16,10 +16,15 @@ id) and at most a bounded head of its payload (``_CLIENT_HEAD``/``_SERVER_HEAD``
 rows are counted by their first byte and released as they arrive. Payloads of
 16 MiB - 1 continue in the next packet (the continuation is skipped, never
 joined). CLIENT_DEPRECATE_EOF decides whether result sets end with EOF or OK.
+Query attributes (CLIENT_QUERY_ATTRIBUTES) before a COM_QUERY's text are stepped
+over; the compressed protocol (CLIENT_COMPRESS zlib, zstd) is inflated frame by
+frame into a per-direction packet buffer (the one deliberate copy) and parsed
+from there.
 """
 
 from __future__ import annotations
 
+import zlib
 from collections import OrderedDict, deque
 
 from pydantic import Field
@@ -49,6 +54,10 @@ CLIENT_SSL = 0x800
 CLIENT_SECURE_CONNECTION = 0x8000
 CLIENT_PLUGIN_AUTH_LENENC_CLIENT_DATA = 0x200000
 CLIENT_DEPRECATE_EOF = 0x1000000
+#: zstd instead of zlib for the compressed protocol (MySQL 8.0.18+).
+CLIENT_ZSTD_COMPRESSION_ALGORITHM = 0x4000000
+#: COM_QUERY / COM_STMT_EXECUTE carry query attributes before the SQL (MySQL 8.0.23+).
+CLIENT_QUERY_ATTRIBUTES = 0x8000000
 # Server status flags.
 SERVER_MORE_RESULTS_EXISTS = 0x8
 #: Requests waiting for their response before the oldest is dropped (counted).
@@ -89,6 +98,14 @@ _DETECT_COMMANDS = frozenset((COM_QUIT, COM_INIT_DB, COM_QUERY, COM_STATISTICS, 
                               0x17, 0x19, 0x1A, COM_RESET_CONNECTION))
 #: Commands whose payload is text, checked by ``detect``.
 _TEXT_COMMANDS = frozenset((COM_QUERY, COM_INIT_DB, COM_STMT_PREPARE))
+
+# Binary protocol value sizes by field type (MySQL "Binary Protocol Value"): fixed sizes;
+# DATE/TIME/DATETIME/TIMESTAMP are a length byte and that many bytes; every other type
+# (strings, blobs, DECIMAL, JSON, BIT, ENUM, SET, GEOMETRY, VECTOR) a length-encoded string.
+_FIXED_SIZE = {1: 1, 2: 2, 3: 4, 4: 4, 5: 8, 6: 0, 8: 8, 9: 4, 13: 2}
+_TEMPORAL = frozenset((7, 10, 11, 12))
+#: Query attributes one COM_QUERY may carry before we stop believing its parameter count.
+MAX_QUERY_ATTRIBUTES = 1024
 
 # Response states.
 _FIRST, _COLS, _COLS_EOF, _ROWS, _P_PARAMS, _P_PARAMS_EOF, _P_COLS, _P_COLS_EOF, _INFILE, _FIELDS = range(10)
@@ -141,8 +158,146 @@ def _command_ok(buf: LargeBuffer, off: int, plen: int) -> bool:
     if cmd == COM_STMT_EXECUTE:
         return plen >= 10 and buf.u8_at(off + 5) <= 0x0F
     if cmd in _TEXT_COMMANDS:
-        return plen >= 2 and _printable(buf, off + 1, off + plen)
+        if plen >= 2 and _printable(buf, off + 1, off + plen):
+            return True
+        if cmd == COM_QUERY:  # query attributes before the text (joined mid-stream: caps unknown)
+            q = _query_attrs_end(buf, off + 1, off + plen)
+            return off + 1 < q < off + plen and _printable(buf, q, off + plen)
+        return False
     return False  # rarer commands are not trusted for detection
+
+
+def _frame_plausible(buf: LargeBuffer, n: int) -> bool:
+    """Could the ``n`` bytes so far begin a compressed frame around one client command?
+    (Checked on what is there: the uncompressed length, the stored packet's header or the
+    codec's first byte.)"""
+    if n < 7:
+        return True
+    clen = buf.u32le_at(0) & 0xFFFFFF
+    ulen = buf.u32le_at(3) >> 8
+    if ulen == 0:
+        if n < 11:
+            return True
+        return (buf.u32le_at(7) & 0xFFFFFF) + 4 == clen and buf.u8_at(10) == 0 and (
+            n < 12 or buf.u8_at(11) in _DETECT_COMMANDS)
+    if ulen < 5 or ulen > 65536 + 4 or clen < 2:
+        return False
+    return n < 8 or buf.u8_at(7) in (0x78, 0x28)  # zlib's CMF byte, zstd's magic
+
+
+def _compressed_command(buf: LargeBuffer, n: int) -> bool:
+    """Is ``buf`` (``n`` bytes) one compressed-protocol frame holding one client command?
+    (Joined mid-stream on a compressed connection: the frame is alone, as a command is.)"""
+    if n < 12 or buf.u8_at(3) != 0 or 7 + (buf.u32le_at(0) & 0xFFFFFF) != n or not _frame_plausible(buf, n):
+        return False
+    ulen = buf.u32le_at(3) >> 8
+    if ulen == 0:
+        inner = buf
+        off = 7
+        avail = n - 7
+    else:
+        if ulen < 5 or ulen > 65536 + 4:
+            return False
+        try:
+            head = _inflate(buf, 7, n - 7, ulen, 5 + 64)
+        except Malformed:
+            return False
+        inner = LargeBuffer(head)
+        off = 0
+        avail = ulen
+    plen = inner.u32le_at(off) & 0xFFFFFF
+    if inner.u8_at(off + 3) != 0 or 4 + plen != avail:
+        return False
+    return _command_ok(inner, off + 4, min(plen, len(inner) - off - 4))
+
+
+def _inflate(buf: LargeBuffer, off: int, clen: int, ulen: int, limit: int = 0) -> bytes:
+    """A compressed frame's payload (zlib, or zstd by its magic number) inflated to its
+    declared ``ulen`` bytes (or the first ``limit``); more, less or a broken stream is
+    ``Malformed``. The decompressor is never allowed past the declared length."""
+    want = limit if 0 < limit < ulen else ulen
+    if clen >= 4 and buf.u32le_at(off) == 0xFD2FB528:  # zstd frame
+        from .mongodb import _zstd_decompress
+        try:
+            out = _zstd_decompress(buf.view_at(off, clen), want + (0 if limit else 1))
+        except ImportError:
+            raise Malformed(NAME, "compressor_unavailable", off, "zstd") from None
+        except Exception as e:  # the codecs' own error types
+            raise Malformed(NAME, "bad_compressed_frame", off, str(e)) from None
+        if limit:
+            out = out[:want]
+    else:
+        z = zlib.decompressobj()
+        out = b""
+        try:
+            for v in buf.views(off, clen):
+                out += z.decompress(v, want + 1 - len(out))
+                if len(out) > want or (limit and len(out) >= want):
+                    break
+        except zlib.error as e:
+            raise Malformed(NAME, "bad_compressed_frame", off, str(e)) from None
+        if limit:
+            return out[:want]
+    if len(out) != want:
+        raise Malformed(NAME, "bad_compressed_frame", off, f"{len(out)} bytes inflated, {ulen} declared")
+    return out
+
+
+def _query_attrs_end(buf: LargeBuffer, off: int, end: int) -> int:
+    """Where the SQL text starts after a COM_QUERY's query attributes at ``off``.
+
+    With CLIENT_QUERY_ATTRIBUTES (MySQL 8.0.23+) the text follows parameter_count and
+    parameter_set_count (always 1) and, when there are parameters, a NULL bitmap, the
+    new-params-bound flag (always 1), each one's type and name, then the non-NULL values
+    in the binary protocol's encoding (MySQL "COM_QUERY", "Binary Protocol Value").
+    Returns -1 when the bytes at ``off`` are no such block, -2 when it runs past ``end``
+    (the part of the packet read). Bounded: at most ``MAX_QUERY_ATTRIBUTES`` parameters,
+    each step checked against ``end``.
+    """
+    try:
+        if off >= end:
+            return -1
+        n, off = _lenenc(buf, off)
+        if n > MAX_QUERY_ATTRIBUTES or off >= end:
+            return -1
+        sets, off = _lenenc(buf, off)
+        if sets != 1:
+            return -1
+        if n == 0:
+            return off
+        nulls = off
+        off += (n + 7) >> 3
+        if off >= end or buf.u8_at(off) != 1:
+            return -1
+        off += 1
+        types = off
+        for _ in range(n):
+            if off + 3 > end:
+                return -2
+            ln, off = _lenenc(buf, off + 2)
+            off += ln
+        t = types
+        for i in range(n):
+            if off > end:
+                return -2
+            ftype = buf.u8_at(t)
+            ln, t = _lenenc(buf, t + 2)
+            t += ln
+            if buf.u8_at(nulls + (i >> 3)) >> (i & 7) & 1:
+                continue
+            size = _FIXED_SIZE.get(ftype)
+            if size is not None:
+                off += size
+            elif off >= end:
+                return -2
+            elif ftype in _TEMPORAL:
+                off += 1 + buf.u8_at(off)
+            else:
+                ln, off = _lenenc(buf, off)
+                off += ln
+        return off if off <= end else -2
+    except (Malformed, BufferBoundsError):
+        return -1
 
 
 def detect(buf: LargeBuffer, from_client: bool | None) -> Detection:
@@ -166,15 +321,19 @@ def detect(buf: LargeBuffer, from_client: bool | None) -> Detection:
     if from_client is not False:
         if n < 5:
             return Detection.NEED_MORE
-        if buf.u8_at(4) not in _DETECT_COMMANDS:
+        if buf.u8_at(4) in _DETECT_COMMANDS:
+            if n < 4 + plen:
+                if plen > 65536 and n >= 4 + 64 and buf.u8_at(4) in _TEXT_COMMANDS:
+                    return Detection.REQUEST if _printable(buf, 5, 4 + 64) else Detection.NO
+                return Detection.NEED_MORE if plen <= 65536 else Detection.NO
+            if n == 4 + plen and _command_ok(buf, 4, plen):
+                return Detection.REQUEST  # one command, then the client waits for its answer
+        # A compressed-protocol frame (7-byte header) around one command?
+        if plen > 65536 or not _frame_plausible(buf, n):
             return Detection.NO
-        if n < 4 + plen:
-            if plen > 65536 and n >= 4 + 64 and buf.u8_at(4) in _TEXT_COMMANDS:
-                return Detection.REQUEST if _printable(buf, 5, 4 + 64) else Detection.NO
-            return Detection.NEED_MORE if plen <= 65536 else Detection.NO
-        if n != 4 + plen:
-            return Detection.NO  # one command, then the client waits for its answer
-        return Detection.REQUEST if _command_ok(buf, 4, plen) else Detection.NO
+        if n < 7 + plen:
+            return Detection.NEED_MORE
+        return Detection.REQUEST if n == 7 + plen and _compressed_command(buf, n) else Detection.NO
     return Detection.NO
 
 
@@ -243,12 +402,91 @@ class Session(_Session):
         self._seq = 0                    # last sequence id of the command in progress
         self._stopped = False
         self._compress = False
+        #: Compressed protocol in effect: per direction, the packets decompressed from its
+        #: frames (a deliberate copy: the one way to read them), parsed as usual from there.
+        self._zbuf: tuple[LargeBuffer, LargeBuffer] | None = None
+        #: CLIENT_QUERY_ATTRIBUTES negotiated: True/False from the handshake, None when joined
+        #: mid-stream (then a COM_QUERY whose text starts with an attribute block says so).
+        self._qattrs: bool | None = None
         self.namespace = ""
         self.user = ""
         self.server_version = ""
 
     # -- plumbing --------------------------------------------------------------------
     def feed(self, from_client: bool, buf: LargeBuffer, ts_ns: int) -> None:
+        if self._zbuf is None:
+            if self._phase == _HANDSHAKE and from_client:
+                z = self._sniff_compressed(buf)
+                if z is None:
+                    return
+            else:
+                z = False
+            if z:
+                self._phase = _COMMAND  # joined mid-stream on a compressed connection
+                self._zbuf = (LargeBuffer(), LargeBuffer())
+            else:
+                self._packets(from_client, buf, True)
+                if self._zbuf is None or not len(buf) or self._stopped:
+                    return
+        self._frames(from_client, buf)
+
+    def _sniff_compressed(self, buf: LargeBuffer) -> bool | None:
+        """Joined mid-stream, the client's first bytes: a plain command (False), one inside a
+        compressed-protocol frame (True), or None with ``buf.want`` set to tell them apart."""
+        n = len(buf)
+        if n < 4:
+            buf.want = 4
+            return None
+        plen = buf.u32le_at(0) & 0xFFFFFF
+        if buf.u8_at(3) != 0 or plen > 65536:
+            return False
+        if n < 4 + plen:
+            buf.want = 4 + plen
+            return None
+        if n == 4 + plen and _command_ok(buf, 4, plen):
+            return False
+        if n < 7 + plen:
+            buf.want = 7 + plen
+            return None
+        return n == 7 + plen and _compressed_command(buf, n)
+
+    def _frames(self, from_client: bool, buf: LargeBuffer) -> None:
+        """The compressed protocol: 7-byte frame headers (compressed length, sequence id,
+        uncompressed length, 0 when the frame is stored as is) around zlib or zstd payloads
+        that hold the usual packets, which may span frames. Each whole frame is inflated
+        (bounded by its declared length, at most 16 MiB) into this direction's packet
+        buffer, whose packets are then parsed as on a plain connection."""
+        assert self._zbuf is not None
+        inner = self._zbuf[0 if from_client else 1]
+        pos = 0
+        want = 0
+        try:
+            while True:
+                n = len(buf) - pos
+                if n < 7:
+                    want = 7
+                    break
+                clen = buf.u32le_at(pos) & 0xFFFFFF
+                ulen = buf.u32le_at(pos + 3) >> 8
+                if n < 7 + clen:
+                    want = 7 + clen
+                    break
+                ts = buf.ts_at(pos + 6 + clen) if clen else buf.ts_at(pos + 6)
+                if ulen == 0:
+                    for v in buf.views(pos + 7, clen):  # stored: the payload's own chunks, no copy
+                        inner.append(v, ts)
+                elif clen:
+                    inner.append(_inflate(buf, pos + 7, clen, ulen), ts)
+                pos += 7 + clen
+        finally:
+            if pos:
+                buf.release(pos)
+            if want:
+                buf.want = want
+        if len(inner):
+            self._packets(from_client, inner, False)
+
+    def _packets(self, from_client: bool, buf: LargeBuffer, outer: bool) -> None:
         # Packets are walked with an offset and released once at the end: one
         # release per feed, not per packet (a row is a few dozen bytes).
         d = 0 if from_client else 1
@@ -309,6 +547,8 @@ class Session(_Session):
                 else:
                     self._skip[d] = total - (n - pos)
                     pos = n
+                if outer and self._zbuf is not None:
+                    return  # compressed from here on: feed hands the rest to _frames
         finally:
             if pos:
                 buf.release(pos)
@@ -317,6 +557,8 @@ class Session(_Session):
 
     def gap(self, from_client: bool, ts_ns: int) -> None:
         d = 0 if from_client else 1
+        if self._zbuf is not None:
+            self._zbuf[d].reset()  # a frame was lost: its packets with it
         self._skip[d] = 0
         self._cont[d] = False
         if from_client:
@@ -384,7 +626,10 @@ class Session(_Session):
             # Caps unknown (mid-stream): a new command means the last answer ended.
             self._finish(self._pending.popleft(), ts)
         if cmd in (COM_QUERY, COM_STMT_PREPARE):
-            info = analyze(decode_query(buf.view_at(p + 1, head - 1)), "mysql", self._sanitize)
+            q = p + 1
+            if cmd == COM_QUERY and self._qattrs is not False and head > 2:
+                q = self._query_start(buf, p, head)
+            info = analyze(decode_query(buf.view_at(q, p + head - q)), "mysql", self._sanitize) if q > 0 else None
             self._push(_Cmd(cmd, info, ts))
         elif cmd in (COM_STMT_EXECUTE, COM_STMT_BULK_EXECUTE):
             sid = buf.u32le_at(p + 1) if head >= 5 else -1
@@ -404,6 +649,24 @@ class Session(_Session):
                 c.state = _FIELDS
             self._push(c)
 
+    def _query_start(self, buf: LargeBuffer, p: int, head: int) -> int:
+        """Where a COM_QUERY's text starts (``p`` is its command byte): after its query
+        attributes when they were negotiated (or, joined mid-stream, when the bytes are such
+        a block followed by text); 0 when the attributes run past the part we read."""
+        end = p + head
+        if self._qattrs is None:
+            if buf.u8_at(p + 1) >= 0x20 or buf.u8_at(p + 2) != 1:
+                return p + 1  # text (no attribute block starts with a printable count)
+            q = _query_attrs_end(buf, p + 1, end)
+            if q < 0 or not _printable(buf, q, end):
+                return p + 1
+            self._qattrs = True
+            return q
+        q = _query_attrs_end(buf, p + 1, end)
+        if q == -1:
+            raise Malformed(NAME, "bad_query_attributes", p, "query attributes expected")
+        return q if q > 0 else 0
+
     def _push(self, c: _Cmd) -> None:
         p = self._pending
         p.append(c)
@@ -418,6 +681,7 @@ class Session(_Session):
         caps = buf.u32le_at(p)
         if not caps & CLIENT_PROTOCOL_41:
             self._deprecate_eof = False
+            self._qattrs = False
             return  # pre-4.1 HandshakeResponse320: no schema worth the trouble
         if caps & CLIENT_SSL:
             # SSLRequest (the 32-byte head of a response): TLS starts now.
@@ -426,9 +690,10 @@ class Session(_Session):
             return
         both = caps & (self._server_caps or 0xFFFFFFFF)
         self._deprecate_eof = bool(both & CLIENT_DEPRECATE_EOF)
-        if both & CLIENT_COMPRESS:
-            # Compressed packets (zlib/zstd frames with their own header) after auth:
-            # not followed; stop rather than misread them.
+        self._qattrs = bool(both & CLIENT_QUERY_ATTRIBUTES)
+        if both & (CLIENT_COMPRESS | CLIENT_ZSTD_COMPRESSION_ALGORITHM):
+            # The compressed protocol (zlib, or zstd where negotiated) starts after the
+            # server's OK to the authentication.
             self._compress = True
         off = p + 32
         z = buf.find(b"\0", off, end)
@@ -465,9 +730,8 @@ class Session(_Session):
             if head >= 1 and buf.u8_at(p) in (0x00, 0xFF):
                 self._phase = _COMMAND  # OK: authenticated; ERR: the server will hang up
                 self._seq = 0
-                if self._compress:
-                    self._stopped = True
-                    self.conn.drop("compressed")
+                if self._compress and buf.u8_at(p) == 0x00:
+                    self._zbuf = (LargeBuffer(), LargeBuffer())
             return
         if seq != (self._seq + 1) & 0xFF:
             # Every packet of an answer follows the previous one's sequence id: anything
