@@ -450,15 +450,7 @@ def _replay_parallel(args: argparse.Namespace) -> int:
     if not args.output:
         print("wirespan replay: --workers needs --output (workers must not share exporters)", file=sys.stderr)
         return 2
-    # Warm up what every worker needs, once, before forking.
-    import exporters.file  # noqa: F401
-    import processors.batch  # noqa: F401
-    import processors.protocols as protocols
-    import receivers.pcap  # noqa: F401
-    from service.pipeline import Service  # noqa: F401
-    for name in protocols.PROTOCOLS:
-        protocols.load(name)
-
+    _warm_up()  # what every worker needs, once, before forking (done already when auto chose)
     n = args.workers
     output = os.path.abspath(args.output)
     tmp = tempfile.mkdtemp(prefix=".wirespan-replay-", dir=os.path.dirname(output) or ".")
@@ -538,13 +530,28 @@ AUTO_IDLE_SAMPLE_S = 0.15
 AUTO_CORE_PER_WORKER = 0.75
 
 
-def _free_cores(cores: int, sample_s: float = AUTO_IDLE_SAMPLE_S) -> float:
-    """Cores (of ``cores``) not busy with other work over the next ``sample_s``.
+def _warm_up() -> None:
+    """Import what a replay runs (every protocol parser included): before forking, so workers
+    start warm, and while ``--workers auto`` samples the cores, so the sample costs no time."""
+    import exporters.file  # noqa: F401
+    import processors.batch  # noqa: F401
+    import processors.protocols as protocols
+    import receivers.pcap  # noqa: F401
+    from service.pipeline import Service  # noqa: F401
+    for name in protocols.PROTOCOLS:
+        protocols.load(name)
+
+
+def _free_cores(cores: int, sample_s: float = AUTO_IDLE_SAMPLE_S, during: Any = None) -> float:
+    """Cores (of ``cores``) not busy with other work over ``sample_s``, while ``during()`` runs
+    (this process's own CPU time is taken out of the sample, so it may do useful work).
 
     Niced work counts as busy: with the kernel's autogroup scheduling (on here, and by
     default on desktop and server distributions) another session's niced processes get
     their share of the CPU next to a replay at nice 0, they do not yield to it.
     """
+    hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
     def read() -> tuple[int, int]:
         with open("/proc/stat") as f:
             v = [int(x) for x in f.readline().split()[1:9]]
@@ -552,15 +559,20 @@ def _free_cores(cores: int, sample_s: float = AUTO_IDLE_SAMPLE_S) -> float:
         user, nice, system, _idle, _iowait, irq, softirq, steal = v
         return user + nice + system + irq + softirq + steal, sum(v)
     try:
+        t0, own0 = time.monotonic(), os.times()
         busy0, total0 = read()
-        time.sleep(sample_s)
+        if during is not None:
+            during()
+        time.sleep(max(0.0, sample_s - (time.monotonic() - t0)))
         busy1, total1 = read()
+        own1 = os.times()
     except (OSError, ValueError):
         return float(cores)  # no /proc: assume the cores are ours
     if total1 <= total0:
         return float(cores)
+    own = (own1.user - own0.user + own1.system - own0.system) * hz
     ncpu = os.cpu_count() or cores
-    busy = (busy1 - busy0) / (total1 - total0) * ncpu
+    busy = max(0.0, busy1 - busy0 - own) / (total1 - total0) * ncpu
     return max(0.0, min(float(cores), ncpu - busy))
 
 
@@ -595,7 +607,7 @@ def _auto_workers(args: argparse.Namespace, free_cores: Any = None) -> int:
     n = min(cores, AUTO_MAX_WORKERS)
     if n < 2:
         return 1
-    free = (free_cores or _free_cores)(cores)
+    free = free_cores(cores) if free_cores is not None else _free_cores(cores, during=_warm_up)
     n = min(n, int(free / AUTO_CORE_PER_WORKER))
     if n < 2:
         log.info("replay: --workers auto: %.1f of %d cores free, one process", free, cores)
