@@ -498,3 +498,99 @@ def test_expect_refused_before_body_span_at_close() -> None:
     (s,) = d.spans
     assert s.attributes["http.response.status_code"] == 417
     assert s.attributes.get("http.request.body.size", 0) == 0
+
+
+# -- leniency real servers accept (issue 16 class 2), and what stays refused ---------------------------
+LENIENT = [
+    # bare-LF line ends (RFC 9112 §2.2), as Zeek's and nginx's parsers accept them
+    (b"GET /a?x=1 HTTP/1.1\nHost: h:81\nUser-Agent: nc\n\n", ("GET", "/a", "1.1")),
+    (b"GET /mixed HTTP/1.1\r\nHost: h\nAccept: */*\r\n\n", ("GET", "/mixed", "1.1")),
+    # runs of whitespace between the request line's words (§3)
+    (b"GET   /spaces   HTTP/1.1  \r\nHost: h\r\n\r\n", ("GET", "/spaces", "1.1")),
+    # obs-fold (§5.2): the continuation joins its field with one space
+    (b"GET /fold HTTP/1.1\r\nHost: h\r\nUser-Agent: long\r\n  agent\r\n\r\n", ("GET", "/fold", "1.1")),
+    # a version without its minor digit, answered by Google's front end; a missing target
+    (b"GET /nominor HTTP/1.\nHost: h\n\n", ("GET", "/nominor", "1.0")),
+    (b"OPTIONS HTTP/1.1\nHost: h\n\n", ("OPTIONS", "", "1.1")),
+]
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("request_bytes, want", LENIENT)
+def test_lenient_requests_real_servers_accept(request_bytes: bytes, want: tuple, mode: str) -> None:
+    assert http1.detect(LargeBuffer(request_bytes), None) == Detection.REQUEST
+    d = Driver()
+    d.req(request_bytes + b"GET /next HTTP/1.1\r\nHost: h\r\n\r\n", mode)  # and a strict one after it
+    d.resp(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok" * 2, mode)
+    assert [(s.name, s.attributes["url.path"]) for s in d.spans] == [(want[0], want[1]), ("GET", "/next")]
+    a = d.spans[0].attributes
+    assert a["http.response.status_code"] == 200 and a["network.protocol.version"] == want[2]
+    if b"agent" in request_bytes:
+        assert a["user_agent.original"] == "long agent"
+    if b"h:81" in request_bytes:
+        assert a["server.port"] == 81 and a["url.query"] == "x=1" and a["user_agent.original"] == "nc"
+    assert d.drops == [] and len(d.conn.client_buf) == 0 and len(d.conn.server_buf) == 0
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_lenient_responses_lowercase_version_and_bare_lf(mode: str) -> None:
+    for status_line in (b"http/1.1 200 OK\r\n", b"HTTP/1.1 200 OK\n", b"Http/1.0  200  OK\n"):
+        assert http1.detect(LargeBuffer(status_line + b"\n"), False) == Detection.RESPONSE
+        d = Driver()
+        d.req(b"GET /index.html HTTP/1.1\r\nHost: h\r\n\r\n", mode)
+        sep = b"\n" if status_line.endswith(b"\n") and not status_line.endswith(b"\r\n") else b"\r\n"
+        d.resp(status_line + b"Content-Length: 5" + sep + b"Server: x" + sep + sep + b"hello", mode)
+        (s,) = d.spans
+        assert s.attributes["http.response.status_code"] == 200
+        assert s.attributes["http.response.body.size"] == 5 and s.status_code == StatusCode.UNSET
+        assert d.drops == [] and len(d.conn.server_buf) == 0
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_lenient_request_after_a_gap_resyncs(mode: str) -> None:
+    """Joined mid-stream (a gap): the next bare-LF request starts a message."""
+    d = Driver()
+    d.req(b"GET /lost HTTP/1.1\r\nHost: h\r\n\r\n")
+    d.s.gap(True, d.ts)
+    d.req(b"GET /found HTTP/1.1\nHost: h\n\n", mode)
+    d.resp(b"HTTP/1.1 200 OK\nContent-Length: 0\n\n", mode)
+    assert [s.attributes["url.path"] for s in d.spans] == ["/found"] and d.drops == ["gap"]
+
+
+@pytest.mark.parametrize("data, reason", [
+    # request smuggling's raw material stays refused, each with its reason
+    (b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n",
+     "content_length_with_transfer_encoding"),
+    (b"POST / HTTP/1.1\nHost: h\nTransfer-Encoding: chunked\nContent-Length: 5\n\n",
+     "content_length_with_transfer_encoding"),
+    (b"POST / HTTP/1.1\nContent-Length: 5\nContent-Length: 6\n\n", "conflicting_content_length"),
+    (b"GET / HTTP/1.1\nHost : h\n\n", "bad_header"),              # whitespace before the colon (§5.1)
+    (b"GET / HTTP/1.1\n folded: x\nHost: h\n\n", "bad_header"),  # whitespace before the first field
+    (b"GET / HTTP/1.1\nHost: h\rX: y\n\n", "bad_header"),         # a bare CR
+    (b"GET / HTTP/2.0\nHost: h\n\n", "bad_request_line"),
+    (b"GET/ HTTP/1.1\nHost: h\n\n", "bad_request_line"),
+])
+@pytest.mark.parametrize("mode", MODES)
+def test_ambiguous_requests_are_still_refused(data: bytes, reason: str, mode: str) -> None:
+    d = Driver()
+    with pytest.raises(ProtocolError) as e:
+        d.req(data, mode)
+    assert e.value.reason == reason
+    assert d.spans == []
+
+
+def test_lenient_head_is_linear_a_byte_at_a_time() -> None:
+    """Many bare-LF fields dripped a byte a segment: every LF is looked at once."""
+    import time
+
+    def run(n: int) -> float:
+        head = b"GET / HTTP/1.1\n" + b"".join(b"X-F%d: v\n" % i for i in range(n)) + b"\n"
+        d = Driver(settings=http1.Settings(max_headers=100_000, max_header_bytes=1 << 20))
+        t = time.perf_counter()
+        d.req(head, "bytes")
+        d.resp(b"HTTP/1.1 204 No Content\n\n")
+        assert len(d.spans) == 1
+        return time.perf_counter() - t
+
+    small, big = min(run(200) for _ in range(3)), min(run(2000) for _ in range(3))
+    assert big < small * 25, (small, big)

@@ -349,3 +349,40 @@ def test_hostile_requests_against_nginx() -> None:
     drops = pstats["drops"]
     assert drops.get("http:header_too_large", 0) >= 1, drops
     assert sum(v for k, v in drops.items() if k.startswith(("http:", "undetected"))) >= 2, drops
+
+
+# -- bare-LF requests, and a capture started after the connection opened (issue 16 classes 2, 3) ------
+def _exchange(s: socket.socket, data: bytes) -> bytes:
+    """Send one request on a keep-alive socket; read until one whole Content-Length response."""
+    s.sendall(data)
+    got = bytearray()
+    while b"\r\n\r\n" not in got:
+        got += s.recv(65536)
+    head, _, body = bytes(got).partition(b"\r\n\r\n")
+    n = int(next(ln.split(b":")[1] for ln in head.split(b"\r\n") if ln.lower().startswith(b"content-length")))
+    while len(body) < n:
+        body += s.recv(65536)
+    return head
+
+
+def test_nginx_bare_lf_requests_seen_from_mid_connection() -> None:
+    """nginx answers requests whose lines end in a bare LF (RFC 9112 §2.2); tcpdump starts
+    after the connection opened (no SYN, the first request unseen): every exchange it saw
+    is a span, with nginx's own status."""
+    with nginx_server({"index.html": b"hello\n", "b.txt": b"bee\n"}) as ng:
+        with socket.create_connection(("127.0.0.1", ng.port), timeout=5) as s:
+            assert _exchange(s, b"GET /index.html?before=1 HTTP/1.1\r\nHost: x\r\n\r\n").startswith(b"HTTP/1.1 200")
+            with tcpdump(ng.port) as cap:
+                assert _exchange(s, b"GET /index.html?lf=1 HTTP/1.1\nHost: x\nUser-Agent: nc\n\n").startswith(
+                    b"HTTP/1.1 200")
+                assert _exchange(s, b"GET /b.txt HTTP/1.1\r\nHost: x\nAccept: */*\r\n\n").startswith(b"HTTP/1.1 200")
+                assert _exchange(s, b"GET   /nope   HTTP/1.1\nHost: x\n\n").startswith(b"HTTP/1.1 404")
+                assert _exchange(s, b"GET /index.html?crlf=1 HTTP/1.1\r\nHost: x\r\n\r\n").startswith(b"HTTP/1.1 200")
+    spans, _rstats, pstats = replay(cap)
+    got = [(s.attributes["url.path"], s.attributes.get("url.query"), s.attributes["http.response.status_code"])
+           for s in spans]
+    assert got == [("/index.html", "lf=1", 200), ("/b.txt", None, 200), ("/nope", None, 404),
+                   ("/index.html", "crlf=1", 200)], got
+    assert spans[0].attributes["user_agent.original"] == "nc"
+    assert all(s.kind == SpanKind.SERVER and s.attributes["server.port"] == ng.port for s in spans)
+    assert not pstats["drops"], pstats

@@ -73,8 +73,16 @@ DEFAULT_REDACT_QUERY = ("AWSAccessKeyId", "Signature", "sig", "X-Goog-Signature"
 _TCHAR = rb"!#$%&'*+\-.^_`|~0-9A-Za-z"
 _REQ_LINE = re.compile(rb"([" + _TCHAR + rb"]{1,32}) ([^\x00-\x20\x7f]+) HTTP/1\.([01])\r\n")
 _STATUS_LINE = re.compile(rb"HTTP/1\.([01]) ([0-9]{3})(?:[ \t][\t\x20-\x7e\x80-\xff]*)?\r\n")
-# Detection is stricter than parsing: the method starts with an upper-case letter.
-_REQ_DETECT = re.compile(rb"[A-Z][A-Z0-9_\-]{0,31} [^\x00-\x20\x7f]+ HTTP/1\.[01]\r\n")
+# Detection is stricter than parsing: the method starts with an upper-case letter. Line ends
+# may be bare LF and a status line's version lower-case (what servers and Zeek accept).
+_REQ_DETECT = re.compile(rb"[A-Z][A-Z0-9_\-]{0,31} +(?:[^\x00-\x20\x7f]+ +)?HTTP/1\.[01]? *\r?\n")
+_STATUS_DETECT = re.compile(rb"[Hh][Tt][Tt][Pp]/1\.[01] +[0-9]{3}(?:[ \t][\t\x20-\x7e\x80-\xff]*)?\r?\n")
+# The lenient reading of a start line (RFC 9112 §3: words separated by any whitespace).
+# A version without its minor digit (``HTTP/1.``, answered by Google's front end) and a
+# missing target (``OPTIONS HTTP/1.1``, answered 400) are read too: the exchange happened.
+_LENIENT_REQ = re.compile(rb"([" + _TCHAR + rb"]{1,32})[ \t]+(?:([^\x00-\x20\x7f]+)[ \t]+)?HTTP/1\.([01]?)[ \t]*\Z")
+_LENIENT_STATUS = re.compile(rb"[Hh][Tt][Tt][Pp]/1\.([01])[ \t]+([0-9]{3})(?:[ \t]+([\t\x20-\x7e\x80-\xff]*))?\Z")
+_FIELD_NAME = re.compile(rb"[" + _TCHAR + rb"]+:")
 
 
 def _prefixes(parts: list[bytes]) -> bytes:
@@ -86,10 +94,10 @@ def _prefixes(parts: list[bytes]) -> bytes:
 
 
 # Any prefix of a request line / status line, for "need more" during detection.
-_REQ_PARTIAL = re.compile(_prefixes([rb"[A-Z][A-Z0-9_\-]{0,31}", b" ", rb"[^\x00-\x20\x7f]+", b" ", b"H", b"T", b"T",
-                                     b"P", b"/", b"1", rb"\.", b"[01]", b"\r"]) + rb"\Z")
-_RESP_PARTIAL = re.compile(_prefixes([b"H", b"T", b"T", b"P", b"/", b"1", rb"\.", b"[01]", b" ", b"[0-9]", b"[0-9]",
-                                      b"[0-9]", rb"(?:[ \t][^\r\n]*\r?|\r)"]) + rb"\Z")
+_REQ_PARTIAL = re.compile(_prefixes([rb"[A-Z][A-Z0-9_\-]{0,31}", b" +", rb"[^\x00-\x20\x7f]+", b" +", b"H", b"T",
+                                     b"T", b"P", b"/", b"1", rb"\.", b"[01]?", b" *\r"]) + rb"\Z")
+_RESP_PARTIAL = re.compile(_prefixes([b"[Hh]", b"[Tt]", b"[Tt]", b"[Pp]", b"/", b"1", rb"\.", b"[01]", b" +", b"[0-9]",
+                                      b"[0-9]", b"[0-9]", rb"(?:[ \t][^\r\n]*\r?|\r)"]) + rb"\Z")
 _FIELD_LINE = rb"[" + _TCHAR + rb"]+:[\t\x20-\x7e\x80-\xff]*\r\n"
 _ANY_HEADERS = re.compile(rb"(?:" + _FIELD_LINE + rb")*\r\n")
 # Only the fields we use; the leading CRLF anchors each match at a line start.
@@ -155,7 +163,7 @@ def detect(buf: LargeBuffer, from_client: bool | None) -> Detection:
     n = len(buf)
     if n == 0:
         return Detection.NEED_MORE
-    e = buf.find(b"\r\n", 0, min(n, MAX_HEADER_BYTES))
+    e = buf.find(b"\n", 0, min(n, MAX_HEADER_BYTES))
     if e < 0:
         if n >= MAX_HEADER_BYTES:
             return Detection.NO
@@ -165,12 +173,55 @@ def detect(buf: LargeBuffer, from_client: bool | None) -> Detection:
         if from_client is not True and _RESP_PARTIAL.match(w):
             return Detection.NEED_MORE
         return Detection.NO
-    line = buf.view_at(0, e + 2)
+    line = buf.view_at(0, e + 1)
     if from_client is not False and _REQ_DETECT.fullmatch(line):
         return Detection.REQUEST
-    if from_client is not True and _STATUS_LINE.fullmatch(line):
+    if from_client is not True and _STATUS_DETECT.fullmatch(line):
         return Detection.RESPONSE
     return Detection.NO
+
+
+def _lenient_head(view: memoryview, request: bool) -> tuple[bytes, tuple[bytes, bytes, bytes] | None]:
+    """A head the strict patterns refused, read as mainstream servers read it, and rewritten
+    in the strict form (so the one parser below reads both): bare LF line ends (RFC 9112
+    §2.2), start-line words separated by runs of whitespace (§3), a lower-case ``http/`` in a
+    status line, obs-fold continuation lines joined with a space (§5.2); in a request line a
+    version without its minor digit (read as 1.0) and a missing target (``url.path`` empty),
+    returned beside the rewrite as (method, target, minor). Ambiguity is still
+    refused: a bare CR (§2.2), a whitespace-led line before the first field (§2.2 allows
+    rejecting it) and whitespace between a field name and its colon (§5.1): all three are
+    how request smuggling hides a field, and are ``bad_header``. The head is copied once
+    (bounded by ``max_header_bytes``), on this rare path only.
+    """
+    lines = bytes(view).split(b"\n")
+    lines = [ln[:-1] if ln[-1:] == b"\r" else ln for ln in lines[:-2]]  # the empty line and after
+    while lines and not lines[0] and request:
+        del lines[0]  # empty lines before a request line (the strict path skips CRLF ones)
+    if not lines:
+        raise Malformed(NAME, "bad_request_line" if request else "bad_status_line")
+    m = (_LENIENT_REQ if request else _LENIENT_STATUS).match(lines[0])
+    if m is None:
+        raise Malformed(NAME, "bad_request_line" if request else "bad_status_line")
+    start = None
+    if request:
+        start = (m.group(1), m.group(2) or b"", m.group(3) or b"0")
+        out = [b"%s %s HTTP/1.%s" % (start[0], start[1] or b"*", start[2])]
+    else:
+        out = [b"HTTP/1.%s %s %s" % (m.group(1), m.group(2), m.group(3) or b"")]
+    for ln in lines[1:]:
+        if b"\r" in ln:
+            raise Malformed(NAME, "bad_header", 0, "bare CR")
+        if ln[:1] in (b" ", b"\t"):
+            if len(out) == 1:
+                raise Malformed(NAME, "bad_header", 0, "whitespace before the first field")
+            out[-1] = out[-1].rstrip(b" \t") + b" " + ln.strip(b" \t")  # obs-fold: one space
+            continue
+        if _FIELD_NAME.match(ln) is None:
+            raise Malformed(NAME, "bad_header", 0, "field line")
+        out.append(ln)
+    out.append(b"")
+    out.append(b"")
+    return b"\r\n".join(out), start
 
 
 # Body framings.
@@ -415,21 +466,40 @@ class Http1Session(_BaseSession):
 
     # -- heads ---------------------------------------------------------------
     def _head_end(self, buf: LargeBuffer, side: int) -> int:
-        """Offset just past the CRLFCRLF ending the head, or -1 (need more)."""
+        """Offset just past the empty line ending the head, or -1 (need more).
+
+        Lines may end in CRLF or a bare LF (RFC 9112 §2.2): each LF is looked at once, and
+        the search resumes at the last one (``_scan``), so a head arriving a byte at a time
+        is still read in linear time.
+        """
         limit = self.settings.max_header_bytes
         n = len(buf)
+        stop = n if n <= limit else limit
         start = self._scan[side]
-        e = buf.find(b"\r\n\r\n", start, min(n, limit))
-        if e < 0:
-            if n >= limit:
-                raise LimitExceeded(NAME, "header_too_large")
-            self._scan[side] = max(0, n - 3)
-            return -1
-        self._scan[side] = 0
-        return e + 4
+        while True:
+            e = buf.find(b"\n", start, stop)
+            if e < 0 or e + 1 >= n:
+                break
+            b1 = buf.u8_at(e + 1)
+            if b1 == 0x0A:
+                self._scan[side] = 0
+                return e + 2
+            if b1 == 0x0D:
+                if e + 2 >= n:
+                    break
+                if buf.u8_at(e + 2) == 0x0A:
+                    self._scan[side] = 0
+                    return e + 3
+            start = e + 1
+        if n >= limit:
+            raise LimitExceeded(NAME, "header_too_large")
+        self._scan[side] = e if e >= 0 else stop
+        return -1
 
-    def _head(self, buf: LargeBuffer, side: int, skip_crlf: bool = True) -> tuple[memoryview, re.Match[bytes]] | None:
-        """The complete head at the front of ``buf``, validated in one regex match, or None.
+    def _head(self, buf: LargeBuffer, side: int, skip_crlf: bool = True) -> tuple[Any, ...] | None:
+        """The complete head at the front of ``buf``, validated in one regex match, or None:
+        (what the match ran over, the match, bytes of ``buf`` the head takes[, the request
+        line's (method, target, minor) when a lenient reading differs from the match's]).
 
         Fast path: when the buffer is one chunk (the usual case: a head arrives in
         one segment) the head regex runs over a view of it directly. Otherwise, or
@@ -444,13 +514,16 @@ class Http1Session(_BaseSession):
             m = pat.match(v)
             if m is not None:
                 self._scan[side] = 0
-                return v, m
-        if side == 0 and skip_crlf and n >= 2 and buf.u16be_at(0) == 0x0D0A:
+                return v, m, m.end()
+        if side == 0 and skip_crlf and n and (buf.u8_at(0) == 0x0A or (n >= 2 and buf.u16be_at(0) == 0x0D0A)):
             # RFC 9112 §2.2: ignore empty lines before a request line (a few, not a flood).
             for _ in range(MAX_LEADING_CRLF):
-                if len(buf) < 2 or buf.u16be_at(0) != 0x0D0A:
+                if len(buf) and buf.u8_at(0) == 0x0A:
+                    buf.release(1)
+                elif len(buf) >= 2 and buf.u16be_at(0) == 0x0D0A:
+                    buf.release(2)
+                else:
                     break
-                buf.release(2)
             return self._head(buf, side, False) if len(buf) else None
         end = self._head_end(buf, side)
         if end < 0:
@@ -458,11 +531,15 @@ class Http1Session(_BaseSession):
         v = buf.view_at(0, end)
         m = pat.fullmatch(v)
         if m is not None:
-            return v, m
-        line = (_REQ_LINE if side == 0 else _STATUS_LINE).match(v)
+            return v, m, end
+        canon, start = _lenient_head(v, side == 0)  # raises what it refuses
+        m = pat.fullmatch(canon)
+        if m is not None:
+            return canon, m, end, start
+        line = (_REQ_LINE if side == 0 else _STATUS_LINE).match(canon)
         if line is None:
             raise Malformed(NAME, "bad_request_line" if side == 0 else "bad_status_line")
-        self._check_block(v, line.end(), end)
+        self._check_block(canon, line.end(), len(canon))
         raise Malformed(NAME, "bad_header")  # not reached: _check_block raised
 
     def _check_block(self, view: memoryview, start: int, end: int) -> None:
@@ -515,6 +592,8 @@ class Http1Session(_BaseSession):
                     (end, method, original, target, version, length, te, chunked, upgrade, host, ua, tp, path,
                      query) = r
                     # A body-less request, or one with its whole Content-Length or chunked body.
+                    if te and length >= 0:
+                        return False  # both framings: the buffered path refuses and counts it
                     if te:  # not ending in chunked: malformed, the buffered path counts it
                         c = _C_CHUNKED(data, end, self._limit) if chunked else None  # type: ignore[misc]
                         if c is None or c[0] != n:
@@ -646,20 +725,28 @@ class Http1Session(_BaseSession):
             head = self._head(buf, 0)
             if head is None:
                 return
-            self._request(buf, head[0], head[1])
+            self._request(buf, *head)
 
-    def _request(self, buf: LargeBuffer, view: memoryview, m: re.Match[bytes]) -> None:
+    def _request(self, buf: LargeBuffer, view: memoryview | bytes, m: re.Match[bytes], size: int = -1,
+                 start: tuple[bytes, bytes, bytes] | None = None) -> None:
+        """A request head matched over ``view`` (the buffer's, or a lenient head's strict
+        rewrite); it takes ``size`` bytes of ``buf`` (the match's length when -1); ``start``
+        is the lenient reading's request line, when given."""
         end = m.end()
         length, te, chunked, upgrade, host, ua, tp = _fields(view, m.start(4) - 2, end - 2)
-        method, target, minor = m.group(1, 2, 3)
+        method, target, minor = m.group(1, 2, 3) if start is None else start
         meth, original = _method(method)
         req = _Request(meth, original, target, "1.1" if minor == b"1" else "1.0", buf.ts_at(0), host, ua, tp,
                        upgrade)
-        self._queue_request(buf, req, end, length, te, chunked)
+        self._queue_request(buf, req, end if size < 0 else size, length, te, chunked)
 
     def _queue_request(self, buf: LargeBuffer, req: _Request, end: int, length: int, te: bool,
                        chunked: bool) -> None:
         """A parsed request head (``end`` bytes at the front of ``buf``): queue it, frame its body."""
+        if te and length >= 0:
+            # Both framings (RFC 9112 §6.1): which one the server used is what request
+            # smuggling plays on. Refused and counted, never guessed.
+            raise Malformed(NAME, "content_length_with_transfer_encoding")
         buf.release(end)
         if len(self._pending) >= self.settings.max_pending_requests:
             self._pending.popleft()
@@ -707,14 +794,15 @@ class Http1Session(_BaseSession):
             head = self._head(buf, 1)
             if head is None:
                 return
-            self._response(buf, head[0], head[1])
+            self._response(buf, *head)
 
-    def _response(self, buf: LargeBuffer, view: memoryview, m: re.Match[bytes]) -> None:
+    def _response(self, buf: LargeBuffer, view: memoryview | bytes, m: re.Match[bytes], size: int = -1,
+                  _start: Any = None) -> None:
         end = m.end()
         status = int(m.group(2))
         version = "1.1" if m.group(1) == b"1" else "1.0"
         length, te, chunked, upgrade, _h, _u, _t = _fields(view, m.start(3) - 2, end - 2)
-        self._response_head(buf, end, status, version, length, te, chunked, upgrade)
+        self._response_head(buf, end if size < 0 else size, status, version, length, te, chunked, upgrade)
 
     def _response_head(self, buf: LargeBuffer, end: int, status: int, version: str, length: int, te: bool,
                        chunked: bool, upgrade: bytes | None) -> None:
