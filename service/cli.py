@@ -517,14 +517,16 @@ def _replay_parallel(args: argparse.Namespace) -> int:
 
 
 #: ``replay --workers auto``: fork workers only for captures this large (smaller ones are
-#: done before the workers would have paid for themselves) and at most this many.
+#: done before the workers would have paid for themselves) and at most this many. Measured
+#: here on two free cores, 2 workers vs one process (wall, medians of 3): 0.93x at 6.5 MB,
+#: 1.19x at 13 MB, 1.05-1.22x at 18-26 MB, 1.54x at 104 MB.
 AUTO_WORKERS_MIN_MB = 16
 AUTO_MAX_WORKERS = 4
 #: ... and only as many as there are cores free of other work, sampled this long from
 #: /proc/stat before forking (niced work too: see _free_cores). Every
 #: worker reads and decodes the whole file and the parts are concatenated, so a worker on a
-#: core that is busy elsewhere makes the replay slower than one process: measured 0.7-0.9x
-#: on this 2-core machine with 1.5 cores busy (issue 19 item 13).
+#: core that is busy elsewhere makes the replay slower than one process: measured 0.68-0.93x
+#: on this 2-core machine with 1.2-1.5 cores busy, 0.81x at 249 MB (issue 19 item 13).
 AUTO_IDLE_SAMPLE_S = 0.15
 #: A worker needs this much of a free core.
 AUTO_CORE_PER_WORKER = 0.75
