@@ -72,12 +72,12 @@ class Link:
         evs = []
         if self.client[0] is not None:
             evs.append(self._ev(self.client, tid, data, True, True, ts))
-        self.pending_read = (data, ts)
+        self.pending_read = data
         self.w.feed(*evs)
 
     def read(self, tid: int) -> None:
         """The server process's thread ``tid`` reads what the client sent."""
-        data, ts = self.pending_read
+        data = self.pending_read
         if self.server[0] is not None:
             self.w.feed(self._ev(self.server, tid, data, True, False, next(self.w.ts)))
 
@@ -312,3 +312,21 @@ def test_captures_stay_one_span_per_exchange_by_default() -> None:
                        _passive(rd, fe_out, b"$-1\r\n", 3000, "out", False),
                        _passive(fe, cl, OK, 4000, "in", False)])
     assert len(sink.spans) == 2 and all(s.parent_span_id == b"" for s in sink.spans)
+
+
+def test_a_callee_read_seen_before_its_callers_write_is_still_linked() -> None:
+    """The ring orders records by when each syscall ended: a caller preempted between copying
+    its request and returning from write() shows up after the callee's read of it."""
+    w = World()
+    a = w.connect(CURL, FE, 8080)
+    rd = w.connect(FE, REDIS, 6379)
+    t_write = next(w.ts)  # the caller's write began here ...
+    w.feed(a._ev(FE, 201, get("/late"), True, False, next(w.ts)))   # ... the callee's read is seen first
+    w.feed(a._ev(CURL, 101, get("/late"), True, True, t_write))
+    rd.call(201, 401, rget("key:late"))
+    rd.answer(401, 201, b"$-1\r\n")
+    a.answer(201, 101, OK)
+    s = w.sink
+    fe = s.one(200, "/late", SpanKind.SERVER)
+    assert child_of(fe, s.one(100, "/late", SpanKind.CLIENT))
+    assert child_of(s.one(200, "key:late", SpanKind.CLIENT), fe)

@@ -63,6 +63,8 @@ MAX_LINKS = 65_536
 #: Requests queued per 4-tuple and direction (a caller whose callee is not traced queues
 #: every request: the oldest go, counted).
 MAX_QUEUED_PER_LINK = 256
+#: Callee requests kept per 4-tuple while their caller's request is not seen yet.
+MAX_WAITING_PER_LINK = 8
 #: Spans built from one request share its context (Kafka: one span per topic); recently
 #: closed contexts are kept this long for the span that follows their close.
 _RECENT = 16
@@ -129,6 +131,9 @@ class TraceAssembler:
         self._procs: dict[int, int] = {}                        # pid -> how many are open
         self._hosts: dict[str, list[Ctx]] = {}                  # capture: host -> open inbound requests
         self._links: OrderedDict[Any, deque[Ctx]] = OrderedDict()
+        #: Callee requests read before the caller's write was seen (the ring orders records by
+        #: when each syscall ended: a caller preempted before its write's end comes later).
+        self._waiting: OrderedDict[Any, deque[Ctx]] = OrderedDict()
         self._broken: OrderedDict[Any, None] = OrderedDict()
         #: ``stats`` for the replay summary: linked:<how>, unattributed:<reason>, conflicts.
         self.stats: dict[str, int] = {}
@@ -197,7 +202,13 @@ class TraceAssembler:
             q.popleft()
             ctx.parent = c
             self.linked("process")
-            break
+            return
+        w = self._waiting.get(key)
+        if w is None:
+            w = self._waiting[key] = deque(maxlen=MAX_WAITING_PER_LINK)
+            if len(self._waiting) > self.max_links:
+                self._waiting.popitem(last=False)
+        w.append(ctx)
 
     def _open_client(self, conn: Conn, ctx: Ctx) -> None:
         pid, tid = conn.pid, conn.tid
@@ -213,6 +224,17 @@ class TraceAssembler:
                 self.unattributed("request_on_other_thread")
         key = (conn.client_addr, conn.client_port, conn.server_addr, conn.server_port)
         if key in self._broken:
+            return
+        w = self._waiting.get(key)
+        while w:
+            s = w.popleft()
+            if s.closed or s.start < ctx.start:
+                continue  # answered already, or read before this request was sent: not its callee
+            if s.resolved:
+                self.unattributed("raced")  # its context was given out before the caller was seen
+            else:
+                s.parent = ctx
+                self.linked("process")
             return
         q = self._links.get(key)
         if q is None:
@@ -294,6 +316,7 @@ class TraceAssembler:
             self._broken[key] = None
             if len(self._broken) > self.max_links:
                 self._broken.popitem(last=False)
+            self._waiting.pop(key, None)
             if self._links.pop(key, None) is not None:
                 self.unattributed("gap")
 
