@@ -265,3 +265,149 @@ def test_real_mosquitto_with_paho() -> None:
     refused = [x for x in spans if x.name == "connect"]
     assert len(refused) == 1 and refused[0].status_code == StatusCode.ERROR
     assert "wrong" not in repr([x.attributes for x in spans])
+
+
+# -- joined mid-stream, roles from the ports, the end of the capture (issue 16 classes 3, 4, 7) ---------
+def _stage(events: list, config: dict | None = None) -> tuple[list, dict]:
+    from processors.protocols.processor import ProtocolsProcessor
+    from tests.support.replay import _Collect
+
+    sink = _Collect()
+    proc = ProtocolsProcessor("protocols", config or {}, sink)
+    for i in range(0, len(events), 1):
+        proc.consume_events(events[i:i + 1])
+    proc.shutdown()
+    return sink.spans, proc.stats
+
+
+def _ev(src: tuple[str, int], dst: tuple[str, int], payload: bytes, ts: int, kind=None):
+    from service.model import EventKind, TcpEvent
+
+    return TcpEvent(kind or EventKind.DATA, (min(src, dst), max(src, dst)), src[0], src[1], dst[0], dst[1], ts,
+                    memoryview(payload) if payload else None)
+
+
+BROKER, SUBSCRIBER = ("10.0.0.2", 17501), ("10.0.0.1", 53524)
+
+
+@pytest.mark.parametrize("step", [None, 1, 3])
+def test_joined_on_a_broker_delivery_roles_come_from_the_ports(step) -> None:
+    """No SYN, and the first packet is the broker's PUBLISH to its subscriber: the non-standard
+    but non-ephemeral port is the broker's, so it is a CONSUMER span, not a producer's."""
+    assert m.ambiguous_role(LargeBuffer(publish("Bus17Cmd", b"x", qos=1, pid=9)))
+    assert not m.ambiguous_role(LargeBuffer(connect("x")))
+    stream = [(BROKER, SUBSCRIBER, publish("Bus17Cmd", b"go", qos=1, pid=9)),
+              (SUBSCRIBER, BROKER, pkt(0x40, struct.pack(">H", 9))),
+              (SUBSCRIBER, BROKER, publish("Bus17Info", b"state", qos=1, pid=3)),
+              (BROKER, SUBSCRIBER, pkt(0x40, struct.pack(">H", 3)))]
+    events, ts = [], 1_000
+    for src, dst, payload in stream:
+        for piece in ([payload] if step is None else [payload[i:i + step] for i in range(0, len(payload), step)]):
+            ts += 10
+            events.append(_ev(src, dst, piece, ts))
+    spans, stats = _stage(events)
+    got = [(x.name, x.kind, x.attributes["messaging.operation.type"], x.attributes["server.port"]) for x in spans]
+    assert got == [("publish Bus17Cmd", SpanKind.CONSUMER, "receive", 17501),
+                   ("publish Bus17Info", SpanKind.PRODUCER, "send", 17501)], got
+    assert not any(k.startswith("mqtt:") for k in stats["drops"]), stats["drops"]
+
+
+def test_server_side_by_ports() -> None:
+    from processors.protocols.base import server_side_by_ports
+
+    assert server_side_by_ports(53524, 17501) == 1          # ephemeral vs not
+    assert server_side_by_ports(1883, 40000) == 0           # and the protocol's port
+    assert server_side_by_ports(5000, 1883, frozenset({1883})) == 1
+    assert server_side_by_ports(443, 8080) == 0             # system port vs not
+    assert server_side_by_ports(50000, 50001) is None       # both ephemeral: the content decides
+    assert server_side_by_ports(1883, 1883) is None
+
+
+@pytest.mark.parametrize("step", [None, 1, 4])
+def test_subscribe_joined_mid_stream(step) -> None:
+    sub = pkt(0x82, struct.pack(">H", 1) + s("hello/+/world") + b"\x00")
+    ack = pkt(0x90, struct.pack(">H", 1) + b"\x00")
+    assert m.detect(LargeBuffer(sub), None) == Detection.REQUEST
+    assert m.detect(LargeBuffer(ack), None) == Detection.RESPONSE
+    for k in range(1, len(sub)):
+        assert m.detect(LargeBuffer(sub[:k]), None) == Detection.NEED_MORE, k
+    for junk in (sub + b"x", pkt(0x82, struct.pack(">H", 1) + s("a\x00b") + b"\x00"),
+                 pkt(0x82, struct.pack(">H", 1) + s("a") + b"\x03"), pkt(0x90, b"\x00\x01\x07")):
+        assert m.detect(LargeBuffer(junk), None) == Detection.NO, junk
+    client, broker = ("10.33.49.25", 34404), ("5.196.95.208", 1883)
+    events = []
+    for i, (src, dst, payload) in enumerate(((client, broker, sub), (broker, client, ack))):
+        pieces = [payload] if step is None else [payload[j:j + step] for j in range(0, len(payload), step)]
+        events += [_ev(src, dst, p, 1_000 + 100 * i + j) for j, p in enumerate(pieces)]
+    spans, _ = _stage(events)
+    assert [(x.name, x.attributes["messaging.destination.name"]) for x in spans] == [
+        ("subscribe hello/+/world", "hello/+/world")]
+
+
+def test_publish_left_without_its_ack_is_an_incomplete_span() -> None:
+    """The capture ends before the PUBACK: the publish was on the wire, so it is a span
+    marked wirespan.incomplete, without an error; a subscribe without its SUBACK is counted."""
+    d = Driver()
+    d.send(True, connect("car-17"))
+    d.send(False, pkt(0x20, b"\x00\x00"))
+    d.send(True, publish("Bus17Info", b"pos", qos=1, pid=7))
+    d.send(True, pkt(0x82, struct.pack(">H", 8) + s("cmd/#") + b"\x01"))
+    d.session.close(d.ts)
+    (sp,) = d.spans
+    assert sp.name == "publish Bus17Info" and sp.status_code == StatusCode.UNSET
+    assert sp.attributes["wirespan.incomplete"] is True and "error.type" not in sp.attributes
+    assert sp.attributes["messaging.client.id"] == "car-17" and sp.end_ns == sp.start_ns
+    assert d.drops == ["no_ack"]
+
+
+@pytest.mark.parametrize("topic", [b"a/\xff\xfe", b"a\x00b", b"sport/+/score", b"sport/#", b""])
+def test_invalid_publish_topic_is_a_counted_violation(topic: bytes) -> None:
+    """Invalid UTF-8, U+0000 and wildcards are not allowed in a PUBLISH topic (MQTT 3.1.1
+    §1.5.3, §4.7.1; 5.0 likewise): no span, a counted drop, and the next packet still parses."""
+    d = Driver()
+    bad = pkt(0x30, struct.pack(">H", len(topic)) + topic + b"payload")
+    with pytest.raises(ProtocolError) as e:
+        d.send(True, bad)
+    assert e.value.reason == "bad_topic" and d.spans == []
+    d.send(True, publish("ok/topic", b"x"))
+    assert [x.name for x in d.spans] == ["publish ok/topic"]
+
+
+def test_real_mosquitto_capture_started_after_the_subscriber_connected() -> None:
+    """tcpdump starts after the subscriber connected and subscribed: on its connection the
+    first packet seen is mosquitto's delivery. With the broker's port configured, that is a
+    CONSUMER span; the publisher, seen from its SYN, is a PRODUCER; both QoS 1."""
+    mqtt = pytest.importorskip("paho.mqtt.client")
+    from tests.support.capture import tcpdump
+    from tests.support.mosquitto import mosquitto
+    from tests.support.replay import replay
+
+    with mosquitto() as broker:
+        got: list = []
+        sub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="late-sub", protocol=mqtt.MQTTv311)
+        sub.on_message = lambda cl, ud, msg: got.append(msg)
+        sub.connect("127.0.0.1", broker.port)
+        sub.loop_start()
+        sub.subscribe("fleet/#", qos=1)
+        time.sleep(0.3)
+        with tcpdump(broker.port) as pcap:
+            pub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="pub", protocol=mqtt.MQTTv311)
+            pub.connect("127.0.0.1", broker.port)
+            pub.loop_start()
+            for i in range(3):
+                pub.publish(f"fleet/bus{i}", b"pos", qos=1).wait_for_publish(5)
+            deadline = time.time() + 5
+            while len(got) < 3 and time.time() < deadline:
+                time.sleep(0.05)
+            time.sleep(0.2)
+        for c in (pub, sub):
+            c.disconnect()
+            c.loop_stop()
+    assert len(got) == 3
+    spans, _, pstats = replay(pcap, {"mqtt": {"ports": [broker.port]}})
+    cons = sorted(x.name for x in spans if x.kind == SpanKind.CONSUMER)
+    prod = sorted(x.name for x in spans if x.kind == SpanKind.PRODUCER)
+    assert cons == prod == [f"publish fleet/bus{i}" for i in range(3)], [(x.name, x.kind) for x in spans]
+    assert all(x.attributes["server.port"] == broker.port for x in spans)
+    assert all(x.attributes["messaging.operation.type"] == "receive" for x in spans if x.kind == SpanKind.CONSUMER)
+    assert not any(k.startswith("mqtt:") for k in pstats["drops"]), pstats["drops"]

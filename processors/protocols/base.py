@@ -55,6 +55,23 @@ counts each (``pending_limit``, ``pending_budget``). ``close`` counts what is
 still pending (``no_response``-like reasons) or a message begun and never ended
 (``incomplete_message``); bytes still buffered when a session ends are counted
 by the stage. Nothing leaves the stage without a span or a reason.
+
+The end of a capture (or of a connection) is not a failure: one rule for every
+protocol, ``Session.cut_short``. An exchange whose reply had begun when the
+connection closed becomes a span with what was seen: the status the reply gave
+so far (its status line, its first message) and ``wirespan.incomplete=true``,
+never an ``error.type`` of its own. One whose reply had not begun is counted
+(``no_response``-like reasons), as before. A reset stays an error
+(``error.type=connection_reset`` where a protocol reports it).
+
+Roles when the receiver does not know them (no SYN seen, a capture started
+late): ``detect``'s answer decides who is the client. A module whose first
+message may come from either side (an MQTT PUBLISH, an HTTP/2 frame joined
+mid-stream) also exports ``ambiguous_role(buf) -> bool``; when it says True the
+stage takes the roles from the ports instead (``server_side_by_ports``: the
+protocol's well-known or configured port, else a system port against a
+non-system one, else the non-ephemeral port is the server's) and keeps
+``detect``'s answer only when the ports do not tell.
 """
 
 from __future__ import annotations
@@ -74,7 +91,39 @@ if TYPE_CHECKING:
     from processors.protocols.assembly import Ctx, TraceAssembler
 
 __all__ = ["Detection", "Perspective", "ProtocolSettings", "Conn", "Session", "PendingBudget", "PendingQueue",
-           "PendingMap"]
+           "PendingMap", "INCOMPLETE", "server_side_by_ports"]
+
+#: The span attribute that marks an exchange cut short by the end of the capture or of
+#: the connection after its reply began (``Session.cut_short``).
+INCOMPLETE = "wirespan.incomplete"
+#: Ports at or above this are ephemeral (Linux's default ``ip_local_port_range`` starts
+#: here; IANA's dynamic range at 49152, Windows' too): a client's, not a server's.
+EPHEMERAL_PORT_MIN = 32768
+#: Ports below this are system ports (RFC 6335 §6): a server's.
+SYSTEM_PORT_MAX = 1024
+
+
+def server_side_by_ports(port_a: int, port_b: int, known: frozenset[int] = frozenset()) -> int | None:
+    """Which end of a connection is the server by its ports alone: 0 (``port_a``), 1
+    (``port_b``) or None when the ports do not tell.
+
+    In order: the one port that is the protocol's (``known``: its default ports and the
+    configured ones); a system port (< 1024) against a non-system one; a port below the
+    ephemeral range against one inside it. Two ports alike (both known, both ephemeral,
+    equal) tell nothing.
+    """
+    if port_a == port_b:
+        return None
+    ka, kb = port_a in known, port_b in known
+    if ka != kb:
+        return 0 if ka else 1
+    sa, sb = port_a < SYSTEM_PORT_MAX, port_b < SYSTEM_PORT_MAX
+    if sa != sb:
+        return 0 if sa else 1
+    ea, eb = port_a >= EPHEMERAL_PORT_MIN, port_b >= EPHEMERAL_PORT_MIN
+    if ea != eb:
+        return 1 if ea else 0
+    return None
 
 #: Defaults of the stage's budget for pending-request state (``pending:`` in its config).
 #: A node agent must survive its worst neighbour: one connection that never answers (an
@@ -528,3 +577,18 @@ class Session:
 
     def close(self, ts_ns: int, reset: bool = False) -> None:
         """The connection ended: emit what is complete (e.g. a body delimited by close)."""
+
+    def cut_short(self, span: Span | None, reason: str = "no_response") -> None:
+        """An exchange the end of the connection (or of the capture) left unfinished: the
+        one rule every protocol's ``close`` follows (this module's docstring).
+
+        ``span`` is what was seen, built as the session builds a finished one, with the
+        status its reply gave so far; it is emitted marked ``wirespan.incomplete=true``
+        (an error only if that reply said so: the cut itself adds none). ``None``, when no
+        reply had begun, is counted as ``reason`` instead.
+        """
+        if span is None:
+            self.conn.drop(reason)
+            return
+        span.attributes[INCOMPLETE] = True
+        self.conn.emit(span)

@@ -185,7 +185,64 @@ def detect(buf: LargeBuffer, from_client: bool | None) -> Detection:
         if any(c < 0x20 or c == 0x7F for c in topic) or b"+" in topic or b"#" in topic:
             return Detection.NO
         return Detection.REQUEST if from_client is not False else Detection.RESPONSE
+    if b0 in (0x82, 0xA2) and from_client is not False and 5 <= rl <= 4096:
+        # Mid-stream (UN)SUBSCRIBE (3.1.1 layout): a packet id, then well-formed filters that
+        # end exactly with the packet, alone in the buffer (the client waits for the ack).
+        if n < p + rl:
+            return Detection.NEED_MORE
+        if n != p + rl or buf.u16be_at(p) == 0:
+            return Detection.NO
+        return Detection.REQUEST if _filters_ok(buf, p + 2, p + rl, b0 == 0x82) else Detection.NO
+    if b0 == 0x90 and from_client is not True and 3 <= rl <= 2 + 64:
+        if n < p + rl:
+            return Detection.NEED_MORE
+        if n != p + rl or buf.u16be_at(p) == 0:
+            return Detection.NO
+        ok = all(buf.u8_at(i) in (0, 1, 2, 0x80) for i in range(p + 2, p + rl))
+        return Detection.RESPONSE if ok else Detection.NO
     return Detection.NO
+
+
+def ambiguous_role(buf: LargeBuffer) -> bool:
+    """A PUBLISH goes either way (client to broker, broker to subscriber): the stage takes
+    the roles of a connection joined on one from its ports (base.py)."""
+    return len(buf) > 0 and buf.u8_at(0) >> 4 == PUBLISH
+
+
+def _filters_ok(buf: LargeBuffer, off: int, end: int, subscribe: bool) -> bool:
+    """Topic filters from ``off`` to exactly ``end``: each a non-empty printable UTF-8
+    string (and for SUBSCRIBE its options byte, QoS 0-2, reserved bits clear)."""
+    count = 0
+    while off < end and count < 64:
+        if off + 2 > end:
+            return False
+        tlen = buf.u16be_at(off)
+        if tlen == 0 or off + 2 + tlen + (1 if subscribe else 0) > end:
+            return False
+        if not _topic_ok(buf.bytes_at(off + 2, min(tlen, 1024)), True):
+            return False
+        off += 2 + tlen
+        if subscribe:
+            if buf.u8_at(off) & 0xC0 or buf.u8_at(off) & 0x03 == 3:
+                return False
+            off += 1
+        count += 1
+    return off == end and count > 0
+
+
+def _topic_ok(raw: bytes, wildcards: bool) -> bool:
+    """A topic name (or, with ``wildcards``, a filter): well-formed UTF-8 without U+0000 or
+    control characters (MQTT 3.1.1 §1.5.3, 5.0 §1.5.4); a topic name has no wildcards
+    (3.1.1 §4.7.1, 5.0 §4.7.1)."""
+    if any(c < 0x20 or c == 0x7F for c in raw):
+        return False
+    if not wildcards and (b"+" in raw or b"#" in raw):
+        return False
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 # ---------------------------------------------------------------------------
@@ -226,7 +283,8 @@ class Session(Session):  # type: ignore[no-redef]
         self.version = 4  # until CONNECT says otherwise (3.1.1 is the common default)
         self.client_id: str | None = None
         self.dirs = (_Dir(), _Dir())  # from server, from client
-        self.pending: dict[tuple[bool, int], _Exchange] = PendingMap(conn, traceparent=_exchange_traceparent)  # (initiator is client, packet id)
+        # (initiator is client, packet id) -> the exchange awaiting its acknowledgement
+        self.pending: dict[tuple[bool, int], _Exchange] = PendingMap(conn, traceparent=_exchange_traceparent)
         self.connect: _Exchange | None = None
 
     def feed(self, from_client: bool, buf: LargeBuffer, ts_ns: int) -> None:
@@ -294,6 +352,13 @@ class Session(Session):  # type: ignore[no-redef]
         if n < hdr_end:
             buf.want = hdr_end
             return False
+        tlen = buf.u16be_at(p)
+        if not _topic_ok(buf.bytes_at(p + 2, tlen), False) or (tlen == 0 and self.version != 5):
+            # Invalid UTF-8, U+0000 or a wildcard in a topic name: a protocol violation, which
+            # the broker answers by closing the connection (3.1.1 §4.7.3, 5.0 §4.7.3).
+            buf.release(hdr_end)
+            d.skip = end - hdr_end
+            raise Malformed(NAME, "bad_topic", p)
         topic, q = _string(buf, p, hdr_end)
         pid = 0
         if qos:
@@ -454,6 +519,16 @@ class Session(Session):  # type: ignore[no-redef]
         self.dirs[from_client].skip = 0
 
     def close(self, ts_ns: int, reset: bool = False) -> None:
-        for _ in self.pending:
-            self.conn.drop("no_ack")
+        # A publish left without its acknowledgement was still delivered as far as the wire
+        # shows: a span marked incomplete (base.py's rule); a (un)subscribe without its ack
+        # has no outcome to report and is counted.
+        for ex in self.pending.values():
+            if ex.op == "publish":
+                if self.client_id:
+                    ex.attrs["messaging.client.id"] = self.client_id
+                conn = self.conn
+                # It ends where what was seen of it ends: the publish itself.
+                self.cut_short(conn.span(ex.name, ex.kind, ex.start_ts, ex.start_ts, ex.attrs, ex.traceparent))
+            else:
+                self.cut_short(None, "no_ack")
         self.pending.clear()

@@ -683,6 +683,13 @@ class ProtocolsProcessor(EventProcessor):
     def _start(self, cid: Any, st: _State, side: int, name: str, mod: ModuleType, d: Detection, ts: int) -> None:
         if st.client_side is None:  # the receiver's knowledge wins when it has it
             st.client_side = side if d == Detection.REQUEST else 1 - side
+            ambiguous = getattr(mod, "ambiguous_role", None)
+            if ambiguous is not None and ambiguous(st.bufs[side]):
+                # A message either side sends (base.py): the ports say who serves, if they can.
+                known = next((p for n, _m, p in self._modules if n == name), frozenset())
+                server = base.server_side_by_ports(st.a_port, st.b_port, known)
+                if server is not None:
+                    st.client_side = 1 - server
         cs = st.client_side
         if cs == 0:
             caddr, cport, saddr, sport = st.a_addr, st.a_port, st.b_addr, st.b_port
