@@ -241,3 +241,30 @@ def test_status_unknown_is_not_guessed() -> None:
                                                None, None, status_unknown=True)
     assert name == "a.B/C" and "rpc.response.status_code" not in attrs and status == StatusCode.UNSET
     assert "wirespan.grpc.request.message_count" not in attrs
+
+
+def test_reply_cut_by_the_end_of_the_capture_is_incomplete_not_unavailable() -> None:
+    """A server stream whose trailers never came before the capture ended: the status is not
+    known, so none is reported (no UNAVAILABLE, no error), and the span says it is incomplete."""
+    p = H2Pair()
+    sid = p.request(REQ, grpc_msg(b"q"))
+    p.server.send_headers(sid, RESP)
+    for i in range(3):
+        p.server.send_data(sid, grpc_msg(b"row %d" % i))
+    p.pump()
+    drv = Driver()
+    p.replay(drv)
+    drv.close(10**9)
+    (s,) = drv.spans
+    a = s.attributes
+    assert s.name == "helloworld.Greeter/SayHello" and s.status_code == StatusCode.UNSET
+    assert "rpc.response.status_code" not in a and "error.type" not in a
+    assert a["wirespan.incomplete"] is True and a["wirespan.grpc.response.message_count"] == 3
+    drv = Driver(perspective=Perspective.CLIENT)  # a client's view: still no error of its own
+    p.replay(drv)
+    drv.close(10**9)
+    assert drv.spans[0].status_code == StatusCode.UNSET
+    drv = Driver()  # a reset is a failure of the transport under the call
+    p.replay(drv)
+    drv.session.close(10**9, reset=True)
+    assert drv.spans[0].attributes["rpc.response.status_code"] == "UNAVAILABLE"

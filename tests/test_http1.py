@@ -594,3 +594,46 @@ def test_lenient_head_is_linear_a_byte_at_a_time() -> None:
 
     small, big = min(run(200) for _ in range(3)), min(run(2000) for _ in range(3))
     assert big < small * 25, (small, big)
+
+
+# -- the end of a capture is not a failure (issue 16 class 4) --------------------------------------------
+@pytest.mark.parametrize("mode", MODES)
+def test_response_cut_by_the_end_of_the_capture_is_an_incomplete_span(mode: str) -> None:
+    d = Driver()
+    d.req(b"GET /big HTTP/1.1\r\nHost: h\r\n\r\n", mode)
+    d.resp(b"HTTP/1.1 200 OK\r\nContent-Length: 104548\r\n\r\n" + b"x" * 4000, mode)
+    last = d.ts
+    d.req(b"GET /never HTTP/1.1\r\nHost: h\r\n\r\n", mode)  # pipelined, no answer begun
+    d.s.close(d.ts + 10_000)
+    (s,) = d.spans
+    a = s.attributes
+    assert a["url.path"] == "/big" and a["http.response.status_code"] == 200
+    assert a["wirespan.incomplete"] is True and "error.type" not in a and s.status_code == StatusCode.UNSET
+    assert a["http.response.body.size"] == 4000 and s.end_ns == last
+    assert d.drops == ["unanswered"]
+
+
+def test_cut_short_keeps_the_status_the_reply_gave_and_a_reset_stays_an_error() -> None:
+    d = Driver()
+    d.req(b"GET /boom HTTP/1.1\r\nHost: h\r\n\r\n")
+    d.resp(b"HTTP/1.1 503 Unavailable\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhel")
+    d.s.close(d.ts + 1)
+    (s,) = d.spans
+    assert s.status_code == StatusCode.ERROR and s.attributes["error.type"] == "503"
+    assert s.attributes["wirespan.incomplete"] is True
+    d = Driver()
+    d.req(b"GET /big HTTP/1.1\r\nHost: h\r\n\r\n")
+    d.resp(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nabc")
+    d.s.close(d.ts + 1, reset=True)
+    (s,) = d.spans
+    assert s.attributes["error.type"] == "connection_reset" and "wirespan.incomplete" not in s.attributes
+
+
+def test_http10_reply_without_a_length_ends_at_the_close() -> None:
+    d = Driver()
+    d.req(b"GET /old HTTP/1.0\r\n\r\n")
+    d.resp(b"HTTP/1.0 200 OK\r\nServer: old\r\n\r\nbody until the server closes")
+    d.s.close(d.ts + 1)
+    (s,) = d.spans
+    assert s.attributes["http.response.body.size"] == len(b"body until the server closes")
+    assert "wirespan.incomplete" not in s.attributes and s.status_code == StatusCode.UNSET

@@ -202,13 +202,53 @@ def test_rst_stream_and_goaway() -> None:
 
 
 def test_close_ends_open_streams() -> None:
+    """The end of the connection (or of the capture): a stream answered in part is a span of
+    what was seen, marked incomplete, without an error; one never answered is counted; a
+    reset ends both as errors (base.py's rule)."""
     p = H2Pair()
     p.request(_req("GET", "/open"))
+    sid = p.request(_req("GET", "/half"))
+    p.server.send_headers(sid, [(":status", "200")])
+    p.server.send_data(sid, b"x" * 100)
+    p.pump()
     drv = Driver()
     p.replay(drv)
     drv.close(9999)
     (s,) = drv.spans
-    assert s.attributes["error.type"] == "connection_closed" and s.end_ns == 9999
+    assert s.attributes["url.path"] == "/half" and s.attributes["http.response.status_code"] == 200
+    assert s.attributes["wirespan.incomplete"] is True and "error.type" not in s.attributes
+    assert s.status_code == StatusCode.UNSET and s.end_ns < 9999
+    assert drv.drops == ["no_response"]
+    drv = Driver()
+    p.replay(drv)
+    drv.session.close(9999, reset=True)
+    assert sorted(x.attributes["url.path"] for x in drv.spans) == ["/half", "/open"]
+    assert all(x.status_code == StatusCode.ERROR for x in drv.spans)
+    assert {x.attributes["error.type"] for x in drv.spans} == {"connection_reset"}
+
+
+def test_a_gap_keeps_the_streams_in_flight() -> None:
+    """Bytes lost in the middle of a response (a capture that missed segments): frames after
+    the gap still name their stream, so the call ends as a span, without the sizes the gap hid."""
+    p = H2Pair()
+    sid = p.request(_req("GET", "/stream"))
+    p.server.send_headers(sid, [(":status", "200")])
+    p.pump()
+    head = len(p.log)
+    for _ in range(3):
+        p.server.send_data(sid, b"y" * 50)
+        p.pump()
+    p.server.send_data(sid, b"", end_stream=True)
+    p.pump()
+    drv = Driver()
+    for i, (fc, data) in enumerate(p.log):
+        if i == head + 1:
+            drv.session.gap(False, 1000 + i)  # the first DATA frame never arrives
+            continue
+        drv.feed(fc, data, 1000 + i)
+    (s,) = drv.spans
+    assert s.attributes["url.path"] == "/stream" and s.attributes["http.response.status_code"] == 200
+    assert "http.response.body.size" not in s.attributes and drv.drops == ["gap"]
 
 
 def test_client_perspective_and_4xx() -> None:

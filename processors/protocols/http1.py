@@ -892,7 +892,7 @@ class Http1Session(_BaseSession):
         self._cpaused = False
         self.conn.extra["switch_to"] = to
 
-    def _finish(self, resp_size: int, end_ts: int, error: str | None = None) -> None:
+    def _finish(self, resp_size: int, end_ts: int, error: str | None = None, incomplete: bool = False) -> None:
         sresp = self._sresp
         self._sresp = None
         if sresp is None:
@@ -906,10 +906,15 @@ class Http1Session(_BaseSession):
             self._cpaused = False  # upgrade refused: HTTP/1 goes on
             if len(self.conn.client_buf):
                 self._feed_client(self.conn.client_buf)
-        if req is self._creq and error is None:
+        if req is self._creq and error is None and not incomplete:
             # The server answered before the request body ended (an early 413, nginx's
             # `return`): emit once the body is complete, so its size is known.
             self._deferred.append((req, status, version, resp_size, end_ts))
+            return
+        if incomplete:  # the response began, the connection ended first: base.py's rule
+            if req is self._creq and self._cbody is not None:
+                req.body_size = self._cbody.size
+            self.cut_short(self._span(req, status, version, resp_size, end_ts, None))
             return
         self.conn.emit(self._span(req, status, version, resp_size, end_ts, error))
 
@@ -1052,8 +1057,10 @@ class Http1Session(_BaseSession):
             size = body.size if body is not None else 0
             if body is not None and body.mode == _CLOSE and not reset:
                 self._finish(size, body.last_ts or end_ts)
-            else:
-                self._finish(size, ts_ns, "connection_reset" if reset else "connection_closed")
+            elif reset:
+                self._finish(size, ts_ns, "connection_reset")
+            else:  # the head (and part of the body) came: a span of what was seen
+                self._finish(size, (body.last_ts if body is not None else 0) or end_ts, incomplete=True)
         while self._pending:
             req = self._pending[0]
             if reset:

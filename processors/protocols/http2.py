@@ -478,6 +478,8 @@ def _stream_traceparent(st: _Stream) -> Any:
 class _Stream:
     __slots__ = (
         "grpc",
+        "last_ns",
+        "lossy",
         "req",
         "req_body",
         "req_done",
@@ -512,6 +514,8 @@ class _Stream:
         self.resp_msgs: grpc.MessageCounter | None = None
         self.req_done = False
         self.grpc = False
+        self.lossy = False  #: bytes of the stream were lost (a gap): sizes and counts unknown
+        self.last_ns = 0    #: when the response's last frame seen arrived
 
 
 class _Direction:
@@ -740,6 +744,7 @@ class H2Session(_BaseSession):
                         st.req_body += k
                     else:
                         st.resp_body += k
+                        st.last_ns = buf.ts_at(pos + k - 1)
                     if counter is not None:
                         try:
                             counter.feed(buf, pos, k)
@@ -889,6 +894,7 @@ class H2Session(_BaseSession):
                 st.resp_status = code
             else:
                 st.resp_status = 0  # undecodable status: keep going, report none
+            st.last_ns = ts
             st.resp = fields
             st.resp_partial |= partial
             if st.grpc or grpc.is_grpc(fields.get(b"content-type")):
@@ -896,6 +902,7 @@ class H2Session(_BaseSession):
                     st.resp_msgs = grpc.MessageCounter()
                 st.grpc = True
         else:
+            st.last_ns = ts
             st.trailers = fields
             st.trailer_block = True
             st.resp_partial |= partial
@@ -966,7 +973,11 @@ class H2Session(_BaseSession):
         self._finish(st, ts)
 
     # -- spans ------------------------------------------------------------------
-    def _finish(self, st: _Stream, end_ns: int, reset_code: int | None = None, closed: bool = False) -> None:
+    def _finish(self, st: _Stream, end_ns: int, reset_code: int | None = None, closed: bool = False,
+                incomplete: bool = False) -> None:
+        """The stream's span. ``closed``: the connection was reset under it (an error);
+        ``incomplete``: it ended, or the capture did, after the response began (base.py's
+        rule: a span of what was seen, marked, with the status seen so far)."""
         conn = self.conn
         if not st.req_seen:
             conn.drop("request_not_seen")  # picked up mid-stream: no method or path to report
@@ -984,7 +995,7 @@ class H2Session(_BaseSession):
                 and _GRPC_PATH.match(req.get(b":path", "")) is not None):
             gs = trailers.get(b"grpc-status")
             code = int(gs) if gs is not None and gs.isdigit() and len(gs) <= 3 else None
-            unknown = code is None and st.resp_partial and reset_code is None and not closed
+            unknown = code is None and (st.resp_partial or incomplete) and reset_code is None and not closed
             gm = trailers.get(b"grpc-message")
             timeout = req.get(b"grpc-timeout")
             tns = grpc.parse_timeout_ns(timeout)
@@ -992,14 +1003,22 @@ class H2Session(_BaseSession):
             timed_out = reset and tns is not None and end_ns - start >= tns
             if closed and code is None and not timed_out:
                 code = grpc.UNAVAILABLE  # the transport went away under the call
+            if incomplete and code is None and st.resp_status not in (None, 0, 200):
+                unknown = False  # the HTTP status says what went wrong (http-grpc-status-mapping.md)
+            counts = not st.lossy
             name, attrs, status, msg = grpc.rpc_fields(
                 req.get(b":path"), kind, code, grpc.percent_decode(gm) if gm else None,
                 st.resp_status or None, reset, timed_out, timeout,
-                st.req_msgs.messages if st.req_msgs else None, st.resp_msgs.messages if st.resp_msgs else None,
+                st.req_msgs.messages if st.req_msgs and counts else None,
+                st.resp_msgs.messages if st.resp_msgs and counts else None,
                 status_unknown=unknown,
             )
             _server_addr(attrs, req.get(b":authority"))
-            conn.emit(conn.span(name, kind, start, end_ns, attrs, traceparent, status, msg))
+            span = conn.span(name, kind, start, end_ns, attrs, traceparent, status, msg)
+            if incomplete:
+                self.cut_short(span)
+            else:
+                conn.emit(span)
             return
         attrs: dict[str, AttrValue] = {}
         method = req.get(b":method")
@@ -1026,9 +1045,9 @@ class H2Session(_BaseSession):
         attrs["network.protocol.version"] = "2"
         if st.resp_status:
             attrs["http.response.status_code"] = st.resp_status
-        if st.req_body:
+        if st.req_body and not st.lossy:
             attrs["http.request.body.size"] = st.req_body
-        if st.resp_status:
+        if st.resp_status and not st.lossy and not incomplete:
             attrs["http.response.body.size"] = st.resp_body
         ua = req.get(b"user-agent")
         if ua is not None:
@@ -1040,8 +1059,8 @@ class H2Session(_BaseSession):
             if reset_code is not None:
                 etype = ERROR_CODES[reset_code] if reset_code < len(ERROR_CODES) else str(reset_code)
             else:
-                etype = "connection_closed" if closed else "status_unknown"
-            if not code:
+                etype = "connection_reset" if closed else "status_unknown"
+            if not code or closed:
                 attrs["error.type"] = etype
                 status = StatusCode.ERROR
                 msg = f"stream ended: {etype}"
@@ -1049,20 +1068,27 @@ class H2Session(_BaseSession):
             attrs["error.type"] = str(code)
             status = StatusCode.ERROR
         name = method if method in _KNOWN_METHODS else "HTTP"
-        conn.emit(conn.span(name, kind, start, end_ns, attrs, traceparent, status, msg))
+        span = conn.span(name, kind, start, end_ns, attrs, traceparent, status, msg)
+        if incomplete:
+            self.cut_short(span)
+        else:
+            conn.emit(span)
 
     # -- loss and end ------------------------------------------------------------
     def gap(self, from_client: bool, ts_ns: int) -> None:
         """Bytes were lost (or a parse error cleared the buffer): resynchronise this direction.
 
-        Streams in flight cannot be completed reliably; they are dropped and
-        counted. The direction's HPACK table may have missed insertions, so it
+        Streams are keyed by id, so those in flight go on: frames after the gap still
+        say which stream they belong to and when it ends. What the gap swallowed of
+        them is unknown (their body sizes and message counts are left out; counted
+        ``gap`` once). The direction's HPACK table may have missed insertions, so it
         continues as "unknown" (exact newer entries, older ones unknown).
         """
         d = self.client if from_client else self.server
-        for _ in range(len(self.streams)):
+        if self.streams:
             self.conn.drop("gap")
-        self.streams.clear()
+        for st in self.streams.values():
+            st.lossy = True
         d.block = None
         d.block_skip = False
         d.data_left = d.pad_left = d.skip = 0
@@ -1093,11 +1119,20 @@ class H2Session(_BaseSession):
         return pos
 
     def close(self, ts_ns: int, reset: bool = False) -> None:
-        """The connection ended: calls still open end here (gRPC: UNAVAILABLE)."""
+        """The connection (or the capture) ended: a stream whose response began is a span of
+        what was seen, marked incomplete (base.py); one without a response is counted
+        ``no_response``. A reset ends every open stream as an error (gRPC: UNAVAILABLE)."""
         streams = list(self.streams.values())
         self.streams.clear()
         for st in streams:
-            self._finish(st, ts_ns, closed=True)
+            if reset:
+                self._finish(st, ts_ns, closed=True)
+            elif not st.req_seen:
+                self.conn.drop("request_not_seen")
+            elif st.resp_status is not None:
+                self._finish(st, st.last_ns or ts_ns, incomplete=True)
+            else:
+                self.cut_short(None, "no_response")
 
 
 def _text(v: object) -> str:
