@@ -118,10 +118,16 @@ def main(argv: list[str]) -> int:
             return True
         return bool(a.seconds and time.monotonic() - t_start >= a.seconds)
 
+    worst = [0.0]
+
     def one(raw: bytes) -> None:
         fails = target.run(raw)
         if fails:
             record(raw, fails)
+        if target.max_per_byte_s > worst[0]:  # the input behind "max us/B", to look at
+            worst[0] = target.max_per_byte_s
+            with open(os.path.join(a.workdir, "slowest-per-byte.bin"), "wb") as f:
+                f.write(raw)
         now = time.monotonic()
         if now - state["last_write"] >= 1.0:
             write_stats(False)
