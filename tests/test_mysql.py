@@ -699,3 +699,20 @@ def test_settings_validation_and_config_through_the_stage():
     names = [s.name for s in spans]
     assert "PING" in names
     assert "SELECT * FROM nosuch WHERE a = 'secret'" in [s.attributes.get("db.query.text") for s in spans]
+
+
+# -- the end of a capture is not a failure (issue 16 class 4) ----------------------------------------
+@pytest.mark.parametrize("chunk", CHUNKINGS)
+def test_result_set_cut_by_the_end_of_the_capture_is_an_incomplete_span(chunk):
+    d = Driver(my, port=3306)
+    connect(d)
+    d.feed(True, query("SELECT id FROM orders"), chunk)
+    full = resultset(["id"], [[b"%d" % i] for i in range(10)])
+    d.feed(False, full[:-20], chunk)  # the last rows and the final OK never came
+    d.feed(True, query("SELECT 1"), chunk)
+    d.close()
+    (s,) = d.spans
+    assert s.name == "SELECT orders" and s.status_code == StatusCode.UNSET
+    assert s.attributes["wirespan.incomplete"] is True and "error.type" not in s.attributes
+    assert 0 < s.attributes["db.response.returned_rows"] < 10
+    assert d.drops["no_response"] == 1

@@ -527,3 +527,29 @@ def test_settings_validation_and_config_through_the_stage():
                          {"postgresql": {"sanitize_query": False}})
     texts = [s.attributes["db.query.text"] for s in spans]
     assert "SELECT * FROM nosuch WHERE a = 'secret'" in texts
+
+
+# -- the end of a capture is not a failure (issue 16 class 4) ----------------------------------------
+@pytest.mark.parametrize("chunk", CHUNKINGS)
+def test_answer_cut_by_the_end_of_the_capture_is_an_incomplete_span(chunk):
+    """An error whose ReadyForQuery never came, rows without their CommandComplete: spans of
+    what was seen, marked wirespan.incomplete, with the status the answer gave; a query never
+    answered is counted."""
+    d = Driver(pg)
+    connect(d)
+    d.feed(True, Q("INSERT INTO t VALUES (1)"), chunk)
+    d.feed(False, ERROR("23505", "duplicate key value violates unique constraint \"t_pkey\""), chunk)
+    d.close()
+    (s,) = d.spans
+    assert s.name == "INSERT t" and s.status_code == StatusCode.ERROR
+    assert s.attributes["error.type"] == "23505" and s.attributes["wirespan.incomplete"] is True
+    d = Driver(pg)
+    connect(d)
+    d.feed(True, Q("SELECT a FROM t"), chunk)
+    d.feed(False, ROWDESC("a") + ROW(b"1") + ROW(b"2"), chunk)
+    d.feed(True, Q("SELECT 2"), chunk)  # pipelined, never answered
+    d.close()
+    (s,) = d.spans
+    assert s.name == "SELECT t" and s.status_code == StatusCode.UNSET and "error.type" not in s.attributes
+    assert s.attributes["db.response.returned_rows"] == 2 and s.attributes["wirespan.incomplete"] is True
+    assert d.drops["no_response"] == 1

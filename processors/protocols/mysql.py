@@ -569,7 +569,15 @@ class Session(_Session):
         self._forget("gap")
 
     def close(self, ts_ns: int, reset: bool = False) -> None:
-        self._forget("no_response")
+        # base.py's rule: a command whose answer began (a result set's column count, its
+        # rows) is a span of what was seen, marked incomplete; one never answered is counted.
+        for c in self._pending:
+            if c.cmd in (COM_QUERY, COM_STMT_EXECUTE):
+                if c.state != _FIRST:
+                    self._finish(c, ts_ns, True)
+                else:
+                    self.cut_short(None, "no_response")
+        self._pending.clear()
 
     def _forget(self, reason: str) -> None:
         for c in self._pending:
@@ -886,7 +894,7 @@ class Session(_Session):
             self._pending.popleft()
         self._finish(c, ts)
 
-    def _finish(self, c: _Cmd, ts: int) -> None:
+    def _finish(self, c: _Cmd, ts: int, incomplete: bool = False) -> None:
         cmd = c.cmd
         if cmd in (COM_QUERY, COM_STMT_EXECUTE):
             pass
@@ -927,9 +935,12 @@ class Session(_Session):
             attrs["error.type"] = c.err_state or str(c.err_code)
             status = StatusCode.ERROR
         conn = self.conn
-        conn.emit(conn.span(name, conn.kind_for(SpanKind.CLIENT), c.start, ts, attrs,
-                            status_code=status,
-                            status_message=sanitize_error(c.err_msg) if self._sanitize_errors else c.err_msg))
+        span = conn.span(name, conn.kind_for(SpanKind.CLIENT), c.start, ts, attrs, status_code=status,
+                         status_message=sanitize_error(c.err_msg) if self._sanitize_errors else c.err_msg)
+        if incomplete:
+            self.cut_short(span)
+        else:
+            conn.emit(span)
 
 
 def _text(buf: LargeBuffer, off: int, end: int) -> str:

@@ -26,7 +26,7 @@ from collections import OrderedDict, deque
 from pydantic import Field
 
 from service.largebuf import BufferBoundsError, LargeBuffer
-from service.model import SpanKind, StatusCode
+from service.model import Span, SpanKind, StatusCode
 
 from .base import Conn, Detection, PendingQueue, ProtocolSettings
 from .base import Session as _Session
@@ -298,7 +298,7 @@ def detect(buf: LargeBuffer, from_client: bool | None) -> Detection:
 class _Op:
     """A request waiting for its response: kind is the message type byte."""
 
-    __slots__ = ("err_code", "err_msg", "info", "kind", "rows", "start")
+    __slots__ = ("begun", "err_code", "err_msg", "info", "kind", "rows", "start")
 
     def __init__(self, kind: int, info: QueryInfo | None, start: int) -> None:
         self.kind = kind
@@ -307,6 +307,7 @@ class _Op:
         self.rows = 0
         self.err_code = ""
         self.err_msg = ""
+        self.begun = False  #: its answer began (RowDescription, a CommandComplete of several)
 
 
 _Q, _P, _B, _E, _D, _C, _S, _F = (ord(c) for c in "QPBEDCSF")
@@ -424,7 +425,17 @@ class Session(_Session):
         self._forget_pending("gap")
 
     def close(self, ts_ns: int, reset: bool = False) -> None:
-        self._forget_pending("no_response")
+        # base.py's rule: a query whose answer began (rows, a RowDescription, an error
+        # without its ReadyForQuery) is a span of what was seen, marked incomplete; one
+        # never answered is counted.
+        for op in self._pending:
+            if op.kind in (_Q, _E):
+                if op.rows or op.err_code or op.begun:
+                    self.cut_short(self._span(op, ts_ns, False))
+                else:
+                    self.cut_short(None, "no_response")
+        self._pending.clear()
+        self._batch_start = 0
 
     def _forget_pending(self, reason: str) -> None:
         for op in self._pending:
@@ -615,6 +626,8 @@ class Session(_Session):
             if hk == _E:
                 pend.popleft()
                 self._span(head, ts)  # type: ignore[arg-type]
+            elif hk == _Q:
+                head.begun = True  # type: ignore[union-attr]
         elif t == 90:  # Z ReadyForQuery: ends a Q or a Sync group
             while pend:
                 op = pend.popleft()
@@ -647,6 +660,8 @@ class Session(_Session):
         elif t in (84, 110):  # T RowDescription, n NoData: answer Describe
             if hk == _D:
                 pend.popleft()
+            elif hk == _Q or hk == _E:
+                head.begun = True  # type: ignore[union-attr]
         elif t in (73, 115):  # I EmptyQuery, s PortalSuspended
             if hk == _E:
                 pend.popleft()
@@ -656,7 +671,8 @@ class Session(_Session):
                 pend.popleft()
         # R S K N A t G H W d c v: nothing to pair.
 
-    def _span(self, op: _Op, end_ts: int) -> None:
+    def _span(self, op: _Op, end_ts: int, emit: bool = True) -> Span:
+        """The span of ``op`` ending at ``end_ts``, emitted unless ``emit`` is False."""
         info = op.info
         attrs: dict = {"db.system.name": SYSTEM}
         if self.namespace:
@@ -681,9 +697,11 @@ class Session(_Session):
             attrs["error.type"] = op.err_code
             status = StatusCode.ERROR
         conn = self.conn
-        conn.emit(conn.span(name, conn.kind_for(SpanKind.CLIENT), op.start, end_ts, attrs,
-                            status_code=status,
-                            status_message=sanitize_error(op.err_msg) if self._sanitize_errors else op.err_msg))
+        span = conn.span(name, conn.kind_for(SpanKind.CLIENT), op.start, end_ts, attrs, status_code=status,
+                         status_message=sanitize_error(op.err_msg) if self._sanitize_errors else op.err_msg)
+        if emit:
+            conn.emit(span)
+        return span
 
 
 def _text(buf: LargeBuffer, off: int, end: int) -> str:
