@@ -220,3 +220,19 @@ def test_real_nginx_php_fpm() -> None:
     assert spans[8].attributes["http.response.body.size"] == 300_000
     for s in spans:
         assert s.kind == SpanKind.SERVER and s.attributes["server.port"] == site.http_port
+
+
+@pytest.mark.parametrize("step", [None, 1, 7])
+def test_reply_cut_by_the_end_of_the_capture_is_an_incomplete_span(step: int | None) -> None:
+    """STDOUT began (with its Status: line) and END_REQUEST never came: a span of what was
+    seen, marked wirespan.incomplete, with the status the application gave (base.py's rule)."""
+    d = Driver()
+    d.send(True, begin(1) + params(1, BASE) + rec(f.STDIN, 1), step)
+    d.send(False, rec(f.STDOUT, 1, b"Status: 503 Busy\r\nContent-type: text/html\r\n\r\npart"), step)
+    d.send(True, begin(2) + params(2, BASE) + rec(f.STDIN, 2), step)  # never answered
+    d.session.close(d.ts)
+    (s,) = d.spans
+    a = s.attributes
+    assert a["http.response.status_code"] == 503 and s.status_code == StatusCode.ERROR
+    assert a["wirespan.incomplete"] is True and a["url.path"] == "/shop/item.php"
+    assert d.drops == ["no_end_request"]

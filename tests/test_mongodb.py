@@ -239,3 +239,19 @@ def test_real_pymongo_through_capture_replay() -> None:
         for s in mine:
             assert s.kind == SpanKind.CLIENT and s.attributes["server.port"] == srv.port
     assert not [s for s in spans if s.attributes["db.operation.name"] in ("hello", "isMaster", "ismaster")]
+
+
+@pytest.mark.parametrize("step", [None, 1, 9])
+def test_reply_cut_by_the_end_of_the_capture_is_an_incomplete_span(step) -> None:
+    """A find whose (large) reply began but did not end before the capture did: a span of
+    what was seen, marked wirespan.incomplete (base.py's rule); an unanswered one is counted."""
+    d = Driver()
+    d.send(True, op_msg(7, 0, {"find": "orders", "$db": "shop"}), step)
+    d.send(True, op_msg(8, 0, {"count": "users", "$db": "shop"}), step)
+    reply = op_msg(99, 7, {"cursor": {"firstBatch": [{"x": "y" * 50}] * 40, "id": 0, "ns": "shop.orders"}, "ok": 1})
+    d.send(False, reply[:len(reply) // 2], step)
+    d.session.close(d.ts)
+    (s,) = d.spans
+    assert s.name == "find orders" and s.status_code == StatusCode.UNSET
+    assert s.attributes["wirespan.incomplete"] is True and "error.type" not in s.attributes
+    assert d.drops == ["no_reply"]

@@ -234,7 +234,7 @@ class Session(Session):  # type: ignore[no-redef]
             p = e + 1
         return 200
 
-    def _span(self, rid: int, req: _Req, app_status: int, proto: int, ts_ns: int) -> None:
+    def _span(self, rid: int, req: _Req, app_status: int, proto: int, ts_ns: int, incomplete: bool = False) -> None:
         params = self.done.pop(rid, {})
         g = params.get
         method = (g(b"REQUEST_METHOD") or b"GET").decode("latin-1")
@@ -286,9 +286,13 @@ class Session(Session):  # type: ignore[no-redef]
         if app_status:
             attrs["fastcgi.app_status"] = app_status
         conn = self.conn
-        conn.emit(conn.span(method, conn.kind_for(SpanKind.SERVER, SpanKind.CLIENT), req.start_ts, ts_ns, attrs,
-                            traceparent=g(b"HTTP_TRACEPARENT"), status_code=code, status_message=msg,
-                            events=req.stderr or None))
+        span = conn.span(method, conn.kind_for(SpanKind.SERVER, SpanKind.CLIENT), req.start_ts, ts_ns, attrs,
+                         traceparent=g(b"HTTP_TRACEPARENT"), status_code=code, status_message=msg,
+                         events=req.stderr or None)
+        if incomplete:
+            self.cut_short(span)
+        else:
+            conn.emit(span)
 
     def gap(self, from_client: bool, ts_ns: int) -> None:
         for _ in self.reqs:
@@ -297,7 +301,12 @@ class Session(Session):  # type: ignore[no-redef]
         self.done.clear()
 
     def close(self, ts_ns: int, reset: bool = False) -> None:
-        for _ in self.reqs:
-            self.conn.drop("no_end_request")
+        # base.py's rule: a request whose STDOUT began (its Status: line, if any, says how it
+        # went) is a span of what was seen, marked incomplete; one never answered is counted.
+        for rid, req in list(self.reqs.items()):
+            if req.stdout and rid in self.done:
+                self._span(rid, req, 0, 0, ts_ns, True)
+            else:
+                self.cut_short(None, "no_end_request")
         self.reqs.clear()
         self.done.clear()

@@ -444,7 +444,7 @@ class Session(Session):  # type: ignore[no-redef]
             return
         self._span(req, m, ts_ns)
 
-    def _span(self, req: _Msg, rep: _Msg | None, end_ts: int) -> None:
+    def _span(self, req: _Msg, rep: _Msg | None, end_ts: int, incomplete: bool = False) -> None:
         if req.cmd in _HEARTBEATS and not self.settings.trace_heartbeats:
             return
         conn = self.conn
@@ -467,8 +467,12 @@ class Session(Session):  # type: ignore[no-redef]
             if code is not None:
                 attrs["db.response.status_code"] = str(code)
             attrs["error.type"] = code_name or (str(code) if code is not None else "error")
-        conn.emit(conn.span(name, conn.kind_for(SpanKind.CLIENT), req.start_ts, end_ts, attrs,
-                            status_code=status, status_message=msg))
+        span = conn.span(name, conn.kind_for(SpanKind.CLIENT), req.start_ts, end_ts, attrs, status_code=status,
+                         status_message=msg)
+        if incomplete:
+            self.cut_short(span)
+        else:
+            conn.emit(span)
 
     def gap(self, from_client: bool, ts_ns: int) -> None:
         d = self.dirs[from_client]
@@ -481,6 +485,18 @@ class Session(Session):  # type: ignore[no-redef]
             self.pending.clear()
 
     def close(self, ts_ns: int, reset: bool = False) -> None:
-        for _ in self.pending:
-            self.conn.drop("no_reply")
+        # base.py's rule: a request whose reply began (its header read, its body cut by the
+        # end) is a span of what was seen, marked incomplete; one never answered is counted.
+        begun = set()
+        m = self.dirs[0].msg
+        if m is not None and m.resp_to:
+            begun.add(m.resp_to)
+        buf = self.conn.server_buf
+        if len(buf) >= 12:
+            begun.add(buf.i32le_at(8))
+        for rid, req in self.pending.items():
+            if rid in begun:
+                self._span(req, None, ts_ns, True)
+            else:
+                self.cut_short(None, "no_reply")
         self.pending.clear()
