@@ -325,3 +325,80 @@ def test_a_negative_bulk_inside_an_aggregate_is_a_null_element() -> None:
     d.send(True, b"*2\r\n$4\r\nMGET\r\n$1\r\na\r\n")
     d.send(False, b"*3\r\n$-1\r\n$-2147483648\r\n$1\r\nb\r\n")
     assert [s.name for s in d.spans] == ["MGET"]
+
+
+# -- real-world shapes (issue 16 class 6) ---------------------------------------------------------------
+def _stage_spans(stream: list[tuple[bool, bytes]], step: int | None) -> tuple[list, dict]:
+    from processors.protocols.processor import ProtocolsProcessor
+    from service.model import EventKind, TcpEvent
+    from tests.support.replay import _Collect
+
+    sink = _Collect()
+    proc = ProtocolsProcessor("protocols", {}, sink)
+    cli, srv = ("127.0.0.1", 62283), ("127.0.0.1", 6379)
+    ts = 1_000
+    for from_client, data in stream:
+        a, b = (cli, srv) if from_client else (srv, cli)
+        for i in range(0, len(data), step or len(data)):
+            ts += 10
+            proc.consume_events([TcpEvent(EventKind.DATA, 1, a[0], a[1], b[0], b[1], ts,
+                                          memoryview(data[i:i + (step or len(data))]))])
+    proc.shutdown()
+    return sink.spans, proc.stats
+
+
+@pytest.mark.parametrize("step", [None, 1, 3])
+def test_inline_unknown_command_first_is_confirmed_by_the_resp_answer(step) -> None:
+    """A connection's first bytes an inline command no list knows (a module's, a test
+    server's): detection waits for the server's RESP answer, then both are parsed. RESP3
+    attributes before the reply and inside it annotate, they are no elements of their own."""
+    spans, stats = _stage_spans([
+        (True, b"FAKE COMMAND\r\n"),
+        (False, b"|1\r\n+key-popularity\r\n%2\r\n$1\r\na\r\n,0.1923\r\n$1\r\nb\r\n,0.0012\r\n"
+                b"*2\r\n:2039123\r\n:9543892\r\n"),
+        (True, b"FAKE2 COMMAND2\r\n"),
+        (False, b"*3\r\n:1\r\n:2\r\n|1\r\n+ttl\r\n:3600\r\n:3\r\n"),
+        (True, b"PUBLISH news hello\r\n"),
+        (False, b":1\r\n"),
+    ], step)
+    assert [s.attributes["db.operation.name"] for s in spans] == ["FAKE", "FAKE2", "PUBLISH"]
+    assert all(s.status_code == StatusCode.UNSET for s in spans)
+    assert not any(k.startswith("redis:") or k == "undetected" for k in stats["drops"]), stats["drops"]
+    # an inline line alone is no proof: random text is not taken for Redis
+    assert r.detect(LargeBuffer(b"FAKE COMMAND\r\n"), None) == Detection.NEED_MORE
+    assert r.detect(LargeBuffer(b"FAKE \x01COMMAND\r\n"), None) == Detection.NO
+    assert r.detect(LargeBuffer(b"PUBLISH x y\r\n"), None) == Detection.REQUEST
+
+
+@pytest.mark.parametrize("step", [None, 1])
+def test_empty_lines_between_commands_are_skipped(step) -> None:
+    d = Driver()
+    d.send(True, cmd("SET", "k", "v") + b"\r\n" + b"\n" + cmd("GET", "k"), step)
+    d.send(False, b"+OK\r\n$1\r\nv\r\n", step)
+    assert [s.name for s in d.spans] == ["SET", "GET"] and not d.drops
+
+
+@pytest.mark.parametrize("step", [None, 1])
+def test_client_reply_off_skip_on(step) -> None:
+    """CLIENT REPLY OFF / SKIP: the server answers nothing for those commands (spans of the
+    request alone); CLIENT REPLY ON is answered +OK, even right after SKIP."""
+    d = Driver()
+    d.send(True, b"PING\r\nCLIENT REPLY OFF\r\nPING\r\nCLIENT REPLY SKIP\r\nCLIENT REPLY ON\r\nPING\r\nPING\r\n", step)
+    d.send(False, b"+PONG\r\n+OK\r\n+PONG\r\n+PONG\r\n", step)
+    answered = sorted(s.name for s in d.spans if s.end_ns > s.start_ns)
+    silent = sorted(s.name for s in d.spans if s.end_ns == s.start_ns)
+    assert answered == ["CLIENT REPLY", "PING", "PING", "PING"] and silent == ["CLIENT REPLY", "CLIENT REPLY", "PING"]
+    assert not d.drops and not d.session.pending
+
+
+def test_command_names_keep_the_case_the_client_sent() -> None:
+    """Semantic conventions ask for the operation name as the protocol has it, not upper-cased:
+    Redis takes any case, so the span says what the client sent (rules compare case-blind)."""
+    d = Driver()
+    d.send(True, cmd("get", "k") + cmd("client", "setinfo", "LIB-NAME", "x") + cmd("multi") + cmd("set", "a", "1")
+           + cmd("exec"))
+    d.send(False, b"$-1\r\n+OK\r\n+OK\r\n+QUEUED\r\n*1\r\n+OK\r\n")
+    assert [(s.name, s.attributes["db.query.text"]) for s in d.spans] == [
+        ("get", "get k"), ("client setinfo", "client setinfo ? ?"), ("multi", "multi"), ("set", "set a ?"),
+        ("exec", "exec")]
+    assert d.spans[3].attributes["db.redis.transaction"] is True and "db.redis.transaction" not in d.spans[4].attributes

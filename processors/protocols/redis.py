@@ -67,7 +67,13 @@ _CONTAINER = frozenset({
 })
 #: Inline commands recognised at detection (a bare word on a line is otherwise too weak a sign).
 _INLINE_OK = frozenset({"PING", "INFO", "GET", "SET", "DEL", "KEYS", "SELECT", "QUIT", "MONITOR", "DBSIZE",
-                        "FLUSHALL", "FLUSHDB", "HELLO", "AUTH", "EXISTS", "INCR", "SUBSCRIBE", "CLIENT"})
+                        "FLUSHALL", "FLUSHDB", "HELLO", "AUTH", "EXISTS", "INCR", "SUBSCRIBE", "CLIENT",
+                        "PUBLISH", "PSUBSCRIBE", "ECHO", "TTL", "EXPIRE", "LPUSH", "RPUSH", "HGET", "HSET",
+                        "SADD", "ZADD", "MGET", "MSET", "SETEX", "DECR", "APPEND", "CONFIG", "COMMAND",
+                        "MULTI", "EXEC", "TYPE", "SCAN"})
+#: An inline line whose first word is no command above: only the server's RESP answer can
+#: tell it is Redis (detection waits for it rather than guessing from one line of text).
+_INLINE_WORD = re.compile(rb"[A-Za-z][A-Za-z0-9_\-|.]{0,31}\Z")
 _SUBSCRIBE = frozenset({"SUBSCRIBE", "PSUBSCRIBE", "SSUBSCRIBE"})
 _UNSUBSCRIBE = frozenset({"UNSUBSCRIBE", "PUNSUBSCRIBE", "SUNSUBSCRIBE"})
 _PUSH_KINDS = frozenset({b"message", b"pmessage", b"smessage"})
@@ -142,6 +148,10 @@ def detect(buf: LargeBuffer, from_client: bool | None) -> Detection:
         words = line.split()
         word = words[0].upper() if words else b""
         if word.decode("ascii") not in _INLINE_OK:
+            # An unknown command (a module's, a test server's): plausible, not proof. Wait for
+            # the server's answer (the stage keeps these bytes when that answer is RESP).
+            if _INLINE_WORD.match(words[0] if words else b"") and all(0x20 <= c < 0x7F or c == 9 for c in line):
+                return Detection.NEED_MORE if n < 4096 else Detection.NO
             return Detection.NO
         # memcached's text protocol shares words with inline Redis: "set k 0 0 5" (flags,
         # exptime, bytes) and "get k1 k2" are memcached; Redis GET takes one key.
@@ -150,7 +160,7 @@ def detect(buf: LargeBuffer, from_client: bool | None) -> Detection:
         if word == b"GET" and len(words) != 2:
             return Detection.NO
         return Detection.REQUEST
-    if from_client is not True and t in b"+-$:*%":
+    if from_client is not True and t in b"+-$:*%|":
         # Responses are a weaker sign: accept only the common exact shapes.
         end = buf.find(b"\r\n", 0, min(n, 128))
         if end < 0:
@@ -158,7 +168,7 @@ def detect(buf: LargeBuffer, from_client: bool | None) -> Detection:
         line = bytes(buf.view_at(0, end))  # <= 128 bytes
         if line in (b"+OK", b"+PONG", b"+QUEUED") or line.startswith((b"-ERR ", b"-WRONGTYPE ", b"-NOAUTH ")):
             return Detection.RESPONSE
-        if line[:1] in (b"$", b":", b"*", b"%") and line[1:].lstrip(b"-").isdigit() and len(line) < 12:
+        if line[:1] in (b"$", b":", b"*", b"%", b"|") and line[1:].lstrip(b"-").isdigit() and len(line) < 12:
             return Detection.RESPONSE
     return Detection.NO
 
@@ -264,6 +274,17 @@ class _Scanner:
             else:
                 t = c[off - cs]
                 if t not in _ALL_TYPES:
+                    if self.cur is None and not self.stack and (t == 0x0A or t == 0x0D):
+                        # An empty line between values (redis-cli --pipe sends one; Redis
+                        # ignores an empty inline query): skipped.
+                        if t == 0x0A:
+                            off += 1
+                            continue
+                        if off + 1 >= n:
+                            break
+                        if buf.u8_at(off + 1) == 0x0A:
+                            off += 2
+                            continue
                     if self.cur is None and not self.stack and 0x20 < t < 0x7F:
                         got = self._inline(buf, off, ts_ns)
                         if got is None:
@@ -425,6 +446,8 @@ class Session(Session):  # type: ignore[no-redef]
         self._select: str | None = None  # the index a pending SELECT asks for
         self.in_multi = False
         self.subscribed = False
+        self._reply_off = False   # CLIENT REPLY OFF: no reply until CLIENT REPLY ON
+        self._skip_next = False   # CLIENT REPLY SKIP: no reply for the next command
 
     # -- requests ------------------------------------------------------
     def feed(self, from_client: bool, buf: LargeBuffer, ts_ns: int) -> None:
@@ -439,11 +462,12 @@ class Session(Session):  # type: ignore[no-redef]
         if not v.args:
             self.conn.drop("empty_command")
             return
-        cmd = _decode(v.args[0]).upper()
-        op = cmd
+        sent = _decode(v.args[0])
+        cmd = sent.upper()  # for the rules below; spans keep the command as the client sent it
+        op = sent
         if cmd in _CONTAINER and len(v.args) > 1:
-            op = f"{cmd} {_decode(v.args[1]).upper()}"
-        text = self._query_text(cmd, v)
+            op = f"{sent} {_decode(v.args[1])}"
+        text = self._query_text(cmd, v, sent)
         replies = 1
         if cmd in _SUBSCRIBE:
             replies = max(v.nargs - 1, 1)  # one confirmation per channel
@@ -452,6 +476,20 @@ class Session(Session):  # type: ignore[no-redef]
             self.pending.popleft()
             self.conn.drop("too_many_pending")
         p = _Pending(op, text, v.start_ts, replies, self.in_multi, v.nargs)
+        silent = self._reply_off or self._skip_next
+        self._skip_next = False
+        if cmd == "CLIENT" and len(v.args) > 2 and v.args[1].upper() == b"REPLY":
+            mode = v.args[2].upper()
+            if mode == b"ON":  # answered +OK, whatever came before
+                self._reply_off = silent = False
+            elif mode == b"OFF":
+                self._reply_off = silent = True
+            elif mode == b"SKIP":
+                self._skip_next = silent = True
+        if silent:
+            # The server runs it and answers nothing (CLIENT REPLY): a span now, of the request.
+            self._span(p, _Value(0, v.start_ts))
+            return
         if cmd == "MULTI":
             self.in_multi = True
         elif cmd in ("EXEC", "DISCARD"):
@@ -460,10 +498,10 @@ class Session(Session):  # type: ignore[no-redef]
             self._select = _decode(v.args[1])
         self.pending.append(p)
 
-    def _query_text(self, cmd: str, v: _Value) -> str:
+    def _query_text(self, cmd: str, v: _Value, sent: str) -> str:
         args = [_decode(a) for a in v.args[1:]]
         if cmd in _CREDENTIAL_CMDS:
-            return cmd + (" ?" * len(args))  # never a password, sanitising or not
+            return sent + (" ?" * len(args))  # never a password, sanitising or not
         if self.settings.sanitize_query:
             if cmd in _CONTAINER:
                 keep = 1
@@ -475,7 +513,7 @@ class Session(Session):  # type: ignore[no-redef]
         else:
             shown = args
         more = v.nargs - 1 - len(args)
-        text = " ".join([cmd, *shown])
+        text = " ".join([sent, *shown])
         if more > 0:
             text += " ?" * min(more, 8) + (" ..." if more > 8 else "")
         return text
@@ -483,7 +521,7 @@ class Session(Session):  # type: ignore[no-redef]
     # -- replies ---------------------------------------------------------
     def _reply(self, v: _Value) -> None:
         confirms = bool(v.args) and v.args[0] in _SUB_REPLY_KINDS
-        if confirms and self.pending and self.pending[0].command in _SUBSCRIBE | _UNSUBSCRIBE:
+        if confirms and self.pending and self.pending[0].command.upper() in _SUBSCRIBE | _UNSUBSCRIBE:
             v.push = False  # RESP3 sends (un)subscribe confirmations as pushes: they answer the request
         if v.push or (self.subscribed and v.args and v.args[0] in _PUSH_KINDS):
             self.conn.extra["redis_pushes"] = self.conn.extra.get("redis_pushes", 0) + 1
@@ -505,7 +543,7 @@ class Session(Session):  # type: ignore[no-redef]
     def _span(self, p: _Pending, v: _Value) -> None:
         conn = self.conn
         cmd = p.command
-        base = cmd.split(" ", 1)[0]
+        base = cmd.split(" ", 1)[0].upper()
         if base == "SELECT" and v.error is None and self._select is not None:
             self.namespace = self._select
         if base in _UNSUBSCRIBE and v.args and v.args[-1:] == [b"0"]:
@@ -517,7 +555,7 @@ class Session(Session):  # type: ignore[no-redef]
         }
         if self.namespace is not None:
             attrs["db.namespace"] = self.namespace
-        if p.in_multi and cmd not in ("EXEC", "DISCARD"):
+        if p.in_multi and base not in ("EXEC", "DISCARD"):
             attrs["db.redis.transaction"] = True
         status = StatusCode.UNSET
         msg = ""
