@@ -23,6 +23,16 @@ would add per-flow state, timers and payload copies for almost no traffic; the l
 segment becomes a GAP downstream like any other capture loss. The same holds for
 IPv6 fragment headers, except atomic fragments (offset 0, no more fragments), which
 carry the whole packet and are decoded.
+
+Tunnels are decoded down to the TCP inside them, recursively and at most
+``MAX_TUNNEL_DEPTH`` deep (a tunnel in a tunnel ... is hostile past that: ``malformed``):
+VXLAN (UDP 4789, RFC 7348), GENEVE (UDP 6081, RFC 8926, options skipped), GRE (RFC 2784/
+2890, checksum/key/sequence fields) carrying IPv4, IPv6, Ethernet (0x6558), MPLS or
+ERSPAN type II (0x88BE) and III (0x22EB), IP-in-IP and IPv6-in-IP (protocols 4, 41),
+MPLS label stacks (Ethernet types 0x8847 unicast, 0x8848 multicast; the payload told by
+its first nibble, a pseudowire control word before an Ethernet frame), and NFLOG
+(LINKTYPE_NFLOG 239: the NFULA_PAYLOAD TLV holds the IP packet). The 4-tuple is the
+innermost one: the outer addresses are the tunnel's, not the connection's.
 """
 
 from __future__ import annotations
@@ -32,7 +42,7 @@ from collections.abc import Callable
 
 __all__ = [
     "LINKTYPE_NULL", "LINKTYPE_ETHERNET", "LINKTYPE_RAW", "LINKTYPE_LOOP", "LINKTYPE_LINUX_SLL",
-    "LINKTYPE_IPV4", "LINKTYPE_IPV6", "LINKTYPE_LINUX_SLL2", "LINK_DECODERS", "REASONS",
+    "LINKTYPE_IPV4", "LINKTYPE_IPV6", "LINKTYPE_LINUX_SLL2", "LINKTYPE_NFLOG", "LINK_DECODERS", "REASONS",
     "TCP_FIN", "TCP_SYN", "TCP_RST", "TCP_PSH", "TCP_ACK", "TCP_URG",
     "Segment", "decode", "decode_l3", "supported_linktype",
 ]
@@ -46,6 +56,7 @@ LINKTYPE_LINUX_SLL = 113
 LINKTYPE_IPV4 = 228
 LINKTYPE_IPV6 = 229
 LINKTYPE_LINUX_SLL2 = 276
+LINKTYPE_NFLOG = 239
 
 ETH_P_IP = 0x0800
 ETH_P_IPV6 = 0x86DD
@@ -57,6 +68,24 @@ MAX_VLAN_TAGS = 8
 MAX_IPV6_EXT_HEADERS = 10
 
 IPPROTO_TCP = 6
+IPPROTO_UDP = 17
+IPPROTO_GRE = 47
+IPPROTO_IPIP = 4
+IPPROTO_IPV6 = 41
+#: UDP ports of the tunnels decoded (IANA): VXLAN (RFC 7348) and GENEVE (RFC 8926).
+VXLAN_PORT = 4789
+GENEVE_PORT = 6081
+#: Tunnels inside tunnels decoded before a frame is refused (``malformed``): real
+#: networks stack two or three (VXLAN in GRE in MPLS); more is a loop or hostile input.
+MAX_TUNNEL_DEPTH = 5
+#: MPLS label stack entries walked before the bottom of stack must have come (RFC 3032).
+MAX_MPLS_LABELS = 16
+ETH_P_TEB = 0x6558      # transparent Ethernet bridging (GRE, GENEVE)
+ETH_P_MPLS_UC = 0x8847
+ETH_P_MPLS_MC = 0x8848
+ETH_P_ERSPAN2 = 0x88BE  # ERSPAN type II (and type I, without a sequence number)
+ETH_P_ERSPAN3 = 0x22EB
+_TUNNEL_PROTOS = frozenset((IPPROTO_UDP, IPPROTO_GRE, IPPROTO_IPIP, IPPROTO_IPV6))
 _IPV6_EXT_LEN8 = frozenset((0, 43, 60))  # hop-by-hop, routing, destination options: (len+1)*8
 _IPPROTO_FRAGMENT = 44
 _IPPROTO_AH = 51
@@ -114,7 +143,7 @@ def _tcp(buf: Buf, off: int, end: int, src: bytes, dst: bytes) -> Result:
     return (src, dst, sport, dport, seq, ack, flags, off + hl, end)
 
 
-def _ip4(buf: Buf, off: int, end: int) -> Result:
+def _ip4(buf: Buf, off: int, end: int, depth: int = 0) -> Result:
     if end - off < 20:
         return "truncated"
     vhl, _tos, total, _id, frag, _ttl, proto, src, dst = _IP4.unpack_from(buf, off)
@@ -132,6 +161,8 @@ def _ip4(buf: Buf, off: int, end: int) -> Result:
     if frag & 0x3FFF:  # more-fragments flag or a non-zero offset
         return "ip_fragment"
     if proto != IPPROTO_TCP:
+        if proto in _TUNNEL_PROTOS:
+            return _tunnel(proto, buf, off + hl, off + total, depth)
         return "not_tcp"
     # `total` also trims Ethernet padding off short frames. TCP is decoded inline (as in _tcp):
     # one call less on every IPv4 packet.
@@ -148,7 +179,7 @@ def _ip4(buf: Buf, off: int, end: int) -> Result:
     return (src, dst, sport, dport, seq, ack, flags, t + thl, end)
 
 
-def _ip6(buf: Buf, off: int, end: int) -> Result:
+def _ip6(buf: Buf, off: int, end: int, depth: int = 0) -> Result:
     if end - off < 40:
         return "truncated"
     vtf, plen, nxt, _hlim, src, dst = _IP6.unpack_from(buf, off)
@@ -162,6 +193,8 @@ def _ip6(buf: Buf, off: int, end: int) -> Result:
     for _ in range(MAX_IPV6_EXT_HEADERS):
         if nxt == IPPROTO_TCP:
             return _tcp(buf, off, end, src, dst)
+        if nxt in _TUNNEL_PROTOS:
+            return _tunnel(nxt, buf, off, end, depth)
         if end - off < 8:
             return "truncated" if nxt in _IPV6_EXT_LEN8 or nxt in (_IPPROTO_FRAGMENT, _IPPROTO_AH) else "not_tcp"
         if nxt in _IPV6_EXT_LEN8:
@@ -185,12 +218,114 @@ def _ip6(buf: Buf, off: int, end: int) -> Result:
     return "malformed"
 
 
-def decode_l3(ethertype: int, buf: Buf, off: int, end: int) -> Result:
-    """Decode from the network layer given an Ethernet type (0x0800 / 0x86DD)."""
+def decode_l3(ethertype: int, buf: Buf, off: int, end: int, depth: int = 0) -> Result:
+    """Decode from the network layer given an Ethernet type (IPv4, IPv6, MPLS)."""
     if ethertype == ETH_P_IP:
-        return _ip4(buf, off, end)
+        return _ip4(buf, off, end, depth)
     if ethertype == ETH_P_IPV6:
-        return _ip6(buf, off, end)
+        return _ip6(buf, off, end, depth)
+    if ethertype == ETH_P_MPLS_UC or ethertype == ETH_P_MPLS_MC:
+        return _mpls(buf, off, end, depth)
+    return "not_ip"
+
+
+# -- tunnels ----------------------------------------------------------------------------
+_UDP = struct.Struct("!HHHH")
+_GRE = struct.Struct("!HH")
+
+
+def _tunnel(proto: int, buf: Buf, off: int, end: int, depth: int) -> Result:
+    """The packet inside an IP payload of protocol ``proto`` (UDP tunnels, GRE, IP in IP)."""
+    if depth >= MAX_TUNNEL_DEPTH:
+        return "malformed"
+    depth += 1
+    if proto == IPPROTO_IPIP:
+        return _ip4(buf, off, end, depth)
+    if proto == IPPROTO_IPV6:
+        return _ip6(buf, off, end, depth)
+    if proto == IPPROTO_GRE:
+        return _gre(buf, off, end, depth)
+    # UDP: only the tunnels' ports; anything else is plain UDP.
+    if end - off < 8:
+        return "truncated"
+    _sport, dport, ulen, _ck = _UDP.unpack_from(buf, off)
+    if ulen >= 8 and off + ulen <= end:
+        end = off + ulen
+    off += 8
+    if dport == VXLAN_PORT:
+        # flags (I bit 0x08 set), 3 reserved, VNI (3), reserved: 8 bytes, then an Ethernet frame
+        if end - off < 8:
+            return "truncated"
+        if not buf[off] & 0x08:
+            return "malformed"
+        return _ethernet_general(buf, off + 8, end, depth)
+    if dport == GENEVE_PORT:
+        # version (2 bits) | options length in 4-byte words (6), flags, protocol type, VNI, reserved
+        if end - off < 8:
+            return "truncated"
+        vo = buf[off]
+        if vo >> 6:
+            return "malformed"  # only version 0 exists
+        (ptype,) = _U16.unpack_from(buf, off + 2)
+        off += 8 + ((vo & 0x3F) << 2)
+        if off > end:
+            return "truncated"
+        if ptype == ETH_P_TEB:
+            return _ethernet_general(buf, off, end, depth)
+        return decode_l3(ptype, buf, off, end, depth)
+    return "not_tcp"
+
+
+def _gre(buf: Buf, off: int, end: int, depth: int) -> Result:
+    if end - off < 4:
+        return "truncated"
+    flags, ptype = _GRE.unpack_from(buf, off)
+    if flags & 0x0007:
+        return "not_tcp"  # version 1 is PPTP's enhanced GRE (PPP inside): not decoded
+    seq = flags & 0x1000
+    off += 4 + (4 if flags & 0x8000 else 0) + (4 if flags & 0x2000 else 0) + (4 if seq else 0)
+    if off > end:
+        return "truncated"
+    if ptype == ETH_P_TEB:
+        return _ethernet_general(buf, off, end, depth)
+    if ptype == ETH_P_ERSPAN2:
+        # Type II has a sequence number and an 8-byte header; type I has neither.
+        if seq:
+            off += 8
+        return _ethernet_general(buf, off, end, depth) if off <= end else "truncated"
+    if ptype == ETH_P_ERSPAN3:
+        # 12-byte header; its O bit (the last byte's low bit) adds an 8-byte platform subheader.
+        if end - off < 12:
+            return "truncated"
+        off += 12 + (8 if buf[off + 11] & 0x01 else 0)
+        return _ethernet_general(buf, off, end, depth) if off <= end else "truncated"
+    return decode_l3(ptype, buf, off, end, depth)
+
+
+def _mpls(buf: Buf, off: int, end: int, depth: int) -> Result:
+    """An MPLS label stack (RFC 3032): 4-byte entries to the one with the bottom-of-stack
+    bit, then IPv4/IPv6 by the first nibble, or a pseudowire's control word (nibble 0,
+    RFC 4385) before an Ethernet frame."""
+    if depth >= MAX_TUNNEL_DEPTH:
+        return "malformed"
+    for _ in range(MAX_MPLS_LABELS):
+        if end - off < 4:
+            return "truncated"
+        bottom = buf[off + 2] & 0x01
+        off += 4
+        if bottom:
+            break
+    else:
+        return "malformed"
+    if end <= off:
+        return "truncated"
+    nib = buf[off] >> 4
+    if nib == 4:
+        return _ip4(buf, off, end, depth + 1)
+    if nib == 6:
+        return _ip6(buf, off, end, depth + 1)
+    if nib == 0:
+        return _ethernet_general(buf, off + 4, end, depth + 1)
     return "not_ip"
 
 
@@ -211,7 +346,7 @@ def _ethernet(buf: Buf, off: int, end: int) -> Result:
     return _ethernet_general(buf, off, end)
 
 
-def _ethernet_general(buf: Buf, off: int, end: int) -> Result:
+def _ethernet_general(buf: Buf, off: int, end: int, depth: int = 0) -> Result:
     if end - off < 14:
         return "truncated"
     (et,) = _U16.unpack_from(buf, off + 12)
@@ -227,9 +362,11 @@ def _ethernet_general(buf: Buf, off: int, end: int) -> Result:
         else:
             return "malformed"
     if et == ETH_P_IP:
-        return _ip4(buf, off, end)
+        return _ip4(buf, off, end, depth)
     if et == ETH_P_IPV6:
-        return _ip6(buf, off, end)
+        return _ip6(buf, off, end, depth)
+    if et == ETH_P_MPLS_UC or et == ETH_P_MPLS_MC:
+        return _mpls(buf, off, end, depth)
     return "not_ip"
 
 
@@ -284,6 +421,43 @@ def _sll2(buf: Buf, off: int, end: int) -> Result:
     return decode_l3(et, buf, off + 20, end)
 
 
+# TLV length and type are in the capturing host's byte order, which the file does not
+# record: little-endian (x86, arm64) first, big-endian when that reading cannot be right.
+_NFLOG_TLV_LE = struct.Struct("<HH")
+_NFLOG_TLV_BE = struct.Struct(">HH")
+_NFULA_PAYLOAD = 9
+
+
+def _nflog(buf: Buf, off: int, end: int) -> Result:
+    """LINKTYPE_NFLOG: family, version, resource id (4 bytes), then TLVs (length including
+    its 4-byte header, padded to 4) until NFULA_PAYLOAD, the packet from its IP header."""
+    if end - off < 4:
+        return "truncated"
+    family = buf[off]
+    off += 4
+    if end - off < 4:
+        return "truncated"
+    tlv = _NFLOG_TLV_LE
+    tlen, ttype = tlv.unpack_from(buf, off)
+    if tlen < 4 or off + tlen > end or ttype > 0xFF:
+        tlv = _NFLOG_TLV_BE
+    for _ in range(64):  # a handful of TLVs in practice (prefix, uid, timestamp, payload, ...)
+        if end - off < 4:
+            return "truncated"
+        tlen, ttype = tlv.unpack_from(buf, off)
+        if tlen < 4:
+            return "malformed"
+        if ttype & 0x7FFF == _NFULA_PAYLOAD:
+            pend = min(off + tlen, end)
+            if family == 2:
+                return _ip4(buf, off + 4, pend)
+            if family == 10:
+                return _ip6(buf, off + 4, pend)
+            return _raw(buf, off + 4, pend)
+        off += (tlen + 3) & ~3
+    return "malformed"
+
+
 LINK_DECODERS: dict[int, Callable[[Buf, int, int], Result]] = {
     LINKTYPE_NULL: _null,
     LINKTYPE_ETHERNET: _ethernet,
@@ -295,6 +469,7 @@ LINK_DECODERS: dict[int, Callable[[Buf, int, int], Result]] = {
     LINKTYPE_IPV4: _ip4,
     LINKTYPE_IPV6: _ip6,
     LINKTYPE_LINUX_SLL2: _sll2,
+    LINKTYPE_NFLOG: _nflog,
 }
 
 

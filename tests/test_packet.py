@@ -210,3 +210,141 @@ def test_ipv4_total_length_zero_from_segmentation_offload():
     pkt[2:4] = b"\x00\x00"  # what the tap sees for a >64 KiB GSO packet
     res = decode(P.LINKTYPE_ETHERNET, g.ether(bytes(pkt)))
     assert res[8] - res[7] == len(big)
+
+
+# -- encapsulations (issue 16 class 5): tunnels decoded to the innermost TCP -------------------------
+def _udp(sport: int, dport: int, payload: bytes) -> bytes:
+    return struct.pack("!HHHH", sport, dport, 8 + len(payload), 0) + payload
+
+
+def _outer4(payload: bytes, proto: int) -> bytes:
+    return g.ipv4("10.99.0.1", "10.99.0.2", payload, proto=proto)
+
+
+def _eth(ethertype: int, payload: bytes) -> bytes:
+    return b"\x02\x00\x00\x00\x00\x02\x02\x00\x00\x00\x00\x01" + struct.pack("!H", ethertype) + payload
+
+
+def vxlan(inner_frame: bytes, vni: int = 42) -> bytes:
+    return _outer4(_udp(51000, P.VXLAN_PORT, struct.pack("!B3xI", 0x08, vni << 8) + inner_frame), 17)
+
+
+def geneve(inner: bytes, ptype: int = 0x6558, options: bytes = b"") -> bytes:
+    hdr = struct.pack("!BBHI", len(options) // 4, 0, ptype, 7 << 8) + options
+    return _outer4(_udp(51001, P.GENEVE_PORT, hdr + inner), 17)
+
+
+def gre(inner: bytes, ptype: int, checksum: bool = False, key: bool = False, seq: bool = False,
+        erspan: bytes = b"") -> bytes:
+    flags = (0x8000 if checksum else 0) | (0x2000 if key else 0) | (0x1000 if seq else 0)
+    hdr = struct.pack("!HH", flags, ptype) + (b"\0\0\0\0" if checksum else b"") + (b"\0\0\0\x07" if key else b"")
+    hdr += b"\0\0\0\x01" if seq else b""
+    return _outer4(hdr + erspan + inner, 47)
+
+
+def mpls(inner: bytes, labels: list[int]) -> bytes:
+    out = b""
+    for i, lab in enumerate(labels):
+        out += struct.pack("!I", (lab << 12) | (0x100 if i == len(labels) - 1 else 0) | 64)
+    return out + inner
+
+
+def nflog(packet: bytes, family: int = 2, order: str = "<") -> bytes:
+    def tlv(t: int, v: bytes) -> bytes:
+        raw = struct.pack(order + "HH", 4 + len(v), t) + v
+        return raw + b"\0" * (-len(raw) % 4)
+    return bytes([family, 0]) + b"\0\x01" + tlv(1, b"\x08\x00\x03\x00") + tlv(10, b"pfx\0\0") + tlv(9, packet)
+
+
+TUNNELS = [
+    ("vxlan", P.LINKTYPE_ETHERNET, g.ether(vxlan(g.ether(V4)))),
+    ("vxlan-vlan-inner", P.LINKTYPE_ETHERNET, g.ether(vxlan(g.ether(V4, vlans=[12])))),
+    ("geneve-eth", P.LINKTYPE_ETHERNET, g.ether(geneve(g.ether(V4), options=b"\x01\x02\x03\x01" + b"\0" * 4))),
+    ("geneve-ip", P.LINKTYPE_ETHERNET, g.ether(geneve(V4, ptype=0x0800))),
+    ("gre-ip", P.LINKTYPE_ETHERNET, g.ether(gre(V4, 0x0800))),
+    ("gre-key-seq-csum", P.LINKTYPE_ETHERNET, g.ether(gre(V4, 0x0800, checksum=True, key=True, seq=True))),
+    ("gre-teb", P.LINKTYPE_ETHERNET, g.ether(gre(g.ether(V4), 0x6558, key=True))),
+    ("erspan-ii", P.LINKTYPE_ETHERNET, g.ether(gre(g.ether(V4), 0x88BE, seq=True, erspan=b"\x10\x01\0\0\0\0\0\0"))),
+    ("erspan-i", P.LINKTYPE_ETHERNET, g.ether(gre(g.ether(V4), 0x88BE))),
+    ("erspan-iii", P.LINKTYPE_ETHERNET, g.ether(gre(g.ether(V4), 0x22EB, seq=True, erspan=b"\x20" + b"\0" * 11))),
+    ("erspan-iii-sub", P.LINKTYPE_ETHERNET,
+     g.ether(gre(g.ether(V4), 0x22EB, seq=True, erspan=b"\x20" + b"\0" * 10 + b"\x01" + b"\0" * 8))),
+    ("mpls-1", P.LINKTYPE_ETHERNET, _eth(0x8847, mpls(V4, [100]))),
+    ("mpls-3", P.LINKTYPE_ETHERNET, _eth(0x8847, mpls(V4, [100, 200, 300]))),
+    ("mpls-mc", P.LINKTYPE_ETHERNET, _eth(0x8848, mpls(V4, [16]))),
+    ("mpls-pw-eth", P.LINKTYPE_ETHERNET, _eth(0x8847, mpls(b"\0\0\0\0" + g.ether(V4), [500, 600]))),
+    ("mpls-sll", P.LINKTYPE_LINUX_SLL, g.sll(V4)[:14] + b"\x88\x47" + mpls(V4, [1])),
+    ("gre-mpls", P.LINKTYPE_ETHERNET, g.ether(gre(mpls(V4, [77]), 0x8847))),
+    ("ipip", P.LINKTYPE_ETHERNET, g.ether(_outer4(V4, 4))),
+    ("vxlan-in-gre-in-mpls", P.LINKTYPE_ETHERNET, _eth(0x8847, mpls(gre(g.ether(vxlan(g.ether(V4))), 0x6558),
+                                                                  [9]))),
+    ("nflog", P.LINKTYPE_NFLOG, nflog(V4)),
+    ("nflog-be", P.LINKTYPE_NFLOG, nflog(V4, order=">")),
+    ("raw-vxlan", P.LINKTYPE_RAW, vxlan(g.ether(V4))),
+]
+
+
+@pytest.mark.parametrize("name,linktype,frame", TUNNELS, ids=[t[0] for t in TUNNELS])
+def test_tunnels_decode_to_the_innermost_tcp(name, linktype, frame):
+    check_v4(decode(linktype, frame), frame)
+
+
+def test_tunnels_over_ipv6_and_carrying_ipv6():
+    outer6 = g.ipv6("2001:db8:ff::1", "2001:db8:ff::2", _udp(40000, P.VXLAN_PORT, b"\x08\0\0\0\0\0\x2a\0"
+                                                            + g.ether(V6)), nxt=17)
+    res = decode(P.LINKTYPE_ETHERNET, g.ether(outer6))
+    assert not isinstance(res, str) and res[1][-1] == 2 and bytes(memoryview(g.ether(outer6))[res[7]:res[8]]) == PAYLOAD
+    six_in_four = g.ether(_outer4(V6, 41))
+    res = decode(P.LINKTYPE_ETHERNET, six_in_four)
+    assert not isinstance(res, str) and len(res[0]) == 16
+    assert not isinstance(decode(P.LINKTYPE_NFLOG, nflog(V6, family=10)), str)
+    assert not isinstance(decode(P.LINKTYPE_ETHERNET, _eth(0x8847, mpls(V6, [3]))), str)
+
+
+def test_tunnel_depth_is_bounded_and_plain_udp_is_not_tcp():
+    frame = V4
+    for _ in range(P.MAX_TUNNEL_DEPTH):
+        frame = _outer4(frame, 4)
+    assert not isinstance(decode(P.LINKTYPE_RAW, frame), str)  # MAX_TUNNEL_DEPTH tunnels: decoded
+    assert decode(P.LINKTYPE_RAW, _outer4(frame, 4)) == "malformed"  # one more: refused
+    assert decode(P.LINKTYPE_RAW, _outer4(_udp(5000, 53, b"\x12\x34" + b"\0" * 10), 17)) == "not_tcp"
+    assert decode(P.LINKTYPE_RAW, _outer4(_udp(5000, P.VXLAN_PORT, b"\0" * 8 + g.ether(V4)), 17)) == "malformed"
+    assert decode(P.LINKTYPE_ETHERNET, _eth(0x8847, struct.pack("!I", 100 << 12) * 20)) == "malformed"  # no bottom
+    assert decode(P.LINKTYPE_RAW, _outer4(b"\0\x01\x88\x0b" + b"\0" * 8, 47)) == "not_tcp"  # GRE v1 (PPTP)
+    for cut in range(0, len(TUNNELS[0][2]), 7):
+        _check(decode(P.LINKTYPE_ETHERNET, TUNNELS[0][2][:cut]), cut)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.integers(0, len(TUNNELS) - 1), st.lists(st.tuples(st.integers(0, 200), st.integers(0, 255)), max_size=6),
+       st.integers(0, 300))
+def test_fuzz_mutated_tunnels(i, flips, cut):
+    _name, lt, frame = TUNNELS[i]
+    b = bytearray(frame)
+    for pos, val in flips:
+        if pos < len(b):
+            b[pos] = val
+    b = b[:cut] if cut < len(b) else b
+    _check(decode(lt, memoryview(bytes(b))), len(b))
+
+
+def test_tunnelled_capture_replays_to_spans(tmp_path):
+    """A pcap whose HTTP exchange runs inside VXLAN (and one as NFLOG): the pcap receiver
+    and the stage see the inner connection."""
+    from tests.support.replay import replay
+
+    c, s = ("10.1.0.5", 41000), ("10.1.0.9", 80)
+    req = b"GET /tunnelled HTTP/1.1\r\nHost: svc\r\n\r\n"
+    resp = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+    pkts = [g.ipv4(c[0], s[0], g.tcp(c[1], s[1], 1, 0, g.SYN)),
+            g.ipv4(s[0], c[0], g.tcp(s[1], c[1], 100, 2, g.SYN | g.ACK)),
+            g.ipv4(c[0], s[0], g.tcp(c[1], s[1], 2, 101, g.PSH | g.ACK, req)),
+            g.ipv4(s[0], c[0], g.tcp(s[1], c[1], 101, 2 + len(req), g.PSH | g.ACK, resp))]
+    for lt, frames in ((P.LINKTYPE_ETHERNET, [g.ether(vxlan(g.ether(p))) for p in pkts]),
+                       (P.LINKTYPE_NFLOG, [nflog(p) for p in pkts])):
+        path = tmp_path / f"t{lt}.pcap"
+        g.write_pcap(path, frames, linktype=lt)
+        spans, rstats, _ = replay(path)
+        assert [(x.attributes["url.path"], x.attributes["http.response.status_code"]) for x in spans] == [
+            ("/tunnelled", 200)], (lt, rstats)
+        assert spans[0].attributes["client.address"] == "10.1.0.5"
