@@ -90,14 +90,14 @@ def test_repeated_opaques_pair_in_order() -> None:
 def test_couchbase_traits_bucket_collections_alt_framing() -> None:
     d = Driver()
     d.send(True, req(0x1F, b"client", value=struct.pack(">HH", 0x12, 0x0B), opaque=1) + req(0x89, b"travel", opaque=2)
-           + req(0xBA, b"inventory.hotels", opaque=3))
+           + req(0xBB, b"inventory.hotels", opaque=3))
     d.send(False, res(0x1F, 0, struct.pack(">HH", 0x12, 0x0B), 1) + res(0x89, 0, opaque=2)
-           + res(0xBA, 0, opaque=3, extras=struct.pack(">QI", 1, 8)))
+           + res(0xBB, 0, opaque=3, extras=struct.pack(">QI", 1, 8)))
     # a GET in collection 8 (LEB128 prefix) with alternative framing (a durability frame)
-    d.send(True, alt_req(0x00, b"\x08hotel_1", framing=b"\x01\x01", opaque=4))
+    d.send(True, alt_req(0x00, b"\x08hotel_1", framing=b"\x11\x01", opaque=4))
     d.send(False, res(0x00, 0x88, b"", 4))
     get = d.spans[-1]
-    assert len(d.spans) == 4
+    assert len(d.spans) == 1  # HELLO, SELECT_BUCKET and GET_COLLECTION_ID set up: spans only if they fail
     assert get.attributes["db.system.name"] == "couchbase"
     assert get.attributes["db.namespace"] == "travel"
     assert get.attributes["db.collection.name"] == "hotels"
@@ -112,13 +112,13 @@ def test_text_protocol(step: int | None) -> None:
            b"incr n 1\r\ndelete k1 noreply\r\n", step)
     d.send(False, b"STORED\r\nVALUE k1 0 5\r\nhello\r\nEND\r\nEND\r\nNOT_STORED\r\nNOT_FOUND\r\n", step)
     names = [s.name for s in d.spans]
-    assert names == ["DELETE", "SET", "GET", "GET", "ADD", "INCR"]  # noreply DELETE ends at once
+    assert names == ["delete", "set", "get", "get", "add", "incr"]  # noreply delete ends at once; as sent
     by = dict(zip(names[1:], d.spans[1:], strict=False))
     assert d.spans[2].status_code == StatusCode.UNSET  # hit
     assert d.spans[3].status_code == StatusCode.UNSET  # a miss is not an error
     assert d.spans[3].attributes["db.response.status_code"] == "KEY_ENOENT"
-    assert by["ADD"].status_code == StatusCode.ERROR
-    assert by["INCR"].status_code == StatusCode.ERROR
+    assert by["add"].status_code == StatusCode.ERROR
+    assert by["incr"].status_code == StatusCode.ERROR
 
 
 def test_text_server_errors() -> None:
@@ -227,7 +227,7 @@ def test_real_memcached_binary_and_text() -> None:
     assert len(getk) == 1 and getk[0].attributes["db.response.status_code"] == "KEY_ENOENT"
     assert getk[0].status_code == StatusCode.UNSET
     tops = [s.attributes["db.operation.name"] for s in text]
-    assert tops == ["SET", "GET", "GET", "ADD", "DELETE"]
+    assert tops == ["set", "get", "get", "add", "delete"]
     assert text[3].status_code == StatusCode.ERROR and text[2].status_code == StatusCode.UNSET
     for s in spans:
         assert s.attributes["db.system.name"] == "memcached" and s.kind == SpanKind.CLIENT
@@ -260,3 +260,64 @@ def test_a_quiet_get_flood_is_bounded_by_the_stage_budget_and_pairing_survives()
     assert len(got) == 1 and got[0].status_code == StatusCode.UNSET
     p.shutdown()
     assert p._budget.entries == 0
+
+
+# -- OBI's vectors decided by the spec (issue 16 class 7) ----------------------------------------------
+def test_couchbase_collection_opcodes_follow_kv_engine() -> None:
+    """0xBA is GET_COLLECTIONS_MANIFEST, 0xBB GET_COLLECTION_ID (kv_engine's opcode.h): the id
+    learnt from 0xBB's extras names the collection of the keys that carry it."""
+    assert mc._OPS[0xBA][0] == "GET_COLLECTIONS_MANIFEST" and mc._OPS[0xBB][0] == "GET_COLLECTION_ID"
+    d = Driver()
+    d.send(True, req(0x1F, b"c", value=struct.pack(">H", 0x12), opaque=1) + req(0xBA, opaque=2)
+           + req(0xBB, b"myscope.mycollection", opaque=3))
+    d.send(False, res(0x1F, 0, struct.pack(">H", 0x12), 1) + res(0xBA, 0, b"{}", 2)
+           + res(0xBB, 0, opaque=3, extras=struct.pack(">QI", 1, 9)))
+    d.send(True, req(0x00, b"\x09doc", opaque=4))
+    d.send(False, res(0x00, 0, b"v", 4, b"\0" * 4))
+    assert [(s.name, s.attributes.get("db.collection.name")) for s in d.spans] == [("GET mycollection", "mycollection")]
+    d.send(True, req(0x89, b"nosuchbucket", opaque=5))
+    d.send(False, res(0x89, 0x08, opaque=5))  # a set-up step that fails is a span
+    assert d.spans[-1].name == "SELECT_BUCKET" and d.spans[-1].status_code == StatusCode.ERROR
+
+
+@pytest.mark.parametrize("step", [None, 1])
+def test_gat_takes_the_key_after_the_expiry(step) -> None:
+    d = Driver(show_keys=True)
+    d.send(True, b"gat 60 session\r\ngats 0 a b\r\ntouch k 10\r\n", step)
+    d.send(False, b"VALUE session 0 1\r\nx\r\nEND\r\nEND\r\nTOUCHED\r\n", step)
+    assert [s.attributes["db.query.text"] for s in d.spans] == ["gat session", "gats a", "touch k"]
+
+
+def test_an_unknown_reply_line_completes_nothing() -> None:
+    d = Driver()
+    d.send(True, b"get session-key\r\n")
+    with pytest.raises(ProtocolError) as e:
+        d.send(False, b"set other-key 0 300 1\r\nx\r\n")
+    assert e.value.reason == "unknown_reply" and d.spans == [] and len(d.session.text_pending) == 1
+
+
+@pytest.mark.parametrize("line", [b"get\r\n", b"gat session\r\n", b"gat notanumber key\r\n", b"delete\r\n",
+                                  b"delete session extra\r\n", b"touch session\r\n", b"touch session 60 extra\r\n",
+                                  b"incr counter\r\n", b"incr counter 1 extra\r\n", b"version extra\r\n",
+                                  b"flush_all 10 extra unexpected\r\n", b"set k 0 0\r\n", b"cas k 0 0 5\r\n"])
+def test_detection_refuses_commands_memcached_itself_refuses(line) -> None:
+    assert mc.detect(LargeBuffer(line), None) == Detection.NO
+
+
+@pytest.mark.parametrize("line", [b"get a b c\r\n", b"gat 60 k\r\n", b"delete k noreply\r\n", b"touch k 10\r\n",
+                                  b"incr n 5\r\n", b"version\r\n", b"flush_all\r\n", b"flush_all 10 noreply\r\n",
+                                  b"set k 0 0 5\r\n", b"cas k 0 0 5 99\r\n"])
+def test_detection_takes_well_formed_commands(line) -> None:
+    assert mc.detect(LargeBuffer(line), None) == Detection.REQUEST
+
+
+def test_dns_starting_with_0x08_is_not_couchbase() -> None:
+    """A DNS message whose id starts with 0x08 looks like the alternative-framing magic: its
+    "frame infos" do not parse, and what follows its "packet" is no packet."""
+    for hexs in ("081a0100000100000000000104686f7374076578616d706c6503636f6d00001c000100002904d0000000000000",
+                 "081d0100000100000000000104686f737400001c000100002904d0000000000000"):
+        assert mc.detect(LargeBuffer(bytes.fromhex(hexs)), None) == Detection.NO
+    ok = alt_req(0x00, b"k", framing=b"\x11\x01", opaque=1)  # a durability frame: id 1, one byte
+    assert mc.detect(LargeBuffer(ok), None) == Detection.REQUEST
+    assert mc.detect(LargeBuffer(ok[:25]), None) == Detection.NEED_MORE
+    assert mc.detect(LargeBuffer(alt_req(0x00, b"k", framing=b"\x01\x01")), None) == Detection.NO  # barrier has no value

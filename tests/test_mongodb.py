@@ -255,3 +255,19 @@ def test_reply_cut_by_the_end_of_the_capture_is_an_incomplete_span(step) -> None
     assert s.name == "find orders" and s.status_code == StatusCode.UNSET
     assert s.attributes["wirespan.incomplete"] is True and "error.type" not in s.attributes
     assert d.drops == ["no_reply"]
+
+
+def test_collection_only_for_commands_whose_argument_is_one() -> None:
+    """createUser, dropUser, ping, hello...: their first value is a user, a number or a flag,
+    not a collection (OBI puts it in db.collection.name); getMore names its collection aside."""
+    d = Driver(trace_heartbeats=True)
+    docs = [{"createUser": "alice", "pwd": "x", "roles": [], "$db": "admin"}, {"dropUser": "bob", "$db": "admin"},
+            {"ping": 1, "$db": "admin"}, {"hello": 1, "$db": "admin"}, {"find": "orders", "$db": "shop"},
+            {"getMore": bson.Int64(5), "collection": "orders", "$db": "shop"}, {"drop": "tmp", "$db": "shop"}]
+    for i, doc in enumerate(docs, 1):
+        d.send(True, op_msg(i, 0, doc))
+        d.send(False, op_msg(100 + i, i, {"ok": 1.0}))
+    assert [(s.attributes["db.operation.name"], s.attributes.get("db.collection.name")) for s in d.spans] == [
+        ("createUser", None), ("dropUser", None), ("ping", None), ("hello", None), ("find", "orders"),
+        ("getMore", "orders"), ("drop", "tmp")]
+    assert "x" not in repr([s.attributes for s in d.spans])

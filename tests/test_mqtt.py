@@ -411,3 +411,8 @@ def test_real_mosquitto_capture_started_after_the_subscriber_connected() -> None
     assert all(x.attributes["server.port"] == broker.port for x in spans)
     assert all(x.attributes["messaging.operation.type"] == "receive" for x in spans if x.kind == SpanKind.CONSUMER)
     assert not any(k.startswith("mqtt:") for k in pstats["drops"]), pstats["drops"]
+
+
+def test_detect_refuses_a_publish_topic_with_invalid_utf8() -> None:
+    assert m.detect(LargeBuffer(bytes.fromhex("30030001ff")), None) == Detection.NO
+    assert m.detect(LargeBuffer(publish("caf\u00e9/temp", b"1")), None) == Detection.REQUEST

@@ -67,8 +67,10 @@ _OPS: dict[int, tuple[str, bool, bool]] = {
     0xA0: ("SUBDOC_GET", False, True), 0xA1: ("SUBDOC_EXISTS", False, True),
     0xA2: ("SUBDOC_DICT_ADD", False, False), 0xA3: ("SUBDOC_DICT_UPSERT", False, False),
     0xA4: ("SUBDOC_DELETE", False, False), 0xA5: ("SUBDOC_REPLACE", False, False),
-    0xB5: ("GET_CLUSTER_CONFIG", False, False), 0xBA: ("GET_COLLECTION_ID", False, False),
-    0xBB: ("GET_COLLECTIONS_MANIFEST", False, False), 0xD0: ("SUBDOC_MULTI_LOOKUP", False, True),
+    # Couchbase's opcode table (kv_engine include/mcbp/protocol/opcode.h):
+    # 0xBA CollectionsGetManifest, 0xBB CollectionsGetID.
+    0xB5: ("GET_CLUSTER_CONFIG", False, False), 0xBA: ("GET_COLLECTIONS_MANIFEST", False, False),
+    0xBB: ("GET_COLLECTION_ID", False, False), 0xD0: ("SUBDOC_MULTI_LOOKUP", False, True),
     0xD1: ("SUBDOC_MULTI_MUTATION", False, False), 0xFE: ("GET_ERROR_MAP", False, False),
 }
 _COUCHBASE_OPS = frozenset({0x83, 0x89, 0x91, 0x92, 0x94, 0x95, 0xA0, 0xA1, 0xA2, 0xA3, 0xA4, 0xA5, 0xB5,
@@ -83,6 +85,9 @@ _STATUS = {
 #: HELLO feature 0x12: collections (the key starts with a LEB128 collection id).
 _FEATURE_COLLECTIONS = 0x12
 _SUCCESS_LIKE = frozenset({0x00, 0x21})  # AUTH_CONTINUE is a step, not a failure
+#: Connection set-up (HELLO, SASL, SELECT_BUCKET, error map, cluster config, collection
+#: manifest and ids): a span only when it fails, as MySQL's COM_INIT_DB.
+_SETUP_OPS = frozenset({0x1F, 0x20, 0x21, 0x22, 0x89, 0xB5, 0xBA, 0xBB, 0xFE})
 
 _TEXT_STORAGE = frozenset({b"set", b"add", b"replace", b"append", b"prepend", b"cas"})
 _TEXT_GET = frozenset({b"get", b"gets", b"gat", b"gats", b"mg"})
@@ -115,8 +120,17 @@ def detect(buf: LargeBuffer, from_client: bool | None) -> Detection:
             fe, keylen = keylen >> 8, keylen & 0xFF
         if body > MAX_BODY or fe + extlen + keylen > body or dtype > 7 or keylen > MAX_KEY:
             return Detection.NO
-        if op not in _OPS and op < 0x80:
+        if op not in _OPS and (op < 0x80 or magic in (REQ, ALT_REQ)):
             return Detection.NO
+        if magic in (ALT_REQ, ALT_RES):
+            # Alternative framing: the framing extras must be well-formed frame infos (RAW
+            # DNS that starts with 0x08 is not Couchbase: its "frame infos" do not parse).
+            if n < 24 + fe:
+                return Detection.NEED_MORE
+            if not _frame_infos_ok(buf, 24, fe, magic == ALT_REQ):
+                return Detection.NO
+        if n > 24 + body and buf.u8_at(24 + body) not in (REQ, ALT_REQ, RES, ALT_RES):
+            return Detection.NO  # what follows the packet is no packet
         if magic in (REQ, ALT_REQ):
             return Detection.REQUEST if from_client is not False else Detection.NO
         return Detection.RESPONSE if from_client is not True else Detection.NO
@@ -137,11 +151,70 @@ def detect(buf: LargeBuffer, from_client: bool | None) -> Detection:
     word = line.split(b" ", 1)[0]
     if word not in _TEXT_CMDS:
         return Detection.NO
-    if word in _TEXT_STORAGE:
-        parts = line.split()
-        if len(parts) < 5 or not all(p.isdigit() for p in parts[2:5]):
-            return Detection.NO
-    return Detection.REQUEST
+    return Detection.REQUEST if _arity_ok(word, line.split()) else Detection.NO
+
+
+def _arity_ok(word: bytes, parts: list[bytes]) -> bool:
+    """Does a text command line have the arguments memcached's protocol.txt gives it?
+    (Detection is strict: a line memcached itself answers ERROR is no evidence.)"""
+    args = parts[1:]
+    if args and args[-1] == b"noreply" and word not in _TEXT_GET:
+        args = args[:-1]
+    n = len(args)
+    if word in _TEXT_STORAGE:  # <key> <flags> <exptime> <bytes>, cas: and <cas unique>
+        return n == (5 if word == b"cas" else 4) and all(a.lstrip(b"-").isdigit() for a in args[1:])
+    if word in (b"get", b"gets"):
+        return n >= 1
+    if word in (b"gat", b"gats"):
+        return n >= 2 and args[0].lstrip(b"-").isdigit()
+    if word == b"delete":
+        return n == 1 or (n == 2 and args[1] == b"0")  # an old "delete <key> 0" is still accepted
+    if word == b"touch":
+        return n == 2 and args[1].lstrip(b"-").isdigit()
+    if word in (b"incr", b"decr"):
+        return n == 2 and args[1].isdigit()
+    if word in (b"version", b"quit"):
+        return n == 0
+    if word == b"flush_all":
+        return n == 0 or (n == 1 and args[0].isdigit())
+    if word == b"verbosity":
+        return n == 1 and args[0].isdigit()
+    return True  # meta commands and admin words: their own shapes
+
+
+#: Frame info ids (Couchbase "Alternative Framing") and the lengths each must have (None: any).
+_REQ_FRAME_LEN = {0: 0, 1: (1, 3), 2: 2, 3: None, 4: None, 5: 0, 6: None, 7: None, 8: None}
+_RES_FRAME_LEN = {0: 2, 1: 2, 2: 2}
+
+
+def _frame_infos_ok(buf: LargeBuffer, off: int, fe: int, request: bool) -> bool:
+    """``fe`` bytes of framing extras at ``off``: frame infos (id and length nibbles, 15
+    escaping to a following byte) that end exactly at ``off + fe``, each with a known id
+    and the length that id has."""
+    end = off + fe
+    known = _REQ_FRAME_LEN if request else _RES_FRAME_LEN
+    p = off
+    while p < end:
+        b = buf.u8_at(p)
+        p += 1
+        fid, flen = b >> 4, b & 0x0F
+        if fid == 15:
+            if p >= end:
+                return False
+            fid = 15 + buf.u8_at(p)
+            p += 1
+        if flen == 15:
+            if p >= end:
+                return False
+            flen = 15 + buf.u8_at(p)
+            p += 1
+        if fid not in known:
+            return False
+        want = known[fid]
+        if want is not None and flen != want and not (isinstance(want, tuple) and flen in want):
+            return False
+        p += flen
+    return p == end
 
 
 class _Req:
@@ -235,11 +308,13 @@ class Session(Session):  # type: ignore[no-redef]
             buf.want = head
             return False
         kstart = 24 + fe + extlen
+        if fe and not _frame_infos_ok(buf, 24, fe, magic == ALT_REQ):
+            raise Malformed(NAME, "bad_framing_extras", 24)
         if magic in (REQ, ALT_REQ) and from_client:
             self._bin_request(buf, op, kstart, keylen, opaque, body - (head - 24), buf.ts_at(0))
         elif magic in (RES, ALT_RES) and not from_client:
             value = body - (head - 24)
-            if op == 0xBA and vb_status == 0 and extlen >= 12:
+            if op == 0xBB and vb_status == 0 and extlen >= 12:
                 self._learn_cid(opaque, buf.u32be_at(24 + fe + 8))
             if op == 0x1F and vb_status == 0 and value >= 2 and len(buf) >= head + min(value, 64):
                 self._hello_features(buf, head, value)
@@ -264,7 +339,7 @@ class Session(Session):  # type: ignore[no-redef]
         key = buf.bytes_at(key_off, min(key_len, 250)).decode("utf-8", "replace") if key_len else ""
         if op == 0x89:  # SELECT_BUCKET: the key is the bucket name
             self.bucket = key
-        if op == 0xBA and key:
+        if op == 0xBB and key:
             # GET_COLLECTION_ID asks for "scope.collection" in its key; its response carries the id.
             if len(self.cid_requests) > 1024:
                 self.cid_requests.clear()
@@ -343,7 +418,9 @@ class Session(Session):  # type: ignore[no-redef]
         word = parts[0].lower()
         if word not in _TEXT_CMDS:
             raise Malformed(NAME, "unknown_command", 0, repr(word[:16]))
-        key = parts[1].decode("utf-8", "replace") if len(parts) > 1 and word not in (
+        # gat/gats take the expiry first: "gat <exptime> <key>+" (memcached protocol.txt).
+        ki = 2 if word in (b"gat", b"gats") else 1
+        key = parts[ki].decode("utf-8", "replace") if len(parts) > ki and word not in (
             b"verbosity", b"stats", b"flush_all", b"version") else ""
         if word in _TEXT_STORAGE:
             if len(parts) < 5 or not parts[4].isdigit():
@@ -353,7 +430,9 @@ class Session(Session):  # type: ignore[no-redef]
                 raise LimitExceeded(NAME, "body_too_large", 0)
         elif word == b"ms" and len(parts) > 2 and parts[2].isdigit():
             self.skip[1] = int(parts[2]) + 2
-        r = _Req(word.decode().upper(), key, start, word in _TEXT_GET)
+        # The text protocol's command as sent (lower-case in the protocol): the semantic
+        # conventions take the operation name as the protocol has it.
+        r = _Req(parts[0].decode("ascii", "replace"), key, start, word in _TEXT_GET)
         if b"noreply" in parts[2:] or (word.startswith(b"m") and b"q" in parts[2:]):
             self._span(r, 0, ts_ns)
             return
@@ -381,6 +460,10 @@ class Session(Session):  # type: ignore[no-redef]
             if self.text_pending:
                 self.text_pending[0].hit = True
             return
+        if not (word in _TEXT_ERRORS or word in _TEXT_FINAL or word.isdigit() or word == b"VERSION"):
+            # A line no reply starts with (the bytes are not what was asked for, or we lost
+            # our place): it completes nothing.
+            raise Malformed(NAME, "unknown_reply", 0, repr(word[:16]))
         if not self.text_pending:
             self.conn.drop("unpaired_response")
             return
@@ -406,6 +489,8 @@ class Session(Session):  # type: ignore[no-redef]
 
     # -- spans -------------------------------------------------------------------
     def _span(self, req: _Req, status: int, end_ts: int, implicit: bool = False, text_error: str = "") -> None:
+        if req.op in _SETUP_OPS and status in _SUCCESS_LIKE:
+            return
         conn = self.conn
         system = "couchbase" if self.couchbase else "memcached"
         op = req.name

@@ -247,7 +247,20 @@ class _Dir:
 
 
 _REPLY_FIELDS = frozenset({"ok", "errmsg", "code", "codeName", "$err"})
-_CMD_FIELDS = frozenset({"$db"})
+_CMD_FIELDS = frozenset({"$db", "collection"})
+#: Commands whose first value is a collection name (MongoDB's database command reference).
+#: Others take a user, a role, a number or a document there (createUser, dropUser, ping,
+#: hello, buildInfo, killCursors' is a collection but getMore's a cursor id): their value is
+#: no ``db.collection.name``. getMore names its collection in its ``collection`` field.
+_COLLECTION_CMDS = frozenset({
+    "find", "insert", "update", "delete", "aggregate", "count", "distinct", "findAndModify",
+    "findandmodify", "create", "drop", "createIndexes", "dropIndexes", "deleteIndexes", "listIndexes",
+    "collMod", "mapReduce", "mapreduce", "validate", "compact", "collStats", "dataSize", "killCursors",
+    "reIndex", "cleanupOrphaned", "shardCollection", "analyzeShardKey", "checkMetadataConsistency",
+    "refineCollectionShardKey", "reshardCollection", "convertToCapped", "cloneCollectionAsCapped",
+    "geoSearch", "geoNear", "createSearchIndexes", "dropSearchIndex", "listSearchIndexes",
+    "updateSearchIndex",
+})
 
 
 class Session(Session):  # type: ignore[no-redef]
@@ -376,7 +389,9 @@ class Session(Session):  # type: ignore[no-redef]
         f, _ = bson_fields(buf, off, _CMD_FIELDS)
         if "" in f:
             m.cmd, val = f[""]
-            m.coll = val if isinstance(val, str) else None
+            m.coll = val if isinstance(val, str) and m.cmd in _COLLECTION_CMDS else None
+            if m.cmd == "getMore" and isinstance(f.get("collection"), str):
+                m.coll = f["collection"]
         m.db = f.get("$db")
 
     def _reply_doc(self, m: _Msg, buf: LargeBuffer, off: int) -> None:

@@ -182,7 +182,7 @@ def detect(buf: LargeBuffer, from_client: bool | None) -> Detection:
         if n < p + 2 + tlen:
             return Detection.NEED_MORE
         topic = buf.bytes_at(p + 2, tlen)  # <= 1 KiB
-        if any(c < 0x20 or c == 0x7F for c in topic) or b"+" in topic or b"#" in topic:
+        if not _topic_ok(topic, False):  # control characters, wildcards, invalid UTF-8
             return Detection.NO
         return Detection.REQUEST if from_client is not False else Detection.RESPONSE
     if b0 in (0x82, 0xA2) and from_client is not False and 5 <= rl <= 4096:
