@@ -248,18 +248,23 @@ class _Dir:
 
 _REPLY_FIELDS = frozenset({"ok", "errmsg", "code", "codeName", "$err"})
 _CMD_FIELDS = frozenset({"$db", "collection"})
-#: Commands whose first value is a collection name (MongoDB's database command reference).
-#: Others take a user, a role, a number or a document there (createUser, dropUser, ping,
-#: hello, buildInfo, killCursors' is a collection but getMore's a cursor id): their value is
-#: no ``db.collection.name``. getMore names its collection in its ``collection`` field.
-_COLLECTION_CMDS = frozenset({
-    "find", "insert", "update", "delete", "aggregate", "count", "distinct", "findAndModify",
-    "findandmodify", "create", "drop", "createIndexes", "dropIndexes", "deleteIndexes", "listIndexes",
-    "collMod", "mapReduce", "mapreduce", "validate", "compact", "collStats", "dataSize", "killCursors",
-    "reIndex", "cleanupOrphaned", "shardCollection", "analyzeShardKey", "checkMetadataConsistency",
-    "refineCollectionShardKey", "reshardCollection", "convertToCapped", "cloneCollectionAsCapped",
-    "geoSearch", "geoNear", "createSearchIndexes", "dropSearchIndex", "listSearchIndexes",
-    "updateSearchIndex",
+#: Commands whose first value is not a collection though it may be a string: user and role
+#: management (the user's or role's name), authentication, parameters, sessions and admin
+#: commands (MongoDB's database command reference). ping, hello, isMaster, buildInfo...
+#: take a number there, which is never a collection anyway. getMore takes a cursor id and
+#: names its collection in its ``collection`` field.
+_NOT_COLLECTION_CMDS = frozenset({
+    "createUser", "dropUser", "updateUser", "usersInfo", "grantRolesToUser", "revokeRolesFromUser",
+    "createRole", "dropRole", "updateRole", "rolesInfo", "grantRolesToRole", "revokeRolesFromRole",
+    "grantPrivilegesToRole", "revokePrivilegesFromRole", "dropAllUsersFromDatabase", "dropAllRolesFromDatabase",
+    "authenticate", "saslStart", "saslContinue", "logout", "getParameter", "setParameter",
+    "setFeatureCompatibilityVersion", "getDefaultRWConcern", "setDefaultRWConcern",
+    "endSessions", "killSessions", "killAllSessions", "refreshSessions", "startSession", "commitTransaction",
+    "abortTransaction", "ping", "hello", "isMaster", "ismaster", "buildInfo", "buildinfo", "serverStatus",
+    "hostInfo", "whatsmyuri", "getCmdLineOpts", "connectionStatus", "replSetGetStatus", "replSetGetConfig",
+    "listDatabases", "dropDatabase", "listCollections", "dbStats", "currentOp", "killOp", "fsync",
+    "shutdown", "explain", "getMore", "enableSharding", "addShard", "removeShard", "balancerStart",
+    "balancerStop", "movePrimary", "flushRouterConfig", "logRotate", "setProfilingLevel", "profile",
 })
 
 
@@ -389,7 +394,7 @@ class Session(Session):  # type: ignore[no-redef]
         f, _ = bson_fields(buf, off, _CMD_FIELDS)
         if "" in f:
             m.cmd, val = f[""]
-            m.coll = val if isinstance(val, str) and m.cmd in _COLLECTION_CMDS else None
+            m.coll = val if isinstance(val, str) and m.cmd not in _NOT_COLLECTION_CMDS else None
             if m.cmd == "getMore" and isinstance(f.get("collection"), str):
                 m.coll = f["collection"]
         m.db = f.get("$db")
