@@ -637,3 +637,18 @@ def test_http10_reply_without_a_length_ends_at_the_close() -> None:
     (s,) = d.spans
     assert s.attributes["http.response.body.size"] == len(b"body until the server closes")
     assert "wirespan.incomplete" not in s.attributes and s.status_code == StatusCode.UNSET
+
+
+def test_known_methods_override_the_semconv_list() -> None:
+    """semconv: unknown methods are _OTHER (+ method_original), and an instrumentation must let
+    the list of known methods be overridden; a configured list replaces the default one."""
+    d = Driver()
+    d.req(b"CCM_POST / HTTP/1.1\r\nHost: h\r\n\r\n")
+    d.resp(b"HTTP/1.1 405 Method Not Allowed\r\nContent-Length: 0\r\n\r\n")
+    a = d.spans[0].attributes
+    assert a["http.request.method"] == "_OTHER" and a["http.request.method_original"] == "CCM_POST"
+    d = Driver(settings=http1.Settings(known_methods=["GET", "CCM_POST"]))
+    d.req(b"CCM_POST / HTTP/1.1\r\nHost: h\r\n\r\nPATCH /p HTTP/1.1\r\nHost: h\r\n\r\n")
+    d.resp(b"HTTP/1.1 405 Method Not Allowed\r\nContent-Length: 0\r\n\r\n" * 2)
+    assert [(s.name, s.attributes["http.request.method"], s.attributes.get("http.request.method_original"))
+            for s in d.spans] == [("CCM_POST", "CCM_POST", None), ("HTTP", "_OTHER", "PATCH")]

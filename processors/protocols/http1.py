@@ -153,6 +153,11 @@ class Settings(ProtocolSettings):
     #: Values of sensitive query parameters (tokens, keys, passwords...: ``sanitize.py``) become
     #: ``REDACTED`` in ``url.query`` and ``url.full`` (off: only ``redact_query_params``).
     sanitize_query: bool = True
+    #: The HTTP methods taken as known (case-sensitive); others are ``_OTHER`` with
+    #: ``http.request.method_original`` (semconv's rule, and its required override, as
+    #: ``OTEL_INSTRUMENTATION_HTTP_KNOWN_METHODS``). None: semconv's list (RFC 9110's
+    #: methods, PATCH, QUERY).
+    known_methods: list[str] | None = None
 
 
 _DEFAULT_SETTINGS = Settings()
@@ -450,6 +455,8 @@ class Http1Session(_BaseSession):
         self._limit = self.settings.max_header_bytes
         self._max_headers = self.settings.max_headers
         self._max_pending = self.settings.max_pending_requests
+        km = self.settings.known_methods
+        self._known: frozenset[str] | None = frozenset(km) if km is not None else None
         self._hosts: dict[bytes, tuple[str, int | None]] = {}
         self._kind = conn.kind_for(SpanKind.SERVER, SpanKind.CLIENT)
         self._pending: deque[_Request] = PendingQueue(conn, traceparent=_traceparent_of)
@@ -942,9 +949,14 @@ class Http1Session(_BaseSession):
         target = req.target
         host: str | None = None
         port: int | None = None
-        attrs: dict[str, AttrValue] = {"http.request.method": req.method}
-        if req.method_original is not None:
-            attrs["http.request.method_original"] = req.method_original
+        method, original = req.method, req.method_original
+        known = self._known
+        if known is not None:  # a configured list replaces semconv's
+            raw = original if original is not None else method
+            method, original = (raw, None) if raw in known else ("_OTHER", raw)
+        attrs: dict[str, AttrValue] = {"http.request.method": method}
+        if original is not None:
+            attrs["http.request.method_original"] = original
         if req.connect:  # authority-form: CONNECT host:port
             host, port = self._host(target)
         elif req.path is not None:  # origin-form, decoded by the C parser already
@@ -996,7 +1008,7 @@ class Http1Session(_BaseSession):
             code = _ERROR
             attrs["error.type"] = str(status)
         # Positional (base.Conn.span's order): keywords cost a fifth of this call.
-        return conn.span(req.method if req.method_original is None else "HTTP", kind, req.start_ts, end_ts,
+        return conn.span(method if original is None else "HTTP", kind, req.start_ts, end_ts,
                          attrs, req.traceparent, code, message)
 
     def _redact(self, query: str) -> str:
