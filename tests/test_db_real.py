@@ -293,3 +293,35 @@ def test_mariadb_tls_is_counted_not_parsed():
     spans, _, pstats = replay(path)
     assert spans == []
     assert pstats["drops"] == {"mysql:tls": 1}, pstats
+
+
+def test_mariadb_compressed_protocol_whole_and_joined_mid_stream(maria):
+    """mysql-connector with compress=True (CLIENT_COMPRESS, zlib) against MariaDB: every
+    query is a span from the handshake on, and from a capture that starts after the
+    connection opened (no handshake seen: the first client frame says it is compressed)."""
+    m = maria
+    big = "x" * 3000  # compressible: the server's rows come zlib-compressed
+    with tcpdump(m.port) as whole:
+        c = mysql.connector.connect(host=m.host, port=m.port, user=m.user, password=m.password,
+                                    database=m.database, use_pure=True, compress=True, autocommit=True)
+        cur = c.cursor()
+        cur.execute("CREATE TABLE zc (id INT, v TEXT)")
+        cur.execute("INSERT INTO zc VALUES (1, %s), (2, %s)", (big, big))
+        cur.execute("SELECT id, v FROM zc WHERE id > 0")
+        assert len(cur.fetchall()) == 2
+        with tcpdump(m.port) as late:
+            cur.execute("SELECT v FROM zc WHERE id = 2")
+            cur.fetchall()
+            cur.execute("UPDATE zc SET v = 'y' WHERE id = 1")
+            with pytest.raises(mysql.connector.errors.ProgrammingError):
+                cur.execute("SELECT * FROM nosuch_zc")
+        c.close()
+    spans, _, pstats = replay(whole)
+    got = [(s.name, s.attributes.get("db.response.returned_rows")) for s in spans]
+    assert ("CREATE TABLE zc", None) in got and ("INSERT zc", None) in got and ("SELECT zc", 2) in got, got
+    assert got[-3:] == [("SELECT zc", 1), ("UPDATE zc", None), ("SELECT nosuch_zc", None)], got
+    assert spans[-1].attributes["error.type"] == "42S02"
+    assert not [k for k in pstats["drops"] if k.startswith("mysql:")], pstats["drops"]
+    spans, _, pstats = replay(late)
+    assert [s.name for s in spans] == ["SELECT zc", "UPDATE zc", "SELECT nosuch_zc"], [s.name for s in spans]
+    assert spans[0].attributes["db.response.returned_rows"] == 1
