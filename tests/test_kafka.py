@@ -742,3 +742,22 @@ def test_fuzz_detect_never_raises(which, flips, cut, from_client, tail):
     chunk = bytes(data[:cut]) + tail
     d = kafka.detect(LargeBuffer(chunk[:7], chunk[7:]), from_client)
     assert d in (Detection.NO, Detection.NEED_MORE, Detection.REQUEST, Detection.RESPONSE)
+
+
+# -- the end of a capture is not a failure (issue 16 class 4) --------------------------------------------
+@pytest.mark.parametrize("walk", [False, True])
+def test_fetch_response_cut_by_the_end_of_the_capture_is_incomplete(walk):
+    """A Fetch whose (large) response began before the capture ended: spans of what was seen,
+    marked wirespan.incomplete, per topic; a Produce never answered is counted."""
+    ctx = walkers_only() if walk else contextlib.nullcontext()
+    with ctx:
+        d = Driver()
+        d.request(fetch_request(11, {"orders": [(0, 5)]}, corr=21))
+        d.request(produce_request(9, {"audit": {0: records(1)}}, corr=22))
+        resp = fetch_response(11, {"orders": [(0, 0, 42, records(50, offset=5))]}, corr=21)
+        d.response(resp[:len(resp) // 2])
+        d.session.close(10**12)
+    (s,) = d.spans
+    assert s.name == "poll orders" and s.attributes["wirespan.incomplete"] is True
+    assert s.status_code == StatusCode.UNSET
+    assert d.drops["unanswered"] == 1

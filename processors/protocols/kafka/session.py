@@ -20,6 +20,7 @@ from collections.abc import Callable, Generator
 from typing import Any
 
 from processors.protocols.base import PendingMap
+from processors.protocols.base import Session as _BaseSession
 from processors.protocols.errors import LimitExceeded, Malformed
 from service.largebuf import BufferBoundsError, LargeBuffer, LargeBufferReader
 from service.model import SpanKind, StatusCode
@@ -174,6 +175,7 @@ class KafkaSession:
     """Per-connection state; the contract is in processors/protocols/base.py."""
 
     protocol = NAME
+    cut_short = _BaseSession.cut_short  # base.py's rule for the end of a capture
 
     def __init__(self, conn: Any, settings: Any) -> None:
         self.conn = conn
@@ -354,6 +356,20 @@ class KafkaSession:
             conn.emit(conn.span(f"{op} {dest}", kind, req.start_ns, end_ns, attrs,
                                 traceparent=t.traceparent, status_code=status, status_message=msg))
 
+    def _cut(self, req: Msg, resp: Msg | None, end_ns: int) -> None:
+        """The spans of an exchange whose response the end cut short (one per topic, as
+        ``_emit`` makes them), each marked incomplete by ``cut_short``."""
+        conn = self.conn
+        emit = conn.emit
+        spans: list[Any] = []
+        conn.emit = spans.append
+        try:
+            self._emit(req, resp, end_ns)
+        finally:
+            conn.emit = emit
+        for sp in spans:
+            self.cut_short(sp)
+
     def _emit_other(self, req: Msg, end_ns: int) -> None:
         name = apis.APIS[req.api_key][0]
         attrs: dict[str, Any] = {"messaging.system": "kafka", "messaging.operation.name": name}
@@ -388,9 +404,21 @@ class KafkaSession:
         self.resync[from_client] = True
 
     def close(self, ts_ns: int, reset: bool = False) -> None:
+        # base.py's rule: a Produce/Fetch whose response began (its walker past the
+        # correlation id, or its size and id in the buffer) is a span of what was seen,
+        # marked incomplete; one never answered is counted.
+        wanted = (apis.PRODUCE, apis.FETCH)
+        srv = self.server
+        if srv.req is not None and srv.req.api_key in wanted:
+            self._cut(srv.req, srv.msg, ts_ns)
+        buf = self.conn.server_buf
+        corr = buf.i32be_at(4) if len(buf) >= 8 and not srv.started else None
         for m in self.pending.values():
-            if m.api_key in (apis.PRODUCE, apis.FETCH):
-                self.conn.drop("unanswered")
+            if m.api_key in wanted:
+                if m.corr == corr:
+                    self._cut(m, None, ts_ns)
+                else:
+                    self.cut_short(None, "unanswered")
         self.pending.clear()
         self.client.reset()
         self.server.reset()
