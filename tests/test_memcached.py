@@ -321,3 +321,18 @@ def test_dns_starting_with_0x08_is_not_couchbase() -> None:
     assert mc.detect(LargeBuffer(ok), None) == Detection.REQUEST
     assert mc.detect(LargeBuffer(ok[:25]), None) == Detection.NEED_MORE
     assert mc.detect(LargeBuffer(alt_req(0x00, b"k", framing=b"\x01\x01")), None) == Detection.NO  # barrier has no value
+
+
+def test_reply_cut_by_the_end_of_the_capture_is_an_incomplete_span() -> None:
+    d = Driver()
+    d.send(True, b"get a b\r\nget c\r\n")
+    d.send(False, b"VALUE a 0 3\r\nabc\r\nVALUE b 0 1000\r\nxy")  # the capture ends inside b's value
+    d.session.close(d.ts)
+    (s,) = d.spans
+    assert s.name == "get" and s.attributes["wirespan.incomplete"] is True and s.status_code == StatusCode.UNSET
+    assert d.drops == ["no_response"]
+    d = Driver()
+    d.send(True, req(0x00, b"k", opaque=5) + req(0x00, b"j", opaque=6))
+    d.send(False, res(0x00, 0, b"v" * 100, 5, b"\0" * 4)[:20])
+    d.session.close(d.ts)
+    assert [s.attributes["wirespan.incomplete"] for s in d.spans] == [True] and d.drops == ["no_response"]

@@ -488,7 +488,8 @@ class Session(Session):  # type: ignore[no-redef]
             self._span(req, 0x00, ts_ns)
 
     # -- spans -------------------------------------------------------------------
-    def _span(self, req: _Req, status: int, end_ts: int, implicit: bool = False, text_error: str = "") -> None:
+    def _span(self, req: _Req, status: int, end_ts: int, implicit: bool = False, text_error: str = "",
+              incomplete: bool = False) -> None:
         if req.op in _SETUP_OPS and status in _SUCCESS_LIKE:
             return
         conn = self.conn
@@ -518,8 +519,12 @@ class Session(Session):  # type: ignore[no-redef]
                 attrs["error.type"] = sname
         if implicit:
             attrs["memcached.quiet"] = True
-        conn.emit(conn.span(name, conn.kind_for(SpanKind.CLIENT), req.start_ts, end_ts, attrs,
-                            status_code=code, status_message=msg))
+        span = conn.span(name, conn.kind_for(SpanKind.CLIENT), req.start_ts, end_ts, attrs, status_code=code,
+                         status_message=msg)
+        if incomplete:
+            self.cut_short(span)
+        else:
+            conn.emit(span)
 
     def gap(self, from_client: bool, ts_ns: int) -> None:
         self.skip[int(from_client)] = 0
@@ -530,14 +535,25 @@ class Session(Session):  # type: ignore[no-redef]
         self.text_pending.clear()
 
     def close(self, ts_ns: int, reset: bool = False) -> None:
-        # Quiet requests still unanswered when the connection ends completed silently.
+        # Quiet requests still unanswered when the connection ends completed silently. A
+        # response that began (its header partly here, a text get's VALUE lines) is a span
+        # of what was seen, marked incomplete (base.py's rule); the rest are counted.
+        buf = self.conn.server_buf
+        began = (buf.u32be_at(12), buf.u8_at(1)) if self.binary and len(buf) >= 16 and \
+            buf.u8_at(0) in (RES, ALT_RES) else None
         for r in self.pending:
             if r.quiet:
                 self._span(r, 0x01 if r.get_family else 0x00, ts_ns, implicit=True)
+            elif began == (r.opaque, r.op):
+                began = None
+                self._span(r, 0x00, ts_ns, incomplete=True)
             else:
-                self.conn.drop("no_response")
+                self.cut_short(None, "no_response")
         self.pending.clear()
         self.in_flight.clear()
-        for _ in self.text_pending:
-            self.conn.drop("no_response")
+        for r in self.text_pending:
+            if r.hit:
+                self._span(r, 0x00, ts_ns, incomplete=True)
+            else:
+                self.cut_short(None, "no_response")
         self.text_pending.clear()
