@@ -402,3 +402,13 @@ def test_command_names_keep_the_case_the_client_sent() -> None:
         ("get", "get k"), ("client setinfo", "client setinfo ? ?"), ("multi", "multi"), ("set", "set a ?"),
         ("exec", "exec")]
     assert d.spans[3].attributes["db.redis.transaction"] is True and "db.redis.transaction" not in d.spans[4].attributes
+
+
+def test_reply_cut_by_the_end_of_the_capture_is_an_incomplete_span() -> None:
+    d = Driver()
+    d.send(True, cmd("LRANGE", "big", "0", "-1") + cmd("GET", "k"))
+    d.send(False, b"*1000\r\n" + b"$3\r\nabc\r\n" * 10)
+    d.session.close(d.ts)
+    (s,) = d.spans
+    assert s.name == "LRANGE" and s.attributes["wirespan.incomplete"] is True and s.status_code == StatusCode.UNSET
+    assert d.drops == ["no_reply"]

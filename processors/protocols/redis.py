@@ -540,7 +540,7 @@ class Session(Session):  # type: ignore[no-redef]
         self.pending.popleft()
         self._span(p, v)
 
-    def _span(self, p: _Pending, v: _Value) -> None:
+    def _span(self, p: _Pending, v: _Value, incomplete: bool = False) -> None:
         conn = self.conn
         cmd = p.command
         base = cmd.split(" ", 1)[0].upper()
@@ -570,7 +570,11 @@ class Session(Session):  # type: ignore[no-redef]
             msg = "transaction aborted (WATCH)"
             attrs["error.type"] = "EXECABORT"
         kind = conn.kind_for(SpanKind.CLIENT)
-        conn.emit(conn.span(cmd, kind, p.start_ts, v.end_ts, attrs, status_code=status, status_message=msg))
+        span = conn.span(cmd, kind, p.start_ts, v.end_ts, attrs, status_code=status, status_message=msg)
+        if incomplete:
+            self.cut_short(span)
+        else:
+            conn.emit(span)
 
     def _push_span(self, v: _Value) -> None:
         conn = self.conn
@@ -590,8 +594,17 @@ class Session(Session):  # type: ignore[no-redef]
         self.pending.clear()
 
     def close(self, ts_ns: int, reset: bool = False) -> None:
-        for _ in self.pending:
-            self.conn.drop("no_reply")
+        # base.py's rule: the command whose reply was being read (a large value, a long
+        # array) is a span of what was seen, marked incomplete; the others are counted.
+        cur = self.resp.cur
+        for i, p in enumerate(self.pending):
+            if i == 0 and cur is not None and not cur.push:
+                v = _Value(cur.type, cur.start_ts)
+                v.end_ts = ts_ns
+                v.error = cur.error
+                self._span(p, v, True)
+            else:
+                self.cut_short(None, "no_reply")
         self.pending.clear()
         if self.req.cur is not None:  # a command begun (and its bytes consumed) but never ended
             self.conn.drop("incomplete_message")
