@@ -133,6 +133,16 @@ def test_op_compressed_zlib() -> None:
     assert [s.name for s in d.spans] == ["count items"]
 
 
+def test_op_compressed_shorter_than_its_own_header_is_malformed() -> None:
+    # Found by the fuzz harness (tests/fuzz/): a length of 23 sent _decompress to view_at(25, -2),
+    # a BufferBoundsError out of feed (the stage's internal_error).
+    msg = HDR.pack(23, 6, 5, m.OP_COMPRESSED) + b"\0" * 7
+    for tail in (b"", b"\0" * 40):  # alone, and with the next message's bytes behind it
+        d = Driver()
+        with pytest.raises(ProtocolError):
+            d.send(False, msg + tail)
+
+
 def test_decompression_bomb_is_bounded() -> None:
     d = Driver(max_decompressed_bytes=1024)
     inner = op_msg(1, 0, {"find": "x", "pad": "a" * 100_000, "$db": "y"})

@@ -408,6 +408,8 @@ class Session(Session):  # type: ignore[no-redef]
             m.error = (f.get("code"), f.get("codeName") or "", f.get("errmsg") or f.get("$err") or "")
 
     def _decompress(self, buf: LargeBuffer, length: int) -> LargeBuffer | None:
+        if length < 25:  # the header, original opcode, uncompressed size and compressor id
+            raise Malformed(NAME, "bad_header", 0, f"OP_COMPRESSED of {length} bytes")
         orig_op = buf.i32le_at(16)
         usize = buf.i32le_at(20)
         comp = buf.u8_at(24)
