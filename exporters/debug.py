@@ -20,10 +20,15 @@ from service.model import Span, SpanKind, StatusCode, span_summary
 __all__ = ["DebugExporter", "DebugConfig"]
 
 
+#: Spans ``verbosity: tree`` keeps for the trees it prints at shutdown (beyond: counted, not shown).
+MAX_TREE_SPANS = 200_000
+
+
 class DebugConfig(ComponentConfig):
-    #: basic: counts per batch; normal: one line per span with its attributes; detailed: every field.
-    #: The Collector's default is basic.
-    verbosity: Literal["basic", "normal", "detailed"] = "basic"
+    #: basic: counts per batch; normal: one line per span with its attributes; detailed: every field;
+    #: tree: every trace as an indented tree (service/tracetree.py), printed when the pipeline stops
+    #: (a trace's spans arrive in many batches). The Collector's default is basic.
+    verbosity: Literal["basic", "normal", "detailed", "tree"] = "basic"
 
 
 def _fmt_value(v: Any) -> str:
@@ -70,6 +75,8 @@ class DebugExporter(Exporter):
         self._stream = stream
         self._lock = threading.Lock()
         self._sent = tm.EXPORTER_SENT.labels(exporter=id)
+        self._kept: list[Span] = []
+        self._not_kept = 0
 
     @property
     def stream(self) -> TextIO:
@@ -77,6 +84,13 @@ class DebugExporter(Exporter):
 
     def consume_spans(self, spans: list[Span]) -> None:
         v = self.config.verbosity
+        if v == "tree":
+            with self._lock:
+                room = MAX_TREE_SPANS - len(self._kept)
+                self._kept.extend(spans[:max(room, 0)])
+                self._not_kept += max(len(spans) - max(room, 0), 0)
+            self._sent.inc(len(spans))
+            return
         if v == "basic":
             text = f"{self.id}: {len(spans)} spans\n"
         elif v == "normal":
@@ -91,3 +105,19 @@ class DebugExporter(Exporter):
                 tm.EXPORTER_SEND_FAILED.labels(exporter=self.id, reason="write_error").inc(len(spans))
                 return
         self._sent.inc(len(spans))
+
+    def shutdown(self) -> None:
+        if self.config.verbosity != "tree":
+            return
+        from service.tracetree import format_forest
+
+        with self._lock:
+            kept, self._kept = self._kept, []
+            text = format_forest(kept)
+            if self._not_kept:
+                text += f"({self._not_kept} more spans were not kept for the trees)\n"
+            try:
+                self.stream.write(text)
+                self.stream.flush()
+            except (OSError, ValueError):
+                pass

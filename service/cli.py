@@ -253,6 +253,18 @@ def replay_config(raw: dict[str, Any], capture: str, output: str | None) -> dict
     return raw
 
 
+def _with_tree(raw: dict[str, Any], keep_file: bool) -> dict[str, Any]:
+    """Every pipeline exports to one ``debug`` exporter printing trees (and to ``file``, if kept)."""
+    raw = dict(raw)
+    raw["exporters"] = {**({"file": raw["exporters"]["file"]} if keep_file else {}),
+                        "debug/tree": {"verbosity": "tree"}}
+    svc = dict(raw.get("service") or {})
+    svc["pipelines"] = {pid: {**(p or {}), "exporters": (["file"] if keep_file else []) + ["debug/tree"]}
+                        for pid, p in (svc.get("pipelines") or {}).items()}
+    raw["service"] = svc
+    return raw
+
+
 def _replay_sets(sets: list[str], output: bool) -> tuple[list[str], list[str]]:
     """Split ``replay``'s ``--set``s into those applied to the config before its receivers (and,
     with ``--output``, exporters) are replaced and those applied to the replacements; refuse,
@@ -627,6 +639,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
         if bad:
             print(f"error: {bad}", file=sys.stderr)
             return EXIT_ERROR
+    if args.tree:
+        args.workers = 1  # the trees need every span in one process
     if args.workers == "auto":
         args.workers = _auto_workers(args)
     if args.workers > 1 and not args.shard:
@@ -638,6 +652,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
         raw = replay_config(wconfig.load_raw(_config_files(args), before), capture, output)
         for s in after:  # receivers.pcap.* and (with --output) exporters.file.*: onto what replay built
             raw = wconfig.apply_set(raw, s)
+        if args.tree:
+            raw = _with_tree(raw, output is not None)
         if args.shard:
             k, _, n = args.shard.partition("/")
             raw["receivers"]["pcap"]["shard"] = {"index": int(k), "count": int(n)}
@@ -740,6 +756,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-truncated", action="store_true",
                    help=f"a capture cut short (or damaged) exits 0 after replaying what it holds, not "
                         f"{EXIT_TRUNCATED}")
+    p.add_argument("--tree", action="store_true",
+                   help="print every trace as an indented tree on stdout when done (instead of the config's "
+                        "exporters; beside --output's file); one process. A capture's calls nest under their "
+                        "host's requests with --set processors.protocols.assemble=true")
     p.add_argument("--shard", help=argparse.SUPPRESS)          # K/N: one worker of --workers
     p.add_argument("--summary-json", help=argparse.SUPPRESS)   # a worker hands its summary back here
     p.add_argument("-v", "--verbose", action="store_true", help="log at info level")

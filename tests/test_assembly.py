@@ -330,3 +330,43 @@ def test_a_callee_read_seen_before_its_callers_write_is_still_linked() -> None:
     fe = s.one(200, "/late", SpanKind.SERVER)
     assert child_of(fe, s.one(100, "/late", SpanKind.CLIENT))
     assert child_of(s.one(200, "key:late", SpanKind.CLIENT), fe)
+
+
+# -- seeing the structure: replay --tree ----------------------------------------------------
+def test_replay_tree_prints_a_captures_assembled_trace(tmp_path) -> None:
+    import subprocess
+    import sys
+
+    from tests.support.pcapgen import TcpFlow, ether, write_pcap
+
+    inbound = TcpFlow(("10.0.0.1", 50000), ("10.0.0.2", 8080))
+    out = TcpFlow(("10.0.0.2", 40000), ("10.0.0.3", 6379))
+    pkts = [*inbound.handshake(), *out.handshake(), inbound.send(True, get("/checkout")),
+            out.send(True, rget("cart:7")), out.send(False, b"$-1\r\n"), inbound.send(False, OK)]
+    cap = tmp_path / "two.pcap"
+    write_pcap(cap, [ether(p) for p in pkts])
+    run = [sys.executable, "-m", "service.cli", "replay", str(cap), "--tree"]
+    flat = subprocess.run(run, capture_output=True, text=True, check=True).stdout
+    tree = subprocess.run([*run, "--set", "processors.protocols.assemble=true"], capture_output=True, text=True,
+                          check=True).stdout
+    assert flat.count("trace ") == 2  # captures: one span per exchange, each its own trace by default
+    lines = tree.splitlines()
+    assert len(lines) == 3 and lines[0].startswith("trace ") and lines[0].endswith("(2 spans)"), tree
+    assert lines[1].startswith("  SERVER GET ") and lines[2].startswith("    CLIENT GET "), tree
+
+
+def test_the_forest_marks_a_parent_it_does_not_hold_and_survives_cycles() -> None:
+    from service.model import Span
+    from service.tracetree import format_forest
+
+    t = bytes(16)
+    a = Span("a", SpanKind.SERVER, 0, 2_000_000, trace_id=t, span_id=b"A" * 8, parent_span_id=b"Z" * 8)
+    b = Span("b", SpanKind.CLIENT, 100, 1_000_000, trace_id=t, span_id=b"B" * 8, parent_span_id=b"A" * 8)
+    c = Span("c", SpanKind.CLIENT, 0, 1, trace_id=b"\1" * 16, span_id=b"C" * 8, parent_span_id=b"D" * 8)
+    d = Span("d", SpanKind.CLIENT, 0, 1, trace_id=b"\1" * 16, span_id=b"D" * 8, parent_span_id=b"C" * 8)
+    text = format_forest([b, a, c, d])
+    lines = text.splitlines()
+    assert lines[0] == f"trace {t.hex()} (2 spans)"
+    assert lines[1].startswith("  SERVER a 2.000ms [") and lines[1].endswith("] ^" + (b"Z" * 8).hex())
+    assert lines[2].startswith("    CLIENT b 1.000ms [")
+    assert lines[3] == "trace " + "01" * 16 + " (2 spans)" and len(lines) == 6  # the cycle, each once
