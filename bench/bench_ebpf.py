@@ -48,10 +48,10 @@ PAIRS = 2
 #: The loopback HTTP server and paced clients (bench/loadgen.py), each in its own process.
 LOADGEN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "loadgen.py")
 
-def protocols_stage(sink: ItemCounter):
+def protocols_stage(sink: ItemCounter, assemble: bool | None = None):
     from processors.protocols.processor import ProtocolsProcessor
 
-    cfg = ProtocolsProcessor.Config()
+    cfg = ProtocolsProcessor.Config(assemble=assemble)
     p = ProtocolsProcessor("protocols", cfg, sink)
     p.start()
     return p
@@ -77,12 +77,13 @@ def _clients(args: list[str], pairs: int = PAIRS) -> float:
 
 
 def with_receiver(port: int, stage: bool, fn, reader: str = "mmap", ring_size: int = DEFAULT_RING_SIZE,
-                  detail: dict | None = None):
+                  detail: dict | None = None, assemble: bool | None = None):
     """Run ``fn()`` with the receiver attached; returns (fn result, records, spans_or_events, reserve failures).
 
-    ``detail``, when given, is filled with the kernel counters and the receiver's stats."""
+    ``detail``, when given, is filled with the kernel counters and the receiver's stats (and the
+    stage's trace-assembly counts under ``traces``)."""
     sink = ItemCounter()
-    proc = protocols_stage(sink) if stage else None
+    proc = protocols_stage(sink, assemble) if stage else None
     rx = EbpfReceiver("ebpf", EbpfConfig(ports=[port], ring_reader=reader, ring_size=ring_size),
                       proc if proc is not None else sink)
     rx.start()
@@ -98,6 +99,8 @@ def with_receiver(port: int, stage: bool, fn, reader: str = "mmap", ring_size: i
     if detail is not None:
         detail.update(kc)
         detail.update(rx.stats)
+        if proc is not None:
+            detail["traces"] = dict(proc.stats.get("traces", {}))
     return out, rx.stats["records"], sink.n, kc["ringbuf_reserve_failures"]
 
 
@@ -165,7 +168,40 @@ def fixed_rates() -> None:
               f"ring drops per run {fails}")
 
 
-def protocols_cost() -> None:
+def assembly_cost() -> None:
+    """Trace assembly on vs off (processors/protocols/assembly.py), alternating in one run: the
+    receiver + protocols stage at the generator's full rate, then at a fixed 100k records/s (drops),
+    then the stage alone on the same events."""
+    port = free_port()
+    srv = start_server(port)
+    try:
+        full: dict[bool, list[tuple[float, float, int]]] = {False: [], True: []}
+        fixed: dict[bool, list[int]] = {False: [], True: []}
+        links: dict = {}
+        for _ in range(REPEATS):
+            for on in (False, True):
+                d: dict = {}
+                _, recs, outs, fail = with_receiver(port, True, lambda: run_clients(port, DURATION, 0),
+                                                    detail=d, assemble=None if on else False)
+                full[on].append((recs / DURATION, outs / DURATION, fail))
+                links = d.get("traces", links) if on else links
+                _, recs, outs, fail = with_receiver(port, True,
+                                                    lambda: run_clients(port, DURATION, 100_000 / 4 / PAIRS),
+                                                    assemble=None if on else False)
+                fixed[on].append(fail)
+    finally:
+        srv.terminate()
+        srv.wait()
+    med = {on: statistics.median(r[0] for r in full[on]) for on in (False, True)}
+    for on in (False, True):
+        print(f"  assembly {'on ' if on else 'off'}: records/s {med[on]:9.0f}  spans/s "
+              f"{statistics.median(r[1] for r in full[on]):8.0f}  reserve failures {max(r[2] for r in full[on])}"
+              f" | at 100k records/s: ring drops per run {fixed[on]}")
+    print(f"  assembly on / off: {med[True] / med[False]:.2f}x the records/s   (links made: {links})")
+    protocols_cost(assemble=(False, None))
+
+
+def protocols_cost(assemble: tuple = (None,)) -> None:
     """The protocols stage alone on the events the receiver produces (same run, no kernel)."""
     from service.model import EventKind, TcpEvent
 
@@ -179,18 +215,21 @@ def protocols_cost() -> None:
                             pid, pid, "python3"))
         evs.append(TcpEvent(EventKind.DATA, cid, "127.0.0.1", 8080, "127.0.0.1", 40000, i, resp, 0, None, False,
                             pid, pid, "python3"))
-    runs = []
+    runs: dict = {a: [] for a in assemble}
     for _ in range(REPEATS):
-        sink = ItemCounter()
-        p = protocols_stage(sink)
-        t = time.perf_counter()
-        for i in range(0, len(evs), 1024):
-            p.consume_events(evs[i:i + 1024])
-        p.flush()
-        runs.append(len(evs) / (time.perf_counter() - t))
-        p.shutdown()
-    print(f"  protocols stage alone (HTTP/1 client view): {statistics.median(runs):9.0f} events/s "
-          f"({1e6 / statistics.median(runs):.1f} us/event)")
+        for a in assemble:
+            sink = ItemCounter()
+            p = protocols_stage(sink, a)
+            t = time.perf_counter()
+            for i in range(0, len(evs), 1024):
+                p.consume_events(evs[i:i + 1024])
+            p.flush()
+            runs[a].append(len(evs) / (time.perf_counter() - t))
+            p.shutdown()
+    for a in assemble:
+        label = "" if len(assemble) == 1 else f", assembly {'off' if a is False else 'on'}"
+        print(f"  protocols stage alone (HTTP/1 client view{label}): {statistics.median(runs[a]):9.0f} events/s "
+              f"({1e6 / statistics.median(runs[a]):.1f} us/event)")
 
 
 def nginx_overhead() -> None:
@@ -228,7 +267,7 @@ def main(sections: list[str] | None = None) -> None:
     if os.geteuid() != 0:
         print("bench_ebpf: needs root (eBPF)")
         return
-    want = set(sections or ("end_to_end", "drops", "protocols", "nginx"))
+    want = set(sections or ("end_to_end", "drops", "protocols", "nginx", "assembly"))
     if "end_to_end" in want:
         print(f"end to end ({PAIRS} client processes, {DURATION:.0f}s, median of {REPEATS}):")
         end_to_end()
@@ -242,6 +281,9 @@ def main(sections: list[str] | None = None) -> None:
     if "nginx" in want:
         print(f"overhead on a traced nginx (median of {REPEATS}, A/B alternating):")
         nginx_overhead()
+    if "assembly" in want:
+        print(f"trace assembly on vs off (median of {REPEATS}, A/B alternating, {DURATION:.0f}s runs):")
+        assembly_cost()
 
 
 if __name__ == "__main__":
