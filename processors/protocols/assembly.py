@@ -76,8 +76,8 @@ class Ctx:
     """One request's trace context: decided when the request is parsed, read by its span and
     by the spans of the calls made for it."""
 
-    __slots__ = ("closed", "conn", "entry", "flags", "key", "link_key", "parent", "parent_id", "resolved", "server",
-                 "span_id", "start", "thread", "tp_fn", "trace_id", "uses")
+    __slots__ = ("closed", "conn", "entry", "flags", "key", "parent", "parent_id", "resolved", "span_id", "start",
+                 "thread", "tp_fn", "trace_id", "uses")
 
     def __init__(self, conn: Conn, entry: Any, start: int, tp_fn: Callable[[Any], Any] | None) -> None:
         self.conn = conn
@@ -91,10 +91,8 @@ class Ctx:
         self.parent: Ctx | None = None  #: the assembled parent (decided at open, or at the span for captures)
         self.resolved = False
         self.closed = 0
-        self.server = False
-        self.thread: tuple[int, int] | None = None
+        self.thread: tuple[int, int] | None = None  #: (pid, tid) of a SERVER request registered as serving
         self.key: Any = None  #: host (captures) this inbound request is registered under
-        self.link_key: Any = None
         self.uses = 0
 
     def resolve(self, asm: TraceAssembler) -> Ctx:
@@ -120,6 +118,21 @@ class Ctx:
         return self
 
 
+class _Link:
+    """One 4-tuple, shared by the caller's and the callee's view of it (cached on their Conns):
+    the caller's requests not yet taken, the callee's requests read before their caller's write
+    was seen, and whether a gap made its request order untrustworthy."""
+
+    __slots__ = ("broken", "callers", "key", "users", "waiting")
+
+    def __init__(self, key: Any) -> None:
+        self.key = key
+        self.callers: deque[Ctx] = deque()
+        self.waiting: deque[Ctx] = deque(maxlen=MAX_WAITING_PER_LINK)
+        self.broken = False
+        self.users = 0  #: Conns holding it: when none is left, a new connection on the 4-tuple starts afresh
+
+
 class TraceAssembler:
     """The stage's trace assembly state (one per ``protocols`` stage)."""
 
@@ -130,11 +143,8 @@ class TraceAssembler:
         self._threads: dict[tuple[int, int], list[Ctx]] = {}   # (pid, tid) -> open SERVER requests
         self._procs: dict[int, int] = {}                        # pid -> how many are open
         self._hosts: dict[str, list[Ctx]] = {}                  # capture: host -> open inbound requests
-        self._links: OrderedDict[Any, deque[Ctx]] = OrderedDict()
-        #: Callee requests read before the caller's write was seen (the ring orders records by
-        #: when each syscall ended: a caller preempted before its write's end comes later).
-        self._waiting: OrderedDict[Any, deque[Ctx]] = OrderedDict()
-        self._broken: OrderedDict[Any, None] = OrderedDict()
+        #: 4-tuple -> its _Link (LRU of max_links; both views' Conns hold theirs).
+        self._links: OrderedDict[Any, _Link] = OrderedDict()
         #: ``stats`` for the replay summary: linked:<how>, unattributed:<reason>, conflicts.
         self.stats: dict[str, int] = {}
         self._unattr = {}
@@ -180,52 +190,67 @@ class TraceAssembler:
             self._open_client(conn, ctx)
         return ctx
 
+    def _link(self, conn: Conn) -> _Link:
+        link = conn.link
+        if link is None:
+            key = (conn.client_addr, conn.client_port, conn.server_addr, conn.server_port)
+            link = self._links.get(key)
+            if link is None:
+                link = self._links[key] = _Link(key)
+                if len(self._links) > self.max_links:
+                    _, old = self._links.popitem(last=False)
+                    if old.callers:
+                        self.unattributed("link_evicted")
+            link.users += 1
+            conn.link = link
+        return link
+
     def _open_server(self, conn: Conn, ctx: Ctx) -> None:
-        ctx.server = True
         tid = conn.tid
-        if tid is not None and conn.pid is not None:
-            th = ctx.thread = (conn.pid, tid)
-            self._threads.setdefault(th, []).append(ctx)
-            self._procs[conn.pid] = self._procs.get(conn.pid, 0) + 1
-        key = (conn.client_addr, conn.client_port, conn.server_addr, conn.server_port)
-        if key in self._broken:
+        pid = conn.pid
+        if tid is not None and pid is not None:
+            th = ctx.thread = (pid, tid)
+            lst = self._threads.get(th)
+            if lst is None:
+                self._threads[th] = [ctx]
+            else:
+                lst.append(ctx)
+            self._procs[pid] = self._procs.get(pid, 0) + 1
+        link = conn.link or self._link(conn)
+        if link.broken:
             return
-        q = self._links.get(key)
+        q = link.callers
         while q:
-            c = q[0]
+            c = q.popleft()
             if c.start > ctx.start or (c.closed and c.closed < ctx.start):
                 # The caller's request began after this one was read, or was answered before:
                 # not this request's (one side missed one). Skip it, never guess.
-                q.popleft()
                 self.unattributed("order_mismatch")
                 continue
-            q.popleft()
             ctx.parent = c
             self.linked("process")
             return
-        w = self._waiting.get(key)
-        if w is None:
-            w = self._waiting[key] = deque(maxlen=MAX_WAITING_PER_LINK)
-            if len(self._waiting) > self.max_links:
-                self._waiting.popitem(last=False)
-        w.append(ctx)
+        # The ring orders records by when each syscall ended: a caller preempted before its
+        # write returned shows up after the callee's read. Wait for it (bounded).
+        link.waiting.append(ctx)
 
     def _open_client(self, conn: Conn, ctx: Ctx) -> None:
-        pid, tid = conn.pid, conn.tid
-        if pid is not None and tid is not None:
-            open_ = self._threads.get((pid, tid))
-            if open_:
-                if len(open_) == 1:
-                    ctx.parent = open_[0]
-                    self.linked("thread")
-                else:
-                    self.unattributed("concurrent_requests")
-            elif self._procs.get(pid):
-                self.unattributed("request_on_other_thread")
-        key = (conn.client_addr, conn.client_port, conn.server_addr, conn.server_port)
-        if key in self._broken:
+        if self._threads or self._procs:  # some process is serving requests: is this call for one?
+            pid, tid = conn.pid, conn.tid
+            if pid is not None and tid is not None:
+                open_ = self._threads.get((pid, tid))
+                if open_:
+                    if len(open_) == 1:
+                        ctx.parent = open_[0]
+                        self.linked("thread")
+                    else:
+                        self.unattributed("concurrent_requests")
+                elif self._procs.get(pid):
+                    self.unattributed("request_on_other_thread")
+        link = conn.link or self._link(conn)
+        if link.broken:
             return
-        w = self._waiting.get(key)
+        w = link.waiting
         while w:
             s = w.popleft()
             if s.closed or s.start < ctx.start:
@@ -236,16 +261,8 @@ class TraceAssembler:
                 s.parent = ctx
                 self.linked("process")
             return
-        q = self._links.get(key)
-        if q is None:
-            q = self._links[key] = deque()
-            if len(self._links) > self.max_links:
-                self._links.popitem(last=False)
-                self.unattributed("link_evicted")
-        else:
-            self._links.move_to_end(key)
+        q = link.callers
         q.append(ctx)
-        ctx.link_key = key
         if len(q) > MAX_QUEUED_PER_LINK:
             q.popleft()  # the callee is not traced (or far behind): nobody will take it
 
@@ -260,7 +277,6 @@ class TraceAssembler:
                 self.unattributed("ambiguous_host")
         # As an inbound request of its server host.
         if conn.protocol in SERVER_STYLE:
-            ctx.server = True
             ctx.key = conn.server_addr
             self._hosts.setdefault(ctx.key, []).append(ctx)
 
@@ -308,34 +324,42 @@ class TraceAssembler:
             self._unregister(ctx)
         conn.ctxs.clear()
         conn.recent.clear()
+        link = conn.link
+        if link is not None:
+            conn.link = None
+            link.users -= 1
+            if link.users <= 0 and self._links.get(link.key) is link:
+                del self._links[link.key]
 
     def broken(self, conn: Conn) -> None:
         """Bytes were lost on ``conn``: the request order of its 4-tuple can no longer be trusted."""
-        key = (conn.client_addr, conn.client_port, conn.server_addr, conn.server_port)
-        if key not in self._broken:
-            self._broken[key] = None
-            if len(self._broken) > self.max_links:
-                self._broken.popitem(last=False)
-            self._waiting.pop(key, None)
-            if self._links.pop(key, None) is not None:
+        link = conn.link or self._link(conn)
+        if not link.broken:
+            link.broken = True
+            if link.callers or link.waiting:
                 self.unattributed("gap")
+            link.callers.clear()
+            link.waiting.clear()
 
     # -- spans --------------------------------------------------------------------------------
     def for_span(self, conn: Conn, start_ns: int, end_ns: int) -> tuple[bytes, bytes, bytes, int] | None:
         """(trace id, span id, parent span id, flags) for the span of the request that began at
         ``start_ns`` on ``conn``, or None when no context matches (the span is built as usual)."""
-        ctx = None
-        for c in conn.ctxs.values():
-            if c.start == start_ns:
-                ctx = c
-                break
-        else:
-            for c in reversed(conn.recent):
+        recent = conn.recent
+        ctx = recent[-1] if recent else None  # the usual order: the request's entry left, then its span
+        if ctx is None or ctx.start != start_ns:
+            ctx = None
+            for c in conn.ctxs.values():
                 if c.start == start_ns:
                     ctx = c
                     break
-        if ctx is None:
-            return None
+            else:
+                for c in reversed(recent):
+                    if c.start == start_ns:
+                        ctx = c
+                        break
+            if ctx is None:
+                return None
         if self.passive and not ctx.resolved and ctx.parent is not None:
             par = ctx.parent
             if par.closed and par.closed < end_ns:

@@ -401,6 +401,7 @@ class Conn:
         "ctxs",
         "emit",
         "extra",
+        "link",
         "perspective",
         "pid",
         "protocol",
@@ -462,6 +463,7 @@ class Conn:
         self.recent: deque[Ctx] = recent_deque()
         self.tid: int | None = None
         self.req_from_client = True
+        self.link: Any = None  #: assembly's state of this 4-tuple, shared with the other end's view
 
     def release_stores(self) -> None:
         """The session is gone: give back what its stores still hold (without counting drops:
