@@ -90,7 +90,10 @@ class Ctx:
         self.flags = 1
         self.parent: Ctx | None = None  #: the assembled parent (decided at open, or at the span for captures)
         self.resolved = False
-        self.closed = 0
+        #: Its entry left its store. A caller's request closes when its answer is parsed, and the
+        #: ring orders the callee's read of it before that (same thread: read, then answer): a
+        #: closed caller request still queued was never seen by the callee.
+        self.closed = False
         self.thread: tuple[int, int] | None = None  #: (pid, tid) of a SERVER request registered as serving
         self.key: Any = None  #: host (captures) this inbound request is registered under
         self.uses = 0
@@ -222,7 +225,7 @@ class TraceAssembler:
         q = link.callers
         while q:
             c = q.popleft()
-            if c.start > ctx.start or (c.closed and c.closed < ctx.start):
+            if c.closed or c.start > ctx.start:
                 # The caller's request began after this one was read, or was answered before:
                 # not this request's (one side missed one). Skip it, never guess.
                 self.unattributed("order_mismatch")
@@ -280,25 +283,18 @@ class TraceAssembler:
             ctx.key = conn.server_addr
             self._hosts.setdefault(ctx.key, []).append(ctx)
 
-    def close(self, conn: Conn, entry: Any, ts: int = 0) -> None:
+    def close(self, conn: Conn, entry: Any) -> None:
         """The request's entry left its store (answered, evicted, or the session ended)."""
         ctx = conn.ctxs.pop(id(entry), None)
         if ctx is None:
             return
-        ctx.closed = ts or 1
+        ctx.closed = True
         self._unregister(ctx)
         conn.recent.append(ctx)
 
     def _unregister(self, ctx: Ctx) -> None:
         if ctx.thread is not None:
-            lst = self._threads.get(ctx.thread)
-            if lst is not None:
-                try:
-                    lst.remove(ctx)
-                except ValueError:
-                    pass
-                if not lst:
-                    del self._threads[ctx.thread]
+            if _remove(self._threads, ctx.thread, ctx):
                 pid = ctx.thread[0]
                 n = self._procs.get(pid, 0) - 1
                 if n > 0:
@@ -307,20 +303,13 @@ class TraceAssembler:
                     self._procs.pop(pid, None)
             ctx.thread = None
         if ctx.key is not None:
-            lst = self._hosts.get(ctx.key)
-            if lst is not None:
-                try:
-                    lst.remove(ctx)
-                except ValueError:
-                    pass
-                if not lst:
-                    del self._hosts[ctx.key]
+            _remove(self._hosts, ctx.key, ctx)
             ctx.key = None
 
     def forget(self, conn: Conn) -> None:
         """The connection's session is gone: its open requests close with it."""
         for ctx in list(conn.ctxs.values()):
-            ctx.closed = ctx.closed or 1
+            ctx.closed = True
             self._unregister(ctx)
         conn.ctxs.clear()
         conn.recent.clear()
@@ -362,7 +351,7 @@ class TraceAssembler:
                 return None
         if self.passive and not ctx.resolved and ctx.parent is not None:
             par = ctx.parent
-            if par.closed and par.closed < end_ns:
+            if par.closed:  # its answer came before this call ended
                 ctx.parent = None  # it did not end inside its candidate parent
                 self.unattributed("outlived_request")
             else:
@@ -372,6 +361,17 @@ class TraceAssembler:
         if ctx.uses > 1:  # a second span of one request (Kafka topics): a sibling under its parent
             return ctx.trace_id, new_span_id(), ctx.parent_id, ctx.flags
         return ctx.trace_id, ctx.span_id, ctx.parent_id, ctx.flags
+
+
+def _remove(table: dict[Any, list[Ctx]], key: Any, ctx: Ctx) -> bool:
+    """Take ``ctx`` out of ``table[key]`` (dropping an emptied list); whether it was there."""
+    lst = table.get(key)
+    if lst is None or ctx not in lst:
+        return False
+    lst.remove(ctx)
+    if not lst:
+        del table[key]
+    return True
 
 
 def recent_deque() -> deque[Ctx]:
