@@ -320,7 +320,8 @@ def test_dns_starting_with_0x08_is_not_couchbase() -> None:
     ok = alt_req(0x00, b"k", framing=b"\x11\x01", opaque=1)  # a durability frame: id 1, one byte
     assert mc.detect(LargeBuffer(ok), None) == Detection.REQUEST
     assert mc.detect(LargeBuffer(ok[:25]), None) == Detection.NEED_MORE
-    assert mc.detect(LargeBuffer(alt_req(0x00, b"k", framing=b"\x01\x01")), None) == Detection.NO  # barrier has no value
+    barrier_with_value = alt_req(0x00, b"k", framing=b"\x01\x01")  # a barrier frame info has no value
+    assert mc.detect(LargeBuffer(barrier_with_value), None) == Detection.NO
 
 
 def test_reply_cut_by_the_end_of_the_capture_is_an_incomplete_span() -> None:
