@@ -9,7 +9,11 @@ A component is a class with a ``type`` name, a pydantic ``Config`` model (defaul
 - ``EventProcessor`` (the protocols stage): ``consume_events(events)``; emits spans with
   ``self.next.consume_spans(spans)``.
 - ``SpanProcessor``: ``consume_spans(spans)``; passes (possibly changed) spans on.
-- ``Exporter``: ``consume_spans(spans)``; ships them.
+- ``Exporter``: ``consume_spans(spans)``; ships them. An exporter that also takes metrics lists
+  ``"metrics"`` in ``signals`` and implements ``consume_metrics(batch)``.
+- ``Connector``: the exporter of one pipeline and the receiver of another (``traces`` ->
+  ``metrics``): ``consume_spans(spans)``, and it emits ``self.next.consume_metrics(batch)``.
+- A metric processor (``signals`` holding ``"metrics"``): ``consume_metrics(batch)``.
 
 ``flush()`` pushes anything a component holds into ``next``; the pipeline calls it
 while draining at shutdown, stage by stage from receivers to exporters.
@@ -37,14 +41,24 @@ __all__ = [
     "Exporter",
     "EventConsumer",
     "SpanConsumer",
+    "Connector",
+    "MetricConsumer",
     "RECEIVER",
     "PROCESSOR",
     "EXPORTER",
+    "CONNECTOR",
+    "TRACES",
+    "METRICS",
 ]
 
 RECEIVER = "receiver"
 PROCESSOR = "processor"
 EXPORTER = "exporter"
+CONNECTOR = "connector"
+
+#: Pipeline types (signals) wirespan carries.
+TRACES = "traces"
+METRICS = "metrics"
 
 
 class ComponentConfig(BaseModel):
@@ -61,6 +75,11 @@ class EventConsumer(Protocol):
 @runtime_checkable
 class SpanConsumer(Protocol):
     def consume_spans(self, spans: list[Span]) -> None: ...
+
+
+@runtime_checkable
+class MetricConsumer(Protocol):
+    def consume_metrics(self, batch: list[Any]) -> None: ...
 
 
 class Component:
@@ -111,6 +130,8 @@ class EventProcessor(Component):
 class SpanProcessor(Component):
     kind: ClassVar[str] = PROCESSOR
     consumes: ClassVar[str] = "spans"
+    #: Pipeline types it may sit in; one that lists "metrics" implements ``consume_metrics``.
+    signals: ClassVar[tuple[str, ...]] = (TRACES,)
 
     def consume_spans(self, spans: list[Span]) -> None:
         self.next.consume_spans(spans)
@@ -118,6 +139,24 @@ class SpanProcessor(Component):
 
 class Exporter(Component):
     kind: ClassVar[str] = EXPORTER
+    #: Pipeline types it takes: "traces" (``consume_spans``), "metrics" (``consume_metrics``).
+    signals: ClassVar[tuple[str, ...]] = (TRACES,)
+
+    def consume_spans(self, spans: list[Span]) -> None:
+        raise NotImplementedError
+
+    def consume_metrics(self, batch: list[Any]) -> None:
+        raise NotImplementedError
+
+
+class Connector(Component):
+    """Exports from one pipeline type and receives into another (``connects``), as the
+    Collector's connectors. It is built once per id; its ``next`` fans out to every pipeline
+    that lists it as a receiver. It keeps its own state (aggregates) under its own lock."""
+
+    kind: ClassVar[str] = CONNECTOR
+    #: (the pipeline type it exports from, the pipeline type it receives into).
+    connects: ClassVar[tuple[str, str]] = (TRACES, METRICS)
 
     def consume_spans(self, spans: list[Span]) -> None:
         raise NotImplementedError

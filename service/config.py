@@ -44,6 +44,7 @@ __all__ = [
     "expand",
     "validate",
     "KINDS",
+    "SECTIONS",
     "MAX_CONFIG_BYTES",
     "MAX_CONFIG_NODES",
     "MAX_CONFIG_DEPTH",
@@ -53,11 +54,15 @@ __all__ = [
 
 log = logging.getLogger("wirespan.config")
 
-#: section name -> component kind (service.component constants).
+#: section name -> component kind (service.component constants), as a pipeline lists them.
 KINDS = {"receivers": "receiver", "processors": "processor", "exporters": "exporter"}
-_TOP_LEVEL = ("receivers", "processors", "exporters", "extensions", "service")
-#: Pipeline types the Collector knows; wirespan carries traces only.
+#: Every component section: the pipeline ones and ``connectors`` (a connector is listed among a
+#: pipeline's exporters and another pipeline's receivers).
+SECTIONS = {**KINDS, "connectors": "connector"}
+_TOP_LEVEL = ("receivers", "processors", "exporters", "connectors", "extensions", "service")
+#: Pipeline types the Collector knows; wirespan carries traces and metrics.
 _PIPELINE_TYPES = ("traces", "metrics", "logs")
+_SUPPORTED_PIPELINES = ("traces", "metrics")
 
 # Component id rules from the Collector (component/identifiable.go): the type
 # is a letter then up to 62 letters, digits or '_'; the name is non-empty
@@ -407,7 +412,7 @@ class TelemetryConfig(_Strict):
 class ComponentSpec:
     """A configured component: what the pipeline needs to build it."""
 
-    kind: str            # receiver | processor | exporter
+    kind: str            # receiver | processor | exporter | connector
     id: str              # as written in config: "type[/name]" or, with class:, any name
     cls: type
     config: Any          # an instance of cls.Config
@@ -425,18 +430,25 @@ class PipelineSpec:
     processors: list[str]
     exporters: list[str]
 
+    @property
+    def signal(self) -> str:
+        """The pipeline type: ``traces`` or ``metrics`` (the id's type part)."""
+        return self.id.partition("/")[0]
+
 
 @dataclass
 class Config:
     receivers: dict[str, ComponentSpec] = field(default_factory=dict)
     processors: dict[str, ComponentSpec] = field(default_factory=dict)
     exporters: dict[str, ComponentSpec] = field(default_factory=dict)
+    connectors: dict[str, ComponentSpec] = field(default_factory=dict)
     pipelines: dict[str, PipelineSpec] = field(default_factory=dict)
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
     raw: dict[str, Any] = field(default_factory=dict)
 
     def section(self, kind: str) -> dict[str, ComponentSpec]:
-        return {"receiver": self.receivers, "processor": self.processors, "exporter": self.exporters}[kind]
+        return {"receiver": self.receivers, "processor": self.processors, "exporter": self.exporters,
+                "connector": self.connectors}[kind]
 
 
 def parse_component_id(cid: Any) -> tuple[str, str]:
@@ -545,7 +557,7 @@ def validate(raw: dict[str, Any], registry: Any = None) -> Config:
         if key not in _TOP_LEVEL:
             errors.append(f"{key}: unknown section (expected one of: {', '.join(_TOP_LEVEL)})")
 
-    for section, kind in KINDS.items():
+    for section, kind in SECTIONS.items():
         comps = raw.get(section) or {}
         if not isinstance(comps, dict):
             errors.append(f"{section}: expected a map of component id -> options")
@@ -585,7 +597,12 @@ def validate(raw: dict[str, Any], registry: Any = None) -> Config:
         errors.append("service::pipelines: expected a map of pipeline id -> pipeline")
         pipes = {}
     configured = {kind: (raw.get(section) or {}) if isinstance(raw.get(section) or {}, dict) else {}
-                  for section, kind in KINDS.items()}
+                  for section, kind in SECTIONS.items()}
+    for cid in configured["connector"]:
+        for kind in ("receiver", "exporter"):
+            if cid in configured[kind]:
+                errors.append(f"connectors::{cid}: ambiguous id: {cid} is also configured as {kind}")
+    used_as: dict[str, set[str]] = {cid: set() for cid in configured["connector"]}
     for pid, body in pipes.items():
         path = f"service::pipelines::{pid}"
         try:
@@ -594,10 +611,10 @@ def validate(raw: dict[str, Any], registry: Any = None) -> Config:
             errors.append(f"{path}: {e}")
             continue
         if ptype not in _PIPELINE_TYPES:
-            errors.append(f"{path}: unknown pipeline type {ptype!r} (expected traces)")
+            errors.append(f"{path}: unknown pipeline type {ptype!r} (expected traces or metrics)")
             continue
-        if ptype != "traces":
-            errors.append(f"{path}: {ptype} pipelines are not supported; wirespan produces traces")
+        if ptype not in _SUPPORTED_PIPELINES:
+            errors.append(f"{path}: {ptype} pipelines are not supported; wirespan produces traces and metrics")
             continue
         if not isinstance(body, dict):
             errors.append(f"{path}: expected a map (receivers:, processors:, exporters:)")
@@ -610,8 +627,13 @@ def validate(raw: dict[str, Any], registry: Any = None) -> Config:
         for section, kind in KINDS.items():
             seen: set[str] = set()
             for cid in lists[section]:
-                if cid not in configured[kind]:
+                if kind != "processor" and cid in configured["connector"]:
+                    _check_connector_use(path, ptype, kind, cid, cfg.connectors.get(cid), errors)
+                    used_as[cid].add(f"{kind}:{ptype}")
+                elif cid not in configured[kind]:
                     errors.append(f'{path}: references {kind} "{cid}" which is not configured')
+                else:
+                    _check_signal(path, ptype, kind, cid, cfg.section(kind).get(cid), errors)
                 if cid in seen:
                     errors.append(f'{path}: references {kind} "{cid}" multiple times')
                 seen.add(cid)
@@ -619,13 +641,53 @@ def validate(raw: dict[str, Any], registry: Any = None) -> Config:
             errors.append(f"{path}: must have at least one receiver")
         if not lists["exporters"]:
             errors.append(f"{path}: must have at least one exporter")
-        if len(errors) == before:
+        if len(errors) == before and ptype == "traces":
             _check_chain(path, [cfg.processors.get(p) for p in lists["processors"]], lists["processors"], errors)
         cfg.pipelines[pid] = PipelineSpec(pid, lists["receivers"], lists["processors"], lists["exporters"])
+    for cid, uses in used_as.items():
+        spec = cfg.connectors.get(cid)
+        if spec is None:
+            continue
+        src, dst = getattr(spec.cls, "connects", ("traces", "metrics"))
+        if f"exporter:{src}" not in uses or f"receiver:{dst}" not in uses:
+            errors.append(f"connectors::{cid}: must be used as an exporter of a {src} pipeline and as a receiver "
+                          f"of a {dst} pipeline")
 
     if errors:
         raise ConfigError(errors)
     return cfg
+
+
+def _check_connector_use(path: str, ptype: str, kind: str, cid: str, spec: ComponentSpec | None,
+                         errors: list[str]) -> None:
+    """A connector listed by a pipeline: among its exporters it must take the pipeline's type,
+    among its receivers it must produce it."""
+    if spec is None:
+        return  # its own error is reported already
+    src, dst = getattr(spec.cls, "connects", ("traces", "metrics"))
+    if kind == "exporter" and ptype != src:
+        errors.append(f'{path}: connector "{cid}" takes {src}; it cannot export from a {ptype} pipeline')
+    if kind == "receiver" and ptype != dst:
+        errors.append(f'{path}: connector "{cid}" produces {dst}; it cannot be a receiver of a {ptype} pipeline')
+
+
+def _check_signal(path: str, ptype: str, kind: str, cid: str, spec: ComponentSpec | None,
+                  errors: list[str]) -> None:
+    """A receiver, processor or exporter must handle the pipeline's type."""
+    if spec is None:
+        return
+    if kind == "receiver":
+        if ptype != "traces":
+            errors.append(f'{path}: receiver "{cid}" produces TCP events for traces pipelines; a {ptype} '
+                          f"pipeline's receivers are connectors (e.g. spanmetrics)")
+        return
+    if kind == "processor":
+        consumes = getattr(spec.cls, "consumes", None)
+        signals = ("metrics",) if consumes == "metrics" else getattr(spec.cls, "signals", ("traces",))
+    else:
+        signals = getattr(spec.cls, "signals", ("traces",))
+    if ptype not in signals:
+        errors.append(f'{path}: {kind} "{cid}" does not support {ptype} (it takes: {", ".join(signals)})')
 
 
 def _check_chain(path: str, specs: list[ComponentSpec | None], ids: list[str], errors: list[str]) -> None:

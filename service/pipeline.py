@@ -55,9 +55,10 @@ from typing import Any
 
 from service import speedups
 from service import telemetry as tm
-from service.component import EXPORTER, PROCESSOR, RECEIVER
+from service.component import CONNECTOR, EXPORTER, PROCESSOR, RECEIVER
 from service.config import Config, ConfigError
 from service.log import describe
+from service.metrics import point_count
 
 __all__ = [
     "Service",
@@ -120,9 +121,12 @@ class _Tally:
 
 
 class _Link:
-    """In front of one consumer: counts what goes in, contains its failures."""
+    """In front of one consumer: counts what goes in, contains its failures.
 
-    __slots__ = ("_drop", "_err_at", "_stopping", "incoming", "label", "path", "tally", "target")
+    Spans are counted one an item, metrics one a data point (as the Collector counts them)."""
+
+    __slots__ = ("_drop", "_drop_points", "_err_at", "_stopping", "incoming", "label", "path", "points", "tally",
+                 "target")
 
     def __init__(self, target: Any, path: str, label: str, kind: str, stopping: threading.Event,
                  count: bool = True) -> None:
@@ -132,22 +136,32 @@ class _Link:
         # Only exporters need an exact "offered" count (the delivery check); elsewhere
         # the Prometheus counters suffice and a second lock per batch is not worth it.
         self.tally = _Tally() if kind == EXPORTER else None
+        self.points = _Tally() if kind == EXPORTER else None   # metric points offered (the delivery check)
         self._err_at = 0.0
         self._stopping = stopping
         if kind == PROCESSOR:
             # events->spans processors count their own incoming items
             self.incoming = tm.PROCESSOR_INCOMING.labels(processor=label) if count else None
             self._drop = lambda reason, n: tm.PROCESSOR_DROPPED.labels(processor=label, reason=reason).inc(n)
+            self._drop_points = self._drop
+        elif kind == CONNECTOR:
+            self.incoming = None
+            self._drop = lambda reason, n: tm.CONNECTOR_DROPPED.labels(connector=label, reason=reason).inc(n)
+            self._drop_points = self._drop
         else:
             self.incoming = None
             self._drop = lambda reason, n: tm.EXPORTER_SEND_FAILED.labels(exporter=label, reason=reason).inc(n)
+            self._drop_points = lambda reason, n: tm.EXPORTER_SEND_FAILED_POINTS.labels(
+                exporter=label, reason=reason).inc(n)
 
-    def _call(self, fn: Callable[[list], None], items: list) -> None:
-        n = len(items)
+    def _call(self, fn: Callable[[list], None], items: list, points: bool = False) -> None:
+        n = point_count(items) if points else len(items)
         if self.incoming is not None:
             self.incoming.inc(n)
-        if self.tally is not None:
-            self.tally.add(n)
+        tally = self.points if points else self.tally
+        if tally is not None:
+            tally.add(n)
+        drop = self._drop_points if points else self._drop
         while True:
             try:
                 fn(items)
@@ -156,10 +170,10 @@ class _Link:
                 if should_block() and not self._stopping.is_set():
                     time.sleep(REFUSED_RETRY_S)
                     continue
-                self._drop("refused", n)
+                drop("refused", n)
                 return
             except Exception:
-                self._drop("error", n)
+                drop("error", n)
                 now = time.monotonic()
                 if now - self._err_at >= ERROR_LOG_INTERVAL_S:
                     self._err_at = now
@@ -174,6 +188,10 @@ class _Link:
     def consume_spans(self, spans: list) -> None:
         if spans:
             self._call(self.target.consume_spans, spans)
+
+    def consume_metrics(self, batch: list) -> None:
+        if batch:
+            self._call(self.target.consume_metrics, batch, points=True)
 
 
 class _SpanOut:
@@ -196,6 +214,36 @@ class _SpanOut:
             self.tally.add(len(spans))
         for t in self.targets:
             t.consume_spans(spans)
+
+    def consume_metrics(self, batch: list) -> None:
+        """A metric processor's output: counted in data points."""
+        if not batch:
+            return
+        if self.outgoing is not None:
+            self.outgoing.inc(point_count(batch))
+        for t in self.targets:
+            t.consume_metrics(batch)
+
+
+class _MetricOut:
+    """A connector's ``next``: fans its metrics out to every metrics pipeline that lists it.
+
+    Metrics leave a connector from its own timer thread (or at shutdown), never from a
+    receiver's: they are few, so waiting for room in a full queue (``blocking(True)``) loses
+    nothing and stalls no capture.
+    """
+
+    __slots__ = ("targets",)
+
+    def __init__(self, targets: list[_Link]) -> None:
+        self.targets = targets
+
+    def consume_metrics(self, batch: list) -> None:
+        if not batch:
+            return
+        with blocking(True):
+            for t in self.targets:
+                t.consume_metrics(batch)
 
 
 class _EventOut:
@@ -227,6 +275,13 @@ def _delivery_counts(eid: str) -> tuple[float, float, float]:
     return (tm.counter_value(tm.EXPORTER_SENT, exporter=eid),
             tm.counter_value(tm.EXPORTER_SEND_FAILED, exporter=eid),
             tm.counter_value(tm.EXPORTER_ENQUEUE_FAILED, exporter=eid))
+
+
+def _point_counts(eid: str) -> tuple[float, float, float]:
+    """As ``_delivery_counts``, for metric data points."""
+    return (tm.counter_value(tm.EXPORTER_SENT_POINTS, exporter=eid),
+            tm.counter_value(tm.EXPORTER_SEND_FAILED_POINTS, exporter=eid),
+            tm.counter_value(tm.EXPORTER_ENQUEUE_FAILED_POINTS, exporter=eid))
 
 
 #: Young-generation threshold while pipelines run (CPython's default is 700). The hot path
@@ -284,6 +339,9 @@ class Service:
         self._started: list[tuple[str, str, Any]] = []   # (kind, path, component) in start order
         self._order: list[tuple[str, str, Any]] = []
         self._exporter_links: dict[str, _Link] = {}
+        self.connectors: dict[str, Any] = {}
+        self._connector_links: dict[str, _Link] = {}
+        self._connector_outs: dict[str, _MetricOut] = {}
         self._span_outs: dict[str, _SpanOut] = {}        # pipeline id -> output of its events->spans processor
         self._event_outs: dict[str, _EventOut] = {}
         self._proc_outs: dict[int, _SpanOut] = {}        # id(processor) -> its next
@@ -327,7 +385,10 @@ class Service:
     def _build(self) -> None:
         cfg = self.cfg
         prev = self._reuse
-        used_exp = [e for p in cfg.pipelines.values() for e in p.exporters]
+        # Built from the exporters back: every stage exists before anything that feeds it.
+        # Exporters, then the metrics pipelines, then the connectors feeding them, then the
+        # traces pipelines (whose exporters include the connectors), then the receivers.
+        used_exp = [e for p in cfg.pipelines.values() for e in p.exporters if e not in cfg.connectors]
         for eid in dict.fromkeys(used_exp):
             old = prev.exporters.get(eid) if prev is not None else None
             inst = self._take(EXPORTER, eid, old)
@@ -337,41 +398,77 @@ class Service:
             self._exporter_links[eid] = _Link(inst, f"exporters::{eid}", eid, EXPORTER, self._stopping)
             self._order.append((EXPORTER, f"exporters::{eid}", inst))
             self._baseline[eid] = _delivery_counts(eid)
-        entries: dict[str, _Link] = {}
+            self._baseline[f"points:{eid}"] = _point_counts(eid)
+        entries: dict[str, list[_Link]] = {}
+        metric_pipes = {pid: p for pid, p in cfg.pipelines.items() if p.signal == "metrics"}
+        for pid, p in metric_pipes.items():
+            entries[pid] = self._build_chain(pid, p)
+        used_conn = [c for p in cfg.pipelines.values() for c in p.exporters if c in cfg.connectors]
+        for cid in dict.fromkeys(used_conn):
+            targets = [t for pid, p in metric_pipes.items() if cid in p.receivers for t in entries[pid]]
+            old = prev.connectors.get(cid) if prev is not None else None
+            inst = self._take(CONNECTOR, cid, old)
+            if inst is not None:
+                out = prev._connector_outs[cid]
+                self._repoint.append((out, targets))
+            else:
+                out = _MetricOut(targets)
+                inst = self._make(CONNECTOR, cid, out, old)
+            self.connectors[cid] = inst
+            self._connector_outs[cid] = out
+            self._connector_links[cid] = _Link(inst, f"connectors::{cid}", cid, CONNECTOR, self._stopping)
+            self._order.append((CONNECTOR, f"connectors::{cid}", inst))
         for pid, p in cfg.pipelines.items():
-            targets = [self._exporter_links[e] for e in p.exporters]
-            chain: list[Any] = []
-            # A processor is kept only with everything after it: the same processors behind it
-            # in this pipeline, kept, and the same exporters, kept (its output must not change).
-            was = prev.cfg.pipelines.get(pid) if prev is not None else None
-            old_chain = prev.pipelines.get(pid, []) if prev is not None else []
-            tail_kept = (was is not None and was.exporters == p.exporters
-                         and all(id(self.exporters[e]) in self.kept for e in p.exporters))
-            for k, proc_id in enumerate(reversed(p.processors), 1):
-                makes_spans = getattr(cfg.processors[proc_id].cls, "consumes", None) == "events"
-                same_place = was is not None and len(was.processors) >= k and was.processors[-k] == proc_id
-                old = old_chain[-k] if same_place and len(old_chain) >= k else None
-                inst = self._take(PROCESSOR, proc_id, old) if tail_kept else None
-                if inst is not None:
-                    out = prev._proc_outs[id(inst)]   # its next: pointed at this service's stages at start
-                    self._repoint.append((out, targets))
-                else:
-                    tail_kept = False
-                    out = _SpanOut(proc_id, targets, tally=makes_spans)
-                    inst = self._make(PROCESSOR, proc_id, out, old)
-                self._proc_outs[id(inst)] = out
-                if makes_spans:
-                    self._span_outs[pid] = out
-                chain.insert(0, inst)
-                targets = [_Link(inst, f"service::pipelines::{pid}::processors::{proc_id}", proc_id, PROCESSOR,
-                                 self._stopping, count=not makes_spans)]
-                self._order.append((PROCESSOR, f"processors::{proc_id} (pipeline {pid})", inst))
-            self.pipelines[pid] = chain
-            entries[pid] = targets[0]
-        used_rcv = [r for p in cfg.pipelines.values() for r in p.receivers]
+            if p.signal == "traces":
+                entries[pid] = self._build_chain(pid, p)
+        self._build_receivers(entries)
+
+    def _sink(self, eid: str) -> Any:
+        """The exporter or connector a pipeline lists among its exporters."""
+        return self.exporters[eid] if eid in self.exporters else self.connectors[eid]
+
+    def _build_chain(self, pid: str, p: Any) -> list[_Link]:
+        """One pipeline's processors, built from its exporters back; returns its entry links (its first
+        processor's, or its exporters' when it has no processor)."""
+        cfg = self.cfg
+        prev = self._reuse
+        targets = [self._exporter_links.get(e) or self._connector_links[e] for e in p.exporters]
+        chain: list[Any] = []
+        # A processor is kept only with everything after it: the same processors behind it
+        # in this pipeline, kept, and the same exporters, kept (its output must not change).
+        was = prev.cfg.pipelines.get(pid) if prev is not None else None
+        old_chain = prev.pipelines.get(pid, []) if prev is not None else []
+        tail_kept = (was is not None and was.exporters == p.exporters
+                     and all(id(self._sink(e)) in self.kept for e in p.exporters))
+        for k, proc_id in enumerate(reversed(p.processors), 1):
+            makes_spans = getattr(cfg.processors[proc_id].cls, "consumes", None) == "events"
+            same_place = was is not None and len(was.processors) >= k and was.processors[-k] == proc_id
+            old = old_chain[-k] if same_place and len(old_chain) >= k else None
+            inst = self._take(PROCESSOR, proc_id, old) if tail_kept else None
+            if inst is not None:
+                out = prev._proc_outs[id(inst)]   # its next: pointed at this service's stages at start
+                self._repoint.append((out, targets))
+            else:
+                tail_kept = False
+                out = _SpanOut(proc_id, targets, tally=makes_spans)
+                inst = self._make(PROCESSOR, proc_id, out, old)
+            self._proc_outs[id(inst)] = out
+            if makes_spans:
+                self._span_outs[pid] = out
+            chain.insert(0, inst)
+            targets = [_Link(inst, f"service::pipelines::{pid}::processors::{proc_id}", proc_id, PROCESSOR,
+                             self._stopping, count=not makes_spans)]
+            self._order.append((PROCESSOR, f"processors::{proc_id} (pipeline {pid})", inst))
+        self.pipelines[pid] = chain
+        return targets
+
+    def _build_receivers(self, entries: dict[str, list[_Link]]) -> None:
+        cfg = self.cfg
+        prev = self._reuse
+        used_rcv = [r for p in cfg.pipelines.values() for r in p.receivers if r in cfg.receivers]
         for rid in dict.fromkeys(used_rcv):
             spec = cfg.receivers[rid]
-            targets = [entries[pid] for pid, p in cfg.pipelines.items() if rid in p.receivers]
+            targets = [t for pid, p in cfg.pipelines.items() if rid in p.receivers for t in entries[pid]]
             self._baseline[f"receiver:{rid}"] = tm.counter_value(tm.RECEIVER_ACCEPTED, receiver=rid)
             old = prev.receivers.get(rid) if prev is not None else None
             inst = self._take(RECEIVER, rid, old)
@@ -500,13 +597,14 @@ class Service:
                 checked = self.cfg.exporters[eid].source == "built-in"
             if not checked:
                 continue
-            offered = link.tally.value
-            now = _delivery_counts(eid)
-            sent, failed, refused = (int(x - y) for x, y in zip(now, self._baseline[eid], strict=True))
-            if sent < offered:
-                pending = max(0, offered - sent - failed - refused)
-                out.append(f"exporters::{eid}: {offered - sent} of {offered} spans not delivered "
-                           f"({failed} failed, {refused} refused by a full queue, {pending} still pending)")
+            for what, offered, now, base in (
+                    ("spans", link.tally.value, _delivery_counts(eid), self._baseline[eid]),
+                    ("metric points", link.points.value, _point_counts(eid), self._baseline[f"points:{eid}"])):
+                sent, failed, refused = (int(x - y) for x, y in zip(now, base, strict=True))
+                if sent < offered:
+                    pending = max(0, offered - sent - failed - refused)
+                    out.append(f"exporters::{eid}: {offered - sent} of {offered} {what} not delivered "
+                               f"({failed} failed, {refused} refused by a full queue, {pending} still pending)")
         return out
 
     def stats(self) -> dict[str, Any]:
@@ -516,6 +614,8 @@ class Service:
             sent, failed, refused = (int(x - y) for x, y in zip(_delivery_counts(eid), self._baseline[eid],
                                                                  strict=True))
             exp[eid] = {"offered": link.tally.value, "sent": sent, "failed": failed, "refused": refused}
+            if link.points.value:
+                exp[eid]["points_offered"] = link.points.value
         return {
             "events": {rid: int(tm.counter_value(tm.RECEIVER_ACCEPTED, receiver=rid)
                                 - self._baseline[f"receiver:{rid}"]) for rid in self._event_outs},

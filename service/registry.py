@@ -4,7 +4,7 @@ Built-in components are declared below as lazy ``"module:Class"`` strings, the
 same form an entry point has, and are imported only when a config uses them (so
 ``wirespan validate`` does not pay for gRPC when no pipeline exports over it).
 Third-party components come from the entry point groups ``wirespan.receivers``,
-``wirespan.processors`` and ``wirespan.exporters`` (entry point name = type),
+``wirespan.processors``, ``wirespan.exporters`` and ``wirespan.connectors`` (entry point name = type),
 or from ``class: package.module:ClassName`` in a component's config.
 
 A type whose module is missing or fails to import is *unavailable*: listed as
@@ -24,7 +24,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from service.component import EXPORTER, PROCESSOR, RECEIVER
+from service.component import CONNECTOR, EXPORTER, PROCESSOR, RECEIVER
 from service.log import describe
 
 __all__ = [
@@ -61,11 +61,17 @@ BUILTINS: dict[str, dict[str, str]] = {
         "otlphttp": "exporters.otlphttp:OtlpHttpExporter",
         "file": "exporters.file:FileExporter",
         "debug": "exporters.debug:DebugExporter",
+        "prometheus": "exporters.prometheus:PrometheusExporter",
+    },
+    CONNECTOR: {
+        "spanmetrics": "connectors.spanmetrics:SpanMetricsConnector",
+        "servicegraph": "connectors.servicegraph:ServiceGraphConnector",
     },
 }
 
 #: kind -> entry point group.
-GROUPS = {RECEIVER: "wirespan.receivers", PROCESSOR: "wirespan.processors", EXPORTER: "wirespan.exporters"}
+GROUPS = {RECEIVER: "wirespan.receivers", PROCESSOR: "wirespan.processors", EXPORTER: "wirespan.exporters",
+          CONNECTOR: "wirespan.connectors"}
 
 BUILTIN_SOURCE = "built-in"
 
@@ -116,12 +122,19 @@ def check_class(kind: str, cls: Any, target: str) -> type:
     if ckind != kind:
         raise ComponentUnavailable(f"{target} is {_a(ckind or 'non-component')}, not {_a(kind)}")
     needed = {RECEIVER: ("start", "shutdown"), PROCESSOR: ("start", "shutdown", "flush"),
-              EXPORTER: ("start", "shutdown", "consume_spans")}[kind]
+              EXPORTER: ("start", "shutdown"),
+              CONNECTOR: ("start", "shutdown", "flush", "consume_spans")}[kind]
+    if kind == EXPORTER:
+        signals = getattr(cls, "signals", ("traces",))
+        needed += tuple(m for sig, m in (("traces", "consume_spans"), ("metrics", "consume_metrics"))
+                        if sig in signals)
     if kind == PROCESSOR:
         consumes = getattr(cls, "consumes", None)
-        if consumes not in ("events", "spans"):
-            raise ComponentUnavailable(f"{target}: processor must set consumes = 'events' or 'spans'")
-        needed += ("consume_events",) if consumes == "events" else ("consume_spans",)
+        if consumes not in ("events", "spans", "metrics"):
+            raise ComponentUnavailable(f"{target}: processor must set consumes = 'events', 'spans' or 'metrics'")
+        needed += (f"consume_{consumes}",)
+        if "metrics" in getattr(cls, "signals", ()):
+            needed += ("consume_metrics",)
     missing = [m for m in needed if not callable(getattr(cls, m, None))]
     if missing:
         raise ComponentUnavailable(f"{target} lacks {', '.join(missing)}")
@@ -222,7 +235,7 @@ class Registry:
         return cls
 
     def entries(self) -> list[Entry]:
-        order = {RECEIVER: 0, PROCESSOR: 1, EXPORTER: 2}
+        order = {RECEIVER: 0, PROCESSOR: 1, EXPORTER: 2, CONNECTOR: 3}
         return sorted(self._entries.values(), key=lambda e: (order.get(e.kind, 9), e.type))
 
 

@@ -274,3 +274,41 @@ EBPF_TRUNCATED_BYTES = Counter(
     "or ring_full (records lost to a full ring buffer).",
     ["receiver", "where"], registry=_registry)
 __all__ += ["EBPF_KERNEL_COUNTERS", "EBPF_TRUNCATED_BYTES"]
+
+# ---------------------------------------------------------------------------
+# Metrics pipelines, connectors and the prometheus exporter (issue 17). The Collector
+# counts metrics in data points (otelcol_exporter_sent_metric_points, ...).
+# ---------------------------------------------------------------------------
+EXPORTER_SENT_POINTS = Counter(
+    "wirespan_exporter_sent_metric_points", "Metric data points the backend accepted.", ["exporter"],
+    registry=_registry)
+EXPORTER_SEND_FAILED_POINTS = Counter(
+    "wirespan_exporter_send_failed_metric_points", "Metric data points that failed to send for good, by reason.",
+    ["exporter", "reason"], registry=_registry)
+EXPORTER_ENQUEUE_FAILED_POINTS = Counter(
+    "wirespan_exporter_enqueue_failed_metric_points", "Metric data points refused by a full sending queue.",
+    ["exporter"], registry=_registry)
+EXPORTER_METRICS_QUEUE_SIZE = Gauge(
+    "wirespan_exporter_metrics_queue_size", "Metric data points waiting in the metrics sending queue.",
+    ["exporter"], registry=_registry)
+EXPORTER_METRICS_QUEUE_CAPACITY = Gauge(
+    "wirespan_exporter_metrics_queue_capacity", "Metrics sending queue capacity in data points.",
+    ["exporter"], registry=_registry)
+CONNECTOR_DROPPED = Counter(
+    "wirespan_connector_dropped_items", "Spans a connector could not take (it raised), by reason.",
+    ["connector", "reason"], registry=_registry)
+CONNECTOR_OVERFLOW = Counter(
+    "wirespan_connector_overflow_spans",
+    "Spans counted into a metric's overflow series (otel.metric.overflow=true): the metric had reached "
+    "its cardinality limit.", ["connector", "metric"], registry=_registry)
+CONNECTOR_SERIES = Gauge(
+    "wirespan_connector_series", "Series (attribute sets) a connector holds, by metric.",
+    ["connector", "metric"], registry=_registry)
+SERVICEGRAPH_EDGES = Counter(
+    "wirespan_connector_servicegraph_edges",
+    "Service graph edges by outcome: paired (client and server span met), peer (a client span mapped to a "
+    "known server by its peer address), expired (unpaired past the TTL), store_full (the edge store was full).",
+    ["connector", "outcome"], registry=_registry)
+__all__ += ["EXPORTER_SENT_POINTS", "EXPORTER_SEND_FAILED_POINTS", "EXPORTER_ENQUEUE_FAILED_POINTS",
+            "EXPORTER_METRICS_QUEUE_SIZE", "EXPORTER_METRICS_QUEUE_CAPACITY", "CONNECTOR_DROPPED",
+            "CONNECTOR_OVERFLOW", "CONNECTOR_SERIES", "SERVICEGRAPH_EDGES"]

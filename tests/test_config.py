@@ -52,7 +52,7 @@ ERROR_CASES = {
         "processors::batch: send_batch_max_size must be greater or equal to send_batch_size",
     "bad_duration.yaml": "processors::batch::timeout: invalid duration '5 minutes'",
     "unknown_section.yaml": "recievers: unknown section",
-    "metrics_pipeline.yaml": "service::pipelines::metrics: metrics pipelines are not supported",
+    "metrics_pipeline.yaml": 'service::pipelines::metrics: receiver "fake_finite" produces TCP events for traces',
     "no_exporter.yaml": "service::pipelines::traces: must have at least one exporter",
     "telemetry_typo.yaml": "service::telemetry::metrics: unknown option 'adress'",
     "class_not_found.yaml": "processors::mine: module 'no_such_package.module' is not installed",

@@ -33,7 +33,10 @@ EXPECTED_BUILTINS = {
                   "filter": "processors.filter:FilterProcessor",
                   "redaction": "processors.redaction:RedactionProcessor"},
     "exporter": {"otlp": "exporters.otlp:OtlpExporter", "otlphttp": "exporters.otlphttp:OtlpHttpExporter",
-                 "file": "exporters.file:FileExporter", "debug": "exporters.debug:DebugExporter"},
+                 "file": "exporters.file:FileExporter", "debug": "exporters.debug:DebugExporter",
+                 "prometheus": "exporters.prometheus:PrometheusExporter"},
+    "connector": {"spanmetrics": "connectors.spanmetrics:SpanMetricsConnector",
+                  "servicegraph": "connectors.servicegraph:ServiceGraphConnector"},
 }
 
 
