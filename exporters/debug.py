@@ -1,4 +1,4 @@
-"""``debug`` exporter: spans to the console, for trying a pipeline out.
+"""``debug`` exporter: spans (and metrics) to the console, for trying a pipeline out.
 
 Like the Collector's debug exporter, ``verbosity`` picks how much: ``basic``
 one line per batch with counts, ``normal`` one line per span, ``detailed``
@@ -15,6 +15,7 @@ from typing import Any, ClassVar, Literal, TextIO
 
 from service import telemetry as tm
 from service.component import ComponentConfig, Exporter
+from service.metrics import HISTOGRAM, MetricBatch, point_count
 from service.model import Span, SpanKind, StatusCode, span_summary
 
 __all__ = ["DebugExporter", "DebugConfig"]
@@ -66,8 +67,29 @@ def format_detailed(s: Span) -> str:
     return "\n".join(lines)
 
 
+def format_metrics(batch: MetricBatch, detailed: bool) -> str:
+    """Metrics as text: one line per metric (``normal``), plus one per data point (``detailed``)."""
+    lines = []
+    for rm in batch:
+        svc = rm.resource.attributes.get("service.name", "")
+        for m in rm.metrics:
+            lines.append(f"{m.name} {m.type} unit={m.unit or '-'} points={len(m.points)} service.name={svc!r}")
+            if not detailed:
+                continue
+            for p in m.points:
+                attrs = " ".join(f"{k}={_fmt_value(v)}" for k, v in p.attributes.items())
+                if m.type == HISTOGRAM:
+                    b = " ".join(f"le{bound:g}={c}" for bound, c in zip(p.bounds, p.bucket_counts, strict=False))
+                    lines.append(f"    {attrs} count={p.count} sum={p.sum:.6g} min={p.min} max={p.max} {b} "
+                                 f"inf={p.bucket_counts[-1]} exemplars={len(p.exemplars)}")
+                else:
+                    lines.append(f"    {attrs} value={p.value}")
+    return "".join(line + "\n" for line in lines)
+
+
 class DebugExporter(Exporter):
     type: ClassVar[str] = "debug"
+    signals: ClassVar[tuple[str, ...]] = ("traces", "metrics")
     Config = DebugConfig
 
     def __init__(self, id: str, config: DebugConfig, next: Any = None, stream: TextIO | None = None) -> None:
@@ -105,6 +127,22 @@ class DebugExporter(Exporter):
                 tm.EXPORTER_SEND_FAILED.labels(exporter=self.id, reason="write_error").inc(len(spans))
                 return
         self._sent.inc(len(spans))
+
+    def consume_metrics(self, batch: MetricBatch) -> None:
+        n = point_count(batch)
+        v = self.config.verbosity
+        if v == "basic":
+            text = f"{self.id}: {sum(len(rm.metrics) for rm in batch)} metrics, {n} data points\n"
+        else:
+            text = format_metrics(batch, detailed=v != "normal")
+        with self._lock:
+            try:
+                self.stream.write(text)
+                self.stream.flush()
+            except (OSError, ValueError):
+                tm.EXPORTER_SEND_FAILED_POINTS.labels(exporter=self.id, reason="write_error").inc(n)
+                return
+        tm.EXPORTER_SENT_POINTS.labels(exporter=self.id).inc(n)
 
     def shutdown(self) -> None:
         if self.config.verbosity != "tree":

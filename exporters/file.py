@@ -1,7 +1,8 @@
 """``file`` exporter: OTLP JSON lines, as the Collector's file exporter writes them.
 
 Each batch becomes one line holding one ``ExportTraceServiceRequest`` in the
-OTLP/JSON mapping (``service.model.spans_to_otlp_json``), so the file can be
+OTLP/JSON mapping (``service.model.spans_to_otlp_json``), or, from a metrics pipeline,
+one ``ExportMetricsServiceRequest`` (``service.metrics.metrics_to_otlp_json``), so the file can be
 replayed into any OTLP/JSON consumer or read line by line. Writes are buffered
 and flushed every ``flush_interval`` and at shutdown (nothing written is lost
 on a graceful stop). With ``rotation``, a file that would grow past
@@ -24,6 +25,7 @@ from pydantic import Field, model_validator
 from service import telemetry as tm
 from service.component import ComponentConfig, Exporter
 from service.config import Duration
+from service.metrics import MetricBatch, metrics_to_otlp_json, point_count
 from service.model import Span, spans_to_otlp_json
 
 __all__ = ["FileExporter", "FileConfig", "RotationConfig"]
@@ -65,6 +67,7 @@ class FileConfig(ComponentConfig):
 
 class FileExporter(Exporter):
     type: ClassVar[str] = "file"
+    signals: ClassVar[tuple[str, ...]] = ("traces", "metrics")
     Config = FileConfig
 
     def __init__(self, id: str, config: FileConfig, next: Any = None) -> None:
@@ -103,12 +106,21 @@ class FileExporter(Exporter):
             self.flush()
 
     def consume_spans(self, spans: list[Span]) -> None:
-        line = spans_to_otlp_json(spans) + "\n"
+        if self._write(spans_to_otlp_json(spans) + "\n", len(spans), tm.EXPORTER_SEND_FAILED):
+            self._sent.inc(len(spans))
+
+    def consume_metrics(self, batch: MetricBatch) -> None:
+        points = point_count(batch)
+        if self._write(metrics_to_otlp_json(batch) + "\n", points, tm.EXPORTER_SEND_FAILED_POINTS):
+            tm.EXPORTER_SENT_POINTS.labels(exporter=self.id).inc(points)
+
+    def _write(self, line: str, items: int, failed: Any) -> bool:
+        """One line into the file (rotating first if due); False, counted in ``failed``, if it could not."""
         n = len(line.encode("utf-8")) if self.config.rotation is not None else len(line)
         with self._lock:
             if self._fh is None:
-                tm.EXPORTER_SEND_FAILED.labels(exporter=self.id, reason="not_started").inc(len(spans))
-                return
+                failed.labels(exporter=self.id, reason="not_started").inc(items)
+                return False
             try:
                 rot = self.config.rotation
                 if rot is not None and self._size and self._size + n > rot.max_megabytes * _MIB:
@@ -118,10 +130,10 @@ class FileExporter(Exporter):
                 if self.config.flush_interval == 0:
                     self._fh.flush()
             except OSError as e:
-                tm.EXPORTER_SEND_FAILED.labels(exporter=self.id, reason="write_error").inc(len(spans))
+                failed.labels(exporter=self.id, reason="write_error").inc(items)
                 log.error("%s: cannot write %s: %s", self.id, self.path, e)
-                return
-        self._sent.inc(len(spans))
+                return False
+        return True
 
     def _rotate(self, rot: RotationConfig) -> None:
         self._fh.close()
