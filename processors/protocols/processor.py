@@ -217,6 +217,27 @@ Config = create_model(  # type: ignore[call-overload]
 )
 Config.__doc__ = "Options of the ``protocols`` stage (see processors/protocols/README.md)."
 
+
+def _tls_emit(emit: Any, tls: dict[str, Any]) -> Any:
+    """The emit callback of a connection whose payloads are TLS plaintext (a receiver's
+    ``TlsConnId``): its spans get the connection's ``tls.*`` attributes, and HTTP's scheme
+    (and ``url.full``) is https. ``tls`` is read when each span is emitted: a receiver may
+    complete it after the connection started."""
+
+    def e(span: Span) -> None:
+        a = span.attributes
+        if "url.scheme" in a:
+            a["url.scheme"] = "https"
+            full = a.get("url.full")
+            if isinstance(full, str) and full.startswith("http://"):
+                a["url.full"] = "https://" + full[7:]
+        for k, v in tls.items():
+            a.setdefault(k, v)
+        emit(span)
+
+    return e
+
+
 # Connection modes.
 _DETECTING, _PARSING, _IGNORED = 0, 1, 2
 _DATA = EventKind.DATA
@@ -701,7 +722,11 @@ class ProtocolsProcessor(EventProcessor):
         asm = self._assembler
         if asm is not None and st.pid is None and not asm.passive:
             asm = None  # a capture: assembled only with assemble: true
-        conn = Conn(cid, caddr, cport, saddr, sport, self._emitter(name), self._drop, perspective=perspective,
+        emit = self._emitter(name)
+        tls = getattr(cid, "tls", None)
+        if tls is not None:  # TLS plaintext (receivers/tls.py TlsConnId)
+            emit = _tls_emit(emit, tls)
+        conn = Conn(cid, caddr, cport, saddr, sport, emit, self._drop, perspective=perspective,
                     resource=self._resource(saddr, sport, st.pid, st.comm), settings=self._settings.get(name),
                     protocol=name, pid=st.pid, comm=st.comm, budget=self._budget, assembler=asm)
         conn.tid = self._cur_tid
@@ -747,7 +772,9 @@ class ProtocolsProcessor(EventProcessor):
         conn.release_stores()  # the old session's requests were handed over or are done
         conn.protocol = to
         conn.settings = self._settings[to]
-        conn.set_emit(self._emitter(to))
+        emit = self._emitter(to)
+        tls = getattr(cid, "tls", None)
+        conn.set_emit(emit if tls is None else _tls_emit(emit, tls))
         try:
             st.session = mod.Session(conn)
         except Exception:

@@ -60,6 +60,8 @@ def _load() -> ctypes.CDLL:
         "bpf_object__next_program": (vp, [vp, vp]),
         "bpf_program__name": (cp, [vp]),
         "bpf_program__attach": (vp, [vp]),
+        "bpf_object__find_program_by_name": (vp, [vp, cp]),
+        "bpf_program__attach_uprobe": (vp, [vp, ctypes.c_bool, i, cp, ctypes.c_size_t]),
         "bpf_map__fd": (i, [vp]),
         "bpf_map__set_max_entries": (i, [vp, u32]),
         "bpf_map_update_elem": (i, [i, vp, vp, ctypes.c_uint64]),
@@ -197,6 +199,29 @@ class BpfObject:
                 names.append(name)
             prog = self.lib.bpf_object__next_program(self._obj, prog)
         return names
+
+    def attach_uprobe(self, prog_name: str, path: str, offset: int, retprobe: bool = False) -> int:
+        """Attach program ``prog_name`` (SEC "uprobe"/"uretprobe") at file ``offset`` of the ELF
+        ``path`` in every process (pid -1); returns the link, for ``detach``.
+
+        The offset is a file offset (the symbol's address translated through its PT_LOAD
+        segment: receivers/ebpf/ssl_probes.py), as the kernel's uprobe PMU takes it.
+        """
+        prog = self.lib.bpf_object__find_program_by_name(self._obj, prog_name.encode())
+        if not prog:
+            raise BpfError(f"program {prog_name} not in the BPF object (object and receiver out of sync: rebuild)")
+        ctypes.set_errno(0)
+        link = self.lib.bpf_program__attach_uprobe(prog, retprobe, -1, path.encode(), offset)
+        if not link:
+            raise _err(f"attaching {prog_name} to {path}+{offset:#x}")
+        self._links.append(link)
+        return link
+
+    def detach(self, link: int) -> None:
+        """Destroy one link returned by ``attach_uprobe``."""
+        if link in self._links:
+            self._links.remove(link)
+            self.lib.bpf_link__destroy(link)
 
     def update(self, map_name: str, key: bytes, value: bytes) -> None:
         fd = self.map_fd(map_name)

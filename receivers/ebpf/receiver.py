@@ -13,6 +13,17 @@ per-message cap (the run of bytes in one direction before the other speaks, as O
 large buffers) and bytes the kernel side did not copy become GAP events, counted.
 ``shutdown()`` detaches everything; a reload is shutdown + a new instance.
 
+TLS (issue 15, ``tls.enabled``): uprobes on OpenSSL's SSL_read/SSL_write (ssl_probes.py) send
+the plaintext as TLS_DATA records on the same ring. They become the events of a connection of
+their own, ``TlsConnId(conn_id)`` (receivers/tls.py: the protocols stage adds the ``tls.*``
+attributes and ``url.scheme=https``), with the same 4-tuple, pid, the calling thread's tid and
+the call's direction. A connection is known to be TLS from its first handshake record at the
+syscall level (``looks_like_tls``: the ServerHello gives the version and cipher) or its first
+TLS_DATA record; from then on its syscall payloads are ciphertext: skipped and counted
+(``tls_ciphertext``), never handed to a parser. A TLS connection that ends without plaintext
+from a probe (Go's crypto/tls, GnuTLS, Java, a stripped static OpenSSL) is counted
+``tls_uncovered``.
+
 Why a run cap rather than a per-syscall cap: a 200 KB response is one write on the
 server and many reads on the client; capping the run gives both views the same bytes.
 """
@@ -32,6 +43,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from receivers.tls import HelloSniffer, TlsConnId, looks_like_tls
 from service.component import ComponentConfig, Receiver
 from service.model import EventKind, TcpEvent
 from service.telemetry import (
@@ -43,6 +55,7 @@ from service.telemetry import (
 )
 
 from .libbpf import BpfError, BpfObject, MmapRing, RingBuffer, check_environment, iter_chunk
+from .ssl_probes import SslProbes
 
 __all__ = ["EbpfReceiver", "EbpfConfig", "BpfError", "OBJECT_PATH", "HDR", "COUNTER_NAMES"]
 
@@ -54,12 +67,14 @@ OBJECT_PATH = Path(__file__).parent / "bpf" / "wirespan.bpf.o"
 #: ts_enter, ts_exit, sock, pid, tid, total, offset, len, lport, rport, kind, egress,
 #: family, last, pad, laddr, raddr, comm, stream_off, recv_end
 HDR = struct.Struct("<QQQIIIIIHHBBBBI16s16s16sQQ")
-#: struct ws_cfg: self_pid, filter_pids, filter_comms, filter_ports, max_call_bytes, pad
+#: struct ws_cfg: self_pid, filter_pids, filter_comms, filter_ports, max_call_bytes, tls
 CFG = struct.Struct("<6I")
 #: enum counter in wirespan.bpf.c, by index (metric label ``counter``).
 COUNTER_NAMES = ("ringbuf_reserve_failures", "truncated_calls", "truncated_bytes", "records",
-                 "user_read_failures", "inflight_table_full", "ringbuf_reserve_failures_with_room")
-N_COUNTERS = 8
+                 "user_read_failures", "inflight_table_full", "ringbuf_reserve_failures_with_room",
+                 "tls_ciphertext_calls", "tls_ciphertext_bytes", "tls_calls", "tls_no_socket_calls",
+                 "tls_no_socket_bytes")
+N_COUNTERS = 12
 
 CHUNK = 16384                     #: payload bytes per ring record (issue 9)
 MAX_CALL_BYTES = 64 * CHUNK       #: MAX_RECORDS * CHUNK in the C file: 1 MiB per syscall
@@ -75,7 +90,12 @@ DEFAULT_MESSAGE_CAP = 64 << 10    #: OBI's large-buffer default order of magnitu
 MAX_MESSAGE_CAP = 64 << 20
 COMM_LEN = 16                     #: TASK_COMM_LEN, including the NUL
 AF_INET, AF_INET6 = 2, 10
-K_DATA, K_CLOSE = 0, 1
+K_DATA, K_CLOSE, K_TLS_DATA, K_TLS_CLOSE, K_EXEC = 0, 1, 2, 3, 4
+#: Programs attached only with ``tls.enabled`` (the uprobes are attached per library by ssl_probes.py).
+TLS_PROGRAMS = ("on_exec",)
+#: A connection's syscall payloads are looked at for a TLS handshake while it has moved fewer
+#: bytes than this either way (a STARTTLS-style switch, as PostgreSQL's SSLRequest, comes early).
+TLS_SNIFF_BYTES = 16 << 10
 _DATA, _GAP = EventKind.DATA, EventKind.GAP
 #: Connections tracked before the least recently used one is closed (as the reassembler).
 MAX_CONNECTIONS = 65536
@@ -107,6 +127,24 @@ def _protocol_ports(name: str) -> tuple[int, ...]:
     except Exception:
         pass  # a missing/broken module only loses the hint
     return _FALLBACK_PORTS.get(name, ())
+
+
+class TlsConfig(ComponentConfig):
+    """``tls:`` of the ``ebpf`` receiver: OpenSSL plaintext through uprobes."""
+
+    #: Attach uprobes to OpenSSL's SSL_read/SSL_write in the traced processes.
+    enabled: bool = True
+    #: More ELF files defining SSL_read/SSL_write to attach to (a vendored libssl, a static binary).
+    libraries: list[str] = []
+    #: How often every process's mappings are looked at again, for libraries loaded with dlopen.
+    rescan_interval: float = Field(10.0, gt=0)
+
+    @field_validator("rescan_interval", mode="before")
+    @classmethod
+    def _duration(cls, v: Any) -> Any:
+        from receivers.pcap import _seconds  # Go-style durations, as the other receivers' options
+
+        return _seconds(v)
 
 
 class EbpfConfig(ComponentConfig):
@@ -142,6 +180,8 @@ class EbpfConfig(ComponentConfig):
     exclude_self: bool = True
     #: The compiled object (default: the one built by build.sh / shipped).
     object_path: str = str(OBJECT_PATH)
+    #: TLS plaintext from OpenSSL (uprobes); ``{enabled: false}`` sees TLS connections as skipped ciphertext.
+    tls: TlsConfig = TlsConfig()
 
     @field_validator("ring_size")
     @classmethod
@@ -172,7 +212,8 @@ class EbpfConfig(ComponentConfig):
 class _Conn:
     """One process's view of one socket."""
 
-    __slots__ = ("cap", "id", "laddr", "lport", "pid", "pos", "raddr", "rport", "run_bytes", "run_egress")
+    __slots__ = ("cap", "hello", "id", "laddr", "lport", "pid", "plain", "pos", "raddr", "rport", "run_bytes",
+                 "run_egress", "sniff", "tls", "tls_attrs")
 
     def __init__(self, cid: tuple, pid: int, laddr: str, lport: int, raddr: str, rport: int, cap: int) -> None:
         self.id = cid
@@ -183,6 +224,16 @@ class _Conn:
         self.run_bytes = 0
         #: next expected stream position per direction ([0] received, [1] sent), None until seen
         self.pos: list[int | None] = [None, None]
+        #: True once the connection is known to be TLS (its syscall payloads are ciphertext)
+        self.tls = False
+        #: payloads are still looked at for a TLS handshake (the connection's first bytes)
+        self.sniff = True
+        #: the ServerHello reader while a TLS connection's version is not known yet
+        self.hello: HelloSniffer | None = None
+        #: the connection of its TLS plaintext (TLS_DATA records), once one came
+        self.plain: _Conn | None = None
+        #: span attributes of a TLS connection (its plaintext's TlsConnId holds the same dict)
+        self.tls_attrs: dict[str, Any] | None = None
 
 
 def _addr(family: int, raw: bytes) -> str:
@@ -202,6 +253,7 @@ class EbpfReceiver(Receiver):
     def __init__(self, id: str, config: EbpfConfig, next: Any = None) -> None:
         super().__init__(id, config, next)
         self._obj: BpfObject | None = None
+        self._probes: SslProbes | None = None
         self._rb: RingBuffer | None = None
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
@@ -216,6 +268,7 @@ class EbpfReceiver(Receiver):
         self._dispatcher: threading.Thread | None = None
         self._out: list[TcpEvent] = []
         self._gap_cap = self._gap_kernel = self._gap_lost = self._nrec = 0
+        self._tls_skipped = 0
         self._conns: OrderedDict[tuple, _Conn] = OrderedDict()
         self._gen: dict[tuple, int] = {}
         self._last_counters = [0] * N_COUNTERS
@@ -227,7 +280,8 @@ class EbpfReceiver(Receiver):
         self._cap_by_port.update(config.max_message_bytes_per_port)
         #: ring_fill_max: the most bytes seen waiting in the kernel ring (mmap reader)
         self.stats = {"records": 0, "events": 0, "gap_bytes": 0, "closes": 0, "queue_dropped": 0,
-                      "ring_fill_max": 0}
+                      "ring_fill_max": 0, "tls": {"connections": 0, "plaintext_records": 0, "ciphertext_records": 0,
+                                                  "ciphertext_bytes": 0, "uncovered_connections": 0}}
         self._comm_cache: dict[bytes, str] = {}
         self._pending_close: list[TcpEvent] = []
         self._counter_snapshot: dict[str, int] = {}
@@ -247,7 +301,12 @@ class EbpfReceiver(Receiver):
         self._obj = obj = BpfObject(c.object_path, {"events": c.ring_size})
         try:
             self._write_filters(max_call)
-            obj.attach_all()
+            tls = c.tls.enabled
+            # uprobes (up_*/uret_*) are attached per library below, not by their section name
+            obj.attach_all(skip=lambda n: n.startswith(("up_", "uret_")) or (not tls and n in TLS_PROGRAMS))
+            if tls:
+                self._probes = SslProbes(obj, c.tls.libraries, c.tls.rescan_interval, self._want_pid, self.id)
+                self._probes.start()
             if c.ring_reader == "mmap":
                 self._ring = MmapRing(obj.map_fd("events"), c.ring_size)
             else:
@@ -261,7 +320,22 @@ class EbpfReceiver(Receiver):
         self._dispatcher.start()
         self._thread = threading.Thread(target=self._run, name=f"ebpf-{self.id}", daemon=True)
         self._thread.start()
-        log.info("%s: attached to syscall tracepoints (ring %d MiB)", self.id, c.ring_size >> 20)
+        log.info("%s: attached to syscall tracepoints (ring %d MiB)%s", self.id, c.ring_size >> 20,
+                 f", OpenSSL uprobes on {self._probes.stats['files_attached']} files" if self._probes else "")
+
+    def _want_pid(self, pid: int) -> bool:
+        """The process filters, for the TLS library scans (the BPF side applies them per call too)."""
+        c = self.config
+        if c.pids and pid not in c.pids:
+            return False
+        if c.process_names:
+            try:
+                with open(f"/proc/{pid}/comm", "rb") as f:
+                    comm = f.read().rstrip(b"\n").decode(errors="replace")
+            except OSError:
+                return False
+            return comm in c.process_names
+        return True
 
     def _write_filters(self, max_call: int) -> None:
         c, obj = self.config, self._obj
@@ -274,7 +348,8 @@ class EbpfReceiver(Receiver):
             obj.update("port_filter", struct.pack("<H", port), b"\1")
         self_pid = os.getpid() if c.exclude_self else 0
         obj.update("ws_config", struct.pack("<I", 0),
-                   CFG.pack(self_pid, bool(c.pids), bool(c.process_names), bool(c.ports), max_call, 0))
+                   CFG.pack(self_pid, bool(c.pids), bool(c.process_names), bool(c.ports), max_call,
+                            bool(c.tls.enabled)))
 
     def shutdown(self) -> None:
         self._stop.set()
@@ -300,6 +375,9 @@ class EbpfReceiver(Receiver):
             time.sleep(0.01)
 
     def _close_bpf(self) -> None:
+        if self._probes is not None:
+            self._probes.stop()  # before the object goes: its thread attaches to it
+            self.stats["tls"]["probes"] = dict(self._probes.stats)
         if self._rb is not None:
             self._rb.free()
             self._rb = None
@@ -448,17 +526,39 @@ class EbpfReceiver(Receiver):
         key = (pid, sk)
         c = self._conns.get(key)
         epoch = self._mono_to_epoch
-        if kind == K_CLOSE:
-            if c is not None:
-                # Where each direction ended (stream_off: sent, recv_end: received): the
-                # records of a tail lost to a full ring leave no later record to show the hole.
-                self._tail_gaps(c, (recv_end, stream_off), ts_out + epoch, out, tid, comm)
-                self._close(c, ts_out + epoch, out, tid, comm)
+        if kind != K_DATA and kind != K_TLS_DATA:
+            if kind == K_CLOSE:
+                if c is not None:
+                    # Where each direction ended (stream_off: sent, recv_end: received): the
+                    # records of a tail lost to a full ring leave no later record to show the hole.
+                    if not c.tls:
+                        self._tail_gaps(c, (recv_end, stream_off), ts_out + epoch, out, tid, comm)
+                    self._close(c, ts_out + epoch, out, tid, comm)
+            elif kind == K_TLS_CLOSE:
+                if c is not None and c.plain is not None:
+                    self._tail_gaps(c.plain, (recv_end, stream_off), ts_out + epoch, out, tid, comm)
+            elif kind == K_EXEC and self._probes is not None:
+                self._probes.exec(pid)
             return
         if c is None:
             c = self._new_conn(key, pid, family, laddr, lport, raddr, rport)
         else:
             self._conns.move_to_end(key)
+        if kind == K_TLS_DATA:
+            if c.plain is None:
+                self._plain_conn(c)
+            self.stats["tls"]["plaintext_records"] += 1
+            c = c.plain  # the plaintext: positions, caps and gaps of its own
+        elif c.tls or (c.sniff and self._sniff(c, offset, stream_off, payload)):
+            # ciphertext at the syscall level: skipped and counted; its handshake says the version
+            t = self.stats["tls"]
+            t["ciphertext_records"] += 1
+            t["ciphertext_bytes"] += n
+            self._tls_skipped += 1
+            if c.hello is not None and n and c.hello.feed(egress & 1, payload):
+                c.tls_attrs.update(c.hello.attrs())  # type: ignore[union-attr]
+                c.hello = None
+            return
         if egress:
             src, sport, dst, dport, ts = c.laddr, c.lport, c.raddr, c.rport, ts_in + epoch
         else:
@@ -507,6 +607,32 @@ class EbpfReceiver(Receiver):
                                 bool(egress), pid, tid, name))
         self._nrec += 1
 
+    def _sniff(self, c: _Conn, offset: int, stream_off: int, payload: Any) -> bool:
+        """Is this syscall record the start of a TLS handshake? (Then the connection is TLS.)"""
+        if stream_off + offset >= TLS_SNIFF_BYTES:
+            c.sniff = False  # past where a handshake (or a STARTTLS switch) would start
+            return False
+        if offset or payload is None or not looks_like_tls(payload):
+            return False
+        self._mark_tls(c)
+        return True
+
+    def _mark_tls(self, c: _Conn) -> None:
+        c.tls = True
+        c.sniff = False
+        c.hello = HelloSniffer()
+        c.tls_attrs = {"tls.protocol.name": "tls"}
+        self.stats["tls"]["connections"] += 1
+
+    def _plain_conn(self, c: _Conn) -> None:
+        """The first TLS_DATA record of a connection: its plaintext's own connection."""
+        if not c.tls:
+            self._mark_tls(c)  # began before wirespan did, or its handshake was not seen
+            c.hello = None
+        p = _Conn(TlsConnId(c.id, c.tls_attrs), c.pid, c.laddr, c.lport, c.raddr, c.rport, c.cap)
+        p.tls, p.sniff = True, False
+        c.plain = p
+
     def _tail_gaps(self, c: _Conn, ends: tuple[int, int], ts: int, out: list[TcpEvent], tid: int | None,
                    comm: bytes) -> None:
         """GAP events for bytes a direction moved after the last record received of it."""
@@ -537,6 +663,9 @@ class EbpfReceiver(Receiver):
             self._gap_cap = self._gap_kernel = self._gap_lost = 0
         self.stats["records"] += self._nrec
         self._nrec = 0
+        if self._tls_skipped:
+            RECEIVER_DROPPED.labels(receiver=self.id, reason="tls_ciphertext").inc(self._tls_skipped)
+            self._tls_skipped = 0
         if self._out:
             out, self._out = self._out, []
             self._deliver(out)
@@ -580,10 +709,19 @@ class EbpfReceiver(Receiver):
             self._gen.clear()  # addresses get reused anyway; generations only need to differ locally
         name = comm.split(b"\0", 1)[0].decode(errors="replace") if isinstance(comm, bytes) else comm
         self.stats["closes"] += 1
-        out.append(TcpEvent(EventKind.CLOSE, c.id, c.laddr, c.lport, c.raddr, c.rport, ts, None, 0, None,
-                            True, c.pid, tid, name))
-        out.append(TcpEvent(EventKind.CLOSE, c.id, c.raddr, c.rport, c.laddr, c.lport, ts, None, 0, None,
-                            False, c.pid, tid, name))
+        ids = [c.id]
+        if c.plain is not None:
+            ids.append(c.plain.id)
+            c.plain = None
+        elif c.tls:
+            # TLS seen at the syscall level, never a plaintext record: a library the probes do not cover
+            self.stats["tls"]["uncovered_connections"] += 1
+            RECEIVER_DROPPED.labels(receiver=self.id, reason="tls_uncovered").inc()
+        for cid in ids:
+            out.append(TcpEvent(EventKind.CLOSE, cid, c.laddr, c.lport, c.raddr, c.rport, ts, None, 0, None,
+                                True, c.pid, tid, name))
+            out.append(TcpEvent(EventKind.CLOSE, cid, c.raddr, c.rport, c.laddr, c.lport, ts, None, 0, None,
+                                False, c.pid, tid, name))
 
     # ------------------------------------------------------------------ housekeeping
     def _housekeeping(self) -> None:

@@ -14,13 +14,24 @@
 //   socket, 4-tuple, pid/tid/comm, direction, timestamps, the syscall's total
 //   byte count and the record's offset in it; bytes not copied are counted as
 //   truncated and userspace turns them into a gap;
-// - close(): one CLOSE record for a TCP socket this program reported data for.
+// - close(): one CLOSE record for a TCP socket this program reported data for
+//   (preceded by a TLS_CLOSE record when TLS plaintext was reported for it);
+// - OpenSSL (issue 15): uprobes on SSL_read/SSL_write/SSL_read_ex/SSL_write_ex
+//   (entry and return) copy the plaintext into TLS_DATA records, which carry the
+//   same header as syscall records, positions counted per socket apart from the
+//   syscall bytes. The SSL* is tied to its socket by the read/write syscall the
+//   call makes on the same thread (or SSL_set_fd), remembered per (SSL*, pid) for
+//   calls served from OpenSSL's buffer. A syscall made inside an SSL call moves
+//   ciphertext: it is counted, not copied, and marks the socket as TLS so its
+//   later syscall payloads are skipped too. sched_process_exec sends an EXEC
+//   record so userspace can attach to libraries of processes started later.
 // Every loop and every variable-size copy is clamped to a constant bound, as
 // the verifier requires.
 
 #include "vmlinux.h"
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_core_read.h>
+#include <bpf/bpf_tracing.h>
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
 
@@ -36,9 +47,10 @@ char LICENSE[] SEC("license") = "Dual BSD/GPL";
 #define S_IFSOCK 0140000
 #define IPPROTO_TCP 6
 #define SOCK_STREAM 1
+#define MSG_PEEK 2
 
 enum op { WS_READ = 0, WS_WRITE = 1, WS_READV = 2, WS_WRITEV = 3, WS_RECVMSG = 4, WS_SENDMSG = 5 };
-enum kind { K_DATA = 0, K_CLOSE = 1 };
+enum kind { K_DATA = 0, K_CLOSE = 1, K_TLS_DATA = 2, K_TLS_CLOSE = 3, K_EXEC = 4 };
 enum counter {
 	C_RESERVE_FAIL = 0,  // bpf_ringbuf_output failed (ring full, or see C_RESERVE_FAIL_ROOM): record lost
 	C_TRUNC_CALLS = 1,   // syscalls with bytes beyond max_call_bytes
@@ -47,7 +59,12 @@ enum counter {
 	C_READ_FAIL = 4,     // bpf_probe_read_user failed (page not present)
 	C_ACTIVE_FULL = 5,   // the in-flight syscall table was full
 	C_RESERVE_FAIL_ROOM = 6,  // of C_RESERVE_FAIL: the ring had room for the record
-	N_COUNTERS = 8,
+	C_TLS_CIPHER_CALLS = 7,   // syscalls on TLS sockets (ciphertext): counted, not copied
+	C_TLS_CIPHER_BYTES = 8,   // their bytes
+	C_TLS_CALLS = 9,          // SSL_read/SSL_write calls reported (plaintext)
+	C_TLS_NO_SOCK_CALLS = 10, // SSL calls with data but no known socket (memory BIO, ...): not reported
+	C_TLS_NO_SOCK_BYTES = 11, // their bytes
+	N_COUNTERS = 12,
 };
 
 struct ws_cfg {
@@ -56,7 +73,7 @@ struct ws_cfg {
 	u32 filter_comms;    // 1: only comms in comm_filter
 	u32 filter_ports;    // 1: only sockets whose local or remote port is in port_filter
 	u32 max_call_bytes;  // bytes copied per syscall (<= MAX_RECORDS * CHUNK)
-	u32 pad;
+	u32 tls;             // 1: the OpenSSL uprobes are attached (syscalls look for an SSL call)
 };
 
 struct rec_hdr {
@@ -70,7 +87,7 @@ struct rec_hdr {
 	u32 len;             // payload bytes in this record
 	u16 lport;           // local port (host order)
 	u16 rport;           // remote port (host order)
-	u8 kind;
+	u8 kind;             // enum kind (K_TLS_DATA: plaintext returned by / given to an SSL call)
 	u8 egress;           // 1: the process wrote these bytes
 	u8 family;
 	u8 last;             // 1: the last record of this syscall
@@ -79,7 +96,7 @@ struct rec_hdr {
 	u8 raddr[16];
 	char comm[16];
 	u64 stream_off;      // bytes this process moved in this direction on this socket before this syscall
-	                     // (K_CLOSE: bytes it sent in all)
+	                     // (K_CLOSE: bytes it sent in all); TLS records count plaintext bytes apart
 	u64 recv_end;        // K_CLOSE: bytes it received in all; 0 in data records. With stream_off, lost
 	                     // tail records (the ring was full to the end) become positioned gaps too.
 };
@@ -95,6 +112,7 @@ struct active {
 	u64 ts;
 	u32 cnt;             // iovec count for the vector ops
 	u8 op;
+	u8 tls;              // 1: made inside an SSL call (ciphertext)
 };
 
 struct {
@@ -165,7 +183,11 @@ struct seen_key {
 // silently spliced streams.
 struct seen_val {
 	u64 bytes[2];        // [0] received, [1] sent
+	u64 tls_bytes[2];    // plaintext through SSL calls: [0] read, [1] written
+	u64 flags;           // SEEN_TLS: an SSL call used this socket, its syscall payloads are ciphertext
 };
+
+#define SEEN_TLS 1
 
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
@@ -173,6 +195,40 @@ struct {
 	__type(key, struct seen_key);
 	__type(value, struct seen_val);
 } seen SEC(".maps");
+
+// An SSL_read/SSL_write call in flight on a thread (entry to return).
+struct ssl_call {
+	u64 ssl;             // the SSL*
+	u64 buf;             // the plaintext buffer
+	u64 len_ptr;         // _ex variants: size_t *readbytes / *written (the count is there, ret is 1)
+	u64 sock;            // the TCP socket it uses (0 until known)
+	u64 ts;
+	u8 egress;           // 1: SSL_write
+	u8 ex;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);  // LRU: a call that never returns (thread gone) ages out
+	__uint(max_entries, 16384);
+	__type(key, u64);    // pid_tgid
+	__type(value, struct ssl_call);
+} ssl_calls SEC(".maps");
+
+struct ssl_key {
+	u64 ssl;
+	u32 pid;
+	u32 pad;
+};
+
+// SSL* -> the socket its last syscall (or SSL_set_fd) used, for calls OpenSSL serves
+// from its buffer without a syscall. An SSL* reused for a new connection is bound
+// again by the first syscall of its first call (a new connection always makes one).
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct ssl_key);
+	__type(value, u64);
+} ssl_socks SEC(".maps");
 
 static __always_inline void count(u32 idx, u64 n)
 {
@@ -284,6 +340,21 @@ static __always_inline int on_enter(u64 fd, u64 buf, u32 cnt, u8 op)
 	struct sock *sk = fd_to_tcp_sock(fd);
 	if (!sk)
 		return 0;
+	u8 tls = 0;
+	if (cfg->tls) {
+		// inside an SSL call on this thread: this syscall moves its ciphertext, and the
+		// socket is the SSL*'s (bound before the port filter: the SSL call's return applies it)
+		struct ssl_call *sc = bpf_map_lookup_elem(&ssl_calls, &id);
+		if (sc) {
+			tls = 1;
+			if (sc->sock != (u64)sk) {
+				sc->sock = (u64)sk;
+				struct ssl_key k = { .ssl = sc->ssl, .pid = id >> 32 };
+				u64 skv = (u64)sk;
+				bpf_map_update_elem(&ssl_socks, &k, &skv, BPF_ANY);
+			}
+		}
+	}
 	if (cfg->filter_ports) {
 		// decide here, so filtered-out syscalls cost no map update/delete
 		u16 lport = BPF_CORE_READ(sk, __sk_common.skc_num);
@@ -295,7 +366,7 @@ static __always_inline int on_enter(u64 fd, u64 buf, u32 cnt, u8 op)
 		}
 	}
 	struct active a = {
-		.sock = (u64)sk, .buf = buf, .ts = bpf_ktime_get_ns(), .cnt = cnt, .op = op,
+		.sock = (u64)sk, .buf = buf, .ts = bpf_ktime_get_ns(), .cnt = cnt, .op = op, .tls = tls,
 	};
 	if (bpf_map_update_elem(&active, &id, &a, BPF_ANY))
 		count(C_ACTIVE_FULL, 1);
@@ -421,25 +492,20 @@ static long copy_step(u32 i, void *arg)
 	return 0;
 }
 
-static __always_inline int on_exit(long ret)
+// One syscall's (K_DATA) or SSL call's (K_TLS_DATA) bytes into ring records. buf is
+// the user buffer, or the iovec array when vec; ret the bytes moved. A syscall on a
+// TLS socket (inside an SSL call, or on a socket an SSL call used) is counted and
+// its position kept, but not copied: those bytes are ciphertext.
+static __always_inline int emit_data(u64 id, u64 sock, u64 buf, u32 cnt, u8 vec, u64 ts, long ret, u8 egress,
+				     u8 kind, u8 in_ssl)
 {
-	u64 id = bpf_get_current_pid_tgid();
-	struct active *ap = bpf_map_lookup_elem(&active, &id);
-	if (!ap)
-		return 0;
-	struct active a = *ap;
-	bpf_map_delete_elem(&active, &id);
-	if (ret <= 0)
-		return 0;
 	struct ws_cfg *cfg = get_config();
 	u32 zero = 0;
 	struct record *r = bpf_map_lookup_elem(&scratch, &zero);
 	if (!cfg || !r)
 		return 0;
-	struct sock *sk = (struct sock *)a.sock;
-	struct rec_hdr *h = &r->h;
-	fill_tuple(h, sk);
-	struct seen_key sk_key = { .sock = a.sock, .pid = id >> 32 };
+	struct sock *sk = (struct sock *)sock;
+	struct seen_key sk_key = { .sock = sock, .pid = id >> 32 };
 	struct seen_val *sv = bpf_map_lookup_elem(&seen, &sk_key);
 	if (!sv) {
 		// the port filter was applied at entry
@@ -449,21 +515,38 @@ static __always_inline int on_exit(long ret)
 		if (!sv)
 			return 0;
 	}
-	h->ts_enter = a.ts;
+	u32 total = ret > 0x7fffffff ? 0x7fffffff : (u32)ret;
+	egress &= 1;
+	if (kind == K_DATA && (in_ssl || (sv->flags & SEEN_TLS))) {
+		sv->flags |= SEEN_TLS;
+		__sync_fetch_and_add(&sv->bytes[egress], (u64)total);
+		count(C_TLS_CIPHER_CALLS, 1);
+		count(C_TLS_CIPHER_BYTES, total);
+		return 0;
+	}
+	struct rec_hdr *h = &r->h;
+	fill_tuple(h, sk);
+	h->ts_enter = ts;
 	h->ts_exit = bpf_ktime_get_ns();
-	h->sock = a.sock;
+	h->sock = sock;
 	h->pid = id >> 32;
 	h->tid = (u32)id;
-	h->total = ret > 0x7fffffff ? 0x7fffffff : (u32)ret;
-	h->kind = K_DATA;
-	h->egress = (a.op & 1);  // odd ops write
+	h->total = total;
+	h->kind = kind;
+	h->egress = egress;
 	h->last = 0;
 	h->pad = 0;
 	bpf_get_current_comm(h->comm, sizeof(h->comm));
-	h->stream_off = __sync_fetch_and_add(&sv->bytes[h->egress & 1], (u64)h->total);
+	if (kind == K_TLS_DATA) {
+		sv->flags |= SEEN_TLS;
+		h->stream_off = __sync_fetch_and_add(&sv->tls_bytes[egress], (u64)total);
+		count(C_TLS_CALLS, 1);
+	} else {
+		h->stream_off = __sync_fetch_and_add(&sv->bytes[egress], (u64)total);
+	}
 	h->recv_end = 0;
 
-	u32 want = h->total;
+	u32 want = total;
 	u32 limit = cfg->max_call_bytes;
 	if (limit > MAX_RECORDS * CHUNK)
 		limit = MAX_RECORDS * CHUNK;
@@ -476,21 +559,21 @@ static __always_inline int on_exit(long ret)
 	struct copy_ctx *c = bpf_map_lookup_elem(&copy_state, &zero);
 	if (!c)
 		return 0;
-	c->ubuf = a.buf;
-	c->cnt = a.cnt;
+	c->ubuf = buf;
+	c->cnt = cnt;
 	c->iov_i = 0;
 	c->want = want;
 	c->done = 0;
 	c->fill = 0;
-	c->vec = a.op >= WS_READV;
+	c->vec = vec;
 	if (c->vec) {
 		struct iovec v = {};
-		if (a.cnt == 0 || bpf_probe_read_user(&v, sizeof(v), (void *)a.buf))
+		if (cnt == 0 || bpf_probe_read_user(&v, sizeof(v), (void *)buf))
 			return 0;
 		c->base = (u64)v.iov_base;
 		c->avail = v.iov_len;
 	} else {
-		c->base = a.buf;
+		c->base = buf;
 		c->avail = want;
 	}
 	// bpf_loop: the step is verified once, not once per iteration
@@ -508,6 +591,20 @@ static __always_inline int on_exit(long ret)
 	return 0;
 }
 
+static __always_inline int on_exit(long ret)
+{
+	u64 id = bpf_get_current_pid_tgid();
+	struct active *ap = bpf_map_lookup_elem(&active, &id);
+	if (!ap)
+		return 0;
+	struct active a = *ap;
+	bpf_map_delete_elem(&active, &id);
+	if (ret <= 0)
+		return 0;
+	return emit_data(id, a.sock, a.buf, a.cnt, a.op >= WS_READV, a.ts, ret, a.op & 1 /* odd ops write */,
+			 K_DATA, a.tls);
+}
+
 SEC("tracepoint/syscalls/sys_enter_read")
 int enter_read(struct trace_event_raw_sys_enter *ctx)
 {
@@ -517,6 +614,10 @@ int enter_read(struct trace_event_raw_sys_enter *ctx)
 SEC("tracepoint/syscalls/sys_enter_recvfrom")
 int enter_recvfrom(struct trace_event_raw_sys_enter *ctx)
 {
+	// MSG_PEEK leaves the bytes queued: the read that consumes them reports them (nginx peeks
+	// one byte of every connection on a listener with ssl to tell TLS from plain HTTP)
+	if (ctx->args[3] & MSG_PEEK)
+		return 0;
 	return on_enter(ctx->args[0], ctx->args[1], 0, WS_READ);
 }
 
@@ -547,6 +648,8 @@ int enter_writev(struct trace_event_raw_sys_enter *ctx)
 SEC("tracepoint/syscalls/sys_enter_recvmsg")
 int enter_recvmsg(struct trace_event_raw_sys_enter *ctx)
 {
+	if (ctx->args[2] & MSG_PEEK)
+		return 0;
 	return on_enter_msg(ctx->args[0], ctx->args[1], WS_RECVMSG);
 }
 
@@ -595,6 +698,7 @@ int enter_close(struct trace_event_raw_sys_enter *ctx)
 	if (!sv)
 		return 0;  // never reported data for it: nothing to close
 	u64 sent = sv->bytes[1], received = sv->bytes[0];
+	u64 tls_sent = sv->tls_bytes[1], tls_received = sv->tls_bytes[0];
 	bpf_map_delete_elem(&seen, &sk_key);
 	fill_tuple(h, sk);
 	h->ts_enter = h->ts_exit = bpf_ktime_get_ns();
@@ -604,12 +708,160 @@ int enter_close(struct trace_event_raw_sys_enter *ctx)
 	h->total = 0;
 	h->offset = 0;
 	h->len = 0;
-	h->kind = K_CLOSE;
 	h->egress = 0;
-	h->stream_off = sent;
-	h->recv_end = received;
 	h->last = 1;
 	h->pad = 0;
+	bpf_get_current_comm(h->comm, sizeof(h->comm));
+	if (tls_sent | tls_received) {
+		// first: where the plaintext streams ended (their lost tail records become gaps)
+		h->kind = K_TLS_CLOSE;
+		h->stream_off = tls_sent;
+		h->recv_end = tls_received;
+		rb_output(h, sizeof(*h));
+	}
+	h->kind = K_CLOSE;
+	h->stream_off = sent;
+	h->recv_end = received;
+	rb_output(h, sizeof(*h));
+	return 0;
+}
+
+// ---------------------------------------------------------------- OpenSSL uprobes
+// int SSL_write(SSL *s, const void *buf, int num), int SSL_read(SSL *s, void *buf, int num):
+// ret is the byte count. int SSL_write_ex(SSL *s, const void *buf, size_t num, size_t *written)
+// and SSL_read_ex(..., size_t *readbytes): ret is 1 on success, the count is in *written.
+// Same signatures in OpenSSL 1.1.1 and 3.x. Neither variant calls the other through the
+// PLT, so each call fires one pair of probes.
+static __always_inline int ssl_enter(u64 ssl, u64 buf, u64 len_ptr, u8 egress, u8 ex)
+{
+	struct ws_cfg *cfg = get_config();
+	if (!cfg)
+		return 0;
+	u64 id = bpf_get_current_pid_tgid();
+	if (!want_process(cfg, id >> 32))
+		return 0;
+	struct ssl_call c = {
+		.ssl = ssl, .buf = buf, .len_ptr = len_ptr, .ts = bpf_ktime_get_ns(), .egress = egress, .ex = ex,
+	};
+	struct ssl_key k = { .ssl = ssl, .pid = id >> 32 };
+	u64 *skp = bpf_map_lookup_elem(&ssl_socks, &k);
+	if (skp)
+		c.sock = *skp;
+	bpf_map_update_elem(&ssl_calls, &id, &c, BPF_ANY);
+	return 0;
+}
+
+static __always_inline int ssl_exit(long ret)
+{
+	u64 id = bpf_get_current_pid_tgid();
+	struct ssl_call *cp = bpf_map_lookup_elem(&ssl_calls, &id);
+	if (!cp)
+		return 0;
+	struct ssl_call c = *cp;
+	bpf_map_delete_elem(&ssl_calls, &id);
+	if (c.ex) {
+		if (ret != 1)
+			return 0;
+		u64 n = 0;
+		if (bpf_probe_read_user(&n, sizeof(n), (void *)c.len_ptr))
+			return 0;
+		ret = n > 0x7fffffff ? 0x7fffffff : (long)n;
+	}
+	if (ret <= 0)
+		return 0;
+	if (!c.sock) {
+		count(C_TLS_NO_SOCK_CALLS, 1);
+		count(C_TLS_NO_SOCK_BYTES, ret);
+		return 0;
+	}
+	struct ws_cfg *cfg = get_config();
+	if (!cfg)
+		return 0;
+	if (cfg->filter_ports) {
+		struct sock *sk = (struct sock *)c.sock;
+		u16 lport = BPF_CORE_READ(sk, __sk_common.skc_num);
+		u16 rport = __builtin_bswap16(BPF_CORE_READ(sk, __sk_common.skc_dport));
+		if (!bpf_map_lookup_elem(&port_filter, &lport) && !bpf_map_lookup_elem(&port_filter, &rport)) {
+			struct seen_key sk_key = { .sock = c.sock, .pid = id >> 32 };
+			if (!bpf_map_lookup_elem(&seen, &sk_key))
+				return 0;
+		}
+	}
+	return emit_data(id, c.sock, c.buf, 0, 0, c.ts, ret, c.egress, K_TLS_DATA, 0);
+}
+
+SEC("uprobe")
+int BPF_KPROBE(up_ssl_write, void *ssl, const void *buf, int num)
+{
+	return ssl_enter((u64)ssl, (u64)buf, 0, 1, 0);
+}
+
+SEC("uprobe")
+int BPF_KPROBE(up_ssl_read, void *ssl, void *buf, int num)
+{
+	return ssl_enter((u64)ssl, (u64)buf, 0, 0, 0);
+}
+
+SEC("uprobe")
+int BPF_KPROBE(up_ssl_write_ex, void *ssl, const void *buf, u64 num, u64 *written)
+{
+	return ssl_enter((u64)ssl, (u64)buf, (u64)written, 1, 1);
+}
+
+SEC("uprobe")
+int BPF_KPROBE(up_ssl_read_ex, void *ssl, void *buf, u64 num, u64 *readbytes)
+{
+	return ssl_enter((u64)ssl, (u64)buf, (u64)readbytes, 0, 1);
+}
+
+SEC("uretprobe")
+int BPF_KRETPROBE(uret_ssl_call, int ret)
+{
+	// one return program for all four: the entry probe said which variant it was. All four
+	// return an int: only the low 32 bits of the return register are defined.
+	return ssl_exit((long)ret);
+}
+
+// int SSL_set_fd(SSL *s, int fd): binds the SSL* to the fd's socket before any I/O.
+SEC("uprobe")
+int BPF_KPROBE(up_ssl_set_fd, void *ssl, int fd)
+{
+	struct ws_cfg *cfg = get_config();
+	if (!cfg)
+		return 0;
+	u64 id = bpf_get_current_pid_tgid();
+	if (!want_process(cfg, id >> 32) || fd < 0)
+		return 0;
+	struct sock *sk = fd_to_tcp_sock((u64)fd);
+	if (!sk)
+		return 0;
+	struct ssl_key k = { .ssl = (u64)ssl, .pid = id >> 32 };
+	u64 skv = (u64)sk;
+	bpf_map_update_elem(&ssl_socks, &k, &skv, BPF_ANY);
+	return 0;
+}
+
+// A process image was replaced: userspace looks at its mappings for a TLS library.
+SEC("tracepoint/sched/sched_process_exec")
+int on_exec(struct trace_event_raw_sched_process_exec *ctx)
+{
+	struct ws_cfg *cfg = get_config();
+	if (!cfg || !cfg->tls)
+		return 0;
+	u64 id = bpf_get_current_pid_tgid();
+	if (!want_process(cfg, id >> 32))
+		return 0;
+	u32 zero = 0;
+	struct record *r = bpf_map_lookup_elem(&scratch, &zero);
+	if (!r)
+		return 0;
+	struct rec_hdr *h = &r->h;
+	__builtin_memset(h, 0, sizeof(*h));
+	h->ts_enter = h->ts_exit = bpf_ktime_get_ns();
+	h->pid = id >> 32;
+	h->tid = (u32)id;
+	h->kind = K_EXEC;
+	h->last = 1;
 	bpf_get_current_comm(h->comm, sizeof(h->comm));
 	rb_output(h, sizeof(*h));
 	return 0;
