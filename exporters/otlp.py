@@ -33,6 +33,7 @@ from exporters.sender import (
     TlsConfig,
 )
 from service.component import ComponentConfig
+from service.metrics import metrics_to_otlp_bytes
 from service.model import SCOPE_VERSION, spans_to_otlp_bytes
 
 __all__ = ["OtlpExporter", "OtlpConfig", "RETRYABLE_CODES", "retry_delay_from_metadata", "EXPORT_METHOD"]
@@ -40,6 +41,7 @@ __all__ = ["OtlpExporter", "OtlpConfig", "RETRYABLE_CODES", "retry_delay_from_me
 log = logging.getLogger("wirespan.exporter.otlp")
 
 EXPORT_METHOD = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
+METRICS_EXPORT_METHOD = "/opentelemetry.proto.collector.metrics.v1.MetricsService/Export"
 DEFAULT_ENDPOINT = "localhost:4317"
 #: OTLP spec, "Failures" (otlp.md): these are transient; everything else is permanent.
 RETRYABLE_CODES = frozenset({
@@ -183,6 +185,10 @@ class OtlpExporter(QueuedExporter):
         self._call = self._channel.unary_unary(
             EXPORT_METHOD, request_serializer=None,
             response_deserializer=trace_service_pb2.ExportTraceServiceResponse.FromString)
+        from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2
+        self._metrics_call = self._channel.unary_unary(
+            METRICS_EXPORT_METHOD, request_serializer=None,
+            response_deserializer=metrics_service_pb2.ExportMetricsServiceResponse.FromString)
 
     def _close(self) -> None:
         if self._channel is not None:
@@ -192,9 +198,28 @@ class OtlpExporter(QueuedExporter):
     def _encode(self, spans: Sequence[Any]) -> bytes:
         return spans_to_otlp_bytes(spans)
 
+    def _encode_metrics(self, batch: Sequence[Any]) -> bytes:
+        return metrics_to_otlp_bytes(batch)
+
     def _send(self, data: bytes) -> int:
+        resp = self._attempt(self._call, data)
+        ps = resp.partial_success
+        if ps.rejected_spans or ps.error_message:
+            log.warning("%s: backend rejected %d spans: %s", self.id, ps.rejected_spans, ps.error_message)
+        return int(ps.rejected_spans)
+
+    def _send_metrics(self, data: bytes) -> int:
+        resp = self._attempt(self._metrics_call, data)
+        ps = resp.partial_success
+        if ps.rejected_data_points or ps.error_message:
+            log.warning("%s: backend rejected %d metric points: %s", self.id, ps.rejected_data_points,
+                        ps.error_message)
+        return int(ps.rejected_data_points)
+
+    def _attempt(self, call: Any, data: bytes) -> Any:
+        """One Export call; a failure is a ``SendError`` by the OTLP spec's retry rules."""
         try:
-            resp = self._call(data, timeout=self.config.timeout, metadata=self._metadata)
+            return call(data, timeout=self.config.timeout, metadata=self._metadata)
         except grpc.RpcError as e:
             code = e.code() if hasattr(e, "code") else grpc.StatusCode.UNKNOWN
             details = e.details() if hasattr(e, "details") else str(e)
@@ -208,7 +233,3 @@ class OtlpExporter(QueuedExporter):
             if code == grpc.StatusCode.RESOURCE_EXHAUSTED and delay is not None:
                 raise SendError(code.name, True, delay, details or "")
             raise SendError(code.name if code is not None else "UNKNOWN", False, None, details or "")
-        ps = resp.partial_success
-        if ps.rejected_spans or ps.error_message:
-            log.warning("%s: backend rejected %d spans: %s", self.id, ps.rejected_spans, ps.error_message)
-        return int(ps.rejected_spans)

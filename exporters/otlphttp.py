@@ -36,6 +36,7 @@ from exporters.sender import (
     TlsConfig,
 )
 from service.component import ComponentConfig
+from service.metrics import metrics_to_otlp_bytes, metrics_to_otlp_json
 from service.model import SCOPE_VERSION, spans_to_otlp_bytes, spans_to_otlp_json
 
 __all__ = ["OtlpHttpExporter", "OtlpHttpConfig", "RETRYABLE_STATUS", "parse_retry_after"]
@@ -44,6 +45,7 @@ log = logging.getLogger("wirespan.exporter.otlphttp")
 
 DEFAULT_ENDPOINT = "http://localhost:4318"
 TRACES_PATH = "/v1/traces"
+METRICS_PATH = "/v1/metrics"
 #: OTLP/HTTP spec, "Retryable Response Codes".
 RETRYABLE_STATUS = frozenset({429, 502, 503, 504})
 #: Compression level: zlib's 6 is ~3x slower than 1 for ~10% smaller OTLP; the Collector's
@@ -63,6 +65,8 @@ class OtlpHttpConfig(ComponentConfig):
     endpoint: str = DEFAULT_ENDPOINT
     #: Full URL for traces; overrides ``endpoint`` + /v1/traces.
     traces_endpoint: str | None = None
+    #: Full URL for metrics; overrides ``endpoint`` + /v1/metrics.
+    metrics_endpoint: str | None = None
     encoding: Literal["proto", "json"] = "proto"
     #: An HTTP(S) proxy for the requests (environment proxy variables are not used).
     proxy_url: str | None = None
@@ -73,7 +77,7 @@ class OtlpHttpConfig(ComponentConfig):
     retry_on_failure: RetryConfig = Field(default_factory=RetryConfig)
     sending_queue: QueueConfig = Field(default_factory=QueueConfig)
 
-    @field_validator("endpoint", "traces_endpoint", "proxy_url")
+    @field_validator("endpoint", "traces_endpoint", "metrics_endpoint", "proxy_url")
     @classmethod
     def _url(cls, v: str | None) -> str | None:
         if v is not None and not (v.startswith("http://") or v.startswith("https://")):
@@ -95,10 +99,18 @@ class OtlpHttpConfig(ComponentConfig):
     def plaintext_credentials(self) -> list[str]:
         """Credentials this config sends unencrypted off the machine (exporters/credentials.py)."""
         url = self.url()
-        return plaintext_credentials(self.headers, url, url.startswith("http://"), self.proxy_url)
+        found = plaintext_credentials(self.headers, url, url.startswith("http://"), self.proxy_url)
+        if self.metrics_endpoint:
+            murl = self.metrics_url()
+            found += [f for f in plaintext_credentials(self.headers, murl, murl.startswith("http://"), self.proxy_url)
+                      if f not in found]
+        return found
 
     def url(self) -> str:
         return self.traces_endpoint or self.endpoint.rstrip("/") + TRACES_PATH
+
+    def metrics_url(self) -> str:
+        return self.metrics_endpoint or self.endpoint.rstrip("/") + METRICS_PATH
 
 
 def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
@@ -128,6 +140,7 @@ class OtlpHttpExporter(QueuedExporter):
         super().__init__(id, config, next)
         self._client: httpx.Client | None = None
         self._url = config.url()
+        self._metrics_url = config.metrics_url()
         #: The name sent in SNI and verified in the certificate, when not the URL's host.
         self._sni = config.tls.server_name_override
         self._headers = {"User-Agent": f"wirespan/{SCOPE_VERSION}", **config.headers,
@@ -166,33 +179,49 @@ class OtlpHttpExporter(QueuedExporter):
             return spans_to_otlp_json(spans).encode()
         return spans_to_otlp_bytes(spans)
 
+    def _encode_metrics(self, batch: Sequence[Any]) -> bytes:
+        if self.config.encoding == "json":
+            return metrics_to_otlp_json(batch).encode()
+        return metrics_to_otlp_bytes(batch)
+
     def _send(self, data: bytes) -> int:
+        return self._post(self._url, data, metrics=False)
+
+    def _send_metrics(self, data: bytes) -> int:
+        return self._post(self._metrics_url, data, metrics=True)
+
+    def _post(self, url: str, data: bytes, metrics: bool) -> int:
         assert self._client is not None
         body = gzip.compress(data, GZIP_LEVEL) if self.config.compression == "gzip" else data
         ext = {"sni_hostname": self._sni} if self._sni else None
         try:
-            resp = self._client.post(self._url, content=body, extensions=ext)
+            resp = self._client.post(url, content=body, extensions=ext)
         except httpx.TimeoutException as e:
             raise SendError("timeout", True, None, str(e))
         except httpx.TransportError as e:
             raise SendError("transport", True, None, str(e) or type(e).__name__)
         code = resp.status_code
         if 200 <= code < 300:
-            return self._partial_success(resp)
+            return self._partial_success(resp, metrics)
         msg = self._error_message(resp)
         if code in RETRYABLE_STATUS:
             raise SendError(f"http_{code}", True, parse_retry_after(resp.headers.get("retry-after")), msg)
         raise SendError(f"http_{code}", False, None, msg)
 
-    def _partial_success(self, resp: httpx.Response) -> int:
+    def _partial_success(self, resp: httpx.Response, metrics: bool = False) -> int:
         if not resp.content:
             return 0
+        from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2
         from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
         try:
             if resp.headers.get("content-type", "").startswith("application/json"):
                 import json
                 ps = json.loads(resp.content).get("partialSuccess") or {}
-                rejected, message = int(ps.get("rejectedSpans", 0)), ps.get("errorMessage", "")
+                rejected = int(ps.get("rejectedDataPoints" if metrics else "rejectedSpans", 0))
+                message = ps.get("errorMessage", "")
+            elif metrics:
+                m = metrics_service_pb2.ExportMetricsServiceResponse.FromString(resp.content)
+                rejected, message = m.partial_success.rejected_data_points, m.partial_success.error_message
             else:
                 r = trace_service_pb2.ExportTraceServiceResponse.FromString(resp.content)
                 rejected, message = r.partial_success.rejected_spans, r.partial_success.error_message
@@ -200,7 +229,8 @@ class OtlpHttpExporter(QueuedExporter):
             log.debug("%s: unparsable success response body ignored", self.id)
             return 0
         if rejected or message:
-            log.warning("%s: backend rejected %d spans: %s", self.id, rejected, message)
+            log.warning("%s: backend rejected %d %s: %s", self.id, rejected, "metric points" if metrics else "spans",
+                        message)
         return int(rejected)
 
     @staticmethod

@@ -115,6 +115,9 @@ class PersistentQueue:
     Thread-safe: producers call ``put``, consumer threads ``get``/``ack``.
     """
 
+    #: The gauge of its size (the metrics queue of an exporter has its own).
+    size_family: Any = telemetry.EXPORTER_QUEUE_SIZE
+
     def __init__(self, directory: str | os.PathLike[str], capacity_spans: int, exporter_id: str = "",
                  block_on_overflow: bool = False, segment_bytes: int = SEGMENT_BYTES) -> None:
         self.dir = Path(directory)
@@ -358,7 +361,7 @@ class PersistentQueue:
         return self._queued
 
     def _update_gauge(self) -> None:
-        telemetry.EXPORTER_QUEUE_SIZE.labels(exporter=self.exporter_id).set(self._size)
+        self.size_family.labels(exporter=self.exporter_id).set(self._size)
 
     def close(self) -> None:
         """Stop handing out work; what is not acked stays on disk for the next run."""

@@ -38,7 +38,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
@@ -236,7 +236,10 @@ class Outage:
 
 
 class MemoryQueue:
-    """A FIFO of encoded requests bounded by the number of spans it holds."""
+    """A FIFO of encoded requests bounded by the number of spans (or metric points) it holds."""
+
+    #: The gauge of its size (the metrics queue of an exporter has its own).
+    size_family: Any = telemetry.EXPORTER_QUEUE_SIZE
 
     def __init__(self, capacity_spans: int, exporter_id: str = "", block_on_overflow: bool = False) -> None:
         self.capacity = capacity_spans
@@ -255,7 +258,7 @@ class MemoryQueue:
             self._items.append(QueueItem(data, n))
             self._size += n
             self._queued += n
-            telemetry.EXPORTER_QUEUE_SIZE.labels(exporter=self.exporter_id).set(self._size)
+            self.size_family.labels(exporter=self.exporter_id).set(self._size)
             self._cv.notify()
             return True
 
@@ -271,7 +274,7 @@ class MemoryQueue:
     def ack(self, item: QueueItem) -> None:
         with self._cv:
             self._size -= item.n
-            telemetry.EXPORTER_QUEUE_SIZE.labels(exporter=self.exporter_id).set(self._size)
+            self.size_family.labels(exporter=self.exporter_id).set(self._size)
             self._cv.notify_all()
 
     release = ack  # nothing survives a restart in memory: the caller counts it as failed
@@ -300,12 +303,30 @@ class MemoryQueue:
 _SENT, _FAILED, _STOPPED = "sent", "failed", "stopped"
 
 
+#: signal -> (sent, send_failed, enqueue_failed, queue size, queue capacity) metric families.
+_SIGNAL_METRICS = {
+    "traces": (telemetry.EXPORTER_SENT, telemetry.EXPORTER_SEND_FAILED, telemetry.EXPORTER_ENQUEUE_FAILED,
+               telemetry.EXPORTER_QUEUE_SIZE, telemetry.EXPORTER_QUEUE_CAPACITY),
+    "metrics": (telemetry.EXPORTER_SENT_POINTS, telemetry.EXPORTER_SEND_FAILED_POINTS,
+                telemetry.EXPORTER_ENQUEUE_FAILED_POINTS, telemetry.EXPORTER_METRICS_QUEUE_SIZE,
+                telemetry.EXPORTER_METRICS_QUEUE_CAPACITY),
+}
+
+
 class Sender:
-    """Queue + consumer threads + the retry loop, around one ``send(data) -> rejected`` callable."""
+    """Queue + consumer threads + the retry loop, around one ``send(data) -> rejected`` callable.
+
+    ``signal`` picks what it counts: spans (``traces``) or metric data points (``metrics``);
+    an exporter of both signals has one sender each, with the same queue and retry options
+    (a metrics queue on disk lives under ``<storage>/metrics/<exporter>``).
+    """
 
     def __init__(self, exporter_id: str, send: Callable[[bytes], int], retry: RetryConfig, queue: QueueConfig,
-                 rng: random.Random | None = None, target: str = "") -> None:
+                 rng: random.Random | None = None, target: str = "", signal: str = "traces") -> None:
         self.id = exporter_id
+        self.signal = signal
+        (self._sent_family, self._failed, enqueue_failed, self._size_family,
+         self._capacity_family) = _SIGNAL_METRICS[signal]
         self.outage = Outage(exporter_id, target)
         self._send = send
         self.retry = retry
@@ -318,9 +339,13 @@ class Sender:
         self._idle = threading.Condition()
         self.queue: MemoryQueue | PersistentQueue | None = None
         lbl = {"exporter": exporter_id}
-        self._m_sent = telemetry.EXPORTER_SENT.labels(**lbl)
-        self._m_enqueue_failed = telemetry.EXPORTER_ENQUEUE_FAILED.labels(**lbl)
+        self._m_sent = self._sent_family.labels(**lbl)
+        self._m_enqueue_failed = enqueue_failed.labels(**lbl)
         self._m_retries = telemetry.EXPORTER_RETRIES.labels(**lbl)
+
+    @property
+    def _unit(self) -> str:
+        return "spans" if self.signal == "traces" else "metric points"
 
     # -- lifecycle ------------------------------------------------------------------
     def start(self) -> None:
@@ -328,10 +353,12 @@ class Sender:
         if q.enabled:
             if q.storage:
                 safe = re.sub(r"[^A-Za-z0-9_.-]", "_", self.id) or "exporter"
-                self.queue = PersistentQueue(Path(q.storage) / safe, q.queue_size, self.id, q.block_on_overflow)
+                where = Path(q.storage) / safe if self.signal == "traces" else Path(q.storage) / self.signal / safe
+                self.queue = PersistentQueue(where, q.queue_size, self.id, q.block_on_overflow)
             else:
                 self.queue = MemoryQueue(q.queue_size, self.id, q.block_on_overflow)
-            telemetry.EXPORTER_QUEUE_CAPACITY.labels(exporter=self.id).set(q.queue_size)
+            self.queue.size_family = self._size_family
+            self._capacity_family.labels(exporter=self.id).set(q.queue_size)
             for i in range(q.num_consumers):
                 t = threading.Thread(target=self._consume, name=f"{self.id}-sender-{i}", daemon=True)
                 t.start()
@@ -355,7 +382,7 @@ class Sender:
             # A finite producer (a capture replay) waits for room instead of dropping.
             ok = self.queue.put(data, n, block=self.qcfg.block_on_overflow or should_block())
         except OSError as e:  # the disk under a persistent queue is full or gone
-            log.error("%s: cannot queue %d spans: %s", self.id, n, e)
+            log.error("%s: cannot queue %d %s: %s", self.id, n, self._unit, e)
             ok = False
         if not ok:
             self._m_enqueue_failed.inc(n)
@@ -385,9 +412,10 @@ class Sender:
         if isinstance(q, MemoryQueue):
             lost = sum(it.n for it in q.drain_items())
             if lost:
-                log.error("%s: %d spans still queued at shutdown were dropped", self.id, lost)
-                telemetry.EXPORTER_SEND_FAILED.labels(exporter=self.id, reason="shutdown").inc(lost)
-        telemetry.EXPORTER_QUEUE_SIZE.labels(exporter=self.id).set(q.size if isinstance(q, MemoryQueue) else 0)
+                log.error("%s: %d %s still queued at shutdown were dropped", self.id, lost, self._unit)
+                self._failed.labels(exporter=self.id, reason="shutdown").inc(lost)
+        if q is not None:
+            self._size_family.labels(exporter=self.id).set(q.size if isinstance(q, MemoryQueue) else 0)
 
     # -- consumers ------------------------------------------------------------------
     def _consume(self) -> None:
@@ -403,12 +431,12 @@ class Sender:
                 result = self._export(item.data, item.n)
             except Exception:  # a bug in a send path must not kill the consumer
                 log.exception("%s: unexpected error while sending", self.id)
-                telemetry.EXPORTER_SEND_FAILED.labels(exporter=self.id, reason="internal").inc(item.n)
+                self._failed.labels(exporter=self.id, reason="internal").inc(item.n)
                 result = _FAILED
             if result == _STOPPED:
                 q.release(item)
                 if isinstance(q, MemoryQueue):
-                    telemetry.EXPORTER_SEND_FAILED.labels(exporter=self.id, reason="shutdown").inc(item.n)
+                    self._failed.labels(exporter=self.id, reason="shutdown").inc(item.n)
             else:
                 q.ack(item)
             with self._idle:
@@ -426,7 +454,7 @@ class Sender:
             except SendError as e:
                 if not e.retryable or not r.enabled:
                     self.outage.failed(e, n, "not retryable" if not e.retryable else "retry_on_failure is off")
-                    telemetry.EXPORTER_SEND_FAILED.labels(exporter=self.id, reason=e.reason).inc(n)
+                    self._failed.labels(exporter=self.id, reason=e.reason).inc(n)
                     return _FAILED
                 delay = interval * (1.0 + r.randomization_factor * (2.0 * self._rng.random() - 1.0))
                 interval = min(interval * r.multiplier, r.max_interval)
@@ -435,30 +463,35 @@ class Sender:
                     delay = max(delay, min(e.delay, MAX_SERVER_DELAY))
                 if r.max_elapsed_time > 0 and time.monotonic() + delay - start > r.max_elapsed_time:
                     self.outage.failed(e, n, f"retried for {time.monotonic() - start:.1f}s, max_elapsed_time")
-                    telemetry.EXPORTER_SEND_FAILED.labels(exporter=self.id, reason="retries_exhausted").inc(n)
+                    self._failed.labels(exporter=self.id, reason="retries_exhausted").inc(n)
                     return _FAILED
                 self.outage.failed(e)
                 if self._stop.is_set():
                     return _STOPPED
-                log.debug("%s: retrying %d spans in %.2fs: %s", self.id, n, delay, e)
+                log.debug("%s: retrying %d %s in %.2fs: %s", self.id, n, self._unit, delay, e)
                 self._m_retries.inc()
                 if self._stop.wait(delay):
                     return _STOPPED
                 continue
             self.outage.succeeded()
             if rejected:
-                telemetry.EXPORTER_SEND_FAILED.labels(exporter=self.id, reason="rejected").inc(rejected)
+                self._failed.labels(exporter=self.id, reason="rejected").inc(rejected)
             self._m_sent.inc(max(n - rejected, 0))
             return _SENT
 
 
 class QueuedExporter(Exporter):
-    """Base of the OTLP exporters: encode once in ``consume_spans``, then queue and send.
+    """Base of the OTLP exporters: encode once in ``consume_spans``/``consume_metrics``, then
+    queue and send.
 
     Subclasses implement ``_encode(spans) -> bytes``, ``_send(data) -> rejected``
-    (raising ``SendError``), ``_open()`` and ``_close()``.
+    (raising ``SendError``), ``_open()`` and ``_close()``; for metrics,
+    ``_encode_metrics(batch) -> bytes`` and ``_send_metrics(data) -> rejected``. The metrics
+    sender (its own queue, same options) starts with the first metrics, or at start when a
+    persistent queue of metrics is left on disk from a previous run.
     """
 
+    signals: ClassVar[tuple[str, ...]] = ("traces", "metrics")
     retry_config: RetryConfig
     queue_config: QueueConfig
 
@@ -468,22 +501,51 @@ class QueuedExporter(Exporter):
         url = getattr(config, "url", None)
         target = url() if callable(url) else str(getattr(config, "endpoint", "") or "")
         self.sender = Sender(id, self._send, config.retry_on_failure, config.sending_queue, target=target)
+        murl = getattr(config, "metrics_url", None)
+        self.metrics_sender = Sender(id, self._send_metrics, config.retry_on_failure, config.sending_queue,
+                                     target=murl() if callable(murl) else target, signal="metrics")
+        self._metrics_started = False
+        self._metrics_lock = threading.Lock()
 
     def start(self) -> None:
         self._open()
         self.sender.start()
+        q = self.config.sending_queue
+        if q.enabled and q.storage:
+            safe = re.sub(r"[^A-Za-z0-9_.-]", "_", self.id) or "exporter"
+            if (Path(q.storage) / "metrics" / safe).is_dir():
+                self._start_metrics()
+
+    def _start_metrics(self) -> None:
+        with self._metrics_lock:
+            if not self._metrics_started:
+                self.metrics_sender.start()
+                self._metrics_started = True
 
     def consume_spans(self, spans: Sequence[Any]) -> None:
         if not spans:
             return
         self.sender.submit(self._encode(spans), len(spans))
 
+    def consume_metrics(self, batch: Sequence[Any]) -> None:
+        from service.metrics import point_count
+        n = point_count(batch)
+        if not n:
+            return
+        if not self._metrics_started:
+            self._start_metrics()
+        self.metrics_sender.submit(self._encode_metrics(batch), n)
+
     def flush(self) -> None:
         self.sender.flush()
+        if self._metrics_started:
+            self.metrics_sender.flush()
 
     def shutdown(self) -> None:
         try:
             self.sender.shutdown()
+            if self._metrics_started:
+                self.metrics_sender.shutdown()
         finally:
             self._close()
 
@@ -498,6 +560,12 @@ class QueuedExporter(Exporter):
         raise NotImplementedError
 
     def _send(self, data: bytes) -> int:
+        raise NotImplementedError
+
+    def _encode_metrics(self, batch: Sequence[Any]) -> bytes:
+        raise NotImplementedError
+
+    def _send_metrics(self, data: bytes) -> int:
         raise NotImplementedError
 
 

@@ -27,13 +27,13 @@ heuristic itself is a few string tests a segment.
 from __future__ import annotations
 
 import re
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
 from service.component import ComponentConfig
 
-__all__ = ["RoutesConfig", "Routes", "heuristic_route", "MAX_SEGMENTS", "CACHE_SIZE"]
+__all__ = ["RoutesConfig", "Routes", "heuristic_route", "apply_route", "HTTP_PROTOCOLS", "MAX_SEGMENTS", "CACHE_SIZE"]
 
 #: Segments kept by the heuristic; deeper paths end in ``/*`` (a bound on the routes one service gives).
 MAX_SEGMENTS = 10
@@ -162,3 +162,26 @@ class Routes:
         if mode == "wildcard":
             return "/**"
         return None
+
+
+#: The protocols stage's modules whose spans are HTTP requests (templated there).
+HTTP_PROTOCOLS = frozenset(("http", "http2", "fastcgi"))
+_NAMES_OK = frozenset(("HTTP",))
+
+
+def apply_route(routes: Routes, span: Any) -> None:
+    """Give an HTTP span its ``http.route`` from ``url.path`` (unless it has one or is an RPC)
+    and, when its name is only the method (or ``HTTP``), the semconv name ``{method} {route}``."""
+    a = span.attributes
+    if "http.route" in a or "rpc.system.name" in a:
+        return
+    path = a.get("url.path")
+    if not isinstance(path, str):
+        return
+    r = routes.route(path)
+    if r is None:
+        return
+    a["http.route"] = r
+    name = span.name
+    if name == a.get("http.request.method") or name in _NAMES_OK:
+        span.name = f"{name} {r}"

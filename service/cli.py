@@ -229,9 +229,20 @@ def cmd_run(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------
 # replay
 # ---------------------------------------------------------------------------
+def _connector_ids(raw: dict[str, Any]) -> set[str]:
+    conns = raw.get("connectors") or {}
+    return set(conns) if isinstance(conns, dict) else set()
+
+
 def replay_config(raw: dict[str, Any], capture: str, output: str | None) -> dict[str, Any]:
-    """The pipelines of ``raw`` reading ``capture`` (and writing ``output``)."""
+    """The pipelines of ``raw`` reading ``capture`` (and writing ``output``).
+
+    Traces pipelines read ``capture``; metrics pipelines keep their connectors as receivers.
+    With ``output``, every pipeline writes to the one ``file`` exporter (spans and metrics
+    lines in one file, as the Collector's file exporter of both signals) and traces pipelines
+    keep feeding their connectors."""
     raw = dict(raw)
+    conns = _connector_ids(raw)
     raw["receivers"] = {"pcap": {"path": capture}}
     if output is not None:
         raw["exporters"] = {"file": {"path": output}}
@@ -239,9 +250,12 @@ def replay_config(raw: dict[str, Any], capture: str, output: str | None) -> dict
     pipes = {}
     for pid, p in (svc.get("pipelines") or {}).items():
         p = dict(p or {})
-        p["receivers"] = ["pcap"]
+        traces = not str(pid).startswith("metrics")
+        if traces:
+            p["receivers"] = ["pcap"]
         if output is not None:
-            p["exporters"] = ["file"]
+            kept = [e for e in (p.get("exporters") or []) if e in conns] if traces else []
+            p["exporters"] = ["file", *kept]
         pipes[pid] = p
     svc["pipelines"] = pipes
     # One-shot: never take the ports of a wirespan service running on this node.
@@ -259,8 +273,22 @@ def _with_tree(raw: dict[str, Any], keep_file: bool) -> dict[str, Any]:
     raw["exporters"] = {**({"file": raw["exporters"]["file"]} if keep_file else {}),
                         "debug/tree": {"verbosity": "tree"}}
     svc = dict(raw.get("service") or {})
-    svc["pipelines"] = {pid: {**(p or {}), "exporters": (["file"] if keep_file else []) + ["debug/tree"]}
-                        for pid, p in (svc.get("pipelines") or {}).items()}
+    # Traces pipelines print trees; metrics pipelines (and the connectors feeding them) are kept
+    # only beside the file, which takes their metrics lines.
+    conns = _connector_ids(raw) if keep_file else set()
+    pipes = {}
+    for pid, p in (svc.get("pipelines") or {}).items():
+        p = dict(p or {})
+        if str(pid).startswith("metrics"):
+            if keep_file:
+                pipes[pid] = p
+            continue
+        kept = [e for e in (p.get("exporters") or []) if e in conns]
+        p["exporters"] = (["file"] if keep_file else []) + ["debug/tree"] + kept
+        pipes[pid] = p
+    svc["pipelines"] = pipes
+    if not keep_file:
+        raw.pop("connectors", None)
     raw["service"] = svc
     return raw
 
@@ -602,6 +630,13 @@ def _workers(text: str) -> int | str:
     return n
 
 
+def _has_connectors(args: argparse.Namespace) -> bool:
+    try:
+        return bool(_connector_ids(wconfig.load_raw(_config_files(args), [])))
+    except ConfigError:
+        return False  # reported when the config is read for real
+
+
 def _auto_workers(args: argparse.Namespace, free_cores: Any = None) -> int:
     """How many processes ``--workers auto`` replays with: one per free core for a capture of
     AUTO_WORKERS_MIN_MB or more written to a file, at most AUTO_MAX_WORKERS; else 1."""
@@ -641,6 +676,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
             return EXIT_ERROR
     if args.tree:
         args.workers = 1  # the trees need every span in one process
+    elif args.workers == "auto" and not args.shard and _has_connectors(args):
+        args.workers = 1  # a connector's metrics need every span in one process
     if args.workers == "auto":
         args.workers = _auto_workers(args)
     if args.workers > 1 and not args.shard:

@@ -47,7 +47,7 @@ def test_curl_prior_knowledge(tmp_path: Path) -> None:
     by_path = {s.attributes["url.path"]: s for s in spans}
     assert set(by_path) == {"/index.html", "/big.bin", "/missing", "/boom", "/api/post"}, spans
     idx = by_path["/index.html"]
-    assert idx.name == "GET" and idx.kind == SpanKind.SERVER
+    assert idx.name == "GET /index.html" and idx.kind == SpanKind.SERVER
     a = idx.attributes
     assert a["http.request.method"] == "GET" and a["http.response.status_code"] == 200
     assert a["http.response.body.size"] == len(FILES["index.html"])
@@ -62,7 +62,7 @@ def test_curl_prior_knowledge(tmp_path: Path) -> None:
     assert by_path["/boom"].attributes["http.response.status_code"] == 500
     assert by_path["/boom"].status_code == StatusCode.ERROR
     post = by_path["/api/post"]
-    assert post.name == "POST" and post.attributes["url.query"] == "a=1&b=2"
+    assert post.name == "POST /api/post" and post.attributes["url.query"] == "a=1&b=2"
     assert post.attributes["http.request.body.size"] == 256 * 1200
     for s in spans:
         assert "TOPSECRET" not in repr(s.attributes)

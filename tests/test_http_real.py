@@ -128,7 +128,7 @@ def test_every_exchange_gives_one_span(nginx_run: Run) -> None:
 def test_curl_get_query_and_user_agent(nginx_run: Run) -> None:
     s = _by_query(nginx_run, "q=search&lang=en")
     a = s.attributes
-    assert s.name == "GET" and a["url.path"] == "/index.html" and a["http.response.status_code"] == 200
+    assert s.name == "GET /index.html" and a["url.path"] == "/index.html" and a["http.response.status_code"] == 200
     assert a["http.response.body.size"] == len(b"<html>hello</html>\n")
     assert a["user_agent.original"].startswith("curl/")
     assert s.status_code == StatusCode.UNSET
@@ -137,7 +137,7 @@ def test_curl_get_query_and_user_agent(nginx_run: Run) -> None:
 
 def test_head_404_500(nginx_run: Run) -> None:
     h = _by_query(nginx_run, "head=1")
-    assert h.name == "HEAD" and h.attributes["http.response.body.size"] == 0
+    assert h.name == "HEAD /index.html" and h.attributes["http.response.body.size"] == 0
     nf = _by_query(nginx_run, "x=404")
     assert nf.attributes["http.response.status_code"] == 404 and nf.status_code == StatusCode.UNSET
     assert nf.attributes["http.response.body.size"] > 0
@@ -157,11 +157,11 @@ def test_chunked_gzip_response(nginx_run: Run) -> None:
 
 def test_post_put_delete_bodies(nginx_run: Run) -> None:
     post = _by_path(nginx_run, "/api/form")
-    assert post.name == "POST" and post.attributes["http.request.body.size"] == len("a=1&b=2")
+    assert post.name == "POST /api/form" and post.attributes["http.request.body.size"] == len("a=1&b=2")
     put = _by_path(nginx_run, "/api/put")
-    assert put.name == "PUT" and put.attributes["http.request.body.size"] == 1000
+    assert put.name == "PUT /api/put" and put.attributes["http.request.body.size"] == 1000
     dele = _by_path(nginx_run, "/api/item/7")
-    assert dele.name == "DELETE" and "http.request.body.size" not in dele.attributes
+    assert dele.name == "DELETE /api/item/{id}" and "http.request.body.size" not in dele.attributes
     up = _by_path(nginx_run, "/api/upload")
     assert up.attributes["http.request.body.size"] == len(UPLOAD)
     ch = _by_path(nginx_run, "/api/chunked")
@@ -299,7 +299,7 @@ def test_bundled_sample_capture() -> None:
     sample = Path(__file__).resolve().parents[1] / "config" / "samples" / "http-sample.pcap"
     spans, rstats, pstats = replay(sample)
     assert len(spans) == 24 and pstats["drops"] == {} and rstats["drops"] == {}
-    methods = {s.name for s in spans}
+    methods = {s.name.split(" ")[0] for s in spans}  # names are "{method} {http.route}"
     assert {"GET", "POST", "PUT", "DELETE", "HEAD"} <= methods
     codes = {s.attributes["http.response.status_code"] for s in spans}
     assert {200, 201, 204, 404, 500} <= codes

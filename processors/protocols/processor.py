@@ -38,6 +38,7 @@ from processors.protocols import PROTOCOLS, base, load
 from processors.protocols.assembly import TraceAssembler
 from processors.protocols.base import Conn, Detection, PendingBudget, Perspective, ProtocolSettings, Session
 from processors.protocols.errors import ProtocolError
+from processors.routes import HTTP_PROTOCOLS, Routes, RoutesConfig, apply_route
 from service.component import ComponentConfig, EventProcessor
 from service.largebuf import LargeBuffer
 from service.model import DEFAULT_RESOURCE, EventKind, Resource, Span, TcpEvent
@@ -161,6 +162,8 @@ class _BaseConfig(ComponentConfig):
     #: captures one span per exchange; true also nests a capture's calls under the one inbound
     #: request open on their host; false turns it off everywhere.
     assemble: bool | None = None
+    #: HTTP spans' ``http.route`` (and names ``GET /users/{id}``) from url.path (processors/routes.py).
+    routes: RoutesConfig = RoutesConfig()
 
     @field_validator("idle_timeout", mode="before")
     @classmethod
@@ -330,6 +333,8 @@ class ProtocolsProcessor(EventProcessor):
         self._out: list[Span] = []
         self._counts: dict[tuple[str, str], int] = {}
         self._emitters: dict[str, Any] = {}
+        rc = config.routes
+        self._routes = Routes(rc) if rc.patterns or rc.unmatched != "unset" else None
         self._logged: set[str] = set()
         self._last_sweep = 0
         self.stats: dict[str, Any] = {"connections": 0, "spans": 0, "events": 0, "drops": {},
@@ -449,7 +454,11 @@ class ProtocolsProcessor(EventProcessor):
             key = (protocol, "ok")
             counts = self._counts
 
+            routes = self._routes if protocol in HTTP_PROTOCOLS else None
+
             def e(span: Span) -> None:
+                if routes is not None:
+                    apply_route(routes, span)
                 self._out.append(span)
                 counts[key] = counts.get(key, 0) + 1
 

@@ -1,4 +1,4 @@
-"""Real OTLP endpoints for exporter tests: gRPC (official TraceService) and HTTP.
+"""Real OTLP endpoints for exporter tests: gRPC (official TraceService and MetricsService) and HTTP.
 
 ``GrpcSink`` is a grpcio server with the ``TraceServiceServicer`` from
 opentelemetry-proto; ``HttpSink`` is an ``http.server`` that decodes
@@ -29,6 +29,7 @@ from typing import Any
 import grpc
 from google.protobuf import duration_pb2
 from google.rpc import error_details_pb2, status_pb2
+from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2, metrics_service_pb2_grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
 from service.model import otlp_json_to_proto
@@ -62,6 +63,8 @@ class _Base:
         self.calls = 0                       # every Export call that reached the handler
         self.failed_calls = 0
         self.headers_seen: list[dict[str, str]] = []
+        #: every accepted ExportMetricsServiceRequest (MetricsService / /v1/metrics), parsed
+        self.metric_requests: list[metrics_service_pb2.ExportMetricsServiceRequest] = []
         self._script: list[Failure] = []
         self._partial: list[int] = []
         self.got = threading.Condition(self.lock)
@@ -106,10 +109,26 @@ class _Base:
                 self.failed_calls += 1
                 return self._script.pop(0), 0
             rejected = self._partial.pop(0) if self._partial else 0
+            if isinstance(req, metrics_service_pb2.ExportMetricsServiceRequest):
+                self.metric_requests.append(req)
+                self.got.notify_all()
+                return None, rejected
             ids = [s.span_id for rs in req.resource_spans for ss in rs.scope_spans for s in ss.spans]
             self.span_ids.extend(ids[rejected:])
             self.got.notify_all()
             return None, rejected
+
+    def metric_points(self, name: str | None = None) -> int:
+        """Data points accepted so far (of the metric ``name``, or of all)."""
+        with self.lock:
+            return sum(len(getattr(m, m.WhichOneof("data")).data_points)
+                       for r in self.metric_requests for rm in r.resource_metrics for sm in rm.scope_metrics
+                       for m in sm.metrics if name is None or m.name == name)
+
+    def wait_metrics(self, pred: Any, timeout: float = 30.0) -> bool:
+        """Wait until ``pred(metric_requests)`` holds."""
+        with self.got:
+            return self.got.wait_for(lambda: pred(self.metric_requests), timeout)
 
 
 class _Servicer(trace_service_pb2_grpc.TraceServiceServicer):
@@ -134,6 +153,21 @@ class _Servicer(trace_service_pb2_grpc.TraceServiceServicer):
         return resp
 
 
+class _MetricsServicer(metrics_service_pb2_grpc.MetricsServiceServicer):
+    def __init__(self, sink: GrpcSink) -> None:
+        self.sink = sink
+
+    def Export(self, request, context):
+        headers = {k: v for k, v in context.invocation_metadata() if isinstance(v, str)}
+        failure, rejected = self.sink._decide(headers, request)
+        if failure is not None:
+            context.abort(failure.grpc_code, failure.message)
+        resp = metrics_service_pb2.ExportMetricsServiceResponse()
+        if rejected:
+            resp.partial_success.rejected_data_points = rejected
+        return resp
+
+
 class GrpcSink(_Base):
     """A real OTLP/gRPC endpoint on 127.0.0.1."""
 
@@ -150,6 +184,7 @@ class GrpcSink(_Base):
     def start(self) -> GrpcSink:
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
         trace_service_pb2_grpc.add_TraceServiceServicer_to_server(_Servicer(self), server)
+        metrics_service_pb2_grpc.add_MetricsServiceServicer_to_server(_MetricsServicer(self), server)
         addr = f"127.0.0.1:{self.port}"
         if self.tls is not None:
             creds = grpc.ssl_server_credentials([(self.tls.server_key.read_bytes(), self.tls.server_cert.read_bytes())])
@@ -182,14 +217,19 @@ class _HttpHandler(http.server.BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         n = int(self.headers.get("Content-Length", "0"))
         body = self.rfile.read(n)
-        if self.path != "/v1/traces":
+        if self.path not in ("/v1/traces", "/v1/metrics"):
             self._reply(404, b"", "text/plain")
             return
+        metrics = self.path == "/v1/metrics"
         if self.headers.get("Content-Encoding") == "gzip":
             body = gzip.decompress(body)
         ctype = self.headers.get("Content-Type", "")
         try:
-            if ctype == "application/json":
+            if metrics:
+                from service.metrics import otlp_json_to_metrics_proto
+                req = otlp_json_to_metrics_proto(body) if ctype == "application/json" else \
+                    metrics_service_pb2.ExportMetricsServiceRequest.FromString(body)
+            elif ctype == "application/json":
                 req = otlp_json_to_proto(body)
             else:
                 req = trace_service_pb2.ExportTraceServiceRequest.FromString(body)
@@ -207,9 +247,13 @@ class _HttpHandler(http.server.BaseHTTPRequestHandler):
                         status_pb2.Status(code=failure.grpc_code.value[0], message=failure.message).SerializeToString(),
                         "application/x-protobuf", extra)
             return
-        resp = trace_service_pb2.ExportTraceServiceResponse()
+        resp: Any = metrics_service_pb2.ExportMetricsServiceResponse() if metrics else \
+            trace_service_pb2.ExportTraceServiceResponse()
         if rejected:
-            resp.partial_success.rejected_spans = rejected
+            if metrics:
+                resp.partial_success.rejected_data_points = rejected
+            else:
+                resp.partial_success.rejected_spans = rejected
             resp.partial_success.error_message = "scripted partial success"
         if ctype == "application/json":
             from google.protobuf import json_format
