@@ -8,7 +8,8 @@ follows ``unmatched``:
   identifier becomes a placeholder: digits ``{id}``, a UUID ``{uuid}``, a hex string of 8 or
   more with a digit ``{hex}``, a long token (16 or more characters mixing digits and letters,
   base64/url-safe alphabets) ``{token}``, a segment with 4 or more digits among letters
-  (``ord12345``) ``{id}``; words, ``v1``, ``api2`` and file names stay. Paths with more
+  (``ord12345``) ``{id}``, a file named by one of these ``{id}.png``; words, ``v1``, ``api2``
+  and other file names stay. Paths with more
   segments than ``max_segments`` keep the first ones and end in ``/*``.
 - ``path``: the path itself (unbounded: the metrics' cardinality limit then applies);
 - ``wildcard``: ``/**`` for every unmatched path;
@@ -44,7 +45,7 @@ TOKEN_MIN = 16
 
 _UUID = re.compile(r"[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}\Z")
 _HEX = re.compile(r"[0-9a-fA-F]{8,}\Z")
-_TOKEN = re.compile(r"[A-Za-z0-9_\-+=~.%]{" + str(TOKEN_MIN) + r",}\Z")
+_TOKEN = re.compile(r"[A-Za-z0-9_\-+=]{" + str(TOKEN_MIN) + r",}\Z")
 _DIGITS4 = re.compile(r"(?:\D*\d){4}")
 _ALNUM = re.compile(r"[A-Za-z0-9_\-]+\Z")
 _PLACEHOLDER = re.compile(r"\{[^{}/]+\}\Z|:[A-Za-z_][A-Za-z0-9_]*\Z|\*\Z")
@@ -54,6 +55,12 @@ def _segment(seg: str) -> str:
     """One path segment: itself, or the placeholder of the identifier it looks like."""
     if seg.isdigit():
         return "{id}"
+    if "." in seg:
+        stem, _, ext = seg.rpartition(".")
+        if stem and ext and "." not in stem:   # 1234.png, <uuid>.json: the name is an id
+            p = _segment(stem)
+            if p[0] == "{":
+                return f"{p}.{ext}"
     n = len(seg)
     if n >= 8:
         if n >= 32 and _UUID.match(seg):

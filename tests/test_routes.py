@@ -24,6 +24,9 @@ from service.model import Span, SpanKind
     ("/orders/ord12345", "/orders/{id}"),
     ("/v2/api2/oauth2/s3", "/v2/api2/oauth2/s3"),           # versions and names with a digit stay
     ("/static/app.3f9a8b7c.js", "/static/app.3f9a8b7c.js"),  # file names stay
+    ("/js/jquery-3.6.0.min.js", "/js/jquery-3.6.0.min.js"),
+    ("/img/100003.png", "/img/{id}.png"),                     # unless an id names them
+    ("/doc/550e8400-e29b-41d4-a716-446655440000.json", "/doc/{uuid}.json"),
     ("/search/hello", "/search/hello"),
     ("/a/b/c/d/e/f/g/h/i/j/k/l", "/a/b/c/d/e/f/g/h/i/j/*"),
 ])
