@@ -41,7 +41,7 @@ def errors_of(name: str, reg: Registry) -> list[str]:
 # file -> the exact message expected among the errors (Collector-style paths)
 ERROR_CASES = {
     "unknown_option.yaml": "exporters::debug: unknown option 'no_such_option'",
-    "verbosity_typo.yaml": "exporters::debug::verbosity: Input should be 'basic', 'normal' or 'detailed'",
+    "verbosity_typo.yaml": "exporters::debug::verbosity: Input should be 'basic', 'normal', 'detailed' or 'tree'",
     "missing_processor.yaml": 'service::pipelines::traces: references processor "x" which is not configured',
     "unknown_type.yaml": 'exporters::nosuchexporter: unknown exporter type "nosuchexporter"',
     "bad_id.yaml": "exporters::debug/: invalid name ''",
