@@ -348,8 +348,10 @@ class PrometheusExporter(Exporter):
                     else:
                         out.append(f"{name}{{{lbl}}} {_num(e.value)}{stamp}" if lbl else f"{name} {_num(e.value)}")
             if self._targets:
-                out.append("# HELP target_info Target metadata")
-                out.append("# TYPE target_info " + ("info" if openmetrics else "gauge"))
+                # OpenMetrics: an info family "target" whose sample is target_info
+                fam_name = "target" if openmetrics else "target_info"
+                out.append(f"# HELP {fam_name} Target metadata")
+                out.append(f"# TYPE {fam_name} " + ("info" if openmetrics else "gauge"))
                 for key, (attrs, _) in self._targets.items():
                     labels = dict(key)
                     for k, v in attrs.items():

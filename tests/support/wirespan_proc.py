@@ -38,7 +38,7 @@ class WirespanRun:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def read_spans(self) -> list[dict[str, Any]]:
-        """Each span as a dict: name, kind, trace_id, span_id, parent, status, attrs, resource."""
+        """Each span as a dict: name, kind, trace_id, span_id, parent, start, end, status, attrs, resource."""
         out = []
         if not self.spans_path.exists():
             return out
@@ -52,6 +52,7 @@ class WirespanRun:
                         out.append({
                             "name": s["name"], "kind": s.get("kind"), "trace_id": s.get("traceId"),
                             "span_id": s.get("spanId"), "parent": s.get("parentSpanId", ""),
+                            "start": s.get("startTimeUnixNano"), "end": s.get("endTimeUnixNano"),
                             "status": s.get("status", {}).get("code", 0),
                             "attrs": {a["key"]: _val(a["value"]) for a in s.get("attributes", [])},
                             "resource": res,
@@ -70,9 +71,11 @@ def _val(v: dict[str, Any]) -> Any:
 
 @contextlib.contextmanager
 def wirespan_run(tmp_path: Path, receivers: dict[str, Any], processors: dict[str, Any] | None = None,
-                 ready_timeout: float = 30.0, file_options: dict[str, Any] | None = None) -> Iterator[WirespanRun]:
+                 ready_timeout: float = 30.0, file_options: dict[str, Any] | None = None,
+                 extra: dict[str, Any] | None = None) -> Iterator[WirespanRun]:
     """The config is ``tmp_path / "wirespan.yaml"`` (a test may rewrite it and send SIGHUP);
-    ``file_options`` go to the file exporter (default: flush every batch, append)."""
+    ``file_options`` go to the file exporter (default: flush every batch, append); ``extra``
+    is merged into the config last (``service.config.merge``: connectors, metrics pipelines ...)."""
     spans = tmp_path / "spans.jsonl"
     procs = processors if processors is not None else {"protocols": {}}
     cfg = {
@@ -85,6 +88,9 @@ def wirespan_run(tmp_path: Path, receivers: dict[str, Any], processors: dict[str
             "telemetry": {"metrics": {"address": "127.0.0.1:0"}, "health": {"address": "127.0.0.1:0"}},
         },
     }
+    if extra:
+        from service.config import merge
+        cfg = merge(cfg, extra)
     conf = tmp_path / "wirespan.yaml"
     conf.write_text(yaml.safe_dump(cfg))
     log_path = tmp_path / "wirespan.log"
