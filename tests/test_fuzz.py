@@ -9,6 +9,7 @@ saved input (``python -m bench fuzz <protocol> --repro <file>`` replays it).
 from __future__ import annotations
 
 import argparse
+import logging
 import types
 
 import pytest
@@ -20,6 +21,18 @@ from processors.protocols.errors import Malformed
 from tests.fuzz import campaign, encoding, seeds
 from tests.fuzz.encoding import DATA, GAP, Input, Step, decode, encode
 from tests.fuzz.harness import F_DIRECT, Target
+
+
+@pytest.fixture(autouse=True)
+def _stage_logger_back():
+    """A Target hooks the stage's logger; later tests (caplog) must find it as it was."""
+    lg = logging.getLogger("processors.protocols.processor")
+    state = (lg.level, lg.propagate, list(lg.handlers))
+    yield
+    lg.setLevel(state[0])
+    lg.propagate = state[1]
+    lg.handlers[:] = state[2]
+
 
 #: Seconds each protocol is fuzzed in CI (two at a time): 10 protocols, about 30 s in all on an idle machine.
 CI_SECONDS = 3.0

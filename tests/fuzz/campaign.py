@@ -174,7 +174,10 @@ def repro(name: str, path: str, a: argparse.Namespace) -> int:
     t = Target(name, per_byte_s=a.per_byte_us * 1e-6, floor_s=a.floor_ms * 1e-3, max_pieces=a.max_pieces)
     print(decode(raw).describe(a.max_pieces))
     t0 = time.perf_counter()
-    fails = t.run(raw)
+    try:
+        fails = t.run(raw)
+    finally:
+        t.close()
     print(f"\n{time.perf_counter() - t0:.3f} s")
     for fl in fails:
         print(f"\n{fl.kind} in the {fl.drive} drive: {fl.detail}\n{fl.tb}")

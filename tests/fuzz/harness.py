@@ -135,6 +135,8 @@ class Target:
     floor_s: float = 0.25
     rss_limit_mb: float = 512.0
     max_pieces: int = 0
+    #: Keep the stage's logged tracebacks off stderr (changes the logger for the process; ``close``).
+    quiet: bool = False
     mod: ModuleType = field(init=False)
     inputs: int = 0
     nbytes: int = 0
@@ -162,13 +164,22 @@ class Target:
         self.stages: dict[int, ProtocolsProcessor] = {}
         self.conn_id = 0
         self.catcher = _TbCatcher()
-        lg = logging.getLogger("processors.protocols.processor")
+        lg = self._logger = logging.getLogger("processors.protocols.processor")
+        self._log_state = (lg.level, lg.propagate)
         lg.addHandler(self.catcher)
-        lg.setLevel(logging.ERROR)
-        lg.propagate = False
+        if self.quiet:  # a worker: the tracebacks go to the saved inputs, not to stderr
+            lg.setLevel(logging.ERROR)
+            lg.propagate = False
         self.rss_base = _rss_peak_mb()
         self.memory_failed = False
         self.settings = mod.Settings()
+
+    def close(self) -> None:
+        """Give the stage's logger back as it was."""
+        lg = self._logger
+        lg.removeHandler(self.catcher)
+        lg.setLevel(self._log_state[0])
+        lg.propagate = self._log_state[1]
 
     # -- one input ----------------------------------------------------------------------------
     def run(self, raw: bytes) -> list[Failure]:

@@ -61,7 +61,7 @@ def main(argv: list[str]) -> int:
     from tests.fuzz.harness import Target
 
     target = Target(a.protocol, per_byte_s=a.per_byte_us * 1e-6, floor_s=a.floor_ms * 1e-3,
-                    rss_limit_mb=a.rss_limit_mb, max_pieces=a.max_pieces)
+                    rss_limit_mb=a.rss_limit_mb, max_pieces=a.max_pieces, quiet=True)
     crashes = os.path.join(a.workdir, "crashes")
     corpus = os.path.join(a.workdir, "corpus")
     seed_dir = os.path.join(a.workdir, "seeds")
