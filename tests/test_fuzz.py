@@ -38,18 +38,6 @@ def _stage_logger_back():
 CI_SECONDS = 3.0
 
 
-@pytest.fixture(autouse=True)
-def _stage_logger_restored():
-    """A Target takes the protocols stage's logger over (its own handler, no propagation) for
-    the whole process; tests after these ones read that logger through pytest's caplog."""
-    import logging
-
-    lg = logging.getLogger("processors.protocols.processor")
-    saved = (list(lg.handlers), lg.level, lg.propagate)
-    yield
-    lg.handlers[:], lg.level, lg.propagate = saved
-
-
 def test_every_byte_string_decodes_and_encoding_round_trips() -> None:
     inp = Input(0x23, [1, 0, 200, 255], [Step(True, DATA, b"abc"), Step(False, GAP, gap=77),
                                           Step(False, DATA, b"x" * 300)])
