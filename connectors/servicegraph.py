@@ -126,6 +126,7 @@ class ServiceGraphConnector(Connector):
         self._store: OrderedDict[tuple[bytes, bytes], _Half] = OrderedDict()
         self._peers: OrderedDict[tuple[Any, Any], str] = OrderedDict()
         self._last_flush = time.time_ns()
+        self._changed = False   # edges since the last emit
         self._flush_loop = FlushLoop(id, c.metrics_flush_interval, self.emit)
         self._expire_loop = FlushLoop(f"{id}-store", c.store_expiration_loop, self._expire_now)
         self.stats = {"paired": 0, "peer": 0, "virtual": 0, "user": 0, "expired": 0, "store_full": 0}
@@ -144,7 +145,9 @@ class ServiceGraphConnector(Connector):
     def shutdown(self) -> None:
         self._expire_loop.stop()
         self._flush_loop.stop()
-        self.flush()
+        self._expire(float("inf"))
+        if self._changed:   # flush() emitted already when the pipeline drained
+            self.emit()
 
     # -- spans -------------------------------------------------------------------------------
     def consume_spans(self, spans: list[Span]) -> None:
@@ -206,6 +209,7 @@ class ServiceGraphConnector(Connector):
             ca = client.attributes if client is not None else {}
             sa = server.attributes if server is not None else {}
             key += tuple(ca.get(d) for d in dims) + tuple(sa.get(d) for d in dims)
+        self._changed = True
         t = self._total.get(key, self._names, now_ns)
         t.count += 1
         t.last_ns = now_ns
@@ -272,6 +276,7 @@ class ServiceGraphConnector(Connector):
         now = time.time_ns()
         with self._lock:
             since, self._last_flush = self._last_flush, now
+            self._changed = False
             t = self._temporality
             metrics = [m for m in (
                 self._total.snapshot("traces_service_graph_request_total", "{request}",

@@ -264,6 +264,7 @@ class SpanMetricsConnector(Connector):
         self._by_id: dict[int, tuple[Resource, _ResourceState]] = {}
         self._by_key: dict[tuple[Any, ...], _ResourceState] = {}
         self._last_flush = time.time_ns()
+        self._changed = False   # spans since the last emit
         self._loop = FlushLoop(id, c.metrics_flush_interval, self.emit)
         self.stats = {"spans": 0, "unmatched": 0, "dropped_resources": 0}
 
@@ -277,7 +278,8 @@ class SpanMetricsConnector(Connector):
 
     def shutdown(self) -> None:
         self._loop.stop()
-        self.emit()
+        if self._changed:   # flush() emitted already when the pipeline drained
+            self.emit()
 
     # -- aggregation -------------------------------------------------------------------
     def _state(self, r: Resource) -> _ResourceState | None:
@@ -348,6 +350,7 @@ class SpanMetricsConnector(Connector):
                         fam = st.families.get("duration") or self._family(st, "duration", self._calls_bounds)
                         fam.observe(fam.get(key, self._calls_names, now), dur * self._calls_scale, now,
                                     s.trace_id, s.span_id, s.end_ns)
+            self._changed = True
             self.stats["spans"] += len(spans) - dropped
             self.stats["unmatched"] += unmatched
             self.stats["dropped_resources"] += dropped
@@ -369,6 +372,7 @@ class SpanMetricsConnector(Connector):
         out: list[ResourceMetrics] = []
         with self._lock:
             since, self._last_flush = self._last_flush, now
+            self._changed = False
             exp = self.config.metrics_expiration
             for st in self._by_key.values():
                 metrics = []

@@ -195,8 +195,9 @@ class Outage:
     """
 
     def __init__(self, exporter_id: str, target: str = "", interval: float = OUTAGE_LOG_INTERVAL,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, unit: str = "spans") -> None:
         self.id = exporter_id
+        self.unit = unit
         self.target = f" to {target}" if target else ""
         self.interval = interval
         self._clock = clock
@@ -212,14 +213,15 @@ class Outage:
             now = self._clock()
             self._attempts += 1
             self._dropped += dropped
-            fate = f"{dropped} spans dropped ({why})" if dropped else "will retry; the spans are kept"
+            fate = f"{dropped} {self.unit} dropped ({why})" if dropped else f"will retry; the {self.unit} are kept"
             if self.since is None:
                 self.since = self._logged_at = now
                 log.warning("%s: export%s failed: %s; %s", self.id, self.target, e.cause(), fate)
             elif now - self._logged_at >= self.interval:
                 self._logged_at = now
-                log.warning("%s: export%s still failing after %.0fs (%d failed attempts, %d spans dropped): %s",
-                            self.id, self.target, now - self.since, self._attempts, self._dropped, e.cause())
+                log.warning("%s: export%s still failing after %.0fs (%d failed attempts, %d %s dropped): %s",
+                            self.id, self.target, now - self.since, self._attempts, self._dropped, self.unit,
+                            e.cause())
             else:
                 log.debug("%s: export%s failed: %s; %s", self.id, self.target, e.cause(), fate)
 
@@ -229,8 +231,8 @@ class Outage:
         with self._lock:
             if self.since is None:
                 return
-            log.warning("%s: export%s recovered after %.1fs (%d failed attempts, %d spans dropped meanwhile)",
-                        self.id, self.target, self._clock() - self.since, self._attempts, self._dropped)
+            log.warning("%s: export%s recovered after %.1fs (%d failed attempts, %d %s dropped meanwhile)",
+                        self.id, self.target, self._clock() - self.since, self._attempts, self._dropped, self.unit)
             self.since = None
             self._attempts = self._dropped = 0
 
@@ -325,9 +327,9 @@ class Sender:
                  rng: random.Random | None = None, target: str = "", signal: str = "traces") -> None:
         self.id = exporter_id
         self.signal = signal
+        self.outage = Outage(exporter_id, target, unit="spans" if signal == "traces" else "metric points")
         (self._sent_family, self._failed, enqueue_failed, self._size_family,
          self._capacity_family) = _SIGNAL_METRICS[signal]
-        self.outage = Outage(exporter_id, target)
         self._send = send
         self.retry = retry
         self.qcfg = queue

@@ -37,6 +37,7 @@ class ResourceConfig(ComponentConfig):
 
 class ResourceProcessor(SpanProcessor):
     type: ClassVar[str] = "resource"
+    signals: ClassVar[tuple[str, ...]] = ("traces", "metrics")
     Config = ResourceConfig
 
     def __init__(self, id: str, config: ResourceConfig, next: Any = None) -> None:
@@ -70,3 +71,10 @@ class ResourceProcessor(SpanProcessor):
         for s in spans:
             s.resource = self._transform(s.resource)
         self.next.consume_spans(spans)
+
+    def consume_metrics(self, batch: list[Any]) -> None:
+        """In a metrics pipeline: the same actions on each ResourceMetrics' resource. The batch may
+        go to other pipelines too, so it is not changed: new ResourceMetrics share its metrics."""
+        from service.metrics import ResourceMetrics
+        self.next.consume_metrics([ResourceMetrics(self._transform(rm.resource), rm.metrics, rm.scope_name,
+                                                   rm.scope_version) for rm in batch])
