@@ -567,6 +567,26 @@ def test_compressed_frame_that_does_not_inflate_is_counted():
     assert [s.name for s in d.spans] == ["SELECT"]
 
 
+def test_a_compression_bomb_is_refused_not_parsed():
+    """Issue 20's rule (bounded work per wire byte): 16 MiB of COM_PING in a 24 KB zlib frame."""
+    import time
+
+    from processors.protocols.errors import LimitExceeded
+
+    d = Driver(my, port=3306)
+    connect_compressed(d, my.CLIENT_COMPRESS)
+    bomb = zframes(b"\x01\x00\x00\x00\x0e" * (16 * 1024 * 1024 // 5 - 1))
+    t = time.process_time()
+    with pytest.raises(LimitExceeded, match="inflate_ratio"):
+        d.session.feed(True, _buf(bomb), 1)
+    assert time.process_time() - t < 0.5
+    d2 = Driver(my, port=3306)  # a well compressible but sane frame still inflates
+    connect_compressed(d2, my.CLIENT_COMPRESS)
+    d2.feed(True, zframes(query("SELECT 1 FROM t WHERE x IN (" + ",".join(["1"] * 20000) + ")")))
+    d2.feed(False, zframes(resultset(["1"], [[b"1"]]), seq=1))
+    assert [s.name for s in d2.spans] == ["SELECT t"]
+
+
 def test_compressed_detection_is_strict():
     for junk in (b"Q\x00\x00\x00\x0dSELECT 1\x00", b"\x05\x00\x00\x00\x00\x00\x00abcde",
                  b"\x0c\x00\x00\x00\x20\x00\x00" + b"\x41" * 12):

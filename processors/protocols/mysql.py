@@ -34,7 +34,7 @@ from service.model import SpanKind, StatusCode
 
 from .base import Conn, Detection, PendingQueue, ProtocolSettings
 from .base import Session as _Session
-from .errors import Malformed
+from .errors import LimitExceeded, Malformed
 from .sanitize import sanitize_error
 from .sql import MAX_QUERY_BYTES, QueryInfo, analyze, decode_query
 
@@ -54,6 +54,11 @@ CLIENT_SSL = 0x800
 CLIENT_SECURE_CONNECTION = 0x8000
 CLIENT_PLUGIN_AUTH_LENENC_CLIENT_DATA = 0x200000
 CLIENT_DEPRECATE_EOF = 0x1000000
+#: A compressed frame may inflate to this many bytes whatever its size, and beyond only up to
+#: this ratio: a 1.4 KB zstd frame of 16 MiB of COM_PINGs cost 10 s of parsing (7 ms a wire
+#: byte). Real result sets compress 3-20x (zlib's ceiling on repetition is about 1000x).
+INFLATE_FREE = 64 * 1024
+MAX_INFLATE_RATIO = 100
 #: zstd instead of zlib for the compressed protocol (MySQL 8.0.18+).
 CLIENT_ZSTD_COMPRESSION_ALGORITHM = 0x4000000
 #: COM_QUERY / COM_STMT_EXECUTE carry query attributes before the SQL (MySQL 8.0.23+).
@@ -472,6 +477,9 @@ class Session(_Session):
                     want = 7 + clen
                     break
                 ts = buf.ts_at(pos + 6 + clen) if clen else buf.ts_at(pos + 6)
+                if ulen > INFLATE_FREE and ulen > clen * MAX_INFLATE_RATIO:
+                    pos += 7 + clen  # a decompression bomb: not inflated; the stage resyncs after it
+                    raise LimitExceeded(NAME, "inflate_ratio", pos, f"{clen} -> {ulen} bytes")
                 if ulen == 0:
                     for v in buf.views(pos + 7, clen):  # stored: the payload's own chunks, no copy
                         inner.append(v, ts)
