@@ -22,6 +22,7 @@ import grpc
 from pydantic import Field, field_validator, model_validator
 
 from exporters.credentials import consent_error, plaintext_credentials
+from exporters.otlp_env import apply_env
 from exporters.sender import (
     DEFAULT_TIMEOUT,
     Compression,
@@ -62,6 +63,12 @@ _RETRY_INFO_TYPE = "type.googleapis.com/google.rpc.RetryInfo"
 
 
 class OtlpConfig(ComponentConfig):
+    @model_validator(mode="before")
+    @classmethod
+    def _otel_env(cls, values: Any) -> Any:
+        """Options the config does not give, from OTEL_EXPORTER_OTLP_* (exporters/otlp_env.py)."""
+        return apply_env(values, "grpc")
+
     endpoint: str = DEFAULT_ENDPOINT
     tls: TlsConfig = Field(default_factory=TlsConfig)
     headers: dict[str, str] = Field(default_factory=dict)

@@ -24,6 +24,7 @@ import httpx
 from pydantic import Field, field_validator, model_validator
 
 from exporters.credentials import consent_error, plaintext_credentials
+from exporters.otlp_env import apply_env
 from exporters.sender import (
     DEFAULT_TIMEOUT,
     MAX_SERVER_DELAY,
@@ -62,6 +63,12 @@ class HttpTlsConfig(TlsConfig):
 
 
 class OtlpHttpConfig(ComponentConfig):
+    @model_validator(mode="before")
+    @classmethod
+    def _otel_env(cls, values: Any) -> Any:
+        """Options the config does not give, from OTEL_EXPORTER_OTLP_* (exporters/otlp_env.py)."""
+        return apply_env(values, "http")
+
     endpoint: str = DEFAULT_ENDPOINT
     #: Full URL for traces; overrides ``endpoint`` + /v1/traces.
     traces_endpoint: str | None = None
