@@ -184,10 +184,12 @@ def parse_client_hello(body: bytes | memoryview) -> dict[str, Any] | None:
 class HelloSniffer:
     """The ServerHello of one connection, found in its bytes as they come (either direction)."""
 
-    __slots__ = ("bufs", "done", "server_hello")
+    __slots__ = ("bufs", "client", "done", "server_hello")
 
     def __init__(self) -> None:
         self.bufs: list[bytearray | None] = [bytearray(), bytearray()]
+        #: the direction that sent a ClientHello (a ServerHello is only looked for the other way)
+        self.client: int | None = None
         #: the parsed ServerHello once found (not a HelloRetryRequest)
         self.server_hello: dict[str, Any] | None = None
         self.done = False
@@ -212,12 +214,15 @@ class HelloSniffer:
         while off + 5 <= len(buf):
             ct = buf[off]
             ln = (buf[off + 3] << 8) | buf[off + 4]
-            if ct != CT_HANDSHAKE or buf[off + 1] != 3 or ln > MAX_RECORD:
+            if ct not in (CT_HANDSHAKE, CT_CCS) or buf[off + 1] != 3 or ln > MAX_RECORD:
                 ended = True
                 break
             if off + 5 + ln > len(buf):
                 break
-            hs += buf[off + 5:off + 5 + ln]
+            if ct == CT_HANDSHAKE:
+                hs += buf[off + 5:off + 5 + ln]
+            # a ChangeCipherSpec is skipped: TLS 1.3 sends one after a HelloRetryRequest, before
+            # the real ServerHello (a TLS 1.2 server's comes after its ServerHello: done by then)
             off += 5 + ln
         moff = 0
         while moff + 4 <= len(hs):
@@ -225,7 +230,9 @@ class HelloSniffer:
             mlen = (hs[moff + 1] << 16) | (hs[moff + 2] << 8) | hs[moff + 3]
             if moff + 4 + mlen > len(hs):
                 break
-            if mt == HS_SERVER_HELLO:
+            if mt == HS_CLIENT_HELLO:
+                self.client = direction
+            elif mt == HS_SERVER_HELLO and self.client != direction:
                 sh = parse_server_hello(memoryview(hs)[moff + 4:moff + 4 + mlen])
                 if sh is not None and not sh["hrr"]:
                     self.server_hello = sh

@@ -1,7 +1,7 @@
 """OpenSSL's SSL_read/SSL_write in the traced processes: finding them and their uprobes (issue 15).
 
 Contract: ``SslProbes(obj, config)`` attaches the uprobe programs of ``bpf/wirespan.bpf.c``
-(``up_ssl_*`` at function entry, ``uret_ssl_call`` at their returns, ``up_ssl_set_fd``) to
+(``up_ssl_*`` at function entry, ``uret_ssl_*`` at their returns, ``up_ssl_set_fd``) to
 every ELF file that defines ``SSL_read``/``SSL_write`` (OpenSSL 1.1.1 and 3.x; BoringSSL and
 LibreSSL keep the same names and signatures where they export them) and that a traced process
 maps, once per file (a uprobe is set on the inode, for every process mapping it):
@@ -40,15 +40,19 @@ __all__ = ["SslProbes", "elf_function_offsets", "SSL_FUNCTIONS"]
 
 log = logging.getLogger("wirespan.receivers.ebpf")
 
-#: function -> (entry program, whether its return is probed too)
-SSL_FUNCTIONS: dict[str, tuple[str, bool]] = {
-    "SSL_write": ("up_ssl_write", True),
-    "SSL_read": ("up_ssl_read", True),
-    "SSL_write_ex": ("up_ssl_write_ex", True),
-    "SSL_read_ex": ("up_ssl_read_ex", True),
-    "SSL_set_fd": ("up_ssl_set_fd", False),
+#: function -> (entry program, return program or None)
+SSL_FUNCTIONS: dict[str, tuple[str, str | None]] = {
+    "SSL_write": ("up_ssl_write", "uret_ssl_call"),
+    "SSL_read": ("up_ssl_read", "uret_ssl_call"),
+    "SSL_write_ex": ("up_ssl_write_ex", "uret_ssl_call"),
+    "SSL_read_ex": ("up_ssl_read_ex", "uret_ssl_call"),
+    # the handshake: binds an SSL* to its socket before the first read/write (memory BIOs:
+    # Node.js, asyncio write the handshake's output right after the call returns)
+    "SSL_do_handshake": ("up_ssl_handshake", "uret_ssl_handshake"),
+    "SSL_connect": ("up_ssl_handshake", "uret_ssl_handshake"),
+    "SSL_accept": ("up_ssl_handshake", "uret_ssl_handshake"),
+    "SSL_set_fd": ("up_ssl_set_fd", None),
 }
-RET_PROGRAM = "uret_ssl_call"
 #: The two a file must define to be attached to.
 REQUIRED = ("SSL_read", "SSL_write")
 #: File names looked at in /proc/PID/maps (the executable is looked at whatever its name).
@@ -235,7 +239,7 @@ class SslProbes:
                 prog, ret = SSL_FUNCTIONS[fn]
                 links.append(self.obj.attach_uprobe(prog, path, off))
                 if ret:
-                    links.append(self.obj.attach_uprobe(RET_PROGRAM, path, off, retprobe=True))
+                    links.append(self.obj.attach_uprobe(ret, path, off, retprobe=True))
         except BpfError as e:
             for link in links:
                 self.obj.detach(link)

@@ -205,6 +205,7 @@ struct ssl_call {
 	u64 ts;
 	u8 egress;           // 1: SSL_write
 	u8 ex;
+	u8 io;               // 1: the call made a syscall on a TCP socket (a socket BIO)
 };
 
 struct {
@@ -229,6 +230,53 @@ struct {
 	__type(key, struct ssl_key);
 	__type(value, u64);
 } ssl_socks SEC(".maps");
+
+// SSL_do_handshake/SSL_connect/SSL_accept in flight on a thread: pid_tgid -> SSL*.
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 16384);
+	__type(key, u64);
+	__type(value, u64);
+} ssl_hs SEC(".maps");
+
+// An SSL* whose last call on this thread made no socket I/O (a memory BIO: Node.js, asyncio):
+// its output is written by the thread's next write to a TCP socket outside an SSL call.
+struct ssl_pending {
+	u64 ssl;
+	u64 ts;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 16384);
+	__type(key, u64);
+	__type(value, struct ssl_pending);
+} ssl_pending SEC(".maps");
+
+// A write this long after the SSL call is not taken for its output.
+#define PENDING_BIND_NS 100000000ULL
+
+static __always_inline void bind_ssl(u64 ssl, u32 pid, struct sock *sk)
+{
+	struct ssl_key k = { .ssl = ssl, .pid = pid };
+	u64 skv = (u64)sk;
+	bpf_map_update_elem(&ssl_socks, &k, &skv, BPF_ANY);
+}
+
+// Do the bytes a write is about to send start with a TLS record header (type 20-23, major 3)?
+static __always_inline bool starts_tls_record(u64 buf, bool vec)
+{
+	if (vec) {
+		struct iovec v = {};
+		if (bpf_probe_read_user(&v, sizeof(v), (void *)buf))
+			return false;
+		buf = (u64)v.iov_base;
+	}
+	u8 b[2] = {};
+	if (bpf_probe_read_user(b, sizeof(b), (void *)buf))
+		return false;
+	return b[0] >= 20 && b[0] <= 23 && b[1] == 3;
+}
 
 static __always_inline void count(u32 idx, u64 n)
 {
@@ -347,11 +395,25 @@ static __always_inline int on_enter(u64 fd, u64 buf, u32 cnt, u8 op)
 		struct ssl_call *sc = bpf_map_lookup_elem(&ssl_calls, &id);
 		if (sc) {
 			tls = 1;
+			sc->io = 1;
 			if (sc->sock != (u64)sk) {
 				sc->sock = (u64)sk;
-				struct ssl_key k = { .ssl = sc->ssl, .pid = id >> 32 };
-				u64 skv = (u64)sk;
-				bpf_map_update_elem(&ssl_socks, &k, &skv, BPF_ANY);
+				bind_ssl(sc->ssl, id >> 32, sk);
+			}
+		} else {
+			u64 *hs = bpf_map_lookup_elem(&ssl_hs, &id);
+			if (hs) {
+				bind_ssl(*hs, id >> 32, sk);  // a socket BIO inside a handshake
+			} else if (op & 1) {
+				// a memory BIO (Node.js, asyncio): the SSL* whose last call on this thread left
+				// output is written by the thread's next write to a TCP socket, if it is TLS
+				struct ssl_pending *pd = bpf_map_lookup_elem(&ssl_pending, &id);
+				if (pd) {
+					struct ssl_pending pend = *pd;
+					bpf_map_delete_elem(&ssl_pending, &id);
+					if (bpf_ktime_get_ns() - pend.ts < PENDING_BIND_NS && starts_tls_record(buf, op >= WS_READV))
+						bind_ssl(pend.ssl, id >> 32, sk);
+				}
 			}
 		}
 	}
@@ -767,6 +829,13 @@ static __always_inline int ssl_exit(long ret)
 			return 0;
 		ret = n > 0x7fffffff ? 0x7fffffff : (long)n;
 	}
+	if (!c.io) {
+		// no socket I/O inside: a memory BIO (or OpenSSL's buffer). What the call left to send
+		// (an SSL_read drives the handshake too) goes out with the thread's next TCP write outside
+		// an SSL call, which (re)binds the SSL* to that socket
+		struct ssl_pending pend = { .ssl = c.ssl, .ts = bpf_ktime_get_ns() };
+		bpf_map_update_elem(&ssl_pending, &id, &pend, BPF_ANY);
+	}
 	if (ret <= 0)
 		return 0;
 	if (!c.sock) {
@@ -820,6 +889,40 @@ int BPF_KRETPROBE(uret_ssl_call, int ret)
 	// one return program for all four: the entry probe said which variant it was. All four
 	// return an int: only the low 32 bits of the return register are defined.
 	return ssl_exit((long)ret);
+}
+
+// int SSL_do_handshake(SSL *s), SSL_connect, SSL_accept: a socket BIO's syscalls inside bind the
+// SSL* to its socket; with a memory BIO, the output left is written next (ssl_pending).
+// SSL_connect/SSL_accept call SSL_do_handshake: the inner return does the work.
+SEC("uprobe")
+int BPF_KPROBE(up_ssl_handshake, void *ssl)
+{
+	struct ws_cfg *cfg = get_config();
+	if (!cfg)
+		return 0;
+	u64 id = bpf_get_current_pid_tgid();
+	if (!want_process(cfg, id >> 32))
+		return 0;
+	u64 v = (u64)ssl;
+	bpf_map_update_elem(&ssl_hs, &id, &v, BPF_ANY);
+	return 0;
+}
+
+SEC("uretprobe")
+int BPF_KRETPROBE(uret_ssl_handshake, int ret)
+{
+	u64 id = bpf_get_current_pid_tgid();
+	u64 *sp = bpf_map_lookup_elem(&ssl_hs, &id);
+	if (!sp)
+		return 0;
+	u64 ssl = *sp;
+	bpf_map_delete_elem(&ssl_hs, &id);
+	struct ssl_key k = { .ssl = ssl, .pid = id >> 32 };
+	if (bpf_map_lookup_elem(&ssl_socks, &k))
+		return 0;
+	struct ssl_pending pend = { .ssl = ssl, .ts = bpf_ktime_get_ns() };
+	bpf_map_update_elem(&ssl_pending, &id, &pend, BPF_ANY);
+	return 0;
 }
 
 // int SSL_set_fd(SSL *s, int fd): binds the SSL* to the fd's socket before any I/O.
