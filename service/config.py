@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 __all__ = [
     "ConfigError",
@@ -382,13 +382,101 @@ DEFAULT_METRICS_ADDRESS = "localhost:8898"
 DEFAULT_HEALTH_ADDRESS = "localhost:13134"
 
 
+class PrometheusPullConfig(_Strict):
+    host: str = "localhost"
+    port: int = Field(8898, ge=0, le=65535)
+    path: str = "/metrics"
+
+
+class PullExporterConfig(_Strict):
+    prometheus: PrometheusPullConfig
+
+
+class PullReaderConfig(_Strict):
+    #: A Prometheus endpoint serving the self-metrics (the ``address:`` shorthand's reader).
+    exporter: PullExporterConfig
+
+
+class OtlpPushConfig(_Strict):
+    #: grpc or http/protobuf (default: OTEL_EXPORTER_OTLP_METRICS_PROTOCOL / _PROTOCOL, else http/protobuf).
+    protocol: Literal["grpc", "http/protobuf"] | None = None
+    #: gRPC: http(s)://host:port; HTTP: the URL (``/v1/metrics`` added to one without a path).
+    #: Default: OTEL_EXPORTER_OTLP_METRICS_ENDPOINT / OTEL_EXPORTER_OTLP_ENDPOINT, else localhost.
+    endpoint: str | None = None
+    #: A map, or the Collector's list of {name, value} (default: OTEL_EXPORTER_OTLP_HEADERS).
+    headers: dict[str, str] | list[dict[str, str]] | None = None
+    compression: Literal["gzip", "none"] | None = None
+    #: Milliseconds a request may take (default: OTEL_EXPORTER_OTLP_TIMEOUT, else 10000).
+    timeout: int | None = Field(None, ge=1)
+    #: gRPC without TLS (default: by the endpoint's scheme, or OTEL_EXPORTER_OTLP_INSECURE).
+    insecure: bool | None = None
+
+    def header_map(self) -> dict[str, str] | None:
+        h = self.headers
+        if isinstance(h, list):
+            return {str(x.get("name")): str(x.get("value", "")) for x in h}
+        return h
+
+
+class PushExporterConfig(_Strict):
+    otlp: OtlpPushConfig
+
+
+class PeriodicReaderConfig(_Strict):
+    #: Milliseconds between exports (the Collector's, the SDK's default: 60000).
+    interval: int = Field(60000, ge=100)
+    #: Milliseconds an export may take.
+    timeout: int = Field(30000, ge=1)
+    exporter: PushExporterConfig
+
+
+class MetricReaderConfig(_Strict):
+    """One reader, as the Collector's ``service::telemetry::metrics::readers`` entries."""
+
+    pull: PullReaderConfig | None = None
+    periodic: PeriodicReaderConfig | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> MetricReaderConfig:
+        if (self.pull is None) == (self.periodic is None):
+            raise ValueError("a reader is exactly one of pull or periodic")
+        return self
+
+
 class MetricsTelemetry(_Strict):
-    #: host:port of the Prometheus endpoint; "" turns it off.
+    #: host:port of the Prometheus endpoint; "" turns it off. Shorthand for one pull reader.
     address: str = DEFAULT_METRICS_ADDRESS
     path: str = "/metrics"
-    #: "none" turns the endpoint off; the Collector's other levels are accepted and
+    #: "none" turns every reader off; the Collector's other levels are accepted and
     #: currently export the same set.
     level: Literal["none", "basic", "normal", "detailed"] = "normal"
+    #: The Collector's form: pull (Prometheus) and periodic (OTLP) readers; instead of ``address``.
+    readers: list[MetricReaderConfig] | None = None
+
+    @model_validator(mode="after")
+    def _address_or_readers(self) -> MetricsTelemetry:
+        if self.readers is not None and "address" in self.model_fields_set:
+            raise ValueError("give address (one Prometheus endpoint) or readers, not both")
+        return self
+
+    def pull_endpoints(self) -> list[tuple[str, str]]:
+        """(host:port, path) of each Prometheus endpoint to serve."""
+        if self.level == "none":
+            return []
+        if self.readers is None:
+            return [(self.address, self.path)] if self.address else []
+        out = []
+        for r in self.readers:
+            if r.pull is not None:
+                pr = r.pull.exporter.prometheus
+                host = f"[{pr.host}]" if ":" in pr.host else pr.host
+                out.append((f"{host}:{pr.port}", pr.path))
+        return out
+
+    def periodic_readers(self) -> list[PeriodicReaderConfig]:
+        if self.level == "none" or self.readers is None:
+            return []
+        return [r.periodic for r in self.readers if r.periodic is not None]
 
 
 class HealthTelemetry(_Strict):

@@ -624,6 +624,24 @@ class Service:
         }
 
 
+def _pusher(r: Any) -> Any:
+    """A periodic OTLP reader of the self-metrics (service.selftelemetry), from its config and,
+    for what it does not give, the OTEL_EXPORTER_OTLP_* variables (as the SDK reads them)."""
+    from exporters.otlp_env import env
+    from service.selftelemetry import PeriodicPusher
+    o = r.exporter.otlp
+    protocol = o.protocol or env("PROTOCOL", "METRICS") or "http/protobuf"
+    if protocol not in ("grpc", "http/protobuf"):
+        raise ConfigError(f"service::telemetry::metrics::readers: OTLP protocol {protocol!r} is not supported "
+                          f"(grpc or http/protobuf)")
+    endpoint = o.endpoint
+    if endpoint and protocol == "http/protobuf" and endpoint.count("/") <= 2:
+        endpoint = endpoint.rstrip("/") + "/v1/metrics"
+    timeout = (o.timeout or r.timeout) / 1000.0
+    return PeriodicPusher(protocol, endpoint, o.header_map(), r.interval / 1000.0, min(timeout, r.timeout / 1000.0),
+                          insecure=o.insecure, compression=o.compression)
+
+
 class Runner:
     """A long-running service: telemetry endpoints, the current ``Service``, reload.
 
@@ -636,6 +654,8 @@ class Runner:
         self._configure_logs = configure_logs
         self.service: Service | None = None
         self._metrics: tm.TelemetryServer | None = None
+        self._more_metrics: list[tm.TelemetryServer] = []   # further pull readers
+        self._pushers: list[Any] = []                        # periodic OTLP readers
         self._health: tm.TelemetryServer | None = None
         self._telemetry_key: Any = None
         self._telemetry_missing = False   # an endpoint could not listen (port taken): retried at a reload
@@ -661,16 +681,22 @@ class Runner:
         if self._configure_logs:
             from service import log as slog
             slog.setup(t.logs.level, t.logs.encoding)
-        key = (t.metrics.address, t.metrics.path, t.metrics.level, t.health.address, t.health.path)
+        key = (t.metrics.model_dump_json(), t.health.address, t.health.path)
         if key == self._telemetry_key and not self._telemetry_missing:
             return  # unchanged and serving (one that could not listen is tried again at a reload)
         self._close_telemetry()
         missing = False
         try:
-            if t.metrics.address and t.metrics.level != "none":
-                self._metrics = self._listen("metrics", t.metrics.address,
-                                             lambda: tm.start_metrics_server(t.metrics.address, t.metrics.path))
-                missing = self._metrics is None
+            for i, (address, path) in enumerate(t.metrics.pull_endpoints()):
+                srv = self._listen("metrics", address,
+                                   lambda a=address, p=path: tm.start_metrics_server(a, p))  # type: ignore[misc]
+                missing = missing or srv is None
+                if i == 0:
+                    self._metrics = srv
+                elif srv is not None:
+                    self._more_metrics.append(srv)
+            for r in t.metrics.periodic_readers():
+                self._pushers.append(_pusher(r))
             if t.health.address:
                 self._health = self._listen("health", t.health.address,
                                             lambda: tm.start_health_server(t.health.address, self.ready,
@@ -699,10 +725,13 @@ class Runner:
             return None
 
     def _close_telemetry(self) -> None:
-        for s in (self._metrics, self._health):
+        for s in (self._metrics, self._health, *self._more_metrics):
             if s is not None:
                 s.close()
+        for p in self._pushers:
+            p.close()   # one last export of the values
         self._metrics = self._health = None
+        self._more_metrics, self._pushers = [], []
         self._telemetry_key = None
 
     # lifecycle ----------------------------------------------------------------

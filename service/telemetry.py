@@ -4,11 +4,18 @@ Names follow the Collector's own metrics where they mean the same thing
 (design.md §5). Components import the metric objects from here and label them
 with their component id; nothing else defines metrics, so the list stays in one
 place. Counters are incremented per batch, not per event, on hot paths.
+
+The objects keep prometheus_client's small API (``.labels(...).inc()``, ``.set()``) but
+measure through the OpenTelemetry metrics SDK (``service.selftelemetry``): the ``/metrics``
+endpoint is its Prometheus (pull) reader, ``service.telemetry.metrics.readers`` may add
+periodic OTLP readers.
 """
 
 from __future__ import annotations
 
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry
+
+from service.selftelemetry import REGISTRY, Counter, Gauge
 
 __all__ = [
     "REGISTRY",
@@ -104,8 +111,8 @@ from http.server import ThreadingHTTPServer as _HTTPServer  # noqa: E402
 
 from prometheus_client import CONTENT_TYPE_LATEST as _CONTENT_TYPE  # noqa: E402
 from prometheus_client import generate_latest as _generate_latest  # noqa: E402
-from prometheus_client.core import GaugeMetricFamily as _GaugeFamily  # noqa: E402
-from prometheus_client.registry import Collector as _Collector  # noqa: E402
+
+from service.selftelemetry import observe as _observe  # noqa: E402
 
 __all__ += [
     "BATCH_SIZE_TRIGGER_SEND",
@@ -136,29 +143,25 @@ _PAGE = _os.sysconf("SC_PAGE_SIZE") if hasattr(_os, "sysconf") else 4096
 _STARTED = _time.time()
 
 
-class _ProcessCollector(_Collector):
-    """RSS, CPU seconds and uptime under the Collector's names (otelcol_process_*).
-
-    Read at scrape time from /proc (no psutil dependency); prometheus_client's
-    own ``process_*`` metrics are exported too.
-    """
-
-    def collect(self):  # type: ignore[override]
-        rss = 0.0
-        try:
-            with open("/proc/self/statm", "rb") as f:
-                rss = float(int(f.read().split()[1]) * _PAGE)
-        except (OSError, ValueError, IndexError):
-            pass
-        t = _os.times()
-        yield _GaugeFamily("wirespan_process_memory_rss", "Resident set size in bytes.", value=rss)
-        yield _GaugeFamily("wirespan_process_cpu_seconds", "User plus system CPU time in seconds.",
-                           value=t.user + t.system)
-        yield _GaugeFamily("wirespan_process_uptime", "Seconds since the process started.",
-                           value=_time.time() - _STARTED)
+def _rss() -> float:
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return float(int(f.read().split()[1]) * _PAGE)
+    except (OSError, ValueError, IndexError):
+        return 0.0
 
 
-_registry.register(_ProcessCollector())
+def _cpu() -> float:
+    t = _os.times()
+    return t.user + t.system
+
+
+# RSS, CPU seconds and uptime under the Collector's names (otelcol_process_*), observed by the
+# SDK at each collection from /proc (no psutil dependency); prometheus_client's own
+# ``process_*`` metrics are served beside them on /metrics.
+_observe("wirespan_process_memory_rss", "Resident set size in bytes.", _rss)
+_observe("wirespan_process_cpu_seconds", "User plus system CPU time in seconds.", _cpu)
+_observe("wirespan_process_uptime", "Seconds since the process started.", lambda: _time.time() - _STARTED)
 
 
 def counter_value(metric: Counter, **labels: str) -> float:
