@@ -19,6 +19,11 @@ REPEATS runs for:
    everything out (the per-syscall hook cost), and traced (receiver + protocols stage
    in this process), alternating runs in the same invocation; ratios of medians.
 
+4. **TLS plaintext** (issue 15): the same generator over TLS (Python's ssl: OpenSSL's
+   SSL_read_ex/SSL_write_ex, read through the uprobes) beside the plaintext one, alternating
+   runs, receiver + protocols stage: records/s of TLS plaintext records and ring drops, with
+   the ciphertext syscalls skipped in the kernel.
+
 The machine has 2 cores shared by everything (generator, server, receiver): figures
 are a floor for a dedicated node, but the ratios are measured in the same run.
 """
@@ -57,15 +62,16 @@ def protocols_stage(sink: ItemCounter, assemble: bool | None = None):
     return p
 
 
-def start_server(port: int) -> subprocess.Popen:
-    p = subprocess.Popen([sys.executable, LOADGEN, "server", str(port)])
+def start_server(port: int, tls: tuple[str, str] | None = None) -> subprocess.Popen:
+    p = subprocess.Popen([sys.executable, LOADGEN, "server", str(port), *(tls or ())])
     wait_port(port)
     return p
 
 
 def run_clients(port: int, duration: float, rate_per_client: float, pairs: int = PAIRS,
-                resp_len: int | None = None) -> float:
+                resp_len: int | None = None, cafile: str | None = None) -> float:
     args = ["--port", str(port), "--duration", str(duration), "--rate", str(rate_per_client)]
+    args += ["--cafile", cafile] if cafile else []
     return _clients(args + (["--resp-len", str(resp_len)] if resp_len else []), pairs)
 
 
@@ -262,12 +268,53 @@ def nginx_overhead() -> None:
               f"traced (ebpf + protocols) {t:8.0f} ({t / b:.2f})")
 
 
+def tls_plaintext() -> None:
+    """TLS plaintext records/s (uprobes) beside plaintext records/s, receiver + protocols, one run."""
+    import tempfile
+    from pathlib import Path
+
+    from tests.support.otlp_sink import make_tls
+
+    files = make_tls(Path(tempfile.mkdtemp(prefix="wirespan-bench-tls-")))
+    ports = {"plaintext": free_port(), "TLS": free_port()}
+    srvs = [start_server(ports["plaintext"]),
+            start_server(ports["TLS"], (str(files.server_cert), str(files.server_key)))]
+    res: dict[str, list] = {k: [] for k in ports}
+    bare = []  # the TLS generator untraced: what the uprobes cost it
+    try:
+        for _ in range(REPEATS):
+            bare.append(run_clients(ports["TLS"], DURATION, 0, cafile=str(files.ca_cert)))
+            for name, port in ports.items():
+                d: dict = {}
+                ca = str(files.ca_cert) if name == "TLS" else None
+                rt, recs, spans, fail = with_receiver(port, True, lambda p=port, c=ca: run_clients(p, DURATION, 0,
+                                                                                                   cafile=c), detail=d)
+                res[name].append((recs / DURATION, spans / DURATION, rt, fail, d["tls"]["plaintext_records"],
+                                  d.get("tls_ciphertext_calls", 0)))
+    finally:
+        for p in srvs:
+            p.terminate()
+            p.wait()
+    med = {}
+    for name, runs in res.items():
+        med[name] = statistics.median(r[0] for r in runs)
+        extra = (f"   TLS records {sum(r[4] for r in runs)}, ciphertext syscalls skipped in the kernel "
+                 f"{sum(r[5] for r in runs)}" if name == "TLS" else "")
+        print(f"  {name:10s} records/s {med[name]:9.0f}   spans/s {statistics.median(r[1] for r in runs):9.0f}   "
+              f"generator req/s {statistics.median(r[2] for r in runs):7.0f}   ring drops per run "
+              f"{[r[3] for r in runs]}{extra}")
+    traced = statistics.median(r[2] for r in res["TLS"])
+    print(f"  TLS / plaintext records/s: {med['TLS'] / med['plaintext']:.2f} (the generator's own TLS cost "
+          f"and the uprobes' included); the TLS generator untraced: {statistics.median(bare):.0f} req/s, "
+          f"traced {traced / statistics.median(bare):.2f}x of it")
+
+
 def main(sections: list[str] | None = None) -> None:
     """All sections, or those named (``python bench/bench_ebpf.py drops``)."""
     if os.geteuid() != 0:
         print("bench_ebpf: needs root (eBPF)")
         return
-    want = set(sections or ("end_to_end", "drops", "protocols", "nginx", "assembly"))
+    want = set(sections or ("end_to_end", "drops", "protocols", "nginx", "assembly", "tls"))
     if "end_to_end" in want:
         print(f"end to end ({PAIRS} client processes, {DURATION:.0f}s, median of {REPEATS}):")
         end_to_end()
@@ -284,6 +331,10 @@ def main(sections: list[str] | None = None) -> None:
     if "assembly" in want:
         print(f"trace assembly on vs off (median of {REPEATS}, A/B alternating, {DURATION:.0f}s runs):")
         assembly_cost()
+    if "tls" in want:
+        print(f"TLS plaintext through the OpenSSL uprobes vs plaintext ({PAIRS} client processes, "
+              f"{DURATION:.0f}s, median of {REPEATS}, alternating):")
+        tls_plaintext()
 
 
 if __name__ == "__main__":

@@ -2,10 +2,12 @@
 
 Run as a script in its own process, so the traffic's CPU is not the benchmark's:
 
-- ``server PORT``: a keep-alive server answering every request head with a fixed
-  2-byte response (one ``sendall`` per ``recv``, so a syscall moves whole messages).
+- ``server PORT [CERT KEY]``: a keep-alive server answering every request head with a fixed
+  2-byte response (one ``sendall`` per ``recv``, so a syscall moves whole messages); over
+  TLS (Python's ssl, OpenSSL) with a certificate and key.
 - ``client --port P [--duration S] [--rate R] [--count N] [--resp-len B] [--path /x]
-  [--header "Name: value" ...]``: one connection of request/response ping-pong, paced
+  [--header "Name: value" ...] [--cafile CA]``: one connection of request/response ping-pong
+  (over TLS with ``--cafile``), paced
   to R exchanges/s when R > 0, until S seconds or N exchanges; reconnects when the
   server ends keep-alive (nginx's keepalive_requests). Prints exchanges per second.
 - ``bulk PORT SIZE``: one POST of SIZE zero bytes (no CRLFCRLF inside), one response.
@@ -24,20 +26,36 @@ import time
 RESP = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Type: text/plain\r\n\r\nok"
 
 
+_TLS: dict = {}
+
+
 def _conn(port: int) -> socket.socket:
     s = socket.create_connection(("127.0.0.1", port))
     s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    return s
+    ctx = _TLS.get("client")
+    return ctx.wrap_socket(s, server_hostname="localhost") if ctx is not None else s
 
 
-def server(port: int) -> None:
+def server(port: int, cert: str | None = None, key: str | None = None) -> None:
     ls = socket.socket()
     ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     ls.bind(("127.0.0.1", port))
     ls.listen(64)
+    ctx = None
+    if cert:
+        import ssl
+
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(cert, key)
 
     def serve(c: socket.socket) -> None:
         c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if ctx is not None:
+            try:
+                c = ctx.wrap_socket(c, server_side=True)
+            except OSError:
+                c.close()
+                return
         while True:
             d = c.recv(1 << 20)
             if not d:
@@ -95,7 +113,7 @@ def bulk(port: int, size: int) -> None:
 def main(argv: list[str]) -> None:
     mode = argv[0]
     if mode == "server":
-        server(int(argv[1]))
+        server(int(argv[1]), *argv[2:4])
     elif mode == "bulk":
         bulk(int(argv[1]), int(argv[2]))
         print(1)
@@ -108,7 +126,12 @@ def main(argv: list[str]) -> None:
         ap.add_argument("--resp-len", type=int, default=len(RESP))
         ap.add_argument("--path", default="/bench")
         ap.add_argument("--header", action="append", default=[])
+        ap.add_argument("--cafile")
         a = ap.parse_args(argv[1:])
+        if a.cafile:
+            import ssl
+
+            _TLS["client"] = ssl.create_default_context(cafile=a.cafile)
         head = "".join(f"{h}\r\n" for h in ["Host: bench", *a.header])
         req = f"GET {a.path} HTTP/1.1\r\n{head}\r\n".encode()
         print(client(a.port, a.duration, a.rate, a.count, a.resp_len, req))
