@@ -52,6 +52,9 @@ _UNITS = {"s": "seconds", "ms": "milliseconds", "us": "microseconds", "ns": "nan
           "h": "hours", "d": "days", "By": "bytes", "KiBy": "kibibytes", "MiBy": "mebibytes", "KBy": "kilobytes",
           "MBy": "megabytes", "%": "percent", "Hz": "hertz", "V": "volts", "A": "amperes", "J": "joules",
           "W": "watts", "Cel": "celsius"}
+#: Denominators of rate units (``By/s`` -> ``bytes_per_second``), as the specification names them.
+_PER = {"s": "second", "m": "minute", "min": "minute", "h": "hour", "d": "day", "w": "week", "mo": "month",
+        "y": "year"}
 _BAD = re.compile(r"[^a-zA-Z0-9_:]")
 _BAD_LABEL = re.compile(r"[^a-zA-Z0-9_]")
 _MULTI = re.compile(r"__+")
@@ -65,7 +68,7 @@ def _unit_suffix(unit: str, gauge: bool) -> str:
         return "ratio" if gauge else ""
     if "/" in unit:
         a, _, b = unit.partition("/")
-        a2, b2 = _UNITS.get(a, a), _UNITS.get(b, b)
+        a2, b2 = _UNITS.get(a, a), _PER.get(b, b)
         return f"{a2}_per_{b2}" if a else f"per_{b2}"
     return _UNITS.get(unit, unit)
 
