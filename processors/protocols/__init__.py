@@ -31,6 +31,7 @@ PROTOCOLS: dict[str, str] = {
     "mqtt": "processors.protocols.mqtt",
     "fastcgi": "processors.protocols.fastcgi",
     "memcached": "processors.protocols.memcached",  # memcached binary/text and Couchbase
+    "nats": "processors.protocols.nats",           # before redis: an inline word could read as NATS's
     "redis": "processors.protocols.redis",
     "kafka": "processors.protocols.kafka",
 }

@@ -317,9 +317,26 @@ def _has_v13(kw) -> bool:
         return False
 
 
+# -- NATS -----------------------------------------------------------------------------------------
+def _nats() -> list[Conv]:
+    info = b'INFO {"server_id":"N","version":"2.9.10","headers":true,"client_id":3}\r\n'
+    hdr = b"NATS/1.0\r\ntraceparent: 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01\r\n\r\n"
+    return [
+        [(False, info), (True, b'CONNECT {"verbose":true,"lang":"go","name":"v"}\r\nPING\r\n'),
+         (False, b"+OK\r\nPONG\r\n"), (True, b"PUB a.b _INBOX.x.1 3\r\nabc\r\nSUB c q 7\r\nUNSUB 7 2\r\n"),
+         (False, b"+OK\r\n-ERR 'Permissions Violation for Subscription to \"c\"'\r\n+OK\r\n")],
+        [(False, info), (True, b'CONNECT {"verbose":false,"lang":"python3"}\r\nPING\r\n'),
+         (False, b"-ERR 'Authorization Violation'\r\n")],
+        [(True, b"HPUB t.x %d %d\r\n%sxyz\r\n" % (len(hdr), len(hdr) + 3, hdr)),
+         (False, b"HMSG _INBOX.r.2 1 16 16\r\nNATS/1.0 503\r\n\r\n\r\nMSG t.x 1 3\r\nxyz\r\n"
+                 b"-ERR 'Slow Consumer'\r\nPING\r\n")],
+    ]
+
+
 OWN: dict[str, Callable[[], list[Conv]]] = {
     "http": _http, "http2": _http2, "postgresql": _postgresql, "mysql": _mysql, "mongodb": _mongodb,
     "mqtt": _mqtt, "fastcgi": _fastcgi, "memcached": _memcached, "redis": _redis, "kafka": _kafka,
+    "nats": _nats,
 }
 
 

@@ -243,6 +243,24 @@ def _kafka(size: int) -> Exchange:
     return Exchange(9092, [(True, req), (False, resp)], 1)
 
 
+# -- NATS ------------------------------------------------------------------------------------
+def _nats(size: int) -> Exchange:
+    # docs.nats.io "Client Protocol": the server's INFO, the client's CONNECT, a SUB, an HPUB with
+    # a header block the parser reads (traceparent) and a payload it skips, its delivery (HMSG).
+    info = b'INFO {"server_id":"NDX","version":"2.9.10","proto":1,"headers":true,"max_payload":1048576}\r\n'
+    connect = b'CONNECT {"verbose":false,"pedantic":false,"lang":"python3","version":"2.6.0","protocol":1,' \
+              b'"headers":true,"name":"orders-svc"}\r\nPING\r\n'
+    hdrs = (b"NATS/1.0\r\ntraceparent: 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01\r\n"
+            + b"".join(b"X-Field-%04d: %s\r\n" % (i, b"v" * 40) for i in range(max(1, min(size // 4, 8000) // 56)))
+            + b"\r\n")
+    body = b"p" * size
+    hpub = b"HPUB orders.created %d %d\r\n%s%s\r\n" % (len(hdrs), len(hdrs) + len(body), hdrs, body)
+    hmsg = b"HMSG orders.created 1 %d %d\r\n%s%s\r\n" % (len(hdrs), len(hdrs) + len(body), hdrs, body)
+    steps = [(False, info), (True, connect), (False, b"PONG\r\n"), (True, b"SUB orders.* 1\r\n" + hpub),
+             (False, hmsg)]
+    return Exchange(4222, steps, 3, {3: 2, 4: 1})
+
+
 #: protocol name (as in processors/protocols/__init__.PROTOCOLS) -> exchanges of any size.
 EXCHANGES: dict[str, list[Callable[[int], Exchange]]] = {
     "http": [_http],
@@ -255,4 +273,5 @@ EXCHANGES: dict[str, list[Callable[[int], Exchange]]] = {
     "memcached": [_memcached, _memcached_text],
     "redis": [_redis, _redis_pipeline],
     "kafka": [_kafka],
+    "nats": [_nats],
 }
