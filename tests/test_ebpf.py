@@ -303,7 +303,7 @@ def test_wirespan_run_http_spans_both_processes(tmp_path) -> None:
     srv_span, cli_span = find("/traced", SERVER), find("/traced", CLIENT)
     for s in (srv_span, cli_span):
         assert s["trace_id"] == TRACE_ID and s["parent"] == PARENT_ID
-        assert s["name"] == "GET" and s["attrs"]["http.response.status_code"] == 200
+        assert s["name"] == "GET /traced" and s["attrs"]["http.response.status_code"] == 200
         assert s["attrs"]["url.query"] == "x=1"
     assert srv_span["resource"]["process.executable.name"] == PY_COMM
     assert int(srv_span["resource"]["process.pid"]) == srv_pid
@@ -317,7 +317,7 @@ def test_wirespan_run_http_spans_both_processes(tmp_path) -> None:
     for kind in (SERVER, CLIENT):
         assert find("/big", kind)["attrs"]["http.response.body.size"] == len(BIG_BODY)
         up = find("/upload", kind)
-        assert up["name"] == "POST" and up["attrs"]["http.request.body.size"] == 1 << 20
+        assert up["name"] == "POST /upload" and up["attrs"]["http.request.body.size"] == 1 << 20
     # nginx, its own process name
     for path in ("/api/orders", "/index.html"):
         s = find(path, SERVER)
