@@ -376,6 +376,7 @@ def _summary(svc: Any) -> dict[str, Any]:
     out["events"] = sum(s["events"].values())
     out["spans"] = sum(s["spans"].values())
     out["exported"] = {eid: e["offered"] for eid, e in s["exporters"].items()}
+    out["exported_points"] = {eid: e["points_offered"] for eid, e in s["exporters"].items() if e.get("points_offered")}
     return out
 
 
@@ -386,8 +387,10 @@ def _print_summary(summary: dict[str, Any], elapsed: float) -> None:
           f"{summary['events']} events, {summary['spans']} spans in {elapsed:.2f}s", file=p)
     if summary.get("protocols"):
         print("replay: protocols: " + ", ".join(f"{k}={v}" for k, v in sorted(summary["protocols"].items())), file=p)
+    points = summary.get("exported_points") or {}
     for eid, n in summary["exported"].items():
-        print(f"replay: exporters::{eid}: {n} spans", file=p)
+        more = f", {points[eid]} metric points" if points.get(eid) else ""
+        print(f"replay: exporters::{eid}: {n} spans{more}", file=p)
     if drops:
         print("replay: drops: " + ", ".join(f"{k}={v}" for k, v in sorted(drops.items())), file=p)
     else:
@@ -674,6 +677,10 @@ def cmd_replay(args: argparse.Namespace) -> int:
         if bad:
             print(f"error: {bad}", file=sys.stderr)
             return EXIT_ERROR
+    if args.file == "-" and args.workers != 1:
+        if args.workers != "auto":
+            print("replay: standard input is read by one process (--workers 1)", file=sys.stderr)
+        args.workers = 1
     if args.tree:
         args.workers = 1  # the trees need every span in one process
     elif args.workers == "auto" and not args.shard and _has_connectors(args):
@@ -682,13 +689,15 @@ def cmd_replay(args: argparse.Namespace) -> int:
         args.workers = _auto_workers(args)
     if args.workers > 1 and not args.shard:
         return _replay_parallel(args)
-    capture = os.path.abspath(args.file)
+    capture = args.file if args.file == "-" else os.path.abspath(args.file)
     output = os.path.abspath(args.output) if args.output else None
     try:
         before, after = _replay_sets(args.set, output is not None)
         raw = replay_config(wconfig.load_raw(_config_files(args), before), capture, output)
         for s in after:  # receivers.pcap.* and (with --output) exporters.file.*: onto what replay built
             raw = wconfig.apply_set(raw, s)
+        if args.bpf_filter is not None:
+            raw["receivers"]["pcap"]["bpf_filter"] = args.bpf_filter
         if args.tree:
             raw = _with_tree(raw, output is not None)
         if args.shard:
@@ -779,7 +788,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_components)
 
     p = sub.add_parser("replay", help="replay a capture file through the pipeline once, then exit")
-    p.add_argument("file", metavar="FILE", help="pcap or pcapng capture")
+    p.add_argument("file", metavar="FILE",
+                   help="pcap or pcapng capture, also compressed (.gz, .zst, .xz, .bz2: streamed), a directory, "
+                        "a glob, or - for standard input (tcpdump -w - | wirespan replay -)")
     config_opts(p, "pipeline YAML whose receivers are replaced by the capture (default: the built-in one)")
     p.add_argument("--output", metavar="OUT.jsonl", help="write spans as OTLP JSON lines instead of the "
                                                          "config's exporters")
@@ -793,6 +804,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-truncated", action="store_true",
                    help=f"a capture cut short (or damaged) exits 0 after replaying what it holds, not "
                         f"{EXIT_TRUNCATED}")
+    p.add_argument("-f", "--bpf-filter", metavar="EXPR",
+                   help="keep only the packets this BPF filter expression matches (tcpdump's language, compiled by "
+                        "libpcap: \"tcp port 8080 and host 10.0.0.5\"); the pcap receiver's bpf_filter option")
     p.add_argument("--tree", action="store_true",
                    help="print every trace as an indented tree on stdout when done (instead of the config's "
                         "exporters; beside --output's file); one process. A capture's calls nest under their "

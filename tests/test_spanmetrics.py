@@ -343,3 +343,22 @@ def test_overflow_series_past_the_limit(tmp_path: Path) -> None:
     got = histogram_counts(reqs, "http.server.request.duration", ("http.route", "otel.metric.overflow"))
     assert len(got) == 101 and got[(None, True)] == 2_000 - 100
     assert sum(got.values()) == len(spans) == 2_000
+
+
+def test_metrics_expiration_forgets_stale_cumulative_series() -> None:
+    import time as _t
+    conn, _ = connector(metrics_expiration="50ms")
+    conn.consume_spans([http("/old/1")])
+    _t.sleep(0.1)
+    conn.consume_spans([http("/new/1")])
+    routes = {p.attributes["http.route"] for p in points(conn, "http.server.request.duration")}
+    assert routes == {"/new/{id}"}
+
+
+def test_replay_summary_counts_metric_points(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    sample = Path(__file__).resolve().parents[1] / "config" / "samples" / "http-sample.pcap"
+    spans, reqs = replay_with_metrics(tmp_path, sample)
+    err = capsys.readouterr().err
+    n = sum(len(getattr(m, m.WhichOneof("data")).data_points) for r in reqs for rm in r.resource_metrics
+            for sm in rm.scope_metrics for m in sm.metrics)
+    assert f"replay: exporters::file: {len(spans)} spans, {n} metric points" in err
