@@ -70,7 +70,7 @@ from receivers.tcp_reassembly import ReassemblyLimits, TcpReassembler
 from service.component import ComponentConfig, Receiver
 from service.telemetry import CONNECTIONS_EVICTED, RECEIVER_ACCEPTED, RECEIVER_DROPPED
 
-__all__ = ["LiveConfig", "LiveReceiver", "LiveError", "RingConfig", "build_filter"]
+__all__ = ["LiveConfig", "LiveReceiver", "LiveError", "RingConfig", "build_filter", "expression_filter"]
 
 log = logging.getLogger("wirespan.receivers.live")
 
@@ -229,6 +229,9 @@ class LiveConfig(ComponentConfig):
     interface: str = "lo"
     #: TCP ports to keep (either end); empty keeps all TCP.
     ports: list[int] = []
+    #: A BPF filter expression (tcpdump's language), compiled by libpcap and attached in the kernel
+    #: together with the TCP/ports test: ``tcp and (EXPR) [and (port P or ...)]``.
+    bpf_filter: str | None = None
     #: Bytes kept per frame.
     snaplen: int = Field(DEFAULT_SNAPLEN, ge=128, le=1 << 20)
     #: Socket receive buffer in bytes (the recv path; the ring's memory is ring.block_size x ring.block_count).
@@ -252,6 +255,38 @@ class LiveConfig(ComponentConfig):
             if not 0 < p < 65536:
                 raise ValueError(f"port {p} out of range")
         return sorted(set(v))
+
+    @field_validator("bpf_filter")
+    @classmethod
+    def _compiles(cls, v: str | None) -> str | None:
+        if v is None or not v.strip():
+            return None
+        from receivers.bpf_filter import compile_filter
+        compile_filter(v, LINKTYPE_ETHERNET)  # FilterError (a ValueError): libpcap's message on the user's text
+        return v
+
+
+def expression_filter(expression: str, ports: list[int], linktype: int, snaplen: int,
+                      drop_outgoing: bool) -> list[tuple[int, int, int, int]]:
+    """The kernel program for a user's BPF expression: libpcap's code for
+    ``tcp and (EXPR)`` (and the ports, when configured) behind the loopback test that drops
+    the outgoing copy of each packet (``build_filter``'s first two instructions).
+
+    Classic BPF jumps are relative, so libpcap's program works unchanged behind a prefix.
+
+    Raises:
+        FilterError: the expression does not compile for this link type.
+    """
+    from receivers.bpf_filter import compile_filter
+    text = f"tcp and ({expression})"
+    if ports:
+        text += " and (" + " or ".join(f"port {p}" for p in ports) + ")"
+    prog = compile_filter(text, linktype, snaplen).instructions
+    if drop_outgoing:
+        # ld [pkttype]; jeq #OUTGOING jt 0 jf 1; ret #0; then libpcap's program
+        prefix = [(_LD_W_ABS, 0, 0, SKF_AD_PKTTYPE & 0xFFFFFFFF), (_JEQ_K, 0, 1, PACKET_OUTGOING), (_RET_K, 0, 0, 0)]
+        prog = prefix + prog
+    return prog
 
 
 class LiveReceiver(Receiver):
@@ -296,14 +331,21 @@ class LiveReceiver(Receiver):
             hatype = s.getsockname()[3]
             if hatype in (ARPHRD_ETHER, ARPHRD_LOOPBACK):
                 self._linktype = LINKTYPE_ETHERNET
-                ports = c.ports if len(c.ports) <= MAX_FILTER_PORTS else []
-                if c.ports and not ports:
-                    self._py_ports = frozenset(c.ports)
-                prog = build_filter(ports, c.snaplen, drop_outgoing=hatype == ARPHRD_LOOPBACK)
+                if c.bpf_filter:  # libpcap's code, ports included: nothing left to check in Python
+                    prog = expression_filter(c.bpf_filter, c.ports, LINKTYPE_ETHERNET, c.snaplen,
+                                             drop_outgoing=hatype == ARPHRD_LOOPBACK)
+                else:
+                    ports = c.ports if len(c.ports) <= MAX_FILTER_PORTS else []
+                    if c.ports and not ports:
+                        self._py_ports = frozenset(c.ports)
+                    prog = build_filter(ports, c.snaplen, drop_outgoing=hatype == ARPHRD_LOOPBACK)
                 self._attach(s, prog)
             elif hatype == ARPHRD_NONE:  # tun and friends: bare IP, filter in Python
                 self._linktype = LINKTYPE_RAW
-                self._py_ports = frozenset(c.ports) if c.ports else None
+                if c.bpf_filter:
+                    self._attach(s, expression_filter(c.bpf_filter, c.ports, LINKTYPE_RAW, c.snaplen, False))
+                else:
+                    self._py_ports = frozenset(c.ports) if c.ports else None
             else:
                 raise LiveError(f"interface {c.interface!r}: link type {hatype} not supported "
                                 "(Ethernet, loopback and raw-IP interfaces are)")

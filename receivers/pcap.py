@@ -66,6 +66,7 @@ from zlib import crc32
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from receivers.capture_stream import NEW_VIEW
 from receivers.packet import LINK_DECODERS, link_decoder
 from receivers.tcp_reassembly import ReassemblyLimits, TcpReassembler
 from service.component import ComponentConfig, Receiver
@@ -124,11 +125,32 @@ def check_capture(path: str | os.PathLike[str]) -> None:
     Reads only the first bytes, so a receiver can refuse to start (and ``replay`` exit 1)
     before anything runs, rather than reporting zero packets as a success.
     """
+    from receivers.capture_stream import STDIN, sniff, stream_head
+    kind = None
     try:
-        with open(path, "rb") as f:
-            head = f.read(32)
+        if str(path) == STDIN:
+            head = stream_head(STDIN)
+            if not head:
+                raise CaptureError("standard input is empty or not a capture")
+        else:
+            with open(path, "rb") as f:
+                head = f.read(32)
+            kind = sniff(head)
+            if kind is not None:  # compressed: what counts is the capture inside
+                head = stream_head(str(path))
+                if not head:
+                    raise CaptureError(f"{kind}-compressed, but it holds no data or is damaged")
     except OSError as e:
         raise CaptureError(f"cannot read: {e.strerror or e}") from None
+    try:
+        _check_head(head)
+    except CaptureError as e:
+        if kind is None:
+            raise
+        raise CaptureError(f"{kind}-compressed, and what it holds is {e}") from None
+
+
+def _check_head(head: bytes) -> None:
     if not head:
         raise CaptureError("empty file (0 bytes), not a capture")
     if len(head) < 4:
@@ -337,13 +359,20 @@ def reader_for(buf: Any) -> PcapReader | PcapngReader:
     raise CaptureError(_not_a_capture(bytes(view[:8])))
 
 
-def open_capture(path: str | os.PathLike[str]) -> PcapReader | PcapngReader:
-    """Map ``path`` read-only and return its reader.
+def open_capture(path: str | os.PathLike[str]) -> Any:
+    """Map ``path`` read-only and return its reader; for a compressed file or ``-``
+    (standard input), a ``StreamReader`` (receivers/capture_stream.py: streamed, whose
+    ``view`` changes between chunks).
 
     The mapping is not closed here: the reader's view and every payload view handed on
     keep it alive; it is unmapped when the last of them is collected.
     """
+    from receivers.capture_stream import STDIN, open_stream, sniff
+    if str(path) == STDIN:
+        return open_stream(STDIN)
     with open(path, "rb") as f:
+        if sniff(f.read(6)) is not None:
+            return open_stream(str(path))
         size = os.fstat(f.fileno()).st_size
         if size == 0:
             raise CaptureError("empty file (0 bytes), not a capture")
@@ -390,6 +419,18 @@ DEFAULT_BATCH = 256
 #: Packets between looks at shutdown/progress when no batch filled up meanwhile.
 CHECK_EVERY = 4096
 CAPTURE_SUFFIXES = (".pcap", ".pcapng", ".cap", ".dmp")
+#: ... also compressed (``.pcap.gz``, ``.pcapng.zst``, ``.cap.xz``, ``.pcap.bz2``): streamed.
+COMPRESSED_SUFFIXES = (".gz", ".zst", ".zstd", ".xz", ".bz2")
+
+
+def is_capture_name(name: str) -> bool:
+    """Whether a directory's file ``name`` is one the receiver replays (by its suffixes)."""
+    n = name.lower()
+    for c in COMPRESSED_SUFFIXES:
+        if n.endswith(c):
+            n = n[:-len(c)]
+            break
+    return n.endswith(CAPTURE_SUFFIXES)
 
 
 def _seconds(v: Any) -> Any:
@@ -460,6 +501,9 @@ class PcapConfig(ComponentConfig):
     #: Replay the files again and again until shutdown (timestamps keep increasing).
     loop: bool = False
     filter: FilterConfig = Field(default_factory=FilterConfig)
+    #: A BPF filter expression (tcpdump's language: ``tcp port 8080 and host 10.0.0.5``), run by
+    #: libpcap on each frame as ``pcap_offline_filter`` does; packets it rejects count as ``filtered``.
+    bpf_filter: str | None = None
     max_connections: int = Field(default=ReassemblyLimits.max_connections, ge=1)
     max_buffered_bytes_per_connection: int = Field(default=ReassemblyLimits.max_buffered_bytes_per_connection, ge=0)
     max_buffered_bytes_total: int = Field(default=ReassemblyLimits.max_buffered_bytes_total, ge=0)
@@ -474,6 +518,14 @@ class PcapConfig(ComponentConfig):
     shard: ShardConfig | None = None
 
     _idle = field_validator("idle_timeout", mode="before")(classmethod(lambda cls, v: _seconds(v)))
+
+    @field_validator("bpf_filter")
+    @classmethod
+    def _compiles(cls, v: str | None) -> str | None:
+        if v is not None and v.strip():
+            from receivers.bpf_filter import compile_filter
+            compile_filter(v, 1)  # FilterError (a ValueError) with libpcap's message; Ethernet, the usual case
+        return v if v is not None and v.strip() else None
 
 
 class _AddrFilter:
@@ -507,9 +559,11 @@ class _AddrFilter:
 def capture_files(path: str) -> list[str]:
     """The files ``path`` names, as the receiver replays them: itself, a glob's matches or a
     directory's capture files, in name order (empty if none)."""
+    if path == "-":
+        return [path]  # standard input
     p = Path(path)
     if p.is_dir():
-        return sorted(str(f) for f in p.iterdir() if f.is_file() and f.suffix.lower() in CAPTURE_SUFFIXES)
+        return sorted(str(f) for f in p.iterdir() if f.is_file() and is_capture_name(f.name))
     if glob.has_magic(path):
         return sorted(f for f in glob.glob(path) if os.path.isfile(f))
     return [path] if p.is_file() else []
@@ -700,7 +754,14 @@ class PcapReceiver(Receiver):
         shard = self.config.shard
         shard_count = shard.count if shard is not None and shard.count > 1 else 0
         shard_index = shard.index if shard is not None else 0
-        bar = self._progress_bar(path, len(view))
+        streaming = getattr(reader, "streaming", False)  # compressed or stdin: ``view`` changes (NEW_VIEW)
+        total = reader.size if streaming else len(view)
+        bpf = None
+        if self.config.bpf_filter:
+            from receivers.bpf_filter import OfflineFilter
+            bpf = OfflineFilter(self.config.bpf_filter)
+            bpf.rebase(view)
+        bar = self._progress_bar(path, total)
         # Pacing (rate > 0) is anchored once per run, so gaps between files and loop passes are kept too.
         wall0, ts0 = self._pace
         first: int | None = None
@@ -714,6 +775,11 @@ class PcapReceiver(Receiver):
         packets_before = self._packets
         try:
             for lt, ts, off, end in reader:
+                if lt == NEW_VIEW:  # a streamed input's next chunk of whole records
+                    view = reader.view
+                    if bpf is not None:
+                        bpf.rebase(view)
+                    continue
                 # Hand events on in batches; look at shutdown and the progress bar at the same
                 # points (at least every CHECK_EVERY packets, so a capture that yields no events
                 # still stops promptly).
@@ -724,9 +790,12 @@ class PcapReceiver(Receiver):
                     self._flush_events()
                     if stop.is_set():
                         break
-                    if bar is not None and off - last_off > 1 << 20:
-                        bar.update(off - last_off)
-                        last_off = off
+                    at = reader.position if streaming else off
+                    if bar is not None and at - last_off > 1 << 20:
+                        bar.update(at - last_off)
+                        rate_pkts = (self._packets - packets_before) / max(1e-9, bar.format_dict["elapsed"])
+                        bar.set_postfix_str(f"{rate_pkts:,.0f} pkt/s", refresh=False)
+                        last_off = at
                     if mm is not None and off - dropped >= DROP_BEHIND_BYTES:
                         dropped = _drop_behind(mm, dropped, off)
                 packets += 1
@@ -744,6 +813,10 @@ class PcapReceiver(Receiver):
                         self._flush_events()
                         if stop.wait(delay):
                             break
+                if bpf is not None and not bpf.keep(lt, off, end):
+                    if shard_index == 0:  # every worker sees it: one of them counts it
+                        drops["filtered"] = drops.get("filtered", 0) + 1
+                    continue
                 if lt != last_lt:  # pcapng interfaces may differ packet to packet
                     dec = decoders.get(lt)
                     if dec is None:
@@ -764,11 +837,19 @@ class PcapReceiver(Receiver):
                     drops["filtered"] = drops.get("filtered", 0) + 1
                     continue
                 seg(src, sport, dst, dport, seq, ack, flags, view[poff:pend] if pend > poff else _EMPTY, ts)
+        except ValueError as e:  # FilterError: the expression does not apply to a link type of this file
+            if bpf is None or not e.__class__.__name__ == "FilterError":
+                raise
+            msg = f"{path}: bpf_filter: {e}; the file's remaining packets were not replayed"
+            log.error("receiver %s: %s", self.id, msg)
+            self.errors.append(msg)
         finally:
             self._packets += packets
             self._bytes += nbytes
+            if bpf is not None:
+                bpf.close()
             if bar is not None:
-                bar.update(len(view) - last_off)
+                bar.update(max(0, total - last_off))
                 bar.close()
         if getattr(reader, "skipped", 0) and shard_index == 0:  # every worker reads the file: one counts
             self._drop("bad_block", reader.skipped)

@@ -7,7 +7,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(tcpdump tshark postgresql mariadb-server redis-server mosquitto nginx php-fpm memcached
-              clang llvm libbpf-dev bpftool curl gcc prometheus nats-server)
+              clang llvm libbpf-dev bpftool curl gcc prometheus nats-server
+              libpcap0.8)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")

@@ -503,15 +503,16 @@ def _inputs(capture: Path, d: Path) -> dict[str, Path]:
     for name, body in made.items():
         out[name] = d / f"{name}.pcap"
         out[name].write_bytes(body)
-    out["gzip"] = d / "capture.pcap.gz"
-    out["gzip"].write_bytes(gzip.compress(data))
+    out["gzip"] = d / "capture.pcap.gz"                     # a compressed text file (a capture is replayed)
+    out["gzip"].write_bytes(gzip.compress(made["text"]))
     return out
 
 
 @pytest.mark.parametrize("kind,says", [
     ("text", "not a pcap or pcapng file (it starts with 47 45 54 20, 'GET / HT')"),
     ("empty", "empty file (0 bytes), not a capture"),
-    ("gzip", "gzip-compressed, not a capture; decompress it first (gunzip -k FILE)"),
+    ("gzip", "gzip-compressed, and what it holds is not a pcap or pcapng file (it starts with 47 45 54 20, "
+             "'GET / HT')"),
     ("header_cut", "pcap file header cut short (10 of 24 bytes)"),
 ])
 def test_replay_unreadable_input_exits_1_with_one_line(capture: Path, tmp_path: Path, kind: str, says: str) -> None:
