@@ -433,6 +433,7 @@ class Conn:
         comm: str | None = None,
         budget: PendingBudget | None = None,
         assembler: TraceAssembler | None = None,
+        bufs: tuple[LargeBuffer, LargeBuffer] | None = None,
     ) -> None:
         self.conn_id = conn_id
         self.client_addr = client_addr
@@ -442,8 +443,9 @@ class Conn:
         self.perspective = perspective
         self.resource = resource
         self.settings = settings
-        self.client_buf = LargeBuffer()
-        self.server_buf = LargeBuffer()
+        # The stage hands over the buffers it already keeps (client's, server's): a connection
+        # costs two buffers, not four.
+        self.client_buf, self.server_buf = bufs if bufs is not None else (LargeBuffer(), LargeBuffer())
         #: Emit a finished span: the stage's callback itself, not a method wrapping it
         #: (one Python call fewer per span). Replace it with ``set_emit``.
         self.emit: Callable[[Span], None] = emit

@@ -737,10 +737,9 @@ class ProtocolsProcessor(EventProcessor):
             emit = _tls_emit(emit, tls)
         conn = Conn(cid, caddr, cport, saddr, sport, emit, self._drop, perspective=perspective,
                     resource=self._resource(saddr, sport, st.pid, st.comm), settings=self._settings.get(name),
-                    protocol=name, pid=st.pid, comm=st.comm, budget=self._budget, assembler=asm)
+                    protocol=name, pid=st.pid, comm=st.comm, budget=self._budget, assembler=asm,
+                    bufs=(st.bufs[cs], st.bufs[1 - cs]))
         conn.tid = self._cur_tid
-        conn.client_buf = st.bufs[cs]
-        conn.server_buf = st.bufs[1 - cs]
         st.conn = conn
         st.module = mod
         st.mode = _PARSING
