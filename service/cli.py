@@ -181,12 +181,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     sets = list(args.set or [])
     slog.setup("info")
 
+    stats = bool(args.stats or args.stats_json)
+
     def load():
-        return wconfig.load(files, sets)
+        if not stats:
+            return wconfig.load(files, sets)
+        return wconfig.validate(with_summary(wconfig.load_raw(files, sets)))
 
     runner = Runner(load, configure_logs=True)
     sigq: queue.SimpleQueue = queue.SimpleQueue()
-    _install_signals(sigq, (signal.SIGTERM, signal.SIGINT, signal.SIGHUP))
+    _install_signals(sigq, (signal.SIGTERM, signal.SIGINT, signal.SIGHUP) + ((signal.SIGUSR1,) if stats else ()))
     try:
         runner.start()
     except ConfigError as e:
@@ -208,12 +212,16 @@ def cmd_run(args: argparse.Namespace) -> int:
         if sig == signal.SIGHUP:
             log.info("received SIGHUP, reloading configuration")
             runner.reload()
+        if stats and sig == signal.SIGUSR1:  # the summary so far, on demand (logs and stdout stay clean)
+            _report_summary(args, sys.stderr)
         if runner.finished():
             reason = "done"
             log.info("all receivers finished; draining")
             break
     finished, problems = _stop_with_timeout(runner.stop, args.drain_timeout, sigq,
                                             lambda: runner.service.current_step if runner.service else "")
+    if stats:
+        _report_summary(args, sys.stderr)
     # capture files that could not be read to their end (pcap receivers) decide the code too
     inputs = _summary(runner.service) if runner.service is not None else {}
     code = _verdict(inputs, problems, False, args.allow_truncated)
@@ -291,6 +299,47 @@ def _with_tree(raw: dict[str, Any], keep_file: bool) -> dict[str, Any]:
         raw.pop("connectors", None)
     raw["service"] = svc
     return raw
+
+
+#: The id of the exporter ``--stats`` adds to every traces pipeline (service/summary.py).
+SUMMARY_EXPORTER = "wirespan_summary"
+
+
+def with_summary(raw: dict[str, Any]) -> dict[str, Any]:
+    """``raw`` with every traces pipeline also exporting to the span summary (``--stats``)."""
+    raw = dict(raw)
+    raw["exporters"] = {**(raw.get("exporters") or {}),
+                        SUMMARY_EXPORTER: {"class": "service.summary:SummaryExporter"}}
+    svc = dict(raw.get("service") or {})
+    pipes = {}
+    for pid, p in (svc.get("pipelines") or {}).items():
+        p = dict(p or {})
+        if not str(pid).startswith("metrics"):
+            p["exporters"] = [*(p.get("exporters") or []), SUMMARY_EXPORTER]
+        pipes[pid] = p
+    svc["pipelines"] = pipes
+    raw["service"] = svc
+    return raw
+
+
+def _report_summary(args: argparse.Namespace, out: Any, extra: dict[str, Any] | None = None) -> None:
+    """Print the span summary table (``--stats``) on ``out`` and write it as JSON (``--stats-json``)."""
+    from service.summary import summary_for
+    s = summary_for()
+    if args.stats:
+        rate = ""
+        if extra and extra.get("elapsed_s"):
+            rate = f" in {extra['elapsed_s']:.2f}s ({len(s) / max(1e-9, extra['elapsed_s']):,.0f} spans/s)"
+        print(s.table(f"spans by protocol and endpoint{rate}:"), file=out, end="")
+        out.flush()
+    if args.stats_json:
+        rep = s.report()
+        rep["totals"].update(extra or {})
+        tmp = f"{args.stats_json}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(rep, f, indent=1)
+            f.write("\n")
+        os.replace(tmp, args.stats_json)  # a reader never sees half a file (run rewrites it at each SIGUSR1)
 
 
 def _replay_sets(sets: list[str], output: bool) -> tuple[list[str], list[str]]:
@@ -681,8 +730,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
         if args.workers != "auto":
             print("replay: standard input is read by one process (--workers 1)", file=sys.stderr)
         args.workers = 1
-    if args.tree:
-        args.workers = 1  # the trees need every span in one process
+    if args.tree or args.stats or args.stats_json:
+        args.workers = 1  # the trees and the summary need every span in one process
     elif args.workers == "auto" and not args.shard and _has_connectors(args):
         args.workers = 1  # a connector's metrics need every span in one process
     if args.workers == "auto":
@@ -700,6 +749,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
             raw["receivers"]["pcap"]["bpf_filter"] = args.bpf_filter
         if args.tree:
             raw = _with_tree(raw, output is not None)
+        if args.stats or args.stats_json:
+            raw = with_summary(raw)
         if args.shard:
             k, _, n = args.shard.partition("/")
             raw["receivers"]["pcap"]["shard"] = {"index": int(k), "count": int(n)}
@@ -743,6 +794,9 @@ def cmd_replay(args: argparse.Namespace) -> int:
             os._exit(code)
         return code
     _print_summary(summary, time.monotonic() - t0)
+    if args.stats or args.stats_json:
+        _report_summary(args, sys.stdout, {"elapsed_s": round(time.monotonic() - t0, 3),
+                                           "packets": summary["packets"], "connections": summary["connections"]})
     code = _verdict(summary, problems, interrupted, args.allow_truncated)
     if output and code in (EXIT_OK, EXIT_TRUNCATED):
         print(f"replay: spans written to {output}", file=sys.stderr)
@@ -777,6 +831,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-truncated", action="store_true",
                    help=f"a capture file (pcap receiver) cut short or damaged is not an error (else exit "
                         f"{EXIT_TRUNCATED})")
+    p.add_argument("--stats", action="store_true",
+                   help="count the spans per protocol and endpoint; SIGUSR1 prints the table on stderr (and at exit)")
+    p.add_argument("--stats-json", metavar="PATH",
+                   help="with the counting of --stats, write the summary as JSON to PATH at each SIGUSR1 and at exit")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("validate", help="check a config and exit 0, or print its errors and exit 1")
@@ -811,6 +869,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print every trace as an indented tree on stdout when done (instead of the config's "
                         "exporters; beside --output's file); one process. A capture's calls nest under their "
                         "host's requests with --set processors.protocols.assemble=true")
+    p.add_argument("--stats", action="store_true",
+                   help="print a table of the spans per protocol and endpoint (service, operation: count, errors, "
+                        "p50/p95/p99 latency, bytes) on stdout at the end, as tshark -z http,tree; one process")
+    p.add_argument("--stats-json", metavar="PATH", help="write that summary as JSON to PATH; one process")
     p.add_argument("--shard", help=argparse.SUPPRESS)          # K/N: one worker of --workers
     p.add_argument("--summary-json", help=argparse.SUPPRESS)   # a worker hands its summary back here
     p.add_argument("-v", "--verbose", action="store_true", help="log at info level")
