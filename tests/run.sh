@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(tcpdump tshark postgresql mariadb-server redis-server mosquitto nginx php-fpm memcached
-              clang llvm libbpf-dev bpftool curl gcc prometheus nats-server
+              clang llvm libbpf-dev bpftool curl gcc prometheus nats-server rabbitmq-server
               libpcap0.8)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
