@@ -313,6 +313,8 @@ class LiveReceiver(Receiver):
         #: Ring mode: 0 copies each payload; N > 0 copies runs of consecutive frames of up
         #: to N bytes once and hands out views of them. See the module doc for the figures.
         self.copy_unit = COPY_UNIT
+        #: When the loop last found nothing to read, having handed on all it had (``settle``).
+        self._idle_at = 0.0
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -429,6 +431,26 @@ class LiveReceiver(Receiver):
     def flush(self) -> None:
         pass  # the thread flushes at shutdown; events are handed on per batch
 
+    def settle(self, timeout: float = 2.0) -> bool:
+        """Wait until every packet that passed the tap before this call has been handed on.
+
+        A reload calls it before it pauses this (kept) receiver and swaps the stages behind
+        it: a request delivered to the old protocols stage whose response still sat in the
+        ring would otherwise reach the new stage alone, and the span would be lost (counted,
+        but lost). The kernel hands over a partly filled block only at its retire timer, so
+        the ring path waits for an empty read after ``retire_timeout_ms`` has passed.
+        """
+        if self._thread is None or not self._thread.is_alive():
+            return True
+        wait = self.config.ring.retire_timeout_ms / 1000 if self._mm is not None else 0.0
+        ready = time.monotonic() + wait
+        end = ready + timeout
+        while self._idle_at < ready:
+            if time.monotonic() >= end or self._thread is None:
+                return False
+            time.sleep(0.005)
+        return True
+
     # ------------------------------------------------------------------ loop
     def _run(self) -> None:
         s = self._sock
@@ -459,11 +481,15 @@ class LiveReceiver(Receiver):
                         pkt = recv(snap)
                     except (BlockingIOError, InterruptedError):
                         break  # the kernel holds nothing more: drained
-                elif poller.poll(timeout_ms):
-                    try:
-                        pkt = recv(snap)
-                    except (BlockingIOError, InterruptedError):
-                        pass
+                else:
+                    t = time.monotonic()
+                    if poller.poll(timeout_ms):
+                        try:
+                            pkt = recv(snap)
+                        except (BlockingIOError, InterruptedError):
+                            pass
+                    else:
+                        self._idle_at = t  # nothing came since t, all before it is handed on (settle)
                 n = nbytes = 0
                 while pkt is not None:
                     n += 1
@@ -588,6 +614,7 @@ class LiveReceiver(Receiver):
                         self._flush_events()
                 else:
                     self._flush_events()
+                    self._idle_at = time.monotonic()  # no block ready, all read is handed on (settle)
                     if soft_end is None:
                         poller.poll(timeout_ms)
                     else:  # stopping: wait for the kernel to retire the block it is filling

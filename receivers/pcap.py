@@ -31,6 +31,9 @@ Options (``receivers: pcap:``):
 - ``max_connections`` (65536), ``max_buffered_bytes_per_connection`` (1 MiB),
   ``max_buffered_bytes_total`` (64 MiB), ``idle_timeout`` (300s): reassembly limits.
 - ``batch_size`` (256): events per ``consume_events`` call.
+- ``udp_ports`` (default = [53]): UDP datagrams with either port listed are passed on, one
+  ``DATAGRAM`` event each (receivers/udp.py); other UDP counts as drop ``udp_port``; ``[]``
+  passes no UDP.
 - ``progress`` (default = auto): a tqdm bar on stderr; auto shows it only when stderr is a terminal.
 
     receivers:
@@ -40,7 +43,7 @@ Options (``receivers: pcap:``):
         idle_timeout: 5m
 
 Drop reasons: the decoder's (``truncated``, ``not_ip``, ``not_tcp``, ``ip_fragment``,
-``malformed``, ``unsupported_linktype``), ``filtered``, reassembly's (``retransmission``,
+``malformed``, ``unsupported_linktype``), ``filtered``, ``udp_port``, ``udp_empty``, reassembly's (``retransmission``,
 ``out_of_window``, ``after_close``), ``bad_block`` (a pcapng packet block naming no
 interface), ``truncated_file``, ``unreadable_file``, ``downstream_error``. Bytes given up
 as GAPs are in ``stats["gap_bytes"]`` by reason; early connection ends in
@@ -67,8 +70,9 @@ from zlib import crc32
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from receivers.capture_stream import NEW_VIEW
-from receivers.packet import LINK_DECODERS, link_decoder
+from receivers.packet import LINK_DECODERS, UDP, link_decoder
 from receivers.tcp_reassembly import ReassemblyLimits, TcpReassembler
+from receivers.udp import DEFAULT_UDP_PORTS, UdpDatagrams
 from service.component import ComponentConfig, Receiver
 from service.log import describe
 from service.telemetry import CONNECTIONS_EVICTED, RECEIVER_ACCEPTED, RECEIVER_DROPPED
@@ -511,6 +515,9 @@ class PcapConfig(ComponentConfig):
     idle_timeout: float = Field(default=ReassemblyLimits.idle_timeout, gt=0)
     #: Events per ``consume_events`` call.
     batch_size: int = Field(default=DEFAULT_BATCH, ge=1)
+    #: UDP datagrams with either port in this list become DATAGRAM events (receivers/udp.py);
+    #: the rest count as ``udp_port``. ``[]`` passes no UDP.
+    udp_ports: list[int] = Field(default_factory=lambda: list(DEFAULT_UDP_PORTS))
     #: A progress bar on stderr: "auto" (or null) = only when stderr is a terminal.
     progress: bool | Literal["auto"] | None = "auto"
     #: Follow only the connections of one shard, ``index`` of ``count`` (``shard_of``: addresses and ports,
@@ -592,6 +599,7 @@ class PcapReceiver(Receiver):
             idle_timeout=config.idle_timeout,
         )
         self.reassembler = TcpReassembler(self.limits)
+        self.udp = UdpDatagrams(config.udp_ports)
         self.files: list[str] = []
         self.errors: list[str] = []
         #: Files that ended early (cut short or damaged), one message each saying where; what
@@ -644,11 +652,14 @@ class PcapReceiver(Receiver):
         drops = dict(self._drops)
         for k, v in dict(r.drops).items():  # copied first: the reader thread may add keys meanwhile
             drops[k] = drops.get(k, 0) + v
+        for k, v in dict(self.udp.drops).items():
+            drops[k] = drops.get(k, 0) + v
         return {
             "packets": self._packets,
             "bytes": self._bytes,
             "connections": r.stats["connections"],
             "events": self._events,
+            "datagrams": self.udp.datagrams,
             "drops": drops,
             "gap_bytes": dict(r.gaps),
             "evicted": dict(r.evictions),
@@ -660,7 +671,8 @@ class PcapReceiver(Receiver):
         """Push counter deltas to the self-metrics (per batch, not per packet)."""
         pub = self._published
         r = self.reassembler
-        for source, counts in (("receiver", self._drops), ("reassembly", r.drops), ("evicted", r.evictions)):
+        for source, counts in (("receiver", self._drops), ("reassembly", r.drops), ("evicted", r.evictions),
+                               ("udp", self.udp.drops)):
             for reason, n in counts.items():
                 key = (source, reason)
                 delta = n - pub.get(key, 0)
@@ -745,6 +757,7 @@ class PcapReceiver(Receiver):
         view = reader.view
         seg = self.reassembler.segment
         r = self.reassembler
+        udp = self.udp.datagram
         flt = self._filter
         drops = self._drops
         decoders = dict(LINK_DECODERS)
@@ -835,6 +848,11 @@ class PcapReceiver(Receiver):
                     continue  # another worker's connection: not a drop
                 if flt is not None and not flt.keep(src, dst, sport, dport):
                     drops["filtered"] = drops.get("filtered", 0) + 1
+                    continue
+                if flags == UDP:  # a UDP datagram (packet.py): one event, no reassembly
+                    uev = udp(src, sport, dst, dport, view[poff:pend], ts)
+                    if uev is not None:
+                        r.events.append(uev)
                     continue
                 seg(src, sport, dst, dport, seq, ack, flags, view[poff:pend] if pend > poff else _EMPTY, ts)
         except ValueError as e:  # FilterError: the expression does not apply to a link type of this file
