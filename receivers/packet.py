@@ -8,7 +8,10 @@ frame, ``buf`` a memoryview/bytes) and returns either a ``Segment`` tuple
 with ``src``/``dst`` the packed addresses (4 or 16 ``bytes``: small fields, copied on
 purpose because they become dict keys) and the TCP payload at
 ``buf[payload_off:payload_end]`` (not copied: the caller slices the view), or a ``str``
-drop reason (one of ``REASONS``). It never raises on bad input (given ``end <=
+drop reason (one of ``REASONS``). A UDP datagram (not a tunnel's) is a ``Segment`` too,
+with ``flags == UDP`` (a value no TCP flags byte has), ``seq``/``ack`` 0 and the datagram's
+payload, cut to the UDP length: one tuple shape, so the TCP path unpacks as before and the
+receiver tells UDP by one integer comparison. It never raises on bad input (given ``end <=
 len(buf)``): every length is checked before it is used. Shared by the ``pcap`` and
 AF_PACKET ``live`` receivers. Untagged Ethernet + IPv4 + TCP, by far the most common
 frame, has a fast path (two unpacks, no calls) checked against the general path in tests.
@@ -43,7 +46,7 @@ from collections.abc import Callable
 __all__ = [
     "LINKTYPE_NULL", "LINKTYPE_ETHERNET", "LINKTYPE_RAW", "LINKTYPE_LOOP", "LINKTYPE_LINUX_SLL",
     "LINKTYPE_IPV4", "LINKTYPE_IPV6", "LINKTYPE_LINUX_SLL2", "LINKTYPE_NFLOG", "LINK_DECODERS", "REASONS",
-    "TCP_FIN", "TCP_SYN", "TCP_RST", "TCP_PSH", "TCP_ACK", "TCP_URG",
+    "TCP_FIN", "TCP_SYN", "TCP_RST", "TCP_PSH", "TCP_ACK", "TCP_URG", "UDP",
     "Segment", "decode", "decode_l3", "supported_linktype",
 ]
 
@@ -98,6 +101,8 @@ TCP_RST = 0x04
 TCP_PSH = 0x08
 TCP_ACK = 0x10
 TCP_URG = 0x20
+#: ``flags`` of a UDP datagram's Segment: above any TCP flags byte (0..0xFF).
+UDP = 0x100
 
 # BSD loopback address families, in either byte order (AF_INET6 is 24, 28 or 30 on the BSDs, 10 on Linux).
 _NULL_AF_INET = frozenset((2, 0x02000000))
@@ -106,7 +111,7 @@ _NULL_AF_INET6 = frozenset((10, 24, 28, 30, 0x0A000000, 0x18000000, 0x1C000000, 
 REASONS = (
     "truncated",          # shorter than its headers say (snaplen or a cut file)
     "not_ip",             # ARP, LLDP, ... anything that is neither IPv4 nor IPv6
-    "not_tcp",            # UDP, ICMP, ...
+    "not_tcp",            # neither TCP nor UDP: ICMP, SCTP, ESP, ...
     "ip_fragment",        # see module docstring
     "malformed",          # impossible header values
     "unsupported_linktype",
@@ -162,7 +167,7 @@ def _ip4(buf: Buf, off: int, end: int, depth: int = 0) -> Result:
         return "ip_fragment"
     if proto != IPPROTO_TCP:
         if proto in _TUNNEL_PROTOS:
-            return _tunnel(proto, buf, off + hl, off + total, depth)
+            return _tunnel(proto, buf, off + hl, off + total, depth, src, dst)
         return "not_tcp"
     # `total` also trims Ethernet padding off short frames. TCP is decoded inline (as in _tcp):
     # one call less on every IPv4 packet.
@@ -194,7 +199,7 @@ def _ip6(buf: Buf, off: int, end: int, depth: int = 0) -> Result:
         if nxt == IPPROTO_TCP:
             return _tcp(buf, off, end, src, dst)
         if nxt in _TUNNEL_PROTOS:
-            return _tunnel(nxt, buf, off, end, depth)
+            return _tunnel(nxt, buf, off, end, depth, src, dst)
         if end - off < 8:
             return "truncated" if nxt in _IPV6_EXT_LEN8 or nxt in (_IPPROTO_FRAGMENT, _IPPROTO_AH) else "not_tcp"
         if nxt in _IPV6_EXT_LEN8:
@@ -234,8 +239,9 @@ _UDP = struct.Struct("!HHHH")
 _GRE = struct.Struct("!HH")
 
 
-def _tunnel(proto: int, buf: Buf, off: int, end: int, depth: int) -> Result:
-    """The packet inside an IP payload of protocol ``proto`` (UDP tunnels, GRE, IP in IP)."""
+def _tunnel(proto: int, buf: Buf, off: int, end: int, depth: int, src: bytes = b"", dst: bytes = b"") -> Result:
+    """The packet inside an IP payload of protocol ``proto`` (UDP tunnels, GRE, IP in IP),
+    or a plain UDP datagram's Segment (``src``/``dst``: the IP header's addresses)."""
     if depth >= MAX_TUNNEL_DEPTH:
         return "malformed"
     depth += 1
@@ -248,7 +254,15 @@ def _tunnel(proto: int, buf: Buf, off: int, end: int, depth: int) -> Result:
     # UDP: only the tunnels' ports; anything else is plain UDP.
     if end - off < 8:
         return "truncated"
-    _sport, dport, ulen, _ck = _UDP.unpack_from(buf, off)
+    sport, dport, ulen, _ck = _UDP.unpack_from(buf, off)
+    if dport != VXLAN_PORT and dport != GENEVE_PORT:
+        # Plain UDP. The UDP length is the datagram's (the IP length may include padding); a
+        # length past the IP payload was cut by the snaplen, one under the header is corrupt.
+        if ulen < 8:
+            return "malformed"
+        if off + ulen > end:
+            return "truncated"
+        return (src, dst, sport, dport, 0, 0, UDP, off + 8, off + ulen)
     if ulen >= 8 and off + ulen <= end:
         end = off + ulen
     off += 8
@@ -273,7 +287,7 @@ def _tunnel(proto: int, buf: Buf, off: int, end: int, depth: int) -> Result:
         if ptype == ETH_P_TEB:
             return _ethernet_general(buf, off, end, depth)
         return decode_l3(ptype, buf, off, end, depth)
-    return "not_tcp"
+    return "not_tcp"  # not reached: the two tunnel ports are handled above
 
 
 def _gre(buf: Buf, off: int, end: int, depth: int) -> Result:

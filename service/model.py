@@ -59,10 +59,18 @@ class EventKind(IntEnum):
     CLOSE = 2  #: FIN (or ``close()``): this direction is finished
     RESET = 3  #: RST: the whole connection is gone
     OPEN = 4   #: SYN seen: a new connection incarnation (``client_is_src`` is set)
+    #: ``payload`` is one whole UDP datagram from ``src``/``sport`` to ``dst``/``dport``;
+    #: ``conn_id`` names the UDP flow (the same for both directions). A message boundary:
+    #: nothing is reassembled, and a flow has no OPEN/CLOSE (the stage ends it when idle).
+    DATAGRAM = 5
 
 
 class TcpEvent:
-    """One in-order piece of one direction of a TCP connection.
+    """One in-order piece of one direction of a TCP connection, or one UDP datagram.
+
+    A UDP datagram is an event of kind ``DATAGRAM`` (its transport is its kind: the TCP
+    kinds never carry UDP, so the TCP hot paths test nothing new); everything below
+    holds for it too, except that a UDP flow has no roles (``client_is_src`` None).
 
     ``src``/``sport`` sent the bytes to ``dst``/``dport``. ``conn_id`` is
     hashable and unique per connection incarnation (a reused 4-tuple after a

@@ -101,7 +101,8 @@ def test_ipv4_fragments_counted():
 
 def test_reasons():
     udp = g.ipv4("1.1.1.1", "2.2.2.2", b"\x00" * 8, proto=17)
-    assert decode(P.LINKTYPE_RAW, udp) == "not_tcp"
+    assert decode(P.LINKTYPE_RAW, udp) == "malformed"  # a UDP length under its header's
+    assert decode(P.LINKTYPE_RAW, g.ipv4("1.1.1.1", "2.2.2.2", b"\x08\x00" + b"\x00" * 6, proto=1)) == "not_tcp"
     assert decode(P.LINKTYPE_ETHERNET, b"\xff" * 12 + b"\x08\x06" + b"\x00" * 28) == "not_ip"  # ARP
     assert decode(P.LINKTYPE_ETHERNET, g.ether(V4)[:30]) == "truncated"
     assert decode(P.LINKTYPE_RAW, V4[:-5]) == "truncated"  # snaplen cut the payload
@@ -301,13 +302,15 @@ def test_tunnels_over_ipv6_and_carrying_ipv6():
     assert not isinstance(decode(P.LINKTYPE_ETHERNET, _eth(0x8847, mpls(V6, [3]))), str)
 
 
-def test_tunnel_depth_is_bounded_and_plain_udp_is_not_tcp():
+def test_tunnel_depth_is_bounded_and_plain_udp_is_a_datagram():
     frame = V4
     for _ in range(P.MAX_TUNNEL_DEPTH):
         frame = _outer4(frame, 4)
     assert not isinstance(decode(P.LINKTYPE_RAW, frame), str)  # MAX_TUNNEL_DEPTH tunnels: decoded
     assert decode(P.LINKTYPE_RAW, _outer4(frame, 4)) == "malformed"  # one more: refused
-    assert decode(P.LINKTYPE_RAW, _outer4(_udp(5000, 53, b"\x12\x34" + b"\0" * 10), 17)) == "not_tcp"
+    dgram = _outer4(_udp(5000, 53, b"\x12\x34" + b"\0" * 10), 17)
+    res = decode(P.LINKTYPE_RAW, dgram)
+    assert res[2:7] == (5000, 53, 0, 0, P.UDP) and bytes(dgram[res[7]:res[8]]) == b"\x12\x34" + b"\0" * 10
     assert decode(P.LINKTYPE_RAW, _outer4(_udp(5000, P.VXLAN_PORT, b"\0" * 8 + g.ether(V4)), 17)) == "malformed"
     assert decode(P.LINKTYPE_ETHERNET, _eth(0x8847, struct.pack("!I", 100 << 12) * 20)) == "malformed"  # no bottom
     assert decode(P.LINKTYPE_RAW, _outer4(b"\0\x01\x88\x0b" + b"\0" * 8, 47)) == "not_tcp"  # GRE v1 (PPTP)

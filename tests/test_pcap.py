@@ -655,7 +655,7 @@ def test_drops_and_evictions_reach_the_self_metrics(tmp_path):
     pk = [*idle.handshake(), idle.send(True, b"x"), *f.handshake()]
     req = f.send(True, b"req")
     pk += [req, req,
-          g.ipv4("10.0.0.1", "10.0.0.2", b"\x00" * 8, proto=17),
+          g.ipv4("10.0.0.1", "10.0.0.2", b"\x13\x88\x13\x89\x00\x0c\x00\x00ntp?", proto=17),  # UDP 5000 -> 5001
           g.ipv4("10.0.0.1", "10.0.0.2", g.tcp(1, 2, 3), frag=0x2000)]
     path = tmp_path / "m.pcap"
     buf = io.BytesIO()
@@ -668,10 +668,10 @@ def test_drops_and_evictions_reach_the_self_metrics(tmp_path):
         return REGISTRY.get_sample_value(name, labels) or 0
 
     before = {r: val("wirespan_receiver_dropped_events_total", receiver="pcap/test", reason=r)
-              for r in ("not_tcp", "ip_fragment", "retransmission")}
+              for r in ("udp_port", "ip_fragment", "retransmission")}
     ev_before = val("wirespan_connections_evicted_total", component="pcap/test", reason="idle_timeout")
     rc, _sink = replay(path, idle_timeout="2s")
-    assert rc.stats["drops"] == {"not_tcp": 1, "ip_fragment": 1, "retransmission": 1}
+    assert rc.stats["drops"] == {"udp_port": 1, "ip_fragment": 1, "retransmission": 1}
     assert rc.stats["evicted"] == {"idle_timeout": 1}
     for r, b in before.items():
         assert val("wirespan_receiver_dropped_events_total", receiver="pcap/test", reason=r) == b + 1
