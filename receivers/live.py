@@ -67,6 +67,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from receivers.packet import LINKTYPE_ETHERNET, LINKTYPE_RAW, decode
 from receivers.tcp_reassembly import ReassemblyLimits, TcpReassembler
+from receivers.tls import KeyLog, KeyLogError, TlsLayer
 from service.component import ComponentConfig, Receiver
 from service.telemetry import CONNECTIONS_EVICTED, RECEIVER_ACCEPTED, RECEIVER_DROPPED
 
@@ -247,6 +248,12 @@ class LiveConfig(ComponentConfig):
     idle_timeout: float = Field(default=ReassemblyLimits.idle_timeout, gt=0)
     #: Read through a mapped TPACKET_V3 ring (default) or, with ``enabled: false``, with ``recv``.
     ring: RingConfig = RingConfig()
+    #: An NSS key log (``SSLKEYLOGFILE``) the traced clients append to while the receiver runs; TLS is
+    #: decrypted with it (receivers/tls.py). It may not exist yet at start (its directory must).
+    keylog_file: str | None = None
+    #: Seconds a TLS session may wait for its secrets to appear in the key log (the client writes
+    #: them as it derives them, a moment before or after its records are captured).
+    keylog_wait: float = Field(default=2.0, ge=0, le=300)
 
     @field_validator("ports")
     @classmethod
@@ -310,6 +317,8 @@ class LiveReceiver(Receiver):
         self._published: dict[tuple[str, str], int] = {}
         self._kernel_drops = 0
         self._mm: mmap.mmap | None = None
+        #: TLS record layer (receivers/tls.py): keys from keylog_file, re-read as it grows
+        self.tls = TlsLayer()
         #: Ring mode: 0 copies each payload; N > 0 copies runs of consecutive frames of up
         #: to N bytes once and hands out views of them. See the module doc for the figures.
         self.copy_unit = COPY_UNIT
@@ -319,6 +328,11 @@ class LiveReceiver(Receiver):
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
         c = self.config
+        if c.keylog_file:
+            try:
+                self.tls = TlsLayer(KeyLog(c.keylog_file, must_exist=False), wait_for_keys=c.keylog_wait)
+            except KeyLogError as e:
+                raise LiveError(str(e)) from None
         try:
             s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
         except PermissionError:
@@ -636,6 +650,7 @@ class LiveReceiver(Receiver):
         self._flush_events()
         self.reassembler.expire(time.time_ns())
         self._flush_events()
+        self._deliver(self.tls.tick(time.time_ns()))  # TLS sessions waiting for keys: retried or given up
         self._read_kernel_stats(s)
         self._publish()
 
@@ -653,6 +668,11 @@ class LiveReceiver(Receiver):
         if not ev:
             return
         r.events = []
+        self._deliver(self.tls.process(ev))  # TLS connections' ciphertext -> plaintext; the rest as it is
+
+    def _deliver(self, ev: list[Any]) -> None:
+        if not ev:
+            return
         self.stats["events"] += len(ev)
         if self.next is not None:
             try:
@@ -680,7 +700,8 @@ class LiveReceiver(Receiver):
     def _publish(self) -> None:
         pub = self._published
         r = self.reassembler
-        for source, d in (("rx", self.stats["drops"]), ("reasm", r.drops)):
+        self.stats["tls"] = {**self.tls.stats, "drops": dict(self.tls.drops), "keylog": dict(self.tls.keylog.stats)}
+        for source, d in (("rx", self.stats["drops"]), ("reasm", r.drops), ("tls", self.tls.drops)):
             for reason, n in list(d.items()):
                 delta = n - pub.get((source, reason), 0)
                 if delta:

@@ -32,6 +32,7 @@ PROTOCOLS: dict[str, str] = {
     "fastcgi": "processors.protocols.fastcgi",
     "memcached": "processors.protocols.memcached",  # memcached binary/text and Couchbase
     "nats": "processors.protocols.nats",           # before redis: an inline word could read as NATS's
+    "amqp": "processors.protocols.amqp",           # AMQP 0-9-1 (RabbitMQ)
     "redis": "processors.protocols.redis",
     "kafka": "processors.protocols.kafka",
 }

@@ -333,10 +333,39 @@ def _nats() -> list[Conv]:
     ]
 
 
+# -- AMQP 0-9-1 ----------------------------------------------------------------------------------
+def _amqp() -> list[Conv]:
+    from pika import spec
+
+    from tests.support import amqp_wire as w
+
+    c, s = w.handshake_client(), w.handshake_server()
+    pub = w.method(2, spec.Basic.Publish(exchange="x", routing_key="k", mandatory=True)) + w.content(
+        2, b"abc", spec.BasicProperties(headers={"traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-"
+                                                                "00f067aa0ba902b7-01", "n": 5, "l": [1, "a"]}))
+    ret = w.method(2, spec.Basic.Return(312, "NO_ROUTE", "x", "k")) + w.content(2, b"abc")
+    return [
+        [(True, c[0]), (False, s[0]), (True, c[1] + c[2]), (False, s[1]),
+         (True, w.method(2, spec.Channel.Open()) + w.method(2, spec.Confirm.Select())),
+         (False, w.method(2, spec.Channel.OpenOk()) + w.method(2, spec.Confirm.SelectOk())),
+         (True, pub + pub), (False, ret + w.method(2, spec.Basic.Ack(1)) + w.method(2, spec.Basic.Nack(2))),
+         (True, w.method(1, spec.Queue.Declare(queue="q1")) + w.method(1, spec.Basic.Get(queue="q1"))),
+         (False, w.method(1, spec.Queue.DeclareOk("q1", 0, 0)) + w.method(1, spec.Basic.GetEmpty())),
+         (True, w.method(1, spec.Basic.Consume(queue="q1", consumer_tag="t1"))),
+         (False, w.method(1, spec.Basic.ConsumeOk("t1")) + w.method(1, spec.Basic.Deliver("t1", 7, True, "", "q1"))
+          + w.content(1, b"")),
+         (True, w.method(1, spec.Basic.Reject(7, False))
+          + w.method(1, spec.Exchange.Declare(exchange="nope", type="topic", passive=True))),
+         (False, w.method(1, spec.Channel.Close(404, "NOT_FOUND - no exchange", 40, 10)))],
+        [(True, c[0]), (False, s[0]), (True, c[1]),
+         (False, w.method(0, spec.Connection.Close(403, "ACCESS_REFUSED - Login was refused", 0, 0)))],
+    ]
+
+
 OWN: dict[str, Callable[[], list[Conv]]] = {
     "http": _http, "http2": _http2, "postgresql": _postgresql, "mysql": _mysql, "mongodb": _mongodb,
     "mqtt": _mqtt, "fastcgi": _fastcgi, "memcached": _memcached, "redis": _redis, "kafka": _kafka,
-    "nats": _nats,
+    "nats": _nats, "amqp": _amqp,
 }
 
 

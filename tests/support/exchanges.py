@@ -261,6 +261,28 @@ def _nats(size: int) -> Exchange:
     return Exchange(4222, steps, 3, {3: 2, 4: 1})
 
 
+# -- AMQP 0-9-1 ------------------------------------------------------------------------------
+def _amqp(size: int) -> Exchange:
+    # pika's encoder: the handshake, a publish whose headers table the parser reads (it grows)
+    # and whose body it skips (in frames of 4 KiB), its delivery, the client's ack.
+    from pika import spec
+
+    from tests.support import amqp_wire as w
+
+    headers = {"traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"}
+    headers.update({f"x-field-{i:04d}": "v" * 40 for i in range(max(1, min(size // 4, 30000) // 56))})
+    props = spec.BasicProperties(message_id="m-1", headers=headers)
+    body = b"b" * size
+    c, s = w.handshake_client(), w.handshake_server()
+    pub = w.method(1, spec.Basic.Publish(exchange="orders", routing_key="order.created")) + w.content(
+        1, body, props, 4096)
+    deliver = w.method(1, spec.Basic.Deliver("ctag", 1, False, "orders", "order.created")) + w.content(
+        1, body, props, 4096)
+    steps = [(True, c[0]), (False, s[0]), (True, c[1] + c[2]), (False, s[1]), (True, pub), (False, deliver),
+             (True, w.method(1, spec.Basic.Ack(1)))]
+    return Exchange(5672, steps, 3, {4: 1, 5: 1, 6: 1})
+
+
 #: protocol name (as in processors/protocols/__init__.PROTOCOLS) -> exchanges of any size.
 EXCHANGES: dict[str, list[Callable[[int], Exchange]]] = {
     "http": [_http],
@@ -274,4 +296,5 @@ EXCHANGES: dict[str, list[Callable[[int], Exchange]]] = {
     "redis": [_redis, _redis_pipeline],
     "kafka": [_kafka],
     "nats": [_nats],
+    "amqp": [_amqp],
 }

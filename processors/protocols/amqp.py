@@ -1,0 +1,821 @@
+"""AMQP 0-9-1 (RabbitMQ): spans for publishes, deliveries, gets, settlements, queue.declare,
+and channel and connection errors.
+
+Contract: processors/protocols/base.py. The wire (AMQP 0-9-1 specification §4.2): after the
+client's protocol header ``AMQP\\x00\\x00\\x09\\x01`` both sides send frames
+
+    type (1: method, 2: content header, 3: content body, 8: heartbeat) | channel u16 |
+    size u32 | payload | 0xCE
+
+A method frame's payload is ``class-id u16, method-id u16`` and the method's arguments; a
+message is a ``basic.publish`` / ``basic.deliver`` / ``basic.get-ok`` / ``basic.return``
+method, then a content header (``class-id, weight, body-size u64, property flags,
+properties``), then body frames until ``body-size`` bytes came. Frames of other channels may
+come between a message's frames. Method and header frames are read whole, in place (they are
+small: bounded by ``MAX_FRAME``); body frames, of any size, are stepped over as they arrive
+and released, never copied. Of the properties only ``message-id``, ``correlation-id`` and a
+``traceparent`` in the ``headers`` table are kept; of ``connection.start-ok`` only the
+client's ``connection_name`` (its credentials are never read).
+
+Spans: ``basic.publish`` -> PRODUCER ``publish {exchange}`` (``amq.default`` for the default
+exchange), ending when its body is sent or, on a channel in confirm mode, at the broker's
+``basic.ack`` / ``basic.nack`` (an error); ``basic.deliver`` -> CONSUMER ``process {queue}``
+(the queue of its consumer tag, from ``basic.consume``), ``basic.get`` -> CONSUMER
+``receive {queue}`` ending at ``get-ok``'s body or ``get-empty``; a client's ``basic.ack``,
+``nack`` and ``reject`` -> CLIENT ``ack {queue}`` / ... (operation type ``settle``);
+``queue.declare`` -> CLIENT ``queue.declare {queue}`` at ``declare-ok``. A ``channel.close``
+or ``connection.close`` from the broker with an error code fails the synchronous request
+pending on that channel, or the publish it names (``class-id 60, method-id 40``), or else is
+an ERROR span of its own; a ``basic.return`` (unroutable) fails the publish it returns.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any, ClassVar
+
+from processors.protocols.base import Conn, Detection, PendingMap, ProtocolSettings, Session
+from processors.protocols.errors import LimitExceeded, Malformed
+from service.largebuf import BufferBoundsError, LargeBuffer
+from service.model import SpanKind, StatusCode
+
+NAME = "amqp"
+DEFAULT_PORTS = frozenset({5672})
+
+PROTOCOL_HEADER = b"AMQP\x00\x00\x09\x01"
+#: Also taken for the header: AMQP 0-9 (RabbitMQ answers both as 0-9-1).
+_HEADERS_OK = (PROTOCOL_HEADER, b"AMQP\x01\x01\x00\x09")
+METHOD, HEADER, BODY, HEARTBEAT = 1, 2, 3, 8
+FRAME_END = 0xCE
+#: Method and content-header frames larger than this are refused (RabbitMQ's default
+#: frame_max is 128 KiB; a method frame near it is a huge argument table).
+MAX_FRAME = 1024 * 1024
+#: A body frame may be as large as the negotiated frame_max (2^32-1 at most); it is skipped.
+MAX_BODY_FRAME = 0xFFFFFFFF
+#: Channels tracked per connection: RabbitMQ's default channel_max is 2047 (the wire allows
+#: 65535; a connection opening more is refused, LimitExceeded, rather than costing ~30 MB).
+MAX_CHANNELS = 2048
+#: Consumer tags remembered per channel (tag -> queue).
+MAX_CONSUMERS = 1024
+#: Bytes of a name (exchange, queue, routing key) kept for a span: a shortstr is <= 255.
+MAX_NAME = 255
+
+_FRAME = struct.Struct(">BHI")
+_CM = struct.Struct(">HH")
+
+# Reply codes (AMQP 0-9-1 §1.9, constants) -> error.type.
+_REPLY = {
+    311: "CONTENT_TOO_LARGE", 312: "NO_ROUTE", 313: "NO_CONSUMERS", 320: "CONNECTION_FORCED",
+    402: "INVALID_PATH", 403: "ACCESS_REFUSED", 404: "NOT_FOUND", 405: "RESOURCE_LOCKED",
+    406: "PRECONDITION_FAILED", 501: "FRAME_ERROR", 502: "SYNTAX_ERROR", 503: "COMMAND_INVALID",
+    504: "CHANNEL_ERROR", 505: "UNEXPECTED_FRAME", 506: "RESOURCE_ERROR", 530: "NOT_ALLOWED",
+    540: "NOT_IMPLEMENTED", 541: "INTERNAL_ERROR",
+}
+
+# (class, method) -> (name, sender): "c" client, "s" server, "b" both. The complete 0-9-1
+# method table plus RabbitMQ's extensions (exchange.bind, confirm, basic.nack, connection.blocked).
+_METHODS: dict[tuple[int, int], tuple[str, str]] = {
+    (10, 10): ("connection.start", "s"), (10, 11): ("connection.start-ok", "c"),
+    (10, 20): ("connection.secure", "s"), (10, 21): ("connection.secure-ok", "c"),
+    (10, 30): ("connection.tune", "s"), (10, 31): ("connection.tune-ok", "c"),
+    (10, 40): ("connection.open", "c"), (10, 41): ("connection.open-ok", "s"),
+    (10, 50): ("connection.close", "b"), (10, 51): ("connection.close-ok", "b"),
+    (10, 60): ("connection.blocked", "s"), (10, 61): ("connection.unblocked", "s"),
+    (10, 70): ("connection.update-secret", "s"), (10, 71): ("connection.update-secret-ok", "c"),
+    (20, 10): ("channel.open", "c"), (20, 11): ("channel.open-ok", "s"),
+    (20, 20): ("channel.flow", "b"), (20, 21): ("channel.flow-ok", "b"),
+    (20, 40): ("channel.close", "b"), (20, 41): ("channel.close-ok", "b"),
+    (40, 10): ("exchange.declare", "c"), (40, 11): ("exchange.declare-ok", "s"),
+    (40, 20): ("exchange.delete", "c"), (40, 21): ("exchange.delete-ok", "s"),
+    (40, 30): ("exchange.bind", "c"), (40, 31): ("exchange.bind-ok", "s"),
+    (40, 40): ("exchange.unbind", "c"), (40, 51): ("exchange.unbind-ok", "s"),
+    (50, 10): ("queue.declare", "c"), (50, 11): ("queue.declare-ok", "s"),
+    (50, 20): ("queue.bind", "c"), (50, 21): ("queue.bind-ok", "s"),
+    (50, 30): ("queue.purge", "c"), (50, 31): ("queue.purge-ok", "s"),
+    (50, 40): ("queue.delete", "c"), (50, 41): ("queue.delete-ok", "s"),
+    (50, 50): ("queue.unbind", "c"), (50, 51): ("queue.unbind-ok", "s"),
+    (60, 10): ("basic.qos", "c"), (60, 11): ("basic.qos-ok", "s"),
+    (60, 20): ("basic.consume", "c"), (60, 21): ("basic.consume-ok", "s"),
+    (60, 30): ("basic.cancel", "b"), (60, 31): ("basic.cancel-ok", "b"),
+    (60, 40): ("basic.publish", "c"), (60, 50): ("basic.return", "s"),
+    (60, 60): ("basic.deliver", "s"), (60, 70): ("basic.get", "c"),
+    (60, 71): ("basic.get-ok", "s"), (60, 72): ("basic.get-empty", "s"),
+    (60, 80): ("basic.ack", "b"), (60, 90): ("basic.reject", "c"),
+    (60, 100): ("basic.recover-async", "c"), (60, 110): ("basic.recover", "c"),
+    (60, 111): ("basic.recover-ok", "s"), (60, 120): ("basic.nack", "b"),
+    (85, 10): ("confirm.select", "c"), (85, 11): ("confirm.select-ok", "s"),
+    (90, 10): ("tx.select", "c"), (90, 11): ("tx.select-ok", "s"),
+    (90, 20): ("tx.commit", "c"), (90, 21): ("tx.commit-ok", "s"),
+    (90, 30): ("tx.rollback", "c"), (90, 31): ("tx.rollback-ok", "s"),
+}
+#: Synchronous client requests: each is answered by the method after it (``-ok``) or refused by
+#: a close. ``connection.open`` is not among them: from start-ok to open-ok the login is pending.
+_SYNC = {(20, 10), (20, 40), (40, 10), (40, 20), (40, 30), (40, 40), (50, 10), (50, 20),
+         (50, 30), (50, 40), (50, 50), (60, 10), (60, 20), (60, 30), (60, 70), (60, 110), (85, 10),
+         (90, 10), (90, 20), (90, 30)}
+_ANSWERS = {(c, m + 1) for c, m in _SYNC} | {(40, 51), (60, 72)}
+_CONTENT = {(60, 40), (60, 50), (60, 60), (60, 71)}  # methods followed by a content header
+
+
+class Settings(ProtocolSettings):
+    #: Spans for the client's basic.ack / basic.nack / basic.reject (one per settlement).
+    trace_settlements: bool = True
+    #: Spans for every synchronous request (exchange.declare, queue.bind, basic.consume, ...),
+    #: not only queue.declare; a failed one always gets a span.
+    trace_all_methods: bool = False
+
+
+# ---------------------------------------------------------------------------
+# reading helpers (absolute offsets in a LargeBuffer, bounded by ``end``)
+# ---------------------------------------------------------------------------
+def _shortstr(buf: LargeBuffer, off: int, end: int) -> tuple[str, int]:
+    if off >= end:
+        raise Malformed(NAME, "truncated", off)
+    n = buf.u8_at(off)
+    if off + 1 + n > end:
+        raise Malformed(NAME, "truncated", off, "shortstr overruns the frame")
+    return buf.bytes_at(off + 1, n).decode("utf-8", "replace"), off + 1 + n  # <= 255 bytes
+
+
+def _skip_shortstr(buf: LargeBuffer, off: int, end: int) -> int:
+    if off >= end:
+        raise Malformed(NAME, "truncated", off)
+    nxt = off + 1 + buf.u8_at(off)
+    if nxt > end:
+        raise Malformed(NAME, "truncated", off)
+    return nxt
+
+
+#: Field-value type -> fixed size (RabbitMQ's table, as pika and the errata use it).
+_FIXED = {0x74: 1, 0x62: 1, 0x42: 1, 0x73: 2, 0x75: 2, 0x49: 4, 0x69: 4, 0x6C: 8, 0x4C: 8,
+          0x66: 4, 0x64: 8, 0x44: 5, 0x54: 8, 0x56: 0}
+_LONG = frozenset(b"SxAF")  # u32 length then that many bytes
+
+
+def _table_get(buf: LargeBuffer, off: int, end: int, want: tuple[bytes, ...]) -> tuple[dict[bytes, str], int]:
+    """A field table at ``off``: the long-string values of the keys in ``want`` (lower-cased
+    match), and the offset after the table. Other values are stepped over by size."""
+    if off + 4 > end:
+        raise Malformed(NAME, "truncated", off)
+    tend = off + 4 + buf.u32be_at(off)
+    if tend > end:
+        raise Malformed(NAME, "truncated", off, "table overruns the frame")
+    p = off + 4
+    out: dict[bytes, str] = {}
+    while p < tend:
+        klen = buf.u8_at(p)
+        if p + 2 + klen > tend:
+            raise Malformed(NAME, "bad_table", p)
+        key = buf.bytes_at(p + 1, klen).lower() if want and klen <= 32 else b""
+        p += 1 + klen
+        t = buf.u8_at(p)
+        p += 1
+        size = _FIXED.get(t)
+        if size is not None:
+            p += size
+        elif t in _LONG:
+            if p + 4 > tend:
+                raise Malformed(NAME, "bad_table", p)
+            n = buf.u32be_at(p)
+            if t == 0x53 and key in want and n <= 1024:
+                out[key] = buf.bytes_at(p + 4, n).decode("utf-8", "replace") if p + 4 + n <= tend else ""
+            p += 4 + n
+        else:
+            raise Malformed(NAME, "bad_field_type", p - 1, f"{t:#x}")
+        if p > tend:
+            raise Malformed(NAME, "bad_table", p)
+    return out, tend
+
+
+# ---------------------------------------------------------------------------
+# detection
+# ---------------------------------------------------------------------------
+def detect(buf: LargeBuffer, from_client: bool | None) -> Detection:
+    n = len(buf)
+    if n == 0:
+        return Detection.NEED_MORE
+    if buf.u8_at(0) == 0x41:  # 'A': the protocol header
+        if from_client is False:
+            return Detection.NO
+        k = min(n, 8)
+        got = buf.bytes_at(0, k)
+        if any(h.startswith(got) for h in _HEADERS_OK):
+            return Detection.REQUEST if k == 8 else Detection.NEED_MORE
+        return Detection.NO
+    if buf.u8_at(0) != METHOD:
+        return Detection.NO
+    if n < 11:
+        return Detection.NEED_MORE
+    _, channel, size = _FRAME.unpack(buf.bytes_at(0, 7))
+    cm = _CM.unpack(buf.bytes_at(7, 4))
+    info = _METHODS.get(cm)
+    if info is None or size < 4 or size > 64 * 1024:
+        return Detection.NO
+    sender = info[1]
+    if cm == (10, 10):  # connection.start: channel 0, version 0-9
+        if channel != 0 or from_client is True:
+            return Detection.NO
+        if n < 13:
+            return Detection.NEED_MORE
+        if buf.u8_at(11) != 0 or buf.u8_at(12) != 9:
+            return Detection.NO
+    elif (channel == 0) != (cm[0] == 10):  # connection methods on channel 0, the others not
+        return Detection.NO
+    if (sender == "c" and from_client is False) or (sender == "s" and from_client is True):
+        return Detection.NO
+    if n < 7 + size + 1:
+        return Detection.NEED_MORE
+    if buf.u8_at(7 + size) != FRAME_END:
+        return Detection.NO
+    if sender == "c":
+        return Detection.REQUEST
+    if sender == "s":
+        return Detection.RESPONSE
+    return Detection.REQUEST if from_client is not False else Detection.RESPONSE
+
+
+def ambiguous_role(buf: LargeBuffer) -> bool:
+    """Methods either side sends (basic.ack, channel.close, ...): a connection joined on one
+    takes its roles from the ports (base.py)."""
+    if len(buf) < 11 or buf.u8_at(0) != METHOD:
+        return False
+    info = _METHODS.get((buf.u16be_at(7), buf.u16be_at(9)))
+    return info is not None and info[1] == "b"
+
+
+# ---------------------------------------------------------------------------
+# session
+# ---------------------------------------------------------------------------
+def _op_traceparent(op: _Op) -> Any:
+    return op.traceparent
+
+
+class _Op:
+    """An operation becoming a span: a message (its content still arriving) or a request."""
+
+    __slots__ = ("attrs", "body", "kind", "method", "name", "start_ts", "traced", "traceparent")
+
+    def __init__(self, method: tuple[int, int], name: str, kind: SpanKind, start_ts: int, attrs: dict[str, Any],
+                 traced: bool = True) -> None:
+        self.method = method
+        self.name = name
+        self.kind = kind
+        self.start_ts = start_ts
+        self.attrs = attrs
+        self.traceparent: str | None = None
+        self.body = 0  # body bytes still to come
+        self.traced = traced
+
+
+class _Channel:
+    __slots__ = ("confirm", "confirm_low", "confirm_next", "consumers", "content", "last_exchange", "last_queue",
+                 "sync_head", "sync_tail")
+
+    def __init__(self) -> None:
+        self.content: list[_Op | None] = [None, None]  # per direction (from server, from client)
+        self.confirm = False
+        self.confirm_next = 1
+        self.confirm_low = 1
+        self.consumers: dict[str, str] = {}  # consumer tag -> queue
+        self.last_exchange = ""
+        self.last_queue = ""
+        self.sync_head = self.sync_tail = 0  # this channel's requests in Session.sync
+
+
+class _Dir:
+    __slots__ = ("end", "first", "header", "skip", "skip_ch")
+
+    def __init__(self) -> None:
+        self.first = True    # nothing read yet: a client's first bytes may be the protocol header
+        self.header = False  # the protocol header is being read
+        self.skip = 0        # body-frame bytes still to step over
+        self.skip_ch = 0     # the channel of that body frame
+        self.end = False     # its frame-end octet is still to come
+
+
+class Session(Session):  # type: ignore[no-redef]
+    protocol: ClassVar[str] = NAME
+
+    def __init__(self, conn: Conn) -> None:
+        super().__init__(conn)
+        self.settings: Settings = conn.settings if isinstance(conn.settings, Settings) else Settings()
+        self.dirs = (_Dir(), _Dir())
+        self.channels: dict[int, _Channel] = {}
+        self.client_name: str | None = None
+        #: Synchronous requests awaiting their -ok, by (channel, number): answered in order on
+        #: each channel (a client normally waits for each; one that does not is still paired).
+        self.sync: dict[tuple[int, int], _Op] = PendingMap(conn, traceparent=_op_traceparent)
+        #: Confirm-mode publishes awaiting basic.ack/nack, by (channel, sequence number).
+        self.unconfirmed: dict[tuple[int, int], _Op] = PendingMap(conn, traceparent=_op_traceparent)
+        self.login: _Op | None = None  # from start-ok until open-ok: a refusal is a failed connect
+
+    def _ch(self, channel: int) -> _Channel:
+        ch = self.channels.get(channel)
+        if ch is None:
+            if len(self.channels) >= MAX_CHANNELS:
+                raise LimitExceeded(NAME, "too_many_channels", 0)
+            ch = self.channels[channel] = _Channel()
+        return ch
+
+    # -- framing ------------------------------------------------------------
+    def feed(self, from_client: bool, buf: LargeBuffer, ts_ns: int) -> None:
+        d = self.dirs[from_client]
+        while True:
+            if d.skip:
+                take = min(d.skip, len(buf))
+                if take:
+                    buf.release(take)
+                    d.skip -= take
+                    self._body_bytes(from_client, d.skip_ch, take, ts_ns, final=False)
+                if d.skip:
+                    return
+            if d.end:
+                if not len(buf):
+                    return
+                if buf.u8_at(0) != FRAME_END:
+                    d.end = False
+                    raise Malformed(NAME, "bad_frame_end", 0)
+                buf.release(1)
+                d.end = False
+                self._body_bytes(from_client, d.skip_ch, 0, ts_ns, final=True)
+            n = len(buf)
+            if d.first and n:
+                d.first = False
+                d.header = from_client and buf.u8_at(0) == 0x41  # 'A'
+            if d.header:
+                if n < 8:
+                    buf.want = 8
+                    return
+                if buf.bytes_at(0, 8) not in _HEADERS_OK:
+                    d.header = False
+                    raise Malformed(NAME, "bad_protocol_header", 0)
+                buf.release(8)
+                d.header = False
+                continue
+            if n < 7:
+                if n:
+                    buf.want = 7
+                return
+            ftype = buf.u8_at(0)
+            channel = buf.u16be_at(1)
+            size = buf.u32be_at(3)
+            if ftype == BODY:
+                buf.release(7)
+                d.skip, d.skip_ch, d.end = size, channel, True
+                continue
+            if ftype not in (METHOD, HEADER, HEARTBEAT):
+                raise Malformed(NAME, "bad_frame_type", 0, str(ftype))
+            if size > MAX_FRAME:
+                raise LimitExceeded(NAME, "frame_too_large", 0)
+            end = 7 + size
+            if n < end + 1:
+                buf.want = end + 1
+                return
+            if buf.u8_at(end) != FRAME_END:
+                raise Malformed(NAME, "bad_frame_end", end)
+            start = buf.ts_at(0)
+            try:
+                if ftype == METHOD:
+                    self._method(from_client, channel, buf, 7, end, start, ts_ns)
+                elif ftype == HEADER:
+                    self._header(from_client, channel, buf, 7, end, ts_ns)
+            except BufferBoundsError:
+                raise Malformed(NAME, "truncated", 0, "a field overruns the frame") from None
+            buf.release(end + 1)
+
+    # -- content ------------------------------------------------------------
+    def _header(self, from_client: bool, channel: int, buf: LargeBuffer, p: int, end: int, ts_ns: int) -> None:
+        ch = self._ch(channel)
+        op = ch.content[from_client]
+        if op is None or op.body >= 0:
+            # A content header without its method: a capture joined inside a message. Skipped.
+            self.conn.drop("unexpected_header")
+            return
+        if end - p < 14 or buf.u16be_at(p) != 60:
+            raise Malformed(NAME, "bad_content_header", p)
+        body = buf.u64be_at(p + 4)
+        flags = buf.u16be_at(p + 12)
+        q = p + 14
+        f = flags
+        while f & 1:  # more flag words follow (only bits 15..2 are defined for basic)
+            if q + 2 > end:
+                raise Malformed(NAME, "truncated", q)
+            f = buf.u16be_at(q)
+            q += 2
+        a = op.attrs
+        a["messaging.message.body.size"] = body
+        # basic properties, in flag order (§1.8.2): shortstr unless noted.
+        for bit in range(15, 1, -1):
+            if not flags & (1 << bit):
+                continue
+            if bit == 13:  # headers (table)
+                got, q = _table_get(buf, q, end, (b"traceparent",))
+                tp = got.get(b"traceparent")
+                if tp:
+                    op.traceparent = tp
+            elif bit in (12, 11):  # delivery-mode, priority (octets)
+                q += 1
+            elif bit == 6:  # timestamp (u64)
+                q += 8
+            elif bit in (10, 7):  # correlation-id, message-id
+                s, q = _shortstr(buf, q, end)
+                a["messaging.message.conversation_id" if bit == 10 else "messaging.message.id"] = s
+            else:
+                q = _skip_shortstr(buf, q, end)
+            if q > end:
+                raise Malformed(NAME, "truncated", q)
+        op.body = body
+        if body == 0:
+            self._content_done(from_client, channel, ch, ts_ns)
+
+    def _body_bytes(self, from_client: bool, channel: int, n: int, ts_ns: int, final: bool) -> None:
+        ch = self.channels.get(channel)
+        op = ch.content[from_client] if ch is not None else None
+        if op is None or op.body < 0:
+            if final:
+                self.conn.drop("unexpected_body")  # joined inside a message: skipped, counted
+            return
+        op.body -= n
+        if op.body < 0:
+            ch.content[from_client] = None  # type: ignore[union-attr]
+            raise Malformed(NAME, "body_too_long", 0)
+        if final and op.body == 0:
+            self._content_done(from_client, channel, ch, ts_ns)  # type: ignore[arg-type]
+
+    def _content_done(self, from_client: bool, channel: int, ch: _Channel, ts_ns: int) -> None:
+        op = ch.content[from_client]
+        ch.content[from_client] = None
+        assert op is not None
+        if op.method == (60, 40):  # publish
+            if ch.confirm:
+                seq = ch.confirm_next
+                ch.confirm_next += 1
+                self.unconfirmed[(channel, seq)] = op
+                return
+            self._emit(op, ts_ns)
+        elif op.method == (60, 50):  # basic.return: the publish it returns failed
+            self._returned(channel, ch, op, ts_ns)
+        else:
+            self._emit(op, ts_ns)
+
+    # -- methods ------------------------------------------------------------
+    def _method(self, from_client: bool, channel: int, buf: LargeBuffer, p: int, end: int, start: int,
+                ts_ns: int) -> None:
+        if end - p < 4:
+            raise Malformed(NAME, "truncated", p)
+        cm = (buf.u16be_at(p), buf.u16be_at(p + 2))
+        info = _METHODS.get(cm)
+        if info is None:
+            raise Malformed(NAME, "unknown_method", p, f"{cm[0]}.{cm[1]}")
+        q = p + 4
+        ch = self._ch(channel)
+        if ch.content[from_client] is not None:
+            ch.content[from_client] = None  # a method ends any content on its channel (§4.2.6)
+            self.conn.drop("incomplete_message")
+        if cm in _CONTENT:
+            self._content_method(from_client, channel, ch, cm, buf, q, end, start)
+            return
+        if cm == (10, 11):  # start-ok: client-properties (the response's credentials are not read)
+            got, _ = _table_get(buf, q, end, (b"connection_name",))
+            if got.get(b"connection_name"):
+                self.client_name = got[b"connection_name"][:MAX_NAME]
+            self.login = _Op(cm, "connect", self.conn.kind_for(SpanKind.CLIENT), start,
+                             {"messaging.system": "rabbitmq", "messaging.operation.name": "connect"})
+            return
+        if cm == (10, 41):  # open-ok: logged in
+            self.login = None
+            return
+        if cm in ((10, 50), (20, 40)):
+            self._close(from_client, channel, ch, cm, buf, q, end, start, ts_ns)
+            return
+        if cm == (20, 41):  # channel.close-ok (either side's close answered): the channel is gone
+            self._forget_channel(channel)
+            return
+        if cm == (10, 51):
+            for c in list(self.channels):
+                self._forget_channel(c)
+            return
+        if cm in ((60, 80), (60, 120), (60, 90)):
+            self._settle(from_client, channel, ch, cm, buf, q, end, start, ts_ns)
+            return
+        if cm in _SYNC and from_client:
+            self._request(channel, ch, cm, buf, q, end, start)
+            return
+        if cm in _ANSWERS and not from_client:
+            self._answer(channel, ch, cm, buf, q, end, ts_ns)
+            return
+        # anything else (tune, flow, heartbeats' siblings, cancel from the broker, blocked): no span
+
+    def _content_method(self, from_client: bool, channel: int, ch: _Channel, cm: tuple[int, int],
+                        buf: LargeBuffer, q: int, end: int, start: int) -> None:
+        a: dict[str, Any] = {"messaging.system": "rabbitmq"}
+        if cm == (60, 40):  # publish: reserved u16, exchange, routing-key, bits
+            exchange, q = _shortstr(buf, q + 2, end)
+            rk, q = _shortstr(buf, q, end)
+            ch.last_exchange = exchange
+            dest = exchange or "amq.default"
+            a.update({"messaging.operation.name": "publish", "messaging.operation.type": "send",
+                      "messaging.destination.name": dest})
+            if rk:
+                a["messaging.rabbitmq.destination.routing_key"] = rk
+            op = _Op(cm, f"publish {dest}", self.conn.kind_for(SpanKind.PRODUCER, SpanKind.PRODUCER), start, a)
+        elif cm == (60, 50):  # return: reply-code, reply-text, exchange, routing-key
+            code = buf.u16be_at(q)
+            text, q = _shortstr(buf, q + 2, end)
+            exchange, q = _shortstr(buf, q, end)
+            rk, q = _shortstr(buf, q, end)
+            a.update({"messaging.operation.name": "publish", "messaging.operation.type": "send",
+                      "messaging.destination.name": exchange or "amq.default", "error.type": _REPLY.get(code,
+                                                                                                        str(code)),
+                      "_status": text, "messaging.rabbitmq.reply_code": code})
+            if rk:
+                a["messaging.rabbitmq.destination.routing_key"] = rk
+            op = _Op(cm, f"publish {exchange or 'amq.default'}", self.conn.kind_for(SpanKind.PRODUCER,
+                                                                                     SpanKind.PRODUCER), start, a)
+        elif cm == (60, 60):  # deliver: consumer-tag, delivery-tag u64, redelivered, exchange, routing-key
+            tag, q = _shortstr(buf, q, end)
+            dtag = buf.u64be_at(q)
+            redelivered = buf.u8_at(q + 8) & 1
+            exchange, q = _shortstr(buf, q + 9, end)
+            rk, q = _shortstr(buf, q, end)
+            queue = ch.consumers.get(tag, "")
+            op = self._consumer_op(cm, "process", queue, exchange, rk, dtag, redelivered, start, a)
+        else:  # get-ok: delivery-tag u64, redelivered, exchange, routing-key, message-count
+            dtag = buf.u64be_at(q)
+            redelivered = buf.u8_at(q + 8) & 1
+            exchange, q = _shortstr(buf, q + 9, end)
+            rk, q = _shortstr(buf, q, end)
+            req = self._sync_pop(channel, ch)
+            queue = req.attrs.get("messaging.destination.subscription.name", "") if req is not None else ""
+            op = self._consumer_op(cm, "receive", queue, exchange, rk, dtag, redelivered,
+                                   req.start_ts if req is not None else start, a)
+        op.body = -1  # its content header is next
+        ch.content[from_client] = op
+
+    def _consumer_op(self, cm: tuple[int, int], opname: str, queue: str, exchange: str, rk: str, dtag: int,
+                     redelivered: int, start: int, a: dict[str, Any]) -> _Op:
+        a.update({"messaging.operation.name": opname, "messaging.operation.type": opname,
+                  "messaging.destination.name": exchange or "amq.default",
+                  "messaging.rabbitmq.message.delivery_tag": dtag})
+        if rk:
+            a["messaging.rabbitmq.destination.routing_key"] = rk
+        if queue:
+            a["messaging.destination.subscription.name"] = queue
+        if redelivered:
+            a["messaging.rabbitmq.redelivered"] = True
+        target = queue if queue and not queue.startswith("amq.gen-") else (exchange or "amq.default")
+        return _Op(cm, f"{opname} {target}", self.conn.kind_for(SpanKind.CONSUMER, SpanKind.CONSUMER), start, a)
+
+    def _request(self, channel: int, ch: _Channel, cm: tuple[int, int], buf: LargeBuffer, q: int, end: int,
+                 start: int) -> None:
+        """A synchronous request: remember it until its -ok (or the close that refuses it)."""
+        mname = _METHODS[cm][0]
+        a: dict[str, Any] = {"messaging.system": "rabbitmq", "messaging.operation.name": mname}
+        target = ""
+        nowait = False
+        if cm in ((50, 10), (50, 20), (50, 30), (50, 40), (50, 50), (60, 20), (60, 70)):
+            target, q2 = _shortstr(buf, q + 2, end)  # reserved u16, queue
+            if cm == (50, 10):
+                nowait = bool(buf.u8_at(q2) & 0x10)
+            elif cm == (60, 20):
+                tag, q3 = _shortstr(buf, q2, end)
+                nowait = bool(buf.u8_at(q3) & 0x08)
+                if nowait and tag:
+                    self._consumer(ch, tag, target)
+                a["_tag"] = tag
+            if target:
+                a["messaging.destination.subscription.name" if cm[0] == 60 else "messaging.destination.name"] = target
+        elif cm in ((40, 10), (40, 20)):
+            target, q2 = _shortstr(buf, q + 2, end)
+            if cm == (40, 10):
+                q2 = _skip_shortstr(buf, q2, end)  # type
+                nowait = bool(buf.u8_at(q2) & 0x10)
+            if target:
+                a["messaging.destination.name"] = target
+        if cm == (85, 10):
+            ch.confirm = True  # publishes from here on are numbered (select-ok follows)
+            ch.confirm_next = ch.confirm_low = 1
+            nowait = bool(buf.u8_at(q) & 1)
+        if cm == (60, 70):  # basic.get becomes a CONSUMER receive span at get-ok / get-empty
+            traced = True
+        else:
+            # channel.open/close and the like are plumbing: never a span of their own unless refused
+            traced = cm == (50, 10) or (self.settings.trace_all_methods and cm[0] not in (10, 20))
+        name = mname if not target or target.startswith("amq.gen-") else f"{mname} {target}"
+        op = _Op(cm, name, self.conn.kind_for(SpanKind.CLIENT), start, a, traced)
+        if nowait:
+            if traced:
+                self._emit(op, start)
+            return
+        self.sync[(channel, ch.sync_tail)] = op
+        ch.sync_tail += 1
+
+    def _sync_peek(self, channel: int, ch: _Channel) -> _Op | None:
+        while ch.sync_head < ch.sync_tail:
+            op = self.sync.get((channel, ch.sync_head))
+            if op is not None:
+                return op
+            ch.sync_head += 1  # dropped by the budget (counted there)
+        return None
+
+    def _sync_pop(self, channel: int, ch: _Channel) -> _Op | None:
+        op = self._sync_peek(channel, ch)
+        if op is not None:
+            self.sync.pop((channel, ch.sync_head))
+            ch.sync_head += 1
+        return op
+
+    def _consumer(self, ch: _Channel, tag: str, queue: str) -> None:
+        if tag not in ch.consumers and len(ch.consumers) >= MAX_CONSUMERS:
+            ch.consumers.pop(next(iter(ch.consumers)))
+        ch.consumers[tag] = queue
+
+    def _answer(self, channel: int, ch: _Channel, cm: tuple[int, int], buf: LargeBuffer, q: int, end: int,
+                ts_ns: int) -> None:
+        req = self._sync_pop(channel, ch)
+        if req is None:
+            self.conn.drop("unpaired_answer")
+            return
+        if req.method != (cm[0], cm[1] - 1) and cm not in ((60, 72), (40, 51)):
+            self.conn.drop("unpaired_answer")  # an answer to another request than the pending one
+            return
+        a = req.attrs
+        if cm == (50, 11):  # declare-ok: queue, message-count, consumer-count
+            queue, q = _shortstr(buf, q, end)
+            if queue:
+                a["messaging.destination.name"] = queue
+                if not req.name.endswith(queue) and not queue.startswith("amq.gen-"):
+                    req.name = f"queue.declare {queue}"
+                ch.last_queue = queue
+        elif cm == (60, 21):  # consume-ok: consumer-tag
+            tag, _ = _shortstr(buf, q, end)
+            self._consumer(ch, tag, a.get("messaging.destination.subscription.name", ""))
+        elif cm == (60, 72):  # get-empty: nothing to receive, not an error
+            a["messaging.batch.message_count"] = 0
+            a["messaging.operation.type"] = "receive"
+            req.kind = self.conn.kind_for(SpanKind.CONSUMER, SpanKind.CONSUMER)
+            q_ = a.get("messaging.destination.subscription.name", "")
+            req.name = f"receive {q_}" if q_ and not q_.startswith("amq.gen-") else "receive"
+            a["messaging.operation.name"] = "receive"
+        if req.traced:
+            self._emit(req, ts_ns)
+
+    def _settle(self, from_client: bool, channel: int, ch: _Channel, cm: tuple[int, int], buf: LargeBuffer,
+                q: int, end: int, start: int, ts_ns: int) -> None:
+        tag = buf.u64be_at(q)
+        bits = buf.u8_at(q + 8)
+        if not from_client:
+            # The broker's confirm of this channel's publishes (ack, or nack: not stored).
+            if cm == (60, 90):
+                raise Malformed(NAME, "unexpected_method", q, "basic.reject from the broker")
+            self._confirm(channel, ch, tag, bool(bits & 1), cm == (60, 120), ts_ns)
+            return
+        if not self.settings.trace_settlements:
+            return
+        opname = {(60, 80): "ack", (60, 120): "nack", (60, 90): "reject"}[cm]
+        a: dict[str, Any] = {"messaging.system": "rabbitmq", "messaging.operation.name": opname,
+                             "messaging.operation.type": "settle", "messaging.rabbitmq.message.delivery_tag": tag}
+        if cm != (60, 90) and bits & 1:
+            a["messaging.rabbitmq.multiple"] = True
+        if cm != (60, 80) and bits & (2 if cm == (60, 120) else 1):
+            a["messaging.rabbitmq.requeue"] = True
+        queues = set(ch.consumers.values())
+        queue = next(iter(queues)) if len(queues) == 1 else ""
+        if queue:
+            a["messaging.destination.subscription.name"] = queue
+        name = f"{opname} {queue}" if queue and not queue.startswith("amq.gen-") else opname
+        self._emit(_Op(cm, name, self.conn.kind_for(SpanKind.CLIENT), start, a), ts_ns)
+
+    def _confirm(self, channel: int, ch: _Channel, tag: int, multiple: bool, nack: bool, ts_ns: int) -> None:
+        seqs = range(ch.confirm_low, tag + 1) if multiple else (tag,)
+        if multiple and tag - ch.confirm_low > MAX_CONSUMERS * 64:
+            seqs = range(tag - MAX_CONSUMERS * 64, tag + 1)  # bounded: older ones were dropped already
+        for s in seqs:
+            op = self.unconfirmed.pop((channel, s), None)
+            if op is None:
+                continue
+            if nack:
+                op.attrs["error.type"] = "nack"
+                self._emit(op, ts_ns, StatusCode.ERROR, "the broker refused the message (basic.nack)")
+            else:
+                self._emit(op, ts_ns)
+        if multiple:
+            ch.confirm_low = max(ch.confirm_low, tag + 1)
+        while ch.confirm_low < ch.confirm_next and (channel, ch.confirm_low) not in self.unconfirmed:
+            ch.confirm_low += 1
+
+    def _returned(self, channel: int, ch: _Channel, ret: _Op, ts_ns: int) -> None:
+        """A basic.return: the publish it returns (confirm mode: the oldest unconfirmed one to the
+        same exchange and routing key) fails; without confirms that publish's span is gone, so
+        the return is an ERROR span of its own."""
+        a = ret.attrs
+        text = a.pop("_status", "")
+        a.pop("messaging.message.body.size", None)
+        for key, op in self.unconfirmed.items():
+            if key[0] == channel and op.attrs.get("messaging.destination.name") == a["messaging.destination.name"] \
+                    and op.attrs.get("messaging.rabbitmq.destination.routing_key") == \
+                    a.get("messaging.rabbitmq.destination.routing_key"):
+                op.attrs["error.type"] = a["error.type"]
+                op.attrs["messaging.rabbitmq.reply_code"] = a["messaging.rabbitmq.reply_code"]
+                op.attrs["_status"] = text
+                return
+        self._emit(ret, ts_ns, StatusCode.ERROR, text)
+
+    def _close(self, from_client: bool, channel: int, ch: _Channel, cm: tuple[int, int], buf: LargeBuffer, q: int,
+               end: int, start: int, ts_ns: int) -> None:
+        code = buf.u16be_at(q)
+        text, q = _shortstr(buf, q + 2, end)
+        ccls, cmeth = buf.u16be_at(q), buf.u16be_at(q + 2)
+        if from_client or code < 300:
+            return  # a client's own close, or a clean one (200 REPLY_SUCCESS): forgotten at close-ok
+        etype = _REPLY.get(code, str(code))
+        op: _Op | None = None
+        pending = self._sync_peek(channel, ch)
+        if cm == (10, 50) and self.login is not None:
+            op, self.login = self.login, None
+        elif pending is not None and (pending.method == (ccls, cmeth) or (ccls, cmeth) != (60, 40)):
+            op = self._sync_pop(channel, ch)
+        elif (ccls, cmeth) == (60, 40):
+            # The close names an earlier publish (to an exchange that does not exist): that
+            # publish's own span is gone, so the failure is a span of its own; a request
+            # pending on the channel meanwhile is aborted by the close, counted.
+            while self._sync_pop(channel, ch) is not None:
+                self.conn.drop("channel_closed")
+            exch = ch.last_exchange or "amq.default"
+            op = _Op((60, 40), f"publish {exch}", self.conn.kind_for(SpanKind.PRODUCER, SpanKind.PRODUCER), start,
+                     {"messaging.system": "rabbitmq", "messaging.operation.name": "publish",
+                      "messaging.operation.type": "send", "messaging.destination.name": exch})
+        else:
+            name = _METHODS[cm][0]
+            op = _Op(cm, name, self.conn.kind_for(SpanKind.CLIENT), start,
+                     {"messaging.system": "rabbitmq", "messaging.operation.name": name})
+        op.attrs["error.type"] = etype
+        op.attrs["messaging.rabbitmq.reply_code"] = code
+        self._emit(op, ts_ns, StatusCode.ERROR, text)
+        # Whatever else was pending on the channel (or, for the connection, everywhere) is over.
+        for key in [k for k in self.unconfirmed if cm == (10, 50) or k[0] == channel]:
+            self.unconfirmed.pop(key)
+            self.conn.drop("no_confirm")
+
+    def _forget_channel(self, channel: int) -> None:
+        """A channel closed (its close-ok seen): what was still pending on it is over, counted. Its
+        number may be opened again, and must not find the old channel's requests."""
+        ch = self.channels.pop(channel, None)
+        if ch is None:
+            return
+        for i in range(ch.sync_head, ch.sync_tail):
+            if self.sync.pop((channel, i), None) is not None:
+                self.conn.drop("channel_closed")
+        for key in [k for k in self.unconfirmed if k[0] == channel]:
+            self.unconfirmed.pop(key)
+            self.conn.drop("no_confirm")
+
+    def _emit(self, op: _Op, end_ts: int, status: StatusCode = StatusCode.UNSET, msg: str = "") -> None:
+        a = op.attrs
+        a.pop("_tag", None)
+        st = a.pop("_status", None)
+        if st is not None and status == StatusCode.UNSET:
+            status, msg = StatusCode.ERROR, st
+        if self.client_name:
+            a["messaging.client.id"] = self.client_name
+        conn = self.conn
+        conn.emit(conn.span(op.name, op.kind, op.start_ts, end_ts, a, traceparent=op.traceparent,
+                            status_code=status, status_message=msg))
+
+    # -- gaps and the end ----------------------------------------------------------
+    def skip_gap(self, from_client: bool, nbytes: int, ts_ns: int) -> bool:
+        d = self.dirs[from_client]
+        if d.skip >= nbytes:
+            d.skip -= nbytes
+            self._body_bytes(from_client, d.skip_ch, nbytes, ts_ns, final=False)
+            return True
+        return False
+
+    def gap(self, from_client: bool, ts_ns: int) -> None:
+        d = self.dirs[from_client]
+        d.skip = 0
+        d.end = False
+        d.header = False
+        for ch in self.channels.values():
+            if ch.content[from_client] is not None:
+                ch.content[from_client] = None
+                self.conn.drop("incomplete_message")
+
+    def close(self, ts_ns: int, reset: bool = False) -> None:
+        for ch in self.channels.values():
+            for i in (0, 1):
+                if ch.content[i] is not None:
+                    ch.content[i] = None
+                    self.conn.drop("incomplete_message")
+        # A confirm-mode publish without its confirm was sent as far as the wire shows (a span
+        # marked incomplete); a request without its -ok has no outcome and is counted.
+        for op in self.unconfirmed.values():
+            if self.client_name:
+                op.attrs["messaging.client.id"] = self.client_name
+            op.attrs.pop("_status", None)
+            self.cut_short(self.conn.span(op.name, op.kind, op.start_ts, op.start_ts, op.attrs, op.traceparent))
+        self.unconfirmed.clear()
+        for op in self.sync.values():
+            if op.traced:
+                self.cut_short(None, "no_response")
+        self.sync.clear()
