@@ -72,6 +72,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from receivers.capture_stream import NEW_VIEW
 from receivers.packet import LINK_DECODERS, UDP, link_decoder
 from receivers.tcp_reassembly import ReassemblyLimits, TcpReassembler
+from receivers.tls import DSB_TLS_KEYLOG, KeyLog, TlsLayer
 from receivers.udp import DEFAULT_UDP_PORTS, UdpDatagrams
 from service.component import ComponentConfig, Receiver
 from service.log import describe
@@ -92,6 +93,10 @@ _PCAP_MAGICS = {
 _PCAPNG_SHB = 0x0A0D0D0A
 _PCAPNG_BOM = 0x1A2B3C4D
 _BT_IDB, _BT_OPB, _BT_SPB, _BT_EPB = 1, 2, 3, 6
+_BT_DSB = 0x0A  #: Decryption Secrets Block (secrets type, length, data): ``editcap --inject-secrets``
+#: Where a PcapngReader created without ``on_secrets`` (inside a stream reader) hands a DSB's
+#: secrets: the receiver replaying in this thread sets ``cb`` (secrets type, bytes).
+_dsb_local = threading.local()
 _OPT_IF_TSRESOL, _OPT_IF_TSOFFSET = 9, 14
 
 #: A record claiming more than this is corrupt (libpcap refuses captured lengths above its
@@ -237,6 +242,8 @@ class PcapngReader:
         if len(view) < 28:
             raise CaptureError("pcapng section header truncated")
         self.interfaces: list[_Iface] = []
+        #: Called with (secrets type, data) for each Decryption Secrets Block, in file order.
+        self.on_secrets: Any = None
 
     def _options(self, view: memoryview, off: int, end: int, order: str) -> dict[int, memoryview]:
         """Option TLVs of a block body (code, length, value padded to 32 bits)."""
@@ -338,7 +345,13 @@ class PcapngReader:
                         self._skipped("opb", off)
                 else:
                     self._skipped("opb", off)
-            # Anything else (NRB, ISB, DSB, custom, unknown): skipped by its length.
+            elif btype == _BT_DSB:
+                cb = self.on_secrets or getattr(_dsb_local, "cb", None)
+                if cb is not None and off + 16 <= body_end:
+                    stype, slen = struct.unpack_from(order + "II", view, off + 8)
+                    if off + 16 + slen <= body_end:
+                        cb(stype, bytes(view[off + 16:off + 16 + slen]))  # a copy: the secrets outlive the view
+            # Anything else (NRB, ISB, custom, unknown): skipped by its length.
             off = bend
 
     skipped = 0
@@ -520,6 +533,9 @@ class PcapConfig(ComponentConfig):
     udp_ports: list[int] = Field(default_factory=lambda: list(DEFAULT_UDP_PORTS))
     #: A progress bar on stderr: "auto" (or null) = only when stderr is a terminal.
     progress: bool | Literal["auto"] | None = "auto"
+    #: An NSS key log (``SSLKEYLOGFILE``) to decrypt TLS with (receivers/tls.py); pcapng
+    #: Decryption Secrets Blocks are used without it.
+    keylog_file: str | None = None
     #: Follow only the connections of one shard, ``index`` of ``count`` (``shard_of``: addresses and ports,
     #: the same for both directions): ``wirespan replay --workers N`` runs N shards in parallel.
     shard: ShardConfig | None = None
@@ -614,6 +630,8 @@ class PcapReceiver(Receiver):
         self._events = 0
         self._pace: tuple[float | None, int | None] = (None, None)
         self._filter = _AddrFilter(config.filter) if (config.filter.ports or config.filter.addresses) else None
+        #: TLS record layer (receivers/tls.py): keys from keylog_file (loaded at start) and DSBs
+        self.tls = TlsLayer()
 
     # -------------------------------------------------------------- lifecycle
     def _resolve_files(self) -> None:
@@ -621,7 +639,23 @@ class PcapReceiver(Receiver):
         if not self.files:
             raise FileNotFoundError(f"receivers::{self.id}::path: no capture file matches {self.config.path!r}")
 
+    def _load_keylog(self) -> None:
+        """Read ``keylog_file`` (a start error when it cannot be read at all)."""
+        path = self.config.keylog_file
+        if path and self.tls.keylog.path is None:
+            self.tls.keylog = kl = KeyLog(path)
+            if kl.stats["bad_lines"]:
+                log.warning("receiver %s: key log %s: %d lines not understood (of %d), skipped", self.id, path,
+                            kl.stats["bad_lines"], kl.stats["lines"])
+
+    def _on_secrets(self, stype: int, data: bytes) -> None:
+        if stype == DSB_TLS_KEYLOG:
+            self.tls.add_secrets(data)
+        else:
+            self._drop("unsupported_secrets")
+
     def start(self) -> None:
+        self._load_keylog()
         self._resolve_files()
         for path in self.files:  # an unreadable input is a start error, not "0 packets" and success
             try:
@@ -639,6 +673,7 @@ class PcapReceiver(Receiver):
 
     def run(self) -> None:
         """Replay in the calling thread (what ``start()``'s thread runs): for one-shot tools and tests."""
+        self._load_keylog()
         self._resolve_files()
         self._run()
 
@@ -654,6 +689,8 @@ class PcapReceiver(Receiver):
             drops[k] = drops.get(k, 0) + v
         for k, v in dict(self.udp.drops).items():
             drops[k] = drops.get(k, 0) + v
+        for k, v in dict(self.tls.drops).items():
+            drops[k] = drops.get(k, 0) + v
         return {
             "packets": self._packets,
             "bytes": self._bytes,
@@ -665,6 +702,7 @@ class PcapReceiver(Receiver):
             "evicted": dict(r.evictions),
             "errors": list(self.errors),
             "truncated": list(self.truncated),
+            "tls": {**self.tls.stats, "keylog": dict(self.tls.keylog.stats)},
         }
 
     def _publish(self) -> None:
@@ -672,7 +710,8 @@ class PcapReceiver(Receiver):
         pub = self._published
         r = self.reassembler
         for source, counts in (("receiver", self._drops), ("reassembly", r.drops), ("evicted", r.evictions),
-                               ("udp", self.udp.drops)):
+                               ("udp", self.udp.drops),
+                               ("tls", self.tls.drops)):
             for reason, n in counts.items():
                 key = (source, reason)
                 delta = n - pub.get(key, 0)
@@ -696,6 +735,7 @@ class PcapReceiver(Receiver):
         if not ev:
             return
         r.events = []
+        ev = self.tls.process(ev)  # TLS connections' ciphertext -> plaintext; the rest as it is
         self._events += len(ev)
         bs = self.config.batch_size
         nxt = self.next
@@ -754,6 +794,9 @@ class PcapReceiver(Receiver):
                 self.unreadable.append(msg)
             self._drop("unreadable_file")
             return None
+        if isinstance(reader, PcapngReader):
+            reader.on_secrets = self._on_secrets
+        _dsb_local.cb = self._on_secrets  # pcapng read by a stream reader
         view = reader.view
         seg = self.reassembler.segment
         r = self.reassembler

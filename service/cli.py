@@ -747,6 +747,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
             raw = wconfig.apply_set(raw, s)
         if args.bpf_filter is not None:
             raw["receivers"]["pcap"]["bpf_filter"] = args.bpf_filter
+        if args.keylog is not None:
+            raw["receivers"]["pcap"]["keylog_file"] = os.path.abspath(args.keylog)
         if args.tree:
             raw = _with_tree(raw, output is not None)
         if args.stats or args.stats_json:
@@ -865,6 +867,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-f", "--bpf-filter", metavar="EXPR",
                    help="keep only the packets this BPF filter expression matches (tcpdump's language, compiled by "
                         "libpcap: \"tcp port 8080 and host 10.0.0.5\"); the pcap receiver's bpf_filter option")
+    p.add_argument("--keylog", metavar="FILE",
+                   help="decrypt TLS with this NSS key log (SSLKEYLOGFILE: TLS 1.2 CLIENT_RANDOM lines, TLS 1.3 "
+                        "*_TRAFFIC_SECRET lines), as tshark's tls.keylog_file; the pcap receiver's keylog_file "
+                        "option. Secrets in the capture's pcapng Decryption Secrets Blocks are used without it")
     p.add_argument("--tree", action="store_true",
                    help="print every trace as an indented tree on stdout when done (instead of the config's "
                         "exporters; beside --output's file); one process. A capture's calls nest under their "

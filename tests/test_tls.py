@@ -1,0 +1,401 @@
+"""receivers/tls.py: the key log, the TLS record layer (decryption) and the handshake sniffer.
+
+The TLS bytes are real: OpenSSL (Python's ``ssl``) runs both ends of each session through memory
+BIOs, writing the NSS key log as any client does with SSLKEYLOGFILE; the bytes each end sent
+become TcpEvents, fed whole, a byte a segment and 7 bytes a segment. Then the plaintext out of
+``TlsLayer`` must be exactly what each end wrote, and bad input (key logs with wrong, missing or
+garbage lines, corrupted and truncated records, gaps) must come out as counted drops, never an
+exception and never bytes that did not authenticate.
+"""
+
+from __future__ import annotations
+
+import os
+import ssl
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from receivers.tls import (
+    HRR_RANDOM,
+    HelloSniffer,
+    KeyLog,
+    KeyLogError,
+    TlsConnId,
+    TlsLayer,
+    hkdf_expand_label,
+    looks_like_tls,
+    prf12,
+)
+from service.model import EventKind, TcpEvent
+from tests.support.tls_servers import tls_files
+
+C, S = ("10.0.0.1", 40000), ("10.0.0.2", 443)
+REQ = b"GET /index.html HTTP/1.1\r\nHost: x\r\n\r\n"
+RESP = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory) -> Any:
+    return tls_files(tmp_path_factory.mktemp("certs"))
+
+
+class Session:
+    """Both ends of one TLS session in this process (OpenSSL through memory BIOs)."""
+
+    def __init__(self, files: Any, keylog: Path, maxv: ssl.TLSVersion | None = None, ciphers: str | None = None,
+                 session: Any = None, curve: str | None = None, tickets: bool = True,
+                 like: Session | None = None) -> None:
+        """``like``: use that session's contexts (the server's session cache, the client's key log)."""
+        if like is not None:
+            sctx, cctx = like.sctx, like.cctx
+        else:
+            sctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            sctx.load_cert_chain(files.server_cert, files.server_key)
+            if maxv is not None:
+                sctx.maximum_version = maxv
+            if ciphers:
+                sctx.set_ciphers(ciphers)
+            if curve:
+                sctx.set_ecdh_curve(curve)  # the client's key share is for another group: HelloRetryRequest
+            if not tickets:
+                sctx.options |= ssl.OP_NO_TICKET
+            cctx = ssl.create_default_context(cafile=str(files.ca_cert))
+            cctx.keylog_filename = str(keylog)
+        self.sctx, self.cctx = sctx, cctx
+        self.ci, self.co, self.si, self.so = ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.c = cctx.wrap_bio(self.ci, self.co, server_hostname="localhost", session=session)
+        self.s = sctx.wrap_bio(self.si, self.so, server_side=True)
+        #: (0 client->server / 1 server->client, bytes) in the order they were sent
+        self.flights: list[tuple[int, bytes]] = []
+        for _ in range(10):
+            for end in (self.c, self.s):
+                try:
+                    end.do_handshake()
+                except ssl.SSLWantReadError:
+                    pass
+            self.pump()
+
+    def pump(self) -> None:
+        while True:
+            a, b = self.co.read(), self.so.read()
+            if a:
+                self.flights.append((0, a))
+                self.si.write(a)
+            if b:
+                self.flights.append((1, b))
+                self.ci.write(b)
+            if not a and not b:
+                return
+
+    def _read(self, end: ssl.SSLObject) -> bytes:
+        got = b""
+        while True:
+            try:
+                d = end.read(1 << 20)
+            except (ssl.SSLWantReadError, ssl.SSLZeroReturnError):
+                return got
+            if not d:
+                return got
+            got += d
+
+    def exchange(self, req: bytes = REQ, resp: bytes = RESP) -> None:
+        self.c.write(req)
+        self.pump()
+        assert self._read(self.s) == req
+        self.pump()
+        self.s.write(resp)
+        self.pump()
+        assert self._read(self.c) == resp
+        self.pump()
+
+
+def events(flights: list[tuple[int, bytes]], cid: Any = 7, seg: int | None = None, close: bool = True) -> list:
+    """The flights as TcpEvents (``seg`` bytes a segment), then a FIN each way."""
+    out = []
+    ts = 1_000
+    ends = {0: (C, S), 1: (S, C)}
+    for d, b in flights:
+        (src, sp), (dst, dp) = ends[d]
+        step = seg or len(b)
+        for i in range(0, len(b), step):
+            out.append(TcpEvent(EventKind.DATA, cid, src, sp, dst, dp, ts, memoryview(b)[i:i + step], 0, d == 0))
+            ts += 1
+    if close:
+        for d in (0, 1):
+            (src, sp), (dst, dp) = ends[d]
+            out.append(TcpEvent(EventKind.CLOSE, cid, src, sp, dst, dp, ts, None, 0, d == 0))
+    return out
+
+
+def plaintext(evs: list) -> dict[int, bytes]:
+    """What came out as plaintext, per sender port (443: the server)."""
+    got: dict[int, bytes] = {}
+    for e in evs:
+        if e.kind == EventKind.DATA and isinstance(e.conn_id, TlsConnId):
+            got[e.sport] = got.get(e.sport, b"") + bytes(e.payload)
+    return got
+
+
+def run(flights: list[tuple[int, bytes]], keylog: Any, seg: int | None = None, layer: TlsLayer | None = None,
+        cid: Any = 7) -> tuple[TlsLayer, list]:
+    layer = layer if layer is not None else TlsLayer(keylog if isinstance(keylog, KeyLog) else KeyLog(keylog))
+    evs = events(flights, cid, seg)
+    out: list = []
+    for i in range(0, len(evs), 5):  # in batches, as receivers hand them on
+        out += layer.process(evs[i:i + 5])
+    return layer, out
+
+
+SUITES = [
+    (None, None, "1.3", "TLS_AES_256_GCM_SHA384"),
+    (ssl.TLSVersion.TLSv1_2, "ECDHE-ECDSA-AES128-GCM-SHA256", "1.2", "TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256"),
+    (ssl.TLSVersion.TLSv1_2, "ECDHE-ECDSA-AES256-GCM-SHA384", "1.2", "TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384"),
+    (ssl.TLSVersion.TLSv1_2, "ECDHE-ECDSA-CHACHA20-POLY1305", "1.2",
+     "TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256"),
+]
+
+
+@pytest.mark.parametrize("maxv,ciphers,version,cipher", SUITES)
+@pytest.mark.parametrize("seg", [None, 1, 7])
+def test_decrypts_each_suite_any_segmentation(certs, tmp_path, maxv, ciphers, version, cipher, seg) -> None:
+    kl = tmp_path / "keys.log"
+    s = Session(certs, kl, maxv, ciphers)
+    s.exchange()
+    s.exchange(b"POST /x HTTP/1.1\r\nContent-Length: 3\r\n\r\nabc", RESP)
+    layer, out = run(s.flights, kl, seg)
+    assert plaintext(out) == {C[1]: REQ + b"POST /x HTTP/1.1\r\nContent-Length: 3\r\n\r\nabc", S[1]: RESP * 2}
+    assert layer.drops == {}
+    tls = next(e.conn_id for e in out if isinstance(e.conn_id, TlsConnId))
+    assert tls.tls == {"tls.protocol.name": "tls", "tls.protocol.version": version, "tls.cipher": cipher}
+    assert tuple(tls) == (7, "tls")
+    # the connection's own events pass (its CLOSEs), and the plaintext connection closes too
+    closes = [e for e in out if e.kind == EventKind.CLOSE]
+    assert {e.conn_id for e in closes} == {7, tls} and len(closes) == 4
+    # every plaintext event keeps the direction and the roles
+    for e in out:
+        if e.kind == EventKind.DATA:
+            assert (e.sport == C[1]) == e.client_is_src
+
+
+def test_big_records_and_many(certs, tmp_path) -> None:
+    """16 KiB records (OpenSSL splits a 100 KB write), split across segments at every 1000 bytes."""
+    kl = tmp_path / "keys.log"
+    s = Session(certs, kl)
+    body = bytes(range(256)) * 400
+    s.exchange(REQ, RESP + body)
+    for seg in (None, 1000, 16389):
+        layer, out = run(s.flights, kl, seg)
+        assert plaintext(out)[S[1]] == RESP + body
+        assert layer.drops == {}
+        assert max(len(e.payload) for e in out if e.kind == EventKind.DATA) == 16384
+
+
+def test_hello_retry_request(certs, tmp_path) -> None:
+    kl = tmp_path / "keys.log"
+    s = Session(certs, kl, curve="secp384r1")
+    s.exchange()
+    server_hellos = [b for d, b in s.flights if d == 1 and HRR_RANDOM in b]
+    assert server_hellos, "OpenSSL sent a HelloRetryRequest"
+    for seg in (None, 3):
+        layer, out = run(s.flights, kl, seg)
+        assert plaintext(out) == {C[1]: REQ, S[1]: RESP}
+        assert layer.stats["hello_retry"] == 1 and layer.drops == {}
+
+
+@pytest.mark.parametrize("tickets", [True, False])
+def test_tls12_resumption_by_ticket_and_session_id(certs, tmp_path, tickets: bool) -> None:
+    kl = tmp_path / "keys.log"
+    first = Session(certs, kl, ssl.TLSVersion.TLSv1_2, tickets=tickets)
+    first.exchange()
+    resumed = Session(certs, kl, session=first.c.session, like=first)
+    assert resumed.c.session_reused
+    resumed.exchange(b"GET /again HTTP/1.1\r\n\r\n", RESP)
+    # the key log as OpenSSL wrote it, and without the resumed handshake's line: the master secret
+    # of the session it resumes (by ticket or session id) is used, as Wireshark does
+    full = KeyLog(kl)
+    lines = kl.read_text().splitlines()
+    rnd = next(b for d, b in resumed.flights if d == 0)[11:43].hex()
+    only_first = KeyLog()
+    only_first.add_text("\n".join(x for x in lines if rnd not in x))
+    for keys in (full, only_first):
+        layer = TlsLayer(keys)
+        _, out1 = run(first.flights, None, layer=layer, cid=1)
+        _, out2 = run(resumed.flights, None, layer=layer, cid=2)
+        assert plaintext(out1) == {C[1]: REQ, S[1]: RESP}
+        assert plaintext(out2) == {C[1]: b"GET /again HTTP/1.1\r\n\r\n", S[1]: RESP}
+        assert layer.stats["resumed"] == 1 and layer.drops == {}
+
+
+def test_no_keys_is_counted_never_parsed(certs, tmp_path) -> None:
+    kl = tmp_path / "keys.log"
+    s = Session(certs, kl)
+    s.exchange()
+    for keys in (KeyLog(), None):
+        layer, out = run(s.flights, keys)
+        assert plaintext(out) == {}
+        assert layer.drops == {"tls_no_keys": 1}
+        # nothing of the connection reaches a parser: only its FINs pass, and the plaintext's
+        assert [e.kind for e in out if e.conn_id == 7] == [EventKind.CLOSE, EventKind.CLOSE]
+
+
+@pytest.mark.parametrize("maxv", [None, ssl.TLSVersion.TLSv1_2])
+def test_bad_key_logs(certs, tmp_path, maxv) -> None:
+    kl = tmp_path / "keys.log"
+    s = Session(certs, kl, maxv)
+    s.exchange()
+    good = kl.read_text()
+    # garbage lines are counted and skipped; the good lines still work
+    noisy = KeyLog()
+    noisy.add_text("# a comment\n\nnot a key log line\nCLIENT_RANDOM zz 00\nCLIENT_RANDOM " + "ab" * 32 + " 1234\n"
+                   "RSA 0123456789abcdef " + "00" * 48 + "\n" + good + "\x00\xff garbage \x01\n")
+    assert noisy.stats["bad_lines"] == 4 and noisy.stats["unknown_labels"] == 1
+    layer, out = run(s.flights, noisy)
+    assert plaintext(out) == {C[1]: REQ, S[1]: RESP} and layer.drops == {}
+    # wrong secrets (the right lines, other bytes): every record fails its tag, counted; no plaintext
+    wrong = KeyLog()
+    lines = [x for x in good.splitlines() if x and not x.startswith("#")]  # OpenSSL's file starts with a comment
+    wrong.add_text("\n".join(f"{a} {b} {'5a' * (len(c) // 2)}" for a, b, c in (x.split() for x in lines)))
+    layer, out = run(s.flights, wrong)
+    assert plaintext(out) == {}
+    assert layer.drops.get("tls_decrypt_failed", 0) >= 2 and set(layer.drops) == {"tls_decrypt_failed"}
+    # a secret missing (TLS 1.3: the server's application secret): the server's data is not decrypted
+    if maxv is None:
+        part = KeyLog()
+        part.add_text("\n".join(x for x in good.splitlines() if not x.startswith("SERVER_TRAFFIC_SECRET_0")))
+        layer, out = run(s.flights, part)
+        assert plaintext(out) == {}  # the session was given up when the secret was needed
+        assert layer.drops == {"tls_no_keys": 1}
+
+
+def test_key_log_file_errors_and_growth(tmp_path) -> None:
+    with pytest.raises(KeyLogError) as ei:
+        KeyLog(tmp_path / "missing.log")
+    assert "missing.log" in str(ei.value)
+    p = tmp_path / "grow.log"
+    p.write_bytes(b"")
+    kl = KeyLog(p)
+    line = "CLIENT_RANDOM " + "11" * 32 + " " + "22" * 48
+    with open(p, "a") as f:
+        f.write(line[:30])  # a writer mid-line: nothing yet
+    assert kl.refresh() == 0 and len(kl) == 0
+    with open(p, "a") as f:
+        f.write(line[30:] + "\n")
+    assert kl.refresh() == 1 and kl.secret(bytes.fromhex("11" * 32), "CLIENT_RANDOM") == bytes.fromhex("22" * 48)
+    # truncated and rewritten longer (same inode, a size past what was read): read again from the start
+    p.write_text(line.replace("11", "33") + "\n" + line.replace("11", "44") + "\n")
+    assert kl.refresh() == 2 and kl.secret(bytes.fromhex("33" * 32), "CLIENT_RANDOM") is not None
+    assert kl.secret(bytes.fromhex("44" * 32), "CLIENT_RANDOM") is not None
+    (tmp_path / "rotated.log").write_text(line.replace("11", "55"))  # replaced (a new inode), no final newline
+    os.replace(tmp_path / "rotated.log", p)
+    assert kl.refresh(final=True) == 1 and kl.secret(bytes.fromhex("55" * 32), "CLIENT_RANDOM") is not None
+
+
+def test_corrupted_record_skipped_the_rest_decrypts(certs, tmp_path) -> None:
+    kl = tmp_path / "keys.log"
+    s = Session(certs, kl)
+    s.exchange()
+    s.exchange(b"GET /second HTTP/1.1\r\n\r\n", RESP)
+    flights = list(s.flights)
+    # the client's second request: flip one ciphertext byte (its AEAD tag no longer verifies)
+    idx = [i for i, (d, b) in enumerate(flights) if d == 0][-1]
+    d, b = flights[idx]
+    bad = bytearray(b)
+    bad[10] ^= 0x40
+    flights[idx] = (d, bytes(bad))
+    layer, out = run(flights, kl)
+    got = plaintext(out)
+    assert got[C[1]] == REQ and got[S[1]] == RESP * 2
+    assert layer.drops == {"tls_decrypt_failed": 1}
+    gap = [e for e in out if e.kind == EventKind.GAP and isinstance(e.conn_id, TlsConnId)]
+    assert len(gap) == 1 and gap[0].gap == len(b"GET /second HTTP/1.1\r\n\r\n")  # its size, for the parser
+
+
+def test_truncated_and_garbage(certs, tmp_path) -> None:
+    kl = tmp_path / "keys.log"
+    s = Session(certs, kl)
+    s.exchange()
+    flights = list(s.flights)
+    d, last = flights[-1]
+    flights[-1] = (d, last[:-7])  # the server's last record cut by the end of the connection
+    layer, out = run(flights, kl)
+    assert plaintext(out) == {C[1]: REQ}
+    assert layer.drops == {"tls_truncated": 1}
+    # bytes that stop being records (a garbage header after the handshake): the direction is given up
+    flights = list(s.flights)
+    flights.insert(len(flights) - 1, (1, b"\x99garbage that is not TLS"))
+    layer, out = run(flights, kl)
+    assert plaintext(out) == {C[1]: REQ}
+    assert layer.drops == {"tls_malformed": 1}
+
+
+def test_gaps_inside_a_record_and_across_records(certs, tmp_path) -> None:
+    kl = tmp_path / "keys.log"
+    s = Session(certs, kl)
+    body = bytes(range(256)) * 200  # 51200 bytes: 4 records
+    s.exchange(REQ, RESP + body)
+    s.exchange(b"GET /after HTTP/1.1\r\n\r\n", RESP)
+    evs = events(s.flights, seg=1000)
+    # the server's flight with the response (4 records of 16 KiB): lose a segment inside its 2nd record
+    fi = max(range(len(s.flights)), key=lambda i: len(s.flights[i][1]) if s.flights[i][0] == 1 else 0)
+    first = sum(-(-len(b) // 1000) for _, b in s.flights[:fi])  # the flight's first event (1000 bytes a segment)
+    lost = first + 20  # bytes 20000-21000 of the flight: inside the 2nd record (16406-32812)
+    assert evs[lost].sport == S[1] and len(evs[lost].payload) == 1000
+    g = evs[lost]
+    evs[lost] = TcpEvent(EventKind.GAP, g.conn_id, g.src, g.sport, g.dst, g.dport, g.ts_ns, None, len(g.payload),
+                         g.client_is_src)
+    layer = TlsLayer(KeyLog(kl))
+    out = layer.process(evs)
+    got = plaintext(out)
+    assert got[C[1]] == REQ + b"GET /after HTTP/1.1\r\n\r\n"
+    assert got[S[1]].endswith(RESP) and len(got[S[1]]) < len(RESP * 2 + body)
+    assert RESP + body[:8000] == got[S[1]][:len(RESP) + 8000]
+    gaps = [e.gap for e in out if e.kind == EventKind.GAP and isinstance(e.conn_id, TlsConnId)]
+    assert gaps and sum(gaps) + len(got[S[1]]) == len(RESP * 2 + body)  # the lost record's exact size
+    assert set(layer.drops) <= {"tls_truncated"}
+
+
+def test_plain_connections_pass_untouched(certs, tmp_path) -> None:
+    """Not TLS: the same event objects, the same list, nothing copied (and a STARTTLS switch later)."""
+    layer = TlsLayer(KeyLog())
+    evs = [TcpEvent(EventKind.DATA, 1, *C, *S, 1, memoryview(b"GET / HTTP/1.1\r\n\r\n"), 0, True),
+           TcpEvent(EventKind.DATA, 1, *S, *C, 2, memoryview(b"\x16"), 0, False),  # held: too short to tell
+           TcpEvent(EventKind.DATA, 1, *S, *C, 3, memoryview(b"HTTP/1.1 200 OK\r\n\r\n"), 0, False)]
+    first = layer.process(evs[:1])
+    assert first is not None and first == evs[:1] and first[0] is evs[0] and first[0].payload is evs[0].payload
+    rest = layer.process(evs[1:])
+    assert rest == evs[1:] and all(a is b for a, b in zip(rest, evs[1:], strict=True))
+    # PostgreSQL's SSLRequest: 8 bytes in clear, 'S', then the TLS handshake on the same connection
+    kl = tmp_path / "keys.log"
+    s = Session(certs, kl)
+    s.exchange()
+    flights = [(0, b"\x00\x00\x00\x08\x04\xd2\x16\x2f"), (1, b"S"), *s.flights]
+    layer, out = run(flights, kl, cid=9)
+    assert [bytes(e.payload) for e in out if e.conn_id == 9 and e.kind == EventKind.DATA] == [
+        b"\x00\x00\x00\x08\x04\xd2\x16\x2f", b"S"]
+    assert plaintext(out) == {C[1]: REQ, S[1]: RESP}
+
+
+def test_sniffer_and_detection(certs, tmp_path) -> None:
+    kl = tmp_path / "keys.log"
+    s = Session(certs, kl, curve="secp384r1")
+    h = HelloSniffer()
+    for d, b in s.flights:
+        for i in range(0, len(b), 5):  # as OpenSSL reads: a record's header, then its body
+            h.feed(d, b[i:i + 5])
+    assert h.attrs()["tls.protocol.version"] == "1.3"
+    assert looks_like_tls(s.flights[0][1]) and looks_like_tls(s.flights[0][1][:5])
+    assert not looks_like_tls(b"GET / HTTP/1.1\r\n") and not looks_like_tls(b"\x16\x03\x01\x00")
+
+
+def test_key_derivation_vectors() -> None:
+    """HKDF-Expand-Label against RFC 8448 §3 (simple 1-RTT handshake), the PRF against its definition."""
+    # RFC 8448: server_handshake_traffic_secret -> server write key and iv
+    shts = bytes.fromhex("b67b7d690cc16c4e75e54213cb2d37b4e9c912bcded9105d42befd59d391ad38")
+    assert hkdf_expand_label(shts, b"key", 16, "sha256") == bytes.fromhex("3fce516009c21727d0f2e4e86ee403bc")
+    assert hkdf_expand_label(shts, b"iv", 12, "sha256") == bytes.fromhex("5d313eb2671276ee13000b30")
+    import hmac
+    secret, seed = b"s" * 48, b"seed"
+    a1 = hmac.digest(secret, b"label" + seed, "sha256")
+    assert prf12(secret, b"label", seed, 16, "sha256") == hmac.digest(secret, a1 + b"label" + seed, "sha256")[:16]
