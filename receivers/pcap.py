@@ -433,6 +433,9 @@ _DURATION = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(ns|us|µs|ms|s|m|h)?\s*$")
 _UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 
 DEFAULT_BATCH = 256
+#: The progress bar (tqdm's fields): position, rate, the postfix's packets/s, ETA (remaining time).
+PROGRESS_FORMAT = "{desc}: {percentage:3.0f}%|{bar}| {n_fmt}B of {total_fmt}B, {rate_fmt}{postfix}, ETA {remaining}"
+PROGRESS_FORMAT_UNSIZED = "{desc}: {n_fmt}B read in {elapsed}, {rate_fmt}{postfix}"
 #: Packets between looks at shutdown/progress when no batch filled up meanwhile.
 CHECK_EVERY = 4096
 CAPTURE_SUFFIXES = (".pcap", ".pcapng", ".cap", ".dmp")
@@ -817,7 +820,7 @@ class PcapReceiver(Receiver):
             from receivers.bpf_filter import OfflineFilter
             bpf = OfflineFilter(self.config.bpf_filter)
             bpf.rebase(view)
-        bar = self._progress_bar(path, total)
+        bar = self._progress_bar(path, total) if shard_index == 0 else None  # workers read it all: one bar
         # Pacing (rate > 0) is anchored once per run, so gaps between files and loop passes are kept too.
         wall0, ts0 = self._pace
         first: int | None = None
@@ -938,5 +941,8 @@ class PcapReceiver(Receiver):
             from tqdm import tqdm
         except ImportError:
             return None
-        return tqdm(total=total, unit="B", unit_scale=True, desc=os.path.basename(path), file=sys.stderr,
-                    leave=False)
+        # Said in words: the rate (file bytes and, as postfix, packets a second) and the ETA. A
+        # stream of unknown size (standard input) has no ETA: bytes read and the rate.
+        fmt = (PROGRESS_FORMAT if total else PROGRESS_FORMAT_UNSIZED)
+        return tqdm(total=total or None, unit="B", unit_scale=True, desc=os.path.basename(path) or path,
+                    file=sys.stderr, leave=False, bar_format=fmt)
