@@ -72,10 +72,11 @@ def _val(v: dict[str, Any]) -> Any:
 @contextlib.contextmanager
 def wirespan_run(tmp_path: Path, receivers: dict[str, Any], processors: dict[str, Any] | None = None,
                  ready_timeout: float = 30.0, file_options: dict[str, Any] | None = None,
-                 extra: dict[str, Any] | None = None) -> Iterator[WirespanRun]:
+                 extra: dict[str, Any] | None = None, cli_args: list[str] | None = None) -> Iterator[WirespanRun]:
     """The config is ``tmp_path / "wirespan.yaml"`` (a test may rewrite it and send SIGHUP);
     ``file_options`` go to the file exporter (default: flush every batch, append); ``extra``
-    is merged into the config last (``service.config.merge``: connectors, metrics pipelines ...)."""
+    is merged into the config last (``service.config.merge``: connectors, metrics pipelines ...);
+    ``cli_args`` are added to ``wirespan run``'s command line (``--stats``)."""
     spans = tmp_path / "spans.jsonl"
     procs = processors if processors is not None else {"protocols": {}}
     cfg = {
@@ -95,7 +96,7 @@ def wirespan_run(tmp_path: Path, receivers: dict[str, Any], processors: dict[str
     conf.write_text(yaml.safe_dump(cfg))
     log_path = tmp_path / "wirespan.log"
     with open(log_path, "wb") as logf:
-        proc = subprocess.Popen([sys.executable, "-m", "service.cli", "run", "--config", str(conf)],
+        proc = subprocess.Popen([sys.executable, "-m", "service.cli", "run", "--config", str(conf), *(cli_args or [])],
                                 cwd=ROOT, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     run = WirespanRun(proc, spans, log_path)
     try:
