@@ -34,6 +34,7 @@ PROTOCOLS: dict[str, str] = {
     "nats": "processors.protocols.nats",           # before redis: an inline word could read as NATS's
     "amqp": "processors.protocols.amqp",           # AMQP 0-9-1 (RabbitMQ)
     "redis": "processors.protocols.redis",
+    "dns": "processors.protocols.dns",           # DNS over UDP (the only UDP reader) and TCP
     "kafka": "processors.protocols.kafka",
 }
 

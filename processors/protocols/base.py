@@ -462,7 +462,8 @@ class Conn:
         #: being fed (the thread that moved them, whether the client sent them).
         self.assembler = assembler
         self.ctxs: dict[int, Ctx] = {}
-        self.recent: deque[Ctx] = recent_deque()
+        # Only trace assembly reads it (a 64-slot deque block, ~700 bytes a connection: issue 21).
+        self.recent: deque[Ctx] = recent_deque() if assembler is not None else None  # type: ignore[assignment]
         self.tid: int | None = None
         self.req_from_client = True
         self.link: Any = None  #: assembly's state of this 4-tuple, shared with the other end's view

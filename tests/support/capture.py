@@ -59,8 +59,8 @@ def wait_until(pred: Callable[[], object], timeout: float = 5.0, interval: float
 
 @contextlib.contextmanager
 def tcpdump(ports: int | list[int], path: str | os.PathLike[str] | None = None, iface: str = "lo",
-            snaplen: int = 262144, pcapng: bool = False) -> Iterator[Path]:
-    """Record TCP on ``ports`` while the block runs; yields the capture's path.
+            snaplen: int = 262144, pcapng: bool = False, udp: bool = False) -> Iterator[Path]:
+    """Record TCP (and UDP too with ``udp``) on ``ports`` while the block runs; yields the capture's path.
 
     Waits until tcpdump says it is listening before the block starts, and after
     the block lets the last packets in before stopping it with SIGINT (which
@@ -73,7 +73,7 @@ def tcpdump(ports: int | list[int], path: str | os.PathLike[str] | None = None, 
         d = tempfile.mkdtemp(prefix="wirespan-cap-")
         path = Path(d) / ("capture.pcapng" if pcapng else "capture.pcap")
     path = Path(path)
-    flt = " or ".join(f"tcp port {p}" for p in ports)
+    flt = " or ".join(f"{'' if udp else 'tcp '}port {p}" for p in ports)
     # --immediate-mode: without it packets wait in the kernel ring for up to the 1 s
     # block timeout and the last ones of a short test are lost at SIGINT.
     # -B: a 32 MiB kernel buffer, so a burst of 64 KiB loopback segments is not dropped.

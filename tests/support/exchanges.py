@@ -283,6 +283,35 @@ def _amqp(size: int) -> Exchange:
     return Exchange(5672, steps, 3, {4: 1, 5: 1, 6: 1})
 
 
+# -- DNS over TCP -----------------------------------------------------------------------------
+def _dns_name(name: str) -> bytes:
+    return b"".join(bytes([len(p)]) + p.encode() for p in name.split(".")) + b"\0"
+
+
+def _dns_msg(mid: int, flags: int, qname: str, qtype: int, answers: list[tuple[int, bytes]]) -> bytes:
+    # RFC 1035 §4.1: header, one question, answers whose names point at the question's (0xC00C).
+    rrs = b"".join(b"\xc0\x0c" + struct.pack("!HHIH", t, 1, 60, len(rd)) + rd for t, rd in answers)
+    return (struct.pack("!6H", mid, flags, 1, len(answers), 0, 0) + _dns_name(qname)
+            + struct.pack("!HH", qtype, 1) + rrs)
+
+
+def _dns(size: int) -> Exchange:
+    # RFC 7766: two pipelined queries on one connection, each after its 2-byte length, answered
+    # out of order; the second's TXT answer grows (strings of 255 bytes, stepped over), capped
+    # under the 64 KiB a DNS message can be.
+    q1 = _dns_msg(0x1111, 0x0100, "www.example.com", 1, [])
+    q2 = _dns_msg(0x2222, 0x0100, "big.example.com", 16, [])
+    n = max(1, min(size, 60_000))
+    txt = b"".join(bytes([len(c)]) + c for c in (b"t" * min(255, n - i) for i in range(0, n, 255)))
+    r2 = _dns_msg(0x2222, 0x8180, "big.example.com", 16, [(16, txt)])
+    r1 = _dns_msg(0x1111, 0x8180, "www.example.com", 1, [(1, bytes([10, 0, 0, 1])), (1, bytes([10, 0, 0, 2]))])
+
+    def framed(m: bytes) -> bytes:
+        return struct.pack("!H", len(m)) + m
+
+    return Exchange(53, [(True, framed(q1) + framed(q2)), (False, framed(r2) + framed(r1))], 2, {0: 2})
+
+
 #: protocol name (as in processors/protocols/__init__.PROTOCOLS) -> exchanges of any size.
 EXCHANGES: dict[str, list[Callable[[int], Exchange]]] = {
     "http": [_http],
@@ -296,5 +325,6 @@ EXCHANGES: dict[str, list[Callable[[int], Exchange]]] = {
     "redis": [_redis, _redis_pipeline],
     "kafka": [_kafka],
     "nats": [_nats],
+    "dns": [_dns],
     "amqp": [_amqp],
 }
