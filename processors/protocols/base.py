@@ -64,6 +64,14 @@ never an ``error.type`` of its own. One whose reply had not begun is counted
 (``no_response``-like reasons), as before. A reset stays an error
 (``error.type=connection_reset`` where a protocol reports it).
 
+UDP (optional): a module that also reads UDP exports ``detect_datagram(view, from_client)``
+(one whole datagram, a memoryview: ``NEED_MORE`` is ``NO`` there) and its ``Session`` a
+``feed_datagram(from_client, view, ts_ns)`` parsing that one message in place. The stage
+keeps UDP flows (receivers' ``DATAGRAM`` events) apart from connections, tries only these
+modules on them, and builds the ``Conn`` with ``transport = "udp"`` (``"tcp"`` otherwise);
+``close`` is called when the flow has been idle for the stage's ``udp_idle_timeout``, so
+queries still awaiting an answer are counted then. Only DNS reads UDP today.
+
 Roles when the receiver does not know them (no SYN seen, a capture started
 late): ``detect``'s answer decides who is the client. A module whose first
 message may come from either side (an MQTT PUBLISH, an HTTP/2 frame joined
@@ -400,6 +408,7 @@ class Conn:
         "conn_id",
         "ctxs",
         "emit",
+        "enrich",
         "extra",
         "link",
         "perspective",
@@ -414,6 +423,7 @@ class Conn:
         "settings",
         "stores",
         "tid",
+        "transport",
     )
 
     def __init__(
@@ -467,6 +477,10 @@ class Conn:
         self.tid: int | None = None
         self.req_from_client = True
         self.link: Any = None  #: assembly's state of this 4-tuple, shared with the other end's view
+        #: ``"tcp"`` or ``"udp"`` (a UDP flow: each message one datagram, ``feed_datagram``).
+        self.transport = "tcp"
+        #: The stage's HTTP enrichers (processors/protocols/enrich/), given to HTTP connections only.
+        self.enrich: Any = None
 
     def release_stores(self) -> None:
         """The session is gone: give back what its stores still hold (without counting drops:

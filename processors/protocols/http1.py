@@ -32,6 +32,7 @@ from pydantic import Field
 
 from processors.protocols.base import Conn, Detection, PendingQueue, ProtocolSettings
 from processors.protocols.base import Session as _BaseSession
+from processors.protocols.enrich import feed as _sink_feed
 from processors.protocols.errors import LimitExceeded, Malformed, ProtocolError
 from processors.protocols.sanitize import redact_query
 from service.largebuf import LargeBuffer
@@ -238,9 +239,10 @@ _C_SIZE, _C_DATA, _C_CRLF, _C_TRAILER = 0, 1, 2, 3
 class _Body:
     """Skips one message body as it arrives; remembers only counts."""
 
-    __slots__ = ("cstate", "last_ts", "limit", "mode", "remaining", "size", "trailer")
+    __slots__ = ("cstate", "last_ts", "limit", "mode", "remaining", "sink", "size", "trailer")
 
     def __init__(self, mode: int, remaining: int, limit: int) -> None:
+        self.sink: Any = None  #: an enricher's bounded capture of this body (enrich/), else None
         self.mode = mode
         self.remaining = remaining
         self.size = 0
@@ -257,6 +259,8 @@ class _Body:
             take = self.remaining if self.remaining <= n else n
             if take:
                 self.last_ts = buf.ts_at(take - 1)
+                if self.sink is not None:
+                    _sink_feed(self.sink, buf, 0, take)
                 buf.release(take)
                 self.remaining -= take
                 self.size += take
@@ -265,6 +269,8 @@ class _Body:
             n = len(buf)
             if n:
                 self.last_ts = buf.ts_at(n - 1)
+                if self.sink is not None:
+                    _sink_feed(self.sink, buf, 0, n)
                 buf.release(n)
                 self.size += n
             return False
@@ -279,6 +285,8 @@ class _Body:
                 if take == 0:
                     return False
                 self.last_ts = buf.ts_at(take - 1)
+                if self.sink is not None:
+                    _sink_feed(self.sink, buf, 0, take)
                 buf.release(take)
                 self.remaining -= take
                 if self.remaining:
@@ -334,6 +342,7 @@ class _Request:
 
     __slots__ = (
         "body_size",
+        "cap",
         "chunked",
         "connect",
         "head",
@@ -368,6 +377,7 @@ class _Request:
         self.traceparent = traceparent
         self.upgrade = upgrade
         self.chunked = False
+        self.cap: Any = None  #: an enricher's Exchange (enrich/), for a selected request only
 
 
 def _method(raw: bytes) -> tuple[str, str | None]:
@@ -459,6 +469,8 @@ class Http1Session(_BaseSession):
         self._known: frozenset[str] | None = frozenset(km) if km is not None else None
         self._hosts: dict[bytes, tuple[str, int | None]] = {}
         self._kind = conn.kind_for(SpanKind.SERVER, SpanKind.CLIENT)
+        en = getattr(conn, "enrich", None)
+        self._enrich: Any = en if en is not None and en.active else None  # enrich/: None = plain HTTP only
         self._pending: deque[_Request] = PendingQueue(conn, traceparent=_traceparent_of)
         # A list, not a deque: it is almost always empty, and an empty deque costs a 64-slot block
         # (~700 bytes a connection, issue 21); entries are few, so pop(0) is cheap.
@@ -603,6 +615,10 @@ class Http1Session(_BaseSession):
                     # A body-less request, or one with its whole Content-Length or chunked body.
                     if te and length >= 0:
                         return False  # both framings: the buffered path refuses and counts it
+                    en = self._enrich
+                    if en is not None and path is not None and (path[-2:] in en.ends or "/_" in path
+                                                                 or path == "/") and en.select(method, path):
+                        return False  # an enricher reads it: the buffered path captures its body
                     if te:  # not ending in chunked: malformed, the buffered path counts it
                         c = _C_CHUNKED(data, end, self._limit) if chunked else None  # type: ignore[misc]
                         if c is None or c[0] != n:
@@ -617,7 +633,7 @@ class Http1Session(_BaseSession):
                         req.chunked = True
                     return self._queue_whole(req, length)
             return self._whole_request(data, ts_ns)
-        if self._sbody is not None or self._resync[1] or not self._pending:
+        if self._sbody is not None or self._resync[1] or not self._pending or self._pending[0].cap is not None:
             return False
         if _C_RESPONSE is not None:
             r = _C_RESPONSE(data, self._max_headers, self._limit)
@@ -663,6 +679,8 @@ class Http1Session(_BaseSession):
         if len(self._pending) >= self._max_pending:
             return False
         meth, original = _method(method)
+        if self._enrich is not None and self._selected(meth, target):
+            return False  # an enricher reads it: the buffered path captures its body
         req = _Request(meth, original, target, "1.1" if minor == b"1" else "1.0", ts_ns, host, ua, tp, upgrade)
         return self._queue_whole(req, length)
 
@@ -756,6 +774,11 @@ class Http1Session(_BaseSession):
             # Both framings (RFC 9112 §6.1): which one the server used is what request
             # smuggling plays on. Refused and counted, never guessed.
             raise Malformed(NAME, "content_length_with_transfer_encoding")
+        en = self._enrich
+        if en is not None:
+            kinds = self._selected(req.method, req.target, req.path)
+            if kinds is not None:  # an enricher reads this exchange: its head fields, a bounded body
+                req.cap = en.begin(kinds, req.method, req.target, req.host, req.user_agent, buf.view_at(0, end))
         buf.release(end)
         if len(self._pending) >= self.settings.max_pending_requests:
             self._pending.popleft()
@@ -770,6 +793,8 @@ class Http1Session(_BaseSession):
         elif length > 0:
             self._cbody = _Body(_LENGTH, length, 0)
             self._creq = req
+        if req.cap is not None and self._creq is req:
+            self._cbody.sink = req.cap.req_body  # type: ignore[union-attr]
         if req.upgrade is not None or req.connect:
             self._cpaused = True
 
@@ -817,11 +842,16 @@ class Http1Session(_BaseSession):
                        chunked: bool, upgrade: bytes | None) -> None:
         """A parsed response head (``end`` bytes at the front of ``buf``): pair it, frame its body."""
         req = self._pending[0] if self._pending else None
+        sink = None
+        if req is not None and req.cap is not None and status >= 200:
+            sink = req.cap.response(status, buf.view_at(0, end))  # enrich/: where the body goes, if read
         if length > 0 and not te and status >= 200 and len(buf) - end >= length and status != 204 \
                 and status != 304 and (req is None or not (req.head or req.connect)):
             # The usual small response: head and whole body are here, release them at once.
             last = end + length
             last_ts = buf.ts_at(last - 1)
+            if sink is not None:
+                _sink_feed(sink, buf, end, length)
             buf.release(last)
             self._sresp = (req, status, version)
             self._finish(length, last_ts)
@@ -858,15 +888,18 @@ class Http1Session(_BaseSession):
         elif te and chunked:
             b = self._sbody = _Body(_CHUNKED, 0, self.settings.max_header_bytes)
             b.last_ts = last_ts
+            b.sink = sink
         elif length >= 0 and not te:
             if length == 0:
                 self._finish(0, last_ts)
             else:
                 b = self._sbody = _Body(_LENGTH, length, 0)
                 b.last_ts = last_ts
+                b.sink = sink
         else:  # RFC 9112 §6.3 rule 8: the body ends when the server closes
             b = self._sbody = _Body(_CLOSE, 0, 0)
             b.last_ts = last_ts
+            b.sink = sink
 
     def skip_gap(self, from_client: bool, nbytes: int, ts_ns: int) -> bool:
         """Lost bytes inside a Content-Length body: count them and keep going.
@@ -1010,8 +1043,24 @@ class Http1Session(_BaseSession):
             code = _ERROR
             attrs["error.type"] = str(status)
         # Positional (base.Conn.span's order): keywords cost a fifth of this call.
-        return conn.span(method if original is None else "HTTP", kind, req.start_ts, end_ts,
+        span = conn.span(method if original is None else "HTTP", kind, req.start_ts, end_ts,
                          attrs, req.traceparent, code, message)
+        if req.cap is not None:  # enrich/: GenAI, GraphQL, Elasticsearch, JSON-RPC attributes
+            self._enrich.finish(req.cap, span, conn.emit)
+        return span
+
+    def _selected(self, method: str, target: bytes, path: str | None = None) -> Any:
+        """The enrichers' candidate kinds for a request (enrich/), or None; the inline pre-test
+        first, so a plain request costs three string tests."""
+        if path is None:
+            if target[:1] != b"/":
+                return None  # absolute-form (a proxy's) and CONNECT: not enriched
+            q = target.find(b"?")
+            path = (target if q < 0 else target[:q]).decode("utf-8", "replace")
+        en = self._enrich
+        if path[-2:] in en.ends or "/_" in path or path == "/":
+            return en.select(method, path)
+        return None
 
     def _redact(self, query: str) -> str:
         if self.settings.sanitize_query:  # one pass: the rule and redact_query_params

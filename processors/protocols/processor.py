@@ -37,6 +37,7 @@ from pydantic import (
 from processors.protocols import PROTOCOLS, base, load
 from processors.protocols.assembly import TraceAssembler
 from processors.protocols.base import Conn, Detection, PendingBudget, Perspective, ProtocolSettings, Session
+from processors.protocols.enrich import EnrichConfig, Enricher
 from processors.protocols.errors import ProtocolError
 from processors.routes import HTTP_PROTOCOLS, Routes, RoutesConfig, apply_route
 from service.component import ComponentConfig, EventProcessor
@@ -164,6 +165,8 @@ class _BaseConfig(ComponentConfig):
     assemble: bool | None = None
     #: HTTP spans' ``http.route`` (and names ``GET /users/{id}``) from url.path (processors/routes.py).
     routes: RoutesConfig = RoutesConfig()
+    #: What rides on HTTP: GenAI, GraphQL, Elasticsearch, JSON-RPC/MCP attributes (enrich/).
+    enrich: EnrichConfig = EnrichConfig()
 
     @field_validator("idle_timeout", mode="before")
     @classmethod
@@ -341,6 +344,10 @@ class ProtocolsProcessor(EventProcessor):
                                       "protocols": {}}
         if self._assembler is not None:
             self.stats["traces"] = self._assembler.stats
+        en = Enricher(config.enrich, self._enrich_count)
+        self._enricher = en if en.active else None
+        if self._enricher is not None:
+            self.stats["enrich"] = en.counts
 
     @property
     def protocols(self) -> list[str]:
@@ -354,6 +361,11 @@ class ProtocolsProcessor(EventProcessor):
         d = self.stats["drops"]
         k = f"{protocol}:{reason}" if protocol else reason
         d[k] = d.get(k, 0) + n
+
+    def _enrich_count(self, kind: str, result: str) -> None:
+        """An enricher's outcome: ``wirespan_parser_messages{protocol=<kind>,result=...}``."""
+        key = (kind, result)
+        self._counts[key] = self._counts.get(key, 0) + 1
 
     def _evict_count(self, reason: str) -> None:
         CONNECTIONS_EVICTED.labels(component=self.id, reason=reason).inc()
@@ -740,6 +752,8 @@ class ProtocolsProcessor(EventProcessor):
                     protocol=name, pid=st.pid, comm=st.comm, budget=self._budget, assembler=asm,
                     bufs=(st.bufs[cs], st.bufs[1 - cs]))
         conn.tid = self._cur_tid
+        if name in HTTP_PROTOCOLS:  # fastcgi ignores it
+            conn.enrich = self._enricher
         st.conn = conn
         st.module = mod
         st.mode = _PARSING
