@@ -108,6 +108,12 @@ class _Half:
         self.peer: _Half = None  # type: ignore[assignment]
 
 
+#: The peer of a forgotten connection's halves: closed, nothing buffered, no FIN pending.
+_GONE = _Half(None, (), "", 0, "", 0, None)  # type: ignore[arg-type]
+_GONE.closed = True
+_GONE.peer = _GONE
+
+
 class _Conn:
     __slots__ = ("a", "b", "buffered", "id", "last_ts", "syn_isn")
 
@@ -179,13 +185,22 @@ class TcpReassembler:
                                     h.is_client))
 
     def _forget(self, conn: _Conn) -> None:
+        a, b = conn.a, conn.b
+        if a is None:  # forgotten already (a drain that closed both directions, then its caller)
+            return
         self._lru.pop(conn.id, None)
-        for h in (conn.a, conn.b):
+        for h in (a, b):
             if self._halves.get(h.key) is h:
                 del self._halves[h.key]
             self.buffered_total -= h.buffered
             h.buffered = 0
             h.segs = None
+            # Break the conn <-> halves and half <-> peer cycles, so a connection is freed by its
+            # last reference, not by the cyclic GC (which then scans every live connection: with
+            # thousands interleaved, that is most of a replay's collector time). A caller still
+            # holding a half sees a closed, empty peer.
+            h.peer = _GONE
+        conn.a = conn.b = None  # type: ignore[assignment]
         conn.buffered = 0
 
     def _end(self, conn: _Conn, reason: str, ts: int) -> None:

@@ -45,6 +45,12 @@ COALESCE_AFTER = 8
 TAIL_SIZE = 8192
 #: ``find`` misses remembered per buffer (the delimiters a parser looks for: CRLF, NUL, ...).
 _MAX_MISSES = 4
+#: What a buffer starts with instead of its own scratch and miss table: a connection has two
+#: buffers and most never straddle a read or miss a search (a whole request per segment), so
+#: each gets its own on first use (issue 21: 1.3 KB of an idle connection's 7.3 KB was these).
+_NO_SCRATCH = bytearray()
+_NO_SCRATCH_MV = memoryview(_NO_SCRATCH)
+_NO_MISSES: dict[bytes, tuple[int, int]] = {}
 
 
 class BufferBoundsError(ValueError):
@@ -96,11 +102,11 @@ class LargeBuffer:
         self._starts: list[int] = []
         self._ts: list[int] = []
         self._len = 0
-        self._scratch = bytearray(_SCRATCH_MIN)
-        self._scratch_mv = memoryview(self._scratch)
+        self._scratch = _NO_SCRATCH  # made at the first straddling read (_gather)
+        self._scratch_mv = _NO_SCRATCH_MV
         self._hint = 0
         # The last chunk looked up (view, start, end): most reads hit it again.
-        self._hc: memoryview = self._scratch_mv
+        self._hc: memoryview = _NO_SCRATCH_MV
         self._hs = 0
         self._he = -1
         #: Coalescing tail (see ``append``): a fixed-size bytearray, how much of it is
@@ -109,7 +115,7 @@ class LargeBuffer:
         self._tail_used = 0
         self._tail_base = 0
         #: ``find`` misses: sub -> (start, upto): ``sub`` starts nowhere in [start, upto - len(sub)].
-        self._misses: dict[bytes, tuple[int, int]] = {}
+        self._misses: dict[bytes, tuple[int, int]] = _NO_MISSES  # its own dict at the first miss (find)
         #: Bytes a session needs before its next ``feed`` can make progress (0: unknown).
         #: The stage skips ``feed`` while ``len(buf) < want``; ``release``/``reset`` clear it.
         self.want = 0
@@ -284,7 +290,7 @@ class LargeBuffer:
         if n > len(self._scratch):
             # A new, larger scratch: views of the old one stay valid (a
             # bytearray with exported views cannot be resized anyway).
-            size = max(n, 2 * len(self._scratch))
+            size = max(n, 2 * len(self._scratch), _SCRATCH_MIN)
             self._scratch = bytearray(size)
             self._scratch_mv = memoryview(self._scratch)
         dst = self._scratch_mv
@@ -368,6 +374,8 @@ class LargeBuffer:
                 if end > miss[1]:
                     self._misses[sub] = (miss[0], end)
             elif len(self._misses) < _MAX_MISSES or sub in self._misses:
+                if self._misses is _NO_MISSES:
+                    self._misses = {}
                 self._misses[sub] = (start, end)
         return hit
 
