@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(tcpdump tshark postgresql mariadb-server redis-server mosquitto nginx php-fpm memcached
               clang llvm libbpf-dev bpftool curl gcc prometheus nats-server rabbitmq-server
-              libpcap0.8)
+              libpcap0.8 unbound bind9-dnsutils)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")

@@ -11,6 +11,14 @@ connection is abandoned (counted). Any other exception is a bug: counted as
 nothing escapes ``consume_events``. State is bounded: an LRU of connections,
 an idle timeout, a byte budget before detection and per pending message, all
 evictions and drops counted. Spans go to ``next.consume_spans`` once per call.
+
+UDP: ``DATAGRAM`` events (receivers/udp.py) are kept apart from TCP. Their ``conn_id``
+names a flow (the 5-tuple; eBPF adds the process); flows live in their own LRU
+(``max_udp_flows``) and end after ``udp_idle_timeout`` without a datagram, when the
+session's ``close`` counts what never got an answer. Each datagram is one message:
+only the modules with ``detect_datagram`` (base.py) are tried, and a detected flow's
+datagrams go to ``Session.feed_datagram``. A datagram no module takes is counted
+``udp_undetected``; the TCP fast path tests nothing new (DATAGRAM is not DATA).
 """
 
 from __future__ import annotations
@@ -62,6 +70,12 @@ MAX_DETECT_BYTES = 64 * 1024
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 #: Consecutive parse errors before a connection is abandoned.
 MAX_CONSECUTIVE_ERRORS = 3
+#: UDP flows tracked at once (LRU beyond), apart from the TCP connections.
+MAX_UDP_FLOWS = 65_536
+#: Seconds without a datagram before a UDP flow ends: a DNS client gives up after 5 s (glibc,
+#: dig) and retries at most a few times, so unanswered queries are counted soon; conntrack's
+#: unreplied-UDP timeout is 30 s.
+UDP_IDLE_TIMEOUT_S = 30.0
 #: Default service.name for passive captures when no rule matches: the OTel SDK's
 #: own fallback, honest about not knowing.
 UNKNOWN_SERVICE = "unknown_service"
@@ -157,6 +171,10 @@ class _BaseConfig(ComponentConfig):
     max_message_bytes: int = Field(MAX_MESSAGE_BYTES, ge=1024)
     #: Consecutive parse errors before a connection is abandoned.
     max_consecutive_errors: int = Field(MAX_CONSECUTIVE_ERRORS, ge=1)
+    #: UDP flows tracked at once (LRU beyond).
+    max_udp_flows: int = Field(MAX_UDP_FLOWS, ge=1)
+    #: Idle time before a UDP flow ends and its unanswered requests are counted (seconds or "30s").
+    udp_idle_timeout: float = UDP_IDLE_TIMEOUT_S
     #: The budget of requests awaiting answers (per connection and in total).
     pending: PendingConfig = PendingConfig()
     #: Trace assembly (assembly.py): None (the default) assembles what eBPF sees and leaves
@@ -168,12 +186,12 @@ class _BaseConfig(ComponentConfig):
     #: What rides on HTTP: GenAI, GraphQL, Elasticsearch, JSON-RPC/MCP attributes (enrich/).
     enrich: EnrichConfig = EnrichConfig()
 
-    @field_validator("idle_timeout", mode="before")
+    @field_validator("idle_timeout", "udp_idle_timeout", mode="before")
     @classmethod
-    def _duration(cls, v: Any) -> float:
+    def _duration(cls, v: Any, info: ValidationInfo) -> float:
         d = parse_duration(v)
         if d <= 0:
-            raise ValueError("idle_timeout must be > 0")
+            raise ValueError(f"{info.field_name} must be > 0")
         return d
 
     @field_validator("enabled")
@@ -247,6 +265,7 @@ def _tls_emit(emit: Any, tls: dict[str, Any]) -> Any:
 # Connection modes.
 _DETECTING, _PARSING, _IGNORED = 0, 1, 2
 _DATA = EventKind.DATA
+_DATAGRAM = EventKind.DATAGRAM
 
 
 class _State:
@@ -274,6 +293,7 @@ class _State:
         "skipped",
         "session",
         "spans_at_error",
+        "udp",
     )
 
     def __init__(self, ev: TcpEvent) -> None:
@@ -300,6 +320,7 @@ class _State:
         self.comm = ev.comm
         self.spans_at_error = 0
         self.skipped = False
+        self.udp = False
 
 
 class ProtocolsProcessor(EventProcessor):
@@ -316,6 +337,8 @@ class ProtocolsProcessor(EventProcessor):
         super().__init__(id, config, next)
         self._lock = threading.Lock()
         self._conns: OrderedDict[Any, _State] = OrderedDict()
+        #: UDP flows (DATAGRAM events), their own LRU: their idle timeout differs from TCP's.
+        self._flows: OrderedDict[Any, _State] = OrderedDict()
         self._modules: list[tuple[str, ModuleType, frozenset[int]]] = []
         names = config.enabled if config.enabled is not None else list(PROTOCOLS)
         for name in names:
@@ -326,6 +349,8 @@ class ProtocolsProcessor(EventProcessor):
             ports = frozenset(mod.DEFAULT_PORTS) | frozenset(s.ports)
             self._modules.append((name, mod, ports))
         self._settings = {name: (config.protocol_settings(name) or mod.Settings()) for name, mod, _ in self._modules}
+        self._udp_modules = [m for m in self._modules if hasattr(m[1], "detect_datagram")]
+        self._last_udp_sweep = 0
         pc = config.pending
         self._budget = PendingBudget(pc.max_entries, pc.max_bytes, pc.max_entries_per_connection,
                                      pc.max_bytes_per_connection)
@@ -441,10 +466,11 @@ class ProtocolsProcessor(EventProcessor):
         """Close every tracked connection so close-delimited bodies and resets are emitted."""
         with self._lock:
             out = self._out = []
-            for cid in list(self._conns):
-                st = self._conns.get(cid)
-                if st is not None:
-                    self._end(cid, st, st.last_ts, reset=False)
+            for table in (self._conns, self._flows):
+                for cid in list(table):
+                    st = table.get(cid)
+                    if st is not None:
+                        self._end(cid, st, st.last_ts, reset=False)
             self._publish(0, out)
         if out and self.next is not None:
             self.next.consume_spans(out)
@@ -480,6 +506,9 @@ class ProtocolsProcessor(EventProcessor):
     # -- per event ---------------------------------------------------------------------
     def _event(self, ev: TcpEvent) -> None:
         self._cur_tid = ev.tid
+        if ev.kind == _DATAGRAM:
+            self._datagram(ev)
+            return
         cid = ev.conn_id
         conns = self._conns
         st = conns.get(cid)
@@ -589,7 +618,7 @@ class ProtocolsProcessor(EventProcessor):
             self._internal_error(cid)
 
     def _internal_error(self, cid: Any) -> None:
-        st = self._conns.get(cid)
+        st = self._conns.get(cid) or self._flows.get(cid)
         proto = st.conn.protocol if st is not None and st.conn is not None else ""
         self._drop(proto, "internal_error")
         key = f"internal:{proto}"
@@ -651,7 +680,7 @@ class ProtocolsProcessor(EventProcessor):
             st.conn.release_stores()
         st.session = None
         st.conn = None
-        self._conns.pop(cid, None)
+        (self._flows if st.udp else self._conns).pop(cid, None)
 
     def _count_incomplete(self, st: _State) -> None:
         """Bytes still buffered when a session ends are a message that never completed."""
@@ -663,11 +692,12 @@ class ProtocolsProcessor(EventProcessor):
     def _shed(self) -> None:
         """Over the pending budget: drop the oldest requests of the least recently active
         connections first (each counted ``pending_budget`` under its protocol)."""
-        stores = (s for st in self._conns.values() if st.conn is not None for s in st.conn.stores)
+        stores = (s for table in (self._conns, self._flows) for st in table.values() if st.conn is not None
+                  for s in st.conn.stores)
         self._budget.shed(stores)
 
     def _sweep(self, now: int) -> None:
-        """Drop idle connections (at most once a second of event time)."""
+        """Drop idle connections and end idle UDP flows (at most once a second of event time)."""
         if now - self._last_sweep < 1_000_000_000:
             return
         self._last_sweep = now
@@ -679,6 +709,82 @@ class ProtocolsProcessor(EventProcessor):
                 break
             self._end(cid, st, st.last_ts, reset=False)
             self._evict_count("idle_timeout")
+        flows = self._flows
+        if flows:
+            cutoff = now - int(self.config.udp_idle_timeout * 1e9)
+            while flows:
+                cid, st = next(iter(flows.items()))
+                if st.last_ts >= cutoff:
+                    break
+                self._end(cid, st, st.last_ts, reset=False)  # a flow's normal end: not an eviction
+
+    # -- UDP -----------------------------------------------------------------------------
+    def _datagram(self, ev: TcpEvent) -> None:
+        """One UDP datagram: one message of its flow (module docstring)."""
+        payload = ev.payload
+        if payload is None or not len(payload):
+            self._drop("", "udp_empty")
+            return
+        cid = ev.conn_id
+        flows = self._flows
+        st = flows.get(cid)
+        if st is None:
+            if not self._udp_modules:
+                self._drop("", "udp_undetected")
+                return
+            st = flows[cid] = _State(ev)
+            st.udp = True
+            self.stats["udp_flows"] = self.stats.get("udp_flows", 0) + 1
+            if len(flows) > self.config.max_udp_flows:
+                old_id, old = next(iter(flows.items()))
+                self._end(old_id, old, old.last_ts, reset=False)
+                self._evict_count("max_udp_flows")
+        else:
+            flows.move_to_end(cid)
+        ts = ev.ts_ns
+        if ts > st.last_ts:
+            st.last_ts = ts
+        side = 0 if (ev.src == st.a_addr and ev.sport == st.a_port) else 1
+        if ev.egress is not None and st.egress_side is None:
+            st.egress_side = side if ev.egress else 1 - side
+        if st.mode == _PARSING:
+            conn = st.conn
+            conn.tid = ev.tid  # type: ignore[union-attr]
+            from_client = side == st.client_side
+            conn.req_from_client = from_client  # type: ignore[union-attr]
+            before = len(self._out)
+            try:
+                st.session.feed_datagram(from_client, payload, ts)  # type: ignore[union-attr]
+            except ProtocolError as e:
+                self._drop(conn.protocol, e.reason)  # type: ignore[union-attr]
+                st.errors += 1
+                if st.errors >= self.config.max_consecutive_errors:
+                    self._abandon(cid, st, "too_many_errors")
+                return
+            if st.errors and len(self._out) > before:
+                st.errors = 0
+            return
+        if st.mode == _IGNORED:
+            self._drop("", "udp_ignored")
+            return
+        from_client = None if st.client_side is None else side == st.client_side
+        pa, pb = st.a_port, st.b_port
+        mods = self._udp_modules
+        order = [m for m in mods if pa in m[2] or pb in m[2]] + [m for m in mods if pa not in m[2] and pb not in m[2]]
+        for name, mod, _ in order:
+            try:
+                d = mod.detect_datagram(payload, from_client)
+            except Exception:
+                self._drop(name, "internal_error")
+                key = f"detect:{name}"
+                if key not in self._logged:
+                    self._logged.add(key)
+                    log.error("%s: %s.detect_datagram raised (logged once)", self.id, name, exc_info=True)
+                continue
+            if d == Detection.REQUEST or d == Detection.RESPONSE:
+                self._start(cid, st, side, name, mod, d, ts, datagram=payload)
+                return
+        self._drop("", "udp_undetected")
 
     # -- detection -----------------------------------------------------------------------
     def _detect(self, cid: Any, st: _State, side: int, ev: TcpEvent) -> None:
@@ -722,7 +828,8 @@ class ProtocolsProcessor(EventProcessor):
             st.candidates[side] = None
             st.skipped = True
 
-    def _start(self, cid: Any, st: _State, side: int, name: str, mod: ModuleType, d: Detection, ts: int) -> None:
+    def _start(self, cid: Any, st: _State, side: int, name: str, mod: ModuleType, d: Detection, ts: int,
+               datagram: Any = None) -> None:
         if st.client_side is None:  # the receiver's knowledge wins when it has it
             st.client_side = side if d == Detection.REQUEST else 1 - side
             ambiguous = getattr(mod, "ambiguous_role", None)
@@ -754,6 +861,8 @@ class ProtocolsProcessor(EventProcessor):
         conn.tid = self._cur_tid
         if name in HTTP_PROTOCOLS:  # fastcgi ignores it
             conn.enrich = self._enricher
+        if st.udp:
+            conn.transport = "udp"
         st.conn = conn
         st.module = mod
         st.mode = _PARSING
@@ -766,6 +875,16 @@ class ProtocolsProcessor(EventProcessor):
             st.session = mod.Session(conn)
         except Exception:
             self._internal_error(cid)
+            return
+        if datagram is not None:  # a UDP flow: its first message, in place (nothing was buffered)
+            conn.req_from_client = side == cs
+            try:
+                st.session.feed_datagram(side == cs, datagram, ts)
+            except ProtocolError as e:
+                self._drop(name, e.reason)
+                st.errors += 1
+            except Exception:
+                self._internal_error(cid)
             return
         other = 1 - side
         obuf = st.bufs[other]
