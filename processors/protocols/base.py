@@ -408,6 +408,7 @@ class Conn:
         "conn_id",
         "ctxs",
         "emit",
+        "enrich",
         "extra",
         "link",
         "perspective",
@@ -478,6 +479,8 @@ class Conn:
         self.link: Any = None  #: assembly's state of this 4-tuple, shared with the other end's view
         #: ``"tcp"`` or ``"udp"`` (a UDP flow: each message one datagram, ``feed_datagram``).
         self.transport = "tcp"
+        #: The stage's HTTP enrichers (processors/protocols/enrich/), given to HTTP connections only.
+        self.enrich: Any = None
 
     def release_stores(self) -> None:
         """The session is gone: give back what its stores still hold (without counting drops:
