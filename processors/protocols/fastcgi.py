@@ -238,14 +238,12 @@ class Session(Session):  # type: ignore[no-redef]
         params = self.done.pop(rid, {})
         g = params.get
         method = (g(b"REQUEST_METHOD") or b"GET").decode("latin-1")
-        # The client's target (REQUEST_URI), path and query alike: behind a front controller
-        # (try_files ... /index.php?$query_string) DOCUMENT_URI and QUERY_STRING describe the
-        # rewritten request, and every route would read /index.php.
-        request_uri = g(b"REQUEST_URI")
-        uri = (request_uri or g(b"DOCUMENT_URI") or g(b"SCRIPT_NAME") or b"/").decode("utf-8", "replace")
+        # The client's target (REQUEST_URI): behind a front controller (try_files ...
+        # /index.php?$query_string) DOCUMENT_URI names the script, and every route would read
+        # /index.php. Its query, else QUERY_STRING (what the script was given).
+        uri = (g(b"REQUEST_URI") or g(b"DOCUMENT_URI") or g(b"SCRIPT_NAME") or b"/").decode("utf-8", "replace")
         path, _, query = uri.partition("?")
-        if request_uri is None:
-            query = (g(b"QUERY_STRING") or b"").decode("utf-8", "replace")
+        query = query or (g(b"QUERY_STRING") or b"").decode("utf-8", "replace")
         status = self._status(req)
         attrs: dict[str, Any] = {
             "http.request.method": method,
