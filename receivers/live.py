@@ -2,7 +2,9 @@
 
 Contract: ``start()`` opens a raw ``AF_PACKET`` socket bound to the interface (``lo``
 by default), attaches a classic BPF socket filter (``SO_ATTACH_FILTER``) that keeps
-only TCP over IPv4/IPv6 to or from the configured ports, and starts one thread that
+only TCP over IPv4/IPv6 to or from the configured ports, and UDP to or from ``udp_ports``
+(default [53]: DNS; each datagram one ``DATAGRAM`` event, receivers/udp.py; no other UDP
+reaches user space), and starts one thread that
 reads the packets, decodes them (receivers/packet.py), reassembles the streams
 (receivers/tcp_reassembly.py, the same code as the ``pcap`` receiver) and hands
 ordered ``TcpEvent``s to ``self.next``. ``shutdown()`` first drains what the kernel
@@ -65,9 +67,10 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from receivers.packet import LINKTYPE_ETHERNET, LINKTYPE_RAW, decode
+from receivers.packet import LINKTYPE_ETHERNET, LINKTYPE_RAW, UDP, decode
 from receivers.tcp_reassembly import ReassemblyLimits, TcpReassembler
 from receivers.tls import KeyLog, KeyLogError, TlsLayer
+from receivers.udp import DEFAULT_UDP_PORTS, UdpDatagrams
 from service.component import ComponentConfig, Receiver
 from service.telemetry import CONNECTIONS_EVICTED, RECEIVER_ACCEPTED, RECEIVER_DROPPED
 
@@ -133,9 +136,11 @@ class LiveError(RuntimeError):
     """A one-line reason the live receiver cannot capture."""
 
 
-def build_filter(ports: list[int], snaplen: int, drop_outgoing: bool) -> list[tuple[int, int, int, int]]:
+def build_filter(ports: list[int], snaplen: int, drop_outgoing: bool,
+                 udp_ports: list[int] | tuple[int, ...] = ()) -> list[tuple[int, int, int, int]]:
     """Classic BPF for Ethernet-framed packets: TCP over IPv4 (unfragmented) or IPv6
-    (TCP as first next-header) with either port in ``ports`` (all TCP when empty).
+    (TCP as first next-header) with either port in ``ports`` (all TCP when empty), and UDP
+    with either port in ``udp_ports`` (no UDP when empty: other UDP never leaves the kernel).
 
     Written as (op, jt-label, jf-label, k) with labels resolved at the end, so the
     port lists can grow without hand-counting jumps.
@@ -156,6 +161,13 @@ def build_filter(ports: list[int], snaplen: int, drop_outgoing: bool) -> list[tu
                 ins(_JEQ_K, p, "accept", 0)
         ins(_JA, "drop")
 
+    def udp_tests(load_off_ind: bool, sport_off: int) -> None:
+        for which in (0, 2):
+            ins(_LD_H_IND if load_off_ind else _LD_H_ABS, sport_off + which)
+            for p in udp_ports:
+                ins(_JEQ_K, p, "accept", 0)
+        ins(_JA, "drop")
+
     if drop_outgoing:
         ins(_LD_W_ABS, SKF_AD_PKTTYPE)
         ins(_JEQ_K, PACKET_OUTGOING, "drop", 0)
@@ -163,7 +175,16 @@ def build_filter(ports: list[int], snaplen: int, drop_outgoing: bool) -> list[tu
     ins(_JEQ_K, 0x86DD, "v6", 0)
     ins(_JEQ_K, 0x0800, 0, "drop")
     ins(_LD_B_ABS, 23)
-    ins(_JEQ_K, 6, 0, "drop")
+    if udp_ports:
+        ins(_JEQ_K, 6, "tcp4", 0)
+        ins(_JEQ_K, 17, 0, "drop")
+        ins(_LD_H_ABS, 20)
+        ins(_JSET_K, 0x1FFF, "drop", 0)
+        ins(_LDX_B_MSH, 14)
+        udp_tests(True, 14)
+        label("tcp4")
+    else:
+        ins(_JEQ_K, 6, 0, "drop")
     ins(_LD_H_ABS, 20)
     ins(_JSET_K, 0x1FFF, "drop", 0)  # a fragment past the first has no TCP header
     if ports:
@@ -173,7 +194,13 @@ def build_filter(ports: list[int], snaplen: int, drop_outgoing: bool) -> list[tu
         ins(_JA, "accept")
     label("v6")
     ins(_LD_B_ABS, 20)
-    ins(_JEQ_K, 6, 0, "drop")
+    if udp_ports:
+        ins(_JEQ_K, 6, "tcp6", 0)
+        ins(_JEQ_K, 17, 0, "drop")
+        udp_tests(False, 54)
+        label("tcp6")
+    else:
+        ins(_JEQ_K, 6, 0, "drop")
     if ports:
         port_tests(False, 54)
     label("accept")
@@ -231,8 +258,12 @@ class LiveConfig(ComponentConfig):
     #: TCP ports to keep (either end); empty keeps all TCP.
     ports: list[int] = []
     #: A BPF filter expression (tcpdump's language), compiled by libpcap and attached in the kernel
-    #: together with the TCP/ports test: ``tcp and (EXPR) [and (port P or ...)]``.
+    #: together with the TCP/ports test: ``tcp and (EXPR) [and (port P or ...)]`` (and the UDP one:
+    #: ``or (udp and (EXPR) and (port U or ...))``).
     bpf_filter: str | None = None
+    #: UDP ports passed on (either end), each datagram one DATAGRAM event (receivers/udp.py); the
+    #: kernel filter lets no other UDP through. ``[]``: no UDP.
+    udp_ports: list[int] = Field(default_factory=lambda: list(DEFAULT_UDP_PORTS))
     #: Bytes kept per frame.
     snaplen: int = Field(DEFAULT_SNAPLEN, ge=128, le=1 << 20)
     #: Socket receive buffer in bytes (the recv path; the ring's memory is ring.block_size x ring.block_count).
@@ -255,7 +286,7 @@ class LiveConfig(ComponentConfig):
     #: them as it derives them, a moment before or after its records are captured).
     keylog_wait: float = Field(default=2.0, ge=0, le=300)
 
-    @field_validator("ports")
+    @field_validator("ports", "udp_ports")
     @classmethod
     def _ports(cls, v: list[int]) -> list[int]:
         for p in v:
@@ -273,8 +304,8 @@ class LiveConfig(ComponentConfig):
         return v
 
 
-def expression_filter(expression: str, ports: list[int], linktype: int, snaplen: int,
-                      drop_outgoing: bool) -> list[tuple[int, int, int, int]]:
+def expression_filter(expression: str, ports: list[int], linktype: int, snaplen: int, drop_outgoing: bool,
+                      udp_ports: list[int] | tuple[int, ...] = ()) -> list[tuple[int, int, int, int]]:
     """The kernel program for a user's BPF expression: libpcap's code for
     ``tcp and (EXPR)`` (and the ports, when configured) behind the loopback test that drops
     the outgoing copy of each packet (``build_filter``'s first two instructions).
@@ -288,6 +319,8 @@ def expression_filter(expression: str, ports: list[int], linktype: int, snaplen:
     text = f"tcp and ({expression})"
     if ports:
         text += " and (" + " or ".join(f"port {p}" for p in ports) + ")"
+    if udp_ports:
+        text = f"({text}) or (udp and ({expression}) and (" + " or ".join(f"port {p}" for p in udp_ports) + "))"
     prog = compile_filter(text, linktype, snaplen).instructions
     if drop_outgoing:
         # ld [pkttype]; jeq #OUTGOING jt 0 jf 1; ret #0; then libpcap's program
@@ -314,6 +347,8 @@ class LiveReceiver(Receiver):
         self._linktype = LINKTYPE_ETHERNET
         self._py_ports: frozenset[int] | None = None
         self.stats: dict[str, Any] = {"packets": 0, "bytes": 0, "events": 0, "drops": {}}
+        self.udp = UdpDatagrams(c.udp_ports)
+        self.udp.drops = self.stats["drops"]  # its reasons (udp_port, udp_empty) counted with the rest
         self._published: dict[tuple[str, str], int] = {}
         self._kernel_drops = 0
         self._mm: mmap.mmap | None = None
@@ -349,17 +384,21 @@ class LiveReceiver(Receiver):
                 self._linktype = LINKTYPE_ETHERNET
                 if c.bpf_filter:  # libpcap's code, ports included: nothing left to check in Python
                     prog = expression_filter(c.bpf_filter, c.ports, LINKTYPE_ETHERNET, c.snaplen,
-                                             drop_outgoing=hatype == ARPHRD_LOOPBACK)
+                                             drop_outgoing=hatype == ARPHRD_LOOPBACK, udp_ports=c.udp_ports)
                 else:
                     ports = c.ports if len(c.ports) <= MAX_FILTER_PORTS else []
                     if c.ports and not ports:
                         self._py_ports = frozenset(c.ports)
-                    prog = build_filter(ports, c.snaplen, drop_outgoing=hatype == ARPHRD_LOOPBACK)
+                    if len(c.udp_ports) > MAX_FILTER_PORTS:
+                        raise LiveError(f"udp_ports: at most {MAX_FILTER_PORTS} (the kernel filter tests each)")
+                    prog = build_filter(ports, c.snaplen, drop_outgoing=hatype == ARPHRD_LOOPBACK,
+                                        udp_ports=c.udp_ports)
                 self._attach(s, prog)
             elif hatype == ARPHRD_NONE:  # tun and friends: bare IP, filter in Python
                 self._linktype = LINKTYPE_RAW
                 if c.bpf_filter:
-                    self._attach(s, expression_filter(c.bpf_filter, c.ports, LINKTYPE_RAW, c.snaplen, False))
+                    self._attach(s, expression_filter(c.bpf_filter, c.ports, LINKTYPE_RAW, c.snaplen, False,
+                                                      udp_ports=c.udp_ports))
                 else:
                     self._py_ports = frozenset(c.ports) if c.ports else None
             else:
@@ -471,6 +510,7 @@ class LiveReceiver(Receiver):
         assert s is not None
         r = self.reassembler
         seg = r.segment
+        udp = self.udp.datagram
         lt = self._linktype
         bs = self.config.batch_size
         snap = self.config.snaplen
@@ -513,7 +553,11 @@ class LiveReceiver(Receiver):
                         drops[res] = drops.get(res, 0) + 1
                     else:
                         src, dst, sport, dport, sq, ack, flags, poff, pend = res
-                        if py_ports is None or sport in py_ports or dport in py_ports:
+                        if flags == UDP:  # a datagram (packet.py): an event of its own, no reassembly
+                            uev = udp(src, sport, dst, dport, memoryview(pkt)[poff:pend], time.time_ns())
+                            if uev is not None:
+                                r.events.append(uev)
+                        elif py_ports is None or sport in py_ports or dport in py_ports:
                             seg(src, sport, dst, dport, sq, ack, flags,
                                 memoryview(pkt)[poff:pend] if pend > poff else memoryview(b""), time.time_ns())
                     if len(r.events) >= bs:
@@ -542,6 +586,7 @@ class LiveReceiver(Receiver):
         assert s is not None and mm is not None
         r = self.reassembler
         seg = r.segment
+        udp = self.udp.datagram
         lt = self._linktype
         bs = self.config.batch_size
         bsize = self.config.ring.block_size
@@ -601,6 +646,12 @@ class LiveReceiver(Receiver):
                         res = decode(lt, mm, start, end)
                         if res.__class__ is str:
                             drops[res] = drops.get(res, 0) + 1
+                        elif res[6] == UDP:  # a datagram: copied out of the block, an event of its own
+                            poff, pend = res[7], res[8]
+                            uev = udp(res[0], res[2], res[1], res[3], memoryview(mm[poff:pend]),
+                                      sec * 1_000_000_000 + nsec)
+                            if uev is not None:
+                                r.events.append(uev)
                         elif py_ports is None or res[2] in py_ports or res[3] in py_ports:
                             ts = sec * 1_000_000_000 + nsec
                             if not unit:
