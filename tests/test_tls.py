@@ -11,7 +11,11 @@ exception and never bytes that did not authenticate.
 from __future__ import annotations
 
 import os
+import shutil
 import ssl
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +33,8 @@ from receivers.tls import (
     prf12,
 )
 from service.model import EventKind, TcpEvent
-from tests.support.tls_servers import tls_files
+from tests.support.capture import free_port, tcpdump, wait_port
+from tests.support.tls_servers import keylog_env, nginx_tls, tls_files
 
 C, S = ("10.0.0.1", 40000), ("10.0.0.2", 443)
 REQ = b"GET /index.html HTTP/1.1\r\nHost: x\r\n\r\n"
@@ -399,3 +404,289 @@ def test_key_derivation_vectors() -> None:
     secret, seed = b"s" * 48, b"seed"
     a1 = hmac.digest(secret, b"label" + seed, "sha256")
     assert prf12(secret, b"label", seed, 16, "sha256") == hmac.digest(secret, a1 + b"label" + seed, "sha256")[:16]
+
+
+# ============================================================================ real servers, captured
+# nginx, PostgreSQL, openssl s_server: real servers on loopback; curl, urllib, httpx, psycopg and
+# openssl s_client write the key log (SSLKEYLOGFILE, sslkeylogfile, -keylogfile); tcpdump records;
+# the pcap receiver and the protocols stage replay; tshark with the same key log is the oracle.
+CURL = shutil.which("curl") or "curl"
+TSHARK = shutil.which("tshark") or "tshark"
+EDITCAP = shutil.which("editcap") or "editcap"
+OPENSSL = shutil.which("openssl") or "openssl"
+_URLLIB = ("import urllib.request,urllib.error,ssl,sys\n"
+           "ctx = ssl.create_default_context(cafile=sys.argv[1])\n"
+           "for u in sys.argv[2:]:\n"
+           "    try:\n"
+           "        urllib.request.urlopen(u, context=ctx).read()\n"
+           "    except urllib.error.HTTPError as e:\n"
+           "        e.read()\n")
+_HTTPX = ("import httpx,sys\n"
+          "with httpx.Client(verify=sys.argv[1]) as c:\n"
+          "    for u in sys.argv[2:]:\n"
+          "        c.get(u)\n")
+BIG = bytes(range(256)) * 1200  # 300 KiB: records of 16 KiB split across 64 KiB loopback segments
+
+
+def _curl(env: dict[str, str], ca: Path, *args: str) -> None:
+    subprocess.run([CURL, "-s", "-o", "/dev/null", "--cacert", str(ca), *args], env=env, check=True, timeout=30)
+
+
+def _py(env: dict[str, str], code: str, *args: str) -> None:
+    subprocess.run([sys.executable, "-c", code, *args], env=env, check=True, timeout=60, capture_output=True)
+
+
+def replay_tls(cap: Path, keylog: Path | None = None, **proto: Any) -> tuple[list[Any], dict[str, Any], dict[str, Any]]:
+    """(spans, receiver stats, stage stats) of a capture through the pcap receiver (``keylog_file``)."""
+    from processors.protocols.processor import ProtocolsProcessor
+    from receivers.pcap import PcapReceiver
+
+    class Sink:
+        spans: list[Any] = []
+
+        def consume_spans(self, spans: list[Any]) -> None:
+            self.spans.extend(spans)
+
+    sink = Sink()
+    sink.spans = []
+    stage = ProtocolsProcessor("protocols", dict(proto), sink)
+    stage.start()
+    cfg: dict[str, Any] = {"path": str(cap), "progress": False}
+    if keylog is not None:
+        cfg["keylog_file"] = str(keylog)
+    rx = PcapReceiver("pcap", cfg, stage)
+    rx.start()
+    try:
+        assert rx.wait(120)
+    finally:
+        rx.shutdown()
+        stage.shutdown()
+    return sink.spans, rx.stats, stage.stats
+
+
+def http_summary(spans: list[Any], port: int) -> list[tuple]:
+    """What a span says of an HTTP exchange on ``port``: method, path, query, status, body size."""
+    out = []
+    for s in spans:
+        a = s.attributes
+        if a.get("server.port") == port:
+            out.append((s.name, a.get("http.request.method"), a.get("url.path"), a.get("url.query"),
+                        a.get("http.response.status_code"), a.get("http.response.body.size"), int(s.kind)))
+    return sorted(out, key=repr)
+
+
+def tshark_http(cap: Path, keylog: Path | None, port: int) -> list[tuple]:
+    """tshark's (method, uri) of each request and the status codes of the responses on ``port``."""
+    args = [TSHARK, "-n", "-r", str(cap), "-Y", f"http && tcp.port == {port}", "-T", "fields",
+            "-e", "http.request.method", "-e", "http.request.uri", "-e", "http.response.code",
+            "-o", f"http.tls.port:{port}"]
+    if keylog is not None:
+        args += ["-o", f"tls.keylog_file:{keylog}"]
+    out = subprocess.run(args, capture_output=True, text=True, check=True, timeout=120).stdout
+    reqs, codes = [], []
+    for line in out.splitlines():
+        m, uri, code = [*line.split("\t"), "", "", ""][:3]
+        if m:
+            reqs.append((m, uri))
+        if code:
+            codes.append(int(code))
+    return sorted(reqs) + sorted((c,) for c in codes)  # type: ignore[operator]
+
+
+def ours_http(spans: list[Any], port: int) -> list[tuple]:
+    """The same fields from wirespan's spans."""
+    reqs, codes = [], []
+    for s in spans:
+        a = s.attributes
+        if a.get("server.port") == port:
+            q = a.get("url.query")
+            reqs.append((a["http.request.method"], a["url.path"] + (f"?{q}" if q else "")))
+            codes.append(a["http.response.status_code"])
+    return sorted(reqs) + sorted((c,) for c in codes)  # type: ignore[operator]
+
+
+def _traffic(ng: Any, env: dict[str, str], ca: Path, tls: bool) -> int:
+    """The same requests over TLS or in clear; returns the connections made."""
+    _curl(env, ca, ng.url("/index.html", tls))
+    _curl(env, ca, ng.url("/boom", tls))
+    _curl(env, ca, ng.url("/big.bin", tls))
+    _py(env, _URLLIB, str(ca), ng.url("/api/u?q=1", tls), ng.url("/missing", tls))
+    _py(env, _HTTPX, str(ca), ng.url("/api/x", tls), ng.url("/big.bin", tls))
+    return 6
+
+
+@pytest.mark.parametrize("protocols,version", [("TLSv1.3", "1.3"), ("TLSv1.2", "1.2")])
+def test_nginx_capture_decrypts_into_the_plaintext_twins_spans(tmp_path, protocols: str, version: str) -> None:
+    files = tls_files(tmp_path / "certs")
+    kl = tmp_path / "keys.log"
+    env = keylog_env(kl)
+    with nginx_tls(files, {"index.html": b"<p>hi</p>\n", "big.bin": BIG}, protocols=protocols) as ng, \
+            tcpdump([ng.port, ng.plain_port], tmp_path / "cap.pcap") as cap:
+        conns = _traffic(ng, env, files.ca_cert, True)
+        _traffic(ng, env, files.ca_cert, False)
+    spans, rx, stage = replay_tls(cap, kl)
+    tls, plain = http_summary(spans, ng.port), http_summary(spans, ng.plain_port)
+    assert tls == plain and len(tls) == 7, (tls, plain)
+    assert sum(1 for t in tls if t[5] == len(BIG)) == 2  # the 300 KiB bodies, whole
+    for s in spans:
+        a = s.attributes
+        if a.get("server.port") == ng.port:
+            assert a["url.scheme"] == "https" and a["tls.protocol.version"] == version, a
+            assert a["tls.cipher"].startswith("TLS_")
+        else:
+            assert a["url.scheme"] == "http" and "tls.protocol.version" not in a
+    assert not {k for k in rx["drops"] if k.startswith("tls")}, rx["drops"]
+    assert stage["drops"] == {}, stage["drops"]
+    assert rx["tls"]["sessions"] == conns and rx["tls"]["decrypted_sessions"] == conns, rx["tls"]
+    # tshark decrypting with the same key log: the same requests and status codes
+    oracle = tshark_http(cap, kl, ng.port)
+    assert oracle == ours_http(spans, ng.port) and len(oracle) == 14, oracle
+    # without the keys: each session counted once, nothing of it parsed (no span, no parser drop)
+    spans, rx, stage = replay_tls(cap)
+    assert http_summary(spans, ng.port) == [] and http_summary(spans, ng.plain_port) == plain
+    assert rx["drops"].get("tls_no_keys") == conns and stage["drops"] == {}, (rx["drops"], stage["drops"])
+    # the keys injected into the capture as a pcapng Decryption Secrets Block: no --keylog needed
+    dsb = tmp_path / "dsb.pcapng"
+    subprocess.run([EDITCAP, "--inject-secrets", f"tls,{kl}", str(cap), str(dsb)], check=True, timeout=60)
+    spans, rx, stage = replay_tls(dsb)
+    assert http_summary(spans, ng.port) == tls and rx["tls"]["keylog"]["secrets"] > 0
+    assert not {k for k in rx["drops"] if k.startswith("tls")}, rx["drops"]
+
+
+# (key, curl options, tls.cipher): TLS 1.2 with RSA and ECDHE key exchange, AES-GCM and
+# ChaCha20-Poly1305; TLS 1.3's three suites curl offers
+MATRIX = [
+    ("rsa", ["--tls-max", "1.2", "--ciphers", "AES128-GCM-SHA256"], "TLS_RSA_WITH_AES_128_GCM_SHA256"),
+    ("rsa", ["--tls-max", "1.2", "--ciphers", "AES256-GCM-SHA384"], "TLS_RSA_WITH_AES_256_GCM_SHA384"),
+    ("rsa", ["--tls-max", "1.2", "--ciphers", "ECDHE-RSA-AES256-GCM-SHA384"], "TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384"),
+    ("rsa", ["--tls-max", "1.2", "--ciphers", "ECDHE-RSA-CHACHA20-POLY1305"],
+     "TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256"),
+    ("ec", ["--tls-max", "1.2", "--ciphers", "ECDHE-ECDSA-CHACHA20-POLY1305"],
+     "TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256"),
+    ("ec", ["--tlsv1.3", "--tls13-ciphers", "TLS_CHACHA20_POLY1305_SHA256"], "TLS_CHACHA20_POLY1305_SHA256"),
+    ("ec", ["--tlsv1.3", "--tls13-ciphers", "TLS_AES_128_GCM_SHA256"], "TLS_AES_128_GCM_SHA256"),
+    ("ec", ["--tlsv1.3", "--tls13-ciphers", "TLS_AES_256_GCM_SHA384"], "TLS_AES_256_GCM_SHA384"),
+]
+
+
+def test_cipher_suites_and_key_exchanges(tmp_path) -> None:
+    """Each suite by a real curl against a real nginx; tshark agrees on every request."""
+    for key in ("rsa", "ec"):
+        files = tls_files(tmp_path / f"certs-{key}", key)
+        rows = [m for m in MATRIX if m[0] == key]
+        kl = tmp_path / f"keys-{key}.log"
+        env = keylog_env(kl)
+        with nginx_tls(files, {"big.bin": BIG}, ciphers="ALL") as ng, \
+                tcpdump([ng.port], tmp_path / f"cap-{key}.pcap") as cap:
+            for i, (_k, opts, _name) in enumerate(rows):
+                _curl(env, files.ca_cert, *opts, ng.url(f"/api/{i}"))
+                _curl(env, files.ca_cert, *opts, ng.url("/big.bin"))
+        spans, rx, stage = replay_tls(cap, kl)
+        got = sorted((s.attributes["tls.cipher"], s.attributes["url.path"], s.attributes["http.response.body.size"])
+                     for s in spans)
+        want = sorted([(name, f"/api/{i}") for i, (_k, _o, name) in enumerate(rows)]
+                      + [(name, "/big.bin") for _k, _o, name in rows])
+        assert [(c, p) for c, p, _ in got] == want, got
+        assert all(n == len(BIG) for _c, p, n in got if p == "/big.bin"), got
+        assert not {k for k in rx["drops"] if k.startswith("tls")} and stage["drops"] == {}, (rx, stage)
+        assert tshark_http(cap, kl, ng.port) == ours_http(spans, ng.port)
+
+
+@pytest.mark.parametrize("protocols,tickets", [("TLSv1.3", True), ("TLSv1.2", True), ("TLSv1.2", False)])
+def test_resumption_and_hello_retry_request(tmp_path, protocols: str, tickets: bool) -> None:
+    """curl resumes its session on its next connection (tickets, or TLS 1.2 session ids); a server
+    that only takes secp384r1 answers curl's X25519 key share with a HelloRetryRequest (TLS 1.3)."""
+    files = tls_files(tmp_path / "certs")
+    kl = tmp_path / "keys.log"
+    env = keylog_env(kl)
+    with nginx_tls(files, protocols=protocols, tickets=tickets, curve="secp384r1") as ng, \
+            tcpdump([ng.port], tmp_path / "cap.pcap") as cap:
+        # one curl, three connections (the server closes each): the 2nd and 3rd resume the 1st
+        _curl(env, files.ca_cert, "-H", "Connection: close", ng.url("/api/a"), ng.url("/api/b"), ng.url("/api/c"))
+    spans, rx, stage = replay_tls(cap, kl)
+    assert sorted(s.attributes["url.path"] for s in spans) == ["/api/a", "/api/b", "/api/c"]
+    st = rx["tls"]
+    assert st["sessions"] == 3 and st["decrypted_sessions"] == 3 and st["resumed"] == 2, st
+    if protocols == "TLSv1.3":
+        assert st["hello_retry"] >= 1, st
+    assert not {k for k in rx["drops"] if k.startswith("tls")} and stage["drops"] == {}, (rx, stage)
+    assert tshark_http(cap, kl, ng.port) == ours_http(spans, ng.port)
+    if protocols == "TLSv1.2":
+        # the resumed handshakes' CLIENT_RANDOM lines removed: the master secret of the session they
+        # resume (by ticket or session id) decrypts them, as Wireshark does
+        first = kl.read_text().splitlines()
+        cr = [x for x in first if x.startswith("CLIENT_RANDOM")]
+        assert len(cr) == 3
+        only_first = tmp_path / "first.log"
+        only_first.write_text(cr[0] + "\n")
+        spans2, rx2, _ = replay_tls(cap, only_first)
+        assert sorted(s.attributes["url.path"] for s in spans2) == ["/api/a", "/api/b", "/api/c"], rx2["drops"]
+
+
+def tshark_follow(cap: Path, keylog: Path) -> dict[int, bytes]:
+    """The decrypted bytes of the capture's first TLS stream per sender port, by tshark's follow
+    (lines of node 0's bytes in hex; node 1's indented by a tab)."""
+    out = subprocess.run([TSHARK, "-n", "-q", "-r", str(cap), "-o", f"tls.keylog_file:{keylog}", "-z",
+                          "follow,tls,raw,0"], capture_output=True, text=True, check=True, timeout=60).stdout
+    node0 = int(out.split("Node 0: ", 1)[1].split("\n", 1)[0].rsplit(":", 1)[1])
+    sides = [b"", b""]
+    for line in out.split("Node 1: ", 1)[1].splitlines()[1:]:
+        if line.startswith("="):
+            break
+        sides[1 if line.startswith("\t") else 0] += bytes.fromhex(line.strip())
+    return {node0: sides[0], -1: sides[1]}
+
+
+def _tls_streams(cap: Path, keylog: Path) -> tuple[dict[int, bytes], Any]:
+    """The decrypted bytes of a capture per sender port (the pcap receiver's events), and its receiver."""
+    from receivers.pcap import PcapReceiver
+
+    got: dict[int, bytes] = {}
+
+    class Sink:
+        def consume_events(self, evs: list[Any]) -> None:
+            for e in evs:
+                if e.kind == EventKind.DATA and isinstance(e.conn_id, TlsConnId):
+                    got[e.sport] = got.get(e.sport, b"") + bytes(e.payload)
+
+    rx = PcapReceiver("pcap", {"path": str(cap), "progress": False, "keylog_file": str(keylog)}, Sink())
+    rx.run()
+    return got, rx
+
+
+def test_key_update_openssl_s_client_s_server(tmp_path) -> None:
+    """TLS 1.3 KeyUpdate: s_client's ``k`` (update) and ``K`` (update, and ask the peer to update
+    too: s_server then sends its own); each direction's next secret is derived, nothing lost."""
+    files = tls_files(tmp_path / "certs")
+    kl = tmp_path / "keys.log"
+    port = free_port()
+    srv = subprocess.Popen([OPENSSL, "s_server", "-accept", str(port), "-cert", str(files.server_cert), "-key",
+                            str(files.server_key), "-rev", "-tls1_3"],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.PIPE)
+    try:
+        wait_port(port)
+        with tcpdump([port], tmp_path / "cap.pcap") as cap:
+            cli = subprocess.Popen([OPENSSL, "s_client", "-connect", f"127.0.0.1:{port}", "-keylogfile", str(kl),
+                                    "-no_ign_eof", "-CAfile", str(files.ca_cert)],
+                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+            assert cli.stdin is not None
+            for line in (b"hello\n", b"k\n", b"world\n", b"K\n", b"again\n"):
+                time.sleep(0.4)
+                cli.stdin.write(line)
+                cli.stdin.flush()
+            time.sleep(0.6)
+            out, _ = cli.communicate(timeout=20)
+    finally:
+        if srv.poll() is None:
+            srv.terminate()
+        srv.wait(10)
+    assert out.count(b"KEYUPDATE") == 2 and b"olleh" in out and b"dlrow" in out
+    got, rx = _tls_streams(cap, kl)
+    cport = next(p for p in got if p != port)
+    assert got[cport] == b"hello\nworld\nagain\n"
+    assert got[port] == b"olleh\ndlrow\nniaga\n"
+    oracle = tshark_follow(cap, kl)
+    assert oracle.get(port) == got[port] and b"".join(oracle.values()) == got[port] + got[cport], oracle
+    st = rx.stats["tls"]
+    assert st["key_updates"] == 3, st  # the client's two, the server's one
+    assert not {k for k in rx.stats["drops"] if k.startswith("tls")}, rx.stats["drops"]

@@ -50,6 +50,7 @@ from service.model import AttrValue, SpanKind, StatusCode
 from . import grpc
 from .base import Conn, Detection, PendingMap, ProtocolSettings
 from .base import Session as _BaseSession
+from .enrich import feed as _sink_feed
 from .errors import LimitExceeded, Malformed, ProtocolError
 from .sanitize import redact_query
 
@@ -128,6 +129,9 @@ _SETTINGS_HEADER_TABLE_SIZE = 1
 _WANTED = frozenset({
     b":method", b":path", b":scheme", b":authority", b":status", b"content-type", b"user-agent",
     b"traceparent", b"grpc-status", b"grpc-message", b"grpc-timeout",
+    # for the HTTP enrichers (enrich/): body coding, and the headers that confirm a kind
+    b"content-encoding", b"x-elastic-product", b"x-elastic-client-meta", b"mcp-session-id",
+    b"mcp-protocol-version", b"anthropic-version", b"openai-version",
 })
 #: Never exported, whatever future options ask for (credentials).
 _NEVER = frozenset({b"authorization", b"proxy-authorization", b"cookie", b"set-cookie"})
@@ -477,6 +481,7 @@ def _stream_traceparent(st: _Stream) -> Any:
 
 class _Stream:
     __slots__ = (
+        "cap",
         "grpc",
         "last_ns",
         "lossy",
@@ -516,6 +521,7 @@ class _Stream:
         self.grpc = False
         self.lossy = False  #: bytes of the stream were lost (a gap): sizes and counts unknown
         self.last_ns = 0    #: when the response's last frame seen arrived
+        self.cap: Any = None  #: an enricher's Exchange (enrich/), for a selected request only
 
 
 class _Direction:
@@ -571,6 +577,8 @@ class H2Session(_BaseSession):
         self.streams: dict[int, _Stream] = PendingMap(conn, start="start_ns", traceparent=_stream_traceparent)
         self.preface_seen = False
         self.goaway_last: int | None = None
+        en = getattr(conn, "enrich", None)
+        self._enrich: Any = en if en is not None and en.active else None  # enrich/: None = plain HTTP only
         up = conn.extra.pop("http2_upgrade_request", None)
         if isinstance(up, dict):
             self._start_upgraded(up)
@@ -745,6 +753,8 @@ class H2Session(_BaseSession):
                     else:
                         st.resp_body += k
                         st.last_ns = buf.ts_at(pos + k - 1)
+                    if st.cap is not None:  # enrich/: a bounded capture of a selected exchange's body
+                        _sink_feed(st.cap.req_body if from_client else st.cap.sink, buf, pos, k)
                     if counter is not None:
                         try:
                             counter.feed(buf, pos, k)
@@ -897,6 +907,8 @@ class H2Session(_BaseSession):
             st.last_ns = ts
             st.resp = fields
             st.resp_partial |= partial
+            if st.cap is not None:
+                st.cap.response(st.resp_status, fields=fields)
             if st.grpc or grpc.is_grpc(fields.get(b"content-type")):
                 if st.resp_msgs is None:
                     st.resp_msgs = grpc.MessageCounter()
@@ -929,6 +941,16 @@ class H2Session(_BaseSession):
             st.grpc = True
             st.req_msgs = grpc.MessageCounter()
             st.resp_msgs = grpc.MessageCounter()
+        elif self._enrich is not None:
+            path = fields.get(b":path")
+            if path is not None:
+                path = path.partition("?")[0]
+                en = self._enrich
+                if path[-2:] in en.ends or "/_" in path or path == "/":  # three string tests a request
+                    kinds = en.select(fields.get(b":method", ""), path)
+                    if kinds is not None:
+                        st.cap = en.begin(kinds, fields.get(b":method", ""), fields[b":path"],
+                                          fields.get(b":authority"), fields.get(b"user-agent"), fields=fields)
         if end_stream:
             st.req_done = True
 
@@ -1069,6 +1091,8 @@ class H2Session(_BaseSession):
             status = StatusCode.ERROR
         name = method if method in _KNOWN_METHODS else "HTTP"
         span = conn.span(name, kind, start, end_ns, attrs, traceparent, status, msg)
+        if st.cap is not None:  # enrich/: GenAI, GraphQL, Elasticsearch, JSON-RPC attributes
+            self._enrich.finish(st.cap, span, conn.emit)
         if incomplete:
             self.cut_short(span)
         else:

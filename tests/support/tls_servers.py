@@ -3,7 +3,7 @@ Python HTTPS server, certificates. Loopback, free ports, temp dirs, stopped by P
 
 - ``tls_files(dir, key="ec"|"rsa")``: a CA and a server certificate for 127.0.0.1/localhost
   (``rsa`` for TLS 1.2's RSA key exchange, which needs an RSA certificate).
-- ``nginx_tls(files, protocols=..., ciphers=..., http2=False, tickets=True)``: one nginx
+- ``nginx_tls(files, protocols=..., ciphers=..., http2=False, tickets=True, curve=None)``: one nginx
   serving the same locations on a TLS port and a plaintext port (the twin), so a test compares
   the spans of the same requests with and without TLS.
 - ``https_server(files)``: Python's ThreadingHTTPServer behind ``ssl`` in its own process (the
@@ -63,6 +63,7 @@ _TLS_CONF = PREAMBLE + """    keepalive_requests 10000;
         {ciphers}
         ssl_session_cache {cache};
         ssl_session_tickets {tickets};
+        {curve}
 """ + _LOCATIONS + """    }}
     server {{
         listen 127.0.0.1:{plain_port}{h2plain};
@@ -86,8 +87,9 @@ class NginxTls:
 @contextlib.contextmanager
 def nginx_tls(files: TlsFiles, www: dict[str, bytes] | None = None, protocols: str = "TLSv1.2 TLSv1.3",
               ciphers: str | None = None, http2: bool = False, tickets: bool = True,
-              session_cache: bool = True) -> Iterator[NginxTls]:
-    """nginx with ``ssl`` on one port and the same locations in plaintext on another."""
+              session_cache: bool = True, curve: str | None = None) -> Iterator[NginxTls]:
+    """nginx with ``ssl`` on one port and the same locations in plaintext on another. ``curve``: the
+    only ECDHE group (``secp384r1`` makes a client whose key share is X25519 get a HelloRetryRequest)."""
     d = Path(tempfile.mkdtemp(prefix="wirespan-nginx-tls-"))
     root = d / "www"
     root.mkdir()
@@ -101,7 +103,7 @@ def nginx_tls(files: TlsFiles, www: dict[str, bytes] | None = None, protocols: s
         d=d, port=port, plain_port=plain_port, cert=files.server_cert, key=files.server_key, protocols=protocols,
         ciphers=f"ssl_ciphers {ciphers};" if ciphers else "", h2=" http2" if http2 else "",
         h2plain=" http2" if http2 else "", tickets="on" if tickets else "off",
-        cache="shared:wsTLS:1m" if session_cache else "off"))
+        cache="shared:wsTLS:1m" if session_cache else "off", curve=f"ssl_ecdh_curve {curve};" if curve else ""))
     proc = subprocess.Popen([NGINX, "-c", str(conf), "-p", str(d), "-e", str(d / "error.log")],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
