@@ -617,7 +617,7 @@ class Http1Session(_BaseSession):
                         return False  # both framings: the buffered path refuses and counts it
                     en = self._enrich
                     if en is not None and path is not None and (path[-2:] in en.ends or "/_" in path
-                                                                 or path == "/") and en.select(method, path):
+                                                                 or path == "/") and en.select(method, path, ua):
                         return False  # an enricher reads it: the buffered path captures its body
                     if te:  # not ending in chunked: malformed, the buffered path counts it
                         c = _C_CHUNKED(data, end, self._limit) if chunked else None  # type: ignore[misc]
@@ -679,7 +679,7 @@ class Http1Session(_BaseSession):
         if len(self._pending) >= self._max_pending:
             return False
         meth, original = _method(method)
-        if self._enrich is not None and self._selected(meth, target):
+        if self._enrich is not None and self._selected(meth, target, None, ua):
             return False  # an enricher reads it: the buffered path captures its body
         req = _Request(meth, original, target, "1.1" if minor == b"1" else "1.0", ts_ns, host, ua, tp, upgrade)
         return self._queue_whole(req, length)
@@ -776,7 +776,7 @@ class Http1Session(_BaseSession):
             raise Malformed(NAME, "content_length_with_transfer_encoding")
         en = self._enrich
         if en is not None:
-            kinds = self._selected(req.method, req.target, req.path)
+            kinds = self._selected(req.method, req.target, req.path, req.user_agent)
             if kinds is not None:  # an enricher reads this exchange: its head fields, a bounded body
                 req.cap = en.begin(kinds, req.method, req.target, req.host, req.user_agent, buf.view_at(0, end))
         buf.release(end)
@@ -1049,7 +1049,7 @@ class Http1Session(_BaseSession):
             self._enrich.finish(req.cap, span, conn.emit)
         return span
 
-    def _selected(self, method: str, target: bytes, path: str | None = None) -> Any:
+    def _selected(self, method: str, target: bytes, path: str | None = None, ua: bytes | None = None) -> Any:
         """The enrichers' candidate kinds for a request (enrich/), or None; the inline pre-test
         first, so a plain request costs three string tests."""
         if path is None:
@@ -1059,7 +1059,7 @@ class Http1Session(_BaseSession):
             path = (target if q < 0 else target[:q]).decode("utf-8", "replace")
         en = self._enrich
         if path[-2:] in en.ends or "/_" in path or path == "/":
-            return en.select(method, path)
+            return en.select(method, path, ua)
         return None
 
     def _redact(self, query: str) -> str:

@@ -947,7 +947,7 @@ class H2Session(_BaseSession):
                 path = path.partition("?")[0]
                 en = self._enrich
                 if path[-2:] in en.ends or "/_" in path or path == "/":  # three string tests a request
-                    kinds = en.select(fields.get(b":method", ""), path)
+                    kinds = en.select(fields.get(b":method", ""), path, fields.get(b"user-agent"))
                     if kinds is not None:
                         st.cap = en.begin(kinds, fields.get(b":method", ""), fields[b":path"],
                                           fields.get(b":authority"), fields.get(b"user-agent"), fields=fields)

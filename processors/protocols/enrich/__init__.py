@@ -164,7 +164,7 @@ class Exchange:
     """One selected request and its response, as far as an enricher reads them."""
 
     __slots__ = ("enricher", "h2", "headers", "host", "info", "kind", "kinds", "method", "problem", "req_body",
-                 "resp_body", "resp_headers", "sse", "status", "target", "ua")
+                 "resp_body", "resp_headers", "sink", "sse", "status", "target", "ua")
 
     def __init__(self, enricher: Enricher, kinds: tuple[Any, ...], method: str, target: str, host: str,
                  ua: str, headers: dict[str, str]) -> None:
@@ -180,6 +180,8 @@ class Exchange:
         self.req_body: Capture | None = None
         self.resp_body: Capture | None = None
         self.sse: SseStream | None = None
+        #: Where the response body goes (HTTP/2 keeps it here; HTTP/1 on its body reader).
+        self.sink: Capture | SseStream | None = None
         self.resp_headers: dict[str, str] = {}
         self.status = 0
         #: What the kind found (its own keys), read by its ``apply``.
@@ -255,10 +257,10 @@ class Exchange:
             if ctype.startswith("text/event-stream"):
                 if getattr(k, "event", None) is None:
                     return None
-                self.sse = SseStream(self._event, enc, cfg.max_event_bytes, cfg.max_stream_bytes)
+                self.sse = self.sink = SseStream(self._event, enc, cfg.max_event_bytes, cfg.max_stream_bytes)
                 return self.sse
             if k.response(self):
-                self.resp_body = Capture(cfg.max_body_bytes, enc)
+                self.resp_body = self.sink = Capture(cfg.max_body_bytes, enc)
                 return self.resp_body
         except Exception:
             self.enricher._internal(self)
@@ -335,7 +337,7 @@ class Enricher:
             log.error("internal error in an HTTP enricher (logged once)", exc_info=True)
 
     # -- selection -----------------------------------------------------------------------
-    def select(self, method: str, path: str) -> tuple[Any, ...] | None:
+    def select(self, method: str, path: str, ua: bytes | str | None = None) -> tuple[Any, ...] | None:
         """The candidate kinds for a request (``path`` without its query), or None: plain HTTP,
         nothing more is done. Three string tests for a plain request (about 60 ns here: the
         C head parser hands over ``path`` as a str already)."""
@@ -351,8 +353,11 @@ class Enricher:
                     return (graphql,)
         if self._es is not None and "/_" in path:
             return self._es
-        if self._root and path == "/" and method == "POST":
-            return self._root
+        if path == "/":
+            if self._root and method == "POST":
+                return self._root
+            if self._es is not None and ua and _es_client(ua):  # info, ping
+                return self._es
         return None
 
     def begin(self, kinds: tuple[Any, ...], method: str, target: bytes | str, host: bytes | str | None,
@@ -397,6 +402,13 @@ class Enricher:
             self.count(k.NAME, result)
         except Exception:
             self._internal(ex)
+
+
+def _es_client(ua: bytes | str) -> bool:
+    """An official Elasticsearch/OpenSearch client's User-Agent (elasticsearch-py/9.1.0 ...)."""
+    if isinstance(ua, str):
+        ua = ua.encode("utf-8", "replace")
+    return ua.find(b"elasticsearch") >= 0 or ua.find(b"opensearch") >= 0 or ua.find(b"elastic-") >= 0
 
 
 def _text(v: bytes | str | None) -> str:

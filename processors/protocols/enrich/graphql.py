@@ -22,8 +22,9 @@ if TYPE_CHECKING:
 NAME = "graphql"
 NEEDS_REQUEST_BODY = True
 
-_TOKEN = re.compile(r'#[^\n\r]*|"""(?:[^"\\]|\\.|"(?!""))*(?:"""|\Z)|"(?:[^"\\\n]|\\.)*"?|[{}()]|[_A-Za-z][_0-9A-Za-z]*'
-                    r'|[^\s,{}()#"_A-Za-z]+|[\s,]+')
+# Possessive quantifiers: an unterminated string is linear time, constant memory.
+_TOKEN = re.compile(r'#[^\n\r]*+|"""(?:[^"\\]++|\\.|"(?!""))*+(?:"""|\Z)|"(?:[^"\\\n]++|\\.)*+"?|[{}()]'
+                    r'|[_A-Za-z][_0-9A-Za-z]*+|[^\s,{}()#"_A-Za-z]++|[\s,]++')
 _OPS = frozenset({"query", "mutation", "subscription"})
 #: Top-level definitions looked at in one document.
 MAX_DEFINITIONS = 1000

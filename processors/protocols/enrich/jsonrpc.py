@@ -30,9 +30,9 @@ if TYPE_CHECKING:
 NAME = "jsonrpc"
 NEEDS_REQUEST_BODY = True
 
-#: MCP's methods (the 2025-06-18 and 2025-11-25 schemas); a JSON-RPC call naming one is MCP.
+#: MCP's methods (the 2025-06-18, 2025-11-25 and 2026-07-28 schemas); a call naming one is MCP.
 MCP_METHODS = frozenset({
-    "initialize", "ping", "tools/list", "tools/call", "resources/list", "resources/read", "resources/templates/list",
+    "initialize", "ping", "server/discover", "tools/list", "tools/call", "resources/list", "resources/read", "resources/templates/list",
     "resources/subscribe", "resources/unsubscribe", "prompts/list", "prompts/get", "completion/complete",
     "logging/setLevel", "sampling/createMessage", "elicitation/create", "roots/list", "tasks/get", "tasks/list",
     "tasks/result", "tasks/cancel", "notifications/initialized", "notifications/cancelled", "notifications/progress",
