@@ -709,6 +709,7 @@ class LiveReceiver(Receiver):
         """End of either read loop: pending holes become GAPs, open directions CLOSE."""
         self.reassembler.finish()
         self._flush_events()
+        self._deliver(self.tls.finish())  # TLS sessions still waiting for keys: a last look, their ends
         self._read_kernel_stats(s)
         self._publish()
         self.done.set()

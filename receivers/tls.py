@@ -620,7 +620,7 @@ class _Session:
     """One TLS connection."""
 
     __slots__ = ("attrs", "cid", "client", "cr", "c_sid", "c_ticket", "c_early", "dead", "k12", "master", "ok",
-                 "plain_id", "sides", "server", "sr", "suite", "version", "wait_since", "final")
+                 "plain_id", "sides", "server", "sr", "suite", "version", "wait_since", "final", "ends")
 
     def __init__(self, conn_id: Any) -> None:
         self.cid = conn_id
@@ -640,6 +640,7 @@ class _Session:
         self.dead: str | None = None      #: why nothing more is decrypted (a drop reason)
         self.wait_since: int | None = None
         self.final = False                 #: no more waiting for keys: they are there now or never
+        self.ends: list[TcpEvent] = []     #: CLOSE/RESET events held while waiting for keys
 
     def side(self, ev: TcpEvent) -> _Side:
         k = (ev.src, ev.sport)
@@ -672,6 +673,7 @@ class TlsLayer:
         self._last_refresh = 0.0
         self._scratch: bytearray | None = None
         self._clock = 0  #: the latest event time seen (ns): what a wait for keys is measured by
+        self._late: list[_Session] = []  #: sessions given up while waiting whose held ends are due
         self.drops: dict[str, int] = {}
         self.stats = {"sessions": 0, "decrypted_sessions": 0, "resumed": 0, "records": 0, "plaintext_bytes": 0,
                       "skipped_bytes": 0, "hello_retry": 0, "key_updates": 0}
@@ -722,7 +724,18 @@ class TlsLayer:
             if out is None:
                 out = events[:i]
             self._event(st, ev, out)  # type: ignore[arg-type]
+        if self._late:
+            if out is None:
+                out = list(events)
+            self._flush_late(out)
         return events if out is None else out
+
+    def _flush_late(self, out: list[TcpEvent]) -> None:
+        late, self._late = self._late, []
+        for st in late:
+            ends, st.ends = st.ends, []
+            for e in ends:
+                self._event(st, e, out)
 
     def _plain_end(self, st: _Plain, ev: TcpEvent) -> None:
         if ev.kind == _CLOSE:
@@ -793,9 +806,15 @@ class TlsLayer:
         elif kind == _GAP:
             self._gap(st, st.side(ev), ev, out)
         elif kind == _CLOSE or kind == _RESET:
-            out.append(ev)
             if st.wait_since is not None:
-                self._retry(st, out, True)
+                if not st.final:
+                    self._retry(st, out, False)  # the keys may be there by now
+                if st.wait_since is not None and st.dead is None and not st.final:
+                    # still waiting (a growing key log, keylog_wait not over): the end waits too, so
+                    # the records before it are not given up early; _retry hands it on
+                    st.ends.append(ev)
+                    return
+            out.append(ev)
             if kind == _CLOSE:
                 side = st.side(ev)
                 side.closed = True
@@ -1108,6 +1127,8 @@ class TlsLayer:
                     oldest = next(iter(self._waiting.values()))
                     self._waiting.pop(oldest.cid)
                     self._kill(oldest, "tls_no_keys")
+                    if oldest.ends:
+                        self._late.append(oldest)  # its held ends go out with this batch
             held = sum(s.avail for s in st.sides.values())
             if st.dead is None and held <= MAX_WAIT_BYTES and self._clock - st.wait_since <= self.wait_ns:
                 raise _Pause
@@ -1118,11 +1139,15 @@ class TlsLayer:
     def _retry(self, st: _Session, out: list[TcpEvent], final: bool) -> None:
         """Look again at a session waiting for its keys (``final``: its connection ends, or the input)."""
         self.keylog.refresh(final=final)
-        st.final = final
+        st.final = st.final or final
         for side in list(st.sides.values()):
             self._drain(st, side, out)
         if st.wait_since is None or st.dead is not None:
             self._waiting.pop(st.cid, None)
+            if st.ends:  # the connection ended while it waited: its ends now
+                ends, st.ends = st.ends, []
+                for e in ends:
+                    self._event(st, e, out)
 
     def _retry_waiting(self, out: list[TcpEvent], final: bool = False) -> None:
         """The sessions waiting for keys: retried when the key log grew, given up when their wait is over."""
@@ -1143,6 +1168,7 @@ class TlsLayer:
             return []
         out: list[TcpEvent] = []
         self._retry_waiting(out)
+        self._flush_late(out)
         return out
 
     def finish(self) -> list[TcpEvent]:
@@ -1150,6 +1176,7 @@ class TlsLayer:
         out: list[TcpEvent] = []
         if self._waiting:
             self._retry_waiting(out, True)
+        self._flush_late(out)
         return out
 
     # ------------------------------------------------------------------ gaps

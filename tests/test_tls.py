@@ -690,3 +690,109 @@ def test_key_update_openssl_s_client_s_server(tmp_path) -> None:
     st = rx.stats["tls"]
     assert st["key_updates"] == 3, st  # the client's two, the server's one
     assert not {k for k in rx.stats["drops"] if k.startswith("tls")}, rx.stats["drops"]
+
+
+def test_postgresql_ssl_capture_same_spans_as_plaintext(tmp_path) -> None:
+    """PostgreSQL with ssl=on, psycopg with sslmode=require (libpq 18's sslkeylogfile writes the key
+    log), against the same statements with sslmode=disable: the same spans, the SSLRequest's
+    cleartext start staying on the connection itself."""
+    import psycopg
+
+    from tests.support.postgres import postgres_server
+
+    if psycopg.pq.version() < 180000:
+        pytest.fail(f"libpq {psycopg.pq.version()} has no sslkeylogfile (psycopg[binary] bundles 18)")
+    client = ("import psycopg,sys\n"
+              "with psycopg.connect(sys.argv[1]) as c:\n"
+              "    c.execute('CREATE TABLE IF NOT EXISTS orders (id int, item text)')\n"
+              "    c.execute('INSERT INTO orders VALUES (%s, %s)', (1, 'tea'))\n"
+              "    assert c.execute('SELECT item FROM orders WHERE id = %s', (1,)).fetchone() == ('tea',)\n"
+              "    c.execute('DELETE FROM orders')\n")
+    kl = tmp_path / "keys.log"
+    views: dict[str, list[tuple]] = {}
+    with postgres_server(ssl=True) as pg:
+        for mode in ("require", "disable"):
+            dsn = pg.dsn(sslmode=mode, sslkeylogfile=str(kl)) if mode == "require" else pg.dsn(sslmode=mode)
+            with tcpdump([pg.port], tmp_path / f"{mode}.pcap") as cap:
+                _py(dict(os.environ), client, dsn)
+            spans, rx, stage = replay_tls(cap, kl)
+            views[mode] = sorted((s.name, s.attributes.get("db.operation.name"), s.attributes.get("db.collection.name"),
+                                  s.attributes.get("db.response.status_code")) for s in spans)
+            if mode == "require":
+                assert all(s.attributes["tls.protocol.version"] == "1.3" for s in spans)
+                assert rx["tls"]["decrypted_sessions"] == 1 and not {k for k in rx["drops"] if k.startswith("tls")}
+                # the SSLRequest exchange is cleartext: the parser stops there (counted "tls"); nothing else
+                assert set(stage["drops"]) <= {"postgresql:tls"}, stage["drops"]
+                _, rx2, stage2 = replay_tls(cap)  # no keys: counted, nothing parsed past the SSLRequest
+                assert rx2["drops"].get("tls_no_keys") == 1 and set(stage2["drops"]) <= {"postgresql:tls"}
+    assert views["require"] == views["disable"] and len(views["require"]) >= 4, views
+    ops = {v[1] for v in views["require"]}
+    assert {"CREATE TABLE", "INSERT", "SELECT", "DELETE"} <= ops, ops
+
+
+def test_growing_key_log_waits_for_keys(certs, tmp_path) -> None:
+    """The live receiver's case: the key log grows while records come. A session whose secrets
+    are not there yet is held (its end too) until they appear, or given up after the wait."""
+    kl = tmp_path / "keys.log"
+    s = Session(certs, kl)
+    s.exchange()
+    watched = tmp_path / "watched.log"  # does not exist yet: the clients create it
+    keys = KeyLog(watched, must_exist=False)
+    layer = TlsLayer(keys, wait_for_keys=5.0)
+    evs = events(s.flights)
+    out = layer.process(evs)  # the whole connection, FINs included, before any key
+    assert plaintext(out) == {} and layer.drops == {} and not [e for e in out if e.kind == EventKind.CLOSE]
+    watched.write_text(kl.read_text())  # the client's lines land
+    time.sleep(0.06)
+    out2 = layer.tick(evs[-1].ts_ns + 1_000_000)
+    assert plaintext(out2) == {C[1]: REQ, S[1]: RESP} and layer.drops == {}
+    assert len([e for e in out2 if e.kind == EventKind.CLOSE]) == 4  # the connection's and the plaintext's
+    # keys that never come: given up after the wait (event time), counted once, the FINs handed on
+    layer = TlsLayer(KeyLog(tmp_path / "never.log", must_exist=False), wait_for_keys=0.5)
+    out = layer.process(events(s.flights))
+    assert plaintext(out) == {} and layer.drops == {}
+    time.sleep(0.06)
+    out2 = layer.tick(evs[-1].ts_ns + 600_000_000)
+    assert plaintext(out2) == {} and layer.drops == {"tls_no_keys": 1}
+    assert [e.conn_id for e in out2 if e.kind == EventKind.CLOSE and not isinstance(e.conn_id, TlsConnId)] == [7, 7]
+    # at the end of the input (shutdown) a waiting session gets a last look
+    layer = TlsLayer(KeyLog(tmp_path / "late.log", must_exist=False), wait_for_keys=60)
+    layer.process(events(s.flights))
+    (tmp_path / "late.log").write_text(kl.read_text())
+    assert plaintext(layer.finish()) == {C[1]: REQ, S[1]: RESP}
+    # a missing directory is an error at once
+    with pytest.raises(KeyLogError):
+        KeyLog(tmp_path / "nodir" / "k.log", must_exist=False)
+
+
+def test_live_receiver_decrypts_with_a_growing_key_log(tmp_path) -> None:
+    """The live receiver on loopback (AF_PACKET), its key log created by the clients after it started."""
+    from processors.protocols.processor import ProtocolsProcessor
+    from receivers.live import LiveConfig, LiveReceiver
+    from tests.support.live_http import SpanSink
+
+    files = tls_files(tmp_path / "certs")
+    kl = tmp_path / "keys.log"
+    env = keylog_env(kl)
+    with nginx_tls(files, {"index.html": b"<p>hi</p>\n", "big.bin": BIG}) as ng:
+        sink = SpanSink()
+        stage = ProtocolsProcessor("protocols", {}, sink)
+        stage.start()
+        rx = LiveReceiver("live", LiveConfig(ports=[ng.port, ng.plain_port], keylog_file=str(kl)), stage)
+        rx.start()
+        try:
+            conns = _traffic(ng, env, files.ca_cert, True)
+            _traffic(ng, env, files.ca_cert, False)
+            _curl(dict(os.environ), files.ca_cert, ng.url("/api/nokeys"))  # this client writes no key log
+            deadline = time.monotonic() + 15
+            while len(sink.spans) < 14 and time.monotonic() < deadline:
+                time.sleep(0.1)
+        finally:
+            rx.shutdown()
+            stage.flush()
+            stage.shutdown()
+    tls, plain = http_summary(sink.spans, ng.port), http_summary(sink.spans, ng.plain_port)
+    assert tls == plain and len(tls) == 7, (tls, plain)
+    st = rx.stats["tls"]
+    assert st["decrypted_sessions"] == conns and rx.stats["tls"]["drops"] == {"tls_no_keys": 1}, st
+    assert stage.stats["drops"] == {}, stage.stats["drops"]
