@@ -210,6 +210,13 @@ def test_chat_stream_sse_chunked(split: int | None, enc: str | None) -> None:
     assert r.counts == [("genai", "ok")]
 
 
+def test_configured_path_operation_from_body() -> None:
+    r = Run({"genai": {"paths": ["/v1/generate"]}}).feed(
+        [(True, post("/v1/generate", {"model": "llama3", "prompt": "hi"})), (False, ok(CHAT_RESP)),
+         (True, post("/v1/chat/completions", CHAT_REQ)), (False, ok(CHAT_RESP))])
+    assert [s.name for s in r.spans] == ["text_completion llama3", "POST"]  # the defaults were replaced
+
+
 def test_content_is_off_by_default() -> None:
     r = Run().feed([(True, post("/v1/chat/completions", CHAT_REQ)), (False, ok(CHAT_RESP))])
     assert not {"gen_ai.input.messages", "gen_ai.output.messages", "gen_ai.system_instructions"} & set(

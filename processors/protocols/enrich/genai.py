@@ -60,10 +60,20 @@ def _provider(ex: Exchange, body: Any) -> str:
     return "openai"
 
 
+def _operation_of_body(body: dict[str, Any]) -> str | None:
+    """A configured path the table does not name: the body says what the call is."""
+    if "messages" in body:
+        return "chat"
+    if "prompt" in body:
+        return "text_completion"
+    if "input" in body:
+        model = body.get("model")
+        return "embeddings" if isinstance(model, str) and "embed" in model else "chat"
+    return None
+
+
 def resolve(ex: Exchange) -> bool:
     op = _operation(ex.path)
-    if op is None:
-        return False
     body = ex.request_json()
     if body is None:
         prefix = ex.info.pop("_req_prefix", None)
@@ -74,6 +84,10 @@ def resolve(ex: Exchange) -> bool:
         return False
     if "jsonrpc" in body:
         return False  # MCP's legacy /messages endpoint: the JSON-RPC enricher's
+    if op is None:
+        op = _operation_of_body(body)
+        if op is None:
+            return False
     model = body.get("model")
     provider = _provider(ex, body)
     if op == "chat" and ex.path.rstrip("/").endswith("/messages") and provider != "anthropic":
