@@ -14,6 +14,7 @@ import shutil
 import socket
 import struct
 import subprocess
+import sys
 import time
 import tracemalloc
 from pathlib import Path
@@ -441,12 +442,13 @@ def _clients(u) -> list[tuple[str, str, str, str]]:
         asked.append((tr, "www.wirespan.test", "A", "NOERROR"))
     # glibc: getent in a mount namespace whose /etc/resolv.conf names unbound (nothing outside changes).
     conf = Path(u.dir) / "resolv.conf"
-    conf.write_text(f"nameserver {a}\noptions single-request timeout:5 attempts:1\n")
+    conf.write_text(f"nameserver {a}\noptions timeout:5 attempts:1\n")
     out = subprocess.run(["unshare", "-m", "sh", "-c",
-                          f"mount --bind {conf} /etc/resolv.conf && getent ahostsv4 www.wirespan.test"],
+                          f"mount --bind {conf} /etc/resolv.conf && getent ahosts www.wirespan.test"],
                          capture_output=True, text=True, timeout=30)
-    assert "10.1.2.3" in out.stdout, out
-    asked.append(("udp", "www.wirespan.test", "A", "NOERROR"))  # ahostsv4: one A query
+    assert "10.1.2.3" in out.stdout and "2001:db8::1" in out.stdout, out
+    # ahosts: an A and an AAAA query, sent together (one sendmmsg)
+    asked += [("udp", "www.wirespan.test", "A", "NOERROR"), ("udp", "www.wirespan.test", "AAAA", "NOERROR")]
     return asked
 
 
@@ -519,7 +521,7 @@ def test_live_receiver_passes_dns_over_udp_and_tcp(ring: bool) -> None:
     from tests.support.unbound import unbound_server
 
     with unbound_server() as u:
-        spans, rstats, pstats = _live_spans(u, {"interface": "lo", "ports": [53], "ring": {"enabled": ring}})
+        spans, rstats, _ = _live_spans(u, {"interface": "lo", "ports": [53], "ring": {"enabled": ring}})
         got = sorted((s.attributes["network.transport"], s.attributes["dns.question.name"], s.name,
                       s.attributes["dns.response.status_code"]) for s in spans
                      if s.attributes.get("server.address") == u.address)
@@ -527,7 +529,8 @@ def test_live_receiver_passes_dns_over_udp_and_tcp(ring: bool) -> None:
                        ("udp", "www.wirespan.test", "A", "NOERROR"), ("udp", "www.wirespan.test", "AAAA", "NOERROR")]
         assert "udp_port" not in rstats["drops"]  # port 9 never left the kernel
         # udp_ports: [] passes no UDP at all; the TCP query still gives its span.
-        spans, rstats, _ = _live_spans(u, {"interface": "lo", "ports": [53], "udp_ports": [], "ring": {"enabled": ring}})
+        cfg = {"interface": "lo", "ports": [53], "udp_ports": [], "ring": {"enabled": ring}}
+        spans, rstats, _ = _live_spans(u, cfg)
         mine = [s for s in spans if s.attributes.get("server.address") == u.address]
         assert [s.attributes["network.transport"] for s in mine] == ["tcp"]
 
@@ -572,3 +575,75 @@ def test_live_kernel_filter_with_udp_ports_matches_tcpdump() -> None:
     assert not run(prog, frame(17, 40000, 123)) and not run(prog, frame(17, 40000, 8080))
     assert run(prog, frame(6, 40000, 8080)) and not run(prog, frame(6, 40000, 53))
     assert not run(build_filter([8080], 65535, False), frame(17, 40000, 53))
+
+
+# -- the same traffic through the ebpf receiver -------------------------------------------------------
+CLIENT_SCRIPT = """
+import socket, struct, sys, time
+import dns.message, dns.query
+a = sys.argv[1]
+for name, t in [("www.wirespan.test", "A"), ("nope.wirespan.test", "AAAA"), ("x.refused.test", "A")]:
+    dns.query.udp(dns.message.make_query(name, t), a, timeout=5)
+dns.query.tcp(dns.message.make_query("mail.wirespan.test", "MX"), a, timeout=5)
+with socket.create_connection((a, 53), timeout=5) as s:  # pipelined on one connection
+    qs = [dns.message.make_query(n, "TXT") for n in ("txt.wirespan.test", "gone.wirespan.test")]
+    s.sendall(b"".join(struct.pack("!H", len(w)) + w for w in (q.to_wire() for q in qs)))
+    for _ in qs:
+        dns.query.receive_tcp(s, time.time() + 5)
+"""
+
+
+def test_real_unbound_through_the_ebpf_receiver() -> None:
+    """Each process's view: the clients' CLIENT spans (dnspython over UDP, TCP and pipelined TCP
+    in a child process, dig, glibc's getent whose A and AAAA go out in one sendmmsg) and unbound's
+    SERVER spans of the same queries."""
+    from receivers.ebpf import EbpfConfig, EbpfReceiver
+    from tests.support.ebpf import needs_ebpf
+    from tests.support.unbound import unbound_server
+
+    assert not needs_ebpf(__name__).args[0], "eBPF is needed here (tests run as root on this kernel)"
+    sink = Sink()
+    p = ProtocolsProcessor("protocols", {}, sink)
+    with unbound_server() as u:
+        rx = EbpfReceiver("ebpf", EbpfConfig(ports=[53], tls={"enabled": False}), p)
+        rx.start()
+        try:
+            py = subprocess.run([sys.executable, "-c", CLIENT_SCRIPT, u.address], capture_output=True, text=True,
+                                timeout=60)
+            assert py.returncode == 0, py.stderr
+            dig = subprocess.run([DIG, "+tries=1", "+time=5", f"@{u.address}", "mail.wirespan.test", "MX"],
+                                 capture_output=True, text=True, timeout=20)
+            assert "status: NOERROR" in dig.stdout
+            conf = Path(u.dir) / "resolv.conf"
+            conf.write_text(f"nameserver {u.address}\noptions timeout:5 attempts:1\n")
+            ge = subprocess.run(["unshare", "-m", "sh", "-c",
+                                 f"mount --bind {conf} /etc/resolv.conf && getent ahosts www.wirespan.test"],
+                                capture_output=True, text=True, timeout=30)
+            assert "2001:db8::1" in ge.stdout and "10.1.2.3" in ge.stdout
+            time.sleep(1.0)
+            counters = rx.kernel_counters()
+        finally:
+            rx.shutdown()
+        p.shutdown()
+        mine = [s for s in sink.spans if s.attributes.get("server.address") == u.address]
+        server = sorted((s.attributes["network.transport"], s.attributes["dns.question.name"], s.name,
+                         s.attributes["dns.response.status_code"]) for s in mine
+                        if s.resource.attributes.get("process.pid") == u.pid)
+        client = sorted((s.attributes["network.transport"], s.attributes["dns.question.name"], s.name,
+                         s.attributes["dns.response.status_code"]) for s in mine
+                        if s.resource.attributes.get("process.pid") != u.pid)
+    asked = sorted([("udp", "www.wirespan.test", "A", "NOERROR"), ("udp", "nope.wirespan.test", "AAAA", "NXDOMAIN"),
+                    ("udp", "x.refused.test", "A", "REFUSED"), ("tcp", "mail.wirespan.test", "MX", "NOERROR"),
+                    ("tcp", "txt.wirespan.test", "TXT", "NOERROR"), ("tcp", "gone.wirespan.test", "TXT", "NXDOMAIN"),
+                    ("udp", "mail.wirespan.test", "MX", "NOERROR"),                       # dig
+                    ("udp", "www.wirespan.test", "A", "NOERROR"), ("udp", "www.wirespan.test", "AAAA", "NOERROR")])
+    assert client == asked
+    assert server == asked
+    for s in mine:
+        own = s.resource.attributes.get("process.pid") == u.pid
+        assert s.kind == (SpanKind.SERVER if own else SpanKind.CLIENT)
+        assert (s.status_code == StatusCode.ERROR) == (s.attributes["dns.response.status_code"] != "NOERROR")
+    names = {s.resource.attributes.get("process.executable.name") for s in mine}
+    assert {"unbound", "getent"} <= names, names
+    assert counters["udp_datagrams"] >= 24 and counters["udp_truncated"] == 0
+    assert not {k: v for k, v in p.stats["drops"].items() if k.startswith("dns:")}, p.stats["drops"]

@@ -1,4 +1,5 @@
-"""The ``ebpf`` receiver: every traced process's TCP reads and writes, from the kernel.
+"""The ``ebpf`` receiver: every traced process's TCP reads and writes (and its UDP datagrams
+on ``udp_ports``), from the kernel.
 
 Contract: ``start()`` loads ``bpf/wirespan.bpf.o`` (syscall tracepoints, see the C
 file's header), writes the filters into its config maps, attaches, and starts two
@@ -23,6 +24,16 @@ TLS_DATA record; from then on its syscall payloads are ciphertext: skipped and c
 (``tls_ciphertext``), never handed to a parser. A TLS connection that ends without plaintext
 from a probe (Go's crypto/tls, GnuTLS, Java, a stripped static OpenSSL) is counted
 ``tls_uncovered``.
+
+UDP (``udp_ports``, default [53]: DNS; ``[]`` turns it off): the program reports each datagram
+a traced process sends or receives on a UDP socket whose local or peer port is listed
+(read/write, sendto/recvfrom, sendmsg/recvmsg, sendmmsg/recvmmsg: the C file's header) as one
+record; it becomes one ``DATAGRAM`` event whose ``conn_id`` is ``("udp", pid, socket address,
+peer address, peer port)`` (a server's unconnected socket talks to many peers: one flow each).
+A datagram longer than what the kernel side copied (16 KiB, or its first iovec) is dropped,
+counted ``udp_truncated``. An unconnected socket's local address is the wildcard the process
+bound (the kernel picks the source per packet): a client's ``client.address`` may read
+``0.0.0.0``; the server's address and port, the peer's, are exact.
 
 Why a run cap rather than a per-syscall cap: a 200 KB response is one write on the
 server and many reads on the client; capping the run gives both views the same bytes.
@@ -67,14 +78,14 @@ OBJECT_PATH = Path(__file__).parent / "bpf" / "wirespan.bpf.o"
 #: ts_enter, ts_exit, sock, pid, tid, total, offset, len, lport, rport, kind, egress,
 #: family, last, pad, laddr, raddr, comm, stream_off, recv_end
 HDR = struct.Struct("<QQQIIIIIHHBBBBI16s16s16sQQ")
-#: struct ws_cfg: self_pid, filter_pids, filter_comms, filter_ports, max_call_bytes, tls
-CFG = struct.Struct("<6I")
+#: struct ws_cfg: self_pid, filter_pids, filter_comms, filter_ports, max_call_bytes, tls, udp
+CFG = struct.Struct("<7I")
 #: enum counter in wirespan.bpf.c, by index (metric label ``counter``).
 COUNTER_NAMES = ("ringbuf_reserve_failures", "truncated_calls", "truncated_bytes", "records",
                  "user_read_failures", "inflight_table_full", "ringbuf_reserve_failures_with_room",
                  "tls_ciphertext_calls", "tls_ciphertext_bytes", "tls_calls", "tls_no_socket_calls",
-                 "tls_no_socket_bytes")
-N_COUNTERS = 12
+                 "tls_no_socket_bytes", "udp_datagrams", "udp_truncated")
+N_COUNTERS = 14
 
 CHUNK = 16384                     #: payload bytes per ring record (issue 9)
 MAX_CALL_BYTES = 64 * CHUNK       #: MAX_RECORDS * CHUNK in the C file: 1 MiB per syscall
@@ -90,13 +101,13 @@ DEFAULT_MESSAGE_CAP = 64 << 10    #: OBI's large-buffer default order of magnitu
 MAX_MESSAGE_CAP = 64 << 20
 COMM_LEN = 16                     #: TASK_COMM_LEN, including the NUL
 AF_INET, AF_INET6 = 2, 10
-K_DATA, K_CLOSE, K_TLS_DATA, K_TLS_CLOSE, K_EXEC = 0, 1, 2, 3, 4
+K_DATA, K_CLOSE, K_TLS_DATA, K_TLS_CLOSE, K_EXEC, K_DGRAM = 0, 1, 2, 3, 4, 5
 #: Programs attached only with ``tls.enabled`` (the uprobes are attached per library by ssl_probes.py).
 TLS_PROGRAMS = ("on_exec",)
 #: A connection's syscall payloads are looked at for a TLS handshake while it has moved fewer
 #: bytes than this either way (a STARTTLS-style switch, as PostgreSQL's SSLRequest, comes early).
 TLS_SNIFF_BYTES = 16 << 10
-_DATA, _GAP = EventKind.DATA, EventKind.GAP
+_DATA, _GAP, _DATAGRAM = EventKind.DATA, EventKind.GAP, EventKind.DATAGRAM
 #: Connections tracked before the least recently used one is closed (as the reassembler).
 MAX_CONNECTIONS = 65536
 #: How often dead processes' connections are closed and kernel counters exported.
@@ -156,6 +167,9 @@ class EbpfConfig(ComponentConfig):
     process_names: list[str] = []
     #: Only sockets whose local or remote port is one of these.
     ports: list[int] = []
+    #: UDP datagrams to or from these ports are reported, one DATAGRAM event each (filtered in the
+    #: kernel: other UDP never reaches the ring); ``[]``: no UDP. The process filters apply too.
+    udp_ports: list[int] = Field(default_factory=lambda: [53])
     #: Ring buffer bytes (a power of two, at least one page).
     ring_size: int = DEFAULT_RING_SIZE
     #: Bytes kept per message (a run of bytes in one direction); the rest is a counted gap.
@@ -203,7 +217,7 @@ class EbpfConfig(ComponentConfig):
         for k, cap in {**self.max_message_bytes_per_protocol, **self.max_message_bytes_per_port}.items():
             if not 1 <= cap <= MAX_MESSAGE_CAP:
                 raise ValueError(f"max_message_bytes override {k}: must be 1..{MAX_MESSAGE_CAP}")
-        for p in [*self.ports, *self.max_message_bytes_per_port]:
+        for p in [*self.ports, *self.max_message_bytes_per_port, *self.udp_ports]:
             if not 0 < p < 65536:
                 raise ValueError(f"port {p} out of range")
         return self
@@ -283,6 +297,7 @@ class EbpfReceiver(Receiver):
                       "ring_fill_max": 0, "tls": {"connections": 0, "plaintext_records": 0, "ciphertext_records": 0,
                                                   "ciphertext_bytes": 0, "uncovered_connections": 0}}
         self._comm_cache: dict[bytes, str] = {}
+        self._addr_cache: dict[tuple[int, bytes], str] = {}  # UDP peers' raw addresses -> text (bounded)
         self._pending_close: list[TcpEvent] = []
         self._counter_snapshot: dict[str, int] = {}
         self._labels = {
@@ -346,10 +361,12 @@ class EbpfReceiver(Receiver):
             obj.update("comm_filter", name.encode().ljust(COMM_LEN, b"\0"), b"\1")
         for port in c.ports:
             obj.update("port_filter", struct.pack("<H", port), b"\1")
+        for port in c.udp_ports:
+            obj.update("udp_port_filter", struct.pack("<H", port), b"\1")
         self_pid = os.getpid() if c.exclude_self else 0
         obj.update("ws_config", struct.pack("<I", 0),
                    CFG.pack(self_pid, bool(c.pids), bool(c.process_names), bool(c.ports), max_call,
-                            bool(c.tls.enabled)))
+                            bool(c.tls.enabled), bool(c.udp_ports)))
 
     def shutdown(self) -> None:
         self._stop.set()
@@ -527,7 +544,9 @@ class EbpfReceiver(Receiver):
         c = self._conns.get(key)
         epoch = self._mono_to_epoch
         if kind != K_DATA and kind != K_TLS_DATA:
-            if kind == K_CLOSE:
+            if kind == K_DGRAM:
+                self._datagram(h, payload)
+            elif kind == K_CLOSE:
                 if c is not None:
                     # Where each direction ended (stream_off: sent, recv_end: received): the
                     # records of a tail lost to a full ring leave no later record to show the hole.
@@ -606,6 +625,37 @@ class EbpfReceiver(Receiver):
             out.append(TcpEvent(_GAP, c.id, src, sport, dst, dport, ts, None, gap, None,
                                 bool(egress), pid, tid, name))
         self._nrec += 1
+
+    def _datagram(self, h: tuple, payload: Any) -> None:
+        """One UDP datagram record -> one DATAGRAM event (or a counted drop when cut short)."""
+        (ts_in, ts_out, sk, pid, tid, total, _o, n, lport, rport, _k, egress, family, _l, _p,
+         laddr, raddr, comm, _so, _re) = h
+        self._nrec += 1
+        if n < total or payload is None:
+            RECEIVER_DROPPED.labels(receiver=self.id, reason="udp_truncated").inc()
+            self.stats["udp_truncated"] = self.stats.get("udp_truncated", 0) + 1
+            return
+        cache = self._addr_cache
+        la = cache.get((family, laddr))
+        if la is None:
+            if len(cache) > 65536:
+                cache.clear()
+            la = cache[(family, laddr)] = _addr(family, laddr)
+        ra = cache.get((family, raddr))
+        if ra is None:
+            ra = cache[(family, raddr)] = _addr(family, raddr)
+        name = self._comm_cache.get(comm)
+        if name is None:
+            name = self._comm_cache[comm] = comm.split(b"\0", 1)[0].decode(errors="replace")
+        cid = ("udp", pid, sk, ra, rport)
+        epoch = self._mono_to_epoch
+        if egress:
+            ev = TcpEvent(_DATAGRAM, cid, la, lport, ra, rport, ts_in + epoch, payload, 0, None, True, pid, tid, name)
+        else:
+            ev = TcpEvent(_DATAGRAM, cid, ra, rport, la, lport, ts_out + epoch, payload, 0, None, False, pid, tid,
+                          name)
+        self._out.append(ev)
+        self.stats["datagrams"] = self.stats.get("datagrams", 0) + 1
 
     def _sniff(self, c: _Conn, offset: int, stream_off: int, payload: Any) -> bool:
         """Is this syscall record the start of a TLS handshake? (Then the connection is TLS.)"""

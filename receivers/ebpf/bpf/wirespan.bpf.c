@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause)
 // wirespan eBPF probe: the bytes every traced process reads from and writes to
-// its TCP sockets, seen at the syscall boundary.
+// its TCP sockets, and the UDP datagrams it sends and receives on chosen ports,
+// seen at the syscall boundary.
 //
 // Contract with receivers/ebpf/receiver.py (keep struct rec_hdr in sync with
 // HDR there):
@@ -25,6 +26,15 @@
 //   ciphertext: it is counted, not copied, and marks the socket as TLS so its
 //   later syscall payloads are skipped too. sched_process_exec sends an EXEC
 //   record so userspace can attach to libraries of processes started later.
+// - UDP (cfg.udp): read/write/recvfrom/sendto/recvmsg/sendmsg and recvmmsg/sendmmsg
+//   (glibc's resolver sends its A and AAAA queries with one sendmmsg) on a UDP socket
+//   whose local or peer port is in udp_port_filter (the peer from the call's address,
+//   msg_name, or the connected socket's): one K_DGRAM record per datagram, its peer in
+//   raddr/rport, at most CHUNK bytes of its first iovec (a longer datagram is counted
+//   C_UDP_TRUNC and userspace drops it); at most MAX_MMSG datagrams per mmsg call. Only
+//   those ports' datagrams reach the ring: a node's other UDP (QUIC, syslog) costs a
+//   table lookup per call. A receive on an unconnected socket learns its peer at exit, so
+//   it is remembered at entry and decided then.
 // Every loop and every variable-size copy is clamped to a constant bound, as
 // the verifier requires.
 
@@ -46,11 +56,16 @@ char LICENSE[] SEC("license") = "Dual BSD/GPL";
 #define S_IFMT 00170000
 #define S_IFSOCK 0140000
 #define IPPROTO_TCP 6
+#define IPPROTO_UDP 17
 #define SOCK_STREAM 1
+#define SOCK_DGRAM 2
 #define MSG_PEEK 2
+#define MAX_MMSG 8           // datagrams reported per recvmmsg/sendmmsg call
 
-enum op { WS_READ = 0, WS_WRITE = 1, WS_READV = 2, WS_WRITEV = 3, WS_RECVMSG = 4, WS_SENDMSG = 5 };
-enum kind { K_DATA = 0, K_CLOSE = 1, K_TLS_DATA = 2, K_TLS_CLOSE = 3, K_EXEC = 4 };
+// Odd ops write. The mmsg ops are followed on UDP sockets only.
+enum op { WS_READ = 0, WS_WRITE = 1, WS_READV = 2, WS_WRITEV = 3, WS_RECVMSG = 4, WS_SENDMSG = 5,
+	  WS_RECVMMSG = 6, WS_SENDMMSG = 7 };
+enum kind { K_DATA = 0, K_CLOSE = 1, K_TLS_DATA = 2, K_TLS_CLOSE = 3, K_EXEC = 4, K_DGRAM = 5 };
 enum counter {
 	C_RESERVE_FAIL = 0,  // bpf_ringbuf_output failed (ring full, or see C_RESERVE_FAIL_ROOM): record lost
 	C_TRUNC_CALLS = 1,   // syscalls with bytes beyond max_call_bytes
@@ -64,7 +79,9 @@ enum counter {
 	C_TLS_CALLS = 9,          // SSL_read/SSL_write calls reported (plaintext)
 	C_TLS_NO_SOCK_CALLS = 10, // SSL calls with data but no known socket (memory BIO, ...): not reported
 	C_TLS_NO_SOCK_BYTES = 11, // their bytes
-	N_COUNTERS = 12,
+	C_UDP_DGRAMS = 12,        // UDP datagrams reported (K_DGRAM records)
+	C_UDP_TRUNC = 13,         // of those, longer than what was copied (CHUNK, or their first iovec)
+	N_COUNTERS = 14,
 };
 
 struct ws_cfg {
@@ -74,6 +91,7 @@ struct ws_cfg {
 	u32 filter_ports;    // 1: only sockets whose local or remote port is in port_filter
 	u32 max_call_bytes;  // bytes copied per syscall (<= MAX_RECORDS * CHUNK)
 	u32 tls;             // 1: the OpenSSL uprobes are attached (syscalls look for an SSL call)
+	u32 udp;             // 1: UDP datagrams on udp_port_filter's ports are reported
 };
 
 struct rec_hdr {
@@ -108,11 +126,14 @@ struct record {
 
 struct active {
 	u64 sock;
-	u64 buf;             // user buffer, or iovec array for the vector ops
+	u64 buf;             // user buffer, or iovec array for the vector ops (mmsghdr array for mmsg)
 	u64 ts;
+	u64 name;            // UDP: the call's struct sockaddr (sendto/recvfrom address, msg_name), or 0
 	u32 cnt;             // iovec count for the vector ops
 	u8 op;
 	u8 tls;              // 1: made inside an SSL call (ciphertext)
+	u8 udp;              // 1: a UDP socket
+	u8 matched;          // UDP: a port already matched udp_port_filter (else decided per datagram)
 };
 
 struct {
@@ -168,6 +189,14 @@ struct {
 	__type(key, u16);
 	__type(value, u8);
 } port_filter SEC(".maps");
+
+// UDP ports whose datagrams are reported (either end).
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 1024);
+	__type(key, u16);
+	__type(value, u8);
+} udp_port_filter SEC(".maps");
 
 // Sockets this program has reported data for, per process. close() of one of
 // them is reported even when the port filter no longer matches: a socket that
@@ -323,8 +352,8 @@ static __always_inline bool want_process(struct ws_cfg *cfg, u32 pid)
 	return true;
 }
 
-// fd -> struct sock of a TCP socket (IPv4/IPv6), else NULL.
-static __always_inline struct sock *fd_to_tcp_sock(u64 fd)
+// fd -> struct sock of a TCP (*udp = 0) or UDP (*udp = 1) socket (IPv4/IPv6), else NULL.
+static __always_inline struct sock *fd_to_inet_sock(u64 fd, u8 *udp)
 {
 	if (fd >= (1 << MAX_FDS_BITS))
 		return NULL;
@@ -356,9 +385,73 @@ static __always_inline struct sock *fd_to_tcp_sock(u64 fd)
 	u16 family = BPF_CORE_READ(sk, __sk_common.skc_family);
 	if (family != AF_INET && family != AF_INET6)
 		return NULL;
-	if (BPF_CORE_READ(sk, sk_protocol) != IPPROTO_TCP || BPF_CORE_READ(sk, sk_type) != SOCK_STREAM)
-		return NULL;
-	return sk;
+	u16 proto = BPF_CORE_READ(sk, sk_protocol), type = BPF_CORE_READ(sk, sk_type);
+	if (proto == IPPROTO_TCP && type == SOCK_STREAM) {
+		*udp = 0;
+		return sk;
+	}
+	if (proto == IPPROTO_UDP && type == SOCK_DGRAM) {
+		*udp = 1;
+		return sk;
+	}
+	return NULL;
+}
+
+// fd -> struct sock of a TCP socket (IPv4/IPv6), else NULL.
+static __always_inline struct sock *fd_to_tcp_sock(u64 fd)
+{
+	u8 udp = 0;
+	struct sock *sk = fd_to_inet_sock(fd, &udp);
+	return udp ? NULL : sk;
+}
+
+static __always_inline bool udp_port(u16 port)
+{
+	return port && bpf_map_lookup_elem(&udp_port_filter, &port);
+}
+
+// The destination port of a struct sockaddr (AF_INET or AF_INET6: the port is at the same place), or 0.
+static __always_inline u16 sockaddr_port(u64 name)
+{
+	struct { u16 family; u16 port; } sa = {};
+	if (!name || bpf_probe_read_user(&sa, sizeof(sa), (void *)name))
+		return 0;
+	if (sa.family != AF_INET && sa.family != AF_INET6)
+		return 0;
+	return __builtin_bswap16(sa.port);
+}
+
+// Entry of a call on a UDP socket: remembered when a port matches, or when the datagrams'
+// peers are learned later (a receive on an unconnected socket, sendmmsg's per-message names).
+static __always_inline int on_enter_udp(struct ws_cfg *cfg, u64 id, struct sock *sk, u64 buf, u32 cnt, u8 op,
+					u64 name)
+{
+	if (!cfg->udp)
+		return 0;
+	u16 lport = BPF_CORE_READ(sk, __sk_common.skc_num);
+	u16 rport = __builtin_bswap16(BPF_CORE_READ(sk, __sk_common.skc_dport));
+	u8 matched = udp_port(lport) || udp_port(rport);
+	if (!matched) {
+		if (op & 1) {
+			if (op == WS_SENDMMSG) {
+				if (rport)
+					return 0;  // connected: every datagram goes to rport
+			} else if (!udp_port(sockaddr_port(name))) {
+				return 0;
+			} else {
+				matched = 1;
+			}
+		} else if (rport) {
+			return 0;  // connected: every datagram comes from rport
+		}
+	}
+	struct active a = {
+		.sock = (u64)sk, .buf = buf, .ts = bpf_ktime_get_ns(), .name = name, .cnt = cnt, .op = op, .udp = 1,
+		.matched = matched,
+	};
+	if (bpf_map_update_elem(&active, &id, &a, BPF_ANY))
+		count(C_ACTIVE_FULL, 1);
+	return 0;
 }
 
 static __always_inline void fill_tuple(struct rec_hdr *h, struct sock *sk)
@@ -377,7 +470,7 @@ static __always_inline void fill_tuple(struct rec_hdr *h, struct sock *sk)
 	}
 }
 
-static __always_inline int on_enter(u64 fd, u64 buf, u32 cnt, u8 op)
+static __always_inline int on_enter(u64 fd, u64 buf, u32 cnt, u8 op, u64 name)
 {
 	struct ws_cfg *cfg = get_config();
 	if (!cfg)
@@ -385,8 +478,13 @@ static __always_inline int on_enter(u64 fd, u64 buf, u32 cnt, u8 op)
 	u64 id = bpf_get_current_pid_tgid();
 	if (!want_process(cfg, id >> 32))
 		return 0;
-	struct sock *sk = fd_to_tcp_sock(fd);
+	u8 udp = 0;
+	struct sock *sk = fd_to_inet_sock(fd, &udp);
 	if (!sk)
+		return 0;
+	if (udp)
+		return on_enter_udp(cfg, id, sk, buf, cnt, op, name);
+	if (op >= WS_RECVMMSG)
 		return 0;
 	u8 tls = 0;
 	if (cfg->tls) {
@@ -441,7 +539,7 @@ static __always_inline int on_enter_msg(u64 fd, u64 umsg, u8 op)
 	struct user_msghdr m = {};
 	if (bpf_probe_read_user(&m, sizeof(m), (void *)umsg))
 		return 0;
-	return on_enter(fd, (u64)m.msg_iov, (u32)m.msg_iovlen, op);
+	return on_enter(fd, (u64)m.msg_iov, (u32)m.msg_iovlen, op, (u64)m.msg_name);
 }
 
 // Lives in a per-CPU map, not on the stack: the verifier does not track map
@@ -653,6 +751,107 @@ static __always_inline int emit_data(u64 id, u64 sock, u64 buf, u32 cnt, u8 vec,
 	return 0;
 }
 
+// One UDP datagram (K_DGRAM): ubuf/avail its bytes (the buffer, or its first iovec), total its
+// length; name the peer's struct sockaddr, when the call gave one.
+static __always_inline void emit_dgram(u64 id, struct sock *sk, u64 ubuf, u64 avail, u64 total, u64 name,
+				       u8 egress, u64 ts, u8 matched)
+{
+	u32 zero = 0;
+	struct record *r = bpf_map_lookup_elem(&scratch, &zero);
+	if (!r)
+		return;
+	struct rec_hdr *h = &r->h;
+	fill_tuple(h, sk);
+	if (name) {
+		struct sockaddr_in6 sa = {};  // sin6_family and sin6_port are where sin_family/sin_port are
+		if (!bpf_probe_read_user(&sa, sizeof(struct sockaddr_in), (void *)name)) {
+			if (sa.sin6_family == AF_INET && h->family == AF_INET) {
+				h->rport = __builtin_bswap16(sa.sin6_port);
+				__builtin_memset(h->raddr, 0, 16);
+				__builtin_memcpy(h->raddr, &((struct sockaddr_in *)&sa)->sin_addr, 4);
+			} else if (sa.sin6_family == AF_INET6 && h->family == AF_INET6 &&
+				   !bpf_probe_read_user(&sa, sizeof(sa), (void *)name)) {
+				h->rport = __builtin_bswap16(sa.sin6_port);
+				__builtin_memcpy(h->raddr, &sa.sin6_addr, 16);
+			}
+		}
+	}
+	if (!matched && !udp_port(h->lport) && !udp_port(h->rport))
+		return;
+	if (total > 0xffff)
+		total = 0xffff;  // a UDP datagram's length field
+	h->ts_enter = ts;
+	h->ts_exit = bpf_ktime_get_ns();
+	h->sock = (u64)sk;
+	h->pid = id >> 32;
+	h->tid = (u32)id;
+	h->total = total;
+	h->offset = 0;
+	h->kind = K_DGRAM;
+	h->egress = egress & 1;
+	h->last = 1;
+	h->pad = 0;
+	h->stream_off = 0;
+	h->recv_end = 0;
+	bpf_get_current_comm(h->comm, sizeof(h->comm));
+	u64 n = total;
+	if (n > avail)
+		n = avail;
+	if (n > CHUNK)
+		n = CHUNK;
+	count(C_UDP_DGRAMS, 1);
+	if (n < total)
+		count(C_UDP_TRUNC, 1);
+	h->len = n;
+	if (n == 0) {
+		rb_output(r, sizeof(struct rec_hdr));
+		return;
+	}
+	u64 sz = *(volatile u32 *)&h->len;
+	asm volatile("%[n] += -1\n\t%[n] &= 0x3fff\n\t%[n] += 1" : [n] "+r"(sz));
+	if (bpf_probe_read_user(r->data, sz, (void *)ubuf)) {
+		count(C_READ_FAIL, 1);
+		h->len = 0;
+		rb_output(r, sizeof(struct rec_hdr));
+		return;
+	}
+	rb_output(r, sizeof(struct rec_hdr) + sz);
+}
+
+// Exit of a call on a UDP socket: its datagram(s) out as K_DGRAM records.
+static __always_inline int udp_exit(u64 id, struct active *a, long ret)
+{
+	struct sock *sk = (struct sock *)a->sock;
+	u8 egress = a->op & 1;
+	if (a->op == WS_READ || a->op == WS_WRITE) {
+		emit_dgram(id, sk, a->buf, ret, ret, a->name, egress, a->ts, a->matched);
+		return 0;
+	}
+	if (a->op == WS_RECVMSG || a->op == WS_SENDMSG) {
+		struct iovec v = {};
+		if (a->cnt == 0 || bpf_probe_read_user(&v, sizeof(v), (void *)a->buf))
+			return 0;
+		emit_dgram(id, sk, (u64)v.iov_base, v.iov_len, ret, a->name, egress, a->ts, a->matched);
+		return 0;
+	}
+	if (a->op != WS_RECVMMSG && a->op != WS_SENDMMSG)
+		return 0;
+	// ret: how many messages were moved; each one's msg_len is its datagram's length
+	for (u32 i = 0; i < MAX_MMSG; i++) {
+		if (i >= ret)
+			break;
+		struct mmsghdr mh = {};
+		if (bpf_probe_read_user(&mh, sizeof(mh), (void *)(a->buf + (u64)i * sizeof(struct mmsghdr))))
+			break;
+		struct iovec v = {};
+		if (mh.msg_hdr.msg_iovlen == 0 || bpf_probe_read_user(&v, sizeof(v), (void *)mh.msg_hdr.msg_iov))
+			continue;
+		emit_dgram(id, sk, (u64)v.iov_base, v.iov_len, mh.msg_len, (u64)mh.msg_hdr.msg_name, egress, a->ts,
+			   a->matched);
+	}
+	return 0;
+}
+
 static __always_inline int on_exit(long ret)
 {
 	u64 id = bpf_get_current_pid_tgid();
@@ -663,6 +862,8 @@ static __always_inline int on_exit(long ret)
 	bpf_map_delete_elem(&active, &id);
 	if (ret <= 0)
 		return 0;
+	if (a.udp)
+		return udp_exit(id, &a, ret);
 	return emit_data(id, a.sock, a.buf, a.cnt, a.op >= WS_READV, a.ts, ret, a.op & 1 /* odd ops write */,
 			 K_DATA, a.tls);
 }
@@ -670,7 +871,7 @@ static __always_inline int on_exit(long ret)
 SEC("tracepoint/syscalls/sys_enter_read")
 int enter_read(struct trace_event_raw_sys_enter *ctx)
 {
-	return on_enter(ctx->args[0], ctx->args[1], 0, WS_READ);
+	return on_enter(ctx->args[0], ctx->args[1], 0, WS_READ, 0);
 }
 
 SEC("tracepoint/syscalls/sys_enter_recvfrom")
@@ -680,31 +881,31 @@ int enter_recvfrom(struct trace_event_raw_sys_enter *ctx)
 	// one byte of every connection on a listener with ssl to tell TLS from plain HTTP)
 	if (ctx->args[3] & MSG_PEEK)
 		return 0;
-	return on_enter(ctx->args[0], ctx->args[1], 0, WS_READ);
+	return on_enter(ctx->args[0], ctx->args[1], 0, WS_READ, ctx->args[4]);  // src_addr: filled at exit
 }
 
 SEC("tracepoint/syscalls/sys_enter_write")
 int enter_write(struct trace_event_raw_sys_enter *ctx)
 {
-	return on_enter(ctx->args[0], ctx->args[1], 0, WS_WRITE);
+	return on_enter(ctx->args[0], ctx->args[1], 0, WS_WRITE, 0);
 }
 
 SEC("tracepoint/syscalls/sys_enter_sendto")
 int enter_sendto(struct trace_event_raw_sys_enter *ctx)
 {
-	return on_enter(ctx->args[0], ctx->args[1], 0, WS_WRITE);
+	return on_enter(ctx->args[0], ctx->args[1], 0, WS_WRITE, ctx->args[4]);  // dest_addr
 }
 
 SEC("tracepoint/syscalls/sys_enter_readv")
 int enter_readv(struct trace_event_raw_sys_enter *ctx)
 {
-	return on_enter(ctx->args[0], ctx->args[1], ctx->args[2], WS_READV);
+	return on_enter(ctx->args[0], ctx->args[1], ctx->args[2], WS_READV, 0);
 }
 
 SEC("tracepoint/syscalls/sys_enter_writev")
 int enter_writev(struct trace_event_raw_sys_enter *ctx)
 {
-	return on_enter(ctx->args[0], ctx->args[1], ctx->args[2], WS_WRITEV);
+	return on_enter(ctx->args[0], ctx->args[1], ctx->args[2], WS_WRITEV, 0);
 }
 
 SEC("tracepoint/syscalls/sys_enter_recvmsg")
@@ -720,6 +921,27 @@ int enter_sendmsg(struct trace_event_raw_sys_enter *ctx)
 {
 	return on_enter_msg(ctx->args[0], ctx->args[1], WS_SENDMSG);
 }
+
+// int sendmmsg(int fd, struct mmsghdr *msgvec, unsigned int vlen, int flags) and recvmmsg(..., flags,
+// struct timespec *timeout): UDP only (on_enter).
+SEC("tracepoint/syscalls/sys_enter_recvmmsg")
+int enter_recvmmsg(struct trace_event_raw_sys_enter *ctx)
+{
+	if (ctx->args[3] & MSG_PEEK)
+		return 0;
+	return on_enter(ctx->args[0], ctx->args[1], ctx->args[2], WS_RECVMMSG, 0);
+}
+
+SEC("tracepoint/syscalls/sys_enter_sendmmsg")
+int enter_sendmmsg(struct trace_event_raw_sys_enter *ctx)
+{
+	return on_enter(ctx->args[0], ctx->args[1], ctx->args[2], WS_SENDMMSG, 0);
+}
+
+SEC("tracepoint/syscalls/sys_exit_recvmmsg")
+int exit_recvmmsg(struct trace_event_raw_sys_exit *ctx) { return on_exit(ctx->ret); }
+SEC("tracepoint/syscalls/sys_exit_sendmmsg")
+int exit_sendmmsg(struct trace_event_raw_sys_exit *ctx) { return on_exit(ctx->ret); }
 
 SEC("tracepoint/syscalls/sys_exit_read")
 int exit_read(struct trace_event_raw_sys_exit *ctx) { return on_exit(ctx->ret); }
