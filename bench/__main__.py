@@ -21,6 +21,7 @@ from service.log import describe
 def main(argv: list[str]) -> int:
     names = sorted(m.name[len("bench_"):] for m in pkgutil.iter_modules(bench.__path__)
                    if m.name.startswith("bench_"))
+    argv = [a.replace("-", "_") if a.replace("-", "_") in names else a for a in argv]  # protocols-vs-tshark
     if argv and argv[0] in names:
         mod = importlib.import_module(f"bench.bench_{argv[0]}")
         if hasattr(mod, "cli"):  # a benchmark with options of its own: ``python -m bench fuzz redis --seconds 5``
