@@ -10,6 +10,7 @@ table is fuzzed.
 
 from __future__ import annotations
 
+import gzip
 import struct
 from collections.abc import Callable
 
@@ -55,6 +56,41 @@ def _http() -> list[Conv]:
          (False, b"HTTP/1.1 200 Connection established\r\n\r\n\x16\x03\x01\x00\x05hello")],
         [(True, b"OPTIONS * HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\n\r\nabc"),
          (False, b"HTTP/1.1 204 No Content\r\nX: a\r\n b\r\n\r\n")],
+        *_http_enriched(),
+    ]
+
+
+def _http_enriched() -> list[Conv]:
+    """What the HTTP enrichers read (processors/protocols/enrich/): a GenAI call answered gzip'd,
+    one streamed as SSE in chunks, GraphQL, Elasticsearch, a JSON-RPC batch, an MCP SSE answer."""
+    def post(path: bytes, body: bytes, extra: bytes = b"") -> bytes:
+        return b"POST %s HTTP/1.1\r\nHost: h\r\n%sContent-Length: %d\r\n\r\n%s" % (path, extra, len(body), body)
+
+    def ok(body: bytes, extra: bytes = b"") -> bytes:
+        return b"HTTP/1.1 200 OK\r\n%sContent-Length: %d\r\n\r\n%s" % (extra, len(body), body)
+
+    chat = b'{"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}], "stream": %s}'
+    answer = gzip.compress(b'{"id": "c1", "model": "gpt-4o-1", "choices": [{"index": 0, "finish_reason": "stop"}],'
+                           b' "usage": {"prompt_tokens": 3, "completion_tokens": 1}}')
+    events = (b'data: {"model": "m", "choices": [{"index": 0, "delta": {"content": "a"}}]}\n\n'
+              b'data: {"choices": [], "usage": {"prompt_tokens": 1, "completion_tokens": 2}}\n\ndata: [DONE]\n\n')
+    sse = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n" + b"".join(
+        b"%x\r\n%s\r\n" % (len(events[i:i + 40]), events[i:i + 40]) for i in range(0, len(events), 40)) + b"0\r\n\r\n"
+    mcp = (b'event: message\ndata: {"jsonrpc": "2.0", "id": 1, "result": {"isError": true}}\n\n')
+    return [
+        [(True, post(b"/v1/chat/completions", chat % b"false")),
+         (False, ok(answer, b"Content-Type: application/json\r\nContent-Encoding: gzip\r\n"))],
+        [(True, post(b"/v1/chat/completions", chat % b"true")), (False, sse)],
+        [(True, post(b"/graphql", b'{"query": "mutation M($a: I = {x: 1}) { f }", "operationName": "M"}')),
+         (False, ok(b'{"errors": [{"extensions": {"code": "E"}}], "data": null}'))],
+        [(True, b"GET /books/_search?q=x HTTP/1.1\r\nHost: h\r\nUser-Agent: elasticsearch-py/9\r\n\r\n"),
+         (False, ok(b'{"error": {"type": "index_not_found_exception"}}', b"X-Elastic-Product: Elasticsearch\r\n")
+          .replace(b"200 OK", b"404 Not Found"))],
+        [(True, post(b"/", b'[{"jsonrpc": "2.0", "method": "a", "id": 1}, {"jsonrpc": "2.0", "method": "b"}]')),
+         (False, ok(b'[{"jsonrpc": "2.0", "id": 1, "error": {"code": -32601}}]'))],
+        [(True, post(b"/mcp", b'{"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "t"}}',
+                     b"Mcp-Session-Id: s1\r\n")),
+         (False, ok(mcp, b"Content-Type: text/event-stream\r\n"))],
     ]
 
 
