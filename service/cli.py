@@ -622,6 +622,62 @@ AUTO_MAX_WORKERS = 4
 AUTO_IDLE_SAMPLE_S = 0.15
 #: A worker needs this much of a free core.
 AUTO_CORE_PER_WORKER = 0.75
+#: ... and only where the model below predicts at least this wall speed-up over one process
+#: (issue 21: on 2 cores 2 workers must beat one by 1.6x, or auto must not use them).
+AUTO_MIN_SPEEDUP = 1.6
+#: The model: every worker reads and decodes the whole file to find its connections, a share
+#: of one process's CPU that N workers do not split (measured here: a shard of two costs 0.59
+#: of one process in-process on 100k packets of small HTTP/1 exchanges, so 0.18 is repeated);
+#: the rest splits as the traffic does over the shards, the largest one deciding; forking and
+#: concatenating the parts cost the rest (measured 1.54x wall on two free cores where the
+#: model's bound was 1.69x). Two workers: 0.91 / (0.18 + 0.82 / 2) = 1.54x, below 1.6x: on 2
+#: cores auto replays in one process; 3 free cores predict 2.0x, 4 predict 2.4x.
+AUTO_SHARED_SHARE = 0.18
+AUTO_EFFICIENCY = 0.91
+#: Packets read from the capture's start to see how its traffic spreads over the shards (one
+#: big connection does not split: its shard does all the work).
+AUTO_SAMPLE_PACKETS = 20_000
+
+
+def predicted_speedup(largest_share: float) -> float:
+    """Wall speed-up of sharded workers over one process when the busiest shard carries
+    ``largest_share`` of the traffic (1/N when it spreads evenly over N): the model above."""
+    return AUTO_EFFICIENCY / (AUTO_SHARED_SHARE + (1 - AUTO_SHARED_SHARE) * max(0.0, min(1.0, largest_share)))
+
+
+def _largest_shard_share(path: str, n: int, packets: int = AUTO_SAMPLE_PACKETS) -> float:
+    """The busiest of ``n`` shards' share of the first ``packets`` TCP packets of ``path``
+    (each weighed by its frame bytes plus a fixed per-packet cost); 1/n when it cannot tell
+    (a compressed or unreadable input, no TCP)."""
+    from receivers.capture_stream import NEW_VIEW
+    from receivers.packet import link_decoder
+    from receivers.pcap import open_capture, shard_of
+    try:
+        reader = open_capture(path)
+        if getattr(reader, "streaming", False):
+            return 1 / n
+        view = reader.view
+        loads = [0] * n
+        seen = 0
+        decoders: dict[int, Any] = {}
+        for lt, _ts, off, end in reader:
+            if lt == NEW_VIEW:
+                continue
+            dec = decoders.get(lt)
+            if dec is None:
+                dec = decoders[lt] = link_decoder(lt)
+            res = dec(view, off, end)
+            if res.__class__ is str:
+                continue
+            src, dst, sport, dport = res[0], res[1], res[2], res[3]
+            loads[shard_of(src, dst, sport, dport, n)] += end - off + 200
+            seen += 1
+            if seen >= packets:
+                break
+    except Exception:  # a sample only: the replay itself reports what is wrong with the file
+        return 1 / n
+    total = sum(loads)
+    return max(loads) / total if total else 1 / n
 
 
 def _warm_up() -> None:
@@ -689,9 +745,11 @@ def _has_connectors(args: argparse.Namespace) -> bool:
         return False  # reported when the config is read for real
 
 
-def _auto_workers(args: argparse.Namespace, free_cores: Any = None) -> int:
-    """How many processes ``--workers auto`` replays with: one per free core for a capture of
-    AUTO_WORKERS_MIN_MB or more written to a file, at most AUTO_MAX_WORKERS; else 1."""
+def _auto_workers(args: argparse.Namespace, free_cores: Any = None, balance: Any = None) -> int:
+    """How many processes ``--workers auto`` replays with: for a capture of AUTO_WORKERS_MIN_MB
+    or more written to a file, the most workers (one per free core, at most AUTO_MAX_WORKERS)
+    for which ``predicted_speedup`` of the sampled traffic is at least AUTO_MIN_SPEEDUP; else 1.
+    ``free_cores(cores)`` and ``balance(n)`` (the busiest shard's share) replace the samples."""
     if not args.output or args.shard:
         return 1
     from receivers.pcap import capture_files
@@ -713,7 +771,16 @@ def _auto_workers(args: argparse.Namespace, free_cores: Any = None) -> int:
     if n < 2:
         log.info("replay: --workers auto: %.1f of %d cores free, one process", free, cores)
         return 1
-    return n
+    files = capture_files(args.file)
+    while n >= 2:
+        share = balance(n) if balance is not None else _largest_shard_share(files[0], n)
+        gain = predicted_speedup(share)
+        if gain >= AUTO_MIN_SPEEDUP:
+            return n
+        log.info("replay: --workers auto: %d workers would gain %.2fx (busiest shard %.0f%%), below %.1fx",
+                 n, gain, 100 * share, AUTO_MIN_SPEEDUP)
+        n -= 1
+    return 1
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
@@ -858,9 +925,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="longest wait for everything to be delivered after the file ends (default 30s)")
     p.add_argument("--workers", type=_workers, default="auto", metavar="N|auto",
                    help="with --output: split the connections over N processes; spans of one connection "
-                        "stay in order, the file is their concatenation. auto (the default): one per core, "
+                        "stay in order, the file is their concatenation. auto (the default): one per free core, "
                         f"at most {AUTO_MAX_WORKERS}, for a capture of {AUTO_WORKERS_MIN_MB} MB or more "
-                        "written with --output; else 1")
+                        f"written with --output, where they are predicted to gain {AUTO_MIN_SPEEDUP}x (3 or "
+                        "more free cores, traffic spread over many connections); else 1")
     p.add_argument("--allow-truncated", action="store_true",
                    help=f"a capture cut short (or damaged) exits 0 after replaying what it holds, not "
                         f"{EXIT_TRUNCATED}")

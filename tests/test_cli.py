@@ -412,20 +412,31 @@ def test_replay_workers_auto_forks_only_for_large_captures_with_output(tmp_path:
         f.truncate(wcli.AUTO_WORKERS_MIN_MB * 1_000_000)
     cores = min(len(os.sched_getaffinity(0)), wcli.AUTO_MAX_WORKERS)
 
-    def auto(file: Path, output: str | None, free: float | None = None) -> int:
-        # the free-core sample is replaced here (the machine's load is not the test's);
-        # test_replay_workers_auto_is_one_process_on_busy_cores samples for real
+    def auto(file: Path, output: str | None, free: float | None = None, cores_: int | None = None) -> int:
+        # the free-core sample and the traffic's spread are replaced here (the machine's load
+        # is not the test's; the sparse file has no packets): an even spread over the shards.
+        # test_replay_workers_auto_is_one_process_on_busy_cores samples the cores for real,
+        # test_replay_workers_auto_samples_the_traffic the spread.
         return wcli._auto_workers(argparse.Namespace(file=str(file), output=output, shard=None),
-                                  free_cores=lambda c: float(c) if free is None else free)
+                                  free_cores=lambda c: float(cores_ or c) if free is None else free,
+                                  balance=lambda n: 1 / n)
 
+    def expected(n: int) -> int:  # the most workers the model predicts gain AUTO_MIN_SPEEDUP
+        return max([k for k in range(2, n + 1) if wcli.predicted_speedup(1 / k) >= wcli.AUTO_MIN_SPEEDUP],
+                   default=1)
+
+    # issue 21: 2 workers on 2 cores gain less than 1.6x (every worker decodes the whole file)
+    assert wcli.predicted_speedup(1 / 2) < wcli.AUTO_MIN_SPEEDUP <= wcli.predicted_speedup(1 / 3)
     assert auto(small, "out.jsonl") == 1
     assert auto(big, None) == 1  # workers need --output
-    assert auto(big, "out.jsonl") == cores
+    assert auto(big, "out.jsonl") == expected(cores)
     assert auto(tmp_path / "missing.pcap", "out.jsonl") == 1
     if cores >= 2:
         assert auto(big, "out.jsonl", free=1.0) == 1   # one core busy elsewhere: one process
-        assert auto(big, "out.jsonl", free=1.5) == 2
-    assert auto(tmp_path, "out.jsonl") == (cores if cores >= 2 else 1)   # a directory: its files' sizes
+        assert auto(big, "out.jsonl", free=1.5) == 1   # two workers would not gain 1.6x
+    if cores >= 3:
+        assert auto(big, "out.jsonl", free=2.5) == 3
+    assert auto(tmp_path, "out.jsonl") == expected(cores)   # a directory: its files' sizes
     p = wcli.build_parser()
     assert p.parse_args(["replay", "x.pcap"]).workers == "auto"
     assert p.parse_args(["replay", "x.pcap", "--workers", "3"]).workers == 3
@@ -726,6 +737,36 @@ service:
     assert warned[0].endswith(f"otlphttp: export to http://127.0.0.1:{port}/v1/traces failed: connection refused; "
                               "will retry; the spans are kept")
     assert "error: exporters::otlphttp: 24 of 24 spans not delivered" in r.stderr
+
+
+def test_replay_workers_auto_samples_the_traffic(tmp_path: Path) -> None:
+    """Issue 21: auto samples how the capture's traffic spreads over the shards. One big
+    connection does not split (its shard would do all the work: one process); many
+    connections, even with every client port even, spread evenly."""
+    from service import cli as wcli
+    from tests.support import pcapgen as g
+
+    one = tmp_path / "one.pcap"
+    f = g.TcpFlow(("10.1.0.1", 40000), ("10.2.0.1", 8080))
+    pk = list(f.handshake())
+    for i in range(300):
+        pk += [f.send(True, b"GET /%d HTTP/1.1\r\n\r\n" % i), f.send(False, b"HTTP/1.1 200 OK\r\n\r\n")]
+    g.write_pcap(one, [g.ether(p) for p in pk])
+    for n in (2, 3, 4):
+        assert wcli._largest_shard_share(str(one), n) == 1.0
+        assert wcli.predicted_speedup(1.0) < 1.0
+
+    many = tmp_path / "even.pcap"
+    flows = [g.TcpFlow((f"10.1.0.{c // 100 + 1}", 40000 + 2 * c), ("10.2.0.1", 8080), isn_client=c) for c in range(400)]
+    g.write_pcap(many, [g.ether(p) for fl in flows for p in (*fl.handshake(), fl.send(True, b"GET / HTTP/1.1\r\n\r\n"))])
+    for n in (2, 3, 4):
+        assert 1 / n <= wcli._largest_shard_share(str(many), n) < 1.25 / n
+    # more packets than the sample: only the first AUTO_SAMPLE_PACKETS are read
+    assert wcli._largest_shard_share(str(many), 2, packets=10) <= 1.0
+    # unreadable or not a capture: assume an even spread (the replay reports the file itself)
+    bad = tmp_path / "bad.pcap"
+    bad.write_bytes(b"\0" * 100)
+    assert wcli._largest_shard_share(str(bad), 2) == 0.5
 
 
 def test_replay_workers_auto_is_one_process_on_busy_cores(tmp_path: Path) -> None:

@@ -32,7 +32,7 @@ PROTOCOLS: dict[str, str] = {
     "fastcgi": "processors.protocols.fastcgi",
     "memcached": "processors.protocols.memcached",  # memcached binary/text and Couchbase
     "nats": "processors.protocols.nats",           # before redis: an inline word could read as NATS's
-    "amqp": "processors.protocols.amqp",           # AMQP 0-9-1 (RabbitMQ)
+    "amqp": "processors.protocols.amqp",           # AMQP 0-9-1 (RabbitMQ) and 1.0: a package
     "redis": "processors.protocols.redis",
     "dns": "processors.protocols.dns",           # DNS over UDP (the only UDP reader) and TCP
     "kafka": "processors.protocols.kafka",

@@ -389,6 +389,9 @@ class ProtocolsProcessor(EventProcessor):
 
     def _enrich_count(self, kind: str, result: str) -> None:
         """An enricher's outcome: ``wirespan_parser_messages{protocol=<kind>,result=...}``."""
+        if result == "internal_error":  # a bug: also where the summary and the fuzzer look (stats drops)
+            self._drop(kind, result)
+            return
         key = (kind, result)
         self._counts[key] = self._counts.get(key, 0) + 1
 
