@@ -177,7 +177,8 @@ def test_detect() -> None:
 
     assert det(w.HEADER) == Detection.REQUEST
     assert det(w.HEADER[:5]) == Detection.NEED_MORE
-    assert det(b"AMQP\x00\x01\x00\x00") == Detection.NO  # AMQP 1.0's header
+    assert a.v091.detect(LargeBuffer(b"AMQP\x00\x01\x00\x00"), None) == Detection.NO  # 1.0's header
+    assert det(b"AMQP\x00\x01\x00\x00") == Detection.REQUEST  # the package: 1.0's module takes it
     assert det(w.HEADER, False) == Detection.NO
     assert det(w.handshake_server()[0]) == Detection.RESPONSE
     pub = M(1, spec.Basic.Publish(exchange="x", routing_key="k"))

@@ -1,7 +1,8 @@
 """AMQP 0-9-1 (RabbitMQ): spans for publishes, deliveries, gets, settlements, queue.declare,
 and channel and connection errors.
 
-Contract: processors/protocols/base.py. The wire (AMQP 0-9-1 specification §4.2): after the
+Contract: processors/protocols/base.py (the package, ``amqp/__init__.py``, picks this module or
+``v10.py`` by the first bytes). The wire (AMQP 0-9-1 specification §4.2): after the
 client's protocol header ``AMQP\\x00\\x00\\x09\\x01`` both sides send frames
 
     type (1: method, 2: content header, 3: content body, 8: heartbeat) | channel u16 |

@@ -1,0 +1,86 @@
+"""AMQP: 0-9-1 (RabbitMQ's own protocol, ``v091.py``) and 1.0 (OASIS, ``v10.py``), one protocol
+``amqp`` of the stage (base.py's contract) whose two versions share nothing on the wire but the
+port and the first four bytes of the protocol header.
+
+The version is told by the first bytes a side sent: the protocol header ``AMQP 0 0-9-1``
+(``AMQP\\x00\\x00\\x09\\x01``) or ``AMQP 0 1.0.0`` / ``AMQP 3 1.0.0`` (SASL), or, joined after the
+headers, a frame's shape: a 0-9-1 frame starts with its type (1, 2, 3 or 8), a 1.0 frame with
+its 32-bit size (a first byte of 0 below 16 MiB). ``detect`` asks both modules; ``Session`` is
+a small dispatcher that builds the version's session at its first bytes and hands it
+``feed``/``gap``/``skip_gap``/``close`` as its own attributes, so the stage calls the version's
+methods directly afterwards (no extra call a segment).
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from processors.protocols import base
+from processors.protocols.base import Conn, Detection
+from service.largebuf import LargeBuffer
+
+from . import v091, v10
+from .v091 import NAME, Settings
+
+__all__ = ["NAME", "DEFAULT_PORTS", "Settings", "detect", "ambiguous_role", "Session"]
+
+#: 5672 (AMQP, both versions), 5671 (AMQPS: seen in plaintext through the eBPF TLS probes).
+DEFAULT_PORTS = frozenset({5672, 5671})
+
+
+def _is10(buf: LargeBuffer) -> bool | None:
+    """True for 1.0's bytes, False for 0-9-1's, None while the header's fifth byte is to come."""
+    first = buf.u8_at(0)
+    if first == 0x41:  # 'A': AMQP\x00\x00 (0-9-1), AMQP\x01\x01 (0-9), AMQP\x00\x01, \x02, \x03 (1.0)
+        if len(buf) < 6:
+            return None
+        return buf.u8_at(4) in (0x02, 0x03) or (buf.u8_at(4) == 0 and buf.u8_at(5) == 1)
+    return first == 0
+
+
+def detect(buf: LargeBuffer, from_client: bool | None) -> Detection:
+    if not len(buf):
+        return Detection.NEED_MORE
+    if buf.u8_at(0) == 0:
+        return v10.detect(buf, from_client)
+    if buf.u8_at(0) == 0x41:
+        a, b = v091.detect(buf, from_client), v10.detect(buf, from_client)
+        return a if a != Detection.NO else b
+    return v091.detect(buf, from_client)
+
+
+def ambiguous_role(buf: LargeBuffer) -> bool:
+    if len(buf) and buf.u8_at(0) == 0:
+        return v10.ambiguous_role(buf)
+    return v091.ambiguous_role(buf)
+
+
+class Session(base.Session):
+    """Chooses the version at the first bytes and becomes it (see the module's docstring)."""
+
+    protocol: ClassVar[str] = NAME
+
+    def __init__(self, conn: Conn) -> None:
+        super().__init__(conn)
+        self.impl: base.Session | None = None
+
+    def feed(self, from_client: bool, buf: LargeBuffer, ts_ns: int) -> None:
+        if not len(buf):
+            return
+        is10 = _is10(buf)
+        if is10 is None:
+            buf.want = 6
+            return
+        impl = (v10 if is10 else v091).Session(self.conn)
+        self.impl = impl
+        self.feed = impl.feed  # type: ignore[method-assign]
+        self.gap = impl.gap  # type: ignore[method-assign]
+        self.skip_gap = impl.skip_gap  # type: ignore[method-assign]
+        self.close = impl.close  # type: ignore[method-assign]
+        impl.feed(from_client, buf, ts_ns)
+
+    def __getattr__(self, name: str) -> Any:
+        impl = self.__dict__.get("impl")
+        if impl is None:
+            raise AttributeError(name)
+        return getattr(impl, name)
