@@ -758,7 +758,8 @@ def test_replay_workers_auto_samples_the_traffic(tmp_path: Path) -> None:
 
     many = tmp_path / "even.pcap"
     flows = [g.TcpFlow((f"10.1.0.{c // 100 + 1}", 40000 + 2 * c), ("10.2.0.1", 8080), isn_client=c) for c in range(400)]
-    g.write_pcap(many, [g.ether(p) for fl in flows for p in (*fl.handshake(), fl.send(True, b"GET / HTTP/1.1\r\n\r\n"))])
+    get = b"GET / HTTP/1.1\r\n\r\n"
+    g.write_pcap(many, [g.ether(p) for fl in flows for p in (*fl.handshake(), fl.send(True, get))])
     for n in (2, 3, 4):
         assert 1 / n <= wcli._largest_shard_share(str(many), n) < 1.25 / n
     # more packets than the sample: only the first AUTO_SAMPLE_PACKETS are read
