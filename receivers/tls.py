@@ -595,7 +595,7 @@ class _Side:
     """One direction of a TLS connection (``src`` sends)."""
 
     __slots__ = ("app", "avail", "client_is_src", "closed", "dport", "dst", "fails", "hs", "lost", "need",
-                 "pend_ln", "pieces", "prot", "resync", "skip", "sport", "src")
+                 "pend_ln", "pieces", "prot", "resync", "rneed", "rpos", "skip", "sport", "src")
 
     def __init__(self, ev: TcpEvent) -> None:
         self.src, self.sport, self.dst, self.dport = ev.src, ev.sport, ev.dst, ev.dport
@@ -610,6 +610,8 @@ class _Side:
         self.hs = bytearray()      #: handshake messages' bytes (plaintext)
         self.skip = 0              #: bytes of a record hit by a gap still to pass over
         self.resync = False
+        self.rpos = 0              #: resync: candidates before this offset of the pending bytes were refused
+        self.rneed = 0             #: resync: pending bytes wanted before the next look
         self.lost = False
         self.closed = False
         self.fails = 0
@@ -910,8 +912,8 @@ class TlsLayer:
                 if side.resync:
                     if not self._resync(st, side):
                         return
-                if side.avail < 5:
-                    return
+                if side.avail < 5 or (0 <= side.pend_ln and side.avail < 5 + side.pend_ln):
+                    return  # the header is in, its record is not: nothing to look at again
                 hdr = self._peek(side, 5)
                 ct, ln = hdr[0], (hdr[3] << 8) | hdr[4]
                 if not (CT_CCS <= ct <= 24 and hdr[1] == 3 and ln <= MAX_RECORD):
@@ -959,6 +961,15 @@ class TlsLayer:
                     self._kill(st, "tls_no_keys")  # protected records, and no way to read them (no handshake seen)
             return
         pt = prot.open(hdr, body)
+        if pt is None and prot.tls13 and not side.app and st.suite is not None and st.cr:
+            # TLS 1.3: the Finished that switches to the application secret may have been lost (a gap)
+            sec = self.keylog.secret(st.cr, ("CLIENT" if side is st.client else "SERVER") + "_TRAFFIC_SECRET_0")
+            if sec is not None and len(sec) == _HLEN[st.suite.hash]:
+                alt = _Protect.tls13_from(st.suite, sec)
+                pt = alt.open(hdr, body)
+                if pt is not None:
+                    side.prot, side.app, side.need = alt, True, None
+                    prot = alt
         if pt is None:
             if side is st.client and st.c_early and prot.tls13 and not side.app:
                 # 0-RTT accepted by the server: the client's records until EndOfEarlyData are under
@@ -1185,12 +1196,13 @@ class TlsLayer:
             return
         n = ev.gap
         prot = side.prot
+        side.hs.clear()  # a handshake message cut by the gap is not followed; the next record's are
         if side.skip:
-            side.skip = max(side.skip - n, 0) if n else 0
-            if not n:
-                side.resync = True
-            return
-        if side.pend_ln >= 0 and n:
+            if n and n <= side.skip:  # still inside the record already lost
+                side.skip -= n
+                return
+            side.skip = 0  # past its end (or a gap of unknown size): the boundaries are lost
+        elif side.pend_ln >= 0 and n:
             need = 5 + side.pend_ln - side.avail
             if 0 < n <= need:
                 # inside the record being collected: it is lost, the next one starts right after it
@@ -1212,37 +1224,55 @@ class TlsLayer:
             side.lost = True
             self._drop("tls_resync_failed")
             return
-        side.resync = True
+        side.resync, side.rpos, side.rneed = True, 0, 0
         out.append(TcpEvent(_GAP, st.plain_id, side.src, side.sport, side.dst, side.dport, ev.ts_ns, None, 0,
                             side.client_is_src))
 
     def _resync(self, st: _Session, side: _Side) -> bool:
         """After a gap that lost the record boundaries: find the next record whose tag verifies
-        (header candidates in the next RESYNC_WINDOW bytes, sequence numbers up to RESYNC_SEQS on)."""
+        (header candidates in the next RESYNC_WINDOW bytes, sequence numbers up to RESYNC_SEQS on).
+
+        Linear: candidates are never looked at twice (``rpos``), and the pending bytes are gathered
+        again only once they doubled (``rneed``) or a candidate's record is complete."""
         prot = side.prot
         assert prot is not None
-        buf = b"".join(bytes(p[0]) for p in side.pieces)  # a deliberate copy: a rare path, bounded
-        for i in range(max(len(buf) - 4, 0)):
-            if buf[i] not in (CT_ALERT, CT_HANDSHAKE, CT_APPDATA) or buf[i + 1] != 3 or buf[i + 2] != 3:
-                continue
+        if side.avail < side.rneed:
+            return False
+        buf = b"".join(bytes(p[0]) for p in side.pieces)  # a deliberate copy: a rare path, bounded, amortized
+        n = len(buf)
+        pos = side.rpos
+        while True:
+            j = buf.find(b"\x03\x03", pos + 1)  # a record header: type, 0x0303, length
+            if j < 0:
+                pos = max(pos, n - 2)
+                break
+            i = j - 1
+            if i + 5 > n:
+                pos = i
+                break
             ln = (buf[i + 3] << 8) | buf[i + 4]
-            if ln > MAX_RECORD or ln < 17:
-                continue
-            if i + 5 + ln > len(buf):
-                return False  # wait for this candidate's bytes
-            hdr, body = buf[i:i + 5], buf[i + 5:i + 5 + ln]
-            base = prot.seq
-            for k in range(RESYNC_SEQS):
-                prot.seq = base + k
-                if prot.open(hdr, body) is not None:
+            if buf[i] in (CT_ALERT, CT_HANDSHAKE, CT_APPDATA) and 17 <= ln <= MAX_RECORD:
+                if i + 5 + ln > n:
+                    side.rpos, side.rneed = i, i + 5 + ln  # wait for this candidate's bytes
+                    return False
+                hdr, body = buf[i:i + 5], memoryview(buf)[i + 5:i + 5 + ln]
+                base = prot.seq
+                for k in range(RESYNC_SEQS):
                     prot.seq = base + k
-                    side.resync = False
-                    self._take(side, i)  # drop the bytes before it; the record is read again
-                    return True
-            prot.seq = base
-        if len(buf) > RESYNC_WINDOW:
+                    if prot.open(hdr, body) is not None:
+                        prot.seq = base + k  # the record is read again, from the pieces
+                        side.resync, side.rpos, side.rneed = False, 0, 0
+                        if i:
+                            self._take(side, i)  # the bytes before it are dropped
+                        return True
+                prot.seq = base
+            pos = i + 1
+        if n > RESYNC_WINDOW:
             side.lost = True
             self._drop("tls_resync_failed")
+            self.stats["skipped_bytes"] += side.avail
             side.pieces.clear()
             side.avail = 0
+            return False
+        side.rpos, side.rneed = pos, 2 * n
         return False

@@ -32,10 +32,11 @@ from receivers.tls import (
     looks_like_tls,
     prf12,
 )
-from service.model import EventKind, TcpEvent
+from service.model import EventKind, TcpEvent, otlp_json_to_proto
 from tests.support.capture import free_port, tcpdump, wait_port
 from tests.support.tls_servers import keylog_env, nginx_tls, tls_files
 
+ROOT = Path(__file__).resolve().parent.parent
 C, S = ("10.0.0.1", 40000), ("10.0.0.2", 443)
 REQ = b"GET /index.html HTTP/1.1\r\nHost: x\r\n\r\n"
 RESP = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
@@ -551,6 +552,22 @@ def test_nginx_capture_decrypts_into_the_plaintext_twins_spans(tmp_path, protoco
     spans, rx, stage = replay_tls(dsb)
     assert http_summary(spans, ng.port) == tls and rx["tls"]["keylog"]["secrets"] > 0
     assert not {k for k in rx["drops"] if k.startswith("tls")}, rx["drops"]
+    # the command line: replay --keylog, and the DSB capture without it
+    if version == "1.3":
+        for args in ([str(cap), "--keylog", str(kl)], [str(dsb)], [str(cap)]):
+            out = tmp_path / "spans.jsonl"
+            r = subprocess.run([sys.executable, "-m", "service.cli", "replay", *args, "--output", str(out)],
+                               cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
+                               timeout=120)
+            assert r.returncode == 0, r.stderr
+            got = [sp for line in out.read_text().splitlines() for rs in otlp_json_to_proto(line).resource_spans
+                   for ss in rs.scope_spans for sp in ss.spans]
+            https = [sp.name for sp in got if any(a.key == "url.scheme" and a.value.string_value == "https"
+                                                  for a in sp.attributes)]
+            if len(args) == 1 and args[0] == str(cap):
+                assert https == [] and len(got) == 7 and "tls_no_keys" in r.stderr, r.stderr
+            else:
+                assert sorted(https) == sorted(t[0] for t in tls) and len(got) == 14, r.stderr
 
 
 # (key, curl options, tls.cipher): TLS 1.2 with RSA and ECDHE key exchange, AES-GCM and
@@ -796,3 +813,92 @@ def test_live_receiver_decrypts_with_a_growing_key_log(tmp_path) -> None:
     st = rx.stats["tls"]
     assert st["decrypted_sessions"] == conns and rx.stats["tls"]["drops"] == {"tls_no_keys": 1}, st
     assert stage.stats["drops"] == {}, stage.stats["drops"]
+
+
+def test_decryption_allocates_only_the_plaintext(certs, tmp_path) -> None:
+    """tracemalloc: with the plaintext handed on and dropped, what decryption keeps is flat when the
+    response grows 100x (the scratch, one record's plaintext): the plaintext is the only copy. A
+    plain connection's events pass without an allocation that grows with them."""
+    import tracemalloc
+
+    peaks = {}
+    for size in (40_000, 4_000_000):
+        kl = tmp_path / f"keys-{size}.log"
+        s = Session(certs, kl)
+        s.exchange(REQ, RESP + bytes(size))
+        evs = events(s.flights, seg=1000)  # records straddle segments: the gathering path
+        layer = TlsLayer(KeyLog(kl))
+        n = 0
+        tracemalloc.start()
+        tracemalloc.reset_peak()
+        base = tracemalloc.get_traced_memory()[0]
+        for i in range(0, len(evs), 8):
+            out = layer.process(evs[i:i + 8])
+            n += sum(len(e.payload) for e in out if e.kind == EventKind.DATA and isinstance(e.conn_id, TlsConnId))
+            del out
+        peaks[size] = tracemalloc.get_traced_memory()[1] - base
+        tracemalloc.stop()
+        assert n == len(REQ) + len(RESP) + size and layer.drops == {}
+    print("tracemalloc peaks", peaks)
+    assert peaks[4_000_000] < 160_000 and peaks[4_000_000] < 2 * peaks[40_000] + 32_000, peaks
+    # plaintext HTTP: the same event objects back, nothing copied
+    body = memoryview(bytes(4_000_000))
+    plain = [TcpEvent(EventKind.DATA, 5, *C, *S, 1, memoryview(b"GET / HTTP/1.1\r\n\r\n"), 0, True)]
+    plain += [TcpEvent(EventKind.DATA, 5, *S, *C, 2 + i, body[i:i + 65536], 0, False)
+              for i in range(0, len(body), 65536)]
+    layer = TlsLayer(KeyLog())
+    tracemalloc.start()
+    base = tracemalloc.get_traced_memory()[0]
+    for i in range(0, len(plain), 8):
+        batch = plain[i:i + 8]
+        assert layer.process(batch) is batch
+    peak = tracemalloc.get_traced_memory()[1] - base
+    tracemalloc.stop()
+    assert peak < 4096, peak
+
+
+def test_mutated_sessions_never_raise_never_emit_unauthenticated_bytes(certs, tmp_path) -> None:
+    """Real sessions (TLS 1.3 and 1.2), their bytes mutated at random (flipped bytes, cut flights,
+    inserted garbage, lost segments as gaps): never an exception, every drop a known reason, and
+    every plaintext byte handed on is the right one (the AEAD tags: nothing unauthenticated)."""
+    import random
+
+    from receivers.tls import DROP_REASONS
+
+    rng = random.Random(15)
+    for maxv in (None, ssl.TLSVersion.TLSv1_2):
+        kl = tmp_path / f"keys-{maxv}.log"
+        s = Session(certs, kl, maxv)
+        s.exchange(REQ, RESP + bytes(range(256)) * 100)
+        s.exchange(b"GET /2 HTTP/1.1\r\n\r\n", RESP)
+        truth = {C[1]: REQ + b"GET /2 HTTP/1.1\r\n\r\n", S[1]: RESP + bytes(range(256)) * 100 + RESP}
+        keys = KeyLog(kl)
+        for _ in range(100):
+            flights = [(d, bytearray(b)) for d, b in s.flights]
+            for _m in range(rng.randint(1, 4)):
+                i = rng.randrange(len(flights))
+                d, b = flights[i]
+                how = rng.randrange(4)
+                if how == 0 and b:
+                    b[rng.randrange(len(b))] ^= 1 << rng.randrange(8)
+                elif how == 1 and b:
+                    del b[rng.randrange(len(b)):]
+                elif how == 2:
+                    at = rng.randrange(len(b) + 1)
+                    b[at:at] = rng.randbytes(rng.randint(1, 40))
+                else:
+                    flights.insert(i, (d, bytearray(rng.randbytes(rng.randint(1, 8)))))
+            evs = events([(d, bytes(b)) for d, b in flights], seg=rng.choice([None, 3, 100, 1500]))
+            for j in rng.sample(range(len(evs)), k=min(2, len(evs))) if rng.random() < 0.3 else []:
+                e = evs[j]
+                if e.kind == EventKind.DATA:
+                    evs[j] = TcpEvent(EventKind.GAP, e.conn_id, e.src, e.sport, e.dst, e.dport, e.ts_ns, None,
+                                      len(e.payload), e.client_is_src)
+            layer = TlsLayer(keys)
+            out: list = []
+            for i in range(0, len(evs), 6):
+                out += layer.process(evs[i:i + 6])
+            assert set(layer.drops) <= set(DROP_REASONS), layer.drops
+            for e in out:
+                if e.kind == EventKind.DATA and isinstance(e.conn_id, TlsConnId):
+                    assert bytes(e.payload) in truth[e.sport], (e.sport, bytes(e.payload)[:40])
