@@ -40,7 +40,7 @@ from processors.protocols.http2 import H2Session
 from processors.protocols.processor import Config, ProtocolsProcessor
 from service.model import Span, SpanKind, StatusCode
 from tests.support.capture import free_port, tcpdump, wait_port, wait_until
-from tests.support.enrich_responder import responder
+from tests.support.enrich_responder import h2_responder, responder
 from tests.support.h2drive import Driver, H2Pair
 from tests.support.replay import replay
 
@@ -621,6 +621,33 @@ def test_graphql_elasticsearch_jsonrpc_clients_replayed() -> None:
     assert nope.status_code == StatusCode.ERROR and nope.attributes["error.type"] == "index_not_found_exception"
     assert nope.attributes["db.response.status_code"] == "404"
     assert stats["enrich"] == {"graphql:ok": 3, "elasticsearch:ok": 5}
+
+
+def test_openai_over_http2_replayed() -> None:
+    """The openai client over HTTP/2 (httpx's h2, prior knowledge) against the h2 responder:
+    HPACK-coded heads, DATA frames, gzip, an SSE stream; recorded and replayed."""
+    import openai
+
+    with h2_responder() as port, tcpdump(port) as cap:
+        with httpx.Client(http1=False, http2=True) as hc:
+            oai = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="sk-test", http_client=hc,
+                                max_retries=0)
+            r = oai.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}])
+            assert r.usage.total_tokens == 6
+            s = oai.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}],
+                                            stream=True, stream_options={"include_usage": True})
+            assert "".join(c.choices[0].delta.content or "" for c in s if c.choices) == "ab"
+            assert hc.post(f"http://127.0.0.1:{port}/graphql", json={"query": "query Q { book }"}).status_code == 200
+    spans, _rs, stats = replay(cap)
+    by_model = {s.attributes.get("gen_ai.request.model"): s for s in spans}
+    plain, streamed = by_model["gpt-4o"], by_model["gpt-4o-mini"]
+    assert plain.attributes["network.protocol.version"] == "2" and plain.name == "chat gpt-4o"
+    assert (plain.attributes["gen_ai.usage.input_tokens"], plain.attributes["gen_ai.usage.output_tokens"]) == (5, 1)
+    assert streamed.attributes["gen_ai.response.finish_reasons"] == ["stop"]
+    assert streamed.attributes["gen_ai.usage.output_tokens"] == 2
+    q = next(s for s in spans if s.attributes.get("graphql.operation.name") == "Q")
+    assert q.name == "query"
+    assert stats["enrich"] == {"genai:ok": 2, "graphql:ok": 1}
 
 
 _MCP_SERVER = r'''

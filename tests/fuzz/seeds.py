@@ -398,10 +398,35 @@ def _amqp() -> list[Conv]:
     ]
 
 
+def _amqp10() -> list[Conv]:
+    # AMQP 1.0 (the same protocol name: amqp/__init__.py dispatches by the header); proton's codec.
+    from tests.support import amqp10_wire as w
+
+    tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    m = w.message(b"abc" * 40, id="m-1", correlation_id=7, properties={"traceparent": tp})
+    return [
+        [(True, w.SASL_HEADER), (False, w.SASL_HEADER + w.sasl_mechanisms()), (True, w.sasl_init()),
+         (False, w.sasl_outcome(0)),
+         (True, w.HEADER + w.open_("c1") + w.begin(0) + w.attach(0, "p", 0, False, target="/queue/q")
+          + w.attach(0, "s", 1, True, source="/queue/q") + w.flow(0, 1, 5)),
+         (False, w.HEADER + w.open_("r", "RabbitMQ") + w.begin(2, remote=0)
+          + w.attach(2, "p", 4, True, target="/queue/q") + w.flow(2, 4, 9)
+          + w.attach(2, "s", 5, False, source="/queue/q")),
+         (True, w.transfer(0, 0, 0, b"t0", m, frame_max=64) + w.transfer(0, 0, 1, b"t1", w.message("v"), settled=True)),
+         (False, w.disposition(2, True, 0, 1) + w.transfer(2, 5, 0, b"d", m)
+          + w.detach(2, 4, w.error("amqp:not-found", "gone"))),
+         (True, w.disposition(0, True, 0, state="rejected", err=w.error("amqp:decode-error", "x"))
+          + w.attach(0, "x", 3, False, target="/exchange/none")),
+         (False, w.end(2, w.error("amqp:not-found", "no exchange")) + w.close(w.error("amqp:internal-error")))],
+        [(True, w.SASL_HEADER), (False, w.SASL_HEADER + w.sasl_mechanisms()), (True, w.sasl_init()),
+         (False, w.sasl_outcome(1))],
+    ]
+
+
 OWN: dict[str, Callable[[], list[Conv]]] = {
     "http": _http, "http2": _http2, "postgresql": _postgresql, "mysql": _mysql, "mongodb": _mongodb,
     "mqtt": _mqtt, "fastcgi": _fastcgi, "memcached": _memcached, "redis": _redis, "kafka": _kafka,
-    "nats": _nats, "amqp": _amqp,
+    "nats": _nats, "amqp": lambda: _amqp() + _amqp10(),
 }
 
 

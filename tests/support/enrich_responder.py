@@ -26,7 +26,7 @@ from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, ClassVar
 
-__all__ = ["Responder", "responder"]
+__all__ = ["Responder", "responder", "h2_responder"]
 
 
 def _compress(data: bytes, enc: str) -> bytes:
@@ -293,3 +293,90 @@ def responder(encoding: str | None = None) -> Iterator[Responder]:
     finally:
         r.server.shutdown()
         r.server.server_close()
+
+
+# -- HTTP/2 (prior knowledge), the real h2 state machine: chat/completions and GraphQL -----------------
+def _h2_answer(path: str, body: Any) -> tuple[list[tuple[str, str]], list[bytes]]:
+    """(response headers, DATA payloads) for one HTTP/2 request, in the formats above."""
+    if path.endswith("/chat/completions"):
+        model = body.get("model", "") + "-2024-08-06"
+        if body.get("stream"):
+            chunks = [{"id": "chatcmpl-h2", "object": "chat.completion.chunk", "model": model,
+                       "choices": [{"index": 0, "delta": {"content": p}, "finish_reason": None}]} for p in ("a", "b")]
+            chunks.append({"id": "chatcmpl-h2", "object": "chat.completion.chunk", "model": model,
+                           "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+            chunks.append({"id": "chatcmpl-h2", "object": "chat.completion.chunk", "model": model, "choices": [],
+                           "usage": {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}})
+            data = [b"data: %s\n\n" % json.dumps(c).encode() for c in chunks] + [b"data: [DONE]\n\n"]
+            return [(":status", "200"), ("content-type", "text/event-stream")], data
+        answer = {"id": "chatcmpl-h2", "object": "chat.completion", "model": model,
+                  "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"},
+                               "finish_reason": "stop"}],
+                  "usage": {"prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6}}
+        gz = gzip.compress(json.dumps(answer).encode())
+        return [(":status", "200"), ("content-type", "application/json"), ("content-encoding", "gzip")], [gz]
+    if path.endswith("/graphql"):
+        return [(":status", "200"), ("content-type", "application/json")], [b'{"data": {"book": null}}']
+    return [(":status", "404"), ("content-type", "text/plain")], [b"not found"]
+
+
+def _h2_conn(sock: Any) -> None:
+    import h2.config
+    import h2.connection
+    import h2.events
+
+    with sock:
+        sock.settimeout(10)
+        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+        conn.initiate_connection()
+        sock.sendall(conn.data_to_send())
+        reqs: dict[int, tuple[str, bytearray]] = {}
+        while True:
+            try:
+                data = sock.recv(65536)
+            except OSError:
+                return
+            if not data:
+                return
+            for ev in conn.receive_data(data):
+                if isinstance(ev, h2.events.RequestReceived):
+                    hdrs = {k.decode() if isinstance(k, bytes) else k: v.decode() if isinstance(v, bytes) else v
+                            for k, v in ev.headers}
+                    reqs[ev.stream_id] = (hdrs.get(":path", ""), bytearray())
+                elif isinstance(ev, h2.events.DataReceived):
+                    reqs[ev.stream_id][1].extend(ev.data)
+                    conn.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
+                elif isinstance(ev, h2.events.StreamEnded):
+                    path, body = reqs.pop(ev.stream_id)
+                    headers, payloads = _h2_answer(path, json.loads(body) if body else {})
+                    conn.send_headers(ev.stream_id, headers)
+                    for i, p in enumerate(payloads):
+                        conn.send_data(ev.stream_id, p, end_stream=i == len(payloads) - 1)
+                        sock.sendall(conn.data_to_send())
+            out = conn.data_to_send()
+            if out:
+                sock.sendall(out)
+
+
+@contextlib.contextmanager
+def h2_responder() -> Iterator[int]:
+    """An HTTP/2 (prior knowledge) responder on a free loopback port; yields the port."""
+    import socket
+
+    srv = socket.create_server(("127.0.0.1", 0))
+    port = srv.getsockname()[1]
+
+    def loop() -> None:
+        while True:
+            try:
+                s, _a = srv.accept()
+            except OSError:
+                return
+            threading.Thread(target=_h2_conn, args=(s,), daemon=True).start()
+
+    t = threading.Thread(target=loop, daemon=True)
+    t.start()
+    try:
+        yield port
+    finally:
+        srv.close()

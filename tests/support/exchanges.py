@@ -312,6 +312,29 @@ def _dns(size: int) -> Exchange:
     return Exchange(53, [(True, framed(q1) + framed(q2)), (False, framed(r2) + framed(r1))], 2, {0: 2})
 
 
+# -- AMQP 1.0 -----------------------------------------------------------------------------------
+def _amqp10(size: int) -> Exchange:
+    # python-qpid-proton's codec: SASL, open, begin, a sender and a receiver link, a transfer whose
+    # application properties the parser reads (they grow, within its 64 KiB look) and whose body
+    # it skips (in frames of 16 KiB), its disposition, the delivery back and the client's accept.
+    from tests.support import amqp10_wire as w
+
+    props = {"traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"}
+    props.update({f"x-field-{i:04d}": "v" * 40 for i in range(max(1, min(size // 4, 30000) // 56))})
+    m = w.message(b"b" * size, id="m-1", properties=props)
+    steps = [(True, w.SASL_HEADER), (False, w.SASL_HEADER + w.sasl_mechanisms()), (True, w.sasl_init()),
+             (False, w.sasl_outcome(0)),
+             (True, w.HEADER + w.open_("orders-svc") + w.begin(0) + w.attach(0, "p", 0, False, target="/queue/q")
+              + w.attach(0, "s", 1, True, source="/queue/q") + w.flow(0, 1, 10)),
+             (False, w.HEADER + w.open_("rabbit", "RabbitMQ") + w.begin(1, remote=0)
+              + w.attach(1, "p", 0, True, target="/queue/q") + w.flow(1, 0, 10)
+              + w.attach(1, "s", 1, False, source="/queue/q")),
+             (True, w.transfer(0, 0, 0, b"t0", m, frame_max=16384)),
+             (False, w.disposition(1, True, 0) + w.transfer(1, 1, 0, b"d0", m, frame_max=16384)),
+             (True, w.disposition(0, True, 0))]
+    return Exchange(5672, steps, 2, {6: 1, 7: 1})
+
+
 #: protocol name (as in processors/protocols/__init__.PROTOCOLS) -> exchanges of any size.
 EXCHANGES: dict[str, list[Callable[[int], Exchange]]] = {
     "http": [_http],
@@ -326,5 +349,5 @@ EXCHANGES: dict[str, list[Callable[[int], Exchange]]] = {
     "kafka": [_kafka],
     "nats": [_nats],
     "dns": [_dns],
-    "amqp": [_amqp],
+    "amqp": [_amqp, _amqp10],
 }
