@@ -242,16 +242,38 @@ def _address(terminus: Any) -> str:
     return ""
 
 
-def _scan(mv: memoryview, p: int, end: int, sec_rem: int, can_more: bool
-          ) -> tuple[int, dict[str, str], str | None, int, bool]:
+#: A section header cut by the end of a transfer frame is carried to the next frame when it is
+#: at most this long (a described section's header: 0x00, a descriptor, a constructor and size).
+MAX_CARRY = 64
+
+
+def _scan(mv: memoryview, p: int, end: int, sec_rem: int, can_more: bool, whole: bool = False,
+          carry: bytes = b"") -> tuple[int, dict[str, str], str | None, int, bool, bytes]:
     """The message sections in ``mv[p:end]`` (a transfer frame's payload in sight), after the
-    ``sec_rem`` bytes of a section begun earlier: (body bytes, message and correlation ids,
-    traceparent, bytes of the last section still to come, whether the body size is known).
-    Raises _More when ``can_more`` and a section header or a properties / application-properties
-    / message-annotations section goes on past ``end``."""
+    ``sec_rem`` bytes of a section begun earlier, or completing the section header ``carry`` the
+    previous frame ended in: (body bytes, message and correlation ids, traceparent, bytes of the
+    last section still to come, whether the body size is known, a header cut by this frame's end
+    when ``whole``: the frame is all in sight). Raises _More when ``can_more`` and a section
+    header or a properties / application-properties / message-annotations section goes on past
+    ``end``."""
     body = 0
     ids: dict[str, str] = {}
     tp: str | None = None
+    if carry:
+        tmp = carry + bytes(mv[p:min(end, p + MAX_CARRY)])  # <= 128 bytes, a deliberate copy
+        try:
+            if tmp[0] != 0x00:
+                raise Malformed(NAME, "bad_section", p)
+            d, q = _value(memoryview(tmp), 1, len(tmp))
+            nxt = _extent(memoryview(tmp), q, len(tmp))
+        except _Short:
+            return body, ids, tp, 0, False, b""
+        code = _code(d)
+        if code is None or not S_HEADER <= code <= S_FOOTER:
+            raise Malformed(NAME, "bad_section", p, f"{d!r}"[:32])
+        if code in (S_DATA, S_SEQUENCE, S_VALUE):
+            body += _body_bytes(code, tmp[q], q, nxt)
+        sec_rem = nxt - len(carry)  # the rest of this section, from p on
     if sec_rem:
         take = min(sec_rem, end - p)
         sec_rem -= take
@@ -266,18 +288,13 @@ def _scan(mv: memoryview, p: int, end: int, sec_rem: int, can_more: bool
         except _Short:
             if can_more:
                 raise _More(end + 64) from None
-            return body, ids, tp, 0, False  # a section header out of sight: the body size is unknown
+            if whole and end - p <= MAX_CARRY:
+                return body, ids, tp, 0, True, bytes(mv[p:end])  # the next frame completes it
+            return body, ids, tp, 0, False, b""  # a section header out of sight: the body size is unknown
         if code is None or not S_HEADER <= code <= S_FOOTER:
             raise Malformed(NAME, "bad_section", p, f"{d!r}"[:32])
         if code in (S_DATA, S_SEQUENCE, S_VALUE):
-            c = mv[q]
-            if code == S_DATA:
-                hdr = 2 if c == 0xA0 else 5 if c == 0xB0 else 0
-                if not hdr:
-                    raise Malformed(NAME, "bad_section", q, "data is not binary")
-                body += nxt - q - hdr
-            else:  # amqp-value: a binary or a string counts its bytes, anything else its encoding
-                body += nxt - q - (2 if c in (0xA0, 0xA1) else 5 if c in (0xB0, 0xB1) else 0)
+            body += _body_bytes(code, mv[q], q, nxt)
         elif code in (S_PROPERTIES, S_APP_PROPS, S_MESSAGE_ANN):
             if nxt > end:
                 if can_more:
@@ -296,9 +313,35 @@ def _scan(mv: memoryview, p: int, end: int, sec_rem: int, can_more: bool
                     if isinstance(t, str):
                         tp = t
         if nxt > end:
-            return body, ids, tp, nxt - end, True
+            return body, ids, tp, nxt - end, True, b""
         p = nxt
-    return body, ids, tp, sec_rem, True
+    return body, ids, tp, sec_rem, True, b""
+
+
+def _apply(op: _Op, body: int, ids: dict[str, str], tp: str | None, sec_rem: int, sized: bool,
+           carry: bytes) -> None:
+    """What ``_scan`` read of a transfer frame, onto its delivery."""
+    op.attrs["messaging.message.body.size"] += body
+    if ids:
+        op.attrs.update(ids)
+    if tp is not None:
+        op.traceparent = tp
+    op.sec_rem = sec_rem
+    op.carry = carry
+    op.sized = op.sized and sized
+
+
+def _body_bytes(code: int, c: int, q: int, nxt: int) -> int:
+    """A body section's bytes: a data section's binary, an amqp-value's binary or string without
+    its constructor and size; anything else (a sequence, a map) its encoding."""
+    if code == S_DATA:
+        hdr = 2 if c == 0xA0 else 5 if c == 0xB0 else 0
+        if not hdr:
+            raise Malformed(NAME, "bad_section", q, "data is not binary")
+        return nxt - q - hdr
+    if code == S_VALUE:
+        return nxt - q - (2 if c in (0xA0, 0xA1) else 5 if c in (0xB0, 0xB1) else 0)
+    return nxt - q
 
 
 # ---------------------------------------------------------------------------
@@ -384,7 +427,7 @@ def ambiguous_role(buf: LargeBuffer) -> bool:
 class _Op:
     """A transfer becoming a span (its frames and its disposition to come), or a refused attach."""
 
-    __slots__ = ("attrs", "kind", "link", "name", "sec_rem", "sized", "start_ts", "traceparent")
+    __slots__ = ("attrs", "carry", "kind", "link", "name", "sec_rem", "sized", "start_ts", "traceparent")
 
     def __init__(self, name: str, kind: SpanKind, start_ts: int, attrs: dict[str, Any], link: _Link | None) -> None:
         self.name = name
@@ -395,6 +438,7 @@ class _Op:
         self.traceparent: str | None = None
         self.sec_rem = 0      # bytes of the current message section still to come
         self.sized = True     # False when a section header was out of sight: the body size is unknown
+        self.carry = b""      # a section header the last frame ended in (<= MAX_CARRY bytes)
 
 
 def _op_traceparent(op: _Op) -> Any:
@@ -456,13 +500,7 @@ class Session(Session):  # type: ignore[no-redef]
         d = self.dirs[from_client]
         while True:
             if d.skip:
-                take = min(d.skip, len(buf))
-                if take:
-                    buf.release(take)
-                    d.skip -= take
-                    if d.skip_op is not None:
-                        self._skipped(d.skip_op, take)
-                if d.skip:
+                if not self._tail(d, buf):
                     return
                 op, d.skip_op = d.skip_op, None
                 if op is not None:
@@ -739,7 +777,12 @@ class Session(Session):  # type: ignore[no-redef]
             return None
         op = link.cur
         # The sections first (it may raise _More): nothing is changed before they are read.
-        body, ids, tp, sec_rem, sized = _scan(mv, p, len(mv), op.sec_rem if op is not None else 0, can_more)
+        if op is not None and not op.sized:
+            body, ids, tp, sec_rem, sized, carry = 0, {}, None, 0, False, b""  # lost its place: not read
+        else:
+            body, ids, tp, sec_rem, sized, carry = _scan(
+                mv, p, len(mv), op.sec_rem if op is not None else 0, can_more, total == len(mv),
+                op.carry if op is not None else b"")
         if op is None:
             did = f[1]
             if not isinstance(did, int):
@@ -768,17 +811,50 @@ class Session(Session):  # type: ignore[no-redef]
             link.cur = None
             self.conn.drop("aborted")
             return None
-        a = op.attrs
-        a["messaging.message.body.size"] += body
-        a.update(ids)
-        if tp is not None:
-            op.traceparent = tp
-        op.sec_rem = sec_rem
-        op.sized = op.sized and sized
+        _apply(op, body, ids, tp, sec_rem, sized, carry)
         if total > len(mv):  # the rest of this frame is stepped over by feed: sections continue there
             return op
         self._frame_done(op, ts_ns)
         return None
+
+    def _tail(self, d: _Dir, buf: LargeBuffer) -> bool:
+        """Step over the ``d.skip`` bytes of a frame's tail as they arrive, releasing them. In a
+        transfer's tail, where a section ends before the frame does, the next section's header
+        is read there (a look of FIRST_LOOK bytes, doubling for a properties section, to MAX_HEAD).
+        True when the tail is done."""
+        while d.skip:
+            op = d.skip_op
+            if op is None or not op.sized or op.sec_rem >= d.skip:
+                take = min(d.skip, len(buf))
+                if take:
+                    buf.release(take)
+                    d.skip -= take
+                    if op is not None:
+                        self._skipped(op, take)
+                return not d.skip
+            if op.sec_rem:  # to the end of the section in progress
+                take = min(op.sec_rem, len(buf))
+                if not take:
+                    return False
+                buf.release(take)
+                d.skip -= take
+                op.sec_rem -= take
+                continue
+            look = min(d.skip, d.need or FIRST_LOOK)
+            if len(buf) < look:
+                buf.want = look
+                return False
+            bound = min(d.skip, MAX_HEAD)
+            try:
+                got = _scan(buf.view_at(0, look), 0, look, 0, look < bound, look == d.skip)
+            except _More as more:
+                d.need = min(bound, max(more.need, 2 * look))
+                continue
+            d.need = 0
+            _apply(op, *got)  # its sec_rem counts from the look's end
+            buf.release(look)
+            d.skip -= look
+        return True
 
     def _skipped(self, op: _Op, n: int) -> None:
         """``n`` bytes of a transfer frame's tail went by unseen: the section in progress takes
@@ -797,7 +873,7 @@ class Session(Session):  # type: ignore[no-redef]
         link = op.link
         if link is not None and link.cur is op:
             link.cur = None
-        if op.sec_rem:
+        if op.sec_rem or op.carry:
             op.sized = False
         if not op.sized:
             a.pop("messaging.message.body.size", None)
