@@ -51,6 +51,7 @@ from processors.routes import HTTP_PROTOCOLS, Routes, RoutesConfig, apply_route
 from service.component import ComponentConfig, EventProcessor
 from service.largebuf import LargeBuffer
 from service.model import DEFAULT_RESOURCE, EventKind, Resource, Span, TcpEvent
+from service.resource_detect import HostNames, ProcessMetadata, ResourceDetectionConfig
 from service.telemetry import CONNECTIONS_EVICTED, PARSER_MESSAGES, PROCESSOR_INCOMING, PROCESSOR_OUTGOING
 
 __all__ = ["ProtocolsProcessor", "ServiceNameRule", "Config", "parse_duration"]
@@ -161,6 +162,12 @@ class _BaseConfig(ComponentConfig):
     service_name: list[ServiceNameRule] = []
     #: service.name when no rule matches a passive capture (eBPF uses the process name).
     default_service_name: str = UNKNOWN_SERVICE
+    #: Captures (no pid): a server's address, or a CIDR network, to its name: host.name, and
+    #: service.name when no rule matches (service/resource_detect.py). Other servers' host.name
+    #: is their address (a loopback one keeps this machine's).
+    hosts: dict[str, str] = {}
+    #: eBPF spans' resource from the traced process: environment, command line, owner, cgroup, Kubernetes.
+    resource_detection: ResourceDetectionConfig = ResourceDetectionConfig()
     #: Connections tracked at once (LRU beyond).
     max_connections: int = Field(MAX_CONNECTIONS, ge=1)
     #: Idle time before a connection's state is dropped (seconds or "5m").
@@ -193,6 +200,12 @@ class _BaseConfig(ComponentConfig):
         if d <= 0:
             raise ValueError(f"{info.field_name} must be > 0")
         return d
+
+    @field_validator("hosts")
+    @classmethod
+    def _hosts(cls, v: dict[str, str]) -> dict[str, str]:
+        HostNames(v)  # raises ValueError on an address or network that is not one
+        return v
 
     @field_validator("enabled")
     @classmethod
@@ -357,7 +370,9 @@ class ProtocolsProcessor(EventProcessor):
         asm_on = config.assemble is not False
         self._assembler = TraceAssembler(self.id, passive=config.assemble is True) if asm_on else None
         self._cur_tid: int | None = None
-        self._resources: dict[tuple[str, int | None, str | None], Resource] = {}
+        self._resources: dict[tuple[Any, ...], Resource] = {}
+        self._hosts = HostNames(config.hosts)
+        self._procs = ProcessMetadata(config.resource_detection)
         self._out: list[Span] = []
         self._counts: dict[tuple[str, str], int] = {}
         self._emitters: dict[str, Any] = {}
@@ -467,6 +482,7 @@ class ProtocolsProcessor(EventProcessor):
 
     def shutdown(self) -> None:
         """Close every tracked connection so close-delimited bodies and resets are emitted."""
+        self._procs.close()
         with self._lock:
             out = self._out = []
             for table in (self._conns, self._flows):
@@ -937,9 +953,20 @@ class ProtocolsProcessor(EventProcessor):
             if rule.matches(saddr, sport, comm):
                 name = rule.name
                 break
+        info = host = None
+        if pid is not None:  # eBPF: the process says who it is (resource_detect.ProcessMetadata)
+            info = self._procs.get(pid, comm)
+            if name is None:
+                name = info.service_name
+        else:  # a capture: the server names the host (not the replaying machine)
+            host = self._hosts.name_of(saddr)
+            if host is None and not HostNames.is_local(saddr):
+                host = saddr
+            elif name is None and host is not None:
+                name = host
         if name is None:
             name = comm if comm else self.config.default_service_name
-        key = (name, pid, comm if pid is not None else None)
+        key = (name, pid, comm, info.generation) if info is not None else (name, None, None, host)
         r = self._resources.get(key)
         if r is None:
             extra: dict[str, Any] = {"service.name": name}
@@ -947,6 +974,10 @@ class ProtocolsProcessor(EventProcessor):
                 extra["process.pid"] = pid
                 if comm:
                     extra["process.executable.name"] = comm
+                if info is not None:
+                    extra.update(info.attributes)
+            elif host is not None:
+                extra["host.name"] = host
             if len(self._resources) > 4096:
                 self._resources.clear()
             r = self._resources[key] = DEFAULT_RESOURCE.merged(extra)

@@ -57,6 +57,7 @@ from pydantic import Field, field_validator, model_validator
 from receivers.tls import HelloSniffer, TlsConnId, looks_like_tls
 from service.component import ComponentConfig, Receiver
 from service.model import EventKind, TcpEvent
+from service.resource_detect import process_changed
 from service.telemetry import (
     CONNECTIONS_EVICTED,
     EBPF_KERNEL_COUNTERS,
@@ -556,8 +557,10 @@ class EbpfReceiver(Receiver):
             elif kind == K_TLS_CLOSE:
                 if c is not None and c.plain is not None:
                     self._tail_gaps(c.plain, (recv_end, stream_off), ts_out + epoch, out, tid, comm)
-            elif kind == K_EXEC and self._probes is not None:
-                self._probes.exec(pid)
+            elif kind == K_EXEC:
+                process_changed(pid)  # its cached resource (service/resource_detect.py) is another's now
+                if self._probes is not None:
+                    self._probes.exec(pid)
             return
         if c is None:
             c = self._new_conn(key, pid, family, laddr, lport, raddr, rport)
@@ -781,6 +784,8 @@ class EbpfReceiver(Receiver):
         out: list[TcpEvent] = []
         pids = {c.pid for c in self._conns.values()}
         dead = {p for p in pids if not os.path.exists(f"/proc/{p}")}
+        for p in dead:
+            process_changed(p)  # its pid may be reused: the cached resource goes with it
         if dead:
             now = time.time_ns()
             for c in [c for c in self._conns.values() if c.pid in dead]:
