@@ -55,6 +55,24 @@ def _http(size: int) -> Exchange:
                            (False, b"HTTP/1.1 204 No Content\r\n\r\n")], 2)
 
 
+def _http_genai(size: int) -> Exchange:
+    # A streamed OpenAI-style chat call (processors/protocols/enrich/): the request body the GenAI
+    # enricher captures (its prompt grows, within the 256 KiB bound) and an SSE answer in chunked
+    # coding whose events it parses one by one (their number grows).
+    prompt = b"p" * max(1, size // 2)
+    body = b'{"model": "gpt-4o", "stream": true, "messages": [{"role": "user", "content": "' + prompt + b'"}]}'
+    req = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: api.example\r\nContent-Type: application/json\r\n"
+           b"Content-Length: %d\r\n\r\n" % len(body) + body)
+    event = b'data: {"model": "gpt-4o-1", "choices": [{"index": 0, "delta": {"content": "tok"}}]}\n\n'
+    events = event * max(1, size // 2 // len(event)) + (
+        b'data: {"choices": [], "usage": {"prompt_tokens": 9, "completion_tokens": 4}}\n\ndata: [DONE]\n\n')
+    chunks = b"".join(b"%x\r\n%s\r\n" % (len(events[i:i + 1000]), events[i:i + 1000])
+                      for i in range(0, len(events), 1000))
+    resp = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+            + chunks + b"0\r\n\r\n")
+    return Exchange(8080, [(True, req), (False, resp)], 1)
+
+
 # -- HTTP/2 -----------------------------------------------------------------------------------
 def _h2frame(ftype: int, flags: int, sid: int, payload: bytes = b"") -> bytes:
     n = len(payload)
@@ -337,7 +355,7 @@ def _amqp10(size: int) -> Exchange:
 
 #: protocol name (as in processors/protocols/__init__.PROTOCOLS) -> exchanges of any size.
 EXCHANGES: dict[str, list[Callable[[int], Exchange]]] = {
-    "http": [_http],
+    "http": [_http, _http_genai],
     "http2": [_http2],
     "postgresql": [_postgresql],
     "mysql": [_mysql],
