@@ -332,6 +332,21 @@ def test_decompression_bomb_is_bounded() -> None:
     assert r.counts == [("genai", "body_truncated")]
 
 
+def test_a_gap_in_a_captured_body_is_counted() -> None:
+    """eBPF's per-message cap or a full ring loses the middle of a body: the HTTP span stays
+    whole (skip_gap), the enricher uses what came before and counts ``gap``."""
+    r = Run()
+    req = post("/v1/chat/completions", {"model": "gpt-4o", "messages": [{"role": "user", "content": "x" * 5000}]})
+    head_end = req.index(b"\r\n\r\n") + 4
+    r.feed([(True, req[:head_end + 100])])
+    assert r.session.skip_gap(True, len(req) - head_end - 100, 1)
+    r.feed([(False, ok(CHAT_RESP))])
+    (s,) = r.spans
+    assert s.attributes["http.request.body.size"] == len(req) - head_end
+    assert s.name == "chat gpt-4o"  # the model came before the gap
+    assert r.counts == [("genai", "gap")]
+
+
 def test_corrupt_and_unsupported_codings_are_counted() -> None:
     r = Run().feed([(True, post("/v1/chat/completions", CHAT_REQ)),
                     (False, ok(None, raw=b"\x1f\x8b not gzip", headers=b"Content-Encoding: gzip\r\n")),

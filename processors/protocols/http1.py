@@ -910,6 +910,11 @@ class Http1Session(_BaseSession):
         body = self._cbody if from_client else self._sbody
         if body is None or body.mode != _LENGTH or nbytes > body.remaining:
             return False
+        if body.sink is not None:  # enrich/: the captured body stops at the gap (counted "gap")
+            req = self._creq if from_client else (self._sresp[0] if self._sresp is not None else None)
+            if req is not None and req.cap is not None:
+                req.cap.lose(from_client)
+            body.sink = None
         body.remaining -= nbytes
         body.size += nbytes
         body.last_ts = ts_ns

@@ -1113,6 +1113,8 @@ class H2Session(_BaseSession):
             self.conn.drop("gap")
         for st in self.streams.values():
             st.lossy = True
+            if st.cap is not None:  # enrich/: the captured body stops at the gap (counted "gap")
+                st.cap.lose(from_client)
         d.block = None
         d.block_skip = False
         d.data_left = d.pad_left = d.skip = 0

@@ -203,11 +203,11 @@ class Exchange:
             return None
         data, truncated, problem = cap.decoded(self.enricher.config.max_decoded_bytes)
         if problem is not None:
-            self.problem = problem
+            self.problem = self.problem or problem
             return None
         v, p = load_json(data)
         if p is not None:
-            self.problem = "body_truncated" if truncated else p
+            self.problem = self.problem or ("body_truncated" if truncated else p)
             self.info["_req_prefix"] = data
         return v
 
@@ -227,6 +227,17 @@ class Exchange:
             if tail is not None:
                 self.info["_resp_tail"] = tail
         return v
+
+    def lose(self, from_client: bool) -> None:
+        """Bytes of this exchange's body were lost (a capture's gap, a full ring): what was
+        captured stops there, and the outcome is counted ``gap``."""
+        self.problem = "gap"
+        cap = self.req_body if from_client else self.resp_body
+        if cap is not None:
+            cap.limit = len(cap.data)
+            cap.tail = None
+        if not from_client and self.sse is not None:
+            self.sse.problem = "gap"
 
     def _resolve(self) -> None:
         """Decide the kind once the request is whole (the first candidate that accepts it)."""

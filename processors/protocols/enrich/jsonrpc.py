@@ -32,7 +32,8 @@ NEEDS_REQUEST_BODY = True
 
 #: MCP's methods (the 2025-06-18, 2025-11-25 and 2026-07-28 schemas); a call naming one is MCP.
 MCP_METHODS = frozenset({
-    "initialize", "ping", "server/discover", "tools/list", "tools/call", "resources/list", "resources/read", "resources/templates/list",
+    "initialize", "ping", "server/discover", "tools/list", "tools/call",
+    "resources/list", "resources/read", "resources/templates/list",
     "resources/subscribe", "resources/unsubscribe", "prompts/list", "prompts/get", "completion/complete",
     "logging/setLevel", "sampling/createMessage", "elicitation/create", "roots/list", "tasks/get", "tasks/list",
     "tasks/result", "tasks/cancel", "notifications/initialized", "notifications/cancelled", "notifications/progress",
