@@ -432,3 +432,37 @@ def test_real_rabbitmq_through_the_ebpf_receiver() -> None:
     broker = [s for s in sink.spans if s.resource.attributes.get("process.executable.name", "").startswith(
         ("beam", "erts", "1_scheduler", "2_scheduler", "inet"))]
     _check_real(broker or [s for s in sink.spans if s.kind == SpanKind.SERVER], "server")
+
+
+# -- detection is strict: the shared corpus's other protocols and random bytes are never AMQP ------
+CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus" / "captures"
+
+
+def test_other_protocols_in_the_shared_corpus_are_never_amqp() -> None:
+    from tests.support.replay import replay
+
+    files = sorted(p for p in CORPUS.rglob("*") if p.suffix in (".pcap", ".pcapng") and "amqp" not in p.name.lower())
+    assert len(files) >= 50
+    for f in files:
+        spans, _, stats = replay(f, {})
+        assert "amqp" not in stats["protocols"], f
+        assert not [s for s in spans if s.attributes.get("messaging.system") in ("rabbitmq", "amqp")], f
+
+
+def test_random_bytes_are_never_amqp() -> None:
+    import random
+
+    rnd = random.Random(18)
+    taken = 0
+    for i in range(200_000):
+        n = rnd.choice((8, 16, 64, 300))
+        b = rnd.randbytes(n)
+        if i % 4 == 1:
+            b = b"\x00" + b[1:]  # an AMQP 1.0 frame's first byte
+        elif i % 4 == 2:
+            b = bytes([rnd.choice((1, 2, 3, 8))]) + b[1:]  # a 0-9-1 frame type
+        elif i % 4 == 3:
+            b = b"AMQP" + b[4:]
+        for fc in (True, False, None):
+            taken += a.detect(LargeBuffer(b), fc) in (Detection.REQUEST, Detection.RESPONSE)
+    assert taken == 0

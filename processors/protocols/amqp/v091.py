@@ -357,10 +357,14 @@ class Session(Session):  # type: ignore[no-redef]
                 if n:
                     buf.want = 7
                 return
-            ftype = buf.u8_at(0)
-            channel = buf.u16be_at(1)
-            size = buf.u32be_at(3)
+            ftype, channel, size = _FRAME.unpack_from(buf.view_at(0, 7))  # one read (a straddling 7: scratch)
             if ftype == BODY:
+                if n > 7 + size:  # the whole body frame is here: stepped over in one release
+                    if buf.u8_at(7 + size) != FRAME_END:
+                        raise Malformed(NAME, "bad_frame_end", 7 + size)
+                    buf.release(8 + size)
+                    self._body_bytes(from_client, channel, size, ts_ns, final=True)
+                    continue
                 buf.release(7)
                 d.skip, d.skip_ch, d.end = size, channel, True
                 continue
