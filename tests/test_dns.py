@@ -647,3 +647,74 @@ def test_real_unbound_through_the_ebpf_receiver() -> None:
     assert {"unbound", "getent"} <= names, names
     assert counters["udp_datagrams"] >= 24 and counters["udp_truncated"] == 0
     assert not {k: v for k, v in p.stats["drops"].items() if k.startswith("dns:")}, p.stats["drops"]
+
+
+# -- UDP through the pcap receiver: IPv6, VLAN, padding, other ports, fragments -------------------
+def test_pcap_receiver_passes_udp_dns_and_counts_the_rest(tmp_path) -> None:
+    from tests.support import pcapgen as g
+
+    def udp(sport: int, dport: int, payload: bytes) -> bytes:
+        return struct.pack("!HHHH", sport, dport, 8 + len(payload), 0) + payload
+
+    q6, q4 = query("v6.example", "AAAA", 1), query("v4.example", "A", 2)
+    c6, s6 = "2001:db8::5", "2001:db8::53"
+    frames = [
+        g.ether(g.ipv6(c6, s6, udp(40001, 53, q6.to_wire()), nxt=17)),
+        g.ether(g.ipv6(s6, c6, udp(53, 40001, answer(q6, "2001:db8::1").to_wire()), nxt=17)),
+        g.ether(g.ipv4("10.0.0.5", "10.0.0.53", udp(40002, 53, q4.to_wire()), proto=17), vlans=[7]),
+        # Ethernet padding after the datagram: the UDP length cuts it off
+        g.ether(g.ipv4("10.0.0.53", "10.0.0.5", udp(53, 40002, answer(q4, rcode=3).to_wire()), proto=17))
+        + b"\0" * 9,
+        g.ether(g.ipv4("10.0.0.5", "10.0.0.9", udp(40003, 123, b"\x23" + b"\0" * 47), proto=17)),  # NTP
+        g.ether(g.ipv4("10.0.0.5", "10.0.0.53", udp(40004, 53, b""), proto=17)),
+        g.ether(g.ipv4("10.0.0.5", "10.0.0.53", udp(40005, 53, q4.to_wire()), proto=17, frag=0x2000)),
+    ]
+    path = tmp_path / "udp.pcap"
+    with g.PcapWriter(path) as w:
+        for i, f in enumerate(frames):
+            w.packet(f, 1_700_000_000_000_000_000 + i * 1000)
+    spans, rstats, pstats = replay(path, {})
+    got = sorted((s.name, s.attributes["server.address"], s.attributes["dns.response.status_code"]) for s in spans)
+    assert got == [("A", "10.0.0.53", "NXDOMAIN"), ("AAAA", s6, "NOERROR")]
+    assert rstats["datagrams"] == 4
+    assert rstats["drops"] == {"udp_port": 1, "udp_empty": 1, "ip_fragment": 1}
+    assert pstats["udp_flows"] == 2 and pstats["drops"] == {}
+    spans, rstats, _ = _replay_cfg(path, {"udp_ports": []})
+    assert spans == [] and rstats["drops"]["udp_port"] == 6
+
+
+def _replay_cfg(path, recv: dict):
+    from receivers.pcap import PcapReceiver
+
+    sink = Sink()
+    p = ProtocolsProcessor("protocols", {}, sink)
+    r = PcapReceiver("pcap/udp", {"path": str(path), "progress": False, **recv}, p)
+    r.run()
+    p.shutdown()
+    return sink.spans, r.stats, p.stats
+
+
+def test_allocation_flat_over_tcp_too() -> None:
+    def cost(n: int) -> int:
+        qw, rw = _big_answer(n)
+        data_q, data_r = struct.pack("!H", len(qw)) + qw, struct.pack("!H", len(rw)) + rw
+        conn = Conn(1, "10.0.0.5", 40000, "10.0.0.53", 53, lambda s: None)
+        sess = D.Session(conn)
+
+        mq, mr = memoryview(data_q), memoryview(data_r)
+
+        def one() -> None:  # each message one segment (the receiver's view), read in place
+            for mv, side, buf in ((mq, True, conn.client_buf), (mr, False, conn.server_buf)):
+                buf.append(mv, 1)
+                sess.feed(side, buf, 1)
+
+        for _ in range(3):
+            one()
+        tracemalloc.start()
+        one()
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        return peak
+
+    small, big = cost(3), cost(300)
+    assert big <= small + 4096, (small, big)

@@ -31,7 +31,9 @@ header claiming 65535 records costs nothing; a name is at most 255 bytes (RFC 10
 §3.1) and compression pointers must each point before the previous one (as dnspython
 requires), so pointer loops end at once. Only the question's name is decoded (a bounded,
 deliberate copy of at most 255 bytes into the attribute string); answers are stepped over
-in place, their A/AAAA data read as 4/16 bytes.
+in place, their A/AAAA data read as 4/16 bytes. A TCP message split across segments is read
+through ``LargeBuffer.view_at``, which gathers it into the buffer's reusable scratch (at most
+64 KiB, allocated once): one contiguous view for the parser, no allocation per message.
 
 Detection is strict (it runs on every undetected connection and on every UDP flow the
 receivers pass): header flags that no DNS message has (the Z bit, an unknown opcode, a
