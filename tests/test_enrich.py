@@ -149,6 +149,23 @@ def test_config_defaults_and_errors() -> None:
     assert "genai" not in stage._enricher.kinds and "graphql" in stage._enricher.kinds
 
 
+def test_config_errors_name_their_path(tmp_path) -> None:
+    """Through the real config loader: Collector-style paths, every error of the file at once."""
+    from service import config as svc_config
+
+    f = tmp_path / "c.yaml"
+    f.write_text("receivers: {pcap: {path: x.pcap}}\n"
+                 "processors:\n  protocols:\n    enrich:\n      genai: {captur_content: true}\n"
+                 "      max_body_bytes: 10\n"
+                 "exporters: {debug: {}}\n"
+                 "service: {pipelines: {traces: {receivers: [pcap], processors: [protocols], exporters: [debug]}}}\n")
+    with pytest.raises(svc_config.ConfigError) as ei:
+        svc_config.load([f])
+    assert ei.value.errors == ["processors::protocols::enrich::genai: unknown option 'captur_content'",
+                               "processors::protocols::enrich::max_body_bytes: Input should be greater than or "
+                               "equal to 256"]
+
+
 def test_selection_is_by_path_and_method() -> None:
     e = Enricher()
     names = lambda m, p: [k.NAME for k in e.select(m, p) or ()]  # noqa: E731
