@@ -9,8 +9,9 @@ receiver saw (its pid is on each record), as OBI/Beyla give them:
   ``app.kubernetes.io/name`` label, its deployment, statefulset, daemonset or job, then the
   container's name), else the systemd unit (``nginx.service`` -> ``nginx``); ``None`` when none
   says, and the protocols stage falls back to the executable's name (the kernel's ``comm``).
-- ``process.pid``, ``process.parent_pid``, ``process.executable.name`` (the base name of
-  ``/proc/PID/exe``'s target, as the semantic conventions say for Linux), ``process.executable.path``,
+- ``process.pid``, ``process.parent_pid``, ``process.executable.name`` (the kernel's ``comm``
+  when the record has one, as the protocols stage always gave it; else the base name of
+  ``/proc/PID/exe``'s target), ``process.executable.path`` (that target),
   ``process.command_line`` (``/proc/PID/cmdline``, at most 4 KiB), ``process.owner`` (the real
   uid's user name), ``container.id`` and ``container.runtime`` from the cgroup path (docker,
   containerd, cri-o, podman, cgroup v1 and v2: ``parse_cgroup``), and every other attribute of
@@ -530,8 +531,8 @@ class ProcessMetadata:
             exe = info.exe.removesuffix(" (deleted)")
             a["process.executable.path"] = exe
             a["process.executable.name"] = os.path.basename(exe)
-        elif comm:
-            a["process.executable.name"] = comm
+        if comm:  # the name it was exec'd under (``python3``, not the symlink's target ``python3.11``):
+            a["process.executable.name"] = comm  # what the rules' ``process`` and the stage always used
         cmd = _read(f"/proc/{pid}/cmdline", MAX_COMMAND_LINE + 1)
         if cmd:
             a["process.command_line"] = cmd.rstrip(b"\0").replace(b"\0", b" ").decode(errors="replace")[
@@ -597,8 +598,21 @@ class HostNames:
 
     @staticmethod
     def is_local(addr: str) -> bool:
-        """A loopback server is this machine: its host.name stays the local one."""
-        try:
-            return ipaddress.ip_address(addr).is_loopback
-        except ValueError:
-            return False
+        """A loopback server is this machine: its host.name stays the local one.
+
+        Asked once a connection: the answers are kept (bounded), since parsing the address
+        costs more than the rest of a small connection's setup (issue 21)."""
+        hit = _LOCAL.get(addr)
+        if hit is None:
+            try:
+                hit = ipaddress.ip_address(addr).is_loopback
+            except ValueError:
+                hit = False
+            if len(_LOCAL) >= 4096:
+                _LOCAL.clear()
+            _LOCAL[addr] = hit
+        return hit
+
+
+#: ``HostNames.is_local``'s answers by address.
+_LOCAL: dict[str, bool] = {}
