@@ -591,6 +591,11 @@ class _Plain:
         self.head = b""
 
 
+#: The state of a connection past its first SNIFF_BYTES without TLS (no FIN yet / one FIN): shared
+#: markers, so its events cost one dict lookup.
+_PASS, _PASS_CLOSING = object(), object()
+
+
 class _Side:
     """One direction of a TLS connection (``src`` sends)."""
 
@@ -696,9 +701,28 @@ class TlsLayer:
         if self._waiting:
             out = []
             self._retry_waiting(out, False)
+        get = conns.get
+        if out is None and not self._late:
+            # the common case, first: every event is data of a connection known to be plain
+            for ev in events:
+                if ev.kind or get(ev.conn_id) is not _PASS:
+                    break
+            else:
+                return events
         for i, ev in enumerate(events):
-            st = conns.get(ev.conn_id)
+            st = get(ev.conn_id)
             kind = ev.kind
+            if st is _PASS or st is _PASS_CLOSING:  # a plain connection past its first bytes
+                if kind == _CLOSE:
+                    if st is _PASS:
+                        conns[ev.conn_id] = _PASS_CLOSING
+                    else:
+                        del conns[ev.conn_id]
+                elif kind == _RESET:
+                    del conns[ev.conn_id]
+                if out is not None:
+                    out.append(ev)
+                continue
             if st is None:
                 if kind != _DATA:
                     if out is not None:
@@ -706,8 +730,9 @@ class TlsLayer:
                     continue
                 st = conns[ev.conn_id] = _Plain(0)
             if st.__class__ is _Plain:
-                if kind == _DATA and st.seen >= SNIFF_BYTES:  # type: ignore[union-attr]
-                    if out is not None:  # the common case: past the first bytes of a plain connection
+                if kind == _DATA and st.seen >= SNIFF_BYTES and st.held is None:  # type: ignore[union-attr]
+                    conns[ev.conn_id] = _PASS_CLOSING if st.closes else _PASS  # type: ignore[union-attr]
+                    if out is not None:  # past the first bytes of a plain connection
                         out.append(ev)
                     continue
                 if out is None and st.held is None:  # type: ignore[union-attr]
@@ -718,6 +743,8 @@ class TlsLayer:
                     p = ev.payload
                     if not looks_like_tls(p) and not (len(p) < 6 and _tls_prefix(p)):
                         st.seen += len(p)  # type: ignore[union-attr]
+                        if st.seen >= SNIFF_BYTES:  # type: ignore[union-attr]
+                            conns[ev.conn_id] = _PASS_CLOSING if st.closes else _PASS  # type: ignore[union-attr]
                         continue
                 if out is None:
                     out = events[:i]

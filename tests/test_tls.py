@@ -506,6 +506,29 @@ def ours_http(spans: list[Any], port: int) -> list[tuple]:
     return sorted(reqs) + sorted((c,) for c in codes)  # type: ignore[operator]
 
 
+def cut_capture(src: Path, dst: Path, port: int) -> int:
+    """``src`` up to the middle of its first big TLS segment from ``port``, that segment's payload
+    cut in half (what a capture stopped mid-write would hold). Returns the packets kept."""
+    import dpkt
+
+    with open(src, "rb") as f, open(dst, "wb") as g:
+        r = dpkt.pcap.Reader(f)
+        w = dpkt.pcap.Writer(g, linktype=r.datalink(), nano=True)
+        kept = 0
+        for ts, buf in r:
+            eth = dpkt.ethernet.Ethernet(buf)
+            tcp = eth.data.data
+            if tcp.sport == port and len(tcp.data) > 8000:
+                tcp.data = tcp.data[:len(tcp.data) // 2]
+                eth.data.len = len(eth.data.pack_hdr()) + len(bytes(tcp))
+                eth.data.sum = 0
+                w.writepkt(bytes(eth), ts)
+                return kept + 1
+            w.writepkt(buf, ts)
+            kept += 1
+    raise AssertionError("no big TLS segment")
+
+
 def _traffic(ng: Any, env: dict[str, str], ca: Path, tls: bool) -> int:
     """The same requests over TLS or in clear; returns the connections made."""
     _curl(env, ca, ng.url("/index.html", tls))
@@ -552,6 +575,13 @@ def test_nginx_capture_decrypts_into_the_plaintext_twins_spans(tmp_path, protoco
     spans, rx, stage = replay_tls(dsb)
     assert http_summary(spans, ng.port) == tls and rx["tls"]["keylog"]["secrets"] > 0
     assert not {k for k in rx["drops"] if k.startswith("tls")}, rx["drops"]
+    # the capture cut in the middle (a record cut short by its end): counted, and every span it
+    # still gives is one of the whole capture's
+    cut = tmp_path / "cut.pcap"
+    n = cut_capture(cap, cut, ng.port)
+    spans, rx, stage = replay_tls(cut, kl)
+    assert rx["drops"].get("tls_truncated") == 1, rx["drops"]
+    assert set(http_summary(spans, ng.port)) <= set(tls) and len(http_summary(spans, ng.port)) < len(tls), n
     # the command line: replay --keylog, and the DSB capture without it
     if version == "1.3":
         for args in ([str(cap), "--keylog", str(kl)], [str(dsb)], [str(cap)]):
