@@ -718,3 +718,41 @@ def test_allocation_flat_over_tcp_too() -> None:
 
     small, big = cost(3), cost(300)
     assert big <= small + 4096, (small, big)
+
+
+def test_ipv6_recorded_and_through_the_ebpf_receiver() -> None:
+    """unbound on [::1]:53: dnspython (UDP, TCP) and dig, recorded with tcpdump and seen by the
+    ebpf receiver at once (sockaddr_in6 peers in the kernel program)."""
+    from receivers.ebpf import EbpfConfig, EbpfReceiver
+    from tests.support.unbound import unbound_server
+
+    script = ("import dns.message, dns.query\n"
+              "dns.query.udp(dns.message.make_query('www.wirespan.test', 'AAAA'), '::1', timeout=5)\n"
+              "dns.query.tcp(dns.message.make_query('mail.wirespan.test', 'MX'), '::1', timeout=5)\n")
+    sink = Sink()
+    p = ProtocolsProcessor("protocols", {}, sink)
+    with unbound_server("::1") as u, tcpdump([53], udp=True) as cap:
+        rx = EbpfReceiver("ebpf", EbpfConfig(ports=[53], tls={"enabled": False}), p)
+        rx.start()
+        try:
+            subprocess.run([sys.executable, "-c", script], check=True, timeout=60)
+            out = subprocess.run([DIG, "+tries=1", "+time=5", "@::1", "nope.wirespan.test", "A"], capture_output=True,
+                                 text=True, timeout=20).stdout
+            assert "NXDOMAIN" in out
+            time.sleep(1.0)
+        finally:
+            rx.shutdown()
+        p.shutdown()
+        pid = u.pid
+    asked = [("tcp", "mail.wirespan.test", "MX", "NOERROR"), ("udp", "nope.wirespan.test", "A", "NXDOMAIN"),
+             ("udp", "www.wirespan.test", "AAAA", "NOERROR")]
+
+    def shape(spans: list, keep) -> list:
+        return sorted((s.attributes["network.transport"], s.attributes["dns.question.name"], s.name,
+                       s.attributes["dns.response.status_code"]) for s in spans
+                      if s.attributes.get("server.address") == "::1" and keep(s))
+
+    assert shape(sink.spans, lambda s: s.resource.attributes.get("process.pid") == pid) == asked
+    assert shape(sink.spans, lambda s: s.resource.attributes.get("process.pid") != pid) == asked
+    spans, _, _ = replay(cap, {})
+    assert shape(spans, lambda s: True) == asked

@@ -59,7 +59,7 @@ def _free_address() -> str:
 
 def _ready(addr: str, port: int) -> bool:
     q = bytes.fromhex("abcd01000001000000000000") + b"\x03www\x08wirespan\x04test\x00\x00\x01\x00\x01"
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+    with socket.socket(socket.AF_INET6 if ":" in addr else socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.settimeout(0.3)
         try:
             s.sendto(q, (addr, port))
@@ -69,16 +69,17 @@ def _ready(addr: str, port: int) -> bool:
 
 
 @contextlib.contextmanager
-def unbound_server() -> Iterator[Unbound]:
+def unbound_server(address: str | None = None) -> Iterator[Unbound]:
+    """``address``: listen there (port 53) instead of a free 127.53.x.y (``::1`` for IPv6)."""
     d = tempfile.mkdtemp(prefix="wirespan-unbound-")
-    addr = _free_address()
+    addr = address or _free_address()
     dead = free_port()  # nobody listens there: the SERVFAIL zone's "server"
     conf = f"{d}/unbound.conf"
     with open(conf, "w") as f:
         f.write(f"""server:
   interface: {addr}
   port: 53
-  do-ip6: no
+  do-ip6: {"yes" if ":" in addr else "no"}
   do-daemonize: no
   use-syslog: no
   logfile: ""
@@ -89,6 +90,7 @@ def unbound_server() -> Iterator[Unbound]:
   pidfile: "{d}/unbound.pid"
   num-threads: 1
   access-control: 127.0.0.0/8 allow
+  access-control: ::1/128 allow
   do-not-query-localhost: no
   infra-host-ttl: 1
   outbound-msg-retry: 1
