@@ -76,7 +76,7 @@ def test_publish_consume_ack_get_and_declare(step: int | None) -> None:
     assert pa["messaging.message.id"] == "m-1" and pa["messaging.message.conversation_id"] == "c-1"
     assert pa["messaging.client.id"] == "orders-svc"
     assert pub.trace_id.hex() == dlv.trace_id.hex() == TP[3:35]
-    assert pub0.attributes["messaging.destination.name"] == "amq.default"
+    assert pub0.attributes["messaging.destination.name"] == ""  # the default exchange (semconv: empty)
     assert pub0.attributes["messaging.message.body.size"] == 0
     da = dlv.attributes
     assert da["messaging.operation.type"] == "process" and da["messaging.rabbitmq.message.delivery_tag"] == 1
@@ -373,7 +373,7 @@ def test_real_rabbitmq_with_pika_recorded_replayed_and_tshark_agrees() -> None:
         elif f.get("amqp.type") == "2":
             mcm, m = last[key]
             tp = f.get("traceparent")
-            common = (m.get(arg + "exchange", "") or "amq.default", m.get(arg + "routing_key", ""),
+            common = (m.get(arg + "exchange", ""), m.get(arg + "routing_key", ""),
                       int(f["amqp.header.body-size"]), f.get("amqp.method.properties.message_id"),
                       f.get("amqp.method.properties.correlation_id"), tp[3:35] if tp else None)
             if mcm == ("60", "40"):

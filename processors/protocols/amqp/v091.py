@@ -19,7 +19,8 @@ and released, never copied. Of the properties only ``message-id``, ``correlation
 client's ``connection_name`` (its credentials are never read).
 
 Spans: ``basic.publish`` -> PRODUCER ``publish {exchange}`` (``amq.default`` for the default
-exchange), ending when its body is sent or, on a channel in confirm mode, at the broker's
+exchange in the name, an empty `messaging.destination.name` as the conventions say), ending when its
+body is sent or, on a channel in confirm mode, at the broker's
 ``basic.ack`` / ``basic.nack`` (an error); ``basic.deliver`` -> CONSUMER ``process {queue}``
 (the queue of its consumer tag, from ``basic.consume``), ``basic.get`` -> CONSUMER
 ``receive {queue}`` ending at ``get-ok``'s body or ``get-empty``; a client's ``basic.ack``,
@@ -520,7 +521,7 @@ class Session(Session):  # type: ignore[no-redef]
             ch.last_exchange = exchange
             dest = exchange or "amq.default"
             a.update({"messaging.operation.name": "publish", "messaging.operation.type": "send",
-                      "messaging.destination.name": dest})
+                      "messaging.destination.name": exchange})  # "" for the default exchange (semconv)
             if rk:
                 a["messaging.rabbitmq.destination.routing_key"] = rk
             op = _Op(cm, f"publish {dest}", self.conn.kind_for(SpanKind.PRODUCER, SpanKind.PRODUCER), start, a)
@@ -530,8 +531,7 @@ class Session(Session):  # type: ignore[no-redef]
             exchange, q = _shortstr(buf, q, end)
             rk, q = _shortstr(buf, q, end)
             a.update({"messaging.operation.name": "publish", "messaging.operation.type": "send",
-                      "messaging.destination.name": exchange or "amq.default", "error.type": _REPLY.get(code,
-                                                                                                        str(code)),
+                      "messaging.destination.name": exchange, "error.type": _REPLY.get(code, str(code)),
                       "_status": text, "messaging.rabbitmq.reply_code": code})
             if rk:
                 a["messaging.rabbitmq.destination.routing_key"] = rk
@@ -560,7 +560,7 @@ class Session(Session):  # type: ignore[no-redef]
     def _consumer_op(self, cm: tuple[int, int], opname: str, queue: str, exchange: str, rk: str, dtag: int,
                      redelivered: int, start: int, a: dict[str, Any]) -> _Op:
         a.update({"messaging.operation.name": opname, "messaging.operation.type": opname,
-                  "messaging.destination.name": exchange or "amq.default",
+                  "messaging.destination.name": exchange,
                   "messaging.rabbitmq.message.delivery_tag": dtag})
         if rk:
             a["messaging.rabbitmq.destination.routing_key"] = rk
@@ -746,8 +746,9 @@ class Session(Session):  # type: ignore[no-redef]
             # pending on the channel meanwhile is aborted by the close, counted.
             while self._sync_pop(channel, ch) is not None:
                 self.conn.drop("channel_closed")
-            exch = ch.last_exchange or "amq.default"
-            op = _Op((60, 40), f"publish {exch}", self.conn.kind_for(SpanKind.PRODUCER, SpanKind.PRODUCER), start,
+            exch = ch.last_exchange
+            op = _Op((60, 40), f"publish {exch or 'amq.default'}", self.conn.kind_for(SpanKind.PRODUCER,
+                                                                                       SpanKind.PRODUCER), start,
                      {"messaging.system": "rabbitmq", "messaging.operation.name": "publish",
                       "messaging.operation.type": "send", "messaging.destination.name": exch})
         else:
