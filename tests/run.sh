@@ -8,7 +8,10 @@ cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(tcpdump tshark postgresql mariadb-server redis-server mosquitto nginx php-fpm memcached
               clang llvm libbpf-dev bpftool curl gcc prometheus nats-server rabbitmq-server
-              libpcap0.8 unbound bind9-dnsutils)
+              libpcap0.8 unbound bind9-dnsutils systemd)
+# tests/test_deploy.py renders deploy/kubernetes with kubectl kustomize: Debian's kubectl, unless one
+# from elsewhere is installed (its package would conflict with kubernetes-client's /usr/bin/kubectl).
+command -v kubectl >/dev/null || APT_PACKAGES+=(kubernetes-client)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
