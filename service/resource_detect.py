@@ -428,6 +428,19 @@ def _exe(pid: int) -> str | None:
         return None
 
 
+_users: dict[int, str] = {}
+
+
+def _user(uid: int) -> str:
+    """A uid's user name, remembered (getpwuid reads /etc/passwd each time: most of a cold lookup)."""
+    name = _users.get(uid)
+    if name is None:
+        name = pwd.getpwuid(uid).pw_name  # KeyError without a passwd entry: the caller keeps the number
+        if len(_users) < 1024:
+            _users[uid] = name
+    return name
+
+
 _live: weakref.WeakSet[ProcessMetadata] = weakref.WeakSet()
 
 
@@ -522,8 +535,7 @@ class ProcessMetadata:
                     pass
             elif line.startswith(b"Uid:"):
                 try:
-                    uid = int(line.split()[1])
-                    a["process.owner"] = pwd.getpwuid(uid).pw_name
+                    a["process.owner"] = _user(int(line.split()[1]))
                 except (IndexError, ValueError, KeyError):  # KeyError: a uid without a passwd entry
                     if len(line.split()) > 1:
                         a["process.owner"] = line.split()[1].decode(errors="replace")
