@@ -521,6 +521,33 @@ def test_selected_body_capture_is_bounded() -> None:
     assert big < small + 64 * 1024, (small, big)  # 100x the body: the same bounded capture
 
 
+def test_the_stage_wide_capture_budget() -> None:
+    """Many connections with requests awaiting answers: what their captures hold together stays
+    under max_total_bytes (later bytes are refused, counted), and all of it comes back when the
+    exchanges end, however they end (answered, or the connection dropped unanswered)."""
+    cfg = EnrichConfig(max_body_bytes=4096, max_decoded_bytes=4096, max_total_bytes=64 * 1024)
+    counts: list[tuple[str, str]] = []
+    en = Enricher(cfg, lambda k, r: counts.append((k, r)))
+    req = post("/v1/chat/completions", {"model": "gpt-4o", "messages": [{"role": "user", "content": "x" * 8000}]})
+    sessions = []
+    for i in range(40):  # 40 x 4 KiB wanted, 64 KiB allowed
+        conn = Conn(i, "10.0.0.1", 40000 + i, "10.0.0.2", 8080, lambda s: None)
+        conn.enrich = en
+        s = http1.Session(conn)
+        conn.client_buf.append(req, 1)
+        s.feed(True, conn.client_buf, 1)
+        sessions.append((conn, s))
+        assert en.budget.used <= cfg.max_total_bytes
+    assert en.budget.used > cfg.max_total_bytes - 8192 and en.budget.refused > 0
+    for conn, s in sessions[:20]:  # answered
+        conn.server_buf.append(ok(CHAT_RESP), 2)
+        s.feed(False, conn.server_buf, 2)
+    assert ("genai", "capture_budget") in counts and ("genai", "body_truncated") in counts
+    del conn, s
+    sessions.clear()  # the rest dropped unanswered, as an evicted connection is
+    assert en.budget.used == 0
+
+
 def test_capture_primitives() -> None:
     c = Capture(10)
     for piece in (b"0123", b"456789ab", b"cdef" * 2000):

@@ -32,7 +32,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from processors.protocols.enrich import elasticsearch, genai, graphql, jsonrpc
-from processors.protocols.enrich.body import Capture, SseStream, load_json
+from processors.protocols.enrich.body import Budget, Capture, SseStream, load_json
 from service.largebuf import LargeBuffer
 from service.model import Span
 
@@ -46,6 +46,8 @@ MAX_BODY_BYTES = 256 * 1024
 MAX_DECODED_BYTES = 1024 * 1024
 MAX_STREAM_BYTES = 8 * 1024 * 1024
 MAX_EVENT_BYTES = 256 * 1024
+#: Bytes all captures and SSE buffers of the stage hold at once.
+MAX_TOTAL_BYTES = 64 * 1024 * 1024
 
 KINDS = {m.NAME: m for m in (genai, graphql, elasticsearch, jsonrpc)}
 
@@ -146,6 +148,9 @@ class EnrichConfig(BaseModel):
     max_stream_bytes: int = Field(MAX_STREAM_BYTES, ge=1024, le=1024 * 1024 * 1024)
     #: Bytes of one SSE event (a larger one is skipped and counted).
     max_event_bytes: int = Field(MAX_EVENT_BYTES, ge=256, le=64 * 1024 * 1024)
+    #: Bytes all captured bodies and SSE buffers hold at once (every connection together);
+    #: beyond, captures stop where they are (counted ``capture_budget``).
+    max_total_bytes: int = Field(MAX_TOTAL_BYTES, ge=4096, le=64 * 1024 * 1024 * 1024)
 
     @model_validator(mode="after")
     def _bounds(self) -> EnrichConfig:
@@ -153,6 +158,8 @@ class EnrichConfig(BaseModel):
             raise ValueError("max_decoded_bytes must be >= max_body_bytes")
         if self.max_event_bytes > self.max_stream_bytes:
             raise ValueError("max_event_bytes must be <= max_stream_bytes")
+        if self.max_total_bytes < self.max_body_bytes:
+            raise ValueError("max_total_bytes must be >= max_body_bytes")
         return self
 
     @property
@@ -201,6 +208,8 @@ class Exchange:
         cap = self.req_body
         if cap is None or not cap.seen:
             return None
+        if cap.over_budget:
+            self.problem = self.problem or "capture_budget"
         data, truncated, problem = cap.decoded(self.enricher.config.max_decoded_bytes)
         if problem is not None:
             self.problem = self.problem or problem
@@ -215,6 +224,8 @@ class Exchange:
         cap = self.resp_body
         if cap is None or not cap.seen:
             return None
+        if cap.over_budget:
+            self.problem = self.problem or "capture_budget"
         data, truncated, problem = cap.decoded(self.enricher.config.max_decoded_bytes)
         if problem is not None:
             self.problem = self.problem or problem
@@ -247,6 +258,8 @@ class Exchange:
             if k.resolve(self):
                 self.kind = k
                 break
+        if self.kind is None and self.req_body is not None and self.req_body.over_budget:
+            self.enricher.count(self.kinds[0].NAME, "capture_budget")  # refused, not unrecognised
         self.kinds = ()
 
     def response(self, status: int, head: memoryview | bytes | None = None,
@@ -268,10 +281,11 @@ class Exchange:
             if ctype.startswith("text/event-stream"):
                 if getattr(k, "event", None) is None:
                     return None
-                self.sse = self.sink = SseStream(self._event, enc, cfg.max_event_bytes, cfg.max_stream_bytes)
+                self.sse = self.sink = SseStream(self._event, enc, cfg.max_event_bytes, cfg.max_stream_bytes,
+                                                 self.enricher.budget)
                 return self.sse
             if k.response(self):
-                self.resp_body = self.sink = Capture(cfg.max_body_bytes, enc)
+                self.resp_body = self.sink = Capture(cfg.max_body_bytes, enc, self.enricher.budget)
                 return self.resp_body
         except Exception:
             self.enricher._internal(self)
@@ -305,6 +319,8 @@ class Enricher:
         self.config = config = config if config is not None else EnrichConfig()
         self._count = count
         self.counts: dict[str, int] = {}
+        #: What every capture holds at once (``max_total_bytes``).
+        self.budget = Budget(config.max_total_bytes)
         on = config.enabled
         self.kinds = {n: m for n, m in KINDS.items() if on and getattr(config, n).enabled}
         by_suffix: dict[bytes, list[Any]] = {}
@@ -380,7 +396,7 @@ class Enricher:
             ex = Exchange(self, kinds, method, _text(target), _text(host), _text(ua), headers)
             ex.h2 = fields is not None
             if any(k.NEEDS_REQUEST_BODY for k in kinds) and method != "GET":
-                ex.req_body = Capture(self.config.max_body_bytes, headers.get("content-encoding", ""))
+                ex.req_body = Capture(self.config.max_body_bytes, headers.get("content-encoding", ""), self.budget)
             else:
                 ex._resolve()
                 if ex.kind is None:

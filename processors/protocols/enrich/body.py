@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import re
+import weakref
 import zlib
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -34,7 +35,8 @@ try:
 except ImportError:  # pragma: no cover - brotli is a dependency; without it br bodies are counted
     _brotli = None
 
-__all__ = ["Capture", "SseStream", "Decoder", "load_json", "top_level", "object_after", "TAIL", "available_encodings"]
+__all__ = ["Budget", "Capture", "SseStream", "Decoder", "load_json", "top_level", "object_after", "TAIL",
+           "available_encodings"]
 
 #: Bytes kept from the end of a body that outgrew its bound (a response's ``usage`` is last).
 TAIL = 4096
@@ -121,21 +123,61 @@ class Decoder:
             return b""
 
 
+class Budget:
+    """What every capture and stream buffer holds at once, against ``max_total_bytes``: one
+    connection's bound times many connections is no bound, this is. Each holder keeps its
+    charge in a one-item list; a finalizer gives it back when the holder is dropped, however
+    its exchange ended (answered, evicted, cut by a gap or by the end of the connection)."""
+
+    __slots__ = ("limit", "refused", "used")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self.refused = 0
+
+    def take(self, acct: list[int], n: int) -> bool:
+        if self.used + n > self.limit:
+            self.refused += 1
+            return False
+        self.used += n
+        acct[0] += n
+        return True
+
+    def give(self, acct: list[int], n: int) -> None:
+        self.used -= n
+        acct[0] -= n
+
+    def release(self, acct: list[int]) -> None:
+        self.used -= acct[0]
+        acct[0] = 0
+
+    def account(self, holder: object) -> list[int]:
+        """A charge for ``holder``, returned when it is garbage."""
+        acct = [0]
+        weakref.finalize(holder, self.release, acct)
+        return acct
+
+
 class Capture:
     """The first ``limit`` bytes of one body (and its last ``TAIL`` once over), then decoded.
 
     ``feed`` takes a memoryview (or ``feed_buf`` a range of a ``LargeBuffer``, read as its
-    chunks' views, never gathered); bytes past the bound are only counted.
+    chunks' views, never gathered); bytes past the bound are only counted. With a
+    ``Budget``, bytes it refuses end the capture there (``over_budget``).
     """
 
-    __slots__ = ("data", "encoding", "limit", "seen", "tail")
+    __slots__ = ("__weakref__", "_acct", "_budget", "data", "encoding", "limit", "over_budget", "seen", "tail")
 
-    def __init__(self, limit: int, encoding: str = "") -> None:
+    def __init__(self, limit: int, encoding: str = "", budget: Budget | None = None) -> None:
         self.limit = limit
         self.encoding = encoding
         self.data = bytearray()
         self.tail: bytearray | None = None
         self.seen = 0
+        self.over_budget = False
+        self._budget = budget
+        self._acct = budget.account(self) if budget is not None else None
 
     def feed(self, v: memoryview | bytes) -> None:
         n = len(v)
@@ -144,12 +186,20 @@ class Capture:
         self.seen += n
         room = self.limit - len(self.data)
         if room > 0:
-            self.data += v[:room] if n > room else v
+            k = room if n > room else n
+            if self._budget is not None and not self._budget.take(self._acct, k):  # type: ignore[arg-type]
+                self.over_budget = True
+                self.limit = len(self.data)
+                return
+            self.data += v[:k] if n > k else v
             if n <= room:
                 return
             v = v[room:]
         t = self.tail
         if t is None:
+            if self._budget is not None and not self._budget.take(self._acct, TAIL):  # type: ignore[arg-type]
+                self.over_budget = True
+                return
             t = self.tail = bytearray()
         t += v[-TAIL:] if len(v) > TAIL else v
         if len(t) > TAIL:
@@ -203,11 +253,13 @@ class SseStream:
     stream as a whole is read up to ``max_stream`` decoded bytes (``sse_truncated``).
     """
 
-    __slots__ = ("_data", "_dec", "_event", "_line", "_skip_event", "events", "max_event", "max_stream",
-                 "on_event", "oversized", "problem", "seen")
+    __slots__ = ("__weakref__", "_acct", "_budget", "_data", "_dec", "_event", "_line", "_skip_event", "events",
+                 "max_event", "max_stream", "on_event", "oversized", "problem", "seen")
 
     def __init__(self, on_event: Callable[[str, bytes], None], encoding: str, max_event: int,
-                 max_stream: int) -> None:
+                 max_stream: int, budget: Budget | None = None) -> None:
+        self._budget = budget
+        self._acct = budget.account(self) if budget is not None else None
         self.on_event = on_event
         self._dec = Decoder(encoding)
         self.problem: str | None = self._dec.problem
@@ -239,6 +291,18 @@ class SseStream:
         self.seen += len(text)
         if text:
             self._lines(text)
+            b = self._budget
+            if b is not None:  # charge what the event being gathered holds now (usually ~nothing)
+                held = len(self._line) + len(self._data)
+                acct = self._acct
+                delta = held - acct[0]  # type: ignore[index]
+                if delta > 0 and not b.take(acct, delta):  # type: ignore[arg-type]
+                    self._line.clear()
+                    self._data.clear()
+                    self._skip_event = True
+                    self.problem = "capture_budget"
+                elif delta < 0:
+                    b.give(acct, -delta)  # type: ignore[arg-type]
         if self._dec.over:
             self.problem = "sse_truncated"
 
