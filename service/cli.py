@@ -820,6 +820,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
             raw = _with_tree(raw, output is not None)
         if args.stats or args.stats_json:
             raw = with_summary(raw)
+            from service.summary import summary_for
+            summary_for().clear()  # one replay's spans: a second replay in this process starts from none
         if args.shard:
             k, _, n = args.shard.partition("/")
             raw["receivers"]["pcap"]["shard"] = {"index": int(k), "count": int(n)}

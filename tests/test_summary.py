@@ -412,3 +412,14 @@ def test_progress_bar_on_a_stream_without_size(big_capture: Path, tmp_path: Path
     assert any(re.search(r"[\d.]+[kMG]?B read in \d\d:\d\d, [\d.]+[kMG]?B/s, [\d,]+ pkt/s", f) for f in frames), \
         text[:1000]
     assert not any("ETA" in f for f in frames)
+
+
+def test_each_replay_in_one_process_counts_its_own_spans(tmp_path: Path) -> None:
+    from service.cli import main
+    sample = str(ROOT / "config" / "samples" / "http-sample.pcap")
+    counts = []
+    for k in range(2):
+        js = tmp_path / f"s{k}.json"
+        assert main(["replay", sample, "--stats-json", str(js), "--output", str(tmp_path / f"o{k}.jsonl")]) == 0
+        counts.append(json.loads(js.read_text())["totals"]["count"])
+    assert counts[0] == counts[1] > 0
