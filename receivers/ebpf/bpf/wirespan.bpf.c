@@ -818,8 +818,32 @@ static __always_inline void emit_dgram(u64 id, struct sock *sk, u64 ubuf, u64 av
 	rb_output(r, sizeof(struct rec_hdr) + sz);
 }
 
-// Exit of a call on a UDP socket: its datagram(s) out as K_DGRAM records.
-static __always_inline int udp_exit(u64 id, struct active *a, long ret)
+struct mmsg_ctx {
+	u64 id;
+	struct active a;
+	long ret;
+};
+
+// One message of a recvmmsg/sendmmsg (a bpf_loop step: the body is verified once).
+static long mmsg_step(u32 i, void *arg)
+{
+	struct mmsg_ctx *c = arg;
+	if (i >= c->ret || i >= MAX_MMSG)
+		return 1;
+	struct mmsghdr mh = {};
+	if (bpf_probe_read_user(&mh, sizeof(mh), (void *)(c->a.buf + (u64)i * sizeof(struct mmsghdr))))
+		return 1;
+	struct iovec v = {};
+	if (mh.msg_hdr.msg_iovlen == 0 || bpf_probe_read_user(&v, sizeof(v), (void *)mh.msg_hdr.msg_iov))
+		return 0;
+	emit_dgram(c->id, (struct sock *)c->a.sock, (u64)v.iov_base, v.iov_len, mh.msg_len, (u64)mh.msg_hdr.msg_name,
+		   c->a.op & 1, c->a.ts, c->a.matched);
+	return 0;
+}
+
+// Exit of a call on a UDP socket: its datagram(s) out as K_DGRAM records. mmsg is a constant
+// per program (only the mmsg exits carry the loop).
+static __always_inline int udp_exit(u64 id, struct active *a, long ret, bool mmsg)
 {
 	struct sock *sk = (struct sock *)a->sock;
 	u8 egress = a->op & 1;
@@ -834,25 +858,15 @@ static __always_inline int udp_exit(u64 id, struct active *a, long ret)
 		emit_dgram(id, sk, (u64)v.iov_base, v.iov_len, ret, a->name, egress, a->ts, a->matched);
 		return 0;
 	}
-	if (a->op != WS_RECVMMSG && a->op != WS_SENDMMSG)
+	if (!mmsg || (a->op != WS_RECVMMSG && a->op != WS_SENDMMSG))
 		return 0;
 	// ret: how many messages were moved; each one's msg_len is its datagram's length
-	for (u32 i = 0; i < MAX_MMSG; i++) {
-		if (i >= ret)
-			break;
-		struct mmsghdr mh = {};
-		if (bpf_probe_read_user(&mh, sizeof(mh), (void *)(a->buf + (u64)i * sizeof(struct mmsghdr))))
-			break;
-		struct iovec v = {};
-		if (mh.msg_hdr.msg_iovlen == 0 || bpf_probe_read_user(&v, sizeof(v), (void *)mh.msg_hdr.msg_iov))
-			continue;
-		emit_dgram(id, sk, (u64)v.iov_base, v.iov_len, mh.msg_len, (u64)mh.msg_hdr.msg_name, egress, a->ts,
-			   a->matched);
-	}
+	struct mmsg_ctx c = { .id = id, .a = *a, .ret = ret };
+	bpf_loop(MAX_MMSG, mmsg_step, &c, 0);
 	return 0;
 }
 
-static __always_inline int on_exit(long ret)
+static __always_inline int on_exit_op(long ret, bool mmsg)
 {
 	u64 id = bpf_get_current_pid_tgid();
 	struct active *ap = bpf_map_lookup_elem(&active, &id);
@@ -863,9 +877,14 @@ static __always_inline int on_exit(long ret)
 	if (ret <= 0)
 		return 0;
 	if (a.udp)
-		return udp_exit(id, &a, ret);
+		return udp_exit(id, &a, ret, mmsg);
 	return emit_data(id, a.sock, a.buf, a.cnt, a.op >= WS_READV, a.ts, ret, a.op & 1 /* odd ops write */,
 			 K_DATA, a.tls);
+}
+
+static __always_inline int on_exit(long ret)
+{
+	return on_exit_op(ret, false);
 }
 
 SEC("tracepoint/syscalls/sys_enter_read")
@@ -939,9 +958,9 @@ int enter_sendmmsg(struct trace_event_raw_sys_enter *ctx)
 }
 
 SEC("tracepoint/syscalls/sys_exit_recvmmsg")
-int exit_recvmmsg(struct trace_event_raw_sys_exit *ctx) { return on_exit(ctx->ret); }
+int exit_recvmmsg(struct trace_event_raw_sys_exit *ctx) { return on_exit_op(ctx->ret, true); }
 SEC("tracepoint/syscalls/sys_exit_sendmmsg")
-int exit_sendmmsg(struct trace_event_raw_sys_exit *ctx) { return on_exit(ctx->ret); }
+int exit_sendmmsg(struct trace_event_raw_sys_exit *ctx) { return on_exit_op(ctx->ret, true); }
 
 SEC("tracepoint/syscalls/sys_exit_read")
 int exit_read(struct trace_event_raw_sys_exit *ctx) { return on_exit(ctx->ret); }
