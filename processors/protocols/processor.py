@@ -366,7 +366,6 @@ class ProtocolsProcessor(EventProcessor):
         self._hint_ports: frozenset[int] = frozenset().union(*(p for _, _, p in self._modules))
         self._orders: dict[tuple[int, int], tuple[tuple[str, ModuleType, frozenset[int]], ...]] = {}
         self._udp_modules = [m for m in self._modules if hasattr(m[1], "detect_datagram")]
-        self._last_udp_sweep = 0
         pc = config.pending
         self._budget = PendingBudget(pc.max_entries, pc.max_bytes, pc.max_entries_per_connection,
                                      pc.max_bytes_per_connection)
