@@ -413,3 +413,45 @@ def test_real_rabbitmq_amqp10_through_the_ebpf_receiver() -> None:
     client = [s for s in sink.spans if s.kind != SpanKind.SERVER]
     _check_real(client, "client")
     _check_real([s for s in sink.spans if s.kind == SpanKind.SERVER], "server")
+
+
+def test_through_the_stage_joined_mid_stream_and_beside_0_9_1() -> None:
+    """No SYN and no headers seen (a capture started late): a 1.0 transfer's connection takes its
+    roles from the ports (5672 is the server's) and the dispatcher picks 1.0 by the frame's shape;
+    a 0-9-1 connection beside it stays 0-9-1."""
+    from pika import spec
+
+    from processors.protocols.processor import ProtocolsProcessor
+    from service.model import EventKind, TcpEvent
+    from tests.support import amqp_wire as w091
+    from tests.support.replay import _Collect
+
+    sink = _Collect()
+    stage = ProtocolsProcessor("protocols", {}, sink)
+    srv = ("10.0.0.2", 5672)
+    c1, c2 = ("10.0.0.1", 50111), ("10.0.0.1", 50112)
+    stream = [
+        # 1.0: the server's attach answer first (either side sends attach), then a delivery and its accept
+        (srv, c1, w.begin(3, remote=0) + w.attach(3, "sub", 8, False, source="/queue/late", target="x")),
+        (c1, srv, w.begin(0) + w.attach(0, "sub", 1, True, source="/queue/late", target="x")),
+        (srv, c1, w.transfer(3, 8, 0, b"d", w.message(b"late"))),
+        (c1, srv, w.disposition(0, True, 0)),
+        (c2, srv, w091.method(1, spec.Basic.Publish(exchange="e", routing_key="k")) + w091.content(1, b"abc")),
+    ]
+    for i, (a_, b_, payload) in enumerate(stream):
+        stage.consume_events([TcpEvent(EventKind.DATA, (min(a_, b_), max(a_, b_)), a_[0], a_[1], b_[0], b_[1],
+                                       1000 + i, memoryview(payload))])
+    stage.shutdown()
+    assert [(s.name, s.kind) for s in sink.spans] == [("receive /queue/late", SpanKind.CONSUMER),
+                                                      ("publish e", SpanKind.PRODUCER)]
+    assert sink.spans[0].attributes["server.port"] == 5672
+    assert "wirespan.incomplete" not in sink.spans[0].attributes  # settled by the client's disposition
+
+
+def test_joined_after_the_begins_the_two_sides_share_a_session() -> None:
+    d = Driver()
+    d.send(True, w.attach(0, "pub", 0, False, target="/queue/j"))  # no header, no begin seen
+    d.send(False, w.attach(5, "pub", 2, True, target="/queue/j"))
+    d.send(True, w.transfer(0, 0, 9, b"j", w.message(b"x")))
+    d.send(False, w.disposition(5, True, 9))
+    assert [(s.name, s.attributes["messaging.amqp.outcome"]) for s in d.spans] == [("publish /queue/j", "accepted")]

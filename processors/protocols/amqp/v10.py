@@ -460,10 +460,11 @@ class _Link:
 
 
 class _Sess:
-    __slots__ = ("by_name", "channels", "links", "sid")
+    __slots__ = ("by_name", "channels", "links", "remote", "sid")
 
     def __init__(self, sid: int) -> None:
         self.sid = sid
+        self.remote: int | None = None  # the peer's channel a begin named as its remote-channel
         self.links: tuple[dict[int, _Link], dict[int, _Link]] = ({}, {})  # per side: handle -> link
         self.by_name: dict[tuple[str, bool], _Link] = {}
         self.channels: list[int | None] = [None, None]
@@ -633,6 +634,8 @@ class Session(Session):  # type: ignore[no-redef]
         remote = f[0]
         if isinstance(remote, int) and remote in other and other[remote].channels[from_client] is None:
             s = other[remote]  # the answer to the peer's begin: the same session
+        if s is None:  # the peer's answer came first (a capture's order): it named this channel
+            s = next((x for x in other.values() if x.channels[from_client] is None and x.remote == channel), None)
         if s is None:
             if len(own) >= MAX_SESSIONS:
                 raise LimitExceeded(NAME, "too_many_sessions", 0)
@@ -643,14 +646,21 @@ class Session(Session):  # type: ignore[no-redef]
             self._forget_session(old, "session_replaced")
         own[channel] = s
         s.channels[from_client] = channel
+        if isinstance(remote, int):
+            s.remote = remote
 
     def _sess(self, from_client: bool, channel: int) -> _Sess:
         s = self.sessions[from_client].get(channel)
-        if s is None:  # joined after the begin: a session of its own for this side's frames
+        if s is None:  # joined after the begins: pair with the peer's one unpaired session, if one
             if len(self.sessions[from_client]) >= MAX_SESSIONS:
                 raise LimitExceeded(NAME, "too_many_sessions", 0)
-            self.next_sid += 1
-            s = self.sessions[from_client][channel] = _Sess(self.next_sid)
+            lone = [x for x in self.sessions[not from_client].values() if x.channels[from_client] is None]
+            if len(lone) == 1:
+                s = lone[0]
+            else:
+                self.next_sid += 1
+                s = _Sess(self.next_sid)
+            self.sessions[from_client][channel] = s
             s.channels[from_client] = channel
         return s
 
