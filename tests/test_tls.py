@@ -426,6 +426,11 @@ _HTTPX = ("import httpx,sys\n"
           "with httpx.Client(verify=sys.argv[1]) as c:\n"
           "    for u in sys.argv[2:]:\n"
           "        c.get(u)\n")
+NODE = shutil.which("node") or shutil.which("nodejs") or "node"
+_NODE = ("const u = new URL(process.argv[1]); const m = u.protocol === 'https:' ? require('https') : require('http');"
+         "m.get(u, {agent: false}, r => { r.resume(); "
+         "r.on('end', () => { process.exitCode = r.statusCode === 200 ? 0 : 1; }); })"
+         ".on('error', e => { console.error(e); process.exitCode = 2; });")  # no exit(): the key log is flushed
 BIG = bytes(range(256)) * 1200  # 300 KiB: records of 16 KiB split across 64 KiB loopback segments
 
 
@@ -536,7 +541,10 @@ def _traffic(ng: Any, env: dict[str, str], ca: Path, tls: bool) -> int:
     _curl(env, ca, ng.url("/big.bin", tls))
     _py(env, _URLLIB, str(ca), ng.url("/api/u?q=1", tls), ng.url("/missing", tls))
     _py(env, _HTTPX, str(ca), ng.url("/api/x", tls), ng.url("/big.bin", tls))
-    return 6
+    # Node.js (its own OpenSSL): --tls-keylog writes the key log, NODE_EXTRA_CA_CERTS trusts the CA
+    subprocess.run([NODE, f"--tls-keylog={env['SSLKEYLOGFILE']}", "-e", _NODE, ng.url("/api/node", tls)],
+                   env={**env, "NODE_EXTRA_CA_CERTS": str(ca)}, check=True, timeout=60, capture_output=True)
+    return 7
 
 
 @pytest.mark.parametrize("protocols,version", [("TLSv1.3", "1.3"), ("TLSv1.2", "1.2")])
@@ -550,7 +558,7 @@ def test_nginx_capture_decrypts_into_the_plaintext_twins_spans(tmp_path, protoco
         _traffic(ng, env, files.ca_cert, False)
     spans, rx, stage = replay_tls(cap, kl)
     tls, plain = http_summary(spans, ng.port), http_summary(spans, ng.plain_port)
-    assert tls == plain and len(tls) == 7, (tls, plain)
+    assert tls == plain and len(tls) == 8, (tls, plain)
     assert sum(1 for t in tls if t[5] == len(BIG)) == 2  # the 300 KiB bodies, whole
     for s in spans:
         a = s.attributes
@@ -564,7 +572,7 @@ def test_nginx_capture_decrypts_into_the_plaintext_twins_spans(tmp_path, protoco
     assert rx["tls"]["sessions"] == conns and rx["tls"]["decrypted_sessions"] == conns, rx["tls"]
     # tshark decrypting with the same key log: the same requests and status codes
     oracle = tshark_http(cap, kl, ng.port)
-    assert oracle == ours_http(spans, ng.port) and len(oracle) == 14, oracle
+    assert oracle == ours_http(spans, ng.port) and len(oracle) == 16, oracle
     # without the keys: each session counted once, nothing of it parsed (no span, no parser drop)
     spans, rx, stage = replay_tls(cap)
     assert http_summary(spans, ng.port) == [] and http_summary(spans, ng.plain_port) == plain
@@ -595,9 +603,9 @@ def test_nginx_capture_decrypts_into_the_plaintext_twins_spans(tmp_path, protoco
             https = [sp.name for sp in got if any(a.key == "url.scheme" and a.value.string_value == "https"
                                                   for a in sp.attributes)]
             if len(args) == 1 and args[0] == str(cap):
-                assert https == [] and len(got) == 7 and "tls_no_keys" in r.stderr, r.stderr
+                assert https == [] and len(got) == 8 and "tls_no_keys" in r.stderr, r.stderr
             else:
-                assert sorted(https) == sorted(t[0] for t in tls) and len(got) == 14, r.stderr
+                assert sorted(https) == sorted(t[0] for t in tls) and len(got) == 16, r.stderr
 
 
 # (key, curl options, tls.cipher): TLS 1.2 with RSA and ECDHE key exchange, AES-GCM and
@@ -832,14 +840,14 @@ def test_live_receiver_decrypts_with_a_growing_key_log(tmp_path) -> None:
             _traffic(ng, env, files.ca_cert, False)
             _curl(dict(os.environ), files.ca_cert, ng.url("/api/nokeys"))  # this client writes no key log
             deadline = time.monotonic() + 15
-            while len(sink.spans) < 14 and time.monotonic() < deadline:
+            while len(sink.spans) < 16 and time.monotonic() < deadline:
                 time.sleep(0.1)
         finally:
             rx.shutdown()
             stage.flush()
             stage.shutdown()
     tls, plain = http_summary(sink.spans, ng.port), http_summary(sink.spans, ng.plain_port)
-    assert tls == plain and len(tls) == 7, (tls, plain)
+    assert tls == plain and len(tls) == 8, (tls, plain)
     st = rx.stats["tls"]
     assert st["decrypted_sessions"] == conns and rx.stats["tls"]["drops"] == {"tls_no_keys": 1}, st
     assert stage.stats["drops"] == {}, stage.stats["drops"]
@@ -932,3 +940,21 @@ def test_mutated_sessions_never_raise_never_emit_unauthenticated_bytes(certs, tm
             for e in out:
                 if e.kind == EventKind.DATA and isinstance(e.conn_id, TlsConnId):
                     assert bytes(e.payload) in truth[e.sport], (e.sport, bytes(e.payload)[:40])
+
+
+def test_http2_over_tls(tmp_path) -> None:
+    """ALPN h2: curl --http2 against nginx's TLS port and --http2-prior-knowledge against its h2c twin."""
+    files = tls_files(tmp_path / "certs")
+    kl = tmp_path / "keys.log"
+    env = keylog_env(kl)
+    with nginx_tls(files, {"index.html": b"<p>hi</p>\n", "big.bin": BIG}, http2=True) as ng, \
+            tcpdump([ng.port, ng.plain_port], tmp_path / "cap.pcap") as cap:
+        for tls in (True, False):
+            mode = "--http2" if tls else "--http2-prior-knowledge"
+            for path in ("/index.html", "/big.bin", "/boom"):  # one curl each: curl 7.88 cannot reuse h2c
+                _curl(env, files.ca_cert, mode, ng.url(path, tls))
+    spans, rx, stage = replay_tls(cap, kl)
+    tls, plain = http_summary(spans, ng.port), http_summary(spans, ng.plain_port)
+    assert tls == plain and len(tls) == 3, (tls, plain)
+    assert all(s.attributes["network.protocol.version"] == "2" for s in spans)
+    assert not {k for k in rx["drops"] if k.startswith("tls")} and stage["drops"] == {}, (rx["drops"], stage)
