@@ -684,3 +684,120 @@ def test_ebpf_runs_with_the_units_capabilities(tmp_path: Path) -> None:
     assert status == 200 and rc == 0, err[-3000:]
     server = [s for _, s in _spans(lines) if s["kind"] == 2 and s["name"].startswith("GET")]
     assert len(server) == 3, err[-3000:]
+
+
+# ---------------------------------------------------------------------------------------------
+# Helm chart: Helm is not packaged in Debian, so `helm template` cannot run here. Checked instead:
+# the YAML files parse, the config in values.yaml is the Kustomize base's and valid, every action of
+# the templates is balanced, names a defined value, a defined helper and a known function, and the
+# templates with their actions blanked out parse as YAML and carry the base's DaemonSet fields.
+# ---------------------------------------------------------------------------------------------
+_ACTION = re.compile(r"{{-?\s*(.*?)\s*-?}}", re.S)
+#: Helm's and Sprig's functions these templates may use (a misspelt one fails here, not at install).
+_FUNCS = {"include", "toYaml", "nindent", "indent", "quote", "default", "trunc", "trimSuffix", "printf", "print",
+          "contains", "splitList", "last", "int", "add", "sha256sum", "deepCopy", "set", "dict", "not", "and", "or",
+          "eq", "ne"}
+_KEYWORDS = {"if", "else", "end", "range", "with", "define", "template", "block", "nil", "true", "false"}
+
+
+def _templates() -> dict[str, str]:
+    return {p.name: p.read_text() for p in sorted((CHART / "templates").iterdir()) if p.is_file()}
+
+
+def _values() -> dict[str, Any]:
+    return yaml.safe_load((CHART / "values.yaml").read_text())
+
+
+def test_chart_metadata() -> None:
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    assert chart["apiVersion"] == "v2" and chart["name"] == "wirespan" and chart["type"] == "application"
+    assert re.fullmatch(r"\d+\.\d+\.\d+", chart["version"])
+    version = re.search(r'^version = "([^"]+)"', (ROOT / "pyproject.toml").read_text(), re.M).group(1)
+    assert chart["appVersion"] == version
+    kust = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    assert kust["images"] == [{"name": "wirespan", "newTag": version}]
+
+
+@pytest.mark.parametrize("tls", [False, True])
+def test_chart_config_is_the_bases_and_valid(tmp_path: Path, tls: bool) -> None:
+    values = _values()
+    assert values["config"] == yaml.safe_load((K8S / "config.yaml").read_text())   # no drift between the two
+    cfg = values["config"]
+    if tls:   # what configmap.yaml makes of tls.enabled=true
+        cfg["receivers"]["ebpf"]["tls"] = {"enabled": True}
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    r = _cli("validate", "--config", str(path), env={**ENV, "NODE_NAME": "node-1"})
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def _value_exists(values: dict[str, Any], dotted: str) -> bool:
+    cur: Any = values
+    for part in dotted.split("."):
+        if not isinstance(cur, dict) or part not in cur:
+            return False
+        cur = cur[part]
+    return True
+
+
+def test_chart_templates_actions_are_well_formed() -> None:
+    helpers = _templates()["_helpers.tpl"]
+    defined = set(re.findall(r'{{-?\s*define\s+"([^"]+)"', helpers))
+    values = _values()
+    for name, text in _templates().items():
+        assert "{{" not in _ACTION.sub("", text), f"{name}: an unclosed action"   # "}}" may end a YAML flow map
+        depth = 0
+        for action in _ACTION.findall(text):
+            if action.startswith("/*"):
+                continue
+            word = action.split()[0] if action.split() else ""
+            if word in ("if", "range", "with", "define", "block"):
+                depth += 1
+            elif word == "end":
+                depth -= 1
+                assert depth >= 0, (name, action)
+            for ref in re.findall(r"\.Values\.([\w.]+)", action):
+                assert _value_exists(values, ref), f"{name}: .Values.{ref} is not in values.yaml"
+            for inc in re.findall(r'(?:include|template)\s+"([^"]+)"', action):
+                assert inc in defined, f"{name}: {inc} is not defined in _helpers.tpl"
+            code = re.sub(r'"[^"]*"', "", action)   # drop string literals
+            for ident in re.findall(r"(?<![.$\w])([a-zA-Z]\w*)", code):
+                assert ident in _FUNCS | _KEYWORDS, f"{name}: unknown function {ident!r} in {{{{ {action} }}}}"
+        assert depth == 0, f"{name}: unbalanced blocks"
+
+
+def _blanked(text: str) -> str:
+    """The template with lines that are only actions removed and other actions replaced by a word."""
+    lines = []
+    for line in text.splitlines():
+        if line.strip() and not _ACTION.sub("", line).strip():
+            continue
+        lines.append(_ACTION.sub("X", line))
+    return "\n".join(lines)
+
+
+def test_chart_templates_parse_and_match_the_base(rendered: dict) -> None:
+    docs = {}
+    for name, text in _templates().items():
+        if name.endswith(".yaml"):
+            for d in yaml.safe_load_all(_blanked(text)):
+                if d:
+                    docs[d["kind"]] = d
+    assert set(docs) == {"ServiceAccount", "ClusterRole", "ClusterRoleBinding", "ConfigMap", "DaemonSet"}
+    assert docs["ClusterRole"]["rules"] == _one(rendered, "ClusterRole")["rules"]
+    base = _one(rendered, "DaemonSet")["spec"]["template"]["spec"]
+    pod = docs["DaemonSet"]["spec"]["template"]["spec"]
+    assert pod["hostPID"] is True and pod["hostNetwork"] is False
+    (c,) = pod["containers"]
+    (b,) = base["containers"]
+    for key in ("volumeMounts", "startupProbe", "livenessProbe", "readinessProbe"):
+        assert c[key] == b[key], key
+    assert pod["volumes"][1:] == base["volumes"][1:]           # the config volume's name is the release's
+    assert [e["name"] for e in c["env"]] == [e["name"] for e in b["env"]] + ["OTLP_ENDPOINT"]
+    assert c["securityContext"]["capabilities"]["drop"] == ["ALL"]
+    assert _values()["capabilities"] == b["securityContext"]["capabilities"]["add"]
+    assert _values()["resources"] == b["resources"] and _values()["tolerations"] == base["tolerations"]
+    text = _templates()["daemonset.yaml"]
+    # SYS_ADMIN only with TLS, and then without allowPrivilegeEscalation=false (Kubernetes refuses both)
+    assert re.search(r"if \.Values\.tls\.enabled }}\s*- SYS_ADMIN", text)
+    assert re.search(r"if not \.Values\.tls\.enabled }}\s*allowPrivilegeEscalation: false", text)
