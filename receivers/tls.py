@@ -8,7 +8,8 @@ Contract:
   attributes of the connection (``tls.protocol.name``, ``tls.protocol.version``, ``tls.cipher``
   when known). The stage adds them to the connection's spans and sets ``url.scheme=https``.
 - ``looks_like_tls(payload)``: True when bytes at the start of a message are a TLS handshake
-  record (a ClientHello or ServerHello), how receivers tell ciphertext from cleartext.
+  record (a ClientHello or ServerHello), how receivers tell ciphertext from cleartext;
+  ``looks_like_protected_tls`` for a connection whose capture began after its handshake.
 - ``HelloSniffer``: fed one connection's bytes per direction (in any segmentation), it finds
   the ServerHello and reports the negotiated version and cipher (TLS 1.3 by its
   supported_versions extension; a HelloRetryRequest is skipped). It copies at most
@@ -127,6 +128,23 @@ def looks_like_tls(p: Any) -> bool:
     if ln < 4 or ln > MAX_RECORD:
         return False
     return n == 5 or p[5] in (HS_CLIENT_HELLO, HS_SERVER_HELLO)
+
+
+def looks_like_protected_tls(p: Any) -> bool:
+    """Do a connection's first bytes look like TLS records past the handshake (a capture that began
+    mid-connection)? An application data, alert or ChangeCipherSpec record header of TLS 1.0-1.3
+    and a length that fits, followed by the next record's header when the bytes go past it."""
+    n = len(p)
+    if n < 5 or p[0] not in (CT_CCS, CT_ALERT, CT_APPDATA) or p[1] != 3 or not 1 <= p[2] <= 4:
+        return False
+    ln = (p[3] << 8) | p[4]
+    if ln == 0 or ln > MAX_RECORD or (p[0] == CT_APPDATA and ln < 17):  # an AEAD record has its tag
+        return False
+    end = 5 + ln
+    if n <= end:
+        return True
+    return n >= end + 3 and p[end] in (CT_CCS, CT_ALERT, CT_HANDSHAKE, CT_APPDATA) and p[end + 1] == 3 \
+        and p[end + 2] == p[2]
 
 
 def _extensions(b: bytes | memoryview, off: int) -> dict[int, bytes | memoryview]:
@@ -571,10 +589,12 @@ TLS12, TLS13 = 0x0303, 0x0304
 _DATA, _GAP, _CLOSE, _RESET = EventKind.DATA, EventKind.GAP, EventKind.CLOSE, EventKind.RESET
 
 
-def _tls_prefix(p: Any) -> bool:
-    """Could these (fewer than 6) bytes be the start of a TLS handshake record?"""
+def _tls_prefix(p: Any, at_start: bool = False) -> bool:
+    """Could these (fewer than 6) bytes be the start of a TLS handshake record (``at_start``, the
+    connection's first bytes: or of a protected record, see looks_like_protected_tls)?"""
     n = len(p)
-    return n > 0 and p[0] == CT_HANDSHAKE and (n < 2 or p[1] == 3) and (n < 3 or p[2] <= 4)
+    return n > 0 and (p[0] == CT_HANDSHAKE or (at_start and p[0] in (CT_CCS, CT_ALERT, CT_APPDATA))) and \
+        (n < 2 or p[1] == 3) and (n < 3 or p[2] <= 4)
 
 
 class _Plain:
@@ -741,7 +761,8 @@ class TlsLayer:
                         self._plain_end(st, ev)  # type: ignore[arg-type]
                         continue
                     p = ev.payload
-                    if not looks_like_tls(p) and not (len(p) < 6 and _tls_prefix(p)):
+                    if not looks_like_tls(p) and not (len(p) < 6 and _tls_prefix(p, not st.seen)) and \
+                            (st.seen or not looks_like_protected_tls(p)):  # type: ignore[union-attr]
                         st.seen += len(p)  # type: ignore[union-attr]
                         if st.seen >= SNIFF_BYTES:  # type: ignore[union-attr]
                             conns[ev.conn_id] = _PASS_CLOSING if st.closes else _PASS  # type: ignore[union-attr]
@@ -785,11 +806,13 @@ class TlsLayer:
             return
         p = ev.payload
         if st.held is None:
-            if looks_like_tls(p):
-                sess = self._new_session(ev)  # at the start, or after a cleartext start (STARTTLS)
+            if looks_like_tls(p) or (not st.seen and looks_like_protected_tls(p)):
+                # a handshake at the start, or after a cleartext start (STARTTLS); or protected records
+                # first (the capture began mid-connection: no keys can be found, counted tls_no_keys)
+                sess = self._new_session(ev)
                 self._event(sess, ev, out)
                 return
-            if len(p) < 6 and _tls_prefix(p):
+            if len(p) < 6 and _tls_prefix(p, not st.seen):
                 st.held, st.head = [ev], bytes(p)
                 return
             st.seen += len(p)
@@ -797,11 +820,11 @@ class TlsLayer:
             return
         st.held.append(ev)
         st.head += bytes(p[:6 - len(st.head)])
-        if len(st.head) < 6 and _tls_prefix(st.head):
+        if len(st.head) < 6 and _tls_prefix(st.head, not st.seen):
             return
         held, head = st.held, st.head
         st.held, st.head = None, b""
-        if looks_like_tls(head):
+        if looks_like_tls(head) or (not st.seen and looks_like_protected_tls(head)):
             sess = self._new_session(held[0])
             for e in held:
                 self._event(sess, e, out)

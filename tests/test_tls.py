@@ -247,6 +247,26 @@ def test_no_keys_is_counted_never_parsed(certs, tmp_path) -> None:
 
 
 @pytest.mark.parametrize("maxv", [None, ssl.TLSVersion.TLSv1_2])
+def test_capture_begun_after_the_handshake(certs, tmp_path, maxv) -> None:
+    """A capture that starts mid-connection sees protected records first: no handshake, no keys to
+    find; counted tls_no_keys, nothing handed to a parser (the ciphertext is not garbage input)."""
+    kl = tmp_path / "keys.log"
+    s = Session(certs, kl, maxv)
+    s.exchange()
+    s.exchange(b"GET /later HTTP/1.1\r\n\r\n", RESP)
+    later = s.flights[-4:]  # the second exchange only: application data records
+    assert all(b[0] == 23 for _, b in later)
+    for seg in (None, 3):
+        layer, out = run(later, kl, seg)
+        assert plaintext(out) == {} and layer.drops == {"tls_no_keys": 1}
+        assert [e.kind for e in out if e.conn_id == 7] == [EventKind.CLOSE, EventKind.CLOSE]
+    # a plain protocol is not taken for one: its first bytes are not record headers
+    layer = TlsLayer(KeyLog())
+    evs = [TcpEvent(EventKind.DATA, 3, *C, *S, 1, memoryview(b"\x17\x03\x03\x00\x05hello"), 0, True)]
+    assert layer.process(evs) is evs
+
+
+@pytest.mark.parametrize("maxv", [None, ssl.TLSVersion.TLSv1_2])
 def test_bad_key_logs(certs, tmp_path, maxv) -> None:
     kl = tmp_path / "keys.log"
     s = Session(certs, kl, maxv)
