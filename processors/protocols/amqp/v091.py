@@ -57,8 +57,9 @@ MAX_BODY_FRAME = 0xFFFFFFFF
 #: Channels tracked per connection: RabbitMQ's default channel_max is 2047 (the wire allows
 #: 65535; a connection opening more is refused, LimitExceeded, rather than costing ~30 MB).
 MAX_CHANNELS = 2048
-#: Consumer tags remembered per channel (tag -> queue).
-MAX_CONSUMERS = 1024
+#: Consumer tags remembered per channel (tag -> queue), oldest forgotten first: 2048 channels of
+#: 64 stay within a few MB for one hostile connection.
+MAX_CONSUMERS = 64
 #: Bytes of a name (exchange, queue, routing key) kept for a span: a shortstr is <= 255.
 MAX_NAME = 255
 
@@ -692,9 +693,10 @@ class Session(Session):  # type: ignore[no-redef]
         self._emit(_Op(cm, name, self.conn.kind_for(SpanKind.CLIENT), start, a), ts_ns)
 
     def _confirm(self, channel: int, ch: _Channel, tag: int, multiple: bool, nack: bool, ts_ns: int) -> None:
-        seqs = range(ch.confirm_low, tag + 1) if multiple else (tag,)
-        if multiple and tag - ch.confirm_low > MAX_CONSUMERS * 64:
-            seqs = range(tag - MAX_CONSUMERS * 64, tag + 1)  # bounded: older ones were dropped already
+        seqs: Any = range(ch.confirm_low, tag + 1) if multiple else (tag,)
+        if multiple and tag + 1 - ch.confirm_low > len(self.unconfirmed):
+            # A range wider than what is pending (a hostile tag): walk what is pending instead.
+            seqs = sorted(k[1] for k in self.unconfirmed if k[0] == channel and k[1] <= tag)
         for s in seqs:
             op = self.unconfirmed.pop((channel, s), None)
             if op is None:

@@ -53,8 +53,8 @@ MIN_FRAME = 8
 #: Nesting of compound values read in a performative (a source's filter map holds described
 #: values: 4 levels suffice; a deeper one is refused).
 MAX_DEPTH = 16
-#: Sessions per connection and links per session tracked (the spec's channel-max and
-#: handle-max defaults are 65535 and 2^32-1: bounded here instead).
+#: Sessions and links per connection tracked (the spec's channel-max and handle-max defaults
+#: are 65535 and 2^32-1: bounded here instead; a link costs ~300 bytes).
 MAX_SESSIONS = 2048
 MAX_LINKS = 4096
 #: Bytes of an address or a string attribute kept.
@@ -490,6 +490,7 @@ class Session(Session):  # type: ignore[no-redef]
         self.dirs = (_Dir(), _Dir())
         self.sessions: tuple[dict[int, _Sess], dict[int, _Sess]] = ({}, {})  # per side: channel -> session
         self.next_sid = 0
+        self.nlinks = 0  # links tracked, all sessions together (MAX_LINKS)
         #: Unsettled deliveries by (session id, sender side, delivery-id).
         self.unsettled: dict[tuple[int, bool, int], _Op] = PendingMap(conn, traceparent=_op_traceparent)
         self.client_id: str | None = None
@@ -675,9 +676,11 @@ class Session(Session):  # type: ignore[no-redef]
         key = (name, client_sends)  # a link's name is unique per direction (part 2 §2.6.1)
         link = s.by_name.get(key)
         if link is None or link.handles[from_client] is not None:
-            if len(s.by_name) >= MAX_LINKS:
+            if self.nlinks >= MAX_LINKS:
                 raise LimitExceeded(NAME, "too_many_links", 0)
             link = _Link(key, client_sends, addr)
+            if s.by_name.get(key) is None:
+                self.nlinks += 1
             s.by_name[key] = link
         elif not link.address:
             link.address = addr
@@ -705,7 +708,9 @@ class Session(Session):  # type: ignore[no-redef]
         del s.links[from_client][handle]
         link.handles[from_client] = None
         if link.handles[not from_client] is None:
-            s.by_name.pop(link.name, None)
+            if s.by_name.get(link.name) is link:
+                del s.by_name[link.name]
+                self.nlinks -= 1
             for key in [k for k, op in self.unsettled.items() if op.link is link]:
                 self.unsettled.pop(key)
                 self.conn.drop("no_disposition")
@@ -751,6 +756,8 @@ class Session(Session):  # type: ignore[no-redef]
 
     def _forget_session(self, s: _Sess, reason: str) -> None:
         links = set(map(id, s.by_name.values()))
+        self.nlinks -= len(s.by_name)
+        s.by_name.clear()
         for key in [k for k, op in self.unsettled.items() if op.link is not None and id(op.link) in links]:
             self.unsettled.pop(key)
             self.conn.drop(reason)
