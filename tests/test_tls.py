@@ -978,3 +978,20 @@ def test_http2_over_tls(tmp_path) -> None:
     assert tls == plain and len(tls) == 3, (tls, plain)
     assert all(s.attributes["network.protocol.version"] == "2" for s in spans)
     assert not {k for k in rx["drops"] if k.startswith("tls")} and stage["drops"] == {}, (rx["drops"], stage)
+
+
+def test_replay_keylog_errors(tmp_path) -> None:
+    """replay --keylog: an unreadable key log is a start error naming it (exit 1); one of garbage
+    lines is read (counted, warned), the replay goes on."""
+    sample = ROOT / "config" / "samples" / "http-sample.pcap"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    r = subprocess.run([sys.executable, "-m", "service.cli", "replay", str(sample), "--keylog",
+                        str(tmp_path / "missing.log"), "--output", str(tmp_path / "o.jsonl")], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "missing.log: cannot read key log" in r.stderr, r.stderr
+    bad = tmp_path / "bad.log"
+    bad.write_text("garbage\nCLIENT_RANDOM zz yy\n")
+    r = subprocess.run([sys.executable, "-m", "service.cli", "replay", str(sample), "--keylog", str(bad), "--output",
+                        str(tmp_path / "o.jsonl")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "2 lines not understood" in r.stderr, r.stderr
+    assert "replay: drops: none" in r.stderr
