@@ -8,10 +8,11 @@ receiver saw (its pid is on each record), as OBI/Beyla give them:
   variables are kept, never the rest of the environment), else Kubernetes (the pod's
   ``app.kubernetes.io/name`` label, its deployment, statefulset, daemonset or job, then the
   container's name), else the systemd unit (``nginx.service`` -> ``nginx``); ``None`` when none
-  says, and the protocols stage falls back to the executable's name (the kernel's ``comm``).
-- ``process.pid``, ``process.parent_pid``, ``process.executable.name`` (the kernel's ``comm``
-  when the record has one, as the protocols stage always gave it; else the base name of
-  ``/proc/PID/exe``'s target), ``process.executable.path`` (that target),
+  says, and the protocols stage falls back to the process's name (``ProcessInfo.name``).
+- ``process.pid``, ``process.parent_pid``, ``process.executable.name`` (the process's name,
+  ``/proc/PID/comm``: the main thread's ``comm``, what it was exec'd as, ``python3`` rather than
+  the symlink's target ``python3.11``; a record's ``comm`` is its thread's, which a JVM or a Go
+  runtime renames, ``http-nio-8080-e``), ``process.executable.path`` (``/proc/PID/exe``'s target),
   ``process.command_line`` (``/proc/PID/cmdline``, at most 4 KiB), ``process.owner`` (the real
   uid's user name), ``container.id`` and ``container.runtime`` from the cgroup path (docker,
   containerd, cri-o, podman, cgroup v1 and v2: ``parse_cgroup``), and every other attribute of
@@ -26,8 +27,14 @@ Cached per pid, bounded (``max_processes``, least recently used out), and invali
 and exit: the eBPF receiver calls ``process_changed(pid)`` on its EXEC records and for pids whose
 connections it closes because the process is gone; without those, a cached entry is checked
 against ``/proc/PID/stat``'s start time and ``/proc/PID/exe`` at most every ``revalidate``
-seconds (a pid reused, a process that exec'd), and a ``comm`` that differs from the cached one
-(an exec) refreshes it at once. Kubernetes metadata is fetched in a background thread (the
+seconds (a pid reused, a process that exec'd; a record's ``comm`` is no sign: threads rename
+themselves). A record whose ``comm`` is neither ``/proc/PID/comm`` nor one of its threads' (the
+process is gone and the pid another's, or the events are simulated) gets the pid and that comm
+only (``comm_mismatch``), never another process's environment, and is looked at again later.
+The pids are the kernel's (root pid namespace): a wirespan in a child pid namespace
+(a container without ``hostPID``: ``NSpid`` in /proc/self/status has several entries) would read
+other processes of those numbers, so it reads nothing and gives the pid and the record's comm
+only, with one warning. Kubernetes metadata is fetched in a background thread (the
 pipeline never waits on the network): a container the index does not know asks for a refresh,
 at most every ``min_refresh`` seconds, and its first connections may go without ``k8s.*``.
 
@@ -62,7 +69,7 @@ log = logging.getLogger("wirespan.resource_detect")
 #: Processes whose metadata is kept (LRU beyond): a busy node runs a few thousand.
 MAX_PROCESSES = 4096
 #: Seconds between checks that a cached pid is still the same process image.
-REVALIDATE_S = 10.0
+REVALIDATE_S = 5.0
 #: Bytes of /proc/PID/environ read (Linux caps an argument+environment block near 2 MiB; the
 #: OTEL_* variables of a real service come early, and a runaway environment costs no more than this).
 MAX_ENVIRON_BYTES = 256 << 10
@@ -388,6 +395,7 @@ class ProcessInfo:
     """One process's resource attributes (``attributes``) and the service name they give."""
 
     pid: int
+    #: The record's comm (its thread's) at the first lookup; ``name`` is the process's (/proc/PID/comm).
     comm: str | None
     start_time: int | None
     exe: str | None
@@ -399,6 +407,9 @@ class ProcessInfo:
     checked: float = 0.0
     env_service: str | None = None
     k8s: tuple[dict[str, str], str | None] | None = None
+    name: str | None = None
+    #: Only the pid and the record's comm: /proc did not show the record's process (re-read later).
+    partial: bool = False
 
 
 def _read(path: str, limit: int = 1 << 16) -> bytes | None:
@@ -419,6 +430,34 @@ def _start_time(pid: int) -> int | None:
         return int(rest[19])
     except (IndexError, ValueError):
         return None
+
+
+#: Threads looked at for a record's comm (a JVM runs hundreds; the scan is once a process).
+MAX_THREADS_SCANNED = 4096
+
+
+def _has_thread(pid: int, comm: str) -> bool:
+    """A thread of ``pid`` named ``comm`` (a record's comm is its thread's, which may be renamed)."""
+    want = comm.encode()
+    try:
+        with os.scandir(f"/proc/{pid}/task") as it:
+            for k, t in enumerate(it):
+                if k >= MAX_THREADS_SCANNED:
+                    break
+                if (_read(f"/proc/{pid}/task/{t.name}/comm", 64) or b"").rstrip(b"\n") == want:
+                    return True
+    except OSError:
+        pass
+    return False
+
+
+def _in_root_pid_namespace() -> bool:
+    """True unless /proc/self/status's NSpid lists this process in nested pid namespaces."""
+    b = _read("/proc/self/status", 8192) or b""
+    for line in b.split(b"\n"):
+        if line.startswith(b"NSpid:"):
+            return len(line.split()) <= 2
+    return True  # kernels before 4.1 have no NSpid line: assume the host's /proc
 
 
 def _exe(pid: int) -> str | None:
@@ -459,7 +498,11 @@ class ProcessMetadata:
         self._lock = threading.Lock()
         self._gen = 0
         self.k8s: KubernetesMetadata | None = None
-        self.stats = {"lookups": 0, "reads": 0, "invalidated": 0, "evicted": 0}
+        self.stats = {"lookups": 0, "reads": 0, "invalidated": 0, "evicted": 0, "comm_mismatch": 0}
+        self.root_pid_namespace = _in_root_pid_namespace()
+        if not self.root_pid_namespace:
+            log.warning("resource detection: this process is in a child pid namespace (a container without "
+                        "hostPID?): the eBPF pids are the host's, so /proc is not read for them")
         if self.config.kubernetes.active():
             self.k8s = KubernetesMetadata(self.config.kubernetes)  # started at the first traced process
         _live.add(self)
@@ -483,9 +526,9 @@ class ProcessMetadata:
             self.stats["lookups"] += 1
             info = self._cache.get(pid)
             if info is not None:
-                fresh = comm is None or info.comm is None or comm == info.comm
-                if fresh and now - info.checked >= self.config.revalidate:
-                    fresh = _start_time(pid) == info.start_time and _exe(pid) == info.exe
+                fresh = True
+                if now - info.checked >= self.config.revalidate:
+                    fresh = not info.partial and _start_time(pid) == info.start_time and _exe(pid) == info.exe
                     info.checked = now
                 if fresh:
                     self._cache.move_to_end(pid)
@@ -523,9 +566,22 @@ class ProcessMetadata:
         self._gen += 1
         info = ProcessInfo(pid, comm, _start_time(pid), _exe(pid), generation=self._gen, checked=now)
         a: dict[str, Any] = {"process.pid": pid}
-        if not self.config.process:
+        if comm:
+            a["process.executable.name"] = comm
+        if not self.config.process or not self.root_pid_namespace:
             info.attributes = a
             return info
+        name = (_read(f"/proc/{pid}/comm", 64) or b"").rstrip(b"\n").decode(errors="replace")
+        if comm and name != comm[:15] and not _has_thread(pid, comm[:15]):
+            # Not the process that made the record: it exited and the pid is another's, this /proc
+            # is another pid namespace's, or the events are not the kernel's (a simulator). Its
+            # environment is no one's business here; asked again after ``revalidate``.
+            self.stats["comm_mismatch"] += 1
+            info.partial = True
+            info.attributes = a
+            return info
+        if name:
+            info.name = name
         status = _read(f"/proc/{pid}/status", 8192) or b""
         for line in status.split(b"\n"):
             if line.startswith(b"PPid:"):
@@ -542,9 +598,9 @@ class ProcessMetadata:
         if info.exe:
             exe = info.exe.removesuffix(" (deleted)")
             a["process.executable.path"] = exe
-            a["process.executable.name"] = os.path.basename(exe)
-        if comm:  # the name it was exec'd under (``python3``, not the symlink's target ``python3.11``):
-            a["process.executable.name"] = comm  # what the rules' ``process`` and the stage always used
+            a.setdefault("process.executable.name", os.path.basename(exe))
+        if info.name:
+            a["process.executable.name"] = info.name
         cmd = _read(f"/proc/{pid}/cmdline", MAX_COMMAND_LINE + 1)
         if cmd:
             a["process.command_line"] = cmd.rstrip(b"\0").replace(b"\0", b" ").decode(errors="replace")[

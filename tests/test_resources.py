@@ -192,8 +192,8 @@ def test_process_metadata_of_real_processes() -> None:
         at = ia.attributes
         assert at["process.pid"] == a.pid and at["process.parent_pid"] == os.getpid()
         assert at["process.executable.path"] == os.path.realpath(sys.executable)
-        assert at["process.executable.name"] == "python3"  # the record's comm, as the stage always gave it
-        assert m.get(c.pid).attributes["process.executable.name"] == os.path.basename(os.path.realpath(sys.executable))
+        assert at["process.executable.name"] == "python3"  # /proc/PID/comm: what it was exec'd as
+        assert m.get(c.pid).attributes["process.executable.name"] == "python3"  # /proc/PID/comm without a record's
         assert at["process.command_line"] == f"{sys.executable} -c {_SERVER} {a.port}"
         assert at["process.owner"] == "root"
         assert at["service.version"] == "2.1" and at["deployment.environment.name"] == "test"
@@ -201,6 +201,25 @@ def test_process_metadata_of_real_processes() -> None:
         assert m.get(b.pid).service_name == "billing"
         assert m.get(c.pid).service_name is None  # the stage falls back to the executable (comm)
         assert "container.id" not in m.get(c.pid).attributes
+        # a record's comm is its thread's (a JVM names them, prctl(PR_SET_NAME)): the process's name is /proc's
+        code = ("import ctypes, threading, time\n"
+                "def f():\n    ctypes.CDLL(None).prctl(15, b'http-nio-8080-e'); time.sleep(30)\n"
+                "threading.Thread(target=f, daemon=True).start(); time.sleep(30)")
+        jvm_like = subprocess.Popen([sys.executable, "-c", code])
+        try:
+            assert wait_until(lambda: any(
+                Path(f"/proc/{jvm_like.pid}/task/{t}/comm").read_text().strip() == "http-nio-8080-e"
+                for t in os.listdir(f"/proc/{jvm_like.pid}/task")))
+            named = ProcessMetadata().get(jvm_like.pid, "http-nio-8080-e")
+            assert named.attributes["process.executable.name"] == "python3" and named.name == "python3"
+            assert named.attributes["process.command_line"].startswith(f"{sys.executable} -c import ctypes")
+            assert not named.partial
+        finally:
+            jvm_like.kill()
+            jvm_like.wait()
+        # a pid whose process is not the record's (pid 1 is no curl): the pid and the comm only
+        other = ProcessMetadata().get(1, "curl")
+        assert other.attributes == {"process.pid": 1, "process.executable.name": "curl"} and other.partial
         # cached: a second lookup reads nothing
         reads = m.stats["reads"]
         assert m.get(a.pid, "python3") is ia and m.stats["reads"] == reads
@@ -228,10 +247,10 @@ def test_exec_and_pid_checks_refresh_the_cache() -> None:
         second = m.get(p.pid)
         assert second is not first and second.generation > first.generation
         assert second.attributes["process.executable.path"] == os.path.realpath(sys.executable)
-        # a comm that differs from the cached one (an exec) refreshes at once
+        # a thread's comm on a later record is no exec: the entry stays
         m2 = ProcessMetadata()
-        x = m2.get(p.pid, "sh")
-        assert m2.get(p.pid, "python3") is not x
+        x = m2.get(p.pid, "python3")
+        assert m2.get(p.pid, "worker-3") is x
     finally:
         p.kill()
         p.wait()

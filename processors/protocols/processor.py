@@ -971,8 +971,8 @@ class ProtocolsProcessor(EventProcessor):
         info = host = None
         if pid is not None:  # eBPF: the process says who it is (resource_detect.ProcessMetadata)
             info = self._procs.get(pid, comm)
-            if name is None:
-                name = info.service_name
+            if name is None:  # else the process's name (its main thread's comm: a record's is its thread's)
+                name = info.service_name or info.name
         else:  # a capture: the server names the host (not the replaying machine)
             host = self._hosts.name_of(saddr)
             if host is None and not HostNames.is_local(saddr):
