@@ -995,3 +995,27 @@ def test_replay_keylog_errors(tmp_path) -> None:
                         str(tmp_path / "o.jsonl")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "2 lines not understood" in r.stderr, r.stderr
     assert "replay: drops: none" in r.stderr
+
+
+def test_keylog_options_in_the_config(tmp_path) -> None:
+    """keylog_file of pcap and live, keylog_wait of live: typed, typos and bad values are config errors."""
+    from service import config as c
+    from service.registry import Registry
+
+    def raw(receiver: str, opts: dict[str, Any]) -> dict[str, Any]:
+        return {"receivers": {receiver: opts}, "processors": {"protocols": {}}, "exporters": {"debug": {}},
+                "service": {"pipelines": {"traces": {"receivers": [receiver], "processors": ["protocols"],
+                                                     "exporters": ["debug"]}}}}
+
+    reg = Registry()
+    cfg = c.validate(raw("pcap", {"path": "x.pcap", "keylog_file": "/tmp/keys.log"}), reg)
+    assert cfg.receivers["pcap"].config.keylog_file == "/tmp/keys.log"
+    cfg = c.validate(raw("live", {"keylog_file": "/tmp/keys.log", "keylog_wait": 0.5}), reg)
+    live = cfg.receivers["live"].config
+    assert (live.keylog_file, live.keylog_wait) == ("/tmp/keys.log", 0.5)
+    with pytest.raises(c.ConfigError) as ei:
+        c.validate(raw("pcap", {"path": "x.pcap", "keylog_fle": "/tmp/keys.log"}), reg)
+    assert any(e.startswith("receivers::pcap: unknown option 'keylog_fle'") for e in ei.value.errors), ei.value.errors
+    with pytest.raises(c.ConfigError) as ei:
+        c.validate(raw("live", {"keylog_wait": -1}), reg)
+    assert any(e.startswith("receivers::live::keylog_wait:") for e in ei.value.errors), ei.value.errors
