@@ -64,6 +64,7 @@ _TLS_CONF = PREAMBLE + """    keepalive_requests 10000;
         ssl_session_cache {cache};
         ssl_session_tickets {tickets};
         {curve}
+        {extra}
 """ + _LOCATIONS + """    }}
     server {{
         listen 127.0.0.1:{plain_port}{h2plain};
@@ -87,9 +88,10 @@ class NginxTls:
 @contextlib.contextmanager
 def nginx_tls(files: TlsFiles, www: dict[str, bytes] | None = None, protocols: str = "TLSv1.2 TLSv1.3",
               ciphers: str | None = None, http2: bool = False, tickets: bool = True,
-              session_cache: bool = True, curve: str | None = None) -> Iterator[NginxTls]:
+              session_cache: bool = True, curve: str | None = None, extra: str = "") -> Iterator[NginxTls]:
     """nginx with ``ssl`` on one port and the same locations in plaintext on another. ``curve``: the
-    only ECDHE group (``secp384r1`` makes a client whose key share is X25519 get a HelloRetryRequest)."""
+    only ECDHE group (``secp384r1`` makes a client whose key share is X25519 get a HelloRetryRequest);
+    ``extra``: more directives for the TLS server block (``ssl_conf_command Ciphersuites ...``)."""
     d = Path(tempfile.mkdtemp(prefix="wirespan-nginx-tls-"))
     root = d / "www"
     root.mkdir()
@@ -103,7 +105,8 @@ def nginx_tls(files: TlsFiles, www: dict[str, bytes] | None = None, protocols: s
         d=d, port=port, plain_port=plain_port, cert=files.server_cert, key=files.server_key, protocols=protocols,
         ciphers=f"ssl_ciphers {ciphers};" if ciphers else "", h2=" http2" if http2 else "",
         h2plain=" http2" if http2 else "", tickets="on" if tickets else "off",
-        cache="shared:wsTLS:1m" if session_cache else "off", curve=f"ssl_ecdh_curve {curve};" if curve else ""))
+        cache="shared:wsTLS:1m" if session_cache else "off", curve=f"ssl_ecdh_curve {curve};" if curve else "",
+        extra=extra))
     proc = subprocess.Popen([NGINX, "-c", str(conf), "-p", str(d), "-e", str(d / "error.log")],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
