@@ -531,27 +531,38 @@ def ours_http(spans: list[Any], port: int) -> list[tuple]:
     return sorted(reqs) + sorted((c,) for c in codes)  # type: ignore[operator]
 
 
-def cut_capture(src: Path, dst: Path, port: int) -> int:
+def cut_capture(src: Path, dst: Path, port: int, corrupt: bool = False) -> int:
     """``src`` up to the middle of its first big TLS segment from ``port``, that segment's payload
-    cut in half (what a capture stopped mid-write would hold). Returns the packets kept."""
+    cut in half (what a capture stopped mid-write would hold); with ``corrupt``, the whole capture
+    with one byte of that segment's ciphertext flipped instead. Returns the packets written."""
     import dpkt
 
     with open(src, "rb") as f, open(dst, "wb") as g:
         r = dpkt.pcap.Reader(f)
         w = dpkt.pcap.Writer(g, linktype=r.datalink(), nano=True)
-        kept = 0
+        kept, done = 0, False
         for ts, buf in r:
             eth = dpkt.ethernet.Ethernet(buf)
             tcp = eth.data.data
-            if tcp.sport == port and len(tcp.data) > 8000:
-                tcp.data = tcp.data[:len(tcp.data) // 2]
+            if not done and tcp.sport == port and len(tcp.data) > 8000:
+                done = True
+                if corrupt:
+                    d = bytearray(tcp.data)
+                    d[len(d) // 2] ^= 0x20
+                    tcp.data = bytes(d)
+                else:
+                    tcp.data = tcp.data[:len(tcp.data) // 2]
                 eth.data.len = len(eth.data.pack_hdr()) + len(bytes(tcp))
                 eth.data.sum = 0
                 w.writepkt(bytes(eth), ts)
-                return kept + 1
+                kept += 1
+                if not corrupt:
+                    return kept
+                continue
             w.writepkt(buf, ts)
             kept += 1
-    raise AssertionError("no big TLS segment")
+    assert done, "no big TLS segment"
+    return kept
 
 
 def _traffic(ng: Any, env: dict[str, str], ca: Path, tls: bool) -> int:
@@ -610,6 +621,14 @@ def test_nginx_capture_decrypts_into_the_plaintext_twins_spans(tmp_path, protoco
     spans, rx, stage = replay_tls(cut, kl)
     assert rx["drops"].get("tls_truncated") == 1, rx["drops"]
     assert set(http_summary(spans, ng.port)) <= set(tls) and len(http_summary(spans, ng.port)) < len(tls), n
+    # one ciphertext byte flipped: that record fails its tag (counted; the parser gets a gap of its
+    # size and counts that exchange's loss itself), every other exchange decrypts into its span
+    bad = tmp_path / "corrupt.pcap"
+    cut_capture(cap, bad, ng.port, corrupt=True)
+    spans, rx, stage = replay_tls(bad, kl)
+    assert {k: v for k, v in rx["drops"].items() if k.startswith("tls")} == {"tls_decrypt_failed": 1}, rx["drops"]
+    got = http_summary(spans, ng.port)
+    assert set(got) <= set(tls) and len(got) == len(tls) - 1 and stage["drops"] == {"http:gap": 1}, got
     # the command line: replay --keylog, and the DSB capture without it
     if version == "1.3":
         for args in ([str(cap), "--keylog", str(kl)], [str(dsb)], [str(cap)]):
