@@ -3,7 +3,8 @@ and ``-z conv,tcp`` give a capture, from the spans themselves.
 
 Contract: ``SpanSummary.add(spans)`` (thread-safe) counts each span under its endpoint,
 ``(protocol, service, operation)``: the protocol from its attributes (``db.system.name``,
-``messaging.system``, ``rpc.system.name``, HTTP's method: ``http``, ``http2`` for version 2),
+``messaging.system``, ``rpc.system.name``, ``network.protocol.name`` (``fastcgi``, ``dns``), HTTP's
+method: ``http``, ``http2`` for version 2),
 the service from its resource's ``service.name``, the operation its name (``GET /users/{id}``,
 ``SELECT orders``, ``send orders``). Per endpoint: count, errors (status ERROR), latency
 percentiles (end - start), body bytes (``http.request.body.size``, ``messaging.message.body.size``
@@ -123,8 +124,13 @@ def protocol_of(attrs: dict[str, Any]) -> str:
         or attrs.get("rpc.system")
     if v:
         return str(v)
+    name = attrs.get("network.protocol.name")
+    if name and str(name) != "http":  # fastcgi carries HTTP's attributes and says what it is
+        return str(name)
     if "http.request.method" in attrs:
         return "http2" if str(attrs.get("network.protocol.version", "")) == "2" else "http"
+    if "dns.question.name" in attrs:
+        return "dns"
     return "other"
 
 

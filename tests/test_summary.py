@@ -140,6 +140,8 @@ def _protocol(a: dict[str, Any]) -> str:
     for k in ("db.system.name", "messaging.system", "rpc.system.name"):
         if a.get(k):
             return str(a[k])
+    if a.get("network.protocol.name") not in (None, "", "http"):
+        return str(a["network.protocol.name"])
     if "http.request.method" in a:
         return "http2" if str(a.get("network.protocol.version")) == "2" else "http"
     return "other"
@@ -423,3 +425,17 @@ def test_each_replay_in_one_process_counts_its_own_spans(tmp_path: Path) -> None
         assert main(["replay", sample, "--stats-json", str(js), "--output", str(tmp_path / f"o{k}.jsonl")]) == 0
         counts.append(json.loads(js.read_text())["totals"]["count"])
     assert counts[0] == counts[1] > 0
+
+
+def test_protocol_of_each_kind_of_span() -> None:
+    from service.summary import protocol_of
+    assert protocol_of({"db.system.name": "postgresql", "network.protocol.name": "x"}) == "postgresql"
+    assert protocol_of({"messaging.system": "kafka"}) == "kafka"
+    assert protocol_of({"rpc.system.name": "grpc", "http.request.method": "POST"}) == "grpc"
+    assert protocol_of({"http.request.method": "GET", "network.protocol.version": "2"}) == "http2"
+    assert protocol_of({"http.request.method": "GET", "network.protocol.version": "1.1"}) == "http"
+    assert protocol_of({"dns.question.name": "example.com"}) == "dns"
+    assert protocol_of({"http.request.method": "GET", "network.protocol.name": "fastcgi"}) == "fastcgi"
+    assert protocol_of({"http.request.method": "GET", "network.protocol.name": "http"}) == "http"
+    assert protocol_of({"network.protocol.name": "smtp"}) == "smtp"
+    assert protocol_of({}) == "other"
