@@ -22,7 +22,8 @@ Contract:
   every TLS connection's ciphertext replaced by its plaintext on a ``TlsConnId`` (the events of
   other connections pass untouched, the same objects). TLS 1.2 (AES-GCM, ChaCha20-Poly1305; any
   key exchange: the key log gives the master secret; resumption by session id or ticket) and
-  TLS 1.3 (AES-GCM, ChaCha20-Poly1305, AES-CCM; HelloRetryRequest; KeyUpdate) with the
+  TLS 1.3 (AES-GCM, ChaCha20-Poly1305, AES-CCM; HelloRetryRequest; KeyUpdate; 0-RTT early data,
+  handed on once the server's EncryptedExtensions say it was accepted) with the
   ``cryptography`` package's AEADs. A record within one segment is decrypted from a view of
   it; one split across segments is gathered into the layer's one reused scratch buffer (as
   LargeBuffer does for a read that straddles chunks; decrypted at once, so one buffer serves
@@ -51,7 +52,7 @@ __all__ = ["TlsConnId", "HelloSniffer", "KeyLog", "KeyLogError", "TlsLayer", "lo
 CT_CCS, CT_ALERT, CT_HANDSHAKE, CT_APPDATA = 20, 21, 22, 23
 #: Handshake types (RFC 8446 §4)
 HS_CLIENT_HELLO, HS_SERVER_HELLO, HS_NEW_SESSION_TICKET, HS_END_OF_EARLY_DATA = 1, 2, 4, 5
-HS_FINISHED, HS_KEY_UPDATE = 20, 24
+HS_ENCRYPTED_EXTENSIONS, HS_FINISHED, HS_KEY_UPDATE = 8, 20, 24
 EXT_SUPPORTED_VERSIONS, EXT_SESSION_TICKET, EXT_PRE_SHARED_KEY, EXT_EARLY_DATA = 43, 35, 41, 42
 #: RFC 8446 §5.1: TLSPlaintext.length <= 2^14; TLSCiphertext.length <= 2^14 + 256 (RFC 5246
 #: allows + 2048 for TLS 1.2 ciphertext).
@@ -567,11 +568,15 @@ DROP_REASONS = {
     "tls_malformed": "a direction whose bytes stopped being TLS records: the rest of it skipped",
     "tls_truncated": "a record cut short by the end of its connection or capture",
     "tls_resync_failed": "a direction that lost record sync after a gap and did not find it again",
-    "tls_early_data": "a TLS 1.3 0-RTT record (not decrypted)",
+    "tls_early_data": "a TLS 1.3 0-RTT record not decrypted (no CLIENT_EARLY_TRAFFIC_SECRET) or that the "
+                      "server rejected (its bytes were never processed)",
 }
 #: A handshake message longer than this is not followed (a certificate chain is far smaller; RFC 8446
 #: allows 2^24 - 1, OpenSSL refuses more than 100 KiB of certificates by default).
 MAX_HANDSHAKE = 256 << 10
+#: 0-RTT records held at most until the server's EncryptedExtensions (max_early_data_size is 16 KiB
+#: in OpenSSL and nginx: a few records).
+MAX_EARLY_RECORDS = 64
 #: Consecutive records failing their tag before a direction is given up (wrong keys).
 MAX_CONSECUTIVE_FAILURES = 3
 #: After a gap, bytes searched for the next record and sequence numbers tried.
@@ -619,7 +624,7 @@ _PASS, _PASS_CLOSING = object(), object()
 class _Side:
     """One direction of a TLS connection (``src`` sends)."""
 
-    __slots__ = ("app", "avail", "client_is_src", "closed", "dport", "dst", "fails", "hs", "lost", "need",
+    __slots__ = ("app", "avail", "client_is_src", "early", "closed", "dport", "dst", "fails", "hs", "lost", "need",
                  "pend_ln", "pieces", "prot", "resync", "rneed", "rpos", "skip", "sport", "src")
 
     def __init__(self, ev: TcpEvent) -> None:
@@ -641,13 +646,15 @@ class _Side:
         self.closed = False
         self.fails = 0
         self.app = False           #: TLS 1.3: under the application traffic secret
+        self.early: _Protect | None = None  #: TLS 1.3 client: the 0-RTT protection, once a record verified
 
 
 class _Session:
     """One TLS connection."""
 
     __slots__ = ("attrs", "cid", "client", "cr", "c_sid", "c_ticket", "c_early", "dead", "k12", "master", "ok",
-                 "plain_id", "sides", "server", "sr", "suite", "version", "wait_since", "final", "ends")
+                 "plain_id", "sides", "server", "sr", "suite", "version", "wait_since", "final", "ends", "early_ok",
+                 "early_held")
 
     def __init__(self, conn_id: Any) -> None:
         self.cid = conn_id
@@ -668,6 +675,10 @@ class _Session:
         self.wait_since: int | None = None
         self.final = False                 #: no more waiting for keys: they are there now or never
         self.ends: list[TcpEvent] = []     #: CLOSE/RESET events held while waiting for keys
+        #: 0-RTT: None until the server's EncryptedExtensions say whether it took the early data;
+        #: its plaintext is held until then (a rejected one was never processed: not a request)
+        self.early_ok: bool | None = None
+        self.early_held: list[TcpEvent] = []
 
     def side(self, ev: TcpEvent) -> _Side:
         k = (ev.src, ev.sport)
@@ -703,7 +714,7 @@ class TlsLayer:
         self._late: list[_Session] = []  #: sessions given up while waiting whose held ends are due
         self.drops: dict[str, int] = {}
         self.stats = {"sessions": 0, "decrypted_sessions": 0, "resumed": 0, "records": 0, "plaintext_bytes": 0,
-                      "skipped_bytes": 0, "hello_retry": 0, "key_updates": 0}
+                      "skipped_bytes": 0, "hello_retry": 0, "key_updates": 0, "early_data": 0}
 
     # ------------------------------------------------------------------ public
     def add_secrets(self, text: bytes | str) -> int:
@@ -885,6 +896,9 @@ class TlsLayer:
             out.append(ev)  # OPEN: the connection's, the plaintext's state starts with its first bytes
 
     def _forget(self, cid: Any, st: _Session) -> None:
+        if st.early_held:  # 0-RTT data whose fate the server never said (its handshake not decrypted)
+            self._drop("tls_early_data", len(st.early_held))
+            st.early_held = []
         self._conns.pop(cid, None)
         self._waiting.pop(cid, None)
         if st.ok:
@@ -1000,48 +1014,58 @@ class TlsLayer:
                 side.need = "ccs"  # the records after it are protected (from the next one on)
             return
         prot = side.prot
+        early = False
         if prot is None:
             if ct == CT_HANDSHAKE:
                 side.hs += body  # small: the handshake's cleartext messages
                 self._handshake(st, side, False, out)
-            elif ct == CT_APPDATA:
-                if side is st.client and st.c_early and st.version == 0:
-                    self._drop("tls_early_data")  # 0-RTT before the ServerHello
-                else:
-                    self._kill(st, "tls_no_keys")  # protected records, and no way to read them (no handshake seen)
-            return
-        pt = prot.open(hdr, body)
-        if pt is None and prot.tls13 and not side.app and st.suite is not None and st.cr:
-            # TLS 1.3: the Finished that switches to the application secret may have been lost (a gap)
-            sec = self.keylog.secret(st.cr, ("CLIENT" if side is st.client else "SERVER") + "_TRAFFIC_SECRET_0")
-            if sec is not None and len(sec) == _HLEN[st.suite.hash]:
-                alt = _Protect.tls13_from(st.suite, sec)
-                pt = alt.open(hdr, body)
-                if pt is not None:
-                    side.prot, side.app, side.need = alt, True, None
-                    prot = alt
-        if pt is None:
-            if side is st.client and st.c_early and prot.tls13 and not side.app:
-                # 0-RTT accepted by the server: the client's records until EndOfEarlyData are under
-                # the early secret, not decrypted (nor counted as failures)
-                prot.seq -= 1
-                self._drop("tls_early_data")
                 return
-            self._drop("tls_decrypt_failed")
-            side.fails += 1
-            if side.fails >= MAX_CONSECUTIVE_FAILURES:
-                side.lost = True
-                self.stats["skipped_bytes"] += side.avail
-                side.pieces.clear()
-                side.avail = 0
+            if ct != CT_APPDATA:
+                return
+            if side is st.client and st.c_early and st.version == 0:
+                pt = self._early(st, side, hdr, body)  # 0-RTT before the ServerHello
+                if pt is None:
+                    self._drop("tls_early_data")
+                    return
+                early = True
             else:
-                out.append(TcpEvent(_GAP, st.plain_id, side.src, side.sport, side.dst, side.dport, ts, None,
-                                    max(len(body) - prot.overhead(), 0), side.client_is_src))
-            return
+                self._kill(st, "tls_no_keys")  # protected records, and no way to read them (no handshake seen)
+                return
+        else:
+            pt = prot.open(hdr, body)
+            if pt is None and prot.tls13 and not side.app and st.suite is not None and st.cr:
+                # TLS 1.3: the Finished that switches to the application secret may have been lost (a gap)
+                sec = self.keylog.secret(st.cr, ("CLIENT" if side is st.client else "SERVER") + "_TRAFFIC_SECRET_0")
+                if sec is not None and len(sec) == _HLEN[st.suite.hash]:
+                    alt = _Protect.tls13_from(st.suite, sec)
+                    pt = alt.open(hdr, body)
+                    if pt is not None:
+                        side.prot, side.app, side.need = alt, True, None
+                        prot = alt
+            if pt is None and side is st.client and st.c_early and prot.tls13 and not side.app:
+                # 0-RTT (the client's records up to EndOfEarlyData) under the early secret
+                prot.seq -= 1  # not a record of the handshake keys
+                pt = self._early(st, side, hdr, body)
+                if pt is None:
+                    self._drop("tls_early_data")
+                    return
+                early = True
+            if pt is None:
+                self._drop("tls_decrypt_failed")
+                side.fails += 1
+                if side.fails >= MAX_CONSECUTIVE_FAILURES:
+                    side.lost = True
+                    self.stats["skipped_bytes"] += side.avail
+                    side.pieces.clear()
+                    side.avail = 0
+                else:
+                    out.append(TcpEvent(_GAP, st.plain_id, side.src, side.sport, side.dst, side.dport, ts, None,
+                                        max(len(body) - prot.overhead(), 0), side.client_is_src))
+                return
         side.fails = 0
         st.ok = True
         self.stats["records"] += 1
-        if prot.tls13:
+        if early or prot.tls13:  # type: ignore[union-attr]
             i = len(pt) - 1
             while i >= 0 and pt[i] == 0:
                 i -= 1
@@ -1054,12 +1078,56 @@ class TlsLayer:
             inner, content = ct, pt
         if inner == CT_APPDATA:
             if len(content):
+                ev = TcpEvent(_DATA, st.plain_id, side.src, side.sport, side.dst, side.dport, ts, content, 0,
+                              side.client_is_src)
+                if early and st.early_ok is not True:
+                    if st.early_ok is None and len(st.early_held) < MAX_EARLY_RECORDS:
+                        st.early_held.append(ev)  # until the server says whether it took the early data
+                    else:
+                        self._drop("tls_early_data")
+                    return
                 self.stats["plaintext_bytes"] += len(content)
-                out.append(TcpEvent(_DATA, st.plain_id, side.src, side.sport, side.dst, side.dport, ts, content, 0,
-                                    side.client_is_src))
+                out.append(ev)
         elif inner == CT_HANDSHAKE:
             side.hs += content
             self._handshake(st, side, True, out)
+
+    def _early(self, st: _Session, side: _Side, hdr: bytes, body: Any) -> bytes | None:
+        """A 0-RTT record's plaintext (with its inner type), under CLIENT_EARLY_TRAFFIC_SECRET, or None.
+        The early data's suite is the resumed session's, unknown before the ServerHello: the first
+        record tells it (the suites of the secret's hash are tried; only the right one verifies)."""
+        e = side.early
+        if e is not None:
+            pt = e.open(hdr, body)
+            if pt is None:
+                e.seq -= 1  # not an early record
+            return pt
+        sec = self.keylog.secret(st.cr, "CLIENT_EARLY_TRAFFIC_SECRET") if st.cr else None
+        if sec is None:
+            return None
+        suites = [st.suite] if st.suite is not None else [u for u in SUITES13.values() if _HLEN[u.hash] == len(sec)]
+        for u in suites:
+            if _HLEN[u.hash] != len(sec):
+                continue
+            p = _Protect.tls13_from(u, sec)
+            pt = p.open(hdr, body)
+            if pt is not None:
+                side.early = p
+                self.stats["early_data"] += 1
+                return pt
+        return None
+
+    def _early_decided(self, st: _Session, accepted: bool, out: list[TcpEvent]) -> None:
+        """The server's EncryptedExtensions: did it take the 0-RTT data? Its held plaintext goes on,
+        or is dropped (a rejected early request was never processed: the client sends it again)."""
+        st.early_ok = accepted
+        held, st.early_held = st.early_held, []
+        if accepted:
+            for ev in held:
+                self.stats["plaintext_bytes"] += len(ev.payload)  # type: ignore[arg-type]
+            out.extend(held)
+        elif held:
+            self._drop("tls_early_data", len(held))
 
     # ------------------------------------------------------------------ handshake
     def _handshake(self, st: _Session, side: _Side, protected: bool, out: list[TcpEvent]) -> None:
@@ -1094,7 +1162,9 @@ class TlsLayer:
                     if ticket and st.master is not None:
                         self._remember(self._tickets12, ticket, st.master)
             elif st.version == TLS13:
-                if mt == HS_FINISHED and side.prot is not None and side.need is None and not side.app:
+                if mt == HS_ENCRYPTED_EXTENSIONS and side is st.server and st.c_early and st.early_ok is None:
+                    self._early_decided(st, EXT_EARLY_DATA in _extensions(body, 0), out)
+                elif mt == HS_FINISHED and side.prot is not None and side.need is None and not side.app:
                     side.need = "app"  # the next record is under this side's application secret
                 elif mt == HS_KEY_UPDATE and side.prot is not None:
                     side.prot.key_update()

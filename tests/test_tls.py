@@ -1050,3 +1050,62 @@ def test_keylog_options_in_the_config(tmp_path) -> None:
     with pytest.raises(c.ConfigError) as ei:
         c.validate(raw("live", {"keylog_wait": -1}), reg)
     assert any(e.startswith("receivers::live::keylog_wait:") for e in ei.value.errors), ei.value.errors
+
+
+@pytest.mark.parametrize("accept", [True, False])
+def test_early_data_0rtt(tmp_path, accept: bool) -> None:
+    """TLS 1.3 0-RTT: openssl s_client resumes with -early_data; s_server takes it (-early_data) or
+    not. Taken: its plaintext comes first on the connection (held until the server's
+    EncryptedExtensions said so); refused: counted tls_early_data, never handed on (the server never
+    processed it), the rest decrypts."""
+    files = tls_files(tmp_path / "certs")
+    kl, sess, early = tmp_path / "keys.log", tmp_path / "sess.pem", tmp_path / "early.txt"
+    early.write_bytes(b"EARLY hello\n")
+    port = free_port()
+    srv_args = [OPENSSL, "s_server", "-accept", str(port), "-cert", str(files.server_cert), "-key",
+                str(files.server_key), "-tls1_3", "-early_data"]
+    srv = subprocess.Popen(srv_args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.PIPE)
+
+    def client(line: bytes, *extra: str) -> bytes:
+        cli = subprocess.Popen([OPENSSL, "s_client", "-connect", f"127.0.0.1:{port}", "-keylogfile", str(kl),
+                                "-no_ign_eof", "-CAfile", str(files.ca_cert), *extra],
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        assert cli.stdin is not None
+        time.sleep(0.6)
+        cli.stdin.write(line)
+        cli.stdin.flush()
+        time.sleep(0.4)
+        return cli.communicate(timeout=20)[0]
+
+    try:
+        wait_port(port)
+        with tcpdump([port], tmp_path / "cap.pcap") as cap:
+            client(b"first\n", "-sess_out", str(sess))
+            if not accept:  # another server (other ticket keys, no early data): the PSK and its 0-RTT refused
+                srv.terminate()
+                srv.communicate(timeout=10)
+                srv = subprocess.Popen(srv_args[:-1], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                       stdin=subprocess.PIPE)
+                wait_port(port)
+            out = client(b"later\n", "-sess_in", str(sess), "-early_data", str(early))
+    finally:
+        srv.terminate()
+        srv_out = srv.communicate(timeout=10)[0]
+    assert (b"Early data was accepted" if accept else b"Early data was rejected") in out, out[-400:]
+    assert (b"EARLY hello" in srv_out) == accept
+    from receivers.pcap import PcapReceiver
+
+    streams: dict[Any, bytes] = {}
+
+    class Sink:
+        def consume_events(self, evs: list[Any]) -> None:
+            for e in evs:
+                if e.kind == EventKind.DATA and isinstance(e.conn_id, TlsConnId) and e.dport == port:
+                    streams[e.conn_id] = streams.get(e.conn_id, b"") + bytes(e.payload)
+
+    rx = PcapReceiver("pcap", {"path": str(cap), "progress": False, "keylog_file": str(kl)}, Sink())
+    rx.run()
+    assert sorted(streams.values()) == sorted([b"first\n", b"EARLY hello\nlater\n" if accept else b"later\n"])
+    tls_drops = {k: v for k, v in rx.stats["drops"].items() if k.startswith("tls")}
+    assert tls_drops == ({} if accept else {"tls_early_data": 1}), tls_drops
+    assert rx.stats["tls"]["resumed"] == int(accept) and rx.stats["tls"]["early_data"] == 1, rx.stats["tls"]
