@@ -184,31 +184,40 @@ def _value(mv: memoryview, p: int, end: int, depth: int = 0, nmax: int = 1 << 30
         n = nxt - s
         return (bytes(mv[s:nxt]) if n <= MAX_TEXT else n), nxt  # bounded copy
     if c in (0xC0, 0xC1, 0xD0, 0xD1):  # list8/map8, list32/map32: size, count, items
-        if c < 0xD0:
-            if q + 2 > end:
-                raise _Short
-            count, s = mv[q + 1], q + 2
-        else:
-            if q + 8 > end:
-                raise _Short
-            count, s = _U32(mv, q + 4)[0], q + 8
-        if c in (0xC1, 0xD1):
-            if count & 1:
-                raise Malformed(NAME, "bad_map", p)
-            out: dict[Any, Any] = {}
-            for _ in range(count // 2):
-                k, s = _value(mv, s, nxt, depth + 1)
-                v, s = _value(mv, s, nxt, depth + 1)
-                if isinstance(k, (str, int, bytes, bool)) or k is None:
-                    out[k] = v
-            return out, nxt
-        items = []
-        for _ in range(min(count, nmax)):
-            v, s = _value(mv, s, nxt, depth + 1)
-            items.append(v)
-        return items, nxt
+        try:
+            return _compound(mv, c, p, q, nxt, depth, nmax), nxt
+        except _Short:
+            # The compound is whole in sight (nxt <= end): what overruns its own size is malformed.
+            raise Malformed(NAME, "bad_compound", p) from None
     # arrays: size, count, one constructor, then the elements without theirs: kept as their count
     return [], nxt
+
+
+def _compound(mv: memoryview, c: int, p: int, q: int, nxt: int, depth: int, nmax: int) -> Any:
+    """A list or map at ``p`` ending at ``nxt``: its items, each bounded by ``nxt``."""
+    if c < 0xD0:
+        if q + 2 > nxt:
+            raise _Short
+        count, s = mv[q + 1], q + 2
+    else:
+        if q + 8 > nxt:
+            raise _Short
+        count, s = _U32(mv, q + 4)[0], q + 8
+    if c in (0xC1, 0xD1):
+        if count & 1:
+            raise Malformed(NAME, "bad_map", p)
+        out: dict[Any, Any] = {}
+        for _ in range(count // 2):
+            k, s = _value(mv, s, nxt, depth + 1)
+            v, s = _value(mv, s, nxt, depth + 1)
+            if isinstance(k, (str, int, bytes, bool)) or k is None:
+                out[k] = v
+        return out
+    items = []
+    for _ in range(min(count, nmax)):
+        v, s = _value(mv, s, nxt, depth + 1)
+        items.append(v)
+    return items
 
 
 def _list(body: Any, n: int) -> list[Any]:
