@@ -9,6 +9,9 @@ Run: ``python -m bench enrich``.
    ``Enricher`` (on, as every HTTP connection gets it), alternating off/on per repeat.
    Plain requests are not selected: the cost on is the inline pre-test (three string
    tests a request). Medians of process CPU time, µs per exchange, and on/off.
+   When valgrind is installed, the same loop also runs under callgrind (off and on, each at
+   0 and N rounds, so interpreter start-up cancels out): instructions per exchange, which
+   no other session's load on the machine changes.
 2. Enriched exchanges: an OpenAI chat completion (1 KB request, gzip response), the same
    streamed (40 SSE events, chunked), a GraphQL query, an Elasticsearch search: µs per
    exchange with the enrichers on, beside the same bytes with them off (a plain span).
@@ -19,8 +22,12 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import re
+import shutil
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
@@ -105,6 +112,46 @@ def enriched_sets() -> dict[str, list[tuple[bytes, bytes]]]:
     }
 
 
+_CHILD = r'''
+import sys
+sys.path.insert(0, sys.argv[3])
+from bench.bench_http1 import exchanges
+from processors.protocols import http1
+from processors.protocols.base import Conn
+from processors.protocols.enrich import Enricher
+mode, n = sys.argv[1], int(sys.argv[2])
+msgs = [(memoryview(q), memoryview(r)) for _, q, r, _ in exchanges()]
+conn = Conn("b", "10.0.0.1", 40000, "10.0.0.2", 8080, lambda s: None, protocol="http")
+conn.enrich = Enricher() if mode == "on" else None
+w = http1.Session(conn).feed_whole
+for _ in range(n):
+    for q, r in msgs:
+        w(True, q, 1)
+        w(False, r, 2)
+'''
+
+
+def instructions(rounds: int = 1500) -> tuple[float, float] | None:
+    """(off, on) instructions per plain exchange under callgrind, or None without valgrind."""
+    vg = shutil.which("valgrind")
+    if vg is None:
+        return None
+    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+    n_msgs = len(exchanges())
+    got: dict[tuple[str, int], int] = {}
+    with tempfile.TemporaryDirectory() as d:
+        for mode in ("off", "on"):
+            for n in (0, rounds):
+                out = os.path.join(d, f"cg.{mode}.{n}")
+                subprocess.run([vg, "--tool=callgrind", f"--callgrind-out-file={out}", sys.executable, "-c", _CHILD,
+                                mode, str(n), root], check=True, capture_output=True, timeout=900)
+                with open(out) as f:
+                    m = re.search(r"^(?:summary|totals): (\d+)", f.read(), re.M)
+                got[(mode, n)] = int(m.group(1)) if m else 0
+    per = rounds * n_msgs
+    return ((got[("off", rounds)] - got[("off", 0)]) / per, (got[("on", rounds)] - got[("on", 0)]) / per)
+
+
 def main() -> None:
     en = Enricher()
     ex = exchanges()
@@ -114,6 +161,11 @@ def main() -> None:
     for label, msgs in plain.items():
         off, on, ratio = ab(msgs, 20000 // len(msgs), en)
         print(f"{label:<36} {off:>6.2f}us {on:>6.2f}us {on / off:>6.3f}x {ratio:>6.3f}x")
+    ins = instructions()
+    if ins is None:
+        print("(valgrind not installed: no instruction counts)")
+    else:
+        print(f"{'instructions per exchange (callgrind)':<36} {ins[0]:>8.0f} {ins[1]:>8.0f} {ins[1] / ins[0]:>6.3f}x")
     print(f"\n{'enriched exchange':<36} {'plain span':>10} {'enriched':>9} {'extra':>8}")
     for label, msgs in enriched_sets().items():
         off, on, _r = ab(msgs, 2000, en)
