@@ -124,7 +124,21 @@ def _http2() -> list[Conv]:
              (False, _h2(4, 0, 0) + _h2(1, 4, 1, es2.encode([(":status", "503")]))
               + _h2(7, 0, 0, struct.pack(">II", 1, 0))),
              (True, _h2(1, 0, 5, get[:3]) + _h2(9, 4, 5, get[3:]))]
-    return [grpc, other]
+    # What the HTTP enrichers read on HTTP/2 (processors/protocols/enrich/): a chat call in DATA
+    # frames answered gzip'd, a streamed one (SSE in two DATA frames) on stream 3.
+    ec3, es3 = hpack.Encoder(), hpack.Encoder()
+    chat = ec3.encode([(":method", "POST"), (":scheme", "http"), (":path", "/v1/chat/completions"),
+                       (":authority", "api"), ("content-type", "application/json")])
+    body = b'{"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}'
+    gz = gzip.compress(b'{"model": "gpt-4o-1", "choices": [{"finish_reason": "stop"}], "usage": {"prompt_tokens": 1}}')
+    ok = es3.encode([(":status", "200"), ("content-type", "application/json"), ("content-encoding", "gzip")])
+    ev = es3.encode([(":status", "200"), ("content-type", "text/event-stream")])
+    genai = [(True, PREFACE + _h2(4, 0, 0) + _h2(1, 4, 1, chat) + _h2(0, 1, 1, body) + _h2(1, 4, 3, chat)
+              + _h2(0, 1, 3, body[:-1] + b', "stream": true}')),
+             (False, _h2(4, 0, 0) + _h2(1, 4, 1, ok) + _h2(0, 1, 1, gz) + _h2(1, 4, 3, ev)
+              + _h2(0, 0, 3, b'data: {"model": "m", "choices": [{"index": 0, "finish_') + _h2(
+                  0, 1, 3, b'reason": "stop"}]}\n\ndata: [DONE]\n\n'))]
+    return [grpc, other, genai]
 
 
 # -- PostgreSQL --------------------------------------------------------------------------------------
