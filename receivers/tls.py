@@ -1213,8 +1213,7 @@ class TlsLayer:
         """Set up the protection ``side.need`` asks for; raise _Pause (waiting) or kill the session
         when the key log has no secret for it."""
         need, suite = side.need, st.suite
-        assert suite is not None or st.dead is not None
-        if suite is None:
+        if suite is None:  # no usable ServerHello (then the session is dead already)
             self._kill(st, "tls_no_keys")
             raise _Pause
         is_client = side is st.client
@@ -1355,7 +1354,9 @@ class TlsLayer:
         Linear: candidates are never looked at twice (``rpos``), and the pending bytes are gathered
         again only once they doubled (``rneed``) or a candidate's record is complete."""
         prot = side.prot
-        assert prot is not None
+        if prot is None:  # only a protected direction resyncs (see _gap)
+            side.resync = False
+            return True
         if side.avail < side.rneed:
             return False
         buf = b"".join(bytes(p[0]) for p in side.pieces)  # a deliberate copy: a rare path, bounded, amortized

@@ -124,7 +124,7 @@ def events(flights: list[tuple[int, bytes]], cid: Any = 7, seg: int | None = Non
     ends = {0: (C, S), 1: (S, C)}
     for d, b in flights:
         (src, sp), (dst, dp) = ends[d]
-        step = seg or len(b)
+        step = seg or len(b) or 1  # an empty flight (a mutated one) sends nothing
         for i in range(0, len(b), step):
             out.append(TcpEvent(EventKind.DATA, cid, src, sp, dst, dp, ts, memoryview(b)[i:i + step], 0, d == 0))
             ts += 1
