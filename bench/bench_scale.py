@@ -18,6 +18,9 @@ Tables:
    and closes): their cost is part of the ratio.
 3. message size: one POST of 1 MB, 10 MB and 100 MB: CPU per MB flat, RSS flat (the body
    is stepped over, never held).
+0. state: bytes an idle HTTP/1 connection holds (after one exchange: reassembler, TLS layer
+   and protocols stage together) and bytes a pending request adds, by tracemalloc over 2000
+   connections fed in-process.
 4. workers: the 1M-packet capture with ``--workers 1`` and ``--workers N`` (N = the cores),
    wall time (what sharding is for) and CPU; and what ``--workers auto`` chose.
 """
@@ -34,6 +37,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Callable
+from typing import Any
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
@@ -101,7 +105,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="a tenth of the sizes (a smoke run)")
-    ap.add_argument("--tables", default="1,2,3,4", help="which tables to print (default: all)")
+    ap.add_argument("--tables", default="0,1,2,3,4", help="which tables to print (default: all)")
     args = ap.parse_args(argv if argv is not None else [])
     from bench.gen_http_capture import generate
 
@@ -116,6 +120,10 @@ def main(argv: list[str] | None = None) -> None:
               f"figures below are CPU less start-up, medians of {args.repeats}, runs alternating")
 
         tables = set(args.tables.split(","))
+        if "0" in tables:
+            idle, pending = state_bytes()
+            print(f"\n0. state: an idle HTTP/1 connection {idle:.0f} bytes, a pending request {pending:.0f} bytes "
+                  f"(tracemalloc, 2000 connections)")
         caps = []
         for n in (10_000, 100_000, 1_000_000):
             if "1" not in tables and n < 1_000_000:
@@ -136,6 +144,58 @@ def main(argv: list[str] | None = None) -> None:
             _workers(r, big, caps[-1][0])
     finally:
         shutil.rmtree(d, ignore_errors=True)
+
+
+def state_bytes(n: int = 2000) -> tuple[float, float]:
+    """(bytes an idle connection holds, bytes a pending request adds): ``n`` HTTP/1 connections
+    through the reassembler, the TLS layer and the protocols stage, each after a handshake and
+    one exchange (then, for the second figure, one more request left unanswered)."""
+    import gc
+    import tracemalloc
+
+    import processors.protocols as protocols
+    from bench.gen_http_capture import request, response
+    from processors.protocols.processor import ProtocolsProcessor
+    from receivers.tcp_reassembly import TcpReassembler
+    from receivers.tls import TlsLayer
+
+    for name in protocols.PROTOCOLS:
+        protocols.load(name)
+
+    class Sink:
+        def consume_spans(self, spans: list) -> None:
+            pass
+
+    def run(pending: bool) -> tuple[int, Any]:
+        r, tls = TcpReassembler(), TlsLayer()
+        proc = ProtocolsProcessor("protocols", {}, Sink())
+        proc.start()
+        srv, e = bytes([10, 2, 0, 1]), memoryview(b"")
+        msgs = [(memoryview(request(c, 0)), memoryview(response(c, 0)), memoryview(request(c, 1))) for c in range(n)]
+        gc.collect()
+        tracemalloc.start()
+        base = tracemalloc.get_traced_memory()[0]
+        ts = 1_764_000_000_000_000_000
+        for c, (q, a, q2) in enumerate(msgs):
+            cli, cp = bytes([10, 1, c >> 8 & 255, c & 255]), 1024 + c
+            r.segment(cli, cp, srv, 8080, 1000, 0, 0x02, e, ts)
+            r.segment(srv, 8080, cli, cp, 5000, 1001, 0x12, e, ts)
+            r.segment(cli, cp, srv, 8080, 1001, 5001, 0x10, e, ts)
+            r.segment(cli, cp, srv, 8080, 1001, 5001, 0x18, q, ts)
+            r.segment(srv, 8080, cli, cp, 5001, 1001 + len(q), 0x18, a, ts)
+            if pending:
+                r.segment(cli, cp, srv, 8080, 1001 + len(q), 5001 + len(a), 0x18, q2, ts)
+            ts += 1000
+            proc.consume_events(tls.process(r.events))
+            r.events = []
+        gc.collect()
+        used = tracemalloc.get_traced_memory()[0] - base
+        tracemalloc.stop()
+        return used, (r, tls, proc)  # kept alive until measured
+
+    idle, _keep = run(False)
+    more, _keep = run(True)
+    return idle / n, (more - idle) / n
 
 
 def _shapes(r: _Runner, d: str, ex: int) -> None:
