@@ -57,10 +57,27 @@ def _resource() -> Resource:
     return base.merge(OTELResourceDetector().detect())   # OTEL_SERVICE_NAME / OTEL_RESOURCE_ATTRIBUTES win
 
 
+class _ForkSafeMeterProvider(MeterProvider):
+    """The SDK's provider without its fork hook's resource detection.
+
+    Since 1.3x the SDK re-detects the resource in every forked child, on a thread pool; in a
+    child forked from a threaded process (``replay --workers``, a test's fork) that pool
+    hangs before the child runs a line of its own (seen: CI stuck for good in
+    test_ebpf_ring). wirespan's resource is fixed at start, so the child only needs fresh
+    locks, which is the rest of the SDK's hook.
+    """
+
+    def _handle_fork(self) -> None:
+        self._lock = threading.Lock()
+        self._meter_lock = threading.Lock()
+        MeterProvider._all_metric_readers_lock = threading.Lock()
+
+
 RESOURCE = _resource()
 _reader = InMemoryMetricReader()
-PROVIDER = MeterProvider(metric_readers=[_reader], resource=RESOURCE, exemplar_filter=AlwaysOffExemplarFilter(),
-                         views=[View(instrument_name="*", aggregation_cardinality_limit=CARDINALITY_LIMIT)])
+PROVIDER = _ForkSafeMeterProvider(metric_readers=[_reader], resource=RESOURCE,
+                                  exemplar_filter=AlwaysOffExemplarFilter(),
+                                  views=[View(instrument_name="*", aggregation_cardinality_limit=CARDINALITY_LIMIT)])
 _meter = PROVIDER.get_meter("wirespan", _VERSION)
 #: name -> the wrapper, for label order in the Prometheus view
 _FAMILIES: dict[str, _Metric] = {}

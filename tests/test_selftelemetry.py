@@ -126,3 +126,38 @@ def test_a_periodic_otlp_reader_delivers_the_self_metrics(tmp_path: Path, protoc
     (sent,) = [m for rm in req.resource_metrics for sm in rm.scope_metrics for m in sm.metrics
                if m.name == "wirespan_exporter_sent_spans"]
     assert sent.sum.is_monotonic and sent.sum.aggregation_temporality == 2   # cumulative, as the pull reader's
+
+
+
+_FORK_CHILD = """
+import os, sys, time
+from service import selftelemetry  # the provider registers its fork hook here
+import concurrent.futures.thread  # noqa: F401  imported later, so its fork hooks run after the provider's
+pid = os.fork()
+if pid == 0:
+    os._exit(7)
+end = time.monotonic() + 10
+while True:
+    done, status = os.waitpid(pid, os.WNOHANG)
+    if done:
+        sys.exit(0 if os.waitstatus_to_exitcode(status) == 7 else 1)
+    if time.monotonic() > end:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+        sys.exit(2)
+    time.sleep(0.01)
+"""
+
+
+def test_a_forked_child_runs() -> None:
+    """The SDK's fork hook re-detects the resource on a thread pool; when concurrent.futures.thread
+    was first imported after the provider was made, its lock (taken by its own before-fork hook)
+    was still held in the child, which hung for good (CI stuck in test_ebpf_ring's fork;
+    replay --workers forks too). Deterministic in a fresh interpreter; with the SDK's own
+    MeterProvider the child hangs."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", _FORK_CHILD], cwd=os.path.dirname(os.path.dirname(__file__)),
+                       timeout=60)
+    assert r.returncode == 0, "the forked child hung in an at-fork hook" if r.returncode == 2 else r.returncode
