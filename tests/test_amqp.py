@@ -435,13 +435,13 @@ def test_real_rabbitmq_through_the_ebpf_receiver() -> None:
 
 
 # -- detection is strict: the shared corpus's other protocols and random bytes are never AMQP ------
-CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus" / "captures"
 
 
 def test_other_protocols_in_the_shared_corpus_are_never_amqp() -> None:
+    from tests.support.corpus import corpus_captures
     from tests.support.replay import replay
 
-    files = sorted(p for p in CORPUS.rglob("*") if p.suffix in (".pcap", ".pcapng") and "amqp" not in p.name.lower())
+    files = [p for p in corpus_captures() if "amqp" not in p.name.lower()]
     assert len(files) >= 50
     for f in files:
         spans, _, stats = replay(f, {})

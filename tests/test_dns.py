@@ -297,11 +297,10 @@ def test_detection_is_strict_on_random_bytes() -> None:
     assert hits == 0
 
 
-CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus" / "captures"
-
-
 def test_other_protocols_in_the_shared_corpus_are_never_dns() -> None:
-    files = sorted(p for p in CORPUS.rglob("*") if p.suffix in (".pcap", ".pcapng") and "dns" not in p.name.lower())
+    from tests.support.corpus import corpus_captures
+
+    files = [p for p in corpus_captures() if "dns" not in p.name.lower()]
     assert files
     checked = 0
     for f in files:
