@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 import xml.etree.ElementTree as ET
 from collections import Counter
 from pathlib import Path
@@ -394,22 +393,10 @@ def test_real_rabbitmq_amqp10_through_the_ebpf_receiver() -> None:
 
     if needs_ebpf(__name__).args[0]:
         pytest.skip("eBPF unavailable here (reason printed)")
-    from processors.protocols.processor import ProtocolsProcessor
-    from receivers.ebpf import EbpfConfig, EbpfReceiver
-    from tests.support.live_http import SpanSink
+    from tests.support.ebpf import traced
 
-    sink = SpanSink()
-    stage = ProtocolsProcessor("protocols", {}, sink)
-    with rmq.rabbitmq() as srv:
-        rx = EbpfReceiver("ebpf", EbpfConfig(ports=[srv.port], max_message_bytes_per_port={srv.port: 1 << 20}),
-                          stage)
-        rx.start()
-        try:
-            _run_client(srv.port)
-            time.sleep(1.0)
-        finally:
-            rx.shutdown()
-    stage.shutdown()
+    with rmq.rabbitmq() as srv, traced([srv.port]) as (_rx, sink):
+        _run_client(srv.port)
     client = [s for s in sink.spans if s.kind != SpanKind.SERVER]
     _check_real(client, "client")
     _check_real([s for s in sink.spans if s.kind == SpanKind.SERVER], "server")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -361,23 +360,11 @@ def test_real_nats_server_through_the_ebpf_receiver() -> None:
 
     if needs_ebpf(__name__).args[0]:
         pytest.skip("eBPF unavailable here (reason printed)")
-    from processors.protocols.processor import ProtocolsProcessor
-    from receivers.ebpf import EbpfConfig, EbpfReceiver
-    from tests.support.live_http import SpanSink
+    from tests.support.ebpf import traced
     from tests.support.nats_server import nats_server
 
-    sink = SpanSink()
-    stage = ProtocolsProcessor("protocols", {}, sink)
-    with nats_server() as srv:
-        rx = EbpfReceiver("ebpf", EbpfConfig(ports=[srv.port], max_message_bytes_per_port={srv.port: 1 << 20}),
-                          stage)
-        rx.start()
-        try:
-            _run_client(srv.url)
-            time.sleep(1.0)
-        finally:
-            rx.shutdown()
-    stage.shutdown()
+    with nats_server() as srv, traced([srv.port]) as (_rx, sink):
+        _run_client(srv.url)
     client = [s for s in sink.spans if s.resource.attributes.get("process.pid") != srv.pid]
     server = [s for s in sink.spans if s.resource.attributes.get("process.pid") == srv.pid]
     _check_real(client, "client")
