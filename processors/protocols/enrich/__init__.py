@@ -205,23 +205,14 @@ class Exchange:
 
     def request_json(self) -> Any:
         """The request body parsed (None when absent, truncated or bad: ``problem`` says why)."""
-        cap = self.req_body
-        if cap is None or not cap.seen:
-            return None
-        if cap.over_budget:
-            self.problem = self.problem or "capture_budget"
-        data, truncated, problem = cap.decoded(self.enricher.config.max_decoded_bytes)
-        if problem is not None:
-            self.problem = self.problem or problem
-            return None
-        v, p = load_json(data)
-        if p is not None:
-            self.problem = self.problem or ("body_truncated" if truncated else p)
-            self.info["_req_prefix"] = data
-        return v
+        return self._json(self.req_body, "_req_prefix")
 
     def response_json(self) -> Any:
-        cap = self.resp_body
+        """The response body parsed; a body that is not whole JSON keeps its tail for the enrichers
+        that read a usage block from the end (``_resp_tail``)."""
+        return self._json(self.resp_body, "_resp_prefix", keep_tail=True)
+
+    def _json(self, cap: Any, prefix_key: str, keep_tail: bool = False) -> Any:
         if cap is None or not cap.seen:
             return None
         if cap.over_budget:
@@ -233,10 +224,11 @@ class Exchange:
         v, p = load_json(data)
         if p is not None:
             self.problem = self.problem or ("body_truncated" if truncated else p)
-            self.info["_resp_prefix"] = data
-            tail = cap.tail_bytes()
-            if tail is not None:
-                self.info["_resp_tail"] = tail
+            self.info[prefix_key] = data
+            if keep_tail:
+                tail = cap.tail_bytes()
+                if tail is not None:
+                    self.info["_resp_tail"] = tail
         return v
 
     def lose(self, from_client: bool) -> None:
