@@ -458,23 +458,7 @@ def test_random_bytes_are_never_amqp() -> None:
 def test_mutated_conversations_only_raise_protocol_errors() -> None:
     """2,000 mutations of the fuzz seeds' 0-9-1 conversations (tests/fuzz/seeds.py), cut at
     random: nothing but ProtocolError leaves the session (`python -m bench fuzz amqp` runs more)."""
-    import random
-
     from tests.fuzz.seeds import _amqp
+    from tests.support.driver import mutate_conversations
 
-    rnd = random.Random(91)
-    convs = _amqp()
-    for _ in range(2000):
-        d = Driver()
-        for fc, data in rnd.choice(convs):
-            b = bytearray(data)
-            if rnd.random() < 0.4 and b:
-                for _ in range(rnd.randint(1, 3)):
-                    i = rnd.randrange(len(b))
-                    b[i:i + rnd.randint(0, 3)] = rnd.randbytes(rnd.randint(0, 3))
-            try:
-                d.send(fc, bytes(b), rnd.choice((1, 5, 64, 4096)))
-            except ProtocolError:  # the stage's answer: clear the direction, resynchronise
-                (d.conn.client_buf if fc else d.conn.server_buf).reset()
-                d.session.gap(fc, d.ts)
-        d.session.close(d.ts)
+    mutate_conversations(Driver, _amqp(), seed=91)

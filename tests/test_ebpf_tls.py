@@ -28,6 +28,8 @@ from service.model import EventKind
 from tests.support.capture import wait_until
 from tests.support.ebpf import needs_ebpf
 from tests.support.live_http import BIG_BODY, SpanSink, run_client
+from tests.support.tls_servers import HTTPX_CLIENT as _HTTPX
+from tests.support.tls_servers import URLLIB_CLIENT as _URLLIB
 from tests.support.tls_servers import https_server, nginx_tls, tls_files
 
 pytestmark = needs_ebpf(__name__)
@@ -101,17 +103,6 @@ def _curl(url: str, ca: Path, *extra: str) -> None:
                    check=False, timeout=30)
 
 
-_URLLIB = ("import urllib.request,urllib.error,ssl,sys\n"
-           "ctx = ssl.create_default_context(cafile=sys.argv[1])\n"
-           "for u in sys.argv[2:]:\n"
-           "    try:\n"
-           "        urllib.request.urlopen(u, context=ctx).read()\n"
-           "    except urllib.error.HTTPError as e:\n"
-           "        e.read()\n")
-_HTTPX = ("import httpx,sys\n"
-          "with httpx.Client(verify=sys.argv[1]) as c:\n"
-          "    for u in sys.argv[2:]:\n"
-          "        c.get(u)\n")
 
 
 @pytest.mark.parametrize("protocols,version", [("TLSv1.3", "1.3"), ("TLSv1.2", "1.2")])

@@ -34,6 +34,8 @@ from receivers.tls import (
 )
 from service.model import EventKind, TcpEvent, otlp_json_to_proto
 from tests.support.capture import free_port, tcpdump, wait_port
+from tests.support.tls_servers import HTTPX_CLIENT as _HTTPX
+from tests.support.tls_servers import URLLIB_CLIENT as _URLLIB
 from tests.support.tls_servers import keylog_env, nginx_tls, tls_files
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -435,17 +437,6 @@ CURL = shutil.which("curl") or "curl"
 TSHARK = shutil.which("tshark") or "tshark"
 EDITCAP = shutil.which("editcap") or "editcap"
 OPENSSL = shutil.which("openssl") or "openssl"
-_URLLIB = ("import urllib.request,urllib.error,ssl,sys\n"
-           "ctx = ssl.create_default_context(cafile=sys.argv[1])\n"
-           "for u in sys.argv[2:]:\n"
-           "    try:\n"
-           "        urllib.request.urlopen(u, context=ctx).read()\n"
-           "    except urllib.error.HTTPError as e:\n"
-           "        e.read()\n")
-_HTTPX = ("import httpx,sys\n"
-          "with httpx.Client(verify=sys.argv[1]) as c:\n"
-          "    for u in sys.argv[2:]:\n"
-          "        c.get(u)\n")
 NODE = shutil.which("node") or shutil.which("nodejs") or "node"
 _NODE = ("const u = new URL(process.argv[1]); const m = u.protocol === 'https:' ? require('https') : require('http');"
          "m.get(u, {agent: false}, r => { r.resume(); "

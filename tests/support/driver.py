@@ -73,3 +73,27 @@ class SessionDriver:
         for side in (True, False):
             with contextlib.suppress(ProtocolError):
                 self.send(side, data, step)
+
+
+def mutate_conversations(make: Callable[[], SessionDriver], convs: list, seed: int, rounds: int = 2000) -> None:
+    """``rounds`` random mutations of ``convs`` (tests/fuzz/seeds.py's conversations: lists of
+    (from_client, bytes)), each fed at a random step to a fresh driver: only ``ProtocolError``
+    may leave the session, and it is answered as the stage answers it (clear that direction,
+    resynchronise with a gap). Anything else propagates and fails the calling test."""
+    import random
+
+    rnd = random.Random(seed)
+    for _ in range(rounds):
+        d = make()
+        for fc, data in rnd.choice(convs):
+            b = bytearray(data)
+            if rnd.random() < 0.4 and b:
+                for _ in range(rnd.randint(1, 3)):
+                    i = rnd.randrange(len(b))
+                    b[i:i + rnd.randint(0, 3)] = rnd.randbytes(rnd.randint(0, 3))
+            try:
+                d.send(fc, bytes(b), rnd.choice((1, 5, 64, 4096)))
+            except ProtocolError:
+                (d.conn.client_buf if fc else d.conn.server_buf).reset()
+                d.session.gap(fc, d.ts)
+        d.session.close(d.ts)

@@ -178,3 +178,19 @@ def https_server(files: TlsFiles, max_version: str | None = None) -> Iterator[Ht
 def keylog_env(path: str | os.PathLike[str]) -> dict[str, str]:
     """The environment with ``SSLKEYLOGFILE`` (curl, Python's ssl contexts, Node with --tls-keylog)."""
     return {**os.environ, "SSLKEYLOGFILE": str(path)}
+
+
+#: Client scripts run as ``python -c SCRIPT CA_FILE URL...``: each GETs every URL over TLS
+#: verified against CA_FILE (an HTTP error status is read, not raised), so both the eBPF and
+#: the key-log tests drive the real urllib and httpx stacks the same way.
+URLLIB_CLIENT = ("import urllib.request,urllib.error,ssl,sys\n"
+                 "ctx = ssl.create_default_context(cafile=sys.argv[1])\n"
+                 "for u in sys.argv[2:]:\n"
+                 "    try:\n"
+                 "        urllib.request.urlopen(u, context=ctx).read()\n"
+                 "    except urllib.error.HTTPError as e:\n"
+                 "        e.read()\n")
+HTTPX_CLIENT = ("import httpx,sys\n"
+                "with httpx.Client(verify=sys.argv[1]) as c:\n"
+                "    for u in sys.argv[2:]:\n"
+                "        c.get(u)\n")
