@@ -652,3 +652,66 @@ def test_known_methods_override_the_semconv_list() -> None:
     d.resp(b"HTTP/1.1 405 Method Not Allowed\r\nContent-Length: 0\r\n\r\n" * 2)
     assert [(s.name, s.attributes["http.request.method"], s.attributes.get("http.request.method_original"))
             for s in d.spans] == [("CCM_POST", "CCM_POST", None), ("HTTP", "_OTHER", "PATCH")]
+
+
+# -- HTTP/0.9 (RFC 1945 §4.1, §6): a Simple-Request, answered by the bare body until the close --------
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("line", [b"GET /bad.html\r\n", b"GET /bad.html\n", b"GET  /bad.html \r\n"])
+def test_http09_simple_request_and_response(mode: str, line: bytes) -> None:
+    d = Driver()
+    d.req(line + b"ignored: the client said all it can\r\n", mode)
+    d.resp(b"<html>\n\t<title>Bad!</title>\n", mode)
+    d.resp(b"</html>\n", mode)
+    assert d.spans == []
+    d.s.close(d.ts + 5, reset=False)
+    (s,) = d.spans
+    assert s.name == "GET"
+    assert s.attributes["url.path"] == "/bad.html"
+    assert s.attributes["network.protocol.version"] == "0.9"
+    assert "http.response.status_code" not in s.attributes
+    assert s.attributes["http.response.body.size"] == 36
+    assert s.status_code == StatusCode.UNSET and not d.drops
+
+
+@pytest.mark.parametrize("data, want", [
+    (b"GET /x\r\n", Detection.REQUEST),
+    (b"GET http://h/x\n", Detection.REQUEST),
+    (b"GET /x", Detection.NEED_MORE),
+    (b"GET key\r\n", Detection.NO),        # inline Redis, not a Request-URI
+    (b"POST /x\r\n", Detection.NO),        # HTTP/0.9 has GET alone
+    (b"GET /x y\r\n", Detection.NO),
+])
+def test_http09_detection(data: bytes, want: Detection) -> None:
+    buf = LargeBuffer()
+    buf.append(memoryview(data), 1)
+    assert http1.detect(buf, True) == want
+
+
+def test_http09_reset_before_the_body_is_an_error() -> None:
+    d = Driver()
+    d.req(b"GET /x\r\n")
+    d.s.close(d.ts + 5, reset=True)
+    (s,) = d.spans
+    assert s.status_code == StatusCode.ERROR and s.attributes["error.type"] == "connection_reset"
+
+
+# -- chunk lines ending in a bare LF: read from a sender whose head did so, refused otherwise -----------
+@pytest.mark.parametrize("mode", MODES)
+def test_bare_lf_chunks_from_a_bare_lf_sender(mode: str) -> None:
+    d = Driver()
+    d.req(b"POST /up HTTP/1.1\nHost: h\nTransfer-Encoding: chunked\n\n5\nhello\n3;ext=1\r\nabc\n0\nX-T: 1\n\n",
+          mode)
+    d.resp(b"HTTP/1.1 200 OK\nTransfer-Encoding: chunked\n\n2\nok\n0\n\n", mode)
+    (s,) = d.spans
+    assert s.attributes["http.request.body.size"] == 8
+    assert s.attributes["http.response.body.size"] == 2
+    assert s.attributes["http.response.status_code"] == 200 and not d.drops
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_bare_lf_chunk_line_from_a_crlf_sender_is_refused(mode: str) -> None:
+    """A CRLF head then an LF-only chunk line: where chunk parsers disagree (smuggling)."""
+    d = Driver()
+    with pytest.raises(ProtocolError) as e:
+        d.req(b"POST /up HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n5\nhello\r\n0\r\n\r\n", mode)
+    assert e.value.reason == "bad_chunk_size"

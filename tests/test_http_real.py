@@ -386,3 +386,43 @@ def test_nginx_bare_lf_requests_seen_from_mid_connection() -> None:
     assert spans[0].attributes["user_agent.original"] == "nc"
     assert all(s.kind == SpanKind.SERVER and s.attributes["server.port"] == ng.port for s in spans)
     assert not pstats["drops"], pstats
+
+
+def test_nginx_http09_simple_requests() -> None:
+    """nginx still answers an HTTP/0.9 Simple-Request (``GET /path`` CRLF, RFC 1945 §4.1) with
+    the bare body, closing after it: each is a span (version 0.9, no status code), and a
+    ``GET key`` line on the HTTP port is not taken for inline Redis."""
+    with nginx_server({"index.html": b"hello\n", "b.txt": b"bee\n" * 100}) as ng:
+        with tcpdump(ng.port) as cap:
+            for line in (b"GET /index.html\r\n", b"GET /b.txt\n"):
+                with socket.create_connection(("127.0.0.1", ng.port), timeout=5) as s:
+                    s.sendall(line)
+                    got = b""
+                    while chunk := s.recv(65536):
+                        got += chunk
+                assert not got.startswith(b"HTTP/"), got[:40]
+    spans, _rstats, pstats = replay(cap)
+    got = [(s.attributes["url.path"], s.attributes["network.protocol.version"],
+            s.attributes["http.response.body.size"], "http.response.status_code" in s.attributes) for s in spans]
+    assert got == [("/index.html", "0.9", 6, False), ("/b.txt", "0.9", 400, False)], got
+    assert all(s.kind == SpanKind.SERVER and s.status_code == StatusCode.UNSET for s in spans)
+    assert not pstats["drops"], pstats
+
+
+def test_nginx_bare_lf_chunked_request_body() -> None:
+    """nginx reads a chunked body whose lines end in a bare LF from a client whose head did
+    (and answers the request after it on the same connection): both are spans, sizes right."""
+    with nginx_server({"index.html": b"hello\n"}) as ng:
+        with tcpdump(ng.port) as cap:
+            with socket.create_connection(("127.0.0.1", ng.port), timeout=5) as s:
+                s.sendall(b"POST /index.html HTTP/1.1\nHost: x\nTransfer-Encoding: chunked\n\n5\nhello\n3\nabc\n0\n\n"
+                          b"GET /index.html HTTP/1.1\nHost: x\nConnection: close\n\n")
+                got = b""
+                while chunk := s.recv(65536):
+                    got += chunk
+            assert got.count(b"HTTP/1.1 ") == 2, got
+    spans, _rstats, pstats = replay(cap)
+    got = [(s.attributes["http.request.method"], s.attributes["http.response.status_code"],
+            s.attributes.get("http.request.body.size")) for s in spans]
+    assert got == [("POST", 405, 8), ("GET", 200, None)], got
+    assert not pstats["drops"], pstats

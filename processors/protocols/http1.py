@@ -77,6 +77,13 @@ _STATUS_LINE = re.compile(rb"HTTP/1\.([01]) ([0-9]{3})(?:[ \t][\t\x20-\x7e\x80-\
 # Detection is stricter than parsing: the method starts with an upper-case letter. Line ends
 # may be bare LF and a status line's version lower-case (what servers and Zeek accept).
 _REQ_DETECT = re.compile(rb"[A-Z][A-Z0-9_\-]{0,31} +(?:[^\x00-\x20\x7f]+ +)?HTTP/1\.[01]? *\r?\n")
+#: An HTTP/0.9 Simple-Request (RFC 1945 §4.1: ``GET`` SP Request-URI CRLF, no version, no
+#: headers), still answered by nginx and Apache and still sent by probes and old clients. Only
+#: an origin-form or absolute target: "GET key" is inline Redis.
+_REQ09 = re.compile(rb"GET +((?:/|https?://)[^\x00-\x20\x7f]*) *\r?\n")
+_BARE_LF = re.compile(rb"(?<!\r)\n")
+#: Where an HTTP/0.9 request line may end: a longer line is no Simple-Request a peer sends.
+MAX_09_LINE = 2048
 _STATUS_DETECT = re.compile(rb"[Hh][Tt][Tt][Pp]/1\.[01] +[0-9]{3}(?:[ \t][\t\x20-\x7e\x80-\xff]*)?\r?\n")
 # The lenient reading of a start line (RFC 9112 §3: words separated by any whitespace).
 # A version without its minor digit (``HTTP/1.``, answered by Google's front end) and a
@@ -180,7 +187,7 @@ def detect(buf: LargeBuffer, from_client: bool | None) -> Detection:
             return Detection.NEED_MORE
         return Detection.NO
     line = buf.view_at(0, e + 1)
-    if from_client is not False and _REQ_DETECT.fullmatch(line):
+    if from_client is not False and (_REQ_DETECT.fullmatch(line) or _REQ09.fullmatch(line)):
         return Detection.REQUEST
     if from_client is not True and _STATUS_DETECT.fullmatch(line):
         return Detection.RESPONSE
@@ -239,10 +246,12 @@ _C_SIZE, _C_DATA, _C_CRLF, _C_TRAILER = 0, 1, 2, 3
 class _Body:
     """Skips one message body as it arrives; remembers only counts."""
 
-    __slots__ = ("cstate", "last_ts", "limit", "mode", "remaining", "sink", "size", "trailer")
+    __slots__ = ("cstate", "last_ts", "lf", "limit", "mode", "remaining", "sink", "size", "trailer")
 
-    def __init__(self, mode: int, remaining: int, limit: int) -> None:
+    def __init__(self, mode: int, remaining: int, limit: int, lf: bool = False) -> None:
         self.sink: Any = None  #: an enricher's bounded capture of this body (enrich/), else None
+        #: The sender ended its head's lines in a bare LF: its chunk lines may too (see _line).
+        self.lf = lf
         self.mode = mode
         self.remaining = remaining
         self.size = 0
@@ -276,6 +285,28 @@ class _Body:
             return False
         return self._chunked(buf)
 
+    def _line(self, buf: LargeBuffer, what: str) -> tuple[int, int]:
+        """(end of the chunk-size or trailer line's text, bytes the line takes) or (-1, 0).
+
+        CRLF, as RFC 9112 §7.1 writes it. A bare LF only from a sender whose head already
+        used bare LF (§2.2's leniency is for the start line and fields): a peer that ends
+        every line in LF is read consistently, while a CRLF sender's LF inside a chunk line
+        stays refused, since a lone LF is where chunk parsers disagree (request smuggling).
+        """
+        if not self.lf:
+            e = buf.find(b"\r\n", 0, MAX_CHUNK_LINE)
+            take = e + 2
+        else:
+            e = buf.find(b"\n", 0, MAX_CHUNK_LINE)
+            take = e + 1
+            if e > 0 and buf.u8_at(e - 1) == 0x0D:
+                e -= 1
+        if e < 0:
+            if len(buf) >= MAX_CHUNK_LINE:
+                raise LimitExceeded(NAME, what)
+            return -1, 0
+        return e, take
+
     def _chunked(self, buf: LargeBuffer) -> bool:
         while True:
             st = self.cstate
@@ -293,17 +324,15 @@ class _Body:
                     return False
                 self.cstate = _C_CRLF
             elif st == _C_SIZE:
-                e = buf.find(b"\r\n", 0, MAX_CHUNK_LINE)
+                e, take = self._line(buf, "chunk_line_too_long")
                 if e < 0:
-                    if len(buf) >= MAX_CHUNK_LINE:
-                        raise LimitExceeded(NAME, "chunk_line_too_long")
                     return False
                 m = _CHUNK_SIZE.match(buf.view_at(0, e))
                 if m is None:
                     raise Malformed(NAME, "bad_chunk_size")
                 size = int(m.group(1), 16)
-                self.last_ts = buf.ts_at(e + 1)
-                buf.release(e + 2)
+                self.last_ts = buf.ts_at(take - 1)
+                buf.release(take)
                 if size:
                     self.remaining = size
                     self.size += size
@@ -311,6 +340,11 @@ class _Body:
                 else:
                     self.cstate = _C_TRAILER
             elif st == _C_CRLF:
+                if self.lf and len(buf) and buf.u8_at(0) == 0x0A:
+                    self.last_ts = buf.ts_at(0)
+                    buf.release(1)
+                    self.cstate = _C_SIZE
+                    continue
                 if len(buf) < 2:
                     return False
                 if buf.u16be_at(0) != 0x0D0A:
@@ -319,16 +353,14 @@ class _Body:
                 buf.release(2)
                 self.cstate = _C_SIZE
             else:  # trailer fields, then the empty line: skipped, never exported
-                e = buf.find(b"\r\n", 0, MAX_CHUNK_LINE)
+                e, take = self._line(buf, "trailer_too_large")
                 if e < 0:
-                    if len(buf) >= MAX_CHUNK_LINE:
-                        raise LimitExceeded(NAME, "trailer_too_large")
                     return False
-                self.trailer += e + 2
+                self.trailer += take
                 if self.trailer > self.limit:
                     raise LimitExceeded(NAME, "trailer_too_large")
-                self.last_ts = buf.ts_at(e + 1)
-                buf.release(e + 2)
+                self.last_ts = buf.ts_at(take - 1)
+                buf.release(take)
                 if e == 0:
                     return True
 
@@ -484,6 +516,8 @@ class Http1Session(_BaseSession):
         self._resync = [False, False]      # after a gap: drop bytes until a message starts
         self._s_last_ts = 0
         self._done = False                 # protocol switched or tunnel: ignore the rest
+        self._done_client = False          # an HTTP/0.9 request was the client's last word
+        self._lf = 0                       # bit 1 << side: that side's head ended lines in a bare LF
 
     # -- heads ---------------------------------------------------------------
     def _head_end(self, buf: LargeBuffer, side: int) -> int:
@@ -554,6 +588,8 @@ class Http1Session(_BaseSession):
         if m is not None:
             return v, m, end
         canon, start = _lenient_head(v, side == 0)  # raises what it refuses
+        if not self._lf & (1 << side) and _BARE_LF.search(v) is not None:
+            self._lf |= 1 << side  # its chunk lines may end so too (_Body._line)
         m = pat.fullmatch(canon)
         if m is not None:
             return canon, m, end, start
@@ -730,6 +766,9 @@ class Http1Session(_BaseSession):
                 continue
             if self._cpaused or self._done:
                 return
+            if self._done_client:  # after an HTTP/0.9 request: nothing the server reads
+                buf.release(len(buf))
+                return
             if self._resync[0] and not self._resynced(buf, True):
                 return
             if buf.chunk_count == 1:  # the usual case, inlined from _head's fast path
@@ -749,10 +788,29 @@ class Http1Session(_BaseSession):
                     self._scan[0] = 0
                     self._request(buf, v, m)
                     continue
+            if buf.u8_at(0) == 0x47 and self._simple_request(buf):  # 'G': maybe HTTP/0.9
+                return
             head = self._head(buf, 0)
             if head is None:
                 return
             self._request(buf, *head)
+
+    def _simple_request(self, buf: LargeBuffer) -> bool:
+        """An HTTP/0.9 Simple-Request at the front of ``buf``: queued, True (the client has
+        nothing more to say: 0.9 is one request a connection, the rest is released); False
+        when the first line is not complete yet or is not one."""
+        e = buf.find(b"\n", 0, min(len(buf), MAX_09_LINE))
+        if e < 0:
+            return False
+        m = _REQ09.fullmatch(buf.view_at(0, e + 1))
+        if m is None:
+            return False
+        self._scan[0] = 0
+        req = _Request("GET", None, bytes(m.group(1)), "0.9", buf.ts_at(0), None, None, None, None)
+        self._queue_request(buf, req, e + 1, -1, False, False)
+        buf.release(len(buf))
+        self._done_client = True
+        return True
 
     def _request(self, buf: LargeBuffer, view: memoryview | bytes, m: re.Match[bytes], size: int = -1,
                  start: tuple[bytes, bytes, bytes] | None = None) -> None:
@@ -788,7 +846,7 @@ class Http1Session(_BaseSession):
             if not chunked:  # RFC 9112 §6.3: a request must end in chunked
                 raise Malformed(NAME, "bad_transfer_encoding")
             req.chunked = True
-            self._cbody = _Body(_CHUNKED, 0, self.settings.max_header_bytes)
+            self._cbody = _Body(_CHUNKED, 0, self.settings.max_header_bytes, bool(self._lf & 1))
             self._creq = req
         elif length > 0:
             self._cbody = _Body(_LENGTH, length, 0)
@@ -825,6 +883,13 @@ class Http1Session(_BaseSession):
                     self._scan[1] = 0
                     self._response(buf, v, m)
                     continue
+            pend = self._pending
+            if pend and pend[0].version == "0.9" and self._sresp is None:
+                # RFC 1945 §6: a Simple-Response is the entity body alone, until the close.
+                self._sresp = (pend[0], 0, "0.9")
+                b = self._sbody = _Body(_CLOSE, 0, 0)
+                b.last_ts = buf.ts_at(0)
+                continue
             head = self._head(buf, 1)
             if head is None:
                 return
@@ -886,7 +951,7 @@ class Http1Session(_BaseSession):
             self._finish(0, last_ts)
             self._switch(None)
         elif te and chunked:
-            b = self._sbody = _Body(_CHUNKED, 0, self.settings.max_header_bytes)
+            b = self._sbody = _Body(_CHUNKED, 0, self.settings.max_header_bytes, bool(self._lf & 2))
             b.last_ts = last_ts
             b.sink = sink
         elif length >= 0 and not te:
