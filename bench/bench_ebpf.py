@@ -19,6 +19,10 @@ REPEATS runs for:
    everything out (the per-syscall hook cost), and traced (receiver + protocols stage
    in this process), alternating runs in the same invocation; ratios of medians.
 
+5. **ceiling**: this process's CPU per record with the receiver feeding nothing (ring read,
+   event build) and feeding the protocols stage, and the stage alone on the same events in
+   memory: where the records/s ceiling of one core is (ring read, dispatch + parse).
+
 4. **TLS plaintext** (issue 15): the same generator over TLS (Python's ssl: OpenSSL's
    SSL_read_ex/SSL_write_ex, read through the uprobes) beside the plaintext one, alternating
    runs, receiver + protocols stage: records/s of TLS plaintext records and ring drops, with
@@ -238,6 +242,65 @@ def protocols_cost(assemble: tuple = (None,)) -> None:
               f"({1e6 / statistics.median(runs[a]):.1f} us/event)")
 
 
+def ceiling() -> None:
+    """Where the records/s ceiling is: this process's CPU per record, by stage.
+
+    The same paced load (100k records/s asked) with the receiver feeding (a) nothing: the
+    ring read and TcpEvent build, (b) the protocols stage: + dispatch and HTTP/1 parse,
+    span build; (c) the stage alone on the same events in memory (no kernel, no ring)
+    splits (b) into dispatch + parse. CPU is this process's user + system time (the
+    generator runs in other processes), so ``1 / (CPU per record)`` is the records/s one
+    core could take: the ceiling of a dedicated core, whatever the 2 shared cores allow.
+    The 200k records/s goal needs <= 5 us a record on one core."""
+    port = free_port()
+    srv = start_server(port)
+    per: dict[str, list[float]] = {"ring": [], "stage": []}
+    try:
+        for _ in range(REPEATS):
+            for stage in (False, True):
+                cpu0 = time.process_time()
+                _rt, recs, _outs, _fail = with_receiver(port, stage,
+                                                        lambda: run_clients(port, DURATION, 100_000 / 4 / PAIRS))
+                per["stage" if stage else "ring"].append((time.process_time() - cpu0) / max(recs, 1) * 1e6)
+    finally:
+        srv.terminate()
+        srv.wait()
+    alone = _stage_alone_us()
+    ring, total = statistics.median(per["ring"]), statistics.median(per["stage"])
+    rows = [("ring read + event build", ring), ("+ protocols stage (dispatch, parse, spans)", total - ring),
+            ("  of which the stage alone on the same events in memory", alone)]
+    for label, us in rows:
+        print(f"  {label:56s} {us:6.2f} us/record")
+    print(f"  total {total:.2f} us/record -> ceiling {1e6 / total:8.0f} records/s on one core "
+          f"(ring read alone: {1e6 / ring:8.0f}/s; the goal of 200k/s needs 5.00 us)")
+
+
+def _stage_alone_us() -> float:
+    """CPU us per event of the protocols stage on HTTP/1 client-view events (protocols_cost's)."""
+    from service.model import EventKind, TcpEvent
+
+    req = b"GET /bench HTTP/1.1\r\nHost: bench\r\n\r\n"
+    resp = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Type: text/plain\r\n\r\nok"
+    evs = []
+    for i in range(10_000):
+        pid = 100 + i % 4
+        cid = (pid, 1, 0)
+        evs.append(TcpEvent(EventKind.DATA, cid, "127.0.0.1", 40000, "127.0.0.1", 8080, i, req, 0, None, True,
+                            pid, pid, "python3"))
+        evs.append(TcpEvent(EventKind.DATA, cid, "127.0.0.1", 8080, "127.0.0.1", 40000, i, resp, 0, None, False,
+                            pid, pid, "python3"))
+    got = []
+    for _ in range(REPEATS):
+        p = protocols_stage(ItemCounter())
+        t = time.process_time()
+        for i in range(0, len(evs), 1024):
+            p.consume_events(evs[i:i + 1024])
+        p.flush()
+        got.append((time.process_time() - t) / len(evs) * 1e6)
+        p.shutdown()
+    return statistics.median(got)
+
+
 def nginx_overhead() -> None:
     from tests.support.nginx import nginx_server
 
@@ -314,7 +377,7 @@ def main(sections: list[str] | None = None) -> None:
     if os.geteuid() != 0:
         print("bench_ebpf: needs root (eBPF)")
         return
-    want = set(sections or ("end_to_end", "drops", "protocols", "nginx", "assembly", "tls"))
+    want = set(sections or ("end_to_end", "drops", "protocols", "ceiling", "nginx", "assembly", "tls"))
     if "end_to_end" in want:
         print(f"end to end ({PAIRS} client processes, {DURATION:.0f}s, median of {REPEATS}):")
         end_to_end()
@@ -325,6 +388,9 @@ def main(sections: list[str] | None = None) -> None:
     if "protocols" in want:
         print("for comparison, in the same run:")
         protocols_cost()
+    if "ceiling" in want:
+        print(f"where the ceiling is (CPU of this process per record, 100k/s asked, median of {REPEATS}):")
+        ceiling()
     if "nginx" in want:
         print(f"overhead on a traced nginx (median of {REPEATS}, A/B alternating):")
         nginx_overhead()
