@@ -71,7 +71,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from receivers.capture_stream import NEW_VIEW
 from receivers.packet import LINK_DECODERS, UDP, link_decoder
-from receivers.tcp_reassembly import ReassemblyLimits, TcpReassembler
+from receivers.tcp_reassembly import ReassemblyLimits, TcpReassembler, c_scan
 from receivers.tls import DSB_TLS_KEYLOG, KeyLog, TlsLayer
 from receivers.udp import DEFAULT_UDP_PORTS, UdpDatagrams
 from service.component import ComponentConfig, Receiver
@@ -187,15 +187,20 @@ class PcapReader:
             raise CaptureError("pcap header truncated")
         (magic,) = _U32LE.unpack_from(view, 0)
         order, self._tick = _PCAP_MAGICS[magic]
+        self.big_endian = order == ">"
         self._hdr = struct.Struct(order + "HHiIII")
         self._rec = struct.Struct(order + "IIII")
         _vmaj, _vmin, _zone, _sig, self.snaplen, lt = self._hdr.unpack_from(view, 4)
         self.linktype = lt & 0xFFFF  # upper bits: FCS length flags (draft-ietf-opsawg-pcap)
 
     def __iter__(self) -> Iterator[tuple[int, int, int, int]]:
+        return self.records(24)
+
+    def records(self, off: int) -> Iterator[tuple[int, int, int, int]]:
+        """The records from file offset ``off`` (a record's start): where the C replay loop
+        (receivers/_fastpath.c) stopped at a damaged record, this says what is wrong."""
         view, size, lt, tick = self.view, len(self.view), self.linktype, self._tick
         unpack = self._rec.unpack_from
-        off = 24
         while off + 16 <= size:
             sec, frac, caplen, _orig = unpack(view, off)
             end = off + 16 + caplen
@@ -596,6 +601,8 @@ def capture_files(path: str) -> list[str]:
 
 
 _EMPTY = memoryview(b"")
+_LT_ETHERNET = 1
+_SCAN_END = 2  #: c_scan's status: the end of the records, or a damaged one
 
 
 class PcapReceiver(Receiver):
@@ -832,8 +839,73 @@ class PcapReceiver(Receiver):
         mm = view.obj if isinstance(view.obj, mmap.mmap) else None
         dropped = 0  # pages of the file before this offset were let go (see _drop_behind)
         packets_before = self._packets
+
+        def checkpoint(at: int, off: int) -> bool:
+            """A flush point: events handed on, the progress bar moved, read pages let go;
+            True when shutdown was asked for."""
+            nonlocal last_off, dropped
+            self._flush_events()
+            if stop.is_set():
+                return True
+            if bar is not None and at - last_off > 1 << 20:
+                bar.update(at - last_off)
+                rate_pkts = (self._packets - packets_before) / max(1e-9, bar.format_dict["elapsed"])
+                bar.set_postfix_str(f"{rate_pkts:,.0f} pkt/s", refresh=False)
+                last_off = at
+            if mm is not None and off - dropped >= DROP_BEHIND_BYTES:
+                dropped = _drop_behind(mm, dropped, off)
+            return False
+
+        # The C loop (receivers/_fastpath.c) takes the common packet of a classic Ethernet
+        # capture: record, frame and in-order segment in one go. It stops at each flush point
+        # (as this loop does) and at every other packet, which it hands back for the code
+        # below; so it runs only where that code has no per-packet option to apply.
+        fast = (c_scan is not None and reader.__class__ is PcapReader and reader.linktype == _LT_ETHERNET
+                and bpf is None and flt is None and not shard_count and not rate and 0 <= ts_shift < 1 << 62)
+        records: Any = reader
         try:
-            for lt, ts, off, end in reader:
+            if fast:
+                pos = 24
+                halves, touch, rstats, tick, big = r._halves, r._touch, r.stats, reader._tick, reader.big_endian
+                eth = decoders.get(_LT_ETHERNET) or link_decoder(_LT_ETHERNET)
+                while True:
+                    if len(r.events) >= bs or packets >= CHECK_EVERY:
+                        self._packets += packets
+                        self._bytes += nbytes
+                        packets = nbytes = 0
+                        if checkpoint(pos, pos):
+                            records = ()
+                            break
+                    status, pos, n, nb, t0, t1, slow = c_scan(view, pos, tick, big, ts_shift, halves, touch, r.events,
+                                                              bs, CHECK_EVERY - packets, r._next_sweep, rstats)
+                    if n:
+                        packets += n
+                        nbytes += nb
+                        if first is None:
+                            first = t0
+                        last = t1
+                    if slow is None:
+                        if status == _SCAN_END:  # the Python reader goes on there: says what is wrong, if anything
+                            records = reader.records(pos)
+                            break
+                        continue
+                    ts, off, end = slow  # counted, timed: the rest as in the loop below
+                    try:
+                        res = eth(view, off, end)
+                    except (struct.error, ValueError, IndexError):
+                        res = "malformed"
+                    if res.__class__ is str:
+                        if shard_index == 0:
+                            drops[res] = drops.get(res, 0) + 1
+                        continue
+                    src, dst, sport, dport, seq, ack, flags, poff, pend = res
+                    if flags == UDP:
+                        uev = udp(src, sport, dst, dport, view[poff:pend], ts)
+                        if uev is not None:
+                            r.events.append(uev)
+                        continue
+                    seg(src, sport, dst, dport, seq, ack, flags, view[poff:pend] if pend > poff else _EMPTY, ts)
+            for lt, ts, off, end in records:
                 if lt == NEW_VIEW:  # a streamed input's next chunk of whole records
                     view = reader.view
                     if bpf is not None:
@@ -846,17 +918,8 @@ class PcapReceiver(Receiver):
                     self._packets += packets
                     self._bytes += nbytes
                     packets = nbytes = 0
-                    self._flush_events()
-                    if stop.is_set():
+                    if checkpoint(reader.position if streaming else off, off):
                         break
-                    at = reader.position if streaming else off
-                    if bar is not None and at - last_off > 1 << 20:
-                        bar.update(at - last_off)
-                        rate_pkts = (self._packets - packets_before) / max(1e-9, bar.format_dict["elapsed"])
-                        bar.set_postfix_str(f"{rate_pkts:,.0f} pkt/s", refresh=False)
-                        last_off = at
-                    if mm is not None and off - dropped >= DROP_BEHIND_BYTES:
-                        dropped = _drop_behind(mm, dropped, off)
                 packets += 1
                 nbytes += end - off
                 ts += ts_shift

@@ -42,6 +42,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
+from service import speedups
 from service.model import EventKind, TcpEvent
 
 __all__ = ["ReassemblyLimits", "TcpReassembler", "DEFAULT_LIMITS"]
@@ -473,3 +474,13 @@ class TcpReassembler:
 
 def _seg_start(seg: tuple) -> int:
     return seg[0]
+
+
+#: The C twin of ``segment``'s fast path, run inside the pcap replay's record loop
+#: (receivers/_fastpath.c; pcap.py decides when): it reads and writes ``_Half``/``_Conn``
+#: slots and builds ``TcpEvent``s in place, so it is handed the classes once here. None
+#: when the accelerator is absent or switched off (WIRESPAN_PURE_PYTHON).
+_c_fast = speedups.load("receivers._fastpath")
+if _c_fast is not None:
+    _c_fast.setup(_Half, _Conn, TcpEvent, _DATA)
+c_scan = _c_fast.scan if _c_fast is not None else None

@@ -18,6 +18,7 @@ ACCELERATORS: dict[str, str] = {
     "processors.protocols.kafka._flat": "processors/protocols/kafka/_flat.c",  # kafka/flat.py's requests
     "processors.protocols._http1": "processors/protocols/_http1.c",  # http1.py's heads
     "service._otlp": "service/_otlp.c",  # model.py's OTLP span encoding
+    "receivers._fastpath": "receivers/_fastpath.c",  # pcap.py's replay loop: record, frame, in-order segment
 }
 
 PURE = os.environ.get("WIRESPAN_PURE_PYTHON", "") not in ("", "0")
