@@ -715,3 +715,23 @@ def test_bare_lf_chunk_line_from_a_crlf_sender_is_refused(mode: str) -> None:
     with pytest.raises(ProtocolError) as e:
         d.req(b"POST /up HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n5\nhello\r\n0\r\n\r\n", mode)
     assert e.value.reason == "bad_chunk_size"
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("line, status", [(b"HTTP/1.0 200 OK\r\n", 200), (b"HTTP/1.1  503\n", 503)])
+def test_capture_ends_after_the_status_line(mode: str, line: bytes, status: int) -> None:
+    """Only the reply's status line (and maybe a few fields) came: a span with that status,
+    marked incomplete (issue 16 class 4); an interim 100 alone says nothing."""
+    d = Driver()
+    d.req(b"GET /productpage HTTP/1.1\r\nHost: p\r\n\r\n", mode)
+    d.resp(line + b"Content-Ty", mode)
+    d.s.close(d.ts + 5, reset=False)
+    (s,) = d.spans
+    assert s.attributes["http.response.status_code"] == status
+    assert s.attributes["wirespan.incomplete"] is True
+    assert (s.status_code == StatusCode.ERROR) == (status >= 500)  # the reply's own verdict, not the cut's
+    d2 = Driver()
+    d2.req(b"GET / HTTP/1.1\r\nHost: p\r\n\r\n")
+    d2.resp(b"HTTP/1.1 100 Continue\r\n")
+    d2.s.close(d2.ts + 5, reset=False)
+    assert d2.spans == [] and d2.drops == ["unanswered"]

@@ -1194,6 +1194,8 @@ class Http1Session(_BaseSession):
                 self._finish(size, ts_ns, "connection_reset")
             else:  # the head (and part of the body) came: a span of what was seen
                 self._finish(size, (body.last_ts if body is not None else 0) or end_ts, incomplete=True)
+        elif self._pending and not reset:
+            self._cut_head(end_ts)
         while self._pending:
             req = self._pending[0]
             if reset:
@@ -1203,6 +1205,28 @@ class Http1Session(_BaseSession):
                 self._pending.popleft()
                 self.conn.drop("unanswered")
         self._done = True
+
+
+    def _cut_head(self, end_ts: int) -> None:
+        """The reply's head had begun (its status line is whole) when the connection ended:
+        base.py's rule makes a span of it, with that status; the partial fields are released
+        as read. A final status only: an interim 1xx says nothing of the answer."""
+        buf = self.conn.server_buf
+        e = buf.find(b"\n", 0, min(len(buf), 512))
+        if e < 0:
+            return
+        line = bytes(buf.view_at(0, e + 1))  # <= 512 bytes, once a connection
+        m = _STATUS_DETECT.fullmatch(line)
+        if m is None:
+            return
+        ver, code = line.split(None, 2)[:2]  # the pattern allows runs of spaces between them
+        status = int(code)
+        if status < 200:
+            return
+        ts = buf.ts_at(e)
+        buf.release(len(buf))
+        self._sresp = (self._pending[0], status, "1.1" if ver[7:8] == b"1" else "1.0")
+        self._finish(0, ts or end_ts, incomplete=True)
 
 
 Session = Http1Session  # the name base.py's contract asks for
