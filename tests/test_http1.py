@@ -735,3 +735,17 @@ def test_capture_ends_after_the_status_line(mode: str, line: bytes, status: int)
     d2.resp(b"HTTP/1.1 100 Continue\r\n")
     d2.s.close(d2.ts + 5, reset=False)
     assert d2.spans == [] and d2.drops == ["unanswered"]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_whitespace_before_a_colon_is_read_in_a_response_refused_in_a_request(mode: str) -> None:
+    """RFC 9112 §5.1: a server must reject ``Name :`` (smuggling), a proxy strips it from a
+    response and a client reads on: the response's field still frames the body."""
+    d = Driver()
+    d.req(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n", mode)
+    d.resp(b"HTTP/1.1 200 OK\r\nServer : x\r\nContent-Length : 2\r\n\r\nok", mode)
+    (s,) = d.spans
+    assert s.attributes["http.response.body.size"] == 2 and not d.drops
+    with pytest.raises(ProtocolError) as e:
+        Driver().req(b"GET / HTTP/1.1\r\nHost : a\r\n\r\n", mode)
+    assert e.value.reason == "bad_header"

@@ -91,6 +91,7 @@ _STATUS_DETECT = re.compile(rb"[Hh][Tt][Tt][Pp]/1\.[01] +[0-9]{3}(?:[ \t][\t\x20
 _LENIENT_REQ = re.compile(rb"([" + _TCHAR + rb"]{1,32})[ \t]+(?:([^\x00-\x20\x7f]+)[ \t]+)?HTTP/1\.([01]?)[ \t]*\Z")
 _LENIENT_STATUS = re.compile(rb"[Hh][Tt][Tt][Pp]/1\.([01])[ \t]+([0-9]{3})(?:[ \t]+([\t\x20-\x7e\x80-\xff]*))?\Z")
 _FIELD_NAME = re.compile(rb"[" + _TCHAR + rb"]+:")
+_FIELD_NAME_SPACE = re.compile(rb"([" + _TCHAR + rb"]+)[ \t]+:")  # "Name :" (a response's, see _lenient_head)
 
 
 def _prefixes(parts: list[bytes]) -> bytes:
@@ -202,8 +203,9 @@ def _lenient_head(view: memoryview, request: bool) -> tuple[bytes, tuple[bytes, 
     version without its minor digit (read as 1.0) and a missing target (``url.path`` empty),
     returned beside the rewrite as (method, target, minor). Ambiguity is still
     refused: a bare CR (§2.2), a whitespace-led line before the first field (§2.2 allows
-    rejecting it) and whitespace between a field name and its colon (§5.1): all three are
-    how request smuggling hides a field, and are ``bad_header``. The head is copied once
+    rejecting it) and, in a request, whitespace between a field name and its colon (§5.1):
+    all three are how request smuggling hides a field, and are ``bad_header`` (a response's
+    ``Name :`` loses the whitespace, as §5.1 has a proxy do). The head is copied once
     (bounded by ``max_header_bytes``), on this rare path only.
     """
     lines = bytes(view).split(b"\n")
@@ -230,7 +232,12 @@ def _lenient_head(view: memoryview, request: bool) -> tuple[bytes, tuple[bytes, 
             out[-1] = out[-1].rstrip(b" \t") + b" " + ln.strip(b" \t")  # obs-fold: one space
             continue
         if _FIELD_NAME.match(ln) is None:
-            raise Malformed(NAME, "bad_header", 0, "field line")
+            sp = None if request else _FIELD_NAME_SPACE.match(ln)
+            if sp is None:
+                raise Malformed(NAME, "bad_header", 0, "field line")
+            # A response's "Server : x": §5.1 has a proxy remove the whitespace and a
+            # client read on; only a server must refuse it (in a request, smuggling).
+            ln = sp.group(1) + ln[sp.end() - 1:]
         out.append(ln)
     out.append(b"")
     out.append(b"")
