@@ -686,13 +686,22 @@ def _json_span(s: Span) -> str:
             f'"attributes":[{attrs}],"status":{status},"flags":{s.flags & 0xFF}{extra}}}')
 
 
+#: The C twin of the join below (service/_otlp.c json_spans): the same text, ~10x faster; it
+#: calls _json_span for any span it does not write itself, and returns None (do it all here)
+#: when that text cannot be UTF-8.
+_c_json_spans = _c_otlp.json_spans if _c_otlp is not None else None
+
+
 def spans_to_otlp_json(spans: Iterable[Span]) -> str:
     """One line of the Collector file exporter's format (no newline); same content as ``spans_to_otlp_dict``."""
     scope = f'{{"name":"{SCOPE_NAME}","version":"{SCOPE_VERSION}"}}'
     rs = []
+    cj = _c_json_spans
     for res, group in _group(spans):
         rattrs = ",".join(_dumps(kv) for kv in _json_kvs(res.attributes))
-        body = ",".join([_json_span(s) for s in group])
+        body = cj(group, _json_span) if cj is not None else None
+        if body is None:
+            body = ",".join([_json_span(s) for s in group])
         rs.append(f'{{"resource":{{"attributes":[{rattrs}]}},"scopeSpans":[{{"scope":{scope},"spans":[{body}]}}]}}')
     return '{"resourceSpans":[' + ",".join(rs) + "]}"
 

@@ -330,3 +330,87 @@ def test_c_span_encoder_writes_the_usual_span_itself() -> None:
     fields = _c_encoder()(spans, refuse)
     import service.model as m
     assert fields == b"".join(b"\x12" + m._varint(len(b)) + b for b in map(m._span_bytes, spans))
+
+
+# -- the C OTLP/JSON writer (service/_otlp.c json_spans) against _json_span --------------
+def _c_json() -> Any:
+    import importlib
+
+    from service import speedups
+    try:
+        return importlib.import_module("service._otlp").json_spans
+    except ImportError:
+        if speedups.REQUIRED:
+            raise
+        pytest.skip("service._otlp is not built (no C compiler or Python headers); the Python writer is in use")
+
+
+def _both_json(spans: list[Span]) -> tuple[Any, Any]:
+    """(C line, Python line) of ``spans_to_otlp_json``; either may be an exception type."""
+    import service.model as m
+
+    def run() -> Any:
+        try:
+            return m.spans_to_otlp_json(spans)
+        except Exception as e:  # the two must fail alike
+            return type(e)
+
+    saved = m._c_json_spans
+    try:
+        m._c_json_spans = _c_json()
+        c = run()
+        m._c_json_spans = None
+        py = run()
+    finally:
+        m._c_json_spans = saved
+    return c, py
+
+
+_json_scalar = st.one_of(_c_value, st.floats(), st.text(alphabet=st.characters(max_codepoint=0x20), max_size=8),
+                         st.sampled_from(["\ud800", "a\udfffb", '"\\\x7f\x00\x1f'])).filter(lambda v: v is not None)
+
+
+@st.composite
+def _json_span_st(draw: st.DrawFn) -> Span:
+    s = draw(_any_span())
+    if draw(st.booleans()):  # controls, surrogates, NaN and friends in the attributes the C side writes
+        s.attributes = draw(st.dictionaries(st.text(max_size=6), _json_scalar, max_size=5))
+    if draw(st.booleans()):
+        s.name = draw(_json_scalar.filter(lambda v: isinstance(v, str)))
+    return s
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(_json_span_st(), max_size=5))
+def test_c_json_writer_matches_python(spans: list[Span]) -> None:
+    c, py = _both_json(spans)
+    assert c == py
+
+
+def test_c_json_writer_on_the_tricky_spans_and_odd_objects() -> None:
+    spans = [*_tricky_spans(), Span("big", SpanKind.CLIENT, 1, 2, {"v": "x\n" * 300_000})]
+    c, py = _both_json(spans)
+    assert isinstance(c, str) and c == py
+    odd = [Span("neg", SpanKind.CLIENT, -1, -(1 << 70)), Span(b"bytes", SpanKind.CLIENT, 1, 2),  # type: ignore[arg-type]
+           Span("id", SpanKind.CLIENT, 1, 2, trace_id=b"short"), Span("k", 1 << 70, 1, 2),
+           Span("m", SpanKind.CLIENT, 1, 2, status_message=b"x"),  # type: ignore[arg-type]
+           Span("e", SpanKind.CLIENT, 1, 2, {1: "int key", "s": "\udc80"}),  # type: ignore[dict-item]
+           Span("\udc80", SpanKind.CLIENT, 1, 2, events=[])]
+    for s in odd:
+        c, py = _both_json([s])
+        assert c == py, s.name
+
+
+def test_c_json_writer_writes_the_usual_span_itself() -> None:
+    """The protocols' spans never reach the Python fallback (a C function that handed every
+    span back would pass the tests above)."""
+    spans = [s for s in _tricky_spans() if not s.events and not s.trace_state]
+    for s in spans:
+        for k in ("l", "m", "raw", "big"):
+            s.attributes.pop(k)
+
+    def refuse(span: Span) -> str:
+        raise AssertionError(f"fell back for {span!r}")
+
+    import service.model as m
+    assert _c_json()(spans, refuse) == ",".join(m._json_span(s) for s in spans)
