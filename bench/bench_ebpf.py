@@ -211,8 +211,9 @@ def assembly_cost() -> None:
     protocols_cost(assemble=(False, None))
 
 
-def protocols_cost(assemble: tuple = (None,)) -> None:
-    """The protocols stage alone on the events the receiver produces (same run, no kernel)."""
+def _http1_events() -> list:
+    """10k HTTP/1 exchanges as the receiver hands them on (client view: the request written,
+    the response read), four processes' connections interleaved."""
     from service.model import EventKind, TcpEvent
 
     req = b"GET /bench HTTP/1.1\r\nHost: bench\r\n\r\n"
@@ -225,6 +226,12 @@ def protocols_cost(assemble: tuple = (None,)) -> None:
                             pid, pid, "python3"))
         evs.append(TcpEvent(EventKind.DATA, cid, "127.0.0.1", 8080, "127.0.0.1", 40000, i, resp, 0, None, False,
                             pid, pid, "python3"))
+    return evs
+
+
+def protocols_cost(assemble: tuple = (None,)) -> None:
+    """The protocols stage alone on the events the receiver produces (same run, no kernel)."""
+    evs = _http1_events()
     runs: dict = {a: [] for a in assemble}
     for _ in range(REPEATS):
         for a in assemble:
@@ -277,18 +284,7 @@ def ceiling() -> None:
 
 def _stage_alone_us() -> float:
     """CPU us per event of the protocols stage on HTTP/1 client-view events (protocols_cost's)."""
-    from service.model import EventKind, TcpEvent
-
-    req = b"GET /bench HTTP/1.1\r\nHost: bench\r\n\r\n"
-    resp = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Type: text/plain\r\n\r\nok"
-    evs = []
-    for i in range(10_000):
-        pid = 100 + i % 4
-        cid = (pid, 1, 0)
-        evs.append(TcpEvent(EventKind.DATA, cid, "127.0.0.1", 40000, "127.0.0.1", 8080, i, req, 0, None, True,
-                            pid, pid, "python3"))
-        evs.append(TcpEvent(EventKind.DATA, cid, "127.0.0.1", 8080, "127.0.0.1", 40000, i, resp, 0, None, False,
-                            pid, pid, "python3"))
+    evs = _http1_events()
     got = []
     for _ in range(REPEATS):
         p = protocols_stage(ItemCounter())
