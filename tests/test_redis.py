@@ -412,3 +412,85 @@ def test_reply_cut_by_the_end_of_the_capture_is_an_incomplete_span() -> None:
     (s,) = d.spans
     assert s.name == "LRANGE" and s.attributes["wirespan.incomplete"] is True and s.status_code == StatusCode.UNSET
     assert d.drops == ["no_reply"]
+
+
+# -- the in-place paths (_whole_values, feed_whole) decide exactly as the scanner ------------
+_REPLIES = [b"+OK\r\n", b"-ERR no such key\r\n", b":42\r\n", b"$3\r\nabc\r\n", b"$-1\r\n", b"$0\r\n\r\n",
+            b"*2\r\n$1\r\na\r\n$-1\r\n", b"*3\r\n+x\r\n:1\r\n$2\r\nyz\r\n", b"*-1\r\n", b"*0\r\n",
+            b"*2\r\n*1\r\n:1\r\n$1\r\nb\r\n", b"_\r\n", b"%1\r\n+k\r\n:1\r\n",
+            b">3\r\n$7\r\nmessage\r\n$1\r\nc\r\n$1\r\nm\r\n",
+            b"!9\r\nERR bulky\r\n", b"*3\r\n$9\r\nsubscribe\r\n$2\r\nch\r\n:1\r\n", b"-" + b"E" * 700 + b"\r\n",
+            b"$5\r\nab\r\n", b"$abc\r\n", b"*2\r\n-e\r\n:1\r\n", b"\r\n", b"*1\r\n$600000000\r\n",
+            b"$007\r\nabcdefg\r\n",
+            b"*01\r\n:1\r\n", b"*1\r\n$-0\r\n\r\n", b"#t\r\n", b"*1\r\n+" + b"s" * 200 + b"\r\n"]
+_ARG = st.one_of(st.sampled_from([b"GET", b"SET", b"MGET", b"SELECT", b"CLIENT", b"AUTH", b"SUBSCRIBE", b"MULTI",
+                                  b"EXEC", b"k", b"REPLY", b"OFF", b"2"]),
+                 st.binary(max_size=200))
+_REQUEST = st.one_of(st.lists(_ARG, min_size=1, max_size=12).map(lambda a: cmd(*a)),
+                     st.sampled_from([b"PING\r\n", b"*1\r\n$4\r\nPING\r\n", b"*2\r\n$3\r\nGET\r\n$-1\r\n",
+                                      b"*2\r\n$3\r\nGET\r\n:7\r\n", b"*x\r\n", b"$3\r\nGET\r\n"]))
+
+
+def _no_whole_values(c: memoryview, p: int, *_a: object) -> int:
+    return p
+
+
+def _outcome(steps: list[tuple[bool, bytes]], step: int | None) -> tuple:
+    d = Driver()
+    err = None
+    try:
+        for fc, data in steps:
+            d.send(fc, data, step)
+        d.session.close(d.ts)
+    except ProtocolError as e:
+        err = (e.reason, e.offset)
+    spans = [(s.name, s.start_ns, s.end_ns, int(s.status_code), s.status_message, sorted(s.attributes.items(), key=str))
+             for s in d.spans]
+    return spans, d.drops, err
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.lists(_REQUEST, min_size=1, max_size=4),
+                          st.lists(st.sampled_from(_REPLIES), min_size=1, max_size=4)), min_size=1, max_size=4),
+       st.sampled_from([None, 5, 64]))
+def test_whole_values_match_the_scanner(exchanges: list, step: int | None) -> None:
+    steps = [s for reqs, reps in exchanges for s in ((True, b"".join(reqs)), (False, b"".join(reps)))]
+    fast = _outcome(steps, step)
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(r, "_whole_values", _no_whole_values)
+        assert _outcome(steps, step) == fast
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.tuples(st.lists(_REQUEST, min_size=1, max_size=3),
+                          st.lists(st.sampled_from(_REPLIES), min_size=1, max_size=3),
+                          st.integers(0, 60)), min_size=1, max_size=5))
+def test_feed_whole_matches_the_buffered_path(exchanges: list) -> None:
+    from tests.support.whole import run_both_ways
+    segs: list[tuple[bool, bytes]] = [(True, cmd("SET", "k", "v")), (False, b"+OK\r\n")]  # detected as Redis
+    for reqs, reps, cut in exchanges:
+        req, rep = b"".join(reqs), b"".join(reps)
+        segs.append((True, req))
+        if 0 < cut < len(rep):  # a reply cut in two segments: the second is no whole value
+            segs += [(False, rep[:cut]), (False, rep[cut:])]
+        else:
+            segs.append((False, rep))
+    run_both_ways(r.Session, 6379, segs)
+
+
+def test_feed_whole_takes_the_common_segments() -> None:
+    from tests.support.whole import run_both_ways
+    calls: list[bool] = []
+    orig = r.Session.feed_whole
+
+    def spy(self: r.Session, fc: bool, d: memoryview, ts: int) -> bool:
+        calls.append(orig(self, fc, d, ts))
+        return calls[-1]
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(r.Session, "feed_whole", spy)
+        segs = [(True, cmd("SET", "k", "v")), (False, b"+OK\r\n"), (True, cmd("MGET", "a", "b")),
+                (False, b"*2\r\n$-1\r\n$1\r\nx\r\n")]
+        spans, drops = run_both_ways(r.Session, 6379, segs)
+    assert [s[0] for s in spans] == ["SET", "MGET"] and not drops
+    assert calls[:3] == [True, True, True]  # the first request went through detection

@@ -52,6 +52,12 @@ _ALL_TYPES = _AGG_TYPES | _LINE_TYPES | _BULK_TYPES
 _NUM_TYPES = _AGG_TYPES | _BULK_TYPES  # header line is a length
 #: A type byte and its header line, matched in place on a chunk (bounded like MAX_LINE).
 _TOKEN = re.compile(rb"([*%~>|$!=+\-:_,#(])([^\r\n]{0," + str(MAX_LINE).encode() + rb"})\r\n")
+#: The common shapes ``_whole_values`` takes in place: a command or reply array's header (at
+#: least one element), a bulk string's header (at most 9 digits: under MAX_BULK's 10), and a
+#: simple string, error or integer line (bounded like _TOKEN).
+_ARRAY_HEAD = re.compile(rb"\*([1-9][0-9]{0,8})\r\n")
+_BULK_HEAD = re.compile(rb"\$(-?[0-9]{1,9})\r\n")
+_SIMPLE = re.compile(rb"[+\-:]([^\r\n]{0," + str(MAX_LINE).encode() + rb"})\r\n")
 
 #: Commands whose every argument is a key (kept in db.query.text); others keep the first.
 _KEY_ONLY = frozenset({
@@ -231,6 +237,14 @@ class _Scanner:
         n = len(buf)
         token = _TOKEN.match
         while off < n:
+            if not self.stack and not self.skip:
+                # Whole values of the common shapes, read in place (see _whole_values).
+                c, cs = buf.chunk_at(off)
+                got = _whole_values(c, off - cs, self.keep, buf.ts_at(off), ts_ns, out)
+                if got != off - cs:
+                    self.cur = None
+                    off = cs + got
+                    continue
             if self.skip:
                 take = min(self.skip, n - off)
                 self.skip -= take
@@ -401,6 +415,94 @@ class _Scanner:
         return end + 1, v
 
 
+def _whole_values(c: memoryview, p: int, keep: int, start_ts: int, end_ts: int, out: list[_Value]) -> int:
+    """Top-level values of the common shapes lying whole in ``c`` from ``p``, appended to ``out``:
+    arrays of bulk strings, simple strings and integers (every command, most replies), a
+    bulk string, a simple string, error or integer. Returns the offset after the last one
+    taken; it stops, having taken nothing of it, at the first value it cannot take whole.
+
+    Why: ``_Scanner.scan`` is resumable at any byte, which costs a method call, a regex
+    match and the stack's bookkeeping per element; a value whose bytes are all in one
+    chunk (nearly every one) needs none of that. Whatever this declines (a value cut by
+    the chunk's end, RESP3 types, nesting, inline commands, anything malformed) the
+    scanner reads as before, so it decides every odd case alone.
+    """
+    n = len(c)
+    array_head = _ARRAY_HEAD.match
+    bulk_head = _BULK_HEAD.match
+    simple = _SIMPLE.match
+    while p < n:
+        t = c[p]
+        if t == 0x2A:  # '*'
+            m = array_head(c, p)
+            if m is None:
+                return p
+            cnt = int(m.group(1))
+            q = m.end()
+            args: list[bytes] = []
+            for _ in range(cnt):  # each element takes >= 4 bytes: at most n / 4 rounds
+                if q >= n:
+                    return p
+                e = c[q]
+                if e == 0x24:  # '$'
+                    m = bulk_head(c, q)
+                    if m is None:
+                        return p
+                    blen = int(m.group(1))
+                    q = m.end()
+                    if blen < 0:  # a null element: no body
+                        continue
+                    if blen > MAX_BULK:
+                        return p
+                    if len(args) < keep:
+                        args.append(c[q:q + min(blen, MAX_ARG_BYTES)].tobytes())  # small, bounded copy
+                    q += blen + 2  # the body and its CRLF (not checked, as the scanner's skip)
+                elif e == 0x3A or e == 0x2B or e == 0x2D:  # ':' '+' '-'
+                    m = simple(c, q)
+                    if m is None:
+                        return p
+                    if e == 0x2B and len(args) < keep:
+                        args.append(c[m.start(1):min(m.end(1), m.start(1) + MAX_ARG_BYTES)].tobytes())
+                    q = m.end()
+                else:
+                    return p
+            if q > n:
+                return p
+            v = _Value(0x2A, start_ts)
+            v.args = args
+            v.nargs = cnt
+        elif t == 0x24:  # '$'
+            m = bulk_head(c, p)
+            if m is None:
+                return p
+            blen = int(m.group(1))
+            v = _Value(0x24, start_ts)
+            if blen < 0:
+                q = m.end()
+                v.is_null = True
+            elif blen > MAX_BULK:
+                return p
+            else:
+                q = m.end() + blen + 2
+                if q > n:
+                    return p
+        elif t == 0x2B or t == 0x3A or t == 0x2D:  # '+' ':' '-'
+            m = simple(c, p)
+            if m is None:
+                return p
+            v = _Value(t, start_ts)
+            if t == 0x2D:
+                a = m.start(1)
+                v.error = c[a:min(m.end(1), a + 512)].tobytes().decode("utf-8", "replace")
+            q = m.end()
+        else:
+            return p
+        v.end_ts = end_ts
+        out.append(v)
+        p = q
+    return p
+
+
 def _to_int(raw: bytes, off: int) -> int:
     if not 0 < len(raw) <= 20:
         raise Malformed(NAME, "bad_length", off)
@@ -450,6 +552,20 @@ class Session(Session):  # type: ignore[no-redef]
         self._skip_next = False   # CLIENT REPLY SKIP: no reply for the next command
 
     # -- requests ------------------------------------------------------
+    def feed_whole(self, from_client: bool, data: memoryview, ts_ns: int) -> bool:
+        """A segment of whole values (base.py's contract): read in place, no buffer. False,
+        with nothing changed, for anything else (the buffered path reads and counts it)."""
+        sc = self.req if from_client else self.resp
+        if sc.stack or sc.skip or sc.cur is not None:
+            return False
+        vals: list[_Value] = []
+        if _whole_values(data, 0, sc.keep, ts_ns, ts_ns, vals) != len(data):
+            return False
+        handle = self._request if from_client else self._reply
+        for v in vals:
+            handle(v)
+        return True
+
     def feed(self, from_client: bool, buf: LargeBuffer, ts_ns: int) -> None:
         if from_client:
             for v in self.req.scan(buf, ts_ns):
@@ -499,21 +615,17 @@ class Session(Session):  # type: ignore[no-redef]
         self.pending.append(p)
 
     def _query_text(self, cmd: str, v: _Value, sent: str) -> str:
-        args = [_decode(a) for a in v.args[1:]]
+        kept = v.args
+        nkept = len(kept) - 1  # the arguments kept after the command name
         if cmd in _CREDENTIAL_CMDS:
-            return sent + (" ?" * len(args))  # never a password, sanitising or not
-        if self.settings.sanitize_query:
-            if cmd in _CONTAINER:
-                keep = 1
-            elif cmd in _KEY_ONLY:
-                keep = len(args)
-            else:
-                keep = 1
-            shown = args[:keep] + ["?"] * (len(args) - keep)
+            return sent + (" ?" * nkept)  # never a password, sanitising or not
+        # Only the arguments shown are decoded: the others are a "?" each.
+        show = nkept if not self.settings.sanitize_query or (cmd in _KEY_ONLY and cmd not in _CONTAINER) else 1
+        if show >= nkept:
+            text = " ".join([sent, *[a.decode("utf-8", "replace") for a in kept[1:]]]) if nkept > 0 else sent
         else:
-            shown = args
-        more = v.nargs - 1 - len(args)
-        text = " ".join([sent, *shown])
+            text = f"{sent} {kept[1].decode('utf-8', 'replace')}" + " ?" * (nkept - 1)
+        more = v.nargs - 1 - nkept
         if more > 0:
             text += " ?" * min(more, 8) + (" ..." if more > 8 else "")
         return text

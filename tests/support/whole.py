@@ -1,0 +1,50 @@
+"""Hold a session's ``feed_whole`` (base.py: a segment of whole messages read without a
+buffer) to the buffered ``feed`` it shortcuts: the same segments through the real stage
+with ``feed_whole`` on and off must give the same spans (every field) and the same drops.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from processors.protocols.processor import ProtocolsProcessor
+from service.model import EventKind, TcpEvent
+
+__all__ = ["run_both_ways"]
+
+CLIENT = ("10.0.0.1", 40000)
+SERVER = "10.0.0.2"
+
+
+class _Sink:
+    def __init__(self) -> None:
+        self.spans: list = []
+
+    def consume_spans(self, spans: list) -> None:
+        self.spans.extend(spans)
+
+
+def _run(port: int, segments: list[tuple[bool, bytes]]) -> tuple[list, dict]:
+    sink = _Sink()
+    stage = ProtocolsProcessor("protocols", {}, sink)
+    ts = 1_000_000
+    for from_client, data in segments:
+        src, dst = (CLIENT, (SERVER, port)) if from_client else ((SERVER, port), CLIENT)
+        stage.consume_events([TcpEvent(EventKind.DATA, 1, src[0], src[1], dst[0], dst[1], ts, memoryview(data),
+                                       client_is_src=from_client)])
+        ts += 1000
+    stage.shutdown()
+    spans = [(s.name, int(s.kind), s.start_ns, s.end_ns, int(s.status_code), s.status_message,
+              sorted(s.attributes.items(), key=str), s.parent_span_id) for s in sink.spans]
+    return spans, dict(stage.stats["drops"])
+
+
+def run_both_ways(session_cls: type, port: int, segments: list[tuple[bool, bytes]]) -> tuple[list, dict]:
+    """(spans, drops) of ``segments`` through the stage, asserted equal with ``feed_whole``
+    on and off; returns them for the caller's own checks."""
+    got = _run(port, segments)
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(session_cls, "feed_whole", None)
+        want = _run(port, segments)
+    assert got == want
+    return got
