@@ -594,6 +594,11 @@ TLS12, TLS13 = 0x0303, 0x0304
 _DATA, _GAP, _CLOSE, _RESET = EventKind.DATA, EventKind.GAP, EventKind.CLOSE, EventKind.RESET
 
 
+#: The record types whose byte may start a TLS connection's bytes (looks_like_tls,
+#: looks_like_protected_tls and _tls_prefix each need one of them first).
+_RECORD_TYPES = frozenset((CT_CCS, CT_ALERT, CT_HANDSHAKE, CT_APPDATA))
+
+
 def _tls_prefix(p: Any, at_start: bool = False) -> bool:
     """Could these (fewer than 6) bytes be the start of a TLS handshake record (``at_start``, the
     connection's first bytes: or of a protected record, see looks_like_protected_tls)?"""
@@ -772,8 +777,10 @@ class TlsLayer:
                         self._plain_end(st, ev)  # type: ignore[arg-type]
                         continue
                     p = ev.payload
-                    if not looks_like_tls(p) and not (len(p) < 6 and _tls_prefix(p, not st.seen)) and \
-                            (st.seen or not looks_like_protected_tls(p)):  # type: ignore[union-attr]
+                    # A first byte that is no TLS record type says no to all three tests at once.
+                    if not len(p) or p[0] not in _RECORD_TYPES or (
+                            not looks_like_tls(p) and not (len(p) < 6 and _tls_prefix(p, not st.seen)) and
+                            (st.seen or not looks_like_protected_tls(p))):  # type: ignore[union-attr]
                         st.seen += len(p)  # type: ignore[union-attr]
                         if st.seen >= SNIFF_BYTES:  # type: ignore[union-attr]
                             conns[ev.conn_id] = _PASS_CLOSING if st.closes else _PASS  # type: ignore[union-attr]

@@ -424,6 +424,7 @@ class ProtocolsProcessor(EventProcessor):
             out = self._out = []
             conns = self._conns
             max_msg = self.config.max_message_bytes
+            budget = self._budget
             for ev in events:
                 try:
                     # Fast path: data on a connection already being parsed (most events).
@@ -470,7 +471,7 @@ class ProtocolsProcessor(EventProcessor):
                 except Exception:  # a bug: never let it escape; abandon the connection
                     self._internal_error(ev.conn_id)
                 finally:
-                    if self._budget.over:
+                    if budget.over:
                         self._shed()
             self.stats["events"] += len(events)
             if events:
