@@ -106,17 +106,18 @@ class FileExporter(Exporter):
             self.flush()
 
     def consume_spans(self, spans: list[Span]) -> None:
-        if self._write(spans_to_otlp_json(spans) + "\n", len(spans), tm.EXPORTER_SEND_FAILED):
+        if self._write(spans_to_otlp_json(spans), len(spans), tm.EXPORTER_SEND_FAILED):
             self._sent.inc(len(spans))
 
     def consume_metrics(self, batch: MetricBatch) -> None:
         points = point_count(batch)
-        if self._write(metrics_to_otlp_json(batch) + "\n", points, tm.EXPORTER_SEND_FAILED_POINTS):
+        if self._write(metrics_to_otlp_json(batch), points, tm.EXPORTER_SEND_FAILED_POINTS):
             tm.EXPORTER_SENT_POINTS.labels(exporter=self.id).inc(points)
 
     def _write(self, line: str, items: int, failed: Any) -> bool:
-        """One line into the file (rotating first if due); False, counted in ``failed``, if it could not."""
-        n = len(line.encode("utf-8")) if self.config.rotation is not None else len(line)
+        """One line (``line`` and a newline: not appended to it, a copy of megabytes a batch) into
+        the file, rotating first if due; False, counted in ``failed``, if it could not."""
+        n = (len(line.encode("utf-8")) if self.config.rotation is not None else len(line)) + 1
         with self._lock:
             if self._fh is None:
                 failed.labels(exporter=self.id, reason="not_started").inc(items)
@@ -126,6 +127,7 @@ class FileExporter(Exporter):
                 if rot is not None and self._size and self._size + n > rot.max_megabytes * _MIB:
                     self._rotate(rot)
                 self._fh.write(line)
+                self._fh.write("\n")
                 self._size += n
                 if self.config.flush_interval == 0:
                     self._fh.flush()
