@@ -462,3 +462,42 @@ def test_mutated_conversations_only_raise_protocol_errors() -> None:
     from tests.support.driver import mutate_conversations
 
     mutate_conversations(Driver, _amqp(), seed=91)
+
+
+def _conversation() -> list[tuple[bool, bytes]]:
+    c, s = w.handshake_client(), w.handshake_server()
+    props = spec.BasicProperties(message_id="m-1", correlation_id="c-1", headers={"traceparent": TP, "n": 3})
+    return [(True, c[0]), (False, s[0]), (True, c[1] + c[2]), (False, s[1]),
+            (True, M(1, spec.Confirm.Select()) + M(2, spec.Queue.Declare(queue="orders.q"))),
+            (False, M(1, spec.Confirm.SelectOk())), (False, M(2, spec.Queue.DeclareOk("orders.q", 0, 0))),
+            (True, M(2, spec.Basic.Consume(queue="orders.q", consumer_tag="t1"))),
+            (False, M(2, spec.Basic.ConsumeOk("t1"))),
+            (True, M(1, spec.Basic.Publish(exchange="orders", routing_key="k"))
+             + w.content(1, b"x" * 5000, props, 4096)),
+            (True, M(2, spec.Basic.Publish(exchange="", routing_key="orders.q")) + w.content(2, b"")),
+            (False, M(1, spec.Basic.Ack(1)) + b"\x08\x00\x00\x00\x00\x00\x00\xce"),
+            (False, M(2, spec.Basic.Deliver("t1", 1, False, "orders", "k")) + w.content(2, b"y" * 300, props)),
+            (True, M(2, spec.Basic.Ack(1)) + M(2, spec.Basic.Get(queue="orders.q"))),
+            (False, M(2, spec.Basic.GetEmpty())),
+            (False, M(2, spec.Channel.Close(404, "NOT_FOUND - no queue", 50, 10)))]
+
+
+@settings(max_examples=120, deadline=None)
+@given(st.lists(st.tuples(st.integers(4, 15), st.integers(0, 10_000), st.integers(0, 255), st.booleans()),
+                max_size=3))
+def test_feed_whole_matches_the_buffered_path(mutations: list) -> None:
+    """The buffer-less path (feed_whole) gives the buffered path's spans and drops, for the
+    conversation as sent, with bytes changed and with segments split in two."""
+    from tests.support.whole import run_both_ways
+    segs = _conversation()
+    for i, pos, byte, split in mutations:
+        fc, data = segs[i]
+        pos %= len(data)
+        if split:
+            segs[i:i + 1] = [(fc, data[:pos]), (fc, data[pos:])] if pos else [(fc, data)]
+        else:
+            segs[i] = (fc, data[:pos] + bytes([byte]) + data[pos + 1:])
+    spans, _drops = run_both_ways(a.Session, 5672, segs)
+    if not mutations:
+        assert [s[0] for s in spans] == ["queue.declare orders.q", "publish amq.default", "publish orders",
+                                         "process orders.q", "ack orders.q", "receive orders.q", "channel.close"]

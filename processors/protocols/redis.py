@@ -558,6 +558,8 @@ class Session(Session):  # type: ignore[no-redef]
         sc = self.req if from_client else self.resp
         if sc.stack or sc.skip or sc.cur is not None:
             return False
+        if type(data) is not memoryview:  # the eBPF receiver's payloads are bytes
+            data = memoryview(data)
         vals: list[_Value] = []
         if _whole_values(data, 0, sc.keep, ts_ns, ts_ns, vals) != len(data):
             return False

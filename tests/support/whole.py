@@ -28,9 +28,10 @@ def _run(port: int, segments: list[tuple[bool, bytes]]) -> tuple[list, dict]:
     sink = _Sink()
     stage = ProtocolsProcessor("protocols", {}, sink)
     ts = 1_000_000
-    for from_client, data in segments:
+    for i, (from_client, data) in enumerate(segments):
         src, dst = (CLIENT, (SERVER, port)) if from_client else ((SERVER, port), CLIENT)
-        stage.consume_events([TcpEvent(EventKind.DATA, 1, src[0], src[1], dst[0], dst[1], ts, memoryview(data),
+        payload = memoryview(data) if i % 2 else data  # the pcap receivers' views, the eBPF one's bytes
+        stage.consume_events([TcpEvent(EventKind.DATA, 1, src[0], src[1], dst[0], dst[1], ts, payload,
                                        client_is_src=from_client)])
         ts += 1000
     stage.shutdown()

@@ -7,7 +7,7 @@ The version is told by the first bytes a side sent: the protocol header ``AMQP 0
 headers, a frame's shape: a 0-9-1 frame starts with its type (1, 2, 3 or 8), a 1.0 frame with
 its 32-bit size (a first byte of 0 below 16 MiB). ``detect`` asks both modules; ``Session`` is
 a small dispatcher that builds the version's session at its first bytes and hands it
-``feed``/``gap``/``skip_gap``/``close`` as its own attributes, so the stage calls the version's
+``feed``/``feed_whole``/``gap``/``skip_gap``/``close`` as its own attributes, so the stage calls the version's
 methods directly afterwards (no extra call a segment).
 """
 
@@ -77,6 +77,7 @@ class Session(base.Session):
         self.gap = impl.gap  # type: ignore[method-assign]
         self.skip_gap = impl.skip_gap  # type: ignore[method-assign]
         self.close = impl.close  # type: ignore[method-assign]
+        self.feed_whole = impl.feed_whole  # type: ignore[misc]  # None for a version without one
         impl.feed(from_client, buf, ts_ns)
 
     def __getattr__(self, name: str) -> Any:

@@ -65,6 +65,9 @@ MAX_NAME = 255
 
 _FRAME = struct.Struct(">BHI")
 _CM = struct.Struct(">HH")
+_U16 = struct.Struct(">H").unpack_from
+_U32 = struct.Struct(">I").unpack_from
+_U64 = struct.Struct(">Q").unpack_from
 
 # Reply codes (AMQP 0-9-1 §1.9, constants) -> error.type.
 _REPLY = {
@@ -131,19 +134,19 @@ class Settings(ProtocolSettings):
 # ---------------------------------------------------------------------------
 # reading helpers (absolute offsets in a LargeBuffer, bounded by ``end``)
 # ---------------------------------------------------------------------------
-def _shortstr(buf: LargeBuffer, off: int, end: int) -> tuple[str, int]:
+def _shortstr(v: memoryview, off: int, end: int) -> tuple[str, int]:
     if off >= end:
         raise Malformed(NAME, "truncated", off)
-    n = buf.u8_at(off)
+    n = v[off]
     if off + 1 + n > end:
         raise Malformed(NAME, "truncated", off, "shortstr overruns the frame")
-    return buf.bytes_at(off + 1, n).decode("utf-8", "replace"), off + 1 + n  # <= 255 bytes
+    return v[off + 1:off + 1 + n].tobytes().decode("utf-8", "replace"), off + 1 + n  # <= 255 bytes
 
 
-def _skip_shortstr(buf: LargeBuffer, off: int, end: int) -> int:
+def _skip_shortstr(v: memoryview, off: int, end: int) -> int:
     if off >= end:
         raise Malformed(NAME, "truncated", off)
-    nxt = off + 1 + buf.u8_at(off)
+    nxt = off + 1 + v[off]
     if nxt > end:
         raise Malformed(NAME, "truncated", off)
     return nxt
@@ -155,23 +158,23 @@ _FIXED = {0x74: 1, 0x62: 1, 0x42: 1, 0x73: 2, 0x75: 2, 0x49: 4, 0x69: 4, 0x6C: 8
 _LONG = frozenset(b"SxAF")  # u32 length then that many bytes
 
 
-def _table_get(buf: LargeBuffer, off: int, end: int, want: tuple[bytes, ...]) -> tuple[dict[bytes, str], int]:
+def _table_get(v: memoryview, off: int, end: int, want: tuple[bytes, ...]) -> tuple[dict[bytes, str], int]:
     """A field table at ``off``: the long-string values of the keys in ``want`` (lower-cased
     match), and the offset after the table. Other values are stepped over by size."""
     if off + 4 > end:
         raise Malformed(NAME, "truncated", off)
-    tend = off + 4 + buf.u32be_at(off)
+    tend = off + 4 + _U32(v, off)[0]
     if tend > end:
         raise Malformed(NAME, "truncated", off, "table overruns the frame")
     p = off + 4
     out: dict[bytes, str] = {}
     while p < tend:
-        klen = buf.u8_at(p)
+        klen = v[p]
         if p + 2 + klen > tend:
             raise Malformed(NAME, "bad_table", p)
-        key = buf.bytes_at(p + 1, klen).lower() if want and klen <= 32 else b""
+        key = v[p + 1:p + 1 + klen].tobytes().lower() if want and klen <= 32 else b""
         p += 1 + klen
-        t = buf.u8_at(p)
+        t = v[p]
         p += 1
         size = _FIXED.get(t)
         if size is not None:
@@ -179,9 +182,9 @@ def _table_get(buf: LargeBuffer, off: int, end: int, want: tuple[bytes, ...]) ->
         elif t in _LONG:
             if p + 4 > tend:
                 raise Malformed(NAME, "bad_table", p)
-            n = buf.u32be_at(p)
+            n = _U32(v, p)[0]
             if t == 0x53 and key in want and n <= 1024:
-                out[key] = buf.bytes_at(p + 4, n).decode("utf-8", "replace") if p + 4 + n <= tend else ""
+                out[key] = v[p + 4:p + 4 + n].tobytes().decode("utf-8", "replace") if p + 4 + n <= tend else ""
             p += 4 + n
         else:
             raise Malformed(NAME, "bad_field_type", p - 1, f"{t:#x}")
@@ -322,92 +325,147 @@ class Session(Session):  # type: ignore[no-redef]
 
     # -- framing ------------------------------------------------------------
     def feed(self, from_client: bool, buf: LargeBuffer, ts_ns: int) -> None:
+        # The frames are walked with a cursor and released once at the end (a release per
+        # frame re-sliced the buffer's chunk list each time). Offsets in errors are from the
+        # start of the frame at fault, as when each frame was released before the next.
         d = self.dirs[from_client]
-        while True:
-            if d.skip:
-                take = min(d.skip, len(buf))
-                if take:
-                    buf.release(take)
-                    d.skip -= take
-                    self._body_bytes(from_client, d.skip_ch, take, ts_ns, final=False)
+        off = 0
+        want = 0
+        try:
+            while True:
+                n = len(buf) - off
                 if d.skip:
-                    return
-            if d.end:
-                if not len(buf):
-                    return
-                if buf.u8_at(0) != FRAME_END:
+                    take = min(d.skip, n)
+                    if take:
+                        off += take
+                        n -= take
+                        d.skip -= take
+                        self._body_bytes(from_client, d.skip_ch, take, ts_ns, final=False)
+                    if d.skip:
+                        return
+                if d.end:
+                    if not n:
+                        return
+                    if buf.u8_at(off) != FRAME_END:
+                        d.end = False
+                        raise Malformed(NAME, "bad_frame_end", 0)
+                    off += 1
+                    n -= 1
                     d.end = False
-                    raise Malformed(NAME, "bad_frame_end", 0)
-                buf.release(1)
-                d.end = False
-                self._body_bytes(from_client, d.skip_ch, 0, ts_ns, final=True)
-            n = len(buf)
-            if d.first and n:
-                d.first = False
-                d.header = from_client and buf.u8_at(0) == 0x41  # 'A'
-            if d.header:
-                if n < 8:
-                    buf.want = 8
-                    return
-                if buf.bytes_at(0, 8) not in _HEADERS_OK:
+                    self._body_bytes(from_client, d.skip_ch, 0, ts_ns, final=True)
+                if d.first and n:
+                    d.first = False
+                    d.header = from_client and buf.u8_at(off) == 0x41  # 'A'
+                if d.header:
+                    if n < 8:
+                        want = 8
+                        return
+                    if buf.bytes_at(off, 8) not in _HEADERS_OK:
+                        d.header = False
+                        raise Malformed(NAME, "bad_protocol_header", 0)
+                    off += 8
                     d.header = False
-                    raise Malformed(NAME, "bad_protocol_header", 0)
-                buf.release(8)
-                d.header = False
-                continue
-            if n < 7:
-                if n:
-                    buf.want = 7
-                return
-            ftype, channel, size = _FRAME.unpack_from(buf.view_at(0, 7))  # one read (a straddling 7: scratch)
-            if ftype == BODY:
-                if n > 7 + size:  # the whole body frame is here: stepped over in one release
-                    if buf.u8_at(7 + size) != FRAME_END:
-                        raise Malformed(NAME, "bad_frame_end", 7 + size)
-                    buf.release(8 + size)
-                    self._body_bytes(from_client, channel, size, ts_ns, final=True)
                     continue
-                buf.release(7)
-                d.skip, d.skip_ch, d.end = size, channel, True
-                continue
-            if ftype not in (METHOD, HEADER, HEARTBEAT):
-                raise Malformed(NAME, "bad_frame_type", 0, str(ftype))
-            if size > MAX_FRAME:
-                raise LimitExceeded(NAME, "frame_too_large", 0)
-            end = 7 + size
-            if n < end + 1:
-                buf.want = end + 1
-                return
-            if buf.u8_at(end) != FRAME_END:
-                raise Malformed(NAME, "bad_frame_end", end)
-            start = buf.ts_at(0)
-            try:
-                if ftype == METHOD:
-                    self._method(from_client, channel, buf, 7, end, start, ts_ns)
-                elif ftype == HEADER:
-                    self._header(from_client, channel, buf, 7, end, ts_ns)
-            except BufferBoundsError:
-                raise Malformed(NAME, "truncated", 0, "a field overruns the frame") from None
-            buf.release(end + 1)
+                if n < 7:
+                    if n:
+                        want = 7
+                    return
+                ftype, channel, size = _FRAME.unpack_from(buf.view_at(off, 7))  # one read (straddling: scratch)
+                if ftype == BODY:
+                    if n > 7 + size:  # the whole body frame is here: stepped over at once
+                        if buf.u8_at(off + 7 + size) != FRAME_END:
+                            raise Malformed(NAME, "bad_frame_end", 7 + size)
+                        off += 8 + size
+                        self._body_bytes(from_client, channel, size, ts_ns, final=True)
+                        continue
+                    off += 7
+                    d.skip, d.skip_ch, d.end = size, channel, True
+                    continue
+                if ftype not in (METHOD, HEADER, HEARTBEAT):
+                    raise Malformed(NAME, "bad_frame_type", 0, str(ftype))
+                if size > MAX_FRAME:
+                    raise LimitExceeded(NAME, "frame_too_large", 0)
+                end = 7 + size
+                if n < end + 1:
+                    want = end + 1
+                    return
+                if buf.u8_at(off + end) != FRAME_END:
+                    raise Malformed(NAME, "bad_frame_end", end)
+                if ftype != HEARTBEAT:
+                    # The frame as one view (in place; a frame across chunks: the scratch,
+                    # <= MAX_FRAME), read with struct and indexing (_frame).
+                    self._frame(from_client, ftype, channel, buf.view_at(off, end + 1), buf.ts_at(off), ts_ns)
+                off += end + 1
+        finally:
+            if off:
+                buf.release(off)
+            if want:
+                buf.want = want
+
+    def feed_whole(self, from_client: bool, data: memoryview, ts_ns: int) -> bool:
+        """A segment of whole frames (base.py's contract), read in place without a buffer.
+
+        The framing is checked first (complete frames of known types, each with its
+        frame-end octet, ending exactly with the segment): only then is anything done, in
+        the order and with the code ``feed`` uses. Anything else returns False unchanged.
+        """
+        d = self.dirs[from_client]
+        if d.skip or d.end or d.header or d.first:
+            return False
+        if type(data) is not memoryview:  # the eBPF receiver's payloads are bytes
+            data = memoryview(data)
+        n = len(data)
+        frame = _FRAME.unpack_from
+        off = 0
+        while off < n:
+            if off + 8 > n:
+                return False
+            ftype, _channel, size = frame(data, off)
+            end = off + 7 + size
+            if end >= n or data[end] != FRAME_END:
+                return False
+            if ftype != BODY and (size > MAX_FRAME or ftype not in (METHOD, HEADER, HEARTBEAT)):
+                return False
+            off = end + 1
+        off = 0
+        while off < n:
+            ftype, channel, size = frame(data, off)
+            end = off + 7 + size
+            if ftype == BODY:
+                self._body_bytes(from_client, channel, size, ts_ns, final=True)
+            elif ftype != HEARTBEAT:
+                self._frame(from_client, ftype, channel, data[off:end + 1], ts_ns, ts_ns)
+            off = end + 1
+        return True
+
+    def _frame(self, from_client: bool, ftype: int, channel: int, v: memoryview, start: int, ts_ns: int) -> None:
+        """A whole method or content-header frame ``v`` (its 7-byte header to its frame-end)."""
+        try:
+            if ftype == METHOD:
+                self._method(from_client, channel, v, 7, len(v) - 1, start, ts_ns)
+            else:
+                self._header(from_client, channel, v, 7, len(v) - 1, ts_ns)
+        except (BufferBoundsError, struct.error, IndexError):
+            raise Malformed(NAME, "truncated", 0, "a field overruns the frame") from None
 
     # -- content ------------------------------------------------------------
-    def _header(self, from_client: bool, channel: int, buf: LargeBuffer, p: int, end: int, ts_ns: int) -> None:
+    def _header(self, from_client: bool, channel: int, v: memoryview, p: int, end: int, ts_ns: int) -> None:
         ch = self._ch(channel)
         op = ch.content[from_client]
         if op is None or op.body >= 0:
             # A content header without its method: a capture joined inside a message. Skipped.
             self.conn.drop("unexpected_header")
             return
-        if end - p < 14 or buf.u16be_at(p) != 60:
+        if end - p < 14 or _U16(v, p)[0] != 60:
             raise Malformed(NAME, "bad_content_header", p)
-        body = buf.u64be_at(p + 4)
-        flags = buf.u16be_at(p + 12)
+        body = _U64(v, p + 4)[0]
+        flags = _U16(v, p + 12)[0]
         q = p + 14
         f = flags
         while f & 1:  # more flag words follow (only bits 15..2 are defined for basic)
             if q + 2 > end:
                 raise Malformed(NAME, "truncated", q)
-            f = buf.u16be_at(q)
+            f = _U16(v, q)[0]
             q += 2
         a = op.attrs
         a["messaging.message.body.size"] = body
@@ -416,7 +474,7 @@ class Session(Session):  # type: ignore[no-redef]
             if not flags & (1 << bit):
                 continue
             if bit == 13:  # headers (table)
-                got, q = _table_get(buf, q, end, (b"traceparent",))
+                got, q = _table_get(v, q, end, (b"traceparent",))
                 tp = got.get(b"traceparent")
                 if tp:
                     op.traceparent = tp
@@ -425,10 +483,10 @@ class Session(Session):  # type: ignore[no-redef]
             elif bit == 6:  # timestamp (u64)
                 q += 8
             elif bit in (10, 7):  # correlation-id, message-id
-                s, q = _shortstr(buf, q, end)
+                s, q = _shortstr(v, q, end)
                 a["messaging.message.conversation_id" if bit == 10 else "messaging.message.id"] = s
             else:
-                q = _skip_shortstr(buf, q, end)
+                q = _skip_shortstr(v, q, end)
             if q > end:
                 raise Malformed(NAME, "truncated", q)
         op.body = body
@@ -466,11 +524,11 @@ class Session(Session):  # type: ignore[no-redef]
             self._emit(op, ts_ns)
 
     # -- methods ------------------------------------------------------------
-    def _method(self, from_client: bool, channel: int, buf: LargeBuffer, p: int, end: int, start: int,
+    def _method(self, from_client: bool, channel: int, v: memoryview, p: int, end: int, start: int,
                 ts_ns: int) -> None:
         if end - p < 4:
             raise Malformed(NAME, "truncated", p)
-        cm = (buf.u16be_at(p), buf.u16be_at(p + 2))
+        cm = (_U16(v, p)[0], _U16(v, p + 2)[0])
         info = _METHODS.get(cm)
         if info is None:
             raise Malformed(NAME, "unknown_method", p, f"{cm[0]}.{cm[1]}")
@@ -480,10 +538,10 @@ class Session(Session):  # type: ignore[no-redef]
             ch.content[from_client] = None  # a method ends any content on its channel (§4.2.6)
             self.conn.drop("incomplete_message")
         if cm in _CONTENT:
-            self._content_method(from_client, channel, ch, cm, buf, q, end, start)
+            self._content_method(from_client, channel, ch, cm, v, q, end, start)
             return
         if cm == (10, 11):  # start-ok: client-properties (the response's credentials are not read)
-            got, _ = _table_get(buf, q, end, (b"connection_name",))
+            got, _ = _table_get(v, q, end, (b"connection_name",))
             if got.get(b"connection_name"):
                 self.client_name = got[b"connection_name"][:MAX_NAME]
             self.login = _Op(cm, "connect", self.conn.kind_for(SpanKind.CLIENT), start,
@@ -493,7 +551,7 @@ class Session(Session):  # type: ignore[no-redef]
             self.login = None
             return
         if cm in ((10, 50), (20, 40)):
-            self._close(from_client, channel, ch, cm, buf, q, end, start, ts_ns)
+            self._close(from_client, channel, ch, cm, v, q, end, start, ts_ns)
             return
         if cm == (20, 41):  # channel.close-ok (either side's close answered): the channel is gone
             self._forget_channel(channel)
@@ -503,22 +561,22 @@ class Session(Session):  # type: ignore[no-redef]
                 self._forget_channel(c)
             return
         if cm in ((60, 80), (60, 120), (60, 90)):
-            self._settle(from_client, channel, ch, cm, buf, q, end, start, ts_ns)
+            self._settle(from_client, channel, ch, cm, v, q, end, start, ts_ns)
             return
         if cm in _SYNC and from_client:
-            self._request(channel, ch, cm, buf, q, end, start)
+            self._request(channel, ch, cm, v, q, end, start)
             return
         if cm in _ANSWERS and not from_client:
-            self._answer(channel, ch, cm, buf, q, end, ts_ns)
+            self._answer(channel, ch, cm, v, q, end, ts_ns)
             return
         # anything else (tune, flow, heartbeats' siblings, cancel from the broker, blocked): no span
 
     def _content_method(self, from_client: bool, channel: int, ch: _Channel, cm: tuple[int, int],
-                        buf: LargeBuffer, q: int, end: int, start: int) -> None:
+                        v: memoryview, q: int, end: int, start: int) -> None:
         a: dict[str, Any] = {"messaging.system": "rabbitmq"}
         if cm == (60, 40):  # publish: reserved u16, exchange, routing-key, bits
-            exchange, q = _shortstr(buf, q + 2, end)
-            rk, q = _shortstr(buf, q, end)
+            exchange, q = _shortstr(v, q + 2, end)
+            rk, q = _shortstr(v, q, end)
             ch.last_exchange = exchange
             dest = exchange or "amq.default"
             a.update({"messaging.operation.name": "publish", "messaging.operation.type": "send",
@@ -527,10 +585,10 @@ class Session(Session):  # type: ignore[no-redef]
                 a["messaging.rabbitmq.destination.routing_key"] = rk
             op = _Op(cm, f"publish {dest}", self.conn.kind_for(SpanKind.PRODUCER, SpanKind.PRODUCER), start, a)
         elif cm == (60, 50):  # return: reply-code, reply-text, exchange, routing-key
-            code = buf.u16be_at(q)
-            text, q = _shortstr(buf, q + 2, end)
-            exchange, q = _shortstr(buf, q, end)
-            rk, q = _shortstr(buf, q, end)
+            code = _U16(v, q)[0]
+            text, q = _shortstr(v, q + 2, end)
+            exchange, q = _shortstr(v, q, end)
+            rk, q = _shortstr(v, q, end)
             a.update({"messaging.operation.name": "publish", "messaging.operation.type": "send",
                       "messaging.destination.name": exchange, "error.type": _REPLY.get(code, str(code)),
                       "_status": text, "messaging.rabbitmq.reply_code": code})
@@ -539,18 +597,18 @@ class Session(Session):  # type: ignore[no-redef]
             op = _Op(cm, f"publish {exchange or 'amq.default'}", self.conn.kind_for(SpanKind.PRODUCER,
                                                                                      SpanKind.PRODUCER), start, a)
         elif cm == (60, 60):  # deliver: consumer-tag, delivery-tag u64, redelivered, exchange, routing-key
-            tag, q = _shortstr(buf, q, end)
-            dtag = buf.u64be_at(q)
-            redelivered = buf.u8_at(q + 8) & 1
-            exchange, q = _shortstr(buf, q + 9, end)
-            rk, q = _shortstr(buf, q, end)
+            tag, q = _shortstr(v, q, end)
+            dtag = _U64(v, q)[0]
+            redelivered = v[q + 8] & 1
+            exchange, q = _shortstr(v, q + 9, end)
+            rk, q = _shortstr(v, q, end)
             queue = ch.consumers.get(tag, "")
             op = self._consumer_op(cm, "process", queue, exchange, rk, dtag, redelivered, start, a)
         else:  # get-ok: delivery-tag u64, redelivered, exchange, routing-key, message-count
-            dtag = buf.u64be_at(q)
-            redelivered = buf.u8_at(q + 8) & 1
-            exchange, q = _shortstr(buf, q + 9, end)
-            rk, q = _shortstr(buf, q, end)
+            dtag = _U64(v, q)[0]
+            redelivered = v[q + 8] & 1
+            exchange, q = _shortstr(v, q + 9, end)
+            rk, q = _shortstr(v, q, end)
             req = self._sync_pop(channel, ch)
             queue = req.attrs.get("messaging.destination.subscription.name", "") if req is not None else ""
             op = self._consumer_op(cm, "receive", queue, exchange, rk, dtag, redelivered,
@@ -572,7 +630,7 @@ class Session(Session):  # type: ignore[no-redef]
         target = queue if queue and not queue.startswith("amq.gen-") else (exchange or "amq.default")
         return _Op(cm, f"{opname} {target}", self.conn.kind_for(SpanKind.CONSUMER, SpanKind.CONSUMER), start, a)
 
-    def _request(self, channel: int, ch: _Channel, cm: tuple[int, int], buf: LargeBuffer, q: int, end: int,
+    def _request(self, channel: int, ch: _Channel, cm: tuple[int, int], v: memoryview, q: int, end: int,
                  start: int) -> None:
         """A synchronous request: remember it until its -ok (or the close that refuses it)."""
         mname = _METHODS[cm][0]
@@ -580,28 +638,28 @@ class Session(Session):  # type: ignore[no-redef]
         target = ""
         nowait = False
         if cm in ((50, 10), (50, 20), (50, 30), (50, 40), (50, 50), (60, 20), (60, 70)):
-            target, q2 = _shortstr(buf, q + 2, end)  # reserved u16, queue
+            target, q2 = _shortstr(v, q + 2, end)  # reserved u16, queue
             if cm == (50, 10):
-                nowait = bool(buf.u8_at(q2) & 0x10)
+                nowait = bool(v[q2] & 0x10)
             elif cm == (60, 20):
-                tag, q3 = _shortstr(buf, q2, end)
-                nowait = bool(buf.u8_at(q3) & 0x08)
+                tag, q3 = _shortstr(v, q2, end)
+                nowait = bool(v[q3] & 0x08)
                 if nowait and tag:
                     self._consumer(ch, tag, target)
                 a["_tag"] = tag
             if target:
                 a["messaging.destination.subscription.name" if cm[0] == 60 else "messaging.destination.name"] = target
         elif cm in ((40, 10), (40, 20)):
-            target, q2 = _shortstr(buf, q + 2, end)
+            target, q2 = _shortstr(v, q + 2, end)
             if cm == (40, 10):
-                q2 = _skip_shortstr(buf, q2, end)  # type
-                nowait = bool(buf.u8_at(q2) & 0x10)
+                q2 = _skip_shortstr(v, q2, end)  # type
+                nowait = bool(v[q2] & 0x10)
             if target:
                 a["messaging.destination.name"] = target
         if cm == (85, 10):
             ch.confirm = True  # publishes from here on are numbered (select-ok follows)
             ch.confirm_next = ch.confirm_low = 1
-            nowait = bool(buf.u8_at(q) & 1)
+            nowait = bool(v[q] & 1)
         if cm == (60, 70):  # basic.get becomes a CONSUMER receive span at get-ok / get-empty
             traced = True
         else:
@@ -636,7 +694,7 @@ class Session(Session):  # type: ignore[no-redef]
             ch.consumers.pop(next(iter(ch.consumers)))
         ch.consumers[tag] = queue
 
-    def _answer(self, channel: int, ch: _Channel, cm: tuple[int, int], buf: LargeBuffer, q: int, end: int,
+    def _answer(self, channel: int, ch: _Channel, cm: tuple[int, int], v: memoryview, q: int, end: int,
                 ts_ns: int) -> None:
         req = self._sync_pop(channel, ch)
         if req is None:
@@ -647,14 +705,14 @@ class Session(Session):  # type: ignore[no-redef]
             return
         a = req.attrs
         if cm == (50, 11):  # declare-ok: queue, message-count, consumer-count
-            queue, q = _shortstr(buf, q, end)
+            queue, q = _shortstr(v, q, end)
             if queue:
                 a["messaging.destination.name"] = queue
                 if not req.name.endswith(queue) and not queue.startswith("amq.gen-"):
                     req.name = f"queue.declare {queue}"
                 ch.last_queue = queue
         elif cm == (60, 21):  # consume-ok: consumer-tag
-            tag, _ = _shortstr(buf, q, end)
+            tag, _ = _shortstr(v, q, end)
             self._consumer(ch, tag, a.get("messaging.destination.subscription.name", ""))
         elif cm == (60, 72):  # get-empty: nothing to receive, not an error
             a["messaging.batch.message_count"] = 0
@@ -666,10 +724,10 @@ class Session(Session):  # type: ignore[no-redef]
         if req.traced:
             self._emit(req, ts_ns)
 
-    def _settle(self, from_client: bool, channel: int, ch: _Channel, cm: tuple[int, int], buf: LargeBuffer,
+    def _settle(self, from_client: bool, channel: int, ch: _Channel, cm: tuple[int, int], v: memoryview,
                 q: int, end: int, start: int, ts_ns: int) -> None:
-        tag = buf.u64be_at(q)
-        bits = buf.u8_at(q + 8)
+        tag = _U64(v, q)[0]
+        bits = v[q + 8]
         if not from_client:
             # The broker's confirm of this channel's publishes (ack, or nack: not stored).
             if cm == (60, 90):
@@ -728,11 +786,11 @@ class Session(Session):  # type: ignore[no-redef]
                 return
         self._emit(ret, ts_ns, StatusCode.ERROR, text)
 
-    def _close(self, from_client: bool, channel: int, ch: _Channel, cm: tuple[int, int], buf: LargeBuffer, q: int,
+    def _close(self, from_client: bool, channel: int, ch: _Channel, cm: tuple[int, int], v: memoryview, q: int,
                end: int, start: int, ts_ns: int) -> None:
-        code = buf.u16be_at(q)
-        text, q = _shortstr(buf, q + 2, end)
-        ccls, cmeth = buf.u16be_at(q), buf.u16be_at(q + 2)
+        code = _U16(v, q)[0]
+        text, q = _shortstr(v, q + 2, end)
+        ccls, cmeth = _U16(v, q)[0], _U16(v, q + 2)[0]
         if from_client or code < 300:
             return  # a client's own close, or a clean one (200 REPLY_SUCCESS): forgotten at close-ok
         etype = _REPLY.get(code, str(code))
