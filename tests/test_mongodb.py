@@ -281,3 +281,28 @@ def test_collection_only_for_commands_whose_argument_is_one() -> None:
         ("createUser", None), ("dropUser", None), ("ping", None), ("hello", None), ("find", "orders"),
         ("getMore", "orders"), ("drop", "tmp")]
     assert "x" not in repr([s.attributes for s in d.spans])
+
+
+_DOCS = [{"insert": "orders", "$db": "shop", "documents": [{"_id": 1}]}, {"ok": 1.0, "n": 1},
+         {"ok": 0.0, "errmsg": "E11000 dup key: { _id: 1 }", "code": 11000, "codeName": "DuplicateKey"},
+         {"find": "users", "filter": {"age": {"$gt": 3}}, "limit": 10, "$db": "shop", "big": 2 ** 40,
+          "flag": True, "none": None, "re": bson.Regex("a.*b", "i"), "bin": b"\x00\x01"}]
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.sampled_from(_DOCS), st.lists(st.tuples(st.integers(0, 400), st.integers(0, 255)), max_size=3),
+       st.integers(0, 6))
+def test_bson_fields_in_one_chunk_match_the_buffer_walk(doc: dict, flips: list, lead: int) -> None:
+    """A document whole in one chunk is read in place (_fields_in_view): the same fields, or the
+    same error at the same offset, as the buffer walk that reads it a byte a chunk."""
+    data = bytearray(b"\x07" * lead + bson.encode(doc))
+    for pos, byte in flips:
+        data[pos % len(data)] = byte
+    data = bytes(data)
+
+    def read(buf: LargeBuffer) -> object:
+        try:
+            return m.bson_fields(buf, lead, frozenset({"ok", "errmsg", "code", "codeName", "$db", "limit", "big"}))
+        except ProtocolError as e:
+            return (e.reason, e.offset, str(e))
+    assert read(LargeBuffer(data)) == read(LargeBuffer(*[data[i:i + 1] for i in range(len(data))]))

@@ -17,6 +17,7 @@ bounded by ``max_decompressed_bytes`` (zlib always; snappy and zstd when
 
 from __future__ import annotations
 
+import re
 import struct
 import zlib
 from typing import Any, ClassVar
@@ -134,10 +135,88 @@ def _scalar(buf: LargeBuffer, t: int, off: int) -> Any:
     return None
 
 
+_I32 = struct.Struct("<i").unpack_from
+_I64 = struct.Struct("<q").unpack_from
+_D_AT = _D.unpack_from
+_NO_NUL = re.compile(rb"[^\0]*").match
+
+
+def _fields_in_view(c: memoryview, p: int, end: int, base: int, wanted: frozenset[str],
+                    first: bool) -> dict[str, Any]:
+    """``bson_fields``'s walk over a document lying whole in one chunk ``c`` (``c[p - 4:end]``,
+    its size and terminator checked): the same fields and the same errors (offsets made
+    absolute by ``base``, the chunk's start), read with struct and indexing in place instead
+    of a buffer call (a ``find``, a copy) per element: one call for the common document."""
+    out: dict[str, Any] = {}
+    last = end - 1
+    fixed = _FIXED
+    i32 = _I32
+    nonul = _NO_NUL
+    while p < last:
+        t = c[p]
+        z = nonul(c, p + 1, end).end()  # the key's NUL: the terminator at end - 1 bounds it
+        name = str(c[p + 1:min(z, p + 129)], "utf-8", "replace")
+        vs = z + 1
+        size = fixed.get(t)
+        if size is None:
+            raise Malformed(NAME, "bad_bson", base + vs, f"type {t:#x}")
+        if size >= 0:
+            nxt = vs + size
+        elif size == -4:  # regex: two cstrings
+            q = vs
+            for _ in (0, 1):
+                at = q
+                while q < end and c[q]:
+                    q += 1
+                if q >= end:
+                    raise Malformed(NAME, "bad_bson", base + at, "unterminated key")
+                q += 1
+            nxt = q
+        else:
+            if vs + 4 > end:
+                raise Malformed(NAME, "bad_bson", base + vs, "truncated length")
+            n = i32(c, vs)[0]
+            if n < 0:
+                raise Malformed(NAME, "bad_bson", base + vs, "negative length")
+            nxt = vs + (4 + n if size == -1 else n if size == -2 else 5 + n if size == -3 else 16 + n)
+        if nxt > end:
+            raise Malformed(NAME, "bad_bson", base + vs, "value overruns its document")
+        if first or (name in wanted and name not in out):
+            if t == 0x02:
+                n = i32(c, vs)[0]
+                val: Any = str(c[vs + 4:vs + 4 + max(0, min(n - 1, 512))], "utf-8", "replace")
+            elif t == 0x01:
+                val = _D_AT(c, vs)[0]
+            elif t == 0x10:
+                val = i32(c, vs)[0]
+            elif t == 0x12:
+                val = _I64(c, vs)[0]
+            elif t == 0x08:
+                val = c[vs] != 0
+            else:
+                val = None
+            if first:
+                out[""] = (name, val)
+                first = False
+            if name in wanted and name not in out:
+                out[name] = val
+        p = nxt
+    if p != last:
+        raise Malformed(NAME, "bad_bson", base + p, "elements overrun the document")
+    return out
+
+
 def bson_fields(buf: LargeBuffer, off: int, wanted: frozenset[str], first: bool = True) -> tuple[dict[str, Any], int]:
     """Top-level fields of the document at ``off``: the first element (as ``""`` -> (name, value))
     and the ``wanted`` names. Returns (fields, document end).
     """
+    if 0 <= off and off + 4 <= len(buf):
+        c, cs = buf.chunk_at(off)
+        rel = off - cs
+        if rel + 4 <= len(c):
+            size = _I32(c, rel)[0]
+            if 5 <= size <= len(c) - rel and c[rel + size - 1] == 0:
+                return _fields_in_view(c, rel + 4, rel + size, cs, wanted, first), off + size
     size = _i32(buf, off, len(buf))
     end = off + size
     if size < 5 or end > len(buf):
