@@ -553,3 +553,21 @@ def test_answer_cut_by_the_end_of_the_capture_is_an_incomplete_span(chunk):
     assert s.name == "SELECT t" and s.status_code == StatusCode.UNSET and "error.type" not in s.attributes
     assert s.attributes["db.response.returned_rows"] == 2 and s.attributes["wirespan.incomplete"] is True
     assert d.drops["no_response"] == 1
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=40).map(lambda b: b.replace(b"\0", b"\1")), st.lists(st.integers(0, 40), max_size=4),
+       st.lists(st.integers(1, 12), max_size=6), st.integers(0, 40), st.integers(0, 45))
+def test_cstr_end_in_place_matches_the_buffer_find(data: bytes, nuls: list, cuts: list, off: int, end: int) -> None:
+    """_cstr_end reads the chunk in place: the offset past the NUL (or -1) that a buffer find gives,
+    however the bytes are cut into chunks."""
+    from processors.protocols.postgresql import _cstr_end
+    from service.largebuf import LargeBuffer
+    from tests.support.driver import pieces
+    b = bytearray(data or b"x")
+    for i in nuls:
+        b[i % len(b)] = 0
+    buf = LargeBuffer(*pieces(bytes(b), cuts))
+    end = min(end, len(b))
+    z = bytes(b).find(b"\0", off, end)
+    assert _cstr_end(buf, off, end) == (-1 if off >= end or z < 0 else z + 1)

@@ -21,6 +21,8 @@ skipped by count, never held. The only copies are the query text (bounded by
 
 from __future__ import annotations
 
+import re
+import struct
 from collections import OrderedDict, deque
 
 from pydantic import Field
@@ -95,11 +97,27 @@ class Settings(ProtocolSettings):
     sanitize_errors: bool = True
 
 
+_I32BE = struct.Struct(">i").unpack_from
+_NO_CHUNK = memoryview(b"")
+_NO_NUL = re.compile(rb"[^\0]*").match
+
+
 # -- validation shared by detect and resync -----------------------------------------
 def _cstr_end(buf: LargeBuffer, off: int, end: int) -> int:
     """Offset just past the NUL of a C string at ``off``, or -1."""
-    if off < end and buf.u8_at(off) == 0:  # the unnamed statement/portal: the common case
-        return off + 1
+    if off < end:
+        c, cs = buf.chunk_at(off)
+        rel = off - cs
+        if c[rel] == 0:  # the unnamed statement/portal: the common case
+            return off + 1
+        lim = end - cs
+        if lim > len(c):
+            lim = len(c)
+        z = _NO_NUL(c, rel, lim).end()  # in place in the chunk (a buffer find costs more)
+        if z < lim:
+            return cs + z + 1
+        if lim == end - cs:
+            return -1
     z = buf.find(b"\0", off, end)
     return -1 if z < 0 else z + 1
 
@@ -344,6 +362,8 @@ class Session(_Session):
         heads = _CLIENT_HEAD if from_client else _SERVER_HEAD
         pos = 0
         want = 0
+        c = _NO_CHUNK  # the chunk holding pos, from cs for clen bytes: headers read in place
+        cs = clen = cts = 0
         try:
             while True:
                 n = len(buf)
@@ -363,6 +383,7 @@ class Session(_Session):
                     if pos:
                         buf.release(pos)
                         pos = 0
+                    clen = 0  # offsets moved
                     if from_client and self._startup:
                         ok = self._feed_startup(buf)
                     elif not from_client and self._ssl_wait:
@@ -374,8 +395,18 @@ class Session(_Session):
                     continue
                 if n - pos < 5:
                     return
-                t = buf.u8_at(pos)
-                ln = buf.i32be_at(pos + 1)
+                rel = pos - cs
+                if rel + 5 > clen:
+                    c, cs = buf.chunk_at(pos)
+                    clen = len(c)
+                    rel = pos - cs
+                    cts = buf.ts_at(pos)  # the arrival of the chunk holding pos
+                if rel + 5 <= clen:
+                    t = c[rel]
+                    ln = _I32BE(c, rel + 1)[0]
+                else:  # the header straddles two chunks
+                    t = buf.u8_at(pos)
+                    ln = buf.i32be_at(pos + 1)
                 if t not in heads or ln < 4:
                     self._resync[d] = True
                     raise Malformed(NAME, "bad_message", pos, f"type {t:#x} length {ln}")
@@ -392,12 +423,12 @@ class Session(_Session):
                     return
                 try:
                     if from_client:
-                        self._client_msg(t, buf, pos + 5, pos + 5 + body, buf.ts_at(pos))
+                        self._client_msg(t, buf, pos + 5, pos + 5 + body, cts if rel < clen else buf.ts_at(pos))
                     elif t == 68:  # DataRow, the common case: just count it
                         if self._pending:
                             self._pending[0].rows += 1
                     else:
-                        self._server_msg(t, buf, pos + 5, pos + 5 + body, buf.ts_at(pos))
+                        self._server_msg(t, buf, pos + 5, pos + 5 + body, cts if rel < clen else buf.ts_at(pos))
                 except BufferBoundsError as e:  # a field overruns its message
                     self._resync[d] = True
                     raise Malformed(NAME, "truncated_field", pos, str(e)) from None
