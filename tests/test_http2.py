@@ -12,11 +12,13 @@ import struct
 import tracemalloc
 
 import hpack
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from processors.protocols import http2
 from processors.protocols.base import Detection, Perspective
+from processors.protocols.errors import Malformed
 from processors.protocols.http2 import H2Session, Settings, detect
 from service.largebuf import LargeBuffer
 from service.model import SpanKind, StatusCode
@@ -620,3 +622,27 @@ def test_settings_validation() -> None:
     for bad in ({"max_streams": 0}, {"max_header_list_size": 10}, {"max_stream": 5}):
         with pytest.raises(pydantic.ValidationError):
             Settings(**bad)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.binary(max_size=40), min_size=1, max_size=20), st.binary(max_size=12))
+def test_huffman_memo_gives_the_decoders_answer_and_stays_bounded(values: list[bytes], garbage: bytes) -> None:
+    """String literals through _str_value twice (the memo's miss, then its hit) decode as the
+    decoder does; an invalid string is refused both times, never memoized; the memo is bounded."""
+    from hpack.huffman import HuffmanEncoder
+    from hpack.huffman_constants import REQUEST_CODES, REQUEST_CODES_LENGTH
+
+    enc = HuffmanEncoder(REQUEST_CODES, REQUEST_CODES_LENGTH)
+    for value in values:
+        e = enc.encode(value)
+        assert len(e) < 127
+        lit = bytes([0x80 | len(e)]) + e
+        for _ in range(2):
+            assert http2._str_value(memoryview(lit), 0, 0, True) == (value, len(e), len(lit))
+    if len(garbage) < 127 and http2._huffman(memoryview(garbage)) is None:
+        lit = bytes([0x80 | len(garbage)]) + garbage
+        for _ in range(2):
+            with pytest.raises(Malformed):
+                http2._str_value(memoryview(lit), 0, 0, True)
+        assert garbage not in http2._HUFF_MEMO
+    assert len(http2._HUFF_MEMO) <= http2._HUFF_MEMO_ENTRIES
