@@ -37,6 +37,8 @@
 
 #define MAX_CAPLEN (64 << 20) /* receivers/pcap.py MAX_CAPLEN */
 #define ST_LIMIT 0
+/* tcp_reassembly.py HOLD_AHEAD (tests check the two agree) */
+#define HOLD_AHEAD (1u << 20)
 #define ST_SLOW 1
 #define ST_END 2
 
@@ -45,7 +47,7 @@ static PyObject *DATA_KIND, *S_IGNORED, *ONE;
 
 /* _Half slots */
 static Py_ssize_t h_conn, h_next_seq, h_delivered, h_segs, h_closed, h_fin_at, h_peer, h_src, h_sport, h_dst, h_dport,
-    h_is_client;
+    h_is_client, h_held;
 /* _Conn slots */
 static Py_ssize_t c_id, c_last_ts;
 /* TcpEvent slots */
@@ -105,6 +107,7 @@ static PyObject *setup(PyObject *self, PyObject *const *args, Py_ssize_t nargs) 
     OFF(h, h_dst, "dst");
     OFF(h, h_dport, "dport");
     OFF(h, h_is_client, "is_client");
+    OFF(h, h_held, "held");
     OFF(c, c_id, "id");
     OFF(c, c_last_ts, "last_ts");
     OFF(e, e_kind, "kind");
@@ -307,7 +310,7 @@ static PyObject *scan(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
             delivered = PyLong_AsLongLongAndOverflow(dv, &ovf);
             if (ovf || delivered < 0 || delivered > LLONG_MAX - plen)
                 goto slow;
-            if (SLOT(h, h_segs) != Py_None || SLOT(h, h_closed) != Py_False)
+            if (SLOT(h, h_segs) != Py_None || SLOT(h, h_closed) != Py_False || SLOT(h, h_held) != Py_None)
                 goto slow;
         }
         if (flags & 0x10) { /* the peer's holes or pending FIN below this ACK: _ack_gap, in Python */
@@ -321,6 +324,22 @@ static PyObject *scan(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
                 goto slow;
             if (fin_at != Py_None && SLOT(p, h_closed) != Py_True)
                 goto slow;
+            /* A hold (tcp_reassembly.py _hold/_release): the peer's, which this packet may end,
+             * or this payload's ACK ahead of the peer bytes seen (it may have to wait). */
+            PyObject *pheld = SLOT(p, h_held), *pns = SLOT(p, h_next_seq);
+            if (pheld != Py_None || pns == NULL)
+                goto slow;
+            if (plen && pns != Py_None) {
+                if (!PyLong_CheckExact(pns))
+                    goto slow;
+                int ovf = 0;
+                long long pv = PyLong_AsLongLongAndOverflow(pns, &ovf);
+                if (ovf || pv < 0 || pv > 0xFFFFFFFFLL)
+                    goto slow;
+                uint32_t ahead = rd32(t + 8, 1) - (uint32_t)pv;
+                if (ahead != 0 && ahead <= HOLD_AHEAD)
+                    goto slow; /* ahead: the Python path decides whether it waits (rare) */
+            }
         }
         /* Everything checked: from here on the packet is taken. */
         PyObject *tso = PyLong_FromLongLong(ts);

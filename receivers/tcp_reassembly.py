@@ -28,6 +28,14 @@ Policies (named so they can be compared with Suricata's and Zeek's):
   of its open directions, counted as eviction ``port_reuse``) and opens a new one with a
   new ``conn_id``. A connection whose two directions both closed is forgotten at once.
 - Sequence numbers compare modulo 2^32 (RFC 9293 §3.4), so streams wrap.
+- Across directions, **causality**: a segment whose ACK acknowledges peer bytes the capture
+  has not shown yet is held (with what follows it in its direction) until those bytes come,
+  so a request merged into a capture after its answer (two interfaces, a tap's two ports,
+  a reordering mirror) is still handed on first. The hold ends when the peer's bytes
+  arrive, or are known lost (a hole in the peer's stream: ``ack_above_hole``), or at
+  ``HOLD_MAX_SEGMENTS``/``HOLD_MAX_BYTES``, a RST, expiry and the end of input
+  (``reorder_hold``: the missing peer bytes become a GAP). Counted in ``stats``:
+  ``reorder_held`` (segments held), ``reorder_fixed`` (holds ended by the peer's bytes).
 - Idle expiry and eviction (LRU when ``max_connections`` is reached) flush what is
   buffered (GAP first), then CLOSE each open direction so the protocol stage frees its
   state; both are counted in ``evictions`` by reason.
@@ -55,6 +63,11 @@ _DATA, _GAP, _CLOSE, _RESET, _OPEN = EventKind.DATA, EventKind.GAP, EventKind.CL
 #: Largest forward jump accepted for an out-of-order segment: the largest TCP window
 #: (65535 << 14, RFC 7323 §2.3). Beyond it the segment cannot belong to this stream.
 MAX_WINDOW = 65535 << 14
+#: A hold (module docstring) waits for at most this many segments or bytes of its
+#: direction, and for acknowledged peer bytes at most ``HOLD_AHEAD`` beyond what was seen.
+HOLD_MAX_SEGMENTS = 64
+HOLD_MAX_BYTES = 256 << 10
+HOLD_AHEAD = 1 << 20
 #: Capture-time interval between idle sweeps.
 SWEEP_INTERVAL_NS = 1_000_000_000
 
@@ -91,8 +104,8 @@ def _addr_str(a: Any) -> str:
 class _Half:
     """One direction: the sender is ``src``."""
 
-    __slots__ = ("buffered", "closed", "conn", "delivered", "dport", "dst", "fin_at", "is_client",
-                 "key", "next_seq", "peer", "segs", "sport", "src")
+    __slots__ = ("buffered", "closed", "conn", "delivered", "dport", "dst", "fin_at", "held", "held_ack",
+                 "is_client", "key", "next_seq", "peer", "segs", "sport", "src")
 
     def __init__(self, conn: _Conn, key: tuple, src: str, sport: int, dst: str, dport: int,
                  is_client: bool | None) -> None:
@@ -107,6 +120,9 @@ class _Half:
         self.fin_at: int | None = None    # absolute offset of the FIN once seen
         self.closed = False
         self.peer: _Half = None  # type: ignore[assignment]
+        #: Segments held for the peer's acknowledged bytes (seq, ack, flags, payload, ts), in order.
+        self.held: list[tuple] | None = None
+        self.held_ack = 0  # the highest ACK among them
 
 
 #: The peer of a forgotten connection's halves: closed, nothing buffered, no FIN pending.
@@ -196,6 +212,7 @@ class TcpReassembler:
             self.buffered_total -= h.buffered
             h.buffered = 0
             h.segs = None
+            h.held = None
             # Break the conn <-> halves and half <-> peer cycles, so a connection is freed by its
             # last reference, not by the cyclic GC (which then scans every live connection: with
             # thousands interleaved, that is most of a replay's collector time). A caller still
@@ -207,6 +224,11 @@ class TcpReassembler:
     def _end(self, conn: _Conn, reason: str, ts: int) -> None:
         """End a connection early: flush holes as GAPs, CLOSE open directions, forget it."""
         self._count(self.evictions, reason)
+        for h in (conn.a, conn.b):
+            if h.held is not None:
+                self._release(h, ts, give_up=True)
+        if conn.a is None:
+            return
         for h in (conn.a, conn.b):
             self._drain(h, reason, ts)
             if not h.closed:
@@ -375,6 +397,10 @@ class TcpReassembler:
         conn.last_ts = ts
         self._touch(conn.id)
         if payload:
+            p = h.peer
+            if h.held is not None or (flags & _ACK and p.next_seq is not None and self._ahead(p, ack)):
+                self._hold(h, seq, ack, flags, payload, ts)
+                return
             if seq == h.next_seq and h.segs is None and not h.closed:
                 n = len(payload)
                 self.events.append(TcpEvent(_DATA, conn.id, h.src, h.sport, h.dst, h.dport, ts, payload, 0,
@@ -387,12 +413,76 @@ class TcpReassembler:
             p = h.peer
             if p.segs or (p.fin_at is not None and not p.closed):
                 self._ack_gap(p, ack, ts)
+        if h.peer.held is not None:
+            self._release(h.peer, ts)
+
+    # ------------------------------------------------------------------ holds (causality)
+    @staticmethod
+    def _ahead(p: _Half, ack: int) -> bool:
+        """``ack`` acknowledges bytes of ``p`` not seen yet, and nothing of ``p`` after them
+        (a known hole is the ack-above-hole rule's)."""
+        d = (ack - p.next_seq) & _MASK  # type: ignore[operator]
+        # p's own held segments are bytes the capture did show: no waiting on them (two holds
+        # would wait on each other).
+        return 0 < d <= HOLD_AHEAD and not p.closed and p.fin_at is None and p.segs is None and p.held is None
+
+    def _hold(self, h: _Half, seq: int, ack: int, flags: int, payload: memoryview, ts: int) -> None:
+        held = h.held
+        if held is None:
+            held = h.held = []
+            h.held_ack = ack
+        elif ((ack - h.held_ack) & _MASK) < _HALF:
+            h.held_ack = ack
+        held.append((seq, ack, flags, payload, ts))
+        self.stats["reorder_held"] = self.stats.get("reorder_held", 0) + 1
+        if len(held) > HOLD_MAX_SEGMENTS or sum(len(x[3]) for x in held) > HOLD_MAX_BYTES:
+            self._release(h, ts, give_up=True)
+
+    def _release(self, h: _Half, ts: int, give_up: bool = False) -> None:
+        """End ``h``'s hold if its peer caught up (or ``give_up``: the peer's missing bytes
+        become a GAP), then hand the held segments on in their order."""
+        p = h.peer
+        held = h.held
+        if held is None:
+            return
+        if p.next_seq is not None and not p.closed and h.conn.a is not None:
+            d = (h.held_ack - p.next_seq) & _MASK
+            if 0 < d < _HALF:
+                if p.segs:
+                    # The peer's stream has a hole below the ACK: those bytes were received
+                    # (acknowledged), the capture missed them: lost for good (ack above hole).
+                    self._ack_gap(p, h.held_ack, ts)
+                    d = (h.held_ack - p.next_seq) & _MASK if p.next_seq is not None else 0
+                if 0 < d < _HALF and not p.closed:
+                    if not give_up:
+                        return  # still waiting for them
+                    self._skip_to(p, p.delivered + d, "reorder_hold", ts)
+            else:
+                self.stats["reorder_fixed"] = self.stats.get("reorder_fixed", 0) + 1
+        h.held = None
+        for seq, ack, flags, payload, t in held:
+            if h.conn.a is None:  # the connection ended while handing on
+                break
+            if h.closed:
+                if payload:
+                    self._count(self.drops, "after_close")
+                continue
+            self._data(h, seq, payload, t, bool(flags & _FIN))
+            if flags & _ACK:
+                q = h.peer
+                if q.segs or (q.fin_at is not None and not q.closed):
+                    self._ack_gap(q, ack, t)
 
     def _slow(self, h: _Half | None, src: Any, sport: int, dst: Any, dport: int, seq: int, ack: int,
               flags: int, payload: memoryview, ts: int) -> None:
         if flags & _RST:
             if h is None:
                 self.stats["ignored"] += 1
+                return
+            for x in (h, h.peer):
+                if x.held is not None:
+                    self._release(x, ts, give_up=True)
+            if h.conn.a is None:
                 return
             conn = h.conn
             conn.last_ts = ts
@@ -436,11 +526,17 @@ class TcpReassembler:
         conn = h.conn
         conn.last_ts = ts
         self._touch(conn.id)
+        if h.held is not None or (payload and flags & _ACK and h.peer.next_seq is not None
+                                  and self._ahead(h.peer, ack)):
+            self._hold(h, seq, ack, flags, payload, ts)  # its FIN waits behind the held data
+            return
         self._data(h, seq, payload, ts, bool(flags & _FIN))
         if flags & _ACK and h.conn.id in self._lru:
             p = h.peer
             if p.segs or (p.fin_at is not None and not p.closed):
                 self._ack_gap(p, ack, ts)
+        if h.peer.held is not None:
+            self._release(h.peer, ts)
 
     def _sweep(self, now: int) -> None:
         self._next_sweep = now + SWEEP_INTERVAL_NS
@@ -460,6 +556,11 @@ class TcpReassembler:
     def finish(self) -> None:
         """End of input: give up holes, CLOSE every open direction, forget all connections."""
         for conn in list(self._lru.values()):
+            for h in (conn.a, conn.b):
+                if h.held is not None:
+                    self._release(h, conn.last_ts, give_up=True)
+            if conn.a is None:
+                continue
             for h in (conn.a, conn.b):
                 self._drain(h, "end_of_capture", conn.last_ts)
                 if not h.closed:

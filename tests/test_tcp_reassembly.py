@@ -412,3 +412,89 @@ def test_hostile_segments_keep_state_bounded(segs):
     for e in r.events:
         assert e.kind != EventKind.GAP or e.gap > 0
         assert e.kind != EventKind.DATA or len(e.payload) > 0
+
+
+# -- causality across directions: a segment acknowledging peer bytes not seen yet waits ------------
+def test_an_answer_captured_before_its_request_is_handed_on_after_it():
+    """Merged captures (two interfaces, a tap's two ports) put a response before the request
+    its ACK acknowledges: the response waits for the request, then both go on in order."""
+    f = TcpFlow()
+    hs = f.handshake()
+    req = f.send(True, b"GET / HTTP/1.1\r\n\r\n")
+    resp = f.send(False, b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")  # its ACK covers req
+    r = TcpReassembler()
+    feed(r, [*hs, resp, req, f.fin(False), f.fin(True), f.ack(False)])
+    data = [(e.sport, bytes(e.payload)) for e in r.events if e.kind == EventKind.DATA]
+    assert data == [(40000, b"GET / HTTP/1.1\r\n\r\n"), (80, b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")]
+    assert kinds(r.events)[-2:] == ["CLOSE", "CLOSE"]
+    assert r.stats["reorder_held"] == 1 and r.stats["reorder_fixed"] == 1
+    assert not r.gaps and not r.drops
+
+
+def test_a_held_direction_keeps_its_own_order_and_its_fin():
+    f = TcpFlow()
+    hs = f.handshake()
+    req = f.send(True, b"GET /a HTTP/1.1\r\n\r\n")
+    r1, r2, fin = f.send(False, b"HTTP/1.1 200 OK\r\n"), f.send(False, b"Content-Length: 0\r\n\r\n"), f.fin(False)
+    r = TcpReassembler()
+    feed(r, [*hs, r1, r2, fin, req, f.fin(True)])
+    assert streams(r.events) == {(r.events[0].conn_id, 40000): b"GET /a HTTP/1.1\r\n\r\n",
+                                 (r.events[0].conn_id, 80): b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"}
+    order = [(e.sport, e.kind.name) for e in r.events if e.kind != EventKind.OPEN]
+    assert order == [(40000, "DATA"), (80, "DATA"), (80, "DATA"), (80, "CLOSE"), (40000, "CLOSE")]
+
+
+def test_acknowledged_bytes_the_capture_never_shows_become_a_gap():
+    """The request was lost by the capture: the response waits until the end of input (or a
+    bound), then the request's bytes are a GAP before it: counted, nothing silently lost."""
+    f = TcpFlow()
+    hs = f.handshake()
+    f.send(True, b"GET / HTTP/1.1\r\n\r\n")  # never captured
+    resp = f.send(False, b"HTTP/1.1 200 OK\r\n\r\n")
+    r = TcpReassembler()
+    feed(r, [*hs, resp])
+    assert [e.kind.name for e in r.events] == ["OPEN"]
+    r.finish()
+    cid = r.events[0].conn_id
+    assert streams(r.events) == {(cid, 40000): b"?" * 18, (cid, 80): b"HTTP/1.1 200 OK\r\n\r\n"}
+    assert r.gaps == {"reorder_hold": 18}
+
+
+def test_a_hole_in_the_peer_ends_the_hold_at_once():
+    """The peer's next segment shows its earlier one was lost: no waiting for the bound."""
+    f = TcpFlow()
+    hs = f.handshake()
+    f.send(True, b"GET /1 HTTP/1.1\r\n\r\n")  # lost
+    resp = f.send(False, b"HTTP/1.1 204 No Content\r\n\r\n")
+    req2 = f.send(True, b"GET /2 HTTP/1.1\r\n\r\n")
+    r = TcpReassembler()
+    feed(r, [*hs, resp, req2])
+    data = [(e.sport, e.kind.name) for e in r.events if e.kind != EventKind.OPEN]
+    assert data == [(40000, "GAP"), (40000, "DATA"), (80, "DATA")]
+    assert r.gaps == {"ack_above_hole": 19}
+
+
+def test_a_hold_is_bounded():
+    from receivers.tcp_reassembly import HOLD_MAX_SEGMENTS
+
+    f = TcpFlow()
+    hs = f.handshake()
+    f.send(True, b"x" * 10)  # never captured
+    many = [f.send(False, b"y" * 100) for _ in range(HOLD_MAX_SEGMENTS + 5)]
+    r = TcpReassembler()
+    feed(r, hs + many)
+    got = streams(r.events)
+    cid = r.events[0].conn_id
+    assert got[(cid, 40000)] == b"?" * 10
+    assert got[(cid, 80)] == b"y" * 100 * (HOLD_MAX_SEGMENTS + 5)  # none waits past the bound
+    assert r.gaps == {"reorder_hold": 10}
+
+
+def test_the_c_loop_and_python_agree_on_hold_ahead():
+    import re
+    from pathlib import Path
+
+    from receivers import tcp_reassembly
+    src = (Path(tcp_reassembly.__file__).parent / "_fastpath.c").read_text()
+    m = re.search(r"#define HOLD_AHEAD \(1u << (\d+)\)", src)
+    assert m is not None and 1 << int(m.group(1)) == tcp_reassembly.HOLD_AHEAD
