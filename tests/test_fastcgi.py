@@ -253,3 +253,58 @@ def test_reply_cut_by_the_end_of_the_capture_is_an_incomplete_span(step: int | N
     assert a["http.response.status_code"] == 503 and s.status_code == StatusCode.ERROR
     assert a["wirespan.incomplete"] is True and a["url.path"] == "/shop/item.php"
     assert d.drops == ["no_end_request"]
+
+
+def _conversation() -> list[tuple[bool, bytes]]:
+    """Two requests on one connection, each side's records in one segment, plus a
+    multiplexed pair with STDERR, a 500 and a POST body."""
+    return [(True, begin(1) + params(1, BASE) + rec(f.STDIN, 1)),
+            (False, rec(f.STDOUT, 1, b"Status: 404 Not Found\r\nContent-type: text/html\r\n\r\nmissing")
+             + rec(f.STDOUT, 1) + end(1)),
+            (True, begin(2) + begin(3) + params(3, {**BASE, "REQUEST_METHOD": "POST"}, split=7)
+             + params(2, BASE) + rec(f.STDIN, 3, b"a=1", pad=5) + rec(f.STDIN, 3) + rec(f.STDIN, 2)),
+            (False, rec(f.STDERR, 2, b"PHP Warning: odd") + rec(f.STDOUT, 3, b"Status: 500\r\n\r\nboom")
+             + rec(f.STDOUT, 2, b"Content-type: text/plain\r\n\r\nhello") + end(3, 1) + end(2, 0, 2))]
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 3), st.integers(0, 10_000), st.integers(0, 255), st.booleans()),
+                max_size=3))
+def test_feed_whole_matches_the_buffered_path(mutations: list) -> None:
+    """The buffer-less path (feed_whole) gives the buffered path's spans and drops, for the
+    conversation as sent, with bytes changed and with segments split in two."""
+    from tests.support.whole import run_both_ways
+    segs = _conversation()
+    for i, pos, byte, split in mutations:
+        fc, data = segs[i % len(segs)]
+        pos %= len(data)
+        if split:
+            segs[i % len(segs):i % len(segs) + 1] = [(fc, data[:pos]), (fc, data[pos:])] if pos else [(fc, data)]
+        else:
+            segs[i % len(segs)] = (fc, data[:pos] + bytes([byte]) + data[pos + 1:])
+    spans, _drops = run_both_ways(f.Session, 9000, segs)
+    if not mutations:
+        assert [(s[0].split()[0], dict(s[6])["http.response.status_code"], s[5]) for s in spans] == \
+            [("GET", 404, ""), ("POST", 500, ""), ("GET", 200, "OVERLOADED")]
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.integers(1, 400), max_size=6), st.integers(0, 3))
+def test_records_across_chunks_read_as_in_one_chunk(cuts: list, which: int) -> None:
+    """A record straddling chunks (read from the buffer's views) gives what it gives lying
+    in one chunk (read from the chunk's view). Times are left out: the driver's clock
+    steps with each send."""
+    def run(split: bool) -> list:
+        d = Driver()
+        for i, (fc, data) in enumerate(_conversation()):
+            if split and i == which:
+                pos = 0
+                for c in sorted(set(min(c, len(data)) for c in cuts)):
+                    d.send(fc, data[pos:c])
+                    pos = c
+                d.send(fc, data[pos:])
+            else:
+                d.send(fc, data)
+        return [(s.name, s.status_code, s.status_message, sorted(s.attributes.items()),
+                 [e.attributes for e in (s.events or [])]) for s in d.spans] + [dict(d.drops)]
+    assert run(True) == run(False)

@@ -33,6 +33,8 @@ BEGIN_REQUEST, ABORT_REQUEST, END_REQUEST, PARAMS, STDIN, STDOUT, STDERR, DATA =
 GET_VALUES, GET_VALUES_RESULT, UNKNOWN_TYPE = 9, 10, 11
 _TYPES = frozenset(range(1, 12))
 _HDR = struct.Struct(">BBHHBB")  # version, type, requestId, contentLength, paddingLength, reserved
+_END = struct.Struct(">iB")  # END_REQUEST: appStatus, protocolStatus
+_NO_CHUNK = memoryview(b"")
 
 #: A PARAMS stream larger than this is refused (nginx sends ~1-2 KB; Apache's
 #: mod_proxy_fcgi caps the whole header set at 8 KB by default).
@@ -148,23 +150,82 @@ class Session(Session):  # type: ignore[no-redef]
         self.done: dict[int, dict[bytes, bytes]] = {}  # params of requests whose span is pending
 
     def feed(self, from_client: bool, buf: LargeBuffer, ts_ns: int) -> None:
-        while len(buf) >= 8:
-            version, t, rid, clen, plen, _ = _HDR.unpack(buf.view_at(0, 8))
-            if version != 1 or t not in _TYPES:
-                raise Malformed(NAME, "bad_record", 0, f"version {version} type {t}")
-            total = 8 + clen + plen
-            if len(buf) < total:
-                buf.want = total
-                return  # records are at most 65,543 bytes: waiting for one is bounded
-            self._record(from_client, t, rid, buf, clen, ts_ns)
-            buf.release(total)
+        # Records are walked with a cursor and released once at the end (a release per record
+        # re-sliced the chunk list). A record lying in one chunk is read from that chunk's view
+        # with struct (one chunk lookup and arrival time per chunk); one across chunks from
+        # the buffer's views. Error offsets are from the start of the record at fault, as when
+        # each record was released before the next.
+        off = 0
+        n = len(buf)
+        hdr = _HDR.unpack_from
+        c = _NO_CHUNK  # the chunk holding off, from cs for clen bytes
+        cs = cl = cts = 0
+        want = 0
+        try:
+            while n - off >= 8:
+                rel = off - cs
+                if rel < 0 or rel + 8 > cl:
+                    c, cs = buf.chunk_at(off)
+                    cl = len(c)
+                    rel = off - cs
+                    cts = buf.ts_at(off)
+                if rel + 8 <= cl:
+                    version, t, rid, clen, plen, _ = hdr(c, rel)
+                else:  # the header straddles two chunks
+                    version, t, rid, clen, plen, _ = hdr(buf.view_at(off, 8))
+                if version != 1 or t not in _TYPES:
+                    raise Malformed(NAME, "bad_record", 0, f"version {version} type {t}")
+                total = 8 + clen + plen
+                if n - off < total:
+                    want = total
+                    return  # records are at most 65,543 bytes: waiting for one is bounded
+                if rel + 8 + clen <= cl:
+                    self._record(t, rid, [c[rel + 8:rel + 8 + clen]] if clen else [], clen, cts, ts_ns)
+                else:
+                    self._record(t, rid, buf.views(off + 8, clen), clen, buf.ts_at(off), ts_ns)
+                off += total
+        finally:
+            if off:
+                buf.release(off)
+            if want:
+                buf.want = want
 
-    def _record(self, from_client: bool, t: int, rid: int, buf: LargeBuffer, clen: int, ts_ns: int) -> None:
+    def feed_whole(self, from_client: bool, data: memoryview, ts_ns: int) -> bool:
+        """A segment of whole records (base.py's contract), read in place without a buffer.
+
+        The framing is checked first (version 1, known types, complete records ending
+        exactly with the segment): only then is anything done, with ``_record`` as ``feed``
+        calls it. Anything else returns False unchanged.
+        """
+        if type(data) is not memoryview:  # the eBPF receiver's payloads are bytes
+            data = memoryview(data)
+        n = len(data)
+        hdr = _HDR.unpack_from
+        off = 0
+        recs = []
+        while off < n:
+            if off + 8 > n:
+                return False
+            version, t, rid, clen, plen, _ = hdr(data, off)
+            if version != 1 or t not in _TYPES:
+                return False
+            recs.append((t, rid, off + 8, clen))
+            off += 8 + clen + plen
+        if off != n:
+            return False
+        record = self._record
+        for t, rid, p, clen in recs:
+            record(t, rid, [data[p:p + clen]] if clen else [], clen, ts_ns, ts_ns)
+        return True
+
+    def _record(self, t: int, rid: int, vs: list[memoryview], clen: int, start_ts: int, ts_ns: int) -> None:
+        """One record's content, ``clen`` bytes as the views ``vs`` (one in the common case;
+        they stay valid after the release: PARAMS and the STDOUT head keep them)."""
         if t == BEGIN_REQUEST:
             if len(self.reqs) >= MAX_REQUESTS:
                 self.reqs.pop(next(iter(self.reqs)))
                 self.conn.drop("too_many_requests")
-            self.reqs[rid] = _Req(buf.ts_at(0))
+            self.reqs[rid] = _Req(start_ts)
             return
         if t in (GET_VALUES, GET_VALUES_RESULT, UNKNOWN_TYPE) or rid == 0:
             return  # management records: no span
@@ -182,7 +243,7 @@ class Session(Session):  # type: ignore[no-redef]
             if len(req.params) + clen > MAX_PARAMS:
                 self.reqs.pop(rid, None)
                 raise LimitExceeded(NAME, "params_too_large", 0)
-            for v in buf.views(8, clen):
+            for v in vs:
                 req.params.append(v)
             self.reqs.charge(rid, clen)  # the params are held until the request ends
         elif t in (STDIN, DATA):
@@ -190,7 +251,7 @@ class Session(Session):  # type: ignore[no-redef]
         elif t == STDOUT:
             req.stdout += clen
             if not req.head_done and clen:
-                for v in buf.views(8, clen):
+                for v in vs:
                     req.head.append(v)
                 end = req.head.find(b"\r\n\r\n", 0, MAX_HEAD)
                 if end < 0:
@@ -206,13 +267,17 @@ class Session(Session):  # type: ignore[no-redef]
                     req.head = LargeBuffer()
         elif t == STDERR:
             if clen and self.settings.stderr_events and len(req.stderr) < MAX_STDERR_EVENTS:
-                text = buf.bytes_at(8, min(clen, MAX_STDERR_BYTES)).decode("utf-8", "replace")
-                req.stderr.append(SpanEvent("fastcgi.stderr", ts_ns, {"message": text}))
+                k = min(clen, MAX_STDERR_BYTES)
+                raw = vs[0][:k].tobytes() if len(vs[0]) >= k else b"".join(v.tobytes() for v in vs)[:k]
+                req.stderr.append(SpanEvent("fastcgi.stderr", ts_ns, {"message": raw.decode("utf-8", "replace")}))
         elif t == ABORT_REQUEST:
             req.aborted = True
         elif t == END_REQUEST:
-            app_status = buf.i32be_at(8) if clen >= 5 else 0
-            proto = buf.u8_at(12) if clen >= 5 else 0
+            if clen >= 5:
+                v = vs[0] if len(vs[0]) >= 5 else memoryview(b"".join(v.tobytes() for v in vs)[:5])
+                app_status, proto = _END.unpack_from(v)
+            else:
+                app_status = proto = 0
             self.reqs.pop(rid, None)
             self._span(rid, req, app_status, proto, ts_ns)
 
