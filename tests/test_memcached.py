@@ -337,3 +337,43 @@ def test_reply_cut_by_the_end_of_the_capture_is_an_incomplete_span() -> None:
     d.send(False, res(0x00, 0, b"v" * 100, 5, b"\0" * 4)[:20])
     d.session.close(d.ts)
     assert [s.attributes["wirespan.incomplete"] for s in d.spans] == [True] and d.drops == ["no_response"]
+
+
+def _conversation() -> list[tuple[bool, bytes]]:
+    """Binary exchanges: a batch with quiet ops and a NOOP fence, repeated opaques, a
+    Couchbase setup (HELLO with collections, SELECT_BUCKET, GET_COLLECTION_ID: the buffered
+    path) and then collection-id keys (the buffered path too), and a value across segments."""
+    return [(True, req(0x01, b"user:1", struct.pack(">II", 0, 0), b"alice", 1) + req(0x00, b"user:1", opaque=2)
+             + req(0x0D, b"a", opaque=3) + req(0x11, b"c", b"\0" * 8, b"v", 4) + req(0x0A, opaque=5)),
+            (False, res(0x01, opaque=1) + res(0x00, 1, b"Not found", 2) + res(0x0D, 0, b"A", 3, b"\0" * 4, b"a")
+             + res(0x0A, opaque=5)),
+            (True, req(0x00, b"x", opaque=7) + req(0x00, b"y", opaque=7)),
+            (False, res(0x00, 1, opaque=7) + res(0x00, 0, b"v" * 40, 7, b"\0" * 4)),
+            (True, req(0x1F, b"client", value=struct.pack(">HH", 0x12, 0x0B), opaque=8)
+             + req(0x89, b"travel", opaque=9) + req(0xBB, b"inventory.hotels", opaque=10)),
+            (False, res(0x1F, 0, struct.pack(">HH", 0x12, 0x0B), 8) + res(0x89, 0, opaque=9)
+             + res(0xBB, 0, opaque=10, extras=struct.pack(">QI", 1, 8))),
+            (True, req(0x00, b"\x08hotel_1", opaque=11) + req(0x89, b"travel", opaque=12)),
+            (False, res(0x00, 0x88, b"", 11) + res(0x89, 0x20, b"", 12))]
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 7), st.integers(0, 10_000), st.integers(0, 255), st.booleans()),
+                max_size=3))
+def test_feed_whole_matches_the_buffered_path(mutations: list) -> None:
+    """The buffer-less path (feed_whole) gives the buffered path's spans and drops, for the
+    conversation as sent, with bytes changed and with segments split in two."""
+    from tests.support.whole import run_both_ways
+    segs = _conversation()
+    for i, pos, byte, split in mutations:
+        i %= len(segs)
+        fc, data = segs[i]
+        pos %= len(data)
+        if split:
+            segs[i:i + 1] = [(fc, data[:pos]), (fc, data[pos:])] if pos else [(fc, data)]
+        else:
+            segs[i] = (fc, data[:pos] + bytes([byte]) + data[pos + 1:])
+    spans, _drops = run_both_ways(mc.Session, 11211, segs)
+    if not mutations:
+        assert [s[0].split()[0] for s in spans] == ["SET", "GET", "GETKQ", "SETQ", "NOOP", "GET", "GET", "GET",
+                                                    "SELECT_BUCKET"]

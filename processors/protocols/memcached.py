@@ -73,6 +73,8 @@ _OPS: dict[int, tuple[str, bool, bool]] = {
     0xBB: ("GET_COLLECTION_ID", False, False), 0xD0: ("SUBDOC_MULTI_LOOKUP", False, True),
     0xD1: ("SUBDOC_MULTI_MUTATION", False, False), 0xFE: ("GET_ERROR_MAP", False, False),
 }
+#: Opcodes whose key carries no collection id (bucket names, SASL, HELLO's agent name...).
+_NO_CID_OPS = frozenset({0x89, 0x1F, 0xBA, 0xBB, 0xB5, 0x20, 0x21, 0x22, 0xFE})
 _COUCHBASE_OPS = frozenset({0x83, 0x89, 0x91, 0x92, 0x94, 0x95, 0xA0, 0xA1, 0xA2, 0xA3, 0xA4, 0xA5, 0xB5,
                             0xBA, 0xBB, 0xD0, 0xD1, 0xFE})
 _STATUS = {
@@ -325,6 +327,51 @@ class Session(Session):  # type: ignore[no-redef]
         self.skip[int(from_client)] = body - (head - 24)
         return True
 
+    def feed_whole(self, from_client: bool, data: memoryview, ts_ns: int) -> bool:
+        """A segment of whole binary packets (base.py's contract), read in place without a buffer.
+
+        Only classic framing (magic 0x80/0x81) in the right direction, each packet's lengths
+        as ``_binary`` checks them, ending exactly with the segment, and none that reads a
+        collection id or a HELLO/GET_COLLECTION_ID response (those take the buffered path):
+        checked before anything is done, then each packet has ``_binary``'s effects in order.
+        Anything else (text, a value across segments, bad input) returns False unchanged.
+        """
+        if not self.binary or self.skip[from_client]:
+            return False
+        if type(data) is not memoryview:  # the eBPF receiver's payloads are bytes
+            data = memoryview(data)
+        n = len(data)
+        hdr = _HDR.unpack_from
+        magic_ok = REQ if from_client else RES
+        collections = self.collections and from_client
+        off = 0
+        pkts = []
+        while off < n:
+            if off + 24 > n:
+                return False
+            magic, op, keylen, extlen, _dtype, vb_status, body, opaque, _cas = hdr(data, off)
+            if magic != magic_ok or body > MAX_BODY or extlen + keylen > body or keylen > MAX_KEY:
+                return False
+            if collections and keylen and op not in _NO_CID_OPS:
+                return False
+            if not from_client and (op == 0xBB or op == 0x1F):
+                return False
+            pkts.append((op, off + 24 + extlen, keylen, vb_status, opaque))
+            off += 24 + body
+        if off != n:
+            return False
+        if from_client:
+            for op, k, keylen, _st, opaque in pkts:
+                name, quiet, get_family = _OPS.get(op, (f"OP_{op:#04x}", False, False))
+                if op in _COUCHBASE_OPS:
+                    self.couchbase = True
+                key = data[k:k + min(keylen, 250)].tobytes().decode("utf-8", "replace") if keylen else ""
+                self._bin_add(op, name, quiet, get_family, key, None, opaque, ts_ns)
+        else:
+            for op, _k, _kl, vb_status, opaque in pkts:
+                self._bin_response(op, vb_status, opaque, ts_ns)
+        return True
+
     def _bin_request(self, buf: LargeBuffer, op: int, kstart: int, keylen: int, opaque: int, value: int,
                      ts: int) -> None:
         name, quiet, get_family = _OPS.get(op, (f"OP_{op:#04x}", False, False))
@@ -332,11 +379,16 @@ class Session(Session):  # type: ignore[no-redef]
             self.couchbase = True
         key_off, key_len = kstart, keylen
         collection = None
-        if self.collections and keylen and op not in (0x89, 0x1F, 0xBA, 0xBB, 0xB5, 0x20, 0x21, 0x22, 0xFE):
+        if self.collections and keylen and op not in _NO_CID_OPS:
             cid, key_off = _leb128(buf, kstart, kstart + keylen)
             key_len = kstart + keylen - key_off
             collection = self.cid_names.get(cid, "_default" if cid == 0 else f"cid:{cid}")
         key = buf.bytes_at(key_off, min(key_len, 250)).decode("utf-8", "replace") if key_len else ""
+        self._bin_add(op, name, quiet, get_family, key, collection, opaque, ts)
+
+    def _bin_add(self, op: int, name: str, quiet: bool, get_family: bool, key: str, collection: str | None,
+                 opaque: int, ts: int) -> None:
+        """A binary request, its key read: await its response."""
         if op == 0x89:  # SELECT_BUCKET: the key is the bucket name
             self.bucket = key
         if op == 0xBB and key:
