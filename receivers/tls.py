@@ -738,14 +738,18 @@ class TlsLayer:
             out = []
             self._retry_waiting(out, False)
         get = conns.get
+        first = 0
         if out is None and not self._late:
             # the common case, first: every event is data of a connection known to be plain
             for ev in events:
                 if ev.kind or get(ev.conn_id) is not _PASS:
                     break
+                first += 1
             else:
                 return events
-        for i, ev in enumerate(events):
+            # Those before ``first`` stay as they are (out is None): the loop below starts after them.
+        for i in range(first, len(events)):
+            ev = events[i]
             st = get(ev.conn_id)
             kind = ev.kind
             if st is _PASS or st is _PASS_CLOSING:  # a plain connection past its first bytes
@@ -773,8 +777,13 @@ class TlsLayer:
                     continue
                 if out is None and st.held is None:  # type: ignore[union-attr]
                     # nothing changed in the batch so far: the event stays where it is unless TLS starts
-                    if kind != _DATA:
-                        self._plain_end(st, ev)  # type: ignore[arg-type]
+                    if kind != _DATA:  # _plain_end, inline: twice a short connection (issue 21)
+                        if kind == _CLOSE:
+                            st.closes += 1  # type: ignore[union-attr]
+                            if st.closes >= 2:  # type: ignore[union-attr]
+                                conns.pop(ev.conn_id, None)
+                        elif kind == _RESET:
+                            conns.pop(ev.conn_id, None)
                         continue
                     p = ev.payload
                     # A first byte that is no TLS record type says no to all three tests at once.

@@ -129,7 +129,9 @@ class LargeBuffer:
         ``ts_ns`` is when the chunk arrived: ``ts_at`` tells a parser when a
         message's first byte was seen, for span start times.
         """
-        mv = _as_view(chunk)
+        mv = chunk
+        if mv.__class__ is not memoryview or mv.format != "B" or mv.ndim != 1:  # (a byte view: no call)
+            mv = _as_view(chunk)
         n = mv.nbytes
         if n == 0:
             return

@@ -226,10 +226,14 @@ class _Store:
     on_evict: Callable[[Any], None] | None
 
     def _setup(self, conn: Conn, entry_bytes: int, start: str, traceparent: Callable[[Any], Any] | None) -> None:
+        # Once per store, several a connection: plain comparisons, not max/min calls (issue 21).
         b = conn.budget
         self._conn = conn
         self._eb = entry_bytes
-        self._cap = max(1, min(b.per_conn_entries, b.per_conn_bytes // max(entry_bytes, 1)))
+        cap = b.per_conn_bytes // (entry_bytes if entry_bytes > 1 else 1)
+        if cap > b.per_conn_entries:
+            cap = b.per_conn_entries
+        self._cap = cap if cap > 1 else 1
         self._extra = None
         self._start = start
         self._tp = traceparent
@@ -281,7 +285,7 @@ class PendingQueue(deque, _Store):  # type: ignore[type-arg]
                  traceparent: Callable[[Any], Any] | None = None) -> None:
         """``start``: the entries' attribute holding the request's start (its span's start);
         ``traceparent``: a function giving an entry's wire traceparent, for trace assembly."""
-        super().__init__()
+        deque.__init__(self)
         self._setup(conn, entry_bytes, start, traceparent)
 
     def append(self, x: Any) -> None:
@@ -328,7 +332,7 @@ class PendingMap(dict, _Store):  # type: ignore[type-arg]
 
     def __init__(self, conn: Conn, entry_bytes: int = ENTRY_BYTES, start: str = "start_ts",
                  traceparent: Callable[[Any], Any] | None = None) -> None:
-        super().__init__()
+        dict.__init__(self)
         self._setup(conn, entry_bytes, start, traceparent)
 
     def __setitem__(self, key: Any, value: Any) -> None:
@@ -485,9 +489,11 @@ class Conn:
     def release_stores(self) -> None:
         """The session is gone: give back what its stores still hold (without counting drops:
         the session's close counted what it had to)."""
-        for st in self.stores:
-            st.clear()
-        self.stores.clear()
+        stores = self.stores
+        for st in stores:
+            if len(st):  # most are empty by now: no Python-level clear call for them
+                st.clear()
+        stores.clear()
         if self.assembler is not None:
             self.assembler.forget(self)
 

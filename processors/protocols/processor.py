@@ -279,6 +279,9 @@ def _tls_emit(emit: Any, tls: dict[str, Any]) -> Any:
 _DETECTING, _PARSING, _IGNORED = 0, 1, 2
 _DATA = EventKind.DATA
 _DATAGRAM = EventKind.DATAGRAM
+_GAP = EventKind.GAP
+_CLOSE = EventKind.CLOSE
+_RESET = EventKind.RESET
 
 
 class _State:
@@ -305,7 +308,6 @@ class _State:
         "server_closed",
         "skipped",
         "session",
-        "spans_at_error",
         "udp",
     )
 
@@ -326,12 +328,12 @@ class _State:
         #: Per side, the protocols still in the running for the message at the buffer's
         #: start (a detector's NO is final for it: base.py), in the order to try them.
         self.candidates: list[list[tuple[str, ModuleType, frozenset[int]]] | None] = [None, None]
-        self.closed = [False, False]
+        #: Sides that sent FIN: bit 1 << side (an int: no list a connection).
+        self.closed = 0
         self.server_closed = False
         self.egress_side: int | None = None
         self.pid = ev.pid
         self.comm = ev.comm
-        self.spans_at_error = 0
         self.skipped = False
         self.udp = False
 
@@ -373,6 +375,8 @@ class ProtocolsProcessor(EventProcessor):
         self._assembler = TraceAssembler(self.id, passive=config.assemble is True) if asm_on else None
         self._cur_tid: int | None = None
         self._resources: dict[tuple[Any, ...], Resource] = {}
+        #: A capture's resources by (server address, port, comm): _resource's rules walk, once.
+        self._server_resources: dict[tuple[Any, ...], Resource] = {}
         self._hosts = HostNames(config.hosts)
         self._procs = ProcessMetadata(config.resource_detection)
         self._out: list[Span] = []
@@ -536,7 +540,7 @@ class ProtocolsProcessor(EventProcessor):
         st = conns.get(cid)
         kind = ev.kind
         if st is None:
-            if kind in (EventKind.CLOSE, EventKind.RESET, EventKind.GAP):
+            if kind == _CLOSE or kind == _RESET or kind == _GAP:
                 return  # nothing known about it: nothing to end
             st = conns[cid] = _State(ev)
             self.stats["connections"] += 1
@@ -546,29 +550,40 @@ class ProtocolsProcessor(EventProcessor):
                 self._evict_count("max_connections")
         else:
             conns.move_to_end(cid)
-        if ev.ts_ns > st.last_ts:
-            st.last_ts = ev.ts_ns
-        side = 0 if (ev.src == st.a_addr and ev.sport == st.a_port) else 1
-        if ev.client_is_src is not None and st.client_side is None:
-            st.client_side = side if ev.client_is_src else 1 - side
-        if ev.egress is not None and st.egress_side is None:
-            st.egress_side = side if ev.egress else 1 - side
-        if kind == EventKind.DATA:
-            if st.mode == _PARSING:
+        ts = ev.ts_ns
+        if ts > st.last_ts:
+            st.last_ts = ts
+        side = 0 if (ev.sport == st.a_port and ev.src == st.a_addr) else 1
+        cis = ev.client_is_src
+        if cis is not None and st.client_side is None:
+            st.client_side = side if cis else 1 - side
+        egress = ev.egress
+        if egress is not None and st.egress_side is None:
+            st.egress_side = side if egress else 1 - side
+        if kind == _DATA:
+            mode = st.mode
+            if mode == _PARSING:
                 self._data(st, side, ev)
-            elif st.mode == _DETECTING:
+            elif mode == _DETECTING:
                 self._detect(cid, st, side, ev)
-        elif kind == EventKind.GAP:
-            self._gap(cid, st, side, ev.ts_ns, ev.gap)
-        elif kind == EventKind.CLOSE:
-            st.closed[side] = True
+        elif kind == _CLOSE:
+            closed = st.closed = st.closed | (1 << side)
             if st.mode == _PARSING and side != st.client_side and not st.server_closed:
                 # The server is done: nothing in flight can still be answered.
                 st.server_closed = True
-                self._guard(cid, st, lambda: st.session.close(ev.ts_ns, False))  # type: ignore[union-attr]
-            if st.closed[0] and st.closed[1]:
-                self._end(cid, st, ev.ts_ns, reset=False)
-        elif kind == EventKind.RESET:
+                session = st.session
+                if session is not None:  # _guard's rules, inline: once a connection (issue 21)
+                    try:
+                        session.close(ts, False)
+                    except ProtocolError as e:
+                        self._drop(st.conn.protocol if st.conn else e.protocol, e.reason)
+                    except Exception:
+                        self._internal_error(cid)
+            if closed == 3:
+                self._end(cid, st, ts, reset=False)
+        elif kind == _GAP:
+            self._gap(cid, st, side, ts, ev.gap)
+        elif kind == _RESET:
             self._end(cid, st, ev.ts_ns, reset=True)
         # OPEN needs nothing beyond creating the state and noting the roles.
 
@@ -694,9 +709,15 @@ class ProtocolsProcessor(EventProcessor):
     def _end(self, cid: Any, st: _State, ts: int, reset: bool) -> None:
         if st.mode == _DETECTING and st.detect_bytes:
             self._drop("", "undetected")  # it sent bytes, none of them understood
-        if st.mode == _PARSING and st.session is not None:
+        session = st.session
+        if st.mode == _PARSING and session is not None:
             if not st.server_closed or reset:
-                self._guard(cid, st, lambda: st.session.close(ts, reset))  # type: ignore[union-attr]
+                try:  # _guard's rules, inline: once a connection (issue 21)
+                    session.close(ts, reset)
+                except ProtocolError as e:
+                    self._drop(st.conn.protocol if st.conn else e.protocol, e.reason)
+                except Exception:
+                    self._internal_error(cid)
             self._count_incomplete(st)
         if st.conn is not None:
             st.conn.release_stores()
@@ -708,7 +729,7 @@ class ProtocolsProcessor(EventProcessor):
         """Bytes still buffered when a session ends are a message that never completed."""
         if st.conn is not None:
             for b in st.bufs:
-                if len(b):
+                if b._len:
                     self._drop(st.conn.protocol, "incomplete_message")
 
     def _shed(self) -> None:
@@ -818,8 +839,8 @@ class ProtocolsProcessor(EventProcessor):
         st.detect_bytes += len(payload)
         from_client = None if st.client_side is None else side == st.client_side
         order = st.candidates[side]
-        if order is None:
-            order = st.candidates[side] = list(self._detect_order(st.a_port, st.b_port))
+        if order is None:  # the shared tuple: only ``still`` below is the connection's own
+            order = self._detect_order(st.a_port, st.b_port)
         still: list[tuple[str, ModuleType, frozenset[int]]] = []
         for entry in order:
             name, mod, _ = entry
@@ -889,10 +910,10 @@ class ProtocolsProcessor(EventProcessor):
         tls = getattr(cid, "tls", None)
         if tls is not None:  # TLS plaintext (receivers/tls.py TlsConnId)
             emit = _tls_emit(emit, tls)
-        conn = Conn(cid, caddr, cport, saddr, sport, emit, self._drop, perspective=perspective,
-                    resource=self._resource(saddr, sport, st.pid, st.comm), settings=self._settings.get(name),
-                    protocol=name, pid=st.pid, comm=st.comm, budget=self._budget, assembler=asm,
-                    bufs=(st.bufs[cs], st.bufs[1 - cs]))
+        # Positional (Conn's order): keywords were a third of the call, once a connection.
+        conn = Conn(cid, caddr, cport, saddr, sport, emit, self._drop, perspective,
+                    self._resource(saddr, sport, st.pid, st.comm), self._settings.get(name),
+                    name, st.pid, st.comm, self._budget, asm, (st.bufs[cs], st.bufs[1 - cs]))
         conn.tid = self._cur_tid
         if name in HTTP_PROTOCOLS:  # fastcgi ignores it
             conn.enrich = self._enricher
@@ -964,6 +985,17 @@ class ProtocolsProcessor(EventProcessor):
 
     # -- resources -----------------------------------------------------------------------
     def _resource(self, saddr: str, sport: int, pid: int | None, comm: str | None) -> Resource:
+        if pid is None:  # a capture's: fixed by the server and the config, kept (issue 21)
+            key = (saddr, sport, comm)
+            r = self._server_resources.get(key)
+            if r is None:
+                if len(self._server_resources) >= 4096:
+                    self._server_resources.clear()
+                r = self._server_resources[key] = self._resource_of(saddr, sport, pid, comm)
+            return r
+        return self._resource_of(saddr, sport, pid, comm)
+
+    def _resource_of(self, saddr: str, sport: int, pid: int | None, comm: str | None) -> Resource:
         name = None
         for rule in self.config.service_name:
             if rule.matches(saddr, sport, comm):
