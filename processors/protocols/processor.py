@@ -532,13 +532,13 @@ class ProtocolsProcessor(EventProcessor):
     # -- per event ---------------------------------------------------------------------
     def _event(self, ev: TcpEvent) -> None:
         self._cur_tid = ev.tid
-        if ev.kind == _DATAGRAM:
+        kind = ev.kind
+        if kind == _DATAGRAM:
             self._datagram(ev)
             return
         cid = ev.conn_id
         conns = self._conns
         st = conns.get(cid)
-        kind = ev.kind
         if st is None:
             if kind == _CLOSE or kind == _RESET or kind == _GAP:
                 return  # nothing known about it: nothing to end
@@ -840,7 +840,11 @@ class ProtocolsProcessor(EventProcessor):
         from_client = None if st.client_side is None else side == st.client_side
         order = st.candidates[side]
         if order is None:  # the shared tuple: only ``still`` below is the connection's own
-            order = self._detect_order(st.a_port, st.b_port)
+            pa, pb = st.a_port, st.b_port
+            hint = self._hint_ports
+            order = self._orders.get((pa if pa in hint else -1, pb if pb in hint else -1))
+            if order is None:
+                order = self._detect_order(pa, pb)
         still: list[tuple[str, ModuleType, frozenset[int]]] = []
         for entry in order:
             name, mod, _ = entry
@@ -906,8 +910,9 @@ class ProtocolsProcessor(EventProcessor):
         asm = self._assembler
         if asm is not None and st.pid is None and not asm.passive:
             asm = None  # a capture: assembled only with assemble: true
-        emit = self._emitter(name)
-        tls = getattr(cid, "tls", None)
+        emit = self._emitters.get(name) or self._emitter(name)
+        # A plain tuple has no ``tls``: no getattr (and its AttributeError) a connection.
+        tls = getattr(cid, "tls", None) if cid.__class__ is not tuple else None
         if tls is not None:  # TLS plaintext (receivers/tls.py TlsConnId)
             emit = _tls_emit(emit, tls)
         # Positional (Conn's order): keywords were a third of the call, once a connection.
@@ -943,15 +948,17 @@ class ProtocolsProcessor(EventProcessor):
                 self._internal_error(cid)
             return
         other = 1 - side
-        obuf = st.bufs[other]
-        if len(obuf):
+        bufs = st.bufs
+        obuf = bufs[other]
+        if obuf._len:
             od = mod.detect(obuf, other == cs)
             if od not in (Detection.REQUEST, Detection.RESPONSE, Detection.NEED_MORE):
                 obuf.reset()
         # Requests before responses, whichever side was detected first.
-        for s in (cs, 1 - cs):
-            if len(st.bufs[s]) and st.session is not None and st.mode == _PARSING:
-                self._feed(cid, st, s, ts)
+        if bufs[cs]._len:
+            self._feed(cid, st, cs, ts)
+        if bufs[1 - cs]._len and st.session is not None and st.mode == _PARSING:
+            self._feed(cid, st, 1 - cs, ts)
 
     def _switch(self, cid: Any, st: _State, ts: int) -> None:
         """A session handed the connection on (HTTP/1 101 -> h2c, websocket, CONNECT)."""
