@@ -540,3 +540,46 @@ def test_c_repeated_topic_among_many_is_declined(version, count):
     pdata = produce_request(9 if version < 13 else 13, {n: {0: records(1)} for n in names}, ids=ids)
     assert c_check(pdata) == "same"
     assert c_check(pdata.replace(old, new)) == "declined"
+
+
+def _metadata_run(version: int, resp: bytes, other: bool, walker: bool, monkeypatch) -> tuple:
+    from processors.protocols import kafka
+    from processors.protocols.errors import ProtocolError
+    from tests.support.kafka_wire import Driver, metadata_request
+    with monkeypatch.context() as m:
+        if walker:
+            m.setattr(flat, "metadata_response", lambda *a: None)
+        d = Driver(settings=kafka.Settings(other_api_spans=other))
+        d.request(metadata_request(version, ["orders", "audit"], corr=5))
+        err = None
+        try:
+            d.response(resp)
+        except ProtocolError as e:
+            err = (type(e), e.reason)
+        cache = d.conn.settings.topic_ids
+        return (err, dict(d.drops), [(s.name, sorted(s.attributes.items())) for s in d.spans],
+                sorted(cache._d.items()), sorted(d.session._k.pending))
+
+
+@settings(max_examples=4 * EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.integers(0, 13), st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)), max_size=3),
+       st.integers(0, 3), st.booleans())
+def test_flat_metadata_response_agrees_with_the_walker(monkeypatch, version, mutations, cut, other):
+    """flat.metadata_response (a complete Metadata response read from one view) caches
+    what metadata.py's walker caches, and declines whatever the walker might refuse: the
+    session ends in the same state (cache, drops, spans, errors, pending) either way, on
+    valid, mutated and cut responses (the size kept, so the message is complete)."""
+    from tests.support.kafka_wire import metadata_response
+    ids = {"orders": uuid.UUID(int=1).bytes, "audit": uuid.UUID(int=2).bytes, "bad name": uuid.UUID(int=3).bytes}
+    resp = bytearray(metadata_response(version, ids, corr=5))
+    for pos, byte in mutations:
+        pos = 4 + pos % (len(resp) - 4)  # the size stays, so the message stays whole
+        resp[pos] = byte
+    if cut:
+        resp = resp[:len(resp) - cut]
+        resp[:4] = struct.pack(">i", len(resp) - 4)
+    got = _metadata_run(version, bytes(resp), other, False, monkeypatch)
+    want = _metadata_run(version, bytes(resp), other, True, monkeypatch)
+    assert got == want
+    if not mutations and not cut and version >= 10:
+        assert len(got[3]) == 2

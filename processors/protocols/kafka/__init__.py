@@ -91,6 +91,7 @@ class Session(_BaseSession):
         super().__init__(conn)
         settings = conn.settings if isinstance(conn.settings, Settings) else _DEFAULT_SETTINGS
         self._k = KafkaSession(conn, settings)
+        self.feed = self._k.feed  # type: ignore[method-assign]  # the stage calls it per segment: no hop
 
     def feed(self, from_client: bool, buf: LargeBuffer, ts_ns: int) -> None:
         self._k.feed(from_client, buf, ts_ns)

@@ -36,7 +36,7 @@ from . import apis
 from .apis import APIS
 from .codec import NAME, TOPIC_RE
 from .records import BATCH_HEADER, BATCH_PREFIX, MAX_HEADERS_SCAN, MAX_TRACEPARENT
-from .state import FastTopic, FastTopic3, Msg, TopicData, resp_topic
+from .state import ZERO_UUID, FastTopic, FastTopic3, Msg, TopicData, resp_topic
 
 #: Messages up to this size spanning several chunks are gathered into the buffer's scratch
 #: (so a connection direction's scratch never grows past it for this).
@@ -798,6 +798,81 @@ def fetch_response(mv: memoryview, pos: int, m: Msg, req: Msg) -> None:
                 pos = _tags(mv, pos)
         if flex:
             pos = _tags(mv, pos)
+
+
+def metadata_response(mv: memoryview, version: int, flex: bool, header_tags: bool) -> list[tuple[bytes, str]] | None:
+    """A complete Metadata response view: the (topic id, name) pairs metadata.py's walker
+    would cache, in its order; None for anything the walker might refuse (it then reads
+    the message and says why), so nothing here decides an error.
+
+    Positions only grow, so a field past the end either fails its read (IndexError,
+    struct.error) or is caught by the last check, as the walker's bounded reader would.
+    """
+    n_all = len(mv)
+    out: list[tuple[bytes, str]] = []
+    try:
+        pos = _tags(mv, 8) if header_tags else 8
+        if version >= 3:
+            pos += 4  # throttle_time_ms
+        nb, pos = _array(mv, pos, flex)
+        for _ in range(nb):  # brokers: node_id host port [rack] <tags>
+            pos = _skip_str(mv, pos + 4, flex) + 4
+            if version >= 1:
+                pos = _skip_str(mv, pos, flex)
+            if flex:
+                pos = _tags(mv, pos)
+        if version >= 2:
+            pos = _skip_str(mv, pos, flex)  # cluster_id
+        if version >= 1:
+            pos += 4  # controller_id
+        nt, pos = _array(mv, pos, flex)
+        fixed = 14 if version >= 7 else 10
+        arrays = 3 if version >= 5 else 2
+        for _ in range(nt):
+            pos += 2  # error_code
+            if flex:
+                ln, pos = _uvarint(mv, pos)
+                ln -= 1
+            else:
+                ln = _I16(mv, pos)[0]
+                pos += 2
+            if ln < -1 or pos + ln > n_all:
+                return None
+            name = None
+            if ln >= 0:
+                nb_ = mv[pos:pos + ln].tobytes()  # a topic name (<= the message), kept in the cache
+                name = _NAMES.get(nb_)
+                if name is None and TOPIC_RE.fullmatch(nb_) is not None:
+                    name = _name(nb_, pos)
+                pos += ln  # a name the walker cannot validate is just not cached
+            tid = None
+            if version >= 10:
+                if pos + 16 > n_all:
+                    return None
+                tid = mv[pos:pos + 16].tobytes()
+                pos += 16
+            if version >= 1:
+                pos += 1  # is_internal
+            np, pos = _array(mv, pos, flex)
+            for _ in range(np):  # partitions: fixed fields, replica/isr[/offline] arrays, <tags>
+                pos += fixed
+                for _ in range(arrays):
+                    k, pos = _array(mv, pos, flex)
+                    if k > 0:
+                        pos += 4 * k
+                if flex:
+                    pos = _tags(mv, pos)
+            if version >= 8:
+                pos += 4  # topic_authorized_operations
+            if flex:
+                pos = _tags(mv, pos)
+            if name is not None and tid is not None and tid != ZERO_UUID:
+                out.append((tid, name))
+    except (Malformed, IndexError, struct.error):
+        return None
+    if pos > n_all:
+        return None
+    return out
 
 
 def parse_response(mv: memoryview, m: Msg, req: Msg) -> None:

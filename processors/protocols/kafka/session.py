@@ -237,13 +237,37 @@ class KafkaSession:
             return True
         corr = int.from_bytes(mv[4:8], "big", signed=True)  # from mv: a buffer read could reuse its scratch
         req = self.pending.get(corr)
-        if req is None or req.api_key not in (apis.PRODUCE, apis.FETCH):
-            return False  # unpaired (counted by the walker) or Metadata/other: the walker path
-        del self.pending[corr]
-        m = Msg(req.api_key, req.version, req.flex, corr)
-        m.response = True
-        m.scan_left = scan
-        flat.parse_response(mv, m, req)
+        if req is None:
+            return False  # unpaired: counted by the walker
+        key = req.api_key
+        if key not in (apis.PRODUCE, apis.FETCH):
+            # Metadata: read from the view by flat.py (the topic ids it caches), unless it
+            # declines. Any other API's response body nobody reads (ApiVersions,
+            # FindCoordinator, ...): the walker would read the correlation id and an empty
+            # tag section, then step over the rest; done here. Tagged fields in the
+            # header go to the walker.
+            tags = apis.response_header_flexible(key, req.version)
+            if key == apis.METADATA:
+                pairs = flat.metadata_response(mv, req.version, req.flex, tags)
+                if pairs is None:
+                    return False
+                cache = self.cache
+                if cache is not None:
+                    for tid, name in pairs:
+                        cache.put(tid, name)
+            elif tags and (total < 9 or mv[8] != 0):
+                return False
+            del self.pending[corr]
+            m = Msg(key, req.version, req.flex, corr)
+            m.response = True
+            m.scan_left = scan
+            m.cache = self.cache
+        else:
+            del self.pending[corr]
+            m = Msg(key, req.version, req.flex, corr)
+            m.response = True
+            m.scan_left = scan
+            flat.parse_response(mv, m, req)
         cur.req = req
         cur.msg = m
         self._response_done(cur, buf.ts_at(total - 1))
