@@ -524,8 +524,9 @@ class Session(_Session):
                     continue
                 if n - pos < 4:
                     return
-                plen = buf.u32le_at(pos) & 0xFFFFFF
-                seq = buf.u8_at(pos + 3)
+                h = buf.u32le_at(pos)  # length (3 bytes LE) and sequence id in one read
+                plen = h & 0xFFFFFF
+                seq = h >> 24
                 if not from_client and self._phase == _HANDSHAKE and (
                         seq != 0 or (n - pos > 4 and buf.u8_at(pos + 4) != PROTOCOL_VERSION)):
                     # Joined mid-stream: this is the tail of some answer; wait for a command.
