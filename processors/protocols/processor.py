@@ -469,7 +469,21 @@ class ProtocolsProcessor(EventProcessor):
                                 if n > max_msg:
                                     self._too_large(st, side, ev)
                                 elif n >= buf.want:  # the session said how much it needs first
-                                    self._feed(cid, st, side, ts)
+                                    # _feed, inline (once an event here): an exception other than
+                                    # ProtocolError is the outer handler's, as _feed's is its own.
+                                    from_client = side == st.client_side
+                                    conn.req_from_client = from_client  # type: ignore[union-attr]
+                                    before = len(out)
+                                    try:
+                                        st.session.feed(from_client, buf, ts)  # type: ignore[union-attr]
+                                    except ProtocolError as e:
+                                        self._protocol_error(cid, st, side, ts, e)
+                                        continue
+                                    if st.errors and len(out) > before:
+                                        st.errors = 0
+                                    extra = conn.extra  # type: ignore[union-attr]
+                                    if extra and "switch_to" in extra:
+                                        self._switch(cid, st, ts)
                             continue
                     self._event(ev)
                 except Exception:  # a bug: never let it escape; abandon the connection
