@@ -416,3 +416,37 @@ def test_real_mosquitto_capture_started_after_the_subscriber_connected() -> None
 def test_detect_refuses_a_publish_topic_with_invalid_utf8() -> None:
     assert m.detect(LargeBuffer(bytes.fromhex("30030001ff")), None) == Detection.NO
     assert m.detect(LargeBuffer(publish("caf\u00e9/temp", b"1")), None) == Detection.REQUEST
+
+
+def _conversation() -> list[tuple[bool, bytes]]:
+    """3.1.1: QoS 0/1/2, a payload with a two-byte remaining length, subscribe, acks."""
+    return [(True, connect("sensor-7", user="bob", pw="hunter2")), (False, pkt(0x20, b"\x00\x00")),
+            (True, publish("a/t0", b"zero") + publish("a/t1", b"one" * 100, 1, 10) + publish("a/t2", b"two", 2, 11)),
+            (False, pkt(0x40, struct.pack(">H", 10)) + pkt(0x50, struct.pack(">H", 11))),
+            (True, pkt(0x62, struct.pack(">H", 11))), (False, pkt(0x70, struct.pack(">H", 11))),
+            (True, pkt(0x82, struct.pack(">H", 12) + s("a/#") + b"\x01" + s("b/+") + b"\x00")),
+            (False, pkt(0x90, struct.pack(">H", 12) + b"\x01\x80") + publish("ok", b"k" * 300, 1, 3)),
+            (True, pkt(0x40, struct.pack(">H", 3)) + b"\xc0\x00\xe0\x00")]
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.integers(1, 400), max_size=8), st.integers(0, 8))
+def test_cuts_anywhere_give_the_same_spans(cuts: list, which: int) -> None:
+    """The cursor walk (a fixed header's one-byte length read from the chunk, a longer or
+    straddling one through the buffer) gives the same spans and drops wherever a segment
+    is cut (times left out: the driver's clock steps with each send)."""
+    def run(split: bool) -> list:
+        d = Driver()
+        for i, (fc, data) in enumerate(_conversation()):
+            if split and i == which:
+                pos = 0
+                for c in sorted({min(c, len(data)) for c in cuts}):
+                    d.send(fc, data[pos:c])
+                    pos = c
+                d.send(fc, data[pos:])
+            else:
+                d.send(fc, data)
+        return [(x.name, x.status_code, sorted(x.attributes.items(), key=str)) for x in d.spans] + [d.drops]
+    got = run(True)
+    assert got == run(False)
+    assert len(got) == 6 and got[-1] == []  # five spans, no drops

@@ -55,6 +55,7 @@ _PROPS: dict[int, Any] = {
     0x22: 2, 0x23: 2, 0x24: 1, 0x25: 1, 0x26: "p", 0x27: 4, 0x28: 1, 0x29: 1, 0x2A: 1,
 }
 _U16 = struct.Struct(">H")
+_NO_PROPS: dict[str, Any] = {}  # read only
 
 
 class Settings(ProtocolSettings):
@@ -289,73 +290,103 @@ class Session(Session):  # type: ignore[no-redef]
         # (initiator is client, packet id) -> the exchange awaiting its acknowledgement
         self.pending: dict[tuple[bool, int], _Exchange] = PendingMap(conn, traceparent=_exchange_traceparent)
         self.connect: _Exchange | None = None
+        self._need = 0  # _publish's bytes wanted from the buffer's front (feed turns it into buf.want)
 
     def feed(self, from_client: bool, buf: LargeBuffer, ts_ns: int) -> None:
+        # Packets are walked with a cursor and released once at the end (a release per
+        # packet re-sliced the chunk list); the fixed header's common one-byte length is
+        # read from the chunk's view. Error offsets count from the front of the buffer.
         d = self.dirs[from_client]
-        while True:
-            if d.skip:
-                take = min(d.skip, len(buf))
-                buf.release(take)
-                d.skip -= take
+        off = 0
+        want = 0
+        n = len(buf)
+        try:
+            while True:
                 if d.skip:
+                    take = min(d.skip, n - off)
+                    off += take
+                    d.skip -= take
+                    if d.skip:
+                        return
+                if n - off < 2:
                     return
-            n = len(buf)
-            if n < 2:
-                return
-            b0 = buf.u8_at(0)
-            got = _varint(buf, 1, min(n, 5))
-            if got is None:
-                return
-            rl, p = got
-            t = b0 >> 4
-            if t == 0 or (t in _REQUIRED_FLAGS and b0 & 0x0F != _REQUIRED_FLAGS[t]):
-                raise Malformed(NAME, "bad_fixed_header", 0, f"{b0:#x}")
-            end = p + rl
-            if t == PUBLISH:
-                if not self._publish(from_client, buf, b0, p, end, ts_ns, d):
+                c, cs = buf.chunk_at(off)
+                rel = off - cs
+                if rel + 2 <= len(c) and c[rel + 1] < 0x80:
+                    b0 = c[rel]
+                    rl = c[rel + 1]
+                    p = off + 2
+                else:
+                    b0 = buf.u8_at(off)
+                    got = _varint(buf, off + 1, min(n, off + 5))
+                    if got is None:
+                        return
+                    rl, p = got
+                t = b0 >> 4
+                if t == 0 or (t in _REQUIRED_FLAGS and b0 & 0x0F != _REQUIRED_FLAGS[t]):
+                    raise Malformed(NAME, "bad_fixed_header", off, f"{b0:#x}")
+                end = p + rl
+                if t == PUBLISH:
+                    r = self._publish(from_client, buf, b0, off, p, end, ts_ns, d)
+                    if r > 0:
+                        off = r  # the payload (d.skip) is stepped over next
+                        continue
+                    if r == 0:
+                        if self._need:
+                            want = self._need - off
+                            self._need = 0
+                        return
+                    off = -r  # a bad topic: its header is dropped, its payload skipped
+                    raise Malformed(NAME, "bad_topic", p)
+                if rl > MAX_HEADER:
+                    raise LimitExceeded(NAME, "packet_too_large", off)
+                if rl < _MIN_LENGTH[t]:
+                    raise Malformed(NAME, "packet_too_short", off, f"type {t} length {rl}")
+                if n < end:
+                    want = end - off
                     return
-                continue
-            if rl > MAX_HEADER:
-                raise LimitExceeded(NAME, "packet_too_large", 0)
-            if rl < _MIN_LENGTH[t]:
-                raise Malformed(NAME, "packet_too_short", 0, f"type {t} length {rl}")
-            if n < end:
-                buf.want = end
-                return
-            try:
-                self._control(from_client, t, buf, p, end, buf.ts_at(0), ts_ns)
-            except BufferBoundsError:
-                raise Malformed(NAME, "truncated", 0, "a field overruns the packet") from None
-            buf.release(end)
+                try:
+                    self._control(from_client, t, buf, p, end, buf.ts_at(off), ts_ns)
+                except BufferBoundsError:
+                    raise Malformed(NAME, "truncated", off, "a field overruns the packet") from None
+                off = end
+        finally:
+            if off:
+                buf.release(off)
+            if want:
+                buf.want = want
 
     # -- PUBLISH ------------------------------------------------------------
-    def _publish(self, from_client: bool, buf: LargeBuffer, b0: int, p: int, end: int, ts_ns: int,
-                 d: _Dir) -> bool:
+    def _publish(self, from_client: bool, buf: LargeBuffer, b0: int, o: int, p: int, end: int, ts_ns: int,
+                 d: _Dir) -> int:
+        """A PUBLISH at ``o`` (its variable header at ``p``): the offset after its variable
+        header (its payload left in ``d.skip``); 0 to wait (``self._need``: the bytes wanted
+        from the buffer's front, when known); minus that offset for a bad topic name."""
         qos = (b0 >> 1) & 3
         if qos == 3:
-            raise Malformed(NAME, "bad_qos", 0)
+            raise Malformed(NAME, "bad_qos", o)
         n = len(buf)
         # The variable header: topic, packet id, properties. Wait for it (bounded).
         if n < p + 2:
-            return False
-        hdr_end = p + 2 + buf.u16be_at(p) + (2 if qos else 0)
+            return 0
+        tlen = buf.u16be_at(p)
+        hdr_end = p + 2 + tlen + (2 if qos else 0)
         if hdr_end > end:
             raise Malformed(NAME, "truncated", p, "topic overruns the packet")
         if self.version == 5:
             if n < hdr_end + 4 and n < end:
-                return False
+                return 0
             got = _varint(buf, hdr_end, min(n, end))
             if got is None:
-                return False
+                return 0
             hdr_end = got[1] + got[0]
             if hdr_end > end:
                 raise Malformed(NAME, "truncated", p, "properties overrun the packet")
         if hdr_end - p > MAX_HEADER:
             raise LimitExceeded(NAME, "header_too_large", p)
         if n < hdr_end:
-            buf.want = hdr_end
-            return False
-        tlen = buf.u16be_at(p)
+            self._need = hdr_end
+            return 0
         raw = buf.bytes_at(p + 2, tlen)  # the topic, kept for the span (bounded by MAX_HEADER)
         if _BAD_NAME.search(raw) is not None or (tlen == 0 and self.version != 5):
             topic = None
@@ -367,9 +398,8 @@ class Session(Session):  # type: ignore[no-redef]
         if topic is None:
             # Invalid UTF-8, U+0000 or a wildcard in a topic name: a protocol violation, which
             # the broker answers by closing the connection (3.1.1 §4.7.3, 5.0 §4.7.3).
-            buf.release(hdr_end)
             d.skip = end - hdr_end
-            raise Malformed(NAME, "bad_topic", p)
+            return -hdr_end
         if tlen > 1024:
             topic = topic[:1024]
         q = p + 2 + tlen
@@ -377,7 +407,7 @@ class Session(Session):  # type: ignore[no-redef]
         if qos:
             pid = buf.u16be_at(q)
             q += 2
-        props: dict[str, Any] = {}
+        props: dict[str, Any] = _NO_PROPS
         if self.version == 5:
             props, q = _properties(buf, q, hdr_end, True)
             alias = props.get("topic_alias")
@@ -386,7 +416,7 @@ class Session(Session):  # type: ignore[no-redef]
                     d.aliases[alias] = topic
                 else:
                     topic = d.aliases.get(alias, f"alias:{alias}")
-        start = buf.ts_at(0)
+        start = buf.ts_at(o)
         payload = end - hdr_end
         retain = bool(b0 & 1)
         # eBPF: the client process publishes (PRODUCER) or receives (CONSUMER); the broker is SERVER.
@@ -410,9 +440,8 @@ class Session(Session):  # type: ignore[no-redef]
             self._emit(ex, ts_ns)
         else:
             self._add((from_client, pid), ex)
-        buf.release(hdr_end)
         d.skip = payload
-        return True
+        return hdr_end
 
     # -- everything else (small, read whole) ------------------------------------
     def _control(self, from_client: bool, t: int, buf: LargeBuffer, p: int, end: int, start: int,
