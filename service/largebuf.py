@@ -119,8 +119,9 @@ class LargeBuffer:
         #: Bytes a session needs before its next ``feed`` can make progress (0: unknown).
         #: The stage skips ``feed`` while ``len(buf) < want``; ``release``/``reset`` clear it.
         self.want = 0
-        for c in chunks:
-            self.append(c)
+        if chunks:  # two buffers a connection are made empty: no loop set up for them
+            for c in chunks:
+                self.append(c)
 
     # -- building ---------------------------------------------------------
     def append(self, chunk: _Bytes, ts_ns: int = 0) -> None:

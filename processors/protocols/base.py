@@ -213,6 +213,29 @@ _DEFAULT_BUDGET = PendingBudget()
 _MISSING = object()
 
 
+def _store_init(self: Any, conn: Conn, entry_bytes: int = ENTRY_BYTES, start: str = "start_ts",
+                traceparent: Callable[[Any], Any] | None = None) -> None:
+    """``start``: the entries' attribute holding the request's start (its span's start);
+    ``traceparent``: a function giving an entry's wire traceparent, for trace assembly.
+
+    The ``__init__`` of both stores: the empty deque or dict is made by its ``__new__`` (its
+    ``__init__`` without arguments changes nothing), so a store, several a connection, costs
+    one Python call and plain comparisons, not max/min (issue 21)."""
+    b = conn.budget
+    self._conn = conn
+    self._eb = entry_bytes
+    cap = b.per_conn_bytes // (entry_bytes if entry_bytes > 1 else 1)
+    if cap > b.per_conn_entries:
+        cap = b.per_conn_entries
+    self._cap = cap if cap > 1 else 1
+    self._extra = None
+    self._start = start
+    self._tp = traceparent
+    #: Called with an entry the budget dropped, for a session's own bookkeeping.
+    self.on_evict = None
+    conn.stores.append(self)
+
+
 class _Store:
     """What PendingQueue and PendingMap share: the accounting against the budget."""
 
@@ -224,22 +247,6 @@ class _Store:
     _start: str
     _tp: Callable[[Any], Any] | None
     on_evict: Callable[[Any], None] | None
-
-    def _setup(self, conn: Conn, entry_bytes: int, start: str, traceparent: Callable[[Any], Any] | None) -> None:
-        # Once per store, several a connection: plain comparisons, not max/min calls (issue 21).
-        b = conn.budget
-        self._conn = conn
-        self._eb = entry_bytes
-        cap = b.per_conn_bytes // (entry_bytes if entry_bytes > 1 else 1)
-        if cap > b.per_conn_entries:
-            cap = b.per_conn_entries
-        self._cap = cap if cap > 1 else 1
-        self._extra = None
-        self._start = start
-        self._tp = traceparent
-        #: Called with an entry the budget dropped, for a session's own bookkeeping.
-        self.on_evict = None
-        conn.stores.append(self)
 
     def _added(self, x: Any) -> None:
         conn = self._conn
@@ -281,12 +288,7 @@ class PendingQueue(deque, _Store):  # type: ignore[type-arg]
 
     __slots__ = ("_cap", "_conn", "_eb", "_extra", "_start", "_tp", "on_evict")
 
-    def __init__(self, conn: Conn, entry_bytes: int = ENTRY_BYTES, start: str = "start_ts",
-                 traceparent: Callable[[Any], Any] | None = None) -> None:
-        """``start``: the entries' attribute holding the request's start (its span's start);
-        ``traceparent``: a function giving an entry's wire traceparent, for trace assembly."""
-        deque.__init__(self)
-        self._setup(conn, entry_bytes, start, traceparent)
+    __init__ = _store_init
 
     def append(self, x: Any) -> None:
         deque.append(self, x)
@@ -330,10 +332,7 @@ class PendingMap(dict, _Store):  # type: ignore[type-arg]
 
     __slots__ = ("_cap", "_conn", "_eb", "_extra", "_start", "_tp", "on_evict")
 
-    def __init__(self, conn: Conn, entry_bytes: int = ENTRY_BYTES, start: str = "start_ts",
-                 traceparent: Callable[[Any], Any] | None = None) -> None:
-        dict.__init__(self)
-        self._setup(conn, entry_bytes, start, traceparent)
+    __init__ = _store_init
 
     def __setitem__(self, key: Any, value: Any) -> None:
         old = dict.get(self, key, _MISSING)
