@@ -369,3 +369,42 @@ def test_real_nats_server_through_the_ebpf_receiver() -> None:
     server = [s for s in sink.spans if s.resource.attributes.get("process.pid") == srv.pid]
     _check_real(client, "client")
     _check_real(server, "server")
+
+
+def _segments() -> list[tuple[bool, bytes]]:
+    """Verbose mode, subscriptions, PUB/HPUB/MSG/HMSG (a 503 status), a request's reply,
+    +OK/-ERR, an empty line."""
+    return [(False, INFO), (True, connect(verbose=True) + b"PING\r\n"), (False, b"+OK\r\nPONG\r\n"),
+            (True, b"SUB orders.* 1\r\nSUB rpc.echo workers 2\r\n"),
+            (True, pub("orders.created", b"x" * 300) + hpub("orders.paid", hblock(f"traceparent: {TP}", "X-Id: 7"),
+                                                            b"y" * 500)),
+            (False, msg("orders.created", "1", b"x" * 300)
+             + hmsg("orders.paid", "1", hblock(f"traceparent: {TP}", status="503"), b"y" * 500)),
+            (False, msg("rpc.echo", "2", b"ping", reply="_INBOX.abc.1") + b"+OK\r\n-ERR 'x'\r\n"),
+            (True, pub("_INBOX.abc.1", b"pong") + b"UNSUB 1\r\nUNSUB 2 5\r\n"),
+            (False, b"+OK\r\n+OK\r\n\r\n")]
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.integers(1, 900), max_size=8), st.integers(0, 8))
+def test_cuts_anywhere_give_the_same_spans(cuts: list, which: int) -> None:
+    """The cursor walk (a line's end found in its chunk, or across chunks by the buffer)
+    gives the same spans and drops wherever a segment is cut (times left out: the driver's
+    clock steps with each send)."""
+    def run(split: bool) -> list:
+        d = Driver()
+        for i, (fc, data) in enumerate(_segments()):
+            if split and i == which:
+                pos = 0
+                for c in sorted({min(c, len(data)) for c in cuts}):
+                    d.send(fc, data[pos:c])
+                    pos = c
+                d.send(fc, data[pos:])
+            else:
+                d.send(fc, data)
+        d.session.close(d.ts)
+        return [(x.name, x.status_code, x.status_message, sorted(x.attributes.items(), key=str)) for x in d.spans] \
+            + [d.drops]
+    got = run(True)
+    assert got == run(False)
+    assert len(got) == 9

@@ -49,6 +49,7 @@ MAX_CONTROL_LINE = 4096
 #: allowed this long (nats-server caps what it reads of a client with max_control_line,
 #: which operators raise for JWTs).
 MAX_JSON_LINE = 64 * 1024
+_NL = re.compile(rb"\n").search  # a line's end, searched in place in a chunk
 #: The largest payload nats-server accepts (``max_payload`` may be raised to 64 MiB).
 MAX_PAYLOAD = 64 * 1024 * 1024
 #: Header blocks up to this size are read for ``traceparent``; larger ones are skipped.
@@ -280,62 +281,76 @@ class Session(Session):  # type: ignore[no-redef]
 
     # -- framing ------------------------------------------------------------
     def feed(self, from_client: bool, buf: LargeBuffer, ts_ns: int) -> None:
+        # Lines and payloads are walked with a cursor and released once at the end (a
+        # release per line, header block, payload and CRLF re-sliced the chunk list each
+        # time); a line's end is searched in the chunk holding it (re on the view), the
+        # buffer's find only for a line across chunks.
         d = self.dirs[from_client]
-        while True:
-            if d.cur is not None and (d.skip or d.crlf or d.cur.hdr):
-                if not self._payload(d, buf, ts_ns):
+        off = 0
+        want = 0
+        n = len(buf)
+        limit = MAX_JSON_LINE
+        try:
+            while True:
+                m = d.cur
+                if m is not None and (d.skip or d.crlf or m.hdr):
+                    # The header block, the payload stepped over, its CRLF; the message is
+                    # emitted when whole.
+                    if m.hdr:
+                        if m.hdr <= MAX_HEADER_BYTES:
+                            if n - off < m.hdr:
+                                want = m.hdr
+                                return
+                            self._headers(m, buf.bytes_at(off, m.hdr))  # bounded by MAX_HEADER_BYTES
+                            off += m.hdr
+                            m.hdr = 0
+                        else:  # too large to read: stepped over with the payload
+                            d.skip += m.hdr
+                            m.hdr = 0
+                    if d.skip:
+                        take = min(d.skip, n - off)
+                        off += take
+                        d.skip -= take
+                        if d.skip:
+                            return
+                    if d.crlf:
+                        if n - off < 2:
+                            want = 2
+                            return
+                        if buf.view_at(off, 2) != b"\r\n":
+                            d.cur, d.crlf = None, False
+                            raise Malformed(NAME, "bad_payload_end", 0, "the payload does not end with CRLF")
+                        off += 2
+                        d.crlf = False
+                    d.cur = None
+                    self._done(m, ts_ns)
+                    continue
+                if n == off:
                     return
-                continue
-            n = len(buf)
-            if n == 0:
-                return
-            limit = MAX_JSON_LINE
-            nl = buf.find(b"\n", 0, min(n, limit + 2))
-            if nl < 0:
-                if n > limit + 1:
-                    raise LimitExceeded(NAME, "line_too_long", 0)
-                return
-            end = nl - 1 if nl > 0 and buf.u8_at(nl - 1) == 0x0D else nl
-            line = buf.bytes_at(0, end)  # the control line: a bounded, deliberate copy
-            start = buf.ts_at(0)
-            buf.release(nl + 1)
-            self._line(from_client, d, line, start, ts_ns)
-
-    def _payload(self, d: _Dir, buf: LargeBuffer, ts_ns: int) -> bool:
-        """Read the header block, step over the payload, check its CRLF; emit the message
-        when it is whole. False: wait for more bytes."""
-        m = d.cur
-        assert m is not None
-        if m.hdr:
-            if m.hdr <= MAX_HEADER_BYTES:
-                if len(buf) < m.hdr:
-                    buf.want = m.hdr
-                    return False
-                self._headers(m, buf.bytes_at(0, m.hdr))  # bounded by MAX_HEADER_BYTES
-                buf.release(m.hdr)
-                m.hdr = 0
-            else:  # too large to read: stepped over with the payload
-                d.skip += m.hdr
-                m.hdr = 0
-        if d.skip:
-            take = min(d.skip, len(buf))
-            if take:
-                buf.release(take)
-                d.skip -= take
-            if d.skip:
-                return False
-        if d.crlf:
-            if len(buf) < 2:
-                buf.want = 2
-                return False
-            if buf.view_at(0, 2) != b"\r\n":
-                d.cur, d.crlf = None, False
-                raise Malformed(NAME, "bad_payload_end", 0, "the payload does not end with CRLF")
-            buf.release(2)
-            d.crlf = False
-        d.cur = None
-        self._done(m, ts_ns)
-        return True
+                lim = n if n - off < limit + 2 else off + limit + 2
+                c, cs = buf.chunk_at(off)
+                ce = cs + len(c)
+                hit = _NL(c, off - cs, (lim if lim < ce else ce) - cs)
+                if hit is not None:
+                    nl = cs + hit.start()
+                elif lim <= ce:
+                    nl = -1
+                else:  # the line goes on in the next chunk
+                    nl = buf.find(b"\n", ce, lim)
+                if nl < 0:
+                    if n - off > limit + 1:
+                        raise LimitExceeded(NAME, "line_too_long", 0)
+                    return
+                end = nl - 1 if nl > off and buf.u8_at(nl - 1) == 0x0D else nl
+                line = buf.bytes_at(off, end - off)  # the control line: a bounded, deliberate copy
+                start = buf.ts_at(off)
+                off = nl + 1
+                self._line(from_client, d, line, start, ts_ns)
+        finally:
+            if off:
+                buf.release(off)
+            if want:
+                buf.want = want
 
     def _headers(self, m: _Msg, raw: bytes) -> None:
         lines = raw.decode("latin-1").split("\r\n")
