@@ -462,3 +462,36 @@ def test_mutated_conversations_only_raise_protocol_errors() -> None:
     from tests.support.driver import mutate_conversations
 
     mutate_conversations(Driver, _amqp10(), seed=10)
+
+
+_ATOMS = [b"\x40", b"\x41", b"\x42", b"\x43", b"\x44", b"\x45", b"\x50\x07", b"\x52\x09", b"\x53\x10",
+          b"\x00\x53\x10\x40", b"\xa1\x03abc", b"\xa3\x02xy", b"\xa1\x00", b"\x70\x00\x00\x00\x01",
+          b"\xc0\x03\x02\x40\x41", b"\xc1\x05\x02\xa3\x01k\x40", b"\x00\xa3\x03abc\x45", b"\x98" + b"\x01" * 16]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from(_ATOMS), max_size=12), st.integers(0, v10.MAX_DEPTH + 1), st.integers(0, 4))
+def test_list_items_read_inline_equal_value_reads(items: list, depth: int, cut: int) -> None:
+    """_compound reads the common scalars and short strings of a list without calling _value:
+    each must come out as _value reads it alone, with the same errors past the depth limit
+    and when the list's size cuts an item (Malformed bad_compound)."""
+    body = b"".join(items)
+    cut = cut if cut <= len(body) else 0
+    data = memoryview(b"\xc0" + bytes([len(body) + 1 - cut, len(items)]) + body)
+
+    def read(mv: memoryview, d: int) -> object:
+        try:
+            return v10._value(mv, 0, len(mv), d)
+        except ProtocolError as e:
+            return e.reason
+    got = read(data, depth)
+    alone = [read(memoryview(x), depth + 1) for x in items]
+    errors = [a for a in alone if isinstance(a, str)]
+    if depth > v10.MAX_DEPTH:
+        assert got == "too_deep"
+    elif cut:
+        assert got in ("bad_compound", "too_deep")
+    elif errors:
+        assert got == errors[0]
+    else:
+        assert got == ([a[0] for a in alone], len(data))  # type: ignore[index]

@@ -89,6 +89,12 @@ _FIXED = {0x40: 0, 0x41: 0, 0x42: 0, 0x43: 0, 0x44: 0, 0x45: 0,
           0x80: 8, 0x81: 8, 0x82: 8, 0x83: 8, 0x84: 8, 0x94: 16, 0x98: 16}
 
 
+#: Zero-width constructors' values (null, true, false, uint0, ulong0) and the one-byte
+#: unsigned ones (ubyte, smalluint, smallulong), read inline by _compound.
+_ZERO_WIDTH = {0x40: None, 0x41: True, 0x42: False, 0x43: 0, 0x44: 0}
+_ONE_BYTE_UINT = frozenset((0x50, 0x52, 0x53))
+
+
 class _Short(Exception):
     """A value runs past the bytes looked at (the frame's head): not an error of the peer."""
 
@@ -137,7 +143,11 @@ def _value(mv: memoryview, p: int, end: int, depth: int = 0, nmax: int = 1 << 30
     c = mv[p]
     q = p + 1
     if c == 0x00:
-        d, q = _value(mv, q, end, depth + 1)
+        if q + 1 < end and mv[q] == 0x53 and depth < MAX_DEPTH:  # the usual smallulong descriptor, inline
+            d = mv[q + 1]
+            q += 2
+        else:
+            d, q = _value(mv, q, end, depth + 1)
         v, q = _value(mv, q, end, depth + 1, nmax)
         return (d, v), q
     w = _FIXED.get(c)
@@ -213,10 +223,31 @@ def _compound(mv: memoryview, c: int, p: int, q: int, nxt: int, depth: int, nmax
             if isinstance(k, (str, int, bytes, bool)) or k is None:
                 out[k] = v
         return out
-    items = []
+    items: list[Any] = []
+    append = items.append
+    # A performative's fields are mostly nulls, booleans, small integers and short strings:
+    # those are read here as _value reads them (same bounds, same results), without a call.
+    inline = depth < MAX_DEPTH
     for _ in range(min(count, nmax)):
+        if inline and s < nxt:
+            c = mv[s]
+            if c in _ZERO_WIDTH:
+                append(_ZERO_WIDTH[c])
+                s += 1
+                continue
+            if s + 2 <= nxt:
+                if c in _ONE_BYTE_UINT:
+                    append(mv[s + 1])
+                    s += 2
+                    continue
+                if c == 0xA1 or c == 0xA3:  # str8, sym8
+                    e = s + 2 + mv[s + 1]
+                    if e <= nxt:
+                        append(str(mv[s + 2:s + 2 + min(e - s - 2, MAX_TEXT)], "utf-8", "replace"))  # bounded copy
+                        s = e
+                        continue
         v, s = _value(mv, s, nxt, depth + 1)
-        items.append(v)
+        append(v)
     return items
 
 
@@ -534,10 +565,8 @@ class Session(Session):  # type: ignore[no-redef]
             if n < 8:
                 buf.want = 8
                 return
-            size = buf.u32be_at(0)
-            doff = buf.u8_at(4) * 4
-            ftype = buf.u8_at(5)
-            channel = buf.u16be_at(6)
+            size, doff, ftype, channel = _FRAME.unpack_from(buf.view_at(0, 8))  # one read (straddling: scratch)
+            doff *= 4
             if size < MIN_FRAME or doff < 8 or doff > size or ftype > 1:
                 raise Malformed(NAME, "bad_frame", 0, f"size {size} doff {doff} type {ftype}")
             if size == doff:  # an empty frame: a heartbeat
