@@ -968,6 +968,35 @@ class ProtocolsProcessor(EventProcessor):
             od = mod.detect(obuf, other == cs)
             if od not in (Detection.REQUEST, Detection.RESPONSE, Detection.NEED_MORE):
                 obuf.reset()
+        buf = bufs[side]
+        if not obuf._len and len(buf._chunks) == 1:
+            # The detected message came in one segment, as the fast path's do: it may go to
+            # feed_whole as it would have with an empty buffer (a short connection's first
+            # request is half its messages: issue 21). Declined, it is fed from the buffer.
+            whole = st.session.feed_whole
+            if whole is not None:
+                from_client = side == cs
+                conn.req_from_client = from_client
+                out = self._out
+                before = len(out)
+                chunk, chunk_ts = buf._chunks[0], buf._ts[0]
+                buf.reset()  # the session sees the buffer as the fast path leaves it: empty
+                try:
+                    took = whole(from_client, chunk, ts)
+                except ProtocolError as e:
+                    self._protocol_error(cid, st, side, ts, e)
+                    return
+                except Exception:
+                    self._internal_error(cid)
+                    return
+                if not took:
+                    buf.append(chunk, chunk_ts)
+                else:
+                    if st.errors and len(out) > before:
+                        st.errors = 0
+                    if conn.extra and "switch_to" in conn.extra:
+                        self._switch(cid, st, ts)
+                    return
         # Requests before responses, whichever side was detected first.
         if bufs[cs]._len:
             self._feed(cid, st, cs, ts)
