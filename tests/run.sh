@@ -34,4 +34,4 @@ fi
 
 python3 -m ruff check .
 # The C accelerators must have built here: a silent fallback would hide a slower service.
-WIRESPAN_REQUIRE_SPEEDUPS=1 python3 -m pytest -q "$@"
+WIRESPAN_REQUIRE_SPEEDUPS=1 python3 -m pytest -q --durations=25 "$@"
