@@ -363,16 +363,8 @@ def _conversation() -> list[tuple[bool, bytes]]:
 def test_feed_whole_matches_the_buffered_path(mutations: list) -> None:
     """The buffer-less path (feed_whole) gives the buffered path's spans and drops, for the
     conversation as sent, with bytes changed and with segments split in two."""
-    from tests.support.whole import run_both_ways
-    segs = _conversation()
-    for i, pos, byte, split in mutations:
-        i %= len(segs)
-        fc, data = segs[i]
-        pos %= len(data)
-        if split:
-            segs[i:i + 1] = [(fc, data[:pos]), (fc, data[pos:])] if pos else [(fc, data)]
-        else:
-            segs[i] = (fc, data[:pos] + bytes([byte]) + data[pos + 1:])
+    from tests.support.whole import mutate, run_both_ways
+    segs = mutate(_conversation(), mutations)
     spans, _drops = run_both_ways(mc.Session, 11211, segs)
     if not mutations:
         assert [s[0].split()[0] for s in spans] == ["SET", "GET", "GETKQ", "SETQ", "NOOP", "GET", "GET", "GET",

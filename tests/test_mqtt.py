@@ -436,16 +436,9 @@ def test_cuts_anywhere_give_the_same_spans(cuts: list, which: int) -> None:
     straddling one through the buffer) gives the same spans and drops wherever a segment
     is cut (times left out: the driver's clock steps with each send)."""
     def run(split: bool) -> list:
+        from tests.support.driver import send_cut
         d = Driver()
-        for i, (fc, data) in enumerate(_conversation()):
-            if split and i == which:
-                pos = 0
-                for c in sorted({min(c, len(data)) for c in cuts}):
-                    d.send(fc, data[pos:c])
-                    pos = c
-                d.send(fc, data[pos:])
-            else:
-                d.send(fc, data)
+        send_cut(d.send, _conversation(), which if split else -1, cuts)
         return [(x.name, x.status_code, sorted(x.attributes.items(), key=str)) for x in d.spans] + [d.drops]
     got = run(True)
     assert got == run(False)

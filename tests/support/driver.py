@@ -97,3 +97,18 @@ def mutate_conversations(make: Callable[[], SessionDriver], convs: list, seed: i
                 (d.conn.client_buf if fc else d.conn.server_buf).reset()
                 d.session.gap(fc, d.ts)
         d.session.close(d.ts)
+
+
+def send_cut(send: Callable[[bool, bytes], object], segments: list[tuple[bool, bytes]], which: int,
+             cuts: list[int]) -> None:
+    """``send(from_client, data)`` each segment, segment ``which`` cut at ``cuts`` (hypothesis'
+    offsets, clamped; -1 cuts none): a parser must give the same spans wherever bytes split."""
+    for i, (fc, data) in enumerate(segments):
+        if i == which:
+            pos = 0
+            for c in sorted({min(c, len(data)) for c in cuts}):
+                send(fc, data[pos:c])
+                pos = c
+            send(fc, data[pos:])
+        else:
+            send(fc, data)

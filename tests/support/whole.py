@@ -10,7 +10,7 @@ import pytest
 from processors.protocols.processor import ProtocolsProcessor
 from service.model import EventKind, TcpEvent
 
-__all__ = ["run_both_ways"]
+__all__ = ["mutate", "run_both_ways"]
 
 CLIENT = ("10.0.0.1", 40000)
 SERVER = "10.0.0.2"
@@ -49,3 +49,18 @@ def run_both_ways(session_cls: type, port: int, segments: list[tuple[bool, bytes
         want = _run(port, segments)
     assert got == want
     return got
+
+
+def mutate(segments: list[tuple[bool, bytes]], mutations: list[tuple[int, int, int, bool]]) -> list[tuple[bool, bytes]]:
+    """The segments with hypothesis' ``(index, position, byte, split)`` mutations applied in
+    turn: a segment split in two at the position, or that byte written there."""
+    segs = list(segments)
+    for i, pos, byte, split in mutations:
+        i %= len(segs)
+        fc, data = segs[i]
+        pos %= len(data)
+        if split:
+            segs[i:i + 1] = [(fc, data[:pos]), (fc, data[pos:])] if pos else [(fc, data)]
+        else:
+            segs[i] = (fc, data[:pos] + bytes([byte]) + data[pos + 1:])
+    return segs
