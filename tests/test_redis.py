@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import re
 
 import pytest
 from hypothesis import given, settings
@@ -494,3 +495,34 @@ def test_feed_whole_takes_the_common_segments() -> None:
         spans, drops = run_both_ways(r.Session, 6379, segs)
     assert [s[0] for s in spans] == ["SET", "MGET"] and not drops
     assert calls[:3] == [True, True, True]  # the first request went through detection
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.sampled_from([b"*1\r\n$4\r\nPING\r\n", b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$1\r\nv\r\n",
+                        b"*2\r\n$6\r\nCLIENT\r\n$7\r\nSETNAME\r\n", b"*1\r\n$10\r\nCLUSTER|XY\r\n",
+                        b"*999999\r\n$3\r\nGET\r\n", b"*01\r\n$3\r\nGET\r\n"]),
+       st.lists(st.tuples(st.integers(0, 40), st.sampled_from(b"*$\r\n0123456789-_|Aa \x00"), st.booleans()),
+                max_size=3),
+       st.sampled_from([True, None, False]))
+def test_detect_fast_path_answers_as_the_walk(base: bytes, edits: list, from_client: bool | None) -> None:
+    """detect's one-regex path for a one-chunk command gives the general walk's answer."""
+    data = bytearray(base)
+    for pos, byte, insert in edits:
+        pos %= len(data) + 1
+        if insert or pos == len(data):
+            data.insert(pos, byte)
+        else:
+            data[pos] = byte
+
+    def det() -> Detection:
+        b = LargeBuffer()
+        b.append(memoryview(bytes(data)), 1)
+        return r.detect(b, from_client)
+
+    fast = det()
+    saved = r._DETECT_COMMAND
+    r._DETECT_COMMAND = re.compile(rb"(?!)")  # matches nothing: the walk alone
+    try:
+        assert det() == fast
+    finally:
+        r._DETECT_COMMAND = saved

@@ -114,6 +114,10 @@ def _int_line(buf: LargeBuffer, off: int, limit: int) -> tuple[int, int] | None:
     return n, end + 2
 
 
+#: ``*<count>\r\n$<len>\r\n<name>\r\n`` with a letter-led command name (detect's fast path).
+_DETECT_COMMAND = re.compile(rb"\*([1-9][0-9]{0,5})\r\n\$([1-9][0-9]?)\r\n([A-Za-z][A-Za-z_|\-]*)\r\n")
+
+
 def detect(buf: LargeBuffer, from_client: bool | None) -> Detection:
     n = len(buf)
     if n == 0:
@@ -122,6 +126,12 @@ def detect(buf: LargeBuffer, from_client: bool | None) -> Detection:
     if t == 0x2A and from_client is not False:  # '*': a command array: *<n>\r\n$<len>\r\n<name>\r\n
         if n < 8:
             return Detection.NEED_MORE
+        if buf.chunk_count == 1:
+            # The usual first segment, in one regex over its view: what the general walk below
+            # accepts, in its plainest spelling (no leading zeros); anything else takes the walk.
+            m = _DETECT_COMMAND.match(buf.view_at(0, n if n < 96 else 96))
+            if m is not None and int(m.group(2)) == len(m.group(3)) <= 64:
+                return Detection.REQUEST
         head = _int_line(buf, 1, 1 << 20)
         if head is None or head[0] < 1:
             return Detection.NEED_MORE if buf.find(b"\r\n", 1, min(n, 25)) < 0 and n < 25 else Detection.NO
