@@ -186,6 +186,15 @@ class LargeBuffer:
         if self._misses:
             self._misses.clear()
 
+    def consumed(self, n: int, want: int = 0) -> None:
+        """A feed's end for a parser that walks with a cursor and releases once: drop the ``n``
+        bytes it consumed, then, when ``want``, ask for that many bytes (from the new start)
+        before the stage feeds again (base.py's contract)."""
+        if n:
+            self.release(n)
+        if want:
+            self.want = want
+
     def release(self, n: int) -> None:
         """Drop the first ``n`` bytes (a parsed message); later offsets shift by ``n``."""
         if n < 0 or n > self._len:

@@ -422,3 +422,17 @@ def test_want_is_cleared_by_release_and_reset() -> None:
     buf.want = 100
     buf.reset()
     assert buf.want == 0
+
+
+def test_consumed_releases_then_asks() -> None:
+    """A feed's end: the consumed bytes go, then ``want`` counts from the new start (a release
+    resets it, so the order matters); nothing consumed and nothing wanted changes nothing."""
+    b = LargeBuffer()
+    b.append(memoryview(b"abcdef"), 1)
+    b.want = 9
+    b.consumed(0)
+    assert len(b) == 6 and b.want == 9
+    b.consumed(2, 5)
+    assert bytes(b.view_at(0, 4)) == b"cdef" and b.want == 5
+    b.consumed(4)
+    assert len(b) == 0 and b.want == 0

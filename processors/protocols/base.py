@@ -42,7 +42,8 @@ dripping bytes must not cost the node a core, so:
   its place, as the Redis scanner does) and never rescans a growing message from
   its start. ``LargeBuffer.find`` remembers a failed search, so re-asking for a
   delimiter scans only the new bytes. When the next message needs ``n`` bytes,
-  set ``buf.want = n`` (from the buffer's start, after any release): the stage
+  set ``buf.want = n`` (from the buffer's start, after any release; ``buf.consumed(n, want)``
+  does both at a feed's end): the stage
   does not call ``feed`` again before they are there.
 - A shared test feeds each protocol's exchange (tests/support/exchanges.py: add
   a new protocol's line) whole, a byte a segment and in random pieces: same

@@ -185,10 +185,7 @@ class Session(Session):  # type: ignore[no-redef]
                     self._record(t, rid, buf.views(off + 8, clen), clen, buf.ts_at(off), ts_ns)
                 off += total
         finally:
-            if off:
-                buf.release(off)
-            if want:
-                buf.want = want
+            buf.consumed(off, want)
 
     def feed_whole(self, from_client: bool, data: memoryview, ts_ns: int) -> bool:
         """A segment of whole records (base.py's contract), read in place without a buffer.

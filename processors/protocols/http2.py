@@ -645,10 +645,7 @@ class H2Session(_BaseSession):
         try:
             pos = self._frames(from_client, d, buf)
         finally:
-            if pos:
-                buf.release(pos)
-            if self._want:
-                buf.want = self._want
+            buf.consumed(pos, self._want)
 
     def _start(self, from_client: bool, d: _Direction, buf: LargeBuffer) -> bool:
         """Consume the preface if there is one; otherwise pick up mid-stream."""

@@ -351,10 +351,7 @@ class Session(Session):  # type: ignore[no-redef]
                     raise Malformed(NAME, "truncated", off, "a field overruns the packet") from None
                 off = end
         finally:
-            if off:
-                buf.release(off)
-            if want:
-                buf.want = want
+            buf.consumed(off, want)
 
     # -- PUBLISH ------------------------------------------------------------
     def _publish(self, from_client: bool, buf: LargeBuffer, b0: int, o: int, p: int, end: int, ts_ns: int,

@@ -487,10 +487,7 @@ class Session(_Session):
                     inner.append(_inflate(buf, pos + 7, clen, ulen), ts)
                 pos += 7 + clen
         finally:
-            if pos:
-                buf.release(pos)
-            if want:
-                buf.want = want
+            buf.consumed(pos, want)
         if len(inner):
             self._packets(from_client, inner, False)
 
@@ -559,10 +556,7 @@ class Session(_Session):
                 if outer and self._zbuf is not None:
                     return  # compressed from here on: feed hands the rest to _frames
         finally:
-            if pos:
-                buf.release(pos)
-            if want:
-                buf.want = want
+            buf.consumed(pos, want)
 
     def gap(self, from_client: bool, ts_ns: int) -> None:
         d = 0 if from_client else 1

@@ -347,10 +347,7 @@ class Session(Session):  # type: ignore[no-redef]
                 off = nl + 1
                 self._line(from_client, d, line, start, ts_ns)
         finally:
-            if off:
-                buf.release(off)
-            if want:
-                buf.want = want
+            buf.consumed(off, want)
 
     def _headers(self, m: _Msg, raw: bytes) -> None:
         lines = raw.decode("latin-1").split("\r\n")

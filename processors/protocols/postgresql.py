@@ -441,10 +441,7 @@ class Session(_Session):
                     self._skip[d] = total - (n - pos)
                     pos = n
         finally:
-            if pos:
-                buf.release(pos)
-            if want:
-                buf.want = want
+            buf.consumed(pos, want)
 
     def gap(self, from_client: bool, ts_ns: int) -> None:
         d = 0 if from_client else 1

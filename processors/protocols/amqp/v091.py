@@ -397,10 +397,7 @@ class Session(Session):  # type: ignore[no-redef]
                     self._frame(from_client, ftype, channel, buf.view_at(off, end + 1), buf.ts_at(off), ts_ns)
                 off += end + 1
         finally:
-            if off:
-                buf.release(off)
-            if want:
-                buf.want = want
+            buf.consumed(off, want)
 
     def feed_whole(self, from_client: bool, data: memoryview, ts_ns: int) -> bool:
         """A segment of whole frames (base.py's contract), read in place without a buffer.
