@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -57,14 +59,33 @@ def wait_until(pred: Callable[[], object], timeout: float = 5.0, interval: float
     return bool(pred())
 
 
+def _drained(path: Path, quiet: float = 0.25, timeout: float = 10.0) -> None:
+    """Wait until tcpdump has written what the kernel holds for it: the file has not grown for ``quiet`` s.
+
+    SIGINT stops tcpdump's loop at once; packets still in its kernel ring are never written.
+    A fixed pause lost a test's last reply once on a loaded CI machine (tshark missed a 200).
+    """
+    deadline = time.monotonic() + timeout
+    size, still = -1, time.monotonic()
+    time.sleep(0.1)
+    while time.monotonic() < deadline:
+        now = path.stat().st_size if path.exists() else 0
+        if now != size:
+            size, still = now, time.monotonic()
+        elif time.monotonic() - still >= quiet:
+            return
+        time.sleep(0.05)
+
+
 @contextlib.contextmanager
 def tcpdump(ports: int | list[int], path: str | os.PathLike[str] | None = None, iface: str = "lo",
             snaplen: int = 262144, pcapng: bool = False, udp: bool = False) -> Iterator[Path]:
     """Record TCP (and UDP too with ``udp``) on ``ports`` while the block runs; yields the capture's path.
 
     Waits until tcpdump says it is listening before the block starts, and after
-    the block lets the last packets in before stopping it with SIGINT (which
-    makes tcpdump flush). ``-U`` writes each packet as it comes, so nothing is
+    the block lets the last packets in (until the file stops growing) before
+    stopping it with SIGINT (which makes tcpdump flush); a kernel drop it then
+    reports is printed, for the test's failure output. ``-U`` writes each packet as it comes, so nothing is
     lost if the test dies.
     """
     if isinstance(ports, int):
@@ -102,7 +123,7 @@ def tcpdump(ports: int | list[int], path: str | os.PathLike[str] | None = None, 
                 raise TimeoutError(f"tcpdump did not start: {seen}")
             time.sleep(0.02)
         yield path
-        time.sleep(0.3)
+        _drained(path)
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGINT)
@@ -111,3 +132,9 @@ def tcpdump(ports: int | list[int], path: str | os.PathLike[str] | None = None, 
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+        with contextlib.suppress(OSError, ValueError):
+            assert proc.stderr is not None
+            tail = proc.stderr.read() or b""
+            m = re.search(rb"(\d+) packets? dropped by kernel", tail)
+            if m and int(m.group(1)):
+                print(f"tcpdump: {m.group(1).decode()} packets dropped by kernel ({path})", file=sys.stderr)
