@@ -65,6 +65,7 @@ MAX_NAME = 255
 
 _FRAME = struct.Struct(">BHI")
 _CM = struct.Struct(">HH")
+_FRAME_CM = struct.Struct(">BHIHH")  # a method frame's header and class and method ids
 _U16 = struct.Struct(">H").unpack_from
 _U32 = struct.Struct(">I").unpack_from
 _U64 = struct.Struct(">Q").unpack_from
@@ -121,6 +122,10 @@ _SYNC = {(20, 10), (20, 40), (40, 10), (40, 20), (40, 30), (40, 40), (50, 10), (
          (90, 10), (90, 20), (90, 30)}
 _ANSWERS = {(c, m + 1) for c, m in _SYNC} | {(40, 51), (60, 72)}
 _CONTENT = {(60, 40), (60, 50), (60, 60), (60, 71)}  # methods followed by a content header
+_CM_AT = _CM.unpack_from  # (class-id, method-id): the method tables' key as it is
+_WANT_NAME = (b"connection_name",)
+_SETTLE_NAMES = {(60, 80): "ack", (60, 120): "nack", (60, 90): "reject"}
+_WANT_TP = (b"traceparent",)
 
 
 class Settings(ProtocolSettings):
@@ -137,10 +142,11 @@ class Settings(ProtocolSettings):
 def _shortstr(v: memoryview, off: int, end: int) -> tuple[str, int]:
     if off >= end:
         raise Malformed(NAME, "truncated", off)
-    n = v[off]
-    if off + 1 + n > end:
+    nxt = off + 1 + v[off]
+    if nxt > end:
         raise Malformed(NAME, "truncated", off, "shortstr overruns the frame")
-    return v[off + 1:off + 1 + n].tobytes().decode("utf-8", "replace"), off + 1 + n  # <= 255 bytes
+    # str() decodes the view itself: no bytes copy first (<= 255 bytes either way).
+    return str(v[off + 1:nxt], "utf-8", "replace"), nxt
 
 
 def _skip_shortstr(v: memoryview, off: int, end: int) -> int:
@@ -156,6 +162,8 @@ def _skip_shortstr(v: memoryview, off: int, end: int) -> int:
 _FIXED = {0x74: 1, 0x62: 1, 0x42: 1, 0x73: 2, 0x75: 2, 0x49: 4, 0x69: 4, 0x6C: 8, 0x4C: 8,
           0x66: 4, 0x64: 8, 0x44: 5, 0x54: 8, 0x56: 0}
 _LONG = frozenset(b"SxAF")  # u32 length then that many bytes
+#: The key lengths of each ``want`` of _table_get (the module's own few tuples).
+_WANT_LENS: dict[tuple[bytes, ...], frozenset[int]] = {}
 
 
 def _table_get(v: memoryview, off: int, end: int, want: tuple[bytes, ...]) -> tuple[dict[bytes, str], int]:
@@ -168,11 +176,15 @@ def _table_get(v: memoryview, off: int, end: int, want: tuple[bytes, ...]) -> tu
         raise Malformed(NAME, "truncated", off, "table overruns the frame")
     p = off + 4
     out: dict[bytes, str] = {}
+    # Only a key as long as a wanted one is read and lower-cased (the others cannot match).
+    lens = _WANT_LENS.get(want)
+    if lens is None:
+        lens = _WANT_LENS[want] = frozenset(len(k) for k in want if len(k) <= 32)
     while p < tend:
         klen = v[p]
         if p + 2 + klen > tend:
             raise Malformed(NAME, "bad_table", p)
-        key = v[p + 1:p + 1 + klen].tobytes().lower() if want and klen <= 32 else b""
+        key = v[p + 1:p + 1 + klen].tobytes().lower() if klen in lens else b""
         p += 1 + klen
         t = v[p]
         p += 1
@@ -203,17 +215,16 @@ def detect(buf: LargeBuffer, from_client: bool | None) -> Detection:
     if buf.u8_at(0) == 0x41:  # 'A': the protocol header
         if from_client is False:
             return Detection.NO
-        k = min(n, 8)
-        got = buf.bytes_at(0, k)
-        if any(h.startswith(got) for h in _HEADERS_OK):
-            return Detection.REQUEST if k == 8 else Detection.NEED_MORE
-        return Detection.NO
+        if n >= 8:  # the whole header: one comparison
+            return Detection.REQUEST if buf.bytes_at(0, 8) in _HEADERS_OK else Detection.NO
+        got = buf.bytes_at(0, n)
+        return Detection.NEED_MORE if any(h.startswith(got) for h in _HEADERS_OK) else Detection.NO
     if buf.u8_at(0) != METHOD:
         return Detection.NO
     if n < 11:
         return Detection.NEED_MORE
-    _, channel, size = _FRAME.unpack(buf.bytes_at(0, 7))
-    cm = _CM.unpack(buf.bytes_at(7, 4))
+    _, channel, size, c, m = _FRAME_CM.unpack(buf.bytes_at(0, 11))
+    cm = (c, m)
     info = _METHODS.get(cm)
     if info is None or size < 4 or size > 64 * 1024:
         return Detection.NO
@@ -313,7 +324,14 @@ class Session(Session):  # type: ignore[no-redef]
         self.sync: dict[tuple[int, int], _Op] = PendingMap(conn, traceparent=_op_traceparent)
         #: Confirm-mode publishes awaiting basic.ack/nack, by (channel, sequence number).
         self.unconfirmed: dict[tuple[int, int], _Op] = PendingMap(conn, traceparent=_op_traceparent)
-        self.login: _Op | None = None  # from start-ok until open-ok: a refusal is a failed connect
+        #: From start-ok until open-ok, start-ok's time: a refusal is a failed connect (its _Op is
+        #: built only then, by _close: most logins succeed).
+        self.login: int | None = None
+        # The span kinds of this connection's perspective (fixed), looked up once, not a span.
+        kind = conn.kind_for
+        self.k_client = kind(SpanKind.CLIENT)
+        self.k_producer = kind(SpanKind.PRODUCER, SpanKind.PRODUCER)
+        self.k_consumer = kind(SpanKind.CONSUMER, SpanKind.CONSUMER)
 
     def _ch(self, channel: int) -> _Channel:
         ch = self.channels.get(channel)
@@ -404,14 +422,18 @@ class Session(Session):  # type: ignore[no-redef]
 
         The framing is checked first (complete frames of known types, each with its
         frame-end octet, ending exactly with the segment): only then is anything done, in
-        the order and with the code ``feed`` uses. Anything else returns False unchanged.
+        the order and with the code ``feed`` uses. A direction's first segment is taken too
+        unless it may be the client's protocol header (``feed`` reads that). Anything else
+        returns False unchanged.
         """
         d = self.dirs[from_client]
-        if d.skip or d.end or d.header or d.first:
+        if d.skip or d.end or d.header:
             return False
         if type(data) is not memoryview:  # the eBPF receiver's payloads are bytes
             data = memoryview(data)
         n = len(data)
+        if d.first and from_client and n and data[0] == 0x41:  # 'A': the protocol header, feed's
+            return False
         frame = _FRAME.unpack_from
         off = 0
         while off < n:
@@ -424,14 +446,24 @@ class Session(Session):  # type: ignore[no-redef]
             if ftype != BODY and (size > MAX_FRAME or ftype not in (METHOD, HEADER, HEARTBEAT)):
                 return False
             off = end + 1
+        if n:
+            d.first = False  # feed's first look, which found no protocol header
         off = 0
         while off < n:
             ftype, channel, size = frame(data, off)
             end = off + 7 + size
-            if ftype == BODY:
+            if ftype == METHOD:  # _frame, inline: most frames are methods
+                try:
+                    self._method(from_client, channel, data[off:end + 1], 7, 7 + size, ts_ns, ts_ns)
+                except (BufferBoundsError, struct.error, IndexError):
+                    raise Malformed(NAME, "truncated", 0, "a field overruns the frame") from None
+            elif ftype == BODY:
                 self._body_bytes(from_client, channel, size, ts_ns, final=True)
-            elif ftype != HEARTBEAT:
-                self._frame(from_client, ftype, channel, data[off:end + 1], ts_ns, ts_ns)
+            elif ftype == HEADER:
+                try:
+                    self._header(from_client, channel, data[off:end + 1], 7, 7 + size, ts_ns)
+                except (BufferBoundsError, struct.error, IndexError):
+                    raise Malformed(NAME, "truncated", 0, "a field overruns the frame") from None
             off = end + 1
         return True
 
@@ -447,7 +479,7 @@ class Session(Session):  # type: ignore[no-redef]
 
     # -- content ------------------------------------------------------------
     def _header(self, from_client: bool, channel: int, v: memoryview, p: int, end: int, ts_ns: int) -> None:
-        ch = self._ch(channel)
+        ch = self.channels.get(channel) or self._ch(channel)
         op = ch.content[from_client]
         if op is None or op.body >= 0:
             # A content header without its method: a capture joined inside a message. Skipped.
@@ -466,12 +498,14 @@ class Session(Session):  # type: ignore[no-redef]
             q += 2
         a = op.attrs
         a["messaging.message.body.size"] = body
-        # basic properties, in flag order (§1.8.2): shortstr unless noted.
-        for bit in range(15, 1, -1):
-            if not flags & (1 << bit):
-                continue
+        # basic properties, in flag order (§1.8.2): shortstr unless noted. Only the bits set are
+        # visited, highest first (bits 1 and 0 are not properties).
+        f = flags & 0xFFFC
+        while f:
+            bit = f.bit_length() - 1
+            f ^= 1 << bit
             if bit == 13:  # headers (table)
-                got, q = _table_get(v, q, end, (b"traceparent",))
+                got, q = _table_get(v, q, end, _WANT_TP)
                 tp = got.get(b"traceparent")
                 if tp:
                     op.traceparent = tp
@@ -525,74 +559,78 @@ class Session(Session):  # type: ignore[no-redef]
                 ts_ns: int) -> None:
         if end - p < 4:
             raise Malformed(NAME, "truncated", p)
-        cm = (_U16(v, p)[0], _U16(v, p + 2)[0])
-        info = _METHODS.get(cm)
-        if info is None:
+        cm = _CM_AT(v, p)
+        handler = _HANDLERS.get(cm)
+        if handler is None:
             raise Malformed(NAME, "unknown_method", p, f"{cm[0]}.{cm[1]}")
-        q = p + 4
-        ch = self._ch(channel)
-        if ch.content[from_client] is not None:
-            ch.content[from_client] = None  # a method ends any content on its channel (§4.2.6)
+        ch = self.channels.get(channel) or self._ch(channel)
+        content = ch.content
+        if content[from_client] is not None:
+            content[from_client] = None  # a method ends any content on its channel (§4.2.6)
             self.conn.drop("incomplete_message")
-        if cm in _CONTENT:
-            self._content_method(from_client, channel, ch, cm, v, q, end, start)
-            return
-        if cm == (10, 11):  # start-ok: client-properties (the response's credentials are not read)
-            got, _ = _table_get(v, q, end, (b"connection_name",))
-            if got.get(b"connection_name"):
-                self.client_name = got[b"connection_name"][:MAX_NAME]
-            self.login = _Op(cm, "connect", self.conn.kind_for(SpanKind.CLIENT), start,
-                             {"messaging.system": "rabbitmq", "messaging.operation.name": "connect"})
-            return
-        if cm == (10, 41):  # open-ok: logged in
-            self.login = None
-            return
-        if cm in ((10, 50), (20, 40)):
-            self._close(from_client, channel, ch, cm, v, q, end, start, ts_ns)
-            return
-        if cm == (20, 41):  # channel.close-ok (either side's close answered): the channel is gone
-            self._forget_channel(channel)
-            return
-        if cm == (10, 51):
-            for c in list(self.channels):
-                self._forget_channel(c)
-            return
-        if cm in ((60, 80), (60, 120), (60, 90)):
-            self._settle(from_client, channel, ch, cm, v, q, end, start, ts_ns)
-            return
-        if cm in _SYNC and from_client:
+        handler(self, from_client, channel, ch, cm, v, p + 4, end, start, ts_ns)
+
+    # Each method's handler (_HANDLERS, by class and method id) takes the same arguments: the
+    # frame ``v`` with its arguments from ``q`` to ``end``.
+    def _start_ok(self, from_client: bool, channel: int, ch: _Channel, cm: tuple[int, int], v: memoryview,
+                  q: int, end: int, start: int, ts_ns: int) -> None:
+        """client-properties (the response's credentials are not read); the login is pending."""
+        got, _ = _table_get(v, q, end, _WANT_NAME)
+        if got.get(b"connection_name"):
+            self.client_name = got[b"connection_name"][:MAX_NAME]
+        self.login = start
+
+    def _open_ok(self, from_client: bool, channel: int, ch: _Channel, cm: tuple[int, int], v: memoryview,
+                 q: int, end: int, start: int, ts_ns: int) -> None:
+        self.login = None  # logged in
+
+    def _close_ok(self, from_client: bool, channel: int, ch: _Channel, cm: tuple[int, int], v: memoryview,
+                  q: int, end: int, start: int, ts_ns: int) -> None:
+        """channel.close-ok (either side's close answered): the channel is gone."""
+        self._forget_channel(channel)
+
+    def _connection_close_ok(self, from_client: bool, channel: int, ch: _Channel, cm: tuple[int, int],
+                             v: memoryview, q: int, end: int, start: int, ts_ns: int) -> None:
+        for c in list(self.channels):
+            self._forget_channel(c)
+
+    def _sync_request(self, from_client: bool, channel: int, ch: _Channel, cm: tuple[int, int], v: memoryview,
+                      q: int, end: int, start: int, ts_ns: int) -> None:
+        if from_client:
             self._request(channel, ch, cm, v, q, end, start)
-            return
-        if cm in _ANSWERS and not from_client:
+
+    def _sync_answer(self, from_client: bool, channel: int, ch: _Channel, cm: tuple[int, int], v: memoryview,
+                     q: int, end: int, start: int, ts_ns: int) -> None:
+        if not from_client:
             self._answer(channel, ch, cm, v, q, end, ts_ns)
-            return
-        # anything else (tune, flow, heartbeats' siblings, cancel from the broker, blocked): no span
+
+    def _no_span(self, from_client: bool, channel: int, ch: _Channel, cm: tuple[int, int], v: memoryview,
+                 q: int, end: int, start: int, ts_ns: int) -> None:
+        """tune, flow, heartbeats' siblings, cancel from the broker, blocked: no span."""
 
     def _content_method(self, from_client: bool, channel: int, ch: _Channel, cm: tuple[int, int],
-                        v: memoryview, q: int, end: int, start: int) -> None:
-        a: dict[str, Any] = {"messaging.system": "rabbitmq"}
+                        v: memoryview, q: int, end: int, start: int, ts_ns: int) -> None:
         if cm == (60, 40):  # publish: reserved u16, exchange, routing-key, bits
             exchange, q = _shortstr(v, q + 2, end)
             rk, q = _shortstr(v, q, end)
             ch.last_exchange = exchange
-            dest = exchange or "amq.default"
-            a.update({"messaging.operation.name": "publish", "messaging.operation.type": "send",
-                      "messaging.destination.name": exchange})  # "" for the default exchange (semconv)
+            a: dict[str, Any] = {"messaging.system": "rabbitmq", "messaging.operation.name": "publish",
+                                 "messaging.operation.type": "send",
+                                 "messaging.destination.name": exchange}  # "" for the default exchange (semconv)
             if rk:
                 a["messaging.rabbitmq.destination.routing_key"] = rk
-            op = _Op(cm, f"publish {dest}", self.conn.kind_for(SpanKind.PRODUCER, SpanKind.PRODUCER), start, a)
+            op = _Op(cm, f"publish {exchange or 'amq.default'}", self.k_producer, start, a)
         elif cm == (60, 50):  # return: reply-code, reply-text, exchange, routing-key
             code = _U16(v, q)[0]
             text, q = _shortstr(v, q + 2, end)
             exchange, q = _shortstr(v, q, end)
             rk, q = _shortstr(v, q, end)
-            a.update({"messaging.operation.name": "publish", "messaging.operation.type": "send",
-                      "messaging.destination.name": exchange, "error.type": _REPLY.get(code, str(code)),
-                      "_status": text, "messaging.rabbitmq.reply_code": code})
+            a = {"messaging.system": "rabbitmq", "messaging.operation.name": "publish",
+                 "messaging.operation.type": "send", "messaging.destination.name": exchange,
+                 "error.type": _REPLY.get(code, str(code)), "_status": text, "messaging.rabbitmq.reply_code": code}
             if rk:
                 a["messaging.rabbitmq.destination.routing_key"] = rk
-            op = _Op(cm, f"publish {exchange or 'amq.default'}", self.conn.kind_for(SpanKind.PRODUCER,
-                                                                                     SpanKind.PRODUCER), start, a)
+            op = _Op(cm, f"publish {exchange or 'amq.default'}", self.k_producer, start, a)
         elif cm == (60, 60):  # deliver: consumer-tag, delivery-tag u64, redelivered, exchange, routing-key
             tag, q = _shortstr(v, q, end)
             dtag = _U64(v, q)[0]
@@ -600,7 +638,7 @@ class Session(Session):  # type: ignore[no-redef]
             exchange, q = _shortstr(v, q + 9, end)
             rk, q = _shortstr(v, q, end)
             queue = ch.consumers.get(tag, "")
-            op = self._consumer_op(cm, "process", queue, exchange, rk, dtag, redelivered, start, a)
+            op = self._consumer_op(cm, "process", queue, exchange, rk, dtag, redelivered, start)
         else:  # get-ok: delivery-tag u64, redelivered, exchange, routing-key, message-count
             dtag = _U64(v, q)[0]
             redelivered = v[q + 8] & 1
@@ -609,15 +647,15 @@ class Session(Session):  # type: ignore[no-redef]
             req = self._sync_pop(channel, ch)
             queue = req.attrs.get("messaging.destination.subscription.name", "") if req is not None else ""
             op = self._consumer_op(cm, "receive", queue, exchange, rk, dtag, redelivered,
-                                   req.start_ts if req is not None else start, a)
+                                   req.start_ts if req is not None else start)
         op.body = -1  # its content header is next
         ch.content[from_client] = op
 
     def _consumer_op(self, cm: tuple[int, int], opname: str, queue: str, exchange: str, rk: str, dtag: int,
-                     redelivered: int, start: int, a: dict[str, Any]) -> _Op:
-        a.update({"messaging.operation.name": opname, "messaging.operation.type": opname,
-                  "messaging.destination.name": exchange,
-                  "messaging.rabbitmq.message.delivery_tag": dtag})
+                     redelivered: int, start: int) -> _Op:
+        a: dict[str, Any] = {"messaging.system": "rabbitmq", "messaging.operation.name": opname,
+                             "messaging.operation.type": opname, "messaging.destination.name": exchange,
+                             "messaging.rabbitmq.message.delivery_tag": dtag}
         if rk:
             a["messaging.rabbitmq.destination.routing_key"] = rk
         if queue:
@@ -625,7 +663,7 @@ class Session(Session):  # type: ignore[no-redef]
         if redelivered:
             a["messaging.rabbitmq.redelivered"] = True
         target = queue if queue and not queue.startswith("amq.gen-") else (exchange or "amq.default")
-        return _Op(cm, f"{opname} {target}", self.conn.kind_for(SpanKind.CONSUMER, SpanKind.CONSUMER), start, a)
+        return _Op(cm, f"{opname} {target}", self.k_consumer, start, a)
 
     def _request(self, channel: int, ch: _Channel, cm: tuple[int, int], v: memoryview, q: int, end: int,
                  start: int) -> None:
@@ -663,7 +701,7 @@ class Session(Session):  # type: ignore[no-redef]
             # channel.open/close and the like are plumbing: never a span of their own unless refused
             traced = cm == (50, 10) or (self.settings.trace_all_methods and cm[0] not in (10, 20))
         name = mname if not target or target.startswith("amq.gen-") else f"{mname} {target}"
-        op = _Op(cm, name, self.conn.kind_for(SpanKind.CLIENT), start, a, traced)
+        op = _Op(cm, name, self.k_client, start, a, traced)
         if nowait:
             if traced:
                 self._emit(op, start)
@@ -714,7 +752,7 @@ class Session(Session):  # type: ignore[no-redef]
         elif cm == (60, 72):  # get-empty: nothing to receive, not an error
             a["messaging.batch.message_count"] = 0
             a["messaging.operation.type"] = "receive"
-            req.kind = self.conn.kind_for(SpanKind.CONSUMER, SpanKind.CONSUMER)
+            req.kind = self.k_consumer
             q_ = a.get("messaging.destination.subscription.name", "")
             req.name = f"receive {q_}" if q_ and not q_.startswith("amq.gen-") else "receive"
             a["messaging.operation.name"] = "receive"
@@ -733,19 +771,23 @@ class Session(Session):  # type: ignore[no-redef]
             return
         if not self.settings.trace_settlements:
             return
-        opname = {(60, 80): "ack", (60, 120): "nack", (60, 90): "reject"}[cm]
+        opname = _SETTLE_NAMES[cm]
         a: dict[str, Any] = {"messaging.system": "rabbitmq", "messaging.operation.name": opname,
                              "messaging.operation.type": "settle", "messaging.rabbitmq.message.delivery_tag": tag}
         if cm != (60, 90) and bits & 1:
             a["messaging.rabbitmq.multiple"] = True
         if cm != (60, 80) and bits & (2 if cm == (60, 120) else 1):
             a["messaging.rabbitmq.requeue"] = True
-        queues = set(ch.consumers.values())
-        queue = next(iter(queues)) if len(queues) == 1 else ""
+        consumers = ch.consumers
+        if len(consumers) == 1:  # the usual channel, one consumer: its queue without a set
+            queue = next(iter(consumers.values()))
+        else:
+            queues = set(consumers.values())
+            queue = next(iter(queues)) if len(queues) == 1 else ""
         if queue:
             a["messaging.destination.subscription.name"] = queue
         name = f"{opname} {queue}" if queue and not queue.startswith("amq.gen-") else opname
-        self._emit(_Op(cm, name, self.conn.kind_for(SpanKind.CLIENT), start, a), ts_ns)
+        self._emit(_Op(cm, name, self.k_client, start, a), ts_ns)
 
     def _confirm(self, channel: int, ch: _Channel, tag: int, multiple: bool, nack: bool, ts_ns: int) -> None:
         seqs: Any = range(ch.confirm_low, tag + 1) if multiple else (tag,)
@@ -794,7 +836,9 @@ class Session(Session):  # type: ignore[no-redef]
         op: _Op | None = None
         pending = self._sync_peek(channel, ch)
         if cm == (10, 50) and self.login is not None:
-            op, self.login = self.login, None
+            op = _Op((10, 11), "connect", self.k_client, self.login,
+                     {"messaging.system": "rabbitmq", "messaging.operation.name": "connect"})
+            self.login = None
         elif pending is not None and (pending.method == (ccls, cmeth) or (ccls, cmeth) != (60, 40)):
             op = self._sync_pop(channel, ch)
         elif (ccls, cmeth) == (60, 40):
@@ -804,13 +848,12 @@ class Session(Session):  # type: ignore[no-redef]
             while self._sync_pop(channel, ch) is not None:
                 self.conn.drop("channel_closed")
             exch = ch.last_exchange
-            op = _Op((60, 40), f"publish {exch or 'amq.default'}", self.conn.kind_for(SpanKind.PRODUCER,
-                                                                                       SpanKind.PRODUCER), start,
+            op = _Op((60, 40), f"publish {exch or 'amq.default'}", self.k_producer, start,
                      {"messaging.system": "rabbitmq", "messaging.operation.name": "publish",
                       "messaging.operation.type": "send", "messaging.destination.name": exch})
         else:
             name = _METHODS[cm][0]
-            op = _Op(cm, name, self.conn.kind_for(SpanKind.CLIENT), start,
+            op = _Op(cm, name, self.k_client, start,
                      {"messaging.system": "rabbitmq", "messaging.operation.name": name})
         op.attrs["error.type"] = etype
         op.attrs["messaging.rabbitmq.reply_code"] = code
@@ -842,8 +885,8 @@ class Session(Session):  # type: ignore[no-redef]
         if self.client_name:
             a["messaging.client.id"] = self.client_name
         conn = self.conn
-        conn.emit(conn.span(op.name, op.kind, op.start_ts, end_ts, a, traceparent=op.traceparent,
-                            status_code=status, status_message=msg))
+        # Positional (Conn.span's order): keywords were a third of the call, once a span.
+        conn.emit(conn.span(op.name, op.kind, op.start_ts, end_ts, a, op.traceparent, status, msg))
 
     # -- gaps and the end ----------------------------------------------------------
     def skip_gap(self, from_client: bool, nbytes: int, ts_ns: int) -> bool:
@@ -882,3 +925,23 @@ class Session(Session):  # type: ignore[no-redef]
             if op.traced:
                 self.cut_short(None, "no_response")
         self.sync.clear()
+
+
+def _handlers() -> dict[tuple[int, int], Any]:
+    """Each method's handler in Session, as _method's old chain of tests chose it (the first
+    test that matched wins: assigned here last): one dict look-up a method."""
+    s = Session
+    h: dict[tuple[int, int], Any] = dict.fromkeys(_METHODS, s._no_span)
+    rules: list[tuple[Any, Any]] = [
+        (_ANSWERS, s._sync_answer), (_SYNC, s._sync_request), (((60, 80), (60, 120), (60, 90)), s._settle),
+        (((10, 51),), s._connection_close_ok), (((20, 41),), s._close_ok), (((10, 50), (20, 40)), s._close),
+        (((10, 41),), s._open_ok), (((10, 11),), s._start_ok), (_CONTENT, s._content_method)]
+    for methods, fn in rules:
+        for cm in methods:
+            if cm in h:  # only the methods of the table: another is unknown
+                h[cm] = fn
+    return h
+
+
+#: (class, method) -> Session's handler of it (_method); a method not in it is unknown.
+_HANDLERS = _handlers()
