@@ -137,6 +137,35 @@ def test_garbage_then_close_is_counted_and_skipped_prefix_too() -> None:
     assert p.stats["drops"]["undetected"] == 2 and len(sink.spans) == 1
 
 
+def test_joined_after_the_first_message_a_later_segment_starts_the_protocol() -> None:
+    """A capture of MySQL started after the greeting: the client's login comes first, which
+    no detector takes for MySQL's start but PostgreSQL and Redis take for the start of a long
+    message. The next segments are each tried alone, so the query is still traced (before,
+    the connection waited on those two until max_detect_bytes and was lost)."""
+    from tests.support.exchanges import EXCHANGES
+    ex = EXCHANGES["mysql"][0](300)
+    srv = ("10.0.0.2", 3306)
+    for client_known in (False, True):
+        p, sink = stage({"max_detect_bytes": 65536})
+        evs = [data(c, b, ts=1_000 + i, server=srv, **({"client_is_src": c} if client_known else {}))
+               for i, (c, b) in enumerate(ex.steps[1:])]
+        p.consume_events(evs)
+        p.shutdown()
+        assert [s.name for s in sink.spans] == ["SELECT orders"], (client_known, p.stats)
+        assert p.stats["drops"] == {"undetected": 1}  # the login and its OK, counted once
+    # A port-named protocol still waiting keeps the connection: a long first MySQL command in
+    # three segments, the middle one alone an HTTP request, stays MySQL.
+    p, sink = stage({"max_detect_bytes": 65536})
+    q = b"\x03SELECT '" + b"x" * 40 + b"\nGET / HTTP/1.1\r\n\r\n' AS a"
+    pkt = len(q).to_bytes(3, "little") + b"\x00" + q
+    c1, c2 = pkt.index(b"GET /"), pkt.index(b"' AS a")
+    ok = b"\x07\x00\x00\x01\x00\x00\x00\x02\x00\x00\x00"
+    p.consume_events([data(True, pkt[:c1], server=srv), data(True, pkt[c1:c2], ts=1_001, server=srv),
+                      data(True, pkt[c2:], ts=1_002, server=srv), data(False, ok, ts=1_003, server=srv)])
+    p.shutdown()
+    assert [s.name for s in sink.spans] == ["SELECT"] and p.stats["drops"] == {}, p.stats
+
+
 def test_port_hint_only_orders_detection() -> None:
     # HTTP on an unusual port is still detected by content.
     p, sink = stage()

@@ -66,6 +66,10 @@ MAX_CONNECTIONS = 65_536
 IDLE_TIMEOUT_S = 300.0
 #: Bytes a connection may send before a protocol is recognised; then it is ignored.
 MAX_DETECT_BYTES = 64 * 1024
+#: A segment this long, arriving while detection waits on earlier bytes, is also tried as a
+#: message start of its own (``_fresh_start``): the smallest whole messages (a MySQL COM_PING,
+#: a Redis inline PING) are five or six bytes.
+FRESH_START_MIN = 5
 #: Unconsumed bytes one direction may hold (an incomplete message); beyond it the
 #: direction is cleared and the session resynchronises.
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
@@ -865,17 +869,16 @@ class ProtocolsProcessor(EventProcessor):
             try:
                 d = mod.detect(buf, from_client)
             except Exception:
-                self._drop(name, "internal_error")
-                key = f"detect:{name}"
-                if key not in self._logged:
-                    self._logged.add(key)
-                    log.error("%s: %s.detect raised (logged once)", self.id, name, exc_info=True)
+                self._detect_raised(name)
                 continue
             if d == Detection.REQUEST or d == Detection.RESPONSE:
                 self._start(cid, st, side, name, mod, d, ev.ts_ns)
                 return
             if d == Detection.NEED_MORE:
                 still.append(entry)
+        if len(payload) >= FRESH_START_MIN and len(buf) > len(payload) and \
+                self._fresh_start(cid, st, side, ev, still, from_client):
+            return
         # Only the protocols that asked for more are asked again when the next segment comes:
         # a byte a segment then costs the stage one call of each, not one of every protocol.
         st.candidates[side] = still
@@ -886,6 +889,54 @@ class ProtocolsProcessor(EventProcessor):
             buf.reset()  # not the start of any message: wait for one at a later segment
             st.candidates[side] = None
             st.skipped = True
+
+    def _detect_raised(self, name: str) -> None:
+        self._drop(name, "internal_error")
+        key = f"detect:{name}"
+        if key not in self._logged:
+            self._logged.add(key)
+            log.error("%s: %s.detect raised (logged once)", self.id, name, exc_info=True)
+
+    def _fresh_start(self, cid: Any, st: _State, side: int, ev: TcpEvent,
+                     still: list[tuple[str, ModuleType, frozenset[int]]], from_client: bool | None) -> bool:
+        """A connection joined mid-stream whose first bytes some protocol read as the start
+        of a long message (NEED_MORE) while they are the tail of another's: the next segment
+        may begin a message, and the protocols not waiting on the buffer as a whole are asked
+        about it alone. Without this, a MySQL capture started after the greeting (the
+        client's login first, which PostgreSQL and Redis take for a message start) lost the
+        whole connection to ``max_detect_bytes``. A protocol the ports name, still waiting,
+        keeps the connection (its message may simply span segments) unless the newcomer is
+        named by the ports too. Only segments of FRESH_START_MIN bytes or more are tried,
+        so a byte a segment costs nothing more."""
+        pa, pb = st.a_port, st.b_port
+        order = self._orders.get((pa if pa in self._hint_ports else -1, pb if pb in self._hint_ports else -1))
+        if order is None:
+            order = self._detect_order(pa, pb)
+        hinted_waiting = any(pa in p or pb in p for _n, _m, p in still)
+        alone: LargeBuffer | None = None
+        for entry in order:
+            if entry in still:
+                continue
+            name, mod, ports = entry
+            if hinted_waiting and pa not in ports and pb not in ports:
+                continue
+            if alone is None:
+                alone = LargeBuffer()
+                alone.append(ev.payload, ev.ts_ns)
+            try:
+                d = mod.detect(alone, from_client)
+            except Exception:
+                self._detect_raised(name)
+                continue
+            if d == Detection.REQUEST or d == Detection.RESPONSE:
+                buf = st.bufs[side]
+                buf.reset()
+                buf.append(ev.payload, ev.ts_ns)
+                st.detect_bytes = len(ev.payload)
+                st.skipped = True  # the bytes before this segment: counted undetected by _start
+                self._start(cid, st, side, name, mod, d, ev.ts_ns)
+                return True
+        return False
 
     def _detect_order(self, port_a: int, port_b: int) -> tuple[tuple[str, ModuleType, frozenset[int]], ...]:
         """The protocols to try, those whose ports the connection uses first. Kept by the ports
