@@ -443,3 +443,66 @@ def test_cuts_anywhere_give_the_same_spans(cuts: list, which: int) -> None:
     got = run(True)
     assert got == run(False)
     assert len(got) == 6 and got[-1] == []  # five spans, no drops
+
+
+def _conversation_v5() -> list[tuple[bool, bytes]]:
+    """5.0: empty property lists (read in place by feed_whole) and non-empty ones (left to the
+    buffered path), reason codes, a refused subscription, unsubscribe, a retained QoS 0."""
+    tp = props(b"\x26" + s("traceparent") + s(TP))
+    return [(True, connect("dev-5", v=5) + pkt(0x82, struct.pack(">H", 1) + props() + s("x/#") + b"\x01")),
+            (False, pkt(0x20, b"\x00\x00\x00") + pkt(0x90, struct.pack(">H", 1) + props() + b"\x01")),
+            (True, publish("x/a", b"p", v=5, retain=True) + publish("x/b", b"q" * 200, 1, 7, v=5)),
+            (False, pkt(0x40, struct.pack(">H", 7) + b"\x00")),
+            (True, publish("x/c", b"r", 2, 8, v=5, pr=tp)), (False, pkt(0x50, struct.pack(">H", 8) + b"\x87")),
+            (True, publish("x/d", b"s", 1, 9, v=5)), (False, pkt(0x40, struct.pack(">H", 9) + b"\x80")),
+            (True, pkt(0x82, struct.pack(">H", 2) + props() + s("y/+") + b"\x02" + s("z") + b"\x00")),
+            (False, pkt(0x90, struct.pack(">H", 2) + props() + b"\x02\x80")),
+            (True, pkt(0xA2, struct.pack(">H", 3) + props() + s("y/+") + s("z"))),
+            (False, pkt(0xB0, struct.pack(">H", 3) + props() + b"\x00\x00") + pkt(0xD0, b"")),
+            (True, pkt(0xE0, b"\x00\x00"))]
+
+
+def _connack_conversations() -> list[list[tuple[bool, bytes]]]:
+    """CONNACK codes read by version (5 refuses at 0x80 and up, 3.1.1 at any non-zero), and
+    topics cut at 1024 characters."""
+    long = "t/" + "\u00e9" * 1100
+    return [[(True, connect("old", v=4)), (False, pkt(0x20, b"\x00\x05")), (True, publish(long, b"1"))],
+            [(True, connect("new", v=5)), (False, pkt(0x20, b"\x00\x05\x00")), (True, publish(long, b"2", v=5)),
+             (True, connect("again", v=5)), (False, pkt(0x20, b"\x00\x87\x00"))]]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(0, 3), st.lists(st.tuples(st.integers(0, 14), st.integers(0, 10_000), st.integers(0, 255),
+                                             st.booleans()), max_size=3))
+def test_feed_whole_matches_the_buffered_path(which: int, mutations: list) -> None:
+    """The buffer-less path (feed_whole) gives the buffered path's spans and drops, for the
+    conversations as sent, with bytes changed and with segments split in two."""
+    from tests.support.whole import mutate, run_both_ways
+    convs = [_conversation(), _conversation_v5(), *_connack_conversations()]
+    spans, drops = run_both_ways(m.Session, 1883, mutate(convs[which], mutations))
+    if not mutations:
+        names = [x[0] for x in spans]
+        assert not drops
+        if which == 1:
+            assert names == ["subscribe x/#", "publish x/a", "publish x/b", "publish x/c", "publish x/d",
+                             "subscribe y/+", "unsubscribe y/+"], names
+        elif which == 0:
+            assert len(names) == 5, names
+        else:
+            cut = "publish t/" + "\u00e9" * 1022
+            assert names == (["connect", cut] if which == 2 else [cut, "connect"]), names
+
+
+def test_feed_whole_reads_what_it_can_in_place() -> None:
+    """Which segments feed_whole takes (True) and which it leaves to the buffered path."""
+    from processors.protocols.base import Conn
+    conn = Conn(1, "127.0.0.1", 50000, "127.0.0.1", 1883, lambda _s: None, settings=m.Settings(), protocol="mqtt")
+    sess = m.Session(conn)
+    assert sess.feed_whole(True, memoryview(connect("c1", v=5)), 1)
+    assert sess.version == 5 and sess.client_id == "c1"
+    assert sess.feed_whole(True, publish("t", b"x" * 300, 1, 1, v=5), 2)  # a two-byte remaining length
+    assert not sess.feed_whole(True, publish("t", b"x", 1, 2, v=5, pr=props(b"\x23\x00\x01")), 3)  # properties
+    assert not sess.feed_whole(True, publish("t", b"x" * 10, 0, v=5)[:-1], 4)  # the payload goes on
+    assert not sess.feed_whole(True, publish("t/#", b"x", v=5), 5)  # a wildcard: the buffered path counts it
+    assert not sess.feed_whole(True, publish("a", b"") + b"\x30", 6)  # a packet cut short after a whole one
+    assert len(sess.pending) == 1  # declined segments changed nothing

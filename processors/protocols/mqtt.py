@@ -353,6 +353,145 @@ class Session(Session):  # type: ignore[no-redef]
         finally:
             buf.consumed(off, want)
 
+    def feed_whole(self, from_client: bool, data: memoryview, ts_ns: int) -> bool:
+        """A segment of whole packets (base.py's contract), read in place without a buffer.
+
+        Why: a short connection's packets come one a segment (CONNECT, PUBLISH, the acks),
+        and the buffer's append, chunk lookups and release cost more than reading them.
+        First every packet is framed and read into a plan, checking all ``feed`` would
+        check; anything it would refuse, wait on, or read with more care (MQTT 5
+        properties other than an empty list, a payload going on past the segment) returns
+        False with nothing changed, and the buffered path has it. Then the plan is done in
+        order, through the helpers ``feed`` ends in."""
+        if self.dirs[from_client].skip:
+            return False
+        n = len(data)
+        ver = self.version
+        plan: list[tuple[Any, ...]] = []
+        off = 0
+        while off < n:
+            if n - off < 2:
+                return False
+            b0 = data[off]
+            rl = data[off + 1]
+            p = off + 2
+            if rl >= 0x80:  # a longer remaining length (up to 4 bytes)
+                rl &= 0x7F
+                shift = 7
+                while True:
+                    if p >= n or shift > 21:
+                        return False
+                    b = data[p]
+                    p += 1
+                    rl |= (b & 0x7F) << shift
+                    shift += 7
+                    if b < 0x80:
+                        break
+            end = p + rl
+            if end > n:
+                return False
+            t = b0 >> 4
+            if t == PUBLISH:
+                qos = (b0 >> 1) & 3
+                if qos == 3 or rl < 2:
+                    return False
+                q = p + 2 + (data[p] << 8 | data[p + 1])
+                hdr_end = q + 2 if qos else q
+                if hdr_end > end:
+                    return False
+                if ver == 5:
+                    if hdr_end >= end or data[hdr_end]:
+                        return False  # properties: the buffered path reads them
+                    hdr_end += 1
+                if hdr_end - p > MAX_HEADER or (q == p + 2 and ver != 5):
+                    return False
+                raw = data[p + 2:q]  # the topic, kept for the span (bounded by MAX_HEADER)
+                if _BAD_NAME.search(raw) is not None:
+                    return False
+                try:
+                    topic = str(raw, "utf-8")
+                except UnicodeDecodeError:
+                    return False
+                if q - p - 2 > 1024:
+                    topic = topic[:1024]
+                plan.append((PUBLISH, b0, topic, (data[q] << 8 | data[q + 1]) if qos else 0, end - hdr_end))
+                off = end
+                continue
+            if t == 0 or (t in _REQUIRED_FLAGS and b0 & 0x0F != _REQUIRED_FLAGS[t]) or rl > MAX_HEADER \
+                    or rl < _MIN_LENGTH[t]:
+                return False
+            if PUBACK <= t <= PUBCOMP:
+                plan.append((t, data[p] << 8 | data[p + 1], data[p + 2] if ver == 5 and rl >= 3 else 0))
+            elif t == CONNECT:
+                q = p + 2 + (data[p] << 8 | data[p + 1])
+                if q + 4 > end:
+                    return False
+                ver = data[q]
+                q += 4
+                if ver == 5:
+                    if q >= end or data[q]:
+                        return False
+                    q += 1
+                if q + 2 > end:
+                    return False
+                k = q + 2 + (data[q] << 8 | data[q + 1])
+                if k > end:
+                    return False
+                plan.append((CONNECT, ver, str(data[q + 2:min(k, q + 2 + 256)], "utf-8", "replace")))
+            elif t == CONNACK:
+                if ver == 5 and rl > 2 and data[p + 2]:
+                    return False  # properties (a reason string): the buffered path
+                plan.append((CONNACK, data[p + 1], ver == 5))
+            elif t == SUBSCRIBE or t == UNSUBSCRIBE:
+                q = p + 2
+                if ver == 5:
+                    if q >= end or data[q]:
+                        return False
+                    q += 1
+                filters = []
+                while q < end:
+                    if q + 2 > end:
+                        return False
+                    k = q + 2 + (data[q] << 8 | data[q + 1])
+                    if k > end:
+                        return False
+                    filters.append(str(data[q + 2:min(k, q + 2 + 512)], "utf-8", "replace"))
+                    q = k + 1 if t == SUBSCRIBE else k
+                if not filters:
+                    return False
+                plan.append((t, data[p] << 8 | data[p + 1], filters))
+            elif t == SUBACK or t == UNSUBACK:
+                q = p + 2
+                if ver == 5:
+                    if q >= end or data[q]:
+                        return False
+                    q += 1
+                failed = None
+                for c in data[q:min(end, q + 256)]:
+                    if c >= 0x80:
+                        failed = c
+                        break
+                plan.append((t, data[p] << 8 | data[p + 1], failed))
+            # PINGREQ, PINGRESP, DISCONNECT, AUTH: nothing to do
+            off = end
+        for step in plan:
+            t = step[0]
+            if t == PUBLISH:
+                self._published(from_client, step[1], step[2], step[3], step[4], _NO_PROPS, ts_ns, ts_ns)
+            elif t <= PUBCOMP and t >= PUBACK:
+                self._ack(from_client, t, step[1], step[2], ts_ns)
+            elif t == CONNECT:
+                self.version = step[1]
+                self.client_id = step[2]
+                self._connected(ts_ns)
+            elif t == CONNACK:
+                self._connack(step[1], "", step[2], ts_ns)
+            elif t == SUBSCRIBE or t == UNSUBSCRIBE:
+                self._subscribe(from_client, t, step[1], step[2], ts_ns)
+            else:
+                self._suback(from_client, step[1], "", step[2], ts_ns)
+        return True
+
     # -- PUBLISH ------------------------------------------------------------
     def _publish(self, from_client: bool, buf: LargeBuffer, b0: int, o: int, p: int, end: int, ts_ns: int,
                  d: _Dir) -> int:
@@ -413,12 +552,17 @@ class Session(Session):  # type: ignore[no-redef]
                     d.aliases[alias] = topic
                 else:
                     topic = d.aliases.get(alias, f"alias:{alias}")
-        start = buf.ts_at(o)
         payload = end - hdr_end
-        retain = bool(b0 & 1)
+        self._published(from_client, b0, topic, pid, payload, props, buf.ts_at(o), ts_ns)
+        d.skip = payload
+        return hdr_end
+
+    def _published(self, from_client: bool, b0: int, topic: str, pid: int, payload: int, props: dict[str, Any],
+                   start: int, ts_ns: int) -> None:
+        """A PUBLISH read (either path): its span now (QoS 0) or once acknowledged."""
+        qos = (b0 >> 1) & 3
         # eBPF: the client process publishes (PRODUCER) or receives (CONSUMER); the broker is SERVER.
-        kind = self.conn.kind_for(SpanKind.PRODUCER if from_client else SpanKind.CONSUMER,
-                                  SpanKind.PRODUCER if from_client else SpanKind.CONSUMER)
+        k = SpanKind.PRODUCER if from_client else SpanKind.CONSUMER
         attrs: dict[str, Any] = {
             "messaging.system": "mqtt",
             "messaging.operation.name": "publish",
@@ -427,18 +571,20 @@ class Session(Session):  # type: ignore[no-redef]
             "messaging.message.body.size": payload,
             "messaging.mqtt.qos": qos,
         }
-        if retain:
+        if b0 & 1:
             attrs["messaging.mqtt.retain"] = True
-        if "content_type" in props:
-            attrs["messaging.mqtt.content_type"] = props["content_type"]
-        ex = _Exchange("publish", f"publish {topic}", kind, start, attrs, props.get("traceparent"),
+        if props:
+            if "content_type" in props:
+                attrs["messaging.mqtt.content_type"] = props["content_type"]
+            tp = props.get("traceparent")
+        else:
+            tp = None
+        ex = _Exchange("publish", f"publish {topic}", self.conn.kind_for(k, k), start, attrs, tp,
                        PUBACK if qos == 1 else PUBCOMP)
         if qos == 0:
             self._emit(ex, ts_ns)
         else:
             self._add((from_client, pid), ex)
-        d.skip = payload
-        return hdr_end
 
     # -- everything else (small, read whole) ------------------------------------
     def _control(self, from_client: bool, t: int, buf: LargeBuffer, p: int, end: int, start: int,
@@ -454,9 +600,7 @@ class Session(Session):  # type: ignore[no-redef]
             if self.version == 5:
                 _, q = _properties(buf, q, end, False)
             self.client_id, _ = _string(buf, q, end, 256)  # the will, username and password are never read
-            attrs = {"messaging.system": "mqtt", "messaging.operation.name": "connect"}
-            self.connect = _Exchange("connect", "connect", self.conn.kind_for(SpanKind.CLIENT), start,
-                                     attrs, None, CONNACK)
+            self._connected(start)
             return
         if t == CONNACK:
             code = buf.u8_at(p + 1) if end - p >= 2 else 0
@@ -464,34 +608,10 @@ class Session(Session):  # type: ignore[no-redef]
             if v5 and end - p > 2:
                 props, _ = _properties(buf, p + 2, end, False)
                 reason = props.get("reason", "")
-            ex, self.connect = self.connect, None
-            refused = code >= 0x80 if v5 else code != 0
-            if ex is not None and (refused or self.settings.trace_connect):
-                if refused:
-                    ex.attrs["error.type"] = str(code)
-                    ex.attrs["messaging.mqtt.reason_code"] = code
-                self._emit(ex, ts_ns, StatusCode.ERROR if refused else StatusCode.UNSET,
-                           reason or (f"connection refused: code {code}" if refused else ""))
+            self._connack(code, reason, v5, ts_ns)
             return
         if t in (PUBACK, PUBREC, PUBREL, PUBCOMP):
-            pid = buf.u16be_at(p)
-            code = buf.u8_at(p + 2) if v5 and end - p >= 3 else 0
-            # PUBACK/PUBREC/PUBCOMP answer the other side's publish; PUBREL is the
-            # publisher's own second step.
-            initiator = from_client if t == PUBREL else not from_client
-            ex = self.pending.get((initiator, pid))
-            if ex is None:
-                if t != PUBREL:
-                    self.conn.drop("unpaired_ack")
-                return
-            if code >= 0x80:
-                self.pending.pop((initiator, pid))
-                ex.attrs["error.type"] = str(code)
-                ex.attrs["messaging.mqtt.reason_code"] = code
-                self._emit(ex, ts_ns, StatusCode.ERROR, f"reason code {code:#x}")
-            elif t == ex.expect:
-                self.pending.pop((initiator, pid))
-                self._emit(ex, ts_ns)
+            self._ack(from_client, t, buf.u16be_at(p), buf.u8_at(p + 2) if v5 and end - p >= 3 else 0, ts_ns)
             return
         if t in (SUBSCRIBE, UNSUBSCRIBE):
             pid = buf.u16be_at(p)
@@ -506,14 +626,7 @@ class Session(Session):  # type: ignore[no-redef]
                     q += 1  # subscription options / requested QoS
             if not filters:
                 raise Malformed(NAME, "no_topic_filter", p)
-            op = _NAMES[t]
-            attrs = {"messaging.system": "mqtt", "messaging.operation.name": op,
-                     "messaging.destination.name": filters[0]}
-            if len(filters) > 1:
-                attrs["messaging.mqtt.topic_filters"] = filters[:32]
-            ex = _Exchange(op, f"{op} {filters[0]}", self.conn.kind_for(SpanKind.CLIENT), start, attrs, None,
-                           SUBACK if t == SUBSCRIBE else UNSUBACK)
-            self._add((from_client, pid), ex)
+            self._subscribe(from_client, t, pid, filters, start)
             return
         if t in (SUBACK, UNSUBACK):
             pid = buf.u16be_at(p)
@@ -522,22 +635,77 @@ class Session(Session):  # type: ignore[no-redef]
             if v5:
                 props, q = _properties(buf, q, end, False)
                 reason = props.get("reason", "")
-            ex = self.pending.pop((not from_client, pid), None)
-            if ex is None:
-                self.conn.drop("unpaired_ack")
-                return
-            codes = [buf.u8_at(i) for i in range(q, min(end, q + 256))]
-            failed = [c for c in codes if c >= 0x80]
-            if failed:
-                ex.attrs["error.type"] = str(failed[0])
-                ex.attrs["messaging.mqtt.reason_code"] = failed[0]
-                self._emit(ex, ts_ns, StatusCode.ERROR, reason or f"refused: reason code {failed[0]:#x}")
-            else:
-                self._emit(ex, ts_ns)
+            failed = None
+            for i in range(q, min(end, q + 256)):
+                c = buf.u8_at(i)
+                if c >= 0x80:
+                    failed = c
+                    break
+            self._suback(from_client, pid, reason, failed, ts_ns)
             return
         if t in (PINGREQ, PINGRESP, DISCONNECT, AUTH):
             return
         raise Malformed(NAME, "bad_packet_type", 0, str(t))  # pragma: no cover - all 15 handled
+
+    # -- what a packet does, once read (either path) ------------------------------
+    def _connected(self, start: int) -> None:
+        attrs = {"messaging.system": "mqtt", "messaging.operation.name": "connect"}
+        self.connect = _Exchange("connect", "connect", self.conn.kind_for(SpanKind.CLIENT), start,
+                                 attrs, None, CONNACK)
+
+    def _connack(self, code: int, reason: str, v5: bool, ts_ns: int) -> None:
+        ex, self.connect = self.connect, None
+        refused = code >= 0x80 if v5 else code != 0
+        if ex is not None and (refused or self.settings.trace_connect):
+            if refused:
+                ex.attrs["error.type"] = str(code)
+                ex.attrs["messaging.mqtt.reason_code"] = code
+            self._emit(ex, ts_ns, StatusCode.ERROR if refused else StatusCode.UNSET,
+                       reason or (f"connection refused: code {code}" if refused else ""))
+
+    def _ack(self, from_client: bool, t: int, pid: int, code: int, ts_ns: int) -> None:
+        """PUBACK/PUBREC/PUBREL/PUBCOMP ``pid`` with reason ``code`` (0 before MQTT 5)."""
+        # PUBACK/PUBREC/PUBCOMP answer the other side's publish; PUBREL is the
+        # publisher's own second step.
+        initiator = from_client if t == PUBREL else not from_client
+        pending = self.pending
+        key = (initiator, pid)
+        ex = pending.get(key)
+        if ex is None:
+            if t != PUBREL:
+                self.conn.drop("unpaired_ack")
+            return
+        if code >= 0x80:
+            pending.pop(key)
+            ex.attrs["error.type"] = str(code)
+            ex.attrs["messaging.mqtt.reason_code"] = code
+            self._emit(ex, ts_ns, StatusCode.ERROR, f"reason code {code:#x}")
+        elif t == ex.expect:
+            pending.pop(key)
+            self._emit(ex, ts_ns)
+
+    def _subscribe(self, from_client: bool, t: int, pid: int, filters: list[str], start: int) -> None:
+        op = _NAMES[t]
+        attrs = {"messaging.system": "mqtt", "messaging.operation.name": op,
+                 "messaging.destination.name": filters[0]}
+        if len(filters) > 1:
+            attrs["messaging.mqtt.topic_filters"] = filters[:32]
+        ex = _Exchange(op, f"{op} {filters[0]}", self.conn.kind_for(SpanKind.CLIENT), start, attrs, None,
+                       SUBACK if t == SUBSCRIBE else UNSUBACK)
+        self._add((from_client, pid), ex)
+
+    def _suback(self, from_client: bool, pid: int, reason: str, failed: int | None, ts_ns: int) -> None:
+        """(UN)SUBACK ``pid``; ``failed``: its first refusing reason code (of the first 256), if any."""
+        ex = self.pending.pop((not from_client, pid), None)
+        if ex is None:
+            self.conn.drop("unpaired_ack")
+            return
+        if failed is not None:
+            ex.attrs["error.type"] = str(failed)
+            ex.attrs["messaging.mqtt.reason_code"] = failed
+            self._emit(ex, ts_ns, StatusCode.ERROR, reason or f"refused: reason code {failed:#x}")
+        else:
+            self._emit(ex, ts_ns)
 
     def _add(self, key: tuple[bool, int], ex: _Exchange) -> None:
         if len(self.pending) >= MAX_PENDING:
