@@ -444,6 +444,28 @@ def test_joined_after_the_begins_the_two_sides_share_a_session() -> None:
     assert [(s.name, s.attributes["messaging.amqp.outcome"]) for s in d.spans] == [("publish /queue/j", "accepted")]
 
 
+def test_joined_after_the_attaches_deliveries_are_still_traced() -> None:
+    """A capture begun after the begins and attaches: a transfer's sender is its link's sender,
+    so each delivery is a publish or a receive all the same, named by the message's ``to`` where
+    it has one (before, every such transfer was dropped as ``unknown_link``). ``to`` also names
+    the destination of an anonymous-relay link (one attached with no target address)."""
+    d = Driver()
+    d.send(True, w.transfer(0, 4, 7, b"a", w.message(b"x", address="/queue/to")))
+    d.send(False, w.disposition(2, True, 7))
+    d.send(False, w.transfer(2, 6, 1, b"b", w.message(b"yy")))
+    d.send(True, w.disposition(0, True, 1))
+    assert [(s.name, s.kind, s.attributes.get("messaging.destination.name"),
+             s.attributes["messaging.message.body.size"]) for s in d.spans] == [
+        ("publish /queue/to", SpanKind.PRODUCER, "/queue/to", 1), ("receive", SpanKind.CONSUMER, None, 2)]
+    assert d.drops == []
+    d = Driver()
+    d.handshake()
+    sender_link(d, addr="")
+    d.send(True, w.transfer(0, 0, 0, b"t", w.message(b"z", address="/queue/relay")))
+    d.send(False, w.disposition(3, True, 0))
+    assert [s.name for s in d.spans] == ["publish /queue/relay"]
+
+
 def test_a_properties_map_overrunning_its_size_is_a_protocol_error() -> None:
     """Found by mutating conversations: an item longer than its map's own size escaped as the
     decoder's internal 'short' signal; it is Malformed."""

@@ -348,6 +348,9 @@ def _scan(mv: memoryview, p: int, end: int, sec_rem: int, can_more: bool, whole:
                     cid = v[5] if len(v) > 5 else None
                     if isinstance(cid, (str, int)):
                         ids["messaging.message.conversation_id"] = str(cid)
+                    to = v[2] if len(v) > 2 else None
+                    if isinstance(to, str) and to:
+                        ids["_to"] = to[:256]  # the destination when the link names none (see _apply)
                 elif isinstance(v, dict):
                     t = v.get("traceparent")
                     if isinstance(t, str):
@@ -363,6 +366,12 @@ def _apply(op: _Op, body: int, ids: dict[str, str], tp: str | None, sec_rem: int
     """What ``_scan`` read of a transfer frame, onto its delivery."""
     op.attrs["messaging.message.body.size"] += body
     if ids:
+        to = ids.pop("_to", None)
+        # A message's ``to`` is its destination where the link has no address: an anonymous
+        # relay link (part 3 §3.2.4), or a link attached before the capture began.
+        if to is not None and "messaging.destination.name" not in op.attrs:
+            op.attrs["messaging.destination.name"] = to
+            op.name = f"{op.attrs['messaging.operation.name']} {to}"
         op.attrs.update(ids)
     if tp is not None:
         op.traceparent = tp
@@ -828,8 +837,18 @@ class Session(Session):  # type: ignore[no-redef]
         s = self.sessions[from_client].get(channel)
         link = s.links[from_client].get(handle) if s is not None else None
         if link is None:
-            self.conn.drop("unknown_link")  # joined after the attach: its direction is unknown
-            return None
+            # Joined after the attach (or the begin): the link's name and address are not known,
+            # but a transfer's sender is its link's sender, so the delivery is traced all the same
+            # (the message's ``to``, where it has one, names the destination).
+            s = self._sess(from_client, channel)
+            if self.nlinks >= MAX_LINKS:
+                raise LimitExceeded(NAME, "too_many_links", 0)
+            key = (f"\0joined {int(from_client)} {handle}", from_client)  # no real name starts with NUL
+            link = _Link(key, from_client, "")
+            self.nlinks += 1
+            s.by_name[key] = link
+            link.handles[from_client] = handle
+            s.links[from_client][handle] = link
         op = link.cur
         # The sections first (it may raise _More): nothing is changed before they are read.
         if op is not None and not op.sized:
