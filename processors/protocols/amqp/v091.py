@@ -36,7 +36,7 @@ from __future__ import annotations
 import struct
 from typing import Any, ClassVar
 
-from processors.protocols.base import Conn, Detection, PendingMap, ProtocolSettings, Session
+from processors.protocols.base import Conn, Detection, PendingMap, Perspective, ProtocolSettings, Session
 from processors.protocols.errors import LimitExceeded, Malformed
 from service.largebuf import BufferBoundsError, LargeBuffer
 from service.model import SpanKind, StatusCode
@@ -125,6 +125,13 @@ _CONTENT = {(60, 40), (60, 50), (60, 60), (60, 71)}  # methods followed by a con
 _CM_AT = _CM.unpack_from  # (class-id, method-id): the method tables' key as it is
 _WANT_NAME = (b"connection_name",)
 _SETTLE_NAMES = {(60, 80): "ack", (60, 120): "nack", (60, 90): "reject"}
+#: Requests whose first argument (after a reserved u16) is a queue / an exchange name.
+_QUEUE_FIRST = frozenset({(50, 10), (50, 20), (50, 30), (50, 40), (50, 50), (60, 20), (60, 70)})
+_EXCHANGE_FIRST = frozenset({(40, 10), (40, 20)})
+#: An answer -> the request it answers (the method before it).
+_ASKED = {cm: (cm[0], cm[1] - 1) for cm in _ANSWERS}
+_TAG_BIT = struct.Struct(">QB").unpack_from  # a delivery tag and the octet of bits after it
+_CONTENT_HEADER = struct.Struct(">HHQH").unpack_from  # class-id, weight, body-size, property flags
 _WANT_TP = (b"traceparent",)
 
 
@@ -328,10 +335,13 @@ class Session(Session):  # type: ignore[no-redef]
         #: built only then, by _close: most logins succeed).
         self.login: int | None = None
         # The span kinds of this connection's perspective (fixed), looked up once, not a span.
-        kind = conn.kind_for
-        self.k_client = kind(SpanKind.CLIENT)
-        self.k_producer = kind(SpanKind.PRODUCER, SpanKind.PRODUCER)
-        self.k_consumer = kind(SpanKind.CONSUMER, SpanKind.CONSUMER)
+        if conn.perspective is Perspective.PASSIVE:  # a capture: the kinds as they are
+            self.k_client, self.k_producer, self.k_consumer = SpanKind.CLIENT, SpanKind.PRODUCER, SpanKind.CONSUMER
+        else:
+            kind = conn.kind_for
+            self.k_client = kind(SpanKind.CLIENT)
+            self.k_producer = kind(SpanKind.PRODUCER, SpanKind.PRODUCER)
+            self.k_consumer = kind(SpanKind.CONSUMER, SpanKind.CONSUMER)
 
     def _ch(self, channel: int) -> _Channel:
         ch = self.channels.get(channel)
@@ -436,16 +446,17 @@ class Session(Session):  # type: ignore[no-redef]
             return False
         frame = _FRAME.unpack_from
         off = 0
-        while off < n:
-            if off + 8 > n:
-                return False
-            ftype, _channel, size = frame(data, off)
-            end = off + 7 + size
-            if end >= n or data[end] != FRAME_END:
-                return False
-            if ftype != BODY and (size > MAX_FRAME or ftype not in (METHOD, HEADER, HEARTBEAT)):
-                return False
-            off = end + 1
+        try:
+            while off < n:
+                ftype, _channel, size = frame(data, off)  # fewer than 7 bytes left: struct.error
+                end = off + 7 + size
+                if end >= n or data[end] != FRAME_END:
+                    return False
+                if ftype != BODY and (size > MAX_FRAME or ftype not in (METHOD, HEADER, HEARTBEAT)):
+                    return False
+                off = end + 1
+        except struct.error:
+            return False
         if n:
             d.first = False  # feed's first look, which found no protocol header
         off = 0
@@ -485,10 +496,11 @@ class Session(Session):  # type: ignore[no-redef]
             # A content header without its method: a capture joined inside a message. Skipped.
             self.conn.drop("unexpected_header")
             return
-        if end - p < 14 or _U16(v, p)[0] != 60:
+        if end - p < 14:
             raise Malformed(NAME, "bad_content_header", p)
-        body = _U64(v, p + 4)[0]
-        flags = _U16(v, p + 12)[0]
+        cls, _weight, body, flags = _CONTENT_HEADER(v, p)
+        if cls != 60:
+            raise Malformed(NAME, "bad_content_header", p)
         q = p + 14
         f = flags
         while f & 1:  # more flag words follow (only bits 15..2 are defined for basic)
@@ -633,15 +645,15 @@ class Session(Session):  # type: ignore[no-redef]
             op = _Op(cm, f"publish {exchange or 'amq.default'}", self.k_producer, start, a)
         elif cm == (60, 60):  # deliver: consumer-tag, delivery-tag u64, redelivered, exchange, routing-key
             tag, q = _shortstr(v, q, end)
-            dtag = _U64(v, q)[0]
-            redelivered = v[q + 8] & 1
+            dtag, redelivered = _TAG_BIT(v, q)
+            redelivered &= 1
             exchange, q = _shortstr(v, q + 9, end)
             rk, q = _shortstr(v, q, end)
             queue = ch.consumers.get(tag, "")
             op = self._consumer_op(cm, "process", queue, exchange, rk, dtag, redelivered, start)
         else:  # get-ok: delivery-tag u64, redelivered, exchange, routing-key, message-count
-            dtag = _U64(v, q)[0]
-            redelivered = v[q + 8] & 1
+            dtag, redelivered = _TAG_BIT(v, q)
+            redelivered &= 1
             exchange, q = _shortstr(v, q + 9, end)
             rk, q = _shortstr(v, q, end)
             req = self._sync_pop(channel, ch)
@@ -672,7 +684,7 @@ class Session(Session):  # type: ignore[no-redef]
         a: dict[str, Any] = {"messaging.system": "rabbitmq", "messaging.operation.name": mname}
         target = ""
         nowait = False
-        if cm in ((50, 10), (50, 20), (50, 30), (50, 40), (50, 50), (60, 20), (60, 70)):
+        if cm in _QUEUE_FIRST:
             target, q2 = _shortstr(v, q + 2, end)  # reserved u16, queue
             if cm == (50, 10):
                 nowait = bool(v[q2] & 0x10)
@@ -684,7 +696,7 @@ class Session(Session):  # type: ignore[no-redef]
                 a["_tag"] = tag
             if target:
                 a["messaging.destination.subscription.name" if cm[0] == 60 else "messaging.destination.name"] = target
-        elif cm in ((40, 10), (40, 20)):
+        elif cm in _EXCHANGE_FIRST:
             target, q2 = _shortstr(v, q + 2, end)
             if cm == (40, 10):
                 q2 = _skip_shortstr(v, q2, end)  # type
@@ -735,7 +747,7 @@ class Session(Session):  # type: ignore[no-redef]
         if req is None:
             self.conn.drop("unpaired_answer")
             return
-        if req.method != (cm[0], cm[1] - 1) and cm not in ((60, 72), (40, 51)):
+        if req.method != _ASKED.get(cm) and cm not in ((60, 72), (40, 51)):
             self.conn.drop("unpaired_answer")  # an answer to another request than the pending one
             return
         a = req.attrs
@@ -761,8 +773,7 @@ class Session(Session):  # type: ignore[no-redef]
 
     def _settle(self, from_client: bool, channel: int, ch: _Channel, cm: tuple[int, int], v: memoryview,
                 q: int, end: int, start: int, ts_ns: int) -> None:
-        tag = _U64(v, q)[0]
-        bits = v[q + 8]
+        tag, bits = _TAG_BIT(v, q)
         if not from_client:
             # The broker's confirm of this channel's publishes (ack, or nack: not stored).
             if cm == (60, 90):
