@@ -308,3 +308,73 @@ def test_records_across_chunks_read_as_in_one_chunk(cuts: list, which: int) -> N
         return [(s.name, s.status_code, s.status_message, sorted(s.attributes.items()),
                  [e.attributes for e in (s.events or [])]) for s in d.spans] + [dict(d.drops)]
     assert run(True) == run(False)
+
+
+def _answer(fn: object, *args: object) -> object:
+    """What a decoder gives: its result, or its error's class, reason, offset and detail."""
+    try:
+        return fn(*args)  # type: ignore[operator]
+    except ProtocolError as e:
+        return (type(e).__name__, e.reason, e.offset, e.detail)
+
+
+_NAMES = [*sorted(n.decode() for n in f._WANTED), "HTTP_COOKIE", "HTTP_X_A", "X", "", "CONTENT_LENGTH"]
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(_NAMES), st.binary(max_size=300), st.booleans()), max_size=12),
+       st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)), max_size=3), st.integers(0, 10_000))
+def test_params_fast_loop_answers_as_the_walk(pairs: list, flips: list, cut: int) -> None:
+    """The fast loop of ``_wanted_pairs`` (short lengths only, no bound checks) gives the
+    reference walk's pairs, or its error at the same offset: pairs with one- and four-byte
+    lengths (a short one written long too), duplicates, bytes changed, the stream cut."""
+    stream = bytearray()
+    for name, value, long_form in pairs:
+        for x in (len(name), len(value)):
+            stream += struct.pack(">I", x | 0x80000000) if long_form or x > 127 else bytes([x])
+        stream += name.encode() + value
+    for pos, byte in flips:
+        if stream:
+            stream[pos % len(stream)] = byte
+    for data in (bytes(stream), bytes(stream[:cut % (len(stream) + 1)])):
+        mv = memoryview(data)
+        assert _answer(f._wanted_pairs, mv) == _answer(f._walk_pairs, mv)
+        buf = LargeBuffer(*(data[i:i + 7] for i in range(0, len(data), 7)))  # several chunks
+        assert _answer(f._pairs, buf) == _answer(f._walk_pairs, mv)
+
+
+_HEAD_PIECES = ["Status:", "status: ", "STATUS:", "Status:  404 Not Found", "\r\n", "\n", "\r", " ", "200",
+                "5_03", "+2", "x", "Content-Type: text/html", "Statu", "s:"]
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.sampled_from(_HEAD_PIECES), max_size=14), st.lists(st.integers(1, 60), max_size=4),
+       st.integers(1, 2000))
+def test_head_in_one_view_reads_as_the_buffer_walk(pieces: list, cuts: list, at: int) -> None:
+    """A STDOUT head found in its first record's one view (a regex each for its end and its
+    ``Status:`` line) gives the status and body size that the same records give when each
+    lies across two chunks (several views: the buffer's search and line walk)."""
+    out = "".join(pieces).encode() + b"\r\n\r\nbody"
+    pos, parts = 0, []
+    for c in sorted({min(c, len(out)) for c in cuts}):
+        if c > pos:
+            parts.append(out[pos:c])
+            pos = c
+    parts.append(out[pos:])
+    response = b"".join(rec(f.STDOUT, 1, p) for p in parts) + rec(f.STDOUT, 1) + end(1)
+
+    def run(cut: int) -> list:
+        d = Driver()
+        d.send(True, begin(1) + params(1, BASE) + rec(f.STDIN, 1))
+        d.send(False, response[:cut])
+        d.send(False, response[cut:])
+        return [(s.attributes["http.response.status_code"], s.attributes["http.response.body.size"])
+                for s in d.spans]
+
+    assert run(0) == run(8 + at % len(parts[0]))  # the first record's content cut
+    req = f._Req(0)
+    req.head_done, req.head_len = True, len(out) - 4
+    req.head = memoryview(out)
+    in_view = Driver().session._status(req)
+    req.head = LargeBuffer(*parts)
+    assert in_view == Driver().session._status(req)

@@ -17,6 +17,7 @@ ABORT_REQUEST, is an error too.
 
 from __future__ import annotations
 
+import re
 import struct
 from typing import Any, ClassVar
 
@@ -34,6 +35,8 @@ GET_VALUES, GET_VALUES_RESULT, UNKNOWN_TYPE = 9, 10, 11
 _TYPES = frozenset(range(1, 12))
 _HDR = struct.Struct(">BBHHBB")  # version, type, requestId, contentLength, paddingLength, reserved
 _END = struct.Struct(">iB")  # END_REQUEST: appStatus, protocolStatus
+_HDR_AT = _HDR.unpack_from
+_END_AT = _END.unpack_from
 _NO_CHUNK = memoryview(b"")
 
 #: A PARAMS stream larger than this is refused (nginx sends ~1-2 KB; Apache's
@@ -47,9 +50,10 @@ MAX_REQUESTS = 1024
 MAX_STDERR_EVENTS = 8
 MAX_STDERR_BYTES = 1024
 _PROTOCOL_STATUS = {0: "REQUEST_COMPLETE", 1: "CANT_MPX_CONN", 2: "OVERLOADED", 3: "UNKNOWN_ROLE"}
+#: The parameters ``_span`` reads: only these are copied out of the PARAMS stream.
 _WANTED = frozenset({
-    b"REQUEST_METHOD", b"REQUEST_URI", b"SCRIPT_NAME", b"QUERY_STRING", b"CONTENT_LENGTH", b"SERVER_PORT",
-    b"SERVER_NAME", b"SERVER_ADDR", b"REMOTE_ADDR", b"REMOTE_PORT", b"SERVER_PROTOCOL", b"REQUEST_SCHEME",
+    b"REQUEST_METHOD", b"REQUEST_URI", b"SCRIPT_NAME", b"QUERY_STRING", b"SERVER_PORT",
+    b"SERVER_NAME", b"REMOTE_ADDR", b"REMOTE_PORT", b"SERVER_PROTOCOL", b"REQUEST_SCHEME",
     b"HTTPS", b"HTTP_USER_AGENT", b"HTTP_TRACEPARENT", b"HTTP_HOST", b"DOCUMENT_URI",
 })
 
@@ -79,13 +83,19 @@ def detect(buf: LargeBuffer, from_client: bool | None) -> Detection:
 
 
 class _Req:
-    __slots__ = ("aborted", "head", "head_done", "head_len", "params", "start_ts", "stderr", "stdin",
-                 "stdout")
+    """A request in flight. ``params`` and ``head`` hold what arrived of the PARAMS stream and
+    of the STDOUT head: None before any, the one record's view while there is one (the usual
+    request: decoded, or searched, in place), a ``LargeBuffer`` of views from the second on.
+    Nothing is allocated for them until a record comes (issue 21: two buffers a request)."""
+
+    __slots__ = ("aborted", "head", "head_done", "head_len", "params", "params_done", "start_ts", "stderr",
+                 "stdin", "stdout")
 
     def __init__(self, start_ts: int) -> None:
         self.start_ts = start_ts
-        self.params: LargeBuffer | None = LargeBuffer()  # None once decoded
-        self.head = LargeBuffer()  # STDOUT views until the blank line is found
+        self.params: LargeBuffer | memoryview | None = None
+        self.params_done = False  # the empty PARAMS record came: ``done`` holds the decoded pairs
+        self.head: LargeBuffer | memoryview | None = None  # STDOUT until the blank line is found
         self.head_done = False
         self.head_len = 0
         self.stdout = 0
@@ -98,13 +108,53 @@ _WANTED_LENGTHS = frozenset(len(w) for w in _WANTED)
 
 
 def _pairs(buf: LargeBuffer) -> dict[bytes, bytes]:
+    """The wanted pairs of a PARAMS stream held in a buffer of views (``_wanted_pairs`` of one
+    view over it: gathered into the buffer's scratch only when the stream spans chunks,
+    bounded by MAX_PARAMS)."""
+    return _wanted_pairs(buf.view_at(0, len(buf)))
+
+
+def _wanted_pairs(mv: memoryview) -> dict[bytes, bytes]:
+    """The wanted name-value pairs of the PARAMS stream ``mv`` (``_walk_pairs``'s answer).
+
+    Why a second loop: nginx sends 20-40 pairs, of which a few are wanted, and nearly all
+    have two one-byte lengths. This loop reads only such pairs, with no bound check per
+    pair: at a four-byte length, a stream cut inside a pair (IndexError) or a pair overrunning
+    the stream (the end is not met exactly) it gives up, and ``_walk_pairs`` decides from the
+    start (the same pairs, or its error at its offset). A name is copied only when its
+    length is a wanted name's.
+    """
+    n = len(mv)
+    out: dict[bytes, bytes] = {}
+    i = 0
+    wanted_lengths = _WANTED_LENGTHS
+    wanted = _WANTED
+    try:
+        while i < n:
+            nlen = mv[i]
+            vlen = mv[i + 1]
+            if (nlen | vlen) & 0x80:
+                break  # a four-byte length: the walk reads it
+            i += 2
+            if nlen in wanted_lengths:
+                name = mv[i:i + nlen].tobytes()  # a short parameter name
+                if name in wanted:
+                    out[name] = mv[i + nlen:i + nlen + vlen].tobytes()  # a kept value (< 128 bytes)
+            i += nlen + vlen
+    except IndexError:
+        pass
+    if i == n:
+        return out
+    return _walk_pairs(mv)
+
+
+def _walk_pairs(mv: memoryview) -> dict[bytes, bytes]:
     """Decode FastCGI name-value pairs (1- or 4-byte lengths); keep only the wanted ones.
 
-    One view over the stream (gathered into the buffer's scratch only when the
-    PARAMS content spans chunks: bounded by MAX_PARAMS); a name is copied only
-    when its length is that of a wanted name.
+    The reference walk, every length checked: bad input is ``Malformed`` at the offset of
+    the length or pair at fault. A name is copied only when its length is that of a wanted
+    name.
     """
-    mv = buf.view_at(0, len(buf))
     n = len(mv)
     out: dict[bytes, bytes] = {}
     i = 0
@@ -138,6 +188,32 @@ def _pairs(buf: LargeBuffer) -> dict[bytes, bytes]:
                 out[name] = mv[i + nlen:i + nlen + min(vlen, 2048)].tobytes()  # a kept value, bounded
         i += nlen + vlen
     return out
+
+
+#: The response head's first ``Status:`` line with something after the colon (the walk's
+#: ``e - p > 7``), its newline inside the head: a line start is 0 or after a newline (re.M),
+#: the name ASCII case-insensitive as ``bytes.lower`` (a bytes pattern's re.I).
+_STATUS_LINE = re.compile(rb"^status:([^\n]+)\n", re.I | re.M).search
+_HEAD_END_CRLF = re.compile(rb"\r\n\r\n").search
+_HEAD_END_LF = re.compile(rb"\n\n").search
+
+
+def _status_code(line: bytes) -> int:
+    """The code of a ``Status:`` line's value (its first 64 bytes), 200 when it is no number."""
+    try:
+        return int(line.strip().split(b" ", 1)[0])
+    except ValueError:
+        return 200
+
+
+def _status_in_view(v: memoryview, head_len: int) -> int:
+    """``Session._status`` of a head lying in one view: one regex search instead of a
+    buffer search per line (the same line, the same code)."""
+    m = _STATUS_LINE(v, 0, head_len)
+    if m is None:
+        return 200
+    a = m.start(1)
+    return _status_code(v[a:a + min(m.end(1) - a, 64)].tobytes())
 
 
 class Session(Session):  # type: ignore[no-redef]
@@ -191,28 +267,48 @@ class Session(Session):  # type: ignore[no-redef]
         """A segment of whole records (base.py's contract), read in place without a buffer.
 
         The framing is checked first (version 1, known types, complete records ending
-        exactly with the segment): only then is anything done, with ``_record`` as ``feed``
-        calls it. Anything else returns False unchanged.
+        exactly with the segment): only then is anything done, record by record as ``feed``
+        does it. Anything else returns False unchanged. STDIN and END_REQUEST, a third of a
+        short exchange's records, are handled here as ``_record`` handles them (no call, no
+        list of views); PARAMS and STDOUT go to the helpers ``_record`` uses.
         """
         if type(data) is not memoryview:  # the eBPF receiver's payloads are bytes
             data = memoryview(data)
         n = len(data)
-        hdr = _HDR.unpack_from
+        hdr = _HDR_AT
+        types = _TYPES
         off = 0
         recs = []
         while off < n:
             if off + 8 > n:
                 return False
             version, t, rid, clen, plen, _ = hdr(data, off)
-            if version != 1 or t not in _TYPES:
+            if version != 1 or t not in types:
                 return False
             recs.append((t, rid, off + 8, clen))
             off += 8 + clen + plen
         if off != n:
             return False
-        record = self._record
+        reqs = self.reqs
         for t, rid, p, clen in recs:
-            record(t, rid, [data[p:p + clen]] if clen else [], clen, ts_ns, ts_ns)
+            if not rid or t < END_REQUEST or t > STDOUT:  # BEGIN, ABORT, STDERR, DATA, management
+                self._record(t, rid, [data[p:p + clen]] if clen else [], clen, ts_ns, ts_ns)
+                continue
+            req = reqs.get(rid)
+            if req is None:
+                self.conn.drop("unknown_request_id")
+            elif t == STDIN:
+                req.stdin += clen
+            elif t == PARAMS:
+                self._params(rid, req, [data[p:p + clen]] if clen else [], clen)
+            elif t == STDOUT:
+                req.stdout += clen
+                if clen and not req.head_done:
+                    self._head(req, [data[p:p + clen]])
+            else:  # END_REQUEST
+                app_status, proto = _END_AT(data, p) if clen >= 5 else (0, 0)
+                reqs.pop(rid, None)
+                self._span(rid, req, app_status, proto, ts_ns)
         return True
 
     def _record(self, t: int, rid: int, vs: list[memoryview], clen: int, start_ts: int, ts_ns: int) -> None:
@@ -231,37 +327,13 @@ class Session(Session):  # type: ignore[no-redef]
             self.conn.drop("unknown_request_id")
             return
         if t == PARAMS:
-            if req.params is None:
-                return
-            if clen == 0:
-                p, req.params = req.params, None
-                self.done[rid] = _pairs(p)
-                return
-            if len(req.params) + clen > MAX_PARAMS:
-                self.reqs.pop(rid, None)
-                raise LimitExceeded(NAME, "params_too_large", 0)
-            for v in vs:
-                req.params.append(v)
-            self.reqs.charge(rid, clen)  # the params are held until the request ends
+            self._params(rid, req, vs, clen)
         elif t in (STDIN, DATA):
             req.stdin += clen
         elif t == STDOUT:
             req.stdout += clen
             if not req.head_done and clen:
-                for v in vs:
-                    req.head.append(v)
-                end = req.head.find(b"\r\n\r\n", 0, MAX_HEAD)
-                if end < 0:
-                    end = req.head.find(b"\n\n", 0, MAX_HEAD)
-                    sep = 2
-                else:
-                    sep = 4
-                if end >= 0:
-                    req.head_done = True
-                    req.head_len = end + sep
-                elif len(req.head) > MAX_HEAD:
-                    req.head_done = True  # no head: treat all as body
-                    req.head = LargeBuffer()
+                self._head(req, vs)
         elif t == STDERR:
             if clen and self.settings.stderr_events and len(req.stderr) < MAX_STDERR_EVENTS:
                 k = min(clen, MAX_STDERR_BYTES)
@@ -272,69 +344,152 @@ class Session(Session):  # type: ignore[no-redef]
         elif t == END_REQUEST:
             if clen >= 5:
                 v = vs[0] if len(vs[0]) >= 5 else memoryview(b"".join(v.tobytes() for v in vs)[:5])
-                app_status, proto = _END.unpack_from(v)
+                app_status, proto = _END_AT(v)
             else:
                 app_status = proto = 0
             self.reqs.pop(rid, None)
             self._span(rid, req, app_status, proto, ts_ns)
 
+    def _params(self, rid: int, req: _Req, vs: list[memoryview], clen: int) -> None:
+        """A PARAMS record: content is held (one record's view as it is, more in a buffer of
+        views) and charged to the request; the empty record ends the stream and decodes it."""
+        if req.params_done:
+            return
+        held = req.params
+        if clen == 0:
+            req.params = None
+            req.params_done = True
+            if held is None:
+                self.done[rid] = {}
+            elif type(held) is memoryview:
+                self.done[rid] = _wanted_pairs(held)
+            else:
+                self.done[rid] = _pairs(held)  # type: ignore[arg-type]
+            return
+        if (0 if held is None else len(held)) + clen > MAX_PARAMS:
+            self.reqs.pop(rid, None)
+            raise LimitExceeded(NAME, "params_too_large", 0)
+        if held is None and len(vs) == 1:
+            req.params = vs[0]
+        else:
+            if type(held) is not LargeBuffer:
+                lb = LargeBuffer()
+                if held is not None:
+                    lb.append(held)
+                req.params = held = lb
+            for v in vs:
+                held.append(v)  # type: ignore[union-attr]
+        self.reqs.charge(rid, clen)  # the params are held until the request ends
+
+    def _head(self, req: _Req, vs: list[memoryview]) -> None:
+        """STDOUT content while the head's blank line is not found: look for it. The first
+        record's one view is searched in place (the usual response: its head is there); from
+        the second record on, the views are collected in a buffer and searched there."""
+        head = req.head
+        if head is None and len(vs) == 1:
+            v = vs[0]
+            lim = len(v) if len(v) < MAX_HEAD else MAX_HEAD
+            m = _HEAD_END_CRLF(v, 0, lim)
+            if m is not None:
+                req.head, req.head_done, req.head_len = v, True, m.start() + 4
+                return
+            m = _HEAD_END_LF(v, 0, lim)
+            if m is not None:
+                req.head, req.head_done, req.head_len = v, True, m.start() + 2
+                return
+            if len(v) > MAX_HEAD:
+                req.head_done = True  # no head: treat all as body
+            else:
+                req.head = v
+            return
+        if type(head) is not LargeBuffer:
+            lb = LargeBuffer()
+            if head is not None:
+                lb.append(head)
+            req.head = head = lb
+        for v in vs:
+            head.append(v)  # type: ignore[union-attr]
+        end = head.find(b"\r\n\r\n", 0, MAX_HEAD)  # type: ignore[union-attr]
+        if end < 0:
+            end = head.find(b"\n\n", 0, MAX_HEAD)  # type: ignore[union-attr]
+            sep = 2
+        else:
+            sep = 4
+        if end >= 0:
+            req.head_done = True
+            req.head_len = end + sep
+        elif len(head) > MAX_HEAD:  # type: ignore[arg-type]
+            req.head_done = True  # no head: treat all as body
+            req.head = None
+
     def _status(self, req: _Req) -> int:
         if not req.head_done or not req.head_len:
             return 200
         head = req.head
+        if type(head) is memoryview:
+            return _status_in_view(head, req.head_len)
+        assert isinstance(head, LargeBuffer)
         p = 0
         while p < req.head_len:
             e = head.find(b"\n", p, req.head_len)
             if e < 0:
                 break
             if e - p > 7 and bytes(head.view_at(p, 7)).lower() == b"status:":
-                line = head.bytes_at(p + 7, min(e - p - 7, 64)).strip()
-                try:
-                    return int(line.split(b" ", 1)[0])
-                except ValueError:
-                    return 200
+                return _status_code(head.bytes_at(p + 7, min(e - p - 7, 64)))
             p = e + 1
         return 200
 
     def _span(self, rid: int, req: _Req, app_status: int, proto: int, ts_ns: int, incomplete: bool = False) -> None:
-        params = self.done.pop(rid, {})
-        g = params.get
-        method = (g(b"REQUEST_METHOD") or b"GET").decode("latin-1")
+        params = self.done.pop(rid, None)
+        g = {}.get if params is None else params.get
+        v = g(b"REQUEST_METHOD")
+        method = v.decode("latin-1") if v else "GET"
         # The client's target (REQUEST_URI): behind a front controller (try_files ...
         # /index.php?$query_string) DOCUMENT_URI names the script, and every route would read
         # /index.php. Its query, else QUERY_STRING (what the script was given).
-        uri = (g(b"REQUEST_URI") or g(b"DOCUMENT_URI") or g(b"SCRIPT_NAME") or b"/").decode("utf-8", "replace")
-        path, _, query = uri.partition("?")
-        query = query or (g(b"QUERY_STRING") or b"").decode("utf-8", "replace")
+        v = g(b"REQUEST_URI") or g(b"DOCUMENT_URI") or g(b"SCRIPT_NAME")
+        path, _, query = v.decode("utf-8", "replace").partition("?") if v else ("/", "", "")
+        if not query:
+            v = g(b"QUERY_STRING")
+            if v:
+                query = v.decode("utf-8", "replace")
         status = self._status(req)
+        v = g(b"HTTPS")
+        if v and v.lower() in (b"on", b"1"):
+            scheme = "https"
+        else:
+            v = g(b"REQUEST_SCHEME")
+            scheme = v.decode("latin-1") if v else "http"
+        body = req.stdout - req.head_len
         attrs: dict[str, Any] = {
             "http.request.method": method,
             "url.path": path,
-            "url.scheme": "https" if g(b"HTTPS", b"").lower() in (b"on", b"1") else
-            (g(b"REQUEST_SCHEME") or b"http").decode("latin-1"),
+            "url.scheme": scheme,
             "http.response.status_code": status,
             "http.request.body.size": req.stdin,
-            "http.response.body.size": max(req.stdout - req.head_len, 0),
+            "http.response.body.size": body if body > 0 else 0,
             "network.protocol.name": "fastcgi",
         }
         if query:
             attrs["url.query"] = redact_query(query) if self.settings.sanitize_query else query
-        host = g(b"SERVER_NAME") or g(b"HTTP_HOST")
-        if host:
-            attrs["server.address"] = host.decode("latin-1").split(":")[0]
-        port = g(b"SERVER_PORT")
-        if port and port.isdigit():
-            attrs["server.port"] = int(port)
-        if g(b"REMOTE_ADDR"):
-            attrs["client.address"] = g(b"REMOTE_ADDR", b"").decode("latin-1")
-        rport = g(b"REMOTE_PORT")
-        if rport and rport.isdigit():
-            attrs["client.port"] = int(rport)
-        proto_name = g(b"SERVER_PROTOCOL", b"")
-        if proto_name.startswith(b"HTTP/"):
-            attrs["network.protocol.version"] = proto_name[5:].decode("latin-1")
-        if g(b"HTTP_USER_AGENT"):
-            attrs["user_agent.original"] = g(b"HTTP_USER_AGENT", b"").decode("utf-8", "replace")
+        v = g(b"SERVER_NAME") or g(b"HTTP_HOST")
+        if v:
+            attrs["server.address"] = v.decode("latin-1").split(":")[0]
+        v = g(b"SERVER_PORT")
+        if v and v.isdigit():
+            attrs["server.port"] = int(v)
+        v = g(b"REMOTE_ADDR")
+        if v:
+            attrs["client.address"] = v.decode("latin-1")
+        v = g(b"REMOTE_PORT")
+        if v and v.isdigit():
+            attrs["client.port"] = int(v)
+        v = g(b"SERVER_PROTOCOL")
+        if v and v.startswith(b"HTTP/"):
+            attrs["network.protocol.version"] = v[5:].decode("latin-1")
+        v = g(b"HTTP_USER_AGENT")
+        if v:
+            attrs["user_agent.original"] = v.decode("utf-8", "replace")
         code = StatusCode.UNSET
         msg = ""
         if status >= 500:
@@ -352,8 +507,7 @@ class Session(Session):  # type: ignore[no-redef]
             attrs["fastcgi.app_status"] = app_status
         conn = self.conn
         span = conn.span(method, conn.kind_for(SpanKind.SERVER, SpanKind.CLIENT), req.start_ts, ts_ns, attrs,
-                         traceparent=g(b"HTTP_TRACEPARENT"), status_code=code, status_message=msg,
-                         events=req.stderr or None)
+                         g(b"HTTP_TRACEPARENT"), code, msg, req.stderr or None)
         if incomplete:
             self.cut_short(span)
         else:
