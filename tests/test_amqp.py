@@ -494,3 +494,65 @@ def test_feed_whole_matches_the_buffered_path(mutations: list) -> None:
     if not mutations:
         assert [s[0] for s in spans] == ["queue.declare orders.q", "publish amq.default", "publish orders",
                                          "process orders.q", "ack orders.q", "receive orders.q", "channel.close"]
+
+
+@settings(max_examples=120, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 3), st.integers(0, 10_000), st.integers(0, 255), st.booleans()),
+                min_size=1, max_size=3))
+def test_feed_whole_takes_a_first_segment_as_feed_does(mutations: list) -> None:
+    """feed_whole reads a direction's first segment unless it may be the client's protocol
+    header: the handshake's segments, bytes changed and split, give the buffered path's spans
+    and drops."""
+    from tests.support.whole import mutate, run_both_ways
+    run_both_ways(a.Session, 5672, mutate(_conversation(), mutations))
+
+
+def test_feed_whole_declines_only_the_protocol_header() -> None:
+    """The broker's first segment and a client's that starts with a frame (a capture joined
+    after the header) are read in place; a client's first 'A' is left to feed."""
+    from processors.protocols.amqp import v091
+    from processors.protocols.base import Conn
+    s = v091.Session(Conn(1, "10.0.0.1", 40000, "10.0.0.2", 5672, lambda span: None))
+    start = w.handshake_server()[0]
+    assert not s.feed_whole(True, memoryview(w.handshake_client()[0]), 1)
+    assert s.dirs[True].first
+    assert s.feed_whole(False, memoryview(start), 1) and not s.dirs[False].first
+    assert not s.feed_whole(False, memoryview(start[:-1]), 2)  # not whole frames: unchanged
+    assert s.feed_whole(True, memoryview(M(1, spec.Basic.Ack(1))), 3) and not s.dirs[True].first
+
+
+def _reference_table_get(table: dict, want: bytes) -> dict[bytes, str]:
+    """What _table_get keeps, from pika's full decode: the last long-string value (<= 1024 bytes)
+    of a key that is ``want`` ignoring case (32 bytes at most)."""
+    from pika import data
+    pieces: list[bytes] = []
+    data.encode_table(pieces, table)
+    out: dict[bytes, str] = {}
+    for k, v in data.decode_table(b"".join(pieces), 0)[0].items():
+        kb = k.encode()
+        if kb.lower() == want and len(kb) <= 32 and isinstance(v, str) and len(v.encode()) <= 1024:
+            out[want] = v
+    return out
+
+
+_KEYS = st.sampled_from(["traceparent", "TraceParent", "TRACEPARENT", "traceparenx", "trace", "x-retry",
+                         "connection_name", "Connection_Name", "connection_nam", "c" * 40])
+_VALUES = st.one_of(st.text(max_size=40), st.integers(-2**31, 2**31 - 1), st.booleans(), st.binary(max_size=8),
+                    st.just("v" * 1100), st.lists(st.integers(0, 9), max_size=3),
+                    st.dictionaries(_KEYS, st.text(max_size=8), max_size=2))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(_KEYS, _VALUES, max_size=6), st.sampled_from([b"traceparent", b"connection_name"]))
+def test_table_get_reads_the_keys_a_full_decode_finds(table: dict, want: bytes) -> None:
+    """_table_get reads only keys as long as a wanted one (the fast path): it finds what
+    pika's decoder of the whole table finds, and ends where the table ends."""
+    from pika import data
+
+    from processors.protocols.amqp import v091
+    pieces: list[bytes] = []
+    data.encode_table(pieces, table)
+    raw = b"".join(pieces)
+    got, end = v091._table_get(memoryview(raw), 0, len(raw), (want,))
+    assert got == _reference_table_get(table, want)
+    assert end == len(raw)
