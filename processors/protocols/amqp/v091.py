@@ -189,22 +189,26 @@ def _table_get(v: memoryview, off: int, end: int, want: tuple[bytes, ...]) -> tu
         lens = _WANT_LENS[want] = frozenset(len(k) for k in want if len(k) <= 32)
     while p < tend:
         klen = v[p]
-        if p + 2 + klen > tend:
+        tpos = p + 1 + klen  # the value's type octet
+        if tpos >= tend:
             raise Malformed(NAME, "bad_table", p)
-        key = v[p + 1:p + 1 + klen].tobytes().lower() if klen in lens else b""
-        p += 1 + klen
-        t = v[p]
-        p += 1
-        size = _FIXED.get(t)
-        if size is not None:
+        t = v[tpos]
+        p = tpos + 1
+        if t == 0x53:  # 'S', the usual value (a header's), first: not a fixed size
+            if p + 4 > tend:
+                raise Malformed(NAME, "bad_table", p)
+            n = _U32(v, p)[0]
+            if klen in lens and n <= 1024:
+                key = v[tpos - klen:tpos].tobytes().lower()
+                if key in want:
+                    out[key] = str(v[p + 4:p + 4 + n], "utf-8", "replace") if p + 4 + n <= tend else ""
+            p += 4 + n
+        elif (size := _FIXED.get(t)) is not None:
             p += size
         elif t in _LONG:
             if p + 4 > tend:
                 raise Malformed(NAME, "bad_table", p)
-            n = _U32(v, p)[0]
-            if t == 0x53 and key in want and n <= 1024:
-                out[key] = v[p + 4:p + 4 + n].tobytes().decode("utf-8", "replace") if p + 4 + n <= tend else ""
-            p += 4 + n
+            p += 4 + _U32(v, p)[0]
         else:
             raise Malformed(NAME, "bad_field_type", p - 1, f"{t:#x}")
         if p > tend:
@@ -469,7 +473,7 @@ class Session(Session):  # type: ignore[no-redef]
                 except (BufferBoundsError, struct.error, IndexError):
                     raise Malformed(NAME, "truncated", 0, "a field overruns the frame") from None
             elif ftype == BODY:
-                self._body_bytes(from_client, channel, size, ts_ns, final=True)
+                self._body_bytes(from_client, channel, size, ts_ns, True)  # final
             elif ftype == HEADER:
                 try:
                     self._header(from_client, channel, data[off:end + 1], 7, 7 + size, ts_ns)
@@ -580,7 +584,8 @@ class Session(Session):  # type: ignore[no-redef]
         if content[from_client] is not None:
             content[from_client] = None  # a method ends any content on its channel (§4.2.6)
             self.conn.drop("incomplete_message")
-        handler(self, from_client, channel, ch, cm, v, p + 4, end, start, ts_ns)
+        if handler is not _no_span:
+            handler(self, from_client, channel, ch, cm, v, p + 4, end, start, ts_ns)
 
     # Each method's handler (_HANDLERS, by class and method id) takes the same arguments: the
     # frame ``v`` with its arguments from ``q`` to ``end``.
@@ -730,6 +735,14 @@ class Session(Session):  # type: ignore[no-redef]
         return None
 
     def _sync_pop(self, channel: int, ch: _Channel) -> _Op | None:
+        head = ch.sync_head
+        if head < ch.sync_tail:  # the usual answer: to the request at the head, still there
+            key = (channel, head)
+            op = self.sync.get(key)
+            if op is not None:
+                self.sync.pop(key)
+                ch.sync_head = head + 1
+                return op
         op = self._sync_peek(channel, ch)
         if op is not None:
             self.sync.pop((channel, ch.sync_head))
@@ -956,3 +969,4 @@ def _handlers() -> dict[tuple[int, int], Any]:
 
 #: (class, method) -> Session's handler of it (_method); a method not in it is unknown.
 _HANDLERS = _handlers()
+_no_span = Session._no_span  # not called: _method knows it does nothing
