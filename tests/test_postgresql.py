@@ -571,3 +571,61 @@ def test_cstr_end_in_place_matches_the_buffer_find(data: bytes, nuls: list, cuts
     end = min(end, len(b))
     z = bytes(b).find(b"\0", off, end)
     assert _cstr_end(buf, off, end) == (-1 if off >= end or z < 0 else z + 1)
+    assert pg._cstr_end_view(memoryview(bytes(b)), off, end) == _cstr_end(buf, off, end)  # feed_whole's
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=60), st.lists(st.integers(1, 12), max_size=6), st.integers(0, 60))
+def test_error_fields_in_a_view_match_the_buffer_read(data: bytes, cuts: list, cap: int) -> None:
+    """feed_whole's ErrorResponse read (one view) gives the buffered read's SQLSTATE and message,
+    whatever the bytes and wherever the head cap cuts them."""
+    from tests.support.driver import pieces
+    body = b"SERROR\0C" + data
+    end = min(cap + 8, len(body))
+    assert pg._error_fields_view(memoryview(body), 0, end) == pg._error_fields(LargeBuffer(*pieces(body, cuts)), 0, end)
+
+
+def _extended_conversation() -> list[tuple[bool, bytes]]:
+    """Named and unnamed statements and portals, Close, Describe, an error skipping to Sync, a
+    Parse error, a simple query's error, COPY, a notice, a function call, a suspended portal."""
+    return [(True, startup()),
+            (False, AUTH_OK + msg(b"S", cstr("server_version") + cstr("15")) + msg(b"K", b"\0" * 8) + READY),
+            (True, P("s1", "SELECT * FROM users WHERE id = $1") + B("p1", "s1", (b"7",)) + DESCRIBE(b"P", "p1")
+             + E("p1") + SYNC),
+            (False, PARSE_OK + BIND_OK + ROWDESC("id") + ROW(b"7") + DONE("SELECT 1") + READY),
+            (True, B("", "s1", (b"8",)) + E() + B("p2", "nosuch") + E("p2") + SYNC),
+            (False, BIND_OK + ROW(b"8") + msg(b"s") + ERROR("26000", "prepared statement \"nosuch\" does not exist")
+             + READY),
+            (True, msg(b"C", b"S" + cstr("s1")) + P("", "INSERT INTO t VALUES ('x')") + B()), (True, E() + SYNC),
+            (False, msg(b"3") + PARSE_OK + BIND_OK + DONE("INSERT 0 1") + READY),
+            (True, B("p3", "s1") + E("p3") + SYNC), (False, BIND_OK + DONE("SELECT 0") + READY),
+            (True, P("", "SELEC oops") + B() + E() + SYNC),
+            (False, ERROR("42601", "syntax error at or near 'SELEC'") + READY),
+            (True, Q("SELECT 1; SELECT 2")),
+            (False, ROWDESC("a") + ROW(b"1") + DONE("SELECT 1") + ERROR("22012", "division by zero") + READY),
+            (True, Q("COPY t FROM STDIN")), (False, msg(b"G", b"\0\0\0")),
+            (True, msg(b"d", b"1\n") + msg(b"c")), (False, DONE("COPY 1") + ERROR("01000", "careful", b"N") + READY),
+            (True, msg(b"F", b"\0\0\0\1" + b"\0\0\0\0\0\0")), (False, msg(b"V", b"\xff\xff\xff\xff") + READY),
+            (True, msg(b"H") + Q("")), (False, msg(b"I") + READY),
+            (True, TERMINATE)]
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.booleans(), st.lists(st.tuples(st.integers(0, 60), st.integers(0, 10_000), st.integers(0, 255),
+                                         st.booleans()), max_size=3))
+def test_feed_whole_matches_the_buffered_path(recorded: bool, mutations: list) -> None:
+    """The buffer-less path (feed_whole) gives the buffered path's spans and drops, for the
+    recorded psycopg session and the hand-built extended-protocol one, as sent, with bytes
+    changed and with segments split in two."""
+    from tests.support.whole import mutate, run_both_ways
+    segs = mutate(_seed() if recorded else _extended_conversation(), mutations)
+    spans, drops = run_both_ways(pg.Session, 5432, segs)
+    if not mutations:
+        assert not drops, drops
+        names = [x[0] for x in spans]
+        if recorded:
+            assert len(names) == 13, names
+        else:
+            assert names == ["SELECT users", "SELECT users", "postgresql", "INSERT t", "postgresql", "SELEC",
+                             "SELECT; SELECT",
+                             "COPY t", "postgresql"], names

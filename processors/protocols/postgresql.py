@@ -427,8 +427,11 @@ class Session(_Session):
                     elif t == 68:  # DataRow, the common case: just count it
                         if self._pending:
                             self._pending[0].rows += 1
+                    elif t == 69:  # ErrorResponse: its fields read here, so _server_msg needs no buffer
+                        self._server_error(*_error_fields(buf, pos + 5, pos + 5 + body),
+                                           cts if rel < clen else buf.ts_at(pos))
                     else:
-                        self._server_msg(t, buf, pos + 5, pos + 5 + body, cts if rel < clen else buf.ts_at(pos))
+                        self._server_msg(t, cts if rel < clen else buf.ts_at(pos))
                 except BufferBoundsError as e:  # a field overruns its message
                     self._resync[d] = True
                     raise Malformed(NAME, "truncated_field", pos, str(e)) from None
@@ -442,6 +445,59 @@ class Session(_Session):
                     pos = n
         finally:
             buf.consumed(pos, want)
+
+    def feed_whole(self, from_client: bool, data: memoryview, ts_ns: int) -> bool:
+        """A segment of whole messages (base.py's contract), read in place without a buffer.
+
+        Why: a session's segments are mostly whole (a Query; CommandComplete and
+        ReadyForQuery; a Parse/Bind/Describe/Execute/Sync batch and its answers), and the
+        buffer's append, chunk lookups and release cost more than the reads. Only in the
+        plain state (no startup, TLS answer, resync or skip due) and when every header is
+        one ``feed`` accepts and the last message ends with the segment; anything else
+        returns False unchanged. Then each message is read as ``feed`` reads it, bodies
+        capped alike, from the segment: a bad body raises what ``feed`` raises for it,
+        after the same messages before it (the stage handles both alike)."""
+        d = 0 if from_client else 1
+        if self._skip[d] or self._resync[d] or self._stopped or (self._startup if from_client else self._ssl_wait):
+            return False
+        if type(data) is not memoryview:  # the eBPF receiver's payloads are bytes
+            data = memoryview(data)
+        heads = _CLIENT_HEAD if from_client else _SERVER_HEAD
+        n = len(data)
+        pos = 0
+        while pos < n:  # frame first: every header valid, the last message ending the segment
+            if n - pos < 5:
+                return False
+            t = data[pos]
+            ln = _I32BE(data, pos + 1)[0]
+            if t not in heads or ln < 4 or ln > MAX_MESSAGE_LEN:
+                return False
+            pos += ln + 1
+        if pos != n:
+            return False
+        pos = 0
+        try:
+            while pos < n:
+                t = data[pos]
+                ln = _I32BE(data, pos + 1)[0]
+                body = ln - 4
+                cap = heads[t]
+                if body > cap:
+                    body = cap
+                if from_client:
+                    self._client_view(t, data, pos + 5, pos + 5 + body, ts_ns)
+                elif t == 68:  # DataRow
+                    if self._pending:
+                        self._pending[0].rows += 1
+                elif t == 69:
+                    self._server_error(*_error_fields_view(data, pos + 5, pos + 5 + body), ts_ns)
+                else:
+                    self._server_msg(t, ts_ns)
+                pos += ln + 1
+        except BufferBoundsError as e:  # as feed: a field overruns its message
+            self._resync[d] = True
+            raise Malformed(NAME, "truncated_field", pos, str(e)) from None
+        return True
 
     def gap(self, from_client: bool, ts_ns: int) -> None:
         d = 0 if from_client else 1
@@ -639,11 +695,74 @@ class Session(_Session):
             self._push(_Op(_F, None, ts))
         # H (Flush), X (Terminate: no span), d/c/f (COPY data), p (auth): nothing to pair.
 
+    def _client_view(self, t: int, data: memoryview, off: int, end: int, ts: int) -> None:
+        """``_client_msg`` on a message in one view (feed_whole): the same reads and effects."""
+        if t == _Q:
+            z = _cstr_end_view(data, off, end)
+            self._push(_Op(_Q, analyze(decode_query(data[off:(z - 1) if z > 0 else end]), "postgresql",
+                                       self._sanitize), ts))
+        elif t == _P:
+            p = _cstr_end_view(data, off, end)
+            if p < 0:
+                raise Malformed(NAME, "bad_parse", off)
+            name = data[off:off + min(p - 1 - off, MAX_NAME)].tobytes()  # kept: a cache key
+            z = _cstr_end_view(data, p, end)
+            info = analyze(decode_query(data[p:(z - 1) if z > 0 else end]), "postgresql", self._sanitize)
+            if name:
+                st = self._stmts
+                st[name] = info
+                st.move_to_end(name)
+                if len(st) > self._max_stmts:
+                    st.popitem(last=False)
+                    self.conn.drop("statement_evicted")
+            else:
+                self._unnamed = info
+            if not self._batch_start:
+                self._batch_start = ts
+            self._push(_Op(_P, info, ts))
+        elif t == _B:
+            p = _cstr_end_view(data, off, end)
+            if p < 0:
+                raise Malformed(NAME, "bad_bind", off)
+            q = _cstr_end_view(data, p, end)
+            if q < 0:
+                raise Malformed(NAME, "bad_bind", p)
+            info = self._stmts.get(data[p:q - 1].tobytes()) if q - 1 > p else self._unnamed
+            portal = data[off:p - 1].tobytes()
+            pt = self._portals
+            pt[portal] = info
+            pt.move_to_end(portal)
+            if len(pt) > self._max_portals:
+                pt.popitem(last=False)
+            if not self._batch_start:
+                self._batch_start = ts
+            self._push(_Op(_B, info, ts))
+        elif t == _E:
+            p = _cstr_end_view(data, off, end)
+            info = self._portals.get(data[off:p - 1 if p > 0 else end].tobytes())
+            start = self._batch_start or ts
+            self._batch_start = 0
+            self._push(_Op(_E, info, start))
+        elif t == _D:
+            self._push(_Op(_D, None, ts))
+        elif t == _C:
+            kind = data[off] if end > off else 0
+            p = _cstr_end_view(data, off + 1, end)
+            if p > 0:
+                (self._stmts if kind == 83 else self._portals).pop(data[off + 1:p - 1].tobytes(), None)
+            self._push(_Op(_C, None, ts))
+        elif t == _S:
+            self._push(_Op(_S, None, ts))
+        elif t == _F:
+            self._push(_Op(_F, None, ts))
+        # H, X, d/c/f, p: nothing to pair (as _client_msg).
+
     def _info(self, buf: LargeBuffer, off: int, end: int) -> QueryInfo:
         return analyze(decode_query(buf.view_at(off, end - off)), "postgresql", self._sanitize)
 
     # -- server messages -----------------------------------------------------------------
-    def _server_msg(self, t: int, buf: LargeBuffer, off: int, end: int, ts: int) -> None:
+    def _server_msg(self, t: int, ts: int) -> None:
+        """A server message other than ErrorResponse (``_server_error``): none reads its body."""
         pend = self._pending
         head = pend[0] if pend else None
         hk = head.kind if head is not None else 0
@@ -666,21 +785,6 @@ class Session(_Session):
                     break
                 if op.kind == _E:  # answered nothing before Sync: lost, count it
                     self.conn.drop("unpaired")
-        elif t == 69:  # E ErrorResponse
-            code, msg = _error_fields(buf, off, end)
-            if hk == _Q:
-                if not head.err_code:  # type: ignore[union-attr]
-                    head.err_code, head.err_msg = code, msg  # type: ignore[union-attr]
-                return
-            # Extended protocol: the server discards everything up to Sync.
-            target: _Op | None = None
-            while pend and pend[0].kind != _S:
-                op = pend.popleft()
-                if target is None or (target.kind != _E and op.kind == _E):
-                    target = op if op.kind in (_E, _P, _B) else target
-            if target is not None:
-                target.err_code, target.err_msg = code, msg
-                self._span(target, ts)
         elif t in (49, 50, 51):  # 1 2 3: Parse/Bind/CloseComplete
             want = _P if t == 49 else _B if t == 50 else _C
             if hk == want:
@@ -698,6 +802,26 @@ class Session(_Session):
             if hk == _F:
                 pend.popleft()
         # R S K N A t G H W d c v: nothing to pair.
+
+    def _server_error(self, code: str, msg: str, ts: int) -> None:
+        """An ErrorResponse (SQLSTATE ``code``, message ``msg``): it ends a simple query's
+        answer's error, or the extended-protocol request the server gave up on."""
+        pend = self._pending
+        head = pend[0] if pend else None
+        hk = head.kind if head is not None else 0
+        if hk == _Q:
+            if not head.err_code:  # type: ignore[union-attr]
+                head.err_code, head.err_msg = code, msg  # type: ignore[union-attr]
+            return
+        # Extended protocol: the server discards everything up to Sync.
+        target: _Op | None = None
+        while pend and pend[0].kind != _S:
+            op = pend.popleft()
+            if target is None or (target.kind != _E and op.kind == _E):
+                target = op if op.kind in (_E, _P, _B) else target
+        if target is not None:
+            target.err_code, target.err_msg = code, msg
+            self._span(target, ts)
 
     def _span(self, op: _Op, end_ts: int, emit: bool = True) -> Span:
         """The span of ``op`` ending at ``end_ts``, emitted unless ``emit`` is False."""
@@ -724,9 +848,12 @@ class Session(_Session):
             attrs["db.response.status_code"] = op.err_code
             attrs["error.type"] = op.err_code
             status = StatusCode.ERROR
+        msg = op.err_msg
+        if msg and self._sanitize_errors:
+            msg = sanitize_error(msg)
         conn = self.conn
         span = conn.span(name, conn.kind_for(SpanKind.CLIENT), op.start, end_ts, attrs, status_code=status,
-                         status_message=sanitize_error(op.err_msg) if self._sanitize_errors else op.err_msg)
+                         status_message=msg)
         if emit:
             conn.emit(span)
         return span
@@ -751,6 +878,36 @@ def _error_fields(buf: LargeBuffer, off: int, end: int) -> tuple[str, str]:
             code = str(buf.view_at(p + 1, min(stop - p - 1, 5)), "ascii", "replace")
         elif c == 77:  # 'M'
             msg = str(buf.view_at(p + 1, stop - p - 1), "utf-8", "replace")
+        if z < 0:
+            break
+        p = z
+    return code, msg
+
+
+def _cstr_end_view(data: memoryview, off: int, end: int) -> int:
+    """``_cstr_end`` within one view (feed_whole): just past the NUL at or after ``off``, or -1."""
+    if off >= end:
+        return -1
+    if data[off] == 0:
+        return off + 1
+    z = _NO_NUL(data, off, end).end()
+    return z + 1 if z < end else -1
+
+
+def _error_fields_view(data: memoryview, off: int, end: int) -> tuple[str, str]:
+    """``_error_fields`` within one view (feed_whole): the same fields, the same cuts."""
+    code = msg = ""
+    p = off
+    while p < end:
+        c = data[p]
+        if c == 0:
+            break
+        z = _cstr_end_view(data, p + 1, end)
+        stop = (z - 1) if z > 0 else end
+        if c == 67:  # 'C'
+            code = str(data[p + 1:p + 1 + min(stop - p - 1, 5)], "ascii", "replace")
+        elif c == 77:  # 'M'
+            msg = str(data[p + 1:stop], "utf-8", "replace")
         if z < 0:
             break
         p = z
