@@ -323,9 +323,14 @@ class _Dir:
 
 class Session(Session):  # type: ignore[no-redef]
     protocol: ClassVar[str] = NAME
+    #: The span kinds of a connection's perspective: these for a capture (Conn.kind_for's
+    #: PASSIVE), else set by __init__ (three attributes fewer to set a connection).
+    k_client: SpanKind = SpanKind.CLIENT
+    k_producer: SpanKind = SpanKind.PRODUCER
+    k_consumer: SpanKind = SpanKind.CONSUMER
 
     def __init__(self, conn: Conn) -> None:
-        super().__init__(conn)
+        self.conn = conn  # base.Session.__init__'s one line, without the call (once a connection)
         self.settings: Settings = conn.settings if isinstance(conn.settings, Settings) else Settings()
         self.dirs = (_Dir(), _Dir())
         self.channels: dict[int, _Channel] = {}
@@ -338,10 +343,8 @@ class Session(Session):  # type: ignore[no-redef]
         #: From start-ok until open-ok, start-ok's time: a refusal is a failed connect (its _Op is
         #: built only then, by _close: most logins succeed).
         self.login: int | None = None
-        # The span kinds of this connection's perspective (fixed), looked up once, not a span.
-        if conn.perspective is Perspective.PASSIVE:  # a capture: the kinds as they are
-            self.k_client, self.k_producer, self.k_consumer = SpanKind.CLIENT, SpanKind.PRODUCER, SpanKind.CONSUMER
-        else:
+        # The span kinds of this connection's perspective (fixed): looked up once, not a span.
+        if conn.perspective is not Perspective.PASSIVE:  # a capture keeps the class's kinds
             kind = conn.kind_for
             self.k_client = kind(SpanKind.CLIENT)
             self.k_producer = kind(SpanKind.PRODUCER, SpanKind.PRODUCER)
