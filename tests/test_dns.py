@@ -221,6 +221,23 @@ def test_tcp_pipelined_queries_answered_out_of_order(seg: int) -> None:
     assert p.stats["drops"] == {}
 
 
+@pytest.mark.parametrize("keep", [1, 3, 20])
+def test_tcp_answer_cut_by_the_end_of_the_capture_is_an_incomplete_span(keep: int) -> None:
+    """base.py's rule over TCP: the answer whose bytes had begun (its ID in sight from the
+    fourth byte, else the oldest query's) is a span of the question, marked incomplete; the
+    other query, unanswered, is counted."""
+    qs = [query("a.example", "A", 11), query("b.example", "AAAA", 12)]
+    cut = framed(answer(qs[1], "2001:db8::1"))[:keep]
+    p, sink = stage()
+    p.consume_events(tcp_events([(True, framed(qs[0]) + framed(qs[1])), (False, cut)]))
+    p.shutdown()
+    (s,) = sink.spans
+    want = "b.example" if keep >= 4 else "a.example"
+    assert s.attributes["dns.question.name"] == want and s.attributes["wirespan.incomplete"] is True
+    assert "dns.response.status_code" not in s.attributes and "error.type" not in s.attributes
+    assert p.stats["drops"]["dns:no_response"] == 1
+
+
 def test_tcp_detect_needs_more_then_decides() -> None:
     wire = framed(query("www.example.com"))
     for cut in range(1, len(wire)):

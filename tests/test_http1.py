@@ -184,6 +184,20 @@ def test_reset_mid_response_gives_marked_span() -> None:
     assert "reset" in s.status_message
 
 
+@pytest.mark.parametrize(("tail", "status"), [(b"HTTP/1.1 503", 503), (b"HTTP/1.1 404 Not Fo", 404),
+                                              (b"HTTP/1.", None), (b"H", None)])
+def test_status_line_cut_by_the_end_of_the_capture_is_an_incomplete_span(tail: bytes, status: int | None) -> None:
+    """The reply had begun, its status line cut short: a span marked incomplete, with the code
+    where its three digits are in sight (base.py's rule; before, counted ``unanswered``)."""
+    d = Driver()
+    d.req(b"GET /a HTTP/1.1\r\nHost: h\r\n\r\n")
+    d.resp(tail)
+    d.s.close(d.ts + 1)
+    (s,) = d.spans
+    assert s.attributes["wirespan.incomplete"] is True and d.drops == []
+    assert s.attributes.get("http.response.status_code") == status
+
+
 def test_reset_before_response_and_unanswered_at_close() -> None:
     d = Driver()
     d.req(b"GET /a HTTP/1.1\r\nHost: h\r\n\r\n")

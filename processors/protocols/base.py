@@ -61,7 +61,8 @@ The end of a capture (or of a connection) is not a failure: one rule for every
 protocol, ``Session.cut_short``. An exchange whose reply had begun when the
 connection closed becomes a span with what was seen: the status the reply gave
 so far (its status line, its first message) and ``wirespan.incomplete=true``,
-never an ``error.type`` of its own. One whose reply had not begun is counted
+never an ``error.type`` of its own. A reply begun but not yet readable (bytes
+left in the server's direction, ``Session.reply_begun``) counts as begun too. One whose reply had not begun is counted
 (``no_response``-like reasons), as before. A reset stays an error
 (``error.type=connection_reset`` where a protocol reports it).
 
@@ -602,6 +603,17 @@ class Session:
 
     def close(self, ts_ns: int, reset: bool = False) -> None:
         """The connection ended: emit what is complete (e.g. a body delimited by close)."""
+
+    def reply_begun(self) -> bool:
+        """At ``close``: whether the server's direction still holds bytes the parser had not
+        read as a whole message: a reply had begun (a status line cut short, a packet header
+        without its body) for the oldest request still waiting, which then takes
+        ``cut_short``'s span branch. True once a session: only that request takes it. A parser
+        that had read the reply's first message knows it began without asking."""
+        if self.__dict__.get("_reply_taken") or not self.conn.server_buf._len:
+            return False
+        self._reply_taken = True
+        return True
 
     def cut_short(self, span: Span | None, reason: str = "no_response") -> None:
         """An exchange the end of the connection (or of the capture) left unfinished: the

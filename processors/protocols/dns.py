@@ -371,24 +371,24 @@ class Session(_Session):
             del pending[k]
             self.conn.drop("no_response")
 
-    def _span(self, q: _Query, msg: _Msg, end: int) -> None:
+    def _span(self, q: _Query, msg: _Msg | None, end: int) -> None:
+        """The query's span, with its answer; ``msg`` None: the answer was cut short by the end
+        of the connection (base.py's rule: a span of the query, marked incomplete)."""
         conn = self.conn
-        qname = q.qname if q.qname is not None else msg.qname
-        rcode = msg.rcode
+        qname = q.qname if q.qname is not None or msg is None else msg.qname
+        rcode = msg.rcode if msg is not None else 0
         rname = _rcode_name(rcode)
-        attrs: dict[str, Any] = {
-            "network.transport": self.transport,
-            "network.protocol.name": "dns",
-            "dns.response.status_code": rname,
-            "dns.answer.count": msg.ancount,
-        }
+        attrs: dict[str, Any] = {"network.transport": self.transport, "network.protocol.name": "dns"}
+        if msg is not None:
+            attrs["dns.response.status_code"] = rname
+            attrs["dns.answer.count"] = msg.ancount
         if qname is not None:
             attrs["dns.question.name"] = qname
-        qtype = q.qtype if q.qtype >= 0 else msg.qtype
+        qtype = q.qtype if q.qtype >= 0 or msg is None else msg.qtype
         tname = _type_name(qtype) if qtype >= 0 else ""
         if tname:
             attrs["dns.question.type"] = tname
-        if msg.addrs:
+        if msg is not None and msg.addrs:
             attrs["dns.answers"] = msg.addrs
         name = tname if q.opcode == 0 and tname else _OPCODES.get(q.opcode, "QUERY")
         status = StatusCode.UNSET
@@ -397,8 +397,12 @@ class Session(_Session):
             attrs["error.type"] = rname
             status = StatusCode.ERROR
             message = rname
-        conn.emit(conn.span(name, conn.kind_for(SpanKind.CLIENT), q.start_ts, end, attrs,
-                            status_code=status, status_message=message))
+        span = conn.span(name, conn.kind_for(SpanKind.CLIENT), q.start_ts, end, attrs,
+                         status_code=status, status_message=message)
+        if msg is None:
+            self.cut_short(span)
+        else:
+            conn.emit(span)
 
     # -- ends ------------------------------------------------------------------------
     def gap(self, from_client: bool, ts_ns: int) -> None:
@@ -408,7 +412,15 @@ class Session(_Session):
         self.pending.clear()
 
     def close(self, ts_ns: int, reset: bool = False) -> None:
-        """The flow idled out or the connection ended: unanswered queries are counted."""
-        for _ in range(len(self.pending)):
+        """The flow idled out or the connection ended: unanswered queries are counted; over
+        TCP, the one whose answer had begun (its ID in sight, else the oldest) is a span."""
+        pending = self.pending
+        if self.transport == "tcp" and pending and self.reply_begun():
+            buf = self.conn.server_buf
+            q = pending.pop(buf.u16be_at(2), None) if len(buf) >= 4 else None
+            if q is None:
+                q = pending.pop(next(iter(pending)))
+            self._span(q, None, ts_ns)
+        for _ in range(len(pending)):
             self.cut_short(None, "no_response")
-        self.pending.clear()
+        pending.clear()

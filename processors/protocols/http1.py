@@ -105,6 +105,8 @@ def _prefixes(parts: list[bytes]) -> bytes:
 # Any prefix of a request line / status line, for "need more" during detection.
 _REQ_PARTIAL = re.compile(_prefixes([rb"[A-Z][A-Z0-9_\-]{0,31}", b" +", rb"[^\x00-\x20\x7f]+", b" +", b"H", b"T",
                                      b"T", b"P", b"/", b"1", rb"\.", b"[01]?", b" *\r"]) + rb"\Z")
+#: A status line cut short: its code once the three digits are in sight (``_cut_head``).
+_STATUS_CODE_PREFIX = re.compile(rb"[Hh][Tt][Tt][Pp]/1\.([01]) +([0-9]{3})(?![0-9])")
 _RESP_PARTIAL = re.compile(_prefixes([b"[Hh]", b"[Tt]", b"[Tt]", b"[Pp]", b"/", b"1", rb"\.", b"[01]", b" +", b"[0-9]",
                                       b"[0-9]", b"[0-9]", rb"(?:[ \t][^\r\n]*\r?|\r)"]) + rb"\Z")
 _FIELD_LINE = rb"[" + _TCHAR + rb"]+:[\t\x20-\x7e\x80-\xff]*\r\n"
@@ -1215,12 +1217,25 @@ class Http1Session(_BaseSession):
 
 
     def _cut_head(self, end_ts: int) -> None:
-        """The reply's head had begun (its status line is whole) when the connection ended:
-        base.py's rule makes a span of it, with that status; the partial fields are released
-        as read. A final status only: an interim 1xx says nothing of the answer."""
+        """The reply's head had begun (its status line whole, or cut short: then its code if
+        in sight) when the connection ended: base.py's rule makes a span of it, with that
+        status; the partial fields are released as read. A final status only: an interim 1xx
+        says nothing of the answer."""
         buf = self.conn.server_buf
         e = buf.find(b"\n", 0, min(len(buf), 512))
-        if e < 0:
+        if e < 0:  # the status line itself cut short: its code, if in sight
+            n = min(len(buf), 512)
+            part = bytes(buf.view_at(0, n)) if n else b""  # <= 512 bytes, once a connection
+            if not n or not _RESP_PARTIAL.match(part):
+                return
+            m = _STATUS_CODE_PREFIX.match(part)
+            status = int(m.group(2)) if m else 0  # 0: not yet in sight, no status on the span
+            if 100 <= status < 200:
+                return
+            ts = buf.ts_at(n - 1)
+            buf.release(len(buf))
+            self._sresp = (self._pending[0], status, "1.0" if m and m.group(1) == b"0" else "1.1")
+            self._finish(0, ts or end_ts, incomplete=True)
             return
         line = bytes(buf.view_at(0, e + 1))  # <= 512 bytes, once a connection
         m = _STATUS_DETECT.fullmatch(line)

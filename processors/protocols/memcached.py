@@ -593,18 +593,19 @@ class Session(Session):  # type: ignore[no-redef]
         buf = self.conn.server_buf
         began = (buf.u32be_at(12), buf.u8_at(1)) if self.binary and len(buf) >= 16 and \
             buf.u8_at(0) in (RES, ALT_RES) else None
+        short = began is None and self.binary and len(buf) < 16  # a header cut short: the oldest's
         for r in self.pending:
             if r.quiet:
                 self._span(r, 0x01 if r.get_family else 0x00, ts_ns, implicit=True)
-            elif began == (r.opaque, r.op):
+            elif began == (r.opaque, r.op) or (short and self.reply_begun()):
                 began = None
                 self._span(r, 0x00, ts_ns, incomplete=True)
             else:
                 self.cut_short(None, "no_response")
         self.pending.clear()
         self.in_flight.clear()
-        for r in self.text_pending:
-            if r.hit:
+        for i, r in enumerate(self.text_pending):
+            if r.hit or (i == 0 and not self.binary and self.reply_begun()):
                 self._span(r, 0x00, ts_ns, incomplete=True)
             else:
                 self.cut_short(None, "no_response")

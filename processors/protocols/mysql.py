@@ -574,9 +574,9 @@ class Session(_Session):
     def close(self, ts_ns: int, reset: bool = False) -> None:
         # base.py's rule: a command whose answer began (a result set's column count, its
         # rows) is a span of what was seen, marked incomplete; one never answered is counted.
-        for c in self._pending:
+        for i, c in enumerate(self._pending):
             if c.cmd in (COM_QUERY, COM_STMT_EXECUTE):
-                if c.state != _FIRST:
+                if c.state != _FIRST or (i == 0 and self.reply_begun()):
                     self._finish(c, ts_ns, True)
                 else:
                     self.cut_short(None, "no_response")

@@ -554,7 +554,8 @@ class Session(Session):  # type: ignore[no-redef]
         m.attrs["error.type"] = etype
         self._emit(m, ts_ns, StatusCode.ERROR, text)
 
-    def _emit(self, m: _Msg, end_ts: int, status: StatusCode = StatusCode.UNSET, msg: str = "") -> None:
+    def _emit(self, m: _Msg, end_ts: int, status: StatusCode = StatusCode.UNSET, msg: str = "",
+              incomplete: bool = False) -> None:
         attrs = m.attrs
         cid = self.client_name or self.client_id
         if cid:
@@ -563,8 +564,12 @@ class Session(Session):  # type: ignore[no-redef]
         if smsg is not None and status == StatusCode.UNSET:
             status, msg = StatusCode.ERROR, smsg
         conn = self.conn
-        conn.emit(conn.span(m.name, m.kind, m.start_ts, end_ts, attrs, traceparent=m.traceparent,
-                            status_code=status, status_message=msg))
+        span = conn.span(m.name, m.kind, m.start_ts, end_ts, attrs, traceparent=m.traceparent,
+                         status_code=status, status_message=msg)
+        if incomplete:
+            self.cut_short(span)
+        else:
+            conn.emit(span)
 
     # -- gaps and the end ----------------------------------------------------------
     def skip_gap(self, from_client: bool, nbytes: int, ts_ns: int) -> bool:
@@ -594,9 +599,13 @@ class Session(Session):  # type: ignore[no-redef]
     def close(self, ts_ns: int, reset: bool = False) -> None:
         for fc in (True, False):
             d = self.dirs[fc]
-            buf = self.conn.client_buf if fc else self.conn.server_buf
-            if d.cur is not None and not len(buf):  # the stage counts what is still buffered
-                self.conn.drop("incomplete_message")
+            m = d.cur
+            if m is not None and m.op in ("publish", "process") and not (fc and self.verbose) and \
+                    m.attrs.get("messaging.nats.status_code", 0) != 100:  # 100: a heartbeat, as _done
+                # A message whose payload was arriving: base.py's rule, a span of what was seen.
+                self._emit(m, ts_ns, incomplete=True)
+            elif m is not None and not len(self.conn.client_buf if fc else self.conn.server_buf):
+                self.conn.drop("incomplete_message")  # the stage counts what is still buffered
             d.cur, d.skip, d.crlf = None, 0, False
         # Verbose mode: a publish left without its +OK was sent as far as the wire shows (a
         # span marked incomplete, as MQTT's); a subscription without it has no outcome.

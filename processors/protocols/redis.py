@@ -721,6 +721,9 @@ class Session(Session):  # type: ignore[no-redef]
         # base.py's rule: the command whose reply was being read (a large value, a long
         # array) is a span of what was seen, marked incomplete; the others are counted.
         cur = self.resp.cur
+        buf = self.conn.server_buf
+        if cur is None and len(buf) and buf.u8_at(0) != 0x3E and self.reply_begun():
+            cur = _Value(buf.u8_at(0), buf.ts_at(0))  # a reply's first line cut short
         for i, p in enumerate(self.pending):
             if i == 0 and cur is not None and not cur.push:
                 v = _Value(cur.type, cur.start_ts)

@@ -1026,15 +1026,20 @@ class Session(Session):  # type: ignore[no-redef]
                     continue
                 seen.add(s.sid)
                 for link in s.by_name.values():
-                    if link.cur is not None:
-                        link.cur = None
-                        self.conn.drop("incomplete_message")
+                    if link.cur is not None:  # a delivery whose frames were still coming
+                        op, link.cur = link.cur, None
+                        if op.attrs.get("_key") not in self.unsettled:
+                            self._cut(op)
         # An unsettled transfer was sent as far as the wire shows: a span marked incomplete.
         for op in self.unsettled.values():
-            for k in ("_key", "_settled", "_more"):
-                op.attrs.pop(k, None)
-            op.attrs["messaging.system"] = self.system
-            if self.client_id:
-                op.attrs["messaging.client.id"] = self.client_id
-            self.cut_short(self.conn.span(op.name, op.kind, op.start_ts, op.start_ts, op.attrs, op.traceparent))
+            self._cut(op)
         self.unsettled.clear()
+
+    def _cut(self, op: _Op) -> None:
+        """A delivery the end of the connection left unfinished or unsettled: base.py's rule."""
+        for k in ("_key", "_settled", "_more"):
+            op.attrs.pop(k, None)
+        op.attrs["messaging.system"] = self.system
+        if self.client_id:
+            op.attrs["messaging.client.id"] = self.client_id
+        self.cut_short(self.conn.span(op.name, op.kind, op.start_ts, op.start_ts, op.attrs, op.traceparent))

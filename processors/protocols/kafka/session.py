@@ -176,6 +176,7 @@ class KafkaSession:
 
     protocol = NAME
     cut_short = _BaseSession.cut_short  # base.py's rule for the end of a capture
+    reply_begun = _BaseSession.reply_begun
 
     def __init__(self, conn: Any, settings: Any) -> None:
         self.conn = conn
@@ -437,9 +438,10 @@ class KafkaSession:
             self._cut(srv.req, srv.msg, ts_ns)
         buf = self.conn.server_buf
         corr = buf.i32be_at(4) if len(buf) >= 8 and not srv.started else None
+        short = corr is None and len(buf) < 8 and not srv.started  # cut inside the header: the oldest's
         for m in self.pending.values():
             if m.api_key in wanted:
-                if m.corr == corr:
+                if m.corr == corr or (short and self.reply_begun()):
                     self._cut(m, None, ts_ns)
                 else:
                     self.cut_short(None, "unanswered")
