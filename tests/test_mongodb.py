@@ -306,3 +306,71 @@ def test_bson_fields_in_one_chunk_match_the_buffer_walk(doc: dict, flips: list, 
         except ProtocolError as e:
             return (e.reason, e.offset, str(e))
     assert read(LargeBuffer(data)) == read(LargeBuffer(*[data[i:i + 1] for i in range(len(data))]))
+
+
+def _conversation() -> list[tuple[bool, bytes]]:
+    """OP_MSG exchanges as segments: one message a segment, two in one, a document sequence
+    before the command, a checksum, moreToCome and exhaust replies, an error reply, a
+    heartbeat, and the legacy and compressed opcodes (the buffered path)."""
+    q = struct.pack("<i", 0) + b"shop.users\0" + struct.pack("<ii", 0, 1) + bson.encode({"a": 1})
+    r = struct.pack("<iqii", 2, 0, 0, 1) + bson.encode({"$err": "not authorized", "code": 13})
+    return [(True, op_msg(1, 0, {"insert": "orders", "$db": "shop", "documents": [{"_id": 1, "n": "x" * 40}]})),
+            (False, op_msg(11, 1, {"n": 1, "ok": 1.0})),
+            (True, op_msg(2, 0, {"find": "users", "filter": {"a": 1}, "$db": "shop"})
+             + op_msg(3, 0, {"update": "u", "$db": "shop"}, seq=("updates", [{"q": {}, "u": {"x": 1}}]))),
+            (False, op_msg(13, 3, {"ok": 0.0, "errmsg": "bad 'x'", "code": 2, "codeName": "BadValue"})
+             + op_msg(12, 2, {"cursor": {"id": bson.Int64(0)}, "ok": 1}, checksum=True)),
+            (True, op_msg(4, 0, {"hello": 1, "$db": "admin"}) + op_msg(5, 0, {"insert": "logs", "$db": "app"},
+                                                                      flags=m.FLAG_MORE_TO_COME)),
+            (False, op_msg(14, 4, {"ok": 1.0})),
+            (True, op_msg(6, 0, {"getMore": bson.Int64(5), "collection": "c", "$db": "x"}, flags=m.FLAG_EXHAUST)),
+            (False, op_msg(15, 6, {"ok": 1.0}, flags=m.FLAG_MORE_TO_COME) + op_msg(16, 15, {"ok": 1.0})),
+            (True, HDR.pack(16 + len(q), 7, 0, m.OP_QUERY) + q),
+            (False, HDR.pack(16 + len(r), 17, 7, m.OP_REPLY) + r),
+            (True, compressed(op_msg(8, 0, {"delete": "d", "$db": "shop"}))),
+            (False, op_msg(18, 8, {"ok": 1}))]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 11), st.integers(0, 10_000), st.integers(0, 255), st.booleans()),
+                max_size=3))
+def test_feed_whole_matches_the_buffered_path(mutations: list) -> None:
+    """The buffer-less path (feed_whole, _msg_in_view) gives the buffered path's spans and
+    drops, for the conversation as sent, with bytes changed and with segments split in two."""
+    from tests.support.whole import mutate, run_both_ways
+    spans, _drops = run_both_ways(m.Session, 27017, mutate(_conversation(), mutations))
+    if not mutations:
+        assert [(s[0], s[5]) for s in spans] == [
+            ("insert orders", ""), ("update u", "BadValue: bad ?"), ("find users", ""), ("insert logs", ""),
+            ("getMore c", ""), ("find users", "not authorized"), ("delete d", "")]
+
+
+_KEYS = ["ok", "$db", "code", "errmsg", "codeName", "$err", "collection", "OK", "oj", "o\xe9", "\xffk", "x" * 200,
+         "n", ""]
+_VALUES = st.one_of(st.integers(-2 ** 31, 2 ** 31 - 1), st.integers(2 ** 40, 2 ** 41), st.floats(allow_nan=False),
+                    st.text(max_size=20), st.booleans(), st.none(), st.just({"a": 1}), st.just([1, "b"]),
+                    st.just(b"\x01"), st.just(bson.Regex("a", "i")))
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(_KEYS), _VALUES), min_size=1, max_size=8),
+       st.lists(st.tuples(st.integers(0, 400), st.integers(0, 255)), max_size=2), st.booleans())
+def test_keys_decoded_only_at_wanted_lengths_read_as_the_walk(items: list, flips: list, reply: bool) -> None:
+    """``_fields_in_view`` decodes a key only for the first element and at a wanted name's
+    length: on documents of wanted, near-wanted, non-UTF-8 (bytes 0xff written over a key)
+    and over-long keys, duplicates, every scalar type, and bytes changed, it gives the buffer
+    walk's fields or its error at its offset."""
+    # the key "\xffk" is written as the byte 0xff and "k": not UTF-8
+    raw = bytearray(b"".join(bson.encode({k: v})[4:-1].replace("\xffk".encode(), b"\xffk") for k, v in items))
+    raw = bytearray(struct.pack("<i", len(raw) + 5)) + raw + b"\0"
+    for pos, byte in flips:
+        raw[pos % len(raw)] = byte
+    data = bytes(raw)
+    wanted = m._REPLY_FIELDS if reply else m._CMD_FIELDS
+
+    def read(buf: LargeBuffer) -> object:
+        try:
+            return m.bson_fields(buf, 0, wanted)
+        except ProtocolError as e:
+            return (e.reason, e.offset, str(e))
+    assert read(LargeBuffer(data)) == read(LargeBuffer(*[data[i:i + 1] for i in range(len(data))]))

@@ -136,26 +136,49 @@ def _scalar(buf: LargeBuffer, t: int, off: int) -> Any:
 
 
 _I32 = struct.Struct("<i").unpack_from
+_U32_AT = struct.Struct("<I").unpack_from
+_HDR_AT = _HDR.unpack_from
 _I64 = struct.Struct("<q").unpack_from
 _D_AT = _D.unpack_from
 _NO_NUL = re.compile(rb"[^\0]*").match
 
 
+#: The key lengths (UTF-8 bytes) of each ``wanted`` set: a key of another length is not
+#: decoded (a decoded key equal to a wanted name has its length; see ``_fields_in_view``).
+_KEY_LENGTHS: dict[frozenset[str], frozenset[int]] = {}
+
+
+def _key_lengths(wanted: frozenset[str]) -> frozenset[int]:
+    lens = _KEY_LENGTHS.get(wanted)
+    if lens is None:
+        if len(_KEY_LENGTHS) > 64:
+            _KEY_LENGTHS.clear()
+        lens = _KEY_LENGTHS[wanted] = frozenset(len(w.encode()) for w in wanted)
+    return lens
+
+
 def _fields_in_view(c: memoryview, p: int, end: int, base: int, wanted: frozenset[str],
-                    first: bool) -> dict[str, Any]:
+                    first: bool, lens: frozenset[int] | None = None) -> dict[str, Any]:
     """``bson_fields``'s walk over a document lying whole in one chunk ``c`` (``c[p - 4:end]``,
     its size and terminator checked): the same fields and the same errors (offsets made
     absolute by ``base``, the chunk's start), read with struct and indexing in place instead
-    of a buffer call (a ``find``, a copy) per element: one call for the common document."""
+    of a buffer call (a ``find``, a copy) per element: one call for the common document.
+
+    A key is decoded only for the first element and when its length is a wanted name's: a
+    key decoding to a wanted (valid UTF-8, U+FFFD-free) name is that name's bytes, so of its
+    length, and a key cut at 128 bytes decodes to 32 characters or more, no wanted name.
+    ``lens``: ``wanted``'s key lengths, when the caller has them.
+    """
     out: dict[str, Any] = {}
     last = end - 1
     fixed = _FIXED
     i32 = _I32
     nonul = _NO_NUL
+    if lens is None:
+        lens = _key_lengths(wanted)
     while p < last:
         t = c[p]
         z = nonul(c, p + 1, end).end()  # the key's NUL: the terminator at end - 1 bounds it
-        name = str(c[p + 1:min(z, p + 129)], "utf-8", "replace")
         vs = z + 1
         size = fixed.get(t)
         if size is None:
@@ -181,25 +204,28 @@ def _fields_in_view(c: memoryview, p: int, end: int, base: int, wanted: frozense
             nxt = vs + (4 + n if size == -1 else n if size == -2 else 5 + n if size == -3 else 16 + n)
         if nxt > end:
             raise Malformed(NAME, "bad_bson", base + vs, "value overruns its document")
-        if first or (name in wanted and name not in out):
-            if t == 0x02:
-                n = i32(c, vs)[0]
-                val: Any = str(c[vs + 4:vs + 4 + max(0, min(n - 1, 512))], "utf-8", "replace")
-            elif t == 0x01:
-                val = _D_AT(c, vs)[0]
-            elif t == 0x10:
-                val = i32(c, vs)[0]
-            elif t == 0x12:
-                val = _I64(c, vs)[0]
-            elif t == 0x08:
-                val = c[vs] != 0
-            else:
-                val = None
-            if first:
-                out[""] = (name, val)
-                first = False
-            if name in wanted and name not in out:
-                out[name] = val
+        if first or z - p - 1 in lens:
+            name = str(c[p + 1:min(z, p + 129)], "utf-8", "replace")
+            keep = name in wanted and name not in out
+            if first or keep:
+                if t == 0x02:
+                    n = i32(c, vs)[0]
+                    val: Any = str(c[vs + 4:vs + 4 + max(0, min(n - 1, 512))], "utf-8", "replace")
+                elif t == 0x01:
+                    val = _D_AT(c, vs)[0]
+                elif t == 0x10:
+                    val = i32(c, vs)[0]
+                elif t == 0x12:
+                    val = _I64(c, vs)[0]
+                elif t == 0x08:
+                    val = c[vs] != 0
+                else:
+                    val = None
+                if first:
+                    out[""] = (name, val)
+                    first = False
+                if keep:
+                    out[name] = val
         p = nxt
     if p != last:
         raise Malformed(NAME, "bad_bson", base + p, "elements overrun the document")
@@ -327,6 +353,8 @@ class _Dir:
 
 _REPLY_FIELDS = frozenset({"ok", "errmsg", "code", "codeName", "$err"})
 _CMD_FIELDS = frozenset({"$db", "collection"})
+_REPLY_LENGTHS = _key_lengths(_REPLY_FIELDS)
+_CMD_LENGTHS = _key_lengths(_CMD_FIELDS)
 #: Commands whose first value is not a collection though it may be a string: user and role
 #: management (the user's or role's name), authentication, parameters, sessions and admin
 #: commands (MongoDB's database command reference). ping, hello, isMaster, buildInfo...
@@ -345,6 +373,25 @@ _NOT_COLLECTION_CMDS = frozenset({
     "shutdown", "explain", "getMore", "enableSharding", "addShard", "removeShard", "balancerStart",
     "balancerStop", "movePrimary", "flushRouterConfig", "logRotate", "setProfilingLevel", "profile",
 })
+
+
+def _command_fields(m: _Msg, f: dict[str, Any]) -> None:
+    """A command's name, collection and database from its document's fields."""
+    if "" in f:
+        m.cmd, val = f[""]
+        m.coll = val if isinstance(val, str) and m.cmd not in _NOT_COLLECTION_CMDS else None
+        if m.cmd == "getMore" and isinstance(f.get("collection"), str):
+            m.coll = f["collection"]
+    m.db = f.get("$db")
+
+
+def _reply_fields(m: _Msg, f: dict[str, Any]) -> None:
+    """A reply's ``ok`` and error from its document's fields."""
+    m.ok = f.get("ok")
+    if "$err" in f:  # legacy OP_REPLY query failure
+        m.ok = 0
+    if m.ok is not None and m.ok != 1:
+        m.error = (f.get("code"), f.get("codeName") or "", f.get("errmsg") or f.get("$err") or "")
 
 
 class Session(Session):  # type: ignore[no-redef]
@@ -382,6 +429,91 @@ class Session(Session):  # type: ignore[no-redef]
                 d.remaining = length
             if not self._body(d, buf, ts_ns, from_client):
                 return
+
+    def feed_whole(self, from_client: bool, data: memoryview, ts_ns: int) -> bool:
+        """A segment of whole OP_MSG messages (base.py's contract), read in place without a buffer.
+
+        Taken only between messages (nothing of this direction half read or being skipped)
+        and when the framing holds: each header's length and opcode as ``feed`` checks them,
+        every message an OP_MSG, the last ending exactly with the segment. Then each message
+        has ``feed``'s effects in order (``_msg_in_view`` reads what ``_parse`` reads, with the
+        same errors at the same offsets, and the direction holds the message while it is read,
+        as ``close`` may look). Anything else (legacy opcodes, OP_COMPRESSED, a message across
+        segments, a bad header) returns False unchanged.
+        """
+        d = self.dirs[from_client]
+        if d.msg is not None or d.skip:
+            return False
+        if type(data) is not memoryview:  # the eBPF receiver's payloads are bytes
+            data = memoryview(data)
+        n = len(data)
+        if n < 16:
+            return False
+        length, req_id, resp_to, op = _HDR_AT(data, 0)
+        if op != OP_MSG or not 16 < length <= MAX_MESSAGE:
+            return False
+        if length == n:  # the usual segment: one message
+            msgs = [(0, length, req_id, resp_to)]
+        else:
+            msgs = []
+            off = 0
+            while off < n:
+                if off + 16 > n:
+                    return False
+                length, req_id, resp_to, op = _HDR_AT(data, off)
+                if op != OP_MSG or not 16 < length <= MAX_MESSAGE:
+                    return False
+                msgs.append((off, length, req_id, resp_to))
+                off += length
+            if off != n:
+                return False
+        for off, length, req_id, resp_to in msgs:
+            m = _Msg(req_id, resp_to, OP_MSG, ts_ns)
+            d.msg = m
+            d.remaining = length
+            self._msg_in_view(m, data, off, length)
+            d.msg = None
+            d.remaining = 0
+            self._done(from_client, m, ts_ns)
+        return True
+
+    def _msg_in_view(self, m: _Msg, data: memoryview, ms: int, length: int) -> None:
+        """``_parse`` of a whole OP_MSG lying at ``data[ms:ms + length]`` (offsets in errors from
+        the message's start, as ``_parse`` has them with the message at the buffer's start): a
+        "need more" of ``_parse`` is ``_body``'s ``bad_message`` here, the message being whole."""
+        if length < 21:
+            raise Malformed(NAME, "bad_message", 0)
+        flags = m.flags = _U32_AT(data, ms + 16)[0]
+        if flags & ~_KNOWN_FLAGS:
+            raise Malformed(NAME, "bad_flags", 16)
+        p = 20
+        end = length - 4 if flags & FLAG_CHECKSUM else length
+        while p < end:
+            if p + 5 > length:
+                raise Malformed(NAME, "bad_message", 0)
+            kind = data[ms + p]
+            size = _I32(data, ms + p + 1)[0]
+            if size < 5 or size > MAX_DOCUMENT + 1024:
+                raise LimitExceeded(NAME, "section_size", p)
+            if kind == 0:
+                if p + 1 + size > length:
+                    raise Malformed(NAME, "bad_message", 0)
+                # bson_fields' checks of this document: its size is the section's (>= 5, inside
+                # the message), so only its terminator is left to check.
+                doc = ms + p + 1
+                if data[doc + size - 1] != 0:
+                    raise Malformed(NAME, "bad_bson", p + size, "missing terminator")
+                if m.resp_to:
+                    _reply_fields(m, _fields_in_view(data, doc + 4, doc + size, -ms, _REPLY_FIELDS, True,
+                                                     _REPLY_LENGTHS))
+                else:
+                    _command_fields(m, _fields_in_view(data, doc + 4, doc + size, -ms, _CMD_FIELDS, True,
+                                                       _CMD_LENGTHS))
+                return
+            if kind != 1:
+                raise Malformed(NAME, "bad_section", p, f"kind {kind}")
+            p += 1 + size  # a document sequence: skipped, not read
+        raise Malformed(NAME, "no_body", p)
 
     def _body(self, d: _Dir, buf: LargeBuffer, ts_ns: int, from_client: bool) -> bool:
         """Read what a span needs from the message at the front of ``buf``; False = need more bytes."""
@@ -470,21 +602,10 @@ class Session(Session):  # type: ignore[no-redef]
         if m.resp_to:  # a reply (OP_MSG answers are OP_MSG too)
             self._reply_doc(m, buf, off)
             return
-        f, _ = bson_fields(buf, off, _CMD_FIELDS)
-        if "" in f:
-            m.cmd, val = f[""]
-            m.coll = val if isinstance(val, str) and m.cmd not in _NOT_COLLECTION_CMDS else None
-            if m.cmd == "getMore" and isinstance(f.get("collection"), str):
-                m.coll = f["collection"]
-        m.db = f.get("$db")
+        _command_fields(m, bson_fields(buf, off, _CMD_FIELDS)[0])
 
     def _reply_doc(self, m: _Msg, buf: LargeBuffer, off: int) -> None:
-        f, _ = bson_fields(buf, off, _REPLY_FIELDS)
-        m.ok = f.get("ok")
-        if "$err" in f:  # legacy OP_REPLY query failure
-            m.ok = 0
-        if m.ok is not None and m.ok != 1:
-            m.error = (f.get("code"), f.get("codeName") or "", f.get("errmsg") or f.get("$err") or "")
+        _reply_fields(m, bson_fields(buf, off, _REPLY_FIELDS)[0])
 
     def _decompress(self, buf: LargeBuffer, length: int) -> LargeBuffer | None:
         if length < 25:  # the header, original opcode, uncompressed size and compressor id
@@ -588,6 +709,8 @@ class Session(Session):  # type: ignore[no-redef]
     def close(self, ts_ns: int, reset: bool = False) -> None:
         # base.py's rule: a request whose reply began (its header read, its body cut by the
         # end) is a span of what was seen, marked incomplete; one never answered is counted.
+        if not self.pending:
+            return  # nothing awaits a reply (what follows would find nothing to do)
         begun = set()
         m = self.dirs[0].msg
         if m is not None and m.resp_to:
