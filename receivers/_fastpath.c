@@ -43,13 +43,14 @@
 #define ST_END 2
 
 static PyTypeObject *HalfT, *ConnT, *EventT;
-static PyObject *DATA_KIND, *S_IGNORED, *ONE;
+static PyObject *DATA_KIND, *OPEN_KIND, *CLOSE_KIND, *RESET_KIND, *GONE, *CONN_IDS, *S_IGNORED, *S_CONNECTIONS, *ONE,
+    *ZERO;
 
-/* _Half slots */
+/* _Half slots (all of them: new_conn() fills every one, as _Half.__init__ does) */
 static Py_ssize_t h_conn, h_next_seq, h_delivered, h_segs, h_closed, h_fin_at, h_peer, h_src, h_sport, h_dst, h_dport,
-    h_is_client, h_held;
+    h_is_client, h_held, h_key, h_buffered, h_held_ack;
 /* _Conn slots */
-static Py_ssize_t c_id, c_last_ts;
+static Py_ssize_t c_id, c_last_ts, c_syn_isn, c_buffered, c_a, c_b;
 /* TcpEvent slots */
 static Py_ssize_t e_kind, e_conn_id, e_src, e_sport, e_dst, e_dport, e_ts_ns, e_payload, e_gap, e_client_is_src,
     e_egress, e_pid, e_tid, e_comm;
@@ -81,10 +82,12 @@ static int slot_offset(PyTypeObject *t, const char *name, Py_ssize_t *out) {
     return 0;
 }
 
-/* setup(Half, Conn, TcpEvent, DATA): the reassembler's classes (once, at import). */
+/* setup(Half, Conn, TcpEvent, DATA, OPEN, CLOSE, RESET, GONE, conn_ids): the reassembler's classes, event
+ * kinds, the peer of a forgotten half and the connection id counter (once, at import). */
 static PyObject *setup(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 4 || !PyType_Check(args[0]) || !PyType_Check(args[1]) || !PyType_Check(args[2])) {
-        PyErr_SetString(PyExc_TypeError, "setup(Half, Conn, TcpEvent, DATA)");
+    if (nargs != 9 || !PyType_Check(args[0]) || !PyType_Check(args[1]) || !PyType_Check(args[2]) ||
+        !Py_IS_TYPE(args[7], (PyTypeObject *)args[0]) || !PyIter_Check(args[8])) {
+        PyErr_SetString(PyExc_TypeError, "setup(Half, Conn, TcpEvent, DATA, OPEN, CLOSE, RESET, GONE, conn_ids)");
         return NULL;
     }
     PyTypeObject *h = (PyTypeObject *)args[0], *c = (PyTypeObject *)args[1], *e = (PyTypeObject *)args[2];
@@ -108,8 +111,15 @@ static PyObject *setup(PyObject *self, PyObject *const *args, Py_ssize_t nargs) 
     OFF(h, h_dport, "dport");
     OFF(h, h_is_client, "is_client");
     OFF(h, h_held, "held");
+    OFF(h, h_key, "key");
+    OFF(h, h_buffered, "buffered");
+    OFF(h, h_held_ack, "held_ack");
     OFF(c, c_id, "id");
     OFF(c, c_last_ts, "last_ts");
+    OFF(c, c_syn_isn, "syn_isn");
+    OFF(c, c_buffered, "buffered");
+    OFF(c, c_a, "a");
+    OFF(c, c_b, "b");
     OFF(e, e_kind, "kind");
     OFF(e, e_conn_id, "conn_id");
     OFF(e, e_src, "src");
@@ -125,14 +135,26 @@ static PyObject *setup(PyObject *self, PyObject *const *args, Py_ssize_t nargs) 
     OFF(e, e_tid, "tid");
     OFF(e, e_comm, "comm");
 #undef OFF
+    if (h->tp_dictoffset != 0 || c->tp_dictoffset != 0 || h->tp_base != &PyBaseObject_Type ||
+        c->tp_base != &PyBaseObject_Type ||
+        h->tp_basicsize != (Py_ssize_t)sizeof(PyObject) + 16 * (Py_ssize_t)sizeof(PyObject *) ||
+        c->tp_basicsize != (Py_ssize_t)sizeof(PyObject) + 6 * (Py_ssize_t)sizeof(PyObject *)) {
+        /* new_conn() fills every slot: a slot added to the classes must be added there too */
+        PyErr_SetString(PyExc_TypeError, "_Half must have 16 slots and _Conn 6 (receivers/_fastpath.c new_conn)");
+        return NULL;
+    }
     Py_INCREF(h);
     Py_INCREF(c);
     Py_INCREF(e);
-    Py_INCREF(args[3]);
     Py_XSETREF(HalfT, h);
     Py_XSETREF(ConnT, c);
     Py_XSETREF(EventT, e);
-    Py_XSETREF(DATA_KIND, args[3]);
+    Py_XSETREF(DATA_KIND, Py_NewRef(args[3]));
+    Py_XSETREF(OPEN_KIND, Py_NewRef(args[4]));
+    Py_XSETREF(CLOSE_KIND, Py_NewRef(args[5]));
+    Py_XSETREF(RESET_KIND, Py_NewRef(args[6]));
+    Py_XSETREF(GONE, Py_NewRef(args[7]));
+    Py_XSETREF(CONN_IDS, Py_NewRef(args[8]));
     Py_RETURN_NONE;
 }
 
@@ -166,16 +188,534 @@ static PyObject *addr4(const unsigned char *p) {
     return b;
 }
 
+/* tcp_reassembly.py TcpReassembler._str's bound: past it the address cache starts over */
+#define ADDR_CACHE_MAX 65536
+
+/* What one scan() call works on. */
+typedef struct {
+    PyObject *view, *halves, *touch, *events, *stats, *lru, *addr_cache;
+    Py_ssize_t max_connections;
+} Ctx;
+
+/* An exact int that fits a long long: 1 and its value, else 0 (the packet goes to Python). */
+static inline int as_ll(PyObject *o, long long *out) {
+    if (o == NULL || !PyLong_CheckExact(o))
+        return 0;
+    int ovf = 0;
+    long long v = PyLong_AsLongLongAndOverflow(o, &ovf);
+    if (ovf)
+        return 0;
+    *out = v;
+    return 1;
+}
+
+/* An exact int 0 (what ``buffered`` is when nothing is): _forget then has no total to correct. */
+static inline int is_zero(PyObject *o) {
+    long long v;
+    return as_ll(o, &v) && v == 0;
+}
+
+/* ``segs`` holding nothing: None, or the empty list _deliver_buffered may leave. */
+static inline int no_segs(PyObject *o) { return o == Py_None || (o != NULL && PyList_CheckExact(o) && !PyList_GET_SIZE(o)); }
+
+/* _emit: TcpEvent(kind, conn.id, h.src, h.sport, h.dst, h.dport, ts, payload, 0, h.is_client) appended to
+ * ``events``. Steals ``payload`` (NULL: None). 0, or -1 with an exception. */
+static int emit(PyObject *events, PyObject *kind, PyObject *h, PyObject *cid, PyObject *tso, PyObject *payload) {
+    PyObject *ev = EventT->tp_alloc(EventT, 0);
+    if (ev == NULL) {
+        Py_XDECREF(payload);
+        return -1;
+    }
+    SLOT(ev, e_kind) = Py_NewRef(kind);
+    SLOT(ev, e_conn_id) = Py_NewRef(cid);
+    SLOT(ev, e_src) = Py_XNewRef(SLOT(h, h_src));
+    SLOT(ev, e_sport) = Py_XNewRef(SLOT(h, h_sport));
+    SLOT(ev, e_dst) = Py_XNewRef(SLOT(h, h_dst));
+    SLOT(ev, e_dport) = Py_XNewRef(SLOT(h, h_dport));
+    SLOT(ev, e_ts_ns) = Py_NewRef(tso);
+    SLOT(ev, e_payload) = payload != NULL ? payload : Py_NewRef(Py_None);
+    SLOT(ev, e_gap) = Py_NewRef(ZERO);
+    SLOT(ev, e_client_is_src) = Py_XNewRef(SLOT(h, h_is_client));
+    SLOT(ev, e_egress) = Py_NewRef(Py_None);
+    SLOT(ev, e_pid) = Py_NewRef(Py_None);
+    SLOT(ev, e_tid) = Py_NewRef(Py_None);
+    SLOT(ev, e_comm) = Py_NewRef(Py_None);
+    int rc = PyList_Append(events, ev);
+    Py_DECREF(ev);
+    return rc;
+}
+
+/* d[key] += 1, for a value the caller saw is an exact int. */
+static int stat_inc(PyObject *d, PyObject *key) {
+    PyObject *v = PyDict_GetItemWithError(d, key);
+    if (v == NULL) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_RuntimeError, "_fastpath: a counter went missing");
+        return -1;
+    }
+    PyObject *v1 = PyNumber_Add(v, ONE);
+    if (v1 == NULL)
+        return -1;
+    int rc = PyDict_SetItem(d, key, v1);
+    Py_DECREF(v1);
+    return rc;
+}
+
+/* 1 when d[key] is an exact int (stat_inc can count it), else 0; -1 on error. */
+static int stat_ok(PyObject *d, PyObject *key) {
+    PyObject *v = PyDict_GetItemWithError(d, key);
+    if (v == NULL)
+        return PyErr_Occurred() ? -1 : 0;
+    return PyLong_CheckExact(v);
+}
+
+/* _str for a packed IPv4 address: the cached text, or inet_ntop's dotted quad, cached. New reference. */
+static PyObject *addr_str(PyObject *cache, PyObject *a) {
+    PyObject *s = PyDict_GetItemWithError(cache, a);
+    if (s != NULL)
+        return Py_NewRef(s);
+    if (PyErr_Occurred())
+        return NULL;
+    if (PyDict_GET_SIZE(cache) > ADDR_CACHE_MAX)
+        PyDict_Clear(cache);
+    const unsigned char *p = (const unsigned char *)PyBytes_AS_STRING(a);
+    s = PyUnicode_FromFormat("%u.%u.%u.%u", p[0], p[1], p[2], p[3]);
+    if (s == NULL)
+        return NULL;
+    if (PyDict_SetItem(cache, a, s) < 0) {
+        Py_DECREF(s);
+        return NULL;
+    }
+    return s;
+}
+
+/* _Half.__init__: every slot, as there. New reference. */
+static PyObject *new_half(PyObject *conn, PyObject *key, PyObject *src, PyObject *sport, PyObject *dst, PyObject *dport,
+                          PyObject *is_client) {
+    PyObject *h = HalfT->tp_alloc(HalfT, 0);
+    if (h == NULL)
+        return NULL;
+    SLOT(h, h_conn) = Py_NewRef(conn);
+    SLOT(h, h_key) = Py_NewRef(key);
+    SLOT(h, h_src) = Py_NewRef(src);
+    SLOT(h, h_sport) = Py_NewRef(sport);
+    SLOT(h, h_dst) = Py_NewRef(dst);
+    SLOT(h, h_dport) = Py_NewRef(dport);
+    SLOT(h, h_is_client) = Py_NewRef(is_client);
+    SLOT(h, h_next_seq) = Py_NewRef(Py_None);
+    SLOT(h, h_delivered) = Py_NewRef(ZERO);
+    SLOT(h, h_segs) = Py_NewRef(Py_None);
+    SLOT(h, h_buffered) = Py_NewRef(ZERO);
+    SLOT(h, h_fin_at) = Py_NewRef(Py_None);
+    SLOT(h, h_closed) = Py_NewRef(Py_False);
+    SLOT(h, h_peer) = Py_NewRef(Py_None);
+    SLOT(h, h_held) = Py_NewRef(Py_None);
+    SLOT(h, h_held_ack) = Py_NewRef(ZERO);
+    return h;
+}
+
+/* _new_conn(src, sport, dst, dport, ts, client_is_src) when there is room (the caller checked: no
+ * eviction here) and stats["connections"] is an exact int. New reference to the sender's half. */
+static PyObject *new_conn(Ctx *c, PyObject *k1, PyObject *tso, PyObject *client_is_src) {
+    PyObject *src = PyTuple_GET_ITEM(k1, 0), *sport = PyTuple_GET_ITEM(k1, 1), *dst = PyTuple_GET_ITEM(k1, 2),
+             *dport = PyTuple_GET_ITEM(k1, 3);
+    PyObject *cid = PyIter_Next(CONN_IDS);
+    if (cid == NULL) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_RuntimeError, "_fastpath: the connection id counter ended");
+        return NULL;
+    }
+    PyObject *conn = ConnT->tp_alloc(ConnT, 0), *s = NULL, *d = NULL, *k2 = NULL, *h = NULL, *p = NULL;
+    if (conn == NULL) {
+        Py_DECREF(cid);
+        return NULL;
+    }
+    SLOT(conn, c_id) = cid;
+    SLOT(conn, c_last_ts) = Py_NewRef(tso);
+    SLOT(conn, c_syn_isn) = Py_NewRef(Py_None);
+    SLOT(conn, c_buffered) = Py_NewRef(ZERO);
+    SLOT(conn, c_a) = Py_NewRef(Py_None);
+    SLOT(conn, c_b) = Py_NewRef(Py_None);
+    if ((s = addr_str(c->addr_cache, src)) == NULL || (d = addr_str(c->addr_cache, dst)) == NULL ||
+        (k2 = PyTuple_Pack(4, dst, dport, src, sport)) == NULL)
+        goto error;
+    h = new_half(conn, k1, s, sport, d, dport, client_is_src);
+    if (h == NULL)
+        goto error;
+    p = new_half(conn, k2, d, dport, s, sport, client_is_src == Py_True ? Py_False : Py_True);
+    if (p == NULL)
+        goto error;
+    set_slot(h, h_peer, Py_NewRef(p));
+    set_slot(p, h_peer, Py_NewRef(h));
+    set_slot(conn, c_a, Py_NewRef(h));
+    set_slot(conn, c_b, Py_NewRef(p));
+    if (PyDict_SetItem(c->halves, k1, h) < 0 || PyDict_SetItem(c->halves, k2, p) < 0 ||
+        PyObject_SetItem(c->lru, cid, conn) < 0 || stat_inc(c->stats, S_CONNECTIONS) < 0)
+        goto error;
+    Py_DECREF(s);
+    Py_DECREF(d);
+    Py_DECREF(k2);
+    Py_DECREF(p);
+    Py_DECREF(conn);
+    return h;
+error:
+    Py_XDECREF(s);
+    Py_XDECREF(d);
+    Py_XDECREF(k2);
+    Py_XDECREF(h);
+    Py_XDECREF(p);
+    Py_DECREF(conn);
+    return NULL;
+}
+
+/* _forget(conn), for a connection whose halves buffer nothing (the caller checked: buffered 0, so the
+ * reassembler's total stays as it is). The caller holds references to the connection and its halves. */
+static int forget(Ctx *c, PyObject *conn) {
+    PyObject *hs[2] = {SLOT(conn, c_a), SLOT(conn, c_b)};
+    if (PyObject_DelItem(c->lru, SLOT(conn, c_id)) < 0) {
+        if (!PyErr_ExceptionMatches(PyExc_KeyError))
+            return -1;
+        PyErr_Clear();
+    }
+    for (int i = 0; i < 2; i++) {
+        PyObject *x = hs[i], *key = SLOT(x, h_key);
+        PyObject *cur = PyDict_GetItemWithError(c->halves, key);
+        if (cur == NULL && PyErr_Occurred())
+            return -1;
+        if (cur == x && PyDict_DelItem(c->halves, key) < 0)
+            return -1;
+        set_slot(x, h_buffered, Py_NewRef(ZERO));
+        set_slot(x, h_segs, Py_NewRef(Py_None));
+        set_slot(x, h_held, Py_NewRef(Py_None));
+        set_slot(x, h_peer, Py_NewRef(GONE));
+    }
+    set_slot(conn, c_a, Py_NewRef(Py_None));
+    set_slot(conn, c_b, Py_NewRef(Py_None));
+    set_slot(conn, c_buffered, Py_NewRef(ZERO));
+    return 0;
+}
+
+/* touch(conn.id): the LRU's move_to_end. */
+static int touch(Ctx *c, PyObject *conn) {
+    PyObject *res = PyObject_CallOneArg(c->touch, SLOT(conn, c_id));
+    if (res == NULL)
+        return -1;
+    Py_DECREF(res);
+    return 0;
+}
+
+/* The peer of ``h`` and ``h``'s connection, when both are what the reassembler makes (the connection
+ * live, its halves ``h`` and the peer): 1, else 0. Borrowed. */
+static int pair_of(PyObject *h, PyObject **pconn, PyObject **ppeer) {
+    PyObject *conn = SLOT(h, h_conn), *p = SLOT(h, h_peer);
+    if (conn == NULL || !Py_IS_TYPE(conn, ConnT) || p == NULL || !Py_IS_TYPE(p, HalfT) || SLOT(conn, c_id) == NULL ||
+        SLOT(p, h_conn) != conn || SLOT(p, h_peer) != h)
+        return 0;
+    PyObject *a = SLOT(conn, c_a), *b = SLOT(conn, c_b);
+    if (!((a == h && b == p) || (a == p && b == h)))
+        return 0;
+    *pconn = conn;
+    *ppeer = p;
+    return 1;
+}
+
+/* A new int for ``ts``, or NULL with an exception. */
+#define TSO(ts) PyLong_FromLongLong(ts)
+
+/* segment's fast path: a known connection, no SYN/FIN/RST, payload (if any) exactly in order, nothing
+ * buffered, no hold, and no hole or pending FIN of the peer below the ACK. */
+static int in_order(Ctx *c, PyObject *h, PyObject *conn, PyObject *p, const unsigned char *t, Py_ssize_t poff,
+                    Py_ssize_t plen, long long ts) {
+    uint32_t seq = rd32(t + 4, 1);
+    unsigned flags = t[13];
+    long long delivered = 0, nsv, pv;
+    /* A hold of the peer's, which this packet may end (segment's last lines: _release, in Python). */
+    if (SLOT(p, h_held) != Py_None)
+        return 0;
+    if (plen) {
+        if (!as_ll(SLOT(h, h_next_seq), &nsv) || nsv != (long long)seq)
+            return 0;
+        if (!as_ll(SLOT(h, h_delivered), &delivered) || delivered < 0 || delivered > LLONG_MAX - plen)
+            return 0;
+        if (SLOT(h, h_segs) != Py_None || SLOT(h, h_closed) != Py_False || SLOT(h, h_held) != Py_None)
+            return 0;
+    }
+    if (flags & 0x10) { /* the peer's holes or pending FIN below this ACK: _ack_gap, in Python */
+        PyObject *fin_at = SLOT(p, h_fin_at), *pns = SLOT(p, h_next_seq);
+        if (!no_segs(SLOT(p, h_segs)) || fin_at == NULL || pns == NULL)
+            return 0;
+        if (fin_at != Py_None && SLOT(p, h_closed) != Py_True)
+            return 0;
+        /* This payload's ACK ahead of the peer bytes seen: it may have to wait (_hold, rare). */
+        if (plen && pns != Py_None) {
+            if (!as_ll(pns, &pv) || pv < 0 || pv > 0xFFFFFFFFLL)
+                return 0;
+            uint32_t ahead = rd32(t + 8, 1) - (uint32_t)pv;
+            if (ahead != 0 && ahead <= HOLD_AHEAD)
+                return 0;
+        }
+    }
+    /* Everything checked: from here on the packet is taken. */
+    PyObject *tso = TSO(ts);
+    if (tso == NULL)
+        return -1;
+    set_slot(conn, c_last_ts, Py_NewRef(tso));
+    if (touch(c, conn) < 0)
+        goto error;
+    if (plen) {
+        PyObject *payload = PySequence_GetSlice(c->view, poff, poff + plen);
+        if (payload == NULL || emit(c->events, DATA_KIND, h, SLOT(conn, c_id), tso, payload) < 0)
+            goto error;
+        PyObject *nseq = PyLong_FromUnsignedLong((unsigned long)((seq + (uint32_t)plen) & 0xFFFFFFFFu));
+        PyObject *ndel = PyLong_FromLongLong(delivered + plen);
+        if (nseq == NULL || ndel == NULL) {
+            Py_XDECREF(nseq);
+            Py_XDECREF(ndel);
+            goto error;
+        }
+        set_slot(h, h_next_seq, nseq);
+        set_slot(h, h_delivered, ndel);
+    }
+    Py_DECREF(tso);
+    return 1;
+error:
+    Py_DECREF(tso);
+    return -1;
+}
+
+/* _slow's RST of a known connection with nothing buffered or pending (_drain has nothing to give up):
+ * RESET from its sender, both directions closed, the connection forgotten. */
+static int reset(Ctx *c, PyObject *h, PyObject *conn, PyObject *p, long long ts) {
+    PyObject *hs[2] = {h, p};
+    for (int i = 0; i < 2; i++) {
+        PyObject *x = hs[i], *closed = SLOT(x, h_closed), *fin_at = SLOT(x, h_fin_at);
+        if (SLOT(x, h_held) != Py_None || !no_segs(SLOT(x, h_segs)) || !is_zero(SLOT(x, h_buffered)) ||
+            (closed != Py_True && closed != Py_False) || fin_at == NULL || (fin_at != Py_None && closed != Py_True))
+            return 0;
+    }
+    PyObject *tso = TSO(ts);
+    if (tso == NULL)
+        return -1;
+    Py_INCREF(h);
+    Py_INCREF(p);
+    Py_INCREF(conn);
+    set_slot(conn, c_last_ts, Py_NewRef(tso));
+    int rc = emit(c->events, RESET_KIND, h, SLOT(conn, c_id), tso, NULL);
+    if (rc == 0) {
+        set_slot(h, h_closed, Py_NewRef(Py_True));
+        set_slot(p, h_closed, Py_NewRef(Py_True));
+        rc = forget(c, conn);
+    }
+    Py_DECREF(tso);
+    Py_DECREF(conn);
+    Py_DECREF(p);
+    Py_DECREF(h);
+    return rc < 0 ? -1 : 1;
+}
+
+/* _slow's SYN-ACK of a known connection (no data, no FIN): the server's ISN, the client's when its SYN
+ * was missed. */
+static int syn_ack(Ctx *c, PyObject *h, PyObject *conn, PyObject *p, uint32_t seq, uint32_t ack, long long ts) {
+    PyObject *ns = SLOT(h, h_next_seq), *pns = SLOT(p, h_next_seq);
+    if (ns == NULL || pns == NULL)
+        return 0;
+    PyObject *tso = TSO(ts);
+    if (tso == NULL)
+        return -1;
+    if (ns == Py_None) {
+        PyObject *v = PyLong_FromUnsignedLong((unsigned long)((seq + 1u) & 0xFFFFFFFFu));
+        if (v == NULL)
+            goto error;
+        set_slot(h, h_next_seq, v);
+    }
+    if (pns == Py_None && ack) {
+        PyObject *v = PyLong_FromUnsignedLong((unsigned long)ack);
+        if (v == NULL)
+            goto error;
+        set_slot(p, h_next_seq, v);
+    }
+    set_slot(conn, c_last_ts, tso); /* the reference made above */
+    return touch(c, conn) < 0 ? -1 : 1;
+error:
+    Py_DECREF(tso);
+    return -1;
+}
+
+/* _slow's FIN (no SYN, no RST) of a known, open direction, exactly in order, nothing buffered or held on
+ * either side, no hole or pending FIN of the peer below its ACK: its data (if any), CLOSE, and the
+ * connection forgotten when the peer had closed already (_data, _check_fin, _forget). */
+static int fin(Ctx *c, PyObject *h, PyObject *conn, PyObject *p, const unsigned char *t, Py_ssize_t poff,
+               Py_ssize_t plen, long long ts) {
+    uint32_t seq = rd32(t + 4, 1);
+    unsigned flags = t[13];
+    long long nsv, delivered, pv;
+    PyObject *pclosed = SLOT(p, h_closed), *pns = SLOT(p, h_next_seq), *pfin = SLOT(p, h_fin_at);
+    if (SLOT(h, h_closed) != Py_False || SLOT(h, h_held) != Py_None || SLOT(h, h_segs) != Py_None ||
+        SLOT(h, h_fin_at) != Py_None || SLOT(p, h_held) != Py_None || pns == NULL || pfin == NULL ||
+        (pclosed != Py_True && pclosed != Py_False))
+        return 0;
+    if (!as_ll(SLOT(h, h_next_seq), &nsv) || nsv != (long long)seq)
+        return 0;
+    if (!as_ll(SLOT(h, h_delivered), &delivered) || delivered < 0 || delivered > LLONG_MAX - plen)
+        return 0;
+    if (flags & 0x10) {
+        if (!no_segs(SLOT(p, h_segs)) || (pfin != Py_None && pclosed != Py_True))
+            return 0;
+        if (plen && pns != Py_None) { /* _ahead: the Python path decides whether it waits */
+            if (!as_ll(pns, &pv) || pv < 0 || pv > 0xFFFFFFFFLL)
+                return 0;
+            uint32_t ahead = rd32(t + 8, 1) - (uint32_t)pv;
+            if (ahead != 0 && ahead <= HOLD_AHEAD)
+                return 0;
+        }
+    }
+    int gone = pclosed == Py_True; /* both directions closed: _forget */
+    if (gone && (!is_zero(SLOT(h, h_buffered)) || !is_zero(SLOT(p, h_buffered))))
+        return 0;
+    PyObject *tso = TSO(ts);
+    if (tso == NULL)
+        return -1;
+    int rc = -1;
+    Py_INCREF(h);
+    Py_INCREF(p);
+    Py_INCREF(conn);
+    PyObject *cid = SLOT(conn, c_id);
+    set_slot(conn, c_last_ts, Py_NewRef(tso));
+    if (touch(c, conn) < 0)
+        goto done;
+    PyObject *ndel = PyLong_FromLongLong(delivered + plen);
+    if (ndel == NULL)
+        goto done;
+    if (plen) {
+        PyObject *payload = PySequence_GetSlice(c->view, poff, poff + plen);
+        PyObject *nseq = PyLong_FromUnsignedLong((unsigned long)((seq + (uint32_t)plen) & 0xFFFFFFFFu));
+        if (payload == NULL || nseq == NULL || emit(c->events, DATA_KIND, h, cid, tso, payload) < 0) {
+            if (payload == NULL)
+                Py_XDECREF(nseq);
+            else if (nseq == NULL)
+                Py_DECREF(payload);
+            else
+                Py_DECREF(nseq);
+            Py_DECREF(ndel);
+            goto done;
+        }
+        set_slot(h, h_next_seq, nseq);
+        set_slot(h, h_delivered, Py_NewRef(ndel));
+    }
+    set_slot(h, h_fin_at, ndel);
+    set_slot(h, h_closed, Py_NewRef(Py_True));
+    if (emit(c->events, CLOSE_KIND, h, cid, tso, NULL) < 0)
+        goto done;
+    rc = gone ? forget(c, conn) : 0;
+done:
+    Py_DECREF(tso);
+    Py_DECREF(conn);
+    Py_DECREF(p);
+    Py_DECREF(h);
+    return rc < 0 ? -1 : 1;
+}
+
+/* _slow's SYN (no ACK) or SYN-ACK of a connection not tracked, without data or FIN, when there is room
+ * for it (else _new_conn evicts, in Python): OPEN from the client, the ISNs. */
+static int open_conn(Ctx *c, PyObject *key, uint32_t seq, uint32_t ack, unsigned flags, long long ts) {
+    Py_ssize_t live = PyObject_Length(c->lru);
+    if (live < 0)
+        return -1;
+    if (live >= c->max_connections)
+        return 0;
+    int ok = stat_ok(c->stats, S_CONNECTIONS);
+    if (ok <= 0)
+        return ok;
+    PyObject *tso = TSO(ts);
+    if (tso == NULL)
+        return -1;
+    int synack = (flags & 0x10) != 0, rc = -1;
+    PyObject *h = new_conn(c, key, tso, synack ? Py_False : Py_True);
+    if (h == NULL)
+        goto done;
+    PyObject *conn = SLOT(h, h_conn), *p = SLOT(h, h_peer);
+    PyObject *nseq = PyLong_FromUnsignedLong((unsigned long)((seq + 1u) & 0xFFFFFFFFu));
+    if (nseq == NULL)
+        goto done;
+    set_slot(h, h_next_seq, nseq);
+    if (synack) {
+        if (emit(c->events, OPEN_KIND, p, SLOT(conn, c_id), tso, NULL) < 0)
+            goto done;
+        if (ack) {
+            PyObject *v = PyLong_FromUnsignedLong((unsigned long)ack);
+            if (v == NULL)
+                goto done;
+            set_slot(p, h_next_seq, v);
+        }
+    } else {
+        PyObject *isn = PyLong_FromUnsignedLong((unsigned long)seq);
+        if (isn == NULL)
+            goto done;
+        set_slot(conn, c_syn_isn, isn);
+        if (emit(c->events, OPEN_KIND, h, SLOT(conn, c_id), tso, NULL) < 0)
+            goto done;
+    }
+    rc = 1; /* the LRU's touch: the connection was just added at its end */
+done:
+    Py_XDECREF(h);
+    Py_DECREF(tso);
+    return rc;
+}
+
+/* _slow for a known connection: RST, SYN-ACK or FIN; anything else (a SYN on it, data on a SYN) to Python. */
+static int flagged(Ctx *c, PyObject *h, PyObject *conn, PyObject *p, const unsigned char *t, Py_ssize_t poff,
+                   Py_ssize_t plen, long long ts) {
+    unsigned flags = t[13];
+    if (flags & 0x04)
+        return reset(c, h, conn, p, ts);
+    if (flags & 0x02) {
+        if ((flags & 0x11) != 0x10 || plen)
+            return 0; /* retransmitted SYN, port reuse, simultaneous open, data or FIN on a SYN: Python */
+        return syn_ack(c, h, conn, p, rd32(t + 4, 1), rd32(t + 8, 1), ts);
+    }
+    return fin(c, h, conn, p, t, poff, plen, ts);
+}
+
+/* One TCP segment (tcp_reassembly.py TcpReassembler.segment), ``key`` its 4-tuple: 1 taken, 0 for Python
+ * (nothing of it done), -1 on error. */
+static int segment(Ctx *c, PyObject *key, const unsigned char *t, Py_ssize_t poff, Py_ssize_t plen, long long ts) {
+    uint32_t seq = rd32(t + 4, 1), ack = rd32(t + 8, 1);
+    unsigned flags = t[13];
+    PyObject *h = PyDict_GetItemWithError(c->halves, key); /* borrowed */
+    if (h == NULL) {
+        if (PyErr_Occurred())
+            return -1;
+        if ((flags & 0x07) == 0x02 && plen == 0) /* SYN, SYN-ACK of a new connection (no data, no FIN) */
+            return open_conn(c, key, seq, ack, flags, ts);
+        /* _slow: an RST, or a bare ACK/FIN, of a connection not tracked */
+        if ((flags & 0x02) || plen)
+            return 0;
+        int ok = stat_ok(c->stats, S_IGNORED);
+        if (ok <= 0)
+            return ok;
+        return stat_inc(c->stats, S_IGNORED) < 0 ? -1 : 1;
+    }
+    if (!Py_IS_TYPE(h, HalfT))
+        return 0;
+    PyObject *conn, *p;
+    if (!pair_of(h, &conn, &p))
+        return 0;
+    if (flags & 0x07)
+        return flagged(c, h, conn, p, t, poff, plen, ts);
+    return in_order(c, h, conn, p, t, poff, plen, ts);
+}
+
 static PyObject *scan(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 12) {
-        PyErr_SetString(PyExc_TypeError, "scan() takes 12 arguments");
+    if (nargs != 15) {
+        PyErr_SetString(PyExc_TypeError, "scan() takes 15 arguments");
         return NULL;
     }
     if (HalfT == NULL) {
         PyErr_SetString(PyExc_RuntimeError, "setup() was not called");
         return NULL;
     }
-    PyObject *view = args[0], *halves = args[5], *touch = args[6], *events = args[7], *stats = args[11];
+    PyObject *view = args[0], *halves = args[5], *events = args[7], *stats = args[11], *lru = args[12],
+             *addr_cache = args[13];
     Py_ssize_t pos = PyLong_AsSsize_t(args[1]);
     long long tick = PyLong_AsLongLong(args[2]);
     int big = PyObject_IsTrue(args[3]);
@@ -183,12 +723,16 @@ static PyObject *scan(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     Py_ssize_t max_events = PyLong_AsSsize_t(args[8]);
     Py_ssize_t budget = PyLong_AsSsize_t(args[9]);
     long long next_sweep = PyLong_AsLongLong(args[10]);
+    Py_ssize_t max_connections = PyLong_AsSsize_t(args[14]);
     if (PyErr_Occurred())
         return NULL;
-    if (!PyDict_CheckExact(halves) || !PyList_CheckExact(events) || !PyDict_CheckExact(stats)) {
-        PyErr_SetString(PyExc_TypeError, "scan(): halves and stats must be dicts, events a list");
+    if (!PyDict_CheckExact(halves) || !PyList_CheckExact(events) || !PyDict_CheckExact(stats) ||
+        !PyDict_CheckExact(addr_cache) || !PyDict_Check(lru)) {
+        PyErr_SetString(PyExc_TypeError, "scan(): halves, stats and addr_cache must be dicts, lru a mapping, "
+                                         "events a list");
         return NULL;
     }
+    Ctx ctx = {view, halves, args[6], events, stats, lru, addr_cache, max_connections};
     Py_buffer b;
     if (PyObject_GetBuffer(view, &b, PyBUF_SIMPLE) < 0)
         return NULL;
@@ -240,8 +784,6 @@ static PyObject *scan(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
         if (hl < 20 || off + 34 + (Py_ssize_t)hl > ip_end)
             goto slow;
         unsigned sport = be16(t), dport = be16(t + 2);
-        uint32_t seq = rd32(t + 4, 1);
-        unsigned flags = t[13];
         Py_ssize_t poff = off + 34 + hl, plen = ip_end - poff;
 
         /* tcp_reassembly.py TcpReassembler.segment */
@@ -268,145 +810,12 @@ static PyObject *scan(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
         PyTuple_SET_ITEM(key, 1, ps);
         PyTuple_SET_ITEM(key, 2, dst);
         PyTuple_SET_ITEM(key, 3, pd);
-        PyObject *h = PyDict_GetItemWithError(halves, key); /* borrowed */
+        int rc = segment(&ctx, key, t, poff, plen, ts);
         Py_CLEAR(key);
-        if (h == NULL) {
-            if (PyErr_Occurred())
-                goto error;
-            /* _slow: an RST, or a bare ACK/FIN, of a connection not tracked */
-            if ((flags & 0x02) || plen)
-                goto slow;
-            PyObject *v = PyDict_GetItemWithError(stats, S_IGNORED);
-            if (v == NULL) {
-                if (PyErr_Occurred())
-                    goto error;
-                goto slow;
-            }
-            if (!PyLong_CheckExact(v))
-                goto slow;
-            PyObject *v1 = PyNumber_Add(v, ONE);
-            if (v1 == NULL)
-                goto error;
-            int rc = PyDict_SetItem(stats, S_IGNORED, v1);
-            Py_DECREF(v1);
-            if (rc < 0)
-                goto error;
-            continue;
-        }
-        if ((flags & 0x07) || !Py_IS_TYPE(h, HalfT))
-            goto slow;
-        PyObject *conn = SLOT(h, h_conn);
-        if (conn == NULL || !Py_IS_TYPE(conn, ConnT) || SLOT(conn, c_id) == NULL)
-            goto slow;
-        long long delivered = 0;
-        if (plen) {
-            PyObject *ns = SLOT(h, h_next_seq), *dv = SLOT(h, h_delivered);
-            if (ns == NULL || !PyLong_CheckExact(ns) || dv == NULL || !PyLong_CheckExact(dv))
-                goto slow;
-            int ovf = 0;
-            long long nsv = PyLong_AsLongLongAndOverflow(ns, &ovf);
-            if (ovf || nsv != (long long)seq)
-                goto slow;
-            delivered = PyLong_AsLongLongAndOverflow(dv, &ovf);
-            if (ovf || delivered < 0 || delivered > LLONG_MAX - plen)
-                goto slow;
-            if (SLOT(h, h_segs) != Py_None || SLOT(h, h_closed) != Py_False || SLOT(h, h_held) != Py_None)
-                goto slow;
-        }
-        if (flags & 0x10) { /* the peer's holes or pending FIN below this ACK: _ack_gap, in Python */
-            PyObject *p = SLOT(h, h_peer);
-            if (p == NULL || !Py_IS_TYPE(p, HalfT))
-                goto slow;
-            PyObject *segs = SLOT(p, h_segs), *fin_at = SLOT(p, h_fin_at);
-            if (segs == NULL || fin_at == NULL)
-                goto slow;
-            if (segs != Py_None && (!PyList_CheckExact(segs) || PyList_GET_SIZE(segs)))
-                goto slow;
-            if (fin_at != Py_None && SLOT(p, h_closed) != Py_True)
-                goto slow;
-            /* A hold (tcp_reassembly.py _hold/_release): the peer's, which this packet may end,
-             * or this payload's ACK ahead of the peer bytes seen (it may have to wait). */
-            PyObject *pheld = SLOT(p, h_held), *pns = SLOT(p, h_next_seq);
-            if (pheld != Py_None || pns == NULL)
-                goto slow;
-            if (plen && pns != Py_None) {
-                if (!PyLong_CheckExact(pns))
-                    goto slow;
-                int ovf = 0;
-                long long pv = PyLong_AsLongLongAndOverflow(pns, &ovf);
-                if (ovf || pv < 0 || pv > 0xFFFFFFFFLL)
-                    goto slow;
-                uint32_t ahead = rd32(t + 8, 1) - (uint32_t)pv;
-                if (ahead != 0 && ahead <= HOLD_AHEAD)
-                    goto slow; /* ahead: the Python path decides whether it waits (rare) */
-            }
-        }
-        /* Everything checked: from here on the packet is taken. */
-        PyObject *tso = PyLong_FromLongLong(ts);
-        if (tso == NULL)
+        if (rc < 0)
             goto error;
-        Py_INCREF(tso);
-        set_slot(conn, c_last_ts, tso);
-        PyObject *cid = SLOT(conn, c_id);
-        Py_INCREF(cid);
-        PyObject *res = PyObject_CallOneArg(touch, cid);
-        if (res == NULL) {
-            Py_DECREF(cid);
-            Py_DECREF(tso);
-            goto error;
-        }
-        Py_DECREF(res);
-        if (plen) {
-            PyObject *payload = PySequence_GetSlice(view, poff, ip_end);
-            PyObject *nseq = PyLong_FromUnsignedLong((unsigned long)((seq + (uint32_t)plen) & 0xFFFFFFFFu));
-            PyObject *ndel = PyLong_FromLongLong(delivered + plen);
-            PyObject *ev = EventT->tp_alloc(EventT, 0);
-            if (payload == NULL || nseq == NULL || ndel == NULL || ev == NULL) {
-                Py_XDECREF(payload);
-                Py_XDECREF(nseq);
-                Py_XDECREF(ndel);
-                Py_XDECREF(ev);
-                Py_DECREF(cid);
-                Py_DECREF(tso);
-                goto error;
-            }
-            /* TcpEvent(_DATA, conn.id, h.src, h.sport, h.dst, h.dport, ts, payload, 0, h.is_client) */
-            PyObject *hs = SLOT(h, h_src), *hsp = SLOT(h, h_sport), *hd = SLOT(h, h_dst), *hdp = SLOT(h, h_dport),
-                     *hc = SLOT(h, h_is_client);
-            Py_INCREF(DATA_KIND);
-            SLOT(ev, e_kind) = DATA_KIND;
-            SLOT(ev, e_conn_id) = cid; /* the reference taken above */
-            Py_XINCREF(hs);
-            SLOT(ev, e_src) = hs;
-            Py_XINCREF(hsp);
-            SLOT(ev, e_sport) = hsp;
-            Py_XINCREF(hd);
-            SLOT(ev, e_dst) = hd;
-            Py_XINCREF(hdp);
-            SLOT(ev, e_dport) = hdp;
-            SLOT(ev, e_ts_ns) = tso; /* the second reference taken above */
-            SLOT(ev, e_payload) = payload;
-            SLOT(ev, e_gap) = PyLong_FromLong(0);
-            Py_XINCREF(hc);
-            SLOT(ev, e_client_is_src) = hc;
-            Py_INCREF(Py_None);
-            SLOT(ev, e_egress) = Py_None;
-            Py_INCREF(Py_None);
-            SLOT(ev, e_pid) = Py_None;
-            Py_INCREF(Py_None);
-            SLOT(ev, e_tid) = Py_None;
-            Py_INCREF(Py_None);
-            SLOT(ev, e_comm) = Py_None;
-            int rc = PyList_Append(events, ev);
-            Py_DECREF(ev);
-            set_slot(h, h_next_seq, nseq);
-            set_slot(h, h_delivered, ndel);
-            if (rc < 0)
-                goto error;
-        } else {
-            Py_DECREF(cid);
-            Py_DECREF(tso);
-        }
+        if (rc == 0)
+            goto slow;
         continue;
     slow:
         status = ST_SLOW;
@@ -424,9 +833,11 @@ error:
 
 static PyMethodDef methods[] = {
     {"setup", (PyCFunction)(void (*)(void))setup, METH_FASTCALL,
-     "setup(Half, Conn, TcpEvent, DATA): the reassembler's classes, whose slots scan() reads."},
+     "setup(Half, Conn, TcpEvent, DATA, OPEN, CLOSE, RESET, GONE, conn_ids): the reassembler's classes, whose slots"
+     " scan() reads and writes, its event kinds, the peer of a forgotten half and the connection id counter."},
     {"scan", (PyCFunction)(void (*)(void))scan, METH_FASTCALL,
-     "scan(view, pos, tick, big_endian, ts_shift, halves, touch, events, max_events, budget, next_sweep, stats)"
+     "scan(view, pos, tick, big_endian, ts_shift, halves, touch, events, max_events, budget, next_sweep, stats, lru,"
+     " addr_cache, max_connections)"
      " -> (status, pos, packets, nbytes, first_ts, last_ts, slow)"},
     {NULL, NULL, 0, NULL},
 };
@@ -435,7 +846,9 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_fastpath", "The pca
                                      methods, NULL, NULL, NULL, NULL};
 
 PyMODINIT_FUNC PyInit__fastpath(void) {
-    if ((S_IGNORED = PyUnicode_InternFromString("ignored")) == NULL || (ONE = PyLong_FromLong(1)) == NULL)
+    if ((S_IGNORED = PyUnicode_InternFromString("ignored")) == NULL ||
+        (S_CONNECTIONS = PyUnicode_InternFromString("connections")) == NULL || (ONE = PyLong_FromLong(1)) == NULL ||
+        (ZERO = PyLong_FromLong(0)) == NULL)
         return NULL;
     return PyModule_Create(&module);
 }

@@ -867,6 +867,7 @@ class PcapReceiver(Receiver):
             if fast:
                 pos = 24
                 halves, touch, rstats, tick, big = r._halves, r._touch, r.stats, reader._tick, reader.big_endian
+                lru, addr_cache, max_conns = r._lru, r._addr_cache, r.limits.max_connections
                 eth = decoders.get(_LT_ETHERNET) or link_decoder(_LT_ETHERNET)
                 while True:
                     if len(r.events) >= bs or packets >= CHECK_EVERY:
@@ -877,7 +878,8 @@ class PcapReceiver(Receiver):
                             records = ()
                             break
                     status, pos, n, nb, t0, t1, slow = c_scan(view, pos, tick, big, ts_shift, halves, touch, r.events,
-                                                              bs, CHECK_EVERY - packets, r._next_sweep, rstats)
+                                                              bs, CHECK_EVERY - packets, r._next_sweep, rstats,
+                                                              lru, addr_cache, max_conns)
                     if n:
                         packets += n
                         nbytes += nb

@@ -488,6 +488,10 @@ class TcpReassembler:
             conn.last_ts = ts
             for x in (conn.a, conn.b):
                 self._drain(x, "reset", ts)
+            if conn.a is None:
+                # Giving up the holes delivered the last FIN: the connection ended (both CLOSEs)
+                # before its RST, which then ends nothing (as an RST of a connection not tracked).
+                return
             self._emit(h, _RESET, ts)
             for x in (conn.a, conn.b):
                 x.closed = True
@@ -583,5 +587,5 @@ def _seg_start(seg: tuple) -> int:
 #: when the accelerator is absent or switched off (WIRESPAN_PURE_PYTHON).
 _c_fast = speedups.load("receivers._fastpath")
 if _c_fast is not None:
-    _c_fast.setup(_Half, _Conn, TcpEvent, _DATA)
+    _c_fast.setup(_Half, _Conn, TcpEvent, _DATA, _OPEN, _CLOSE, _RESET, _GONE, _conn_ids)
 c_scan = _c_fast.scan if _c_fast is not None else None

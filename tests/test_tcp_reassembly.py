@@ -222,6 +222,21 @@ def test_rst_mid_stream():
     assert r.events[-1].conn_id != r.events[0].conn_id and r.events[-1].client_is_src is None
 
 
+def test_rst_whose_drain_ends_the_connection():
+    """The server's FIN came, the client's waits beyond a hole; the RST gives the hole up, which
+    delivers that FIN: both directions closed, the connection gone before its RST (no RESET, and
+    no internal error: that used to raise from the RST's loop over the forgotten halves)."""
+    f = TcpFlow()
+    hs = f.handshake()
+    srv_fin = f.fin(False)
+    f.send(True, b"lost")
+    cli_fin = f.fin(True)
+    r = TcpReassembler()
+    feed(r, [*hs, srv_fin, cli_fin, f.rst(True)])
+    assert kinds(r.events) == ["OPEN", "CLOSE", "GAP", "CLOSE"] and r.events[2].gap == 4
+    assert r.gaps == {"reset": 4} and r.connections == 0
+
+
 def test_mid_stream_pickup_without_syn():
     f = TcpFlow(isn_client=123456, isn_server=654321)
     f.handshake()  # happened before the capture started
