@@ -54,6 +54,10 @@ FRAME_END = 0xCE
 MAX_FRAME = 1024 * 1024
 #: A body frame may be as large as the negotiated frame_max (2^32-1 at most); it is skipped.
 MAX_BODY_FRAME = 0xFFFFFFFF
+#: The largest size of each frame type (the octet's 256 values) feed_whole takes: -1 for an
+#: unknown type, MAX_FRAME for those read whole, MAX_BODY_FRAME for a body (any u32).
+_SIZE_LIMIT = tuple(MAX_FRAME if t in (METHOD, HEADER, HEARTBEAT) else MAX_BODY_FRAME if t == BODY else -1
+                    for t in range(256))
 #: Channels tracked per connection: RabbitMQ's default channel_max is 2047 (the wire allows
 #: 65535; a connection opening more is refused, LimitExceeded, rather than costing ~30 MB).
 MAX_CHANNELS = 2048
@@ -459,7 +463,7 @@ class Session(Session):  # type: ignore[no-redef]
                 end = off + 7 + size
                 if end >= n or data[end] != FRAME_END:
                     return False
-                if ftype != BODY and (size > MAX_FRAME or ftype not in (METHOD, HEADER, HEARTBEAT)):
+                if size > _SIZE_LIMIT[ftype]:  # an unknown type, or a method or header too large
                     return False
                 off = end + 1
         except struct.error:
@@ -905,10 +909,13 @@ class Session(Session):  # type: ignore[no-redef]
 
     def _emit(self, op: _Op, end_ts: int, status: StatusCode = StatusCode.UNSET, msg: str = "") -> None:
         a = op.attrs
-        a.pop("_tag", None)
-        st = a.pop("_status", None)
-        if st is not None and status == StatusCode.UNSET:
-            status, msg = StatusCode.ERROR, st
+        # The stashed keys are rare (a consume's tag, a return's text): tested, not popped.
+        if "_tag" in a:
+            del a["_tag"]
+        if "_status" in a:
+            st = a.pop("_status")
+            if status == StatusCode.UNSET:
+                status, msg = StatusCode.ERROR, st
         if self.client_name:
             a["messaging.client.id"] = self.client_name
         conn = self.conn
