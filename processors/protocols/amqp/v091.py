@@ -456,37 +456,36 @@ class Session(Session):  # type: ignore[no-redef]
         if d.first and from_client and n and data[0] == 0x41:  # 'A': the protocol header, feed's
             return False
         frame = _FRAME.unpack_from
+        frames = []  # (type, channel, start, end: its frame-end octet), as checked
+        add = frames.append
         off = 0
         try:
             while off < n:
-                ftype, _channel, size = frame(data, off)  # fewer than 7 bytes left: struct.error
+                ftype, channel, size = frame(data, off)  # fewer than 7 bytes left: struct.error
                 end = off + 7 + size
                 if end >= n or data[end] != FRAME_END:
                     return False
                 if size > _SIZE_LIMIT[ftype]:  # an unknown type, or a method or header too large
                     return False
+                add((ftype, channel, off, end))
                 off = end + 1
         except struct.error:
             return False
         if n:
             d.first = False  # feed's first look, which found no protocol header
-        off = 0
-        while off < n:
-            ftype, channel, size = frame(data, off)
-            end = off + 7 + size
+        for ftype, channel, off, end in frames:
             if ftype == METHOD:  # _frame, inline: most frames are methods
                 try:
-                    self._method(from_client, channel, data[off:end + 1], 7, 7 + size, ts_ns, ts_ns)
+                    self._method(from_client, channel, data[off:end + 1], 7, end - off, ts_ns, ts_ns)
                 except (BufferBoundsError, struct.error, IndexError):
                     raise Malformed(NAME, "truncated", 0, "a field overruns the frame") from None
             elif ftype == BODY:
-                self._body_bytes(from_client, channel, size, ts_ns, True)  # final
+                self._body_bytes(from_client, channel, end - off - 7, ts_ns, True)  # final
             elif ftype == HEADER:
                 try:
-                    self._header(from_client, channel, data[off:end + 1], 7, 7 + size, ts_ns)
+                    self._header(from_client, channel, data[off:end + 1], 7, end - off, ts_ns)
                 except (BufferBoundsError, struct.error, IndexError):
                     raise Malformed(NAME, "truncated", 0, "a field overruns the frame") from None
-            off = end + 1
         return True
 
     def _frame(self, from_client: bool, ftype: int, channel: int, v: memoryview, start: int, ts_ns: int) -> None:
