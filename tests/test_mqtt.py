@@ -506,3 +506,18 @@ def test_feed_whole_reads_what_it_can_in_place() -> None:
     assert not sess.feed_whole(True, publish("t/#", b"x", v=5), 5)  # a wildcard: the buffered path counts it
     assert not sess.feed_whole(True, publish("a", b"") + b"\x30", 6)  # a packet cut short after a whole one
     assert len(sess.pending) == 1  # declined segments changed nothing
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.binary(max_size=14), st.lists(st.tuples(st.integers(0, 13), st.integers(0, 255)), max_size=3),
+       st.sampled_from([True, False, None]))
+def test_detect_reads_the_usual_connect_in_place_as_the_walk_does(tail: bytes, edits: list, from_client) -> None:
+    """detect's in-place CONNECT check (the first chunk) answers as its walk through the buffer
+    (the same bytes with the first chunk one byte long, where the check does not apply)."""
+    b = bytearray(b"\x10\x10\x00\x04MQTT\x04\x02" + tail)
+    for i, v in edits:
+        b[i % len(b)] = v
+    data = bytes(b)
+    assert m.detect(LargeBuffer(data), from_client) == m.detect(LargeBuffer(data[:1], data[1:]), from_client)
+    for k in range(2, 11):  # cut short
+        assert m.detect(LargeBuffer(data[:k]), from_client) == m.detect(LargeBuffer(data[:1], data[1:k]), from_client)

@@ -150,6 +150,10 @@ def detect(buf: LargeBuffer, from_client: bool | None) -> Detection:
     n = len(buf)
     if n < 2:
         return Detection.NEED_MORE
+    c = buf.chunk_at(0)[0]
+    if len(c) >= 10 and c[0] == 0x10 and c[1] < 0x80 and c[8] in (4, 5) and c[2:8] == b"\x00\x04MQTT" \
+            and from_client is not False:
+        return Detection.REQUEST  # the usual CONNECT (3.1.1 or 5.0) in one chunk: the checks below, in place
     b0 = buf.u8_at(0)
     t = b0 >> 4
     try:

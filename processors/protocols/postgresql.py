@@ -477,23 +477,29 @@ class Session(_Session):
             return False
         pos = 0
         try:
-            while pos < n:
-                t = data[pos]
-                ln = _I32BE(data, pos + 1)[0]
-                body = ln - 4
-                cap = heads[t]
-                if body > cap:
-                    body = cap
-                if from_client:
-                    self._client_view(t, data, pos + 5, pos + 5 + body, ts_ns)
-                elif t == 68:  # DataRow
-                    if self._pending:
-                        self._pending[0].rows += 1
-                elif t == 69:
-                    self._server_error(*_error_fields_view(data, pos + 5, pos + 5 + body), ts_ns)
-                else:
-                    self._server_msg(t, ts_ns)
-                pos += ln + 1
+            if from_client:
+                view = self._client_view
+                while pos < n:
+                    t = data[pos]
+                    ln = _I32BE(data, pos + 1)[0]
+                    body = ln - 4
+                    cap = heads[t]
+                    view(t, data, pos + 5, pos + 5 + (body if body < cap else cap), ts_ns)
+                    pos += ln + 1
+            else:
+                pend = self._pending
+                while pos < n:
+                    t = data[pos]
+                    ln = _I32BE(data, pos + 1)[0]
+                    if t == 68:  # DataRow
+                        if pend:
+                            pend[0].rows += 1
+                    elif t == 69:
+                        self._server_error(*_error_fields_view(data, pos + 5, pos + 1 + min(ln, 4 + MAX_ERROR_HEAD)),
+                                           ts_ns)
+                    else:
+                        self._server_msg(t, ts_ns)  # none reads its body
+                    pos += ln + 1
         except BufferBoundsError as e:  # as feed: a field overruns its message
             self._resync[d] = True
             raise Malformed(NAME, "truncated_field", pos, str(e)) from None
@@ -699,8 +705,8 @@ class Session(_Session):
         """``_client_msg`` on a message in one view (feed_whole): the same reads and effects."""
         if t == _Q:
             z = _cstr_end_view(data, off, end)
-            self._push(_Op(_Q, analyze(decode_query(data[off:(z - 1) if z > 0 else end]), "postgresql",
-                                       self._sanitize), ts))
+            op = _Op(_Q, analyze(decode_query(data[off:(z - 1) if z > 0 else end]), "postgresql", self._sanitize),
+                     ts)
         elif t == _P:
             p = _cstr_end_view(data, off, end)
             if p < 0:
@@ -719,7 +725,7 @@ class Session(_Session):
                 self._unnamed = info
             if not self._batch_start:
                 self._batch_start = ts
-            self._push(_Op(_P, info, ts))
+            op = _Op(_P, info, ts)
         elif t == _B:
             p = _cstr_end_view(data, off, end)
             if p < 0:
@@ -736,26 +742,28 @@ class Session(_Session):
                 pt.popitem(last=False)
             if not self._batch_start:
                 self._batch_start = ts
-            self._push(_Op(_B, info, ts))
+            op = _Op(_B, info, ts)
         elif t == _E:
             p = _cstr_end_view(data, off, end)
             info = self._portals.get(data[off:p - 1 if p > 0 else end].tobytes())
             start = self._batch_start or ts
             self._batch_start = 0
-            self._push(_Op(_E, info, start))
-        elif t == _D:
-            self._push(_Op(_D, None, ts))
+            op = _Op(_E, info, start)
         elif t == _C:
             kind = data[off] if end > off else 0
             p = _cstr_end_view(data, off + 1, end)
             if p > 0:
                 (self._stmts if kind == 83 else self._portals).pop(data[off + 1:p - 1].tobytes(), None)
-            self._push(_Op(_C, None, ts))
-        elif t == _S:
-            self._push(_Op(_S, None, ts))
-        elif t == _F:
-            self._push(_Op(_F, None, ts))
-        # H, X, d/c/f, p: nothing to pair (as _client_msg).
+            op = _Op(_C, None, ts)
+        elif t == _S or t == _F or t == _D:
+            op = _Op(t, None, ts)
+        else:
+            return  # H, X, d/c/f, p: nothing to pair (as _client_msg)
+        pend = self._pending  # as _push, inline
+        pend.append(op)
+        if len(pend) > MAX_PENDING:
+            pend.popleft()
+            self.conn.drop("pending_overflow")
 
     def _info(self, buf: LargeBuffer, off: int, end: int) -> QueryInfo:
         return analyze(decode_query(buf.view_at(off, end - off)), "postgresql", self._sanitize)
