@@ -12,6 +12,10 @@ QoS 0 publishes end at once, QoS 1 at PUBACK, QoS 2 at PUBCOMP; SUBSCRIBE at
 SUBACK, UNSUBSCRIBE at UNSUBACK. CONNECT gives the client id (username and
 password are never read); a refused CONNACK makes an ERROR ``connect`` span
 even though CONNECT, PING and DISCONNECT make none by default.
+
+A segment of whole packets (the usual short connection: one packet a segment) is read in
+place by ``feed_whole`` without the buffer; the buffered ``feed`` is the reference it
+answers as, and takes everything it declines.
 """
 
 from __future__ import annotations

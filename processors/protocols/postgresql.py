@@ -17,6 +17,11 @@ read, at most a bounded head (``_CLIENT_HEAD``/``_SERVER_HEAD``); the rest of a
 large message (DataRow, CopyData, a huge Bind) is released as it arrives and
 skipped by count, never held. The only copies are the query text (bounded by
 ``sql.MAX_QUERY_BYTES``), names, and error fields.
+
+A segment of whole messages (most of them: a Query, its CommandComplete and
+ReadyForQuery, an extended batch) is read in place by ``feed_whole`` without the
+buffer; the buffered ``feed`` is the reference it answers as, and takes everything
+it declines (startup, TLS, resync, a message going on past the segment).
 """
 
 from __future__ import annotations
