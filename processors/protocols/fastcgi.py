@@ -268,9 +268,10 @@ class Session(Session):  # type: ignore[no-redef]
 
         The framing is checked first (version 1, known types, complete records ending
         exactly with the segment): only then is anything done, record by record as ``feed``
-        does it. Anything else returns False unchanged. STDIN and END_REQUEST, a third of a
-        short exchange's records, are handled here as ``_record`` handles them (no call, no
-        list of views); PARAMS and STDOUT go to the helpers ``_record`` uses.
+        does it. Anything else returns False unchanged. The usual records are handled here as
+        ``_record`` and ``_params`` handle them (no call, no list of views): BEGIN_REQUEST
+        below the request bound, STDIN, END_REQUEST, a PARAMS stream of one record and its
+        end; the STDOUT head goes to ``_head``, anything else to ``_record``.
         """
         if type(data) is not memoryview:  # the eBPF receiver's payloads are bytes
             data = memoryview(data)
@@ -291,7 +292,10 @@ class Session(Session):  # type: ignore[no-redef]
             return False
         reqs = self.reqs
         for t, rid, p, clen in recs:
-            if not rid or t < END_REQUEST or t > STDOUT:  # BEGIN, ABORT, STDERR, DATA, management
+            if t == BEGIN_REQUEST and len(reqs) < MAX_REQUESTS:
+                reqs[rid] = _Req(ts_ns)
+                continue
+            if not rid or t < END_REQUEST or t > STDOUT:  # ABORT, STDERR, DATA, management, a full map
                 self._record(t, rid, [data[p:p + clen]] if clen else [], clen, ts_ns, ts_ns)
                 continue
             req = reqs.get(rid)
@@ -300,7 +304,18 @@ class Session(Session):  # type: ignore[no-redef]
             elif t == STDIN:
                 req.stdin += clen
             elif t == PARAMS:
-                self._params(rid, req, [data[p:p + clen]] if clen else [], clen)
+                held = req.params
+                if req.params_done:
+                    pass
+                elif clen and held is None and clen <= MAX_PARAMS:  # the stream's first record: held as it is
+                    req.params = data[p:p + clen]
+                    reqs.charge(rid, clen)
+                elif not clen and type(held) is memoryview:  # its end, after one record
+                    req.params = None
+                    req.params_done = True
+                    self.done[rid] = _wanted_pairs(held)
+                else:
+                    self._params(rid, req, [data[p:p + clen]] if clen else [], clen)
             elif t == STDOUT:
                 req.stdout += clen
                 if clen and not req.head_done:
