@@ -44,8 +44,8 @@ def detect(buf: LargeBuffer, from_client: bool | None) -> Detection:
     if buf.u8_at(0) == 0:
         return v10.detect(buf, from_client)
     if buf.u8_at(0) == 0x41:
-        a, b = v091.detect(buf, from_client), v10.detect(buf, from_client)
-        return a if a != Detection.NO else b
+        a = v091.detect(buf, from_client)
+        return a if a != Detection.NO else v10.detect(buf, from_client)
     return v091.detect(buf, from_client)
 
 
@@ -64,6 +64,16 @@ class Session(base.Session):
         super().__init__(conn)
         self.impl: base.Session | None = None
 
+    def _become(self, is10: bool) -> base.Session:
+        impl = (v10 if is10 else v091).Session(self.conn)
+        self.impl = impl
+        self.feed = impl.feed  # type: ignore[method-assign]
+        self.gap = impl.gap  # type: ignore[method-assign]
+        self.skip_gap = impl.skip_gap  # type: ignore[method-assign]
+        self.close = impl.close  # type: ignore[method-assign]
+        self.feed_whole = impl.feed_whole  # type: ignore[method-assign]  # None for a version without one
+        return impl
+
     def feed(self, from_client: bool, buf: LargeBuffer, ts_ns: int) -> None:
         if not len(buf):
             return
@@ -71,14 +81,23 @@ class Session(base.Session):
         if is10 is None:
             buf.want = 6
             return
-        impl = (v10 if is10 else v091).Session(self.conn)
-        self.impl = impl
-        self.feed = impl.feed  # type: ignore[method-assign]
-        self.gap = impl.gap  # type: ignore[method-assign]
-        self.skip_gap = impl.skip_gap  # type: ignore[method-assign]
-        self.close = impl.close  # type: ignore[method-assign]
-        self.feed_whole = impl.feed_whole  # type: ignore[misc]  # None for a version without one
-        impl.feed(from_client, buf, ts_ns)
+        self._become(is10).feed(from_client, buf, ts_ns)
+
+    def feed_whole(self, from_client: bool, data: Any, ts_ns: int) -> bool:  # type: ignore[override]
+        """The connection's first segment, in place when the version has a ``feed_whole`` (it
+        was always buffered: a short connection's first message is a third of its frames)."""
+        n = len(data)
+        if not n:
+            return False
+        first = data[0]
+        if first == 0x41:
+            if n < 6:
+                return False  # buffered: ``feed`` waits for the header's sixth byte
+            is10 = data[4] in (0x02, 0x03) or (data[4] == 0 and data[5] == 1)
+        else:
+            is10 = first == 0
+        whole = self._become(is10).feed_whole
+        return whole(from_client, data, ts_ns) if whole is not None else False
 
     def __getattr__(self, name: str) -> Any:
         impl = self.__dict__.get("impl")

@@ -906,7 +906,8 @@ class Session(Session):  # type: ignore[no-redef]
             self.unconfirmed.pop(key)
             self.conn.drop("no_confirm")
 
-    def _emit(self, op: _Op, end_ts: int, status: StatusCode = StatusCode.UNSET, msg: str = "") -> None:
+    def _emit(self, op: _Op, end_ts: int, status: StatusCode = StatusCode.UNSET, msg: str = "",
+              incomplete: bool = False) -> None:
         a = op.attrs
         # The stashed keys are rare (a consume's tag, a return's text): tested, not popped.
         if "_tag" in a:
@@ -919,7 +920,11 @@ class Session(Session):  # type: ignore[no-redef]
             a["messaging.client.id"] = self.client_name
         conn = self.conn
         # Positional (Conn.span's order): keywords were a third of the call, once a span.
-        conn.emit(conn.span(op.name, op.kind, op.start_ts, end_ts, a, op.traceparent, status, msg))
+        span = conn.span(op.name, op.kind, op.start_ts, end_ts, a, op.traceparent, status, msg)
+        if incomplete:
+            self.cut_short(span)
+        else:
+            conn.emit(span)
 
     # -- gaps and the end ----------------------------------------------------------
     def skip_gap(self, from_client: bool, nbytes: int, ts_ns: int) -> bool:
@@ -943,9 +948,13 @@ class Session(Session):  # type: ignore[no-redef]
     def close(self, ts_ns: int, reset: bool = False) -> None:
         for ch in self.channels.values():
             for i in (0, 1):
-                if ch.content[i] is not None:
+                op = ch.content[i]
+                if op is not None:
                     ch.content[i] = None
-                    self.conn.drop("incomplete_message")
+                    if op.method == (60, 50):  # a return whose content was cut: its publish stays as is
+                        self.conn.drop("incomplete_message")
+                    else:  # a publish or a delivery whose content was arriving: base.py's rule
+                        self._emit(op, ts_ns, incomplete=True)
         # A confirm-mode publish without its confirm was sent as far as the wire shows (a span
         # marked incomplete); a request without its -ok has no outcome and is counted.
         for op in self.unconfirmed.values():
