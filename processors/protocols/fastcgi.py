@@ -21,7 +21,7 @@ import re
 import struct
 from typing import Any, ClassVar
 
-from processors.protocols.base import Conn, Detection, PendingMap, ProtocolSettings, Session
+from processors.protocols.base import Conn, Detection, PendingMap, Perspective, ProtocolSettings, Session
 from processors.protocols.errors import LimitExceeded, Malformed
 from processors.protocols.sanitize import redact_query
 from service.largebuf import LargeBuffer
@@ -468,7 +468,11 @@ class Session(Session):  # type: ignore[no-redef]
             v = g(b"QUERY_STRING")
             if v:
                 query = v.decode("utf-8", "replace")
-        status = self._status(req)
+        head = req.head
+        if type(head) is memoryview and req.head_done and req.head_len:  # _status, the usual head
+            status = _status_in_view(head, req.head_len)
+        else:
+            status = self._status(req)
         v = g(b"HTTPS")
         if v and v.lower() in (b"on", b"1"):
             scheme = "https"
@@ -521,7 +525,9 @@ class Session(Session):  # type: ignore[no-redef]
         if app_status:
             attrs["fastcgi.app_status"] = app_status
         conn = self.conn
-        span = conn.span(method, conn.kind_for(SpanKind.SERVER, SpanKind.CLIENT), req.start_ts, ts_ns, attrs,
+        # conn.kind_for(SERVER, CLIENT), without the call: CLIENT only for a traced client process
+        kind = SpanKind.CLIENT if conn.perspective == Perspective.CLIENT else SpanKind.SERVER
+        span = conn.span(method, kind, req.start_ts, ts_ns, attrs,
                          g(b"HTTP_TRACEPARENT"), code, msg, req.stderr or None)
         if incomplete:
             self.cut_short(span)
@@ -537,6 +543,10 @@ class Session(Session):  # type: ignore[no-redef]
     def close(self, ts_ns: int, reset: bool = False) -> None:
         # base.py's rule: a request whose STDOUT began (its Status: line, if any, says how it
         # went) is a span of what was seen, marked incomplete; one never answered is counted.
+        if not self.reqs:  # the usual end: nothing in flight (the loop below would find nothing)
+            if self.done:
+                self.done.clear()
+            return
         for rid, req in list(self.reqs.items()):
             if req.stdout and rid in self.done:
                 self._span(rid, req, 0, 0, ts_ns, True)
