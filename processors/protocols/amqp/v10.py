@@ -1019,6 +1019,8 @@ class Session(Session):  # type: ignore[no-redef]
                     self.conn.drop("incomplete_message")
 
     def close(self, ts_ns: int, reset: bool = False) -> None:
+        for fc in (True, False):
+            self._cut_frame(fc, ts_ns)
         seen: set[int] = set()
         for side in (0, 1):
             for s in self.sessions[side].values():
@@ -1034,6 +1036,25 @@ class Session(Session):  # type: ignore[no-redef]
         for op in self.unsettled.values():
             self._cut(op)
         self.unsettled.clear()
+
+    def _cut_frame(self, from_client: bool, ts_ns: int) -> None:
+        """A transfer frame the end of the connection cut before ``feed``'s first look was
+        in: its performative is read from what came (best effort: anything it cannot read is
+        left to the stage's ``incomplete_message``), so its delivery is cut short as base.py's
+        rule says, not lost."""
+        buf = self.conn.client_buf if from_client else self.conn.server_buf
+        n = len(buf)
+        if self.dirs[from_client].skip or n < 8 or buf.u8_at(0) == 0x41:
+            return
+        size, doff, ftype, channel = _FRAME.unpack_from(buf.view_at(0, 8))
+        doff *= 4
+        if ftype != 0 or doff < 8 or not doff < n < size:
+            return
+        try:
+            self._frame(from_client, ftype, channel, buf.view_at(doff, n - doff), size - doff, buf.ts_at(0), ts_ns)
+        except (Malformed, LimitExceeded, _More, _Short):
+            return
+        buf.release(n)  # read: no longer an incomplete message
 
     def _cut(self, op: _Op) -> None:
         """A delivery the end of the connection left unfinished or unsettled: base.py's rule."""
