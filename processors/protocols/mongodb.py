@@ -22,7 +22,7 @@ import struct
 import zlib
 from typing import Any, ClassVar
 
-from processors.protocols.base import Conn, Detection, PendingMap, ProtocolSettings, Session
+from processors.protocols.base import Conn, Detection, PendingMap, Perspective, ProtocolSettings, Session
 from processors.protocols.errors import LimitExceeded, Malformed, Unsupported
 from processors.protocols.sanitize import sanitize_error
 from service.largebuf import LargeBuffer
@@ -205,12 +205,13 @@ def _fields_in_view(c: memoryview, p: int, end: int, base: int, wanted: frozense
         if nxt > end:
             raise Malformed(NAME, "bad_bson", base + vs, "value overruns its document")
         if first or z - p - 1 in lens:
-            name = str(c[p + 1:min(z, p + 129)], "utf-8", "replace")
+            name = str(c[p + 1:z if z - p < 129 else p + 129], "utf-8", "replace")  # 128 bytes at most
             keep = name in wanted and name not in out
             if first or keep:
                 if t == 0x02:
-                    n = i32(c, vs)[0]
-                    val: Any = str(c[vs + 4:vs + 4 + max(0, min(n - 1, 512))], "utf-8", "replace")
+                    n = i32(c, vs)[0] - 1  # its bytes less the NUL, 512 at most read
+                    val: Any = str(c[vs + 4:vs + 4 + (n if 0 <= n <= 512 else 0 if n < 0 else 512)], "utf-8",
+                                   "replace")
                 elif t == 0x01:
                     val = _D_AT(c, vs)[0]
                 elif t == 0x10:
@@ -689,8 +690,9 @@ class Session(Session):  # type: ignore[no-redef]
             if code is not None:
                 attrs["db.response.status_code"] = str(code)
             attrs["error.type"] = code_name or (str(code) if code is not None else "error")
-        span = conn.span(name, conn.kind_for(SpanKind.CLIENT), req.start_ts, end_ts, attrs, status_code=status,
-                         status_message=msg)
+        # conn.kind_for(CLIENT), without the call: SERVER only for a traced server process
+        kind = SpanKind.SERVER if conn.perspective == Perspective.SERVER else SpanKind.CLIENT
+        span = conn.span(name, kind, req.start_ts, end_ts, attrs, None, status, msg)
         if incomplete:
             self.cut_short(span)
         else:
