@@ -280,14 +280,15 @@ class Session(Session):  # type: ignore[no-redef]
         types = _TYPES
         off = 0
         recs = []
-        while off < n:
-            if off + 8 > n:
-                return False
-            version, t, rid, clen, plen, _ = hdr(data, off)
-            if version != 1 or t not in types:
-                return False
-            recs.append((t, rid, off + 8, clen))
-            off += 8 + clen + plen
+        try:
+            while off < n:
+                version, t, rid, clen, plen, _ = hdr(data, off)
+                if version != 1 or t not in types:
+                    return False
+                recs.append((t, rid, off + 8, clen))
+                off += 8 + clen + plen
+        except struct.error:  # a header cut by the segment's end
+            return False
         if off != n:
             return False
         reqs = self.reqs
