@@ -629,3 +629,24 @@ def test_feed_whole_matches_the_buffered_path(recorded: bool, mutations: list) -
             assert names == ["SELECT users", "SELECT users", "postgresql", "INSERT t", "postgresql", "SELEC",
                              "SELECT; SELECT",
                              "COPY t", "postgresql"], names
+
+
+@settings(max_examples=600, deadline=None)
+@given(st.integers(1, 80), st.lists(st.tuples(st.integers(0, 79), st.one_of(
+    st.sampled_from([0, 8, 9, 10, 11, 12, 13, 14, 31, 32]), st.integers(0, 255))), max_size=2),
+       st.lists(st.integers(1, 30), max_size=4), st.integers(0, 80), st.integers(-5, 90), st.booleans())
+def test_printable_scan_matches_the_byte_rule(size: int, marks: list, cuts: list, off: int, end: int,
+                                              nul: bool) -> None:
+    """_printable's regex scan gives the byte rule's answer (no byte < 0x20 in the first 64
+    but tab, LF, CR, and NUL when allowed), however the bytes are cut into chunks: printable
+    text with a byte or two of any value written in."""
+    from tests.support.driver import pieces
+    b = bytearray(b"select 1" * 10)[:size]
+    for i, v in marks:
+        b[i % size] = v
+    data = bytes(b)
+    off = min(off, len(data))
+    end = min(end, len(data))
+    n = min(end - off, 64)
+    want = n <= 0 or all(not (b < 0x20 and b not in (9, 10, 13) and not (nul and b == 0)) for b in data[off:off + n])
+    assert pg._printable(LargeBuffer(*pieces(data, cuts)), off, end, nul) == want
