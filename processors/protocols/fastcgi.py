@@ -271,7 +271,8 @@ class Session(Session):  # type: ignore[no-redef]
         does it. Anything else returns False unchanged. The usual records are handled here as
         ``_record`` and ``_params`` handle them (no call, no list of views): BEGIN_REQUEST
         below the request bound, STDIN, END_REQUEST, a PARAMS stream of one record and its
-        end; the STDOUT head goes to ``_head``, anything else to ``_record``.
+        end, a head ending in its first STDOUT record; other STDOUT goes to ``_head``, anything
+        else to ``_record``.
         """
         if type(data) is not memoryview:  # the eBPF receiver's payloads are bytes
             data = memoryview(data)
@@ -320,7 +321,12 @@ class Session(Session):  # type: ignore[no-redef]
             elif t == STDOUT:
                 req.stdout += clen
                 if clen and not req.head_done:
-                    self._head(req, [data[p:p + clen]])
+                    v = data[p:p + clen]
+                    m = _HEAD_END_CRLF(v, 0, clen if clen < MAX_HEAD else MAX_HEAD) if req.head is None else None
+                    if m is not None:  # _head's first case: the head ends in the first record
+                        req.head, req.head_done, req.head_len = v, True, m.start() + 4
+                    else:
+                        self._head(req, [v])
             else:  # END_REQUEST
                 app_status, proto = _END_AT(data, p) if clen >= 5 else (0, 0)
                 reqs.pop(rid, None)
