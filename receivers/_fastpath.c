@@ -167,14 +167,15 @@ static inline uint32_t rd32(const unsigned char *p, int big) {
 static inline unsigned be16(const unsigned char *p) { return ((unsigned)p[0] << 8) | p[1]; }
 
 /* The packed IPv4 addresses as bytes, the same few objects again and again (their hash is then
- * computed once): a direct-mapped cache. New reference. */
-#define ACACHE 512
-static PyObject *acache[ACACHE];
+ * computed once, and the halves' keys compare by identity): a direct-mapped cache, large enough for
+ * a busy server's clients (16k entries, 128 KiB of pointers). New reference. */
+#define ACACHE_BITS 14
+static PyObject *acache[1 << ACACHE_BITS];
 
 static PyObject *addr4(const unsigned char *p) {
     uint32_t a;
     memcpy(&a, p, 4);
-    unsigned i = (a ^ (a >> 9) ^ (a >> 18) ^ (a >> 27)) & (ACACHE - 1);
+    unsigned i = (unsigned)((a * 2654435761u) >> (32 - ACACHE_BITS));
     PyObject *b = acache[i];
     if (b != NULL && memcmp(PyBytes_AS_STRING(b), p, 4) == 0) {
         Py_INCREF(b);
@@ -705,6 +706,21 @@ static int segment(Ctx *c, PyObject *key, const unsigned char *t, Py_ssize_t pof
     return in_order(c, h, conn, p, t, poff, plen, ts);
 }
 
+/* A port number's int, made once (ports above 256 are not among CPython's small ints): no allocation
+ * a packet, and the halves' keys compare by identity. New reference. */
+static PyObject *ports[65536];
+
+static inline PyObject *port_obj(unsigned port) {
+    PyObject *o = ports[port];
+    if (o == NULL) {
+        o = PyLong_FromLong((long)port);
+        if (o == NULL)
+            return NULL;
+        ports[port] = o;
+    }
+    return Py_NewRef(o);
+}
+
 static PyObject *scan(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     if (nargs != 15) {
         PyErr_SetString(PyExc_TypeError, "scan() takes 15 arguments");
@@ -790,7 +806,7 @@ static PyObject *scan(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
         if (ts >= next_sweep)
             goto slow;
         PyObject *src = addr4(f + 26), *dst = addr4(f + 30);
-        PyObject *ps = PyLong_FromLong((long)sport), *pd = PyLong_FromLong((long)dport);
+        PyObject *ps = port_obj(sport), *pd = port_obj(dport);
         if (src == NULL || dst == NULL || ps == NULL || pd == NULL) {
             Py_XDECREF(src);
             Py_XDECREF(dst);
@@ -798,7 +814,18 @@ static PyObject *scan(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
             Py_XDECREF(pd);
             goto error;
         }
-        key = PyTuple_New(4);
+        /* The 4-tuple key. The last packet's is used again when nothing else kept it (only the
+         * lookup saw it): an allocation less a packet. Not from 3.14 on, where a tuple caches its hash. */
+#if PY_VERSION_HEX < 0x030E0000
+        if (key != NULL && Py_REFCNT(key) == 1) {
+            for (int i = 0; i < 4; i++)
+                Py_DECREF(PyTuple_GET_ITEM(key, i));
+        } else
+#endif
+        {
+            Py_XDECREF(key);
+            key = PyTuple_New(4);
+        }
         if (key == NULL) {
             Py_DECREF(src);
             Py_DECREF(dst);
@@ -811,7 +838,6 @@ static PyObject *scan(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
         PyTuple_SET_ITEM(key, 2, dst);
         PyTuple_SET_ITEM(key, 3, pd);
         int rc = segment(&ctx, key, t, poff, plen, ts);
-        Py_CLEAR(key);
         if (rc < 0)
             goto error;
         if (rc == 0)
@@ -821,6 +847,7 @@ static PyObject *scan(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
         status = ST_SLOW;
         break;
     }
+    Py_XDECREF(key);
     PyBuffer_Release(&b);
     if (status == ST_SLOW)
         return Py_BuildValue("(innnLL(Lnn))", status, pos, n, nbytes, first, last, ts, off, end);
