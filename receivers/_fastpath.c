@@ -6,16 +6,28 @@
  *   receivers/tcp_reassembly  TcpReassembler.segment's fast path: a known connection, no
  *                             SYN/FIN/RST, payload (if any) exactly in order, nothing buffered
  *                             and no FIN pending on the peer; and the bare ACK/FIN/RST of an
- *                             untracked connection (counted ``ignored``)
+ *                             untracked connection (counted ``ignored``); and _slow's common
+ *                             short-connection packets, each only when nothing is buffered, held
+ *                             or pending that the Python path would act on:
+ *                               SYN or SYN-ACK (no data, no FIN) of a new 4-tuple while there is
+ *                               room (_new_conn, _str: the _Conn and both _Half made here, every
+ *                               slot as __init__ sets it; evicting for room stays in Python);
+ *                               SYN-ACK of a known connection (the ISNs);
+ *                               FIN exactly in order, with or without data (_data, _check_fin:
+ *                               DATA, CLOSE, and _forget after both directions closed);
+ *                               RST (_drain with nothing to give up: RESET, _forget).
+ *                             A SYN on a known 4-tuple (retransmission, port reuse, simultaneous
+ *                             open), data or FIN on a SYN, holes and holds: Python.
  *
  * scan(view, pos, tick, big_endian, ts_shift, halves, touch, events, max_events, budget,
- *      next_sweep, stats) -> (status, pos, packets, nbytes, first_ts, last_ts, slow)
+ *      next_sweep, stats, lru, addr_cache, max_connections)
+ *     -> (status, pos, packets, nbytes, first_ts, last_ts, slow)
  *
  * reads records from ``pos`` and does for each what the Python loop would, stopping
  *   LIMIT (0) before a record, when ``events`` holds ``max_events`` or ``budget`` records were
  *            read (the replay's flush points: the receiver flushes there, exactly as it does);
- *   SLOW  (1) at a record it does not handle (anything else: another frame, a SYN, a FIN, a
- *            retransmission, a sweep due, ...): counted, its (ts, off, end) handed back in
+ *   SLOW  (1) at a record it does not handle (anything else: another frame, a SYN on a known
+ *            connection, a retransmission, a sweep due, ...): counted, its (ts, off, end) handed back in
  *            ``slow`` for the Python path to decode and reassemble, nothing of it done here;
  *   END   (2) at the end of the records or at a damaged one (``pos`` at it): the Python reader
  *            resumes there and says what is wrong.
@@ -28,7 +40,10 @@
  *
  * Why C: per packet the Python path is a generator step, a decoder call, a tuple, a segment
  * call and a TcpEvent __init__: ~2.5 us against a ~0.9 us floor of a bare struct loop, a quarter
- * of a small exchange's replay (issue 21).
+ * of a small exchange's replay (issue 21). Handshakes and closes are 6 of a short connection's
+ * ~26 packets; handed back, each cost a return to Python, a decode, _slow and two _Half
+ * __init__s: the receiver took 2.5 times as long on 5000 short connections as on 10 long ones
+ * carrying the same exchanges ("per-packet cost must not depend on the traffic's shape").
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -196,6 +211,10 @@ static PyObject *addr4(const unsigned char *p) {
 typedef struct {
     PyObject *view, *halves, *touch, *events, *stats, *lru, *addr_cache;
     Py_ssize_t max_connections;
+    /* The connection at the LRU's end as far as this call knows (a reference; NULL: not known): a
+     * request's answer then costs no move_to_end. Set by touch() and new_conn(), cleared when forget()
+     * takes it out; each call starts not knowing (Python reorders the LRU between calls). */
+    PyObject *last;
 } Ctx;
 
 /* An exact int that fits a long long: 1 and its value, else 0 (the packet goes to Python). */
@@ -353,6 +372,7 @@ static PyObject *new_conn(Ctx *c, PyObject *k1, PyObject *tso, PyObject *client_
     if (PyDict_SetItem(c->halves, k1, h) < 0 || PyDict_SetItem(c->halves, k2, p) < 0 ||
         PyObject_SetItem(c->lru, cid, conn) < 0 || stat_inc(c->stats, S_CONNECTIONS) < 0)
         goto error;
+    Py_XSETREF(c->last, Py_NewRef(conn));
     Py_DECREF(s);
     Py_DECREF(d);
     Py_DECREF(k2);
@@ -373,6 +393,8 @@ error:
  * reassembler's total stays as it is). The caller holds references to the connection and its halves. */
 static int forget(Ctx *c, PyObject *conn) {
     PyObject *hs[2] = {SLOT(conn, c_a), SLOT(conn, c_b)};
+    if (conn == c->last)
+        Py_CLEAR(c->last);
     if (PyObject_DelItem(c->lru, SLOT(conn, c_id)) < 0) {
         if (!PyErr_ExceptionMatches(PyExc_KeyError))
             return -1;
@@ -396,12 +418,15 @@ static int forget(Ctx *c, PyObject *conn) {
     return 0;
 }
 
-/* touch(conn.id): the LRU's move_to_end. */
+/* touch(conn.id): the LRU's move_to_end (nothing to do for the connection already at its end). */
 static int touch(Ctx *c, PyObject *conn) {
+    if (conn == c->last)
+        return 0;
     PyObject *res = PyObject_CallOneArg(c->touch, SLOT(conn, c_id));
     if (res == NULL)
         return -1;
     Py_DECREF(res);
+    Py_XSETREF(c->last, Py_NewRef(conn));
     return 0;
 }
 
@@ -748,7 +773,7 @@ static PyObject *scan(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
                                          "events a list");
         return NULL;
     }
-    Ctx ctx = {view, halves, args[6], events, stats, lru, addr_cache, max_connections};
+    Ctx ctx = {view, halves, args[6], events, stats, lru, addr_cache, max_connections, NULL};
     Py_buffer b;
     if (PyObject_GetBuffer(view, &b, PyBUF_SIMPLE) < 0)
         return NULL;
@@ -848,12 +873,14 @@ static PyObject *scan(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
         break;
     }
     Py_XDECREF(key);
+    Py_XDECREF(ctx.last);
     PyBuffer_Release(&b);
     if (status == ST_SLOW)
         return Py_BuildValue("(innnLL(Lnn))", status, pos, n, nbytes, first, last, ts, off, end);
     return Py_BuildValue("(innnLLO)", status, pos, n, nbytes, first, last, Py_None);
 error:
     Py_XDECREF(key);
+    Py_XDECREF(ctx.last);
     PyBuffer_Release(&b);
     return NULL;
 }

@@ -857,9 +857,10 @@ class PcapReceiver(Receiver):
             return False
 
         # The C loop (receivers/_fastpath.c) takes the common packet of a classic Ethernet
-        # capture: record, frame and in-order segment in one go. It stops at each flush point
-        # (as this loop does) and at every other packet, which it hands back for the code
-        # below; so it runs only where that code has no per-packet option to apply.
+        # capture: record, frame and in-order segment (handshake and close included) in one
+        # go. It stops at each flush point (as this loop does) and at every other packet, which
+        # it hands back for the code below; so it runs only where that code has no per-packet
+        # option to apply.
         fast = (c_scan is not None and reader.__class__ is PcapReader and reader.linktype == _LT_ETHERNET
                 and bpf is None and flt is None and not shard_count and not rate and 0 <= ts_shift < 1 << 62)
         records: Any = reader

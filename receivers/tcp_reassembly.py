@@ -581,10 +581,13 @@ def _seg_start(seg: tuple) -> int:
     return seg[0]
 
 
-#: The C twin of ``segment``'s fast path, run inside the pcap replay's record loop
-#: (receivers/_fastpath.c; pcap.py decides when): it reads and writes ``_Half``/``_Conn``
-#: slots and builds ``TcpEvent``s in place, so it is handed the classes once here. None
-#: when the accelerator is absent or switched off (WIRESPAN_PURE_PYTHON).
+#: The C twin of ``segment``'s fast path and of ``_slow``'s common handshake and close, run
+#: inside the pcap replay's record loop (receivers/_fastpath.c; pcap.py decides when): it
+#: reads and writes ``_Half``/``_Conn`` slots, makes both (every slot, as their ``__init__``
+#: does: a slot added here must be added there, setup() checks the count) and builds
+#: ``TcpEvent``s in place, so it is handed the classes, the event kinds, ``_GONE`` and the
+#: id counter once here. None when the accelerator is absent or switched off
+#: (WIRESPAN_PURE_PYTHON).
 _c_fast = speedups.load("receivers._fastpath")
 if _c_fast is not None:
     _c_fast.setup(_Half, _Conn, TcpEvent, _DATA, _OPEN, _CLOSE, _RESET, _GONE, _conn_ids)
