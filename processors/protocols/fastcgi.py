@@ -554,8 +554,12 @@ class Session(Session):  # type: ignore[no-redef]
             if self.done:
                 self.done.clear()
             return
+        # A record cut before the parser read it (bytes left in the server's direction) began the
+        # reply of the request it names (its id from the fourth byte on), else of the oldest.
+        buf = self.conn.server_buf
+        cut = (buf.u16be_at(2) if len(buf) >= 4 else next(iter(self.reqs))) if len(buf) else None
         for rid, req in list(self.reqs.items()):
-            if req.stdout and rid in self.done:
+            if rid in self.done and (req.stdout or (rid == cut and self.reply_begun())):
                 self._span(rid, req, 0, 0, ts_ns, True)
             else:
                 self.cut_short(None, "no_end_request")

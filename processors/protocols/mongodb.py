@@ -720,6 +720,8 @@ class Session(Session):  # type: ignore[no-redef]
         buf = self.conn.server_buf
         if len(buf) >= 12:
             begun.add(buf.i32le_at(8))
+        elif not begun and self.reply_begun():  # a header cut before its responseTo: the oldest's
+            begun.add(next(iter(self.pending)))
         for rid, req in self.pending.items():
             if rid in begun:
                 self._span(req, None, ts_ns, True)
