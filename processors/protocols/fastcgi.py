@@ -82,6 +82,19 @@ def detect(buf: LargeBuffer, from_client: bool | None) -> Detection:
     return Detection.NO
 
 
+def _gathered(held: LargeBuffer | memoryview | None, vs: list[memoryview]) -> LargeBuffer:
+    """A stream held as one record's view (or nothing), now with more records: a buffer of the
+    views (PARAMS and the STDOUT head alike; still no copy)."""
+    if type(held) is not LargeBuffer:
+        lb = LargeBuffer()
+        if held is not None:
+            lb.append(held)
+        held = lb
+    for v in vs:
+        held.append(v)
+    return held
+
+
 class _Req:
     """A request in flight. ``params`` and ``head`` hold what arrived of the PARAMS stream and
     of the STDOUT head: None before any, the one record's view while there is one (the usual
@@ -394,13 +407,7 @@ class Session(Session):  # type: ignore[no-redef]
         if held is None and len(vs) == 1:
             req.params = vs[0]
         else:
-            if type(held) is not LargeBuffer:
-                lb = LargeBuffer()
-                if held is not None:
-                    lb.append(held)
-                req.params = held = lb
-            for v in vs:
-                held.append(v)  # type: ignore[union-attr]
+            req.params = _gathered(held, vs)
         self.reqs.charge(rid, clen)  # the params are held until the request ends
 
     def _head(self, req: _Req, vs: list[memoryview]) -> None:
@@ -424,13 +431,7 @@ class Session(Session):  # type: ignore[no-redef]
             else:
                 req.head = v
             return
-        if type(head) is not LargeBuffer:
-            lb = LargeBuffer()
-            if head is not None:
-                lb.append(head)
-            req.head = head = lb
-        for v in vs:
-            head.append(v)  # type: ignore[union-attr]
+        req.head = head = _gathered(head, vs)
         end = head.find(b"\r\n\r\n", 0, MAX_HEAD)  # type: ignore[union-attr]
         if end < 0:
             end = head.find(b"\n\n", 0, MAX_HEAD)  # type: ignore[union-attr]

@@ -543,6 +543,21 @@ class Session(_Session):
         self._pending.clear()
         self._batch_start = 0
 
+    def _prepared(self, name: bytes, info: QueryInfo, ts: int) -> None:
+        """A Parse message's statement, kept by name (the unnamed one apart) for the Binds to come;
+        the buffered and the in-place paths both call it."""
+        if name:
+            st = self._stmts
+            st[name] = info
+            st.move_to_end(name)
+            if len(st) > self._max_stmts:
+                st.popitem(last=False)
+                self.conn.drop("statement_evicted")
+        else:
+            self._unnamed = info
+        if not self._batch_start:
+            self._batch_start = ts
+
     def _push(self, op: _Op) -> None:
         p = self._pending
         p.append(op)
@@ -658,17 +673,7 @@ class Session(_Session):
             name = buf.bytes_at(off, min(p - 1 - off, MAX_NAME))  # kept: a cache key
             z = _cstr_end(buf, p, end)
             info = self._info(buf, p, (z - 1) if z > 0 else end)
-            if name:
-                st = self._stmts
-                st[name] = info
-                st.move_to_end(name)
-                if len(st) > self._max_stmts:
-                    st.popitem(last=False)
-                    self.conn.drop("statement_evicted")
-            else:
-                self._unnamed = info
-            if not self._batch_start:
-                self._batch_start = ts
+            self._prepared(name, info, ts)
             self._push(_Op(_P, info, ts))
         elif t == _B:
             p = _cstr_end(buf, off, end)
@@ -723,17 +728,7 @@ class Session(_Session):
             name = data[off:off + min(p - 1 - off, MAX_NAME)].tobytes()  # kept: a cache key
             z = _cstr_end_view(data, p, end)
             info = analyze(decode_query(data[p:(z - 1) if z > 0 else end]), "postgresql", self._sanitize)
-            if name:
-                st = self._stmts
-                st[name] = info
-                st.move_to_end(name)
-                if len(st) > self._max_stmts:
-                    st.popitem(last=False)
-                    self.conn.drop("statement_evicted")
-            else:
-                self._unnamed = info
-            if not self._batch_start:
-                self._batch_start = ts
+            self._prepared(name, info, ts)
             op = _Op(_P, info, ts)
         elif t == _B:
             p = _cstr_end_view(data, off, end)
