@@ -336,10 +336,14 @@ class Session(Session):  # type: ignore[no-redef]
         checked before anything is done, then each packet has ``_binary``'s effects in order.
         Anything else (text, a value across segments, bad input) returns False unchanged.
         """
-        if not self.binary or self.skip[from_client]:
-            return False
         if type(data) is not memoryview:  # the eBPF receiver's payloads are bytes
             data = memoryview(data)
+        if self.binary is None and len(data):
+            # The connection's first segment: decided as ``feed`` decides it, from the same byte
+            # (it was always buffered, and the first request is half a short connection's work).
+            self.binary = data[0] in (REQ, ALT_REQ, RES, ALT_RES)
+        if not self.binary or self.skip[from_client]:
+            return False
         n = len(data)
         hdr = _HDR.unpack_from
         magic_ok = REQ if from_client else RES
