@@ -32,7 +32,7 @@ from collections import OrderedDict, deque
 
 from pydantic import Field
 
-from service.largebuf import BufferBoundsError, LargeBuffer
+from service.largebuf import LargeBuffer
 from service.model import Span, SpanKind, StatusCode
 
 from .base import Conn, Detection, PendingQueue, ProtocolSettings
@@ -430,20 +430,18 @@ class Session(_Session):
                 if n - pos < 5 + body:
                     want = 5 + body  # what of the message is read is bounded by its cap
                     return
-                try:
-                    if from_client:
-                        self._client_msg(t, buf, pos + 5, pos + 5 + body, cts if rel < clen else buf.ts_at(pos))
-                    elif t == 68:  # DataRow, the common case: just count it
-                        if self._pending:
-                            self._pending[0].rows += 1
-                    elif t == 69:  # ErrorResponse: its fields read here, so _server_msg needs no buffer
-                        self._server_error(*_error_fields(buf, pos + 5, pos + 5 + body),
-                                           cts if rel < clen else buf.ts_at(pos))
-                    else:
-                        self._server_msg(t, cts if rel < clen else buf.ts_at(pos))
-                except BufferBoundsError as e:  # a field overruns its message
-                    self._resync[d] = True
-                    raise Malformed(NAME, "truncated_field", pos, str(e)) from None
+                # One view of the capped body (a straddling one: the buffer's scratch), read as
+                # feed_whole reads its segment: every field bounded by the body, none overruns it.
+                if from_client:
+                    self._client_view(t, buf.view_at(pos + 5, body), 0, body, cts if rel < clen else buf.ts_at(pos))
+                elif t == 68:  # DataRow, the common case: just count it
+                    if self._pending:
+                        self._pending[0].rows += 1
+                elif t == 69:  # ErrorResponse: its fields read here, so _server_msg needs no buffer
+                    self._server_error(*_error_fields_view(buf.view_at(pos + 5, body), 0, body),
+                                       cts if rel < clen else buf.ts_at(pos))
+                else:
+                    self._server_msg(t, cts if rel < clen else buf.ts_at(pos))
                 if self._stopped:
                     pos = len(buf)
                     return
@@ -485,33 +483,29 @@ class Session(_Session):
         if pos != n:
             return False
         pos = 0
-        try:
-            if from_client:
-                view = self._client_view
-                while pos < n:
-                    t = data[pos]
-                    ln = _I32BE(data, pos + 1)[0]
-                    body = ln - 4
-                    cap = heads[t]
-                    view(t, data, pos + 5, pos + 5 + (body if body < cap else cap), ts_ns)
-                    pos += ln + 1
-            else:
-                pend = self._pending
-                while pos < n:
-                    t = data[pos]
-                    ln = _I32BE(data, pos + 1)[0]
-                    if t == 68:  # DataRow
-                        if pend:
-                            pend[0].rows += 1
-                    elif t == 69:
-                        self._server_error(*_error_fields_view(data, pos + 5, pos + 1 + min(ln, 4 + MAX_ERROR_HEAD)),
-                                           ts_ns)
-                    else:
-                        self._server_msg(t, ts_ns)  # none reads its body
-                    pos += ln + 1
-        except BufferBoundsError as e:  # as feed: a field overruns its message
-            self._resync[d] = True
-            raise Malformed(NAME, "truncated_field", pos, str(e)) from None
+        if from_client:
+            view = self._client_view
+            while pos < n:
+                t = data[pos]
+                ln = _I32BE(data, pos + 1)[0]
+                body = ln - 4
+                cap = heads[t]
+                view(t, data, pos + 5, pos + 5 + (body if body < cap else cap), ts_ns)
+                pos += ln + 1
+        else:
+            pend = self._pending
+            while pos < n:
+                t = data[pos]
+                ln = _I32BE(data, pos + 1)[0]
+                if t == 68:  # DataRow
+                    if pend:
+                        pend[0].rows += 1
+                elif t == 69:
+                    self._server_error(*_error_fields_view(data, pos + 5, pos + 1 + min(ln, 4 + MAX_ERROR_HEAD)),
+                                       ts_ns)
+                else:
+                    self._server_msg(t, ts_ns)  # none reads its body
+                pos += ln + 1
         return True
 
     def gap(self, from_client: bool, ts_ns: int) -> None:
@@ -557,13 +551,6 @@ class Session(_Session):
             self._unnamed = info
         if not self._batch_start:
             self._batch_start = ts
-
-    def _push(self, op: _Op) -> None:
-        p = self._pending
-        p.append(op)
-        if len(p) > MAX_PENDING:
-            p.popleft()
-            self.conn.drop("pending_overflow")
 
     def _find_boundary(self, buf: LargeBuffer, client: bool) -> bool:
         """Release bytes up to the next message boundary; False if it needs more bytes."""
@@ -661,62 +648,9 @@ class Session(_Session):
         return True  # 'E' from a pre-SSL server: an ErrorResponse, parsed as usual
 
     # -- client messages ---------------------------------------------------------------
-    def _client_msg(self, t: int, buf: LargeBuffer, off: int, end: int, ts: int) -> None:
-        if t == _Q:
-            z = _cstr_end(buf, off, end)
-            info = self._info(buf, off, (z - 1) if z > 0 else end)
-            self._push(_Op(_Q, info, ts))
-        elif t == _P:
-            p = _cstr_end(buf, off, end)
-            if p < 0:
-                raise Malformed(NAME, "bad_parse", off)
-            name = buf.bytes_at(off, min(p - 1 - off, MAX_NAME))  # kept: a cache key
-            z = _cstr_end(buf, p, end)
-            info = self._info(buf, p, (z - 1) if z > 0 else end)
-            self._prepared(name, info, ts)
-            self._push(_Op(_P, info, ts))
-        elif t == _B:
-            p = _cstr_end(buf, off, end)
-            if p < 0:
-                raise Malformed(NAME, "bad_bind", off)
-            q = _cstr_end(buf, p, end)
-            if q < 0:
-                raise Malformed(NAME, "bad_bind", p)
-            stmt = buf.view_at(p, q - 1 - p)
-            info = self._stmts.get(stmt.tobytes()) if len(stmt) else self._unnamed
-            portal = buf.bytes_at(off, p - 1 - off)
-            pt = self._portals
-            pt[portal] = info
-            pt.move_to_end(portal)
-            if len(pt) > self._max_portals:
-                pt.popitem(last=False)
-            if not self._batch_start:
-                self._batch_start = ts
-            self._push(_Op(_B, info, ts))
-        elif t == _E:
-            p = _cstr_end(buf, off, end)
-            portal = buf.bytes_at(off, (p - 1 if p > 0 else end) - off)
-            info = self._portals.get(portal)
-            start = self._batch_start or ts
-            self._batch_start = 0
-            self._push(_Op(_E, info, start))
-        elif t == _D:
-            self._push(_Op(_D, None, ts))
-        elif t == _C:
-            kind = buf.u8_at(off) if end > off else 0
-            p = _cstr_end(buf, off + 1, end)
-            if p > 0:
-                name = buf.bytes_at(off + 1, p - 2 - off)
-                (self._stmts if kind == 83 else self._portals).pop(name, None)
-            self._push(_Op(_C, None, ts))
-        elif t == _S:
-            self._push(_Op(_S, None, ts))
-        elif t == _F:
-            self._push(_Op(_F, None, ts))
-        # H (Flush), X (Terminate: no span), d/c/f (COPY data), p (auth): nothing to pair.
-
     def _client_view(self, t: int, data: memoryview, off: int, end: int, ts: int) -> None:
-        """``_client_msg`` on a message in one view (feed_whole): the same reads and effects."""
+        """A client message's (capped) body in one view: the segment's own (feed_whole) or the
+        buffer's (feed). Names are copied (cache keys), the query decoded once (sql.py)."""
         if t == _Q:
             z = _cstr_end_view(data, off, end)
             op = _Op(_Q, analyze(decode_query(data[off:(z - 1) if z > 0 else end]), "postgresql", self._sanitize),
@@ -762,15 +696,12 @@ class Session(_Session):
         elif t == _S or t == _F or t == _D:
             op = _Op(t, None, ts)
         else:
-            return  # H, X, d/c/f, p: nothing to pair (as _client_msg)
-        pend = self._pending  # as _push, inline
+            return  # H (Flush), X (Terminate: no span), d/c/f (COPY data), p (auth): nothing to pair
+        pend = self._pending
         pend.append(op)
         if len(pend) > MAX_PENDING:
             pend.popleft()
             self.conn.drop("pending_overflow")
-
-    def _info(self, buf: LargeBuffer, off: int, end: int) -> QueryInfo:
-        return analyze(decode_query(buf.view_at(off, end - off)), "postgresql", self._sanitize)
 
     # -- server messages -----------------------------------------------------------------
     def _server_msg(self, t: int, ts: int) -> None:
@@ -876,28 +807,8 @@ def _text(buf: LargeBuffer, off: int, end: int) -> str:
     return str(buf.view_at(off, min(end - off, MAX_NAME)), "utf-8", "replace")
 
 
-def _error_fields(buf: LargeBuffer, off: int, end: int) -> tuple[str, str]:
-    """SQLSTATE and message of an ErrorResponse body (possibly cut at its head cap)."""
-    code = msg = ""
-    p = off
-    while p < end:
-        c = buf.u8_at(p)
-        if c == 0:
-            break
-        z = _cstr_end(buf, p + 1, end)
-        stop = (z - 1) if z > 0 else end
-        if c == 67:  # 'C'
-            code = str(buf.view_at(p + 1, min(stop - p - 1, 5)), "ascii", "replace")
-        elif c == 77:  # 'M'
-            msg = str(buf.view_at(p + 1, stop - p - 1), "utf-8", "replace")
-        if z < 0:
-            break
-        p = z
-    return code, msg
-
-
 def _cstr_end_view(data: memoryview, off: int, end: int) -> int:
-    """``_cstr_end`` within one view (feed_whole): just past the NUL at or after ``off``, or -1."""
+    """``_cstr_end`` within one view: just past the NUL at or after ``off``, or -1."""
     if off >= end:
         return -1
     if data[off] == 0:
@@ -907,7 +818,7 @@ def _cstr_end_view(data: memoryview, off: int, end: int) -> int:
 
 
 def _error_fields_view(data: memoryview, off: int, end: int) -> tuple[str, str]:
-    """``_error_fields`` within one view (feed_whole): the same fields, the same cuts."""
+    """SQLSTATE and message of an ErrorResponse body in one view (possibly cut at its head cap)."""
     code = msg = ""
     p = off
     while p < end:
