@@ -286,6 +286,12 @@ class _Dir:
         self.aliases: dict[int, str] = {}  # MQTT 5 topic aliases set by this direction's sender
 
 
+def _empty_props(data: memoryview, q: int, end: int) -> int:
+    """MQTT 5 in feed_whole: the offset past an empty property list at ``q`` (its length byte 0),
+    or -1 when there are properties (the buffered path reads them) or no byte in sight."""
+    return q + 1 if q < end and not data[q] else -1
+
+
 class Session(Session):  # type: ignore[no-redef]
     protocol: ClassVar[str] = NAME
 
@@ -407,10 +413,8 @@ class Session(Session):  # type: ignore[no-redef]
                 hdr_end = q + 2 if qos else q
                 if hdr_end > end:
                     return False
-                if ver == 5:
-                    if hdr_end >= end or data[hdr_end]:
-                        return False  # properties: the buffered path reads them
-                    hdr_end += 1
+                if ver == 5 and (hdr_end := _empty_props(data, hdr_end, end)) < 0:
+                    return False
                 if hdr_end - p > MAX_HEADER or (q == p + 2 and ver != 5):
                     return False
                 raw = data[p + 2:q]  # the topic, kept for the span (bounded by MAX_HEADER)
@@ -436,10 +440,8 @@ class Session(Session):  # type: ignore[no-redef]
                     return False
                 ver = data[q]
                 q += 4
-                if ver == 5:
-                    if q >= end or data[q]:
-                        return False
-                    q += 1
+                if ver == 5 and (q := _empty_props(data, q, end)) < 0:
+                    return False
                 if q + 2 > end:
                     return False
                 k = q + 2 + (data[q] << 8 | data[q + 1])
@@ -452,10 +454,8 @@ class Session(Session):  # type: ignore[no-redef]
                 plan.append((CONNACK, data[p + 1], ver == 5))
             elif t == SUBSCRIBE or t == UNSUBSCRIBE:
                 q = p + 2
-                if ver == 5:
-                    if q >= end or data[q]:
-                        return False
-                    q += 1
+                if ver == 5 and (q := _empty_props(data, q, end)) < 0:
+                    return False
                 filters = []
                 while q < end:
                     if q + 2 > end:
@@ -470,10 +470,8 @@ class Session(Session):  # type: ignore[no-redef]
                 plan.append((t, data[p] << 8 | data[p + 1], filters))
             elif t == SUBACK or t == UNSUBACK:
                 q = p + 2
-                if ver == 5:
-                    if q >= end or data[q]:
-                        return False
-                    q += 1
+                if ver == 5 and (q := _empty_props(data, q, end)) < 0:
+                    return False
                 failed = None
                 for c in data[q:min(end, q + 256)]:
                     if c >= 0x80:
