@@ -333,6 +333,32 @@ def test_internal_errors_never_escape(monkeypatch: pytest.MonkeyPatch, caplog: p
     assert sum("internal error" in r.getMessage() for r in caplog.records) == 1  # logged once
 
 
+def test_a_detector_that_raises_is_counted_logged_once_and_skipped(monkeypatch: pytest.MonkeyPatch,
+                                                                    caplog: pytest.LogCaptureFixture) -> None:
+    """detect and detect_datagram alike: a bug in one protocol's detector costs it an
+    internal_error a call, one log line a protocol, and nothing else (the next is asked)."""
+    mod = _fake_module("zy", lambda *a: None)
+
+    def bad(*_a: object) -> Detection:
+        raise ValueError("detector bug")
+
+    mod.detect = bad  # type: ignore[attr-defined]
+    mod.detect_datagram = bad  # type: ignore[attr-defined]
+    monkeypatch.setitem(protocols.PROTOCOLS, "zy", "fake_zy")
+    monkeypatch.setitem(protocols._cache, "zy", mod)
+    p, sink = stage({"enabled": ["zy", "http", "dns"]})
+    before = metric("zy", "internal_error")
+    srv = ("10.0.0.2", 7777)  # no protocol's port: zy is asked before HTTP
+    p.consume_events([data(True, REQ, cid=1, server=srv), data(False, RESP, cid=1, server=srv),
+                      data(True, REQ, cid=2, server=srv), data(False, RESP, cid=2, server=srv)])
+    q = b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00\x01a\x00\x00\x01\x00\x01"
+    p.consume_events([TcpEvent(EventKind.DATAGRAM, 9, "10.0.0.1", 40001, "10.0.0.2", 7777, 2_000, memoryview(q))])
+    assert len(sink.spans) == 2  # HTTP still detected after the raising detector
+    assert metric("zy", "internal_error") == before + 3
+    logged = [r.getMessage() for r in caplog.records if "raised (logged once)" in r.getMessage()]
+    assert logged == ["protocols: zy.detect raised (logged once)"]  # once a protocol, either kind
+
+
 def test_protocol_error_from_fake_module_counts_its_reason(monkeypatch: pytest.MonkeyPatch) -> None:
     def bad(self, fc, buf, ts):
         raise Malformed("yy", "weird")

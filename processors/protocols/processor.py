@@ -832,18 +832,10 @@ class ProtocolsProcessor(EventProcessor):
         pa, pb = st.a_port, st.b_port
         mods = self._udp_modules
         order = [m for m in mods if pa in m[2] or pb in m[2]] + [m for m in mods if pa not in m[2] and pb not in m[2]]
-        for name, mod, _ in order:
-            try:
-                d = mod.detect_datagram(payload, from_client)
-            except Exception:
-                self._drop(name, "internal_error")
-                key = f"detect:{name}"
-                if key not in self._logged:
-                    self._logged.add(key)
-                    log.error("%s: %s.detect_datagram raised (logged once)", self.id, name, exc_info=True)
-                continue
+        for entry in order:
+            d = self._ask(entry, payload, from_client, datagram=True)
             if d == Detection.REQUEST or d == Detection.RESPONSE:
-                self._start(cid, st, side, name, mod, d, ts, datagram=payload)
+                self._start(cid, st, side, entry[0], entry[1], d, ts, datagram=payload)
                 return
         self._drop("", "udp_undetected")
 
@@ -865,14 +857,9 @@ class ProtocolsProcessor(EventProcessor):
                 order = self._detect_order(pa, pb)
         still: list[tuple[str, ModuleType, frozenset[int]]] = []
         for entry in order:
-            name, mod, _ = entry
-            try:
-                d = mod.detect(buf, from_client)
-            except Exception:
-                self._detect_raised(name)
-                continue
+            d = self._ask(entry, buf, from_client)
             if d == Detection.REQUEST or d == Detection.RESPONSE:
-                self._start(cid, st, side, name, mod, d, ev.ts_ns)
+                self._start(cid, st, side, entry[0], entry[1], d, ev.ts_ns)
                 return
             if d == Detection.NEED_MORE:
                 still.append(entry)
@@ -890,12 +877,22 @@ class ProtocolsProcessor(EventProcessor):
             st.candidates[side] = None
             st.skipped = True
 
-    def _detect_raised(self, name: str) -> None:
-        self._drop(name, "internal_error")
-        key = f"detect:{name}"
-        if key not in self._logged:
-            self._logged.add(key)
-            log.error("%s: %s.detect raised (logged once)", self.id, name, exc_info=True)
+    def _ask(self, entry: tuple[str, ModuleType, frozenset[int]], data: Any, from_client: bool | None,
+             datagram: bool = False) -> Detection:
+        """One protocol's ``detect`` (of a buffer) or ``detect_datagram`` (of one datagram); one
+        that raises is counted, logged once, and said NO: a detector's bug never ends the stage."""
+        mod = entry[1]
+        try:
+            return mod.detect_datagram(data, from_client) if datagram else mod.detect(data, from_client)
+        except Exception:
+            name = entry[0]
+            self._drop(name, "internal_error")
+            key = f"detect:{name}"
+            if key not in self._logged:
+                self._logged.add(key)
+                what = "detect_datagram" if datagram else "detect"
+                log.error("%s: %s.%s raised (logged once)", self.id, name, what, exc_info=True)
+            return Detection.NO
 
     def _fresh_start(self, cid: Any, st: _State, side: int, ev: TcpEvent,
                      still: list[tuple[str, ModuleType, frozenset[int]]], from_client: bool | None) -> bool:
@@ -909,32 +906,23 @@ class ProtocolsProcessor(EventProcessor):
         named by the ports too. Only segments of FRESH_START_MIN bytes or more are tried,
         so a byte a segment costs nothing more."""
         pa, pb = st.a_port, st.b_port
-        order = self._orders.get((pa if pa in self._hint_ports else -1, pb if pb in self._hint_ports else -1))
-        if order is None:
-            order = self._detect_order(pa, pb)
         hinted_waiting = any(pa in p or pb in p for _n, _m, p in still)
         alone: LargeBuffer | None = None
-        for entry in order:
-            if entry in still:
-                continue
-            name, mod, ports = entry
-            if hinted_waiting and pa not in ports and pb not in ports:
+        for entry in self._detect_order(pa, pb):
+            ports = entry[2]
+            if entry in still or (hinted_waiting and pa not in ports and pb not in ports):
                 continue
             if alone is None:
                 alone = LargeBuffer()
                 alone.append(ev.payload, ev.ts_ns)
-            try:
-                d = mod.detect(alone, from_client)
-            except Exception:
-                self._detect_raised(name)
-                continue
+            d = self._ask(entry, alone, from_client)
             if d == Detection.REQUEST or d == Detection.RESPONSE:
                 buf = st.bufs[side]
                 buf.reset()
                 buf.append(ev.payload, ev.ts_ns)
                 st.detect_bytes = len(ev.payload)
                 st.skipped = True  # the bytes before this segment: counted undetected by _start
-                self._start(cid, st, side, name, mod, d, ev.ts_ns)
+                self._start(cid, st, side, entry[0], entry[1], d, ev.ts_ns)
                 return True
         return False
 
