@@ -1222,33 +1222,31 @@ class Http1Session(_BaseSession):
         status; the partial fields are released as read. A final status only: an interim 1xx
         says nothing of the answer."""
         buf = self.conn.server_buf
-        e = buf.find(b"\n", 0, min(len(buf), 512))
+        n = min(len(buf), 512)
+        if not n:
+            return
+        e = buf.find(b"\n", 0, n)
         if e < 0:  # the status line itself cut short: its code, if in sight
-            n = min(len(buf), 512)
-            part = bytes(buf.view_at(0, n)) if n else b""  # <= 512 bytes, once a connection
-            if not n or not _RESP_PARTIAL.match(part):
+            part = buf.view_at(0, n)  # matched in place (re reads any buffer)
+            if not _RESP_PARTIAL.match(part):
                 return
             m = _STATUS_CODE_PREFIX.match(part)
             status = int(m.group(2)) if m else 0  # 0: not yet in sight, no status on the span
-            if 100 <= status < 200:
+            minor = m.group(1) if m else b"1"
+            last = n - 1
+        else:
+            line = bytes(buf.view_at(0, e + 1))  # <= 512 bytes, once a connection
+            if _STATUS_DETECT.fullmatch(line) is None:
                 return
-            ts = buf.ts_at(n - 1)
-            buf.release(len(buf))
-            self._sresp = (self._pending[0], status, "1.0" if m and m.group(1) == b"0" else "1.1")
-            self._finish(0, ts or end_ts, incomplete=True)
+            ver, code = line.split(None, 2)[:2]  # the pattern allows runs of spaces between them
+            status, minor, last = int(code), ver[7:8], e
+            if status < 100:
+                return  # no status class: not an answer to make a span of
+        if 100 <= status < 200:
             return
-        line = bytes(buf.view_at(0, e + 1))  # <= 512 bytes, once a connection
-        m = _STATUS_DETECT.fullmatch(line)
-        if m is None:
-            return
-        ver, code = line.split(None, 2)[:2]  # the pattern allows runs of spaces between them
-        status = int(code)
-        if status < 200:
-            return
-        ts = buf.ts_at(e)
+        ts = buf.ts_at(last)
         buf.release(len(buf))
-        self._sresp = (self._pending[0], status, "1.1" if ver[7:8] == b"1" else "1.0")
+        self._sresp = (self._pending[0], status, "1.0" if minor == b"0" else "1.1")
         self._finish(0, ts or end_ts, incomplete=True)
-
 
 Session = Http1Session  # the name base.py's contract asks for
