@@ -557,3 +557,18 @@ def test_table_get_reads_the_keys_a_full_decode_finds(table: dict, want: bytes) 
     got, end = v091._table_get(memoryview(raw), 0, len(raw), (want,))
     assert got == _reference_table_get(table, want)
     assert end == len(raw)
+
+
+def test_the_dispatcher_takes_a_first_segment_in_place_and_picks_the_version() -> None:
+    """Session.feed_whole on a connection's first segment: it becomes the version its bytes
+    name (0-9-1's broker frames are read in place; 1.0 has no feed_whole: declined, then fed
+    as usual); a header cut before its sixth byte is declined without choosing."""
+    from processors.protocols.amqp import v091, v10
+    d = Driver()
+    assert d.session.feed_whole(True, memoryview(b"AMQP\x00"), 0) is False and d.session.impl is None
+    s0 = w.handshake_server()[0]
+    assert d.session.feed_whole(False, memoryview(s0), 1) is True
+    assert type(d.session.impl) is v091.Session and d.session.feed == d.session.impl.feed
+    d10 = Driver()
+    assert d10.session.feed_whole(True, memoryview(b"AMQP\x03\x01\x00\x00"), 0) is False
+    assert type(d10.session.impl) is v10.Session

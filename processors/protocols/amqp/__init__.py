@@ -28,13 +28,14 @@ __all__ = ["NAME", "DEFAULT_PORTS", "Settings", "detect", "ambiguous_role", "Ses
 DEFAULT_PORTS = frozenset({5672, 5671})
 
 
-def _is10(buf: LargeBuffer) -> bool | None:
-    """True for 1.0's bytes, False for 0-9-1's, None while the header's fifth byte is to come."""
-    first = buf.u8_at(0)
+def _is10(head: Any) -> bool | None:
+    """True for 1.0's bytes, False for 0-9-1's, None while the header's sixth byte is to come;
+    ``head``: a side's first bytes (at least one; six are enough), a view or a segment."""
+    first = head[0]
     if first == 0x41:  # 'A': AMQP\x00\x00 (0-9-1), AMQP\x01\x01 (0-9), AMQP\x00\x01, \x02, \x03 (1.0)
-        if len(buf) < 6:
+        if len(head) < 6:
             return None
-        return buf.u8_at(4) in (0x02, 0x03) or (buf.u8_at(4) == 0 and buf.u8_at(5) == 1)
+        return head[4] in (0x02, 0x03) or (head[4] == 0 and head[5] == 1)
     return first == 0
 
 
@@ -77,7 +78,7 @@ class Session(base.Session):
     def feed(self, from_client: bool, buf: LargeBuffer, ts_ns: int) -> None:
         if not len(buf):
             return
-        is10 = _is10(buf)
+        is10 = _is10(buf.view_at(0, min(len(buf), 6)))
         if is10 is None:
             buf.want = 6
             return
@@ -86,16 +87,9 @@ class Session(base.Session):
     def feed_whole(self, from_client: bool, data: Any, ts_ns: int) -> bool:  # type: ignore[override]
         """The connection's first segment, in place when the version has a ``feed_whole`` (it
         was always buffered: a short connection's first message is a third of its frames)."""
-        n = len(data)
-        if not n:
-            return False
-        first = data[0]
-        if first == 0x41:
-            if n < 6:
-                return False  # buffered: ``feed`` waits for the header's sixth byte
-            is10 = data[4] in (0x02, 0x03) or (data[4] == 0 and data[5] == 1)
-        else:
-            is10 = first == 0
+        is10 = _is10(data) if len(data) else None
+        if is10 is None:
+            return False  # buffered: ``feed`` waits for the header's sixth byte
         whole = self._become(is10).feed_whole
         return whole(from_client, data, ts_ns) if whole is not None else False
 
