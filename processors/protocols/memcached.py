@@ -23,7 +23,7 @@ collections feature, alternative framing, or collection-id operations.
 from __future__ import annotations
 
 import struct
-from collections import Counter, deque
+from collections import deque
 from typing import Any, ClassVar
 
 from processors.protocols.base import Conn, Detection, PendingQueue, ProtocolSettings, Session
@@ -106,6 +106,12 @@ _TEXT_FINAL = frozenset({b"STORED", b"NOT_STORED", b"EXISTS", b"NOT_FOUND", b"DE
 class Settings(ProtocolSettings):
     #: Show keys in db.query.text (off by default: keys often carry user ids or emails).
     show_keys: bool = False
+
+
+def _unknown_op(op: int) -> tuple[str, bool, bool]:
+    """An opcode _OPS does not name: (name, quiet, get family). A function, not ``get``'s
+    default, so the name is only formatted for an unknown opcode, not for every packet."""
+    return f"OP_{op:#04x}", False, False
 
 
 def detect(buf: LargeBuffer, from_client: bool | None) -> Detection:
@@ -260,11 +266,12 @@ class Session(Session):  # type: ignore[no-redef]
         self.bucket: str | None = None
         # Binary requests in send order. Opaques may repeat (python-binary-memcached numbers a
         # batch from 0 and sends its NOOP with opaque 0), so a response answers the earliest
-        # request in flight with its (opaque, opcode); the counter says whether there is one
-        # without a scan.
+        # request in flight with its (opaque, opcode); the count says whether there is one
+        # without a scan (a plain dict: a Counter's Python __init__ was a tenth of a short
+        # connection's setup, issue 21).
         self.pending: deque[_Req] = PendingQueue(conn)
         self.pending.on_evict = self._forget_flight
-        self.in_flight: Counter[tuple[int, int]] = Counter()
+        self.in_flight: dict[tuple[int, int], int] = {}
         self.text_pending: deque[_Req] = PendingQueue(conn)
         self.skip = [0, 0]  # per direction: value bytes still to step over
         self.text_reply_open: _Req | None = None  # a multi-line text reply in progress
@@ -366,10 +373,10 @@ class Session(Session):  # type: ignore[no-redef]
             return False
         if from_client:
             for op, k, keylen, _st, opaque in pkts:
-                name, quiet, get_family = _OPS.get(op, (f"OP_{op:#04x}", False, False))
+                name, quiet, get_family = _OPS.get(op) or _unknown_op(op)
                 if op in _COUCHBASE_OPS:
                     self.couchbase = True
-                key = data[k:k + min(keylen, 250)].tobytes().decode("utf-8", "replace") if keylen else ""
+                key = str(data[k:k + min(keylen, 250)], "utf-8", "replace") if keylen else ""
                 self._bin_add(op, name, quiet, get_family, key, None, opaque, ts_ns)
         else:
             for op, _k, _kl, vb_status, opaque in pkts:
@@ -378,7 +385,7 @@ class Session(Session):  # type: ignore[no-redef]
 
     def _bin_request(self, buf: LargeBuffer, op: int, kstart: int, keylen: int, opaque: int, value: int,
                      ts: int) -> None:
-        name, quiet, get_family = _OPS.get(op, (f"OP_{op:#04x}", False, False))
+        name, quiet, get_family = _OPS.get(op) or _unknown_op(op)
         if op in _COUCHBASE_OPS:
             self.couchbase = True
         key_off, key_len = kstart, keylen
@@ -406,7 +413,8 @@ class Session(Session):  # type: ignore[no-redef]
             self._pop_oldest()
             self.conn.drop("too_many_pending")
         self.pending.append(r)
-        self.in_flight[(opaque, op)] += 1
+        key = (opaque, op)
+        self.in_flight[key] = self.in_flight.get(key, 0) + 1
 
     def _pop_oldest(self) -> _Req:
         r = self.pending.popleft()
