@@ -34,6 +34,7 @@ from pydantic import Field
 
 from service.largebuf import LargeBuffer
 from service.model import Span, SpanKind, StatusCode
+from service.speedups import load as _load_speedup
 
 from .base import Conn, Detection, PendingQueue, ProtocolSettings
 from .base import Session as _Session
@@ -103,6 +104,12 @@ class Settings(ProtocolSettings):
 
 
 _I32BE = struct.Struct(">i").unpack_from
+
+#: The C segment walker (_pgwire.c), or None (WIRESPAN_PURE_PYTHON=1, not built): feed_whole
+#: then reads each message in Python, as it does whenever the walker declines a segment.
+_C = _load_speedup("processors.protocols._pgwire")
+if _C is not None:
+    _C.limits(MAX_QUERY_BYTES, MAX_NAME, MAX_ERROR_HEAD)
 _NO_CHUNK = memoryview(b"")
 _NO_NUL = re.compile(rb"[^\0]*").match
 
@@ -337,7 +344,7 @@ class _Op:
         self.begun = False  #: its answer began (RowDescription, a CommandComplete of several)
 
 
-_Q, _P, _B, _E, _D, _C, _S, _F = (ord(c) for c in "QPBEDCSF")
+_Q, _P, _B, _E, _D, _CLOSE, _S, _F = (ord(c) for c in "QPBEDCSF")
 
 
 class Session(_Session):
@@ -469,6 +476,23 @@ class Session(_Session):
             return False
         if type(data) is not memoryview:  # the eBPF receiver's payloads are bytes
             data = memoryview(data)
+        if _C is not None:
+            # One C call frames the segment and reads every body as the loops below do:
+            # False is their "not whole", None an unusual body they must read (and raise on).
+            if from_client:
+                recs = _C.client(data)
+                if recs is False:
+                    return False
+                if recs is not None:
+                    self._client_records(recs, data, ts_ns)
+                    return True
+            else:
+                evs = _C.server(data)
+                if evs is False:
+                    return False
+                if evs is not None:
+                    self._server_events(evs, data, ts_ns)
+                    return True
         heads = _CLIENT_HEAD if from_client else _SERVER_HEAD
         n = len(data)
         pos = 0
@@ -687,12 +711,12 @@ class Session(_Session):
             start = self._batch_start or ts
             self._batch_start = 0
             op = _Op(_E, info, start)
-        elif t == _C:
+        elif t == _CLOSE:
             kind = data[off] if end > off else 0
             p = _cstr_end_view(data, off + 1, end)
             if p > 0:
                 (self._stmts if kind == 83 else self._portals).pop(data[off + 1:p - 1].tobytes(), None)
-            op = _Op(_C, None, ts)
+            op = _Op(_CLOSE, None, ts)
         elif t == _S or t == _F or t == _D:
             op = _Op(t, None, ts)
         else:
@@ -702,6 +726,63 @@ class Session(_Session):
         if len(pend) > MAX_PENDING:
             pend.popleft()
             self.conn.drop("pending_overflow")
+
+    def _client_records(self, recs: tuple, data: memoryview, ts: int) -> None:
+        """What ``_client_view`` does for each message of a segment, from _pgwire.client's records
+        (names already copied, bounds already found): the same caches, ops and drops, in order.
+        Written out rather than calling a helper a message: the call is most of a Sync's cost."""
+        pend = self._pending
+        san = self._sanitize
+        for r in recs:
+            t = r[0]
+            if t == _B:
+                stmt = r[2]
+                info = self._stmts.get(stmt) if stmt else self._unnamed
+                portal = r[1]
+                pt = self._portals
+                pt[portal] = info
+                pt.move_to_end(portal)
+                if len(pt) > self._max_portals:
+                    pt.popitem(last=False)
+                if not self._batch_start:
+                    self._batch_start = ts
+                op = _Op(_B, info, ts)
+            elif t == _E:
+                start = self._batch_start or ts
+                self._batch_start = 0
+                op = _Op(_E, self._portals.get(r[1]), start)
+            elif t == _Q:
+                op = _Op(_Q, analyze(decode_query(data[r[1]:r[2]]), "postgresql", san), ts)
+            elif t == _P:
+                info = analyze(decode_query(data[r[2]:r[3]]), "postgresql", san)
+                self._prepared(r[1], info, ts)
+                op = _Op(_P, info, ts)
+            elif t == _CLOSE:
+                if r[2] is not None:
+                    (self._stmts if r[1] == 83 else self._portals).pop(r[2], None)
+                op = _Op(_CLOSE, None, ts)
+            else:  # S, D, F
+                op = _Op(t, None, ts)
+            pend.append(op)
+            if len(pend) > MAX_PENDING:
+                pend.popleft()
+                self.conn.drop("pending_overflow")
+
+    def _server_events(self, evs: tuple, data: memoryview, ts: int) -> None:
+        """What feed_whole's server loop does, from _pgwire.server's events: a run of DataRows
+        counted at once (nothing between them can change the head), ErrorResponse fields read
+        from the segment, every other message through ``_server_msg``."""
+        pend = self._pending
+        it = iter(evs)
+        for t in it:
+            if t < 0:
+                if pend:
+                    pend[0].rows -= t
+            elif t == 69:
+                s = next(it)
+                self._server_error(*_error_fields_view(data, s, next(it)), ts)
+            else:
+                self._server_msg(t, ts)
 
     # -- server messages -----------------------------------------------------------------
     def _server_msg(self, t: int, ts: int) -> None:
@@ -729,7 +810,7 @@ class Session(_Session):
                 if op.kind == _E:  # answered nothing before Sync: lost, count it
                     self.conn.drop("unpaired")
         elif t in (49, 50, 51):  # 1 2 3: Parse/Bind/CloseComplete
-            want = _P if t == 49 else _B if t == 50 else _C
+            want = _P if t == 49 else _B if t == 50 else _CLOSE
             if hk == want:
                 pend.popleft()
         elif t in (84, 110):  # T RowDescription, n NoData: answer Describe

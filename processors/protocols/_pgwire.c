@@ -1,0 +1,314 @@
+/* processors.protocols._pgwire: PostgreSQL's in-place segment walk (feed_whole) in C.
+ *
+ * Contract (postgresql.py stays the reference and the fallback):
+ *   limits(max_query_bytes, max_name, max_error_head) -> None
+ *       the caps postgresql.py reads bodies with (called once at import).
+ *   client(data) -> tuple | False | None
+ *   server(data) -> tuple | False | None
+ * ``data`` is one segment (any buffer). False: the segment is not whole messages of
+ * this side (a header feed_whole would not accept, a message going on past the end),
+ * exactly when the Python framing loop of feed_whole declines. None: whole, but a body
+ * is unusual (a Parse or Bind whose names have no NUL): the Python reader then reads
+ * the segment and raises what it raises. So this file never decides an error.
+ *
+ * client's tuple holds one record a message that leaves a trace (H, X, d, c, f, p leave
+ * none), in order, each read from the body capped as _CLIENT_HEAD caps it:
+ *   (81, s, e)                Query: text bounds (to its NUL, else the capped end)
+ *   (80, name, s, e)          Parse: statement name (bytes, cut at max_name), query bounds
+ *   (66, portal, statement)   Bind: both names (bytes; b"" the unnamed)
+ *   (69, portal)              Execute
+ *   (67, kind, name | None)   Close: 'S'/'P' (0 for an empty body), the name if NUL-ended
+ *   (68,) (83,) (70,)         Describe, Sync, FunctionCall: nothing read
+ * server's tuple is flat ints, one a message that _server_msg/_server_error act on:
+ *   -k                        a run of k DataRows
+ *   69, s, e                  ErrorResponse: its body's bounds, capped at max_error_head
+ *   t                         C Z 1 2 3 T n I s V (the others are nothing to pair: left out)
+ *
+ * Memory: every read is checked against the segment's length (a declared length is
+ * trusted only once its message is seen to end within the segment); the allocations
+ * are the result tuple, its records and the names (each at most the capped body). No
+ * mutable global state but the three caps set by limits().
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <string.h>
+
+/* PQ_LARGE_MESSAGE_LIMIT, as postgresql.MAX_MESSAGE_LEN. */
+#define MAX_MESSAGE_LEN ((1L << 30) - 1)
+
+static Py_ssize_t MAX_QUERY = 8192, MAX_NAME = 256, MAX_ERROR_HEAD = 4096;
+
+/* Message types each side may send (postgresql._CLIENT_HEAD / _SERVER_HEAD keys). */
+static unsigned char CLIENT_T[256], SERVER_T[256];
+/* Server types left out of server()'s result: nothing in the session pairs them. */
+static unsigned char SERVER_SKIP[256];
+static PyObject *REC_D, *REC_S, *REC_F, *EMPTY;
+
+static void init_tables(void) {
+    const char *c = "QPBEDCSHXdcfpF";
+    const char *s = "ENCZRSKTDI123ntsGHWdcAvV";
+    const char *skip = "NRSKtGHWdcAv";
+    for (; *c; c++)
+        CLIENT_T[(unsigned char)*c] = 1;
+    for (; *s; s++)
+        SERVER_T[(unsigned char)*s] = 1;
+    for (; *skip; skip++)
+        SERVER_SKIP[(unsigned char)*skip] = 1;
+}
+
+static long be32(const unsigned char *p) {
+    return (long)(int32_t)(((uint32_t)p[0] << 24) | ((uint32_t)p[1] << 16) | ((uint32_t)p[2] << 8) | p[3]);
+}
+
+/* The capped body cap of a client message type (postgresql._CLIENT_HEAD). */
+static Py_ssize_t client_cap(unsigned char t) {
+    switch (t) {
+    case 'Q': return MAX_QUERY + 1;
+    case 'P': return MAX_NAME + MAX_QUERY + 2;
+    case 'B': return 2 * MAX_NAME + 2;
+    case 'E': return MAX_NAME + 5;
+    case 'D': case 'C': return MAX_NAME + 2;
+    default: return 0;
+    }
+}
+
+/* _cstr_end_view: just past the NUL at or after off within [off, end), or -1. */
+static Py_ssize_t cstr_end(const unsigned char *b, Py_ssize_t off, Py_ssize_t end) {
+    if (off >= end)
+        return -1;
+    const unsigned char *z = memchr(b + off, 0, (size_t)(end - off));
+    return z == NULL ? -1 : (Py_ssize_t)(z - b) + 1;
+}
+
+/* Frame a segment: every header of this side's types, length 4..MAX_MESSAGE_LEN, the last
+ * message ending at n. Returns the number of messages (counting only the wanted ones into
+ * *kept), or -1 when feed_whole's framing loop would decline. */
+static Py_ssize_t frame(const unsigned char *b, Py_ssize_t n, const unsigned char *types, int client,
+                        Py_ssize_t *kept) {
+    Py_ssize_t pos = 0, count = 0, k = 0;
+    unsigned char prev = 0;
+    while (pos < n) {
+        if (n - pos < 5)
+            return -1;
+        unsigned char t = b[pos];
+        long ln = be32(b + pos + 1);
+        if (!types[t] || ln < 4 || ln > MAX_MESSAGE_LEN)
+            return -1;
+        if ((Py_ssize_t)ln > n - pos - 1)
+            return -1;
+        pos += ln + 1;
+        count++;
+        if (client) {
+            if (!(t == 'H' || t == 'X' || t == 'd' || t == 'c' || t == 'f' || t == 'p'))
+                k++;
+        } else if (t == 'E') {
+            k += 3;
+        } else if (t == 'D') {
+            if (prev != 'D')
+                k++;
+        } else if (!SERVER_SKIP[t]) {
+            k++;
+        }
+        prev = t;
+    }
+    *kept = k;
+    return count;
+}
+
+static PyObject *name_bytes(const unsigned char *b, Py_ssize_t s, Py_ssize_t e) {
+    if (e <= s) {
+        Py_INCREF(EMPTY);
+        return EMPTY;
+    }
+    return PyBytes_FromStringAndSize((const char *)b + s, e - s);
+}
+
+/* One client message's record (see the header), NULL with no error set to decline. */
+static PyObject *client_rec(const unsigned char *b, unsigned char t, Py_ssize_t off, Py_ssize_t end) {
+    Py_ssize_t p, q, z;
+    PyObject *a, *c;
+    switch (t) {
+    case 'Q':
+        z = cstr_end(b, off, end);
+        return Py_BuildValue("(inn)", 81, off, z > 0 ? z - 1 : end);
+    case 'P':
+        p = cstr_end(b, off, end);
+        if (p < 0)
+            return NULL;
+        z = cstr_end(b, p, end);
+        a = name_bytes(b, off, off + (p - 1 - off < MAX_NAME ? p - 1 - off : MAX_NAME));
+        if (a == NULL)
+            return NULL;
+        return Py_BuildValue("(iNnn)", 80, a, p, z > 0 ? z - 1 : end);
+    case 'B':
+        p = cstr_end(b, off, end);
+        if (p < 0)
+            return NULL;
+        q = cstr_end(b, p, end);
+        if (q < 0)
+            return NULL;
+        a = name_bytes(b, off, p - 1);
+        if (a == NULL)
+            return NULL;
+        c = name_bytes(b, p, q - 1);
+        if (c == NULL) {
+            Py_DECREF(a);
+            return NULL;
+        }
+        return Py_BuildValue("(iNN)", 66, a, c);
+    case 'E':
+        p = cstr_end(b, off, end);
+        a = name_bytes(b, off, p > 0 ? p - 1 : end);
+        if (a == NULL)
+            return NULL;
+        return Py_BuildValue("(iN)", 69, a);
+    case 'C':
+        p = cstr_end(b, off + 1, end);
+        if (p > 0) {
+            a = name_bytes(b, off + 1, p - 1);
+            if (a == NULL)
+                return NULL;
+        } else {
+            Py_INCREF(Py_None);
+            a = Py_None;
+        }
+        return Py_BuildValue("(iiN)", 67, end > off ? (int)b[off] : 0, a);
+    case 'D':
+        Py_INCREF(REC_D);
+        return REC_D;
+    case 'S':
+        Py_INCREF(REC_S);
+        return REC_S;
+    case 'F':
+        Py_INCREF(REC_F);
+        return REC_F;
+    default:
+        return NULL;  /* not reached: frame() counted only the types above */
+    }
+}
+
+static PyObject *walk(PyObject *arg, int client) {
+    Py_buffer view;
+    if (PyObject_GetBuffer(arg, &view, PyBUF_SIMPLE) < 0)
+        return NULL;
+    const unsigned char *b = view.buf;
+    Py_ssize_t n = view.len, kept = 0;
+    Py_ssize_t count = frame(b, n, client ? CLIENT_T : SERVER_T, client, &kept);
+    if (count < 0) {
+        PyBuffer_Release(&view);
+        Py_RETURN_FALSE;
+    }
+    PyObject *out = PyTuple_New(kept);
+    if (out == NULL) {
+        PyBuffer_Release(&view);
+        return NULL;
+    }
+    Py_ssize_t pos = 0, i = 0;
+    while (pos < n && i <= kept) {  /* frame() vouched for every header and length */
+        unsigned char t = b[pos];
+        Py_ssize_t ln = be32(b + pos + 1);
+        Py_ssize_t off = pos + 5, body = ln - 4;
+        PyObject *r = NULL;
+        if (client) {
+            if (t == 'H' || t == 'X' || t == 'd' || t == 'c' || t == 'f' || t == 'p') {
+                pos += ln + 1;
+                continue;
+            }
+            Py_ssize_t cap = client_cap(t);
+            r = client_rec(b, t, off, off + (body < cap ? body : cap));
+            if (r == NULL) {
+                Py_DECREF(out);
+                PyBuffer_Release(&view);
+                if (PyErr_Occurred())
+                    return NULL;
+                Py_RETURN_NONE;
+            }
+        } else if (t == 'D') {
+            Py_ssize_t k = 0;
+            while (pos < n && b[pos] == 'D') {
+                pos += be32(b + pos + 1) + 1;
+                k++;
+            }
+            r = PyLong_FromSsize_t(-k);
+            ln = -1;  /* pos already moved past the run */
+        } else if (t == 'E') {
+            Py_ssize_t cap = body < MAX_ERROR_HEAD ? body : MAX_ERROR_HEAD;
+            PyObject *e = PyLong_FromLong('E');
+            PyObject *s = PyLong_FromSsize_t(off);
+            PyObject *x = PyLong_FromSsize_t(off + cap);
+            if (e == NULL || s == NULL || x == NULL || i + 3 > kept) {
+                Py_XDECREF(e);
+                Py_XDECREF(s);
+                Py_XDECREF(x);
+                Py_DECREF(out);
+                PyBuffer_Release(&view);
+                return PyErr_Occurred() ? NULL : (Py_INCREF(Py_None), Py_None);
+            }
+            PyTuple_SET_ITEM(out, i++, e);
+            PyTuple_SET_ITEM(out, i++, s);
+            PyTuple_SET_ITEM(out, i++, x);
+            pos += ln + 1;
+            continue;
+        } else if (SERVER_SKIP[t]) {
+            pos += ln + 1;
+            continue;
+        } else {
+            r = PyLong_FromLong(t);
+        }
+        if (r == NULL || i >= kept) {
+            Py_XDECREF(r);
+            Py_DECREF(out);
+            PyBuffer_Release(&view);
+            return PyErr_Occurred() ? NULL : (Py_INCREF(Py_None), Py_None);
+        }
+        PyTuple_SET_ITEM(out, i++, r);
+        if (ln >= 0)
+            pos += ln + 1;
+    }
+    PyBuffer_Release(&view);
+    if (i != kept) {  /* cannot happen: frame() counted what this loop emits */
+        Py_DECREF(out);
+        Py_RETURN_NONE;
+    }
+    return out;
+}
+
+static PyObject *client(PyObject *self, PyObject *arg) { return walk(arg, 1); }
+
+static PyObject *server(PyObject *self, PyObject *arg) { return walk(arg, 0); }
+
+static PyObject *limits(PyObject *self, PyObject *args) {
+    Py_ssize_t q, nm, eh;
+    if (!PyArg_ParseTuple(args, "nnn", &q, &nm, &eh))
+        return NULL;
+    if (q < 0 || nm < 0 || eh < 0 || q > MAX_MESSAGE_LEN || nm > MAX_MESSAGE_LEN || eh > MAX_MESSAGE_LEN) {
+        PyErr_SetString(PyExc_ValueError, "limits out of range");
+        return NULL;
+    }
+    MAX_QUERY = q;
+    MAX_NAME = nm;
+    MAX_ERROR_HEAD = eh;
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef methods[] = {
+    {"client", client, METH_O, "A client segment's records (see postgresql.py), False or None."},
+    {"server", server, METH_O, "A server segment's events (see postgresql.py), False or None."},
+    {"limits", limits, METH_VARARGS, "Set the body caps: (max_query_bytes, max_name, max_error_head)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "_pgwire", "PostgreSQL segment walking accelerator (see postgresql.py).", -1, methods,
+};
+
+PyMODINIT_FUNC PyInit__pgwire(void) {
+    init_tables();
+    REC_D = Py_BuildValue("(i)", 'D');
+    REC_S = Py_BuildValue("(i)", 'S');
+    REC_F = Py_BuildValue("(i)", 'F');
+    EMPTY = PyBytes_FromStringAndSize(NULL, 0);
+    if (REC_D == NULL || REC_S == NULL || REC_F == NULL || EMPTY == NULL)
+        return NULL;
+    return PyModule_Create(&module);
+}
