@@ -36,6 +36,14 @@ MPLS label stacks (Ethernet types 0x8847 unicast, 0x8848 multicast; the payload 
 its first nibble, a pseudowire control word before an Ethernet frame), and NFLOG
 (LINKTYPE_NFLOG 239: the NFULA_PAYLOAD TLV holds the IP packet). The 4-tuple is the
 innermost one: the outer addresses are the tunnel's, not the connection's.
+
+Beyond Ethernet: PPPoE sessions (Ethernet type 0x8864, RFC 2516, and LINKTYPE_PPP_ETHER
+51), PPP (LINKTYPE_PPP 9 and PPP_HDLC 50, RFC 1661/1662: address and control optional,
+the protocol field compressed or not), Cisco HDLC (LINKTYPE_C_HDLC 104), and Wi-Fi data
+frames (IEEE 802.11, LINKTYPE_IEEE802_11 105, under a radiotap 127, PPI 192, Prism 119 or
+AVS 163 header: the 802.11 header's length from its frame control, then LLC/SNAP).
+Management, control, null and protected (encrypted) 802.11 frames carry no IP we can
+read: ``not_ip``; a radiotap header that says the frame failed its FCS: ``malformed``.
 """
 
 from __future__ import annotations
@@ -45,7 +53,9 @@ from collections.abc import Callable
 
 __all__ = [
     "LINKTYPE_NULL", "LINKTYPE_ETHERNET", "LINKTYPE_RAW", "LINKTYPE_LOOP", "LINKTYPE_LINUX_SLL",
-    "LINKTYPE_IPV4", "LINKTYPE_IPV6", "LINKTYPE_LINUX_SLL2", "LINKTYPE_NFLOG", "LINK_DECODERS", "REASONS",
+    "LINKTYPE_IPV4", "LINKTYPE_IPV6", "LINKTYPE_LINUX_SLL2", "LINKTYPE_NFLOG", "LINKTYPE_PPP", "LINKTYPE_PPP_HDLC",
+    "LINKTYPE_PPP_ETHER", "LINKTYPE_C_HDLC", "LINKTYPE_IEEE802_11", "LINKTYPE_IEEE802_11_PRISM",
+    "LINKTYPE_IEEE802_11_RADIOTAP", "LINKTYPE_IEEE802_11_AVS", "LINKTYPE_PPI", "LINK_DECODERS", "REASONS",
     "TCP_FIN", "TCP_SYN", "TCP_RST", "TCP_PSH", "TCP_ACK", "TCP_URG", "UDP",
     "Segment", "decode", "decode_l3", "supported_linktype",
 ]
@@ -60,6 +70,15 @@ LINKTYPE_IPV4 = 228
 LINKTYPE_IPV6 = 229
 LINKTYPE_LINUX_SLL2 = 276
 LINKTYPE_NFLOG = 239
+LINKTYPE_PPP = 9
+LINKTYPE_PPP_HDLC = 50
+LINKTYPE_PPP_ETHER = 51
+LINKTYPE_C_HDLC = 104
+LINKTYPE_IEEE802_11 = 105
+LINKTYPE_IEEE802_11_PRISM = 119
+LINKTYPE_IEEE802_11_RADIOTAP = 127
+LINKTYPE_IEEE802_11_AVS = 163
+LINKTYPE_PPI = 192
 
 ETH_P_IP = 0x0800
 ETH_P_IPV6 = 0x86DD
@@ -88,6 +107,11 @@ ETH_P_MPLS_UC = 0x8847
 ETH_P_MPLS_MC = 0x8848
 ETH_P_ERSPAN2 = 0x88BE  # ERSPAN type II (and type I, without a sequence number)
 ETH_P_ERSPAN3 = 0x22EB
+ETH_P_PPPOE = 0x8864    # PPPoE session stage (RFC 2516); 0x8863, discovery, carries no IP
+#: PPP protocol numbers (RFC 1661, IANA): IPv4, IPv6, MPLS unicast and multicast.
+PPP_IP = 0x0021
+PPP_IPV6 = 0x0057
+_PPP_MPLS = frozenset((0x0281, 0x0283))
 _TUNNEL_PROTOS = frozenset((IPPROTO_UDP, IPPROTO_GRE, IPPROTO_IPIP, IPPROTO_IPV6))
 _IPV6_EXT_LEN8 = frozenset((0, 43, 60))  # hop-by-hop, routing, destination options: (len+1)*8
 _IPPROTO_FRAGMENT = 44
@@ -231,6 +255,8 @@ def decode_l3(ethertype: int, buf: Buf, off: int, end: int, depth: int = 0) -> R
         return _ip6(buf, off, end, depth)
     if ethertype == ETH_P_MPLS_UC or ethertype == ETH_P_MPLS_MC:
         return _mpls(buf, off, end, depth)
+    if ethertype == ETH_P_PPPOE:
+        return _pppoe_session(buf, off, end, depth)
     return "not_ip"
 
 
@@ -381,6 +407,8 @@ def _ethernet_general(buf: Buf, off: int, end: int, depth: int = 0) -> Result:
         return _ip6(buf, off, end, depth)
     if et == ETH_P_MPLS_UC or et == ETH_P_MPLS_MC:
         return _mpls(buf, off, end, depth)
+    if et == ETH_P_PPPOE:
+        return _pppoe_session(buf, off, end, depth)
     return "not_ip"
 
 
@@ -472,6 +500,190 @@ def _nflog(buf: Buf, off: int, end: int) -> Result:
     return "malformed"
 
 
+# -- PPP, PPPoE, Cisco HDLC ------------------------------------------------------------
+def _ppp_payload(proto: int, buf: Buf, off: int, end: int, depth: int) -> Result:
+    """What a PPP frame of protocol ``proto`` carries from ``off``: IP, IPv6 or MPLS; LCP,
+    IPCP, CHAP and the rest of PPP's own negotiation carry no IP."""
+    if proto == PPP_IP:
+        return _ip4(buf, off, end, depth)
+    if proto == PPP_IPV6:
+        return _ip6(buf, off, end, depth)
+    if proto in _PPP_MPLS:
+        return _mpls(buf, off, end, depth)
+    return "not_ip"
+
+
+def _pppoe_session(buf: Buf, off: int, end: int, depth: int = 0) -> Result:
+    """A PPPoE session packet (RFC 2516 §4): version/type 0x11, code 0, session id, the
+    payload's length (which also trims Ethernet padding), then the PPP protocol field."""
+    if depth >= MAX_TUNNEL_DEPTH:
+        return "malformed"
+    if end - off < 8:
+        return "truncated"
+    if buf[off] != 0x11 or buf[off + 1] != 0:
+        return "malformed"
+    (length,) = _U16.unpack_from(buf, off + 4)
+    if length < 2:
+        return "malformed"
+    if off + 6 + length > end:
+        return "truncated"
+    (proto,) = _U16.unpack_from(buf, off + 6)
+    return _ppp_payload(proto, buf, off + 8, off + 6 + length, depth + 1)
+
+
+def _ppp(buf: Buf, off: int, end: int) -> Result:
+    """LINKTYPE_PPP / PPP_HDLC: an optional 0xFF 0x03 address and control (RFC 1662), then
+    the protocol, one byte when compressed (an odd first byte: RFC 1661 §6.5). PPP_HDLC
+    files may also hold Cisco HDLC frames (address 0x0F or 0x8F)."""
+    if end - off < 2:
+        return "truncated"
+    b0 = buf[off]
+    if b0 == 0x0F or b0 == 0x8F:
+        return _c_hdlc(buf, off, end)
+    if b0 == 0xFF and buf[off + 1] == 0x03:
+        off += 2
+        if end - off < 1:
+            return "truncated"
+    if buf[off] & 1:
+        return _ppp_payload(buf[off], buf, off + 1, end, 0)
+    if end - off < 2:
+        return "truncated"
+    (proto,) = _U16.unpack_from(buf, off)
+    return _ppp_payload(proto, buf, off + 2, end, 0)
+
+
+def _ppp_ether(buf: Buf, off: int, end: int) -> Result:
+    """LINKTYPE_PPP_ETHER: a PPPoE header without the Ethernet one."""
+    return _pppoe_session(buf, off, end)
+
+
+def _c_hdlc(buf: Buf, off: int, end: int) -> Result:
+    """Cisco HDLC: address (0x0F unicast, 0x8F broadcast), control 0, an Ethernet type."""
+    if end - off < 4:
+        return "truncated"
+    (et,) = _U16.unpack_from(buf, off + 2)
+    return decode_l3(et, buf, off + 4, end)
+
+
+# -- IEEE 802.11 --------------------------------------------------------------------------
+#: The LLC/SNAP header before an Ethernet type (RFC 1042 and 802.1H bridge tunnel OUIs).
+_SNAP = (b"\xaa\xaa\x03\x00\x00\x00", b"\xaa\xaa\x03\x00\x00\xf8")
+_U16LE = struct.Struct("<H")
+_RADIOTAP = struct.Struct("<BxHI")  # version, pad, header length, first present word
+_PPI = struct.Struct("<BBHI")  # version, flags, header length, the inner link type
+_RADIOTAP_BAD_FCS = 0x40
+
+
+def _wlan(buf: Buf, off: int, end: int) -> Result:
+    """An 802.11 frame (IEEE 802.11-2020 §9.2): data frames only, their header's length from
+    the frame control (a fourth address when to-DS and from-DS, QoS control for QoS
+    subtypes, HT control when a QoS frame has the order bit), then LLC/SNAP and an Ethernet
+    type. An A-MSDU's first subframe is read (its own 14-byte header, then LLC/SNAP)."""
+    if end - off < 24:
+        return "truncated"
+    fc, flags = buf[off], buf[off + 1]
+    if (fc >> 2) & 3 != 2 or fc & 3:  # not a data frame (or a protocol version but 0)
+        return "not_ip"
+    subtype = fc >> 4
+    if subtype & 0x4 or flags & 0x40:  # null data (no body), or protected: encrypted
+        return "not_ip"
+    hl = 24
+    if flags & 3 == 3:
+        hl += 6
+    amsdu = False
+    if subtype & 0x8:  # QoS data
+        if end - off < hl + 2:
+            return "truncated"
+        amsdu = bool(buf[off + hl] & 0x80)
+        hl += 2
+        if flags & 0x80:
+            hl += 4
+    off += hl
+    if amsdu:
+        if end - off < 14:
+            return "truncated"
+        (sub,) = _U16.unpack_from(buf, off + 12)
+        off += 14
+        if off + sub > end:
+            return "truncated"
+        end = off + sub
+    if end - off < 8:
+        return "truncated"
+    if bytes(buf[off:off + 6]) not in _SNAP:
+        return "not_ip"
+    (et,) = _U16.unpack_from(buf, off + 6)
+    return decode_l3(et, buf, off + 8, end)
+
+
+def _radiotap(buf: Buf, off: int, end: int) -> Result:
+    """A radiotap header (radiotap.org), its length in it, before the 802.11 frame. Its
+    Flags field (present bit 1) is read when there: a frame that failed its FCS is corrupt."""
+    if end - off < 8:
+        return "truncated"
+    version, hlen, present = _RADIOTAP.unpack_from(buf, off)
+    if version != 0 or hlen < 8:
+        return "malformed"
+    if off + hlen > end:
+        return "truncated"
+    if present & 0x2:
+        p = 8
+        word = present
+        while word & 0x80000000:  # extended present bitmaps
+            if p + 4 > hlen:
+                return "malformed"
+            (word,) = _U32LE.unpack_from(buf, off + p)
+            p += 4
+        if present & 0x1:  # TSFT: 8 bytes, aligned to 8
+            p = ((p + 7) & ~7) + 8
+        if p < hlen and buf[off + p] & _RADIOTAP_BAD_FCS:
+            return "malformed"
+    return _wlan(buf, off + hlen, end)
+
+
+def _ppi(buf: Buf, off: int, end: int) -> Result:
+    """A PPI header (Per-Packet Information): its length and the link type after it."""
+    if end - off < 8:
+        return "truncated"
+    version, _flags, hlen, dlt = _PPI.unpack_from(buf, off)
+    if version != 0 or hlen < 8:
+        return "malformed"
+    if off + hlen > end:
+        return "truncated"
+    if dlt == LINKTYPE_IEEE802_11:
+        return _wlan(buf, off + hlen, end)
+    if dlt == LINKTYPE_ETHERNET:
+        return _ethernet_general(buf, off + hlen, end)
+    return "unsupported_linktype"
+
+
+def _prism(buf: Buf, off: int, end: int) -> Result:
+    """LINKTYPE_IEEE802_11_PRISM: a Prism header (message code, length, little-endian), or
+    an AVS header (magic 0x8021100x, length big-endian) which some drivers write under it."""
+    if end - off < 8:
+        return "truncated"
+    (magic,) = _U32BE.unpack_from(buf, off)
+    if magic & 0xFFFFFFF0 == 0x80211000:
+        return _avs(buf, off, end)
+    (hlen,) = _U32LE.unpack_from(buf, off + 4)
+    if hlen < 8:
+        return "malformed"
+    if off + hlen > end:
+        return "truncated"
+    return _wlan(buf, off + hlen, end)
+
+
+def _avs(buf: Buf, off: int, end: int) -> Result:
+    """LINKTYPE_IEEE802_11_AVS: version/magic then the header's length, big-endian."""
+    if end - off < 8:
+        return "truncated"
+    (hlen,) = _U32BE.unpack_from(buf, off + 4)
+    if hlen < 8:
+        return "malformed"
+    if off + hlen > end:
+        return "truncated"
+    return _wlan(buf, off + hlen, end)
+
+
 LINK_DECODERS: dict[int, Callable[[Buf, int, int], Result]] = {
     LINKTYPE_NULL: _null,
     LINKTYPE_ETHERNET: _ethernet,
@@ -484,6 +696,15 @@ LINK_DECODERS: dict[int, Callable[[Buf, int, int], Result]] = {
     LINKTYPE_IPV6: _ip6,
     LINKTYPE_LINUX_SLL2: _sll2,
     LINKTYPE_NFLOG: _nflog,
+    LINKTYPE_PPP: _ppp,
+    LINKTYPE_PPP_HDLC: _ppp,
+    LINKTYPE_PPP_ETHER: _ppp_ether,
+    LINKTYPE_C_HDLC: _c_hdlc,
+    LINKTYPE_IEEE802_11: _wlan,
+    LINKTYPE_IEEE802_11_PRISM: _prism,
+    LINKTYPE_IEEE802_11_RADIOTAP: _radiotap,
+    LINKTYPE_IEEE802_11_AVS: _avs,
+    LINKTYPE_PPI: _ppi,
 }
 
 
