@@ -40,6 +40,11 @@ from processors.protocols.base import Conn, Detection, PendingMap, Perspective, 
 from processors.protocols.errors import LimitExceeded, Malformed
 from service.largebuf import BufferBoundsError, LargeBuffer
 from service.model import SpanKind, StatusCode
+from service.speedups import load as _load_speedup
+
+#: The C frame walk (_frames.c: feed_whole's common case), None when disabled or not built:
+#: the pure-Python path below then does the same work.
+_C = _load_speedup("processors.protocols.amqp._frames")
 
 NAME = "amqp"
 DEFAULT_PORTS = frozenset({5672})
@@ -137,6 +142,9 @@ _ASKED = {cm: (cm[0], cm[1] - 1) for cm in _ANSWERS}
 _TAG_BIT = struct.Struct(">QB").unpack_from  # a delivery tag and the octet of bits after it
 _CONTENT_HEADER = struct.Struct(">HHQH").unpack_from  # class-id, weight, body-size, property flags
 _WANT_TP = (b"traceparent",)
+_PUBLISH, _DELIVER = (60, 40), (60, 60)
+#: _frames.walk's record kinds beyond the frame types (METHOD, HEADER, BODY): decoded methods.
+_K_PUBLISH, _K_DELIVER, _K_SETTLE, _K_START_OK = 4, 5, 6, 7
 
 
 class Settings(ProtocolSettings):
@@ -218,6 +226,46 @@ def _table_get(v: memoryview, off: int, end: int, want: tuple[bytes, ...]) -> tu
         if p > tend:
             raise Malformed(NAME, "bad_table", p)
     return out, tend
+
+
+def _read_header(v: memoryview, p: int, end: int) -> tuple[int, str | None, str | None, str | None]:
+    """A content header's payload at ``p`` (to ``end``): body size, correlation-id, message-id
+    (None: absent) and the ``headers`` table's traceparent (None: absent)."""
+    if end - p < 14:
+        raise Malformed(NAME, "bad_content_header", p)
+    cls, _weight, body, flags = _CONTENT_HEADER(v, p)
+    if cls != 60:
+        raise Malformed(NAME, "bad_content_header", p)
+    q = p + 14
+    f = flags
+    while f & 1:  # more flag words follow (only bits 15..2 are defined for basic)
+        if q + 2 > end:
+            raise Malformed(NAME, "truncated", q)
+        f = _U16(v, q)[0]
+        q += 2
+    corr = mid = tp = None
+    # basic properties, in flag order (§1.8.2): shortstr unless noted. Only the bits set are
+    # visited, highest first (bits 1 and 0 are not properties).
+    f = flags & 0xFFFC
+    while f:
+        bit = f.bit_length() - 1
+        f ^= 1 << bit
+        if bit == 13:  # headers (table)
+            got, q = _table_get(v, q, end, _WANT_TP)
+            tp = got.get(b"traceparent")
+        elif bit in (12, 11):  # delivery-mode, priority (octets)
+            q += 1
+        elif bit == 6:  # timestamp (u64)
+            q += 8
+        elif bit == 10:  # correlation-id
+            corr, q = _shortstr(v, q, end)
+        elif bit == 7:  # message-id
+            mid, q = _shortstr(v, q, end)
+        else:
+            q = _skip_shortstr(v, q, end)
+        if q > end:
+            raise Malformed(NAME, "truncated", q)
+    return body, corr, mid, tp
 
 
 # ---------------------------------------------------------------------------
@@ -453,8 +501,68 @@ class Session(Session):  # type: ignore[no-redef]
         if type(data) is not memoryview:  # the eBPF receiver's payloads are bytes
             data = memoryview(data)
         n = len(data)
+        off = 0
         if d.first and from_client and n and data[0] == 0x41:  # 'A': the protocol header, feed's
             return False
+        if _C is None:
+            return self._feed_frames(from_client, data, n, ts_ns)
+        recs = _C.walk(data, 0)
+        if recs is None:  # a frame C leaves to Python: the same segment, read by the reference
+            return self._feed_frames(from_client, data, n, ts_ns)
+        if recs is False:  # not whole frames (_feed_frames' check says the same)
+            return False
+        if n:
+            d.first = False
+        # The records (_frames.c's header lists them), each given to the handler the Python
+        # readers would have called, with the fields they would have read.
+        channels = self.channels
+        for rec in recs:
+            kind = rec[0]
+            if kind == BODY:
+                self._body_bytes(from_client, rec[1], rec[2], ts_ns, True)
+                continue
+            channel = rec[1]
+            if kind == HEADER:
+                _, _, body, corr, mid, tp = rec
+                ch = channels.get(channel) or self._ch(channel)
+                op = ch.content[from_client]
+                if op is None or op.body >= 0:
+                    self.conn.drop("unexpected_header")  # as _header
+                else:
+                    self._properties(from_client, channel, ch, op, body, corr, mid, tp, ts_ns)
+                continue
+            # A method: _method's steps (its handler, its channel, any content there ended).
+            if kind == METHOD:
+                _, _, off, end, cm = rec
+                handler = _HANDLERS.get(cm)
+                if handler is None:
+                    raise Malformed(NAME, "unknown_method", 7, f"{cm[0]}.{cm[1]}")
+            ch = channels.get(channel) or self._ch(channel)
+            content = ch.content
+            if content[from_client] is not None:
+                content[from_client] = None
+                self.conn.drop("incomplete_message")
+            if kind == METHOD:
+                if handler is not _no_span:
+                    try:
+                        handler(self, from_client, channel, ch, cm, data[off:end + 1], 11, end - off, ts_ns, ts_ns)
+                    except (BufferBoundsError, struct.error, IndexError):
+                        raise Malformed(NAME, "truncated", 0, "a field overruns the frame") from None
+            elif kind == _K_PUBLISH:
+                self._publish(from_client, ch, rec[2], rec[3], ts_ns)
+            elif kind == _K_DELIVER:
+                _, _, tag, dtag, redelivered, exchange, rk = rec
+                self._deliver(from_client, ch, tag, dtag, redelivered, exchange, rk, ts_ns)
+            elif kind == _K_SETTLE:
+                self._settled(from_client, channel, ch, (60, rec[2]), rec[3], rec[4], 11, ts_ns, ts_ns)
+            else:  # _K_START_OK
+                self._started(rec[2], ts_ns)
+        return True
+
+    def _feed_frames(self, from_client: bool, data: memoryview, n: int, ts_ns: int) -> bool:
+        """feed_whole's pure-Python walk (the reference of _frames.c): the framing checked
+        first, then each frame read in place."""
+        d = self.dirs[from_client]
         frame = _FRAME.unpack_from
         frames = []  # (type, channel, start, end: its frame-end octet), as checked
         add = frames.append
@@ -506,42 +614,20 @@ class Session(Session):  # type: ignore[no-redef]
             # A content header without its method: a capture joined inside a message. Skipped.
             self.conn.drop("unexpected_header")
             return
-        if end - p < 14:
-            raise Malformed(NAME, "bad_content_header", p)
-        cls, _weight, body, flags = _CONTENT_HEADER(v, p)
-        if cls != 60:
-            raise Malformed(NAME, "bad_content_header", p)
-        q = p + 14
-        f = flags
-        while f & 1:  # more flag words follow (only bits 15..2 are defined for basic)
-            if q + 2 > end:
-                raise Malformed(NAME, "truncated", q)
-            f = _U16(v, q)[0]
-            q += 2
+        body, corr, mid, tp = _read_header(v, p, end)
+        self._properties(from_client, channel, ch, op, body, corr, mid, tp, ts_ns)
+
+    def _properties(self, from_client: bool, channel: int, ch: _Channel, op: _Op, body: int, corr: str | None,
+                    mid: str | None, tp: str | None, ts_ns: int) -> None:
+        """A content header's fields (_read_header's, or _frames.walk's) for the message ``op``."""
         a = op.attrs
         a["messaging.message.body.size"] = body
-        # basic properties, in flag order (§1.8.2): shortstr unless noted. Only the bits set are
-        # visited, highest first (bits 1 and 0 are not properties).
-        f = flags & 0xFFFC
-        while f:
-            bit = f.bit_length() - 1
-            f ^= 1 << bit
-            if bit == 13:  # headers (table)
-                got, q = _table_get(v, q, end, _WANT_TP)
-                tp = got.get(b"traceparent")
-                if tp:
-                    op.traceparent = tp
-            elif bit in (12, 11):  # delivery-mode, priority (octets)
-                q += 1
-            elif bit == 6:  # timestamp (u64)
-                q += 8
-            elif bit in (10, 7):  # correlation-id, message-id
-                s, q = _shortstr(v, q, end)
-                a["messaging.message.conversation_id" if bit == 10 else "messaging.message.id"] = s
-            else:
-                q = _skip_shortstr(v, q, end)
-            if q > end:
-                raise Malformed(NAME, "truncated", q)
+        if corr is not None:
+            a["messaging.message.conversation_id"] = corr
+        if mid is not None:
+            a["messaging.message.id"] = mid
+        if tp:
+            op.traceparent = tp
         op.body = body
         if body == 0:
             self._content_done(from_client, channel, ch, ts_ns)
@@ -593,14 +679,19 @@ class Session(Session):  # type: ignore[no-redef]
         if handler is not _no_span:
             handler(self, from_client, channel, ch, cm, v, p + 4, end, start, ts_ns)
 
+
     # Each method's handler (_HANDLERS, by class and method id) takes the same arguments: the
     # frame ``v`` with its arguments from ``q`` to ``end``.
     def _start_ok(self, from_client: bool, channel: int, ch: _Channel, cm: tuple[int, int], v: memoryview,
                   q: int, end: int, start: int, ts_ns: int) -> None:
         """client-properties (the response's credentials are not read); the login is pending."""
         got, _ = _table_get(v, q, end, _WANT_NAME)
-        if got.get(b"connection_name"):
-            self.client_name = got[b"connection_name"][:MAX_NAME]
+        self._started(got.get(b"connection_name"), start)
+
+    def _started(self, name: str | None, start: int) -> None:
+        """start-ok's connection_name (None: absent); the login is pending from ``start``."""
+        if name:
+            self.client_name = name[:MAX_NAME]
         self.login = start
 
     def _open_ok(self, from_client: bool, channel: int, ch: _Channel, cm: tuple[int, int], v: memoryview,
@@ -636,32 +727,27 @@ class Session(Session):  # type: ignore[no-redef]
         if cm == (60, 40):  # publish: reserved u16, exchange, routing-key, bits
             exchange, q = _shortstr(v, q + 2, end)
             rk, q = _shortstr(v, q, end)
-            ch.last_exchange = exchange
-            a: dict[str, Any] = {"messaging.system": "rabbitmq", "messaging.operation.name": "publish",
-                                 "messaging.operation.type": "send",
-                                 "messaging.destination.name": exchange}  # "" for the default exchange (semconv)
-            if rk:
-                a["messaging.rabbitmq.destination.routing_key"] = rk
-            op = _Op(cm, f"publish {exchange or 'amq.default'}", self.k_producer, start, a)
-        elif cm == (60, 50):  # return: reply-code, reply-text, exchange, routing-key
+            self._publish(from_client, ch, exchange, rk, start)
+            return
+        if cm == (60, 60):  # deliver: consumer-tag, delivery-tag u64, redelivered, exchange, routing-key
+            tag, q = _shortstr(v, q, end)
+            dtag, redelivered = _TAG_BIT(v, q)
+            exchange, q = _shortstr(v, q + 9, end)
+            rk, q = _shortstr(v, q, end)
+            self._deliver(from_client, ch, tag, dtag, redelivered & 1, exchange, rk, start)
+            return
+        if cm == (60, 50):  # return: reply-code, reply-text, exchange, routing-key
             code = _U16(v, q)[0]
             text, q = _shortstr(v, q + 2, end)
             exchange, q = _shortstr(v, q, end)
             rk, q = _shortstr(v, q, end)
-            a = {"messaging.system": "rabbitmq", "messaging.operation.name": "publish",
-                 "messaging.operation.type": "send", "messaging.destination.name": exchange,
+            a: dict[str, Any] = {
+                "messaging.system": "rabbitmq", "messaging.operation.name": "publish",
+                "messaging.operation.type": "send", "messaging.destination.name": exchange,
                  "error.type": _REPLY.get(code, str(code)), "_status": text, "messaging.rabbitmq.reply_code": code}
             if rk:
                 a["messaging.rabbitmq.destination.routing_key"] = rk
             op = _Op(cm, f"publish {exchange or 'amq.default'}", self.k_producer, start, a)
-        elif cm == (60, 60):  # deliver: consumer-tag, delivery-tag u64, redelivered, exchange, routing-key
-            tag, q = _shortstr(v, q, end)
-            dtag, redelivered = _TAG_BIT(v, q)
-            redelivered &= 1
-            exchange, q = _shortstr(v, q + 9, end)
-            rk, q = _shortstr(v, q, end)
-            queue = ch.consumers.get(tag, "")
-            op = self._consumer_op(cm, "process", queue, exchange, rk, dtag, redelivered, start)
         else:  # get-ok: delivery-tag u64, redelivered, exchange, routing-key, message-count
             dtag, redelivered = _TAG_BIT(v, q)
             redelivered &= 1
@@ -672,6 +758,26 @@ class Session(Session):  # type: ignore[no-redef]
             op = self._consumer_op(cm, "receive", queue, exchange, rk, dtag, redelivered,
                                    req.start_ts if req is not None else start)
         op.body = -1  # its content header is next
+        ch.content[from_client] = op
+
+    def _publish(self, from_client: bool, ch: _Channel, exchange: str, rk: str, start: int) -> None:
+        """A basic.publish's fields (_content_method's, or _frames.walk's): its content is next."""
+        ch.last_exchange = exchange
+        a: dict[str, Any] = {"messaging.system": "rabbitmq", "messaging.operation.name": "publish",
+                             "messaging.operation.type": "send",
+                             "messaging.destination.name": exchange}  # "" for the default exchange (semconv)
+        if rk:
+            a["messaging.rabbitmq.destination.routing_key"] = rk
+        op = _Op(_PUBLISH, f"publish {exchange or 'amq.default'}", self.k_producer, start, a)
+        op.body = -1  # its content header is next
+        ch.content[from_client] = op
+
+    def _deliver(self, from_client: bool, ch: _Channel, tag: str, dtag: int, redelivered: int, exchange: str,
+                 rk: str, start: int) -> None:
+        """A basic.deliver's fields (_content_method's, or _frames.walk's): its content is next."""
+        op = self._consumer_op(_DELIVER, "process", ch.consumers.get(tag, ""), exchange, rk, dtag, redelivered,
+                               start)
+        op.body = -1
         ch.content[from_client] = op
 
     def _consumer_op(self, cm: tuple[int, int], opname: str, queue: str, exchange: str, rk: str, dtag: int,
@@ -793,6 +899,12 @@ class Session(Session):  # type: ignore[no-redef]
     def _settle(self, from_client: bool, channel: int, ch: _Channel, cm: tuple[int, int], v: memoryview,
                 q: int, end: int, start: int, ts_ns: int) -> None:
         tag, bits = _TAG_BIT(v, q)
+        self._settled(from_client, channel, ch, cm, tag, bits, q, start, ts_ns)
+
+    def _settled(self, from_client: bool, channel: int, ch: _Channel, cm: tuple[int, int], tag: int, bits: int,
+                 q: int, start: int, ts_ns: int) -> None:
+        """A basic.ack / nack / reject's delivery tag and bits (_settle's, or _frames.walk's; ``q``:
+        their offset in the frame, for an error)."""
         if not from_client:
             # The broker's confirm of this channel's publishes (ack, or nack: not stored).
             if cm == (60, 90):

@@ -1,0 +1,367 @@
+/* processors.protocols.amqp._frames: v091.py's feed_whole frame walk in C.
+ *
+ * Contract (v091.py stays the reference and the fallback):
+ *   walk(data, start) -> tuple | False | None
+ * ``data``: one TCP segment (bytes or a contiguous memoryview); ``start``: where its frames
+ * begin (8 after a client's protocol header, else 0). False: the frames from ``start`` do
+ * not fill the segment exactly, each whole and ending with the frame-end octet 0xCE, a
+ * method, content header or heartbeat of at most MAX_FRAME bytes, a body of any size
+ * (feed_whole's check, which declines the segment then). None: a frame whose fields this
+ * module decodes does not decode as v091.py's readers would read it without raising, or
+ * anything else unusual: the Python path then reads the segment and classifies any fault
+ * as it always has. So this file never reproduces an error reason, and any tuple it
+ * returns is what the Python readers would have read, frame by frame.
+ *
+ * The tuple holds one record a frame, in order (heartbeats, which do nothing, have none):
+ *   (1, channel, off, end, (class_id, method_id))  any other method: off = the frame's first
+ *                                                  octet, end = its frame-end octet's offset
+ *   (2, channel, body_size, correlation_id, message_id, traceparent)
+ *                                                  a content header (str or None each: None
+ *                                                  when the property is absent; traceparent
+ *                                                  the headers table's last one, possibly "")
+ *   (3, channel, size)                             a body frame
+ *   (4, channel, exchange, routing_key)            basic.publish
+ *   (5, channel, consumer_tag, delivery_tag, redelivered, exchange, routing_key)
+ *                                                  basic.deliver (redelivered: 0 or 1)
+ *   (6, channel, method_id, delivery_tag, bits)    basic.ack (80), reject (90), nack (120)
+ *   (7, channel, connection_name)                  connection.start-ok (str or None)
+ * Names are decoded as v091.py does (UTF-8, errors replaced).
+ *
+ * Memory: every read is bounds-checked against the frame it belongs to (and so the
+ * buffer); declared lengths are u32 and summed in 64 bits. At most MAX_RECORDS records a
+ * call (more: None), so what is allocated is bounded whatever the segment. No mutable
+ * global state.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+
+/* v091.MAX_FRAME: the largest method, content-header or heartbeat frame read whole. */
+#define MAX_FRAME (1024 * 1024)
+/* Records a call: a segment of more frames (tiny ones) is left to the Python path. */
+#define MAX_RECORDS 256
+
+#define T_METHOD 1
+#define T_HEADER 2
+#define T_BODY 3
+#define T_HEARTBEAT 8
+#define FRAME_END 0xCE
+
+/* A field table's value types of a fixed size (v091._FIXED), -1: not fixed. */
+static signed char FIXED[256];
+
+static void init_tables(void) {
+    for (int i = 0; i < 256; i++)
+        FIXED[i] = -1;
+    FIXED['t'] = 1; FIXED['b'] = 1; FIXED['B'] = 1; FIXED['s'] = 2; FIXED['u'] = 2;
+    FIXED['I'] = 4; FIXED['i'] = 4; FIXED['l'] = 8; FIXED['L'] = 8; FIXED['f'] = 4;
+    FIXED['d'] = 8; FIXED['D'] = 5; FIXED['T'] = 8; FIXED['V'] = 0;
+}
+
+static inline uint32_t be16(const unsigned char *p) { return ((uint32_t)p[0] << 8) | p[1]; }
+
+static inline uint32_t be32(const unsigned char *p) {
+    return ((uint32_t)p[0] << 24) | ((uint32_t)p[1] << 16) | ((uint32_t)p[2] << 8) | p[3];
+}
+
+static inline uint64_t be64(const unsigned char *p) { return ((uint64_t)be32(p) << 32) | be32(p + 4); }
+
+/* bytes.lower() of p[0:n] equals the lower-case ``lit`` (ASCII letters only, as bytes.lower). */
+static int ieq(const unsigned char *p, const char *lit, Py_ssize_t n) {
+    for (Py_ssize_t i = 0; i < n; i++) {
+        unsigned char c = p[i];
+        if (c >= 'A' && c <= 'Z')
+            c |= 0x20;
+        if (c != (unsigned char)lit[i])
+            return 0;
+    }
+    return 1;
+}
+
+/* A shortstr at ``off`` within [.., end): *s its first byte, *len its length. Returns the
+ * offset after it, or -1 where v091._shortstr raises. */
+static Py_ssize_t shortstr(const unsigned char *p, Py_ssize_t off, Py_ssize_t end, Py_ssize_t *s,
+                           Py_ssize_t *len) {
+    if (off >= end)
+        return -1;
+    Py_ssize_t nxt = off + 1 + p[off];
+    if (nxt > end)
+        return -1;
+    *s = off + 1;
+    *len = p[off];
+    return nxt;
+}
+
+/* v091._table_get with one wanted key ``key`` (lower case, ``klen_want`` bytes): the table
+ * at ``off`` within [.., end). *vs / *vl: the last matching long-string value (*vs = -1:
+ * none). Returns the offset after the table, or -1 where _table_get raises (or would keep
+ * "" for a value overrunning the table: it then raises at the next check anyway). */
+static Py_ssize_t table_find(const unsigned char *p, Py_ssize_t off, Py_ssize_t end, const char *key,
+                             Py_ssize_t klen_want, Py_ssize_t *vs, Py_ssize_t *vl) {
+    *vs = -1;
+    *vl = 0;
+    if (off + 4 > end)
+        return -1;
+    Py_ssize_t tend = off + 4 + (Py_ssize_t)be32(p + off);
+    if (tend > end)
+        return -1;
+    Py_ssize_t q = off + 4;
+    while (q < tend) {
+        Py_ssize_t klen = p[q];
+        Py_ssize_t tpos = q + 1 + klen; /* the value's type octet */
+        if (tpos >= tend)
+            return -1;
+        unsigned char t = p[tpos];
+        q = tpos + 1;
+        if (t == 'S') {
+            if (q + 4 > tend)
+                return -1;
+            Py_ssize_t n = (Py_ssize_t)be32(p + q);
+            if (klen == klen_want && n <= 1024 && ieq(p + tpos - klen, key, klen)) {
+                if (q + 4 + n > tend)
+                    return -1;
+                *vs = q + 4;
+                *vl = n;
+            }
+            q += 4 + n;
+        } else if (FIXED[t] >= 0) {
+            q += FIXED[t];
+        } else if (t == 'x' || t == 'A' || t == 'F') {
+            if (q + 4 > tend)
+                return -1;
+            q += 4 + (Py_ssize_t)be32(p + q);
+        } else {
+            return -1;
+        }
+        if (q > tend)
+            return -1;
+    }
+    return tend;
+}
+
+static PyObject *str_at(const unsigned char *p, Py_ssize_t s, Py_ssize_t len) {
+    return PyUnicode_DecodeUTF8((const char *)p + s, len, "replace");
+}
+
+/* A str of p[s:s+len], or None for s < 0. */
+static PyObject *str_or_none(const unsigned char *p, Py_ssize_t s, Py_ssize_t len) {
+    if (s < 0)
+        Py_RETURN_NONE;
+    return str_at(p, s, len);
+}
+
+/* Sentinel for "decline" from the frame decoders (distinct from NULL: a Python error). */
+static PyObject DECLINE_OBJ;
+#define DECLINE (&DECLINE_OBJ)
+
+/* The content header whose payload is [p, end) (end: the frame-end octet), as v091._header
+ * reads it. */
+static PyObject *header(const unsigned char *d, Py_ssize_t p, Py_ssize_t end, uint32_t channel) {
+    if (end - p < 14)
+        return DECLINE;
+    if (be16(d + p) != 60)
+        return DECLINE;
+    uint64_t body = be64(d + p + 4);
+    uint32_t flags = be16(d + p + 12);
+    Py_ssize_t q = p + 14;
+    uint32_t f = flags;
+    while (f & 1) { /* further flag words: stepped over */
+        if (q + 2 > end)
+            return DECLINE;
+        f = be16(d + q);
+        q += 2;
+    }
+    Py_ssize_t cs = -1, cl = 0, ms = -1, ml = 0, ts = -1, tl = 0, s, l;
+    for (int bit = 15; bit >= 2; bit--) {
+        if (!(flags & (1u << bit)))
+            continue;
+        if (bit == 13) { /* headers: a table */
+            q = table_find(d, q, end, "traceparent", 11, &ts, &tl);
+            if (q < 0)
+                return DECLINE;
+        } else if (bit == 12 || bit == 11) { /* delivery-mode, priority */
+            q += 1;
+        } else if (bit == 6) { /* timestamp */
+            q += 8;
+        } else {
+            q = shortstr(d, q, end, &s, &l);
+            if (q < 0)
+                return DECLINE;
+            if (bit == 10) {
+                cs = s;
+                cl = l;
+            } else if (bit == 7) {
+                ms = s;
+                ml = l;
+            }
+        }
+        if (q > end)
+            return DECLINE;
+    }
+    PyObject *corr = str_or_none(d, cs, cl);
+    PyObject *mid = corr ? str_or_none(d, ms, ml) : NULL;
+    PyObject *tp = mid ? str_or_none(d, ts, tl) : NULL;
+    if (tp == NULL) {
+        Py_XDECREF(corr);
+        Py_XDECREF(mid);
+        return NULL;
+    }
+    return Py_BuildValue("(iIKNNN)", T_HEADER, channel, (unsigned long long)body, corr, mid, tp);
+}
+
+/* A method frame whose payload is [p, end) (end: the frame-end octet) spanning
+ * d[off:end + 1], as v091.py's readers read it. */
+static PyObject *method(const unsigned char *d, Py_ssize_t off, Py_ssize_t p, Py_ssize_t end, uint32_t channel) {
+    if (end - p < 4)
+        return DECLINE;
+    uint32_t cls = be16(d + p), meth = be16(d + p + 2);
+    Py_ssize_t q = p + 4, s1, l1, s2, l2, s3, l3;
+    if (cls == 60 && meth == 40) { /* publish: reserved u16, exchange, routing-key */
+        q = shortstr(d, q + 2, end, &s1, &l1);
+        if (q < 0 || shortstr(d, q, end, &s2, &l2) < 0)
+            return DECLINE;
+        PyObject *ex = str_at(d, s1, l1), *rk = ex ? str_at(d, s2, l2) : NULL;
+        if (rk == NULL) {
+            Py_XDECREF(ex);
+            return NULL;
+        }
+        return Py_BuildValue("(iINN)", 4, channel, ex, rk); /* consumes ex and rk, error or not */
+    }
+    if (cls == 60 && meth == 60) { /* deliver: consumer-tag, delivery-tag, redelivered, exchange, rk */
+        q = shortstr(d, q, end, &s1, &l1);
+        if (q < 0 || q + 9 >= end)
+            return DECLINE;
+        uint64_t dtag = be64(d + q);
+        int redelivered = d[q + 8] & 1;
+        q = shortstr(d, q + 9, end, &s2, &l2);
+        if (q < 0 || shortstr(d, q, end, &s3, &l3) < 0)
+            return DECLINE;
+        PyObject *tag = str_at(d, s1, l1), *ex = tag ? str_at(d, s2, l2) : NULL, *rk = ex ? str_at(d, s3, l3) : NULL;
+        if (rk == NULL) {
+            Py_XDECREF(tag);
+            Py_XDECREF(ex);
+            return NULL;
+        }
+        return Py_BuildValue("(iINKiNN)", 5, channel, tag, (unsigned long long)dtag, redelivered, ex, rk);
+    }
+    if (cls == 60 && (meth == 80 || meth == 90 || meth == 120)) { /* ack, reject, nack: tag, bits */
+        if (q + 9 > end)
+            return DECLINE;
+        return Py_BuildValue("(iIIKi)", 6, channel, meth, (unsigned long long)be64(d + q), (int)d[q + 8]);
+    }
+    if (cls == 10 && meth == 11) { /* start-ok: client-properties' connection_name */
+        if (table_find(d, q, end, "connection_name", 15, &s1, &l1) < 0)
+            return DECLINE;
+        if (s1 < 0)
+            return Py_BuildValue("(iIO)", 7, channel, Py_None);
+        return Py_BuildValue("(iIN)", 7, channel, str_at(d, s1, l1));
+    }
+    return Py_BuildValue("(iInn(II))", T_METHOD, channel, off, end, cls, meth);
+}
+
+static PyObject *walk_buffer(const unsigned char *d, Py_ssize_t n, Py_ssize_t start) {
+    PyObject *recs[MAX_RECORDS];
+    Py_ssize_t count = 0;
+    Py_ssize_t off = start;
+    PyObject *out = NULL;
+    /* The framing first (as feed_whole checks it): nothing is decoded for a segment declined. */
+    while (off < n) {
+        if (n - off < 7)
+            Py_RETURN_FALSE;
+        unsigned char ftype = d[off];
+        uint32_t size = be32(d + off + 3);
+        Py_ssize_t end = off + 7 + (Py_ssize_t)size;
+        if (end >= n || d[end] != FRAME_END)
+            Py_RETURN_FALSE;
+        if (ftype == T_BODY) {
+        } else if (ftype == T_METHOD || ftype == T_HEADER || ftype == T_HEARTBEAT) {
+            if (size > MAX_FRAME)
+                Py_RETURN_FALSE;
+        } else {
+            Py_RETURN_FALSE;
+        }
+        off = end + 1;
+    }
+    off = start;
+    while (off < n) {
+        unsigned char ftype = d[off];
+        uint32_t channel = be16(d + off + 1);
+        uint32_t size = be32(d + off + 3);
+        Py_ssize_t end = off + 7 + (Py_ssize_t)size;
+        PyObject *rec;
+        if (ftype == T_HEARTBEAT) {
+            off = end + 1;
+            continue;
+        }
+        if (count >= MAX_RECORDS) {
+            out = Py_None;
+            Py_INCREF(out);
+            goto done;
+        }
+        if (ftype == T_BODY)
+            rec = Py_BuildValue("(iII)", T_BODY, channel, size);
+        else if (ftype == T_METHOD)
+            rec = method(d, off, off + 7, end, channel);
+        else
+            rec = header(d, off + 7, end, channel);
+        if (rec == NULL)
+            goto done; /* a Python error (memory): raised */
+        if (rec == DECLINE) {
+            out = Py_None;
+            Py_INCREF(out);
+            goto done;
+        }
+        recs[count++] = rec;
+        off = end + 1;
+    }
+    out = PyTuple_New(count);
+    if (out != NULL) {
+        for (Py_ssize_t i = 0; i < count; i++)
+            PyTuple_SET_ITEM(out, i, recs[i]);
+        return out;
+    }
+done:
+    for (Py_ssize_t i = 0; i < count; i++)
+        Py_DECREF(recs[i]);
+    return out;
+}
+
+static PyObject *walk(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "walk(data, start)");
+        return NULL;
+    }
+    Py_ssize_t start = PyLong_AsSsize_t(args[1]);
+    if (start == -1 && PyErr_Occurred())
+        return NULL;
+    Py_buffer view;
+    if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0) {
+        if (!PyErr_ExceptionMatches(PyExc_BufferError))
+            return NULL;
+        PyErr_Clear(); /* not contiguous: the Python path reads it */
+        Py_RETURN_NONE;
+    }
+    PyObject *out;
+    if (start < 0 || start > view.len) {
+        Py_INCREF(Py_None);
+        out = Py_None;
+    }
+    else
+        out = walk_buffer((const unsigned char *)view.buf, view.len, start);
+    PyBuffer_Release(&view);
+    return out;
+}
+
+static PyMethodDef METHODS[] = {
+    {"walk", (PyCFunction)(void (*)(void))walk, METH_FASTCALL,
+     "walk(data, start) -> tuple of frame records, or None to leave the segment to Python."},
+    {NULL, NULL, 0, NULL}};
+
+static struct PyModuleDef MODULE = {PyModuleDef_HEAD_INIT, "_frames",
+                                    "AMQP 0-9-1 frame walking for v091.py's feed_whole (see the source's header).",
+                                    -1, METHODS, NULL, NULL, NULL, NULL};
+
+PyMODINIT_FUNC PyInit__frames(void) {
+    init_tables();
+    return PyModule_Create(&MODULE);
+}
