@@ -20,16 +20,28 @@ Query attributes (CLIENT_QUERY_ATTRIBUTES) before a COM_QUERY's text are stepped
 over; the compressed protocol (CLIENT_COMPRESS zlib, zstd) is inflated frame by
 frame into a per-direction packet buffer (the one deliberate copy) and parsed
 from there.
+
+Reading: a packet's handler (``_client_packet``, ``_server_packet``) gets one view of its
+payload's capped head and reads nothing past it, so what a field says never depends on the
+bytes that happen to follow the packet in the buffer; a field that overruns the head is
+``Malformed`` (``truncated_field``). The buffered ``feed`` takes that view from the buffer;
+``feed_whole`` (base.py) slices it from a segment that holds only whole packets (a command,
+its OK or ERR, a whole result set or PREPARE answer) without buffering the segment, and
+declines, changing nothing, a partial packet, a payload of 16 MiB - 1, the compressed
+protocol, a client's first bytes (compressed or not is decided there) or a direction being
+resynchronised or skipped. Both walks call the same handlers: ``feed`` is the reference.
 """
 
 from __future__ import annotations
 
+import re
+import struct
 import zlib
 from collections import OrderedDict, deque
 
 from pydantic import Field
 
-from service.largebuf import BufferBoundsError, LargeBuffer
+from service.largebuf import LargeBuffer
 from service.model import SpanKind, StatusCode
 
 from .base import Conn, Detection, PendingQueue, ProtocolSettings
@@ -130,12 +142,28 @@ class Settings(ProtocolSettings):
     sanitize_errors: bool = True
 
 
-def _printable(buf: LargeBuffer, off: int, end: int) -> bool:
-    n = min(end - off, 64)
-    for b in buf.view_at(off, n) if n > 0 else b"":
-        if b < 0x20 and b not in (9, 10, 13):
-            return False
-    return True
+_U16 = struct.Struct("<H").unpack_from
+_U32 = struct.Struct("<I").unpack_from
+_U64 = struct.Struct("<Q").unpack_from
+#: PREPARE's OK after its status byte: statement id, columns, parameters.
+_PREPARE_OK = struct.Struct("<IHH").unpack_from
+#: What a read past the end of a packet's view raises (``v[i]``, ``unpack_from``): a field
+#: overrunning its packet, as ``BufferBoundsError`` is one overrunning a buffer.
+_SHORT = (IndexError, struct.error)
+_NUL = re.compile(b"\0")
+#: A control byte other than tab, LF, CR: not query or version text.
+_CONTROL = re.compile(b"[\x00-\x08\x0b\x0c\x0e-\x1f]")
+
+
+def _printable(v: memoryview, off: int, end: int) -> bool:
+    """No control byte but tab, LF, CR in the first 64 of ``v[off:end]`` (one regex scan in C)."""
+    return _CONTROL.search(v, off, min(end, off + 64)) is None
+
+
+def _nul(v: memoryview, off: int) -> int:
+    """Offset of the first NUL in ``v`` at or after ``off``, or -1 (searched in place)."""
+    m = _NUL.search(v, off)
+    return m.start() if m is not None else -1
 
 
 def _greeting_ok(buf: LargeBuffer, plen: int) -> bool:
@@ -143,17 +171,23 @@ def _greeting_ok(buf: LargeBuffer, plen: int) -> bool:
     if plen < 34 or plen > 1024 or buf.u8_at(4) != PROTOCOL_VERSION:
         return False
     z = buf.find(b"\0", 5, min(4 + plen, 5 + 80))
-    if z < 6 or not _printable(buf, 5, z):
+    if z < 6 or not _printable(buf.view_at(5, z - 5), 0, z - 5):
         return False
     filler = z + 1 + 4 + 8
     return filler < 4 + plen and buf.u8_at(filler) == 0
 
 
-def _command_ok(buf: LargeBuffer, off: int, plen: int) -> bool:
-    """Is the payload at ``off`` a plausible client command?"""
-    if plen < 1:
+def _command_at(buf: LargeBuffer, off: int, plen: int) -> bool:
+    """Is the ``plen``-byte payload at ``off`` (all in ``buf``) a plausible client command?
+    Read through one view of its head, as the session reads a command."""
+    return _command_ok(buf.view_at(off, min(plen, _CLIENT_HEAD)), plen)
+
+
+def _command_ok(v: memoryview, plen: int) -> bool:
+    """Is ``v`` (a ``plen``-byte payload's head) a plausible client command?"""
+    if plen < 1 or not len(v):
         return False
-    cmd = buf.u8_at(off)
+    cmd = v[0]
     if cmd not in _COMMANDS:
         return False
     if cmd in (COM_QUIT, COM_PING, COM_STATISTICS, COM_RESET_CONNECTION):
@@ -161,13 +195,14 @@ def _command_ok(buf: LargeBuffer, off: int, plen: int) -> bool:
     if cmd in (COM_STMT_CLOSE, COM_STMT_RESET):
         return plen == 5
     if cmd == COM_STMT_EXECUTE:
-        return plen >= 10 and buf.u8_at(off + 5) <= 0x0F
+        return plen >= 10 and len(v) >= 6 and v[5] <= 0x0F
     if cmd in _TEXT_COMMANDS:
-        if plen >= 2 and _printable(buf, off + 1, off + plen):
+        end = min(plen, len(v))
+        if plen >= 2 and _printable(v, 1, end):
             return True
         if cmd == COM_QUERY:  # query attributes before the text (joined mid-stream: caps unknown)
-            q = _query_attrs_end(buf, off + 1, off + plen)
-            return off + 1 < q < off + plen and _printable(buf, q, off + plen)
+            q = _query_attrs_end(v, 1, end)
+            return 1 < q < plen and _printable(v, q, end)
         return False
     return False  # rarer commands are not trusted for detection
 
@@ -213,7 +248,7 @@ def _compressed_command(buf: LargeBuffer, n: int) -> bool:
     plen = inner.u32le_at(off) & 0xFFFFFF
     if inner.u8_at(off + 3) != 0 or 4 + plen != avail:
         return False
-    return _command_ok(inner, off + 4, min(plen, len(inner) - off - 4))
+    return _command_at(inner, off + 4, min(plen, len(inner) - off - 4))
 
 
 def _inflate(buf: LargeBuffer, off: int, clen: int, ulen: int, limit: int = 0) -> bytes:
@@ -248,7 +283,7 @@ def _inflate(buf: LargeBuffer, off: int, clen: int, ulen: int, limit: int = 0) -
     return out
 
 
-def _query_attrs_end(buf: LargeBuffer, off: int, end: int) -> int:
+def _query_attrs_end(v: memoryview, off: int, end: int) -> int:
     """Where the SQL text starts after a COM_QUERY's query attributes at ``off``.
 
     With CLIENT_QUERY_ATTRIBUTES (MySQL 8.0.23+) the text follows parameter_count and
@@ -256,39 +291,39 @@ def _query_attrs_end(buf: LargeBuffer, off: int, end: int) -> int:
     new-params-bound flag (always 1), each one's type and name, then the non-NULL values
     in the binary protocol's encoding (MySQL "COM_QUERY", "Binary Protocol Value").
     Returns -1 when the bytes at ``off`` are no such block, -2 when it runs past ``end``
-    (the part of the packet read). Bounded: at most ``MAX_QUERY_ATTRIBUTES`` parameters,
-    each step checked against ``end``.
+    or past ``v`` (the part of the packet read). Bounded: at most ``MAX_QUERY_ATTRIBUTES``
+    parameters, each step checked against ``end``.
     """
     try:
         if off >= end:
             return -1
-        n, off = _lenenc(buf, off)
+        n, off = _lenenc(v, off)
         if n > MAX_QUERY_ATTRIBUTES or off >= end:
             return -1
-        sets, off = _lenenc(buf, off)
+        sets, off = _lenenc(v, off)
         if sets != 1:
             return -1
         if n == 0:
             return off
         nulls = off
         off += (n + 7) >> 3
-        if off >= end or buf.u8_at(off) != 1:
+        if off >= end or v[off] != 1:
             return -1
         off += 1
         types = off
         for _ in range(n):
             if off + 3 > end:
                 return -2
-            ln, off = _lenenc(buf, off + 2)
+            ln, off = _lenenc(v, off + 2)
             off += ln
         t = types
         for i in range(n):
             if off > end:
                 return -2
-            ftype = buf.u8_at(t)
-            ln, t = _lenenc(buf, t + 2)
+            ftype = v[t]
+            ln, t = _lenenc(v, t + 2)
             t += ln
-            if buf.u8_at(nulls + (i >> 3)) >> (i & 7) & 1:
+            if v[nulls + (i >> 3)] >> (i & 7) & 1:
                 continue
             size = _FIXED_SIZE.get(ftype)
             if size is not None:
@@ -296,13 +331,15 @@ def _query_attrs_end(buf: LargeBuffer, off: int, end: int) -> int:
             elif off >= end:
                 return -2
             elif ftype in _TEMPORAL:
-                off += 1 + buf.u8_at(off)
+                off += 1 + v[off]
             else:
-                ln, off = _lenenc(buf, off)
+                ln, off = _lenenc(v, off)
                 off += ln
         return off if off <= end else -2
-    except (Malformed, BufferBoundsError):
+    except Malformed:
         return -1
+    except _SHORT:
+        return -2
 
 
 def detect(buf: LargeBuffer, from_client: bool | None) -> Detection:
@@ -329,9 +366,9 @@ def detect(buf: LargeBuffer, from_client: bool | None) -> Detection:
         if buf.u8_at(4) in _DETECT_COMMANDS:
             if n < 4 + plen:
                 if plen > 65536 and n >= 4 + 64 and buf.u8_at(4) in _TEXT_COMMANDS:
-                    return Detection.REQUEST if _printable(buf, 5, 4 + 64) else Detection.NO
+                    return Detection.REQUEST if _printable(buf.view_at(5, 63), 0, 63) else Detection.NO
                 return Detection.NEED_MORE if plen <= 65536 else Detection.NO
-            if n == 4 + plen and _command_ok(buf, 4, plen):
+            if n == 4 + plen and _command_at(buf, 4, plen):
                 return Detection.REQUEST  # one command, then the client waits for its answer
         # A compressed-protocol frame (7-byte header) around one command?
         if plen > 65536 or not _frame_plausible(buf, n):
@@ -371,17 +408,18 @@ class _Cmd:
         self.arg = arg
 
 
-def _lenenc(buf: LargeBuffer, off: int) -> tuple[int, int]:
-    """(value, offset after) of a length-encoded integer."""
-    b = buf.u8_at(off)
+def _lenenc(v: memoryview, off: int) -> tuple[int, int]:
+    """(value, offset after) of a length-encoded integer in ``v``; one cut short raises
+    what a read past ``v`` raises (``_SHORT``)."""
+    b = v[off]
     if b < 0xFB:
         return b, off + 1
     if b == 0xFC:
-        return buf.u16le_at(off + 1), off + 3
+        return _U16(v, off + 1)[0], off + 3
     if b == 0xFD:
-        return buf.u32le_at(off + 1) & 0xFFFFFF, off + 4
+        return _U32(v, off)[0] >> 8, off + 4  # the marker and 3 bytes: the same bytes read
     if b == 0xFE:
-        return buf.u64le_at(off + 1), off + 9
+        return _U64(v, off + 1)[0], off + 9
     raise Malformed(NAME, "bad_lenenc", off)
 
 
@@ -448,7 +486,7 @@ class Session(_Session):
         if n < 4 + plen:
             buf.want = 4 + plen
             return None
-        if n == 4 + plen and _command_ok(buf, 4, plen):
+        if n == 4 + plen and _command_at(buf, 4, plen):
             return False
         if n < 7 + plen:
             buf.want = 7 + plen
@@ -535,15 +573,19 @@ class Session(_Session):
                 if n - pos < 4 + head:
                     want = 4 + head  # what of the packet is read is bounded by its cap
                     return
-                try:
-                    if self._cont[d]:
-                        self._seq = seq  # the tail of a >16 MiB payload: nothing to read
-                    elif from_client:
-                        self._client_packet(buf, pos + 4, plen, head, seq, buf.ts_at(pos))
-                    else:
-                        self._server_packet(buf, pos + 4, plen, head, seq, pos)
-                except BufferBoundsError as e:  # a field overruns its packet
-                    raise Malformed(NAME, "truncated_field", pos, str(e)) from None
+                if self._cont[d]:
+                    self._seq = seq  # the tail of a >16 MiB payload: nothing to read
+                else:
+                    # The head in one view (a slice of its chunk, or the buffer's scratch
+                    # when it straddles two: bounded by the cap), read by the handler alone.
+                    v = buf.view_at(pos + 4, head)
+                    try:
+                        if from_client:
+                            self._client_packet(v, plen, seq, buf.ts_at(pos), pos)
+                        else:
+                            self._server_packet(v, plen, seq, buf.ts_at(pos), pos)
+                    except _SHORT as e:  # a field overruns its packet's head
+                        raise Malformed(NAME, "truncated_field", pos, str(e)) from None
                 self._cont[d] = plen == MAX_PACKET_PAYLOAD
                 if self._stopped:
                     pos = len(buf)
@@ -557,6 +599,71 @@ class Session(_Session):
                     return  # compressed from here on: feed hands the rest to _frames
         finally:
             buf.consumed(pos, want)
+
+    def feed_whole(self, from_client: bool, data: memoryview, ts_ns: int) -> bool:
+        """A segment of whole packets (base.py's contract), read in place without a buffer.
+
+        Why: nearly every segment of a session is whole packets (a command; its OK or ERR;
+        a result set's column count, definitions, rows and EOF/OK; a PREPARE answer), and
+        the buffer's append, chunk lookups and release cost more than reading them. Taken
+        only when ``feed`` would walk plain packets from the segment's first byte (no
+        compressed protocol, nothing to skip, no resync, not a client's first bytes) and
+        every packet ends inside it, the last with it, none of 16 MiB - 1; anything else is
+        declined unchanged. Then each packet's capped head goes to the handler ``feed``
+        calls, in the same order: a bad packet raises what ``feed`` raises for it, after the
+        same packets before it (the stage handles both alike)."""
+        d = 0 if from_client else 1
+        if (self._zbuf is not None or self._compress or self._stopped or self._skip[d] or self._cont[d]
+                or (self._resync_client or self._phase == _HANDSHAKE if from_client else self._server_desync)):
+            return False
+        if type(data) is not memoryview:  # the eBPF receiver's payloads are bytes
+            data = memoryview(data)
+        if data.format != "B" or data.ndim != 1:
+            data = data.cast("B")
+        n = len(data)
+        if n < 4:
+            return False
+        h = _U32(data, 0)[0]
+        plen = h & 0xFFFFFF
+        if n != 4 + plen:  # not the usual one packet: frame first, the last ending the segment
+            pos = 0
+            while pos < n:
+                if n - pos < 4:
+                    return False
+                k = _U32(data, pos)[0] & 0xFFFFFF
+                if k == MAX_PACKET_PAYLOAD:
+                    return False
+                pos += 4 + k
+            if pos != n:
+                return False
+        elif plen == MAX_PACKET_PAYLOAD:
+            return False
+        pos = 0
+        try:
+            if from_client:
+                while True:
+                    self._client_packet(data[pos + 4:pos + 4 + (plen if plen < _CLIENT_HEAD else _CLIENT_HEAD)],
+                                        plen, h >> 24, ts_ns, pos)
+                    pos += 4 + plen
+                    if pos >= n or self._stopped:
+                        return True
+                    h = _U32(data, pos)[0]
+                    plen = h & 0xFFFFFF
+            while True:
+                seq = h >> 24
+                if self._phase == _HANDSHAKE and (seq != 0 or (n - pos > 4 and data[pos + 4] != PROTOCOL_VERSION)):
+                    self._server_desync = True  # as _packets: the tail of some answer, dropped
+                    self.conn.drop("resync")
+                    return True
+                self._server_packet(data[pos + 4:pos + 4 + (plen if plen < _SERVER_HEAD else _SERVER_HEAD)],
+                                    plen, seq, ts_ns, pos)
+                pos += 4 + plen
+                if pos >= n or self._stopped:
+                    return True
+                h = _U32(data, pos)[0]
+                plen = h & 0xFFFFFF
+        except _SHORT as e:  # a field overruns its packet's head
+            raise Malformed(NAME, "truncated_field", pos, str(e)) from None
 
     def gap(self, from_client: bool, ts_ns: int) -> None:
         d = 0 if from_client else 1
@@ -597,7 +704,7 @@ class Session(_Session):
             plen = buf.u32le_at(off) & 0xFFFFFF
             if buf.u8_at(off + 3) != 0 or off + 4 + plen != n:
                 continue
-            if _command_ok(buf, off + 4, plen):
+            if _command_at(buf, off + 4, plen):
                 if off:
                     self.conn.drop("resync")
                 buf.release(off)
@@ -609,8 +716,9 @@ class Session(_Session):
         return False
 
     # -- client ----------------------------------------------------------------------------
-    def _client_packet(self, buf: LargeBuffer, p: int, plen: int, head: int, seq: int, ts: int) -> None:
-        """A client packet whose payload starts at ``p``."""
+    def _client_packet(self, v: memoryview, plen: int, seq: int, ts: int, pos: int) -> None:
+        """A client packet: ``v`` is its payload's head (at most ``_CLIENT_HEAD`` bytes), its
+        header at ``pos`` (for errors)."""
         if self._phase == _HANDSHAKE:
             if seq == 0 and plen >= 1:
                 self._phase = _COMMAND  # joined after the handshake
@@ -618,38 +726,38 @@ class Session(_Session):
                 return
         if self._phase == _AUTH:
             if seq == 1:
-                self._handshake_response(buf, p, head)
+                self._handshake_response(v)
             return
         if seq != 0:
             # Only LOCAL INFILE contents continue a command from the client side.
             if self._pending and self._pending[0].state == _INFILE and seq == (self._seq + 1) & 0xFF:
                 self._seq = seq
                 return
-            raise Malformed(NAME, "bad_sequence", p - 4, f"client packet with sequence {seq}")
+            raise Malformed(NAME, "bad_sequence", pos, f"client packet with sequence {seq}")
         if plen == 0:
-            raise Malformed(NAME, "bad_command", p - 4, "empty command packet")
+            raise Malformed(NAME, "bad_command", pos, "empty command packet")
         self._seq = 0
-        cmd = buf.u8_at(p)
+        cmd = v[0]
         if cmd not in _COMMANDS:
-            raise Malformed(NAME, "bad_command", 4, f"command {cmd:#x}")
+            raise Malformed(NAME, "bad_command", pos + 4, f"command {cmd:#x}")
         self._server_desync = False
         if self._deprecate_eof is None and self._pending:
             # Caps unknown (mid-stream): a new command means the last answer ended.
             self._finish(self._pending.popleft(), ts)
-        if cmd in (COM_QUERY, COM_STMT_PREPARE):
-            q = p + 1
-            if cmd == COM_QUERY and self._qattrs is not False and head > 2:
-                q = self._query_start(buf, p, head)
-            info = analyze(decode_query(buf.view_at(q, p + head - q)), "mysql", self._sanitize) if q > 0 else None
+        if cmd == COM_QUERY or cmd == COM_STMT_PREPARE:
+            q = 1
+            if cmd == COM_QUERY and self._qattrs is not False and len(v) > 2:
+                q = self._query_start(v)
+            info = analyze(decode_query(v[q:]), "mysql", self._sanitize) if q > 0 else None
             self._push(_Cmd(cmd, info, ts))
-        elif cmd in (COM_STMT_EXECUTE, COM_STMT_BULK_EXECUTE):
-            sid = buf.u32le_at(p + 1) if head >= 5 else -1
+        elif cmd == COM_STMT_EXECUTE or cmd == COM_STMT_BULK_EXECUTE:
+            sid = _U32(v, 1)[0] if len(v) >= 5 else -1
             self._push(_Cmd(COM_STMT_EXECUTE, self._stmts.get(sid), ts))
         elif cmd == COM_STMT_CLOSE:
-            if head >= 5:
-                self._stmts.pop(buf.u32le_at(p + 1), None)
+            if len(v) >= 5:
+                self._stmts.pop(_U32(v, 1)[0], None)
         elif cmd == COM_INIT_DB:
-            self._push(_Cmd(cmd, None, ts, _text(buf, p + 1, p + head)))
+            self._push(_Cmd(cmd, None, ts, _text(v, 1, len(v))))
         elif cmd == COM_CHANGE_USER:
             self._phase = _AUTH  # an auth exchange follows, ended by OK/ERR
         elif cmd not in _NO_RESPONSE:
@@ -660,22 +768,22 @@ class Session(_Session):
                 c.state = _FIELDS
             self._push(c)
 
-    def _query_start(self, buf: LargeBuffer, p: int, head: int) -> int:
-        """Where a COM_QUERY's text starts (``p`` is its command byte): after its query
-        attributes when they were negotiated (or, joined mid-stream, when the bytes are such
-        a block followed by text); 0 when the attributes run past the part we read."""
-        end = p + head
+    def _query_start(self, v: memoryview) -> int:
+        """Where a COM_QUERY's text starts in ``v`` (its head, from the command byte): after
+        its query attributes when they were negotiated (or, joined mid-stream, when the bytes
+        are such a block followed by text); 0 when the attributes run past the part we read."""
+        end = len(v)
         if self._qattrs is None:
-            if buf.u8_at(p + 1) >= 0x20 or buf.u8_at(p + 2) != 1:
-                return p + 1  # text (no attribute block starts with a printable count)
-            q = _query_attrs_end(buf, p + 1, end)
-            if q < 0 or not _printable(buf, q, end):
-                return p + 1
+            if v[1] >= 0x20 or v[2] != 1:
+                return 1  # text (no attribute block starts with a printable count)
+            q = _query_attrs_end(v, 1, end)
+            if q < 0 or not _printable(v, q, end):
+                return 1
             self._qattrs = True
             return q
-        q = _query_attrs_end(buf, p + 1, end)
+        q = _query_attrs_end(v, 1, end)
         if q == -1:
-            raise Malformed(NAME, "bad_query_attributes", p, "query attributes expected")
+            raise Malformed(NAME, "bad_query_attributes", 0, "query attributes expected")
         return q if q > 0 else 0
 
     def _push(self, c: _Cmd) -> None:
@@ -685,11 +793,11 @@ class Session(_Session):
             p.popleft()
             self.conn.drop("pending_overflow")
 
-    def _handshake_response(self, buf: LargeBuffer, p: int, head: int) -> None:
-        end = p + head
-        if head < 4:
+    def _handshake_response(self, v: memoryview) -> None:
+        end = len(v)
+        if end < 4:
             return
-        caps = buf.u32le_at(p)
+        caps = _U32(v, 0)[0]
         if not caps & CLIENT_PROTOCOL_41:
             self._deprecate_eof = False
             self._qattrs = False
@@ -706,48 +814,49 @@ class Session(_Session):
             # The compressed protocol (zlib, or zstd where negotiated) starts after the
             # server's OK to the authentication.
             self._compress = True
-        off = p + 32
-        z = buf.find(b"\0", off, end)
+        off = 32
+        z = _nul(v, off)
         if z < 0:
             return
-        self.user = _text(buf, off, z)
+        self.user = _text(v, off, z)
         off = z + 1
         if off >= end:
             return
         if caps & CLIENT_PLUGIN_AUTH_LENENC_CLIENT_DATA:
-            alen, off = _lenenc(buf, off)
+            alen, off = _lenenc(v, off)
         elif caps & CLIENT_SECURE_CONNECTION:
-            alen = buf.u8_at(off)
+            alen = v[off]
             off += 1
         else:
-            z = buf.find(b"\0", off, end)
+            z = _nul(v, off)
             alen = (z - off) if z >= 0 else end - off
             off += 1
         off += alen
         if caps & CLIENT_CONNECT_WITH_DB and off < end:
-            z = buf.find(b"\0", off, end)
+            z = _nul(v, off)
             if z > off:
-                self.namespace = _text(buf, off, z)
+                self.namespace = _text(v, off, z)
 
     # -- server ----------------------------------------------------------------------------
-    def _server_packet(self, buf: LargeBuffer, p: int, plen: int, head: int, seq: int, pos: int) -> None:
-        """A server packet whose payload starts at ``p`` (its header at ``pos``, for its time)."""
+    def _server_packet(self, v: memoryview, plen: int, seq: int, ts: int, pos: int) -> None:
+        """A server packet: ``v`` is its payload's head (at most ``_SERVER_HEAD`` bytes), its
+        header at ``pos`` (for errors), ``ts`` when that header arrived."""
         if self._phase == _HANDSHAKE:
-            if seq == 0 and head >= 1 and buf.u8_at(p) == PROTOCOL_VERSION:
-                self._greeting(buf, p, head)
+            if seq == 0 and plen and v[0] == PROTOCOL_VERSION:
+                self._greeting(v)
                 self._phase = _AUTH
             return
         if self._phase == _AUTH:
-            if head >= 1 and buf.u8_at(p) in (0x00, 0xFF):
+            if plen and v[0] in (0x00, 0xFF):
                 self._phase = _COMMAND  # OK: authenticated; ERR: the server will hang up
                 self._seq = 0
-                if self._compress and buf.u8_at(p) == 0x00:
+                if self._compress and v[0] == 0x00:
                     self._zbuf = (LargeBuffer(), LargeBuffer())
             return
         if seq != (self._seq + 1) & 0xFF:
             # Every packet of an answer follows the previous one's sequence id: anything
             # else is not an answer to what we saw (garbage, or a capture that lost bytes).
-            raise Malformed(NAME, "bad_sequence", p - 4, f"server packet {seq} after {self._seq}")
+            raise Malformed(NAME, "bad_sequence", pos, f"server packet {seq} after {self._seq}")
         self._seq = seq
         if not self._pending:
             self.conn.drop("unpaired")
@@ -755,18 +864,18 @@ class Session(_Session):
         if plen == 0:
             return
         c = self._pending[0]
-        b0 = buf.u8_at(p)
+        b0 = v[0]
         st = c.state
-        if st == _FIRST:
+        if st == _ROWS:  # first: a result set's rows are most of an answer's packets
+            self._row(c, v, plen, ts, b0)
+        elif st == _FIRST:
             if c.cmd == COM_STATISTICS:
-                self._done(c, buf.ts_at(pos))
+                self._done(c, ts)
             elif b0 == 0xFF:
-                self._error(c, buf, p, head)
-                self._done(c, buf.ts_at(pos))
-            elif b0 == 0x00 and c.cmd == COM_STMT_PREPARE and head >= 9:
-                sid = buf.u32le_at(p + 1)
-                ncols = buf.u16le_at(p + 5)
-                nparams = buf.u16le_at(p + 7) if head >= 9 else 0
+                self._error(c, v)
+                self._done(c, ts)
+            elif b0 == 0x00 and c.cmd == COM_STMT_PREPARE and len(v) >= 9:
+                sid, ncols, nparams = _PREPARE_OK(v, 1)
                 self._stmts[sid] = c.info
                 self._stmts.move_to_end(sid)
                 if len(self._stmts) > self._max_stmts:
@@ -779,21 +888,21 @@ class Session(_Session):
                 elif ncols:
                     c.state = _P_COLS
                 else:
-                    self._done(c, buf.ts_at(pos))
+                    self._done(c, ts)
             elif b0 == 0x00:
-                if self._more_results_ok(buf, p, head):
-                    return
+                if self._ok_status(v) & SERVER_MORE_RESULTS_EXISTS:
+                    return  # an OK ending one result of several (multi-statement, CALL)
                 if c.cmd == COM_INIT_DB:
                     self.namespace = c.arg
                 elif c.cmd == COM_QUERY and c.info is not None and c.info.operation == "USE":
                     self.namespace = _use_target(c.info.text)
-                self._done(c, buf.ts_at(pos))
+                self._done(c, ts)
             elif b0 == 0xFE and plen < 9:
-                self._done(c, buf.ts_at(pos))
+                self._done(c, ts)
             elif b0 == 0xFB:
                 c.state = _INFILE
             else:
-                c.left, _ = _lenenc(buf, p)
+                c.left = b0 if b0 < 0xFB else _lenenc(v, 0)[0]
                 c.state = _COLS if c.left else _ROWS
         elif st == _COLS:
             c.left -= 1
@@ -802,9 +911,7 @@ class Session(_Session):
         elif st == _COLS_EOF:
             c.state = _ROWS
             if not (b0 == 0xFE and plen < 9):
-                self._row(c, buf, p, plen, head, pos, b0)  # no EOF after all: this is a row
-        elif st == _ROWS:
-            self._row(c, buf, p, plen, head, pos, b0)
+                self._row(c, v, plen, ts, b0)  # no EOF after all: this is a row
         elif st in (_P_PARAMS, _P_COLS):
             if st == _P_PARAMS:
                 c.rows -= 1
@@ -822,75 +929,74 @@ class Session(_Session):
             elif st == _P_PARAMS and c.left:
                 c.state = _P_COLS
             else:
-                self._done(c, buf.ts_at(pos))
+                self._done(c, ts)
         elif st in (_P_PARAMS_EOF, _P_COLS_EOF):
             if st == _P_PARAMS_EOF and c.left:
                 c.state = _P_COLS
             else:
-                self._done(c, buf.ts_at(pos))
+                self._done(c, ts)
         elif st == _INFILE:
             if b0 == 0xFF:
-                self._error(c, buf, p, head)
-            self._done(c, buf.ts_at(pos))
+                self._error(c, v)
+            self._done(c, ts)
         elif st == _FIELDS:
             if b0 == 0xFF:
-                self._error(c, buf, p, head)
-                self._done(c, buf.ts_at(pos))
+                self._error(c, v)
+                self._done(c, ts)
             elif b0 == 0xFE and plen < 9:
-                self._done(c, buf.ts_at(pos))
+                self._done(c, ts)
 
-    def _row(self, c: _Cmd, buf: LargeBuffer, p: int, plen: int, head: int, pos: int, b0: int) -> None:
+    def _row(self, c: _Cmd, v: memoryview, plen: int, ts: int, b0: int) -> None:
         if b0 == 0xFE and (plen < 9 or (self._deprecate_eof and plen < MAX_PACKET_PAYLOAD)):
             if plen < 9 and not self._deprecate_eof:
-                more = head >= 5 and buf.u16le_at(p + 3) & SERVER_MORE_RESULTS_EXISTS
+                more = len(v) >= 5 and _U16(v, 3)[0] & SERVER_MORE_RESULTS_EXISTS
             else:
-                more = self._ok_status(buf, p, head) & SERVER_MORE_RESULTS_EXISTS
+                more = self._ok_status(v) & SERVER_MORE_RESULTS_EXISTS
             if more:
                 c.state = _FIRST
             else:
-                self._done(c, buf.ts_at(pos))
+                self._done(c, ts)
         elif b0 == 0xFF:
-            self._error(c, buf, p, head)
-            self._done(c, buf.ts_at(pos))
+            self._error(c, v)
+            self._done(c, ts)
         else:
             c.rows += 1
 
-    def _ok_status(self, buf: LargeBuffer, p: int, head: int) -> int:
+    @staticmethod
+    def _ok_status(v: memoryview) -> int:
+        """An OK packet's (or an EOF-as-OK's) status flags; 0 when its head is cut before them."""
         try:
-            _, off = _lenenc(buf, p + 1)
-            _, off = _lenenc(buf, off)
-            return buf.u16le_at(off) if off + 2 <= p + head else 0
-        except ValueError:
+            _, off = _lenenc(v, 1)
+            _, off = _lenenc(v, off)
+            return _U16(v, off)[0] if off + 2 <= len(v) else 0
+        except _SHORT:
             return 0
 
-    def _more_results_ok(self, buf: LargeBuffer, p: int, head: int) -> bool:
-        """An OK ending one result of several (multi-statement, CALL): wait for the next."""
-        return bool(self._ok_status(buf, p, head) & SERVER_MORE_RESULTS_EXISTS)
-
-    def _greeting(self, buf: LargeBuffer, p: int, head: int) -> None:
-        end = p + head
-        z = buf.find(b"\0", p + 1, end)
+    def _greeting(self, v: memoryview) -> None:
+        end = len(v)
+        z = _nul(v, 1)
         if z < 0:
             return
-        self.server_version = _text(buf, p + 1, z)
+        self.server_version = _text(v, 1, z)
         off = z + 1 + 4 + 8 + 1
         if off + 2 <= end:
-            caps = buf.u16le_at(off)
+            caps = _U16(v, off)[0]
             if off + 7 <= end:
-                caps |= buf.u16le_at(off + 5) << 16
+                caps |= _U16(v, off + 5)[0] << 16
             self._server_caps = caps
 
-    def _error(self, c: _Cmd, buf: LargeBuffer, p: int, head: int) -> None:
-        end = p + head
-        if head < 3:
+    @staticmethod
+    def _error(c: _Cmd, v: memoryview) -> None:
+        end = len(v)
+        if end < 3:
             c.err_code = -1
             return
-        c.err_code = buf.u16le_at(p + 1)
-        off = p + 3
-        if off + 6 <= end and buf.u8_at(off) == 0x23:  # '#' + SQLSTATE
-            c.err_state = str(buf.view_at(off + 1, 5), "ascii", "replace")
+        c.err_code = _U16(v, 1)[0]
+        off = 3
+        if off + 6 <= end and v[off] == 0x23:  # '#' + SQLSTATE
+            c.err_state = str(v[off + 1:off + 6], "ascii", "replace")
             off += 6
-        c.err_msg = str(buf.view_at(off, end - off), "utf-8", "replace")
+        c.err_msg = str(v[off:end], "utf-8", "replace")
 
     def _done(self, c: _Cmd, ts: int) -> None:
         if self._pending and self._pending[0] is c:
@@ -946,9 +1052,9 @@ class Session(_Session):
             conn.emit(span)
 
 
-def _text(buf: LargeBuffer, off: int, end: int) -> str:
+def _text(v: memoryview, off: int, end: int) -> str:
     # Small fields kept on the span (schema, user): a deliberate, bounded copy.
-    return str(buf.view_at(off, max(0, min(end - off, MAX_NAME))), "utf-8", "replace")
+    return str(v[off:off + max(0, min(end - off, MAX_NAME))], "utf-8", "replace")
 
 
 def _use_target(text: str) -> str:
