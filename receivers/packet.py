@@ -664,19 +664,18 @@ def _prism(buf: Buf, off: int, end: int) -> Result:
     (magic,) = _U32BE.unpack_from(buf, off)
     if magic & 0xFFFFFFF0 == 0x80211000:
         return _avs(buf, off, end)
-    (hlen,) = _U32LE.unpack_from(buf, off + 4)
-    if hlen < 8:
-        return "malformed"
-    if off + hlen > end:
-        return "truncated"
-    return _wlan(buf, off + hlen, end)
+    return _after_header(buf, off, end, _U32LE.unpack_from(buf, off + 4)[0])
 
 
 def _avs(buf: Buf, off: int, end: int) -> Result:
     """LINKTYPE_IEEE802_11_AVS: version/magic then the header's length, big-endian."""
     if end - off < 8:
         return "truncated"
-    (hlen,) = _U32BE.unpack_from(buf, off + 4)
+    return _after_header(buf, off, end, _U32BE.unpack_from(buf, off + 4)[0])
+
+
+def _after_header(buf: Buf, off: int, end: int, hlen: int) -> Result:
+    """The 802.11 frame after a capture header of ``hlen`` bytes (Prism, AVS)."""
     if hlen < 8:
         return "malformed"
     if off + hlen > end:

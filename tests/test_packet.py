@@ -182,12 +182,17 @@ _SEED_LT = [P.LINKTYPE_ETHERNET, P.LINKTYPE_ETHERNET, P.LINKTYPE_LINUX_SLL2, P.L
 @given(st.integers(0, len(_SEEDS) - 1), st.lists(st.tuples(st.integers(0, 400), st.integers(0, 255)), max_size=6),
        st.integers(0, 400))
 def test_fuzz_mutated_frames(i, flips, cut):
-    b = bytearray(_SEEDS[i])
+    _check_mutated(_SEED_LT[i], _SEEDS[i], flips, cut)
+
+
+def _check_mutated(linktype: int, frame: bytes, flips: list[tuple[int, int]], cut: int) -> None:
+    """``frame`` with the bytes at ``flips`` overwritten and cut at ``cut``: a segment or a reason."""
+    b = bytearray(frame)
     for pos, val in flips:
         if pos < len(b):
             b[pos] = val
     b = b[:cut] if cut < len(b) else b
-    _check(decode(_SEED_LT[i], memoryview(bytes(b))), len(b))
+    _check(decode(linktype, memoryview(bytes(b))), len(b))
 
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -322,34 +327,34 @@ def test_tunnel_depth_is_bounded_and_plain_udp_is_a_datagram():
 @given(st.integers(0, len(TUNNELS) - 1), st.lists(st.tuples(st.integers(0, 200), st.integers(0, 255)), max_size=6),
        st.integers(0, 300))
 def test_fuzz_mutated_tunnels(i, flips, cut):
-    _name, lt, frame = TUNNELS[i]
-    b = bytearray(frame)
-    for pos, val in flips:
-        if pos < len(b):
-            b[pos] = val
-    b = b[:cut] if cut < len(b) else b
-    _check(decode(lt, memoryview(bytes(b))), len(b))
+    _check_mutated(TUNNELS[i][1], TUNNELS[i][2], flips, cut)
 
 
 def test_tunnelled_capture_replays_to_spans(tmp_path):
     """A pcap whose HTTP exchange runs inside VXLAN (and one as NFLOG): the pcap receiver
     and the stage see the inner connection."""
+    _replays_to_one_span(tmp_path, "/tunnelled", [(P.LINKTYPE_ETHERNET, lambda p: g.ether(vxlan(g.ether(p)))),
+                                                   (P.LINKTYPE_NFLOG, nflog)])
+
+
+def _replays_to_one_span(tmp_path, target: str, links) -> None:
+    """One HTTP exchange (handshake, request, response) with each of ``links``' (link type,
+    wrap an IPv4 packet) replays to its one span, the inner connection's."""
     from tests.support.replay import replay
 
     c, s = ("10.1.0.5", 41000), ("10.1.0.9", 80)
-    req = b"GET /tunnelled HTTP/1.1\r\nHost: svc\r\n\r\n"
+    req = b"GET " + target.encode() + b" HTTP/1.1\r\nHost: svc\r\n\r\n"
     resp = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
     pkts = [g.ipv4(c[0], s[0], g.tcp(c[1], s[1], 1, 0, g.SYN)),
             g.ipv4(s[0], c[0], g.tcp(s[1], c[1], 100, 2, g.SYN | g.ACK)),
             g.ipv4(c[0], s[0], g.tcp(c[1], s[1], 2, 101, g.PSH | g.ACK, req)),
             g.ipv4(s[0], c[0], g.tcp(s[1], c[1], 101, 2 + len(req), g.PSH | g.ACK, resp))]
-    for lt, frames in ((P.LINKTYPE_ETHERNET, [g.ether(vxlan(g.ether(p))) for p in pkts]),
-                       (P.LINKTYPE_NFLOG, [nflog(p) for p in pkts])):
-        path = tmp_path / f"t{lt}.pcap"
-        g.write_pcap(path, frames, linktype=lt)
+    for i, (lt, wrap) in enumerate(links):
+        path = tmp_path / f"t{i}-{lt}.pcap"
+        g.write_pcap(path, [wrap(p) for p in pkts], linktype=lt)
         spans, rstats, _ = replay(path)
         assert [(x.attributes["url.path"], x.attributes["http.response.status_code"]) for x in spans] == [
-            ("/tunnelled", 200)], (lt, rstats)
+            (target, 200)], (lt, rstats)
         assert spans[0].attributes["client.address"] == "10.1.0.5"
 
 
@@ -447,13 +452,7 @@ def test_ppp_and_wifi_carry_ipv6_and_say_why_not():
 @given(st.integers(0, len(ENCAPSULATIONS) - 1),
        st.lists(st.tuples(st.integers(0, 200), st.integers(0, 255)), max_size=6), st.integers(0, 300))
 def test_fuzz_mutated_encapsulations(i, flips, cut):
-    _name, lt, frame = ENCAPSULATIONS[i]
-    b = bytearray(frame)
-    for pos, val in flips:
-        if pos < len(b):
-            b[pos] = val
-    b = b[:cut] if cut < len(b) else b
-    _check(decode(lt, memoryview(bytes(b))), len(b))
+    _check_mutated(ENCAPSULATIONS[i][1], ENCAPSULATIONS[i][2], flips, cut)
 
 
 def test_encapsulations_agree_with_tshark(tmp_path):
@@ -477,22 +476,9 @@ def test_encapsulations_agree_with_tshark(tmp_path):
 
 
 def test_pppoe_and_radiotap_captures_replay_to_spans(tmp_path):
-    """A whole exchange over PPPoE and one over radiotap 802.11: the receiver and the stage
-    see the connection inside."""
-    from tests.support.replay import replay
-
-    c, s = ("10.1.0.5", 41000), ("10.1.0.9", 80)
-    req = b"GET /wifi HTTP/1.1\r\nHost: svc\r\n\r\n"
-    resp = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
-    pkts = [g.ipv4(c[0], s[0], g.tcp(c[1], s[1], 1, 0, g.SYN)),
-            g.ipv4(s[0], c[0], g.tcp(s[1], c[1], 100, 2, g.SYN | g.ACK)),
-            g.ipv4(c[0], s[0], g.tcp(c[1], s[1], 2, 101, g.PSH | g.ACK, req)),
-            g.ipv4(s[0], c[0], g.tcp(s[1], c[1], 101, 2 + len(req), g.PSH | g.ACK, resp))]
-    for lt, frames in ((P.LINKTYPE_ETHERNET, [_eth(0x8864, pppoe(p)) for p in pkts]),
-                       (P.LINKTYPE_IEEE802_11_RADIOTAP, [radiotap(wlan(p, fc0=0x88, qos=b"\0\0")) for p in pkts]),
-                       (P.LINKTYPE_PPP, [b"\xff\x03\x00\x21" + p for p in pkts])):
-        path = tmp_path / f"t{lt}.pcap"
-        g.write_pcap(path, frames, linktype=lt)
-        spans, rstats, _ = replay(path)
-        assert [(x.attributes["url.path"], x.attributes["http.response.status_code"]) for x in spans] == [
-            ("/wifi", 200)], (lt, rstats)
+    """A whole exchange over PPPoE, over radiotap 802.11 and over PPP: the receiver and the
+    stage see the connection inside."""
+    _replays_to_one_span(tmp_path, "/wifi", [
+        (P.LINKTYPE_ETHERNET, lambda p: _eth(0x8864, pppoe(p))),
+        (P.LINKTYPE_IEEE802_11_RADIOTAP, lambda p: radiotap(wlan(p, fc0=0x88, qos=b"\0\0"))),
+        (P.LINKTYPE_PPP, lambda p: b"\xff\x03\x00\x21" + p)])
