@@ -10,6 +10,10 @@
  * exactly when the Python framing loop of feed_whole declines. None: whole, but a body
  * is unusual (a Parse or Bind whose names have no NUL): the Python reader then reads
  * the segment and raises what it raises. So this file never decides an error.
+ *   client(data, True) -> (end, tuple) | None, server(data, True) likewise
+ * the buffered feed's form: the whole messages before the first one that is not (cut
+ * short, or a header feed would raise on), ``end`` where they stop; feed reads on
+ * from there in Python. None as above.
  *
  * client's tuple holds one record a message that leaves a trace (H, X, d, c, f, p leave
  * none), in order, each read from the body capped as _CLIENT_HEAD caps it:
@@ -83,19 +87,20 @@ static Py_ssize_t cstr_end(const unsigned char *b, Py_ssize_t off, Py_ssize_t en
 /* Frame a segment: every header of this side's types, length 4..MAX_MESSAGE_LEN, the last
  * message ending at n. Returns the number of messages (counting only the wanted ones into
  * *kept), or -1 when feed_whole's framing loop would decline. */
-static Py_ssize_t frame(const unsigned char *b, Py_ssize_t n, const unsigned char *types, int client,
-                        Py_ssize_t *kept) {
-    Py_ssize_t pos = 0, count = 0, k = 0;
+static Py_ssize_t frame(const unsigned char *b, Py_ssize_t *np, const unsigned char *types, int client,
+                        int partial, Py_ssize_t *kept) {
+    Py_ssize_t n = *np, pos = 0, count = 0, k = 0;
     unsigned char prev = 0;
     while (pos < n) {
-        if (n - pos < 5)
-            return -1;
-        unsigned char t = b[pos];
-        long ln = be32(b + pos + 1);
-        if (!types[t] || ln < 4 || ln > MAX_MESSAGE_LEN)
-            return -1;
-        if ((Py_ssize_t)ln > n - pos - 1)
-            return -1;
+        unsigned char t;
+        long ln = 0;
+        if (n - pos < 5 || !types[t = b[pos]] || (ln = be32(b + pos + 1)) < 4 || ln > MAX_MESSAGE_LEN
+                || (Py_ssize_t)ln > n - pos - 1) {
+            if (!partial)
+                return -1;
+            *np = pos;  /* the whole messages before it: the Python loop takes it from here */
+            break;
+        }
         pos += ln + 1;
         count++;
         if (client) {
@@ -187,13 +192,20 @@ static PyObject *client_rec(const unsigned char *b, unsigned char t, Py_ssize_t 
     }
 }
 
-static PyObject *walk(PyObject *arg, int client) {
+static PyObject *walk(PyObject *const *args, Py_ssize_t nargs, int client) {
     Py_buffer view;
-    if (PyObject_GetBuffer(arg, &view, PyBUF_SIMPLE) < 0)
+    int partial = 0;
+    if (nargs < 1 || nargs > 2) {
+        PyErr_SetString(PyExc_TypeError, "expected (data[, partial])");
+        return NULL;
+    }
+    if (nargs == 2 && (partial = PyObject_IsTrue(args[1])) < 0)
+        return NULL;
+    if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0)
         return NULL;
     const unsigned char *b = view.buf;
     Py_ssize_t n = view.len, kept = 0;
-    Py_ssize_t count = frame(b, n, client ? CLIENT_T : SERVER_T, client, &kept);
+    Py_ssize_t count = frame(b, &n, client ? CLIENT_T : SERVER_T, client, partial, &kept);
     if (count < 0) {
         PyBuffer_Release(&view);
         Py_RETURN_FALSE;
@@ -270,12 +282,18 @@ static PyObject *walk(PyObject *arg, int client) {
         Py_DECREF(out);
         Py_RETURN_NONE;
     }
+    if (partial)
+        return Py_BuildValue("(nN)", n, out);
     return out;
 }
 
-static PyObject *client(PyObject *self, PyObject *arg) { return walk(arg, 1); }
+static PyObject *client(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    return walk(args, nargs, 1);
+}
 
-static PyObject *server(PyObject *self, PyObject *arg) { return walk(arg, 0); }
+static PyObject *server(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    return walk(args, nargs, 0);
+}
 
 static PyObject *limits(PyObject *self, PyObject *args) {
     Py_ssize_t q, nm, eh;
@@ -292,8 +310,10 @@ static PyObject *limits(PyObject *self, PyObject *args) {
 }
 
 static PyMethodDef methods[] = {
-    {"client", client, METH_O, "A client segment's records (see postgresql.py), False or None."},
-    {"server", server, METH_O, "A server segment's events (see postgresql.py), False or None."},
+    {"client", (PyCFunction)(void (*)(void))client, METH_FASTCALL,
+     "client(data[, partial]): a client segment's records (see the header), False or None."},
+    {"server", (PyCFunction)(void (*)(void))server, METH_FASTCALL,
+     "server(data[, partial]): a server segment's events (see the header), False or None."},
     {"limits", limits, METH_VARARGS, "Set the body caps: (max_query_bytes, max_name, max_error_head)."},
     {NULL, NULL, 0, NULL},
 };

@@ -380,6 +380,7 @@ class Session(_Session):
         want = 0
         c = _NO_CHUNK  # the chunk holding pos, from cs for clen bytes: headers read in place
         cs = clen = cts = 0
+        fast = _C is not None
         try:
             while True:
                 n = len(buf)
@@ -417,6 +418,19 @@ class Session(_Session):
                     clen = len(c)
                     rel = pos - cs
                     cts = buf.ts_at(pos)  # the arrival of the chunk holding pos
+                if fast and rel + 5 <= clen:
+                    # The whole messages in this chunk from pos in one C call, read as below
+                    # (they all arrived with the chunk); the loop reads on from where it stops.
+                    got = (_C.client if from_client else _C.server)(c[rel:], True)  # type: ignore[union-attr]
+                    if got is None:
+                        fast = False  # an unusual body: the rest of this feed is read below
+                    elif got[0]:
+                        if from_client:
+                            self._client_records(got[1], c[rel:], cts)
+                        else:
+                            self._server_events(got[1], c[rel:], cts)
+                        pos += got[0]
+                        continue
                 if rel + 5 <= clen:
                     t = c[rel]
                     ln = _I32BE(c, rel + 1)[0]
@@ -781,8 +795,24 @@ class Session(_Session):
             elif t == 69:
                 s = next(it)
                 self._server_error(*_error_fields_view(data, s, next(it)), ts)
-            else:
-                self._server_msg(t, ts)
+            elif not pend:  # nothing awaits an answer: _server_msg would do nothing
+                continue
+            else:  # _server_msg's common cases written out (a call per message costs as much)
+                hk = pend[0].kind
+                if t == 90:  # ReadyForQuery
+                    if hk == _Q:
+                        self._span(pend.popleft(), ts)
+                    elif hk == _S:
+                        pend.popleft()
+                    else:
+                        self._server_msg(t, ts)
+                elif t == 49 or t == 50:  # ParseComplete, BindComplete
+                    if hk == (_P if t == 49 else _B):
+                        pend.popleft()
+                elif t == 67 and hk == _E:  # CommandComplete of an Execute
+                    self._span(pend.popleft(), ts)
+                else:
+                    self._server_msg(t, ts)
 
     # -- server messages -----------------------------------------------------------------
     def _server_msg(self, t: int, ts: int) -> None:

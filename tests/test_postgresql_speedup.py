@@ -1,0 +1,410 @@
+"""The C segment walker (processors/protocols/_pgwire.c) against the pure-Python reference.
+
+_pgwire.client/server must frame a segment exactly as feed_whole's Python loop frames it
+(False where it declines; in the buffered form, stop where feed's loop would read a message
+itself) and read each body exactly as ``Session._client_view`` and feed_whole's server
+loop read it, from the same capped bodies (None wherever the Python reader would raise),
+so the stage gives the same spans and drop counts with the accelerator on or off.
+hypothesis builds message streams of every type either side sends and damages them
+(truncation, byte flips, inserted bytes, hostile lengths, random bytes); the whole stage
+then runs exchanges.py's conversation, the hand-built extended-protocol one and the
+recorded psycopg session whole, a byte a segment and in random segments, both ways.
+
+The C module is imported directly, so the reference tests run under WIRESPAN_PURE_PYTHON=1
+too. ``WIRESPAN_PGWIRE_SO=/tmp/x.so`` loads another build (the ASAN check, as
+tests/test_http1_speedup.py describes).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import random
+import struct
+from types import ModuleType
+
+import pytest
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+
+from processors.protocols import postgresql as pg
+from processors.protocols.processor import ProtocolsProcessor
+from service.model import EventKind, TcpEvent
+from tests.support.driver import pieces
+from tests.support.exchanges import EXCHANGES
+
+#: Raise for a long local run: WIRESPAN_FUZZ_EXAMPLES=20000 pytest tests/test_postgresql_speedup.py
+EXAMPLES = int(os.environ.get("WIRESPAN_FUZZ_EXAMPLES", "400"))
+
+
+def _load_c() -> ModuleType:
+    so = os.environ.get("WIRESPAN_PGWIRE_SO")
+    if so:
+        spec = importlib.util.spec_from_file_location("processors.protocols._pgwire", so)
+        assert spec is not None and spec.loader is not None
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod
+    try:
+        return importlib.import_module("processors.protocols._pgwire")
+    except ImportError as e:  # no compiler on this machine: only the pure path exists
+        pytest.skip(f"the _pgwire accelerator is not built here ({e})", allow_module_level=True)
+        raise
+
+
+C = _load_c()
+LIMITS = (pg.MAX_QUERY_BYTES, pg.MAX_NAME, pg.MAX_ERROR_HEAD)
+C.limits(*LIMITS)
+
+
+# -- the reference: what the Python readers read --------------------------------------------
+def _frame(data: bytes, client: bool, partial: bool) -> int | None:
+    """Where feed_whole's framing loop (whole) or feed's read-on point (partial) leaves the
+    C walker: the end of the whole messages, None where feed_whole declines."""
+    heads = pg._CLIENT_HEAD if client else pg._SERVER_HEAD
+    n, pos = len(data), 0
+    while pos < n:
+        if n - pos < 5:
+            break
+        t = data[pos]
+        ln = struct.unpack_from(">i", data, pos + 1)[0]
+        if t not in heads or ln < 4 or ln > pg.MAX_MESSAGE_LEN or pos + 1 + ln > n:
+            break
+        pos += ln + 1
+    return pos if partial or pos == n else None
+
+
+def ref_client(data: bytes, limits: tuple[int, int, int] = LIMITS, partial: bool = False) -> object:
+    """What _pgwire.client must return, from _client_view's reads (its helpers, its caps)."""
+    max_query, max_name, _eh = limits
+    caps = {ord("Q"): max_query + 1, ord("P"): max_name + max_query + 2, ord("B"): 2 * max_name + 2,
+            ord("E"): max_name + 5, ord("D"): max_name + 2, ord("C"): max_name + 2}
+    end_all = _frame(data, True, partial)
+    if end_all is None:
+        return False
+    view = memoryview(data)
+    cend = pg._cstr_end_view
+    out: list[tuple] = []
+    pos = 0
+    while pos < end_all:
+        t = data[pos]
+        ln = struct.unpack_from(">i", data, pos + 1)[0]
+        off = pos + 5
+        end = off + min(ln - 4, caps.get(t, 0))
+        pos += ln + 1
+        if t == 81:
+            z = cend(view, off, end)
+            out.append((81, off, z - 1 if z > 0 else end))
+        elif t == 80:
+            p = cend(view, off, end)
+            if p < 0:
+                return None  # _client_view raises bad_parse
+            z = cend(view, p, end)
+            out.append((80, data[off:off + min(p - 1 - off, max_name)], p, z - 1 if z > 0 else end))
+        elif t == 66:
+            p = cend(view, off, end)
+            q = cend(view, p, end) if p > 0 else -1
+            if q < 0:
+                return None  # bad_bind
+            out.append((66, data[off:p - 1], data[p:q - 1] if q - 1 > p else b""))
+        elif t == 69:
+            p = cend(view, off, end)
+            out.append((69, data[off:p - 1 if p > 0 else end]))
+        elif t == 67:
+            p = cend(view, off + 1, end)
+            out.append((67, data[off] if end > off else 0, data[off + 1:p - 1] if p > 0 else None))
+        elif t in (68, 83, 70):
+            out.append((t,))
+    return (end_all, tuple(out)) if partial else tuple(out)
+
+
+def ref_server(data: bytes, limits: tuple[int, int, int] = LIMITS, partial: bool = False) -> object:
+    """What _pgwire.server must return: feed_whole's server loop's acts, DataRows in runs."""
+    end_all = _frame(data, False, partial)
+    if end_all is None:
+        return False
+    out: list[int] = []
+    pos = prev = 0
+    while pos < end_all:
+        t = data[pos]
+        ln = struct.unpack_from(">i", data, pos + 1)[0]
+        if t == 68:
+            if prev == 68:  # the run goes on (a skipped type between DataRows ends it)
+                out[-1] -= 1
+            else:
+                out.append(-1)
+        elif t == 69:
+            out += [69, pos + 5, pos + 5 + min(ln - 4, limits[2])]
+        elif t in b"CZ123TnIsV":
+            out.append(t)
+        prev = t
+        pos += ln + 1
+    return (end_all, tuple(out)) if partial else tuple(out)
+
+
+def _both(data: bytes, limits: tuple[int, int, int] = LIMITS) -> None:
+    for partial in (False, True):
+        args = (data, True) if partial else (data,)
+        assert C.client(*args) == ref_client(data, limits, partial), (data, partial)
+        assert C.server(*args) == ref_server(data, limits, partial), (data, partial)
+
+
+# -- message streams ---------------------------------------------------------------------------
+def _msg(t: bytes, body: bytes) -> bytes:
+    return t + struct.pack(">i", len(body) + 4) + body
+
+
+_names = st.one_of(st.just(b""), st.binary(max_size=12).map(lambda b: b.replace(b"\0", b"n")))
+_text = st.binary(max_size=40)  # NULs in it too: the text stops at the first one
+
+
+@st.composite
+def client_message(draw: st.DrawFn) -> bytes:
+    t = draw(st.sampled_from(b"QPBEDCSHXdcfpF"))
+    if t == 81:
+        body = draw(_text) + draw(st.sampled_from([b"\0", b""]))
+    elif t == 80:
+        body = draw(_names) + b"\0" + draw(_text) + b"\0" + draw(st.sampled_from([b"\0\0", b"\0\1\0\0\0\x17"]))
+    elif t == 66:
+        body = draw(_names) + b"\0" + draw(_names) + b"\0" + b"\0\0\0\1" + struct.pack(">i", 3) + b"abc" + b"\0\0"
+    elif t == 69:
+        body = draw(_names) + b"\0" + b"\0\0\0\0"
+    elif t in (68, 67):
+        body = draw(st.sampled_from([b"S", b"P", b"x"])) + draw(_names) + b"\0"
+    else:
+        body = draw(st.binary(max_size=8)) if t in b"dpF" else b""
+    if draw(st.integers(0, 9)) == 0:  # a body cut or grown at random: names without NULs, etc.
+        body = draw(st.binary(max_size=30))
+    return _msg(bytes([t]), body)
+
+
+@st.composite
+def server_message(draw: st.DrawFn) -> bytes:
+    t = draw(st.sampled_from(b"ENCZRSKTDI123ntsGHWdcAvV"))
+    if t in (69, 78):
+        body = b"SERROR\0C" + draw(st.binary(max_size=7)) + b"\0M" + draw(_text) + b"\0\0"
+    elif t == 68:
+        body = b"\0\1" + struct.pack(">i", 2) + b"ab"
+    elif t == 90:
+        body = draw(st.sampled_from([b"I", b"T", b"E"]))
+    elif t == 67:
+        body = draw(_text) + b"\0"
+    else:
+        body = draw(st.binary(max_size=12))
+    return _msg(bytes([t]), body)
+
+
+def _damage(data: bytes, how: list[tuple[int, int, int]]) -> bytes:
+    b = bytearray(data)
+    for kind, at, v in how:
+        if not b:
+            break
+        at %= len(b)
+        if kind == 0:
+            b[at] = v
+        elif kind == 1:
+            b.insert(at, v)
+        elif kind == 2:
+            del b[at:]
+        else:  # a hostile length where a header may be
+            b[at:at + 4] = struct.pack(">i", [-1, 0, 3, 1 << 30, (1 << 31) - 1, v][v % 6])
+    return bytes(b)
+
+
+_damages = st.lists(st.tuples(st.integers(0, 3), st.integers(0, 10_000), st.integers(0, 255)), max_size=3)
+
+
+@settings(max_examples=EXAMPLES, deadline=None)
+@given(st.lists(client_message(), max_size=8), st.lists(server_message(), max_size=8), _damages)
+@example([b"P\0\0\0\x05x"], [], [])  # a Parse whose name has no NUL: Python decides
+@example([b"B\0\0\0\x06\0x"], [], [])  # a Bind whose statement has no NUL
+@example([b"C\0\0\0\x04"], [b"D\0\0\0\x04", b"N\0\0\0\x04", b"D\0\0\0\x04"], [])  # empty Close; split runs
+def test_streams_match_the_reference(client: list[bytes], server: list[bytes], damage: list) -> None:
+    for data in (b"".join(client), b"".join(server)):
+        _both(data)
+        _both(_damage(data, damage))
+
+
+@settings(max_examples=EXAMPLES, deadline=None)
+@given(st.binary(max_size=200))
+@example(b"Q\x7f\xff\xff\xff")
+@example(b"D\0\0\0\x04D\x80\0\0\0")
+def test_random_bytes_match_the_reference(data: bytes) -> None:
+    _both(data)
+
+
+@settings(max_examples=max(50, EXAMPLES // 2), deadline=None)
+@given(st.lists(client_message(), max_size=6), st.lists(server_message(), max_size=6),
+       st.tuples(st.integers(0, 6), st.integers(0, 6), st.integers(0, 8)), _damages)
+def test_small_caps_match_the_reference(client: list[bytes], server: list[bytes], limits: tuple[int, int, int],
+                                        damage: list) -> None:
+    """With tiny caps every read runs into its body's cap (text, names, error heads)."""
+    C.limits(*limits)
+    try:
+        for data in (b"".join(client), b"".join(server)):
+            _both(data, limits)
+            _both(_damage(data, damage), limits)
+    finally:
+        C.limits(*LIMITS)
+
+
+def test_buffers_and_arguments() -> None:
+    seg = _msg(b"Q", b"SELECT 1\0") + _msg(b"S", b"")
+    assert C.client(memoryview(seg)) == C.client(bytearray(seg)) == ((81, 5, 13), (83,))
+    assert C.client(memoryview(seg)[5:]) is False  # a body is no header
+    assert C.client(memoryview(seg)[:-1], True) == (14, ((81, 5, 13),))
+    assert C.client(b"") == () and C.server(b"", True) == (0, ())
+    assert C.server(_msg(b"D", b"") * 3 + _msg(b"Z", b"I")) == (-3, 90)
+    with pytest.raises(TypeError):
+        C.client("not bytes")
+    with pytest.raises(TypeError):
+        C.client()
+    with pytest.raises(ValueError):
+        C.limits(-1, 0, 0)
+    with pytest.raises(BufferError):  # not contiguous: refused, never read out of bounds
+        C.client(memoryview(seg * 2)[::2])
+
+
+# -- the stage with and without the accelerator ----------------------------------------------
+CLIENT = ("10.0.0.1", 40000)
+SERVER = "10.0.0.2"
+
+
+class _Sink:
+    def __init__(self) -> None:
+        self.spans: list = []
+
+    def consume_spans(self, spans: list) -> None:
+        self.spans.extend(spans)
+
+
+def _stage(segments: list[tuple[bool, bytes]]) -> tuple[list, dict]:
+    sink = _Sink()
+    stage = ProtocolsProcessor("protocols", {}, sink)
+    ts = 1_000_000
+    for i, (from_client, data) in enumerate(segments):
+        src, dst = (CLIENT, (SERVER, 5432)) if from_client else ((SERVER, 5432), CLIENT)
+        payload = memoryview(data) if i % 2 else data  # the pcap receivers' views, the eBPF one's bytes
+        stage.consume_events([TcpEvent(EventKind.DATA, 1, src[0], src[1], dst[0], dst[1], ts, payload,
+                                       client_is_src=from_client)])
+        ts += 1000
+    stage.shutdown()
+    spans = [(s.name, int(s.kind), s.start_ns, s.end_ns, int(s.status_code), s.status_message,
+              sorted(s.attributes.items(), key=str), s.parent_span_id) for s in sink.spans]
+    return spans, dict(stage.stats["drops"])
+
+
+def _both_ways(segments: list[tuple[bool, bytes]], expect_c: bool = False) -> tuple[list, dict]:
+    """(spans, drops) through the stage, asserted equal with ``_C`` and without it (and, when
+    ``expect_c``, the walker called at all: a conversation never detected never calls it)."""
+    calls = [0]
+
+    def counted(f):  # type: ignore[no-untyped-def]
+        def call(*a):  # type: ignore[no-untyped-def]
+            calls[0] += 1
+            return f(*a)
+        return call
+
+    class _Counting:
+        client = staticmethod(counted(C.client))
+        server = staticmethod(counted(C.server))
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(pg, "_C", _Counting)
+        got = _stage(segments)
+        m.setattr(pg, "_C", None)
+        want = _stage(segments)
+    assert got == want
+    assert calls[0] or not expect_c
+    return got
+
+
+def _cut(segments: list[tuple[bool, bytes]], how: str, rng: random.Random) -> list[tuple[bool, bytes]]:
+    """The same bytes whole, a byte a segment, or in random pieces."""
+    if how == "whole":
+        return segments
+    out: list[tuple[bool, bytes]] = []
+    for fc, data in segments:
+        if how == "bytes":
+            out += [(fc, data[i:i + 1]) for i in range(len(data))]
+        else:
+            out += [(fc, p) for p in pieces(data, [rng.randint(1, 40) for _ in range(len(data) // 8 + 1)])]
+    return out
+
+
+def _recorded() -> list[tuple[bool, bytes]]:
+    from tests.support.dbdrive import pcap_script
+    return pcap_script(os.path.join(os.path.dirname(__file__), "fixtures", "postgresql", "psycopg_session.pcap"))[0]
+
+
+def _conversations() -> list[tuple[str, list[tuple[bool, bytes]], int]]:
+    from tests.test_postgresql import _extended_conversation
+    out = [(f"exchange{i}-{size}", ex(size).steps, ex(size).spans)
+           for i, ex in enumerate(EXCHANGES["postgresql"]) for size in (16, 700, 20_000)]
+    return [*out, ("extended", _extended_conversation(), 9), ("recorded", _recorded(), 13)]
+
+
+@pytest.mark.parametrize("how", ["whole", "bytes", "random"])
+@pytest.mark.parametrize("name", [c[0] for c in _conversations()])
+def test_stage_same_spans_and_drops_with_and_without_c(name: str, how: str) -> None:
+    _name, segs, nspans = next(c for c in _conversations() if c[0] == name)
+    if how == "bytes" and sum(len(d) for _, d in segs) > 5000:
+        segs = segs[:6]  # the 20 KB exchange a byte a segment is slow and says nothing more
+        nspans = -1
+    spans, drops = _both_ways(_cut(segs, how, random.Random(name + how)), True)
+    if nspans >= 0:
+        assert len(spans) == nspans and not drops, (spans, drops)
+
+
+@settings(max_examples=max(50, EXAMPLES // 4), deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.sampled_from(["extended", "recorded", "exchange0-700"]),
+       st.lists(st.tuples(st.integers(0, 60), st.integers(0, 10_000), st.integers(0, 255), st.booleans()),
+                max_size=4), st.integers(0, 2**32))
+def test_stage_mutated_conversations_both_ways(name: str, mutations: list, seed: int) -> None:
+    """Bytes changed and segments split in the conversations: the same spans and drops (any
+    ProtocolError counted alike) with the walker and without it, in random segments too."""
+    from tests.support.whole import mutate
+    segs = mutate(next(c for c in _conversations() if c[0] == name)[1], mutations)
+    _both_ways(segs)
+    _both_ways(_cut(segs, "random", random.Random(seed)))
+
+
+@settings(max_examples=max(50, EXAMPLES // 4), deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(st.lists(client_message(), min_size=1, max_size=5),
+                          st.lists(server_message(), min_size=1, max_size=6)), min_size=1, max_size=5),
+       st.integers(0, 2**32))
+def test_stage_generated_streams_both_ways(turns: list, seed: int) -> None:
+    """hypothesis' messages after a startup, as turns of the two sides: same spans and drops."""
+    from tests.test_postgresql import AUTH_OK, READY, startup
+    segs: list[tuple[bool, bytes]] = [(True, startup()), (False, AUTH_OK + READY)]
+    for client, server in turns:
+        segs += [(True, b"".join(client)), (False, b"".join(server))]
+    _both_ways(segs)
+    _both_ways(_cut(segs, "random", random.Random(seed)))
+
+
+def test_the_common_segments_go_through_c() -> None:
+    """The recorded session: every segment after the handshake is walked in C (feed_whole),
+    the server's first one too (feed, after the resync) - nothing falls back to Python."""
+    seen: list[tuple[str, object]] = []
+
+    class _Spy:
+        @staticmethod
+        def client(*a):  # type: ignore[no-untyped-def]
+            r = C.client(*a)
+            seen.append(("c", r))
+            return r
+
+        @staticmethod
+        def server(*a):  # type: ignore[no-untyped-def]
+            r = C.server(*a)
+            seen.append(("s", r))
+            return r
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(pg, "_C", _Spy)
+        spans, drops = _stage(_recorded())
+    assert len(spans) == 13 and not drops
+    assert all(r is not None for _, r in seen), seen
+    assert sum(1 for _, r in seen if r is not False) >= 30, seen
