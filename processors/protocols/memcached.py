@@ -26,15 +26,20 @@ import struct
 from collections import deque
 from typing import Any, ClassVar
 
-from processors.protocols.base import Conn, Detection, PendingQueue, ProtocolSettings, Session
+from processors.protocols.base import Conn, Detection, PendingQueue, Perspective, ProtocolSettings, Session
 from processors.protocols.errors import LimitExceeded, Malformed
 from service.largebuf import LargeBuffer
 from service.model import SpanKind, StatusCode
+from service.speedups import load as _load_speedup
+
+#: The C walker of feed_whole's segments (_memcache.c), or None: ``_walk`` then does the same.
+_C = _load_speedup("processors.protocols._memcache")
 
 NAME = "memcached"
 DEFAULT_PORTS = frozenset({11211, 11210, 11207})
 
 REQ, RES, ALT_REQ, ALT_RES = 0x80, 0x81, 0x08, 0x18
+_MAGICS = (REQ, ALT_REQ, RES, ALT_RES)
 _HDR = struct.Struct(">BBHBBHIIQ")  # magic, opcode, keylen, extlen, datatype, vbucket|status, bodylen, opaque, cas
 
 #: Keys are at most 250 bytes (memcached) and 250 + collection prefix (Couchbase); more is malformed.
@@ -86,6 +91,11 @@ _STATUS = {
 }
 #: HELLO feature 0x12: collections (the key starts with a LEB128 collection id).
 _FEATURE_COLLECTIONS = 0x12
+# Enum members read once: ``Detection.NO`` is a descriptor lookup (~0.2 us), several a
+# connection on the paths below (issue 21).
+_NO, _NEED_MORE, _REQUEST, _RESPONSE = Detection.NO, Detection.NEED_MORE, Detection.REQUEST, Detection.RESPONSE
+_CLIENT, _SERVER_KIND, _SERVER_VIEW = SpanKind.CLIENT, SpanKind.SERVER, Perspective.SERVER
+_UNSET, _ERROR = StatusCode.UNSET, StatusCode.ERROR
 _SUCCESS_LIKE = frozenset({0x00, 0x21})  # AUTH_CONTINUE is a step, not a failure
 #: Connection set-up (HELLO, SASL, SELECT_BUCKET, error map, cluster config, collection
 #: manifest and ids): a span only when it fails, as MySQL's COM_INIT_DB.
@@ -117,33 +127,37 @@ def _unknown_op(op: int) -> tuple[str, bool, bool]:
 def detect(buf: LargeBuffer, from_client: bool | None) -> Detection:
     n = len(buf)
     if n == 0:
-        return Detection.NEED_MORE
-    m0 = buf.u8_at(0)
-    if m0 in (REQ, ALT_REQ, RES, ALT_RES):
+        return _NEED_MORE
+    # The first chunk, read in place: a connection's first packet is usually all in it, so
+    # its header is one unpack, not a view_at and a byte read (once a connection: issue 21).
+    c = buf.chunk_at(0)[0]
+    m0 = c[0]
+    if m0 in _MAGICS:
         if n < 24:
-            return Detection.NEED_MORE
-        magic, op, keylen, extlen, dtype, _, body, _, _ = _HDR.unpack(buf.view_at(0, 24))
+            return _NEED_MORE
+        magic, op, keylen, extlen, dtype, _, body, _, _ = _HDR.unpack_from(c) if len(c) >= 24 else \
+            _HDR.unpack(buf.view_at(0, 24))
         fe = 0
-        if magic in (ALT_REQ, ALT_RES):
+        if magic == ALT_REQ or magic == ALT_RES:
             fe, keylen = keylen >> 8, keylen & 0xFF
         if body > MAX_BODY or fe + extlen + keylen > body or dtype > 7 or keylen > MAX_KEY:
-            return Detection.NO
-        if op not in _OPS and (op < 0x80 or magic in (REQ, ALT_REQ)):
-            return Detection.NO
-        if magic in (ALT_REQ, ALT_RES):
+            return _NO
+        if op not in _OPS and (op < 0x80 or magic == REQ or magic == ALT_REQ):
+            return _NO
+        if magic == ALT_REQ or magic == ALT_RES:
             # Alternative framing: the framing extras must be well-formed frame infos (RAW
             # DNS that starts with 0x08 is not Couchbase: its "frame infos" do not parse).
             if n < 24 + fe:
-                return Detection.NEED_MORE
+                return _NEED_MORE
             if not _frame_infos_ok(buf, 24, fe, magic == ALT_REQ):
-                return Detection.NO
-        if n > 24 + body and buf.u8_at(24 + body) not in (REQ, ALT_REQ, RES, ALT_RES):
-            return Detection.NO  # what follows the packet is no packet
-        if magic in (REQ, ALT_REQ):
-            return Detection.REQUEST if from_client is not False else Detection.NO
-        return Detection.RESPONSE if from_client is not True else Detection.NO
+                return _NO
+        if n > 24 + body and buf.u8_at(24 + body) not in _MAGICS:
+            return _NO  # what follows the packet is no packet
+        if magic == REQ or magic == ALT_REQ:
+            return _REQUEST if from_client is not False else _NO
+        return _RESPONSE if from_client is not True else _NO
     if from_client is False:
-        return Detection.NO
+        return _NO
     end = buf.find(b"\r\n", 0, min(n, MAX_LINE))
     if end < 0:
         # The line is still arriving (a segment may hold a byte of it): wait while what
@@ -151,15 +165,15 @@ def detect(buf: LargeBuffer, from_client: bool | None) -> Detection:
         head = buf.bytes_at(0, min(n, 16))  # a command word is at most 10 bytes
         word, sp, _ = head.rstrip(b"\r").partition(b" ")
         if n >= MAX_LINE:
-            return Detection.NO
+            return _NO
         if sp:
-            return Detection.NEED_MORE if word in _TEXT_CMDS else Detection.NO
-        return Detection.NEED_MORE if any(c.startswith(word) for c in _TEXT_CMDS) else Detection.NO
+            return _NEED_MORE if word in _TEXT_CMDS else _NO
+        return _NEED_MORE if any(c.startswith(word) for c in _TEXT_CMDS) else _NO
     line = buf.bytes_at(0, min(end, 300))  # one command line, bounded
     word = line.split(b" ", 1)[0]
     if word not in _TEXT_CMDS:
-        return Detection.NO
-    return Detection.REQUEST if _arity_ok(word, line.split()) else Detection.NO
+        return _NO
+    return _REQUEST if _arity_ok(word, line.split()) else _NO
 
 
 def _arity_ok(word: bytes, parts: list[bytes]) -> bool:
@@ -225,11 +239,40 @@ def _frame_infos_ok(buf: LargeBuffer, off: int, fe: int, request: bool) -> bool:
     return p == end
 
 
+def _walk(data: memoryview, from_client: bool, collections: bool) -> list[tuple[int, int, int, int, int]] | None:
+    """The packets of a segment feed_whole may take, as (op, key offset, key length, status,
+    opaque), or None when it must decline (_memcache.c's ``walk`` is this, in C).
+
+    Classic magic for the direction (0x80 from the client, 0x81 from the server), the
+    lengths as ``_binary`` checks them, no key read as a collection id (``collections``:
+    the client's side of a connection with them), no HELLO/GET_COLLECTION_ID response (their
+    bodies are read by ``_binary``), and the last packet ending exactly with the segment.
+    """
+    n = len(data)
+    hdr = _HDR.unpack_from
+    magic_ok = REQ if from_client else RES
+    off = 0
+    pkts = []
+    while off < n:
+        if off + 24 > n:
+            return None
+        magic, op, keylen, extlen, _dtype, vb_status, body, opaque, _cas = hdr(data, off)
+        if magic != magic_ok or body > MAX_BODY or extlen + keylen > body or keylen > MAX_KEY:
+            return None
+        if collections and keylen and op not in _NO_CID_OPS:
+            return None
+        if not from_client and (op == 0xBB or op == 0x1F):
+            return None
+        pkts.append((op, off + 24 + extlen, keylen, vb_status, opaque))
+        off += 24 + body
+    return pkts if off == n else None
+
+
 class _Req:
     __slots__ = ("collection", "get_family", "hit", "key", "name", "op", "opaque", "quiet", "start_ts")
 
     def __init__(self, name: str, key: str, start_ts: int, get_family: bool, quiet: bool = False,
-                 opaque: int = 0, op: int = -1) -> None:
+                 opaque: int = 0, op: int = -1, collection: str | None = None) -> None:
         self.name = name
         self.key = key
         self.start_ts = start_ts
@@ -238,7 +281,7 @@ class _Req:
         self.opaque = opaque
         self.op = op
         self.hit = False  # text protocol: a VALUE/VA line came for it
-        self.collection: str | None = None
+        self.collection = collection
 
 
 def _leb128(buf: LargeBuffer, off: int, end: int) -> tuple[int, int]:
@@ -258,8 +301,11 @@ class Session(Session):  # type: ignore[no-redef]
     protocol: ClassVar[str] = NAME
 
     def __init__(self, conn: Conn) -> None:
-        super().__init__(conn)
-        self.settings: Settings = conn.settings if isinstance(conn.settings, Settings) else Settings()
+        # Session.__init__ only keeps the conn: set here, one Python call fewer a connection.
+        self.conn = conn
+        settings = conn.settings
+        self.settings: Settings = settings if isinstance(settings, Settings) else Settings()
+        self.show_keys = self.settings.show_keys  # read once a span otherwise
         self.binary: bool | None = None
         self.couchbase = False
         self.collections = False
@@ -272,11 +318,21 @@ class Session(Session):  # type: ignore[no-redef]
         self.pending: deque[_Req] = PendingQueue(conn)
         self.pending.on_evict = self._forget_flight
         self.in_flight: dict[tuple[int, int], int] = {}
-        self.text_pending: deque[_Req] = PendingQueue(conn)
+        # Text requests in order: a PendingQueue made once the connection shows it speaks
+        # text (``_decide``), an empty tuple until then (a binary connection never needs it:
+        # a second store was a sixth of a short connection's setup, issue 21).
+        self.text_pending: deque[_Req] | tuple[()] = ()
         self.skip = [0, 0]  # per direction: value bytes still to step over
-        self.text_reply_open: _Req | None = None  # a multi-line text reply in progress
-        self.cid_names: dict[int, str] = {}
-        self.cid_requests: dict[int, str] = {}  # opaque -> "scope.collection" asked for
+        # Couchbase collections only: made at the first GET_COLLECTION_ID / collection id.
+        self.cid_names: dict[int, str] | None = None
+        self.cid_requests: dict[int, str] | None = None  # opaque -> "scope.collection" asked for
+
+    def _decide(self, first: int) -> bool:
+        """Binary or text, from the connection's first byte (once a connection)."""
+        binary = self.binary = first in _MAGICS
+        if not binary:
+            self.text_pending = PendingQueue(self.conn)
+        return binary
 
     # -- dispatch --------------------------------------------------------------
     def feed(self, from_client: bool, buf: LargeBuffer, ts_ns: int) -> None:
@@ -290,9 +346,10 @@ class Session(Session):  # type: ignore[no-redef]
                     return
             if not len(buf):
                 return
-            if self.binary is None:
-                self.binary = buf.u8_at(0) in (REQ, ALT_REQ, RES, ALT_RES)
-            done = self._binary(from_client, buf, ts_ns) if self.binary else self._text(from_client, buf, ts_ns)
+            binary = self.binary
+            if binary is None:
+                binary = self._decide(buf.u8_at(0))
+            done = self._binary(from_client, buf, ts_ns) if binary else self._text(from_client, buf, ts_ns)
             if not done:
                 return
 
@@ -340,44 +397,35 @@ class Session(Session):  # type: ignore[no-redef]
         Only classic framing (magic 0x80/0x81) in the right direction, each packet's lengths
         as ``_binary`` checks them, ending exactly with the segment, and none that reads a
         collection id or a HELLO/GET_COLLECTION_ID response (those take the buffered path):
-        checked before anything is done, then each packet has ``_binary``'s effects in order.
-        Anything else (text, a value across segments, bad input) returns False unchanged.
+        checked before anything is done (``_walk``, or _memcache.c's twin of it), then each
+        packet has ``_binary``'s effects in order. Anything else (text, a value across
+        segments, bad input) returns False unchanged.
         """
-        if type(data) is not memoryview:  # the eBPF receiver's payloads are bytes
-            data = memoryview(data)
-        if self.binary is None and len(data):
+        binary = self.binary
+        if binary is None:
+            if not len(data):
+                return False
             # The connection's first segment: decided as ``feed`` decides it, from the same byte
             # (it was always buffered, and the first request is half a short connection's work).
-            self.binary = data[0] in (REQ, ALT_REQ, RES, ALT_RES)
-        if not self.binary or self.skip[from_client]:
+            binary = self._decide(data[0])
+        if not binary or self.skip[from_client]:
             return False
-        n = len(data)
-        hdr = _HDR.unpack_from
-        magic_ok = REQ if from_client else RES
         collections = self.collections and from_client
-        off = 0
-        pkts = []
-        while off < n:
-            if off + 24 > n:
+        pkts = _C.walk(data, from_client, collections) if _C is not None else None
+        if pkts is None:  # declined in C, or no C: the reference decides
+            if type(data) is not memoryview:  # the eBPF receiver's payloads are bytes
+                data = memoryview(data)
+            pkts = _walk(data, from_client, collections)
+            if pkts is None:
                 return False
-            magic, op, keylen, extlen, _dtype, vb_status, body, opaque, _cas = hdr(data, off)
-            if magic != magic_ok or body > MAX_BODY or extlen + keylen > body or keylen > MAX_KEY:
-                return False
-            if collections and keylen and op not in _NO_CID_OPS:
-                return False
-            if not from_client and (op == 0xBB or op == 0x1F):
-                return False
-            pkts.append((op, off + 24 + extlen, keylen, vb_status, opaque))
-            off += 24 + body
-        if off != n:
-            return False
         if from_client:
             for op, k, keylen, _st, opaque in pkts:
-                name, quiet, get_family = _OPS.get(op) or _unknown_op(op)
+                info = _OPS.get(op) or _unknown_op(op)
                 if op in _COUCHBASE_OPS:
                     self.couchbase = True
-                key = str(data[k:k + min(keylen, 250)], "utf-8", "replace") if keylen else ""
-                self._bin_add(op, name, quiet, get_family, key, None, opaque, ts_ns)
+                # (str of a slice: bytes' copies at most 250 bytes, a memoryview's none.)
+                key = str(data[k:k + (keylen if keylen < 250 else 250)], "utf-8", "replace") if keylen else ""
+                self._bin_add(op, info, key, None, opaque, ts_ns)
         else:
             for op, _k, _kl, vb_status, opaque in pkts:
                 self._bin_response(op, vb_status, opaque, ts_ns)
@@ -385,7 +433,7 @@ class Session(Session):  # type: ignore[no-redef]
 
     def _bin_request(self, buf: LargeBuffer, op: int, kstart: int, keylen: int, opaque: int, value: int,
                      ts: int) -> None:
-        name, quiet, get_family = _OPS.get(op) or _unknown_op(op)
+        info = _OPS.get(op) or _unknown_op(op)
         if op in _COUCHBASE_OPS:
             self.couchbase = True
         key_off, key_len = kstart, keylen
@@ -393,28 +441,35 @@ class Session(Session):  # type: ignore[no-redef]
         if self.collections and keylen and op not in _NO_CID_OPS:
             cid, key_off = _leb128(buf, kstart, kstart + keylen)
             key_len = kstart + keylen - key_off
-            collection = self.cid_names.get(cid, "_default" if cid == 0 else f"cid:{cid}")
+            names = self.cid_names
+            collection = names.get(cid) if names else None
+            if collection is None:
+                collection = "_default" if cid == 0 else f"cid:{cid}"
         key = buf.bytes_at(key_off, min(key_len, 250)).decode("utf-8", "replace") if key_len else ""
-        self._bin_add(op, name, quiet, get_family, key, collection, opaque, ts)
+        self._bin_add(op, info, key, collection, opaque, ts)
 
-    def _bin_add(self, op: int, name: str, quiet: bool, get_family: bool, key: str, collection: str | None,
+    def _bin_add(self, op: int, info: tuple[str, bool, bool], key: str, collection: str | None,
                  opaque: int, ts: int) -> None:
-        """A binary request, its key read: await its response."""
+        """A binary request, its key read, ``info`` its _OPS entry: await its response."""
         if op == 0x89:  # SELECT_BUCKET: the key is the bucket name
             self.bucket = key
-        if op == 0xBB and key:
+        elif op == 0xBB and key:
             # GET_COLLECTION_ID asks for "scope.collection" in its key; its response carries the id.
-            if len(self.cid_requests) > 1024:
-                self.cid_requests.clear()
-            self.cid_requests[opaque] = key
-        r = _Req(name, key, ts, get_family, quiet, opaque, op)
-        r.collection = collection
-        if len(self.pending) >= MAX_PENDING:
+            asked = self.cid_requests
+            if asked is None:
+                asked = self.cid_requests = {}
+            elif len(asked) > 1024:
+                asked.clear()
+            asked[opaque] = key
+        r = _Req(info[0], key, ts, info[2], info[1], opaque, op, collection)
+        pending = self.pending
+        if len(pending) >= MAX_PENDING:
             self._pop_oldest()
             self.conn.drop("too_many_pending")
-        self.pending.append(r)
-        key = (opaque, op)
-        self.in_flight[key] = self.in_flight.get(key, 0) + 1
+        pending.append(r)
+        fk = (opaque, op)
+        flight = self.in_flight
+        flight[fk] = flight.get(fk, 0) + 1
 
     def _pop_oldest(self) -> _Req:
         r = self.pending.popleft()
@@ -422,12 +477,13 @@ class Session(Session):  # type: ignore[no-redef]
         return r
 
     def _forget_flight(self, r: _Req) -> None:
-        key = (r.opaque, r.op)
-        left = self.in_flight[key] - 1
+        fk = (r.opaque, r.op)
+        flight = self.in_flight
+        left = flight[fk] - 1
         if left:
-            self.in_flight[key] = left
+            flight[fk] = left
         else:
-            del self.in_flight[key]
+            del flight[fk]
 
     def _hello_features(self, buf: LargeBuffer, off: int, n: int) -> None:
         for i in range(0, min(n, 64) - 1, 2):
@@ -436,13 +492,32 @@ class Session(Session):  # type: ignore[no-redef]
                 self.couchbase = True
 
     def _learn_cid(self, opaque: int, cid: int) -> None:
-        name = self.cid_requests.pop(opaque, None)
+        name = self.cid_requests.pop(opaque, None) if self.cid_requests else None
         if name:
-            if len(self.cid_names) > 4096:
-                self.cid_names.clear()
-            self.cid_names[cid] = name.split(".", 1)[-1]
+            names = self.cid_names
+            if names is None:
+                names = self.cid_names = {}
+            elif len(names) > 4096:
+                names.clear()
+            names[cid] = name.split(".", 1)[-1]
 
     def _bin_response(self, op: int, status: int, opaque: int, ts_ns: int) -> None:
+        pending = self.pending
+        if pending:
+            first = pending[0]
+            if first.opaque == opaque and first.op == op:
+                # The usual case, the oldest request's answer: the loop below, without the
+                # dict probes and two calls (_pop_oldest, _forget_flight) it costs.
+                pending.popleft()
+                fk = (opaque, op)
+                flight = self.in_flight
+                left = flight[fk] - 1
+                if left:
+                    flight[fk] = left
+                else:
+                    del flight[fk]
+                self._span(first, status, ts_ns)
+                return
         if (opaque, op) not in self.in_flight:
             self.conn.drop("unpaired_response")
             return
@@ -554,37 +629,42 @@ class Session(Session):  # type: ignore[no-redef]
     # -- spans -------------------------------------------------------------------
     def _span(self, req: _Req, status: int, end_ts: int, implicit: bool = False, text_error: str = "",
               incomplete: bool = False) -> None:
+        # Once an exchange: enum members are module constants, the span kind is kind_for's
+        # answer inline, conn.span's arguments are positional (issue 21).
         if req.op in _SETUP_OPS and status in _SUCCESS_LIKE:
             return
         conn = self.conn
-        system = "couchbase" if self.couchbase else "memcached"
         op = req.name
-        attrs: dict[str, Any] = {"db.system.name": system, "db.operation.name": op}
-        key_text = req.key if self.settings.show_keys else ("?" if req.key else "")
-        attrs["db.query.text"] = f"{op} {key_text}".rstrip()
+        key = req.key
+        if self.show_keys:
+            query = f"{op} {key}".rstrip()
+        else:  # (op names end with no blank: no rstrip needed)
+            query = f"{op} ?" if key else op
+        attrs: dict[str, Any] = {"db.system.name": "couchbase" if self.couchbase else "memcached",
+                                 "db.operation.name": op, "db.query.text": query}
         if self.bucket:
             attrs["db.namespace"] = self.bucket
         name = op
         if req.collection:
             attrs["db.collection.name"] = req.collection
             name = f"{op} {req.collection}"
-        code = StatusCode.UNSET
+        code = _UNSET
         msg = ""
         if text_error:
-            code = StatusCode.ERROR
+            code = _ERROR
             msg = text_error
             attrs["error.type"] = text_error.split(" ", 1)[0]
         elif status not in _SUCCESS_LIKE:
-            sname = _STATUS.get(status, f"{status:#06x}")
+            sname = _STATUS.get(status) or f"{status:#06x}"
             attrs["db.response.status_code"] = sname
             if not (status == 0x01 and req.get_family):  # a GET miss is not an error
-                code = StatusCode.ERROR
+                code = _ERROR
                 msg = sname
                 attrs["error.type"] = sname
         if implicit:
             attrs["memcached.quiet"] = True
-        span = conn.span(name, conn.kind_for(SpanKind.CLIENT), req.start_ts, end_ts, attrs, status_code=code,
-                         status_message=msg)
+        kind = _SERVER_KIND if conn.perspective == _SERVER_VIEW else _CLIENT  # kind_for(CLIENT)
+        span = conn.span(name, kind, req.start_ts, end_ts, attrs, None, code, msg)
         if incomplete:
             self.cut_short(span)
         else:
@@ -596,12 +676,15 @@ class Session(Session):  # type: ignore[no-redef]
             self.conn.drop("gap")
         self.pending.clear()
         self.in_flight.clear()
-        self.text_pending.clear()
+        if self.text_pending:  # (an empty tuple on a binary connection)
+            self.text_pending.clear()
 
     def close(self, ts_ns: int, reset: bool = False) -> None:
         # Quiet requests still unanswered when the connection ends completed silently. A
         # response that began (its header partly here, a text get's VALUE lines) is a span
         # of what was seen, marked incomplete (base.py's rule); the rest are counted.
+        if not self.pending and not self.text_pending:
+            return  # nothing awaits an answer (in_flight counts pending: empty too)
         buf = self.conn.server_buf
         began = (buf.u32be_at(12), buf.u8_at(1)) if self.binary and len(buf) >= 16 and \
             buf.u8_at(0) in (RES, ALT_RES) else None
@@ -621,4 +704,5 @@ class Session(Session):  # type: ignore[no-redef]
                 self._span(r, 0x00, ts_ns, incomplete=True)
             else:
                 self.cut_short(None, "no_response")
-        self.text_pending.clear()
+        if self.text_pending:
+            self.text_pending.clear()
