@@ -965,6 +965,8 @@ class Session(_Session):
     @staticmethod
     def _ok_status(v: memoryview) -> int:
         """An OK packet's (or an EOF-as-OK's) status flags; 0 when its head is cut before them."""
+        if len(v) >= 5 and v[1] < 0xFB and v[2] < 0xFB:  # the usual: affected rows and id in a byte each
+            return _U16(v, 3)[0]
         try:
             _, off = _lenenc(v, 1)
             _, off = _lenenc(v, off)
@@ -1044,8 +1046,11 @@ class Session(_Session):
             attrs["error.type"] = c.err_state or str(c.err_code)
             status = StatusCode.ERROR
         conn = self.conn
+        msg = c.err_msg
+        if msg and self._sanitize_errors:
+            msg = sanitize_error(msg)
         span = conn.span(name, conn.kind_for(SpanKind.CLIENT), c.start, ts, attrs, status_code=status,
-                         status_message=sanitize_error(c.err_msg) if self._sanitize_errors else c.err_msg)
+                         status_message=msg)
         if incomplete:
             self.cut_short(span)
         else:
