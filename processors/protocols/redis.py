@@ -25,6 +25,11 @@ from processors.protocols.errors import LimitExceeded, Malformed
 from processors.protocols.sanitize import sanitize_error
 from service.largebuf import LargeBuffer
 from service.model import SpanKind, StatusCode
+from service.speedups import load as _load_speedup
+
+#: The C twin of ``_whole_values`` (processors/protocols/_resp.c), or None (not built, or
+#: WIRESPAN_PURE_PYTHON=1): the same values, from the same bytes, without the regex calls.
+_C = _load_speedup("processors.protocols._resp")
 
 NAME = "redis"
 DEFAULT_PORTS = frozenset({6379, 6380, 26379})
@@ -52,12 +57,12 @@ _ALL_TYPES = _AGG_TYPES | _LINE_TYPES | _BULK_TYPES
 _NUM_TYPES = _AGG_TYPES | _BULK_TYPES  # header line is a length
 #: A type byte and its header line, matched in place on a chunk (bounded like MAX_LINE).
 _TOKEN = re.compile(rb"([*%~>|$!=+\-:_,#(])([^\r\n]{0," + str(MAX_LINE).encode() + rb"})\r\n")
-#: The common shapes ``_whole_values`` takes in place: a command or reply array's header (at
-#: least one element), a bulk string's header (at most 9 digits: under MAX_BULK's 10), and a
-#: simple string, error or integer line (bounded like _TOKEN).
-_ARRAY_HEAD = re.compile(rb"\*([1-9][0-9]{0,8})\r\n")
-_BULK_HEAD = re.compile(rb"\$(-?[0-9]{1,9})\r\n")
-_SIMPLE = re.compile(rb"[+\-:]([^\r\n]{0," + str(MAX_LINE).encode() + rb"})\r\n")
+#: The common shapes ``_whole_values`` takes in place, after the type byte: an aggregate's
+#: count or a bulk's length (at most 9 digits: under MAX_BULK's 10), and a line type's text
+#: (bounded like _TOKEN).
+_COUNT = re.compile(rb"(-?[0-9]{1,9})\r\n")
+_LINE = re.compile(rb"([^\r\n]{0," + str(MAX_LINE).encode() + rb"})\r\n")
+_FLAT_AGG_TYPES = frozenset(b"*%~>")  # aggregates _whole_values takes (not attributes)
 
 #: Commands whose every argument is a key (kept in db.query.text); others keep the first.
 _KEY_ONLY = frozenset({
@@ -250,8 +255,18 @@ class _Scanner:
             if not self.stack and not self.skip:
                 # Whole values of the common shapes, read in place (see _whole_values).
                 c, cs = buf.chunk_at(off)
-                got = _whole_values(c, off - cs, self.keep, buf.ts_at(off), ts_ns, out)
-                if got != off - cs:
+                vals: list[WholeValue] = []
+                got = _whole_values(c, off - cs, self.keep, vals)
+                if vals:
+                    start_ts = buf.ts_at(off)
+                    for t, args, nargs, is_null, error in vals:
+                        v = _Value(t, start_ts)
+                        v.args = args
+                        v.nargs = nargs
+                        v.is_null = is_null
+                        v.error = error
+                        v.end_ts = ts_ns
+                        out.append(v)
                     self.cur = None
                     off = cs + got
                     continue
@@ -425,37 +440,54 @@ class _Scanner:
         return end + 1, v
 
 
-def _whole_values(c: memoryview, p: int, keep: int, start_ts: int, end_ts: int, out: list[_Value]) -> int:
-    """Top-level values of the common shapes lying whole in ``c`` from ``p``, appended to ``out``:
-    arrays of bulk strings, simple strings and integers (every command, most replies), a
-    bulk string, a simple string, error or integer. Returns the offset after the last one
-    taken; it stops, having taken nothing of it, at the first value it cannot take whole.
+#: One top-level value as ``_whole_values`` (and _resp.c) reads it: its type byte, the
+#: leading elements kept (bytes, each at most MAX_ARG_BYTES), an aggregate's element count,
+#: whether it is null, and an error's text.
+WholeValue = tuple[int, list[bytes], int, bool, str | None]
+
+
+def _whole_values(c: memoryview | bytes, p: int, keep: int, out: list[WholeValue]) -> int:
+    """Top-level values of the common shapes lying whole in ``c`` from ``p``: flat aggregates
+    (``*`` ``%`` ``~`` ``>``) of bulk and line elements (every command, most replies), a bulk
+    (``$`` ``!`` ``=``) or a line (``+`` ``-`` ``:`` ``_`` ``,`` ``#`` ``(``) value, each
+    appended to ``out`` as a ``WholeValue`` (what the scanner would have found: the same
+    kept elements, count, null and error). Returns the offset after the last one taken; it
+    stops, having taken nothing of it, at the first value it cannot take whole.
 
     Why: ``_Scanner.scan`` is resumable at any byte, which costs a method call, a regex
     match and the stack's bookkeeping per element; a value whose bytes are all in one
     chunk (nearly every one) needs none of that. Whatever this declines (a value cut by
-    the chunk's end, RESP3 types, nesting, inline commands, anything malformed) the
-    scanner reads as before, so it decides every odd case alone.
+    the chunk's end, nesting, attributes, inline commands, anything malformed or over a
+    limit) the scanner reads as before, so it decides every odd case alone.
+    _resp.c's ``values`` does the same work when built (tests/test_redis_speedup.py holds
+    the two equal); this is the reference, and the path when ``_C`` is None.
     """
+    if _C is not None:
+        return _C.values(c, p, keep, out)  # type: ignore[no-any-return]
     n = len(c)
-    array_head = _ARRAY_HEAD.match
-    bulk_head = _BULK_HEAD.match
-    simple = _SIMPLE.match
+    count = _COUNT.match
+    line = _LINE.match
     while p < n:
         t = c[p]
-        if t == 0x2A:  # '*'
-            m = array_head(c, p)
+        if t in _FLAT_AGG_TYPES:
+            m = count(c, p + 1)
             if m is None:
-                return p
+                break
             cnt = int(m.group(1))
+            if t == 0x25:  # '%': a map's key and value per entry
+                cnt *= 2
             q = m.end()
             args: list[bytes] = []
-            for _ in range(cnt):  # each element takes >= 4 bytes: at most n / 4 rounds
+            if cnt <= 0:  # empty, or null (*-1)
+                out.append((t, args, 0, cnt < 0, None))
+                p = q
+                continue
+            for _ in range(cnt):  # each element takes >= 3 bytes: at most n / 3 rounds
                 if q >= n:
                     return p
                 e = c[q]
-                if e == 0x24:  # '$'
-                    m = bulk_head(c, q)
+                if e in _BULK_TYPES:
+                    m = count(c, q + 1)
                     if m is None:
                         return p
                     blen = int(m.group(1))
@@ -467,48 +499,48 @@ def _whole_values(c: memoryview, p: int, keep: int, start_ts: int, end_ts: int, 
                     if len(args) < keep:
                         args.append(c[q:q + min(blen, MAX_ARG_BYTES)].tobytes())  # small, bounded copy
                     q += blen + 2  # the body and its CRLF (not checked, as the scanner's skip)
-                elif e == 0x3A or e == 0x2B or e == 0x2D:  # ':' '+' '-'
-                    m = simple(c, q)
+                elif e in _LINE_TYPES:
+                    m = line(c, q + 1)
                     if m is None:
                         return p
-                    if e == 0x2B and len(args) < keep:
-                        args.append(c[m.start(1):min(m.end(1), m.start(1) + MAX_ARG_BYTES)].tobytes())
+                    if e == 0x2B and len(args) < keep:  # '+'
+                        args.append(c[q + 1:min(m.end(1), q + 1 + MAX_ARG_BYTES)].tobytes())
                     q = m.end()
-                else:
+                else:  # nested, an attribute, anything else: the scanner's
                     return p
             if q > n:
                 return p
-            v = _Value(0x2A, start_ts)
-            v.args = args
-            v.nargs = cnt
-        elif t == 0x24:  # '$'
-            m = bulk_head(c, p)
+            out.append((t, args, cnt, False, None))
+        elif t in _BULK_TYPES:
+            m = count(c, p + 1)
             if m is None:
-                return p
+                break
             blen = int(m.group(1))
-            v = _Value(0x24, start_ts)
-            if blen < 0:
-                q = m.end()
-                v.is_null = True
-            elif blen > MAX_BULK:
-                return p
-            else:
-                q = m.end() + blen + 2
-                if q > n:
-                    return p
-        elif t == 0x2B or t == 0x3A or t == 0x2D:  # '+' ':' '-'
-            m = simple(c, p)
-            if m is None:
-                return p
-            v = _Value(t, start_ts)
-            if t == 0x2D:
-                a = m.start(1)
-                v.error = c[a:min(m.end(1), a + 512)].tobytes().decode("utf-8", "replace")
             q = m.end()
+            if blen < 0:
+                out.append((t, [], 0, True, None))
+            elif blen > MAX_BULK:
+                break
+            else:
+                error = None
+                if t == 0x21:  # '!' a bulk error: its text
+                    error = c[q:q + min(blen, 256)].tobytes().decode("utf-8", "replace")
+                q += blen + 2
+                if q > n:
+                    break
+                out.append((t, [], 0, False, error))
+        elif t in _LINE_TYPES:
+            m = line(c, p + 1)
+            if m is None:
+                break
+            q = m.end()
+            if t == 0x2D:  # '-'
+                a = p + 1
+                out.append((t, [], 0, False, c[a:min(m.end(1), a + 512)].tobytes().decode("utf-8", "replace")))
+            else:
+                out.append((t, [], 0, t == 0x5F, None))  # '_' is null
         else:
-            return p
-        v.end_ts = end_ts
-        out.append(v)
+            break
         p = q
     return p
 
@@ -530,10 +562,12 @@ def _text(buf: LargeBuffer, off: int, n: int) -> str:
 # session
 # ---------------------------------------------------------------------------
 class _Pending:
-    __slots__ = ("command", "in_multi", "nargs", "replies_left", "start_ts", "text")
+    __slots__ = ("base", "command", "in_multi", "nargs", "replies_left", "start_ts", "text")
 
-    def __init__(self, command: str, text: str, start_ts: int, replies: int, in_multi: bool, nargs: int) -> None:
+    def __init__(self, command: str, base: str, text: str, start_ts: int, replies: int, in_multi: bool,
+                 nargs: int) -> None:
         self.command = command
+        self.base = base  # the command name upper-cased, without a container's subcommand (the rules' key)
         self.text = text
         self.start_ts = start_ts
         self.replies_left = replies
@@ -543,6 +577,31 @@ class _Pending:
 
 def _decode(b: bytes) -> str:
     return b.decode("utf-8", "replace")
+
+
+#: Command name as sent -> (as sent, decoded; upper-cased; its first word upper-cased). A few
+#: dozen names in practice; bounded so that a client sending random names cannot grow it.
+_NAMES: dict[bytes, tuple[str, str, str]] = {}
+_NAMES_MAX = 4096
+
+
+def _name(b: bytes) -> tuple[str, str, str]:
+    """A command name's spellings the session needs, decoded once a name (not once a command)."""
+    got = _NAMES.get(b)
+    if got is None:
+        sent = b.decode("utf-8", "replace")
+        cmd = sent.upper()
+        got = (sent, cmd, cmd if " " not in sent else sent.split(" ", 1)[0].upper())
+        if len(_NAMES) < _NAMES_MAX:
+            _NAMES[b] = got
+    return got
+
+
+_NO_ARGS: tuple[bytes, ...] = ()
+_SUB_OR_UNSUB = _SUBSCRIBE | _UNSUBSCRIBE
+_CLIENT = SpanKind.CLIENT
+_UNSET = StatusCode.UNSET
+_ERROR = StatusCode.ERROR
 
 
 class Session(Session):  # type: ignore[no-redef]
@@ -568,46 +627,51 @@ class Session(Session):  # type: ignore[no-redef]
         sc = self.req if from_client else self.resp
         if sc.stack or sc.skip or sc.cur is not None:
             return False
-        if type(data) is not memoryview:  # the eBPF receiver's payloads are bytes
+        if _C is None and type(data) is not memoryview:  # the eBPF receiver's payloads are bytes
             data = memoryview(data)
-        vals: list[_Value] = []
-        if _whole_values(data, 0, sc.keep, ts_ns, ts_ns, vals) != len(data):
+        vals: list[WholeValue] = []
+        if _whole_values(data, 0, sc.keep, vals) != len(data):
             return False
-        handle = self._request if from_client else self._reply
-        for v in vals:
-            handle(v)
+        if from_client:
+            request = self._request
+            for _t, args, nargs, _null, _error in vals:
+                request(args, nargs, ts_ns)
+        else:
+            reply = self._reply
+            for t, args, _nargs, is_null, error in vals:
+                reply(t == 0x3E, args, is_null, error, ts_ns, ts_ns)  # '>' a push
         return True
 
     def feed(self, from_client: bool, buf: LargeBuffer, ts_ns: int) -> None:
         if from_client:
             for v in self.req.scan(buf, ts_ns):
-                self._request(v)
+                self._request(v.args, v.nargs, v.start_ts)
         else:
             for v in self.resp.scan(buf, ts_ns):
-                self._reply(v)
+                self._reply(v.push, v.args, v.is_null, v.error, v.start_ts, v.end_ts)
 
-    def _request(self, v: _Value) -> None:
-        if not v.args:
+    def _request(self, args: list[bytes], nargs: int, start_ts: int) -> None:
+        """One command: its kept leading elements (``args``), its element count, when it began."""
+        if not args:
             self.conn.drop("empty_command")
             return
-        sent = _decode(v.args[0])
-        cmd = sent.upper()  # for the rules below; spans keep the command as the client sent it
-        op = sent
-        if cmd in _CONTAINER and len(v.args) > 1:
-            op = f"{sent} {_decode(v.args[1])}"
-        text = self._query_text(cmd, v, sent)
+        # ``cmd`` for the rules below; spans keep the command as the client sent it
+        sent, cmd, base = _name(args[0])
+        op = f"{sent} {_decode(args[1])}" if cmd in _CONTAINER and len(args) > 1 else sent
+        text = self._query_text(cmd, args, nargs, sent)
         replies = 1
         if cmd in _SUBSCRIBE:
-            replies = max(v.nargs - 1, 1)  # one confirmation per channel
+            replies = max(nargs - 1, 1)  # one confirmation per channel
             self.subscribed = True
-        if len(self.pending) >= MAX_PENDING:
-            self.pending.popleft()
+        pending = self.pending
+        if len(pending) >= MAX_PENDING:
+            pending.popleft()
             self.conn.drop("too_many_pending")
-        p = _Pending(op, text, v.start_ts, replies, self.in_multi, v.nargs)
+        p = _Pending(op, base, text, start_ts, replies, self.in_multi, nargs)
         silent = self._reply_off or self._skip_next
         self._skip_next = False
-        if cmd == "CLIENT" and len(v.args) > 2 and v.args[1].upper() == b"REPLY":
-            mode = v.args[2].upper()
+        if cmd == "CLIENT" and len(args) > 2 and args[1].upper() == b"REPLY":
+            mode = args[2].upper()
             if mode == b"ON":  # answered +OK, whatever came before
                 self._reply_off = silent = False
             elif mode == b"OFF":
@@ -616,61 +680,67 @@ class Session(Session):  # type: ignore[no-redef]
                 self._skip_next = silent = True
         if silent:
             # The server runs it and answers nothing (CLIENT REPLY): a span now, of the request.
-            self._span(p, _Value(0, v.start_ts))
+            self._span(p, None, False, _NO_ARGS, start_ts)
             return
         if cmd == "MULTI":
             self.in_multi = True
-        elif cmd in ("EXEC", "DISCARD"):
+        elif cmd == "EXEC" or cmd == "DISCARD":
             self.in_multi = False
-        elif cmd == "SELECT" and len(v.args) > 1:
-            self._select = _decode(v.args[1])
-        self.pending.append(p)
+        elif cmd == "SELECT" and len(args) > 1:
+            self._select = _decode(args[1])
+        pending.append(p)
 
-    def _query_text(self, cmd: str, v: _Value, sent: str) -> str:
-        kept = v.args
+    def _query_text(self, cmd: str, kept: list[bytes], nargs: int, sent: str) -> str:
         nkept = len(kept) - 1  # the arguments kept after the command name
         if cmd in _CREDENTIAL_CMDS:
             return sent + (" ?" * nkept)  # never a password, sanitising or not
+        if nkept <= 0:
+            text = sent
         # Only the arguments shown are decoded: the others are a "?" each.
-        show = nkept if not self.settings.sanitize_query or (cmd in _KEY_ONLY and cmd not in _CONTAINER) else 1
-        if show >= nkept:
-            text = " ".join([sent, *[a.decode("utf-8", "replace") for a in kept[1:]]]) if nkept > 0 else sent
+        elif not self.settings.sanitize_query or (cmd in _KEY_ONLY and cmd not in _CONTAINER):
+            text = " ".join([sent, *[a.decode("utf-8", "replace") for a in kept[1:]]])
         else:
             text = f"{sent} {kept[1].decode('utf-8', 'replace')}" + " ?" * (nkept - 1)
-        more = v.nargs - 1 - nkept
+        more = nargs - 1 - nkept
         if more > 0:
             text += " ?" * min(more, 8) + (" ..." if more > 8 else "")
         return text
 
     # -- replies ---------------------------------------------------------
-    def _reply(self, v: _Value) -> None:
-        confirms = bool(v.args) and v.args[0] in _SUB_REPLY_KINDS
-        if confirms and self.pending and self.pending[0].command.upper() in _SUBSCRIBE | _UNSUBSCRIBE:
-            v.push = False  # RESP3 sends (un)subscribe confirmations as pushes: they answer the request
-        if v.push or (self.subscribed and v.args and v.args[0] in _PUSH_KINDS):
-            self.conn.extra["redis_pushes"] = self.conn.extra.get("redis_pushes", 0) + 1
-            if self.settings.trace_pushes and len(v.args) >= 2:
-                self._push_span(v)
-            return
-        if self.subscribed and confirms and not self.pending:
-            return  # extra (un)subscribe confirmations with no request left to pair
-        if not self.pending:
+    def _reply(self, push: bool, args: list[bytes], is_null: bool, error: str | None, start_ts: int,
+               end_ts: int) -> None:
+        """One top-level reply (what ``_Value`` holds): paired with the oldest command, or a push."""
+        if args or push:  # the pub/sub cases need one or the other
+            confirms = bool(args) and args[0] in _SUB_REPLY_KINDS
+            if confirms and self.pending and self.pending[0].command.upper() in _SUB_OR_UNSUB:
+                push = False  # RESP3 sends (un)subscribe confirmations as pushes: they answer the request
+            if push or (self.subscribed and args and args[0] in _PUSH_KINDS):
+                self.conn.extra["redis_pushes"] = self.conn.extra.get("redis_pushes", 0) + 1
+                if self.settings.trace_pushes and len(args) >= 2:
+                    self._push_span(args, start_ts, end_ts)
+                return
+            if self.subscribed and confirms and not self.pending:
+                return  # extra (un)subscribe confirmations with no request left to pair
+        pending = self.pending
+        if not pending:
             self.conn.drop("unpaired_reply")
             return
-        p = self.pending[0]
+        p = pending[0]
         p.replies_left -= 1
         if p.replies_left > 0:
             return
-        self.pending.popleft()
-        self._span(p, v)
+        pending.popleft()
+        self._span(p, error, is_null, args, end_ts)
 
-    def _span(self, p: _Pending, v: _Value, incomplete: bool = False) -> None:
+    def _span(self, p: _Pending, error: str | None, is_null: bool, args: list[bytes] | tuple[bytes, ...],
+              end_ts: int, incomplete: bool = False) -> None:
+        """The span of command ``p`` and its reply (``error``, ``is_null``, kept ``args``), ended at ``end_ts``."""
         conn = self.conn
         cmd = p.command
-        base = cmd.split(" ", 1)[0].upper()
-        if base == "SELECT" and v.error is None and self._select is not None:
+        base = p.base
+        if base == "SELECT" and error is None and self._select is not None:
             self.namespace = self._select
-        if base in _UNSUBSCRIBE and v.args and v.args[-1:] == [b"0"]:
+        if base in _UNSUBSCRIBE and args and args[-1] == b"0":
             self.subscribed = False
         attrs: dict[str, object] = {
             "db.system.name": "redis",
@@ -679,36 +749,36 @@ class Session(Session):  # type: ignore[no-redef]
         }
         if self.namespace is not None:
             attrs["db.namespace"] = self.namespace
-        if p.in_multi and base not in ("EXEC", "DISCARD"):
+        if p.in_multi and base != "EXEC" and base != "DISCARD":
             attrs["db.redis.transaction"] = True
-        status = StatusCode.UNSET
+        status = _UNSET
         msg = ""
-        if v.error is not None:
-            status = StatusCode.ERROR
-            msg = sanitize_error(v.error) if self.settings.sanitize_errors else v.error
-            prefix = v.error.split(" ", 1)[0]
+        if error is not None:
+            status = _ERROR
+            msg = sanitize_error(error) if self.settings.sanitize_errors else error
+            prefix = error.split(" ", 1)[0]
             attrs["db.response.status_code"] = prefix
             attrs["error.type"] = prefix
-        elif base == "EXEC" and v.is_null:
-            status = StatusCode.ERROR
+        elif is_null and base == "EXEC":
+            status = _ERROR
             msg = "transaction aborted (WATCH)"
             attrs["error.type"] = "EXECABORT"
-        kind = conn.kind_for(SpanKind.CLIENT)
-        span = conn.span(cmd, kind, p.start_ts, v.end_ts, attrs, status_code=status, status_message=msg)
+        kind = conn.kind_for(_CLIENT)
+        span = conn.span(cmd, kind, p.start_ts, end_ts, attrs, status_code=status, status_message=msg)
         if incomplete:
             self.cut_short(span)
         else:
             conn.emit(span)
 
-    def _push_span(self, v: _Value) -> None:
+    def _push_span(self, args: list[bytes], start_ts: int, end_ts: int) -> None:
         conn = self.conn
-        channel = _decode(v.args[2] if v.args[0] == b"pmessage" and len(v.args) > 2 else v.args[1])
+        channel = _decode(args[2] if args[0] == b"pmessage" and len(args) > 2 else args[1])
         attrs: dict[str, object] = {
             "messaging.system": "redis",
             "messaging.operation.type": "receive",
             "messaging.destination.name": channel,
         }
-        conn.emit(conn.span(f"receive {channel}", SpanKind.CONSUMER, v.start_ts, v.end_ts, attrs))
+        conn.emit(conn.span(f"receive {channel}", SpanKind.CONSUMER, start_ts, end_ts, attrs))
 
     def gap(self, from_client: bool, ts_ns: int) -> None:
         # Lost bytes: the scanner's place is meaningless and pairing is unknowable.
@@ -726,10 +796,7 @@ class Session(Session):  # type: ignore[no-redef]
             cur = _Value(buf.u8_at(0), buf.ts_at(0))  # a reply's first line cut short
         for i, p in enumerate(self.pending):
             if i == 0 and cur is not None and not cur.push:
-                v = _Value(cur.type, cur.start_ts)
-                v.end_ts = ts_ns
-                v.error = cur.error
-                self._span(p, v, True)
+                self._span(p, cur.error, False, _NO_ARGS, ts_ns, True)  # what was seen: its error, if any
             else:
                 self.cut_short(None, "no_reply")
         self.pending.clear()
