@@ -26,6 +26,7 @@ from processors.protocols.errors import LimitExceeded, Malformed
 from processors.protocols.sanitize import redact_query
 from service.largebuf import LargeBuffer
 from service.model import SpanEvent, SpanKind, StatusCode
+from service.speedups import load as _load_speedup
 
 NAME = "fastcgi"
 DEFAULT_PORTS = frozenset({9000, 9001})
@@ -38,6 +39,10 @@ _END = struct.Struct(">iB")  # END_REQUEST: appStatus, protocolStatus
 _HDR_AT = _HDR.unpack_from
 _END_AT = _END.unpack_from
 _NO_CHUNK = memoryview(b"")
+#: The C walk of a segment's records and of a PARAMS stream (processors/protocols/_fcgi.c), or
+#: None (WIRESPAN_PURE_PYTHON=1, not built): the Python code below is the reference either way,
+#: and runs wherever the C declines. Read at each call, so a test can set it to None.
+_C = _load_speedup("processors.protocols._fcgi")
 
 #: A PARAMS stream larger than this is refused (nginx sends ~1-2 KB; Apache's
 #: mod_proxy_fcgi caps the whole header set at 8 KB by default).
@@ -101,8 +106,8 @@ class _Req:
     request: decoded, or searched, in place), a ``LargeBuffer`` of views from the second on.
     Nothing is allocated for them until a record comes (issue 21: two buffers a request)."""
 
-    __slots__ = ("aborted", "head", "head_done", "head_len", "params", "params_done", "start_ts", "stderr",
-                 "stdin", "stdout")
+    __slots__ = ("aborted", "head", "head_done", "head_len", "params", "params_done", "start_ts", "status",
+                 "stderr", "stdin", "stdout")
 
     def __init__(self, start_ts: int) -> None:
         self.start_ts = start_ts
@@ -111,6 +116,9 @@ class _Req:
         self.head: LargeBuffer | memoryview | None = None  # STDOUT until the blank line is found
         self.head_done = False
         self.head_len = 0
+        #: The head's status code once read (the C walk reads it with the head, and then keeps
+        #: no view of it); 0 until then: ``_status`` reads it from ``head`` at the span.
+        self.status = 0
         self.stdout = 0
         self.stdin = 0
         self.stderr: list[SpanEvent] = []
@@ -137,6 +145,11 @@ def _wanted_pairs(mv: memoryview) -> dict[bytes, bytes]:
     start (the same pairs, or its error at its offset). A name is copied only when its
     length is a wanted name's.
     """
+    c = _C
+    if c is not None:
+        got = c.pairs(mv)  # None: malformed, and the walk below raises with its reason
+        if got is not None:
+            return got
     n = len(mv)
     out: dict[bytes, bytes] = {}
     i = 0
@@ -287,6 +300,13 @@ class Session(Session):  # type: ignore[no-redef]
         end, a head ending in its first STDOUT record; other STDOUT goes to ``_head``, anything
         else to ``_record``.
         """
+        c = _C
+        if c is not None:
+            r = c.walk(data)  # False: not whole records; None: not the one shape _fcgi.c takes
+            if r is False:
+                return False
+            if r is not None and self._walked(r, ts_ns):
+                return True
         if type(data) is not memoryview:  # the eBPF receiver's payloads are bytes
             data = memoryview(data)
         n = len(data)
@@ -344,6 +364,46 @@ class Session(Session):  # type: ignore[no-redef]
                 app_status, proto = _END_AT(data, p) if clen >= 5 else (0, 0)
                 reqs.pop(rid, None)
                 self._span(rid, req, app_status, proto, ts_ns)
+        return True
+
+    def _walked(self, r: tuple, ts_ns: int) -> bool:
+        """Do what the loop of ``feed_whole`` does with a segment of one request's records, from
+        the C walk's summary of it (_fcgi.c's contract), in the records' order: BEGIN, the PARAMS
+        stream, STDIN, STDOUT (its head read), END. False, having changed nothing, when this
+        request's state is not the one the summary assumes (no request and no BEGIN, the
+        request map full, PARAMS or a head already held from an earlier segment): the Python
+        loop then takes the segment record by record, counting what it counts."""
+        rid, begin, params, plen, stdin, stdout, head_len, status, end, app_status, proto = r
+        reqs = self.reqs
+        if begin:
+            if len(reqs) >= MAX_REQUESTS:
+                return False  # _record evicts the oldest, counted
+            req = _Req(ts_ns)
+        else:
+            req = reqs.get(rid)
+            if req is None:
+                return False  # each record is counted unknown_request_id
+            if (type(params) is dict and not req.params_done and req.params is not None) or \
+                    (head_len and not req.head_done and req.head is not None):
+                return False
+        if begin:
+            reqs[rid] = req
+        if params is not None and not req.params_done:
+            if type(params) is dict:  # one record and the end: held, charged, decoded (feed_whole)
+                reqs.charge(rid, plen)
+                req.params_done = True
+                self.done[rid] = params
+            else:  # the end record alone
+                self._params(rid, req, [], 0)
+        if stdin:
+            req.stdin += stdin
+        if stdout:
+            req.stdout += stdout
+            if head_len and not req.head_done:
+                req.head_done, req.head_len, req.status = True, head_len, status
+        if end:
+            reqs.pop(rid, None)
+            self._span(rid, req, app_status, proto, ts_ns)
         return True
 
     def _record(self, t: int, rid: int, vs: list[memoryview], clen: int, start_ts: int, ts_ns: int) -> None:
@@ -476,11 +536,13 @@ class Session(Session):  # type: ignore[no-redef]
             v = g(b"QUERY_STRING")
             if v:
                 query = v.decode("utf-8", "replace")
-        head = req.head
-        if type(head) is memoryview and req.head_done and req.head_len:  # _status, the usual head
-            status = _status_in_view(head, req.head_len)
-        else:
-            status = self._status(req)
+        status = req.status
+        if not status:  # not read yet (the Python path): from the head
+            head = req.head
+            if type(head) is memoryview and req.head_done and req.head_len:  # _status, the usual head
+                status = _status_in_view(head, req.head_len)
+            else:
+                status = self._status(req)
         v = g(b"HTTPS")
         if v and v.lower() in (b"on", b"1"):
             scheme = "https"
