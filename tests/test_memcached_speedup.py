@@ -372,3 +372,27 @@ def test_stage_generated_conversations_three_ways(turns: list, seed: int) -> Non
             segs.append((False, answers))
     _three_ways(segs)
     _three_ways(_cut(segs, "random", random.Random(seed)))
+
+
+def test_a_finished_session_is_freed_without_the_cyclic_gc() -> None:
+    """No reference cycle through the session (its queue's on_evict was a bound method once):
+    a short connection's state goes when the connection does, not at the next GC pass."""
+    import gc
+    import weakref
+
+    from processors.protocols.base import Conn
+    from service.largebuf import LargeBuffer
+    (_, req), (_, res) = EXCHANGES["memcached"][0](16).steps
+    conn = Conn(1, "10.0.0.1", 40000, "10.0.0.2", 11211, [].append, settings=mc.Settings(), protocol=mc.NAME,
+                bufs=(LargeBuffer(), LargeBuffer()))
+    s = mc.Session(conn)
+    assert s.feed_whole(True, memoryview(req), 1) and s.feed_whole(False, memoryview(res), 2)
+    s.close(3)
+    conn.release_stores()
+    alive = weakref.ref(s)
+    gc.disable()
+    try:
+        del s, conn
+        assert alive() is None
+    finally:
+        gc.enable()

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import struct
 from collections import deque
+from functools import partial
 from typing import Any, ClassVar
 
 from processors.protocols.base import Conn, Detection, PendingQueue, Perspective, ProtocolSettings, Session
@@ -130,7 +131,8 @@ def detect(buf: LargeBuffer, from_client: bool | None) -> Detection:
         return _NEED_MORE
     # The first chunk, read in place: a connection's first packet is usually all in it, so
     # its header is one unpack, not a view_at and a byte read (once a connection: issue 21).
-    c = buf.chunk_at(0)[0]
+    # (The buffer's own list, as the stage reads it: chunk_at's lookup is three calls.)
+    c = buf._chunks[0]
     m0 = c[0]
     if m0 in _MAGICS:
         if n < 24:
@@ -268,6 +270,16 @@ def _walk(data: memoryview, from_client: bool, collections: bool) -> list[tuple[
     return pkts if off == n else None
 
 
+def _forget_flight(flight: dict[tuple[int, int], int], r: _Req) -> None:
+    """``r`` is no longer in flight: one fewer of its (opaque, opcode) in ``flight``."""
+    fk = (r.opaque, r.op)
+    left = flight[fk] - 1
+    if left:
+        flight[fk] = left
+    else:
+        del flight[fk]
+
+
 class _Req:
     __slots__ = ("collection", "get_family", "hit", "key", "name", "op", "opaque", "quiet", "start_ts")
 
@@ -304,8 +316,9 @@ class Session(Session):  # type: ignore[no-redef]
         # Session.__init__ only keeps the conn: set here, one Python call fewer a connection.
         self.conn = conn
         settings = conn.settings
-        self.settings: Settings = settings if isinstance(settings, Settings) else Settings()
-        self.show_keys = self.settings.show_keys  # read once a span otherwise
+        #: Settings.show_keys (its default, False, without Settings of its own): read once here,
+        #: not once a span.
+        self.show_keys: bool = settings.show_keys if isinstance(settings, Settings) else False
         self.binary: bool | None = None
         self.couchbase = False
         self.collections = False
@@ -316,8 +329,11 @@ class Session(Session):  # type: ignore[no-redef]
         # without a scan (a plain dict: a Counter's Python __init__ was a tenth of a short
         # connection's setup, issue 21).
         self.pending: deque[_Req] = PendingQueue(conn)
-        self.pending.on_evict = self._forget_flight
         self.in_flight: dict[tuple[int, int], int] = {}
+        # What the budget drops is forgotten from in_flight by a partial of the dict, not a
+        # bound method: that made session -> queue -> method -> session a cycle, so every
+        # connection's session waited for the cyclic GC instead of going at its end (issue 21).
+        self.pending.on_evict = partial(_forget_flight, self.in_flight)
         # Text requests in order: a PendingQueue made once the connection shows it speaks
         # text (``_decide``), an empty tuple until then (a binary connection never needs it:
         # a second store was a sixth of a short connection's setup, issue 21).
@@ -473,17 +489,8 @@ class Session(Session):  # type: ignore[no-redef]
 
     def _pop_oldest(self) -> _Req:
         r = self.pending.popleft()
-        self._forget_flight(r)
+        _forget_flight(self.in_flight, r)
         return r
-
-    def _forget_flight(self, r: _Req) -> None:
-        fk = (r.opaque, r.op)
-        flight = self.in_flight
-        left = flight[fk] - 1
-        if left:
-            flight[fk] = left
-        else:
-            del flight[fk]
 
     def _hello_features(self, buf: LargeBuffer, off: int, n: int) -> None:
         for i in range(0, min(n, 64) - 1, 2):
@@ -507,7 +514,7 @@ class Session(Session):  # type: ignore[no-redef]
             first = pending[0]
             if first.opaque == opaque and first.op == op:
                 # The usual case, the oldest request's answer: the loop below, without the
-                # dict probes and two calls (_pop_oldest, _forget_flight) it costs.
+                # dict probes and the two calls (_pop_oldest, _forget_flight) it costs.
                 pending.popleft()
                 fk = (opaque, op)
                 flight = self.in_flight
