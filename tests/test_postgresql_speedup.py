@@ -30,6 +30,7 @@ from hypothesis import strategies as st
 
 from processors.protocols import postgresql as pg
 from processors.protocols.processor import ProtocolsProcessor
+from service.largebuf import LargeBuffer
 from service.model import EventKind, TcpEvent
 from tests.support.driver import pieces
 from tests.support.exchanges import EXCHANGES
@@ -266,6 +267,74 @@ def test_buffers_and_arguments() -> None:
         C.client(memoryview(seg * 2)[::2])
 
 
+# -- detect and resync's chain ------------------------------------------------------------------
+@st.composite
+def wellformed(draw: st.DrawFn) -> bytes:
+    """Messages _valid_body accepts (mostly): the shapes a chain is made of, either side."""
+    k = draw(st.integers(0, 11))
+    i16, i32 = (lambda v: struct.pack(">h", v)), (lambda v: struct.pack(">i", v))
+    name = draw(_names) + b"\0"
+    if k == 0:  # T
+        n = draw(st.integers(0, 3))
+        return _msg(b"T", i16(n) + b"".join(draw(_names) + b"\0" + b"\0" * 18 for _ in range(n)))
+    if k == 1:  # D
+        vals = draw(st.lists(st.one_of(st.just(None), st.binary(max_size=6)), max_size=3))
+        return _msg(b"D", i16(len(vals)) + b"".join(i32(-1) if v is None else i32(len(v)) + v for v in vals))
+    if k == 2:  # B
+        pars = draw(st.lists(st.binary(max_size=5), max_size=3))
+        return _msg(b"B", name + name + i16(1) + b"\0\0" + i16(len(pars))
+                    + b"".join(i32(len(v)) + v for v in pars) + i16(0))
+    if k == 3:  # P
+        n = draw(st.integers(0, 2))
+        return _msg(b"P", name + draw(_text).replace(b"\0", b" ") + b"\0" + i16(n) + b"\0\0\0\x17" * n)
+    if k == 4:
+        return _msg(b"R", i32(draw(st.sampled_from([0, 1, 2, 3, 5, 7, 10, 12, 13]))) + draw(st.binary(max_size=4)))
+    if k == 5:
+        return _msg(b"S", name + name)
+    if k == 6:
+        return _msg(b"K", b"\0" * draw(st.sampled_from([4, 8, 12, 260, 261])))
+    if k == 7:
+        n = draw(st.integers(0, 2))
+        return _msg(b"t", i16(n) + b"\0\0\0\x17" * n)
+    if k == 8:
+        n = draw(st.integers(0, 2))
+        return _msg(draw(st.sampled_from([b"G", b"H", b"W"])), bytes([draw(st.integers(0, 2))]) + i16(n) + b"\0\0" * n)
+    if k == 9:
+        return _msg(b"A", b"\0\0\0\1" + name + name)
+    if k == 10:
+        return _msg(b"Q", draw(_text).replace(b"\0", b" ") + b"\0")
+    return _msg(b"E", b"SERROR\0C42601\0M" + draw(_text).replace(b"\0", b" ") + b"\0\0")
+
+
+def _py_boundary(data: bytes, client: bool, limit: int, cuts: list[int]) -> tuple[int, int]:
+    buf = LargeBuffer(*pieces(data, cuts)) if data else LargeBuffer()
+    undecided = -1
+    for off in range(min(limit, len(data))):
+        r, _ = pg._chain(buf, off, client)
+        if r == 1:
+            return off, undecided
+        if r == -1 and undecided < 0:
+            undecided = off
+    return -1, undecided
+
+
+@settings(max_examples=EXAMPLES, deadline=None)
+@given(st.lists(st.one_of(wellformed(), client_message(), server_message()), max_size=6), st.binary(max_size=6),
+       _damages, st.lists(st.integers(1, 20), max_size=4), st.integers(0, 300))
+@example([b"T\0\0\0\x05"], b"", [], [], 300)  # a body under 2 bytes: Python reads past it, False anyway
+@example([b"D\0\0\0\x04", b"\0\0"], b"", [], [], 300)
+def test_chain_and_boundary_match_the_reference(msgs: list[bytes], garbage: bytes, damage: list, cuts: list[int],
+                                                limit: int) -> None:
+    """_pgwire.chain_at == _chain at every offset and _pgwire.boundary == _find_boundary's scan,
+    over chains of messages joined mid-stream (a garbage prefix), damaged, any chunking."""
+    data = _damage(garbage + b"".join(msgs), damage)
+    buf = LargeBuffer(*pieces(data, cuts)) if data else LargeBuffer()
+    for client in (True, False):
+        for off in range(len(data) + 2):
+            assert C.chain_at(data, off, client) == pg._chain(buf, off, client), (data, off, client)
+        assert C.boundary(data, client, limit) == _py_boundary(data, client, limit, cuts), (data, client)
+
+
 # -- the stage with and without the accelerator ----------------------------------------------
 CLIENT = ("10.0.0.1", 40000)
 SERVER = "10.0.0.2"
@@ -309,6 +378,7 @@ def _both_ways(segments: list[tuple[bool, bytes]], expect_c: bool = False) -> tu
     class _Counting:
         client = staticmethod(counted(C.client))
         server = staticmethod(counted(C.server))
+        boundary = staticmethod(counted(C.boundary))
 
     with pytest.MonkeyPatch.context() as m:
         m.setattr(pg, "_C", _Counting)
@@ -402,9 +472,16 @@ def test_the_common_segments_go_through_c() -> None:
             seen.append(("s", r))
             return r
 
+        @staticmethod
+        def boundary(*a):  # type: ignore[no-untyped-def]
+            r = C.boundary(*a)
+            seen.append(("b", r))
+            return r
+
     with pytest.MonkeyPatch.context() as m:
         m.setattr(pg, "_C", _Spy)
         spans, drops = _stage(_recorded())
     assert len(spans) == 13 and not drops
     assert all(r is not None for _, r in seen), seen
+    assert ("b", (0, -1)) in seen, seen  # the server's first segment: a boundary at its start
     assert sum(1 for _, r in seen if r is not False) >= 30, seen

@@ -295,6 +295,229 @@ static PyObject *server(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     return walk(args, nargs, 0);
 }
 
+/* -- detect and resync's chain (postgresql._chain over a buffer held in one view) ---------- */
+#define DETECT_CHAIN 4
+#define DETECT_MAX_LEN 65536
+
+static unsigned char CLIENT_ONLY[256], SERVER_ONLY[256], CONTROL[256];
+
+static void init_chain_tables(void) {
+    const char *c = "QPBXpFf", *s = "RKZTI123ntsGWAvV";
+    for (; *c; c++)
+        CLIENT_ONLY[(unsigned char)*c] = 1;
+    for (; *s; s++)
+        SERVER_ONLY[(unsigned char)*s] = 1;
+    for (int i = 0; i < 0x20; i++)
+        CONTROL[i] = i != '\t' && i != '\n' && i != '\r';
+}
+
+static int be16(const unsigned char *p) { return (int)(int16_t)(((unsigned)p[0] << 8) | p[1]); }
+
+/* _printable (nul=False): no control byte but tab, LF, CR in the first 64 bytes of [off, end). */
+static int printable(const unsigned char *b, Py_ssize_t off, Py_ssize_t end) {
+    Py_ssize_t n = end - off < 64 ? end - off : 64;
+    for (Py_ssize_t i = 0; i < n; i++)
+        if (CONTROL[b[off + i]])
+            return 0;
+    return 1;
+}
+
+/* _valid_body: is b[off:end] a well-formed body of a t message from this side? Every read is
+ * within [off, end): the Python reads that may pass end (a T or D body under 2 bytes) end in
+ * False there whatever they read, and so here. */
+static int valid_body(const unsigned char *b, unsigned char t, Py_ssize_t off, Py_ssize_t end, int client) {
+    Py_ssize_t ln = end - off, p, q;
+    if (client) {
+        switch (t) {
+        case 'Q':
+            return ln >= 1 && b[end - 1] == 0 && printable(b, off, end - 1);
+        case 'P':
+            p = cstr_end(b, off, end);
+            q = p > 0 ? cstr_end(b, p, end) : -1;
+            return q > 0 && q + 2 <= end && q + 2 + 4 * (Py_ssize_t)be16(b + q) == end && printable(b, p, q - 1);
+        case 'B': {
+            p = cstr_end(b, off, end);
+            if (p < 0)
+                return 0;
+            p = cstr_end(b, p, end);
+            if (p < 0 || p + 2 > end)
+                return 0;
+            int nf = be16(b + p);
+            p += 2 + 2 * (Py_ssize_t)nf;
+            if (nf < 0 || p + 2 > end)
+                return 0;
+            int npar = be16(b + p);
+            p += 2;
+            if (npar < 0)
+                return 0;
+            for (int i = 0; i < npar; i++) {
+                if (p + 4 > end)
+                    return 0;
+                long vl = be32(b + p);
+                p += 4 + (vl > 0 ? vl : 0);
+                if (vl < -1 || p > end)
+                    return 0;
+            }
+            if (p + 2 > end)
+                return 0;
+            return p + 2 + 2 * (Py_ssize_t)be16(b + p) == end;
+        }
+        case 'E':
+            p = cstr_end(b, off, end);
+            return p > 0 && p + 4 == end;
+        case 'D': case 'C':
+            return ln >= 2 && (b[off] == 'P' || b[off] == 'S') && cstr_end(b, off + 1, end) == end;
+        case 'S': case 'H': case 'X': case 'c':
+            return ln == 0;
+        case 'f':
+            return cstr_end(b, off, end) == end;
+        default:
+            return t == 'd' || t == 'p' || t == 'F';
+        }
+    }
+    switch (t) {
+    case 'R': {
+        if (ln < 4)
+            return 0;
+        long code = be32(b + off);
+        return code == 0 || code == 2 || code == 3 || code == 5 || (code >= 7 && code <= 12);
+    }
+    case 'S':
+        p = cstr_end(b, off, end);
+        return p > 0 && cstr_end(b, p, end) == end && printable(b, off, p - 1);
+    case 'K':
+        return 8 <= ln && ln <= 260;
+    case 'Z':
+        return ln == 1 && (b[off] == 'I' || b[off] == 'T' || b[off] == 'E');
+    case 'T': case 'D': {
+        if (ln < 2)
+            return 0;
+        int n = be16(b + off);
+        p = off + 2;
+        if (n < 0)
+            return 0;
+        for (int i = 0; i < n; i++) {
+            if (t == 'T') {
+                p = cstr_end(b, p, end);
+                if (p < 0)
+                    return 0;
+                p += 18;
+            } else {
+                if (p + 4 > end)
+                    return 0;
+                long vl = be32(b + p);
+                p += 4 + (vl > 0 ? vl : 0);
+                if (vl < -1)
+                    return 0;
+            }
+        }
+        return p == end;
+    }
+    case 'C':
+        return cstr_end(b, off, end) == end && printable(b, off, end - 1);
+    case 'E': case 'N':
+        p = off;
+        while (p < end) {
+            if (b[p] == 0)
+                return p + 1 == end;
+            p = cstr_end(b, p + 1, end);
+            if (p < 0)
+                return 0;
+        }
+        return 0;
+    case 'I': case '1': case '2': case '3': case 'n': case 's': case 'c':
+        return ln == 0;
+    case 't':
+        return ln >= 2 && off + 2 + 4 * (Py_ssize_t)be16(b + off) == end;
+    case 'G': case 'H': case 'W':
+        return ln >= 3 && b[off] <= 1 && off + 3 + 2 * (Py_ssize_t)be16(b + off + 1) == end;
+    case 'A':
+        p = cstr_end(b, off + 4, end);
+        return p > 0 && cstr_end(b, p, end) == end;
+    default:
+        return t == 'd' || t == 'v' || t == 'V';
+    }
+}
+
+/* _check_at: 1 a complete valid message at off, 0 invalid, -1 undecided. */
+static int check_at(const unsigned char *b, Py_ssize_t n, Py_ssize_t off, int client) {
+    if (off + 5 > n)
+        return -1;
+    unsigned char t = b[off];
+    if (!(client ? CLIENT_T : SERVER_T)[t])
+        return 0;
+    long ln = be32(b + off + 1);
+    if (ln < 4 || ln > DETECT_MAX_LEN)
+        return 0;
+    if (off + 1 + ln > n)
+        return -1;
+    return valid_body(b, t, off + 5, off + 1 + ln, client);
+}
+
+/* _chain: (verdict, saw a role-unique type) for up to DETECT_CHAIN messages from off. */
+static int chain(const unsigned char *b, Py_ssize_t n, Py_ssize_t off, int client, int *unique) {
+    const unsigned char *only = client ? CLIENT_ONLY : SERVER_ONLY;
+    *unique = 0;
+    for (int i = 0; i < DETECT_CHAIN; i++) {
+        int r = check_at(b, n, off, client);
+        if (r != 1) {
+            if (r == -1 && off + 5 <= n && *unique)
+                return 1;
+            return r;
+        }
+        *unique = *unique || only[b[off]];
+        off += 1 + be32(b + off + 1);
+        if (off == n)
+            return 1;
+    }
+    return 1;
+}
+
+/* boundary(data, client, limit) -> (off, first_undecided): _find_boundary's scan of a buffer
+ * held in one view: the first off < limit where the chain holds (-1: none), and the first
+ * off before it where it was undecided (-1: none). */
+static PyObject *boundary(PyObject *self, PyObject *args) {
+    Py_buffer view;
+    int client;
+    Py_ssize_t limit;
+    if (!PyArg_ParseTuple(args, "y*pn", &view, &client, &limit))
+        return NULL;
+    const unsigned char *b = view.buf;
+    Py_ssize_t n = view.len, found = -1, undecided = -1;
+    if (limit > n)
+        limit = n;
+    for (Py_ssize_t off = 0; off < limit; off++) {
+        int unique;
+        int r = chain(b, n, off, client, &unique);
+        if (r == 1) {
+            found = off;
+            break;
+        }
+        if (r == -1 && undecided < 0)
+            undecided = off;
+    }
+    PyBuffer_Release(&view);
+    return Py_BuildValue("(nn)", found, undecided);
+}
+
+/* chain_at(data, off, client) -> (verdict, unique): _chain itself, for the tests. */
+static PyObject *chain_at(PyObject *self, PyObject *args) {
+    Py_buffer view;
+    int client;
+    Py_ssize_t off;
+    if (!PyArg_ParseTuple(args, "y*np", &view, &off, &client))
+        return NULL;
+    int unique = 0, r;
+    if (off < 0) {
+        PyBuffer_Release(&view);
+        PyErr_SetString(PyExc_ValueError, "negative offset");
+        return NULL;
+    }
+    r = chain(view.buf, view.len, off, client, &unique);  /* off past the end: -1, nothing read */
+    PyBuffer_Release(&view);
+    return Py_BuildValue("(iO)", r, unique ? Py_True : Py_False);
+}
+
 static PyObject *limits(PyObject *self, PyObject *args) {
     Py_ssize_t q, nm, eh;
     if (!PyArg_ParseTuple(args, "nnn", &q, &nm, &eh))
@@ -314,6 +537,8 @@ static PyMethodDef methods[] = {
      "client(data[, partial]): a client segment's records (see the header), False or None."},
     {"server", (PyCFunction)(void (*)(void))server, METH_FASTCALL,
      "server(data[, partial]): a server segment's events (see the header), False or None."},
+    {"boundary", boundary, METH_VARARGS, "boundary(data, client, limit): _find_boundary's scan, (off, undecided)."},
+    {"chain_at", chain_at, METH_VARARGS, "chain_at(data, off, client): _chain's (verdict, unique)."},
     {"limits", limits, METH_VARARGS, "Set the body caps: (max_query_bytes, max_name, max_error_head)."},
     {NULL, NULL, 0, NULL},
 };
@@ -324,6 +549,7 @@ static struct PyModuleDef module = {
 
 PyMODINIT_FUNC PyInit__pgwire(void) {
     init_tables();
+    init_chain_tables();
     REC_D = Py_BuildValue("(i)", 'D');
     REC_S = Py_BuildValue("(i)", 'S');
     REC_F = Py_BuildValue("(i)", 'F');

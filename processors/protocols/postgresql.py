@@ -596,16 +596,24 @@ class Session(_Session):
         n = len(buf)
         limit = min(n, RESYNC_WINDOW)
         first_undecided = -1
-        for off in range(limit):
-            r, _ = _chain(buf, off, client)
-            if r == 1:
-                if off:
-                    self.conn.drop("resync")
-                buf.release(off)
-                self._resync[d] = False
-                return True
-            if r == -1 and first_undecided < 0:
-                first_undecided = off
+        found = -1
+        c = buf.chunk_at(0)[0] if _C is not None else _NO_CHUNK
+        if len(c) == n:  # the buffer in one view (a server's first segment): the scan in C
+            found, first_undecided = _C.boundary(c, client, limit)  # type: ignore[union-attr]
+        else:
+            for off in range(limit):
+                r, _ = _chain(buf, off, client)
+                if r == 1:
+                    found = off
+                    break
+                if r == -1 and first_undecided < 0:
+                    first_undecided = off
+        if found >= 0:
+            if found:
+                self.conn.drop("resync")
+            buf.release(found)
+            self._resync[d] = False
+            return True
         if first_undecided >= 0 and n < RESYNC_WINDOW:
             if first_undecided:
                 buf.release(first_undecided)
