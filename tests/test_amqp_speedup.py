@@ -85,9 +85,8 @@ def ref_walk(data: bytes, start: int = 0) -> tuple | bool | None:
     out: list[tuple] = []
     for ftype, channel, off, end in frames:
         if ftype == v091.HEARTBEAT:
+            out.append((8,))  # no record, but between a method and its header: two records
             continue
-        if len(out) >= MAX_RECORDS:
-            return None
         f = v[off:end + 1]  # the frame as the readers see it
         e = end - off
         try:
@@ -123,7 +122,32 @@ def ref_walk(data: bytes, start: int = 0) -> tuple | bool | None:
                     out.append((1, channel, off, end, cm))
         except (Malformed, struct.error, IndexError):
             return None
-    return tuple(out)
+    return _messages(out)
+
+
+def _messages(recs: list[tuple]) -> tuple | None:
+    """A publish (4) or deliver (5), its content header (2) on the channel next and the body
+    frames (3) after it on the channel that do not overrun the body, while it is not
+    complete: one record (9 or 10), as _frames.c makes it (the header's fields, the body
+    frames' total). More records than a call makes: None."""
+    out: list[tuple] = []
+    i = 0
+    while i < len(recs):
+        r = recs[i]
+        i += 1
+        if r[0] in (4, 5) and i < len(recs) and recs[i][0] == 2 and recs[i][1] == r[1]:
+            head = recs[i]
+            body = head[2]
+            total = 0
+            i += 1
+            while (total < body and i < len(recs) and recs[i][0] == 3 and recs[i][1] == r[1]
+                   and recs[i][2] <= body - total):
+                total += recs[i][2]
+                i += 1
+            r = (r[0] + 5, *r[1:], *head[2:], total)
+        if r[0] != 8:
+            out.append(r)
+    return None if len(out) > MAX_RECORDS else tuple(out)
 
 
 def _same(got: Any, want: Any) -> None:
@@ -302,6 +326,24 @@ def test_random_bytes_match_the_reference(data: bytes, ftype: int) -> None:
     check(_frame(1, 1, b"\x00\x3c\x00\x3c" + data))  # a deliver's
     check(_frame(1, 0, b"\x00\x0a\x00\x0b" + data))  # a start-ok's
     check(_frame(2, 1, b"\x00\x3c\x00\x00" + data))  # a content header's
+
+
+def test_messages_in_one_record() -> None:
+    """A publish, its header and body frames: one record while they come together on one
+    channel and the body is not overrun."""
+    pub = frame.Method(1, spec.Basic.Publish(exchange="orders", routing_key="k")).marshal()
+    props = spec.BasicProperties(message_id="m-1", headers={"traceparent": _TP})
+    msg = pub + w.content(1, b"x" * 10, props, 12)  # bodies of 4, 4, 2
+    assert C.walk(msg, 0) == ((9, 1, "orders", "k", 10, None, "m-1", _TP, 10),)
+    head = frame.Header(1, 10, props).marshal()
+    hb = frame.Heartbeat().marshal()
+    for data in (pub + hb + head, pub + frame.Header(2, 10, props).marshal(), pub + head + _frame(3, 1, b"x" * 11),
+                 pub + head + _frame(3, 2, b"x") + _frame(3, 1, b"x"), pub + head + _frame(3, 1, b"x" * 10) * 2,
+                 pub + frame.Header(1, 0, props).marshal() + _frame(3, 1, b""), pub + head + hb + _frame(3, 1, b"x")):
+        check(data)
+        assert len(C.walk(data, 0)) >= 2
+    check(pub + head + _frame(3, 1, b""))
+    assert C.walk(pub + head + _frame(3, 1, b""), 0)[0][-1] == 0
 
 
 def test_limits_and_the_bounds() -> None:

@@ -25,6 +25,16 @@
  *                                                  basic.deliver (redelivered: 0 or 1)
  *   (6, channel, method_id, delivery_tag, bits)    basic.ack (80), reject (90), nack (120)
  *   (7, channel, connection_name)                  connection.start-ok (str or None)
+ *   (9, channel, exchange, routing_key, body_size, correlation_id, message_id, traceparent, total)
+ *   (10, channel, consumer_tag, delivery_tag, redelivered, exchange, routing_key, body_size,
+ *        correlation_id, message_id, traceparent, total)
+ *                                                  a message: a publish (9) or deliver (10)
+ *                                                  followed by its content header on the same
+ *                                                  channel (the records 4 or 5, then 2, in one)
+ *                                                  and by the body frames on the channel that
+ *                                                  follow it while the body is not complete
+ *                                                  and do not overrun it: ``total`` their bytes
+ *                                                  (none after a header of body size 0)
  * Names are decoded as v091.py does (UTF-8, errors replaced).
  *
  * Memory: every read is bounds-checked against the frame it belongs to (and so the
@@ -46,6 +56,10 @@
 #define T_BODY 3
 #define T_HEARTBEAT 8
 #define FRAME_END 0xCE
+/* Record kinds beyond the frame types (the header lists them). */
+#define K_PUBLISH 4
+#define K_DELIVER 5
+#define K_MESSAGE 5 /* + K_PUBLISH: 9, + K_DELIVER: 10 */
 
 /* A field table's value types of a fixed size (v091._FIXED), -1: not fixed. */
 static signed char FIXED[256];
@@ -225,7 +239,7 @@ static PyObject *method(const unsigned char *d, Py_ssize_t off, Py_ssize_t p, Py
             Py_XDECREF(ex);
             return NULL;
         }
-        return Py_BuildValue("(iINN)", 4, channel, ex, rk); /* consumes ex and rk, error or not */
+        return Py_BuildValue("(iINN)", K_PUBLISH, channel, ex, rk); /* consumes ex and rk, error or not */
     }
     if (cls == 60 && meth == 60) { /* deliver: consumer-tag, delivery-tag, redelivered, exchange, rk */
         q = shortstr(d, q, end, &s1, &l1);
@@ -242,7 +256,7 @@ static PyObject *method(const unsigned char *d, Py_ssize_t off, Py_ssize_t p, Py
             Py_XDECREF(ex);
             return NULL;
         }
-        return Py_BuildValue("(iINKiNN)", 5, channel, tag, (unsigned long long)dtag, redelivered, ex, rk);
+        return Py_BuildValue("(iINKiNN)", K_DELIVER, channel, tag, (unsigned long long)dtag, redelivered, ex, rk);
     }
     if (cls == 60 && (meth == 80 || meth == 90 || meth == 120)) { /* ack, reject, nack: tag, bits */
         if (q + 9 > end)
@@ -257,6 +271,38 @@ static PyObject *method(const unsigned char *d, Py_ssize_t off, Py_ssize_t p, Py
         return Py_BuildValue("(iIN)", 7, channel, str_at(d, s1, l1));
     }
     return Py_BuildValue("(iInn(II))", T_METHOD, channel, off, end, cls, meth);
+}
+
+/* A message record: the method record ``m`` (kind K_PUBLISH or K_DELIVER, made K_MESSAGE +
+ * that), then the content header record ``h``'s fields after its channel, then ``total``, the
+ * bytes of the body frames taken with it. Consumes ``m`` and ``h``. */
+static PyObject *message(PyObject *m, PyObject *h, unsigned long long total) {
+    Py_ssize_t nm = PyTuple_GET_SIZE(m), nh = PyTuple_GET_SIZE(h);
+    PyObject *out = PyTuple_New(nm + nh - 2 + 1);
+    PyObject *kind = out ? PyLong_FromLong(K_MESSAGE + PyLong_AsLong(PyTuple_GET_ITEM(m, 0))) : NULL;
+    PyObject *tot = kind ? PyLong_FromUnsignedLongLong(total) : NULL;
+    if (tot == NULL) {
+        Py_XDECREF(out);
+        Py_XDECREF(kind);
+        Py_DECREF(m);
+        Py_DECREF(h);
+        return NULL;
+    }
+    PyTuple_SET_ITEM(out, 0, kind);
+    for (Py_ssize_t i = 1; i < nm; i++) {
+        PyObject *x = PyTuple_GET_ITEM(m, i);
+        Py_INCREF(x);
+        PyTuple_SET_ITEM(out, i, x);
+    }
+    for (Py_ssize_t i = 2; i < nh; i++) {
+        PyObject *x = PyTuple_GET_ITEM(h, i);
+        Py_INCREF(x);
+        PyTuple_SET_ITEM(out, nm + i - 2, x);
+    }
+    PyTuple_SET_ITEM(out, nm + nh - 2, tot);
+    Py_DECREF(m);
+    Py_DECREF(h);
+    return out;
 }
 
 static PyObject *walk_buffer(const unsigned char *d, Py_ssize_t n, Py_ssize_t start) {
@@ -293,11 +339,8 @@ static PyObject *walk_buffer(const unsigned char *d, Py_ssize_t n, Py_ssize_t st
             off = end + 1;
             continue;
         }
-        if (count >= MAX_RECORDS) {
-            out = Py_None;
-            Py_INCREF(out);
-            goto done;
-        }
+        if (count >= MAX_RECORDS)
+            goto decline;
         if (ftype == T_BODY)
             rec = Py_BuildValue("(iII)", T_BODY, channel, size);
         else if (ftype == T_METHOD)
@@ -306,13 +349,35 @@ static PyObject *walk_buffer(const unsigned char *d, Py_ssize_t n, Py_ssize_t st
             rec = header(d, off + 7, end, channel);
         if (rec == NULL)
             goto done; /* a Python error (memory): raised */
-        if (rec == DECLINE) {
-            out = Py_None;
-            Py_INCREF(out);
-            goto done;
+        if (rec == DECLINE)
+            goto decline;
+        off = end + 1;
+        long kind = ftype == T_METHOD ? PyLong_AsLong(PyTuple_GET_ITEM(rec, 0)) : 0;
+        if ((kind == K_PUBLISH || kind == K_DELIVER) && off < n && d[off] == T_HEADER && be16(d + off + 1) == channel) {
+            /* A message: its method, then its content header on the channel, then the body
+             * frames on the channel that do not complete it yet and the one that does. */
+            Py_ssize_t hend = off + 7 + (Py_ssize_t)be32(d + off + 3);
+            PyObject *hdr = header(d, off + 7, hend, channel);
+            if (hdr == NULL || hdr == DECLINE) {
+                Py_DECREF(rec);
+                if (hdr == NULL)
+                    goto done;
+                goto decline;
+            }
+            off = hend + 1;
+            unsigned long long body = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(hdr, 2)), total = 0;
+            while (total < body && off < n && d[off] == T_BODY && be16(d + off + 1) == channel) {
+                uint32_t bsize = be32(d + off + 3);
+                if (bsize > body - total)
+                    break; /* too long a body: its own record (the Python raises there) */
+                total += bsize;
+                off += 8 + (Py_ssize_t)bsize;
+            }
+            rec = message(rec, hdr, total);
+            if (rec == NULL)
+                goto done;
         }
         recs[count++] = rec;
-        off = end + 1;
     }
     out = PyTuple_New(count);
     if (out != NULL) {
@@ -320,6 +385,10 @@ static PyObject *walk_buffer(const unsigned char *d, Py_ssize_t n, Py_ssize_t st
             PyTuple_SET_ITEM(out, i, recs[i]);
         return out;
     }
+    goto done;
+decline:
+    out = Py_None;
+    Py_INCREF(out);
 done:
     for (Py_ssize_t i = 0; i < count; i++)
         Py_DECREF(recs[i]);

@@ -144,7 +144,7 @@ _CONTENT_HEADER = struct.Struct(">HHQH").unpack_from  # class-id, weight, body-s
 _WANT_TP = (b"traceparent",)
 _PUBLISH, _DELIVER = (60, 40), (60, 60)
 #: _frames.walk's record kinds beyond the frame types (METHOD, HEADER, BODY): decoded methods.
-_K_PUBLISH, _K_DELIVER, _K_SETTLE, _K_START_OK = 4, 5, 6, 7
+_K_PUBLISH, _K_DELIVER, _K_SETTLE, _K_START_OK, _K_PUBLISH_MESSAGE, _K_DELIVER_MESSAGE = 4, 5, 6, 7, 9, 10
 
 
 class Settings(ProtocolSettings):
@@ -548,6 +548,22 @@ class Session(Session):  # type: ignore[no-redef]
                         handler(self, from_client, channel, ch, cm, data[off:end + 1], 11, end - off, ts_ns, ts_ns)
                     except (BufferBoundsError, struct.error, IndexError):
                         raise Malformed(NAME, "truncated", 0, "a field overruns the frame") from None
+            elif kind == _K_PUBLISH_MESSAGE:
+                _, _, exchange, rk, body, corr, mid, tp, total = rec
+                op = self._publish(from_client, ch, exchange, rk, ts_ns)
+                self._properties(from_client, channel, ch, op, body, corr, mid, tp, ts_ns)
+                if total:  # its body frames that came with it (none complete it before the last)
+                    op.body -= total
+                    if op.body == 0:
+                        self._content_done(from_client, channel, ch, ts_ns)
+            elif kind == _K_DELIVER_MESSAGE:
+                _, _, tag, dtag, redelivered, exchange, rk, body, corr, mid, tp, total = rec
+                op = self._deliver(from_client, ch, tag, dtag, redelivered, exchange, rk, ts_ns)
+                self._properties(from_client, channel, ch, op, body, corr, mid, tp, ts_ns)
+                if total:
+                    op.body -= total
+                    if op.body == 0:
+                        self._content_done(from_client, channel, ch, ts_ns)
             elif kind == _K_PUBLISH:
                 self._publish(from_client, ch, rec[2], rec[3], ts_ns)
             elif kind == _K_DELIVER:
@@ -760,7 +776,7 @@ class Session(Session):  # type: ignore[no-redef]
         op.body = -1  # its content header is next
         ch.content[from_client] = op
 
-    def _publish(self, from_client: bool, ch: _Channel, exchange: str, rk: str, start: int) -> None:
+    def _publish(self, from_client: bool, ch: _Channel, exchange: str, rk: str, start: int) -> _Op:
         """A basic.publish's fields (_content_method's, or _frames.walk's): its content is next."""
         ch.last_exchange = exchange
         a: dict[str, Any] = {"messaging.system": "rabbitmq", "messaging.operation.name": "publish",
@@ -771,14 +787,16 @@ class Session(Session):  # type: ignore[no-redef]
         op = _Op(_PUBLISH, f"publish {exchange or 'amq.default'}", self.k_producer, start, a)
         op.body = -1  # its content header is next
         ch.content[from_client] = op
+        return op
 
     def _deliver(self, from_client: bool, ch: _Channel, tag: str, dtag: int, redelivered: int, exchange: str,
-                 rk: str, start: int) -> None:
+                 rk: str, start: int) -> _Op:
         """A basic.deliver's fields (_content_method's, or _frames.walk's): its content is next."""
         op = self._consumer_op(_DELIVER, "process", ch.consumers.get(tag, ""), exchange, rk, dtag, redelivered,
                                start)
         op.body = -1
         ch.content[from_client] = op
+        return op
 
     def _consumer_op(self, cm: tuple[int, int], opname: str, queue: str, exchange: str, rk: str, dtag: int,
                      redelivered: int, start: int) -> _Op:
