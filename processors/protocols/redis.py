@@ -20,7 +20,7 @@ import re
 from collections import deque
 from typing import ClassVar
 
-from processors.protocols.base import Conn, Detection, PendingQueue, ProtocolSettings, Session
+from processors.protocols.base import Conn, Detection, PendingQueue, Perspective, ProtocolSettings, Session
 from processors.protocols.errors import LimitExceeded, Malformed
 from processors.protocols.sanitize import sanitize_error
 from service.largebuf import LargeBuffer
@@ -600,6 +600,8 @@ def _name(b: bytes) -> tuple[str, str, str]:
 _NO_ARGS: tuple[bytes, ...] = ()
 _SUB_OR_UNSUB = _SUBSCRIBE | _UNSUBSCRIBE
 _CLIENT = SpanKind.CLIENT
+_SERVER = SpanKind.SERVER
+_AT_SERVER = Perspective.SERVER
 _UNSET = StatusCode.UNSET
 _ERROR = StatusCode.ERROR
 
@@ -698,7 +700,9 @@ class Session(Session):  # type: ignore[no-redef]
             text = sent
         # Only the arguments shown are decoded: the others are a "?" each.
         elif not self.settings.sanitize_query or (cmd in _KEY_ONLY and cmd not in _CONTAINER):
-            text = " ".join([sent, *[a.decode("utf-8", "replace") for a in kept[1:]]])
+            # One decode of the joined arguments: a space ends any broken UTF-8 sequence
+            # before it, so this is the join of each one decoded, with one call.
+            text = f"{sent} {b' '.join(kept[1:]).decode('utf-8', 'replace')}"
         else:
             text = f"{sent} {kept[1].decode('utf-8', 'replace')}" + " ?" * (nkept - 1)
         more = nargs - 1 - nkept
@@ -763,8 +767,8 @@ class Session(Session):  # type: ignore[no-redef]
             status = _ERROR
             msg = "transaction aborted (WATCH)"
             attrs["error.type"] = "EXECABORT"
-        kind = conn.kind_for(_CLIENT)
-        span = conn.span(cmd, kind, p.start_ts, end_ts, attrs, status_code=status, status_message=msg)
+        kind = _SERVER if conn.perspective == _AT_SERVER else _CLIENT  # conn.kind_for(CLIENT), inline
+        span = conn.span(cmd, kind, p.start_ts, end_ts, attrs, None, status, msg)  # positional: once a span
         if incomplete:
             self.cut_short(span)
         else:
@@ -799,7 +803,8 @@ class Session(Session):  # type: ignore[no-redef]
                 self._span(p, cur.error, False, _NO_ARGS, ts_ns, True)  # what was seen: its error, if any
             else:
                 self.cut_short(None, "no_reply")
-        self.pending.clear()
+        if self.pending:
+            self.pending.clear()
         if self.req.cur is not None:  # a command begun (and its bytes consumed) but never ended
             self.conn.drop("incomplete_message")
             self.req.reset()
