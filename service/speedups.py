@@ -19,6 +19,11 @@ ACCELERATORS: dict[str, str] = {
     "processors.protocols._http1": "processors/protocols/_http1.c",  # http1.py's heads
     "service._otlp": "service/_otlp.c",  # model.py's OTLP span encoding
     "receivers._fastpath": "receivers/_fastpath.c",  # pcap.py's replay loop: record, frame, in-order segment
+    "processors.protocols._resp": "processors/protocols/_resp.c",  # redis.py's whole RESP values
+    "processors.protocols._pgwire": "processors/protocols/_pgwire.c",  # postgresql.py's message walk
+    "processors.protocols.amqp._frames": "processors/protocols/amqp/_frames.c",  # amqp/v091.py's frame walk
+    "processors.protocols._fcgi": "processors/protocols/_fcgi.c",  # fastcgi.py's record walk and PARAMS
+    "processors.protocols._memcache": "processors/protocols/_memcache.c",  # memcached.py's binary headers
 }
 
 PURE = os.environ.get("WIRESPAN_PURE_PYTHON", "") not in ("", "0")

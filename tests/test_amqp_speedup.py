@@ -17,12 +17,8 @@ tests/test_http1_speedup.py describes).
 
 from __future__ import annotations
 
-import ctypes
 import datetime
 import decimal
-import importlib
-import importlib.util
-import mmap
 import os
 import struct
 from types import ModuleType
@@ -37,6 +33,7 @@ from processors.protocols.errors import Malformed
 from tests.support import amqp_wire as w
 from tests.support.driver import pieces
 from tests.support.exchanges import EXCHANGES
+from tests.support.speedup import Guarded, load_accelerator
 from tests.support.whole import _run, mutate
 
 pika = pytest.importorskip("pika")
@@ -47,19 +44,7 @@ EXAMPLES = int(os.environ.get("WIRESPAN_FUZZ_EXAMPLES", "400"))
 
 
 def _load_c() -> ModuleType:
-    so = os.environ.get("WIRESPAN_AMQP_SO")
-    if so:
-        spec_ = importlib.util.spec_from_file_location("processors.protocols.amqp._frames", so)
-        assert spec_ is not None and spec_.loader is not None
-        mod = importlib.util.module_from_spec(spec_)
-        spec_.loader.exec_module(mod)
-        return mod
-    try:
-        return importlib.import_module("processors.protocols.amqp._frames")
-    except ImportError as e:  # no compiler on this machine: only the pure path exists
-        print(f"test_amqp_speedup: skipped, the _frames accelerator is not built here ({e})")
-        pytest.skip(f"the _frames accelerator is not built here ({e})", allow_module_level=True)
-        raise
+    return load_accelerator("processors.protocols.amqp._frames", "WIRESPAN_AMQP_SO")
 
 
 C = _load_c()
@@ -157,19 +142,8 @@ def _same(got: Any, want: Any) -> None:
 
 
 # A buffer that ends at an inaccessible page: any read past a view's end is a SIGSEGV.
-_PAGE = mmap.PAGESIZE
-_GUARDED = mmap.mmap(-1, 17 * _PAGE)
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.mprotect.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-_base = ctypes.addressof(ctypes.c_char.from_buffer(_GUARDED))
-assert _libc.mprotect(_base + 16 * _PAGE, _PAGE, 0) == 0  # PROT_NONE
-_GUARDED_VIEW = memoryview(_GUARDED)[:16 * _PAGE]
-
-
-def _guarded(data: bytes) -> memoryview:
-    end = 16 * _PAGE
-    _GUARDED_VIEW[end - len(data):end] = data
-    return _GUARDED_VIEW[end - len(data):end]
+_GUARD = Guarded(16)
+_guarded = _GUARD.view
 
 
 def check(data: bytes) -> None:
@@ -178,7 +152,7 @@ def check(data: bytes) -> None:
     _same(C.walk(memoryview(data), 0), want)
     # The buffer going on past the view (a frame-end there would complete a cut frame).
     _same(C.walk(memoryview(data + b"\xce" * 8)[:len(data)], 0), want)
-    if len(data) <= 16 * _PAGE:
+    if len(data) <= _GUARD.size:
         _same(C.walk(_guarded(data), 0), want)
     if data:  # from an offset: what lies before is not read (offsets: the buffer's)
         _same(C.walk(b"\x01" + data, 1), ref_walk(b"\x01" + data, 1))

@@ -15,7 +15,6 @@ too (the session and stage tests then compare the Python path with itself).
 
 from __future__ import annotations
 
-import importlib
 import os
 import random
 import struct
@@ -29,6 +28,7 @@ from processors.protocols import fastcgi as f
 from processors.protocols.base import Conn
 from processors.protocols.errors import Malformed, ProtocolError
 from tests.support.exchanges import EXCHANGES
+from tests.support.speedup import load_accelerator
 from tests.support.whole import _run
 
 #: Raise for a long local run: WIRESPAN_FUZZ_EXAMPLES=20000 pytest tests/test_fastcgi_speedup.py
@@ -36,12 +36,7 @@ EXAMPLES = int(os.environ.get("WIRESPAN_FUZZ_EXAMPLES", "300"))
 
 
 def _load_c() -> ModuleType:
-    try:
-        return importlib.import_module("processors.protocols._fcgi")
-    except ImportError as e:  # no compiler on this machine: only the pure path exists
-        print(f"the _fcgi accelerator is not built here ({e})")
-        pytest.skip(f"the _fcgi accelerator is not built here ({e})", allow_module_level=True)
-        raise
+    return load_accelerator("processors.protocols._fcgi")
 
 
 C = _load_c()

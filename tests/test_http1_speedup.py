@@ -16,10 +16,6 @@ so that ASAN sees the bounds of small bytes objects, which pymalloc would otherw
 
 from __future__ import annotations
 
-import ctypes
-import importlib
-import importlib.util
-import mmap
 import os
 from types import ModuleType
 
@@ -32,24 +28,14 @@ from processors.protocols.base import Conn
 from processors.protocols.errors import ProtocolError
 from service.largebuf import LargeBuffer
 from tests.support.driver import pieces
+from tests.support.speedup import Guarded, load_accelerator
 
 #: Raise for a long local run: WIRESPAN_FUZZ_EXAMPLES=20000 pytest tests/test_http1_speedup.py
 EXAMPLES = int(os.environ.get("WIRESPAN_FUZZ_EXAMPLES", "400"))
 
 
 def _load_c() -> ModuleType:
-    so = os.environ.get("WIRESPAN_HTTP1_SO")
-    if so:
-        spec = importlib.util.spec_from_file_location("processors.protocols._http1", so)
-        assert spec is not None and spec.loader is not None
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        return mod
-    try:
-        return importlib.import_module("processors.protocols._http1")
-    except ImportError as e:  # no compiler on this machine: only the pure path exists
-        pytest.skip(f"the _http1 accelerator is not built here ({e})", allow_module_level=True)
-        raise
+    return load_accelerator("processors.protocols._http1", "WIRESPAN_HTTP1_SO")
 
 
 C = _load_c()
@@ -102,20 +88,8 @@ _FENCES = (b"\r\n\r\n", b"\n\r\n0\r\n\r\n")
 
 # A buffer that ends at an inaccessible page: any read past a view's end is a SIGSEGV
 # (a test crash), even a one-byte over-read that stays inside a Python object's memory.
-_PAGE = mmap.PAGESIZE
-_GUARDED = mmap.mmap(-1, 17 * _PAGE)
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.mprotect.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-_base = ctypes.addressof(ctypes.c_char.from_buffer(_GUARDED))
-assert _libc.mprotect(_base + 16 * _PAGE, _PAGE, 0) == 0  # PROT_NONE
-_GUARDED_VIEW = memoryview(_GUARDED)[:16 * _PAGE]
-
-
-def _guarded(data: bytes) -> memoryview:
-    """``data`` as a view that ends right at the guard page."""
-    end = 16 * _PAGE
-    _GUARDED_VIEW[end - len(data):end] = data
-    return _GUARDED_VIEW[end - len(data):end]
+_GUARD = Guarded(16)
+_guarded = _GUARD.view
 
 
 def _fenced(data: bytes, fence: bytes = _FENCES[0]) -> memoryview:

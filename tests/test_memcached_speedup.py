@@ -19,9 +19,6 @@ The C module is imported directly, so these run under WIRESPAN_PURE_PYTHON=1 too
 
 from __future__ import annotations
 
-import ctypes
-import importlib
-import mmap
 import os
 import random
 import struct
@@ -36,18 +33,14 @@ from processors.protocols.processor import ProtocolsProcessor
 from service.model import EventKind, TcpEvent
 from tests.support.driver import pieces
 from tests.support.exchanges import EXCHANGES
+from tests.support.speedup import Guarded, load_accelerator
 
 #: Raise for a long local run: WIRESPAN_FUZZ_EXAMPLES=20000 pytest tests/test_memcached_speedup.py
 EXAMPLES = int(os.environ.get("WIRESPAN_FUZZ_EXAMPLES", "400"))
 
 
 def _load_c() -> ModuleType:
-    try:
-        return importlib.import_module("processors.protocols._memcache")
-    except ImportError as e:  # no compiler on this machine: only the pure path exists
-        print(f"skipping: the _memcache accelerator is not built here ({e})")
-        pytest.skip(f"the _memcache accelerator is not built here ({e})", allow_module_level=True)
-        raise
+    return load_accelerator("processors.protocols._memcache")
 
 
 C = _load_c()
@@ -55,20 +48,8 @@ HDR = struct.Struct(">BBHBBHIIQ")
 
 
 # -- buffers an over-read would betray ----------------------------------------------------------
-_PAGE = mmap.PAGESIZE
-_GUARDED = mmap.mmap(-1, 5 * _PAGE)
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.mprotect.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-_base = ctypes.addressof(ctypes.c_char.from_buffer(_GUARDED))
-assert _libc.mprotect(_base + 4 * _PAGE, _PAGE, 0) == 0  # PROT_NONE: the last page faults
-_GUARDED_VIEW = memoryview(_GUARDED)[:4 * _PAGE]
-
-
-def _guarded(data: bytes) -> memoryview:
-    """``data`` as a view that ends right at the inaccessible page."""
-    end = 4 * _PAGE
-    _GUARDED_VIEW[end - len(data):end] = data
-    return _GUARDED_VIEW[end - len(data):end]
+_GUARD = Guarded(4)
+_guarded = _GUARD.view
 
 
 #: What a longer buffer goes on with: a whole request, a whole response, zeros.
@@ -88,7 +69,7 @@ def check(data: bytes, from_client: bool, collections: bool = False) -> tuple | 
     else:
         want_c = want
     views: list[object] = [data, memoryview(data), bytearray(data)]
-    if len(data) <= 4 * _PAGE:
+    if len(data) <= _GUARD.size:
         views.append(_guarded(data))
     views += [memoryview(data + f)[:len(data)] for f in _FENCES]
     for v in views:

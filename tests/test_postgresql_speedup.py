@@ -17,8 +17,6 @@ tests/test_http1_speedup.py describes).
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import os
 import random
 import struct
@@ -34,24 +32,14 @@ from service.largebuf import LargeBuffer
 from service.model import EventKind, TcpEvent
 from tests.support.driver import pieces
 from tests.support.exchanges import EXCHANGES
+from tests.support.speedup import load_accelerator
 
 #: Raise for a long local run: WIRESPAN_FUZZ_EXAMPLES=20000 pytest tests/test_postgresql_speedup.py
 EXAMPLES = int(os.environ.get("WIRESPAN_FUZZ_EXAMPLES", "400"))
 
 
 def _load_c() -> ModuleType:
-    so = os.environ.get("WIRESPAN_PGWIRE_SO")
-    if so:
-        spec = importlib.util.spec_from_file_location("processors.protocols._pgwire", so)
-        assert spec is not None and spec.loader is not None
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        return mod
-    try:
-        return importlib.import_module("processors.protocols._pgwire")
-    except ImportError as e:  # no compiler on this machine: only the pure path exists
-        pytest.skip(f"the _pgwire accelerator is not built here ({e})", allow_module_level=True)
-        raise
+    return load_accelerator("processors.protocols._pgwire", "WIRESPAN_PGWIRE_SO")
 
 
 C = _load_c()

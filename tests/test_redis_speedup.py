@@ -19,9 +19,6 @@ The C module is imported directly, so these run under WIRESPAN_PURE_PYTHON=1 too
 
 from __future__ import annotations
 
-import ctypes
-import importlib
-import mmap
 import os
 import random
 from types import ModuleType
@@ -35,17 +32,14 @@ from processors.protocols.processor import ProtocolsProcessor
 from service.model import EventKind, TcpEvent
 from tests.support.driver import pieces
 from tests.support.exchanges import EXCHANGES
+from tests.support.speedup import Guarded, load_accelerator
 
 #: Raise for a long local run: WIRESPAN_FUZZ_EXAMPLES=20000 pytest tests/test_redis_speedup.py
 EXAMPLES = int(os.environ.get("WIRESPAN_FUZZ_EXAMPLES", "400"))
 
 
 def _load_c() -> ModuleType:
-    try:
-        return importlib.import_module("processors.protocols._resp")
-    except ImportError as e:  # no compiler on this machine: only the pure path exists
-        pytest.skip(f"the _resp accelerator is not built here ({e})", allow_module_level=True)
-        raise
+    return load_accelerator("processors.protocols._resp")
 
 
 C = _load_c()
@@ -76,20 +70,8 @@ def _same(got: tuple[int, list], want: tuple[int, list]) -> None:
 
 # A buffer that ends at an inaccessible page: any read past a view's end is a SIGSEGV
 # (a test crash), even a one-byte over-read that stays inside a Python object's memory.
-_PAGE = mmap.PAGESIZE
-_GUARDED = mmap.mmap(-1, 33 * _PAGE)
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.mprotect.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-_base = ctypes.addressof(ctypes.c_char.from_buffer(_GUARDED))
-assert _libc.mprotect(_base + 32 * _PAGE, _PAGE, 0) == 0  # PROT_NONE
-_GUARDED_VIEW = memoryview(_GUARDED)[:32 * _PAGE]
-
-
-def _guarded(data: bytes) -> memoryview:
-    """``data`` as a view that ends right at the guard page."""
-    end = 32 * _PAGE
-    _GUARDED_VIEW[end - len(data):end] = data
-    return _GUARDED_VIEW[end - len(data):end]
+_GUARD = Guarded(32)
+_guarded = _GUARD.view
 
 
 #: What a buffer might go on with: a read past the view's end would complete a line, a
@@ -104,7 +86,7 @@ def check(data: bytes, start: int = 0, keep: int = 8) -> tuple[int, list]:
     _same(_c(memoryview(data), start, keep), want)
     for fence in _FENCES:
         _same(_c(memoryview(data + fence)[:len(data)], start, keep), want)
-    if len(data) <= 32 * _PAGE:
+    if len(data) <= _GUARD.size:
         _same(_c(_guarded(data), start, keep), want)
     return want
 

@@ -124,8 +124,12 @@ def test_an_undetectable_drip_is_abandoned_in_linear_time() -> None:
         assert not spans
         return t, drops
 
-    (t1, _), (t2, drops) = cost(16_000), cost(32_000)
-    assert t2 / t1 <= 2.6
+    # Interleaved, the minimum of each (CPU time, robust to a busy machine: one pair of runs
+    # once read 2.64x under load).
+    runs = [(cost(16_000), cost(32_000)) for _ in range(3)]
+    t1, t2 = min(a[0] for a, _ in runs), min(b[0] for _, b in runs)
+    drops = runs[-1][1][1]
+    assert t2 / t1 <= 2.6, f"{t2 / t1:.2f}x the time for twice the bytes"
     assert drops.get("undetected") == 1  # counted when the connection ends
     stage = ProtocolsProcessor("protocols", {"max_detect_bytes": 4096}, Sink())
     stage.consume_events(events(Exchange(8080, [(True, b"G" + b"a" * 8000)], 0), 1))
