@@ -34,7 +34,7 @@ from tests.support import amqp_wire as w
 from tests.support.driver import pieces
 from tests.support.exchanges import EXCHANGES
 from tests.support.speedup import Guarded, load_accelerator
-from tests.support.whole import _run, mutate
+from tests.support.whole import mutate, run_stage
 
 pika = pytest.importorskip("pika")
 from pika import frame, spec  # noqa: E402
@@ -344,9 +344,9 @@ def _both(segs: list[tuple[bool, bytes]]) -> tuple[list, dict]:
     """(spans, drops) of ``segs`` through the stage, asserted equal with the accelerator on and off."""
     with pytest.MonkeyPatch.context() as m:
         m.setattr(v091, "_C", C)
-        got = _run(5672, segs)
+        got = run_stage(5672, segs)
         m.setattr(v091, "_C", None)
-        want = _run(5672, segs)
+        want = run_stage(5672, segs)
     assert got == want
     return got
 
@@ -372,7 +372,7 @@ def test_exchange_through_c(monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[int] = []
     monkeypatch.setattr(v091, "_C", type("Spy", (), {"walk": staticmethod(lambda d, s: calls.append(1)
                                                                              or C.walk(d, s))}))
-    spans, drops = _run(5672, _exchange_steps(200))
+    spans, drops = run_stage(5672, _exchange_steps(200))
     assert len(calls) == 6 and len(spans) == 3 and not drops
 
 

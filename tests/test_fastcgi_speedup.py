@@ -29,7 +29,7 @@ from processors.protocols.base import Conn
 from processors.protocols.errors import Malformed, ProtocolError
 from tests.support.exchanges import EXCHANGES
 from tests.support.speedup import load_accelerator
-from tests.support.whole import _run
+from tests.support.whole import run_stage
 
 #: Raise for a long local run: WIRESPAN_FUZZ_EXAMPLES=20000 pytest tests/test_fastcgi_speedup.py
 EXAMPLES = int(os.environ.get("WIRESPAN_FUZZ_EXAMPLES", "300"))
@@ -265,10 +265,10 @@ def test_common_shapes_are_taken() -> None:
 def _stage_both(segs: list[tuple[bool, bytes]], monkeypatch: pytest.MonkeyPatch) -> tuple:
     with monkeypatch.context() as m:
         m.setattr(f, "_C", C)
-        got = _run(9000, segs)
+        got = run_stage(9000, segs)
     with monkeypatch.context() as m:
         m.setattr(f, "_C", None)
-        want = _run(9000, segs)
+        want = run_stage(9000, segs)
     assert got == want
     return got
 

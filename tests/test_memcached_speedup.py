@@ -29,11 +29,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from processors.protocols import memcached as mc
-from processors.protocols.processor import ProtocolsProcessor
-from service.model import EventKind, TcpEvent
-from tests.support.driver import pieces
 from tests.support.exchanges import EXCHANGES
 from tests.support.speedup import Guarded, load_accelerator
+from tests.support.whole import cut, run_stage
 
 #: Raise for a long local run: WIRESPAN_FUZZ_EXAMPLES=20000 pytest tests/test_memcached_speedup.py
 EXAMPLES = int(os.environ.get("WIRESPAN_FUZZ_EXAMPLES", "400"))
@@ -223,32 +221,8 @@ def test_constants_and_arguments() -> None:
 
 
 # -- the whole stage ------------------------------------------------------------------------------
-CLIENT = ("10.0.0.1", 40000)
-SERVER = "10.0.0.2"
-
-
-class _Sink:
-    def __init__(self) -> None:
-        self.spans: list = []
-
-    def consume_spans(self, spans: list) -> None:
-        self.spans.extend(spans)
-
-
-def _stage(segments: list[tuple[bool, bytes]], port: int = 11211) -> tuple[list, dict]:
-    sink = _Sink()
-    stage = ProtocolsProcessor("protocols", {}, sink)
-    ts = 1_000_000
-    for i, (from_client, data) in enumerate(segments):
-        src, dst = (CLIENT, (SERVER, port)) if from_client else ((SERVER, port), CLIENT)
-        payload = memoryview(data) if i % 2 else data  # the pcap receivers' views, the eBPF one's bytes
-        stage.consume_events([TcpEvent(EventKind.DATA, 1, src[0], src[1], dst[0], dst[1], ts, payload,
-                                       client_is_src=from_client)])
-        ts += 1000
-    stage.shutdown()
-    spans = [(s.name, int(s.kind), s.start_ns, s.end_ns, int(s.status_code), s.status_message,
-              sorted(s.attributes.items(), key=str), s.parent_span_id) for s in sink.spans]
-    return spans, dict(stage.stats["drops"])
+def _stage(segments: list[tuple[bool, bytes]]) -> tuple[list, dict]:
+    return run_stage(11211, segments)
 
 
 def _three_ways(segments: list[tuple[bool, bytes]]) -> tuple[list, dict, int]:
@@ -277,17 +251,7 @@ def _three_ways(segments: list[tuple[bool, bytes]]) -> tuple[list, dict, int]:
     return got[0], got[1], taken[0]
 
 
-def _cut(segments: list[tuple[bool, bytes]], how: str, rng: random.Random) -> list[tuple[bool, bytes]]:
-    """The same bytes whole, a byte a segment, or in random pieces."""
-    if how == "whole":
-        return segments
-    out: list[tuple[bool, bytes]] = []
-    for fc, data in segments:
-        if how == "bytes":
-            out += [(fc, data[i:i + 1]) for i in range(len(data))]
-        else:
-            out += [(fc, p) for p in pieces(data, [rng.randint(1, 40) for _ in range(len(data) // 8 + 1)])]
-    return out
+_cut = cut
 
 
 def _conversations() -> list[tuple[str, list[tuple[bool, bytes]], int]]:

@@ -28,7 +28,7 @@ from processors.protocols.base import Conn
 from processors.protocols.errors import ProtocolError
 from tests.support.dbdrive import pcap_script
 from tests.support.exchanges import EXCHANGES
-from tests.support.whole import _run, mutate, run_both_ways
+from tests.support.whole import mutate, run_both_ways, run_stage
 from tests.test_mysql import (
     ATTRS,
     BASE_CAPS,
@@ -253,7 +253,7 @@ def test_recorded_sessions_are_read_in_place(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setattr(my.Session, "feed", feed)
     for script in _recorded():
         fed.clear()
-        _run(PORT, script)
+        run_stage(PORT, script)
         assert fed == [], fed
 
 

@@ -5,12 +5,15 @@ with ``feed_whole`` on and off must give the same spans (every field) and the sa
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
 from processors.protocols.processor import ProtocolsProcessor
 from service.model import EventKind, TcpEvent
+from tests.support.driver import pieces
 
-__all__ = ["mutate", "run_both_ways"]
+__all__ = ["cut", "mutate", "run_both_ways", "run_stage"]
 
 CLIENT = ("10.0.0.1", 40000)
 SERVER = "10.0.0.2"
@@ -24,7 +27,9 @@ class _Sink:
         self.spans.extend(spans)
 
 
-def _run(port: int, segments: list[tuple[bool, bytes]]) -> tuple[list, dict]:
+def run_stage(port: int, segments: list[tuple[bool, bytes]]) -> tuple[list, dict]:
+    """(spans with every field, drops) of ``segments`` through a fresh stage, one connection to
+    ``port``: every other segment a memoryview (the pcap receivers') and the rest bytes (eBPF's)."""
     sink = _Sink()
     stage = ProtocolsProcessor("protocols", {}, sink)
     ts = 1_000_000
@@ -43,10 +48,10 @@ def _run(port: int, segments: list[tuple[bool, bytes]]) -> tuple[list, dict]:
 def run_both_ways(session_cls: type, port: int, segments: list[tuple[bool, bytes]]) -> tuple[list, dict]:
     """(spans, drops) of ``segments`` through the stage, asserted equal with ``feed_whole``
     on and off; returns them for the caller's own checks."""
-    got = _run(port, segments)
+    got = run_stage(port, segments)
     with pytest.MonkeyPatch.context() as m:
         m.setattr(session_cls, "feed_whole", None)
-        want = _run(port, segments)
+        want = run_stage(port, segments)
     assert got == want
     return got
 
@@ -64,3 +69,16 @@ def mutate(segments: list[tuple[bool, bytes]], mutations: list[tuple[int, int, i
         else:
             segs[i] = (fc, data[:pos] + bytes([byte]) + data[pos + 1:])
     return segs
+
+
+def cut(segments: list[tuple[bool, bytes]], how: str, rng: random.Random) -> list[tuple[bool, bytes]]:
+    """The same bytes ``whole``, a byte a segment (``bytes``), or in random pieces of 1-40 bytes."""
+    if how == "whole":
+        return segments
+    out: list[tuple[bool, bytes]] = []
+    for fc, data in segments:
+        if how == "bytes":
+            out += [(fc, data[i:i + 1]) for i in range(len(data))]
+        else:
+            out += [(fc, p) for p in pieces(data, [rng.randint(1, 40) for _ in range(len(data) // 8 + 1)])]
+    return out
