@@ -718,15 +718,7 @@ class Session(_Session):
             if q < 0:
                 raise Malformed(NAME, "bad_bind", p)
             info = self._stmts.get(data[p:q - 1].tobytes()) if q - 1 > p else self._unnamed
-            portal = data[off:p - 1].tobytes()
-            pt = self._portals
-            pt[portal] = info
-            pt.move_to_end(portal)
-            if len(pt) > self._max_portals:
-                pt.popitem(last=False)
-            if not self._batch_start:
-                self._batch_start = ts
-            op = _Op(_B, info, ts)
+            op = self._bound(data[off:p - 1].tobytes(), info, ts)
         elif t == _E:
             p = _cstr_end_view(data, off, end)
             info = self._portals.get(data[off:p - 1 if p > 0 else end].tobytes())
@@ -749,6 +741,18 @@ class Session(_Session):
             pend.popleft()
             self.conn.drop("pending_overflow")
 
+    def _bound(self, portal: bytes, info: QueryInfo | None, ts: int) -> _Op:
+        """A Bind of ``portal`` to a statement (its analysis ``info``): the portal cache, in LRU
+        order, and the extended batch's start; the op that awaits BindComplete."""
+        pt = self._portals
+        pt[portal] = info
+        pt.move_to_end(portal)
+        if len(pt) > self._max_portals:
+            pt.popitem(last=False)
+        if not self._batch_start:
+            self._batch_start = ts
+        return _Op(_B, info, ts)
+
     def _client_records(self, recs: tuple, data: memoryview, ts: int) -> None:
         """What ``_client_view`` does for each message of a segment, from _pgwire.client's records
         (names already copied, bounds already found): the same caches, ops and drops, in order.
@@ -759,16 +763,7 @@ class Session(_Session):
             t = r[0]
             if t == _B:
                 stmt = r[2]
-                info = self._stmts.get(stmt) if stmt else self._unnamed
-                portal = r[1]
-                pt = self._portals
-                pt[portal] = info
-                pt.move_to_end(portal)
-                if len(pt) > self._max_portals:
-                    pt.popitem(last=False)
-                if not self._batch_start:
-                    self._batch_start = ts
-                op = _Op(_B, info, ts)
+                op = self._bound(r[1], self._stmts.get(stmt) if stmt else self._unnamed, ts)
             elif t == _E:
                 start = self._batch_start or ts
                 self._batch_start = 0
