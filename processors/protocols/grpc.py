@@ -15,6 +15,8 @@ use in gRPC" (grpc/grpc doc/statuscodes.md, doc/http-grpc-status-mapping.md).
 
 from __future__ import annotations
 
+import struct
+
 from service.largebuf import LargeBuffer
 from service.model import AttrValue, SpanKind, StatusCode
 
@@ -53,6 +55,7 @@ _HTTP_TO_GRPC = {400: INTERNAL, 401: 16, 403: 7, 404: UNIMPLEMENTED, 429: UNAVAI
 
 #: The length prefix: 1 byte compressed flag + 4 bytes big-endian length (PROTOCOL-HTTP2 "Length-Prefixed-Message").
 PREFIX_LEN = 5
+_U32 = struct.Struct(">I")
 
 #: grpc-timeout units -> nanoseconds (PROTOCOL-HTTP2 "Timeout"); the value has at most 8 digits.
 _TIMEOUT_UNITS = {"H": 3_600_000_000_000, "M": 60_000_000_000, "S": 1_000_000_000,
@@ -175,6 +178,17 @@ class MessageCounter:
                 raise Malformed(PROTOCOL, "bad_message_prefix", off, f"compressed flag {flag}")
             self.messages += 1
             self._need = length
+
+    def one(self, v: memoryview, off: int, n: int) -> bool:
+        """Count the usual payload, exactly one whole message from a message boundary, from
+        the view ``v`` that holds it (no loop, no buffer reads); False leaves the payload,
+        untouched, to ``feed`` (anything else: several or partial messages, a bad flag)."""
+        if self.broken or self._need or self._hdr_got or n < PREFIX_LEN or v[off] > 1:
+            return False
+        if _U32.unpack_from(v, off + 1)[0] != n - PREFIX_LEN:
+            return False
+        self.messages += 1
+        return True
 
     @property
     def partial(self) -> bool:

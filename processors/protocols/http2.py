@@ -35,6 +35,7 @@ this session on the same ``Conn`` and buffers) and
 
 from __future__ import annotations
 
+import itertools
 import re
 import struct
 from collections import deque
@@ -260,7 +261,7 @@ class _Hpack:
     otherwise it is merely unknown.
     """
 
-    __slots__ = ("blocks", "entries", "exact", "maxsize", "size", "unknown")
+    __slots__ = ("blocks", "entries", "exact", "maxsize", "size", "state", "unknown")
 
     def __init__(self, exact: bool) -> None:
         self.entries: deque[tuple[bytes | None, bytes | None, int]] = deque()
@@ -271,9 +272,12 @@ class _Hpack:
         self.exact = exact
         self.unknown = 0  #: fields of the last block we could not decode
         self.blocks = 0   #: header blocks decoded
+        #: The table's state as a _BLOCK_MEMO token (None: not one the memo can name).
+        self.state: int | None = _EMPTY_STATE if exact else None
 
     def lose_sync(self) -> None:
         """Header blocks were lost: entries may have been inserted before ours."""
+        self.state = None
         self.entries.clear()
         self.size = 0
         self.exact = False
@@ -308,7 +312,33 @@ class _Hpack:
         Raises Malformed on a bad encoding (the table is then out of sync and
         the caller calls ``lose_sync``). Unknown references are counted in
         ``self.unknown``, never raised.
+
+        A block is first looked up in ``_BLOCK_MEMO`` by (table state, bytes): decoding
+        is a function of those two alone, and connections replay the same opening blocks
+        (a client library sends the same headers on every new connection, each starting
+        from an empty table), so the answer and the table after it are taken from the
+        memo instead (``_decode`` is the one decoder; the memo only remembers its answers).
         """
+        tok = self.state
+        if tok is None or want or len(v) > _BLOCK_MEMO_MAX_LEN or self.blocks >= _BLOCK_MEMO_DEPTH:
+            self.state = None  # the table leaves the states the memo names
+            self._decode(v, want, base)
+            return
+        key = (tok, v.tobytes())  # deliberate: a small header block, the memo's key
+        hit = _BLOCK_MEMO.get(key)
+        if hit is not None:
+            self.state, entries, self.size, self.maxsize, self.unknown, fields = hit
+            self.entries = deque(entries)
+            self.blocks += 1
+            if fields:
+                want.update(fields)
+            return
+        self.state = None  # until the decode succeeds
+        self._decode(v, want, base)
+        _memo_store(key, self, tuple(want.items()))
+
+    def _decode(self, v: memoryview, want: dict[bytes, str], base: int) -> None:
+        """The decoder (``decode`` without the memo)."""
         self.unknown = 0
         self.blocks += 1
         n = len(v)
@@ -368,6 +398,39 @@ class _Hpack:
                     raise LimitExceeded(NAME, "hpack_table_too_large", base + p, str(size))
                 self.maxsize = size
                 self._evict()
+
+
+#: Header blocks decoded from a known table state: (state, block bytes) -> (state after,
+#: the table's entries, size and maxsize after, unknown fields, the fields a span uses).
+#: States are tokens: _EMPTY_STATE is an exact empty table (a connection's start), every
+#: other token names the table some memoized decode left (so equal tokens are equal
+#: tables). Bounded by bytes held (cleared when over); only the first _BLOCK_MEMO_DEPTH
+#: blocks of a direction take part (a connection's opening, where repetition across
+#: connections is; a long-lived one would only fill it with states no other reaches).
+_MemoHit = tuple[int, tuple[tuple[bytes | None, bytes | None, int], ...], int, int, int,
+                 tuple[tuple[bytes, str], ...]]
+_BLOCK_MEMO: dict[tuple[int, bytes], _MemoHit] = {}
+_BLOCK_MEMO_MAX_LEN = 1024
+_BLOCK_MEMO_DEPTH = 32
+_BLOCK_MEMO_BYTES = 8 << 20
+_EMPTY_STATE = 0
+_memo_held = 0
+_memo_tokens = itertools.count(1)
+
+
+def _memo_store(key: tuple[int, bytes], hp: _Hpack, fields: tuple[tuple[bytes, str], ...]) -> None:
+    """Remember a decode's answer and give ``hp`` the token of the table it left."""
+    global _memo_held
+    # What the entry holds: the block, the table (entry sizes count 32 bytes of
+    # overhead each, RFC 7541 §4.1: more than a tuple slot), the field values.
+    cost = len(key[1]) + hp.size + sum(len(f) + len(x) for f, x in fields) + 256
+    if _memo_held + cost > _BLOCK_MEMO_BYTES:
+        _BLOCK_MEMO.clear()
+        _memo_held = 0
+    tok = next(_memo_tokens)
+    _BLOCK_MEMO[key] = (tok, tuple(hp.entries), hp.size, hp.maxsize, hp.unknown, fields)
+    _memo_held += cost
+    hp.state = tok
 
 
 def _int(v: memoryview, p: int, prefix: int, base: int) -> tuple[int, int]:
@@ -677,7 +740,14 @@ class H2Session(_BaseSession):
         return True
 
     def _frames(self, from_client: bool, d: _Direction, buf: LargeBuffer) -> int:
-        """Parse complete frames from offset 0; returns the bytes consumed."""
+        """Parse complete frames from offset 0; returns the bytes consumed.
+
+        The outer loop finishes what a previous frame left (bytes to skip, a DATA payload
+        still arriving); the inner one reads frame headers until a frame leaves such a rest.
+        WINDOW_UPDATE, PING and whole DATA frames, most of a gRPC connection's frames, are
+        handled first and inline (a gRPC call is ~70 us; a frame's dispatch through the
+        general checks was a good part of it).
+        """
         pos = 0
         n = len(buf)
         if d.resync:
@@ -685,8 +755,11 @@ class H2Session(_BaseSession):
             if d.resync:
                 return pos
         # The usual buffer is one chunk: frame headers are unpacked from its view in place
-        # (a view_at a frame was a tenth of the loop). Nothing below appends to ``buf``.
+        # (a view_at a frame was a tenth of the loop), and all its bytes arrived at one
+        # time. Nothing below appends to ``buf``.
         whole = buf.view_at(0, n) if buf.chunk_count == 1 else None
+        ts1 = buf.ts_at(0) if whole is not None else 0
+        unpack = _FRAME_HDR.unpack_from
         while True:
             if d.skip:
                 k = min(d.skip, n - pos)
@@ -698,79 +771,121 @@ class H2Session(_BaseSession):
                 pos = self._data_payload(from_client, d, buf, pos, n)
                 if d.data_left or d.pad_left:
                     return pos
-            if n - pos < _FRAME_HDR_LEN:
-                return pos
-            hi, lo, ftype, flags, sid = _FRAME_HDR.unpack_from(whole, pos) if whole is not None else \
-                _FRAME_HDR.unpack_from(buf.view_at(pos, _FRAME_HDR_LEN))
-            length = (hi << 8) | lo
-            sid &= 0x7FFFFFFF
-            if d.block is not None or d.block_skip:
-                if ftype != CONTINUATION or sid != d.block_sid:
-                    # RFC 9113 §6.10: nothing may interleave a header block.
-                    self._abandon_block(d)
-                    raise Malformed(NAME, "continuation_expected", pos, f"frame type {ftype}")
-            if ftype == DATA:
-                if sid == 0:
-                    raise Malformed(NAME, "data_on_stream_0", pos)
-                if flags & F_PADDED:
-                    if n - pos < _FRAME_HDR_LEN + 1:
-                        return pos
-                    pad = buf.u8_at(pos + _FRAME_HDR_LEN)
-                    if length < 1 or pad > length - 1:
-                        raise Malformed(NAME, "bad_padding", pos)
-                    d.data_left = length - 1 - pad
-                    d.pad_left = pad
-                    pos += _FRAME_HDR_LEN + 1
-                else:
-                    d.data_left = length
-                    d.pad_left = 0
-                    pos += _FRAME_HDR_LEN
-                d.data_sid = sid
-                d.data_end = bool(flags & F_END_STREAM)
-                if not d.data_left and not d.pad_left:
-                    self._data_done(from_client, d, buf, pos)
-                continue
-            if ftype in (HEADERS, CONTINUATION, PUSH_PROMISE) and length > self.max_block:
-                pos = self._oversized_block(from_client, d, buf, pos, ftype, flags, sid, length)
-                continue
-            if length > _CONTROL_BYTES and ftype in (SETTINGS, GOAWAY):
-                # Hostile sizes: only GOAWAY's first 8 bytes matter (the rest is debug data).
-                if ftype == SETTINGS or sid:
-                    raise LimitExceeded(NAME, "frame_too_large", pos, f"type {ftype} length {length}")
-                if n - pos < _FRAME_HDR_LEN + 8:
+            while True:
+                if n - pos < _FRAME_HDR_LEN:
                     return pos
-                self._goaway(buf.u32be_at(pos + _FRAME_HDR_LEN) & 0x7FFFFFFF, buf.ts_at(pos))
-                d.skip = _FRAME_HDR_LEN + length
-                continue
-            shape = _SHAPES.get(ftype)
-            if shape is None:
-                d.skip = _FRAME_HDR_LEN + length  # RFC 9113 §5.5: unknown frame types are ignored
-                continue
-            if _bad_shape(shape, length, sid):
-                raise Malformed(NAME, "bad_frame_shape", pos, f"type {ftype} length {length} stream {sid}")
-            if n - pos < _FRAME_HDR_LEN + length:
-                self._want = _FRAME_HDR_LEN + length  # from pos, which feed releases
-                return pos  # control frames and header blocks are small: wait for all of it
-            ts = buf.ts_at(pos)
-            body = pos + _FRAME_HDR_LEN
-            pos = body + length
-            if ftype == HEADERS:
-                self._headers(from_client, d, buf, body, length, flags, sid, ts)
-            elif ftype == CONTINUATION:
-                self._continuation(from_client, d, buf, body, length, flags, sid)
-            elif ftype == RST_STREAM:
-                self._rst(sid, buf.u32be_at(body), ts)
-            elif ftype == SETTINGS:
-                self._settings(from_client, buf, body, length, flags)
-            elif ftype == PUSH_PROMISE:
-                self._push_promise(from_client, d, buf, body, length, flags, sid, ts)
-            elif ftype == GOAWAY:
-                if length < 8:
-                    raise Malformed(NAME, "bad_frame_shape", body, "short GOAWAY")
-                self._goaway(buf.u32be_at(body) & 0x7FFFFFFF, ts)
-            # PRIORITY, PING, WINDOW_UPDATE: nothing a span needs (shape checked above).
+                hi, lo, ftype, flags, sid = unpack(whole, pos) if whole is not None else \
+                    unpack(buf.view_at(pos, _FRAME_HDR_LEN))
+                length = (hi << 8) | lo
+                sid &= 0x7FFFFFFF
+                if d.block is not None or d.block_skip:
+                    if ftype != CONTINUATION or sid != d.block_sid:
+                        # RFC 9113 §6.10: nothing may interleave a header block.
+                        self._abandon_block(d)
+                        raise Malformed(NAME, "continuation_expected", pos, f"frame type {ftype}")
+                if ftype == WINDOW_UPDATE:  # nothing a span needs (its shape checked as _SHAPES says)
+                    if length != 4:
+                        raise Malformed(NAME, "bad_frame_shape", pos, f"type {ftype} length {length} stream {sid}")
+                    if n - pos < _FRAME_HDR_LEN + 4:
+                        self._want = _FRAME_HDR_LEN + 4
+                        return pos
+                    pos += _FRAME_HDR_LEN + 4
+                    continue
+                if ftype == DATA:
+                    if sid == 0:
+                        raise Malformed(NAME, "data_on_stream_0", pos)
+                    end = pos + _FRAME_HDR_LEN + length
+                    if whole is not None and end <= n and not flags & F_PADDED:
+                        # All of an unpadded payload is here: counted now, as _data_payload would.
+                        if length:
+                            st = self.streams.get(sid)
+                            if st is not None:
+                                body = pos + _FRAME_HDR_LEN
+                                if from_client:
+                                    st.req_body += length
+                                    counter = st.req_msgs
+                                else:
+                                    st.resp_body += length
+                                    st.last_ns = ts1
+                                    counter = st.resp_msgs
+                                if st.cap is not None:
+                                    _sink_feed(st.cap.req_body if from_client else st.cap.sink, buf, body, length)
+                                if counter is not None and not counter.one(whole, body, length):
+                                    try:
+                                        counter.feed(buf, body, length)
+                                    except ProtocolError:
+                                        self.conn.drop("grpc_bad_message_prefix")
+                        pos = end
+                        if flags & F_END_STREAM:
+                            self._end_stream(from_client, sid, ts1)
+                        continue
+                    if flags & F_PADDED:
+                        if n - pos < _FRAME_HDR_LEN + 1:
+                            return pos
+                        pad = buf.u8_at(pos + _FRAME_HDR_LEN)
+                        if length < 1 or pad > length - 1:
+                            raise Malformed(NAME, "bad_padding", pos)
+                        d.data_left = length - 1 - pad
+                        d.pad_left = pad
+                        pos += _FRAME_HDR_LEN + 1
+                    else:
+                        d.data_left = length
+                        d.pad_left = 0
+                        pos += _FRAME_HDR_LEN
+                    d.data_sid = sid
+                    d.data_end = bool(flags & F_END_STREAM)
+                    if not d.data_left and not d.pad_left:
+                        self._data_done(from_client, d, buf, pos)
+                        continue
+                    break
+                if ftype == PING:
+                    if length != 8 or sid:
+                        raise Malformed(NAME, "bad_frame_shape", pos, f"type {ftype} length {length} stream {sid}")
+                    if n - pos < _FRAME_HDR_LEN + 8:
+                        self._want = _FRAME_HDR_LEN + 8
+                        return pos
+                    pos += _FRAME_HDR_LEN + 8
+                    continue
+                if ftype in (HEADERS, CONTINUATION, PUSH_PROMISE) and length > self.max_block:
+                    pos = self._oversized_block(from_client, d, buf, pos, ftype, flags, sid, length)
+                    break
+                if length > _CONTROL_BYTES and ftype in (SETTINGS, GOAWAY):
+                    # Hostile sizes: only GOAWAY's first 8 bytes matter (the rest is debug data).
+                    if ftype == SETTINGS or sid:
+                        raise LimitExceeded(NAME, "frame_too_large", pos, f"type {ftype} length {length}")
+                    if n - pos < _FRAME_HDR_LEN + 8:
+                        return pos
+                    self._goaway(buf.u32be_at(pos + _FRAME_HDR_LEN) & 0x7FFFFFFF, buf.ts_at(pos))
+                    d.skip = _FRAME_HDR_LEN + length
+                    break
+                shape = _SHAPES.get(ftype)
+                if shape is None:
+                    d.skip = _FRAME_HDR_LEN + length  # RFC 9113 §5.5: unknown frame types are ignored
+                    break
+                if _bad_shape(shape, length, sid):
+                    raise Malformed(NAME, "bad_frame_shape", pos, f"type {ftype} length {length} stream {sid}")
+                if n - pos < _FRAME_HDR_LEN + length:
+                    self._want = _FRAME_HDR_LEN + length  # from pos, which feed releases
+                    return pos  # control frames and header blocks are small: wait for all of it
+                ts = ts1 if whole is not None else buf.ts_at(pos)
+                body = pos + _FRAME_HDR_LEN
+                pos = body + length
+                if ftype == HEADERS:
+                    self._headers(from_client, d, buf, body, length, flags, sid, ts)
+                elif ftype == CONTINUATION:
+                    self._continuation(from_client, d, buf, body, length, flags, sid)
+                elif ftype == RST_STREAM:
+                    self._rst(sid, buf.u32be_at(body), ts)
+                elif ftype == SETTINGS:
+                    self._settings(from_client, buf, body, length, flags)
+                elif ftype == PUSH_PROMISE:
+                    self._push_promise(from_client, d, buf, body, length, flags, sid, ts)
+                elif ftype == GOAWAY:
+                    if length < 8:
+                        raise Malformed(NAME, "bad_frame_shape", body, "short GOAWAY")
+                    self._goaway(buf.u32be_at(body) & 0x7FFFFFFF, ts)
+                # PRIORITY: nothing a span needs (shape checked above).
 
-    # -- DATA -------------------------------------------------------------------
     def _data_payload(self, from_client: bool, d: _Direction, buf: LargeBuffer, pos: int, n: int) -> int:
         """Count the part of a DATA payload that has arrived; never hold or copy it."""
         if d.data_left:
