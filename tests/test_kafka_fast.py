@@ -583,3 +583,58 @@ def test_flat_metadata_response_agrees_with_the_walker(monkeypatch, version, mut
     assert got == want
     if not mutations and not cut and version >= 10:
         assert len(got[3]) == 2
+
+
+# -- feed_whole: a segment of whole messages read without the buffer ----------------
+def _api_versions(corr: int) -> tuple[bytes, bytes]:
+    """ApiVersions v3 (flexible request header; the response header is v0, KIP-511)."""
+    body = struct.pack(">hhih", 18, 3, corr, 1) + b"c\x00" + b"\x02k\x021\x00"
+    resp = struct.pack(">ih", corr, 0) + b"\x01" + struct.pack(">i", 0) + b"\x00"
+    return struct.pack(">i", len(body)) + body, struct.pack(">i", len(resp)) + resp
+
+
+def _heartbeat(corr: int) -> tuple[bytes, bytes]:
+    """Heartbeat v4 (flexible both ways): group, generation, member, no instance id."""
+    body = struct.pack(">hhih", 12, 4, corr, 1) + b"c\x00" + b"\x02g" + struct.pack(">i", 1) + b"\x02m\x00\x00"
+    resp = struct.pack(">i", corr) + b"\x00" + struct.pack(">ih", 0, 0) + b"\x00"
+    return struct.pack(">i", len(body)) + body, struct.pack(">i", len(resp)) + resp
+
+
+def _conversation() -> list[tuple[bool, bytes]]:
+    """What kafka-python does on a connection: ApiVersions, Metadata (topic ids), then Produce,
+    Fetch by id and a heartbeat; some requests and responses pipelined in one segment, and an
+    unpaired response after a paired one in a segment (the rest goes to the walkers)."""
+    from tests.support.kafka_wire import fetch_response, metadata_request, metadata_response, produce_response
+    ids = {"orders": uuid.UUID(int=7).bytes}
+    av_req, av_resp = _api_versions(1)
+    hb_req, hb_resp = _heartbeat(6)
+    fetch = fetch_request(13, {"orders": [(0, 3)]}, corr=5, ids=ids)
+    produce = produce_request(9, {"orders": {0: records(2, headers=[("traceparent", TRACEPARENT.encode())])}},
+                              corr=4)
+    return [(True, av_req), (False, av_resp),
+            (True, metadata_request(12, ["orders"], corr=2)), (False, metadata_response(12, ids, corr=2)),
+            (True, produce_request(9, {"orders": {0: records(1)}}, corr=3)),
+            (False, produce_response(9, {"orders": [(0, 0, 41)]}, corr=3)),
+            (True, produce + fetch + hb_req),
+            (False, produce_response(9, {"orders": [(0, 0, 42)]}, corr=4)
+             + fetch_response(13, {"orders": [(0, 0, 9, records(3))]}, corr=5, ids=ids)),
+            (False, hb_resp + produce_response(9, {"orders": [(0, 0, 43)]}, corr=99) + hb_resp)]
+
+
+def test_feed_whole_matches_the_buffered_path_on_a_conversation():
+    from processors.protocols import kafka
+    from tests.support.whole import run_both_ways
+    spans, drops = run_both_ways(kafka.Session, 9092, _conversation())
+    assert [s[0] for s in spans] == ["send orders", "send orders", "poll orders"]
+    assert drops == {"kafka:unpaired_response": 2}  # corr 99, then the heartbeat answered twice
+
+
+@settings(max_examples=EXAMPLES, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 8), st.integers(0, 10_000), st.integers(0, 255), st.booleans()),
+                max_size=3))
+def test_feed_whole_matches_the_buffered_path(mutations: list) -> None:
+    """The buffer-less path (feed_whole) gives the buffered path's spans and drops, for the
+    conversation with bytes changed and with segments split in two."""
+    from processors.protocols import kafka
+    from tests.support.whole import mutate, run_both_ways
+    run_both_ways(kafka.Session, 9092, mutate(_conversation(), mutations))

@@ -92,9 +92,14 @@ class Session(_BaseSession):
         settings = conn.settings if isinstance(conn.settings, Settings) else _DEFAULT_SETTINGS
         self._k = KafkaSession(conn, settings)
         self.feed = self._k.feed  # type: ignore[method-assign]  # the stage calls it per segment: no hop
+        if type(self).feed_whole is not None:  # (tests set the class's to None: the buffered path only)
+            self.feed_whole = self._k.feed_whole  # type: ignore[method-assign]  # likewise
 
     def feed(self, from_client: bool, buf: LargeBuffer, ts_ns: int) -> None:
         self._k.feed(from_client, buf, ts_ns)
+
+    def feed_whole(self, from_client: bool, data: Any, ts_ns: int) -> bool:  # type: ignore[override]
+        return self._k.feed_whole(from_client, data, ts_ns)
 
     def gap(self, from_client: bool, ts_ns: int) -> None:
         self._k.gap(from_client, ts_ns)

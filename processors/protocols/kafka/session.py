@@ -16,6 +16,7 @@ acks=0 has no response and is emitted at once.
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Callable, Generator
 from typing import Any
 
@@ -35,6 +36,7 @@ from .state import Msg, TopicIdCache, u_tags
 MAX_UNIT = 64 * 1024
 
 Walker = Generator[Any, Any, Any]
+_I32 = struct.Struct(">i").unpack_from
 Unit = Callable[[LargeBufferReader, Any], Any]
 
 
@@ -210,7 +212,6 @@ class KafkaSession:
                         total <= gather or buf.chunk_count == 1 or buf.chunks()[0].nbytes >= total):
                     # Fast path: the whole message in one view (a chunk, or the scratch when small).
                     if self._flat(from_client, cur, buf, total):
-                        cur.reset()
                         buf.release(total)
                         continue
                 gen = self._walk_request(cur) if from_client else self._walk_response(cur)
@@ -220,34 +221,91 @@ class KafkaSession:
             end = cur.end
             end_ns = buf.ts_at(end - 1) if end > 0 else ts_ns
             if from_client:
-                self._request_done(cur, end_ns)
+                if cur.msg is not None:
+                    self._request_done(cur.msg, end_ns)
             else:
                 self._response_done(cur, end_ns)
             cur.reset()
             buf.release(end)
 
+    def feed_whole(self, from_client: bool, data: Any, ts_ns: int) -> bool:
+        """A segment of whole messages, read in place (base.py's contract): most Kafka
+        segments are one message, so this skips the buffer's append, lookups and release.
+        False, with nothing changed, for anything ``feed`` must frame or wait on."""
+        if self.resync[from_client] or (self.client if from_client else self.server).started:
+            return False
+        n = len(data)
+        if n < 8:
+            return False
+        if type(data) is not memoryview:  # the eBPF receiver's payloads are bytes
+            data = memoryview(data)
+        size = _I32(data, 0)[0]
+        lo = MIN_REQUEST_SIZE if from_client else MIN_RESPONSE_SIZE
+        hi = self.settings.max_message_bytes
+        if 4 + size == n:  # one message: the common case
+            if size < lo or size > hi:
+                return False  # feed raises it
+            if from_client:
+                self._flat_request(data, ts_ns, ts_ns)
+                return True
+            return self._flat_response(data, ts_ns)
+        # Several: the framing is checked first, so a segment declined is left untouched.
+        pos = 0
+        while pos < n:
+            if n - pos < 4:
+                return False
+            size = _I32(data, pos)[0]
+            if size < lo or size > hi:
+                return False
+            pos += 4 + size
+        if pos != n:
+            return False
+        pos = 0
+        while pos < n:
+            total = 4 + _I32(data, pos)[0]
+            mv = data[pos:pos + total]
+            if from_client:
+                self._flat_request(mv, ts_ns, ts_ns)
+            elif not self._flat_response(mv, ts_ns):
+                if not pos:
+                    return False
+                # Past the first message nothing can be given back: the rest goes to the
+                # walkers through a buffer of its own, as feed would run them.
+                rest = LargeBuffer()
+                rest.append(data[pos:], ts_ns)
+                self.feed(from_client, rest, ts_ns)
+                return True
+            pos += total
+        return True
+
     def _flat(self, from_client: bool, cur: Cursor, buf: LargeBuffer, total: int) -> bool:
         """Handle a complete message with flat.py; False leaves it to the walkers."""
         mv = buf.view_at(0, total)
-        scan = self.settings.max_records_scan_bytes
         if from_client:
-            m = flat.parse_request(mv, scan)
-            m.start_ns = buf.ts_at(0)
-            cur.msg = m
-            self._request_done(cur, buf.ts_at(total - 1))
+            self._flat_request(mv, buf.ts_at(0), buf.ts_at(total - 1))
             return True
-        corr = int.from_bytes(mv[4:8], "big", signed=True)  # from mv: a buffer read could reuse its scratch
-        req = self.pending.get(corr)
+        return self._flat_response(mv, buf.ts_at(total - 1))
+
+    def _flat_request(self, mv: memoryview, start_ns: int, end_ns: int) -> None:
+        m = flat.parse_request(mv, self.settings.max_records_scan_bytes)
+        m.start_ns = start_ns
+        self._request_done(m, end_ns)
+
+    def _flat_response(self, mv: memoryview, end_ns: int) -> bool:
+        """A complete response in one view; False leaves it to the walkers, untouched."""
+        corr = _I32(mv, 4)[0]  # from mv: a buffer read could reuse its scratch
+        pending = self.pending
+        req = pending.get(corr)
         if req is None:
             return False  # unpaired: counted by the walker
         key = req.api_key
-        if key not in (apis.PRODUCE, apis.FETCH):
+        if key > apis.FETCH:
             # Metadata: read from the view by flat.py (the topic ids it caches), unless it
             # declines. Any other API's response body nobody reads (ApiVersions,
             # FindCoordinator, ...): the walker would read the correlation id and an empty
             # tag section, then step over the rest; done here. Tagged fields in the
-            # header go to the walker.
-            tags = apis.response_header_flexible(key, req.version)
+            # header go to the walker. No response Msg: these make no span from it.
+            tags = req.flex and key != apis.API_VERSIONS  # apis.response_header_flexible
             if key == apis.METADATA:
                 pairs = flat.metadata_response(mv, req.version, req.flex, tags)
                 if pairs is None:
@@ -256,22 +314,20 @@ class KafkaSession:
                 if cache is not None:
                     for tid, name in pairs:
                         cache.put(tid, name)
-            elif tags and (total < 9 or mv[8] != 0):
+            elif tags and (len(mv) < 9 or mv[8] != 0):
                 return False
-            del self.pending[corr]
-            m = Msg(key, req.version, req.flex, corr)
-            m.response = True
-            m.scan_left = scan
-            m.cache = self.cache
-        else:
-            del self.pending[corr]
-            m = Msg(key, req.version, req.flex, corr)
-            m.response = True
-            m.scan_left = scan
-            flat.parse_response(mv, m, req)
-        cur.req = req
-        cur.msg = m
-        self._response_done(cur, buf.ts_at(total - 1))
+            del pending[corr]
+            if self.settings.other_api_spans:
+                self._emit_other(req, end_ns)
+            return True
+        del pending[corr]
+        m = Msg(key, req.version, req.flex, corr)
+        m.response = True
+        m.scan_left = self.settings.max_records_scan_bytes
+        flat.parse_response(mv, m, req)
+        if m.truncated:
+            self.conn.drop("records_over_scan_cap")
+        self._emit(req, m, end_ns)
         return True
 
     def _walk_request(self, cur: Cursor) -> Walker:
@@ -299,10 +355,7 @@ class KafkaSession:
             yield from metadata.walk_response(m, req)
 
     # -- pairing ---------------------------------------------------------------
-    def _request_done(self, cur: Cursor, end_ns: int) -> None:
-        m = cur.msg
-        if m is None:
-            return
+    def _request_done(self, m: Msg, end_ns: int) -> None:
         m.end_ns = end_ns
         if m.truncated:
             self.conn.drop("records_over_scan_cap")
