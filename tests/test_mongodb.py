@@ -305,7 +305,8 @@ def test_bson_fields_in_one_chunk_match_the_buffer_walk(doc: dict, flips: list, 
             return m.bson_fields(buf, lead, frozenset({"ok", "errmsg", "code", "codeName", "$db", "limit", "big"}))
         except ProtocolError as e:
             return (e.reason, e.offset, str(e))
-    assert read(LargeBuffer(data)) == read(LargeBuffer(*[data[i:i + 1] for i in range(len(data))]))
+    # repr: a flipped byte can make a double NaN, which equals nothing, itself included
+    assert repr(read(LargeBuffer(data))) == repr(read(LargeBuffer(*[data[i:i + 1] for i in range(len(data))])))
 
 
 def _conversation() -> list[tuple[bool, bytes]]:

@@ -27,6 +27,8 @@ from processors.protocols.errors import LimitExceeded, Malformed, Unsupported
 from processors.protocols.sanitize import sanitize_error
 from service.largebuf import LargeBuffer
 from service.model import SpanKind, StatusCode
+from service.speedups import ACCELERATORS
+from service.speedups import load as _load_speedup
 
 NAME = "mongodb"
 DEFAULT_PORTS = frozenset({27017, 27018, 27019})
@@ -53,6 +55,18 @@ MAX_PENDING = 4096
 _HEARTBEATS = frozenset({"hello", "ismaster", "isMaster"})
 
 _HDR = struct.Struct("<iiii")  # messageLength, requestID, responseTo, opCode
+
+_BSON_C = "processors.protocols._bson"
+try:
+    #: The C twin of ``_op_msg`` (processors/protocols/_bson.c), or None (not built, or
+    #: WIRESPAN_PURE_PYTHON=1): the same flags and fields from the same bytes, or None for
+    #: anything unusual (an error among them), which the Python walk then reads.
+    _C = _load_speedup(_BSON_C)
+except ImportError:
+    if _BSON_C in ACCELERATORS:  # registered: WIRESPAN_REQUIRE_SPEEDUPS's error stands
+        raise
+    _C = None
+_C_OP_MSG = _C.op_msg if _C is not None else None
 _I32 = struct.Struct("<i")
 _D = struct.Struct("<d")
 _Q = struct.Struct("<q")
@@ -75,6 +89,10 @@ class Settings(ProtocolSettings):
 _FIXED = {0x01: 8, 0x06: 0, 0x07: 12, 0x08: 1, 0x09: 8, 0x0A: 0, 0x10: 4, 0x11: 8, 0x12: 8, 0x13: 16,
           0xFF: 0, 0x7F: 0, 0x02: -1, 0x0D: -1, 0x0E: -1, 0x03: -2, 0x04: -2, 0x0F: -2, 0x05: -3,
           0x0B: -4, 0x0C: -5}
+
+
+#: ``_FIXED`` by type byte (None: not a BSON type): ``_fields_in_view`` indexes it, no dict call.
+_SIZES: tuple[int | None, ...] = tuple(_FIXED.get(t) for t in range(256))
 
 
 def _cstring_end(buf: LargeBuffer, off: int, end: int) -> int:
@@ -171,7 +189,7 @@ def _fields_in_view(c: memoryview, p: int, end: int, base: int, wanted: frozense
     """
     out: dict[str, Any] = {}
     last = end - 1
-    fixed = _FIXED
+    sizes = _SIZES
     i32 = _I32
     nonul = _NO_NUL
     if lens is None:
@@ -180,7 +198,7 @@ def _fields_in_view(c: memoryview, p: int, end: int, base: int, wanted: frozense
         t = c[p]
         z = nonul(c, p + 1, end).end()  # the key's NUL: the terminator at end - 1 bounds it
         vs = z + 1
-        size = fixed.get(t)
+        size = sizes[t]
         if size is None:
             raise Malformed(NAME, "bad_bson", base + vs, f"type {t:#x}")
         if size >= 0:
@@ -201,7 +219,7 @@ def _fields_in_view(c: memoryview, p: int, end: int, base: int, wanted: frozense
             n = i32(c, vs)[0]
             if n < 0:
                 raise Malformed(NAME, "bad_bson", base + vs, "negative length")
-            nxt = vs + (4 + n if size == -1 else n if size == -2 else 5 + n if size == -3 else 16 + n)
+            nxt = vs + (n if size == -2 else 4 + n if size == -1 else 5 + n if size == -3 else 16 + n)
         if nxt > end:
             raise Malformed(NAME, "bad_bson", base + vs, "value overruns its document")
         if first or z - p - 1 in lens:
@@ -273,9 +291,24 @@ def bson_fields(buf: LargeBuffer, off: int, wanted: frozenset[str], first: bool 
 # ---------------------------------------------------------------------------
 # detection
 # ---------------------------------------------------------------------------
+#: An OP_MSG's header, flags, first section's kind and size: what ``detect`` checks, one unpack.
+_MSG_START = struct.Struct("<iiiiIBi").unpack_from
+_REQUEST = Detection.REQUEST
+_RESPONSE = Detection.RESPONSE
+_NO = Detection.NO
+
+
 def detect(buf: LargeBuffer, from_client: bool | None) -> Detection:
     if len(buf) < 16:
         return Detection.NEED_MORE
+    c, _cs = buf.chunk_at(0)
+    if len(c) >= 26:  # the usual first segment: an OP_MSG's checks below in one unpack, no buffer calls
+        length, _, resp_to, op, flags, kind, dsize = _MSG_START(c, 0)
+        if op == OP_MSG:
+            if not 16 < length <= MAX_MESSAGE or flags & ~_KNOWN_FLAGS or not 0 <= kind <= 1 \
+                    or not 5 <= dsize <= length - 21 or (kind == 0 and c[25] not in _FIXED):
+                return _NO
+            return _REQUEST if resp_to == 0 else _RESPONSE
     length, _, resp_to, op = _HDR.unpack(buf.view_at(0, 16))
     if op not in _OPCODES or not 16 < length <= MAX_MESSAGE:
         return Detection.NO
@@ -320,6 +353,43 @@ def _zstd_decompress(data: memoryview, limit: int) -> bytes:
         return ZstdDecompressor().decompress(data, max_length=limit)
 
 
+def _op_msg(data: memoryview, ms: int, length: int, reply: bool) -> tuple[int, dict[str, Any]]:
+    """The flags and command (or reply, ``reply``) document fields of a whole OP_MSG lying at
+    ``data[ms:ms + length]``: ``Session._parse``'s reading, with its errors at its offsets (from
+    the message's start, as ``_parse`` has them with the message at the buffer's start); a
+    "need more" of ``_parse`` is ``_body``'s ``bad_message`` here, the message being whole.
+    The reference of _bson.c's ``op_msg`` (tests/test_mongodb_speedup.py holds them equal)."""
+    if length < 21:
+        raise Malformed(NAME, "bad_message", 0)
+    flags = _U32_AT(data, ms + 16)[0]
+    if flags & ~_KNOWN_FLAGS:
+        raise Malformed(NAME, "bad_flags", 16)
+    p = 20
+    end = length - 4 if flags & FLAG_CHECKSUM else length
+    while p < end:
+        if p + 5 > length:
+            raise Malformed(NAME, "bad_message", 0)
+        kind = data[ms + p]
+        size = _I32(data, ms + p + 1)[0]
+        if size < 5 or size > MAX_DOCUMENT + 1024:
+            raise LimitExceeded(NAME, "section_size", p)
+        if kind == 0:
+            if p + 1 + size > length:
+                raise Malformed(NAME, "bad_message", 0)
+            # bson_fields' checks of this document: its size is the section's (>= 5, inside
+            # the message), so only its terminator is left to check.
+            doc = ms + p + 1
+            if data[doc + size - 1] != 0:
+                raise Malformed(NAME, "bad_bson", p + size, "missing terminator")
+            if reply:
+                return flags, _fields_in_view(data, doc + 4, doc + size, -ms, _REPLY_FIELDS, True, _REPLY_LENGTHS)
+            return flags, _fields_in_view(data, doc + 4, doc + size, -ms, _CMD_FIELDS, True, _CMD_LENGTHS)
+        if kind != 1:
+            raise Malformed(NAME, "bad_section", p, f"kind {kind}")
+        p += 1 + size  # a document sequence: skipped, not read
+    raise Malformed(NAME, "no_body", p)
+
+
 # ---------------------------------------------------------------------------
 # session
 # ---------------------------------------------------------------------------
@@ -352,6 +422,11 @@ class _Dir:
         self.skip = 0        # bytes to pass over as they arrive
 
 
+_UNSET = StatusCode.UNSET
+_ERROR = StatusCode.ERROR
+_SERVER = Perspective.SERVER
+_SERVER_KIND = SpanKind.SERVER
+_CLIENT_KIND = SpanKind.CLIENT
 _REPLY_FIELDS = frozenset({"ok", "errmsg", "code", "codeName", "$err"})
 _CMD_FIELDS = frozenset({"$db", "collection"})
 _REPLY_LENGTHS = _key_lengths(_REPLY_FIELDS)
@@ -399,11 +474,13 @@ class Session(Session):  # type: ignore[no-redef]
     protocol: ClassVar[str] = NAME
 
     def __init__(self, conn: Conn) -> None:
-        super().__init__(conn)
-        self.settings: Settings = conn.settings if isinstance(conn.settings, Settings) else Settings()
+        self.conn = conn  # Session.__init__, without the call (one a connection)
+        settings = conn.settings
+        self.settings: Settings = settings if isinstance(settings, Settings) else Settings()
         self.dirs = (_Dir(), _Dir())  # server, client
         self.pending: dict[int, _Msg] = PendingMap(conn)
-        self.exhaust: set[int] = set()  # requestIDs of moreToCome replies: their follow-ups are expected
+        #: requestIDs of moreToCome replies: their follow-ups are expected (made at the first)
+        self.exhaust: set[int] | None = None
 
     def feed(self, from_client: bool, buf: LargeBuffer, ts_ns: int) -> None:
         d = self.dirs[from_client]
@@ -454,7 +531,16 @@ class Session(Session):  # type: ignore[no-redef]
         if op != OP_MSG or not 16 < length <= MAX_MESSAGE:
             return False
         if length == n:  # the usual segment: one message
-            msgs = [(0, length, req_id, resp_to)]
+            m = _Msg(req_id, resp_to, OP_MSG, ts_ns)
+            try:
+                self._msg_in_view(m, data, 0, length)
+            except BaseException:
+                # what the loop below leaves when a read fails: the direction holds the message
+                d.msg = m
+                d.remaining = length
+                raise
+            self._done(from_client, m, ts_ns)
+            return True
         else:
             msgs = []
             off = 0
@@ -479,42 +565,17 @@ class Session(Session):  # type: ignore[no-redef]
         return True
 
     def _msg_in_view(self, m: _Msg, data: memoryview, ms: int, length: int) -> None:
-        """``_parse`` of a whole OP_MSG lying at ``data[ms:ms + length]`` (offsets in errors from
-        the message's start, as ``_parse`` has them with the message at the buffer's start): a
-        "need more" of ``_parse`` is ``_body``'s ``bad_message`` here, the message being whole."""
-        if length < 21:
-            raise Malformed(NAME, "bad_message", 0)
-        flags = m.flags = _U32_AT(data, ms + 16)[0]
-        if flags & ~_KNOWN_FLAGS:
-            raise Malformed(NAME, "bad_flags", 16)
-        p = 20
-        end = length - 4 if flags & FLAG_CHECKSUM else length
-        while p < end:
-            if p + 5 > length:
-                raise Malformed(NAME, "bad_message", 0)
-            kind = data[ms + p]
-            size = _I32(data, ms + p + 1)[0]
-            if size < 5 or size > MAX_DOCUMENT + 1024:
-                raise LimitExceeded(NAME, "section_size", p)
-            if kind == 0:
-                if p + 1 + size > length:
-                    raise Malformed(NAME, "bad_message", 0)
-                # bson_fields' checks of this document: its size is the section's (>= 5, inside
-                # the message), so only its terminator is left to check.
-                doc = ms + p + 1
-                if data[doc + size - 1] != 0:
-                    raise Malformed(NAME, "bad_bson", p + size, "missing terminator")
-                if m.resp_to:
-                    _reply_fields(m, _fields_in_view(data, doc + 4, doc + size, -ms, _REPLY_FIELDS, True,
-                                                     _REPLY_LENGTHS))
-                else:
-                    _command_fields(m, _fields_in_view(data, doc + 4, doc + size, -ms, _CMD_FIELDS, True,
-                                                       _CMD_LENGTHS))
-                return
-            if kind != 1:
-                raise Malformed(NAME, "bad_section", p, f"kind {kind}")
-            p += 1 + size  # a document sequence: skipped, not read
-        raise Malformed(NAME, "no_body", p)
+        """``_parse`` of a whole OP_MSG lying at ``data[ms:ms + length]``: ``_C.op_msg`` reads
+        the usual message, ``_op_msg`` (the reference) the rest and raises its errors."""
+        reply = m.resp_to != 0
+        r = _C_OP_MSG(data, ms, length, reply) if _C_OP_MSG is not None else None
+        if r is None:
+            r = _op_msg(data, ms, length, reply)
+        m.flags, f = r
+        if reply:
+            _reply_fields(m, f)
+        else:
+            _command_fields(m, f)
 
     def _body(self, d: _Dir, buf: LargeBuffer, ts_ns: int, from_client: bool) -> bool:
         """Read what a span needs from the message at the front of ``buf``; False = need more bytes."""
@@ -647,21 +708,25 @@ class Session(Session):  # type: ignore[no-redef]
 
     # -- pairing and spans ------------------------------------------------
     def _done(self, from_client: bool, m: _Msg, ts_ns: int) -> None:
+        pending = self.pending
         if not m.resp_to:
-            if len(self.pending) >= MAX_PENDING:
-                self.pending.pop(next(iter(self.pending)))
+            if len(pending) >= MAX_PENDING:
+                pending.pop(next(iter(pending)))
                 self.conn.drop("too_many_pending")
             if m.flags & FLAG_MORE_TO_COME and m.op == OP_MSG:
                 self._span(m, None, ts_ns)  # no reply will come (unacknowledged write)
             else:
-                self.pending[m.req_id] = m
+                pending[m.req_id] = m
             return
-        req = self.pending.pop(m.resp_to, None)
-        if m.flags & FLAG_MORE_TO_COME:
-            self.exhaust.add(m.req_id)  # the server will send the next batch unasked
+        req = pending.pop(m.resp_to, None)
+        exhaust = self.exhaust
+        if m.flags & FLAG_MORE_TO_COME:  # the server will send the next batch unasked
+            if exhaust is None:
+                exhaust = self.exhaust = set()
+            exhaust.add(m.req_id)
         if req is None:
-            if m.resp_to in self.exhaust:
-                self.exhaust.discard(m.resp_to)
+            if exhaust is not None and m.resp_to in exhaust:
+                exhaust.discard(m.resp_to)
                 return
             self.conn.drop("unpaired_reply")
             return
@@ -679,19 +744,19 @@ class Session(Session):  # type: ignore[no-redef]
             name = f"{op} {req.coll}"
         if req.db:
             attrs["db.namespace"] = req.db
-        status = StatusCode.UNSET
+        status = _UNSET
         msg = ""
         if rep is not None and rep.error is not None:
             code, code_name, errmsg = rep.error
             if self.settings.sanitize_errors:
                 errmsg = sanitize_error(errmsg)
-            status = StatusCode.ERROR
+            status = _ERROR
             msg = f"{code_name}: {errmsg}" if code_name else errmsg
             if code is not None:
                 attrs["db.response.status_code"] = str(code)
             attrs["error.type"] = code_name or (str(code) if code is not None else "error")
         # conn.kind_for(CLIENT), without the call: SERVER only for a traced server process
-        kind = SpanKind.SERVER if conn.perspective == Perspective.SERVER else SpanKind.CLIENT
+        kind = _SERVER_KIND if conn.perspective == _SERVER else _CLIENT_KIND
         span = conn.span(name, kind, req.start_ts, end_ts, attrs, None, status, msg)
         if incomplete:
             self.cut_short(span)
