@@ -710,6 +710,70 @@ class H2Session(_BaseSession):
         finally:
             buf.consumed(pos, self._want)
 
+    def feed_whole(self, from_client: bool, data: bytes | memoryview, ts_ns: int) -> bool:
+        """A segment of whole frames, read in place (base.py's contract): most of a gRPC
+        connection's segments are a few whole small frames, and buffering each (append,
+        view, release) cost as much as parsing it. Declined, with nothing changed: a
+        direction not started or in the middle of something (resync, a payload or header
+        block to come), or any frame but whole DATA (unpadded), HEADERS (END_HEADERS, within
+        max_block), WINDOW_UPDATE, PING, SETTINGS, RST_STREAM, GOAWAY and PRIORITY within
+        the initial frame size: ``feed`` has the rest. Frames are checked as ``feed`` checks them, in order.
+        """
+        d = self.client if from_client else self.server
+        if (not d.started or d.resync or d.skip or d.data_left or d.pad_left or d.block is not None
+                or d.block_skip):
+            return False
+        v = data if data.__class__ is memoryview else memoryview(data)
+        if v.format != "B" or v.ndim != 1:
+            return False
+        n = v.nbytes
+        pos = 0
+        while pos < n:  # every frame whole and of the kinds read below
+            if n - pos < _FRAME_HDR_LEN:
+                return False
+            length = (v[pos] << 16) | (v[pos + 1] << 8) | v[pos + 2]
+            ftype = v[pos + 3]
+            if (length > DEFAULT_MAX_FRAME_SIZE or ftype > WINDOW_UPDATE or ftype == PUSH_PROMISE
+                    or (ftype == HEADERS and (not v[pos + 4] & F_END_HEADERS or length > self.max_block))
+                    or (ftype == DATA and v[pos + 4] & F_PADDED)):
+                return False
+            pos += _FRAME_HDR_LEN + length
+        if pos != n:
+            return False
+        unpack = _FRAME_HDR.unpack_from
+        pos = 0
+        while pos < n:
+            hi, lo, ftype, flags, sid = unpack(v, pos)
+            length = (hi << 8) | lo
+            sid &= 0x7FFFFFFF
+            body = pos + _FRAME_HDR_LEN
+            if ftype == WINDOW_UPDATE or ftype == PING:
+                if length != (4 if ftype == WINDOW_UPDATE else 8) or (ftype == PING and sid):
+                    raise Malformed(NAME, "bad_frame_shape", pos, f"type {ftype} length {length} stream {sid}")
+            elif ftype == DATA:
+                if sid == 0:
+                    raise Malformed(NAME, "data_on_stream_0", pos)
+                if length:
+                    self._data_frame(from_client, sid, v, body, length, ts_ns, None)
+                if flags & F_END_STREAM:
+                    self._end_stream(from_client, sid, ts_ns)
+            else:
+                if _bad_shape(_SHAPES[ftype], length, sid):
+                    raise Malformed(NAME, "bad_frame_shape", pos, f"type {ftype} length {length} stream {sid}")
+                if ftype == HEADERS:
+                    self._headers(from_client, d, v, 0, body, length, flags, sid, ts_ns)
+                elif ftype == SETTINGS:
+                    self._settings(v, 0, body, length, flags)
+                elif ftype == RST_STREAM:
+                    self._rst(sid, _U32.unpack_from(v, body)[0], ts_ns)
+                elif ftype == GOAWAY:
+                    if length < 8:
+                        raise Malformed(NAME, "bad_frame_shape", body, "short GOAWAY")
+                    self._goaway(_U32.unpack_from(v, body)[0] & 0x7FFFFFFF, ts_ns)
+                # PRIORITY: nothing a span needs (shape checked above).
+            pos = body + length
+        return True
+
     def _start(self, from_client: bool, d: _Direction, buf: LargeBuffer) -> bool:
         """Consume the preface if there is one; otherwise pick up mid-stream."""
         if from_client:
@@ -798,23 +862,7 @@ class H2Session(_BaseSession):
                     if whole is not None and end <= n and not flags & F_PADDED:
                         # All of an unpadded payload is here: counted now, as _data_payload would.
                         if length:
-                            st = self.streams.get(sid)
-                            if st is not None:
-                                body = pos + _FRAME_HDR_LEN
-                                if from_client:
-                                    st.req_body += length
-                                    counter = st.req_msgs
-                                else:
-                                    st.resp_body += length
-                                    st.last_ns = ts1
-                                    counter = st.resp_msgs
-                                if st.cap is not None:
-                                    _sink_feed(st.cap.req_body if from_client else st.cap.sink, buf, body, length)
-                                if counter is not None and not counter.one(whole, body, length):
-                                    try:
-                                        counter.feed(buf, body, length)
-                                    except ProtocolError:
-                                        self.conn.drop("grpc_bad_message_prefix")
+                            self._data_frame(from_client, sid, whole, pos + _FRAME_HDR_LEN, length, ts1, buf)
                         pos = end
                         if flags & F_END_STREAM:
                             self._end_stream(from_client, sid, ts1)
@@ -871,13 +919,19 @@ class H2Session(_BaseSession):
                 body = pos + _FRAME_HDR_LEN
                 pos = body + length
                 if ftype == HEADERS:
-                    self._headers(from_client, d, buf, body, length, flags, sid, ts)
+                    if whole is not None:
+                        self._headers(from_client, d, whole, 0, body, length, flags, sid, ts)
+                    else:
+                        self._headers(from_client, d, buf.view_at(body, length), body, body, length, flags, sid, ts)
                 elif ftype == CONTINUATION:
                     self._continuation(from_client, d, buf, body, length, flags, sid)
                 elif ftype == RST_STREAM:
                     self._rst(sid, buf.u32be_at(body), ts)
                 elif ftype == SETTINGS:
-                    self._settings(from_client, buf, body, length, flags)
+                    if whole is not None:
+                        self._settings(whole, 0, body, length, flags)
+                    else:
+                        self._settings(buf.view_at(body, length), body, body, length, flags)
                 elif ftype == PUSH_PROMISE:
                     self._push_promise(from_client, d, buf, body, length, flags, sid, ts)
                 elif ftype == GOAWAY:
@@ -885,6 +939,35 @@ class H2Session(_BaseSession):
                         raise Malformed(NAME, "bad_frame_shape", body, "short GOAWAY")
                     self._goaway(buf.u32be_at(body) & 0x7FFFFFFF, ts)
                 # PRIORITY: nothing a span needs (shape checked above).
+
+    # -- DATA -------------------------------------------------------------------
+    def _data_frame(self, from_client: bool, sid: int, v: memoryview, body: int, length: int, ts: int,
+                    buf: LargeBuffer | None) -> None:
+        """A whole unpadded DATA payload ``v[body:body + length]``, counted as _data_payload
+        would; ``buf``: the same bytes as a LargeBuffer (at the same offsets), or None for a
+        segment fed whole (one is made for the rare reader that needs it: a captured body,
+        a payload not one whole message)."""
+        st = self.streams.get(sid)
+        if st is None:
+            return
+        if from_client:
+            st.req_body += length
+            counter = st.req_msgs
+        else:
+            st.resp_body += length
+            st.last_ns = ts
+            counter = st.resp_msgs
+        if st.cap is not None:  # enrich/: a bounded capture of a selected exchange's body
+            if buf is None:
+                buf = LargeBuffer(v)
+            _sink_feed(st.cap.req_body if from_client else st.cap.sink, buf, body, length)
+        if counter is not None and not counter.one(v, body, length):
+            if buf is None:
+                buf = LargeBuffer(v)
+            try:
+                counter.feed(buf, body, length)
+            except ProtocolError:
+                self.conn.drop("grpc_bad_message_prefix")  # counted; the stream still ends well
 
     def _data_payload(self, from_client: bool, d: _Direction, buf: LargeBuffer, pos: int, n: int) -> int:
         """Count the part of a DATA payload that has arrived; never hold or copy it."""
@@ -922,24 +1005,26 @@ class H2Session(_BaseSession):
             self._end_stream(from_client, d.data_sid, buf.ts_at(pos - 1) if pos else 0)
 
     # -- header blocks ------------------------------------------------------------
-    def _headers(self, from_client: bool, d: _Direction, buf: LargeBuffer, body: int, length: int,
+    def _headers(self, from_client: bool, d: _Direction, v: memoryview, vbase: int, body: int, length: int,
                  flags: int, sid: int, ts: int) -> None:
+        """A HEADERS frame whose payload (at absolute ``body``) is ``v[body - vbase:]``: the
+        buffer's one chunk (vbase 0), a segment fed whole (0), or a view of the payload."""
         if sid == 0:
             raise Malformed(NAME, "headers_on_stream_0", body)
         start, end = body, body + length
         if flags & F_PADDED:
             if length < 1:
                 raise Malformed(NAME, "bad_padding", body)
-            end -= buf.u8_at(body)
+            end -= v[body - vbase]
             start += 1
         if flags & F_PRIORITY:
             start += 5
         if end < start:
             raise Malformed(NAME, "bad_padding", body)
         if flags & F_END_HEADERS:
-            self._block(from_client, d, buf.view_at(start, end - start), sid, bool(flags & F_END_STREAM), ts, 0, start)
+            self._block(from_client, d, v[start - vbase:end - vbase], sid, bool(flags & F_END_STREAM), ts, 0, start)
             return
-        d.block = bytearray(buf.view_at(start, end - start))  # deliberate: a block split by CONTINUATION
+        d.block = bytearray(v[start - vbase:end - vbase])  # deliberate: a block split by CONTINUATION
         d.block_sid = sid
         d.block_end_stream = bool(flags & F_END_STREAM)
         d.block_ts = ts
@@ -1101,7 +1186,8 @@ class H2Session(_BaseSession):
             st.req_done = True
 
     # -- control frames -------------------------------------------------------------
-    def _settings(self, from_client: bool, buf: LargeBuffer, body: int, length: int, flags: int) -> None:
+    def _settings(self, v: memoryview, vbase: int, body: int, length: int, flags: int) -> None:
+        """A SETTINGS frame whose payload (at absolute ``body``) is ``v[body - vbase:]``."""
         if flags & F_ACK:
             if length:
                 raise Malformed(NAME, "bad_frame_shape", body, "SETTINGS ACK with payload")
@@ -1111,9 +1197,9 @@ class H2Session(_BaseSession):
         # SETTINGS_HEADER_TABLE_SIZE bounds the *peer's* encoder; the encoder
         # announces what it uses with a size update, which _Hpack follows, so
         # the value is only validated here.
+        unpack = _SETTING.unpack_from
         for off in range(body, body + length, 6):
-            ident = buf.u16be_at(off)
-            value = buf.u32be_at(off + 2)
+            ident, value = unpack(v, off - vbase)
             if ident == 5 and not (DEFAULT_MAX_FRAME_SIZE <= value <= MAX_FRAME_SIZE):
                 raise Malformed(NAME, "bad_setting", off, f"MAX_FRAME_SIZE {value}")
 
