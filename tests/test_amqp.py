@@ -508,15 +508,22 @@ def test_feed_whole_takes_a_first_segment_as_feed_does(mutations: list) -> None:
     run_both_ways(a.Session, 5672, mutate(_conversation(), mutations))
 
 
-def test_feed_whole_declines_only_the_protocol_header() -> None:
+def test_feed_whole_declines_only_a_cut_or_wrong_protocol_header() -> None:
     """The broker's first segment and a client's that starts with a frame (a capture joined
-    after the header) are read in place; a client's first 'A' is left to feed."""
+    after the header) are read in place, and so is a client's whole protocol header, alone or
+    with frames after it; a cut or wrong one is left to feed (which raises for the wrong)."""
     from processors.protocols.amqp import v091
     from processors.protocols.base import Conn
+    c = w.handshake_client()
+    for head in (c[0][:7], b"AMQP\x00\x00\x09\x02", b"AMQP\x00\x00\x09\x02" + c[1], c[0] + c[1][:-1]):
+        s = v091.Session(Conn(1, "10.0.0.1", 40000, "10.0.0.2", 5672, lambda span: None))
+        assert not s.feed_whole(True, memoryview(head), 1) and s.dirs[True].first
+    for head in (c[0], c[0] + c[1], b"AMQP\x01\x01\x00\x09"):
+        s = v091.Session(Conn(1, "10.0.0.1", 40000, "10.0.0.2", 5672, lambda span: None))
+        assert s.feed_whole(True, memoryview(head), 1) and not s.dirs[True].first
+        assert s.feed_whole(True, c[2], 2)  # then frames, in place
     s = v091.Session(Conn(1, "10.0.0.1", 40000, "10.0.0.2", 5672, lambda span: None))
     start = w.handshake_server()[0]
-    assert not s.feed_whole(True, memoryview(w.handshake_client()[0]), 1)
-    assert s.dirs[True].first
     assert s.feed_whole(False, memoryview(start), 1) and not s.dirs[False].first
     assert not s.feed_whole(False, memoryview(start[:-1]), 2)  # not whole frames: unchanged
     assert s.feed_whole(True, memoryview(M(1, spec.Basic.Ack(1))), 3) and not s.dirs[True].first
@@ -572,3 +579,24 @@ def test_the_dispatcher_takes_a_first_segment_in_place_and_picks_the_version() -
     d10 = Driver()
     assert d10.session.feed_whole(True, memoryview(b"AMQP\x03\x01\x00\x00"), 0) is False
     assert type(d10.session.impl) is v10.Session
+
+
+def test_the_session_is_the_version_when_the_first_bytes_are_buffered() -> None:
+    """Built with one side's first bytes buffered (as the stage builds it), the session is the
+    version those bytes name; with both sides or too few bytes buffered, the dispatcher."""
+    from processors.protocols.amqp import v091, v10
+    from processors.protocols.base import Conn
+
+    def made(client: bytes, server: bytes) -> object:
+        conn = Conn(1, "10.0.0.1", 40000, "10.0.0.2", 5672, lambda span: None)
+        conn.client_buf.append(client)
+        conn.server_buf.append(server)
+        return a.Session(conn)
+
+    assert type(made(w.HEADER, b"")) is v091.Session
+    assert type(made(b"", w.handshake_server()[0])) is v091.Session
+    assert type(made(b"AMQP\x03\x01\x00\x00", b"")) is v10.Session
+    assert type(made(b"\x00\x00\x00\x10", b"")) is v10.Session
+    for client, server in ((b"AMQP\x00", b""), (w.HEADER, w.handshake_server()[0]), (b"", b"")):
+        s = made(client, server)
+        assert type(s) is a.Session and s.impl is None  # type: ignore[attr-defined]

@@ -6,9 +6,11 @@ The version is told by the first bytes a side sent: the protocol header ``AMQP 0
 (``AMQP\\x00\\x00\\x09\\x01``) or ``AMQP 0 1.0.0`` / ``AMQP 3 1.0.0`` (SASL), or, joined after the
 headers, a frame's shape: a 0-9-1 frame starts with its type (1, 2, 3 or 8), a 1.0 frame with
 its 32-bit size (a first byte of 0 below 16 MiB). ``detect`` asks both modules; ``Session`` is
-a small dispatcher that builds the version's session at its first bytes and hands it
-``feed``/``feed_whole``/``gap``/``skip_gap``/``close`` as its own attributes, so the stage calls the version's
-methods directly afterwards (no extra call a segment).
+the version's session itself when the bytes it is fed first are buffered at its making (the
+stage's usual case), else a small dispatcher that builds the version's session at its first
+bytes and hands it ``feed``/``feed_whole``/``gap``/``skip_gap``/``close`` as its own
+attributes, so the stage calls the version's methods directly afterwards (no extra call a
+segment).
 """
 
 from __future__ import annotations
@@ -40,11 +42,17 @@ def _is10(head: Any) -> bool | None:
 
 
 def detect(buf: LargeBuffer, from_client: bool | None) -> Detection:
-    if not len(buf):
+    n = len(buf)
+    if not n:
         return Detection.NEED_MORE
-    if buf.u8_at(0) == 0:
+    first = buf.u8_at(0)
+    if first == 0:
         return v10.detect(buf, from_client)
-    if buf.u8_at(0) == 0x41:
+    if first == 0x41:
+        # A whole 0-9-1 header from a client (a connection's usual first bytes): v091.detect's
+        # answer, from one read.
+        if n >= 8 and from_client is not False and buf.bytes_at(0, 8) in v091._HEADERS_OK:
+            return Detection.REQUEST
         a = v091.detect(buf, from_client)
         return a if a != Detection.NO else v10.detect(buf, from_client)
     return v091.detect(buf, from_client)
@@ -60,6 +68,19 @@ class Session(base.Session):
     """Chooses the version at the first bytes and becomes it (see the module's docstring)."""
 
     protocol: ClassVar[str] = NAME
+
+    def __new__(cls, conn: Conn) -> Any:
+        """The version's own session when the bytes it will be fed first are known already:
+        the stage builds a session once one side's buffered bytes were detected, and with the
+        other side's buffer empty those are fed first. Else (both sides buffered, too few
+        bytes, no bytes) this dispatcher, which chooses at its first feed."""
+        a, b = conn.client_buf, conn.server_buf
+        if (a._len == 0) != (b._len == 0):
+            buf = a if a._len else b
+            is10 = _is10(buf.view_at(0, min(buf._len, 6)))
+            if is10 is not None:
+                return (v10 if is10 else v091).Session(conn)
+        return super().__new__(cls)
 
     def __init__(self, conn: Conn) -> None:
         super().__init__(conn)

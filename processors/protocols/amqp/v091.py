@@ -491,9 +491,9 @@ class Session(Session):  # type: ignore[no-redef]
 
         The framing is checked first (complete frames of known types, each with its
         frame-end octet, ending exactly with the segment): only then is anything done, in
-        the order and with the code ``feed`` uses. A direction's first segment is taken too
-        unless it may be the client's protocol header (``feed`` reads that). Anything else
-        returns False unchanged.
+        the order and with the code ``feed`` uses. A direction's first segment is taken too,
+        the client's with the protocol header first (the header alone is most connections'
+        first segment: read here, it is not buffered). Anything else returns False unchanged.
         """
         d = self.dirs[from_client]
         if d.skip or d.end or d.header:
@@ -502,13 +502,17 @@ class Session(Session):  # type: ignore[no-redef]
             data = memoryview(data)
         n = len(data)
         off = 0
-        if d.first and from_client and n and data[0] == 0x41:  # 'A': the protocol header, feed's
-            return False
+        if d.first and from_client and n and data[0] == 0x41:  # 'A': the client's protocol header
+            # A connection's first segment: the header alone, or with whole frames after it, is
+            # taken as feed takes it; any other (cut or wrong) is left to feed (it raises there).
+            if n < 8 or data[:8] not in _HEADERS_OK:
+                return False
+            off = 8
         if _C is None:
-            return self._feed_frames(from_client, data, n, ts_ns)
-        recs = _C.walk(data, 0)
+            return self._feed_frames(from_client, data, off, n, ts_ns)
+        recs = _C.walk(data, off)
         if recs is None:  # a frame C leaves to Python: the same segment, read by the reference
-            return self._feed_frames(from_client, data, n, ts_ns)
+            return self._feed_frames(from_client, data, off, n, ts_ns)
         if recs is False:  # not whole frames (_feed_frames' check says the same)
             return False
         if n:
@@ -549,6 +553,9 @@ class Session(Session):  # type: ignore[no-redef]
                     except (BufferBoundsError, struct.error, IndexError):
                         raise Malformed(NAME, "truncated", 0, "a field overruns the frame") from None
             elif kind == _K_PUBLISH_MESSAGE:
+                if rec[8] == rec[4] and not ch.confirm:  # the whole message, no confirm to await
+                    self._published(ch, rec, ts_ns)
+                    continue
                 _, _, exchange, rk, body, corr, mid, tp, total = rec
                 op = self._publish(from_client, ch, exchange, rk, ts_ns)
                 self._properties(from_client, channel, ch, op, body, corr, mid, tp, ts_ns)
@@ -557,6 +564,9 @@ class Session(Session):  # type: ignore[no-redef]
                     if op.body == 0:
                         self._content_done(from_client, channel, ch, ts_ns)
             elif kind == _K_DELIVER_MESSAGE:
+                if rec[11] == rec[7]:  # the whole message
+                    self._delivered(ch, rec, ts_ns)
+                    continue
                 _, _, tag, dtag, redelivered, exchange, rk, body, corr, mid, tp, total = rec
                 op = self._deliver(from_client, ch, tag, dtag, redelivered, exchange, rk, ts_ns)
                 self._properties(from_client, channel, ch, op, body, corr, mid, tp, ts_ns)
@@ -575,14 +585,13 @@ class Session(Session):  # type: ignore[no-redef]
                 self._started(rec[2], ts_ns)
         return True
 
-    def _feed_frames(self, from_client: bool, data: memoryview, n: int, ts_ns: int) -> bool:
-        """feed_whole's pure-Python walk (the reference of _frames.c): the framing checked
-        first, then each frame read in place."""
+    def _feed_frames(self, from_client: bool, data: memoryview, off: int, n: int, ts_ns: int) -> bool:
+        """feed_whole's pure-Python walk (the reference of _frames.c) of the frames from ``off``:
+        the framing checked first, then each frame read in place."""
         d = self.dirs[from_client]
         frame = _FRAME.unpack_from
         frames = []  # (type, channel, start, end: its frame-end octet), as checked
         add = frames.append
-        off = 0
         try:
             while off < n:
                 ftype, channel, size = frame(data, off)  # fewer than 7 bytes left: struct.error
@@ -789,6 +798,51 @@ class Session(Session):  # type: ignore[no-redef]
         ch.content[from_client] = op
         return op
 
+    def _published(self, ch: _Channel, rec: tuple[Any, ...], ts_ns: int) -> None:
+        """A whole publish (_frames.walk's message record) on a channel without confirms: its
+        span at once, as _publish, _properties and _content_done make it, without an _Op
+        kept in between (most messages come whole)."""
+        _, _, exchange, rk, body, corr, mid, tp, _total = rec
+        ch.last_exchange = exchange
+        a: dict[str, Any] = {"messaging.system": "rabbitmq", "messaging.operation.name": "publish",
+                             "messaging.operation.type": "send", "messaging.destination.name": exchange}
+        if rk:
+            a["messaging.rabbitmq.destination.routing_key"] = rk
+        a["messaging.message.body.size"] = body
+        if corr is not None:
+            a["messaging.message.conversation_id"] = corr
+        if mid is not None:
+            a["messaging.message.id"] = mid
+        if self.client_name:
+            a["messaging.client.id"] = self.client_name
+        conn = self.conn
+        conn.emit(conn.span(f"publish {exchange or 'amq.default'}", self.k_producer, ts_ns, ts_ns, a, tp or None))
+
+    def _delivered(self, ch: _Channel, rec: tuple[Any, ...], ts_ns: int) -> None:
+        """A whole delivery (_frames.walk's message record): its span at once, as _deliver,
+        _properties and _content_done make it."""
+        _, _, tag, dtag, redelivered, exchange, rk, body, corr, mid, tp, _total = rec
+        queue = ch.consumers.get(tag, "")
+        a: dict[str, Any] = {"messaging.system": "rabbitmq", "messaging.operation.name": "process",
+                             "messaging.operation.type": "process", "messaging.destination.name": exchange,
+                             "messaging.rabbitmq.message.delivery_tag": dtag}
+        if rk:
+            a["messaging.rabbitmq.destination.routing_key"] = rk
+        if queue:
+            a["messaging.destination.subscription.name"] = queue
+        if redelivered:
+            a["messaging.rabbitmq.redelivered"] = True
+        a["messaging.message.body.size"] = body
+        if corr is not None:
+            a["messaging.message.conversation_id"] = corr
+        if mid is not None:
+            a["messaging.message.id"] = mid
+        if self.client_name:
+            a["messaging.client.id"] = self.client_name
+        target = queue if queue and not queue.startswith("amq.gen-") else (exchange or "amq.default")
+        conn = self.conn
+        conn.emit(conn.span(f"process {target}", self.k_consumer, ts_ns, ts_ns, a, tp or None))
+
     def _deliver(self, from_client: bool, ch: _Channel, tag: str, dtag: int, redelivered: int, exchange: str,
                  rk: str, start: int) -> _Op:
         """A basic.deliver's fields (_content_method's, or _frames.walk's): its content is next."""
@@ -947,7 +1001,11 @@ class Session(Session):  # type: ignore[no-redef]
         if queue:
             a["messaging.destination.subscription.name"] = queue
         name = f"{opname} {queue}" if queue and not queue.startswith("amq.gen-") else opname
-        self._emit(_Op(cm, name, self.k_client, start, a), ts_ns)
+        # _emit's steps for a settlement (nothing stashed in ``a``): no _Op to build.
+        if self.client_name:
+            a["messaging.client.id"] = self.client_name
+        conn = self.conn
+        conn.emit(conn.span(name, self.k_client, start, ts_ns, a))
 
     def _confirm(self, channel: int, ch: _Channel, tag: int, multiple: bool, nack: bool, ts_ns: int) -> None:
         seqs: Any = range(ch.confirm_low, tag + 1) if multiple else (tag,)
@@ -1077,8 +1135,11 @@ class Session(Session):  # type: ignore[no-redef]
 
     def close(self, ts_ns: int, reset: bool = False) -> None:
         for ch in self.channels.values():
+            content = ch.content
+            if content[0] is None and content[1] is None:  # the usual channel: nothing arriving
+                continue
             for i in (0, 1):
-                op = ch.content[i]
+                op = content[i]
                 if op is not None:
                     ch.content[i] = None
                     if op.method == (60, 50):  # a return whose content was cut: its publish stays as is
@@ -1087,16 +1148,18 @@ class Session(Session):  # type: ignore[no-redef]
                         self._emit(op, ts_ns, incomplete=True)
         # A confirm-mode publish without its confirm was sent as far as the wire shows (a span
         # marked incomplete); a request without its -ok has no outcome and is counted.
-        for op in self.unconfirmed.values():
-            if self.client_name:
-                op.attrs["messaging.client.id"] = self.client_name
-            op.attrs.pop("_status", None)
-            self.cut_short(self.conn.span(op.name, op.kind, op.start_ts, op.start_ts, op.attrs, op.traceparent))
-        self.unconfirmed.clear()
-        for op in self.sync.values():
-            if op.traced:
-                self.cut_short(None, "no_response")
-        self.sync.clear()
+        if self.unconfirmed:  # (PendingMap.clear is a Python call: not made for an empty one)
+            for op in self.unconfirmed.values():
+                if self.client_name:
+                    op.attrs["messaging.client.id"] = self.client_name
+                op.attrs.pop("_status", None)
+                self.cut_short(self.conn.span(op.name, op.kind, op.start_ts, op.start_ts, op.attrs, op.traceparent))
+            self.unconfirmed.clear()
+        if self.sync:
+            for op in self.sync.values():
+                if op.traced:
+                    self.cut_short(None, "no_response")
+            self.sync.clear()
 
 
 def _handlers() -> dict[tuple[int, int], Any]:
