@@ -638,3 +638,68 @@ def test_feed_whole_matches_the_buffered_path(mutations: list) -> None:
     from processors.protocols import kafka
     from tests.support.whole import mutate, run_both_ways
     run_both_ways(kafka.Session, 9092, mutate(_conversation(), mutations))
+
+
+def _c_metadata_check(data: bytes, version: int, flex: bool, header_tags: bool) -> str:
+    """Hold C's Metadata walk to metadata_response_py: 'same', or 'declined' (Python decides)."""
+    mv = memoryview(data)
+    py = flat.metadata_response_py(mv, version, flex, header_tags)
+    got = C.metadata(mv, version, flex, header_tags)
+    if got is None:
+        return "declined"
+    assert got == py, "C's pairs differ from Python's"
+    return "same"
+
+
+@needs_c
+@pytest.mark.parametrize("version", range(14))
+def test_c_metadata_equals_python_on_valid_responses(version):
+    """Every valid Metadata response is C's, with Python's pairs (bad names and zero ids left out)."""
+    from tests.support.kafka_wire import metadata_response
+    ids = {"orders": uuid.UUID(int=1).bytes, "audit": uuid.UUID(int=2).bytes, "bad name": uuid.UUID(int=3).bytes,
+           "zero": bytes(16), "n" * 249: uuid.UUID(int=4).bytes}
+    flex = version >= 9
+    for topics in ({}, ids):
+        data = metadata_response(version, topics, corr=5)
+        assert _c_metadata_check(data, version, flex, flex) == "same"
+    pairs = C.metadata(memoryview(data), version, flex, flex)
+    assert [n for _t, n in pairs] == (["orders", "audit", "n" * 249] if version >= 10 else [])
+
+
+@needs_c
+@_fuzz
+@given(data=st.data(), version=st.integers(0, 13))
+def test_c_metadata_agrees_on_mutated_and_cut_responses(data, version):
+    """Byte flips, cuts and shifted bytes: C gives Python's pairs or declines, never others."""
+    from tests.support.kafka_wire import metadata_response
+    ids = {"orders": uuid.UUID(int=1).bytes, "audit": uuid.UUID(int=2).bytes}
+    b = bytearray(metadata_response(version, ids, corr=5))
+    n = len(b)
+    for _ in range(data.draw(st.integers(0, 4))):
+        b[data.draw(st.integers(8, n - 1))] = data.draw(_EDGE_BYTES)
+    if data.draw(st.booleans()):
+        del b[data.draw(st.integers(8, n)):]
+    if data.draw(st.integers(0, 3)) == 0:
+        i = data.draw(st.integers(8, len(b)))
+        if data.draw(st.booleans()):
+            b[i:i] = bytes([data.draw(_EDGE_BYTES)])
+        else:
+            del b[i:i + 1]
+    flex = data.draw(st.booleans()) if data.draw(st.integers(0, 4)) == 0 else version >= 9
+    _c_metadata_check(bytes(b), version, flex, data.draw(st.booleans()) if flex else False)
+
+
+@needs_c
+@_fuzz
+@given(version=st.integers(0, 13), flex=st.booleans(), header_tags=st.booleans(),
+       body=st.one_of(st.binary(max_size=200), st.lists(_MOSTLY_ZERO, max_size=120).map(bytes)))
+def test_c_metadata_agrees_on_random_bodies(version, flex, header_tags, body):
+    _c_metadata_check(struct.pack(">ii", 4 + len(body), 5) + body, version, flex, header_tags)
+
+
+@needs_c
+def test_c_metadata_declines_a_non_contiguous_view():
+    from tests.support.kafka_wire import metadata_response
+    data = metadata_response(12, {"orders": uuid.UUID(int=1).bytes})
+    assert C.metadata(memoryview(data)[::2], 12, True, True) is None
+    assert C.metadata(memoryview(data), 1 << 40, True, True) is None

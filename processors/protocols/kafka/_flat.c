@@ -3,6 +3,7 @@
  * Contract (flat.py stays the reference and the fallback):
  *   setup(FastTopic, FastTopic3, limits)   once, from flat.py at import
  *   request(view, scan_bytes, want_tp)     -> tuple | None
+ *   metadata(view, version, flex, tags)    -> [(topic id, name), ...] | None
  *   clear_caches()                         empty the name caches (benchmarks, tests)
  *   cache_sizes()                          -> (topic names, client ids) cached
  * ``request`` parses a complete Produce or Fetch request (header, every topic and
@@ -848,6 +849,136 @@ static int fetch_topics(Ctx *c, ssize pos, int version, int flex, PyObject *topi
     return OK;
 }
 
+/* -- Metadata response ------------------------------------------------------------ */
+/* flat.metadata_response_py step for step: the (topic id, name) pairs a complete
+ * Metadata response names, appended to ``out``. BAIL wherever Python would fail a read
+ * or a check (it then returns None), and for a varint wider than 64 bits (Python
+ * decides). A name that is not a valid topic name is not cached, as in Python. */
+static int metadata_body(Ctx *c, int version, int flex, int header_tags, PyObject *out) {
+    const uint8_t *b = c->b;
+    ssize pos = 8;
+    int64_t n, np, k;
+    if (header_tags)
+        TRY(tags(c, &pos));
+    if (version >= 3)
+        pos += 4;  /* throttle_time_ms */
+    TRY(array(c, &pos, flex, &n));
+    for (int64_t i = 0; i < n; i++) {  /* brokers: node_id host port [rack] <tags> */
+        pos += 4;
+        TRY(skip_str(c, &pos, flex));
+        pos += 4;
+        if (version >= 1)
+            TRY(skip_str(c, &pos, flex));
+        if (flex)
+            TRY(tags(c, &pos));
+    }
+    if (version >= 2)
+        TRY(skip_str(c, &pos, flex));  /* cluster_id */
+    if (version >= 1)
+        pos += 4;  /* controller_id */
+    TRY(array(c, &pos, flex, &n));
+    ssize fixed = version >= 7 ? 14 : 10;
+    int arrays = version >= 5 ? 3 : 2;
+    for (int64_t i = 0; i < n; i++) {
+        pos += 2;  /* error_code */
+        int64_t ln;
+        if (flex) {
+            uint64_t u;
+            TRY(uvarint(c, &pos, &u));
+            if (u > (uint64_t)c->len + 1)
+                return BAIL;
+            ln = (int64_t)u - 1;
+        } else {
+            if (pos + 2 > c->len)
+                return BAIL;
+            ln = rd16(b + pos);
+            pos += 2;
+        }
+        if (ln < -1 || pos + ln > c->len)
+            return BAIL;
+        PyObject *name = NULL;
+        if (ln >= 0) {
+            if (ln >= 1 && ln <= MAX_NAME && topic_name(b + pos, ln, &name) == ERR)
+                return ERR;  /* BAIL there: not a topic name, so not cached (name stays NULL) */
+            pos += ln;
+        }
+        const uint8_t *tid = NULL;
+        int r = OK;
+        if (version >= 10) {
+            if (pos + 16 > c->len)
+                r = BAIL;
+            else
+                tid = b + pos;
+            pos += 16;
+        }
+        if (version >= 1)
+            pos += 1;  /* is_internal */
+        if (r == OK)
+            r = array(c, &pos, flex, &np);
+        for (int64_t j = 0; r == OK && j < np; j++) {  /* partitions: fixed, replica/isr[/offline], <tags> */
+            pos += fixed;
+            for (int a = 0; r == OK && a < arrays; a++) {
+                r = array(c, &pos, flex, &k);
+                if (r == OK && k > 0)
+                    pos += 4 * k;
+            }
+            if (r == OK && flex)
+                r = tags(c, &pos);
+        }
+        if (r == OK && version >= 8)
+            pos += 4;  /* topic_authorized_operations */
+        if (r == OK && flex)
+            r = tags(c, &pos);
+        int zero = 1;
+        for (int z = 0; r == OK && tid != NULL && z < 16; z++)
+            zero &= tid[z] == 0;
+        if (r == OK && name != NULL && tid != NULL && !zero) {
+            PyObject *pair = Py_BuildValue("(y#O)", (const char *)tid, (ssize)16, name);
+            if (pair == NULL || PyList_Append(out, pair) < 0)
+                r = ERR;
+            Py_XDECREF(pair);
+        }
+        Py_XDECREF(name);
+        if (r != OK)
+            return r;
+    }
+    return pos > c->len ? BAIL : OK;
+}
+
+/* metadata(view, version, flex, header_tags) -> [(topic id, name), ...] | None */
+static PyObject *metadata(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "metadata(view, version, flex, header_tags)");
+        return NULL;
+    }
+    int overflow;
+    long version = PyLong_AsLongAndOverflow(args[1], &overflow);
+    if (version == -1 && PyErr_Occurred())
+        return NULL;
+    int flex = PyObject_IsTrue(args[2]), header_tags = PyObject_IsTrue(args[3]);
+    if (flex < 0 || header_tags < 0)
+        return NULL;
+    if (overflow || version < 0 || version > 0x7FFF)
+        Py_RETURN_NONE;
+    Py_buffer view;
+    if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0) {
+        if (!PyErr_ExceptionMatches(PyExc_BufferError))
+            return NULL;
+        PyErr_Clear();
+        Py_RETURN_NONE;
+    }
+    Ctx c = {(const uint8_t *)view.buf, view.len, 0, 0, 0};
+    PyObject *out = PyList_New(0);
+    int r = out == NULL ? ERR : metadata_body(&c, (int)version, flex, header_tags, out);
+    PyBuffer_Release(&view);
+    if (r == OK)
+        return out;
+    Py_XDECREF(out);
+    if (r == ERR)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
 /* -- request ---------------------------------------------------------------------- */
 static int request_body(Ctx *c, PyObject **result) {
     const uint8_t *b = c->b;
@@ -1013,6 +1144,9 @@ static PyMethodDef methods[] = {
     {"request", (PyCFunction)(void (*)(void))request, METH_FASTCALL,
      "request(view, scan_bytes, want_tp) -> (api_key, version, flex, corr, client_id, acks, scan_left, "
      "truncated, topics) for a valid Produce/Fetch request, else None."},
+    {"metadata", (PyCFunction)(void (*)(void))metadata, METH_FASTCALL,
+     "metadata(view, version, flex, header_tags) -> the (topic id, name) pairs of a complete Metadata "
+     "response, as flat.metadata_response_py gives them, else None."},
     {"setup", setup, METH_VARARGS, "setup(FastTopic, FastTopic3, limits): once, from flat.py."},
     {"clear_caches", clear_caches, METH_NOARGS, "Empty the topic-name and client-id caches."},
     {"cache_sizes", cache_sizes, METH_NOARGS, "(topic names, client ids) held by the caches."},

@@ -805,6 +805,21 @@ def metadata_response(mv: memoryview, version: int, flex: bool, header_tags: boo
     would cache, in its order; None for anything the walker might refuse (it then reads
     the message and says why), so nothing here decides an error.
 
+    Clients refresh metadata every few seconds on every connection, so it is one message
+    in four: the C accelerator walks it when built, ``metadata_response_py`` (the
+    reference) when C declines (None) or is off.
+    """
+    if _c_metadata is not None:
+        pairs = _c_metadata(mv, version, flex, header_tags)
+        if pairs is not None:
+            return pairs
+    return metadata_response_py(mv, version, flex, header_tags)
+
+
+def metadata_response_py(mv: memoryview, version: int, flex: bool,
+                         header_tags: bool) -> list[tuple[bytes, str]] | None:
+    """metadata_response in Python: the reference, and the answer whenever C declines.
+
     Positions only grow, so a field past the end either fails its read (IndexError,
     struct.error) or is caught by the last check, as the walker's bounded reader would.
     """
@@ -939,6 +954,8 @@ C_SETUP = (FastTopic, FastTopic3, (APIS[apis.PRODUCE][1], APIS[apis.PRODUCE][2],
 #: processors/protocols/kafka/_flat.c (None: not built, or WIRESPAN_PURE_PYTHON=1).
 _C = speedups.load("processors.protocols.kafka._flat")
 _c_request = None
+_c_metadata = None
 if _C is not None:
     _C.setup(*C_SETUP)
     _c_request = _C.request
+    _c_metadata = _C.metadata
