@@ -714,18 +714,27 @@ class H2Session(_BaseSession):
         """A segment of whole frames, read in place (base.py's contract): most of a gRPC
         connection's segments are a few whole small frames, and buffering each (append,
         view, release) cost as much as parsing it. Declined, with nothing changed: a
-        direction not started or in the middle of something (resync, a payload or header
-        block to come), or any frame but whole DATA (unpadded), HEADERS (END_HEADERS, within
+        direction picked up mid-stream or in the middle of something (resync, a payload or
+        header block to come), a preface cut short, or any frame but whole DATA (unpadded), HEADERS (END_HEADERS, within
         max_block), WINDOW_UPDATE, PING, SETTINGS, RST_STREAM, GOAWAY and PRIORITY within
         the initial frame size: ``feed`` has the rest. Frames are checked as ``feed`` checks them, in order.
         """
         d = self.client if from_client else self.server
-        if (not d.started or d.resync or d.skip or d.data_left or d.pad_left or d.block is not None
-                or d.block_skip):
+        if d.resync or d.skip or d.data_left or d.pad_left or d.block is not None or d.block_skip:
             return False
         v = data if data.__class__ is memoryview else memoryview(data)
         if v.format != "B" or v.ndim != 1:
             return False
+        start = not d.started
+        if start:
+            # A connection's first segment: the client's preface then frames, or the server's
+            # frames once the preface was seen; a pickup mid-stream (resync) is feed's.
+            if from_client:
+                if v[:len(PREFACE)] != PREFACE:
+                    return False
+                v = v[len(PREFACE):]  # as feed releases it: offsets as feed's
+            elif d.hpack is None and not self.preface_seen:
+                return False
         n = v.nbytes
         pos = 0
         while pos < n:  # every frame whole and of the kinds read below
@@ -740,6 +749,8 @@ class H2Session(_BaseSession):
             pos += _FRAME_HDR_LEN + length
         if pos != n:
             return False
+        if start:
+            self._begin(from_client, d, from_client)
         unpack = _FRAME_HDR.unpack_from
         pos = 0
         while pos < n:
@@ -776,6 +787,7 @@ class H2Session(_BaseSession):
 
     def _start(self, from_client: bool, d: _Direction, buf: LargeBuffer) -> bool:
         """Consume the preface if there is one; otherwise pick up mid-stream."""
+        preface = False
         if from_client:
             n = len(buf)
             m = min(n, len(PREFACE))
@@ -783,6 +795,14 @@ class H2Session(_BaseSession):
                 if m < len(PREFACE):
                     return False
                 buf.release(len(PREFACE))
+                preface = True
+        self._begin(from_client, d, preface)
+        return True
+
+    def _begin(self, from_client: bool, d: _Direction, preface: bool) -> None:
+        """A direction's first bytes, after the client's preface (``preface``) or not."""
+        if from_client:
+            if preface:
                 self.preface_seen = True
                 d.hpack = _Hpack(True)
                 sh = self.server.hpack
@@ -801,7 +821,6 @@ class H2Session(_BaseSession):
             # the middle of a frame: find a frame boundary first.
             d.resync = not self.preface_seen
         d.started = True
-        return True
 
     def _frames(self, from_client: bool, d: _Direction, buf: LargeBuffer) -> int:
         """Parse complete frames from offset 0; returns the bytes consumed.
