@@ -63,6 +63,11 @@ def _frame(data: bytes, client: bool, partial: bool) -> int | None:
     return pos if partial or pos == n else None
 
 
+def _decoded(view: memoryview, max_query: int) -> str:
+    """sql.decode_query with the walker's cap (the same as decode_query's but in the small-caps test)."""
+    return pg.decode_query(view) if max_query == pg.MAX_QUERY_BYTES else str(view[:max_query], "utf-8", "replace")
+
+
 def ref_client(data: bytes, limits: tuple[int, int, int] = LIMITS, partial: bool = False) -> object:
     """What _pgwire.client must return, from _client_view's reads (its helpers, its caps)."""
     max_query, max_name, _eh = limits
@@ -83,13 +88,14 @@ def ref_client(data: bytes, limits: tuple[int, int, int] = LIMITS, partial: bool
         pos += ln + 1
         if t == 81:
             z = cend(view, off, end)
-            out.append((81, off, z - 1 if z > 0 else end))
+            out.append((81, _decoded(view[off:z - 1 if z > 0 else end], max_query)))
         elif t == 80:
             p = cend(view, off, end)
             if p < 0:
                 return None  # _client_view raises bad_parse
             z = cend(view, p, end)
-            out.append((80, data[off:off + min(p - 1 - off, max_name)], p, z - 1 if z > 0 else end))
+            text = _decoded(view[p:z - 1 if z > 0 else end], max_query)
+            out.append((80, data[off:off + min(p - 1 - off, max_name)], text))
         elif t == 66:
             p = cend(view, off, end)
             q = cend(view, p, end) if p > 0 else -1
@@ -123,7 +129,7 @@ def ref_server(data: bytes, limits: tuple[int, int, int] = LIMITS, partial: bool
             else:
                 out.append(-1)
         elif t == 69:
-            out += [69, pos + 5, pos + 5 + min(ln - 4, limits[2])]
+            out += [69, *pg._error_fields_view(memoryview(data), pos + 5, pos + 5 + min(ln - 4, limits[2]))]
         elif t in b"CZ123TnIsV":
             out.append(t)
         prev = t
@@ -239,9 +245,12 @@ def test_small_caps_match_the_reference(client: list[bytes], server: list[bytes]
 
 def test_buffers_and_arguments() -> None:
     seg = _msg(b"Q", b"SELECT 1\0") + _msg(b"S", b"")
-    assert C.client(memoryview(seg)) == C.client(bytearray(seg)) == ((81, 5, 13), (83,))
+    assert C.client(memoryview(seg)) == C.client(bytearray(seg)) == ((81, "SELECT 1"), (83,))
     assert C.client(memoryview(seg)[5:]) is False  # a body is no header
-    assert C.client(memoryview(seg)[:-1], True) == (14, ((81, 5, 13),))
+    assert C.client(memoryview(seg)[:-1], True) == (14, ((81, "SELECT 1"),))
+    err = _msg(b"E", b"SERROR\0C42P01\0Mrelation \xff does not exist\0\0")
+    assert C.server(err) == (69, "42P01", "relation \ufffd does not exist")
+    assert C.server(_msg(b"E", b"C4\xe9\0\0")) == (69, "4\ufffd", "")  # the code is ASCII, else replaced
     assert C.client(b"") == () and C.server(b"", True) == (0, ())
     assert C.server(_msg(b"D", b"") * 3 + _msg(b"Z", b"I")) == (-3, 90)
     with pytest.raises(TypeError):

@@ -17,20 +17,22 @@
  *
  * client's tuple holds one record a message that leaves a trace (H, X, d, c, f, p leave
  * none), in order, each read from the body capped as _CLIENT_HEAD caps it:
- *   (81, s, e)                Query: text bounds (to its NUL, else the capped end)
- *   (80, name, s, e)          Parse: statement name (bytes, cut at max_name), query bounds
+ *   (81, text)                Query: its text (to its NUL, else the capped end) as
+ *                             sql.decode_query decodes it (cut at max_query bytes, UTF-8 replaced)
+ *   (80, name, text)          Parse: statement name (bytes, cut at max_name), query text as Q's
  *   (66, portal, statement)   Bind: both names (bytes; b"" the unnamed)
  *   (69, portal)              Execute
  *   (67, kind, name | None)   Close: 'S'/'P' (0 for an empty body), the name if NUL-ended
  *   (68,) (83,) (70,)         Describe, Sync, FunctionCall: nothing read
  * server's tuple is flat ints, one a message that _server_msg/_server_error act on:
  *   -k                        a run of k DataRows
- *   69, s, e                  ErrorResponse: its body's bounds, capped at max_error_head
+ *   69, code, msg             ErrorResponse: SQLSTATE and message (str), read from the body
+ *                             capped at max_error_head as postgresql._error_fields_view reads them
  *   t                         C Z 1 2 3 T n I s V (the others are nothing to pair: left out)
  *
  * Memory: every read is checked against the segment's length (a declared length is
  * trusted only once its message is seen to end within the segment); the allocations
- * are the result tuple, its records and the names (each at most the capped body). No
+ * are the result tuple, its records, the names and texts (each at most the capped body). No
  * mutable global state but the three caps set by limits().
  */
 #define PY_SSIZE_T_CLEAN
@@ -128,6 +130,49 @@ static PyObject *name_bytes(const unsigned char *b, Py_ssize_t s, Py_ssize_t e) 
     return PyBytes_FromStringAndSize((const char *)b + s, e - s);
 }
 
+/* sql.decode_query of b[s:e]: the text cut at max_query bytes, broken UTF-8 replaced. Decoded
+ * here, not sliced and decoded in Python: a memoryview slice and a call a query. */
+static PyObject *query_text(const unsigned char *b, Py_ssize_t s, Py_ssize_t e) {
+    Py_ssize_t n = e - s;
+    if (n > MAX_QUERY)
+        n = MAX_QUERY;
+    return PyUnicode_DecodeUTF8((const char *)b + s, n > 0 ? n : 0, "replace");
+}
+
+/* postgresql._error_fields_view of b[off:end]: SQLSTATE and message as str into *code and *msg
+ * (new references; 0, or -1 with an error set), the last 'C' and 'M' fields winning, the code
+ * cut at 5 bytes (ASCII, else replaced), the message UTF-8 (replaced). In C because the Python
+ * reader's loop, slices and decodes cost more than the rest of an error's span. */
+static int error_fields(const unsigned char *b, Py_ssize_t off, Py_ssize_t end, PyObject **code, PyObject **msg) {
+    Py_ssize_t p = off, cs = 0, ce = 0, ms = 0, me = 0;
+    while (p < end) {
+        unsigned char c = b[p];
+        if (c == 0)
+            break;
+        Py_ssize_t z = cstr_end(b, p + 1, end);
+        Py_ssize_t stop = z > 0 ? z - 1 : end;
+        if (c == 'C') {
+            cs = p + 1;
+            ce = cs + (stop - cs < 5 ? stop - cs : 5);
+        } else if (c == 'M') {
+            ms = p + 1;
+            me = stop;
+        }
+        if (z < 0)
+            break;
+        p = z;
+    }
+    *code = PyUnicode_DecodeASCII((const char *)b + cs, ce - cs, "replace");
+    if (*code == NULL)
+        return -1;
+    *msg = PyUnicode_DecodeUTF8((const char *)b + ms, me - ms, "replace");
+    if (*msg == NULL) {
+        Py_CLEAR(*code);
+        return -1;
+    }
+    return 0;
+}
+
 /* One client message's record (see the header), NULL with no error set to decline. */
 static PyObject *client_rec(const unsigned char *b, unsigned char t, Py_ssize_t off, Py_ssize_t end) {
     Py_ssize_t p, q, z;
@@ -135,7 +180,10 @@ static PyObject *client_rec(const unsigned char *b, unsigned char t, Py_ssize_t 
     switch (t) {
     case 'Q':
         z = cstr_end(b, off, end);
-        return Py_BuildValue("(inn)", 81, off, z > 0 ? z - 1 : end);
+        c = query_text(b, off, z > 0 ? z - 1 : end);
+        if (c == NULL)
+            return NULL;
+        return Py_BuildValue("(iN)", 81, c);
     case 'P':
         p = cstr_end(b, off, end);
         if (p < 0)
@@ -144,7 +192,12 @@ static PyObject *client_rec(const unsigned char *b, unsigned char t, Py_ssize_t 
         a = name_bytes(b, off, off + (p - 1 - off < MAX_NAME ? p - 1 - off : MAX_NAME));
         if (a == NULL)
             return NULL;
-        return Py_BuildValue("(iNnn)", 80, a, p, z > 0 ? z - 1 : end);
+        c = query_text(b, p, z > 0 ? z - 1 : end);
+        if (c == NULL) {
+            Py_DECREF(a);
+            return NULL;
+        }
+        return Py_BuildValue("(iNN)", 80, a, c);
     case 'B':
         p = cstr_end(b, off, end);
         if (p < 0)
@@ -245,20 +298,16 @@ static PyObject *walk(PyObject *const *args, Py_ssize_t nargs, int client) {
             ln = -1;  /* pos already moved past the run */
         } else if (t == 'E') {
             Py_ssize_t cap = body < MAX_ERROR_HEAD ? body : MAX_ERROR_HEAD;
-            PyObject *e = PyLong_FromLong('E');
-            PyObject *s = PyLong_FromSsize_t(off);
-            PyObject *x = PyLong_FromSsize_t(off + cap);
-            if (e == NULL || s == NULL || x == NULL || i + 3 > kept) {
+            PyObject *e = PyLong_FromLong('E'), *code = NULL, *msg = NULL;
+            if (e == NULL || i + 3 > kept || error_fields(b, off, off + cap, &code, &msg) < 0) {
                 Py_XDECREF(e);
-                Py_XDECREF(s);
-                Py_XDECREF(x);
                 Py_DECREF(out);
                 PyBuffer_Release(&view);
                 return PyErr_Occurred() ? NULL : (Py_INCREF(Py_None), Py_None);
             }
             PyTuple_SET_ITEM(out, i++, e);
-            PyTuple_SET_ITEM(out, i++, s);
-            PyTuple_SET_ITEM(out, i++, x);
+            PyTuple_SET_ITEM(out, i++, code);
+            PyTuple_SET_ITEM(out, i++, msg);
             pos += ln + 1;
             continue;
         } else if (SERVER_SKIP[t]) {

@@ -113,6 +113,67 @@ if _C is not None:
 _NO_CHUNK = memoryview(b"")
 _NO_NUL = re.compile(rb"[^\0]*").match
 
+#: Entries kept by each memo below; a full one is emptied (a bound on memory, not an LRU: a
+#: miss only costs the work the memo saves).
+_MEMO_MAX = 256
+#: sql.analyze's results by query text, one memo per sanitize_query setting (indexed by it):
+#: an application sends the same statements on every connection, and analyze's own LRU (a
+#: key tuple and a move_to_end a hit) costs more than a lookup by the text.
+_INFOS: tuple[dict[str, QueryInfo], dict[str, QueryInfo]] = ({}, {})
+#: A span's name and its attributes but the answer's (rows, error), by (analysis, namespace):
+#: built once for the statement rather than key by key for every span of it. Never mutated:
+#: each span copies it.
+_BASES: dict[tuple[QueryInfo | None, str], tuple[str, dict]] = {}
+#: sanitize_error's result by message: a failing statement fails alike on every connection.
+_ERRORS: dict[str, str] = {}
+
+
+def _analyze(text: str, san: bool) -> QueryInfo:
+    """``sql.analyze`` of a PostgreSQL query, remembered in ``_INFOS``."""
+    memo = _INFOS[san]
+    if len(memo) >= _MEMO_MAX:
+        memo.clear()
+    info = memo[text] = analyze(text, "postgresql", san)
+    return info
+
+
+def _info(text: str, san: bool) -> QueryInfo:
+    info = _INFOS[san].get(text)
+    return _analyze(text, san) if info is None else info
+
+
+def _span_base(info: QueryInfo | None, namespace: str) -> tuple[str, dict]:
+    """The span name and first attributes of a statement (``_BASES``), in the order spans have
+    always had them: system, namespace, operation, collection, summary, text."""
+    attrs: dict = {"db.system.name": SYSTEM}
+    if namespace:
+        attrs["db.namespace"] = namespace
+    name = SYSTEM
+    if info is not None:
+        if info.operation:
+            attrs["db.operation.name"] = info.operation
+        if info.collection:
+            attrs["db.collection.name"] = info.collection
+        if info.summary:
+            attrs["db.query.summary"] = info.summary
+            name = info.summary
+        elif info.operation:
+            name = info.operation
+        attrs["db.query.text"] = info.text
+    if len(_BASES) >= _MEMO_MAX:
+        _BASES.clear()
+    base = _BASES[(info, namespace)] = (name, attrs)
+    return base
+
+
+def _sanitized(msg: str) -> str:
+    out = _ERRORS.get(msg)
+    if out is None:
+        if len(_ERRORS) >= _MEMO_MAX:
+            _ERRORS.clear()
+        out = _ERRORS[msg] = sanitize_error(msg)
+    return out
+
 
 # -- validation shared by detect and resync -----------------------------------------
 def _cstr_end(buf: LargeBuffer, off: int, end: int) -> int:
@@ -426,9 +487,9 @@ class Session(_Session):
                         fast = False  # an unusual body: the rest of this feed is read below
                     elif got[0]:
                         if from_client:
-                            self._client_records(got[1], c[rel:], cts)
+                            self._client_records(got[1], cts)
                         else:
-                            self._server_events(got[1], c[rel:], cts)
+                            self._server_events(got[1], cts)
                         pos += got[0]
                         continue
                 if rel + 5 <= clen:
@@ -498,14 +559,14 @@ class Session(_Session):
                 if recs is False:
                     return False
                 if recs is not None:
-                    self._client_records(recs, data, ts_ns)
+                    self._client_records(recs, ts_ns)
                     return True
             else:
                 evs = _C.server(data)
                 if evs is False:
                     return False
                 if evs is not None:
-                    self._server_events(evs, data, ts_ns)
+                    self._server_events(evs, ts_ns)
                     return True
         heads = _CLIENT_HEAD if from_client else _SERVER_HEAD
         n = len(data)
@@ -699,15 +760,14 @@ class Session(_Session):
         buffer's (feed). Names are copied (cache keys), the query decoded once (sql.py)."""
         if t == _Q:
             z = _cstr_end_view(data, off, end)
-            op = _Op(_Q, analyze(decode_query(data[off:(z - 1) if z > 0 else end]), "postgresql", self._sanitize),
-                     ts)
+            op = _Op(_Q, _info(decode_query(data[off:(z - 1) if z > 0 else end]), self._sanitize), ts)
         elif t == _P:
             p = _cstr_end_view(data, off, end)
             if p < 0:
                 raise Malformed(NAME, "bad_parse", off)
             name = data[off:off + min(p - 1 - off, MAX_NAME)].tobytes()  # kept: a cache key
             z = _cstr_end_view(data, p, end)
-            info = analyze(decode_query(data[p:(z - 1) if z > 0 else end]), "postgresql", self._sanitize)
+            info = _info(decode_query(data[p:(z - 1) if z > 0 else end]), self._sanitize)
             self._prepared(name, info, ts)
             op = _Op(_P, info, ts)
         elif t == _B:
@@ -753,12 +813,13 @@ class Session(_Session):
             self._batch_start = ts
         return _Op(_B, info, ts)
 
-    def _client_records(self, recs: tuple, data: memoryview, ts: int) -> None:
+    def _client_records(self, recs: tuple, ts: int) -> None:
         """What ``_client_view`` does for each message of a segment, from _pgwire.client's records
         (names already copied, bounds already found): the same caches, ops and drops, in order.
         Written out rather than calling a helper a message: the call is most of a Sync's cost."""
         pend = self._pending
         san = self._sanitize
+        memo = _INFOS[san]
         for r in recs:
             t = r[0]
             if t == _B:
@@ -769,9 +830,12 @@ class Session(_Session):
                 self._batch_start = 0
                 op = _Op(_E, self._portals.get(r[1]), start)
             elif t == _Q:
-                op = _Op(_Q, analyze(decode_query(data[r[1]:r[2]]), "postgresql", san), ts)
+                info = memo.get(r[1])
+                op = _Op(_Q, _analyze(r[1], san) if info is None else info, ts)
             elif t == _P:
-                info = analyze(decode_query(data[r[2]:r[3]]), "postgresql", san)
+                info = memo.get(r[2])
+                if info is None:
+                    info = _analyze(r[2], san)
                 self._prepared(r[1], info, ts)
                 op = _Op(_P, info, ts)
             elif t == _CLOSE:
@@ -785,19 +849,19 @@ class Session(_Session):
                 pend.popleft()
                 self.conn.drop("pending_overflow")
 
-    def _server_events(self, evs: tuple, data: memoryview, ts: int) -> None:
+    def _server_events(self, evs: tuple, ts: int) -> None:
         """What feed_whole's server loop does, from _pgwire.server's events: a run of DataRows
-        counted at once (nothing between them can change the head), ErrorResponse fields read
-        from the segment, every other message through ``_server_msg``."""
+        counted at once (nothing between them can change the head), ErrorResponse fields as
+        the walker read them, every other message through ``_server_msg``."""
         pend = self._pending
         it = iter(evs)
         for t in it:
             if t < 0:
                 if pend:
                     pend[0].rows -= t
-            elif t == 69:
-                s = next(it)
-                self._server_error(*_error_fields_view(data, s, next(it)), ts)
+            elif t == 69:  # the SQLSTATE and message follow, read by the walker
+                code = next(it)
+                self._server_error(code, next(it), ts)
             elif not pend:  # nothing awaits an answer: _server_msg would do nothing
                 continue
             else:  # _server_msg's common cases written out (a call per message costs as much)
@@ -882,22 +946,11 @@ class Session(_Session):
 
     def _span(self, op: _Op, end_ts: int, emit: bool = True) -> Span:
         """The span of ``op`` ending at ``end_ts``, emitted unless ``emit`` is False."""
-        info = op.info
-        attrs: dict = {"db.system.name": SYSTEM}
-        if self.namespace:
-            attrs["db.namespace"] = self.namespace
-        name = SYSTEM
-        if info is not None:
-            if info.operation:
-                attrs["db.operation.name"] = info.operation
-            if info.collection:
-                attrs["db.collection.name"] = info.collection
-            if info.summary:
-                attrs["db.query.summary"] = info.summary
-                name = info.summary
-            elif info.operation:
-                name = info.operation
-            attrs["db.query.text"] = info.text
+        base = _BASES.get((op.info, self.namespace))
+        if base is None:
+            base = _span_base(op.info, self.namespace)
+        name = base[0]
+        attrs = base[1].copy()
         if op.rows:
             attrs["db.response.returned_rows"] = op.rows
         status = StatusCode.UNSET
@@ -907,7 +960,7 @@ class Session(_Session):
             status = StatusCode.ERROR
         msg = op.err_msg
         if msg and self._sanitize_errors:
-            msg = sanitize_error(msg)
+            msg = _sanitized(msg)
         conn = self.conn
         span = conn.span(name, conn.kind_for(SpanKind.CLIENT), op.start, end_ts, attrs, status_code=status,
                          status_message=msg)
