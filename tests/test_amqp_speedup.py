@@ -103,6 +103,8 @@ def ref_walk(data: bytes, start: int = 0) -> tuple | bool | None:
                 elif cm == (10, 11):
                     got, _ = v091._table_get(f, q, e, v091._WANT_NAME)
                     out.append((7, channel, got.get(b"connection_name")))
+                elif v091._HANDLERS.get(cm) is v091._no_span:
+                    out.append((11, channel))
                 else:
                     out.append((1, channel, off, end, cm))
         except (Malformed, struct.error, IndexError):
@@ -114,12 +116,15 @@ def _messages(recs: list[tuple]) -> tuple | None:
     """A publish (4) or deliver (5), its content header (2) on the channel next and the body
     frames (3) after it on the channel that do not overrun the body, while it is not
     complete: one record (9 or 10), as _frames.c makes it (the header's fields, the body
-    frames' total). More records than a call makes: None."""
+    frames' total); methods without a span (11) one after the other on a channel, heartbeats
+    between them or not: one record. More records than a call makes: None."""
     out: list[tuple] = []
     i = 0
     while i < len(recs):
         r = recs[i]
         i += 1
+        if r[0] == 11 and out and out[-1] == r:
+            continue  # the run goes on (a heartbeat makes no record: it never breaks one)
         if r[0] in (4, 5) and i < len(recs) and recs[i][0] == 2 and recs[i][1] == r[1]:
             head = recs[i]
             body = head[2]
@@ -318,6 +323,28 @@ def test_messages_in_one_record() -> None:
         assert len(C.walk(data, 0)) >= 2
     check(pub + head + _frame(3, 1, b""))
     assert C.walk(pub + head + _frame(3, 1, b""), 0)[0][-1] == 0
+
+
+def test_methods_without_a_span_in_one_record() -> None:
+    """_frames.c's list of the methods without a span is v091's table's (_no_span handlers);
+    a run of them on one channel is one record, a heartbeat inside it or not, and another
+    channel or another record ends it."""
+    for cm in v091._METHODS:
+        rec = C.walk(_frame(1, 1, struct.pack(">HH", *cm)), 0)
+        assert (rec == ((11, 1),)) == (v091._HANDLERS[cm] is v091._no_span), cm
+    tune, tune_ok = (frame.Method(0, m).marshal() for m in (spec.Connection.Tune(2047, 131072, 60),
+                                                            spec.Connection.TuneOk(2047, 131072, 60)))
+    hb = frame.Heartbeat().marshal()
+    flow = frame.Method(1, spec.Channel.Flow(True)).marshal()
+    ack = frame.Method(0, spec.Basic.Ack(1)).marshal()
+    for data, want in ((tune + hb + tune_ok + tune, ((11, 0),)), (tune + flow + tune, ((11, 0), (11, 1), (11, 0))),
+                       (tune + ack + tune, ((11, 0), (6, 0, 80, 1, 0), (11, 0)))):
+        check(data)
+        assert C.walk(data, 0) == want
+    body = _frame(3, 1, b"x")
+    check(body * (MAX_RECORDS - 1) + tune * 3)  # the run's later methods make no record: not over
+    assert len(C.walk(body * (MAX_RECORDS - 1) + tune * 3, 0)) == MAX_RECORDS
+    assert C.walk(body * MAX_RECORDS + tune, 0) is None
 
 
 def test_limits_and_the_bounds() -> None:

@@ -25,6 +25,9 @@
  *                                                  basic.deliver (redelivered: 0 or 1)
  *   (6, channel, method_id, delivery_tag, bits)    basic.ack (80), reject (90), nack (120)
  *   (7, channel, connection_name)                  connection.start-ok (str or None)
+ *   (11, channel)                                  methods without a span (v091's _no_span
+ *                                                  handler: tune, open, flow, ...), consecutive
+ *                                                  on the channel (heartbeats between them too)
  *   (9, channel, exchange, routing_key, body_size, correlation_id, message_id, traceparent, total)
  *   (10, channel, consumer_tag, delivery_tag, redelivered, exchange, routing_key, body_size,
  *        correlation_id, message_id, traceparent, total)
@@ -44,6 +47,7 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <stdarg.h>
 #include <stdint.h>
 
 /* v091.MAX_FRAME: the largest method, content-header or heartbeat frame read whole. */
@@ -60,6 +64,21 @@
 #define K_PUBLISH 4
 #define K_DELIVER 5
 #define K_MESSAGE 5 /* + K_PUBLISH: 9, + K_DELIVER: 10 */
+
+/* A run of methods without a span (v091's _no_span handler) on one channel. */
+#define K_NO_SPAN 11
+
+/* v091._HANDLERS' methods whose handler is _no_span: connection.start, secure, secure-ok, tune,
+ * tune-ok, open, blocked, unblocked, update-secret, update-secret-ok; channel.flow, flow-ok;
+ * basic.recover-async (tests/test_amqp_speedup.py holds this list equal to the table). */
+static int nospan(uint32_t cls, uint32_t meth) {
+    if (cls == 10)
+        return meth == 10 || meth == 20 || meth == 21 || meth == 30 || meth == 31 || meth == 40 || meth == 60 ||
+               meth == 61 || meth == 70 || meth == 71;
+    if (cls == 20)
+        return meth == 20 || meth == 21;
+    return cls == 60 && meth == 100;
+}
 
 /* A field table's value types of a fixed size (v091._FIXED), -1: not fixed. */
 static signed char FIXED[256];
@@ -164,6 +183,34 @@ static PyObject *str_or_none(const unsigned char *p, Py_ssize_t s, Py_ssize_t le
     return str_at(p, s, len);
 }
 
+/* A tuple of the ``n`` objects after ``n``, each a new reference it takes (a NULL among them,
+ * a failed conversion: the others released, NULL returned). Py_BuildValue parsed its format
+ * string for each record: most of a short segment's time in this module. */
+static PyObject *tup(Py_ssize_t n, ...) {
+    PyObject *items[16];
+    va_list ap;
+    int failed = 0;
+    va_start(ap, n);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        items[i] = va_arg(ap, PyObject *);
+        if (items[i] == NULL)
+            failed = 1;
+    }
+    va_end(ap);
+    PyObject *t = failed ? NULL : PyTuple_New(n);
+    if (t == NULL) {
+        for (Py_ssize_t i = 0; i < n; i++)
+            Py_XDECREF(items[i]);
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < n; i++)
+        PyTuple_SET_ITEM(t, i, items[i]);
+    return t;
+}
+
+#define INT(x) PyLong_FromLong((long)(x))
+#define U64(x) PyLong_FromUnsignedLongLong((unsigned long long)(x))
+
 /* Sentinel for "decline" from the frame decoders (distinct from NULL: a Python error). */
 static PyObject DECLINE_OBJ;
 #define DECLINE (&DECLINE_OBJ)
@@ -220,7 +267,7 @@ static PyObject *header(const unsigned char *d, Py_ssize_t p, Py_ssize_t end, ui
         Py_XDECREF(mid);
         return NULL;
     }
-    return Py_BuildValue("(iIKNNN)", T_HEADER, channel, (unsigned long long)body, corr, mid, tp);
+    return tup(6, INT(T_HEADER), INT(channel), U64(body), corr, mid, tp);
 }
 
 /* A method frame whose payload is [p, end) (end: the frame-end octet) spanning
@@ -234,12 +281,7 @@ static PyObject *method(const unsigned char *d, Py_ssize_t off, Py_ssize_t p, Py
         q = shortstr(d, q + 2, end, &s1, &l1);
         if (q < 0 || shortstr(d, q, end, &s2, &l2) < 0)
             return DECLINE;
-        PyObject *ex = str_at(d, s1, l1), *rk = ex ? str_at(d, s2, l2) : NULL;
-        if (rk == NULL) {
-            Py_XDECREF(ex);
-            return NULL;
-        }
-        return Py_BuildValue("(iINN)", K_PUBLISH, channel, ex, rk); /* consumes ex and rk, error or not */
+        return tup(4, INT(K_PUBLISH), INT(channel), str_at(d, s1, l1), str_at(d, s2, l2));
     }
     if (cls == 60 && meth == 60) { /* deliver: consumer-tag, delivery-tag, redelivered, exchange, rk */
         q = shortstr(d, q, end, &s1, &l1);
@@ -250,27 +292,21 @@ static PyObject *method(const unsigned char *d, Py_ssize_t off, Py_ssize_t p, Py
         q = shortstr(d, q + 9, end, &s2, &l2);
         if (q < 0 || shortstr(d, q, end, &s3, &l3) < 0)
             return DECLINE;
-        PyObject *tag = str_at(d, s1, l1), *ex = tag ? str_at(d, s2, l2) : NULL, *rk = ex ? str_at(d, s3, l3) : NULL;
-        if (rk == NULL) {
-            Py_XDECREF(tag);
-            Py_XDECREF(ex);
-            return NULL;
-        }
-        return Py_BuildValue("(iINKiNN)", K_DELIVER, channel, tag, (unsigned long long)dtag, redelivered, ex, rk);
+        return tup(7, INT(K_DELIVER), INT(channel), str_at(d, s1, l1), U64(dtag), INT(redelivered),
+                   str_at(d, s2, l2), str_at(d, s3, l3));
     }
     if (cls == 60 && (meth == 80 || meth == 90 || meth == 120)) { /* ack, reject, nack: tag, bits */
         if (q + 9 > end)
             return DECLINE;
-        return Py_BuildValue("(iIIKi)", 6, channel, meth, (unsigned long long)be64(d + q), (int)d[q + 8]);
+        return tup(5, INT(6), INT(channel), INT(meth), U64(be64(d + q)), INT(d[q + 8]));
     }
     if (cls == 10 && meth == 11) { /* start-ok: client-properties' connection_name */
         if (table_find(d, q, end, "connection_name", 15, &s1, &l1) < 0)
             return DECLINE;
-        if (s1 < 0)
-            return Py_BuildValue("(iIO)", 7, channel, Py_None);
-        return Py_BuildValue("(iIN)", 7, channel, str_at(d, s1, l1));
+        return tup(3, INT(7), INT(channel), str_or_none(d, s1, l1));
     }
-    return Py_BuildValue("(iInn(II))", T_METHOD, channel, off, end, cls, meth);
+    return tup(5, INT(T_METHOD), INT(channel), PyLong_FromSsize_t(off), PyLong_FromSsize_t(end),
+               tup(2, INT(cls), INT(meth)));
 }
 
 /* A message record: the method record ``m`` (kind K_PUBLISH or K_DELIVER, made K_MESSAGE +
@@ -309,6 +345,7 @@ static PyObject *walk_buffer(const unsigned char *d, Py_ssize_t n, Py_ssize_t st
     PyObject *recs[MAX_RECORDS];
     Py_ssize_t count = 0;
     Py_ssize_t off = start;
+    long run = -1; /* the channel of the last record when it is a run of methods without a span */
     PyObject *out = NULL;
     /* The framing first (as feed_whole checks it): nothing is decoded for a segment declined. */
     while (off < n) {
@@ -339,10 +376,26 @@ static PyObject *walk_buffer(const unsigned char *d, Py_ssize_t n, Py_ssize_t st
             off = end + 1;
             continue;
         }
+        if (ftype == T_METHOD && size >= 4 && nospan(be16(d + off + 7), be16(d + off + 9))) {
+            /* A method without a span: a run of them on one channel is one record (the first
+             * finds or makes the channel and ends any content there; the others change nothing). */
+            off = end + 1;
+            if (run == (long)channel)
+                continue;
+            if (count >= MAX_RECORDS)
+                goto decline;
+            rec = tup(2, INT(K_NO_SPAN), INT(channel));
+            if (rec == NULL)
+                goto done;
+            recs[count++] = rec;
+            run = (long)channel;
+            continue;
+        }
         if (count >= MAX_RECORDS)
             goto decline;
+        run = -1;
         if (ftype == T_BODY)
-            rec = Py_BuildValue("(iII)", T_BODY, channel, size);
+            rec = tup(3, INT(T_BODY), INT(channel), U64(size));
         else if (ftype == T_METHOD)
             rec = method(d, off, off + 7, end, channel);
         else

@@ -145,6 +145,7 @@ _WANT_TP = (b"traceparent",)
 _PUBLISH, _DELIVER = (60, 40), (60, 60)
 #: _frames.walk's record kinds beyond the frame types (METHOD, HEADER, BODY): decoded methods.
 _K_PUBLISH, _K_DELIVER, _K_SETTLE, _K_START_OK, _K_PUBLISH_MESSAGE, _K_DELIVER_MESSAGE = 4, 5, 6, 7, 9, 10
+_K_NO_SPAN = 11  # a run of methods whose handler is _no_span, on one channel
 
 
 class Settings(ProtocolSettings):
@@ -526,6 +527,12 @@ class Session(Session):  # type: ignore[no-redef]
                 self._body_bytes(from_client, rec[1], rec[2], ts_ns, True)
                 continue
             channel = rec[1]
+            if kind == _K_NO_SPAN:  # methods without a span: _method's steps but the handler
+                ch = channels.get(channel) or self._ch(channel)
+                if ch.content[from_client] is not None:
+                    ch.content[from_client] = None
+                    self.conn.drop("incomplete_message")
+                continue
             if kind == HEADER:
                 _, _, body, corr, mid, tp = rec
                 ch = channels.get(channel) or self._ch(channel)
