@@ -37,6 +37,7 @@ MAX_UNIT = 64 * 1024
 
 Walker = Generator[Any, Any, Any]
 _I32 = struct.Struct(">i").unpack_from
+_HDR = struct.Struct(">ihhih").unpack_from  # size, api key, version, correlation id, client id length
 Unit = Callable[[LargeBufferReader, Any], Any]
 
 
@@ -536,32 +537,36 @@ def looks_like_request(buf: LargeBuffer) -> bool | None:
     must parse completely.
     """
     n = len(buf)
-    if n >= 1 and buf.u8_at(0) > (MAX_MESSAGE_SIZE >> 24):
-        return False
-    if n < 4:
+    if n >= REQUEST_FIXED:
+        # The whole fixed header is there (a connection's first segment, nearly always):
+        # one unpack, then the checks below in their order, none of which can wait.
+        size, key, ver, corr, cid = _HDR(buf.view_at(0, REQUEST_FIXED), 0)
+        if size < MIN_REQUEST_SIZE or size > MAX_MESSAGE_SIZE or not apis.known(key, ver) or corr < 0:
+            return False  # (a first byte over MAX_MESSAGE_SIZE >> 24 is a size over it)
+    else:
+        if n >= 1 and buf.u8_at(0) > (MAX_MESSAGE_SIZE >> 24):
+            return False
+        if n < 4:
+            return None
+        size = buf.i32be_at(0)
+        if size < MIN_REQUEST_SIZE or size > MAX_MESSAGE_SIZE:
+            return False
+        if n >= 8 and not apis.known(buf.i16be_at(4), buf.i16be_at(6)):
+            return False
+        if n >= 12 and buf.i32be_at(8) < 0:
+            return False
         return None
-    size = buf.i32be_at(0)
-    if size < MIN_REQUEST_SIZE or size > MAX_MESSAGE_SIZE:
-        return False
-    if n >= 8 and not apis.known(buf.i16be_at(4), buf.i16be_at(6)):
-        return False
-    if n >= 12 and buf.i32be_at(8) < 0:
-        return False
-    if n < REQUEST_FIXED:
-        return None
-    cid = buf.i16be_at(12)
     if cid < -1 or cid > size - MIN_REQUEST_SIZE:
         return False
     if n < REQUEST_FIXED + max(cid, 0):
         return None
     if cid > 0 and not printable(buf.view_at(REQUEST_FIXED, cid)):
         return False
-    key = buf.i16be_at(4)
     total = 4 + size
     if key != apis.PRODUCE and size > MAX_DETECT_OTHER:
         return False
     try:
-        ok = _body_plausible(buf, key, buf.i16be_at(6), cid)
+        ok = _body_plausible(buf, key, ver, cid)
     except (BufferBoundsError, Malformed):
         ok = None if n < total else False
     if ok is not True:
