@@ -715,9 +715,10 @@ class H2Session(_BaseSession):
         connection's segments are a few whole small frames, and buffering each (append,
         view, release) cost as much as parsing it. Declined, with nothing changed: a
         direction picked up mid-stream or in the middle of something (resync, a payload or
-        header block to come), a preface cut short, or any frame but whole DATA (unpadded), HEADERS (END_HEADERS, within
-        max_block), WINDOW_UPDATE, PING, SETTINGS, RST_STREAM, GOAWAY and PRIORITY within
-        the initial frame size: ``feed`` has the rest. Frames are checked as ``feed`` checks them, in order.
+        header block to come), a preface cut short, a frame not whole, or any frame but
+        DATA (unpadded), HEADERS (END_HEADERS, within max_block), WINDOW_UPDATE, PING,
+        SETTINGS, RST_STREAM, GOAWAY and PRIORITY within the initial frame size, or one of
+        those of a bad shape: ``feed`` has the rest (and raises where it raises).
         """
         d = self.client if from_client else self.server
         if d.resync or d.skip or d.data_left or d.pad_left or d.block is not None or d.block_skip:
@@ -736,53 +737,64 @@ class H2Session(_BaseSession):
             elif d.hpack is None and not self.preface_seen:
                 return False
         n = v.nbytes
-        pos = 0
-        while pos < n:  # every frame whole and of the kinds read below
-            if n - pos < _FRAME_HDR_LEN:
-                return False
-            length = (v[pos] << 16) | (v[pos + 1] << 8) | v[pos + 2]
-            ftype = v[pos + 3]
-            if (length > DEFAULT_MAX_FRAME_SIZE or ftype > WINDOW_UPDATE or ftype == PUSH_PROMISE
-                    or (ftype == HEADERS and (not v[pos + 4] & F_END_HEADERS or length > self.max_block))
-                    or (ftype == DATA and v[pos + 4] & F_PADDED)):
-                return False
-            pos += _FRAME_HDR_LEN + length
-        if pos != n:
-            return False
-        if start:
-            self._begin(from_client, d, from_client)
+        # Every frame whole, of the kinds read here and well-formed (a bad one is feed's, which
+        # raises at it after the frames before it, as feed does); kept: the frames with effects.
+        todo: list[tuple[int, int, int, int, int]] = []
         unpack = _FRAME_HDR.unpack_from
         pos = 0
         while pos < n:
+            if n - pos < _FRAME_HDR_LEN:
+                return False
             hi, lo, ftype, flags, sid = unpack(v, pos)
             length = (hi << 8) | lo
             sid &= 0x7FFFFFFF
             body = pos + _FRAME_HDR_LEN
-            if ftype == WINDOW_UPDATE or ftype == PING:
-                if length != (4 if ftype == WINDOW_UPDATE else 8) or (ftype == PING and sid):
-                    raise Malformed(NAME, "bad_frame_shape", pos, f"type {ftype} length {length} stream {sid}")
+            pos = body + length
+            if ftype == WINDOW_UPDATE:  # nothing a span needs
+                if length != 4:
+                    return False
             elif ftype == DATA:
-                if sid == 0:
-                    raise Malformed(NAME, "data_on_stream_0", pos)
+                if flags & F_PADDED or not sid or length > DEFAULT_MAX_FRAME_SIZE:
+                    return False
+                if length or flags & F_END_STREAM:
+                    todo.append((ftype, flags, sid, body, length))
+            elif ftype == PING:
+                if length != 8 or sid:
+                    return False
+            elif ftype == HEADERS:
+                if not flags & F_END_HEADERS or not sid or length > self.max_block or length > DEFAULT_MAX_FRAME_SIZE:
+                    return False
+                todo.append((ftype, flags, sid, body, length))
+            elif ftype in (SETTINGS, RST_STREAM, GOAWAY, PRIORITY):
+                if (length > DEFAULT_MAX_FRAME_SIZE or _bad_shape(_SHAPES[ftype], length, sid)
+                        or (ftype == GOAWAY and length < 8)):
+                    return False
+                if ftype != PRIORITY:
+                    todo.append((ftype, flags, sid, body, length))
+            else:  # PUSH_PROMISE, CONTINUATION, unknown types
+                return False
+        if pos != n:
+            return False
+        if start:
+            self._begin(from_client, d, from_client)
+        for ftype, flags, sid, body, length in todo:
+            if ftype == DATA:
                 if length:
                     self._data_frame(from_client, sid, v, body, length, ts_ns, None)
                 if flags & F_END_STREAM:
                     self._end_stream(from_client, sid, ts_ns)
-            else:
-                if _bad_shape(_SHAPES[ftype], length, sid):
-                    raise Malformed(NAME, "bad_frame_shape", pos, f"type {ftype} length {length} stream {sid}")
-                if ftype == HEADERS:
+            elif ftype == HEADERS:
+                if flags & (F_PADDED | F_PRIORITY):
                     self._headers(from_client, d, v, 0, body, length, flags, sid, ts_ns)
-                elif ftype == SETTINGS:
-                    self._settings(v, 0, body, length, flags)
-                elif ftype == RST_STREAM:
-                    self._rst(sid, _U32.unpack_from(v, body)[0], ts_ns)
-                elif ftype == GOAWAY:
-                    if length < 8:
-                        raise Malformed(NAME, "bad_frame_shape", body, "short GOAWAY")
-                    self._goaway(_U32.unpack_from(v, body)[0] & 0x7FFFFFFF, ts_ns)
-                # PRIORITY: nothing a span needs (shape checked above).
-            pos = body + length
+                else:  # _headers' common case
+                    self._block(from_client, d, v[body:body + length], sid, bool(flags & F_END_STREAM), ts_ns, 0,
+                                body)
+            elif ftype == SETTINGS:
+                self._settings(v, 0, body, length, flags)
+            elif ftype == RST_STREAM:
+                self._rst(sid, _U32.unpack_from(v, body)[0], ts_ns)
+            else:
+                self._goaway(_U32.unpack_from(v, body)[0] & 0x7FFFFFFF, ts_ns)
         return True
 
     def _start(self, from_client: bool, d: _Direction, buf: LargeBuffer) -> bool:
