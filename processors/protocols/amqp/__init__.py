@@ -45,13 +45,14 @@ def detect(buf: LargeBuffer, from_client: bool | None) -> Detection:
     n = len(buf)
     if not n:
         return Detection.NEED_MORE
-    first = buf.u8_at(0)
+    head = buf.view_at(0, 8 if n >= 8 else n)  # one read: the first byte, or a whole header
+    first = head[0]
     if first == 0:
         return v10.detect(buf, from_client)
     if first == 0x41:
         # A whole 0-9-1 header from a client (a connection's usual first bytes): v091.detect's
-        # answer, from one read.
-        if n >= 8 and from_client is not False and buf.bytes_at(0, 8) in v091._HEADERS_OK:
+        # answer, from that read.
+        if n >= 8 and from_client is not False and head in v091._HEADERS_OK:
             return Detection.REQUEST
         a = v091.detect(buf, from_client)
         return a if a != Detection.NO else v10.detect(buf, from_client)

@@ -331,6 +331,10 @@ def _op_traceparent(op: _Op) -> Any:
     return op.traceparent
 
 
+#: Session.unconfirmed before a connection's first confirm-mode publish (never written).
+_NONE_UNCONFIRMED: dict[tuple[int, int], Any] = {}
+
+
 class _Op:
     """An operation becoming a span: a message (its content still arriving) or a request."""
 
@@ -391,8 +395,11 @@ class Session(Session):  # type: ignore[no-redef]
         #: Synchronous requests awaiting their -ok, by (channel, number): answered in order on
         #: each channel (a client normally waits for each; one that does not is still paired).
         self.sync: dict[tuple[int, int], _Op] = PendingMap(conn, traceparent=_op_traceparent)
-        #: Confirm-mode publishes awaiting basic.ack/nack, by (channel, sequence number).
-        self.unconfirmed: dict[tuple[int, int], _Op] = PendingMap(conn, traceparent=_op_traceparent)
+        #: Confirm-mode publishes awaiting basic.ack/nack, by (channel, sequence number): made at
+        #: the first (most connections never select confirms), the shared empty dict until then
+        #: (read only: entries are added by _content_done alone). Made after ``sync``, it is
+        #: still the connection's second store.
+        self.unconfirmed: dict[tuple[int, int], _Op] = _NONE_UNCONFIRMED
         #: From start-ok until open-ok, start-ok's time: a refusal is a failed connect (its _Op is
         #: built only then, by _close: most logins succeed).
         self.login: int | None = None
@@ -686,6 +693,8 @@ class Session(Session):  # type: ignore[no-redef]
             if ch.confirm:
                 seq = ch.confirm_next
                 ch.confirm_next += 1
+                if self.unconfirmed is _NONE_UNCONFIRMED:
+                    self.unconfirmed = PendingMap(self.conn, traceparent=_op_traceparent)
                 self.unconfirmed[(channel, seq)] = op
                 return
             self._emit(op, ts_ns)
@@ -739,16 +748,6 @@ class Session(Session):  # type: ignore[no-redef]
                              v: memoryview, q: int, end: int, start: int, ts_ns: int) -> None:
         for c in list(self.channels):
             self._forget_channel(c)
-
-    def _sync_request(self, from_client: bool, channel: int, ch: _Channel, cm: tuple[int, int], v: memoryview,
-                      q: int, end: int, start: int, ts_ns: int) -> None:
-        if from_client:
-            self._request(channel, ch, cm, v, q, end, start)
-
-    def _sync_answer(self, from_client: bool, channel: int, ch: _Channel, cm: tuple[int, int], v: memoryview,
-                     q: int, end: int, start: int, ts_ns: int) -> None:
-        if not from_client:
-            self._answer(channel, ch, cm, v, q, end, ts_ns)
 
     def _no_span(self, from_client: bool, channel: int, ch: _Channel, cm: tuple[int, int], v: memoryview,
                  q: int, end: int, start: int, ts_ns: int) -> None:
@@ -873,9 +872,12 @@ class Session(Session):  # type: ignore[no-redef]
         target = queue if queue and not queue.startswith("amq.gen-") else (exchange or "amq.default")
         return _Op(cm, f"{opname} {target}", self.k_consumer, start, a)
 
-    def _request(self, channel: int, ch: _Channel, cm: tuple[int, int], v: memoryview, q: int, end: int,
-                 start: int) -> None:
-        """A synchronous request: remember it until its -ok (or the close that refuses it)."""
+    def _request(self, from_client: bool, channel: int, ch: _Channel, cm: tuple[int, int], v: memoryview,
+                 q: int, end: int, start: int, ts_ns: int) -> None:
+        """A synchronous request (the client's: the broker's is not one) remembered until its -ok
+        or the close that refuses it."""
+        if not from_client:
+            return
         mname = _METHODS[cm][0]
         a: dict[str, Any] = {"messaging.system": "rabbitmq", "messaging.operation.name": mname}
         target = ""
@@ -931,7 +933,7 @@ class Session(Session):  # type: ignore[no-redef]
             key = (channel, head)
             op = self.sync.get(key)
             if op is not None:
-                self.sync.pop(key)
+                del self.sync[key]  # (PendingMap.pop tests the key first: known here)
                 ch.sync_head = head + 1
                 return op
         op = self._sync_peek(channel, ch)
@@ -945,8 +947,11 @@ class Session(Session):  # type: ignore[no-redef]
             ch.consumers.pop(next(iter(ch.consumers)))
         ch.consumers[tag] = queue
 
-    def _answer(self, channel: int, ch: _Channel, cm: tuple[int, int], v: memoryview, q: int, end: int,
-                ts_ns: int) -> None:
+    def _answer(self, from_client: bool, channel: int, ch: _Channel, cm: tuple[int, int], v: memoryview, q: int,
+                end: int, start: int, ts_ns: int) -> None:
+        """The broker's answer to the request at the head of the channel's (a client's is none)."""
+        if from_client:
+            return
         req = self._sync_pop(channel, ch)
         if req is None:
             self.conn.drop("unpaired_answer")
@@ -1175,7 +1180,7 @@ def _handlers() -> dict[tuple[int, int], Any]:
     s = Session
     h: dict[tuple[int, int], Any] = dict.fromkeys(_METHODS, s._no_span)
     rules: list[tuple[Any, Any]] = [
-        (_ANSWERS, s._sync_answer), (_SYNC, s._sync_request), (((60, 80), (60, 120), (60, 90)), s._settle),
+        (_ANSWERS, s._answer), (_SYNC, s._request), (((60, 80), (60, 120), (60, 90)), s._settle),
         (((10, 51),), s._connection_close_ok), (((20, 41),), s._close_ok), (((10, 50), (20, 40)), s._close),
         (((10, 41),), s._open_ok), (((10, 11),), s._start_ok), (_CONTENT, s._content_method)]
     for methods, fn in rules:
