@@ -428,6 +428,10 @@ class Session(_Session):
         self._startup = True          # the client may still send a startup packet
         self._ssl_wait = False        # SSLRequest/GSSENCRequest sent, 1-byte answer due
         self._stopped = False
+        #: Per direction: nothing but typed messages due (no startup, TLS answer, resync, skip,
+        #: stop): feed_whole's one test. Those states change only in feed and gap, which
+        #: recompute it (``_replain``).
+        self._plain = [False, False]
         self.namespace = ""
         self.user = ""
 
@@ -534,6 +538,12 @@ class Session(_Session):
                     pos = n
         finally:
             buf.consumed(pos, want)
+            self._replain()
+
+    def _replain(self) -> None:
+        live = not self._stopped
+        self._plain = [live and not (self._skip[0] or self._resync[0] or self._startup),
+                       live and not (self._skip[1] or self._resync[1] or self._ssl_wait)]
 
     def feed_whole(self, from_client: bool, data: memoryview, ts_ns: int) -> bool:
         """A segment of whole messages (base.py's contract), read in place without a buffer.
@@ -545,12 +555,11 @@ class Session(_Session):
         one ``feed`` accepts and the last message ends with the segment; anything else
         returns False unchanged. Then each message is read as ``feed`` reads it, bodies
         capped alike, from the segment: a bad body raises what ``feed`` raises for it,
-        after the same messages before it (the stage handles both alike)."""
-        d = 0 if from_client else 1
-        if self._skip[d] or self._resync[d] or self._stopped or (self._startup if from_client else self._ssl_wait):
-            return False
-        if type(data) is not memoryview:  # the eBPF receiver's payloads are bytes
-            data = memoryview(data)
+        after the same messages before it (the stage handles both alike).
+
+        Before that state, the handshake's own whole segments (``_whole_handshake``)."""
+        if not self._plain[0 if from_client else 1]:
+            return self._whole_handshake(from_client, data, ts_ns)
         if _C is not None:
             # One C call frames the segment and reads every body as the loops below do:
             # False is their "not whole", None an unusual body they must read (and raise on).
@@ -568,6 +577,8 @@ class Session(_Session):
                 if evs is not None:
                     self._server_events(evs, ts_ns)
                     return True
+        if type(data) is not memoryview:  # the eBPF receiver's payloads are bytes
+            data = memoryview(data)
         heads = _CLIENT_HEAD if from_client else _SERVER_HEAD
         n = len(data)
         pos = 0
@@ -607,6 +618,55 @@ class Session(_Session):
                 pos += ln + 1
         return True
 
+    def _whole_handshake(self, from_client: bool, data: memoryview, ts_ns: int) -> bool:
+        """feed_whole before the plain state, for the segments a connection opens with: the
+        SSLRequest's ``N`` answer, the startup packet, the server's first segment (read in the
+        resync state, from its start). Each only exactly as ``feed`` would take it from an
+        empty buffer (the whole segment, no drop), so the buffer is skipped four times a
+        connection; anything else returns False unchanged, for ``feed``."""
+        d = 0 if from_client else 1
+        if self._skip[d] or self._stopped:
+            return False
+        n = len(data)
+        if from_client:
+            if not self._startup:
+                if not self._resync[0] or _C is None or _C.boundary(data, True, min(n, RESYNC_WINDOW))[0] != 0:
+                    return False
+                return self._whole_resynced(True, data, ts_ns)
+            if n < 8:
+                return False
+            ln = _I32BE(data, 0)[0]
+            if ln != n or _I32BE(data, 4)[0] >> 16 != PROTOCOL_MAJOR or ln < 8 or ln > MAX_STARTUP_LEN:
+                return False
+            self._startup_fields(data if type(data) is memoryview else memoryview(data), 8, ln)
+            self._startup = False
+            self._resync[0] = False
+        elif self._ssl_wait:
+            if n != 1 or data[0] != 78:  # 'N': plaintext goes on
+                return False
+            self._ssl_wait = False
+        else:
+            if not self._resync[1] or _C is None or _C.boundary(data, False, min(n, RESYNC_WINDOW))[0] != 0:
+                return False
+            return self._whole_resynced(False, data, ts_ns)
+        self._replain()
+        return True
+
+    def _whole_resynced(self, from_client: bool, data: memoryview, ts_ns: int) -> bool:
+        """A segment in the resync state whose start is a boundary (``_find_boundary``'s scan
+        found it at 0: no drop): the resync ends there and the segment is read as the plain
+        state reads it, if it is whole messages the walker reads; else nothing changed."""
+        got = (_C.client if from_client else _C.server)(data)  # type: ignore[union-attr]
+        if got is False or got is None:
+            return False
+        self._resync[0 if from_client else 1] = False
+        self._replain()
+        if from_client:
+            self._client_records(got, ts_ns)
+        else:
+            self._server_events(got, ts_ns)
+        return True
+
     def gap(self, from_client: bool, ts_ns: int) -> None:
         d = 0 if from_client else 1
         self._skip[d] = 0
@@ -614,6 +674,7 @@ class Session(_Session):
         if from_client:
             self._startup = False
         self._ssl_wait = False
+        self._replain()
         self._forget_pending("gap")
 
     def close(self, ts_ns: int, reset: bool = False) -> None:
@@ -717,26 +778,27 @@ class Session(_Session):
             return True
         if n < ln:
             return False
-        self._parse_startup(buf, 8, ln)
+        self._startup_fields(buf.view_at(0, ln), 8, ln)  # bounded: MAX_STARTUP_LEN
         buf.release(ln)
         self._startup = False
         self._resync[0] = False
         return True
 
-    def _parse_startup(self, buf: LargeBuffer, off: int, end: int) -> None:
+    def _startup_fields(self, data: memoryview, off: int, end: int) -> None:
+        """User and database of a startup packet held in one view (its parameters from ``off``)."""
         user = database = ""
         while off < end:
-            k = _cstr_end(buf, off, end)
+            k = _cstr_end_view(data, off, end)
             if k < 0 or k == off + 1:
                 break
-            v = _cstr_end(buf, k, end)
+            v = _cstr_end_view(data, k, end)
             if v < 0:
                 break
-            key = buf.view_at(off, k - off - 1)
+            key = data[off:k - 1]
             if key == b"user":
-                user = _text(buf, k, v - 1)
+                user = _text_view(data, k, v - 1)
             elif key == b"database":
-                database = _text(buf, k, v - 1)
+                database = _text_view(data, k, v - 1)
             off = v
         self.user = user
         self.namespace = database or user  # the server's default database is the user's name
@@ -969,9 +1031,9 @@ class Session(_Session):
         return span
 
 
-def _text(buf: LargeBuffer, off: int, end: int) -> str:
+def _text_view(data: memoryview, off: int, end: int) -> str:
     # Small fields kept on the span: a deliberate, bounded copy.
-    return str(buf.view_at(off, min(end - off, MAX_NAME)), "utf-8", "replace")
+    return str(data[off:off + min(end - off, MAX_NAME)], "utf-8", "replace")
 
 
 def _cstr_end_view(data: memoryview, off: int, end: int) -> int:
