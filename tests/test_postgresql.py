@@ -273,6 +273,31 @@ def test_ssl_refused_carries_on():
     assert len(d.spans) == 1 and not d.drops
 
 
+@pytest.mark.parametrize("walker", [True, False])
+def test_handshake_segments_skip_the_buffer(walker: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Through the stage, the N answer and the startup packet go through feed_whole (the buffer
+    only for the SSLRequest the connection is detected on), the server's first segment too with
+    the walker (its resync scan is C's); the spans are those feed gives, user and database read."""
+    from tests.support.whole import run_both_ways, run_stage
+    if not walker:
+        monkeypatch.setattr(pg, "_C", None)
+    feeds: list[bool] = []
+    feed = pg.Session.feed
+
+    def counted(self, from_client, buf, ts):  # type: ignore[no-untyped-def]
+        feeds.append(from_client)
+        return feed(self, from_client, buf, ts)
+
+    first = AUTH_OK + msg(b"S", cstr("server_version") + cstr("15")) + msg(b"K", b"\0" * 8) + READY
+    segs = [(True, SSL_REQUEST), (False, b"N"), (True, startup("bob", "crm")), (False, first),
+            (True, Q("SELECT 1")), (False, DONE("SELECT 1") + READY)]
+    spans, drops = run_both_ways(pg.Session, 5432, segs)  # the same as the buffer gives
+    assert [(s[0], dict(s[6])["db.namespace"]) for s in spans] == [("SELECT", "crm")] and not drops
+    monkeypatch.setattr(pg.Session, "feed", counted)
+    assert run_stage(5432, segs) == (spans, drops)
+    assert feeds == ([True] if walker and pg._C is not None else [True, False]), feeds
+
+
 def test_ssl_accepted_stops_and_counts():
     d = Driver(pg)
     d.feed(True, SSL_REQUEST)

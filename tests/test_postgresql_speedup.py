@@ -440,10 +440,21 @@ def test_the_common_segments_go_through_c() -> None:
             seen.append(("b", r))
             return r
 
+    feeds: list[bool] = []
+    feed = pg.Session.feed
+
+    def counted_feed(self, from_client, buf, ts):  # type: ignore[no-untyped-def]
+        feeds.append(from_client)
+        return feed(self, from_client, buf, ts)
+
     with pytest.MonkeyPatch.context() as m:
         m.setattr(pg, "_C", _Spy)
+        m.setattr(pg.Session, "feed", counted_feed)
         spans, drops = _stage(_recorded())
     assert len(spans) == 13 and not drops
     assert all(r is not None for _, r in seen), seen
     assert ("b", (0, -1)) in seen, seen  # the server's first segment: a boundary at its start
     assert sum(1 for _, r in seen if r is not False) >= 30, seen
+    # Only the SSLRequest, the segment the connection was detected on, is buffered: the N, the
+    # startup packet and the server's first segment go through feed_whole's handshake path.
+    assert feeds == [True], feeds
