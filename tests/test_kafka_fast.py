@@ -399,6 +399,30 @@ def test_c_agrees_on_random_bodies(key, version, cid, body, scan):
 
 
 @needs_c
+@_fuzz
+@given(key=st.integers(-1, 95), version=st.integers(-1, 19), corr=st.sampled_from([-1, 0, 7]),
+       cid=st.integers(-2, 20), body=st.one_of(st.binary(max_size=40), st.lists(_MOSTLY_ZERO, max_size=40).map(bytes)),
+       scan=_SCANS)
+def test_c_reads_other_requests_headers_as_python_does(key, version, corr, cid, body, scan):
+    """Any API key: C takes the header (key and version known, correlation id, client id,
+    tagged fields) exactly as flat.request_header does, or declines."""
+    head = struct.pack(">ihhih", 10 + len(body), key, version, corr, cid)
+    c_check(head + body, scan)
+
+
+@needs_c
+def test_c_reads_the_headers_of_requests_that_make_no_span():
+    """ApiVersions, Metadata, Heartbeat (flexible and not, with and without a client id) are C's."""
+    from tests.support.kafka_wire import metadata_request
+    for v in (0, 4, 9, 12):
+        assert c_check(metadata_request(v, ["orders"], client_id="admin-1")) == "same"
+        assert c_check(metadata_request(v, None, client_id="caf\u00e9")) == "same"
+    assert c_check(_api_versions(3)[0]) == "same"
+    assert c_check(_heartbeat(4)[0]) == "same"
+    assert flat.parse_request(memoryview(_heartbeat(4)[0]), 0).client_id == "c"
+
+
+@needs_c
 @pytest.mark.parametrize("want_tp", [True, False])
 def test_c_honours_want_tp_as_python_does(monkeypatch, want_tp):
     monkeypatch.setattr(Msg, "want_tp", want_tp)
@@ -409,10 +433,9 @@ def test_c_honours_want_tp_as_python_does(monkeypatch, want_tp):
 
 @needs_c
 def test_c_declines_what_it_does_not_handle():
-    """Other API keys, repeated topics, non-contiguous views, huge scan caps: Python's."""
-    from tests.support.kafka_wire import metadata_request
-
-    assert C.request(memoryview(metadata_request(9, ["orders"])), 0, True) is None
+    """Unknown API keys, repeated topics, non-contiguous views, huge scan caps: Python's."""
+    assert C.request(memoryview(struct.pack(">ihhih", 10, 93, 0, 1, -1)), 0, True) is None
+    assert C.request(memoryview(struct.pack(">ihhih", 10, -1, 0, 1, -1)), 0, True) is None
     dup = fetch_request(4, {"orders": [(0, 1)], "ordert": [(1, 2)]})
     dup = dup.replace(b"ordert", b"orders")
     assert c_check(dup) == "declined"

@@ -8,12 +8,13 @@
  *   cache_sizes()                          -> (topic names, client ids) cached
  * ``request`` parses a complete Produce or Fetch request (header, every topic and
  * partition; for Produce each partition's record count and the first record's
- * ``traceparent`` header) exactly as flat.parse_request does, and returns
+ * ``traceparent`` header), or any other request's header (all a request whose API
+ * makes no span needs), exactly as flat.parse_request does, and returns
  *   (api_key, version, flex, corr, client_id, acks, scan_left, truncated, topics)
  * where topics is a list of FastTopic / FastTopic3 objects holding the same values
  * (and the same representations: a Fetch topic's fixed-stride partitions are the
- * same flat tuple) as flat.py builds. None means "not handled here": any other API
- * key, anything flat.py would raise Malformed for (lengths out of bounds, a bad
+ * same flat tuple) as flat.py builds (none for other APIs). None means "not handled
+ * here": an unknown API key, anything flat.py would raise Malformed for (lengths out of bounds, a bad
  * topic name, a negative partition, a bad varint or tagged field, ...), a varint
  * wider than 64 bits, or a rare layout (the same topic twice). flat.py then runs
  * and decides as it always has, so this file never reproduces an error reason, and
@@ -57,6 +58,9 @@ static PyTypeObject *T_FAST, *T_FAST3;
 /* Offsets of TopicData's object slots in an instance. */
 static ssize OFF_P, OFF_NAME, OFF_RECORDS, OFF_TID, OFF_TP;
 static int PRODUCE_MAX, PRODUCE_FLEX, FETCH_MAX, FETCH_FLEX;
+/* apis.APIS for the other keys: highest version and first flexible version by key (-1: unknown). */
+#define MAX_KEYS 256
+static int API_MAX[MAX_KEYS], API_FLEX[MAX_KEYS];
 static int64_t MAX_HEADERS_SCAN, MAX_TRACEPARENT, MAX_LAYOUT;
 static PyObject *S_RECORDS_UNKNOWN, *S_O, *EMPTY;
 
@@ -994,8 +998,11 @@ static int request_body(Ctx *c, PyObject **result) {
     } else if (key == 1) {
         max_v = FETCH_MAX;
         flex_v = FETCH_FLEX;
+    } else if (key >= 0 && key < MAX_KEYS && API_MAX[key] >= 0) {
+        max_v = API_MAX[key];  /* other APIs: only the header, as flat.request_header reads it */
+        flex_v = API_FLEX[key];
     } else {
-        return BAIL;  /* other APIs: flat.py's header is all they need */
+        return BAIL;
     }
     if (version < 0 || version > max_v || corr < 0 || cid < -1)
         return BAIL;
@@ -1019,7 +1026,7 @@ static int request_body(Ctx *c, PyObject **result) {
         if (topics == NULL)
             r = ERR;
     }
-    if (r == OK)
+    if (r == OK && key <= 1)
         r = key == 0 ? produce_topics(c, pos, version, flex, topics, &acks)
                      : fetch_topics(c, pos, version, flex, topics);
     if (r == OK)
@@ -1093,13 +1100,37 @@ static ssize slot_offset(PyObject *cls, const char *attr) {
 }
 
 /* setup(FastTopic, FastTopic3, (produce max, produce flex, fetch max, fetch flex,
- *        MAX_HEADERS_SCAN, MAX_TRACEPARENT, MAX_LAYOUT_PARTITIONS)) */
+ *        MAX_HEADERS_SCAN, MAX_TRACEPARENT, MAX_LAYOUT_PARTITIONS),
+ *        ((max version, first flexible version) | None by API key, ...)) */
 static PyObject *setup(PyObject *self, PyObject *args) {
     PyObject *fast, *fast3;
     long long hs, mt, ml;
-    if (!PyArg_ParseTuple(args, "O!O!(iiiiLLL)", &PyType_Type, &fast, &PyType_Type, &fast3, &PRODUCE_MAX,
-                          &PRODUCE_FLEX, &FETCH_MAX, &FETCH_FLEX, &hs, &mt, &ml))
+    PyObject *table;
+    if (!PyArg_ParseTuple(args, "O!O!(iiiiLLL)O!", &PyType_Type, &fast, &PyType_Type, &fast3, &PRODUCE_MAX,
+                          &PRODUCE_FLEX, &FETCH_MAX, &FETCH_FLEX, &hs, &mt, &ml, &PyTuple_Type, &table))
         return NULL;
+    ssize nk = PyTuple_GET_SIZE(table);
+    if (nk > MAX_KEYS) {
+        PyErr_SetString(PyExc_ValueError, "API table longer than MAX_KEYS");
+        return NULL;
+    }
+    for (int k = 0; k < MAX_KEYS; k++) {
+        API_MAX[k] = API_FLEX[k] = -1;
+        if (k >= nk)
+            continue;
+        PyObject *e = PyTuple_GET_ITEM(table, k);
+        if (e == Py_None)
+            continue;
+        int mx, fl;
+        if (!PyArg_ParseTuple(e, "ii", &mx, &fl))
+            return NULL;
+        if (mx < 0 || fl < 0) {
+            PyErr_SetString(PyExc_ValueError, "API table: negative version");
+            return NULL;
+        }
+        API_MAX[k] = mx;
+        API_FLEX[k] = fl;
+    }
     if (T_FAST != NULL && ((PyObject *)T_FAST != fast || (PyObject *)T_FAST3 != fast3)) {
         PyErr_SetString(PyExc_RuntimeError, "_flat.setup() was already called with other classes");
         return NULL;
@@ -1143,7 +1174,7 @@ static PyObject *cache_sizes(PyObject *self, PyObject *unused) {
 static PyMethodDef methods[] = {
     {"request", (PyCFunction)(void (*)(void))request, METH_FASTCALL,
      "request(view, scan_bytes, want_tp) -> (api_key, version, flex, corr, client_id, acks, scan_left, "
-     "truncated, topics) for a valid Produce/Fetch request, else None."},
+     "truncated, topics) for a valid request (topics for Produce/Fetch only), else None."},
     {"metadata", (PyCFunction)(void (*)(void))metadata, METH_FASTCALL,
      "metadata(view, version, flex, header_tags) -> the (topic id, name) pairs of a complete Metadata "
      "response, as flat.metadata_response_py gives them, else None."},

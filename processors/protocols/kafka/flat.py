@@ -16,9 +16,10 @@ record is walked only when a ``traceparent`` key's bytes occur in it, and valida
 topic names / client ids are cached (bounded). tests/test_kafka_fast.py holds each
 shortcut to the walkers' result; ``python -m bench kafka`` measures it.
 
-Produce and Fetch requests go first to the optional C accelerator (_flat.c), which
-does this module's request walk step for step and returns None for anything it does
-not take (any input this walk rejects, a repeated topic, other API keys); then
+Requests go first to the optional C accelerator (_flat.c), which does this module's
+request walk step for step (for APIs other than Produce and Fetch, the header) and
+returns None for anything it does not take (any input this walk rejects, a repeated
+topic, an unknown API key); then
 ``parse_request_py`` -- the reference -- runs. The tests hold the two to identical
 results; ``WIRESPAN_PURE_PYTHON=1`` turns C off.
 """
@@ -907,8 +908,9 @@ def parse_response(mv: memoryview, m: Msg, req: Msg) -> None:
 def parse_request(mv: memoryview, scan_bytes: int) -> Msg:
     """Header and, for Produce/Fetch, every topic and partition of a complete request view.
 
-    A valid Produce or Fetch request goes through the C accelerator (_flat.c) when it is
-    built; it hands back anything else (None) and this module's walk decides.
+    A valid request goes through the C accelerator (_flat.c) when it is built (for an API
+    that makes no span, only its header, read there too); it hands back anything else
+    (None) and this module's walk decides.
     """
     if _c_request is not None:
         r = _c_request(mv, scan_bytes, True)  # Msg.want_tp: always True today
@@ -950,7 +952,8 @@ def parse_request_py(mv: memoryview, scan_bytes: int) -> Msg:
 #: What _flat.setup needs: the topic classes it instantiates and the limits it shares with
 #: this module (one source for each).
 C_SETUP = (FastTopic, FastTopic3, (APIS[apis.PRODUCE][1], APIS[apis.PRODUCE][2], APIS[apis.FETCH][1],
-                                   APIS[apis.FETCH][2], MAX_HEADERS_SCAN, MAX_TRACEPARENT, MAX_LAYOUT_PARTITIONS))
+                                   APIS[apis.FETCH][2], MAX_HEADERS_SCAN, MAX_TRACEPARENT, MAX_LAYOUT_PARTITIONS),
+           tuple((APIS[k][1], APIS[k][2]) if k in APIS else None for k in range(max(APIS) + 1)))
 #: processors/protocols/kafka/_flat.c (None: not built, or WIRESPAN_PURE_PYTHON=1).
 _C = speedups.load("processors.protocols.kafka._flat")
 _c_request = None
