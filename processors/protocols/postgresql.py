@@ -406,6 +406,9 @@ class _Op:
 
 
 _Q, _P, _B, _E, _D, _CLOSE, _S, _F = (ord(c) for c in "QPBEDCSF")
+_CLIENT = SpanKind.CLIENT
+_UNSET = StatusCode.UNSET
+_ERROR = StatusCode.ERROR
 
 
 class Session(_Session):
@@ -914,7 +917,7 @@ class Session(_Session):
     def _server_events(self, evs: tuple, ts: int) -> None:
         """What feed_whole's server loop does, from _pgwire.server's events: a run of DataRows
         counted at once (nothing between them can change the head), ErrorResponse fields as
-        the walker read them, every other message through ``_server_msg``."""
+        the walker read them, the common pairings inline and the rest through ``_server_msg``."""
         pend = self._pending
         it = iter(evs)
         for t in it:
@@ -927,19 +930,31 @@ class Session(_Session):
             elif not pend:  # nothing awaits an answer: _server_msg would do nothing
                 continue
             else:  # _server_msg's common cases written out (a call per message costs as much)
-                hk = pend[0].kind
-                if t == 90:  # ReadyForQuery
+                head = pend[0]
+                hk = head.kind
+                if t == 67:  # CommandComplete
+                    if hk == _E:
+                        self._span(pend.popleft(), ts)
+                    elif hk == _Q:
+                        head.begun = True
+                elif t == 90:  # ReadyForQuery
                     if hk == _Q:
                         self._span(pend.popleft(), ts)
                     elif hk == _S:
                         pend.popleft()
                     else:
                         self._server_msg(t, ts)
-                elif t == 49 or t == 50:  # ParseComplete, BindComplete
-                    if hk == (_P if t == 49 else _B):
+                elif t == 49:  # ParseComplete
+                    if hk == _P:
                         pend.popleft()
-                elif t == 67 and hk == _E:  # CommandComplete of an Execute
-                    self._span(pend.popleft(), ts)
+                elif t == 50:  # BindComplete
+                    if hk == _B:
+                        pend.popleft()
+                elif t == 84 or t == 110:  # RowDescription, NoData
+                    if hk == _D:
+                        pend.popleft()
+                    elif hk == _Q or hk == _E:
+                        head.begun = True
                 else:
                     self._server_msg(t, ts)
 
@@ -1015,17 +1030,17 @@ class Session(_Session):
         attrs = base[1].copy()
         if op.rows:
             attrs["db.response.returned_rows"] = op.rows
-        status = StatusCode.UNSET
+        status = _UNSET
         if op.err_code:
             attrs["db.response.status_code"] = op.err_code
             attrs["error.type"] = op.err_code
-            status = StatusCode.ERROR
+            status = _ERROR
         msg = op.err_msg
         if msg and self._sanitize_errors:
             msg = _sanitized(msg)
         conn = self.conn
-        span = conn.span(name, conn.kind_for(SpanKind.CLIENT), op.start, end_ts, attrs, status_code=status,
-                         status_message=msg)
+        # Positional (traceparent None): keywords cost a third of the call.
+        span = conn.span(name, conn.kind_for(_CLIENT), op.start, end_ts, attrs, None, status, msg)
         if emit:
             conn.emit(span)
         return span
