@@ -13,6 +13,11 @@ Three shortcuts, each held to its reference:
   by a first connection (memo filling) and a second one (memo answering); the memo stays
   within its byte bound.
 - ``grpc.MessageCounter.one`` (one whole message counted from a view) against ``feed``.
+- The C frame check (processors/protocols/_h2frames.c ``scan``) against ``_scan_whole``:
+  generated frame sequences of every type, flag and shape, damaged (truncated, bytes
+  flipped, random bytes appended), read from bytes, from a view of a longer buffer and from
+  a view ending at a PROT_NONE page give the same answer (these skip where it is not built;
+  the module is imported directly, so they run under WIRESPAN_PURE_PYTHON=1 too).
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from service.largebuf import LargeBuffer
 from service.model import TcpEvent
 from tests.support.h2drive import PREFACE, frame, grpc_msg
 from tests.support.h2drive import settings as settings_frame
+from tests.support.speedup import Guarded
 from tests.support.whole import cut, mutate, run_both_ways
 
 EXAMPLES = int(os.environ.get("WIRESPAN_FUZZ_EXAMPLES", "150"))
@@ -281,3 +287,62 @@ def test_counter_one_agrees_with_feed(payload: bytes, state: int, whole: bool) -
     assert (a.messages, a.partial, a.broken) == (b.messages, b.partial, b.broken)
     if whole and state == 0:
         assert took
+
+
+# -- the C frame check against _scan_whole ----------------------------------------------------
+def _load_c() -> object | None:
+    try:
+        import importlib
+
+        return importlib.import_module("processors.protocols._h2frames")
+    except ImportError:
+        return None
+
+
+C = _load_c()
+_GUARD = Guarded(40)  # 160 KiB: eight frames of 16 KiB and more
+_frame_st = st.tuples(st.integers(0, 11), st.integers(0, 255), st.sampled_from([0, 1, 3, 0x80000001, 0x7FFFFFFF]),
+                      st.one_of(st.sampled_from([0, 4, 5, 8, 6, 12, 16384, 16385]), st.integers(0, 40)))
+
+
+def _frames_bytes(frames: list[tuple[int, int, int, int]]) -> bytes:
+    out = b""
+    for ftype, flags, sid, length in frames:
+        out += bytes([length >> 16, (length >> 8) & 0xFF, length & 0xFF, ftype, flags]) + sid.to_bytes(4, "big")
+        out += bytes(i & 0xFF for i in range(length))
+    return out
+
+
+@pytest.mark.skipif(C is None, reason="processors.protocols._h2frames is not built here")
+@settings(max_examples=EXAMPLES * 4, deadline=None, suppress_health_check=list(HealthCheck))
+@given(st.lists(_frame_st, max_size=8), st.integers(0, 64), st.integers(0, 255), st.integers(0, 10_000),
+       st.binary(max_size=12), st.sampled_from([0, 4096, 16384]))
+def test_c_scan_matches_scan_whole(frames: list, cut_at: int, byte: int, flip: int, extra: bytes,
+                                   max_block: int) -> None:
+    whole = _frames_bytes(frames)
+    cases = [whole, whole[:max(0, len(whole) - cut_at)], whole + extra]
+    if whole:
+        b = bytearray(whole)
+        b[flip % len(b)] = byte
+        cases.append(bytes(b))
+    for data in cases:
+        want = http2._scan_whole(memoryview(data), max_block)
+        assert C.scan(data, max_block) == want  # type: ignore[attr-defined]
+        assert C.scan(memoryview(data + b"\0" * 9)[:len(data)], max_block) == want  # type: ignore[attr-defined]
+        assert C.scan(_GUARD.view(data), max_block) == want  # type: ignore[attr-defined]
+
+
+@pytest.mark.skipif(C is None, reason="processors.protocols._h2frames is not built here")
+def test_c_scan_examples() -> None:
+    wu = frame(http2.WINDOW_UPDATE, 0, 0, b"\0\0\0\1")
+    hd = frame(http2.HEADERS, 0x5, 1, b"\x82")
+    data = (wu + hd + frame(http2.PING, 0, 0, b"x" * 8) + frame(http2.DATA, 1, 1, b"")
+            + frame(http2.PRIORITY, 0, 3, b"y" * 5))
+    want = [(http2.HEADERS, 5, 1, 22, 1), (http2.DATA, 1, 1, 49, 0)]
+    for scan in (C.scan, http2._scan_whole):  # type: ignore[attr-defined]
+        assert scan(memoryview(data), 65536) == want
+        assert scan(memoryview(data[:-1]), 65536) is None  # the last frame not whole
+        assert scan(memoryview(data), 0) is None  # HEADERS past max_block
+        assert scan(memoryview(b""), 65536) == []
+    with pytest.raises(TypeError):
+        C.scan(data)  # type: ignore[attr-defined]

@@ -35,6 +35,7 @@ this session on the same ``Conn`` and buffers) and
 
 from __future__ import annotations
 
+import importlib
 import itertools
 import re
 import struct
@@ -45,6 +46,7 @@ from hpack import huffman_table as _hufft
 from hpack.table import HeaderTable
 from pydantic import Field
 
+from service import speedups as _speedups
 from service.largebuf import LargeBuffer
 from service.model import AttrValue, SpanKind, StatusCode
 
@@ -54,6 +56,15 @@ from .base import Session as _BaseSession
 from .enrich import feed as _sink_feed
 from .errors import LimitExceeded, Malformed, ProtocolError
 from .sanitize import redact_query
+
+
+def _optional(name: str) -> Any:
+    """An accelerator not (yet) in service/speedups.py's table: used when built, never required."""
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        return None
+
 
 __all__ = ["NAME", "DEFAULT_PORTS", "Settings", "detect", "Session", "H2Session", "PREFACE"]
 
@@ -110,6 +121,54 @@ _SHAPES: dict[int, tuple[int, int]] = {
     SETTINGS: (-1, _ZERO), PUSH_PROMISE: (-1, _NONZERO), PING: (8, _ZERO), GOAWAY: (-1, _ZERO),
     WINDOW_UPDATE: (4, _ANY), CONTINUATION: (-1, _NONZERO),
 }
+
+
+def _scan_whole(v: memoryview, max_block: int) -> list[tuple[int, int, int, int, int]] | None:
+    """feed_whole's check of a segment: None unless every frame is whole, of the kinds it
+    reads, within the initial frame size and well-formed (a bad one is feed's, which raises
+    at it after the frames before it); else the frames with effects, in order, as (type,
+    flags, stream id, payload offset, length). _h2frames.c's ``scan`` is this in C."""
+    todo: list[tuple[int, int, int, int, int]] = []
+    unpack = _FRAME_HDR.unpack_from
+    n = len(v)
+    pos = 0
+    while pos < n:
+        if n - pos < _FRAME_HDR_LEN:
+            return None
+        hi, lo, ftype, flags, sid = unpack(v, pos)
+        length = (hi << 8) | lo
+        sid &= 0x7FFFFFFF
+        body = pos + _FRAME_HDR_LEN
+        pos = body + length
+        if ftype == WINDOW_UPDATE:  # nothing a span needs
+            if length != 4:
+                return None
+        elif ftype == DATA:
+            if flags & F_PADDED or not sid or length > DEFAULT_MAX_FRAME_SIZE:
+                return None
+            if length or flags & F_END_STREAM:
+                todo.append((ftype, flags, sid, body, length))
+        elif ftype == PING:
+            if length != 8 or sid:
+                return None
+        elif ftype == HEADERS:
+            if not flags & F_END_HEADERS or not sid or length > max_block or length > DEFAULT_MAX_FRAME_SIZE:
+                return None
+            todo.append((ftype, flags, sid, body, length))
+        elif ftype in (SETTINGS, RST_STREAM, GOAWAY, PRIORITY):
+            if (length > DEFAULT_MAX_FRAME_SIZE or _bad_shape(_SHAPES[ftype], length, sid)
+                    or (ftype == GOAWAY and length < 8)):
+                return None
+            if ftype != PRIORITY:
+                todo.append((ftype, flags, sid, body, length))
+        else:  # PUSH_PROMISE, CONTINUATION, unknown types
+            return None
+    return todo if pos == n else None
+
+
+#: The C twin of _scan_whole (optional: None when not built or WIRESPAN_PURE_PYTHON=1).
+_C = None if _speedups.PURE else _optional("processors.protocols._h2frames")
+_scan = _C.scan if _C is not None else _scan_whole
 
 
 def _bad_shape(shape: tuple[int, int], length: int, sid: int) -> bool:
@@ -736,44 +795,8 @@ class H2Session(_BaseSession):
                 v = v[len(PREFACE):]  # as feed releases it: offsets as feed's
             elif d.hpack is None and not self.preface_seen:
                 return False
-        n = v.nbytes
-        # Every frame whole, of the kinds read here and well-formed (a bad one is feed's, which
-        # raises at it after the frames before it, as feed does); kept: the frames with effects.
-        todo: list[tuple[int, int, int, int, int]] = []
-        unpack = _FRAME_HDR.unpack_from
-        pos = 0
-        while pos < n:
-            if n - pos < _FRAME_HDR_LEN:
-                return False
-            hi, lo, ftype, flags, sid = unpack(v, pos)
-            length = (hi << 8) | lo
-            sid &= 0x7FFFFFFF
-            body = pos + _FRAME_HDR_LEN
-            pos = body + length
-            if ftype == WINDOW_UPDATE:  # nothing a span needs
-                if length != 4:
-                    return False
-            elif ftype == DATA:
-                if flags & F_PADDED or not sid or length > DEFAULT_MAX_FRAME_SIZE:
-                    return False
-                if length or flags & F_END_STREAM:
-                    todo.append((ftype, flags, sid, body, length))
-            elif ftype == PING:
-                if length != 8 or sid:
-                    return False
-            elif ftype == HEADERS:
-                if not flags & F_END_HEADERS or not sid or length > self.max_block or length > DEFAULT_MAX_FRAME_SIZE:
-                    return False
-                todo.append((ftype, flags, sid, body, length))
-            elif ftype in (SETTINGS, RST_STREAM, GOAWAY, PRIORITY):
-                if (length > DEFAULT_MAX_FRAME_SIZE or _bad_shape(_SHAPES[ftype], length, sid)
-                        or (ftype == GOAWAY and length < 8)):
-                    return False
-                if ftype != PRIORITY:
-                    todo.append((ftype, flags, sid, body, length))
-            else:  # PUSH_PROMISE, CONTINUATION, unknown types
-                return False
-        if pos != n:
+        todo = _scan(v, self.max_block)
+        if todo is None:
             return False
         if start:
             self._begin(from_client, d, from_client)
