@@ -132,7 +132,12 @@ def _grpc_conversation(calls: int, seed: int) -> list[tuple[bool, bytes]]:
                          ("grpc-timeout", f"{rng.randint(1, 99)}m")])
         msgs = [grpc_msg(bytes(rng.randrange(256) for _ in range(rng.randint(0, 40))))
                 for _ in range(rng.randint(1, 3))]
-        client = _hdr(sid, req) + b"".join(frame(http2.DATA, 0, sid, m) for m in msgs[:-1])
+        if i == 5:  # with a priority (feed_whole's _headers path) and a PRIORITY frame before it
+            head = frame(http2.PRIORITY, 0, sid, b"\0\0\0\0\x10") + frame(http2.HEADERS, 0x24, sid,
+                                                                         b"\0\0\0\0\x10" + req)
+        else:
+            head = _hdr(sid, req)
+        client = head + b"".join(frame(http2.DATA, 0, sid, m) for m in msgs[:-1])
         if i == 2:  # padded: feed's path
             last = frame(http2.DATA, 0x9, sid, b"\x03" + msgs[-1] + b"\0\0\0")
         else:
@@ -161,6 +166,18 @@ def test_conversations_same_spans_with_and_without_feed_whole(how: str) -> None:
     for seed in range(4):
         spans, drops = run_both_ways(http2.H2Session, PORT, cut(_grpc_conversation(8, seed), how, rng))
         assert len(spans) == 8 and not drops, (how, seed, drops)  # the reset call is a span too
+
+
+def test_a_bad_frame_in_a_whole_segment_is_feeds_error() -> None:
+    """A bad shape after good frames: declined, feed takes the frames before it, then raises."""
+    segs = _grpc_conversation(3, 0)
+    good = _hdr(9, hpack.Encoder().encode([(":method", "GET"), (":path", "/x"), (":scheme", "http")]), True)
+    for bad in (frame(http2.WINDOW_UPDATE, 0, 0, b"\0\0\1"), frame(http2.PING, 0, 1, b"x" * 8),
+                frame(http2.RST_STREAM, 0, 0, b"\0" * 4), frame(http2.GOAWAY, 0, 0, b"\0" * 4),
+                frame(http2.DATA, 0, 0, b"d"), frame(http2.SETTINGS, 0, 0, b"\0" * 5)):
+        _spans, drops = run_both_ways(http2.H2Session, PORT, [*segs[:5], (True, good + bad), *segs[5:]])
+        assert drops.get("http2:bad_frame_shape", 0) + drops.get("http2:data_on_stream_0", 0) == 1, (bad, drops)
+        assert drops.get("http2:goaway_unprocessed") == 1  # stream 9, taken before the bad frame
 
 
 @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
