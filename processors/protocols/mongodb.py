@@ -470,12 +470,6 @@ def _reply_fields(m: _Msg, f: dict[str, Any]) -> None:
         m.error = (f.get("code"), f.get("codeName") or "", f.get("errmsg") or f.get("$err") or "")
 
 
-#: A fresh session's directions: nothing half read or being skipped. Shared, so never written:
-#: a session makes its own before its first write, and one read by ``feed_whole`` alone (the
-#: short connection's whole messages) makes none.
-_IDLE_DIRS = (_Dir(), _Dir())
-
-
 class Session(Session):  # type: ignore[no-redef]
     protocol: ClassVar[str] = NAME
 
@@ -483,23 +477,13 @@ class Session(Session):  # type: ignore[no-redef]
         self.conn = conn  # Session.__init__, without the call (one a connection)
         settings = conn.settings
         self.settings: Settings = settings if isinstance(settings, Settings) else Settings()
-        self.dirs = _IDLE_DIRS  # server, client: made at the first write (_own_dirs)
+        self.dirs = (_Dir(), _Dir())  # server, client
         self.pending: dict[int, _Msg] = PendingMap(conn)
         #: requestIDs of moreToCome replies: their follow-ups are expected (made at the first)
         self.exhaust: set[int] | None = None
 
-    def _own_dirs(self) -> tuple[_Dir, _Dir]:
-        """This session's directions, made the first time one is written."""
-        dirs = self.dirs
-        if dirs is _IDLE_DIRS:
-            dirs = self.dirs = (_Dir(), _Dir())
-        return dirs
-
     def feed(self, from_client: bool, buf: LargeBuffer, ts_ns: int) -> None:
-        dirs = self.dirs
-        if dirs is _IDLE_DIRS:
-            dirs = self._own_dirs()
-        d = dirs[from_client]
+        d = self.dirs[from_client]
         while True:
             if d.skip:
                 take = min(d.skip, len(buf))
@@ -546,25 +530,16 @@ class Session(Session):  # type: ignore[no-redef]
         length, req_id, resp_to, op = _HDR_AT(data, 0)
         if op != OP_MSG or not 16 < length <= MAX_MESSAGE:
             return False
-        if length == n:  # the usual segment: one message, read as _msg_in_view reads it
+        if length == n:  # the usual segment: one message
             m = _Msg(req_id, resp_to, OP_MSG, ts_ns)
             try:
-                r = _C_OP_MSG(data, 0, n, resp_to != 0) if _C_OP_MSG is not None else None
-                if r is None:
-                    r = _op_msg(data, 0, n, resp_to != 0)
+                self._msg_in_view(m, data, 0, length)
             except BaseException:
                 # what the loop below leaves when a read fails: the direction holds the message
-                d = self._own_dirs()[from_client]
                 d.msg = m
                 d.remaining = length
                 raise
-            m.flags, f = r
-            if resp_to:
-                _reply_fields(m, f)
-                self._reply_done(m, ts_ns)
-            else:
-                _command_fields(m, f)
-                self._request_done(m, ts_ns)
+            self._done(from_client, m, ts_ns)
             return True
         else:
             msgs = []
@@ -579,7 +554,6 @@ class Session(Session):  # type: ignore[no-redef]
                 off += length
             if off != n:
                 return False
-        d = self._own_dirs()[from_client]
         for off, length, req_id, resp_to in msgs:
             m = _Msg(req_id, resp_to, OP_MSG, ts_ns)
             d.msg = m
@@ -734,23 +708,17 @@ class Session(Session):  # type: ignore[no-redef]
 
     # -- pairing and spans ------------------------------------------------
     def _done(self, from_client: bool, m: _Msg, ts_ns: int) -> None:
-        if m.resp_to:
-            self._reply_done(m, ts_ns)
-        else:
-            self._request_done(m, ts_ns)
-
-    def _request_done(self, m: _Msg, ts_ns: int) -> None:
         pending = self.pending
-        if len(pending) >= MAX_PENDING:
-            pending.pop(next(iter(pending)))
-            self.conn.drop("too_many_pending")
-        if m.flags & FLAG_MORE_TO_COME and m.op == OP_MSG:
-            self._span(m, None, ts_ns)  # no reply will come (unacknowledged write)
-        else:
-            pending[m.req_id] = m
-
-    def _reply_done(self, m: _Msg, ts_ns: int) -> None:
-        req = self.pending.pop(m.resp_to, None)
+        if not m.resp_to:
+            if len(pending) >= MAX_PENDING:
+                pending.pop(next(iter(pending)))
+                self.conn.drop("too_many_pending")
+            if m.flags & FLAG_MORE_TO_COME and m.op == OP_MSG:
+                self._span(m, None, ts_ns)  # no reply will come (unacknowledged write)
+            else:
+                pending[m.req_id] = m
+            return
+        req = pending.pop(m.resp_to, None)
         exhaust = self.exhaust
         if m.flags & FLAG_MORE_TO_COME:  # the server will send the next batch unasked
             if exhaust is None:
@@ -796,7 +764,7 @@ class Session(Session):  # type: ignore[no-redef]
             conn.emit(span)
 
     def gap(self, from_client: bool, ts_ns: int) -> None:
-        d = self._own_dirs()[from_client]
+        d = self.dirs[from_client]
         d.msg = None
         d.skip = d.remaining = 0
         if not from_client and self.pending:
