@@ -263,6 +263,27 @@ def test_buffers_and_arguments() -> None:
         C.client(memoryview(seg * 2)[::2])
 
 
+def test_op_is_the_python_op() -> None:
+    """_pgwire.Op, what the session makes its ops with when the walker is in, reads and writes
+    like _Op: the same attributes, the same defaults, nothing else settable."""
+    info = pg.analyze("SELECT 1")
+    fields = ("kind", "info", "start", "rows", "err_code", "err_msg", "begun")
+    c, py = C.Op(81, info, 7), pg._Op(81, info, 7)
+    assert [getattr(c, f) for f in fields] == [getattr(py, f) for f in fields] == [81, info, 7, 0, "", "", False]
+    for o in (c, py):
+        o.rows += 3
+        o.err_code, o.err_msg, o.begun = "42P01", "no", True
+        with pytest.raises(AttributeError):
+            o.other = 1  # type: ignore[union-attr]
+    assert [getattr(c, f) for f in fields] == [getattr(py, f) for f in fields]
+    assert C.Op(83, None, 1).info is None
+    with pytest.raises(TypeError):
+        C.Op(81, info)
+    with pytest.raises(TypeError):
+        C.Op(81, info, 7, kind=1)
+    assert pg._new_op is (C.Op if pg._C is not None else pg._Op)
+
+
 # -- detect and resync's chain ------------------------------------------------------------------
 @st.composite
 def wellformed(draw: st.DrawFn) -> bytes:

@@ -3,6 +3,8 @@
  * Contract (postgresql.py stays the reference and the fallback):
  *   limits(max_query_bytes, max_name, max_error_head) -> None
  *       the caps postgresql.py reads bodies with (called once at import).
+ *   Op(kind, info, start)
+ *       postgresql._Op's twin (its attributes, their defaults), the session's ops when loaded.
  *   client(data) -> tuple | False | None
  *   server(data) -> tuple | False | None
  * ``data`` is one segment (any buffer). False: the segment is not whole messages of
@@ -37,6 +39,7 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <structmember.h>
 #include <string.h>
 
 /* PQ_LARGE_MESSAGE_LIMIT, as postgresql.MAX_MESSAGE_LEN. */
@@ -581,6 +584,92 @@ static PyObject *limits(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* -- Op: postgresql._Op, a request waiting for its response ---------------------------------
+ * The same seven attributes, read and written alike (kind, info, start as given; rows 0,
+ * err_code and err_msg "", begun False), made by one C call: the Python class's __init__ is a
+ * frame a message, as much as the rest of a Sync's handling. It holds only what it is given
+ * (a statement's analysis, ints, strs), never a container of itself: no GC tracking. */
+typedef struct {
+    PyObject_HEAD
+    PyObject *kind, *info, *start, *rows, *err_code, *err_msg, *begun;
+} OpObject;
+
+static PyObject *ZERO, *EMPTY_STR;
+
+static PyObject *op_make(PyTypeObject *type, PyObject *kind, PyObject *info, PyObject *start) {
+    OpObject *o = PyObject_New(OpObject, type);
+    if (o == NULL)
+        return NULL;
+    Py_INCREF(kind);
+    o->kind = kind;
+    Py_INCREF(info);
+    o->info = info;
+    Py_INCREF(start);
+    o->start = start;
+    Py_INCREF(ZERO);
+    o->rows = ZERO;
+    Py_INCREF(EMPTY_STR);
+    o->err_code = EMPTY_STR;
+    Py_INCREF(EMPTY_STR);
+    o->err_msg = EMPTY_STR;
+    Py_INCREF(Py_False);
+    o->begun = Py_False;
+    return (PyObject *)o;
+}
+
+static PyObject *op_vectorcall(PyObject *type, PyObject *const *args, size_t nargsf, PyObject *kwnames) {
+    if (PyVectorcall_NARGS(nargsf) != 3 || (kwnames != NULL && PyTuple_GET_SIZE(kwnames))) {
+        PyErr_SetString(PyExc_TypeError, "Op(kind, info, start)");
+        return NULL;
+    }
+    return op_make((PyTypeObject *)type, args[0], args[1], args[2]);
+}
+
+static PyObject *op_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
+    PyObject *kind, *info, *start;
+    if ((kwds != NULL && PyDict_GET_SIZE(kwds)) || !PyArg_UnpackTuple(args, "Op", 3, 3, &kind, &info, &start)) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_TypeError, "Op(kind, info, start)");
+        return NULL;
+    }
+    return op_make(type, kind, info, start);
+}
+
+static void op_dealloc(OpObject *o) {
+    Py_XDECREF(o->kind);
+    Py_XDECREF(o->info);
+    Py_XDECREF(o->start);
+    Py_XDECREF(o->rows);
+    Py_XDECREF(o->err_code);
+    Py_XDECREF(o->err_msg);
+    Py_XDECREF(o->begun);
+    Py_TYPE(o)->tp_free((PyObject *)o);
+}
+
+/* T_OBJECT_EX: deleting one leaves it unset (AttributeError on reading), as a slot does. */
+static PyMemberDef op_members[] = {
+    {"kind", T_OBJECT_EX, offsetof(OpObject, kind), 0, NULL},
+    {"info", T_OBJECT_EX, offsetof(OpObject, info), 0, NULL},
+    {"start", T_OBJECT_EX, offsetof(OpObject, start), 0, NULL},
+    {"rows", T_OBJECT_EX, offsetof(OpObject, rows), 0, NULL},
+    {"err_code", T_OBJECT_EX, offsetof(OpObject, err_code), 0, NULL},
+    {"err_msg", T_OBJECT_EX, offsetof(OpObject, err_msg), 0, NULL},
+    {"begun", T_OBJECT_EX, offsetof(OpObject, begun), 0, NULL},
+    {NULL, 0, 0, 0, NULL},
+};
+
+static PyTypeObject OpType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "processors.protocols._pgwire.Op",
+    .tp_basicsize = sizeof(OpObject),
+    .tp_dealloc = (destructor)op_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Op(kind, info, start): postgresql._Op in C (see there).",
+    .tp_members = op_members,
+    .tp_new = op_new,
+    .tp_vectorcall = op_vectorcall,
+};
+
 static PyMethodDef methods[] = {
     {"client", (PyCFunction)(void (*)(void))client, METH_FASTCALL,
      "client(data[, partial]): a client segment's records (see the header), False or None."},
@@ -603,7 +692,20 @@ PyMODINIT_FUNC PyInit__pgwire(void) {
     REC_S = Py_BuildValue("(i)", 'S');
     REC_F = Py_BuildValue("(i)", 'F');
     EMPTY = PyBytes_FromStringAndSize(NULL, 0);
-    if (REC_D == NULL || REC_S == NULL || REC_F == NULL || EMPTY == NULL)
+    ZERO = PyLong_FromLong(0);
+    EMPTY_STR = PyUnicode_FromString("");
+    if (REC_D == NULL || REC_S == NULL || REC_F == NULL || EMPTY == NULL || ZERO == NULL || EMPTY_STR == NULL)
         return NULL;
-    return PyModule_Create(&module);
+    if (PyType_Ready(&OpType) < 0)
+        return NULL;
+    PyObject *m = PyModule_Create(&module);
+    if (m == NULL)
+        return NULL;
+    Py_INCREF(&OpType);
+    if (PyModule_AddObject(m, "Op", (PyObject *)&OpType) < 0) {
+        Py_DECREF(&OpType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
 }

@@ -405,6 +405,11 @@ class _Op:
         self.begun = False  #: its answer began (RowDescription, a CommandComplete of several)
 
 
+#: What makes an op: _pgwire.Op, _Op's C twin (the same attributes, read and written alike),
+#: made in one C call; _Op itself without the walker. An op a message, and _Op's __init__ is a
+#: Python frame each time.
+_new_op = _C.Op if _C is not None else _Op
+
 _Q, _P, _B, _E, _D, _CLOSE, _S, _F = (ord(c) for c in "QPBEDCSF")
 _CLIENT = SpanKind.CLIENT
 _UNSET = StatusCode.UNSET
@@ -825,7 +830,7 @@ class Session(_Session):
         buffer's (feed). Names are copied (cache keys), the query decoded once (sql.py)."""
         if t == _Q:
             z = _cstr_end_view(data, off, end)
-            op = _Op(_Q, _info(decode_query(data[off:(z - 1) if z > 0 else end]), self._sanitize), ts)
+            op = _new_op(_Q, _info(decode_query(data[off:(z - 1) if z > 0 else end]), self._sanitize), ts)
         elif t == _P:
             p = _cstr_end_view(data, off, end)
             if p < 0:
@@ -834,7 +839,7 @@ class Session(_Session):
             z = _cstr_end_view(data, p, end)
             info = _info(decode_query(data[p:(z - 1) if z > 0 else end]), self._sanitize)
             self._prepared(name, info, ts)
-            op = _Op(_P, info, ts)
+            op = _new_op(_P, info, ts)
         elif t == _B:
             p = _cstr_end_view(data, off, end)
             if p < 0:
@@ -849,15 +854,15 @@ class Session(_Session):
             info = self._portals.get(data[off:p - 1 if p > 0 else end].tobytes())
             start = self._batch_start or ts
             self._batch_start = 0
-            op = _Op(_E, info, start)
+            op = _new_op(_E, info, start)
         elif t == _CLOSE:
             kind = data[off] if end > off else 0
             p = _cstr_end_view(data, off + 1, end)
             if p > 0:
                 (self._stmts if kind == 83 else self._portals).pop(data[off + 1:p - 1].tobytes(), None)
-            op = _Op(_CLOSE, None, ts)
+            op = _new_op(_CLOSE, None, ts)
         elif t == _S or t == _F or t == _D:
-            op = _Op(t, None, ts)
+            op = _new_op(t, None, ts)
         else:
             return  # H (Flush), X (Terminate: no span), d/c/f (COPY data), p (auth): nothing to pair
         pend = self._pending
@@ -876,7 +881,7 @@ class Session(_Session):
             pt.popitem(last=False)
         if not self._batch_start:
             self._batch_start = ts
-        return _Op(_B, info, ts)
+        return _new_op(_B, info, ts)
 
     def _client_records(self, recs: tuple, ts: int) -> None:
         """What ``_client_view`` does for each message of a segment, from _pgwire.client's records
@@ -893,22 +898,22 @@ class Session(_Session):
             elif t == _E:
                 start = self._batch_start or ts
                 self._batch_start = 0
-                op = _Op(_E, self._portals.get(r[1]), start)
+                op = _new_op(_E, self._portals.get(r[1]), start)
             elif t == _Q:
                 info = memo.get(r[1])
-                op = _Op(_Q, _analyze(r[1], san) if info is None else info, ts)
+                op = _new_op(_Q, _analyze(r[1], san) if info is None else info, ts)
             elif t == _P:
                 info = memo.get(r[2])
                 if info is None:
                     info = _analyze(r[2], san)
                 self._prepared(r[1], info, ts)
-                op = _Op(_P, info, ts)
+                op = _new_op(_P, info, ts)
             elif t == _CLOSE:
                 if r[2] is not None:
                     (self._stmts if r[1] == 83 else self._portals).pop(r[2], None)
-                op = _Op(_CLOSE, None, ts)
+                op = _new_op(_CLOSE, None, ts)
             else:  # S, D, F
-                op = _Op(t, None, ts)
+                op = _new_op(t, None, ts)
             pend.append(op)
             if len(pend) > MAX_PENDING:
                 pend.popleft()
