@@ -16,6 +16,8 @@ tests/support/exchanges.py (whole, a byte a segment, in random pieces, mutated) 
 same spans and drops with ``_C``, with ``_C`` None and with ``feed_whole`` off.
 
 The C module is imported directly, so these run under WIRESPAN_PURE_PYTHON=1 too.
+``WIRESPAN_BSON_SO=/tmp/x.so`` loads another build (the ASAN check, as
+tests/test_http1_speedup.py describes).
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ EXAMPLES = int(os.environ.get("WIRESPAN_FUZZ_EXAMPLES", "400"))
 
 
 def _load_c() -> ModuleType:
-    return load_accelerator("processors.protocols._bson")
+    return load_accelerator("processors.protocols._bson", "WIRESPAN_BSON_SO")
 
 
 C = _load_c()
