@@ -281,7 +281,7 @@ def test_op_is_the_python_op() -> None:
         C.Op(81, info)
     with pytest.raises(TypeError):
         C.Op(81, info, 7, kind=1)
-    assert pg._new_op is (C.Op if pg._C is not None else pg._Op)
+    assert pg._new_op is (pg._C.Op if pg._C is not None else pg._Op)
 
 
 # -- detect and resync's chain ------------------------------------------------------------------
