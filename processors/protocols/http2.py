@@ -8,7 +8,8 @@ of a DATA payload is still to come. DATA payloads are never copied or even
 held: they are counted as they arrive (gRPC message prefixes are read in
 place by ``grpc.MessageCounter``). The one deliberate copy is a header block
 that spans CONTINUATION frames, gathered into a bytearray bounded by
-``Settings.max_header_list_size``.
+``Settings.max_header_list_size``. ``feed_whole`` reads a segment of whole frames in place
+(no buffer at all): most of a gRPC connection's segments are; anything else goes to ``feed``.
 
 Streams are keyed by id, so multiplexed and interleaved streams pair
 naturally. A span starts at the stream's first HEADERS and ends at the
@@ -20,7 +21,9 @@ knows which entries it saw inserted (they are the newest, so their indices
 are exact) and reports references past them as unknown instead of failing or
 guessing. Unknown fields are counted (``hpack_unknown_index``); a span never
 gets a made-up path. Huffman strings are decoded with the ``hpack`` package's
-table, and only for fields we keep or must index.
+table, and only for fields we keep or must index. A header block decoded from a table
+known from empty is remembered with its answer (``_BLOCK_MEMO``, bounded): new connections
+of one client replay the same opening blocks.
 
 h2c: prior knowledge starts with the client preface. An ``Upgrade: h2c``
 exchange is handled by the HTTP/1 session, which sets, on the shared
