@@ -75,12 +75,15 @@ class Session(base.Session):
         the stage builds a session once one side's buffered bytes were detected, and with the
         other side's buffer empty those are fed first. Else (both sides buffered, too few
         bytes, no bytes) this dispatcher, which chooses at its first feed."""
-        a, b = conn.client_buf, conn.server_buf
-        if (a._len == 0) != (b._len == 0):
-            buf = a if a._len else b
-            is10 = _is10(buf.view_at(0, min(buf._len, 6)))
-            if is10 is not None:
-                return (v10 if is10 else v091).Session(conn)
+        a, b = conn.client_buf._len, conn.server_buf._len
+        if (a == 0) != (b == 0):
+            buf = conn.client_buf if a else conn.server_buf
+            n = a or b
+            is10 = _is10(buf.view_at(0, 6 if n >= 6 else n))
+            if is10 is False:
+                return v091.Session(conn)
+            if is10:
+                return v10.Session(conn)
         return super().__new__(cls)
 
     def __init__(self, conn: Conn) -> None:

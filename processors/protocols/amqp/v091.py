@@ -331,6 +331,9 @@ def _op_traceparent(op: _Op) -> Any:
     return op.traceparent
 
 
+#: (A module constant: an enum member looked up on its class costs a Python-level lookup.)
+_PASSIVE = Perspective.PASSIVE
+
 #: Session.unconfirmed before a connection's first confirm-mode publish (never written).
 _NONE_UNCONFIRMED: dict[tuple[int, int], Any] = {}
 
@@ -388,7 +391,9 @@ class Session(Session):  # type: ignore[no-redef]
 
     def __init__(self, conn: Conn) -> None:
         self.conn = conn  # base.Session.__init__'s one line, without the call (once a connection)
-        self.settings: Settings = conn.settings if isinstance(conn.settings, Settings) else Settings()
+        settings = conn.settings  # (the exact class first: a pydantic isinstance is a Python call)
+        self.settings: Settings = settings if type(settings) is Settings or isinstance(settings, Settings) \
+            else Settings()
         self.dirs = (_Dir(), _Dir())
         self.channels: dict[int, _Channel] = {}
         self.client_name: str | None = None
@@ -404,7 +409,7 @@ class Session(Session):  # type: ignore[no-redef]
         #: built only then, by _close: most logins succeed).
         self.login: int | None = None
         # The span kinds of this connection's perspective (fixed): looked up once, not a span.
-        if conn.perspective is not Perspective.PASSIVE:  # a capture keeps the class's kinds
+        if conn.perspective is not _PASSIVE:  # a capture keeps the class's kinds
             kind = conn.kind_for
             self.k_client = kind(SpanKind.CLIENT)
             self.k_producer = kind(SpanKind.PRODUCER, SpanKind.PRODUCER)
@@ -530,43 +535,42 @@ class Session(Session):  # type: ignore[no-redef]
         channels = self.channels
         for rec in recs:
             kind = rec[0]
-            if kind == BODY:
-                self._body_bytes(from_client, rec[1], rec[2], ts_ns, True)
+            if kind == METHOD:  # _method's steps: its handler, its channel, any content there ended
+                _, channel, off, end, cm = rec
+                handler = _HANDLERS.get(cm)
+                if handler is None:
+                    raise Malformed(NAME, "unknown_method", 7, f"{cm[0]}.{cm[1]}")
+                ch = channels.get(channel) or self._ch(channel)
+                content = ch.content
+                if content[from_client] is not None:
+                    content[from_client] = None
+                    self.conn.drop("incomplete_message")
+                try:  # (never _no_span's: those come as _K_NO_SPAN)
+                    handler(self, from_client, channel, ch, cm, data[off:end + 1], 11, end - off, ts_ns, ts_ns)
+                except (BufferBoundsError, struct.error, IndexError):
+                    raise Malformed(NAME, "truncated", 0, "a field overruns the frame") from None
                 continue
             channel = rec[1]
-            if kind == _K_NO_SPAN:  # methods without a span: _method's steps but the handler
-                ch = channels.get(channel) or self._ch(channel)
-                if ch.content[from_client] is not None:
-                    ch.content[from_client] = None
-                    self.conn.drop("incomplete_message")
+            if kind == BODY:  # (a body makes no channel: _body_bytes)
+                self._body_bytes(from_client, channel, rec[2], ts_ns, True)
                 continue
+            ch = channels.get(channel) or self._ch(channel)
+            content = ch.content
             if kind == HEADER:
                 _, _, body, corr, mid, tp = rec
-                ch = channels.get(channel) or self._ch(channel)
-                op = ch.content[from_client]
+                op = content[from_client]
                 if op is None or op.body >= 0:
                     self.conn.drop("unexpected_header")  # as _header
                 else:
                     self._properties(from_client, channel, ch, op, body, corr, mid, tp, ts_ns)
                 continue
-            # A method: _method's steps (its handler, its channel, any content there ended).
-            if kind == METHOD:
-                _, _, off, end, cm = rec
-                handler = _HANDLERS.get(cm)
-                if handler is None:
-                    raise Malformed(NAME, "unknown_method", 7, f"{cm[0]}.{cm[1]}")
-            ch = channels.get(channel) or self._ch(channel)
-            content = ch.content
+            # A method the walker decoded: _method's steps but the handler, then its fields.
             if content[from_client] is not None:
                 content[from_client] = None
                 self.conn.drop("incomplete_message")
-            if kind == METHOD:
-                if handler is not _no_span:
-                    try:
-                        handler(self, from_client, channel, ch, cm, data[off:end + 1], 11, end - off, ts_ns, ts_ns)
-                    except (BufferBoundsError, struct.error, IndexError):
-                        raise Malformed(NAME, "truncated", 0, "a field overruns the frame") from None
-            elif kind == _K_PUBLISH_MESSAGE:
+            if kind == _K_NO_SPAN:  # methods without a span: nothing more
+                continue
+            if kind == _K_PUBLISH_MESSAGE:
                 if rec[8] == rec[4] and not ch.confirm:  # the whole message, no confirm to await
                     self._published(ch, rec, ts_ns)
                     continue
