@@ -293,8 +293,18 @@ class PendingQueue(deque, _Store):  # type: ignore[type-arg]
     __init__ = _store_init
 
     def append(self, x: Any) -> None:
+        # _added, inline: once a request in every protocol, and the call was a third of it (issue 21)
         deque.append(self, x)
-        self._added(x)
+        conn = self._conn
+        b = conn.budget
+        b.entries += 1
+        b.bytes += self._eb
+        if b.entries > b.max_entries or b.bytes > b.max_bytes:
+            b.over = True
+        if conn.assembler is not None:
+            conn.assembler.open(conn, x, getattr(x, self._start, 0), self._tp)
+        if len(self) > self._cap:
+            self._evict_oldest("pending_limit")
 
     def appendleft(self, x: Any) -> None:
         deque.appendleft(self, x)
@@ -302,7 +312,12 @@ class PendingQueue(deque, _Store):  # type: ignore[type-arg]
 
     def popleft(self) -> Any:
         x = deque.popleft(self)
-        self._removed(1, 0, x)
+        conn = self._conn  # _removed(1, 0, x), inline (see append)
+        b = conn.budget
+        b.entries -= 1
+        b.bytes -= self._eb
+        if x is not None and conn.ctxs:
+            conn.assembler.close(conn, x)  # type: ignore[union-attr]
         return x
 
     def pop(self) -> Any:  # type: ignore[override]
@@ -339,8 +354,17 @@ class PendingMap(dict, _Store):  # type: ignore[type-arg]
     def __setitem__(self, key: Any, value: Any) -> None:
         old = dict.get(self, key, _MISSING)
         dict.__setitem__(self, key, value)
-        if old is _MISSING:
-            self._added(value)
+        conn = self._conn
+        if old is _MISSING:  # _added, inline (see PendingQueue.append)
+            b = conn.budget
+            b.entries += 1
+            b.bytes += self._eb
+            if b.entries > b.max_entries or b.bytes > b.max_bytes:
+                b.over = True
+            if conn.assembler is not None:
+                conn.assembler.open(conn, value, getattr(value, self._start, 0), self._tp)
+            if len(self) > self._cap:
+                self._evict_oldest("pending_limit")
         elif old is not value and self._conn.assembler is not None:  # a key reused: a new request
             self._conn.assembler.close(self._conn, old)
             self._conn.assembler.open(self._conn, value, getattr(value, self._start, 0), self._tp)
@@ -355,11 +379,16 @@ class PendingMap(dict, _Store):  # type: ignore[type-arg]
         self._removed(1, self._extra.pop(key, 0) if self._extra else 0, v)
 
     def pop(self, key: Any, *default: Any) -> Any:
-        if key in self:
-            v = dict.pop(self, key)
-            self._removed(1, self._extra.pop(key, 0) if self._extra else 0, v)
-            return v
-        return dict.pop(self, key, *default)
+        v = dict.pop(self, key, _MISSING)
+        if v is _MISSING:
+            return dict.pop(self, key, *default)
+        conn = self._conn  # _removed, inline (see PendingQueue.append)
+        b = conn.budget
+        b.entries -= 1
+        b.bytes -= self._eb + (self._extra.pop(key, 0) if self._extra else 0)
+        if v is not None and conn.ctxs:
+            conn.assembler.close(conn, v)  # type: ignore[union-attr]
+        return v
 
     def popitem(self) -> tuple[Any, Any]:
         k, v = dict.popitem(self)
