@@ -38,7 +38,6 @@ this session on the same ``Conn`` and buffers) and
 
 from __future__ import annotations
 
-import importlib
 import itertools
 import re
 import struct
@@ -59,15 +58,6 @@ from .base import Session as _BaseSession
 from .enrich import feed as _sink_feed
 from .errors import LimitExceeded, Malformed, ProtocolError
 from .sanitize import redact_query
-
-
-def _optional(name: str) -> Any:
-    """An accelerator not (yet) in service/speedups.py's table: used when built, never required."""
-    try:
-        return importlib.import_module(name)
-    except ImportError:
-        return None
-
 
 __all__ = ["NAME", "DEFAULT_PORTS", "Settings", "detect", "Session", "H2Session", "PREFACE"]
 
@@ -169,8 +159,9 @@ def _scan_whole(v: memoryview, max_block: int) -> list[tuple[int, int, int, int,
     return todo if pos == n else None
 
 
-#: The C twin of _scan_whole (optional: None when not built or WIRESPAN_PURE_PYTHON=1).
-_C = None if _speedups.PURE else _optional("processors.protocols._h2frames")
+#: The C twin of _scan_whole (processors/protocols/_h2frames.c), or None (not built, or
+#: WIRESPAN_PURE_PYTHON=1).
+_C = _speedups.load("processors.protocols._h2frames")
 _scan = _C.scan if _C is not None else _scan_whole
 
 

@@ -27,7 +27,6 @@ from processors.protocols.errors import LimitExceeded, Malformed, Unsupported
 from processors.protocols.sanitize import sanitize_error
 from service.largebuf import LargeBuffer
 from service.model import SpanKind, StatusCode
-from service.speedups import ACCELERATORS
 from service.speedups import load as _load_speedup
 
 NAME = "mongodb"
@@ -56,16 +55,10 @@ _HEARTBEATS = frozenset({"hello", "ismaster", "isMaster"})
 
 _HDR = struct.Struct("<iiii")  # messageLength, requestID, responseTo, opCode
 
-_BSON_C = "processors.protocols._bson"
-try:
-    #: The C twin of ``_op_msg`` (processors/protocols/_bson.c), or None (not built, or
-    #: WIRESPAN_PURE_PYTHON=1): the same flags and fields from the same bytes, or None for
-    #: anything unusual (an error among them), which the Python walk then reads.
-    _C = _load_speedup(_BSON_C)
-except ImportError:
-    if _BSON_C in ACCELERATORS:  # registered: WIRESPAN_REQUIRE_SPEEDUPS's error stands
-        raise
-    _C = None
+#: The C twin of ``_op_msg`` (processors/protocols/_bson.c), or None (not built, or
+#: WIRESPAN_PURE_PYTHON=1): the same flags and fields from the same bytes, or None for
+#: anything unusual (an error among them), which the Python walk then reads.
+_C = _load_speedup("processors.protocols._bson")
 _C_OP_MSG = _C.op_msg if _C is not None else None
 _I32 = struct.Struct("<i")
 _D = struct.Struct("<d")

@@ -48,6 +48,7 @@ from processors.protocols.base import Conn, Detection, PendingBudget, Perspectiv
 from processors.protocols.enrich import EnrichConfig, Enricher
 from processors.protocols.errors import ProtocolError
 from processors.routes import HTTP_PROTOCOLS, Routes, RoutesConfig, apply_route
+from service import speedups
 from service.component import ComponentConfig, EventProcessor
 from service.largebuf import LargeBuffer
 from service.model import DEFAULT_RESOURCE, EventKind, Resource, Span, TcpEvent
@@ -342,6 +343,12 @@ class _State:
         self.udp = False
 
 
+#: The per-event fast path in C (processors/protocols/_stage.c), or None: ``_one`` is the reference.
+_C_STAGE = speedups.load("processors.protocols._stage")
+if _C_STAGE is not None:
+    _C_STAGE.setup(TcpEvent, _State, Conn, LargeBuffer, PendingBudget, _DATA, _PARSING)
+
+
 class ProtocolsProcessor(EventProcessor):
     """Detects protocols per connection, runs their sessions, emits spans in batches."""
 
@@ -430,77 +437,150 @@ class ProtocolsProcessor(EventProcessor):
     def consume_events(self, events: list[TcpEvent]) -> None:
         with self._lock:
             out = self._out = []
-            conns = self._conns
-            max_msg = self.config.max_message_bytes
-            budget = self._budget
-            for ev in events:
-                try:
-                    # Fast path: data on a connection already being parsed (most events).
-                    if ev.kind == _DATA:
-                        cid = ev.conn_id
-                        st = conns.get(cid)
-                        if st is not None and st.mode == _PARSING and (ev.egress is None or st.egress_side is not None):
-                            conns.move_to_end(cid)
-                            ts = ev.ts_ns
-                            if ts > st.last_ts:
-                                st.last_ts = ts
-                            payload = ev.payload
-                            if payload is not None and len(payload):
-                                side = 0 if (ev.sport == st.a_port and ev.src == st.a_addr) else 1
-                                buf = st.bufs[side]
-                                conn = st.conn
-                                if conn.assembler is not None:  # type: ignore[union-attr]
-                                    conn.tid = ev.tid  # type: ignore[union-attr]
-                                    conn.req_from_client = side == st.client_side  # type: ignore[union-attr]
-                                if not buf._len:  # Session.feed_whole: no buffering for a whole message
-                                    whole = st.session.feed_whole  # type: ignore[union-attr]
-                                    if whole is not None:
-                                        before = len(out)
-                                        try:
-                                            took = whole(side == st.client_side, payload, ts)
-                                        except ProtocolError as e:
-                                            self._protocol_error(cid, st, side, ts, e)
-                                            continue
-                                        if took:
-                                            if st.errors and len(out) > before:
-                                                st.errors = 0
-                                            extra = st.conn.extra  # type: ignore[union-attr]
-                                            if extra and "switch_to" in extra:
-                                                self._switch(cid, st, ts)
-                                            continue
-                                buf.append(payload, ts)
-                                n = buf._len
-                                if n > max_msg:
-                                    self._too_large(st, side, ev)
-                                elif n >= buf.want:  # the session said how much it needs first
-                                    # _feed, inline (once an event here): an exception other than
-                                    # ProtocolError is the outer handler's, as _feed's is its own.
-                                    from_client = side == st.client_side
-                                    conn.req_from_client = from_client  # type: ignore[union-attr]
-                                    before = len(out)
-                                    try:
-                                        st.session.feed(from_client, buf, ts)  # type: ignore[union-attr]
-                                    except ProtocolError as e:
-                                        self._protocol_error(cid, st, side, ts, e)
-                                        continue
-                                    if st.errors and len(out) > before:
-                                        st.errors = 0
-                                    extra = conn.extra  # type: ignore[union-attr]
-                                    if extra and "switch_to" in extra:
-                                        self._switch(cid, st, ts)
-                            continue
-                    self._event(ev)
-                except Exception:  # a bug: never let it escape; abandon the connection
-                    self._internal_error(ev.conn_id)
-                finally:
-                    if budget.over:
-                        self._shed()
+            if _C_STAGE is not None and events.__class__ is list:
+                self._run_c(events, out)
+            else:
+                one = self._one
+                for ev in events:
+                    one(ev, out)
             self.stats["events"] += len(events)
             if events:
                 self._sweep(events[-1].ts_ns)
             self._publish(len(events), out)
         if out and self.next is not None:
             self.next.consume_spans(out)
+
+    def _one(self, ev: TcpEvent, out: list[Span], declined: bool = False) -> None:
+        """One event. ``declined``: its session's feed_whole already declined the payload (the C
+        fast path asked it), so it is buffered without asking again."""
+        try:
+            # Fast path: data on a connection already being parsed (most events).
+            if ev.kind == _DATA:
+                cid = ev.conn_id
+                conns = self._conns
+                st = conns.get(cid)
+                if st is not None and st.mode == _PARSING and (ev.egress is None or st.egress_side is not None):
+                    conns.move_to_end(cid)
+                    ts = ev.ts_ns
+                    if ts > st.last_ts:
+                        st.last_ts = ts
+                    payload = ev.payload
+                    if payload is not None and len(payload):
+                        side = 0 if (ev.sport == st.a_port and ev.src == st.a_addr) else 1
+                        buf = st.bufs[side]
+                        conn = st.conn
+                        if conn.assembler is not None:  # type: ignore[union-attr]
+                            conn.tid = ev.tid  # type: ignore[union-attr]
+                            conn.req_from_client = side == st.client_side  # type: ignore[union-attr]
+                        if not buf._len and not declined:  # Session.feed_whole: no buffering for a whole message
+                            whole = st.session.feed_whole  # type: ignore[union-attr]
+                            if whole is not None:
+                                before = len(out)
+                                try:
+                                    took = whole(side == st.client_side, payload, ts)
+                                except ProtocolError as e:
+                                    self._protocol_error(cid, st, side, ts, e)
+                                    return
+                                if took:
+                                    if st.errors and len(out) > before:
+                                        st.errors = 0
+                                    extra = st.conn.extra  # type: ignore[union-attr]
+                                    if extra and "switch_to" in extra:
+                                        self._switch(cid, st, ts)
+                                    return
+                        buf.append(payload, ts)
+                        n = buf._len
+                        if n > self.config.max_message_bytes:
+                            self._too_large(st, side, ev)
+                        elif n >= buf.want:  # the session said how much it needs first
+                            # _feed, inline (once an event here): an exception other than
+                            # ProtocolError is the outer handler's, as _feed's is its own.
+                            from_client = side == st.client_side
+                            conn.req_from_client = from_client  # type: ignore[union-attr]
+                            before = len(out)
+                            try:
+                                st.session.feed(from_client, buf, ts)  # type: ignore[union-attr]
+                            except ProtocolError as e:
+                                self._protocol_error(cid, st, side, ts, e)
+                                return
+                            if st.errors and len(out) > before:
+                                st.errors = 0
+                            extra = conn.extra  # type: ignore[union-attr]
+                            if extra and "switch_to" in extra:
+                                self._switch(cid, st, ts)
+                    return
+            self._event(ev)
+        except Exception:  # a bug: never let it escape; abandon the connection
+            self._internal_error(ev.conn_id)
+        finally:
+            if self._budget.over:
+                self._shed()
+
+    def _run_c(self, events: list[TcpEvent], out: list[Span]) -> None:
+        """The batch through the C fast path (_stage.c), each event it hands back through ``_event``,
+        ``_one`` or the step it names: the same outcome as ``_one`` for every event (tests hold
+        them equal)."""
+        c = _C_STAGE
+        run = c.run  # type: ignore[union-attr]
+        done, event, declined, bail, switch = c.DONE, c.EVENT, c.DECLINED, c.BAIL, c.SWITCH  # type: ignore[union-attr]
+        conns = self._conns
+        move = conns.move_to_end
+        budget = self._budget
+        where = [0]
+        i, n = 0, len(events)
+        while i < n:
+            try:
+                r = run(events, i, conns, move, out, budget, where)
+            except ProtocolError as e:  # from feed_whole: _one's handling of it
+                ev = events[where[0]]
+                i = where[0] + 1
+                try:
+                    st = conns[ev.conn_id]
+                    side = 0 if (ev.sport == st.a_port and ev.src == st.a_addr) else 1
+                    self._protocol_error(ev.conn_id, st, side, ev.ts_ns, e)
+                except Exception:
+                    self._internal_error(ev.conn_id)
+                finally:
+                    if budget.over:
+                        self._shed()
+                continue
+            except Exception:
+                ev = events[where[0]]
+                i = where[0] + 1
+                try:
+                    self._internal_error(ev.conn_id)
+                finally:
+                    if budget.over:
+                        self._shed()
+                continue
+            code = r & 7
+            if code == done:
+                return
+            i = r >> 3
+            ev = events[i]
+            i += 1
+            if code == event:  # no data of a connection being parsed: _one would call _event
+                try:
+                    self._event(ev)
+                except Exception:
+                    self._internal_error(ev.conn_id)
+                finally:
+                    if budget.over:
+                        self._shed()
+            elif code == declined:
+                self._one(ev, out, True)
+            elif code == bail:
+                self._one(ev, out)
+            elif code == switch:
+                try:
+                    self._switch(ev.conn_id, conns[ev.conn_id], ev.ts_ns)
+                except Exception:
+                    self._internal_error(ev.conn_id)
+                finally:
+                    if budget.over:
+                        self._shed()
+            else:  # SHED: the event was taken, the budget is over
+                self._shed()
 
     def flush(self) -> None:
         """Nothing is held between calls except connection state (closed at shutdown)."""

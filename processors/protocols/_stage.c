@@ -1,0 +1,353 @@
+/* The protocols stage's per-event fast path (processors/protocols/processor.py), in C.
+ *
+ * Most events are data of a connection already being parsed whose buffer for that direction is
+ * empty: the stage then hands the payload to the session's ``feed_whole`` and is done. In Python
+ * that dispatch (the connection lookup, the LRU move, the side, the checks around the call) cost
+ * as much as a short message's parse (issue 21). ``run`` does exactly the stage's fast path for a
+ * run of such events and returns at the first event that needs anything else, which the Python
+ * code (``ProtocolsProcessor._one``, the reference) then takes whole; it never decides anything
+ * the Python code would decide differently:
+ *
+ *   run(events, i, conns, move_to_end, out, budget, where) -> i * 8 + code
+ *
+ * code EVENT: event i is no data of a connection being parsed (the stage's ``_event`` takes it,
+ * as ``_one`` would hand it there); BAIL: event i is untouched (or only had the idempotent steps: LRU move, last_ts) and is
+ * Python's; DECLINED: feed_whole(...) returned false for event i (nothing changed: Python buffers
+ * it without asking again); SWITCH: event i was taken and its session asked for a protocol switch;
+ * SHED: event i was taken and the pending budget is over; DONE: every event was taken (i == n).
+ * An exception from feed_whole (or any other) is raised as it is, the event's index in where[0]
+ * (a one-item list: the index is the caller's, whichever stage's thread runs next): the stage
+ * handles it as the Python path would (ProtocolError: counted, resync; any other: a bug).
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <structmember.h>
+
+static PyTypeObject *EventT, *StateT, *ConnT, *BufT, *BudgetT;
+static PyObject *DATA_KIND, *S_FEED_WHOLE, *S_SWITCH_TO;
+static long PARSING;
+
+static Py_ssize_t e_kind, e_conn_id, e_src, e_sport, e_payload, e_ts_ns, e_egress, e_tid;
+static Py_ssize_t s_mode, s_egress_side, s_last_ts, s_a_port, s_a_addr, s_bufs, s_conn, s_session, s_client_side,
+    s_errors;
+static Py_ssize_t c_assembler, c_extra, c_tid, c_req_from_client;
+static Py_ssize_t b_len, g_over;
+
+enum { DONE = 0, BAIL = 1, DECLINED = 2, SWITCH = 3, SHED = 4, EVENT = 5 };
+
+#define SLOT(o, off) (*(PyObject **)((char *)(o) + (off)))
+
+static inline void set_slot(PyObject *o, Py_ssize_t off, PyObject *v) {
+    PyObject *old = SLOT(o, off);
+    Py_INCREF(v);
+    SLOT(o, off) = v;
+    Py_XDECREF(old);
+}
+
+static int slot_offset(PyTypeObject *t, const char *name, Py_ssize_t *out) {
+    PyObject *d = PyObject_GetAttrString((PyObject *)t, name);
+    if (d == NULL)
+        return -1;
+    int ok = Py_IS_TYPE(d, &PyMemberDescr_Type);
+    if (ok) {
+        PyMemberDef *m = ((PyMemberDescrObject *)d)->d_member;
+        ok = m->type == T_OBJECT_EX && !(m->flags & READONLY);
+        *out = m->offset;
+    }
+    Py_DECREF(d);
+    if (!ok) {
+        PyErr_Format(PyExc_TypeError, "%s.%s is not a writable __slots__ member", t->tp_name, name);
+        return -1;
+    }
+    return 0;
+}
+
+/* setup(TcpEvent, _State, Conn, LargeBuffer, PendingBudget, DATA, PARSING): once, at import. */
+static PyObject *setup(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 7 || !PyType_Check(args[0]) || !PyType_Check(args[1]) || !PyType_Check(args[2]) ||
+        !PyType_Check(args[3]) || !PyType_Check(args[4]) || !PyLong_Check(args[6])) {
+        PyErr_SetString(PyExc_TypeError, "setup(TcpEvent, _State, Conn, LargeBuffer, PendingBudget, DATA, PARSING)");
+        return NULL;
+    }
+    PyTypeObject *e = (PyTypeObject *)args[0], *s = (PyTypeObject *)args[1], *c = (PyTypeObject *)args[2],
+                 *b = (PyTypeObject *)args[3], *g = (PyTypeObject *)args[4];
+#define OFF(t, var, name)                                                                                              \
+    if (slot_offset(t, name, &var) < 0)                                                                               \
+        return NULL;
+    OFF(e, e_kind, "kind");
+    OFF(e, e_conn_id, "conn_id");
+    OFF(e, e_src, "src");
+    OFF(e, e_sport, "sport");
+    OFF(e, e_payload, "payload");
+    OFF(e, e_ts_ns, "ts_ns");
+    OFF(e, e_egress, "egress");
+    OFF(e, e_tid, "tid");
+    OFF(s, s_mode, "mode");
+    OFF(s, s_egress_side, "egress_side");
+    OFF(s, s_last_ts, "last_ts");
+    OFF(s, s_a_port, "a_port");
+    OFF(s, s_a_addr, "a_addr");
+    OFF(s, s_bufs, "bufs");
+    OFF(s, s_conn, "conn");
+    OFF(s, s_session, "session");
+    OFF(s, s_client_side, "client_side");
+    OFF(s, s_errors, "errors");
+    OFF(c, c_assembler, "assembler");
+    OFF(c, c_extra, "extra");
+    OFF(c, c_tid, "tid");
+    OFF(c, c_req_from_client, "req_from_client");
+    OFF(b, b_len, "_len");
+    OFF(g, g_over, "over");
+#undef OFF
+    PARSING = PyLong_AsLong(args[6]);
+    if (PARSING == -1 && PyErr_Occurred())
+        return NULL;
+    Py_XSETREF(EventT, (PyTypeObject *)Py_NewRef(e));
+    Py_XSETREF(StateT, (PyTypeObject *)Py_NewRef(s));
+    Py_XSETREF(ConnT, (PyTypeObject *)Py_NewRef(c));
+    Py_XSETREF(BufT, (PyTypeObject *)Py_NewRef(b));
+    Py_XSETREF(BudgetT, (PyTypeObject *)Py_NewRef(g));
+    Py_XSETREF(DATA_KIND, Py_NewRef(args[5]));
+    Py_RETURN_NONE;
+}
+
+/* One int, not a tuple: a handed-back event costs the stage no tuple to build and unpack. */
+static PyObject *ret(Py_ssize_t i, int code) { return PyLong_FromSsize_t(i * 8 + code); }
+
+/* The exception set stands; where[0] = i says which event raised it. */
+static PyObject *fail(PyObject *where, Py_ssize_t i) {
+    PyObject *t, *v, *tb;
+    PyErr_Fetch(&t, &v, &tb);
+    PyObject *n = PyLong_FromSsize_t(i);
+    if (n != NULL)
+        PyList_SetItem(where, 0, n);
+    else
+        PyErr_Clear();
+    PyErr_Restore(t, v, tb);
+    return NULL;
+}
+
+/* A small non-negative int slot's value, or -1 (None, unset, or anything else). */
+static inline long small_int(PyObject *o) {
+    if (o == NULL || !PyLong_CheckExact(o))
+        return -1;
+    int overflow = 0;
+    long v = PyLong_AsLongAndOverflow(o, &overflow);
+    return overflow ? -1 : v;
+}
+
+/* a == b as Python's == says (identity first: the receivers reuse the same objects). -1: error. */
+static inline int same(PyObject *a, PyObject *b) {
+    if (a == b)
+        return 1;
+    return PyObject_RichCompareBool(a, b, Py_EQ);
+}
+
+static PyObject *run(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 7 || !PyList_Check(args[0]) || !PyDict_Check(args[2]) || !PyList_Check(args[4]) ||
+        !PyList_CheckExact(args[6]) || PyList_GET_SIZE(args[6]) != 1) {
+        PyErr_SetString(PyExc_TypeError, "run(events, i, conns, move_to_end, out, budget, where)");
+        return NULL;
+    }
+    if (EventT == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "setup() was not called");
+        return NULL;
+    }
+    PyObject *events = args[0], *conns = args[2], *move = args[3], *out = args[4], *budget = args[5],
+             *where = args[6];
+    Py_ssize_t i = PyLong_AsSsize_t(args[1]);
+    if (i < 0) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_ValueError, "negative index");
+        return NULL;
+    }
+    if (!Py_IS_TYPE(budget, BudgetT))
+        return ret(i, BAIL);
+    for (; i < PyList_GET_SIZE(events); i++) {
+        PyObject *ev = PyList_GET_ITEM(events, i);
+        if (!Py_IS_TYPE(ev, EventT))
+            return ret(i, BAIL);
+        if (SLOT(ev, e_kind) != DATA_KIND)
+            return ret(i, EVENT);
+        PyObject *cid = SLOT(ev, e_conn_id);
+        if (cid == NULL)
+            return ret(i, BAIL);
+        PyObject *st = PyDict_GetItemWithError(conns, cid); /* borrowed */
+        if (st == NULL) {
+            if (PyErr_Occurred())
+                return fail(where, i);
+            return ret(i, EVENT);
+        }
+        if (!Py_IS_TYPE(st, StateT))
+            return ret(i, BAIL);
+        PyObject *mode = SLOT(st, s_mode);
+        if (mode == NULL || !PyLong_CheckExact(mode))
+            return ret(i, BAIL);
+        if (small_int(mode) != PARSING)
+            return ret(i, EVENT);
+        PyObject *egress = SLOT(ev, e_egress), *egress_side = SLOT(st, s_egress_side);
+        if (egress == NULL || egress_side == NULL)
+            return ret(i, BAIL);
+        if (egress != Py_None && egress_side == Py_None)
+            return ret(i, EVENT);
+        PyObject *payload = SLOT(ev, e_payload), *ts = SLOT(ev, e_ts_ns), *last = SLOT(st, s_last_ts);
+        PyObject *bufs = SLOT(st, s_bufs), *conn = SLOT(st, s_conn), *session = SLOT(st, s_session);
+        if (payload == NULL || ts == NULL || last == NULL || bufs == NULL || !PyTuple_CheckExact(bufs) ||
+            PyTuple_GET_SIZE(bufs) != 2 || conn == NULL || !Py_IS_TYPE(conn, ConnT) || session == NULL ||
+            session == Py_None)
+            return ret(i, BAIL);
+        /* What follows mirrors processor.py's fast path step by step. */
+        Py_ssize_t plen = 0;
+        if (payload != Py_None) {
+            plen = PyObject_Length(payload);
+            if (plen < 0) { /* Python's len() raises it again, as a bug of the receiver */
+                PyErr_Clear();
+                return ret(i, BAIL);
+            }
+        }
+        PyObject *sport = SLOT(ev, e_sport), *src = SLOT(ev, e_src), *a_port = SLOT(st, s_a_port),
+                 *a_addr = SLOT(st, s_a_addr);
+        int side = 1;
+        if (plen) {
+            if (sport == NULL || src == NULL || a_port == NULL || a_addr == NULL)
+                return ret(i, BAIL);
+            int eq = same(sport, a_port);
+            if (eq < 0)
+                return fail(where, i);
+            if (eq) {
+                eq = same(src, a_addr);
+                if (eq < 0)
+                    return fail(where, i);
+            }
+            side = eq ? 0 : 1;
+            PyObject *buf = PyTuple_GET_ITEM(bufs, side);
+            if (!Py_IS_TYPE(buf, BufT))
+                return ret(i, BAIL);
+            PyObject *blen = SLOT(buf, b_len);
+            if (blen == NULL || small_int(blen) != 0)
+                return ret(i, BAIL); /* data waits in the buffer: the buffered path is Python's */
+        }
+        /* Committed: the event is this path's from here (the steps before the call are the
+         * Python path's too, and idempotent, should it take the event back). */
+        PyObject *r = PyObject_CallOneArg(move, cid);
+        if (r == NULL)
+            return fail(where, i);
+        Py_DECREF(r);
+        int gt = PyObject_RichCompareBool(ts, last, Py_GT);
+        if (gt < 0)
+            return fail(where, i);
+        if (gt)
+            set_slot(st, s_last_ts, ts);
+        if (!plen)
+            goto taken;
+        long cs = small_int(SLOT(st, s_client_side));
+        PyObject *from_client = side == cs ? Py_True : Py_False;
+        PyObject *assembler = SLOT(conn, c_assembler);
+        if (assembler == NULL)
+            return ret(i, BAIL);
+        if (assembler != Py_None) {
+            PyObject *tid = SLOT(ev, e_tid);
+            if (tid == NULL)
+                return ret(i, BAIL);
+            set_slot(conn, c_tid, tid);
+            set_slot(conn, c_req_from_client, from_client);
+        }
+        PyObject *whole = PyObject_GetAttr(session, S_FEED_WHOLE);
+        if (whole == NULL)
+            return fail(where, i);
+        if (whole == Py_None) {
+            Py_DECREF(whole);
+            return ret(i, DECLINED); /* no feed_whole: buffered, as Python would */
+        }
+        Py_ssize_t before = PyList_GET_SIZE(out);
+        Py_INCREF(st);
+        Py_INCREF(conn);
+        PyObject *cargs[3] = {from_client, payload, ts};
+        r = PyObject_Vectorcall(whole, cargs, 3, NULL);
+        Py_DECREF(whole);
+        if (r == NULL) {
+            Py_DECREF(st);
+            Py_DECREF(conn);
+            return fail(where, i);
+        }
+        int took = PyObject_IsTrue(r);
+        Py_DECREF(r);
+        if (took <= 0) {
+            Py_DECREF(st);
+            Py_DECREF(conn);
+            if (took < 0)
+                return fail(where, i);
+            return ret(i, DECLINED);
+        }
+        PyObject *errors = SLOT(st, s_errors);
+        if (errors != NULL && PyList_GET_SIZE(out) > before) {
+            int nz = PyObject_IsTrue(errors);
+            if (nz > 0) {
+                PyObject *zero = PyLong_FromLong(0);
+                if (zero == NULL) {
+                    Py_DECREF(st);
+                    Py_DECREF(conn);
+                    return fail(where, i);
+                }
+                set_slot(st, s_errors, zero);
+                Py_DECREF(zero);
+            } else if (nz < 0) {
+                PyErr_Clear();
+            }
+        }
+        PyObject *extra = SLOT(conn, c_extra);
+        int sw = 0;
+        if (extra != NULL && extra != Py_None) {
+            if (PyDict_CheckExact(extra)) {
+                sw = PyDict_GET_SIZE(extra) ? PyDict_Contains(extra, S_SWITCH_TO) : 0;
+            } else {
+                sw = PyObject_IsTrue(extra);
+                if (sw > 0)
+                    sw = PySequence_Contains(extra, S_SWITCH_TO);
+            }
+        }
+        Py_DECREF(st);
+        Py_DECREF(conn);
+        if (sw < 0)
+            return fail(where, i);
+        if (sw)
+            return ret(i, SWITCH);
+    taken:;
+        PyObject *over = SLOT(budget, g_over);
+        if (over != NULL && over != Py_False) {
+            int o = PyObject_IsTrue(over);
+            if (o < 0)
+                return fail(where, i);
+            if (o)
+                return ret(i, SHED);
+        }
+    }
+    return ret(i, DONE);
+}
+
+static PyMethodDef methods[] = {
+    {"setup", (PyCFunction)(void (*)(void))setup, METH_FASTCALL, "setup(TcpEvent, _State, Conn, LargeBuffer, "
+                                                                  "PendingBudget, DATA, PARSING)"},
+    {"run", (PyCFunction)(void (*)(void))run, METH_FASTCALL,
+     "run(events, i, conns, move_to_end, out, budget, where) -> (i, code)"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_stage", NULL, -1, methods};
+
+PyMODINIT_FUNC PyInit__stage(void) {
+    S_FEED_WHOLE = PyUnicode_InternFromString("feed_whole");
+    S_SWITCH_TO = PyUnicode_InternFromString("switch_to");
+    if (S_FEED_WHOLE == NULL || S_SWITCH_TO == NULL)
+        return NULL;
+    PyObject *m = PyModule_Create(&module);
+    if (m == NULL)
+        return NULL;
+    PyModule_AddIntConstant(m, "DONE", DONE);
+    PyModule_AddIntConstant(m, "BAIL", BAIL);
+    PyModule_AddIntConstant(m, "DECLINED", DECLINED);
+    PyModule_AddIntConstant(m, "SWITCH", SWITCH);
+    PyModule_AddIntConstant(m, "SHED", SHED);
+    PyModule_AddIntConstant(m, "EVENT", EVENT);
+    return m;
+}

@@ -1,0 +1,370 @@
+"""The protocols stage's C fast path (processors/protocols/_stage.c) against ``_one``, its
+pure-Python reference: the same events through the stage with and without it must give the
+same spans (every field), the same drops and the same counts, whatever the traffic: recorded
+real-server captures, every protocol's conversation whole, a byte a segment and in random
+pieces, damaged bytes, a pending budget that sheds, trace assembly, a protocol switch, and
+sessions that raise."""
+
+from __future__ import annotations
+
+import glob
+import os
+import random
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as hs
+
+import processors.protocols.processor as stage_mod
+from processors.protocols.errors import ProtocolError
+from processors.protocols.processor import ProtocolsProcessor
+from receivers.pcap import PcapReceiver
+from service.model import EventKind, TcpEvent
+from tests.support.exchanges import EXCHANGES
+from tests.support.speedup import load_accelerator
+from tests.support.whole import cut, mutate
+
+_stage = load_accelerator("processors.protocols._stage")
+# Imported directly, so these run under WIRESPAN_PURE_PYTHON=1 too (the stage then has no C path
+# of its own: each test gives it this one).
+_stage.setup(TcpEvent, stage_mod._State, stage_mod.Conn, stage_mod.LargeBuffer, stage_mod.PendingBudget,
+             EventKind.DATA, stage_mod._PARSING)
+FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
+
+
+class _Sink:
+    def __init__(self) -> None:
+        self.spans: list = []
+
+    def consume_spans(self, spans: list) -> None:
+        self.spans.extend(spans)
+
+
+def _digest(spans: list) -> list:
+    """Every field of every span; span and trace ids only as the order they first appear in
+    (they are random, their sharing is not)."""
+    ids: dict[bytes, int] = {}
+
+    def ref(b: bytes | None) -> int | None:
+        return None if not b else ids.setdefault(b, len(ids))
+
+    return [(s.name, int(s.kind), s.start_ns, s.end_ns, int(s.status_code), s.status_message,
+             sorted(s.attributes.items(), key=str), ref(s.trace_id), ref(s.span_id), ref(s.parent_span_id),
+             s.flags, str(sorted(s.resource.attributes.items())) if s.resource else None) for s in spans]
+
+
+def _stats(stage: ProtocolsProcessor) -> dict:
+    st = {k: v for k, v in stage.stats.items() if k != "enrich"}
+    return {**st, "drops": dict(st["drops"]), "protocols": dict(st["protocols"])}
+
+
+def both(run: object, monkeypatch: pytest.MonkeyPatch) -> tuple:
+    """``run()`` -> (spans, stats) with the C path and with ``_one`` alone; asserted equal."""
+    with monkeypatch.context() as m:
+        m.setattr(stage_mod, "_C_STAGE", _stage)
+        got = run()  # type: ignore[operator]
+    with monkeypatch.context() as m:
+        m.setattr(stage_mod, "_C_STAGE", None)
+        want = run()  # type: ignore[operator]
+    assert got[0] == want[0]
+    assert got[1] == want[1]
+    return got
+
+
+def _events(segments: list[tuple[bool, bytes]], port: int, conn: int = 1, pid: int | None = None,
+            ts: int = 1_000_000, views: bool = True, close: bool = True, step: int = 1000) -> list[TcpEvent]:
+    """One connection's events: an OPEN, the segments (every other one a memoryview, as the
+    pcap receivers give, the rest bytes, as eBPF does), both sides' CLOSE (unless ``close`` is
+    false: the capture ends first, and what is cut short ends at the last data's time)."""
+    c, s = (f"10.0.{conn // 250}.{conn % 250 + 1}", 40000 + conn % 20000), ("10.9.0.1", port)
+    kw = {"pid": pid, "tid": pid, "comm": "app"} if pid is not None else {}
+    evs = [TcpEvent(EventKind.OPEN, conn, c[0], c[1], s[0], s[1], ts, client_is_src=True, **kw)]
+    for i, (fc, data) in enumerate(segments):
+        src, dst = (c, s) if fc else (s, c)
+        ts += step
+        payload = memoryview(data) if views and i % 2 else data
+        eg = {"egress": fc} if pid is not None else {}
+        evs.append(TcpEvent(EventKind.DATA, conn, src[0], src[1], dst[0], dst[1], ts, payload,
+                            client_is_src=fc, **eg, **kw))
+    for fc in (True, False) if close else ():
+        src, dst = (c, s) if fc else (s, c)
+        ts += 1000
+        evs.append(TcpEvent(EventKind.CLOSE, conn, src[0], src[1], dst[0], dst[1], ts, client_is_src=fc, **kw))
+    return evs
+
+
+def _through(events: list[TcpEvent], config: dict | None = None, batches: int = 7) -> tuple:
+    """(span digest, stats) of ``events`` through a fresh stage, in batches of 1-``batches``
+    events (the same cut both ways: a fixed seed)."""
+    sink = _Sink()
+    stage = ProtocolsProcessor("protocols", config or {}, sink)
+    stage.start()
+    rng = random.Random(7)
+    i = 0
+    while i < len(events):
+        k = rng.randint(1, batches)
+        stage.consume_events(list(events[i:i + k]))
+        i += k
+    stage.shutdown()
+    return _digest(sink.spans), _stats(stage)
+
+
+def _interleaved(convs: list[list[TcpEvent]]) -> list[TcpEvent]:
+    """Several connections' events round-robin, each in its own order."""
+    out: list[TcpEvent] = []
+    its = [iter(c) for c in convs]
+    while its:
+        for it in list(its):
+            ev = next(it, None)
+            if ev is None:
+                its.remove(it)
+            else:
+                out.append(ev)
+    return out
+
+
+_CONVERSATIONS = [(name, k) for name, makers in EXCHANGES.items() for k in range(len(makers))]
+
+
+@pytest.mark.parametrize("how", ["whole", "bytes", "random"])
+@pytest.mark.parametrize("name,k", _CONVERSATIONS)
+def test_every_conversation_whole_a_byte_a_segment_and_in_pieces(name: str, k: int, how: str,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    ex = EXCHANGES[name][k](300)
+    segs = cut(ex.steps, how, random.Random(3))
+    convs = [_events(segs, ex.port, conn=c, ts=1_000_000 + c * 10) for c in range(3)]
+    spans, _stats = both(lambda: _through(_interleaved(convs)), monkeypatch)
+    if how == "whole" and ex.spans:
+        assert len(spans) >= ex.spans  # the C path took part in something real
+
+
+@pytest.mark.parametrize("name,k", _CONVERSATIONS)
+def test_the_capture_ends_inside_a_reply(name: str, k: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No CLOSE, the last reply cut in half: the stage's shutdown ends the exchange at the
+    connection's last data time, which the C path keeps as the Python path does."""
+    ex = EXCHANGES[name][k](300)
+    steps = list(ex.steps)
+    last = max(i for i, (fc, _) in enumerate(steps) if not fc)
+    fc, data = steps[last]
+    steps[last:] = [(fc, data[:len(data) // 2])]
+    segs = [(True, b""), *steps]  # an empty segment too: the C path takes it as Python does
+    convs = [_events(segs, ex.port, conn=c, ts=1_000_000 + c * 10, close=False) for c in range(3)]
+    both(lambda: _through(_interleaved(convs)), monkeypatch)
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(FIXTURES, "**", "*.pcap*"), recursive=True)),
+                         ids=os.path.basename)
+def test_recorded_real_server_captures(path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    def run() -> tuple:
+        sink = _Sink()
+        stage = ProtocolsProcessor("protocols", {}, sink)
+        stage.start()
+        PcapReceiver("pcap", {"path": path, "progress": False}, stage).run()
+        stage.shutdown()
+        return _digest(sink.spans), _stats(stage)
+
+    both(run, monkeypatch)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(name_k=hs.sampled_from(_CONVERSATIONS),
+       muts=hs.lists(hs.tuples(hs.integers(0, 50), hs.integers(0, 5000), hs.integers(0, 255), hs.booleans()),
+                     min_size=1, max_size=6))
+def test_damaged_bytes(name_k: tuple[str, int], muts: list, monkeypatch: pytest.MonkeyPatch) -> None:
+    name, k = name_k
+    ex = EXCHANGES[name][k](100)
+    segs = mutate(ex.steps, muts)
+    convs = [_events(segs, ex.port, conn=c) for c in range(2)]
+    both(lambda: _through(_interleaved(convs)), monkeypatch)
+
+
+def test_a_pending_budget_that_sheds(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Requests outstanding on many connections at once, over a tiny stage-wide budget: the C
+    path hands the event back (SHED) where the Python path sheds."""
+    convs = []
+    for name in ("postgresql", "redis", "http", "memcached"):
+        ex = EXCHANGES[name][0](50)
+        client = [(fc, d) for fc, d in ex.steps if fc]
+        replies = [(fc, d) for fc, d in ex.steps if not fc]
+        for _c in range(6):  # every request first, the replies later: pending entries pile up
+            convs.append(_events(client + replies, ex.port, conn=len(convs) + 1))
+    config = {"pending": {"max_entries": 5, "max_entries_per_connection": 3}}
+    spans, stats = both(lambda: _through(_interleaved(convs), config, batches=40), monkeypatch)
+    assert any(k.endswith("pending_budget") for k in stats["drops"]), stats["drops"]
+    codes = _Codes()
+    with monkeypatch.context() as m:
+        m.setattr(stage_mod, "_C_STAGE", codes)
+        assert _through(_interleaved(convs), config, batches=40) == (spans, stats)
+    assert codes.seen.get(_stage.SHED), codes.seen
+
+
+def test_trace_assembly_and_a_process_view(monkeypatch: pytest.MonkeyPatch) -> None:
+    """eBPF's events (a pid, egress): the C path sets the connection's thread and direction for
+    the assembler as the Python path does; parent links come out the same."""
+    convs = []
+    for name in ("http", "postgresql", "redis", "mongodb"):
+        ex = EXCHANGES[name][0](80)
+        convs.append(_events(ex.steps, ex.port, conn=len(convs) + 1, pid=4242))
+    spans, _ = both(lambda: _through(_interleaved(convs), {"assemble": True}), monkeypatch)
+    assert spans
+
+
+def test_a_protocol_switch_h2c(monkeypatch: pytest.MonkeyPatch) -> None:
+    """HTTP/1 Upgrade: h2c, the 101, then HTTP/2 frames (h2's own): the C path hands back SWITCH
+    and the upgraded request is answered on stream 1, as on the Python path."""
+    import h2.config
+    import h2.connection
+
+    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    settings_header = client.initiate_upgrade_connection()
+    server = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+    server.initiate_upgrade_connection(settings_header)
+    client_bytes = client.data_to_send()
+    server_bytes = server.data_to_send()
+    server.send_headers(1, [(":status", "200"), ("content-length", "0")], end_stream=True)
+    server_bytes += server.data_to_send()
+    up = (b"GET /h2 HTTP/1.1\r\nHost: h\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n"
+          b"HTTP2-Settings: " + settings_header + b"\r\n\r\n")
+    segs = [(True, up), (False, b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\n\r\n"),
+            (True, client_bytes), (False, server_bytes)]
+    from processors.protocols import http1
+
+    real = http1.Http1Session.feed_whole
+
+    def whole(self: http1.Http1Session, from_client: bool, data: memoryview, ts_ns: int) -> bool:
+        """HTTP/1's feed_whole declines the 101 (the buffered feed reads it): this one takes it
+        through feed, as a session may, so the switch is asked for from the fast path."""
+        if not from_client and bytes(data[:12]) == b"HTTP/1.1 101":
+            buf = self.conn.server_buf
+            buf.append(data, ts_ns)
+            self.feed(False, buf, ts_ns)
+            return True
+        return real(self, from_client, data, ts_ns)
+
+    def run() -> tuple:
+        with monkeypatch.context() as m:
+            m.setattr(http1.Http1Session, "feed_whole", whole)
+            return _through(_events(segs, 80), {"enabled": ["http", "http2"]}, batches=5)
+
+    spans, stats = both(run, monkeypatch)
+    assert stats.get("switched") == {"http->http2": 1}, stats
+    codes = _Codes()
+    with monkeypatch.context() as m:
+        m.setattr(stage_mod, "_C_STAGE", codes)
+        assert run() == (spans, stats)
+    assert codes.seen.get(_stage.SWITCH) == 1, codes.seen  # the 101's event, taken by the C path
+    assert [s[6] for s in spans if ("url.path", "/h2") in s[6] and ("network.protocol.version", "2") in s[6]]
+
+
+class _Codes:
+    """The C module, counting the codes ``run`` hands back."""
+
+    def __init__(self) -> None:
+        self.seen: dict[int, int] = {}
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(_stage, name)
+
+    def run(self, *a: object) -> int:
+        r = _stage.run(*a)
+        self.seen[r & 7] = self.seen.get(r & 7, 0) + 1
+        return r
+
+
+class _Raising:
+    """A session method stand-in raising ``exc`` on its ``n``th call (every ``n``th with
+    ``every``)."""
+
+    def __init__(self, real: object, exc: BaseException, n: int, every: bool = False) -> None:
+        self.real, self.exc, self.n, self.calls, self.every = real, exc, n, 0, every
+
+    def __get__(self, obj: object, cls: type | None = None) -> object:
+        if obj is None:
+            return self
+
+        def bound(*a: object) -> object:
+            self.calls += 1
+            if self.calls == self.n or (self.every and self.calls % self.n == 0):
+                raise self.exc
+            return self.real.__get__(obj, cls)(*a)  # type: ignore[attr-defined]
+        return bound
+
+
+@pytest.mark.parametrize("exc", [ProtocolError("redis", "malformed"), RuntimeError("a bug")], ids=["protocol", "bug"])
+def test_a_feed_whole_that_raises(exc: BaseException, monkeypatch: pytest.MonkeyPatch) -> None:
+    from processors.protocols import redis
+
+    ex = EXCHANGES["redis"][1](60)
+    convs = [_events(ex.steps, ex.port, conn=c) for c in range(3)]
+    real = redis.Session.feed_whole
+
+    def run() -> tuple:
+        with monkeypatch.context() as m:
+            m.setattr(redis.Session, "feed_whole", _Raising(real, exc, 3))
+            return _through(_interleaved(convs))
+
+    _spans, stats = both(run, monkeypatch)
+    reason = "redis:malformed" if isinstance(exc, ProtocolError) else "redis:internal_error"
+    assert stats["drops"].get(reason), stats["drops"]
+
+
+def test_a_slow_conversation_is_not_idle(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Segments 1.5 s apart under a 2 s idle timeout: every taken event moves the connection's
+    last activity on (or the sweep would end it mid-conversation), on the C path as on Python's."""
+    ex = EXCHANGES["redis"][0](60)
+    events = _events(ex.steps * 6, ex.port, step=1_500_000_000)
+    spans, stats = both(lambda: _through(events, {"idle_timeout": "2s"}, batches=1), monkeypatch)
+    assert len(spans) == 6 * ex.spans and not stats["drops"], stats["drops"]
+
+
+def test_errors_in_a_row_are_reset_by_a_span(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A protocol error every fourth segment, spans between them: the count of errors in a row
+    starts again at each span (or the connection is abandoned after max_consecutive_errors),
+    on the C path as on the Python one."""
+    from processors.protocols import redis
+
+    ex = EXCHANGES["redis"][0](60)
+    events = _events(ex.steps * 12, ex.port)
+    real = redis.Session.feed_whole
+
+    def run() -> tuple:
+        with monkeypatch.context() as m:
+            m.setattr(redis.Session, "feed_whole", _Raising(real, ProtocolError("redis", "malformed"), 4, every=True))
+            return _through(events, {"max_consecutive_errors": 2})
+
+    spans, stats = both(run, monkeypatch)
+    assert stats["drops"].get("redis:malformed", 0) >= 4, stats["drops"]
+    assert len(spans) >= 6
+
+
+def test_the_c_path_takes_the_data_events(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not only equal: the C path really takes the fast events (``_one`` sees only what it
+    hands back: each connection's first data, to detect, and what the session declined)."""
+    ex = EXCHANGES["redis"][0](60)
+    events = _events(ex.steps * 5, ex.port)  # one connection, the exchange five times over
+    seen: list[TcpEvent] = []
+    real = ProtocolsProcessor._one
+
+    def spy(self: ProtocolsProcessor, ev: TcpEvent, out: list, declined: bool = False) -> None:
+        seen.append(ev)
+        real(self, ev, out, declined)
+
+    monkeypatch.setattr(ProtocolsProcessor, "_one", spy)
+    monkeypatch.setattr(stage_mod, "_C_STAGE", _stage)
+    sink = _Sink()
+    stage = ProtocolsProcessor("protocols", {}, sink)
+    stage.consume_events(events)
+    stage.shutdown()
+    data = [e for e in events if e.kind == EventKind.DATA]
+    assert sink.spans and len(data) > 2
+    assert len(seen) < len(data)
+
+
+def test_bad_arguments_are_refused() -> None:
+    with pytest.raises(TypeError):
+        _stage.run([], 0, {}, None, [], None)
+    with pytest.raises(TypeError):
+        _stage.run((), 0, {}, None, [], None, [0])
+    with pytest.raises(ValueError):
+        _stage.run([], -1, {}, None, [], stage_mod.PendingBudget(), [0])
+    assert _stage.run([], 0, {}, None, [], stage_mod.PendingBudget(), [0]) == _stage.DONE
