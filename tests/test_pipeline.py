@@ -343,6 +343,29 @@ def test_running_pipelines_tune_the_gc_once(reg: Registry, monkeypatch: pytest.M
         gc.set_threshold(*old)
 
 
+def test_malloc_is_tuned_once_pipelines_run_unless_the_user_tuned_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """glibc keeps a batch's megabytes of OTLP text in its heap (service/pipeline.py): mallopt
+    takes both thresholds here; a user's own GLIBC_TUNABLES or MALLOC_* settings are left alone."""
+    import ctypes
+    import os
+
+    from service import pipeline
+
+    try:
+        ctypes.CDLL(None).mallopt  # noqa: B018
+    except (OSError, AttributeError):
+        print("skipped: no glibc mallopt here")
+        pytest.skip("no glibc mallopt here")
+    for k in [k for k in os.environ if k.startswith("MALLOC_") or k == "GLIBC_TUNABLES"]:
+        monkeypatch.delenv(k)
+    assert pipeline.tune_malloc() is True
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.trim_threshold=1048576")
+    assert pipeline.tune_malloc() is False
+    monkeypatch.delenv("GLIBC_TUNABLES")
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "2")
+    assert pipeline.tune_malloc() is False
+
+
 # -- reload keeps what did not change (issue 19 item 5) ----------------------------------------
 def live_runner(reg: Registry, state: dict) -> Runner:
     def load() -> c.Config:
