@@ -48,7 +48,7 @@ from .base import Conn, Detection, PendingQueue, ProtocolSettings
 from .base import Session as _Session
 from .errors import LimitExceeded, Malformed
 from .sanitize import sanitize_error
-from .sql import MAX_QUERY_BYTES, QueryInfo, analyze, decode_query
+from .sql import MAX_QUERY_BYTES, QueryInfo, analyze, decode_query, query_attributes
 
 NAME = "mysql"
 DEFAULT_PORTS = frozenset({3306})
@@ -1026,16 +1026,7 @@ class Session(_Session):
         elif cmd == COM_INIT_DB:
             name = attrs["db.operation.name"] = "USE"
         elif info is not None:
-            if info.operation:
-                attrs["db.operation.name"] = info.operation
-            if info.collection:
-                attrs["db.collection.name"] = info.collection
-            if info.summary:
-                attrs["db.query.summary"] = info.summary
-                name = info.summary
-            elif info.operation:
-                name = info.operation
-            attrs["db.query.text"] = info.text
+            name = query_attributes(attrs, info, name)
         elif cmd == COM_STMT_EXECUTE:
             name = attrs["db.operation.name"] = "EXECUTE"  # prepared before we joined
         if c.rows and cmd in (COM_QUERY, COM_STMT_EXECUTE):

@@ -40,7 +40,7 @@ from .base import Conn, Detection, PendingQueue, ProtocolSettings
 from .base import Session as _Session
 from .errors import LimitExceeded, Malformed
 from .sanitize import sanitize_error
-from .sql import MAX_QUERY_BYTES, QueryInfo, analyze, decode_query
+from .sql import MAX_QUERY_BYTES, QueryInfo, analyze, decode_query, query_attributes
 
 NAME = "postgresql"
 DEFAULT_PORTS = frozenset({5432})
@@ -148,18 +148,7 @@ def _span_base(info: QueryInfo | None, namespace: str) -> tuple[str, dict]:
     attrs: dict = {"db.system.name": SYSTEM}
     if namespace:
         attrs["db.namespace"] = namespace
-    name = SYSTEM
-    if info is not None:
-        if info.operation:
-            attrs["db.operation.name"] = info.operation
-        if info.collection:
-            attrs["db.collection.name"] = info.collection
-        if info.summary:
-            attrs["db.query.summary"] = info.summary
-            name = info.summary
-        elif info.operation:
-            name = info.operation
-        attrs["db.query.text"] = info.text
+    name = SYSTEM if info is None else query_attributes(attrs, info, SYSTEM)
     if len(_BASES) >= _MEMO_MAX:
         _BASES.clear()
     base = _BASES[(info, namespace)] = (name, attrs)

@@ -29,6 +29,7 @@ __all__ = [
     "QueryInfo",
     "analyze",
     "decode_query",
+    "query_attributes",
     "sanitize",
 ]
 
@@ -370,6 +371,23 @@ def analyze(text: str, dialect: str = "postgresql", sanitize_text: bool = True) 
     if len(_cache) > CACHE_SIZE:
         _cache.popitem(last=False)
     return info
+
+
+def query_attributes(attrs: dict, info: QueryInfo, name: str) -> str:
+    """A statement's attributes into ``attrs`` (operation, collection, summary, text: the order
+    PostgreSQL's and MySQL's spans have them in) and its span name: the summary, else the
+    operation, else ``name``."""
+    if info.operation:
+        attrs["db.operation.name"] = info.operation
+    if info.collection:
+        attrs["db.collection.name"] = info.collection
+    if info.summary:
+        attrs["db.query.summary"] = info.summary
+        name = info.summary
+    elif info.operation:
+        name = info.operation
+    attrs["db.query.text"] = info.text
+    return name
 
 
 def decode_query(view: memoryview) -> str:
