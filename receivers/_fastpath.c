@@ -50,6 +50,8 @@
 #include <stdint.h>
 #include <structmember.h>
 
+#include "../service/_slots.h"
+
 #define MAX_CAPLEN (64 << 20) /* receivers/pcap.py MAX_CAPLEN */
 #define ST_LIMIT 0
 /* tcp_reassembly.py HOLD_AHEAD (tests check the two agree) */
@@ -70,32 +72,6 @@ static Py_ssize_t c_id, c_last_ts, c_syn_isn, c_buffered, c_a, c_b;
 static Py_ssize_t e_kind, e_conn_id, e_src, e_sport, e_dst, e_dport, e_ts_ns, e_payload, e_gap, e_client_is_src,
     e_egress, e_pid, e_tid, e_comm;
 
-#define SLOT(o, off) (*(PyObject **)((char *)(o) + (off)))
-
-/* Replace a slot's value; steals ``v``. */
-static inline void set_slot(PyObject *o, Py_ssize_t off, PyObject *v) {
-    PyObject *old = SLOT(o, off);
-    SLOT(o, off) = v;
-    Py_XDECREF(old);
-}
-
-static int slot_offset(PyTypeObject *t, const char *name, Py_ssize_t *out) {
-    PyObject *d = PyObject_GetAttrString((PyObject *)t, name);
-    if (d == NULL)
-        return -1;
-    int ok = Py_IS_TYPE(d, &PyMemberDescr_Type);
-    if (ok) {
-        PyMemberDef *m = ((PyMemberDescrObject *)d)->d_member;
-        ok = m->type == T_OBJECT_EX && !(m->flags & READONLY);
-        *out = m->offset;
-    }
-    Py_DECREF(d);
-    if (!ok) {
-        PyErr_Format(PyExc_TypeError, "%s.%s is not a writable __slots__ member", t->tp_name, name);
-        return -1;
-    }
-    return 0;
-}
 
 /* setup(Half, Conn, TcpEvent, DATA, OPEN, CLOSE, RESET, GONE, conn_ids): the reassembler's classes, event
  * kinds, the peer of a forgotten half and the connection id counter (once, at import). */

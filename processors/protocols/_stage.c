@@ -23,6 +23,8 @@
 #include <Python.h>
 #include <structmember.h>
 
+#include "../../service/_slots.h"
+
 static PyTypeObject *EventT, *StateT, *ConnT, *BufT, *BudgetT;
 static PyObject *DATA_KIND, *S_FEED_WHOLE, *S_SWITCH_TO;
 static long PARSING;
@@ -34,33 +36,6 @@ static Py_ssize_t c_assembler, c_extra, c_tid, c_req_from_client;
 static Py_ssize_t b_len, g_over;
 
 enum { DONE = 0, BAIL = 1, DECLINED = 2, SWITCH = 3, SHED = 4, EVENT = 5 };
-
-#define SLOT(o, off) (*(PyObject **)((char *)(o) + (off)))
-
-static inline void set_slot(PyObject *o, Py_ssize_t off, PyObject *v) {
-    PyObject *old = SLOT(o, off);
-    Py_INCREF(v);
-    SLOT(o, off) = v;
-    Py_XDECREF(old);
-}
-
-static int slot_offset(PyTypeObject *t, const char *name, Py_ssize_t *out) {
-    PyObject *d = PyObject_GetAttrString((PyObject *)t, name);
-    if (d == NULL)
-        return -1;
-    int ok = Py_IS_TYPE(d, &PyMemberDescr_Type);
-    if (ok) {
-        PyMemberDef *m = ((PyMemberDescrObject *)d)->d_member;
-        ok = m->type == T_OBJECT_EX && !(m->flags & READONLY);
-        *out = m->offset;
-    }
-    Py_DECREF(d);
-    if (!ok) {
-        PyErr_Format(PyExc_TypeError, "%s.%s is not a writable __slots__ member", t->tp_name, name);
-        return -1;
-    }
-    return 0;
-}
 
 /* setup(TcpEvent, _State, Conn, LargeBuffer, PendingBudget, DATA, PARSING): once, at import. */
 static PyObject *setup(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
@@ -237,7 +212,7 @@ static PyObject *run(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
         if (gt < 0)
             return fail(where, i);
         if (gt)
-            set_slot(st, s_last_ts, ts);
+            set_slot(st, s_last_ts, Py_NewRef(ts));
         if (!plen)
             goto taken;
         long cs = small_int(SLOT(st, s_client_side));
@@ -249,8 +224,8 @@ static PyObject *run(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
             PyObject *tid = SLOT(ev, e_tid);
             if (tid == NULL)
                 return ret(i, BAIL);
-            set_slot(conn, c_tid, tid);
-            set_slot(conn, c_req_from_client, from_client);
+            set_slot(conn, c_tid, Py_NewRef(tid));
+            set_slot(conn, c_req_from_client, Py_NewRef(from_client));
         }
         PyObject *whole = PyObject_GetAttr(session, S_FEED_WHOLE);
         if (whole == NULL)
@@ -290,7 +265,6 @@ static PyObject *run(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
                     return fail(where, i);
                 }
                 set_slot(st, s_errors, zero);
-                Py_DECREF(zero);
             } else if (nz < 0) {
                 PyErr_Clear();
             }
