@@ -18,7 +18,10 @@ _FLAGS = ["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter", "-Wno-missing-fiel
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 
+#: Headers some sources include: a change to one rebuilds every extension (they are small).
+_HEADERS = ["service/_slots.h"]
+
 setup(
-    ext_modules=[Extension(mod, [src], optional=True, extra_compile_args=_FLAGS)
+    ext_modules=[Extension(mod, [src], optional=True, extra_compile_args=_FLAGS, depends=_HEADERS)
                  for mod, src in ACCELERATORS.items() if os.path.exists(os.path.join(_HERE, src))],
 )
