@@ -163,6 +163,12 @@ class Perspective(IntEnum):
     SERVER = 2   #: eBPF, the traced process is the server: SERVER spans
 
 
+#: Members as module constants for the per-span paths (an enum member looked up on its class
+#: is a Python-level lookup: 70 ns against a global's few).
+_PASSIVE, _SERVER_VIEW = Perspective.PASSIVE, Perspective.SERVER
+_SERVER_KIND = SpanKind.SERVER
+
+
 class ProtocolSettings(BaseModel):
     """Options every protocol has; subclasses add their own."""
 
@@ -554,7 +560,7 @@ class Conn:
         client-side spans get ``server.address``/``server.port`` (OTel semconv).
         A valid ``traceparent`` makes the span a child of the caller's span.
         """
-        if kind == SpanKind.SERVER:
+        if kind == _SERVER_KIND:
             attributes.setdefault("server.address", self.server_addr)
             attributes.setdefault("server.port", self.server_port)
             attributes.setdefault("client.address", self.client_addr)
@@ -590,10 +596,10 @@ class Conn:
         what the calling process's span is (CLIENT, PRODUCER or CONSUMER).
         """
         p = self.perspective
-        if p == Perspective.PASSIVE:
+        if p == _PASSIVE:
             return passive
-        if p == Perspective.SERVER:
-            return SpanKind.SERVER
+        if p == _SERVER_VIEW:
+            return _SERVER_KIND
         return client_side
 
 
