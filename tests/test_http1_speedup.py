@@ -28,7 +28,7 @@ from processors.protocols.base import Conn
 from processors.protocols.errors import ProtocolError
 from service.largebuf import LargeBuffer
 from tests.support.driver import pieces
-from tests.support.speedup import Guarded, load_accelerator
+from tests.support.speedup import Guarded, damage, load_accelerator
 
 #: Raise for a long local run: WIRESPAN_FUZZ_EXAMPLES=20000 pytest tests/test_http1_speedup.py
 EXAMPLES = int(os.environ.get("WIRESPAN_FUZZ_EXAMPLES", "400"))
@@ -226,18 +226,7 @@ def response_heads(draw: st.DrawFn) -> bytes:
 
 @st.composite
 def damaged(draw: st.DrawFn, heads: st.SearchStrategy[bytes]) -> bytes:
-    data = draw(heads)
-    how = draw(st.integers(-3, 4))  # half of them whole
-    if how <= 0 or not data:
-        return data
-    i = draw(st.integers(0, len(data) - 1))
-    if how == 1:
-        return data[:i]  # truncation
-    if how == 2:
-        return data[:i] + bytes([draw(st.integers(0, 255))]) + data[i + 1:]  # byte flip
-    if how == 3:
-        return data[:i] + draw(st.binary(min_size=1, max_size=4)) + data[i:]  # inserted bytes
-    return data[:i] + data[i + 1:]  # deleted byte
+    return damage(draw, draw(heads))
 
 
 _max_headers = st.one_of(st.just(http1.MAX_HEADERS), st.integers(1, 14))

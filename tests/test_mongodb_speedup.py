@@ -36,7 +36,7 @@ from hypothesis import strategies as st
 from processors.protocols import mongodb as m
 from processors.protocols.errors import ProtocolError
 from tests.support.exchanges import EXCHANGES
-from tests.support.speedup import Guarded, load_accelerator
+from tests.support.speedup import Guarded, damage, load_accelerator
 from tests.support.whole import cut, mutate, run_stage
 from tests.test_mongodb import _conversation, op_msg
 
@@ -134,22 +134,16 @@ def message(draw: st.DrawFn) -> bytes:
 
 @st.composite
 def damaged(draw: st.DrawFn) -> bytes:
-    data = draw(message())
-    how = draw(st.integers(-4, 6))  # about half of them whole
-    if how <= 0:
-        return data
-    i = draw(st.integers(0, len(data) - 1))
-    if how == 1:
-        return data[:i]  # truncation
-    if how == 2:
-        return data[:i] + bytes([draw(st.integers(0, 255))]) + data[i + 1:]  # byte flip
-    if how == 3:
-        return data[:i] + draw(st.binary(min_size=1, max_size=4)) + data[i:]  # inserted bytes
-    if how == 4:
-        return data[:i] + data[i + 1:]  # deleted byte
-    if how == 5:  # a hostile declared size (a section's, a document's, a string's...)
-        size = draw(st.sampled_from([-1, -5, 0, 4, 5, 0x7FFFFFFF, m.MAX_DOCUMENT + 1024, m.MAX_DOCUMENT + 1025]))
-        return data[:i] + struct.pack("<i", size) + data[i + 4:]
+    return damage(draw, draw(message()), _hostile_size, _type_byte)
+
+
+def _hostile_size(draw: st.DrawFn, data: bytes, i: int) -> bytes:
+    """A hostile declared size (a section's, a document's, a string's...)."""
+    size = draw(st.sampled_from([-1, -5, 0, 4, 5, 0x7FFFFFFF, m.MAX_DOCUMENT + 1024, m.MAX_DOCUMENT + 1025]))
+    return data[:i] + struct.pack("<i", size) + data[i + 4:]
+
+
+def _type_byte(draw: st.DrawFn, data: bytes, i: int) -> bytes:
     return data[:i] + bytes([draw(st.sampled_from([0, 1, 2, 3, 4, 0x0B, 0x0C, 0x13, 0x14, 0x7F, 0xFF]))]) + data[i + 1:]
 
 

@@ -29,7 +29,7 @@ from hypothesis import strategies as st
 
 from processors.protocols import redis as r
 from tests.support.exchanges import EXCHANGES
-from tests.support.speedup import Guarded, load_accelerator
+from tests.support.speedup import Guarded, damage, load_accelerator
 from tests.support.whole import cut, run_stage
 
 #: Raise for a long local run: WIRESPAN_FUZZ_EXAMPLES=20000 pytest tests/test_redis_speedup.py
@@ -154,19 +154,11 @@ value = st.one_of(command, aggregate(), bulk_value(), line_value(), _odd)
 
 @st.composite
 def damaged(draw: st.DrawFn, values: st.SearchStrategy[bytes]) -> bytes:
-    data = b"".join(draw(st.lists(values, min_size=1, max_size=5)))
-    how = draw(st.integers(-4, 5))  # about half of them whole
-    if how <= 0 or not data:
-        return data
-    i = draw(st.integers(0, len(data) - 1))
-    if how == 1:
-        return data[:i]  # truncation
-    if how == 2:
-        return data[:i] + bytes([draw(st.integers(0, 255))]) + data[i + 1:]  # byte flip
-    if how == 3:
-        return data[:i] + draw(st.binary(min_size=1, max_size=4)) + data[i:]  # inserted bytes
-    if how == 4:
-        return data[:i] + data[i + 1:]  # deleted byte
+    return damage(draw, b"".join(draw(st.lists(values, min_size=1, max_size=5))), _framing)
+
+
+def _framing(draw: st.DrawFn, data: bytes, i: int) -> bytes:
+    """A line end or a type byte where none belongs."""
     return data[:i] + draw(st.sampled_from([b"\r", b"\n", b"\r\n", b"*", b"$", b"-"])) + data[i:]
 
 

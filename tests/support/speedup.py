@@ -1,6 +1,9 @@
 """What the C accelerators' equivalence tests share: loading the module under test, and a
 buffer that ends at an inaccessible page.
 
+``damage(draw, data)`` is the input every walker is held to its twin on: the bytes whole (about
+half the time), cut, a byte flipped, bytes inserted, a byte deleted, or a protocol's own harm.
+
 ``load_accelerator`` imports the extension (or the ``.so`` an environment variable names: a
 deliberately broken or sanitizer build, to check the tests catch it); where it is not built
 the whole test module skips with a printed reason. ``Guarded(pages).view(data)`` gives
@@ -15,9 +18,11 @@ import importlib
 import importlib.util
 import mmap
 import os
+from collections.abc import Callable
 from types import ModuleType
 
 import pytest
+from hypothesis import strategies as st
 
 
 def load_accelerator(name: str, so_env: str | None = None) -> ModuleType:
@@ -57,3 +62,25 @@ class Guarded:
         end = self.size
         self._view[end - len(data):end] = data
         return self._view[end - len(data):end]
+
+
+#: A protocol's own way to harm ``data`` at position ``i`` (a hostile declared size, a type byte).
+Harm = Callable[[st.DrawFn, bytes, int], bytes]
+
+
+def damage(draw: st.DrawFn, data: bytes, *harms: Harm) -> bytes:
+    """``data`` whole (about half the time), or cut, a byte flipped, 1-4 bytes inserted, a byte
+    deleted, or one of ``harms`` applied, at a drawn position."""
+    how = draw(st.integers(-4, 4 + len(harms)))
+    if how <= 0 or not data:
+        return data
+    i = draw(st.integers(0, len(data) - 1))
+    if how == 1:
+        return data[:i]
+    if how == 2:
+        return data[:i] + bytes([draw(st.integers(0, 255))]) + data[i + 1:]
+    if how == 3:
+        return data[:i] + draw(st.binary(min_size=1, max_size=4)) + data[i:]
+    if how == 4:
+        return data[:i] + data[i + 1:]
+    return harms[how - 5](draw, data, i)
