@@ -389,24 +389,12 @@ def test_thread_safety() -> None:
 
 def test_h2c_upgrade_hands_buffers_to_http2_when_available() -> None:
     """HTTP/1.1 Upgrade: h2c -> 101 -> the http2 module's session gets the remaining bytes."""
-    import h2.config
-    import h2.connection
+    from tests.support.exchanges import h2c_upgrade
 
     assert protocols.load("http2") is not None, "processors/protocols/http2.py must import"
 
-    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
-    settings_header = client.initiate_upgrade_connection()
-    server = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
-    server.initiate_upgrade_connection(settings_header)
-    client_bytes = client.data_to_send()
-    server_bytes = server.data_to_send()
-    server.send_headers(1, [(":status", "200"), ("content-length", "0")], end_stream=True)
-    server_bytes += server.data_to_send()
-    up = (b"GET /h2 HTTP/1.1\r\nHost: h\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n"
-          b"HTTP2-Settings: " + settings_header + b"\r\n\r\n")
     p, sink = stage({"enabled": ["http", "http2"]})
-    p.consume_events([data(True, up), data(False, b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\n\r\n"),
-                      data(True, client_bytes), data(False, server_bytes)])
+    p.consume_events([data(fc, b) for fc, b in h2c_upgrade()])
     # The upgraded request is answered on HTTP/2 stream 1: one span, made by the http2 session.
     (span,) = sink.spans
     assert span.attributes["url.path"] == "/h2" and span.attributes["http.response.status_code"] == 200

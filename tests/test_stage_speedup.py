@@ -20,7 +20,7 @@ from processors.protocols.errors import ProtocolError
 from processors.protocols.processor import ProtocolsProcessor
 from receivers.pcap import PcapReceiver
 from service.model import EventKind, TcpEvent
-from tests.support.exchanges import EXCHANGES
+from tests.support.exchanges import EXCHANGES, h2c_upgrade
 from tests.support.speedup import load_accelerator
 from tests.support.whole import cut, mutate
 
@@ -212,22 +212,9 @@ def test_trace_assembly_and_a_process_view(monkeypatch: pytest.MonkeyPatch) -> N
 def test_a_protocol_switch_h2c(monkeypatch: pytest.MonkeyPatch) -> None:
     """HTTP/1 Upgrade: h2c, the 101, then HTTP/2 frames (h2's own): the C path hands back SWITCH
     and the upgraded request is answered on stream 1, as on the Python path."""
-    import h2.config
-    import h2.connection
-
-    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
-    settings_header = client.initiate_upgrade_connection()
-    server = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
-    server.initiate_upgrade_connection(settings_header)
-    client_bytes = client.data_to_send()
-    server_bytes = server.data_to_send()
-    server.send_headers(1, [(":status", "200"), ("content-length", "0")], end_stream=True)
-    server_bytes += server.data_to_send()
-    up = (b"GET /h2 HTTP/1.1\r\nHost: h\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n"
-          b"HTTP2-Settings: " + settings_header + b"\r\n\r\n")
-    segs = [(True, up), (False, b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\n\r\n"),
-            (True, client_bytes), (False, server_bytes)]
     from processors.protocols import http1
+
+    segs = h2c_upgrade()
 
     real = http1.Http1Session.feed_whole
 

@@ -17,7 +17,7 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 
-__all__ = ["EXCHANGES", "Exchange"]
+__all__ = ["EXCHANGES", "Exchange", "h2c_upgrade"]
 
 
 @dataclass
@@ -104,6 +104,26 @@ def _http2(size: int) -> Exchange:
 
 
 # -- PostgreSQL ------------------------------------------------------------------------------
+def h2c_upgrade(path: str = "/h2") -> list[tuple[bool, bytes]]:
+    """An HTTP/1.1 ``Upgrade: h2c`` request, the 101, then h2's own client and server bytes (the
+    preface and SETTINGS; the server's 200 on stream 1, the upgraded request's answer)."""
+    import h2.config
+    import h2.connection
+
+    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    settings_header = client.initiate_upgrade_connection()
+    server = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+    server.initiate_upgrade_connection(settings_header)
+    client_bytes = client.data_to_send()
+    server_bytes = server.data_to_send()
+    server.send_headers(1, [(":status", "200"), ("content-length", "0")], end_stream=True)
+    server_bytes += server.data_to_send()
+    up = (f"GET {path} HTTP/1.1\r\nHost: h\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n"
+          "HTTP2-Settings: ").encode() + settings_header + b"\r\n\r\n"
+    return [(True, up), (False, b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\n\r\n"),
+            (True, client_bytes), (False, server_bytes)]
+
+
 def _pg_msg(t: bytes, body: bytes = b"") -> bytes:
     return t + struct.pack(">i", len(body) + 4) + body
 
