@@ -381,6 +381,16 @@ class _Dir:
         self.end = False     # its frame-end octet is still to come
 
 
+def _message_fields(a: dict[str, Any], body: int, corr: str | None, mid: str | None) -> None:
+    """A message's content-header fields as span attributes: the buffered path (_properties) and
+    the whole publish and delivery (_published, _delivered) write the same ones."""
+    a["messaging.message.body.size"] = body
+    if corr is not None:
+        a["messaging.message.conversation_id"] = corr
+    if mid is not None:
+        a["messaging.message.id"] = mid
+
+
 class Session(Session):  # type: ignore[no-redef]
     protocol: ClassVar[str] = NAME
     #: The span kinds of a connection's perspective: these for a capture (Conn.kind_for's
@@ -663,12 +673,7 @@ class Session(Session):  # type: ignore[no-redef]
     def _properties(self, from_client: bool, channel: int, ch: _Channel, op: _Op, body: int, corr: str | None,
                     mid: str | None, tp: str | None, ts_ns: int) -> None:
         """A content header's fields (_read_header's, or _frames.walk's) for the message ``op``."""
-        a = op.attrs
-        a["messaging.message.body.size"] = body
-        if corr is not None:
-            a["messaging.message.conversation_id"] = corr
-        if mid is not None:
-            a["messaging.message.id"] = mid
+        _message_fields(op.attrs, body, corr, mid)
         if tp:
             op.traceparent = tp
         op.body = body
@@ -818,11 +823,7 @@ class Session(Session):  # type: ignore[no-redef]
                              "messaging.operation.type": "send", "messaging.destination.name": exchange}
         if rk:
             a["messaging.rabbitmq.destination.routing_key"] = rk
-        a["messaging.message.body.size"] = body
-        if corr is not None:
-            a["messaging.message.conversation_id"] = corr
-        if mid is not None:
-            a["messaging.message.id"] = mid
+        _message_fields(a, body, corr, mid)
         if self.client_name:
             a["messaging.client.id"] = self.client_name
         conn = self.conn
@@ -842,11 +843,7 @@ class Session(Session):  # type: ignore[no-redef]
             a["messaging.destination.subscription.name"] = queue
         if redelivered:
             a["messaging.rabbitmq.redelivered"] = True
-        a["messaging.message.body.size"] = body
-        if corr is not None:
-            a["messaging.message.conversation_id"] = corr
-        if mid is not None:
-            a["messaging.message.id"] = mid
+        _message_fields(a, body, corr, mid)
         if self.client_name:
             a["messaging.client.id"] = self.client_name
         target = queue if queue and not queue.startswith("amq.gen-") else (exchange or "amq.default")
