@@ -356,8 +356,8 @@ class _Op:
 
 
 class _Channel:
-    __slots__ = ("confirm", "confirm_low", "confirm_next", "consumers", "content", "last_exchange", "last_queue",
-                 "sync_head", "sync_tail")
+    __slots__ = ("confirm", "confirm_low", "confirm_next", "consumers", "content", "get_queue", "last_exchange",
+                 "last_queue", "sync_head", "sync_tail")
 
     def __init__(self) -> None:
         self.content: list[_Op | None] = [None, None]  # per direction (from server, from client)
@@ -365,6 +365,9 @@ class _Channel:
         self.confirm_next = 1
         self.confirm_low = 1
         self.consumers: dict[str, str] = {}  # consumer tag -> queue
+        # The queue of the last basic.get-ok: its message's settlement is named by it (a
+        # settlement carries only a delivery tag, and a get has no consumer to name it by).
+        self.get_queue = ""
         self.last_exchange = ""
         self.last_queue = ""
         self.sync_head = self.sync_tail = 0  # this channel's requests in Session.sync
@@ -795,6 +798,8 @@ class Session(Session):  # type: ignore[no-redef]
             rk, q = _shortstr(v, q, end)
             req = self._sync_pop(channel, ch)
             queue = req.attrs.get("messaging.destination.subscription.name", "") if req is not None else ""
+            if queue:
+                ch.get_queue = queue
             op = self._consumer_op(cm, "receive", queue, exchange, rk, dtag, redelivered,
                                    req.start_ts if req is not None else start)
         op.body = -1  # its content header is next
@@ -1006,10 +1011,15 @@ class Session(Session):  # type: ignore[no-redef]
         if cm != (60, 80) and bits & (2 if cm == (60, 120) else 1):
             a["messaging.rabbitmq.requeue"] = True
         consumers = ch.consumers
+        got = ch.get_queue
         if len(consumers) == 1:  # the usual channel, one consumer: its queue without a set
             queue = next(iter(consumers.values()))
+            if got and got != queue:
+                queue = ""  # messages of two queues: the delivery tag does not tell which
         else:
             queues = set(consumers.values())
+            if got:
+                queues.add(got)
             queue = next(iter(queues)) if len(queues) == 1 else ""
         if queue:
             a["messaging.destination.subscription.name"] = queue
