@@ -28,7 +28,7 @@ _stage = load_accelerator("processors.protocols._stage")
 # Imported directly, so these run under WIRESPAN_PURE_PYTHON=1 too (the stage then has no C path
 # of its own: each test gives it this one).
 _stage.setup(TcpEvent, stage_mod._State, stage_mod.Conn, stage_mod.LargeBuffer, stage_mod.PendingBudget,
-             EventKind.DATA, stage_mod._PARSING)
+             EventKind.DATA, stage_mod._PARSING, EventKind.OPEN, EventKind.CLOSE)
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 
 
@@ -348,10 +348,119 @@ def test_the_c_path_takes_the_data_events(monkeypatch: pytest.MonkeyPatch) -> No
 
 
 def test_bad_arguments_are_refused() -> None:
+    b = stage_mod.PendingBudget()
     with pytest.raises(TypeError):
         _stage.run([], 0, {}, None, [], None)
     with pytest.raises(TypeError):
-        _stage.run((), 0, {}, None, [], None, [0])
+        _stage.run((), 0, {}, None, [], None, [0], {}, 10)
+    with pytest.raises(TypeError):
+        _stage.run([], 0, {}, None, [], b, [0], [], 10)  # stats: a dict
     with pytest.raises(ValueError):
-        _stage.run([], -1, {}, None, [], stage_mod.PendingBudget(), [0])
-    assert _stage.run([], 0, {}, None, [], stage_mod.PendingBudget(), [0]) == _stage.DONE
+        _stage.run([], -1, {}, None, [], b, [0], {}, 10)
+    with pytest.raises(TypeError):
+        _stage.setup(TcpEvent, stage_mod._State, stage_mod.Conn, stage_mod.LargeBuffer, stage_mod.PendingBudget,
+                     EventKind.DATA, stage_mod._PARSING)
+    assert _stage.run([], 0, {}, None, [], b, [0], {}, 10) == _stage.DONE
+
+
+def _ends(events: list[TcpEvent], config: dict | None = None, batches: int = 3) -> tuple:
+    """(every tracked connection's state, in the table's order, stats) after ``events``, before
+    any shutdown: what the OPEN and CLOSE steps leave behind, which spans alone may not show."""
+    stage = ProtocolsProcessor("protocols", config or {}, _Sink())
+    stage.start()
+    rng = random.Random(11)
+    i = 0
+    while i < len(events):
+        k = rng.randint(1, batches)
+        stage.consume_events(list(events[i:i + k]))
+        i += k
+    states = [(cid, st.closed, st.server_closed, st.client_side, st.egress_side, st.last_ts, st.mode,
+               st.a_addr, st.a_port, st.pid, st.comm) for cid, st in stage._conns.items()]
+    return states, _stats(stage)
+
+
+def _flip(ev: TcpEvent, **kw: object) -> TcpEvent:
+    """``ev`` with fields replaced."""
+    f = {k: getattr(ev, k) for k in TcpEvent.__slots__}
+    f.update(kw)
+    return TcpEvent(**f)
+
+
+def _close_orders() -> dict[str, list[TcpEvent]]:
+    """Connections' ends in every order the C path must tell apart."""
+    ex = EXCHANGES["redis"][0](60)
+    client_first = _events(ex.steps, ex.port, conn=1)
+    *body, cfin, sfin = client_first
+    server_first = [*body, _flip(sfin, ts_ns=cfin.ts_ns), _flip(cfin, ts_ns=sfin.ts_ns)]
+    no_data = [client_first[0], cfin, sfin]  # closed while detecting
+    half = [*body, cfin]  # the server's FIN never comes
+    twice = [*body, cfin, cfin, sfin]  # a repeated FIN
+    unknown = [_flip(cfin, conn_id=99), _flip(sfin, conn_id=99), *client_first]
+    reopened = [client_first[0], *client_first]  # an OPEN of a tracked connection
+    no_roles = [_flip(e, client_is_src=None) for e in client_first]  # roles from the protocol
+    late_role = [_flip(client_first[0], client_is_src=None), *client_first[1:]]
+    ebpf = _events(ex.steps, ex.port, conn=2, pid=7)
+    noegress_open = [_flip(ebpf[0], egress=None), *ebpf[1:]]
+    egress_late = [_flip(e, egress=None) if e.kind != EventKind.DATA else e for e in ebpf]
+    # Only OPENs: the roles they say stand alone (no data to say them again), a server's OPEN too.
+    opens = [client_first[0], _flip(ebpf[0], egress=True), _flip(_events(ex.steps, ex.port, conn=3, pid=8)[0],
+             conn_id=4, egress=False), _flip(_events(ex.steps, ex.port, conn=5)[-1], kind=EventKind.OPEN)]
+    server_half = [*body, sfin]  # the server is done, the client not yet: its session heard it
+    # The server's FIN with a request in flight, then the client goes on: the FIN ends the request.
+    req = body[1]
+    pending = [body[0], req, _flip(sfin, ts_ns=req.ts_ns + 5), _flip(req, ts_ns=req.ts_ns + 9), cfin]
+    lru = [client_first[0], ebpf[0], cfin]  # a FIN is activity: the connection moves to the LRU's end
+    return {"opens": opens, "lru": lru, "server_half": server_half, "server_fin_pending": pending,
+            "client_first": client_first, "server_first": server_first, "no_data": no_data, "half": half,
+            "twice": twice, "unknown": unknown, "reopened": reopened, "no_roles": no_roles,
+            "late_role": late_role, "ebpf": ebpf, "noegress_open": noegress_open, "egress_late": egress_late}
+
+
+@pytest.mark.parametrize("case", sorted(_close_orders()))
+def test_opens_and_closes_leave_the_same_state(case: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The C path's OPEN and CLOSE steps against _event's: the same connections tracked, in the
+    same LRU order, with the same roles, FIN bits and times, and, after shutdown, the same spans
+    and drops; with a batch an event and with several."""
+    events = _close_orders()[case]
+    for batches in (1, 4):
+        both(lambda: _ends(events, batches=batches), monkeypatch)  # noqa: B023
+        both(lambda: _through(events, batches=batches), monkeypatch)  # noqa: B023
+
+
+def test_opens_over_max_connections_evict_the_oldest(monkeypatch: pytest.MonkeyPatch) -> None:
+    """More connections open than max_connections: the OPEN over it is Python's (an eviction,
+    counted), the C path takes the others."""
+    ex = EXCHANGES["redis"][0](60)
+    convs = [_events(ex.steps, ex.port, conn=c, ts=1_000_000 + c * 10) for c in range(9)]
+    opens = [c[0] for c in convs]
+    rest = [e for c in convs for e in c[1:]]
+    config = {"max_connections": 4}
+    states, stats = both(lambda: _ends(opens, config), monkeypatch)
+    assert [s[0] for s in states] == [5, 6, 7, 8] and stats["connections"] == 9
+    both(lambda: _ends(opens + rest, config), monkeypatch)
+    _spans, stats = both(lambda: _through(opens + rest, config, batches=5), monkeypatch)
+    assert stats["drops"], stats  # the evicted connections' data, counted
+
+
+def test_the_c_path_takes_opens_and_client_fins(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not only equal: a short connection's OPEN and its client's FIN are the C path's (``_event``
+    sees the first data, to detect, and the server's FIN, which its session hears)."""
+    ex = EXCHANGES["redis"][0](60)
+    events = [e for c in range(3) for e in _events(ex.steps, ex.port, conn=c)]
+    seen: list[TcpEvent] = []
+    real = ProtocolsProcessor._event
+
+    def spy(self: ProtocolsProcessor, ev: TcpEvent) -> None:
+        seen.append(ev)
+        real(self, ev)
+
+    monkeypatch.setattr(ProtocolsProcessor, "_event", spy)
+    monkeypatch.setattr(stage_mod, "_C_STAGE", _stage)
+    sink = _Sink()
+    stage = ProtocolsProcessor("protocols", {}, sink)
+    stage.consume_events(events)
+    stage.shutdown()
+    assert sink.spans and stage.stats["connections"] == 3
+    assert not [e for e in seen if e.kind == EventKind.OPEN]
+    closes = [e for e in seen if e.kind == EventKind.CLOSE]
+    assert len(closes) == 3 and all(e.sport == ex.port for e in closes), closes

@@ -3,14 +3,17 @@
  * Most events are data of a connection already being parsed whose buffer for that direction is
  * empty: the stage then hands the payload to the session's ``feed_whole`` and is done. In Python
  * that dispatch (the connection lookup, the LRU move, the side, the checks around the call) cost
- * as much as a short message's parse (issue 21). ``run`` does exactly the stage's fast path for a
- * run of such events and returns at the first event that needs anything else, which the Python
+ * as much as a short message's parse (issue 21). A short connection's OPEN and its first FIN cost
+ * the same again, and they are as plain: the OPEN of a connection not tracked makes its _State,
+ * and a FIN that ends nothing (the other side's is still to come, and no session is to hear it)
+ * sets a bit. ``run`` does exactly the stage's steps for a run of such events and returns at the
+ * first event that needs anything else, which the Python
  * code (``ProtocolsProcessor._one``, the reference) then takes whole; it never decides anything
  * the Python code would decide differently:
  *
- *   run(events, i, conns, move_to_end, out, budget, where) -> i * 8 + code
+ *   run(events, i, conns, move_to_end, out, budget, where, stats, max_connections) -> i * 8 + code
  *
- * code EVENT: event i is no data of a connection being parsed (the stage's ``_event`` takes it,
+ * code EVENT: event i is none of those (the stage's ``_event`` takes it,
  * as ``_one`` would hand it there); BAIL: event i is untouched (or only had the idempotent steps: LRU move, last_ts) and is
  * Python's; DECLINED: feed_whole(...) returned false for event i (nothing changed: Python buffers
  * it without asking again); SWITCH: event i was taken and its session asked for a protocol switch;
@@ -26,22 +29,23 @@
 #include "../../service/_slots.h"
 
 static PyTypeObject *EventT, *StateT, *ConnT, *BufT, *BudgetT;
-static PyObject *DATA_KIND, *S_FEED_WHOLE, *S_SWITCH_TO;
+static PyObject *DATA_KIND, *OPEN_KIND, *CLOSE_KIND, *S_FEED_WHOLE, *S_SWITCH_TO, *S_CONNECTIONS;
 static long PARSING;
 
-static Py_ssize_t e_kind, e_conn_id, e_src, e_sport, e_payload, e_ts_ns, e_egress, e_tid;
+static Py_ssize_t e_kind, e_conn_id, e_src, e_sport, e_payload, e_ts_ns, e_egress, e_tid, e_client_is_src;
 static Py_ssize_t s_mode, s_egress_side, s_last_ts, s_a_port, s_a_addr, s_bufs, s_conn, s_session, s_client_side,
-    s_errors;
+    s_errors, s_closed, s_server_closed;
 static Py_ssize_t c_assembler, c_extra, c_tid, c_req_from_client;
 static Py_ssize_t b_len, g_over;
 
 enum { DONE = 0, BAIL = 1, DECLINED = 2, SWITCH = 3, SHED = 4, EVENT = 5 };
 
-/* setup(TcpEvent, _State, Conn, LargeBuffer, PendingBudget, DATA, PARSING): once, at import. */
+/* setup(TcpEvent, _State, Conn, LargeBuffer, PendingBudget, DATA, PARSING, OPEN, CLOSE): once, at import. */
 static PyObject *setup(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 7 || !PyType_Check(args[0]) || !PyType_Check(args[1]) || !PyType_Check(args[2]) ||
+    if (nargs != 9 || !PyType_Check(args[0]) || !PyType_Check(args[1]) || !PyType_Check(args[2]) ||
         !PyType_Check(args[3]) || !PyType_Check(args[4]) || !PyLong_Check(args[6])) {
-        PyErr_SetString(PyExc_TypeError, "setup(TcpEvent, _State, Conn, LargeBuffer, PendingBudget, DATA, PARSING)");
+        PyErr_SetString(PyExc_TypeError,
+                        "setup(TcpEvent, _State, Conn, LargeBuffer, PendingBudget, DATA, PARSING, OPEN, CLOSE)");
         return NULL;
     }
     PyTypeObject *e = (PyTypeObject *)args[0], *s = (PyTypeObject *)args[1], *c = (PyTypeObject *)args[2],
@@ -57,6 +61,7 @@ static PyObject *setup(PyObject *self, PyObject *const *args, Py_ssize_t nargs) 
     OFF(e, e_ts_ns, "ts_ns");
     OFF(e, e_egress, "egress");
     OFF(e, e_tid, "tid");
+    OFF(e, e_client_is_src, "client_is_src");
     OFF(s, s_mode, "mode");
     OFF(s, s_egress_side, "egress_side");
     OFF(s, s_last_ts, "last_ts");
@@ -67,6 +72,8 @@ static PyObject *setup(PyObject *self, PyObject *const *args, Py_ssize_t nargs) 
     OFF(s, s_session, "session");
     OFF(s, s_client_side, "client_side");
     OFF(s, s_errors, "errors");
+    OFF(s, s_closed, "closed");
+    OFF(s, s_server_closed, "server_closed");
     OFF(c, c_assembler, "assembler");
     OFF(c, c_extra, "extra");
     OFF(c, c_tid, "tid");
@@ -83,6 +90,8 @@ static PyObject *setup(PyObject *self, PyObject *const *args, Py_ssize_t nargs) 
     Py_XSETREF(BufT, (PyTypeObject *)Py_NewRef(b));
     Py_XSETREF(BudgetT, (PyTypeObject *)Py_NewRef(g));
     Py_XSETREF(DATA_KIND, Py_NewRef(args[5]));
+    Py_XSETREF(OPEN_KIND, Py_NewRef(args[7]));
+    Py_XSETREF(CLOSE_KIND, Py_NewRef(args[8]));
     Py_RETURN_NONE;
 }
 
@@ -118,10 +127,141 @@ static inline int same(PyObject *a, PyObject *b) {
     return PyObject_RichCompareBool(a, b, Py_EQ);
 }
 
+/* The side ``ev``'s sender is on, as processor.py says it:
+ * ``0 if (ev.sport == st.a_port and ev.src == st.a_addr) else 1``; -1 with an exception set,
+ * -2 when a slot is unset (the event is Python's). */
+static int side_of(PyObject *ev, PyObject *st) {
+    PyObject *sport = SLOT(ev, e_sport), *src = SLOT(ev, e_src), *a_port = SLOT(st, s_a_port),
+             *a_addr = SLOT(st, s_a_addr);
+    if (sport == NULL || src == NULL || a_port == NULL || a_addr == NULL)
+        return -2;
+    int eq = same(sport, a_port);
+    if (eq > 0)
+        eq = same(src, a_addr);
+    return eq < 0 ? -1 : (eq ? 0 : 1);
+}
+
+/* Whether the pending budget is over, as ``budget.over`` says; -1 with an exception set. */
+static inline int over(PyObject *budget) {
+    PyObject *o = SLOT(budget, g_over);
+    if (o == NULL || o == Py_False)
+        return 0;
+    return PyObject_IsTrue(o);
+}
+
+/* The role a first event says (``side if flag else 1 - side``, side 0) into the state's slot. */
+static int set_role(PyObject *st, Py_ssize_t off, PyObject *flag) {
+    int t = PyObject_IsTrue(flag);
+    if (t < 0)
+        return -1;
+    PyObject *v = PyLong_FromLong(t ? 0 : 1);
+    if (v == NULL)
+        return -1;
+    set_slot(st, off, v);
+    return 0;
+}
+
+/* An OPEN of a connection not tracked: _event's steps for it (a new _State, counted, its roles
+ * from the event). 1: Python's (the table is full: an eviction), 0: taken, -1: an exception. */
+static int open_event(PyObject *ev, PyObject *cid, PyObject *conns, PyObject *stats, Py_ssize_t max_conns) {
+    PyObject *cis = SLOT(ev, e_client_is_src), *egress = SLOT(ev, e_egress);
+    if (cis == NULL || egress == NULL || PyDict_GET_SIZE(conns) >= max_conns)
+        return 1;
+    PyObject *n = PyDict_GetItemWithError(stats, S_CONNECTIONS); /* borrowed */
+    if (n == NULL || !PyLong_CheckExact(n))
+        return PyErr_Occurred() ? -1 : 1;
+    PyObject *st = PyObject_CallOneArg((PyObject *)StateT, ev);
+    if (st == NULL)
+        return -1;
+    if (!Py_IS_TYPE(st, StateT) || PyObject_SetItem(conns, cid, st) < 0) { /* an OrderedDict: its own setitem */
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_TypeError, "_State(ev) is no _State");
+        Py_DECREF(st);
+        return -1;
+    }
+    Py_ssize_t k = PyLong_AsSsize_t(n);
+    PyObject *n1 = k == -1 && PyErr_Occurred() ? NULL : PyLong_FromSsize_t(k + 1);
+    int bad = n1 == NULL || PyDict_SetItem(stats, S_CONNECTIONS, n1) < 0;
+    Py_XDECREF(n1);
+    /* Its last_ts is the event's already; the event's side is 0 (the state's a_ is its sender). */
+    if (!bad && cis != Py_None && SLOT(st, s_client_side) == Py_None)
+        bad = set_role(st, s_client_side, cis) < 0;
+    if (!bad && egress != Py_None && SLOT(st, s_egress_side) == Py_None)
+        bad = set_role(st, s_egress_side, egress) < 0;
+    Py_DECREF(st);
+    return bad ? -1 : 0;
+}
+
+/* A CLOSE of a tracked connection that ends nothing: a side's first FIN while the other's is
+ * still to come, when no session is to hear it (the client's FIN, or a connection not parsed).
+ * 1: Python's (roles to learn, a server's FIN for a session, the connection's end), 0: taken,
+ * -1: an exception. */
+static int close_event(PyObject *ev, PyObject *cid, PyObject *st, PyObject *move) {
+    PyObject *cis = SLOT(ev, e_client_is_src), *egress = SLOT(ev, e_egress), *cs = SLOT(st, s_client_side),
+             *es = SLOT(st, s_egress_side), *ts = SLOT(ev, e_ts_ns), *last = SLOT(st, s_last_ts);
+    if (cis == NULL || egress == NULL || cs == NULL || es == NULL || ts == NULL || last == NULL ||
+        (cis != Py_None && cs == Py_None) || (egress != Py_None && es == Py_None) ||
+        (cs != Py_None && !PyLong_CheckExact(cs)))
+        return 1;
+    long closed = small_int(SLOT(st, s_closed)), mode = small_int(SLOT(st, s_mode));
+    if (closed < 0 || mode < 0)
+        return 1;
+    int side = side_of(ev, st);
+    if (side < 0)
+        return side == -1 ? -1 : 1;
+    long now = closed | (1L << side);
+    if (now == 3)
+        return 1;
+    if (mode == PARSING && side != small_int(cs)) {
+        PyObject *sc = SLOT(st, s_server_closed);
+        if (sc != Py_True)
+            return 1; /* the server is done: the session hears it (Python) */
+    }
+    PyObject *r = PyObject_CallOneArg(move, cid);
+    if (r == NULL)
+        return -1;
+    Py_DECREF(r);
+    int gt = PyObject_RichCompareBool(ts, last, Py_GT);
+    if (gt < 0)
+        return -1;
+    if (gt)
+        set_slot(st, s_last_ts, Py_NewRef(ts));
+    PyObject *v = PyLong_FromLong(now);
+    if (v == NULL)
+        return -1;
+    set_slot(st, s_closed, v);
+    return 0;
+}
+
+/* OPEN and CLOSE: 0 taken, 1 the event is Python's (EVENT), -1 an exception. */
+static int edge_event(PyObject *ev, PyObject *kind, PyObject *conns, PyObject *move, PyObject *stats,
+                      Py_ssize_t max_conns) {
+    if (kind != OPEN_KIND && kind != CLOSE_KIND)
+        return 1;
+    PyObject *cid = SLOT(ev, e_conn_id);
+    if (cid == NULL)
+        return 1;
+    PyObject *st = PyDict_GetItemWithError(conns, cid); /* borrowed */
+    if (st == NULL && PyErr_Occurred())
+        return -1;
+    if (kind == OPEN_KIND)
+        return st == NULL ? open_event(ev, cid, conns, stats, max_conns) : 1;
+    if (st == NULL)
+        return 0; /* nothing known about it: nothing to end (_event) */
+    if (!Py_IS_TYPE(st, StateT))
+        return 1;
+    Py_INCREF(st);
+    int r = close_event(ev, cid, st, move);
+    Py_DECREF(st);
+    return r;
+}
+
 static PyObject *run(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 7 || !PyList_Check(args[0]) || !PyDict_Check(args[2]) || !PyList_Check(args[4]) ||
-        !PyList_CheckExact(args[6]) || PyList_GET_SIZE(args[6]) != 1) {
-        PyErr_SetString(PyExc_TypeError, "run(events, i, conns, move_to_end, out, budget, where)");
+    if (nargs != 9 || !PyList_Check(args[0]) || !PyDict_Check(args[2]) || !PyList_Check(args[4]) ||
+        !PyList_CheckExact(args[6]) || PyList_GET_SIZE(args[6]) != 1 || !PyDict_CheckExact(args[7]) ||
+        !PyLong_CheckExact(args[8])) {
+        PyErr_SetString(PyExc_TypeError,
+                        "run(events, i, conns, move_to_end, out, budget, where, stats, max_connections)");
         return NULL;
     }
     if (EventT == NULL) {
@@ -129,7 +269,10 @@ static PyObject *run(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
         return NULL;
     }
     PyObject *events = args[0], *conns = args[2], *move = args[3], *out = args[4], *budget = args[5],
-             *where = args[6];
+             *where = args[6], *stats = args[7];
+    Py_ssize_t max_conns = PyLong_AsSsize_t(args[8]);
+    if (max_conns < 0)
+        return PyErr_Occurred() ? NULL : ret(PyLong_AsSsize_t(args[1]), BAIL);
     Py_ssize_t i = PyLong_AsSsize_t(args[1]);
     if (i < 0) {
         if (!PyErr_Occurred())
@@ -142,8 +285,15 @@ static PyObject *run(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
         PyObject *ev = PyList_GET_ITEM(events, i);
         if (!Py_IS_TYPE(ev, EventT))
             return ret(i, BAIL);
-        if (SLOT(ev, e_kind) != DATA_KIND)
-            return ret(i, EVENT);
+        PyObject *kind = SLOT(ev, e_kind);
+        if (kind != DATA_KIND) {
+            int r = edge_event(ev, kind, conns, move, stats, max_conns);
+            if (r < 0)
+                return fail(where, i);
+            if (r)
+                return ret(i, EVENT);
+            goto taken;
+        }
         PyObject *cid = SLOT(ev, e_conn_id);
         if (cid == NULL)
             return ret(i, BAIL);
@@ -180,21 +330,13 @@ static PyObject *run(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
                 return ret(i, BAIL);
             }
         }
-        PyObject *sport = SLOT(ev, e_sport), *src = SLOT(ev, e_src), *a_port = SLOT(st, s_a_port),
-                 *a_addr = SLOT(st, s_a_addr);
         int side = 1;
         if (plen) {
-            if (sport == NULL || src == NULL || a_port == NULL || a_addr == NULL)
+            side = side_of(ev, st);
+            if (side == -2)
                 return ret(i, BAIL);
-            int eq = same(sport, a_port);
-            if (eq < 0)
+            if (side < 0)
                 return fail(where, i);
-            if (eq) {
-                eq = same(src, a_addr);
-                if (eq < 0)
-                    return fail(where, i);
-            }
-            side = eq ? 0 : 1;
             PyObject *buf = PyTuple_GET_ITEM(bufs, side);
             if (!Py_IS_TYPE(buf, BufT))
                 return ret(i, BAIL);
@@ -287,23 +429,20 @@ static PyObject *run(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
         if (sw)
             return ret(i, SWITCH);
     taken:;
-        PyObject *over = SLOT(budget, g_over);
-        if (over != NULL && over != Py_False) {
-            int o = PyObject_IsTrue(over);
-            if (o < 0)
-                return fail(where, i);
-            if (o)
-                return ret(i, SHED);
-        }
+        int o = over(budget);
+        if (o < 0)
+            return fail(where, i);
+        if (o)
+            return ret(i, SHED);
     }
     return ret(i, DONE);
 }
 
 static PyMethodDef methods[] = {
     {"setup", (PyCFunction)(void (*)(void))setup, METH_FASTCALL, "setup(TcpEvent, _State, Conn, LargeBuffer, "
-                                                                  "PendingBudget, DATA, PARSING)"},
+                                                                  "PendingBudget, DATA, PARSING, OPEN, CLOSE)"},
     {"run", (PyCFunction)(void (*)(void))run, METH_FASTCALL,
-     "run(events, i, conns, move_to_end, out, budget, where) -> (i, code)"},
+     "run(events, i, conns, move_to_end, out, budget, where, stats, max_connections) -> i * 8 + code"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -312,7 +451,8 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_stage", NULL, -1, m
 PyMODINIT_FUNC PyInit__stage(void) {
     S_FEED_WHOLE = PyUnicode_InternFromString("feed_whole");
     S_SWITCH_TO = PyUnicode_InternFromString("switch_to");
-    if (S_FEED_WHOLE == NULL || S_SWITCH_TO == NULL)
+    S_CONNECTIONS = PyUnicode_InternFromString("connections");
+    if (S_FEED_WHOLE == NULL || S_SWITCH_TO == NULL || S_CONNECTIONS == NULL)
         return NULL;
     PyObject *m = PyModule_Create(&module);
     if (m == NULL)

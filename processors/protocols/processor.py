@@ -287,6 +287,7 @@ _DATAGRAM = EventKind.DATAGRAM
 _GAP = EventKind.GAP
 _CLOSE = EventKind.CLOSE
 _RESET = EventKind.RESET
+_OPEN = EventKind.OPEN
 # The members as module constants: a member looked up on its enum class is a Python-level
 # lookup (70 ns, a local 5 ns), several times a connection in detection.
 _REQUEST, _RESPONSE, _NEED_MORE, _NO = Detection.REQUEST, Detection.RESPONSE, Detection.NEED_MORE, Detection.NO
@@ -350,7 +351,7 @@ class _State:
 #: The per-event fast path in C (processors/protocols/_stage.c), or None: ``_one`` is the reference.
 _C_STAGE = speedups.load("processors.protocols._stage")
 if _C_STAGE is not None:
-    _C_STAGE.setup(TcpEvent, _State, Conn, LargeBuffer, PendingBudget, _DATA, _PARSING)
+    _C_STAGE.setup(TcpEvent, _State, Conn, LargeBuffer, PendingBudget, _DATA, _PARSING, _OPEN, _CLOSE)
 
 
 class ProtocolsProcessor(EventProcessor):
@@ -531,10 +532,11 @@ class ProtocolsProcessor(EventProcessor):
         move = conns.move_to_end
         budget = self._budget
         where = [0]
+        stats, most = self.stats, self.config.max_connections
         i, n = 0, len(events)
         while i < n:
             try:
-                r = run(events, i, conns, move, out, budget, where)
+                r = run(events, i, conns, move, out, budget, where, stats, most)
             except ProtocolError as e:  # from feed_whole: _one's handling of it
                 ev = events[where[0]]
                 i = where[0] + 1
@@ -563,7 +565,7 @@ class ProtocolsProcessor(EventProcessor):
             i = r >> 3
             ev = events[i]
             i += 1
-            if code == event:  # no data of a connection being parsed: _one would call _event
+            if code == event:  # not one of the C path's: _one would call _event
                 try:
                     self._event(ev)
                 except Exception:
