@@ -197,8 +197,16 @@ static PyObject *values(PyObject *self, PyObject *const *argv, Py_ssize_t argc) 
                             kept_len[nk++] = cr - (q + 1) < MAX_ARG_BYTES ? cr - (q + 1) : MAX_ARG_BYTES;
                         }
                         q = cr + 2;
+                    } else if (ek == K_AGG) {
+                        /* An empty or null aggregate (HELLO's "modules" *0): a complete element,
+                         * not kept, as the scanner has it; one with elements is the scanner's. */
+                        long ecnt;
+                        if (!num_line(s, n, q + 1, &ecnt, &q) || ecnt > 0) {
+                            ok = 0;
+                            break;
+                        }
                     } else {
-                        ok = 0; /* nested aggregate, attribute, anything else */
+                        ok = 0; /* attribute, anything else */
                         break;
                     }
                 }

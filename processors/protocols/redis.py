@@ -448,8 +448,8 @@ WholeValue = tuple[int, list[bytes], int, bool, str | None]
 
 def _whole_values(c: memoryview | bytes, p: int, keep: int, out: list[WholeValue]) -> int:
     """Top-level values of the common shapes lying whole in ``c`` from ``p``: flat aggregates
-    (``*`` ``%`` ``~`` ``>``) of bulk and line elements (every command, most replies), a bulk
-    (``$`` ``!`` ``=``) or a line (``+`` ``-`` ``:`` ``_`` ``,`` ``#`` ``(``) value, each
+    (``*`` ``%`` ``~`` ``>``) of bulk and line elements and empty aggregates (every command,
+    most replies, HELLO's), a bulk (``$`` ``!`` ``=``) or a line (``+`` ``-`` ``:`` ``_`` ``,`` ``#`` ``(``) value, each
     appended to ``out`` as a ``WholeValue`` (what the scanner would have found: the same
     kept elements, count, null and error). Returns the offset after the last one taken; it
     stops, having taken nothing of it, at the first value it cannot take whole.
@@ -506,7 +506,14 @@ def _whole_values(c: memoryview | bytes, p: int, keep: int, out: list[WholeValue
                     if e == 0x2B and len(args) < keep:  # '+'
                         args.append(c[q + 1:min(m.end(1), q + 1 + MAX_ARG_BYTES)].tobytes())
                     q = m.end()
-                else:  # nested, an attribute, anything else: the scanner's
+                elif e in _FLAT_AGG_TYPES:
+                    # An empty or null aggregate (HELLO's "modules" *0): a complete element,
+                    # not kept, as the scanner has it; one with elements is the scanner's.
+                    m = count(c, q + 1)
+                    if m is None or int(m.group(1)) > 0:
+                        return p
+                    q = m.end()
+                else:  # an attribute, anything else: the scanner's
                     return p
             if q > n:
                 return p
