@@ -6,12 +6,15 @@ Run: ``python -m bench protocols-vs-tshark`` (or ``python -m bench.bench_protoco
 Captures (one per protocol, ~``--packets`` packets each):
 - real servers: the fixtures recorded from real servers and clients (tests/fixtures: nginx
   and curl over h2c, grpcio, psycopg against PostgreSQL, PyMySQL/mysql-connector against
-  MariaDB, kafka-python against Tansu, Python's http.server) copied as many times as it
-  takes, each copy its own client port and later in time, the server port set to the
-  protocol's well-known one so tshark dissects it without help (``-d`` is given anyway);
-- built from the specification: the protocols without a recorded fixture (MQTT, Redis,
-  MongoDB, memcached, FastCGI, NATS, AMQP) from tests/support/exchanges.py's conversation,
-  one connection a copy (marked ``spec`` in the table).
+  MariaDB, kafka-python against Tansu, Python's http.server, redis-py against redis-server,
+  paho-mqtt against mosquitto, pika against RabbitMQ, nginx against php-fpm, pymemcache
+  against memcached) copied as many times as it takes, each copy its own client port and
+  later in time, the server port set to the protocol's well-known one so tshark dissects it
+  without help (``-d`` is given anyway);
+- built from the specification: the protocols without a recorded fixture (MongoDB, whose
+  server Debian does not ship, and NATS) from tests/support/exchanges.py's conversation,
+  one connection a copy (marked ``spec`` in the table). One exchange a connection is the
+  shortest connection there is: ``bench scale`` measures that shape for every protocol.
 
 Table 1, per protocol, one run, runs alternating, medians of ``--repeats``: CPU seconds
 (user + system, ``wait4``) of ``wirespan replay CAP --output FILE --workers 1`` and of
@@ -57,12 +60,12 @@ PROTOCOLS: dict[str, tuple[str | None, str, int, str]] = {
     "postgresql": ("postgresql/psycopg_session.pcap", "postgresql", 5432, "pgsql"),
     "mysql": ("mysql/pymysql_connector_session.pcap", "mysql", 3306, "mysql"),
     "kafka": ("kafka/tansu_kafka_python.pcap", "kafka", 9092, "kafka"),
-    "mqtt": (None, "mqtt", 1883, "mqtt"),
-    "redis": (None, "redis", 6379, "resp"),
+    "mqtt": ("mqtt/paho_mosquitto_session.pcap", "mqtt", 1883, "mqtt"),
+    "redis": ("redis/redis_py_session.pcap", "redis", 6379, "resp"),
     "mongodb": (None, "mongodb", 27017, "mongo"),
-    "memcached": (None, "memcached", 11211, "memcache"),
-    "fastcgi": (None, "fastcgi", 9000, "fcgi"),
-    "amqp": (None, "amqp", 5672, "amqp"),
+    "memcached": ("memcached/pymemcache_session.pcap", "memcached", 11211, "memcache"),
+    "fastcgi": ("fastcgi/nginx_php_fpm_session.pcap", "fastcgi", 9000, "fcgi"),
+    "amqp": ("amqp/pika_rabbitmq_session.pcap", "amqp", 5672, "amqp"),
     "nats": (None, "nats", 4222, ""),  # no NATS dissector in tshark 4.0
 }
 #: tshark's filter when it differs from the dissector given to -d (gRPC rides on HTTP/2).
@@ -99,12 +102,14 @@ def replicate(fixture: str, out: str, port: int, packets: int) -> int:
     ports, the server's port set to ``port``. Returns the packets written."""
     _hdr, recs = _fixture_records(fixture)
     tcp = [(ts, fr, p) for ts, fr in recs if (p := _tcp_ports(fr)) is not None]
-    # The server is the port every connection shares (the fixtures record one server each).
+    # The server is where the first SYN goes (the fixtures record one server each); without one,
+    # the port every connection shares (a one-connection fixture's two ports tie: hence the SYN).
+    syn = next((dp for _, fr, (t, _sp, dp) in tcp if fr[t + 13] & 0x12 == 0x02), None)
     counts: dict[int, int] = {}
     for _, _, (_, sp, dp) in tcp:
         counts[sp] = counts.get(sp, 0) + 1
         counts[dp] = counts.get(dp, 0) + 1
-    server = max(counts, key=counts.__getitem__)
+    server = syn if syn is not None else max(counts, key=counts.__getitem__)
     clients = sorted({sp if dp == server else dp for _, _, (_, sp, dp) in tcp})
     t0, t1 = tcp[0][0], tcp[-1][0]
     span = t1 - t0 + 1_000_000
