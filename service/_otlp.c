@@ -507,23 +507,17 @@ static int j_ll(Out *o, long long v) {
     return j_raw(o, p, e - p);
 }
 
-/* One attribute: 1 written, 0 not handled (nothing written that counts), -1 error. */
-static int j_attr(Out *o, PyObject *k, PyObject *v) {
-    if (!PyUnicode_CheckExact(k))
-        return 0;
-    if (J_LIT(o, "{\"key\":") < 0)
-        return -1;
-    int r = j_pystr(o, k);
-    if (r <= 0)
-        return r;
+/* One value's object ({"stringValue":...}), or an array's of such (not nested: Python's):
+ * 1 written, 0 not handled (nothing written that counts), -1 error. */
+static int j_value(Out *o, PyObject *v, int in_array) {
     if (PyUnicode_CheckExact(v)) {
-        if (J_LIT(o, ",\"value\":{\"stringValue\":") < 0)
+        if (J_LIT(o, "{\"stringValue\":") < 0)
             return -1;
-        r = j_pystr(o, v);
+        int r = j_pystr(o, v);
         if (r <= 0)
             return r;
     } else if (PyBool_Check(v)) {
-        if (v == Py_True ? J_LIT(o, ",\"value\":{\"boolValue\":true") : J_LIT(o, ",\"value\":{\"boolValue\":false"))
+        if (v == Py_True ? J_LIT(o, "{\"boolValue\":true") : J_LIT(o, "{\"boolValue\":false"))
             return -1;
     } else if (PyLong_CheckExact(v)) {
         int ovf = 0;
@@ -532,7 +526,7 @@ static int j_attr(Out *o, PyObject *k, PyObject *v) {
             return 0; /* beyond int64: a stringValue, Python's to write */
         if (x == -1 && PyErr_Occurred())
             return -1;
-        if (J_LIT(o, ",\"value\":{\"intValue\":\"") < 0 || j_ll(o, x) < 0 || J_LIT(o, "\"") < 0)
+        if (J_LIT(o, "{\"intValue\":\"") < 0 || j_ll(o, x) < 0 || J_LIT(o, "\"") < 0)
             return -1;
     } else if (PyFloat_CheckExact(v)) {
         double d = PyFloat_AS_DOUBLE(v);
@@ -543,14 +537,45 @@ static int j_attr(Out *o, PyObject *k, PyObject *v) {
             return -1;
         Py_ssize_t n;
         const char *u = PyUnicode_AsUTF8AndSize(rep, &n);
-        int bad = u == NULL || J_LIT(o, ",\"value\":{\"doubleValue\":") < 0 || j_raw(o, u, n) < 0;
+        int bad = u == NULL || J_LIT(o, "{\"doubleValue\":") < 0 || j_raw(o, u, n) < 0;
         Py_DECREF(rep);
         if (bad)
+            return -1;
+    } else if (!in_array && (PyList_CheckExact(v) || PyTuple_CheckExact(v))) {
+        /* A list of scalars (MQTT's topic filters: one span in eight of a real MQTT session's,
+         * each of them Python's to write before). */
+        if (J_LIT(o, "{\"arrayValue\":{\"values\":[") < 0)
+            return -1;
+        for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(v); i++) {
+            if (i && J_LIT(o, ",") < 0)
+                return -1;
+            int r = j_value(o, PySequence_Fast_GET_ITEM(v, i), 1);
+            if (r <= 0)
+                return r;
+        }
+        if (J_LIT(o, "]}") < 0)
             return -1;
     } else {
         return 0;
     }
-    return J_LIT(o, "}}") < 0 ? -1 : 1;
+    return J_LIT(o, "}") < 0 ? -1 : 1;
+}
+
+/* One attribute: 1 written, 0 not handled (nothing written that counts), -1 error. */
+static int j_attr(Out *o, PyObject *k, PyObject *v) {
+    if (!PyUnicode_CheckExact(k))
+        return 0;
+    if (J_LIT(o, "{\"key\":") < 0)
+        return -1;
+    int r = j_pystr(o, k);
+    if (r <= 0)
+        return r;
+    if (J_LIT(o, ",\"value\":") < 0)
+        return -1;
+    r = j_value(o, v, 0);
+    if (r <= 0)
+        return r;
+    return J_LIT(o, "}") < 0 ? -1 : 1;
 }
 
 /* One span; 1 written, 0 not handled (o->len restored), -1 error. */

@@ -370,11 +370,16 @@ _json_scalar = st.one_of(_c_value, st.floats(), st.text(alphabet=st.characters(m
                          st.sampled_from(["\ud800", "a\udfffb", '"\\\x7f\x00\x1f'])).filter(lambda v: v is not None)
 
 
+#: Attribute values: scalars, and arrays of them (the C writer's), tuples and nested arrays (nested: Python's).
+_json_attr = st.one_of(_json_scalar, _json_scalar, st.lists(_json_scalar, max_size=4),
+                       st.tuples(_json_scalar, _json_scalar), st.lists(st.lists(_json_scalar, max_size=2), max_size=2))
+
+
 @st.composite
 def _json_span_st(draw: st.DrawFn) -> Span:
     s = draw(_any_span())
     if draw(st.booleans()):  # controls, surrogates, NaN and friends in the attributes the C side writes
-        s.attributes = draw(st.dictionaries(st.text(max_size=6), _json_scalar, max_size=5))
+        s.attributes = draw(st.dictionaries(st.text(max_size=6), _json_attr, max_size=5))
     if draw(st.booleans()):
         s.name = draw(_json_scalar.filter(lambda v: isinstance(v, str)))
     return s
@@ -385,6 +390,25 @@ def _json_span_st(draw: st.DrawFn) -> Span:
 def test_c_json_writer_matches_python(spans: list[Span]) -> None:
     c, py = _both_json(spans)
     assert c == py
+
+
+def test_c_json_writer_writes_arrays_of_scalars_itself() -> None:
+    """A list attribute (MQTT's topic filters) is the C writer's, not the fallback's; a nested
+    list is the fallback's; the text is Python's either way."""
+    called: list[Span] = []
+
+    def fallback(s: Span) -> str:
+        called.append(s)
+        return m._json_span(s)
+
+    flat = Span("sub", SpanKind.CLIENT, 1, 2, {"f": ["a/#", "b/+"], "t": ("x", 1, True, 2.5), "e": []})
+    nested = Span("n", SpanKind.CLIENT, 1, 2, {"f": [["a"]]})
+    import service.model as m
+    assert _c_json()([flat], fallback) == m._json_span(flat) and not called
+    _c_json()([nested], fallback)
+    assert called == [nested]
+    c, py = _both_json([flat, nested])
+    assert c == py and '"arrayValue":{"values":[{"stringValue":"a/#"},{"stringValue":"b/+"}]}' in c
 
 
 def test_c_json_writer_on_the_tricky_spans_and_odd_objects() -> None:
