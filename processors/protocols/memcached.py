@@ -22,19 +22,22 @@ collections feature, alternative framing, or collection-id operations.
 
 from __future__ import annotations
 
+import re
 import struct
 from collections import deque
 from functools import partial
 from typing import Any, ClassVar
 
 from processors.protocols.base import Conn, Detection, PendingQueue, Perspective, ProtocolSettings, Session
-from processors.protocols.errors import LimitExceeded, Malformed
+from processors.protocols.errors import LimitExceeded, Malformed, ProtocolError
 from service.largebuf import LargeBuffer
 from service.model import SpanKind, StatusCode
 from service.speedups import load as _load_speedup
 
 #: The C walker of feed_whole's segments (_memcache.c), or None: ``_walk`` then does the same.
 _C = _load_speedup("processors.protocols._memcache")
+#: Its text-line walker (``_text_walk`` in C), or None.
+_C_TEXT = getattr(_C, "text_walk", None)
 
 NAME = "memcached"
 DEFAULT_PORTS = frozenset({11211, 11210, 11207})
@@ -270,6 +273,113 @@ def _walk(data: memoryview, from_client: bool, collections: bool) -> list[tuple[
     return pkts if off == n else None
 
 
+#: A text line is read from its first this many bytes (a bounded copy: a key, a length, a word).
+MAX_TEXT_LINE = 512
+#: (name as sent, key, get family, noreply): a text command line, as ``_text_request`` takes it.
+TextCommand = tuple[str, str, bool, bool]
+#: A reply line's code: a value came for the oldest command (VALUE, VA).
+_HIT = -1
+#: A meta HD reply's code: status 0, and a hit for a get.
+_HD = 0x100
+#: Reply words that end a command, and the status each gives a command outside the get family.
+_REPLY_CODES = {
+    b"STORED": 0x00, b"DELETED": 0x00, b"TOUCHED": 0x00, b"OK": 0x00, b"MN": 0x00, b"RESET": 0x00,
+    b"END": 0x00, b"VERSION": 0x00, b"HD": _HD, b"NOT_FOUND": 0x01, b"NF": 0x01, b"EN": 0x01,
+    b"EXISTS": 0x02, b"EX": 0x02, b"NOT_STORED": 0x05, b"NS": 0x05,
+}
+_NO_KEY_CMDS = frozenset({b"verbosity", b"stats", b"flush_all", b"version"})
+_CRLF = re.compile(b"\r\n")
+
+
+def _text_command(line: bytes) -> tuple[TextCommand | None, int]:
+    """A text command line's (name, key, get family, noreply), None for a blank line, and
+    the data block bytes (with its CRLF) that follow it (0: none). Both paths read lines
+    here (``_text``, ``_text_walk``), so they cannot disagree on one."""
+    parts = line.split()
+    if not parts:
+        return None, 0
+    word = parts[0].lower()
+    if word not in _TEXT_CMDS:
+        raise Malformed(NAME, "unknown_command", 0, repr(word[:16]))
+    # gat/gats take the expiry first: "gat <exptime> <key>+" (memcached protocol.txt).
+    ki = 2 if word in (b"gat", b"gats") else 1
+    key = parts[ki].decode("utf-8", "replace") if len(parts) > ki and word not in _NO_KEY_CMDS else ""
+    skip = 0
+    if word in _TEXT_STORAGE:
+        if len(parts) < 5 or not parts[4].isdigit():
+            raise Malformed(NAME, "bad_storage_command", 0)
+        skip = int(parts[4]) + 2
+        if skip > MAX_BODY:
+            raise LimitExceeded(NAME, "body_too_large", 0)
+    elif word == b"ms" and len(parts) > 2 and parts[2].isdigit():
+        skip = int(parts[2]) + 2
+    noreply = b"noreply" in parts[2:] or (word.startswith(b"m") and b"q" in parts[2:])
+    # The text protocol's command as sent (lower-case in the protocol): the semantic
+    # conventions take the operation name as the protocol has it.
+    return (parts[0].decode("ascii", "replace"), key, word in _TEXT_GET, noreply), skip
+
+
+def _text_reply_line(line: bytes) -> tuple[int | str | None, int]:
+    """A text reply line's code (``_HIT``, a ``_REPLY_CODES`` value, 0 for a number) or an
+    error line's text, None for a line of a multi-line reply (STAT), and the value bytes
+    (with their CRLF) that follow it."""
+    word = line.split(b" ", 1)[0]
+    if word == b"VALUE":
+        parts = line.split()
+        if len(parts) < 4 or not parts[3].isdigit():
+            raise Malformed(NAME, "bad_value_line", 0)
+        skip = int(parts[3]) + 2
+        if skip > MAX_BODY:
+            raise LimitExceeded(NAME, "body_too_large", 0)
+        return _HIT, skip
+    if word == b"STAT":
+        return None, 0  # a line of a multi-line reply; END closes it
+    if word == b"VA":  # meta get value
+        parts = line.split()
+        if len(parts) > 1 and parts[1].isdigit():
+            return _HIT, int(parts[1]) + 2
+    if word in _TEXT_ERRORS:
+        return line.decode("utf-8", "replace")[:256], 0
+    code = _REPLY_CODES.get(word)
+    if code is not None:
+        return code, 0
+    if word.isdigit():
+        return 0x00, 0
+    # A line no reply starts with (the bytes are not what was asked for, or we lost our
+    # place): it completes nothing.
+    raise Malformed(NAME, "unknown_reply", 0, repr(word[:16]))
+
+
+def _text_walk(data: memoryview | bytes, from_client: bool, skip: int) -> tuple[list[Any], int] | None:
+    """A text segment's lines as ``_text_command`` or ``_text_reply_line`` reads them (blank
+    command lines and STAT lines left out), and the data bytes still to skip after it; or
+    None when ``feed`` would not read it all, leaving its buffer empty: a line cut by the
+    segment's end, or one it refuses (_memcache.c's ``text_walk`` is this, in C).
+
+    ``skip`` data bytes (a block begun in an earlier segment) come first, as ``feed`` steps
+    over them; a block may go on past the segment (the rest is the result's skip)."""
+    n = len(data)
+    if skip >= n:
+        return [], skip - n
+    p = skip
+    search = _CRLF.search
+    read = _text_command if from_client else _text_reply_line
+    items: list[Any] = []
+    try:
+        while p < n:
+            m = search(data, p, min(n, p + MAX_LINE + 2))
+            if m is None:
+                return None  # cut short (or over-long: feed raises, and counts it)
+            e = m.start()
+            item, skip = read(bytes(data[p:min(e, p + MAX_TEXT_LINE)]))
+            if item is not None:
+                items.append(item)
+            p = e + 2 + skip
+    except ProtocolError:
+        return None
+    return items, p - n
+
+
 def _forget_flight(flight: dict[tuple[int, int], int], r: _Req) -> None:
     """``r`` is no longer in flight: one fewer of its (opaque, opcode) in ``flight``."""
     fk = (r.opaque, r.op)
@@ -424,7 +534,9 @@ class Session(Session):  # type: ignore[no-redef]
             # The connection's first segment: decided as ``feed`` decides it, from the same byte
             # (it was always buffered, and the first request is half a short connection's work).
             binary = self._decide(data[0])
-        if not binary or self.skip[from_client]:
+        if not binary:
+            return self._text_whole(from_client, data, ts_ns)
+        if self.skip[from_client]:
             return False
         collections = self.collections and from_client
         pkts = _C.walk(data, from_client, collections) if _C is not None else None
@@ -541,97 +653,86 @@ class Session(Session):  # type: ignore[no-redef]
                 self.conn.drop("no_response")
         self._span(first, status, ts_ns)
 
-    # -- text --------------------------------------------------------------------
+    # -- text ------------------------------------------------------------------
     def _text(self, from_client: bool, buf: LargeBuffer, ts_ns: int) -> bool:
         end = buf.find(b"\r\n", 0, min(len(buf), MAX_LINE + 2))
         if end < 0:
             if len(buf) > MAX_LINE:
                 raise LimitExceeded(NAME, "line_too_long", 0)
             return False
-        line = buf.bytes_at(0, min(end, 512))  # one command/reply line (bounded copy)
+        line = buf.bytes_at(0, min(end, MAX_TEXT_LINE))  # one command/reply line (bounded copy)
         start = buf.ts_at(0)
         buf.release(end + 2)
         if from_client:
-            self._text_request(line, start, ts_ns)
+            cmd, skip = _text_command(line)
+            if skip:
+                self.skip[1] = skip
+            if cmd is not None:
+                self._text_request(cmd, start, ts_ns)
         else:
-            self._text_reply(line, ts_ns)
+            reply, skip = _text_reply_line(line)
+            if skip:
+                self.skip[0] = skip
+            if reply is not None:
+                self._text_reply(reply, ts_ns)
         return True
 
-    def _text_request(self, line: bytes, start: int, ts_ns: int) -> None:
-        parts = line.split()
-        if not parts:
-            return
-        word = parts[0].lower()
-        if word not in _TEXT_CMDS:
-            raise Malformed(NAME, "unknown_command", 0, repr(word[:16]))
-        # gat/gats take the expiry first: "gat <exptime> <key>+" (memcached protocol.txt).
-        ki = 2 if word in (b"gat", b"gats") else 1
-        key = parts[ki].decode("utf-8", "replace") if len(parts) > ki and word not in (
-            b"verbosity", b"stats", b"flush_all", b"version") else ""
-        if word in _TEXT_STORAGE:
-            if len(parts) < 5 or not parts[4].isdigit():
-                raise Malformed(NAME, "bad_storage_command", 0)
-            self.skip[1] = int(parts[4]) + 2
-            if self.skip[1] > MAX_BODY:
-                raise LimitExceeded(NAME, "body_too_large", 0)
-        elif word == b"ms" and len(parts) > 2 and parts[2].isdigit():
-            self.skip[1] = int(parts[2]) + 2
-        # The text protocol's command as sent (lower-case in the protocol): the semantic
-        # conventions take the operation name as the protocol has it.
-        r = _Req(parts[0].decode("ascii", "replace"), key, start, word in _TEXT_GET)
-        if b"noreply" in parts[2:] or (word.startswith(b"m") and b"q" in parts[2:]):
+    def _text_request(self, cmd: TextCommand, start: int, ts_ns: int) -> None:
+        """A command line read (``_text_command``): a span now if it asks for no reply, else
+        it awaits one."""
+        name, key, get_family, noreply = cmd
+        r = _Req(name, key, start, get_family)
+        if noreply:
             self._span(r, 0, ts_ns)
             return
-        if len(self.text_pending) >= MAX_PENDING:
-            self.text_pending.popleft()
+        pending = self.text_pending
+        if len(pending) >= MAX_PENDING:
+            pending.popleft()
             self.conn.drop("too_many_pending")
-        self.text_pending.append(r)
+        pending.append(r)
 
-    def _text_reply(self, line: bytes, ts_ns: int) -> None:
-        word = line.split(b" ", 1)[0]
-        if word == b"VALUE":
-            parts = line.split()
-            if len(parts) < 4 or not parts[3].isdigit():
-                raise Malformed(NAME, "bad_value_line", 0)
-            self.skip[0] = int(parts[3]) + 2
-            if self.skip[0] > MAX_BODY:
-                raise LimitExceeded(NAME, "body_too_large", 0)
-            if self.text_pending:
-                self.text_pending[0].hit = True
+    def _text_reply(self, reply: int | str, ts_ns: int) -> None:
+        """A reply line read (``_text_reply_line``): a value came (``_HIT``), or the oldest
+        command is answered by a reply word's code or an error line's text."""
+        pending = self.text_pending
+        if reply == _HIT:
+            if pending:
+                pending[0].hit = True
             return
-        if word in (b"STAT",):
-            return  # a line of a multi-line reply; END closes it
-        if word == b"VA" and len(line.split()) > 1 and line.split()[1].isdigit():  # meta get value
-            self.skip[0] = int(line.split()[1]) + 2
-            if self.text_pending:
-                self.text_pending[0].hit = True
-            return
-        if not (word in _TEXT_ERRORS or word in _TEXT_FINAL or word.isdigit() or word == b"VERSION"):
-            # A line no reply starts with (the bytes are not what was asked for, or we lost
-            # our place): it completes nothing.
-            raise Malformed(NAME, "unknown_reply", 0, repr(word[:16]))
-        if not self.text_pending:
+        if not pending:
             self.conn.drop("unpaired_response")
             return
-        req = self.text_pending.popleft()
-        if word in _TEXT_ERRORS:
-            self._span(req, -1, ts_ns, text_error=line.decode("utf-8", "replace")[:256])
-            return
-        if req.get_family:
-            hit = req.hit or word in (b"HD", b"VA")
-            self._span(req, 0x00 if hit else 0x01, ts_ns)
-            return
-        if word in (b"STORED", b"DELETED", b"TOUCHED", b"OK", b"HD", b"MN", b"RESET", b"END") or \
-                word.isdigit() or word == b"VERSION":
-            self._span(req, 0x00, ts_ns)
-        elif word in (b"NOT_FOUND", b"NF", b"EN"):
-            self._span(req, 0x01, ts_ns)
-        elif word in (b"EXISTS", b"EX"):
-            self._span(req, 0x02, ts_ns)
-        elif word in (b"NOT_STORED", b"NS"):
-            self._span(req, 0x05, ts_ns)
+        req = pending.popleft()
+        if reply.__class__ is str:
+            self._span(req, -1, ts_ns, text_error=reply)  # type: ignore[arg-type]
+        elif req.get_family:
+            self._span(req, 0x00 if req.hit or reply == _HD else 0x01, ts_ns)
         else:
-            self._span(req, 0x00, ts_ns)
+            self._span(req, reply & 0xFF, ts_ns)  # type: ignore[operator]
+
+    def _text_whole(self, from_client: bool, data: memoryview, ts_ns: int) -> bool:
+        """feed_whole's text protocol: the lines of a segment that ends where a line (or the
+        data block one announced) ends, or inside a data block, as ``feed`` would read them
+        leaving the buffer empty. ``_text_walk`` (or _memcache.c's twin) reads them all
+        first, declining whatever ``feed`` would wait on or refuse; then each has
+        ``_text_request``'s or ``_text_reply``'s effects in order."""
+        side = int(from_client)
+        walked = _C_TEXT(data, from_client, self.skip[side]) if _C_TEXT is not None else None
+        if walked is None:  # declined in C, or no C: the reference decides
+            walked = _text_walk(data, from_client, self.skip[side])
+            if walked is None:
+                return False
+        items, skip = walked
+        self.skip[side] = skip
+        if from_client:
+            request = self._text_request
+            for cmd in items:
+                request(cmd, ts_ns, ts_ns)
+        else:
+            reply = self._text_reply
+            for r in items:
+                reply(r, ts_ns)
+        return True
 
     # -- spans -------------------------------------------------------------------
     def _span(self, req: _Req, status: int, end_ts: int, implicit: bool = False, text_error: str = "",
