@@ -214,6 +214,63 @@ def test_joined_inside_a_message_skips_its_frames_counted() -> None:
     assert Counter(d.drops) == Counter({"unexpected_header": 1, "unexpected_body": 5})
 
 
+def _mid_stream(segments: list[tuple[bool, bytes]], roles: bool) -> tuple[list, dict]:
+    """(span names, kinds and statuses, drops) of one connection's segments through a fresh
+    stage with no OPEN (the capture began after it), its roles known from the SYN or not."""
+    from processors.protocols.processor import ProtocolsProcessor
+    from service.model import EventKind, TcpEvent
+
+    class Sink:
+        spans: list = []
+
+    sink = Sink()
+    sink.spans = []
+    sink.consume_spans = sink.spans.extend  # type: ignore[attr-defined]
+    stage = ProtocolsProcessor("protocols", {}, sink)
+    c, srv = ("10.0.0.1", 40000), ("10.0.0.2", 5672)
+    for i, (fc, data) in enumerate(segments):
+        src, dst = (c, srv) if fc else (srv, c)
+        stage.consume_events([TcpEvent(EventKind.DATA, 1, src[0], src[1], dst[0], dst[1], 1000 + i,
+                                       memoryview(data) if i % 2 else data, client_is_src=fc if roles else None)])
+    stage.shutdown()
+    return [(s.name, s.kind, s.status_code) for s in sink.spans], dict(stage.stats["drops"])
+
+
+@pytest.mark.parametrize("roles", [True, False], ids=["roles", "no_roles"])
+@pytest.mark.parametrize("how", ["whole", "bytes", "random"])
+@pytest.mark.parametrize("cut_at", range(1, 8))
+def test_a_capture_begun_inside_the_protocol_header(cut_at: int, how: str, roles: bool) -> None:
+    """The capture (or the receiver) began inside the client's 8-byte protocol header, which a
+    client may also send in pieces: its end is no frame, and the connection's every frame after
+    it is read as if the header had been whole (it was read cut_at bytes off, and all lost)."""
+    import random
+
+    from tests.support.exchanges import EXCHANGES
+    from tests.support.whole import cut
+
+    steps = EXCHANGES["amqp"][0](100).steps
+    assert steps[0] == (True, w.HEADER)
+    want = _mid_stream(steps, roles)
+    assert len(want[0]) == 3 and not want[1]
+    joined = [(True, w.HEADER[cut_at:]), *steps[1:]]
+    assert _mid_stream(cut(joined, how, random.Random(cut_at)), roles) == want
+    # the header's end and the client's next frames in one segment
+    merged = [(True, w.HEADER[cut_at:] + steps[2][1]), steps[1], *steps[3:]]
+    assert _mid_stream(merged, roles)[0] == want[0]
+
+
+def test_a_header_end_without_a_frame_after_it_is_no_header() -> None:
+    """Only a whole well-formed frame after the bytes makes them a header's end: else they are
+    read as frames, and refused as before (counted where the stage counts them)."""
+    for junk in (b"\x00" * 20, b"\x01\x00\x00\xff\xff\xff\xff" + b"x" * 10, b"\x01" + b"\x00" * 7 + b"\xcd"):
+        d = Driver()
+        with pytest.raises(ProtocolError):
+            d.send(True, b"\x00\x00\x09\x01" + junk)
+    d = Driver()  # a frame at the start is a frame, whatever header end it also begins with
+    d.send(True, M(0, spec.Connection.StartOk(client_properties={}, mechanism="PLAIN", response="\0u\0p")))
+    assert not d.drops
+
+
 def test_a_gap_inside_a_body_is_stepped_over() -> None:
     d = Driver()
     d.handshake()

@@ -41,6 +41,19 @@ def _is10(head: Any) -> bool | None:
     return first == 0
 
 
+def _version(buf: LargeBuffer) -> bool | None:
+    """_is10 of a side's buffered first bytes, where a 0 first byte (1.0's frame size) may also
+    be the end of a 0-9-1 header whose start the capture missed (``\\x00\\x00\\x09\\x01``): told
+    apart by the 0-9-1 frame that follows it (v091.header_tail); None while too few bytes."""
+    n = len(buf)
+    is10 = _is10(buf.view_at(0, 6 if n >= 6 else n))
+    if is10 and buf.u8_at(0) == 0:
+        k = v091.header_tail(buf)
+        if k:
+            return None if k < 0 else False
+    return is10
+
+
 def detect(buf: LargeBuffer, from_client: bool | None) -> Detection:
     n = len(buf)
     if not n:
@@ -77,9 +90,7 @@ class Session(base.Session):
         bytes, no bytes) this dispatcher, which chooses at its first feed."""
         a, b = conn.client_buf._len, conn.server_buf._len
         if (a == 0) != (b == 0):
-            buf = conn.client_buf if a else conn.server_buf
-            n = a or b
-            is10 = _is10(buf.view_at(0, 6 if n >= 6 else n))
+            is10 = _version(conn.client_buf) if a else _is10(conn.server_buf.view_at(0, 6 if b >= 6 else b))
             if is10 is False:
                 return v091.Session(conn)
             if is10:
@@ -103,9 +114,9 @@ class Session(base.Session):
     def feed(self, from_client: bool, buf: LargeBuffer, ts_ns: int) -> None:
         if not len(buf):
             return
-        is10 = _is10(buf.view_at(0, min(len(buf), 6)))
+        is10 = _version(buf) if from_client else _is10(buf.view_at(0, min(len(buf), 6)))
         if is10 is None:
-            buf.want = 6
+            buf.want = len(buf) + 1 if len(buf) >= 6 else 6
             return
         self._become(is10).feed(from_client, buf, ts_ns)
 
@@ -113,8 +124,10 @@ class Session(base.Session):
         """The connection's first segment, in place when the version has a ``feed_whole`` (it
         was always buffered: a short connection's first message is a third of its frames)."""
         is10 = _is10(data) if len(data) else None
-        if is10 is None:
-            return False  # buffered: ``feed`` waits for the header's sixth byte
+        if is10 is None or (is10 and from_client and data[0] == 0):
+            # buffered: ``feed`` waits for the header's sixth byte, or tells a 0-9-1 header's
+            # end from 1.0's frame size (_version)
+            return False
         whole = self._become(is10).feed_whole
         return whole(from_client, data, ts_ns) if whole is not None else False
 

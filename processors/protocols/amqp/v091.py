@@ -269,6 +269,52 @@ def _read_header(v: memoryview, p: int, end: int) -> tuple[int, str | None, str 
     return body, corr, mid, tp
 
 
+#: A protocol header's proper ends (1-7 bytes), longest first: what a client's first bytes are
+#: when the capture (or the receiver) began inside its header, which the client may send in pieces.
+_HEADER_TAILS = tuple(sorted({h[i:] for h in _HEADERS_OK for i in range(1, 8)}, key=len, reverse=True))
+
+
+def _frame_at(buf: LargeBuffer, p: int) -> int:
+    """1: a whole, well-formed method, header, body or heartbeat frame begins at ``p``; 0: none
+    can; -1: too few bytes yet to tell."""
+    n = len(buf) - p
+    if n < 1:
+        return -1
+    if buf.u8_at(p) not in (METHOD, HEADER, BODY, HEARTBEAT):
+        return 0
+    if n < 7:
+        return -1
+    size = buf.u32be_at(p + 3)
+    if size > MAX_FRAME:
+        return 0
+    if n < 8 + size:
+        return -1
+    return 1 if buf.u8_at(p + 7 + size) == FRAME_END else 0
+
+
+def header_tail(buf: LargeBuffer) -> int:
+    """How many of a client's first bytes are the end of a protocol header whose start was not
+    seen (the capture began inside it): k > 0 when they are one of its ends and a whole frame
+    follows them while none begins at the start; 0 when not; -1 when too few bytes to tell.
+    Without this the connection's every later frame was read k bytes off, and it was lost."""
+    if _frame_at(buf, 0) > 0:
+        return 0  # a frame at the start: the connection's frames, not a header's end
+    head = buf.bytes_at(0, min(len(buf), 7))  # <= 7 bytes: a small copy, once a connection
+    wait = False
+    for t in _HEADER_TAILS:
+        k = len(t)
+        if head[:k] != t[:len(head)]:
+            continue
+        if len(head) < k:  # may still be this end
+            wait = True
+            continue
+        r = _frame_at(buf, k)
+        if r > 0:
+            return k
+        wait = wait or r < 0
+    return -1 if wait and len(buf) < 8 + MAX_FRAME else 0
+
+
 # ---------------------------------------------------------------------------
 # detection
 # ---------------------------------------------------------------------------
@@ -467,8 +513,15 @@ class Session(Session):  # type: ignore[no-redef]
                     d.end = False
                     self._body_bytes(from_client, d.skip_ch, 0, ts_ns, final=True)
                 if d.first and n:
+                    if from_client and buf.u8_at(off) != 0x41 and off == 0:
+                        k = header_tail(buf)  # joined inside the protocol header?
+                        if k < 0:
+                            want = n + 1
+                            return
+                        off += k
+                        n -= k
                     d.first = False
-                    d.header = from_client and buf.u8_at(off) == 0x41  # 'A'
+                    d.header = from_client and n > 0 and buf.u8_at(off) == 0x41  # 'A'
                 if d.header:
                     if n < 8:
                         want = 8
