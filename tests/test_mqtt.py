@@ -446,8 +446,8 @@ def test_cuts_anywhere_give_the_same_spans(cuts: list, which: int) -> None:
 
 
 def _conversation_v5() -> list[tuple[bool, bytes]]:
-    """5.0: empty property lists (read in place by feed_whole) and non-empty ones (left to the
-    buffered path), reason codes, a refused subscription, unsubscribe, a retained QoS 0."""
+    """5.0: empty property lists and non-empty ones (both read in place by feed_whole),
+    reason codes, a refused subscription, unsubscribe, a retained QoS 0."""
     tp = props(b"\x26" + s("traceparent") + s(TP))
     return [(True, connect("dev-5", v=5) + pkt(0x82, struct.pack(">H", 1) + props() + s("x/#") + b"\x01")),
             (False, pkt(0x20, b"\x00\x00\x00") + pkt(0x90, struct.pack(">H", 1) + props() + b"\x01")),
@@ -501,11 +501,14 @@ def test_feed_whole_reads_what_it_can_in_place() -> None:
     assert sess.feed_whole(True, memoryview(connect("c1", v=5)), 1)
     assert sess.version == 5 and sess.client_id == "c1"
     assert sess.feed_whole(True, publish("t", b"x" * 300, 1, 1, v=5), 2)  # a two-byte remaining length
-    assert not sess.feed_whole(True, publish("t", b"x", 1, 2, v=5, pr=props(b"\x23\x00\x01")), 3)  # properties
+    assert sess.feed_whole(True, publish("t", b"x", 1, 2, v=5, pr=props(b"\x23\x00\x01")), 3)  # properties
+    assert sess.dirs[True].aliases == {1: "t"}
+    assert not sess.feed_whole(True, publish("t", b"x", 1, 3, v=5, pr=props(b"\x05\x00")), 3)  # no such property
+    assert not sess.feed_whole(True, publish("t", b"x", 1, 3, v=5, pr=props(b"\x23\x00")), 3)  # one cut short
     assert not sess.feed_whole(True, publish("t", b"x" * 10, 0, v=5)[:-1], 4)  # the payload goes on
     assert not sess.feed_whole(True, publish("t/#", b"x", v=5), 5)  # a wildcard: the buffered path counts it
     assert not sess.feed_whole(True, publish("a", b"") + b"\x30", 6)  # a packet cut short after a whole one
-    assert len(sess.pending) == 1  # declined segments changed nothing
+    assert len(sess.pending) == 2  # declined segments changed nothing
 
 
 @settings(max_examples=400, deadline=None)

@@ -286,10 +286,95 @@ class _Dir:
         self.aliases: dict[int, str] = {}  # MQTT 5 topic aliases set by this direction's sender
 
 
-def _empty_props(data: memoryview, q: int, end: int) -> int:
-    """MQTT 5 in feed_whole: the offset past an empty property list at ``q`` (its length byte 0),
-    or -1 when there are properties (the buffered path reads them) or no byte in sight."""
-    return q + 1 if q < end and not data[q] else -1
+def _props_in(data: memoryview, p: int, end: int, want_user: bool) -> tuple[dict[str, Any], int] | None:
+    """MQTT 5 properties at ``p`` for feed_whole: ``_properties``' reading of them in place
+    (the same keys, the same strings cut and decoded alike), or None wherever ``_properties``
+    would raise, so the buffered path meets that list and raises it itself.
+
+    Why a twin: half of a real MQTT 5 session's packets carry properties (a traceparent user
+    property, a topic alias, a subscription identifier, CONNECT's and CONNACK's limits), and
+    leaving those to the buffer cost a fifth of the stage (issue 21)."""
+    if p >= end:
+        return None
+    plen = data[p]
+    p += 1
+    if plen >= 0x80:
+        plen &= 0x7F
+        shift = 7
+        while True:
+            if p >= end or shift > 21:
+                return None
+            b = data[p]
+            p += 1
+            plen |= (b & 0x7F) << shift
+            shift += 7
+            if b < 0x80:
+                break
+    pend = p + plen
+    if pend > end:
+        return None
+    out: dict[str, Any] = {}
+    props = _PROPS
+    while p < pend:
+        pid = data[p]
+        kind = props.get(pid)
+        p += 1
+        if kind == 1:
+            p += 1
+        elif kind == "p":  # user property: name, value
+            if p + 2 > pend:
+                return None
+            n = data[p] << 8 | data[p + 1]
+            k = p + 2
+            p = k + n
+            if p + 2 > pend:
+                return None
+            v = p + 2
+            p = v + (data[p] << 8 | data[p + 1])
+            if p > pend:
+                return None
+            # Only a 10- or 11-byte name can lower() to tracestate or traceparent: any other
+            # character that lowers to ASCII (the Kelvin sign's k, U+0130's i plus a dot) is
+            # not in them, and a name over 64 bytes is cut first.
+            if want_user and (n == 11 or n == 10):
+                name = str(data[k:k + n], "utf-8", "replace").lower()
+                if (name == "traceparent" or name == "tracestate") and name not in out:
+                    out[name] = str(data[v:v + min(p - v, 256)], "utf-8", "replace")
+        elif kind == 2:
+            if pid == 0x23:
+                if p + 2 > pend:
+                    return None
+                out["topic_alias"] = data[p] << 8 | data[p + 1]
+            p += 2
+        elif kind == 4:
+            p += 4
+        elif kind == "v":
+            for _ in range(4):
+                if p >= pend:
+                    return None
+                b = data[p]
+                p += 1
+                if b < 0x80:
+                    break
+            else:
+                return None
+        elif kind is None:
+            return None
+        else:  # a string or binary
+            if p + 2 > pend:
+                return None
+            n = data[p] << 8 | data[p + 1]
+            k = p + 2
+            p = k + n
+            if p > pend:
+                return None
+            if pid == 0x1F:
+                out["reason"] = str(data[k:k + min(n, 256)], "utf-8", "replace")
+            elif pid == 0x03:
+                out["content_type"] = str(data[k:k + min(n, 256)], "utf-8", "replace")
+        if p > pend:
+            return None
+    return out, pend
 
 
 class Session(Session):  # type: ignore[no-redef]
@@ -373,10 +458,11 @@ class Session(Session):  # type: ignore[no-redef]
         Why: a short connection's packets come one a segment (CONNECT, PUBLISH, the acks),
         and the buffer's append, chunk lookups and release cost more than reading them.
         First every packet is framed and read into a plan, checking all ``feed`` would
-        check; anything it would refuse, wait on, or read with more care (MQTT 5
-        properties other than an empty list, a payload going on past the segment) returns
-        False with nothing changed, and the buffered path has it. Then the plan is done in
-        order, through the helpers ``feed`` ends in."""
+        check (MQTT 5 properties through ``_props_in``, ``_properties``' twin); anything it
+        would refuse, wait on, or read with more care (a payload going on past the segment)
+        returns False with nothing changed, and the buffered path has it. Then the plan is
+        done in order, through the helpers ``feed`` ends in (a topic alias set or used there,
+        as ``_publish`` does it)."""
         if self.dirs[from_client].skip:
             return False
         n = len(data)
@@ -413,8 +499,15 @@ class Session(Session):  # type: ignore[no-redef]
                 hdr_end = q + 2 if qos else q
                 if hdr_end > end:
                     return False
-                if ver == 5 and (hdr_end := _empty_props(data, hdr_end, end)) < 0:
-                    return False
+                props = _NO_PROPS
+                if ver == 5:
+                    if hdr_end < end and not data[hdr_end]:
+                        hdr_end += 1  # an empty list
+                    else:
+                        got = _props_in(data, hdr_end, end, True)
+                        if got is None:
+                            return False
+                        props, hdr_end = got
                 if hdr_end - p > MAX_HEADER or (q == p + 2 and ver != 5):
                     return False
                 raw = data[p + 2:q]  # the topic, kept for the span (bounded by MAX_HEADER)
@@ -426,7 +519,7 @@ class Session(Session):  # type: ignore[no-redef]
                     return False
                 if q - p - 2 > 1024:
                     topic = topic[:1024]
-                plan.append((PUBLISH, b0, topic, (data[q] << 8 | data[q + 1]) if qos else 0, end - hdr_end))
+                plan.append((PUBLISH, b0, topic, (data[q] << 8 | data[q + 1]) if qos else 0, end - hdr_end, props))
                 off = end
                 continue
             if t == 0 or (t in _REQUIRED_FLAGS and b0 & 0x0F != _REQUIRED_FLAGS[t]) or rl > MAX_HEADER \
@@ -440,8 +533,14 @@ class Session(Session):  # type: ignore[no-redef]
                     return False
                 ver = data[q]
                 q += 4
-                if ver == 5 and (q := _empty_props(data, q, end)) < 0:
-                    return False
+                if ver == 5:
+                    if q < end and not data[q]:
+                        q += 1
+                    else:
+                        got = _props_in(data, q, end, False)
+                        if got is None:
+                            return False
+                        q = got[1]
                 if q + 2 > end:
                     return False
                 k = q + 2 + (data[q] << 8 | data[q + 1])
@@ -449,13 +548,23 @@ class Session(Session):  # type: ignore[no-redef]
                     return False
                 plan.append((CONNECT, ver, str(data[q + 2:min(k, q + 2 + 256)], "utf-8", "replace")))
             elif t == CONNACK:
+                reason = ""
                 if ver == 5 and rl > 2 and data[p + 2]:
-                    return False  # properties (a reason string): the buffered path
-                plan.append((CONNACK, data[p + 1], ver == 5))
+                    got = _props_in(data, p + 2, end, False)
+                    if got is None:
+                        return False
+                    reason = got[0].get("reason", "")
+                plan.append((CONNACK, data[p + 1], ver == 5, reason))
             elif t == SUBSCRIBE or t == UNSUBSCRIBE:
                 q = p + 2
-                if ver == 5 and (q := _empty_props(data, q, end)) < 0:
-                    return False
+                if ver == 5:
+                    if q < end and not data[q]:
+                        q += 1
+                    else:
+                        got = _props_in(data, q, end, False)
+                        if got is None:
+                            return False
+                        q = got[1]
                 filters = []
                 while q < end:
                     if q + 2 > end:
@@ -470,20 +579,38 @@ class Session(Session):  # type: ignore[no-redef]
                 plan.append((t, data[p] << 8 | data[p + 1], filters))
             elif t == SUBACK or t == UNSUBACK:
                 q = p + 2
-                if ver == 5 and (q := _empty_props(data, q, end)) < 0:
-                    return False
+                reason = ""
+                if ver == 5:
+                    if q < end and not data[q]:
+                        q += 1
+                    else:
+                        got = _props_in(data, q, end, False)
+                        if got is None:
+                            return False
+                        reason = got[0].get("reason", "")
+                        q = got[1]
                 failed = None
                 for c in data[q:min(end, q + 256)]:
                     if c >= 0x80:
                         failed = c
                         break
-                plan.append((t, data[p] << 8 | data[p + 1], failed))
+                plan.append((t, data[p] << 8 | data[p + 1], failed, reason))
             # PINGREQ, PINGRESP, DISCONNECT, AUTH: nothing to do
             off = end
         for step in plan:
             t = step[0]
             if t == PUBLISH:
-                self._published(from_client, step[1], step[2], step[3], step[4], _NO_PROPS, ts_ns, ts_ns)
+                topic = step[2]
+                props = step[5]
+                if props:
+                    alias = props.get("topic_alias")
+                    if alias is not None:  # _publish's reading of it, in the packets' order
+                        aliases = self.dirs[from_client].aliases
+                        if topic:
+                            aliases[alias] = topic
+                        else:
+                            topic = aliases.get(alias, f"alias:{alias}")
+                self._published(from_client, step[1], topic, step[3], step[4], props, ts_ns, ts_ns)
             elif t <= PUBCOMP and t >= PUBACK:
                 self._ack(from_client, t, step[1], step[2], ts_ns)
             elif t == CONNECT:
@@ -491,11 +618,11 @@ class Session(Session):  # type: ignore[no-redef]
                 self.client_id = step[2]
                 self._connected(ts_ns)
             elif t == CONNACK:
-                self._connack(step[1], "", step[2], ts_ns)
+                self._connack(step[1], step[3], step[2], ts_ns)
             elif t == SUBSCRIBE or t == UNSUBSCRIBE:
                 self._subscribe(from_client, t, step[1], step[2], ts_ns)
             else:
-                self._suback(from_client, step[1], "", step[2], ts_ns)
+                self._suback(from_client, step[1], step[3], step[2], ts_ns)
         return True
 
     # -- PUBLISH ------------------------------------------------------------
