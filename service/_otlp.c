@@ -81,6 +81,78 @@ static inline void put_fixed64(Out *o, unsigned long long v) {
 static PyObject *s_trace_id, *s_span_id, *s_trace_state, *s_parent_span_id, *s_name, *s_kind, *s_start_ns,
     *s_end_ns, *s_attributes, *s_events, *s_status_code, *s_status_message, *s_flags;
 
+/* A scalar AnyValue's body, read once and written later (an array's elements are measured before
+ * any is written). */
+typedef struct {
+    int kind; /* 1 str, 2 bool, 3 int, 4 double */
+    const char *sv;
+    Py_ssize_t slen;
+    unsigned long long iv;
+    double dv;
+    Py_ssize_t len; /* the AnyValue body's length */
+} Scalar;
+
+/* 1: ``v`` is a scalar this writes; 0: not handled here (no error set); -1: error set. */
+static int scalar_of(PyObject *v, Scalar *sc) {
+    if (PyUnicode_Check(v)) {
+        sc->sv = PyUnicode_AsUTF8AndSize(v, &sc->slen);
+        if (sc->sv == NULL) {
+            PyErr_Clear(); /* surrogates: Python's surrogatepass handles them */
+            return 0;
+        }
+        sc->kind = 1;
+        sc->len = 1 + varint_len((unsigned long long)sc->slen) + sc->slen;
+    } else if (PyBool_Check(v)) {
+        sc->kind = 2;
+        sc->iv = (v == Py_True);
+        sc->len = 2;
+    } else if (PyLong_Check(v)) {
+        int overflow = 0;
+        long long x = PyLong_AsLongLongAndOverflow(v, &overflow);
+        if (overflow)
+            return 0; /* beyond int64: Python writes it as a string */
+        if (x == -1 && PyErr_Occurred())
+            return -1;
+        sc->kind = 3;
+        sc->iv = (unsigned long long)x;
+        sc->len = 1 + varint_len(sc->iv);
+    } else if (PyFloat_CheckExact(v)) {
+        sc->kind = 4;
+        sc->dv = PyFloat_AS_DOUBLE(v);
+        sc->len = 9;
+    } else {
+        return 0;
+    }
+    return 1;
+}
+
+static void put_scalar(Out *o, const Scalar *sc) {
+    switch (sc->kind) {
+    case 1:
+        put_byte(o, 0x0a);
+        put_varint(o, (unsigned long long)sc->slen);
+        put_raw(o, sc->sv, sc->slen);
+        break;
+    case 2:
+        put_byte(o, 0x10);
+        put_byte(o, (unsigned char)sc->iv);
+        break;
+    case 3:
+        put_byte(o, 0x18);
+        put_varint(o, sc->iv);
+        break;
+    default: {
+        unsigned long long bits;
+        memcpy(&bits, &sc->dv, 8);
+        put_byte(o, 0x21);
+        put_fixed64(o, bits); /* little-endian, as struct "<d" */
+    }
+    }
+}
+
+/* An array of at most this many scalars is written here (more: Python's, a rare case). */
+#define MAX_ARRAY 64
+
 /* 1: encoded; 0: not handled here (use the fallback; no error set); -1: error set. */
 static int encode_value(Out *o, PyObject *key, PyObject *v) {
     Py_ssize_t klen;
@@ -91,41 +163,25 @@ static int encode_value(Out *o, PyObject *key, PyObject *v) {
         PyErr_Clear(); /* surrogates: Python's surrogatepass handles them */
         return 0;
     }
-    /* AnyValue body */
-    const char *sv = NULL;
-    Py_ssize_t slen = 0;
-    unsigned long long iv = 0;
-    double dv = 0;
-    int kind; /* 1 str, 2 bool, 3 int, 4 double */
-    Py_ssize_t any_len;
-    if (PyUnicode_Check(v)) {
-        sv = PyUnicode_AsUTF8AndSize(v, &slen);
-        if (sv == NULL) {
-            PyErr_Clear();
+    Scalar one, items[MAX_ARRAY];
+    Py_ssize_t count = -1, arr_len = 0, any_len; /* count >= 0: an array (AnyValue field 5) */
+    int r = scalar_of(v, &one);
+    if (r < 0)
+        return -1;
+    if (r == 0) {
+        /* A list of scalars (MQTT's topic filters): an ArrayValue of AnyValues (field 1 each). */
+        if (!(PyList_CheckExact(v) || PyTuple_CheckExact(v)) || PySequence_Fast_GET_SIZE(v) > MAX_ARRAY)
             return 0;
+        count = PySequence_Fast_GET_SIZE(v);
+        for (Py_ssize_t i = 0; i < count; i++) {
+            r = scalar_of(PySequence_Fast_GET_ITEM(v, i), &items[i]);
+            if (r <= 0)
+                return r;
+            arr_len += 1 + varint_len((unsigned long long)items[i].len) + items[i].len;
         }
-        kind = 1;
-        any_len = 1 + varint_len((unsigned long long)slen) + slen;
-    } else if (PyBool_Check(v)) {
-        kind = 2;
-        iv = (v == Py_True);
-        any_len = 2;
-    } else if (PyLong_Check(v)) {
-        int overflow = 0;
-        long long x = PyLong_AsLongLongAndOverflow(v, &overflow);
-        if (overflow)
-            return 0; /* beyond int64: Python writes it as a string */
-        if (x == -1 && PyErr_Occurred())
-            return -1;
-        kind = 3;
-        iv = (unsigned long long)x;
-        any_len = 1 + varint_len(iv);
-    } else if (PyFloat_CheckExact(v)) {
-        kind = 4;
-        dv = PyFloat_AS_DOUBLE(v);
-        any_len = 9;
+        any_len = 1 + varint_len((unsigned long long)arr_len) + arr_len;
     } else {
-        return 0;
+        any_len = one.len;
     }
     Py_ssize_t kv_len = 1 + varint_len((unsigned long long)klen) + klen + 1 + varint_len((unsigned long long)any_len)
                         + any_len;
@@ -138,26 +194,16 @@ static int encode_value(Out *o, PyObject *key, PyObject *v) {
     put_raw(o, k, klen);
     put_byte(o, 0x12);
     put_varint(o, (unsigned long long)any_len);
-    switch (kind) {
-    case 1:
-        put_byte(o, 0x0a);
-        put_varint(o, (unsigned long long)slen);
-        put_raw(o, sv, slen);
-        break;
-    case 2:
-        put_byte(o, 0x10);
-        put_byte(o, (unsigned char)iv);
-        break;
-    case 3:
-        put_byte(o, 0x18);
-        put_varint(o, iv);
-        break;
-    default: {
-        unsigned long long bits;
-        memcpy(&bits, &dv, 8);
-        put_byte(o, 0x21);
-        put_fixed64(o, bits); /* little-endian, as struct "<d" */
+    if (count < 0) {
+        put_scalar(o, &one);
+        return 1;
     }
+    put_byte(o, 0x2a);
+    put_varint(o, (unsigned long long)arr_len);
+    for (Py_ssize_t i = 0; i < count; i++) {
+        put_byte(o, 0x0a);
+        put_varint(o, (unsigned long long)items[i].len);
+        put_scalar(o, &items[i]);
     }
     return 1;
 }

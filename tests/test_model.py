@@ -228,8 +228,10 @@ _scalar = st.one_of(
 )
 _value = st.one_of(_scalar, st.lists(_scalar, max_size=3), st.dictionaries(st.text(max_size=5), _scalar, max_size=2))
 #: What the C encoder writes itself (most spans); the rest it hands to the Python encoder.
-_c_value = st.one_of(st.text(max_size=40), st.booleans(), st.integers(min_value=-(1 << 70), max_value=1 << 70),
-                     st.floats(allow_nan=False))
+_c_scalar = st.one_of(st.text(max_size=40), st.booleans(), st.integers(min_value=-(1 << 70), max_value=1 << 70),
+                      st.floats(allow_nan=False))
+_c_value = st.one_of(_c_scalar, _c_scalar, st.lists(_c_scalar, max_size=4), st.tuples(_c_scalar, _c_scalar),
+                     st.lists(st.just("x"), min_size=63, max_size=66))  # the C writer's array bound (64)
 
 
 @st.composite
@@ -291,6 +293,31 @@ def _both_encoders(spans: list[Span]) -> tuple[Any, Any]:
 def test_c_span_encoder_matches_python(spans: list[Span]) -> None:
     c, py = _both_encoders(spans)
     assert c == py
+
+
+def test_c_span_encoder_writes_arrays_of_scalars_itself() -> None:
+    """A list attribute (MQTT's topic filters) is the C encoder's, not the fallback's; the bytes
+    are Python's, and the official messages read the array back."""
+    import service.model as m
+    called: list[Span] = []
+
+    def fallback(s: Span) -> bytes:
+        called.append(s)
+        return m._span_bytes(s)
+
+    flat = Span("sub", SpanKind.CLIENT, 1, 2, {"f": ["a/#", "b/+"], "t": ("x", 1, True, 2.5), "e": []},
+                trace_id=b"\x01" * 16, span_id=b"\x02" * 8)
+    assert _c_encoder()([flat], fallback) == b"\x12" + m._varint(len(m._span_bytes(flat))) + m._span_bytes(flat)
+    assert not called
+    for odd in ([["a"]], ["x"] * 65, [b"raw"]):  # nested, over the bound, bytes: Python's
+        _c_encoder()([Span("n", SpanKind.CLIENT, 1, 2, {"f": odd})], fallback)
+    assert len(called) == 3
+    c, py = _both_encoders([flat])
+    assert c == py
+    req = m._pb()[0].ExportTraceServiceRequest.FromString(c)
+    vals = {kv.key: kv.value for kv in req.resource_spans[0].scope_spans[0].spans[0].attributes}
+    assert [v.string_value for v in vals["f"].array_value.values] == ["a/#", "b/+"]
+    assert vals["t"].array_value.values[3].double_value == 2.5 and not vals["e"].array_value.values
 
 
 def test_c_span_encoder_on_the_tricky_spans_and_big_bodies() -> None:
