@@ -388,8 +388,8 @@ done:
 #define LEN_ROOM 3
 
 static PyObject *span_fields(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 2) {
-        PyErr_SetString(PyExc_TypeError, "span_fields(spans, fallback)");
+    if ((nargs != 2 && nargs != 4) || (nargs == 4 && (!PyBytes_Check(args[2]) || !PyBytes_Check(args[3])))) {
+        PyErr_SetString(PyExc_TypeError, "span_fields(spans, fallback[, resource: bytes, scope: bytes])");
         return NULL;
     }
     PyObject *seq = PySequence_Fast(args[0], "spans must be a sequence");
@@ -399,6 +399,16 @@ static PyObject *span_fields(PyObject *self, PyObject *const *args, Py_ssize_t n
     Out o = {NULL, 0, 0};
     Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
     PyObject **items = PySequence_Fast_ITEMS(seq);
+    /* With a resource and a scope field: the whole ResourceSpans field (1, around field 2
+     * ScopeSpans: the scope, then the spans), its head written last into room kept before the
+     * spans. Built in Python, the batch's bytes (megabytes) were copied five more times. */
+    Py_ssize_t rn = nargs == 4 ? PyBytes_GET_SIZE(args[2]) : 0, sn = nargs == 4 ? PyBytes_GET_SIZE(args[3]) : 0;
+    Py_ssize_t room = nargs == 4 ? 1 + 10 + rn + 1 + 10 + sn : 0;
+    if (room) {
+        if (out_reserve(&o, room) < 0)
+            goto fail;
+        o.len = room;
+    }
     for (Py_ssize_t i = 0; i < n; i++) {
         if (out_reserve(&o, 1 + LEN_ROOM) < 0)
             goto fail;
@@ -439,7 +449,23 @@ static PyObject *span_fields(PyObject *self, PyObject *const *args, Py_ssize_t n
         o.len = end;
     }
     Py_DECREF(seq);
-    PyObject *res = PyBytes_FromStringAndSize(o.p ? o.p : "", o.len);
+    Py_ssize_t start = 0;
+    if (room) {
+        Py_ssize_t fields = o.len - room;
+        unsigned long long ss = (unsigned long long)(sn + fields);
+        unsigned long long rs = (unsigned long long)(rn + 1 + varint_len(ss)) + ss;
+        start = room - (1 + varint_len(rs) + rn + 1 + varint_len(ss) + sn);
+        Py_ssize_t end = o.len;
+        o.len = start;
+        put_byte(&o, 0x0a);
+        put_varint(&o, rs);
+        put_raw(&o, PyBytes_AS_STRING(args[2]), rn);
+        put_byte(&o, 0x12);
+        put_varint(&o, ss);
+        put_raw(&o, PyBytes_AS_STRING(args[3]), sn);
+        o.len = end;
+    }
+    PyObject *res = PyBytes_FromStringAndSize(o.p ? o.p + start : "", o.len - start);
     PyMem_Free(o.p);
     return res;
 fail:

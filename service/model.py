@@ -571,17 +571,17 @@ def spans_to_otlp_bytes(spans: Iterable[Span]) -> bytes:
             if len(_resource_cache) > 1024:
                 _resource_cache.clear()
             rfield = _resource_cache[rkey] = _ld(b"\x0a", b"".join(_kv_fields(b"\x0a", res.attributes)))
-        if _c_span_fields is not None:
-            fields = _c_span_fields(group, _span_bytes)
-        else:
-            span_fields = []
-            for s in group:
-                b = _span_bytes(s)
-                span_fields.append(b"\x12" + _varint(len(b)) + b)
-            fields = b"".join(span_fields)
+        if _c_span_fields is not None:  # the whole ResourceSpans field, in one buffer
+            out.append(_c_span_fields(group, _span_bytes, rfield, _SCOPE_FIELD))
+            continue
+        span_fields = []
+        for s in group:
+            b = _span_bytes(s)
+            span_fields.append(b"\x12" + _varint(len(b)) + b)
+        fields = b"".join(span_fields)
         ss = _ld(b"\x12", _SCOPE_FIELD + fields)
         out.append(_ld(b"\x0a", rfield + ss))
-    return b"".join(out)
+    return out[0] if len(out) == 1 else b"".join(out)
 
 
 # ---------------------------------------------------------------------------
