@@ -464,3 +464,60 @@ def test_the_c_path_takes_opens_and_client_fins(monkeypatch: pytest.MonkeyPatch)
     assert not [e for e in seen if e.kind == EventKind.OPEN]
     closes = [e for e in seen if e.kind == EventKind.CLOSE]
     assert len(closes) == 3 and all(e.sport == ex.port for e in closes), closes
+
+
+_SPAN_ARGS = [
+    ("GET", 2, 1, 2, {"k": 1}, None, None, None, b"", 0, "", None, "", 1),
+    ("q", 3, 5, 4, None, None, b"\x01" * 16, None, b"\x02" * 8, 2, "boom", [], "k=v", 0),
+    ("x", 1, 0, 0, {}, "a resource", None, b"\x03" * 8, b"", 1, "", None, "", 257),
+]
+
+
+@pytest.mark.parametrize("args", _SPAN_ARGS)
+def test_new_span_is_span(args: tuple) -> None:
+    """_stage.c's new_span against Span(...): every slot the same, the ids drawn from the same
+    generator in the same order (seeded alike, the same ids), None's defaults alike."""
+    import service.model as m
+
+    _stage.span_setup(m.Span, m._rand.getrandbits, m.DEFAULT_RESOURCE)
+    state = m._rand.getstate()
+    try:
+        want = m.Span(*args)
+        m._rand.setstate(state)
+        got = _stage.new_span(*args)
+    finally:
+        m._rand.setstate(state)
+    assert type(got) is m.Span and __import__("gc").is_tracked(got)
+    for k in m.Span.__slots__:
+        assert getattr(got, k) == getattr(want, k), k
+    if args[4] is not None:
+        assert got.attributes is args[4]
+    assert got.attributes is not want.attributes or args[4] is not None
+
+
+def test_new_span_draws_again_while_an_id_is_zero_and_fails_like_span() -> None:
+    import sys
+
+    import service.model as m
+
+    draws = iter([0, 0, 5, 0, 7])
+    try:
+        _stage.span_setup(m.Span, lambda bits: next(draws), m.DEFAULT_RESOURCE)
+        s = _stage.new_span(*_SPAN_ARGS[0])
+        assert s.trace_id == (5).to_bytes(16, "big") and s.span_id == (7).to_bytes(8, "big")
+        _stage.span_setup(m.Span, lambda bits: 1 / 0, m.DEFAULT_RESOURCE)
+        name = "a name only this test holds"
+        before = sys.getrefcount(name)
+        with pytest.raises(ZeroDivisionError):
+            _stage.new_span(name, *_SPAN_ARGS[0][1:])
+        assert sys.getrefcount(name) == before  # nothing leaked on the way out
+        with pytest.raises(TypeError):
+            _stage.new_span(*_SPAN_ARGS[0][:13])
+    finally:
+        _stage.span_setup(m.Span, m._rand.getrandbits, m.DEFAULT_RESOURCE)
+    name = "another name"
+    before = sys.getrefcount(name)
+    s = _stage.new_span(name, *_SPAN_ARGS[0][1:])
+    assert sys.getrefcount(name) == before + 1
+    del s
+    assert sys.getrefcount(name) == before

@@ -438,11 +438,125 @@ static PyObject *run(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     return ret(i, DONE);
 }
 
+/* -- spans ---------------------------------------------------------------------------------
+ * new_span(name, kind, start_ns, end_ns, attributes, resource, trace_id, span_id, parent_span_id,
+ *          status_code, status_message, events, trace_state, flags) -> Span
+ *
+ * What ``Span(...)`` (service/model.py) makes, with its every argument given (base.py's Conn.span
+ * gives them all): the slots set directly, not by a Python __init__, and new ids drawn from the
+ * same generator (model._rand's getrandbits: 128 bits for a trace, 64 for a span, drawn again
+ * while zero) in the same order, so a seeded generator gives the two the same ids. A span is
+ * made per exchange: Span.__init__ was a sixth of a short exchange's span cost (issue 21). */
+static PyTypeObject *SpanT;
+static PyObject *GETRANDBITS, *DEFAULT_RESOURCE;
+static Py_ssize_t sp_off[14];
+static const char *SP_NAMES[14] = {"name", "kind", "start_ns", "end_ns", "attributes", "resource", "trace_id",
+                                   "span_id", "parent_span_id", "status_code", "status_message", "events",
+                                   "trace_state", "flags"};
+enum { SP_ATTRS = 4, SP_RESOURCE = 5, SP_TRACE = 6, SP_SPAN = 7 };
+
+/* span_setup(Span, getrandbits, DEFAULT_RESOURCE): once, at import. */
+static PyObject *span_setup(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 3 || !PyType_Check(args[0]) || !PyCallable_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "span_setup(Span, getrandbits, DEFAULT_RESOURCE)");
+        return NULL;
+    }
+    for (int i = 0; i < 14; i++)
+        if (slot_offset((PyTypeObject *)args[0], SP_NAMES[i], &sp_off[i]) < 0)
+            return NULL;
+    Py_XSETREF(SpanT, (PyTypeObject *)Py_NewRef(args[0]));
+    Py_XSETREF(GETRANDBITS, Py_NewRef(args[1]));
+    Py_XSETREF(DEFAULT_RESOURCE, Py_NewRef(args[2]));
+    Py_RETURN_NONE;
+}
+
+/* A new random id of ``nbytes`` (16 or 8), never all zero: model.new_trace_id / new_span_id. */
+static PyObject *new_id(int nbytes) {
+    unsigned char b[16];
+    for (;;) {
+        PyObject *n = PyLong_FromLong(nbytes * 8);
+        if (n == NULL)
+            return NULL;
+        PyObject *v = PyObject_CallOneArg(GETRANDBITS, n);
+        Py_DECREF(n);
+        if (v == NULL)
+            return NULL;
+        if (!PyLong_Check(v)) {
+            Py_DECREF(v);
+            PyErr_SetString(PyExc_TypeError, "getrandbits returned no int");
+            return NULL;
+        }
+        int nz = PyObject_IsTrue(v);
+        if (nz <= 0) {
+            Py_DECREF(v);
+            if (nz < 0)
+                return NULL;
+            continue; /* all-zero ids are invalid: draw again */
+        }
+#if PY_VERSION_HEX >= 0x030D0000
+        int r = _PyLong_AsByteArray((PyLongObject *)v, b, (size_t)nbytes, 0, 0, 1);
+#else
+        int r = _PyLong_AsByteArray((PyLongObject *)v, b, (size_t)nbytes, 0, 0);
+#endif
+        Py_DECREF(v);
+        if (r < 0)
+            return NULL;
+        return PyBytes_FromStringAndSize((const char *)b, nbytes);
+    }
+}
+
+static PyObject *new_span(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 14) {
+        PyErr_SetString(PyExc_TypeError, "new_span takes Span's 14 arguments, positionally");
+        return NULL;
+    }
+    if (SpanT == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "span_setup() was not called");
+        return NULL;
+    }
+    PyObject *v[14];
+    for (int i = 0; i < 14; i++)
+        v[i] = Py_NewRef(args[i]);
+    /* Span.__init__'s defaults, in its order: the trace id, then the span id. */
+    if (v[SP_TRACE] == Py_None) {
+        Py_SETREF(v[SP_TRACE], new_id(16));
+        if (v[SP_TRACE] == NULL)
+            goto fail;
+    }
+    if (v[SP_SPAN] == Py_None) {
+        Py_SETREF(v[SP_SPAN], new_id(8));
+        if (v[SP_SPAN] == NULL)
+            goto fail;
+    }
+    if (v[SP_ATTRS] == Py_None) {
+        Py_SETREF(v[SP_ATTRS], PyDict_New());
+        if (v[SP_ATTRS] == NULL)
+            goto fail;
+    }
+    if (v[SP_RESOURCE] == Py_None)
+        Py_SETREF(v[SP_RESOURCE], Py_NewRef(DEFAULT_RESOURCE));
+    PyObject *span = SpanT->tp_alloc(SpanT, 0);
+    if (span == NULL)
+        goto fail;
+    for (int i = 0; i < 14; i++)
+        set_slot(span, sp_off[i], v[i]); /* steals */
+    return span;
+fail:
+    for (int i = 0; i < 14; i++)
+        Py_XDECREF(v[i]);
+    return NULL;
+}
+
 static PyMethodDef methods[] = {
     {"setup", (PyCFunction)(void (*)(void))setup, METH_FASTCALL, "setup(TcpEvent, _State, Conn, LargeBuffer, "
                                                                   "PendingBudget, DATA, PARSING, OPEN, CLOSE)"},
     {"run", (PyCFunction)(void (*)(void))run, METH_FASTCALL,
      "run(events, i, conns, move_to_end, out, budget, where, stats, max_connections) -> i * 8 + code"},
+    {"span_setup", (PyCFunction)(void (*)(void))span_setup, METH_FASTCALL,
+     "span_setup(Span, getrandbits, DEFAULT_RESOURCE)"},
+    {"new_span", (PyCFunction)(void (*)(void))new_span, METH_FASTCALL,
+     "new_span(name, kind, start_ns, end_ns, attributes, resource, trace_id, span_id, parent_span_id, "
+     "status_code, status_message, events, trace_state, flags) -> Span, as Span(...) makes it"},
     {NULL, NULL, 0, NULL},
 };
 

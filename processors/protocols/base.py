@@ -94,6 +94,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from pydantic import BaseModel, ConfigDict
 
 from processors.protocols.assembly import recent_deque
+from service import model, speedups
 from service.largebuf import LargeBuffer
 from service.model import AttrValue, Resource, Span, SpanEvent, SpanKind, StatusCode, parse_traceparent
 
@@ -111,6 +112,16 @@ INCOMPLETE = "wirespan.incomplete"
 EPHEMERAL_PORT_MIN = 32768
 #: Ports below this are system ports (RFC 6335 §6): a server's.
 SYSTEM_PORT_MAX = 1024
+
+#: ``Span(...)`` with every argument given, in C when built (processors/protocols/_stage.c
+#: new_span: the same span, the same generator for its ids; tests/test_stage_speedup.py holds
+#: them equal): Conn.span's last step, once a span.
+_STAGE_C = speedups.load("processors.protocols._stage")
+if _STAGE_C is not None:
+    _STAGE_C.span_setup(Span, model._rand.getrandbits, model.DEFAULT_RESOURCE)
+    _new_span: Callable[..., Span] = _STAGE_C.new_span
+else:
+    _new_span = Span
 
 
 def server_side_by_ports(port_a: int, port_b: int, known: frozenset[int] = frozenset()) -> int | None:
@@ -585,8 +596,8 @@ class Conn:
         if end_ns < start_ns:
             end_ns = start_ns
         # Positional: this runs once per span, and keywords cost a third of the call.
-        return Span(name, kind, start_ns, end_ns, attributes, self.resource, trace_id, span_id, parent,
-                    status_code, status_message, events, "", flags)
+        return _new_span(name, kind, start_ns, end_ns, attributes, self.resource, trace_id, span_id, parent,
+                         status_code, status_message, events, "", flags)
 
     def kind_for(self, passive: SpanKind, client_side: SpanKind = SpanKind.CLIENT) -> SpanKind:
         """The span kind for this perspective.
