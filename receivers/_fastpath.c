@@ -861,7 +861,177 @@ error:
     return NULL;
 }
 
+/* receivers/tls.py's _Plain (a connection whose first bytes are still looked at for a handshake):
+ * its slots, and how many bytes are looked at (SNIFF_BYTES). */
+static PyTypeObject *PlainT;
+static Py_ssize_t pl_seen, pl_closes, pl_held;
+static long long SNIFF;
+
+/* plain_setup(_Plain, SNIFF_BYTES): once, at tls.py's import. */
+static PyObject *plain_setup(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 2 || !PyType_Check(args[0]) || !PyLong_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "plain_setup(_Plain, SNIFF_BYTES)");
+        return NULL;
+    }
+    PyTypeObject *t = (PyTypeObject *)args[0];
+    if (slot_offset(t, "seen", &pl_seen) < 0 || slot_offset(t, "closes", &pl_closes) < 0 ||
+        slot_offset(t, "held", &pl_held) < 0)
+        return NULL;
+    SNIFF = PyLong_AsLongLong(args[1]);
+    if (SNIFF == -1 && PyErr_Occurred())
+        return NULL;
+    Py_XSETREF(PlainT, (PyTypeObject *)Py_NewRef(t));
+    Py_RETURN_NONE;
+}
+
+/* A non-negative int slot's value, or -1 (anything else). */
+static long long nonneg(PyObject *o) {
+    if (o == NULL || !PyLong_CheckExact(o))
+        return -1;
+    int ovf = 0;
+    long long v = PyLong_AsLongLongAndOverflow(o, &ovf);
+    return ovf || v < 0 ? -1 : v;
+}
+
+/* A payload's length and first byte as Python's len(p) and p[0] say them, for bytes and a 1-D
+ * byte view; 0 when it is neither (process() reads it). */
+static int payload_head(PyObject *p, Py_ssize_t *n, int *first) {
+    const unsigned char *b;
+    if (PyBytes_CheckExact(p)) {
+        *n = PyBytes_GET_SIZE(p);
+        b = (const unsigned char *)PyBytes_AS_STRING(p);
+    } else if (PyMemoryView_Check(p)) {
+        Py_buffer *v = PyMemoryView_GET_BUFFER(p);
+        if (v->ndim != 1 || v->itemsize != 1 || (v->format != NULL && strcmp(v->format, "B") != 0) ||
+            (v->strides != NULL && v->strides[0] != 1) || v->suboffsets != NULL)
+            return 0;
+        *n = v->len;
+        b = (const unsigned char *)v->buf;
+    } else {
+        return 0;
+    }
+    *first = *n ? b[0] : -1;
+    return 1;
+}
+
+/* Sets an int slot; 0, or -1 with an exception. */
+static int set_int(PyObject *o, Py_ssize_t off, long long v) {
+    PyObject *x = PyLong_FromLongLong(v);
+    if (x == NULL)
+        return -1;
+    set_slot(o, off, x);
+    return 0;
+}
+
+/* process()'s steps for one event of a _Plain connection while nothing of the batch changed:
+ * 0 done, 1 process()'s (a first byte that may start a TLS record, held events, odd slots),
+ * -1 an exception. */
+static int plain_step(PyObject *ev, PyObject *kind, PyObject *cid, PyObject *st, PyObject *conns, PyObject *pass,
+                      PyObject *closing) {
+    PyObject *held = SLOT(st, pl_held);
+    long long seen = nonneg(SLOT(st, pl_seen)), closes = nonneg(SLOT(st, pl_closes));
+    if (held != Py_None || seen < 0 || closes < 0)
+        return 1;
+    if (kind != DATA_KIND) {
+        if (kind == CLOSE_KIND) {
+            if (set_int(st, pl_closes, closes + 1) < 0)
+                return -1;
+            if (closes + 1 >= 2 && PyDict_DelItem(conns, cid) < 0)
+                return -1;
+        } else if (kind == RESET_KIND) {
+            if (PyDict_DelItem(conns, cid) < 0)
+                return -1;
+        }
+        return 0;
+    }
+    if (seen >= SNIFF) /* past the first bytes of a plain connection */
+        return PyDict_SetItem(conns, cid, closes ? closing : pass);
+    PyObject *p = SLOT(ev, e_payload);
+    Py_ssize_t n;
+    int first;
+    if (p == NULL || !payload_head(p, &n, &first))
+        return 1;
+    if (n && first >= 20 && first <= 23) /* a TLS record type: the handshake tests are process()'s */
+        return 1;
+    seen += n;
+    if (set_int(st, pl_seen, seen) < 0)
+        return -1;
+    if (seen >= SNIFF)
+        return PyDict_SetItem(conns, cid, closes ? closing : pass);
+    return 0;
+}
+
+/* plain_run(events, start, conns, PASS, PASS_CLOSING) -> the index of the first event from ``start``
+ * that receivers/tls.py's process() must see itself, having done its steps for those before it:
+ * an event of a connection known plain (``conns`` maps it to PASS or PASS_CLOSING: its FIN moves
+ * it on, its second FIN or a RESET forgets it), a non-data event of one not tracked (OPEN), and
+ * the events of a connection whose first bytes are still looked at (a _Plain: its data counted
+ * unless a first byte may start a TLS record, its FINs and RESET). Only while nothing of the
+ * batch was changed (process()'s ``out`` is None): those events then stay where they are. A
+ * batch is mostly such events: process() was 7 % of a real Redis session's replay (its
+ * connections are shorter than SNIFF_BYTES: they never leave _Plain). Before setup() and
+ * plain_setup(), or for anything but a list and a dict, ``start``. */
+static PyObject *plain_run(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 5) {
+        PyErr_SetString(PyExc_TypeError, "plain_run(events, start, conns, PASS, PASS_CLOSING)");
+        return NULL;
+    }
+    Py_ssize_t i = PyLong_AsSsize_t(args[1]);
+    if (i == -1 && PyErr_Occurred())
+        return NULL;
+    PyObject *events = args[0], *conns = args[2], *pass = args[3], *closing = args[4];
+    if (EventT == NULL || PlainT == NULL || !PyList_CheckExact(events) || !PyDict_CheckExact(conns) || i < 0)
+        return PyLong_FromSsize_t(i < 0 ? 0 : i);
+    for (; i < PyList_GET_SIZE(events); i++) {
+        PyObject *ev = PyList_GET_ITEM(events, i);
+        if (!Py_IS_TYPE(ev, EventT))
+            break;
+        PyObject *kind = SLOT(ev, e_kind), *cid = SLOT(ev, e_conn_id);
+        if (kind == NULL || cid == NULL)
+            break;
+        Py_INCREF(ev); /* kept while any Python code (an id's __eq__, _Plain's __init__) runs */
+        Py_INCREF(cid);
+        PyObject *st = PyDict_GetItemWithError(conns, cid); /* borrowed */
+        int r = 0;
+        if (st == NULL && PyErr_Occurred()) {
+            r = -1;
+        } else if (st == pass || st == closing) {
+            if (kind == CLOSE_KIND)
+                r = st == pass ? PyDict_SetItem(conns, cid, closing) : PyDict_DelItem(conns, cid);
+            else if (kind == RESET_KIND)
+                r = PyDict_DelItem(conns, cid);
+        } else if (st == NULL) {
+            if (kind == DATA_KIND) { /* a new connection's first data: a _Plain(0), then as below */
+                PyObject *zero = PyLong_FromLong(0);
+                PyObject *pl = zero == NULL ? NULL : PyObject_CallOneArg((PyObject *)PlainT, zero);
+                Py_XDECREF(zero);
+                if (pl == NULL || PyDict_SetItem(conns, cid, pl) < 0)
+                    r = -1;
+                else
+                    r = Py_IS_TYPE(pl, PlainT) ? plain_step(ev, kind, cid, pl, conns, pass, closing) : 1;
+                Py_XDECREF(pl);
+            }
+        } else if (Py_IS_TYPE(st, PlainT)) {
+            Py_INCREF(st);
+            r = plain_step(ev, kind, cid, st, conns, pass, closing);
+            Py_DECREF(st);
+        } else {
+            r = 1; /* a TLS session's: process()'s */
+        }
+        Py_DECREF(cid);
+        Py_DECREF(ev);
+        if (r < 0)
+            return NULL;
+        if (r)
+            break;
+    }
+    return PyLong_FromSsize_t(i);
+}
+
 static PyMethodDef methods[] = {
+    {"plain_setup", (PyCFunction)(void (*)(void))plain_setup, METH_FASTCALL, "plain_setup(_Plain, SNIFF_BYTES)"},
+    {"plain_run", (PyCFunction)(void (*)(void))plain_run, METH_FASTCALL,
+     "plain_run(events, start, conns, PASS, PASS_CLOSING) -> index of the first event tls.py must see"},
     {"setup", (PyCFunction)(void (*)(void))setup, METH_FASTCALL,
      "setup(Half, Conn, TcpEvent, DATA, OPEN, CLOSE, RESET, GONE, conn_ids): the reassembler's classes, whose slots"
      " scan() reads and writes, its event kinds, the peer of a forgotten half and the connection id counter."},

@@ -43,6 +43,7 @@ import time
 from collections import deque
 from typing import Any, NamedTuple
 
+from service import speedups
 from service.model import EventKind, TcpEvent
 
 __all__ = ["TlsConnId", "HelloSniffer", "KeyLog", "KeyLogError", "TlsLayer", "looks_like_tls", "parse_server_hello",
@@ -624,6 +625,12 @@ class _Plain:
 #: The state of a connection past its first SNIFF_BYTES without TLS (no FIN yet / one FIN): shared
 #: markers, so its events cost one dict lookup.
 _PASS, _PASS_CLOSING = object(), object()
+#: process()'s steps for the events of plain connections in C (receivers/_fastpath.c plain_run),
+#: when built: process()'s own loop is the reference, and takes each event the C one leaves.
+_fp = speedups.load("receivers._fastpath")
+if _fp is not None:
+    _fp.plain_setup(_Plain, SNIFF_BYTES)
+_plain_run = _fp.plain_run if _fp is not None else None
 
 
 class _Side:
@@ -738,17 +745,27 @@ class TlsLayer:
             out = []
             self._retry_waiting(out, False)
         get = conns.get
-        first = 0
-        if out is None and not self._late:
+        n = len(events)
+        # While nothing of the batch changed (out is None), the C loop takes the events of plain
+        # connections and the OPENs: each one back here is the next it leaves (_plain_run).
+        fast = _plain_run if out is None and not self._late else None
+        i = 0
+        if fast is None and out is None and not self._late:
             # the common case, first: every event is data of a connection known to be plain
             for ev in events:
                 if ev.kind or get(ev.conn_id) is not _PASS:
                     break
-                first += 1
+                i += 1
             else:
                 return events
-            # Those before ``first`` stay as they are (out is None): the loop below starts after them.
-        for i in range(first, len(events)):
+            # Those before ``i`` stay as they are (out is None): the loop below starts after them.
+        i -= 1
+        while True:
+            i += 1
+            if fast is not None and out is None:
+                i = fast(events, i, conns, _PASS, _PASS_CLOSING)
+            if i >= n:
+                break
             ev = events[i]
             st = get(ev.conn_id)
             kind = ev.kind

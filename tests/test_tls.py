@@ -405,6 +405,126 @@ def test_plain_connections_pass_untouched(certs, tmp_path) -> None:
     assert plaintext(out) == {C[1]: REQ, S[1]: RESP}
 
 
+def test_the_plain_run_in_c_does_what_process_does() -> None:
+    """receivers/_fastpath.c's plain_run against process()'s own steps for the events it takes
+    (plain connections' events, their FINs and RESETs moving them on, OPENs of untracked ones,
+    the data of connections still looked at unless a TLS record type leads it): the same index
+    and the same table for every mix of those, held and TLS connections' events, odd payloads
+    and other objects, from any start; then whole batches through process() with it and
+    without: the same events out, the same table."""
+    import itertools
+    import random
+
+    import receivers.tcp_reassembly as r
+    import receivers.tls as t
+    from tests.support.speedup import load_accelerator
+
+    fp = load_accelerator("receivers._fastpath")
+    if r._c_fast is None:  # WIRESPAN_PURE_PYTHON: set up here, as tcp_reassembly does when built
+        fp.setup(r._Half, r._Conn, TcpEvent, r._DATA, r._OPEN, r._CLOSE, r._RESET, r._GONE, itertools.count())
+    if t._fp is None:
+        fp.plain_setup(t._Plain, t.SNIFF_BYTES)
+    P, PC = t._PASS, t._PASS_CLOSING
+    kinds = [EventKind.DATA] * 3 + [EventKind.CLOSE, EventKind.CLOSE, EventKind.OPEN, EventKind.RESET]
+    rng = random.Random(5)
+
+    def ref(events: list, start: int, conns: dict) -> int:
+        """process()'s steps, while nothing of the batch changed, for the events the C loop takes."""
+        i = start
+        while i < len(events):
+            ev = events[i]
+            st = conns.get(ev.conn_id)
+            if st is P or st is PC:
+                if ev.kind == EventKind.CLOSE:
+                    if st is P:
+                        conns[ev.conn_id] = PC
+                    else:
+                        del conns[ev.conn_id]
+                elif ev.kind == EventKind.RESET:
+                    del conns[ev.conn_id]
+                i += 1
+                continue
+            if st is None:
+                if ev.kind != EventKind.DATA:
+                    i += 1
+                    continue
+                st = conns[ev.conn_id] = t._Plain(0)
+            if st.__class__ is not t._Plain or st.held is not None:
+                break
+            if ev.kind != EventKind.DATA:
+                if ev.kind == EventKind.CLOSE:
+                    st.closes += 1
+                    if st.closes >= 2:
+                        conns.pop(ev.conn_id, None)
+                elif ev.kind == EventKind.RESET:
+                    conns.pop(ev.conn_id, None)
+            elif st.seen >= t.SNIFF_BYTES:
+                conns[ev.conn_id] = PC if st.closes else P
+            elif len(ev.payload) and ev.payload[0] in t._RECORD_TYPES:
+                break
+            else:
+                st.seen += len(ev.payload)
+                if st.seen >= t.SNIFF_BYTES:
+                    conns[ev.conn_id] = PC if st.closes else P
+            i += 1
+        return i
+
+    tls_state = object()  # a TLS session's state: process()'s
+
+    def table() -> dict:
+        held = t._Plain(3)
+        held.held = []
+        return {1: P, 2: PC, 3: t._Plain(0), 5: P, 6: t._Plain(t.SNIFF_BYTES - 2), 8: held,
+                9: t._Plain(t.SNIFF_BYTES), 10: tls_state}
+
+    def shown(conns: dict) -> dict:
+        return {k: (v.seen, v.closes) if v.__class__ is t._Plain else v for k, v in conns.items()}
+
+    payloads = [memoryview(b"x"), b"GET", b"", memoryview(b"\x16\x03\x01"), b"\x17", memoryview(b"ab" * 8)[::2],
+                memoryview(b"*3")]
+    for _ in range(800):
+        evs = [TcpEvent(rng.choice(kinds), rng.choice([1, 1, 2, 3, 4, 5, 6, 8, 9, 10]), *C, *S, 1,
+                        rng.choice(payloads)) for _ in range(rng.randint(0, 12))]
+        start = rng.randint(0, len(evs))
+        a, b, c = table(), table(), table()
+        k = fp.plain_run(evs, start, a, P, PC)
+        assert ref(evs[:k], start, b) == k  # it took what process() would have, and did alike:
+        if k < len(evs) and evs[k].kind == EventKind.DATA and evs[k].conn_id not in b:
+            b[evs[k].conn_id] = t._Plain(0)  # (the new connection's state, made before its look)
+        assert shown(a) == shown(b)
+        full = ref(evs, start, c)
+        # it stops where process() must look, or earlier only at a payload it leaves to Python
+        assert k == full or (k < full and evs[k].payload.strides != (1,)), (k, full)
+    ev = TcpEvent(EventKind.DATA, 1, *C, *S, 1, b"x")
+    assert fp.plain_run([ev, "not an event", ev], 0, table(), P, PC) == 1
+    assert fp.plain_run((ev,), 0, table(), P, PC) == 0 and fp.plain_run([], -3, table(), P, PC) == 0
+    with pytest.raises(TypeError):
+        fp.plain_run([TcpEvent(EventKind.DATA, [1], *C, *S, 1, b"x")], 0, table(), P, PC)  # unhashable id
+
+    # whole batches: plain connections sniffed then passed, a TLS-looking one, ends in any order
+    plain = memoryview(b"GET / HTTP/1.1\r\n" + b"x" * 700)
+    hello = memoryview(b"\x16\x03\x01\x00\x40\x01\x00\x00\x3c\x03\x03" + b"\x00" * 59)
+    stream = []
+    for k in range(300):
+        cid = rng.randint(1, 12)
+        kind = rng.choice(kinds)
+        payload = (hello if cid == 7 else plain) if kind == EventKind.DATA else None
+        stream.append(TcpEvent(kind, cid, *C, *S, k, payload, 0, True))
+
+    def through(fast: object) -> tuple:
+        with pytest.MonkeyPatch.context() as m:
+            m.setattr(t, "_plain_run", fast)
+            layer = TlsLayer(KeyLog())
+            outs = []
+            for lo in range(0, len(stream), 17):
+                batch = stream[lo:lo + 17]
+                got = layer.process(batch)
+                outs.append([(e.kind, e.conn_id, e.ts_ns, bytes(e.payload or b"")) for e in got])
+            return outs, sorted((k, type(v).__name__) for k, v in layer._conns.items()), dict(layer.drops)
+
+    assert through(fp.plain_run) == through(None)
+
+
 def test_sniffer_and_detection(certs, tmp_path) -> None:
     kl = tmp_path / "keys.log"
     s = Session(certs, kl, curve="secp384r1")
