@@ -275,7 +275,7 @@ def _walk(data: memoryview, from_client: bool, collections: bool) -> list[tuple[
 
 #: A text line is read from its first this many bytes (a bounded copy: a key, a length, a word).
 MAX_TEXT_LINE = 512
-#: (name as sent, key, get family, noreply): a text command line, as ``_text_request`` takes it.
+#: (name as sent, key, get family, noreply): a text command line, as ``_text_requests`` takes it.
 TextCommand = tuple[str, str, bool, bool]
 #: A reply line's code: a value came for the oldest command (VALUE, VA).
 _HIT = -1
@@ -525,7 +525,7 @@ class Session(Session):  # type: ignore[no-redef]
         collection id or a HELLO/GET_COLLECTION_ID response (those take the buffered path):
         checked before anything is done (``_walk``, or _memcache.c's twin of it), then each
         packet has ``_binary``'s effects in order. Anything else (text, a value across
-        segments, bad input) returns False unchanged.
+        segments, bad input) returns False unchanged. And a text segment (below).
         """
         binary = self.binary
         if binary is None:
@@ -535,7 +535,24 @@ class Session(Session):  # type: ignore[no-redef]
             # (it was always buffered, and the first request is half a short connection's work).
             binary = self._decide(data[0])
         if not binary:
-            return self._text_whole(from_client, data, ts_ns)
+            # The text protocol: the lines of a segment that ends where a line (or the data
+            # block one announced) ends, or inside a data block, as ``feed`` would read them
+            # leaving the buffer empty. ``_text_walk`` (or _memcache.c's twin) reads them all
+            # first, declining whatever ``feed`` would wait on or refuse; then they have
+            # ``feed``'s effects in order (the same two methods).
+            skip = self.skip
+            walked = _C_TEXT(data, from_client, skip[from_client]) if _C_TEXT is not None else None
+            if walked is None:  # declined in C, or no C: the reference decides
+                walked = _text_walk(data, from_client, skip[from_client])
+                if walked is None:
+                    return False
+            items, skip[from_client] = walked
+            if items:
+                if from_client:
+                    self._text_requests(items, ts_ns, ts_ns)
+                else:
+                    self._text_replies(items, ts_ns)
+            return True
         if self.skip[from_client]:
             return False
         collections = self.collections and from_client
@@ -668,71 +685,48 @@ class Session(Session):  # type: ignore[no-redef]
             if skip:
                 self.skip[1] = skip
             if cmd is not None:
-                self._text_request(cmd, start, ts_ns)
+                self._text_requests((cmd,), start, ts_ns)
         else:
             reply, skip = _text_reply_line(line)
             if skip:
                 self.skip[0] = skip
             if reply is not None:
-                self._text_reply(reply, ts_ns)
+                self._text_replies((reply,), ts_ns)
         return True
 
-    def _text_request(self, cmd: TextCommand, start: int, ts_ns: int) -> None:
-        """A command line read (``_text_command``): a span now if it asks for no reply, else
-        it awaits one."""
-        name, key, get_family, noreply = cmd
-        r = _Req(name, key, start, get_family)
-        if noreply:
-            self._span(r, 0, ts_ns)
-            return
+    def _text_requests(self, cmds: list[TextCommand] | tuple[TextCommand], start: int, ts_ns: int) -> None:
+        """Command lines read (``_text_command``), in order: a span now for one that asks for no
+        reply, else it awaits one. (Several a call: feed_whole's segment of them is one call.)"""
         pending = self.text_pending
-        if len(pending) >= MAX_PENDING:
-            pending.popleft()
-            self.conn.drop("too_many_pending")
-        pending.append(r)
+        for name, key, get_family, noreply in cmds:
+            r = _Req(name, key, start, get_family)
+            if noreply:
+                self._text_span(r, 0x00, ts_ns)
+                continue
+            if len(pending) >= MAX_PENDING:
+                pending.popleft()
+                self.conn.drop("too_many_pending")
+            pending.append(r)
 
-    def _text_reply(self, reply: int | str, ts_ns: int) -> None:
-        """A reply line read (``_text_reply_line``): a value came (``_HIT``), or the oldest
-        command is answered by a reply word's code or an error line's text."""
+    def _text_replies(self, replies: list[int | str] | tuple[int | str], ts_ns: int) -> None:
+        """Reply lines read (``_text_reply_line``), in order: a value came (``_HIT``), or the
+        oldest command is answered by a reply word's code or an error line's text."""
         pending = self.text_pending
-        if reply == _HIT:
-            if pending:
-                pending[0].hit = True
-            return
-        if not pending:
-            self.conn.drop("unpaired_response")
-            return
-        req = pending.popleft()
-        if reply.__class__ is str:
-            self._span(req, -1, ts_ns, text_error=reply)  # type: ignore[arg-type]
-        elif req.get_family:
-            self._span(req, 0x00 if req.hit or reply == _HD else 0x01, ts_ns)
-        else:
-            self._span(req, reply & 0xFF, ts_ns)  # type: ignore[operator]
-
-    def _text_whole(self, from_client: bool, data: memoryview, ts_ns: int) -> bool:
-        """feed_whole's text protocol: the lines of a segment that ends where a line (or the
-        data block one announced) ends, or inside a data block, as ``feed`` would read them
-        leaving the buffer empty. ``_text_walk`` (or _memcache.c's twin) reads them all
-        first, declining whatever ``feed`` would wait on or refuse; then each has
-        ``_text_request``'s or ``_text_reply``'s effects in order."""
-        side = int(from_client)
-        walked = _C_TEXT(data, from_client, self.skip[side]) if _C_TEXT is not None else None
-        if walked is None:  # declined in C, or no C: the reference decides
-            walked = _text_walk(data, from_client, self.skip[side])
-            if walked is None:
-                return False
-        items, skip = walked
-        self.skip[side] = skip
-        if from_client:
-            request = self._text_request
-            for cmd in items:
-                request(cmd, ts_ns, ts_ns)
-        else:
-            reply = self._text_reply
-            for r in items:
-                reply(r, ts_ns)
-        return True
+        for reply in replies:
+            if reply == _HIT:
+                if pending:
+                    pending[0].hit = True
+                continue
+            if not pending:
+                self.conn.drop("unpaired_response")
+                continue
+            req = pending.popleft()
+            if reply.__class__ is str:
+                self._text_span(req, -1, ts_ns, reply)  # type: ignore[arg-type]
+            elif req.get_family:
+                self._text_span(req, 0x00 if req.hit or reply == _HD else 0x01, ts_ns)
+            else:
+                self._text_span(req, reply & 0xFF, ts_ns)  # type: ignore[operator]
 
     # -- spans -------------------------------------------------------------------
     def _span(self, req: _Req, status: int, end_ts: int, implicit: bool = False, text_error: str = "",
@@ -777,6 +771,34 @@ class Session(Session):  # type: ignore[no-redef]
             self.cut_short(span)
         else:
             conn.emit(span)
+
+    def _text_span(self, req: _Req, status: int, end_ts: int, text_error: str = "") -> None:
+        """``_span`` for a text command answered (or a noreply one): a text connection has no
+        set-up opcodes, bucket, collections or quiet requests (only the binary paths set
+        them), so a span a command skips their checks."""
+        conn = self.conn
+        op = req.name
+        key = req.key
+        if self.show_keys:
+            query = f"{op} {key}".rstrip()
+        else:  # (op names end with no blank: no rstrip needed)
+            query = f"{op} ?" if key else op
+        attrs: dict[str, Any] = {"db.system.name": "memcached", "db.operation.name": op, "db.query.text": query}
+        code = _UNSET
+        msg = ""
+        if text_error:
+            code = _ERROR
+            msg = text_error
+            attrs["error.type"] = text_error.split(" ", 1)[0]
+        elif status:
+            sname = _STATUS[status]  # (text replies give 0x01, 0x02 or 0x05)
+            attrs["db.response.status_code"] = sname
+            if not (status == 0x01 and req.get_family):  # a GET miss is not an error
+                code = _ERROR
+                msg = sname
+                attrs["error.type"] = sname
+        kind = _SERVER_KIND if conn.perspective == _SERVER_VIEW else _CLIENT  # kind_for(CLIENT)
+        conn.emit(conn.span(op, kind, req.start_ts, end_ts, attrs, None, code, msg))
 
     def gap(self, from_client: bool, ts_ns: int) -> None:
         self.skip[int(from_client)] = 0
