@@ -569,10 +569,10 @@ def _text(buf: LargeBuffer, off: int, n: int) -> str:
 # session
 # ---------------------------------------------------------------------------
 class _Pending:
-    __slots__ = ("base", "command", "in_multi", "nargs", "replies_left", "start_ts", "text")
+    __slots__ = ("base", "command", "in_multi", "nargs", "replies_left", "special", "start_ts", "text")
 
     def __init__(self, command: str, base: str, text: str, start_ts: int, replies: int, in_multi: bool,
-                 nargs: int) -> None:
+                 nargs: int, special: bool) -> None:
         self.command = command
         self.base = base  # the command name upper-cased, without a container's subcommand (the rules' key)
         self.text = text
@@ -580,29 +580,71 @@ class _Pending:
         self.replies_left = replies
         self.in_multi = in_multi
         self.nargs = nargs
+        self.special = special  # base is one _span has a rule for (SELECT, UNSUBSCRIBE...)
 
 
 def _decode(b: bytes) -> str:
     return b.decode("utf-8", "replace")
 
 
-#: Command name as sent -> (as sent, decoded; upper-cased; its first word upper-cased). A few
-#: dozen names in practice; bounded so that a client sending random names cannot grow it.
-_NAMES: dict[bytes, tuple[str, str, str]] = {}
+#: What a command name's rules decide, as bits of ``_Rule.flags``: its first argument is a
+#: subcommand (part of the operation name); its arguments are credentials (never shown);
+#: every argument is a key (shown when sanitising); it changes the session's state or
+#: pairing (SUBSCRIBE, CLIENT, MULTI, EXEC, DISCARD, SELECT: ``_request``'s slow branch).
+_F_CONTAINER = 1
+_F_CREDENTIAL = 2
+_F_KEYS = 4
+_F_STATEFUL = 8
+#: Commands ``_request`` looks at beyond the text (``_F_STATEFUL``), and those ``_span`` does.
+_STATEFUL = _SUBSCRIBE | frozenset({"CLIENT", "MULTI", "EXEC", "DISCARD", "SELECT"})
+_SPAN_RULES = _UNSUBSCRIBE | frozenset({"SELECT", "EXEC", "DISCARD"})
+
+#: A command name's spellings and rule bits: (as sent, decoded; upper-cased; its first word
+#: upper-cased, the rules' key at span time; flags; whether _span has a rule for it).
+_Rule = tuple[str, str, str, int, bool]
+#: Command name as sent -> its _Rule. A few dozen names in practice; bounded so that a client
+#: sending random names cannot grow it (past the bound a name is worked out each time).
+_NAMES: dict[bytes, _Rule] = {}
 _NAMES_MAX = 4096
 
 
-def _name(b: bytes) -> tuple[str, str, str]:
-    """A command name's spellings the session needs, decoded once a name (not once a command)."""
+def _name(b: bytes) -> _Rule:
+    """A command name's rules, decided once a name (not once a command: the sets are
+    looked up and the name decoded and upper-cased for every command otherwise)."""
     got = _NAMES.get(b)
     if got is None:
         sent = b.decode("utf-8", "replace")
         cmd = sent.upper()
-        got = (sent, cmd, cmd if " " not in sent else sent.split(" ", 1)[0].upper())
+        base = cmd if " " not in sent else sent.split(" ", 1)[0].upper()
+        flags = ((_F_CONTAINER if cmd in _CONTAINER else 0) | (_F_CREDENTIAL if cmd in _CREDENTIAL_CMDS else 0)
+                 | (_F_KEYS if cmd in _KEY_ONLY and cmd not in _CONTAINER else 0)
+                 | (_F_STATEFUL if cmd in _STATEFUL else 0))
+        got = (sent, cmd, base, flags, base in _SPAN_RULES)
         if len(_NAMES) < _NAMES_MAX:
             _NAMES[b] = got
     return got
 
+
+def _more(more: int) -> str:
+    """The elements of a command not kept: a ``?`` each, at most 8, then ``...``."""
+    if more <= 0:
+        return ""
+    return " ?" * min(more, 8) + (" ..." if more > 8 else "")
+
+
+#: ``_TAILS[q][m]``: the text after a sanitised command's first argument, for ``q`` more
+#: arguments kept (each a ``?``) and ``m`` not kept (``_more``; 9 stands for any above 8):
+#: built once, not with two string repeats and a concatenation a command.
+_TAILS: tuple[tuple[str, ...], ...] = tuple(tuple(" ?" * q + _more(m) for m in range(10))
+                                            for q in range(MAX_ARGS_KEPT))
+
+
+#: Error reply -> its text sanitised. A server's errors are mostly the same few texts
+#: (WRONGTYPE, "value is not an integer", a client library's probe of a newer command on
+#: every connection) and sanitize_error's regex costs a few microseconds each; the texts
+#: are at most 512 characters, so this holds at most ~128 KiB, and starts over when full.
+_SANITIZED: dict[str, str] = {}
+_SANITIZED_MAX = 256
 
 _NO_ARGS: tuple[bytes, ...] = ()
 _SUB_OR_UNSUB = _SUBSCRIBE | _UNSUBSCRIBE
@@ -619,6 +661,7 @@ class Session(Session):  # type: ignore[no-redef]
     def __init__(self, conn: Conn) -> None:
         super().__init__(conn)
         self.settings: Settings = conn.settings if isinstance(conn.settings, Settings) else Settings()
+        self._sanitize = self.settings.sanitize_query  # read once a command: a model's field is a slow read
         self.req = _Scanner(keep=MAX_ARGS_KEPT)
         self.resp = _Scanner(keep=3)
         self.pending: deque[_Pending] = PendingQueue(conn)
@@ -639,7 +682,9 @@ class Session(Session):  # type: ignore[no-redef]
         if _C is None and type(data) is not memoryview:  # the eBPF receiver's payloads are bytes
             data = memoryview(data)
         vals: list[WholeValue] = []
-        if _whole_values(data, 0, sc.keep, vals) != len(data):
+        # _C's reader called here, not through _whole_values: that call was a tenth of this one
+        keep = sc.keep
+        if (_C.values(data, 0, keep, vals) if _C is not None else _whole_values(data, 0, keep, vals)) != len(data):
             return False
         if from_client:
             request = self._request
@@ -665,18 +710,39 @@ class Session(Session):  # type: ignore[no-redef]
             self.conn.drop("empty_command")
             return
         # ``cmd`` for the rules below; spans keep the command as the client sent it
-        sent, cmd, base = _name(args[0])
-        op = f"{sent} {_decode(args[1])}" if cmd in _CONTAINER and len(args) > 1 else sent
-        text = self._query_text(cmd, args, nargs, sent)
+        sent, cmd, base, flags, special = _name(args[0])
+        nkept = len(args) - 1  # the arguments kept after the command name
+        # db.query.text: only the arguments shown are decoded, the others are a "?" each.
+        if flags & _F_CREDENTIAL:
+            text = sent + (" ?" * nkept)  # never a password, sanitising or not
+        elif nkept <= 0:
+            text = sent + _more(nargs - 1)
+        elif not self._sanitize or flags & _F_KEYS:
+            # One decode of the joined arguments: a space ends any broken UTF-8 sequence
+            # before it, so this is the join of each one decoded, with one call.
+            text = f"{sent} {b' '.join(args[1:]).decode('utf-8', 'replace')}{_more(nargs - 1 - nkept)}"
+        else:
+            m = nargs - 1 - nkept  # the elements not kept (never negative: the count includes the kept)
+            if not 0 <= m < 10:
+                m = 9 if m > 0 else 0
+            text = f"{sent} {args[1].decode('utf-8', 'replace')}{_TAILS[nkept - 1][m]}"
+        op = f"{sent} {args[1].decode('utf-8', 'replace')}" if flags & _F_CONTAINER and nkept else sent
+        pending = self.pending
+        if not flags & _F_STATEFUL and not self._reply_off and not self._skip_next:
+            # The common command: no state of the session's changes; paired with its reply.
+            if len(pending) >= MAX_PENDING:
+                pending.popleft()
+                self.conn.drop("too_many_pending")
+            pending.append(_Pending(op, base, text, start_ts, 1, self.in_multi, nargs, special))
+            return
         replies = 1
         if cmd in _SUBSCRIBE:
             replies = max(nargs - 1, 1)  # one confirmation per channel
             self.subscribed = True
-        pending = self.pending
         if len(pending) >= MAX_PENDING:
             pending.popleft()
             self.conn.drop("too_many_pending")
-        p = _Pending(op, base, text, start_ts, replies, self.in_multi, nargs)
+        p = _Pending(op, base, text, start_ts, replies, self.in_multi, nargs, special)
         silent = self._reply_off or self._skip_next
         self._skip_next = False
         if cmd == "CLIENT" and len(args) > 2 and args[1].upper() == b"REPLY":
@@ -698,24 +764,6 @@ class Session(Session):  # type: ignore[no-redef]
         elif cmd == "SELECT" and len(args) > 1:
             self._select = _decode(args[1])
         pending.append(p)
-
-    def _query_text(self, cmd: str, kept: list[bytes], nargs: int, sent: str) -> str:
-        nkept = len(kept) - 1  # the arguments kept after the command name
-        if cmd in _CREDENTIAL_CMDS:
-            return sent + (" ?" * nkept)  # never a password, sanitising or not
-        if nkept <= 0:
-            text = sent
-        # Only the arguments shown are decoded: the others are a "?" each.
-        elif not self.settings.sanitize_query or (cmd in _KEY_ONLY and cmd not in _CONTAINER):
-            # One decode of the joined arguments: a space ends any broken UTF-8 sequence
-            # before it, so this is the join of each one decoded, with one call.
-            text = f"{sent} {b' '.join(kept[1:]).decode('utf-8', 'replace')}"
-        else:
-            text = f"{sent} {kept[1].decode('utf-8', 'replace')}" + " ?" * (nkept - 1)
-        more = nargs - 1 - nkept
-        if more > 0:
-            text += " ?" * min(more, 8) + (" ..." if more > 8 else "")
-        return text
 
     # -- replies ---------------------------------------------------------
     def _reply(self, push: bool, args: list[bytes], is_null: bool, error: str | None, start_ts: int,
@@ -749,10 +797,11 @@ class Session(Session):  # type: ignore[no-redef]
         conn = self.conn
         cmd = p.command
         base = p.base
-        if base == "SELECT" and error is None and self._select is not None:
-            self.namespace = self._select
-        if base in _UNSUBSCRIBE and args and args[-1] == b"0":
-            self.subscribed = False
+        if p.special:  # SELECT, EXEC, DISCARD or an UNSUBSCRIBE (_SPAN_RULES)
+            if base == "SELECT" and error is None and self._select is not None:
+                self.namespace = self._select
+            if base in _UNSUBSCRIBE and args and args[-1] == b"0":
+                self.subscribed = False
         attrs: dict[str, object] = {
             "db.system.name": "redis",
             "db.operation.name": cmd,
@@ -766,7 +815,15 @@ class Session(Session):  # type: ignore[no-redef]
         msg = ""
         if error is not None:
             status = _ERROR
-            msg = sanitize_error(error) if self.settings.sanitize_errors else error
+            if self.settings.sanitize_errors:
+                msg = _SANITIZED.get(error)  # type: ignore[assignment]
+                if msg is None:
+                    msg = sanitize_error(error)
+                    if len(_SANITIZED) >= _SANITIZED_MAX:
+                        _SANITIZED.clear()
+                    _SANITIZED[error] = msg
+            else:
+                msg = error
             prefix = error.split(" ", 1)[0]
             attrs["db.response.status_code"] = prefix
             attrs["error.type"] = prefix
