@@ -267,3 +267,20 @@ def test_exchanges_give_the_same_spans_with_and_without_feed_whole(how: str, siz
         ex = make(size)
         spans, drops = run_both_ways(m.Session, ex.port, cut(ex.steps, how, random.Random(f"{size}{how}")))
         assert len(spans) == ex.spans and drops == {}
+
+
+@pytest.mark.parametrize("v", [4, 5])
+def test_an_ack_alone_in_its_segment(v: int) -> None:
+    """A lone ack (feed_whole's shortcut): 3.1.1 has no reason code, so a byte after the packet
+    id is not one; PUBREL with the wrong flags is the buffered path's to refuse."""
+    conn = _pkt(0x10, _s(b"MQTT") + bytes([v, 0x02]) + struct.pack(">H", 60) + (b"\x00" if v == 5 else b"")
+                + _s(b"acks"))
+    pub = _pkt(0x32, _s(b"t") + struct.pack(">H", 1) + (b"\x00" if v == 5 else b"") + b"x")
+    pub2 = _pkt(0x34, _s(b"u") + struct.pack(">H", 2) + (b"\x00" if v == 5 else b"") + b"y")
+    segs = [(True, conn), (False, b"\x20\x02\x00\x00"), (True, pub), (False, b"\x40\x03\x00\x01\x80"),
+            (True, pub2), (False, b"\x50\x02\x00\x02"), (True, b"\x60\x02\x00\x02"), (True, b"\x62\x02\x00\x02"),
+            (False, b"\x70\x02\x00\x02")]
+    spans, drops = run_both_ways(m.Session, 1883, segs)
+    assert [(x[0], x[4]) for x in spans] == [("publish t", 2 if v == 5 else 0), ("publish u", 0)], spans
+    assert drops, drops  # the bad PUBREL, counted
+    assert _taken(segs)[1] == 1  # that PUBREL, declined
