@@ -180,6 +180,23 @@ def test_v5_bad_property_is_malformed() -> None:
         d.send(True, publish("t", b"", 0, v=5, pr=props(b"\x7f\x00")))
 
 
+@pytest.mark.parametrize("step", [None, 1])
+@pytest.mark.parametrize("tail", [b"", b"\x80"], ids=["no_length", "cut_length"])
+def test_v5_publish_without_its_property_length_is_malformed_not_a_wait(step: int | None, tail: bytes) -> None:
+    """An MQTT 5 PUBLISH that ends where its property length should start (or inside it): the
+    whole packet is here, so no later byte can help; it was a wait for ever, and the connection
+    stalled behind it (whole or a byte a segment, the buffered path reads it)."""
+    d = Driver()
+    d.send(True, connect("c", v=5))
+    bad = pkt(0x30, s("t") + tail)
+    with pytest.raises(ProtocolError):
+        if step is None:
+            d.send(True, bad)
+        else:
+            for i in range(0, len(bad), step):
+                d.send(True, bad[i:i + step])
+
+
 def _alloc(size: int) -> int:
     d = Driver()
     data = publish("big/blob", b"\x00" * size, 1, 5)

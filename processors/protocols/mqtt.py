@@ -657,6 +657,8 @@ class Session(Session):  # type: ignore[no-redef]
                 return 0
             got = _varint(buf, hdr_end, min(n, end))
             if got is None:
+                if n >= end:  # the whole packet is here and its property length is not: no wait helps
+                    raise Malformed(NAME, "truncated", p, "no property length before the packet's end")
                 return 0
             hdr_end = got[1] + got[0]
             if hdr_end > end:
