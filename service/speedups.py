@@ -23,7 +23,7 @@ ACCELERATORS: dict[str, str] = {
     "processors.protocols._pgwire": "processors/protocols/_pgwire.c",  # postgresql.py's message walk
     "processors.protocols.amqp._frames": "processors/protocols/amqp/_frames.c",  # amqp/v091.py's frame walk
     "processors.protocols._fcgi": "processors/protocols/_fcgi.c",  # fastcgi.py's record walk and PARAMS
-    "processors.protocols._memcache": "processors/protocols/_memcache.c",  # memcached.py's binary headers
+    "processors.protocols._memcache": "processors/protocols/_memcache.c",  # memcached.py: binary headers, text walk
     "processors.protocols._bson": "processors/protocols/_bson.c",  # mongodb.py's whole OP_MSG read
     "processors.protocols._h2frames": "processors/protocols/_h2frames.c",  # http2.py's whole-frames check
     "processors.protocols._stage": "processors/protocols/_stage.c",  # processor.py's per-event fast path
