@@ -691,9 +691,17 @@ class Session(Session):  # type: ignore[no-redef]
             for _t, args, nargs, _null, _error in vals:
                 request(args, nargs, ts_ns)
         else:
-            reply = self._reply
+            pending = self.pending
             for t, args, _nargs, is_null, error in vals:
-                reply(t == 0x3E, args, is_null, error, ts_ns, ts_ns)  # '>' a push
+                if args or t == 0x3E or not pending:  # '>' a push; the pub/sub cases; unpaired
+                    self._reply(t == 0x3E, args, is_null, error, ts_ns, ts_ns)
+                    continue
+                # _reply's pairing, inline: once a reply, and the call was a fifth of it
+                p = pending[0]
+                p.replies_left -= 1
+                if p.replies_left <= 0:
+                    pending.popleft()
+                    self._span(p, error, is_null, args, ts_ns)
         return True
 
     def feed(self, from_client: bool, buf: LargeBuffer, ts_ns: int) -> None:
@@ -710,21 +718,22 @@ class Session(Session):  # type: ignore[no-redef]
             self.conn.drop("empty_command")
             return
         # ``cmd`` for the rules below; spans keep the command as the client sent it
-        sent, cmd, base, flags, special = _name(args[0])
+        sent, cmd, base, flags, special = _NAMES.get(args[0]) or _name(args[0])
         nkept = len(args) - 1  # the arguments kept after the command name
+        m = nargs - len(args)  # the elements not kept (never negative: the count includes the kept)
+        if not 0 <= m < 10:
+            m = 9 if m > 0 else 0  # _TAILS's index: 9 is any above 8
         # db.query.text: only the arguments shown are decoded, the others are a "?" each.
         if flags & _F_CREDENTIAL:
             text = sent + (" ?" * nkept)  # never a password, sanitising or not
         elif nkept <= 0:
-            text = sent + _more(nargs - 1)
+            text = sent + _TAILS[0][m]
         elif not self._sanitize or flags & _F_KEYS:
             # One decode of the joined arguments: a space ends any broken UTF-8 sequence
             # before it, so this is the join of each one decoded, with one call.
-            text = f"{sent} {b' '.join(args[1:]).decode('utf-8', 'replace')}{_more(nargs - 1 - nkept)}"
+            shown = args[1] if nkept == 1 else b" ".join(args[1:])
+            text = f"{sent} {shown.decode('utf-8', 'replace')}{_TAILS[0][m]}"
         else:
-            m = nargs - 1 - nkept  # the elements not kept (never negative: the count includes the kept)
-            if not 0 <= m < 10:
-                m = 9 if m > 0 else 0
             text = f"{sent} {args[1].decode('utf-8', 'replace')}{_TAILS[nkept - 1][m]}"
         op = f"{sent} {args[1].decode('utf-8', 'replace')}" if flags & _F_CONTAINER and nkept else sent
         pending = self.pending
