@@ -18,8 +18,8 @@ from typing import Any
 
 import pytest
 
-from service.model import EventKind, Span, SpanKind, StatusCode
-from tests.support.replay import replay
+from service.model import Span, SpanKind, StatusCode
+from tests.support.replay import assert_clean, conversations, replay
 from tests.support.whole import cut, run_stage
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "memcached", "pymemcache_session.pcap")
@@ -109,11 +109,7 @@ def test_show_keys_puts_the_key_in_the_query_text() -> None:
 
 def test_nothing_is_dropped(replayed) -> None:
     _, recv, stats = replayed
-    assert stats["drops"] == {}
-    assert stats["connections"] == 1 and stats["protocols"] == {"memcached": 1}
-    assert stats["spans"] == len(EXPECTED)
-    assert recv["packets"] == 65 and recv["connections"] == 1
-    assert recv["drops"] == {} and recv["gap_bytes"] == {} and recv["errors"] == [] and recv["truncated"] == []
+    assert_clean(recv, stats, "memcached", connections=1, packets=65, spans=len(EXPECTED))
 
 
 def test_every_protocol_enabled_still_detects_memcached(replayed) -> None:
@@ -123,27 +119,9 @@ def test_every_protocol_enabled_still_detects_memcached(replayed) -> None:
     assert stats["drops"] == {} and stats["protocols"] == {"memcached": 1}
 
 
-class _Streams:
-    """The connection's payloads in order, as the pcap receiver hands them on."""
-
-    def __init__(self) -> None:
-        self.segs: list[tuple[bool, bytes]] = []
-
-    def consume_events(self, events: list) -> None:
-        self.segs.extend((e.dport == PORT, bytes(e.payload)) for e in events if e.kind == EventKind.DATA)
-
-
 def _segments() -> list[tuple[bool, bytes]]:
-    from receivers.pcap import PcapReceiver
-
-    sink = _Streams()
-    recv = PcapReceiver("pcap", {"path": FIXTURE, "progress": False}, sink)
-    recv.start()
-    try:
-        assert recv.wait(60)
-    finally:
-        recv.shutdown()
-    return sink.segs
+    (conn,) = conversations(FIXTURE)
+    return conn
 
 
 @pytest.mark.parametrize("how", ["bytes", "random"])

@@ -17,7 +17,7 @@ import pytest
 
 from service.model import Span, SpanKind, StatusCode
 from tests.fixtures.mqtt.record import TRACEPARENT
-from tests.support.replay import replay
+from tests.support.replay import conversations, replay, server_port
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "mqtt", "paho_mosquitto_session.pcap")
 P, C, S = SpanKind.PRODUCER, SpanKind.CONSUMER, SpanKind.CLIENT
@@ -166,30 +166,9 @@ def test_spans_agree_with_tshark(replayed) -> None:
 
 
 
-class _Events:
-    def __init__(self) -> None:
-        self.events: list[Any] = []
-
-    def consume_events(self, events: list[Any]) -> None:
-        self.events.extend(e for e in events if e.payload)
-
-
 def _conversations() -> tuple[int, list[list[tuple[bool, bytes]]]]:
     """(broker port, each connection as its segments: (from client, bytes), in capture order)."""
-    from receivers.pcap import PcapReceiver
-
-    sink = _Events()
-    recv = PcapReceiver("pcap", {"path": FIXTURE, "progress": False}, sink)
-    recv.start()
-    try:
-        assert recv.wait(60)
-    finally:
-        recv.shutdown()
-    port = sink.events[0].dport  # the first segment is a client's CONNECT
-    convs: dict[Any, list[tuple[bool, bytes]]] = {}
-    for e in sink.events:
-        convs.setdefault(e.conn_id, []).append((e.dport == port, bytes(e.payload)))
-    return port, list(convs.values())
+    return server_port(FIXTURE), conversations(FIXTURE)
 
 
 @pytest.mark.parametrize("step", [None, 1, 2, 3, 7])

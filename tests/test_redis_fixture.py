@@ -16,7 +16,7 @@ import subprocess
 import pytest
 
 from service.model import Span, SpanKind, StatusCode
-from tests.support.replay import replay
+from tests.support.replay import assert_clean, replay
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "redis", "redis_py_session.pcap")
 #: The server's port in the stored capture (record.py prints it when it re-records).
@@ -90,11 +90,7 @@ def test_replay_gives_exactly_these_spans(replayed) -> None:
 
 def test_nothing_is_dropped(replayed) -> None:
     _, recv, stats = replayed
-    assert stats["drops"] == {}
-    assert stats["connections"] == 1 and stats["protocols"] == {"redis": 1}
-    assert stats["spans"] == len(EXPECTED)
-    assert recv["packets"] == 55 and recv["connections"] == 1
-    assert recv["drops"] == {} and recv["gap_bytes"] == {} and recv["errors"] == [] and recv["truncated"] == []
+    assert_clean(recv, stats, "redis", connections=1, packets=55, spans=len(EXPECTED))
 
 
 def test_every_protocol_enabled_still_detects_redis(replayed) -> None:

@@ -11,7 +11,7 @@ from typing import Any
 from processors.protocols.processor import ProtocolsProcessor
 from service.model import Span
 
-__all__ = ["replay", "replay_spans"]
+__all__ = ["assert_clean", "conversations", "replay", "replay_spans", "server_port"]
 
 
 class _Collect:
@@ -44,3 +44,56 @@ def replay(pcap_path: str | os.PathLike[str], protocols_config: dict[str, Any] |
 def replay_spans(pcap_path: str | os.PathLike[str], protocols_config: dict[str, Any] | None = None) -> list[Span]:
     """The spans the pcap receiver + protocols stage make of ``pcap_path``."""
     return replay(pcap_path, protocols_config)[0]
+
+
+class _Data:
+    def __init__(self) -> None:
+        self.conns: dict[Any, list[tuple[bool, bytes]]] = {}
+        self.port: int | None = None
+
+    def consume_events(self, events: list[Any]) -> None:
+        from service.model import EventKind
+
+        for e in events:
+            if e.kind == EventKind.DATA and e.payload:
+                if self.port is None:
+                    self.port = e.dport if e.client_is_src else e.sport
+                self.conns.setdefault(e.conn_id, []).append((bool(e.client_is_src), bytes(e.payload)))
+
+
+def conversations(pcap_path: str | os.PathLike[str], timeout: float = 60.0) -> list[list[tuple[bool, bytes]]]:
+    """Each connection of a capture as the pcap receiver hands its data on: (from the client,
+    bytes) a segment, in capture order (the recorded fixtures have their SYNs: the roles are known)."""
+    return list(_read(pcap_path, timeout).conns.values())
+
+
+def server_port(pcap_path: str | os.PathLike[str], timeout: float = 60.0) -> int:
+    """The server port of a capture's first data (a recorded fixture's one server)."""
+    port = _read(pcap_path, timeout).port
+    assert port is not None, f"{pcap_path}: no data"
+    return port
+
+
+def _read(pcap_path: str | os.PathLike[str], timeout: float) -> _Data:
+    from receivers.pcap import PcapReceiver
+
+    sink = _Data()
+    recv = PcapReceiver("pcap", {"path": str(pcap_path), "progress": False}, sink)
+    recv.start()
+    try:
+        if not recv.wait(timeout):
+            raise TimeoutError(f"reading {pcap_path} did not finish in {timeout}s")
+    finally:
+        recv.shutdown()
+    return sink
+
+
+def assert_clean(recv: dict[str, Any], stats: dict[str, Any], protocol: str, connections: int, packets: int,
+                 spans: int) -> None:
+    """A replay that lost nothing: no drop, gap, error or cut in the receiver, no drop in the stage,
+    every connection the one protocol's, and the counts a recorded fixture has."""
+    assert stats["drops"] == {}
+    assert stats["connections"] == connections and stats["protocols"] == {protocol: connections}
+    assert stats["spans"] == spans
+    assert recv["packets"] == packets and recv["connections"] == connections
+    assert recv["drops"] == {} and recv["gap_bytes"] == {} and recv["errors"] == [] and recv["truncated"] == []
