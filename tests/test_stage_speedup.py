@@ -97,16 +97,22 @@ def _through(events: list[TcpEvent], config: dict | None = None, batches: int = 
     """(span digest, stats) of ``events`` through a fresh stage, in batches of 1-``batches``
     events (the same cut both ways: a fixed seed)."""
     sink = _Sink()
+    stage = _fed(events, config, batches, 7, sink)
+    stage.shutdown()
+    return _digest(sink.spans), _stats(stage)
+
+
+def _fed(events: list[TcpEvent], config: dict | None, batches: int, seed: int, sink: object) -> ProtocolsProcessor:
+    """A fresh stage given ``events`` in batches of 1-``batches`` (cut by ``seed``: the same both ways)."""
     stage = ProtocolsProcessor("protocols", config or {}, sink)
     stage.start()
-    rng = random.Random(7)
+    rng = random.Random(seed)
     i = 0
     while i < len(events):
         k = rng.randint(1, batches)
         stage.consume_events(list(events[i:i + k]))
         i += k
-    stage.shutdown()
-    return _digest(sink.spans), _stats(stage)
+    return stage
 
 
 def _interleaved(convs: list[list[TcpEvent]]) -> list[TcpEvent]:
@@ -366,14 +372,7 @@ def test_bad_arguments_are_refused() -> None:
 def _ends(events: list[TcpEvent], config: dict | None = None, batches: int = 3) -> tuple:
     """(every tracked connection's state, in the table's order, stats) after ``events``, before
     any shutdown: what the OPEN and CLOSE steps leave behind, which spans alone may not show."""
-    stage = ProtocolsProcessor("protocols", config or {}, _Sink())
-    stage.start()
-    rng = random.Random(11)
-    i = 0
-    while i < len(events):
-        k = rng.randint(1, batches)
-        stage.consume_events(list(events[i:i + k]))
-        i += k
+    stage = _fed(events, config, batches, 11, _Sink())
     states = [(cid, st.closed, st.server_closed, st.client_side, st.egress_side, st.last_ts, st.mode,
                st.a_addr, st.a_port, st.pid, st.comm) for cid, st in stage._conns.items()]
     return states, _stats(stage)
