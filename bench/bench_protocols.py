@@ -16,18 +16,10 @@ from collections.abc import Callable
 
 from bench.common import feed_session
 from processors.protocols import fastcgi, memcached, mqtt
+from tests.support.exchanges import mqtt_vbi
 
 REPEATS = 7
 CHUNK = 1400
-
-
-def _vbi(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        b, n = n % 128, n // 128
-        out.append(b | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
 
 
 def mqtt_workload(n: int) -> list[tuple[bytes, bytes]]:
@@ -39,7 +31,7 @@ def mqtt_workload(n: int) -> list[tuple[bytes, bytes]]:
             topic = f"sensors/building-{i % 7}/floor-{i % 3}/temp".encode()
             payload = b'{"t":%d,"v":21.5,"unit":"C","id":"' % i + b"x" * 150 + b'"}'
             body = struct.pack(">H", len(topic)) + topic + struct.pack(">H", i % 65535 + 1) + payload
-            reqs.append(b"\x32" + _vbi(len(body)) + body)
+            reqs.append(b"\x32" + mqtt_vbi(len(body)) + body)
             acks.append(b"\x40\x02" + struct.pack(">H", i % 65535 + 1))
         out.append((b"".join(reqs), b"".join(acks)))
     return out

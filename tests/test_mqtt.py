@@ -15,18 +15,9 @@ from processors.protocols.errors import ProtocolError
 from service.largebuf import LargeBuffer
 from service.model import SpanKind, StatusCode
 from tests.support.driver import SessionDriver, peak_allocation
+from tests.support.exchanges import mqtt_vbi
 
 TP = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
-
-
-def vbi(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        b = n % 128
-        n //= 128
-        out.append(b | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
 
 
 def s(x: str | bytes) -> bytes:
@@ -35,12 +26,12 @@ def s(x: str | bytes) -> bytes:
 
 
 def pkt(b0: int, body: bytes) -> bytes:
-    return bytes([b0]) + vbi(len(body)) + body
+    return bytes([b0]) + mqtt_vbi(len(body)) + body
 
 
 def props(*items: bytes) -> bytes:
     body = b"".join(items)
-    return vbi(len(body)) + body
+    return mqtt_vbi(len(body)) + body
 
 
 def connect(client_id: str, v: int = 4, user: str | None = None, pw: str | None = None) -> bytes:
@@ -163,7 +154,7 @@ def test_detect() -> None:
     b"\x30\x04\x00\x09ab",                    # topic overruns the packet
     b"\x82\x02\x00\x01",                      # SUBSCRIBE with no filter
     b"\x00\x00",                              # reserved type 0
-    b"\x82" + vbi(2 * 1024 * 1024) + b"\x00",  # control packet too large
+    b"\x82" + mqtt_vbi(2 * 1024 * 1024) + b"\x00",  # control packet too large
     b"p\x00",                                 # PUBCOMP without a packet id (found by the fuzzer)
     b"\x10\x0a\x00\x20MQTT\x04\x02\x00\x3c",  # CONNECT whose protocol name overruns it
 ])

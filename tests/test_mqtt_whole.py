@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from processors.protocols import mqtt as m
 from processors.protocols.errors import ProtocolError
 from service.largebuf import BufferBoundsError, LargeBuffer
-from tests.support.exchanges import EXCHANGES
+from tests.support.exchanges import EXCHANGES, mqtt_vbi
 from tests.support.speedup import damage
 from tests.support.whole import cut, mutate, run_both_ways
 from tests.test_mqtt_fixture import _conversations
@@ -31,15 +31,6 @@ TP = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 
 def _s(b: bytes) -> bytes:
     return struct.pack(">H", len(b)) + b
-
-
-def _vbi(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        b, n = n % 128, n // 128
-        out.append(b | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
 
 
 # -- _props_in against _properties ------------------------------------------------------------
@@ -56,7 +47,7 @@ def _prop(draw: st.DrawFn) -> bytes:
     if kind in (1, 2, 4):
         return head + draw(st.binary(min_size=kind, max_size=kind))
     if kind == "v":
-        return head + _vbi(draw(st.integers(0, 268_435_455)))
+        return head + mqtt_vbi(draw(st.integers(0, 268_435_455)))
     if kind in ("s", "b"):
         value = st.one_of(st.binary(max_size=300), st.sampled_from([b"text/plain", "\u00e9t\u00e9".encode()]))
         return head + _s(draw(value))
@@ -69,7 +60,7 @@ def _prop(draw: st.DrawFn) -> bytes:
 @st.composite
 def _prop_list(draw: st.DrawFn) -> bytes:
     body = b"".join(draw(st.lists(_prop(), max_size=6)))
-    data = _vbi(len(body)) + body + draw(st.binary(max_size=3))  # what follows the list
+    data = mqtt_vbi(len(body)) + body + draw(st.binary(max_size=3))  # what follows the list
     return damage(draw, data)
 
 
@@ -96,7 +87,7 @@ def test_props_in_on_random_bytes(data: bytes, want_user: bool) -> None:
 def test_props_in_reads_the_usual_lists() -> None:
     tp = b"\x26" + _s(b"traceparent") + _s(TP.encode())
     body = b"\x23\x00\x07" + b"\x03" + _s(b"text/plain") + tp + b"\x0b\x81\x01"
-    data = _vbi(len(body)) + body
+    data = mqtt_vbi(len(body)) + body
     got = m._props_in(memoryview(data), 0, len(data), True)
     assert got == ({"topic_alias": 7, "content_type": "text/plain", "traceparent": TP}, len(data))
     assert got == _reference(data, True)
@@ -113,12 +104,12 @@ def test_props_in_refuses_what_properties_raises_on(data: bytes) -> None:
 
 
 def _pkt(b0: int, body: bytes) -> bytes:
-    return bytes([b0]) + _vbi(len(body)) + body
+    return bytes([b0]) + mqtt_vbi(len(body)) + body
 
 
 def _props(*items: bytes) -> bytes:
     body = b"".join(items)
-    return _vbi(len(body)) + body
+    return mqtt_vbi(len(body)) + body
 
 
 def _rich_v5() -> list[tuple[bool, bytes]]:

@@ -16,6 +16,7 @@ from collections.abc import Callable
 
 from tests.fuzz.encoding import END_FIN, END_FIN_SERVER, END_RST, END_SHIFT, F_ALL, F_DIR, F_PORT, F_ROLES, Input, Step
 from tests.fuzz.encoding import encode as _encode
+from tests.support.exchanges import mqtt_vbi
 
 __all__ = ["seeds", "conversations"]
 
@@ -227,17 +228,8 @@ def _mongodb() -> list[Conv]:
 
 
 # -- MQTT ------------------------------------------------------------------------------------------
-def _vbi(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        b, n = n % 128, n // 128
-        out.append(b | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
 def _mq(b0: int, body: bytes) -> bytes:
-    return bytes([b0]) + _vbi(len(body)) + body
+    return bytes([b0]) + mqtt_vbi(len(body)) + body
 
 
 def _s(b: bytes) -> bytes:
@@ -250,7 +242,7 @@ def _mqtt() -> list[Conv]:
     v5 = [(True, _mq(0x10, _s(b"MQTT") + bytes([5, 0xC2]) + struct.pack(">H", 30) + b"\x05\x11\x00\x00\x00\x0a"
                      + _s(b"dev-5") + _s(b"user") + _s(b"pw"))),
           (False, _mq(0x20, b"\x00\x00\x03\x22\x00\x0a")),
-          (True, _mq(0x34, _s(b"a/b") + struct.pack(">H", 7) + _vbi(len(props5)) + props5 + b"payload")),
+          (True, _mq(0x34, _s(b"a/b") + struct.pack(">H", 7) + mqtt_vbi(len(props5)) + props5 + b"payload")),
           (False, _mq(0x50, struct.pack(">H", 7) + b"\x00")),
           (True, _mq(0x62, struct.pack(">H", 7) + b"\x00")), (False, _mq(0x70, struct.pack(">H", 7))),
           (True, _mq(0x82, struct.pack(">H", 8) + b"\x00" + _s(b"s/#") + b"\x01")),

@@ -180,7 +180,8 @@ def _mongodb(size: int) -> Exchange:
 
 
 # -- MQTT ------------------------------------------------------------------------------------
-def _vbi(n: int) -> bytes:
+def mqtt_vbi(n: int) -> bytes:
+    """MQTT's variable byte integer (the tests', the fuzz seeds' and the benchmark's one writer)."""
     out = bytearray()
     while True:
         b, n = n % 128, n // 128
@@ -190,7 +191,7 @@ def _vbi(n: int) -> bytes:
 
 
 def _mqtt_pkt(b0: int, body: bytes) -> bytes:
-    return bytes([b0]) + _vbi(len(body)) + body
+    return bytes([b0]) + mqtt_vbi(len(body)) + body
 
 
 def _mqtt_str(b: bytes) -> bytes:
