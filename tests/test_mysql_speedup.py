@@ -134,6 +134,42 @@ def _conversation(deprecate: bool) -> Script:
     return s
 
 
+def _runs(deprecate: bool) -> Script:
+    """What ends a run of rows or column definitions that feed_whole steps over inline: an
+    ERR among the rows, an empty packet among the definitions and the rows, a sequence id
+    out of step, a definition count ending exactly at the segment's end, a row that looks
+    like an EOF (0xFE, 9 bytes or more), and the same error message again (remembered)."""
+    s = _login(deprecate)
+    many = resultset(["a", "b", "c"], [[b"%d" % i, b"x", b""] for i in range(6)], deprecate)
+    s += [(True, query("SELECT a, b, c FROM t")), (False, many)]
+    err_row = resultset(["a"], [[b"1"], [b"2"]], deprecate)
+    cut = err_row.rfind(OK(0)[:3]) if deprecate else len(err_row) - len(EOF(0))
+    tail = err_row[cut:]
+    seq = tail[3]
+    s += [(True, query("SELECT a FROM t")),
+          (False, err_row[:cut] + ERR(1317, "70100", "Query execution was interrupted", seq))]
+    empty = pkt(lenenc(2), 1) + pkt(coldef("a"), 2) + pkt(b"", 3) + pkt(coldef("b"), 4)
+    seq = 5
+    if not deprecate:
+        empty += EOF(seq)
+        seq += 1
+    empty += pkt(lstr(b"1") + lstr(b"2"), seq) + pkt(b"", seq + 1) + pkt(lstr(b"3") + lstr(b"4"), seq + 2)
+    empty += OK(seq + 3, 2, 0xFE) if deprecate else EOF(seq + 3)
+    s += [(True, query("SELECT a, b FROM t")), (False, empty)]
+    s += [(True, query("SELECT a, b FROM t")),
+          (False, pkt(lenenc(2), 1) + pkt(coldef("a"), 2) + pkt(coldef("b"), 3)),
+          (False, (b"" if deprecate else EOF(4)) + pkt(lstr(b"y" * 300), 4 if deprecate else 5)
+           + pkt(b"\xfe" + b"z" * 12, 5 if deprecate else 6)
+           + (OK(6, 2, 0xFE) if deprecate else EOF(7)))]
+    s += [(True, query("SELECT a FROM t")), (False, pkt(lenenc(2), 1) + pkt(coldef("a"), 2) + pkt(coldef("b"), 4))]
+    s += [(True, query("SELECT a FROM t")),
+          (False, resultset(["a"], [[b"1"], [b"2"]], deprecate)[:-len(EOF(0))] + pkt(lstr(b"3"), 9))]
+    for _ in range(2):
+        s += [(True, query("SELECT * FROM nosuch")),
+              (False, ERR(1146, "42S02", "Table 'shop.nosuch' doesn't exist"))]
+    return s
+
+
 def _change_user() -> Script:
     """COM_CHANGE_USER's auth exchange (an auth switch and its answer), then commands."""
     s = _login()
@@ -186,6 +222,8 @@ CONVERSATIONS: dict[str, object] = {
     "exchange-capped-query": lambda: _exchange(20000),
     "states-deprecate-eof": lambda: _conversation(True),
     "states-eof": lambda: _conversation(False),
+    "runs-deprecate-eof": lambda: _runs(True),
+    "runs-eof": lambda: _runs(False),
     "change-user": _change_user,
     "query-attributes": _query_attributes,
     "mid-stream": _mid_stream,
@@ -368,3 +406,14 @@ def test_declines_what_it_does_not_read() -> None:
     fresh, _, _ = _session_after([])
     assert not fresh.feed_whole(True, memoryview(q), 2)        # a client's first bytes: feed sniffs compression
     assert fresh.feed_whole(False, memoryview(greeting()), 2)
+
+
+def test_error_messages_are_sanitised_once() -> None:
+    """The memo of sanitised error messages gives what sanitize_error gives, and stays bounded."""
+    from processors.protocols.sanitize import sanitize_error
+
+    my._ERR_MEMO.clear()
+    msgs = [f"Duplicate entry '{i}' for key 'PRIMARY'" for i in range(my._ERR_MEMO_MAX + 5)]
+    for m in msgs + msgs[:3]:
+        assert my._sanitized(m) == sanitize_error(m)
+    assert len(my._ERR_MEMO) <= my._ERR_MEMO_MAX
