@@ -44,7 +44,7 @@ from pydantic import Field
 from service.largebuf import LargeBuffer
 from service.model import SpanKind, StatusCode
 
-from .base import Conn, Detection, PendingQueue, ProtocolSettings
+from .base import Conn, Detection, PendingQueue, Perspective, ProtocolSettings
 from .base import Session as _Session
 from .errors import LimitExceeded, Malformed
 from .sanitize import sanitize_error
@@ -154,6 +154,8 @@ _NUL = re.compile(b"\0")
 _UNSET = StatusCode.UNSET
 _ERROR = StatusCode.ERROR
 _CLIENT_KIND = SpanKind.CLIENT
+_SERVER_KIND = SpanKind.SERVER
+_AT_SERVER = Perspective.SERVER
 #: A control byte other than tab, LF, CR: not query or version text.
 _CONTROL = re.compile(b"[\x00-\x08\x0b\x0c\x0e-\x1f]")
 
@@ -914,12 +916,28 @@ class Session(_Session):
         if st == _ROWS:  # first: a result set's rows are most of an answer's packets
             self._row(c, v, plen, ts, b0)
         elif st == _FIRST:
-            if c.cmd == COM_STATISTICS:
-                self._done(c, ts)
+            # ``c`` is the queue's head here: ending it is popleft and _finish (_done's
+            # check and call saved on every command's answer, issue 21).
+            cmd = c.cmd
+            if cmd == COM_STATISTICS:
+                self._pending.popleft()
+                self._finish(c, ts)
+            elif b0 == 0x00 and (cmd != COM_STMT_PREPARE or len(v) < 9):
+                # _ok_status's usual case inline: affected rows and insert id in a byte each
+                status = _U16(v, 3)[0] if len(v) >= 5 and v[1] < 0xFB and v[2] < 0xFB else self._ok_status(v)
+                if status & SERVER_MORE_RESULTS_EXISTS:
+                    return  # an OK ending one result of several (multi-statement, CALL)
+                if cmd == COM_INIT_DB:
+                    self.namespace = c.arg
+                elif cmd == COM_QUERY and c.info is not None and c.info.operation == "USE":
+                    self.namespace = _use_target(c.info.text)
+                self._pending.popleft()
+                self._finish(c, ts)
             elif b0 == 0xFF:
                 self._error(c, v)
-                self._done(c, ts)
-            elif b0 == 0x00 and c.cmd == COM_STMT_PREPARE and len(v) >= 9:
+                self._pending.popleft()
+                self._finish(c, ts)
+            elif b0 == 0x00:  # PREPARE's OK
                 sid, ncols, nparams = _PREPARE_OK(v, 1)
                 self._stmts[sid] = c.info
                 self._stmts.move_to_end(sid)
@@ -934,14 +952,6 @@ class Session(_Session):
                     c.state = _P_COLS
                 else:
                     self._done(c, ts)
-            elif b0 == 0x00:
-                if self._ok_status(v) & SERVER_MORE_RESULTS_EXISTS:
-                    return  # an OK ending one result of several (multi-statement, CALL)
-                if c.cmd == COM_INIT_DB:
-                    self.namespace = c.arg
-                elif c.cmd == COM_QUERY and c.info is not None and c.info.operation == "USE":
-                    self.namespace = _use_target(c.info.text)
-                self._done(c, ts)
             elif b0 == 0xFE and plen < 9:
                 self._done(c, ts)
             elif b0 == 0xFB:
@@ -1000,10 +1010,12 @@ class Session(_Session):
             if more:
                 c.state = _FIRST
             else:
-                self._done(c, ts)
+                self._pending.popleft()  # c is the head (see _server_packet)
+                self._finish(c, ts)
         elif b0 == 0xFF:
             self._error(c, v)
-            self._done(c, ts)
+            self._pending.popleft()
+            self._finish(c, ts)
         else:
             c.rows += 1
 
@@ -1086,7 +1098,8 @@ class Session(_Session):
             msg = _sanitized(msg)
         conn = self.conn
         # Positional, as base.py's span passes them on (keywords cost a third of a call).
-        span = conn.span(name, conn.kind_for(_CLIENT_KIND), c.start, ts, attrs, None, status, msg)
+        kind = _SERVER_KIND if conn.perspective == _AT_SERVER else _CLIENT_KIND  # conn.kind_for(CLIENT), inline
+        span = conn.span(name, kind, c.start, ts, attrs, None, status, msg)
         if incomplete:
             self.cut_short(span)
         else:
