@@ -88,6 +88,7 @@ def ref_pairs(data: bytes) -> dict | None:
 def test_names_and_bounds_match_python() -> None:
     assert set(C.WANTED) == f._WANTED and len(C.WANTED) == len(f._WANTED)
     assert C.MAX_VALUE == 2048
+    assert (C.MAX_STDERR_EVENTS, C.MAX_STDERR_BYTES) == (f.MAX_STDERR_EVENTS, f.MAX_STDERR_BYTES)
     big = nv(b"REQUEST_URI", b"u" * 5000)
     assert C.pairs(big) == ref_pairs(big) == {b"REQUEST_URI": b"u" * 2048}
 
@@ -119,6 +120,9 @@ def test_hostile_lengths() -> None:
 
 
 # -- sessions: the C walk and the Python loop do the same -------------------------------------
+#: STDERR contents: empty (no event), over MAX_STDERR_BYTES, not UTF-8 (and cut inside a character).
+STDERRS = st.sampled_from([b"warn", b"", b"PHP Warning: x" * 100, b"\xff\xfe bad", "\u00e9".encode() * 600,
+                           b"w" * 1024, b"w" * 1025]) | st.binary(max_size=20)
 HEADS = [b"Status: 404 Not Found\r\nContent-Type: text/html\r\n\r\nbody", b"Content-Type: x\r\n\r\n",
          b"status:500\n\nx", b"Status: abc\r\n\r\n", b"STATUS:  201\t \r\n\r\n", b"Status: +5\r\n\r\n",
          b"Status: 0\r\n\r\n", b"Status:\r\nStatus: 302 Found\r\n\r\n", b"no head here", b"X: 1\n\nStatus: 1\r\n\r\n",
@@ -143,9 +147,10 @@ def records(draw: st.DrawFn) -> list[tuple[bool, bytes]]:
         recs.append((True, rec(f.STDIN, rid)))
         out_parts = [draw(st.sampled_from(HEADS))] + [b"o" * draw(st.integers(0, 30))
                                                        for _ in range(draw(st.integers(0, 2)))]
-        recs += [(False, rec(f.STDOUT, rid, p)) for p in out_parts]
-        if draw(st.booleans()):
-            recs.append((False, rec(f.STDERR, rid, b"warn")))
+        outs = [(False, rec(f.STDOUT, rid, p)) for p in out_parts]
+        for _ in range(draw(st.sampled_from([0, 0, 1, 2, 9]))):  # before, between or after STDOUT
+            outs.insert(draw(st.integers(0, len(outs))), (False, rec(f.STDERR, rid, draw(STDERRS))))
+        recs += outs
         if draw(st.integers(0, 9)) == 0:
             recs.append((True, rec(f.ABORT_REQUEST, rid)))
         recs.append((False, rec(f.STDOUT, rid)))
@@ -174,13 +179,13 @@ def _span_key(s: object) -> tuple:
             [(e.name, e.attributes) for e in s.events or ()])  # type: ignore[attr-defined]
 
 
-def drive(segs: list[tuple[bool, bytes]]) -> tuple:
+def drive(segs: list[tuple[bool, bytes]], stderr_events: bool = True) -> tuple:
     """The segments as the stage gives them: ``feed_whole`` while the side's buffer is empty,
     else buffered for ``feed``; a ProtocolError is recorded and answered with a gap."""
     spans: list = []
     drops: list[str] = []
     conn = Conn(1, "127.0.0.1", 50000, "127.0.0.1", 9000, spans.append, lambda _p, r: drops.append(r),
-                settings=f.Settings(), protocol=f.NAME)
+                settings=f.Settings(stderr_events=stderr_events), protocol=f.NAME)
     s = f.Session(conn)
     took: list = []
     ts = 0
@@ -205,22 +210,22 @@ def drive(segs: list[tuple[bool, bytes]]) -> tuple:
     return [_span_key(x) for x in spans], drops, took, state, done
 
 
-def both(segs: list[tuple[bool, bytes]], monkeypatch: pytest.MonkeyPatch) -> tuple:
+def both(segs: list[tuple[bool, bytes]], monkeypatch: pytest.MonkeyPatch, stderr_events: bool = True) -> tuple:
     with monkeypatch.context() as m:
         m.setattr(f, "_C", C)
-        got = drive(segs)
+        got = drive(segs, stderr_events)
     with monkeypatch.context() as m:
         m.setattr(f, "_C", None)
-        want = drive(segs)
+        want = drive(segs, stderr_events)
     assert got == want
     return got
 
 
 @FAST
-@given(records(), st.integers(0, 1 << 30))
-def test_sessions_equal(recs: list[tuple[bool, bytes]], seed: int) -> None:
+@given(records(), st.integers(0, 1 << 30), st.booleans())
+def test_sessions_equal(recs: list[tuple[bool, bytes]], seed: int, stderr_events: bool) -> None:
     with pytest.MonkeyPatch.context() as mp:
-        both(segments(recs, random.Random(seed)), mp)
+        both(segments(recs, random.Random(seed)), mp, stderr_events)
 
 
 @FAST
@@ -258,7 +263,24 @@ def test_common_shapes_are_taken() -> None:
     (_, req), (_, resp) = ex.steps
     r = C.walk(req)
     assert r is not None and r is not False and r[:2] == (1, 1) and r[2][b"REQUEST_METHOD"] == b"POST"
-    assert C.walk(resp) == (1, 0, None, 0, 0, 243, 43, 200, 1, 0, 0)
+    assert C.walk(resp) == (1, 0, None, 0, 0, 243, 43, 200, 1, 0, 0, None)
+
+
+def test_stderr_reply_is_taken(monkeypatch: pytest.MonkeyPatch) -> None:
+    """php-fpm's warning before the STDOUT it goes with (the real capture's shape, a ninth of
+    its replies) is one C walk, its events the Python loop's: bounded in number and bytes."""
+    req = rec(f.BEGIN_REQUEST, 1, b"\0\1" + b"\0" * 6) + rec(f.PARAMS, 1, nv(b"REQUEST_METHOD", b"GET")) + \
+        rec(f.PARAMS, 1) + rec(f.STDIN, 1)
+    errs = [b"PHP Warning: 1", b"", b"e" * 2000] + [b"x%d" % i for i in range(9)]
+    resp = b"".join(rec(f.STDERR, 1, e, 3) for e in errs) + rec(f.STDOUT, 1, b"Status: 500\r\n\r\nx") + \
+        rec(f.STDERR, 1, b"late") + rec(f.END_REQUEST, 1, b"\0" * 8)
+    r = C.walk(resp)
+    kept = (b"PHP Warning: 1", b"e" * 1024, *(b"x%d" % i for i in range(6)))
+    assert r == (1, 0, None, 0, 0, 16, 15, 500, 1, 0, 0, kept)
+    spans = both([(True, req), (False, resp)], monkeypatch)[0]
+    assert [e[1]["message"] for e in spans[0][-1]][:2] == ["PHP Warning: 1", "e" * 1024]
+    assert len(spans[0][-1]) == f.MAX_STDERR_EVENTS
+    assert both([(True, req), (False, resp)], monkeypatch, False)[0][0][-1] == []
 
 
 # -- the whole stage, with and without the accelerator -----------------------------------------

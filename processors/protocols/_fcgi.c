@@ -16,9 +16,11 @@
  *       and the end record] [STDIN/DATA...] [STDOUT...] [END_REQUEST last]
  *     with the first non-empty STDOUT record holding the whole response head (its
  *     blank line) and a Status: line, if any, whose code is plain digits.
+ *     STDERR records may come anywhere in it (php-fpm sends a warning
+ *     before the STDOUT it goes with: a ninth of the real capture's replies).
  *     The tuple (all ints unless said):
  *       (rid, begin, params, params_len, stdin, stdout, head_len, status, end,
- *        app_status, protocol_status)
+ *        app_status, protocol_status, stderr)
  *     params: None (no PARAMS record), 0 (only the end record), or the dict of pairs
  *     (params_len: that record's content length, charged to the request);
  *     head_len: 0 when no STDOUT content came, else the head's length in the first
@@ -26,13 +28,16 @@
  *     status its code (fastcgi._status: the first "status:" line, ASCII case
  *     ignored, with something after the colon; 200 when none); end: 1 when the
  *     segment ends with END_REQUEST, app_status (signed) and protocol_status then
- *     from its content (0, 0 when it is shorter than 5 bytes, as fastcgi.py reads it).
+ *     from its content (0, 0 when it is shorter than 5 bytes, as fastcgi.py reads it);
+ *     stderr: None without a non-empty STDERR record, else a tuple of the first
+ *     MAX_STDERR_EVENTS non-empty ones' contents, each its first MAX_STDERR_BYTES bytes
+ *     (fastcgi._record's event message, before decoding; the session keeps as many as fit).
  *   WANTED: the names pairs() keeps (the test holds it equal to fastcgi._WANTED).
- *   MAX_VALUE: the bound on a kept value.
+ *   MAX_VALUE: the bound on a kept value; MAX_STDERR_EVENTS, MAX_STDERR_BYTES: fastcgi.py's.
  *
  * Memory: every read is bounds-checked against the buffer's length (declared lengths
  * are never trusted); the only allocations are the small result objects (a dict of
- * at most 15 bounded values). No mutable global state: the module holds only the
+ * at most 15 bounded values, a tuple of at most 8 bounded STDERR contents). No mutable global state: the module holds only the
  * constant name objects made at import.
  */
 #define PY_SSIZE_T_CLEAN
@@ -43,6 +48,8 @@ enum { BEGIN_REQUEST = 1, ABORT_REQUEST, END_REQUEST, PARAMS, STDIN, STDOUT, STD
 #define MAX_TYPE 11
 #define MAX_VALUE 2048
 #define STATUS_VALUE_MAX 64
+#define MAX_STDERR_EVENTS 8
+#define MAX_STDERR_BYTES 1024
 
 static const char *const WANTED_NAMES[] = {
     "REQUEST_METHOD", "REQUEST_URI", "SCRIPT_NAME", "QUERY_STRING", "SERVER_PORT",
@@ -208,6 +215,8 @@ static PyObject *fcgi_walk(PyObject *self, PyObject *arg)
     const unsigned char *d = (const unsigned char *)b.buf;
     const Py_ssize_t n = b.len;
     PyObject *params = NULL; /* a new reference once decoded */
+    PyObject *errs[MAX_STDERR_EVENTS]; /* new references: the first n_errs STDERR contents */
+    int n_errs = 0;
     PyObject *result = NULL;
 
     /* The framing, as feed_whole's first loop checks it. */
@@ -259,10 +268,8 @@ static PyObject *fcgi_walk(PyObject *self, PyObject *arg)
             } else if (phase == P_PARAMS && clen == 0) {
                 params = decode_pairs(d + params_at, params_len);
                 if (params == NULL) {
-                    if (PyErr_Occurred()) {
-                        PyBuffer_Release(&b);
-                        return NULL;
-                    }
+                    if (PyErr_Occurred())
+                        goto fail;
                     goto decline;
                 }
                 phase = P_PARAMS_DONE;
@@ -307,7 +314,15 @@ static PyObject *fcgi_walk(PyObject *self, PyObject *arg)
                 proto = c[4];
             }
             break;
-        default: /* ABORT_REQUEST, STDERR, management records: the Python loop */
+        case STDERR:
+            if (clen && n_errs < MAX_STDERR_EVENTS) {
+                PyObject *e = PyBytes_FromStringAndSize((const char *)c, clen < MAX_STDERR_BYTES ? clen : MAX_STDERR_BYTES);
+                if (e == NULL)
+                    goto fail;
+                errs[n_errs++] = e;
+            }
+            break;
+        default: /* ABORT_REQUEST, management records: the Python loop */
             goto decline;
         }
         off += 8 + clen + d[off + 6];
@@ -315,17 +330,43 @@ static PyObject *fcgi_walk(PyObject *self, PyObject *arg)
     if (phase == P_PARAMS)
         goto decline; /* a stream going on in the next segment: held by the Python path */
     PyBuffer_Release(&b);
+    PyObject *stderr_obj;
+    if (n_errs) {
+        stderr_obj = PyTuple_New(n_errs);
+        if (stderr_obj == NULL) {
+            for (int k = 0; k < n_errs; k++)
+                Py_DECREF(errs[k]);
+            Py_XDECREF(params);
+            return NULL;
+        }
+        for (int k = 0; k < n_errs; k++)
+            PyTuple_SET_ITEM(stderr_obj, k, errs[k]); /* steals */
+    } else {
+        stderr_obj = Py_NewRef(Py_None);
+    }
     if (params == NULL) {
         params = params_end_only ? PyLong_FromLong(0) : Py_NewRef(Py_None);
+        if (params == NULL) {
+            Py_DECREF(stderr_obj);
+            return NULL;
+        }
         params_len = 0;
     }
-    result = Py_BuildValue("(liNnnnnlill)", rid, begin, params, params_len, stdin_n, stdout_n, head_len,
-                           status, phase == P_ENDED, app, proto);
+    result = Py_BuildValue("(liNnnnnlillN)", rid, begin, params, params_len, stdin_n, stdout_n, head_len,
+                           status, phase == P_ENDED, app, proto, stderr_obj);
     return result;
 decline:
     PyBuffer_Release(&b);
     Py_XDECREF(params);
+    for (int k = 0; k < n_errs; k++)
+        Py_DECREF(errs[k]);
     Py_RETURN_NONE;
+fail:
+    PyBuffer_Release(&b);
+    Py_XDECREF(params);
+    for (int k = 0; k < n_errs; k++)
+        Py_DECREF(errs[k]);
+    return NULL;
 }
 
 static PyMethodDef methods[] = {
@@ -363,7 +404,9 @@ PyMODINIT_FUNC PyInit__fcgi(void)
         Py_DECREF(names);
         goto fail;
     }
-    if (PyModule_AddIntConstant(m, "MAX_VALUE", MAX_VALUE) < 0)
+    if (PyModule_AddIntConstant(m, "MAX_VALUE", MAX_VALUE) < 0 ||
+        PyModule_AddIntConstant(m, "MAX_STDERR_EVENTS", MAX_STDERR_EVENTS) < 0 ||
+        PyModule_AddIntConstant(m, "MAX_STDERR_BYTES", MAX_STDERR_BYTES) < 0)
         goto fail;
     return m;
 fail:

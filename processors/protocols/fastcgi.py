@@ -70,21 +70,30 @@ class Settings(ProtocolSettings):
     sanitize_query: bool = True
 
 
+#: Members as module constants: detect runs once a connection, and nginx opens one a request.
+_NEED_MORE, _NO, _REQUEST, _RESPONSE = Detection.NEED_MORE, Detection.NO, Detection.REQUEST, Detection.RESPONSE
+_CLIENT_VIEW = Perspective.CLIENT
+_CLIENT_KIND, _SERVER_KIND = SpanKind.CLIENT, SpanKind.SERVER
+_UNSET, _ERROR = StatusCode.UNSET, StatusCode.ERROR
+
+
 def detect(buf: LargeBuffer, from_client: bool | None) -> Detection:
-    if len(buf) < 8:
-        return Detection.NEED_MORE
-    version, t, rid, clen, _plen, reserved = _HDR.unpack(buf.view_at(0, 8))
+    n = len(buf)
+    if n < 8:
+        return _NEED_MORE
+    v = buf.view_at(0, 10 if n >= 10 else 8)  # the header and a BEGIN_REQUEST's role: one view
+    version, t, rid, clen, _plen, reserved = _HDR_AT(v)
     if version != 1 or reserved != 0:
-        return Detection.NO
+        return _NO
     if t == BEGIN_REQUEST and clen == 8 and from_client is not False:
-        if len(buf) < 10:
-            return Detection.NEED_MORE
-        return Detection.REQUEST if buf.u16be_at(8) in (1, 2, 3) and rid != 0 else Detection.NO
+        if n < 10:
+            return _NEED_MORE
+        return _REQUEST if (v[8] << 8 | v[9]) in (1, 2, 3) and rid != 0 else _NO
     if t == GET_VALUES and rid == 0 and from_client is not False:
-        return Detection.REQUEST
+        return _REQUEST
     if t in (STDOUT, STDERR, END_REQUEST) and rid != 0 and from_client is not True:
-        return Detection.RESPONSE
-    return Detection.NO
+        return _RESPONSE
+    return _NO
 
 
 def _gathered(held: LargeBuffer | memoryview | None, vs: list[memoryview]) -> LargeBuffer:
@@ -369,11 +378,12 @@ class Session(Session):  # type: ignore[no-redef]
     def _walked(self, r: tuple, ts_ns: int) -> bool:
         """Do what the loop of ``feed_whole`` does with a segment of one request's records, from
         the C walk's summary of it (_fcgi.c's contract), in the records' order: BEGIN, the PARAMS
-        stream, STDIN, STDOUT (its head read), END. False, having changed nothing, when this
+        stream, STDIN, STDOUT (its head read), END; STDERR, wherever it came, only adds events
+        (``_record``'s). False, having changed nothing, when this
         request's state is not the one the summary assumes (no request and no BEGIN, the
         request map full, PARAMS or a head already held from an earlier segment): the Python
         loop then takes the segment record by record, counting what it counts."""
-        rid, begin, params, plen, stdin, stdout, head_len, status, end, app_status, proto = r
+        rid, begin, params, plen, stdin, stdout, head_len, status, end, app_status, proto, errs = r
         reqs = self.reqs
         if begin:
             if len(reqs) >= MAX_REQUESTS:
@@ -388,6 +398,12 @@ class Session(Session):  # type: ignore[no-redef]
                 return False
         if begin:
             reqs[rid] = req
+        if errs is not None and self.settings.stderr_events:
+            events = req.stderr
+            for raw in errs:
+                if len(events) >= MAX_STDERR_EVENTS:
+                    break
+                events.append(SpanEvent("fastcgi.stderr", ts_ns, {"message": raw.decode("utf-8", "replace")}))
         if params is not None and not req.params_done:
             if type(params) is dict:  # one record and the end: held, charged, decoded (feed_whole)
                 reqs.charge(rid, plen)
@@ -563,7 +579,7 @@ class Session(Session):  # type: ignore[no-redef]
             attrs["url.query"] = redact_query(query) if self.settings.sanitize_query else query
         v = g(b"SERVER_NAME") or g(b"HTTP_HOST")
         if v:
-            attrs["server.address"] = v.decode("latin-1").split(":")[0]
+            attrs["server.address"] = v.decode("latin-1").partition(":")[0]
         v = g(b"SERVER_PORT")
         if v and v.isdigit():
             attrs["server.port"] = int(v)
@@ -579,24 +595,24 @@ class Session(Session):  # type: ignore[no-redef]
         v = g(b"HTTP_USER_AGENT")
         if v:
             attrs["user_agent.original"] = v.decode("utf-8", "replace")
-        code = StatusCode.UNSET
+        code = _UNSET
         msg = ""
         if status >= 500:
-            code = StatusCode.ERROR
+            code = _ERROR
             attrs["error.type"] = str(status)
         if proto != 0:
-            code = StatusCode.ERROR
+            code = _ERROR
             msg = _PROTOCOL_STATUS.get(proto, str(proto))
             attrs["error.type"] = msg
         if req.aborted:
-            code = StatusCode.ERROR
+            code = _ERROR
             msg = "request aborted by the web server"
             attrs["error.type"] = "aborted"
         if app_status:
             attrs["fastcgi.app_status"] = app_status
         conn = self.conn
         # conn.kind_for(SERVER, CLIENT), without the call: CLIENT only for a traced client process
-        kind = SpanKind.CLIENT if conn.perspective == Perspective.CLIENT else SpanKind.SERVER
+        kind = _CLIENT_KIND if conn.perspective == _CLIENT_VIEW else _SERVER_KIND
         span = conn.span(method, kind, req.start_ts, ts_ns, attrs,
                          g(b"HTTP_TRACEPARENT"), code, msg, req.stderr or None)
         if incomplete:
