@@ -441,3 +441,68 @@ def test_whole_bodies_take_feed_whole_with_c(monkeypatch: pytest.MonkeyPatch) ->
     assert (a["http.request.body.size"], a["http.response.body.size"], spans[0].end_ns) == (3, 5, 2)
     assert (b["http.request.body.size"], b["http.response.body.size"]) == (1, 0)
     assert not len(conn.client_buf) and not len(conn.server_buf)
+
+
+# -- heads and their bodies in separate segments: feed_whole against the buffered path -------
+def _at_head(data: bytes, cuts: list[int], at_head: bool) -> list[bytes]:
+    """``data`` in pieces, the first ending where the head does when ``at_head`` (how servers
+    write a head and its body: two segments)."""
+    e = data.find(b"\r\n\r\n")
+    if at_head and 0 <= e < len(data) - 4:
+        return [data[:e + 4], *pieces(data[e + 4:], cuts)]
+    return pieces(data, cuts)
+
+
+@settings(max_examples=max(50, EXAMPLES // 4), deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(exchanges=st.lists(st.tuples(_request(), _response(), st.booleans(), st.booleans()), min_size=1, max_size=3),
+       cuts=st.lists(st.integers(1, 30), max_size=3), use_c=st.booleans(), close_body=st.booleans())
+@example(exchanges=[(b"POST / HTTP/1.1\r\nContent-Length: 10\r\n\r\n0123456789",
+                     b"HTTP/1.0 200 OK\r\nContent-Length: 10\r\n\r\n0123456789", True, True)],
+         cuts=[3], use_c=True, close_body=False)
+@example(exchanges=[(b"GET / HTTP/1.1\r\n\r\n", b"HTTP/1.0 200 OK\r\n\r\n0123456789", True, True)],
+         cuts=[3], use_c=False, close_body=True)
+def test_split_bodies_same_through_feed_whole_and_buffers(exchanges: list[tuple[bytes, bytes, bool, bool]],
+                                                          cuts: list[int], use_c: bool, close_body: bool) -> None:
+    """feed_whole's head-then-body-pieces steps (both parsers) give the buffered path's spans and
+    drops, including pipelined pieces (a body's end and the next message in one segment), which
+    it declines, and a close-delimited body cut by the close."""
+    from tests.support.whole import run_both_ways
+
+    segs: list[tuple[bool, bytes]] = []
+    for q, r, q_at, r_at in exchanges:
+        segs += [(True, p) for p in _at_head(q, cuts, q_at)]
+        segs += [(False, p) for p in _at_head(r, cuts, r_at)]
+    if close_body and len(segs) > 2 and segs[-2][0] == segs[-1][0]:
+        segs[-2:] = [(segs[-1][0], segs[-2][1] + segs[-1][1])]  # pipelined: a body's end and what follows
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(http1, "_C_REQUEST", C.parse_request if use_c else None)
+        m.setattr(http1, "_C_RESPONSE", C.parse_response if use_c else None)
+        m.setattr(http1, "_C_CHUNKED", C.chunked_body if use_c else None)
+        run_both_ways(http1.Session, 8080, segs)
+
+
+@pytest.mark.parametrize("use_c", [True, False])
+def test_heads_and_body_pieces_take_feed_whole(use_c: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A POST's head and body, a response's head and body pieces, a close-delimited body: no
+    segment buffered; a piece running past its body's end is declined, nothing changed."""
+    monkeypatch.setattr(http1, "_C_REQUEST", C.parse_request if use_c else None)
+    monkeypatch.setattr(http1, "_C_RESPONSE", C.parse_response if use_c else None)
+    monkeypatch.setattr(http1, "_C_CHUNKED", C.chunked_body if use_c else None)
+    spans: list = []
+    conn = Conn("t", "10.0.0.1", 40000, "10.0.0.2", 8080, spans.append, protocol="http")
+    s = http1.Session(conn)
+    assert s.feed_whole(True, memoryview(b"POST /p HTTP/1.1\r\nContent-Length: 5\r\n\r\nab"), 1)
+    assert not s.feed_whole(True, memoryview(b"cdeGET / HTTP/1.1\r\n\r\n"), 2)  # the body's end and more
+    assert s.feed_whole(True, memoryview(b"cde"), 2)
+    assert s.feed_whole(False, memoryview(b"HTTP/1.0 200 OK\r\nContent-Length: 4\r\n\r\n"), 3)
+    assert s.feed_whole(False, memoryview(b"ok"), 4)
+    assert not s.feed_whole(False, memoryview(b"okHTTP/1.1 200 OK\r\n\r\n"), 5)
+    assert s.feed_whole(False, memoryview(b"ok"), 5)
+    assert s.feed_whole(True, memoryview(b"GET /c HTTP/1.1\r\n\r\n"), 6)
+    assert s.feed_whole(False, memoryview(b"HTTP/1.0 200 OK\r\n\r\nsome"), 7)
+    assert s.feed_whole(False, memoryview(b"more"), 8)
+    s.close(9)
+    a, b = spans[0].attributes, spans[1].attributes
+    assert (a["http.request.body.size"], a["http.response.body.size"], spans[0].end_ns) == (5, 4, 5)
+    assert (b["http.response.body.size"], spans[1].end_ns) == (8, 8)
+    assert not len(conn.client_buf) and not len(conn.server_buf)

@@ -639,17 +639,38 @@ class Http1Session(_BaseSession):
     def feed_whole(self, from_client: bool, data: memoryview, ts_ns: int) -> bool:
         """The common segment, parsed without a buffer: a request, or a response, whose head
         and whole Content-Length body (a response's whole chunked body too, with the C
-        parser) are exactly ``data``.
+        parser) are exactly ``data``; a head followed by only the start of its
+        Content-Length body (or, in a response, by the start of a close-delimited one);
+        the next piece of such a body, up to its end. Servers write a head and its body in
+        separate segments (Python's http.server, most frameworks), so without the last two
+        every such response went through the buffer (issue 21).
 
-        Anything else (partial, pipelined, interim, HEAD/204/304, malformed) returns False
-        before any state changes, and the stage takes the buffered path, which handles
-        and counts it. About a third of the stage's cost per exchange is the buffer
-        bookkeeping this skips.
+        Anything else (pipelined, interim, HEAD/204/304, chunked pieces, enriched
+        exchanges, malformed) returns False before any state changes, and the stage takes
+        the buffered path, which handles and counts it. About a third of the stage's cost
+        per exchange is the buffer bookkeeping this skips.
         """
         if self._done:
             return False
         if from_client:
-            if self._cbody is not None or self._cpaused or self._resync[0]:
+            body = self._cbody
+            if body is not None:  # _feed_client's body step, for a piece that ends by the body's end
+                if body.mode != _LENGTH or body.sink is not None:
+                    return False
+                left = body.remaining - len(data)
+                if left < 0:
+                    return False  # the next request follows: the buffered path splits them
+                body.remaining = left
+                body.size += len(data)
+                body.last_ts = ts_ns
+                if not left:
+                    req = self._creq
+                    if req is not None:
+                        req.body_size = body.size
+                    self._cbody = self._creq = None
+                    self._emit_deferred()
+                return True
+            if self._cpaused or self._resync[0]:
                 return False
             if _C_REQUEST is not None:
                 n = len(data)
@@ -669,16 +690,39 @@ class Http1Session(_BaseSession):
                         if c is None or c[0] != n:
                             return False
                         length = c[1]
-                    elif end + length != n if length > 0 else end != n:
-                        return False
+                    elif end + length < n if length > 0 else end != n:
+                        return False  # pipelined: the buffered path splits them
                     if len(self._pending) >= self._max_pending:
                         return False
                     req = _Request(method, original, target, version, ts_ns, host, ua, tp, upgrade, path, query)
                     if te:
                         req.chunked = True
-                    return self._queue_whole(req, length)
+                    return self._queue_whole(req, length, n - end)
             return self._whole_request(data, ts_ns)
-        if self._sbody is not None or self._resync[1] or not self._pending or self._pending[0].cap is not None:
+        body = self._sbody
+        if body is not None:  # _feed_server's body step, for a piece that ends by the body's end
+            if body.sink is not None:
+                return False
+            mode = body.mode
+            n = len(data)
+            self._s_last_ts = ts_ns
+            if mode == _LENGTH:
+                left = body.remaining - n
+                if left < 0:
+                    return False  # the next response follows: the buffered path splits them
+                body.remaining = left
+                body.size += n
+                body.last_ts = ts_ns
+                if not left:
+                    self._sbody = None
+                    self._finish(body.size, ts_ns)
+                return True
+            if mode == _CLOSE:
+                body.size += n
+                body.last_ts = ts_ns
+                return True
+            return False
+        if self._resync[1] or not self._pending or self._pending[0].cap is not None:
             return False
         if _C_RESPONSE is not None:
             r = _C_RESPONSE(data, self._max_headers, self._limit)
@@ -695,7 +739,7 @@ class Http1Session(_BaseSession):
                         return False
                     length = c[1]
                 elif length < 0 or end + length != len(data):
-                    return False
+                    return self._response_start(req, status, version, end, length, len(data), ts_ns)
                 self._s_last_ts = ts_ns
                 self._scan[1] = 0
                 if self._cpaused or req is self._creq:  # _finish resumes / defers these
@@ -718,7 +762,7 @@ class Http1Session(_BaseSession):
             length, te, _c, upgrade, host, ua, tp = _fields(data, m.start(4) - 2, end - 2)
         except ProtocolError:
             return False
-        if te or (end + length != n if length > 0 else end != n):
+        if te or (end + length < n if length > 0 else end != n):
             return False
         method, target, minor = m.group(1, 2, 3)
         if len(self._pending) >= self._max_pending:
@@ -727,16 +771,42 @@ class Http1Session(_BaseSession):
         if self._enrich is not None and self._selected(meth, target, None, ua):
             return False  # an enricher reads it: the buffered path captures its body
         req = _Request(meth, original, target, "1.1" if minor == b"1" else "1.0", ts_ns, host, ua, tp, upgrade)
-        return self._queue_whole(req, length)
+        return self._queue_whole(req, length, n - end)
 
-    def _queue_whole(self, req: _Request, body_size: int) -> bool:
-        """A whole request taken by feed_whole (either path): await its response."""
-        if body_size > 0:
-            req.body_size = body_size
+    def _queue_whole(self, req: _Request, length: int, got: int) -> bool:
+        """A request head taken by feed_whole (either path) with ``got`` bytes of its
+        ``length``-byte body (all of it, or its start: _queue_request's body then, the rest
+        to come in later segments): await its response."""
         self._pending.append(req)
         self._scan[0] = 0
+        if got < length:
+            body = self._cbody = _Body(_LENGTH, length - got, 0)
+            body.size = got
+            self._creq = req
+        elif length > 0:
+            req.body_size = length
         if req.upgrade is not None or req.connect:
             self._cpaused = True
+        return True
+
+    def _response_start(self, req: _Request, status: int, version: str, end: int, length: int, n: int,
+                        ts_ns: int) -> bool:
+        """A final response's head in ``data[:end]`` (of ``n`` bytes) followed by only the start of
+        its body, Content-Length (``length``) or close-delimited (-1) (feed_whole, either path):
+        _response_head's state once the buffered body step has taken those bytes, or False
+        (pipelined, or a head the caller has not ruled out)."""
+        got = n - end
+        if length >= 0:
+            if got >= length:
+                return False
+            body = self._sbody = _Body(_LENGTH, length - got, 0)
+        else:
+            body = self._sbody = _Body(_CLOSE, 0, 0)
+        body.size = got
+        body.last_ts = ts_ns
+        self._s_last_ts = ts_ns
+        self._scan[1] = 0
+        self._sresp = (req, status, version)
         return True
 
     def _whole_response(self, data: memoryview, ts_ns: int) -> bool:
@@ -753,8 +823,11 @@ class Http1Session(_BaseSession):
         except ProtocolError:
             return False
         req = self._pending[0]
-        if te or length < 0 or end + length != len(data) or req.head or req.connect:
+        if te or req.head or req.connect:
             return False
+        if length < 0 or end + length != len(data):
+            return self._response_start(req, status, "1.1" if m.group(1) == b"1" else "1.0", end, length,
+                                        len(data), ts_ns)
         self._s_last_ts = ts_ns
         self._scan[1] = 0
         self._sresp = (req, status, "1.1" if m.group(1) == b"1" else "1.0")
