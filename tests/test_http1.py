@@ -8,7 +8,7 @@ import tracemalloc
 from collections.abc import Iterable
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from processors.protocols import http1
@@ -328,6 +328,33 @@ def test_detect_random_bytes_are_not_http(data: bytes) -> None:
     if d in (Detection.REQUEST, Detection.RESPONSE):
         assert b" HTTP/1." in data or data.startswith(b"HTTP/1.")
 
+
+
+_LINE_ATOMS = st.sampled_from([b"GET", b"POST", b"M-1_X", b"get", b"HTTP/1.1", b"HTTP/1.0", b"http/1.1", b"HTTP/1.",
+                               b"HTTP/2.0", b"200", b"404 Not Found", b"/", b"/a?b=1", b"http://h/x", b"*", b" ", b"  ",
+                               b"\t", b"\r", b"\n", b"\r\n", b"\x00", b"\x80", b"Host: h", b"HTTP/1.1 200 OK\r\n",
+                               b"GET / HTTP/1.1\r\n", b"GET /x\r\n"])
+
+
+@given(atoms=st.lists(_LINE_ATOMS, max_size=12), from_client=st.sampled_from([None, True, False]),
+       cut=st.integers(1, 40))
+@settings(max_examples=600, deadline=None)
+@example(atoms=[b"*", b" ", b"HTTP/1.1 200 OK\r\n"], from_client=None, cut=1)
+@example(atoms=[b"x", b"GET / HTTP/1.1\r\n"], from_client=None, cut=1)
+def test_detect_one_chunk_as_across_chunks(atoms: list[bytes], from_client: bool | None, cut: int) -> None:
+    """detect's one-chunk fast path (the patterns over the chunk) decides as its line-by-line
+    path, which a buffer of two chunks takes."""
+    data = b"".join(atoms)
+    two = LargeBuffer()
+    if 0 < cut < len(data):
+        two.append(memoryview(data[:cut]))
+        two.append(memoryview(data[cut:]))
+    else:
+        two.append(memoryview(data[:1]))
+        two.append(memoryview(data[1:]))
+    if len(data) < 2:
+        return
+    assert http1.detect(LargeBuffer(data), from_client) == http1.detect(two, from_client)
 
 # -- hostile input -------------------------------------------------------------------------
 def test_huge_content_length_is_skipped_without_allocation() -> None:

@@ -179,6 +179,15 @@ def detect(buf: LargeBuffer, from_client: bool | None) -> Detection:
     n = len(buf)
     if n == 0:
         return Detection.NEED_MORE
+    if buf.chunk_count == 1:
+        # The usual first segment: the patterns run over the chunk itself. None of them can
+        # match past a line's LF, so a match at the start is the first line's fullmatch below
+        # (the find and the line's view cost more than the match, once a connection).
+        w = buf.view_at(0, n if n <= MAX_HEADER_BYTES else MAX_HEADER_BYTES)
+        if from_client is not False and (_REQ_DETECT.match(w) or _REQ09.match(w)):
+            return Detection.REQUEST
+        if from_client is not True and _STATUS_DETECT.match(w):
+            return Detection.RESPONSE
     e = buf.find(b"\n", 0, min(n, MAX_HEADER_BYTES))
     if e < 0:
         if n >= MAX_HEADER_BYTES:
@@ -479,6 +488,37 @@ def _fields(view: memoryview, start: int, end: int) -> _Fields:
     return length, te, chunked, upgrade, host, ua, tp
 
 
+#: Host header -> (name, port), shared by the connections (a service's clients send the same few).
+_HOSTS: dict[bytes, tuple[str, int | None]] = {}
+_MAX_HOSTS = 256
+
+
+def _host(raw: bytes) -> tuple[str, int | None]:
+    """``_split_host`` through ``_HOSTS`` (emptied when full: a peer's random hosts stay bounded)."""
+    hp = _HOSTS.get(raw)
+    if hp is None:
+        if len(_HOSTS) >= _MAX_HOSTS:
+            _HOSTS.clear()
+        hp = _HOSTS[raw] = _split_host(raw)
+    return hp
+
+
+#: What a session derives from its Settings, for the last Settings seen (the stage's one).
+_DERIVED: list[Any] = [None, None]
+
+
+def _derived(s: Settings) -> tuple[Any, ...]:
+    """(block, request head, response head patterns, max header bytes, max headers, max pending,
+    known methods) for ``s``: once per Settings object, not once per connection (issue 21)."""
+    if _DERIVED[0] is s:
+        return _DERIVED[1]  # type: ignore[no-any-return]
+    km = s.known_methods
+    d = (*_head_patterns(s.max_headers), s.max_header_bytes, s.max_headers, s.max_pending_requests,
+         frozenset(km) if km is not None else None)
+    _DERIVED[0], _DERIVED[1] = s, d
+    return d
+
+
 def _split_host(host: bytes) -> tuple[str, int | None]:
     s = host.decode("ascii", "replace")
     if s.startswith("["):  # [v6]:port
@@ -501,15 +541,12 @@ class Http1Session(_BaseSession):
     def __init__(self, conn: Conn) -> None:
         super().__init__(conn)
         s = conn.settings
-        self.settings: Settings = s if isinstance(s, Settings) else _DEFAULT_SETTINGS
-        self._block, self._req_head, self._resp_head = _head_patterns(self.settings.max_headers)
-        self._limit = self.settings.max_header_bytes
-        self._max_headers = self.settings.max_headers
-        self._max_pending = self.settings.max_pending_requests
-        km = self.settings.known_methods
-        self._known: frozenset[str] | None = frozenset(km) if km is not None else None
-        self._hosts: dict[bytes, tuple[str, int | None]] = {}
-        self._kind = conn.kind_for(SpanKind.SERVER, SpanKind.CLIENT)
+        if not isinstance(s, Settings):
+            s = _DEFAULT_SETTINGS
+        self.settings: Settings = s
+        (self._block, self._req_head, self._resp_head, self._limit, self._max_headers, self._max_pending,
+         self._known) = _derived(s)
+        self._kind = conn.kind_for(_SERVER, _CLIENT)
         en = getattr(conn, "enrich", None)
         self._enrich: Any = en if en is not None and en.active else None  # enrich/: None = plain HTTP only
         self._pending: deque[_Request] = PendingQueue(conn, traceparent=_traceparent_of)
@@ -1120,15 +1157,6 @@ class Http1Session(_BaseSession):
             self.conn.emit(self._span(req, status, version, size, end_ts, None))
 
     # -- spans -------------------------------------------------------------------
-    def _host(self, raw: bytes) -> tuple[str, int | None]:
-        """Host header -> (name, port), cached per connection (it rarely changes)."""
-        hp = self._hosts.get(raw)
-        if hp is None:
-            if len(self._hosts) >= 16:
-                self._hosts.clear()
-            hp = self._hosts[raw] = _split_host(raw)
-        return hp
-
     def _span(self, req: _Request, status: int, version: str, resp_size: int, end_ts: int,
               error: str | None) -> Any:
         conn = self.conn
@@ -1145,7 +1173,7 @@ class Http1Session(_BaseSession):
         if original is not None:
             attrs["http.request.method_original"] = original
         if req.connect:  # authority-form: CONNECT host:port
-            host, port = self._host(target)
+            host, port = _host(target)
         elif req.path is not None:  # origin-form, decoded by the C parser already
             attrs["url.path"] = req.path
             if req.query is not None:
@@ -1156,7 +1184,7 @@ class Http1Session(_BaseSession):
             scheme_end = 7 if scheme[:7] == b"http://" else 8 if scheme == b"https://" else 0
             if scheme_end:
                 slash = target.find(b"/", scheme_end)
-                host, port = self._host(target[scheme_end:] if slash < 0 else target[scheme_end:slash])
+                host, port = _host(target[scheme_end:] if slash < 0 else target[scheme_end:slash])
                 target = b"/" if slash < 0 else target[slash:]
             q = target.find(b"?")
             if q < 0:
@@ -1166,7 +1194,7 @@ class Http1Session(_BaseSession):
                 attrs["url.query"] = self._redact(target[q + 1:].decode("utf-8", "replace"))
         attrs["url.scheme"] = "http"
         if host is None and req.host is not None:
-            host, port = self._hosts.get(req.host) or self._host(req.host)
+            host, port = _HOSTS.get(req.host) or _host(req.host)
         if host:
             attrs["server.address"] = host
             attrs["server.port"] = port if port is not None else conn.server_port
