@@ -352,8 +352,27 @@ static PyObject *fcgi_walk(PyObject *self, PyObject *arg)
         }
         params_len = 0;
     }
-    result = Py_BuildValue("(liNnnnnlillN)", rid, begin, params, params_len, stdin_n, stdout_n, head_len,
-                           status, phase == P_ENDED, app, proto, stderr_obj);
+    /* The tuple filled in place (Py_BuildValue parses its format at every call: twice a request). */
+    result = PyTuple_New(12);
+    if (result == NULL) {
+        Py_DECREF(params);
+        Py_DECREF(stderr_obj);
+        return NULL;
+    }
+    const Py_ssize_t ints[] = {rid, begin, 0, params_len, stdin_n, stdout_n, head_len, status, phase == P_ENDED,
+                               app, proto};
+    for (int k = 0; k < 11; k++) {
+        PyObject *v = k == 2 ? params : PyLong_FromSsize_t(ints[k]);
+        if (v == NULL) {
+            Py_DECREF(result); /* the items set so far with it */
+            if (k < 2)
+                Py_DECREF(params);
+            Py_DECREF(stderr_obj);
+            return NULL;
+        }
+        PyTuple_SET_ITEM(result, k, v); /* steals */
+    }
+    PyTuple_SET_ITEM(result, 11, stderr_obj);
     return result;
 decline:
     PyBuffer_Release(&b);

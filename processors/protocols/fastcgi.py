@@ -75,6 +75,7 @@ _NEED_MORE, _NO, _REQUEST, _RESPONSE = Detection.NEED_MORE, Detection.NO, Detect
 _CLIENT_VIEW = Perspective.CLIENT
 _CLIENT_KIND, _SERVER_KIND = SpanKind.CLIENT, SpanKind.SERVER
 _UNSET, _ERROR = StatusCode.UNSET, StatusCode.ERROR
+_NO_PARAMS = {}.get  # a request whose PARAMS never ended: every parameter absent
 
 
 def detect(buf: LargeBuffer, from_client: bool | None) -> Detection:
@@ -255,7 +256,7 @@ class Session(Session):  # type: ignore[no-redef]
     protocol: ClassVar[str] = NAME
 
     def __init__(self, conn: Conn) -> None:
-        super().__init__(conn)
+        self.conn = conn  # base Session.__init__, without the call: nginx opens a connection a request
         self.settings: Settings = conn.settings if isinstance(conn.settings, Settings) else Settings()
         self.reqs: dict[int, _Req] = PendingMap(conn)
         self.done: dict[int, dict[bytes, bytes]] = {}  # params of requests whose span is pending
@@ -540,14 +541,18 @@ class Session(Session):  # type: ignore[no-redef]
 
     def _span(self, rid: int, req: _Req, app_status: int, proto: int, ts_ns: int, incomplete: bool = False) -> None:
         params = self.done.pop(rid, None)
-        g = {}.get if params is None else params.get
+        g = _NO_PARAMS if params is None else params.get
         v = g(b"REQUEST_METHOD")
         method = v.decode("latin-1") if v else "GET"
         # The client's target (REQUEST_URI): behind a front controller (try_files ...
         # /index.php?$query_string) DOCUMENT_URI names the script, and every route would read
         # /index.php. Its query, else QUERY_STRING (what the script was given).
         v = g(b"REQUEST_URI") or g(b"DOCUMENT_URI") or g(b"SCRIPT_NAME")
-        path, _, query = v.decode("utf-8", "replace").partition("?") if v else ("/", "", "")
+        if v:
+            path, _, query = v.decode("utf-8", "replace").partition("?")
+        else:
+            path = "/"
+            query = ""
         if not query:
             v = g(b"QUERY_STRING")
             if v:
