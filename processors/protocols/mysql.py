@@ -764,15 +764,16 @@ class Session(_Session):
     def _client_packet(self, v: memoryview, plen: int, seq: int, ts: int, pos: int) -> None:
         """A client packet: ``v`` is its payload's head (at most ``_CLIENT_HEAD`` bytes), its
         header at ``pos`` (for errors)."""
-        if self._phase == _HANDSHAKE:
-            if seq == 0 and plen >= 1:
-                self._phase = _COMMAND  # joined after the handshake
-            else:
+        if self._phase != _COMMAND:
+            if self._phase == _HANDSHAKE:
+                if seq == 0 and plen >= 1:
+                    self._phase = _COMMAND  # joined after the handshake
+                else:
+                    return
+            else:  # _AUTH
+                if seq == 1:
+                    self._handshake_response(v)
                 return
-        if self._phase == _AUTH:
-            if seq == 1:
-                self._handshake_response(v)
-            return
         if seq != 0:
             # Only LOCAL INFILE contents continue a command from the client side.
             if self._pending and self._pending[0].state == _INFILE and seq == (self._seq + 1) & 0xFF:
@@ -796,24 +797,33 @@ class Session(_Session):
             # ``v`` is capped at _CLIENT_HEAD: the text after the command byte is within
             # MAX_QUERY_BYTES already, so it is decode_query's copy without the call.
             info = analyze(str(v[q:], "utf-8", "replace"), "mysql", self._sanitize) if q > 0 else None
-            self._push(_Cmd(cmd, info, ts))
+            c = _Cmd(cmd, info, ts)
         elif cmd == COM_STMT_EXECUTE or cmd == COM_STMT_BULK_EXECUTE:
             sid = _U32(v, 1)[0] if len(v) >= 5 else -1
-            self._push(_Cmd(COM_STMT_EXECUTE, self._stmts.get(sid), ts))
+            c = _Cmd(COM_STMT_EXECUTE, self._stmts.get(sid), ts)
         elif cmd == COM_STMT_CLOSE:
             if len(v) >= 5:
                 self._stmts.pop(_U32(v, 1)[0], None)
+            return
         elif cmd == COM_INIT_DB:
-            self._push(_Cmd(cmd, None, ts, _text(v, 1, len(v))))
+            c = _Cmd(cmd, None, ts, _text(v, 1, len(v)))
         elif cmd == COM_CHANGE_USER:
             self._phase = _AUTH  # an auth exchange follows, ended by OK/ERR
-        elif cmd not in _NO_RESPONSE:
+            return
+        elif cmd in _NO_RESPONSE:
+            return
+        else:
             c = _Cmd(cmd, None, ts)
             if cmd == COM_STMT_FETCH:
                 c.state = _ROWS
             elif cmd == COM_FIELD_LIST:
                 c.state = _FIELDS
-            self._push(c)
+        # Queued for its answer (what _push did, inline: one call fewer a command, issue 21).
+        p = self._pending
+        p.append(c)
+        if len(p) > MAX_PENDING:
+            p.popleft()
+            self.conn.drop("pending_overflow")
 
     def _query_start(self, v: memoryview) -> int:
         """Where a COM_QUERY's text starts in ``v`` (its head, from the command byte): after
@@ -832,13 +842,6 @@ class Session(_Session):
         if q == -1:
             raise Malformed(NAME, "bad_query_attributes", 0, "query attributes expected")
         return q if q > 0 else 0
-
-    def _push(self, c: _Cmd) -> None:
-        p = self._pending
-        p.append(c)
-        if len(p) > MAX_PENDING:
-            p.popleft()
-            self.conn.drop("pending_overflow")
 
     def _handshake_response(self, v: memoryview) -> None:
         end = len(v)
@@ -888,13 +891,12 @@ class Session(_Session):
     def _server_packet(self, v: memoryview, plen: int, seq: int, ts: int, pos: int) -> None:
         """A server packet: ``v`` is its payload's head (at most ``_SERVER_HEAD`` bytes), its
         header at ``pos`` (for errors), ``ts`` when that header arrived."""
-        if self._phase == _HANDSHAKE:
-            if seq == 0 and plen and v[0] == PROTOCOL_VERSION:
-                self._greeting(v)
-                self._phase = _AUTH
-            return
-        if self._phase == _AUTH:
-            if plen and v[0] in (0x00, 0xFF):
+        if self._phase != _COMMAND:
+            if self._phase == _HANDSHAKE:
+                if seq == 0 and plen and v[0] == PROTOCOL_VERSION:
+                    self._greeting(v)
+                    self._phase = _AUTH
+            elif plen and v[0] in (0x00, 0xFF):  # _AUTH
                 self._phase = _COMMAND  # OK: authenticated; ERR: the server will hang up
                 self._seq = 0
                 if self._compress and v[0] == 0x00:
@@ -905,12 +907,13 @@ class Session(_Session):
             # else is not an answer to what we saw (garbage, or a capture that lost bytes).
             raise Malformed(NAME, "bad_sequence", pos, f"server packet {seq} after {self._seq}")
         self._seq = seq
-        if not self._pending:
+        pending = self._pending
+        if not pending:
             self.conn.drop("unpaired")
             return
         if plen == 0:
             return
-        c = self._pending[0]
+        c = pending[0]
         b0 = v[0]
         st = c.state
         if st == _ROWS:  # first: a result set's rows are most of an answer's packets
