@@ -619,9 +619,11 @@ class Session:
 
     protocol: ClassVar[str] = ""
     #: Optional ``feed_whole(from_client, data, ts_ns) -> bool``: parse ``data`` (one
-    #: segment, while this direction's buffer is empty) without buffering it, when it
-    #: holds exactly whole messages; return False, having changed nothing, to have it
-    #: buffered and ``feed`` called as usual. For the common small exchange only.
+    #: segment, while this direction's buffer is empty) without buffering it, when the
+    #: session can take all of it in place and be left as ``feed`` would leave it with an
+    #: empty buffer: whole messages, or pieces whose state it keeps itself (an HTTP head and
+    #: the start of its body, a body's next piece, a memcached data block's rest); return
+    #: False, having changed nothing, to have it buffered and ``feed`` called as usual.
     feed_whole: ClassVar[Any] = None
 
     def __init__(self, conn: Conn) -> None:
