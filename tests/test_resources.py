@@ -125,6 +125,11 @@ ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
 '''
 
 
+#: What the servers below run as in /proc/PID/comm: the interpreter's file name (python3 in a venv,
+#: python3.11 under pyenv), at most 15 bytes.
+COMM = os.path.basename(sys.executable)[:15]
+
+
 class Server:
     def __init__(self, env: dict[str, str] | None = None) -> None:
         self.port = free_port()
@@ -187,13 +192,13 @@ def test_process_metadata_of_real_processes() -> None:
     c = Server()
     try:
         m = ProcessMetadata()
-        ia = m.get(a.pid, "python3")
+        ia = m.get(a.pid, COMM)
         assert ia.service_name == "checkout"  # OTEL_SERVICE_NAME wins over the attribute
         at = ia.attributes
         assert at["process.pid"] == a.pid and at["process.parent_pid"] == os.getpid()
         assert at["process.executable.path"] == os.path.realpath(sys.executable)
-        assert at["process.executable.name"] == "python3"  # /proc/PID/comm: what it was exec'd as
-        assert m.get(c.pid).attributes["process.executable.name"] == "python3"  # /proc/PID/comm without a record's
+        assert at["process.executable.name"] == COMM  # /proc/PID/comm: what it was exec'd as
+        assert m.get(c.pid).attributes["process.executable.name"] == COMM  # /proc/PID/comm without a record's
         assert at["process.command_line"] == f"{sys.executable} -c {_SERVER} {a.port}"
         assert at["process.owner"] == "root"
         assert at["service.version"] == "2.1" and at["deployment.environment.name"] == "test"
@@ -211,7 +216,7 @@ def test_process_metadata_of_real_processes() -> None:
                 Path(f"/proc/{jvm_like.pid}/task/{t}/comm").read_text().strip() == "http-nio-8080-e"
                 for t in os.listdir(f"/proc/{jvm_like.pid}/task")))
             named = ProcessMetadata().get(jvm_like.pid, "http-nio-8080-e")
-            assert named.attributes["process.executable.name"] == "python3" and named.name == "python3"
+            assert named.attributes["process.executable.name"] == COMM and named.name == COMM
             assert named.attributes["process.command_line"].startswith(f"{sys.executable} -c import ctypes")
             assert not named.partial
         finally:
@@ -222,10 +227,10 @@ def test_process_metadata_of_real_processes() -> None:
         assert other.attributes == {"process.pid": 1, "process.executable.name": "curl"} and other.partial
         # cached: a second lookup reads nothing
         reads = m.stats["reads"]
-        assert m.get(a.pid, "python3") is ia and m.stats["reads"] == reads
+        assert m.get(a.pid, COMM) is ia and m.stats["reads"] == reads
         # exit: the receiver's hook forgets it; a later get re-reads
         process_changed(a.pid)
-        assert m.stats["invalidated"] == 1 and m.get(a.pid, "python3") is not ia
+        assert m.stats["invalidated"] == 1 and m.get(a.pid, COMM) is not ia
     finally:
         for s in (a, b, c):
             s.stop()
