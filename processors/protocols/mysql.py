@@ -630,19 +630,17 @@ class Session(_Session):
             return False
         h = _U32(data, 0)[0]
         plen = h & 0xFFFFFF
+        if plen == MAX_PACKET_PAYLOAD:
+            return False
         if n != 4 + plen:  # not the usual one packet: frame first, the last ending the segment
-            pos = 0
-            while pos < n:
-                if n - pos < 4:
-                    return False
+            pos = 4 + plen
+            while pos + 4 <= n:
                 k = _U32(data, pos)[0] & 0xFFFFFF
                 if k == MAX_PACKET_PAYLOAD:
                     return False
                 pos += 4 + k
-            if pos != n:
+            if pos != n:  # a header cut short, or a payload running past the segment
                 return False
-        elif plen == MAX_PACKET_PAYLOAD:
-            return False
         pos = 0
         try:
             if from_client:
