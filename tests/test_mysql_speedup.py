@@ -134,20 +134,20 @@ def _conversation(deprecate: bool) -> Script:
     return s
 
 
-def _runs(deprecate: bool) -> Script:
-    """What ends a run of rows or column definitions that feed_whole steps over inline: an
-    ERR among the rows, an empty packet among the definitions and the rows, a sequence id
-    out of step, a definition count ending exactly at the segment's end, a row that looks
-    like an EOF (0xFE, 9 bytes or more), and the same error message again (remembered)."""
+def _runs(deprecate: bool, out_of_step: int = -1) -> Script:
+    """What ends a run of rows or definitions (a result set's, a PREPARE answer's parameters
+    and columns) that feed_whole steps over inline: an ERR among the rows, an empty packet
+    among the definitions and the rows, a definition count ending exactly at the segment's
+    end, a row that looks like an EOF (0xFE, 9 bytes or more), the same error message again
+    (remembered); then, with ``out_of_step``, one answer whose sequence ids skip one among
+    the column definitions (0), the rows (1) or a PREPARE's parameters (2)."""
     s = _login(deprecate)
     many = resultset(["a", "b", "c"], [[b"%d" % i, b"x", b""] for i in range(6)], deprecate)
     s += [(True, query("SELECT a, b, c FROM t")), (False, many)]
     err_row = resultset(["a"], [[b"1"], [b"2"]], deprecate)
-    cut = err_row.rfind(OK(0)[:3]) if deprecate else len(err_row) - len(EOF(0))
-    tail = err_row[cut:]
-    seq = tail[3]
+    cut = len(err_row) - len(OK(0, 2, 0xFE) if deprecate else EOF(0))  # where its terminator starts
     s += [(True, query("SELECT a FROM t")),
-          (False, err_row[:cut] + ERR(1317, "70100", "Query execution was interrupted", seq))]
+          (False, err_row[:cut] + ERR(1317, "70100", "Query execution was interrupted", err_row[cut + 3]))]
     empty = pkt(lenenc(2), 1) + pkt(coldef("a"), 2) + pkt(b"", 3) + pkt(coldef("b"), 4)
     seq = 5
     if not deprecate:
@@ -161,12 +161,20 @@ def _runs(deprecate: bool) -> Script:
           (False, (b"" if deprecate else EOF(4)) + pkt(lstr(b"y" * 300), 4 if deprecate else 5)
            + pkt(b"\xfe" + b"z" * 12, 5 if deprecate else 6)
            + (OK(6, 2, 0xFE) if deprecate else EOF(7)))]
-    s += [(True, query("SELECT a FROM t")), (False, pkt(lenenc(2), 1) + pkt(coldef("a"), 2) + pkt(coldef("b"), 4))]
-    s += [(True, query("SELECT a FROM t")),
-          (False, resultset(["a"], [[b"1"], [b"2"]], deprecate)[:-len(EOF(0))] + pkt(lstr(b"3"), 9))]
+    s += [(True, pkt(b"\x16SELECT a, b, c FROM t WHERE a = ? AND b = ? AND c = ?", 0)),
+          (False, _prepare_ok(11, 3, 3, deprecate))]
     for _ in range(2):
         s += [(True, query("SELECT * FROM nosuch")),
               (False, ERR(1146, "42S02", "Table 'shop.nosuch' doesn't exist"))]
+    if out_of_step == 0:
+        s += [(True, query("SELECT a FROM t")), (False, pkt(lenenc(2), 1) + pkt(coldef("a"), 2) + pkt(coldef("b"), 4))]
+    elif out_of_step == 1:
+        s += [(True, query("SELECT a FROM t")), (False, err_row[:cut] + pkt(lstr(b"3"), err_row[cut + 3] + 1))]
+    elif out_of_step == 2:
+        bad = _prepare_ok(12, 2, 3, deprecate)
+        at = 4 + 12 + 3  # the second parameter definition's sequence id
+        s += [(True, pkt(b"\x16SELECT a, b FROM t WHERE a = ? AND b = ? AND c = ?", 0)),
+              (False, bad[:at] + bytes([bad[at] + 1]) + bad[at + 1:])]
     return s
 
 
@@ -224,6 +232,9 @@ CONVERSATIONS: dict[str, object] = {
     "states-eof": lambda: _conversation(False),
     "runs-deprecate-eof": lambda: _runs(True),
     "runs-eof": lambda: _runs(False),
+    "runs-out-of-step-columns": lambda: _runs(True, 0),
+    "runs-out-of-step-rows": lambda: _runs(False, 1),
+    "runs-out-of-step-params": lambda: _runs(True, 2),
     "change-user": _change_user,
     "query-attributes": _query_attributes,
     "mid-stream": _mid_stream,
@@ -273,6 +284,8 @@ def test_feed_whole_gives_the_buffered_spans_and_drops(name: str, shape: str) ->
     if shape == "as-sent" and name.startswith("recorded"):
         assert not drops, drops
         assert len(spans) == (6 if name.endswith("pymysql") else 8)
+    if shape == "as-sent" and name.startswith("runs"):
+        assert [s[0] for s in spans] == ["SELECT t"] * 4 + ["SELECT nosuch"] * 2, spans
     if name.startswith("states"):
         names = [s[0] for s in spans]
         assert "SELECT users" in names and "EXECUTE" in names and "LOAD" in names, names

@@ -705,6 +705,24 @@ class Session(_Session):
                             if end:
                                 break
                         self._seq = last
+                    elif st == _P_PARAMS or st == _P_COLS:
+                        # A PREPARE answer's parameter or column definitions but each kind's
+                        # last (which ends its part: _server_packet's step).
+                        last = self._seq
+                        params = st == _P_PARAMS
+                        while plen and h >> 24 == (last + 1) & 0xFF and (c.rows if params else c.left) > 1:
+                            if params:
+                                c.rows -= 1
+                            else:
+                                c.left -= 1
+                            last = h >> 24
+                            pos += 4 + plen
+                            if pos >= n:
+                                self._seq = last
+                                return True
+                            h = _U32(data, pos)[0]
+                            plen = h & 0xFFFFFF
+                        self._seq = last
         except _SHORT as e:  # a field overruns its packet's head
             raise Malformed(NAME, "truncated_field", pos, str(e)) from None
 
