@@ -617,9 +617,12 @@ class Session(_Session):
         declined unchanged. Then each packet's capped head goes to the handler ``feed``
         calls, in the same order: a bad packet raises what ``feed`` raises for it, after the
         same packets before it (the stage handles both alike)."""
-        d = 0 if from_client else 1
-        if (self._zbuf is not None or self._compress or self._stopped or self._skip[d] or self._cont[d]
-                or (self._resync_client or self._phase == _HANDSHAKE if from_client else self._server_desync)):
+        if from_client:
+            if self._resync_client or self._phase == _HANDSHAKE or self._skip[0] or self._cont[0]:
+                return False
+        elif self._server_desync or self._skip[1] or self._cont[1]:
+            return False
+        if self._zbuf is not None or self._compress or self._stopped:
             return False
         if type(data) is not memoryview:  # the eBPF receiver's payloads are bytes
             data = memoryview(data)
