@@ -422,11 +422,16 @@ def test_declines_what_it_does_not_read() -> None:
 
 
 def test_error_messages_are_sanitised_once() -> None:
-    """The memo of sanitised error messages gives what sanitize_error gives, and stays bounded."""
-    from processors.protocols.sanitize import sanitize_error
+    """sanitize_error's memo (every protocol's) gives what its unremembered work gives, and stays
+    bounded."""
+    from processors.protocols import sanitize as sz
 
-    my._ERR_MEMO.clear()
-    msgs = [f"Duplicate entry '{i}' for key 'PRIMARY'" for i in range(my._ERR_MEMO_MAX + 5)]
-    for m in msgs + msgs[:3]:
-        assert my._sanitized(m) == sanitize_error(m)
-    assert len(my._ERR_MEMO) <= my._ERR_MEMO_MAX
+    sz._MEMO.clear()
+    msgs = [f"Duplicate entry '{i}' for key 'PRIMARY'" for i in range(sz.MEMO_MAX + 5)]
+    for m in msgs + msgs[:3] + ["no quotes", 'dup key: { email: "a@b.c" }', "near 'x' at line 1"]:
+        assert sz.sanitize_error(m) == sz._sanitize_error(m)
+        assert sz.sanitize_error(m) == sz._sanitize_error(m)  # the remembered answer too
+    assert len(sz._MEMO) <= sz.MEMO_MAX
+    long = "x '" + "y" * sz.MEMO_TEXT + "'"
+    assert sz.sanitize_error(long) == "x ?" and long not in sz._MEMO  # a long text: never kept
+    assert sz.sanitize_error(5) == 5  # type: ignore[arg-type]  # a hostile errmsg: any BSON value

@@ -1117,7 +1117,7 @@ class Session(_Session):
             attrs["error.type"] = c.err_state or str(c.err_code)
             status = _ERROR
         if msg and self._sanitize_errors:
-            msg = _sanitized(msg)
+            msg = sanitize_error(msg)  # (remembered there)
         conn = self.conn
         # Positional, as base.py's span passes them on (keywords cost a third of a call).
         kind = _SERVER_KIND if conn.perspective == _AT_SERVER else _CLIENT_KIND  # conn.kind_for(CLIENT), inline
@@ -1126,24 +1126,6 @@ class Session(_Session):
             self.cut_short(span)
         else:
             conn.emit(span)
-
-
-#: Error messages already sanitised (bounded; cleared when full): a server repeats the same few
-#: ("Table 'shop.x' doesn't exist", "Duplicate entry ... for key"), and the regex pass was a
-#: fiftieth of the stage's time on real traffic (issue 21).
-_ERR_MEMO: dict[str, str] = {}
-_ERR_MEMO_MAX = 1024
-
-
-def _sanitized(msg: str) -> str:
-    """``sanitize_error(msg)``, remembered."""
-    out = _ERR_MEMO.get(msg)
-    if out is None:
-        out = sanitize_error(msg)
-        if len(_ERR_MEMO) >= _ERR_MEMO_MAX:
-            _ERR_MEMO.clear()
-        _ERR_MEMO[msg] = out
-    return out
 
 
 def _text(v: memoryview, off: int, end: int) -> str:

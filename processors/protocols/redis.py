@@ -639,13 +639,6 @@ _TAILS: tuple[tuple[str, ...], ...] = tuple(tuple(" ?" * q + _more(m) for m in r
                                             for q in range(MAX_ARGS_KEPT))
 
 
-#: Error reply -> its text sanitised. A server's errors are mostly the same few texts
-#: (WRONGTYPE, "value is not an integer", a client library's probe of a newer command on
-#: every connection) and sanitize_error's regex costs a few microseconds each; the texts
-#: are at most 512 characters, so this holds at most ~128 KiB, and starts over when full.
-_SANITIZED: dict[str, str] = {}
-_SANITIZED_MAX = 256
-
 _NO_ARGS: tuple[bytes, ...] = ()
 _SUB_OR_UNSUB = _SUBSCRIBE | _UNSUBSCRIBE
 _CLIENT = SpanKind.CLIENT
@@ -824,15 +817,7 @@ class Session(Session):  # type: ignore[no-redef]
         msg = ""
         if error is not None:
             status = _ERROR
-            if self.settings.sanitize_errors:
-                msg = _SANITIZED.get(error)  # type: ignore[assignment]
-                if msg is None:
-                    msg = sanitize_error(error)
-                    if len(_SANITIZED) >= _SANITIZED_MAX:
-                        _SANITIZED.clear()
-                    _SANITIZED[error] = msg
-            else:
-                msg = error
+            msg = sanitize_error(error) if self.settings.sanitize_errors else error  # (remembered there)
             prefix = error.split(" ", 1)[0]
             attrs["db.response.status_code"] = prefix
             attrs["error.type"] = prefix

@@ -133,10 +133,32 @@ def _span_of(message: str, opener: str, closer: str) -> tuple[int, int] | None:
     return i, j + len(closer)
 
 
+#: Error messages already sanitised (bounded; started over when full): a server repeats the same
+#: few ("Table 'shop.x' doesn't exist", WRONGTYPE, a client library's probe of a newer command on
+#: every connection), and the regex pass cost a few microseconds each, a fiftieth of a real
+#: session's stage (issue 21). Only texts up to MEMO_TEXT characters are kept: at most
+#: ~1 MiB of them, whatever a hostile server sends.
+_MEMO: dict[str, str] = {}
+MEMO_MAX = 1024
+MEMO_TEXT = 512
+
+
 def sanitize_error(message: str) -> str:
-    """A database error message with its quoted literals replaced by ``?``."""
+    """A database error message with its quoted literals replaced by ``?`` (remembered)."""
     if not isinstance(message, str):  # a hostile reply's errmsg may be any BSON value
         return message
+    out = _MEMO.get(message)
+    if out is None:
+        out = _sanitize_error(message)
+        if len(message) <= MEMO_TEXT:
+            if len(_MEMO) >= MEMO_MAX:
+                _MEMO.clear()
+            _MEMO[message] = out
+    return out
+
+
+def _sanitize_error(message: str) -> str:
+    """sanitize_error's work, not remembered (the reference the memo is held to)."""
     if "'" not in message and '"' not in message and "dup key" not in message:
         return message
     out = message
