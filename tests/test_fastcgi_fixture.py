@@ -22,8 +22,8 @@ from typing import Any
 import pytest
 
 from processors.protocols import fastcgi as fcgi
-from service.model import EventKind, Span, SpanKind, StatusCode
-from tests.support.replay import replay
+from service.model import Span, SpanKind, StatusCode
+from tests.support.replay import assert_clean, conversations, replay
 from tests.support.whole import cut, run_stage
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "fastcgi", "nginx_php_fpm_session.pcap")
@@ -93,11 +93,7 @@ def test_replay_gives_exactly_these_spans(replayed) -> None:
 
 def test_nothing_is_dropped(replayed) -> None:
     _, recv, stats = replayed
-    assert stats["drops"] == {}
-    assert stats["connections"] == 9 and stats["protocols"] == {"fastcgi": 9}
-    assert stats["spans"] == len(EXPECTED)
-    assert recv["packets"] == 90 and recv["connections"] == 9
-    assert recv["drops"] == {} and recv["gap_bytes"] == {} and recv["errors"] == [] and recv["truncated"] == []
+    assert_clean(recv, stats, "fastcgi", connections=9, packets=90, spans=len(EXPECTED))
 
 
 def test_every_protocol_enabled_still_detects_fastcgi(replayed) -> None:
@@ -107,29 +103,8 @@ def test_every_protocol_enabled_still_detects_fastcgi(replayed) -> None:
     assert stats["drops"] == {} and stats["protocols"] == {"fastcgi": 9}
 
 
-class _Streams:
-    """Each connection's payloads in order, as the pcap receiver hands them on."""
-
-    def __init__(self) -> None:
-        self.conns: dict[Any, list[tuple[bool, bytes]]] = {}
-
-    def consume_events(self, events: list) -> None:
-        for e in events:
-            if e.kind == EventKind.DATA:
-                self.conns.setdefault(e.conn_id, []).append((e.dport == FPM_PORT, bytes(e.payload)))
-
-
 def _connections() -> list[list[tuple[bool, bytes]]]:
-    from receivers.pcap import PcapReceiver
-
-    sink = _Streams()
-    recv = PcapReceiver("pcap", {"path": FIXTURE, "progress": False}, sink)
-    recv.start()
-    try:
-        assert recv.wait(60)
-    finally:
-        recv.shutdown()
-    return list(sink.conns.values())
+    return conversations(FIXTURE)
 
 
 def _comparable(got: tuple[list, dict]) -> tuple[list, dict]:
