@@ -23,7 +23,7 @@ import pytest
 
 from processors.protocols import fastcgi as fcgi
 from service.model import Span, SpanKind, StatusCode
-from tests.support.replay import assert_clean, conversations, replay
+from tests.support.replay import assert_clean, conversations, epoch_ns, replay
 from tests.support.whole import cut, run_stage
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "fastcgi", "nginx_php_fpm_session.pcap")
@@ -132,11 +132,6 @@ def test_real_connections_cut_anywhere_give_the_same_spans(how: str, walk: str, 
 
 
 # -- tshark, the oracle ----------------------------------------------------------------------
-def _ns(epoch: str) -> int:
-    sec, _, frac = epoch.partition(".")
-    return int(sec) * 1_000_000_000 + int(frac.ljust(9, "0")[:9])
-
-
 def _tshark_requests() -> list[dict[str, Any]]:
     """Per connection, from tshark's FastCGI dissector (PDML): the PARAMS pairs, STDIN and
     STDOUT sizes, the first STDOUT record's content, STDERR texts, END_REQUEST's statuses, and
@@ -151,7 +146,7 @@ def _tshark_requests() -> list[dict[str, Any]]:
         f = {e.get("name"): e for e in pkt.iter("field")}
         r = reqs.setdefault(int(f["tcp.stream"].get("show")), {
             "params": {}, "stdin": 0, "stdout": 0, "head": None, "stderr": [], "keep_conn": None})
-        t = _ns(f["frame.time_epoch"].get("show"))
+        t = epoch_ns(f["frame.time_epoch"].get("show"))
         for rec in pkt.iter("proto"):
             if rec.get("name") != "fcgi":
                 continue

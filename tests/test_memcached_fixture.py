@@ -12,14 +12,12 @@ from __future__ import annotations
 
 import os
 import random
-import shutil
-import subprocess
 from typing import Any
 
 import pytest
 
 from service.model import Span, SpanKind, StatusCode
-from tests.support.replay import assert_clean, conversations, replay
+from tests.support.replay import assert_clean, conversations, epoch_ns, replay, tshark_rows
 from tests.support.whole import cut, run_stage
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "memcached", "pymemcache_session.pcap")
@@ -147,16 +145,7 @@ _REPLY_STATUS = {"STORED": None, "DELETED": None, "NOT_STORED": "NOT_STORED", "N
 
 
 def _tshark(*args: str) -> list[list[str]]:
-    tshark = shutil.which("tshark")
-    if tshark is None:
-        pytest.skip("tshark not installed: the oracle needs it")
-    out = subprocess.run([tshark, "-r", FIXTURE, *args], capture_output=True, text=True, check=True).stdout
-    return [line.split("\t") for line in out.splitlines() if line.strip()]
-
-
-def _ns(epoch: str) -> int:
-    sec, _, frac = epoch.partition(".")
-    return int(sec) * 1_000_000_000 + int(frac.ljust(9, "0")[:9])
+    return tshark_rows(FIXTURE, *args)
 
 
 def _frames() -> list[dict[str, Any]]:
@@ -167,8 +156,9 @@ def _frames() -> list[dict[str, Any]]:
                    "-E", f"aggregator={_SEP}")
     out = []
     for src, t, cmd, keys, response, version, noreply in ((r + [""] * 7)[:7] for r in rows):
-        out.append({"client": int(src) != PORT, "t": _ns(t), "command": cmd, "keys": [k for k in keys.split(_SEP) if k],
-                    "response": response, "version": version, "noreply": bool(noreply)})
+        out.append({"client": int(src) != PORT, "t": epoch_ns(t), "command": cmd,
+                    "keys": [k for k in keys.split(_SEP) if k], "response": response, "version": version,
+                    "noreply": bool(noreply)})
     return out
 
 

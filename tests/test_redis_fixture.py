@@ -10,13 +10,11 @@ and which replies were errors.
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
 
 import pytest
 
 from service.model import Span, SpanKind, StatusCode
-from tests.support.replay import assert_clean, replay
+from tests.support.replay import assert_clean, epoch_ns, replay, tshark_rows
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "redis", "redis_py_session.pcap")
 #: The server's port in the stored capture (record.py prints it when it re-records).
@@ -105,16 +103,7 @@ _SEP = "\x1f"
 
 
 def _tshark(*args: str) -> list[list[str]]:
-    tshark = shutil.which("tshark")
-    if tshark is None:
-        pytest.skip("tshark not installed: the oracle needs it")
-    out = subprocess.run([tshark, "-r", FIXTURE, *args], capture_output=True, text=True, check=True).stdout
-    return [line.split("\t") for line in out.splitlines() if line.strip()]
-
-
-def _ns(epoch: str) -> int:
-    sec, _, frac = epoch.partition(".")
-    return int(sec) * 1_000_000_000 + int(frac.ljust(9, "0")[:9])
+    return tshark_rows(FIXTURE, *args)
 
 
 def test_spans_agree_with_tshark(replayed) -> None:
@@ -134,10 +123,10 @@ def test_spans_agree_with_tshark(replayed) -> None:
             for n in (int(x) for x in lengths.split(_SEP) if x):
                 cmd, words = words[:n], words[n:]
                 name = cmd[0].upper()
-                commands.append((f"{cmd[0]} {cmd[1]}" if name == "CLIENT" else cmd[0], _ns(t)))
+                commands.append((f"{cmd[0]} {cmd[1]}" if name == "CLIENT" else cmd[0], epoch_ns(t)))
             assert not words
         else:
-            server_frames.append((_ns(t), [e for e in errors.split(_SEP) if e]))
+            server_frames.append((epoch_ns(t), [e for e in errors.split(_SEP) if e]))
     assert [s.name for s in spans] == [c[0] for c in commands]
     for s, (_, t) in zip(spans, commands, strict=True):
         assert s.start_ns == t  # the frame that carried the command

@@ -11,7 +11,7 @@ from typing import Any
 from processors.protocols.processor import ProtocolsProcessor
 from service.model import Span
 
-__all__ = ["assert_clean", "conversations", "replay", "replay_spans", "server_port"]
+__all__ = ["assert_clean", "conversations", "epoch_ns", "replay", "replay_spans", "server_port", "tshark_rows"]
 
 
 class _Collect:
@@ -97,3 +97,24 @@ def assert_clean(recv: dict[str, Any], stats: dict[str, Any], protocol: str, con
     assert stats["spans"] == spans
     assert recv["packets"] == packets and recv["connections"] == connections
     assert recv["drops"] == {} and recv["gap_bytes"] == {} and recv["errors"] == [] and recv["truncated"] == []
+
+
+def tshark_rows(pcap_path: str | os.PathLike[str], *args: str) -> list[list[str]]:
+    """tshark's tab-separated fields of ``pcap_path`` (``args``: its options), a row a line: the
+    oracle the fixture tests compare spans with; skips the test without tshark."""
+    import shutil
+    import subprocess
+
+    import pytest
+
+    tshark = shutil.which("tshark")
+    if tshark is None:
+        pytest.skip("tshark not installed: the oracle needs it")
+    out = subprocess.run([tshark, "-r", str(pcap_path), *args], capture_output=True, text=True, check=True).stdout
+    return [line.split("\t") for line in out.splitlines() if line.strip()]
+
+
+def epoch_ns(epoch: str) -> int:
+    """tshark's ``frame.time_epoch`` ("1764000000.123456789") as integer nanoseconds, exactly."""
+    sec, _, frac = epoch.partition(".")
+    return int(sec) * 1_000_000_000 + int(frac.ljust(9, "0")[:9])
