@@ -286,6 +286,23 @@ class _Dir:
         self.aliases: dict[int, str] = {}  # MQTT 5 topic aliases set by this direction's sender
 
 
+def _vbi_rest(data: memoryview, p: int, end: int, first: int) -> tuple[int, int] | None:
+    """A variable byte integer whose first byte (``first``, >= 0x80) was read in place, its
+    rest from ``p``: (value, next offset), or None when cut by ``end`` or longer than four
+    bytes (the buffered path's _varint then decides: it waits or raises)."""
+    v = first & 0x7F
+    shift = 7
+    while True:
+        if p >= end or shift > 21:
+            return None
+        b = data[p]
+        p += 1
+        v |= (b & 0x7F) << shift
+        shift += 7
+        if b < 0x80:
+            return v, p
+
+
 def _props_in(data: memoryview, p: int, end: int, want_user: bool) -> tuple[dict[str, Any], int] | None:
     """MQTT 5 properties at ``p`` for feed_whole: ``_properties``' reading of them in place
     (the same keys, the same strings cut and decoded alike), or None wherever ``_properties``
@@ -299,17 +316,10 @@ def _props_in(data: memoryview, p: int, end: int, want_user: bool) -> tuple[dict
     plen = data[p]
     p += 1
     if plen >= 0x80:
-        plen &= 0x7F
-        shift = 7
-        while True:
-            if p >= end or shift > 21:
-                return None
-            b = data[p]
-            p += 1
-            plen |= (b & 0x7F) << shift
-            shift += 7
-            if b < 0x80:
-                break
+        got = _vbi_rest(data, p, end, plen)
+        if got is None:
+            return None
+        plen, p = got
     pend = p + plen
     if pend > end:
         return None
@@ -486,17 +496,10 @@ class Session(Session):  # type: ignore[no-redef]
             rl = data[off + 1]
             p = off + 2
             if rl >= 0x80:  # a longer remaining length (up to 4 bytes)
-                rl &= 0x7F
-                shift = 7
-                while True:
-                    if p >= n or shift > 21:
-                        return False
-                    b = data[p]
-                    p += 1
-                    rl |= (b & 0x7F) << shift
-                    shift += 7
-                    if b < 0x80:
-                        break
+                got = _vbi_rest(data, p, n, rl)
+                if got is None:
+                    return False
+                rl, p = got
             end = p + rl
             if end > n:
                 return False
