@@ -764,7 +764,11 @@ def _auto_workers(args: argparse.Namespace, free_cores: Any = None, balance: Any
     except (AttributeError, OSError):
         cores = os.cpu_count() or 1
     n = min(cores, AUTO_MAX_WORKERS)
-    if n < 2:
+    # The model's best case is the traffic spread evenly (1/n a shard), and its gain grows with
+    # n: where even that is below AUTO_MIN_SPEEDUP (2 cores: 1.54x) the answer is one process,
+    # and neither the cores nor the traffic are sampled (that cost a third of a 26 MB
+    # replay's CPU here, for an answer known already).
+    if n < 2 or predicted_speedup(1 / n) < AUTO_MIN_SPEEDUP:
         return 1
     free = free_cores(cores) if free_cores is not None else _free_cores(cores, during=_warm_up)
     n = min(n, int(free / AUTO_CORE_PER_WORKER))
@@ -772,7 +776,7 @@ def _auto_workers(args: argparse.Namespace, free_cores: Any = None, balance: Any
         log.info("replay: --workers auto: %.1f of %d cores free, one process", free, cores)
         return 1
     files = capture_files(args.file)
-    while n >= 2:
+    while n >= 2 and predicted_speedup(1 / n) >= AUTO_MIN_SPEEDUP:  # (below it no spread helps)
         share = balance(n) if balance is not None else _largest_shard_share(files[0], n)
         gain = predicted_speedup(share)
         if gain >= AUTO_MIN_SPEEDUP:

@@ -789,3 +789,31 @@ def test_replay_workers_auto_is_one_process_on_busy_cores(tmp_path: Path) -> Non
         for p in spin:
             p.kill()
             p.wait()
+
+
+def test_replay_workers_auto_samples_nothing_where_no_spread_could_pay(tmp_path: Path, monkeypatch) -> None:
+    """Issue 21: on 2 cores even an even spread predicts 1.54x, below 1.6x: auto is one process
+    without sampling the cores or the traffic (which cost a third of a 26 MB replay's CPU); on
+    4 cores it samples both."""
+    import argparse
+
+    from service import cli as wcli
+
+    big = tmp_path / "big.pcap"
+    with open(big, "wb") as f:
+        f.truncate(wcli.AUTO_WORKERS_MIN_MB * 1_000_000)
+    args = argparse.Namespace(file=str(big), output="o.jsonl", shard=None)
+    asked: list[str] = []
+
+    def free(cores: int) -> float:
+        asked.append("cores")
+        return float(cores)
+
+    def spread(n: int) -> float:
+        asked.append("traffic")
+        return 1 / n
+
+    monkeypatch.setattr(wcli.os, "sched_getaffinity", lambda pid: {0, 1})
+    assert wcli._auto_workers(args, free_cores=free, balance=spread) == 1 and asked == []
+    monkeypatch.setattr(wcli.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    assert wcli._auto_workers(args, free_cores=free, balance=spread) >= 3 and asked == ["cores", "traffic"]
