@@ -303,6 +303,14 @@ def _vbi_rest(data: memoryview, p: int, end: int, first: int) -> tuple[int, int]
             return v, p
 
 
+def _props_at(data: memoryview, p: int, end: int) -> tuple[dict[str, Any], int] | None:
+    """``_props_in`` without user properties, an empty list (one zero byte: most packets') read
+    without its work."""
+    if p < end and not data[p]:
+        return _NO_PROPS, p + 1
+    return _props_in(data, p, end, False)
+
+
 def _props_in(data: memoryview, p: int, end: int, want_user: bool) -> tuple[dict[str, Any], int] | None:
     """MQTT 5 properties at ``p`` for feed_whole: ``_properties``' reading of them in place
     (the same keys, the same strings cut and decoded alike), or None wherever ``_properties``
@@ -547,13 +555,10 @@ class Session(Session):  # type: ignore[no-redef]
                 ver = data[q]
                 q += 4
                 if ver == 5:
-                    if q < end and not data[q]:
-                        q += 1
-                    else:
-                        got = _props_in(data, q, end, False)
-                        if got is None:
-                            return False
-                        q = got[1]
+                    got = _props_at(data, q, end)
+                    if got is None:
+                        return False
+                    q = got[1]
                 if q + 2 > end:
                     return False
                 k = q + 2 + (data[q] << 8 | data[q + 1])
@@ -571,13 +576,10 @@ class Session(Session):  # type: ignore[no-redef]
             elif t == SUBSCRIBE or t == UNSUBSCRIBE:
                 q = p + 2
                 if ver == 5:
-                    if q < end and not data[q]:
-                        q += 1
-                    else:
-                        got = _props_in(data, q, end, False)
-                        if got is None:
-                            return False
-                        q = got[1]
+                    got = _props_at(data, q, end)
+                    if got is None:
+                        return False
+                    q = got[1]
                 filters = []
                 while q < end:
                     if q + 2 > end:
@@ -594,14 +596,11 @@ class Session(Session):  # type: ignore[no-redef]
                 q = p + 2
                 reason = ""
                 if ver == 5:
-                    if q < end and not data[q]:
-                        q += 1
-                    else:
-                        got = _props_in(data, q, end, False)
-                        if got is None:
-                            return False
-                        reason = got[0].get("reason", "")
-                        q = got[1]
+                    got = _props_at(data, q, end)
+                    if got is None:
+                        return False
+                    reason = got[0].get("reason", "")
+                    q = got[1]
                 failed = None
                 for c in data[q:min(end, q + 256)]:
                     if c >= 0x80:
