@@ -25,20 +25,29 @@ class _Collect:
 def replay(pcap_path: str | os.PathLike[str], protocols_config: dict[str, Any] | None = None,
            timeout: float = 120.0) -> tuple[list[Span], dict[str, Any], dict[str, Any]]:
     """(spans, receiver stats, protocols-stage stats) of one capture replay."""
-    from receivers.pcap import PcapReceiver
 
     sink = _Collect()
     proc = ProtocolsProcessor("protocols", dict(protocols_config or {}), sink)
     proc.start()
-    recv = PcapReceiver("pcap", {"path": str(pcap_path), "progress": False}, proc)
+    try:
+        recv = _receive(pcap_path, proc, timeout)
+    finally:
+        proc.shutdown()  # ends open connections: close-delimited bodies, resets
+    return sink.spans, recv.stats, proc.stats
+
+
+def _receive(pcap_path: str | os.PathLike[str], sink: Any, timeout: float) -> Any:
+    """The pcap receiver run over ``pcap_path`` into ``sink`` to the end; the receiver."""
+    from receivers.pcap import PcapReceiver
+
+    recv = PcapReceiver("pcap", {"path": str(pcap_path), "progress": False}, sink)
     recv.start()
     try:
         if not recv.wait(timeout):
-            raise TimeoutError(f"replay of {pcap_path} did not finish in {timeout}s")
+            raise TimeoutError(f"reading {pcap_path} did not finish in {timeout}s")
     finally:
         recv.shutdown()
-        proc.shutdown()  # ends open connections: close-delimited bodies, resets
-    return sink.spans, recv.stats, proc.stats
+    return recv
 
 
 def replay_spans(pcap_path: str | os.PathLike[str], protocols_config: dict[str, Any] | None = None) -> list[Span]:
@@ -75,16 +84,8 @@ def server_port(pcap_path: str | os.PathLike[str], timeout: float = 60.0) -> int
 
 
 def _read(pcap_path: str | os.PathLike[str], timeout: float) -> _Data:
-    from receivers.pcap import PcapReceiver
-
     sink = _Data()
-    recv = PcapReceiver("pcap", {"path": str(pcap_path), "progress": False}, sink)
-    recv.start()
-    try:
-        if not recv.wait(timeout):
-            raise TimeoutError(f"reading {pcap_path} did not finish in {timeout}s")
-    finally:
-        recv.shutdown()
+    _receive(pcap_path, sink, timeout)
     return sink
 
 
